@@ -1,0 +1,507 @@
+//! Vigil's typed configuration.
+//!
+//! Sources, lowest precedence first: the built-in defaults (an empty file is a complete config), the TOML
+//! file named by `--config`, `VIGIL_*` environment variables, then command-line flags. Unknown keys are
+//! rejected and every error names the key it is about, so a typo never silently falls back to a default.
+//!
+//! Environment overrides: `VIGIL_<PATH>` where `<PATH>` is the key path in upper case with `__` between
+//! levels and array indexes as numbers, e.g. `VIGIL_LISTEN=0.0.0.0:8080`,
+//! `VIGIL_JWKS__MIN_REFETCH_INTERVAL_SECS=30`, `VIGIL_TRANSMITTERS__0__AUTHORIZATION="Bearer …"` (how to keep
+//! a push credential out of the file). Values are read as TOML (numbers, booleans, arrays) and fall back
+//! to plain strings.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::jose::Alg;
+
+/// Environment variables with the `VIGIL_` prefix that are not config keys.
+const NON_CONFIG_ENV: [&str; 3] = ["VIGIL_CONFIG", "VIGIL_LOG", "VIGIL_LOG_FORMAT"];
+
+/// Why a configuration could not be loaded. `key` is the dotted path of the offending setting.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config is not valid TOML: {0}")]
+    Syntax(String),
+    #[error("invalid config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address the HTTP server listens on.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Directory for the embedded store (created if missing).
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub push: PushConfig,
+    #[serde(default)]
+    pub intake: IntakeConfig,
+    #[serde(default)]
+    pub jwks: JwksConfig,
+    /// The transmitters (IdPs, risk systems) Vigil accepts SETs from.
+    #[serde(default)]
+    pub transmitters: Vec<TransmitterConfig>,
+}
+
+/// RFC 8935 push endpoint settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushConfig {
+    /// Bodies larger than this are refused before parsing.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+}
+
+/// Durable intake settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntakeConfig {
+    /// Capacity of the bounded channel to the next pipeline stage.
+    #[serde(default = "default_channel")]
+    pub channel_capacity: usize,
+    /// Most SETs written in one storage transaction (group commit).
+    #[serde(default = "default_batch")]
+    pub max_batch: usize,
+}
+
+/// JWKS caching settings, shared by all transmitters.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwksConfig {
+    /// Background refresh period once keys are loaded.
+    #[serde(default = "default_refresh")]
+    pub refresh_interval_secs: u64,
+    /// Least time between two refetches triggered by an unknown `kid`.
+    #[serde(default = "default_min_refetch")]
+    pub min_refetch_interval_secs: u64,
+    /// Retry period while a transmitter's keys have never loaded.
+    #[serde(default = "default_retry")]
+    pub retry_interval_secs: u64,
+    /// Timeout of one metadata or JWKS request.
+    #[serde(default = "default_fetch_timeout")]
+    pub fetch_timeout_ms: u64,
+}
+
+/// One trusted transmitter and its push stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransmitterConfig {
+    /// A short name for logs and metrics.
+    pub name: String,
+    /// The exact `iss` of its SETs (and of its SSF metadata).
+    pub issuer: String,
+    /// Audience values Vigil accepts; a SET must name at least one.
+    pub audiences: Vec<String>,
+    /// The push stream path segment: SETs arrive at `POST /ssf/push/{stream}`.
+    pub stream: String,
+    /// The exact `Authorization` header value the transmitter must send (the SSF `authorization_header`).
+    pub authorization: String,
+    /// JWS algorithms accepted from this transmitter. Only asymmetric algorithms can be named.
+    #[serde(default = "default_algs")]
+    pub algorithms: Vec<Alg>,
+    /// The transmitter's JWKS URL. Exactly one of `jwks_uri` and `discovery` must be set.
+    #[serde(default)]
+    pub jwks_uri: Option<String>,
+    /// Find `jwks_uri` in the issuer's `/.well-known/ssf-configuration` (SSF §7).
+    #[serde(default)]
+    pub discovery: bool,
+    /// Complex-subject members this transmitter marks critical (SSF §3.6), in addition to any its
+    /// metadata lists. An event whose critical member Vigil cannot process is discarded.
+    #[serde(default)]
+    pub critical_subject_members: Vec<String>,
+    /// Accept legacy subject dialects: in-event `subject`, Google's `subject_type`/`iss-sub`, `phone`.
+    #[serde(default = "yes")]
+    pub legacy_subjects: bool,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("vigil-data")
+}
+fn default_max_body() -> usize {
+    64 * 1024
+}
+fn default_channel() -> usize {
+    4096
+}
+fn default_batch() -> usize {
+    256
+}
+fn default_refresh() -> u64 {
+    3600
+}
+fn default_min_refetch() -> u64 {
+    60
+}
+fn default_retry() -> u64 {
+    5
+}
+fn default_fetch_timeout() -> u64 {
+    5000
+}
+fn default_algs() -> Vec<Alg> {
+    vec![Alg::RS256]
+}
+fn yes() -> bool {
+    true
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        PushConfig {
+            max_body_bytes: default_max_body(),
+        }
+    }
+}
+impl Default for IntakeConfig {
+    fn default() -> Self {
+        IntakeConfig {
+            channel_capacity: default_channel(),
+            max_batch: default_batch(),
+        }
+    }
+}
+impl Default for JwksConfig {
+    fn default() -> Self {
+        JwksConfig {
+            refresh_interval_secs: default_refresh(),
+            min_refetch_interval_secs: default_min_refetch(),
+            retry_interval_secs: default_retry(),
+            fetch_timeout_ms: default_fetch_timeout(),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: default_listen(),
+            data_dir: default_data_dir(),
+            push: PushConfig::default(),
+            intake: IntakeConfig::default(),
+            jwks: JwksConfig::default(),
+            transmitters: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads the file (or the built-in defaults) and applies environment overrides, then validates.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let text = match file {
+            Some(path) => std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+                path: path.to_owned(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        Config::from_toml(&text, env)
+    }
+
+    /// Parses TOML text, applies environment overrides and validates.
+    pub fn from_toml(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut root: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Syntax(e.to_string()))?;
+        for (name, value) in env {
+            if let Some(path) = name.strip_prefix("VIGIL_") {
+                if !NON_CONFIG_ENV.contains(&name.as_str()) && !path.is_empty() {
+                    apply_override(&mut root, path, &value)?;
+                }
+            }
+        }
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(root)).map_err(|e| {
+                let key = e.path().to_string();
+                invalid(key, e.into_inner().to_string())
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot: uniqueness, URLs, non-empty lists.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.push.max_body_bytes == 0 {
+            return Err(invalid("push.max_body_bytes", "must be greater than 0"));
+        }
+        if self.intake.channel_capacity == 0 {
+            return Err(invalid("intake.channel_capacity", "must be greater than 0"));
+        }
+        if self.intake.max_batch == 0 {
+            return Err(invalid("intake.max_batch", "must be greater than 0"));
+        }
+        let mut names = HashSet::new();
+        let mut streams = HashSet::new();
+        for (i, t) in self.transmitters.iter().enumerate() {
+            let key = |field: &str| format!("transmitters[{i}].{field}");
+            if t.name.is_empty() || !names.insert(t.name.as_str()) {
+                return Err(invalid(key("name"), "must be non-empty and unique"));
+            }
+            let stream_ok = !t.stream.is_empty()
+                && t.stream
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b));
+            if !stream_ok {
+                return Err(invalid(
+                    key("stream"),
+                    "must be non-empty and use only RFC 3986 unreserved characters",
+                ));
+            }
+            if !streams.insert(t.stream.as_str()) {
+                return Err(invalid(key("stream"), "is used by two transmitters"));
+            }
+            if t.issuer.is_empty() {
+                return Err(invalid(key("issuer"), "must not be empty"));
+            }
+            if t.audiences.is_empty() || t.audiences.iter().any(String::is_empty) {
+                return Err(invalid(
+                    key("audiences"),
+                    "needs at least one non-empty value",
+                ));
+            }
+            if t.authorization.trim().is_empty() {
+                return Err(invalid(
+                    key("authorization"),
+                    "must not be empty: every push must be authenticated",
+                ));
+            }
+            if t.algorithms.is_empty() {
+                return Err(invalid(key("algorithms"), "needs at least one algorithm"));
+            }
+            match (&t.jwks_uri, t.discovery) {
+                (Some(_), true) | (None, false) => {
+                    return Err(invalid(
+                        key("jwks_uri"),
+                        "set exactly one of `jwks_uri` and `discovery = true`",
+                    ))
+                }
+                (Some(uri), false) => {
+                    check_fetch_url(uri).map_err(|m| invalid(key("jwks_uri"), m))?
+                }
+                (None, true) => {
+                    check_fetch_url(&t.issuer).map_err(|m| invalid(key("issuer"), m))?
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Keys are fetched over HTTPS; plain HTTP is allowed only to loopback (local development and tests).
+fn check_fetch_url(raw: &str) -> Result<(), String> {
+    let url = reqwest::Url::parse(raw).map_err(|e| format!("`{raw}` is not a URL: {e}"))?;
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" => {
+            let loopback = match url.host() {
+                Some(url::Host::Domain(d)) => d == "localhost",
+                Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+                Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+                None => false,
+            };
+            if loopback {
+                Ok(())
+            } else {
+                Err(format!("`{raw}` must use https (http only to loopback)"))
+            }
+        }
+        other => Err(format!("`{raw}`: unsupported scheme `{other}`")),
+    }
+}
+
+/// Sets `path` (e.g. `TRANSMITTERS__0__AUTHORIZATION`) in `root` to `raw`.
+fn apply_override(root: &mut toml::Table, path: &str, raw: &str) -> Result<(), ConfigError> {
+    let segments: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+    let env_name = format!("VIGIL_{path}");
+    let value = parse_env_value(raw);
+    let mut cursor = root;
+    for (i, seg) in segments.iter().enumerate() {
+        let last = i + 1 == segments.len();
+        let next_is_index = segments
+            .get(i + 1)
+            .is_some_and(|s| s.parse::<usize>().is_ok());
+        if last {
+            cursor.insert(seg.clone(), value);
+            return Ok(());
+        }
+        let entry = cursor.entry(seg.clone()).or_insert_with(|| {
+            if next_is_index {
+                toml::Value::Array(Vec::new())
+            } else {
+                toml::Value::Table(toml::Table::new())
+            }
+        });
+        cursor = match entry {
+            toml::Value::Table(t) => t,
+            toml::Value::Array(items) => {
+                let idx: usize = segments[i + 1]
+                    .parse()
+                    .map_err(|_| invalid(&env_name, "expected an array index"))?;
+                let item = items.get_mut(idx).ok_or_else(|| {
+                    invalid(
+                        &env_name,
+                        format!("`{seg}` has no element {idx} to override"),
+                    )
+                })?;
+                match item {
+                    toml::Value::Table(t) => {
+                        if i + 2 == segments.len() {
+                            return Err(invalid(&env_name, "cannot replace a whole table"));
+                        }
+                        // Skip the index segment on the next iteration.
+                        return apply_override(t, &segments[i + 2..].join("__"), raw);
+                    }
+                    _ => return Err(invalid(&env_name, "not a table")),
+                }
+            }
+            _ => return Err(invalid(&env_name, format!("`{seg}` is not a table"))),
+        };
+    }
+    Ok(())
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ONE: &str = r#"
+        [[transmitters]]
+        name = "idp"
+        issuer = "https://idp.example.com/"
+        audiences = ["https://vigil.example.com"]
+        stream = "idp"
+        authorization = "Bearer s3cret"
+        jwks_uri = "https://idp.example.com/jwks.json"
+    "#;
+
+    fn no_env() -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    fn err_of(text: &str, env: Vec<(String, String)>) -> String {
+        match Config::from_toml(text, env) {
+            Ok(_) => panic!("accepted: {text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn empty_file_is_the_default() {
+        let c = Config::from_toml("", no_env()).unwrap();
+        assert_eq!(c.listen, default_listen());
+        assert_eq!(c.push.max_body_bytes, 65536);
+        assert!(c.transmitters.is_empty());
+    }
+
+    #[test]
+    fn example_config_in_repo_is_valid() {
+        for file in ["config/example.toml", "config/dev.toml"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+            Config::load(Some(&path), no_env()).unwrap_or_else(|e| panic!("{file}: {e}"));
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_by_name() {
+        assert!(err_of("listne = \"127.0.0.1:1\"", no_env()).contains("listne"));
+        let e = err_of(&format!("{ONE}\nflavour = 1"), no_env());
+        assert!(
+            e.contains("transmitters[0].flavour") || e.contains("flavour"),
+            "{e}"
+        );
+        let e = err_of("[jwks]\nrefresh = 3", no_env());
+        assert!(e.contains("refresh"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let e = err_of("listen = \"nowhere\"", no_env());
+        assert!(e.contains("`listen`"), "{e}");
+        let e = err_of(
+            &ONE.replace("jwks_uri", "algorithms = [\"HS256\"]\njwks_uri"),
+            no_env(),
+        );
+        assert!(
+            e.contains("transmitters[0].algorithms") && e.contains("HMAC"),
+            "{e}"
+        );
+        let e = err_of(
+            &ONE.replace("https://idp.example.com/jwks", "http://10.0.0.1/jwks"),
+            no_env(),
+        );
+        assert!(e.contains("transmitters[0].jwks_uri"), "{e}");
+        let e = err_of(&ONE.replace("Bearer s3cret", ""), no_env());
+        assert!(e.contains("transmitters[0].authorization"), "{e}");
+        let e = err_of(&format!("{ONE}\ndiscovery = true"), no_env());
+        assert!(e.contains("exactly one"), "{e}");
+        let e = err_of(
+            &format!("{ONE}{}", ONE.replace("stream = \"idp\"", "stream = \"x\"")),
+            no_env(),
+        );
+        assert!(e.contains("transmitters[1].name"), "{e}");
+    }
+
+    #[test]
+    fn environment_overrides() {
+        let env = vec![
+            ("VIGIL_LISTEN".to_owned(), "127.0.0.1:9999".to_owned()),
+            (
+                "VIGIL_JWKS__MIN_REFETCH_INTERVAL_SECS".to_owned(),
+                "7".to_owned(),
+            ),
+            (
+                "VIGIL_TRANSMITTERS__0__AUTHORIZATION".to_owned(),
+                "Bearer from-env".to_owned(),
+            ),
+            ("VIGIL_LOG".to_owned(), "debug".to_owned()),
+            ("OTHER".to_owned(), "x".to_owned()),
+        ];
+        let c = Config::from_toml(ONE, env).unwrap();
+        assert_eq!(c.listen.port(), 9999);
+        assert_eq!(c.jwks.min_refetch_interval_secs, 7);
+        assert_eq!(c.transmitters[0].authorization, "Bearer from-env");
+        let e = err_of("", vec![("VIGIL_NOPE".into(), "1".into())]);
+        assert!(e.contains("nope"), "{e}");
+        let e = err_of(
+            "",
+            vec![("VIGIL_PUSH__MAX_BODY_BYTES".into(), "lots".into())],
+        );
+        assert!(e.contains("push.max_body_bytes"), "{e}");
+    }
+}
