@@ -241,7 +241,9 @@ impl Config {
         let config: Config =
             serde_path_to_error::deserialize(toml::Value::Table(root)).map_err(|e| {
                 let key = e.path().to_string();
-                invalid(key, e.into_inner().to_string())
+                // toml appends its own "in `key`" line; the key is already named.
+                let message = e.into_inner().to_string();
+                invalid(key, message.lines().next().unwrap_or_default())
             })?;
         config.validate()?;
         Ok(config)

@@ -1,13 +1,26 @@
 //! Vigil: a continuous access-evaluation engine. See `ARCHITECTURE.md` for the code map.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod app;
+pub use app::Vigil;
+pub use config::Config;
+
 pub mod config;
 pub mod discovery;
 pub mod events;
+pub mod handoff;
+pub mod intake;
 pub mod jose;
 pub mod jwks;
+pub mod ops;
+pub mod push;
+pub mod receiver;
 pub mod set;
+pub mod signal;
+pub mod sim;
+pub mod store;
 pub mod subject;
+pub mod telemetry;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]

@@ -1,1 +1,123 @@
-fn main() {}
+//! The `vigil` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use vigil::{telemetry, Config, Vigil};
+
+/// Exit code for an invalid configuration (EX_CONFIG from sysexits.h).
+const EXIT_CONFIG: u8 = 78;
+
+#[derive(Parser)]
+#[command(name = "vigil", version, about = "Continuous access evaluation: an OpenID SSF receiver")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct ConfigArgs {
+    /// TOML config file; without it the built-in defaults are used.
+    #[arg(long, env = "VIGIL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Listen address (overrides the config's `listen`).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Data directory (overrides the config's `data_dir`).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service.
+    Serve(ConfigArgs),
+    /// Validate the configuration and print the effective settings (secrets redacted).
+    CheckConfig(ConfigArgs),
+}
+
+fn load(args: &ConfigArgs) -> Result<Config, vigil::config::ConfigError> {
+    let mut config = Config::load(args.config.as_deref(), std::env::vars())?;
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(dir) = &args.data_dir {
+        config.data_dir = dir.clone();
+    }
+    Ok(config)
+}
+
+fn main() -> ExitCode {
+    telemetry::init_logging();
+    let cli = Cli::parse();
+    let args = match &cli.command {
+        Command::Serve(a) | Command::CheckConfig(a) => a,
+    };
+    let config = match load(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vigil: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let result = match cli.command {
+        Command::CheckConfig(_) => check_config(config),
+        Command::Serve(_) => serve(config),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vigil: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_config(mut config: Config) -> anyhow::Result<()> {
+    for t in &mut config.transmitters {
+        t.authorization = "<redacted>".into();
+    }
+    println!("{}", toml::to_string_pretty(&config).context("rendering config")?);
+    eprintln!("vigil: configuration is valid");
+    Ok(())
+}
+
+fn serve(config: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let vigil = Vigil::start(config).await.context("starting Vigil")?;
+        println!("vigil: listening on http://{}", vigil.local_addr());
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        vigil.shutdown().await;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -19,7 +19,7 @@ pub use ssf::*;
 pub use vocab::*;
 
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// A payload that does not conform to its event's definition.
@@ -31,7 +31,7 @@ pub struct EventError {
 }
 
 /// One security event, typed.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "payload", rename_all = "kebab-case")]
 pub enum Event {
     // CAEP 1.0 §3

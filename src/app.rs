@@ -1,0 +1,185 @@
+//! Assembles the running service from a [`Config`]: store → intake → receiver → HTTP server, plus the
+//! hand-off consumer and the JWKS refreshers, and takes it apart again on shutdown. Tests and the
+//! binary start Vigil the same way, through [`Vigil::start`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::{get, post};
+use axum::Router;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::handoff::{self, LogSink};
+use crate::intake::{Intake, IntakeError, IntakeWriter};
+use crate::jwks::{KeySource, KeyStore, KeyStoreSettings};
+use crate::push::{self, PushState};
+use crate::receiver::{Receiver, Transmitter};
+use crate::{ops, store, telemetry};
+
+/// Why Vigil could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Intake(#[from] IntakeError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot build the HTTP client: {0}")]
+    Client(String),
+}
+
+/// A running Vigil.
+pub struct Vigil {
+    addr: SocketAddr,
+    intake: Intake,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    writer: IntakeWriter,
+}
+
+impl Vigil {
+    /// Opens the store, replays pending signals, fetches keys in the background and starts serving.
+    pub async fn start(config: Config) -> Result<Vigil, StartError> {
+        let metrics = telemetry::metrics_handle();
+        let db = store::open(&config.data_dir)?;
+        let (intake, writer) = Intake::open(db, config.intake.max_batch)?;
+        let pending = intake.pending()?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (next_tx, next_rx) = mpsc::channel(config.intake.channel_capacity);
+
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_millis(config.jwks.fetch_timeout_ms))
+            .build()
+            .map_err(|e| StartError::Client(e.to_string()))?;
+        let settings = KeyStoreSettings {
+            min_refetch: Duration::from_secs(config.jwks.min_refetch_interval_secs),
+            refresh_interval: Duration::from_secs(config.jwks.refresh_interval_secs),
+            retry_interval: Duration::from_secs(config.jwks.retry_interval_secs),
+        };
+        let mut tasks = Vec::new();
+        let mut transmitters = Vec::new();
+        for t in &config.transmitters {
+            let source = match &t.jwks_uri {
+                Some(uri) => KeySource::JwksUri(uri.clone()),
+                None => KeySource::Discovery,
+            };
+            let keys = Arc::new(KeyStore::new(
+                &t.name,
+                &t.issuer,
+                source,
+                t.algorithms.clone(),
+                client.clone(),
+                settings.clone(),
+            ));
+            tasks.push(tokio::spawn(keys.clone().run_refresh(shutdown_rx.clone())));
+            transmitters.push(Arc::new(Transmitter {
+                config: t.clone(),
+                keys,
+            }));
+        }
+
+        tasks.push(tokio::spawn(handoff::run(
+            LogSink,
+            intake.clone(),
+            pending,
+            next_rx,
+        )));
+        let receiver = Arc::new(Receiver::new(transmitters, intake.clone(), next_tx));
+
+        let push_state = Arc::new(PushState {
+            receiver: receiver.clone(),
+            max_body_bytes: config.push.max_body_bytes,
+        });
+        let ops_state = Arc::new(ops::OpsState {
+            receiver,
+            metrics: metrics.clone(),
+        });
+        let app = Router::new()
+            .route("/ssf/push/{stream}", post(push::push))
+            .with_state(push_state)
+            .merge(
+                Router::new()
+                    .route("/healthz", get(ops::healthz))
+                    .route("/readyz", get(ops::readyz))
+                    .route("/metrics", get(ops::metrics))
+                    .with_state(ops_state),
+            );
+
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+        let mut server_shutdown = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let stop = async move {
+                let _ = server_shutdown.changed().await;
+            };
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+            {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        }));
+        if let Some(handle) = metrics {
+            let mut upkeep_shutdown = shutdown_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => handle.run_upkeep(),
+                        _ = upkeep_shutdown.changed() => return,
+                    }
+                }
+            }));
+        }
+        tracing::info!(%addr, transmitters = config.transmitters.len(), "Vigil listening");
+        Ok(Vigil {
+            addr,
+            intake,
+            shutdown,
+            tasks,
+            writer,
+        })
+    }
+
+    /// The address the HTTP server is bound to (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Durable intake, for inspection and for the stream-management client.
+    pub fn intake(&self) -> &Intake {
+        &self.intake
+    }
+
+    /// Stops accepting requests, lets in-flight ones finish, drains the hand-off, and closes the store.
+    pub async fn shutdown(self) {
+        let Vigil {
+            shutdown,
+            tasks,
+            writer,
+            intake,
+            ..
+        } = self;
+        let _ = shutdown.send(true);
+        for task in tasks {
+            let _ = task.await;
+        }
+        drop(intake);
+        // The writer exits once the last Intake handle (held by the tasks above) is gone.
+        let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+    }
+}

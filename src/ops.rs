@@ -1,0 +1,58 @@
+//! Operational endpoints: `/healthz` (the process answers), `/readyz` (the pipeline is running; body
+//! lists each transmitter's key status) and `/metrics` (Prometheus text format).
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::{json, Map, Value};
+
+use crate::receiver::Receiver;
+
+pub struct OpsState {
+    pub receiver: Arc<Receiver>,
+    pub metrics: Option<PrometheusHandle>,
+}
+
+pub async fn healthz() -> &'static str {
+    "ok"
+}
+
+pub async fn readyz(State(state): State<Arc<OpsState>>) -> Response {
+    let mut transmitters = Map::new();
+    for t in state.receiver.transmitters() {
+        transmitters.insert(
+            t.config.name.clone(),
+            json!({ "stream": t.config.stream, "keys_loaded": t.keys.is_loaded() }),
+        );
+    }
+    let running = state.receiver.pipeline_running();
+    let status = if running {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "status": if running { "ready" } else { "pipeline stopped" },
+        "transmitters": Value::Object(transmitters),
+    });
+    (status, Json(body)).into_response()
+}
+
+pub async fn metrics(State(state): State<Arc<OpsState>>) -> Response {
+    match &state.metrics {
+        Some(handle) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics recorder not installed",
+        )
+            .into_response(),
+    }
+}

@@ -1,0 +1,287 @@
+//! The SSF receiver's validation pipeline, shared by every way a SET arrives (RFC 8935 push now,
+//! RFC 8936 poll later). It implements the order of `standards.md` §11:
+//!
+//! 1. transport credential (per stream)                → `authentication_failed` / `access_denied`
+//! 2. (push only) media type and body                  → `invalid_request` (in `push.rs`)
+//! 3. compact JWS, `typ`, `alg` in the allow-list       → `invalid_request` / `invalid_key`
+//! 4. `kid` → cached JWKS (one refetch on miss) → sig   → `invalid_key`
+//! 5. `iss`                                             → `invalid_issuer`
+//! 6. `aud`                                             → `invalid_audience`
+//! 7. required / forbidden claims, one event, subject,
+//!    event payload                                     → `invalid_request`
+//! 8. redelivery of a recorded `jti`                    → accepted again, nothing written
+//! 9. critical subject members Vigil cannot process     → accepted and discarded (SSF §3.6)
+//! 10. verification `state`                             → `invalid_state`
+//! 11. durable record, then hand-off to the next stage  → accepted
+//!
+//! Nothing is written for a rejected SET, and a SET is acknowledged only after its record is on disk.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use subtle::ConstantTimeEq;
+use tokio::sync::mpsc;
+
+use crate::config::TransmitterConfig;
+use crate::events::Event;
+use crate::intake::{Intake, RecordOutcome};
+use crate::jose::{self, JwsError};
+use crate::jwks::{KeyError, KeyStore};
+use crate::set::{self, ErrorCode, SetError, SetRules};
+use crate::signal::{now_ms, Signal, SignalSource};
+
+/// A configured transmitter with its live key cache.
+pub struct Transmitter {
+    pub config: TransmitterConfig,
+    pub keys: Arc<KeyStore>,
+}
+
+impl Transmitter {
+    /// Critical members from config and from the transmitter's metadata (SSF §3.6).
+    fn critical_members(&self) -> Vec<String> {
+        let mut all = self.config.critical_subject_members.clone();
+        for m in self.keys.discovered_critical_members() {
+            if !all.contains(&m) {
+                all.push(m);
+            }
+        }
+        all
+    }
+}
+
+/// A SET the receiver accepted (every variant is acknowledged with 202 / a poll ack).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Accepted {
+    /// Newly recorded under this intake sequence number.
+    Recorded { seq: u64, event_type: &'static str },
+    /// Already recorded earlier; answered exactly as the first delivery was.
+    Duplicate { seq: u64, event_type: &'static str },
+    /// Valid, but discarded because a critical subject member cannot be processed (SSF §3.6).
+    Discarded {
+        event_type: &'static str,
+        members: Vec<String>,
+    },
+}
+
+impl Accepted {
+    pub fn outcome_label(&self) -> &'static str {
+        match self {
+            Accepted::Recorded { .. } => "accepted",
+            Accepted::Duplicate { .. } => "duplicate",
+            Accepted::Discarded { .. } => "discarded",
+        }
+    }
+    pub fn event_type(&self) -> &'static str {
+        match self {
+            Accepted::Recorded { event_type, .. }
+            | Accepted::Duplicate { event_type, .. }
+            | Accepted::Discarded { event_type, .. } => event_type,
+        }
+    }
+}
+
+/// Why a SET was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    /// The SET (or its delivery) is bad: answered with an RFC 8935 error. `event_type` is known
+    /// when the rejection happened after the event was parsed.
+    #[error("{error}")]
+    Set {
+        error: SetError,
+        event_type: &'static str,
+    },
+    /// The transmitter's keys are not available yet: try again later (503).
+    #[error("temporarily unavailable: {0}")]
+    Unavailable(String),
+    /// Vigil could not record the SET (500); nothing was acknowledged.
+    #[error("could not record the SET: {0}")]
+    Storage(String),
+}
+
+impl Rejection {
+    fn set(err: ErrorCode, description: impl Into<String>) -> Rejection {
+        Rejection::Set {
+            error: SetError::new(err, description),
+            event_type: "none",
+        }
+    }
+
+    pub fn outcome_label(&self) -> &'static str {
+        match self {
+            Rejection::Set { error, .. } => error.err.as_str(),
+            Rejection::Unavailable(_) => "unavailable",
+            Rejection::Storage(_) => "storage_error",
+        }
+    }
+
+    pub fn event_type(&self) -> &'static str {
+        match self {
+            Rejection::Set { event_type, .. } => event_type,
+            _ => "none",
+        }
+    }
+}
+
+/// The receiver: transmitters by stream, durable intake, and the hand-off channel.
+pub struct Receiver {
+    by_stream: HashMap<String, Arc<Transmitter>>,
+    intake: Intake,
+    next: mpsc::Sender<Signal>,
+}
+
+impl Receiver {
+    pub fn new(
+        transmitters: Vec<Arc<Transmitter>>,
+        intake: Intake,
+        next: mpsc::Sender<Signal>,
+    ) -> Receiver {
+        let by_stream = transmitters
+            .into_iter()
+            .map(|t| (t.config.stream.clone(), t))
+            .collect();
+        Receiver {
+            by_stream,
+            intake,
+            next,
+        }
+    }
+
+    pub fn transmitters(&self) -> impl Iterator<Item = &Arc<Transmitter>> {
+        self.by_stream.values()
+    }
+
+    /// Whether the next stage is still consuming.
+    pub fn pipeline_running(&self) -> bool {
+        !self.next.is_closed()
+    }
+
+    /// Step 1: the transport credential. `presented` is the raw `Authorization` header value.
+    ///
+    /// An unknown stream is answered like a wrong credential, so stream names cannot be probed. A
+    /// credential that belongs to *another* stream authenticates its transmitter but does not
+    /// authorize it here: `access_denied`.
+    pub fn authenticate(
+        &self,
+        stream: &str,
+        presented: Option<&[u8]>,
+    ) -> Result<Arc<Transmitter>, Rejection> {
+        let Some(presented) = presented else {
+            return Err(Rejection::set(
+                ErrorCode::AuthenticationFailed,
+                "the request has no Authorization header",
+            ));
+        };
+        if let Some(t) = self.by_stream.get(stream) {
+            if bool::from(presented.ct_eq(t.config.authorization.as_bytes())) {
+                return Ok(t.clone());
+            }
+        }
+        let belongs_elsewhere = self.by_stream.values().any(|t| {
+            t.config.stream != stream
+                && bool::from(presented.ct_eq(t.config.authorization.as_bytes()))
+        });
+        if belongs_elsewhere && self.by_stream.contains_key(stream) {
+            return Err(Rejection::set(
+                ErrorCode::AccessDenied,
+                "this transmitter is not authorized to push to this stream",
+            ));
+        }
+        Err(Rejection::set(
+            ErrorCode::AuthenticationFailed,
+            "the transmitter could not be authenticated for this stream",
+        ))
+    }
+
+    /// Steps 3–11 for one compact SET from an authenticated transmitter.
+    pub async fn receive(&self, t: &Transmitter, token: &str) -> Result<Accepted, Rejection> {
+        let received_at_ms = now_ms();
+        let jws = jose::parse_compact(token, &t.config.algorithms).map_err(|e: JwsError| {
+            let code = if e.is_key_problem() {
+                ErrorCode::InvalidKey
+            } else {
+                ErrorCode::InvalidRequest
+            };
+            Rejection::set(code, e.to_string())
+        })?;
+
+        let started = Instant::now();
+        let verified = t.keys.verify(&jws).await;
+        metrics::histogram!("vigil_set_verify_seconds", "stream" => t.config.stream.clone())
+            .record(started.elapsed().as_secs_f64());
+        verified.map_err(|e| match e {
+            KeyError::Unavailable(why) => Rejection::Unavailable(why),
+            other => Rejection::set(ErrorCode::InvalidKey, other.to_string()),
+        })?;
+
+        let rules = SetRules {
+            issuer: &t.config.issuer,
+            audiences: &t.config.audiences,
+            legacy_subjects: t.config.legacy_subjects,
+        };
+        let validated = set::validate_claims(&jws.payload, rules).map_err(|error| {
+            let event_type = "none";
+            Rejection::Set { error, event_type }
+        })?;
+        let event_type = validated.event.metric_label();
+        let reject = |err: ErrorCode, description: String| Rejection::Set {
+            error: SetError::new(err, description),
+            event_type,
+        };
+
+        // Step 8: a redelivery gets the first delivery's answer, whatever has changed since.
+        match self.intake.lookup_jti(&validated.iss, &validated.jti) {
+            Ok(Some(seq)) => return Ok(Accepted::Duplicate { seq, event_type }),
+            Ok(None) => {}
+            Err(e) => return Err(Rejection::Storage(e.to_string())),
+        }
+
+        let unprocessable = validated
+            .subject
+            .unprocessable_critical_members(&t.critical_members());
+        if !unprocessable.is_empty() {
+            tracing::warn!(
+                stream = %t.config.stream, jti = %validated.jti, members = ?unprocessable,
+                "SET discarded: critical subject members Vigil cannot process (SSF §3.6)"
+            );
+            return Ok(Accepted::Discarded {
+                event_type,
+                members: unprocessable,
+            });
+        }
+
+        if let Event::Verification(v) = &validated.event {
+            if let Some(state) = &v.state {
+                let expected = self
+                    .intake
+                    .expected_verification_state(&t.config.stream)
+                    .map_err(|e| Rejection::Storage(e.to_string()))?;
+                if expected.as_deref() != Some(state.as_str()) {
+                    return Err(reject(
+                        ErrorCode::InvalidState,
+                        "the verification state does not match the last one requested".into(),
+                    ));
+                }
+            }
+        }
+
+        let source = SignalSource::SsfPush {
+            transmitter: t.config.name.clone(),
+            stream: t.config.stream.clone(),
+        };
+        let signal = Signal::from_set(validated, source, received_at_ms);
+        match self.intake.record(signal.clone(), token).await {
+            Ok(RecordOutcome::Duplicate(seq)) => Ok(Accepted::Duplicate { seq, event_type }),
+            Ok(RecordOutcome::Recorded(seq)) => {
+                let mut signal = signal;
+                signal.seq = seq;
+                // Recorded is durable; if the next stage is gone the signal is replayed on restart.
+                if self.next.send(signal).await.is_err() {
+                    tracing::warn!(seq, "next stage stopped; signal stays pending for replay");
+                }
+                Ok(Accepted::Recorded { seq, event_type })
+            }
+            Err(e) => Err(Rejection::Storage(e.to_string())),
+        }
+    }
+}

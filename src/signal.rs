@@ -1,0 +1,74 @@
+//! The normalized signal: one fact about one subject, whatever its source. Every source (SSF push,
+//! SSF poll, Kafka) produces these; every later stage consumes only these.
+
+use serde::{Deserialize, Serialize};
+
+use crate::events::Event;
+use crate::set::ValidatedSet;
+use crate::subject::SubjectId;
+
+/// Where a signal came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SignalSource {
+    /// RFC 8935 push to `/ssf/push/{stream}` by the named transmitter.
+    SsfPush { transmitter: String, stream: String },
+}
+
+impl SignalSource {
+    /// A bounded label for metrics and logs.
+    pub fn stream(&self) -> &str {
+        match self {
+            SignalSource::SsfPush { stream, .. } => stream,
+        }
+    }
+}
+
+/// A normalized signal, as recorded by durable intake and handed to the next stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Signal {
+    /// Intake sequence number, assigned when the signal is durably recorded (0 before).
+    pub seq: u64,
+    pub source: SignalSource,
+    pub iss: String,
+    pub jti: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub txn: Option<String>,
+    /// The event-type URI as the transmitter sent it.
+    pub event_uri: String,
+    pub event: Event,
+    pub subject: SubjectId,
+    /// When the event happened (seconds): `event_timestamp`, else `toe`, else `iat`.
+    pub event_time: f64,
+    /// When the SET was issued (seconds).
+    pub iat: f64,
+    /// When Vigil received it (milliseconds since the epoch, wall clock).
+    pub received_at_ms: i64,
+}
+
+impl Signal {
+    /// Normalizes a validated SET.
+    pub fn from_set(set: ValidatedSet, source: SignalSource, received_at_ms: i64) -> Signal {
+        Signal {
+            seq: 0,
+            event_time: set.event_time(),
+            source,
+            iss: set.iss,
+            jti: set.jti,
+            txn: set.txn,
+            event_uri: set.event_uri,
+            event: set.event,
+            subject: set.subject,
+            iat: set.iat,
+            received_at_ms,
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, wall clock.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

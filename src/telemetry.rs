@@ -1,0 +1,59 @@
+//! Logs and metrics set-up. Metric names follow `vigil_<name>_<unit>[_total]`:
+//!
+//! | metric | type | labels | meaning |
+//! |---|---|---|---|
+//! | `vigil_sets_received_total` | counter | stream, event_type, outcome | every push, by outcome (`accepted`, `duplicate`, `discarded`, an RFC 8935 code, `unavailable`, `storage_error`) |
+//! | `vigil_set_verify_seconds` | histogram | stream | key lookup + signature verification |
+//! | `vigil_push_request_seconds` | histogram | stream | push request handling, arrival to answer |
+//! | `vigil_signal_handling_seconds` | histogram | stream | end to end: SET received to processed by the next stage |
+//! | `vigil_intake_commit_seconds` | histogram | | one group-commit transaction |
+//! | `vigil_intake_batch_size` | histogram | | requests per group commit |
+//! | `vigil_jwks_fetches_total` | counter | transmitter, outcome | JWKS / metadata fetches |
+//! | `vigil_signals_replayed_total` | counter | | pending signals replayed at start-up |
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0,
+];
+const SIZE_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+
+/// Installs the process-wide Prometheus recorder once and returns its handle. `None` if another
+/// recorder was installed first (metrics then go there).
+pub fn metrics_handle() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Suffix("_size".into()), &SIZE_BUCKETS)
+                });
+            match builder.and_then(|b| b.install_recorder().map_err(Into::into)) {
+                Ok(handle) => Some(handle),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Prometheus recorder not installed");
+                    None
+                }
+            }
+        })
+        .clone()
+}
+
+/// Initializes structured logging. `VIGIL_LOG` is an `EnvFilter` directive (default `info`);
+/// `VIGIL_LOG_FORMAT=json` switches to JSON lines.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VIGIL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json = std::env::var("VIGIL_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
