@@ -58,9 +58,9 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let key_file = args
-        .key_file
-        .with_file_name(format!("{}-{}.jwk", stem(&args.key_file), args.alg));
+    let key_file =
+        args.key_file
+            .with_file_name(format!("{}-{}.jwk", stem(&args.key_file), args.alg));
     let kid = format!("vigil-push-{}", args.alg);
     let key = SigningKey::load_or_generate(&key_file, args.alg, &kid)
         .with_context(|| format!("key file {}", key_file.display()))?;
@@ -73,7 +73,8 @@ async fn main() -> anyhow::Result<()> {
     let mut failures = 0;
     for file in &args.files {
         let text = std::fs::read_to_string(file).with_context(|| file.display().to_string())?;
-        let mut claims: Value = serde_json::from_str(&text).with_context(|| file.display().to_string())?;
+        let mut claims: Value =
+            serde_json::from_str(&text).with_context(|| file.display().to_string())?;
         claims["iss"] = Value::String(args.iss.clone());
         claims["aud"] = Value::String(args.aud.clone());
         if !args.keep_jti {

@@ -36,7 +36,10 @@ pub async fn run<S: SignalSink>(
     mut rx: mpsc::Receiver<Signal>,
 ) {
     if !pending.is_empty() {
-        tracing::info!(count = pending.len(), "replaying signals recorded but not processed");
+        tracing::info!(
+            count = pending.len(),
+            "replaying signals recorded but not processed"
+        );
         metrics::counter!("vigil_signals_replayed_total").increment(pending.len() as u64);
     }
     for signal in pending {

@@ -27,7 +27,9 @@ const STREAM_STATE: TableDefinition<&str, &str> = TableDefinition::new("intake_s
 #[derive(Debug, thiserror::Error)]
 pub enum IntakeError {
     #[error("storage error: {0}")]
-    Storage(#[from] redb::Error),
+    Storage(Box<redb::Error>),
+    #[error("the intake commit failed: {0}")]
+    Commit(String),
     #[error("stored record {seq} is unreadable: {reason}")]
     Corrupt { seq: u64, reason: String },
     #[error("the intake writer has stopped")]
@@ -35,7 +37,7 @@ pub enum IntakeError {
 }
 
 fn storage<E: Into<redb::Error>>(e: E) -> IntakeError {
-    IntakeError::Storage(e.into())
+    IntakeError::Storage(Box::new(e.into()))
 }
 
 /// The result of recording one SET.
@@ -86,7 +88,10 @@ impl Intake {
     /// Starts the writer thread. `max_batch` bounds how many requests share one commit. The writer
     /// stops once every `Intake` clone is dropped; [`IntakeWriter::join`] waits for that, after which
     /// the database file is released.
-    pub fn open(db: Arc<Database>, max_batch: usize) -> Result<(Intake, IntakeWriter), IntakeError> {
+    pub fn open(
+        db: Arc<Database>,
+        max_batch: usize,
+    ) -> Result<(Intake, IntakeWriter), IntakeError> {
         // Create the tables up front so readers never see them missing.
         let txn = db.begin_write().map_err(storage)?;
         {
@@ -103,7 +108,7 @@ impl Intake {
         let handle = std::thread::Builder::new()
             .name("vigil-intake-writer".into())
             .spawn(move || writer_loop(writer_db, rx, max_batch.max(1)))
-            .map_err(|e| IntakeError::Storage(redb::Error::Io(e)))?;
+            .map_err(|e| storage(redb::Error::Io(e)))?;
         Ok((Intake { db, tx }, IntakeWriter(handle)))
     }
 
@@ -120,9 +125,7 @@ impl Intake {
             .map_err(|_| IntakeError::WriterGone)?;
         match rx.await {
             Ok(Ok(outcome)) => Ok(outcome),
-            Ok(Err(reason)) => Err(IntakeError::Storage(redb::Error::Io(std::io::Error::other(
-                reason,
-            )))),
+            Ok(Err(reason)) => Err(IntakeError::Commit(reason)),
             Err(_) => Err(IntakeError::WriterGone),
         }
     }
@@ -161,6 +164,21 @@ impl Intake {
             out.push(stored.signal);
         }
         Ok(out)
+    }
+
+    /// The signal recorded under `seq`, with its raw token.
+    pub fn get(&self, seq: u64) -> Result<Option<(Signal, String)>, IntakeError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let sets = txn.open_table(SETS).map_err(storage)?;
+        let Some(bytes) = sets.get(seq).map_err(storage)? else {
+            return Ok(None);
+        };
+        let stored: StoredSet =
+            serde_json::from_slice(bytes.value()).map_err(|e| IntakeError::Corrupt {
+                seq,
+                reason: e.to_string(),
+            })?;
+        Ok(Some((stored.signal, stored.token)))
     }
 
     /// How many accepted SETs are stored (for tests and diagnostics).
@@ -330,24 +348,51 @@ mod tests {
     async fn records_once_per_jti_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let (intake, writer) = Intake::open(crate::store::open(dir.path()).unwrap(), 8).unwrap();
-            assert_eq!(intake.record(signal("a"), "tok").await.unwrap(), RecordOutcome::Recorded(1));
-            assert_eq!(intake.record(signal("b"), "tok").await.unwrap(), RecordOutcome::Recorded(2));
-            assert_eq!(intake.record(signal("a"), "tok").await.unwrap(), RecordOutcome::Duplicate(1));
+            let (intake, writer) =
+                Intake::open(crate::store::open(dir.path()).unwrap(), 8).unwrap();
+            assert_eq!(
+                intake.record(signal("a"), "tok").await.unwrap(),
+                RecordOutcome::Recorded(1)
+            );
+            assert_eq!(
+                intake.record(signal("b"), "tok").await.unwrap(),
+                RecordOutcome::Recorded(2)
+            );
+            assert_eq!(
+                intake.record(signal("a"), "tok").await.unwrap(),
+                RecordOutcome::Duplicate(1)
+            );
             intake.mark_processed(vec![1]).await.unwrap();
             // A later record goes through the same writer, so the mark is committed by then.
-            assert_eq!(intake.record(signal("c"), "tok").await.unwrap(), RecordOutcome::Recorded(3));
+            assert_eq!(
+                intake.record(signal("c"), "tok").await.unwrap(),
+                RecordOutcome::Recorded(3)
+            );
             intake.expect_verification_state("s", "xyz").unwrap();
             drop(intake);
             writer.join();
         }
         let (intake, _writer) = Intake::open(crate::store::open(dir.path()).unwrap(), 8).unwrap();
-        assert_eq!(intake.record(signal("a"), "tok").await.unwrap(), RecordOutcome::Duplicate(1));
-        let pending: Vec<_> = intake.pending().unwrap().into_iter().map(|s| (s.seq, s.jti)).collect();
+        assert_eq!(
+            intake.record(signal("a"), "tok").await.unwrap(),
+            RecordOutcome::Duplicate(1)
+        );
+        let pending: Vec<_> = intake
+            .pending()
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.seq, s.jti))
+            .collect();
         assert_eq!(pending, vec![(2, "b".to_owned()), (3, "c".to_owned())]);
         assert_eq!(intake.stored_count().unwrap(), 3);
-        assert_eq!(intake.expected_verification_state("s").unwrap().as_deref(), Some("xyz"));
-        assert_eq!(intake.lookup_jti("https://idp.example.com/", "b").unwrap(), Some(2));
+        assert_eq!(
+            intake.expected_verification_state("s").unwrap().as_deref(),
+            Some("xyz")
+        );
+        assert_eq!(
+            intake.lookup_jti("https://idp.example.com/", "b").unwrap(),
+            Some(2)
+        );
     }
 
     #[tokio::test]
@@ -357,7 +402,9 @@ mod tests {
         let mut tasks = Vec::new();
         for _ in 0..32 {
             let intake = intake.clone();
-            tasks.push(tokio::spawn(async move { intake.record(signal("same"), "tok").await.unwrap() }));
+            tasks.push(tokio::spawn(async move {
+                intake.record(signal("same"), "tok").await.unwrap()
+            }));
         }
         let mut recorded = 0;
         for t in tasks {

@@ -12,7 +12,11 @@ use vigil::{telemetry, Config, Vigil};
 const EXIT_CONFIG: u8 = 78;
 
 #[derive(Parser)]
-#[command(name = "vigil", version, about = "Continuous access evaluation: an OpenID SSF receiver")]
+#[command(
+    name = "vigil",
+    version,
+    about = "Continuous access evaluation: an OpenID SSF receiver"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -80,7 +84,10 @@ fn check_config(mut config: Config) -> anyhow::Result<()> {
     for t in &mut config.transmitters {
         t.authorization = "<redacted>".into();
     }
-    println!("{}", toml::to_string_pretty(&config).context("rendering config")?);
+    println!(
+        "{}",
+        toml::to_string_pretty(&config).context("rendering config")?
+    );
     eprintln!("vigil: configuration is valid");
     Ok(())
 }

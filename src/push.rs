@@ -41,7 +41,11 @@ pub async fn push(
         Err(r) => (r.outcome_label(), r.event_type()),
     };
     // Only configured stream names become label values, so cardinality stays bounded.
-    let stream_label = if state.receiver.transmitters().any(|t| t.config.stream == stream) {
+    let stream_label = if state
+        .receiver
+        .transmitters()
+        .any(|t| t.config.stream == stream)
+    {
         stream
     } else {
         "unknown".to_owned()
@@ -66,7 +70,9 @@ async fn handle(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Accepted, Rejection> {
-    let presented = headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .map(HeaderValue::as_bytes);
     let transmitter = state.receiver.authenticate(stream, presented)?;
 
     let content_type_ok = headers

@@ -213,9 +213,8 @@ impl Drop for JwksServer {
 }
 
 async fn serve(State(state): State<Arc<ServerState>>, uri: Uri) -> Response {
-    let json_response = |v: Value| {
-        ([(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
-    };
+    let json_response =
+        |v: Value| ([(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response();
     if uri.path() == "/jwks.json" {
         state.jwks_hits.fetch_add(1, Ordering::SeqCst);
         let jwks = state.jwks.read().map(|g| g.clone()).unwrap_or(Value::Null);
@@ -239,7 +238,10 @@ mod tests {
             let key = SigningKey::generate(alg, "k").unwrap();
             let jwk = key.public_jwk().unwrap();
             assert_eq!(jwk.algorithm(), Some(alg.name()));
-            assert!(jwk.parameter("d").is_none(), "public JWK must not carry the private part");
+            assert!(
+                jwk.parameter("d").is_none(),
+                "public JWK must not carry the private part"
+            );
             let token = key.sign_set(&json!({"iss": "x"})).unwrap();
             assert_eq!(token.split('.').count(), 3);
         }

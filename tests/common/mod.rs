@@ -1,0 +1,152 @@
+//! Shared harness for end-to-end tests: a transmitter with real keys and a JWKS server on loopback,
+//! a Vigil started on 127.0.0.1:0 with a temporary data directory, and an RFC 8935 push client.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+
+use serde_json::Value;
+use vigil::config::TransmitterConfig;
+use vigil::jose::Alg;
+use vigil::sim::{jwks_document, JwksServer, SigningKey};
+use vigil::{Config, Vigil};
+
+pub const AUTH: &str = "Bearer test-push-secret";
+
+/// A verbatim spec example from `tests/fixtures/spec-examples/`.
+pub fn spec_example(file: &str) -> Value {
+    let path = format!(
+        "{}/tests/fixtures/spec-examples/{file}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+/// A transmitter: signing keys for every algorithm and the JWKS server publishing them.
+pub struct Transmitter {
+    pub keys: Vec<SigningKey>,
+    pub jwks: JwksServer,
+}
+
+impl Transmitter {
+    pub async fn start(algs: &[Alg]) -> Transmitter {
+        let keys: Vec<SigningKey> = algs
+            .iter()
+            .map(|a| SigningKey::generate(*a, &format!("key-{a}")).unwrap())
+            .collect();
+        let publics: Vec<_> = keys.iter().map(|k| k.public_jwk().unwrap()).collect();
+        let jwks = JwksServer::start("127.0.0.1:0".parse().unwrap(), jwks_document(&publics))
+            .await
+            .unwrap();
+        Transmitter { keys, jwks }
+    }
+
+    pub fn key(&self, alg: Alg) -> &SigningKey {
+        self.keys.iter().find(|k| k.alg == alg).unwrap()
+    }
+
+    /// A transmitter config for `issuer`/`audiences` on `stream`, keyed by this JWKS server.
+    pub fn config(&self, stream: &str, issuer: &str, audiences: &[&str]) -> TransmitterConfig {
+        TransmitterConfig {
+            name: format!("tx-{stream}"),
+            issuer: issuer.to_owned(),
+            audiences: audiences.iter().map(|s| s.to_string()).collect(),
+            stream: stream.to_owned(),
+            authorization: format!("{AUTH}-{stream}"),
+            algorithms: self.keys.iter().map(|k| k.alg).collect(),
+            jwks_uri: Some(self.jwks.jwks_uri()),
+            discovery: false,
+            critical_subject_members: Vec::new(),
+            legacy_subjects: true,
+        }
+    }
+}
+
+/// A config for tests: loopback port 0, data in `dir`, fast JWKS refetch.
+pub fn test_config(dir: &Path, transmitters: Vec<TransmitterConfig>) -> Config {
+    let mut config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.to_owned(),
+        transmitters,
+        ..Config::default()
+    };
+    config.jwks.min_refetch_interval_secs = 0;
+    config.jwks.retry_interval_secs = 1;
+    config.validate().unwrap();
+    config
+}
+
+pub async fn start(config: Config) -> Vigil {
+    Vigil::start(config).await.unwrap()
+}
+
+/// The answer to one push.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub content_language: Option<String>,
+    pub retry_after: Option<String>,
+    pub body: String,
+}
+
+impl Answer {
+    /// The RFC 8935 `err` code of a 400 answer.
+    pub fn err(&self) -> Option<String> {
+        let v: Value = serde_json::from_str(&self.body).ok()?;
+        v.get("err")?.as_str().map(str::to_owned)
+    }
+}
+
+/// POSTs `body` to `/ssf/push/{stream}` with the given credential and content type.
+pub async fn push_raw(
+    vigil: &Vigil,
+    stream: &str,
+    auth: Option<&str>,
+    content_type: &str,
+    body: impl Into<reqwest::Body>,
+) -> Answer {
+    let client = reqwest::Client::new();
+    let mut req = client
+        .post(format!("http://{}/ssf/push/{stream}", vigil.local_addr()))
+        .header("Content-Type", content_type)
+        .header("Accept", "application/json")
+        .body(body);
+    if let Some(auth) = auth {
+        req = req.header("Authorization", auth);
+    }
+    let resp = req.send().await.unwrap();
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    Answer {
+        status: resp.status().as_u16(),
+        content_type: header("content-type"),
+        content_language: header("content-language"),
+        retry_after: header("retry-after"),
+        body: resp.text().await.unwrap(),
+    }
+}
+
+/// Pushes a token the way a conforming transmitter does.
+pub async fn push(vigil: &Vigil, stream: &str, token: &str) -> Answer {
+    let auth = format!("{AUTH}-{stream}");
+    push_raw(
+        vigil,
+        stream,
+        Some(&auth),
+        "application/secevent+jwt",
+        token.to_owned(),
+    )
+    .await
+}
+
+/// GETs a path on Vigil and returns the body.
+pub async fn get(vigil: &Vigil, path: &str) -> (u16, String) {
+    let resp = reqwest::get(format!("http://{}{path}", vigil.local_addr()))
+        .await
+        .unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
