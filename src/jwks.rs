@@ -109,6 +109,18 @@ impl KeySet {
         Ok(set)
     }
 
+    /// Verifies `jws` against the key its header names; no I/O.
+    pub fn verify(&self, jws: &CompactJws<'_>) -> Result<(), KeyError> {
+        let key = self.find(jws.kid.as_deref(), jws.alg)?;
+        let verifier = key.verifier(jws.alg).ok_or(KeyError::WrongAlg {
+            kid: key.kid.clone().unwrap_or_default(),
+            alg: jws.alg,
+        })?;
+        verifier
+            .verify(jws.signing_input, &jws.signature)
+            .map_err(|_| KeyError::BadSignature)
+    }
+
     fn find(&self, kid: Option<&str>, alg: Alg) -> Result<Arc<Key>, KeyError> {
         match kid {
             Some(kid) => {
@@ -287,34 +299,26 @@ impl KeyStore {
     /// Verifies the signature of `jws`. A miss on the cache triggers at most one rate-limited refetch.
     pub async fn verify(&self, jws: &CompactJws<'_>) -> Result<(), KeyError> {
         let first = self.snapshot();
-        let key = match first.find(jws.kid.as_deref(), jws.alg) {
-            Ok(key) => key,
-            // The key is known; a refetch cannot make it acceptable.
-            Err(e @ (KeyError::WrongAlg { .. } | KeyError::Refused { .. })) if first.loaded => {
-                return Err(e)
-            }
-            Err(_) => {
-                self.refetch(false).await;
-                let second = self.snapshot();
-                if !second.loaded {
-                    let why = self
-                        .last_error
-                        .read()
-                        .ok()
-                        .and_then(|g| g.clone())
-                        .unwrap_or_else(|| "not fetched yet".into());
-                    return Err(KeyError::Unavailable(why));
-                }
-                second.find(jws.kid.as_deref(), jws.alg)?
-            }
-        };
-        let verifier = key.verifier(jws.alg).ok_or(KeyError::WrongAlg {
-            kid: key.kid.clone().unwrap_or_default(),
-            alg: jws.alg,
-        })?;
-        verifier
-            .verify(jws.signing_input, &jws.signature)
-            .map_err(|_| KeyError::BadSignature)
+        match first.verify(jws) {
+            // A known key answers without the network: a refetch cannot change the verdict.
+            Ok(()) => return Ok(()),
+            Err(
+                e @ (KeyError::BadSignature | KeyError::WrongAlg { .. } | KeyError::Refused { .. }),
+            ) if first.loaded => return Err(e),
+            Err(_) => {}
+        }
+        self.refetch(false).await;
+        let second = self.snapshot();
+        if !second.loaded {
+            let why = self
+                .last_error
+                .read()
+                .ok()
+                .and_then(|g| g.clone())
+                .unwrap_or_else(|| "not fetched yet".into());
+            return Err(KeyError::Unavailable(why));
+        }
+        second.verify(jws)
     }
 
     /// Fetches the JWKS unless one was fetched less than `min_refetch` ago (`force` skips the limit).

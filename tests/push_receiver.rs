@@ -765,6 +765,23 @@ async fn accepted_and_rejected_sets_show_in_metrics() {
     let token = key.sign_set(&base_set("m2")).unwrap();
     let tampered = format!("{}AAAA", &token[..token.len() - 4]);
     assert_eq!(push(&f.vigil, "s", &tampered).await.status, 400);
+    // An unknown event type is accepted, recorded and counted, not rejected.
+    let mut unknown = base_set("m3");
+    unknown["events"] =
+        json!({"https://vendor.example/event-type/impossible-travel": {"km_per_h": 4200}});
+    assert_eq!(
+        push(&f.vigil, "s", &key.sign_set(&unknown).unwrap())
+            .await
+            .status,
+        202
+    );
+    let seq = f.vigil.intake().lookup_jti(ISS, "m3").unwrap().unwrap();
+    let (signal, _) = f.vigil.intake().get(seq).unwrap().unwrap();
+    assert_eq!(signal.event.kind(), None);
+    assert_eq!(
+        signal.event_uri,
+        "https://vendor.example/event-type/impossible-travel"
+    );
     // The hand-off is asynchronous; give it a moment to record handling latency.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let (status, metrics) = get(&f.vigil, "/metrics").await;
@@ -772,6 +789,7 @@ async fn accepted_and_rejected_sets_show_in_metrics() {
     for needle in [
         r#"vigil_sets_received_total{stream="s",event_type="session-revoked",outcome="accepted"}"#,
         r#"vigil_sets_received_total{stream="s",event_type="none",outcome="invalid_key"}"#,
+        r#"vigil_sets_received_total{stream="s",event_type="unknown",outcome="accepted"}"#,
         r#"vigil_set_verify_seconds_bucket{stream="s""#,
         r#"vigil_signal_handling_seconds_bucket{stream="s""#,
     ] {
