@@ -13,10 +13,11 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::handoff::{self, LogSink};
-use crate::intake::{Intake, IntakeError, IntakeWriter};
+use crate::intake::{Intake, IntakeError};
 use crate::jwks::{KeySource, KeyStore, KeyStoreSettings};
 use crate::push::{self, PushState};
 use crate::receiver::{Receiver, Transmitter};
+use crate::store::{BatchWriter, BatchWriterThread};
 use crate::{ops, store, telemetry};
 
 /// Why Vigil could not start.
@@ -31,6 +32,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot start the store writer: {0}")]
+    Writer(String),
     #[error("cannot build the HTTP client: {0}")]
     Client(String),
 }
@@ -41,7 +44,7 @@ pub struct Vigil {
     intake: Intake,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
-    writer: IntakeWriter,
+    writer: BatchWriterThread,
 }
 
 impl Vigil {
@@ -49,7 +52,9 @@ impl Vigil {
     pub async fn start(config: Config) -> Result<Vigil, StartError> {
         let metrics = telemetry::metrics_handle();
         let db = store::open(&config.data_dir)?;
-        let (intake, writer) = Intake::open(db, config.intake.max_batch)?;
+        let (batch_writer, writer) = BatchWriter::start(db.clone(), config.intake.max_batch)
+            .map_err(|e| StartError::Writer(e.to_string()))?;
+        let intake = Intake::open(db, batch_writer)?;
         let pending = intake.pending()?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (next_tx, next_rx) = mpsc::channel(config.intake.channel_capacity);
@@ -179,7 +184,7 @@ impl Vigil {
             let _ = task.await;
         }
         drop(intake);
-        // The writer exits once the last Intake handle (held by the tasks above) is gone.
+        // The writer exits once the last handle (held by the tasks above) is gone.
         let _ = tokio::task::spawn_blocking(move || writer.join()).await;
     }
 }

@@ -2,20 +2,20 @@
 //! (RFC 8935 202, RFC 8936 ack), deduplicated by (`iss`, `jti`), and marked pending until the next stage
 //! reports it processed. On start-up the pending signals are replayed.
 //!
-//! All writes go through one writer thread that commits many requests per transaction (group commit):
-//! a push waits for one fsync shared with its neighbours instead of paying for its own. Dedupe happens
-//! inside the write transaction, so two concurrent deliveries of one `jti` record it exactly once.
+//! All writes go through the store's [`BatchWriter`] (group commit): a push waits for one fsync shared
+//! with its neighbours instead of paying for its own. Dedupe happens inside the write transaction, so
+//! two concurrent deliveries of one `jti` record it exactly once.
 //!
 //! Tables (prefix `intake_`): `sets` seq → record JSON; `jti` "iss\0jti" → seq; `pending` seq → ();
 //! `meta` "next_seq" → u64; `stream_state` "verify_state/<stream>" → expected verification state.
 
 use std::sync::Arc;
 
-use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
 
 use crate::signal::Signal;
+use crate::store::{BatchWriter, WriteError};
 
 const SETS: TableDefinition<u64, &[u8]> = TableDefinition::new("intake_sets");
 const JTI: TableDefinition<&str, u64> = TableDefinition::new("intake_jti");
@@ -28,12 +28,10 @@ const STREAM_STATE: TableDefinition<&str, &str> = TableDefinition::new("intake_s
 pub enum IntakeError {
     #[error("storage error: {0}")]
     Storage(Box<redb::Error>),
-    #[error("the intake commit failed: {0}")]
-    Commit(String),
+    #[error(transparent)]
+    Write(#[from] WriteError),
     #[error("stored record {seq} is unreadable: {reason}")]
     Corrupt { seq: u64, reason: String },
-    #[error("the intake writer has stopped")]
-    WriterGone,
 }
 
 fn storage<E: Into<redb::Error>>(e: E) -> IntakeError {
@@ -56,42 +54,16 @@ struct StoredSet {
     token: String,
 }
 
-enum Command {
-    Record {
-        signal: Box<Signal>,
-        token: String,
-        reply: oneshot::Sender<Result<RecordOutcome, String>>,
-    },
-    Processed(Vec<u64>),
-}
-
-/// The intake writer thread.
-pub struct IntakeWriter(std::thread::JoinHandle<()>);
-
-impl IntakeWriter {
-    /// Waits until the writer has drained its queue and stopped (all `Intake` handles dropped).
-    pub fn join(self) {
-        if self.0.join().is_err() {
-            tracing::error!("intake writer thread panicked");
-        }
-    }
-}
-
 /// Handle to durable intake. Cheap to clone.
 #[derive(Clone)]
 pub struct Intake {
     db: Arc<Database>,
-    tx: mpsc::Sender<Command>,
+    writer: BatchWriter,
 }
 
 impl Intake {
-    /// Starts the writer thread. `max_batch` bounds how many requests share one commit. The writer
-    /// stops once every `Intake` clone is dropped; [`IntakeWriter::join`] waits for that, after which
-    /// the database file is released.
-    pub fn open(
-        db: Arc<Database>,
-        max_batch: usize,
-    ) -> Result<(Intake, IntakeWriter), IntakeError> {
+    /// Creates intake's tables if needed. Writes go through `writer` (group commit).
+    pub fn open(db: Arc<Database>, writer: BatchWriter) -> Result<Intake, IntakeError> {
         // Create the tables up front so readers never see them missing.
         let txn = db.begin_write().map_err(storage)?;
         {
@@ -102,32 +74,18 @@ impl Intake {
             txn.open_table(STREAM_STATE).map_err(storage)?;
         }
         txn.commit().map_err(storage)?;
-
-        let (tx, rx) = mpsc::channel(max_batch.max(1) * 4);
-        let writer_db = db.clone();
-        let handle = std::thread::Builder::new()
-            .name("vigil-intake-writer".into())
-            .spawn(move || writer_loop(writer_db, rx, max_batch.max(1)))
-            .map_err(|e| storage(redb::Error::Io(e)))?;
-        Ok((Intake { db, tx }, IntakeWriter(handle)))
+        Ok(Intake { db, writer })
     }
 
-    /// Records `signal` (with its raw `token`) durably. Returns once the commit is on disk.
+    /// Records `signal` (with its raw `token`) durably. Returns once the commit is on disk. The
+    /// `(iss, jti)` check runs inside the write transaction, so concurrent duplicates record once.
     pub async fn record(&self, signal: Signal, token: &str) -> Result<RecordOutcome, IntakeError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Record {
-                signal: Box::new(signal),
-                token: token.to_owned(),
-                reply,
-            })
-            .await
-            .map_err(|_| IntakeError::WriterGone)?;
-        match rx.await {
-            Ok(Ok(outcome)) => Ok(outcome),
-            Ok(Err(reason)) => Err(IntakeError::Commit(reason)),
-            Err(_) => Err(IntakeError::WriterGone),
-        }
+        let token = token.to_owned();
+        let outcome = self
+            .writer
+            .write(move |txn| record_in(txn, signal, token))
+            .await?;
+        Ok(outcome)
     }
 
     /// Marks signals processed by the next stage: they will not be replayed.
@@ -135,10 +93,10 @@ impl Intake {
         if seqs.is_empty() {
             return Ok(());
         }
-        self.tx
-            .send(Command::Processed(seqs))
-            .await
-            .map_err(|_| IntakeError::WriterGone)
+        self.writer
+            .write(move |txn| mark_processed_in(txn, &seqs))
+            .await?;
+        Ok(())
     }
 
     /// The signals recorded but not yet processed, in sequence order (start-up replay).
@@ -156,12 +114,7 @@ impl Intake {
                     reason: "pending but not stored".into(),
                 });
             };
-            let stored: StoredSet =
-                serde_json::from_slice(bytes.value()).map_err(|e| IntakeError::Corrupt {
-                    seq,
-                    reason: e.to_string(),
-                })?;
-            out.push(stored.signal);
+            out.push(decode(seq, bytes.value())?.signal);
         }
         Ok(out)
     }
@@ -173,11 +126,7 @@ impl Intake {
         let Some(bytes) = sets.get(seq).map_err(storage)? else {
             return Ok(None);
         };
-        let stored: StoredSet =
-            serde_json::from_slice(bytes.value()).map_err(|e| IntakeError::Corrupt {
-                seq,
-                reason: e.to_string(),
-            })?;
+        let stored = decode(seq, bytes.value())?;
         Ok(Some((stored.signal, stored.token)))
     }
 
@@ -199,14 +148,21 @@ impl Intake {
     }
 
     /// Remembers the `state` Vigil sent in its last verification request on `stream` (SSF §8.1.4.2).
-    pub fn expect_verification_state(&self, stream: &str, state: &str) -> Result<(), IntakeError> {
-        let txn = self.db.begin_write().map_err(storage)?;
-        {
-            let mut t = txn.open_table(STREAM_STATE).map_err(storage)?;
-            t.insert(verify_key(stream).as_str(), state)
-                .map_err(storage)?;
-        }
-        txn.commit().map_err(storage)
+    pub async fn expect_verification_state(
+        &self,
+        stream: &str,
+        state: &str,
+    ) -> Result<(), IntakeError> {
+        let (key, state) = (verify_key(stream), state.to_owned());
+        self.writer
+            .write(move |txn| {
+                let mut t = txn.open_table(STREAM_STATE).map_err(WriteError::storage)?;
+                t.insert(key.as_str(), state.as_str())
+                    .map_err(WriteError::storage)?;
+                Ok(())
+            })
+            .await?;
+        Ok(())
     }
 
     /// The `state` of the last verification Vigil requested on `stream`, if any.
@@ -219,103 +175,63 @@ impl Intake {
     }
 }
 
+/// Removes `seqs` from the pending set inside a caller's transaction, so a later stage can commit
+/// its own state and "processed" atomically.
+pub fn mark_processed_in(txn: &WriteTransaction, seqs: &[u64]) -> Result<(), WriteError> {
+    let mut pending = txn.open_table(PENDING).map_err(WriteError::storage)?;
+    for seq in seqs {
+        pending.remove(*seq).map_err(WriteError::storage)?;
+    }
+    Ok(())
+}
+
+fn record_in(
+    txn: &WriteTransaction,
+    mut signal: Signal,
+    token: String,
+) -> Result<RecordOutcome, WriteError> {
+    let mut jtis = txn.open_table(JTI).map_err(WriteError::storage)?;
+    let key = jti_key(&signal.iss, &signal.jti);
+    if let Some(seq) = jtis.get(key.as_str()).map_err(WriteError::storage)? {
+        return Ok(RecordOutcome::Duplicate(seq.value()));
+    }
+    let mut meta = txn.open_table(META).map_err(WriteError::storage)?;
+    let seq = meta
+        .get("next_seq")
+        .map_err(WriteError::storage)?
+        .map(|v| v.value())
+        .unwrap_or(1);
+    meta.insert("next_seq", seq + 1)
+        .map_err(WriteError::storage)?;
+    signal.seq = seq;
+    let bytes = serde_json::to_vec(&StoredSet { signal, token })
+        .map_err(|e| WriteError::Storage(e.to_string()))?;
+    txn.open_table(SETS)
+        .map_err(WriteError::storage)?
+        .insert(seq, bytes.as_slice())
+        .map_err(WriteError::storage)?;
+    jtis.insert(key.as_str(), seq)
+        .map_err(WriteError::storage)?;
+    txn.open_table(PENDING)
+        .map_err(WriteError::storage)?
+        .insert(seq, ())
+        .map_err(WriteError::storage)?;
+    Ok(RecordOutcome::Recorded(seq))
+}
+
+fn decode(seq: u64, bytes: &[u8]) -> Result<StoredSet, IntakeError> {
+    serde_json::from_slice(bytes).map_err(|e| IntakeError::Corrupt {
+        seq,
+        reason: e.to_string(),
+    })
+}
+
 fn jti_key(iss: &str, jti: &str) -> String {
     format!("{iss}\0{jti}")
 }
 
 fn verify_key(stream: &str) -> String {
     format!("verify_state/{stream}")
-}
-
-fn writer_loop(db: Arc<Database>, mut rx: mpsc::Receiver<Command>, max_batch: usize) {
-    while let Some(first) = rx.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < max_batch {
-            match rx.try_recv() {
-                Ok(cmd) => batch.push(cmd),
-                Err(_) => break,
-            }
-        }
-        let size = batch.len();
-        let started = std::time::Instant::now();
-        match write_batch(&db, &batch) {
-            Ok(outcomes) => {
-                metrics::histogram!("vigil_intake_commit_seconds")
-                    .record(started.elapsed().as_secs_f64());
-                metrics::histogram!("vigil_intake_batch_size").record(size as f64);
-                let mut outcomes = outcomes.into_iter();
-                for cmd in batch {
-                    if let Command::Record { reply, .. } = cmd {
-                        let outcome = outcomes
-                            .next()
-                            .ok_or_else(|| "writer lost an outcome".to_owned());
-                        let _ = reply.send(outcome);
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, size, "intake commit failed; nothing in this batch is acknowledged");
-                let reason = e.to_string();
-                for cmd in batch {
-                    if let Command::Record { reply, .. } = cmd {
-                        let _ = reply.send(Err(reason.clone()));
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Writes one batch in one transaction. Returns the outcomes of the `Record` commands, in order.
-fn write_batch(db: &Database, batch: &[Command]) -> Result<Vec<RecordOutcome>, IntakeError> {
-    let txn = db.begin_write().map_err(storage)?;
-    let mut outcomes = Vec::new();
-    {
-        let mut sets = txn.open_table(SETS).map_err(storage)?;
-        let mut jtis = txn.open_table(JTI).map_err(storage)?;
-        let mut pending = txn.open_table(PENDING).map_err(storage)?;
-        let mut meta = txn.open_table(META).map_err(storage)?;
-        let mut next_seq = meta
-            .get("next_seq")
-            .map_err(storage)?
-            .map(|v| v.value())
-            .unwrap_or(1);
-        for cmd in batch {
-            match cmd {
-                Command::Record { signal, token, .. } => {
-                    let key = jti_key(&signal.iss, &signal.jti);
-                    if let Some(seq) = jtis.get(key.as_str()).map_err(storage)? {
-                        outcomes.push(RecordOutcome::Duplicate(seq.value()));
-                        continue;
-                    }
-                    let seq = next_seq;
-                    next_seq += 1;
-                    let mut signal = (**signal).clone();
-                    signal.seq = seq;
-                    let stored = StoredSet {
-                        signal,
-                        token: token.clone(),
-                    };
-                    let bytes = serde_json::to_vec(&stored).map_err(|e| IntakeError::Corrupt {
-                        seq,
-                        reason: e.to_string(),
-                    })?;
-                    sets.insert(seq, bytes.as_slice()).map_err(storage)?;
-                    jtis.insert(key.as_str(), seq).map_err(storage)?;
-                    pending.insert(seq, ()).map_err(storage)?;
-                    outcomes.push(RecordOutcome::Recorded(seq));
-                }
-                Command::Processed(seqs) => {
-                    for seq in seqs {
-                        pending.remove(*seq).map_err(storage)?;
-                    }
-                }
-            }
-        }
-        meta.insert("next_seq", next_seq).map_err(storage)?;
-    }
-    txn.commit().map_err(storage)?;
-    Ok(outcomes)
 }
 
 #[cfg(test)]
@@ -348,8 +264,9 @@ mod tests {
     async fn records_once_per_jti_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let (intake, writer) =
-                Intake::open(crate::store::open(dir.path()).unwrap(), 8).unwrap();
+            let db = crate::store::open(dir.path()).unwrap();
+            let (w, writer) = BatchWriter::start(db.clone(), 8).unwrap();
+            let intake = Intake::open(db, w).unwrap();
             assert_eq!(
                 intake.record(signal("a"), "tok").await.unwrap(),
                 RecordOutcome::Recorded(1)
@@ -368,11 +285,12 @@ mod tests {
                 intake.record(signal("c"), "tok").await.unwrap(),
                 RecordOutcome::Recorded(3)
             );
-            intake.expect_verification_state("s", "xyz").unwrap();
+            intake.expect_verification_state("s", "xyz").await.unwrap();
             drop(intake);
             writer.join();
         }
-        let (intake, _writer) = Intake::open(crate::store::open(dir.path()).unwrap(), 8).unwrap();
+        let db = crate::store::open(dir.path()).unwrap();
+        let intake = Intake::open(db.clone(), BatchWriter::start(db, 8).unwrap().0).unwrap();
         assert_eq!(
             intake.record(signal("a"), "tok").await.unwrap(),
             RecordOutcome::Duplicate(1)
@@ -398,7 +316,8 @@ mod tests {
     #[tokio::test]
     async fn concurrent_duplicates_record_exactly_once() {
         let dir = tempfile::tempdir().unwrap();
-        let (intake, _writer) = Intake::open(crate::store::open(dir.path()).unwrap(), 64).unwrap();
+        let db = crate::store::open(dir.path()).unwrap();
+        let intake = Intake::open(db.clone(), BatchWriter::start(db, 64).unwrap().0).unwrap();
         let mut tasks = Vec::new();
         for _ in 0..32 {
             let intake = intake.clone();

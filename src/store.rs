@@ -36,3 +36,135 @@ pub fn open(data_dir: &Path) -> Result<Arc<redb::Database>, StoreError> {
     })?;
     Ok(Arc::new(db))
 }
+
+/// Why a batched write failed. Nothing of the batch it belonged to was committed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    #[error("storage error: {0}")]
+    Storage(String),
+    #[error("the store writer has stopped")]
+    WriterGone,
+}
+
+impl WriteError {
+    /// Wraps any redb error.
+    pub fn storage<E: Into<redb::Error>>(e: E) -> WriteError {
+        WriteError::Storage(e.into().to_string())
+    }
+}
+
+/// Called after the batch's commit with its outcome.
+type Completion = Box<dyn FnOnce(Result<(), WriteError>) + Send>;
+/// Runs inside the batch's write transaction; returns whether it succeeded and its completion.
+type Job = Box<dyn FnOnce(&redb::WriteTransaction) -> (bool, Completion) + Send>;
+
+/// Group commit: one thread owns redb's single write transaction and runs many callers' writes in
+/// each commit, so concurrent writers share one fsync. A caller's result is delivered only after
+/// the commit that contains its write is on disk; if any write in a batch fails, the whole batch is
+/// aborted and every caller in it gets the error.
+#[derive(Clone)]
+pub struct BatchWriter {
+    tx: tokio::sync::mpsc::Sender<Job>,
+}
+
+/// The writer thread; [`BatchWriterThread::join`] waits until every [`BatchWriter`] is dropped and
+/// the queue is drained.
+pub struct BatchWriterThread(std::thread::JoinHandle<()>);
+
+impl BatchWriterThread {
+    pub fn join(self) {
+        if self.0.join().is_err() {
+            tracing::error!("store writer thread panicked");
+        }
+    }
+}
+
+impl BatchWriter {
+    /// Starts the writer thread. `max_batch` bounds how many writes share one commit.
+    pub fn start(
+        db: Arc<redb::Database>,
+        max_batch: usize,
+    ) -> std::io::Result<(BatchWriter, BatchWriterThread)> {
+        let max_batch = max_batch.max(1);
+        let (tx, rx) = tokio::sync::mpsc::channel(max_batch * 4);
+        let handle = std::thread::Builder::new()
+            .name("vigil-store-writer".into())
+            .spawn(move || writer_loop(db, rx, max_batch))?;
+        Ok((BatchWriter { tx }, BatchWriterThread(handle)))
+    }
+
+    /// Runs `f` inside a write transaction shared with other callers; resolves after the commit.
+    pub async fn write<T, F>(&self, f: F) -> Result<T, WriteError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&redb::WriteTransaction) -> Result<T, WriteError> + Send + 'static,
+    {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |txn| {
+            let result = f(txn);
+            let ok = result.is_ok();
+            let completion: Completion = Box::new(move |commit| {
+                // A caller's own error wins over the batch's (which it caused).
+                let _ = reply.send(result.and_then(|v| commit.map(|()| v)));
+            });
+            (ok, completion)
+        });
+        self.tx
+            .send(job)
+            .await
+            .map_err(|_| WriteError::WriterGone)?;
+        rx.await.map_err(|_| WriteError::WriterGone)?
+    }
+}
+
+fn writer_loop(
+    db: Arc<redb::Database>,
+    mut rx: tokio::sync::mpsc::Receiver<Job>,
+    max_batch: usize,
+) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < max_batch {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let started = std::time::Instant::now();
+        let size = jobs.len();
+        let txn = match db.begin_write() {
+            Ok(t) => t,
+            Err(e) => {
+                // Dropping the jobs drops their reply channels: each caller sees `WriterGone`.
+                tracing::error!(error = %WriteError::storage(e), "cannot begin a write transaction");
+                drop(jobs);
+                continue;
+            }
+        };
+        let mut completions = Vec::with_capacity(size);
+        let mut all_ok = true;
+        for job in jobs {
+            let (ok, completion) = job(&txn);
+            all_ok &= ok;
+            completions.push(completion);
+        }
+        let outcome = if all_ok {
+            txn.commit().map_err(WriteError::storage)
+        } else {
+            let _ = txn.abort();
+            Err(WriteError::Storage(
+                "a write in the same batch failed; the batch was rolled back".into(),
+            ))
+        };
+        if let Err(e) = &outcome {
+            tracing::error!(error = %e, size, "store commit failed; nothing in this batch was written");
+        } else {
+            metrics::histogram!("vigil_store_commit_seconds")
+                .record(started.elapsed().as_secs_f64());
+            metrics::histogram!("vigil_store_batch_size").record(size as f64);
+        }
+        for completion in completions {
+            completion(outcome.clone());
+        }
+    }
+}

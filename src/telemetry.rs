@@ -6,8 +6,8 @@
 //! | `vigil_set_verify_seconds` | histogram | stream | key lookup + signature verification |
 //! | `vigil_push_request_seconds` | histogram | stream | push request handling, arrival to answer |
 //! | `vigil_signal_handling_seconds` | histogram | stream | end to end: SET received to processed by the next stage |
-//! | `vigil_intake_commit_seconds` | histogram | | one group-commit transaction |
-//! | `vigil_intake_batch_size` | histogram | | requests per group commit |
+//! | `vigil_store_commit_seconds` | histogram | | one group-commit transaction |
+//! | `vigil_store_batch_size` | histogram | | writes per group commit |
 //! | `vigil_jwks_fetches_total` | counter | transmitter, outcome | JWKS / metadata fetches |
 //! | `vigil_signals_replayed_total` | counter | | pending signals replayed at start-up |
 

@@ -37,7 +37,9 @@ async fn pending_signals_are_replayed_on_start_and_then_marked_processed() {
     let dir = tempfile::tempdir().unwrap();
     {
         // Simulate a crash between the durable record (202 sent) and processing.
-        let (intake, writer) = Intake::open(vigil::store::open(dir.path()).unwrap(), 16).unwrap();
+        let db = vigil::store::open(dir.path()).unwrap();
+        let (batch, writer) = vigil::store::BatchWriter::start(db.clone(), 16).unwrap();
+        let intake = Intake::open(db, batch).unwrap();
         for jti in ["p1", "p2", "p3"] {
             assert!(matches!(
                 intake.record(signal(jti), "raw").await.unwrap(),

@@ -144,6 +144,7 @@ async fn every_spec_example_signed_with_every_algorithm_is_accepted_and_typed() 
                 vigil
                     .intake()
                     .expect_verification_state(stream, state)
+                    .await
                     .unwrap();
             }
             let token = tx.key(alg).sign_set(&set).unwrap();
@@ -506,6 +507,7 @@ async fn verification_state_must_match_and_unsolicited_is_accepted() {
     f.vigil
         .intake()
         .expect_verification_state("s", "expected-state")
+        .await
         .unwrap();
     let answer = push(&f.vigil, "s", &verification("v2", Some("other"))).await;
     assert_rfc8935_error(&answer, 400, "invalid_state", "state mismatch");
