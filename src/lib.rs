@@ -6,13 +6,16 @@ pub use app::Vigil;
 pub use config::Config;
 
 pub mod config;
+pub mod context;
 pub mod discovery;
 pub mod events;
+pub mod grant;
 pub mod handoff;
 pub mod intake;
 pub mod jose;
 pub mod jwks;
 pub mod ops;
+pub mod principal;
 pub mod push;
 pub mod receiver;
 pub mod set;

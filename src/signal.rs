@@ -22,6 +22,14 @@ impl SignalSource {
             SignalSource::SsfPush { stream, .. } => stream,
         }
     }
+
+    /// The source as facts record it (`ssf:<transmitter>`): facts from different sources are kept
+    /// side by side (e.g. risk per source).
+    pub fn label(&self) -> String {
+        match self {
+            SignalSource::SsfPush { transmitter, .. } => format!("ssf:{transmitter}"),
+        }
+    }
 }
 
 /// A normalized signal, as recorded by durable intake and handed to the next stage.
@@ -62,6 +70,13 @@ impl Signal {
             iat: set.iat,
             received_at_ms,
         }
+    }
+}
+
+impl Signal {
+    /// The short event-type name policies use in `on:` (`session-revoked`), or `unknown`.
+    pub fn event_type_name(&self) -> &'static str {
+        self.event.metric_label()
     }
 }
 

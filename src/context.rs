@@ -1,0 +1,636 @@
+//! The live context of one principal (or one device), folded from signals.
+//!
+//! Every fact carries the time the event happened (`event_timestamp`, else `toe`, else `iat`), its
+//! source and the intake sequence number. **An older signal never overwrites a newer one**, whatever the
+//! order of arrival (RFC 8417 §5.3–5.4); equal times are broken by sequence number, so the fold is
+//! deterministic. Facts may decay: a configured TTL per kind hides a fact once its event time is older
+//! than the TTL (it is kept, so a later, older signal still cannot take its place).
+//!
+//! [`PrincipalContext::view`] renders what policy sees as `context`, for one grant: per-grant facts
+//! (the latest session revocation that covers this grant, the compliance of this grant's device) are
+//! derived here so that rules stay simple comparisons.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use crate::events::{ChangeType, Event};
+use crate::grant::Grant;
+use crate::principal::{filter_matches, Target};
+use crate::signal::Signal;
+
+/// How many session revocations a context remembers (the newest are kept).
+const MAX_SESSION_REVOCATIONS: usize = 128;
+/// How many recent signals a context keeps for "explain".
+const RECENT_SIGNALS: usize = 20;
+
+/// A fact with its provenance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stamped<T> {
+    pub value: T,
+    /// Event time, seconds.
+    pub time: f64,
+    pub source: String,
+    /// Intake sequence number of the signal (0 for facts not from intake).
+    pub seq: u64,
+}
+
+impl<T> Stamped<T> {
+    /// Whether `self` should replace `old`: strictly newer event time, or equal time and later signal.
+    fn supersedes(&self, old: &Stamped<T>) -> bool {
+        self.time > old.time || (self.time == old.time && self.seq > old.seq)
+    }
+}
+
+fn upsert<T: PartialEq>(slot: &mut Option<Stamped<T>>, new: Stamped<T>) -> bool {
+    match slot {
+        Some(old) if !new.supersedes(old) => false,
+        Some(old) if old.value == new.value && old.time == new.time => false,
+        _ => {
+            *slot = Some(new);
+            true
+        }
+    }
+}
+
+fn upsert_map<T: PartialEq>(
+    map: &mut BTreeMap<String, Stamped<T>>,
+    key: String,
+    new: Stamped<T>,
+) -> bool {
+    let mut slot = map.remove(&key);
+    let changed = upsert(&mut slot, new);
+    if let Some(v) = slot {
+        map.insert(key, v);
+    }
+    changed
+}
+
+/// Per-kind decay (seconds). Absent = never decays.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Decay {
+    #[serde(default)]
+    pub risk: Option<u64>,
+    #[serde(default)]
+    pub device_compliance: Option<u64>,
+    #[serde(default)]
+    pub assurance: Option<u64>,
+    #[serde(default)]
+    pub claims: Option<u64>,
+    #[serde(default)]
+    pub attributes: Option<u64>,
+}
+
+fn live<T>(fact: &Stamped<T>, ttl: Option<u64>, now: f64) -> bool {
+    ttl.is_none_or(|ttl| now - fact.time <= ttl as f64)
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AccountState {
+    /// `enabled`, `disabled` or `purged`.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RiskFact {
+    pub level: String,
+    pub principal: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AssuranceFact {
+    pub level: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direction: Option<String>,
+}
+
+/// A summary of a signal that touched this context, for "explain".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SignalSummary {
+    pub seq: u64,
+    pub event_type: String,
+    pub event_time: f64,
+    pub source: String,
+    pub jti: String,
+    pub changed: bool,
+}
+
+/// The folded state of one principal or device.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PrincipalContext {
+    pub key: String,
+    /// Incremented on every change.
+    pub version: u64,
+    pub account: Option<Stamped<AccountState>>,
+    /// Latest change per credential type (CAEP credential-change).
+    pub credential_changes: BTreeMap<String, Stamped<String>>,
+    /// Latest compromise per credential type (RISC credential-compromise).
+    pub credential_compromises: BTreeMap<String, Stamped<()>>,
+    pub credential_change_required: Option<Stamped<()>>,
+    /// Session revocations keyed by their narrowing filter (`""` = all sessions of the principal).
+    pub session_revocations: BTreeMap<String, Stamped<BTreeMap<String, String>>>,
+    /// Risk per `PRINCIPAL/source` (CAEP risk-level-change, Kafka risk signals).
+    pub risk: BTreeMap<String, Stamped<RiskFact>>,
+    /// Compliance per device key.
+    pub device_compliance: BTreeMap<String, Stamped<String>>,
+    /// Assurance per namespace.
+    pub assurance: BTreeMap<String, Stamped<AssuranceFact>>,
+    /// Token claims changed by CAEP token-claims-change, per claim name.
+    pub claims: BTreeMap<String, Stamped<Value>>,
+    /// RISC identifier, recovery and opt-out events, by event name.
+    pub lifecycle: BTreeMap<String, Stamped<Value>>,
+    /// Free-form attributes (Kafka risk feeds).
+    pub attributes: BTreeMap<String, Stamped<Value>>,
+    pub recent_signals: VecDeque<SignalSummary>,
+}
+
+impl PrincipalContext {
+    pub fn new(key: &str) -> PrincipalContext {
+        PrincipalContext {
+            key: key.to_owned(),
+            ..PrincipalContext::default()
+        }
+    }
+
+    /// Folds one signal in. `target` is the signal's subject resolved against this context (its
+    /// narrowing members). Returns whether any fact changed.
+    pub fn apply(&mut self, signal: &Signal, target: &Target) -> bool {
+        let source = signal.source.label();
+        // A macro, not a closure: facts have different value types.
+        macro_rules! stamp {
+            ($value:expr) => {
+                Stamped {
+                    value: $value,
+                    time: signal.event_time,
+                    source: source.clone(),
+                    seq: signal.seq,
+                }
+            };
+        }
+        let changed = match &signal.event {
+            Event::AccountDisabled(e) => upsert(
+                &mut self.account,
+                stamp!(AccountState {
+                    state: "disabled".into(),
+                    reason: e.reason.as_ref().map(|r| r.as_str().to_owned()),
+                }),
+            ),
+            Event::AccountPurged(_) => upsert(
+                &mut self.account,
+                stamp!(AccountState {
+                    state: "purged".into(),
+                    reason: None,
+                }),
+            ),
+            Event::AccountEnabled(_) => upsert(
+                &mut self.account,
+                stamp!(AccountState {
+                    state: "enabled".into(),
+                    reason: None,
+                }),
+            ),
+            Event::CredentialChange(e) => upsert_map(
+                &mut self.credential_changes,
+                e.credential_type.as_str().to_owned(),
+                stamp!(e.change_type.as_str().to_owned()),
+            ),
+            Event::CredentialCompromise(e) => upsert_map(
+                &mut self.credential_compromises,
+                e.credential_type.as_str().to_owned(),
+                stamp!(()),
+            ),
+            Event::AccountCredentialChangeRequired(_) => {
+                upsert(&mut self.credential_change_required, stamp!(()))
+            }
+            Event::SessionRevoked(_) | Event::SessionsRevoked(_) => {
+                let filter = target.members.clone();
+                let key = serde_json::to_string(&filter).unwrap_or_default();
+                let changed = upsert_map(&mut self.session_revocations, key, stamp!(filter));
+                while self.session_revocations.len() > MAX_SESSION_REVOCATIONS {
+                    let oldest = self
+                        .session_revocations
+                        .iter()
+                        .min_by(|a, b| a.1.time.total_cmp(&b.1.time))
+                        .map(|(k, _)| k.clone());
+                    match oldest {
+                        Some(k) => self.session_revocations.remove(&k),
+                        None => break,
+                    };
+                }
+                changed
+            }
+            Event::RiskLevelChange(e) => upsert_map(
+                &mut self.risk,
+                format!("{}/{}", e.principal.as_str(), source),
+                stamp!(RiskFact {
+                    level: e.current_level.as_str().to_owned(),
+                    principal: e.principal.as_str().to_owned(),
+                    reason: e.risk_reason.clone(),
+                }),
+            ),
+            Event::DeviceComplianceChange(e) => match target.members.get("device") {
+                Some(device) => upsert_map(
+                    &mut self.device_compliance,
+                    device.clone(),
+                    stamp!(e.current_status.as_str().to_owned()),
+                ),
+                // A simple subject naming the device itself: this context *is* the device's.
+                None => upsert_map(
+                    &mut self.device_compliance,
+                    self.key.clone(),
+                    stamp!(e.current_status.as_str().to_owned()),
+                ),
+            },
+            Event::AssuranceLevelChange(e) => upsert_map(
+                &mut self.assurance,
+                e.namespace.as_str().to_owned(),
+                stamp!(AssuranceFact {
+                    level: e.current_level.clone(),
+                    previous: e.previous_level.clone(),
+                    direction: e.change_direction.as_ref().map(|d| d.as_str().to_owned()),
+                }),
+            ),
+            Event::TokenClaimsChange(e) => {
+                let mut changed = false;
+                for (name, value) in &e.claims {
+                    changed |= upsert_map(&mut self.claims, name.clone(), stamp!(value.clone()));
+                }
+                changed
+            }
+            Event::IdentifierChanged(e) => upsert_map(
+                &mut self.lifecycle,
+                "identifier-changed".into(),
+                stamp!(json!({ "new_value": e.new_value })),
+            ),
+            e @ (Event::IdentifierRecycled(_)
+            | Event::RecoveryActivated(_)
+            | Event::RecoveryInformationChanged(_)
+            | Event::OptIn(_)
+            | Event::OptOutInitiated(_)
+            | Event::OptOutCancelled(_)
+            | Event::OptOutEffective(_)) => {
+                let name = e.kind().map(|k| k.name()).unwrap_or("unknown");
+                upsert_map(&mut self.lifecycle, name.into(), stamp!(Value::Null))
+            }
+            Event::SessionEstablished(_)
+            | Event::SessionPresented(_)
+            | Event::Verification(_)
+            | Event::StreamUpdated(_)
+            | Event::Unknown { .. } => false,
+        };
+        if changed {
+            self.version += 1;
+        }
+        self.recent_signals.push_front(SignalSummary {
+            seq: signal.seq,
+            event_type: signal.event_type_name().to_owned(),
+            event_time: signal.event_time,
+            source,
+            jti: signal.jti.clone(),
+            changed,
+        });
+        self.recent_signals.truncate(RECENT_SIGNALS);
+        changed
+    }
+
+    /// Sets a free-form attribute (Kafka feeds); same ordering rule as every fact.
+    pub fn set_attribute(&mut self, name: &str, value: Stamped<Value>) -> bool {
+        let changed = upsert_map(&mut self.attributes, name.to_owned(), value);
+        if changed {
+            self.version += 1;
+        }
+        changed
+    }
+
+    /// The `context` policy sees when evaluating `grant`. `device` is the context of the grant's
+    /// device (device facts may arrive about the device alone).
+    pub fn view(
+        &self,
+        grant: &Grant,
+        device: Option<&PrincipalContext>,
+        decay: &Decay,
+        now: f64,
+    ) -> Value {
+        let latest = |map: &BTreeMap<String, Stamped<String>>, pred: &dyn Fn(&str) -> bool| {
+            map.values()
+                .filter(|s| pred(&s.value))
+                .map(|s| s.time)
+                .fold(None, |acc: Option<f64>, t| {
+                    Some(acc.map_or(t, |a| a.max(t)))
+                })
+        };
+        let changed_at = latest(&self.credential_changes, &|c| {
+            matches!(
+                ChangeType::parse(c),
+                Ok(ChangeType::Revoke | ChangeType::Update | ChangeType::Delete)
+            )
+        });
+        let compromised_at = self
+            .credential_compromises
+            .values()
+            .map(|s| s.time)
+            .fold(None, |acc: Option<f64>, t| {
+                Some(acc.map_or(t, |a| a.max(t)))
+            });
+
+        let session_revoked_at = self
+            .session_revocations
+            .values()
+            .filter(|r| filter_matches(&r.value, &grant.members))
+            .map(|r| r.time)
+            .fold(None, |acc: Option<f64>, t| {
+                Some(acc.map_or(t, |a| a.max(t)))
+            });
+
+        let risks: Vec<&Stamped<RiskFact>> = self
+            .risk
+            .values()
+            .filter(|r| live(r, decay.risk, now))
+            .collect();
+        let risk_rank = |l: &str| match l {
+            "HIGH" => 3,
+            "MEDIUM" => 2,
+            "LOW" => 1,
+            _ => 0,
+        };
+        let top = risks
+            .iter()
+            .max_by_key(|r| (risk_rank(&r.value.level), (r.time * 1000.0) as i64));
+        let mut by_source = Map::new();
+        for (k, r) in &self.risk {
+            if live(r, decay.risk, now) {
+                by_source.insert(
+                    k.clone(),
+                    json!({"level": r.value.level, "time": r.time, "source": r.source}),
+                );
+            }
+        }
+
+        let device_fact = grant.members.get("device").and_then(|d| {
+            let own = self.device_compliance.get(d);
+            let other = device.and_then(|c| c.device_compliance.get(d));
+            match (own, other) {
+                (Some(a), Some(b)) => Some(if b.supersedes(a) { b } else { a }),
+                (a, b) => a.or(b),
+            }
+            .filter(|f| live(f, decay.device_compliance, now))
+        });
+
+        let mut assurance = Map::new();
+        for (ns, a) in &self.assurance {
+            if live(a, decay.assurance, now) {
+                assurance.insert(
+                    ns.clone(),
+                    json!({"level": a.value.level, "previous": a.value.previous,
+                           "direction": a.value.direction, "time": a.time}),
+                );
+            }
+        }
+        let decreased_at = self
+            .assurance
+            .values()
+            .filter(|a| a.value.direction.as_deref() == Some("decrease"))
+            .map(|a| a.time)
+            .fold(None, |acc: Option<f64>, t| {
+                Some(acc.map_or(t, |a| a.max(t)))
+            });
+
+        let live_map = |m: &BTreeMap<String, Stamped<Value>>, ttl| {
+            m.iter()
+                .filter(|(_, v)| live(v, ttl, now))
+                .map(|(k, v)| (k.clone(), v.value.clone()))
+                .collect::<Map<String, Value>>()
+        };
+        let claims_changed_at = self
+            .claims
+            .values()
+            .filter(|c| live(c, decay.claims, now))
+            .map(|c| c.time)
+            .fold(None, |acc: Option<f64>, t| {
+                Some(acc.map_or(t, |a| a.max(t)))
+            });
+        let lifecycle: Map<String, Value> = self
+            .lifecycle
+            .iter()
+            .map(|(k, v)| (k.clone(), json!({"time": v.time, "value": v.value})))
+            .collect();
+
+        json!({
+            "key": self.key,
+            "version": self.version,
+            "account": {
+                "state": self.account.as_ref().map_or("unknown", |a| a.value.state.as_str()),
+                "reason": self.account.as_ref().and_then(|a| a.value.reason.clone()),
+                "time": self.account.as_ref().map(|a| a.time),
+            },
+            "credentials": {
+                "changed_at": changed_at.unwrap_or(0.0),
+                "compromised_at": compromised_at.unwrap_or(0.0),
+                "change_required": self.credential_change_required.is_some(),
+                "change_required_at": self.credential_change_required.as_ref().map_or(0.0, |c| c.time),
+                "by_type": self.credential_changes.iter().map(|(k, v)| (k.clone(), json!({"change_type": v.value, "time": v.time}))).collect::<Map<String, Value>>(),
+            },
+            "session_revoked_at": session_revoked_at.unwrap_or(0.0),
+            "risk": {
+                "level": top.map_or("NONE", |r| r.value.level.as_str()),
+                "rank": top.map_or(0, |r| risk_rank(&r.value.level)),
+                "principal": top.map(|r| r.value.principal.clone()),
+                "reason": top.and_then(|r| r.value.reason.clone()),
+                "source": top.map(|r| r.source.clone()),
+                "time": top.map_or(0.0, |r| r.time),
+                "by_source": by_source,
+            },
+            "device": {
+                "status": device_fact.map_or("unknown", |f| f.value.as_str()),
+                "time": device_fact.map_or(0.0, |f| f.time),
+            },
+            "assurance": assurance,
+            "assurance_decreased_at": decreased_at.unwrap_or(0.0),
+            "claims": live_map(&self.claims, decay.claims),
+            "claims_changed_at": claims_changed_at.unwrap_or(0.0),
+            "lifecycle": lifecycle,
+            "attributes": live_map(&self.attributes, decay.attributes),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::EventKind;
+    use crate::grant::GrantRequest;
+    use crate::signal::SignalSource;
+    use crate::subject::SubjectId;
+
+    fn signal(seq: u64, time: f64, kind: EventKind, payload: Value) -> Signal {
+        Signal {
+            seq,
+            source: SignalSource::SsfPush {
+                transmitter: "idp".into(),
+                stream: "idp".into(),
+            },
+            iss: "https://idp.example.com/".into(),
+            jti: format!("j{seq}"),
+            txn: None,
+            event_uri: kind.uri(),
+            event: Event::parse(&kind.uri(), &payload).unwrap(),
+            subject: SubjectId::Email {
+                email: "u@example.com".into(),
+            },
+            event_time: time,
+            iat: time,
+            received_at_ms: 0,
+        }
+    }
+
+    fn grant(issued_at: f64, session: Option<&str>) -> Grant {
+        let mut v = json!({"id": "g", "kind": "session", "subject": {"format":"email","email":"u@example.com"},
+                           "issued_at": issued_at, "expires_at": issued_at + 3600.0});
+        if let Some(s) = session {
+            v["session"] = json!(s);
+        }
+        serde_json::from_value::<GrantRequest>(v)
+            .unwrap()
+            .into_grant("email:u@example.com".into(), issued_at)
+            .unwrap()
+    }
+
+    fn risk(level: &str) -> Value {
+        json!({"principal": "USER", "current_level": level})
+    }
+
+    #[test]
+    fn an_older_signal_never_overwrites_a_newer_one() {
+        let mut ctx = PrincipalContext::new("email:u@example.com");
+        let t = Target::default();
+        assert!(ctx.apply(
+            &signal(1, 200.0, EventKind::RiskLevelChange, risk("HIGH")),
+            &t
+        ));
+        // LOW with an older event time, arriving later.
+        assert!(!ctx.apply(
+            &signal(2, 100.0, EventKind::RiskLevelChange, risk("LOW")),
+            &t
+        ));
+        let g = grant(50.0, None);
+        let view = ctx.view(&g, None, &Decay::default(), 300.0);
+        assert_eq!(view["risk"]["level"], "HIGH");
+        // A newer LOW does lower it.
+        assert!(ctx.apply(
+            &signal(3, 300.0, EventKind::RiskLevelChange, risk("LOW")),
+            &t
+        ));
+        assert_eq!(
+            ctx.view(&g, None, &Decay::default(), 300.0)["risk"]["level"],
+            "LOW"
+        );
+        assert_eq!(ctx.recent_signals.len(), 3);
+        assert!(!ctx.recent_signals[1].changed);
+    }
+
+    #[test]
+    fn fold_is_independent_of_arrival_order() {
+        let signals = vec![
+            signal(1, 100.0, EventKind::RiskLevelChange, risk("HIGH")),
+            signal(2, 300.0, EventKind::RiskLevelChange, risk("LOW")),
+            signal(3, 200.0, EventKind::RiskLevelChange, risk("MEDIUM")),
+            signal(
+                4,
+                150.0,
+                EventKind::AccountDisabled,
+                json!({"reason": "hijacking"}),
+            ),
+            signal(5, 250.0, EventKind::AccountEnabled, json!({})),
+        ];
+        let g = grant(10.0, None);
+        let mut reference = None;
+        // Every rotation and the reverse order fold to the same facts.
+        let mut orders: Vec<Vec<usize>> = (0..signals.len())
+            .map(|r| {
+                (0..signals.len())
+                    .map(|i| (i + r) % signals.len())
+                    .collect()
+            })
+            .collect();
+        orders.push((0..signals.len()).rev().collect());
+        for order in orders {
+            let mut ctx = PrincipalContext::new("k");
+            for i in order {
+                ctx.apply(&signals[i], &Target::default());
+            }
+            let mut view = ctx.view(&g, None, &Decay::default(), 400.0);
+            view["version"] = Value::Null;
+            match &reference {
+                None => reference = Some(view),
+                Some(r) => assert_eq!(&view, r),
+            }
+        }
+        let r = reference.unwrap();
+        assert_eq!(r["risk"]["level"], "LOW");
+        assert_eq!(r["account"]["state"], "enabled");
+    }
+
+    #[test]
+    fn session_revocations_cover_only_matching_sessions() {
+        let mut ctx = PrincipalContext::new("k");
+        let target = Target {
+            identifiers: vec![],
+            members: [("session".to_owned(), "opaque:s1".to_owned())].into(),
+        };
+        ctx.apply(
+            &signal(1, 100.0, EventKind::SessionRevoked, json!({})),
+            &target,
+        );
+        let d = Decay::default();
+        assert_eq!(
+            ctx.view(&grant(50.0, Some("s1")), None, &d, 200.0)["session_revoked_at"],
+            100.0
+        );
+        assert_eq!(
+            ctx.view(&grant(50.0, Some("s2")), None, &d, 200.0)["session_revoked_at"],
+            0.0
+        );
+        assert_eq!(
+            ctx.view(&grant(50.0, None), None, &d, 200.0)["session_revoked_at"],
+            0.0
+        );
+        // A revocation of all sessions covers every grant.
+        ctx.apply(
+            &signal(2, 120.0, EventKind::SessionRevoked, json!({})),
+            &Target::default(),
+        );
+        assert_eq!(
+            ctx.view(&grant(50.0, Some("s2")), None, &d, 200.0)["session_revoked_at"],
+            120.0
+        );
+    }
+
+    #[test]
+    fn facts_decay_after_their_ttl() {
+        let mut ctx = PrincipalContext::new("k");
+        ctx.apply(
+            &signal(1, 100.0, EventKind::RiskLevelChange, risk("HIGH")),
+            &Target::default(),
+        );
+        let decay = Decay {
+            risk: Some(60),
+            ..Decay::default()
+        };
+        let g = grant(50.0, None);
+        assert_eq!(ctx.view(&g, None, &decay, 150.0)["risk"]["level"], "HIGH");
+        assert_eq!(ctx.view(&g, None, &decay, 161.0)["risk"]["level"], "NONE");
+        // The decayed fact still blocks an older signal.
+        assert!(!ctx.apply(
+            &signal(2, 90.0, EventKind::RiskLevelChange, risk("LOW")),
+            &Target::default()
+        ));
+    }
+}

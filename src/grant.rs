@@ -1,0 +1,343 @@
+//! Active grants: the sessions, tokens and agent delegations enforcement points hold, and the status
+//! Vigil decides for each.
+//!
+//! Invariant: `Revoked` is terminal. A revoked grant stays as a tombstone until it would have expired;
+//! no signal, policy change or re-registration with the same id makes it valid again.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use crate::principal::{identifier_key, member_key, principal_keys};
+use crate::subject::SubjectId;
+
+/// The members a grant may be narrowed by (SSF §3.3 complex-subject members other than `user`).
+pub const GRANT_MEMBERS: [&str; 6] = [
+    "session",
+    "device",
+    "tenant",
+    "application",
+    "group",
+    "org_unit",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantKind {
+    Session,
+    AccessToken,
+    RefreshToken,
+    /// An AI agent or workload acting for a user (`on_behalf_of`).
+    AgentDelegation,
+}
+
+/// What kind of principal holds the grant; policies can treat them differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PrincipalType {
+    #[default]
+    Human,
+    Workload,
+    ServiceAccount,
+    Agent,
+}
+
+/// A grant's current standing. Ordered: a higher status is a stronger restriction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantStatus {
+    Active,
+    Restricted,
+    StepUp,
+    Revoked,
+}
+
+/// Why a grant request is invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GrantError {
+    #[error("invalid grant: {0}")]
+    Invalid(String),
+}
+
+/// The body of `POST /v1/grants`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantRequest {
+    pub id: String,
+    pub kind: GrantKind,
+    /// Who holds the grant (for a delegation: the acting agent). Any RFC 9493 / SSF identifier; an
+    /// `aliases` identifier registers all its identifiers as one principal.
+    pub subject: Value,
+    #[serde(default)]
+    pub principal_type: PrincipalType,
+    /// For `agent_delegation`: the user the agent acts for.
+    #[serde(default)]
+    pub on_behalf_of: Option<Value>,
+    /// Session, device, tenant, application, group, org_unit: identifier objects or plain strings.
+    #[serde(default)]
+    pub session: Option<Value>,
+    #[serde(default)]
+    pub device: Option<Value>,
+    #[serde(default)]
+    pub tenant: Option<Value>,
+    #[serde(default)]
+    pub application: Option<Value>,
+    #[serde(default)]
+    pub group: Option<Value>,
+    #[serde(default)]
+    pub org_unit: Option<Value>,
+    /// For tokens: the JWT `iss` and `jti`, so a CAEP event about this token (`jwt_id`) reaches it.
+    #[serde(default)]
+    pub token: Option<TokenId>,
+    #[serde(default)]
+    pub audience: Option<String>,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Seconds since the epoch.
+    pub issued_at: f64,
+    /// Seconds since the epoch.
+    pub expires_at: f64,
+    /// acr, amr, ip, claims, required_assurance, …: visible to policy as `grant.attributes`.
+    #[serde(default)]
+    pub attributes: Map<String, Value>,
+    /// Enforcement points holding the grant (who must hear of a revocation).
+    #[serde(default)]
+    pub enforcement_points: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenId {
+    pub iss: String,
+    pub jti: String,
+}
+
+/// How a grant came to be revoked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Revocation {
+    pub at: f64,
+    pub decision_id: String,
+    pub reason: String,
+    pub rules: Vec<String>,
+}
+
+/// A registered grant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Grant {
+    pub id: String,
+    pub kind: GrantKind,
+    /// The canonical principal key (see `principal.rs`).
+    pub principal: String,
+    pub principal_type: PrincipalType,
+    /// Every identifier key registered for the principal by this grant.
+    pub identifiers: Vec<String>,
+    /// Member keys by name (`session`, `device`, …).
+    pub members: BTreeMap<String, String>,
+    /// `jwt_id:<iss>|<jti>` key of the token, if any.
+    pub token: Option<String>,
+    /// Principal key of the delegating user, for agent delegations.
+    pub on_behalf_of: Option<String>,
+    pub audience: Option<String>,
+    pub scopes: Vec<String>,
+    pub issued_at: f64,
+    pub expires_at: f64,
+    pub attributes: Map<String, Value>,
+    pub enforcement_points: Vec<String>,
+    pub status: GrantStatus,
+    pub registered_at: f64,
+    pub revoked: Option<Revocation>,
+}
+
+impl GrantRequest {
+    /// Validates the request and returns the grant's identifier keys (principal first). The principal
+    /// key itself is chosen by the engine's alias index.
+    pub fn identifier_keys(&self) -> Result<Vec<String>, GrantError> {
+        let subject = SubjectId::from_json(&self.subject, true)
+            .map_err(|e| GrantError::Invalid(format!("`subject`: {e}")))?;
+        let keys = principal_keys(&subject);
+        if keys.is_empty() {
+            return Err(GrantError::Invalid(
+                "`subject` must name a principal (a simple identifier, aliases, or a complex subject with `user`)"
+                    .into(),
+            ));
+        }
+        Ok(keys)
+    }
+
+    /// Builds the grant for principal key `principal`. `now` is the registration time.
+    pub fn into_grant(self, principal: String, now: f64) -> Result<Grant, GrantError> {
+        if self.id.is_empty() || self.id.len() > 512 {
+            return Err(GrantError::Invalid(
+                "`id` must be 1 to 512 characters".into(),
+            ));
+        }
+        if !(self.issued_at.is_finite() && self.expires_at.is_finite())
+            || self.expires_at <= self.issued_at
+        {
+            return Err(GrantError::Invalid(
+                "`expires_at` must be a time after `issued_at` (seconds since the epoch)".into(),
+            ));
+        }
+        let identifiers = self.identifier_keys()?;
+        let on_behalf_of =
+            match (&self.kind, &self.on_behalf_of) {
+                (GrantKind::AgentDelegation, Some(v)) => {
+                    let id = SubjectId::from_json(v, true)
+                        .map_err(|e| GrantError::Invalid(format!("`on_behalf_of`: {e}")))?;
+                    Some(principal_keys(&id).into_iter().next().ok_or_else(|| {
+                        GrantError::Invalid("`on_behalf_of` must name a user".into())
+                    })?)
+                }
+                (GrantKind::AgentDelegation, None) => {
+                    return Err(GrantError::Invalid(
+                        "an `agent_delegation` needs `on_behalf_of` (the delegating user)".into(),
+                    ))
+                }
+                (_, Some(_)) => {
+                    return Err(GrantError::Invalid(
+                        "`on_behalf_of` is only for `agent_delegation` grants".into(),
+                    ))
+                }
+                (_, None) => None,
+            };
+        let mut members = BTreeMap::new();
+        for (name, value) in [
+            ("session", &self.session),
+            ("device", &self.device),
+            ("tenant", &self.tenant),
+            ("application", &self.application),
+            ("group", &self.group),
+            ("org_unit", &self.org_unit),
+        ] {
+            if let Some(v) = value {
+                let key = member_key(v).ok_or_else(|| {
+                    GrantError::Invalid(format!(
+                        "`{name}` must be a non-empty string or a subject identifier"
+                    ))
+                })?;
+                members.insert(name.to_owned(), key);
+            }
+        }
+        let token = self.token.as_ref().and_then(|t| {
+            identifier_key(&SubjectId::JwtId {
+                iss: t.iss.clone(),
+                jti: t.jti.clone(),
+            })
+        });
+        Ok(Grant {
+            id: self.id,
+            kind: self.kind,
+            principal,
+            principal_type: self.principal_type,
+            identifiers,
+            members,
+            token,
+            on_behalf_of,
+            audience: self.audience,
+            scopes: self.scopes,
+            issued_at: self.issued_at,
+            expires_at: self.expires_at,
+            attributes: self.attributes,
+            enforcement_points: self.enforcement_points,
+            status: GrantStatus::Active,
+            registered_at: now,
+            revoked: None,
+        })
+    }
+}
+
+impl Grant {
+    pub fn is_expired(&self, now: f64) -> bool {
+        now >= self.expires_at
+    }
+
+    /// The grant as policy sees it (`grant.*` in CEL).
+    pub fn policy_view(&self) -> Value {
+        let member = |name: &str| self.members.get(name).cloned();
+        json!({
+            "id": self.id,
+            "kind": self.kind,
+            "principal": self.principal,
+            "principal_type": self.principal_type,
+            "session": member("session"),
+            "device": member("device"),
+            "tenant": member("tenant"),
+            "application": member("application"),
+            "group": member("group"),
+            "org_unit": member("org_unit"),
+            "token": self.token,
+            "on_behalf_of": self.on_behalf_of,
+            "audience": self.audience,
+            "scopes": self.scopes,
+            "issued_at": self.issued_at,
+            "expires_at": self.expires_at,
+            "attributes": self.attributes,
+            "enforcement_points": self.enforcement_points,
+            "status": self.status,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(v: Value) -> GrantRequest {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn builds_a_session_grant_with_member_keys() {
+        let r = request(json!({
+            "id": "g1", "kind": "session",
+            "subject": {"format": "email", "email": "Jane@example.com"},
+            "session": "s-1", "device": {"format": "opaque", "id": "d-1"},
+            "issued_at": 100, "expires_at": 200, "enforcement_points": ["gw"]
+        }));
+        assert_eq!(r.identifier_keys().unwrap(), vec!["email:jane@example.com"]);
+        let g = r
+            .into_grant("email:jane@example.com".into(), 100.0)
+            .unwrap();
+        assert_eq!(g.members["session"], "opaque:s-1");
+        assert_eq!(g.members["device"], "opaque:d-1");
+        assert_eq!(g.status, GrantStatus::Active);
+        assert_eq!(g.policy_view()["session"], "opaque:s-1");
+    }
+
+    #[test]
+    fn delegations_need_the_delegating_user() {
+        let base = json!({
+            "id": "d1", "kind": "agent_delegation", "principal_type": "agent",
+            "subject": {"format": "opaque", "id": "agent-7"},
+            "issued_at": 1, "expires_at": 2
+        });
+        assert!(request(base.clone())
+            .into_grant("opaque:agent-7".into(), 1.0)
+            .is_err());
+        let mut with = base;
+        with["on_behalf_of"] = json!({"format": "email", "email": "u@example.com"});
+        let g = request(with)
+            .into_grant("opaque:agent-7".into(), 1.0)
+            .unwrap();
+        assert_eq!(g.on_behalf_of.as_deref(), Some("email:u@example.com"));
+    }
+
+    #[test]
+    fn invalid_requests() {
+        let bad = [
+            json!({"id": "", "kind": "session", "subject": {"format":"opaque","id":"u"}, "issued_at": 1, "expires_at": 2}),
+            json!({"id": "x", "kind": "session", "subject": {"format":"opaque","id":"u"}, "issued_at": 2, "expires_at": 1}),
+            json!({"id": "x", "kind": "session", "subject": {"format":"email"}, "issued_at": 1, "expires_at": 2}),
+            json!({"id": "x", "kind": "session", "subject": {"format":"complex","device":{"format":"opaque","id":"d"}}, "issued_at": 1, "expires_at": 2}),
+            json!({"id": "x", "kind": "session", "subject": {"format":"opaque","id":"u"}, "session": 5, "issued_at": 1, "expires_at": 2}),
+        ];
+        for v in bad {
+            let r = request(v.clone());
+            assert!(r.into_grant("k".into(), 1.0).is_err(), "{v}");
+        }
+        assert!(serde_json::from_value::<GrantRequest>(
+            json!({"id":"x","kind":"cookie","subject":{},"issued_at":1,"expires_at":2})
+        )
+        .is_err());
+    }
+}
