@@ -143,8 +143,9 @@ pub struct PrincipalContext {
     pub device_compliance: BTreeMap<String, Stamped<String>>,
     /// Assurance per namespace.
     pub assurance: BTreeMap<String, Stamped<AssuranceFact>>,
-    /// Token claims changed by CAEP token-claims-change, per claim name.
-    pub claims: BTreeMap<String, Stamped<Value>>,
+    /// Token claims changed by CAEP token-claims-change: scope (`""` for the principal, or the token's
+    /// `jwt_id:` / `saml_assertion_id:` key when the event named one token) → claim name → value.
+    pub claims: BTreeMap<String, BTreeMap<String, Stamped<Value>>>,
     /// RISC identifier, recovery and opt-out events, by event name.
     pub lifecycle: BTreeMap<String, Stamped<Value>>,
     /// Free-form attributes (Kafka risk feeds).
@@ -259,9 +260,16 @@ impl PrincipalContext {
                 }),
             ),
             Event::TokenClaimsChange(e) => {
+                let scope = target
+                    .identifiers
+                    .iter()
+                    .find(|k| k.starts_with("jwt_id:") || k.starts_with("saml_assertion_id:"))
+                    .cloned()
+                    .unwrap_or_default();
+                let claims = self.claims.entry(scope).or_default();
                 let mut changed = false;
                 for (name, value) in &e.claims {
-                    changed |= upsert_map(&mut self.claims, name.clone(), stamp!(value.clone()));
+                    changed |= upsert_map(claims, name.clone(), stamp!(value.clone()));
                 }
                 changed
             }
@@ -389,8 +397,9 @@ impl PrincipalContext {
             if live(a, decay.assurance, now) {
                 assurance.insert(
                     ns.clone(),
-                    json!({"level": a.value.level, "previous": a.value.previous,
-                           "direction": a.value.direction, "time": a.time}),
+                    json!({"level": a.value.level, "rank": assurance_rank(&a.value.level),
+                           "previous": a.value.previous, "direction": a.value.direction,
+                           "time": a.time}),
                 );
             }
         }
@@ -409,14 +418,18 @@ impl PrincipalContext {
                 .map(|(k, v)| (k.clone(), v.value.clone()))
                 .collect::<Map<String, Value>>()
         };
-        let claims_changed_at = self
-            .claims
-            .values()
-            .filter(|c| live(c, decay.claims, now))
-            .map(|c| c.time)
-            .fold(None, |acc: Option<f64>, t| {
-                Some(acc.map_or(t, |a| a.max(t)))
-            });
+        // Principal-wide claims, overlaid by those changed for this grant's own token.
+        let mut claims = Map::new();
+        let mut claims_changed_at: Option<f64> = None;
+        let scopes = [Some(String::new()), grant.token.clone()];
+        for scope in scopes.iter().flatten() {
+            for (name, c) in self.claims.get(scope).into_iter().flatten() {
+                if live(c, decay.claims, now) {
+                    claims.insert(name.clone(), c.value.clone());
+                    claims_changed_at = Some(claims_changed_at.map_or(c.time, |t| t.max(c.time)));
+                }
+            }
+        }
         let lifecycle: Map<String, Value> = self
             .lifecycle
             .iter()
@@ -454,12 +467,27 @@ impl PrincipalContext {
             },
             "assurance": assurance,
             "assurance_decreased_at": decreased_at.unwrap_or(0.0),
-            "claims": live_map(&self.claims, decay.claims),
+            "claims": claims,
             "claims_changed_at": claims_changed_at.unwrap_or(0.0),
             "lifecycle": lifecycle,
             "attributes": live_map(&self.attributes, decay.attributes),
         })
     }
+}
+
+/// An ordering for assurance levels: the number a level name ends with (`nist-aal2` → 2, `AAL3` → 3),
+/// else 0. The CAEP namespaces (NIST IAL/AAL/FAL, RFC 8176 acr values, ISO 29115 LoA) all number
+/// their levels this way.
+pub fn assurance_rank(level: &str) -> i64 {
+    let digits: String = level
+        .chars()
+        .rev()
+        .take_while(|c| c.is_ascii_digit())
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    digits.parse().unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -254,7 +254,15 @@ impl Grant {
     /// The grant as policy sees it (`grant.*` in CEL).
     pub fn policy_view(&self) -> Value {
         let member = |name: &str| self.members.get(name).cloned();
+        // `attributes.required_assurance: {namespace, level}` gains a comparable `rank`.
+        let required_assurance = self.attributes.get("required_assurance").and_then(|r| {
+            let ns = r.get("namespace")?.as_str()?;
+            let level = r.get("level")?.as_str()?;
+            Some(json!({"namespace": ns, "level": level,
+                            "rank": crate::context::assurance_rank(level)}))
+        });
         json!({
+            "required_assurance": required_assurance,
             "id": self.id,
             "kind": self.kind,
             "principal": self.principal,

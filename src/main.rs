@@ -41,6 +41,25 @@ enum Command {
     Serve(ConfigArgs),
     /// Validate the configuration and print the effective settings (secrets redacted).
     CheckConfig(ConfigArgs),
+    /// Policy-as-code tooling.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Run the policy tests (`*.test.yaml`) beside the rules.
+    Test {
+        /// Policy directory.
+        #[arg(default_value = "policies")]
+        dir: PathBuf,
+    },
+    /// Compile and lint the rules (unknown fields, CEL errors, rules that fail closed, unreachable rules).
+    Check {
+        /// Policy directory.
+        #[arg(default_value = "policies")]
+        dir: PathBuf,
+    },
 }
 
 fn load(args: &ConfigArgs) -> Result<Config, vigil::config::ConfigError> {
@@ -59,6 +78,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let args = match &cli.command {
         Command::Serve(a) | Command::CheckConfig(a) => a,
+        Command::Policy(cmd) => return policy_command(cmd),
     };
     let config = match load(args) {
         Ok(c) => c,
@@ -70,6 +90,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::CheckConfig(_) => check_config(config),
         Command::Serve(_) => serve(config),
+        Command::Policy(_) => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -77,6 +98,52 @@ fn main() -> ExitCode {
             eprintln!("vigil: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn policy_command(cmd: &PolicyCommand) -> ExitCode {
+    use vigil::policy::{lint, testing, PolicySet};
+    match cmd {
+        PolicyCommand::Test { dir } => match testing::run_dir(dir) {
+            Ok(report) => {
+                print!("{}", report.render());
+                if report.failed() == 0 && report.passed() > 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                eprintln!("vigil: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        PolicyCommand::Check { dir } => match PolicySet::load_dir(dir) {
+            Ok(set) => {
+                let findings = lint::lint(&set);
+                for f in &findings {
+                    let level = if f.error { "error" } else { "warning" };
+                    println!("{level}: rule `{}`: {}", f.rule, f.message);
+                }
+                let errors = findings.iter().filter(|f| f.error).count();
+                println!(
+                    "policy check: {} rules in {} file(s), version {}: {errors} error(s), {} warning(s)",
+                    set.rules.len(),
+                    set.files.len(),
+                    set.version,
+                    findings.len() - errors
+                );
+                if errors == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                eprintln!("vigil: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 

@@ -1,0 +1,283 @@
+//! Evaluating a policy set against one grant. Pure: no I/O, no clock (the caller passes `now`).
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use super::{Effect, Mode, PolicySet};
+
+/// The variables a condition sees.
+pub const VARIABLES: [&str; 5] = ["grant", "context", "signal", "subject", "now"];
+
+/// Everything one evaluation sees.
+#[derive(Debug, Clone)]
+pub struct EvalInput {
+    pub grant: Value,
+    pub context: Value,
+    pub signal: Value,
+    pub subject: Value,
+    /// Seconds since the epoch.
+    pub now: f64,
+    /// The signal type that triggered this evaluation, or `None` for a registration, a policy swap
+    /// or any other re-evaluation of current state.
+    pub trigger: Option<String>,
+}
+
+/// One rule that matched (or errored, which counts as matched).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RuleMatch {
+    pub id: String,
+    pub effect: Effect,
+    pub reason: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub shadow: bool,
+}
+
+/// The result of evaluating a grant.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Evaluation {
+    /// The strongest enforced effect among matched rules other than `notify`.
+    pub effect: Option<Effect>,
+    /// Enforced rules that matched and decide `effect` (plus `notify` rules triggered now).
+    pub matched: Vec<RuleMatch>,
+    /// Shadow rules triggered now that matched: reported, never enforced.
+    pub shadow: Vec<RuleMatch>,
+}
+
+impl Evaluation {
+    /// The matched rules with the winning effect.
+    pub fn deciding_rules(&self) -> Vec<&RuleMatch> {
+        self.matched
+            .iter()
+            .filter(|m| Some(m.effect) == self.effect)
+            .collect()
+    }
+    /// `notify` rules that matched.
+    pub fn notifications(&self) -> Vec<&RuleMatch> {
+        self.matched
+            .iter()
+            .filter(|m| m.effect == Effect::Notify)
+            .collect()
+    }
+}
+
+impl PolicySet {
+    /// Evaluates every rule that applies to `input` and returns the outcome.
+    pub fn evaluate(&self, input: &EvalInput) -> Evaluation {
+        let ctx = match bind(&self.env, input) {
+            Ok(ctx) => ctx,
+            Err(e) => {
+                // Cannot even bind the inputs: every enforced rule fails closed.
+                return self.fail_all(&format!("binding inputs: {e}"));
+            }
+        };
+        let mut out = Evaluation::default();
+        for rule in &self.rules {
+            let triggered = input
+                .trigger
+                .as_deref()
+                .is_some_and(|t| rule.triggered_by(t));
+            let shadow = rule.spec.mode == Mode::Shadow;
+            let notify = rule.spec.effect == Effect::Notify;
+            // Status comes from every enforced state rule; notify and shadow report only on trigger.
+            if (shadow || notify) && !triggered {
+                continue;
+            }
+            let (matched, error) = match rule.condition.execute(&ctx) {
+                Ok(cel::Value::Bool(b)) => (b, None),
+                Ok(other) => (
+                    true,
+                    Some(format!("condition returned {other:?}, not a boolean")),
+                ),
+                Err(e) => (true, Some(e.to_string())),
+            };
+            if let Some(err) = &error {
+                metrics::counter!("vigil_policy_errors_total", "rule" => rule.spec.id.clone())
+                    .increment(1);
+                tracing::warn!(rule = %rule.spec.id, error = %err, "policy rule failed; failing closed");
+            }
+            if !matched {
+                continue;
+            }
+            let reason = match &error {
+                Some(err) => format!("rule failed closed: {err}"),
+                None => rule.reason.render(&ctx),
+            };
+            let m = RuleMatch {
+                id: rule.spec.id.clone(),
+                effect: rule.spec.effect,
+                reason,
+                error,
+                shadow,
+            };
+            if shadow {
+                metrics::counter!("vigil_policy_shadow_matches_total", "rule" => rule.spec.id.clone())
+                    .increment(1);
+                out.shadow.push(m);
+            } else {
+                if !notify {
+                    out.effect = out.effect.max(Some(m.effect));
+                }
+                out.matched.push(m);
+            }
+        }
+        out
+    }
+
+    fn fail_all(&self, error: &str) -> Evaluation {
+        let mut out = Evaluation::default();
+        for rule in &self.rules {
+            if rule.spec.mode == Mode::Shadow || rule.spec.effect == Effect::Notify {
+                continue;
+            }
+            out.effect = out.effect.max(Some(rule.spec.effect));
+            out.matched.push(RuleMatch {
+                id: rule.spec.id.clone(),
+                effect: rule.spec.effect,
+                reason: format!("rule failed closed: {error}"),
+                error: Some(error.to_owned()),
+                shadow: false,
+            });
+        }
+        out
+    }
+}
+
+fn bind<'a>(env: &Arc<cel::Env>, input: &EvalInput) -> Result<cel::Context<'a, 'a>, String> {
+    let mut ctx = cel::Context::with_env(env.clone());
+    for (name, value) in [
+        ("grant", &input.grant),
+        ("context", &input.context),
+        ("signal", &input.signal),
+        ("subject", &input.subject),
+    ] {
+        let v = cel::to_value(value).map_err(|e| format!("{name}: {e}"))?;
+        ctx.add_variable_from_value(name, v);
+    }
+    ctx.add_variable_from_value("now", input.now);
+    Ok(ctx)
+}
+
+/// Rejects conditions that reference variables Vigil never binds (a typo would otherwise fail closed
+/// at run time, on every evaluation).
+pub fn check_references(program: &cel::Program) -> Result<(), String> {
+    let refs = program.references();
+    let unknown: Vec<&str> = refs
+        .variables()
+        .into_iter()
+        .filter(|v| !VARIABLES.contains(v) && !is_comprehension_variable(program, v))
+        .collect();
+    if unknown.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "unknown variable(s) {}; conditions see only {}",
+            unknown.join(", "),
+            VARIABLES.join(", ")
+        ))
+    }
+}
+
+/// Macro iteration variables (`exists(x, …)`) show up as references; accept names bound by a macro.
+fn is_comprehension_variable(program: &cel::Program, name: &str) -> bool {
+    let mut bound = Vec::new();
+    bound_names(program.expression(), &mut bound);
+    bound.iter().any(|b| b == name)
+}
+
+/// Collects the names comprehension macros bind anywhere in `e`.
+fn bound_names(e: &cel::IdedExpr, out: &mut Vec<String>) {
+    use cel::common::ast::{EntryExpr, Expr};
+    match &e.expr {
+        Expr::Comprehension(c) => {
+            out.push(c.iter_var.clone());
+            out.extend(c.iter_var2.clone());
+            for part in [
+                &c.iter_range,
+                &c.accu_init,
+                &c.loop_cond,
+                &c.loop_step,
+                &c.result,
+            ] {
+                bound_names(part, out);
+            }
+        }
+        Expr::Call(call) => {
+            if let Some(t) = &call.target {
+                bound_names(t, out);
+            }
+            call.args.iter().for_each(|a| bound_names(a, out));
+        }
+        Expr::List(list) => list.elements.iter().for_each(|a| bound_names(a, out)),
+        Expr::Select(select) => bound_names(&select.operand, out),
+        Expr::Map(map) => map.entries.iter().for_each(|entry| match &entry.expr {
+            EntryExpr::MapEntry(m) => {
+                bound_names(&m.key, out);
+                bound_names(&m.value, out);
+            }
+            EntryExpr::StructField(f) => bound_names(&f.value, out),
+        }),
+        Expr::Struct(st) => st.entries.iter().for_each(|entry| match &entry.expr {
+            EntryExpr::MapEntry(m) => {
+                bound_names(&m.key, out);
+                bound_names(&m.value, out);
+            }
+            EntryExpr::StructField(f) => bound_names(&f.value, out),
+        }),
+        Expr::Unspecified | Expr::Ident(_) | Expr::Literal(_) => {}
+    }
+}
+
+/// A reason template: text with `{{ cel }}` placeholders.
+pub struct Template {
+    parts: Vec<Part>,
+}
+
+enum Part {
+    Text(String),
+    Expr(cel::Program),
+}
+
+impl Template {
+    pub fn compile(env: &cel::Env, source: &str) -> Result<Template, String> {
+        let mut parts = Vec::new();
+        let mut rest = source;
+        while let Some(start) = rest.find("{{") {
+            parts.push(Part::Text(rest[..start].to_owned()));
+            let after = &rest[start + 2..];
+            let end = after
+                .find("}}")
+                .ok_or_else(|| "unclosed `{{` placeholder".to_owned())?;
+            let program = env
+                .compile(after[..end].trim())
+                .map_err(|e| e.to_string())?;
+            check_references(&program)?;
+            parts.push(Part::Expr(program));
+            rest = &after[end + 2..];
+        }
+        parts.push(Part::Text(rest.to_owned()));
+        Ok(Template { parts })
+    }
+
+    /// Renders the template; a placeholder that fails renders as `?`.
+    pub fn render(&self, ctx: &cel::Context<'_, '_>) -> String {
+        let mut out = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Text(t) => out.push_str(t),
+                Part::Expr(p) => match p.execute(ctx) {
+                    Ok(cel::Value::String(s)) => out.push_str(&s),
+                    Ok(cel::Value::Null) => out.push_str("none"),
+                    Ok(v) => match v.json() {
+                        Ok(j) => out.push_str(&j.to_string()),
+                        Err(_) => out.push('?'),
+                    },
+                    Err(_) => out.push('?'),
+                },
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,247 @@
+//! Policy as code: YAML rule files in `policies/`, each rule a CEL condition over `grant`, `context`,
+//! `signal`, `subject` and `now`, with an effect.
+//!
+//! - Rules are compiled once at load; a set that fails to load is refused whole (the running one
+//!   stays). The set's version is a hash of its files' names and contents.
+//! - Precedence is deterministic: `revoke` > `step_up` > `restrict` > `notify`; matched rules are
+//!   reported in file order.
+//! - **Fail closed**: a rule whose condition errors (or is not a boolean) counts as matched, with its
+//!   effect, and the error is reported; an error never permits.
+//! - `on` lists the signal types that trigger a rule. A signal that no rule lists re-evaluates nothing.
+//!   When a grant *is* evaluated, its status is computed from every enforced rule — so a rule's effect
+//!   does not vanish because a different signal arrived — while `notify` rules and shadow rules report
+//!   only when their own `on` matches the trigger.
+//! - `mode: shadow` rules are evaluated and reported, never enforced.
+
+mod eval;
+mod file;
+pub mod lint;
+pub mod testing;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+pub use eval::{EvalInput, Evaluation, RuleMatch};
+pub use file::{PolicyFile, RuleSpec};
+
+use crate::events::EventKind;
+
+/// A rule's effect, ordered by precedence (a higher one wins).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Effect {
+    Notify,
+    Restrict,
+    StepUp,
+    Revoke,
+}
+
+impl Effect {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Effect::Notify => "notify",
+            Effect::Restrict => "restrict",
+            Effect::StepUp => "step_up",
+            Effect::Revoke => "revoke",
+        }
+    }
+}
+
+/// Whether a rule is enforced or only observed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Shadow,
+}
+
+/// Why a policy set could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}: {message}")]
+    Invalid { file: String, message: String },
+}
+
+/// Signal-type names a rule's `on` may use besides the event kinds' short names.
+pub const EXTRA_TRIGGERS: [&str; 3] = ["*", "unknown", "risk-signal"];
+
+/// One compiled rule.
+pub struct Rule {
+    pub spec: RuleSpec,
+    /// The file it came from.
+    pub file: String,
+    condition: cel::Program,
+    reason: eval::Template,
+}
+
+impl Rule {
+    /// Whether a signal of this type triggers the rule.
+    pub fn triggered_by(&self, signal_type: &str) -> bool {
+        self.spec.on.iter().any(|t| t == "*" || t == signal_type)
+    }
+}
+
+/// A compiled, versioned set of rules.
+pub struct PolicySet {
+    pub version: String,
+    pub rules: Vec<Rule>,
+    /// The files the set was loaded from, in load order.
+    pub files: Vec<String>,
+    env: Arc<cel::Env>,
+}
+
+impl std::fmt::Debug for PolicySet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicySet")
+            .field("version", &self.version)
+            .field("rules", &self.rules.len())
+            .finish()
+    }
+}
+
+impl PolicySet {
+    /// An empty set (no rule ever matches). Used when no policy directory exists.
+    pub fn empty() -> PolicySet {
+        PolicySet::from_sources(&[]).unwrap_or_else(|_| PolicySet {
+            version: "empty".into(),
+            rules: Vec::new(),
+            files: Vec::new(),
+            env: Arc::new(cel::Env::stdlib()),
+        })
+    }
+
+    /// Loads every `*.yaml` rule file of `dir` (not `*.test.yaml`), in file-name order.
+    pub fn load_dir(dir: &Path) -> Result<PolicySet, PolicyError> {
+        let sources = read_dir_sources(dir, |name| is_rule_file(name))?;
+        PolicySet::from_sources(&sources)
+    }
+
+    /// Compiles rule files given as (file name, YAML text).
+    pub fn from_sources(sources: &[(String, String)]) -> Result<PolicySet, PolicyError> {
+        let env = Arc::new(cel::Env::stdlib());
+        let mut rules = Vec::new();
+        let mut ids = std::collections::HashSet::new();
+        for (name, text) in sources {
+            let invalid = |message: String| PolicyError::Invalid {
+                file: name.clone(),
+                message,
+            };
+            let file: PolicyFile =
+                serde_norway::from_str(text).map_err(|e| invalid(e.to_string()))?;
+            for spec in file.rules {
+                if spec.id.is_empty() || !ids.insert(spec.id.clone()) {
+                    return Err(invalid(format!(
+                        "rule id `{}` is empty or not unique",
+                        spec.id
+                    )));
+                }
+                if spec.on.is_empty() {
+                    return Err(invalid(format!(
+                        "rule `{}`: `on` lists no signal type",
+                        spec.id
+                    )));
+                }
+                for t in &spec.on {
+                    let known = EXTRA_TRIGGERS.contains(&t.as_str())
+                        || EventKind::ALL.iter().any(|k| k.name() == t);
+                    if !known {
+                        return Err(invalid(format!(
+                            "rule `{}`: `on` names unknown signal type `{t}`",
+                            spec.id
+                        )));
+                    }
+                }
+                let condition = env
+                    .compile(&spec.when)
+                    .map_err(|e| invalid(format!("rule `{}`: `when`: {e}", spec.id)))?;
+                eval::check_references(&condition)
+                    .map_err(|e| invalid(format!("rule `{}`: `when`: {e}", spec.id)))?;
+                let reason = eval::Template::compile(&env, &spec.reason)
+                    .map_err(|e| invalid(format!("rule `{}`: `reason`: {e}", spec.id)))?;
+                rules.push(Rule {
+                    spec,
+                    file: name.clone(),
+                    condition,
+                    reason,
+                });
+            }
+        }
+        Ok(PolicySet {
+            version: version_of(sources),
+            rules,
+            files: sources.iter().map(|(n, _)| n.clone()).collect(),
+            env,
+        })
+    }
+
+    /// Whether any rule is triggered by this signal type (else the signal re-evaluates nothing).
+    pub fn triggered_by(&self, signal_type: &str) -> bool {
+        self.rules.iter().any(|r| r.triggered_by(signal_type))
+    }
+}
+
+/// Rule files are `*.yaml` / `*.yml`, except the tests beside them (`*.test.yaml`).
+pub fn is_rule_file(name: &str) -> bool {
+    (name.ends_with(".yaml") || name.ends_with(".yml")) && !is_test_file(name)
+}
+
+/// Policy test files: `*.test.yaml` / `*.test.yml`.
+pub fn is_test_file(name: &str) -> bool {
+    name.ends_with(".test.yaml") || name.ends_with(".test.yml")
+}
+
+/// Reads the files of `dir` whose names pass `keep`, sorted by name.
+pub fn read_dir_sources(
+    dir: &Path,
+    keep: impl Fn(&str) -> bool,
+) -> Result<Vec<(String, String)>, PolicyError> {
+    let io = |source| PolicyError::Io {
+        path: dir.to_owned(),
+        source,
+    };
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map_err(io)?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| keep(n))
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|name| {
+            let path = dir.join(&name);
+            std::fs::read_to_string(&path)
+                .map(|text| (name, text))
+                .map_err(|source| PolicyError::Io { path, source })
+        })
+        .collect()
+}
+
+/// Content hash of a set of files: the first 16 hex digits of SHA-256 over names and contents.
+fn version_of(sources: &[(String, String)]) -> String {
+    let mut hasher = openssl::sha::Sha256::new();
+    for (name, text) in sources {
+        hasher.update(name.as_bytes());
+        hasher.update(&[0]);
+        hasher.update(text.as_bytes());
+        hasher.update(&[0]);
+    }
+    hasher
+        .finish()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

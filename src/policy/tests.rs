@@ -1,0 +1,138 @@
+use std::path::Path;
+
+use serde_json::json;
+
+use super::*;
+
+fn set(yaml: &str) -> Result<PolicySet, PolicyError> {
+    PolicySet::from_sources(&[("t.yaml".to_owned(), yaml.to_owned())])
+}
+
+fn input(trigger: Option<&str>) -> EvalInput {
+    EvalInput {
+        grant: json!({"kind": "session", "issued_at": 10.0, "attributes": {}}),
+        context: json!({"risk": {"level": "HIGH"}}),
+        signal: json!({"type": trigger.unwrap_or("none")}),
+        subject: json!({"matches_grant": true}),
+        now: 20.0,
+        trigger: trigger.map(str::to_owned),
+    }
+}
+
+#[test]
+fn the_shipped_policy_set_loads_and_its_tests_pass() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let set = PolicySet::load_dir(&dir).unwrap();
+    assert!(set.rules.len() >= 10);
+    assert_eq!(set.version.len(), 16);
+    let report = testing::run_dir(&dir).unwrap();
+    assert!(report.failed() == 0, "{}", report.render());
+    assert!(report.passed() >= 20);
+    let findings = lint::lint(&set);
+    assert!(findings.iter().all(|f| !f.error), "{findings:?}");
+}
+
+#[test]
+fn load_errors_name_the_problem() {
+    let cases = [
+        ("rules: [{id: a, on: [risk-level-change], when: 'true', effect: revoke, colour: red}]", "colour"),
+        ("rules: [{id: a, on: [risk-level-change], when: 'true ==', effect: revoke}]", "when"),
+        ("rules: [{id: a, on: [risk-level-change], when: 'contxt.risk == 1', effect: revoke}]", "contxt"),
+        ("rules: [{id: a, on: [no-such-event], when: 'true', effect: revoke}]", "no-such-event"),
+        ("rules: [{id: a, on: [], when: 'true', effect: revoke}]", "`on`"),
+        ("rules: [{id: a, on: ['*'], when: 'true', effect: ban}]", "ban"),
+        ("rules: [{id: a, on: ['*'], when: 'true', effect: revoke}, {id: a, on: ['*'], when: 'true', effect: notify}]", "unique"),
+        ("rules: [{id: a, on: ['*'], when: 'true', effect: revoke, reason: 'x {{ oops'}]", "unclosed"),
+    ];
+    for (yaml, needle) in cases {
+        let err = set(yaml).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains(needle), "{yaml}: {err}");
+    }
+}
+
+#[test]
+fn comprehension_variables_are_not_unknown() {
+    assert!(set("rules: [{id: a, on: ['*'], when: \"grant.scopes.exists(s, s == 'admin')\", effect: revoke}]").is_ok());
+}
+
+#[test]
+fn precedence_and_reasons() {
+    let s = set(r#"
+rules:
+  - {id: n, on: ['*'], when: 'true', effect: notify, reason: 'note'}
+  - {id: r, on: ['*'], when: 'true', effect: restrict}
+  - {id: v, on: ['*'], when: "context.risk.level == 'HIGH'", effect: revoke, reason: "risk {{ context.risk.level }} at {{ now }}"}
+  - {id: s, on: ['*'], when: 'true', effect: step_up}
+"#)
+    .unwrap();
+    let out = s.evaluate(&input(Some("risk-level-change")));
+    assert_eq!(out.effect, Some(Effect::Revoke));
+    let deciding: Vec<_> = out
+        .deciding_rules()
+        .iter()
+        .map(|m| (m.id.clone(), m.reason.clone()))
+        .collect();
+    assert_eq!(
+        deciding,
+        vec![("v".to_owned(), "risk HIGH at 20.0".to_owned())]
+    );
+    assert_eq!(out.notifications().len(), 1);
+    // Without a trigger, notify rules do not report.
+    assert!(s.evaluate(&input(None)).notifications().is_empty());
+}
+
+#[test]
+fn errors_fail_closed_and_never_permit() {
+    let s = set(r#"
+rules:
+  - {id: broken, on: ['*'], when: "context.no_such_field.level == 'HIGH'", effect: revoke}
+  - {id: not-bool, on: ['*'], when: "grant.kind", effect: step_up}
+"#)
+    .unwrap();
+    let out = s.evaluate(&input(Some("risk-level-change")));
+    assert_eq!(out.effect, Some(Effect::Revoke));
+    assert!(out.matched.iter().all(|m| m.error.is_some()), "{out:?}");
+    let findings = lint::lint(&s);
+    assert!(
+        findings.iter().any(|f| f.error && f.rule == "broken"),
+        "{findings:?}"
+    );
+}
+
+#[test]
+fn shadow_rules_report_but_never_enforce() {
+    let s =
+        set("rules: [{id: sh, on: ['*'], when: 'true', effect: revoke, mode: shadow}]").unwrap();
+    let out = s.evaluate(&input(Some("risk-level-change")));
+    assert_eq!(out.effect, None);
+    assert_eq!(out.shadow.len(), 1);
+}
+
+#[test]
+fn version_is_a_content_hash() {
+    let a = set("rules: []").unwrap().version;
+    let b = set("rules: []\n").unwrap().version;
+    assert_ne!(a, b);
+    assert_eq!(a, set("rules: []").unwrap().version);
+}
+
+#[test]
+fn lint_finds_unreachable_rules() {
+    let s = set(r#"
+rules:
+  - {id: a, on: [risk-level-change], when: "context.risk.level == 'HIGH'", effect: revoke}
+  - {id: b, on: [risk-level-change], when: "context.risk.level == 'HIGH'", effect: step_up}
+  - {id: c, on: ['*'], when: 'false', effect: revoke}
+"#)
+    .unwrap();
+    let f = lint::lint(&s);
+    assert!(f.iter().any(|f| f.rule == "b" && !f.error), "{f:?}");
+    assert!(f.iter().any(|f| f.rule == "c" && !f.error), "{f:?}");
+}
+
+#[test]
+fn merge_patch_follows_rfc7386() {
+    let mut v = json!({"a": {"b": 1, "c": 2}, "d": 3});
+    testing::merge_patch(&mut v, &json!({"a": {"b": null, "e": 4}, "d": [1]}));
+    assert_eq!(v, json!({"a": {"c": 2, "e": 4}, "d": [1]}));
+}
