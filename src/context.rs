@@ -318,12 +318,12 @@ impl PrincipalContext {
         changed
     }
 
-    /// The `context` policy sees when evaluating `grant`. `device` is the context of the grant's
-    /// device (device facts may arrive about the device alone).
+    /// The `context` policy sees when evaluating `grant`. `entities` are the contexts of the grant's
+    /// device and session, which hold facts that arrived about the device or session alone.
     pub fn view(
         &self,
         grant: &Grant,
-        device: Option<&PrincipalContext>,
+        entities: &[&PrincipalContext],
         decay: &Decay,
         now: f64,
     ) -> Value {
@@ -349,9 +349,12 @@ impl PrincipalContext {
                 Some(acc.map_or(t, |a| a.max(t)))
             });
 
-        let session_revoked_at = self
-            .session_revocations
-            .values()
+        let all: Vec<&PrincipalContext> = std::iter::once(self)
+            .chain(entities.iter().copied())
+            .collect();
+        let session_revoked_at = all
+            .iter()
+            .flat_map(|c| c.session_revocations.values())
             .filter(|r| filter_matches(&r.value, &grant.members))
             .map(|r| r.time)
             .fold(None, |acc: Option<f64>, t| {
@@ -383,13 +386,10 @@ impl PrincipalContext {
         }
 
         let device_fact = grant.members.get("device").and_then(|d| {
-            let own = self.device_compliance.get(d);
-            let other = device.and_then(|c| c.device_compliance.get(d));
-            match (own, other) {
-                (Some(a), Some(b)) => Some(if b.supersedes(a) { b } else { a }),
-                (a, b) => a.or(b),
-            }
-            .filter(|f| live(f, decay.device_compliance, now))
+            all.iter()
+                .filter_map(|c| c.device_compliance.get(d))
+                .reduce(|a, b| if b.supersedes(a) { b } else { a })
+                .filter(|f| live(f, decay.device_compliance, now))
         });
 
         let mut assurance = Map::new();
@@ -549,7 +549,7 @@ mod tests {
             &t
         ));
         let g = grant(50.0, None);
-        let view = ctx.view(&g, None, &Decay::default(), 300.0);
+        let view = ctx.view(&g, &[], &Decay::default(), 300.0);
         assert_eq!(view["risk"]["level"], "HIGH");
         // A newer LOW does lower it.
         assert!(ctx.apply(
@@ -557,7 +557,7 @@ mod tests {
             &t
         ));
         assert_eq!(
-            ctx.view(&g, None, &Decay::default(), 300.0)["risk"]["level"],
+            ctx.view(&g, &[], &Decay::default(), 300.0)["risk"]["level"],
             "LOW"
         );
         assert_eq!(ctx.recent_signals.len(), 3);
@@ -594,7 +594,7 @@ mod tests {
             for i in order {
                 ctx.apply(&signals[i], &Target::default());
             }
-            let mut view = ctx.view(&g, None, &Decay::default(), 400.0);
+            let mut view = ctx.view(&g, &[], &Decay::default(), 400.0);
             view["version"] = Value::Null;
             match &reference {
                 None => reference = Some(view),
@@ -619,15 +619,15 @@ mod tests {
         );
         let d = Decay::default();
         assert_eq!(
-            ctx.view(&grant(50.0, Some("s1")), None, &d, 200.0)["session_revoked_at"],
+            ctx.view(&grant(50.0, Some("s1")), &[], &d, 200.0)["session_revoked_at"],
             100.0
         );
         assert_eq!(
-            ctx.view(&grant(50.0, Some("s2")), None, &d, 200.0)["session_revoked_at"],
+            ctx.view(&grant(50.0, Some("s2")), &[], &d, 200.0)["session_revoked_at"],
             0.0
         );
         assert_eq!(
-            ctx.view(&grant(50.0, None), None, &d, 200.0)["session_revoked_at"],
+            ctx.view(&grant(50.0, None), &[], &d, 200.0)["session_revoked_at"],
             0.0
         );
         // A revocation of all sessions covers every grant.
@@ -636,7 +636,7 @@ mod tests {
             &Target::default(),
         );
         assert_eq!(
-            ctx.view(&grant(50.0, Some("s2")), None, &d, 200.0)["session_revoked_at"],
+            ctx.view(&grant(50.0, Some("s2")), &[], &d, 200.0)["session_revoked_at"],
             120.0
         );
     }
@@ -653,8 +653,8 @@ mod tests {
             ..Decay::default()
         };
         let g = grant(50.0, None);
-        assert_eq!(ctx.view(&g, None, &decay, 150.0)["risk"]["level"], "HIGH");
-        assert_eq!(ctx.view(&g, None, &decay, 161.0)["risk"]["level"], "NONE");
+        assert_eq!(ctx.view(&g, &[], &decay, 150.0)["risk"]["level"], "HIGH");
+        assert_eq!(ctx.view(&g, &[], &decay, 161.0)["risk"]["level"], "NONE");
         // The decayed fact still blocks an older signal.
         assert!(!ctx.apply(
             &signal(2, 90.0, EventKind::RiskLevelChange, risk("LOW")),

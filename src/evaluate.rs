@@ -28,8 +28,8 @@ pub enum Trigger<'a> {
 #[derive(Debug, Clone, Copy)]
 pub struct Contexts<'a> {
     pub principal: &'a PrincipalContext,
-    /// The context of the grant's device, if facts about the device alone exist.
-    pub device: Option<&'a PrincipalContext>,
+    /// Contexts of the grant's device and session, where facts about them alone arrived.
+    pub entities: &'a [&'a PrincipalContext],
     /// The delegating user's context, for agent delegations.
     pub delegator: Option<&'a PrincipalContext>,
 }
@@ -98,7 +98,9 @@ pub fn evaluate_grant(
     };
     let input = EvalInput {
         grant: grant.policy_view(),
-        context: contexts.principal.view(grant, contexts.device, decay, now),
+        context: contexts
+            .principal
+            .view(grant, contexts.entities, decay, now),
         signal: signal_view(trigger),
         subject: subject_view(trigger, grant),
         now,
@@ -107,7 +109,7 @@ pub fn evaluate_grant(
     let mut outcome = policy.evaluate(&input);
     if let Some(delegator) = contexts.delegator {
         let input = EvalInput {
-            context: delegator.view(grant, contexts.device, decay, now),
+            context: delegator.view(grant, contexts.entities, decay, now),
             ..input
         };
         let via_user = policy.evaluate(&input);

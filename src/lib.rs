@@ -5,8 +5,10 @@ pub mod app;
 pub use app::Vigil;
 pub use config::Config;
 
+pub mod audit;
 pub mod config;
 pub mod context;
+pub mod decision;
 pub mod discovery;
 pub mod evaluate;
 pub mod events;

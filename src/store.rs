@@ -99,6 +99,33 @@ impl BatchWriter {
         T: Send + 'static,
         F: FnOnce(&redb::WriteTransaction) -> Result<T, WriteError> + Send + 'static,
     {
+        let (job, rx) = Self::job(f);
+        self.tx
+            .send(job)
+            .await
+            .map_err(|_| WriteError::WriterGone)?;
+        rx.await.map_err(|_| WriteError::WriterGone)?
+    }
+
+    /// [`BatchWriter::write`] for callers on a plain thread (never call it from an async task).
+    pub fn write_blocking<T, F>(&self, f: F) -> Result<T, WriteError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&redb::WriteTransaction) -> Result<T, WriteError> + Send + 'static,
+    {
+        let (job, rx) = Self::job(f);
+        self.tx
+            .blocking_send(job)
+            .map_err(|_| WriteError::WriterGone)?;
+        rx.blocking_recv().map_err(|_| WriteError::WriterGone)?
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn job<T, F>(f: F) -> (Job, tokio::sync::oneshot::Receiver<Result<T, WriteError>>)
+    where
+        T: Send + 'static,
+        F: FnOnce(&redb::WriteTransaction) -> Result<T, WriteError> + Send + 'static,
+    {
         let (reply, rx) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move |txn| {
             let result = f(txn);
@@ -109,11 +136,7 @@ impl BatchWriter {
             });
             (ok, completion)
         });
-        self.tx
-            .send(job)
-            .await
-            .map_err(|_| WriteError::WriterGone)?;
-        rx.await.map_err(|_| WriteError::WriterGone)?
+        (job, rx)
     }
 }
 

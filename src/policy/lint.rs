@@ -95,7 +95,7 @@ fn reference_errors(policy: &PolicySet) -> Vec<Finding> {
             for trigger in &triggers {
                 let input = EvalInput {
                     grant: grant.policy_view(),
-                    context: ctx.view(&grant, None, &Decay::default(), 1500.0),
+                    context: ctx.view(&grant, &[], &Decay::default(), 1500.0),
                     signal: json!({"type": trigger.clone().unwrap_or_else(|| "none".into()),
                                    "uri": "", "jti": "j", "txn": null, "iss": "", "source": "ssf:reference",
                                    "event_time": 1500.0, "payload": {}}),

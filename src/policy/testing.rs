@@ -180,7 +180,7 @@ fn run_case(policy: &PolicySet, examples: &Path, case: &TestCase) -> Result<(), 
     };
     let contexts = Contexts {
         principal: &ctx,
-        device: None,
+        entities: &[],
         delegator: delegator.as_ref(),
     };
     let outcome = evaluate_grant(policy, &grant, contexts, trigger, &Decay::default(), now);

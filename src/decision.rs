@@ -1,0 +1,92 @@
+//! Decisions: what the engine concluded about one grant, with everything needed to explain it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::grant::GrantStatus;
+
+/// What a decision does to a grant. `allow` lifts an earlier step-up or restriction whose condition no
+/// longer holds; `notify` informs without changing the grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecisionEffect {
+    Revoke,
+    StepUp,
+    Restrict,
+    Notify,
+    Allow,
+}
+
+/// What caused the evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Cause {
+    /// `signal`, `registration`, `policy_swap` or `dependency` (a device's or delegating user's change).
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub txn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_time: Option<f64>,
+}
+
+/// One decision about one grant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    /// Deterministic: the same grant, cause, effect and policy version always give the same id, so a
+    /// decision re-made after a crash is recognisable as the same decision.
+    pub id: String,
+    /// When it was made (seconds).
+    pub time: f64,
+    pub grant_id: String,
+    /// The grant's principal key.
+    pub subject: String,
+    pub effect: DecisionEffect,
+    pub previous_status: GrantStatus,
+    pub status: GrantStatus,
+    /// The rules that decided it.
+    pub rules: Vec<String>,
+    pub reason: String,
+    /// Rules that errored and failed closed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
+    /// A shadow-mode rule's outcome: recorded, never enforced.
+    #[serde(default)]
+    pub shadow: bool,
+    pub policy_version: String,
+    pub context_version: u64,
+    pub cause: Cause,
+    pub enforcement_points: Vec<String>,
+}
+
+impl Decision {
+    /// The deterministic id: 16 hex digits of SHA-256 over the identifying fields.
+    pub fn make_id(
+        grant_id: &str,
+        cause: &Cause,
+        effect: DecisionEffect,
+        policy_version: &str,
+    ) -> String {
+        let mut h = openssl::sha::Sha256::new();
+        for part in [
+            grant_id,
+            &cause.kind,
+            &cause.seq.map(|s| s.to_string()).unwrap_or_default(),
+            &format!("{effect:?}"),
+            policy_version,
+        ] {
+            h.update(part.as_bytes());
+            h.update(&[0]);
+        }
+        h.finish()
+            .iter()
+            .take(8)
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
