@@ -11,12 +11,18 @@ use axum::Router;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::api::{self, ApiState};
+use crate::audit::AuditLog;
 use crate::config::Config;
-use crate::handoff::{self, LogSink};
+use crate::decision::Decision;
+use crate::engine::{Engine, EngineError, EngineSettings};
+use crate::handoff::{self, EngineSink};
 use crate::intake::{Intake, IntakeError};
 use crate::jwks::{KeySource, KeyStore, KeyStoreSettings};
+use crate::policy::{PolicyError, PolicySet};
 use crate::push::{self, PushState};
 use crate::receiver::{Receiver, Transmitter};
+use crate::reload::{PolicyReloader, ReloadOutcome};
 use crate::store::{BatchWriter, BatchWriterThread};
 use crate::{ops, store, telemetry};
 
@@ -34,6 +40,12 @@ pub enum StartError {
     },
     #[error("cannot start the store writer: {0}")]
     Writer(String),
+    #[error("policy: {0}")]
+    Policy(#[from] PolicyError),
+    #[error("engine: {0}")]
+    Engine(#[from] EngineError),
+    #[error("cannot open the audit log: {0}")]
+    Audit(std::io::Error),
     #[error("cannot build the HTTP client: {0}")]
     Client(String),
 }
@@ -42,8 +54,12 @@ pub enum StartError {
 pub struct Vigil {
     addr: SocketAddr,
     intake: Intake,
+    engine: Arc<Engine>,
+    reloader: Arc<PolicyReloader>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// Ends when the engine (the decisions' producer) is gone, so it is awaited after it.
+    decision_task: JoinHandle<()>,
     writer: BatchWriterThread,
 }
 
@@ -54,8 +70,45 @@ impl Vigil {
         let db = store::open(&config.data_dir)?;
         let (batch_writer, writer) = BatchWriter::start(db.clone(), config.intake.max_batch)
             .map_err(|e| StartError::Writer(e.to_string()))?;
-        let intake = Intake::open(db, batch_writer)?;
+        let intake = Intake::open(db.clone(), batch_writer.clone())?;
         let pending = intake.pending()?;
+
+        // A policy set that does not load is a start-up error: Vigil never runs without its rules.
+        let policy = PolicySet::load_dir_or_builtin(&config.policy.dir)?;
+        tracing::info!(version = %policy.version, rules = policy.rules.len(), files = ?policy.files, "policy set loaded");
+        let audit = Arc::new(
+            AuditLog::open(
+                &config.data_dir.join("audit"),
+                config.audit.max_file_bytes,
+                config.audit.keep_files,
+            )
+            .map_err(StartError::Audit)?,
+        );
+        let (decision_tx, decision_rx) = mpsc::channel::<Decision>(4096);
+        let engine_settings = EngineSettings {
+            shards: if config.engine.shards == 0 {
+                EngineSettings::default().shards
+            } else {
+                config.engine.shards
+            },
+            decay: config.context.decay.clone(),
+            session_ttl_secs: config.engine.session_ttl_secs as f64,
+            sweep_interval: Duration::from_millis(config.engine.sweep_interval_ms),
+            max_batch: config.engine.max_batch,
+            max_inflight: config.engine.max_inflight,
+        };
+        let engine = Arc::new(Engine::start(
+            &db,
+            batch_writer,
+            audit.clone(),
+            policy,
+            decision_tx,
+            engine_settings,
+        )?);
+        let reloader = Arc::new(PolicyReloader::new(
+            config.policy.dir.clone(),
+            engine.clone(),
+        ));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (next_tx, next_rx) = mpsc::channel(config.intake.channel_capacity);
 
@@ -91,11 +144,25 @@ impl Vigil {
         }
 
         tasks.push(tokio::spawn(handoff::run(
-            LogSink,
+            EngineSink(engine.clone()),
             intake.clone(),
             pending,
             next_rx,
         )));
+        // Decisions are in the audit log; until delivery to enforcement points exists, this drains
+        // the hand-off channel so the engine is never blocked by it.
+        let decision_task = tokio::spawn(drain_decisions(decision_rx));
+        if config.policy.watch_interval_secs > 0 {
+            tasks.push(tokio::spawn(reloader.clone().watch(
+                Duration::from_secs(config.policy.watch_interval_secs),
+                shutdown_rx.clone(),
+            )));
+        }
+        let api_state = Arc::new(ApiState {
+            engine: engine.clone(),
+            audit,
+            reloader: reloader.clone(),
+        });
         let receiver = Arc::new(Receiver::new(transmitters, intake.clone(), next_tx));
 
         let push_state = Arc::new(PushState {
@@ -109,6 +176,19 @@ impl Vigil {
         let app = Router::new()
             .route("/ssf/push/{stream}", post(push::push))
             .with_state(push_state)
+            .merge(
+                Router::new()
+                    .route("/v1/grants", post(api::register_grant))
+                    .route(
+                        "/v1/grants/{id}",
+                        get(api::get_grant).delete(api::delete_grant),
+                    )
+                    .route("/v1/decisions", get(api::decisions))
+                    .route("/v1/subjects/{key}", get(api::subject))
+                    .route("/v1/policies/reload", post(api::reload_policies))
+                    .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
+                    .with_state(api_state),
+            )
             .merge(
                 Router::new()
                     .route("/healthz", get(ops::healthz))
@@ -154,8 +234,11 @@ impl Vigil {
         Ok(Vigil {
             addr,
             intake,
+            engine,
+            reloader,
             shutdown,
             tasks,
+            decision_task,
             writer,
         })
     }
@@ -170,21 +253,45 @@ impl Vigil {
         &self.intake
     }
 
-    /// Stops accepting requests, lets in-flight ones finish, drains the hand-off, and closes the store.
+    /// The evaluation engine (grants, contexts, policy).
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Reloads the policy directory now (what SIGHUP does).
+    pub fn reload_policies(&self) -> ReloadOutcome {
+        self.reloader.reload()
+    }
+
+    /// Stops accepting requests, lets in-flight ones finish, drains the hand-off and the engine, and
+    /// closes the store.
     pub async fn shutdown(self) {
         let Vigil {
             shutdown,
             tasks,
             writer,
             intake,
+            engine,
+            reloader,
+            decision_task,
             ..
         } = self;
         let _ = shutdown.send(true);
         for task in tasks {
             let _ = task.await;
         }
+        engine.shutdown().await;
+        drop(reloader);
+        drop(engine);
+        let _ = decision_task.await;
         drop(intake);
         // The writer exits once the last handle (held by the tasks above) is gone.
         let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+    }
+}
+
+async fn drain_decisions(mut rx: mpsc::Receiver<Decision>) {
+    while let Some(d) = rx.recv().await {
+        tracing::debug!(decision = %d.id, grant = %d.grant_id, "decision handed off");
     }
 }

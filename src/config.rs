@@ -58,9 +58,72 @@ pub struct Config {
     pub intake: IntakeConfig,
     #[serde(default)]
     pub jwks: JwksConfig,
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    #[serde(default)]
+    pub engine: EngineConfig,
+    #[serde(default)]
+    pub context: ContextConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// The transmitters (IdPs, risk systems) Vigil accepts SETs from.
     #[serde(default)]
     pub transmitters: Vec<TransmitterConfig>,
+}
+
+/// Policy-as-code settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Directory of rule files (`*.yaml`) and their tests (`*.test.yaml`). When it does not exist,
+    /// the default policy set built into the binary is used.
+    #[serde(default = "default_policy_dir")]
+    pub dir: PathBuf,
+    /// How often the directory is checked for changes (0 disables watching; SIGHUP and
+    /// `POST /v1/policies/reload` still reload).
+    #[serde(default = "default_watch")]
+    pub watch_interval_secs: u64,
+}
+
+/// Evaluation engine settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Shard threads; 0 = one per core.
+    #[serde(default)]
+    pub shards: usize,
+    /// Lifetime of a session grant created from CAEP session-established.
+    #[serde(default = "default_session_ttl")]
+    pub session_ttl_secs: u64,
+    /// Signals and API requests in flight across all shards before callers wait (backpressure).
+    #[serde(default = "default_inflight")]
+    pub max_inflight: usize,
+    /// Messages a shard handles per commit.
+    #[serde(default = "default_batch")]
+    pub max_batch: usize,
+    /// How often expired grants are swept.
+    #[serde(default = "default_sweep")]
+    pub sweep_interval_ms: u64,
+}
+
+/// Context settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContextConfig {
+    /// Per-kind TTL in seconds (risk, device_compliance, assurance, claims, attributes): a fact older
+    /// than its TTL (by event time) no longer counts. Absent = never decays.
+    #[serde(default)]
+    pub decay: crate::context::Decay,
+}
+
+/// Audit log settings (`<data_dir>/audit/`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    #[serde(default = "default_audit_bytes")]
+    pub max_file_bytes: u64,
+    #[serde(default = "default_audit_keep")]
+    pub keep_files: usize,
 }
 
 /// RFC 8935 push endpoint settings.
@@ -161,6 +224,27 @@ fn default_retry() -> u64 {
 fn default_fetch_timeout() -> u64 {
     5000
 }
+fn default_policy_dir() -> PathBuf {
+    PathBuf::from("policies")
+}
+fn default_watch() -> u64 {
+    2
+}
+fn default_session_ttl() -> u64 {
+    8 * 3600
+}
+fn default_inflight() -> usize {
+    8192
+}
+fn default_sweep() -> u64 {
+    1000
+}
+fn default_audit_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_audit_keep() -> usize {
+    10
+}
 fn default_algs() -> Vec<Alg> {
     vec![Alg::RS256]
 }
@@ -194,6 +278,34 @@ impl Default for JwksConfig {
     }
 }
 
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            dir: default_policy_dir(),
+            watch_interval_secs: default_watch(),
+        }
+    }
+}
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            shards: 0,
+            session_ttl_secs: default_session_ttl(),
+            max_inflight: default_inflight(),
+            max_batch: default_batch(),
+            sweep_interval_ms: default_sweep(),
+        }
+    }
+}
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            max_file_bytes: default_audit_bytes(),
+            keep_files: default_audit_keep(),
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -202,6 +314,10 @@ impl Default for Config {
             push: PushConfig::default(),
             intake: IntakeConfig::default(),
             jwks: JwksConfig::default(),
+            policy: PolicyConfig::default(),
+            engine: EngineConfig::default(),
+            context: ContextConfig::default(),
+            audit: AuditConfig::default(),
             transmitters: Vec::new(),
         }
     }
@@ -259,6 +375,19 @@ impl Config {
         }
         if self.intake.max_batch == 0 {
             return Err(invalid("intake.max_batch", "must be greater than 0"));
+        }
+        for (key, value) in [
+            ("engine.max_inflight", self.engine.max_inflight),
+            ("engine.max_batch", self.engine.max_batch),
+            (
+                "engine.sweep_interval_ms",
+                self.engine.sweep_interval_ms as usize,
+            ),
+            ("audit.keep_files", self.audit.keep_files),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
         }
         let mut names = HashSet::new();
         let mut streams = HashSet::new();

@@ -1,6 +1,6 @@
-//! The consumer end of the intake channel. It takes each durably recorded signal, hands it to the
-//! next stage's [`SignalSink`], and only then marks it processed so it is not replayed. Signals that
-//! were pending at start-up are replayed first.
+//! The consumer end of the intake channel. It takes each durably recorded signal and hands it to the
+//! next stage's [`SignalSink`]; the signal is marked processed (so it is not replayed) only once that
+//! stage has durably applied it. Signals that were pending at start-up are replayed first.
 
 use std::future::Future;
 
@@ -9,22 +9,40 @@ use tokio::sync::mpsc;
 use crate::intake::Intake;
 use crate::signal::{now_ms, Signal};
 
-/// The stage after intake. Returning an error leaves the signal pending (replayed on restart).
-pub trait SignalSink: Send + 'static {
-    fn apply(&mut self, signal: &Signal) -> impl Future<Output = Result<(), String>> + Send;
+/// How a sink took a signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ack {
+    /// Done: the hand-off marks it processed now.
+    Processed,
+    /// Taken over: the sink marks it processed itself, in the same transaction as its own state.
+    Deferred,
 }
 
-/// Until the evaluator exists, the next stage records the signal in the log: each accepted SET is
-/// visible as one structured line with its stream, type, subject and event time.
+/// The stage after intake. Returning an error leaves the signal pending (replayed on restart).
+pub trait SignalSink: Send + 'static {
+    fn apply(&mut self, signal: Signal) -> impl Future<Output = Result<Ack, String>> + Send;
+}
+
+/// A sink that only logs each signal: one structured line with its stream, type, subject and time.
 pub struct LogSink;
 
 impl SignalSink for LogSink {
-    async fn apply(&mut self, s: &Signal) -> Result<(), String> {
+    async fn apply(&mut self, s: Signal) -> Result<Ack, String> {
         tracing::info!(
             seq = s.seq, stream = %s.source.stream(), event = %s.event_uri, subject = %s.subject,
             jti = %s.jti, event_time = s.event_time, "signal accepted"
         );
-        Ok(())
+        Ok(Ack::Processed)
+    }
+}
+
+/// The evaluation engine as the next stage: it marks signals processed inside its own commit.
+pub struct EngineSink(pub std::sync::Arc<crate::engine::Engine>);
+
+impl SignalSink for EngineSink {
+    async fn apply(&mut self, s: Signal) -> Result<Ack, String> {
+        self.0.apply_signal(s).await.map_err(|e| e.to_string())?;
+        Ok(Ack::Deferred)
     }
 }
 
@@ -51,17 +69,21 @@ pub async fn run<S: SignalSink>(
 }
 
 async fn handle<S: SignalSink>(sink: &mut S, intake: &Intake, signal: Signal) {
-    match sink.apply(&signal).await {
-        Ok(()) => {
-            if let Err(e) = intake.mark_processed(vec![signal.seq]).await {
-                tracing::error!(seq = signal.seq, error = %e, "could not mark signal processed");
+    let (seq, received_at_ms) = (signal.seq, signal.received_at_ms);
+    let stream = signal.source.stream().to_owned();
+    match sink.apply(signal).await {
+        Ok(ack) => {
+            if ack == Ack::Processed {
+                if let Err(e) = intake.mark_processed(vec![seq]).await {
+                    tracing::error!(seq, error = %e, "could not mark signal processed");
+                }
             }
-            let elapsed_ms = (now_ms() - signal.received_at_ms).max(0);
-            metrics::histogram!("vigil_signal_handling_seconds", "stream" => signal.source.stream().to_owned())
+            let elapsed_ms = (now_ms() - received_at_ms).max(0);
+            metrics::histogram!("vigil_signal_handling_seconds", "stream" => stream)
                 .record(elapsed_ms as f64 / 1000.0);
         }
         Err(e) => {
-            tracing::error!(seq = signal.seq, error = %e, "next stage failed; signal stays pending");
+            tracing::error!(seq, error = %e, "next stage failed; signal stays pending");
         }
     }
 }

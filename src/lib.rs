@@ -1,6 +1,7 @@
 //! Vigil: a continuous access-evaluation engine. See `ARCHITECTURE.md` for the code map.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod api;
 pub mod app;
 pub use app::Vigil;
 pub use config::Config;
@@ -10,6 +11,7 @@ pub mod config;
 pub mod context;
 pub mod decision;
 pub mod discovery;
+pub mod engine;
 pub mod evaluate;
 pub mod events;
 pub mod grant;
@@ -22,6 +24,7 @@ pub mod policy;
 pub mod principal;
 pub mod push;
 pub mod receiver;
+pub mod reload;
 pub mod set;
 pub mod signal;
 pub mod sim;

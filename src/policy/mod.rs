@@ -70,6 +70,9 @@ pub enum PolicyError {
     Invalid { file: String, message: String },
 }
 
+/// The default policy set, built into the binary for when no policy directory exists.
+pub const BUILTIN: &str = include_str!("../../policies/default.yaml");
+
 /// Signal-type names a rule's `on` may use besides the event kinds' short names.
 pub const EXTRA_TRIGGERS: [&str; 3] = ["*", "unknown", "risk-signal"];
 
@@ -116,6 +119,27 @@ impl PolicySet {
             files: Vec::new(),
             env: Arc::new(cel::Env::stdlib()),
         })
+    }
+
+    /// Loads `dir`, or the built-in default set when `dir` does not exist.
+    pub fn load_dir_or_builtin(dir: &Path) -> Result<PolicySet, PolicyError> {
+        if dir.is_dir() {
+            PolicySet::load_dir(dir)
+        } else {
+            PolicySet::from_sources(&[("builtin:default.yaml".to_owned(), BUILTIN.to_owned())])
+        }
+    }
+
+    /// The version `dir` would load as, without compiling it (for change detection).
+    pub fn version_of_dir(dir: &Path) -> Result<String, PolicyError> {
+        if dir.is_dir() {
+            Ok(version_of(&read_dir_sources(dir, is_rule_file)?))
+        } else {
+            Ok(version_of(&[(
+                "builtin:default.yaml".to_owned(),
+                BUILTIN.to_owned(),
+            )]))
+        }
     }
 
     /// Loads every `*.yaml` rule file of `dir` (not `*.test.yaml`), in file-name order.

@@ -1,0 +1,521 @@
+//! The evaluation engine: per-principal context, active grants, policy evaluation and decisions.
+//!
+//! State is partitioned into shards by principal key (a device or session that signals arrive about
+//! alone is its own key). **Each key is written by exactly one shard**, which applies its messages in
+//! arrival order — so signals for one subject are applied deterministically — while different shards
+//! run in parallel on their own threads. Shared maps (`DashMap`) publish the state for reads (the HTTP
+//! API, and a shard reading a device's or a delegating user's context owned by another shard).
+//!
+//! A shard processes its inbox in batches: it folds signals, evaluates the affected grants, appends
+//! the resulting decisions to the audit log, then commits contexts, grants, aliases *and* the intake
+//! "processed" marks in one store transaction (group commit). Only after that commit are registration
+//! replies sent and decisions handed on: nothing is announced before it is durable.
+//!
+//! Work that crosses shards (a device's change reaching grants of several principals, a user's change
+//! reaching the agents acting for them) is forwarded as re-evaluation messages, never by writing
+//! another shard's state.
+
+mod persist;
+mod shard;
+
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+
+use crate::audit::{AuditLog, DecisionQuery};
+use crate::context::{Decay, PrincipalContext};
+use crate::decision::Decision;
+use crate::grant::{Grant, GrantError, GrantRequest};
+use crate::policy::PolicySet;
+use crate::principal::Target;
+use crate::signal::{now_ms, Signal};
+use crate::store::{BatchWriter, WriteError};
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// Number of shards (threads). Defaults to the number of cores.
+    pub shards: usize,
+    pub decay: Decay,
+    /// Lifetime of a session grant created from CAEP session-established.
+    pub session_ttl_secs: f64,
+    /// How often expired grants are swept.
+    pub sweep_interval: Duration,
+    /// Most messages a shard handles per commit.
+    pub max_batch: usize,
+    /// Most signals and API requests in flight across all shards (backpressure).
+    pub max_inflight: usize,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings {
+            shards: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            decay: Decay::default(),
+            session_ttl_secs: 8.0 * 3600.0,
+            sweep_interval: Duration::from_secs(1),
+            max_batch: 256,
+            max_inflight: 8192,
+        }
+    }
+}
+
+/// Why an engine operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Invalid(#[from] GrantError),
+    #[error(
+        "grant `{0}` was revoked; a revoked grant id cannot be registered again until it expires"
+    )]
+    Revoked(String),
+    #[error("grant `{0}` is registered for another principal")]
+    Conflict(String),
+    #[error("storage: {0}")]
+    Storage(String),
+    #[error("the engine has stopped")]
+    Stopped,
+    #[error("cannot start a shard thread: {0}")]
+    Thread(String),
+}
+
+impl From<WriteError> for EngineError {
+    fn from(e: WriteError) -> Self {
+        EngineError::Storage(e.to_string())
+    }
+}
+
+/// The outcome of a registration.
+#[derive(Debug, Clone, Serialize)]
+pub struct Registered {
+    pub grant: Grant,
+    pub decisions: Vec<Decision>,
+}
+
+/// Index keys: which grants an entity key reaches.
+pub(crate) fn principal_index(key: &str) -> String {
+    format!("p/{key}")
+}
+pub(crate) fn member_index(member: &str, key: &str) -> String {
+    format!("m/{member}/{key}")
+}
+pub(crate) fn obo_index(key: &str) -> String {
+    format!("obo/{key}")
+}
+
+/// State visible to every shard and the API.
+pub(crate) struct Shared {
+    pub contexts: DashMap<String, Arc<PrincipalContext>>,
+    pub grants: DashMap<String, Arc<Grant>>,
+    pub aliases: DashMap<String, String>,
+    pub index: DashMap<String, HashSet<String>>,
+    pub policy: RwLock<Arc<PolicySet>>,
+    pub writer: BatchWriter,
+    pub audit: Arc<AuditLog>,
+    pub decisions: mpsc::Sender<Decision>,
+    pub settings: EngineSettings,
+}
+
+impl Shared {
+    pub fn policy(&self) -> Arc<PolicySet> {
+        match self.policy.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn index_add(&self, key: String, grant: &str) {
+        self.index.entry(key).or_default().insert(grant.to_owned());
+    }
+
+    pub fn index_remove(&self, key: &str, grant: &str) {
+        let empty = match self.index.get_mut(key) {
+            Some(mut set) => {
+                set.remove(grant);
+                set.is_empty()
+            }
+            None => false,
+        };
+        if empty {
+            self.index.remove_if(key, |_, s| s.is_empty());
+        }
+    }
+
+    pub fn indexed(&self, key: &str) -> Vec<String> {
+        self.index
+            .get(key)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Every index key a grant is reachable by.
+    pub fn index_keys(grant: &Grant) -> Vec<String> {
+        let mut keys = vec![principal_index(&grant.principal)];
+        for (member, key) in &grant.members {
+            keys.push(member_index(member, key));
+        }
+        if let Some(u) = &grant.on_behalf_of {
+            keys.push(obo_index(u));
+        }
+        keys
+    }
+
+    pub fn shard_of(&self, key: &str) -> usize {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut h);
+        (h.finish() % self.settings.shards as u64) as usize
+    }
+}
+
+/// A message to a shard.
+pub(crate) enum Msg {
+    /// Fold a signal into `key`'s context and evaluate what it reaches.
+    Signal {
+        key: String,
+        signal: Box<Signal>,
+        target: Target,
+        aliases: Vec<(String, String)>,
+        permit: OwnedSemaphorePermit,
+    },
+    /// Re-evaluate grants owned by this shard (forwarded from another shard, or after a policy swap).
+    Reevaluate {
+        grants: Vec<String>,
+        trigger: Option<Box<(Signal, Target)>>,
+    },
+    ReevaluateAll,
+    Register {
+        grant: Box<Grant>,
+        aliases: Vec<(String, String)>,
+        reply: oneshot::Sender<Result<Registered, EngineError>>,
+        permit: OwnedSemaphorePermit,
+    },
+    Delete {
+        id: String,
+        reply: oneshot::Sender<Result<bool, EngineError>>,
+        permit: OwnedSemaphorePermit,
+    },
+    /// Finish what is queued before this message, then stop.
+    Stop,
+}
+
+/// The running engine.
+pub struct Engine {
+    shared: Arc<Shared>,
+    inboxes: Vec<std::sync::mpsc::Sender<Msg>>,
+    permits: Arc<Semaphore>,
+    threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl Engine {
+    /// Loads persisted state and starts the shard threads.
+    pub fn start(
+        db: &Arc<redb::Database>,
+        writer: BatchWriter,
+        audit: Arc<AuditLog>,
+        policy: PolicySet,
+        decisions: mpsc::Sender<Decision>,
+        settings: EngineSettings,
+    ) -> Result<Engine, EngineError> {
+        let mut settings = settings;
+        settings.shards = settings.shards.max(1);
+        let loaded = persist::load(db)?;
+        let shared = Arc::new(Shared {
+            contexts: DashMap::new(),
+            grants: DashMap::new(),
+            aliases: DashMap::new(),
+            index: DashMap::new(),
+            policy: RwLock::new(Arc::new(policy)),
+            writer,
+            audit,
+            decisions,
+            settings: settings.clone(),
+        });
+        for ctx in loaded.contexts {
+            shared.contexts.insert(ctx.key.clone(), Arc::new(ctx));
+        }
+        for (k, v) in loaded.aliases {
+            shared.aliases.insert(k, v);
+        }
+        let mut owned: Vec<Vec<Arc<Grant>>> = vec![Vec::new(); settings.shards];
+        for grant in loaded.grants {
+            let grant = Arc::new(grant);
+            for key in Shared::index_keys(&grant) {
+                shared.index_add(key, &grant.id);
+            }
+            owned[shared.shard_of(&grant.principal)].push(grant.clone());
+            shared.grants.insert(grant.id.clone(), grant);
+        }
+        metrics::gauge!("vigil_grants").set(shared.grants.len() as f64);
+
+        let mut inboxes = Vec::new();
+        let mut receivers = Vec::new();
+        for _ in 0..settings.shards {
+            let (tx, rx) = std::sync::mpsc::channel();
+            inboxes.push(tx);
+            receivers.push(rx);
+        }
+        let mut threads = Vec::new();
+        for (id, (rx, grants)) in receivers.into_iter().zip(owned).enumerate() {
+            let shard = shard::Shard::new(id, shared.clone(), inboxes.clone(), grants);
+            let handle = std::thread::Builder::new()
+                .name(format!("vigil-shard-{id}"))
+                .spawn(move || shard.run(rx))
+                .map_err(|e| EngineError::Thread(e.to_string()))?;
+            threads.push(handle);
+        }
+        Ok(Engine {
+            shared,
+            inboxes,
+            permits: Arc::new(Semaphore::new(settings.max_inflight.max(1))),
+            threads: std::sync::Mutex::new(threads),
+        })
+    }
+
+    async fn permit(&self) -> Result<OwnedSemaphorePermit, EngineError> {
+        self.permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| EngineError::Stopped)
+    }
+
+    fn send(&self, shard: usize, msg: Msg) -> Result<(), EngineError> {
+        self.inboxes[shard]
+            .send(msg)
+            .map_err(|_| EngineError::Stopped)
+    }
+
+    /// Resolves identifier keys to a principal key, creating the principal if none is known, and
+    /// returns the aliases to record (identifier → principal) for those not yet linked.
+    fn resolve(&self, identifiers: &[String]) -> Option<(String, Vec<(String, String)>)> {
+        let principal = identifiers
+            .iter()
+            .find_map(|k| self.shared.aliases.get(k).map(|p| p.clone()))
+            .or_else(|| identifiers.first().cloned())?;
+        let mut new = Vec::new();
+        for k in identifiers {
+            if !self.shared.aliases.contains_key(k) {
+                self.shared.aliases.insert(k.clone(), principal.clone());
+                new.push((k.clone(), principal.clone()));
+            }
+        }
+        Some((principal, new))
+    }
+
+    /// Hands a durably recorded signal to its shard. The shard marks it processed in intake inside
+    /// its own commit.
+    pub async fn apply_signal(&self, signal: Signal) -> Result<(), EngineError> {
+        let mut target = Target::of(&signal.subject);
+        let permit = self.permit().await?;
+        // A simple subject that names no known principal but a known session or device (the CAEP
+        // examples name sessions by opaque id) targets that session or device.
+        if target.members.is_empty() && target.identifiers.len() == 1 {
+            let id = &target.identifiers[0];
+            if !self.shared.aliases.contains_key(id) {
+                for member in ["session", "device"] {
+                    if self.shared.index.contains_key(&member_index(member, id)) {
+                        target.members.insert(member.to_owned(), id.clone());
+                        target.identifiers.clear();
+                        break;
+                    }
+                }
+            }
+        }
+        let (key, aliases) = match self.resolve(&target.identifiers) {
+            Some(resolved) => resolved,
+            None => {
+                // Only members: the signal is about a device, session, … itself.
+                let member = [
+                    "device",
+                    "session",
+                    "tenant",
+                    "application",
+                    "group",
+                    "org_unit",
+                ]
+                .iter()
+                .find_map(|m| target.members.get(*m).cloned())
+                .or_else(|| target.members.values().next().cloned());
+                match member {
+                    Some(k) => (k, Vec::new()),
+                    None => {
+                        tracing::warn!(seq = signal.seq, "signal subject names nothing to act on");
+                        (format!("unresolved:{}", signal.subject), Vec::new())
+                    }
+                }
+            }
+        };
+        let shard = self.shared.shard_of(&key);
+        self.send(
+            shard,
+            Msg::Signal {
+                key,
+                signal: Box::new(signal),
+                target,
+                aliases,
+                permit,
+            },
+        )
+    }
+
+    /// Registers (or re-registers) a grant and evaluates it against the current context.
+    pub async fn register(&self, request: GrantRequest) -> Result<Registered, EngineError> {
+        let mut identifiers = request.identifier_keys()?;
+        if let Some(token) = &request.token {
+            identifiers.push(format!("jwt_id:{}|{}", token.iss, token.jti));
+        }
+        let (principal, aliases) = self
+            .resolve(&identifiers)
+            .ok_or_else(|| GrantError::Invalid("`subject` names no principal".into()))?;
+        let grant = request.into_grant(principal.clone(), now_ms() as f64 / 1000.0)?;
+        let permit = self.permit().await?;
+        let (reply, rx) = oneshot::channel();
+        self.send(
+            self.shared.shard_of(&principal),
+            Msg::Register {
+                grant: Box::new(grant),
+                aliases,
+                reply,
+                permit,
+            },
+        )?;
+        rx.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Ends a grant. A revoked grant stays as a tombstone until it expires (answered `false`).
+    /// `None` if the grant is unknown.
+    pub async fn delete(&self, id: &str) -> Result<Option<bool>, EngineError> {
+        let Some(principal) = self.shared.grants.get(id).map(|g| g.principal.clone()) else {
+            return Ok(None);
+        };
+        let permit = self.permit().await?;
+        let (reply, rx) = oneshot::channel();
+        self.send(
+            self.shared.shard_of(&principal),
+            Msg::Delete {
+                id: id.to_owned(),
+                reply,
+                permit,
+            },
+        )?;
+        rx.await.map_err(|_| EngineError::Stopped)?.map(Some)
+    }
+
+    /// The principal an identifier key is linked to (the key itself if it is not an alias).
+    pub fn principal_of(&self, key: &str) -> String {
+        self.shared
+            .aliases
+            .get(key)
+            .map(|p| p.clone())
+            .unwrap_or_else(|| key.to_owned())
+    }
+
+    pub fn grant(&self, id: &str) -> Option<Arc<Grant>> {
+        self.shared.grants.get(id).map(|g| g.clone())
+    }
+
+    pub fn grant_count(&self) -> usize {
+        self.shared.grants.len()
+    }
+
+    pub fn policy_version(&self) -> String {
+        self.shared.policy().version.clone()
+    }
+
+    /// Swaps in a new policy set and re-evaluates every grant under it.
+    pub fn swap_policy(&self, policy: PolicySet) -> Result<(), EngineError> {
+        let version = policy.version.clone();
+        match self.shared.policy.write() {
+            Ok(mut p) => *p = Arc::new(policy),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(policy),
+        }
+        metrics::counter!("vigil_policy_swaps_total").increment(1);
+        tracing::info!(%version, "policy set swapped; re-evaluating every grant");
+        for shard in 0..self.inboxes.len() {
+            self.send(shard, Msg::ReevaluateAll)?;
+        }
+        Ok(())
+    }
+
+    /// "Why": a subject's context (each fact with its time and source), its grants, recent signals and
+    /// recent decisions. `key` may be any identifier key linked to the principal.
+    pub fn explain(&self, key: &str) -> Option<Value> {
+        let principal = self
+            .shared
+            .aliases
+            .get(key)
+            .map(|p| p.clone())
+            .unwrap_or_else(|| key.to_owned());
+        let context = self.shared.contexts.get(&principal).map(|c| c.clone());
+        let grant_ids = self.shared.indexed(&principal_index(&principal));
+        if context.is_none() && grant_ids.is_empty() {
+            return None;
+        }
+        let mut active = Vec::new();
+        let mut revoked = Vec::new();
+        for id in grant_ids {
+            if let Some(g) = self.shared.grants.get(&id) {
+                if g.status == crate::grant::GrantStatus::Revoked {
+                    revoked.push(json!(&**g));
+                } else {
+                    active.push(json!(&**g));
+                }
+            }
+        }
+        let decisions = self
+            .shared
+            .audit
+            .query(&DecisionQuery {
+                subject: Some(principal.clone()),
+                limit: 50,
+                ..DecisionQuery::default()
+            })
+            .unwrap_or_default();
+        let aliases: Vec<String> = self
+            .shared
+            .aliases
+            .iter()
+            .filter(|e| e.value() == &principal)
+            .map(|e| e.key().clone())
+            .collect();
+        Some(json!({
+            "subject": principal,
+            "identifiers": aliases,
+            "context": context.as_deref(),
+            "grants": {"active": active, "revoked": revoked},
+            "recent_signals": context.as_ref().map(|c| c.recent_signals.clone()),
+            "recent_decisions": decisions,
+            "policy_version": self.policy_version(),
+        }))
+    }
+
+    /// Stops the shards once nothing is in flight: waits until every signal and API request has been
+    /// handled (their forwarded re-evaluations are queued by then), then stops each shard behind
+    /// what it has queued. Later calls return at once.
+    pub async fn shutdown(&self) {
+        let all = u32::try_from(self.shared.settings.max_inflight.max(1)).unwrap_or(u32::MAX);
+        let _quiet = self.permits.acquire_many(all).await;
+        self.permits.close();
+        for inbox in &self.inboxes {
+            let _ = inbox.send(Msg::Stop);
+        }
+        let threads: Vec<_> = match self.threads.lock() {
+            Ok(mut t) => t.drain(..).collect(),
+            Err(poisoned) => poisoned.into_inner().drain(..).collect(),
+        };
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                if t.join().is_err() {
+                    tracing::error!("a shard thread panicked");
+                }
+            }
+        })
+        .await;
+    }
+}

@@ -1,0 +1,121 @@
+//! The engine's tables in the embedded store: contexts, grants and the alias index, each a JSON value
+//! under its key. Written by the shards inside their batch transactions; read once at start-up.
+
+use std::sync::Arc;
+
+use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
+
+use crate::context::PrincipalContext;
+use crate::grant::Grant;
+use crate::store::WriteError;
+
+const CONTEXTS: TableDefinition<&str, &[u8]> = TableDefinition::new("engine_contexts");
+const GRANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("engine_grants");
+const ALIASES: TableDefinition<&str, &str> = TableDefinition::new("engine_aliases");
+
+/// Everything the engine persisted.
+#[derive(Default)]
+pub struct Loaded {
+    pub contexts: Vec<PrincipalContext>,
+    pub grants: Vec<Grant>,
+    pub aliases: Vec<(String, String)>,
+}
+
+/// Creates the tables if needed and reads them all.
+pub fn load(db: &Arc<Database>) -> Result<Loaded, WriteError> {
+    let txn = db.begin_write().map_err(WriteError::storage)?;
+    {
+        txn.open_table(CONTEXTS).map_err(WriteError::storage)?;
+        txn.open_table(GRANTS).map_err(WriteError::storage)?;
+        txn.open_table(ALIASES).map_err(WriteError::storage)?;
+    }
+    txn.commit().map_err(WriteError::storage)?;
+
+    let txn = db.begin_read().map_err(WriteError::storage)?;
+    let mut out = Loaded::default();
+    for entry in txn
+        .open_table(CONTEXTS)
+        .map_err(WriteError::storage)?
+        .iter()
+        .map_err(WriteError::storage)?
+    {
+        let (k, v) = entry.map_err(WriteError::storage)?;
+        match serde_json::from_slice(v.value()) {
+            Ok(ctx) => out.contexts.push(ctx),
+            Err(e) => tracing::error!(key = %k.value(), error = %e, "unreadable context skipped"),
+        }
+    }
+    for entry in txn
+        .open_table(GRANTS)
+        .map_err(WriteError::storage)?
+        .iter()
+        .map_err(WriteError::storage)?
+    {
+        let (k, v) = entry.map_err(WriteError::storage)?;
+        match serde_json::from_slice(v.value()) {
+            Ok(g) => out.grants.push(g),
+            Err(e) => tracing::error!(key = %k.value(), error = %e, "unreadable grant skipped"),
+        }
+    }
+    for entry in txn
+        .open_table(ALIASES)
+        .map_err(WriteError::storage)?
+        .iter()
+        .map_err(WriteError::storage)?
+    {
+        let (k, v) = entry.map_err(WriteError::storage)?;
+        out.aliases
+            .push((k.value().to_owned(), v.value().to_owned()));
+    }
+    Ok(out)
+}
+
+/// The writes of one shard batch.
+#[derive(Default)]
+pub struct Changes {
+    pub contexts: Vec<Arc<PrincipalContext>>,
+    pub grants: Vec<Arc<Grant>>,
+    pub deleted_grants: Vec<String>,
+    pub aliases: Vec<(String, String)>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.contexts.is_empty()
+            && self.grants.is_empty()
+            && self.deleted_grants.is_empty()
+            && self.aliases.is_empty()
+    }
+}
+
+/// Writes `changes` inside `txn`.
+pub fn write(txn: &WriteTransaction, changes: &Changes) -> Result<(), WriteError> {
+    let json = |e: serde_json::Error| WriteError::Storage(e.to_string());
+    if !changes.contexts.is_empty() {
+        let mut t = txn.open_table(CONTEXTS).map_err(WriteError::storage)?;
+        for ctx in &changes.contexts {
+            let bytes = serde_json::to_vec(&**ctx).map_err(json)?;
+            t.insert(ctx.key.as_str(), bytes.as_slice())
+                .map_err(WriteError::storage)?;
+        }
+    }
+    if !changes.grants.is_empty() || !changes.deleted_grants.is_empty() {
+        let mut t = txn.open_table(GRANTS).map_err(WriteError::storage)?;
+        for g in &changes.grants {
+            let bytes = serde_json::to_vec(&**g).map_err(json)?;
+            t.insert(g.id.as_str(), bytes.as_slice())
+                .map_err(WriteError::storage)?;
+        }
+        for id in &changes.deleted_grants {
+            t.remove(id.as_str()).map_err(WriteError::storage)?;
+        }
+    }
+    if !changes.aliases.is_empty() {
+        let mut t = txn.open_table(ALIASES).map_err(WriteError::storage)?;
+        for (k, v) in &changes.aliases {
+            t.insert(k.as_str(), v.as_str())
+                .map_err(WriteError::storage)?;
+        }
+    }
+    Ok(())
+}

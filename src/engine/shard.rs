@@ -1,0 +1,637 @@
+//! One shard: a thread that owns the contexts and grants whose keys hash to it, applies its inbox in
+//! order, and commits each batch of work in one store transaction.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::{Map, Value};
+use tokio::sync::{oneshot, OwnedSemaphorePermit};
+
+use super::persist::{self, Changes};
+use super::{member_index, obo_index, principal_index, EngineError, Msg, Registered, Shared};
+use crate::context::PrincipalContext;
+use crate::decision::{Cause, Decision, DecisionEffect};
+use crate::evaluate::{evaluate_grant, Contexts, Trigger};
+use crate::events::Event;
+use crate::grant::{Grant, GrantKind, GrantStatus, PrincipalType, Revocation};
+use crate::intake;
+use crate::policy::{Effect, Evaluation, PolicySet};
+use crate::principal::Target;
+use crate::signal::{now_ms, Signal};
+
+enum Reply {
+    Register(
+        oneshot::Sender<Result<Registered, EngineError>>,
+        Result<Registered, EngineError>,
+    ),
+    Delete(
+        oneshot::Sender<Result<bool, EngineError>>,
+        Result<bool, EngineError>,
+    ),
+}
+
+/// The work of one batch, applied in memory and waiting for its commit.
+#[derive(Default)]
+struct Pending {
+    changes: Changes,
+    processed: Vec<u64>,
+    decisions: Vec<Decision>,
+    forwards: BTreeMap<usize, (Vec<String>, Option<Box<(Signal, Target)>>)>,
+    forward_list: Vec<(usize, Msg)>,
+    replies: Vec<Reply>,
+    permits: Vec<OwnedSemaphorePermit>,
+}
+
+pub(crate) struct Shard {
+    id: usize,
+    shared: Arc<Shared>,
+    inboxes: Vec<Sender<Msg>>,
+    /// The grants this shard owns, by expiry (milliseconds) — for the sweep and for re-evaluate-all.
+    expiry: BTreeSet<(i64, String)>,
+}
+
+fn ms(t: f64) -> i64 {
+    (t * 1000.0) as i64
+}
+
+fn now() -> f64 {
+    now_ms() as f64 / 1000.0
+}
+
+impl Shard {
+    pub fn new(
+        id: usize,
+        shared: Arc<Shared>,
+        inboxes: Vec<Sender<Msg>>,
+        grants: Vec<Arc<Grant>>,
+    ) -> Shard {
+        let expiry = grants
+            .iter()
+            .map(|g| (ms(g.expires_at), g.id.clone()))
+            .collect();
+        Shard {
+            id,
+            shared,
+            inboxes,
+            expiry,
+        }
+    }
+
+    pub fn run(mut self, rx: Receiver<Msg>) {
+        let interval = self.shared.settings.sweep_interval;
+        let max_batch = self.shared.settings.max_batch.max(1);
+        let mut last_sweep = Instant::now();
+        loop {
+            let first = match rx.recv_timeout(interval) {
+                Ok(m) => Some(m),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
+            let mut p = Pending::default();
+            let mut stop = false;
+            if let Some(first) = first {
+                let started = Instant::now();
+                let mut batch = vec![first];
+                while batch.len() < max_batch {
+                    match rx.try_recv() {
+                        Ok(m) => batch.push(m),
+                        Err(_) => break,
+                    }
+                }
+                for msg in batch {
+                    match msg {
+                        Msg::Stop => stop = true,
+                        other => self.handle(other, &mut p),
+                    }
+                }
+                metrics::histogram!("vigil_engine_batch_seconds")
+                    .record(started.elapsed().as_secs_f64());
+            }
+            if last_sweep.elapsed() >= interval {
+                self.sweep(&mut p);
+                last_sweep = Instant::now();
+            }
+            self.flush(p);
+            if stop {
+                return;
+            }
+        }
+    }
+
+    fn handle(&mut self, msg: Msg, p: &mut Pending) {
+        match msg {
+            Msg::Signal {
+                key,
+                signal,
+                target,
+                aliases,
+                permit,
+            } => {
+                p.permits.push(permit);
+                p.changes.aliases.extend(aliases);
+                p.processed.push(signal.seq);
+                self.apply_signal(&key, &signal, &target, p);
+            }
+            Msg::Reevaluate { grants, trigger } => {
+                let policy = self.shared.policy();
+                let cause = match &trigger {
+                    Some(t) => cause_of(&t.0, "dependency"),
+                    None => state_cause("dependency"),
+                };
+                for id in grants {
+                    let trig = match &trigger {
+                        Some(t) => Trigger::Signal(&t.0, &t.1),
+                        None => Trigger::State,
+                    };
+                    self.evaluate(&policy, &id, trig, &cause, p);
+                }
+            }
+            Msg::ReevaluateAll => {
+                let policy = self.shared.policy();
+                let cause = state_cause("policy_swap");
+                let ids: Vec<String> = self.expiry.iter().map(|(_, id)| id.clone()).collect();
+                let started = Instant::now();
+                for id in &ids {
+                    self.evaluate(&policy, id, Trigger::State, &cause, p);
+                }
+                tracing::info!(
+                    shard = self.id,
+                    grants = ids.len(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "re-evaluated after policy swap"
+                );
+            }
+            Msg::Register {
+                grant,
+                aliases,
+                reply,
+                permit,
+            } => {
+                p.permits.push(permit);
+                p.changes.aliases.extend(aliases);
+                let result = self.register(*grant, p);
+                p.replies.push(Reply::Register(reply, result));
+            }
+            Msg::Delete { id, reply, permit } => {
+                p.permits.push(permit);
+                let result = Ok(self.delete(&id, p));
+                p.replies.push(Reply::Delete(reply, result));
+            }
+            Msg::Stop => {}
+        }
+    }
+
+    fn apply_signal(&mut self, key: &str, signal: &Signal, target: &Target, p: &mut Pending) {
+        let mut ctx = self
+            .shared
+            .contexts
+            .get(key)
+            .map(|c| (**c).clone())
+            .unwrap_or_else(|| PrincipalContext::new(key));
+        let changed = ctx.apply(signal, target);
+        let ctx = Arc::new(ctx);
+        self.shared.contexts.insert(key.to_owned(), ctx.clone());
+        p.changes.contexts.push(ctx);
+        metrics::counter!("vigil_engine_signals_total", "changed" => if changed { "yes" } else { "no" })
+            .increment(1);
+
+        let is_principal = !target.identifiers.is_empty();
+        if let (Event::SessionEstablished(e), true) = (&signal.event, is_principal) {
+            let mut attributes = Map::new();
+            for (k, v) in [
+                ("acr", e.acr.clone().map(Value::from)),
+                ("amr", e.amr.clone().map(Value::from)),
+                ("fp_ua", e.fp_ua.clone().map(Value::from)),
+                ("ext_id", e.ext_id.clone().map(Value::from)),
+            ] {
+                if let Some(v) = v {
+                    attributes.insert(k.to_owned(), v);
+                }
+            }
+            attributes.insert("source".into(), Value::from(signal.source.label()));
+            let id = format!(
+                "caep-session:{}",
+                target
+                    .members
+                    .get("session")
+                    .cloned()
+                    .unwrap_or_else(|| format!("{}|{}", signal.iss, signal.jti))
+            );
+            if !self.shared.grants.contains_key(&id) {
+                let grant = Grant {
+                    id,
+                    kind: GrantKind::Session,
+                    principal: key.to_owned(),
+                    principal_type: PrincipalType::Human,
+                    identifiers: target.identifiers.clone(),
+                    members: target.members.clone(),
+                    token: None,
+                    on_behalf_of: None,
+                    audience: None,
+                    scopes: Vec::new(),
+                    issued_at: signal.event_time,
+                    expires_at: signal.event_time + self.shared.settings.session_ttl_secs,
+                    attributes,
+                    enforcement_points: Vec::new(),
+                    status: GrantStatus::Active,
+                    registered_at: now(),
+                    revoked: None,
+                };
+                if !grant.is_expired(now()) {
+                    let _ = self.register(grant, p);
+                }
+            }
+        }
+
+        let policy = self.shared.policy();
+        if !policy.triggered_by(signal.event_type_name()) {
+            return;
+        }
+        let mut ids = Vec::new();
+        if is_principal {
+            ids.extend(self.shared.indexed(&principal_index(key)));
+        } else {
+            for (member, k) in &target.members {
+                ids.extend(self.shared.indexed(&member_index(member, k)));
+            }
+        }
+        ids.extend(self.shared.indexed(&obo_index(key)));
+        ids.sort();
+        ids.dedup();
+        let cause = cause_of(signal, "signal");
+        for id in ids {
+            let Some(owner) = self
+                .shared
+                .grants
+                .get(&id)
+                .map(|g| self.shared.shard_of(&g.principal))
+            else {
+                continue;
+            };
+            if owner == self.id {
+                self.evaluate(&policy, &id, Trigger::Signal(signal, target), &cause, p);
+            } else {
+                let entry = p.forwards.entry(owner).or_insert_with(|| {
+                    (Vec::new(), Some(Box::new((signal.clone(), target.clone()))))
+                });
+                entry.0.push(id);
+            }
+        }
+        // Forwards carry one trigger each; flush them per signal so triggers are not mixed.
+        for (owner, (grants, trigger)) in std::mem::take(&mut p.forwards) {
+            p.forward_list
+                .push((owner, Msg::Reevaluate { grants, trigger }));
+        }
+    }
+
+    fn register(&mut self, mut grant: Grant, p: &mut Pending) -> Result<Registered, EngineError> {
+        if let Some(existing) = self.shared.grants.get(&grant.id).map(|g| g.clone()) {
+            if existing.status == GrantStatus::Revoked {
+                return Err(EngineError::Revoked(grant.id));
+            }
+            if existing.principal != grant.principal {
+                return Err(EngineError::Conflict(grant.id));
+            }
+            grant.status = existing.status;
+            self.unindex(&existing);
+        }
+        let grant = Arc::new(grant);
+        self.index(&grant);
+        self.shared.grants.insert(grant.id.clone(), grant.clone());
+        p.changes.grants.push(grant.clone());
+        metrics::gauge!("vigil_grants").set(self.shared.grants.len() as f64);
+
+        let before = p.decisions.len();
+        let policy = self.shared.policy();
+        self.evaluate(
+            &policy,
+            &grant.id,
+            Trigger::State,
+            &state_cause("registration"),
+            p,
+        );
+        let decisions = p.decisions[before..].to_vec();
+        let grant = self
+            .shared
+            .grants
+            .get(&grant.id)
+            .map(|g| (**g).clone())
+            .unwrap_or_else(|| (*grant).clone());
+        Ok(Registered { grant, decisions })
+    }
+
+    fn delete(&mut self, id: &str, p: &mut Pending) -> bool {
+        let Some(grant) = self.shared.grants.get(id).map(|g| g.clone()) else {
+            return false;
+        };
+        if grant.status == GrantStatus::Revoked {
+            return false; // the tombstone stays until expiry
+        }
+        self.remove(&grant, p);
+        true
+    }
+
+    fn index(&mut self, grant: &Grant) {
+        for key in Shared::index_keys(grant) {
+            self.shared.index_add(key, &grant.id);
+        }
+        self.expiry.insert((ms(grant.expires_at), grant.id.clone()));
+    }
+
+    fn unindex(&mut self, grant: &Grant) {
+        for key in Shared::index_keys(grant) {
+            self.shared.index_remove(&key, &grant.id);
+        }
+        self.expiry
+            .remove(&(ms(grant.expires_at), grant.id.clone()));
+    }
+
+    fn remove(&mut self, grant: &Grant, p: &mut Pending) {
+        self.unindex(grant);
+        self.shared.grants.remove(&grant.id);
+        p.changes.deleted_grants.push(grant.id.clone());
+        metrics::gauge!("vigil_grants").set(self.shared.grants.len() as f64);
+    }
+
+    /// Grants past their expiry end by themselves (tombstones included): no decision is made.
+    fn sweep(&mut self, p: &mut Pending) {
+        let now_ms = now_ms();
+        while let Some((at, id)) = self.expiry.first().cloned() {
+            if at > now_ms {
+                break;
+            }
+            self.expiry.remove(&(at, id.clone()));
+            if let Some(g) = self.shared.grants.get(&id).map(|g| g.clone()) {
+                if ms(g.expires_at) == at {
+                    self.remove(&g, p);
+                }
+            }
+        }
+    }
+
+    fn evaluate(
+        &mut self,
+        policy: &PolicySet,
+        id: &str,
+        trigger: Trigger<'_>,
+        cause: &Cause,
+        p: &mut Pending,
+    ) {
+        let Some(grant) = self.shared.grants.get(id).map(|g| g.clone()) else {
+            return;
+        };
+        let now = now();
+        if grant.status == GrantStatus::Revoked || grant.is_expired(now) {
+            return;
+        }
+        let principal = self
+            .shared
+            .contexts
+            .get(&grant.principal)
+            .map(|c| c.clone())
+            .unwrap_or_else(|| Arc::new(PrincipalContext::new(&grant.principal)));
+        let entities: Vec<Arc<PrincipalContext>> = ["device", "session"]
+            .iter()
+            .filter_map(|m| grant.members.get(*m))
+            .filter_map(|k| self.shared.contexts.get(k).map(|c| c.clone()))
+            .collect();
+        let entity_refs: Vec<&PrincipalContext> = entities.iter().map(|c| &**c).collect();
+        let delegator = grant
+            .on_behalf_of
+            .as_ref()
+            .and_then(|u| self.shared.contexts.get(u).map(|c| c.clone()));
+        let started = Instant::now();
+        let outcome = evaluate_grant(
+            policy,
+            &grant,
+            Contexts {
+                principal: &principal,
+                entities: &entity_refs,
+                delegator: delegator.as_deref(),
+            },
+            trigger,
+            &self.shared.settings.decay,
+            now,
+        );
+        metrics::histogram!("vigil_policy_eval_seconds").record(started.elapsed().as_secs_f64());
+        self.decide(
+            &grant,
+            &outcome,
+            cause,
+            &policy.version,
+            principal.version,
+            now,
+            p,
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn decide(
+        &mut self,
+        grant: &Grant,
+        outcome: &Evaluation,
+        cause: &Cause,
+        policy_version: &str,
+        context_version: u64,
+        now: f64,
+        p: &mut Pending,
+    ) {
+        let make = |effect: DecisionEffect,
+                    status: GrantStatus,
+                    rules: Vec<String>,
+                    reason: String,
+                    errors: Vec<String>,
+                    shadow: bool| Decision {
+            id: Decision::make_id(&grant.id, cause, effect, policy_version)
+                + if shadow { "-shadow" } else { "" },
+            time: now,
+            grant_id: grant.id.clone(),
+            subject: grant.principal.clone(),
+            effect,
+            previous_status: grant.status,
+            status,
+            rules,
+            reason,
+            errors,
+            shadow,
+            policy_version: policy_version.to_owned(),
+            context_version,
+            cause: cause.clone(),
+            enforcement_points: grant.enforcement_points.clone(),
+        };
+        let target = match outcome.effect {
+            Some(Effect::Revoke) => GrantStatus::Revoked,
+            Some(Effect::StepUp) => GrantStatus::StepUp,
+            Some(Effect::Restrict) => GrantStatus::Restricted,
+            Some(Effect::Notify) | None => GrantStatus::Active,
+        };
+        if target != grant.status {
+            let deciding = outcome.deciding_rules();
+            let (effect, rules, reason) = match target {
+                GrantStatus::Revoked => (
+                    DecisionEffect::Revoke,
+                    deciding.iter().map(|m| m.id.clone()).collect(),
+                    join_reasons(&deciding),
+                ),
+                GrantStatus::StepUp => (
+                    DecisionEffect::StepUp,
+                    deciding.iter().map(|m| m.id.clone()).collect(),
+                    join_reasons(&deciding),
+                ),
+                GrantStatus::Restricted => (
+                    DecisionEffect::Restrict,
+                    deciding.iter().map(|m| m.id.clone()).collect(),
+                    join_reasons(&deciding),
+                ),
+                GrantStatus::Active => (
+                    DecisionEffect::Allow,
+                    Vec::new(),
+                    "no rule restricts the grant any more".to_owned(),
+                ),
+            };
+            let errors = deciding
+                .iter()
+                .filter(|m| m.error.is_some())
+                .map(|m| m.id.clone())
+                .collect();
+            let decision = make(effect, target, rules, reason, errors, false);
+            let mut updated = grant.clone();
+            updated.status = target;
+            if target == GrantStatus::Revoked {
+                updated.revoked = Some(Revocation {
+                    at: now,
+                    decision_id: decision.id.clone(),
+                    reason: decision.reason.clone(),
+                    rules: decision.rules.clone(),
+                });
+            }
+            let updated = Arc::new(updated);
+            self.shared
+                .grants
+                .insert(updated.id.clone(), updated.clone());
+            p.changes.grants.push(updated);
+            p.decisions.push(decision);
+        }
+        for n in outcome.notifications() {
+            p.decisions.push(make(
+                DecisionEffect::Notify,
+                target.max(grant.status),
+                vec![n.id.clone()],
+                n.reason.clone(),
+                Vec::new(),
+                false,
+            ));
+        }
+        for s in &outcome.shadow {
+            let effect = match s.effect {
+                Effect::Revoke => DecisionEffect::Revoke,
+                Effect::StepUp => DecisionEffect::StepUp,
+                Effect::Restrict => DecisionEffect::Restrict,
+                Effect::Notify => DecisionEffect::Notify,
+            };
+            let mut d = make(
+                effect,
+                grant.status,
+                vec![s.id.clone()],
+                s.reason.clone(),
+                Vec::new(),
+                true,
+            );
+            d.status = grant.status.max(target);
+            p.decisions.push(d);
+        }
+    }
+
+    /// Makes the batch durable, then announces it: audit first (so no decision that took effect is
+    /// missing from it), one store commit for state and intake marks, then forwards, decisions and
+    /// replies.
+    fn flush(&mut self, mut p: Pending) {
+        if !p.decisions.is_empty() {
+            if let Err(e) = self.shared.audit.append(&p.decisions) {
+                metrics::counter!("vigil_audit_errors_total").increment(1);
+                tracing::error!(error = %e, "audit append failed");
+            }
+        }
+        let mut failed = None;
+        if !p.changes.is_empty() || !p.processed.is_empty() {
+            let changes = std::mem::take(&mut p.changes);
+            let processed = std::mem::take(&mut p.processed);
+            let result = self.shared.writer.write_blocking(move |txn| {
+                persist::write(txn, &changes)?;
+                intake::mark_processed_in(txn, &processed)
+            });
+            if let Err(e) = result {
+                tracing::error!(shard = self.id, error = %e, "engine commit failed; signals stay pending for replay");
+                failed = Some(e.to_string());
+            }
+        }
+        for (owner, msg) in p.forward_list.drain(..) {
+            if let Some(inbox) = self.inboxes.get(owner) {
+                let _ = inbox.send(msg);
+            }
+        }
+        for d in p.decisions.drain(..) {
+            metrics::counter!("vigil_decisions_total", "effect" => format!("{:?}", d.effect).to_lowercase(),
+                "shadow" => if d.shadow { "true" } else { "false" })
+            .increment(1);
+            tracing::info!(grant = %d.grant_id, subject = %d.subject, effect = ?d.effect, rules = ?d.rules,
+                reason = %d.reason, policy = %d.policy_version, shadow = d.shadow, "decision");
+            if self.shared.decisions.blocking_send(d).is_err() {
+                tracing::debug!("no decision consumer");
+            }
+        }
+        for reply in p.replies.drain(..) {
+            match reply {
+                Reply::Register(tx, r) => {
+                    let r = match (&failed, r) {
+                        (Some(e), _) => Err(EngineError::Storage(e.clone())),
+                        (None, r) => r,
+                    };
+                    let _ = tx.send(r);
+                }
+                Reply::Delete(tx, r) => {
+                    let r = match (&failed, r) {
+                        (Some(e), _) => Err(EngineError::Storage(e.clone())),
+                        (None, r) => r,
+                    };
+                    let _ = tx.send(r);
+                }
+            }
+        }
+        drop(p.permits);
+    }
+}
+
+fn join_reasons(matches: &[&crate::policy::RuleMatch]) -> String {
+    matches
+        .iter()
+        .map(|m| m.reason.as_str())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn cause_of(signal: &Signal, kind: &str) -> Cause {
+    Cause {
+        kind: kind.to_owned(),
+        seq: Some(signal.seq),
+        jti: Some(signal.jti.clone()),
+        txn: signal.txn.clone(),
+        source: Some(signal.source.label()),
+        event_type: Some(signal.event_type_name().to_owned()),
+        event_time: Some(signal.event_time),
+    }
+}
+
+fn state_cause(kind: &str) -> Cause {
+    Cause {
+        kind: kind.to_owned(),
+        seq: None,
+        jti: None,
+        txn: None,
+        source: None,
+        event_type: None,
+        event_time: None,
+    }
+}

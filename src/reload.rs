@@ -1,0 +1,106 @@
+//! Policy hot reload: one path for every trigger (directory change, SIGHUP, `POST
+//! /v1/policies/reload`). A set that fails to load or lint is refused and the running one stays; a
+//! valid, different set is swapped in atomically and every grant is re-evaluated under it.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::engine::Engine;
+use crate::policy::{lint, PolicySet};
+
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum ReloadOutcome {
+    Swapped {
+        version: String,
+        previous_version: String,
+    },
+    Unchanged {
+        version: String,
+    },
+    Refused {
+        version: String,
+        error: String,
+    },
+}
+
+pub struct PolicyReloader {
+    dir: PathBuf,
+    engine: Arc<Engine>,
+    /// Serializes reloads so two triggers never race.
+    lock: Mutex<()>,
+}
+
+impl PolicyReloader {
+    pub fn new(dir: PathBuf, engine: Arc<Engine>) -> PolicyReloader {
+        PolicyReloader {
+            dir,
+            engine,
+            lock: Mutex::new(()),
+        }
+    }
+
+    /// Loads, lints and, if valid and different, swaps the policy set.
+    pub fn reload(&self) -> ReloadOutcome {
+        let _guard = self.lock.lock();
+        let current = self.engine.policy_version();
+        let refused = |error: String| {
+            metrics::counter!("vigil_policy_reloads_total", "outcome" => "refused").increment(1);
+            tracing::error!(%error, running = %current, "policy reload refused; the running set stays");
+            ReloadOutcome::Refused {
+                version: current.clone(),
+                error,
+            }
+        };
+        let set = match PolicySet::load_dir_or_builtin(&self.dir) {
+            Ok(set) => set,
+            Err(e) => return refused(e.to_string()),
+        };
+        if set.version == current {
+            return ReloadOutcome::Unchanged { version: current };
+        }
+        let errors: Vec<String> = lint::lint(&set)
+            .into_iter()
+            .filter(|f| f.error)
+            .map(|f| format!("rule `{}`: {}", f.rule, f.message))
+            .collect();
+        if !errors.is_empty() {
+            return refused(errors.join("; "));
+        }
+        let version = set.version.clone();
+        if let Err(e) = self.engine.swap_policy(set) {
+            return refused(e.to_string());
+        }
+        metrics::counter!("vigil_policy_reloads_total", "outcome" => "swapped").increment(1);
+        ReloadOutcome::Swapped {
+            version,
+            previous_version: current,
+        }
+    }
+
+    /// Polls the directory every `interval` and reloads when its content changes.
+    pub async fn watch(
+        self: Arc<Self>,
+        interval: Duration,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut last_seen = PolicySet::version_of_dir(&self.dir).ok();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = shutdown.changed() => return,
+            }
+            let now = PolicySet::version_of_dir(&self.dir).ok();
+            if now != last_seen {
+                last_seen = now;
+                let me = self.clone();
+                let outcome = tokio::task::spawn_blocking(move || me.reload()).await;
+                tracing::info!(?outcome, "policy directory changed");
+            }
+        }
+    }
+}
