@@ -566,7 +566,7 @@ mod tests {
 
     #[test]
     fn fold_is_independent_of_arrival_order() {
-        let signals = vec![
+        let signals = [
             signal(1, 100.0, EventKind::RiskLevelChange, risk("HIGH")),
             signal(2, 300.0, EventKind::RiskLevelChange, risk("LOW")),
             signal(3, 200.0, EventKind::RiskLevelChange, risk("MEDIUM")),

@@ -167,11 +167,37 @@ fn serve(config: Config) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let vigil = Vigil::start(config).await.context("starting Vigil")?;
         println!("vigil: listening on http://{}", vigil.local_addr());
+        let vigil = std::sync::Arc::new(vigil);
+        let reload = tokio::spawn(reload_on_sighup(vigil.clone()));
         shutdown_signal().await;
+        reload.abort();
+        let _ = reload.await;
+        let vigil = std::sync::Arc::try_unwrap(vigil)
+            .map_err(|_| anyhow::anyhow!("Vigil is still in use at shutdown"))?;
         tracing::info!("shutting down");
         vigil.shutdown().await;
         Ok(())
     })
+}
+
+/// SIGHUP reloads the policy directory (the same path as a file change or the reload endpoint).
+async fn reload_on_sighup(vigil: std::sync::Arc<Vigil>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let v = vigil.clone();
+            match tokio::task::spawn_blocking(move || v.reload_policies()).await {
+                Ok(outcome) => tracing::info!(?outcome, "SIGHUP: policy reload"),
+                Err(e) => tracing::error!(error = %e, "SIGHUP: policy reload failed"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = vigil;
 }
 
 async fn shutdown_signal() {

@@ -24,7 +24,7 @@ use crate::signal::{now_ms, Signal};
 enum Reply {
     Register(
         oneshot::Sender<Result<Registered, EngineError>>,
-        Result<Registered, EngineError>,
+        Box<Result<Registered, EngineError>>,
     ),
     Delete(
         oneshot::Sender<Result<bool, EngineError>>,
@@ -38,8 +38,8 @@ struct Pending {
     changes: Changes,
     processed: Vec<u64>,
     decisions: Vec<Decision>,
-    forwards: BTreeMap<usize, (Vec<String>, Option<Box<(Signal, Target)>>)>,
-    forward_list: Vec<(usize, Msg)>,
+    /// Re-evaluations for grants other shards own, sent after the commit.
+    forwards: Vec<(usize, Msg)>,
     replies: Vec<Reply>,
     permits: Vec<OwnedSemaphorePermit>,
 }
@@ -172,7 +172,7 @@ impl Shard {
                 p.permits.push(permit);
                 p.changes.aliases.extend(aliases);
                 let result = self.register(*grant, p);
-                p.replies.push(Reply::Register(reply, result));
+                p.replies.push(Reply::Register(reply, Box::new(result)));
             }
             Msg::Delete { id, reply, permit } => {
                 p.permits.push(permit);
@@ -261,6 +261,7 @@ impl Shard {
         ids.sort();
         ids.dedup();
         let cause = cause_of(signal, "signal");
+        let mut elsewhere: BTreeMap<usize, Vec<String>> = BTreeMap::new();
         for id in ids {
             let Some(owner) = self
                 .shared
@@ -273,15 +274,12 @@ impl Shard {
             if owner == self.id {
                 self.evaluate(&policy, &id, Trigger::Signal(signal, target), &cause, p);
             } else {
-                let entry = p.forwards.entry(owner).or_insert_with(|| {
-                    (Vec::new(), Some(Box::new((signal.clone(), target.clone()))))
-                });
-                entry.0.push(id);
+                elsewhere.entry(owner).or_default().push(id);
             }
         }
-        // Forwards carry one trigger each; flush them per signal so triggers are not mixed.
-        for (owner, (grants, trigger)) in std::mem::take(&mut p.forwards) {
-            p.forward_list
+        for (owner, grants) in elsewhere {
+            let trigger = Some(Box::new((signal.clone(), target.clone())));
+            p.forwards
                 .push((owner, Msg::Reevaluate { grants, trigger }));
         }
     }
@@ -567,7 +565,7 @@ impl Shard {
                 failed = Some(e.to_string());
             }
         }
-        for (owner, msg) in p.forward_list.drain(..) {
+        for (owner, msg) in p.forwards.drain(..) {
             if let Some(inbox) = self.inboxes.get(owner) {
                 let _ = inbox.send(msg);
             }
@@ -585,7 +583,7 @@ impl Shard {
         for reply in p.replies.drain(..) {
             match reply {
                 Reply::Register(tx, r) => {
-                    let r = match (&failed, r) {
+                    let r = match (&failed, *r) {
                         (Some(e), _) => Err(EngineError::Storage(e.clone())),
                         (None, r) => r,
                     };

@@ -144,7 +144,7 @@ impl PolicySet {
 
     /// Loads every `*.yaml` rule file of `dir` (not `*.test.yaml`), in file-name order.
     pub fn load_dir(dir: &Path) -> Result<PolicySet, PolicyError> {
-        let sources = read_dir_sources(dir, |name| is_rule_file(name))?;
+        let sources = read_dir_sources(dir, is_rule_file)?;
         PolicySet::from_sources(&sources)
     }
 

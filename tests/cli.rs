@@ -1,0 +1,166 @@
+//! The `vigil` binary itself: `serve` with a config file, SIGHUP policy reload, clean SIGTERM stop,
+//! config errors naming the key, and the policy tooling's exit codes.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const VIGIL: &str = env!("CARGO_BIN_EXE_vigil");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn serve_reloads_policies_on_sighup_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    std::fs::write(policies.join("base.yaml"), "rules: []\n").unwrap();
+    let port = free_port();
+    let config = dir.path().join("vigil.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n[policy]\ndir = \"{}\"\nwatch_interval_secs = 0\n",
+            dir.path().join("data").display(),
+            policies.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(VIGIL)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::blocking::Client::new();
+    wait_for("the server", || {
+        client.get(format!("{base}/healthz")).send().ok()
+    });
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let grant = json!({"id": "hup", "kind": "session", "subject": {"format": "email", "email": "hup@example.com"},
+                       "scopes": ["admin"], "issued_at": now - 10.0, "expires_at": now + 3600.0});
+    let resp = client
+        .post(format!("{base}/v1/grants"))
+        .json(&grant)
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+
+    std::fs::write(
+        policies.join("admin.yaml"),
+        "rules: [{id: no-admin, on: ['*'], when: \"'admin' in grant.scopes\", effect: revoke}]\n",
+    )
+    .unwrap();
+    let status = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    wait_for("the SIGHUP reload to revoke the grant", || {
+        let g: Value = client
+            .get(format!("{base}/v1/grants/hup"))
+            .send()
+            .ok()?
+            .json()
+            .ok()?;
+        (g["status"] == "revoked").then_some(())
+    });
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = wait_for("a clean exit", || child.try_wait().unwrap());
+    assert!(exit.success(), "{exit:?}");
+}
+
+#[test]
+fn invalid_config_exits_78_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "[engine]\nshardz = 2\n").unwrap();
+    let out = Command::new(VIGIL)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("engine.shardz"), "{stderr}");
+}
+
+#[test]
+fn policy_tooling_exit_codes() {
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let ok = Command::new(VIGIL)
+        .args(["policy", "test", &format!("{repo}/policies")])
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+    let ok = Command::new(VIGIL)
+        .args(["policy", "check", &format!("{repo}/policies")])
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("r.yaml"),
+        "rules: [{id: a, on: ['*'], when: \"context.risk.nope == 1\", effect: revoke}]",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("r.test.yaml"),
+        "tests: [{name: expects nothing, grant: {id: g, kind: session, subject: {format: email, email: a@b.c}, issued_at: 1, expires_at: 2}, expect: {effect: none}}]",
+    )
+    .unwrap();
+    let check = Command::new(VIGIL)
+        .args(["policy", "check"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!check.status.success());
+    assert!(String::from_utf8_lossy(&check.stdout).contains("fail closed"));
+    let test = Command::new(VIGIL)
+        .args(["policy", "test"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!test.status.success());
+    assert!(String::from_utf8_lossy(&test.stdout).contains("FAIL"));
+}

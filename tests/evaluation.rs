@@ -1,0 +1,562 @@
+//! End to end: signed SETs pushed over HTTP change subjects' context, and the engine re-evaluates the
+//! affected grants (registered over HTTP) against the policy set, with decisions in the audit API.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use vigil::jose::Alg;
+
+const ISS: &str = "https://idp.example.com/123456789/";
+const AUD: &str = "https://sp.example.com/caep";
+const CAEP: &str = "https://schemas.openid.net/secevent/caep/event-type/";
+const RISC: &str = "https://schemas.openid.net/secevent/risc/event-type/";
+
+fn now() -> f64 {
+    vigil::signal::now_ms() as f64 / 1000.0
+}
+
+fn email(e: &str) -> Value {
+    json!({"format": "email", "email": e})
+}
+
+fn grant(id: &str, subject: Value, issued_at: f64) -> Value {
+    json!({
+        "id": id, "kind": "session", "subject": subject,
+        "issued_at": issued_at, "expires_at": issued_at + 3600.0,
+        "enforcement_points": ["api-gateway"]
+    })
+}
+
+fn set(jti: &str, sub_id: Value, event: &str, payload: Value) -> Value {
+    json!({"iss": ISS, "aud": AUD, "jti": jti, "iat": now() as i64, "sub_id": sub_id,
+           "events": {event: payload}})
+}
+
+fn risk(level: &str, at: f64) -> Value {
+    json!({"principal": "USER", "current_level": level, "risk_reason": "impossible travel", "event_timestamp": at})
+}
+
+struct Env {
+    tx: Transmitter,
+    vigil: vigil::Vigil,
+    config: vigil::Config,
+    _dir: tempfile::TempDir,
+}
+
+async fn env_with(policy_dir: Option<&std::path::Path>) -> Env {
+    let tx = Transmitter::start(&[Alg::RS256]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), vec![tx.config("idp", ISS, &[AUD])]);
+    if let Some(p) = policy_dir {
+        config.policy.dir = p.to_owned();
+    }
+    config.policy.watch_interval_secs = 0;
+    let vigil = start(config.clone()).await;
+    Env {
+        tx,
+        vigil,
+        config,
+        _dir: dir,
+    }
+}
+
+impl Env {
+    async fn push(&self, claims: &Value) {
+        let token = self.tx.key(Alg::RS256).sign_set(claims).unwrap();
+        let answer = push(&self.vigil, "idp", &token).await;
+        assert_eq!(answer.status, 202, "{answer:?}");
+    }
+
+    async fn register(&self, body: &Value) -> Value {
+        let (status, reply) = post_json(&self.vigil, "/v1/grants", body).await;
+        assert_eq!(status, 201, "{reply}");
+        reply
+    }
+
+    async fn status(&self, id: &str) -> String {
+        let (code, g) = get_json(&self.vigil, &format!("/v1/grants/{}", encode(id))).await;
+        assert_eq!(code, 200, "{g}");
+        g["status"].as_str().unwrap().to_owned()
+    }
+
+    async fn wait_status(&self, id: &str, status: &str) {
+        eventually(&format!("{id} to become {status}"), || async {
+            (self.status(id).await == status).then_some(())
+        })
+        .await
+    }
+
+    async fn decisions(&self, query: &str) -> Vec<Value> {
+        let (code, body) = get_json(&self.vigil, &format!("/v1/decisions?{query}")).await;
+        assert_eq!(code, 200, "{body}");
+        body["decisions"].as_array().unwrap().clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn risk_high_revokes_exactly_the_subjects_two_grants_with_reasons_in_the_audit_api() {
+    let env = env_with(None).await;
+    let t = now();
+    env.register(&grant("jane-web", email("jane@example.com"), t - 60.0))
+        .await;
+    let mut api = grant("jane-api", email("jane@example.com"), t - 30.0);
+    api["kind"] = json!("access_token");
+    env.register(&api).await;
+    env.register(&grant("bob-web", email("bob@example.com"), t - 60.0))
+        .await;
+
+    env.push(&set(
+        "risk-1",
+        email("Jane@Example.com"),
+        &format!("{CAEP}risk-level-change"),
+        risk("HIGH", t),
+    ))
+    .await;
+    env.wait_status("jane-web", "revoked").await;
+    env.wait_status("jane-api", "revoked").await;
+    assert_eq!(env.status("bob-web").await, "active");
+
+    let decisions = env
+        .decisions(&format!("subject={}", encode("email:jane@example.com")))
+        .await;
+    let revokes: Vec<&Value> = decisions
+        .iter()
+        .filter(|d| d["effect"] == "revoke")
+        .collect();
+    assert_eq!(revokes.len(), 2, "{decisions:?}");
+    let version = env.vigil.engine().policy_version();
+    for d in &revokes {
+        assert_eq!(d["rules"], json!(["risk-high"]));
+        assert_eq!(d["policy_version"], json!(version));
+        assert_eq!(d["cause"]["jti"], "risk-1");
+        assert_eq!(d["cause"]["event_type"], "risk-level-change");
+        assert!(d["reason"].as_str().unwrap().contains("risk HIGH"), "{d}");
+        assert!(
+            d["reason"].as_str().unwrap().contains("impossible travel"),
+            "{d}"
+        );
+        assert_eq!(d["enforcement_points"], json!(["api-gateway"]));
+    }
+    let mut ids: Vec<&str> = revokes
+        .iter()
+        .map(|d| d["grant_id"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, vec!["jane-api", "jane-web"]);
+    assert!(env
+        .decisions(&format!("subject={}", encode("email:bob@example.com")))
+        .await
+        .is_empty());
+    let by_grant = env.decisions("grant=jane-web").await;
+    assert_eq!(by_grant.len(), 1);
+
+    // Explain: context with the fact's time and source, revoked grants, the signal that did it.
+    let (code, why) = get_json(
+        &env.vigil,
+        &format!("/v1/subjects/{}", encode("email:jane@example.com")),
+    )
+    .await;
+    assert_eq!(code, 200, "{why}");
+    let risk_fact = why["context"]["risk"]
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap()
+        .clone();
+    assert_eq!(risk_fact["value"]["level"], "HIGH");
+    assert_eq!(risk_fact["source"], "ssf:tx-idp");
+    assert_eq!(why["grants"]["revoked"].as_array().unwrap().len(), 2);
+    assert_eq!(why["recent_signals"][0]["jti"], "risk-1");
+    assert_eq!(why["recent_decisions"].as_array().unwrap().len(), 2);
+    env.vigil.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_low_after_a_high_leaves_the_context_high_and_the_grant_revoked() {
+    let env = env_with(None).await;
+    let t = now();
+    env.register(&grant("g", email("ooo@example.com"), t - 600.0))
+        .await;
+    env.push(&set(
+        "high",
+        email("ooo@example.com"),
+        &format!("{CAEP}risk-level-change"),
+        risk("HIGH", t - 10.0),
+    ))
+    .await;
+    env.wait_status("g", "revoked").await;
+    env.push(&set(
+        "low",
+        email("ooo@example.com"),
+        &format!("{CAEP}risk-level-change"),
+        risk("LOW", t - 100.0),
+    ))
+    .await;
+    // The LOW is applied (it shows in recent signals) but changes nothing.
+    let why = eventually("the LOW to be applied", || async {
+        let (_, why) = get_json(
+            &env.vigil,
+            &format!("/v1/subjects/{}", encode("email:ooo@example.com")),
+        )
+        .await;
+        (why["recent_signals"][0]["jti"] == "low").then_some(why)
+    })
+    .await;
+    assert_eq!(why["recent_signals"][0]["changed"], false);
+    let level = why["context"]["risk"]
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap()["value"]["level"]
+        .clone();
+    assert_eq!(level, "HIGH");
+    assert_eq!(env.status("g").await, "revoked");
+    // A grant registered now is evaluated against the (HIGH) context and revoked at once.
+    let reply = env
+        .register(&grant("g2", email("ooo@example.com"), t))
+        .await;
+    assert_eq!(reply["grant"]["status"], "revoked");
+    assert_eq!(reply["decisions"][0]["cause"]["kind"], "registration");
+    env.vigil.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_and_session_revokes_one_session_and_a_later_session_survives() {
+    let env = env_with(None).await;
+    let t = now();
+    let user = json!({"format": "iss_sub", "iss": ISS, "sub": "u-42"});
+    let mut s1 = grant("s1", user.clone(), t - 600.0);
+    s1["session"] = json!("sess-1");
+    let mut s2 = grant("s2", user.clone(), t - 600.0);
+    s2["session"] = json!("sess-2");
+    let mut s1_later = grant("s1-later", user.clone(), t + 1.0);
+    s1_later["session"] = json!("sess-1");
+    for g in [&s1, &s2, &s1_later] {
+        env.register(g).await;
+    }
+    let subject =
+        json!({"format": "complex", "user": user, "session": {"format": "opaque", "id": "sess-1"}});
+    let payload = json!({"initiating_entity": "admin", "reason_admin": {"en": "logout"}, "event_timestamp": t});
+    env.push(&set(
+        "logout-1",
+        subject,
+        &format!("{CAEP}session-revoked"),
+        payload,
+    ))
+    .await;
+    env.wait_status("s1", "revoked").await;
+    assert_eq!(env.status("s2").await, "active");
+    assert_eq!(
+        env.status("s1-later").await,
+        "active",
+        "established after the logout time"
+    );
+    env.vigil.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_going_non_compliant_revokes_grants_on_it_across_principals() {
+    let env = env_with(None).await;
+    let t = now();
+    let device = json!({"format": "opaque", "id": "laptop-7"});
+    for (id, user) in [
+        ("a1", "alice@example.com"),
+        ("b1", "bob@example.com"),
+        ("c1", "carol@example.com"),
+    ] {
+        let mut g = grant(id, email(user), t - 60.0);
+        if id != "c1" {
+            g["device"] = device.clone();
+        }
+        env.register(&g).await;
+    }
+    let subject =
+        json!({"format": "complex", "device": device, "tenant": {"format": "opaque", "id": "t1"}});
+    let payload = json!({"previous_status": "compliant", "current_status": "not-compliant", "event_timestamp": t});
+    env.push(&set(
+        "dev-1",
+        subject,
+        &format!("{CAEP}device-compliance-change"),
+        payload,
+    ))
+    .await;
+    env.wait_status("a1", "revoked").await;
+    env.wait_status("b1", "revoked").await;
+    assert_eq!(env.status("c1").await, "active");
+    env.vigil.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_delegations_fall_with_the_delegating_user_and_session_established_creates_a_grant() {
+    let env = env_with(None).await;
+    let t = now();
+    let user = json!({"format": "iss_sub", "iss": ISS, "sub": "delegator"});
+    env.register(&json!({
+        "id": "agent-run-1", "kind": "agent_delegation", "principal_type": "agent",
+        "subject": {"format": "opaque", "id": "agent-7"}, "on_behalf_of": user,
+        "scopes": ["calendar.read"], "issued_at": t - 60.0, "expires_at": t + 3600.0
+    }))
+    .await;
+    // CAEP session-established for the user creates a session grant.
+    let subject =
+        json!({"format": "complex", "user": user, "session": {"format": "opaque", "id": "web-1"}});
+    env.push(&set(
+        "est-1",
+        subject,
+        &format!("{CAEP}session-established"),
+        json!({"acr": "AAL2", "amr": ["otp"], "event_timestamp": t - 30.0}),
+    ))
+    .await;
+    let session_id = "caep-session:opaque:web-1";
+    env.wait_status(session_id, "active").await;
+    let (_, g) = get_json(&env.vigil, &format!("/v1/grants/{}", encode(session_id))).await;
+    assert_eq!(g["attributes"]["acr"], "AAL2");
+
+    env.push(&set(
+        "dis-1",
+        user,
+        &format!("{RISC}account-disabled"),
+        json!({"reason": "hijacking"}),
+    ))
+    .await;
+    env.wait_status("agent-run-1", "revoked").await;
+    env.wait_status(session_id, "revoked").await;
+    let d = env.decisions("grant=agent-run-1").await;
+    assert!(
+        d[0]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("delegating user:"),
+        "{d:?}"
+    );
+    env.vigil.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_that_errors_fails_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("rules.yaml"),
+        r#"
+rules:
+  - id: broken-risk
+    on: [risk-level-change]
+    when: "context.risk.no_such_field == 'HIGH'"
+    effect: revoke
+    reason: never rendered
+  - id: low-is-fine
+    on: [risk-level-change]
+    when: "context.risk.level == 'HIGH'"
+    effect: revoke
+"#,
+    )
+    .unwrap();
+    let env = env_with(Some(dir.path())).await;
+    let t = now();
+    env.register(&grant("fc", email("fc@example.com"), t - 60.0))
+        .await;
+    // LOW: the working rule would not revoke; the broken one errors and must not permit.
+    env.push(&set(
+        "fc-1",
+        email("fc@example.com"),
+        &format!("{CAEP}risk-level-change"),
+        risk("LOW", t),
+    ))
+    .await;
+    env.wait_status("fc", "revoked").await;
+    let d = env.decisions("grant=fc").await;
+    assert_eq!(d[0]["rules"], json!(["broken-risk"]));
+    assert_eq!(d[0]["errors"], json!(["broken-risk"]));
+    env.vigil.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_reload_re_evaluates_every_grant_and_refuses_a_broken_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = r#"
+rules:
+  - id: risk-high
+    on: [risk-level-change]
+    when: "context.risk.level == 'HIGH'"
+    effect: revoke
+"#;
+    std::fs::write(dir.path().join("base.yaml"), base).unwrap();
+    let env = env_with(Some(dir.path())).await;
+    let t = now();
+    for i in 0..5 {
+        let mut g = grant(
+            &format!("hr-{i}"),
+            email(&format!("hr{i}@example.com")),
+            t - 60.0,
+        );
+        g["scopes"] = if i % 2 == 0 {
+            json!(["admin"])
+        } else {
+            json!(["read"])
+        };
+        env.register(&g).await;
+    }
+    let v1 = env.vigil.engine().policy_version();
+
+    // A broken file is refused and changes nothing.
+    std::fs::write(
+        dir.path().join("broken.yaml"),
+        "rules: [{id: x, on: [nope], when: 'true', effect: revoke}]",
+    )
+    .unwrap();
+    let (code, body) = post_json(&env.vigil, "/v1/policies/reload", &json!({})).await;
+    assert_eq!(code, 422, "{body}");
+    assert_eq!(body["status"], "refused");
+    assert!(body["error"].as_str().unwrap().contains("nope"), "{body}");
+    assert_eq!(env.vigil.engine().policy_version(), v1);
+    std::fs::remove_file(dir.path().join("broken.yaml")).unwrap();
+
+    // A valid change swaps and re-evaluates all grants: the admin ones are restricted.
+    std::fs::write(
+        dir.path().join("admin.yaml"),
+        "rules: [{id: no-admin, on: ['*'], when: \"'admin' in grant.scopes\", effect: restrict, reason: admin scope suspended}]",
+    )
+    .unwrap();
+    let (code, body) = post_json(&env.vigil, "/v1/policies/reload", &json!({})).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["status"], "swapped");
+    let v2 = body["version"].as_str().unwrap().to_owned();
+    assert_ne!(v2, v1);
+    for i in 0..5 {
+        let expected = if i % 2 == 0 { "restricted" } else { "active" };
+        env.wait_status(&format!("hr-{i}"), expected).await;
+    }
+    let d = env.decisions("grant=hr-0").await;
+    assert_eq!(d[0]["policy_version"], json!(v2));
+    assert_eq!(d[0]["cause"]["kind"], "policy_swap");
+    let (_, body) = post_json(&env.vigil, "/v1/policies/reload", &json!({})).await;
+    assert_eq!(body["status"], "unchanged");
+
+    // Removing the rule lifts the restriction (an `allow` decision), never a revocation.
+    std::fs::remove_file(dir.path().join("admin.yaml")).unwrap();
+    assert!(matches!(
+        env.vigil.reload_policies(),
+        vigil::reload::ReloadOutcome::Swapped { .. }
+    ));
+    env.wait_status("hr-0", "active").await;
+    env.vigil.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_tombstones_and_context_survive_restart_and_revoked_ids_stay_revoked() {
+    let env = env_with(None).await;
+    let t = now();
+    env.register(&grant("keep", email("keep@example.com"), t - 60.0))
+        .await;
+    env.register(&grant("gone", email("gone@example.com"), t - 60.0))
+        .await;
+    env.register(&grant("ended", email("keep@example.com"), t - 60.0))
+        .await;
+    env.push(&set(
+        "r-1",
+        email("gone@example.com"),
+        &format!("{RISC}account-disabled"),
+        json!({}),
+    ))
+    .await;
+    env.wait_status("gone", "revoked").await;
+    let del = reqwest::Client::new()
+        .delete(format!("http://{}/v1/grants/ended", env.vigil.local_addr()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status().as_u16(), 204);
+    // Deleting a revoked grant keeps its tombstone.
+    let del = reqwest::Client::new()
+        .delete(format!("http://{}/v1/grants/gone", env.vigil.local_addr()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status().as_u16(), 200);
+
+    let Env {
+        tx,
+        vigil,
+        config,
+        _dir,
+    } = env;
+    vigil.shutdown().await;
+    let vigil = start(config.clone()).await;
+    let env = Env {
+        tx,
+        vigil,
+        config,
+        _dir,
+    };
+
+    assert_eq!(env.status("keep").await, "active");
+    assert_eq!(env.status("gone").await, "revoked");
+    assert_eq!(get_json(&env.vigil, "/v1/grants/ended").await.0, 404);
+    // Re-registration of a revoked id is refused.
+    let (code, body) = post_json(
+        &env.vigil,
+        "/v1/grants",
+        &grant("gone", email("gone@example.com"), t),
+    )
+    .await;
+    assert_eq!(code, 409, "{body}");
+    assert_eq!(body["error"], "grant_revoked");
+    // The context survived: a new grant for the disabled account is revoked at registration.
+    let reply = env
+        .register(&grant("gone-2", email("gone@example.com"), t))
+        .await;
+    assert_eq!(reply["grant"]["status"], "revoked");
+    // The audit survived too.
+    assert_eq!(env.decisions("grant=gone").await.len(), 1);
+    env.vigil.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_grant_requests_are_refused() {
+    let env = env_with(None).await;
+    for body in [
+        json!({"id": "x"}),
+        json!({"id": "x", "kind": "session", "subject": {"format": "email"}, "issued_at": 1, "expires_at": 2}),
+        json!({"id": "x", "kind": "session", "subject": {"format": "email", "email": "a@b"}, "issued_at": 2, "expires_at": 1}),
+        json!({"id": "x", "kind": "agent_delegation", "subject": {"format": "opaque", "id": "a"}, "issued_at": 1, "expires_at": 2}),
+    ] {
+        let (code, reply) = post_json(&env.vigil, "/v1/grants", &body).await;
+        assert_eq!(code, 400, "{body} -> {reply}");
+        assert_eq!(reply["error"], "invalid_grant");
+    }
+    assert_eq!(env.vigil.engine().grant_count(), 0);
+    assert_eq!(get_json(&env.vigil, "/v1/subjects/nobody").await.0, 404);
+    env.vigil.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_policy_file_is_picked_up_without_any_call() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("base.yaml"), "rules: []\n").unwrap();
+    let tx = Transmitter::start(&[Alg::RS256]).await;
+    let data = tempfile::tempdir().unwrap();
+    let mut config = test_config(data.path(), vec![tx.config("idp", ISS, &[AUD])]);
+    config.policy.dir = dir.path().to_owned();
+    config.policy.watch_interval_secs = 1;
+    let vigil = start(config.clone()).await;
+    let env = Env {
+        tx,
+        vigil,
+        config,
+        _dir: data,
+    };
+    let mut g = grant("watched", email("w@example.com"), now() - 10.0);
+    g["scopes"] = json!(["admin"]);
+    env.register(&g).await;
+    std::fs::write(
+        dir.path().join("admin.yaml"),
+        "rules: [{id: no-admin, on: ['*'], when: \"'admin' in grant.scopes\", effect: step_up}]\n",
+    )
+    .unwrap();
+    env.wait_status("watched", "step_up").await;
+    env.vigil.shutdown().await;
+}
