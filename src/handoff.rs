@@ -41,6 +41,11 @@ pub struct EngineSink(pub std::sync::Arc<crate::engine::Engine>);
 
 impl SignalSink for EngineSink {
     async fn apply(&mut self, s: Signal) -> Result<Ack, String> {
+        // Verification and stream-updated events are about the stream, not a subject's access.
+        if s.event.kind().is_some_and(|k| k.is_framework()) {
+            tracing::info!(stream = %s.source.stream(), event = %s.event_uri, jti = %s.jti, "framework event");
+            return Ok(Ack::Processed);
+        }
         self.0.apply_signal(s).await.map_err(|e| e.to_string())?;
         Ok(Ack::Deferred)
     }

@@ -188,7 +188,9 @@ pub(crate) enum Msg {
         grants: Vec<String>,
         trigger: Option<Box<(Signal, Target)>>,
     },
-    ReevaluateAll,
+    ReevaluateAll {
+        done: Option<oneshot::Sender<()>>,
+    },
     Register {
         grant: Box<Grant>,
         aliases: Vec<(String, String)>,
@@ -202,6 +204,18 @@ pub(crate) enum Msg {
     },
     /// Finish what is queued before this message, then stop.
     Stop,
+}
+
+/// Completion of a policy swap's re-evaluation.
+pub struct SwapDone(Vec<oneshot::Receiver<()>>);
+
+impl SwapDone {
+    /// Waits until every shard has re-evaluated and committed its grants.
+    pub async fn wait(self) {
+        for rx in self.0 {
+            let _ = rx.await;
+        }
+    }
 }
 
 /// The running engine.
@@ -428,8 +442,9 @@ impl Engine {
         self.shared.policy().version.clone()
     }
 
-    /// Swaps in a new policy set and re-evaluates every grant under it.
-    pub fn swap_policy(&self, policy: PolicySet) -> Result<(), EngineError> {
+    /// Swaps in a new policy set and re-evaluates every grant under it. The returned handle resolves
+    /// when every shard has re-evaluated (and committed) all its grants.
+    pub fn swap_policy(&self, policy: PolicySet) -> Result<SwapDone, EngineError> {
         let version = policy.version.clone();
         match self.shared.policy.write() {
             Ok(mut p) => *p = Arc::new(policy),
@@ -437,10 +452,13 @@ impl Engine {
         }
         metrics::counter!("vigil_policy_swaps_total").increment(1);
         tracing::info!(%version, "policy set swapped; re-evaluating every grant");
+        let mut waits = Vec::new();
         for shard in 0..self.inboxes.len() {
-            self.send(shard, Msg::ReevaluateAll)?;
+            let (done, rx) = oneshot::channel();
+            self.send(shard, Msg::ReevaluateAll { done: Some(done) })?;
+            waits.push(rx);
         }
-        Ok(())
+        Ok(SwapDone(waits))
     }
 
     /// "Why": a subject's context (each fact with its time and source), its grants, recent signals and

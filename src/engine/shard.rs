@@ -38,6 +38,8 @@ struct Pending {
     changes: Changes,
     processed: Vec<u64>,
     decisions: Vec<Decision>,
+    /// Policy swaps waiting for this batch's commit.
+    swap_waiters: Vec<oneshot::Sender<()>>,
     /// Re-evaluations for grants other shards own, sent after the commit.
     forwards: Vec<(usize, Msg)>,
     replies: Vec<Reply>,
@@ -148,7 +150,10 @@ impl Shard {
                     self.evaluate(&policy, &id, trig, &cause, p);
                 }
             }
-            Msg::ReevaluateAll => {
+            Msg::ReevaluateAll { done } => {
+                if let Some(done) = done {
+                    p.swap_waiters.push(done);
+                }
                 let policy = self.shared.policy();
                 let cause = state_cause("policy_swap");
                 let ids: Vec<String> = self.expiry.iter().map(|(_, id)| id.clone()).collect();
@@ -597,6 +602,9 @@ impl Shard {
                     let _ = tx.send(r);
                 }
             }
+        }
+        for w in p.swap_waiters.drain(..) {
+            let _ = w.send(());
         }
         drop(p.permits);
     }
