@@ -71,6 +71,7 @@ impl Decision {
         cause: &Cause,
         effect: DecisionEffect,
         policy_version: &str,
+        rules: &[String],
     ) -> String {
         let mut h = openssl::sha::Sha256::new();
         for part in [
@@ -79,6 +80,7 @@ impl Decision {
             &cause.seq.map(|s| s.to_string()).unwrap_or_default(),
             &format!("{effect:?}"),
             policy_version,
+            &rules.join(","),
         ] {
             h.update(part.as_bytes());
             h.update(&[0]);

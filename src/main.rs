@@ -113,10 +113,7 @@ fn policy_command(cmd: &PolicyCommand) -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
-            Err(e) => {
-                eprintln!("vigil: {e}");
-                ExitCode::FAILURE
-            }
+            Err(e) => fail(e),
         },
         PolicyCommand::Check { dir } => match PolicySet::load_dir(dir) {
             Ok(set) => {
@@ -139,12 +136,14 @@ fn policy_command(cmd: &PolicyCommand) -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
-            Err(e) => {
-                eprintln!("vigil: {e}");
-                ExitCode::FAILURE
-            }
+            Err(e) => fail(e),
         },
     }
+}
+
+fn fail(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("vigil: {e}");
+    ExitCode::FAILURE
 }
 
 fn check_config(mut config: Config) -> anyhow::Result<()> {

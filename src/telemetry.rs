@@ -10,6 +10,16 @@
 //! | `vigil_store_batch_size` | histogram | | writes per group commit |
 //! | `vigil_jwks_fetches_total` | counter | transmitter, outcome | JWKS / metadata fetches |
 //! | `vigil_signals_replayed_total` | counter | | pending signals replayed at start-up |
+//! | `vigil_engine_signals_total` | counter | changed | signals folded into a context (`changed=no`: older or identical) |
+//! | `vigil_engine_batch_seconds` | histogram | | one shard batch, in memory (before its commit) |
+//! | `vigil_policy_eval_seconds` | histogram | | one grant's evaluation (inputs + every rule) |
+//! | `vigil_decisions_total` | counter | effect, shadow | decisions made |
+//! | `vigil_grants` | gauge | | grants held (active and tombstones) |
+//! | `vigil_policy_errors_total` | counter | rule | rule evaluations that errored and failed closed |
+//! | `vigil_policy_shadow_matches_total` | counter | rule | shadow-mode matches |
+//! | `vigil_policy_reloads_total` | counter | outcome | reloads `swapped` / `refused` |
+//! | `vigil_policy_swaps_total` | counter | | policy sets swapped in |
+//! | `vigil_audit_errors_total` | counter | | audit appends that failed |
 
 use std::sync::OnceLock;
 

@@ -11,3 +11,23 @@ pub fn spec_example(file: &str) -> Value {
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
+
+/// The spec-example SETs and their event kinds, from `tests/fixtures/spec-example-events.tsv`.
+pub fn spec_example_kinds() -> Vec<(String, crate::events::EventKind)> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/spec-example-events.tsv"
+    );
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (file, name) = l.split_once('\t').unwrap_or_else(|| panic!("bad line {l}"));
+            let kind = crate::events::EventKind::ALL
+                .iter()
+                .find(|k| k.name() == name)
+                .unwrap_or_else(|| panic!("unknown kind {name}"));
+            (file.to_owned(), *kind)
+        })
+        .collect()
+}

@@ -447,7 +447,7 @@ impl Shard {
                     reason: String,
                     errors: Vec<String>,
                     shadow: bool| Decision {
-            id: Decision::make_id(&grant.id, cause, effect, policy_version)
+            id: Decision::make_id(&grant.id, cause, effect, policy_version, &rules)
                 + if shadow { "-shadow" } else { "" },
             time: now,
             grant_id: grant.id.clone(),
@@ -588,18 +588,10 @@ impl Shard {
         for reply in p.replies.drain(..) {
             match reply {
                 Reply::Register(tx, r) => {
-                    let r = match (&failed, *r) {
-                        (Some(e), _) => Err(EngineError::Storage(e.clone())),
-                        (None, r) => r,
-                    };
-                    let _ = tx.send(r);
+                    let _ = tx.send(unless_failed(&failed, *r));
                 }
                 Reply::Delete(tx, r) => {
-                    let r = match (&failed, r) {
-                        (Some(e), _) => Err(EngineError::Storage(e.clone())),
-                        (None, r) => r,
-                    };
-                    let _ = tx.send(r);
+                    let _ = tx.send(unless_failed(&failed, r));
                 }
             }
         }
@@ -607,6 +599,14 @@ impl Shard {
             let _ = w.send(());
         }
         drop(p.permits);
+    }
+}
+
+/// A reply stands only if the batch it belongs to committed.
+fn unless_failed<T>(failed: &Option<String>, r: Result<T, EngineError>) -> Result<T, EngineError> {
+    match failed {
+        Some(e) => Err(EngineError::Storage(e.clone())),
+        None => r,
     }
 }
 

@@ -17,90 +17,9 @@ fn event_of(file: &str) -> Event {
 
 #[test]
 fn every_spec_example_set_parses_into_its_typed_event() {
-    let cases: &[(&str, EventKind)] = &[
-        ("caep-session-revoked.json", EventKind::SessionRevoked),
-        (
-            "caep-session-revoked-2-complex-session-user-tenant.json",
-            EventKind::SessionRevoked,
-        ),
-        (
-            "caep-session-revoked-3-complex-user-device-tenant.json",
-            EventKind::SessionRevoked,
-        ),
-        (
-            "caep-token-claims-change.json",
-            EventKind::TokenClaimsChange,
-        ),
-        (
-            "caep-token-claims-change-2-oidc-optional.json",
-            EventKind::TokenClaimsChange,
-        ),
-        (
-            "caep-token-claims-change-3-saml.json",
-            EventKind::TokenClaimsChange,
-        ),
-        ("caep-credential-change.json", EventKind::CredentialChange),
-        (
-            "caep-assurance-level-change.json",
-            EventKind::AssuranceLevelChange,
-        ),
-        (
-            "caep-assurance-level-change-2-custom.json",
-            EventKind::AssuranceLevelChange,
-        ),
-        (
-            "caep-device-compliance-change.json",
-            EventKind::DeviceComplianceChange,
-        ),
-        (
-            "caep-session-established.json",
-            EventKind::SessionEstablished,
-        ),
-        ("caep-session-presented.json", EventKind::SessionPresented),
-        ("caep-risk-level-change.json", EventKind::RiskLevelChange),
-        (
-            "risc-account-credential-change-required.json",
-            EventKind::AccountCredentialChangeRequired,
-        ),
-        ("risc-account-disabled.json", EventKind::AccountDisabled),
-        (
-            "risc-credential-compromise.json",
-            EventKind::CredentialCompromise,
-        ),
-        ("risc-identifier-changed.json", EventKind::IdentifierChanged),
-        (
-            "risc-identifier-recycled.json",
-            EventKind::IdentifierRecycled,
-        ),
-        (
-            "ssf-example-caep-session-revoked-complex-subject.json",
-            EventKind::SessionRevoked,
-        ),
-        (
-            "ssf-example-caep-token-claims-change-properties.json",
-            EventKind::TokenClaimsChange,
-        ),
-        (
-            "ssf-example-caep-token-claims-change-proprietary-subject.json",
-            EventKind::TokenClaimsChange,
-        ),
-        (
-            "ssf-example-caep-token-claims-change-simple-subject-property.json",
-            EventKind::TokenClaimsChange,
-        ),
-        (
-            "ssf-example-risc-account-disabled-phone-subject.json",
-            EventKind::AccountDisabled,
-        ),
-        (
-            "ssf-example-risc-account-enabled-simple-subject.json",
-            EventKind::AccountEnabled,
-        ),
-        ("ssf-verification.json", EventKind::Verification),
-        ("ssf-verification-array-aud.json", EventKind::Verification),
-        ("ssf-stream-updated.json", EventKind::StreamUpdated),
-    ];
-    for (file, kind) in cases {
+    let cases = crate::test_support::spec_example_kinds();
+    assert_eq!(cases.len(), 27);
+    for (file, kind) in &cases {
         assert_eq!(event_of(file).kind(), Some(*kind), "{file}");
     }
 }
