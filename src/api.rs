@@ -7,18 +7,21 @@
 //! | `DELETE /v1/grants/{id}` | 204 ended; 200 `{tombstone: true}` when revoked (kept until expiry); 404 |
 //! | `GET /v1/decisions?subject=&grant=&since=&limit=` | 200 `{decisions}` oldest first |
 //! | `GET /v1/subjects/{key}` | 200 context, grants, recent signals and decisions ("why"); 404 |
+//! | `POST /v1/check` | 200 `{decision: allow \| deny, status, reason, grants}` from live state |
+//! | `GET /v1/check/auth_request` | nginx `auth_request`: 200 allow, 401 unknown, 403 denied |
 //! | `POST /v1/policies/reload` | 200 `{status: swapped \| unchanged, version}`; 422 `{status: refused, error}` |
 
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::audit::DecisionQuery;
+use crate::check::{self, CheckRequest, CheckResult, Verdict};
 use crate::engine::{Engine, EngineError};
 use crate::grant::{GrantRequest, GrantStatus};
 use crate::reload::{PolicyReloader, ReloadOutcome};
@@ -137,4 +140,148 @@ pub async fn reload_policies(State(s): State<Arc<ApiState>>) -> Response {
         }
         _ => Json(body).into_response(),
     }
+}
+
+fn lookup(s: &ApiState, req: &CheckRequest) -> Result<Vec<Arc<crate::grant::Grant>>, Response> {
+    let named = [
+        req.grant_id.is_some(),
+        req.session.is_some(),
+        req.token.is_some(),
+    ]
+    .iter()
+    .filter(|b| **b)
+    .count();
+    if named != 1 {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_check",
+            "name exactly one of `grant_id`, `session`, `token`",
+        ));
+    }
+    if let Some(id) = &req.grant_id {
+        return Ok(s.engine.grant(id).into_iter().collect());
+    }
+    let session = match &req.session {
+        Some(v) => Some(crate::principal::member_key(v).ok_or_else(|| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "invalid_check",
+                "`session` must be a string or an identifier",
+            )
+        })?),
+        None => None,
+    };
+    let token = req
+        .token
+        .as_ref()
+        .map(|t| format!("jwt_id:{}|{}", t.iss, t.jti));
+    Ok(s.engine.grants_by(session.as_deref(), token.as_deref()))
+}
+
+fn judge(
+    grants: &[Arc<crate::grant::Grant>],
+    action: Option<&str>,
+    resource: Option<&str>,
+) -> CheckResult {
+    let refs: Vec<&crate::grant::Grant> = grants.iter().map(|g| &**g).collect();
+    let result = check::check(
+        &refs,
+        action,
+        resource,
+        crate::signal::now_ms() as f64 / 1000.0,
+    );
+    let verdict = match result.decision {
+        Verdict::Allow => "allow",
+        Verdict::Deny => "deny",
+    };
+    metrics::counter!("vigil_checks_total", "decision" => verdict).increment(1);
+    result
+}
+
+/// `POST /v1/check`: allow / deny from live state.
+pub async fn check_grant(State(s): State<Arc<ApiState>>, body: axum::body::Bytes) -> Response {
+    let req: CheckRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_check", e.to_string()),
+    };
+    match lookup(&s, &req) {
+        Ok(grants) => Json(judge(
+            &grants,
+            req.action.as_deref(),
+            req.resource.as_deref(),
+        ))
+        .into_response(),
+        Err(resp) => resp,
+    }
+}
+
+/// `GET /v1/check/auth_request`: for nginx `auth_request`. The grant is named by `X-Vigil-Grant`,
+/// `X-Vigil-Session`, or the `iss`/`jti` of the bearer JWT in `Authorization` (read, not verified:
+/// the gateway verifies the token; Vigil answers whether it is still valid). Optional `X-Vigil-Action`.
+/// 200 allow, 401 unknown grant, 403 denied; `X-Vigil-Status` and `X-Vigil-Reason` say why.
+pub async fn check_auth_request(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let token = header("authorization")
+        .and_then(|a| a.strip_prefix("Bearer ").map(str::to_owned))
+        .and_then(|jwt| jwt_iss_jti(&jwt));
+    let req = CheckRequest {
+        grant_id: header("x-vigil-grant"),
+        session: if header("x-vigil-grant").is_none() {
+            header("x-vigil-session").map(Value::String)
+        } else {
+            None
+        },
+        token: if header("x-vigil-grant").is_none() && header("x-vigil-session").is_none() {
+            token
+        } else {
+            None
+        },
+        action: header("x-vigil-action"),
+        resource: None,
+    };
+    let result = match lookup(&s, &req) {
+        Ok(grants) => judge(&grants, req.action.as_deref(), None),
+        Err(_) => check::check(&[], None, None, 0.0),
+    };
+    let status = match (result.decision, result.is_unknown()) {
+        (Verdict::Allow, _) => StatusCode::OK,
+        (Verdict::Deny, true) => StatusCode::UNAUTHORIZED,
+        (Verdict::Deny, false) => StatusCode::FORBIDDEN,
+    };
+    let safe = |v: &str| {
+        let cleaned: String = v
+            .chars()
+            .filter(|c| c.is_ascii() && !c.is_ascii_control())
+            .take(200)
+            .collect();
+        axum::http::HeaderValue::from_str(&cleaned)
+            .unwrap_or(axum::http::HeaderValue::from_static("-"))
+    };
+    let mut response = status.into_response();
+    response
+        .headers_mut()
+        .insert("x-vigil-status", safe(&result.status));
+    response
+        .headers_mut()
+        .insert("x-vigil-reason", safe(&result.reason));
+    response
+}
+
+/// `iss` and `jti` of a compact JWT's payload, without verifying it.
+fn jwt_iss_jti(jwt: &str) -> Option<crate::grant::TokenId> {
+    use base64::Engine as _;
+    let payload = jwt.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    let claims: Value = serde_json::from_slice(&bytes).ok()?;
+    Some(crate::grant::TokenId {
+        iss: claims.get("iss")?.as_str()?.to_owned(),
+        jti: claims.get("jti")?.as_str()?.to_owned(),
+    })
 }

@@ -184,6 +184,8 @@ impl Vigil {
                         get(api::get_grant).delete(api::delete_grant),
                     )
                     .route("/v1/decisions", get(api::decisions))
+                    .route("/v1/check", post(api::check_grant))
+                    .route("/v1/check/auth_request", get(api::check_auth_request))
                     .route("/v1/subjects/{key}", get(api::subject))
                     .route("/v1/policies/reload", post(api::reload_policies))
                     .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))

@@ -144,6 +144,9 @@ pub struct Grant {
     pub attributes: Map<String, Value>,
     pub enforcement_points: Vec<String>,
     pub status: GrantStatus,
+    /// Why the grant has its current status (the deciding rules' reasons), if not active.
+    #[serde(default)]
+    pub status_reason: Option<String>,
     pub registered_at: f64,
     pub revoked: Option<Revocation>,
 }
@@ -240,6 +243,7 @@ impl GrantRequest {
             attributes: self.attributes,
             enforcement_points: self.enforcement_points,
             status: GrantStatus::Active,
+            status_reason: None,
             registered_at: now,
             revoked: None,
         })

@@ -7,6 +7,7 @@ pub use app::Vigil;
 pub use config::Config;
 
 pub mod audit;
+pub mod check;
 pub mod config;
 pub mod context;
 pub mod decision;

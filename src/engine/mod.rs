@@ -108,6 +108,9 @@ pub(crate) fn member_index(member: &str, key: &str) -> String {
 pub(crate) fn obo_index(key: &str) -> String {
     format!("obo/{key}")
 }
+pub(crate) fn token_index(key: &str) -> String {
+    format!("t/{key}")
+}
 
 /// State visible to every shard and the API.
 pub(crate) struct Shared {
@@ -162,6 +165,9 @@ impl Shared {
         }
         if let Some(u) = &grant.on_behalf_of {
             keys.push(obo_index(u));
+        }
+        if let Some(t) = &grant.token {
+            keys.push(token_index(t));
         }
         keys
     }
@@ -432,6 +438,21 @@ impl Engine {
 
     pub fn grant(&self, id: &str) -> Option<Arc<Grant>> {
         self.shared.grants.get(id).map(|g| g.clone())
+    }
+
+    /// The grants of a session (its member key, e.g. `opaque:<id>`) or of a token (`jwt_id:<iss>|<jti>`).
+    pub fn grants_by(&self, session: Option<&str>, token: Option<&str>) -> Vec<Arc<Grant>> {
+        let mut keys = Vec::new();
+        if let Some(s) = session {
+            keys.push(member_index("session", s));
+        }
+        if let Some(t) = token {
+            keys.push(token_index(t));
+        }
+        let mut ids: Vec<String> = keys.iter().flat_map(|k| self.shared.indexed(k)).collect();
+        ids.sort();
+        ids.dedup();
+        ids.iter().filter_map(|id| self.grant(id)).collect()
     }
 
     pub fn grant_count(&self) -> usize {

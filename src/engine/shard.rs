@@ -241,6 +241,7 @@ impl Shard {
                     attributes,
                     enforcement_points: Vec::new(),
                     status: GrantStatus::Active,
+                    status_reason: None,
                     registered_at: now(),
                     revoked: None,
                 };
@@ -298,6 +299,7 @@ impl Shard {
                 return Err(EngineError::Conflict(grant.id));
             }
             grant.status = existing.status;
+            grant.status_reason = existing.status_reason.clone();
             self.unindex(&existing);
         }
         let grant = Arc::new(grant);
@@ -502,6 +504,8 @@ impl Shard {
             let decision = make(effect, target, rules, reason, errors, false);
             let mut updated = grant.clone();
             updated.status = target;
+            updated.status_reason =
+                (target != GrantStatus::Active).then(|| decision.reason.clone());
             if target == GrantStatus::Revoked {
                 updated.revoked = Some(Revocation {
                     at: now,

@@ -1,0 +1,225 @@
+//! The live check API, and nginx enforcing revocations through `auth_request` against Vigil.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::process::{Command, Stdio};
+
+use common::*;
+use serde_json::{json, Value};
+use vigil::jose::Alg;
+
+const ISS: &str = "https://idp.example.com/123456789/";
+const AUD: &str = "https://sp.example.com/caep";
+
+fn now() -> f64 {
+    vigil::signal::now_ms() as f64 / 1000.0
+}
+
+async fn setup() -> (Transmitter, vigil::Vigil, tempfile::TempDir) {
+    let tx = Transmitter::start(&[Alg::RS256]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let vigil = start(test_config(dir.path(), vec![tx.config("idp", ISS, &[AUD])])).await;
+    (tx, vigil, dir)
+}
+
+async fn revoke_by_risk(tx: &Transmitter, vigil: &vigil::Vigil, email: &str, jti: &str) {
+    let claims = json!({"iss": ISS, "aud": AUD, "jti": jti, "iat": now() as i64,
+        "sub_id": {"format": "email", "email": email},
+        "events": {"https://schemas.openid.net/secevent/caep/event-type/risk-level-change":
+            {"principal": "USER", "current_level": "HIGH", "event_timestamp": now()}}});
+    let answer = push(vigil, "idp", &tx.key(Alg::RS256).sign_set(&claims).unwrap()).await;
+    assert_eq!(answer.status, 202);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_answers_from_live_state() {
+    let (tx, vigil, _dir) = setup().await;
+    let t = now();
+    let grant = json!({"id": "tok-1", "kind": "access_token", "subject": {"format": "email", "email": "c@example.com"},
+        "session": "sess-9", "token": {"iss": "https://as.example.com", "jti": "jwt-123"},
+        "audience": "https://api.example.com", "scopes": ["read"], "issued_at": t - 5.0, "expires_at": t + 600.0});
+    assert_eq!(post_json(&vigil, "/v1/grants", &grant).await.0, 201);
+
+    let ask = |body: Value| {
+        let vigil = &vigil;
+        async move { post_json(vigil, "/v1/check", &body).await }
+    };
+    let (code, r) =
+        ask(json!({"grant_id": "tok-1", "action": "read", "resource": "https://api.example.com"}))
+            .await;
+    assert_eq!((code, r["decision"].as_str()), (200, Some("allow")), "{r}");
+    assert_eq!(
+        ask(json!({"session": "sess-9"})).await.1["decision"],
+        "allow"
+    );
+    assert_eq!(
+        ask(json!({"token": {"iss": "https://as.example.com", "jti": "jwt-123"}}))
+            .await
+            .1["decision"],
+        "allow"
+    );
+    assert_eq!(
+        ask(json!({"grant_id": "tok-1", "action": "delete"}))
+            .await
+            .1["decision"],
+        "deny"
+    );
+    let unknown = ask(json!({"grant_id": "nope"})).await.1;
+    assert_eq!(
+        (unknown["decision"].as_str(), unknown["status"].as_str()),
+        (Some("deny"), Some("unknown"))
+    );
+    assert_eq!(
+        ask(json!({"grant_id": "tok-1", "session": "sess-9"}))
+            .await
+            .0,
+        400
+    );
+
+    revoke_by_risk(&tx, &vigil, "c@example.com", "chk-1").await;
+    let r = eventually("the check to deny", || async {
+        let r = ask(json!({"token": {"iss": "https://as.example.com", "jti": "jwt-123"}}))
+            .await
+            .1;
+        (r["decision"] == "deny").then_some(r)
+    })
+    .await;
+    assert_eq!(r["status"], "revoked");
+    assert!(r["reason"].as_str().unwrap().contains("risk HIGH"), "{r}");
+    vigil.shutdown().await;
+}
+
+/// A tiny upstream for nginx to proxy to.
+async fn upstream() -> std::net::SocketAddr {
+    let app = axum::Router::new().fallback(|| async { "upstream says hello" });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_auth_request_enforces_a_revocation() {
+    let Ok(nginx) = which("nginx") else {
+        assert!(
+            std::env::var_os("VIGIL_REQUIRE_NGINX").is_none(),
+            "nginx is required here (VIGIL_REQUIRE_NGINX is set) but not installed"
+        );
+        eprintln!(
+            "SKIPPED: nginx is not installed here (CI installs it: apt-get install nginx-light)"
+        );
+        return;
+    };
+    let (tx, vigil, dir) = setup().await;
+    let up = upstream().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let prefix = dir.path().join("nginx");
+    std::fs::create_dir_all(prefix.join("logs")).unwrap();
+    let conf = prefix.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            r#"
+worker_processes 1;
+pid {pid};
+error_log {prefix}/logs/error.log;
+events {{ worker_connections 64; }}
+http {{
+  access_log off;
+  client_body_temp_path {prefix}/body;
+  proxy_temp_path {prefix}/proxy;
+  fastcgi_temp_path {prefix}/fastcgi;
+  uwsgi_temp_path {prefix}/uwsgi;
+  scgi_temp_path {prefix}/scgi;
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      auth_request /_vigil;
+      proxy_pass http://{up};
+    }}
+    location = /_vigil {{
+      internal;
+      proxy_pass http://{vigil}/v1/check/auth_request;
+      proxy_pass_request_body off;
+      proxy_set_header Content-Length "";
+      proxy_set_header X-Vigil-Grant $http_x_grant;
+    }}
+  }}
+}}
+"#,
+            pid = prefix.join("nginx.pid").display(),
+            prefix = prefix.display(),
+            vigil = vigil.local_addr(),
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(nginx)
+        .arg("-p")
+        .arg(&prefix)
+        .arg("-c")
+        .arg(&conf)
+        .args(["-g", "daemon off;"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}/");
+    eventually("nginx to listen", || async {
+        client.get(&base).send().await.ok()
+    })
+    .await;
+
+    let t = now();
+    let grant = json!({"id": "web-1", "kind": "session", "subject": {"format": "email", "email": "n@example.com"},
+        "issued_at": t - 5.0, "expires_at": t + 600.0, "enforcement_points": ["nginx"]});
+    assert_eq!(post_json(&vigil, "/v1/grants", &grant).await.0, 201);
+
+    let get = |grant: &'static str| {
+        let (client, base) = (client.clone(), base.clone());
+        async move {
+            client
+                .get(&base)
+                .header("X-Grant", grant)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let ok = get("web-1").await;
+    assert_eq!(ok.status().as_u16(), 200);
+    assert_eq!(ok.text().await.unwrap(), "upstream says hello");
+    assert_eq!(get("unknown-grant").await.status().as_u16(), 401);
+
+    revoke_by_risk(&tx, &vigil, "n@example.com", "ngx-1").await;
+    eventually("nginx to refuse the revoked grant", || async {
+        (get("web-1").await.status().as_u16() == 403).then_some(())
+    })
+    .await;
+
+    let _ = child.kill();
+    let _ = child.wait();
+    vigil.shutdown().await;
+}
+
+fn which(name: &str) -> Result<std::path::PathBuf, ()> {
+    for dir in [
+        "/usr/sbin",
+        "/usr/bin",
+        "/usr/local/sbin",
+        "/usr/local/bin",
+        "/sbin",
+        "/bin",
+    ] {
+        let p = std::path::Path::new(dir).join(name);
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    Err(())
+}
