@@ -142,7 +142,8 @@ pub async fn reload_policies(State(s): State<Arc<ApiState>>) -> Response {
     }
 }
 
-fn lookup(s: &ApiState, req: &CheckRequest) -> Result<Vec<Arc<crate::grant::Grant>>, Response> {
+/// The grants a check names; `Err` describes a malformed request.
+fn lookup(s: &ApiState, req: &CheckRequest) -> Result<Vec<Arc<crate::grant::Grant>>, String> {
     let named = [
         req.grant_id.is_some(),
         req.session.is_some(),
@@ -152,11 +153,7 @@ fn lookup(s: &ApiState, req: &CheckRequest) -> Result<Vec<Arc<crate::grant::Gran
     .filter(|b| **b)
     .count();
     if named != 1 {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            "invalid_check",
-            "name exactly one of `grant_id`, `session`, `token`",
-        ));
+        return Err("name exactly one of `grant_id`, `session`, `token`".into());
     }
     if let Some(id) = &req.grant_id {
         return Ok(s.engine.grant(id).into_iter().collect());
@@ -211,7 +208,7 @@ pub async fn check_grant(State(s): State<Arc<ApiState>>, body: axum::body::Bytes
             req.resource.as_deref(),
         ))
         .into_response(),
-        Err(resp) => resp,
+        Err(e) => error(StatusCode::BAD_REQUEST, "invalid_check", e),
     }
 }
 
