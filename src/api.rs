@@ -159,13 +159,9 @@ fn lookup(s: &ApiState, req: &CheckRequest) -> Result<Vec<Arc<crate::grant::Gran
         return Ok(s.engine.grant(id).into_iter().collect());
     }
     let session = match &req.session {
-        Some(v) => Some(crate::principal::member_key(v).ok_or_else(|| {
-            error(
-                StatusCode::BAD_REQUEST,
-                "invalid_check",
-                "`session` must be a string or an identifier",
-            )
-        })?),
+        Some(v) => Some(
+            crate::principal::member_key(v).ok_or("`session` must be a string or an identifier")?,
+        ),
         None => None,
     };
     let token = req
