@@ -24,6 +24,7 @@ use crate::push::{self, PushState};
 use crate::receiver::{Receiver, Transmitter};
 use crate::reload::{PolicyReloader, ReloadOutcome};
 use crate::store::{BatchWriter, BatchWriterThread};
+use crate::transmitter::{self, Identity, MetadataState};
 use crate::{ops, store, telemetry};
 
 /// Why Vigil could not start.
@@ -44,6 +45,8 @@ pub enum StartError {
     Policy(#[from] PolicyError),
     #[error("engine: {0}")]
     Engine(#[from] EngineError),
+    #[error("signing identity: {0}")]
+    Identity(String),
     #[error("cannot open the audit log: {0}")]
     Audit(std::io::Error),
     #[error("cannot build the HTTP client: {0}")]
@@ -56,6 +59,7 @@ pub struct Vigil {
     intake: Intake,
     engine: Arc<Engine>,
     reloader: Arc<PolicyReloader>,
+    identity: Arc<Identity>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     /// Ends when the engine (the decisions' producer) is gone, so it is awaited after it.
@@ -109,6 +113,14 @@ impl Vigil {
             config.policy.dir.clone(),
             engine.clone(),
         ));
+        let identity = Arc::new(
+            Identity::load_or_create(
+                &config.data_dir.join("keys"),
+                config.identity.alg,
+                config.identity.key_retention_secs,
+            )
+            .map_err(|e| StartError::Identity(e.to_string()))?,
+        );
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (next_tx, next_rx) = mpsc::channel(config.intake.channel_capacity);
 
@@ -209,6 +221,23 @@ impl Vigil {
             addr: config.listen,
             source,
         })?;
+        let issuer = config
+            .identity
+            .issuer
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}"));
+        let well_known = crate::discovery::metadata_url(&issuer, "ssf-configuration")
+            .map(|u| u.path().to_owned())
+            .unwrap_or_else(|_| "/.well-known/ssf-configuration".to_owned());
+        let app = app.merge(
+            Router::new()
+                .route(&well_known, get(transmitter::metadata))
+                .route("/jwks.json", get(transmitter::jwks))
+                .with_state(Arc::new(MetadataState {
+                    issuer,
+                    identity: identity.clone(),
+                })),
+        );
         let mut server_shutdown = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
             let stop = async move {
@@ -238,6 +267,7 @@ impl Vigil {
             intake,
             engine,
             reloader,
+            identity,
             shutdown,
             tasks,
             decision_task,
@@ -253,6 +283,11 @@ impl Vigil {
     /// Durable intake, for inspection and for the stream-management client.
     pub fn intake(&self) -> &Intake {
         &self.intake
+    }
+
+    /// Vigil's signing identity toward enforcement points.
+    pub fn identity(&self) -> &Arc<Identity> {
+        &self.identity
     }
 
     /// The evaluation engine (grants, contexts, policy).

@@ -66,6 +66,8 @@ pub struct Config {
     pub context: ContextConfig,
     #[serde(default)]
     pub audit: AuditConfig,
+    #[serde(default)]
+    pub identity: IdentityConfig,
     /// The transmitters (IdPs, risk systems) Vigil accepts SETs from.
     #[serde(default)]
     pub transmitters: Vec<TransmitterConfig>,
@@ -114,6 +116,39 @@ pub struct ContextConfig {
     /// than its TTL (by event time) no longer counts. Absent = never decays.
     #[serde(default)]
     pub decay: crate::context::Decay,
+}
+
+/// Vigil's own identity as an SSF transmitter toward enforcement points.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// Vigil's issuer URL (the `iss` of the SETs it emits, and where its SSF metadata is found).
+    /// Default: `http://<listen>`.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// Signing algorithm: `RS256` (CAEP interoperability profile) or `ES256`.
+    #[serde(default = "default_identity_alg")]
+    pub alg: Alg,
+    /// How long a rotated-out key stays in the JWKS (its SETs may still be in flight).
+    #[serde(default = "default_key_retention")]
+    pub key_retention_secs: u64,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        IdentityConfig {
+            issuer: None,
+            alg: default_identity_alg(),
+            key_retention_secs: default_key_retention(),
+        }
+    }
+}
+
+fn default_identity_alg() -> Alg {
+    Alg::RS256
+}
+fn default_key_retention() -> u64 {
+    7 * 24 * 3600
 }
 
 /// Audit log settings (`<data_dir>/audit/`).
@@ -318,6 +353,7 @@ impl Default for Config {
             engine: EngineConfig::default(),
             context: ContextConfig::default(),
             audit: AuditConfig::default(),
+            identity: IdentityConfig::default(),
             transmitters: Vec::new(),
         }
     }
@@ -388,6 +424,13 @@ impl Config {
             if value == 0 {
                 return Err(invalid(key, "must be greater than 0"));
             }
+        }
+        if !matches!(self.identity.alg, Alg::RS256 | Alg::ES256) {
+            return Err(invalid("identity.alg", "must be RS256 or ES256"));
+        }
+        if let Some(issuer) = &self.identity.issuer {
+            crate::discovery::metadata_url(issuer, "ssf-configuration")
+                .map_err(|e| invalid("identity.issuer", e.to_string()))?;
         }
         let mut names = HashSet::new();
         let mut streams = HashSet::new();

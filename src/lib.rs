@@ -28,10 +28,12 @@ pub mod receiver;
 pub mod reload;
 pub mod set;
 pub mod signal;
+pub mod signing;
 pub mod sim;
 pub mod store;
 pub mod subject;
 pub mod telemetry;
+pub mod transmitter;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
