@@ -24,6 +24,8 @@ use crate::push::{self, PushState};
 use crate::receiver::{Receiver, Transmitter};
 use crate::reload::{PolicyReloader, ReloadOutcome};
 use crate::store::{BatchWriter, BatchWriterThread};
+use crate::transmitter::mgmt::{self, EnforcementPoint, MgmtState};
+use crate::transmitter::streams::StreamStore;
 use crate::transmitter::{self, Identity, MetadataState};
 use crate::{ops, store, telemetry};
 
@@ -101,6 +103,7 @@ impl Vigil {
             max_batch: config.engine.max_batch,
             max_inflight: config.engine.max_inflight,
         };
+        let batch_writer_for_streams = batch_writer.clone();
         let engine = Arc::new(Engine::start(
             &db,
             batch_writer,
@@ -163,7 +166,16 @@ impl Vigil {
         )));
         // Decisions are in the audit log; until delivery to enforcement points exists, this drains
         // the hand-off channel so the engine is never blocked by it.
-        let decision_task = tokio::spawn(drain_decisions(decision_rx));
+        let streams = Arc::new(
+            StreamStore::open(db.clone(), batch_writer_for_streams.clone())
+                .map_err(|e| StartError::Identity(e.to_string()))?,
+        );
+        let decision_task = tokio::spawn(transmitter::emit::run(
+            decision_rx,
+            Arc::downgrade(&engine),
+            identity.clone(),
+            streams.clone(),
+        ));
         if config.policy.watch_interval_secs > 0 {
             tasks.push(tokio::spawn(reloader.clone().watch(
                 Duration::from_secs(config.policy.watch_interval_secs),
@@ -234,9 +246,45 @@ impl Vigil {
                 .route(&well_known, get(transmitter::metadata))
                 .route("/jwks.json", get(transmitter::jwks))
                 .with_state(Arc::new(MetadataState {
-                    issuer,
+                    issuer: issuer.clone(),
                     identity: identity.clone(),
                 })),
+        );
+        let mgmt_state = Arc::new(MgmtState {
+            issuer,
+            points: config
+                .enforcement_points
+                .iter()
+                .map(|p| EnforcementPoint {
+                    name: p.name.clone(),
+                    token: p.token.clone(),
+                    audience: p.audience.clone().unwrap_or_else(|| p.name.clone()),
+                })
+                .collect(),
+            streams,
+            identity: identity.clone(),
+            poll_timeout: Duration::from_secs(config.identity.poll_timeout_secs),
+        });
+        let app = app.merge(
+            Router::new()
+                .route(
+                    "/ssf/streams",
+                    post(mgmt::create)
+                        .get(mgmt::read)
+                        .patch(mgmt::update)
+                        .put(mgmt::replace)
+                        .delete(mgmt::delete),
+                )
+                .route(
+                    "/ssf/status",
+                    get(mgmt::read_status).post(mgmt::update_status),
+                )
+                .route("/ssf/subjects:add", post(mgmt::add_subject))
+                .route("/ssf/subjects:remove", post(mgmt::remove_subject))
+                .route("/ssf/verify", post(mgmt::verify))
+                .route("/ssf/poll/{stream_id}", post(mgmt::poll))
+                .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
+                .with_state(mgmt_state),
         );
         let mut server_shutdown = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
@@ -324,11 +372,5 @@ impl Vigil {
         drop(intake);
         // The writer exits once the last handle (held by the tasks above) is gone.
         let _ = tokio::task::spawn_blocking(move || writer.join()).await;
-    }
-}
-
-async fn drain_decisions(mut rx: mpsc::Receiver<Decision>) {
-    while let Some(d) = rx.recv().await {
-        tracing::debug!(decision = %d.id, grant = %d.grant_id, "decision handed off");
     }
 }

@@ -68,6 +68,9 @@ pub struct Config {
     pub audit: AuditConfig,
     #[serde(default)]
     pub identity: IdentityConfig,
+    /// Enforcement points allowed to subscribe to Vigil's SSF streams.
+    #[serde(default)]
+    pub enforcement_points: Vec<EnforcementPointConfig>,
     /// The transmitters (IdPs, risk systems) Vigil accepts SETs from.
     #[serde(default)]
     pub transmitters: Vec<TransmitterConfig>,
@@ -132,6 +135,21 @@ pub struct IdentityConfig {
     /// How long a rotated-out key stays in the JWKS (its SETs may still be in flight).
     #[serde(default = "default_key_retention")]
     pub key_retention_secs: u64,
+    /// How long an RFC 8936 long poll waits for SETs before answering with none.
+    #[serde(default = "default_poll_timeout")]
+    pub poll_timeout_secs: u64,
+}
+
+/// An enforcement point (API gateway, sidecar, agent runtime) that manages streams with Vigil.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnforcementPointConfig {
+    pub name: String,
+    /// Its bearer token for the stream management and poll endpoints.
+    pub token: String,
+    /// The `aud` of the SETs its streams get (default: its name).
+    #[serde(default)]
+    pub audience: Option<String>,
 }
 
 impl Default for IdentityConfig {
@@ -140,12 +158,16 @@ impl Default for IdentityConfig {
             issuer: None,
             alg: default_identity_alg(),
             key_retention_secs: default_key_retention(),
+            poll_timeout_secs: default_poll_timeout(),
         }
     }
 }
 
 fn default_identity_alg() -> Alg {
     Alg::RS256
+}
+fn default_poll_timeout() -> u64 {
+    25
 }
 fn default_key_retention() -> u64 {
     7 * 24 * 3600
@@ -354,6 +376,7 @@ impl Default for Config {
             context: ContextConfig::default(),
             audit: AuditConfig::default(),
             identity: IdentityConfig::default(),
+            enforcement_points: Vec::new(),
             transmitters: Vec::new(),
         }
     }
@@ -431,6 +454,22 @@ impl Config {
         if let Some(issuer) = &self.identity.issuer {
             crate::discovery::metadata_url(issuer, "ssf-configuration")
                 .map_err(|e| invalid("identity.issuer", e.to_string()))?;
+        }
+        let mut ep_names = HashSet::new();
+        let mut ep_tokens = HashSet::new();
+        for (i, ep) in self.enforcement_points.iter().enumerate() {
+            if ep.name.is_empty() || !ep_names.insert(ep.name.as_str()) {
+                return Err(invalid(
+                    format!("enforcement_points[{i}].name"),
+                    "must be non-empty and unique",
+                ));
+            }
+            if ep.token.len() < 16 || !ep_tokens.insert(ep.token.as_str()) {
+                return Err(invalid(
+                    format!("enforcement_points[{i}].token"),
+                    "must be unique and at least 16 characters",
+                ));
+            }
         }
         let mut names = HashSet::new();
         let mut streams = HashSet::new();

@@ -131,6 +131,12 @@ pub struct Grant {
     pub principal_type: PrincipalType,
     /// Every identifier key registered for the principal by this grant.
     pub identifiers: Vec<String>,
+    /// The subject identifier as registered (RFC 9493 JSON), for the SETs Vigil emits about it.
+    #[serde(default)]
+    pub subject_id: Value,
+    /// The members as registered (identifier JSON, or a plain string for an opaque id).
+    #[serde(default)]
+    pub member_ids: BTreeMap<String, Value>,
     /// Member keys by name (`session`, `device`, …).
     pub members: BTreeMap<String, String>,
     /// `jwt_id:<iss>|<jti>` key of the token, if any.
@@ -204,6 +210,7 @@ impl GrantRequest {
                 (_, None) => None,
             };
         let mut members = BTreeMap::new();
+        let mut member_ids = BTreeMap::new();
         for (name, value) in [
             ("session", &self.session),
             ("device", &self.device),
@@ -219,6 +226,7 @@ impl GrantRequest {
                     ))
                 })?;
                 members.insert(name.to_owned(), key);
+                member_ids.insert(name.to_owned(), v.clone());
             }
         }
         let token = self.token.as_ref().and_then(|t| {
@@ -233,6 +241,8 @@ impl GrantRequest {
             principal,
             principal_type: self.principal_type,
             identifiers,
+            subject_id: self.subject.clone(),
+            member_ids,
             members,
             token,
             on_behalf_of,

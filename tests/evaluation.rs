@@ -83,7 +83,8 @@ impl Env {
 
     async fn wait_status(&self, id: &str, status: &str) {
         eventually(&format!("{id} to become {status}"), || async {
-            (self.status(id).await == status).then_some(())
+            let (_, g) = get_json(&self.vigil, &format!("/v1/grants/{}", encode(id))).await;
+            (g["status"] == status).then_some(())
         })
         .await
     }

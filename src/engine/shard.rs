@@ -231,6 +231,19 @@ impl Shard {
                     principal: key.to_owned(),
                     principal_type: PrincipalType::Human,
                     identifiers: target.identifiers.clone(),
+                    subject_id: signal
+                        .subject
+                        .member("user")
+                        .map(|u| u.to_json())
+                        .unwrap_or_else(|| signal.subject.to_json()),
+                    member_ids: match &signal.subject {
+                        crate::subject::SubjectId::Complex { members } => members
+                            .iter()
+                            .filter(|(n, _)| n.as_str() != "user")
+                            .map(|(n, id)| (n.clone(), id.to_json()))
+                            .collect(),
+                        _ => Default::default(),
+                    },
                     members: target.members.clone(),
                     token: None,
                     on_behalf_of: None,

@@ -1,0 +1,190 @@
+//! Turning decisions into SETs for the enforcement points' streams.
+//!
+//! Mapping (documented, stable):
+//! - `revoke`   → CAEP `session-revoked`, subject precise enough to hit only that grant: a `jwt_id` for a
+//!   token grant, else a complex subject with `user` and (when the grant has one) `session`/`device`;
+//! - `step_up`  → CAEP `assurance-level-change` with `change_direction: decrease` and
+//!   `current_level: "step-up-required"` (namespace: the grant's required one, else `RFC8176`);
+//! - `restrict` → CAEP `token-claims-change` with `claims: {"vigil_restricted": true}`;
+//! - `allow` and `notify` emit nothing.
+//!
+//! Every SET carries `reason_admin` (the decision's reason), `txn` (the triggering signal's `jti`, or
+//! the decision id), `event_timestamp` and `initiating_entity: policy`. A stream gets the SET only when
+//! it requested that event type, is not disabled, and belongs to one of the enforcement points that
+//! hold the grant (every stream when the grant names none).
+
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value};
+use tokio::sync::mpsc;
+
+use super::streams::{Outgoing, Stream, StreamStore};
+use super::Identity;
+use crate::decision::{Decision, DecisionEffect};
+use crate::engine::Engine;
+use crate::events::EventKind;
+use crate::grant::{Grant, GrantKind};
+
+fn identifier(v: &Value) -> Value {
+    match v {
+        Value::String(s) => json!({"format": "opaque", "id": s}),
+        other => other.clone(),
+    }
+}
+
+/// The SET subject for a grant.
+pub fn subject_for(grant: &Grant) -> Value {
+    if grant.kind != GrantKind::Session {
+        if let Some((iss, jti)) = grant
+            .token
+            .as_deref()
+            .and_then(|t| t.strip_prefix("jwt_id:"))
+            .and_then(|t| t.split_once('|'))
+        {
+            return json!({"format": "jwt_id", "iss": iss, "jti": jti});
+        }
+    }
+    let narrowing: Map<String, Value> = ["session", "device"]
+        .iter()
+        .filter_map(|m| {
+            grant
+                .member_ids
+                .get(*m)
+                .map(|v| (m.to_string(), identifier(v)))
+        })
+        .collect();
+    if narrowing.is_empty() {
+        return grant.subject_id.clone();
+    }
+    let mut complex = narrowing;
+    complex.insert("format".into(), json!("complex"));
+    complex.insert("user".into(), grant.subject_id.clone());
+    Value::Object(complex)
+}
+
+/// The event (type and payload) a decision maps to, if any.
+pub fn event_for(decision: &Decision, grant: &Grant) -> Option<(EventKind, Value)> {
+    let common = json!({
+        "event_timestamp": decision.time,
+        "initiating_entity": "policy",
+        "reason_admin": {"en": decision.reason},
+    });
+    let mut payload = common.as_object().cloned().unwrap_or_default();
+    let kind = match decision.effect {
+        DecisionEffect::Revoke => EventKind::SessionRevoked,
+        DecisionEffect::StepUp => {
+            let ns = grant
+                .attributes
+                .get("required_assurance")
+                .and_then(|r| r.get("namespace"))
+                .and_then(Value::as_str)
+                .unwrap_or("RFC8176");
+            payload.insert("namespace".into(), json!(ns));
+            payload.insert("current_level".into(), json!("step-up-required"));
+            payload.insert("change_direction".into(), json!("decrease"));
+            EventKind::AssuranceLevelChange
+        }
+        DecisionEffect::Restrict => {
+            payload.insert("claims".into(), json!({"vigil_restricted": true}));
+            EventKind::TokenClaimsChange
+        }
+        DecisionEffect::Allow | DecisionEffect::Notify => return None,
+    };
+    Some((kind, Value::Object(payload)))
+}
+
+fn jti() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+fn now() -> f64 {
+    crate::signal::now_ms() as f64 / 1000.0
+}
+
+fn signed(identity: &Identity, claims: &Value, jti: String) -> Result<Outgoing, String> {
+    let set = identity
+        .signer()
+        .sign_set(claims)
+        .map_err(|e| e.to_string())?;
+    Ok(Outgoing {
+        jti,
+        set,
+        queued_at_ms: crate::signal::now_ms(),
+    })
+}
+
+/// The SET for `decision` on `stream`, if the stream should get one.
+pub fn set_for(
+    identity: &Identity,
+    stream: &Stream,
+    decision: &Decision,
+    grant: &Grant,
+) -> Option<Result<Outgoing, String>> {
+    if decision.shadow {
+        return None;
+    }
+    if !grant.enforcement_points.is_empty() && !grant.enforcement_points.contains(&stream.owner) {
+        return None;
+    }
+    let (kind, payload) = event_for(decision, grant)?;
+    if !stream.events_delivered().contains(&kind.uri()) {
+        return None;
+    }
+    let jti = jti();
+    let claims = json!({
+        "iss": stream.iss,
+        "aud": stream.aud,
+        "jti": jti,
+        "iat": now() as i64,
+        "txn": decision.cause.jti.clone().unwrap_or_else(|| decision.id.clone()),
+        "sub_id": subject_for(grant),
+        "events": {kind.uri(): payload},
+    });
+    Some(signed(identity, &claims, jti))
+}
+
+/// An SSF verification SET for `stream` (SSF §8.1.4).
+pub fn verification(
+    identity: &Identity,
+    stream: &Stream,
+    state: Option<&str>,
+) -> Result<Outgoing, String> {
+    let jti = jti();
+    let payload = match state {
+        Some(s) => json!({"state": s}),
+        None => json!({}),
+    };
+    let claims = json!({
+        "iss": stream.iss, "aud": stream.aud, "jti": jti, "iat": now() as i64,
+        "sub_id": {"format": "opaque", "id": stream.stream_id},
+        "events": {EventKind::Verification.uri(): payload},
+    });
+    signed(identity, &claims, jti)
+}
+
+/// Consumes decisions and queues their SETs on every stream that should get them. Holds the engine
+/// weakly: the channel closes when the engine goes away, which ends this task.
+pub async fn run(
+    mut rx: mpsc::Receiver<Decision>,
+    engine: std::sync::Weak<Engine>,
+    identity: Arc<Identity>,
+    streams: Arc<StreamStore>,
+) {
+    while let Some(decision) = rx.recv().await {
+        let Some(grant) = engine.upgrade().and_then(|e| e.grant(&decision.grant_id)) else {
+            continue;
+        };
+        let mut items = Vec::new();
+        for stream in streams.live() {
+            match set_for(&identity, &stream, &decision, &grant) {
+                Some(Ok(out)) => items.push((stream.stream_id.clone(), out)),
+                Some(Err(e)) => tracing::error!(error = %e, "could not sign a SET"),
+                None => {}
+            }
+        }
+        if let Err(e) = streams.enqueue(items).await {
+            metrics::counter!("vigil_emit_errors_total").increment(1);
+            tracing::error!(error = %e, decision = %decision.id, "could not queue SETs");
+        }
+    }
+}

@@ -1,0 +1,427 @@
+//! The HTTP surface of Vigil as a transmitter: SSF §8 stream management (status codes exactly as
+//! SSF §8 gives them: create 201, read 200 (an array without `stream_id`), update/replace 200, delete
+//! 204, status 200, add subject 200, remove subject 204, verify 204 / 429) and RFC 8936 poll delivery.
+//! Every call needs an enforcement point's bearer token and reaches only that point's streams.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use subtle::ConstantTimeEq;
+
+use super::emit;
+use super::streams::{new_stream, parse_delivery, string_list, Stream, StreamError, StreamStore};
+use super::Identity;
+use crate::events::StreamStatus;
+
+/// An enforcement point allowed to manage streams.
+#[derive(Debug, Clone)]
+pub struct EnforcementPoint {
+    pub name: String,
+    pub token: String,
+    pub audience: String,
+}
+
+pub struct MgmtState {
+    pub issuer: String,
+    pub points: Vec<EnforcementPoint>,
+    pub streams: Arc<StreamStore>,
+    pub identity: Arc<Identity>,
+    /// How long a long poll waits for SETs.
+    pub poll_timeout: Duration,
+}
+
+/// A refused management or poll request; becomes its HTTP answer.
+#[derive(Debug)]
+pub enum MgmtError {
+    Unauthorized,
+    BadRequest(String),
+    Stream(StreamError),
+    Internal(String),
+}
+
+impl From<StreamError> for MgmtError {
+    fn from(e: StreamError) -> Self {
+        MgmtError::Stream(e)
+    }
+}
+
+impl IntoResponse for MgmtError {
+    fn into_response(self) -> Response {
+        match self {
+            MgmtError::Unauthorized => {
+                let mut r = error(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Bearer"),
+                );
+                r
+            }
+            MgmtError::BadRequest(m) => error(StatusCode::BAD_REQUEST, m),
+            MgmtError::Internal(m) => error(StatusCode::INTERNAL_SERVER_ERROR, m),
+            MgmtError::Stream(e) => stream_error(e),
+        }
+    }
+}
+
+type Reply = Result<Response, MgmtError>;
+
+fn bad(m: impl Into<String>) -> MgmtError {
+    MgmtError::BadRequest(m.into())
+}
+
+fn error(status: StatusCode, description: impl Into<String>) -> Response {
+    (
+        status,
+        Json(json!({"error": status.canonical_reason(), "description": description.into()})),
+    )
+        .into_response()
+}
+
+fn stream_error(e: StreamError) -> Response {
+    match e {
+        StreamError::NotFound => error(StatusCode::NOT_FOUND, e.to_string()),
+        StreamError::Invalid(m) => error(StatusCode::BAD_REQUEST, m),
+        StreamError::TooSoon => error(StatusCode::TOO_MANY_REQUESTS, e.to_string()),
+        StreamError::Storage(m) => error(StatusCode::INTERNAL_SERVER_ERROR, m),
+    }
+}
+
+/// The enforcement point a bearer token belongs to (constant-time comparison).
+fn authenticate<'a>(
+    s: &'a MgmtState,
+    headers: &HeaderMap,
+) -> Result<&'a EnforcementPoint, MgmtError> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    s.points
+        .iter()
+        .find(|p| !token.is_empty() && bool::from(token.as_bytes().ct_eq(p.token.as_bytes())))
+        .ok_or(MgmtError::Unauthorized)
+}
+
+fn object(body: &[u8]) -> Result<Map<String, Value>, MgmtError> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => Ok(m),
+        _ => Err(bad("the body must be a JSON object")),
+    }
+}
+
+fn stream_id(body: &Map<String, Value>) -> Result<String, MgmtError> {
+    body.get("stream_id")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| bad("`stream_id` is required"))
+}
+
+fn no_store(v: Value) -> Response {
+    ([(header::CACHE_CONTROL, "no-store")], Json(v)).into_response()
+}
+
+/// `POST /ssf/streams`: create (201).
+pub async fn create(
+    State(s): State<Arc<MgmtState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Reply {
+    let ep = authenticate(&s, &headers)?;
+    let body = object(&body)?;
+    let stream = new_stream(
+        &body,
+        &ep.name,
+        &s.issuer,
+        &ep.audience,
+        s.issuer.trim_end_matches('/'),
+    )?;
+    let config = stream.config_json();
+    s.streams.put(stream).await?;
+    Ok((StatusCode::CREATED, Json(config)).into_response())
+}
+
+#[derive(Deserialize)]
+pub struct StreamQuery {
+    stream_id: Option<String>,
+}
+
+/// `GET /ssf/streams[?stream_id=]`: one config, or an array of all the caller's streams.
+pub async fn read(
+    State(s): State<Arc<MgmtState>>,
+    headers: HeaderMap,
+    Query(q): Query<StreamQuery>,
+) -> Reply {
+    let ep = authenticate(&s, &headers)?;
+    match q.stream_id {
+        Some(id) => Ok(no_store(s.streams.get(&ep.name, &id)?.config_json())),
+        None => Ok(no_store(Value::Array(
+            s.streams
+                .list(&ep.name)
+                .iter()
+                .map(Stream::config_json)
+                .collect(),
+        ))),
+    }
+}
+
+/// `PATCH /ssf/streams` (update: absent fields unchanged) and `PUT /ssf/streams` (replace: absent
+/// receiver fields removed). Transmitter-supplied fields, if sent, must match.
+async fn change(s: &MgmtState, headers: &HeaderMap, body: &[u8], replace: bool) -> Reply {
+    let ep = authenticate(s, headers)?;
+    let body = object(body)?;
+    let id = stream_id(&body)?;
+    let mut st = s.streams.get(&ep.name, &id)?;
+    let current = st.config_json();
+    for field in [
+        "iss",
+        "aud",
+        "events_supported",
+        "events_delivered",
+        "min_verification_interval",
+    ] {
+        if let Some(v) = body.get(field) {
+            if Some(v) != current.get(field) {
+                return Err(bad(format!(
+                    "`{field}` is supplied by the transmitter and cannot change"
+                )));
+            }
+        }
+    }
+    if replace || body.contains_key("events_requested") {
+        st.events_requested = string_list(body.get("events_requested"))?;
+    }
+    if replace || body.contains_key("description") {
+        st.description = body
+            .get("description")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+    }
+    if replace || body.contains_key("delivery") {
+        st.delivery = parse_delivery(body.get("delivery"), s.issuer.trim_end_matches('/'), &id)?;
+    }
+    let config = st.config_json();
+    s.streams.put(st).await?;
+    Ok(Json(config).into_response())
+}
+
+pub async fn update(
+    State(s): State<Arc<MgmtState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Reply {
+    change(&s, &headers, &body, false).await
+}
+
+pub async fn replace(
+    State(s): State<Arc<MgmtState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Reply {
+    change(&s, &headers, &body, true).await
+}
+
+/// `DELETE /ssf/streams?stream_id=`: 204.
+pub async fn delete(
+    State(s): State<Arc<MgmtState>>,
+    headers: HeaderMap,
+    Query(q): Query<StreamQuery>,
+) -> Reply {
+    let ep = authenticate(&s, &headers)?;
+    let Some(id) = q.stream_id else {
+        return Err(bad("`stream_id` is required"));
+    };
+    s.streams.delete(&ep.name, &id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+fn status_json(st: &Stream) -> Value {
+    let mut v = json!({"stream_id": st.stream_id, "status": st.status});
+    if let Some(r) = &st.status_reason {
+        v["reason"] = json!(r);
+    }
+    v
+}
+
+/// `GET /ssf/status?stream_id=`.
+pub async fn read_status(
+    State(s): State<Arc<MgmtState>>,
+    headers: HeaderMap,
+    Query(q): Query<StreamQuery>,
+) -> Reply {
+    let ep = authenticate(&s, &headers)?;
+    let Some(id) = q.stream_id else {
+        return Err(bad("`stream_id` is required"));
+    };
+    Ok(Json(status_json(&s.streams.get(&ep.name, &id)?)).into_response())
+}
+
+/// `POST /ssf/status {stream_id, status, reason?}`: 200 with the new status. Disabling drops what
+/// the stream held; pausing holds SETs until it is enabled again.
+pub async fn update_status(
+    State(s): State<Arc<MgmtState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Reply {
+    let ep = authenticate(&s, &headers)?;
+    let body = object(&body)?;
+    let id = stream_id(&body)?;
+    let status = match body
+        .get("status")
+        .and_then(Value::as_str)
+        .map(StreamStatus::parse)
+    {
+        Some(Ok(st)) => st,
+        _ => return Err(bad("`status` must be enabled, paused or disabled")),
+    };
+    let mut st = s.streams.get(&ep.name, &id)?;
+    st.status = status.clone();
+    st.status_reason = body
+        .get("reason")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    if status == StreamStatus::Disabled {
+        s.streams.drop_outbox(&id).await?;
+    }
+    let reply = status_json(&st);
+    s.streams.put(st).await?;
+    s.streams.notifier(&id).notify_waiters();
+    Ok(Json(reply).into_response())
+}
+
+async fn subject_op(s: &MgmtState, headers: &HeaderMap, body: &[u8], add: bool) -> Reply {
+    let ep = authenticate(s, headers)?;
+    let body = object(body)?;
+    let id = stream_id(&body)?;
+    let Some(subject) = body.get("subject") else {
+        return Err(bad("`subject` is required"));
+    };
+    if let Err(e) = crate::subject::SubjectId::from_json(subject, true) {
+        return Err(bad(format!("`subject`: {e}")));
+    }
+    let mut st = s.streams.get(&ep.name, &id)?;
+    st.subjects.retain(|x| x != subject);
+    if add {
+        st.subjects.push(subject.clone());
+    }
+    s.streams.put(st).await?;
+    Ok(if add {
+        StatusCode::OK.into_response()
+    } else {
+        StatusCode::NO_CONTENT.into_response()
+    })
+}
+
+/// `POST /ssf/subjects:add`: 200.
+pub async fn add_subject(
+    State(s): State<Arc<MgmtState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Reply {
+    subject_op(&s, &headers, &body, true).await
+}
+
+/// `POST /ssf/subjects:remove`: 204.
+pub async fn remove_subject(
+    State(s): State<Arc<MgmtState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Reply {
+    subject_op(&s, &headers, &body, false).await
+}
+
+/// `POST /ssf/verify {stream_id, state?}`: 204, then a verification SET on the stream; 429 when
+/// asked faster than `min_verification_interval`.
+pub async fn verify(
+    State(s): State<Arc<MgmtState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Reply {
+    let ep = authenticate(&s, &headers)?;
+    let body = object(&body)?;
+    let id = stream_id(&body)?;
+    let mut st = s.streams.get(&ep.name, &id)?;
+    let now = crate::signal::now_ms() as f64 / 1000.0;
+    if st
+        .last_verification_at
+        .is_some_and(|t| now - t < st.min_verification_interval as f64)
+    {
+        return Err(StreamError::TooSoon.into());
+    }
+    st.last_verification_at = Some(now);
+    let state = body.get("state").and_then(Value::as_str);
+    let out = match emit::verification(&s.identity, &st, state) {
+        Ok(o) => o,
+        Err(e) => return Err(MgmtError::Internal(e)),
+    };
+    s.streams.put(st).await?;
+    s.streams.enqueue(vec![(id, out)]).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `POST /ssf/poll/{stream_id}` (RFC 8936): acknowledges `ack` and `setErrs`, then returns up to
+/// `maxEvents` outstanding SETs as `{"sets": {jti: set}, "moreAvailable": bool}`; long-polls unless
+/// `returnImmediately`. Unacknowledged SETs are delivered again on the next poll. A paused stream
+/// returns nothing (it holds its SETs until enabled).
+pub async fn poll(
+    State(s): State<Arc<MgmtState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Reply {
+    let ep = authenticate(&s, &headers)?;
+    let body = if body.is_empty() {
+        Map::new()
+    } else {
+        object(&body)?
+    };
+    s.streams.get(&ep.name, &id)?;
+    let mut done: Vec<String> =
+        string_list(body.get("ack")).map_err(|_| bad("`ack` must be an array of jti strings"))?;
+    if let Some(errs) = body.get("setErrs").and_then(Value::as_object) {
+        for (jti, err) in errs {
+            tracing::warn!(stream = %id, %jti, error = %err, "enforcement point rejected a SET");
+            metrics::counter!("vigil_sets_rejected_by_receiver_total").increment(1);
+            done.push(jti.clone());
+        }
+    }
+    s.streams.acknowledge(&id, &done).await?;
+    let max = body
+        .get("maxEvents")
+        .and_then(Value::as_u64)
+        .map_or(usize::MAX, |m| m as usize);
+    let immediate = body
+        .get("returnImmediately")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    if max == 0 {
+        return Ok(Json(json!({"sets": {}})).into_response());
+    }
+    let deadline = tokio::time::Instant::now() + s.poll_timeout;
+    loop {
+        let notified = s.streams.notifier(&id);
+        let wait = notified.notified();
+        let st = s.streams.get(&ep.name, &id)?;
+        let (sets, more) = if st.status == StreamStatus::Enabled {
+            s.streams.outstanding(&id, max)?
+        } else {
+            (Vec::new(), false)
+        };
+        if !sets.is_empty() || immediate || tokio::time::Instant::now() >= deadline {
+            let map: HashMap<String, String> =
+                sets.into_iter().map(|(_, o)| (o.jti, o.set)).collect();
+            let mut reply = json!({"sets": map});
+            if more {
+                reply["moreAvailable"] = json!(true);
+            }
+            return Ok(Json(reply).into_response());
+        }
+        let _ = tokio::time::timeout_at(deadline, wait).await;
+    }
+}

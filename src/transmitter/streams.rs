@@ -1,0 +1,471 @@
+//! SSF 1.0 §8 stream management for enforcement points, and the per-stream outbox of SETs awaiting
+//! delivery.
+//!
+//! Every enforcement point authenticates with its own bearer token and sees and changes only its own
+//! streams. A stream's push `authorization_header` is stored but never echoed back. Streams and the
+//! outbox persist in the store (`tx_streams`, `tx_outbox`); a SET enters the outbox durably before any
+//! delivery attempt and leaves it only when acknowledged (RFC 8936 `ack`).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use tokio::sync::Notify;
+
+use crate::events::{EventKind, StreamStatus};
+use crate::store::{BatchWriter, WriteError};
+
+const STREAMS: TableDefinition<&str, &[u8]> = TableDefinition::new("tx_streams");
+const OUTBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("tx_outbox");
+
+/// Push (RFC 8935) and poll (RFC 8936) delivery method URNs (SSF §6.1).
+pub const PUSH: &str = "urn:ietf:rfc:8935";
+pub const POLL: &str = "urn:ietf:rfc:8936";
+
+/// The event types Vigil emits (SSF `events_supported`).
+pub fn events_supported() -> Vec<String> {
+    [
+        EventKind::SessionRevoked,
+        EventKind::AssuranceLevelChange,
+        EventKind::TokenClaimsChange,
+    ]
+    .iter()
+    .map(|k| k.uri())
+    .collect()
+}
+
+/// Delivery settings of a stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Delivery {
+    pub method: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_url: Option<String>,
+    /// Sent by the receiver for push; stored, used, never echoed.
+    #[serde(default, skip_serializing)]
+    pub authorization_header: Option<String>,
+}
+
+/// A stream (SSF §8.1.1) with Vigil's bookkeeping.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stream {
+    pub stream_id: String,
+    /// The enforcement point that owns it.
+    pub owner: String,
+    pub iss: String,
+    pub aud: String,
+    pub delivery: Delivery,
+    #[serde(default)]
+    pub events_requested: Vec<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+    pub status: StreamStatus,
+    #[serde(default)]
+    pub status_reason: Option<String>,
+    /// Subjects added (SSF §8.1.3); with `default_subjects: ALL` they are informational.
+    #[serde(default)]
+    pub subjects: Vec<Value>,
+    pub min_verification_interval: u64,
+    #[serde(default)]
+    pub last_verification_at: Option<f64>,
+}
+
+impl Stream {
+    /// `events_delivered`: supported ∩ requested (all supported when nothing was requested).
+    pub fn events_delivered(&self) -> Vec<String> {
+        let supported = events_supported();
+        if self.events_requested.is_empty() {
+            return supported;
+        }
+        supported
+            .into_iter()
+            .filter(|e| self.events_requested.contains(e))
+            .collect()
+    }
+
+    /// The stream configuration as SSF §8.1.1 spells it (no secret).
+    pub fn config_json(&self) -> Value {
+        let mut v = json!({
+            "stream_id": self.stream_id,
+            "iss": self.iss,
+            "aud": self.aud,
+            "delivery": self.delivery,
+            "events_supported": events_supported(),
+            "events_requested": self.events_requested,
+            "events_delivered": self.events_delivered(),
+            "min_verification_interval": self.min_verification_interval,
+        });
+        if let Some(d) = &self.description {
+            v["description"] = json!(d);
+        }
+        v
+    }
+}
+
+/// An outstanding SET.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Outgoing {
+    pub jti: String,
+    pub set: String,
+    /// Milliseconds since the epoch when it was queued (for delivery latency).
+    pub queued_at_ms: i64,
+}
+
+/// Why a stream operation failed; mapped to SSF §8 status codes by the HTTP layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("no such stream")]
+    NotFound,
+    #[error("{0}")]
+    Invalid(String),
+    #[error("verification requested faster than min_verification_interval")]
+    TooSoon,
+    #[error("storage: {0}")]
+    Storage(String),
+}
+
+impl From<WriteError> for StreamError {
+    fn from(e: WriteError) -> Self {
+        StreamError::Storage(e.to_string())
+    }
+}
+
+/// Streams and their outboxes.
+pub struct StreamStore {
+    db: Arc<Database>,
+    writer: BatchWriter,
+    streams: RwLock<HashMap<String, Stream>>,
+    next_seq: AtomicU64,
+    notifiers: dashmap::DashMap<String, Arc<Notify>>,
+}
+
+fn storage<E: Into<redb::Error>>(e: E) -> StreamError {
+    StreamError::Storage(e.into().to_string())
+}
+
+fn outbox_key(stream: &str, seq: u64) -> String {
+    format!("{stream}\0{seq:020}")
+}
+
+impl StreamStore {
+    pub fn open(db: Arc<Database>, writer: BatchWriter) -> Result<StreamStore, StreamError> {
+        let txn = db.begin_write().map_err(storage)?;
+        {
+            txn.open_table(STREAMS).map_err(storage)?;
+            txn.open_table(OUTBOX).map_err(storage)?;
+        }
+        txn.commit().map_err(storage)?;
+        let txn = db.begin_read().map_err(storage)?;
+        let mut streams = HashMap::new();
+        for entry in txn
+            .open_table(STREAMS)
+            .map_err(storage)?
+            .iter()
+            .map_err(storage)?
+        {
+            let (_, v) = entry.map_err(storage)?;
+            if let Ok(s) = serde_json::from_slice::<Stream>(v.value()) {
+                streams.insert(s.stream_id.clone(), s);
+            }
+        }
+        let mut max_seq = 0;
+        for entry in txn
+            .open_table(OUTBOX)
+            .map_err(storage)?
+            .iter()
+            .map_err(storage)?
+        {
+            let (k, _) = entry.map_err(storage)?;
+            if let Some(seq) = k
+                .value()
+                .rsplit('\0')
+                .next()
+                .and_then(|s| s.parse::<u64>().ok())
+            {
+                max_seq = max_seq.max(seq);
+            }
+        }
+        Ok(StreamStore {
+            db,
+            writer,
+            streams: RwLock::new(streams),
+            next_seq: AtomicU64::new(max_seq + 1),
+            notifiers: dashmap::DashMap::new(),
+        })
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Stream>> {
+        match self.streams.read() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// The stream `id` if `owner` owns it.
+    pub fn get(&self, owner: &str, id: &str) -> Result<Stream, StreamError> {
+        self.read()
+            .get(id)
+            .filter(|s| s.owner == owner)
+            .cloned()
+            .ok_or(StreamError::NotFound)
+    }
+
+    pub fn list(&self, owner: &str) -> Vec<Stream> {
+        let mut v: Vec<Stream> = self
+            .read()
+            .values()
+            .filter(|s| s.owner == owner)
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.stream_id.cmp(&b.stream_id));
+        v
+    }
+
+    /// Every stream that is not disabled.
+    pub fn live(&self) -> Vec<Stream> {
+        self.read()
+            .values()
+            .filter(|s| s.status != StreamStatus::Disabled)
+            .cloned()
+            .collect()
+    }
+
+    /// Creates or replaces a stream, durably.
+    pub async fn put(&self, stream: Stream) -> Result<(), StreamError> {
+        let bytes = serde_json::to_vec(&stream).map_err(|e| StreamError::Storage(e.to_string()))?;
+        let id = stream.stream_id.clone();
+        self.writer
+            .write(move |txn| {
+                txn.open_table(STREAMS)
+                    .map_err(WriteError::storage)?
+                    .insert(id.as_str(), bytes.as_slice())
+                    .map_err(WriteError::storage)?;
+                Ok(())
+            })
+            .await?;
+        if let Ok(mut g) = self.streams.write() {
+            g.insert(stream.stream_id.clone(), stream);
+        }
+        Ok(())
+    }
+
+    /// Deletes a stream and its outbox.
+    pub async fn delete(&self, owner: &str, id: &str) -> Result<(), StreamError> {
+        self.get(owner, id)?;
+        self.drop_outbox(id).await?;
+        let key = id.to_owned();
+        self.writer
+            .write(move |txn| {
+                txn.open_table(STREAMS)
+                    .map_err(WriteError::storage)?
+                    .remove(key.as_str())
+                    .map_err(WriteError::storage)?;
+                Ok(())
+            })
+            .await?;
+        if let Ok(mut g) = self.streams.write() {
+            g.remove(id);
+        }
+        self.notify(id);
+        Ok(())
+    }
+
+    /// Drops every outstanding SET of a stream (a disabled stream holds nothing, SSF §8.1.2).
+    pub async fn drop_outbox(&self, id: &str) -> Result<(), StreamError> {
+        let keys: Vec<String> = self
+            .outstanding(id, usize::MAX)?
+            .0
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        self.writer
+            .write(move |txn| {
+                let mut t = txn.open_table(OUTBOX).map_err(WriteError::storage)?;
+                for k in &keys {
+                    t.remove(k.as_str()).map_err(WriteError::storage)?;
+                }
+                Ok(())
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Queues SETs durably: `(stream_id, Outgoing)` pairs, in order.
+    pub async fn enqueue(&self, items: Vec<(String, Outgoing)>) -> Result<(), StreamError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let mut rows = Vec::with_capacity(items.len());
+        for (stream, out) in &items {
+            let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
+            let bytes = serde_json::to_vec(out).map_err(|e| StreamError::Storage(e.to_string()))?;
+            rows.push((outbox_key(stream, seq), bytes));
+        }
+        self.writer
+            .write(move |txn| {
+                let mut t = txn.open_table(OUTBOX).map_err(WriteError::storage)?;
+                for (k, v) in &rows {
+                    t.insert(k.as_str(), v.as_slice())
+                        .map_err(WriteError::storage)?;
+                }
+                Ok(())
+            })
+            .await?;
+        for (stream, _) in &items {
+            self.notify(stream);
+        }
+        metrics::counter!("vigil_sets_emitted_total").increment(items.len() as u64);
+        Ok(())
+    }
+
+    /// Up to `max` outstanding SETs of a stream, oldest first, and whether more remain.
+    #[allow(clippy::type_complexity)]
+    pub fn outstanding(
+        &self,
+        id: &str,
+        max: usize,
+    ) -> Result<(Vec<(String, Outgoing)>, bool), StreamError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let t = txn.open_table(OUTBOX).map_err(storage)?;
+        let start = format!("{id}\0");
+        let end = format!("{id}\u{1}");
+        let mut out = Vec::new();
+        let mut more = false;
+        for entry in t.range(start.as_str()..end.as_str()).map_err(storage)? {
+            let (k, v) = entry.map_err(storage)?;
+            if out.len() >= max {
+                more = true;
+                break;
+            }
+            if let Ok(o) = serde_json::from_slice::<Outgoing>(v.value()) {
+                out.push((k.value().to_owned(), o));
+            }
+        }
+        Ok((out, more))
+    }
+
+    /// Removes acknowledged (or rejected) SETs of a stream by `jti`.
+    pub async fn acknowledge(&self, id: &str, jtis: &[String]) -> Result<usize, StreamError> {
+        if jtis.is_empty() {
+            return Ok(0);
+        }
+        let (all, _) = self.outstanding(id, usize::MAX)?;
+        let now = crate::signal::now_ms();
+        let keys: Vec<String> = all
+            .into_iter()
+            .filter(|(_, o)| jtis.contains(&o.jti))
+            .map(|(k, o)| {
+                metrics::histogram!("vigil_decision_delivered_seconds", "method" => "poll")
+                    .record((now - o.queued_at_ms).max(0) as f64 / 1000.0);
+                k
+            })
+            .collect();
+        let n = keys.len();
+        self.writer
+            .write(move |txn| {
+                let mut t = txn.open_table(OUTBOX).map_err(WriteError::storage)?;
+                for k in &keys {
+                    t.remove(k.as_str()).map_err(WriteError::storage)?;
+                }
+                Ok(())
+            })
+            .await?;
+        metrics::counter!("vigil_sets_delivered_total", "method" => "poll").increment(n as u64);
+        Ok(n)
+    }
+
+    /// The notifier woken when a stream gets SETs (long polls wait on it).
+    pub fn notifier(&self, id: &str) -> Arc<Notify> {
+        self.notifiers.entry(id.to_owned()).or_default().clone()
+    }
+
+    fn notify(&self, id: &str) {
+        if let Some(n) = self.notifiers.get(id) {
+            n.notify_waiters();
+        }
+    }
+}
+
+/// Builds a stream from a create request (SSF §8.1.1.1): poll is assumed when `delivery` is absent.
+pub fn new_stream(
+    body: &Map<String, Value>,
+    owner: &str,
+    iss: &str,
+    aud: &str,
+    poll_base: &str,
+) -> Result<Stream, StreamError> {
+    let id = format!("{:032x}", rand::random::<u128>());
+    let delivery = parse_delivery(body.get("delivery"), poll_base, &id)?;
+    Ok(Stream {
+        stream_id: id,
+        owner: owner.to_owned(),
+        iss: iss.to_owned(),
+        aud: aud.to_owned(),
+        delivery,
+        events_requested: string_list(body.get("events_requested"))?,
+        description: body
+            .get("description")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        status: StreamStatus::Enabled,
+        status_reason: None,
+        subjects: Vec::new(),
+        min_verification_interval: 15,
+        last_verification_at: None,
+    })
+}
+
+pub fn parse_delivery(
+    v: Option<&Value>,
+    poll_base: &str,
+    id: &str,
+) -> Result<Delivery, StreamError> {
+    let poll = || Delivery {
+        method: POLL.to_owned(),
+        endpoint_url: Some(format!("{poll_base}/ssf/poll/{id}")),
+        authorization_header: None,
+    };
+    let Some(v) = v else { return Ok(poll()) };
+    let method = v.get("method").and_then(Value::as_str).unwrap_or_default();
+    match method {
+        POLL => Ok(poll()),
+        PUSH => {
+            let url = v
+                .get("endpoint_url")
+                .and_then(Value::as_str)
+                .filter(|u| reqwest::Url::parse(u).is_ok())
+                .ok_or_else(|| {
+                    StreamError::Invalid("push delivery needs a valid `endpoint_url`".into())
+                })?;
+            Ok(Delivery {
+                method: PUSH.to_owned(),
+                endpoint_url: Some(url.to_owned()),
+                authorization_header: v
+                    .get("authorization_header")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
+            })
+        }
+        other => Err(StreamError::Invalid(format!(
+            "unsupported delivery method `{other}`"
+        ))),
+    }
+}
+
+pub fn string_list(v: Option<&Value>) -> Result<Vec<String>, StreamError> {
+    match v {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| x.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| {
+                StreamError::Invalid("`events_requested` must be an array of strings".into())
+            }),
+        Some(_) => Err(StreamError::Invalid(
+            "`events_requested` must be an array of strings".into(),
+        )),
+    }
+}

@@ -1,0 +1,592 @@
+//! Vigil as an SSF transmitter toward enforcement points: stream management with the spec's status
+//! codes (driven by the spec's own request bodies), and revocations delivered over RFC 8936 poll,
+//! signed with Vigil's key and verified the way a standard receiver does.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use vigil::config::EnforcementPointConfig;
+use vigil::jose::{parse_compact, Alg};
+use vigil::jwks::KeySet;
+use vigil::set::{validate_claims, SetRules};
+
+const ISS: &str = "https://idp.example.com/123456789/";
+const AUD: &str = "https://sp.example.com/caep";
+const EP_TOKEN: &str = "gateway-token-0123456789";
+const OTHER_TOKEN: &str = "sidecar-token-0123456789";
+
+struct Env {
+    tx: Transmitter,
+    vigil: vigil::Vigil,
+    config: vigil::Config,
+    _dir: tempfile::TempDir,
+}
+
+async fn env() -> Env {
+    let tx = Transmitter::start(&[Alg::RS256]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), vec![tx.config("idp", ISS, &[AUD])]);
+    config.enforcement_points = vec![
+        EnforcementPointConfig {
+            name: "gateway".into(),
+            token: EP_TOKEN.into(),
+            audience: Some("https://gateway.example.com".into()),
+        },
+        EnforcementPointConfig {
+            name: "sidecar".into(),
+            token: OTHER_TOKEN.into(),
+            audience: None,
+        },
+    ];
+    config.identity.poll_timeout_secs = 2;
+    let vigil = start(config.clone()).await;
+    Env {
+        tx,
+        vigil,
+        config,
+        _dir: dir,
+    }
+}
+
+async fn call(
+    vigil: &vigil::Vigil,
+    method: reqwest::Method,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req =
+        reqwest::Client::new().request(method, format!("http://{}{path}", vigil.local_addr()));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(if text.is_empty() {
+            Value::Null
+        } else {
+            Value::String(text)
+        }),
+    )
+}
+
+fn with_stream(mut body: Value, id: &str) -> Value {
+    body["stream_id"] = json!(id);
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_management_answers_with_the_spec_status_codes() {
+    use reqwest::Method;
+    let env = env().await;
+    let v = &env.vigil;
+    let t = Some(EP_TOKEN);
+    assert_eq!(
+        call(v, Method::GET, "/ssf/streams", None, None).await.0,
+        401
+    );
+    assert_eq!(
+        call(
+            v,
+            Method::GET,
+            "/ssf/streams",
+            Some("wrong-token-0123456789"),
+            None
+        )
+        .await
+        .0,
+        401
+    );
+    assert_eq!(
+        call(v, Method::GET, "/ssf/streams", t, None).await,
+        (200, json!([]))
+    );
+
+    let (code, created) = call(
+        v,
+        Method::POST,
+        "/ssf/streams",
+        t,
+        Some(spec_example("ssf-create-stream-request.json")),
+    )
+    .await;
+    assert_eq!(code, 201, "{created}");
+    let id = created["stream_id"].as_str().unwrap().to_owned();
+    assert_eq!(created["iss"], json!(format!("http://{}", v.local_addr())));
+    assert_eq!(created["aud"], "https://gateway.example.com");
+    assert_eq!(created["delivery"]["method"], "urn:ietf:rfc:8935");
+    assert!(created["delivery"].get("authorization_header").is_none());
+    assert_eq!(
+        created["events_delivered"],
+        json!([]),
+        "none of the example's event types is supported"
+    );
+
+    let (code, one) = call(
+        v,
+        Method::GET,
+        &format!("/ssf/streams?stream_id={id}"),
+        t,
+        None,
+    )
+    .await;
+    assert_eq!((code, &one["stream_id"]), (200, &json!(id)));
+    let (code, list) = call(v, Method::GET, "/ssf/streams", t, None).await;
+    assert_eq!((code, list.as_array().unwrap().len()), (200, 1));
+    // Another enforcement point sees nothing of it.
+    assert_eq!(
+        call(v, Method::GET, "/ssf/streams", Some(OTHER_TOKEN), None).await,
+        (200, json!([]))
+    );
+    assert_eq!(
+        call(
+            v,
+            Method::GET,
+            &format!("/ssf/streams?stream_id={id}"),
+            Some(OTHER_TOKEN),
+            None
+        )
+        .await
+        .0,
+        404
+    );
+
+    let (code, updated) = call(
+        v,
+        Method::PATCH,
+        "/ssf/streams",
+        t,
+        Some(with_stream(
+            spec_example("ssf-update-stream-request.json"),
+            &id,
+        )),
+    )
+    .await;
+    assert_eq!(code, 200, "{updated}");
+    assert_eq!(
+        updated["description"],
+        "Stream for Receiver B using events type_2, type_3, type_4"
+    );
+    assert_eq!(
+        updated["delivery"]["method"], "urn:ietf:rfc:8935",
+        "PATCH keeps absent fields"
+    );
+    let (code, replaced) = call(
+        v,
+        Method::PUT,
+        "/ssf/streams",
+        t,
+        Some(with_stream(
+            spec_example("ssf-replace-stream-request.json"),
+            &id,
+        )),
+    )
+    .await;
+    assert_eq!(code, 200, "{replaced}");
+    let bad = json!({"stream_id": id, "iss": "https://someone-else.example"});
+    assert_eq!(
+        call(v, Method::PATCH, "/ssf/streams", t, Some(bad)).await.0,
+        400
+    );
+
+    let (code, status) = call(
+        v,
+        Method::GET,
+        &format!("/ssf/status?stream_id={id}"),
+        t,
+        None,
+    )
+    .await;
+    assert_eq!((code, &status["status"]), (200, &json!("enabled")));
+    let (code, status) = call(
+        v,
+        Method::POST,
+        "/ssf/status",
+        t,
+        Some(with_stream(
+            spec_example("ssf-update-status-request-with-reason.json"),
+            &id,
+        )),
+    )
+    .await;
+    assert_eq!(code, 200, "{status}");
+    assert_eq!(
+        status["status"],
+        spec_example("ssf-update-status-request-with-reason.json")["status"]
+    );
+
+    let (code, body) = call(
+        v,
+        Method::POST,
+        "/ssf/subjects:add",
+        t,
+        Some(with_stream(
+            spec_example("ssf-add-subject-request.json"),
+            &id,
+        )),
+    )
+    .await;
+    assert_eq!((code, body), (200, Value::Null));
+    let (code, body) = call(
+        v,
+        Method::POST,
+        "/ssf/subjects:remove",
+        t,
+        Some(with_stream(
+            spec_example("ssf-remove-subject-request.json"),
+            &id,
+        )),
+    )
+    .await;
+    assert_eq!((code, body), (204, Value::Null));
+
+    let verify = with_stream(spec_example("ssf-verify-request.json"), &id);
+    assert_eq!(
+        call(v, Method::POST, "/ssf/verify", t, Some(verify.clone()))
+            .await
+            .0,
+        204
+    );
+    assert_eq!(
+        call(v, Method::POST, "/ssf/verify", t, Some(verify))
+            .await
+            .0,
+        429,
+        "faster than min_verification_interval"
+    );
+
+    assert_eq!(
+        call(
+            v,
+            Method::DELETE,
+            &format!("/ssf/streams?stream_id={id}"),
+            t,
+            None
+        )
+        .await
+        .0,
+        204
+    );
+    assert_eq!(
+        call(
+            v,
+            Method::GET,
+            &format!("/ssf/streams?stream_id={id}"),
+            t,
+            None
+        )
+        .await
+        .0,
+        404
+    );
+    env.vigil.shutdown().await;
+}
+
+/// Verifies a SET from Vigil with Vigil's published JWKS, as any SSF receiver would.
+async fn verify_from_vigil(vigil: &vigil::Vigil, set: &str, aud: &str) -> vigil::set::ValidatedSet {
+    let issuer = format!("http://{}", vigil.local_addr());
+    let client = reqwest::Client::new();
+    let meta = vigil::discovery::fetch_metadata(&client, &issuer)
+        .await
+        .unwrap();
+    let jwks = client
+        .get(meta.jwks_uri.unwrap())
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let keys = KeySet::from_jwks_json(&jwks, &[Alg::RS256]).unwrap();
+    let jws = parse_compact(set, &[Alg::RS256]).unwrap();
+    keys.verify(&jws).unwrap();
+    let audiences = vec![aud.to_owned()];
+    validate_claims(
+        &jws.payload,
+        SetRules {
+            issuer: &issuer,
+            audiences: &audiences,
+            legacy_subjects: false,
+        },
+    )
+    .unwrap()
+}
+
+fn now() -> f64 {
+    vigil::signal::now_ms() as f64 / 1000.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_reaches_a_poll_subscriber_signed_and_survives_restart_until_acknowledged() {
+    use reqwest::Method;
+    let env = env().await;
+    let t = Some(EP_TOKEN);
+    let (code, stream) = call(&env.vigil, Method::POST, "/ssf/streams", t,
+        Some(json!({"events_requested": ["https://schemas.openid.net/secevent/caep/event-type/session-revoked"]}))).await;
+    assert_eq!(code, 201);
+    assert_eq!(
+        stream["delivery"]["method"], "urn:ietf:rfc:8936",
+        "poll is assumed without `delivery`"
+    );
+    let id = stream["stream_id"].as_str().unwrap().to_owned();
+    let poll_path = format!("/ssf/poll/{id}");
+    assert!(stream["delivery"]["endpoint_url"]
+        .as_str()
+        .unwrap()
+        .ends_with(&poll_path));
+
+    let now = now();
+    let user = json!({"format": "iss_sub", "iss": ISS, "sub": "poll-user"});
+    let grant = json!({"id": "gw-session", "kind": "session", "subject": user, "session": "sess-42",
+        "issued_at": now - 60.0, "expires_at": now + 3600.0, "enforcement_points": ["gateway"]});
+    assert_eq!(post_json(&env.vigil, "/v1/grants", &grant).await.0, 201);
+
+    // A long poll waits; the revocation arrives while it does.
+    let waiting = {
+        let addr = env.vigil.local_addr();
+        let path = poll_path.clone();
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(format!("http://{addr}{path}"))
+                .bearer_auth(EP_TOKEN)
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let signal = json!({"iss": ISS, "aud": AUD, "jti": "risk-poll-1", "iat": now as i64, "sub_id": user,
+        "events": {"https://schemas.openid.net/secevent/caep/event-type/risk-level-change":
+            {"principal": "USER", "current_level": "HIGH", "event_timestamp": now}}});
+    assert_eq!(
+        push(
+            &env.vigil,
+            "idp",
+            &env.tx.key(Alg::RS256).sign_set(&signal).unwrap()
+        )
+        .await
+        .status,
+        202
+    );
+    let first = waiting.await.unwrap();
+    let sets = first["sets"].as_object().unwrap();
+    assert_eq!(sets.len(), 1, "{first}");
+    let (jti, set) = sets.iter().next().unwrap();
+
+    let v = verify_from_vigil(
+        &env.vigil,
+        set.as_str().unwrap(),
+        "https://gateway.example.com",
+    )
+    .await;
+    assert_eq!(&v.jti, jti);
+    assert_eq!(
+        v.event_uri,
+        "https://schemas.openid.net/secevent/caep/event-type/session-revoked"
+    );
+    assert_eq!(
+        v.txn.as_deref(),
+        Some("risk-poll-1"),
+        "txn links to the triggering signal"
+    );
+    let sub = serde_json::to_value(&v.subject).unwrap();
+    assert_eq!(sub["format"], "complex");
+    assert_eq!(sub["user"], user);
+    assert_eq!(sub["session"], json!({"format": "opaque", "id": "sess-42"}));
+    match &v.event {
+        vigil::events::Event::SessionRevoked(e) => {
+            assert!(e
+                .common
+                .reason_admin
+                .as_ref()
+                .unwrap()
+                .best("en")
+                .unwrap()
+                .contains("risk HIGH"))
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // Not acknowledged: delivered again, and still there after a restart.
+    let (_, again) = call(
+        &env.vigil,
+        Method::POST,
+        &poll_path,
+        t,
+        Some(json!({"returnImmediately": true})),
+    )
+    .await;
+    assert!(again["sets"].get(jti).is_some(), "{again}");
+    let Env {
+        tx,
+        vigil,
+        config,
+        _dir,
+    } = env;
+    vigil.shutdown().await;
+    let vigil = start(config.clone()).await;
+    let env = Env {
+        tx,
+        vigil,
+        config,
+        _dir,
+    };
+    let (_, after) = call(
+        &env.vigil,
+        Method::POST,
+        &poll_path,
+        t,
+        Some(json!({"returnImmediately": true})),
+    )
+    .await;
+    assert!(after["sets"].get(jti).is_some(), "{after}");
+    // Another enforcement point cannot poll this stream.
+    assert_eq!(
+        call(
+            &env.vigil,
+            Method::POST,
+            &poll_path,
+            Some(OTHER_TOKEN),
+            Some(json!({}))
+        )
+        .await
+        .0,
+        404
+    );
+
+    // Acknowledged: gone.
+    let (code, acked) = call(
+        &env.vigil,
+        Method::POST,
+        &poll_path,
+        t,
+        Some(json!({"ack": [jti], "returnImmediately": true})),
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert_eq!(acked["sets"], json!({}));
+    let (_, ack_only) = call(
+        &env.vigil,
+        Method::POST,
+        &poll_path,
+        t,
+        Some(json!({"maxEvents": 0})),
+    )
+    .await;
+    assert_eq!(ack_only["sets"], json!({}));
+    env.vigil.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verification_sets_carry_the_state_and_streams_of_other_points_get_nothing() {
+    use reqwest::Method;
+    let env = env().await;
+    let (_, gw) = call(
+        &env.vigil,
+        Method::POST,
+        "/ssf/streams",
+        Some(EP_TOKEN),
+        Some(json!({})),
+    )
+    .await;
+    let (_, sc) = call(
+        &env.vigil,
+        Method::POST,
+        "/ssf/streams",
+        Some(OTHER_TOKEN),
+        Some(json!({})),
+    )
+    .await;
+    let gw_id = gw["stream_id"].as_str().unwrap().to_owned();
+    let sc_id = sc["stream_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        call(
+            &env.vigil,
+            Method::POST,
+            "/ssf/verify",
+            Some(EP_TOKEN),
+            Some(json!({"stream_id": gw_id, "state": "abc"}))
+        )
+        .await
+        .0,
+        204
+    );
+    let (_, polled) = call(
+        &env.vigil,
+        Method::POST,
+        &format!("/ssf/poll/{gw_id}"),
+        Some(EP_TOKEN),
+        Some(json!({"returnImmediately": true})),
+    )
+    .await;
+    let (ver_jti, set) = polled["sets"].as_object().unwrap().iter().next().unwrap();
+    let (ver_jti, set) = (ver_jti.clone(), set.as_str().unwrap().to_owned());
+    let v = verify_from_vigil(&env.vigil, &set, "https://gateway.example.com").await;
+    match v.event {
+        vigil::events::Event::Verification(ver) => assert_eq!(ver.state.as_deref(), Some("abc")),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        serde_json::to_value(&v.subject).unwrap(),
+        json!({"format": "opaque", "id": gw_id})
+    );
+
+    // A grant held only by the gateway: its revocation goes to the gateway's stream, not the sidecar's.
+    let now = now();
+    let grant = json!({"id": "only-gw", "kind": "session", "subject": {"format": "email", "email": "g@example.com"},
+        "issued_at": now - 60.0, "expires_at": now + 3600.0, "enforcement_points": ["gateway"]});
+    assert_eq!(post_json(&env.vigil, "/v1/grants", &grant).await.0, 201);
+    let signal = json!({"iss": ISS, "aud": AUD, "jti": "dis-gw", "iat": now as i64,
+        "sub_id": {"format": "email", "email": "g@example.com"},
+        "events": {"https://schemas.openid.net/secevent/risc/event-type/account-disabled": {}}});
+    assert_eq!(
+        push(
+            &env.vigil,
+            "idp",
+            &env.tx.key(Alg::RS256).sign_set(&signal).unwrap()
+        )
+        .await
+        .status,
+        202
+    );
+    // Acknowledge the verification; the long poll then returns the revocation.
+    let (_, gw_sets) = call(
+        &env.vigil,
+        Method::POST,
+        &format!("/ssf/poll/{gw_id}"),
+        Some(EP_TOKEN),
+        Some(json!({"ack": [ver_jti]})),
+    )
+    .await;
+    let sets = gw_sets["sets"].as_object().unwrap();
+    assert_eq!(sets.len(), 1, "{gw_sets}");
+    let revocation = verify_from_vigil(
+        &env.vigil,
+        sets.values().next().unwrap().as_str().unwrap(),
+        "https://gateway.example.com",
+    )
+    .await;
+    assert_eq!(revocation.txn.as_deref(), Some("dis-gw"));
+    let (_, sc_sets) = call(
+        &env.vigil,
+        Method::POST,
+        &format!("/ssf/poll/{sc_id}"),
+        Some(OTHER_TOKEN),
+        Some(json!({"returnImmediately": true})),
+    )
+    .await;
+    assert_eq!(sc_sets["sets"], json!({}));
+    env.vigil.shutdown().await;
+}
