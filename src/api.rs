@@ -9,6 +9,8 @@
 //! | `GET /v1/subjects/{key}` | 200 context, grants, recent signals and decisions ("why"); 404 |
 //! | `POST /v1/check` | 200 `{decision: allow \| deny, status, reason, grants}` from live state |
 //! | `GET /v1/check/auth_request` | nginx `auth_request`: 200 allow, 401 unknown, 403 denied |
+//! | `GET /v1/deadletters` | SETs that could not be pushed, with the error |
+//! | `POST /v1/deadletters/replay` | 200 `{replayed: n}`: back into their streams' outboxes, in order |
 //! | `POST /v1/policies/reload` | 200 `{status: swapped \| unchanged, version}`; 422 `{status: refused, error}` |
 
 use std::sync::Arc;
@@ -27,6 +29,7 @@ use crate::grant::{GrantRequest, GrantStatus};
 use crate::reload::{PolicyReloader, ReloadOutcome};
 
 pub struct ApiState {
+    pub streams: Arc<crate::transmitter::streams::StreamStore>,
     pub engine: Arc<Engine>,
     pub audit: Arc<crate::audit::AuditLog>,
     pub reloader: Arc<PolicyReloader>,
@@ -277,4 +280,21 @@ fn jwt_iss_jti(jwt: &str) -> Option<crate::grant::TokenId> {
         iss: claims.get("iss")?.as_str()?.to_owned(),
         jti: claims.get("jti")?.as_str()?.to_owned(),
     })
+}
+
+pub async fn dead_letters(State(s): State<Arc<ApiState>>) -> Response {
+    match s.streams.dead_letters() {
+        Ok(list) => {
+            let items: Vec<Value> = list.into_iter().map(|(_, d)| json!(d)).collect();
+            Json(json!({"dead_letters": items})).into_response()
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+    }
+}
+
+pub async fn replay_dead_letters(State(s): State<Arc<ApiState>>) -> Response {
+    match s.streams.replay_dead_letters().await {
+        Ok(n) => Json(json!({"replayed": n})).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+    }
 }

@@ -90,7 +90,8 @@ impl Vigil {
             )
             .map_err(StartError::Audit)?,
         );
-        let (decision_tx, decision_rx) = mpsc::channel::<Decision>(4096);
+        let (decision_tx, decision_rx) =
+            mpsc::channel::<(Decision, Arc<crate::grant::Grant>)>(4096);
         let engine_settings = EngineSettings {
             shards: if config.engine.shards == 0 {
                 EngineSettings::default().shards
@@ -170,9 +171,19 @@ impl Vigil {
             StreamStore::open(db.clone(), batch_writer_for_streams.clone())
                 .map_err(|e| StartError::Identity(e.to_string()))?,
         );
+        tasks.push(tokio::spawn(transmitter::push::run(
+            streams.clone(),
+            client.clone(),
+            transmitter::push::PushSettings {
+                timeout: Duration::from_millis(config.delivery.push_timeout_ms),
+                initial_backoff: Duration::from_millis(config.delivery.initial_backoff_ms),
+                max_backoff: Duration::from_secs(config.delivery.max_backoff_secs),
+                dead_letter_after: Duration::from_secs(config.delivery.dead_letter_after_secs),
+            },
+            shutdown_rx.clone(),
+        )));
         let decision_task = tokio::spawn(transmitter::emit::run(
             decision_rx,
-            Arc::downgrade(&engine),
             identity.clone(),
             streams.clone(),
         ));
@@ -183,6 +194,7 @@ impl Vigil {
             )));
         }
         let api_state = Arc::new(ApiState {
+            streams: streams.clone(),
             engine: engine.clone(),
             audit,
             reloader: reloader.clone(),
@@ -212,6 +224,8 @@ impl Vigil {
                     .route("/v1/check/auth_request", get(api::check_auth_request))
                     .route("/v1/subjects/{key}", get(api::subject))
                     .route("/v1/policies/reload", post(api::reload_policies))
+                    .route("/v1/deadletters", get(api::dead_letters))
+                    .route("/v1/deadletters/replay", post(api::replay_dead_letters))
                     .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
                     .with_state(api_state),
             )

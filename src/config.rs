@@ -68,6 +68,8 @@ pub struct Config {
     pub audit: AuditConfig,
     #[serde(default)]
     pub identity: IdentityConfig,
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
     /// Enforcement points allowed to subscribe to Vigil's SSF streams.
     #[serde(default)]
     pub enforcement_points: Vec<EnforcementPointConfig>,
@@ -138,6 +140,47 @@ pub struct IdentityConfig {
     /// How long an RFC 8936 long poll waits for SETs before answering with none.
     #[serde(default = "default_poll_timeout")]
     pub poll_timeout_secs: u64,
+}
+
+/// RFC 8935 push delivery to enforcement points.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// Timeout of one push attempt.
+    #[serde(default = "default_push_timeout")]
+    pub push_timeout_ms: u64,
+    /// First retry delay; doubles per failure (with jitter) up to `max_backoff_secs`.
+    #[serde(default = "default_initial_backoff")]
+    pub initial_backoff_ms: u64,
+    #[serde(default = "default_max_backoff")]
+    pub max_backoff_secs: u64,
+    /// A SET still undelivered this long after it was queued moves to the dead letters.
+    #[serde(default = "default_dead_letter_after")]
+    pub dead_letter_after_secs: u64,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            push_timeout_ms: default_push_timeout(),
+            initial_backoff_ms: default_initial_backoff(),
+            max_backoff_secs: default_max_backoff(),
+            dead_letter_after_secs: default_dead_letter_after(),
+        }
+    }
+}
+
+fn default_push_timeout() -> u64 {
+    5000
+}
+fn default_initial_backoff() -> u64 {
+    500
+}
+fn default_max_backoff() -> u64 {
+    300
+}
+fn default_dead_letter_after() -> u64 {
+    24 * 3600
 }
 
 /// An enforcement point (API gateway, sidecar, agent runtime) that manages streams with Vigil.
@@ -376,6 +419,7 @@ impl Default for Config {
             context: ContextConfig::default(),
             audit: AuditConfig::default(),
             identity: IdentityConfig::default(),
+            delivery: DeliveryConfig::default(),
             enforcement_points: Vec::new(),
             transmitters: Vec::new(),
         }

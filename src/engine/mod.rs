@@ -121,7 +121,8 @@ pub(crate) struct Shared {
     pub policy: RwLock<Arc<PolicySet>>,
     pub writer: BatchWriter,
     pub audit: Arc<AuditLog>,
-    pub decisions: mpsc::Sender<Decision>,
+    /// Decisions, with the grant they are about, for delivery.
+    pub decisions: mpsc::Sender<(Decision, Arc<Grant>)>,
     pub settings: EngineSettings,
 }
 
@@ -239,7 +240,7 @@ impl Engine {
         writer: BatchWriter,
         audit: Arc<AuditLog>,
         policy: PolicySet,
-        decisions: mpsc::Sender<Decision>,
+        decisions: mpsc::Sender<(Decision, Arc<Grant>)>,
         settings: EngineSettings,
     ) -> Result<Engine, EngineError> {
         let mut settings = settings;

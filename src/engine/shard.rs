@@ -38,6 +38,8 @@ struct Pending {
     changes: Changes,
     processed: Vec<u64>,
     decisions: Vec<Decision>,
+    /// The latest state of every grant a decision in this batch is about (handed on with it).
+    latest: std::collections::HashMap<String, Arc<Grant>>,
     /// Policy swaps waiting for this batch's commit.
     swap_waiters: Vec<oneshot::Sender<()>>,
     /// Re-evaluations for grants other shards own, sent after the commit.
@@ -562,6 +564,9 @@ impl Shard {
             d.status = grant.status.max(target);
             p.decisions.push(d);
         }
+        if let Some(g) = self.shared.grants.get(&grant.id) {
+            p.latest.insert(grant.id.clone(), g.clone());
+        }
     }
 
     /// Makes the batch durable, then announces it: audit first (so no decision that took effect is
@@ -598,7 +603,10 @@ impl Shard {
             .increment(1);
             tracing::info!(grant = %d.grant_id, subject = %d.subject, effect = ?d.effect, rules = ?d.rules,
                 reason = %d.reason, policy = %d.policy_version, shadow = d.shadow, "decision");
-            if self.shared.decisions.blocking_send(d).is_err() {
+            let Some(grant) = p.latest.get(&d.grant_id).cloned() else {
+                continue;
+            };
+            if self.shared.decisions.blocking_send((d, grant)).is_err() {
                 tracing::debug!("no decision consumer");
             }
         }

@@ -21,7 +21,6 @@ use tokio::sync::mpsc;
 use super::streams::{Outgoing, Stream, StreamStore};
 use super::Identity;
 use crate::decision::{Decision, DecisionEffect};
-use crate::engine::Engine;
 use crate::events::EventKind;
 use crate::grant::{Grant, GrantKind};
 
@@ -162,18 +161,14 @@ pub fn verification(
     signed(identity, &claims, jti)
 }
 
-/// Consumes decisions and queues their SETs on every stream that should get them. Holds the engine
-/// weakly: the channel closes when the engine goes away, which ends this task.
+/// Consumes decisions (with the grant each is about) and queues their SETs on every stream that should
+/// get them. Ends when the engine, the sender, is gone — after draining what it sent.
 pub async fn run(
-    mut rx: mpsc::Receiver<Decision>,
-    engine: std::sync::Weak<Engine>,
+    mut rx: mpsc::Receiver<(Decision, Arc<Grant>)>,
     identity: Arc<Identity>,
     streams: Arc<StreamStore>,
 ) {
-    while let Some(decision) = rx.recv().await {
-        let Some(grant) = engine.upgrade().and_then(|e| e.grant(&decision.grant_id)) else {
-            continue;
-        };
+    while let Some((decision, grant)) = rx.recv().await {
         let mut items = Vec::new();
         for stream in streams.live() {
             match set_for(&identity, &stream, &decision, &grant) {

@@ -5,6 +5,7 @@ pub mod emit;
 mod identity;
 mod metadata;
 pub mod mgmt;
+pub mod push;
 pub mod streams;
 
 pub use identity::{Identity, IdentityError};

@@ -20,6 +20,7 @@ use crate::store::{BatchWriter, WriteError};
 
 const STREAMS: TableDefinition<&str, &[u8]> = TableDefinition::new("tx_streams");
 const OUTBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("tx_outbox");
+const DEAD: TableDefinition<&str, &[u8]> = TableDefinition::new("tx_dead_letters");
 
 /// Push (RFC 8935) and poll (RFC 8936) delivery method URNs (SSF §6.1).
 pub const PUSH: &str = "urn:ietf:rfc:8935";
@@ -43,8 +44,8 @@ pub struct Delivery {
     pub method: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint_url: Option<String>,
-    /// Sent by the receiver for push; stored, used, never echoed.
-    #[serde(default, skip_serializing)]
+    /// Sent by the receiver for push; stored and used, never echoed (see `Stream::config_json`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authorization_header: Option<String>,
 }
 
@@ -91,7 +92,7 @@ impl Stream {
             "stream_id": self.stream_id,
             "iss": self.iss,
             "aud": self.aud,
-            "delivery": self.delivery,
+            "delivery": {"method": self.delivery.method, "endpoint_url": self.delivery.endpoint_url},
             "events_supported": events_supported(),
             "events_requested": self.events_requested,
             "events_delivered": self.events_delivered(),
@@ -139,6 +140,17 @@ pub struct StreamStore {
     streams: RwLock<HashMap<String, Stream>>,
     next_seq: AtomicU64,
     notifiers: dashmap::DashMap<String, Arc<Notify>>,
+    /// Woken whenever any stream gets SETs (the push deliverer waits on it).
+    any: Arc<Notify>,
+}
+
+/// A SET that could not be delivered, kept for operators to inspect and replay.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub stream_id: String,
+    pub outgoing: Outgoing,
+    pub error: String,
+    pub dead_at_ms: i64,
 }
 
 fn storage<E: Into<redb::Error>>(e: E) -> StreamError {
@@ -155,6 +167,7 @@ impl StreamStore {
         {
             txn.open_table(STREAMS).map_err(storage)?;
             txn.open_table(OUTBOX).map_err(storage)?;
+            txn.open_table(DEAD).map_err(storage)?;
         }
         txn.commit().map_err(storage)?;
         let txn = db.begin_read().map_err(storage)?;
@@ -193,6 +206,7 @@ impl StreamStore {
             streams: RwLock::new(streams),
             next_seq: AtomicU64::new(max_seq + 1),
             notifiers: dashmap::DashMap::new(),
+            any: Arc::new(Notify::new()),
         })
     }
 
@@ -385,6 +399,104 @@ impl StreamStore {
         if let Some(n) = self.notifiers.get(id) {
             n.notify_waiters();
         }
+        self.any.notify_one();
+    }
+
+    /// Woken when any stream gets SETs.
+    pub fn any_notifier(&self) -> Arc<Notify> {
+        self.any.clone()
+    }
+
+    /// Removes one delivered SET (push: the receiver answered 202).
+    pub async fn delivered(&self, key: &str, queued_at_ms: i64) -> Result<(), StreamError> {
+        let key = key.to_owned();
+        self.writer
+            .write(move |txn| {
+                txn.open_table(OUTBOX)
+                    .map_err(WriteError::storage)?
+                    .remove(key.as_str())
+                    .map_err(WriteError::storage)?;
+                Ok(())
+            })
+            .await?;
+        metrics::counter!("vigil_sets_delivered_total", "method" => "push").increment(1);
+        metrics::histogram!("vigil_decision_delivered_seconds", "method" => "push")
+            .record((crate::signal::now_ms() - queued_at_ms).max(0) as f64 / 1000.0);
+        Ok(())
+    }
+
+    /// Moves a SET from the outbox to the dead letters, in one transaction.
+    pub async fn dead_letter(
+        &self,
+        stream_id: &str,
+        key: &str,
+        outgoing: Outgoing,
+        error: String,
+    ) -> Result<(), StreamError> {
+        let letter = DeadLetter {
+            stream_id: stream_id.to_owned(),
+            outgoing,
+            error,
+            dead_at_ms: crate::signal::now_ms(),
+        };
+        let bytes = serde_json::to_vec(&letter).map_err(|e| StreamError::Storage(e.to_string()))?;
+        let key = key.to_owned();
+        self.writer
+            .write(move |txn| {
+                txn.open_table(OUTBOX)
+                    .map_err(WriteError::storage)?
+                    .remove(key.as_str())
+                    .map_err(WriteError::storage)?;
+                txn.open_table(DEAD)
+                    .map_err(WriteError::storage)?
+                    .insert(key.as_str(), bytes.as_slice())
+                    .map_err(WriteError::storage)?;
+                Ok(())
+            })
+            .await?;
+        metrics::counter!("vigil_sets_dead_lettered_total", "stream" => stream_id.to_owned())
+            .increment(1);
+        Ok(())
+    }
+
+    /// Every dead letter, oldest first.
+    pub fn dead_letters(&self) -> Result<Vec<(String, DeadLetter)>, StreamError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let t = txn.open_table(DEAD).map_err(storage)?;
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(storage)? {
+            let (k, v) = entry.map_err(storage)?;
+            if let Ok(d) = serde_json::from_slice::<DeadLetter>(v.value()) {
+                out.push((k.value().to_owned(), d));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Puts every dead letter back into its stream's outbox (same key, so order is kept).
+    pub async fn replay_dead_letters(&self) -> Result<usize, StreamError> {
+        let letters = self.dead_letters()?;
+        let n = letters.len();
+        let streams: Vec<String> = letters.iter().map(|(_, d)| d.stream_id.clone()).collect();
+        self.writer
+            .write(move |txn| {
+                let mut dead = txn.open_table(DEAD).map_err(WriteError::storage)?;
+                let mut outbox = txn.open_table(OUTBOX).map_err(WriteError::storage)?;
+                for (k, d) in &letters {
+                    let bytes = serde_json::to_vec(&d.outgoing)
+                        .map_err(|e| WriteError::Storage(e.to_string()))?;
+                    outbox
+                        .insert(k.as_str(), bytes.as_slice())
+                        .map_err(WriteError::storage)?;
+                    dead.remove(k.as_str()).map_err(WriteError::storage)?;
+                }
+                Ok(())
+            })
+            .await?;
+        for s in streams {
+            self.notify(&s);
+        }
+        Ok(n)
     }
 }
 

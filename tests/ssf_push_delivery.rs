@@ -1,0 +1,243 @@
+//! RFC 8935 push delivery to an enforcement point that verifies Vigil's SETs with Vigil's JWKS:
+//! retries through errors, keeps order, survives an outage and a Vigil restart, dead-letters what the
+//! receiver rejects, and replays dead letters on request.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use common::*;
+use serde_json::{json, Value};
+use vigil::config::EnforcementPointConfig;
+use vigil::jose::{parse_compact, Alg};
+use vigil::jwks::KeySet;
+
+const ISS: &str = "https://idp.example.com/123456789/";
+const AUD: &str = "https://sp.example.com/caep";
+const EP_TOKEN: &str = "gateway-token-0123456789";
+const PUSH_SECRET: &str = "Bearer vigil-to-gateway-secret";
+
+/// A minimal SSF push receiver: checks the credential, verifies each SET with Vigil's JWKS, and
+/// answers as `script` says (then 202 once the script runs out).
+#[derive(Default)]
+struct Receiver {
+    jwks: Mutex<Option<KeySet>>,
+    script: Mutex<Vec<(u16, Value)>>,
+    received: Mutex<Vec<Value>>,
+}
+
+async fn receive(
+    State(r): State<Arc<Receiver>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> impl IntoResponse {
+    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(PUSH_SECRET) {
+        return (
+            StatusCode::BAD_REQUEST,
+            axum::Json(json!({"err": "authentication_failed", "description": "bad credential"})),
+        );
+    }
+    if let Some((status, body)) = {
+        let mut s = r.script.lock().unwrap();
+        (!s.is_empty()).then(|| s.remove(0))
+    } {
+        return (StatusCode::from_u16(status).unwrap(), axum::Json(body));
+    }
+    let token = String::from_utf8(body.to_vec()).unwrap();
+    let jws = parse_compact(&token, &[Alg::RS256]).unwrap();
+    let ok = r
+        .jwks
+        .lock()
+        .unwrap()
+        .as_ref()
+        .is_some_and(|k| k.verify(&jws).is_ok());
+    if !ok {
+        return (
+            StatusCode::BAD_REQUEST,
+            axum::Json(json!({"err": "invalid_key", "description": "signature"})),
+        );
+    }
+    r.received
+        .lock()
+        .unwrap()
+        .push(serde_json::from_slice(&jws.payload).unwrap());
+    (StatusCode::ACCEPTED, axum::Json(Value::Null))
+}
+
+async fn serve_receiver(
+    r: Arc<Receiver>,
+    addr: SocketAddr,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let app = axum::Router::new()
+        .route("/events", axum::routing::post(receive))
+        .with_state(r);
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    (
+        addr,
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() }),
+    )
+}
+
+async fn load_jwks(r: &Receiver, vigil: &vigil::Vigil) {
+    let issuer = format!("http://{}", vigil.local_addr());
+    let client = reqwest::Client::new();
+    let meta = vigil::discovery::fetch_metadata(&client, &issuer)
+        .await
+        .unwrap();
+    let jwks = client
+        .get(meta.jwks_uri.unwrap())
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    *r.jwks.lock().unwrap() = Some(KeySet::from_jwks_json(&jwks, &[Alg::RS256]).unwrap());
+}
+
+fn now() -> f64 {
+    vigil::signal::now_ms() as f64 / 1000.0
+}
+
+async fn revoke(tx: &Transmitter, vigil: &vigil::Vigil, user: &str, jti: &str) {
+    let claims = json!({"iss": ISS, "aud": AUD, "jti": jti, "iat": now() as i64,
+        "sub_id": {"format": "email", "email": user},
+        "events": {"https://schemas.openid.net/secevent/risc/event-type/account-disabled": {}}});
+    assert_eq!(
+        push(vigil, "idp", &tx.key(Alg::RS256).sign_set(&claims).unwrap())
+            .await
+            .status,
+        202
+    );
+}
+
+async fn register(vigil: &vigil::Vigil, id: &str, user: &str) {
+    let t = now();
+    let g = json!({"id": id, "kind": "session", "subject": {"format": "email", "email": user},
+        "issued_at": t - 60.0, "expires_at": t + 3600.0, "enforcement_points": ["gateway"]});
+    assert_eq!(post_json(vigil, "/v1/grants", &g).await.0, 201);
+}
+
+fn txns(r: &Receiver) -> Vec<String> {
+    r.received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|c| c["txn"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_are_pushed_in_order_through_errors_outages_and_a_restart() {
+    let tx = Transmitter::start(&[Alg::RS256]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), vec![tx.config("idp", ISS, &[AUD])]);
+    config.enforcement_points = vec![EnforcementPointConfig {
+        name: "gateway".into(),
+        token: EP_TOKEN.into(),
+        audience: None,
+    }];
+    config.delivery.initial_backoff_ms = 20;
+    config.delivery.max_backoff_secs = 1;
+    config.delivery.push_timeout_ms = 1000;
+    let vigil = start(config.clone()).await;
+
+    let receiver = Arc::new(Receiver::default());
+    *receiver.script.lock().unwrap() = vec![(500, Value::Null), (503, Value::Null)];
+    let (ep_addr, ep_task) = serve_receiver(receiver.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    load_jwks(&receiver, &vigil).await;
+    let stream = json!({"delivery": {"method": "urn:ietf:rfc:8935", "endpoint_url": format!("http://{ep_addr}/events"),
+        "authorization_header": PUSH_SECRET}});
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/ssf/streams", vigil.local_addr()))
+        .bearer_auth(EP_TOKEN)
+        .json(&stream)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+
+    for i in 0..3 {
+        register(&vigil, &format!("g{i}"), &format!("u{i}@example.com")).await;
+    }
+    for i in 0..3 {
+        revoke(
+            &tx,
+            &vigil,
+            &format!("u{i}@example.com"),
+            &format!("dis-{i}"),
+        )
+        .await;
+    }
+    eventually(
+        "three revocations delivered after the 500 and the 503",
+        || async { (receiver.received.lock().unwrap().len() == 3).then_some(()) },
+    )
+    .await;
+    assert_eq!(txns(&receiver), vec!["dis-0", "dis-1", "dis-2"], "in order");
+    for claims in receiver.received.lock().unwrap().iter() {
+        assert!(claims["events"]
+            ["https://schemas.openid.net/secevent/caep/event-type/session-revoked"]
+            .is_object());
+    }
+
+    // Outage: the receiver goes away, a revocation is decided, and Vigil restarts meanwhile.
+    ep_task.abort();
+    let _ = ep_task.await;
+    register(&vigil, "g3", "u3@example.com").await;
+    revoke(&tx, &vigil, "u3@example.com", "dis-3").await;
+    eventually("g3 revoked", || async {
+        let (_, g) = get_json(&vigil, "/v1/grants/g3").await;
+        (g["status"] == "revoked").then_some(())
+    })
+    .await;
+    vigil.shutdown().await;
+    let vigil = start(config.clone()).await;
+    let (_, ep_task) = serve_receiver(receiver.clone(), ep_addr).await;
+    load_jwks(&receiver, &vigil).await;
+    eventually("the revocation decided during the outage", || async {
+        (receiver.received.lock().unwrap().len() == 4).then_some(())
+    })
+    .await;
+    assert_eq!(txns(&receiver).last().unwrap(), "dis-3");
+
+    // A rejection is final: dead-lettered, listed, and replayed on request.
+    *receiver.script.lock().unwrap() = vec![(
+        400,
+        json!({"err": "invalid_request", "description": "not today"}),
+    )];
+    register(&vigil, "g4", "u4@example.com").await;
+    revoke(&tx, &vigil, "u4@example.com", "dis-4").await;
+    let dead = eventually("a dead letter", || async {
+        let (_, d) = get_json(&vigil, "/v1/deadletters").await;
+        (d["dead_letters"].as_array().unwrap().len() == 1).then_some(d)
+    })
+    .await;
+    assert!(
+        dead["dead_letters"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("invalid_request"),
+        "{dead}"
+    );
+    let (code, replayed) = post_json(&vigil, "/v1/deadletters/replay", &json!({})).await;
+    assert_eq!((code, replayed["replayed"].as_u64()), (200, Some(1)));
+    eventually("the replayed SET delivered", || async {
+        (receiver.received.lock().unwrap().len() == 5).then_some(())
+    })
+    .await;
+    assert_eq!(txns(&receiver).last().unwrap(), "dis-4");
+    assert_eq!(
+        get_json(&vigil, "/v1/deadletters").await.1["dead_letters"],
+        json!([])
+    );
+    ep_task.abort();
+    vigil.shutdown().await;
+}
