@@ -11,6 +11,7 @@
 //! | `GET /v1/check/auth_request` | nginx `auth_request`: 200 allow, 401 unknown, 403 denied |
 //! | `GET /v1/deadletters` | SETs that could not be pushed, with the error |
 //! | `POST /v1/deadletters/replay` | 200 `{replayed: n}`: back into their streams' outboxes, in order |
+//! | `POST /v1/keys/rotate` | 200 `{kid}`: a new signing key; the old one stays in the JWKS for the retention |
 //! | `POST /v1/policies/reload` | 200 `{status: swapped \| unchanged, version}`; 422 `{status: refused, error}` |
 
 use std::sync::Arc;
@@ -29,6 +30,7 @@ use crate::grant::{GrantRequest, GrantStatus};
 use crate::reload::{PolicyReloader, ReloadOutcome};
 
 pub struct ApiState {
+    pub identity: Arc<crate::transmitter::Identity>,
     pub streams: Arc<crate::transmitter::streams::StreamStore>,
     pub engine: Arc<Engine>,
     pub audit: Arc<crate::audit::AuditLog>,
@@ -296,5 +298,14 @@ pub async fn replay_dead_letters(State(s): State<Arc<ApiState>>) -> Response {
     match s.streams.replay_dead_letters().await {
         Ok(n) => Json(json!({"replayed": n})).into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+    }
+}
+
+pub async fn rotate_key(State(s): State<Arc<ApiState>>) -> Response {
+    let identity = s.identity.clone();
+    match tokio::task::spawn_blocking(move || identity.rotate()).await {
+        Ok(Ok(kid)) => Json(json!({"kid": kid})).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, "keys", e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "keys", e.to_string()),
     }
 }

@@ -194,6 +194,7 @@ impl Vigil {
             )));
         }
         let api_state = Arc::new(ApiState {
+            identity: identity.clone(),
             streams: streams.clone(),
             engine: engine.clone(),
             audit,
@@ -225,6 +226,7 @@ impl Vigil {
                     .route("/v1/subjects/{key}", get(api::subject))
                     .route("/v1/policies/reload", post(api::reload_policies))
                     .route("/v1/deadletters", get(api::dead_letters))
+                    .route("/v1/keys/rotate", post(api::rotate_key))
                     .route("/v1/deadletters/replay", post(api::replay_dead_letters))
                     .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
                     .with_state(api_state),
@@ -297,6 +299,7 @@ impl Vigil {
                 .route("/ssf/subjects:remove", post(mgmt::remove_subject))
                 .route("/ssf/verify", post(mgmt::verify))
                 .route("/ssf/poll/{stream_id}", post(mgmt::poll))
+                .route("/ssf/sse/{stream_id}", get(mgmt::sse))
                 .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
                 .with_state(mgmt_state),
         );

@@ -590,3 +590,106 @@ async fn verification_sets_carry_the_state_and_streams_of_other_points_get_nothi
     assert_eq!(sc_sets["sets"], json!({}));
     env.vigil.shutdown().await;
 }
+
+/// Reads server-sent events until `n` `set` events arrived; returns (id, data) pairs.
+async fn read_sse(
+    vigil: &vigil::Vigil,
+    stream: &str,
+    last_event_id: Option<&str>,
+    n: usize,
+) -> Vec<(String, String)> {
+    let mut req = reqwest::Client::new()
+        .get(format!("http://{}/ssf/sse/{stream}", vigil.local_addr()))
+        .bearer_auth(EP_TOKEN);
+    if let Some(id) = last_event_id {
+        req = req.header("Last-Event-ID", id);
+    }
+    let mut resp = req.send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut text = String::new();
+    let mut events = Vec::new();
+    while events.len() < n {
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(10), resp.chunk())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = text.find("\n\n") {
+            let block: String = text.drain(..end + 2).collect();
+            let field = |name: &str| {
+                block.lines().find_map(|l| {
+                    l.strip_prefix(&format!("{name}:"))
+                        .map(|v| v.trim().to_owned())
+                })
+            };
+            if field("event").as_deref() == Some("set") {
+                events.push((field("id").unwrap(), field("data").unwrap()));
+            }
+        }
+    }
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_subscribers_get_revocations_and_resume_with_last_event_id() {
+    use reqwest::Method;
+    let env = env().await;
+    let (_, st) = call(
+        &env.vigil,
+        Method::POST,
+        "/ssf/streams",
+        Some(EP_TOKEN),
+        Some(json!({})),
+    )
+    .await;
+    let id = st["stream_id"].as_str().unwrap().to_owned();
+    let now = now();
+    for (g, u) in [("sse-1", "s1@example.com"), ("sse-2", "s2@example.com")] {
+        let grant = json!({"id": g, "kind": "session", "subject": {"format": "email", "email": u},
+            "issued_at": now - 60.0, "expires_at": now + 3600.0, "enforcement_points": ["gateway"]});
+        assert_eq!(post_json(&env.vigil, "/v1/grants", &grant).await.0, 201);
+    }
+    let revoke = |user: &'static str, jti: &'static str| {
+        let claims = json!({"iss": ISS, "aud": AUD, "jti": jti, "iat": now as i64,
+            "sub_id": {"format": "email", "email": user},
+            "events": {"https://schemas.openid.net/secevent/risc/event-type/account-disabled": {}}});
+        env.tx.key(Alg::RS256).sign_set(&claims).unwrap()
+    };
+    let reading = read_sse(&env.vigil, &id, None, 1);
+    let pushing = async {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert_eq!(
+            push(&env.vigil, "idp", &revoke("s1@example.com", "sse-dis-1"))
+                .await
+                .status,
+            202
+        );
+    };
+    let (events, ()) = tokio::join!(reading, pushing);
+    let v = verify_from_vigil(&env.vigil, &events[0].1, "https://gateway.example.com").await;
+    assert_eq!(v.txn.as_deref(), Some("sse-dis-1"));
+
+    // Reconnect with Last-Event-ID: the first is acknowledged; only the next one arrives.
+    assert_eq!(
+        push(&env.vigil, "idp", &revoke("s2@example.com", "sse-dis-2"))
+            .await
+            .status,
+        202
+    );
+    let again = read_sse(&env.vigil, &id, Some(&events[0].0), 1).await;
+    let v2 = verify_from_vigil(&env.vigil, &again[0].1, "https://gateway.example.com").await;
+    assert_eq!(v2.txn.as_deref(), Some("sse-dis-2"));
+    assert!(again[0].0.parse::<u64>().unwrap() > events[0].0.parse::<u64>().unwrap());
+    // The acknowledged SET is gone from the poll view too; the second is still outstanding.
+    let (_, polled) = call(
+        &env.vigil,
+        Method::POST,
+        &format!("/ssf/poll/{id}"),
+        Some(EP_TOKEN),
+        Some(json!({"returnImmediately": true})),
+    )
+    .await;
+    assert_eq!(polled["sets"].as_object().unwrap().len(), 1);
+    env.vigil.shutdown().await;
+}

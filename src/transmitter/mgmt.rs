@@ -391,7 +391,7 @@ pub async fn poll(
             done.push(jti.clone());
         }
     }
-    s.streams.acknowledge(&id, &done).await?;
+    s.streams.acknowledge(&id, &done, "poll").await?;
     let max = body
         .get("maxEvents")
         .and_then(Value::as_u64)
@@ -424,4 +424,79 @@ pub async fn poll(
         }
         let _ = tokio::time::timeout_at(deadline, wait).await;
     }
+}
+
+/// `GET /ssf/sse/{stream_id}`: the stream's SETs as server-sent events (`event: set`, `data:` the
+/// compact SET, `id:` its outbox sequence), for sidecars that want the lowest latency. Resumable: a
+/// client reconnecting with `Last-Event-ID: n` has acknowledged everything up to `n` — those SETs are
+/// removed — and receives everything after it, so a reconnecting client misses nothing.
+pub async fn sse(
+    State(s): State<Arc<MgmtState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, MgmtError> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let ep = authenticate(&s, &headers)?;
+    s.streams.get(&ep.name, &id)?;
+    let last: u64 = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    if last > 0 {
+        s.streams.acknowledge_through(&id, last).await?;
+    }
+    let streams = s.streams.clone();
+    let owner = ep.name.clone();
+    let state = (
+        streams,
+        id,
+        owner,
+        last,
+        std::collections::VecDeque::<(u64, super::streams::Outgoing)>::new(),
+    );
+    let events = futures_util::stream::unfold(
+        state,
+        |(streams, id, owner, mut last, mut buf)| async move {
+            loop {
+                if let Some((seq, out)) = buf.pop_front() {
+                    last = seq;
+                    metrics::histogram!("vigil_decision_delivered_seconds", "method" => "sse")
+                        .record(
+                            (crate::signal::now_ms() - out.queued_at_ms).max(0) as f64 / 1000.0,
+                        );
+                    let event = Event::default()
+                        .id(seq.to_string())
+                        .event("set")
+                        .data(out.set);
+                    return Some((
+                        Ok::<_, std::convert::Infallible>(event),
+                        (streams, id, owner, last, buf),
+                    ));
+                }
+                let notified = streams.notifier(&id);
+                let wait = notified.notified();
+                // The stream may have been deleted or disabled: end the response.
+                let st = streams.get(&owner, &id).ok()?;
+                if st.status == StreamStatus::Disabled {
+                    return None;
+                }
+                if st.status == StreamStatus::Enabled {
+                    let (items, _) = streams.outstanding(&id, 256).ok()?;
+                    for (key, out) in items {
+                        let seq = super::streams::seq_of(&key);
+                        if seq > last {
+                            buf.push_back((seq, out));
+                        }
+                    }
+                }
+                if buf.is_empty() {
+                    let _ = tokio::time::timeout(Duration::from_secs(15), wait).await;
+                }
+            }
+        },
+    );
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response())
 }

@@ -161,6 +161,14 @@ fn outbox_key(stream: &str, seq: u64) -> String {
     format!("{stream}\0{seq:020}")
 }
 
+/// The sequence number of an outbox key.
+pub fn seq_of(key: &str) -> u64 {
+    key.rsplit('\0')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
 impl StreamStore {
     pub fn open(db: Arc<Database>, writer: BatchWriter) -> Result<StreamStore, StreamError> {
         let txn = db.begin_write().map_err(storage)?;
@@ -361,7 +369,13 @@ impl StreamStore {
     }
 
     /// Removes acknowledged (or rejected) SETs of a stream by `jti`.
-    pub async fn acknowledge(&self, id: &str, jtis: &[String]) -> Result<usize, StreamError> {
+    /// `method` labels the delivery metrics (`poll`, `sse`).
+    pub async fn acknowledge(
+        &self,
+        id: &str,
+        jtis: &[String],
+        method: &'static str,
+    ) -> Result<usize, StreamError> {
         if jtis.is_empty() {
             return Ok(0);
         }
@@ -371,8 +385,10 @@ impl StreamStore {
             .into_iter()
             .filter(|(_, o)| jtis.contains(&o.jti))
             .map(|(k, o)| {
-                metrics::histogram!("vigil_decision_delivered_seconds", "method" => "poll")
-                    .record((now - o.queued_at_ms).max(0) as f64 / 1000.0);
+                if method == "poll" {
+                    metrics::histogram!("vigil_decision_delivered_seconds", "method" => method)
+                        .record((now - o.queued_at_ms).max(0) as f64 / 1000.0);
+                }
                 k
             })
             .collect();
@@ -386,8 +402,19 @@ impl StreamStore {
                 Ok(())
             })
             .await?;
-        metrics::counter!("vigil_sets_delivered_total", "method" => "poll").increment(n as u64);
+        metrics::counter!("vigil_sets_delivered_total", "method" => method).increment(n as u64);
         Ok(n)
+    }
+
+    /// Removes every SET of a stream up to and including sequence `through` (SSE `Last-Event-ID`).
+    pub async fn acknowledge_through(&self, id: &str, through: u64) -> Result<usize, StreamError> {
+        let (all, _) = self.outstanding(id, usize::MAX)?;
+        let jtis: Vec<String> = all
+            .into_iter()
+            .filter(|(k, _)| seq_of(k) <= through)
+            .map(|(_, o)| o.jti)
+            .collect();
+        self.acknowledge(id, &jtis, "sse").await
     }
 
     /// The notifier woken when a stream gets SETs (long polls wait on it).
