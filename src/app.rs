@@ -49,6 +49,8 @@ pub enum StartError {
     Engine(#[from] EngineError),
     #[error("signing identity: {0}")]
     Identity(String),
+    #[error("delivery state: {0}")]
+    Delivery(String),
     #[error("cannot open the audit log: {0}")]
     Audit(std::io::Error),
     #[error("cannot build the HTTP client: {0}")]
@@ -113,6 +115,9 @@ impl Vigil {
             decision_tx,
             engine_settings,
         )?);
+        // Read before anything can make new decisions, so none is both replayed and re-sent.
+        let pending_handoff =
+            crate::engine::pending_handoff(&db).map_err(|e| StartError::Delivery(e.to_string()))?;
         let reloader = Arc::new(PolicyReloader::new(
             config.policy.dir.clone(),
             engine.clone(),
@@ -169,7 +174,7 @@ impl Vigil {
         // the hand-off channel so the engine is never blocked by it.
         let streams = Arc::new(
             StreamStore::open(db.clone(), batch_writer_for_streams.clone())
-                .map_err(|e| StartError::Identity(e.to_string()))?,
+                .map_err(|e| StartError::Delivery(e.to_string()))?,
         );
         tasks.push(tokio::spawn(transmitter::push::run(
             streams.clone(),
@@ -186,6 +191,7 @@ impl Vigil {
             decision_rx,
             identity.clone(),
             streams.clone(),
+            pending_handoff,
         ));
         if config.policy.watch_interval_secs > 0 {
             tasks.push(tokio::spawn(reloader.clone().watch(

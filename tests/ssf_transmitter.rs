@@ -693,3 +693,87 @@ async fn sse_subscribers_get_revocations_and_resume_with_last_event_id() {
     assert_eq!(polled["sets"].as_object().unwrap().len(), 1);
     env.vigil.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_committed_just_before_a_crash_still_reaches_the_enforcement_point() {
+    use reqwest::Method;
+    use std::sync::Arc;
+    let env = env().await;
+    let (_, st) = call(
+        &env.vigil,
+        Method::POST,
+        "/ssf/streams",
+        Some(EP_TOKEN),
+        Some(json!({})),
+    )
+    .await;
+    let id = st["stream_id"].as_str().unwrap().to_owned();
+    let now = now();
+    let grant = json!({"id": "crash-g", "kind": "session", "subject": {"format": "email", "email": "c@example.com"},
+        "issued_at": now - 60.0, "expires_at": now + 3600.0});
+    assert_eq!(post_json(&env.vigil, "/v1/grants", &grant).await.0, 201);
+    let Env {
+        tx,
+        vigil,
+        mut config,
+        _dir,
+    } = env;
+    // Same address after the restart, so Vigil's issuer (the streams' `iss`) stays the same.
+    config.listen = vigil.local_addr();
+    vigil.shutdown().await;
+
+    // The engine alone, with nothing taking its decisions: it commits the revocation, then "crashes"
+    // before delivery ever sees it.
+    {
+        let db = vigil::store::open(&config.data_dir).unwrap();
+        let (writer, writer_thread) = vigil::store::BatchWriter::start(db.clone(), 16).unwrap();
+        let audit = Arc::new(
+            vigil::audit::AuditLog::open(&config.data_dir.join("audit"), 1 << 20, 2).unwrap(),
+        );
+        let (decisions, rx) = tokio::sync::mpsc::channel(16);
+        drop(rx);
+        let policy = vigil::policy::PolicySet::load_dir_or_builtin(&config.policy.dir).unwrap();
+        let engine =
+            vigil::engine::Engine::start(&db, writer, audit, policy, decisions, Default::default())
+                .unwrap();
+        let signal = vigil::policy::testing::signal_from_claims(
+            &json!({"iss": ISS, "aud": AUD, "jti": "crash-1", "iat": now as i64,
+                "sub_id": {"format": "email", "email": "c@example.com"},
+                "events": {"https://schemas.openid.net/secevent/risc/event-type/account-disabled": {}}}),
+            999_999,
+        )
+        .unwrap();
+        engine.apply_signal(signal).await.unwrap();
+        eventually("the revocation committed", || async {
+            (engine.grant("crash-g").unwrap().status == vigil::grant::GrantStatus::Revoked)
+                .then_some(())
+        })
+        .await;
+        engine.shutdown().await;
+        drop(engine);
+        tokio::task::spawn_blocking(move || writer_thread.join())
+            .await
+            .unwrap();
+    }
+
+    let vigil = start(config.clone()).await;
+    let (_, polled) = call(
+        &vigil,
+        Method::POST,
+        &format!("/ssf/poll/{id}"),
+        Some(EP_TOKEN),
+        Some(json!({})),
+    )
+    .await;
+    let sets = polled["sets"].as_object().unwrap();
+    assert_eq!(sets.len(), 1, "{polled}");
+    let v = verify_from_vigil(
+        &vigil,
+        sets.values().next().unwrap().as_str().unwrap(),
+        "https://gateway.example.com",
+    )
+    .await;
+    assert_eq!(v.txn.as_deref(), Some("crash-1"));
+    drop(tx);
+    vigil.shutdown().await;
+}

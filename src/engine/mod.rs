@@ -16,6 +16,8 @@
 //! another shard's state.
 
 mod persist;
+
+pub use persist::{handoff_done_in, pending_handoff};
 mod shard;
 
 use std::collections::HashSet;

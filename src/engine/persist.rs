@@ -5,13 +5,18 @@ use std::sync::Arc;
 
 use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
 
+use serde::{Deserialize, Serialize};
+
 use crate::context::PrincipalContext;
+use crate::decision::Decision;
 use crate::grant::Grant;
 use crate::store::WriteError;
 
 const CONTEXTS: TableDefinition<&str, &[u8]> = TableDefinition::new("engine_contexts");
 const GRANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("engine_grants");
 const ALIASES: TableDefinition<&str, &str> = TableDefinition::new("engine_aliases");
+/// Decisions committed but not yet taken over by delivery (decision id → `{decision, grant}`).
+const HANDOFF: TableDefinition<&str, &[u8]> = TableDefinition::new("engine_handoff");
 
 /// Everything the engine persisted.
 #[derive(Default)]
@@ -28,6 +33,7 @@ pub fn load(db: &Arc<Database>) -> Result<Loaded, WriteError> {
         txn.open_table(CONTEXTS).map_err(WriteError::storage)?;
         txn.open_table(GRANTS).map_err(WriteError::storage)?;
         txn.open_table(ALIASES).map_err(WriteError::storage)?;
+        txn.open_table(HANDOFF).map_err(WriteError::storage)?;
     }
     txn.commit().map_err(WriteError::storage)?;
 
@@ -77,6 +83,39 @@ pub struct Changes {
     pub grants: Vec<Arc<Grant>>,
     pub deleted_grants: Vec<String>,
     pub aliases: Vec<(String, String)>,
+    /// Decisions delivery must take over (revoke, step-up, restrict), with their grants.
+    pub handoff: Vec<(Decision, Arc<Grant>)>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Handoff {
+    decision: Decision,
+    grant: Grant,
+}
+
+/// The decisions committed but not yet taken over by delivery, oldest first (start-up replay).
+pub fn pending_handoff(db: &Arc<Database>) -> Result<Vec<(Decision, Arc<Grant>)>, WriteError> {
+    let txn = db.begin_read().map_err(WriteError::storage)?;
+    let t = txn.open_table(HANDOFF).map_err(WriteError::storage)?;
+    let mut out = Vec::new();
+    for entry in t.iter().map_err(WriteError::storage)? {
+        let (_, v) = entry.map_err(WriteError::storage)?;
+        if let Ok(h) = serde_json::from_slice::<Handoff>(v.value()) {
+            out.push((h.decision, Arc::new(h.grant)));
+        }
+    }
+    out.sort_by(|a, b| a.0.time.total_cmp(&b.0.time));
+    Ok(out)
+}
+
+/// Marks decisions taken over by delivery, inside delivery's own transaction (so its outbox write and
+/// this mark commit together).
+pub fn handoff_done_in(txn: &WriteTransaction, ids: &[String]) -> Result<(), WriteError> {
+    let mut t = txn.open_table(HANDOFF).map_err(WriteError::storage)?;
+    for id in ids {
+        t.remove(id.as_str()).map_err(WriteError::storage)?;
+    }
+    Ok(())
 }
 
 impl Changes {
@@ -85,6 +124,7 @@ impl Changes {
             && self.grants.is_empty()
             && self.deleted_grants.is_empty()
             && self.aliases.is_empty()
+            && self.handoff.is_empty()
     }
 }
 
@@ -108,6 +148,15 @@ pub fn write(txn: &WriteTransaction, changes: &Changes) -> Result<(), WriteError
         }
         for id in &changes.deleted_grants {
             t.remove(id.as_str()).map_err(WriteError::storage)?;
+        }
+    }
+    if !changes.handoff.is_empty() {
+        let mut t = txn.open_table(HANDOFF).map_err(WriteError::storage)?;
+        for (d, g) in &changes.handoff {
+            let bytes = serde_json::to_vec(&serde_json::json!({"decision": d, "grant": &**g}))
+                .map_err(json)?;
+            t.insert(d.id.as_str(), bytes.as_slice())
+                .map_err(WriteError::storage)?;
         }
     }
     if !changes.aliases.is_empty() {

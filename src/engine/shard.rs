@@ -580,6 +580,17 @@ impl Shard {
             }
         }
         let mut failed = None;
+        // Decisions delivery must act on are committed with the state, so a crash cannot lose them.
+        for d in &p.decisions {
+            let emits = !d.shadow
+                && matches!(
+                    d.effect,
+                    DecisionEffect::Revoke | DecisionEffect::StepUp | DecisionEffect::Restrict
+                );
+            if let (true, Some(g)) = (emits, p.latest.get(&d.grant_id)) {
+                p.changes.handoff.push((d.clone(), g.clone()));
+            }
+        }
         if !p.changes.is_empty() || !p.processed.is_empty() {
             let changes = std::mem::take(&mut p.changes);
             let processed = std::mem::take(&mut p.processed);

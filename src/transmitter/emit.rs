@@ -162,24 +162,50 @@ pub fn verification(
 }
 
 /// Consumes decisions (with the grant each is about) and queues their SETs on every stream that should
-/// get them. Ends when the engine, the sender, is gone — after draining what it sent.
+/// get them; `pending` (decisions committed before a restart but not yet taken over) go first. Each
+/// decision's SETs and its "taken over" mark commit together. Ends when the engine, the sender, is
+/// gone — after draining what it sent.
 pub async fn run(
     mut rx: mpsc::Receiver<(Decision, Arc<Grant>)>,
     identity: Arc<Identity>,
     streams: Arc<StreamStore>,
+    pending: Vec<(Decision, Arc<Grant>)>,
 ) {
+    if !pending.is_empty() {
+        tracing::info!(
+            count = pending.len(),
+            "delivering decisions committed before the restart"
+        );
+    }
+    for (decision, grant) in pending {
+        emit_one(&identity, &streams, &decision, &grant).await;
+    }
     while let Some((decision, grant)) = rx.recv().await {
-        let mut items = Vec::new();
-        for stream in streams.live() {
-            match set_for(&identity, &stream, &decision, &grant) {
-                Some(Ok(out)) => items.push((stream.stream_id.clone(), out)),
-                Some(Err(e)) => tracing::error!(error = %e, "could not sign a SET"),
-                None => {}
-            }
+        emit_one(&identity, &streams, &decision, &grant).await;
+    }
+}
+
+async fn emit_one(identity: &Identity, streams: &StreamStore, decision: &Decision, grant: &Grant) {
+    let mut items = Vec::new();
+    for stream in streams.live() {
+        match set_for(identity, &stream, decision, grant) {
+            Some(Ok(out)) => items.push((stream.stream_id.clone(), out)),
+            Some(Err(e)) => tracing::error!(error = %e, "could not sign a SET"),
+            None => {}
         }
-        if let Err(e) = streams.enqueue(items).await {
-            metrics::counter!("vigil_emit_errors_total").increment(1);
-            tracing::error!(error = %e, decision = %decision.id, "could not queue SETs");
-        }
+    }
+    let emits = !decision.shadow
+        && matches!(
+            decision.effect,
+            DecisionEffect::Revoke | DecisionEffect::StepUp | DecisionEffect::Restrict
+        );
+    let handed = if emits {
+        vec![decision.id.clone()]
+    } else {
+        Vec::new()
+    };
+    if let Err(e) = streams.enqueue(items, handed).await {
+        metrics::counter!("vigil_emit_errors_total").increment(1);
+        tracing::error!(error = %e, decision = %decision.id, "could not queue SETs; the decision stays pending");
     }
 }

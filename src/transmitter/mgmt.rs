@@ -361,7 +361,7 @@ pub async fn verify(
         Err(e) => return Err(MgmtError::Internal(e)),
     };
     s.streams.put(st).await?;
-    s.streams.enqueue(vec![(id, out)]).await?;
+    s.streams.enqueue(vec![(id, out)], Vec::new()).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -482,7 +482,7 @@ pub async fn sse(
                     return None;
                 }
                 if st.status == StreamStatus::Enabled {
-                    let (items, _) = streams.outstanding(&id, 256).ok()?;
+                    let (items, _) = streams.outstanding_after(&id, last, 256).ok()?;
                     for (key, out) in items {
                         let seq = super::streams::seq_of(&key);
                         if seq > last {

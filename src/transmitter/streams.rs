@@ -314,9 +314,14 @@ impl StreamStore {
         Ok(())
     }
 
-    /// Queues SETs durably: `(stream_id, Outgoing)` pairs, in order.
-    pub async fn enqueue(&self, items: Vec<(String, Outgoing)>) -> Result<(), StreamError> {
-        if items.is_empty() {
+    /// Queues SETs durably: `(stream_id, Outgoing)` pairs, in order. `handed_over` are the engine's
+    /// decision ids these SETs come from: they are marked taken over in the same transaction.
+    pub async fn enqueue(
+        &self,
+        items: Vec<(String, Outgoing)>,
+        handed_over: Vec<String>,
+    ) -> Result<(), StreamError> {
+        if items.is_empty() && handed_over.is_empty() {
             return Ok(());
         }
         let mut rows = Vec::with_capacity(items.len());
@@ -332,7 +337,7 @@ impl StreamStore {
                     t.insert(k.as_str(), v.as_slice())
                         .map_err(WriteError::storage)?;
                 }
-                Ok(())
+                crate::engine::handoff_done_in(txn, &handed_over)
             })
             .await?;
         for (stream, _) in &items {
@@ -349,9 +354,20 @@ impl StreamStore {
         id: &str,
         max: usize,
     ) -> Result<(Vec<(String, Outgoing)>, bool), StreamError> {
+        self.outstanding_after(id, 0, max)
+    }
+
+    /// Like [`StreamStore::outstanding`], for SETs with a sequence number above `after`.
+    #[allow(clippy::type_complexity)]
+    pub fn outstanding_after(
+        &self,
+        id: &str,
+        after: u64,
+        max: usize,
+    ) -> Result<(Vec<(String, Outgoing)>, bool), StreamError> {
         let txn = self.db.begin_read().map_err(storage)?;
         let t = txn.open_table(OUTBOX).map_err(storage)?;
-        let start = format!("{id}\0");
+        let start = outbox_key(id, after.saturating_add(1));
         let end = format!("{id}\u{1}");
         let mut out = Vec::new();
         let mut more = false;

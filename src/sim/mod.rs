@@ -13,6 +13,8 @@ use axum::extract::State;
 use axum::http::{header, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+
+pub mod ep;
 use serde_json::Value;
 
 pub use crate::signing::{jwks_document, SigningError as SimError, SigningKey};

@@ -1,0 +1,155 @@
+//! Delivery latency harness: signal → revocation delivered to a subscribed enforcement point, per
+//! delivery method (RFC 8935 push, RFC 8936 poll, SSE), everything real on loopback: a signed CAEP/RISC
+//! SET pushed to Vigil over HTTP, durable intake, evaluation, a signed SET in the outbox, delivery, and
+//! verification with Vigil's JWKS at the enforcement point.
+//!
+//! Run: `cargo bench --bench delivery_latency -- [--signals 300] [--rate 100]`
+//!
+//! Latency is measured from just before the IdP's push to the enforcement point's verified receipt.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use vigil::config::{EnforcementPointConfig, TransmitterConfig};
+use vigil::jose::Alg;
+use vigil::sim::ep::{subscribe, Method};
+use vigil::sim::{jwks_document, JwksServer, SigningKey};
+use vigil::{Config, Vigil};
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
+}
+
+fn main() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run(arg("--signals", 300) as usize, arg("--rate", 100)))
+}
+
+async fn run(signals: usize, rate: u64) -> anyhow::Result<()> {
+    let iss = "https://idp.example.com/";
+    let key = SigningKey::generate(Alg::RS256, "idp")?;
+    let jwks =
+        JwksServer::start("127.0.0.1:0".parse()?, jwks_document(&[key.public_jwk()?])).await?;
+    let dir = tempfile::tempdir()?;
+    let mut config = Config {
+        listen: "127.0.0.1:0".parse()?,
+        data_dir: dir.path().to_owned(),
+        ..Config::default()
+    };
+    config.transmitters.push(TransmitterConfig {
+        name: "idp".into(),
+        issuer: iss.into(),
+        audiences: vec!["vigil".into()],
+        stream: "idp".into(),
+        authorization: "Bearer idp".into(),
+        algorithms: vec![Alg::RS256],
+        jwks_uri: Some(jwks.jwks_uri()),
+        discovery: false,
+        critical_subject_members: vec![],
+        legacy_subjects: true,
+    });
+    for m in ["push", "poll", "sse"] {
+        config.enforcement_points.push(EnforcementPointConfig {
+            name: format!("ep-{m}"),
+            token: format!("token-for-ep-{m}-0123456789"),
+            audience: None,
+        });
+    }
+    config.policy.watch_interval_secs = 0;
+    let vigil = Vigil::start(config).await?;
+    let issuer = format!("http://{}", vigil.local_addr());
+    let mut eps = Vec::new();
+    for (name, method) in [
+        ("push", Method::Push),
+        ("poll", Method::Poll),
+        ("sse", Method::Sse),
+    ] {
+        let ep = subscribe(
+            &issuer,
+            &format!("token-for-ep-{name}-0123456789"),
+            &format!("ep-{name}"),
+            method,
+            "127.0.0.1:0".parse()?,
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+        eps.push((name, ep));
+    }
+    let client = reqwest::Client::new();
+    let now = vigil::signal::now_ms() as f64 / 1000.0;
+    for i in 0..signals {
+        let g = json!({"id": format!("g{i}"), "kind": "session", "subject": {"format": "email", "email": format!("u{i}@example.com")},
+            "issued_at": now - 60.0, "expires_at": now + 3600.0});
+        client
+            .post(format!("{issuer}/v1/grants"))
+            .json(&g)
+            .send()
+            .await?;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut sent: HashMap<String, Instant> = HashMap::new();
+    let gap = Duration::from_micros(1_000_000 / rate.max(1));
+    for i in 0..signals {
+        let jti = format!("sig-{i}");
+        let claims = json!({"iss": iss, "aud": "vigil", "jti": jti, "iat": now as i64,
+            "sub_id": {"format": "email", "email": format!("u{i}@example.com")},
+            "events": {"https://schemas.openid.net/secevent/risc/event-type/account-disabled": {}}});
+        let token = key.sign_set(&claims)?;
+        sent.insert(jti, Instant::now());
+        let status = client
+            .post(format!("{issuer}/ssf/push/idp"))
+            .header("Content-Type", "application/secevent+jwt")
+            .header("Authorization", "Bearer idp")
+            .body(token)
+            .send()
+            .await?
+            .status();
+        anyhow::ensure!(status.as_u16() == 202, "push answered {status}");
+        tokio::time::sleep(gap).await;
+    }
+    println!("delivery_latency signals={signals} rate={rate}/s (signal pushed → revocation verified at the enforcement point)");
+    for (name, mut ep) in eps {
+        let mut lat = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while lat.len() < signals && Instant::now() < deadline {
+            match tokio::time::timeout(Duration::from_secs(5), ep.received.recv()).await {
+                Ok(Some(r)) => {
+                    if let Some(t) = r.set.txn.as_ref().and_then(|t| sent.get(t)) {
+                        let arrived = Instant::now()
+                            - Duration::from_millis(
+                                (vigil::signal::now_ms() - r.at_ms).max(0) as u64
+                            );
+                        lat.push(arrived.duration_since(*t).as_secs_f64() * 1000.0);
+                    }
+                }
+                _ => break,
+            }
+        }
+        lat.sort_by(f64::total_cmp);
+        println!(
+            "  {name:>4}: received {}/{signals}; p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            lat.len(),
+            pct(&lat, 0.5),
+            pct(&lat, 0.99),
+            lat.last().copied().unwrap_or(f64::NAN)
+        );
+    }
+    vigil.shutdown().await;
+    Ok(())
+}
