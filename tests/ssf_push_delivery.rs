@@ -47,6 +47,11 @@ async fn receive(
         let mut s = r.script.lock().unwrap();
         (!s.is_empty()).then(|| s.remove(0))
     } {
+        if status == 0 {
+            // Hang past Vigil's push timeout: the attempt times out and is retried.
+            tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+            return (StatusCode::ACCEPTED, axum::Json(Value::Null));
+        }
         return (StatusCode::from_u16(status).unwrap(), axum::Json(body));
     }
     let token = String::from_utf8(body.to_vec()).unwrap();
@@ -150,7 +155,8 @@ async fn revocations_are_pushed_in_order_through_errors_outages_and_a_restart() 
     let vigil = start(config.clone()).await;
 
     let receiver = Arc::new(Receiver::default());
-    *receiver.script.lock().unwrap() = vec![(500, Value::Null), (503, Value::Null)];
+    // A 500, a 503, then an attempt that times out (status 0 = hang past the push timeout).
+    *receiver.script.lock().unwrap() = vec![(500, Value::Null), (503, Value::Null), (0, Value::Null)];
     let (ep_addr, ep_task) = serve_receiver(receiver.clone(), "127.0.0.1:0".parse().unwrap()).await;
     load_jwks(&receiver, &vigil).await;
     let stream = json!({"delivery": {"method": "urn:ietf:rfc:8935", "endpoint_url": format!("http://{ep_addr}/events"),
