@@ -156,7 +156,8 @@ async fn revocations_are_pushed_in_order_through_errors_outages_and_a_restart() 
 
     let receiver = Arc::new(Receiver::default());
     // A 500, a 503, then an attempt that times out (status 0 = hang past the push timeout).
-    *receiver.script.lock().unwrap() = vec![(500, Value::Null), (503, Value::Null), (0, Value::Null)];
+    *receiver.script.lock().unwrap() =
+        vec![(500, Value::Null), (503, Value::Null), (0, Value::Null)];
     let (ep_addr, ep_task) = serve_receiver(receiver.clone(), "127.0.0.1:0".parse().unwrap()).await;
     load_jwks(&receiver, &vigil).await;
     let stream = json!({"delivery": {"method": "urn:ietf:rfc:8935", "endpoint_url": format!("http://{ep_addr}/events"),

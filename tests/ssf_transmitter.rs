@@ -777,3 +777,105 @@ async fn a_decision_committed_just_before_a_crash_still_reaches_the_enforcement_
     drop(tx);
     vigil.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_stream_holds_its_sets_and_delivers_them_when_enabled() {
+    use reqwest::Method;
+    let env = env().await;
+    let t = Some(EP_TOKEN);
+    let (_, st) = call(&env.vigil, Method::POST, "/ssf/streams", t, Some(json!({}))).await;
+    let id = st["stream_id"].as_str().unwrap().to_owned();
+    let poll_path = format!("/ssf/poll/{id}");
+    let status = |s: &str| json!({"stream_id": id, "status": s, "reason": "maintenance"});
+    assert_eq!(
+        call(
+            &env.vigil,
+            Method::POST,
+            "/ssf/status",
+            t,
+            Some(status("paused"))
+        )
+        .await
+        .0,
+        200
+    );
+
+    let now = now();
+    for (g, u) in [("p-1", "p1@example.com"), ("p-2", "p2@example.com")] {
+        let grant = json!({"id": g, "kind": "session", "subject": {"format": "email", "email": u},
+            "issued_at": now - 60.0, "expires_at": now + 3600.0});
+        assert_eq!(post_json(&env.vigil, "/v1/grants", &grant).await.0, 201);
+        let claims = json!({"iss": ISS, "aud": AUD, "jti": format!("dis-{g}"), "iat": now as i64,
+            "sub_id": {"format": "email", "email": u},
+            "events": {"https://schemas.openid.net/secevent/risc/event-type/account-disabled": {}}});
+        assert_eq!(
+            push(
+                &env.vigil,
+                "idp",
+                &env.tx.key(Alg::RS256).sign_set(&claims).unwrap()
+            )
+            .await
+            .status,
+            202
+        );
+        eventually("the revocation", || async {
+            let (_, g) = get_json(&env.vigil, &format!("/v1/grants/{g}")).await;
+            (g["status"] == "revoked").then_some(())
+        })
+        .await;
+    }
+    let (_, held) = call(
+        &env.vigil,
+        Method::POST,
+        &poll_path,
+        t,
+        Some(json!({"returnImmediately": true})),
+    )
+    .await;
+    assert_eq!(held["sets"], json!({}), "a paused stream delivers nothing");
+
+    assert_eq!(
+        call(
+            &env.vigil,
+            Method::POST,
+            "/ssf/status",
+            t,
+            Some(status("enabled"))
+        )
+        .await
+        .0,
+        200
+    );
+    let (_, sets) = call(
+        &env.vigil,
+        Method::POST,
+        &poll_path,
+        t,
+        Some(json!({"returnImmediately": true})),
+    )
+    .await;
+    let mut got = Vec::new();
+    for set in sets["sets"].as_object().unwrap().values() {
+        let v = verify_from_vigil(
+            &env.vigil,
+            set.as_str().unwrap(),
+            "https://gateway.example.com",
+        )
+        .await;
+        got.push((v.txn.clone(), v.event.kind()));
+    }
+    let revocations: Vec<_> = got
+        .iter()
+        .filter(|g| g.1 == Some(vigil::events::EventKind::SessionRevoked))
+        .collect();
+    assert_eq!(revocations.len(), 2, "{got:?}");
+    let updates = got
+        .iter()
+        .filter(|g| g.1 == Some(vigil::events::EventKind::StreamUpdated))
+        .count();
+    assert_eq!(
+        updates, 2,
+        "stream-updated for paused and for enabled: {got:?}"
+    );
+    env.vigil.shutdown().await;
+}

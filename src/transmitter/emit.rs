@@ -161,6 +161,21 @@ pub fn verification(
     signed(identity, &claims, jti)
 }
 
+/// An SSF stream-updated SET (SSF §8.1.5) telling the stream's receiver its new status.
+pub fn stream_updated(identity: &Identity, stream: &Stream) -> Result<Outgoing, String> {
+    let jti = jti();
+    let mut payload = json!({"status": stream.status});
+    if let Some(r) = &stream.status_reason {
+        payload["reason"] = json!(r);
+    }
+    let claims = json!({
+        "iss": stream.iss, "aud": stream.aud, "jti": jti, "iat": now() as i64,
+        "sub_id": {"format": "opaque", "id": stream.stream_id},
+        "events": {EventKind::StreamUpdated.uri(): payload},
+    });
+    signed(identity, &claims, jti)
+}
+
 /// Consumes decisions (with the grant each is about) and queues their SETs on every stream that should
 /// get them; `pending` (decisions committed before a restart but not yet taken over) go first. Each
 /// decision's SETs and its "taken over" mark commit together. Ends when the engine, the sender, is

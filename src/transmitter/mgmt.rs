@@ -290,7 +290,19 @@ pub async fn update_status(
         s.streams.drop_outbox(&id).await?;
     }
     let reply = status_json(&st);
+    // The receiver hears of the change on the stream itself (SSF §8.1.5); a disabled stream holds
+    // nothing, so it gets none.
+    let updated = if status == StreamStatus::Disabled {
+        None
+    } else {
+        Some(emit::stream_updated(&s.identity, &st).map_err(MgmtError::Internal)?)
+    };
     s.streams.put(st).await?;
+    if let Some(out) = updated {
+        s.streams
+            .enqueue(vec![(id.clone(), out)], Vec::new())
+            .await?;
+    }
     s.streams.notifier(&id).notify_waiters();
     Ok(Json(reply).into_response())
 }
