@@ -103,8 +103,8 @@ async fn upstream() -> std::net::SocketAddr {
 async fn nginx_auth_request_enforces_a_revocation() {
     let Ok(nginx) = which("nginx") else {
         assert!(
-            std::env::var_os("VIGIL_REQUIRE_NGINX").is_none(),
-            "nginx is required here (VIGIL_REQUIRE_NGINX is set) but not installed"
+            std::env::var_os("REQUIRE_NGINX_TEST").is_none(),
+            "nginx is required here (REQUIRE_NGINX_TEST is set) but not installed"
         );
         eprintln!(
             "SKIPPED: nginx is not installed here (CI installs it: apt-get install nginx-light)"
