@@ -92,19 +92,10 @@ async fn serve_receiver(
 
 async fn load_jwks(r: &Receiver, vigil: &vigil::Vigil) {
     let issuer = format!("http://{}", vigil.local_addr());
-    let client = reqwest::Client::new();
-    let meta = vigil::discovery::fetch_metadata(&client, &issuer)
+    let keys = vigil::sim::ep::vigil_keys(&reqwest::Client::new(), &issuer)
         .await
         .unwrap();
-    let jwks = client
-        .get(meta.jwks_uri.unwrap())
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    *r.jwks.lock().unwrap() = Some(KeySet::from_jwks_json(&jwks, &[Alg::RS256]).unwrap());
+    *r.jwks.lock().unwrap() = Some(keys);
 }
 
 fn now() -> f64 {

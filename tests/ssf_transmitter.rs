@@ -9,7 +9,6 @@ use common::*;
 use serde_json::{json, Value};
 use vigil::config::EnforcementPointConfig;
 use vigil::jose::{parse_compact, Alg};
-use vigil::jwks::KeySet;
 use vigil::set::{validate_claims, SetRules};
 
 const ISS: &str = "https://idp.example.com/123456789/";
@@ -293,19 +292,9 @@ async fn stream_management_answers_with_the_spec_status_codes() {
 /// Verifies a SET from Vigil with Vigil's published JWKS, as any SSF receiver would.
 async fn verify_from_vigil(vigil: &vigil::Vigil, set: &str, aud: &str) -> vigil::set::ValidatedSet {
     let issuer = format!("http://{}", vigil.local_addr());
-    let client = reqwest::Client::new();
-    let meta = vigil::discovery::fetch_metadata(&client, &issuer)
+    let keys = vigil::sim::ep::vigil_keys(&reqwest::Client::new(), &issuer)
         .await
         .unwrap();
-    let jwks = client
-        .get(meta.jwks_uri.unwrap())
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    let keys = KeySet::from_jwks_json(&jwks, &[Alg::RS256]).unwrap();
     let jws = parse_compact(set, &[Alg::RS256]).unwrap();
     keys.verify(&jws).unwrap();
     let audiences = vec![aud.to_owned()];

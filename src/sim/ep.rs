@@ -87,17 +87,10 @@ fn err<E: std::fmt::Display>(e: E) -> String {
     e.to_string()
 }
 
-/// Connects to Vigil at `issuer` as the enforcement point with `token`, creates a stream with `method`
-/// (a push receiver listens on `listen`), and starts receiving.
-pub async fn subscribe(
-    issuer: &str,
-    token: &str,
-    audience: &str,
-    method: Method,
-    listen: SocketAddr,
-) -> Result<EnforcementPoint, String> {
-    let client = reqwest::Client::new();
-    let meta = crate::discovery::fetch_metadata(&client, issuer)
+/// Vigil's signing keys, found the standard way: its SSF metadata (whose `issuer` must match), then
+/// its `jwks_uri`.
+pub async fn vigil_keys(client: &reqwest::Client, issuer: &str) -> Result<KeySet, String> {
+    let meta = crate::discovery::fetch_metadata(client, issuer)
         .await
         .map_err(err)?;
     let jwks = client
@@ -108,7 +101,20 @@ pub async fn subscribe(
         .bytes()
         .await
         .map_err(err)?;
-    let keys = KeySet::from_jwks_json(&jwks, &[Alg::RS256, Alg::ES256])?;
+    KeySet::from_jwks_json(&jwks, &[Alg::RS256, Alg::ES256])
+}
+
+/// Connects to Vigil at `issuer` as the enforcement point with `token`, creates a stream with `method`
+/// (a push receiver listens on `listen`), and starts receiving.
+pub async fn subscribe(
+    issuer: &str,
+    token: &str,
+    audience: &str,
+    method: Method,
+    listen: SocketAddr,
+) -> Result<EnforcementPoint, String> {
+    let client = reqwest::Client::new();
+    let keys = vigil_keys(&client, issuer).await?;
     let (tx, rx) = mpsc::unbounded_channel();
     let verifier = Arc::new(Verifier {
         issuer: issuer.to_owned(),

@@ -273,20 +273,32 @@ impl StreamStore {
         Ok(())
     }
 
+    /// Removes rows of one table in a single durable write.
+    async fn remove_rows(
+        &self,
+        table: TableDefinition<'static, &'static str, &'static [u8]>,
+        keys: Vec<String>,
+    ) -> Result<(), StreamError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.writer
+            .write(move |txn| {
+                let mut t = txn.open_table(table).map_err(WriteError::storage)?;
+                for k in &keys {
+                    t.remove(k.as_str()).map_err(WriteError::storage)?;
+                }
+                Ok(())
+            })
+            .await?;
+        Ok(())
+    }
+
     /// Deletes a stream and its outbox.
     pub async fn delete(&self, owner: &str, id: &str) -> Result<(), StreamError> {
         self.get(owner, id)?;
         self.drop_outbox(id).await?;
-        let key = id.to_owned();
-        self.writer
-            .write(move |txn| {
-                txn.open_table(STREAMS)
-                    .map_err(WriteError::storage)?
-                    .remove(key.as_str())
-                    .map_err(WriteError::storage)?;
-                Ok(())
-            })
-            .await?;
+        self.remove_rows(STREAMS, vec![id.to_owned()]).await?;
         if let Ok(mut g) = self.streams.write() {
             g.remove(id);
         }
@@ -296,22 +308,13 @@ impl StreamStore {
 
     /// Drops every outstanding SET of a stream (a disabled stream holds nothing, SSF §8.1.2).
     pub async fn drop_outbox(&self, id: &str) -> Result<(), StreamError> {
-        let keys: Vec<String> = self
+        let keys = self
             .outstanding(id, usize::MAX)?
             .0
             .into_iter()
             .map(|(k, _)| k)
             .collect();
-        self.writer
-            .write(move |txn| {
-                let mut t = txn.open_table(OUTBOX).map_err(WriteError::storage)?;
-                for k in &keys {
-                    t.remove(k.as_str()).map_err(WriteError::storage)?;
-                }
-                Ok(())
-            })
-            .await?;
-        Ok(())
+        self.remove_rows(OUTBOX, keys).await
     }
 
     /// Queues SETs durably: `(stream_id, Outgoing)` pairs, in order. `handed_over` are the engine's
@@ -409,15 +412,7 @@ impl StreamStore {
             })
             .collect();
         let n = keys.len();
-        self.writer
-            .write(move |txn| {
-                let mut t = txn.open_table(OUTBOX).map_err(WriteError::storage)?;
-                for k in &keys {
-                    t.remove(k.as_str()).map_err(WriteError::storage)?;
-                }
-                Ok(())
-            })
-            .await?;
+        self.remove_rows(OUTBOX, keys).await?;
         metrics::counter!("vigil_sets_delivered_total", "method" => method).increment(n as u64);
         Ok(n)
     }
@@ -452,16 +447,7 @@ impl StreamStore {
 
     /// Removes one delivered SET (push: the receiver answered 202).
     pub async fn delivered(&self, key: &str, queued_at_ms: i64) -> Result<(), StreamError> {
-        let key = key.to_owned();
-        self.writer
-            .write(move |txn| {
-                txn.open_table(OUTBOX)
-                    .map_err(WriteError::storage)?
-                    .remove(key.as_str())
-                    .map_err(WriteError::storage)?;
-                Ok(())
-            })
-            .await?;
+        self.remove_rows(OUTBOX, vec![key.to_owned()]).await?;
         metrics::counter!("vigil_sets_delivered_total", "method" => "push").increment(1);
         metrics::histogram!("vigil_decision_delivered_seconds", "method" => "push")
             .record((crate::signal::now_ms() - queued_at_ms).max(0) as f64 / 1000.0);
