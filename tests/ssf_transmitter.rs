@@ -77,6 +77,35 @@ async fn call(
     )
 }
 
+/// Creates a stream for the enforcement point with `token`; returns its id.
+async fn create_stream(vigil: &vigil::Vigil, token: &str, body: Value) -> String {
+    let (code, st) = call(
+        vigil,
+        reqwest::Method::POST,
+        "/ssf/streams",
+        Some(token),
+        Some(body),
+    )
+    .await;
+    assert_eq!(code, 201, "{st}");
+    st["stream_id"].as_str().unwrap().to_owned()
+}
+
+/// Polls a stream without waiting; returns the `sets` object.
+async fn poll_now(vigil: &vigil::Vigil, id: &str, token: &str) -> Value {
+    let body = Some(json!({"returnImmediately": true}));
+    let (code, reply) = call(
+        vigil,
+        reqwest::Method::POST,
+        &format!("/ssf/poll/{id}"),
+        Some(token),
+        body,
+    )
+    .await;
+    assert_eq!(code, 200, "{reply}");
+    reply["sets"].clone()
+}
+
 fn with_stream(mut body: Value, id: &str) -> Value {
     body["stream_id"] = json!(id);
     body
@@ -409,14 +438,7 @@ async fn a_revocation_reaches_a_poll_subscriber_signed_and_survives_restart_unti
     }
 
     // Not acknowledged: delivered again, and still there after a restart.
-    let (_, again) = call(
-        &env.vigil,
-        Method::POST,
-        &poll_path,
-        t,
-        Some(json!({"returnImmediately": true})),
-    )
-    .await;
+    let again = json!({"sets": poll_now(&env.vigil, &id, EP_TOKEN).await});
     assert!(again["sets"].get(jti).is_some(), "{again}");
     let Env {
         tx,
@@ -432,14 +454,7 @@ async fn a_revocation_reaches_a_poll_subscriber_signed_and_survives_restart_unti
         config,
         _dir,
     };
-    let (_, after) = call(
-        &env.vigil,
-        Method::POST,
-        &poll_path,
-        t,
-        Some(json!({"returnImmediately": true})),
-    )
-    .await;
+    let after = json!({"sets": poll_now(&env.vigil, &id, EP_TOKEN).await});
     assert!(after["sets"].get(jti).is_some(), "{after}");
     // Another enforcement point cannot poll this stream.
     assert_eq!(
@@ -482,24 +497,8 @@ async fn a_revocation_reaches_a_poll_subscriber_signed_and_survives_restart_unti
 async fn verification_sets_carry_the_state_and_streams_of_other_points_get_nothing() {
     use reqwest::Method;
     let env = env().await;
-    let (_, gw) = call(
-        &env.vigil,
-        Method::POST,
-        "/ssf/streams",
-        Some(EP_TOKEN),
-        Some(json!({})),
-    )
-    .await;
-    let (_, sc) = call(
-        &env.vigil,
-        Method::POST,
-        "/ssf/streams",
-        Some(OTHER_TOKEN),
-        Some(json!({})),
-    )
-    .await;
-    let gw_id = gw["stream_id"].as_str().unwrap().to_owned();
-    let sc_id = sc["stream_id"].as_str().unwrap().to_owned();
+    let gw_id = create_stream(&env.vigil, EP_TOKEN, json!({})).await;
+    let sc_id = create_stream(&env.vigil, OTHER_TOKEN, json!({})).await;
     assert_eq!(
         call(
             &env.vigil,
@@ -512,14 +511,7 @@ async fn verification_sets_carry_the_state_and_streams_of_other_points_get_nothi
         .0,
         204
     );
-    let (_, polled) = call(
-        &env.vigil,
-        Method::POST,
-        &format!("/ssf/poll/{gw_id}"),
-        Some(EP_TOKEN),
-        Some(json!({"returnImmediately": true})),
-    )
-    .await;
+    let polled = json!({"sets": poll_now(&env.vigil, &gw_id, EP_TOKEN).await});
     let (ver_jti, set) = polled["sets"].as_object().unwrap().iter().next().unwrap();
     let (ver_jti, set) = (ver_jti.clone(), set.as_str().unwrap().to_owned());
     let v = verify_from_vigil(&env.vigil, &set, "https://gateway.example.com").await;
@@ -568,14 +560,7 @@ async fn verification_sets_carry_the_state_and_streams_of_other_points_get_nothi
     )
     .await;
     assert_eq!(revocation.txn.as_deref(), Some("dis-gw"));
-    let (_, sc_sets) = call(
-        &env.vigil,
-        Method::POST,
-        &format!("/ssf/poll/{sc_id}"),
-        Some(OTHER_TOKEN),
-        Some(json!({"returnImmediately": true})),
-    )
-    .await;
+    let sc_sets = json!({"sets": poll_now(&env.vigil, &sc_id, OTHER_TOKEN).await});
     assert_eq!(sc_sets["sets"], json!({}));
     env.vigil.shutdown().await;
 }
@@ -622,17 +607,8 @@ async fn read_sse(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_subscribers_get_revocations_and_resume_with_last_event_id() {
-    use reqwest::Method;
     let env = env().await;
-    let (_, st) = call(
-        &env.vigil,
-        Method::POST,
-        "/ssf/streams",
-        Some(EP_TOKEN),
-        Some(json!({})),
-    )
-    .await;
-    let id = st["stream_id"].as_str().unwrap().to_owned();
+    let id = create_stream(&env.vigil, EP_TOKEN, json!({})).await;
     let now = now();
     for (g, u) in [("sse-1", "s1@example.com"), ("sse-2", "s2@example.com")] {
         let grant = json!({"id": g, "kind": "session", "subject": {"format": "email", "email": u},
@@ -671,14 +647,7 @@ async fn sse_subscribers_get_revocations_and_resume_with_last_event_id() {
     assert_eq!(v2.txn.as_deref(), Some("sse-dis-2"));
     assert!(again[0].0.parse::<u64>().unwrap() > events[0].0.parse::<u64>().unwrap());
     // The acknowledged SET is gone from the poll view too; the second is still outstanding.
-    let (_, polled) = call(
-        &env.vigil,
-        Method::POST,
-        &format!("/ssf/poll/{id}"),
-        Some(EP_TOKEN),
-        Some(json!({"returnImmediately": true})),
-    )
-    .await;
+    let polled = json!({"sets": poll_now(&env.vigil, &id, EP_TOKEN).await});
     assert_eq!(polled["sets"].as_object().unwrap().len(), 1);
     env.vigil.shutdown().await;
 }
@@ -688,15 +657,7 @@ async fn a_decision_committed_just_before_a_crash_still_reaches_the_enforcement_
     use reqwest::Method;
     use std::sync::Arc;
     let env = env().await;
-    let (_, st) = call(
-        &env.vigil,
-        Method::POST,
-        "/ssf/streams",
-        Some(EP_TOKEN),
-        Some(json!({})),
-    )
-    .await;
-    let id = st["stream_id"].as_str().unwrap().to_owned();
+    let id = create_stream(&env.vigil, EP_TOKEN, json!({})).await;
     let now = now();
     let grant = json!({"id": "crash-g", "kind": "session", "subject": {"format": "email", "email": "c@example.com"},
         "issued_at": now - 60.0, "expires_at": now + 3600.0});
@@ -774,7 +735,6 @@ async fn a_paused_stream_holds_its_sets_and_delivers_them_when_enabled() {
     let t = Some(EP_TOKEN);
     let (_, st) = call(&env.vigil, Method::POST, "/ssf/streams", t, Some(json!({}))).await;
     let id = st["stream_id"].as_str().unwrap().to_owned();
-    let poll_path = format!("/ssf/poll/{id}");
     let status = |s: &str| json!({"stream_id": id, "status": s, "reason": "maintenance"});
     assert_eq!(
         call(
@@ -813,14 +773,7 @@ async fn a_paused_stream_holds_its_sets_and_delivers_them_when_enabled() {
         })
         .await;
     }
-    let (_, held) = call(
-        &env.vigil,
-        Method::POST,
-        &poll_path,
-        t,
-        Some(json!({"returnImmediately": true})),
-    )
-    .await;
+    let held = json!({"sets": poll_now(&env.vigil, &id, EP_TOKEN).await});
     assert_eq!(held["sets"], json!({}), "a paused stream delivers nothing");
 
     assert_eq!(
@@ -835,14 +788,7 @@ async fn a_paused_stream_holds_its_sets_and_delivers_them_when_enabled() {
         .0,
         200
     );
-    let (_, sets) = call(
-        &env.vigil,
-        Method::POST,
-        &poll_path,
-        t,
-        Some(json!({"returnImmediately": true})),
-    )
-    .await;
+    let sets = json!({"sets": poll_now(&env.vigil, &id, EP_TOKEN).await});
     let mut got = Vec::new();
     for set in sets["sets"].as_object().unwrap().values() {
         let v = verify_from_vigil(
