@@ -34,6 +34,9 @@ pub struct Stamped<T> {
     pub source: String,
     /// Intake sequence number of the signal (0 for facts not from intake).
     pub seq: u64,
+    /// This fact's own lifetime (a risk feed's per-message TTL), overriding the kind's decay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<u64>,
 }
 
 impl<T> Stamped<T> {
@@ -84,7 +87,9 @@ pub struct Decay {
 }
 
 fn live<T>(fact: &Stamped<T>, ttl: Option<u64>, now: f64) -> bool {
-    ttl.is_none_or(|ttl| now - fact.time <= ttl as f64)
+    fact.ttl
+        .or(ttl)
+        .is_none_or(|ttl| now - fact.time <= ttl as f64)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -173,6 +178,7 @@ impl PrincipalContext {
                     time: signal.event_time,
                     source: source.clone(),
                     seq: signal.seq,
+                    ttl: signal.ttl_secs,
                 }
             };
         }
@@ -294,6 +300,10 @@ impl PrincipalContext {
             | Event::StreamUpdated(_)
             | Event::Unknown { .. } => false,
         };
+        let mut changed = changed;
+        for (name, value) in &signal.attributes {
+            changed |= upsert_map(&mut self.attributes, name.clone(), stamp!(value.clone()));
+        }
         if changed {
             self.version += 1;
         }
@@ -516,6 +526,8 @@ mod tests {
             event_time: time,
             iat: time,
             received_at_ms: 0,
+            attributes: Default::default(),
+            ttl_secs: None,
         }
     }
 

@@ -257,6 +257,8 @@ mod tests {
             event_time: 1.0,
             iat: 1.0,
             received_at_ms: 1,
+            attributes: Default::default(),
+            ttl_secs: None,
         }
     }
 

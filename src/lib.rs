@@ -26,6 +26,7 @@ pub mod principal;
 pub mod push;
 pub mod receiver;
 pub mod reload;
+pub mod risk_feed;
 pub mod set;
 pub mod signal;
 pub mod signing;

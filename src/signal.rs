@@ -13,6 +13,8 @@ use crate::subject::SubjectId;
 pub enum SignalSource {
     /// RFC 8935 push to `/ssf/push/{stream}` by the named transmitter.
     SsfPush { transmitter: String, stream: String },
+    /// A risk feed message (Kafka): the topic it came from and the risk system it names.
+    RiskFeed { topic: String, source: String },
 }
 
 impl SignalSource {
@@ -20,6 +22,7 @@ impl SignalSource {
     pub fn stream(&self) -> &str {
         match self {
             SignalSource::SsfPush { stream, .. } => stream,
+            SignalSource::RiskFeed { topic, .. } => topic,
         }
     }
 
@@ -28,6 +31,7 @@ impl SignalSource {
     pub fn label(&self) -> String {
         match self {
             SignalSource::SsfPush { transmitter, .. } => format!("ssf:{transmitter}"),
+            SignalSource::RiskFeed { source, .. } => format!("feed:{source}"),
         }
     }
 }
@@ -52,6 +56,12 @@ pub struct Signal {
     pub iat: f64,
     /// When Vigil received it (milliseconds since the epoch, wall clock).
     pub received_at_ms: i64,
+    /// Free-form attributes (risk feeds), folded into the context's `attributes`.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub attributes: serde_json::Map<String, serde_json::Value>,
+    /// How long the facts of this signal count (risk feeds' per-message TTL), in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
 }
 
 impl Signal {
@@ -69,14 +79,20 @@ impl Signal {
             subject: set.subject,
             iat: set.iat,
             received_at_ms,
+            attributes: serde_json::Map::new(),
+            ttl_secs: None,
         }
     }
 }
 
 impl Signal {
-    /// The short event-type name policies use in `on:` (`session-revoked`), or `unknown`.
+    /// The short event-type name policies use in `on:` (`session-revoked`), `risk-signal` for risk
+    /// feed messages, or `unknown`.
     pub fn event_type_name(&self) -> &'static str {
-        self.event.metric_label()
+        match self.source {
+            SignalSource::RiskFeed { .. } => "risk-signal",
+            SignalSource::SsfPush { .. } => self.event.metric_label(),
+        }
     }
 }
 

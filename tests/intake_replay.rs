@@ -29,6 +29,8 @@ fn signal(jti: &str) -> Signal {
         event_time: 1_700_000_000.0,
         iat: 1_700_000_001.0,
         received_at_ms: 1_700_000_001_000,
+        attributes: Default::default(),
+        ttl_secs: None,
     }
 }
 

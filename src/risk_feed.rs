@@ -1,0 +1,452 @@
+//! Risk signals from risk engines, UEBA tools and fraud systems (delivered over Kafka): Vigil's native
+//! JSON message format, operator-defined mappings for foreign formats, and their normalization into the
+//! same [`Signal`] a CAEP risk-level-change becomes — so event-time ordering holds across sources (a
+//! late, older feed score never overrides a newer CAEP level, and vice versa).
+//!
+//! Native format (one JSON object per message):
+//!
+//! ```json
+//! {"subject": {"format": "email", "email": "jane@example.com"},   // RFC 9493, or a plain string key
+//!  "level": "HIGH",                  // LOW | MEDIUM | HIGH; or give "score" (0–100) instead
+//!  "score": 87.5,
+//!  "principal": "USER",              // default USER
+//!  "source": "ueba",                 // the risk system; default: the topic
+//!  "event_time": 1700000000.25,      // seconds, milliseconds (> 1e11) or RFC 3339; default: now
+//!  "ttl_secs": 3600,                 // optional: the level stops counting after this
+//!  "attributes": {"country": "FR"},  // optional free-form facts for policy (context.attributes)
+//!  "id": "msg-123"}                  // optional id, used with the topic as the signal's jti
+//! ```
+//!
+//! A mapping names, per topic, JSON pointers (RFC 6901) to the same facts in a foreign message.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use crate::events::{Event, EventKind, RiskLevel, RiskLevelChange, RiskPrincipal};
+use crate::subject::SubjectId;
+
+/// Why a message cannot become a signal (it goes to the dead-letter path).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FeedError {
+    #[error("the message is not a JSON object: {0}")]
+    NotJson(String),
+    #[error("no subject: {0}")]
+    Subject(String),
+    #[error("no risk level: give `level` (LOW, MEDIUM, HIGH) or a numeric `score`")]
+    NoLevel,
+    #[error("invalid `{field}`: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+/// Score thresholds: a score at or above `high` is HIGH, at or above `medium` MEDIUM, else LOW.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Thresholds {
+    pub medium: f64,
+    pub high: f64,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds {
+            medium: 40.0,
+            high: 75.0,
+        }
+    }
+}
+
+/// Where the facts are in a foreign message (JSON pointers), per topic.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mapping {
+    pub topic: String,
+    /// Pointer to the subject: an RFC 9493 object, or a string taken in `subject_format`.
+    pub subject: String,
+    /// Format of a string subject: `email`, `opaque`, `phone_number`, `account`, `uri`, `did`.
+    #[serde(default)]
+    pub subject_format: Option<String>,
+    #[serde(default)]
+    pub level: Option<String>,
+    #[serde(default)]
+    pub score: Option<String>,
+    #[serde(default)]
+    pub time: Option<String>,
+    #[serde(default)]
+    pub id: Option<String>,
+    /// A constant source name (default: the topic).
+    #[serde(default)]
+    pub source: Option<String>,
+    /// Foreign level values → LOW / MEDIUM / HIGH (exact match, then case-insensitive).
+    #[serde(default)]
+    pub level_values: BTreeMap<String, String>,
+    /// Attribute name → pointer.
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+    #[serde(default)]
+    pub thresholds: Thresholds,
+}
+
+/// Normalizes a native-format message from `topic` into a signal (without an intake sequence).
+pub fn from_native(
+    topic: &str,
+    payload: &[u8],
+    now: f64,
+) -> Result<crate::signal::Signal, FeedError> {
+    let msg = object(payload)?;
+    let mapping = Mapping {
+        topic: topic.to_owned(),
+        subject: "/subject".into(),
+        level: Some("/level".into()),
+        score: Some("/score".into()),
+        time: Some("/event_time".into()),
+        id: Some("/id".into()),
+        ..Mapping::default()
+    };
+    let mut signal = normalize(&mapping, &msg, now)?;
+    if let Some(p) = msg.get("principal").and_then(Value::as_str) {
+        if let Event::RiskLevelChange(r) = &mut signal.event {
+            r.principal = RiskPrincipal::parse(p).map_err(|reason| FeedError::Invalid {
+                field: "principal",
+                reason,
+            })?;
+        }
+    }
+    if let Some(source) = msg.get("source").and_then(Value::as_str) {
+        signal.source = crate::signal::SignalSource::RiskFeed {
+            topic: topic.to_owned(),
+            source: source.to_owned(),
+        };
+    }
+    signal.ttl_secs = match msg.get("ttl_secs") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(v.as_u64().ok_or_else(|| FeedError::Invalid {
+            field: "ttl_secs",
+            reason: "must be a whole number of seconds".into(),
+        })?),
+    };
+    if let Some(attrs) = msg.get("attributes") {
+        signal.attributes = attrs
+            .as_object()
+            .cloned()
+            .ok_or_else(|| FeedError::Invalid {
+                field: "attributes",
+                reason: "must be an object".into(),
+            })?;
+    }
+    Ok(signal)
+}
+
+/// Normalizes a foreign message with its topic's mapping.
+pub fn from_mapped(
+    mapping: &Mapping,
+    payload: &[u8],
+    now: f64,
+) -> Result<crate::signal::Signal, FeedError> {
+    let msg = object(payload)?;
+    normalize(mapping, &msg, now)
+}
+
+fn object(payload: &[u8]) -> Result<Value, FeedError> {
+    let v: Value =
+        serde_json::from_slice(payload).map_err(|e| FeedError::NotJson(e.to_string()))?;
+    if v.is_object() {
+        Ok(v)
+    } else {
+        Err(FeedError::NotJson("not an object".into()))
+    }
+}
+
+fn normalize(m: &Mapping, msg: &Value, now: f64) -> Result<crate::signal::Signal, FeedError> {
+    let subject = match msg.pointer(&m.subject) {
+        Some(Value::String(s)) if !s.is_empty() => {
+            let format = m.subject_format.as_deref().unwrap_or("opaque");
+            let member = match format {
+                "email" => "email",
+                "phone_number" => "phone_number",
+                "account" | "uri" => "uri",
+                "did" => "url",
+                _ => "id",
+            };
+            let format = if member == "id" { "opaque" } else { format };
+            SubjectId::from_json(&json!({"format": format, member: s}), false)
+                .map_err(|e| FeedError::Subject(e.to_string()))?
+        }
+        Some(v @ Value::Object(_)) => {
+            SubjectId::from_json(v, true).map_err(|e| FeedError::Subject(e.to_string()))?
+        }
+        _ => {
+            return Err(FeedError::Subject(format!(
+                "nothing usable at `{}`",
+                m.subject
+            )))
+        }
+    };
+    let level = match m.level.as_deref().and_then(|p| msg.pointer(p)) {
+        Some(Value::String(raw)) => {
+            let mapped = m
+                .level_values
+                .get(raw)
+                .or_else(|| {
+                    m.level_values
+                        .iter()
+                        .find(|(k, _)| k.eq_ignore_ascii_case(raw))
+                        .map(|(_, v)| v)
+                })
+                .cloned()
+                .unwrap_or_else(|| raw.to_ascii_uppercase());
+            Some(
+                RiskLevel::parse(&mapped).map_err(|reason| FeedError::Invalid {
+                    field: "level",
+                    reason,
+                })?,
+            )
+        }
+        Some(Value::Null) | None => None,
+        Some(_) => {
+            return Err(FeedError::Invalid {
+                field: "level",
+                reason: "must be a string".into(),
+            })
+        }
+    };
+    let level = match level {
+        Some(l) => l,
+        None => match m.score.as_deref().and_then(|p| msg.pointer(p)) {
+            Some(v) => {
+                let score = v
+                    .as_f64()
+                    .filter(|s| s.is_finite())
+                    .ok_or(FeedError::Invalid {
+                        field: "score",
+                        reason: "must be a number".into(),
+                    })?;
+                if score >= m.thresholds.high {
+                    RiskLevel::High
+                } else if score >= m.thresholds.medium {
+                    RiskLevel::Medium
+                } else {
+                    RiskLevel::Low
+                }
+            }
+            None => return Err(FeedError::NoLevel),
+        },
+    };
+    let event_time = match m.time.as_deref().and_then(|p| msg.pointer(p)) {
+        None | Some(Value::Null) => now,
+        Some(v) => parse_time(v).ok_or_else(|| FeedError::Invalid {
+            field: "event_time",
+            reason: "must be seconds, milliseconds or an RFC 3339 time".into(),
+        })?,
+    };
+    let id = m.id.as_deref().and_then(|p| msg.pointer(p)).map(|v| {
+        v.as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| v.to_string())
+    });
+    let mut attributes = Map::new();
+    for (name, pointer) in &m.attributes {
+        if let Some(v) = msg.pointer(pointer) {
+            attributes.insert(name.clone(), v.clone());
+        }
+    }
+    let source = m.source.clone().unwrap_or_else(|| m.topic.clone());
+    Ok(crate::signal::Signal {
+        seq: 0,
+        source: crate::signal::SignalSource::RiskFeed {
+            topic: m.topic.clone(),
+            source,
+        },
+        iss: format!("kafka:{}", m.topic),
+        jti: id.unwrap_or_else(|| format!("{:032x}", rand::random::<u128>())),
+        txn: None,
+        event_uri: EventKind::RiskLevelChange.uri(),
+        event: Event::RiskLevelChange(RiskLevelChange {
+            common: Default::default(),
+            principal: RiskPrincipal::User,
+            current_level: level,
+            previous_level: None,
+            risk_reason: msg.get("reason").and_then(Value::as_str).map(str::to_owned),
+        }),
+        subject,
+        event_time,
+        iat: now,
+        received_at_ms: (now * 1000.0) as i64,
+        attributes,
+        ttl_secs: None,
+    })
+}
+
+/// Seconds since the epoch from seconds, milliseconds (values above 1e11) or RFC 3339 (UTC `Z`
+/// or an offset).
+fn parse_time(v: &Value) -> Option<f64> {
+    if let Some(n) = v.as_f64() {
+        return Some(if n > 1e11 { n / 1000.0 } else { n });
+    }
+    let s = v.as_str()?;
+    // YYYY-MM-DDTHH:MM:SS[.fff](Z|±HH:MM)
+    let (date, rest) = s.split_once('T')?;
+    let mut d = date.split('-').map(|x| x.parse::<i64>());
+    let (y, mo, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let (time, offset_secs) = if let Some(t) = rest.strip_suffix('Z') {
+        (t, 0)
+    } else {
+        let idx = rest.rfind(['+', '-'])?;
+        let (t, off) = rest.split_at(idx);
+        let sign = if off.starts_with('-') { -1 } else { 1 };
+        let (oh, om) = off[1..].split_once(':')?;
+        (
+            t,
+            sign * (oh.parse::<i64>().ok()? * 3600 + om.parse::<i64>().ok()? * 60),
+        )
+    };
+    let mut t = time.split(':');
+    let (h, mi) = (
+        t.next()?.parse::<i64>().ok()?,
+        t.next()?.parse::<i64>().ok()?,
+    );
+    let sec: f64 = t.next()?.parse().ok()?;
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some((days * 86_400 + h * 3600 + mi * 60 - offset_secs) as f64 + sec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::context::{Decay, PrincipalContext};
+    use crate::principal::Target;
+
+    #[test]
+    fn native_messages_normalize_to_risk_signals() {
+        let s = from_native(
+            "risk",
+            br#"{"subject": {"format": "email", "email": "jane@example.com"}, "score": 90,
+                 "source": "ueba", "event_time": 1700000000000, "ttl_secs": 60, "id": "m1",
+                 "attributes": {"country": "FR"}, "principal": "DEVICE"}"#,
+            1.0,
+        )
+        .unwrap();
+        assert_eq!(s.event_type_name(), "risk-signal");
+        assert_eq!(s.event_time, 1_700_000_000.0, "milliseconds are recognised");
+        assert_eq!(s.jti, "m1");
+        assert_eq!(s.ttl_secs, Some(60));
+        assert_eq!(s.attributes["country"], "FR");
+        assert_eq!(s.source.label(), "feed:ueba");
+        match &s.event {
+            Event::RiskLevelChange(r) => {
+                assert_eq!(r.current_level, RiskLevel::High);
+                assert_eq!(r.principal, RiskPrincipal::Device);
+            }
+            other => panic!("{other:?}"),
+        }
+        let plain = from_native("risk", br#"{"subject": "u-1", "level": "medium"}"#, 5.0).unwrap();
+        assert_eq!(plain.subject, SubjectId::Opaque { id: "u-1".into() });
+        assert_eq!(plain.event_time, 5.0, "no time: now");
+    }
+
+    #[test]
+    fn bad_messages_are_errors_not_panics() {
+        for bad in [
+            &b"not json"[..],
+            b"[1,2]",
+            br#"{"level": "HIGH"}"#,
+            br#"{"subject": "u", "level": "SEVERE"}"#,
+            br#"{"subject": "u"}"#,
+            br#"{"subject": "u", "score": "high"}"#,
+            br#"{"subject": "u", "level": "HIGH", "event_time": "yesterday"}"#,
+            br#"{"subject": {"format": "email"}, "level": "HIGH"}"#,
+            br#"{"subject": "u", "level": "HIGH", "ttl_secs": -1}"#,
+        ] {
+            assert!(
+                from_native("t", bad, 0.0).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn mappings_read_foreign_formats() {
+        let m = Mapping {
+            topic: "fraud".into(),
+            subject: "/user/mail".into(),
+            subject_format: Some("email".into()),
+            level: Some("/assessment/band".into()),
+            time: Some("/ts".into()),
+            id: Some("/eventId".into()),
+            source: Some("fraud-engine".into()),
+            level_values: [("critical".to_owned(), "HIGH".to_owned())].into(),
+            attributes: [("country".to_owned(), "/geo/cc".to_owned())].into(),
+            ..Mapping::default()
+        };
+        let s = from_mapped(
+            &m,
+            br#"{"user": {"mail": "Bob@Example.com"}, "assessment": {"band": "Critical"},
+                 "ts": "2023-11-14T22:13:20Z", "eventId": 77, "geo": {"cc": "DE"}}"#,
+            0.0,
+        )
+        .unwrap();
+        assert_eq!(s.event_time, 1_700_000_000.0);
+        assert_eq!(s.jti, "77");
+        assert_eq!(s.attributes["country"], "DE");
+        assert_eq!(s.source.label(), "feed:fraud-engine");
+        assert!(
+            matches!(&s.event, Event::RiskLevelChange(r) if r.current_level == RiskLevel::High)
+        );
+        assert!(from_mapped(&m, br#"{"user": {}}"#, 0.0).is_err());
+    }
+
+    #[test]
+    fn rfc3339_offsets() {
+        assert_eq!(
+            parse_time(&json!("2023-11-14T23:13:20+01:00")),
+            Some(1_700_000_000.0)
+        );
+        assert_eq!(parse_time(&json!("1970-01-01T00:00:01.5Z")), Some(1.5));
+        assert_eq!(parse_time(&json!("garbage")), None);
+    }
+
+    #[test]
+    fn feed_and_caep_share_event_time_ordering_and_ttl_decays_a_feed_fact() {
+        let caep = crate::policy::testing::signal_from_claims(
+            &json!({"iss": "https://idp.example.com/", "aud": "a", "jti": "c1", "iat": 1000,
+                "sub_id": {"format": "email", "email": "jane@example.com"},
+                "events": {"https://schemas.openid.net/secevent/caep/event-type/risk-level-change":
+                    {"principal": "USER", "current_level": "HIGH", "event_timestamp": 2000}}}),
+            1,
+        )
+        .unwrap();
+        // An older feed LOW from the *same* source key would not win; different sources coexist and
+        // the context reports the highest live level.
+        let feed = from_native("risk", br#"{"subject": {"format": "email", "email": "jane@example.com"}, "level": "LOW", "event_time": 1500, "source": "ueba", "ttl_secs": 100}"#, 1500.0).unwrap();
+        let mut ctx = PrincipalContext::new("email:jane@example.com");
+        ctx.apply(&caep, &Target::of(&caep.subject));
+        ctx.apply(&feed, &Target::of(&feed.subject));
+        let g: crate::grant::GrantRequest = serde_json::from_value(json!({"id": "g", "kind": "session",
+            "subject": {"format": "email", "email": "jane@example.com"}, "issued_at": 1, "expires_at": 99999})).unwrap();
+        let g = g.into_grant("email:jane@example.com".into(), 1.0).unwrap();
+        let early = ctx.view(&g, &[], &Decay::default(), 1550.0);
+        assert_eq!(
+            early["risk"]["by_source"].as_object().unwrap().len(),
+            2,
+            "{early}"
+        );
+        assert_eq!(early["risk"]["level"], "HIGH");
+        let view = ctx.view(&g, &[], &Decay::default(), 2100.0);
+        assert_eq!(view["risk"]["level"], "HIGH");
+        // The feed fact's own TTL (100 s from 1500) has run out at 2100: only the CAEP fact counts.
+        assert!(view["risk"]["by_source"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .all(|k| !k.contains("ueba")));
+    }
+}
