@@ -51,18 +51,14 @@ async fn run(signals: usize, rate: u64) -> anyhow::Result<()> {
         data_dir: dir.path().to_owned(),
         ..Config::default()
     };
-    config.transmitters.push(TransmitterConfig {
-        name: "idp".into(),
-        issuer: iss.into(),
-        audiences: vec!["vigil".into()],
-        stream: "idp".into(),
-        authorization: "Bearer idp".into(),
-        algorithms: vec![Alg::RS256],
-        jwks_uri: Some(jwks.jwks_uri()),
-        discovery: false,
-        critical_subject_members: vec![],
-        legacy_subjects: true,
-    });
+    config.transmitters.push(TransmitterConfig::with_jwks(
+        "idp",
+        iss,
+        vec!["vigil".into()],
+        "Bearer idp",
+        vec![Alg::RS256],
+        &jwks.jwks_uri(),
+    ));
     for m in ["push", "poll", "sse"] {
         config.enforcement_points.push(EnforcementPointConfig {
             name: format!("ep-{m}"),

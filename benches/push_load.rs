@@ -75,18 +75,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         data_dir: dir.path().to_owned(),
         ..Config::default()
     };
-    config.transmitters.push(TransmitterConfig {
-        name: "load".into(),
-        issuer: iss.into(),
-        audiences: vec![aud.into()],
-        stream: "load".into(),
-        authorization: "Bearer load".into(),
-        algorithms: vec![args.alg],
-        jwks_uri: Some(jwks.jwks_uri()),
-        discovery: false,
-        critical_subject_members: vec![],
-        legacy_subjects: true,
-    });
+    config.transmitters.push(TransmitterConfig::with_jwks(
+        "load",
+        iss,
+        vec![aud.into()],
+        "Bearer load",
+        vec![args.alg],
+        &jwks.jwks_uri(),
+    ));
     let vigil = Vigil::start(config).await?;
     let url = format!("http://{}/ssf/push/load", vigil.local_addr());
 

@@ -297,6 +297,31 @@ pub struct TransmitterConfig {
     pub legacy_subjects: bool,
 }
 
+impl TransmitterConfig {
+    /// A transmitter pushing to `/ssf/push/{name}` with keys at `jwks_uri`; the rest at defaults.
+    pub fn with_jwks(
+        name: &str,
+        issuer: &str,
+        audiences: Vec<String>,
+        authorization: &str,
+        algorithms: Vec<Alg>,
+        jwks_uri: &str,
+    ) -> TransmitterConfig {
+        TransmitterConfig {
+            name: name.to_owned(),
+            issuer: issuer.to_owned(),
+            audiences,
+            stream: name.to_owned(),
+            authorization: authorization.to_owned(),
+            algorithms,
+            jwks_uri: Some(jwks_uri.to_owned()),
+            discovery: false,
+            critical_subject_members: Vec::new(),
+            legacy_subjects: true,
+        }
+    }
+}
+
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))
 }

@@ -9,6 +9,18 @@ use serde_json::json;
 use vigil::jose::{parse_compact, Alg};
 use vigil::jwks::KeySet;
 
+async fn fetch(client: &reqwest::Client, url: &str) -> Vec<u8> {
+    client
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metadata_and_jwks_verify_vigils_own_sets_across_rotation() {
     let dir = tempfile::tempdir().unwrap();
@@ -31,28 +43,12 @@ async fn metadata_and_jwks_verify_vigils_own_sets_across_rotation() {
         let jws = parse_compact(&token, &[Alg::RS256]).unwrap();
         keys.verify(&jws).is_ok()
     };
-    let jwks = client
-        .get(&jwks_uri)
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap()
-        .to_vec();
+    let jwks = fetch(&client, &jwks_uri).await;
     assert!(verify(old.clone(), jwks));
 
     vigil.identity().rotate().unwrap();
     let new = vigil.identity().signer().sign_set(&claims).unwrap();
-    let jwks = client
-        .get(&jwks_uri)
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap()
-        .to_vec();
+    let jwks = fetch(&client, &jwks_uri).await;
     assert!(verify(new, jwks.clone()), "new key published");
     assert!(
         verify(old, jwks),

@@ -46,18 +46,16 @@ impl Transmitter {
 
     /// A transmitter config for `issuer`/`audiences` on `stream`, keyed by this JWKS server.
     pub fn config(&self, stream: &str, issuer: &str, audiences: &[&str]) -> TransmitterConfig {
-        TransmitterConfig {
-            name: format!("tx-{stream}"),
-            issuer: issuer.to_owned(),
-            audiences: audiences.iter().map(|s| s.to_string()).collect(),
-            stream: stream.to_owned(),
-            authorization: format!("{AUTH}-{stream}"),
-            algorithms: self.keys.iter().map(|k| k.alg).collect(),
-            jwks_uri: Some(self.jwks.jwks_uri()),
-            discovery: false,
-            critical_subject_members: Vec::new(),
-            legacy_subjects: true,
-        }
+        let mut config = TransmitterConfig::with_jwks(
+            &format!("tx-{stream}"),
+            issuer,
+            audiences.iter().map(|s| s.to_string()).collect(),
+            &format!("{AUTH}-{stream}"),
+            self.keys.iter().map(|k| k.alg).collect(),
+            &self.jwks.jwks_uri(),
+        );
+        config.stream = stream.to_owned();
+        config
     }
 }
 
