@@ -55,11 +55,14 @@ pub enum StartError {
     Audit(std::io::Error),
     #[error("cannot build the HTTP client: {0}")]
     Client(String),
+    #[error(transparent)]
+    Kafka(#[from] crate::kafka::KafkaError),
 }
 
 /// A running Vigil.
 pub struct Vigil {
     addr: SocketAddr,
+    db: Arc<redb::Database>,
     intake: Intake,
     engine: Arc<Engine>,
     reloader: Arc<PolicyReloader>,
@@ -206,6 +209,16 @@ impl Vigil {
             audit,
             reloader: reloader.clone(),
         });
+        if config.kafka.enabled() {
+            let source = crate::kafka::KafkaSource::start(
+                &config.kafka,
+                intake.clone(),
+                batch_writer_for_streams.clone(),
+                next_tx.clone(),
+                shutdown_rx.clone(),
+            )?;
+            tasks.push(source.into_task());
+        }
         let receiver = Arc::new(Receiver::new(transmitters, intake.clone(), next_tx));
 
         let push_state = Arc::new(PushState {
@@ -335,6 +348,7 @@ impl Vigil {
         tracing::info!(%addr, transmitters = config.transmitters.len(), "Vigil listening");
         Ok(Vigil {
             addr,
+            db,
             intake,
             engine,
             reloader,
@@ -349,6 +363,11 @@ impl Vigil {
     /// The address the HTTP server is bound to (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The embedded store (for inspection by tests and tools).
+    pub fn store(&self) -> &Arc<redb::Database> {
+        &self.db
     }
 
     /// Durable intake, for inspection and for the stream-management client.
@@ -382,6 +401,7 @@ impl Vigil {
             engine,
             reloader,
             decision_task,
+            db,
             ..
         } = self;
         let _ = shutdown.send(true);
@@ -393,6 +413,7 @@ impl Vigil {
         drop(engine);
         let _ = decision_task.await;
         drop(intake);
+        drop(db);
         // The writer exits once the last handle (held by the tasks above) is gone.
         let _ = tokio::task::spawn_blocking(move || writer.join()).await;
     }

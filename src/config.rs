@@ -76,6 +76,141 @@ pub struct Config {
     /// The transmitters (IdPs, risk systems) Vigil accepts SETs from.
     #[serde(default)]
     pub transmitters: Vec<TransmitterConfig>,
+    /// Risk signals from Kafka topics (off unless `brokers` is set).
+    #[serde(default)]
+    pub kafka: KafkaConfig,
+}
+
+/// The Kafka risk-signal source. With no `brokers`, Vigil runs without it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers (`host:port,host:port`). Empty: no Kafka source.
+    #[serde(default)]
+    pub brokers: String,
+    /// Consumer group: Vigil instances sharing it split the topics' partitions.
+    #[serde(default = "default_kafka_group")]
+    pub group_id: String,
+    /// Topics carrying risk signals. A topic with a `mappings` entry is read through it; the others
+    /// carry Vigil's native JSON format (see `risk_feed`).
+    #[serde(default = "default_kafka_topics")]
+    pub topics: Vec<String>,
+    /// Where malformed or unmappable messages go, with the error in the `vigil-error` header.
+    #[serde(default = "default_kafka_dlq")]
+    pub dead_letter_topic: String,
+    /// Most messages recorded (one store commit) and committed (one offset commit) per batch.
+    #[serde(default = "default_kafka_batch")]
+    pub max_batch: usize,
+    /// How long a batch waits to fill before it is recorded anyway.
+    #[serde(default = "default_kafka_wait")]
+    pub batch_wait_ms: u64,
+    /// Extra librdkafka settings passed through unchanged: security (`security.protocol`,
+    /// `sasl.mechanism`, `sasl.username`, `sasl.password`, `ssl.ca.location`, …), timeouts,
+    /// `auto.offset.reset`. `_` may stand for `.` in names (for environment overrides:
+    /// `VIGIL_KAFKA__PROPERTIES__SASL_PASSWORD`). Offset handling is Vigil's and cannot be changed.
+    #[serde(default)]
+    pub properties: std::collections::BTreeMap<String, String>,
+    /// Foreign message formats, one per topic.
+    #[serde(default)]
+    pub mappings: Vec<crate::risk_feed::Mapping>,
+}
+
+/// librdkafka settings Vigil owns: its delivery guarantee depends on them.
+const KAFKA_RESERVED: [&str; 5] = [
+    "bootstrap.servers",
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "enable.partition.eof",
+];
+
+impl KafkaConfig {
+    /// Whether the Kafka source runs.
+    pub fn enabled(&self) -> bool {
+        !self.brokers.trim().is_empty()
+    }
+
+    /// The pass-through properties with `_` read as `.`.
+    pub fn librdkafka_properties(&self) -> impl Iterator<Item = (String, &str)> {
+        self.properties
+            .iter()
+            .map(|(k, v)| (k.replace('_', "."), v.as_str()))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        if self.group_id.is_empty() {
+            return Err(invalid("kafka.group_id", "must not be empty"));
+        }
+        if self.topics.is_empty() || self.topics.iter().any(String::is_empty) {
+            return Err(invalid(
+                "kafka.topics",
+                "needs at least one non-empty topic",
+            ));
+        }
+        if self.dead_letter_topic.is_empty() || self.topics.contains(&self.dead_letter_topic) {
+            return Err(invalid(
+                "kafka.dead_letter_topic",
+                "must be set and must not be one of `topics`",
+            ));
+        }
+        if self.max_batch == 0 {
+            return Err(invalid("kafka.max_batch", "must be greater than 0"));
+        }
+        for (name, _) in self.librdkafka_properties() {
+            if KAFKA_RESERVED.contains(&name.as_str()) {
+                return Err(invalid(
+                    format!("kafka.properties.{name}"),
+                    "is set by Vigil (use `brokers`/`group_id`; offsets are committed only after a durable record)",
+                ));
+            }
+        }
+        let mut seen = HashSet::new();
+        for (i, m) in self.mappings.iter().enumerate() {
+            let key = |field: &str| format!("kafka.mappings[{i}].{field}");
+            if !self.topics.contains(&m.topic) {
+                return Err(invalid(key("topic"), "must be one of `kafka.topics`"));
+            }
+            if !seen.insert(m.topic.as_str()) {
+                return Err(invalid(key("topic"), "has two mappings"));
+            }
+            m.check().map_err(|(field, why)| invalid(key(field), why))?;
+        }
+        Ok(())
+    }
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: String::new(),
+            group_id: default_kafka_group(),
+            topics: default_kafka_topics(),
+            dead_letter_topic: default_kafka_dlq(),
+            max_batch: default_kafka_batch(),
+            batch_wait_ms: default_kafka_wait(),
+            properties: Default::default(),
+            mappings: Vec::new(),
+        }
+    }
+}
+
+fn default_kafka_group() -> String {
+    "vigil".into()
+}
+fn default_kafka_topics() -> Vec<String> {
+    vec!["vigil.risk".into()]
+}
+fn default_kafka_dlq() -> String {
+    "vigil.risk.dead-letter".into()
+}
+fn default_kafka_batch() -> usize {
+    2000
+}
+fn default_kafka_wait() -> u64 {
+    10
 }
 
 /// Policy-as-code settings.
@@ -447,6 +582,7 @@ impl Default for Config {
             delivery: DeliveryConfig::default(),
             enforcement_points: Vec::new(),
             transmitters: Vec::new(),
+            kafka: KafkaConfig::default(),
         }
     }
 }
@@ -524,6 +660,7 @@ impl Config {
             crate::discovery::metadata_url(issuer, "ssf-configuration")
                 .map_err(|e| invalid("identity.issuer", e.to_string()))?;
         }
+        self.kafka.validate()?;
         let mut ep_names = HashSet::new();
         let mut ep_tokens = HashSet::new();
         for (i, ep) in self.enforcement_points.iter().enumerate() {

@@ -48,10 +48,17 @@ pub enum RecordOutcome {
 }
 
 /// What is stored per accepted SET: the normalized signal and the raw token (kept for audit).
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Deserialize)]
 struct StoredSet {
     signal: Signal,
     token: String,
+}
+
+/// [`StoredSet`]'s serialized form, borrowed.
+#[derive(Serialize)]
+struct StoredSetRef<'a> {
+    signal: &'a Signal,
+    token: &'a str,
 }
 
 /// Handle to durable intake. Cheap to clone.
@@ -80,12 +87,34 @@ impl Intake {
     /// Records `signal` (with its raw `token`) durably. Returns once the commit is on disk. The
     /// `(iss, jti)` check runs inside the write transaction, so concurrent duplicates record once.
     pub async fn record(&self, signal: Signal, token: &str) -> Result<RecordOutcome, IntakeError> {
-        let token = token.to_owned();
+        let encoded = encode(signal, token)?;
         let outcome = self
             .writer
-            .write(move |txn| record_in(txn, signal, token))
+            .write(move |txn| record_in(txn, &encoded))
             .await?;
         Ok(outcome)
+    }
+
+    /// Records many signals in one transaction (one fsync), from a blocking thread (the Kafka
+    /// consumer). Outcomes are in input order; duplicates within the batch record once.
+    pub fn record_batch_blocking(
+        &self,
+        items: Vec<(Signal, String)>,
+    ) -> Result<Vec<RecordOutcome>, IntakeError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let encoded = items
+            .into_iter()
+            .map(|(signal, token)| encode(signal, &token))
+            .collect::<Result<Vec<_>, _>>()?;
+        let outcomes = self.writer.write_blocking(move |txn| {
+            encoded
+                .iter()
+                .map(|e| record_in(txn, e))
+                .collect::<Result<Vec<_>, _>>()
+        })?;
+        Ok(outcomes)
     }
 
     /// Marks signals processed by the next stage: they will not be replayed.
@@ -128,6 +157,13 @@ impl Intake {
         };
         let stored = decode(seq, bytes.value())?;
         Ok(Some((stored.signal, stored.token)))
+    }
+
+    /// How many recorded signals are not yet processed (for tests, benchmarks and diagnostics).
+    pub fn pending_count(&self) -> Result<u64, IntakeError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let pending = txn.open_table(PENDING).map_err(storage)?;
+        pending.len().map_err(storage)
     }
 
     /// How many accepted SETs are stored (for tests and diagnostics).
@@ -185,14 +221,28 @@ pub fn mark_processed_in(txn: &WriteTransaction, seqs: &[u64]) -> Result<(), Wri
     Ok(())
 }
 
-fn record_in(
-    txn: &WriteTransaction,
-    mut signal: Signal,
-    token: String,
-) -> Result<RecordOutcome, WriteError> {
+/// A signal ready to record: its dedupe key and its stored form, serialized by the caller's thread
+/// (the store's writer thread is shared by every writer and only inserts).
+struct Encoded {
+    jti_key: String,
+    bytes: Vec<u8>,
+}
+
+/// Serializes a signal for storage. Its `seq` is not stored inside: it is the row's key.
+fn encode(mut signal: Signal, token: &str) -> Result<Encoded, IntakeError> {
+    signal.seq = 0;
+    let jti_key = jti_key(&signal.iss, &signal.jti);
+    let bytes = serde_json::to_vec(&StoredSetRef {
+        signal: &signal,
+        token,
+    })
+    .map_err(|e| IntakeError::Write(WriteError::Storage(e.to_string())))?;
+    Ok(Encoded { jti_key, bytes })
+}
+
+fn record_in(txn: &WriteTransaction, e: &Encoded) -> Result<RecordOutcome, WriteError> {
     let mut jtis = txn.open_table(JTI).map_err(WriteError::storage)?;
-    let key = jti_key(&signal.iss, &signal.jti);
-    if let Some(seq) = jtis.get(key.as_str()).map_err(WriteError::storage)? {
+    if let Some(seq) = jtis.get(e.jti_key.as_str()).map_err(WriteError::storage)? {
         return Ok(RecordOutcome::Duplicate(seq.value()));
     }
     let mut meta = txn.open_table(META).map_err(WriteError::storage)?;
@@ -203,14 +253,11 @@ fn record_in(
         .unwrap_or(1);
     meta.insert("next_seq", seq + 1)
         .map_err(WriteError::storage)?;
-    signal.seq = seq;
-    let bytes = serde_json::to_vec(&StoredSet { signal, token })
-        .map_err(|e| WriteError::Storage(e.to_string()))?;
     txn.open_table(SETS)
         .map_err(WriteError::storage)?
-        .insert(seq, bytes.as_slice())
+        .insert(seq, e.bytes.as_slice())
         .map_err(WriteError::storage)?;
-    jtis.insert(key.as_str(), seq)
+    jtis.insert(e.jti_key.as_str(), seq)
         .map_err(WriteError::storage)?;
     txn.open_table(PENDING)
         .map_err(WriteError::storage)?
@@ -220,10 +267,13 @@ fn record_in(
 }
 
 fn decode(seq: u64, bytes: &[u8]) -> Result<StoredSet, IntakeError> {
-    serde_json::from_slice(bytes).map_err(|e| IntakeError::Corrupt {
-        seq,
-        reason: e.to_string(),
-    })
+    let mut stored: StoredSet =
+        serde_json::from_slice(bytes).map_err(|e| IntakeError::Corrupt {
+            seq,
+            reason: e.to_string(),
+        })?;
+    stored.signal.seq = seq;
+    Ok(stored)
 }
 
 fn jti_key(iss: &str, jti: &str) -> String {

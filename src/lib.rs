@@ -20,6 +20,7 @@ pub mod handoff;
 pub mod intake;
 pub mod jose;
 pub mod jwks;
+pub mod kafka;
 pub mod ops;
 pub mod policy;
 pub mod principal;

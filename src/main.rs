@@ -150,6 +150,19 @@ fn check_config(mut config: Config) -> anyhow::Result<()> {
     for t in &mut config.transmitters {
         t.authorization = "<redacted>".into();
     }
+    for ep in &mut config.enforcement_points {
+        ep.token = "<redacted>".into();
+    }
+    // librdkafka secrets: sasl.password, ssl.key.password, ssl.key.pem, …client.secret, …
+    for (name, value) in config.kafka.properties.iter_mut() {
+        let name = name.to_ascii_lowercase();
+        if ["password", "secret", "key", "token", "jaas"]
+            .iter()
+            .any(|s| name.contains(s))
+        {
+            *value = "<redacted>".into();
+        }
+    }
     println!(
         "{}",
         toml::to_string_pretty(&config).context("rendering config")?

@@ -14,8 +14,11 @@
 //!  "event_time": 1700000000.25,      // seconds, milliseconds (> 1e11) or RFC 3339; default: now
 //!  "ttl_secs": 3600,                 // optional: the level stops counting after this
 //!  "attributes": {"country": "FR"},  // optional free-form facts for policy (context.attributes)
-//!  "id": "msg-123"}                  // optional id, used with the topic as the signal's jti
+//!  "id": "msg-123"}                  // optional id: redeliveries with the same id apply once
 //! ```
+//!
+//! The signal's `iss` is `kafka:<topic>` and its `jti` is `id:<id>` when the message carries an id,
+//! else `offset:<partition>/<offset>`: either way a redelivered message is recorded once.
 //!
 //! A mapping names, per topic, JSON pointers (RFC 6901) to the same facts in a foreign message.
 
@@ -88,12 +91,66 @@ pub struct Mapping {
     pub thresholds: Thresholds,
 }
 
-/// Normalizes a native-format message from `topic` into a signal (without an intake sequence).
-pub fn from_native(
-    topic: &str,
-    payload: &[u8],
-    now: f64,
-) -> Result<crate::signal::Signal, FeedError> {
+impl Mapping {
+    /// Checks what types cannot: pointers are RFC 6901 (empty or starting with `/`), the subject
+    /// format is known, level values map to levels, thresholds are ordered. Names the bad field.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        let pointer = |field: &'static str, p: &str| {
+            if p.is_empty() || p.starts_with('/') {
+                Ok(())
+            } else {
+                Err((
+                    field,
+                    format!("`{p}` is not a JSON pointer (start it with `/`)"),
+                ))
+            }
+        };
+        pointer("subject", &self.subject)?;
+        for (field, p) in [
+            ("level", &self.level),
+            ("score", &self.score),
+            ("time", &self.time),
+            ("id", &self.id),
+        ] {
+            if let Some(p) = p {
+                pointer(field, p)?;
+            }
+        }
+        for p in self.attributes.values() {
+            pointer("attributes", p)?;
+        }
+        if self.level.is_none() && self.score.is_none() {
+            return Err(("level", "give `level` or `score` (or both)".into()));
+        }
+        if let Some(f) = &self.subject_format {
+            if !["email", "opaque", "phone_number", "account", "uri", "did"].contains(&f.as_str()) {
+                return Err(("subject_format", format!("unknown format `{f}`")));
+            }
+        }
+        for v in self.level_values.values() {
+            RiskLevel::parse(v).map_err(|e| ("level_values", e))?;
+        }
+        let t = &self.thresholds;
+        if !(t.medium.is_finite() && t.high.is_finite() && t.medium <= t.high) {
+            return Err(("thresholds", "need finite `medium` <= `high`".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Where a message was read: its topic and position, and the time to assume when it names none
+/// (the broker's timestamp, else now).
+#[derive(Debug, Clone, Copy)]
+pub struct Origin<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    pub now: f64,
+}
+
+/// Normalizes a native-format message into a signal (without an intake sequence).
+pub fn from_native(origin: Origin<'_>, payload: &[u8]) -> Result<crate::signal::Signal, FeedError> {
+    let topic = origin.topic;
     let msg = object(payload)?;
     let mapping = Mapping {
         topic: topic.to_owned(),
@@ -104,7 +161,7 @@ pub fn from_native(
         id: Some("/id".into()),
         ..Mapping::default()
     };
-    let mut signal = normalize(&mapping, &msg, now)?;
+    let mut signal = normalize(&mapping, &msg, origin)?;
     if let Some(p) = msg.get("principal").and_then(Value::as_str) {
         if let Event::RiskLevelChange(r) = &mut signal.event {
             r.principal = RiskPrincipal::parse(p).map_err(|reason| FeedError::Invalid {
@@ -141,11 +198,11 @@ pub fn from_native(
 /// Normalizes a foreign message with its topic's mapping.
 pub fn from_mapped(
     mapping: &Mapping,
+    origin: Origin<'_>,
     payload: &[u8],
-    now: f64,
 ) -> Result<crate::signal::Signal, FeedError> {
     let msg = object(payload)?;
-    normalize(mapping, &msg, now)
+    normalize(mapping, &msg, origin)
 }
 
 fn object(payload: &[u8]) -> Result<Value, FeedError> {
@@ -158,7 +215,12 @@ fn object(payload: &[u8]) -> Result<Value, FeedError> {
     }
 }
 
-fn normalize(m: &Mapping, msg: &Value, now: f64) -> Result<crate::signal::Signal, FeedError> {
+fn normalize(
+    m: &Mapping,
+    msg: &Value,
+    origin: Origin<'_>,
+) -> Result<crate::signal::Signal, FeedError> {
+    let now = origin.now;
     let subject = match msg.pointer(&m.subject) {
         Some(Value::String(s)) if !s.is_empty() => {
             let format = m.subject_format.as_deref().unwrap_or("opaque");
@@ -258,8 +320,11 @@ fn normalize(m: &Mapping, msg: &Value, now: f64) -> Result<crate::signal::Signal
             topic: m.topic.clone(),
             source,
         },
-        iss: format!("kafka:{}", m.topic),
-        jti: id.unwrap_or_else(|| format!("{:032x}", rand::random::<u128>())),
+        iss: format!("kafka:{}", origin.topic),
+        jti: match id {
+            Some(id) => format!("id:{id}"),
+            None => format!("offset:{}/{}", origin.partition, origin.offset),
+        },
         txn: None,
         event_uri: EventKind::RiskLevelChange.uri(),
         event: Event::RiskLevelChange(RiskLevelChange {
@@ -272,7 +337,7 @@ fn normalize(m: &Mapping, msg: &Value, now: f64) -> Result<crate::signal::Signal
         subject,
         event_time,
         iat: now,
-        received_at_ms: (now * 1000.0) as i64,
+        received_at_ms: crate::signal::now_ms(),
         attributes,
         ttl_secs: None,
     })
@@ -324,19 +389,28 @@ mod tests {
     use crate::context::{Decay, PrincipalContext};
     use crate::principal::Target;
 
+    fn at(topic: &str, now: f64) -> Origin<'_> {
+        Origin {
+            topic,
+            partition: 2,
+            offset: 41,
+            now,
+        }
+    }
+
     #[test]
     fn native_messages_normalize_to_risk_signals() {
         let s = from_native(
-            "risk",
+            at("risk", 1.0),
             br#"{"subject": {"format": "email", "email": "jane@example.com"}, "score": 90,
                  "source": "ueba", "event_time": 1700000000000, "ttl_secs": 60, "id": "m1",
                  "attributes": {"country": "FR"}, "principal": "DEVICE"}"#,
-            1.0,
         )
         .unwrap();
         assert_eq!(s.event_type_name(), "risk-signal");
         assert_eq!(s.event_time, 1_700_000_000.0, "milliseconds are recognised");
-        assert_eq!(s.jti, "m1");
+        assert_eq!(s.jti, "id:m1");
+        assert_eq!(s.iss, "kafka:risk");
         assert_eq!(s.ttl_secs, Some(60));
         assert_eq!(s.attributes["country"], "FR");
         assert_eq!(s.source.label(), "feed:ueba");
@@ -347,7 +421,9 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let plain = from_native("risk", br#"{"subject": "u-1", "level": "medium"}"#, 5.0).unwrap();
+        let plain =
+            from_native(at("risk", 5.0), br#"{"subject": "u-1", "level": "medium"}"#).unwrap();
+        assert_eq!(plain.jti, "offset:2/41", "no id: the message's position");
         assert_eq!(plain.subject, SubjectId::Opaque { id: "u-1".into() });
         assert_eq!(plain.event_time, 5.0, "no time: now");
     }
@@ -366,7 +442,7 @@ mod tests {
             br#"{"subject": "u", "level": "HIGH", "ttl_secs": -1}"#,
         ] {
             assert!(
-                from_native("t", bad, 0.0).is_err(),
+                from_native(at("t", 0.0), bad).is_err(),
                 "{}",
                 String::from_utf8_lossy(bad)
             );
@@ -389,19 +465,31 @@ mod tests {
         };
         let s = from_mapped(
             &m,
+            at("fraud", 0.0),
             br#"{"user": {"mail": "Bob@Example.com"}, "assessment": {"band": "Critical"},
                  "ts": "2023-11-14T22:13:20Z", "eventId": 77, "geo": {"cc": "DE"}}"#,
-            0.0,
         )
         .unwrap();
         assert_eq!(s.event_time, 1_700_000_000.0);
-        assert_eq!(s.jti, "77");
+        assert_eq!(s.jti, "id:77");
         assert_eq!(s.attributes["country"], "DE");
         assert_eq!(s.source.label(), "feed:fraud-engine");
         assert!(
             matches!(&s.event, Event::RiskLevelChange(r) if r.current_level == RiskLevel::High)
         );
-        assert!(from_mapped(&m, br#"{"user": {}}"#, 0.0).is_err());
+        assert!(from_mapped(&m, at("fraud", 0.0), br#"{"user": {}}"#).is_err());
+
+        assert_eq!(m.check(), Ok(()));
+        let not_a_pointer = Mapping {
+            subject: "user.mail".into(),
+            ..m.clone()
+        };
+        assert_eq!(not_a_pointer.check().map_err(|e| e.0), Err("subject"));
+        let bad_value = Mapping {
+            level_values: [("x".to_owned(), "SEVERE".to_owned())].into(),
+            ..m.clone()
+        };
+        assert_eq!(bad_value.check().map_err(|e| e.0), Err("level_values"));
     }
 
     #[test]
@@ -426,7 +514,7 @@ mod tests {
         .unwrap();
         // An older feed LOW from the *same* source key would not win; different sources coexist and
         // the context reports the highest live level.
-        let feed = from_native("risk", br#"{"subject": {"format": "email", "email": "jane@example.com"}, "level": "LOW", "event_time": 1500, "source": "ueba", "ttl_secs": 100}"#, 1500.0).unwrap();
+        let feed = from_native(at("risk", 1500.0), br#"{"subject": {"format": "email", "email": "jane@example.com"}, "level": "LOW", "event_time": 1500, "source": "ueba", "ttl_secs": 100}"#).unwrap();
         let mut ctx = PrincipalContext::new("email:jane@example.com");
         ctx.apply(&caep, &Target::of(&caep.subject));
         ctx.apply(&feed, &Target::of(&feed.subject));

@@ -117,6 +117,50 @@ fn invalid_config_exits_78_naming_the_key() {
 }
 
 #[test]
+fn check_config_redacts_secrets_and_names_bad_kafka_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kafka.toml");
+    std::fs::write(
+        &config,
+        "[kafka]\nbrokers = \"127.0.0.1:9092\"\n[kafka.properties]\nsecurity_protocol = \"SASL_SSL\"\n\
+         sasl_username = \"vigil\"\nsasl_password = \"hunter2-kafka\"\n\
+         [[enforcement_points]]\nname = \"gw\"\ntoken = \"gw-secret-token-0123456789\"\n",
+    )
+    .unwrap();
+    let out = Command::new(VIGIL)
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("SASL_SSL") && stdout.contains("vigil"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("hunter2-kafka"), "{stdout}");
+    assert!(!stdout.contains("gw-secret-token"), "{stdout}");
+
+    // Vigil owns offset handling: a pass-through that would change it is refused, by name.
+    std::fs::write(
+        &config,
+        "[kafka]\nbrokers = \"127.0.0.1:9092\"\n[kafka.properties]\nenable_auto_commit = \"true\"\n",
+    )
+    .unwrap();
+    let out = Command::new(VIGIL)
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("kafka.properties.enable.auto.commit"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn policy_tooling_exit_codes() {
     let repo = env!("CARGO_MANIFEST_DIR");
     let ok = Command::new(VIGIL)

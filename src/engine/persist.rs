@@ -128,37 +128,77 @@ impl Changes {
     }
 }
 
-/// Writes `changes` inside `txn`.
-pub fn write(txn: &WriteTransaction, changes: &Changes) -> Result<(), WriteError> {
-    let json = |e: serde_json::Error| WriteError::Storage(e.to_string());
-    if !changes.contexts.is_empty() {
-        let mut t = txn.open_table(CONTEXTS).map_err(WriteError::storage)?;
-        for ctx in &changes.contexts {
-            let bytes = serde_json::to_vec(&**ctx).map_err(json)?;
-            t.insert(ctx.key.as_str(), bytes.as_slice())
-                .map_err(WriteError::storage)?;
+/// A batch's writes, serialized: built on the shard's thread so the store's single writer thread
+/// only inserts bytes (it is shared by every writer in the process and is the throughput ceiling).
+#[derive(Default)]
+pub struct Encoded {
+    contexts: Vec<(String, Vec<u8>)>,
+    grants: Vec<(String, Vec<u8>)>,
+    deleted_grants: Vec<String>,
+    aliases: Vec<(String, String)>,
+    handoff: Vec<(String, Vec<u8>)>,
+}
+
+impl Changes {
+    /// Serializes the batch. A context or grant changed several times in the batch is written once,
+    /// in its last state.
+    pub fn encode(self) -> Result<Encoded, WriteError> {
+        fn last_per_key<T: Serialize>(
+            items: Vec<Arc<T>>,
+            key: impl Fn(&T) -> &str,
+        ) -> Result<Vec<(String, Vec<u8>)>, WriteError> {
+            let mut seen = std::collections::HashSet::new();
+            let mut out = Vec::new();
+            for item in items.iter().rev() {
+                if seen.insert(key(item)) {
+                    let bytes = serde_json::to_vec(&**item)
+                        .map_err(|e| WriteError::Storage(e.to_string()))?;
+                    out.push((key(item).to_owned(), bytes));
+                }
+            }
+            Ok(out)
         }
+        let handoff = self
+            .handoff
+            .iter()
+            .map(|(d, g)| {
+                serde_json::to_vec(&serde_json::json!({"decision": d, "grant": &**g}))
+                    .map(|bytes| (d.id.clone(), bytes))
+                    .map_err(|e| WriteError::Storage(e.to_string()))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Encoded {
+            contexts: last_per_key(self.contexts, |c| c.key.as_str())?,
+            grants: last_per_key(self.grants, |g| g.id.as_str())?,
+            deleted_grants: self.deleted_grants,
+            aliases: self.aliases,
+            handoff,
+        })
     }
-    if !changes.grants.is_empty() || !changes.deleted_grants.is_empty() {
-        let mut t = txn.open_table(GRANTS).map_err(WriteError::storage)?;
-        for g in &changes.grants {
-            let bytes = serde_json::to_vec(&**g).map_err(json)?;
-            t.insert(g.id.as_str(), bytes.as_slice())
+}
+
+/// Writes an encoded batch inside `txn`.
+pub fn write(txn: &WriteTransaction, changes: &Encoded) -> Result<(), WriteError> {
+    let insert_all = |table: TableDefinition<&str, &[u8]>, rows: &[(String, Vec<u8>)]| {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut t = txn.open_table(table).map_err(WriteError::storage)?;
+        for (k, v) in rows {
+            t.insert(k.as_str(), v.as_slice())
                 .map_err(WriteError::storage)?;
         }
+        Ok::<(), WriteError>(())
+    };
+    insert_all(CONTEXTS, &changes.contexts)?;
+    insert_all(GRANTS, &changes.grants)?;
+    if !changes.deleted_grants.is_empty() {
+        let mut t = txn.open_table(GRANTS).map_err(WriteError::storage)?;
         for id in &changes.deleted_grants {
             t.remove(id.as_str()).map_err(WriteError::storage)?;
         }
     }
-    if !changes.handoff.is_empty() {
-        let mut t = txn.open_table(HANDOFF).map_err(WriteError::storage)?;
-        for (d, g) in &changes.handoff {
-            let bytes = serde_json::to_vec(&serde_json::json!({"decision": d, "grant": &**g}))
-                .map_err(json)?;
-            t.insert(d.id.as_str(), bytes.as_slice())
-                .map_err(WriteError::storage)?;
-        }
-    }
+    insert_all(HANDOFF, &changes.handoff)?;
     if !changes.aliases.is_empty() {
         let mut t = txn.open_table(ALIASES).map_err(WriteError::storage)?;
         for (k, v) in &changes.aliases {

@@ -592,11 +592,12 @@ impl Shard {
             }
         }
         if !p.changes.is_empty() || !p.processed.is_empty() {
-            let changes = std::mem::take(&mut p.changes);
             let processed = std::mem::take(&mut p.processed);
-            let result = self.shared.writer.write_blocking(move |txn| {
-                persist::write(txn, &changes)?;
-                intake::mark_processed_in(txn, &processed)
+            let result = std::mem::take(&mut p.changes).encode().and_then(|changes| {
+                self.shared.writer.write_blocking(move |txn| {
+                    persist::write(txn, &changes)?;
+                    intake::mark_processed_in(txn, &processed)
+                })
             });
             if let Err(e) = result {
                 tracing::error!(shard = self.id, error = %e, "engine commit failed; signals stay pending for replay");

@@ -1,0 +1,99 @@
+//! One consumed message, owned (so a batch outlives librdkafka's borrowed buffers), and the
+//! decision of how it becomes a signal: through its topic's mapping, or the native format.
+
+use std::collections::HashMap;
+
+use crate::risk_feed::{self, FeedError, Mapping, Origin};
+use crate::signal::{now_ms, Signal};
+
+/// A message taken from a partition.
+#[derive(Debug, Clone)]
+pub struct FeedMessage {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    /// The broker's or producer's timestamp (ms): the event time of a message that names none.
+    pub timestamp_ms: Option<i64>,
+}
+
+/// Turns messages into signals by topic.
+#[derive(Debug, Clone, Default)]
+pub struct Normalizer {
+    mappings: HashMap<String, Mapping>,
+}
+
+impl Normalizer {
+    pub fn new(mappings: &[Mapping]) -> Normalizer {
+        Normalizer {
+            mappings: mappings
+                .iter()
+                .map(|m| (m.topic.clone(), m.clone()))
+                .collect(),
+        }
+    }
+
+    /// The signal `msg` carries, or why it carries none.
+    pub fn signal(&self, msg: &FeedMessage) -> Result<Signal, FeedError> {
+        let payload = msg
+            .payload
+            .as_deref()
+            .ok_or_else(|| FeedError::NotJson("the message has no value".into()))?;
+        let now = msg.timestamp_ms.filter(|t| *t > 0).unwrap_or_else(now_ms) as f64 / 1000.0;
+        let origin = Origin {
+            topic: &msg.topic,
+            partition: msg.partition,
+            offset: msg.offset,
+            now,
+        };
+        match self.mappings.get(&msg.topic) {
+            Some(mapping) => risk_feed::from_mapped(mapping, origin, payload),
+            None => risk_feed::from_native(origin, payload),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(topic: &str, payload: &[u8], ts: Option<i64>) -> FeedMessage {
+        FeedMessage {
+            topic: topic.into(),
+            partition: 1,
+            offset: 7,
+            key: None,
+            payload: Some(payload.to_vec()),
+            timestamp_ms: ts,
+        }
+    }
+
+    #[test]
+    fn topics_with_a_mapping_use_it_others_are_native() {
+        let n = Normalizer::new(&[Mapping {
+            topic: "fraud".into(),
+            subject: "/user".into(),
+            score: Some("/p".into()),
+            ..Mapping::default()
+        }]);
+        let mapped = n
+            .signal(&msg("fraud", br#"{"user": "u1", "p": 99}"#, Some(5_000)))
+            .unwrap();
+        assert_eq!(mapped.event_time, 5.0, "the message timestamp stands in");
+        assert_eq!(mapped.jti, "offset:1/7");
+        assert_eq!(mapped.iss, "kafka:fraud");
+        assert!(n
+            .signal(&msg("risk", br#"{"user": "u1", "p": 99}"#, None))
+            .is_err());
+        let native = n
+            .signal(&msg("risk", br#"{"subject": "u1", "level": "LOW"}"#, None))
+            .unwrap();
+        assert!(native.event_time > 1.6e9, "no timestamp: now");
+        let tombstone = FeedMessage {
+            payload: None,
+            ..msg("risk", b"", None)
+        };
+        assert!(matches!(n.signal(&tombstone), Err(FeedError::NotJson(_))));
+    }
+}

@@ -1,0 +1,477 @@
+//! The Kafka risk-signal source against a real Kafka-protocol broker: librdkafka's in-process mock
+//! cluster on loopback (producers, consumer groups, offset commits and rebalances all real).
+//! Group joins take a few seconds on the mock, so these tests wait up to 30 s per step.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use serde_json::{json, Value};
+use vigil::config::{Config, EnforcementPointConfig};
+use vigil::events::EventKind;
+use vigil::sim::ep::{subscribe, Method};
+use vigil::sim::risk::{fraud_engine_mapping, message, mock_cluster, Pattern, Publisher};
+use vigil::Vigil;
+
+const NATIVE: &str = "vigil.risk";
+const FRAUD: &str = "fraud.scores";
+const DLQ: &str = "vigil.risk.dead-letter";
+
+fn now() -> f64 {
+    vigil::signal::now_ms() as f64 / 1000.0
+}
+
+fn cluster(partitions: i32) -> MockCluster<'static, DefaultProducerContext> {
+    mock_cluster(&[(NATIVE, partitions), (FRAUD, 1), (DLQ, 1)]).unwrap()
+}
+
+fn kafka_config(dir: &std::path::Path, brokers: &str) -> Config {
+    let mut config = test_config(dir, Vec::new());
+    config.kafka.brokers = brokers.to_owned();
+    config.kafka.group_id = "vigil-test".into();
+    config.kafka.topics = vec![NATIVE.into(), FRAUD.into()];
+    config.kafka.mappings = vec![fraud_engine_mapping(FRAUD)];
+    // Faster group membership on the mock broker.
+    for (k, v) in [
+        ("heartbeat_interval_ms", "300"),
+        ("session_timeout_ms", "6000"),
+    ] {
+        config.kafka.properties.insert(k.into(), v.into());
+    }
+    config.validate().unwrap();
+    config
+}
+
+/// Polls `check` every 50 ms for at most `secs` seconds.
+async fn within<T, F, Fut>(secs: u64, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn recorded(vigil: &Vigil, topic: &str, id: &str) -> bool {
+    vigil
+        .intake()
+        .lookup_jti(&format!("kafka:{topic}"), &format!("id:{id}"))
+        .unwrap()
+        .is_some()
+}
+
+async fn register(vigil: &Vigil, id: &str, email: &str) {
+    let t = now();
+    let grant = json!({"id": id, "kind": "session", "subject": {"format": "email", "email": email},
+        "session": format!("s-{id}"), "issued_at": t - 60.0, "expires_at": t + 3600.0});
+    assert_eq!(post_json(vigil, "/v1/grants", &grant).await.0, 201);
+}
+
+async fn grant_status(vigil: &Vigil, id: &str) -> String {
+    let (_, g) = get_json(vigil, &format!("/v1/grants/{id}")).await;
+    g["status"].as_str().unwrap_or_default().to_owned()
+}
+
+fn native(email: &str, level: &str, id: &str, event_time: f64) -> Vec<u8> {
+    json!({"subject": {"format": "email", "email": email}, "level": level, "source": "ueba",
+        "event_time": event_time, "id": id, "reason": "impossible travel"})
+    .to_string()
+    .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_risk_score_revokes_and_the_revocation_reaches_a_subscribed_enforcement_point() {
+    let kafka = cluster(2);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = kafka_config(dir.path(), &kafka.bootstrap_servers());
+    config.enforcement_points.push(EnforcementPointConfig {
+        name: "gw".into(),
+        token: "gateway-token-0123456789".into(),
+        audience: None,
+    });
+    let vigil = start(config).await;
+    let issuer = format!("http://{}", vigil.local_addr());
+    let mut ep = subscribe(
+        &issuer,
+        "gateway-token-0123456789",
+        "gw",
+        Method::Push,
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    register(&vigil, "g-native", "native@example.com").await;
+    register(&vigil, "g-foreign", "foreign@example.com").await;
+    register(&vigil, "g-bystander", "bystander@example.com").await;
+
+    let publisher = Publisher::new(&kafka.bootstrap_servers()).unwrap();
+    // Native format: HIGH revokes.
+    publisher
+        .publish(
+            NATIVE,
+            Some("native@example.com"),
+            &native("native@example.com", "HIGH", "n-1", now()),
+        )
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(30), ep.received.recv())
+        .await
+        .expect("no revocation reached the enforcement point")
+        .unwrap();
+    assert_eq!(got.set.event.kind(), Some(EventKind::SessionRevoked));
+    let sub = serde_json::to_value(&got.set.subject).unwrap();
+    assert_eq!(
+        sub["session"],
+        json!({"format": "opaque", "id": "s-g-native"})
+    );
+    assert_eq!(grant_status(&vigil, "g-native").await, "revoked");
+
+    // A foreign format through its mapping: the fraud engine's "critical" band is HIGH.
+    let mut m = message(Pattern::Climb, 9, 1, now());
+    m.email = "foreign@example.com".into();
+    m.id = "f-1".into();
+    publisher
+        .publish(FRAUD, Some(m.key()), m.foreign().to_string().as_bytes())
+        .await
+        .unwrap();
+    within(30, "the mapped signal's revocation", || async {
+        (grant_status(&vigil, "g-foreign").await == "revoked").then_some(())
+    })
+    .await;
+    let got = tokio::time::timeout(Duration::from_secs(10), ep.received.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let sub = serde_json::to_value(&got.set.subject).unwrap();
+    assert_eq!(
+        sub["session"],
+        json!({"format": "opaque", "id": "s-g-foreign"})
+    );
+
+    // The context shows the feed's facts, and the audit trail names the rule and the source.
+    let (_, subject) = get_json(&vigil, "/v1/subjects/email:foreign@example.com").await;
+    let text = subject.to_string();
+    assert!(text.contains("feed:fraud-engine"), "{text}");
+    assert!(
+        text.contains("\"DE\""),
+        "mapped attribute in the context: {text}"
+    );
+    let (_, decisions) = get_json(&vigil, "/v1/decisions?grant=g-native").await;
+    let d = &decisions["decisions"][0];
+    assert_eq!(d["effect"], "revoke");
+    assert_eq!(d["rules"], json!(["risk-high"]));
+    assert_eq!(grant_status(&vigil, "g-bystander").await, "active");
+
+    let (_, metrics) = get(&vigil, "/metrics").await;
+    for line in [
+        "vigil_kafka_consumed_total{topic=\"vigil.risk\"}",
+        "vigil_kafka_applied_total{topic=\"fraud.scores\"}",
+    ] {
+        assert!(metrics.contains(line), "{line} missing");
+    }
+    drop(ep);
+    vigil.shutdown().await;
+}
+
+/// Reads every message of the dead-letter topic available within `secs`.
+fn dead_letters(brokers: &str, expected: usize) -> Vec<(String, Value)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "dlq-reader")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[DLQ]).unwrap();
+    let mut out = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while out.len() < expected && std::time::Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            let headers: serde_json::Map<String, Value> = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| {
+                            let v = String::from_utf8_lossy(h.value.unwrap_or_default());
+                            (h.key.to_owned(), Value::String(v.into_owned()))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let payload = String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned();
+            out.push((payload, Value::Object(headers)));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_messages_go_to_the_dead_letter_topic_and_the_partition_keeps_flowing() {
+    let kafka = cluster(1);
+    let dir = tempfile::tempdir().unwrap();
+    let vigil = start(kafka_config(dir.path(), &kafka.bootstrap_servers())).await;
+    register(&vigil, "g-after", "after@example.com").await;
+    let publisher = Publisher::new(&kafka.bootstrap_servers()).unwrap();
+    let bad: [(&str, &[u8]); 4] = [
+        (NATIVE, b"{not json"),
+        (NATIVE, br#"{"level": "HIGH", "id": "no-subject"}"#),
+        (NATIVE, br#"{"subject": "u-1", "level": "SEVERE"}"#),
+        // The mapped topic: no band where the mapping looks.
+        (
+            FRAUD,
+            br#"{"user": {"mail": "x@example.com"}, "eventId": "f-bad"}"#,
+        ),
+    ];
+    for (topic, payload) in bad {
+        publisher.publish(topic, Some("k"), payload).await.unwrap();
+    }
+    // Behind the bad ones on the same partition: a good message still applies.
+    publisher
+        .publish(
+            NATIVE,
+            None,
+            &native("after@example.com", "HIGH", "good-1", now()),
+        )
+        .await
+        .unwrap();
+    within(30, "the good message behind the bad ones", || async {
+        (grant_status(&vigil, "g-after").await == "revoked").then_some(())
+    })
+    .await;
+
+    let brokers = kafka.bootstrap_servers();
+    let letters = tokio::task::spawn_blocking(move || dead_letters(&brokers, 4))
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 4, "{letters:?}");
+    // Across topics the order is not defined; each bad message appears once, unchanged.
+    for (topic, payload) in bad {
+        let (_, headers) = letters
+            .iter()
+            .find(|(got, _)| got.as_bytes() == payload)
+            .unwrap_or_else(|| panic!("{} not dead-lettered", String::from_utf8_lossy(payload)));
+        assert_eq!(headers["vigil-topic"], *topic);
+        assert!(
+            !headers["vigil-error"].as_str().unwrap().is_empty(),
+            "{headers}"
+        );
+        assert!(headers.get("vigil-offset").is_some());
+    }
+    let error_of = |payload: &str| {
+        letters.iter().find(|(p, _)| p == payload).unwrap().1["vigil-error"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert!(error_of("{not json").contains("not a JSON object"));
+    assert!(error_of(r#"{"level": "HIGH", "id": "no-subject"}"#).contains("subject"));
+    assert!(vigil::kafka::stored_dead_letters(&open_store(&vigil))
+        .unwrap()
+        .is_empty());
+    let (_, metrics) = get(&vigil, "/metrics").await;
+    assert!(
+        metrics.contains("vigil_kafka_dead_lettered_total{topic=\"vigil.risk\"} 3"),
+        "{metrics}"
+    );
+    vigil.shutdown().await;
+}
+
+fn open_store(vigil: &Vigil) -> std::sync::Arc<redb::Database> {
+    vigil.store().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_topic_that_refuses_keeps_the_dead_letter_in_the_store() {
+    // No dead-letter topic exists and the mock broker does not create topics on produce.
+    let kafka = mock_cluster(&[(NATIVE, 1)]).unwrap();
+    kafka
+        .topic_error(
+            DLQ,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = kafka_config(dir.path(), &kafka.bootstrap_servers());
+    config.kafka.topics = vec![NATIVE.into()];
+    config.kafka.mappings.clear();
+    let vigil = start(config).await;
+    let publisher = Publisher::new(&kafka.bootstrap_servers()).unwrap();
+    publisher.publish(NATIVE, None, b"garbage").await.unwrap();
+    publisher
+        .publish(
+            NATIVE,
+            None,
+            &native("ok@example.com", "LOW", "ok-1", now()),
+        )
+        .await
+        .unwrap();
+    within(40, "the message behind the refused dead letter", || async {
+        recorded(&vigil, NATIVE, "ok-1").then_some(())
+    })
+    .await;
+    let stored = vigil::kafka::stored_dead_letters(&open_store(&vigil)).unwrap();
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(stored[0].payload, "garbage");
+    assert_eq!(stored[0].offset, 0);
+    assert!(!stored[0].publish_error.is_empty());
+    vigil.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_before_the_offset_commit_redelivers_without_a_second_effect() {
+    // A topic of its own, so the metrics below count only this test's messages.
+    const TOPIC: &str = "restart.risk";
+    let kafka = mock_cluster(&[(TOPIC, 1), (DLQ, 1)]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = kafka_config(dir.path(), &kafka.bootstrap_servers());
+    config.kafka.topics = vec![TOPIC.into()];
+    config.kafka.mappings.clear();
+    // Every offset commit of the first run fails: Vigil applies, then "crashes" before committing.
+    kafka.request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE; 50],
+    );
+    let vigil = start(config.clone()).await;
+    register(&vigil, "g-once", "once@example.com").await;
+    let publisher = Publisher::new(&kafka.bootstrap_servers()).unwrap();
+    let t = now();
+    publisher
+        .publish(TOPIC, None, &native("once@example.com", "HIGH", "h-1", t))
+        .await
+        .unwrap();
+    within(30, "the first run's revocation", || async {
+        (grant_status(&vigil, "g-once").await == "revoked").then_some(())
+    })
+    .await;
+    let stored = vigil.intake().stored_count().unwrap();
+    let (_, before) = get_json(&vigil, "/v1/decisions?grant=g-once").await;
+    vigil.shutdown().await;
+    kafka.clear_request_errors(RDKafkaApiKey::OffsetCommit);
+
+    // The second run gets the uncommitted message again, plus a new one behind it.
+    let vigil = start(config.clone()).await;
+    publisher
+        .publish(TOPIC, None, &native("other@example.com", "LOW", "l-2", t))
+        .await
+        .unwrap();
+    within(30, "the message behind the redelivered one", || async {
+        recorded(&vigil, TOPIC, "l-2").then_some(())
+    })
+    .await;
+    assert_eq!(
+        vigil.intake().stored_count().unwrap(),
+        stored + 1,
+        "the redelivered message was not recorded twice"
+    );
+    let (_, after) = get_json(&vigil, "/v1/decisions?grant=g-once").await;
+    assert_eq!(
+        before, after,
+        "no second decision for the redelivered signal"
+    );
+    let (_, metrics) = get(&vigil, "/metrics").await;
+    assert!(
+        metrics.contains("vigil_kafka_duplicates_total{topic=\"restart.risk\"} 1\n"),
+        "the redelivery was seen and absorbed"
+    );
+    vigil.shutdown().await;
+
+    // Committed now: a third run has nothing to redeliver, and nothing acknowledged was lost.
+    let vigil = start(config).await;
+    publisher
+        .publish(TOPIC, None, &native("third@example.com", "LOW", "l-3", t))
+        .await
+        .unwrap();
+    within(30, "the third run's own message", || async {
+        recorded(&vigil, TOPIC, "l-3").then_some(())
+    })
+    .await;
+    let (_, metrics) = get(&vigil, "/metrics").await;
+    assert!(
+        metrics.contains("vigil_kafka_duplicates_total{topic=\"restart.risk\"} 1\n"),
+        "nothing redelivered after the commit"
+    );
+    assert_eq!(vigil.intake().stored_count().unwrap(), stored + 2);
+    assert!(recorded(&vigil, TOPIC, "h-1") && recorded(&vigil, TOPIC, "l-2"));
+    assert_eq!(grant_status(&vigil, "g-once").await, "revoked");
+    vigil.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_consumers_split_the_partitions_and_one_takes_over_when_the_other_leaves() {
+    let kafka = cluster(4);
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start(kafka_config(dir_a.path(), &kafka.bootstrap_servers())).await;
+    let b = start(kafka_config(dir_b.path(), &kafka.bootstrap_servers())).await;
+    let publisher = Publisher::new(&kafka.bootstrap_servers()).unwrap();
+    let batch = |from: usize, to: usize| -> Vec<(Option<String>, Vec<u8>)> {
+        (from..to)
+            .map(|i| {
+                let email = format!("user-{i}@example.com");
+                let body = native(&email, "LOW", &format!("m-{i}"), now());
+                (Some(email), body)
+            })
+            .collect()
+    };
+    // Wait until both members hold partitions: keep publishing until each has recorded something.
+    let mut sent = 0;
+    within(40, "both consumers to own partitions", || {
+        let msgs = batch(sent, sent + 20);
+        sent += 20;
+        let (a, b, publisher) = (&a, &b, &publisher);
+        async move {
+            publisher.publish_all(NATIVE, &msgs).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let seen_a = (0..sent).any(|i| recorded(a, NATIVE, &format!("m-{i}")));
+            let seen_b = (0..sent).any(|i| recorded(b, NATIVE, &format!("m-{i}")));
+            (seen_a && seen_b).then_some(())
+        }
+    })
+    .await;
+    within(
+        20,
+        "every message recorded by exactly one of the two",
+        || async {
+            let all = (0..sent).all(|i| {
+                let id = format!("m-{i}");
+                recorded(&a, NATIVE, &id) || recorded(&b, NATIVE, &id)
+            });
+            all.then_some(())
+        },
+    )
+    .await;
+
+    // B leaves; A takes over its partitions from B's committed offsets.
+    b.shutdown().await;
+    let first_new = sent;
+    publisher
+        .publish_all(NATIVE, &batch(first_new, first_new + 40))
+        .await
+        .unwrap();
+    within(
+        40,
+        "A to record every message published after B left",
+        || async {
+            (first_new..first_new + 40)
+                .all(|i| recorded(&a, NATIVE, &format!("m-{i}")))
+                .then_some(())
+        },
+    )
+    .await;
+    a.shutdown().await;
+}
