@@ -73,7 +73,7 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let mut sent = 0u64;
     while args.count == 0 || sent < args.count {
-        // Bursts: nine seconds of nothing, then ten seconds' worth at once.
+        // Bursts: ten seconds' worth at once, then quiet until the average rate is met again.
         let chunk = match args.pattern {
             Pattern::Bursts => (args.rate * 10.0).max(1.0) as u64,
             _ => 1,
@@ -98,11 +98,7 @@ async fn main() -> anyhow::Result<()> {
         }
         if args.rate > 0.0 {
             let due = Duration::from_secs_f64(sent as f64 / args.rate);
-            let wait = match args.pattern {
-                Pattern::Bursts => due.saturating_sub(Duration::from_secs(1)),
-                _ => due,
-            };
-            tokio::time::sleep(wait.saturating_sub(started.elapsed())).await;
+            tokio::time::sleep(due.saturating_sub(started.elapsed())).await;
         }
     }
     println!(
