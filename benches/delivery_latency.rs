@@ -7,24 +7,18 @@
 //!
 //! Latency is measured from just before the IdP's push to the enforcement point's verified receipt.
 
+mod common;
+
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use common::arg;
 use serde_json::json;
 use vigil::config::{EnforcementPointConfig, TransmitterConfig};
 use vigil::jose::Alg;
 use vigil::sim::ep::{subscribe, Method};
 use vigil::sim::{jwks_document, JwksServer, SigningKey};
 use vigil::{Config, Vigil};
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {

@@ -12,22 +12,16 @@
 //! The rate is counted from the first recorded signal (the consumer group join is excluded) to the
 //! moment every message is both recorded and processed by the engine (intake has nothing pending).
 
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::arg;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use serde_json::json;
 use vigil::sim::risk::{message, mock_cluster, Pattern};
 use vigil::{Config, Vigil};
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn main() -> anyhow::Result<()> {
     vigil::telemetry::init_logging();

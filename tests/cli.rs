@@ -101,16 +101,21 @@ fn serve_reloads_policies_on_sighup_and_stops_on_sigterm() {
     assert!(exit.success(), "{exit:?}");
 }
 
+/// Runs `vigil <command> --config <file>` to completion.
+fn vigil_with_config(command: &str, file: &std::path::Path) -> std::process::Output {
+    Command::new(VIGIL)
+        .args([command, "--config"])
+        .arg(file)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn invalid_config_exits_78_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("bad.toml");
     std::fs::write(&config, "[engine]\nshardz = 2\n").unwrap();
-    let out = Command::new(VIGIL)
-        .args(["serve", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = vigil_with_config("serve", &config);
     assert_eq!(out.status.code(), Some(78));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("engine.shardz"), "{stderr}");
@@ -127,11 +132,7 @@ fn check_config_redacts_secrets_and_names_bad_kafka_settings() {
          [[enforcement_points]]\nname = \"gw\"\ntoken = \"gw-secret-token-0123456789\"\n",
     )
     .unwrap();
-    let out = Command::new(VIGIL)
-        .args(["check-config", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = vigil_with_config("check-config", &config);
     assert!(out.status.success(), "{out:?}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -147,11 +148,7 @@ fn check_config_redacts_secrets_and_names_bad_kafka_settings() {
         "[kafka]\nbrokers = \"127.0.0.1:9092\"\n[kafka.properties]\nenable_auto_commit = \"true\"\n",
     )
     .unwrap();
-    let out = Command::new(VIGIL)
-        .args(["check-config", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = vigil_with_config("check-config", &config);
     assert_eq!(out.status.code(), Some(78));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -50,25 +50,6 @@ fn kafka_config(dir: &std::path::Path, brokers: &str) -> Config {
     config
 }
 
-/// Polls `check` every 50 ms for at most `secs` seconds.
-async fn within<T, F, Fut>(secs: u64, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn recorded(vigil: &Vigil, topic: &str, id: &str) -> bool {
     vigil
         .intake()
@@ -151,7 +132,7 @@ async fn a_kafka_risk_score_revokes_and_the_revocation_reaches_a_subscribed_enfo
         .publish(FRAUD, Some(m.key()), m.foreign().to_string().as_bytes())
         .await
         .unwrap();
-    within(30, "the mapped signal's revocation", || async {
+    eventually_within(30, "the mapped signal's revocation", || async {
         (grant_status(&vigil, "g-foreign").await == "revoked").then_some(())
     })
     .await;
@@ -250,7 +231,7 @@ async fn bad_messages_go_to_the_dead_letter_topic_and_the_partition_keeps_flowin
         )
         .await
         .unwrap();
-    within(30, "the good message behind the bad ones", || async {
+    eventually_within(30, "the good message behind the bad ones", || async {
         (grant_status(&vigil, "g-after").await == "revoked").then_some(())
     })
     .await;
@@ -321,7 +302,7 @@ async fn a_dead_letter_topic_that_refuses_keeps_the_dead_letter_in_the_store() {
         )
         .await
         .unwrap();
-    within(40, "the message behind the refused dead letter", || async {
+    eventually_within(40, "the message behind the refused dead letter", || async {
         recorded(&vigil, NATIVE, "ok-1").then_some(())
     })
     .await;
@@ -355,7 +336,7 @@ async fn a_restart_before_the_offset_commit_redelivers_without_a_second_effect()
         .publish(TOPIC, None, &native("once@example.com", "HIGH", "h-1", t))
         .await
         .unwrap();
-    within(30, "the first run's revocation", || async {
+    eventually_within(30, "the first run's revocation", || async {
         (grant_status(&vigil, "g-once").await == "revoked").then_some(())
     })
     .await;
@@ -370,7 +351,7 @@ async fn a_restart_before_the_offset_commit_redelivers_without_a_second_effect()
         .publish(TOPIC, None, &native("other@example.com", "LOW", "l-2", t))
         .await
         .unwrap();
-    within(30, "the message behind the redelivered one", || async {
+    eventually_within(30, "the message behind the redelivered one", || async {
         recorded(&vigil, TOPIC, "l-2").then_some(())
     })
     .await;
@@ -397,7 +378,7 @@ async fn a_restart_before_the_offset_commit_redelivers_without_a_second_effect()
         .publish(TOPIC, None, &native("third@example.com", "LOW", "l-3", t))
         .await
         .unwrap();
-    within(30, "the third run's own message", || async {
+    eventually_within(30, "the third run's own message", || async {
         recorded(&vigil, TOPIC, "l-3").then_some(())
     })
     .await;
@@ -430,7 +411,7 @@ async fn two_consumers_split_the_partitions_and_one_takes_over_when_the_other_le
     };
     // Wait until both members hold partitions: keep publishing until each has recorded something.
     let mut sent = 0;
-    within(40, "both consumers to own partitions", || {
+    eventually_within(40, "both consumers to own partitions", || {
         let msgs = batch(sent, sent + 20);
         sent += 20;
         let (a, b, publisher) = (&a, &b, &publisher);
@@ -443,7 +424,7 @@ async fn two_consumers_split_the_partitions_and_one_takes_over_when_the_other_le
         }
     })
     .await;
-    within(
+    eventually_within(
         20,
         "every message recorded by exactly one of the two",
         || async {
@@ -463,7 +444,7 @@ async fn two_consumers_split_the_partitions_and_one_takes_over_when_the_other_le
         .publish_all(NATIVE, &batch(first_new, first_new + 40))
         .await
         .unwrap();
-    within(
+    eventually_within(
         40,
         "A to record every message published after B left",
         || async {

@@ -175,12 +175,21 @@ pub async fn get_json(vigil: &Vigil, path: &str) -> (u16, Value) {
 }
 
 /// Polls `check` every 20 ms until it returns `Some`, for at most 10 s.
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    eventually_within(10, what, check).await
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, for at most `secs` seconds.
+pub async fn eventually_within<T, F, Fut>(secs: u64, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
     loop {
         if let Some(v) = check().await {
             return v;
