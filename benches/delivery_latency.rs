@@ -12,13 +12,13 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::arg;
+use common::{arg, loopback_config};
 use serde_json::json;
 use vigil::config::{EnforcementPointConfig, TransmitterConfig};
 use vigil::jose::Alg;
 use vigil::sim::ep::{subscribe, Method};
 use vigil::sim::{jwks_document, JwksServer, SigningKey};
-use vigil::{Config, Vigil};
+use vigil::Vigil;
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -40,11 +40,7 @@ async fn run(signals: usize, rate: u64) -> anyhow::Result<()> {
     let jwks =
         JwksServer::start("127.0.0.1:0".parse()?, jwks_document(&[key.public_jwk()?])).await?;
     let dir = tempfile::tempdir()?;
-    let mut config = Config {
-        listen: "127.0.0.1:0".parse()?,
-        data_dir: dir.path().to_owned(),
-        ..Config::default()
-    };
+    let mut config = loopback_config(dir.path());
     config.transmitters.push(TransmitterConfig::with_jwks(
         "idp",
         iss,

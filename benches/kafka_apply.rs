@@ -16,12 +16,12 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::arg;
+use common::{arg, loopback_config};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use serde_json::json;
 use vigil::sim::risk::{message, mock_cluster, Pattern};
-use vigil::{Config, Vigil};
+use vigil::Vigil;
 
 fn main() -> anyhow::Result<()> {
     vigil::telemetry::init_logging();
@@ -69,11 +69,7 @@ async fn run() -> anyhow::Result<()> {
     );
 
     let dir = tempfile::tempdir()?;
-    let mut config = Config {
-        listen: "127.0.0.1:0".parse()?,
-        data_dir: dir.path().to_owned(),
-        ..Config::default()
-    };
+    let mut config = loopback_config(dir.path());
     config.kafka.brokers = brokers.clone();
     config.kafka.max_batch = arg("--batch", 2000) as usize;
     config.engine.max_batch = arg("--engine-batch", 256) as usize;

@@ -8,15 +8,18 @@
 //! lower bound of what Vigil alone sustains. It prints SETs/s and latency percentiles, and checks that
 //! every 202 was recorded.
 
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::loopback_config;
 use serde_json::{json, Value};
 use vigil::config::TransmitterConfig;
 use vigil::jose::Alg;
 use vigil::sim::{jwks_document, JwksServer, SigningKey};
-use vigil::{Config, Vigil};
+use vigil::Vigil;
 
 struct Args {
     sets: usize,
@@ -70,11 +73,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let jwks =
         JwksServer::start("127.0.0.1:0".parse()?, jwks_document(&[key.public_jwk()?])).await?;
     let dir = tempfile::tempdir()?;
-    let mut config = Config {
-        listen: "127.0.0.1:0".parse()?,
-        data_dir: dir.path().to_owned(),
-        ..Config::default()
-    };
+    let mut config = loopback_config(dir.path());
     config.transmitters.push(TransmitterConfig::with_jwks(
         "load",
         iss,

@@ -109,7 +109,8 @@ impl Vigil {
             max_batch: config.engine.max_batch,
             max_inflight: config.engine.max_inflight,
         };
-        let batch_writer_for_streams = batch_writer.clone();
+        // The engine takes `batch_writer`; delivery and the Kafka source write through this handle.
+        let store_writer = batch_writer.clone();
         let engine = Arc::new(Engine::start(
             &db,
             batch_writer,
@@ -176,7 +177,7 @@ impl Vigil {
         // Decisions are in the audit log; until delivery to enforcement points exists, this drains
         // the hand-off channel so the engine is never blocked by it.
         let streams = Arc::new(
-            StreamStore::open(db.clone(), batch_writer_for_streams.clone())
+            StreamStore::open(db.clone(), store_writer.clone())
                 .map_err(|e| StartError::Delivery(e.to_string()))?,
         );
         tasks.push(tokio::spawn(transmitter::push::run(
@@ -213,7 +214,7 @@ impl Vigil {
             let source = crate::kafka::KafkaSource::start(
                 &config.kafka,
                 intake.clone(),
-                batch_writer_for_streams.clone(),
+                store_writer.clone(),
                 next_tx.clone(),
                 shutdown_rx.clone(),
             )?;

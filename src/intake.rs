@@ -86,7 +86,7 @@ impl Intake {
 
     /// Records `signal` (with its raw `token`) durably. Returns once the commit is on disk. The
     /// `(iss, jti)` check runs inside the write transaction, so concurrent duplicates record once.
-    pub async fn record(&self, signal: Signal, token: &str) -> Result<RecordOutcome, IntakeError> {
+    pub async fn record(&self, signal: &Signal, token: &str) -> Result<RecordOutcome, IntakeError> {
         let encoded = encode(signal, token)?;
         let outcome = self
             .writer
@@ -99,14 +99,14 @@ impl Intake {
     /// consumer). Outcomes are in input order; duplicates within the batch record once.
     pub fn record_batch_blocking(
         &self,
-        items: Vec<(Signal, String)>,
+        items: &[(Signal, String)],
     ) -> Result<Vec<RecordOutcome>, IntakeError> {
         if items.is_empty() {
             return Ok(Vec::new());
         }
         let encoded = items
-            .into_iter()
-            .map(|(signal, token)| encode(signal, &token))
+            .iter()
+            .map(|(signal, token)| encode(signal, token))
             .collect::<Result<Vec<_>, _>>()?;
         let outcomes = self.writer.write_blocking(move |txn| {
             encoded
@@ -228,15 +228,12 @@ struct Encoded {
     bytes: Vec<u8>,
 }
 
-/// Serializes a signal for storage. Its `seq` is not stored inside: it is the row's key.
-fn encode(mut signal: Signal, token: &str) -> Result<Encoded, IntakeError> {
-    signal.seq = 0;
+/// Serializes a signal for storage. Its `seq` is the row's key: whatever the signal carries is
+/// replaced by it when read back.
+fn encode(signal: &Signal, token: &str) -> Result<Encoded, IntakeError> {
     let jti_key = jti_key(&signal.iss, &signal.jti);
-    let bytes = serde_json::to_vec(&StoredSetRef {
-        signal: &signal,
-        token,
-    })
-    .map_err(|e| IntakeError::Write(WriteError::Storage(e.to_string())))?;
+    let bytes = serde_json::to_vec(&StoredSetRef { signal, token })
+        .map_err(|e| IntakeError::Write(WriteError::Storage(e.to_string())))?;
     Ok(Encoded { jti_key, bytes })
 }
 
@@ -320,21 +317,21 @@ mod tests {
             let (w, writer) = BatchWriter::start(db.clone(), 8).unwrap();
             let intake = Intake::open(db, w).unwrap();
             assert_eq!(
-                intake.record(signal("a"), "tok").await.unwrap(),
+                intake.record(&signal("a"), "tok").await.unwrap(),
                 RecordOutcome::Recorded(1)
             );
             assert_eq!(
-                intake.record(signal("b"), "tok").await.unwrap(),
+                intake.record(&signal("b"), "tok").await.unwrap(),
                 RecordOutcome::Recorded(2)
             );
             assert_eq!(
-                intake.record(signal("a"), "tok").await.unwrap(),
+                intake.record(&signal("a"), "tok").await.unwrap(),
                 RecordOutcome::Duplicate(1)
             );
             intake.mark_processed(vec![1]).await.unwrap();
             // A later record goes through the same writer, so the mark is committed by then.
             assert_eq!(
-                intake.record(signal("c"), "tok").await.unwrap(),
+                intake.record(&signal("c"), "tok").await.unwrap(),
                 RecordOutcome::Recorded(3)
             );
             intake.expect_verification_state("s", "xyz").await.unwrap();
@@ -344,7 +341,7 @@ mod tests {
         let db = crate::store::open(dir.path()).unwrap();
         let intake = Intake::open(db.clone(), BatchWriter::start(db, 8).unwrap().0).unwrap();
         assert_eq!(
-            intake.record(signal("a"), "tok").await.unwrap(),
+            intake.record(&signal("a"), "tok").await.unwrap(),
             RecordOutcome::Duplicate(1)
         );
         let pending: Vec<_> = intake
@@ -374,7 +371,7 @@ mod tests {
         for _ in 0..32 {
             let intake = intake.clone();
             tasks.push(tokio::spawn(async move {
-                intake.record(signal("same"), "tok").await.unwrap()
+                intake.record(&signal("same"), "tok").await.unwrap()
             }));
         }
         let mut recorded = 0;

@@ -270,7 +270,7 @@ impl Receiver {
             stream: t.config.stream.clone(),
         };
         let signal = Signal::from_set(validated, source, received_at_ms);
-        match self.intake.record(signal.clone(), token).await {
+        match self.intake.record(&signal, token).await {
             Ok(RecordOutcome::Duplicate(seq)) => Ok(Accepted::Duplicate { seq, event_type }),
             Ok(RecordOutcome::Recorded(seq)) => {
                 let mut signal = signal;

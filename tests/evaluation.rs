@@ -38,13 +38,6 @@ fn risk(level: &str, at: f64) -> Value {
     json!({"principal": "USER", "current_level": level, "risk_reason": "impossible travel", "event_timestamp": at})
 }
 
-struct Env {
-    tx: Transmitter,
-    vigil: vigil::Vigil,
-    config: vigil::Config,
-    _dir: tempfile::TempDir,
-}
-
 async fn env_with(policy_dir: Option<&std::path::Path>) -> Env {
     let tx = Transmitter::start(&[Alg::RS256]).await;
     let dir = tempfile::tempdir().unwrap();
@@ -479,20 +472,7 @@ async fn grants_tombstones_and_context_survive_restart_and_revoked_ids_stay_revo
         .unwrap();
     assert_eq!(del.status().as_u16(), 200);
 
-    let Env {
-        tx,
-        vigil,
-        config,
-        _dir,
-    } = env;
-    vigil.shutdown().await;
-    let vigil = start(config.clone()).await;
-    let env = Env {
-        tx,
-        vigil,
-        config,
-        _dir,
-    };
+    let env = env.restart().await;
 
     assert_eq!(env.status("keep").await, "active");
     assert_eq!(env.status("gone").await, "revoked");

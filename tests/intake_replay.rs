@@ -44,7 +44,7 @@ async fn pending_signals_are_replayed_on_start_and_then_marked_processed() {
         let intake = Intake::open(db, batch).unwrap();
         for jti in ["p1", "p2", "p3"] {
             assert!(matches!(
-                intake.record(signal(jti), "raw").await.unwrap(),
+                intake.record(&signal(jti), "raw").await.unwrap(),
                 RecordOutcome::Recorded(_)
             ));
         }

@@ -16,13 +16,6 @@ const AUD: &str = "https://sp.example.com/caep";
 const EP_TOKEN: &str = "gateway-token-0123456789";
 const OTHER_TOKEN: &str = "sidecar-token-0123456789";
 
-struct Env {
-    tx: Transmitter,
-    vigil: vigil::Vigil,
-    config: vigil::Config,
-    _dir: tempfile::TempDir,
-}
-
 async fn env() -> Env {
     let tx = Transmitter::start(&[Alg::RS256]).await;
     let dir = tempfile::tempdir().unwrap();
@@ -106,7 +99,9 @@ async fn poll_now(vigil: &vigil::Vigil, id: &str, token: &str) -> Value {
     reply["sets"].clone()
 }
 
-fn with_stream(mut body: Value, id: &str) -> Value {
+/// The spec's example request `file`, addressed to stream `id`.
+fn example_for(file: &str, id: &str) -> Value {
+    let mut body = spec_example(file);
     body["stream_id"] = json!(id);
     body
 }
@@ -192,10 +187,7 @@ async fn stream_management_answers_with_the_spec_status_codes() {
         Method::PATCH,
         "/ssf/streams",
         t,
-        Some(with_stream(
-            spec_example("ssf-update-stream-request.json"),
-            &id,
-        )),
+        Some(example_for("ssf-update-stream-request.json", &id)),
     )
     .await;
     assert_eq!(code, 200, "{updated}");
@@ -212,10 +204,7 @@ async fn stream_management_answers_with_the_spec_status_codes() {
         Method::PUT,
         "/ssf/streams",
         t,
-        Some(with_stream(
-            spec_example("ssf-replace-stream-request.json"),
-            &id,
-        )),
+        Some(example_for("ssf-replace-stream-request.json", &id)),
     )
     .await;
     assert_eq!(code, 200, "{replaced}");
@@ -239,8 +228,8 @@ async fn stream_management_answers_with_the_spec_status_codes() {
         Method::POST,
         "/ssf/status",
         t,
-        Some(with_stream(
-            spec_example("ssf-update-status-request-with-reason.json"),
+        Some(example_for(
+            "ssf-update-status-request-with-reason.json",
             &id,
         )),
     )
@@ -256,10 +245,7 @@ async fn stream_management_answers_with_the_spec_status_codes() {
         Method::POST,
         "/ssf/subjects:add",
         t,
-        Some(with_stream(
-            spec_example("ssf-add-subject-request.json"),
-            &id,
-        )),
+        Some(example_for("ssf-add-subject-request.json", &id)),
     )
     .await;
     assert_eq!((code, body), (200, Value::Null));
@@ -268,15 +254,12 @@ async fn stream_management_answers_with_the_spec_status_codes() {
         Method::POST,
         "/ssf/subjects:remove",
         t,
-        Some(with_stream(
-            spec_example("ssf-remove-subject-request.json"),
-            &id,
-        )),
+        Some(example_for("ssf-remove-subject-request.json", &id)),
     )
     .await;
     assert_eq!((code, body), (204, Value::Null));
 
-    let verify = with_stream(spec_example("ssf-verify-request.json"), &id);
+    let verify = example_for("ssf-verify-request.json", &id);
     assert_eq!(
         call(v, Method::POST, "/ssf/verify", t, Some(verify.clone()))
             .await
@@ -440,20 +423,7 @@ async fn a_revocation_reaches_a_poll_subscriber_signed_and_survives_restart_unti
     // Not acknowledged: delivered again, and still there after a restart.
     let again = json!({"sets": poll_now(&env.vigil, &id, EP_TOKEN).await});
     assert!(again["sets"].get(jti).is_some(), "{again}");
-    let Env {
-        tx,
-        vigil,
-        config,
-        _dir,
-    } = env;
-    vigil.shutdown().await;
-    let vigil = start(config.clone()).await;
-    let env = Env {
-        tx,
-        vigil,
-        config,
-        _dir,
-    };
+    let env = env.restart().await;
     let after = json!({"sets": poll_now(&env.vigil, &id, EP_TOKEN).await});
     assert!(after["sets"].get(jti).is_some(), "{after}");
     // Another enforcement point cannot poll this stream.

@@ -26,12 +26,10 @@ use crate::store::BatchWriter;
 pub enum KafkaError {
     #[error("kafka client: {0}")]
     Client(#[from] rdkafka::error::KafkaError),
-    #[error("cannot start the consumer thread: {0}")]
-    Thread(String),
 }
 
-/// What a batch needs once its messages are gathered. Lives in the consumer's context so the
-/// rebalance callback can finish the batch in flight before partitions are given up.
+/// What a batch needs once its messages are gathered. It is the consumer's librdkafka context, so
+/// the rebalance callback can finish the batch in flight before partitions are given up.
 struct Pipeline {
     normalizer: Normalizer,
     intake: Intake,
@@ -41,11 +39,7 @@ struct Pipeline {
     inflight: Mutex<Vec<FeedMessage>>,
 }
 
-struct FeedContext {
-    pipeline: Pipeline,
-}
-
-impl ClientContext for FeedContext {
+impl ClientContext for Pipeline {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
         log_librdkafka(level, fac, message);
     }
@@ -71,7 +65,7 @@ impl ClientContext for FeedContext {
     }
 }
 
-impl ConsumerContext for FeedContext {
+impl ConsumerContext for Pipeline {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
@@ -79,7 +73,7 @@ impl ConsumerContext for FeedContext {
                     partitions = tpl.count(),
                     "partitions revoked: finishing the batch in flight first"
                 );
-                self.pipeline.drain(consumer);
+                self.drain(consumer);
             }
             Rebalance::Assign(tpl) => {
                 tracing::info!(partitions = tpl.count(), "partitions assigned");
@@ -92,7 +86,7 @@ impl ConsumerContext for FeedContext {
 impl Pipeline {
     /// Runs the messages in flight through the pipeline and commits their offsets. Called between
     /// polls and from the rebalance callback; either way on the consumer thread.
-    fn drain(&self, consumer: &BaseConsumer<FeedContext>) {
+    fn drain(&self, consumer: &BaseConsumer<Pipeline>) {
         let batch =
             std::mem::take(&mut *self.inflight.lock().unwrap_or_else(PoisonError::into_inner));
         if batch.is_empty() {
@@ -116,7 +110,7 @@ impl Pipeline {
     /// offsets to commit, or `None` when the batch could not be made durable.
     fn apply(&self, batch: Vec<FeedMessage>) -> Option<TopicPartitionList> {
         let mut next_offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
-        let mut records = Vec::with_capacity(batch.len());
+        let mut records: Vec<(Signal, String)> = Vec::with_capacity(batch.len());
         let mut dead = Vec::new();
         for msg in batch {
             let entry = next_offsets
@@ -128,7 +122,7 @@ impl Pipeline {
                     // The raw message is kept with the signal, as a SET's token is (audit).
                     let raw = String::from_utf8_lossy(msg.payload.as_deref().unwrap_or_default())
                         .into_owned();
-                    records.push((msg.topic, signal, raw));
+                    records.push((signal, raw));
                 }
                 Err(e) => {
                     tracing::warn!(topic = %msg.topic, partition = msg.partition, offset = msg.offset,
@@ -141,10 +135,7 @@ impl Pipeline {
             tracing::error!(error = %e, "dead letters could not be made safe; batch not committed");
             return None;
         }
-        let topics: Vec<String> = records.iter().map(|(t, _, _)| t.clone()).collect();
-        let items: Vec<(Signal, String)> = records.into_iter().map(|(_, s, r)| (s, r)).collect();
-        let signals: Vec<Signal> = items.iter().map(|(s, _)| s.clone()).collect();
-        let outcomes = match self.intake.record_batch_blocking(items) {
+        let outcomes = match self.intake.record_batch_blocking(&records) {
             Ok(o) => o,
             Err(e) => {
                 metrics::counter!("vigil_kafka_record_errors_total").increment(1);
@@ -152,7 +143,9 @@ impl Pipeline {
                 return None;
             }
         };
-        for ((mut signal, outcome), topic) in signals.into_iter().zip(outcomes).zip(topics) {
+        for ((mut signal, _), outcome) in records.into_iter().zip(outcomes) {
+            // The signal's stream label is its topic.
+            let topic = signal.source.stream().to_owned();
             match outcome {
                 RecordOutcome::Recorded(seq) => {
                     metrics::counter!("vigil_kafka_applied_total", "topic" => topic).increment(1);
@@ -216,21 +209,19 @@ impl KafkaSource {
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false");
         let runtime = tokio::runtime::Handle::current();
-        let context = FeedContext {
-            pipeline: Pipeline {
-                normalizer: Normalizer::new(&config.mappings),
-                intake,
-                next,
-                dead_letters: DeadLetters::new(
-                    producer,
-                    config.dead_letter_topic.clone(),
-                    writer,
-                    runtime,
-                ),
-                inflight: Mutex::new(Vec::new()),
-            },
+        let context = Pipeline {
+            normalizer: Normalizer::new(&config.mappings),
+            intake,
+            next,
+            dead_letters: DeadLetters::new(
+                producer,
+                config.dead_letter_topic.clone(),
+                writer,
+                runtime,
+            ),
+            inflight: Mutex::new(Vec::new()),
         };
-        let consumer: BaseConsumer<FeedContext> = client.create_with_context(context)?;
+        let consumer: BaseConsumer<Pipeline> = client.create_with_context(context)?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         tracing::info!(brokers = %config.brokers, group = %config.group_id, topics = ?config.topics,
@@ -255,8 +246,8 @@ struct Batching {
     wait: Duration,
 }
 
-fn run(consumer: BaseConsumer<FeedContext>, batching: Batching, shutdown: watch::Receiver<bool>) {
-    let pipeline = &consumer.context().pipeline;
+fn run(consumer: BaseConsumer<Pipeline>, batching: Batching, shutdown: watch::Receiver<bool>) {
+    let pipeline = consumer.context();
     loop {
         // Stop on shutdown, or when Vigil is gone without one (the sender dropped).
         if *shutdown.borrow() || shutdown.has_changed().is_err() {

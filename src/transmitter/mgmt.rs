@@ -123,6 +123,23 @@ fn stream_id(body: &Map<String, Value>) -> Result<String, MgmtError> {
         .ok_or_else(|| bad("`stream_id` is required"))
 }
 
+/// The caller, and the body and `stream_id` of a request about one of its streams.
+fn stream_request<'a>(
+    s: &'a MgmtState,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(&'a EnforcementPoint, Map<String, Value>, String), MgmtError> {
+    let ep = authenticate(s, headers)?;
+    let body = object(body)?;
+    let id = stream_id(&body)?;
+    Ok((ep, body, id))
+}
+
+/// The `stream_id` a query must carry.
+fn required_id(q: StreamQuery) -> Result<String, MgmtError> {
+    q.stream_id.ok_or_else(|| bad("`stream_id` is required"))
+}
+
 fn no_store(v: Value) -> Response {
     ([(header::CACHE_CONTROL, "no-store")], Json(v)).into_response()
 }
@@ -174,9 +191,7 @@ pub async fn read(
 /// `PATCH /ssf/streams` (update: absent fields unchanged) and `PUT /ssf/streams` (replace: absent
 /// receiver fields removed). Transmitter-supplied fields, if sent, must match.
 async fn change(s: &MgmtState, headers: &HeaderMap, body: &[u8], replace: bool) -> Reply {
-    let ep = authenticate(s, headers)?;
-    let body = object(body)?;
-    let id = stream_id(&body)?;
+    let (ep, body, id) = stream_request(s, headers, body)?;
     let mut st = s.streams.get(&ep.name, &id)?;
     let current = st.config_json();
     for field in [
@@ -234,9 +249,7 @@ pub async fn delete(
     Query(q): Query<StreamQuery>,
 ) -> Reply {
     let ep = authenticate(&s, &headers)?;
-    let Some(id) = q.stream_id else {
-        return Err(bad("`stream_id` is required"));
-    };
+    let id = required_id(q)?;
     s.streams.delete(&ep.name, &id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -256,9 +269,7 @@ pub async fn read_status(
     Query(q): Query<StreamQuery>,
 ) -> Reply {
     let ep = authenticate(&s, &headers)?;
-    let Some(id) = q.stream_id else {
-        return Err(bad("`stream_id` is required"));
-    };
+    let id = required_id(q)?;
     Ok(Json(status_json(&s.streams.get(&ep.name, &id)?)).into_response())
 }
 
@@ -269,9 +280,7 @@ pub async fn update_status(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Reply {
-    let ep = authenticate(&s, &headers)?;
-    let body = object(&body)?;
-    let id = stream_id(&body)?;
+    let (ep, body, id) = stream_request(&s, &headers, &body)?;
     let status = match body
         .get("status")
         .and_then(Value::as_str)
@@ -308,9 +317,7 @@ pub async fn update_status(
 }
 
 async fn subject_op(s: &MgmtState, headers: &HeaderMap, body: &[u8], add: bool) -> Reply {
-    let ep = authenticate(s, headers)?;
-    let body = object(body)?;
-    let id = stream_id(&body)?;
+    let (ep, body, id) = stream_request(s, headers, body)?;
     let Some(subject) = body.get("subject") else {
         return Err(bad("`subject` is required"));
     };
@@ -355,9 +362,7 @@ pub async fn verify(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Reply {
-    let ep = authenticate(&s, &headers)?;
-    let body = object(&body)?;
-    let id = stream_id(&body)?;
+    let (ep, body, id) = stream_request(&s, &headers, &body)?;
     let mut st = s.streams.get(&ep.name, &id)?;
     let now = crate::signal::now_ms() as f64 / 1000.0;
     if st

@@ -77,6 +77,34 @@ pub async fn start(config: Config) -> Vigil {
     Vigil::start(config).await.unwrap()
 }
 
+/// A running Vigil with the transmitter that signs for it, its config and its data directory.
+pub struct Env {
+    pub tx: Transmitter,
+    pub vigil: Vigil,
+    pub config: Config,
+    pub _dir: tempfile::TempDir,
+}
+
+impl Env {
+    /// Shuts Vigil down and starts it again on the same data directory.
+    pub async fn restart(self) -> Env {
+        let Env {
+            tx,
+            vigil,
+            config,
+            _dir,
+        } = self;
+        vigil.shutdown().await;
+        let vigil = start(config.clone()).await;
+        Env {
+            tx,
+            vigil,
+            config,
+            _dir,
+        }
+    }
+}
+
 /// The answer to one push.
 #[derive(Debug)]
 pub struct Answer {
