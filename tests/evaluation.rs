@@ -82,7 +82,17 @@ impl Env {
         .await
     }
 
+    /// The decisions matching `query`, waiting until there is at least one: a grant's new status is
+    /// visible (fail closed) as soon as its shard decides, the audit append follows at the batch's flush.
     async fn decisions(&self, query: &str) -> Vec<Value> {
+        eventually(&format!("decisions for {query}"), || async {
+            let found = self.decisions_now(query).await;
+            (!found.is_empty()).then_some(found)
+        })
+        .await
+    }
+
+    async fn decisions_now(&self, query: &str) -> Vec<Value> {
         let (code, body) = get_json(&self.vigil, &format!("/v1/decisions?{query}")).await;
         assert_eq!(code, 200, "{body}");
         body["decisions"].as_array().unwrap().clone()
@@ -140,7 +150,7 @@ async fn risk_high_revokes_exactly_the_subjects_two_grants_with_reasons_in_the_a
     ids.sort();
     assert_eq!(ids, vec!["jane-api", "jane-web"]);
     assert!(env
-        .decisions(&format!("subject={}", encode("email:bob@example.com")))
+        .decisions_now(&format!("subject={}", encode("email:bob@example.com")))
         .await
         .is_empty());
     let by_grant = env.decisions("grant=jane-web").await;

@@ -341,7 +341,12 @@ async fn a_restart_before_the_offset_commit_redelivers_without_a_second_effect()
     })
     .await;
     let stored = vigil.intake().stored_count().unwrap();
-    let (_, before) = get_json(&vigil, "/v1/decisions?grant=g-once").await;
+    // The audit append follows the status change at the shard's flush.
+    let before = eventually_within(10, "the first run's decision in the audit", || async {
+        let (_, d) = get_json(&vigil, "/v1/decisions?grant=g-once").await;
+        (d["decisions"].as_array().is_some_and(|a| !a.is_empty())).then_some(d)
+    })
+    .await;
     vigil.shutdown().await;
     kafka.clear_request_errors(RDKafkaApiKey::OffsetCommit);
 
