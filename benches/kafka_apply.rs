@@ -1,7 +1,7 @@
 //! Kafka risk-signal throughput: messages already in a topic (librdkafka's in-process mock cluster,
-//! a real Kafka-protocol broker on loopback) consumed by Vigil's consumer group, normalized, recorded
-//! durably (one commit per batch), applied by the engine to each subject's context (and the affected
-//! grants evaluated), with offsets committed.
+//! a real Kafka-protocol broker on loopback) consumed by Vigil's consumer group, normalized, applied
+//! by the engine to each subject's context (and the affected grants evaluated) and committed by it,
+//! with offsets committed after.
 //!
 //! Run: `cargo bench --bench kafka_apply -- [--messages 200000] [--users 20000] [--grants 1000]
 //!       [--partitions 16] [--batch 2000] [--engine-batch 256]`
@@ -9,8 +9,8 @@
 //! The mock broker keeps a bounded log per partition (older segments are dropped, as retention
 //! would), so a pre-filled topic needs enough partitions: keep messages / partitions under ~15 000.
 //!
-//! The rate is counted from the first recorded signal (the consumer group join is excluded) to the
-//! moment every message is both recorded and processed by the engine (intake has nothing pending).
+//! The rate is counted from the first applied batch (the consumer group join is excluded) to the
+//! moment every message is applied and committed by the engine.
 
 mod common;
 
@@ -89,9 +89,21 @@ async fn run() -> anyhow::Result<()> {
             .error_for_status()?;
     }
 
-    let intake = vigil.intake().clone();
+    // Progress is Vigil's own count of signals applied and committed by the engine.
+    let metrics_url = format!("http://{}/metrics", vigil.local_addr());
+    let applied_so_far = || async {
+        let text = client.get(&metrics_url).send().await?.text().await?;
+        let count = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!("vigil_kafka_applied_total{{topic=\"{topic}\"}} "))
+            })
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0) as u64;
+        anyhow::Ok(count)
+    };
     let (t0, c0) = loop {
-        let c = intake.stored_count()?;
+        let c = applied_so_far().await?;
         if c > 0 {
             break (Instant::now(), c);
         }
@@ -99,18 +111,21 @@ async fn run() -> anyhow::Result<()> {
     };
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let stored = intake.stored_count()?;
-        if stored >= messages && intake.pending_count()? == 0 {
+        let applied = applied_so_far().await?;
+        if applied >= messages {
             break;
         }
-        anyhow::ensure!(Instant::now() < deadline, "stuck at {stored} of {messages}");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "stuck at {applied} of {messages}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let secs = t0.elapsed().as_secs_f64();
     let applied = messages - c0;
     println!(
         "applied {applied} Kafka signals in {secs:.2} s: {:.0} signals/s \
-         (consume → normalize → durable record → engine apply → offset commit)",
+         (consume → normalize → engine apply and commit → offset commit)",
         applied as f64 / secs
     );
     let (_, decisions) = (

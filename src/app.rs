@@ -214,8 +214,8 @@ impl Vigil {
             let source = crate::kafka::KafkaSource::start(
                 &config.kafka,
                 intake.clone(),
+                engine.clone(),
                 store_writer.clone(),
-                next_tx.clone(),
                 shutdown_rx.clone(),
             )?;
             tasks.push(source.into_task());

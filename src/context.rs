@@ -155,6 +155,10 @@ pub struct PrincipalContext {
     pub lifecycle: BTreeMap<String, Stamped<Value>>,
     /// Free-form attributes (Kafka risk feeds).
     pub attributes: BTreeMap<String, Stamped<Value>>,
+    /// The last signals that touched this context, newest first, for "explain". A live window
+    /// since start, not persisted: rewriting it with every change would multiply the bytes each
+    /// signal costs the store, and every fact keeps its own provenance (time, source, seq).
+    #[serde(skip)]
     pub recent_signals: VecDeque<SignalSummary>,
 }
 

@@ -66,7 +66,13 @@ struct StoredSetRef<'a> {
 pub struct Intake {
     db: Arc<Database>,
     writer: BatchWriter,
+    /// Sequence numbers reserved durably (in `meta`) and not yet handed out, for sources that are
+    /// not recorded here: a block per commit, so those sources cost no commit per batch.
+    reserved: Arc<std::sync::Mutex<std::ops::Range<u64>>>,
 }
+
+/// How many sequence numbers one reservation commit sets aside.
+const SEQ_BLOCK: u64 = 1 << 20;
 
 impl Intake {
     /// Creates intake's tables if needed. Writes go through `writer` (group commit).
@@ -81,7 +87,11 @@ impl Intake {
             txn.open_table(STREAM_STATE).map_err(storage)?;
         }
         txn.commit().map_err(storage)?;
-        Ok(Intake { db, writer })
+        Ok(Intake {
+            db,
+            writer,
+            reserved: Arc::new(std::sync::Mutex::new(0..0)),
+        })
     }
 
     /// Records `signal` (with its raw `token`) durably. Returns once the commit is on disk. The
@@ -95,26 +105,34 @@ impl Intake {
         Ok(outcome)
     }
 
-    /// Records many signals in one transaction (one fsync), from a blocking thread (the Kafka
-    /// consumer). Outcomes are in input order; duplicates within the batch record once.
-    pub fn record_batch_blocking(
-        &self,
-        items: &[(Signal, String)],
-    ) -> Result<Vec<RecordOutcome>, IntakeError> {
-        if items.is_empty() {
-            return Ok(Vec::new());
+    /// Hands out `n` sequence numbers for signals that are not recorded here (their source, a Kafka
+    /// partition, is their replay log) and returns the first. Sequence numbers order signals with
+    /// equal event times, so every source draws them from the same counter; numbers are reserved
+    /// durably in blocks, so none is ever handed out twice, even across a crash. Blocking: for the
+    /// Kafka consumer thread (a commit only when a block runs out).
+    pub fn reserve_seqs_blocking(&self, n: u64) -> Result<u64, IntakeError> {
+        let mut reserved = self
+            .reserved
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if reserved.end - reserved.start < n {
+            let size = n.max(SEQ_BLOCK);
+            let first = self.writer.write_blocking(move |txn| {
+                let mut meta = txn.open_table(META).map_err(WriteError::storage)?;
+                let first = meta
+                    .get("next_seq")
+                    .map_err(WriteError::storage)?
+                    .map(|v| v.value())
+                    .unwrap_or(1);
+                meta.insert("next_seq", first + size)
+                    .map_err(WriteError::storage)?;
+                Ok(first)
+            })?;
+            *reserved = first..first + size;
         }
-        let encoded = items
-            .iter()
-            .map(|(signal, token)| encode(signal, token))
-            .collect::<Result<Vec<_>, _>>()?;
-        let outcomes = self.writer.write_blocking(move |txn| {
-            encoded
-                .iter()
-                .map(|e| record_in(txn, e))
-                .collect::<Result<Vec<_>, _>>()
-        })?;
-        Ok(outcomes)
+        let first = reserved.start;
+        reserved.start += n;
+        Ok(first)
     }
 
     /// Marks signals processed by the next stage: they will not be replayed.

@@ -79,6 +79,16 @@ impl BatchWriterThread {
     }
 }
 
+/// A write queued by [`BatchWriter::submit_blocking`].
+pub struct PendingWrite<T>(tokio::sync::oneshot::Receiver<Result<T, WriteError>>);
+
+impl<T> PendingWrite<T> {
+    /// Waits until the commit holding the write is on disk (or failed).
+    pub fn wait_blocking(self) -> Result<T, WriteError> {
+        self.0.blocking_recv().map_err(|_| WriteError::WriterGone)?
+    }
+}
+
 impl BatchWriter {
     /// Starts the writer thread. `max_batch` bounds how many writes share one commit.
     pub fn start(
@@ -113,11 +123,22 @@ impl BatchWriter {
         T: Send + 'static,
         F: FnOnce(&redb::WriteTransaction) -> Result<T, WriteError> + Send + 'static,
     {
+        self.submit_blocking(f)?.wait_blocking()
+    }
+
+    /// Queues `f` for a commit without waiting for it, so a plain thread can go on working while
+    /// the commit is written; [`PendingWrite::wait_blocking`] gives the outcome. Commits happen in
+    /// submission order.
+    pub fn submit_blocking<T, F>(&self, f: F) -> Result<PendingWrite<T>, WriteError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&redb::WriteTransaction) -> Result<T, WriteError> + Send + 'static,
+    {
         let (job, rx) = Self::job(f);
         self.tx
             .blocking_send(job)
             .map_err(|_| WriteError::WriterGone)?;
-        rx.blocking_recv().map_err(|_| WriteError::WriterGone)?
+        Ok(PendingWrite(rx))
     }
 
     #[allow(clippy::type_complexity)]

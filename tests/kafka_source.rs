@@ -50,12 +50,33 @@ fn kafka_config(dir: &std::path::Path, brokers: &str) -> Config {
     config
 }
 
-fn recorded(vigil: &Vigil, topic: &str, id: &str) -> bool {
+/// How often the message `id` was applied to `email`'s context, and whether the last application
+/// changed it (from the context's recent signals, newest first).
+fn applications(vigil: &Vigil, email: &str, id: &str) -> (usize, Option<bool>) {
+    let Some(why) = vigil.engine().explain(&format!("email:{email}")) else {
+        return (0, None);
+    };
+    let jti = format!("id:{id}");
+    let hits: Vec<&Value> = why["recent_signals"]
+        .as_array()
+        .map(|a| a.iter().filter(|s| s["jti"] == jti.as_str()).collect())
+        .unwrap_or_default();
+    (
+        hits.len(),
+        hits.first().and_then(|s| s["changed"].as_bool()),
+    )
+}
+
+fn applied(vigil: &Vigil, email: &str, id: &str) -> bool {
+    applications(vigil, email, id).0 > 0
+}
+
+fn context_version(vigil: &Vigil, email: &str) -> u64 {
     vigil
-        .intake()
-        .lookup_jti(&format!("kafka:{topic}"), &format!("id:{id}"))
-        .unwrap()
-        .is_some()
+        .engine()
+        .explain(&format!("email:{email}"))
+        .and_then(|why| why["context"]["version"].as_u64())
+        .unwrap_or(0)
 }
 
 async fn register(vigil: &Vigil, id: &str, email: &str) {
@@ -160,12 +181,16 @@ async fn a_kafka_risk_score_revokes_and_the_revocation_reaches_a_subscribed_enfo
     assert_eq!(d["rules"], json!(["risk-high"]));
     assert_eq!(grant_status(&vigil, "g-bystander").await, "active");
 
-    let (_, metrics) = get(&vigil, "/metrics").await;
+    // The consumer counts a batch applied when it sees the engine's commit (it may see it after
+    // the enforcement point got the SET).
     for line in [
         "vigil_kafka_consumed_total{topic=\"vigil.risk\"}",
         "vigil_kafka_applied_total{topic=\"fraud.scores\"}",
     ] {
-        assert!(metrics.contains(line), "{line} missing");
+        eventually_within(10, line, || async {
+            get(&vigil, "/metrics").await.1.contains(line).then_some(())
+        })
+        .await;
     }
     drop(ep);
     vigil.shutdown().await;
@@ -303,7 +328,7 @@ async fn a_dead_letter_topic_that_refuses_keeps_the_dead_letter_in_the_store() {
         .await
         .unwrap();
     eventually_within(40, "the message behind the refused dead letter", || async {
-        recorded(&vigil, NATIVE, "ok-1").then_some(())
+        applied(&vigil, "ok@example.com", "ok-1").then_some(())
     })
     .await;
     let stored = vigil::kafka::stored_dead_letters(&open_store(&vigil)).unwrap();
@@ -340,40 +365,46 @@ async fn a_restart_before_the_offset_commit_redelivers_without_a_second_effect()
         (grant_status(&vigil, "g-once").await == "revoked").then_some(())
     })
     .await;
-    let stored = vigil.intake().stored_count().unwrap();
     // The audit append follows the status change at the shard's flush.
     let before = eventually_within(10, "the first run's decision in the audit", || async {
         let (_, d) = get_json(&vigil, "/v1/decisions?grant=g-once").await;
         (d["decisions"].as_array().is_some_and(|a| !a.is_empty())).then_some(d)
     })
     .await;
+    let version = context_version(&vigil, "once@example.com");
+    let risk = risk_fact(&vigil, "once@example.com");
+    assert_eq!(
+        applications(&vigil, "once@example.com", "h-1"),
+        (1, Some(true))
+    );
+    wait_applied_count(&vigil, TOPIC, 1).await;
     vigil.shutdown().await;
     kafka.clear_request_errors(RDKafkaApiKey::OffsetCommit);
 
-    // The second run gets the uncommitted message again, plus a new one behind it.
+    // The second run gets the uncommitted message again (the process-wide applied count goes to
+    // 3: the redelivery and the new one), plus a new one behind it.
     let vigil = start(config.clone()).await;
     publisher
         .publish(TOPIC, None, &native("other@example.com", "LOW", "l-2", t))
         .await
         .unwrap();
-    eventually_within(30, "the message behind the redelivered one", || async {
-        recorded(&vigil, TOPIC, "l-2").then_some(())
-    })
-    .await;
+    wait_applied_count(&vigil, TOPIC, 3).await;
+    assert!(applied(&vigil, "other@example.com", "l-2"));
     assert_eq!(
-        vigil.intake().stored_count().unwrap(),
-        stored + 1,
-        "the redelivered message was not recorded twice"
+        applications(&vigil, "once@example.com", "h-1"),
+        (1, Some(false)),
+        "the redelivered message changed nothing"
+    );
+    assert_eq!(context_version(&vigil, "once@example.com"), version);
+    assert_eq!(
+        risk_fact(&vigil, "once@example.com"),
+        risk,
+        "the fact keeps its first application"
     );
     let (_, after) = get_json(&vigil, "/v1/decisions?grant=g-once").await;
     assert_eq!(
         before, after,
         "no second decision for the redelivered signal"
-    );
-    let (_, metrics) = get(&vigil, "/metrics").await;
-    assert!(
-        metrics.contains("vigil_kafka_duplicates_total{topic=\"restart.risk\"} 1\n"),
-        "the redelivery was seen and absorbed"
     );
     vigil.shutdown().await;
 
@@ -384,18 +415,52 @@ async fn a_restart_before_the_offset_commit_redelivers_without_a_second_effect()
         .await
         .unwrap();
     eventually_within(30, "the third run's own message", || async {
-        recorded(&vigil, TOPIC, "l-3").then_some(())
+        applied(&vigil, "third@example.com", "l-3").then_some(())
     })
     .await;
-    let (_, metrics) = get(&vigil, "/metrics").await;
-    assert!(
-        metrics.contains("vigil_kafka_duplicates_total{topic=\"restart.risk\"} 1\n"),
+    wait_applied_count(&vigil, TOPIC, 4).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        applied_count(&vigil, TOPIC).await,
+        4,
         "nothing redelivered after the commit"
     );
-    assert_eq!(vigil.intake().stored_count().unwrap(), stored + 2);
-    assert!(recorded(&vigil, TOPIC, "h-1") && recorded(&vigil, TOPIC, "l-2"));
+    assert_eq!(
+        applications(&vigil, "once@example.com", "h-1").0,
+        0,
+        "not applied again in the third run"
+    );
+    assert_eq!(risk_fact(&vigil, "other@example.com")["level"], "LOW");
     assert_eq!(grant_status(&vigil, "g-once").await, "revoked");
     vigil.shutdown().await;
+}
+
+/// The subject's risk fact from the feed (value, time, source, seq).
+fn risk_fact(vigil: &Vigil, email: &str) -> Value {
+    let why = vigil.engine().explain(&format!("email:{email}")).unwrap();
+    let risk = why["context"]["risk"].as_object().unwrap();
+    assert_eq!(risk.len(), 1, "{risk:?}");
+    let fact = risk.values().next().unwrap();
+    json!({"level": fact["value"]["level"], "time": fact["time"], "seq": fact["seq"]})
+}
+
+/// `vigil_kafka_applied_total` for `topic`: the metrics recorder is process-wide, so the count
+/// spans every Vigil this test binary started.
+async fn applied_count(vigil: &Vigil, topic: &str) -> u64 {
+    let prefix = format!("vigil_kafka_applied_total{{topic=\"{topic}\"}} ");
+    get(vigil, "/metrics")
+        .await
+        .1
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+async fn wait_applied_count(vigil: &Vigil, topic: &str, n: u64) {
+    eventually_within(30, &format!("{n} applied from {topic}"), || async {
+        (applied_count(vigil, topic).await >= n).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -405,16 +470,17 @@ async fn two_consumers_split_the_partitions_and_one_takes_over_when_the_other_le
     let a = start(kafka_config(dir_a.path(), &kafka.bootstrap_servers())).await;
     let b = start(kafka_config(dir_b.path(), &kafka.bootstrap_servers())).await;
     let publisher = Publisher::new(&kafka.bootstrap_servers()).unwrap();
+    let user = |i: usize| format!("user-{i}@example.com");
     let batch = |from: usize, to: usize| -> Vec<(Option<String>, Vec<u8>)> {
         (from..to)
             .map(|i| {
-                let email = format!("user-{i}@example.com");
+                let email = user(i);
                 let body = native(&email, "LOW", &format!("m-{i}"), now());
                 (Some(email), body)
             })
             .collect()
     };
-    // Wait until both members hold partitions: keep publishing until each has recorded something.
+    // Wait until both members hold partitions: keep publishing until each has applied something.
     let mut sent = 0;
     eventually_within(40, "both consumers to own partitions", || {
         let msgs = batch(sent, sent + 20);
@@ -423,23 +489,19 @@ async fn two_consumers_split_the_partitions_and_one_takes_over_when_the_other_le
         async move {
             publisher.publish_all(NATIVE, &msgs).await.unwrap();
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let seen_a = (0..sent).any(|i| recorded(a, NATIVE, &format!("m-{i}")));
-            let seen_b = (0..sent).any(|i| recorded(b, NATIVE, &format!("m-{i}")));
+            let seen_a = (0..sent).any(|i| applied(a, &user(i), &format!("m-{i}")));
+            let seen_b = (0..sent).any(|i| applied(b, &user(i), &format!("m-{i}")));
             (seen_a && seen_b).then_some(())
         }
     })
     .await;
-    eventually_within(
-        20,
-        "every message recorded by exactly one of the two",
-        || async {
-            let all = (0..sent).all(|i| {
-                let id = format!("m-{i}");
-                recorded(&a, NATIVE, &id) || recorded(&b, NATIVE, &id)
-            });
-            all.then_some(())
-        },
-    )
+    eventually_within(20, "every message applied by one of the two", || async {
+        let all = (0..sent).all(|i| {
+            let id = format!("m-{i}");
+            applied(&a, &user(i), &id) || applied(&b, &user(i), &id)
+        });
+        all.then_some(())
+    })
     .await;
 
     // B leaves; A takes over its partitions from B's committed offsets.
@@ -451,10 +513,10 @@ async fn two_consumers_split_the_partitions_and_one_takes_over_when_the_other_le
         .unwrap();
     eventually_within(
         40,
-        "A to record every message published after B left",
+        "A to apply every message published after B left",
         || async {
             (first_new..first_new + 40)
-                .all(|i| recorded(&a, NATIVE, &format!("m-{i}")))
+                .all(|i| applied(&a, &user(i), &format!("m-{i}")))
                 .then_some(())
         },
     )

@@ -182,15 +182,28 @@ impl Shared {
     }
 }
 
+/// A signal with the context it is about.
+pub(crate) struct Routed {
+    /// The owning key: a principal, or a device or session signalled about alone.
+    key: String,
+    signal: Signal,
+    target: Target,
+    /// Identifier → principal links first seen with this signal.
+    aliases: Vec<(String, String)>,
+}
+
 /// A message to a shard.
 pub(crate) enum Msg {
     /// Fold a signal into `key`'s context and evaluate what it reaches.
     Signal {
-        key: String,
-        signal: Box<Signal>,
-        target: Target,
-        aliases: Vec<(String, String)>,
+        routed: Box<Routed>,
         permit: OwnedSemaphorePermit,
+    },
+    /// Fold signals that intake did not record (their source replays them); `done` answers after
+    /// the batch's commit, with the commit's error if it failed.
+    Batch {
+        items: Vec<Routed>,
+        done: oneshot::Sender<Result<(), String>>,
     },
     /// Re-evaluate grants owned by this shard (forwarded from another shard, or after a policy swap).
     Reevaluate {
@@ -224,6 +237,46 @@ impl SwapDone {
         for rx in self.0 {
             let _ = rx.await;
         }
+    }
+}
+
+/// Completion of a submitted signal batch: one answer per shard involved.
+pub struct BatchDone {
+    waiting: Vec<oneshot::Receiver<Result<(), String>>>,
+    failure: Option<EngineError>,
+}
+
+impl BatchDone {
+    /// Whether every shard has answered (so [`BatchDone::wait_blocking`] will not block).
+    pub fn is_done(&mut self) -> bool {
+        let failure = &mut self.failure;
+        self.waiting.retain_mut(|rx| {
+            let answer = match rx.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => return true,
+                Err(oneshot::error::TryRecvError::Closed) => Err(EngineError::Stopped),
+                Ok(r) => r.map_err(EngineError::Storage),
+            };
+            if let (Err(e), None) = (answer, &*failure) {
+                *failure = Some(e);
+            }
+            false
+        });
+        self.waiting.is_empty()
+    }
+
+    /// Waits until every shard has committed its part; the first failure, if any.
+    pub fn wait_blocking(self) -> Result<(), EngineError> {
+        let mut failure = self.failure;
+        for rx in self.waiting {
+            let answer = rx
+                .blocking_recv()
+                .map_err(|_| EngineError::Stopped)
+                .and_then(|r| r.map_err(EngineError::Storage));
+            if let (Err(e), None) = (answer, &failure) {
+                failure = Some(e);
+            }
+        }
+        failure.map_or(Ok(()), Err)
     }
 }
 
@@ -334,8 +387,46 @@ impl Engine {
     /// Hands a durably recorded signal to its shard. The shard marks it processed in intake inside
     /// its own commit.
     pub async fn apply_signal(&self, signal: Signal) -> Result<(), EngineError> {
-        let mut target = Target::of(&signal.subject);
         let permit = self.permit().await?;
+        let routed = self.route(signal);
+        self.send(
+            self.shared.shard_of(&routed.key),
+            Msg::Signal {
+                routed: Box::new(routed),
+                permit,
+            },
+        )
+    }
+
+    /// Hands over signals whose source is their own replay log (a Kafka partition: nothing is
+    /// recorded in intake); the returned handle resolves once every shard involved has committed
+    /// them. Signals of one key keep their order, also across batches; re-applying one is a no-op
+    /// by the context's event-time ordering, which is what makes redelivery harmless.
+    pub fn submit_batch(&self, signals: Vec<Signal>) -> Result<BatchDone, EngineError> {
+        let mut per_shard: Vec<Vec<Routed>> = (0..self.inboxes.len()).map(|_| Vec::new()).collect();
+        for signal in signals {
+            let routed = self.route(signal);
+            per_shard[self.shared.shard_of(&routed.key)].push(routed);
+        }
+        let mut waits = Vec::new();
+        for (shard, items) in per_shard.into_iter().enumerate() {
+            if items.is_empty() {
+                continue;
+            }
+            let (done, rx) = oneshot::channel();
+            self.send(shard, Msg::Batch { items, done })?;
+            waits.push(rx);
+        }
+        Ok(BatchDone {
+            waiting: waits,
+            failure: None,
+        })
+    }
+
+    /// Finds the context a signal is about: its principal (created on first sight, with the aliases
+    /// to record), else the session or device it names.
+    fn route(&self, signal: Signal) -> Routed {
+        let mut target = Target::of(&signal.subject);
         // A simple subject that names no known principal but a known session or device (the CAEP
         // examples name sessions by opaque id) targets that session or device.
         if target.members.is_empty() && target.identifiers.len() == 1 {
@@ -374,17 +465,12 @@ impl Engine {
                 }
             }
         };
-        let shard = self.shared.shard_of(&key);
-        self.send(
-            shard,
-            Msg::Signal {
-                key,
-                signal: Box::new(signal),
-                target,
-                aliases,
-                permit,
-            },
-        )
+        Routed {
+            key,
+            signal,
+            target,
+            aliases,
+        }
     }
 
     /// Registers (or re-registers) a grant and evaluates it against the current context.

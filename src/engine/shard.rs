@@ -2,7 +2,7 @@
 //! order, and commits each batch of work in one store transaction.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -20,6 +20,7 @@ use crate::intake;
 use crate::policy::{Effect, Evaluation, PolicySet};
 use crate::principal::Target;
 use crate::signal::{now_ms, Signal};
+use crate::store::PendingWrite;
 
 enum Reply {
     Register(
@@ -42,6 +43,8 @@ struct Pending {
     latest: std::collections::HashMap<String, Arc<Grant>>,
     /// Policy swaps waiting for this batch's commit.
     swap_waiters: Vec<oneshot::Sender<()>>,
+    /// Signal batches waiting for this batch's commit (and told if it failed).
+    batch_waiters: Vec<oneshot::Sender<Result<(), String>>>,
     /// Re-evaluations for grants other shards own, sent after the commit.
     forwards: Vec<(usize, Msg)>,
     replies: Vec<Reply>,
@@ -83,15 +86,29 @@ impl Shard {
         }
     }
 
+    /// The shard's loop. Batches are pipelined with their commits: while batch N is being written,
+    /// batch N+1 is applied in memory; N is announced (replies, decisions, forwards) once its
+    /// commit is on disk and before N+1's commit is waited for, so announcements keep their order.
     pub fn run(mut self, rx: Receiver<Msg>) {
         let interval = self.shared.settings.sweep_interval;
         let max_batch = self.shared.settings.max_batch.max(1);
         let mut last_sweep = Instant::now();
+        let mut committing: Option<Committing> = None;
         loop {
-            let first = match rx.recv_timeout(interval) {
+            let first = match rx.try_recv() {
                 Ok(m) => Some(m),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => return,
+                Err(TryRecvError::Disconnected) => break,
+                Err(TryRecvError::Empty) => {
+                    // Nothing queued: announce the batch in flight before waiting for more.
+                    if let Some(c) = committing.take() {
+                        self.announce(c);
+                    }
+                    match rx.recv_timeout(interval) {
+                        Ok(m) => Some(m),
+                        Err(RecvTimeoutError::Timeout) => None,
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                }
             };
             let mut p = Pending::default();
             let mut stop = false;
@@ -117,26 +134,31 @@ impl Shard {
                 self.sweep(&mut p);
                 last_sweep = Instant::now();
             }
-            self.flush(p);
-            if stop {
-                return;
+            let next = self.commit(p);
+            if let Some(previous) = committing.replace(next) {
+                self.announce(previous);
             }
+            if stop {
+                break;
+            }
+        }
+        if let Some(c) = committing.take() {
+            self.announce(c);
         }
     }
 
     fn handle(&mut self, msg: Msg, p: &mut Pending) {
         match msg {
-            Msg::Signal {
-                key,
-                signal,
-                target,
-                aliases,
-                permit,
-            } => {
+            Msg::Signal { routed, permit } => {
                 p.permits.push(permit);
-                p.changes.aliases.extend(aliases);
-                p.processed.push(signal.seq);
-                self.apply_signal(&key, &signal, &target, p);
+                p.processed.push(routed.signal.seq);
+                self.apply_routed(*routed, p);
+            }
+            Msg::Batch { items, done } => {
+                for routed in items {
+                    self.apply_routed(routed, p);
+                }
+                p.batch_waiters.push(done);
             }
             Msg::Reevaluate { grants, trigger } => {
                 let policy = self.shared.policy();
@@ -188,6 +210,11 @@ impl Shard {
             }
             Msg::Stop => {}
         }
+    }
+
+    fn apply_routed(&mut self, routed: super::Routed, p: &mut Pending) {
+        p.changes.aliases.extend(routed.aliases);
+        self.apply_signal(&routed.key, &routed.signal, &routed.target, p);
     }
 
     fn apply_signal(&mut self, key: &str, signal: &Signal, target: &Target, p: &mut Pending) {
@@ -569,17 +596,15 @@ impl Shard {
         }
     }
 
-    /// Makes the batch durable, then announces it: audit first (so no decision that took effect is
-    /// missing from it), one store commit for state and intake marks, then forwards, decisions and
-    /// replies.
-    fn flush(&mut self, mut p: Pending) {
+    /// Starts making the batch durable: audit first (so no decision that took effect is missing
+    /// from it), then one store write for state and intake marks, queued without waiting.
+    fn commit(&mut self, mut p: Pending) -> Committing {
         if !p.decisions.is_empty() {
             if let Err(e) = self.shared.audit.append(&p.decisions) {
                 metrics::counter!("vigil_audit_errors_total").increment(1);
                 tracing::error!(error = %e, "audit append failed");
             }
         }
-        let mut failed = None;
         // Decisions delivery must act on are committed with the state, so a crash cannot lose them.
         for d in &p.decisions {
             let emits = !d.shadow
@@ -591,19 +616,30 @@ impl Shard {
                 p.changes.handoff.push((d.clone(), g.clone()));
             }
         }
+        let mut write = None;
         if !p.changes.is_empty() || !p.processed.is_empty() {
             let processed = std::mem::take(&mut p.processed);
-            let result = std::mem::take(&mut p.changes).encode().and_then(|changes| {
-                self.shared.writer.write_blocking(move |txn| {
+            write = Some(std::mem::take(&mut p.changes).encode().and_then(|changes| {
+                self.shared.writer.submit_blocking(move |txn| {
                     persist::write(txn, &changes)?;
                     intake::mark_processed_in(txn, &processed)
                 })
-            });
-            if let Err(e) = result {
-                tracing::error!(shard = self.id, error = %e, "engine commit failed; signals stay pending for replay");
-                failed = Some(e.to_string());
-            }
+            }));
         }
+        Committing { write, p }
+    }
+
+    /// Waits for the batch's commit, then announces it: forwards, decisions and replies. Nothing
+    /// is announced before it is durable.
+    fn announce(&mut self, c: Committing) {
+        let Committing { write, mut p } = c;
+        let failed = match write.map(|w| w.and_then(PendingWrite::wait_blocking)) {
+            Some(Err(e)) => {
+                tracing::error!(shard = self.id, error = %e, "engine commit failed; signals stay pending for replay");
+                Some(e.to_string())
+            }
+            _ => None,
+        };
         for (owner, msg) in p.forwards.drain(..) {
             if let Some(inbox) = self.inboxes.get(owner) {
                 let _ = inbox.send(msg);
@@ -635,8 +671,17 @@ impl Shard {
         for w in p.swap_waiters.drain(..) {
             let _ = w.send(());
         }
+        for w in p.batch_waiters.drain(..) {
+            let _ = w.send(failed.clone().map_or(Ok(()), Err));
+        }
         drop(p.permits);
     }
+}
+
+/// A batch applied in memory whose commit is in flight.
+struct Committing {
+    write: Option<Result<PendingWrite<()>, crate::store::WriteError>>,
+    p: Pending,
 }
 
 /// A reply stands only if the batch it belongs to committed.

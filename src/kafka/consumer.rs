@@ -1,8 +1,8 @@
 //! The consumer thread: polls the group's partitions, gathers batches, and runs each batch through
 //! normalize → dead letters → durable record → hand-off → offset commit (see the module docs).
 
-use std::collections::BTreeMap;
-use std::sync::{Mutex, PoisonError};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
@@ -10,15 +10,16 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Reb
 use rdkafka::message::Message;
 use rdkafka::producer::FutureProducer;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::dead_letter::{DeadLetters, ProducerLogs};
 use super::log_librdkafka;
 use super::source::{FeedMessage, Normalizer};
 use crate::config::KafkaConfig;
-use crate::intake::{Intake, RecordOutcome};
-use crate::signal::Signal;
+use crate::engine::{BatchDone, Engine};
+use crate::intake::Intake;
+use crate::signal::{now_ms, Signal};
 use crate::store::BatchWriter;
 
 /// Why the Kafka source could not start.
@@ -29,14 +30,46 @@ pub enum KafkaError {
 }
 
 /// What a batch needs once its messages are gathered. It is the consumer's librdkafka context, so
-/// the rebalance callback can finish the batch in flight before partitions are given up.
+/// the rebalance callback can finish the batches in flight before partitions are given up.
+///
+/// Batches are pipelined: while the engine commits one, the next is gathered and handed over
+/// (shards keep each key's order across batches). Offsets are committed strictly in batch order,
+/// each only after its batch's engine commit.
 struct Pipeline {
     normalizer: Normalizer,
+    /// Draws the sequence numbers that order signals across sources.
     intake: Intake,
-    next: mpsc::Sender<Signal>,
+    engine: Arc<Engine>,
     dead_letters: DeadLetters,
-    /// Messages taken from partitions and not yet through the pipeline.
-    inflight: Mutex<Vec<FeedMessage>>,
+    /// Messages taken from partitions and not yet handed to the engine.
+    gathered: Mutex<Vec<FeedMessage>>,
+    /// Batches handed to the engine, oldest first, waiting for its commit.
+    submitted: Mutex<VecDeque<Submitted>>,
+}
+
+/// Most batches handed to the engine and not yet committed.
+const MAX_SUBMITTED: usize = 3;
+
+/// A batch the engine is applying.
+struct Submitted {
+    done: Option<BatchDone>,
+    /// Where each of the batch's partitions starts (to rewind to if it fails) …
+    first: BTreeMap<(String, i32), i64>,
+    /// … and the offsets to commit once it is applied.
+    next: BTreeMap<(String, i32), i64>,
+    applied: BTreeMap<String, u64>,
+    received_at_ms: Option<i64>,
+    started: Instant,
+}
+
+/// How offsets are committed: asynchronously in the steady state (a lost commit only means a
+/// harmless redelivery), synchronously before partitions are given up.
+#[derive(Clone, Copy, PartialEq)]
+enum Finish {
+    /// Commit what is done; wait for the oldest batch only if the pipeline is full.
+    Bounded,
+    /// Wait for everything, and commit synchronously.
+    All,
 }
 
 impl ClientContext for Pipeline {
@@ -73,7 +106,7 @@ impl ConsumerContext for Pipeline {
                     partitions = tpl.count(),
                     "partitions revoked: finishing the batch in flight first"
                 );
-                self.drain(consumer);
+                self.drain(consumer, Finish::All);
             }
             Rebalance::Assign(tpl) => {
                 tracing::info!(partitions = tpl.count(), "partitions assigned");
@@ -84,46 +117,36 @@ impl ConsumerContext for Pipeline {
 }
 
 impl Pipeline {
-    /// Runs the messages in flight through the pipeline and commits their offsets. Called between
-    /// polls and from the rebalance callback; either way on the consumer thread.
-    fn drain(&self, consumer: &BaseConsumer<Pipeline>) {
-        let batch =
-            std::mem::take(&mut *self.inflight.lock().unwrap_or_else(PoisonError::into_inner));
-        if batch.is_empty() {
-            return;
-        }
-        let started = Instant::now();
-        let Some(offsets) = self.apply(batch) else {
-            // Nothing of this batch is committed; it is redelivered (from the last committed
-            // offset) after the consumer is restarted or the partitions move.
-            return;
-        };
-        if let Err(e) = consumer.commit(&offsets, CommitMode::Sync) {
-            // The records are durable and dedupe absorbs the redelivery this may cause.
-            metrics::counter!("vigil_kafka_commit_errors_total").increment(1);
-            tracing::warn!(error = %e, "offset commit failed; the batch may be redelivered (deduplicated)");
-        }
-        metrics::histogram!("vigil_kafka_batch_seconds").record(started.elapsed().as_secs_f64());
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Normalizes, dead-letters and records `batch`, and hands the new signals on. Returns the
-    /// offsets to commit, or `None` when the batch could not be made durable.
-    fn apply(&self, batch: Vec<FeedMessage>) -> Option<TopicPartitionList> {
-        let mut next_offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
-        let mut records: Vec<(Signal, String)> = Vec::with_capacity(batch.len());
+    /// Hands the gathered messages to the engine, then commits the offsets of the batches it has
+    /// finished (waiting as `finish` says). Called between polls and from the rebalance callback;
+    /// either way on the consumer thread.
+    fn drain(&self, consumer: &BaseConsumer<Pipeline>, finish: Finish) {
+        let batch = std::mem::take(&mut *Self::lock(&self.gathered));
+        if !batch.is_empty() {
+            let submitted = self.submit(batch);
+            Self::lock(&self.submitted).push_back(submitted);
+        }
+        self.finish(consumer, finish);
+    }
+
+    /// Normalizes a batch, makes its dead letters safe and hands its signals to the engine.
+    fn submit(&self, batch: Vec<FeedMessage>) -> Submitted {
+        let mut first: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        let mut signals: Vec<Signal> = Vec::with_capacity(batch.len());
         let mut dead = Vec::new();
         for msg in batch {
-            let entry = next_offsets
-                .entry((msg.topic.clone(), msg.partition))
-                .or_insert(0);
-            *entry = (*entry).max(msg.offset + 1);
+            let key = (msg.topic.clone(), msg.partition);
+            let f = first.entry(key.clone()).or_insert(msg.offset);
+            *f = (*f).min(msg.offset);
+            let n = next.entry(key).or_insert(0);
+            *n = (*n).max(msg.offset + 1);
             match self.normalizer.signal(&msg) {
-                Ok(signal) => {
-                    // The raw message is kept with the signal, as a SET's token is (audit).
-                    let raw = String::from_utf8_lossy(msg.payload.as_deref().unwrap_or_default())
-                        .into_owned();
-                    records.push((signal, raw));
-                }
+                Ok(signal) => signals.push(signal),
                 Err(e) => {
                     tracing::warn!(topic = %msg.topic, partition = msg.partition, offset = msg.offset,
                         error = %e, "risk message dead-lettered");
@@ -131,45 +154,156 @@ impl Pipeline {
                 }
             }
         }
-        if let Err(e) = self.dead_letters.send(dead) {
-            tracing::error!(error = %e, "dead letters could not be made safe; batch not committed");
-            return None;
-        }
-        let outcomes = match self.intake.record_batch_blocking(&records) {
-            Ok(o) => o,
+        let mut applied: BTreeMap<String, u64> = BTreeMap::new();
+        let received_at_ms = signals.iter().map(|s| s.received_at_ms).min();
+        let done = self.hand_over(dead, &mut signals).map(|()| {
+            for s in &signals {
+                // The signal's stream label is its topic.
+                *applied.entry(s.source.stream().to_owned()).or_default() += 1;
+            }
+            self.engine.submit_batch(signals)
+        });
+        let done = match done {
+            Ok(Ok(done)) => Some(done),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "risk signals not handed to the engine");
+                None
+            }
             Err(e) => {
-                metrics::counter!("vigil_kafka_record_errors_total").increment(1);
-                tracing::error!(error = %e, "risk signals could not be recorded; batch not committed");
-                return None;
+                tracing::error!(error = %e, "risk batch not handed over");
+                None
             }
         };
-        for ((mut signal, _), outcome) in records.into_iter().zip(outcomes) {
-            // The signal's stream label is its topic.
-            let topic = signal.source.stream().to_owned();
-            match outcome {
-                RecordOutcome::Recorded(seq) => {
-                    metrics::counter!("vigil_kafka_applied_total", "topic" => topic).increment(1);
-                    signal.seq = seq;
-                    // Recorded is durable: if the engine is gone, the signal is replayed on start.
-                    if self.next.blocking_send(signal).is_err() {
-                        tracing::debug!(seq, "next stage stopped; signal stays pending for replay");
-                    }
-                }
-                RecordOutcome::Duplicate(_) => {
-                    metrics::counter!("vigil_kafka_duplicates_total", "topic" => topic)
-                        .increment(1);
-                }
+        Submitted {
+            done,
+            first,
+            next,
+            applied,
+            received_at_ms,
+            started: Instant::now(),
+        }
+    }
+
+    /// Makes dead letters safe and numbers the signals.
+    fn hand_over(
+        &self,
+        dead: Vec<(FeedMessage, String)>,
+        signals: &mut [Signal],
+    ) -> Result<(), String> {
+        self.dead_letters
+            .send(dead)
+            .map_err(|e| format!("dead letters could not be made safe: {e}"))?;
+        if !signals.is_empty() {
+            let first = self
+                .intake
+                .reserve_seqs_blocking(signals.len() as u64)
+                .map_err(|e| e.to_string())?;
+            for (signal, seq) in signals.iter_mut().zip(first..) {
+                signal.seq = seq;
             }
         }
+        Ok(())
+    }
+
+    /// Commits the offsets of finished batches, oldest first. A failed batch rewinds its
+    /// partitions (and those of every batch after it) so they are delivered again: nothing is
+    /// committed past a batch that was not applied.
+    fn finish(&self, consumer: &BaseConsumer<Pipeline>, finish: Finish) {
+        let mut queue = Self::lock(&self.submitted);
+        let mut commit: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        loop {
+            let must_wait =
+                finish == Finish::All || (finish == Finish::Bounded && queue.len() > MAX_SUBMITTED);
+            let Some(oldest) = queue.front_mut() else {
+                break;
+            };
+            let ready = match oldest.done.as_mut() {
+                None => true,
+                Some(done) => done.is_done(),
+            };
+            if !ready && !must_wait {
+                break;
+            }
+            let Some(batch) = queue.pop_front() else {
+                break;
+            };
+            let result = match batch.done {
+                Some(done) => done.wait_blocking().map_err(|e| e.to_string()),
+                None => Err("not handed over".to_owned()),
+            };
+            if let Err(e) = result {
+                metrics::counter!("vigil_kafka_apply_errors_total").increment(1);
+                tracing::error!(error = %e, "risk batch not applied; rewinding to deliver it again");
+                let mut rewind = batch.first;
+                for later in queue.drain(..) {
+                    if let Some(done) = later.done {
+                        let _ = done.wait_blocking();
+                    }
+                    for (key, offset) in later.first {
+                        let r = rewind.entry(key).or_insert(offset);
+                        *r = (*r).min(offset);
+                    }
+                }
+                self.commit(consumer, &commit, finish);
+                for ((topic, partition), offset) in rewind {
+                    if let Err(e) = consumer.seek(
+                        &topic,
+                        partition,
+                        Offset::Offset(offset),
+                        Duration::from_secs(5),
+                    ) {
+                        tracing::warn!(error = %e, topic, partition, "cannot rewind the partition");
+                    }
+                }
+                std::thread::sleep(RETRY_PAUSE);
+                return;
+            }
+            for (topic, n) in batch.applied {
+                if let Some(received) = batch.received_at_ms {
+                    let secs = (now_ms() - received).max(0) as f64 / 1000.0;
+                    metrics::histogram!("vigil_signal_handling_seconds", "stream" => topic.clone())
+                        .record(secs);
+                }
+                metrics::counter!("vigil_kafka_applied_total", "topic" => topic).increment(n);
+            }
+            metrics::histogram!("vigil_kafka_batch_seconds")
+                .record(batch.started.elapsed().as_secs_f64());
+            commit.extend(batch.next);
+        }
+        drop(queue);
+        self.commit(consumer, &commit, finish);
+    }
+
+    fn commit(
+        &self,
+        consumer: &BaseConsumer<Pipeline>,
+        offsets: &BTreeMap<(String, i32), i64>,
+        finish: Finish,
+    ) {
+        if offsets.is_empty() {
+            return;
+        }
         let mut tpl = TopicPartitionList::new();
-        for ((topic, partition), next) in next_offsets {
-            if let Err(e) = tpl.add_partition_offset(&topic, partition, Offset::Offset(next)) {
+        for ((topic, partition), next) in offsets {
+            if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*next)) {
                 tracing::warn!(error = %e, topic, partition, "cannot build the offset commit");
             }
         }
-        Some(tpl)
+        let mode = if finish == Finish::All {
+            CommitMode::Sync
+        } else {
+            CommitMode::Async
+        };
+        if let Err(e) = consumer.commit(&tpl, mode) {
+            // The batches are applied durably; their redelivery changes nothing.
+            metrics::counter!("vigil_kafka_commit_errors_total").increment(1);
+            tracing::warn!(error = %e, "offset commit failed; the batch may be redelivered (no effect)");
+        }
     }
 }
+
+/// How long the consumer waits before retrying a batch the store could not take.
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
 
 /// A running Kafka source.
 pub struct KafkaSource {
@@ -182,8 +316,8 @@ impl KafkaSource {
     pub fn start(
         config: &KafkaConfig,
         intake: Intake,
+        engine: Arc<Engine>,
         writer: BatchWriter,
-        next: mpsc::Sender<Signal>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<KafkaSource, KafkaError> {
         let mut client = ClientConfig::new();
@@ -212,14 +346,15 @@ impl KafkaSource {
         let context = Pipeline {
             normalizer: Normalizer::new(&config.mappings),
             intake,
-            next,
+            engine,
             dead_letters: DeadLetters::new(
                 producer,
                 config.dead_letter_topic.clone(),
                 writer,
                 runtime,
             ),
-            inflight: Mutex::new(Vec::new()),
+            gathered: Mutex::new(Vec::new()),
+            submitted: Mutex::new(VecDeque::new()),
         };
         let consumer: BaseConsumer<Pipeline> = client.create_with_context(context)?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
@@ -286,15 +421,13 @@ fn run(consumer: BaseConsumer<Pipeline>, batching: Batching, shutdown: watch::Re
                 break;
             }
         }
-        // Hand the batch to the pipeline's in-flight slot, where a rebalance can find it too.
-        pipeline
-            .inflight
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .extend(gathered);
-        pipeline.drain(&consumer);
+        // Hand the batch to the pipeline's gathered slot, where a rebalance can find it too. An
+        // idle poll lets the pipeline finish everything it holds.
+        let idle = gathered.is_empty();
+        Pipeline::lock(&pipeline.gathered).extend(gathered);
+        pipeline.drain(&consumer, if idle { Finish::All } else { Finish::Bounded });
     }
-    pipeline.drain(&consumer);
+    pipeline.drain(&consumer, Finish::All);
     consumer.unsubscribe();
     tracing::info!("kafka risk-signal source stopped");
 }
