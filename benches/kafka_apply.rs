@@ -119,7 +119,7 @@ async fn run() -> anyhow::Result<()> {
             Instant::now() < deadline,
             "stuck at {applied} of {messages}"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let secs = t0.elapsed().as_secs_f64();
     let applied = messages - c0;

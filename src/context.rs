@@ -11,6 +11,7 @@
 //! derived here so that rules stay simple comparisons.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -158,8 +159,9 @@ pub struct PrincipalContext {
     /// The last signals that touched this context, newest first, for "explain". A live window
     /// since start, not persisted: rewriting it with every change would multiply the bytes each
     /// signal costs the store, and every fact keeps its own provenance (time, source, seq).
+    /// Shared summaries: the context is copied on every change, the summaries never are.
     #[serde(skip)]
-    pub recent_signals: VecDeque<SignalSummary>,
+    pub recent_signals: VecDeque<Arc<SignalSummary>>,
 }
 
 impl PrincipalContext {
@@ -311,14 +313,14 @@ impl PrincipalContext {
         if changed {
             self.version += 1;
         }
-        self.recent_signals.push_front(SignalSummary {
+        self.recent_signals.push_front(Arc::new(SignalSummary {
             seq: signal.seq,
             event_type: signal.event_type_name().to_owned(),
             event_time: signal.event_time,
             source,
             jti: signal.jti.clone(),
             changed,
-        });
+        }));
         self.recent_signals.truncate(RECENT_SIGNALS);
         changed
     }

@@ -148,20 +148,21 @@ pub struct Origin<'a> {
     pub now: f64,
 }
 
-/// Normalizes a native-format message into a signal (without an intake sequence).
+/// Where the native format keeps what every mapping names (the topic comes from the message).
+static NATIVE: std::sync::LazyLock<Mapping> = std::sync::LazyLock::new(|| Mapping {
+    subject: "/subject".into(),
+    level: Some("/level".into()),
+    score: Some("/score".into()),
+    time: Some("/event_time".into()),
+    id: Some("/id".into()),
+    ..Mapping::default()
+});
+
+/// Normalizes a native-format message into a signal (without a sequence number).
 pub fn from_native(origin: Origin<'_>, payload: &[u8]) -> Result<crate::signal::Signal, FeedError> {
     let topic = origin.topic;
     let msg = object(payload)?;
-    let mapping = Mapping {
-        topic: topic.to_owned(),
-        subject: "/subject".into(),
-        level: Some("/level".into()),
-        score: Some("/score".into()),
-        time: Some("/event_time".into()),
-        id: Some("/id".into()),
-        ..Mapping::default()
-    };
-    let mut signal = normalize(&mapping, &msg, origin)?;
+    let mut signal = normalize(&NATIVE, &msg, origin)?;
     if let Some(p) = msg.get("principal").and_then(Value::as_str) {
         if let Event::RiskLevelChange(r) = &mut signal.event {
             r.principal = RiskPrincipal::parse(p).map_err(|reason| FeedError::Invalid {
@@ -313,11 +314,12 @@ fn normalize(
             attributes.insert(name.clone(), v.clone());
         }
     }
-    let source = m.source.clone().unwrap_or_else(|| m.topic.clone());
+    // A mapping is chosen by the message's topic, so the origin's topic is the mapping's.
+    let source = m.source.clone().unwrap_or_else(|| origin.topic.to_owned());
     Ok(crate::signal::Signal {
         seq: 0,
         source: crate::signal::SignalSource::RiskFeed {
-            topic: m.topic.clone(),
+            topic: origin.topic.to_owned(),
             source,
         },
         iss: format!("kafka:{}", origin.topic),

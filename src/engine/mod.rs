@@ -403,7 +403,10 @@ impl Engine {
     /// them. Signals of one key keep their order, also across batches; re-applying one is a no-op
     /// by the context's event-time ordering, which is what makes redelivery harmless.
     pub fn submit_batch(&self, signals: Vec<Signal>) -> Result<BatchDone, EngineError> {
-        let mut per_shard: Vec<Vec<Routed>> = (0..self.inboxes.len()).map(|_| Vec::new()).collect();
+        let expected = signals.len() / self.inboxes.len().max(1) + 1;
+        let mut per_shard: Vec<Vec<Routed>> = (0..self.inboxes.len())
+            .map(|_| Vec::with_capacity(expected))
+            .collect();
         for signal in signals {
             let routed = self.route(signal);
             per_shard[self.shared.shard_of(&routed.key)].push(routed);

@@ -57,7 +57,19 @@ pub(crate) struct Shard {
     inboxes: Vec<Sender<Msg>>,
     /// The grants this shard owns, by expiry (milliseconds) — for the sweep and for re-evaluate-all.
     expiry: BTreeSet<(i64, String)>,
+    /// Contexts changed by signals whose source replays them (Kafka), not yet written: they are
+    /// checkpointed together every [`CHECKPOINT_INTERVAL`], so a subject's many feed updates cost
+    /// one write. Their batches are answered (and their offsets committed) only after that write.
+    /// Decisions and grant changes those signals cause are never deferred.
+    dirty: std::collections::HashMap<String, Arc<PrincipalContext>>,
+    checkpoint_waiters: Vec<oneshot::Sender<Result<(), String>>>,
+    last_checkpoint: Instant,
 }
+
+/// How long contexts changed by replayable signals may wait for their write.
+const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
+/// Most such contexts held before a write is forced.
+const CHECKPOINT_MAX_DIRTY: usize = 100_000;
 
 fn ms(t: f64) -> i64 {
     (t * 1000.0) as i64
@@ -83,6 +95,9 @@ impl Shard {
             shared,
             inboxes,
             expiry,
+            dirty: std::collections::HashMap::new(),
+            checkpoint_waiters: Vec::new(),
+            last_checkpoint: Instant::now(),
         }
     }
 
@@ -103,7 +118,14 @@ impl Shard {
                     if let Some(c) = committing.take() {
                         self.announce(c);
                     }
-                    match rx.recv_timeout(interval) {
+                    let wait = if self.checkpoint_waiters.is_empty() {
+                        interval
+                    } else {
+                        CHECKPOINT_INTERVAL
+                            .saturating_sub(self.last_checkpoint.elapsed())
+                            .min(interval)
+                    };
+                    match rx.recv_timeout(wait) {
                         Ok(m) => Some(m),
                         Err(RecvTimeoutError::Timeout) => None,
                         Err(RecvTimeoutError::Disconnected) => break,
@@ -134,6 +156,12 @@ impl Shard {
                 self.sweep(&mut p);
                 last_sweep = Instant::now();
             }
+            if stop
+                || self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL
+                || self.dirty.len() >= CHECKPOINT_MAX_DIRTY
+            {
+                self.checkpoint(&mut p);
+            }
             let next = self.commit(p);
             if let Some(previous) = committing.replace(next) {
                 self.announce(previous);
@@ -152,13 +180,13 @@ impl Shard {
             Msg::Signal { routed, permit } => {
                 p.permits.push(permit);
                 p.processed.push(routed.signal.seq);
-                self.apply_routed(*routed, p);
+                self.apply_routed(*routed, false, p);
             }
             Msg::Batch { items, done } => {
                 for routed in items {
-                    self.apply_routed(routed, p);
+                    self.apply_routed(routed, true, p);
                 }
-                p.batch_waiters.push(done);
+                self.checkpoint_waiters.push(done);
             }
             Msg::Reevaluate { grants, trigger } => {
                 let policy = self.shared.policy();
@@ -212,12 +240,31 @@ impl Shard {
         }
     }
 
-    fn apply_routed(&mut self, routed: super::Routed, p: &mut Pending) {
+    /// `replayable`: the signal's source redelivers it after a crash, so its context write may wait
+    /// for the next checkpoint.
+    fn apply_routed(&mut self, routed: super::Routed, replayable: bool, p: &mut Pending) {
         p.changes.aliases.extend(routed.aliases);
-        self.apply_signal(&routed.key, &routed.signal, &routed.target, p);
+        self.apply_signal(&routed.key, &routed.signal, &routed.target, replayable, p);
     }
 
-    fn apply_signal(&mut self, key: &str, signal: &Signal, target: &Target, p: &mut Pending) {
+    /// Moves the contexts waiting for a checkpoint into this batch's write, and their batches'
+    /// answers after it.
+    fn checkpoint(&mut self, p: &mut Pending) {
+        p.changes
+            .contexts
+            .extend(self.dirty.drain().map(|(_, c)| c));
+        p.batch_waiters.append(&mut self.checkpoint_waiters);
+        self.last_checkpoint = Instant::now();
+    }
+
+    fn apply_signal(
+        &mut self,
+        key: &str,
+        signal: &Signal,
+        target: &Target,
+        replayable: bool,
+        p: &mut Pending,
+    ) {
         let mut ctx = self
             .shared
             .contexts
@@ -227,7 +274,12 @@ impl Shard {
         let changed = ctx.apply(signal, target);
         let ctx = Arc::new(ctx);
         self.shared.contexts.insert(key.to_owned(), ctx.clone());
-        p.changes.contexts.push(ctx);
+        if replayable {
+            self.dirty.insert(key.to_owned(), ctx);
+        } else {
+            self.dirty.remove(key);
+            p.changes.contexts.push(ctx);
+        }
         metrics::counter!("vigil_engine_signals_total", "changed" => if changed { "yes" } else { "no" })
             .increment(1);
 
@@ -306,6 +358,9 @@ impl Shard {
             }
         }
         ids.extend(self.shared.indexed(&obo_index(key)));
+        if ids.is_empty() {
+            return;
+        }
         ids.sort();
         ids.dedup();
         let cause = cause_of(signal, "signal");

@@ -47,8 +47,9 @@ struct Pipeline {
     submitted: Mutex<VecDeque<Submitted>>,
 }
 
-/// Most batches handed to the engine and not yet committed.
-const MAX_SUBMITTED: usize = 3;
+/// Most batches handed to the engine and not yet committed (the engine checkpoints feed-changed
+/// contexts every 200 ms, so at full speed a few dozen batches wait for one write).
+const MAX_SUBMITTED: usize = 64;
 
 /// A batch the engine is applying.
 struct Submitted {
@@ -389,7 +390,7 @@ fn run(consumer: BaseConsumer<Pipeline>, batching: Batching, shutdown: watch::Re
             break;
         }
         // Gather a batch: up to `max` messages, or whatever came within `wait` of the first.
-        let mut gathered = Vec::new();
+        let mut gathered = Vec::with_capacity(batching.max);
         let mut deadline: Option<Instant> = None;
         while gathered.len() < batching.max {
             let timeout = match deadline {

@@ -1,20 +1,27 @@
 //! The Kafka risk-signal source: a consumer group on the configured topics whose messages become
-//! [`Signal`]s (through [`crate::risk_feed`]) in the same durable intake and engine as SETs.
+//! [`Signal`](crate::signal::Signal)s (through [`crate::risk_feed`]) for the same engine as SETs.
 //!
-//! Delivery semantics, in order, per batch of messages:
+//! **The partition is the replay log.** Unlike a pushed SET (which is acknowledged with a 202 and
+//! must therefore be recorded in intake first), a Kafka message is acknowledged by committing its
+//! offset, and until then the broker keeps it. So nothing is recorded per message; per batch:
 //! 1. each message is normalized; one that cannot be (bad JSON, no subject, unmappable) is published
 //!    to the dead-letter topic with its error in headers (kept in the store if that publish fails);
-//! 2. the batch's signals are recorded in intake in one transaction (dedupe by `iss` = `kafka:<topic>`
-//!    and `jti` = the message id or its partition/offset, so a redelivery records nothing new);
-//! 3. recorded signals go to the engine through the same hand-off as SETs (replayed after a crash);
-//! 4. only then are the offsets committed. A crash anywhere before 4 redelivers the batch, which
-//!    step 2 absorbs: at-least-once delivery, exactly-once effect.
+//! 2. the signals get sequence numbers (drawn from intake's counter, so equal event times order
+//!    across sources) and go to the engine's shards, one message per shard;
+//! 3. each shard applies them in memory at once (decisions and grant changes are committed with its
+//!    next batch as always) and writes the changed contexts at its next checkpoint (every 200 ms),
+//!    then answers the batch;
+//! 4. only then are the offsets committed, in batch order. A crash anywhere before 4 redelivers the
+//!    batch, and re-applying a signal changes nothing (a fact with the same event time and value is
+//!    not an update): at-least-once delivery, at-most-once effect.
 //!
-//! A rebalance that takes partitions away first runs the batch in flight through all four steps
-//! (from librdkafka's rebalance callback), so the next owner starts where this one stopped.
+//! Batches are pipelined (the next is gathered while the engine commits the last); a failed batch
+//! rewinds its partitions so it is delivered again rather than skipped. A rebalance that takes
+//! partitions away first finishes every batch in flight and commits synchronously (from
+//! librdkafka's rebalance callback), so the next owner starts where this one stopped.
 //!
-//! The consumer runs on its own blocking thread (librdkafka's API is blocking, and so is the store's
-//! group commit from a plain thread); it stops when Vigil shuts down, finishing its batch first.
+//! The consumer runs on its own blocking thread (librdkafka's API is blocking, and so are the waits
+//! for the engine); it stops when Vigil shuts down, finishing its batches first.
 
 mod consumer;
 mod dead_letter;
