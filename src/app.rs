@@ -148,7 +148,31 @@ impl Vigil {
         };
         let mut tasks = Vec::new();
         let mut transmitters = Vec::new();
-        for t in &config.transmitters {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+        // Managed streams: their records, and the push credential Vigil generates for each (kept
+        // in the store so the transmitter's copy stays valid across restarts).
+        let stream_records =
+            crate::ssf_client::StreamRecords::open(db.clone(), store_writer.clone())
+                .map_err(|e| StartError::Delivery(e.to_string()))?;
+        let mut transmitter_configs = config.transmitters.clone();
+        for t in &mut transmitter_configs {
+            if t.manage.is_some() && t.authorization.trim().is_empty() {
+                t.authorization = stream_records
+                    .push_credential(&t.name)
+                    .await
+                    .map_err(|e| StartError::Delivery(e.to_string()))?;
+            }
+        }
+        for t in &transmitter_configs {
             let source = match &t.jwks_uri {
                 Some(uri) => KeySource::JwksUri(uri.clone()),
                 None => KeySource::Discovery,
@@ -203,6 +227,25 @@ impl Vigil {
                 shutdown_rx.clone(),
             )));
         }
+        let liveness = Arc::new(crate::ssf_client::Liveness::default());
+        let ssf_clients = Arc::new(crate::ssf_client::StreamClients {
+            managers: transmitter_configs
+                .iter()
+                .filter_map(|t| {
+                    let manage = t.manage.clone()?;
+                    Some(Arc::new(crate::ssf_client::StreamManager::new(
+                        t.clone(),
+                        manage,
+                        &format!("http://{addr}"),
+                        client.clone(),
+                        stream_records.clone(),
+                        intake.clone(),
+                        liveness.clone(),
+                    )))
+                })
+                .collect(),
+            liveness: liveness.clone(),
+        });
         let api_state = Arc::new(ApiState {
             identity: identity.clone(),
             streams: streams.clone(),
@@ -220,7 +263,17 @@ impl Vigil {
             )?;
             tasks.push(source.into_task());
         }
-        let receiver = Arc::new(Receiver::new(transmitters, intake.clone(), next_tx));
+        let receiver = Arc::new(Receiver::new(
+            transmitters,
+            intake.clone(),
+            next_tx,
+            liveness,
+        ));
+        for m in &ssf_clients.managers {
+            tasks.push(tokio::spawn(
+                m.clone().run(receiver.clone(), shutdown_rx.clone()),
+            ));
+        }
 
         let push_state = Arc::new(PushState {
             receiver: receiver.clone(),
@@ -251,6 +304,7 @@ impl Vigil {
                     .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
                     .with_state(api_state),
             )
+            .merge(crate::ssf_client::http::routes(ssf_clients.clone()))
             .merge(
                 Router::new()
                     .route("/healthz", get(ops::healthz))
@@ -259,16 +313,6 @@ impl Vigil {
                     .with_state(ops_state),
             );
 
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| StartError::Listen {
-                addr: config.listen,
-                source,
-            })?;
-        let addr = listener.local_addr().map_err(|source| StartError::Listen {
-            addr: config.listen,
-            source,
-        })?;
         let issuer = config
             .identity
             .issuer

@@ -273,7 +273,7 @@ pub struct IdentityConfig {
     #[serde(default = "default_key_retention")]
     pub key_retention_secs: u64,
     /// How long an RFC 8936 long poll waits for SETs before answering with none.
-    #[serde(default = "default_poll_timeout")]
+    #[serde(default = "default_long_poll_secs")]
     pub poll_timeout_secs: u64,
 }
 
@@ -430,6 +430,65 @@ pub struct TransmitterConfig {
     /// Accept legacy subject dialects: in-event `subject`, Google's `subject_type`/`iss-sub`, `phone`.
     #[serde(default = "yes")]
     pub legacy_subjects: bool,
+    /// Vigil manages its stream at this transmitter (SSF §8): discovers it, creates or adopts the
+    /// stream, keeps it configured and verified, and polls it when delivery is poll. Needs
+    /// `discovery = true`. Without it the stream is set up out of band and only pushes arrive.
+    #[serde(default)]
+    pub manage: Option<StreamManagement>,
+}
+
+/// How Vigil's stream at a transmitter is delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryMode {
+    /// RFC 8935: the transmitter pushes to `<receiver_url>/ssf/push/<stream>`.
+    Push,
+    /// RFC 8936: Vigil long-polls the endpoint the transmitter assigns.
+    Poll,
+}
+
+/// `[transmitters.manage]`: the stream Vigil keeps at a transmitter.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamManagement {
+    pub delivery: DeliveryMode,
+    /// The exact `Authorization` header value Vigil presents to the management API and poll
+    /// endpoint (e.g. `Bearer …` from `VIGIL_TRANSMITTERS__0__MANAGE__CREDENTIAL`).
+    pub credential: String,
+    /// Event types to request (URIs). Empty: every CAEP and RISC event Vigil understands.
+    #[serde(default)]
+    pub events_requested: Vec<String>,
+    /// Vigil's base URL as the transmitter reaches it (push): the stream's `endpoint_url` is
+    /// `<receiver_url>/ssf/push/<stream>`. Default: `http://<listen>`.
+    #[serde(default)]
+    pub receiver_url: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Seconds between verification requests (raised to the stream's `min_verification_interval`).
+    #[serde(default = "default_verify_interval")]
+    pub verify_interval_secs: u64,
+    /// Seconds between re-reads of the transmitter's metadata and stream status.
+    #[serde(default = "default_refresh_interval")]
+    pub refresh_interval_secs: u64,
+    /// Poll: most SETs per response (`maxEvents`).
+    #[serde(default = "default_poll_max")]
+    pub poll_max_events: u32,
+    /// Poll: how long one long poll may take before Vigil asks again.
+    #[serde(default = "default_long_poll_secs")]
+    pub poll_timeout_secs: u64,
+}
+
+fn default_verify_interval() -> u64 {
+    300
+}
+fn default_refresh_interval() -> u64 {
+    600
+}
+fn default_poll_max() -> u32 {
+    100
+}
+fn default_long_poll_secs() -> u64 {
+    30
 }
 
 impl TransmitterConfig {
@@ -453,6 +512,7 @@ impl TransmitterConfig {
             discovery: false,
             critical_subject_members: Vec::new(),
             legacy_subjects: true,
+            manage: None,
         }
     }
 }
@@ -706,11 +766,33 @@ impl Config {
                     "needs at least one non-empty value",
                 ));
             }
-            if t.authorization.trim().is_empty() {
+            // A managed stream gets a generated push credential (kept in the store).
+            if t.authorization.trim().is_empty() && t.manage.is_none() {
                 return Err(invalid(
                     key("authorization"),
                     "must not be empty: every push must be authenticated",
                 ));
+            }
+            if let Some(m) = &t.manage {
+                if !t.discovery {
+                    return Err(invalid(
+                        key("manage"),
+                        "needs `discovery = true`: the management endpoints come from the metadata",
+                    ));
+                }
+                if m.credential.trim().is_empty() {
+                    return Err(invalid(key("manage.credential"), "must not be empty"));
+                }
+                if let Some(url) = &m.receiver_url {
+                    reqwest::Url::parse(url)
+                        .map_err(|e| invalid(key("manage.receiver_url"), e.to_string()))?;
+                }
+                if m.poll_max_events == 0 || m.poll_timeout_secs == 0 {
+                    return Err(invalid(
+                        key("manage"),
+                        "poll_max_events and poll_timeout_secs must be greater than 0",
+                    ));
+                }
             }
             if t.algorithms.is_empty() {
                 return Err(invalid(key("algorithms"), "needs at least one algorithm"));

@@ -34,6 +34,19 @@ pub struct TransmitterMetadata {
     pub delivery_methods_supported: Vec<String>,
     #[serde(default)]
     pub critical_subject_members: Vec<String>,
+    /// Stream management endpoints (SSF §8); absent when the transmitter offers no management API.
+    #[serde(default)]
+    pub configuration_endpoint: Option<String>,
+    #[serde(default)]
+    pub status_endpoint: Option<String>,
+    #[serde(default)]
+    pub add_subject_endpoint: Option<String>,
+    #[serde(default)]
+    pub remove_subject_endpoint: Option<String>,
+    #[serde(default)]
+    pub verification_endpoint: Option<String>,
+    #[serde(default)]
+    pub default_subjects: Option<String>,
 }
 
 /// SSF §7: `/.well-known/ssf-configuration` is *inserted* between host and path, after removing a
@@ -50,12 +63,28 @@ pub fn metadata_url(issuer: &str, well_known: &str) -> Result<Url, DiscoveryErro
     Ok(out)
 }
 
-/// Fetches and validates the metadata of `issuer`.
+/// Fetches and validates the metadata of `issuer`: `/.well-known/ssf-configuration`, and when
+/// that does not exist (404), the legacy RISC transmitters' `/.well-known/risc-configuration`.
 pub async fn fetch_metadata(
     client: &reqwest::Client,
     issuer: &str,
 ) -> Result<TransmitterMetadata, DiscoveryError> {
-    let url = metadata_url(issuer, "ssf-configuration")?;
+    match fetch_from(client, issuer, "ssf-configuration").await {
+        Err(DiscoveryError::Fetch { reason, .. }) if reason == NOT_FOUND => {
+            fetch_from(client, issuer, "risc-configuration").await
+        }
+        other => other,
+    }
+}
+
+const NOT_FOUND: &str = "HTTP 404 Not Found";
+
+async fn fetch_from(
+    client: &reqwest::Client,
+    issuer: &str,
+    well_known: &str,
+) -> Result<TransmitterMetadata, DiscoveryError> {
+    let url = metadata_url(issuer, well_known)?;
     let fetch_err = |reason: String| DiscoveryError::Fetch {
         url: url.to_string(),
         reason,

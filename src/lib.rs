@@ -32,6 +32,7 @@ pub mod set;
 pub mod signal;
 pub mod signing;
 pub mod sim;
+pub mod ssf_client;
 pub mod store;
 pub mod subject;
 pub mod telemetry;

@@ -30,6 +30,7 @@ use crate::jose::{self, JwsError};
 use crate::jwks::{KeyError, KeyStore};
 use crate::set::{self, ErrorCode, SetError, SetRules};
 use crate::signal::{now_ms, Signal, SignalSource};
+use crate::ssf_client::Liveness;
 
 /// A configured transmitter with its live key cache.
 pub struct Transmitter {
@@ -128,6 +129,7 @@ pub struct Receiver {
     by_stream: HashMap<String, Arc<Transmitter>>,
     intake: Intake,
     next: mpsc::Sender<Signal>,
+    liveness: Arc<Liveness>,
 }
 
 impl Receiver {
@@ -135,6 +137,7 @@ impl Receiver {
         transmitters: Vec<Arc<Transmitter>>,
         intake: Intake,
         next: mpsc::Sender<Signal>,
+        liveness: Arc<Liveness>,
     ) -> Receiver {
         let by_stream = transmitters
             .into_iter()
@@ -144,7 +147,13 @@ impl Receiver {
             by_stream,
             intake,
             next,
+            liveness,
         }
+    }
+
+    /// The transmitter behind a stream name.
+    pub fn transmitter(&self, stream: &str) -> Option<Arc<Transmitter>> {
+        self.by_stream.get(stream).cloned()
     }
 
     pub fn transmitters(&self) -> impl Iterator<Item = &Arc<Transmitter>> {
@@ -265,6 +274,18 @@ impl Receiver {
             }
         }
 
+        // Liveness: the stream delivers; a verification with the requested state (checked above)
+        // proves it end to end; stream-updated carries the transmitter's status.
+        let stream = &t.config.stream;
+        self.liveness.saw_event(stream);
+        match &validated.event {
+            Event::Verification(v) if v.state.is_some() => self.liveness.verified(stream),
+            Event::StreamUpdated(u) => {
+                self.liveness
+                    .status(stream, u.status.as_str(), u.reason.as_deref())
+            }
+            _ => {}
+        }
         let source = SignalSource::SsfPush {
             transmitter: t.config.name.clone(),
             stream: t.config.stream.clone(),

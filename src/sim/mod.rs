@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 
 pub mod ep;
+pub mod idp;
 pub mod risk;
 use serde_json::Value;
 

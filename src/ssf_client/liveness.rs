@@ -1,0 +1,109 @@
+//! Per-stream liveness: when each inbound stream last delivered an event and last answered a
+//! verification, and what its transmitter says its status is. Fed by the receiver (every accepted
+//! SET, verification and stream-updated events) and by the stream managers; read by the API,
+//! `vigil streams status` and `/metrics`.
+
+use dashmap::DashMap;
+use serde::Serialize;
+
+use crate::signal::now_ms;
+
+/// One stream's liveness.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Live {
+    pub transmitter: String,
+    pub stream_id: Option<String>,
+    pub delivery: Option<String>,
+    /// `enabled`, `paused`, `disabled` as the transmitter last said, or `unknown`.
+    pub status: String,
+    pub reason: Option<String>,
+    pub events_delivered: Vec<String>,
+    pub last_event_ms: Option<i64>,
+    pub last_verified_ms: Option<i64>,
+    pub verification_requested_ms: Option<i64>,
+    /// The last management or poll problem, cleared by the next success.
+    pub error: Option<String>,
+}
+
+/// Liveness of every inbound stream, by stream name.
+#[derive(Default)]
+pub struct Liveness {
+    streams: DashMap<String, Live>,
+}
+
+impl Liveness {
+    pub fn get(&self, stream: &str) -> Option<Live> {
+        self.streams.get(stream).map(|l| l.clone())
+    }
+
+    pub fn all(&self) -> Vec<(String, Live)> {
+        let mut all: Vec<(String, Live)> = self
+            .streams
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    pub fn update(&self, stream: &str, f: impl FnOnce(&mut Live)) {
+        let mut entry = self
+            .streams
+            .entry(stream.to_owned())
+            .or_insert_with(|| Live {
+                status: "unknown".into(),
+                ..Live::default()
+            });
+        f(&mut entry);
+        let live = entry.clone();
+        drop(entry);
+        export(stream, &live);
+    }
+
+    /// An accepted SET arrived on `stream`.
+    pub fn saw_event(&self, stream: &str) {
+        self.update(stream, |l| l.last_event_ms = Some(now_ms()));
+    }
+
+    /// A verification event with the state Vigil asked for arrived.
+    pub fn verified(&self, stream: &str) {
+        self.update(stream, |l| {
+            l.last_verified_ms = Some(now_ms());
+            l.error = None;
+        });
+    }
+
+    /// The transmitter changed the stream's status (stream-updated event or a status read).
+    pub fn status(&self, stream: &str, status: &str, reason: Option<&str>) {
+        let before = self.get(stream).map(|l| l.status);
+        self.update(stream, |l| {
+            l.status = status.to_owned();
+            l.reason = reason.map(str::to_owned);
+        });
+        if before.as_deref() != Some(status) && status != "enabled" {
+            tracing::warn!(
+                alert = true,
+                stream,
+                status,
+                reason = reason.unwrap_or(""),
+                "inbound SSF stream is no longer enabled: its events stop until it is re-enabled"
+            );
+        } else if before.as_deref() != Some(status) {
+            tracing::info!(stream, status, "inbound SSF stream status");
+        }
+    }
+}
+
+fn export(stream: &str, live: &Live) {
+    let label = stream.to_owned();
+    if let Some(t) = live.last_event_ms {
+        metrics::gauge!("vigil_ssf_stream_last_event_timestamp_seconds", "stream" => label.clone())
+            .set(t as f64 / 1000.0);
+    }
+    if let Some(t) = live.last_verified_ms {
+        metrics::gauge!("vigil_ssf_stream_last_verified_timestamp_seconds", "stream" => label.clone())
+            .set(t as f64 / 1000.0);
+    }
+    metrics::gauge!("vigil_ssf_stream_enabled", "stream" => label)
+        .set(if live.status == "enabled" { 1.0 } else { 0.0 });
+}

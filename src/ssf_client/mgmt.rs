@@ -1,0 +1,433 @@
+//! The SSF 1.0 §8 stream management API, client side: one method per operation, each accepting
+//! exactly the success codes §8 gives it and reporting anything else with the transmitter's body.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::discovery::TransmitterMetadata;
+
+/// Why a management call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MgmtError {
+    #[error("the transmitter's metadata has no `{0}`")]
+    NoEndpoint(&'static str),
+    #[error("{op}: {reason}")]
+    Transport { op: &'static str, reason: String },
+    #[error("{op}: HTTP {status} (SSF §8 says {expected:?}): {body}")]
+    Status {
+        op: &'static str,
+        status: u16,
+        expected: &'static [u16],
+        body: String,
+    },
+    /// 429: retry after this long.
+    #[error("{op}: too many requests (retry after {retry_after:?})")]
+    TooManyRequests {
+        op: &'static str,
+        retry_after: Duration,
+    },
+    #[error("{op}: the response is not what §8 describes: {reason}")]
+    BadResponse { op: &'static str, reason: String },
+    /// SSF §8.1.1.1: a stream whose `iss` is not the transmitter's issuer must not be used.
+    #[error("stream `{stream_id}` names iss `{found}`, expected `{expected}`")]
+    IssuerMismatch {
+        stream_id: String,
+        expected: String,
+        found: String,
+    },
+    #[error("stream `{stream_id}` is for aud {found}, none of Vigil's audiences {expected:?}")]
+    AudienceMismatch {
+        stream_id: String,
+        expected: Vec<String>,
+        found: String,
+    },
+}
+
+impl MgmtError {
+    /// The transmitter does not know the stream (404).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, MgmtError::Status { status: 404, .. })
+    }
+    /// The transmitter allows one stream per receiver and has one (409).
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, MgmtError::Status { status: 409, .. })
+    }
+}
+
+/// A stream configuration as the transmitter returned it, checked against Vigil's issuer and
+/// audiences.
+#[derive(Debug, Clone)]
+pub struct StreamConfig(pub Value);
+
+impl StreamConfig {
+    pub fn stream_id(&self) -> &str {
+        self.0["stream_id"].as_str().unwrap_or_default()
+    }
+    pub fn delivery_method(&self) -> &str {
+        self.0["delivery"]["method"].as_str().unwrap_or_default()
+    }
+    pub fn endpoint_url(&self) -> Option<&str> {
+        self.0["delivery"]["endpoint_url"].as_str()
+    }
+    pub fn min_verification_interval(&self) -> u64 {
+        self.0["min_verification_interval"].as_u64().unwrap_or(0)
+    }
+    fn strings(&self, field: &str) -> Vec<String> {
+        match &self.0[field] {
+            Value::String(s) => vec![s.clone()],
+            Value::Array(a) => a
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+    pub fn events_requested(&self) -> Vec<String> {
+        self.strings("events_requested")
+    }
+    pub fn events_delivered(&self) -> Vec<String> {
+        self.strings("events_delivered")
+    }
+    pub fn aud(&self) -> Vec<String> {
+        self.strings("aud")
+    }
+}
+
+/// The management API of one transmitter, as Vigil's receiver uses it.
+#[derive(Clone)]
+pub struct MgmtClient {
+    client: reqwest::Client,
+    metadata: TransmitterMetadata,
+    credential: String,
+    audiences: Vec<String>,
+}
+
+impl MgmtClient {
+    pub fn new(
+        client: reqwest::Client,
+        metadata: TransmitterMetadata,
+        credential: String,
+        audiences: Vec<String>,
+    ) -> MgmtClient {
+        MgmtClient {
+            client,
+            metadata,
+            credential,
+            audiences,
+        }
+    }
+
+    pub fn metadata(&self) -> &TransmitterMetadata {
+        &self.metadata
+    }
+
+    fn endpoint(&self, which: &'static str) -> Result<&str, MgmtError> {
+        let e = match which {
+            "configuration_endpoint" => &self.metadata.configuration_endpoint,
+            "status_endpoint" => &self.metadata.status_endpoint,
+            "add_subject_endpoint" => &self.metadata.add_subject_endpoint,
+            "remove_subject_endpoint" => &self.metadata.remove_subject_endpoint,
+            _ => &self.metadata.verification_endpoint,
+        };
+        e.as_deref().ok_or(MgmtError::NoEndpoint(which))
+    }
+
+    /// Sends one request and checks its status against `ok`. Returns the body (JSON or `Null`).
+    async fn call(
+        &self,
+        op: &'static str,
+        method: Method,
+        endpoint: &'static str,
+        query: Option<(&str, &str)>,
+        body: Option<&Value>,
+        ok: &'static [u16],
+    ) -> Result<(u16, Value), MgmtError> {
+        let url = self.endpoint(endpoint)?;
+        let mut req = self
+            .client
+            .request(method, url)
+            .header("authorization", &self.credential)
+            .header("accept", "application/json");
+        if let Some(q) = query {
+            req = req.query(&[q]);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.map_err(|e| MgmtError::Transport {
+            op,
+            reason: e.to_string(),
+        })?;
+        let status = resp.status();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            let retry_after = resp
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map_or(Duration::from_secs(60), Duration::from_secs);
+            return Err(MgmtError::TooManyRequests { op, retry_after });
+        }
+        let text = resp.text().await.map_err(|e| MgmtError::Transport {
+            op,
+            reason: e.to_string(),
+        })?;
+        if !ok.contains(&status.as_u16()) {
+            return Err(MgmtError::Status {
+                op,
+                status: status.as_u16(),
+                expected: ok,
+                body: text.chars().take(500).collect(),
+            });
+        }
+        if text.trim().is_empty() {
+            return Ok((status.as_u16(), Value::Null));
+        }
+        let v = serde_json::from_str(&text).map_err(|e| MgmtError::BadResponse {
+            op,
+            reason: format!("not JSON: {e}"),
+        })?;
+        Ok((status.as_u16(), v))
+    }
+
+    /// Checks a returned configuration: it has a `stream_id`, its `iss` is the transmitter's
+    /// issuer (MUST) and its `aud` names one of Vigil's audiences (SHOULD; Vigil refuses).
+    pub fn checked(&self, op: &'static str, v: Value) -> Result<StreamConfig, MgmtError> {
+        let config = StreamConfig(v);
+        if config.stream_id().is_empty() {
+            return Err(MgmtError::BadResponse {
+                op,
+                reason: "no stream_id".into(),
+            });
+        }
+        let iss = config.0["iss"].as_str().unwrap_or_default();
+        if iss != self.metadata.issuer {
+            return Err(MgmtError::IssuerMismatch {
+                stream_id: config.stream_id().to_owned(),
+                expected: self.metadata.issuer.clone(),
+                found: iss.to_owned(),
+            });
+        }
+        let aud = config.aud();
+        if !aud.iter().any(|a| self.audiences.contains(a)) {
+            return Err(MgmtError::AudienceMismatch {
+                stream_id: config.stream_id().to_owned(),
+                expected: self.audiences.clone(),
+                found: format!("{aud:?}"),
+            });
+        }
+        Ok(config)
+    }
+
+    /// Create (§8.1.1.1): 201 with the full configuration.
+    pub async fn create(&self, request: &Value) -> Result<StreamConfig, MgmtError> {
+        let (_, v) = self
+            .call(
+                "create stream",
+                Method::POST,
+                "configuration_endpoint",
+                None,
+                Some(request),
+                &[201],
+            )
+            .await?;
+        self.checked("create stream", v)
+    }
+
+    /// Read one (§8.1.1.2): 200 with the configuration.
+    pub async fn read(&self, stream_id: &str) -> Result<StreamConfig, MgmtError> {
+        let (_, v) = self
+            .call(
+                "read stream",
+                Method::GET,
+                "configuration_endpoint",
+                Some(("stream_id", stream_id)),
+                None,
+                &[200],
+            )
+            .await?;
+        self.checked("read stream", v)
+    }
+
+    /// Read all (§8.1.1.2): 200 with an array (`[]` when none). Entries are not checked here: the
+    /// caller decides which are Vigil's.
+    pub async fn list(&self) -> Result<Vec<Value>, MgmtError> {
+        let (_, v) = self
+            .call(
+                "list streams",
+                Method::GET,
+                "configuration_endpoint",
+                None,
+                None,
+                &[200],
+            )
+            .await?;
+        match v {
+            Value::Array(a) => Ok(a),
+            other => Err(MgmtError::BadResponse {
+                op: "list streams",
+                reason: format!("expected an array, got {}", kind(&other)),
+            }),
+        }
+    }
+
+    /// Update (§8.1.1.3, PATCH) or replace (§8.1.1.4, PUT): 200 with the configuration, or 202
+    /// (accepted, not yet processed: `None`).
+    pub async fn update(
+        &self,
+        request: &Value,
+        replace: bool,
+    ) -> Result<Option<StreamConfig>, MgmtError> {
+        let (op, method) = if replace {
+            ("replace stream", Method::PUT)
+        } else {
+            ("update stream", Method::PATCH)
+        };
+        let (status, v) = self
+            .call(
+                op,
+                method,
+                "configuration_endpoint",
+                None,
+                Some(request),
+                &[200, 202],
+            )
+            .await?;
+        if status == 202 {
+            return Ok(None);
+        }
+        self.checked(op, v).map(Some)
+    }
+
+    /// Delete (§8.1.1.5): 204.
+    pub async fn delete(&self, stream_id: &str) -> Result<(), MgmtError> {
+        self.call(
+            "delete stream",
+            Method::DELETE,
+            "configuration_endpoint",
+            Some(("stream_id", stream_id)),
+            None,
+            &[204],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Read status (§8.1.2.1): 200 `{stream_id, status, reason?}`.
+    pub async fn status(&self, stream_id: &str) -> Result<Value, MgmtError> {
+        let (_, v) = self
+            .call(
+                "read status",
+                Method::GET,
+                "status_endpoint",
+                Some(("stream_id", stream_id)),
+                None,
+                &[200],
+            )
+            .await?;
+        status_object("read status", v)
+    }
+
+    /// Update status (§8.1.2.2): 200 with the status, or 202 when the transmitter has not decided.
+    pub async fn set_status(
+        &self,
+        stream_id: &str,
+        status: &str,
+        reason: Option<&str>,
+    ) -> Result<Option<Value>, MgmtError> {
+        let mut body = json!({"stream_id": stream_id, "status": status});
+        if let Some(r) = reason {
+            body["reason"] = json!(r);
+        }
+        let (code, v) = self
+            .call(
+                "update status",
+                Method::POST,
+                "status_endpoint",
+                None,
+                Some(&body),
+                &[200, 202],
+            )
+            .await?;
+        if code == 202 {
+            return Ok(None);
+        }
+        status_object("update status", v).map(Some)
+    }
+
+    /// Add subject (§8.1.3.2): 200.
+    pub async fn add_subject(
+        &self,
+        stream_id: &str,
+        subject: &Value,
+        verified: Option<bool>,
+    ) -> Result<(), MgmtError> {
+        let mut body = json!({"stream_id": stream_id, "subject": subject});
+        if let Some(v) = verified {
+            body["verified"] = json!(v);
+        }
+        self.call(
+            "add subject",
+            Method::POST,
+            "add_subject_endpoint",
+            None,
+            Some(&body),
+            &[200],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Remove subject (§8.1.3.3): 204.
+    pub async fn remove_subject(&self, stream_id: &str, subject: &Value) -> Result<(), MgmtError> {
+        let body = json!({"stream_id": stream_id, "subject": subject});
+        self.call(
+            "remove subject",
+            Method::POST,
+            "remove_subject_endpoint",
+            None,
+            Some(&body),
+            &[204],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Verification (§8.1.4.2): 204; 429 when asked more often than `min_verification_interval`.
+    pub async fn verify(&self, stream_id: &str, state: &str) -> Result<(), MgmtError> {
+        let body = json!({"stream_id": stream_id, "state": state});
+        self.call(
+            "verify stream",
+            Method::POST,
+            "verification_endpoint",
+            None,
+            Some(&body),
+            &[204],
+        )
+        .await
+        .map(|_| ())
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "nothing",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn status_object(op: &'static str, v: Value) -> Result<Value, MgmtError> {
+    match v["status"].as_str() {
+        Some("enabled" | "paused" | "disabled") => Ok(v),
+        _ => Err(MgmtError::BadResponse {
+            op,
+            reason: format!("no valid `status` in {v}"),
+        }),
+    }
+}

@@ -1,0 +1,310 @@
+//! Vigil as an SSF client of a transmitter it did not write: the simulated IdP (`sim::idp`) on
+//! loopback. Discovery, stream creation (push and poll), verification, pause / re-enable, restart
+//! without duplicate streams or lost events, and poll error reporting.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use vigil::config::{Config, DeliveryMode, StreamManagement, TransmitterConfig};
+use vigil::sim::idp::{Idp, IdpSettings};
+use vigil::Vigil;
+
+const AUDIENCE: &str = "https://vigil.example";
+const CREDENTIAL: &str = "Bearer idp-receiver-token";
+const RISK: &str = "https://schemas.openid.net/secevent/caep/event-type/risk-level-change";
+
+fn managed(name: &str, issuer: &str, delivery: DeliveryMode) -> TransmitterConfig {
+    let mut t = TransmitterConfig::with_jwks(
+        name,
+        issuer,
+        vec![AUDIENCE.into()],
+        "",
+        vec![vigil::jose::Alg::RS256],
+        "http://127.0.0.1:1/unused",
+    );
+    t.jwks_uri = None;
+    t.discovery = true;
+    t.manage = Some(StreamManagement {
+        delivery,
+        credential: CREDENTIAL.into(),
+        events_requested: Vec::new(),
+        receiver_url: None,
+        description: None,
+        verify_interval_secs: 1,
+        refresh_interval_secs: 1,
+        poll_max_events: 10,
+        poll_timeout_secs: 2,
+    });
+    t
+}
+
+async fn idp() -> Idp {
+    let settings = IdpSettings {
+        receiver_credential: CREDENTIAL.into(),
+        audience: AUDIENCE.into(),
+        long_poll: std::time::Duration::from_secs(1),
+        ..IdpSettings::default()
+    };
+    Idp::start("127.0.0.1:0".parse().unwrap(), settings)
+        .await
+        .unwrap()
+}
+
+fn config(dir: &std::path::Path, idp: &Idp) -> Config {
+    test_config(
+        dir,
+        vec![
+            managed("idp-push", idp.issuer(), DeliveryMode::Push),
+            managed("idp-poll", idp.issuer(), DeliveryMode::Poll),
+        ],
+    )
+}
+
+async fn register(vigil: &Vigil, id: &str, email: &str) {
+    let t = vigil::signal::now_ms() as f64 / 1000.0;
+    let grant = json!({"id": id, "kind": "session", "subject": {"format": "email", "email": email},
+        "session": format!("s-{id}"), "issued_at": t - 60.0, "expires_at": t + 3600.0});
+    assert_eq!(post_json(vigil, "/v1/grants", &grant).await.0, 201);
+}
+
+async fn status(vigil: &Vigil, id: &str) -> String {
+    let (_, g) = get_json(vigil, &format!("/v1/grants/{id}")).await;
+    g["status"].as_str().unwrap_or_default().to_owned()
+}
+
+async fn liveness(vigil: &Vigil, stream: &str) -> Value {
+    let (_, body) = get_json(vigil, "/v1/ssf/streams").await;
+    body["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stream"] == stream)
+        .map(|s| s["liveness"].clone())
+        .unwrap_or(Value::Null)
+}
+
+/// Both streams created and verified after `since_ms`.
+async fn wait_verified(vigil: &Vigil, since_ms: i64) {
+    eventually_within(30, "both streams verified", || async {
+        for s in ["idp-push", "idp-poll"] {
+            let l = liveness(vigil, s).await;
+            if l["last_verified_ms"].as_i64().unwrap_or(0) <= since_ms {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+}
+
+fn stream_id(idp: &Idp, method: &str) -> String {
+    idp.streams()
+        .iter()
+        .find(|s| s["delivery"]["method"] == method)
+        .map(|s| s["stream_id"].as_str().unwrap().to_owned())
+        .unwrap()
+}
+
+fn high_risk(idp: &Idp, email: &str) -> usize {
+    let now = vigil::signal::now_ms() / 1000;
+    idp.emit(
+        RISK,
+        json!({"format": "email", "email": email}),
+        json!({"event_timestamp": now, "principal": "USER", "current_level": "HIGH",
+            "risk_reason": "sign-in anomaly"}),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_are_created_verified_paused_resumed_and_survive_a_restart() {
+    let idp = idp().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), &idp);
+    let started = vigil::signal::now_ms();
+    let vigil = start(config.clone()).await;
+    register(&vigil, "g-1", "user-1@example.com").await;
+    register(&vigil, "g-2", "user-2@example.com").await;
+    register(&vigil, "g-3", "user-3@example.com").await;
+
+    // Discovered, created (one push, one poll), verified through both deliveries.
+    wait_verified(&vigil, started).await;
+    let streams = idp.streams();
+    assert_eq!(streams.len(), 2, "{streams:?}");
+    let push_id = stream_id(&idp, vigil::sim::idp::PUSH);
+    let poll_id = stream_id(&idp, vigil::sim::idp::POLL);
+    let push_cfg = streams.iter().find(|s| s["stream_id"] == push_id).unwrap();
+    assert!(push_cfg["delivery"]["endpoint_url"]
+        .as_str()
+        .unwrap()
+        .ends_with("/ssf/push/idp-push"));
+    assert!(push_cfg["events_delivered"]
+        .as_array()
+        .unwrap()
+        .contains(&json!(RISK)));
+    for s in ["idp-push", "idp-poll"] {
+        let l = liveness(&vigil, s).await;
+        assert_eq!(l["status"], "enabled", "{l}");
+    }
+
+    // An event flows through both streams into a decision.
+    assert_eq!(high_risk(&idp, "user-1@example.com"), 2);
+    eventually("g-1 revoked", || async {
+        (status(&vigil, "g-1").await == "revoked").then_some(())
+    })
+    .await;
+    eventually("the risk SET pushed and acknowledged by poll", || async {
+        let seen = idp.observed();
+        let received = |stream: &str| {
+            let (_, m) = futures_metrics(&vigil);
+            m.contains(&format!(
+                "vigil_sets_received_total{{stream=\"{stream}\",event_type=\"risk-level-change\",outcome=\"accepted\"}}"
+            ))
+        };
+        (!seen.pushed.is_empty() && !seen.acked.is_empty() && received("idp-push") && received("idp-poll"))
+            .then_some(())
+    })
+    .await;
+
+    // The IdP pauses the push stream: Vigil sees stream-updated; events wait at the IdP.
+    assert!(idp.set_status(&push_id, "paused", Some("maintenance")));
+    eventually("push stream seen paused", || async {
+        (liveness(&vigil, "idp-push").await["status"] == "paused").then_some(())
+    })
+    .await;
+    high_risk(&idp, "user-2@example.com");
+    eventually("g-2 revoked through the poll stream", || async {
+        (status(&vigil, "g-2").await == "revoked").then_some(())
+    })
+    .await;
+    let held = |idp: &Idp| {
+        idp.streams()
+            .iter()
+            .find(|s| s["stream_id"] == push_id)
+            .map(|s| s["queued"].as_u64().unwrap())
+            .unwrap()
+    };
+    assert_eq!(held(&idp), 1, "the paused push stream holds its event");
+    assert!(idp.set_status(&push_id, "enabled", None));
+    eventually("push stream enabled and drained", || async {
+        (liveness(&vigil, "idp-push").await["status"] == "enabled" && held(&idp) == 0).then_some(())
+    })
+    .await;
+
+    // Restart: same streams adopted (the push one moves to the new port), nothing lost, including
+    // an event emitted while Vigil was down.
+    vigil.shutdown().await;
+    high_risk(&idp, "user-3@example.com");
+    let restarted = vigil::signal::now_ms();
+    let vigil = start(config).await;
+    wait_verified(&vigil, restarted).await;
+    eventually("g-3 revoked after the restart", || async {
+        (status(&vigil, "g-3").await == "revoked").then_some(())
+    })
+    .await;
+    let streams = idp.streams();
+    assert_eq!(streams.len(), 2, "no duplicate stream: {streams:?}");
+    assert_eq!(stream_id(&idp, vigil::sim::idp::PUSH), push_id);
+    assert_eq!(stream_id(&idp, vigil::sim::idp::POLL), poll_id);
+    let creates = idp
+        .observed()
+        .requests
+        .iter()
+        .filter(|(m, p, _)| m == "POST" && p == "/ssf/mgmt/stream")
+        .count();
+    assert_eq!(creates, 2, "streams were created once");
+    eventually("the push stream's held events all delivered", || async {
+        (held(&idp) == 0).then_some(())
+    })
+    .await;
+    let push_url = idp
+        .streams()
+        .iter()
+        .find(|s| s["stream_id"] == push_id)
+        .unwrap()["delivery"]["endpoint_url"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        push_url.contains(&vigil.local_addr().port().to_string()),
+        "the push endpoint was updated to the new address: {push_url}"
+    );
+    vigil.shutdown().await;
+}
+
+/// `/metrics` text, synchronously readable inside `eventually` closures.
+fn futures_metrics(vigil: &Vigil) -> (u16, String) {
+    let url = format!("http://{}/metrics", vigil.local_addr());
+    let body = std::thread::spawn(move || reqwest::blocking::get(url).unwrap().text().unwrap())
+        .join()
+        .unwrap();
+    (200, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_polled_set_that_fails_validation_is_reported_in_set_errs_and_never_acknowledged() {
+    let idp = idp().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = test_config(
+        dir.path(),
+        vec![managed("idp-poll", idp.issuer(), DeliveryMode::Poll)],
+    );
+    let vigil = start(config).await;
+    eventually_within(30, "the poll stream verified", || async {
+        liveness(&vigil, "idp-poll").await["last_verified_ms"]
+            .as_i64()
+            .map(|_| ())
+    })
+    .await;
+    let poll_id = stream_id(&idp, vigil::sim::idp::POLL);
+
+    // Signed by a key the IdP never published, and one for another audience.
+    let stranger = vigil::sim::SigningKey::generate(vigil::jose::Alg::RS256, "stranger").unwrap();
+    let claims = |jti: &str, aud: &str| {
+        json!({"iss": idp.issuer(), "jti": jti, "iat": vigil::signal::now_ms() / 1000, "aud": aud,
+            "sub_id": {"format": "email", "email": "x@example.com"},
+            "events": {RISK: {"principal": "USER", "current_level": "HIGH"}}})
+    };
+    assert!(idp.inject(
+        &poll_id,
+        "bad-key",
+        stranger.sign_set(&claims("bad-key", AUDIENCE)).unwrap()
+    ));
+    assert!(idp.inject(
+        &poll_id,
+        "bad-aud",
+        idp.sign(&claims("bad-aud", "https://someone-else.example"))
+            .unwrap()
+    ));
+    assert!(idp.inject(
+        &poll_id,
+        "good",
+        idp.sign(&claims("good", AUDIENCE)).unwrap()
+    ));
+    eventually("the three answered", || async {
+        let seen = idp.observed();
+        (seen.set_errs.len() == 2 && seen.acked.contains(&"good".to_owned())).then_some(seen)
+    })
+    .await;
+    let seen = idp.observed();
+    assert_eq!(
+        seen.set_errs["bad-key"]["err"], "invalid_key",
+        "{:?}",
+        seen.set_errs
+    );
+    assert_eq!(seen.set_errs["bad-aud"]["err"], "invalid_audience");
+    assert!(!seen.acked.iter().any(|j| j.starts_with("bad-")));
+    let intake = vigil.intake();
+    assert!(intake
+        .lookup_jti(idp.issuer(), "bad-key")
+        .unwrap()
+        .is_none());
+    assert!(intake
+        .lookup_jti(idp.issuer(), "bad-aud")
+        .unwrap()
+        .is_none());
+    assert!(intake.lookup_jti(idp.issuer(), "good").unwrap().is_some());
+    vigil.shutdown().await;
+}
