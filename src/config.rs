@@ -413,6 +413,8 @@ pub struct TransmitterConfig {
     /// The push stream path segment: SETs arrive at `POST /ssf/push/{stream}`.
     pub stream: String,
     /// The exact `Authorization` header value the transmitter must send (the SSF `authorization_header`).
+    /// Empty for a managed stream: Vigil then generates one and gives it to the transmitter.
+    #[serde(default)]
     pub authorization: String,
     /// JWS algorithms accepted from this transmitter. Only asymmetric algorithms can be named.
     #[serde(default = "default_algs")]

@@ -8,6 +8,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use vigil::{telemetry, Config, Vigil};
 
+mod streams_cmd;
+
 /// Exit code for an invalid configuration (EX_CONFIG from sysexits.h).
 const EXIT_CONFIG: u8 = 78;
 
@@ -44,6 +46,14 @@ enum Command {
     /// Policy-as-code tooling.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Vigil's inbound SSF streams at its transmitters (through the running Vigil).
+    Streams {
+        /// The running Vigil's base URL.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        #[command(subcommand)]
+        command: streams_cmd::StreamsCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -79,6 +89,15 @@ fn main() -> ExitCode {
     let args = match &cli.command {
         Command::Serve(a) | Command::CheckConfig(a) => a,
         Command::Policy(cmd) => return policy_command(cmd),
+        Command::Streams { url, command } => {
+            return match streams_cmd::run(url, command) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("vigil: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     };
     let config = match load(args) {
         Ok(c) => c,
@@ -90,7 +109,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::CheckConfig(_) => check_config(config),
         Command::Serve(_) => serve(config),
-        Command::Policy(_) => Ok(()),
+        Command::Policy(_) | Command::Streams { .. } => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -149,6 +168,9 @@ fn fail(e: impl std::fmt::Display) -> ExitCode {
 fn check_config(mut config: Config) -> anyhow::Result<()> {
     for t in &mut config.transmitters {
         t.authorization = "<redacted>".into();
+        if let Some(m) = &mut t.manage {
+            m.credential = "<redacted>".into();
+        }
     }
     for ep in &mut config.enforcement_points {
         ep.token = "<redacted>".into();

@@ -955,13 +955,16 @@ impl Default for Population {
     }
 }
 
-/// One event of the simulated day: login, logout, credential change, device drift, risk changes,
-/// account disable — deterministic in `n`.
+/// One event of the simulated day, deterministic in `n`. Events come in blocks of 12 about one
+/// user, so they tell a coherent story: log in (user, device, session), risk LOW, a second login,
+/// device drift, risk MEDIUM, a workload and an agent flagged, credential change, log out, risk
+/// HIGH, credential compromise, and in every fourth block the account disabled.
 pub fn population_event(pop: &Population, n: u64) -> (&'static str, Value, Value) {
-    let user = n.wrapping_mul(2_654_435_761) % pop.users.max(1);
+    let block = n / 12;
+    let user = block % pop.users.max(1);
     let email = json!({"format": "email", "email": format!("user-{user}@example.com")});
-    let session = json!({"format": "opaque", "id": format!("sess-{user}-{}", n / 16)});
     let device = json!({"format": "opaque", "id": format!("device-{user}")});
+    let session = |k: u64| json!({"format": "opaque", "id": format!("sess-{user}-{block}-{k}")});
     let now = now_secs();
     let uri = |name: &str| -> &'static str {
         EVENTS_SUPPORTED
@@ -970,61 +973,54 @@ pub fn population_event(pop: &Population, n: u64) -> (&'static str, Value, Value
             .find(|e| e.ends_with(&format!("/{name}")))
             .unwrap_or(EVENTS_SUPPORTED[0])
     };
-    match n % 16 {
-        0..=4 => (
+    let risk = |level: &str, reason: &str| {
+        json!({"event_timestamp": now, "principal": "USER", "current_level": level, "risk_reason": reason})
+    };
+    match n % 12 {
+        0 | 2 => (
             uri("session-established"),
-            json!({"user": email, "session": session}),
+            json!({"user": email, "device": device, "session": session(n % 12)}),
             json!({"event_timestamp": now, "acr": "phr", "amr": ["pwd", "otp"]}),
         ),
-        5 | 6 => (
-            uri("session-revoked"),
-            json!({"user": email, "session": session}),
-            json!({"event_timestamp": now, "initiating_entity": "user", "reason_user": {"en": "logout"}}),
+        1 => (uri("risk-level-change"), email, risk("LOW", "usual location")),
+        3 => (
+            uri("device-compliance-change"),
+            json!({"user": email, "device": device}),
+            json!({"event_timestamp": now, "previous_status": "compliant", "current_status": "not-compliant"}),
+        ),
+        4 => (uri("risk-level-change"), email, risk("MEDIUM", "new device")),
+        5 => (
+            uri("risk-level-change"),
+            json!({"format": "uri", "uri": format!("spiffe://example.org/workload-{}", block % pop.workloads.max(1))}),
+            json!({"event_timestamp": now, "principal": "NON_USER", "current_level": "HIGH", "risk_reason": "anomalous egress"}),
+        ),
+        6 => (
+            uri("risk-level-change"),
+            json!({"format": "opaque", "id": format!("agent-{}", block % pop.agents.max(1))}),
+            json!({"event_timestamp": now, "principal": "NON_USER", "current_level": "HIGH", "risk_reason": "prompt injection suspected"}),
         ),
         7 => (
             uri("credential-change"),
             email,
             json!({"event_timestamp": now, "credential_type": "password", "change_type": "update"}),
         ),
-        8 | 9 => (
-            uri("device-compliance-change"),
-            json!({"user": email, "device": device}),
-            json!({"event_timestamp": now, "previous_status": "compliant", "current_status": "not-compliant"}),
+        8 => (
+            uri("session-revoked"),
+            json!({"user": email, "session": session(2)}),
+            json!({"event_timestamp": now, "initiating_entity": "user", "reason_user": {"en": "logout"}}),
         ),
-        10 | 11 => {
-            let level = if n % 32 < 16 { "MEDIUM" } else { "LOW" };
-            (
-                uri("risk-level-change"),
-                email,
-                json!({"event_timestamp": now, "principal": "USER", "current_level": level, "risk_reason": "sign-in anomaly"}),
-            )
-        }
-        12 => {
-            let w = n % pop.workloads.max(1);
-            (
-                uri("risk-level-change"),
-                json!({"format": "uri", "uri": format!("spiffe://example.org/workload-{w}")}),
-                json!({"event_timestamp": now, "principal": "NON_USER", "current_level": "HIGH", "risk_reason": "anomalous egress"}),
-            )
-        }
-        13 => {
-            let a = n % pop.agents.max(1);
-            (
-                uri("risk-level-change"),
-                json!({"format": "opaque", "id": format!("agent-{a}")}),
-                json!({"event_timestamp": now, "principal": "NON_USER", "current_level": "HIGH", "risk_reason": "prompt injection suspected"}),
-            )
-        }
-        14 => (
+        9 => (uri("risk-level-change"), email, risk("HIGH", "impossible travel")),
+        10 => (
             uri("credential-compromise"),
             email,
-            json!({"event_timestamp": now, "credential_type": "password"}),
+            json!({"credential_type": "password"}),
         ),
-        _ => (
+        _ if block % 4 == 3 => (
             uri("account-disabled"),
             email,
-            json!({"event_timestamp": now, "reason": "hijacking"}),
+            json!({"reason": "hijacking"}),
         ),
+        _ => (uri("risk-level-change"), email, risk("LOW", "re-verified")),
     }
 }
 
