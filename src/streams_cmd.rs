@@ -52,9 +52,9 @@ async fn call(base: &str, cmd: &StreamsCommand) -> anyhow::Result<()> {
         StreamsCommand::AddSubject { name, subject: s } => {
             client.post(url(name, "/subjects:add")).json(&subject(s)?)
         }
-        StreamsCommand::RemoveSubject { name, subject: s } => {
-            client.post(url(name, "/subjects:remove")).json(&subject(s)?)
-        }
+        StreamsCommand::RemoveSubject { name, subject: s } => client
+            .post(url(name, "/subjects:remove"))
+            .json(&subject(s)?),
         StreamsCommand::Delete { name } => client.delete(url(name, "")),
     };
     let resp = request
@@ -124,14 +124,32 @@ fn print_list(body: &Value) {
 fn print_status(body: &Value) {
     let c = &body["config"];
     let l = &body["liveness"];
-    println!("transmitter:      {}", body["transmitter"].as_str().unwrap_or("?"));
-    println!("stream id:        {}", c["stream_id"].as_str().unwrap_or("?"));
+    println!(
+        "transmitter:      {}",
+        body["transmitter"].as_str().unwrap_or("?")
+    );
+    println!(
+        "stream id:        {}",
+        c["stream_id"].as_str().unwrap_or("?")
+    );
     println!("issuer:           {}", c["iss"].as_str().unwrap_or("?"));
-    println!("delivery:         {} {}", c["delivery"]["method"].as_str().unwrap_or("?"),
-        c["delivery"]["endpoint_url"].as_str().unwrap_or(""));
-    println!("status:           {}{}", l["status"].as_str().unwrap_or("unknown"),
-        l["reason"].as_str().map(|r| format!(" ({r})")).unwrap_or_default());
-    println!("events delivered: {}", c["events_delivered"].as_array().map_or(0, Vec::len));
+    println!(
+        "delivery:         {} {}",
+        c["delivery"]["method"].as_str().unwrap_or("?"),
+        c["delivery"]["endpoint_url"].as_str().unwrap_or("")
+    );
+    println!(
+        "status:           {}{}",
+        l["status"].as_str().unwrap_or("unknown"),
+        l["reason"]
+            .as_str()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default()
+    );
+    println!(
+        "events delivered: {}",
+        c["events_delivered"].as_array().map_or(0, Vec::len)
+    );
     println!("last event:       {}", ago(&l["last_event_ms"]));
     println!("last verified:    {}", ago(&l["last_verified_ms"]));
     if let Some(e) = l["error"].as_str() {

@@ -148,6 +148,33 @@ async fn streams_are_created_verified_paused_resumed_and_survive_a_restart() {
         let l = liveness(&vigil, s).await;
         assert_eq!(l["status"], "enabled", "{l}");
     }
+    // The create requests have the fields of the spec's example (SSF §8.1.1.1).
+    let spec = spec_example("ssf-create-stream-request.json");
+    let creates: Vec<Value> = idp
+        .observed()
+        .requests
+        .into_iter()
+        .filter(|(m, p, _)| m == "POST" && p == "/ssf/mgmt/stream")
+        .map(|(_, _, b)| b)
+        .collect();
+    assert_eq!(creates.len(), 2);
+    for body in &creates {
+        for field in spec.as_object().unwrap().keys() {
+            assert!(body.get(field).is_some(), "{field} missing from {body}");
+        }
+        assert!(body["events_requested"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(RISK)));
+    }
+    let push_create = creates
+        .iter()
+        .find(|b| b["delivery"]["method"] == vigil::sim::idp::PUSH)
+        .unwrap();
+    assert!(push_create["delivery"]["authorization_header"]
+        .as_str()
+        .unwrap()
+        .starts_with("Bearer vigil-"));
 
     // An event flows through both streams into a decision.
     assert_eq!(high_risk(&idp, "user-1@example.com"), 2);
@@ -306,5 +333,86 @@ async fn a_polled_set_that_fails_validation_is_reported_in_set_errs_and_never_ac
         .unwrap()
         .is_none());
     assert!(intake.lookup_jti(idp.issuer(), "good").unwrap().is_some());
+    vigil.shutdown().await;
+}
+
+/// Runs `vigil streams --url <vigil> <args…>`: (exit success, stdout, stderr).
+async fn cli(vigil: &Vigil, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"));
+    cmd.arg("streams")
+        .arg("--url")
+        .arg(format!("http://{}", vigil.local_addr()))
+        .args(args);
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_streams_cli_lists_inspects_verifies_and_manages_subjects() {
+    let idp = idp().await;
+    let dir = tempfile::tempdir().unwrap();
+    let vigil = start(config(dir.path(), &idp)).await;
+    wait_verified(&vigil, 0).await;
+
+    let (ok, out, err) = cli(&vigil, &["list"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("idp-push") && out.contains("idp-poll"),
+        "{out}"
+    );
+    assert!(out.contains("enabled"), "{out}");
+    let poll_id = stream_id(&idp, vigil::sim::idp::POLL);
+    assert!(out.contains(&poll_id), "{out}");
+
+    let (ok, out, err) = cli(&vigil, &["status", "idp-poll"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("urn:ietf:rfc:8936") && out.contains(&poll_id),
+        "{out}"
+    );
+
+    let (ok, _, err) = cli(&vigil, &["verify", "idp-push"]).await;
+    assert!(ok, "{err}");
+    let (ok, out, err) = cli(&vigil, &["create", "idp-push"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("ready"), "{out}");
+    assert_eq!(idp.streams().len(), 2, "create is idempotent");
+
+    let subject = r#"{"format":"email","email":"watch@example.com"}"#;
+    let (ok, _, err) = cli(&vigil, &["add-subject", "idp-poll", subject]).await;
+    assert!(ok, "{err}");
+    let subjects = |idp: &Idp| {
+        idp.streams()
+            .into_iter()
+            .find(|s| s["stream_id"] == poll_id.as_str())
+            .unwrap()["subjects"]
+            .clone()
+    };
+    assert_eq!(
+        subjects(&idp),
+        json!([{"format": "email", "email": "watch@example.com"}])
+    );
+    let (ok, _, err) = cli(&vigil, &["remove-subject", "idp-poll", subject]).await;
+    assert!(ok, "{err}");
+    assert_eq!(subjects(&idp), json!([]));
+
+    // Failures exit non-zero with the reason.
+    let (ok, _, err) = cli(&vigil, &["status", "nobody"]).await;
+    assert!(!ok);
+    assert!(err.contains("404") && err.contains("nobody"), "{err}");
+    let (ok, _, err) = cli(&vigil, &["add-subject", "idp-poll", "not json"]).await;
+    assert!(!ok);
+    assert!(err.contains("not JSON"), "{err}");
+
+    // Delete: gone at the IdP, and the record forgotten.
+    let (ok, _, err) = cli(&vigil, &["delete", "idp-poll"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(idp.streams().len(), 1);
     vigil.shutdown().await;
 }

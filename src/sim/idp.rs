@@ -973,22 +973,28 @@ pub fn population_event(pop: &Population, n: u64) -> (&'static str, Value, Value
             .find(|e| e.ends_with(&format!("/{name}")))
             .unwrap_or(EVENTS_SUPPORTED[0])
     };
-    let risk = |level: &str, reason: &str| {
-        json!({"event_timestamp": now, "principal": "USER", "current_level": level, "risk_reason": reason})
-    };
+    let risk = |level: &str, reason: &str| json!({"event_timestamp": now, "principal": "USER", "current_level": level, "risk_reason": reason});
     match n % 12 {
         0 | 2 => (
             uri("session-established"),
             json!({"user": email, "device": device, "session": session(n % 12)}),
             json!({"event_timestamp": now, "acr": "phr", "amr": ["pwd", "otp"]}),
         ),
-        1 => (uri("risk-level-change"), email, risk("LOW", "usual location")),
+        1 => (
+            uri("risk-level-change"),
+            email,
+            risk("LOW", "usual location"),
+        ),
         3 => (
             uri("device-compliance-change"),
             json!({"user": email, "device": device}),
             json!({"event_timestamp": now, "previous_status": "compliant", "current_status": "not-compliant"}),
         ),
-        4 => (uri("risk-level-change"), email, risk("MEDIUM", "new device")),
+        4 => (
+            uri("risk-level-change"),
+            email,
+            risk("MEDIUM", "new device"),
+        ),
         5 => (
             uri("risk-level-change"),
             json!({"format": "uri", "uri": format!("spiffe://example.org/workload-{}", block % pop.workloads.max(1))}),
@@ -1009,7 +1015,11 @@ pub fn population_event(pop: &Population, n: u64) -> (&'static str, Value, Value
             json!({"user": email, "session": session(2)}),
             json!({"event_timestamp": now, "initiating_entity": "user", "reason_user": {"en": "logout"}}),
         ),
-        9 => (uri("risk-level-change"), email, risk("HIGH", "impossible travel")),
+        9 => (
+            uri("risk-level-change"),
+            email,
+            risk("HIGH", "impossible travel"),
+        ),
         10 => (
             uri("credential-compromise"),
             email,

@@ -431,3 +431,191 @@ fn status_object(op: &'static str, v: Value) -> Result<Value, MgmtError> {
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The client against the spec's own HTTP messages: a loopback server answers each operation
+    //! with the verbatim response example (status line, headers, body) from SSF 1.0 §8, and the
+    //! requests the client sends are compared with the spec's request examples.
+    use std::sync::{Arc, Mutex};
+
+    use axum::extract::State;
+    use axum::http::{Method as HttpMethod, Uri};
+    use axum::response::{IntoResponse, Response};
+    use axum::Router;
+
+    use super::*;
+    use crate::test_support::spec_example;
+
+    type Seen = Arc<Mutex<Vec<(String, String, Value)>>>;
+
+    /// (status, body) of a verbatim `.http` response example.
+    fn http_example(file: &str) -> (u16, String) {
+        let path = format!(
+            "{}/tests/fixtures/spec-examples/{file}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let text = std::fs::read_to_string(&path).unwrap();
+        let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let body = text
+            .replace("\r\n", "\n")
+            .split_once("\n\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    /// Which example answers which request.
+    fn route(method: &HttpMethod, path: &str, query: Option<&str>) -> &'static str {
+        match (method.as_str(), path, query.is_some()) {
+            ("POST", "/ssf/mgmt/stream", _) => "ssf-create-stream-response.http",
+            ("GET", "/ssf/mgmt/stream", true) => "ssf-read-stream-response.http",
+            ("GET", "/ssf/mgmt/stream", false) => "ssf-read-streams-list-one-response.http",
+            ("PUT" | "PATCH", "/ssf/mgmt/stream", _) => "ssf-replace-stream-response.http",
+            ("DELETE", "/ssf/mgmt/stream", _) => "ssf-http-delete-stream-response.http",
+            ("GET", "/ssf/mgmt/status", _) => "ssf-stream-status-response.http",
+            ("POST", "/ssf/mgmt/subject:add", _) => "ssf-http-add-subject-response.http",
+            ("POST", "/ssf/mgmt/subject:remove", _) => "ssf-http-remove-subject-response.http",
+            _ => "ssf-http-verify-response.http",
+        }
+    }
+
+    async fn answer(
+        State(seen): State<Seen>,
+        method: HttpMethod,
+        uri: Uri,
+        body: String,
+    ) -> Response {
+        let json = serde_json::from_str(&body).unwrap_or(Value::Null);
+        seen.lock()
+            .unwrap()
+            .push((method.to_string(), uri.path().to_owned(), json));
+        let (status, body) = http_example(route(&method, uri.path(), uri.query()));
+        let status = axum::http::StatusCode::from_u16(status).unwrap();
+        (
+            status,
+            [
+                ("content-type", "application/json"),
+                ("cache-control", "no-store"),
+            ],
+            body,
+        )
+            .into_response()
+    }
+
+    async fn spec_transmitter() -> (MgmtClient, Seen) {
+        let seen: Seen = Arc::default();
+        let app = Router::new().fallback(answer).with_state(seen.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        // The spec's metadata, its endpoints moved to the loopback server (same paths).
+        let mut meta = spec_example("ssf-transmitter-configuration-response.json");
+        for field in [
+            "configuration_endpoint",
+            "status_endpoint",
+            "add_subject_endpoint",
+            "remove_subject_endpoint",
+            "verification_endpoint",
+        ] {
+            let url = meta[field]
+                .as_str()
+                .unwrap()
+                .replace("https://tr.example.com", &base);
+            meta[field] = json!(url);
+        }
+        let metadata: TransmitterMetadata = serde_json::from_value(meta).unwrap();
+        let client = MgmtClient::new(
+            reqwest::Client::new(),
+            metadata,
+            "Bearer receiver-credential".into(),
+            vec!["https://receiver.example.com/web".into()],
+        );
+        (client, seen)
+    }
+
+    #[tokio::test]
+    async fn every_operation_accepts_the_spec_response_and_sends_the_spec_request() {
+        let (client, seen) = spec_transmitter().await;
+        let id = "f67e39a0a4d34d56b3aa1bc4cff0069f";
+
+        let created = client
+            .create(&spec_example("ssf-create-stream-request.json"))
+            .await
+            .unwrap();
+        assert_eq!(created.stream_id(), id);
+        assert_eq!(
+            created.events_delivered(),
+            vec![
+                "urn:example:secevent:events:type_2",
+                "urn:example:secevent:events:type_3"
+            ]
+        );
+        assert_eq!(client.read(id).await.unwrap().stream_id(), id);
+        assert_eq!(client.list().await.unwrap().len(), 1);
+        let replaced = client
+            .update(&spec_example("ssf-replace-stream-request.json"), true)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(replaced.stream_id(), id);
+        let status = client.status(id).await.unwrap();
+        assert_eq!(status["status"], "paused");
+        let add = spec_example("ssf-add-subject-request.json");
+        client
+            .add_subject(id, &add["subject"], add["verified"].as_bool())
+            .await
+            .unwrap();
+        let remove = spec_example("ssf-remove-subject-request.json");
+        client.remove_subject(id, &remove["subject"]).await.unwrap();
+        client
+            .verify(id, "VGhpcyBpcyBhbiBleGFtcGxlIHN0YXRlIHZhbHVlLgo=")
+            .await
+            .unwrap();
+        client.delete(id).await.unwrap();
+
+        let seen = seen.lock().unwrap().clone();
+        let body = |path: &str| {
+            seen.iter()
+                .find(|(m, p, _)| m == "POST" && p == path)
+                .map(|(_, _, b)| b.clone())
+                .unwrap()
+        };
+        assert_eq!(
+            body("/ssf/mgmt/subject:add"),
+            add,
+            "add-subject request as in §8.1.3.2"
+        );
+        assert_eq!(body("/ssf/mgmt/subject:remove"), remove);
+        assert_eq!(body("/ssf/mgmt/verification")["stream_id"], id);
+        let methods: Vec<&str> = seen.iter().map(|(m, _, _)| m.as_str()).collect();
+        assert_eq!(
+            methods,
+            ["POST", "GET", "GET", "PUT", "GET", "POST", "POST", "POST", "DELETE"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_response_outside_section_8_or_for_another_issuer_or_audience_is_refused() {
+        let (client, _) = spec_transmitter().await;
+        // Remove-subject answers 204; add-subject's 200 from the same server is fine, but a
+        // create answered 204 (the delete example) is not.
+        let mut wrong = client.clone();
+        wrong.metadata.configuration_endpoint = wrong
+            .metadata
+            .configuration_endpoint
+            .map(|u| u.replace("/ssf/mgmt/stream", "/ssf/mgmt/subject:remove"));
+        let e = wrong.create(&json!({})).await.unwrap_err();
+        assert!(matches!(e, MgmtError::Status { status: 204, .. }), "{e}");
+
+        let mut other_issuer = client.clone();
+        other_issuer.metadata.issuer = "https://other.example.com".into();
+        let e = other_issuer.read("x").await.unwrap_err();
+        assert!(matches!(e, MgmtError::IssuerMismatch { .. }), "{e}");
+
+        let mut other_aud = client.clone();
+        other_aud.audiences = vec!["https://vigil.example".into()];
+        let e = other_aud.read("x").await.unwrap_err();
+        assert!(matches!(e, MgmtError::AudienceMismatch { .. }), "{e}");
+    }
+}
