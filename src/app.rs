@@ -344,6 +344,7 @@ impl Vigil {
             streams,
             identity: identity.clone(),
             poll_timeout: Duration::from_secs(config.identity.poll_timeout_secs),
+            shutdown: shutdown_rx.clone(),
         });
         let app = app.merge(
             Router::new()

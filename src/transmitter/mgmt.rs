@@ -35,6 +35,9 @@ pub struct MgmtState {
     pub identity: Arc<Identity>,
     /// How long a long poll waits for SETs.
     pub poll_timeout: Duration,
+    /// Set at shutdown: long polls answer at once and SSE responses end, so the server's graceful
+    /// shutdown is not held open by subscribers.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 /// A refused management or poll request; becomes its HTTP answer.
@@ -430,7 +433,8 @@ pub async fn poll(
         } else {
             (Vec::new(), false)
         };
-        if !sets.is_empty() || immediate || tokio::time::Instant::now() >= deadline {
+        let stopping = *s.shutdown.borrow();
+        if !sets.is_empty() || immediate || stopping || tokio::time::Instant::now() >= deadline {
             let map: HashMap<String, String> =
                 sets.into_iter().map(|(_, o)| (o.jti, o.set)).collect();
             let mut reply = json!({"sets": map});
@@ -439,7 +443,11 @@ pub async fn poll(
             }
             return Ok(Json(reply).into_response());
         }
-        let _ = tokio::time::timeout_at(deadline, wait).await;
+        let mut shutdown = s.shutdown.clone();
+        tokio::select! {
+            _ = tokio::time::timeout_at(deadline, wait) => {}
+            _ = shutdown.wait_for(|stop| *stop) => {}
+        }
     }
 }
 
@@ -513,7 +521,11 @@ pub async fn sse(
             }
         },
     );
-    Ok(Sse::new(events)
+    let mut shutdown = s.shutdown.clone();
+    let stop = async move {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+    };
+    Ok(Sse::new(futures_util::StreamExt::take_until(events, stop))
         .keep_alive(KeepAlive::default())
         .into_response())
 }
