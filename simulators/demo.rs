@@ -16,7 +16,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use serde_json::{json, Value};
 use vigil::config::TransmitterConfig;
-use vigil::config::{Config, DeliveryMode, EnforcementPointConfig, StreamManagement};
+use vigil::config::{Config, DeliveryMode, EnforcementPointConfig};
 use vigil::sim::ep::{subscribe, EnforcementPoint, Method};
 use vigil::sim::idp::{Idp, IdpSettings, Population};
 use vigil::sim::risk::{fraud_engine_mapping, mock_cluster, Publisher, RiskMessage};
@@ -127,27 +127,17 @@ impl Demo {
 }
 
 fn idp_transmitter(issuer: &str) -> TransmitterConfig {
-    let mut t = TransmitterConfig::with_jwks(
+    let mut t = TransmitterConfig::managed(
         "idp",
         issuer,
         vec![AUDIENCE.into()],
-        "",
-        vec![vigil::jose::Alg::RS256],
-        "http://127.0.0.1:1/unused",
+        DeliveryMode::Push,
+        IDP_CREDENTIAL,
     );
-    t.jwks_uri = None;
-    t.discovery = true;
-    t.manage = Some(StreamManagement {
-        delivery: DeliveryMode::Push,
-        credential: IDP_CREDENTIAL.into(),
-        events_requested: Vec::new(),
-        receiver_url: None,
-        description: Some("Vigil demo".into()),
-        verify_interval_secs: 30,
-        refresh_interval_secs: 300,
-        poll_max_events: 100,
-        poll_timeout_secs: 30,
-    });
+    if let Some(m) = &mut t.manage {
+        m.description = Some("Vigil demo".into());
+        m.verify_interval_secs = 30;
+    }
     t
 }
 

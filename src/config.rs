@@ -517,6 +517,34 @@ impl TransmitterConfig {
             manage: None,
         }
     }
+
+    /// A transmitter found by discovery whose stream Vigil manages (`delivery`, presenting
+    /// `credential`), with the management defaults; push credential generated.
+    pub fn managed(
+        name: &str,
+        issuer: &str,
+        audiences: Vec<String>,
+        delivery: DeliveryMode,
+        credential: &str,
+    ) -> TransmitterConfig {
+        TransmitterConfig {
+            jwks_uri: None,
+            discovery: true,
+            algorithms: default_algs(),
+            manage: Some(StreamManagement {
+                delivery,
+                credential: credential.to_owned(),
+                events_requested: Vec::new(),
+                receiver_url: None,
+                description: None,
+                verify_interval_secs: default_verify_interval(),
+                refresh_interval_secs: default_refresh_interval(),
+                poll_max_events: default_poll_max(),
+                poll_timeout_secs: default_long_poll_secs(),
+            }),
+            ..TransmitterConfig::with_jwks(name, issuer, audiences, "", Vec::new(), "")
+        }
+    }
 }
 
 fn default_listen() -> SocketAddr {

@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
-use vigil::config::{Config, DeliveryMode, StreamManagement, TransmitterConfig};
+use vigil::config::{Config, DeliveryMode, TransmitterConfig};
 use vigil::sim::idp::{Idp, IdpSettings};
 use vigil::Vigil;
 
@@ -16,27 +16,14 @@ const CREDENTIAL: &str = "Bearer idp-receiver-token";
 const RISK: &str = "https://schemas.openid.net/secevent/caep/event-type/risk-level-change";
 
 fn managed(name: &str, issuer: &str, delivery: DeliveryMode) -> TransmitterConfig {
-    let mut t = TransmitterConfig::with_jwks(
-        name,
-        issuer,
-        vec![AUDIENCE.into()],
-        "",
-        vec![vigil::jose::Alg::RS256],
-        "http://127.0.0.1:1/unused",
-    );
-    t.jwks_uri = None;
-    t.discovery = true;
-    t.manage = Some(StreamManagement {
-        delivery,
-        credential: CREDENTIAL.into(),
-        events_requested: Vec::new(),
-        receiver_url: None,
-        description: None,
-        verify_interval_secs: 1,
-        refresh_interval_secs: 1,
-        poll_max_events: 10,
-        poll_timeout_secs: 2,
-    });
+    let mut t =
+        TransmitterConfig::managed(name, issuer, vec![AUDIENCE.into()], delivery, CREDENTIAL);
+    if let Some(m) = &mut t.manage {
+        m.verify_interval_secs = 1;
+        m.refresh_interval_secs = 1;
+        m.poll_max_events = 10;
+        m.poll_timeout_secs = 2;
+    }
     t
 }
 

@@ -132,16 +132,7 @@ async fn add_subject(
     Path(name): Path<String>,
     Json(body): Json<Value>,
 ) -> Response {
-    let Some(m) = clients.get(&name) else {
-        return not_found(&name);
-    };
-    let Some(subject) = body.get("subject").filter(|s| s.is_object()) else {
-        return no_subject();
-    };
-    match m.add_subject(subject).await {
-        Ok(()) => Json(json!({"added": subject})).into_response(),
-        Err(e) => manage_error(e),
-    }
+    subject_change(&clients, &name, &body, true).await
 }
 
 async fn remove_subject(
@@ -149,14 +140,23 @@ async fn remove_subject(
     Path(name): Path<String>,
     Json(body): Json<Value>,
 ) -> Response {
-    let Some(m) = clients.get(&name) else {
-        return not_found(&name);
+    subject_change(&clients, &name, &body, false).await
+}
+
+async fn subject_change(clients: &StreamClients, name: &str, body: &Value, add: bool) -> Response {
+    let Some(m) = clients.get(name) else {
+        return not_found(name);
     };
     let Some(subject) = body.get("subject").filter(|s| s.is_object()) else {
         return no_subject();
     };
-    match m.remove_subject(subject).await {
-        Ok(()) => Json(json!({"removed": subject})).into_response(),
+    let (result, done) = if add {
+        (m.add_subject(subject).await, "added")
+    } else {
+        (m.remove_subject(subject).await, "removed")
+    };
+    match result {
+        Ok(()) => Json(json!({ done: subject })).into_response(),
         Err(e) => manage_error(e),
     }
 }
