@@ -15,6 +15,13 @@ pub enum StreamsCommand {
     Status { name: String },
     /// Ask NAME's transmitter for a verification event.
     Verify { name: String },
+    /// Ask NAME's transmitter to set the stream's status: enabled, paused or disabled.
+    SetStatus {
+        name: String,
+        status: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// Add a subject (RFC 9493 JSON, e.g. '{"format":"email","email":"a@b.c"}') to NAME's stream.
     AddSubject { name: String, subject: String },
     /// Remove a subject from NAME's stream.
@@ -49,6 +56,13 @@ async fn call(base: &str, cmd: &StreamsCommand) -> anyhow::Result<()> {
         StreamsCommand::Create { name } => client.post(url(name, "")),
         StreamsCommand::Status { name } => client.get(url(name, "")),
         StreamsCommand::Verify { name } => client.post(url(name, "/verify")),
+        StreamsCommand::SetStatus {
+            name,
+            status,
+            reason,
+        } => client
+            .post(url(name, "/status"))
+            .json(&serde_json::json!({"status": status, "reason": reason})),
         StreamsCommand::AddSubject { name, subject: s } => {
             client.post(url(name, "/subjects:add")).json(&subject(s)?)
         }
@@ -79,6 +93,9 @@ async fn call(base: &str, cmd: &StreamsCommand) -> anyhow::Result<()> {
         StreamsCommand::Verify { name } => println!(
             "{name}: verification requested; `vigil streams status {name}` shows when it arrives"
         ),
+        StreamsCommand::SetStatus { name, .. } => {
+            println!("{name}: status {}", body["status"].as_str().unwrap_or("?"))
+        }
         StreamsCommand::AddSubject { name, .. } => println!("{name}: subject added"),
         StreamsCommand::RemoveSubject { name, .. } => println!("{name}: subject removed"),
         StreamsCommand::Delete { name } => println!("{name}: stream deleted"),

@@ -371,6 +371,32 @@ async fn the_streams_cli_lists_inspects_verifies_and_manages_subjects() {
     assert!(out.contains("ready"), "{out}");
     assert_eq!(idp.streams().len(), 2, "create is idempotent");
 
+    let push_id = stream_id(&idp, vigil::sim::idp::PUSH);
+    let (ok, out, err) = cli(
+        &vigil,
+        &[
+            "set-status",
+            "idp-push",
+            "paused",
+            "--reason",
+            "maintenance",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert!(out.contains("paused"), "{out}");
+    let status_of = |idp: &Idp, id: &str| {
+        idp.streams()
+            .into_iter()
+            .find(|s| s["stream_id"] == id)
+            .unwrap()["status"]
+            .clone()
+    };
+    assert_eq!(status_of(&idp, &push_id), "paused");
+    let (ok, _, err) = cli(&vigil, &["set-status", "idp-push", "enabled"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(status_of(&idp, &push_id), "enabled");
+
     let subject = r#"{"format":"email","email":"watch@example.com"}"#;
     let (ok, _, err) = cli(&vigil, &["add-subject", "idp-poll", subject]).await;
     assert!(ok, "{err}");
@@ -401,5 +427,77 @@ async fn the_streams_cli_lists_inspects_verifies_and_manages_subjects() {
     let (ok, _, err) = cli(&vigil, &["delete", "idp-poll"]).await;
     assert!(ok, "{err}");
     assert_eq!(idp.streams().len(), 1);
+    vigil.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_one_stream_transmitter_is_adopted_after_409_and_its_key_rotation_is_followed() {
+    // Metadata only at /.well-known/risc-configuration; one stream per receiver, already there
+    // (created by hand, for poll).
+    let idp = Idp::start(
+        "127.0.0.1:0".parse().unwrap(),
+        IdpSettings {
+            receiver_credential: CREDENTIAL.into(),
+            audience: AUDIENCE.into(),
+            one_stream_per_receiver: true,
+            legacy_risc_metadata: true,
+            ..IdpSettings::default()
+        },
+    )
+    .await
+    .unwrap();
+    let existing = reqwest::Client::new()
+        .post(format!("{}/ssf/mgmt/stream", idp.issuer()))
+        .header("authorization", CREDENTIAL)
+        .json(&json!({"description": "made by hand"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(existing.status().as_u16(), 201);
+    let existing_id = stream_id(&idp, vigil::sim::idp::POLL);
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = test_config(
+        dir.path(),
+        vec![managed("idp-push", idp.issuer(), DeliveryMode::Push)],
+    );
+    let vigil = start(config).await;
+    register(&vigil, "g-rot", "rotated@example.com").await;
+    eventually_within(30, "the adopted stream verified", || async {
+        liveness(&vigil, "idp-push").await["last_verified_ms"]
+            .as_i64()
+            .map(|_| ())
+    })
+    .await;
+    let streams = idp.streams();
+    assert_eq!(streams.len(), 1, "{streams:?}");
+    assert_eq!(
+        streams[0]["stream_id"],
+        existing_id.as_str(),
+        "adopted, not duplicated"
+    );
+    assert_eq!(
+        streams[0]["delivery"]["method"],
+        vigil::sim::idp::PUSH,
+        "switched to push"
+    );
+    let conflicts = idp
+        .observed()
+        .requests
+        .iter()
+        .filter(|(m, p, _)| m == "POST" && p == "/ssf/mgmt/stream")
+        .count();
+    assert_eq!(
+        conflicts, 2,
+        "the hand-made create and Vigil's (answered 409)"
+    );
+
+    // The IdP rotates its signing key: the next SET names a kid Vigil has not seen.
+    idp.rotate_keys().unwrap();
+    high_risk(&idp, "rotated@example.com");
+    eventually("revoked by a SET signed with the new key", || async {
+        (status(&vigil, "g-rot").await == "revoked").then_some(())
+    })
+    .await;
     vigil.shutdown().await;
 }

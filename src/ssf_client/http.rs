@@ -7,6 +7,7 @@
 //! | `GET /v1/ssf/streams/{name}` | 200 the transmitter's configuration and status, with liveness |
 //! | `DELETE /v1/ssf/streams/{name}` | 204: deleted at the transmitter and forgotten |
 //! | `POST /v1/ssf/streams/{name}/verify` | 202: verification requested |
+//! | `POST /v1/ssf/streams/{name}/status` | body `{status, reason?}`: 200 the transmitter's answer, 202 undecided |
 //! | `POST /v1/ssf/streams/{name}/subjects:add` / `:remove` | 200, body `{subject}` |
 //!
 //! 404: no managed transmitter of that name; 409: no stream yet; 502: the transmitter refused or
@@ -31,6 +32,7 @@ pub fn routes(clients: Arc<StreamClients>) -> Router {
             post(create).get(describe).delete(delete),
         )
         .route("/v1/ssf/streams/{name}/verify", post(verify))
+        .route("/v1/ssf/streams/{name}/status", post(set_status))
         .route("/v1/ssf/streams/{name}/subjects:add", post(add_subject))
         .route(
             "/v1/ssf/streams/{name}/subjects:remove",
@@ -115,6 +117,31 @@ async fn verify(State(clients): State<Arc<StreamClients>>, Path(name): Path<Stri
     };
     match m.verify().await {
         Ok(()) => (StatusCode::ACCEPTED, Json(json!({"requested": true}))).into_response(),
+        Err(e) => manage_error(e),
+    }
+}
+
+async fn set_status(
+    State(clients): State<Arc<StreamClients>>,
+    Path(name): Path<String>,
+    Json(body): Json<Value>,
+) -> Response {
+    let Some(m) = clients.get(&name) else {
+        return not_found(&name);
+    };
+    let Some(status) = body["status"]
+        .as_str()
+        .filter(|s| ["enabled", "paused", "disabled"].contains(s))
+    else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "`status` must be enabled, paused or disabled",
+        );
+    };
+    match m.set_status(status, body["reason"].as_str()).await {
+        Ok(Some(s)) => Json(s).into_response(),
+        Ok(None) => (StatusCode::ACCEPTED, Json(json!({"status": "pending"}))).into_response(),
         Err(e) => manage_error(e),
     }
 }

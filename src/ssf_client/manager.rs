@@ -222,8 +222,10 @@ impl StreamManager {
             None => match mgmt.create(&self.desired()).await {
                 Ok(c) => c,
                 Err(e) if e.is_conflict() => {
+                    // One stream per receiver, and it exists: it is Vigil's whatever its delivery
+                    // (the update below brings it in line).
                     adopted = true;
-                    self.adopt(&mgmt).await?.ok_or(e)?
+                    self.adopt_any(&mgmt).await?.ok_or(e)?
                 }
                 Err(e) => return Err(e.into()),
             },
@@ -271,6 +273,15 @@ impl StreamManager {
             }
         }
         Ok(None)
+    }
+
+    /// The first stream at the transmitter issued for Vigil (right `iss` and `aud`).
+    async fn adopt_any(&self, mgmt: &MgmtClient) -> Result<Option<StreamConfig>, ManageError> {
+        Ok(mgmt
+            .list()
+            .await?
+            .into_iter()
+            .find_map(|v| mgmt.checked("list streams", v).ok()))
     }
 
     async fn refresh_status(&self, mgmt: &MgmtClient, stream_id: &str) {
@@ -330,6 +341,26 @@ impl StreamManager {
             "config": config.0,
             "liveness": self.liveness.get(&self.config.stream),
         }))
+    }
+
+    /// Asks the transmitter to enable, pause or disable the stream (SSF §8.1.2.2). `None` when it
+    /// answered 202 (not decided yet).
+    pub async fn set_status(
+        &self,
+        status: &str,
+        reason: Option<&str>,
+    ) -> Result<Option<Value>, ManageError> {
+        let mgmt = self.mgmt().await?;
+        let id = self.stream_id().await?;
+        let answer = mgmt.set_status(&id, status, reason).await?;
+        if let Some(s) = &answer {
+            self.liveness.status(
+                &self.config.stream,
+                s["status"].as_str().unwrap_or("unknown"),
+                s["reason"].as_str(),
+            );
+        }
+        Ok(answer)
     }
 
     pub async fn add_subject(&self, subject: &Value) -> Result<(), ManageError> {
