@@ -194,7 +194,12 @@ impl MgmtClient {
 
     /// Checks a returned configuration: it has a `stream_id`, its `iss` is the transmitter's
     /// issuer (MUST) and its `aud` names one of Vigil's audiences (SHOULD; Vigil refuses).
-    pub fn checked(&self, op: &'static str, v: Value) -> Result<StreamConfig, MgmtError> {
+    pub fn checked(&self, op: &'static str, mut v: Value) -> Result<StreamConfig, MgmtError> {
+        // A transmitter may echo the push credential; it is a secret, so it never goes further
+        // (logs, API answers).
+        if let Some(d) = v.get_mut("delivery").and_then(Value::as_object_mut) {
+            d.remove("authorization_header");
+        }
         let config = StreamConfig(v);
         if config.stream_id().is_empty() {
             return Err(MgmtError::BadResponse {
@@ -592,6 +597,27 @@ mod tests {
         assert_eq!(
             methods,
             ["POST", "GET", "GET", "PUT", "GET", "POST", "POST", "POST", "DELETE"]
+        );
+    }
+
+    #[test]
+    fn an_echoed_push_credential_is_dropped() {
+        let metadata: TransmitterMetadata =
+            serde_json::from_value(spec_example("ssf-transmitter-configuration-response.json"))
+                .unwrap();
+        let client = MgmtClient::new(
+            reqwest::Client::new(),
+            metadata,
+            "Bearer x".into(),
+            vec!["https://receiver.example.com/web".into()],
+        );
+        let mut v = spec_example("ssf-create-stream-response.json");
+        v["delivery"]["authorization_header"] = json!("Bearer vigil-secret");
+        let c = client.checked("create stream", v).unwrap();
+        assert!(!c.0.to_string().contains("vigil-secret"));
+        assert_eq!(
+            c.endpoint_url(),
+            Some("https://receiver.example.com/events")
         );
     }
 
