@@ -957,7 +957,7 @@ impl Default for Population {
 
 /// One event of the simulated day, deterministic in `n`. Events come in blocks of 12 about one
 /// user, so they tell a coherent story: log in (user, device, session), risk LOW, a second login,
-/// device drift, risk MEDIUM, a workload and an agent flagged, credential change, log out, risk
+/// device drift (every other block; a new passkey in the others), risk MEDIUM, a workload and an agent flagged, credential change, log out, risk
 /// HIGH, credential compromise, and in every fourth block the account disabled.
 pub fn population_event(pop: &Population, n: u64) -> (&'static str, Value, Value) {
     let block = n / 12;
@@ -985,10 +985,16 @@ pub fn population_event(pop: &Population, n: u64) -> (&'static str, Value, Value
             email,
             risk("LOW", "usual location"),
         ),
-        3 => (
+        // Device drift in every other block, so the risk changes after it decide in the others.
+        3 if block % 2 == 1 => (
             uri("device-compliance-change"),
             json!({"user": email, "device": device}),
             json!({"event_timestamp": now, "previous_status": "compliant", "current_status": "not-compliant"}),
+        ),
+        3 => (
+            uri("credential-change"),
+            email,
+            json!({"event_timestamp": now, "credential_type": "fido2-platform", "change_type": "create"}),
         ),
         4 => (
             uri("risk-level-change"),
