@@ -197,10 +197,15 @@ async fn streams_are_created_verified_paused_resumed_and_survive_a_restart() {
         idp.streams()
             .iter()
             .find(|s| s["stream_id"] == push_id)
-            .map(|s| s["queued"].as_u64().unwrap())
+            .map(|s| s["held"].as_u64().unwrap())
             .unwrap()
     };
-    assert_eq!(held(&idp), 1, "the paused push stream holds its event");
+    eventually("the paused push stream to hold its event", || async {
+        (held(&idp) == 1).then_some(())
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(held(&idp), 1, "held, not delivered, while paused");
     assert!(idp.set_status(&push_id, "enabled", None));
     eventually("push stream enabled and drained", || async {
         (liveness(&vigil, "idp-push").await["status"] == "enabled" && held(&idp) == 0).then_some(())

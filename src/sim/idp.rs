@@ -245,6 +245,14 @@ impl Idp {
                 c["status"] = json!(s.status);
                 c["subjects"] = json!(s.subjects);
                 c["queued"] = json!(s.queue.len() + s.outstanding.len());
+                // Events waiting for delivery, without verification / stream-updated (which go
+                // out even while paused).
+                c["held"] = json!(s
+                    .queue
+                    .iter()
+                    .chain(s.outstanding.iter())
+                    .filter(|q| !q.framework)
+                    .count());
                 c
             })
             .collect()
