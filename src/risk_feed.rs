@@ -453,18 +453,7 @@ mod tests {
 
     #[test]
     fn mappings_read_foreign_formats() {
-        let m = Mapping {
-            topic: "fraud".into(),
-            subject: "/user/mail".into(),
-            subject_format: Some("email".into()),
-            level: Some("/assessment/band".into()),
-            time: Some("/ts".into()),
-            id: Some("/eventId".into()),
-            source: Some("fraud-engine".into()),
-            level_values: [("critical".to_owned(), "HIGH".to_owned())].into(),
-            attributes: [("country".to_owned(), "/geo/cc".to_owned())].into(),
-            ..Mapping::default()
-        };
+        let m = crate::sim::risk::fraud_engine_mapping("fraud");
         let s = from_mapped(
             &m,
             at("fraud", 0.0),

@@ -171,9 +171,9 @@ async fn streams_are_created_verified_paused_resumed_and_survive_a_restart() {
     .await;
     eventually("the risk SET pushed and acknowledged by poll", || async {
         let seen = idp.observed();
+        let metrics = get(&vigil, "/metrics").await.1;
         let received = |stream: &str| {
-            let (_, m) = futures_metrics(&vigil);
-            m.contains(&format!(
+            metrics.contains(&format!(
                 "vigil_sets_received_total{{stream=\"{stream}\",event_type=\"risk-level-change\",outcome=\"accepted\"}}"
             ))
         };
@@ -251,15 +251,6 @@ async fn streams_are_created_verified_paused_resumed_and_survive_a_restart() {
         "the push endpoint was updated to the new address: {push_url}"
     );
     vigil.shutdown().await;
-}
-
-/// `/metrics` text, synchronously readable inside `eventually` closures.
-fn futures_metrics(vigil: &Vigil) -> (u16, String) {
-    let url = format!("http://{}/metrics", vigil.local_addr());
-    let body = std::thread::spawn(move || reqwest::blocking::get(url).unwrap().text().unwrap())
-        .join()
-        .unwrap();
-    (200, body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

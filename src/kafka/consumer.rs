@@ -156,20 +156,13 @@ impl Pipeline {
             }
         }
         let mut applied: BTreeMap<String, u64> = BTreeMap::new();
+        for s in &signals {
+            // The signal's stream label is its topic.
+            *applied.entry(s.source.stream().to_owned()).or_default() += 1;
+        }
         let received_at_ms = signals.iter().map(|s| s.received_at_ms).min();
-        let done = self.hand_over(dead, &mut signals).map(|()| {
-            for s in &signals {
-                // The signal's stream label is its topic.
-                *applied.entry(s.source.stream().to_owned()).or_default() += 1;
-            }
-            self.engine.submit_batch(signals)
-        });
-        let done = match done {
-            Ok(Ok(done)) => Some(done),
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "risk signals not handed to the engine");
-                None
-            }
+        let done = match self.hand_over(dead, signals) {
+            Ok(done) => Some(done),
             Err(e) => {
                 tracing::error!(error = %e, "risk batch not handed over");
                 None
@@ -185,12 +178,12 @@ impl Pipeline {
         }
     }
 
-    /// Makes dead letters safe and numbers the signals.
+    /// Makes dead letters safe, numbers the signals and hands them to the engine.
     fn hand_over(
         &self,
         dead: Vec<(FeedMessage, String)>,
-        signals: &mut [Signal],
-    ) -> Result<(), String> {
+        mut signals: Vec<Signal>,
+    ) -> Result<BatchDone, String> {
         self.dead_letters
             .send(dead)
             .map_err(|e| format!("dead letters could not be made safe: {e}"))?;
@@ -203,7 +196,9 @@ impl Pipeline {
                 signal.seq = seq;
             }
         }
-        Ok(())
+        self.engine
+            .submit_batch(signals)
+            .map_err(|e| format!("the engine did not take the signals: {e}"))
     }
 
     /// Commits the offsets of finished batches, oldest first. A failed batch rewinds its

@@ -60,9 +60,16 @@ impl Liveness {
         export(stream, &live);
     }
 
-    /// An accepted SET arrived on `stream`.
+    /// An accepted SET arrived on `stream`. On every SET's path, so it touches only its own field
+    /// and gauge (no copy of the entry).
     pub fn saw_event(&self, stream: &str) {
-        self.update(stream, |l| l.last_event_ms = Some(now_ms()));
+        let now = now_ms();
+        match self.streams.get_mut(stream) {
+            Some(mut live) => live.last_event_ms = Some(now),
+            None => return self.update(stream, |l| l.last_event_ms = Some(now)),
+        }
+        metrics::gauge!("vigil_ssf_stream_last_event_timestamp_seconds", "stream" => stream.to_owned())
+            .set(now as f64 / 1000.0);
     }
 
     /// A verification event with the state Vigil asked for arrived.

@@ -95,6 +95,16 @@ impl StreamConfig {
     }
 }
 
+/// The §8 endpoints a transmitter's metadata names.
+#[derive(Debug, Clone, Copy)]
+enum Endpoint {
+    Configuration,
+    Status,
+    AddSubject,
+    RemoveSubject,
+    Verification,
+}
+
 /// The management API of one transmitter, as Vigil's receiver uses it.
 #[derive(Clone)]
 pub struct MgmtClient {
@@ -123,15 +133,16 @@ impl MgmtClient {
         &self.metadata
     }
 
-    fn endpoint(&self, which: &'static str) -> Result<&str, MgmtError> {
-        let e = match which {
-            "configuration_endpoint" => &self.metadata.configuration_endpoint,
-            "status_endpoint" => &self.metadata.status_endpoint,
-            "add_subject_endpoint" => &self.metadata.add_subject_endpoint,
-            "remove_subject_endpoint" => &self.metadata.remove_subject_endpoint,
-            _ => &self.metadata.verification_endpoint,
+    fn endpoint(&self, which: Endpoint) -> Result<&str, MgmtError> {
+        let m = &self.metadata;
+        let (url, name) = match which {
+            Endpoint::Configuration => (&m.configuration_endpoint, "configuration_endpoint"),
+            Endpoint::Status => (&m.status_endpoint, "status_endpoint"),
+            Endpoint::AddSubject => (&m.add_subject_endpoint, "add_subject_endpoint"),
+            Endpoint::RemoveSubject => (&m.remove_subject_endpoint, "remove_subject_endpoint"),
+            Endpoint::Verification => (&m.verification_endpoint, "verification_endpoint"),
         };
-        e.as_deref().ok_or(MgmtError::NoEndpoint(which))
+        url.as_deref().ok_or(MgmtError::NoEndpoint(name))
     }
 
     /// Sends one request and checks its status against `ok`. Returns the body (JSON or `Null`).
@@ -139,7 +150,7 @@ impl MgmtClient {
         &self,
         op: &'static str,
         method: Method,
-        endpoint: &'static str,
+        endpoint: Endpoint,
         query: Option<(&str, &str)>,
         body: Option<&Value>,
         ok: &'static [u16],
@@ -232,7 +243,7 @@ impl MgmtClient {
             .call(
                 "create stream",
                 Method::POST,
-                "configuration_endpoint",
+                Endpoint::Configuration,
                 None,
                 Some(request),
                 &[201],
@@ -247,7 +258,7 @@ impl MgmtClient {
             .call(
                 "read stream",
                 Method::GET,
-                "configuration_endpoint",
+                Endpoint::Configuration,
                 Some(("stream_id", stream_id)),
                 None,
                 &[200],
@@ -263,7 +274,7 @@ impl MgmtClient {
             .call(
                 "list streams",
                 Method::GET,
-                "configuration_endpoint",
+                Endpoint::Configuration,
                 None,
                 None,
                 &[200],
@@ -294,7 +305,7 @@ impl MgmtClient {
             .call(
                 op,
                 method,
-                "configuration_endpoint",
+                Endpoint::Configuration,
                 None,
                 Some(request),
                 &[200, 202],
@@ -311,7 +322,7 @@ impl MgmtClient {
         self.call(
             "delete stream",
             Method::DELETE,
-            "configuration_endpoint",
+            Endpoint::Configuration,
             Some(("stream_id", stream_id)),
             None,
             &[204],
@@ -326,7 +337,7 @@ impl MgmtClient {
             .call(
                 "read status",
                 Method::GET,
-                "status_endpoint",
+                Endpoint::Status,
                 Some(("stream_id", stream_id)),
                 None,
                 &[200],
@@ -350,7 +361,7 @@ impl MgmtClient {
             .call(
                 "update status",
                 Method::POST,
-                "status_endpoint",
+                Endpoint::Status,
                 None,
                 Some(&body),
                 &[200, 202],
@@ -376,7 +387,7 @@ impl MgmtClient {
         self.call(
             "add subject",
             Method::POST,
-            "add_subject_endpoint",
+            Endpoint::AddSubject,
             None,
             Some(&body),
             &[200],
@@ -391,7 +402,7 @@ impl MgmtClient {
         self.call(
             "remove subject",
             Method::POST,
-            "remove_subject_endpoint",
+            Endpoint::RemoveSubject,
             None,
             Some(&body),
             &[204],
@@ -406,7 +417,7 @@ impl MgmtClient {
         self.call(
             "verify stream",
             Method::POST,
-            "verification_endpoint",
+            Endpoint::Verification,
             None,
             Some(&body),
             &[204],
