@@ -76,7 +76,7 @@ async fn run(signals: usize, rate: u64) -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)?;
         eps.push((name, ep));
     }
-    let client = reqwest::Client::new();
+    let client = vigil::sim::api_client(vigil.admin_token())?;
     let now = vigil::signal::now_ms() as f64 / 1000.0;
     for i in 0..signals {
         let g = json!({"id": format!("g{i}"), "kind": "session", "subject": {"format": "email", "email": format!("u{i}@example.com")},

@@ -2,6 +2,7 @@
 //! - `engine/context_apply`: folding one CAEP risk-level-change into a principal's context;
 //! - `engine/evaluate_grant`: building the policy inputs and running the default policy set
 //!   (14 rules) for one session grant, as a signal triggers it;
+//! - `engine/kafka_normalize`: turning one native-format Kafka risk message (bytes) into a signal;
 //! - `engine/evaluate_all_100k`: one evaluation pass over 100 000 grants on all cores (the work of a
 //!   policy swap, without the store).
 //!
@@ -56,6 +57,19 @@ fn bench(c: &mut Criterion) {
             let mut c = PrincipalContext::new("email:user1@example.com");
             c.apply(&signal, &target)
         })
+    });
+    let payload = vigil::sim::risk::message(vigil::sim::risk::Pattern::Steady, 7, 1000, 1.7e9)
+        .native()
+        .to_string()
+        .into_bytes();
+    let origin = vigil::risk_feed::Origin {
+        topic: "vigil.risk",
+        partition: 0,
+        offset: 7,
+        now: 1.7e9,
+    };
+    group.bench_function("kafka_normalize", |b| {
+        b.iter(|| vigil::risk_feed::from_native(origin, &payload).is_ok())
     });
     let decay = Decay::default();
     group.bench_function("evaluate_grant", |b| {

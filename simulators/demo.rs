@@ -187,7 +187,7 @@ async fn main() -> anyhow::Result<()> {
     println!("  vigil   listening on {base} (policies: the built-in set unless ./policies exists)");
     println!("  idp     SSF transmitter at {}", idp.issuer());
 
-    let http = reqwest::Client::new();
+    let http = vigil::sim::api_client(vigil.admin_token())?;
     // Vigil discovers the IdP, creates its push stream and verifies it.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

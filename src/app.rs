@@ -13,12 +13,14 @@ use tokio::task::JoinHandle;
 
 use crate::api::{self, ApiState};
 use crate::audit::AuditLog;
+use crate::auth::{ApiAuth, Role};
 use crate::config::Config;
 use crate::decision::Decision;
 use crate::engine::{Engine, EngineError, EngineSettings};
 use crate::handoff::{self, EngineSink};
 use crate::intake::{Intake, IntakeError};
 use crate::jwks::{KeySource, KeyStore, KeyStoreSettings};
+use crate::limits::RateLimiter;
 use crate::policy::{PolicyError, PolicySet};
 use crate::push::{self, PushState};
 use crate::receiver::{Receiver, Transmitter};
@@ -57,6 +59,8 @@ pub enum StartError {
     Client(String),
     #[error(transparent)]
     Kafka(#[from] crate::kafka::KafkaError),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
 }
 
 /// A running Vigil.
@@ -72,6 +76,8 @@ pub struct Vigil {
     /// Ends when the engine (the decisions' producer) is gone, so it is awaited after it.
     decision_task: JoinHandle<()>,
     writer: BatchWriterThread,
+    /// The generated all-roles API token, when no `[[clients]]` are configured.
+    admin_token: Option<String>,
 }
 
 impl Vigil {
@@ -79,6 +85,15 @@ impl Vigil {
     pub async fn start(config: Config) -> Result<Vigil, StartError> {
         let metrics = telemetry::metrics_handle();
         let db = store::open(&config.data_dir)?;
+        let (api_auth, admin_token) = ApiAuth::new(&config.clients, &config.data_dir)?;
+        let limits = &config.limits;
+        let api_auth = Arc::new(api_auth.with_rate_limit(RateLimiter::new(
+            limits.client_requests_per_sec,
+            limits.burst,
+        )));
+        let needs = |role: Role| {
+            axum::middleware::from_fn_with_state((api_auth.clone(), role), crate::auth::require)
+        };
         let (batch_writer, writer) = BatchWriter::start(db.clone(), config.intake.max_batch)
             .map_err(|e| StartError::Writer(e.to_string()))?;
         let intake = Intake::open(db.clone(), batch_writer.clone())?;
@@ -107,6 +122,7 @@ impl Vigil {
             session_ttl_secs: config.engine.session_ttl_secs as f64,
             sweep_interval: Duration::from_millis(config.engine.sweep_interval_ms),
             max_batch: config.engine.max_batch,
+            checkpoint_interval: Duration::from_millis(config.engine.checkpoint_interval_ms),
             max_inflight: config.engine.max_inflight,
         };
         // The engine takes `batch_writer`; delivery and the Kafka source write through this handle.
@@ -278,6 +294,7 @@ impl Vigil {
         let push_state = Arc::new(PushState {
             receiver: receiver.clone(),
             max_body_bytes: config.push.max_body_bytes,
+            limiter: RateLimiter::new(limits.transmitter_sets_per_sec, limits.burst),
         });
         let ops_state = Arc::new(ops::OpsState {
             receiver,
@@ -293,23 +310,36 @@ impl Vigil {
                         "/v1/grants/{id}",
                         get(api::get_grant).delete(api::delete_grant),
                     )
-                    .route("/v1/decisions", get(api::decisions))
-                    .route("/v1/check", post(api::check_grant))
-                    .route("/v1/check/auth_request", get(api::check_auth_request))
-                    .route("/v1/subjects/{key}", get(api::subject))
-                    .route("/v1/policies/reload", post(api::reload_policies))
-                    .route("/v1/deadletters", get(api::dead_letters))
-                    .route("/v1/keys/rotate", post(api::rotate_key))
-                    .route("/v1/deadletters/replay", post(api::replay_dead_letters))
+                    .route_layer(needs(Role::Grants))
+                    .merge(
+                        Router::new()
+                            .route("/v1/check", post(api::check_grant))
+                            .route("/v1/check/auth_request", get(api::check_auth_request))
+                            .route_layer(needs(Role::Check)),
+                    )
+                    .merge(
+                        Router::new()
+                            .route("/v1/decisions", get(api::decisions))
+                            .route("/v1/subjects/{key}", get(api::subject))
+                            .route("/v1/policies/reload", post(api::reload_policies))
+                            .route("/v1/deadletters", get(api::dead_letters))
+                            .route("/v1/keys/rotate", post(api::rotate_key))
+                            .route("/v1/deadletters/replay", post(api::replay_dead_letters))
+                            .route_layer(needs(Role::Operator)),
+                    )
                     .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
                     .with_state(api_state),
             )
-            .merge(crate::ssf_client::http::routes(ssf_clients.clone()))
+            .merge(
+                crate::ssf_client::http::routes(ssf_clients.clone())
+                    .route_layer(needs(Role::Operator)),
+            )
             .merge(
                 Router::new()
-                    .route("/healthz", get(ops::healthz))
                     .route("/readyz", get(ops::readyz))
                     .route("/metrics", get(ops::metrics))
+                    .route_layer(needs(Role::Metrics))
+                    .route("/healthz", get(ops::healthz))
                     .with_state(ops_state),
             );
 
@@ -344,6 +374,9 @@ impl Vigil {
             streams,
             identity: identity.clone(),
             poll_timeout: Duration::from_secs(config.identity.poll_timeout_secs),
+            connections: Arc::new(tokio::sync::Semaphore::new(
+                limits.max_streaming_connections,
+            )),
             shutdown: shutdown_rx.clone(),
         });
         let app = app.merge(
@@ -403,7 +436,14 @@ impl Vigil {
             tasks,
             decision_task,
             writer,
+            admin_token,
         })
+    }
+
+    /// The all-roles API token Vigil generated (stored in `<data_dir>/admin.token`) because no
+    /// `[[clients]]` are configured; `None` when clients are configured.
+    pub fn admin_token(&self) -> Option<&str> {
+        self.admin_token.as_deref()
     }
 
     /// The address the HTTP server is bound to (useful with port 0).

@@ -19,7 +19,12 @@ use serde::{Deserialize, Serialize};
 use crate::jose::Alg;
 
 /// Environment variables with the `VIGIL_` prefix that are not config keys.
-const NON_CONFIG_ENV: [&str; 3] = ["VIGIL_CONFIG", "VIGIL_LOG", "VIGIL_LOG_FORMAT"];
+const NON_CONFIG_ENV: [&str; 4] = [
+    "VIGIL_CONFIG",
+    "VIGIL_LOG",
+    "VIGIL_LOG_FORMAT",
+    "VIGIL_TOKEN",
+];
 
 /// Why a configuration could not be loaded. `key` is the dotted path of the offending setting.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +84,65 @@ pub struct Config {
     /// Risk signals from Kafka topics (off unless `brokers` is set).
     #[serde(default)]
     pub kafka: KafkaConfig,
+    /// Callers of Vigil's own API (`/v1/*`, `/metrics`, `/readyz`), each with a bearer token and
+    /// roles. With none, Vigil generates one all-roles token in `<data_dir>/admin.token` (0600).
+    #[serde(default)]
+    pub clients: Vec<ApiClientConfig>,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// Abuse limits. Rates are per authenticated caller (by configured name); beyond them the answer
+/// is `429` with `Retry-After`. Open long polls and SSE responses beyond the cap get `503`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// SETs per second each transmitter may push.
+    #[serde(default = "default_rate")]
+    pub transmitter_sets_per_sec: f64,
+    /// Requests per second each API client may make.
+    #[serde(default = "default_rate")]
+    pub client_requests_per_sec: f64,
+    /// How many requests above the rate a caller may send at once (both limits).
+    #[serde(default = "default_burst")]
+    pub burst: f64,
+    /// Long polls and SSE responses open at once, across all enforcement points.
+    #[serde(default = "default_streaming")]
+    pub max_streaming_connections: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            transmitter_sets_per_sec: default_rate(),
+            client_requests_per_sec: default_rate(),
+            burst: default_burst(),
+            max_streaming_connections: default_streaming(),
+        }
+    }
+}
+
+fn default_rate() -> f64 {
+    20_000.0
+}
+fn default_burst() -> f64 {
+    40_000.0
+}
+fn default_streaming() -> usize {
+    1024
+}
+
+/// A caller of Vigil's API: a gateway registering grants, a `check` client, an operator, a metrics
+/// scraper. Transmitters and enforcement points have their own credentials (their sections).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiClientConfig {
+    /// Who it is, for logs and the audit of denials.
+    pub name: String,
+    /// Its bearer token (at least 16 characters, unique across clients and enforcement points).
+    pub token: String,
+    /// What it may do: `grants`, `check`, `operator`, `metrics`.
+    pub roles: Vec<crate::auth::Role>,
 }
 
 /// The Kafka risk-signal source. With no `brokers`, Vigil runs without it.
@@ -246,6 +310,11 @@ pub struct EngineConfig {
     /// How often expired grants are swept.
     #[serde(default = "default_sweep")]
     pub sweep_interval_ms: u64,
+    /// How long contexts changed by replayable sources (Kafka) may wait for their write: longer
+    /// writes a busy subject less often, but holds that source's offsets (and the replay after a
+    /// crash) for longer. Decisions are never deferred by it.
+    #[serde(default = "default_checkpoint")]
+    pub checkpoint_interval_ms: u64,
 }
 
 /// Context settings.
@@ -589,6 +658,9 @@ fn default_inflight() -> usize {
 fn default_sweep() -> u64 {
     1000
 }
+fn default_checkpoint() -> u64 {
+    1000
+}
 fn default_audit_bytes() -> u64 {
     64 * 1024 * 1024
 }
@@ -644,6 +716,7 @@ impl Default for EngineConfig {
             max_inflight: default_inflight(),
             max_batch: default_batch(),
             sweep_interval_ms: default_sweep(),
+            checkpoint_interval_ms: default_checkpoint(),
         }
     }
 }
@@ -673,6 +746,8 @@ impl Default for Config {
             enforcement_points: Vec::new(),
             transmitters: Vec::new(),
             kafka: KafkaConfig::default(),
+            clients: Vec::new(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -737,6 +812,10 @@ impl Config {
                 "engine.sweep_interval_ms",
                 self.engine.sweep_interval_ms as usize,
             ),
+            (
+                "engine.checkpoint_interval_ms",
+                self.engine.checkpoint_interval_ms as usize,
+            ),
             ("audit.keep_files", self.audit.keep_files),
         ] {
             if value == 0 {
@@ -765,6 +844,46 @@ impl Config {
                     format!("enforcement_points[{i}].token"),
                     "must be unique and at least 16 characters",
                 ));
+            }
+        }
+        for (key, value) in [
+            (
+                "limits.transmitter_sets_per_sec",
+                self.limits.transmitter_sets_per_sec,
+            ),
+            (
+                "limits.client_requests_per_sec",
+                self.limits.client_requests_per_sec,
+            ),
+            ("limits.burst", self.limits.burst),
+        ] {
+            if !(value.is_finite() && value >= 1.0) {
+                return Err(invalid(key, "must be a number of at least 1"));
+            }
+        }
+        if self.limits.max_streaming_connections == 0 {
+            return Err(invalid(
+                "limits.max_streaming_connections",
+                "must be greater than 0",
+            ));
+        }
+        let mut client_names = HashSet::new();
+        for (i, c) in self.clients.iter().enumerate() {
+            if c.name.is_empty() || !client_names.insert(c.name.as_str()) {
+                return Err(invalid(
+                    format!("clients[{i}].name"),
+                    "must be non-empty and unique",
+                ));
+            }
+            // Unique across enforcement points too: a token names exactly one caller.
+            if c.token.len() < 16 || !ep_tokens.insert(c.token.as_str()) {
+                return Err(invalid(
+                    format!("clients[{i}].token"),
+                    "must be unique (among clients and enforcement points) and at least 16 characters",
+                ));
+            }
+            if c.roles.is_empty() {
+                return Err(invalid(format!("clients[{i}].roles"), "must name a role"));
             }
         }
         let mut names = HashSet::new();

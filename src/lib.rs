@@ -6,7 +6,17 @@ pub mod app;
 pub use app::Vigil;
 pub use config::Config;
 
+/// jemalloc instead of glibc malloc for every binary, test and bench linking Vigil. The hot paths
+/// (Kafka and SET intake, context folding, CEL evaluation) make many small short-lived allocations
+/// across threads; under glibc malloc they took over a quarter of the Kafka benchmark's CPU
+/// (`_int_malloc`, `unlink_chunk`, `malloc_consolidate`). mimalloc was as fast there but doubled
+/// the revocation-delivery tail (p99, max); jemalloc keeps that tail at or below glibc's. The
+/// measurements are in `benches/RESULTS.md`.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 pub mod audit;
+pub mod auth;
 pub mod check;
 pub mod config;
 pub mod context;
@@ -21,6 +31,7 @@ pub mod intake;
 pub mod jose;
 pub mod jwks;
 pub mod kafka;
+pub mod limits;
 pub mod ops;
 pub mod policy;
 pub mod principal;

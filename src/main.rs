@@ -51,6 +51,13 @@ enum Command {
         /// The running Vigil's base URL.
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         url: String,
+        /// An operator client's bearer token. Default: the generated `admin.token` in the data
+        /// directory of `--data-dir`.
+        #[arg(long, env = "VIGIL_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Where to find `admin.token` when no `--token` is given.
+        #[arg(long, default_value = "vigil-data")]
+        data_dir: std::path::PathBuf,
         #[command(subcommand)]
         command: streams_cmd::StreamsCommand,
     },
@@ -89,14 +96,32 @@ fn main() -> ExitCode {
     let args = match &cli.command {
         Command::Serve(a) | Command::CheckConfig(a) => a,
         Command::Policy(cmd) => return policy_command(cmd),
-        Command::Streams { url, command } => {
-            return match streams_cmd::run(url, command) {
+        Command::Streams {
+            url,
+            token,
+            data_dir,
+            command,
+        } => {
+            let token = match token {
+                Some(t) => t.clone(),
+                None => match std::fs::read_to_string(data_dir.join(vigil::auth::ADMIN_TOKEN_FILE))
+                {
+                    Ok(t) => t.trim().to_owned(),
+                    Err(e) => {
+                        return fail(format!(
+                            "no --token (or VIGIL_TOKEN) and no {}: {e}",
+                            data_dir.join(vigil::auth::ADMIN_TOKEN_FILE).display()
+                        ))
+                    }
+                },
+            };
+            return match streams_cmd::run(url, &token, command) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("vigil: {e:#}");
                     ExitCode::FAILURE
                 }
-            }
+            };
         }
     };
     let config = match load(args) {
@@ -174,6 +199,9 @@ fn check_config(mut config: Config) -> anyhow::Result<()> {
     }
     for ep in &mut config.enforcement_points {
         ep.token = "<redacted>".into();
+    }
+    for c in &mut config.clients {
+        c.token = "<redacted>".into();
     }
     // librdkafka secrets: sasl.password, ssl.key.password, ssl.key.pem, …client.secret, …
     for (name, value) in config.kafka.properties.iter_mut() {

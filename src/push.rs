@@ -4,7 +4,8 @@
 //! `Content-Type: application/json`, a `Content-Language` header and `{"err", "description"}` (§2.3),
 //! using only the registered codes. A body over the configured limit is refused with `413` (same body
 //! shape, `invalid_request`) before any of it is parsed. When the transmitter's keys have never loaded
-//! the answer is `503` with `Retry-After`, so the transmitter retries instead of dropping the SET.
+//! the answer is `503` with `Retry-After`, so the transmitter retries instead of dropping the SET; a
+//! transmitter over its rate limit (`limits.transmitter_sets_per_sec`) gets `429` with `Retry-After`.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -25,6 +26,8 @@ pub const SECEVENT_JWT: &str = "application/secevent+jwt";
 pub struct PushState {
     pub receiver: Arc<Receiver>,
     pub max_body_bytes: usize,
+    /// SETs per second per transmitter, checked after authentication and before the body is read.
+    pub limiter: crate::limits::RateLimiter,
 }
 
 /// Axum handler for `POST /ssf/push/{stream}`.
@@ -74,6 +77,10 @@ async fn handle(
         .get(header::AUTHORIZATION)
         .map(HeaderValue::as_bytes);
     let transmitter = state.receiver.authenticate(stream, presented)?;
+    state
+        .limiter
+        .acquire(&transmitter.config.name)
+        .map_err(Rejection::RateLimited)?;
 
     let content_type_ok = headers
         .get(header::CONTENT_TYPE)
@@ -129,17 +136,22 @@ fn rejection_response(rejection: Rejection) -> Response {
             } else {
                 StatusCode::BAD_REQUEST
             };
-            (status, serde_json::json!(error), false)
+            (status, serde_json::json!(error), None)
         }
         Rejection::Unavailable(why) => (
             StatusCode::SERVICE_UNAVAILABLE,
             serde_json::json!({ "description": format!("the transmitter's keys are not available yet: {why}") }),
-            true,
+            Some(5),
         ),
         Rejection::Storage(_) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             serde_json::json!({ "description": "the SET could not be recorded; retry later" }),
-            true,
+            Some(5),
+        ),
+        Rejection::RateLimited(wait) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            serde_json::json!({ "description": "this transmitter is over its rate limit; retry later" }),
+            Some(crate::limits::retry_after_secs(wait)),
         ),
     };
     let mut response = (
@@ -151,10 +163,10 @@ fn rejection_response(rejection: Rejection) -> Response {
         body.to_string(),
     )
         .into_response();
-    if retry {
+    if let Some(secs) = retry {
         response
             .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
     response
 }

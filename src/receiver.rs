@@ -98,6 +98,9 @@ pub enum Rejection {
     /// Vigil could not record the SET (500); nothing was acknowledged.
     #[error("could not record the SET: {0}")]
     Storage(String),
+    /// The transmitter is over its rate limit (429 with `Retry-After`); nothing was read.
+    #[error("rate limit exceeded; retry in {0:?}")]
+    RateLimited(std::time::Duration),
 }
 
 impl Rejection {
@@ -113,6 +116,7 @@ impl Rejection {
             Rejection::Set { error, .. } => error.err.as_str(),
             Rejection::Unavailable(_) => "unavailable",
             Rejection::Storage(_) => "storage_error",
+            Rejection::RateLimited(_) => "rate_limited",
         }
     }
 

@@ -41,6 +41,9 @@ pub enum FeedError {
     NoLevel,
     #[error("invalid `{field}`: {reason}")]
     Invalid { field: &'static str, reason: String },
+    /// A bug, not the message's fault; it is dead-lettered rather than lost or retried forever.
+    #[error("internal error while normalizing the message")]
+    Internal,
 }
 
 /// Score thresholds: a score at or above `high` is HIGH, at or above `medium` MEDIUM, else LOW.

@@ -30,16 +30,17 @@ pub enum StreamsCommand {
     Delete { name: String },
 }
 
-/// Runs one command against Vigil at `base` (e.g. `http://127.0.0.1:8080`).
-pub fn run(base: &str, cmd: &StreamsCommand) -> anyhow::Result<()> {
+/// Runs one command against Vigil at `base` (e.g. `http://127.0.0.1:8080`) as the operator
+/// client holding `token`.
+pub fn run(base: &str, token: &str, cmd: &StreamsCommand) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(call(base.trim_end_matches('/'), cmd))
+    runtime.block_on(call(base.trim_end_matches('/'), token, cmd))
 }
 
-async fn call(base: &str, cmd: &StreamsCommand) -> anyhow::Result<()> {
+async fn call(base: &str, token: &str, cmd: &StreamsCommand) -> anyhow::Result<()> {
     let client = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(30))
         .build()?;
@@ -72,6 +73,7 @@ async fn call(base: &str, cmd: &StreamsCommand) -> anyhow::Result<()> {
         StreamsCommand::Delete { name } => client.delete(url(name, "")),
     };
     let resp = request
+        .bearer_auth(token)
         .send()
         .await
         .with_context(|| format!("cannot reach Vigil at {base}"))?;

@@ -111,7 +111,20 @@ async fn nginx_auth_request_enforces_a_revocation() {
         );
         return;
     };
-    let (tx, vigil, dir) = setup().await;
+    // nginx holds a check-only credential: it can ask about grants, not register them.
+    const NGINX_TOKEN: &str = "nginx-check-token-0123456789";
+    let tx = Transmitter::start(&[Alg::RS256]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), vec![tx.config("idp", ISS, &[AUD])]);
+    config.clients = vec![
+        admin_client(),
+        vigil::config::ApiClientConfig {
+            name: "nginx".into(),
+            token: NGINX_TOKEN.into(),
+            roles: vec![vigil::auth::Role::Check],
+        },
+    ];
+    let vigil = start(config).await;
     let up = upstream().await;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -148,6 +161,7 @@ http {{
       proxy_pass_request_body off;
       proxy_set_header Content-Length "";
       proxy_set_header X-Vigil-Grant $http_x_grant;
+      proxy_set_header Authorization "Bearer {token}";
     }}
   }}
 }}
@@ -155,6 +169,7 @@ http {{
             pid = prefix.join("nginx.pid").display(),
             prefix = prefix.display(),
             vigil = vigil.local_addr(),
+            token = NGINX_TOKEN,
         ),
     )
     .unwrap();
@@ -191,6 +206,20 @@ http {{
                 .unwrap()
         }
     };
+    let as_nginx = reqwest::Client::new()
+        .post(format!("http://{}/v1/grants", vigil.local_addr()))
+        .bearer_auth(NGINX_TOKEN)
+        .json(&json!({"id": "web-2", "kind": "session", "subject": {"format": "email", "email": "n@example.com"},
+            "issued_at": t - 5.0, "expires_at": t + 600.0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        as_nginx.status().as_u16(),
+        403,
+        "a check-only client registers no grants"
+    );
+
     let ok = get("web-1").await;
     assert_eq!(ok.status().as_u16(), 200);
     assert_eq!(ok.text().await.unwrap(), "upstream says hello");

@@ -65,8 +65,12 @@ fn serve_reloads_policies_on_sighup_and_stops_on_sigterm() {
         .as_secs_f64();
     let grant = json!({"id": "hup", "kind": "session", "subject": {"format": "email", "email": "hup@example.com"},
                        "scopes": ["admin"], "issued_at": now - 10.0, "expires_at": now + 3600.0});
+    // No [[clients]] in the config: the binary generated an all-roles token beside its store.
+    let token = std::fs::read_to_string(dir.path().join("data").join("admin.token")).unwrap();
+    let token = token.trim();
     let resp = client
         .post(format!("{base}/v1/grants"))
+        .bearer_auth(token)
         .json(&grant)
         .send()
         .unwrap();
@@ -85,6 +89,7 @@ fn serve_reloads_policies_on_sighup_and_stops_on_sigterm() {
     wait_for("the SIGHUP reload to revoke the grant", || {
         let g: Value = client
             .get(format!("{base}/v1/grants/hup"))
+            .bearer_auth(token)
             .send()
             .ok()?
             .json()

@@ -468,15 +468,13 @@ async fn grants_tombstones_and_context_survive_restart_and_revoked_ids_stay_revo
     ))
     .await;
     env.wait_status("gone", "revoked").await;
-    let del = reqwest::Client::new()
-        .delete(format!("http://{}/v1/grants/ended", env.vigil.local_addr()))
+    let del = api(&env.vigil, reqwest::Method::DELETE, "/v1/grants/ended")
         .send()
         .await
         .unwrap();
     assert_eq!(del.status().as_u16(), 204);
     // Deleting a revoked grant keeps its tombstone.
-    let del = reqwest::Client::new()
-        .delete(format!("http://{}/v1/grants/gone", env.vigil.local_addr()))
+    let del = api(&env.vigil, reqwest::Method::DELETE, "/v1/grants/gone")
         .send()
         .await
         .unwrap();

@@ -322,7 +322,9 @@ async fn a_polled_set_that_fails_validation_is_reported_in_set_errs_and_never_ac
 /// Runs `vigil streams --url <vigil> <args…>`: (exit success, stdout, stderr).
 async fn cli(vigil: &Vigil, args: &[&str]) -> (bool, String, String) {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"));
-    cmd.arg("streams")
+    // The operator token from the environment (the CLI's other source is `admin.token`).
+    cmd.env("VIGIL_TOKEN", vigil.admin_token().unwrap())
+        .arg("streams")
         .arg("--url")
         .arg(format!("http://{}", vigil.local_addr()))
         .args(args);

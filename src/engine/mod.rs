@@ -51,6 +51,8 @@ pub struct EngineSettings {
     pub sweep_interval: Duration,
     /// Most messages a shard handles per commit.
     pub max_batch: usize,
+    /// How long contexts changed by replayable signals may wait for their write.
+    pub checkpoint_interval: Duration,
     /// Most signals and API requests in flight across all shards (backpressure).
     pub max_inflight: usize,
 }
@@ -63,6 +65,7 @@ impl Default for EngineSettings {
             session_ttl_secs: 8.0 * 3600.0,
             sweep_interval: Duration::from_secs(1),
             max_batch: 256,
+            checkpoint_interval: Duration::from_secs(1),
             max_inflight: 8192,
         }
     }

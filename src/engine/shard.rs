@@ -58,16 +58,16 @@ pub(crate) struct Shard {
     /// The grants this shard owns, by expiry (milliseconds) — for the sweep and for re-evaluate-all.
     expiry: BTreeSet<(i64, String)>,
     /// Contexts changed by signals whose source replays them (Kafka), not yet written: they are
-    /// checkpointed together every [`CHECKPOINT_INTERVAL`], so a subject's many feed updates cost
+    /// checkpointed together every checkpoint interval (`EngineSettings::checkpoint_interval`), so a subject's many feed updates cost
     /// one write. Their batches are answered (and their offsets committed) only after that write.
     /// Decisions and grant changes those signals cause are never deferred.
-    dirty: std::collections::HashMap<String, Arc<PrincipalContext>>,
+    /// Only keys are held: the context itself is read at the checkpoint, so until then the shard
+    /// owns the only reference and later signals update it in place instead of copying it.
+    dirty: std::collections::HashSet<String>,
     checkpoint_waiters: Vec<oneshot::Sender<Result<(), String>>>,
     last_checkpoint: Instant,
 }
 
-/// How long contexts changed by replayable signals may wait for their write.
-const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
 /// Most such contexts held before a write is forced.
 const CHECKPOINT_MAX_DIRTY: usize = 100_000;
 
@@ -95,7 +95,7 @@ impl Shard {
             shared,
             inboxes,
             expiry,
-            dirty: std::collections::HashMap::new(),
+            dirty: std::collections::HashSet::new(),
             checkpoint_waiters: Vec::new(),
             last_checkpoint: Instant::now(),
         }
@@ -107,6 +107,7 @@ impl Shard {
     pub fn run(mut self, rx: Receiver<Msg>) {
         let interval = self.shared.settings.sweep_interval;
         let max_batch = self.shared.settings.max_batch.max(1);
+        let checkpoint_interval = self.shared.settings.checkpoint_interval;
         let mut last_sweep = Instant::now();
         let mut committing: Option<Committing> = None;
         loop {
@@ -121,7 +122,7 @@ impl Shard {
                     let wait = if self.checkpoint_waiters.is_empty() {
                         interval
                     } else {
-                        CHECKPOINT_INTERVAL
+                        checkpoint_interval
                             .saturating_sub(self.last_checkpoint.elapsed())
                             .min(interval)
                     };
@@ -157,7 +158,7 @@ impl Shard {
                 last_sweep = Instant::now();
             }
             if stop
-                || self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL
+                || self.last_checkpoint.elapsed() >= checkpoint_interval
                 || self.dirty.len() >= CHECKPOINT_MAX_DIRTY
             {
                 self.checkpoint(&mut p);
@@ -250,9 +251,12 @@ impl Shard {
     /// Moves the contexts waiting for a checkpoint into this batch's write, and their batches'
     /// answers after it.
     fn checkpoint(&mut self, p: &mut Pending) {
-        p.changes
-            .contexts
-            .extend(self.dirty.drain().map(|(_, c)| c));
+        let contexts = &self.shared.contexts;
+        p.changes.contexts.extend(
+            self.dirty
+                .drain()
+                .filter_map(|k| contexts.get(&k).map(|c| c.clone())),
+        );
         p.batch_waiters.append(&mut self.checkpoint_waiters);
         self.last_checkpoint = Instant::now();
     }
@@ -265,17 +269,26 @@ impl Shard {
         replayable: bool,
         p: &mut Pending,
     ) {
-        let mut ctx = self
-            .shared
-            .contexts
-            .get(key)
-            .map(|c| (**c).clone())
-            .unwrap_or_else(|| PrincipalContext::new(key));
-        let changed = ctx.apply(signal, target);
-        let ctx = Arc::new(ctx);
-        self.shared.contexts.insert(key.to_owned(), ctx.clone());
+        // Updated in place when nobody else holds this version (readers keep their snapshot:
+        // `make_mut` copies only a context that is shared at this moment).
+        let (changed, ctx) = match self.shared.contexts.get_mut(key) {
+            Some(mut entry) => {
+                let changed = Arc::make_mut(&mut *entry).apply(signal, target);
+                (changed, entry.clone())
+            }
+            None => {
+                let mut ctx = PrincipalContext::new(key);
+                let changed = ctx.apply(signal, target);
+                let ctx = Arc::new(ctx);
+                self.shared.contexts.insert(key.to_owned(), ctx.clone());
+                (changed, ctx)
+            }
+        };
         if replayable {
-            self.dirty.insert(key.to_owned(), ctx);
+            drop(ctx);
+            if !self.dirty.contains(key) {
+                self.dirty.insert(key.to_owned());
+            }
         } else {
             self.dirty.remove(key);
             p.changes.contexts.push(ctx);

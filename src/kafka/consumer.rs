@@ -37,6 +37,8 @@ pub enum KafkaError {
 /// each only after its batch's engine commit.
 struct Pipeline {
     normalizer: Normalizer,
+    /// Threads a large batch is normalized on (the machine's cores).
+    workers: usize,
     /// Draws the sequence numbers that order signals across sources.
     intake: Intake,
     engine: Arc<Engine>,
@@ -47,9 +49,13 @@ struct Pipeline {
     submitted: Mutex<VecDeque<Submitted>>,
 }
 
-/// Most batches handed to the engine and not yet committed (the engine checkpoints feed-changed
-/// contexts every 200 ms, so at full speed a few dozen batches wait for one write).
-const MAX_SUBMITTED: usize = 64;
+/// Most batches handed to the engine and not yet committed. The engine makes feed-changed contexts
+/// durable at each checkpoint (`engine.checkpoint_interval_ms`, 1 s by default), so every batch
+/// applied in that interval waits for the same write: the bound must hold a whole interval's
+/// batches at full speed, or the consumer stalls until the next checkpoint (64 capped it near
+/// 128 k signals/s). A waiting batch is only its offsets and a completion handle; its messages
+/// are already applied and dropped, so the bound costs little memory.
+const MAX_SUBMITTED: usize = 1024;
 
 /// A batch the engine is applying.
 struct Submitted {
@@ -136,17 +142,33 @@ impl Pipeline {
 
     /// Normalizes a batch, makes its dead letters safe and hands its signals to the engine.
     fn submit(&self, batch: Vec<FeedMessage>) -> Submitted {
-        let mut first: BTreeMap<(String, i32), i64> = BTreeMap::new();
-        let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        let normalized = self.normalizer.signals(&batch, self.workers);
+        // Offsets and counts per partition and topic, keyed by borrowed names: one entry per
+        // partition, not a topic-name copy per message.
+        let mut spans: BTreeMap<(&str, i32), (i64, i64)> = BTreeMap::new();
+        let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
+        for (msg, result) in batch.iter().zip(&normalized) {
+            let span = spans
+                .entry((msg.topic.as_str(), msg.partition))
+                .or_insert((msg.offset, msg.offset + 1));
+            span.0 = span.0.min(msg.offset);
+            span.1 = span.1.max(msg.offset + 1);
+            if result.is_ok() {
+                *counts.entry(msg.topic.as_str()).or_default() += 1;
+            }
+        }
+        let mut first = BTreeMap::new();
+        let mut next = BTreeMap::new();
+        for ((topic, partition), (f, n)) in spans {
+            first.insert((topic.to_owned(), partition), f);
+            next.insert((topic.to_owned(), partition), n);
+        }
+        let applied: BTreeMap<String, u64> =
+            counts.into_iter().map(|(t, n)| (t.to_owned(), n)).collect();
         let mut signals: Vec<Signal> = Vec::with_capacity(batch.len());
         let mut dead = Vec::new();
-        for msg in batch {
-            let key = (msg.topic.clone(), msg.partition);
-            let f = first.entry(key.clone()).or_insert(msg.offset);
-            *f = (*f).min(msg.offset);
-            let n = next.entry(key).or_insert(0);
-            *n = (*n).max(msg.offset + 1);
-            match self.normalizer.signal(&msg) {
+        for (msg, result) in batch.into_iter().zip(normalized) {
+            match result {
                 Ok(signal) => signals.push(signal),
                 Err(e) => {
                     tracing::warn!(topic = %msg.topic, partition = msg.partition, offset = msg.offset,
@@ -154,11 +176,6 @@ impl Pipeline {
                     dead.push((msg, e.to_string()));
                 }
             }
-        }
-        let mut applied: BTreeMap<String, u64> = BTreeMap::new();
-        for s in &signals {
-            // The signal's stream label is its topic.
-            *applied.entry(s.source.stream().to_owned()).or_default() += 1;
         }
         let received_at_ms = signals.iter().map(|s| s.received_at_ms).min();
         let done = match self.hand_over(dead, signals) {
@@ -341,6 +358,7 @@ impl KafkaSource {
         let runtime = tokio::runtime::Handle::current();
         let context = Pipeline {
             normalizer: Normalizer::new(&config.mappings),
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             intake,
             engine,
             dead_letters: DeadLetters::new(
@@ -377,6 +395,18 @@ struct Batching {
     wait: Duration,
 }
 
+/// Counts a gathered batch per topic: one metric update per topic and batch rather than one
+/// label allocation and registry lookup per message.
+fn count_consumed(gathered: &[FeedMessage]) {
+    let mut per_topic: BTreeMap<&str, u64> = BTreeMap::new();
+    for m in gathered {
+        *per_topic.entry(m.topic.as_str()).or_default() += 1;
+    }
+    for (topic, n) in per_topic {
+        metrics::counter!("vigil_kafka_consumed_total", "topic" => topic.to_owned()).increment(n);
+    }
+}
+
 fn run(consumer: BaseConsumer<Pipeline>, batching: Batching, shutdown: watch::Receiver<bool>) {
     let pipeline = consumer.context();
     loop {
@@ -394,8 +424,6 @@ fn run(consumer: BaseConsumer<Pipeline>, batching: Batching, shutdown: watch::Re
             };
             match consumer.poll(timeout) {
                 Some(Ok(m)) => {
-                    metrics::counter!("vigil_kafka_consumed_total", "topic" => m.topic().to_owned())
-                        .increment(1);
                     gathered.push(FeedMessage {
                         topic: m.topic().to_owned(),
                         partition: m.partition(),
@@ -420,6 +448,7 @@ fn run(consumer: BaseConsumer<Pipeline>, batching: Batching, shutdown: watch::Re
         // Hand the batch to the pipeline's gathered slot, where a rebalance can find it too. An
         // idle poll lets the pipeline finish everything it holds.
         let idle = gathered.is_empty();
+        count_consumed(&gathered);
         Pipeline::lock(&pipeline.gathered).extend(gathered);
         pipeline.drain(&consumer, if idle { Finish::All } else { Finish::Bounded });
     }

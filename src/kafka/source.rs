@@ -6,6 +6,9 @@ use std::collections::HashMap;
 use crate::risk_feed::{self, FeedError, Mapping, Origin};
 use crate::signal::{now_ms, Signal};
 
+/// Batches smaller than this are normalized on the calling thread: a thread costs more than it saves.
+const PARALLEL_MIN: usize = 512;
+
 /// A message taken from a partition.
 #[derive(Debug, Clone)]
 pub struct FeedMessage {
@@ -32,6 +35,33 @@ impl Normalizer {
                 .map(|m| (m.topic.clone(), m.clone()))
                 .collect(),
         }
+    }
+
+    /// The signals a batch carries, in the batch's order, normalized on `workers` threads (JSON
+    /// parsing and mapping are most of the consumer thread's work, and that thread is the one
+    /// serial step between the broker and the engine's shards).
+    pub fn signals(&self, batch: &[FeedMessage], workers: usize) -> Vec<Result<Signal, FeedError>> {
+        let serial =
+            |chunk: &[FeedMessage]| chunk.iter().map(|m| self.signal(m)).collect::<Vec<_>>();
+        if workers < 2 || batch.len() < PARALLEL_MIN {
+            return serial(batch);
+        }
+        let size = batch.len().div_ceil(workers);
+        std::thread::scope(|scope| {
+            let mut chunks = batch.chunks(size);
+            let first = chunks.next().unwrap_or_default();
+            let others: Vec<_> = chunks
+                .map(|chunk| (chunk.len(), scope.spawn(move || serial(chunk))))
+                .collect();
+            let mut out = serial(first);
+            for (len, handle) in others {
+                match handle.join() {
+                    Ok(signals) => out.extend(signals),
+                    Err(_) => out.extend((0..len).map(|_| Err(FeedError::Internal))),
+                }
+            }
+            out
+        })
     }
 
     /// The signal `msg` carries, or why it carries none.

@@ -66,13 +66,7 @@ impl Evaluation {
 impl PolicySet {
     /// Evaluates every rule that applies to `input` and returns the outcome.
     pub fn evaluate(&self, input: &EvalInput) -> Evaluation {
-        let ctx = match bind(&self.env, input) {
-            Ok(ctx) => ctx,
-            Err(e) => {
-                // Cannot even bind the inputs: every enforced rule fails closed.
-                return self.fail_all(&format!("binding inputs: {e}"));
-            }
-        };
+        let ctx = bind(&self.env, input);
         let mut out = Evaluation::default();
         for rule in &self.rules {
             let triggered = input
@@ -125,27 +119,9 @@ impl PolicySet {
         }
         out
     }
-
-    fn fail_all(&self, error: &str) -> Evaluation {
-        let mut out = Evaluation::default();
-        for rule in &self.rules {
-            if rule.spec.mode == Mode::Shadow || rule.spec.effect == Effect::Notify {
-                continue;
-            }
-            out.effect = out.effect.max(Some(rule.spec.effect));
-            out.matched.push(RuleMatch {
-                id: rule.spec.id.clone(),
-                effect: rule.spec.effect,
-                reason: format!("rule failed closed: {error}"),
-                error: Some(error.to_owned()),
-                shadow: false,
-            });
-        }
-        out
-    }
 }
 
-fn bind<'a>(env: &Arc<cel::Env>, input: &EvalInput) -> Result<cel::Context<'a, 'a>, String> {
+fn bind<'a>(env: &Arc<cel::Env>, input: &'a EvalInput) -> cel::Context<'a, 'a> {
     let mut ctx = cel::Context::with_env(env.clone());
     for (name, value) in [
         ("grant", &input.grant),
@@ -153,11 +129,10 @@ fn bind<'a>(env: &Arc<cel::Env>, input: &EvalInput) -> Result<cel::Context<'a, '
         ("signal", &input.signal),
         ("subject", &input.subject),
     ] {
-        let v = cel::to_value(value).map_err(|e| format!("{name}: {e}"))?;
-        ctx.add_variable_from_value(name, v);
+        ctx.add_variable_as_val(name, super::json_val::to_val(value));
     }
     ctx.add_variable_from_value("now", input.now);
-    Ok(ctx)
+    ctx
 }
 
 /// Rejects conditions that reference variables Vigil never binds (a typo would otherwise fail closed

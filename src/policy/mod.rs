@@ -15,6 +15,7 @@
 
 mod eval;
 mod file;
+mod json_val;
 pub mod lint;
 pub mod testing;
 

@@ -21,6 +21,16 @@ use serde_json::Value;
 
 pub use crate::signing::{jwks_document, SigningError as SimError, SigningKey};
 
+/// An HTTP client that calls Vigil's API as the client holding `token` (every request carries
+/// `Authorization: Bearer <token>`), for the demo, the load harnesses and the simulators.
+pub fn api_client(token: Option<&str>) -> Result<reqwest::Client, reqwest::Error> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(value) = token.and_then(|t| format!("Bearer {t}").parse().ok()) {
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    reqwest::Client::builder().default_headers(headers).build()
+}
+
 struct ServerState {
     jwks: RwLock<Value>,
     metadata: RwLock<Option<Value>>,

@@ -38,6 +38,9 @@ pub struct MgmtState {
     /// Set at shutdown: long polls answer at once and SSE responses end, so the server's graceful
     /// shutdown is not held open by subscribers.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Long polls and SSE responses open at once (`limits.max_streaming_connections`); each holds
+    /// a permit for as long as it is open.
+    pub connections: Arc<tokio::sync::Semaphore>,
 }
 
 /// A refused management or poll request; becomes its HTTP answer.
@@ -47,6 +50,8 @@ pub enum MgmtError {
     BadRequest(String),
     Stream(StreamError),
     Internal(String),
+    /// Too many long polls and SSE responses open: 503 with `Retry-After`.
+    Busy,
 }
 
 impl From<StreamError> for MgmtError {
@@ -69,6 +74,12 @@ impl IntoResponse for MgmtError {
             MgmtError::BadRequest(m) => error(StatusCode::BAD_REQUEST, m),
             MgmtError::Internal(m) => error(StatusCode::INTERNAL_SERVER_ERROR, m),
             MgmtError::Stream(e) => stream_error(e),
+            MgmtError::Busy => crate::limits::refusal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "too many long polls and event streams are open; retry later",
+                Duration::from_secs(1),
+            ),
         }
     }
 }
@@ -94,6 +105,14 @@ fn stream_error(e: StreamError) -> Response {
         StreamError::TooSoon => error(StatusCode::TOO_MANY_REQUESTS, e.to_string()),
         StreamError::Storage(m) => error(StatusCode::INTERNAL_SERVER_ERROR, m),
     }
+}
+
+/// A permit for one open long poll or SSE response, or `Busy`.
+fn connection(s: &MgmtState) -> Result<tokio::sync::OwnedSemaphorePermit, MgmtError> {
+    s.connections.clone().try_acquire_owned().map_err(|_| {
+        metrics::counter!("vigil_streaming_refused_total").increment(1);
+        MgmtError::Busy
+    })
 }
 
 /// The enforcement point a bearer token belongs to (constant-time comparison).
@@ -402,6 +421,7 @@ pub async fn poll(
         object(&body)?
     };
     s.streams.get(&ep.name, &id)?;
+    let _open = connection(&s)?;
     let mut done: Vec<String> =
         string_list(body.get("ack")).map_err(|_| bad("`ack` must be an array of jti strings"))?;
     if let Some(errs) = body.get("setErrs").and_then(Value::as_object) {
@@ -463,6 +483,7 @@ pub async fn sse(
     use axum::response::sse::{Event, KeepAlive, Sse};
     let ep = authenticate(&s, &headers)?;
     s.streams.get(&ep.name, &id)?;
+    let open = connection(&s)?;
     let last: u64 = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -525,6 +546,11 @@ pub async fn sse(
     let stop = async move {
         let _ = shutdown.wait_for(|stop| *stop).await;
     };
+    // The response holds its connection permit until it ends (or the subscriber goes away).
+    let events = futures_util::StreamExt::map(events, move |event| {
+        let _held = &open;
+        event
+    });
     Ok(Sse::new(futures_util::StreamExt::take_until(events, stop))
         .keep_alive(KeepAlive::default())
         .into_response())

@@ -169,18 +169,36 @@ pub async fn push(vigil: &Vigil, stream: &str, token: &str) -> Answer {
     .await
 }
 
-/// GETs a path on Vigil and returns the body.
+/// The token of [`admin_client`], for tests that configure their own API clients.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+/// An all-roles API client, to configure beside narrower ones.
+pub fn admin_client() -> vigil::config::ApiClientConfig {
+    use vigil::auth::Role;
+    vigil::config::ApiClientConfig {
+        name: "test-admin".into(),
+        token: ADMIN_TOKEN.into(),
+        roles: vec![Role::Grants, Role::Check, Role::Operator, Role::Metrics],
+    }
+}
+
+/// A request to Vigil as an all-roles client: the token Vigil generated when the test configures
+/// no clients, else [`ADMIN_TOKEN`].
+pub fn api(vigil: &Vigil, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    reqwest::Client::new()
+        .request(method, format!("http://{}{path}", vigil.local_addr()))
+        .bearer_auth(vigil.admin_token().unwrap_or(ADMIN_TOKEN))
+}
+
+/// GETs a path on Vigil (as the admin client) and returns the body.
 pub async fn get(vigil: &Vigil, path: &str) -> (u16, String) {
-    let resp = reqwest::get(format!("http://{}{path}", vigil.local_addr()))
-        .await
-        .unwrap();
+    let resp = api(vigil, reqwest::Method::GET, path).send().await.unwrap();
     (resp.status().as_u16(), resp.text().await.unwrap())
 }
 
-/// POSTs JSON to Vigil.
+/// POSTs JSON to Vigil (as the admin client).
 pub async fn post_json(vigil: &Vigil, path: &str, body: &Value) -> (u16, Value) {
-    let resp = reqwest::Client::new()
-        .post(format!("http://{}{path}", vigil.local_addr()))
+    let resp = api(vigil, reqwest::Method::POST, path)
         .json(body)
         .send()
         .await

@@ -1,0 +1,176 @@
+//! Abuse limits over real HTTP: a transmitter over its SET rate and an API client over its request
+//! rate get `429` with `Retry-After` (and what was refused changes nothing); open long polls and
+//! SSE responses beyond the cap get `503` with `Retry-After`; oversize bodies get `413`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use vigil::config::EnforcementPointConfig;
+use vigil::jose::Alg;
+
+const ISS: &str = "https://idp.example.com/";
+const AUD: &str = "https://vigil.example.com/";
+const EP: &str = "enforcement-point-token-0";
+
+fn now() -> f64 {
+    vigil::signal::now_ms() as f64 / 1000.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_over_their_limits_are_told_when_to_come_back() {
+    let tx = Transmitter::start(&[Alg::RS256]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), vec![tx.config("idp", ISS, &[AUD])]);
+    config.limits.transmitter_sets_per_sec = 1.0;
+    config.limits.client_requests_per_sec = 1.0;
+    config.limits.burst = 3.0;
+    config.limits.max_streaming_connections = 1;
+    config.enforcement_points = vec![EnforcementPointConfig {
+        name: "ep1".into(),
+        token: EP.into(),
+        audience: None,
+    }];
+    config.validate().unwrap();
+    let vigil = start(config).await;
+
+    // Transmitter: three SETs fit the burst, the fourth is refused before it is read or recorded.
+    let set = |jti: &str| {
+        tx.key(Alg::RS256)
+            .sign_set(
+                &json!({"iss": ISS, "aud": AUD, "jti": jti, "iat": now() as i64,
+                "sub_id": {"format": "email", "email": "r@example.com"},
+                "events": {"https://schemas.openid.net/secevent/caep/event-type/session-revoked":
+                    {"event_timestamp": now() as i64}}}),
+            )
+            .unwrap()
+    };
+    for i in 0..3 {
+        assert_eq!(
+            push(&vigil, "idp", &set(&format!("ok-{i}"))).await.status,
+            202
+        );
+    }
+    let refused = push(&vigil, "idp", &set("over")).await;
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    let wait: u64 = refused.retry_after.unwrap().parse().unwrap();
+    assert!((1..=2).contains(&wait));
+    let (_, metrics) = get(&vigil, "/metrics").await;
+    assert!(metrics.contains("outcome=\"rate_limited\""), "counted");
+    assert!(
+        vigil.intake().lookup_jti(ISS, "over").unwrap().is_none(),
+        "a refused SET is not recorded"
+    );
+
+    // API client: the admin token's bucket (the `get` above took one request of three).
+    let url = format!("http://{}/v1/decisions", vigil.local_addr());
+    let token = vigil.admin_token().unwrap().to_owned();
+    let http = reqwest::Client::new();
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..3 {
+        let resp = http.get(&url).bearer_auth(&token).send().await.unwrap();
+        statuses.push(resp.status().as_u16());
+        if resp.status().as_u16() == 429 {
+            retry_after = resp
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_owned());
+        }
+    }
+    assert!(statuses.contains(&429), "{statuses:?}");
+    assert!(retry_after.is_some());
+
+    // Streaming connections: one long poll open; a second subscriber is turned away with 503.
+    let created = http
+        .post(format!("http://{}/ssf/streams", vigil.local_addr()))
+        .bearer_auth(EP)
+        .json(&json!({"events_requested": ["https://schemas.openid.net/secevent/caep/event-type/session-revoked"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status().as_u16(), 201);
+    let stream: serde_json::Value = created.json().await.unwrap();
+    let poll_url = format!(
+        "http://{}/ssf/poll/{}",
+        vigil.local_addr(),
+        stream["stream_id"].as_str().unwrap()
+    );
+    let long_poll = {
+        let (http, poll_url) = (http.clone(), poll_url.clone());
+        tokio::spawn(async move {
+            http.post(&poll_url)
+                .bearer_auth(EP)
+                .json(&json!({"maxEvents": 10}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    };
+    let second = eventually("the second subscriber to be turned away", || {
+        let (http, poll_url) = (http.clone(), poll_url.clone());
+        async move {
+            let resp = http
+                .post(&poll_url)
+                .bearer_auth(EP)
+                .json(&json!({"returnImmediately": true}))
+                .send()
+                .await
+                .unwrap();
+            (resp.status().as_u16() == 503).then_some(resp)
+        }
+    })
+    .await;
+    assert!(second.headers().get("retry-after").is_some());
+    vigil.shutdown().await;
+    // Shutdown answers the open long poll at once.
+    assert_eq!(long_poll.await.unwrap(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_bodies_are_refused_on_every_surface() {
+    let tx = Transmitter::start(&[Alg::RS256]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let vigil = start(test_config(dir.path(), vec![tx.config("idp", ISS, &[AUD])])).await;
+    let big = "x".repeat(1 << 20);
+    let base = format!("http://{}", vigil.local_addr());
+    let http = reqwest::Client::new();
+    for path in [
+        "/v1/grants",
+        "/v1/check",
+        "/v1/ssf/streams/idp/subjects:add",
+    ] {
+        let resp = http
+            .post(format!("{base}{path}"))
+            .bearer_auth(vigil.admin_token().unwrap())
+            .header("content-type", "application/json")
+            .body(big.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 413, "{path}");
+    }
+    let resp = http
+        .post(format!("{base}/ssf/streams"))
+        .bearer_auth("any-enforcement-point")
+        .header("content-type", "application/json")
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    // The body limit comes first: an oversize request is refused before any credential check.
+    assert_eq!(resp.status().as_u16(), 413);
+    let answer = push_raw(
+        &vigil,
+        "idp",
+        Some(&tx.config("idp", ISS, &[AUD]).authorization),
+        "application/secevent+jwt",
+        big,
+    )
+    .await;
+    assert_eq!(answer.status, 413);
+    vigil.shutdown().await;
+}
