@@ -1,0 +1,374 @@
+//! Crash safety: the `vigil` binary under load (grant registrations, then a RISC account-disabled
+//! SET per grant, pushed by concurrent transmitter tasks; and HIGH risk scores published to Kafka —
+//! librdkafka's mock broker in this process — for other granted users), killed with SIGKILL at
+//! random moments several times and restarted on the same data directory. Afterwards:
+//! - every SET answered 202 is recorded and applied: its grant is revoked (exactly as without a crash);
+//! - every Kafka message the broker acknowledged is applied (committed offsets lose nothing, and
+//!   uncommitted ones are redelivered): its user's grant is revoked;
+//! - every grant seen revoked before a kill is still revoked after every restart (never valid again);
+//! - every revocation decided for an acknowledged SET reaches the enforcement point's poll stream.
+//!
+//! The counts are printed (`cargo test --test crash_safety -- --nocapture`; `CRASH_KILLS=N` for more).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::{BTreeSet, HashSet};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use common::*;
+use serde_json::{json, Value};
+use vigil::config::EnforcementPointConfig;
+use vigil::jose::Alg;
+use vigil::sim::risk::{mock_cluster, Publisher};
+
+const ISS: &str = "https://idp.example.com/";
+const AUD: &str = "https://vigil.example.com/";
+const EP: &str = "crash-enforcement-point-token";
+/// Kills per run; `CRASH_KILLS=50 cargo test --release --test crash_safety -- --nocapture` for a
+/// longer run.
+fn kills() -> usize {
+    std::env::var("CRASH_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6)
+}
+const PUSHERS: usize = 4;
+const TOPIC: &str = "vigil.risk";
+const DISABLED: &str = "https://schemas.openid.net/secevent/risc/event-type/account-disabled";
+
+fn now() -> f64 {
+    vigil::signal::now_ms() as f64 / 1000.0
+}
+
+fn spawn(config: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("VIGIL_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until the process answers and the transmitter's keys are loaded.
+async fn ready(http: &reqwest::Client, base: &str) {
+    eventually_within(30, "vigil to be ready", || async {
+        let r = http
+            .get(format!("{base}/readyz"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .ok()?;
+        (r.status().as_u16() == 200).then_some(())
+    })
+    .await;
+}
+
+/// What the load saw acknowledged.
+#[derive(Default)]
+struct Acked {
+    /// Grants answered 201.
+    grants: BTreeSet<String>,
+    /// SETs answered 202, by jti, with the grant they revoke.
+    sets: Vec<(String, String)>,
+    /// Grants whose user's HIGH risk score the broker acknowledged.
+    scored: Vec<String>,
+    attempts: usize,
+}
+
+async fn status_of(http: &reqwest::Client, base: &str, grant: &str) -> Option<String> {
+    let r = http
+        .get(format!("{base}/v1/grants/{grant}"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .ok()?;
+    let v: Value = r.json().await.ok()?;
+    v["status"].as_str().map(str::to_owned)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_work_survives_sigkill() {
+    let tx = Arc::new(Transmitter::start(&[Alg::RS256]).await);
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut config = test_config(dir.path(), vec![tx.config("idp", ISS, &[AUD])]);
+    config.listen = format!("127.0.0.1:{port}").parse().unwrap();
+    config.data_dir = dir.path().join("data");
+    config.clients = vec![admin_client()];
+    config.enforcement_points = vec![EnforcementPointConfig {
+        name: "ep1".into(),
+        token: EP.into(),
+        audience: None,
+    }];
+    config.identity.poll_timeout_secs = 1;
+    let kafka = mock_cluster(&[(TOPIC, 4), ("vigil.risk.dead-letter", 1)]).unwrap();
+    config.kafka.brokers = kafka.bootstrap_servers();
+    config.kafka.group_id = "vigil-crash".into();
+    config.kafka.topics = vec![TOPIC.into()];
+    // A killed member's partitions move to the restarted one after this timeout.
+    for (k, v) in [
+        ("heartbeat_interval_ms", "300"),
+        ("session_timeout_ms", "3000"),
+    ] {
+        config.kafka.properties.insert(k.into(), v.into());
+    }
+    config.validate().unwrap();
+    let publisher = Arc::new(Publisher::new(&kafka.bootstrap_servers()).unwrap());
+    let push_auth = tx.config("idp", ISS, &[AUD]).authorization;
+    let config_path = dir.path().join("vigil.toml");
+    std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+
+    let mut child = spawn(&config_path);
+    ready(&http, &base).await;
+    let created = http
+        .post(format!("{base}/ssf/streams"))
+        .bearer_auth(EP)
+        .json(&json!({"events_requested": ["https://schemas.openid.net/secevent/caep/event-type/session-revoked"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status().as_u16(), 201);
+    let stream: Value = created.json().await.unwrap();
+    let poll_url = format!("{base}/ssf/poll/{}", stream["stream_id"].as_str().unwrap());
+
+    let acked = Arc::new(Mutex::new(Acked::default()));
+    let mut seen_revoked: HashSet<String> = HashSet::new();
+    let next_user = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let kills = kills();
+    for round in 0..=kills {
+        // Load: each pusher registers a grant for a fresh user, then pushes the SET that disables
+        // the user's account (only after the grant was acknowledged).
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for _ in 0..PUSHERS {
+            let (http, base, tx, acked, stop, next_user, push_auth) = (
+                http.clone(),
+                base.clone(),
+                tx.clone(),
+                acked.clone(),
+                stop.clone(),
+                next_user.clone(),
+                push_auth.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let n = next_user.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let (grant, email, jti) =
+                        (format!("g{n}"), format!("u{n}@example.com"), format!("set-{n}"));
+                    let t = now();
+                    let body = json!({"id": grant, "kind": "session",
+                        "subject": {"format": "email", "email": email},
+                        "issued_at": t - 5.0, "expires_at": t + 3600.0, "enforcement_points": ["ep1"]});
+                    acked.lock().unwrap().attempts += 1;
+                    let registered = http
+                        .post(format!("{base}/v1/grants"))
+                        .bearer_auth(ADMIN_TOKEN)
+                        .json(&body)
+                        .send()
+                        .await
+                        .map(|r| r.status().as_u16());
+                    if registered.ok() != Some(201) {
+                        continue;
+                    }
+                    acked.lock().unwrap().grants.insert(grant.clone());
+                    let set = tx
+                        .key(Alg::RS256)
+                        .sign_set(&json!({"iss": ISS, "aud": AUD, "jti": jti, "iat": t as i64,
+                            "sub_id": {"format": "email", "email": email},
+                            "events": {DISABLED: {}}}))
+                        .unwrap();
+                    let pushed = http
+                        .post(format!("{base}/ssf/push/idp"))
+                        .header("authorization", &push_auth)
+                        .header("content-type", "application/secevent+jwt")
+                        .body(set)
+                        .send()
+                        .await
+                        .map(|r| r.status().as_u16());
+                    if pushed.ok() == Some(202) {
+                        acked.lock().unwrap().sets.push((jti, grant));
+                    }
+                }
+            }));
+        }
+        {
+            // Risk scores from Kafka for other users, each after its grant is acknowledged.
+            let (http, base, acked, stop, next_user, publisher) = (
+                http.clone(),
+                base.clone(),
+                acked.clone(),
+                stop.clone(),
+                next_user.clone(),
+                publisher.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let n = next_user.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let (grant, email) = (format!("k{n}"), format!("k{n}@example.com"));
+                    let t = now();
+                    let body = json!({"id": grant, "kind": "session",
+                        "subject": {"format": "email", "email": email},
+                        "issued_at": t - 5.0, "expires_at": t + 3600.0, "enforcement_points": ["ep1"]});
+                    acked.lock().unwrap().attempts += 1;
+                    let registered = http
+                        .post(format!("{base}/v1/grants"))
+                        .bearer_auth(ADMIN_TOKEN)
+                        .json(&body)
+                        .send()
+                        .await
+                        .map(|r| r.status().as_u16());
+                    if registered.ok() != Some(201) {
+                        continue;
+                    }
+                    acked.lock().unwrap().grants.insert(grant.clone());
+                    let msg = json!({"subject": {"format": "email", "email": email},
+                        "level": "HIGH", "id": format!("score-{n}"), "event_time": t});
+                    let published = publisher
+                        .publish(TOPIC, Some(&email), msg.to_string().as_bytes())
+                        .await;
+                    if published.is_ok() {
+                        acked.lock().unwrap().scored.push(grant);
+                    }
+                }
+            }));
+        }
+        let wait = 300 + (rand::random::<u64>() % 900);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        if round < kills {
+            // Before the kill: note what is revoked now; it must stay revoked.
+            let sample: Vec<(String, String)> = acked.lock().unwrap().sets.clone();
+            for (_, grant) in sample.iter().rev().take(20) {
+                if status_of(&http, &base, grant).await.as_deref() == Some("revoked") {
+                    seen_revoked.insert(grant.clone());
+                }
+            }
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        if round < kills {
+            child = spawn(&config_path);
+            ready(&http, &base).await;
+            for grant in &seen_revoked {
+                assert_eq!(
+                    status_of(&http, &base, grant).await.as_deref(),
+                    Some("revoked"),
+                    "{grant} was revoked before a kill and must stay revoked"
+                );
+            }
+        }
+    }
+    let acked = std::mem::take(&mut *acked.lock().unwrap());
+    assert!(
+        acked.sets.len() >= 50,
+        "too little load to prove anything: {} SETs acknowledged",
+        acked.sets.len()
+    );
+    // Every acknowledged SET was applied: its grant is revoked (waits, then fails naming the SET).
+    for (jti, grant) in &acked.sets {
+        let what = format!("acknowledged SET {jti} to be applied (grant {grant} revoked)");
+        eventually_within(30, &what, || async {
+            (status_of(&http, &base, grant).await.as_deref() == Some("revoked")).then_some(())
+        })
+        .await;
+    }
+    // Every risk score the broker took was applied (after the last restart's group join).
+    for grant in &acked.scored {
+        let what = format!("the Kafka risk score for {grant} to be applied");
+        eventually_within(60, &what, || async {
+            (status_of(&http, &base, grant).await.as_deref() == Some("revoked")).then_some(())
+        })
+        .await;
+    }
+    // Every acknowledged grant still exists.
+    for grant in &acked.grants {
+        assert!(
+            status_of(&http, &base, grant).await.is_some(),
+            "{grant} lost"
+        );
+    }
+    // Every revocation of an acknowledged SET reaches the enforcement point.
+    // A Kafka signal's `jti` (the revocation's `txn`) is `id:` and the message id.
+    let scored: Vec<String> = acked
+        .scored
+        .iter()
+        .map(|g| format!("id:score-{}", &g[1..]))
+        .collect();
+    let expected: HashSet<&str> = acked
+        .sets
+        .iter()
+        .map(|(j, _)| j.as_str())
+        .chain(scored.iter().map(String::as_str))
+        .collect();
+    let mut delivered: HashSet<String> = HashSet::new();
+    let mut ack: Vec<String> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !expected.iter().all(|j| delivered.contains(*j)) {
+        assert!(
+            Instant::now() < deadline,
+            "undelivered revocations: {:?}",
+            expected
+                .iter()
+                .filter(|j| !delivered.contains(**j))
+                .take(10)
+                .collect::<Vec<_>>()
+        );
+        let reply: Value = http
+            .post(&poll_url)
+            .bearer_auth(EP)
+            .json(&json!({"ack": ack, "maxEvents": 500, "returnImmediately": true}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        ack.clear();
+        for (jti, set) in reply["sets"].as_object().unwrap() {
+            ack.push(jti.clone());
+            let payload = set.as_str().unwrap().split('.').nth(1).unwrap();
+            let claims: Value = serde_json::from_slice(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(payload)
+                    .unwrap(),
+            )
+            .unwrap();
+            delivered.insert(claims["txn"].as_str().unwrap().to_owned());
+        }
+        if reply["sets"].as_object().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    eprintln!(
+        "crash safety: {} kills; {} grant registrations attempted, {} acknowledged; {} SETs acknowledged (202), \
+         {} Kafka risk scores published, 0 lost; {} revocations delivered; \
+         {} grants seen revoked before a kill stayed revoked",
+        kills,
+        acked.attempts,
+        acked.grants.len(),
+        acked.sets.len(),
+        acked.scored.len(),
+        delivered.len(),
+        seen_revoked.len()
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
