@@ -61,6 +61,8 @@ pub enum StartError {
     Kafka(#[from] crate::kafka::KafkaError),
     #[error(transparent)]
     Auth(#[from] crate::auth::AuthError),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// A running Vigil.
@@ -153,10 +155,13 @@ impl Vigil {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (next_tx, next_rx) = mpsc::channel(config.intake.channel_capacity);
 
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_millis(config.jwks.fetch_timeout_ms))
-            .build()
-            .map_err(|e| StartError::Client(e.to_string()))?;
+        let client = crate::tls::trust_bundle(
+            reqwest::Client::builder().timeout(Duration::from_millis(config.jwks.fetch_timeout_ms)),
+            &config.tls,
+        )?
+        .build()
+        .map_err(|e| StartError::Client(e.to_string()))?;
+        let tls = crate::tls::acceptor(&config.tls)?;
         let settings = KeyStoreSettings {
             min_refetch: Duration::from_secs(config.jwks.min_refetch_interval_secs),
             refresh_interval: Duration::from_secs(config.jwks.refresh_interval_secs),
@@ -403,14 +408,19 @@ impl Vigil {
         );
         let mut server_shutdown = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
-            let stop = async move {
-                let _ = server_shutdown.changed().await;
-            };
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(stop)
-                .await
-            {
-                tracing::error!(error = %e, "HTTP server failed");
+            match tls {
+                Some(acceptor) => crate::tls::serve(listener, acceptor, app, server_shutdown).await,
+                None => {
+                    let stop = async move {
+                        let _ = server_shutdown.changed().await;
+                    };
+                    if let Err(e) = axum::serve(listener, app)
+                        .with_graceful_shutdown(stop)
+                        .await
+                    {
+                        tracing::error!(error = %e, "HTTP server failed");
+                    }
+                }
             }
         }));
         if let Some(handle) = metrics {

@@ -90,6 +90,27 @@ pub struct Config {
     pub clients: Vec<ApiClientConfig>,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub tls: TlsConfig,
+}
+
+/// HTTPS on the listener (rustls), optional client certificates, and extra CAs for outbound calls.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain of the listener (with `key`: HTTPS only).
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of the listener.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// PEM CA certificates; when set, every client must present a certificate they signed (mTLS).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// PEM CA certificates trusted by outbound calls (JWKS, SSF management, push), besides the
+    /// public web roots.
+    #[serde(default)]
+    pub ca_bundle: Option<PathBuf>,
 }
 
 /// Abuse limits. Rates are per authenticated caller (by configured name); beyond them the answer
@@ -748,6 +769,7 @@ impl Default for Config {
             kafka: KafkaConfig::default(),
             clients: Vec::new(),
             limits: LimitsConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -860,6 +882,15 @@ impl Config {
             if !(value.is_finite() && value >= 1.0) {
                 return Err(invalid(key, "must be a number of at least 1"));
             }
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err(invalid("tls", "`cert` and `key` go together"));
+        }
+        if self.tls.client_ca.is_some() && self.tls.cert.is_none() {
+            return Err(invalid(
+                "tls.client_ca",
+                "client certificates need TLS: set `cert` and `key`",
+            ));
         }
         if self.limits.max_streaming_connections == 0 {
             return Err(invalid(

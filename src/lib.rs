@@ -47,6 +47,7 @@ pub mod ssf_client;
 pub mod store;
 pub mod subject;
 pub mod telemetry;
+pub mod tls;
 pub mod transmitter;
 
 #[cfg(test)]

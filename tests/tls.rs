@@ -1,0 +1,177 @@
+//! HTTPS on the listener with a configured certificate and client certificates required (mTLS);
+//! outbound calls trusting a configured CA bundle: a Vigil fetches another Vigil's JWKS over HTTPS
+//! with a certificate only that bundle vouches for.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::*;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+use vigil::config::TlsConfig;
+
+struct Pki {
+    ca_pem: String,
+    server_pem: String,
+    server_key: String,
+    client_pem: String,
+    client_key: String,
+}
+
+fn pki() -> Pki {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.distinguished_name
+        .push(DnType::CommonName, "Vigil test CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+
+    let server_key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&server_key, &ca_cert, &ca_key)
+        .unwrap();
+    let client_key = KeyPair::generate().unwrap();
+    let mut client = CertificateParams::new(Vec::<String>::new()).unwrap();
+    client
+        .distinguished_name
+        .push(DnType::CommonName, "edge-gateway");
+    let client = client.signed_by(&client_key, &ca_cert, &ca_key).unwrap();
+    Pki {
+        ca_pem: ca_cert.pem(),
+        server_pem: server.pem(),
+        server_key: server_key.serialize_pem(),
+        client_pem: client.pem(),
+        client_key: client_key.serialize_pem(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_required_client_certificates() {
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let mut config = test_config(&dir.path().join("data"), Vec::new());
+    config.tls = TlsConfig {
+        cert: Some(write("server.pem", &pki.server_pem)),
+        key: Some(write("server.key", &pki.server_key)),
+        client_ca: Some(write("ca.pem", &pki.ca_pem)),
+        ca_bundle: None,
+    };
+    config.validate().unwrap();
+    let vigil = start(config).await;
+    let url = format!("https://127.0.0.1:{}/healthz", vigil.local_addr().port());
+    let ca = reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap();
+
+    // With a client certificate from the CA: served over TLS, and bearer tokens still apply.
+    let identity =
+        reqwest::Identity::from_pem(format!("{}{}", pki.client_pem, pki.client_key).as_bytes())
+            .unwrap();
+    let with_cert = reqwest::Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(ca.clone())
+        .identity(identity)
+        .build()
+        .unwrap();
+    let resp = with_cert.get(&url).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let api = format!(
+        "https://127.0.0.1:{}/v1/decisions",
+        vigil.local_addr().port()
+    );
+    assert_eq!(
+        with_cert.get(&api).send().await.unwrap().status().as_u16(),
+        401
+    );
+    let authorized = with_cert
+        .get(&api)
+        .bearer_auth(vigil.admin_token().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(authorized.status().as_u16(), 200);
+
+    // Without a client certificate: refused in the handshake.
+    let without_cert = reqwest::Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(ca)
+        .build()
+        .unwrap();
+    assert!(without_cert.get(&url).send().await.is_err());
+    // Plain HTTP on the TLS port: no answer.
+    let plain = format!("http://127.0.0.1:{}/healthz", vigil.local_addr().port());
+    assert!(reqwest::get(&plain)
+        .await
+        .map(|r| r.status().is_success())
+        .map_or(true, |ok| !ok));
+    vigil.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_calls_trust_the_configured_ca_bundle() {
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    // An HTTPS server whose certificate only the test CA vouches for: a Vigil (no client certs).
+    let mut server = test_config(&dir.path().join("server"), Vec::new());
+    server.tls.cert = Some(write("server.pem", &pki.server_pem));
+    server.tls.key = Some(write("server.key", &pki.server_key));
+    let server = start(server).await;
+    let jwks = format!("https://127.0.0.1:{}/jwks.json", server.local_addr().port());
+
+    let client = |bundle: Option<std::path::PathBuf>| {
+        let config = TlsConfig {
+            ca_bundle: bundle,
+            ..TlsConfig::default()
+        };
+        vigil::tls::trust_bundle(reqwest::Client::builder(), &config)
+            .unwrap()
+            .build()
+            .unwrap()
+    };
+    let trusted = client(Some(write("bundle.pem", &pki.ca_pem)));
+    let keys: serde_json::Value = trusted
+        .get(&jwks)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(!keys["keys"].as_array().unwrap().is_empty());
+    // Without the bundle the same call fails certificate verification.
+    assert!(client(None).get(&jwks).send().await.is_err());
+    // A bundle that is not PEM is an error naming the file.
+    let bad = TlsConfig {
+        ca_bundle: Some(write("bad.pem", "not a certificate")),
+        ..TlsConfig::default()
+    };
+    let err = vigil::tls::trust_bundle(reqwest::Client::builder(), &bad)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("bad.pem"), "{err}");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tls_settings_are_start_errors_naming_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(&dir.path().join("data"), Vec::new());
+    config.tls.cert = Some(dir.path().join("missing.pem"));
+    config.tls.key = Some(dir.path().join("missing.key"));
+    let err = vigil::Vigil::start(config).await.err().unwrap().to_string();
+    assert!(err.contains("missing.pem"), "{err}");
+
+    let mut config = test_config(&dir.path().join("data2"), Vec::new());
+    config.tls.cert = Some(dir.path().join("only-cert.pem"));
+    assert!(config.validate().is_err(), "cert without key");
+}
