@@ -94,7 +94,10 @@ impl Vigil {
             limits.burst,
         )));
         let needs = |role: Role| {
-            axum::middleware::from_fn_with_state((api_auth.clone(), role), crate::auth::require)
+            axum::middleware::from_fn_with_state(
+                (api_auth.clone(), Some(role)),
+                crate::auth::require,
+            )
         };
         let (batch_writer, writer) = BatchWriter::start(db.clone(), config.intake.max_batch)
             .map_err(|e| StartError::Writer(e.to_string()))?;
@@ -338,6 +341,14 @@ impl Vigil {
             .merge(
                 crate::ssf_client::http::routes(ssf_clients.clone())
                     .route_layer(needs(Role::Operator)),
+            )
+            .merge(
+                Router::new()
+                    .route("/v1/openapi.yaml", get(ops::openapi))
+                    .route_layer(axum::middleware::from_fn_with_state(
+                        (api_auth.clone(), None),
+                        crate::auth::require,
+                    )),
             )
             .merge(
                 Router::new()

@@ -140,8 +140,29 @@ impl ApiAuth {
         self
     }
 
+    /// The client presenting `headers`' bearer token, if it may act as `role` (any client, for
+    /// `None`).
+    pub fn authorize_for(&self, headers: &HeaderMap, role: Option<Role>) -> Result<&str, Denied> {
+        match role {
+            Some(role) => self.authorize(headers, role),
+            None => self.client(headers).map(|c| c.name.as_str()),
+        }
+    }
+
     /// The client presenting `headers`' bearer token, if it may act as `role`.
     pub fn authorize(&self, headers: &HeaderMap, role: Role) -> Result<&str, Denied> {
+        let client = self.client(headers)?;
+        if client.allows(role) {
+            Ok(&client.name)
+        } else {
+            Err(Denied::Forbidden {
+                client: client.name.clone(),
+                role,
+            })
+        }
+    }
+
+    fn client(&self, headers: &HeaderMap) -> Result<&Client, Denied> {
         let presented = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -154,15 +175,7 @@ impl ApiAuth {
                 found = Some(c);
             }
         }
-        let client = found.ok_or(Denied::Unauthenticated)?;
-        if client.allows(role) {
-            Ok(&client.name)
-        } else {
-            Err(Denied::Forbidden {
-                client: client.name.clone(),
-                role,
-            })
-        }
+        found.ok_or(Denied::Unauthenticated)
     }
 }
 
@@ -240,13 +253,14 @@ fn refuse(denied: &Denied) -> Response {
     response
 }
 
-/// Middleware for a group of routes that need `role` (`axum::middleware::from_fn_with_state`).
+/// Middleware for a group of routes that need `role`, or any known client for `None`
+/// (`axum::middleware::from_fn_with_state`).
 pub async fn require(
-    State((auth, role)): State<(Arc<ApiAuth>, Role)>,
+    State((auth, role)): State<(Arc<ApiAuth>, Option<Role>)>,
     request: Request,
     next: Next,
 ) -> Response {
-    match auth.authorize(request.headers(), role) {
+    match auth.authorize_for(request.headers(), role) {
         Ok(client) => match auth.limiter.as_ref().map(|l| l.acquire(client)) {
             Some(Err(wait)) => {
                 metrics::counter!("vigil_api_denied_total", "reason" => "rate_limited")

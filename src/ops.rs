@@ -56,3 +56,15 @@ pub async fn metrics(State(state): State<Arc<OpsState>>) -> Response {
             .into_response(),
     }
 }
+
+/// The OpenAPI document of Vigil's own API (`openapi.yaml` at the repository root, built in).
+pub const OPENAPI: &str = include_str!("../openapi.yaml");
+
+/// `GET /v1/openapi.yaml`.
+pub async fn openapi() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/yaml")],
+        OPENAPI,
+    )
+        .into_response()
+}

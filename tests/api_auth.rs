@@ -188,3 +188,51 @@ async fn get_as(vigil: &vigil::Vigil, path: &str, token: &str) -> (u16, String) 
         .unwrap();
     (resp.status().as_u16(), resp.text().await.unwrap())
 }
+
+/// The OpenAPI document describes every route the table above protects, and any client can read it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_covers_the_api_and_is_served() {
+    let doc: serde_json::Value = serde_norway::from_str(include_str!("../openapi.yaml")).unwrap();
+    let paths = doc["paths"].as_object().unwrap();
+    for (method, path, role) in routes() {
+        // `/v1/grants/g1` is the template `/v1/grants/{id}`, and so on.
+        let template = paths.keys().find(|t| {
+            let (ts, ps): (Vec<&str>, Vec<&str>) =
+                (t.split('/').collect(), path.split('/').collect());
+            ts.len() == ps.len()
+                && ts
+                    .iter()
+                    .zip(&ps)
+                    .all(|(t, p)| t == p || t.starts_with('{'))
+        });
+        let template = template.unwrap_or_else(|| panic!("{path} is not in openapi.yaml"));
+        let op = &paths[template][method.as_str().to_lowercase()];
+        assert!(op.is_object(), "{method} {template} is not in openapi.yaml");
+        if path.starts_with("/v1/") || path == "/metrics" || path == "/readyz" {
+            assert_eq!(op["x-vigil-role"], role_name(role), "{method} {template}");
+        }
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), Vec::new());
+    config.clients = vec![
+        client("prom", METRICS, Role::Metrics),
+        client("gw", GRANTS, Role::Grants),
+    ];
+    let vigil = start(config).await;
+    let (status, text) = get_as(&vigil, "/v1/openapi.yaml", GRANTS).await;
+    assert_eq!(status, 200);
+    assert_eq!(text, include_str!("../openapi.yaml"));
+    assert_eq!(get_as(&vigil, "/v1/openapi.yaml", METRICS).await.0, 200);
+    assert_eq!(
+        get_as(&vigil, "/v1/openapi.yaml", "unknown-token-0000000")
+            .await
+            .0,
+        401
+    );
+    vigil.shutdown().await;
+}
+
+fn role_name(role: Role) -> &'static str {
+    role.name()
+}
