@@ -7,7 +7,6 @@ mod common;
 
 use common::*;
 use serde_json::json;
-use vigil::config::EnforcementPointConfig;
 use vigil::jose::Alg;
 
 const ISS: &str = "https://idp.example.com/";
@@ -27,11 +26,7 @@ async fn callers_over_their_limits_are_told_when_to_come_back() {
     config.limits.client_requests_per_sec = 1.0;
     config.limits.burst = 3.0;
     config.limits.max_streaming_connections = 1;
-    config.enforcement_points = vec![EnforcementPointConfig {
-        name: "ep1".into(),
-        token: EP.into(),
-        audience: None,
-    }];
+    config.enforcement_points = vec![enforcement_point("ep1", EP)];
     config.validate().unwrap();
     let vigil = start(config).await;
 
@@ -83,20 +78,8 @@ async fn callers_over_their_limits_are_told_when_to_come_back() {
     assert!(retry_after.is_some());
 
     // Streaming connections: one long poll open; a second subscriber is turned away with 503.
-    let created = http
-        .post(format!("http://{}/ssf/streams", vigil.local_addr()))
-        .bearer_auth(EP)
-        .json(&json!({"events_requested": ["https://schemas.openid.net/secevent/caep/event-type/session-revoked"]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(created.status().as_u16(), 201);
-    let stream: serde_json::Value = created.json().await.unwrap();
-    let poll_url = format!(
-        "http://{}/ssf/poll/{}",
-        vigil.local_addr(),
-        stream["stream_id"].as_str().unwrap()
-    );
+    let base = format!("http://{}", vigil.local_addr());
+    let poll_url = create_poll_stream(&http, &base, EP).await;
     let long_poll = {
         let (http, poll_url) = (http.clone(), poll_url.clone());
         tokio::spawn(async move {

@@ -9,7 +9,7 @@ use common::*;
 use reqwest::Method;
 use serde_json::json;
 use vigil::auth::Role;
-use vigil::config::{ApiClientConfig, EnforcementPointConfig};
+use vigil::config::ApiClientConfig;
 use vigil::jose::Alg;
 
 const ISS: &str = "https://idp.example.com/";
@@ -73,11 +73,7 @@ async fn every_route_needs_the_right_credential() {
         client("nginx", CHECK, Role::Check),
         client("prom", METRICS, Role::Metrics),
     ];
-    config.enforcement_points = vec![EnforcementPointConfig {
-        name: "ep1".into(),
-        token: EP.into(),
-        audience: None,
-    }];
+    config.enforcement_points = vec![enforcement_point("ep1", EP)];
     config.validate().unwrap();
     let vigil = start(config).await;
     assert!(

@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use common::*;
 use serde_json::{json, Value};
-use vigil::config::EnforcementPointConfig;
 use vigil::jose::Alg;
 use vigil::sim::risk::{mock_cluster, Publisher};
 
@@ -81,6 +80,33 @@ struct Acked {
     attempts: usize,
 }
 
+/// Registers a session grant for `email` held by `ep1`; true (and noted) when answered 201.
+async fn register(
+    http: &reqwest::Client,
+    base: &str,
+    acked: &Mutex<Acked>,
+    grant: &str,
+    email: &str,
+) -> bool {
+    let t = now();
+    let body = json!({"id": grant, "kind": "session",
+        "subject": {"format": "email", "email": email},
+        "issued_at": t - 5.0, "expires_at": t + 3600.0, "enforcement_points": ["ep1"]});
+    acked.lock().unwrap().attempts += 1;
+    let registered = http
+        .post(format!("{base}/v1/grants"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .map(|r| r.status().as_u16());
+    if registered.ok() != Some(201) {
+        return false;
+    }
+    acked.lock().unwrap().grants.insert(grant.to_owned());
+    true
+}
+
 async fn status_of(http: &reqwest::Client, base: &str, grant: &str) -> Option<String> {
     let r = http
         .get(format!("{base}/v1/grants/{grant}"))
@@ -105,11 +131,7 @@ async fn acknowledged_work_survives_sigkill() {
     config.listen = format!("127.0.0.1:{port}").parse().unwrap();
     config.data_dir = dir.path().join("data");
     config.clients = vec![admin_client()];
-    config.enforcement_points = vec![EnforcementPointConfig {
-        name: "ep1".into(),
-        token: EP.into(),
-        audience: None,
-    }];
+    config.enforcement_points = vec![enforcement_point("ep1", EP)];
     config.identity.poll_timeout_secs = 1;
     let kafka = mock_cluster(&[(TOPIC, 4), ("vigil.risk.dead-letter", 1)]).unwrap();
     config.kafka.brokers = kafka.bootstrap_servers();
@@ -135,16 +157,7 @@ async fn acknowledged_work_survives_sigkill() {
 
     let mut child = spawn(&config_path);
     ready(&http, &base).await;
-    let created = http
-        .post(format!("{base}/ssf/streams"))
-        .bearer_auth(EP)
-        .json(&json!({"events_requested": ["https://schemas.openid.net/secevent/caep/event-type/session-revoked"]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(created.status().as_u16(), 201);
-    let stream: Value = created.json().await.unwrap();
-    let poll_url = format!("{base}/ssf/poll/{}", stream["stream_id"].as_str().unwrap());
+    let poll_url = create_poll_stream(&http, &base, EP).await;
 
     let acked = Arc::new(Mutex::new(Acked::default()));
     let mut seen_revoked: HashSet<String> = HashSet::new();
@@ -168,24 +181,15 @@ async fn acknowledged_work_survives_sigkill() {
             tasks.push(tokio::spawn(async move {
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let n = next_user.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let (grant, email, jti) =
-                        (format!("g{n}"), format!("u{n}@example.com"), format!("set-{n}"));
+                    let (grant, email, jti) = (
+                        format!("g{n}"),
+                        format!("u{n}@example.com"),
+                        format!("set-{n}"),
+                    );
                     let t = now();
-                    let body = json!({"id": grant, "kind": "session",
-                        "subject": {"format": "email", "email": email},
-                        "issued_at": t - 5.0, "expires_at": t + 3600.0, "enforcement_points": ["ep1"]});
-                    acked.lock().unwrap().attempts += 1;
-                    let registered = http
-                        .post(format!("{base}/v1/grants"))
-                        .bearer_auth(ADMIN_TOKEN)
-                        .json(&body)
-                        .send()
-                        .await
-                        .map(|r| r.status().as_u16());
-                    if registered.ok() != Some(201) {
+                    if !register(&http, &base, &acked, &grant, &email).await {
                         continue;
                     }
-                    acked.lock().unwrap().grants.insert(grant.clone());
                     let set = tx
                         .key(Alg::RS256)
                         .sign_set(&json!({"iss": ISS, "aud": AUD, "jti": jti, "iat": t as i64,
@@ -221,21 +225,9 @@ async fn acknowledged_work_survives_sigkill() {
                     let n = next_user.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let (grant, email) = (format!("k{n}"), format!("k{n}@example.com"));
                     let t = now();
-                    let body = json!({"id": grant, "kind": "session",
-                        "subject": {"format": "email", "email": email},
-                        "issued_at": t - 5.0, "expires_at": t + 3600.0, "enforcement_points": ["ep1"]});
-                    acked.lock().unwrap().attempts += 1;
-                    let registered = http
-                        .post(format!("{base}/v1/grants"))
-                        .bearer_auth(ADMIN_TOKEN)
-                        .json(&body)
-                        .send()
-                        .await
-                        .map(|r| r.status().as_u16());
-                    if registered.ok() != Some(201) {
+                    if !register(&http, &base, &acked, &grant, &email).await {
                         continue;
                     }
-                    acked.lock().unwrap().grants.insert(grant.clone());
                     let msg = json!({"subject": {"format": "email", "email": email},
                         "level": "HIGH", "id": format!("score-{n}"), "event_time": t});
                     let published = publisher

@@ -46,15 +46,17 @@ fn pki() -> Pki {
     }
 }
 
+fn write_file(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_with_required_client_certificates() {
     let pki = pki();
     let dir = tempfile::tempdir().unwrap();
-    let write = |name: &str, text: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, text).unwrap();
-        path
-    };
+    let write = |name: &str, text: &str| write_file(dir.path(), name, text);
     let mut config = test_config(&dir.path().join("data"), Vec::new());
     config.tls = TlsConfig {
         cert: Some(write("server.pem", &pki.server_pem)),
@@ -115,11 +117,7 @@ async fn https_with_required_client_certificates() {
 async fn outbound_calls_trust_the_configured_ca_bundle() {
     let pki = pki();
     let dir = tempfile::tempdir().unwrap();
-    let write = |name: &str, text: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, text).unwrap();
-        path
-    };
+    let write = |name: &str, text: &str| write_file(dir.path(), name, text);
     // An HTTPS server whose certificate only the test CA vouches for: a Vigil (no client certs).
     let mut server = test_config(&dir.path().join("server"), Vec::new());
     server.tls.cert = Some(write("server.pem", &pki.server_pem));

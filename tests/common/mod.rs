@@ -260,3 +260,28 @@ pub fn encode(segment: &str) -> String {
         })
         .collect()
 }
+
+/// An enforcement point allowed to subscribe with `token`.
+pub fn enforcement_point(name: &str, token: &str) -> vigil::config::EnforcementPointConfig {
+    vigil::config::EnforcementPointConfig {
+        name: name.into(),
+        token: token.into(),
+        audience: None,
+    }
+}
+
+/// Creates a poll stream of CAEP session-revoked for the enforcement point holding `token` at
+/// `base` (`http://host:port`); returns its poll URL.
+pub async fn create_poll_stream(http: &reqwest::Client, base: &str, token: &str) -> String {
+    let created = http
+        .post(format!("{base}/ssf/streams"))
+        .bearer_auth(token)
+        .json(&serde_json::json!({"events_requested":
+            ["https://schemas.openid.net/secevent/caep/event-type/session-revoked"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status().as_u16(), 201);
+    let stream: Value = created.json().await.unwrap();
+    format!("{base}/ssf/poll/{}", stream["stream_id"].as_str().unwrap())
+}
