@@ -1,8 +1,10 @@
 //! Crash safety: the `vigil` binary under load (grant registrations, then a RISC account-disabled
-//! SET per grant, pushed by concurrent transmitter tasks; and HIGH risk scores published to Kafka —
+//! SET per grant, pushed by concurrent transmitter tasks or queued at an SSF transmitter Vigil polls
+//! (`sim::idp`); and HIGH risk scores published to Kafka —
 //! librdkafka's mock broker in this process — for other granted users), killed with SIGKILL at
 //! random moments several times and restarted on the same data directory. Afterwards:
-//! - every SET answered 202 is recorded and applied: its grant is revoked (exactly as without a crash);
+//! - every SET answered 202, and every SET Vigil acknowledged by poll, is recorded and applied: its
+//!   grant is revoked (exactly as without a crash);
 //! - every Kafka message the broker acknowledged is applied (committed offsets lose nothing, and
 //!   uncommitted ones are redelivered): its user's grant is revoked;
 //! - every grant seen revoked before a kill is still revoked after every restart (never valid again);
@@ -21,7 +23,9 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use common::*;
 use serde_json::{json, Value};
+use vigil::config::{DeliveryMode, TransmitterConfig};
 use vigil::jose::Alg;
+use vigil::sim::idp::{Idp, IdpSettings};
 use vigil::sim::risk::{mock_cluster, Publisher};
 
 const ISS: &str = "https://idp.example.com/";
@@ -36,6 +40,8 @@ fn kills() -> usize {
         .unwrap_or(6)
 }
 const PUSHERS: usize = 4;
+const POLL_AUDIENCE: &str = "https://vigil.example";
+const POLL_CREDENTIAL: &str = "Bearer crash-idp-receiver-token";
 const TOPIC: &str = "vigil.risk";
 const DISABLED: &str = "https://schemas.openid.net/secevent/risc/event-type/account-disabled";
 
@@ -75,6 +81,8 @@ struct Acked {
     grants: BTreeSet<String>,
     /// SETs answered 202, by jti, with the grant they revoke.
     sets: Vec<(String, String)>,
+    /// SETs queued at the polled transmitter, by jti, with the grant they revoke.
+    queued: Vec<(String, String)>,
     /// Grants whose user's HIGH risk score the broker acknowledged.
     scored: Vec<String>,
     attempts: usize,
@@ -127,7 +135,32 @@ async fn acknowledged_work_survives_sigkill() {
         .local_addr()
         .unwrap()
         .port();
-    let mut config = test_config(dir.path(), vec![tx.config("idp", ISS, &[AUD])]);
+    // An SSF transmitter Vigil creates a poll stream at and polls.
+    let idp = Arc::new(
+        Idp::start(
+            "127.0.0.1:0".parse().unwrap(),
+            IdpSettings {
+                receiver_credential: POLL_CREDENTIAL.into(),
+                audience: POLL_AUDIENCE.into(),
+                long_poll: Duration::from_millis(500),
+                ..IdpSettings::default()
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    let mut polled = TransmitterConfig::managed(
+        "idp-poll",
+        idp.issuer(),
+        vec![POLL_AUDIENCE.into()],
+        DeliveryMode::Poll,
+        POLL_CREDENTIAL,
+    );
+    if let Some(m) = &mut polled.manage {
+        m.poll_max_events = 50;
+        m.poll_timeout_secs = 1;
+    }
+    let mut config = test_config(dir.path(), vec![tx.config("idp", ISS, &[AUD]), polled]);
     config.listen = format!("127.0.0.1:{port}").parse().unwrap();
     config.data_dir = dir.path().join("data");
     config.clients = vec![admin_client()];
@@ -158,6 +191,12 @@ async fn acknowledged_work_survives_sigkill() {
     let mut child = spawn(&config_path);
     ready(&http, &base).await;
     let poll_url = create_poll_stream(&http, &base, EP).await;
+    let idp_stream = eventually_within(30, "Vigil's poll stream at the IdP", || async {
+        idp.streams()
+            .first()
+            .and_then(|s| s["stream_id"].as_str().map(str::to_owned))
+    })
+    .await;
 
     let acked = Arc::new(Mutex::new(Acked::default()));
     let mut seen_revoked: HashSet<String> = HashSet::new();
@@ -207,6 +246,42 @@ async fn acknowledged_work_survives_sigkill() {
                     if pushed.ok() == Some(202) {
                         acked.lock().unwrap().sets.push((jti, grant));
                     }
+                }
+            }));
+        }
+        {
+            // SETs queued at the polled transmitter for other users, each after its grant.
+            let (http, base, acked, stop, next_user, idp, idp_stream) = (
+                http.clone(),
+                base.clone(),
+                acked.clone(),
+                stop.clone(),
+                next_user.clone(),
+                idp.clone(),
+                idp_stream.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let n = next_user.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let (grant, email, jti) = (
+                        format!("p{n}"),
+                        format!("p{n}@example.com"),
+                        format!("poll-{n}"),
+                    );
+                    if !register(&http, &base, &acked, &grant, &email).await {
+                        continue;
+                    }
+                    let token = idp
+                        .sign(
+                            &json!({"iss": idp.issuer(), "aud": POLL_AUDIENCE, "jti": jti,
+                            "iat": now() as i64, "sub_id": {"format": "email", "email": email},
+                            "events": {DISABLED: {}}}),
+                        )
+                        .unwrap();
+                    assert!(idp.inject(&idp_stream, &jti, token));
+                    acked.lock().unwrap().queued.push((jti, grant));
+                    // Slower than the pushers: the transmitter's queue is one stream.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             }));
         }
@@ -282,6 +357,18 @@ async fn acknowledged_work_survives_sigkill() {
         })
         .await;
     }
+    // Every SET Vigil acknowledged by poll was applied (and the rest is still delivered: the
+    // transmitter redelivers what was not acknowledged).
+    let poll_acked: HashSet<String> = idp.observed().acked.into_iter().collect();
+    let mut polled_applied = 0;
+    for (jti, grant) in &acked.queued {
+        let what = format!("polled SET {jti} to be applied (grant {grant} revoked)");
+        eventually_within(60, &what, || async {
+            (status_of(&http, &base, grant).await.as_deref() == Some("revoked")).then_some(())
+        })
+        .await;
+        polled_applied += usize::from(poll_acked.contains(jti));
+    }
     // Every risk score the broker took was applied (after the last restart's group join).
     for grant in &acked.scored {
         let what = format!("the Kafka risk score for {grant} to be applied");
@@ -308,6 +395,7 @@ async fn acknowledged_work_survives_sigkill() {
         .sets
         .iter()
         .map(|(j, _)| j.as_str())
+        .chain(acked.queued.iter().map(|(j, _)| j.as_str()))
         .chain(scored.iter().map(String::as_str))
         .collect();
     let mut delivered: HashSet<String> = HashSet::new();
@@ -351,12 +439,15 @@ async fn acknowledged_work_survives_sigkill() {
     }
     eprintln!(
         "crash safety: {} kills; {} grant registrations attempted, {} acknowledged; {} SETs acknowledged (202), \
+         {} SETs queued at the polled transmitter ({} acknowledged by Vigil's poll before the end), \
          {} Kafka risk scores published, 0 lost; {} revocations delivered; \
          {} grants seen revoked before a kill stayed revoked",
         kills,
         acked.attempts,
         acked.grants.len(),
         acked.sets.len(),
+        acked.queued.len(),
+        polled_applied,
         acked.scored.len(),
         delivered.len(),
         seen_revoked.len()
