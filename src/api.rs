@@ -55,6 +55,12 @@ fn engine_error(e: EngineError) -> Response {
             "unavailable",
             e.to_string(),
         ),
+        EngineError::Overloaded => crate::limits::refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            &e.to_string(),
+            std::time::Duration::from_secs(1),
+        ),
         EngineError::Storage(_) | EngineError::Thread(_) => {
             error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string())
         }

@@ -39,6 +39,9 @@ use crate::principal::Target;
 use crate::signal::{now_ms, Signal};
 use crate::store::{BatchWriter, WriteError};
 
+/// How long an API request waits for an in-flight slot before it is answered 503.
+pub const API_PERMIT_WAIT: Duration = Duration::from_secs(2);
+
 /// Engine settings.
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
@@ -86,6 +89,9 @@ pub enum EngineError {
     Storage(String),
     #[error("the engine has stopped")]
     Stopped,
+    /// Every in-flight slot stayed taken for the API's wait: the caller should retry later (503).
+    #[error("the engine is overloaded; retry later")]
+    Overloaded,
     #[error("cannot start a shard thread: {0}")]
     Thread(String),
 }
@@ -364,6 +370,17 @@ impl Engine {
             .map_err(|_| EngineError::Stopped)
     }
 
+    /// A permit for an API request: waits at most [`API_PERMIT_WAIT`], so an overloaded engine
+    /// answers "retry later" instead of piling up requests without bound.
+    async fn api_permit(&self) -> Result<OwnedSemaphorePermit, EngineError> {
+        tokio::time::timeout(API_PERMIT_WAIT, self.permit())
+            .await
+            .map_err(|_| {
+                metrics::counter!("vigil_engine_overloaded_total").increment(1);
+                EngineError::Overloaded
+            })?
+    }
+
     fn send(&self, shard: usize, msg: Msg) -> Result<(), EngineError> {
         self.inboxes[shard]
             .send(msg)
@@ -485,11 +502,12 @@ impl Engine {
         if let Some(token) = &request.token {
             identifiers.push(format!("jwt_id:{}|{}", token.iss, token.jti));
         }
+        // Before `resolve`, which links new aliases in memory: an overloaded answer links nothing.
+        let permit = self.api_permit().await?;
         let (principal, aliases) = self
             .resolve(&identifiers)
             .ok_or_else(|| GrantError::Invalid("`subject` names no principal".into()))?;
         let grant = request.into_grant(principal.clone(), now_ms() as f64 / 1000.0)?;
-        let permit = self.permit().await?;
         let (reply, rx) = oneshot::channel();
         self.send(
             self.shared.shard_of(&principal),
@@ -509,7 +527,7 @@ impl Engine {
         let Some(principal) = self.shared.grants.get(id).map(|g| g.principal.clone()) else {
             return Ok(None);
         };
-        let permit = self.permit().await?;
+        let permit = self.api_permit().await?;
         let (reply, rx) = oneshot::channel();
         self.send(
             self.shared.shard_of(&principal),
@@ -651,5 +669,39 @@ impl Engine {
             }
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With every in-flight slot taken, an API registration is answered "overloaded" after the
+    /// bounded wait, and changes nothing (no alias linked, no grant).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_overloaded_engine_refuses_api_requests_instead_of_queueing_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::open(dir.path()).unwrap();
+        let (writer, _writer_thread) = BatchWriter::start(db.clone(), 16).unwrap();
+        let audit = Arc::new(AuditLog::open(&dir.path().join("audit"), 1 << 20, 2).unwrap());
+        let (decisions, _rx) = mpsc::channel(16);
+        let settings = EngineSettings {
+            max_inflight: 1,
+            ..EngineSettings::default()
+        };
+        let engine =
+            Engine::start(&db, writer, audit, PolicySet::empty(), decisions, settings).unwrap();
+        let held = engine.permits.clone().acquire_owned().await.unwrap();
+        let request: GrantRequest = serde_json::from_value(serde_json::json!({
+            "id": "g1", "kind": "session", "subject": {"format": "email", "email": "o@example.com"},
+            "issued_at": 1_700_000_000, "expires_at": 4_000_000_000u64}))
+        .unwrap();
+        let answer = engine.register(request.clone()).await;
+        assert!(matches!(answer, Err(EngineError::Overloaded)), "{answer:?}");
+        assert!(engine.grant("g1").is_none());
+        assert!(engine.shared.aliases.is_empty(), "nothing linked");
+        drop(held);
+        assert!(engine.register(request).await.is_ok());
+        engine.shutdown().await;
     }
 }
