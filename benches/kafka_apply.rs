@@ -4,7 +4,7 @@
 //! with offsets committed after.
 //!
 //! Run: `cargo bench --bench kafka_apply -- [--messages 1200000] [--users 20000] [--grants 1000]
-//!       [--partitions 96] [--batch 2000] [--engine-batch 256] [--ceiling]`
+//!       [--partitions 96] [--batch 2000] [--engine-batch 256] [--checkpoint-ms 1000] [--ceiling]`
 //!
 //! `--ceiling` measures, instead of Vigil, a bare consumer reading the same topic from the same
 //! broker: the rate no consumer built on this librdkafka and this broker can beat here.
@@ -83,6 +83,7 @@ async fn run() -> anyhow::Result<()> {
     config.kafka.brokers = brokers.clone();
     config.kafka.max_batch = arg("--batch", 2000) as usize;
     config.engine.max_batch = arg("--engine-batch", 256) as usize;
+    config.engine.checkpoint_interval_ms = arg("--checkpoint-ms", 1000);
     config.validate()?;
     let vigil = Vigil::start(config).await?;
     // Grants for some of the users, so signals trigger real evaluations.
@@ -187,6 +188,7 @@ async fn consume_only(brokers: &str, topic: &str, messages: u64) -> anyhow::Resu
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "ceiling")
+        .set("fetch.queue.backoff.ms", "10")
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .create()?;

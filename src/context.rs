@@ -47,10 +47,14 @@ impl<T> Stamped<T> {
     }
 }
 
+/// Whether `new` changes a fact that is `old`: it supersedes it and says something different.
+fn changes<T: PartialEq>(old: &Stamped<T>, new: &Stamped<T>) -> bool {
+    new.supersedes(old) && !(old.value == new.value && old.time == new.time)
+}
+
 fn upsert<T: PartialEq>(slot: &mut Option<Stamped<T>>, new: Stamped<T>) -> bool {
     match slot {
-        Some(old) if !new.supersedes(old) => false,
-        Some(old) if old.value == new.value && old.time == new.time => false,
+        Some(old) if !changes(old, &new) => false,
         _ => {
             *slot = Some(new);
             true
@@ -63,12 +67,19 @@ fn upsert_map<T: PartialEq>(
     key: String,
     new: Stamped<T>,
 ) -> bool {
-    let mut slot = map.remove(&key);
-    let changed = upsert(&mut slot, new);
-    if let Some(v) = slot {
-        map.insert(key, v);
+    // In place when the key is known: a remove and re-insert would shift B-tree nodes on every
+    // signal (the common case: a feed updating a subject's existing fact).
+    match map.get_mut(&key) {
+        Some(old) if !changes(old, &new) => false,
+        Some(old) => {
+            *old = new;
+            true
+        }
+        None => {
+            map.insert(key, new);
+            true
+        }
     }
-    changed
 }
 
 /// Per-kind decay (seconds). Absent = never decays.
