@@ -5,27 +5,18 @@
 //!
 //! Run: `cargo bench --bench engine_scale -- [--grants 1000000]`
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Instant;
 
+use common::rss_bytes;
 use serde_json::json;
 use vigil::audit::AuditLog;
 use vigil::engine::{Engine, EngineSettings};
 use vigil::grant::GrantRequest;
 use vigil::policy::PolicySet;
 use vigil::store::{self, BatchWriter};
-
-fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
-}
 
 fn main() -> anyhow::Result<()> {
     let mut grants = 1_000_000usize;

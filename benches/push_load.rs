@@ -10,12 +10,9 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use common::loopback_config;
-use serde_json::{json, Value};
+use common::{background_set, drive_max, loopback_config, push_set, quantile, sign_sets};
 use vigil::config::TransmitterConfig;
 use vigil::jose::Alg;
 use vigil::sim::{jwks_document, JwksServer, SigningKey};
@@ -50,14 +47,6 @@ fn args() -> Args {
     out
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 fn main() -> anyhow::Result<()> {
     let args = args();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -88,60 +77,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let warmup = 200;
     let total = args.sets + warmup;
     eprintln!("signing {total} {} SETs…", args.alg);
-    let tokens = sign_all(&key, total, iss, aud);
+    let tokens = sign_sets(&key, total, |i| background_set(iss, aud, "load", i));
 
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.concurrency)
         .build()?;
     // Warm-up: loads the JWKS, fills connection pools.
-    for token in &tokens[..warmup] {
-        push(&client, &url, token).await?;
+    let mut tokens = tokens;
+    let measured = tokens.split_off(warmup);
+    for token in &tokens {
+        push_set(&client, &url, "Bearer load", token).await?;
     }
 
-    let tokens = Arc::new(tokens);
-    let next = Arc::new(AtomicUsize::new(warmup));
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..args.concurrency {
-        let (client, url, tokens, next) =
-            (client.clone(), url.clone(), tokens.clone(), next.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            let mut failures = 0usize;
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= tokens.len() {
-                    break;
-                }
-                let t = Instant::now();
-                match push(&client, &url, &tokens[i]).await {
-                    Ok(202) => latencies.push(t.elapsed()),
-                    _ => failures += 1,
-                }
-            }
-            (latencies, failures)
-        }));
-    }
-    let mut latencies = Vec::with_capacity(args.sets);
-    let mut failures = 0;
-    for t in tasks {
-        let (l, f) = t.await?;
-        latencies.extend(l);
-        failures += f;
-    }
-    let elapsed = started.elapsed();
-    latencies.sort();
+    let drive = drive_max(&client, &url, "Bearer load", measured, args.concurrency).await;
+    let (latencies, failures, rate) = (drive.latencies_ms, drive.failures, drive.rate);
     let stored = vigil.intake().stored_count()?;
-    let rate = latencies.len() as f64 / elapsed.as_secs_f64();
     println!(
         "push_load alg={} sets={} concurrency={} -> {:.0} SETs/s accepted; latency p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms; non-202: {failures}; stored: {stored}",
         args.alg,
         args.sets,
         args.concurrency,
         rate,
-        percentile(&latencies, 0.50).as_secs_f64() * 1e3,
-        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
-        percentile(&latencies, 0.999).as_secs_f64() * 1e3,
+        quantile(&latencies, 0.50),
+        quantile(&latencies, 0.99),
+        quantile(&latencies, 0.999),
     );
     vigil.shutdown().await;
     anyhow::ensure!(failures == 0, "{failures} pushes were not accepted");
@@ -150,46 +109,4 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "stored {stored} of {total} accepted SETs"
     );
     Ok(())
-}
-
-fn sign_all(key: &SigningKey, n: usize, iss: &str, aud: &str) -> Vec<String> {
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let chunk = n.div_ceil(threads);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                s.spawn(move || {
-                    (t * chunk..((t + 1) * chunk).min(n))
-                        .map(|i| {
-                            let set: Value = json!({
-                                "iss": iss, "aud": aud, "jti": format!("load-{i}"), "iat": 1_700_000_000 + i,
-                                "txn": format!("txn-{i}"),
-                                "sub_id": {"format": "complex",
-                                    "user": {"format": "iss_sub", "iss": iss, "sub": format!("user-{}", i % 1000)},
-                                    "session": {"format": "opaque", "id": format!("s-{i}")}},
-                                "events": {"https://schemas.openid.net/secevent/caep/event-type/session-revoked": {
-                                    "initiating_entity": "policy", "reason_admin": {"en": "load"}, "event_timestamp": 1_700_000_000 + i}}
-                            });
-                            key.sign_set(&set).unwrap_or_default()
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap_or_default())
-            .collect()
-    })
-}
-
-async fn push(client: &reqwest::Client, url: &str, token: &str) -> anyhow::Result<u16> {
-    let resp = client
-        .post(url)
-        .header("Content-Type", "application/secevent+jwt")
-        .header("Authorization", "Bearer load")
-        .body(token.to_owned())
-        .send()
-        .await?;
-    Ok(resp.status().as_u16())
 }

@@ -37,3 +37,149 @@ pub fn cpu_seconds() -> f64 {
     };
     (ticks(11) + ticks(12)) / 100.0
 }
+
+/// The `p` quantile (0..=1) of sorted samples (nearest rank); NaN when there are none.
+pub fn quantile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
+}
+
+/// Signs `n` SETs on every core; `claims(i)` gives the i-th SET's claims.
+pub fn sign_sets(
+    key: &vigil::sim::SigningKey,
+    n: usize,
+    claims: impl Fn(usize) -> serde_json::Value + Sync,
+) -> Vec<String> {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let chunk = n.div_ceil(threads).max(1);
+    let claims = &claims;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || {
+                    (t * chunk..((t + 1) * chunk).min(n))
+                        .map(|i| key.sign_set(&claims(i)).unwrap_or_default())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    })
+}
+
+/// A load-test SET: a CAEP session-revoked for a session nobody holds a grant on, so it exercises
+/// the whole receiver and the engine's routing without causing decisions.
+pub fn background_set(iss: &str, aud: &str, prefix: &str, i: usize) -> serde_json::Value {
+    serde_json::json!({
+        "iss": iss, "aud": aud, "jti": format!("{prefix}-{i}"), "iat": 1_700_000_000 + i,
+        "txn": format!("txn-{i}"),
+        "sub_id": {"format": "complex",
+            "user": {"format": "iss_sub", "iss": iss, "sub": format!("user-{}", i % 1000)},
+            "session": {"format": "opaque", "id": format!("{prefix}-s-{i}")}},
+        "events": {"https://schemas.openid.net/secevent/caep/event-type/session-revoked": {
+            "initiating_entity": "policy", "reason_admin": {"en": "load"},
+            "event_timestamp": 1_700_000_000 + i}}
+    })
+}
+
+/// Pushes one SET (RFC 8935) and returns the HTTP status.
+pub async fn push_set(
+    client: &reqwest::Client,
+    url: &str,
+    authorization: &str,
+    token: &str,
+) -> anyhow::Result<u16> {
+    let resp = client
+        .post(url)
+        .header("Content-Type", "application/secevent+jwt")
+        .header("Authorization", authorization)
+        .body(token.to_owned())
+        .send()
+        .await?;
+    Ok(resp.status().as_u16())
+}
+
+/// What pushing a set of SETs as fast as possible gave.
+pub struct Drive {
+    /// Accepted (202) SETs per second.
+    pub rate: f64,
+    /// Latency of each accepted push, milliseconds, sorted.
+    pub latencies_ms: Vec<f64>,
+    /// Answers other than 202, and transport errors.
+    pub failures: usize,
+}
+
+/// Pushes every token to `url` from `concurrency` connections, as fast as they are answered.
+pub async fn drive_max(
+    client: &reqwest::Client,
+    url: &str,
+    authorization: &str,
+    tokens: Vec<String>,
+    concurrency: usize,
+) -> Drive {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let tokens = Arc::new(tokens);
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (client, url, auth, tokens, next) = (
+            client.clone(),
+            url.to_owned(),
+            authorization.to_owned(),
+            tokens.clone(),
+            next.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut failures = 0usize;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(token) = tokens.get(i) else { break };
+                let t = std::time::Instant::now();
+                match push_set(&client, &url, &auth, token).await {
+                    Ok(202) => latencies.push(t.elapsed().as_secs_f64() * 1e3),
+                    _ => failures += 1,
+                }
+            }
+            (latencies, failures)
+        }));
+    }
+    let mut latencies_ms = Vec::with_capacity(tokens.len());
+    let mut failures = 0;
+    for t in tasks {
+        match t.await {
+            Ok((l, f)) => {
+                latencies_ms.extend(l);
+                failures += f;
+            }
+            Err(_) => failures += 1,
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    latencies_ms.sort_by(f64::total_cmp);
+    Drive {
+        rate: latencies_ms.len() as f64 / secs,
+        latencies_ms,
+        failures,
+    }
+}
+
+/// This process's resident set size, bytes (`VmRSS` in `/proc/self/status`).
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}

@@ -1,0 +1,884 @@
+//! The load harness: every figure of the performance issue in one run on this machine, each next to
+//! its target and, where one exists, the ceiling no implementation on this stack can beat.
+//!
+//! Run: `cargo bench --bench load -- [--sets 20000] [--grants 1000000] [--probes 400]
+//!       [--probe-rate 40] [--check-rate 20000] [--check-secs 5] [--out target/load-report]`
+//!
+//! Phases, in order (each prints its progress to stderr):
+//! 1. **ingest** — for RS256 and ES256: pre-signed SETs pushed as fast as they are answered
+//!    (64 connections) to a *verify-only* endpoint (the same axum/hyper/tokio stack, the same keys
+//!    fetched from the same JWKS, the same transport credential check, JWS verification and SET
+//!    claim validation, then 202 — no storage, no engine), then to Vigil's `/ssf/push`. The ratio
+//!    is Vigil's rate over the ceiling's.
+//! 2. **grants** — `--grants` grants over `--grants / 10` subjects registered through the engine
+//!    (each evaluated and committed); registration rate and RSS growth per grant.
+//! 3. **latency** — background SETs pushed at half the measured RS256 maximum while `--probes`
+//!    probe SETs (a CAEP session-revoked naming one loaded grant's session) go out at
+//!    `--probe-rate`; per probe: signal → decision (the grant's status changed in the engine, what
+//!    `check` answers) and signal → revocation verified at three subscribed enforcement points
+//!    (RFC 8935 push, RFC 8936 poll, SSE).
+//! 4. **check** — `POST /v1/check` at a fixed rate (open loop: latency counted from each request's
+//!    scheduled time, so a stall is not hidden) over random loaded grants.
+//! 5. **swap** — the policy set swapped in again; time until every grant is re-evaluated and
+//!    committed.
+//!
+//! Kafka throughput has its own harness (`cargo bench --bench kafka_apply`): it needs a topic
+//! filled before the consumer group joins. The load generator shares the 2 cores with Vigil, so
+//! every rate here is a lower bound of Vigil's own.
+//!
+//! Output: `report.json` (every figure, machine-readable), `report.md` (the table of figures vs
+//! targets) and `latency.svg` (signal → revocation delivered, per method) in `--out`.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use common::{
+    arg, background_set, drive_max, loopback_config, push_set, quantile, rss_bytes, sign_sets,
+};
+use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
+use vigil::config::{EnforcementPointConfig, TransmitterConfig};
+use vigil::grant::GrantRequest;
+use vigil::jose::Alg;
+use vigil::jwks::KeySet;
+use vigil::set::SetRules;
+use vigil::sim::ep::{subscribe, Method};
+use vigil::sim::{jwks_document, JwksServer, SigningKey};
+use vigil::Vigil;
+
+const ISS: &str = "https://idp.example.com/";
+const AUD: &str = "vigil";
+const CONCURRENCY: usize = 64;
+
+fn main() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run())
+}
+
+/// One reported figure.
+struct Figure {
+    name: &'static str,
+    value: f64,
+    unit: &'static str,
+    /// The target, and whether a bigger value is better.
+    target: Option<(f64, bool)>,
+    /// The ceiling the value is compared with, when the issue names one.
+    ceiling: Option<f64>,
+    note: String,
+}
+
+impl Figure {
+    fn new(name: &'static str, value: f64, unit: &'static str) -> Figure {
+        Figure {
+            name,
+            value,
+            unit,
+            target: None,
+            ceiling: None,
+            note: String::new(),
+        }
+    }
+    fn at_least(mut self, t: f64) -> Figure {
+        self.target = Some((t, true));
+        self
+    }
+    fn at_most(mut self, t: f64) -> Figure {
+        self.target = Some((t, false));
+        self
+    }
+    fn ceiling(mut self, c: f64) -> Figure {
+        self.ceiling = Some(c);
+        self
+    }
+    fn note(mut self, n: impl Into<String>) -> Figure {
+        self.note = n.into();
+        self
+    }
+    fn met(&self) -> Option<bool> {
+        self.target.map(|(t, more)| {
+            if more {
+                self.value >= t
+            } else {
+                self.value <= t
+            }
+        })
+    }
+    fn json(&self) -> Value {
+        json!({
+            "name": self.name, "value": self.value, "unit": self.unit,
+            "target": self.target.map(|(t, more)| json!({"value": t, "direction": if more { "at_least" } else { "at_most" }})),
+            "met": self.met(),
+            "ceiling": self.ceiling,
+            "ratio_to_ceiling": self.ceiling.map(|c| self.value / c),
+            "note": self.note,
+        })
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    let sets = arg("--sets", 20_000) as usize;
+    let grants = arg("--grants", 1_000_000) as usize;
+    let probes = arg("--probes", 400) as usize;
+    let probe_rate = arg("--probe-rate", 40).max(1);
+    let check_rate = arg("--check-rate", 20_000).max(1);
+    let check_secs = arg("--check-secs", 5).max(1);
+    let out = out_dir();
+    std::fs::create_dir_all(&out)?;
+    let started = Instant::now();
+    let mut figures = Vec::new();
+
+    let rs = SigningKey::generate(Alg::RS256, "rs")?;
+    let es = SigningKey::generate(Alg::ES256, "es")?;
+    let jwks = JwksServer::start(
+        "127.0.0.1:0".parse()?,
+        jwks_document(&[rs.public_jwk()?, es.public_jwk()?]),
+    )
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let mut config = loopback_config(dir.path());
+    for (name, alg) in [("rs", Alg::RS256), ("es", Alg::ES256)] {
+        config.transmitters.push(TransmitterConfig::with_jwks(
+            name,
+            ISS,
+            vec![AUD.into()],
+            &format!("Bearer {name}"),
+            vec![alg],
+            &jwks.jwks_uri(),
+        ));
+    }
+    for m in ["push", "poll", "sse"] {
+        config.enforcement_points.push(EnforcementPointConfig {
+            name: format!("ep-{m}"),
+            token: format!("token-for-ep-{m}-0123456789"),
+            audience: None,
+        });
+    }
+    // Capacity is what is measured: the abuse limits must not be what answers.
+    config.limits.transmitter_sets_per_sec = 1e9;
+    config.limits.client_requests_per_sec = 1e9;
+    config.limits.burst = 1e9;
+    config.policy.watch_interval_secs = 0;
+    let vigil = Vigil::start(config).await?;
+    let base = format!("http://{}", vigil.local_addr());
+    let client = vigil::sim::api_client(vigil.admin_token())?;
+
+    // 1. Ingestion against the verify-only ceiling.
+    let mut rs_max = 0.0;
+    for (name, alg, key) in [("rs", Alg::RS256, &rs), ("es", Alg::ES256, &es)] {
+        eprintln!("[ingest {alg}] signing {} SETs…", 2 * sets);
+        let mut tokens = sign_sets(key, 2 * sets, |i| background_set(ISS, AUD, name, i));
+        let for_vigil = tokens.split_off(sets);
+        let ceiling_url = verify_only(&jwks.jwks_uri(), alg, &format!("Bearer {name}")).await?;
+        warm_up(&client, &ceiling_url, name).await;
+        eprintln!("[ingest {alg}] verify-only ceiling…");
+        let ceiling = drive_max(
+            &client,
+            &ceiling_url,
+            &format!("Bearer {name}"),
+            tokens,
+            CONCURRENCY,
+        )
+        .await;
+        eprintln!("[ingest {alg}] Vigil push…");
+        let url = format!("{base}/ssf/push/{name}");
+        let pushed = drive_max(
+            &client,
+            &url,
+            &format!("Bearer {name}"),
+            for_vigil,
+            CONCURRENCY,
+        )
+        .await;
+        anyhow::ensure!(
+            pushed.failures == 0,
+            "{} pushes not accepted",
+            pushed.failures
+        );
+        eprintln!(
+            "[ingest {alg}] {:.0} SETs/s against a ceiling of {:.0} ({:.0} %)",
+            pushed.rate,
+            ceiling.rate,
+            100.0 * pushed.rate / ceiling.rate
+        );
+        if alg == Alg::RS256 {
+            rs_max = pushed.rate;
+        }
+        let (ingest_name, ratio_name, push_p99) = match alg {
+            Alg::RS256 => (
+                "ingest_rs256_sets_per_sec",
+                "ingest_rs256_ratio_to_verify_only",
+                "push_rs256_latency_p99_ms",
+            ),
+            _ => (
+                "ingest_es256_sets_per_sec",
+                "ingest_es256_ratio_to_verify_only",
+                "push_es256_latency_p99_ms",
+            ),
+        };
+        figures.push(
+            Figure::new(ingest_name, pushed.rate, "SETs/s")
+                .ceiling(ceiling.rate)
+                .note("HTTP push → verify → validate → durable group commit → 202; 64 connections"),
+        );
+        figures.push(
+            Figure::new(ratio_name, pushed.rate / ceiling.rate, "ratio")
+                .at_least(0.7)
+                .note(format!(
+                    "verify-only ceiling {:.0} SETs/s on the same HTTP stack and keys",
+                    ceiling.rate
+                )),
+        );
+        figures.push(
+            Figure::new(push_p99, quantile(&pushed.latencies_ms, 0.99), "ms")
+                .note("push answered, at maximum load"),
+        );
+    }
+
+    // 2. Grants.
+    eprintln!(
+        "[grants] registering {grants} grants over {} subjects…",
+        grants / 10
+    );
+    let rss_before = rss_bytes();
+    let reg_started = Instant::now();
+    register_grants(&vigil, grants).await?;
+    let reg_secs = reg_started.elapsed().as_secs_f64();
+    let rss_after = rss_bytes();
+    let per_grant = rss_after.saturating_sub(rss_before) as f64 / grants.max(1) as f64;
+    eprintln!(
+        "[grants] {:.0} grants/s; RSS {per_grant:.0} B per grant",
+        grants as f64 / reg_secs
+    );
+    figures.push(
+        Figure::new(
+            "grant_registrations_per_sec",
+            grants as f64 / reg_secs,
+            "grants/s",
+        )
+        .note("through the engine: resolved, evaluated, committed"),
+    );
+    figures.push(
+        Figure::new("rss_bytes_per_grant", per_grant, "B")
+            .at_most(1024.0)
+            .note(format!(
+                "RSS growth over {grants} grants and {} subjects",
+                grants / 10
+            )),
+    );
+
+    // 3. Latency under load, with the grants loaded.
+    let eps = subscribe_eps(&base).await?;
+    let background_rate = (rs_max / 2.0).max(1.0);
+    let lat = latency_phase(
+        &vigil,
+        &client,
+        &base,
+        &rs,
+        eps,
+        grants,
+        probes,
+        probe_rate,
+        background_rate,
+    )
+    .await?;
+    for (method, samples) in &lat.delivered {
+        eprintln!(
+            "[latency] {method}: {}/{probes} delivered; p50 {:.2} ms p99 {:.2} ms p999 {:.2} ms",
+            samples.len(),
+            quantile(samples, 0.5),
+            quantile(samples, 0.99),
+            quantile(samples, 0.999)
+        );
+    }
+    let note = format!(
+        "{probes} probes at {probe_rate}/s under {background_rate:.0} background SETs/s (half the RS256 maximum), {grants} grants loaded"
+    );
+    figures.push(
+        Figure::new(
+            "signal_to_decision_p50_ms",
+            quantile(&lat.decided, 0.5),
+            "ms",
+        )
+        .note(note.clone()),
+    );
+    figures.push(
+        Figure::new(
+            "signal_to_decision_p99_ms",
+            quantile(&lat.decided, 0.99),
+            "ms",
+        )
+        .note(note.clone()),
+    );
+    figures.push(
+        Figure::new(
+            "signal_to_decision_p999_ms",
+            quantile(&lat.decided, 0.999),
+            "ms",
+        )
+        .note(note.clone()),
+    );
+    figures.push(
+        Figure::new(
+            "background_sets_per_sec_achieved",
+            lat.background_rate,
+            "SETs/s",
+        )
+        .note(format!("asked {background_rate:.0}")),
+    );
+    for (method, samples) in &lat.delivered {
+        let (p50, p99, p999) = match method.as_str() {
+            "push" => (
+                "revocation_push_p50_ms",
+                "revocation_push_p99_ms",
+                "revocation_push_p999_ms",
+            ),
+            "poll" => (
+                "revocation_poll_p50_ms",
+                "revocation_poll_p99_ms",
+                "revocation_poll_p999_ms",
+            ),
+            _ => (
+                "revocation_sse_p50_ms",
+                "revocation_sse_p99_ms",
+                "revocation_sse_p999_ms",
+            ),
+        };
+        let lost = probes - samples.len();
+        figures.push(
+            Figure::new(p50, quantile(samples, 0.5), "ms")
+                .note(format!("{} of {probes} delivered", samples.len())),
+        );
+        figures.push(
+            Figure::new(p99, quantile(samples, 0.99), "ms")
+                .at_most(5.0)
+                .note(format!("lost {lost}")),
+        );
+        figures.push(Figure::new(p999, quantile(samples, 0.999), "ms").at_most(20.0));
+    }
+    std::fs::write(out.join("latency.svg"), histogram_svg(&lat.delivered))?;
+
+    // 4. check API at a fixed rate.
+    eprintln!("[check] {check_rate} requests/s for {check_secs} s…");
+    let check = check_phase(&client, &base, grants, check_rate, check_secs).await;
+    eprintln!(
+        "[check] achieved {:.0}/s; p50 {:.3} ms p99 {:.3} ms; errors {}",
+        check.rate,
+        quantile(&check.latencies_ms, 0.5),
+        quantile(&check.latencies_ms, 0.99),
+        check.errors
+    );
+    let note = format!("asked {check_rate}/s, achieved {:.0}/s, errors {}; open loop, latency from the scheduled send", check.rate, check.errors);
+    figures.push(
+        Figure::new("check_p50_ms", quantile(&check.latencies_ms, 0.5), "ms").note(note.clone()),
+    );
+    figures.push(
+        Figure::new("check_p99_ms", quantile(&check.latencies_ms, 0.99), "ms")
+            .at_most(1.0)
+            .note(note),
+    );
+
+    // 5. Policy swap over every grant.
+    eprintln!("[swap] re-evaluating {grants} grants…");
+    let policy_dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/policies"));
+    let policy = vigil::policy::PolicySet::load_dir_or_builtin(policy_dir)?;
+    let swap_started = Instant::now();
+    vigil.engine().swap_policy(policy)?.wait().await;
+    let swap_secs = swap_started.elapsed().as_secs_f64();
+    eprintln!("[swap] {swap_secs:.2} s");
+    figures.push(
+        Figure::new("policy_swap_seconds", swap_secs, "s")
+            .at_most(2.0)
+            .note(format!(
+                "{} grants re-evaluated and committed",
+                vigil.engine().grant_count()
+            )),
+    );
+
+    vigil.shutdown().await;
+    let report = json!({
+        "harness": "cargo bench --bench load",
+        "args": std::env::args().skip(1).filter(|a| a != "--bench").collect::<Vec<_>>(),
+        "date_unix": vigil::signal::now_ms() / 1000,
+        "machine": machine(),
+        "duration_secs": started.elapsed().as_secs_f64(),
+        "figures": figures.iter().map(Figure::json).collect::<Vec<_>>(),
+    });
+    std::fs::write(
+        out.join("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    std::fs::write(out.join("report.md"), markdown(&figures, &report))?;
+    println!("{}", markdown(&figures, &report));
+    println!("written: {}", out.display());
+    Ok(())
+}
+
+fn out_dir() -> PathBuf {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/load-report"))
+        })
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_default();
+    json!({
+        "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "cpu": cpu,
+        "os": std::env::consts::OS,
+    })
+}
+
+async fn warm_up(client: &reqwest::Client, url: &str, name: &str) {
+    // A rejected SET (not a JWS) still opens the connections and reaches the handler.
+    for _ in 0..CONCURRENCY {
+        let _ = push_set(client, url, &format!("Bearer {name}"), "x").await;
+    }
+}
+
+/// The verify-only ceiling: an axum server doing what Vigil's push handler does before it
+/// stores anything (credential check, compact JWS parse, signature verification with the keys
+/// from the transmitter's JWKS, SET claim validation) and answering 202. Returns its push URL.
+async fn verify_only(jwks_uri: &str, alg: Alg, authorization: &str) -> anyhow::Result<String> {
+    let doc = reqwest::get(jwks_uri).await?.bytes().await?;
+    let keys = KeySet::from_jwks_json(&doc, &[alg]).map_err(anyhow::Error::msg)?;
+    struct Ceiling {
+        keys: KeySet,
+        alg: Alg,
+        authorization: String,
+        audiences: Vec<String>,
+    }
+    let state = Arc::new(Ceiling {
+        keys,
+        alg,
+        authorization: authorization.to_owned(),
+        audiences: vec![AUD.to_owned()],
+    });
+    async fn handle(State(s): State<Arc<Ceiling>>, headers: HeaderMap, body: String) -> StatusCode {
+        let auth = headers
+            .get("authorization")
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        if !bool::from(auth.ct_eq(s.authorization.as_bytes())) {
+            return StatusCode::UNAUTHORIZED;
+        }
+        let Ok(jws) = vigil::jose::parse_compact(&body, &[s.alg]) else {
+            return StatusCode::BAD_REQUEST;
+        };
+        if s.keys.verify(&jws).is_err() {
+            return StatusCode::BAD_REQUEST;
+        }
+        let rules = SetRules {
+            issuer: ISS,
+            audiences: &s.audiences,
+            legacy_subjects: false,
+        };
+        match vigil::set::validate_claims(&jws.payload, rules) {
+            Ok(_) => StatusCode::ACCEPTED,
+            Err(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+    let app = axum::Router::new()
+        .route("/push", post(handle))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(format!("http://{addr}/push"))
+}
+
+async fn register_grants(vigil: &Vigil, n: usize) -> anyhow::Result<()> {
+    let concurrency = 256;
+    let mut tasks = Vec::new();
+    let progress = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let now = vigil::signal::now_ms() / 1000;
+    for t in 0..concurrency {
+        let engine = vigil.engine().clone();
+        let progress = progress.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut i = t;
+            while i < n {
+                let req: GrantRequest = serde_json::from_value(grant_json(i, now))?;
+                engine.register(req).await?;
+                let done = progress.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                if done % 100_000 == 0 {
+                    eprintln!("[grants] {done}/{n}");
+                }
+                i += concurrency;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+/// Grant `i`: subject `user{i / 10}`, session `s{i}`.
+fn grant_json(i: usize, now: i64) -> Value {
+    json!({
+        "id": format!("g{i}"), "kind": if i % 3 == 0 { "access_token" } else { "session" },
+        "subject": {"format": "email", "email": format!("user{}@example.com", i / 10)},
+        "session": format!("s{i}"), "scopes": ["read"],
+        "issued_at": now - 60, "expires_at": now + 86_400,
+        "enforcement_points": ["ep-push", "ep-poll", "ep-sse"]
+    })
+}
+
+async fn subscribe_eps(
+    base: &str,
+) -> anyhow::Result<Vec<(String, vigil::sim::ep::EnforcementPoint)>> {
+    let mut eps = Vec::new();
+    for (name, method) in [
+        ("push", Method::Push),
+        ("poll", Method::Poll),
+        ("sse", Method::Sse),
+    ] {
+        let ep = subscribe(
+            base,
+            &format!("token-for-ep-{name}-0123456789"),
+            &format!("ep-{name}"),
+            method,
+            "127.0.0.1:0".parse()?,
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+        eps.push((name.to_owned(), ep));
+    }
+    Ok(eps)
+}
+
+struct Latency {
+    decided: Vec<f64>,
+    delivered: Vec<(String, Vec<f64>)>,
+    background_rate: f64,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn latency_phase(
+    vigil: &Vigil,
+    client: &reqwest::Client,
+    base: &str,
+    key: &SigningKey,
+    eps: Vec<(String, vigil::sim::ep::EnforcementPoint)>,
+    grants: usize,
+    probes: usize,
+    probe_rate: u64,
+    background_rate: f64,
+) -> anyhow::Result<Latency> {
+    let duration = probes as f64 / probe_rate as f64;
+    let background = (background_rate * duration) as usize;
+    eprintln!("[latency] signing {probes} probes and {background} background SETs…");
+    // Probe p revokes grant `p * stride`: one grant per probe, spread over the subjects.
+    let stride = (grants / probes.max(1)).max(1);
+    let probe_grant = |p: usize| (p * stride) % grants.max(1);
+    // Event time now: a revocation older than the grant's issue would rightly not apply to it.
+    let now = vigil::signal::now_ms() / 1000;
+    let probe_tokens = sign_sets(key, probes, |p| {
+        let g = probe_grant(p);
+        json!({"iss": ISS, "aud": AUD, "jti": format!("probe-{p}"), "iat": now, "txn": format!("probe-{p}"),
+            "sub_id": {"format": "complex",
+                "user": {"format": "email", "email": format!("user{}@example.com", g / 10)},
+                "session": {"format": "opaque", "id": format!("s{g}")}},
+            "events": {"https://schemas.openid.net/secevent/caep/event-type/session-revoked": {
+                "initiating_entity": "policy", "event_timestamp": now}}})
+    });
+    let background_tokens = sign_sets(key, background, |i| background_set(ISS, AUD, "bg", i));
+
+    // Signal → decision: a watcher thread looks at the probed grants' status in the engine.
+    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
+    let decided: Arc<Mutex<Vec<f64>>> = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (engine, sent, decided, stop) = (
+            vigil.engine().clone(),
+            sent.clone(),
+            decided.clone(),
+            stop.clone(),
+        );
+        std::thread::spawn(move || {
+            let mut pending: HashMap<String, Instant> = HashMap::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(mut s) = sent.lock() {
+                    pending.extend(s.drain());
+                }
+                pending.retain(|id, at| {
+                    let revoked = engine
+                        .grant(id)
+                        .is_some_and(|g| g.status == vigil::grant::GrantStatus::Revoked);
+                    if revoked {
+                        if let Ok(mut d) = decided.lock() {
+                            d.push(at.elapsed().as_secs_f64() * 1e3);
+                        }
+                    }
+                    !revoked
+                });
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        })
+    };
+
+    // Background load, paced in 1 ms ticks.
+    let bg = {
+        let (client, url) = (client.clone(), format!("{base}/ssf/push/rs"));
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut tasks = tokio::task::JoinSet::new();
+            for (i, token) in background_tokens.into_iter().enumerate() {
+                let due = started + Duration::from_secs_f64(i as f64 / background_rate);
+                tokio::time::sleep_until(due.into()).await;
+                let (client, url) = (client.clone(), url.clone());
+                tasks.spawn(async move { push_set(&client, &url, "Bearer rs", &token).await });
+                while tasks.len() > 256 {
+                    tasks.join_next().await;
+                }
+            }
+            while tasks.join_next().await.is_some() {}
+            background as f64 / started.elapsed().as_secs_f64()
+        })
+    };
+
+    let mut probe_sent: HashMap<String, Instant> = HashMap::new();
+    let url = format!("{base}/ssf/push/rs");
+    let gap = Duration::from_secs_f64(1.0 / probe_rate as f64);
+    for (p, token) in probe_tokens.into_iter().enumerate() {
+        let now = Instant::now();
+        probe_sent.insert(format!("probe-{p}"), now);
+        if let Ok(mut s) = sent.lock() {
+            s.insert(format!("g{}", probe_grant(p)), now);
+        }
+        let status = push_set(client, &url, "Bearer rs", &token).await?;
+        anyhow::ensure!(status == 202, "probe push answered {status}");
+        tokio::time::sleep(gap).await;
+    }
+    let background_achieved = bg.await?;
+
+    let mut delivered = Vec::new();
+    for (name, mut ep) in eps {
+        let mut lat = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while lat.len() < probes && Instant::now() < deadline {
+            match tokio::time::timeout(Duration::from_secs(5), ep.received.recv()).await {
+                Ok(Some(r)) => {
+                    if let Some(t) = r.set.txn.as_ref().and_then(|t| probe_sent.get(t)) {
+                        let arrived = Instant::now()
+                            - Duration::from_millis(
+                                (vigil::signal::now_ms() - r.at_ms).max(0) as u64
+                            );
+                        lat.push(arrived.duration_since(*t).as_secs_f64() * 1e3);
+                    }
+                }
+                _ => break,
+            }
+        }
+        lat.sort_by(f64::total_cmp);
+        delivered.push((name, lat));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = watcher.join();
+    let mut decided = decided.lock().map(|d| d.clone()).unwrap_or_default();
+    decided.sort_by(f64::total_cmp);
+    Ok(Latency {
+        decided,
+        delivered,
+        background_rate: background_achieved,
+    })
+}
+
+struct Check {
+    rate: f64,
+    latencies_ms: Vec<f64>,
+    errors: usize,
+}
+
+async fn check_phase(
+    client: &reqwest::Client,
+    base: &str,
+    grants: usize,
+    rate: u64,
+    secs: u64,
+) -> Check {
+    let total = (rate * secs) as usize;
+    let url = format!("{base}/v1/check");
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut latencies = Vec::with_capacity(total);
+    let mut errors = 0usize;
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    for i in 0..total {
+        let due = started + Duration::from_secs_f64(i as f64 / rate as f64);
+        if due > Instant::now() + Duration::from_millis(1) {
+            tokio::time::sleep_until(due.into()).await;
+        }
+        // xorshift: a spread of grants without a dependency
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let body = json!({"grant_id": format!("g{}", seed as usize % grants.max(1))});
+        let (client, url) = (client.clone(), url.clone());
+        tasks.spawn(async move {
+            let ok = match client.post(&url).json(&body).send().await {
+                Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                Err(_) => false,
+            };
+            (ok, due.elapsed().as_secs_f64() * 1e3)
+        });
+        while let Some(Ok((ok, ms))) = tasks.try_join_next() {
+            if ok {
+                latencies.push(ms);
+            } else {
+                errors += 1;
+            }
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        match done {
+            Ok((true, ms)) => latencies.push(ms),
+            _ => errors += 1,
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    latencies.sort_by(f64::total_cmp);
+    Check {
+        rate: latencies.len() as f64 / secs,
+        latencies_ms: latencies,
+        errors,
+    }
+}
+
+fn markdown(figures: &[Figure], report: &Value) -> String {
+    let mut md = String::from(
+        "| figure | value | target | met | ceiling (ratio) | note |\n|---|---|---|---|---|---|\n",
+    );
+    for f in figures {
+        let target = f.target.map_or(String::new(), |(t, more)| {
+            format!("{} {t}", if more { "≥" } else { "≤" })
+        });
+        let met = match f.met() {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "",
+        };
+        let ceiling = f.ceiling.map_or(String::new(), |c| {
+            format!("{c:.0} ({:.0} %)", 100.0 * f.value / c)
+        });
+        md.push_str(&format!(
+            "| {} | {:.3} {} | {target} | {met} | {ceiling} | {} |\n",
+            f.name, f.value, f.unit, f.note
+        ));
+    }
+    md.push_str(&format!(
+        "\nMachine: {}; run took {:.0} s; command: `cargo bench --bench load -- {}`\n",
+        report["machine"],
+        report["duration_secs"].as_f64().unwrap_or(0.0),
+        report["args"]
+            .as_array()
+            .map(|a| a
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(" "))
+            .unwrap_or_default()
+    ));
+    md
+}
+
+/// Signal → revocation delivered, one bar series per method, 0.5 ms buckets up to the largest p999.
+fn histogram_svg(delivered: &[(String, Vec<f64>)]) -> String {
+    let (w, h, left, bottom) = (760.0, 360.0, 60.0, 40.0);
+    let top = delivered
+        .iter()
+        .map(|(_, s)| quantile(s, 0.999))
+        .filter(|v| v.is_finite())
+        .fold(1.0f64, f64::max)
+        .ceil();
+    let bucket = 0.5;
+    let n = ((top / bucket).ceil() as usize).max(1);
+    let colors = ["#1f77b4", "#ff7f0e", "#2ca02c"];
+    let counts: Vec<Vec<usize>> = delivered
+        .iter()
+        .map(|(_, s)| {
+            let mut c = vec![0usize; n];
+            for v in s {
+                c[((v / bucket) as usize).min(n - 1)] += 1;
+            }
+            c
+        })
+        .collect();
+    let max = counts.iter().flatten().copied().max().unwrap_or(1).max(1) as f64;
+    let plot_w = w - left - 20.0;
+    let plot_h = h - bottom - 40.0;
+    let bar = plot_w / n as f64 / delivered.len().max(1) as f64;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{left}\" y=\"20\" font-size=\"13\">signal pushed → revocation verified at the enforcement point (ms, {bucket} ms buckets; last bucket holds the rest)</text>\n"
+    );
+    for (m, (name, samples)) in delivered.iter().enumerate() {
+        for (b, count) in counts[m].iter().enumerate() {
+            let bh = plot_h * *count as f64 / max;
+            let x = left + (b * delivered.len() + m) as f64 * bar;
+            svg.push_str(&format!(
+                "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"{}\"/>\n",
+                h - bottom - bh,
+                bar.max(0.5),
+                colors[m % 3]
+            ));
+        }
+        svg.push_str(&format!(
+            "<rect x=\"{:.0}\" y=\"{}\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{:.0}\" y=\"{}\">{name}: p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms (n={})</text>\n",
+            w - 330.0,
+            34 + 14 * m,
+            colors[m % 3],
+            w - 315.0,
+            43 + 14 * m,
+            quantile(samples, 0.5),
+            quantile(samples, 0.99),
+            quantile(samples, 0.999),
+            samples.len()
+        ));
+    }
+    let axis_y = h - bottom;
+    svg.push_str(&format!(
+        "<line x1=\"{left}\" y1=\"{axis_y}\" x2=\"{:.0}\" y2=\"{axis_y}\" stroke=\"black\"/>\n",
+        w - 20.0
+    ));
+    let step = (n / 10).max(1);
+    for b in (0..=n).step_by(step) {
+        let x = left + (b * delivered.len()) as f64 * bar;
+        svg.push_str(&format!(
+            "<text x=\"{x:.1}\" y=\"{:.0}\" text-anchor=\"middle\">{:.1}</text>\n",
+            axis_y + 15.0,
+            b as f64 * bucket
+        ));
+    }
+    svg.push_str(&format!(
+        "<text x=\"{left}\" y=\"{:.0}\">count (max {max:.0})</text>\n</svg>\n",
+        h - 8.0
+    ));
+    svg
+}
