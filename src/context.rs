@@ -345,6 +345,15 @@ impl PrincipalContext {
         changed
     }
 
+    /// Whether [`PrincipalContext::view`] is the same for every grant that has no device or session
+    /// context of its own: the only grant-dependent facts (session revocations, device compliance,
+    /// token-scoped claims) are absent.
+    pub fn view_is_grant_independent(&self) -> bool {
+        self.session_revocations.is_empty()
+            && self.device_compliance.is_empty()
+            && self.claims.is_empty()
+    }
+
     /// The `context` policy sees when evaluating `grant`. `entities` are the contexts of the grant's
     /// device and session, which hold facts that arrived about the device or session alone.
     pub fn view(

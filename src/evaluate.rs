@@ -68,7 +68,8 @@ pub fn signal_view(trigger: Trigger<'_>) -> Value {
     }
 }
 
-fn subject_view(trigger: Trigger<'_>, grant: &Grant) -> Value {
+/// The `subject` variable.
+pub fn subject_view(trigger: Trigger<'_>, grant: &Grant) -> Value {
     match trigger {
         Trigger::Signal(_, target) => json!({
             "identifiers": target.identifiers,

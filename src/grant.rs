@@ -267,38 +267,77 @@ impl Grant {
 
     /// The grant as policy sees it (`grant.*` in CEL).
     pub fn policy_view(&self) -> Value {
-        let member = |name: &str| self.members.get(name).cloned();
-        // `attributes.required_assurance: {namespace, level}` gains a comparable `rank`.
-        let required_assurance = self.attributes.get("required_assurance").and_then(|r| {
-            let ns = r.get("namespace")?.as_str()?;
-            let level = r.get("level")?.as_str()?;
-            Some(json!({"namespace": ns, "level": level,
-                            "rank": crate::context::assurance_rank(level)}))
-        });
-        json!({
-            "required_assurance": required_assurance,
-            "id": self.id,
-            "kind": self.kind,
-            "principal": self.principal,
-            "principal_type": self.principal_type,
-            "session": member("session"),
-            "device": member("device"),
-            "tenant": member("tenant"),
-            "application": member("application"),
-            "group": member("group"),
-            "org_unit": member("org_unit"),
-            "token": self.token,
-            "on_behalf_of": self.on_behalf_of,
-            "audience": self.audience,
-            "scopes": self.scopes,
-            "issued_at": self.issued_at,
-            "expires_at": self.expires_at,
-            "attributes": self.attributes,
-            "enforcement_points": self.enforcement_points,
-            "status": self.status,
-        })
+        Value::Object(
+            POLICY_FIELDS
+                .iter()
+                .map(|f| ((*f).to_owned(), self.policy_field(f)))
+                .collect(),
+        )
+    }
+
+    /// One field of [`Grant::policy_view`], without building the others (`null` for a name that is
+    /// not one of them).
+    pub fn policy_field(&self, name: &str) -> Value {
+        let member = |name: &str| {
+            self.members
+                .get(name)
+                .cloned()
+                .map_or(Value::Null, Value::from)
+        };
+        match name {
+            // `attributes.required_assurance: {namespace, level}` gains a comparable `rank`.
+            "required_assurance" => self
+                .attributes
+                .get("required_assurance")
+                .and_then(|r| {
+                    let ns = r.get("namespace")?.as_str()?;
+                    let level = r.get("level")?.as_str()?;
+                    Some(json!({"namespace": ns, "level": level,
+                                "rank": crate::context::assurance_rank(level)}))
+                })
+                .unwrap_or(Value::Null),
+            "id" => json!(self.id),
+            "kind" => json!(self.kind),
+            "principal" => json!(self.principal),
+            "principal_type" => json!(self.principal_type),
+            "session" | "device" | "tenant" | "application" | "group" | "org_unit" => member(name),
+            "token" => json!(self.token),
+            "on_behalf_of" => json!(self.on_behalf_of),
+            "audience" => json!(self.audience),
+            "scopes" => json!(self.scopes),
+            "issued_at" => json!(self.issued_at),
+            "expires_at" => json!(self.expires_at),
+            "attributes" => json!(self.attributes),
+            "enforcement_points" => json!(self.enforcement_points),
+            "status" => json!(self.status),
+            _ => Value::Null,
+        }
     }
 }
+
+/// The fields of the `grant` policy variable.
+pub const POLICY_FIELDS: [&str; 20] = [
+    "required_assurance",
+    "id",
+    "kind",
+    "principal",
+    "principal_type",
+    "session",
+    "device",
+    "tenant",
+    "application",
+    "group",
+    "org_unit",
+    "token",
+    "on_behalf_of",
+    "audience",
+    "scopes",
+    "issued_at",
+    "expires_at",
+    "attributes",
+    "enforcement_points",
+    "status",
+];
 
 #[cfg(test)]
 mod tests {

@@ -675,6 +675,7 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::grant::GrantStatus;
 
     /// With every in-flight slot taken, an API registration is answered "overloaded" after the
     /// bounded wait, and changes nothing (no alias linked, no grant).
@@ -702,6 +703,69 @@ mod tests {
         assert!(engine.shared.aliases.is_empty(), "nothing linked");
         drop(held);
         assert!(engine.register(request).await.is_ok());
+        engine.shutdown().await;
+    }
+
+    /// A swap screens subjects whose context no rule can match (their grants keep their status
+    /// without being evaluated one by one) and evaluates the rest exactly: the statuses are those
+    /// a grant-by-grant evaluation gives.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_policy_swap_decides_as_grant_by_grant_evaluation_would() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::open(dir.path()).unwrap();
+        let (writer, _writer_thread) = BatchWriter::start(db.clone(), 16).unwrap();
+        let audit = Arc::new(AuditLog::open(&dir.path().join("audit"), 1 << 20, 2).unwrap());
+        let (decisions, _rx) = mpsc::channel(1024);
+        let engine = Engine::start(
+            &db,
+            writer,
+            audit,
+            PolicySet::empty(),
+            decisions,
+            EngineSettings::default(),
+        )
+        .unwrap();
+        // u0: an access token and a session; u1: two sessions issued late; u2: an early session.
+        let grants = [
+            ("t0", "u0", "access_token", 1_700_000_300.5),
+            ("s0", "u0", "session", 1_700_000_300.5),
+            ("s1a", "u1", "session", 1_700_000_400.5),
+            ("s1b", "u1", "session", 1_700_000_500.5),
+            ("s2", "u2", "session", 1_700_000_100.5),
+        ];
+        for (id, user, kind, issued_at) in grants {
+            let request: GrantRequest = serde_json::from_value(serde_json::json!({
+                "id": id, "kind": kind, "subject": {"format": "email", "email": format!("{user}@example.com")},
+                "issued_at": issued_at, "expires_at": 4_000_000_000u64}))
+            .unwrap();
+            engine.register(request).await.unwrap();
+        }
+        let policy = PolicySet::from_sources(&[(
+            "swap.yaml".to_owned(),
+            "rules:
+  - {id: tokens, on: ['*'], when: \"grant.kind == 'access_token'\", effect: revoke}
+  - {id: early, on: ['*'], when: 'grant.issued_at < 1700000200.5', effect: restrict}
+  - {id: risky, on: ['*'], when: \"context.risk.level == 'HIGH'\", effect: revoke}
+"
+            .to_owned(),
+        )])
+        .unwrap();
+        engine.swap_policy(policy).unwrap().wait().await;
+        let status = |id: &str| engine.grant(id).map(|g| g.status);
+        assert_eq!(status("t0"), Some(GrantStatus::Revoked));
+        assert_eq!(status("s0"), Some(GrantStatus::Active));
+        assert_eq!(status("s1a"), Some(GrantStatus::Active));
+        assert_eq!(status("s1b"), Some(GrantStatus::Active));
+        assert_eq!(status("s2"), Some(GrantStatus::Restricted));
+        // Swapping back to no rules lifts the restriction: a screened subject's non-active grant
+        // is still evaluated.
+        engine.swap_policy(PolicySet::empty()).unwrap().wait().await;
+        assert_eq!(status("s2"), Some(GrantStatus::Active));
+        assert_eq!(
+            status("t0"),
+            Some(GrantStatus::Revoked),
+            "revoked stays revoked"
+        );
         engine.shutdown().await;
     }
 }

@@ -121,6 +121,17 @@ impl PolicySet {
     }
 }
 
+impl PolicySet {
+    /// Whether no rule that decides a grant's status on current state (enforced, not `notify`)
+    /// can match any grant `screen` covers: then evaluating them without a signal matches nothing.
+    pub fn never_matches_state(&self, screen: &mut super::screen::Screen<'_>) -> bool {
+        self.rules
+            .iter()
+            .filter(|r| r.spec.mode != Mode::Shadow && r.spec.effect != Effect::Notify)
+            .all(|r| screen.never_matches(r.condition.expression()))
+    }
+}
+
 fn bind<'a>(env: &Arc<cel::Env>, input: &'a EvalInput) -> cel::Context<'a, 'a> {
     let mut ctx = cel::Context::with_env(env.clone());
     for (name, value) in [

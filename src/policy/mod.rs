@@ -17,6 +17,7 @@ mod eval;
 mod file;
 mod json_val;
 pub mod lint;
+pub mod screen;
 pub mod testing;
 
 use std::path::{Path, PathBuf};
