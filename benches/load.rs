@@ -2,7 +2,8 @@
 //! its target and, where one exists, the ceiling no implementation on this stack can beat.
 //!
 //! Run: `cargo bench --bench load -- [--sets 20000] [--grants 1000000] [--probes 400]
-//!       [--probe-rate 40] [--check-rate 20000] [--check-secs 5] [--out target/load-report]`
+//!       [--probe-rate 40] [--load-percent 50] [--check-rate 20000] [--check-secs 5]
+//!       [--out target/load-report]`
 //!
 //! Phases, in order (each prints its progress to stderr):
 //! 1. **ingest** — for RS256 and ES256: pre-signed SETs pushed as fast as they are answered
@@ -12,7 +13,7 @@
 //!    is Vigil's rate over the ceiling's.
 //! 2. **grants** — `--grants` grants over `--grants / 10` subjects registered through the engine
 //!    (each evaluated and committed); registration rate and RSS growth per grant.
-//! 3. **latency** — background SETs pushed at half the measured RS256 maximum while `--probes`
+//! 3. **latency** — background SETs pushed at `--load-percent` of the measured RS256 maximum while `--probes`
 //!    probe SETs (a CAEP session-revoked naming one loaded grant's session) go out at
 //!    `--probe-rate`; per probe: signal → decision (the grant's status changed in the engine, what
 //!    `check` answers) and signal → revocation verified at three subscribed enforcement points
@@ -277,7 +278,8 @@ async fn run() -> anyhow::Result<()> {
 
     // 3. Latency under load, with the grants loaded.
     let eps = subscribe_eps(&base).await?;
-    let background_rate = (rs_max / 2.0).max(1.0);
+    let load_percent = arg("--load-percent", 50) as f64;
+    let background_rate = (rs_max * load_percent / 100.0).max(1.0);
     let lat = latency_phase(
         &vigil,
         &client,
@@ -300,7 +302,7 @@ async fn run() -> anyhow::Result<()> {
         );
     }
     let note = format!(
-        "{probes} probes at {probe_rate}/s under {background_rate:.0} background SETs/s (half the RS256 maximum), {grants} grants loaded"
+        "{probes} probes at {probe_rate}/s under {background_rate:.0} background SETs/s ({load_percent} % of the RS256 maximum), {grants} grants loaded"
     );
     figures.push(
         Figure::new(

@@ -758,7 +758,14 @@ async fn a_paused_stream_holds_its_sets_and_delivers_them_when_enabled() {
         .0,
         200
     );
-    let sets = json!({"sets": poll_now(&env.vigil, &id, EP_TOKEN).await});
+    // The revocations are queued just after the grants change status (the emitter signs them
+    // after the engine's commit): wait until all four SETs are held (none is acknowledged here,
+    // so each poll returns them all again).
+    let sets = eventually("the held SETs", || async {
+        let sets = poll_now(&env.vigil, &id, EP_TOKEN).await;
+        (sets.as_object().map_or(0, |m| m.len()) >= 4).then(|| json!({ "sets": sets }))
+    })
+    .await;
     let mut got = Vec::new();
     for set in sets["sets"].as_object().unwrap().values() {
         let v = verify_from_vigil(

@@ -176,10 +176,14 @@ pub fn stream_updated(identity: &Identity, stream: &Stream) -> Result<Outgoing, 
     signed(identity, &claims, jti)
 }
 
+/// Most decisions signed and queued by one store write.
+const EMIT_BATCH: usize = 256;
+
 /// Consumes decisions (with the grant each is about) and queues their SETs on every stream that should
-/// get them; `pending` (decisions committed before a restart but not yet taken over) go first. Each
-/// decision's SETs and its "taken over" mark commit together. Ends when the engine, the sender, is
-/// gone — after draining what it sent.
+/// get them; `pending` (decisions committed before a restart but not yet taken over) go first.
+/// Decisions waiting together are emitted together: their SETs are signed in parallel and queued,
+/// with their "taken over" marks, by one commit (a revocation waits for one fsync, not for one per
+/// decision ahead of it). Ends when the engine, the sender, is gone — after draining what it sent.
 pub async fn run(
     mut rx: mpsc::Receiver<(Decision, Arc<Grant>)>,
     identity: Arc<Identity>,
@@ -192,35 +196,102 @@ pub async fn run(
             "delivering decisions committed before the restart"
         );
     }
-    for (decision, grant) in pending {
-        emit_one(&identity, &streams, &decision, &grant).await;
+    let mut pending = pending;
+    while !pending.is_empty() {
+        let rest = pending.split_off(pending.len().min(EMIT_BATCH));
+        emit_batch(&identity, &streams, std::mem::replace(&mut pending, rest)).await;
     }
-    while let Some((decision, grant)) = rx.recv().await {
-        emit_one(&identity, &streams, &decision, &grant).await;
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < EMIT_BATCH {
+            match rx.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        emit_batch(&identity, &streams, batch).await;
     }
 }
 
-async fn emit_one(identity: &Identity, streams: &StreamStore, decision: &Decision, grant: &Grant) {
-    let mut items = Vec::new();
-    for stream in streams.live() {
-        match set_for(identity, &stream, decision, grant) {
-            Some(Ok(out)) => items.push((stream.stream_id.clone(), out)),
-            Some(Err(e)) => tracing::error!(error = %e, "could not sign a SET"),
-            None => {}
+async fn emit_batch(
+    identity: &Arc<Identity>,
+    streams: &StreamStore,
+    batch: Vec<(Decision, Arc<Grant>)>,
+) {
+    let live = streams.live();
+    let handed: Vec<String> = batch
+        .iter()
+        .filter(|(d, _)| {
+            !d.shadow
+                && matches!(
+                    d.effect,
+                    DecisionEffect::Revoke | DecisionEffect::StepUp | DecisionEffect::Restrict
+                )
+        })
+        .map(|(d, _)| d.id.clone())
+        .collect();
+    let ids: Vec<String> = batch.iter().map(|(d, _)| d.id.clone()).collect();
+    // Signing is CPU work (an RSA signature is ≈ 1 ms): off the async workers, over the cores.
+    let signer = identity.clone();
+    let items = tokio::task::spawn_blocking(move || sign_batch(&signer, &live, &batch)).await;
+    let items = match items {
+        Ok(Some(items)) => items,
+        Ok(None) => {
+            metrics::counter!("vigil_emit_errors_total").increment(1);
+            tracing::error!(decisions = ?ids, "signing failed; the decisions stay pending");
+            return;
         }
-    }
-    let emits = !decision.shadow
-        && matches!(
-            decision.effect,
-            DecisionEffect::Revoke | DecisionEffect::StepUp | DecisionEffect::Restrict
-        );
-    let handed = if emits {
-        vec![decision.id.clone()]
-    } else {
-        Vec::new()
+        Err(e) => {
+            metrics::counter!("vigil_emit_errors_total").increment(1);
+            tracing::error!(error = %e, "signing failed; the decisions stay pending");
+            return;
+        }
     };
     if let Err(e) = streams.enqueue(items, handed).await {
         metrics::counter!("vigil_emit_errors_total").increment(1);
-        tracing::error!(error = %e, decision = %decision.id, "could not queue SETs; the decision stays pending");
+        tracing::error!(error = %e, decisions = ?ids, "could not queue SETs; the decisions stay pending");
     }
+}
+
+/// Every SET the batch's decisions call for, in decision order, then stream order; `None` if a
+/// signing thread failed (nothing is queued then, so no decision is marked taken over without its
+/// SETs).
+fn sign_batch(
+    identity: &Identity,
+    live: &[Stream],
+    batch: &[(Decision, Arc<Grant>)],
+) -> Option<Vec<(String, Outgoing)>> {
+    let jobs: Vec<(&Stream, &Decision, &Grant)> = batch
+        .iter()
+        .flat_map(|(d, g)| live.iter().map(move |s| (s, d, &**g)))
+        .collect();
+    let sign = |chunk: &[(&Stream, &Decision, &Grant)]| -> Vec<(String, Outgoing)> {
+        chunk
+            .iter()
+            .filter_map(|(stream, decision, grant)| {
+                match set_for(identity, stream, decision, grant)? {
+                    Ok(out) => Some((stream.stream_id.clone(), out)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not sign a SET");
+                        None
+                    }
+                }
+            })
+            .collect()
+    };
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if workers < 2 || jobs.len() < 2 {
+        return Some(sign(&jobs));
+    }
+    let size = jobs.len().div_ceil(workers);
+    std::thread::scope(|scope| {
+        let mut chunks = jobs.chunks(size);
+        let first = chunks.next().unwrap_or_default();
+        let others: Vec<_> = chunks.map(|c| scope.spawn(move || sign(c))).collect();
+        let mut out = sign(first);
+        for handle in others {
+            out.extend(handle.join().ok()?);
+        }
+        Some(out)
+    })
 }
