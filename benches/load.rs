@@ -3,7 +3,7 @@
 //!
 //! Run: `cargo bench --bench load -- [--sets 20000] [--grants 1000000] [--probes 400]
 //!       [--probe-rate 40] [--load-percent 50] [--check-rate 20000] [--check-secs 5]
-//!       [--out target/load-report]`
+//!       [--kafka-messages 1200000] [--kafka-partitions 96] [--out target/load-report]`
 //!
 //! Phases, in order (each prints its progress to stderr):
 //! 1. **ingest** — for RS256 and ES256: pre-signed SETs pushed as fast as they are answered
@@ -23,9 +23,12 @@
 //! 5. **swap** — the policy set swapped in again; time until every grant is re-evaluated and
 //!    committed.
 //!
-//! Kafka throughput has its own harness (`cargo bench --bench kafka_apply`): it needs a topic
-//! filled before the consumer group joins. The load generator shares the 2 cores with Vigil, so
-//! every rate here is a lower bound of Vigil's own.
+//! 6. **kafka** — `--kafka-messages` (0 skips it) risk signals published to a mock-broker topic
+//!    first, then read by a bare consumer (the ceiling) and by a fresh Vigil's consumer group
+//!    (`benches/common/kafka.rs`, shared with `kafka_apply`).
+//!
+//! The load generator shares the 2 cores with Vigil, so every rate here is a lower bound of
+//! Vigil's own.
 //!
 //! Output: `report.json` (every figure, machine-readable), `report.md` (the table of figures vs
 //! targets) and `latency.svg` (signal → revocation delivered, per method) in `--out`.
@@ -406,6 +409,40 @@ async fn run() -> anyhow::Result<()> {
     );
 
     vigil.shutdown().await;
+
+    // 6. Kafka: a topic filled first, read by a bare consumer (the ceiling), then by Vigil.
+    let kafka_messages = arg("--kafka-messages", 1_200_000);
+    if kafka_messages > 0 {
+        eprintln!("[kafka] {kafka_messages} messages…");
+        let k = common::kafka::measure(&common::kafka::KafkaArgs {
+            messages: kafka_messages,
+            users: 20_000,
+            grants: 1_000,
+            partitions: arg("--kafka-partitions", 96) as i32,
+            batch: 2000,
+            engine_batch: 256,
+            checkpoint_ms: 1000,
+            ceiling: true,
+            vigil: true,
+        })
+        .await?;
+        let steady = k.steady.unwrap_or(k.end_to_end);
+        eprintln!(
+            "[kafka] steady {steady:.0}/s, end to end {:.0}/s",
+            k.end_to_end
+        );
+        let mut f = Figure::new("kafka_signals_per_sec_steady", steady, "signals/s")
+            .at_least(100_000.0)
+            .note(format!(
+                "{kafka_messages} messages, 10 % → 90 % applied; end to end {:.0}/s; {:.1} µs CPU per signal",
+                k.end_to_end, k.cpu_us_per_signal
+            ));
+        if let Some(c) = k.ceiling {
+            f = f.ceiling(c);
+        }
+        figures.push(f);
+    }
+
     let report = json!({
         "harness": "cargo bench --bench load",
         "args": std::env::args().skip(1).filter(|a| a != "--bench").collect::<Vec<_>>(),

@@ -2,6 +2,8 @@
 //! so not every harness uses every helper).
 #![allow(dead_code)]
 
+pub mod kafka;
+
 /// The numeric value after `name` on the command line (`--signals 300`), else `default`.
 pub fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();

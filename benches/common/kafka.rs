@@ -1,0 +1,217 @@
+//! The Kafka throughput measurement shared by `kafka_apply` and the `load` harness (see
+//! `kafka_apply.rs` for what is measured and how).
+
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use serde_json::json;
+use vigil::sim::risk::{message, mock_cluster, Pattern};
+use vigil::Vigil;
+
+use super::{cpu_seconds, loopback_config};
+
+/// What to measure.
+pub struct KafkaArgs {
+    pub messages: u64,
+    pub users: u64,
+    pub grants: u64,
+    pub partitions: i32,
+    pub batch: usize,
+    pub engine_batch: usize,
+    pub checkpoint_ms: u64,
+    /// Also (or, with `vigil` false, only) the bare-consumer ceiling on the same topic.
+    pub ceiling: bool,
+    pub vigil: bool,
+}
+
+/// What was measured.
+#[derive(Default)]
+pub struct KafkaFigures {
+    /// Signals applied per second, first applied batch to the last one committed.
+    pub end_to_end: f64,
+    /// Between 10 % and 90 % applied.
+    pub steady: Option<f64>,
+    pub cpu_us_per_signal: f64,
+    pub cores_busy: f64,
+    pub decisions: usize,
+    /// The bare consumer's messages per second.
+    pub ceiling: Option<f64>,
+}
+
+pub async fn measure(args: &KafkaArgs) -> anyhow::Result<KafkaFigures> {
+    let (messages, users, grants, partitions) =
+        (args.messages, args.users, args.grants, args.partitions);
+    let topic = "vigil.risk";
+    let cluster = mock_cluster(&[(topic, partitions), ("vigil.risk.dead-letter", 1)])?;
+    let brokers = cluster.bootstrap_servers();
+
+    // Fill the topic first, so the consumer is measured, not the producer.
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("linger.ms", "20")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?;
+    let started = Instant::now();
+    let now = vigil::signal::now_ms() as f64 / 1000.0;
+    for n in 0..messages {
+        let m = message(Pattern::Steady, n, users, now);
+        let body = m.native().to_string();
+        let mut record = BaseRecord::to(topic).key(m.key()).payload(&body);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    producer.poll(Duration::from_millis(10));
+                    record = r;
+                }
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(120))?;
+    println!(
+        "published {messages} messages to {partitions} partitions in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let mut figures = KafkaFigures::default();
+    if args.ceiling {
+        figures.ceiling = Some(consume_only(&brokers, topic, messages).await?);
+    }
+    if !args.vigil {
+        return Ok(figures);
+    }
+
+    let dir = tempfile::tempdir()?;
+    let mut config = loopback_config(dir.path());
+    config.kafka.brokers = brokers.clone();
+    config.kafka.max_batch = args.batch;
+    config.engine.max_batch = args.engine_batch;
+    config.engine.checkpoint_interval_ms = args.checkpoint_ms;
+    config.validate()?;
+    let vigil = Vigil::start(config).await?;
+    // Grants for some of the users, so signals trigger real evaluations.
+    let client = vigil::sim::api_client(vigil.admin_token())?;
+    for i in 0..grants.min(users) {
+        let grant = json!({"id": format!("g-{i}"), "kind": "session",
+            "subject": {"format": "email", "email": format!("user-{i}@example.com")},
+            "session": format!("s-{i}"), "issued_at": now - 60.0, "expires_at": now + 3600.0});
+        client
+            .post(format!("http://{}/v1/grants", vigil.local_addr()))
+            .json(&grant)
+            .send()
+            .await?
+            .error_for_status()?;
+    }
+
+    // Progress is Vigil's own count of signals applied and committed by the engine.
+    let metrics_url = format!("http://{}/metrics", vigil.local_addr());
+    let applied_so_far = || async {
+        let text = client.get(&metrics_url).send().await?.text().await?;
+        let count = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!("vigil_kafka_applied_total{{topic=\"{topic}\"}} "))
+            })
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0) as u64;
+        anyhow::Ok(count)
+    };
+    let (t0, c0, cpu0) = loop {
+        let c = applied_so_far().await?;
+        if c > 0 {
+            break (Instant::now(), c, cpu_seconds());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let deadline = Instant::now() + Duration::from_secs(600);
+    // (elapsed, applied) when a tenth and nine tenths of the messages were applied.
+    let (mut tenth, mut nine_tenths) = (None, None);
+    loop {
+        let applied = applied_so_far().await?;
+        if tenth.is_none() && applied >= messages / 10 {
+            tenth = Some((t0.elapsed().as_secs_f64(), applied));
+        }
+        if nine_tenths.is_none() && applied >= messages * 9 / 10 {
+            nine_tenths = Some((t0.elapsed().as_secs_f64(), applied));
+        }
+        if applied >= messages {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "stuck at {applied} of {messages}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
+    let applied = messages - c0;
+    figures.end_to_end = applied as f64 / secs;
+    if let (Some((a, na)), Some((b, nb))) = (tenth, nine_tenths) {
+        if b > a {
+            figures.steady = Some((nb - na) as f64 / (b - a));
+        }
+    }
+    // The whole process (Vigil, the mock broker, this harness's polling) on this machine's cores.
+    figures.cpu_us_per_signal = cpu * 1e6 / applied as f64;
+    figures.cores_busy = cpu / secs;
+    let decisions = client
+        .get(format!(
+            "http://{}/v1/decisions?limit=10000",
+            vigil.local_addr()
+        ))
+        .send()
+        .await?
+        .json::<serde_json::Value>()
+        .await?;
+    figures.decisions = decisions["decisions"].as_array().map_or(0, Vec::len);
+    vigil.shutdown().await;
+    Ok(figures)
+}
+
+/// The ceiling on this machine: the same topic read by a bare consumer of the same librdkafka from
+/// the same mock broker, each payload copied out as Vigil's consumer does, and nothing else (no
+/// parse, no engine, no store, no offset commit). Counted from the first message to the last.
+async fn consume_only(brokers: &str, topic: &str, messages: u64) -> anyhow::Result<f64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::Message;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "ceiling")
+        .set("fetch.queue.backoff.ms", "10")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let topic = topic.to_owned();
+    let (n, secs, cpu) = tokio::task::spawn_blocking(move || {
+        let mut n = 0u64;
+        let mut bytes = 0usize;
+        let mut started = None;
+        let mut cpu0 = 0.0;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while n < messages && Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                if started.is_none() {
+                    started = Some(Instant::now());
+                    cpu0 = cpu_seconds();
+                }
+                let payload = m.payload().map(<[u8]>::to_vec).unwrap_or_default();
+                bytes += payload.len() + m.topic().len();
+                n += 1;
+            }
+        }
+        let secs = started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+        std::hint::black_box(bytes);
+        (n, secs, cpu_seconds() - cpu0)
+    })
+    .await?;
+    println!(
+        "ceiling: a bare consumer read {n} messages of {topic} in {secs:.2} s: {:.0} messages/s; \
+         CPU {:.1} µs per message",
+        n as f64 / secs,
+        cpu * 1e6 / n as f64
+    );
+    Ok(n as f64 / secs)
+}
