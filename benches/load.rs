@@ -846,55 +846,62 @@ fn markdown(figures: &[Figure], report: &Value) -> String {
     md
 }
 
-/// Signal → revocation delivered, one bar series per method, 0.5 ms buckets up to the largest p999.
+/// Signal → revocation delivered, one bar series per method, over 30 logarithmic buckets from the
+/// fastest sample to the largest p999 (a latency tail spans orders of magnitude).
 fn histogram_svg(delivered: &[(String, Vec<f64>)]) -> String {
     let (w, h, left, bottom) = (760.0, 360.0, 60.0, 40.0);
-    let top = delivered
+    let lo = delivered
+        .iter()
+        .filter_map(|(_, s)| s.first().copied())
+        .fold(f64::INFINITY, f64::min)
+        .max(0.1);
+    let hi = delivered
         .iter()
         .map(|(_, s)| quantile(s, 0.999))
         .filter(|v| v.is_finite())
-        .fold(1.0f64, f64::max)
-        .ceil();
-    let bucket = 0.5;
-    let n = ((top / bucket).ceil() as usize).max(1);
+        .fold(lo * 2.0, f64::max);
+    let n = 30usize;
+    let ratio = (hi / lo).ln() / n as f64;
+    let bucket_of = |v: f64| (((v.max(lo) / lo).ln() / ratio) as usize).min(n - 1);
+    let edge = |b: usize| lo * (ratio * b as f64).exp();
     let colors = ["#1f77b4", "#ff7f0e", "#2ca02c"];
     let counts: Vec<Vec<usize>> = delivered
         .iter()
         .map(|(_, s)| {
             let mut c = vec![0usize; n];
             for v in s {
-                c[((v / bucket) as usize).min(n - 1)] += 1;
+                c[bucket_of(*v)] += 1;
             }
             c
         })
         .collect();
     let max = counts.iter().flatten().copied().max().unwrap_or(1).max(1) as f64;
     let plot_w = w - left - 20.0;
-    let plot_h = h - bottom - 40.0;
-    let bar = plot_w / n as f64 / delivered.len().max(1) as f64;
+    let plot_h = h - bottom - 80.0;
+    let series = delivered.len().max(1);
+    let bar = plot_w / (n * series) as f64;
     let mut svg = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n\
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{left}\" y=\"20\" font-size=\"13\">signal pushed → revocation verified at the enforcement point (ms, {bucket} ms buckets; last bucket holds the rest)</text>\n"
+         <text x=\"{left}\" y=\"20\" font-size=\"13\">signal pushed → revocation verified at the enforcement point (ms, log buckets; the last holds the tail)</text>\n"
     );
     for (m, (name, samples)) in delivered.iter().enumerate() {
         for (b, count) in counts[m].iter().enumerate() {
             let bh = plot_h * *count as f64 / max;
-            let x = left + (b * delivered.len() + m) as f64 * bar;
+            let x = left + (b * series + m) as f64 * bar;
             svg.push_str(&format!(
                 "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"{}\"/>\n",
                 h - bottom - bh,
-                bar.max(0.5),
+                (bar - 0.5).max(0.5),
                 colors[m % 3]
             ));
         }
         svg.push_str(&format!(
-            "<rect x=\"{:.0}\" y=\"{}\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{:.0}\" y=\"{}\">{name}: p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms (n={})</text>\n",
-            w - 330.0,
-            34 + 14 * m,
+            "<rect x=\"{left}\" y=\"{}\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{name}: p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms (n={})</text>\n",
+            30 + 14 * m,
             colors[m % 3],
-            w - 315.0,
-            43 + 14 * m,
+            left + 15.0,
+            39 + 14 * m,
             quantile(samples, 0.5),
             quantile(samples, 0.99),
             quantile(samples, 0.999),
@@ -906,17 +913,16 @@ fn histogram_svg(delivered: &[(String, Vec<f64>)]) -> String {
         "<line x1=\"{left}\" y1=\"{axis_y}\" x2=\"{:.0}\" y2=\"{axis_y}\" stroke=\"black\"/>\n",
         w - 20.0
     ));
-    let step = (n / 10).max(1);
-    for b in (0..=n).step_by(step) {
-        let x = left + (b * delivered.len()) as f64 * bar;
+    for b in (0..=n).step_by(5) {
+        let x = left + (b * series) as f64 * bar;
         svg.push_str(&format!(
             "<text x=\"{x:.1}\" y=\"{:.0}\" text-anchor=\"middle\">{:.1}</text>\n",
             axis_y + 15.0,
-            b as f64 * bucket
+            edge(b)
         ));
     }
     svg.push_str(&format!(
-        "<text x=\"{left}\" y=\"{:.0}\">count (max {max:.0})</text>\n</svg>\n",
+        "<text x=\"{left}\" y=\"{:.0}\">count per bucket (tallest {max:.0})</text>\n</svg>\n",
         h - 8.0
     ));
     svg
