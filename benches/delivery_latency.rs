@@ -12,20 +12,12 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{arg, loopback_config};
+use common::{arg, delivery_latencies, loopback_config, quantile, subscribe_eps};
 use serde_json::json;
 use vigil::config::{EnforcementPointConfig, TransmitterConfig};
 use vigil::jose::Alg;
-use vigil::sim::ep::{subscribe, Method};
 use vigil::sim::{jwks_document, JwksServer, SigningKey};
 use vigil::Vigil;
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
-}
 
 fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -59,23 +51,7 @@ async fn run(signals: usize, rate: u64) -> anyhow::Result<()> {
     config.policy.watch_interval_secs = 0;
     let vigil = Vigil::start(config).await?;
     let issuer = format!("http://{}", vigil.local_addr());
-    let mut eps = Vec::new();
-    for (name, method) in [
-        ("push", Method::Push),
-        ("poll", Method::Poll),
-        ("sse", Method::Sse),
-    ] {
-        let ep = subscribe(
-            &issuer,
-            &format!("token-for-ep-{name}-0123456789"),
-            &format!("ep-{name}"),
-            method,
-            "127.0.0.1:0".parse()?,
-        )
-        .await
-        .map_err(anyhow::Error::msg)?;
-        eps.push((name, ep));
-    }
+    let eps = subscribe_eps(&issuer).await?;
     let client = vigil::sim::api_client(vigil.admin_token())?;
     let now = vigil::signal::now_ms() as f64 / 1000.0;
     for i in 0..signals {
@@ -110,29 +86,12 @@ async fn run(signals: usize, rate: u64) -> anyhow::Result<()> {
         tokio::time::sleep(gap).await;
     }
     println!("delivery_latency signals={signals} rate={rate}/s (signal pushed → revocation verified at the enforcement point)");
-    for (name, mut ep) in eps {
-        let mut lat = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while lat.len() < signals && Instant::now() < deadline {
-            match tokio::time::timeout(Duration::from_secs(5), ep.received.recv()).await {
-                Ok(Some(r)) => {
-                    if let Some(t) = r.set.txn.as_ref().and_then(|t| sent.get(t)) {
-                        let arrived = Instant::now()
-                            - Duration::from_millis(
-                                (vigil::signal::now_ms() - r.at_ms).max(0) as u64
-                            );
-                        lat.push(arrived.duration_since(*t).as_secs_f64() * 1000.0);
-                    }
-                }
-                _ => break,
-            }
-        }
-        lat.sort_by(f64::total_cmp);
+    for (name, lat) in delivery_latencies(eps, &sent, signals).await {
         println!(
             "  {name:>4}: received {}/{signals}; p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
             lat.len(),
-            pct(&lat, 0.5),
-            pct(&lat, 0.99),
+            quantile(&lat, 0.5),
+            quantile(&lat, 0.99),
             lat.last().copied().unwrap_or(f64::NAN)
         );
     }

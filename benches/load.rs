@@ -44,7 +44,8 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use common::{
-    arg, background_set, drive_max, loopback_config, push_set, quantile, rss_bytes, sign_sets,
+    arg, background_set, delivery_latencies, drive_max, loopback_config, push_set, quantile,
+    rss_bytes, sign_sets, subscribe_eps,
 };
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
@@ -53,7 +54,6 @@ use vigil::grant::GrantRequest;
 use vigil::jose::Alg;
 use vigil::jwks::KeySet;
 use vigil::set::SetRules;
-use vigil::sim::ep::{subscribe, Method};
 use vigil::sim::{jwks_document, JwksServer, SigningKey};
 use vigil::Vigil;
 
@@ -588,29 +588,6 @@ fn grant_json(i: usize, now: i64) -> Value {
     })
 }
 
-async fn subscribe_eps(
-    base: &str,
-) -> anyhow::Result<Vec<(String, vigil::sim::ep::EnforcementPoint)>> {
-    let mut eps = Vec::new();
-    for (name, method) in [
-        ("push", Method::Push),
-        ("poll", Method::Poll),
-        ("sse", Method::Sse),
-    ] {
-        let ep = subscribe(
-            base,
-            &format!("token-for-ep-{name}-0123456789"),
-            &format!("ep-{name}"),
-            method,
-            "127.0.0.1:0".parse()?,
-        )
-        .await
-        .map_err(anyhow::Error::msg)?;
-        eps.push((name.to_owned(), ep));
-    }
-    Ok(eps)
-}
-
 struct Latency {
     decided: Vec<f64>,
     delivered: Vec<(String, Vec<f64>)>,
@@ -716,27 +693,7 @@ async fn latency_phase(
     }
     let background_achieved = bg.await?;
 
-    let mut delivered = Vec::new();
-    for (name, mut ep) in eps {
-        let mut lat = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while lat.len() < probes && Instant::now() < deadline {
-            match tokio::time::timeout(Duration::from_secs(5), ep.received.recv()).await {
-                Ok(Some(r)) => {
-                    if let Some(t) = r.set.txn.as_ref().and_then(|t| probe_sent.get(t)) {
-                        let arrived = Instant::now()
-                            - Duration::from_millis(
-                                (vigil::signal::now_ms() - r.at_ms).max(0) as u64
-                            );
-                        lat.push(arrived.duration_since(*t).as_secs_f64() * 1e3);
-                    }
-                }
-                _ => break,
-            }
-        }
-        lat.sort_by(f64::total_cmp);
-        delivered.push((name, lat));
-    }
+    let delivered = delivery_latencies(eps, &probe_sent, probes).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = watcher.join();
     let mut decided = decided.lock().map(|d| d.clone()).unwrap_or_default();

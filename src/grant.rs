@@ -300,7 +300,7 @@ impl Grant {
             "kind" => json!(self.kind),
             "principal" => json!(self.principal),
             "principal_type" => json!(self.principal_type),
-            "session" | "device" | "tenant" | "application" | "group" | "org_unit" => member(name),
+            m if GRANT_MEMBERS.contains(&m) => member(m),
             "token" => json!(self.token),
             "on_behalf_of" => json!(self.on_behalf_of),
             "audience" => json!(self.audience),

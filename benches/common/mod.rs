@@ -185,3 +185,61 @@ pub fn rss_bytes() -> u64 {
         })
         .map_or(0, |kb| kb * 1024)
 }
+
+/// Subscribes one simulated enforcement point per delivery method (push, poll, SSE) to the Vigil at
+/// `base`, as `ep-<method>` with the token `token-for-ep-<method>-0123456789` (configure those).
+pub async fn subscribe_eps(
+    base: &str,
+) -> anyhow::Result<Vec<(String, vigil::sim::ep::EnforcementPoint)>> {
+    use vigil::sim::ep::{subscribe, Method};
+    let mut eps = Vec::new();
+    for (name, method) in [
+        ("push", Method::Push),
+        ("poll", Method::Poll),
+        ("sse", Method::Sse),
+    ] {
+        let ep = subscribe(
+            base,
+            &format!("token-for-ep-{name}-0123456789"),
+            &format!("ep-{name}"),
+            method,
+            "127.0.0.1:0".parse()?,
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+        eps.push((name.to_owned(), ep));
+    }
+    Ok(eps)
+}
+
+/// Per enforcement point, the latency (ms, sorted) from each signal's send time in `sent` (keyed
+/// by `txn`, which Vigil's SETs carry over from the triggering signal) to its verified receipt;
+/// waits for `expected` receipts or 5 s of silence.
+pub async fn delivery_latencies(
+    eps: Vec<(String, vigil::sim::ep::EnforcementPoint)>,
+    sent: &std::collections::HashMap<String, std::time::Instant>,
+    expected: usize,
+) -> Vec<(String, Vec<f64>)> {
+    use std::time::{Duration, Instant};
+    let mut out = Vec::new();
+    for (name, mut ep) in eps {
+        let mut lat = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while lat.len() < expected && Instant::now() < deadline {
+            match tokio::time::timeout(Duration::from_secs(5), ep.received.recv()).await {
+                Ok(Some(r)) => {
+                    if let Some(t) = r.set.txn.as_ref().and_then(|t| sent.get(t)) {
+                        // The receipt's own clock time, moved onto the monotonic clock.
+                        let age = (vigil::signal::now_ms() - r.at_ms).max(0) as u64;
+                        let arrived = Instant::now() - Duration::from_millis(age);
+                        lat.push(arrived.duration_since(*t).as_secs_f64() * 1e3);
+                    }
+                }
+                _ => break,
+            }
+        }
+        lat.sort_by(f64::total_cmp);
+        out.push((name, lat));
+    }
+    out
+}
