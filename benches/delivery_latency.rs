@@ -12,9 +12,9 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{arg, delivery_latencies, loopback_config, quantile, subscribe_eps};
+use common::{add_eps, arg, delivery_latencies, loopback_config, quantile, subscribe_eps};
 use serde_json::json;
-use vigil::config::{EnforcementPointConfig, TransmitterConfig};
+use vigil::config::TransmitterConfig;
 use vigil::jose::Alg;
 use vigil::sim::{jwks_document, JwksServer, SigningKey};
 use vigil::Vigil;
@@ -41,13 +41,7 @@ async fn run(signals: usize, rate: u64) -> anyhow::Result<()> {
         vec![Alg::RS256],
         &jwks.jwks_uri(),
     ));
-    for m in ["push", "poll", "sse"] {
-        config.enforcement_points.push(EnforcementPointConfig {
-            name: format!("ep-{m}"),
-            token: format!("token-for-ep-{m}-0123456789"),
-            audience: None,
-        });
-    }
+    add_eps(&mut config);
     config.policy.watch_interval_secs = 0;
     let vigil = Vigil::start(config).await?;
     let issuer = format!("http://{}", vigil.local_addr());

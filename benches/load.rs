@@ -44,12 +44,12 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use common::{
-    arg, background_set, delivery_latencies, drive_max, loopback_config, push_set, quantile,
-    rss_bytes, sign_sets, subscribe_eps,
+    add_eps, arg, background_set, delivery_latencies, drive_max, loopback_config, push_set,
+    quantile, rss_bytes, sign_sets, subscribe_eps,
 };
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
-use vigil::config::{EnforcementPointConfig, TransmitterConfig};
+use vigil::config::TransmitterConfig;
 use vigil::grant::GrantRequest;
 use vigil::jose::Alg;
 use vigil::jwks::KeySet;
@@ -159,13 +159,7 @@ async fn run() -> anyhow::Result<()> {
             &jwks.jwks_uri(),
         ));
     }
-    for m in ["push", "poll", "sse"] {
-        config.enforcement_points.push(EnforcementPointConfig {
-            name: format!("ep-{m}"),
-            token: format!("token-for-ep-{m}-0123456789"),
-            audience: None,
-        });
-    }
+    add_eps(&mut config);
     // Capacity is what is measured: the abuse limits must not be what answers.
     config.limits.transmitter_sets_per_sec = 1e9;
     config.limits.client_requests_per_sec = 1e9;

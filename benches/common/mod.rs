@@ -243,3 +243,16 @@ pub async fn delivery_latencies(
     }
     out
 }
+
+/// Configures the three enforcement points `subscribe_eps` subscribes.
+pub fn add_eps(config: &mut vigil::Config) {
+    for m in ["push", "poll", "sse"] {
+        config
+            .enforcement_points
+            .push(vigil::config::EnforcementPointConfig {
+                name: format!("ep-{m}"),
+                token: format!("token-for-ep-{m}-0123456789"),
+                audience: None,
+            });
+    }
+}

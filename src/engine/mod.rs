@@ -677,21 +677,27 @@ mod tests {
     use super::*;
     use crate::grant::GrantStatus;
 
+    /// An engine with no rules on a fresh store, and what must live as long as it (the store's
+    /// directory and writer, the decision channel's receiver).
+    fn engine(settings: EngineSettings) -> (Engine, Box<dyn std::any::Any>) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::open(dir.path()).unwrap();
+        let (writer, writer_thread) = BatchWriter::start(db.clone(), 16).unwrap();
+        let audit = Arc::new(AuditLog::open(&dir.path().join("audit"), 1 << 20, 2).unwrap());
+        let (decisions, rx) = mpsc::channel(1024);
+        let engine =
+            Engine::start(&db, writer, audit, PolicySet::empty(), decisions, settings).unwrap();
+        (engine, Box::new((dir, writer_thread, rx)))
+    }
+
     /// With every in-flight slot taken, an API registration is answered "overloaded" after the
     /// bounded wait, and changes nothing (no alias linked, no grant).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_overloaded_engine_refuses_api_requests_instead_of_queueing_them() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = crate::store::open(dir.path()).unwrap();
-        let (writer, _writer_thread) = BatchWriter::start(db.clone(), 16).unwrap();
-        let audit = Arc::new(AuditLog::open(&dir.path().join("audit"), 1 << 20, 2).unwrap());
-        let (decisions, _rx) = mpsc::channel(16);
-        let settings = EngineSettings {
+        let (engine, _held) = engine(EngineSettings {
             max_inflight: 1,
             ..EngineSettings::default()
-        };
-        let engine =
-            Engine::start(&db, writer, audit, PolicySet::empty(), decisions, settings).unwrap();
+        });
         let held = engine.permits.clone().acquire_owned().await.unwrap();
         let request: GrantRequest = serde_json::from_value(serde_json::json!({
             "id": "g1", "kind": "session", "subject": {"format": "email", "email": "o@example.com"},
@@ -711,20 +717,7 @@ mod tests {
     /// a grant-by-grant evaluation gives.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_policy_swap_decides_as_grant_by_grant_evaluation_would() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = crate::store::open(dir.path()).unwrap();
-        let (writer, _writer_thread) = BatchWriter::start(db.clone(), 16).unwrap();
-        let audit = Arc::new(AuditLog::open(&dir.path().join("audit"), 1 << 20, 2).unwrap());
-        let (decisions, _rx) = mpsc::channel(1024);
-        let engine = Engine::start(
-            &db,
-            writer,
-            audit,
-            PolicySet::empty(),
-            decisions,
-            EngineSettings::default(),
-        )
-        .unwrap();
+        let (engine, _held) = engine(EngineSettings::default());
         // u0: an access token and a session; u1: two sessions issued late; u2: an early session.
         let grants = [
             ("t0", "u0", "access_token", 1_700_000_300.5),
