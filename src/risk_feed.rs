@@ -359,6 +359,11 @@ fn parse_time(v: &Value) -> Option<f64> {
     let (date, rest) = s.split_once('T')?;
     let mut d = date.split('-').map(|x| x.parse::<i64>());
     let (y, mo, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    // Calendar ranges first: they also keep the arithmetic below far from overflow (a fuzzed day
+    // of 4.6e18 overflowed `days * 86_400`).
+    if !(0..=9999).contains(&y) || !(1..=12).contains(&mo) || !(1..=31).contains(&day) {
+        return None;
+    }
     let (time, offset_secs) = if let Some(t) = rest.strip_suffix('Z') {
         (t, 0)
     } else {
@@ -366,10 +371,11 @@ fn parse_time(v: &Value) -> Option<f64> {
         let (t, off) = rest.split_at(idx);
         let sign = if off.starts_with('-') { -1 } else { 1 };
         let (oh, om) = off[1..].split_once(':')?;
-        (
-            t,
-            sign * (oh.parse::<i64>().ok()? * 3600 + om.parse::<i64>().ok()? * 60),
-        )
+        let (oh, om) = (oh.parse::<i64>().ok()?, om.parse::<i64>().ok()?);
+        if !(0..=23).contains(&oh) || !(0..=59).contains(&om) {
+            return None;
+        }
+        (t, sign * (oh * 3600 + om * 60))
     };
     let mut t = time.split(':');
     let (h, mi) = (
@@ -377,6 +383,10 @@ fn parse_time(v: &Value) -> Option<f64> {
         t.next()?.parse::<i64>().ok()?,
     );
     let sec: f64 = t.next()?.parse().ok()?;
+    // 60: a leap second.
+    if !(0..=23).contains(&h) || !(0..=59).contains(&mi) || !(0.0..61.0).contains(&sec) {
+        return None;
+    }
     // Days from civil (Howard Hinnant's algorithm).
     let y = if mo <= 2 { y - 1 } else { y };
     let era = y.div_euclid(400);
@@ -445,6 +455,11 @@ mod tests {
             br#"{"subject": "u", "level": "HIGH", "event_time": "yesterday"}"#,
             br#"{"subject": {"format": "email"}, "level": "HIGH"}"#,
             br#"{"subject": "u", "level": "HIGH", "ttl_secs": -1}"#,
+            // Found by the fuzzer (`kafka_mapping`): a day that overflowed the time arithmetic.
+            br#"{"subject": "user-7", "score": 87.5, "event_time": "2026-11-0000000004584946418820579331T10:00:00Z", "principal": "USER"}"#,
+            br#"{"subject": "u", "level": "HIGH", "event_time": "2026-13-01T10:00:00Z"}"#,
+            br#"{"subject": "u", "level": "HIGH", "event_time": "2026-11-01T25:00:00Z"}"#,
+            br#"{"subject": "u", "level": "HIGH", "event_time": "2026-11-01T10:00:00+99:00"}"#,
         ] {
             assert!(
                 from_native(at("t", 0.0), bad).is_err(),

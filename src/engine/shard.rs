@@ -15,7 +15,7 @@ use crate::context::PrincipalContext;
 use crate::decision::{Cause, Decision, DecisionEffect};
 use crate::evaluate::{evaluate_grant, signal_view, subject_view, Contexts, Trigger};
 use crate::events::Event;
-use crate::grant::{Grant, GrantKind, GrantStatus, PrincipalType, Revocation};
+use crate::grant::{Grant, GrantKind, GrantStatus, JsonText, PrincipalType, Revocation};
 use crate::intake;
 use crate::policy::screen::Screen;
 use crate::policy::{Effect, Evaluation, PolicySet};
@@ -405,19 +405,21 @@ impl Shard {
                     principal: key.to_owned(),
                     principal_type: PrincipalType::Human,
                     identifiers: target.identifiers.clone(),
-                    subject_id: signal
-                        .subject
-                        .member("user")
-                        .map(|u| u.to_json())
-                        .unwrap_or_else(|| signal.subject.to_json()),
-                    member_ids: match &signal.subject {
+                    subject_id: JsonText::new(
+                        &signal
+                            .subject
+                            .member("user")
+                            .map(|u| u.to_json())
+                            .unwrap_or_else(|| signal.subject.to_json()),
+                    ),
+                    member_ids: JsonText::new(&Value::Object(match &signal.subject {
                         crate::subject::SubjectId::Complex { members } => members
                             .iter()
                             .filter(|(n, _)| n.as_str() != "user")
                             .map(|(n, id)| (n.clone(), id.to_json()))
                             .collect(),
-                        _ => Default::default(),
-                    },
+                        _ => Map::new(),
+                    })),
                     members: target.members.clone(),
                     token: None,
                     on_behalf_of: None,

@@ -43,21 +43,17 @@ pub fn subject_for(grant: &Grant) -> Value {
             return json!({"format": "jwt_id", "iss": iss, "jti": jti});
         }
     }
+    let member_ids = grant.member_ids.value();
     let narrowing: Map<String, Value> = ["session", "device"]
         .iter()
-        .filter_map(|m| {
-            grant
-                .member_ids
-                .get(*m)
-                .map(|v| (m.to_string(), identifier(v)))
-        })
+        .filter_map(|m| member_ids.get(*m).map(|v| (m.to_string(), identifier(v))))
         .collect();
     if narrowing.is_empty() {
-        return grant.subject_id.clone();
+        return grant.subject_id.value();
     }
     let mut complex = narrowing;
     complex.insert("format".into(), json!("complex"));
-    complex.insert("user".into(), grant.subject_id.clone());
+    complex.insert("user".into(), grant.subject_id.value());
     Value::Object(complex)
 }
 
