@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::principal::{identifier_key, member_key, principal_keys};
+use crate::principal::{identifier_key, member_key, principal_keys, Members};
 use crate::subject::SubjectId;
 
 /// The members a grant may be narrowed by (SSF §3.3 complex-subject members other than `user`).
@@ -176,7 +176,7 @@ pub struct Grant {
     #[serde(default)]
     pub member_ids: JsonText,
     /// Member keys by name (`session`, `device`, …).
-    pub members: BTreeMap<String, String>,
+    pub members: Members,
     /// `jwt_id:<iss>|<jti>` key of the token, if any.
     pub token: Option<String>,
     /// Principal key of the delegating user, for agent delegations.
@@ -281,7 +281,7 @@ impl GrantRequest {
             identifiers,
             subject_id: JsonText::new(&self.subject),
             member_ids: JsonText::new(&Value::Object(member_ids)),
-            members,
+            members: Members::from(members),
             token,
             on_behalf_of,
             audience: self.audience,
@@ -415,8 +415,8 @@ mod tests {
         let g = r
             .into_grant("email:jane@example.com".into(), 100.0)
             .unwrap();
-        assert_eq!(g.members["session"], "opaque:s-1");
-        assert_eq!(g.members["device"], "opaque:d-1");
+        assert_eq!(g.members.get("session").unwrap(), "opaque:s-1");
+        assert_eq!(g.members.get("device").unwrap(), "opaque:d-1");
         assert_eq!(g.status, GrantStatus::Active);
         assert_eq!(g.policy_view()["session"], "opaque:s-1");
     }

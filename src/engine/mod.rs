@@ -172,7 +172,7 @@ impl Shared {
     /// Every index key a grant is reachable by.
     pub fn index_keys(grant: &Grant) -> Vec<String> {
         let mut keys = vec![principal_index(&grant.principal)];
-        for (member, key) in &grant.members {
+        for (member, key) in grant.members.iter() {
             keys.push(member_index(member, key));
         }
         if let Some(u) = &grant.on_behalf_of {

@@ -307,7 +307,7 @@ impl Shard {
             g.on_behalf_of.is_none()
                 && ["device", "session"].iter().all(|m| {
                     g.members
-                        .get(*m)
+                        .get(m)
                         .is_none_or(|k| !self.shared.contexts.contains_key(k))
                 })
         });
@@ -420,7 +420,7 @@ impl Shard {
                             .collect(),
                         _ => Map::new(),
                     })),
-                    members: target.members.clone(),
+                    members: target.members.clone().into(),
                     token: None,
                     on_behalf_of: None,
                     audience: None,
@@ -591,7 +591,7 @@ impl Shard {
             .unwrap_or_else(|| Arc::new(PrincipalContext::new(&grant.principal)));
         let entities: Vec<Arc<PrincipalContext>> = ["device", "session"]
             .iter()
-            .filter_map(|m| grant.members.get(*m))
+            .filter_map(|m| grant.members.get(m))
             .filter_map(|k| self.shared.contexts.get(k).map(|c| c.clone()))
             .collect();
         let entity_refs: Vec<&PrincipalContext> = entities.iter().map(|c| &**c).collect();
