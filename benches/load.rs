@@ -70,7 +70,7 @@ fn main() -> anyhow::Result<()> {
 
 /// One reported figure.
 struct Figure {
-    name: &'static str,
+    name: String,
     value: f64,
     unit: &'static str,
     /// The target, and whether a bigger value is better.
@@ -81,9 +81,9 @@ struct Figure {
 }
 
 impl Figure {
-    fn new(name: &'static str, value: f64, unit: &'static str) -> Figure {
+    fn new(name: impl Into<String>, value: f64, unit: &'static str) -> Figure {
         Figure {
-            name,
+            name: name.into(),
             value,
             unit,
             target: None,
@@ -210,34 +210,35 @@ async fn run() -> anyhow::Result<()> {
         if alg == Alg::RS256 {
             rs_max = pushed.rate;
         }
-        let (ingest_name, ratio_name, push_p99) = match alg {
-            Alg::RS256 => (
-                "ingest_rs256_sets_per_sec",
-                "ingest_rs256_ratio_to_verify_only",
-                "push_rs256_latency_p99_ms",
-            ),
-            _ => (
-                "ingest_es256_sets_per_sec",
-                "ingest_es256_ratio_to_verify_only",
-                "push_es256_latency_p99_ms",
-            ),
-        };
+        let alg_name = alg.name().to_lowercase();
         figures.push(
-            Figure::new(ingest_name, pushed.rate, "SETs/s")
-                .ceiling(ceiling.rate)
-                .note("HTTP push → verify → validate → durable group commit → 202; 64 connections"),
+            Figure::new(
+                format!("ingest_{alg_name}_sets_per_sec"),
+                pushed.rate,
+                "SETs/s",
+            )
+            .ceiling(ceiling.rate)
+            .note("HTTP push → verify → validate → durable group commit → 202; 64 connections"),
         );
         figures.push(
-            Figure::new(ratio_name, pushed.rate / ceiling.rate, "ratio")
-                .at_least(0.7)
-                .note(format!(
-                    "verify-only ceiling {:.0} SETs/s on the same HTTP stack and keys",
-                    ceiling.rate
-                )),
+            Figure::new(
+                format!("ingest_{alg_name}_ratio_to_verify_only"),
+                pushed.rate / ceiling.rate,
+                "ratio",
+            )
+            .at_least(0.7)
+            .note(format!(
+                "verify-only ceiling {:.0} SETs/s on the same HTTP stack and keys",
+                ceiling.rate
+            )),
         );
         figures.push(
-            Figure::new(push_p99, quantile(&pushed.latencies_ms, 0.99), "ms")
-                .note("push answered, at maximum load"),
+            Figure::new(
+                format!("push_{alg_name}_latency_p99_ms"),
+                quantile(&pushed.latencies_ms, 0.99),
+                "ms",
+            )
+            .note("push answered, at maximum load"),
         );
     }
 
@@ -301,30 +302,12 @@ async fn run() -> anyhow::Result<()> {
     let note = format!(
         "{probes} probes at {probe_rate}/s under {background_rate:.0} background SETs/s ({load_percent} % of the RS256 maximum), {grants} grants loaded"
     );
-    figures.push(
-        Figure::new(
-            "signal_to_decision_p50_ms",
-            quantile(&lat.decided, 0.5),
-            "ms",
-        )
-        .note(note.clone()),
-    );
-    figures.push(
-        Figure::new(
-            "signal_to_decision_p99_ms",
-            quantile(&lat.decided, 0.99),
-            "ms",
-        )
-        .note(note.clone()),
-    );
-    figures.push(
-        Figure::new(
-            "signal_to_decision_p999_ms",
-            quantile(&lat.decided, 0.999),
-            "ms",
-        )
-        .note(note.clone()),
-    );
+    figures.extend(percentiles(
+        "signal_to_decision",
+        &lat.decided,
+        (None, None),
+        &note,
+    ));
     figures.push(
         Figure::new(
             "background_sets_per_sec_achieved",
@@ -334,34 +317,13 @@ async fn run() -> anyhow::Result<()> {
         .note(format!("asked {background_rate:.0}")),
     );
     for (method, samples) in &lat.delivered {
-        let (p50, p99, p999) = match method.as_str() {
-            "push" => (
-                "revocation_push_p50_ms",
-                "revocation_push_p99_ms",
-                "revocation_push_p999_ms",
-            ),
-            "poll" => (
-                "revocation_poll_p50_ms",
-                "revocation_poll_p99_ms",
-                "revocation_poll_p999_ms",
-            ),
-            _ => (
-                "revocation_sse_p50_ms",
-                "revocation_sse_p99_ms",
-                "revocation_sse_p999_ms",
-            ),
-        };
-        let lost = probes - samples.len();
-        figures.push(
-            Figure::new(p50, quantile(samples, 0.5), "ms")
-                .note(format!("{} of {probes} delivered", samples.len())),
-        );
-        figures.push(
-            Figure::new(p99, quantile(samples, 0.99), "ms")
-                .at_most(5.0)
-                .note(format!("lost {lost}")),
-        );
-        figures.push(Figure::new(p999, quantile(samples, 0.999), "ms").at_most(20.0));
+        let note = format!("{} of {probes} delivered", samples.len());
+        figures.extend(percentiles(
+            &format!("revocation_{method}"),
+            samples,
+            (Some(5.0), Some(20.0)),
+            &note,
+        ));
     }
     std::fs::write(out.join("latency.svg"), histogram_svg(&lat.delivered))?;
 
@@ -376,14 +338,12 @@ async fn run() -> anyhow::Result<()> {
         check.errors
     );
     let note = format!("asked {check_rate}/s, achieved {:.0}/s, errors {}; open loop, latency from the scheduled send", check.rate, check.errors);
-    figures.push(
-        Figure::new("check_p50_ms", quantile(&check.latencies_ms, 0.5), "ms").note(note.clone()),
-    );
-    figures.push(
-        Figure::new("check_p99_ms", quantile(&check.latencies_ms, 0.99), "ms")
-            .at_most(1.0)
-            .note(note),
-    );
+    figures.extend(percentiles(
+        "check",
+        &check.latencies_ms,
+        (Some(1.0), None),
+        &note,
+    ));
 
     // 5. Policy swap over every grant.
     eprintln!("[swap] re-evaluating {grants} grants…");
@@ -453,6 +413,28 @@ async fn run() -> anyhow::Result<()> {
     println!("{}", markdown(&figures, &report));
     println!("written: {}", out.display());
     Ok(())
+}
+
+/// `<prefix>_p50_ms`, `_p99_ms` and `_p999_ms` of sorted `samples`, with the p99 and p999
+/// targets (`(p99, p999)`) where it sets them.
+fn percentiles(
+    prefix: &str,
+    samples: &[f64],
+    targets: (Option<f64>, Option<f64>),
+    note: &str,
+) -> Vec<Figure> {
+    let figure = |p: &str, q: f64, target: Option<f64>| {
+        let f = Figure::new(format!("{prefix}_{p}_ms"), quantile(samples, q), "ms").note(note);
+        match target {
+            Some(t) => f.at_most(t),
+            None => f,
+        }
+    };
+    vec![
+        figure("p50", 0.5, None),
+        figure("p99", 0.99, targets.0),
+        figure("p999", 0.999, targets.1),
+    ]
 }
 
 fn out_dir() -> PathBuf {

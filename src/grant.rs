@@ -4,8 +4,6 @@
 //! Invariant: `Revoked` is terminal. A revoked grant stays as a tombstone until it would have expired;
 //! no signal, policy change or re-registration with the same id makes it valid again.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
@@ -247,7 +245,7 @@ impl GrantRequest {
                 }
                 (_, None) => None,
             };
-        let mut members = BTreeMap::new();
+        let mut members = Members::default();
         let mut member_ids = Map::new();
         for (name, value) in [
             ("session", &self.session),
@@ -281,7 +279,7 @@ impl GrantRequest {
             identifiers,
             subject_id: JsonText::new(&self.subject),
             member_ids: JsonText::new(&Value::Object(member_ids)),
-            members: Members::from(members),
+            members,
             token,
             on_behalf_of,
             audience: self.audience,

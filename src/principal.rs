@@ -133,10 +133,6 @@ impl Members {
     pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
         self.0.iter().map(|(n, k)| (n, k))
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 impl From<BTreeMap<String, String>> for Members {

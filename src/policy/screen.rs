@@ -55,11 +55,11 @@ enum Abs<'v> {
 
 /// The fixed inputs of one screening, and the grants it covers.
 pub struct Screen<'a> {
-    pub context: &'a Value,
-    pub subject: &'a Value,
-    pub signal: &'a Value,
-    pub now: f64,
-    pub grants: &'a [&'a Grant],
+    context: &'a Value,
+    subject: &'a Value,
+    signal: &'a Value,
+    now: f64,
+    grants: &'a [&'a Grant],
     fields: HashMap<String, Abs<'static>>,
 }
 

@@ -226,7 +226,6 @@ async fn emit_batch(
         })
         .map(|(d, _)| d.id.clone())
         .collect();
-    let ids: Vec<String> = batch.iter().map(|(d, _)| d.id.clone()).collect();
     // Signing is CPU work (an RSA signature is ≈ 1 ms): off the async workers, over the cores.
     let signer = identity.clone();
     let items = tokio::task::spawn_blocking(move || sign_batch(&signer, &live, &batch)).await;
@@ -234,7 +233,7 @@ async fn emit_batch(
         Ok(Some(items)) => items,
         Ok(None) => {
             metrics::counter!("vigil_emit_errors_total").increment(1);
-            tracing::error!(decisions = ?ids, "signing failed; the decisions stay pending");
+            tracing::error!(decisions = ?handed, "signing failed; the decisions stay pending");
             return;
         }
         Err(e) => {
@@ -243,9 +242,10 @@ async fn emit_batch(
             return;
         }
     };
+    let decisions = handed.len();
     if let Err(e) = streams.enqueue(items, handed).await {
         metrics::counter!("vigil_emit_errors_total").increment(1);
-        tracing::error!(error = %e, decisions = ?ids, "could not queue SETs; the decisions stay pending");
+        tracing::error!(error = %e, decisions, "could not queue SETs; the decisions stay pending");
     }
 }
 
