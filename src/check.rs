@@ -71,7 +71,7 @@ pub fn check(
     resource: Option<&str>,
     now: f64,
 ) -> CheckResult {
-    let ids: Vec<String> = grants.iter().map(|g| g.id.clone()).collect();
+    let ids: Vec<String> = grants.iter().map(|g| g.id.to_string()).collect();
     if grants.is_empty() {
         return CheckResult::deny("unknown", "no active grant matches the request", ids);
     }
@@ -83,7 +83,7 @@ pub fn check(
             g.revoked
                 .as_ref()
                 .map(|r| r.reason.clone())
-                .or_else(|| g.status_reason.clone())
+                .or_else(|| g.status_reason.as_deref().map(str::to_owned))
                 .unwrap_or_default()
         };
         match g.status {
@@ -102,7 +102,7 @@ pub fn check(
             }
         }
         if let (Some(r), Some(aud)) = (resource, &g.audience) {
-            if r != aud {
+            if r != &**aud {
                 return CheckResult::deny(
                     "active",
                     format!("resource `{r}` is not the audience of `{}`", g.id),
@@ -134,12 +134,12 @@ mod tests {
         let mut g = r.into_grant("email:a@b.c".into(), 0.0).unwrap();
         g.status = status;
         if status == GrantStatus::Revoked {
-            g.revoked = Some(Revocation {
+            g.revoked = Some(Box::new(Revocation {
                 at: 5.0,
                 decision_id: "d".into(),
                 reason: "risk HIGH".into(),
                 rules: vec![],
-            });
+            }));
         }
         g
     }

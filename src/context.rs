@@ -457,9 +457,9 @@ impl PrincipalContext {
         // Principal-wide claims, overlaid by those changed for this grant's own token.
         let mut claims = Map::new();
         let mut claims_changed_at: Option<f64> = None;
-        let scopes = [Some(String::new()), grant.token.clone()];
+        let scopes = [Some(""), grant.token.as_deref()];
         for scope in scopes.iter().flatten() {
-            for (name, c) in self.claims.get(scope).into_iter().flatten() {
+            for (name, c) in self.claims.get(*scope).into_iter().flatten() {
                 if live(c, decay.claims, now) {
                     claims.insert(name.clone(), c.value.clone());
                     claims_changed_at = Some(claims_changed_at.map_or(c.time, |t| t.max(c.time)));

@@ -38,16 +38,16 @@ pub struct Contexts<'a> {
 pub fn subject_matches(target: &Target, grant: &Grant) -> bool {
     let names_grant = target.identifiers.is_empty()
         || target.identifiers.iter().any(|id| {
-            id == &grant.principal
+            **id == *grant.principal
                 || grant.identifiers.contains(id)
-                || grant.token.as_ref() == Some(id)
-                || grant.on_behalf_of.as_ref() == Some(id)
+                || grant.token.as_deref() == Some(id.as_str())
+                || grant.on_behalf_of.as_deref() == Some(id.as_str())
         });
     let token_ok = target
         .identifiers
         .iter()
         .filter(|id| id.starts_with("jwt_id:"))
-        .all(|id| grant.token.as_ref() == Some(id));
+        .all(|id| grant.token.as_deref() == Some(id.as_str()));
     names_grant && token_ok && filter_matches(&target.members, &grant.members)
 }
 

@@ -110,37 +110,48 @@ impl Target {
 
 /// A grant's member keys by member name (`session` → `opaque:s-1`), sorted by name. A grant names
 /// one or two members at most; a `BTreeMap` allocated a leaf of 11 slots (640 bytes) for them, once
-/// per grant — a quarter of a grant's memory at 1 M grants. Stored as a JSON map, as before.
+/// per grant — a quarter of a grant's memory at 1 M grants. Names are the static
+/// [`GRANT_MEMBERS`](crate::grant::GRANT_MEMBERS) (no allocation per grant for `"session"`), keys
+/// boxed, and the slice holds exactly its entries. Stored as a JSON map, as before.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Members(Vec<(String, String)>);
+pub struct Members(Box<[(&'static str, Box<str>)]>);
 
 impl Members {
-    pub fn get(&self, name: &str) -> Option<&String> {
+    pub fn get(&self, name: &str) -> Option<&str> {
         self.0
-            .binary_search_by(|(n, _)| n.as_str().cmp(name))
+            .binary_search_by(|(n, _)| (*n).cmp(name))
             .ok()
-            .map(|i| &self.0[i].1)
+            .map(|i| &*self.0[i].1)
     }
 
-    /// Sets `name`'s key, replacing any.
-    pub fn insert(&mut self, name: String, key: String) {
+    /// Sets `name`'s key, replacing any. A name that is not a grant member is ignored: a grant
+    /// cannot be narrowed by it.
+    pub fn insert(&mut self, name: &str, key: &str) {
+        let Some(name) = crate::grant::GRANT_MEMBERS.iter().find(|n| **n == name) else {
+            return;
+        };
         match self.0.binary_search_by(|(n, _)| n.cmp(&name)) {
-            Ok(i) => self.0[i].1 = key,
-            Err(i) => self.0.insert(i, (name, key)),
+            Ok(i) => self.0[i].1 = key.into(),
+            Err(i) => {
+                let mut v = std::mem::take(&mut self.0).into_vec();
+                v.insert(i, (name, key.into()));
+                self.0 = v.into_boxed_slice();
+            }
         }
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
-        self.0.iter().map(|(n, k)| (n, k))
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        self.0.iter().map(|(n, k)| (*n, &**k))
     }
 }
 
-impl From<BTreeMap<String, String>> for Members {
-    fn from(map: BTreeMap<String, String>) -> Members {
-        // A B-tree iterates in key order: already sorted.
-        let mut v: Vec<(String, String)> = map.into_iter().collect();
-        v.shrink_to_fit();
-        Members(v)
+impl From<&BTreeMap<String, String>> for Members {
+    fn from(map: &BTreeMap<String, String>) -> Members {
+        let mut members = Members::default();
+        for (name, key) in map {
+            members.insert(name, key);
+        }
+        members
     }
 }
 
@@ -152,7 +163,7 @@ impl serde::Serialize for Members {
 
 impl<'de> serde::Deserialize<'de> for Members {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Members, D::Error> {
-        BTreeMap::<String, String>::deserialize(d).map(Members::from)
+        BTreeMap::<String, String>::deserialize(d).map(|m| Members::from(&m))
     }
 }
 
@@ -164,7 +175,7 @@ pub fn filter_matches(filter: &BTreeMap<String, String>, grant_members: &Members
     filter
         .iter()
         .all(|(name, key)| match grant_members.get(name) {
-            Some(k) => k == key,
+            Some(k) => k == key.as_str(),
             None => !matches!(name.as_str(), "session" | "device"),
         })
 }
@@ -223,11 +234,11 @@ mod tests {
         let filter: BTreeMap<String, String> =
             [("session".to_owned(), "opaque:s1".to_owned())].into();
         let with = |pairs: &[(&str, &str)]| -> Members {
-            pairs
-                .iter()
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .collect::<BTreeMap<_, _>>()
-                .into()
+            let mut m = Members::default();
+            for (name, key) in pairs {
+                m.insert(name, key);
+            }
+            m
         };
         assert!(filter_matches(&filter, &with(&[("session", "opaque:s1")])));
         assert!(!filter_matches(&filter, &with(&[("session", "opaque:s2")])));
@@ -241,12 +252,13 @@ mod tests {
     #[test]
     fn members_keep_name_order_and_their_json_form() {
         let mut m = Members::default();
-        m.insert("session".into(), "opaque:s".into());
-        m.insert("device".into(), "opaque:d".into());
-        m.insert("session".into(), "opaque:s2".into());
-        let names: Vec<&String> = m.iter().map(|(n, _)| n).collect();
-        assert_eq!(names, ["device", "session"]);
-        assert_eq!(m.get("session").map(String::as_str), Some("opaque:s2"));
+        m.insert("session", "opaque:s");
+        m.insert("device", "opaque:d");
+        m.insert("session", "opaque:s2");
+        m.insert("user", "email:a@example.com");
+        let names: Vec<&str> = m.iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["device", "session"], "`user` is not a grant member");
+        assert_eq!(m.get("session"), Some("opaque:s2"));
         assert_eq!(m.get("tenant"), None);
         let json = serde_json::to_value(&m).unwrap();
         assert_eq!(

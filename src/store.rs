@@ -27,7 +27,7 @@ pub enum StoreError {
 /// at start-up, so the cache serves writes (the B-tree pages on an insert's path), not lookups;
 /// redb's default (1 GiB) filled with pages nothing reads again — ≈ 1 KiB of RSS per grant at 1 M
 /// grants (`cargo bench --bench engine_scale`), and registration was ≈ 20 % slower with it.
-const CACHE_BYTES: usize = 256 << 20;
+const CACHE_BYTES: usize = 64 << 20;
 
 /// Opens (creating if needed) `<data_dir>/vigil.redb`.
 pub fn open(data_dir: &Path) -> Result<Arc<redb::Database>, StoreError> {

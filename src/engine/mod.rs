@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use crate::audit::{AuditLog, DecisionQuery};
 use crate::context::{Decay, PrincipalContext};
 use crate::decision::Decision;
-use crate::grant::{Grant, GrantError, GrantRequest};
+use crate::grant::{Grant, GrantError, GrantId, GrantRequest};
 use crate::policy::PolicySet;
 use crate::principal::Target;
 use crate::signal::{now_ms, Signal};
@@ -123,12 +123,66 @@ pub(crate) fn token_index(key: &str) -> String {
     format!("t/{key}")
 }
 
+/// The grants one index key reaches. Most keys (a session, a token) reach exactly one grant, held
+/// inline: the smallest hash set cost more than the grant's own id, once per grant at 1 M grants.
+#[derive(Debug)]
+pub(crate) enum GrantSet {
+    One(GrantId),
+    Many(Box<HashSet<GrantId>>),
+    /// After the last removal, until the key is dropped.
+    Empty,
+}
+
+impl GrantSet {
+    fn insert(&mut self, grant: &GrantId) {
+        match self {
+            GrantSet::Empty => *self = GrantSet::One(grant.clone()),
+            GrantSet::One(only) if only == grant => {}
+            GrantSet::One(only) => {
+                let set: HashSet<GrantId> = [only.clone(), grant.clone()].into_iter().collect();
+                *self = GrantSet::Many(Box::new(set));
+            }
+            GrantSet::Many(set) => {
+                set.insert(grant.clone());
+            }
+        }
+    }
+
+    /// Removes `grant`; whether the set is now empty.
+    fn remove(&mut self, grant: &str) -> bool {
+        match self {
+            GrantSet::One(only) if &**only == grant => *self = GrantSet::Empty,
+            GrantSet::Many(set) => {
+                set.remove(grant);
+            }
+            _ => {}
+        }
+        self.is_empty()
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            GrantSet::Empty => true,
+            GrantSet::One(_) => false,
+            GrantSet::Many(set) => set.is_empty(),
+        }
+    }
+
+    fn to_vec(&self) -> Vec<GrantId> {
+        match self {
+            GrantSet::Empty => Vec::new(),
+            GrantSet::One(only) => vec![only.clone()],
+            GrantSet::Many(set) => set.iter().cloned().collect(),
+        }
+    }
+}
+
 /// State visible to every shard and the API.
 pub(crate) struct Shared {
     pub contexts: DashMap<String, Arc<PrincipalContext>>,
-    pub grants: DashMap<String, Arc<Grant>>,
+    pub grants: DashMap<GrantId, Arc<Grant>>,
     pub aliases: DashMap<String, String>,
-    pub index: DashMap<String, HashSet<String>>,
+    pub index: DashMap<Box<str>, GrantSet>,
     pub policy: RwLock<Arc<PolicySet>>,
     pub writer: BatchWriter,
     pub audit: Arc<AuditLog>,
@@ -145,16 +199,18 @@ impl Shared {
         }
     }
 
-    pub fn index_add(&self, key: String, grant: &str) {
-        self.index.entry(key).or_default().insert(grant.to_owned());
+    pub fn index_add(&self, key: String, grant: &GrantId) {
+        match self.index.entry(key.into_boxed_str()) {
+            dashmap::Entry::Occupied(mut e) => e.get_mut().insert(grant),
+            dashmap::Entry::Vacant(e) => {
+                e.insert(GrantSet::One(grant.clone()));
+            }
+        }
     }
 
     pub fn index_remove(&self, key: &str, grant: &str) {
         let empty = match self.index.get_mut(key) {
-            Some(mut set) => {
-                set.remove(grant);
-                set.is_empty()
-            }
+            Some(mut set) => set.remove(grant),
             None => false,
         };
         if empty {
@@ -162,11 +218,8 @@ impl Shared {
         }
     }
 
-    pub fn indexed(&self, key: &str) -> Vec<String> {
-        self.index
-            .get(key)
-            .map(|s| s.iter().cloned().collect())
-            .unwrap_or_default()
+    pub fn indexed(&self, key: &str) -> Vec<GrantId> {
+        self.index.get(key).map(|s| s.to_vec()).unwrap_or_default()
     }
 
     /// Every index key a grant is reachable by.
@@ -216,7 +269,7 @@ pub(crate) enum Msg {
     },
     /// Re-evaluate grants owned by this shard (forwarded from another shard, or after a policy swap).
     Reevaluate {
-        grants: Vec<String>,
+        grants: Vec<GrantId>,
         trigger: Option<Box<(Signal, Target)>>,
     },
     ReevaluateAll {
@@ -456,7 +509,11 @@ impl Engine {
             let id = &target.identifiers[0];
             if !self.shared.aliases.contains_key(id) {
                 for member in ["session", "device"] {
-                    if self.shared.index.contains_key(&member_index(member, id)) {
+                    if self
+                        .shared
+                        .index
+                        .contains_key(member_index(member, id).as_str())
+                    {
                         target.members.insert(member.to_owned(), id.clone());
                         target.identifiers.clear();
                         break;
@@ -562,7 +619,7 @@ impl Engine {
         if let Some(t) = token {
             keys.push(token_index(t));
         }
-        let mut ids: Vec<String> = keys.iter().flat_map(|k| self.shared.indexed(k)).collect();
+        let mut ids: Vec<GrantId> = keys.iter().flat_map(|k| self.shared.indexed(k)).collect();
         ids.sort();
         ids.dedup();
         ids.iter().filter_map(|id| self.grant(id)).collect()

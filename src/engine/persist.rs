@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::context::PrincipalContext;
 use crate::decision::Decision;
-use crate::grant::Grant;
+use crate::grant::{Grant, GrantId};
 use crate::store::WriteError;
 
 const CONTEXTS: TableDefinition<&str, &[u8]> = TableDefinition::new("engine_contexts");
@@ -81,7 +81,7 @@ pub fn load(db: &Arc<Database>) -> Result<Loaded, WriteError> {
 pub struct Changes {
     pub contexts: Vec<Arc<PrincipalContext>>,
     pub grants: Vec<Arc<Grant>>,
-    pub deleted_grants: Vec<String>,
+    pub deleted_grants: Vec<GrantId>,
     pub aliases: Vec<(String, String)>,
     /// Decisions delivery must take over (revoke, step-up, restrict), with their grants.
     pub handoff: Vec<(Decision, Arc<Grant>)>,
@@ -134,7 +134,7 @@ impl Changes {
 pub struct Encoded {
     contexts: Vec<(String, Vec<u8>)>,
     grants: Vec<(String, Vec<u8>)>,
-    deleted_grants: Vec<String>,
+    deleted_grants: Vec<GrantId>,
     aliases: Vec<(String, String)>,
     handoff: Vec<(String, Vec<u8>)>,
 }
@@ -169,7 +169,7 @@ impl Changes {
             .collect::<Result<_, _>>()?;
         Ok(Encoded {
             contexts: last_per_key(self.contexts, |c| c.key.as_str())?,
-            grants: last_per_key(self.grants, |g| g.id.as_str())?,
+            grants: last_per_key(self.grants, |g| &g.id[..])?,
             deleted_grants: self.deleted_grants,
             aliases: self.aliases,
             handoff,
@@ -195,7 +195,7 @@ pub fn write(txn: &WriteTransaction, changes: &Encoded) -> Result<(), WriteError
     if !changes.deleted_grants.is_empty() {
         let mut t = txn.open_table(GRANTS).map_err(WriteError::storage)?;
         for id in &changes.deleted_grants {
-            t.remove(id.as_str()).map_err(WriteError::storage)?;
+            t.remove(&**id).map_err(WriteError::storage)?;
         }
     }
     insert_all(HANDOFF, &changes.handoff)?;

@@ -15,7 +15,7 @@ use crate::context::PrincipalContext;
 use crate::decision::{Cause, Decision, DecisionEffect};
 use crate::evaluate::{evaluate_grant, signal_view, subject_view, Contexts, Trigger};
 use crate::events::Event;
-use crate::grant::{Grant, GrantKind, GrantStatus, JsonText, PrincipalType, Revocation};
+use crate::grant::{Grant, GrantId, GrantKind, GrantStatus, JsonText, PrincipalType, Revocation};
 use crate::intake;
 use crate::policy::screen::Screen;
 use crate::policy::{Effect, Evaluation, PolicySet};
@@ -41,7 +41,7 @@ struct Pending {
     processed: Vec<u64>,
     decisions: Vec<Decision>,
     /// The latest state of every grant a decision in this batch is about (handed on with it).
-    latest: std::collections::HashMap<String, Arc<Grant>>,
+    latest: std::collections::HashMap<GrantId, Arc<Grant>>,
     /// Policy swaps waiting for this batch's commit.
     swap_waiters: Vec<oneshot::Sender<()>>,
     /// Signal batches waiting for this batch's commit (and told if it failed).
@@ -57,7 +57,7 @@ pub(crate) struct Shard {
     shared: Arc<Shared>,
     inboxes: Vec<Sender<Msg>>,
     /// The grants this shard owns, by expiry (milliseconds) — for the sweep and for re-evaluate-all.
-    expiry: BTreeSet<(i64, String)>,
+    expiry: BTreeSet<(i64, GrantId)>,
     /// Contexts changed by signals whose source replays them (Kafka), not yet written: they are
     /// checkpointed together every checkpoint interval (`EngineSettings::checkpoint_interval`), so a subject's many feed updates cost
     /// one write. Their batches are answered (and their offsets committed) only after that write.
@@ -251,9 +251,9 @@ impl Shard {
         let mut by_principal: HashMap<String, Vec<Arc<Grant>>> = HashMap::new();
         for (_, id) in &self.expiry {
             if let Some(g) = self.shared.grants.get(id) {
-                let list = by_principal.entry(g.principal.clone()).or_default();
+                let list = by_principal.entry(g.principal.to_string()).or_default();
                 if list.is_empty() {
-                    order.push(g.principal.clone());
+                    order.push(g.principal.to_string());
                 }
                 list.push(g.clone());
             }
@@ -398,13 +398,13 @@ impl Shard {
                     .cloned()
                     .unwrap_or_else(|| format!("{}|{}", signal.iss, signal.jti))
             );
-            if !self.shared.grants.contains_key(&id) {
+            if !self.shared.grants.contains_key(id.as_str()) {
                 let grant = Grant {
-                    id,
+                    id: id.into(),
                     kind: GrantKind::Session,
-                    principal: key.to_owned(),
+                    principal: key.into(),
                     principal_type: PrincipalType::Human,
-                    identifiers: target.identifiers.clone(),
+                    identifiers: target.identifiers.clone().into(),
                     subject_id: JsonText::new(
                         &signal
                             .subject
@@ -420,15 +420,15 @@ impl Shard {
                             .collect(),
                         _ => Map::new(),
                     })),
-                    members: target.members.clone().into(),
+                    members: (&target.members).into(),
                     token: None,
                     on_behalf_of: None,
                     audience: None,
-                    scopes: Vec::new(),
+                    scopes: Box::default(),
                     issued_at: signal.event_time,
                     expires_at: signal.event_time + self.shared.settings.session_ttl_secs,
-                    attributes,
-                    enforcement_points: Vec::new(),
+                    attributes: attributes.into(),
+                    enforcement_points: Box::default(),
                     status: GrantStatus::Active,
                     status_reason: None,
                     registered_at: now(),
@@ -459,7 +459,7 @@ impl Shard {
         ids.sort();
         ids.dedup();
         let cause = cause_of(signal, "signal");
-        let mut elsewhere: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+        let mut elsewhere: BTreeMap<usize, Vec<GrantId>> = BTreeMap::new();
         for id in ids {
             let Some(owner) = self
                 .shared
@@ -485,10 +485,10 @@ impl Shard {
     fn register(&mut self, mut grant: Grant, p: &mut Pending) -> Result<Registered, EngineError> {
         if let Some(existing) = self.shared.grants.get(&grant.id).map(|g| g.clone()) {
             if existing.status == GrantStatus::Revoked {
-                return Err(EngineError::Revoked(grant.id));
+                return Err(EngineError::Revoked(grant.id.to_string()));
             }
             if existing.principal != grant.principal {
-                return Err(EngineError::Conflict(grant.id));
+                return Err(EngineError::Conflict(grant.id.to_string()));
             }
             grant.status = existing.status;
             grant.status_reason = existing.status_reason.clone();
@@ -586,7 +586,7 @@ impl Shard {
         let principal = self
             .shared
             .contexts
-            .get(&grant.principal)
+            .get(&*grant.principal)
             .map(|c| c.clone())
             .unwrap_or_else(|| Arc::new(PrincipalContext::new(&grant.principal)));
         let entities: Vec<Arc<PrincipalContext>> = ["device", "session"]
@@ -598,7 +598,7 @@ impl Shard {
         let delegator = grant
             .on_behalf_of
             .as_ref()
-            .and_then(|u| self.shared.contexts.get(u).map(|c| c.clone()));
+            .and_then(|u| self.shared.contexts.get(&**u).map(|c| c.clone()));
         let started = Instant::now();
         let outcome = evaluate_grant(
             policy,
@@ -644,8 +644,8 @@ impl Shard {
             id: Decision::make_id(&grant.id, cause, effect, policy_version, &rules)
                 + if shadow { "-shadow" } else { "" },
             time: now,
-            grant_id: grant.id.clone(),
-            subject: grant.principal.clone(),
+            grant_id: grant.id.to_string(),
+            subject: grant.principal.to_string(),
             effect,
             previous_status: grant.status,
             status,
@@ -656,7 +656,7 @@ impl Shard {
             policy_version: policy_version.to_owned(),
             context_version,
             cause: cause.clone(),
-            enforcement_points: grant.enforcement_points.clone(),
+            enforcement_points: grant.enforcement_points.to_vec(),
         };
         let target = match outcome.effect {
             Some(Effect::Revoke) => GrantStatus::Revoked,
@@ -697,14 +697,14 @@ impl Shard {
             let mut updated = grant.clone();
             updated.status = target;
             updated.status_reason =
-                (target != GrantStatus::Active).then(|| decision.reason.clone());
+                (target != GrantStatus::Active).then(|| decision.reason.as_str().into());
             if target == GrantStatus::Revoked {
-                updated.revoked = Some(Revocation {
+                updated.revoked = Some(Box::new(Revocation {
                     at: now,
                     decision_id: decision.id.clone(),
                     reason: decision.reason.clone(),
                     rules: decision.rules.clone(),
-                });
+                }));
             }
             let updated = Arc::new(updated);
             self.shared
@@ -762,7 +762,7 @@ impl Shard {
                     d.effect,
                     DecisionEffect::Revoke | DecisionEffect::StepUp | DecisionEffect::Restrict
                 );
-            if let (true, Some(g)) = (emits, p.latest.get(&d.grant_id)) {
+            if let (true, Some(g)) = (emits, p.latest.get(d.grant_id.as_str())) {
                 p.changes.handoff.push((d.clone(), g.clone()));
             }
         }
@@ -801,7 +801,7 @@ impl Shard {
             .increment(1);
             tracing::info!(grant = %d.grant_id, subject = %d.subject, effect = ?d.effect, rules = ?d.rules,
                 reason = %d.reason, policy = %d.policy_version, shadow = d.shadow, "decision");
-            let Some(grant) = p.latest.get(&d.grant_id).cloned() else {
+            let Some(grant) = p.latest.get(d.grant_id.as_str()).cloned() else {
                 continue;
             };
             if self.shared.decisions.blocking_send((d, grant)).is_err() {
