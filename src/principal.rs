@@ -130,7 +130,7 @@ impl Members {
         let Some(name) = crate::grant::GRANT_MEMBERS.iter().find(|n| **n == name) else {
             return;
         };
-        match self.0.binary_search_by(|(n, _)| n.cmp(&name)) {
+        match self.0.binary_search_by(|(n, _)| n.cmp(name)) {
             Ok(i) => self.0[i].1 = key.into(),
             Err(i) => {
                 let mut v = std::mem::take(&mut self.0).into_vec();
