@@ -132,7 +132,7 @@ pub(crate) enum GrantSet {
     /// hold one grant.
     #[allow(clippy::box_collection)]
     Many(Box<HashSet<GrantId>>),
-    /// After the last removal, until the key is dropped.
+    /// Before the first insertion, and after the last removal until the key is dropped.
     Empty,
 }
 
@@ -203,12 +203,10 @@ impl Shared {
     }
 
     pub fn index_add(&self, key: String, grant: &GrantId) {
-        match self.index.entry(key.into_boxed_str()) {
-            dashmap::Entry::Occupied(mut e) => e.get_mut().insert(grant),
-            dashmap::Entry::Vacant(e) => {
-                e.insert(GrantSet::One(grant.clone()));
-            }
-        }
+        self.index
+            .entry(key.into_boxed_str())
+            .or_insert(GrantSet::Empty)
+            .insert(grant);
     }
 
     pub fn index_remove(&self, key: &str, grant: &str) {
