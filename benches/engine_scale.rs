@@ -35,7 +35,8 @@ fn main() -> anyhow::Result<()> {
 async fn run(n: usize) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let db = store::open(dir.path())?;
-    let (writer, writer_thread) = BatchWriter::start(db.clone(), 1024)?;
+    let (writer, writer_thread) = BatchWriter::start(db.clone(), "state", 1024)?;
+    let (intake, intake_thread) = vigil::intake::Intake::open_dir(dir.path(), 1024)?;
     let audit = Arc::new(AuditLog::open(&dir.path().join("audit"), 64 << 20, 4)?);
     let policy_dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/policies"));
     let policy = PolicySet::load_dir_or_builtin(policy_dir)?;
@@ -46,7 +47,7 @@ async fn run(n: usize) -> anyhow::Result<()> {
         ..EngineSettings::default()
     };
     let engine = Arc::new(Engine::start(
-        &db, writer, audit, policy, decisions, settings,
+        &db, writer, intake, audit, policy, decisions, settings,
     )?);
 
     let rss_before = rss_bytes();
@@ -101,5 +102,6 @@ async fn run(n: usize) -> anyhow::Result<()> {
     engine.shutdown().await;
     drop(engine);
     writer_thread.join();
+    intake_thread.join();
     Ok(())
 }

@@ -278,6 +278,9 @@ async fn run() -> anyhow::Result<()> {
     let eps = subscribe_eps(&base).await?;
     let load_percent = arg("--load-percent", 50) as f64;
     let background_rate = (rs_max * load_percent / 100.0).max(1.0);
+    let metrics_before = metric_values();
+    let cpu_before = cpu_seconds();
+    let phase_started = Instant::now();
     let lat = latency_phase(
         &vigil,
         &client,
@@ -302,6 +305,20 @@ async fn run() -> anyhow::Result<()> {
     let note = format!(
         "{probes} probes at {probe_rate}/s under {background_rate:.0} background SETs/s ({load_percent} % of the RS256 maximum), {grants} grants loaded"
     );
+    let internals = internals(&metrics_before, &metric_values());
+    let busy = (cpu_seconds() - cpu_before) / phase_started.elapsed().as_secs_f64();
+    eprintln!("[latency] CPU busy: {busy:.2} of 2 cores (Vigil and the load generator)");
+    figures.push(
+        Figure::new("latency_phase_cpu_cores_busy", busy, "cores").note(
+            "process CPU time over the phase's wall time: Vigil and the load generator together",
+        ),
+    );
+    figures.extend(percentiles(
+        "signal_acknowledged",
+        &lat.acknowledged,
+        (None, None),
+        "probe pushed → 202 (recorded on disk)",
+    ));
     figures.extend(percentiles(
         "signal_to_decision",
         &lat.decided,
@@ -404,6 +421,7 @@ async fn run() -> anyhow::Result<()> {
         "machine": machine(),
         "duration_secs": started.elapsed().as_secs_f64(),
         "figures": figures.iter().map(Figure::json).collect::<Vec<_>>(),
+        "latency_phase_internals": internals,
     });
     std::fs::write(
         out.join("report.json"),
@@ -413,6 +431,104 @@ async fn run() -> anyhow::Result<()> {
     println!("{}", markdown(&figures, &report));
     println!("written: {}", out.display());
     Ok(())
+}
+
+/// CPU time this process has used (user + system), from `/proc/self/stat`; 0 where unreadable.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name: utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Every sample of Vigil's own Prometheus metrics (series → value), to diff around a phase.
+fn metric_values() -> HashMap<String, f64> {
+    let Some(handle) = vigil::telemetry::metrics_handle() else {
+        return HashMap::new();
+    };
+    handle
+        .render()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// What Vigil's internals did during the latency phase — the histograms that explain its tail:
+/// per histogram and label set the count, mean and the bucket bound under which 50 / 99 / 99.9 %
+/// of the phase's observations fell (from the difference of the cumulative buckets before and
+/// after).
+fn internals(before: &HashMap<String, f64>, after: &HashMap<String, f64>) -> Value {
+    const HISTOGRAMS: [&str; 6] = [
+        "vigil_store_commit_seconds",
+        "vigil_store_batch_size",
+        "vigil_engine_batch_seconds",
+        "vigil_push_request_seconds",
+        "vigil_signal_handling_seconds",
+        "vigil_set_verify_seconds",
+    ];
+    let delta = |series: &str| {
+        after.get(series).copied().unwrap_or(0.0) - before.get(series).copied().unwrap_or(0.0)
+    };
+    // `name_bucket{a="x",le="0.5"}` → (`name{a="x"}`, 0.5)
+    let parse = |series: &str| -> Option<(String, f64)> {
+        let (name, labels) = series.split_once("_bucket{")?;
+        let (labels, le) = labels.trim_end_matches('}').split_once("le=\"")?;
+        let le = le.trim_end_matches('"');
+        let bound = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().ok()?
+        };
+        Some((format!("{name}{{{}}}", labels.trim_end_matches(',')), bound))
+    };
+    let mut histograms: std::collections::BTreeMap<String, Vec<(f64, f64)>> = Default::default();
+    for series in after.keys() {
+        if let Some((key, bound)) = parse(series) {
+            if HISTOGRAMS
+                .iter()
+                .any(|h| key.starts_with(&format!("{h}{{")))
+            {
+                histograms
+                    .entry(key)
+                    .or_default()
+                    .push((bound, delta(series)));
+            }
+        }
+    }
+    let mut out = serde_json::Map::new();
+    for (key, mut buckets) in histograms {
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let count = buckets.last().map_or(0.0, |b| b.1);
+        if count == 0.0 {
+            continue;
+        }
+        let sum = delta(&key.replacen('{', "_sum{", 1).replace("_sum{}", "_sum"));
+        let under = |q: f64| {
+            buckets
+                .iter()
+                .find(|(_, n)| *n >= q * count)
+                .map_or(f64::NAN, |b| b.0)
+        };
+        let summary = json!({"count": count, "mean": sum / count,
+            "p50_bucket": under(0.5), "p99_bucket": under(0.99), "p999_bucket": under(0.999),
+            "max_bucket": under(1.0)});
+        eprintln!("[latency] {key}: {summary}");
+        out.insert(key, summary);
+    }
+    Value::Object(out)
 }
 
 /// `<prefix>_p50_ms`, `_p99_ms` and `_p999_ms` of sorted `samples`, with the issue's p99 and p999
@@ -565,6 +681,8 @@ fn grant_json(i: usize, now: i64) -> Value {
 }
 
 struct Latency {
+    /// Probe pushed → its 202 (the intake record on disk).
+    acknowledged: Vec<f64>,
     decided: Vec<f64>,
     delivered: Vec<(String, Vec<f64>)>,
     background_rate: f64,
@@ -655,6 +773,7 @@ async fn latency_phase(
     };
 
     let mut probe_sent: HashMap<String, Instant> = HashMap::new();
+    let mut acknowledged = Vec::with_capacity(probes);
     let url = format!("{base}/ssf/push/rs");
     let gap = Duration::from_secs_f64(1.0 / probe_rate as f64);
     for (p, token) in probe_tokens.into_iter().enumerate() {
@@ -665,6 +784,7 @@ async fn latency_phase(
         }
         let status = push_set(client, &url, "Bearer rs", &token).await?;
         anyhow::ensure!(status == 202, "probe push answered {status}");
+        acknowledged.push(now.elapsed().as_secs_f64() * 1e3);
         tokio::time::sleep(gap).await;
     }
     let background_achieved = bg.await?;
@@ -674,7 +794,9 @@ async fn latency_phase(
     let _ = watcher.join();
     let mut decided = decided.lock().map(|d| d.clone()).unwrap_or_default();
     decided.sort_by(f64::total_cmp);
+    acknowledged.sort_by(f64::total_cmp);
     Ok(Latency {
+        acknowledged,
         decided,
         delivered,
         background_rate: background_achieved,

@@ -78,6 +78,8 @@ pub struct Vigil {
     /// Ends when the engine (the decisions' producer) is gone, so it is awaited after it.
     decision_task: JoinHandle<()>,
     writer: BatchWriterThread,
+    /// Intake's own store writer (`intake.redb`).
+    intake_writer: BatchWriterThread,
     /// The generated all-roles API token, when no `[[clients]]` are configured.
     admin_token: Option<String>,
 }
@@ -99,9 +101,11 @@ impl Vigil {
                 crate::auth::require,
             )
         };
-        let (batch_writer, writer) = BatchWriter::start(db.clone(), config.intake.max_batch)
-            .map_err(|e| StartError::Writer(e.to_string()))?;
-        let intake = Intake::open(db.clone(), batch_writer.clone())?;
+        let (batch_writer, writer) =
+            BatchWriter::start(db.clone(), "state", config.intake.max_batch)
+                .map_err(|e| StartError::Writer(e.to_string()))?;
+        let (intake, intake_writer) = Intake::open_dir(&config.data_dir, config.intake.max_batch)?;
+        intake.adopt_legacy_tables(&db)?;
         let pending = intake.pending()?;
 
         // A policy set that does not load is a start-up error: Vigil never runs without its rules.
@@ -135,6 +139,7 @@ impl Vigil {
         let engine = Arc::new(Engine::start(
             &db,
             batch_writer,
+            intake.clone(),
             audit.clone(),
             policy,
             decision_tx,
@@ -457,6 +462,7 @@ impl Vigil {
             tasks,
             decision_task,
             writer,
+            intake_writer,
             admin_token,
         })
     }
@@ -504,6 +510,7 @@ impl Vigil {
             shutdown,
             tasks,
             writer,
+            intake_writer,
             intake,
             engine,
             reloader,
@@ -521,7 +528,11 @@ impl Vigil {
         let _ = decision_task.await;
         drop(intake);
         drop(db);
-        // The writer exits once the last handle (held by the tasks above) is gone.
-        let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+        // The writers exit once the last handles (held by the tasks above) are gone.
+        let _ = tokio::task::spawn_blocking(move || {
+            writer.join();
+            intake_writer.join();
+        })
+        .await;
     }
 }

@@ -331,9 +331,10 @@ pub struct EngineConfig {
     /// How often expired grants are swept.
     #[serde(default = "default_sweep")]
     pub sweep_interval_ms: u64,
-    /// How long contexts changed by replayable sources (Kafka) may wait for their write: longer
-    /// writes a busy subject less often, but holds that source's offsets (and the replay after a
-    /// crash) for longer. Decisions are never deferred by it.
+    /// How long changed contexts may wait for their write (every source replays its signals until
+    /// then: Kafka from the committed offset, intake its pending set): longer writes a busy subject
+    /// less often, but holds Kafka offsets and intake's pending set (and the replay after a crash)
+    /// for longer. Decisions and grant changes are never deferred by it.
     #[serde(default = "default_checkpoint")]
     pub checkpoint_interval_ms: u64,
 }

@@ -153,6 +153,8 @@ pub struct PrincipalContext {
     pub credential_compromises: BTreeMap<String, Stamped<()>>,
     pub credential_change_required: Option<Stamped<()>>,
     /// Session revocations keyed by their narrowing filter (`""` = all sessions of the principal).
+    /// Stored as rows of their own (`engine/persist.rs`), so absent from a stored context's JSON.
+    #[serde(default)]
     pub session_revocations: BTreeMap<String, Stamped<BTreeMap<String, String>>>,
     /// Risk per `PRINCIPAL/source` (CAEP risk-level-change, Kafka risk signals).
     pub risk: BTreeMap<String, Stamped<RiskFact>>,
@@ -186,6 +188,18 @@ impl PrincipalContext {
     /// Folds one signal in. `target` is the signal's subject resolved against this context (its
     /// narrowing members). Returns whether any fact changed.
     pub fn apply(&mut self, signal: &Signal, target: &Target) -> bool {
+        self.apply_noting(signal, target, &mut Vec::new())
+    }
+
+    /// [`PrincipalContext::apply`], also noting in `revocations` the keys of the session
+    /// revocations it added, replaced or evicted — so the store can write those entries alone
+    /// instead of the whole (up to 128 entries) map with every revocation.
+    pub fn apply_noting(
+        &mut self,
+        signal: &Signal,
+        target: &Target,
+        revocations: &mut Vec<String>,
+    ) -> bool {
         let source = signal.source.label();
         // A macro, not a closure: facts have different value types.
         macro_rules! stamp {
@@ -237,7 +251,11 @@ impl PrincipalContext {
             Event::SessionRevoked(_) | Event::SessionsRevoked(_) => {
                 let filter = target.members.clone();
                 let key = serde_json::to_string(&filter).unwrap_or_default();
-                let changed = upsert_map(&mut self.session_revocations, key, stamp!(filter));
+                let changed =
+                    upsert_map(&mut self.session_revocations, key.clone(), stamp!(filter));
+                if changed {
+                    revocations.push(key);
+                }
                 while self.session_revocations.len() > MAX_SESSION_REVOCATIONS {
                     let oldest = self
                         .session_revocations
@@ -245,7 +263,10 @@ impl PrincipalContext {
                         .min_by(|a, b| a.1.time.total_cmp(&b.1.time))
                         .map(|(k, _)| k.clone());
                     match oldest {
-                        Some(k) => self.session_revocations.remove(&k),
+                        Some(k) => {
+                            self.session_revocations.remove(&k);
+                            revocations.push(k);
+                        }
                         None => break,
                     };
                 }
@@ -642,6 +663,50 @@ mod tests {
         let r = reference.unwrap();
         assert_eq!(r["risk"]["level"], "LOW");
         assert_eq!(r["account"]["state"], "enabled");
+    }
+
+    /// The store writes only the revocation entries `apply_noting` names: the one added and, past
+    /// the bound, the one evicted.
+    #[test]
+    fn apply_notes_the_session_revocations_it_adds_and_evicts() {
+        let mut ctx = PrincipalContext::new("k");
+        let session = |i: usize| Target {
+            identifiers: vec![],
+            members: [("session".to_owned(), format!("opaque:s{i}"))].into(),
+        };
+        let revoke = |i: usize| {
+            signal(
+                i as u64 + 1,
+                100.0 + i as f64,
+                EventKind::SessionRevoked,
+                json!({}),
+            )
+        };
+        for i in 0..MAX_SESSION_REVOCATIONS {
+            let mut noted = Vec::new();
+            assert!(ctx.apply_noting(&revoke(i), &session(i), &mut noted));
+            assert_eq!(
+                noted,
+                vec![serde_json::to_string(&session(i).members).unwrap()]
+            );
+        }
+        let mut noted = Vec::new();
+        ctx.apply_noting(
+            &revoke(MAX_SESSION_REVOCATIONS),
+            &session(MAX_SESSION_REVOCATIONS),
+            &mut noted,
+        );
+        let key = |i: usize| serde_json::to_string(&session(i).members).unwrap();
+        assert_eq!(
+            noted,
+            vec![key(MAX_SESSION_REVOCATIONS), key(0)],
+            "added, then the oldest evicted"
+        );
+        assert!(!ctx.session_revocations.contains_key(&key(0)));
+        // The same revocation again changes nothing and notes nothing.
+        let mut noted = Vec::new();
+        assert!(!ctx.apply_noting(&revoke(5), &session(5), &mut noted));
+        assert!(noted.is_empty());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::signal::{now_ms, Signal};
 pub enum Ack {
     /// Done: the hand-off marks it processed now.
     Processed,
-    /// Taken over: the sink marks it processed itself, in the same transaction as its own state.
+    /// Taken over: the sink marks it processed itself, once its own state is committed.
     Deferred,
 }
 
@@ -36,7 +36,7 @@ impl SignalSink for LogSink {
     }
 }
 
-/// The evaluation engine as the next stage: it marks signals processed inside its own commit.
+/// The evaluation engine as the next stage: it marks signals processed after its own commit.
 pub struct EngineSink(pub std::sync::Arc<crate::engine::Engine>);
 
 impl SignalSink for EngineSink {

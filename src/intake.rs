@@ -2,20 +2,36 @@
 //! (RFC 8935 202, RFC 8936 ack), deduplicated by (`iss`, `jti`), and marked pending until the next stage
 //! reports it processed. On start-up the pending signals are replayed.
 //!
-//! All writes go through the store's [`BatchWriter`] (group commit): a push waits for one fsync shared
-//! with its neighbours instead of paying for its own. Dedupe happens inside the write transaction, so
-//! two concurrent deliveries of one `jti` record it exactly once.
+//! Intake has its own database file (`<data_dir>/intake.redb`) and its own [`BatchWriter`] (group
+//! commit): a push waits for one fsync shared with its neighbours, and never behind the engine's or
+//! delivery's commits in the state store — under load those held acknowledgements for tens of
+//! milliseconds. Dedupe happens inside the write transaction, so two concurrent deliveries of one
+//! `jti` record it exactly once.
+//!
+//! The engine marks a signal processed *after* its own commit in the state store made the signal's
+//! effect durable ([`Intake::mark_processed_detached`]). The two commits are not atomic: a crash
+//! between them replays a signal already applied, which changes nothing (an equal fact is not an
+//! update, a revoked grant stays revoked), so nothing is lost and nothing is applied twice in effect.
 //!
 //! Tables (prefix `intake_`): `sets` seq → record JSON; `jti` "iss\0jti" → seq; `pending` seq → ();
 //! `meta` "next_seq" → u64; `stream_state` "verify_state/<stream>" → expected verification state.
 
+use std::path::Path;
 use std::sync::Arc;
 
-use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
+use redb::{
+    Database, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle, WriteTransaction,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::signal::Signal;
-use crate::store::{BatchWriter, WriteError};
+use crate::store::{BatchWriter, BatchWriterThread, StoreError, WriteError};
+
+/// Intake's database file in the data directory.
+pub const FILE: &str = "intake.redb";
+/// Intake appends, reads its `jti` index inside each write, and reads records back only at
+/// start-up: a small page cache is enough (the OS page cache holds the file anyway).
+const CACHE_BYTES: usize = 8 << 20;
 
 const SETS: TableDefinition<u64, &[u8]> = TableDefinition::new("intake_sets");
 const JTI: TableDefinition<&str, u64> = TableDefinition::new("intake_jti");
@@ -26,6 +42,10 @@ const STREAM_STATE: TableDefinition<&str, &str> = TableDefinition::new("intake_s
 /// Why intake could not record or read.
 #[derive(Debug, thiserror::Error)]
 pub enum IntakeError {
+    #[error(transparent)]
+    Open(#[from] StoreError),
+    #[error("cannot start the intake writer: {0}")]
+    Thread(std::io::Error),
     #[error("storage error: {0}")]
     Storage(Box<redb::Error>),
     #[error(transparent)]
@@ -75,6 +95,18 @@ pub struct Intake {
 const SEQ_BLOCK: u64 = 1 << 20;
 
 impl Intake {
+    /// Opens intake's own database, `<data_dir>/intake.redb`, and starts its writer thread, which
+    /// batches up to `max_batch` writes per commit. Join the thread after the last handle is gone.
+    pub fn open_dir(
+        data_dir: &Path,
+        max_batch: usize,
+    ) -> Result<(Intake, BatchWriterThread), IntakeError> {
+        let db = crate::store::open_file(data_dir, FILE, CACHE_BYTES)?;
+        let (writer, thread) =
+            BatchWriter::start(db.clone(), "intake", max_batch).map_err(IntakeError::Thread)?;
+        Ok((Intake::open(db, writer)?, thread))
+    }
+
     /// Creates intake's tables if needed. Writes go through `writer` (group commit).
     pub fn open(db: Arc<Database>, writer: BatchWriter) -> Result<Intake, IntakeError> {
         // Create the tables up front so readers never see them missing.
@@ -144,6 +176,103 @@ impl Intake {
             .write(move |txn| mark_processed_in(txn, &seqs))
             .await?;
         Ok(())
+    }
+
+    /// Queues "processed" marks for `seqs` without waiting for their commit: for the engine's shard
+    /// threads, which call it once their own commit made the signals' effects durable. A mark lost
+    /// to a crash or a failed commit only replays a signal whose effect is already stored.
+    pub fn mark_processed_detached(&self, seqs: Vec<u64>) {
+        if seqs.is_empty() {
+            return;
+        }
+        if let Err(e) = self
+            .writer
+            .submit_blocking(move |txn| mark_processed_in(txn, &seqs))
+        {
+            tracing::warn!(error = %e, "processed marks not queued; the signals will be replayed");
+        }
+    }
+
+    /// Moves intake's tables out of the state store `state`, where releases before intake had its
+    /// own file kept them, into intake's file: every recorded SET, its `jti`, whether it is still
+    /// pending, the sequence counter and verification states — nothing acknowledged is lost by the
+    /// upgrade. Copies first, then drops the old tables; a crash in between copies the same rows
+    /// again at the next start. Returns how many SETs were moved. Call before serving.
+    pub fn adopt_legacy_tables(&self, state: &Database) -> Result<u64, IntakeError> {
+        let legacy = state.begin_read().map_err(storage)?;
+        let has_tables = legacy
+            .list_tables()
+            .map_err(storage)?
+            .any(|t| t.name() == META.name());
+        if !has_tables {
+            return Ok(0);
+        }
+        let mut moved = 0;
+        let txn = self.db.begin_write().map_err(storage)?;
+        {
+            let (old_sets, mut sets) = (
+                legacy.open_table(SETS).map_err(storage)?,
+                txn.open_table(SETS).map_err(storage)?,
+            );
+            for row in old_sets.iter().map_err(storage)? {
+                let (k, v) = row.map_err(storage)?;
+                sets.insert(k.value(), v.value()).map_err(storage)?;
+                moved += 1;
+            }
+            let (old_jti, mut jti) = (
+                legacy.open_table(JTI).map_err(storage)?,
+                txn.open_table(JTI).map_err(storage)?,
+            );
+            for row in old_jti.iter().map_err(storage)? {
+                let (k, v) = row.map_err(storage)?;
+                jti.insert(k.value(), v.value()).map_err(storage)?;
+            }
+            let (old_pending, mut pending) = (
+                legacy.open_table(PENDING).map_err(storage)?,
+                txn.open_table(PENDING).map_err(storage)?,
+            );
+            for row in old_pending.iter().map_err(storage)? {
+                pending
+                    .insert(row.map_err(storage)?.0.value(), ())
+                    .map_err(storage)?;
+            }
+            let (old_state, mut stream_state) = (
+                legacy.open_table(STREAM_STATE).map_err(storage)?,
+                txn.open_table(STREAM_STATE).map_err(storage)?,
+            );
+            for row in old_state.iter().map_err(storage)? {
+                let (k, v) = row.map_err(storage)?;
+                stream_state.insert(k.value(), v.value()).map_err(storage)?;
+            }
+            // The counter only moves forward: never hand out a number either file used.
+            let old_next = legacy
+                .open_table(META)
+                .map_err(storage)?
+                .get("next_seq")
+                .map_err(storage)?
+                .map_or(1, |v| v.value());
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            let next = meta
+                .get("next_seq")
+                .map_err(storage)?
+                .map_or(1, |v| v.value());
+            meta.insert("next_seq", next.max(old_next))
+                .map_err(storage)?;
+        }
+        txn.commit().map_err(storage)?;
+        drop(legacy);
+        let txn = state.begin_write().map_err(storage)?;
+        txn.delete_table(SETS).map_err(storage)?;
+        txn.delete_table(PENDING).map_err(storage)?;
+        txn.delete_table(JTI).map_err(storage)?;
+        txn.delete_table(STREAM_STATE).map_err(storage)?;
+        txn.delete_table(META).map_err(storage)?;
+        txn.commit().map_err(storage)?;
+        tracing::info!(
+            sets = moved,
+            "intake tables moved from the state store to {FILE}"
+        );
+        Ok(moved)
     }
 
     /// The signals recorded but not yet processed, in sequence order (start-up replay).
@@ -332,7 +461,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let db = crate::store::open(dir.path()).unwrap();
-            let (w, writer) = BatchWriter::start(db.clone(), 8).unwrap();
+            let (w, writer) = BatchWriter::start(db.clone(), "intake", 8).unwrap();
             let intake = Intake::open(db, w).unwrap();
             assert_eq!(
                 intake.record(&signal("a"), "tok").await.unwrap(),
@@ -357,7 +486,8 @@ mod tests {
             writer.join();
         }
         let db = crate::store::open(dir.path()).unwrap();
-        let intake = Intake::open(db.clone(), BatchWriter::start(db, 8).unwrap().0).unwrap();
+        let intake =
+            Intake::open(db.clone(), BatchWriter::start(db, "intake", 8).unwrap().0).unwrap();
         assert_eq!(
             intake.record(&signal("a"), "tok").await.unwrap(),
             RecordOutcome::Duplicate(1)
@@ -384,7 +514,8 @@ mod tests {
     async fn concurrent_duplicates_record_exactly_once() {
         let dir = tempfile::tempdir().unwrap();
         let db = crate::store::open(dir.path()).unwrap();
-        let intake = Intake::open(db.clone(), BatchWriter::start(db, 64).unwrap().0).unwrap();
+        let intake =
+            Intake::open(db.clone(), BatchWriter::start(db, "intake", 64).unwrap().0).unwrap();
         let mut tasks = Vec::new();
         for _ in 0..32 {
             let intake = intake.clone();

@@ -1,5 +1,7 @@
-//! The embedded store: one redb database file in the data directory, shared by every module that
-//! persists state. Each module owns its own tables (named with its prefix) and nobody else's.
+//! The embedded store: redb database files in the data directory. `vigil.redb` (the *state* store)
+//! is shared by every module that persists state; intake keeps its own file (`intake.redb`, see
+//! `intake.rs`) with its own writer, so acknowledging a pushed SET never queues behind the engine's
+//! or delivery's commits. Each module owns its own tables (named with its prefix) and nobody else's.
 //!
 //! redb was chosen because it is pure Rust (no C toolchain, no background compaction threads), ACID
 //! with a single writer and MVCC readers, and fsyncs on commit by default: an acknowledged write is on
@@ -26,19 +28,31 @@ pub enum StoreError {
 /// The store's page cache. Vigil holds grants and contexts in memory and reads the store back only
 /// at start-up, so the cache serves writes (the B-tree pages on an insert's path), not lookups;
 /// redb's default (1 GiB) filled with pages nothing reads again — ≈ 1 KiB of RSS per grant at 1 M
-/// grants (`cargo bench --bench engine_scale`), and registration was ≈ 20 % slower with it. 64 MiB
-/// (≈ 67 B per grant at 1 M) rather than 256: the OS page cache holds the file anyway.
-const CACHE_BYTES: usize = 64 << 20;
+/// grants (`cargo bench --bench engine_scale`), and registration was ≈ 20 % slower with it. 32 MiB
+/// (≈ 34 B per grant at 1 M) rather than 256 or 64: the OS page cache holds the file anyway.
+const CACHE_BYTES: usize = 32 << 20;
 
-/// Opens (creating if needed) `<data_dir>/vigil.redb`.
+/// The state store's file name.
+pub const STATE_FILE: &str = "vigil.redb";
+
+/// Opens (creating if needed) the state store, `<data_dir>/vigil.redb`.
 pub fn open(data_dir: &Path) -> Result<Arc<redb::Database>, StoreError> {
+    open_file(data_dir, STATE_FILE, CACHE_BYTES)
+}
+
+/// Opens (creating if needed) the database `<data_dir>/<name>` with a page cache of `cache_bytes`.
+pub fn open_file(
+    data_dir: &Path,
+    name: &str,
+    cache_bytes: usize,
+) -> Result<Arc<redb::Database>, StoreError> {
     std::fs::create_dir_all(data_dir).map_err(|source| StoreError::Dir {
         path: data_dir.to_owned(),
         source,
     })?;
-    let path = data_dir.join("vigil.redb");
+    let path = data_dir.join(name);
     let db = redb::Builder::new()
-        .set_cache_size(CACHE_BYTES)
+        .set_cache_size(cache_bytes)
         .create(&path)
         .map_err(|source| StoreError::Open {
             path: path.clone(),
@@ -100,16 +114,18 @@ impl<T> PendingWrite<T> {
 }
 
 impl BatchWriter {
-    /// Starts the writer thread. `max_batch` bounds how many writes share one commit.
+    /// Starts the writer thread of the store called `store` (the label of its metrics).
+    /// `max_batch` bounds how many writes share one commit.
     pub fn start(
         db: Arc<redb::Database>,
+        store: &'static str,
         max_batch: usize,
     ) -> std::io::Result<(BatchWriter, BatchWriterThread)> {
         let max_batch = max_batch.max(1);
         let (tx, rx) = tokio::sync::mpsc::channel(max_batch * 4);
         let handle = std::thread::Builder::new()
-            .name("vigil-store-writer".into())
-            .spawn(move || writer_loop(db, rx, max_batch))?;
+            .name(format!("vigil-{store}-writer"))
+            .spawn(move || writer_loop(db, store, rx, max_batch))?;
         Ok((BatchWriter { tx }, BatchWriterThread(handle)))
     }
 
@@ -173,6 +189,7 @@ impl BatchWriter {
 
 fn writer_loop(
     db: Arc<redb::Database>,
+    store: &'static str,
     mut rx: tokio::sync::mpsc::Receiver<Job>,
     max_batch: usize,
 ) {
@@ -213,9 +230,9 @@ fn writer_loop(
         if let Err(e) = &outcome {
             tracing::error!(error = %e, size, "store commit failed; nothing in this batch was written");
         } else {
-            metrics::histogram!("vigil_store_commit_seconds")
+            metrics::histogram!("vigil_store_commit_seconds", "store" => store)
                 .record(started.elapsed().as_secs_f64());
-            metrics::histogram!("vigil_store_batch_size").record(size as f64);
+            metrics::histogram!("vigil_store_batch_size", "store" => store).record(size as f64);
         }
         for completion in completions {
             completion(outcome.clone());

@@ -6,8 +6,8 @@
 //! | `vigil_set_verify_seconds` | histogram | stream | key lookup + signature verification |
 //! | `vigil_push_request_seconds` | histogram | stream | push request handling, arrival to answer |
 //! | `vigil_signal_handling_seconds` | histogram | stream | end to end: SET received to processed by the next stage |
-//! | `vigil_store_commit_seconds` | histogram | | one group-commit transaction |
-//! | `vigil_store_batch_size` | histogram | | writes per group commit |
+//! | `vigil_store_commit_seconds` | histogram | store (`state`, `intake`) | one group-commit transaction |
+//! | `vigil_store_batch_size` | histogram | store | writes per group commit |
 //! | `vigil_jwks_fetches_total` | counter | transmitter, outcome | JWKS / metadata fetches |
 //! | `vigil_signals_replayed_total` | counter | | pending signals replayed at start-up |
 //! | `vigil_engine_signals_total` | counter | changed | signals folded into a context (`changed=no`: older or identical) |

@@ -39,9 +39,7 @@ async fn pending_signals_are_replayed_on_start_and_then_marked_processed() {
     let dir = tempfile::tempdir().unwrap();
     {
         // Simulate a crash between the durable record (202 sent) and processing.
-        let db = vigil::store::open(dir.path()).unwrap();
-        let (batch, writer) = vigil::store::BatchWriter::start(db.clone(), 16).unwrap();
-        let intake = Intake::open(db, batch).unwrap();
+        let (intake, writer) = Intake::open_dir(dir.path(), 16).unwrap();
         for jti in ["p1", "p2", "p3"] {
             assert!(matches!(
                 intake.record(&signal(jti), "raw").await.unwrap(),

@@ -646,16 +646,26 @@ async fn a_decision_committed_just_before_a_crash_still_reaches_the_enforcement_
     // before delivery ever sees it.
     {
         let db = vigil::store::open(&config.data_dir).unwrap();
-        let (writer, writer_thread) = vigil::store::BatchWriter::start(db.clone(), 16).unwrap();
+        let (writer, writer_thread) =
+            vigil::store::BatchWriter::start(db.clone(), "state", 16).unwrap();
+        let (intake, intake_thread) =
+            vigil::intake::Intake::open_dir(&config.data_dir, 16).unwrap();
         let audit = Arc::new(
             vigil::audit::AuditLog::open(&config.data_dir.join("audit"), 1 << 20, 2).unwrap(),
         );
         let (decisions, rx) = tokio::sync::mpsc::channel(16);
         drop(rx);
         let policy = vigil::policy::PolicySet::load_dir_or_builtin(&config.policy.dir).unwrap();
-        let engine =
-            vigil::engine::Engine::start(&db, writer, audit, policy, decisions, Default::default())
-                .unwrap();
+        let engine = vigil::engine::Engine::start(
+            &db,
+            writer,
+            intake,
+            audit,
+            policy,
+            decisions,
+            Default::default(),
+        )
+        .unwrap();
         let signal = vigil::policy::testing::signal_from_claims(
             &json!({"iss": ISS, "aud": AUD, "jti": "crash-1", "iat": now as i64,
                 "sub_id": {"format": "email", "email": "c@example.com"},
@@ -671,9 +681,12 @@ async fn a_decision_committed_just_before_a_crash_still_reaches_the_enforcement_
         .await;
         engine.shutdown().await;
         drop(engine);
-        tokio::task::spawn_blocking(move || writer_thread.join())
-            .await
-            .unwrap();
+        tokio::task::spawn_blocking(move || {
+            writer_thread.join();
+            intake_thread.join();
+        })
+        .await
+        .unwrap();
     }
 
     let vigil = start(config.clone()).await;

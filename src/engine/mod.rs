@@ -34,6 +34,7 @@ use crate::audit::{AuditLog, DecisionQuery};
 use crate::context::{Decay, PrincipalContext};
 use crate::decision::Decision;
 use crate::grant::{Grant, GrantError, GrantId, GrantRequest};
+use crate::intake::Intake;
 use crate::policy::PolicySet;
 use crate::principal::Target;
 use crate::signal::{now_ms, Signal};
@@ -188,6 +189,8 @@ pub(crate) struct Shared {
     pub index: DashMap<Box<str>, GrantSet>,
     pub policy: RwLock<Arc<PolicySet>>,
     pub writer: BatchWriter,
+    /// Told which pushed signals are processed once their effects are committed here.
+    pub intake: Intake,
     pub audit: Arc<AuditLog>,
     /// Decisions, with the grant they are about, for delivery.
     pub decisions: mpsc::Sender<(Decision, Arc<Grant>)>,
@@ -356,6 +359,7 @@ impl Engine {
     pub fn start(
         db: &Arc<redb::Database>,
         writer: BatchWriter,
+        intake: Intake,
         audit: Arc<AuditLog>,
         policy: PolicySet,
         decisions: mpsc::Sender<(Decision, Arc<Grant>)>,
@@ -371,6 +375,7 @@ impl Engine {
             index: DashMap::new(),
             policy: RwLock::new(Arc::new(policy)),
             writer,
+            intake,
             audit,
             decisions,
             settings: settings.clone(),
@@ -740,12 +745,21 @@ mod tests {
     fn engine(settings: EngineSettings) -> (Engine, Box<dyn std::any::Any>) {
         let dir = tempfile::tempdir().unwrap();
         let db = crate::store::open(dir.path()).unwrap();
-        let (writer, writer_thread) = BatchWriter::start(db.clone(), 16).unwrap();
+        let (writer, writer_thread) = BatchWriter::start(db.clone(), "state", 16).unwrap();
+        let (intake, intake_thread) = Intake::open_dir(dir.path(), 16).unwrap();
         let audit = Arc::new(AuditLog::open(&dir.path().join("audit"), 1 << 20, 2).unwrap());
         let (decisions, rx) = mpsc::channel(1024);
-        let engine =
-            Engine::start(&db, writer, audit, PolicySet::empty(), decisions, settings).unwrap();
-        (engine, Box::new((dir, writer_thread, rx)))
+        let engine = Engine::start(
+            &db,
+            writer,
+            intake,
+            audit,
+            PolicySet::empty(),
+            decisions,
+            settings,
+        )
+        .unwrap();
+        (engine, Box::new((dir, writer_thread, intake_thread, rx)))
     }
 
     /// With every in-flight slot taken, an API registration is answered "overloaded" after the

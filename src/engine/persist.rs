@@ -1,5 +1,11 @@
 //! The engine's tables in the embedded store: contexts, grants and the alias index, each a JSON value
 //! under its key. Written by the shards inside their batch transactions; read once at start-up.
+//!
+//! A context's session revocations (up to 128, one per revoked session filter) are rows of their
+//! own (`engine_session_revocations`, `context key \0 filter key` → the stamped filter), not part
+//! of the context's JSON: a principal whose sessions are revoked one by one would otherwise rewrite
+//! its whole revocation map with each signal — under load that was most of the shards' CPU
+//! (JSON encoding) and of the bytes written to disk.
 
 use std::sync::Arc;
 
@@ -7,7 +13,7 @@ use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
 
 use serde::{Deserialize, Serialize};
 
-use crate::context::PrincipalContext;
+use crate::context::{AccountState, AssuranceFact, PrincipalContext, RiskFact, Stamped};
 use crate::decision::Decision;
 use crate::grant::{Grant, GrantId};
 use crate::store::WriteError;
@@ -15,6 +21,9 @@ use crate::store::WriteError;
 const CONTEXTS: TableDefinition<&str, &[u8]> = TableDefinition::new("engine_contexts");
 const GRANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("engine_grants");
 const ALIASES: TableDefinition<&str, &str> = TableDefinition::new("engine_aliases");
+/// One session revocation of a context: `context key \0 filter key` → stamped filter JSON.
+const SESSION_REVOCATIONS: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("engine_session_revocations");
 /// Decisions committed but not yet taken over by delivery (decision id → `{decision, grant}`).
 const HANDOFF: TableDefinition<&str, &[u8]> = TableDefinition::new("engine_handoff");
 
@@ -34,11 +43,15 @@ pub fn load(db: &Arc<Database>) -> Result<Loaded, WriteError> {
         txn.open_table(GRANTS).map_err(WriteError::storage)?;
         txn.open_table(ALIASES).map_err(WriteError::storage)?;
         txn.open_table(HANDOFF).map_err(WriteError::storage)?;
+        txn.open_table(SESSION_REVOCATIONS)
+            .map_err(WriteError::storage)?;
     }
     txn.commit().map_err(WriteError::storage)?;
 
     let txn = db.begin_read().map_err(WriteError::storage)?;
     let mut out = Loaded::default();
+    // Contexts stored before revocations had rows of their own carry them in their JSON.
+    let mut inline_revocations = Vec::new();
     for entry in txn
         .open_table(CONTEXTS)
         .map_err(WriteError::storage)?
@@ -46,11 +59,49 @@ pub fn load(db: &Arc<Database>) -> Result<Loaded, WriteError> {
         .map_err(WriteError::storage)?
     {
         let (k, v) = entry.map_err(WriteError::storage)?;
-        match serde_json::from_slice(v.value()) {
-            Ok(ctx) => out.contexts.push(ctx),
+        match serde_json::from_slice::<PrincipalContext>(v.value()) {
+            Ok(ctx) => {
+                if !ctx.session_revocations.is_empty() {
+                    inline_revocations.push(out.contexts.len());
+                }
+                out.contexts.push(ctx);
+            }
             Err(e) => tracing::error!(key = %k.value(), error = %e, "unreadable context skipped"),
         }
     }
+    let mut by_key: std::collections::HashMap<String, usize> = out
+        .contexts
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.key.clone(), i))
+        .collect();
+    for entry in txn
+        .open_table(SESSION_REVOCATIONS)
+        .map_err(WriteError::storage)?
+        .iter()
+        .map_err(WriteError::storage)?
+    {
+        let (k, v) = entry.map_err(WriteError::storage)?;
+        let Some((context, filter)) = k.value().split_once('\0') else {
+            tracing::error!(key = %k.value(), "unreadable session revocation key skipped");
+            continue;
+        };
+        let stamped = match serde_json::from_slice(v.value()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(key = %k.value(), error = %e, "unreadable session revocation skipped");
+                continue;
+            }
+        };
+        let i = *by_key.entry(context.to_owned()).or_insert_with(|| {
+            out.contexts.push(PrincipalContext::new(context));
+            out.contexts.len() - 1
+        });
+        out.contexts[i]
+            .session_revocations
+            .insert(filter.to_owned(), stamped);
+    }
+
     for entry in txn
         .open_table(GRANTS)
         .map_err(WriteError::storage)?
@@ -73,13 +124,116 @@ pub fn load(db: &Arc<Database>) -> Result<Loaded, WriteError> {
         out.aliases
             .push((k.value().to_owned(), v.value().to_owned()));
     }
+    drop(txn);
+    if !inline_revocations.is_empty() {
+        move_inline_revocations(db, &out.contexts, &inline_revocations)?;
+    }
     Ok(out)
+}
+
+/// Writes every session revocation of `contexts[i]` (for each `i` in `which`) as its own row and
+/// rewrites the context without them — once, at the first start after the layout changed.
+fn move_inline_revocations(
+    db: &Arc<Database>,
+    contexts: &[PrincipalContext],
+    which: &[usize],
+) -> Result<(), WriteError> {
+    let txn = db.begin_write().map_err(WriteError::storage)?;
+    {
+        let mut rows = txn
+            .open_table(SESSION_REVOCATIONS)
+            .map_err(WriteError::storage)?;
+        let mut stored = txn.open_table(CONTEXTS).map_err(WriteError::storage)?;
+        for ctx in which.iter().filter_map(|&i| contexts.get(i)) {
+            for row in revocation_rows(ctx, ctx.session_revocations.keys())? {
+                if let (k, Some(v)) = row {
+                    rows.insert(k.as_str(), v.as_slice())
+                        .map_err(WriteError::storage)?;
+                }
+            }
+            stored
+                .insert(ctx.key.as_str(), encode_context(ctx)?.as_slice())
+                .map_err(WriteError::storage)?;
+        }
+    }
+    txn.commit().map_err(WriteError::storage)?;
+    tracing::info!(
+        contexts = which.len(),
+        "session revocations moved to rows of their own"
+    );
+    Ok(())
+}
+
+/// A session revocation row to write (`Some` value) or delete (`None`).
+pub type RevocationRow = (String, Option<Vec<u8>>);
+
+/// The rows for the session revocations `filters` of `ctx`: the stamped filter where `ctx` holds
+/// it, `None` (delete the row) where it no longer does.
+pub fn revocation_rows<'a>(
+    ctx: &PrincipalContext,
+    filters: impl IntoIterator<Item = &'a String>,
+) -> Result<Vec<RevocationRow>, WriteError> {
+    filters
+        .into_iter()
+        .map(|filter| {
+            let key = format!("{}\0{filter}", ctx.key);
+            match ctx.session_revocations.get(filter) {
+                Some(stamped) => serde_json::to_vec(stamped)
+                    .map(|v| (key, Some(v)))
+                    .map_err(|e| WriteError::Storage(e.to_string())),
+                None => Ok((key, None)),
+            }
+        })
+        .collect()
+}
+
+/// A context as stored: every persisted fact but the session revocations (rows of their own).
+/// Keep in step with [`PrincipalContext`]; a test compares the two.
+#[derive(Serialize)]
+struct StoredContext<'a> {
+    key: &'a str,
+    version: u64,
+    account: &'a Option<Stamped<AccountState>>,
+    credential_changes: &'a std::collections::BTreeMap<String, Stamped<String>>,
+    credential_compromises: &'a std::collections::BTreeMap<String, Stamped<()>>,
+    credential_change_required: &'a Option<Stamped<()>>,
+    risk: &'a std::collections::BTreeMap<String, Stamped<RiskFact>>,
+    device_compliance: &'a std::collections::BTreeMap<String, Stamped<String>>,
+    assurance: &'a std::collections::BTreeMap<String, Stamped<AssuranceFact>>,
+    claims: &'a std::collections::BTreeMap<
+        String,
+        std::collections::BTreeMap<String, Stamped<serde_json::Value>>,
+    >,
+    lifecycle: &'a std::collections::BTreeMap<String, Stamped<serde_json::Value>>,
+    attributes: &'a std::collections::BTreeMap<String, Stamped<serde_json::Value>>,
+}
+
+/// A context's stored JSON (without its session revocations).
+fn encode_context(c: &PrincipalContext) -> Result<Vec<u8>, WriteError> {
+    serde_json::to_vec(&StoredContext {
+        key: &c.key,
+        version: c.version,
+        account: &c.account,
+        credential_changes: &c.credential_changes,
+        credential_compromises: &c.credential_compromises,
+        credential_change_required: &c.credential_change_required,
+        risk: &c.risk,
+        device_compliance: &c.device_compliance,
+        assurance: &c.assurance,
+        claims: &c.claims,
+        lifecycle: &c.lifecycle,
+        attributes: &c.attributes,
+    })
+    .map_err(|e| WriteError::Storage(e.to_string()))
 }
 
 /// The writes of one shard batch.
 #[derive(Default)]
 pub struct Changes {
     pub contexts: Vec<Arc<PrincipalContext>>,
+    /// Session revocation rows to write (`Some`) or delete (`None`), encoded by the shard from
+    /// its contexts' state when the batch is committed ([`revocation_rows`]).
+    pub revocations: Vec<RevocationRow>,
     pub grants: Vec<Arc<Grant>>,
     pub deleted_grants: Vec<GrantId>,
     pub aliases: Vec<(String, String)>,
@@ -121,6 +275,7 @@ pub fn handoff_done_in(txn: &WriteTransaction, ids: &[String]) -> Result<(), Wri
 impl Changes {
     pub fn is_empty(&self) -> bool {
         self.contexts.is_empty()
+            && self.revocations.is_empty()
             && self.grants.is_empty()
             && self.deleted_grants.is_empty()
             && self.aliases.is_empty()
@@ -133,6 +288,7 @@ impl Changes {
 #[derive(Default)]
 pub struct Encoded {
     contexts: Vec<(String, Vec<u8>)>,
+    revocations: Vec<RevocationRow>,
     grants: Vec<(String, Vec<u8>)>,
     deleted_grants: Vec<GrantId>,
     aliases: Vec<(String, String)>,
@@ -143,21 +299,22 @@ impl Changes {
     /// Serializes the batch. A context or grant changed several times in the batch is written once,
     /// in its last state.
     pub fn encode(self) -> Result<Encoded, WriteError> {
-        fn last_per_key<T: Serialize>(
+        fn last_per_key<T>(
             items: Vec<Arc<T>>,
             key: impl Fn(&T) -> &str,
+            encode: impl Fn(&T) -> Result<Vec<u8>, WriteError>,
         ) -> Result<Vec<(String, Vec<u8>)>, WriteError> {
             let mut seen = std::collections::HashSet::new();
             let mut out = Vec::new();
             for item in items.iter().rev() {
                 if seen.insert(key(item)) {
-                    let bytes = serde_json::to_vec(&**item)
-                        .map_err(|e| WriteError::Storage(e.to_string()))?;
-                    out.push((key(item).to_owned(), bytes));
+                    out.push((key(item).to_owned(), encode(item)?));
                 }
             }
             Ok(out)
         }
+        let json =
+            |g: &Grant| serde_json::to_vec(g).map_err(|e| WriteError::Storage(e.to_string()));
         let handoff = self
             .handoff
             .iter()
@@ -168,8 +325,9 @@ impl Changes {
             })
             .collect::<Result<_, _>>()?;
         Ok(Encoded {
-            contexts: last_per_key(self.contexts, |c| c.key.as_str())?,
-            grants: last_per_key(self.grants, |g| &g.id[..])?,
+            contexts: last_per_key(self.contexts, |c| c.key.as_str(), encode_context)?,
+            revocations: self.revocations,
+            grants: last_per_key(self.grants, |g| &g.id[..], json)?,
             deleted_grants: self.deleted_grants,
             aliases: self.aliases,
             handoff,
@@ -191,6 +349,18 @@ pub fn write(txn: &WriteTransaction, changes: &Encoded) -> Result<(), WriteError
         Ok::<(), WriteError>(())
     };
     insert_all(CONTEXTS, &changes.contexts)?;
+    if !changes.revocations.is_empty() {
+        let mut t = txn
+            .open_table(SESSION_REVOCATIONS)
+            .map_err(WriteError::storage)?;
+        for (k, v) in &changes.revocations {
+            match v {
+                Some(v) => t.insert(k.as_str(), v.as_slice()).map(drop),
+                None => t.remove(k.as_str()).map(drop),
+            }
+            .map_err(WriteError::storage)?;
+        }
+    }
     insert_all(GRANTS, &changes.grants)?;
     if !changes.deleted_grants.is_empty() {
         let mut t = txn.open_table(GRANTS).map_err(WriteError::storage)?;
@@ -207,4 +377,117 @@ pub fn write(txn: &WriteTransaction, changes: &Encoded) -> Result<(), WriteError
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn revoked(filter: &str, time: f64) -> Stamped<std::collections::BTreeMap<String, String>> {
+        Stamped {
+            value: [("session".to_owned(), filter.to_owned())].into(),
+            time,
+            source: "push:t".into(),
+            seq: time as u64,
+            ttl: None,
+        }
+    }
+
+    /// Every persisted field of a context but its session revocations is in the stored JSON: a
+    /// field added to `PrincipalContext` and not to `StoredContext` fails here.
+    #[test]
+    fn the_stored_context_holds_every_field_but_the_session_revocations() {
+        let ctx = PrincipalContext::new("k");
+        let full = serde_json::to_value(&ctx).unwrap();
+        let stored: serde_json::Value =
+            serde_json::from_slice(&encode_context(&ctx).unwrap()).unwrap();
+        let mut expected: Vec<_> = full.as_object().unwrap().keys().cloned().collect();
+        expected.retain(|k| k != "session_revocations");
+        let got: Vec<_> = stored.as_object().unwrap().keys().cloned().collect();
+        assert_eq!(got, expected);
+    }
+
+    /// Revocations written and deleted as rows load back into their context; a context stored
+    /// with its revocations inline (the earlier layout) keeps them, moved to rows at load.
+    #[test]
+    fn session_revocations_round_trip_as_rows_and_inline_ones_are_moved() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::open(dir.path()).unwrap();
+        load(&db).unwrap();
+        let mut a = PrincipalContext::new("a");
+        a.version = 7;
+        a.credential_change_required = Some(revoked("x", 3.0)).map(|s| Stamped {
+            value: (),
+            time: s.time,
+            source: s.source,
+            seq: s.seq,
+            ttl: None,
+        });
+        a.session_revocations
+            .insert("s1".into(), revoked("s1", 1.0));
+        a.session_revocations
+            .insert("s2".into(), revoked("s2", 2.0));
+        let changes = Changes {
+            revocations: revocation_rows(&a, a.session_revocations.keys()).unwrap(),
+            contexts: vec![Arc::new(a.clone())],
+            ..Changes::default()
+        };
+        let txn = db.begin_write().unwrap();
+        write(&txn, &changes.encode().unwrap()).unwrap();
+        txn.commit().unwrap();
+        // s1 evicted: its row is deleted.
+        a.session_revocations.remove("s1");
+        let changes = Changes {
+            revocations: revocation_rows(&a, [&"s1".to_owned()]).unwrap(),
+            ..Changes::default()
+        };
+        // An earlier release's context, its revocation inline.
+        let mut b = PrincipalContext::new("b");
+        b.session_revocations
+            .insert("s9".into(), revoked("s9", 9.0));
+        let txn = db.begin_write().unwrap();
+        write(&txn, &changes.encode().unwrap()).unwrap();
+        txn.open_table(CONTEXTS)
+            .unwrap()
+            .insert("b", serde_json::to_vec(&b).unwrap().as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+
+        let by_key = |loaded: Loaded| -> std::collections::HashMap<String, PrincipalContext> {
+            loaded
+                .contexts
+                .into_iter()
+                .map(|c| (c.key.clone(), c))
+                .collect()
+        };
+        let loaded = by_key(load(&db).unwrap());
+        assert_eq!(loaded["a"], a, "every fact and the revocation rows");
+        assert_eq!(loaded["b"], b);
+        let txn = db.begin_read().unwrap();
+        let stored_b = txn
+            .open_table(CONTEXTS)
+            .unwrap()
+            .get("b")
+            .unwrap()
+            .unwrap()
+            .value()
+            .to_vec();
+        let stored_b: serde_json::Value = serde_json::from_slice(&stored_b).unwrap();
+        assert!(
+            stored_b.get("session_revocations").is_none(),
+            "moved out: {stored_b}"
+        );
+        assert!(txn
+            .open_table(SESSION_REVOCATIONS)
+            .unwrap()
+            .get("b\0s9")
+            .unwrap()
+            .is_some());
+        drop(txn);
+        // And again after the move.
+        assert_eq!(
+            by_key(load(&db).unwrap())["b"].session_revocations,
+            b.session_revocations
+        );
+    }
 }

@@ -16,7 +16,6 @@ use crate::decision::{Cause, Decision, DecisionEffect};
 use crate::evaluate::{evaluate_grant, signal_view, subject_view, Contexts, Trigger};
 use crate::events::Event;
 use crate::grant::{Grant, GrantId, GrantKind, GrantStatus, JsonText, PrincipalType, Revocation};
-use crate::intake;
 use crate::policy::screen::Screen;
 use crate::policy::{Effect, Evaluation, PolicySet};
 use crate::principal::Target;
@@ -38,6 +37,9 @@ enum Reply {
 #[derive(Default)]
 struct Pending {
     changes: Changes,
+    /// Session revocations (context key, filter key) this batch's checkpoint writes, as rows
+    /// encoded from the contexts' state at the commit.
+    revocations: Vec<(String, String)>,
     processed: Vec<u64>,
     decisions: Vec<Decision>,
     /// The latest state of every grant a decision in this batch is about (handed on with it).
@@ -58,14 +60,21 @@ pub(crate) struct Shard {
     inboxes: Vec<Sender<Msg>>,
     /// The grants this shard owns, by expiry (milliseconds) — for the sweep and for re-evaluate-all.
     expiry: BTreeSet<(i64, GrantId)>,
-    /// Contexts changed by signals whose source replays them (Kafka), not yet written: they are
-    /// checkpointed together every checkpoint interval (`EngineSettings::checkpoint_interval`), so a subject's many feed updates cost
-    /// one write. Their batches are answered (and their offsets committed) only after that write.
-    /// Decisions and grant changes those signals cause are never deferred.
+    /// Contexts changed by signals whose source replays them, not yet written: they are
+    /// checkpointed together every checkpoint interval (`EngineSettings::checkpoint_interval`), so
+    /// a subject's many updates cost one write, and a signal that changes only a context costs no
+    /// commit of its own. Every source replays: a Kafka partition from its committed offset,
+    /// intake its pending signals. Kafka batches are answered (and their offsets committed), and
+    /// pushed signals marked processed in intake, only after that write. Decisions and grant
+    /// changes those signals cause are never deferred.
     /// Only keys are held: the context itself is read at the checkpoint, so until then the shard
     /// owns the only reference and later signals update it in place instead of copying it.
     dirty: std::collections::HashSet<String>,
+    /// Session revocations changed by replayable signals, written with the next checkpoint.
+    dirty_revocations: Vec<(String, String)>,
     checkpoint_waiters: Vec<oneshot::Sender<Result<(), String>>>,
+    /// Intake sequence numbers of pushed signals applied since the last checkpoint.
+    checkpoint_processed: Vec<u64>,
     last_checkpoint: Instant,
 }
 
@@ -97,7 +106,9 @@ impl Shard {
             inboxes,
             expiry,
             dirty: std::collections::HashSet::new(),
+            dirty_revocations: Vec::new(),
             checkpoint_waiters: Vec::new(),
+            checkpoint_processed: Vec::new(),
             last_checkpoint: Instant::now(),
         }
     }
@@ -120,7 +131,10 @@ impl Shard {
                     if let Some(c) = committing.take() {
                         self.announce(c);
                     }
-                    let wait = if self.checkpoint_waiters.is_empty() {
+                    let wait = if self.checkpoint_waiters.is_empty()
+                        && self.checkpoint_processed.is_empty()
+                        && self.dirty.is_empty()
+                    {
                         interval
                     } else {
                         checkpoint_interval
@@ -181,12 +195,12 @@ impl Shard {
         match msg {
             Msg::Signal { routed, permit } => {
                 p.permits.push(permit);
-                p.processed.push(routed.signal.seq);
-                self.apply_routed(*routed, false, p);
+                self.checkpoint_processed.push(routed.signal.seq);
+                self.apply_routed(*routed, p);
             }
             Msg::Batch { items, done } => {
                 for routed in items {
-                    self.apply_routed(routed, true, p);
+                    self.apply_routed(routed, p);
                 }
                 self.checkpoint_waiters.push(done);
             }
@@ -321,11 +335,11 @@ impl Shard {
         policy.never_matches_state(&mut screen)
     }
 
-    /// `replayable`: the signal's source redelivers it after a crash, so its context write may wait
-    /// for the next checkpoint.
-    fn apply_routed(&mut self, routed: super::Routed, replayable: bool, p: &mut Pending) {
+    /// Every signal's source redelivers it after a crash (a Kafka partition, intake's pending
+    /// set), so its context write waits for the next checkpoint.
+    fn apply_routed(&mut self, routed: super::Routed, p: &mut Pending) {
         p.changes.aliases.extend(routed.aliases);
-        self.apply_signal(&routed.key, &routed.signal, &routed.target, replayable, p);
+        self.apply_signal(&routed.key, &routed.signal, &routed.target, p);
     }
 
     /// Moves the contexts waiting for a checkpoint into this batch's write, and their batches'
@@ -337,42 +351,38 @@ impl Shard {
                 .drain()
                 .filter_map(|k| contexts.get(&k).map(|c| c.clone())),
         );
+        p.revocations.append(&mut self.dirty_revocations);
+        p.processed.append(&mut self.checkpoint_processed);
         p.batch_waiters.append(&mut self.checkpoint_waiters);
         self.last_checkpoint = Instant::now();
     }
 
-    fn apply_signal(
-        &mut self,
-        key: &str,
-        signal: &Signal,
-        target: &Target,
-        replayable: bool,
-        p: &mut Pending,
-    ) {
+    fn apply_signal(&mut self, key: &str, signal: &Signal, target: &Target, p: &mut Pending) {
         // Updated in place when nobody else holds this version (readers keep their snapshot:
         // `make_mut` copies only a context that is shared at this moment).
+        let mut revocations = Vec::new();
         let (changed, ctx) = match self.shared.contexts.get_mut(key) {
             Some(mut entry) => {
-                let changed = Arc::make_mut(&mut *entry).apply(signal, target);
+                let changed =
+                    Arc::make_mut(&mut *entry).apply_noting(signal, target, &mut revocations);
                 (changed, entry.clone())
             }
             None => {
                 let mut ctx = PrincipalContext::new(key);
-                let changed = ctx.apply(signal, target);
+                let changed = ctx.apply_noting(signal, target, &mut revocations);
                 let ctx = Arc::new(ctx);
                 self.shared.contexts.insert(key.to_owned(), ctx.clone());
                 (changed, ctx)
             }
         };
-        if replayable {
-            drop(ctx);
-            if !self.dirty.contains(key) {
-                self.dirty.insert(key.to_owned());
-            }
-        } else {
-            self.dirty.remove(key);
-            p.changes.contexts.push(ctx);
+        // Only the key is kept for the checkpoint: until then this shard holds the only
+        // reference, and later signals update the context in place instead of copying it.
+        drop(ctx);
+        if !self.dirty.contains(key) {
+            self.dirty.insert(key.to_owned());
         }
+        self.dirty_revocations
+            .extend(revocations.into_iter().map(|f| (key.to_owned(), f)));
         metrics::counter!("vigil_engine_signals_total", "changed" => if changed { "yes" } else { "no" })
             .increment(1);
 
@@ -747,7 +757,8 @@ impl Shard {
     }
 
     /// Starts making the batch durable: audit first (so no decision that took effect is missing
-    /// from it), then one store write for state and intake marks, queued without waiting.
+    /// from it), then one state store write, queued without waiting. Intake hears which signals are
+    /// processed only once that write is on disk (`announce`).
     fn commit(&mut self, mut p: Pending) -> Committing {
         if !p.decisions.is_empty() {
             if let Err(e) = self.shared.audit.append(&p.decisions) {
@@ -766,15 +777,30 @@ impl Shard {
                 p.changes.handoff.push((d.clone(), g.clone()));
             }
         }
+        p.revocations.sort_unstable();
+        p.revocations.dedup();
+        let mut revocations = Ok(());
+        for (key, filter) in std::mem::take(&mut p.revocations) {
+            if let Some(ctx) = self.shared.contexts.get(&key).map(|c| c.clone()) {
+                revocations = revocations.and_then(|()| {
+                    let rows = persist::revocation_rows(&ctx, [&filter])?;
+                    p.changes.revocations.extend(rows);
+                    Ok(())
+                });
+            }
+        }
         let mut write = None;
-        if !p.changes.is_empty() || !p.processed.is_empty() {
-            let processed = std::mem::take(&mut p.processed);
-            write = Some(std::mem::take(&mut p.changes).encode().and_then(|changes| {
-                self.shared.writer.submit_blocking(move |txn| {
-                    persist::write(txn, &changes)?;
-                    intake::mark_processed_in(txn, &processed)
-                })
-            }));
+        if !p.changes.is_empty() {
+            let changes = std::mem::take(&mut p.changes);
+            write = Some(
+                revocations
+                    .and_then(|()| changes.encode())
+                    .and_then(|changes| {
+                        self.shared
+                            .writer
+                            .submit_blocking(move |txn| persist::write(txn, &changes))
+                    }),
+            );
         }
         Committing { write, p }
     }
@@ -790,6 +816,12 @@ impl Shard {
             }
             _ => None,
         };
+        if failed.is_none() {
+            // The signals' effects are durable: intake need not replay them.
+            self.shared
+                .intake
+                .mark_processed_detached(std::mem::take(&mut p.processed));
+        }
         for (owner, msg) in p.forwards.drain(..) {
             if let Some(inbox) = self.inboxes.get(owner) {
                 let _ = inbox.send(msg);

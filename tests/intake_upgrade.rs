@@ -1,0 +1,106 @@
+//! Upgrade: intake's tables move out of the state store into intake's own file, and what was
+//! pending there is replayed. (Its own binary: the replay counter is process-wide.)
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use vigil::events::{Event, SessionRevoked};
+use vigil::intake::{Intake, RecordOutcome};
+use vigil::signal::{Signal, SignalSource};
+use vigil::subject::SubjectId;
+
+fn signal(jti: &str) -> Signal {
+    Signal {
+        seq: 0,
+        source: SignalSource::SsfPush {
+            transmitter: "t".into(),
+            stream: "replay".into(),
+        },
+        iss: "https://idp.example.com/".into(),
+        jti: jti.into(),
+        txn: Some("txn-1".into()),
+        event_uri: "https://schemas.openid.net/secevent/caep/event-type/session-revoked".into(),
+        event: Event::SessionRevoked(SessionRevoked::default()),
+        subject: SubjectId::Email {
+            email: "a@example.com".into(),
+        },
+        event_time: 1_700_000_000.0,
+        iat: 1_700_000_001.0,
+        received_at_ms: 1_700_000_001_000,
+        attributes: Default::default(),
+        ttl_secs: None,
+    }
+}
+
+/// An earlier release kept intake's tables in the state store (`vigil.redb`). SETs it acknowledged
+/// but had not processed are moved to `intake.redb` at start-up and replayed; the old tables are
+/// gone afterwards, and the sequence counter goes on past the moved records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_pending_in_an_earlier_releases_state_store_are_moved_and_replayed() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = vigil::store::open(dir.path()).unwrap();
+        let (batch, writer) = vigil::store::BatchWriter::start(db.clone(), "state", 16).unwrap();
+        let intake = Intake::open(db, batch).unwrap();
+        for jti in ["old-1", "old-2"] {
+            assert!(matches!(
+                intake.record(&signal(jti), "raw").await.unwrap(),
+                RecordOutcome::Recorded(_)
+            ));
+        }
+        intake.mark_processed(vec![1]).await.unwrap();
+        intake
+            .expect_verification_state("replay", "st-1")
+            .await
+            .unwrap();
+        drop(intake);
+        writer.join();
+    }
+    let vigil = start(test_config(dir.path(), vec![])).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !vigil.intake().pending().unwrap().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the moved signal was not replayed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let intake = vigil.intake();
+    assert_eq!(intake.stored_count().unwrap(), 2);
+    assert_eq!(
+        intake
+            .lookup_jti("https://idp.example.com/", "old-2")
+            .unwrap(),
+        Some(2)
+    );
+    assert_eq!(
+        intake
+            .expected_verification_state("replay")
+            .unwrap()
+            .as_deref(),
+        Some("st-1")
+    );
+    assert_eq!(
+        intake.record(&signal("old-1"), "raw").await.unwrap(),
+        RecordOutcome::Duplicate(1),
+        "a redelivery of a moved SET is still a duplicate"
+    );
+    assert_eq!(
+        intake.record(&signal("new-1"), "raw").await.unwrap(),
+        RecordOutcome::Recorded(3)
+    );
+    let left: Vec<String> = {
+        use redb::TableHandle;
+        let txn = vigil.store().begin_read().unwrap();
+        txn.list_tables()
+            .unwrap()
+            .map(|t| t.name().to_owned())
+            .filter(|n| n.starts_with("intake_"))
+            .collect()
+    };
+    assert!(left.is_empty(), "old intake tables left: {left:?}");
+    vigil.shutdown().await;
+}
