@@ -82,13 +82,25 @@ type Completion = Box<dyn FnOnce(Result<(), WriteError>) + Send>;
 /// Runs inside the batch's write transaction; returns whether it succeeded and its completion.
 type Job = Box<dyn FnOnce(&redb::WriteTransaction) -> (bool, Completion) + Send>;
 
+/// A queued write and its lane.
+struct Queued {
+    job: Job,
+    /// A bulk write (a checkpoint's contexts): committed in a transaction of its own, after every
+    /// other write queued by then, so a large checkpoint never holds up a decision's commit.
+    bulk: bool,
+}
+
 /// Group commit: one thread owns redb's single write transaction and runs many callers' writes in
 /// each commit, so concurrent writers share one fsync. A caller's result is delivered only after
 /// the commit that contains its write is on disk; if any write in a batch fails, the whole batch is
 /// aborted and every caller in it gets the error.
+///
+/// Bulk writes ([`BatchWriter::submit_bulk_blocking`]) take a second lane: each commits alone, and
+/// only when no other write is waiting. Bulk writes keep their order among themselves, other writes
+/// among themselves; a bulk write may commit after a later ordinary one.
 #[derive(Clone)]
 pub struct BatchWriter {
-    tx: tokio::sync::mpsc::Sender<Job>,
+    tx: tokio::sync::mpsc::Sender<Queued>,
 }
 
 /// The writer thread; [`BatchWriterThread::join`] waits until every [`BatchWriter`] is dropped and
@@ -137,7 +149,7 @@ impl BatchWriter {
     {
         let (job, rx) = Self::job(f);
         self.tx
-            .send(job)
+            .send(Queued { job, bulk: false })
             .await
             .map_err(|_| WriteError::WriterGone)?;
         rx.await.map_err(|_| WriteError::WriterGone)?
@@ -160,9 +172,27 @@ impl BatchWriter {
         T: Send + 'static,
         F: FnOnce(&redb::WriteTransaction) -> Result<T, WriteError> + Send + 'static,
     {
+        self.submit_in_lane(f, false)
+    }
+
+    /// [`BatchWriter::submit_blocking`] in the bulk lane: for large writes nobody waits on
+    /// urgently (contexts at a checkpoint), which must not delay the small ones that are.
+    pub fn submit_bulk_blocking<T, F>(&self, f: F) -> Result<PendingWrite<T>, WriteError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&redb::WriteTransaction) -> Result<T, WriteError> + Send + 'static,
+    {
+        self.submit_in_lane(f, true)
+    }
+
+    fn submit_in_lane<T, F>(&self, f: F, bulk: bool) -> Result<PendingWrite<T>, WriteError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&redb::WriteTransaction) -> Result<T, WriteError> + Send + 'static,
+    {
         let (job, rx) = Self::job(f);
         self.tx
-            .blocking_send(job)
+            .blocking_send(Queued { job, bulk })
             .map_err(|_| WriteError::WriterGone)?;
         Ok(PendingWrite(rx))
     }
@@ -190,15 +220,40 @@ impl BatchWriter {
 fn writer_loop(
     db: Arc<redb::Database>,
     store: &'static str,
-    mut rx: tokio::sync::mpsc::Receiver<Job>,
+    mut rx: tokio::sync::mpsc::Receiver<Queued>,
     max_batch: usize,
 ) {
-    while let Some(first) = rx.blocking_recv() {
-        let mut jobs = vec![first];
-        while jobs.len() < max_batch {
+    // Bulk writes taken off the channel, waiting for a moment when nothing else is.
+    let mut bulk: std::collections::VecDeque<Job> = std::collections::VecDeque::new();
+    let mut open = true;
+    loop {
+        let mut jobs = Vec::new();
+        let take = |q: Queued, jobs: &mut Vec<Job>, bulk: &mut std::collections::VecDeque<Job>| {
+            if q.bulk {
+                bulk.push_back(q.job);
+            } else {
+                jobs.push(q.job);
+            }
+        };
+        if bulk.is_empty() {
+            // Nothing deferred: sleep until a write arrives (or every handle is gone).
+            match rx.blocking_recv() {
+                Some(q) => take(q, &mut jobs, &mut bulk),
+                None => break,
+            }
+        }
+        while open && jobs.len() < max_batch {
             match rx.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
+                Ok(q) => take(q, &mut jobs, &mut bulk),
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => open = false,
+            }
+        }
+        if jobs.is_empty() {
+            match bulk.pop_front() {
+                Some(job) => jobs.push(job),
+                None if open => continue,
+                None => break,
             }
         }
         let started = std::time::Instant::now();
@@ -237,5 +292,51 @@ fn writer_loop(
         for completion in completions {
             completion(outcome.clone());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Ordinary writes queued behind bulk ones commit first; each bulk write commits alone (one
+    /// failing does not take the next with it); bulk writes keep their order.
+    #[test]
+    fn bulk_writes_commit_alone_after_the_ordinary_ones_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(dir.path()).unwrap();
+        let (writer, thread) = BatchWriter::start(db, "test", 8).unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let (release, gate) = std::sync::mpsc::channel::<()>();
+        let log = |name: &'static str, ok: bool| {
+            let order = order.clone();
+            move |_: &redb::WriteTransaction| {
+                order.lock().unwrap().push(name);
+                if ok {
+                    Ok(())
+                } else {
+                    Err(WriteError::Storage("refused".into()))
+                }
+            }
+        };
+        // Holds the writer inside its first transaction while the others queue up.
+        let first = writer
+            .submit_blocking(move |_| {
+                gate.recv().unwrap();
+                Ok(())
+            })
+            .unwrap();
+        let b1 = writer.submit_bulk_blocking(log("b1", false)).unwrap();
+        let b2 = writer.submit_bulk_blocking(log("b2", true)).unwrap();
+        let o1 = writer.submit_blocking(log("o1", true)).unwrap();
+        release.send(()).unwrap();
+        first.wait_blocking().unwrap();
+        assert!(o1.wait_blocking().is_ok());
+        assert!(b1.wait_blocking().is_err());
+        assert!(b2.wait_blocking().is_ok(), "a bulk write commits alone");
+        assert_eq!(*order.lock().unwrap(), vec!["o1", "b1", "b2"]);
+        drop(writer);
+        thread.join();
     }
 }

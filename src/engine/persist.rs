@@ -335,6 +335,44 @@ impl Changes {
     }
 }
 
+impl Encoded {
+    /// Takes the checkpoint's part (contexts and session revocations) out of the batch, in
+    /// chunks of at most `chunk` rows each: they are written in the store's bulk lane, so a large
+    /// checkpoint does not hold up the grants and decisions left here.
+    pub fn split_bulk(&mut self, chunk: usize) -> Vec<Encoded> {
+        let chunk = chunk.max(1);
+        let mut out = Vec::new();
+        let mut contexts = std::mem::take(&mut self.contexts);
+        while !contexts.is_empty() {
+            let rest = contexts.split_off(contexts.len().min(chunk));
+            out.push(Encoded {
+                contexts,
+                ..Encoded::default()
+            });
+            contexts = rest;
+        }
+        let mut revocations = std::mem::take(&mut self.revocations);
+        while !revocations.is_empty() {
+            let rest = revocations.split_off(revocations.len().min(chunk));
+            out.push(Encoded {
+                revocations,
+                ..Encoded::default()
+            });
+            revocations = rest;
+        }
+        out
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.contexts.is_empty()
+            && self.revocations.is_empty()
+            && self.grants.is_empty()
+            && self.deleted_grants.is_empty()
+            && self.aliases.is_empty()
+            && self.handoff.is_empty()
+    }
+}
+
 /// Writes an encoded batch inside `txn`.
 pub fn write(txn: &WriteTransaction, changes: &Encoded) -> Result<(), WriteError> {
     let insert_all = |table: TableDefinition<&str, &[u8]>, rows: &[(String, Vec<u8>)]| {

@@ -80,6 +80,9 @@ pub(crate) struct Shard {
 
 /// Most such contexts held before a write is forced.
 const CHECKPOINT_MAX_DIRTY: usize = 100_000;
+/// Rows (contexts, or session revocations) per checkpoint transaction: small enough that a
+/// decision's commit never waits long behind one.
+const CHECKPOINT_CHUNK: usize = 256;
 
 fn ms(t: f64) -> i64 {
     (t * 1000.0) as i64
@@ -789,33 +792,44 @@ impl Shard {
                 });
             }
         }
-        let mut write = None;
+        let mut writes = Vec::new();
         if !p.changes.is_empty() {
             let changes = std::mem::take(&mut p.changes);
-            write = Some(
-                revocations
-                    .and_then(|()| changes.encode())
-                    .and_then(|changes| {
-                        self.shared
-                            .writer
-                            .submit_blocking(move |txn| persist::write(txn, &changes))
-                    }),
-            );
+            match revocations.and_then(|()| changes.encode()) {
+                Err(e) => writes.push(Err(e)),
+                Ok(mut urgent) => {
+                    let bulk = urgent.split_bulk(CHECKPOINT_CHUNK);
+                    if !urgent.is_empty() {
+                        writes.push(
+                            self.shared
+                                .writer
+                                .submit_blocking(move |txn| persist::write(txn, &urgent)),
+                        );
+                    }
+                    for chunk in bulk {
+                        writes.push(
+                            self.shared
+                                .writer
+                                .submit_bulk_blocking(move |txn| persist::write(txn, &chunk)),
+                        );
+                    }
+                }
+            }
         }
-        Committing { write, p }
+        Committing { writes, p }
     }
 
     /// Waits for the batch's commit, then announces it: forwards, decisions and replies. Nothing
     /// is announced before it is durable.
     fn announce(&mut self, c: Committing) {
-        let Committing { write, mut p } = c;
-        let failed = match write.map(|w| w.and_then(PendingWrite::wait_blocking)) {
-            Some(Err(e)) => {
+        let Committing { writes, mut p } = c;
+        let mut failed = None;
+        for write in writes {
+            if let (Err(e), None) = (write.and_then(PendingWrite::wait_blocking), &failed) {
                 tracing::error!(shard = self.id, error = %e, "engine commit failed; signals stay pending for replay");
-                Some(e.to_string())
+                failed = Some(e.to_string());
             }
-            _ => None,
-        };
+        }
         if failed.is_none() {
             // The signals' effects are durable: intake need not replay them.
             self.shared
@@ -862,7 +876,8 @@ impl Shard {
 
 /// A batch applied in memory whose commit is in flight.
 struct Committing {
-    write: Option<Result<PendingWrite<()>, crate::store::WriteError>>,
+    /// The batch's grants and decisions (ordinary lane), then its checkpoint's chunks (bulk lane).
+    writes: Vec<Result<PendingWrite<()>, crate::store::WriteError>>,
     p: Pending,
 }
 
