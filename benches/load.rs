@@ -44,8 +44,8 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use common::{
-    add_eps, arg, background_set, delivery_latencies, drive_max, loopback_config, push_set,
-    quantile, rss_bytes, sign_sets, subscribe_eps,
+    add_eps, arg, background_set, cpu_seconds, delivery_latencies, drive_max, loopback_config,
+    push_set, quantile, rss_bytes, sign_sets, subscribe_eps,
 };
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
@@ -431,23 +431,6 @@ async fn run() -> anyhow::Result<()> {
     println!("{}", markdown(&figures, &report));
     println!("written: {}", out.display());
     Ok(())
-}
-
-/// CPU time this process has used (user + system), from `/proc/self/stat`; 0 where unreadable.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the parenthesised command name: utime and stime are the 12th and 13th.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// Every sample of Vigil's own Prometheus metrics (series → value), to diff around a phase.

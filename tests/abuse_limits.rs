@@ -17,6 +17,33 @@ fn now() -> f64 {
     vigil::signal::now_ms() as f64 / 1000.0
 }
 
+/// The status Vigil answers an oversize POST with. The server answers before reading the whole
+/// body and closes the connection, so the client may lose the race and see the connection end
+/// while it is still sending: that attempt has no answer to check, and is made again.
+async fn oversize_status(
+    http: &reqwest::Client,
+    url: &str,
+    authorization: &str,
+    content_type: &str,
+    body: &str,
+) -> u16 {
+    for _ in 0..10 {
+        match http
+            .post(url)
+            .header("authorization", authorization)
+            .header("content-type", content_type)
+            .body(body.to_owned())
+            .send()
+            .await
+        {
+            Ok(resp) => return resp.status().as_u16(),
+            Err(e) if e.is_request() => continue,
+            Err(e) => panic!("{url}: {e}"),
+        }
+    }
+    panic!("{url}: no answer in 10 attempts")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callers_over_their_limits_are_told_when_to_come_back() {
     let tx = Transmitter::start(&[Alg::RS256]).await;
@@ -80,7 +107,7 @@ async fn callers_over_their_limits_are_told_when_to_come_back() {
     // Streaming connections: one long poll open; a second subscriber is turned away with 503.
     let base = format!("http://{}", vigil.local_addr());
     let poll_url = create_poll_stream(&http, &base, EP).await;
-    let long_poll = {
+    let open_long_poll = || {
         let (http, poll_url) = (http.clone(), poll_url.clone());
         tokio::spawn(async move {
             http.post(&poll_url)
@@ -93,20 +120,31 @@ async fn callers_over_their_limits_are_told_when_to_come_back() {
                 .as_u16()
         })
     };
-    let second = eventually("the second subscriber to be turned away", || {
-        let (http, poll_url) = (http.clone(), poll_url.clone());
-        async move {
-            let resp = http
-                .post(&poll_url)
-                .bearer_auth(EP)
-                .json(&json!({"returnImmediately": true}))
-                .send()
-                .await
-                .unwrap();
-            (resp.status().as_u16() == 503).then_some(resp)
+    let mut long_poll = open_long_poll();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let second = loop {
+        // A long poll that already answered (a SET for the new stream, its timeout) holds no
+        // connection: open another, so the cap is what turns the second subscriber away.
+        if long_poll.is_finished() {
+            long_poll = open_long_poll();
         }
-    })
-    .await;
+        let resp = http
+            .post(&poll_url)
+            .bearer_auth(EP)
+            .json(&json!({"returnImmediately": true}))
+            .send()
+            .await
+            .unwrap();
+        if resp.status().as_u16() == 503 {
+            break resp;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second subscriber was never turned away (last answer {})",
+            resp.status()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     assert!(second.headers().get("retry-after").is_some());
     vigil.shutdown().await;
     // Shutdown answers the open long poll at once.
@@ -121,39 +159,37 @@ async fn oversize_bodies_are_refused_on_every_surface() {
     let big = "x".repeat(1 << 20);
     let base = format!("http://{}", vigil.local_addr());
     let http = reqwest::Client::new();
+    let token = format!("Bearer {}", vigil.admin_token().unwrap());
     for path in [
         "/v1/grants",
         "/v1/check",
         "/v1/ssf/streams/idp/subjects:add",
     ] {
-        let resp = http
-            .post(format!("{base}{path}"))
-            .bearer_auth(vigil.admin_token().unwrap())
-            .header("content-type", "application/json")
-            .body(big.clone())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status().as_u16(), 413, "{path}");
+        let url = format!("{base}{path}");
+        let status = oversize_status(&http, &url, &token, "application/json", &big).await;
+        assert_eq!(status, 413, "{path}");
     }
-    let resp = http
-        .post(format!("{base}/ssf/streams"))
-        .bearer_auth("any-enforcement-point")
-        .header("content-type", "application/json")
-        .body(big.clone())
-        .send()
-        .await
-        .unwrap();
-    // The body limit comes first: an oversize request is refused before any credential check.
-    assert_eq!(resp.status().as_u16(), 413);
-    let answer = push_raw(
-        &vigil,
-        "idp",
-        Some(&tx.config("idp", ISS, &[AUD]).authorization),
-        "application/secevent+jwt",
-        big,
+    let url = format!("{base}/ssf/streams");
+    let status = oversize_status(
+        &http,
+        &url,
+        "Bearer any-enforcement-point",
+        "application/json",
+        &big,
     )
     .await;
-    assert_eq!(answer.status, 413);
+    // The body limit comes first: an oversize request is refused before any credential check.
+    assert_eq!(status, 413);
+    let url = format!("{base}/ssf/push/idp");
+    let authorization = tx.config("idp", ISS, &[AUD]).authorization;
+    let status = oversize_status(
+        &http,
+        &url,
+        &authorization,
+        "application/secevent+jwt",
+        &big,
+    )
+    .await;
+    assert_eq!(status, 413);
     vigil.shutdown().await;
 }

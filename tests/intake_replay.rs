@@ -6,33 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use vigil::events::{Event, SessionRevoked};
 use vigil::intake::{Intake, RecordOutcome};
-use vigil::signal::{Signal, SignalSource};
-use vigil::subject::SubjectId;
-
-fn signal(jti: &str) -> Signal {
-    Signal {
-        seq: 0,
-        source: SignalSource::SsfPush {
-            transmitter: "t".into(),
-            stream: "replay".into(),
-        },
-        iss: "https://idp.example.com/".into(),
-        jti: jti.into(),
-        txn: Some("txn-1".into()),
-        event_uri: "https://schemas.openid.net/secevent/caep/event-type/session-revoked".into(),
-        event: Event::SessionRevoked(SessionRevoked::default()),
-        subject: SubjectId::Email {
-            email: "a@example.com".into(),
-        },
-        event_time: 1_700_000_000.0,
-        iat: 1_700_000_001.0,
-        received_at_ms: 1_700_000_001_000,
-        attributes: Default::default(),
-        ttl_secs: None,
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_signals_are_replayed_on_start_and_then_marked_processed() {
@@ -42,7 +16,7 @@ async fn pending_signals_are_replayed_on_start_and_then_marked_processed() {
         let (intake, writer) = Intake::open_dir(dir.path(), 16).unwrap();
         for jti in ["p1", "p2", "p3"] {
             assert!(matches!(
-                intake.record(&signal(jti), "raw").await.unwrap(),
+                intake.record(&recorded_signal(jti), "raw").await.unwrap(),
                 RecordOutcome::Recorded(_)
             ));
         }

@@ -7,33 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use vigil::events::{Event, SessionRevoked};
 use vigil::intake::{Intake, RecordOutcome};
-use vigil::signal::{Signal, SignalSource};
-use vigil::subject::SubjectId;
-
-fn signal(jti: &str) -> Signal {
-    Signal {
-        seq: 0,
-        source: SignalSource::SsfPush {
-            transmitter: "t".into(),
-            stream: "replay".into(),
-        },
-        iss: "https://idp.example.com/".into(),
-        jti: jti.into(),
-        txn: Some("txn-1".into()),
-        event_uri: "https://schemas.openid.net/secevent/caep/event-type/session-revoked".into(),
-        event: Event::SessionRevoked(SessionRevoked::default()),
-        subject: SubjectId::Email {
-            email: "a@example.com".into(),
-        },
-        event_time: 1_700_000_000.0,
-        iat: 1_700_000_001.0,
-        received_at_ms: 1_700_000_001_000,
-        attributes: Default::default(),
-        ttl_secs: None,
-    }
-}
 
 /// An earlier release kept intake's tables in the state store (`vigil.redb`). SETs it acknowledged
 /// but had not processed are moved to `intake.redb` at start-up and replayed; the old tables are
@@ -47,7 +21,7 @@ async fn signals_pending_in_an_earlier_releases_state_store_are_moved_and_replay
         let intake = Intake::open(db, batch).unwrap();
         for jti in ["old-1", "old-2"] {
             assert!(matches!(
-                intake.record(&signal(jti), "raw").await.unwrap(),
+                intake.record(&recorded_signal(jti), "raw").await.unwrap(),
                 RecordOutcome::Recorded(_)
             ));
         }
@@ -84,12 +58,18 @@ async fn signals_pending_in_an_earlier_releases_state_store_are_moved_and_replay
         Some("st-1")
     );
     assert_eq!(
-        intake.record(&signal("old-1"), "raw").await.unwrap(),
+        intake
+            .record(&recorded_signal("old-1"), "raw")
+            .await
+            .unwrap(),
         RecordOutcome::Duplicate(1),
         "a redelivery of a moved SET is still a duplicate"
     );
     assert_eq!(
-        intake.record(&signal("new-1"), "raw").await.unwrap(),
+        intake
+            .record(&recorded_signal("new-1"), "raw")
+            .await
+            .unwrap(),
         RecordOutcome::Recorded(3)
     );
     let left: Vec<String> = {

@@ -340,27 +340,27 @@ impl Encoded {
     /// chunks of at most `chunk` rows each: they are written in the store's bulk lane, so a large
     /// checkpoint does not hold up the grants and decisions left here.
     pub fn split_bulk(&mut self, chunk: usize) -> Vec<Encoded> {
-        let chunk = chunk.max(1);
-        let mut out = Vec::new();
-        let mut contexts = std::mem::take(&mut self.contexts);
-        while !contexts.is_empty() {
-            let rest = contexts.split_off(contexts.len().min(chunk));
-            out.push(Encoded {
+        fn chunks<T>(mut rows: Vec<T>, chunk: usize) -> Vec<Vec<T>> {
+            let mut out = Vec::new();
+            while !rows.is_empty() {
+                let rest = rows.split_off(rows.len().min(chunk.max(1)));
+                out.push(std::mem::replace(&mut rows, rest));
+            }
+            out
+        }
+        let contexts = chunks(std::mem::take(&mut self.contexts), chunk)
+            .into_iter()
+            .map(|contexts| Encoded {
                 contexts,
                 ..Encoded::default()
             });
-            contexts = rest;
-        }
-        let mut revocations = std::mem::take(&mut self.revocations);
-        while !revocations.is_empty() {
-            let rest = revocations.split_off(revocations.len().min(chunk));
-            out.push(Encoded {
+        let revocations = chunks(std::mem::take(&mut self.revocations), chunk)
+            .into_iter()
+            .map(|revocations| Encoded {
                 revocations,
                 ..Encoded::default()
             });
-            revocations = rest;
-        }
-        out
+        contexts.chain(revocations).collect()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -285,3 +285,27 @@ pub async fn create_poll_stream(http: &reqwest::Client, base: &str, token: &str)
     let stream: Value = created.json().await.unwrap();
     format!("{base}/ssf/poll/{}", stream["stream_id"].as_str().unwrap())
 }
+
+/// A pushed CAEP session-revoked signal as intake records it, `jti` aside always the same.
+pub fn recorded_signal(jti: &str) -> vigil::signal::Signal {
+    vigil::signal::Signal {
+        seq: 0,
+        source: vigil::signal::SignalSource::SsfPush {
+            transmitter: "t".into(),
+            stream: "replay".into(),
+        },
+        iss: "https://idp.example.com/".into(),
+        jti: jti.into(),
+        txn: Some("txn-1".into()),
+        event_uri: "https://schemas.openid.net/secevent/caep/event-type/session-revoked".into(),
+        event: vigil::events::Event::SessionRevoked(Default::default()),
+        subject: vigil::subject::SubjectId::Email {
+            email: "a@example.com".into(),
+        },
+        event_time: 1_700_000_000.0,
+        iat: 1_700_000_001.0,
+        received_at_ms: 1_700_000_001_000,
+        attributes: Default::default(),
+        ttl_secs: None,
+    }
+}
