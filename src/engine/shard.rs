@@ -364,23 +364,19 @@ impl Shard {
         // Updated in place when nobody else holds this version (readers keep their snapshot:
         // `make_mut` copies only a context that is shared at this moment).
         let mut revocations = Vec::new();
-        let (changed, ctx) = match self.shared.contexts.get_mut(key) {
+        let changed = match self.shared.contexts.get_mut(key) {
             Some(mut entry) => {
-                let changed =
-                    Arc::make_mut(&mut *entry).apply_noting(signal, target, &mut revocations);
-                (changed, entry.clone())
+                Arc::make_mut(&mut *entry).apply_noting(signal, target, &mut revocations)
             }
             None => {
                 let mut ctx = PrincipalContext::new(key);
                 let changed = ctx.apply_noting(signal, target, &mut revocations);
-                let ctx = Arc::new(ctx);
-                self.shared.contexts.insert(key.to_owned(), ctx.clone());
-                (changed, ctx)
+                self.shared.contexts.insert(key.to_owned(), Arc::new(ctx));
+                changed
             }
         };
         // Only the key is kept for the checkpoint: until then this shard holds the only
         // reference, and later signals update the context in place instead of copying it.
-        drop(ctx);
         if !self.dirty.contains(key) {
             self.dirty.insert(key.to_owned());
         }
