@@ -207,43 +207,12 @@ impl Intake {
         if !has_tables {
             return Ok(0);
         }
-        let mut moved = 0;
         let txn = self.db.begin_write().map_err(storage)?;
+        let moved = copy_table(&legacy, &txn, SETS)?;
+        copy_table(&legacy, &txn, JTI)?;
+        copy_table(&legacy, &txn, PENDING)?;
+        copy_table(&legacy, &txn, STREAM_STATE)?;
         {
-            let (old_sets, mut sets) = (
-                legacy.open_table(SETS).map_err(storage)?,
-                txn.open_table(SETS).map_err(storage)?,
-            );
-            for row in old_sets.iter().map_err(storage)? {
-                let (k, v) = row.map_err(storage)?;
-                sets.insert(k.value(), v.value()).map_err(storage)?;
-                moved += 1;
-            }
-            let (old_jti, mut jti) = (
-                legacy.open_table(JTI).map_err(storage)?,
-                txn.open_table(JTI).map_err(storage)?,
-            );
-            for row in old_jti.iter().map_err(storage)? {
-                let (k, v) = row.map_err(storage)?;
-                jti.insert(k.value(), v.value()).map_err(storage)?;
-            }
-            let (old_pending, mut pending) = (
-                legacy.open_table(PENDING).map_err(storage)?,
-                txn.open_table(PENDING).map_err(storage)?,
-            );
-            for row in old_pending.iter().map_err(storage)? {
-                pending
-                    .insert(row.map_err(storage)?.0.value(), ())
-                    .map_err(storage)?;
-            }
-            let (old_state, mut stream_state) = (
-                legacy.open_table(STREAM_STATE).map_err(storage)?,
-                txn.open_table(STREAM_STATE).map_err(storage)?,
-            );
-            for row in old_state.iter().map_err(storage)? {
-                let (k, v) = row.map_err(storage)?;
-                stream_state.insert(k.value(), v.value()).map_err(storage)?;
-            }
             // The counter only moves forward: never hand out a number either file used.
             let old_next = legacy
                 .open_table(META)
@@ -356,6 +325,23 @@ impl Intake {
             .map_err(storage)?
             .map(|v| v.value().to_owned()))
     }
+}
+
+/// Copies every row of `table` from `from` into the same table in `to`; returns how many.
+fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+    from: &redb::ReadTransaction,
+    to: &WriteTransaction,
+    table: TableDefinition<K, V>,
+) -> Result<u64, IntakeError> {
+    let old = from.open_table(table).map_err(storage)?;
+    let mut new = to.open_table(table).map_err(storage)?;
+    let mut copied = 0;
+    for row in old.iter().map_err(storage)? {
+        let (k, v) = row.map_err(storage)?;
+        new.insert(k.value(), v.value()).map_err(storage)?;
+        copied += 1;
+    }
+    Ok(copied)
 }
 
 /// Removes `seqs` from the pending set inside a caller's transaction, so a later stage can commit

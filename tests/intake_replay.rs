@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
 use common::*;
 use vigil::intake::{Intake, RecordOutcome};
 
@@ -25,14 +23,10 @@ async fn pending_signals_are_replayed_on_start_and_then_marked_processed() {
         writer.join();
     }
     let vigil = start(test_config(dir.path(), vec![])).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !vigil.intake().pending().unwrap().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "pending signals were not replayed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("pending signals to be replayed", || async {
+        vigil.intake().pending().unwrap().is_empty().then_some(())
+    })
+    .await;
     assert_eq!(
         vigil.intake().stored_count().unwrap(),
         3,

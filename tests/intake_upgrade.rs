@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
 use common::*;
 use vigil::intake::{Intake, RecordOutcome};
 
@@ -34,14 +32,10 @@ async fn signals_pending_in_an_earlier_releases_state_store_are_moved_and_replay
         writer.join();
     }
     let vigil = start(test_config(dir.path(), vec![])).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !vigil.intake().pending().unwrap().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the moved signal was not replayed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the moved signal to be replayed", || async {
+        vigil.intake().pending().unwrap().is_empty().then_some(())
+    })
+    .await;
     let intake = vigil.intake();
     assert_eq!(intake.stored_count().unwrap(), 2);
     assert_eq!(

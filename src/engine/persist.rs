@@ -52,68 +52,37 @@ pub fn load(db: &Arc<Database>) -> Result<Loaded, WriteError> {
     let mut out = Loaded::default();
     // Contexts stored before revocations had rows of their own carry them in their JSON.
     let mut inline_revocations = Vec::new();
-    for entry in txn
-        .open_table(CONTEXTS)
-        .map_err(WriteError::storage)?
-        .iter()
-        .map_err(WriteError::storage)?
-    {
-        let (k, v) = entry.map_err(WriteError::storage)?;
-        match serde_json::from_slice::<PrincipalContext>(v.value()) {
-            Ok(ctx) => {
-                if !ctx.session_revocations.is_empty() {
-                    inline_revocations.push(out.contexts.len());
-                }
-                out.contexts.push(ctx);
-            }
-            Err(e) => tracing::error!(key = %k.value(), error = %e, "unreadable context skipped"),
+    each_json_row(&txn, CONTEXTS, "context", |_, ctx: PrincipalContext| {
+        if !ctx.session_revocations.is_empty() {
+            inline_revocations.push(out.contexts.len());
         }
-    }
+        out.contexts.push(ctx);
+    })?;
     let mut by_key: std::collections::HashMap<String, usize> = out
         .contexts
         .iter()
         .enumerate()
         .map(|(i, c)| (c.key.clone(), i))
         .collect();
-    for entry in txn
-        .open_table(SESSION_REVOCATIONS)
-        .map_err(WriteError::storage)?
-        .iter()
-        .map_err(WriteError::storage)?
-    {
-        let (k, v) = entry.map_err(WriteError::storage)?;
-        let Some((context, filter)) = k.value().split_once('\0') else {
-            tracing::error!(key = %k.value(), "unreadable session revocation key skipped");
-            continue;
-        };
-        let stamped = match serde_json::from_slice(v.value()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(key = %k.value(), error = %e, "unreadable session revocation skipped");
-                continue;
-            }
-        };
-        let i = *by_key.entry(context.to_owned()).or_insert_with(|| {
-            out.contexts.push(PrincipalContext::new(context));
-            out.contexts.len() - 1
-        });
-        out.contexts[i]
-            .session_revocations
-            .insert(filter.to_owned(), stamped);
-    }
-
-    for entry in txn
-        .open_table(GRANTS)
-        .map_err(WriteError::storage)?
-        .iter()
-        .map_err(WriteError::storage)?
-    {
-        let (k, v) = entry.map_err(WriteError::storage)?;
-        match serde_json::from_slice(v.value()) {
-            Ok(g) => out.grants.push(g),
-            Err(e) => tracing::error!(key = %k.value(), error = %e, "unreadable grant skipped"),
-        }
-    }
+    each_json_row(
+        &txn,
+        SESSION_REVOCATIONS,
+        "session revocation",
+        |key, stamped| {
+            let Some((context, filter)) = key.split_once('\0') else {
+                tracing::error!(key, "unreadable session revocation key skipped");
+                return;
+            };
+            let i = *by_key.entry(context.to_owned()).or_insert_with(|| {
+                out.contexts.push(PrincipalContext::new(context));
+                out.contexts.len() - 1
+            });
+            out.contexts[i]
+                .session_revocations
+                .insert(filter.to_owned(), stamped);
+        },
+    )?;
+    each_json_row(&txn, GRANTS, "grant", |_, g| out.grants.push(g))?;
     for entry in txn
         .open_table(ALIASES)
         .map_err(WriteError::storage)?
@@ -129,6 +98,29 @@ pub fn load(db: &Arc<Database>) -> Result<Loaded, WriteError> {
         move_inline_revocations(db, &out.contexts, &inline_revocations)?;
     }
     Ok(out)
+}
+
+/// Calls `f` with the key and value of every row of a JSON-valued table; a value that does not
+/// decode is logged (as `what`) and skipped, so one bad row does not stop the start-up.
+fn each_json_row<T: serde::de::DeserializeOwned>(
+    txn: &redb::ReadTransaction,
+    table: TableDefinition<&str, &[u8]>,
+    what: &str,
+    mut f: impl FnMut(&str, T),
+) -> Result<(), WriteError> {
+    for entry in txn
+        .open_table(table)
+        .map_err(WriteError::storage)?
+        .iter()
+        .map_err(WriteError::storage)?
+    {
+        let (k, v) = entry.map_err(WriteError::storage)?;
+        match serde_json::from_slice(v.value()) {
+            Ok(value) => f(k.value(), value),
+            Err(e) => tracing::error!(key = %k.value(), error = %e, "unreadable {what} skipped"),
+        }
+    }
+    Ok(())
 }
 
 /// Writes every session revocation of `contexts[i]` (for each `i` in `which`) as its own row and
