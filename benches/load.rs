@@ -60,6 +60,8 @@ use vigil::Vigil;
 const ISS: &str = "https://idp.example.com/";
 const AUD: &str = "vigil";
 const CONCURRENCY: usize = 64;
+/// Most `check` requests in flight at once (see `check_phase`).
+const CHECK_IN_FLIGHT: usize = 256;
 
 fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -148,6 +150,8 @@ async fn run() -> anyhow::Result<()> {
     )
     .await?;
     let dir = tempfile::tempdir()?;
+    let calibration = calibrate(&rs, dir.path());
+    eprintln!("[machine] {calibration}");
     let mut config = loopback_config(dir.path());
     for (name, alg) in [("rs", Alg::RS256), ("es", Alg::ES256)] {
         config.transmitters.push(TransmitterConfig::with_jwks(
@@ -419,6 +423,7 @@ async fn run() -> anyhow::Result<()> {
         "args": std::env::args().skip(1).filter(|a| a != "--bench").collect::<Vec<_>>(),
         "date_unix": vigil::signal::now_ms() / 1000,
         "machine": machine(),
+        "calibration": calibration,
         "duration_secs": started.elapsed().as_secs_f64(),
         "figures": figures.iter().map(Figure::json).collect::<Vec<_>>(),
         "latency_phase_internals": internals,
@@ -545,6 +550,58 @@ fn out_dir() -> PathBuf {
         .unwrap_or_else(|| {
             PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/load-report"))
         })
+}
+
+/// What this machine does in the three costs Vigil's figures are made of — a signature, a thread
+/// wake-up, an fsync — measured before the phases, so reports from different hosts of one machine
+/// kind can be compared: hosts of one kind differ, and every figure moves with them.
+fn calibrate(key: &SigningKey, dir: &std::path::Path) -> Value {
+    let claims = background_set(ISS, AUD, "calibration", 0);
+    let started = Instant::now();
+    let signs = 200;
+    for _ in 0..signs {
+        let _ = key.sign_set(&claims);
+    }
+    let signs_per_sec = signs as f64 / started.elapsed().as_secs_f64();
+
+    let (to_echo, echo_rx) = std::sync::mpsc::channel::<u32>();
+    let (to_main, main_rx) = std::sync::mpsc::channel::<u32>();
+    let echo = std::thread::spawn(move || {
+        while let Ok(v) = echo_rx.recv() {
+            if to_main.send(v).is_err() {
+                break;
+            }
+        }
+    });
+    let trips = 20_000u32;
+    let started = Instant::now();
+    for i in 0..trips {
+        if to_echo.send(i).is_err() || main_rx.recv().is_err() {
+            break;
+        }
+    }
+    let round_trip_us = started.elapsed().as_secs_f64() * 1e6 / f64::from(trips);
+    drop(to_echo);
+    let _ = echo.join();
+
+    let fsync_ms = (|| -> std::io::Result<f64> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(dir.join("calibration"))?;
+        let page = [0u8; 4096];
+        let syncs = 200;
+        let started = Instant::now();
+        for _ in 0..syncs {
+            f.write_all(&page)?;
+            f.sync_data()?;
+        }
+        Ok(started.elapsed().as_secs_f64() * 1e3 / f64::from(syncs))
+    })()
+    .unwrap_or(f64::NAN);
+    json!({
+        "rs256_signs_per_sec_one_core": signs_per_sec,
+        "thread_wakeup_round_trip_us": round_trip_us,
+        "append_4k_fsync_ms": fsync_ms,
+    })
 }
 
 fn machine() -> Value {
@@ -810,6 +867,16 @@ async fn check_phase(
         let due = started + Duration::from_secs_f64(i as f64 / rate as f64);
         if due > Instant::now() + Duration::from_millis(1) {
             tokio::time::sleep_until(due.into()).await;
+        }
+        // At most CHECK_IN_FLIGHT requests (and connections) at once: when Vigil falls behind the
+        // rate, later requests wait here and their latency, counted from `due`, shows it — instead
+        // of the client opening connections until it runs out of file descriptors.
+        while tasks.len() >= CHECK_IN_FLIGHT {
+            match tasks.join_next().await {
+                Some(Ok((true, ms))) => latencies.push(ms),
+                Some(_) => errors += 1,
+                None => break,
+            }
         }
         // xorshift: a spread of grants without a dependency
         seed ^= seed << 13;

@@ -88,8 +88,25 @@ pub fn event_for(decision: &Decision, grant: &Grant) -> Option<(EventKind, Value
     Some((kind, Value::Object(payload)))
 }
 
+/// A fresh `jti`, for SETs that are not re-emitted (verification, stream-updated).
 fn jti() -> String {
     format!("{:032x}", rand::random::<u128>())
+}
+
+/// The `jti` of the SET carrying `decision` on `stream`: derived from the two, so a decision emitted
+/// again (after a crash between its delivery and its "taken over" mark, or replayed from intake,
+/// which reproduces the decision's id) carries the same `jti`, and the receiver's duplicate check
+/// (RFC 8935 §2.3, RFC 8936 acknowledgements) sees one event, not two.
+pub fn decision_jti(decision_id: &str, stream_id: &str) -> String {
+    let mut h = openssl::sha::Sha256::new();
+    h.update(decision_id.as_bytes());
+    h.update(&[0]);
+    h.update(stream_id.as_bytes());
+    h.finish()
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn now() -> f64 {
@@ -125,7 +142,7 @@ pub fn set_for(
     if !stream.events_delivered().contains(&kind.uri()) {
         return None;
     }
-    let jti = jti();
+    let jti = decision_jti(&decision.id, &stream.stream_id);
     let claims = json!({
         "iss": stream.iss,
         "aud": stream.aud,
@@ -290,4 +307,20 @@ fn sign_batch(
         }
         Some(out)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decision_jti;
+
+    #[test]
+    fn a_decision_keeps_its_jti_per_stream_and_streams_differ() {
+        let a = decision_jti("0123456789abcdef", "stream-a");
+        assert_eq!(a, decision_jti("0123456789abcdef", "stream-a"));
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, decision_jti("0123456789abcdef", "stream-b"));
+        assert_ne!(a, decision_jti("0123456789abcdee", "stream-a"));
+        // The separator keeps ("ab", "c") and ("a", "bc") apart.
+        assert_ne!(decision_jti("ab", "c"), decision_jti("a", "bc"));
+    }
 }
