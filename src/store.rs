@@ -123,6 +123,17 @@ impl<T> PendingWrite<T> {
     pub fn wait_blocking(self) -> Result<T, WriteError> {
         self.0.blocking_recv().map_err(|_| WriteError::WriterGone)?
     }
+
+    /// The write's outcome if its commit is done, without waiting; `None` while it is in flight.
+    /// Call it until it answers once: after that the outcome is gone.
+    pub fn try_take(&mut self) -> Option<Result<T, WriteError>> {
+        use tokio::sync::oneshot::error::TryRecvError;
+        match self.0.try_recv() {
+            Ok(outcome) => Some(outcome),
+            Err(TryRecvError::Empty) => None,
+            Err(TryRecvError::Closed) => Some(Err(WriteError::WriterGone)),
+        }
+    }
 }
 
 impl BatchWriter {
@@ -336,6 +347,32 @@ mod tests {
         assert!(b1.wait_blocking().is_err());
         assert!(b2.wait_blocking().is_ok(), "a bulk write commits alone");
         assert_eq!(*order.lock().unwrap(), vec!["o1", "b1", "b2"]);
+        drop(writer);
+        thread.join();
+    }
+
+    /// `try_take` answers nothing while the commit is in flight, then its outcome once.
+    #[test]
+    fn try_take_reports_a_write_only_once_it_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(dir.path()).unwrap();
+        let (writer, thread) = BatchWriter::start(db, "test", 8).unwrap();
+        let (release, gate) = std::sync::mpsc::channel::<()>();
+        let mut held = writer
+            .submit_bulk_blocking(move |_| {
+                gate.recv().unwrap();
+                Ok(7)
+            })
+            .unwrap();
+        assert!(held.try_take().is_none(), "still committing");
+        release.send(()).unwrap();
+        let outcome = loop {
+            if let Some(outcome) = held.try_take() {
+                break outcome;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        };
+        assert_eq!(outcome.unwrap(), 7);
         drop(writer);
         thread.join();
     }

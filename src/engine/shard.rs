@@ -1,10 +1,10 @@
 //! One shard: a thread that owns the contexts and grants whose keys hash to it, applies its inbox in
 //! order, and commits each batch of work in one store transaction.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
@@ -20,7 +20,7 @@ use crate::policy::screen::Screen;
 use crate::policy::{Effect, Evaluation, PolicySet};
 use crate::principal::Target;
 use crate::signal::{now_ms, Signal};
-use crate::store::PendingWrite;
+use crate::store::{PendingWrite, WriteError};
 
 enum Reply {
     Register(
@@ -46,7 +46,7 @@ struct Pending {
     latest: std::collections::HashMap<GrantId, Arc<Grant>>,
     /// Policy swaps waiting for this batch's commit.
     swap_waiters: Vec<oneshot::Sender<()>>,
-    /// Signal batches waiting for this batch's commit (and told if it failed).
+    /// Signal batches waiting for this batch's checkpoint (and told if it failed).
     batch_waiters: Vec<oneshot::Sender<Result<(), String>>>,
     /// Re-evaluations for grants other shards own, sent after the commit.
     forwards: Vec<(usize, Msg)>,
@@ -76,7 +76,55 @@ pub(crate) struct Shard {
     /// Intake sequence numbers of pushed signals applied since the last checkpoint.
     checkpoint_processed: Vec<u64>,
     last_checkpoint: Instant,
+    /// Checkpoints whose chunks are still committing, oldest first (see [`Checkpointing`]).
+    checkpointing: VecDeque<Checkpointing>,
+    /// A batch commit that failed since the last checkpoint: the next checkpoint's signals include
+    /// that batch's, whose decisions are not stored, so they must stay pending for replay.
+    failed_since_checkpoint: Option<String>,
 }
+
+/// A checkpoint in flight. Its chunks commit in the store's bulk lane while the shard goes on
+/// deciding: a decision is announced once its own batch's ordinary write is on disk, never
+/// behind a checkpoint's hundreds of rows (which held decisions for tens of milliseconds). What
+/// depends on the checkpoint waits for all its chunks: the intake "processed" marks of the
+/// pushed signals it covers and the answers to the signal batches (Kafka offsets) it covers. A
+/// crash before then loses nothing: those signals are replayed, and the decisions they caused
+/// are already stored.
+struct Checkpointing {
+    writes: Vec<Result<PendingWrite<()>, WriteError>>,
+    processed: Vec<u64>,
+    waiters: Vec<oneshot::Sender<Result<(), String>>>,
+    failed: Option<String>,
+}
+
+impl Checkpointing {
+    /// Collects the outcome of every chunk whose commit is done — of all of them, waiting, when
+    /// `block` — and says whether none is left in flight.
+    fn settle(&mut self, block: bool) -> bool {
+        let mut left = Vec::new();
+        for write in self.writes.drain(..) {
+            let outcome = match write {
+                Err(e) => Some(Err(e)),
+                Ok(pending) if block => Some(pending.wait_blocking()),
+                Ok(mut pending) => match pending.try_take() {
+                    Some(outcome) => Some(outcome),
+                    None => {
+                        left.push(Ok(pending));
+                        None
+                    }
+                },
+            };
+            if let (Some(Err(e)), None) = (outcome, &self.failed) {
+                self.failed = Some(e.to_string());
+            }
+        }
+        self.writes = left;
+        self.writes.is_empty()
+    }
+}
+
+/// How often an idle shard looks whether a checkpoint in flight has committed.
+const CHECKPOINT_POLL: Duration = Duration::from_millis(2);
 
 /// Most such contexts held before a write is forced.
 const CHECKPOINT_MAX_DIRTY: usize = 100_000;
@@ -113,6 +161,8 @@ impl Shard {
             checkpoint_waiters: Vec::new(),
             checkpoint_processed: Vec::new(),
             last_checkpoint: Instant::now(),
+            checkpointing: VecDeque::new(),
+            failed_since_checkpoint: None,
         }
     }
 
@@ -126,6 +176,7 @@ impl Shard {
         let mut last_sweep = Instant::now();
         let mut committing: Option<Committing> = None;
         loop {
+            self.settle_checkpoints(false);
             let first = match rx.try_recv() {
                 Ok(m) => Some(m),
                 Err(TryRecvError::Disconnected) => break,
@@ -143,6 +194,11 @@ impl Shard {
                         checkpoint_interval
                             .saturating_sub(self.last_checkpoint.elapsed())
                             .min(interval)
+                    };
+                    let wait = if self.checkpointing.is_empty() {
+                        wait
+                    } else {
+                        wait.min(CHECKPOINT_POLL)
                     };
                     match rx.recv_timeout(wait) {
                         Ok(m) => Some(m),
@@ -191,6 +247,29 @@ impl Shard {
         }
         if let Some(c) = committing.take() {
             self.announce(c);
+        }
+        self.settle_checkpoints(true);
+    }
+
+    /// Finishes the checkpoints in flight whose chunks have all committed (every one, waiting,
+    /// when `block`), oldest first: marks their signals processed and answers their batches.
+    fn settle_checkpoints(&mut self, block: bool) {
+        while let Some(oldest) = self.checkpointing.front_mut() {
+            if !oldest.settle(block) {
+                return;
+            }
+            let Some(done) = self.checkpointing.pop_front() else {
+                return;
+            };
+            match &done.failed {
+                None => self.shared.intake.mark_processed_detached(done.processed),
+                Some(e) => {
+                    tracing::error!(shard = self.id, error = %e, "checkpoint failed; its signals stay pending for replay");
+                }
+            }
+            for w in done.waiters {
+                let _ = w.send(done.failed.clone().map_or(Ok(()), Err));
+            }
         }
     }
 
@@ -789,6 +868,7 @@ impl Shard {
             }
         }
         let mut writes = Vec::new();
+        let mut chunks = Vec::new();
         if !p.changes.is_empty() {
             let changes = std::mem::take(&mut p.changes);
             match revocations.and_then(|()| changes.encode()) {
@@ -803,7 +883,7 @@ impl Shard {
                         );
                     }
                     for chunk in bulk {
-                        writes.push(
+                        chunks.push(
                             self.shared
                                 .writer
                                 .submit_bulk_blocking(move |txn| persist::write(txn, &chunk)),
@@ -812,13 +892,31 @@ impl Shard {
                 }
             }
         }
-        Committing { writes, p }
+        let checkpoint = (!chunks.is_empty()
+            || !p.processed.is_empty()
+            || !p.batch_waiters.is_empty())
+        .then(|| Checkpointing {
+            writes: chunks,
+            processed: std::mem::take(&mut p.processed),
+            waiters: std::mem::take(&mut p.batch_waiters),
+            failed: None,
+        });
+        Committing {
+            writes,
+            checkpoint,
+            p,
+        }
     }
 
-    /// Waits for the batch's commit, then announces it: forwards, decisions and replies. Nothing
-    /// is announced before it is durable.
+    /// Waits for the batch's ordinary write, then announces it: forwards, decisions and replies.
+    /// Nothing is announced before it is durable. The batch's checkpoint, if it took one, goes on
+    /// committing and is settled later ([`Checkpointing`]).
     fn announce(&mut self, c: Committing) {
-        let Committing { writes, mut p } = c;
+        let Committing {
+            writes,
+            checkpoint,
+            mut p,
+        } = c;
         let mut failed = None;
         for write in writes {
             if let (Err(e), None) = (write.and_then(PendingWrite::wait_blocking), &failed) {
@@ -826,11 +924,18 @@ impl Shard {
                 failed = Some(e.to_string());
             }
         }
-        if failed.is_none() {
-            // The signals' effects are durable: intake need not replay them.
-            self.shared
-                .intake
-                .mark_processed_detached(std::mem::take(&mut p.processed));
+        if failed.is_some() {
+            self.failed_since_checkpoint.clone_from(&failed);
+        }
+        if let Some(mut checkpoint) = checkpoint {
+            // The checkpoint's signals were applied in this batch or the ones before it since the
+            // last checkpoint: if any of those failed to store its decisions, replay them all.
+            checkpoint.failed = self.failed_since_checkpoint.take();
+            self.checkpointing.push_back(checkpoint);
+            if self.checkpointing.len() > 1 {
+                // Checkpoints are slower than their interval: let the oldest finish first.
+                self.settle_checkpoints(true);
+            }
         }
         for (owner, msg) in p.forwards.drain(..) {
             if let Some(inbox) = self.inboxes.get(owner) {
@@ -863,17 +968,16 @@ impl Shard {
         for w in p.swap_waiters.drain(..) {
             let _ = w.send(());
         }
-        for w in p.batch_waiters.drain(..) {
-            let _ = w.send(failed.clone().map_or(Ok(()), Err));
-        }
         drop(p.permits);
     }
 }
 
 /// A batch applied in memory whose commit is in flight.
 struct Committing {
-    /// The batch's grants and decisions (ordinary lane), then its checkpoint's chunks (bulk lane).
-    writes: Vec<Result<PendingWrite<()>, crate::store::WriteError>>,
+    /// The batch's grants, decisions and hand-off (ordinary lane).
+    writes: Vec<Result<PendingWrite<()>, WriteError>>,
+    /// The checkpoint the batch took, if any: its chunks (bulk lane) and what waits for them.
+    checkpoint: Option<Checkpointing>,
     p: Pending,
 }
 
