@@ -7,9 +7,10 @@
 //! API, and a shard reading a device's or a delegating user's context owned by another shard).
 //!
 //! A shard processes its inbox in batches: it folds signals, evaluates the affected grants, appends
-//! the resulting decisions to the audit log, then commits contexts, grants, aliases *and* the intake
-//! "processed" marks in one store transaction (group commit). Only after that commit are registration
-//! replies sent and decisions handed on: nothing is announced before it is durable.
+//! the resulting decisions to the audit log, then commits grants, aliases and the decisions' hand-off
+//! in one store transaction (group commit); contexts wait for the shard's checkpoint, and intake's
+//! "processed" marks for that. Only after the batch's commit are registration replies sent and
+//! decisions handed on: nothing is announced before it is durable.
 //!
 //! Work that crosses shards (a device's change reaching grants of several principals, a user's change
 //! reaching the agents acting for them) is forwarded as re-evaluation messages, never by writing
