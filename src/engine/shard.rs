@@ -176,7 +176,7 @@ impl Shard {
         let mut last_sweep = Instant::now();
         let mut committing: Option<Committing> = None;
         loop {
-            self.settle_checkpoints(false);
+            self.settle_checkpoints(usize::MAX);
             let first = match rx.try_recv() {
                 Ok(m) => Some(m),
                 Err(TryRecvError::Disconnected) => break,
@@ -248,13 +248,18 @@ impl Shard {
         if let Some(c) = committing.take() {
             self.announce(c);
         }
-        self.settle_checkpoints(true);
+        self.settle_checkpoints(0);
     }
 
-    /// Finishes the checkpoints in flight whose chunks have all committed (every one, waiting,
-    /// when `block`), oldest first: marks their signals processed and answers their batches.
-    fn settle_checkpoints(&mut self, block: bool) {
-        while let Some(oldest) = self.checkpointing.front_mut() {
+    /// Finishes, oldest first, the checkpoints in flight whose chunks have all committed — waiting
+    /// for the oldest ones while more than `in_flight` remain: marks their signals processed and
+    /// answers their batches.
+    fn settle_checkpoints(&mut self, in_flight: usize) {
+        loop {
+            let block = self.checkpointing.len() > in_flight;
+            let Some(oldest) = self.checkpointing.front_mut() else {
+                return;
+            };
             if !oldest.settle(block) {
                 return;
             }
@@ -932,10 +937,8 @@ impl Shard {
             // last checkpoint: if any of those failed to store its decisions, replay them all.
             checkpoint.failed = self.failed_since_checkpoint.take();
             self.checkpointing.push_back(checkpoint);
-            if self.checkpointing.len() > 1 {
-                // Checkpoints are slower than their interval: let the oldest finish first.
-                self.settle_checkpoints(true);
-            }
+            // Checkpoints slower than their interval: the older one finishes before going on.
+            self.settle_checkpoints(1);
         }
         for (owner, msg) in p.forwards.drain(..) {
             if let Some(inbox) = self.inboxes.get(owner) {
