@@ -73,22 +73,31 @@ impl Decision {
         policy_version: &str,
         rules: &[String],
     ) -> String {
-        let mut h = openssl::sha::Sha256::new();
-        for part in [
-            grant_id,
-            &cause.kind,
-            &cause.seq.map(|s| s.to_string()).unwrap_or_default(),
-            &format!("{effect:?}"),
-            policy_version,
-            &rules.join(","),
-        ] {
-            h.update(part.as_bytes());
-            h.update(&[0]);
-        }
-        h.finish()
-            .iter()
-            .take(8)
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        digest_hex(
+            &[
+                grant_id,
+                &cause.kind,
+                &cause.seq.map(|s| s.to_string()).unwrap_or_default(),
+                &format!("{effect:?}"),
+                policy_version,
+                &rules.join(","),
+            ],
+            8,
+        )
     }
+}
+
+/// The first `bytes` bytes, in hex, of SHA-256 over `parts`, each followed by a NUL (so ("ab", "c")
+/// and ("a", "bc") differ): for identifiers that must come out the same whenever their parts do.
+pub fn digest_hex(parts: &[&str], bytes: usize) -> String {
+    let mut h = openssl::sha::Sha256::new();
+    for part in parts {
+        h.update(part.as_bytes());
+        h.update(&[0]);
+    }
+    h.finish()
+        .iter()
+        .take(bytes)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

@@ -98,15 +98,7 @@ fn jti() -> String {
 /// which reproduces the decision's id) carries the same `jti`, and the receiver's duplicate check
 /// (RFC 8935 §2.3, RFC 8936 acknowledgements) sees one event, not two.
 pub fn decision_jti(decision_id: &str, stream_id: &str) -> String {
-    let mut h = openssl::sha::Sha256::new();
-    h.update(decision_id.as_bytes());
-    h.update(&[0]);
-    h.update(stream_id.as_bytes());
-    h.finish()
-        .iter()
-        .take(16)
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::decision::digest_hex(&[decision_id, stream_id], 16)
 }
 
 fn now() -> f64 {
