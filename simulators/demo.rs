@@ -169,6 +169,8 @@ async fn main() -> anyhow::Result<()> {
         }],
         ..Config::default()
     };
+    // Every party of the demo runs on this machine's loopback.
+    config.outbound.allow_loopback = true;
     config.kafka.brokers = kafka.bootstrap_servers();
     config.kafka.topics = vec![FRAUD_TOPIC.into()];
     config.kafka.mappings = vec![fraud_engine_mapping(FRAUD_TOPIC)];

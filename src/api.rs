@@ -143,7 +143,18 @@ pub async fn subject(State(s): State<Arc<ApiState>>, Path(key): Path<String>) ->
 }
 
 pub async fn reload_policies(State(s): State<Arc<ApiState>>) -> Response {
-    let outcome = s.reloader.reload();
+    // Compiling and testing a policy set is CPU work: off the async workers.
+    let reloader = s.reloader.clone();
+    let outcome = match tokio::task::spawn_blocking(move || reloader.reload()).await {
+        Ok(o) => o,
+        Err(_) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "the reload did not complete",
+            )
+        }
+    };
     let body: Value = serde_json::to_value(&outcome).unwrap_or(Value::Null);
     match outcome {
         ReloadOutcome::Refused { .. } => {
@@ -220,7 +231,7 @@ pub async fn check_grant(State(s): State<Arc<ApiState>>, body: axum::body::Bytes
 }
 
 /// `GET /v1/check/auth_request`: for nginx `auth_request`. The grant is named by `X-Vigil-Grant`,
-/// `X-Vigil-Session`, or the `iss`/`jti` of the bearer JWT in `Authorization` (read, not verified:
+/// `X-Vigil-Session`, or the `iss`/`jti` of the user's JWT in `X-Vigil-Token` (read, not verified:
 /// the gateway verifies the token; Vigil answers whether it is still valid). Optional `X-Vigil-Action`.
 /// 200 allow, 401 unknown grant, 403 denied; `X-Vigil-Status` and `X-Vigil-Reason` say why.
 pub async fn check_auth_request(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
@@ -230,8 +241,16 @@ pub async fn check_auth_request(State(s): State<Arc<ApiState>>, headers: HeaderM
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
     };
-    let token = header("authorization")
-        .and_then(|a| a.strip_prefix("Bearer ").map(str::to_owned))
+    // The user's token comes in `X-Vigil-Token` (nginx: `proxy_set_header X-Vigil-Token
+    // $http_authorization`): `Authorization` carries the gateway's own credential for this route.
+    let token = header("x-vigil-token")
+        .map(|t| {
+            t.strip_prefix("Bearer ")
+                .or_else(|| t.strip_prefix("bearer "))
+                .unwrap_or(&t)
+                .trim()
+                .to_owned()
+        })
         .and_then(|jwt| jwt_iss_jti(&jwt));
     let req = CheckRequest {
         grant_id: header("x-vigil-grant"),

@@ -163,8 +163,33 @@ impl Vigil {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (next_tx, next_rx) = mpsc::channel(config.intake.channel_capacity);
 
+        // Calls to transmitters (metadata, keys, stream management, poll): their configured
+        // issuer is the operator's choice, so loopback is allowed there; what their metadata names
+        // is checked where it is used. Redirects stay on the origin asked for; link-local and
+        // other never-valid addresses are refused for every name resolved.
         let client = crate::tls::trust_bundle(
-            reqwest::Client::builder().timeout(Duration::from_millis(config.jwks.fetch_timeout_ms)),
+            reqwest::Client::builder()
+                .timeout(Duration::from_millis(config.jwks.fetch_timeout_ms))
+                .redirect(crate::outbound::same_origin_redirects())
+                .dns_resolver(
+                    crate::outbound::Destinations {
+                        allow_loopback: true,
+                    }
+                    .resolver(),
+                ),
+            &config.tls,
+        )?
+        .build()
+        .map_err(|e| StartError::Client(e.to_string()))?;
+        // Push delivery goes where enforcement points say: their URLs pass the destination policy
+        // (`[outbound]`), every name they use is resolved through it, and no redirect is followed.
+        let destinations = crate::outbound::Destinations {
+            allow_loopback: config.outbound.allow_loopback,
+        };
+        let push_client = crate::tls::trust_bundle(
+            reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .dns_resolver(destinations.resolver()),
             &config.tls,
         )?
         .build()
@@ -235,12 +260,15 @@ impl Vigil {
         );
         tasks.push(tokio::spawn(transmitter::push::run(
             streams.clone(),
-            client.clone(),
+            push_client,
             transmitter::push::PushSettings {
                 timeout: Duration::from_millis(config.delivery.push_timeout_ms),
                 initial_backoff: Duration::from_millis(config.delivery.initial_backoff_ms),
                 max_backoff: Duration::from_secs(config.delivery.max_backoff_secs),
                 dead_letter_after: Duration::from_secs(config.delivery.dead_letter_after_secs),
+                per_endpoint_concurrency: limits.push_concurrency_per_enforcement_point,
+                destinations,
+                max_error_body: 16 * 1024,
             },
             shutdown_rx.clone(),
         )));
@@ -285,6 +313,7 @@ impl Vigil {
         if config.kafka.enabled() {
             let source = crate::kafka::KafkaSource::start(
                 &config.kafka,
+                config.events.max_future_skew_secs,
                 intake.clone(),
                 engine.clone(),
                 store_writer.clone(),
@@ -292,12 +321,10 @@ impl Vigil {
             )?;
             tasks.push(source.into_task());
         }
-        let receiver = Arc::new(Receiver::new(
-            transmitters,
-            intake.clone(),
-            next_tx,
-            liveness,
-        ));
+        let receiver = Arc::new(
+            Receiver::new(transmitters, intake.clone(), next_tx, liveness)
+                .with_max_future_skew(config.events.max_future_skew_secs),
+        );
         for m in &ssf_clients.managers {
             tasks.push(tokio::spawn(
                 m.clone().run(receiver.clone(), shutdown_rx.clone()),
@@ -357,12 +384,17 @@ impl Vigil {
             )
             .merge(
                 Router::new()
-                    .route("/readyz", get(ops::readyz))
                     .route("/metrics", get(ops::metrics))
                     .route_layer(needs(Role::Metrics))
-                    .route("/healthz", get(ops::healthz))
-                    .with_state(ops_state),
+                    .with_state(ops_state.clone()),
             );
+        // What a connection in the health reserve is served (see `server.rs`).
+        let health = Router::new()
+            .route("/readyz", get(ops::readyz))
+            .route_layer(needs(Role::Metrics))
+            .route("/healthz", get(ops::healthz))
+            .with_state(ops_state);
+        let app = app.merge(health.clone());
 
         let issuer = config
             .identity
@@ -398,6 +430,25 @@ impl Vigil {
             connections: Arc::new(tokio::sync::Semaphore::new(
                 limits.max_streaming_connections,
             )),
+            connections_per_point: config
+                .enforcement_points
+                .iter()
+                .map(|p| {
+                    (
+                        p.name.clone(),
+                        Arc::new(tokio::sync::Semaphore::new(
+                            limits.max_streaming_connections_per_enforcement_point,
+                        )),
+                    )
+                })
+                .collect(),
+            max_streams_per_point: limits.max_streams_per_enforcement_point,
+            max_subjects_per_stream: limits.max_subjects_per_stream,
+            destinations,
+            limiter: RateLimiter::new(
+                limits.enforcement_point_requests_per_sec,
+                limits.enforcement_point_requests_per_sec * 2.0,
+            ),
             shutdown: shutdown_rx.clone(),
         });
         let app = app.merge(
@@ -422,23 +473,25 @@ impl Vigil {
                 .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
                 .with_state(mgmt_state),
         );
-        let mut server_shutdown = shutdown_rx.clone();
-        tasks.push(tokio::spawn(async move {
-            match tls {
-                Some(acceptor) => crate::tls::serve(listener, acceptor, app, server_shutdown).await,
-                None => {
-                    let stop = async move {
-                        let _ = server_shutdown.changed().await;
-                    };
-                    if let Err(e) = axum::serve(listener, app)
-                        .with_graceful_shutdown(stop)
-                        .await
-                    {
-                        tracing::error!(error = %e, "HTTP server failed");
-                    }
-                }
-            }
-        }));
+        let app = app.layer(axum::middleware::from_fn_with_state(
+            Duration::from_millis(config.server.body_read_timeout_ms),
+            crate::server::body_deadline,
+        ));
+        let server_limits = crate::server::ServerLimits {
+            max_connections: config.server.max_connections,
+            max_connections_per_peer: config.server.max_connections_per_peer,
+            health_reserve: config.server.health_reserve_connections,
+            request_head_timeout: Duration::from_millis(config.server.request_head_timeout_ms),
+            tls_handshake_timeout: Duration::from_millis(config.server.tls_handshake_timeout_ms),
+        };
+        tasks.push(tokio::spawn(crate::server::serve(
+            listener,
+            tls,
+            app,
+            health,
+            server_limits,
+            shutdown_rx.clone(),
+        )));
         if let Some(handle) = metrics {
             let mut upkeep_shutdown = shutdown_rx.clone();
             tasks.push(tokio::spawn(async move {

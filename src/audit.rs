@@ -3,6 +3,7 @@
 //! that took effect; after a crash a decision may appear twice, with the same deterministic id).
 //! Files rotate at `max_bytes`; the newest `keep` files are kept. Queries scan the files.
 
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -37,7 +38,7 @@ pub struct AuditLog {
 
 impl AuditLog {
     pub fn open(dir: &Path, max_bytes: u64, keep: usize) -> std::io::Result<AuditLog> {
-        std::fs::create_dir_all(dir)?;
+        crate::store::private_dir(dir)?;
         let index = list_files(dir)?.last().map_or(1, |(i, _)| *i);
         let (file, size) = open_append(dir, index)?;
         Ok(AuditLog {
@@ -84,15 +85,21 @@ impl AuditLog {
         Ok(())
     }
 
-    /// The newest decisions matching `q`, oldest first.
+    /// The newest decisions matching `q`, oldest first. Files are read newest first and the
+    /// read stops once `limit` matches are found, so memory is bounded by `limit` whatever the
+    /// log's size.
     pub fn query(&self, q: &DecisionQuery) -> std::io::Result<Vec<Decision>> {
-        let mut out = Vec::new();
-        for (_, path) in list_files(&self.dir)? {
+        let limit = if q.limit == 0 { 1000 } else { q.limit };
+        let mut out: VecDeque<Decision> = VecDeque::new();
+        for (_, path) in list_files(&self.dir)?.into_iter().rev() {
             let file = match File::open(&path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // rotated away
                 Err(e) => return Err(e),
             };
+            // This file's newest matches, at most as many as are still wanted.
+            let room = limit - out.len();
+            let mut newest: VecDeque<Decision> = VecDeque::new();
             for line in BufReader::new(file).lines() {
                 let line = line?;
                 let Ok(d) = serde_json::from_str::<Decision>(&line) else {
@@ -102,21 +109,28 @@ impl AuditLog {
                     && q.grant.as_ref().is_none_or(|g| &d.grant_id == g)
                     && q.since.is_none_or(|t| d.time >= t);
                 if keep {
-                    out.push(d);
+                    if newest.len() == room {
+                        newest.pop_front();
+                    }
+                    newest.push_back(d);
                 }
             }
+            for d in newest.into_iter().rev() {
+                out.push_front(d);
+            }
+            if out.len() >= limit {
+                break;
+            }
         }
-        let limit = if q.limit == 0 { 1000 } else { q.limit };
-        if out.len() > limit {
-            out.drain(..out.len() - limit);
-        }
-        Ok(out)
+        Ok(out.into())
     }
 }
 
 fn open_append(dir: &Path, index: u64) -> std::io::Result<(File, u64)> {
     let path = dir.join(format!("audit-{index:06}.jsonl"));
     let file = OpenOptions::new().create(true).append(true).open(&path)?;
+    // Decisions name subjects and grants: the owner's alone.
+    crate::store::private_file(&path)?;
     let size = file.metadata()?.len();
     Ok((file, size))
 }

@@ -186,8 +186,10 @@ fn bearer(value: &str) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
-fn digest(token: &str) -> [u8; 32] {
-    openssl::sha::sha256(token.as_bytes())
+/// A credential's SHA-256, what credentials are compared as: equal-length values compared in
+/// constant time, so neither a token's length nor its content leaks through timing.
+pub fn digest(token: impl AsRef<[u8]>) -> [u8; 32] {
+    openssl::sha::sha256(token.as_ref())
 }
 
 fn load_or_create_token(path: &Path) -> Result<String, AuthError> {

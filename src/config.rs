@@ -92,6 +92,107 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub tls: TlsConfig,
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub outbound: OutboundConfig,
+    #[serde(default)]
+    pub events: EventsConfig,
+}
+
+/// The listener's connection budgets: every caller shares the server, so none may hold it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Connections served at once; beyond it, `health_reserve_connections` more are served only
+    /// `/healthz` and `/readyz`, and any further one is closed at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Connections one peer address may hold (closed at once beyond), so one host cannot take
+    /// the whole pool.
+    #[serde(default = "default_max_per_peer")]
+    pub max_connections_per_peer: usize,
+    #[serde(default = "default_health_reserve")]
+    pub health_reserve_connections: usize,
+    /// A connection must send a complete request head within this long of being accepted or of
+    /// its previous response: the slow-header and the idle keep-alive timeout in one.
+    #[serde(default = "default_head_timeout")]
+    pub request_head_timeout_ms: u64,
+    /// A request body must arrive whole within this long (408 otherwise).
+    #[serde(default = "default_body_timeout")]
+    pub body_read_timeout_ms: u64,
+    #[serde(default = "default_handshake_timeout")]
+    pub tls_handshake_timeout_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_connections: default_max_connections(),
+            max_connections_per_peer: default_max_per_peer(),
+            health_reserve_connections: default_health_reserve(),
+            request_head_timeout_ms: default_head_timeout(),
+            body_read_timeout_ms: default_body_timeout(),
+            tls_handshake_timeout_ms: default_handshake_timeout(),
+        }
+    }
+}
+
+fn default_max_connections() -> usize {
+    // Under a typical 1 024 file-descriptor limit, with room for the stores, outbound calls and
+    // the health reserve.
+    768
+}
+fn default_max_per_peer() -> usize {
+    // A gateway fleet behind one NAT address may hold many; one host still cannot hold them all.
+    256
+}
+fn default_health_reserve() -> usize {
+    16
+}
+fn default_head_timeout() -> u64 {
+    30_000
+}
+fn default_body_timeout() -> u64 {
+    30_000
+}
+fn default_handshake_timeout() -> u64 {
+    10_000
+}
+
+/// Calls to URLs that other parties chose (enforcement points' push endpoints, URLs in a
+/// transmitter's metadata). See `outbound.rs`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundConfig {
+    /// Allow loopback destinations (and plain http to them). For local development and tests
+    /// only: in production it would let a party make Vigil call its own host's services.
+    #[serde(default)]
+    pub allow_loopback: bool,
+}
+
+/// Sanity window for the times events claim.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    /// How far ahead of Vigil's clock an event time (`toe`, `event_timestamp`, a risk score's
+    /// time) may be: clock skew. A later time is taken as the time of receipt (logged, counted
+    /// in `vigil_event_times_clamped_total`), so a signal from the future never pins a fact; a
+    /// SET whose `iat` is later is refused (`invalid_request`).
+    #[serde(default = "default_future_skew")]
+    pub max_future_skew_secs: u64,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            max_future_skew_secs: default_future_skew(),
+        }
+    }
+}
+
+fn default_future_skew() -> u64 {
+    300
 }
 
 /// HTTPS on the listener (rustls), optional client certificates, and extra CAs for outbound calls.
@@ -130,6 +231,22 @@ pub struct LimitsConfig {
     /// Long polls and SSE responses open at once, across all enforcement points.
     #[serde(default = "default_streaming")]
     pub max_streaming_connections: usize,
+    /// Long polls and SSE responses one enforcement point may hold open (503 beyond).
+    #[serde(default = "default_streaming_per_ep")]
+    pub max_streaming_connections_per_enforcement_point: usize,
+    /// Streams one enforcement point may create (429 beyond): every decision is signed once per
+    /// stream it goes to.
+    #[serde(default = "default_streams_per_ep")]
+    pub max_streams_per_enforcement_point: usize,
+    /// Subjects one stream may list (`/ssf/subjects:add`, 429 beyond).
+    #[serde(default = "default_subjects_per_stream")]
+    pub max_subjects_per_stream: usize,
+    /// Push deliveries in flight at once to one enforcement point (its streams share them).
+    #[serde(default = "default_push_per_ep")]
+    pub push_concurrency_per_enforcement_point: usize,
+    /// Requests per second each enforcement point may make to `/ssf/*` (429 beyond).
+    #[serde(default = "default_ep_rate")]
+    pub enforcement_point_requests_per_sec: f64,
 }
 
 impl Default for LimitsConfig {
@@ -139,6 +256,11 @@ impl Default for LimitsConfig {
             client_requests_per_sec: default_rate(),
             burst: default_burst(),
             max_streaming_connections: default_streaming(),
+            max_streaming_connections_per_enforcement_point: default_streaming_per_ep(),
+            max_streams_per_enforcement_point: default_streams_per_ep(),
+            max_subjects_per_stream: default_subjects_per_stream(),
+            push_concurrency_per_enforcement_point: default_push_per_ep(),
+            enforcement_point_requests_per_sec: default_ep_rate(),
         }
     }
 }
@@ -151,6 +273,21 @@ fn default_burst() -> f64 {
 }
 fn default_streaming() -> usize {
     1024
+}
+fn default_streaming_per_ep() -> usize {
+    16
+}
+fn default_streams_per_ep() -> usize {
+    16
+}
+fn default_subjects_per_stream() -> usize {
+    10_000
+}
+fn default_push_per_ep() -> usize {
+    4
+}
+fn default_ep_rate() -> f64 {
+    1000.0
 }
 
 /// A caller of Vigil's API: a gateway registering grants, a `check` client, an operator, a metrics
@@ -771,6 +908,9 @@ impl Default for Config {
             clients: Vec::new(),
             limits: LimitsConfig::default(),
             tls: TlsConfig::default(),
+            server: ServerConfig::default(),
+            outbound: OutboundConfig::default(),
+            events: EventsConfig::default(),
         }
     }
 }
@@ -781,6 +921,14 @@ impl Config {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
+        Config::load_reporting(file, env).map(|(config, _)| config)
+    }
+
+    /// [`Config::load`], also saying which `VIGIL_*` variables were applied and which were ignored.
+    pub fn load_reporting(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(Config, EnvReport), ConfigError> {
         let text = match file {
             Some(path) => std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
                 path: path.to_owned(),
@@ -788,7 +936,7 @@ impl Config {
             })?,
             None => String::new(),
         };
-        Config::from_toml(&text, env)
+        Config::from_toml_reporting(&text, env)
     }
 
     /// Parses TOML text, applies environment overrides and validates.
@@ -796,15 +944,44 @@ impl Config {
         text: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
+        Config::from_toml_reporting(text, env).map(|(config, _)| config)
+    }
+
+    /// [`Config::from_toml`], with the report of the environment variables.
+    ///
+    /// Only a `VIGIL_*` variable whose path names a configuration key is applied. One whose path
+    /// names no key (Kubernetes' `VIGIL_SERVICE_HOST`, `VIGIL_PORT=tcp://…` for a Service named
+    /// `vigil`, a harness's own flag) is left out and listed in [`EnvReport::ignored`]: the
+    /// environment is shared with other software, so an unknown name is not a typo to refuse.
+    /// Invalid values of known keys are still errors.
+    pub fn from_toml_reporting(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(Config, EnvReport), ConfigError> {
         let mut root: toml::Table = text
             .parse()
             .map_err(|e: toml::de::Error| ConfigError::Syntax(e.to_string()))?;
-        for (name, value) in env {
-            if let Some(path) = name.strip_prefix("VIGIL_") {
-                if !NON_CONFIG_ENV.contains(&name.as_str()) && !path.is_empty() {
-                    apply_override(&mut root, path, &value)?;
-                }
+        let mut vars: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(name, _)| {
+                name.len() > "VIGIL_".len()
+                    && name.starts_with("VIGIL_")
+                    && !NON_CONFIG_ENV.contains(&name.as_str())
+            })
+            .collect();
+        // Sorted so that the outcome never depends on the environment's order.
+        vars.sort();
+        let mut report = EnvReport::default();
+        for (name, value) in vars {
+            let path = &name["VIGIL_".len()..];
+            let mut candidate = root.clone();
+            apply_override(&mut candidate, path, &value)?;
+            if names_unknown_key(&candidate, path) && !names_unknown_key(&root, path) {
+                report.ignored.push(name);
+                continue;
             }
+            root = candidate;
+            report.applied.push(name);
         }
         let config: Config =
             serde_path_to_error::deserialize(toml::Value::Table(root)).map_err(|e| {
@@ -814,7 +991,7 @@ impl Config {
                 invalid(key, message.lines().next().unwrap_or_default())
             })?;
         config.validate()?;
-        Ok(config)
+        Ok((config, report))
     }
 
     /// Checks what types alone cannot: uniqueness, URLs, non-empty lists.
@@ -893,12 +1070,46 @@ impl Config {
                 "client certificates need TLS: set `cert` and `key`",
             ));
         }
-        if self.limits.max_streaming_connections == 0 {
-            return Err(invalid(
+        for (key, value) in [
+            (
                 "limits.max_streaming_connections",
-                "must be greater than 0",
+                self.limits.max_streaming_connections,
+            ),
+            (
+                "limits.max_streaming_connections_per_enforcement_point",
+                self.limits.max_streaming_connections_per_enforcement_point,
+            ),
+            (
+                "limits.max_streams_per_enforcement_point",
+                self.limits.max_streams_per_enforcement_point,
+            ),
+            (
+                "limits.max_subjects_per_stream",
+                self.limits.max_subjects_per_stream,
+            ),
+            (
+                "limits.push_concurrency_per_enforcement_point",
+                self.limits.push_concurrency_per_enforcement_point,
+            ),
+            ("server.max_connections", self.server.max_connections),
+            (
+                "server.max_connections_per_peer",
+                self.server.max_connections_per_peer,
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        if !(self.limits.enforcement_point_requests_per_sec.is_finite()
+            && self.limits.enforcement_point_requests_per_sec >= 1.0)
+        {
+            return Err(invalid(
+                "limits.enforcement_point_requests_per_sec",
+                "must be a number of at least 1",
             ));
         }
+        self.check_durations()?;
         let mut client_names = HashSet::new();
         for (i, c) in self.clients.iter().enumerate() {
             if c.name.is_empty() || !client_names.insert(c.name.as_str()) {
@@ -995,6 +1206,137 @@ impl Config {
         }
         Ok(())
     }
+}
+
+impl Config {
+    /// Every duration has an upper bound, so no arithmetic on it (deadlines, backoff doubling,
+    /// `Instant + Duration`) can overflow and panic; zero is refused where it would mean "spin"
+    /// or "never".
+    fn check_durations(&self) -> Result<(), ConfigError> {
+        const DAY_SECS: u64 = 24 * 3600;
+        const MAX_SECS: u64 = 366 * DAY_SECS;
+        const MAX_MS: u64 = DAY_SECS * 1000;
+        let secs = [
+            ("engine.session_ttl_secs", self.engine.session_ttl_secs, 0),
+            (
+                "jwks.refresh_interval_secs",
+                self.jwks.refresh_interval_secs,
+                1,
+            ),
+            (
+                "jwks.min_refetch_interval_secs",
+                self.jwks.min_refetch_interval_secs,
+                0,
+            ),
+            ("jwks.retry_interval_secs", self.jwks.retry_interval_secs, 1),
+            (
+                "identity.key_retention_secs",
+                self.identity.key_retention_secs,
+                0,
+            ),
+            (
+                "identity.poll_timeout_secs",
+                self.identity.poll_timeout_secs,
+                0,
+            ),
+            (
+                "delivery.max_backoff_secs",
+                self.delivery.max_backoff_secs,
+                1,
+            ),
+            (
+                "delivery.dead_letter_after_secs",
+                self.delivery.dead_letter_after_secs,
+                1,
+            ),
+            (
+                "policy.watch_interval_secs",
+                self.policy.watch_interval_secs,
+                0,
+            ),
+            (
+                "events.max_future_skew_secs",
+                self.events.max_future_skew_secs,
+                0,
+            ),
+        ];
+        for (key, value, min) in secs {
+            if value < min || value > MAX_SECS {
+                return Err(invalid(
+                    key,
+                    format!("must be between {min} and {MAX_SECS} seconds"),
+                ));
+            }
+        }
+        let mut ms = vec![
+            ("jwks.fetch_timeout_ms", self.jwks.fetch_timeout_ms),
+            ("engine.sweep_interval_ms", self.engine.sweep_interval_ms),
+            (
+                "engine.checkpoint_interval_ms",
+                self.engine.checkpoint_interval_ms,
+            ),
+            ("delivery.push_timeout_ms", self.delivery.push_timeout_ms),
+            (
+                "delivery.initial_backoff_ms",
+                self.delivery.initial_backoff_ms,
+            ),
+            (
+                "server.request_head_timeout_ms",
+                self.server.request_head_timeout_ms,
+            ),
+            (
+                "server.body_read_timeout_ms",
+                self.server.body_read_timeout_ms,
+            ),
+            (
+                "server.tls_handshake_timeout_ms",
+                self.server.tls_handshake_timeout_ms,
+            ),
+        ];
+        for (i, t) in self.transmitters.iter().enumerate() {
+            if let Some(m) = &t.manage {
+                for (field, value) in [
+                    ("verify_interval_secs", m.verify_interval_secs),
+                    ("refresh_interval_secs", m.refresh_interval_secs),
+                    ("poll_timeout_secs", m.poll_timeout_secs),
+                ] {
+                    if value > MAX_SECS {
+                        return Err(invalid(
+                            format!("transmitters[{i}].manage.{field}"),
+                            format!("must be at most {MAX_SECS} seconds"),
+                        ));
+                    }
+                }
+            }
+        }
+        ms.retain(|(_, v)| *v == 0 || *v > MAX_MS);
+        if let Some((key, _)) = ms.first() {
+            return Err(invalid(
+                *key,
+                format!("must be between 1 and {MAX_MS} milliseconds"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Which `VIGIL_*` environment variables configured Vigil. Names only: values may be secrets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EnvReport {
+    /// Variables applied as configuration keys.
+    pub applied: Vec<String>,
+    /// Variables with the prefix whose path names no configuration key, left out.
+    pub ignored: Vec<String>,
+}
+
+/// Whether `root` fails to deserialize because of an unknown key named by a segment of `path`.
+fn names_unknown_key(root: &toml::Table, path: &str) -> bool {
+    let Err(e) = Config::deserialize(toml::Value::Table(root.clone())) else {
+        return false;
+    };
+    let message = e.to_string();
+    path.split("__")
+        .any(|seg| message.starts_with(&format!("unknown field `{}`", seg.to_ascii_lowercase())))
 }
 
 /// Keys are fetched over HTTPS; plain HTTP is allowed only to loopback (local development and tests).
@@ -1178,12 +1520,55 @@ mod tests {
         assert_eq!(c.listen.port(), 9999);
         assert_eq!(c.jwks.min_refetch_interval_secs, 7);
         assert_eq!(c.transmitters[0].authorization, "Bearer from-env");
-        let e = err_of("", vec![("VIGIL_NOPE".into(), "1".into())]);
-        assert!(e.contains("nope"), "{e}");
+        // A known key with a bad value is still an error naming it.
         let e = err_of(
             "",
             vec![("VIGIL_PUSH__MAX_BODY_BYTES".into(), "lots".into())],
         );
         assert!(e.contains("push.max_body_bytes"), "{e}");
+    }
+
+    #[test]
+    fn variables_naming_no_key_are_ignored_and_reported() {
+        // What Kubernetes injects for a Service named `vigil`, plus a harness's own flag.
+        let env = vec![
+            ("VIGIL_SERVICE_HOST".to_owned(), "10.96.0.12".to_owned()),
+            ("VIGIL_SERVICE_PORT".to_owned(), "8080".to_owned()),
+            ("VIGIL_PORT".to_owned(), "tcp://10.96.0.12:8080".to_owned()),
+            (
+                "VIGIL_PORT_8080_TCP_ADDR".to_owned(),
+                "10.96.0.12".to_owned(),
+            ),
+            ("VIGIL_JWKS__NOT_A_KEY".to_owned(), "1".to_owned()),
+            ("VIGIL_LISTEN".to_owned(), "127.0.0.1:9998".to_owned()),
+            ("VIGIL_LOG".to_owned(), "debug".to_owned()),
+            (
+                "VIGIL_TRANSMITTERS__0__AUTHORIZATION".to_owned(),
+                "Bearer from-env".to_owned(),
+            ),
+        ];
+        let (c, report) = Config::from_toml_reporting(ONE, env).unwrap();
+        assert_eq!(c.listen.port(), 9998);
+        assert_eq!(c.transmitters[0].authorization, "Bearer from-env");
+        assert_eq!(
+            report.applied,
+            ["VIGIL_LISTEN", "VIGIL_TRANSMITTERS__0__AUTHORIZATION"]
+        );
+        assert_eq!(
+            report.ignored,
+            [
+                "VIGIL_JWKS__NOT_A_KEY",
+                "VIGIL_PORT",
+                "VIGIL_PORT_8080_TCP_ADDR",
+                "VIGIL_SERVICE_HOST",
+                "VIGIL_SERVICE_PORT"
+            ]
+        );
+        // A file with an unknown key is still refused, whatever the environment.
+        let e = err_of(
+            "listne = 1",
+            vec![("VIGIL_SERVICE_HOST".into(), "x".into())],
+        );
+        assert!(e.contains("listne"), "{e}");
     }
 }

@@ -78,6 +78,8 @@ pub async fn fetch_metadata(
 }
 
 const NOT_FOUND: &str = "HTTP 404 Not Found";
+/// The largest metadata document read (it is a few hundred bytes in practice).
+const MAX_METADATA_BYTES: usize = 256 * 1024;
 
 async fn fetch_from(
     client: &reqwest::Client,
@@ -98,7 +100,11 @@ async fn fetch_from(
     if !resp.status().is_success() {
         return Err(fetch_err(format!("HTTP {}", resp.status())));
     }
-    let meta: TransmitterMetadata = resp.json().await.map_err(|e| fetch_err(e.to_string()))?;
+    let body = crate::outbound::read_capped(resp, MAX_METADATA_BYTES)
+        .await
+        .map_err(|e| fetch_err(e.to_string()))?;
+    let meta: TransmitterMetadata =
+        serde_json::from_slice(&body).map_err(|e| fetch_err(e.to_string()))?;
     if meta.issuer != issuer {
         return Err(DiscoveryError::IssuerMismatch {
             url: url.to_string(),

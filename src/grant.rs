@@ -58,6 +58,10 @@ pub enum GrantError {
     Invalid(String),
 }
 
+/// Grant times at or beyond this many seconds since the epoch are refused as ambiguous
+/// (milliseconds passed as seconds).
+pub const MAX_GRANT_TIME: f64 = 1e11;
+
 /// The body of `POST /v1/grants`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -251,15 +255,28 @@ impl GrantRequest {
     }
 
     /// Builds the grant for principal key `principal`. `now` is the registration time.
+    ///
+    /// Times must be seconds in `[0, MAX_GRANT_TIME)`.
     pub fn into_grant(self, principal: String, now: f64) -> Result<Grant, GrantError> {
         if self.id.is_empty() || self.id.len() > 512 {
             return Err(GrantError::Invalid(
                 "`id` must be 1 to 512 characters".into(),
             ));
         }
-        if !(self.issued_at.is_finite() && self.expires_at.is_finite())
-            || self.expires_at <= self.issued_at
-        {
+        // Seconds since the epoch. A value of 1e11 or more (the year 5138) is almost surely
+        // milliseconds: accepted, it would put the grant beyond every time-based rule
+        // (`context.x_at > grant.issued_at` never true), so it is refused as ambiguous.
+        for (name, t) in [
+            ("issued_at", self.issued_at),
+            ("expires_at", self.expires_at),
+        ] {
+            if !(t.is_finite() && (0.0..MAX_GRANT_TIME).contains(&t)) {
+                return Err(GrantError::Invalid(format!(
+                    "`{name}` must be seconds since the epoch (0 to 1e11): milliseconds are ambiguous"
+                )));
+            }
+        }
+        if self.expires_at <= self.issued_at {
             return Err(GrantError::Invalid(
                 "`expires_at` must be a time after `issued_at` (seconds since the epoch)".into(),
             ));
@@ -509,6 +526,10 @@ mod tests {
             json!({"id": "x", "kind": "session", "subject": {"format":"email"}, "issued_at": 1, "expires_at": 2}),
             json!({"id": "x", "kind": "session", "subject": {"format":"complex","device":{"format":"opaque","id":"d"}}, "issued_at": 1, "expires_at": 2}),
             json!({"id": "x", "kind": "session", "subject": {"format":"opaque","id":"u"}, "session": 5, "issued_at": 1, "expires_at": 2}),
+            // Milliseconds: ambiguous, refused.
+            json!({"id": "x", "kind": "session", "subject": {"format":"opaque","id":"u"}, "issued_at": 1_700_000_000_000u64, "expires_at": 1_800_000_000_000u64}),
+            json!({"id": "x", "kind": "session", "subject": {"format":"opaque","id":"u"}, "issued_at": 1_700_000_000, "expires_at": 1_800_000_000_000u64}),
+            json!({"id": "x", "kind": "session", "subject": {"format":"opaque","id":"u"}, "issued_at": -5, "expires_at": 2}),
         ];
         for v in bad {
             let r = request(v.clone());

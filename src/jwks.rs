@@ -365,7 +365,15 @@ impl KeyStore {
                 if let Ok(mut g) = self.discovered_critical.write() {
                     *g = meta.critical_subject_members.clone();
                 }
-                meta.jwks_uri.unwrap_or_default()
+                let uri = meta.jwks_uri.unwrap_or_default();
+                // The metadata is the transmitter's word, so its `jwks_uri` gets the rule a
+                // configured one gets: https, or the issuer's own (loopback development) origin.
+                if crate::outbound::same_origin(&uri, &self.issuer).is_err() {
+                    crate::outbound::Destinations::default()
+                        .check_url(&uri)
+                        .map_err(|e| format!("jwks_uri from the metadata: {e}"))?;
+                }
+                uri
             }
         };
         let resp = self
@@ -378,20 +386,10 @@ impl KeyStore {
         if !resp.status().is_success() {
             return Err(format!("{jwks_uri}: HTTP {}", resp.status()));
         }
-        if resp
-            .content_length()
-            .is_some_and(|n| n > MAX_JWKS_BYTES as u64)
-        {
-            return Err(format!(
-                "{jwks_uri}: JWKS larger than {MAX_JWKS_BYTES} bytes"
-            ));
-        }
-        let body = resp.bytes().await.map_err(|e| format!("{jwks_uri}: {e}"))?;
-        if body.len() > MAX_JWKS_BYTES {
-            return Err(format!(
-                "{jwks_uri}: JWKS larger than {MAX_JWKS_BYTES} bytes"
-            ));
-        }
+        // Capped while it streams: a slow endless body cannot grow memory.
+        let body = crate::outbound::read_capped(resp, MAX_JWKS_BYTES)
+            .await
+            .map_err(|e| format!("{jwks_uri}: {e}"))?;
         KeySet::from_jwks_json(&body, &self.allowed).map_err(|e| format!("{jwks_uri}: {e}"))
     }
 

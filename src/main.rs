@@ -79,15 +79,25 @@ enum PolicyCommand {
     },
 }
 
-fn load(args: &ConfigArgs) -> Result<Config, vigil::config::ConfigError> {
-    let mut config = Config::load(args.config.as_deref(), std::env::vars())?;
+fn load(
+    args: &ConfigArgs,
+) -> Result<(Config, vigil::config::EnvReport), vigil::config::ConfigError> {
+    let (mut config, report) = Config::load_reporting(args.config.as_deref(), std::env::vars())?;
+    if !report.ignored.is_empty() {
+        // Names only, never values: the environment may hold secrets.
+        tracing::warn!(variables = ?report.ignored,
+            "environment variables with the VIGIL_ prefix name no configuration key; ignored");
+    }
+    if !report.applied.is_empty() {
+        tracing::info!(variables = ?report.applied, "configuration from the environment");
+    }
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
     if let Some(dir) = &args.data_dir {
         config.data_dir = dir.clone();
     }
-    Ok(config)
+    Ok((config, report))
 }
 
 fn main() -> ExitCode {
@@ -124,7 +134,7 @@ fn main() -> ExitCode {
             };
         }
     };
-    let config = match load(args) {
+    let (config, report) = match load(args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vigil: {e}");
@@ -132,7 +142,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::CheckConfig(_) => check_config(config),
+        Command::CheckConfig(_) => check_config(config, &report),
         Command::Serve(_) => serve(config),
         Command::Policy(_) | Command::Streams { .. } => Ok(()),
     };
@@ -190,7 +200,7 @@ fn fail(e: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
-fn check_config(mut config: Config) -> anyhow::Result<()> {
+fn check_config(mut config: Config, report: &vigil::config::EnvReport) -> anyhow::Result<()> {
     for t in &mut config.transmitters {
         t.authorization = "<redacted>".into();
         if let Some(m) = &mut t.manage {
@@ -216,6 +226,21 @@ fn check_config(mut config: Config) -> anyhow::Result<()> {
     println!(
         "{}",
         toml::to_string_pretty(&config).context("rendering config")?
+    );
+    let names = |v: &[String]| {
+        if v.is_empty() {
+            "none".to_owned()
+        } else {
+            v.join(", ")
+        }
+    };
+    eprintln!(
+        "vigil: environment variables applied: {}",
+        names(&report.applied)
+    );
+    eprintln!(
+        "vigil: environment variables ignored (no such key): {}",
+        names(&report.ignored)
     );
     eprintln!("vigil: configuration is valid");
     Ok(())

@@ -134,6 +134,7 @@ pub struct Receiver {
     intake: Intake,
     next: mpsc::Sender<Signal>,
     liveness: Arc<Liveness>,
+    max_future_skew_secs: u64,
 }
 
 impl Receiver {
@@ -152,7 +153,14 @@ impl Receiver {
             intake,
             next,
             liveness,
+            max_future_skew_secs: crate::config::EventsConfig::default().max_future_skew_secs,
         }
+    }
+
+    /// How far ahead of the clock an event time may be (`events.max_future_skew_secs`).
+    pub fn with_max_future_skew(mut self, secs: u64) -> Receiver {
+        self.max_future_skew_secs = secs;
+        self
     }
 
     /// The transmitter behind a stream name.
@@ -185,15 +193,20 @@ impl Receiver {
                 "the request has no Authorization header",
             ));
         };
+        // Compared as digests: equal lengths, so the credential's length does not leak.
+        let presented = crate::auth::digest(presented);
+        let matches = |t: &Transmitter| {
+            bool::from(presented.ct_eq(&crate::auth::digest(&t.config.authorization)))
+        };
         if let Some(t) = self.by_stream.get(stream) {
-            if bool::from(presented.ct_eq(t.config.authorization.as_bytes())) {
+            if matches(t) {
                 return Ok(t.clone());
             }
         }
-        let belongs_elsewhere = self.by_stream.values().any(|t| {
-            t.config.stream != stream
-                && bool::from(presented.ct_eq(t.config.authorization.as_bytes()))
-        });
+        let belongs_elsewhere = self
+            .by_stream
+            .values()
+            .any(|t| t.config.stream != stream && matches(t));
         if belongs_elsewhere && self.by_stream.contains_key(stream) {
             return Err(Rejection::set(
                 ErrorCode::AccessDenied,
@@ -294,7 +307,9 @@ impl Receiver {
             transmitter: t.config.name.clone(),
             stream: t.config.stream.clone(),
         };
-        let signal = Signal::from_set(validated, source, received_at_ms);
+        let mut signal = Signal::from_set(validated, source, received_at_ms);
+        // Clamped before it is recorded, so a replay reads the same time.
+        signal.clamp_future_event_time(received_at_ms as f64 / 1000.0, self.max_future_skew_secs);
         match self.intake.record(&signal, token).await {
             Ok(RecordOutcome::Duplicate(seq)) => Ok(Accepted::Duplicate { seq, event_type }),
             Ok(RecordOutcome::Recorded(seq)) => {

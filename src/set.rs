@@ -27,6 +27,22 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, for parsing what a peer sent.
+    pub const ALL: [ErrorCode; 7] = [
+        ErrorCode::InvalidRequest,
+        ErrorCode::InvalidKey,
+        ErrorCode::InvalidIssuer,
+        ErrorCode::InvalidAudience,
+        ErrorCode::AuthenticationFailed,
+        ErrorCode::AccessDenied,
+        ErrorCode::InvalidState,
+    ];
+
+    /// The code a peer's `err` names, if it is one of these.
+    pub fn parse(s: &str) -> Option<ErrorCode> {
+        ErrorCode::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::InvalidRequest => "invalid_request",

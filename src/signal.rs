@@ -96,6 +96,31 @@ impl Signal {
     }
 }
 
+impl Signal {
+    /// The event-time sanity window: an event time more than `max_future_skew_secs` ahead of
+    /// `anchor_secs` (the time Vigil received the signal) is taken as `anchor_secs`. Facts are
+    /// ordered by event time, so without it one validly signed signal dated in the year 3000
+    /// would pin its fact for good: no later real signal could ever be newer. Returns whether
+    /// the time was clamped (logged and counted in `vigil_event_times_clamped_total`).
+    pub fn clamp_future_event_time(&mut self, anchor_secs: f64, max_future_skew_secs: u64) -> bool {
+        let limit = anchor_secs + max_future_skew_secs as f64;
+        if self.event_time.is_finite() && self.event_time <= limit {
+            return false;
+        }
+        let source = match self.source {
+            SignalSource::SsfPush { .. } => "ssf",
+            SignalSource::RiskFeed { .. } => "risk_feed",
+        };
+        metrics::counter!(crate::telemetry::EVENT_TIMES_CLAMPED, "source" => source).increment(1);
+        tracing::warn!(source, iss = %crate::outbound::excerpt(&self.iss),
+            jti = %crate::outbound::excerpt(&self.jti), claimed = self.event_time,
+            received = anchor_secs,
+            "event time beyond the allowed clock skew; taken as the time of receipt");
+        self.event_time = anchor_secs;
+        true
+    }
+}
+
 /// Milliseconds since the Unix epoch, wall clock.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -46,7 +46,7 @@ pub fn open_file(
     name: &str,
     cache_bytes: usize,
 ) -> Result<Arc<redb::Database>, StoreError> {
-    std::fs::create_dir_all(data_dir).map_err(|source| StoreError::Dir {
+    private_dir(data_dir).map_err(|source| StoreError::Dir {
         path: data_dir.to_owned(),
         source,
     })?;
@@ -58,7 +58,33 @@ pub fn open_file(
             path: path.clone(),
             source,
         })?;
+    private_file(&path).map_err(|source| StoreError::Dir {
+        path: path.clone(),
+        source,
+    })?;
     Ok(Arc::new(db))
+}
+
+/// Creates `dir` (and its parents) if needed and makes it the owner's alone (0700): the data
+/// directory holds push credentials, raw SETs, grants and signing keys.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// Makes an existing file readable and writable by its owner only (0600).
+pub fn private_file(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
 }
 
 /// Why a batched write failed. Nothing of the batch it belonged to was committed.

@@ -20,6 +20,37 @@
 //! | `vigil_policy_reloads_total` | counter | outcome | reloads `swapped` / `refused` |
 //! | `vigil_policy_swaps_total` | counter | | policy sets swapped in |
 //! | `vigil_audit_errors_total` | counter | | audit appends that failed |
+//! | `vigil_http_connections_open` | gauge | | accepted connections being served |
+//! | `vigil_http_connections_refused_total` | counter | reason | connections closed at once: `full` (over `server.max_connections` and the health reserve), `peer` (over `server.max_connections_per_peer`) |
+//! | `vigil_http_reserve_connections_total` | counter | | connections served only `/healthz` and `/readyz` (the server was full) |
+//! | `vigil_http_accept_errors_total` | counter | | failed `accept` calls (e.g. out of file descriptors) |
+//! | `vigil_http_body_timeouts_total` | counter | | requests whose body did not arrive within `server.body_read_timeout_ms` (408) |
+//! | `vigil_tls_handshake_failures_total` | counter | | TLS handshakes refused or timed out |
+//! | `vigil_outbound_refused_total` | counter | reason | outbound calls refused before or while sending (destination, redirect, body cap) |
+//! | `vigil_task_restarts_total` | counter | task | a shared background task ended unexpectedly and was started again |
+//! | `vigil_push_attempts_total` | counter | enforcement_point, outcome | RFC 8935 push attempts to enforcement points (`delivered`, `rejected`, `retry`, `refused`) |
+//! | `vigil_event_times_clamped_total` | counter | source | event times beyond `events.max_future_skew_secs` taken as the time of receipt |
+
+/// Accepted connections being served.
+pub const HTTP_CONNECTIONS_OPEN: &str = "vigil_http_connections_open";
+/// Connections closed at once because the server and its health reserve were full.
+pub const HTTP_CONNECTIONS_REFUSED: &str = "vigil_http_connections_refused_total";
+/// Connections served only the health routes.
+pub const HTTP_RESERVE_CONNECTIONS: &str = "vigil_http_reserve_connections_total";
+/// Failed `accept` calls.
+pub const HTTP_ACCEPT_ERRORS: &str = "vigil_http_accept_errors_total";
+/// Request bodies that did not arrive in time.
+pub const HTTP_BODY_TIMEOUTS: &str = "vigil_http_body_timeouts_total";
+/// TLS handshakes refused or timed out.
+pub const TLS_HANDSHAKE_FAILURES: &str = "vigil_tls_handshake_failures_total";
+/// Outbound calls refused by the destination policy, a redirect or a body cap (label `reason`).
+pub const OUTBOUND_REFUSED: &str = "vigil_outbound_refused_total";
+/// Shared background tasks restarted after ending unexpectedly (label `task`).
+pub const TASK_RESTARTS: &str = "vigil_task_restarts_total";
+/// Push attempts to enforcement points (labels `enforcement_point`, `outcome`).
+pub const PUSH_ATTEMPTS: &str = "vigil_push_attempts_total";
+/// Event times from the future taken as the time of receipt (label `source`).
+pub const EVENT_TIMES_CLAMPED: &str = "vigil_event_times_clamped_total";
 
 use std::sync::OnceLock;
 

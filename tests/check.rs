@@ -3,6 +3,8 @@
 
 mod common;
 
+use base64::Engine as _;
+
 use std::process::{Command, Stdio};
 
 use common::*;
@@ -64,6 +66,28 @@ async fn check_answers_from_live_state() {
             .await
             .1["decision"],
         "deny"
+    );
+    // nginx auth_request, naming the grant by the user's JWT in X-Vigil-Token (Authorization
+    // carries the gateway's own credential).
+    let header = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256"}"#);
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(br#"{"iss":"https://as.example.com","jti":"jwt-123"}"#);
+    let jwt = format!("{header}.{payload}.c2ln");
+    let by_token = |jwt: String| {
+        api(&vigil, reqwest::Method::GET, "/v1/check/auth_request")
+            .header("x-vigil-token", format!("Bearer {jwt}"))
+            .send()
+    };
+    assert_eq!(by_token(jwt.clone()).await.unwrap().status().as_u16(), 200);
+    let other = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(br#"{"iss":"https://as.example.com","jti":"jwt-999"}"#);
+    assert_eq!(
+        by_token(format!("{header}.{other}.c2ln"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        401
     );
     let unknown = ask(json!({"grant_id": "nope"})).await.1;
     assert_eq!(

@@ -210,3 +210,79 @@ fn policy_tooling_exit_codes() {
     assert!(!test.status.success());
     assert!(String::from_utf8_lossy(&test.stdout).contains("FAIL"));
 }
+
+/// Kubernetes injects `VIGIL_SERVICE_HOST`, `VIGIL_SERVICE_PORT` and `VIGIL_PORT=tcp://…` into every
+/// pod of a namespace with a Service named `vigil`; they, and any other `VIGIL_…` variable that
+/// names no configuration key, must not stop Vigil from starting. They are named (never their
+/// values) in one warning; `check-config` says which variables were applied and which ignored.
+#[test]
+fn unrelated_vigil_variables_are_ignored_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let unrelated = [
+        ("VIGIL_SERVICE_HOST", "10.96.7.7"),
+        ("VIGIL_SERVICE_PORT", "8080"),
+        ("VIGIL_PORT", "tcp://10.96.7.7:8080"),
+        ("VIGIL_PORT_8080_TCP", "tcp://10.96.7.7:8080"),
+        ("VIGIL_SOMETHING", "secret-value-never-logged"),
+    ];
+    let log = dir.path().join("vigil.log");
+    let mut child = Command::new(VIGIL)
+        .args(["serve", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .envs(unrelated)
+        .env("VIGIL_LISTEN", format!("127.0.0.1:{port}"))
+        .env("VIGIL_LOG_FORMAT", "text")
+        // Logs go to stdout.
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = reqwest::blocking::Client::new();
+    wait_for("the server, listening where VIGIL_LISTEN says", || {
+        if let Some(exit) = child.try_wait().unwrap() {
+            panic!(
+                "vigil exited with {exit:?}: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        client
+            .get(format!("http://127.0.0.1:{port}/healthz"))
+            .send()
+            .ok()
+            .filter(|r| r.status().is_success())
+    });
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    wait_for("a clean exit", || child.try_wait().unwrap());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let warning = text
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains("name no configuration key"))
+        .unwrap_or_else(|| panic!("no warning naming the variables:\n{text}"));
+    for (name, _) in unrelated {
+        assert!(warning.contains(name), "{name} not named: {warning}");
+    }
+    assert!(!text.contains("secret-value-never-logged"), "{text}");
+    assert!(!text.contains("10.96.7.7"), "{text}");
+
+    let out = Command::new(VIGIL)
+        .arg("check-config")
+        .envs(unrelated)
+        .env("VIGIL_LISTEN", "127.0.0.1:9997")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("environment variables applied: VIGIL_LISTEN"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("environment variables ignored (no such key): VIGIL_PORT, VIGIL_PORT_8080_TCP, VIGIL_SERVICE_HOST, VIGIL_SERVICE_PORT, VIGIL_SOMETHING"),
+        "{stderr}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("127.0.0.1:9997"));
+}

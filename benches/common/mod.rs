@@ -16,11 +16,15 @@ pub fn arg(name: &str, default: u64) -> u64 {
 
 /// Vigil's built-in defaults on a loopback port of its own, with its data in `dir`.
 pub fn loopback_config(dir: &std::path::Path) -> vigil::Config {
-    vigil::Config {
+    let mut config = vigil::Config {
         listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
         data_dir: dir.to_owned(),
         ..vigil::Config::default()
-    }
+    };
+    // The simulated enforcement points are on loopback and poll as fast as the harness drives.
+    config.outbound.allow_loopback = true;
+    config.limits.enforcement_point_requests_per_sec = 1e6;
+    config
 }
 
 /// CPU time (user + system, seconds) this process has used so far, from `/proc/self/stat`.

@@ -328,6 +328,7 @@ impl KafkaSource {
     /// thread. Must be called from within the Tokio runtime.
     pub fn start(
         config: &KafkaConfig,
+        max_future_skew_secs: u64,
         intake: Intake,
         engine: Arc<Engine>,
         writer: BatchWriter,
@@ -367,7 +368,7 @@ impl KafkaSource {
         }
         let runtime = tokio::runtime::Handle::current();
         let context = Pipeline {
-            normalizer: Normalizer::new(&config.mappings),
+            normalizer: Normalizer::new(&config.mappings, max_future_skew_secs),
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             intake,
             engine,

@@ -25,15 +25,17 @@ pub struct FeedMessage {
 #[derive(Debug, Clone, Default)]
 pub struct Normalizer {
     mappings: HashMap<String, Mapping>,
+    max_future_skew_secs: u64,
 }
 
 impl Normalizer {
-    pub fn new(mappings: &[Mapping]) -> Normalizer {
+    pub fn new(mappings: &[Mapping], max_future_skew_secs: u64) -> Normalizer {
         Normalizer {
             mappings: mappings
                 .iter()
                 .map(|m| (m.topic.clone(), m.clone()))
                 .collect(),
+            max_future_skew_secs,
         }
     }
 
@@ -70,17 +72,27 @@ impl Normalizer {
             .payload
             .as_deref()
             .ok_or_else(|| FeedError::NotJson("the message has no value".into()))?;
-        let now = msg.timestamp_ms.filter(|t| *t > 0).unwrap_or_else(now_ms) as f64 / 1000.0;
+        let wall = now_ms();
+        let skew_ms = (self.max_future_skew_secs as i64).saturating_mul(1000);
+        // The message's timestamp anchors the event-time window (stable when the message is
+        // delivered again after a crash), unless it is itself beyond the window.
+        let anchor = msg
+            .timestamp_ms
+            .filter(|t| *t > 0 && *t <= wall.saturating_add(skew_ms))
+            .unwrap_or(wall);
+        let now = anchor as f64 / 1000.0;
         let origin = Origin {
             topic: &msg.topic,
             partition: msg.partition,
             offset: msg.offset,
             now,
         };
-        match self.mappings.get(&msg.topic) {
+        let mut signal = match self.mappings.get(&msg.topic) {
             Some(mapping) => risk_feed::from_mapped(mapping, origin, payload),
             None => risk_feed::from_native(origin, payload),
-        }
+        }?;
+        signal.clamp_future_event_time(now, self.max_future_skew_secs);
+        Ok(signal)
     }
 }
 
@@ -101,12 +113,15 @@ mod tests {
 
     #[test]
     fn topics_with_a_mapping_use_it_others_are_native() {
-        let n = Normalizer::new(&[Mapping {
-            topic: "fraud".into(),
-            subject: "/user".into(),
-            score: Some("/p".into()),
-            ..Mapping::default()
-        }]);
+        let n = Normalizer::new(
+            &[Mapping {
+                topic: "fraud".into(),
+                subject: "/user".into(),
+                score: Some("/p".into()),
+                ..Mapping::default()
+            }],
+            300,
+        );
         let mapped = n
             .signal(&msg("fraud", br#"{"user": "u1", "p": 99}"#, Some(5_000)))
             .unwrap();
@@ -120,6 +135,25 @@ mod tests {
             .signal(&msg("risk", br#"{"subject": "u1", "level": "LOW"}"#, None))
             .unwrap();
         assert!(native.event_time > 1.6e9, "no timestamp: now");
+        // A score dated in the year 3000 is taken as the message's time, as is a message whose
+        // own timestamp is beyond the window (then: now).
+        let future = n
+            .signal(&msg(
+                "risk",
+                br#"{"subject": "u1", "level": "LOW", "event_time": 32503680000}"#,
+                Some(5_000),
+            ))
+            .unwrap();
+        assert_eq!(future.event_time, 5.0);
+        let stamped_future = n
+            .signal(&msg(
+                "risk",
+                br#"{"subject": "u1", "level": "LOW"}"#,
+                Some(32_503_680_000_000),
+            ))
+            .unwrap();
+        assert!(stamped_future.event_time < 32_503_680_000.0);
+        assert!(stamped_future.event_time > 1.6e9);
         let tombstone = FeedMessage {
             payload: None,
             ..msg("risk", b"", None)

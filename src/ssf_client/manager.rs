@@ -136,6 +136,7 @@ impl StreamManager {
             self.client.clone(),
             metadata,
             self.manage.credential.clone(),
+            self.config.issuer.clone(),
             self.config.audiences.clone(),
         );
         *self.mgmt.lock().await = Some(client.clone());
@@ -421,10 +422,16 @@ impl StreamManager {
         };
         let mut tasks = Vec::new();
         if self.manage.delivery == DeliveryMode::Poll {
-            match (
-                config.endpoint_url(),
-                receiver.transmitter(&self.config.stream),
-            ) {
+            // The poll request carries the management credential: only to the issuer's origin.
+            let endpoint = config.endpoint_url().filter(|url| {
+                crate::outbound::same_origin(url, &self.config.issuer)
+                    .inspect_err(|e| {
+                        tracing::error!(transmitter = %self.config.name, error = %e,
+                            "the poll endpoint is not on the transmitter's origin; not polling")
+                    })
+                    .is_ok()
+            });
+            match (endpoint, receiver.transmitter(&self.config.stream)) {
                 (Some(url), Some(t)) => tasks.push(tokio::spawn(poll::run(
                     receiver.clone(),
                     t,
@@ -442,12 +449,7 @@ impl StreamManager {
                     "poll stream without an endpoint_url; nothing will be received"),
             }
         }
-        let verify_every = Duration::from_secs(
-            self.manage
-                .verify_interval_secs
-                .max(config.min_verification_interval())
-                .max(1),
-        );
+        let verify_every = verify_interval(self.manage.verify_interval_secs, &config);
         let refresh_every = Duration::from_secs(self.manage.refresh_interval_secs.max(1));
         let mut next_verify = tokio::time::Instant::now();
         let mut next_refresh = tokio::time::Instant::now() + refresh_every;
@@ -459,6 +461,7 @@ impl StreamManager {
                 match self.verify().await {
                     Ok(()) => {}
                     Err(ManageError::Mgmt(MgmtError::TooManyRequests { retry_after, .. })) => {
+                        // `retry_after` is saturated where it is read (`MAX_RETRY_AFTER`).
                         next_verify = now + retry_after.max(Duration::from_secs(1));
                     }
                     Err(e) => {
@@ -510,4 +513,17 @@ impl StreamManager {
                 "SSF stream stopped verifying: the last verification request got no event");
         }
     }
+}
+
+/// How often to ask for verification: the configured interval, no faster than the transmitter's
+/// `min_verification_interval` (saturated to a week where it is read), at least a second.
+pub fn verify_interval(configured_secs: u64, config: &StreamConfig) -> Duration {
+    Duration::from_secs(
+        configured_secs
+            .max(config.min_verification_interval())
+            .clamp(
+                1,
+                super::mgmt::MAX_VERIFICATION_INTERVAL_SECS.max(configured_secs),
+            ),
+    )
 }

@@ -71,8 +71,12 @@ impl StreamConfig {
     pub fn endpoint_url(&self) -> Option<&str> {
         self.0["delivery"]["endpoint_url"].as_str()
     }
+    /// The transmitter's `min_verification_interval`, saturated to a week.
     pub fn min_verification_interval(&self) -> u64 {
-        self.0["min_verification_interval"].as_u64().unwrap_or(0)
+        self.0["min_verification_interval"]
+            .as_u64()
+            .unwrap_or(0)
+            .min(MAX_VERIFICATION_INTERVAL_SECS)
     }
     fn strings(&self, field: &str) -> Vec<String> {
         match &self.0[field] {
@@ -95,6 +99,13 @@ impl StreamConfig {
     }
 }
 
+/// The longest a transmitter's `Retry-After` is honoured.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+/// The largest management response read.
+const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+/// The longest `min_verification_interval` honoured (a transmitter's value is saturated to it).
+pub const MAX_VERIFICATION_INTERVAL_SECS: u64 = 7 * 24 * 3600;
+
 /// The §8 endpoints a transmitter's metadata names.
 #[derive(Debug, Clone, Copy)]
 enum Endpoint {
@@ -111,20 +122,26 @@ pub struct MgmtClient {
     client: reqwest::Client,
     metadata: TransmitterMetadata,
     credential: String,
+    /// The only origin the credential is sent to: the configured issuer's.
+    origin: String,
     audiences: Vec<String>,
 }
 
 impl MgmtClient {
+    /// `origin`: a URL on the origin the management endpoints must be on (the transmitter's
+    /// configured issuer).
     pub fn new(
         client: reqwest::Client,
         metadata: TransmitterMetadata,
         credential: String,
+        origin: String,
         audiences: Vec<String>,
     ) -> MgmtClient {
         MgmtClient {
             client,
             metadata,
             credential,
+            origin,
             audiences,
         }
     }
@@ -142,7 +159,14 @@ impl MgmtClient {
             Endpoint::RemoveSubject => (&m.remove_subject_endpoint, "remove_subject_endpoint"),
             Endpoint::Verification => (&m.verification_endpoint, "verification_endpoint"),
         };
-        url.as_deref().ok_or(MgmtError::NoEndpoint(name))
+        let url = url.as_deref().ok_or(MgmtError::NoEndpoint(name))?;
+        // The management credential goes only to the transmitter's own origin: metadata that
+        // names another host (or plain http) for an endpoint does not get it.
+        crate::outbound::same_origin(url, &self.origin).map_err(|e| MgmtError::BadResponse {
+            op: name,
+            reason: e.to_string(),
+        })?;
+        Ok(url)
     }
 
     /// Sends one request and checks its status against `ok`. Returns the body (JSON or `Null`).
@@ -173,24 +197,25 @@ impl MgmtClient {
         })?;
         let status = resp.status();
         if status == StatusCode::TOO_MANY_REQUESTS {
-            let retry_after = resp
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map_or(Duration::from_secs(60), Duration::from_secs);
+            // Saturated: a transmitter cannot make Vigil wait forever (or overflow a deadline).
+            let retry_after = crate::outbound::retry_after(resp.headers(), MAX_RETRY_AFTER)
+                .unwrap_or(Duration::from_secs(60));
             return Err(MgmtError::TooManyRequests { op, retry_after });
         }
-        let text = resp.text().await.map_err(|e| MgmtError::Transport {
-            op,
-            reason: e.to_string(),
-        })?;
+        let body = crate::outbound::read_capped(resp, MAX_RESPONSE_BYTES)
+            .await
+            .map_err(|e| MgmtError::Transport {
+                op,
+                reason: e.to_string(),
+            })?;
+        let text = String::from_utf8_lossy(&body);
         if !ok.contains(&status.as_u16()) {
+            // Only a short printable excerpt reaches logs and `/v1/ssf/streams`.
             return Err(MgmtError::Status {
                 op,
                 status: status.as_u16(),
                 expected: ok,
-                body: text.chars().take(500).collect(),
+                body: crate::outbound::excerpt(&text),
             });
         }
         if text.trim().is_empty() {
@@ -221,17 +246,17 @@ impl MgmtClient {
         let iss = config.0["iss"].as_str().unwrap_or_default();
         if iss != self.metadata.issuer {
             return Err(MgmtError::IssuerMismatch {
-                stream_id: config.stream_id().to_owned(),
+                stream_id: crate::outbound::excerpt(config.stream_id()),
                 expected: self.metadata.issuer.clone(),
-                found: iss.to_owned(),
+                found: crate::outbound::excerpt(iss),
             });
         }
         let aud = config.aud();
         if !aud.iter().any(|a| self.audiences.contains(a)) {
             return Err(MgmtError::AudienceMismatch {
-                stream_id: config.stream_id().to_owned(),
+                stream_id: crate::outbound::excerpt(config.stream_id()),
                 expected: self.audiences.clone(),
-                found: format!("{aud:?}"),
+                found: crate::outbound::excerpt(&format!("{aud:?}")),
             });
         }
         Ok(config)
@@ -249,7 +274,21 @@ impl MgmtClient {
                 &[201],
             )
             .await?;
-        self.checked("create stream", v)
+        let id = v["stream_id"].as_str().map(str::to_owned);
+        match self.checked("create stream", v) {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                // The transmitter made a stream Vigil cannot use (wrong `iss` or `aud`): remove it,
+                // or every retry would leave one more behind.
+                if let Some(id) = id.filter(|i| !i.is_empty()) {
+                    if let Err(d) = self.delete(&id).await {
+                        tracing::warn!(stream_id = %crate::outbound::excerpt(&id), error = %d,
+                            "could not delete the unusable stream just created");
+                    }
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Read one (§8.1.1.2): 200 with the configuration.
@@ -545,9 +584,30 @@ mod tests {
             reqwest::Client::new(),
             metadata,
             "Bearer receiver-credential".into(),
+            base,
             vec!["https://receiver.example.com/web".into()],
         );
         (client, seen)
+    }
+
+    #[tokio::test]
+    async fn the_credential_goes_only_to_the_transmitters_origin() {
+        let (client, seen) = spec_transmitter().await;
+        let port = client.origin.rsplit(':').next().unwrap().to_owned();
+        for elsewhere in [
+            format!("http://localhost:{port}/ssf/mgmt/stream"),
+            "https://attacker.example/ssf/mgmt/stream".to_owned(),
+            format!("https://127.0.0.1:{port}/ssf/mgmt/stream"),
+        ] {
+            let mut moved = client.clone();
+            moved.metadata.configuration_endpoint = Some(elsewhere.clone());
+            let e = moved.read("x").await.unwrap_err();
+            assert!(
+                matches!(e, MgmtError::BadResponse { .. }),
+                "{elsewhere}: {e}"
+            );
+        }
+        assert!(seen.lock().unwrap().is_empty(), "nothing was sent");
     }
 
     #[tokio::test]
@@ -620,6 +680,7 @@ mod tests {
             reqwest::Client::new(),
             metadata,
             "Bearer x".into(),
+            "https://tr.example.com".into(),
             vec!["https://receiver.example.com/web".into()],
         );
         let mut v = spec_example("ssf-create-stream-response.json");

@@ -14,6 +14,9 @@ use tokio::sync::watch;
 use super::liveness::Liveness;
 use crate::receiver::{Receiver, Rejection, Transmitter};
 
+/// The largest poll response read (`maxEvents` SETs of a few KiB each, with room).
+const MAX_POLL_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+
 /// Where and how to poll.
 #[derive(Debug, Clone)]
 pub struct PollSettings {
@@ -60,6 +63,8 @@ pub async fn run(
             .post(&settings.endpoint_url)
             .header("authorization", &settings.credential)
             .header("accept", "application/json")
+            // RFC 8936 §2.6: the `description`s in `setErrs` are English.
+            .header("content-language", "en")
             .timeout(settings.timeout + Duration::from_secs(5))
             .json(&body)
             .send();
@@ -68,9 +73,14 @@ pub async fn run(
             _ = shutdown.changed() => break,
         };
         let parsed = match response {
-            Ok(r) if r.status().is_success() => r.json::<Value>().await.map_err(|e| e.to_string()),
+            Ok(r) if r.status().is_success() => {
+                match crate::outbound::read_capped(r, MAX_POLL_RESPONSE_BYTES).await {
+                    Ok(body) => serde_json::from_slice::<Value>(&body).map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
             Ok(r) => Err(format!("HTTP {}", r.status())),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(crate::outbound::excerpt(&e.to_string())),
         };
         let reply = match parsed {
             Ok(v) => v,

@@ -172,7 +172,7 @@ fn active_key(stored: &[StoredKey]) -> Result<Arc<SigningKey>, IdentityError> {
 /// Writes atomically (temp file + rename), readable by the owner only.
 fn write_keys(path: &Path, keys: &[StoredKey]) -> Result<(), String> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        crate::store::private_dir(dir).map_err(|e| e.to_string())?;
     }
     let tmp = path.with_extension("json.tmp");
     let bytes = serde_json::to_vec_pretty(keys).map_err(|e| e.to_string())?;

@@ -41,6 +41,17 @@ pub struct MgmtState {
     /// Long polls and SSE responses open at once (`limits.max_streaming_connections`); each holds
     /// a permit for as long as it is open.
     pub connections: Arc<tokio::sync::Semaphore>,
+    /// The same, per enforcement point (by configured name): one point holding its maximum of
+    /// unread SSE responses gets 503, the others do not notice.
+    pub connections_per_point: HashMap<String, Arc<tokio::sync::Semaphore>>,
+    /// Streams one enforcement point may have.
+    pub max_streams_per_point: usize,
+    /// Subjects one stream may list.
+    pub max_subjects_per_stream: usize,
+    /// Where push endpoints may point.
+    pub destinations: crate::outbound::Destinations,
+    /// Requests per second per enforcement point.
+    pub limiter: crate::limits::RateLimiter,
 }
 
 /// A refused management or poll request; becomes its HTTP answer.
@@ -52,6 +63,11 @@ pub enum MgmtError {
     Internal(String),
     /// Too many long polls and SSE responses open: 503 with `Retry-After`.
     Busy,
+    /// Over a budget of the caller's own (rate, streams, subjects): 429 with `Retry-After`.
+    TooMany {
+        what: &'static str,
+        wait: Duration,
+    },
 }
 
 impl From<StreamError> for MgmtError {
@@ -80,6 +96,12 @@ impl IntoResponse for MgmtError {
                 "too many long polls and event streams are open; retry later",
                 Duration::from_secs(1),
             ),
+            MgmtError::TooMany { what, wait } => crate::limits::refusal(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_requests",
+                what,
+                wait,
+            ),
         }
     }
 }
@@ -107,15 +129,36 @@ fn stream_error(e: StreamError) -> Response {
     }
 }
 
-/// A permit for one open long poll or SSE response, or `Busy`.
-fn connection(s: &MgmtState) -> Result<tokio::sync::OwnedSemaphorePermit, MgmtError> {
-    s.connections.clone().try_acquire_owned().map_err(|_| {
-        metrics::counter!("vigil_streaming_refused_total").increment(1);
+/// Permits for one open long poll or SSE response: the enforcement point's own, then the
+/// shared cap's; `Busy` when either is full. Held for as long as the response is open.
+type StreamingPermit = (
+    tokio::sync::OwnedSemaphorePermit,
+    tokio::sync::OwnedSemaphorePermit,
+);
+
+fn connection(s: &MgmtState, ep: &EnforcementPoint) -> Result<StreamingPermit, MgmtError> {
+    let refused = |scope: &'static str| {
+        metrics::counter!("vigil_streaming_refused_total", "scope" => scope).increment(1);
         MgmtError::Busy
-    })
+    };
+    let own = s
+        .connections_per_point
+        .get(&ep.name)
+        .ok_or(MgmtError::Busy)?
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| refused("enforcement_point"))?;
+    let shared = s
+        .connections
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| refused("all"))?;
+    Ok((own, shared))
 }
 
-/// The enforcement point a bearer token belongs to (constant-time comparison).
+/// The enforcement point a bearer token belongs to, within its request rate. Tokens are compared
+/// as SHA-256 digests in constant time against every point, so neither a token's length nor its
+/// position leaks.
 fn authenticate<'a>(
     s: &'a MgmtState,
     headers: &HeaderMap,
@@ -125,10 +168,36 @@ fn authenticate<'a>(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or_default();
-    s.points
-        .iter()
-        .find(|p| !token.is_empty() && bool::from(token.as_bytes().ct_eq(p.token.as_bytes())))
-        .ok_or(MgmtError::Unauthorized)
+    if token.is_empty() {
+        return Err(MgmtError::Unauthorized);
+    }
+    let presented = crate::auth::digest(token);
+    let mut found = None;
+    for p in &s.points {
+        if bool::from(presented.ct_eq(&crate::auth::digest(&p.token))) {
+            found = Some(p);
+        }
+    }
+    let ep = found.ok_or(MgmtError::Unauthorized)?;
+    s.limiter
+        .acquire(&ep.name)
+        .map_err(|wait| MgmtError::TooMany {
+            what: "request rate over this enforcement point's limit",
+            wait,
+        })?;
+    Ok(ep)
+}
+
+/// Refuses a push endpoint the destination policy does not allow (`[outbound]`).
+fn check_delivery(s: &MgmtState, stream: &Stream) -> Result<(), MgmtError> {
+    if stream.delivery.method != super::streams::PUSH {
+        return Ok(());
+    }
+    let url = stream.delivery.endpoint_url.as_deref().unwrap_or_default();
+    s.destinations
+        .check_url(url)
+        .map(|_| ())
+        .map_err(|e| bad(format!("`delivery.endpoint_url`: {e}")))
 }
 
 fn object(body: &[u8]) -> Result<Map<String, Value>, MgmtError> {
@@ -181,6 +250,13 @@ pub async fn create(
         &ep.audience,
         s.issuer.trim_end_matches('/'),
     )?;
+    check_delivery(&s, &stream)?;
+    if s.streams.list(&ep.name).len() >= s.max_streams_per_point {
+        return Err(MgmtError::TooMany {
+            what: "this enforcement point has as many streams as it may; delete one first",
+            wait: Duration::from_secs(60),
+        });
+    }
     let config = stream.config_json();
     s.streams.put(stream).await?;
     Ok((StatusCode::CREATED, Json(config)).into_response())
@@ -242,6 +318,7 @@ async fn change(s: &MgmtState, headers: &HeaderMap, body: &[u8], replace: bool) 
     }
     if replace || body.contains_key("delivery") {
         st.delivery = parse_delivery(body.get("delivery"), s.issuer.trim_end_matches('/'), &id)?;
+        check_delivery(s, &st)?;
     }
     let config = st.config_json();
     s.streams.put(st).await?;
@@ -349,6 +426,12 @@ async fn subject_op(s: &MgmtState, headers: &HeaderMap, body: &[u8], add: bool) 
     let mut st = s.streams.get(&ep.name, &id)?;
     st.subjects.retain(|x| x != subject);
     if add {
+        if st.subjects.len() >= s.max_subjects_per_stream {
+            return Err(MgmtError::TooMany {
+                what: "this stream lists as many subjects as it may",
+                wait: Duration::from_secs(60),
+            });
+        }
         st.subjects.push(subject.clone());
     }
     s.streams.put(st).await?;
@@ -421,12 +504,18 @@ pub async fn poll(
         object(&body)?
     };
     s.streams.get(&ep.name, &id)?;
-    let _open = connection(&s)?;
+    let _open = connection(&s, ep)?;
     let mut done: Vec<String> =
         string_list(body.get("ack")).map_err(|_| bad("`ack` must be an array of jti strings"))?;
     if let Some(errs) = body.get("setErrs").and_then(Value::as_object) {
         for (jti, err) in errs {
-            tracing::warn!(stream = %id, %jti, error = %err, "enforcement point rejected a SET");
+            let code = err
+                .get("err")
+                .and_then(Value::as_str)
+                .and_then(crate::set::ErrorCode::parse)
+                .map_or("other", crate::set::ErrorCode::as_str);
+            tracing::warn!(stream = %id, jti = %crate::outbound::excerpt(jti), err = code,
+                "enforcement point rejected a SET");
             metrics::counter!("vigil_sets_rejected_by_receiver_total").increment(1);
             done.push(jti.clone());
         }
@@ -483,7 +572,7 @@ pub async fn sse(
     use axum::response::sse::{Event, KeepAlive, Sse};
     let ep = authenticate(&s, &headers)?;
     s.streams.get(&ep.name, &id)?;
-    let open = connection(&s)?;
+    let open = connection(&s, ep)?;
     let last: u64 = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())

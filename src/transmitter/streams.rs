@@ -483,7 +483,12 @@ impl StreamStore {
                 Ok(())
             })
             .await?;
-        metrics::counter!("vigil_sets_dead_lettered_total", "stream" => stream_id.to_owned())
+        // Labelled by the owner's configured name: stream ids are chosen at runtime.
+        let owner = self
+            .read()
+            .get(stream_id)
+            .map_or_else(|| "unknown".to_owned(), |s| s.owner.clone());
+        metrics::counter!("vigil_sets_dead_lettered_total", "enforcement_point" => owner)
             .increment(1);
         Ok(())
     }

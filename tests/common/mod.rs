@@ -69,6 +69,8 @@ pub fn test_config(dir: &Path, transmitters: Vec<TransmitterConfig>) -> Config {
     };
     config.jwks.min_refetch_interval_secs = 0;
     config.jwks.retry_interval_secs = 1;
+    // Every peer of a test is on loopback (the destination-policy tests turn this off).
+    config.outbound.allow_loopback = true;
     config.validate().unwrap();
     config
 }
