@@ -239,7 +239,12 @@ impl Vigil {
                 client.clone(),
                 settings.clone(),
             ));
-            tasks.push(tokio::spawn(keys.clone().run_refresh(shutdown_rx.clone())));
+            let (k, sd) = (keys.clone(), shutdown_rx.clone());
+            tasks.push(crate::supervise::spawn(
+                "jwks_refresh",
+                shutdown_rx.clone(),
+                move || k.clone().run_refresh(sd.clone()),
+            ));
             transmitters.push(Arc::new(Transmitter {
                 config: t.clone(),
                 keys,
@@ -258,20 +263,28 @@ impl Vigil {
             StreamStore::open(db.clone(), store_writer.clone())
                 .map_err(|e| StartError::Delivery(e.to_string()))?,
         );
-        tasks.push(tokio::spawn(transmitter::push::run(
-            streams.clone(),
-            push_client,
-            transmitter::push::PushSettings {
-                timeout: Duration::from_millis(config.delivery.push_timeout_ms),
-                initial_backoff: Duration::from_millis(config.delivery.initial_backoff_ms),
-                max_backoff: Duration::from_secs(config.delivery.max_backoff_secs),
-                dead_letter_after: Duration::from_secs(config.delivery.dead_letter_after_secs),
-                per_endpoint_concurrency: limits.push_concurrency_per_enforcement_point,
-                destinations,
-                max_error_body: 16 * 1024,
-            },
+        let push_settings = transmitter::push::PushSettings {
+            timeout: Duration::from_millis(config.delivery.push_timeout_ms),
+            initial_backoff: Duration::from_millis(config.delivery.initial_backoff_ms),
+            max_backoff: Duration::from_secs(config.delivery.max_backoff_secs),
+            dead_letter_after: Duration::from_secs(config.delivery.dead_letter_after_secs),
+            per_endpoint_concurrency: limits.push_concurrency_per_enforcement_point,
+            destinations,
+            max_error_body: 16 * 1024,
+        };
+        let (st, sd) = (streams.clone(), shutdown_rx.clone());
+        tasks.push(crate::supervise::spawn(
+            "push_delivery",
             shutdown_rx.clone(),
-        )));
+            move || {
+                transmitter::push::run(
+                    st.clone(),
+                    push_client.clone(),
+                    push_settings.clone(),
+                    sd.clone(),
+                )
+            },
+        ));
         let decision_task = tokio::spawn(transmitter::emit::run(
             decision_rx,
             identity.clone(),
@@ -326,8 +339,11 @@ impl Vigil {
                 .with_max_future_skew(config.events.max_future_skew_secs),
         );
         for m in &ssf_clients.managers {
-            tasks.push(tokio::spawn(
-                m.clone().run(receiver.clone(), shutdown_rx.clone()),
+            let (m, r, sd) = (m.clone(), receiver.clone(), shutdown_rx.clone());
+            tasks.push(crate::supervise::spawn(
+                "ssf_stream_manager",
+                shutdown_rx.clone(),
+                move || m.clone().run(r.clone(), sd.clone()),
             ));
         }
 
@@ -335,6 +351,15 @@ impl Vigil {
             receiver: receiver.clone(),
             max_body_bytes: config.push.max_body_bytes,
             limiter: RateLimiter::new(limits.transmitter_sets_per_sec, limits.burst),
+            inflight: transmitter_configs
+                .iter()
+                .map(|t| {
+                    (
+                        t.name.clone(),
+                        Arc::new(tokio::sync::Semaphore::new(limits.transmitter_max_inflight)),
+                    )
+                })
+                .collect(),
         });
         let ops_state = Arc::new(ops::OpsState {
             receiver,

@@ -228,6 +228,9 @@ pub struct LimitsConfig {
     /// How many requests above the rate a caller may send at once (both limits).
     #[serde(default = "default_burst")]
     pub burst: f64,
+    /// Pushes one transmitter may have in flight at once (429 beyond): its share of intake.
+    #[serde(default = "default_transmitter_inflight")]
+    pub transmitter_max_inflight: usize,
     /// Long polls and SSE responses open at once, across all enforcement points.
     #[serde(default = "default_streaming")]
     pub max_streaming_connections: usize,
@@ -255,6 +258,7 @@ impl Default for LimitsConfig {
             transmitter_sets_per_sec: default_rate(),
             client_requests_per_sec: default_rate(),
             burst: default_burst(),
+            transmitter_max_inflight: default_transmitter_inflight(),
             max_streaming_connections: default_streaming(),
             max_streaming_connections_per_enforcement_point: default_streaming_per_ep(),
             max_streams_per_enforcement_point: default_streams_per_ep(),
@@ -266,10 +270,15 @@ impl Default for LimitsConfig {
 }
 
 fn default_rate() -> f64 {
-    20_000.0
+    // Per caller: a budget one party cannot exceed, well above one IdP's steady traffic; raise it
+    // for a transmitter that replays a backlog or a gateway fleet sharing one client.
+    2_000.0
 }
 fn default_burst() -> f64 {
-    40_000.0
+    10_000.0
+}
+fn default_transmitter_inflight() -> usize {
+    256
 }
 fn default_streaming() -> usize {
     1024
@@ -1092,6 +1101,10 @@ impl Config {
                 self.limits.push_concurrency_per_enforcement_point,
             ),
             ("server.max_connections", self.server.max_connections),
+            (
+                "limits.transmitter_max_inflight",
+                self.limits.transmitter_max_inflight,
+            ),
             (
                 "server.max_connections_per_peer",
                 self.server.max_connections_per_peer,

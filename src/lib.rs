@@ -48,6 +48,7 @@ pub mod sim;
 pub mod ssf_client;
 pub mod store;
 pub mod subject;
+pub mod supervise;
 pub mod telemetry;
 pub mod tls;
 pub mod transmitter;

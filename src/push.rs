@@ -28,6 +28,9 @@ pub struct PushState {
     pub max_body_bytes: usize,
     /// SETs per second per transmitter, checked after authentication and before the body is read.
     pub limiter: crate::limits::RateLimiter,
+    /// Pushes in flight per transmitter (by configured name): one transmitter holding many slow
+    /// requests open cannot take intake from the others.
+    pub inflight: std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>,
 }
 
 /// Axum handler for `POST /ssf/push/{stream}`.
@@ -81,6 +84,11 @@ async fn handle(
         .limiter
         .acquire(&transmitter.config.name)
         .map_err(Rejection::RateLimited)?;
+    let _turn = state
+        .inflight
+        .get(&transmitter.config.name)
+        .and_then(|s| s.clone().try_acquire_owned().ok())
+        .ok_or(Rejection::RateLimited(std::time::Duration::from_secs(1)))?;
 
     let content_type_ok = headers
         .get(header::CONTENT_TYPE)

@@ -580,3 +580,52 @@ async fn the_data_directory_and_its_files_are_the_owners_alone() {
     }
     vigil.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transmitter_holding_pushes_open_does_not_take_intake_from_another() {
+    let slow = Transmitter::start(&[Alg::RS256]).await;
+    let other = Transmitter::start(&[Alg::RS256]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut slow_config = slow.config("slow", ISS, &[AUD]);
+    slow_config.name = "slow".into();
+    let mut other_config = other.config("other", "https://other.example.com/", &[AUD]);
+    other_config.name = "other".into();
+    let mut config = test_config(dir.path(), vec![slow_config, other_config]);
+    config.limits.transmitter_max_inflight = 2;
+    let vigil = start(config).await;
+    // Two pushes whose bodies never finish hold the slow transmitter's whole budget.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(vigil.local_addr()).await.unwrap();
+        let head = format!("POST /ssf/push/slow HTTP/1.1\r\nhost: x\r\nauthorization: {AUTH}-slow\r\ncontent-type: application/secevent+jwt\r\ncontent-length: 5000\r\n\r\neyJ");
+        s.write_all(head.as_bytes()).await.unwrap();
+        held.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let claims = |iss: &str, jti: &str| {
+        json!({"iss": iss, "aud": AUD, "jti": jti, "iat": now() as i64,
+            "sub_id": {"format": "email", "email": "t@example.com"}, "events": {DISABLED: {}}})
+    };
+    let third = push(
+        &vigil,
+        "slow",
+        &slow
+            .key(Alg::RS256)
+            .sign_set(&claims(ISS, "slow-3"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(third.status, 429, "over its own in-flight budget");
+    let answer = push(
+        &vigil,
+        "other",
+        &other
+            .key(Alg::RS256)
+            .sign_set(&claims("https://other.example.com/", "other-1"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(answer.status, 202, "another transmitter is not affected");
+    drop(held);
+    vigil.shutdown().await;
+}

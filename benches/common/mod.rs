@@ -24,6 +24,11 @@ pub fn loopback_config(dir: &std::path::Path) -> vigil::Config {
     // The simulated enforcement points are on loopback and poll as fast as the harness drives.
     config.outbound.allow_loopback = true;
     config.limits.enforcement_point_requests_per_sec = 1e6;
+    // The harness is one transmitter and one client at the host's ceiling.
+    config.limits.transmitter_sets_per_sec = 1e9;
+    config.limits.client_requests_per_sec = 1e9;
+    config.limits.burst = 1e9;
+    config.limits.transmitter_max_inflight = 1 << 20;
     config
 }
 

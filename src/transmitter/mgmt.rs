@@ -125,6 +125,12 @@ fn stream_error(e: StreamError) -> Response {
         StreamError::NotFound => error(StatusCode::NOT_FOUND, e.to_string()),
         StreamError::Invalid(m) => error(StatusCode::BAD_REQUEST, m),
         StreamError::TooSoon => error(StatusCode::TOO_MANY_REQUESTS, e.to_string()),
+        StreamError::TooManySubjects(_) => crate::limits::refusal(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_requests",
+            &e.to_string(),
+            Duration::from_secs(60),
+        ),
         StreamError::Storage(m) => error(StatusCode::INTERNAL_SERVER_ERROR, m),
     }
 }
@@ -423,18 +429,14 @@ async fn subject_op(s: &MgmtState, headers: &HeaderMap, body: &[u8], add: bool) 
     if let Err(e) = crate::subject::SubjectId::from_json(subject, true) {
         return Err(bad(format!("`subject`: {e}")));
     }
-    let mut st = s.streams.get(&ep.name, &id)?;
-    st.subjects.retain(|x| x != subject);
+    s.streams.get(&ep.name, &id)?;
     if add {
-        if st.subjects.len() >= s.max_subjects_per_stream {
-            return Err(MgmtError::TooMany {
-                what: "this stream lists as many subjects as it may",
-                wait: Duration::from_secs(60),
-            });
-        }
-        st.subjects.push(subject.clone());
+        s.streams
+            .add_subject(&id, subject, s.max_subjects_per_stream)
+            .await?;
+    } else {
+        s.streams.remove_subject(&id, subject).await?;
     }
-    s.streams.put(st).await?;
     Ok(if add {
         StatusCode::OK.into_response()
     } else {

@@ -21,6 +21,9 @@ use crate::store::{BatchWriter, WriteError};
 const STREAMS: TableDefinition<&str, &[u8]> = TableDefinition::new("tx_streams");
 const OUTBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("tx_outbox");
 const DEAD: TableDefinition<&str, &[u8]> = TableDefinition::new("tx_dead_letters");
+/// `stream \0 subject JSON` → nothing: a stream's subjects (SSF §8.1.3), one row each, so adding
+/// one is one small write instead of a rewrite of the stream record.
+const SUBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("tx_stream_subjects");
 
 /// Push (RFC 8935) and poll (RFC 8936) delivery method URNs (SSF §6.1).
 pub const PUSH: &str = "urn:ietf:rfc:8935";
@@ -65,8 +68,9 @@ pub struct Stream {
     pub status: StreamStatus,
     #[serde(default)]
     pub status_reason: Option<String>,
-    /// Subjects added (SSF §8.1.3); with `default_subjects: ALL` they are informational.
-    #[serde(default)]
+    /// Subjects of records written before they had a table of their own (`tx_stream_subjects`);
+    /// moved there at start-up, never written again.
+    #[serde(default, skip_serializing)]
     pub subjects: Vec<Value>,
     pub min_verification_interval: u64,
     #[serde(default)]
@@ -125,6 +129,8 @@ pub enum StreamError {
     TooSoon,
     #[error("storage: {0}")]
     Storage(String),
+    #[error("the stream lists as many subjects as it may ({0})")]
+    TooManySubjects(usize),
 }
 
 impl From<WriteError> for StreamError {
@@ -142,6 +148,8 @@ pub struct StreamStore {
     notifiers: dashmap::DashMap<String, Arc<Notify>>,
     /// Woken whenever any stream gets SETs (the push deliverer waits on it).
     any: Arc<Notify>,
+    /// Subjects per stream (rows of `tx_stream_subjects`), for the cap.
+    subject_counts: dashmap::DashMap<String, usize>,
 }
 
 /// A SET that could not be delivered, kept for operators to inspect and replay.
@@ -161,6 +169,46 @@ fn outbox_key(stream: &str, seq: u64) -> String {
     format!("{stream}\0{seq:020}")
 }
 
+fn subject_key(stream: &str, subject: &Value) -> String {
+    // serde_json's maps are sorted, so equal subjects serialize alike.
+    format!("{stream}\0{subject}")
+}
+
+/// Moves the subjects kept inside stream records by earlier releases into `tx_stream_subjects`,
+/// and rewrites those records without them, in one transaction.
+fn migrate_subjects(db: &Database) -> Result<(), StreamError> {
+    let txn = db.begin_write().map_err(storage)?;
+    {
+        let mut streams = txn.open_table(STREAMS).map_err(storage)?;
+        let mut subjects = txn.open_table(SUBJECTS).map_err(storage)?;
+        let mut rewrite = Vec::new();
+        for entry in streams.iter().map_err(storage)? {
+            let (k, v) = entry.map_err(storage)?;
+            if let Ok(s) = serde_json::from_slice::<Stream>(v.value()) {
+                if !s.subjects.is_empty() {
+                    rewrite.push((k.value().to_owned(), s));
+                }
+            }
+        }
+        for (key, mut stream) in rewrite {
+            for subject in std::mem::take(&mut stream.subjects) {
+                subjects
+                    .insert(
+                        subject_key(&stream.stream_id, &subject).as_str(),
+                        [].as_slice(),
+                    )
+                    .map_err(storage)?;
+            }
+            let bytes =
+                serde_json::to_vec(&stream).map_err(|e| StreamError::Storage(e.to_string()))?;
+            streams
+                .insert(key.as_str(), bytes.as_slice())
+                .map_err(storage)?;
+        }
+    }
+    txn.commit().map_err(storage)
+}
+
 /// The sequence number of an outbox key.
 pub fn seq_of(key: &str) -> u64 {
     key.rsplit('\0')
@@ -176,8 +224,10 @@ impl StreamStore {
             txn.open_table(STREAMS).map_err(storage)?;
             txn.open_table(OUTBOX).map_err(storage)?;
             txn.open_table(DEAD).map_err(storage)?;
+            txn.open_table(SUBJECTS).map_err(storage)?;
         }
         txn.commit().map_err(storage)?;
+        migrate_subjects(&db)?;
         let txn = db.begin_read().map_err(storage)?;
         let mut streams = HashMap::new();
         for entry in txn
@@ -208,6 +258,18 @@ impl StreamStore {
                 max_seq = max_seq.max(seq);
             }
         }
+        let subject_counts = dashmap::DashMap::new();
+        for entry in txn
+            .open_table(SUBJECTS)
+            .map_err(storage)?
+            .iter()
+            .map_err(storage)?
+        {
+            let (k, _) = entry.map_err(storage)?;
+            if let Some((stream, _)) = k.value().split_once('\0') {
+                *subject_counts.entry(stream.to_owned()).or_insert(0) += 1;
+            }
+        }
         Ok(StreamStore {
             db,
             writer,
@@ -215,7 +277,77 @@ impl StreamStore {
             next_seq: AtomicU64::new(max_seq + 1),
             notifiers: dashmap::DashMap::new(),
             any: Arc::new(Notify::new()),
+            subject_counts,
         })
+    }
+
+    /// Adds a subject to a stream (idempotent), refusing one more than `max`.
+    pub async fn add_subject(
+        &self,
+        stream: &str,
+        subject: &Value,
+        max: usize,
+    ) -> Result<(), StreamError> {
+        let key = subject_key(stream, subject);
+        if self.has_row(SUBJECTS, &key)? {
+            return Ok(());
+        }
+        let count = self.subject_counts.get(stream).map_or(0, |c| *c);
+        if count >= max {
+            return Err(StreamError::TooManySubjects(max));
+        }
+        self.writer
+            .write(move |txn| {
+                txn.open_table(SUBJECTS)
+                    .map_err(WriteError::storage)?
+                    .insert(key.as_str(), [].as_slice())
+                    .map_err(WriteError::storage)?;
+                Ok(())
+            })
+            .await?;
+        *self.subject_counts.entry(stream.to_owned()).or_insert(0) += 1;
+        Ok(())
+    }
+
+    /// Removes a subject from a stream (nothing if it was not there).
+    pub async fn remove_subject(&self, stream: &str, subject: &Value) -> Result<(), StreamError> {
+        let key = subject_key(stream, subject);
+        if !self.has_row(SUBJECTS, &key)? {
+            return Ok(());
+        }
+        self.remove_rows(SUBJECTS, vec![key]).await?;
+        if let Some(mut c) = self.subject_counts.get_mut(stream) {
+            *c = c.saturating_sub(1);
+        }
+        Ok(())
+    }
+
+    /// A stream's subjects, in key order.
+    pub fn subjects(&self, stream: &str) -> Result<Vec<Value>, StreamError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let t = txn.open_table(SUBJECTS).map_err(storage)?;
+        let prefix = format!("{stream}\0");
+        let mut out = Vec::new();
+        for entry in t.range(prefix.as_str()..).map_err(storage)? {
+            let (k, _) = entry.map_err(storage)?;
+            let Some(json) = k.value().strip_prefix(prefix.as_str()) else {
+                break;
+            };
+            if let Ok(v) = serde_json::from_str(json) {
+                out.push(v);
+            }
+        }
+        Ok(out)
+    }
+
+    fn has_row(
+        &self,
+        table: TableDefinition<'static, &'static str, &'static [u8]>,
+        key: &str,
+    ) -> Result<bool, StreamError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let t = txn.open_table(table).map_err(storage)?;
+        Ok(t.get(key).map_err(storage)?.is_some())
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Stream>> {
@@ -298,6 +430,13 @@ impl StreamStore {
     pub async fn delete(&self, owner: &str, id: &str) -> Result<(), StreamError> {
         self.get(owner, id)?;
         self.drop_outbox(id).await?;
+        let subjects = self
+            .subjects(id)?
+            .iter()
+            .map(|v| subject_key(id, v))
+            .collect();
+        self.remove_rows(SUBJECTS, subjects).await?;
+        self.subject_counts.remove(id);
         self.remove_rows(STREAMS, vec![id.to_owned()]).await?;
         if let Ok(mut g) = self.streams.write() {
             g.remove(id);
@@ -613,5 +752,60 @@ pub fn string_list(v: Option<&Value>) -> Result<Vec<String>, StreamError> {
         Some(_) => Err(StreamError::Invalid(
             "`events_requested` must be an array of strings".into(),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[tokio::test]
+    async fn subjects_are_rows_of_their_own_and_old_records_move_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::open(dir.path()).unwrap();
+        // A record as an earlier release wrote it: subjects inside.
+        let mut legacy = new_stream(&Map::new(), "gw", "https://vigil", "gw", "http://v").unwrap();
+        let mut record = serde_json::to_value(&legacy).unwrap();
+        record["subjects"] = json!([{"format": "email", "email": "a@example.com"}]);
+        let txn = db.begin_write().unwrap();
+        txn.open_table(STREAMS)
+            .unwrap()
+            .insert(
+                legacy.stream_id.as_str(),
+                serde_json::to_vec(&record).unwrap().as_slice(),
+            )
+            .unwrap();
+        txn.commit().unwrap();
+
+        let (writer, thread) = crate::store::BatchWriter::start(db.clone(), "state", 16).unwrap();
+        let store = StreamStore::open(db.clone(), writer).unwrap();
+        let id = legacy.stream_id.clone();
+        assert_eq!(
+            store.subjects(&id).unwrap(),
+            vec![json!({"format": "email", "email": "a@example.com"})]
+        );
+        assert!(store.get("gw", &id).unwrap().subjects.is_empty());
+        let b = json!({"email": "b@example.com", "format": "email"});
+        store.add_subject(&id, &b, 2).await.unwrap();
+        store.add_subject(&id, &b, 2).await.unwrap(); // idempotent, not counted twice
+        let c = json!({"format": "email", "email": "c@example.com"});
+        assert!(matches!(
+            store.add_subject(&id, &c, 2).await,
+            Err(StreamError::TooManySubjects(2))
+        ));
+        store.remove_subject(&id, &b).await.unwrap();
+        store.add_subject(&id, &c, 2).await.unwrap();
+        assert_eq!(store.subjects(&id).unwrap().len(), 2);
+        // The record itself never carries them again.
+        legacy.subjects.clear();
+        store.put(legacy).await.unwrap();
+        store.delete("gw", &id).await.unwrap();
+        assert!(store.subjects(&id).unwrap().is_empty());
+        drop(store);
+        drop(db);
+        tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .unwrap();
     }
 }
