@@ -1,11 +1,17 @@
 //! The audit log: every decision appended as one JSON line to `<data_dir>/audit/audit-NNNNNN.jsonl`,
-//! fsynced before the state change it describes is committed (so the log never misses a decision
-//! that took effect; after a crash a decision may appear twice, with the same deterministic id).
-//! Files rotate at `max_bytes`; the newest `keep` files are kept. Queries scan the files.
+//! fsynced before the state change it describes is committed, so the log never misses a decision
+//! that took effect. Files rotate at `max_bytes`; the newest `keep` files are kept. Queries scan
+//! the files.
+//!
+//! Each decision is in the log once. A crash between a decision's append and its state commit
+//! makes the restarted engine replay the signal and make the same decision again, with the same
+//! deterministic id; the log remembers the ids in its tail at open ([`RECOVERY_TAIL_BYTES`]: what
+//! a replay can re-make is what the killed process wrote last) and does not append them again.
+//! Queries also collapse repeated ids, for logs written by releases before this rule.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -28,12 +34,18 @@ struct Current {
     size: u64,
 }
 
+/// How much of the log's end is read at open for the ids a replay may make again.
+pub const RECOVERY_TAIL_BYTES: u64 = 32 * 1024 * 1024;
+
 /// The append-only decision log.
 pub struct AuditLog {
     dir: PathBuf,
     max_bytes: u64,
     keep: usize,
     current: Mutex<Current>,
+    /// Ids of the decisions at the log's end when it was opened (bounded by
+    /// `RECOVERY_TAIL_BYTES`): a decision replay makes again is not appended twice.
+    before_start: HashSet<String>,
 }
 
 impl AuditLog {
@@ -41,11 +53,13 @@ impl AuditLog {
         crate::store::private_dir(dir)?;
         let index = list_files(dir)?.last().map_or(1, |(i, _)| *i);
         let (file, size) = open_append(dir, index)?;
+        let before_start = tail_ids(dir, RECOVERY_TAIL_BYTES)?;
         Ok(AuditLog {
             dir: dir.to_owned(),
             max_bytes: max_bytes.max(1024),
             keep: keep.max(1),
             current: Mutex::new(Current { file, index, size }),
+            before_start,
         })
     }
 
@@ -56,8 +70,16 @@ impl AuditLog {
         }
         let mut buf = Vec::new();
         for d in decisions {
+            if self.before_start.contains(&d.id) {
+                // Made again by a replay after a crash: already in the log.
+                metrics::counter!("vigil_audit_repeats_skipped_total").increment(1);
+                continue;
+            }
             serde_json::to_writer(&mut buf, d)?;
             buf.push(b'\n');
+        }
+        if buf.is_empty() {
+            return Ok(());
         }
         let mut cur = self
             .current
@@ -91,15 +113,18 @@ impl AuditLog {
     pub fn query(&self, q: &DecisionQuery) -> std::io::Result<Vec<Decision>> {
         let limit = if q.limit == 0 { 1000 } else { q.limit };
         let mut out: VecDeque<Decision> = VecDeque::new();
+        // Ids already in `out` (newer files first): an older copy of one is not listed again.
+        let mut seen: HashSet<String> = HashSet::new();
         for (_, path) in list_files(&self.dir)?.into_iter().rev() {
             let file = match File::open(&path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // rotated away
                 Err(e) => return Err(e),
             };
-            // This file's newest matches, at most as many as are still wanted.
+            // This file's newest matches, at most as many as are still wanted, each id once.
             let room = limit - out.len();
             let mut newest: VecDeque<Decision> = VecDeque::new();
+            let mut in_window: HashSet<String> = HashSet::new();
             for line in BufReader::new(file).lines() {
                 let line = line?;
                 let Ok(d) = serde_json::from_str::<Decision>(&line) else {
@@ -108,14 +133,17 @@ impl AuditLog {
                 let keep = q.subject.as_ref().is_none_or(|s| &d.subject == s)
                     && q.grant.as_ref().is_none_or(|g| &d.grant_id == g)
                     && q.since.is_none_or(|t| d.time >= t);
-                if keep {
+                if keep && !seen.contains(&d.id) && in_window.insert(d.id.clone()) {
                     if newest.len() == room {
-                        newest.pop_front();
+                        if let Some(old) = newest.pop_front() {
+                            in_window.remove(&old.id);
+                        }
                     }
                     newest.push_back(d);
                 }
             }
             for d in newest.into_iter().rev() {
+                seen.insert(d.id.clone());
                 out.push_front(d);
             }
             if out.len() >= limit {
@@ -133,6 +161,36 @@ fn open_append(dir: &Path, index: u64) -> std::io::Result<(File, u64)> {
     crate::store::private_file(&path)?;
     let size = file.metadata()?.len();
     Ok((file, size))
+}
+
+/// The decision ids in the last `budget` bytes of the log (newest files first).
+fn tail_ids(dir: &Path, budget: u64) -> std::io::Result<HashSet<String>> {
+    #[derive(serde::Deserialize)]
+    struct Id {
+        id: String,
+    }
+    let mut ids = HashSet::new();
+    let mut left = budget;
+    for (_, path) in list_files(dir)?.into_iter().rev() {
+        if left == 0 {
+            break;
+        }
+        let mut file = File::open(&path)?;
+        let len = file.metadata()?.len();
+        let start = len.saturating_sub(left);
+        left = left.saturating_sub(len);
+        file.seek(SeekFrom::Start(start))?;
+        let mut lines = BufReader::new(file).lines();
+        if start > 0 {
+            let _ = lines.next(); // a partial first line
+        }
+        for line in lines {
+            if let Ok(d) = serde_json::from_str::<Id>(&line?) {
+                ids.insert(d.id);
+            }
+        }
+    }
+    Ok(ids)
 }
 
 fn list_files(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
@@ -247,5 +305,39 @@ mod tests {
             .len(),
             1
         );
+    }
+
+    #[test]
+    fn a_decision_made_again_after_a_restart_is_listed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), 1 << 20, 3).unwrap();
+        log.append(&[decision("g1", "s", 1.0), decision("g2", "s", 2.0)])
+            .unwrap();
+        drop(log);
+        // The restarted process replays the signal and makes the same decisions again.
+        let log = AuditLog::open(dir.path(), 1 << 20, 3).unwrap();
+        log.append(&[decision("g2", "s", 2.0), decision("g3", "s", 3.0)])
+            .unwrap();
+        let all = log.query(&DecisionQuery::default()).unwrap();
+        let ids: Vec<&str> = all.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(ids, ["g1-1", "g2-2", "g3-3"]);
+        let text = std::fs::read_to_string(dir.path().join("audit-000001.jsonl")).unwrap();
+        assert_eq!(text.lines().count(), 3, "the file holds each decision once");
+
+        // A log an earlier release wrote twice into is listed once too.
+        let raw = serde_json::to_string(&decision("g3", "s", 3.0)).unwrap();
+        std::fs::write(
+            dir.path().join("audit-000001.jsonl"),
+            format!("{text}{raw}\n"),
+        )
+        .unwrap();
+        let again = log
+            .query(&DecisionQuery {
+                limit: 2,
+                ..DecisionQuery::default()
+            })
+            .unwrap();
+        let ids: Vec<&str> = again.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(ids, ["g2-2", "g3-3"]);
     }
 }

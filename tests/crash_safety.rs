@@ -8,7 +8,11 @@
 //! - every Kafka message the broker acknowledged is applied (committed offsets lose nothing, and
 //!   uncommitted ones are redelivered): its user's grant is revoked;
 //! - every grant seen revoked before a kill is still revoked after every restart (never valid again);
-//! - every revocation decided for an acknowledged SET reaches the enforcement point's poll stream.
+//! - every revocation decided for an acknowledged SET reaches the enforcement point by poll, by
+//!   push and by SSE (a client that reconnects with `Last-Event-ID` after each kill);
+//! - a decision made again while a restarted Vigil replays is neither listed twice by
+//!   `/v1/decisions` nor sent again: every SET `jti` any enforcement point saw came with one token
+//!   (a redelivery repeats the same token; a second SET for the decision would be signed anew).
 //!
 //! The counts are printed (`cargo test --test crash_safety -- --nocapture`; `CRASH_KILLS=N` for more).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -126,6 +130,120 @@ async fn status_of(http: &reqwest::Client, base: &str, grant: &str) -> Option<St
     v["status"].as_str().map(str::to_owned)
 }
 
+/// Every SET an enforcement point received, by `jti`: the distinct tokens that carried it, and the
+/// revocations' `txn`s.
+#[derive(Default)]
+struct Received {
+    tokens: std::collections::HashMap<String, BTreeSet<String>>,
+    txns: HashSet<String>,
+}
+
+impl Received {
+    fn record(&mut self, token: &str) {
+        let Some(payload) = token.split('.').nth(1) else {
+            return;
+        };
+        let Ok(bytes) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload) else {
+            return;
+        };
+        let Ok(claims) = serde_json::from_slice::<Value>(&bytes) else {
+            return;
+        };
+        if let Some(jti) = claims["jti"].as_str() {
+            self.tokens
+                .entry(jti.to_owned())
+                .or_default()
+                .insert(token.to_owned());
+        }
+        if let Some(txn) = claims["txn"].as_str() {
+            self.txns.insert(txn.to_owned());
+        }
+    }
+
+    /// `jti`s that arrived in two different SETs: a decision sent twice.
+    fn sent_twice(&self) -> Vec<&String> {
+        self.tokens
+            .iter()
+            .filter(|(_, t)| t.len() > 1)
+            .map(|(j, _)| j)
+            .collect()
+    }
+}
+
+/// An RFC 8935 push endpoint that records what it receives.
+async fn push_endpoint(received: Arc<Mutex<Received>>) -> std::net::SocketAddr {
+    let app = axum::Router::new().route(
+        "/events",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let received = received.clone();
+            async move {
+                received
+                    .lock()
+                    .unwrap()
+                    .record(&String::from_utf8_lossy(&body));
+                axum::http::StatusCode::ACCEPTED
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+/// An SSE subscriber that reconnects (with `Last-Event-ID`) whenever its response ends, as a
+/// sidecar would across Vigil's restarts, until `stop`.
+fn sse_subscriber(
+    url: String,
+    received: Arc<Mutex<Received>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        let mut last: Option<String> = None;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut req = http.get(&url).bearer_auth(EP);
+            if let Some(id) = &last {
+                req = req.header("last-event-id", id);
+            }
+            let Ok(mut resp) = req.send().await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let mut buf = String::new();
+            loop {
+                let chunk = tokio::select! {
+                    c = resp.chunk() => c,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                        if stop.load(std::sync::atomic::Ordering::Relaxed) { return; }
+                        continue;
+                    }
+                };
+                let Ok(Some(chunk)) = chunk else { break };
+                buf.push_str(&String::from_utf8_lossy(&chunk));
+                while let Some(end) = buf.find("\n\n") {
+                    let event: String = buf.drain(..end + 2).collect();
+                    let (mut id, mut data) = (None, None);
+                    for line in event.lines() {
+                        if let Some(v) = line.strip_prefix("id:") {
+                            id = Some(v.trim().to_owned());
+                        } else if let Some(v) = line.strip_prefix("data:") {
+                            data = Some(v.trim().to_owned());
+                        }
+                    }
+                    if let Some(d) = data {
+                        received.lock().unwrap().record(&d);
+                    }
+                    if id.is_some() {
+                        last = id;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_work_survives_sigkill() {
     let tx = Arc::new(Transmitter::start(&[Alg::RS256]).await);
@@ -191,6 +309,39 @@ async fn acknowledged_work_survives_sigkill() {
     let mut child = spawn(&config_path);
     ready(&http, &base).await;
     let poll_url = create_poll_stream(&http, &base, EP).await;
+    // The same enforcement point subscribed by push and by SSE as well.
+    let pushed = Arc::new(Mutex::new(Received::default()));
+    let push_addr = push_endpoint(pushed.clone()).await;
+    let revoked = "https://schemas.openid.net/secevent/caep/event-type/session-revoked";
+    let created = http
+        .post(format!("{base}/ssf/streams"))
+        .bearer_auth(EP)
+        .json(&json!({"delivery": {"method": "urn:ietf:rfc:8935",
+            "endpoint_url": format!("http://{push_addr}/events")}, "events_requested": [revoked]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status().as_u16(), 201);
+    let sse_stream: Value = http
+        .post(format!("{base}/ssf/streams"))
+        .bearer_auth(EP)
+        .json(&json!({"events_requested": [revoked]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let streamed = Arc::new(Mutex::new(Received::default()));
+    let sse_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sse_task = sse_subscriber(
+        format!(
+            "{base}/ssf/sse/{}",
+            sse_stream["stream_id"].as_str().unwrap()
+        ),
+        streamed.clone(),
+        sse_stop.clone(),
+    );
     let idp_stream = eventually_within(30, "Vigil's poll stream at the IdP", || async {
         idp.streams()
             .first()
@@ -399,6 +550,7 @@ async fn acknowledged_work_survives_sigkill() {
         .chain(scored.iter().map(String::as_str))
         .collect();
     let mut delivered: HashSet<String> = HashSet::new();
+    let mut polled = Received::default();
     let mut ack: Vec<String> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !expected.iter().all(|j| delivered.contains(*j)) {
@@ -424,6 +576,7 @@ async fn acknowledged_work_survives_sigkill() {
         ack.clear();
         for (jti, set) in reply["sets"].as_object().unwrap() {
             ack.push(jti.clone());
+            polled.record(set.as_str().unwrap());
             let payload = set.as_str().unwrap().split('.').nth(1).unwrap();
             let claims: Value = serde_json::from_slice(
                 &base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -437,6 +590,67 @@ async fn acknowledged_work_survives_sigkill() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    // The same revocations reached the push and SSE subscriptions.
+    for (method, received) in [("push", &pushed), ("SSE", &streamed)] {
+        let what = format!("every revocation delivered by {method}");
+        eventually_within(60, &what, || async {
+            let r = received.lock().unwrap();
+            expected.iter().all(|j| r.txns.contains(*j)).then_some(())
+        })
+        .await;
+    }
+    sse_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    sse_task.await.unwrap();
+    // No decision was sent twice, by any method.
+    for (method, twice) in [
+        ("poll", polled.sent_twice().len()),
+        ("push", pushed.lock().unwrap().sent_twice().len()),
+        ("SSE", streamed.lock().unwrap().sent_twice().len()),
+    ] {
+        assert_eq!(twice, 0, "{method}: SETs whose decision was sent again");
+    }
+    // The audit trail lists each decision once.
+    let decisions: Value = http
+        .get(format!("{base}/v1/decisions?limit=10000"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = decisions["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    let unique: HashSet<&str> = ids.iter().copied().collect();
+    assert_eq!(ids.len(), unique.len(), "a decision is listed twice");
+    // And the log files themselves (what an auditor exports) hold each decision once.
+    let mut in_files = Vec::new();
+    for entry in std::fs::read_dir(dir.path().join("data").join("audit")).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        for line in text.lines() {
+            if let Ok(d) = serde_json::from_str::<Value>(line) {
+                in_files.push(d["id"].as_str().unwrap_or_default().to_owned());
+            }
+        }
+    }
+    let unique_in_files: HashSet<&String> = in_files.iter().collect();
+    assert_eq!(
+        in_files.len(),
+        unique_in_files.len(),
+        "a decision is written twice in the audit files"
+    );
+    assert!(ids.len() >= expected.len(), "{} decisions", ids.len());
+    eprintln!(
+        "crash safety: {} decisions listed once each; SETs by poll {}, push {}, SSE {}, none sent twice",
+        ids.len(),
+        polled.tokens.len(),
+        pushed.lock().unwrap().tokens.len(),
+        streamed.lock().unwrap().tokens.len()
+    );
     eprintln!(
         "crash safety: {} kills; {} grant registrations attempted, {} acknowledged; {} SETs acknowledged (202), \
          {} SETs queued at the polled transmitter ({} acknowledged by Vigil's poll before the end), \
