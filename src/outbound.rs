@@ -327,4 +327,27 @@ mod tests {
         assert!(same_origin("https://evil.example/streams", "https://tr.example.com/").is_err());
         assert!(same_origin("https://tr.example.com:8443/", "https://tr.example.com/").is_err());
     }
+
+    #[tokio::test]
+    async fn an_endless_body_is_cut_at_the_cap_while_it_streams() {
+        // A server that streams forever, with no declared length.
+        let app = axum::Router::new().route(
+            "/jwks.json",
+            axum::routing::get(|| async {
+                let chunk = axum::body::Bytes::from(vec![b' '; 64 * 1024]);
+                let endless = futures_util::stream::repeat_with(move || {
+                    Ok::<_, std::convert::Infallible>(chunk.clone())
+                });
+                axum::body::Body::from_stream(endless)
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let resp = reqwest::get(format!("http://{addr}/jwks.json"))
+            .await
+            .unwrap();
+        let e = read_capped(resp, 1024 * 1024).await.unwrap_err();
+        assert_eq!(e, OutboundError::TooLarge(1024 * 1024));
+    }
 }

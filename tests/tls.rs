@@ -7,6 +7,7 @@ mod common;
 
 use common::*;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+use rustls_pki_types::pem::PemObject;
 use vigil::config::TlsConfig;
 
 struct Pki {
@@ -172,4 +173,61 @@ async fn bad_tls_settings_are_start_errors_naming_the_problem() {
     let mut config = test_config(&dir.path().join("data2"), Vec::new());
     config.tls.cert = Some(dir.path().join("only-cert.pem"));
     assert!(config.validate().is_err(), "cert without key");
+}
+
+/// After the handshake a TLS connection has the same time budget as a plain one: idle, it is
+/// closed by the request-head timeout; one that never finishes its handshake is closed by the
+/// handshake timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_tls_connections_are_closed() {
+    use tokio::io::AsyncReadExt;
+    use tokio_rustls::rustls;
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| write_file(dir.path(), name, text);
+    let mut config = test_config(&dir.path().join("data"), Vec::new());
+    config.tls = TlsConfig {
+        cert: Some(write("server.pem", &pki.server_pem)),
+        key: Some(write("server.key", &pki.server_key)),
+        client_ca: None,
+        ca_bundle: None,
+    };
+    config.server.request_head_timeout_ms = 500;
+    config.server.tls_handshake_timeout_ms = 500;
+    let vigil = start(config).await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pki.ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let client = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client));
+    let tcp = tokio::net::TcpStream::connect(vigil.local_addr())
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), tls.read(&mut buf))
+        .await
+        .expect("an idle TLS connection stayed open")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+
+    // A handshake that never comes.
+    let mut silent = tokio::net::TcpStream::connect(vigil.local_addr())
+        .await
+        .unwrap();
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), silent.read(&mut buf))
+        .await
+        .expect("a connection without a handshake stayed open")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    vigil.shutdown().await;
 }

@@ -527,3 +527,32 @@ pub fn verify_interval(configured_secs: u64, config: &StreamConfig) -> Duration 
             ),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transmitters_interval_is_saturated() {
+        let cfg =
+            |v: Value| StreamConfig(json!({"stream_id": "s", "min_verification_interval": v}));
+        assert_eq!(
+            verify_interval(60, &cfg(json!(u64::MAX))),
+            Duration::from_secs(super::super::mgmt::MAX_VERIFICATION_INTERVAL_SECS)
+        );
+        assert_eq!(
+            verify_interval(60, &cfg(json!(10))),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            verify_interval(60, &cfg(json!(600))),
+            Duration::from_secs(600)
+        );
+        assert_eq!(
+            verify_interval(0, &cfg(json!("soon"))),
+            Duration::from_secs(1)
+        );
+        // Adding it to the clock cannot overflow.
+        let _ = tokio::time::Instant::now() + verify_interval(60, &cfg(json!(u64::MAX)));
+    }
+}
