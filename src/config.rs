@@ -1584,4 +1584,33 @@ mod tests {
         );
         assert!(e.contains("listne"), "{e}");
     }
+
+    #[test]
+    fn durations_have_bounds() {
+        for (text, key) in [
+            (
+                "[delivery]\nmax_backoff_secs = 9223372036854775807",
+                "delivery.max_backoff_secs",
+            ),
+            (
+                "[delivery]\npush_timeout_ms = 0",
+                "delivery.push_timeout_ms",
+            ),
+            (
+                "[jwks]\nrefresh_interval_secs = 99999999999",
+                "jwks.refresh_interval_secs",
+            ),
+            (
+                "[server]\nrequest_head_timeout_ms = 86400001",
+                "server.request_head_timeout_ms",
+            ),
+            (
+                "[events]\nmax_future_skew_secs = 99999999999",
+                "events.max_future_skew_secs",
+            ),
+        ] {
+            let e = err_of(text, no_env());
+            assert!(e.contains(key), "{text}: {e}");
+        }
+    }
 }

@@ -544,7 +544,7 @@ async fn a_jwks_redirected_to_another_origin_is_not_followed() {
         "idp",
         ISS,
         vec![AUD.into()],
-        AUTH,
+        &format!("{AUTH}-idp"),
         vec![Alg::RS256],
         &format!("http://{redirector}/jwks.json"),
     );
@@ -627,5 +627,52 @@ async fn a_transmitter_holding_pushes_open_does_not_take_intake_from_another() {
     .await;
     assert_eq!(answer.status, 202, "another transmitter is not affected");
     drop(held);
+    vigil.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_jwks_uri_from_metadata_must_be_https_or_on_the_issuers_origin() {
+    let attacker = vigil::signing::SigningKey::generate(Alg::RS256, "evil").unwrap();
+    let evil_jwks = json!({"keys": [attacker.public_jwk().unwrap()]});
+    let evil = serve(axum::Router::new().route(
+        "/jwks.json",
+        axum::routing::get(move || {
+            let v = evil_jwks.clone();
+            async move { axum::Json(v) }
+        }),
+    ))
+    .await;
+    // The transmitter's metadata (on its own origin) names plain-http keys on another origin.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let issuer = format!("http://{}", listener.local_addr().unwrap());
+    let metadata = json!({"spec_version": "1_0", "issuer": issuer,
+        "jwks_uri": format!("http://{evil}/jwks.json")});
+    let app = axum::Router::new().route(
+        "/.well-known/ssf-configuration",
+        axum::routing::get(move || {
+            let v = metadata.clone();
+            async move { axum::Json(v) }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut t = vigil::config::TransmitterConfig::with_jwks(
+        "idp",
+        &issuer,
+        vec![AUD.into()],
+        &format!("{AUTH}-idp"),
+        vec![Alg::RS256],
+        "http://127.0.0.1:1/unused",
+    );
+    t.jwks_uri = None;
+    t.discovery = true;
+    let dir = tempfile::tempdir().unwrap();
+    let vigil = start(test_config(dir.path(), vec![t])).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let claims = json!({"iss": issuer, "aud": AUD, "jti": "forged-meta", "iat": now() as i64,
+        "sub_id": {"format": "email", "email": "x@example.com"}, "events": {DISABLED: {}}});
+    let answer = push(&vigil, "idp", &attacker.sign_set(&claims).unwrap()).await;
+    // No key could be loaded: the temporary 503 (with the keys on the issuer's own origin the
+    // same SET is accepted).
+    assert_eq!(answer.status, 503, "{:?}", answer.err());
     vigil.shutdown().await;
 }

@@ -716,4 +716,14 @@ mod tests {
         let e = other_aud.read("x").await.unwrap_err();
         assert!(matches!(e, MgmtError::AudienceMismatch { .. }), "{e}");
     }
+
+    #[tokio::test]
+    async fn a_stream_created_for_another_audience_is_deleted_again() {
+        let (mut client, seen) = spec_transmitter().await;
+        client.audiences = vec!["https://vigil.example".into()];
+        let e = client.create(&json!({})).await.unwrap_err();
+        assert!(matches!(e, MgmtError::AudienceMismatch { .. }), "{e}");
+        let calls: Vec<String> = seen.lock().unwrap().iter().map(|c| c.0.clone()).collect();
+        assert_eq!(calls, ["POST", "DELETE"], "the unusable stream is removed");
+    }
 }
