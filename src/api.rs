@@ -35,6 +35,8 @@ pub struct ApiState {
     pub engine: Arc<Engine>,
     pub audit: Arc<crate::audit::AuditLog>,
     pub reloader: Arc<PolicyReloader>,
+    /// The configured enforcement points' names: a grant may name only these.
+    pub enforcement_points: Vec<String>,
 }
 
 fn error(status: StatusCode, code: &str, description: impl Into<String>) -> Response {
@@ -72,6 +74,26 @@ pub async fn register_grant(State(s): State<Arc<ApiState>>, body: axum::body::By
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_grant", e.to_string()),
     };
+    // A grant naming an enforcement point Vigil does not know would never be delivered anywhere.
+    if let Some(unknown) = request
+        .enforcement_points
+        .iter()
+        .find(|p| !s.enforcement_points.contains(p))
+    {
+        let known = if s.enforcement_points.is_empty() {
+            "none are configured".to_owned()
+        } else {
+            format!("known: {}", s.enforcement_points.join(", "))
+        };
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_grant",
+            format!(
+                "unknown enforcement point `{}` ({known})",
+                crate::outbound::excerpt(unknown)
+            ),
+        );
+    }
     match s.engine.register(request).await {
         Ok(registered) => (StatusCode::CREATED, Json(registered)).into_response(),
         Err(e) => engine_error(e),

@@ -21,7 +21,7 @@ use crate::handoff::{self, EngineSink};
 use crate::intake::{Intake, IntakeError};
 use crate::jwks::{KeySource, KeyStore, KeyStoreSettings};
 use crate::limits::RateLimiter;
-use crate::policy::{PolicyError, PolicySet};
+use crate::policy::PolicyError;
 use crate::push::{self, PushState};
 use crate::receiver::{Receiver, Transmitter};
 use crate::reload::{PolicyReloader, ReloadOutcome};
@@ -47,6 +47,8 @@ pub enum StartError {
     Writer(String),
     #[error("policy: {0}")]
     Policy(#[from] PolicyError),
+    #[error("policy set: {0}")]
+    PolicySet(String),
     #[error("engine: {0}")]
     Engine(#[from] EngineError),
     #[error("signing identity: {0}")]
@@ -87,6 +89,13 @@ pub struct Vigil {
 impl Vigil {
     /// Opens the store, replays pending signals, fetches keys in the background and starts serving.
     pub async fn start(config: Config) -> Result<Vigil, StartError> {
+        // A policy set that does not load or lints with errors is a start-up error: Vigil never
+        // runs without its rules. The same path as every reload, and first: a refused start
+        // leaves nothing open or created.
+        let policy =
+            crate::reload::load_checked(&config.policy.dir).map_err(StartError::PolicySet)?;
+        tracing::info!(version = %policy.version, rules = policy.rules.len(), files = ?policy.files,
+            dir = %config.policy.dir.display(), "policy set loaded");
         let metrics = telemetry::metrics_handle();
         let db = store::open(&config.data_dir)?;
         let (api_auth, admin_token) = ApiAuth::new(&config.clients, &config.data_dir)?;
@@ -108,9 +117,6 @@ impl Vigil {
         intake.adopt_legacy_tables(&db)?;
         let pending = intake.pending()?;
 
-        // A policy set that does not load is a start-up error: Vigil never runs without its rules.
-        let policy = PolicySet::load_dir_or_builtin(&config.policy.dir)?;
-        tracing::info!(version = %policy.version, rules = policy.rules.len(), files = ?policy.files, "policy set loaded");
         let audit = Arc::new(
             AuditLog::open(
                 &config.data_dir.join("audit"),
@@ -291,6 +297,10 @@ impl Vigil {
             streams.clone(),
             pending_handoff,
         ));
+        // Start-up ends in the state a reload of the same set would reach: every grant is
+        // re-evaluated under it (the set may have changed while Vigil was stopped). After the
+        // emitter runs, so the decisions it makes are delivered like any other.
+        engine.reevaluate_all()?.wait().await;
         if config.policy.watch_interval_secs > 0 {
             tasks.push(tokio::spawn(reloader.clone().watch(
                 Duration::from_secs(config.policy.watch_interval_secs),
@@ -322,6 +332,11 @@ impl Vigil {
             engine: engine.clone(),
             audit,
             reloader: reloader.clone(),
+            enforcement_points: config
+                .enforcement_points
+                .iter()
+                .map(|p| p.name.clone())
+                .collect(),
         });
         if config.kafka.enabled() {
             let source = crate::kafka::KafkaSource::start(

@@ -811,8 +811,13 @@ fn default_retry() -> u64 {
 fn default_fetch_timeout() -> u64 {
     5000
 }
+/// The default policy directory, relative to the working directory. When it does not exist
+/// Vigil runs the built-in set (a fresh checkout's `cargo run -- serve` from anywhere); a
+/// configured directory that does not exist is an error.
+pub const DEFAULT_POLICY_DIR: &str = "policies";
+
 fn default_policy_dir() -> PathBuf {
-    PathBuf::from("policies")
+    PathBuf::from(DEFAULT_POLICY_DIR)
 }
 fn default_watch() -> u64 {
     2

@@ -201,6 +201,33 @@ fn fail(e: impl std::fmt::Display) -> ExitCode {
 }
 
 fn check_config(mut config: Config, report: &vigil::config::EnvReport) -> anyhow::Result<()> {
+    // What `serve` would refuse at start-up, and the policy set's own tests.
+    let policy = vigil::reload::load_checked(&config.policy.dir)
+        .map_err(|e| anyhow::anyhow!("policy: {e}"))?;
+    if config.policy.dir.is_dir() {
+        let tests = vigil::policy::testing::run_dir(&config.policy.dir)
+            .map_err(|e| anyhow::anyhow!("policy tests: {e}"))?;
+        if tests.failed() > 0 {
+            eprint!("{}", tests.render());
+            anyhow::bail!(
+                "policy tests: {} of {} failed in {}",
+                tests.failed(),
+                tests.failed() + tests.passed(),
+                config.policy.dir.display()
+            );
+        }
+    }
+    eprintln!(
+        "vigil: policy set {} ({} rules) from {}",
+        policy.version,
+        policy.rules.len(),
+        if config.policy.dir.is_dir() {
+            config.policy.dir.display().to_string()
+        } else {
+            "the built-in set (no policies directory)".to_owned()
+        }
+    );
+    check_data_dir(&config.data_dir)?;
     for t in &mut config.transmitters {
         t.authorization = "<redacted>".into();
         if let Some(m) = &mut t.manage {
@@ -243,6 +270,21 @@ fn check_config(mut config: Config, report: &vigil::config::EnvReport) -> anyhow
         names(&report.ignored)
     );
     eprintln!("vigil: configuration is valid");
+    Ok(())
+}
+
+/// The data directory can be created and written (a probe file, removed again); a directory that
+/// does not exist yet is left as it was.
+fn check_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    let existed = dir.is_dir();
+    std::fs::create_dir_all(dir).with_context(|| format!("data directory {}", dir.display()))?;
+    let probe = dir.join(".vigil-check-config");
+    let written = std::fs::write(&probe, b"probe");
+    let _ = std::fs::remove_file(&probe);
+    if !existed {
+        let _ = std::fs::remove_dir(dir);
+    }
+    written.with_context(|| format!("data directory {} is not writable", dir.display()))?;
     Ok(())
 }
 

@@ -1,8 +1,10 @@
 //! Policy hot reload: one path for every trigger (directory change, SIGHUP, `POST
 //! /v1/policies/reload`). A set that fails to load or lint is refused and the running one stays; a
 //! valid, different set is swapped in atomically and every grant is re-evaluated under it.
+//! Start-up loads its set through the same [`load_checked`], and re-evaluates every grant under
+//! it, so a set changed while Vigil was stopped is applied exactly as a reload would apply it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,6 +28,32 @@ pub enum ReloadOutcome {
         version: String,
         error: String,
     },
+}
+
+/// The one way a policy set is loaded, for start-up and every reload: the directory's rule
+/// files — or, when `dir` is the default `policies` and does not exist, the built-in set — compiled
+/// and linted; a set that lints with errors is refused. A configured directory that does not
+/// exist is an error, never a silent fall-back.
+pub fn load_checked(dir: &Path) -> Result<PolicySet, String> {
+    if !dir.is_dir() && dir != Path::new(crate::config::DEFAULT_POLICY_DIR) {
+        return Err(format!(
+            "policy directory {} does not exist (resolved from the working directory {})",
+            dir.display(),
+            std::env::current_dir()
+                .map(|d| d.display().to_string())
+                .unwrap_or_else(|_| "?".into())
+        ));
+    }
+    let set = PolicySet::load_dir_or_builtin(dir).map_err(|e| e.to_string())?;
+    let errors: Vec<String> = lint::lint(&set)
+        .into_iter()
+        .filter(|f| f.error)
+        .map(|f| format!("rule `{}`: {}", f.rule, f.message))
+        .collect();
+    if !errors.is_empty() {
+        return Err(errors.join("; "));
+    }
+    Ok(set)
 }
 
 pub struct PolicyReloader {
@@ -56,20 +84,12 @@ impl PolicyReloader {
                 error,
             }
         };
-        let set = match PolicySet::load_dir_or_builtin(&self.dir) {
+        let set = match load_checked(&self.dir) {
             Ok(set) => set,
-            Err(e) => return refused(e.to_string()),
+            Err(e) => return refused(e),
         };
         if set.version == current {
             return ReloadOutcome::Unchanged { version: current };
-        }
-        let errors: Vec<String> = lint::lint(&set)
-            .into_iter()
-            .filter(|f| f.error)
-            .map(|f| format!("rule `{}`: {}", f.rule, f.message))
-            .collect();
-        if !errors.is_empty() {
-            return refused(errors.join("; "));
         }
         let version = set.version.clone();
         if let Err(e) = self.engine.swap_policy(set) {

@@ -354,48 +354,10 @@ fn parse_time(v: &Value) -> Option<f64> {
     if let Some(n) = v.as_f64() {
         return Some(if n > 1e11 { n / 1000.0 } else { n });
     }
-    let s = v.as_str()?;
-    // YYYY-MM-DDTHH:MM:SS[.fff](Z|±HH:MM)
-    let (date, rest) = s.split_once('T')?;
-    let mut d = date.split('-').map(|x| x.parse::<i64>());
-    let (y, mo, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
-    // Calendar ranges first: they also keep the arithmetic below far from overflow (a fuzzed day
-    // of 4.6e18 overflowed `days * 86_400`).
-    if !(0..=9999).contains(&y) || !(1..=12).contains(&mo) || !(1..=31).contains(&day) {
-        return None;
-    }
-    let (time, offset_secs) = if let Some(t) = rest.strip_suffix('Z') {
-        (t, 0)
-    } else {
-        let idx = rest.rfind(['+', '-'])?;
-        let (t, off) = rest.split_at(idx);
-        let sign = if off.starts_with('-') { -1 } else { 1 };
-        let (oh, om) = off[1..].split_once(':')?;
-        let (oh, om) = (oh.parse::<i64>().ok()?, om.parse::<i64>().ok()?);
-        if !(0..=23).contains(&oh) || !(0..=59).contains(&om) {
-            return None;
-        }
-        (t, sign * (oh * 3600 + om * 60))
-    };
-    let mut t = time.split(':');
-    let (h, mi) = (
-        t.next()?.parse::<i64>().ok()?,
-        t.next()?.parse::<i64>().ok()?,
-    );
-    let sec: f64 = t.next()?.parse().ok()?;
-    // 60: a leap second.
-    if !(0..=23).contains(&h) || !(0..=59).contains(&mi) || !(0.0..61.0).contains(&sec) {
-        return None;
-    }
-    // Days from civil (Howard Hinnant's algorithm).
-    let y = if mo <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (mo + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some((days * 86_400 + h * 3600 + mi * 60 - offset_secs) as f64 + sec)
+    // RFC 3339 through chrono: impossible dates (`2026-02-31`) and offsets are refused, not rolled
+    // over into the next month.
+    let t = chrono::DateTime::parse_from_rfc3339(v.as_str()?).ok()?;
+    Some(t.timestamp() as f64 + f64::from(t.timestamp_subsec_nanos()) / 1e9)
 }
 
 #[cfg(test)]
@@ -509,6 +471,11 @@ mod tests {
         );
         assert_eq!(parse_time(&json!("1970-01-01T00:00:01.5Z")), Some(1.5));
         assert_eq!(parse_time(&json!("garbage")), None);
+        // Impossible dates are refused, not rolled into the next month.
+        assert_eq!(parse_time(&json!("2026-02-31T10:00:00Z")), None);
+        assert_eq!(parse_time(&json!("2026-04-31T10:00:00Z")), None);
+        assert_eq!(parse_time(&json!("2025-02-29T10:00:00Z")), None);
+        assert!(parse_time(&json!("2024-02-29T10:00:00Z")).is_some());
     }
 
     #[test]

@@ -30,6 +30,11 @@
 //! | `vigil_task_restarts_total` | counter | task | a shared background task ended unexpectedly and was started again |
 //! | `vigil_push_attempts_total` | counter | enforcement_point, outcome | RFC 8935 push attempts to enforcement points (`delivered`, `rejected`, `retry`, `refused`) |
 //! | `vigil_event_times_clamped_total` | counter | source | event times beyond `events.max_future_skew_secs` taken as the time of receipt |
+//! | `vigil_sets_retried_total` | counter | enforcement_point | push attempts that failed and will be retried |
+//! | `vigil_sets_dead_lettered_total` | counter | enforcement_point | SETs moved to the dead letters |
+//! | `vigil_push_rejections_total` | counter | err | enforcement points' 400 answers, by RFC 8935 code (`other` for anything else) |
+//! | `vigil_streaming_refused_total` | counter | scope | long polls / SSE refused: the enforcement point's own cap (`enforcement_point`) or the shared one (`all`) |
+//! | `vigil_audit_repeats_skipped_total` | counter | | decisions a replay made again after a crash, already in the audit log |
 
 /// Accepted connections being served.
 pub const HTTP_CONNECTIONS_OPEN: &str = "vigil_http_connections_open";

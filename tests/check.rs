@@ -148,6 +148,8 @@ async fn nginx_auth_request_enforces_a_revocation() {
             roles: vec![vigil::auth::Role::Check],
         },
     ];
+    // The gateway the grants name (an enforcement point must be configured to be named).
+    config.enforcement_points = vec![enforcement_point("nginx", "nginx-ep-token-0123456789")];
     let vigil = start(config).await;
     let up = upstream().await;
     let port = std::net::TcpListener::bind("127.0.0.1:0")

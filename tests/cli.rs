@@ -286,3 +286,64 @@ fn unrelated_vigil_variables_are_ignored_with_a_warning() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("127.0.0.1:9997"));
 }
+
+/// `check-config` checks what `serve` would refuse and more: the policy directory exists, its set
+/// compiles and lints, its own tests pass.
+#[test]
+fn check_config_checks_the_policy_set_and_its_tests() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("vigil.toml");
+    let write_config = |policy_dir: &std::path::Path| {
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = \"{}\"\n[policy]\ndir = \"{}\"\n",
+                dir.path().join("data").display(),
+                policy_dir.display()
+            ),
+        )
+        .unwrap()
+    };
+    write_config(&dir.path().join("no-such-dir"));
+    let out = vigil_with_config("check-config", &config);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("does not exist"), "{stderr}");
+
+    // A set whose own test fails.
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    std::fs::write(
+        policies.join("base.yaml"),
+        "rules: [{id: no-admin, on: ['*'], when: \"'admin' in grant.scopes\", effect: revoke}]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        policies.join("base.test.yaml"),
+        "tests:\n  - name: admin is fine\n    grant: {id: g, kind: session, subject: {format: email, email: a@example.com}, scopes: [admin], issued_at: 1, expires_at: 2000000000}\n    expect: {effect: none}\n",
+    )
+    .unwrap();
+    write_config(&policies);
+    let out = vigil_with_config("check-config", &config);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("policy tests: 1 of 1 failed"), "{stderr}");
+
+    // Fixed: valid, and it says which set.
+    std::fs::write(
+        policies.join("base.test.yaml"),
+        "tests:\n  - name: admin is revoked\n    grant: {id: g, kind: session, subject: {format: email, email: a@example.com}, scopes: [admin], issued_at: 1, expires_at: 2000000000}\n    expect: {effect: revoke, rules: [no-admin]}\n",
+    )
+    .unwrap();
+    let out = vigil_with_config("check-config", &config);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("policy set") && stderr.contains("1 rules"),
+        "{stderr}"
+    );
+    assert!(
+        !dir.path().join("data").exists(),
+        "check-config created nothing"
+    );
+}

@@ -46,6 +46,10 @@ async fn env_with(policy_dir: Option<&std::path::Path>) -> Env {
         config.policy.dir = p.to_owned();
     }
     config.policy.watch_interval_secs = 0;
+    config.enforcement_points = vec![enforcement_point(
+        "api-gateway",
+        "api-gateway-token-0123456789",
+    )];
     let vigil = start(config.clone()).await;
     Env {
         tx,
@@ -349,7 +353,9 @@ async fn a_rule_that_errors_fails_closed() {
 rules:
   - id: broken-risk
     on: [risk-level-change]
-    when: "context.risk.no_such_field == 'HIGH'"
+    # Errors for this test's grant only: a rule that errors on every input would not pass the
+    # lint that start-up runs.
+    when: "grant.id == 'fc' && context.risk.no_such_field == 'HIGH'"
     effect: revoke
     reason: never rendered
   - id: low-is-fine
@@ -531,6 +537,10 @@ async fn a_changed_policy_file_is_picked_up_without_any_call() {
     let mut config = test_config(data.path(), vec![tx.config("idp", ISS, &[AUD])]);
     config.policy.dir = dir.path().to_owned();
     config.policy.watch_interval_secs = 1;
+    config.enforcement_points = vec![enforcement_point(
+        "api-gateway",
+        "api-gateway-token-0123456789",
+    )];
     let vigil = start(config.clone()).await;
     let env = Env {
         tx,
@@ -548,4 +558,63 @@ async fn a_changed_policy_file_is_picked_up_without_any_call() {
     .unwrap();
     env.wait_status("watched", "step_up").await;
     env.vigil.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_naming_an_unknown_enforcement_point_is_refused() {
+    let env = env_with(None).await;
+    let mut g = grant("to-nowhere", email("nowhere@example.com"), now() - 10.0);
+    g["enforcement_points"] = json!(["gw"]);
+    let (code, body) = post_json(&env.vigil, "/v1/grants", &g).await;
+    assert_eq!(code, 400, "{body}");
+    let description = body["description"].as_str().unwrap();
+    assert!(
+        description.contains("`gw`") && description.contains("api-gateway"),
+        "names the unknown one and the known ones: {description}"
+    );
+    let (code, _) = get_json(&env.vigil, "/v1/grants/to-nowhere").await;
+    assert_eq!(code, 404, "nothing was registered");
+    env.vigil.shutdown().await;
+}
+
+/// Start-up loads the policy set the way a reload does: a set changed while Vigil was stopped is
+/// applied to existing grants before the first request is served; a set that lints with errors,
+/// or a configured directory that does not exist, stops the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_changed_while_stopped_applies_at_start_and_a_broken_one_refuses_to_start() {
+    let policies = tempfile::tempdir().unwrap();
+    std::fs::write(policies.path().join("base.yaml"), "rules: []\n").unwrap();
+    let env = env_with(Some(policies.path())).await;
+    let mut g = grant("admin-1", email("admin@example.com"), now() - 10.0);
+    g["scopes"] = json!(["admin"]);
+    assert_eq!(post_json(&env.vigil, "/v1/grants", &g).await.0, 201);
+
+    std::fs::write(
+        policies.path().join("admin.yaml"),
+        "rules: [{id: no-admin, on: ['*'], when: \"'admin' in grant.scopes\", effect: revoke}]\n",
+    )
+    .unwrap();
+    let env = env.restart().await;
+    let (_, got) = get_json(&env.vigil, "/v1/grants/admin-1").await;
+    assert_eq!(got["status"], "revoked", "{got}");
+    let (_, verdict) = post_json(&env.vigil, "/v1/check", &json!({"grant_id": "admin-1"})).await;
+    assert_eq!(verdict["decision"], "deny", "{verdict}");
+
+    let Env { vigil, config, .. } = env;
+    vigil.shutdown().await;
+    std::fs::write(
+        policies.path().join("broken.yaml"),
+        "rules: [{id: broken, on: ['*'], when: \"grant.no_such.field == 1\", effect: revoke}]\n",
+    )
+    .unwrap();
+    let refused = |r: Result<vigil::Vigil, vigil::app::StartError>| match r {
+        Ok(_) => panic!("started"),
+        Err(e) => e.to_string(),
+    };
+    let e = refused(vigil::Vigil::start(config.clone()).await);
+    assert!(e.contains("broken"), "{e}");
+    let mut typo = config.clone();
+    typo.policy.dir = policies.path().join("polices");
+    let e = refused(vigil::Vigil::start(typo).await);
+    assert!(e.contains("polices") && e.contains("does not exist"), "{e}");
 }

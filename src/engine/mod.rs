@@ -650,6 +650,12 @@ impl Engine {
         }
         metrics::counter!("vigil_policy_swaps_total").increment(1);
         tracing::info!(%version, "policy set swapped; re-evaluating every grant");
+        self.reevaluate_all()
+    }
+
+    /// Re-evaluates every grant under the current policy set. Start-up does it once, so a set
+    /// changed while Vigil was stopped is applied exactly as a reload would apply it.
+    pub fn reevaluate_all(&self) -> Result<SwapDone, EngineError> {
         let mut waits = Vec::new();
         for shard in 0..self.inboxes.len() {
             let (done, rx) = oneshot::channel();

@@ -71,16 +71,16 @@ pub async fn run(
 ) {
     let settings = Arc::new(settings);
     let any = streams.any_notifier();
-    let mut workers: HashMap<String, JoinHandle<()>> = HashMap::new();
+    let mut workers = Workers::default();
     // Keyed by enforcement point name: configured, so bounded.
     let mut budgets: HashMap<String, Arc<Semaphore>> = HashMap::new();
     loop {
         let woken = any.notified();
-        reap(&mut workers);
+        reap(&mut workers.0);
         for stream in streams.live() {
             if stream.delivery.method != PUSH
                 || stream.status != StreamStatus::Enabled
-                || workers.contains_key(&stream.stream_id)
+                || workers.0.contains_key(&stream.stream_id)
             {
                 continue;
             }
@@ -96,7 +96,7 @@ pub async fn run(
                 owner: stream.owner.clone(),
                 budget,
             };
-            workers.insert(
+            workers.0.insert(
                 stream.stream_id.clone(),
                 tokio::spawn(worker.run(shutdown.clone())),
             );
@@ -107,8 +107,21 @@ pub async fn run(
             _ = shutdown.changed() => break,
         }
     }
-    for (_, w) in workers {
+    for (_, w) in workers.0.drain() {
         let _ = w.await;
+    }
+}
+
+/// The workers by stream id. Dropped with the dispatcher (a panic included), they are aborted:
+/// the dispatcher started again must not find a second worker draining the same outbox.
+#[derive(Default)]
+struct Workers(HashMap<String, JoinHandle<()>>);
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for (_, w) in self.0.drain() {
+            w.abort();
+        }
     }
 }
 
