@@ -109,7 +109,7 @@ async fn fetch_from(
         return Err(DiscoveryError::IssuerMismatch {
             url: url.to_string(),
             expected: issuer.to_owned(),
-            found: meta.issuer,
+            found: crate::outbound::excerpt(&meta.issuer),
         });
     }
     if meta.jwks_uri.is_none() {

@@ -128,17 +128,17 @@ impl KeySet {
                     return match key.verifier(alg) {
                         Some(_) => Ok(key.clone()),
                         None => Err(KeyError::WrongAlg {
-                            kid: kid.to_owned(),
+                            kid: crate::outbound::excerpt(kid),
                             alg,
                         }),
                     };
                 }
                 match self.refused.get(kid) {
                     Some(reason) => Err(KeyError::Refused {
-                        kid: kid.to_owned(),
+                        kid: crate::outbound::excerpt(kid),
                         reason: reason.clone(),
                     }),
-                    None => Err(KeyError::UnknownKid(kid.to_owned())),
+                    None => Err(KeyError::UnknownKid(crate::outbound::excerpt(kid))),
                 }
             }
             None => {
