@@ -516,19 +516,25 @@ async fn a_signal_from_the_future_does_not_pin_a_fact() {
     vigil.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_jwks_redirected_to_another_origin_is_not_followed() {
-    // The configured key URL redirects to another origin serving an attacker's key.
+/// An attacker's signing key and a server publishing it at `/jwks.json`.
+async fn attacker_keys() -> (vigil::signing::SigningKey, std::net::SocketAddr) {
     let attacker = vigil::signing::SigningKey::generate(Alg::RS256, "evil").unwrap();
-    let evil_jwks = json!({"keys": [attacker.public_jwk().unwrap()]});
-    let evil = serve(axum::Router::new().route(
+    let jwks = json!({"keys": [attacker.public_jwk().unwrap()]});
+    let addr = serve(axum::Router::new().route(
         "/jwks.json",
         axum::routing::get(move || {
-            let v = evil_jwks.clone();
+            let v = jwks.clone();
             async move { axum::Json(v) }
         }),
     ))
     .await;
+    (attacker, addr)
+}
+
+#[tokio::test]
+async fn a_jwks_redirected_to_another_origin_is_not_followed() {
+    // The configured key URL redirects to another origin serving an attacker's key.
+    let (attacker, evil) = attacker_keys().await;
     let redirector = serve(axum::Router::new().route(
         "/jwks.json",
         axum::routing::get(move || async move {
@@ -632,16 +638,7 @@ async fn a_transmitter_holding_pushes_open_does_not_take_intake_from_another() {
 
 #[tokio::test]
 async fn a_jwks_uri_from_metadata_must_be_https_or_on_the_issuers_origin() {
-    let attacker = vigil::signing::SigningKey::generate(Alg::RS256, "evil").unwrap();
-    let evil_jwks = json!({"keys": [attacker.public_jwk().unwrap()]});
-    let evil = serve(axum::Router::new().route(
-        "/jwks.json",
-        axum::routing::get(move || {
-            let v = evil_jwks.clone();
-            async move { axum::Json(v) }
-        }),
-    ))
-    .await;
+    let (attacker, evil) = attacker_keys().await;
     // The transmitter's metadata (on its own origin) names plain-http keys on another origin.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let issuer = format!("http://{}", listener.local_addr().unwrap());
