@@ -81,6 +81,9 @@ pub struct Mapping {
     pub time: Option<String>,
     #[serde(default)]
     pub id: Option<String>,
+    /// Pointer to a reason string (the risk change's `risk_reason`, what decisions say).
+    #[serde(default)]
+    pub reason: Option<String>,
     /// A constant source name (default: the topic).
     #[serde(default)]
     pub source: Option<String>,
@@ -114,6 +117,7 @@ impl Mapping {
             ("score", &self.score),
             ("time", &self.time),
             ("id", &self.id),
+            ("reason", &self.reason),
         ] {
             if let Some(p) = p {
                 pointer(field, p)?;
@@ -337,7 +341,13 @@ fn normalize(
             principal: RiskPrincipal::User,
             current_level: level,
             previous_level: None,
-            risk_reason: msg.get("reason").and_then(Value::as_str).map(str::to_owned),
+            risk_reason: m
+                .reason
+                .as_deref()
+                .and_then(|p| msg.pointer(p))
+                .or_else(|| msg.get("reason"))
+                .and_then(Value::as_str)
+                .map(str::to_owned),
         }),
         subject,
         event_time,
@@ -438,10 +448,16 @@ mod tests {
             &m,
             at("fraud", 0.0),
             br#"{"user": {"mail": "Bob@Example.com"}, "assessment": {"band": "Critical"},
-                 "ts": "2023-11-14T22:13:20Z", "eventId": 77, "geo": {"cc": "DE"}}"#,
+                 "ts": "2023-11-14T22:13:20Z", "eventId": 77, "geo": {"cc": "DE"},
+                 "why": "card testing"}"#,
         )
         .unwrap();
         assert_eq!(s.event_time, 1_700_000_000.0);
+        assert!(
+            matches!(&s.event, Event::RiskLevelChange(r) if r.risk_reason.as_deref() == Some("card testing")),
+            "the mapped reason: {:?}",
+            s.event
+        );
         assert_eq!(s.jti, "id:77");
         assert_eq!(s.attributes["country"], "DE");
         assert_eq!(s.source.label(), "feed:fraud-engine");

@@ -220,7 +220,11 @@ fn dead_letters(brokers: &str, expected: usize) -> Vec<(String, Value)> {
                         .collect()
                 })
                 .unwrap_or_default();
-            let payload = String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned();
+            // A message without a value (a tombstone) reads as `<null>`, an empty one as "".
+            let payload = m.payload().map_or_else(
+                || "<null>".to_owned(),
+                |p| String::from_utf8_lossy(p).into_owned(),
+            );
             out.push((payload, Value::Object(headers)));
         }
     }
@@ -247,6 +251,8 @@ async fn bad_messages_go_to_the_dead_letter_topic_and_the_partition_keeps_flowin
     for (topic, payload) in bad {
         publisher.publish(topic, Some("k"), payload).await.unwrap();
     }
+    // A tombstone (no value): dead-lettered as a tombstone, not as an empty message.
+    publisher.publish_tombstone(NATIVE, "gone").await.unwrap();
     // Behind the bad ones on the same partition: a good message still applies.
     publisher
         .publish(
@@ -262,10 +268,14 @@ async fn bad_messages_go_to_the_dead_letter_topic_and_the_partition_keeps_flowin
     .await;
 
     let brokers = kafka.bootstrap_servers();
-    let letters = tokio::task::spawn_blocking(move || dead_letters(&brokers, 4))
+    let letters = tokio::task::spawn_blocking(move || dead_letters(&brokers, 5))
         .await
         .unwrap();
-    assert_eq!(letters.len(), 4, "{letters:?}");
+    assert_eq!(letters.len(), 5, "{letters:?}");
+    assert!(
+        letters.iter().any(|(p, _)| p == "<null>"),
+        "the tombstone's copy has no value: {letters:?}"
+    );
     // Across topics the order is not defined; each bad message appears once, unchanged.
     for (topic, payload) in bad {
         let (_, headers) = letters
@@ -292,7 +302,7 @@ async fn bad_messages_go_to_the_dead_letter_topic_and_the_partition_keeps_flowin
         .is_empty());
     let (_, metrics) = get(&vigil, "/metrics").await;
     assert!(
-        metrics.contains("vigil_kafka_dead_lettered_total{topic=\"vigil.risk\"} 3"),
+        metrics.contains("vigil_kafka_dead_lettered_total{topic=\"vigil.risk\"} 4"),
         "{metrics}"
     );
     vigil.shutdown().await;

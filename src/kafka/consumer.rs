@@ -344,8 +344,12 @@ impl KafkaSource {
             client.set(name, value);
         }
         let mut producer_config = client.clone();
+        // Idempotent by default (a retried dead letter is not written twice), unless the operator
+        // chose otherwise (a broker or ACL without idempotent-write support).
+        if producer_config.get("enable.idempotence").is_none() {
+            producer_config.set("enable.idempotence", "true");
+        }
         producer_config
-            .set("enable.idempotence", "true")
             .set("message.timeout.ms", "10000")
             .set("statistics.interval.ms", "0");
         let producer: FutureProducer<ProducerLogs> =

@@ -80,9 +80,12 @@ impl DeadLetters {
                 .insert(header("vigil-topic", &msg.topic))
                 .insert(header("vigil-partition", &partition))
                 .insert(header("vigil-offset", &offset));
-            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic)
-                .payload(msg.payload.as_deref().unwrap_or_default())
-                .headers(headers);
+            let mut record: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(&self.topic).headers(headers);
+            // A tombstone's copy stays a tombstone: no value, not an empty one.
+            if let Some(payload) = msg.payload.as_deref() {
+                record = record.payload(payload);
+            }
             if let Some(key) = msg.key.as_deref() {
                 record = record.key(key);
             }

@@ -74,6 +74,7 @@ pub fn fraud_engine_mapping(topic: &str) -> Mapping {
         level: Some("/assessment/band".into()),
         time: Some("/ts".into()),
         id: Some("/eventId".into()),
+        reason: Some("/why".into()),
         source: Some("fraud-engine".into()),
         level_values: [
             ("critical".to_owned(), "HIGH".to_owned()),
@@ -153,6 +154,19 @@ impl Publisher {
         if let Some(key) = key {
             record = record.key(key);
         }
+        match self.producer.send(record, Duration::from_secs(10)).await {
+            Ok(d) => Ok((d.partition, d.offset)),
+            Err((e, _)) => Err(PublishError(e)),
+        }
+    }
+
+    /// Publishes a tombstone (a message with a key and no value) and waits for it.
+    pub async fn publish_tombstone(
+        &self,
+        topic: &str,
+        key: &str,
+    ) -> Result<(i32, i64), PublishError> {
+        let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic).key(key);
         match self.producer.send(record, Duration::from_secs(10)).await {
             Ok(d) => Ok((d.partition, d.offset)),
             Err((e, _)) => Err(PublishError(e)),
