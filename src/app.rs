@@ -338,10 +338,15 @@ impl Vigil {
                 .map(|p| p.name.clone())
                 .collect(),
         });
-        if config.kafka.enabled() {
+        let kafka_health = config
+            .kafka
+            .enabled()
+            .then(|| Arc::new(crate::kafka::KafkaHealth::default()));
+        if let Some(health) = &kafka_health {
             let source = crate::kafka::KafkaSource::start(
                 &config.kafka,
                 config.events.max_future_skew_secs,
+                health.clone(),
                 intake.clone(),
                 engine.clone(),
                 store_writer.clone(),
@@ -379,6 +384,7 @@ impl Vigil {
         let ops_state = Arc::new(ops::OpsState {
             receiver,
             metrics: metrics.clone(),
+            kafka: kafka_health,
         });
         let app = Router::new()
             .route("/ssf/push/{stream}", post(push::push))

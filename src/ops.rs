@@ -15,6 +15,8 @@ use crate::receiver::Receiver;
 pub struct OpsState {
     pub receiver: Arc<Receiver>,
     pub metrics: Option<PrometheusHandle>,
+    /// The Kafka source's state, when it is configured.
+    pub kafka: Option<Arc<crate::kafka::KafkaHealth>>,
 }
 
 pub async fn healthz() -> &'static str {
@@ -30,15 +32,26 @@ pub async fn readyz(State(state): State<Arc<OpsState>>) -> Response {
         );
     }
     let running = state.receiver.pipeline_running();
-    let status = if running {
+    let kafka = state.kafka.as_ref().map(|k| k.view());
+    let kafka_problem = kafka.as_ref().and_then(|v| v.as_ref()?.problem());
+    let ready = running && kafka_problem.is_none();
+    let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = json!({
-        "status": if running { "ready" } else { "pipeline stopped" },
+    let mut body = json!({
+        "status": match (running, &kafka_problem) {
+            (false, _) => "pipeline stopped".to_owned(),
+            (true, Some(why)) => why.clone(),
+            (true, None) => "ready".to_owned(),
+        },
         "transmitters": Value::Object(transmitters),
     });
+    if let Some(view) = kafka {
+        // `null` until the source's first statistics (every 5 s).
+        body["kafka"] = json!(view);
+    }
     (status, Json(body)).into_response()
 }
 

@@ -513,6 +513,17 @@ async fn two_consumers_split_the_partitions_and_one_takes_over_when_the_other_le
         all.then_some(())
     })
     .await;
+    // Until cluster mode, each of them misses the other's signals: neither is ready, and each
+    // says why.
+    for (name, vigil) in [("A", &a), ("B", &b)] {
+        let what = format!("{name} to report that it consumes only part of the partitions");
+        let body = eventually_within(20, &what, || async {
+            let (code, body) = get(vigil, "/readyz").await;
+            (code == 503).then_some(body)
+        })
+        .await;
+        assert!(body.contains("partitions"), "{body}");
+    }
 
     // B leaves; A takes over its partitions from B's committed offsets.
     b.shutdown().await;
@@ -531,5 +542,16 @@ async fn two_consumers_split_the_partitions_and_one_takes_over_when_the_other_le
         },
     )
     .await;
+    // Owning every partition again, A is ready.
+    let body = eventually_within(20, "A ready again", || async {
+        let (code, body) = get(&a, "/readyz").await;
+        (code == 200).then_some(body)
+    })
+    .await;
+    let ready: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        ready["kafka"]["assigned"], ready["kafka"]["partitions"],
+        "{ready}"
+    );
     a.shutdown().await;
 }

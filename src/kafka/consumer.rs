@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::dead_letter::{DeadLetters, ProducerLogs};
+use super::health::KafkaHealth;
 use super::log_librdkafka;
 use super::source::{FeedMessage, Normalizer};
 use crate::config::KafkaConfig;
@@ -47,6 +48,9 @@ struct Pipeline {
     gathered: Mutex<Vec<FeedMessage>>,
     /// Batches handed to the engine, oldest first, waiting for its commit.
     submitted: Mutex<VecDeque<Submitted>>,
+    /// What `/readyz` says of this source.
+    health: Arc<KafkaHealth>,
+    topics: Vec<String>,
 }
 
 /// Most batches handed to the engine and not yet committed. The engine makes feed-changed contexts
@@ -92,16 +96,7 @@ impl ClientContext for Pipeline {
     /// Consumer lag per partition this consumer fetches, from librdkafka's periodic statistics
     /// (`statistics.interval.ms`): no extra broker round trips on the consuming thread.
     fn stats(&self, statistics: rdkafka::Statistics) {
-        for (topic, t) in statistics.topics {
-            for (partition, p) in t.partitions {
-                if partition < 0 || !p.desired || p.consumer_lag < 0 {
-                    continue;
-                }
-                metrics::gauge!("vigil_kafka_consumer_lag", "topic" => topic.clone(),
-                    "partition" => partition.to_string())
-                .set(p.consumer_lag as f64);
-            }
-        }
+        self.health.observe(&statistics, &self.topics);
     }
 }
 
@@ -329,6 +324,7 @@ impl KafkaSource {
     pub fn start(
         config: &KafkaConfig,
         max_future_skew_secs: u64,
+        health: Arc<KafkaHealth>,
         intake: Intake,
         engine: Arc<Engine>,
         writer: BatchWriter,
@@ -384,6 +380,8 @@ impl KafkaSource {
             ),
             gathered: Mutex::new(Vec::new()),
             submitted: Mutex::new(VecDeque::new()),
+            health,
+            topics: config.topics.clone(),
         };
         let consumer: BaseConsumer<Pipeline> = client.create_with_context(context)?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();

@@ -25,10 +25,12 @@
 
 mod consumer;
 mod dead_letter;
+mod health;
 mod source;
 
 pub use consumer::{KafkaError, KafkaSource};
 pub use dead_letter::{stored_dead_letters, StoredDeadLetter};
+pub use health::{KafkaHealth, KafkaView};
 pub use source::FeedMessage;
 
 use rdkafka::config::RDKafkaLogLevel;

@@ -1,0 +1,142 @@
+//! What the Kafka source tells `/readyz`: the partitions of its topics, how many this instance
+//! consumes, whether a broker is reachable — read from librdkafka's periodic statistics
+//! (`statistics.interval.ms`, 5 s), so no extra broker round trip is made for it.
+//!
+//! Until cluster mode exists, one Vigil instance must consume every partition of its topics: a
+//! second instance in the same consumer group would take some, and the risk signals on them would
+//! never reach this instance's grants — revocations silently missed. So an instance that consumes
+//! fewer partitions than its topics have is not ready, says why in an error log, and shows it in
+//! `vigil_kafka_partitions_owned` against `vigil_kafka_partitions`.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+/// The source's state as of the last statistics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KafkaView {
+    /// Partitions of the subscribed topics.
+    pub partitions: usize,
+    /// Of those, the ones this instance consumes.
+    pub assigned: usize,
+    /// Brokers known, and how many of them are up.
+    pub brokers: usize,
+    pub brokers_up: usize,
+}
+
+impl KafkaView {
+    /// Why the source is not ready, if it is not.
+    pub fn problem(&self) -> Option<String> {
+        if self.brokers > 0 && self.brokers_up == 0 {
+            return Some("no Kafka broker is reachable".into());
+        }
+        if self.assigned < self.partitions {
+            return Some(format!(
+                "this instance consumes {} of {} partitions: another consumer in its group holds \
+                 the rest, and their signals never reach this instance's grants (one instance per \
+                 group until cluster mode)",
+                self.assigned, self.partitions
+            ));
+        }
+        None
+    }
+}
+
+/// Shared between the consumer's statistics callback and `/readyz`.
+#[derive(Default)]
+pub struct KafkaHealth {
+    view: Mutex<Option<KafkaView>>,
+    /// Partitions whose lag gauge was set, so it can be cleared when they move away.
+    lagging: Mutex<HashSet<(String, i32)>>,
+}
+
+impl KafkaHealth {
+    /// The last view, `None` before the first statistics.
+    pub fn view(&self) -> Option<KafkaView> {
+        self.view.lock().ok().and_then(|v| v.clone())
+    }
+
+    /// Takes in one statistics report for `topics` (the subscribed ones).
+    pub(crate) fn observe(&self, stats: &rdkafka::Statistics, topics: &[String]) {
+        let mut partitions = 0;
+        let mut assigned = 0;
+        let mut desired: BTreeSet<(String, i32)> = BTreeSet::new();
+        for (topic, t) in &stats.topics {
+            if !topics.contains(topic) {
+                continue;
+            }
+            for (&partition, p) in &t.partitions {
+                if partition < 0 {
+                    continue;
+                }
+                partitions += 1;
+                if p.desired {
+                    assigned += 1;
+                    desired.insert((topic.clone(), partition));
+                    if p.consumer_lag >= 0 {
+                        metrics::gauge!("vigil_kafka_consumer_lag", "topic" => topic.clone(),
+                            "partition" => partition.to_string())
+                        .set(p.consumer_lag as f64);
+                    }
+                }
+            }
+        }
+        if let Ok(mut lagging) = self.lagging.lock() {
+            // A partition that moved away keeps no stale lag.
+            for (topic, partition) in lagging.iter() {
+                if !desired.contains(&(topic.clone(), *partition)) {
+                    metrics::gauge!("vigil_kafka_consumer_lag", "topic" => topic.clone(),
+                        "partition" => partition.to_string())
+                    .set(0.0);
+                }
+            }
+            *lagging = desired.into_iter().collect();
+        }
+        let real = stats.brokers.values().filter(|b| b.nodeid >= 0);
+        let (brokers, brokers_up) = real.fold((0, 0), |(n, up), b| {
+            (n + 1, up + usize::from(b.state == "UP"))
+        });
+        let view = KafkaView {
+            partitions,
+            assigned,
+            brokers,
+            brokers_up,
+        };
+        metrics::gauge!("vigil_kafka_partitions").set(partitions as f64);
+        metrics::gauge!("vigil_kafka_partitions_owned").set(assigned as f64);
+        let Ok(mut last) = self.view.lock() else {
+            return;
+        };
+        let problem = view.problem();
+        if problem != last.as_ref().and_then(KafkaView::problem) {
+            match &problem {
+                Some(why) => tracing::error!(alert = true, "kafka source not ready: {why}"),
+                None => tracing::info!(partitions, assigned, "kafka source ready"),
+            }
+        }
+        *last = Some(view);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn not_owning_every_partition_or_no_broker_is_a_problem() {
+        let view = |partitions, assigned, brokers, brokers_up| KafkaView {
+            partitions,
+            assigned,
+            brokers,
+            brokers_up,
+        };
+        assert_eq!(view(4, 4, 1, 1).problem(), None);
+        assert!(view(4, 2, 1, 1).problem().unwrap().contains("2 of 4"));
+        assert!(view(4, 4, 3, 0)
+            .problem()
+            .unwrap()
+            .contains("no Kafka broker"));
+        assert_eq!(view(0, 0, 0, 0).problem(), None, "nothing known yet");
+    }
+}
