@@ -618,3 +618,49 @@ async fn a_policy_changed_while_stopped_applies_at_start_and_a_broken_one_refuse
     let e = refused(vigil::Vigil::start(typo).await);
     assert!(e.contains("polices") && e.contains("does not exist"), "{e}");
 }
+
+/// Registrations that introduce the same identifier at the same time link it to one principal,
+/// and the link Vigil acts on is the one it keeps: after a restart every identifier still leads
+/// to the principal it led to before (two racing links once wrote two different rows for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_registrations_link_each_identifier_to_one_principal() {
+    let env = env_with(None).await;
+    let engine = env.vigil.engine().clone();
+    let t = now();
+    let id = |round: usize, i: usize| format!("r{round}-u{i}@example.com");
+    let mut identifiers = Vec::new();
+    for round in 0..100 {
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            // Chained pairs: grant i and grant i+1 both introduce identifier i+1.
+            let request: vigil::grant::GrantRequest = serde_json::from_value(json!({
+                "id": format!("r{round}-g{i}"), "kind": "session",
+                "subject": {"format": "aliases", "identifiers": [email(&id(round, i)), email(&id(round, i + 1))]},
+                "issued_at": t - 10.0, "expires_at": t + 3600.0}))
+            .unwrap();
+            let engine = engine.clone();
+            tasks.push(tokio::spawn(async move { engine.register(request).await }));
+        }
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        identifiers.extend((0..9).map(|i| format!("email:{}", id(round, i))));
+    }
+    let before: Vec<String> = identifiers.iter().map(|k| engine.principal_of(k)).collect();
+    drop(engine);
+    let env = env.restart().await;
+    let engine = env.vigil.engine().clone();
+    let after: Vec<String> = identifiers.iter().map(|k| engine.principal_of(k)).collect();
+    let moved: Vec<(&String, &String, &String)> = identifiers
+        .iter()
+        .zip(before.iter().zip(after.iter()))
+        .filter(|(_, (b, a))| b != a)
+        .map(|(k, (b, a))| (k, b, a))
+        .collect();
+    assert!(
+        moved.is_empty(),
+        "identifiers linked differently after a restart: {moved:?}"
+    );
+    drop(engine);
+    env.vigil.shutdown().await;
+}

@@ -353,6 +353,9 @@ pub struct Engine {
     inboxes: Vec<std::sync::mpsc::Sender<Msg>>,
     permits: Arc<Semaphore>,
     threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Held while new identifiers are linked to a principal, so two callers introducing the same
+    /// identifier at once agree on its principal and only one of them records the link.
+    linking: std::sync::Mutex<()>,
 }
 
 impl Engine {
@@ -419,6 +422,7 @@ impl Engine {
             inboxes,
             permits: Arc::new(Semaphore::new(settings.max_inflight.max(1))),
             threads: std::sync::Mutex::new(threads),
+            linking: std::sync::Mutex::new(()),
         })
     }
 
@@ -449,7 +453,27 @@ impl Engine {
 
     /// Resolves identifier keys to a principal key, creating the principal if none is known, and
     /// returns the aliases to record (identifier → principal) for those not yet linked.
+    ///
+    /// Linking is atomic: without it, two registrations or signals introducing the same identifier
+    /// at once could each choose a principal and each record a link for it — in memory one wins,
+    /// in the store the other, and after a restart the identifier leads elsewhere. The common case
+    /// (every identifier known) takes no lock.
     fn resolve(&self, identifiers: &[String]) -> Option<(String, Vec<(String, String)>)> {
+        if let Some(first) = identifiers.first() {
+            if identifiers
+                .iter()
+                .all(|k| self.shared.aliases.contains_key(k))
+            {
+                let principal = self.shared.aliases.get(first).map(|p| p.clone());
+                if let Some(principal) = principal {
+                    return Some((principal, Vec::new()));
+                }
+            }
+        }
+        let _linking = self
+            .linking
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let principal = identifiers
             .iter()
             .find_map(|k| self.shared.aliases.get(k).map(|p| p.clone()))
