@@ -128,7 +128,7 @@ fn main() -> ExitCode {
             return match streams_cmd::run(url, &token, command) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("vigil: {e:#}");
+                    eprintln!("vigil: {}", error_line(&e));
                     ExitCode::FAILURE
                 }
             };
@@ -149,7 +149,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("vigil: {e:#}");
+            eprintln!("vigil: {}", error_line(&e));
             ExitCode::FAILURE
         }
     }
@@ -193,6 +193,24 @@ fn policy_command(cmd: &PolicyCommand) -> ExitCode {
             Err(e) => fail(e),
         },
     }
+}
+
+/// An error and its causes on one line. Vigil's errors already name their source in their own
+/// message (`cannot listen on …: Address already in use`), so a cause whose text the line already
+/// ends with is not repeated (`anyhow`'s `{:#}` would print it twice).
+fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 fn fail(e: impl std::fmt::Display) -> ExitCode {

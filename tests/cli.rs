@@ -347,3 +347,25 @@ fn check_config_checks_the_policy_set_and_its_tests() {
         "check-config created nothing"
     );
 }
+
+/// A start-up error is printed once, with its cause once (not `X: X`).
+#[test]
+fn a_start_error_names_its_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let out = Command::new(VIGIL)
+        .args(["serve", "--listen"])
+        .arg(taken.local_addr().unwrap().to_string())
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("vigil: "))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(line.contains("cannot listen on"), "{line}");
+    assert_eq!(line.matches("Address already in use").count(), 1, "{line}");
+}
