@@ -347,7 +347,12 @@ impl KeyStore {
             }
             Err(reason) => {
                 metrics::counter!("vigil_jwks_fetches_total", "transmitter" => self.name.clone(), "outcome" => "error").increment(1);
-                tracing::warn!(transmitter = %self.name, %reason, "JWKS fetch failed; keeping the cached keys");
+                if self.is_loaded() {
+                    tracing::warn!(transmitter = %self.name, %reason, "JWKS fetch failed; keeping the cached keys");
+                } else {
+                    tracing::warn!(transmitter = %self.name, %reason,
+                        "JWKS fetch failed; no keys yet (pushes are answered 503 until they load)");
+                }
                 if let Ok(mut e) = self.last_error.write() {
                     *e = Some(reason);
                 }

@@ -42,6 +42,11 @@ pub async fn push(
 ) -> Response {
     let started = Instant::now();
     let result = handle(&state, &stream, &headers, body).await;
+    // For the log of a rejection: the stream as asked for (an unknown one too), excerpted.
+    let asked_for = result
+        .as_ref()
+        .err()
+        .map(|_| crate::outbound::excerpt(&stream));
     let (outcome, event_type) = match &result {
         Ok(a) => (a.outcome_label(), a.event_type()),
         Err(r) => (r.outcome_label(), r.event_type()),
@@ -64,7 +69,8 @@ pub async fn push(
     match result {
         Ok(_) => StatusCode::ACCEPTED.into_response(),
         Err(rejection) => {
-            tracing::info!(%outcome, reason = %rejection, "SET rejected");
+            tracing::info!(stream = asked_for.as_deref().unwrap_or_default(), %outcome,
+                reason = %rejection, "SET rejected");
             rejection_response(rejection)
         }
     }
