@@ -333,10 +333,15 @@ async fn main() -> anyhow::Result<()> {
     for (what, a, b) in &demo.rows {
         println!("  {what:<32} {a:>17} ms {b:>19} ms");
     }
-    println!(
-        "  every decision, its rule, reason and policy version: {}/v1/decisions",
-        demo.base
-    );
+    // The URL only while the process that serves it is still running.
+    if args.follow {
+        println!(
+            "  every decision, its rule, reason and policy version: {}/v1/decisions",
+            demo.base
+        );
+    } else {
+        println!("  run with --follow to keep Vigil running and browse its decisions");
+    }
 
     if args.follow {
         println!(
