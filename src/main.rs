@@ -112,20 +112,20 @@ fn main() -> ExitCode {
             data_dir,
             command,
         } => {
-            let token = match token {
-                Some(t) => t.clone(),
-                None => match std::fs::read_to_string(data_dir.join(vigil::auth::ADMIN_TOKEN_FILE))
-                {
-                    Ok(t) => t.trim().to_owned(),
+            let file = data_dir.join(vigil::auth::ADMIN_TOKEN_FILE);
+            let (token, source) = match token {
+                Some(t) => (t.clone(), "--token (or VIGIL_TOKEN)".to_owned()),
+                None => match std::fs::read_to_string(&file) {
+                    Ok(t) => (t.trim().to_owned(), file.display().to_string()),
                     Err(e) => {
                         return fail(format!(
                             "no --token (or VIGIL_TOKEN) and no {}: {e}",
-                            data_dir.join(vigil::auth::ADMIN_TOKEN_FILE).display()
+                            file.display()
                         ))
                     }
                 },
             };
-            return match streams_cmd::run(url, &token, command) {
+            return match streams_cmd::run(url, &token, &source, command) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("vigil: {}", error_line(&e));

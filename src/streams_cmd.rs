@@ -31,16 +31,26 @@ pub enum StreamsCommand {
 }
 
 /// Runs one command against Vigil at `base` (e.g. `http://127.0.0.1:8080`) as the operator
-/// client holding `token`.
-pub fn run(base: &str, token: &str, cmd: &StreamsCommand) -> anyhow::Result<()> {
+/// client holding `token`, which came from `token_source` (named when Vigil refuses it).
+pub fn run(
+    base: &str,
+    token: &str,
+    token_source: &str,
+    cmd: &StreamsCommand,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(call(base.trim_end_matches('/'), token, cmd))
+    runtime.block_on(call(base.trim_end_matches('/'), token, token_source, cmd))
 }
 
-async fn call(base: &str, token: &str, cmd: &StreamsCommand) -> anyhow::Result<()> {
+async fn call(
+    base: &str,
+    token: &str,
+    token_source: &str,
+    cmd: &StreamsCommand,
+) -> anyhow::Result<()> {
     let client = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(30))
         .build()?;
@@ -82,6 +92,12 @@ async fn call(base: &str, token: &str, cmd: &StreamsCommand) -> anyhow::Result<(
     let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
     if !status.is_success() {
         let why = body["description"].as_str().unwrap_or(text.as_str());
+        if status.as_u16() == 401 {
+            bail!(
+                "HTTP 401: {why} (the token from {token_source} is not one the Vigil at {base} \
+                 knows: give --data-dir of that instance, or --token)"
+            );
+        }
         bail!("HTTP {}: {why}", status.as_u16());
     }
     match cmd {

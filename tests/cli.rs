@@ -369,3 +369,36 @@ fn a_start_error_names_its_cause_once() {
     assert!(line.contains("cannot listen on"), "{line}");
     assert_eq!(line.matches("Address already in use").count(), 1, "{line}");
 }
+
+/// `vigil streams` with a token another instance wrote: the refusal names the file it came from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_names_the_token_file_vigil_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let vigil = common::start(common::test_config(&dir.path().join("data"), Vec::new())).await;
+    let other = dir.path().join("other-instance");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(
+        other.join("admin.token"),
+        "a-token-of-another-instance-0123",
+    )
+    .unwrap();
+    let url = format!("http://{}", vigil.local_addr());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(VIGIL)
+            .args(["streams", "--url", &url, "--data-dir"])
+            .arg(&other)
+            .arg("list")
+            .env_remove("VIGIL_TOKEN")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("HTTP 401") && stderr.contains("other-instance/admin.token"),
+        "{stderr}"
+    );
+    vigil.shutdown().await;
+}
