@@ -251,10 +251,7 @@ impl Vigil {
                 shutdown_rx.clone(),
                 move || k.clone().run_refresh(sd.clone()),
             ));
-            transmitters.push(Arc::new(Transmitter {
-                config: t.clone(),
-                keys,
-            }));
+            transmitters.push(Arc::new(Transmitter::new(t.clone(), keys)));
         }
 
         tasks.push(tokio::spawn(handoff::run(
@@ -466,7 +463,7 @@ impl Vigil {
                 .iter()
                 .map(|p| EnforcementPoint {
                     name: p.name.clone(),
-                    token: p.token.clone(),
+                    token_digest: crate::auth::digest(&p.token),
                     audience: p.audience.clone().unwrap_or_else(|| p.name.clone()),
                 })
                 .collect(),

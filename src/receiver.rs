@@ -36,9 +36,20 @@ use crate::ssf_client::Liveness;
 pub struct Transmitter {
     pub config: TransmitterConfig,
     pub keys: Arc<KeyStore>,
+    /// `auth::digest` of `config.authorization`, computed once: every push compares against it.
+    credential_digest: [u8; 32],
 }
 
 impl Transmitter {
+    pub fn new(config: TransmitterConfig, keys: Arc<KeyStore>) -> Transmitter {
+        let credential_digest = crate::auth::digest(&config.authorization);
+        Transmitter {
+            config,
+            keys,
+            credential_digest,
+        }
+    }
+
     /// Critical members from config and from the transmitter's metadata (SSF §3.6).
     fn critical_members(&self) -> Vec<String> {
         let mut all = self.config.critical_subject_members.clone();
@@ -195,9 +206,7 @@ impl Receiver {
         };
         // Compared as digests: equal lengths, so the credential's length does not leak.
         let presented = crate::auth::digest(presented);
-        let matches = |t: &Transmitter| {
-            bool::from(presented.ct_eq(&crate::auth::digest(&t.config.authorization)))
-        };
+        let matches = |t: &Transmitter| bool::from(presented.ct_eq(&t.credential_digest));
         if let Some(t) = self.by_stream.get(stream) {
             if matches(t) {
                 return Ok(t.clone());

@@ -247,6 +247,10 @@ pub async fn body_deadline(
     request: Request,
     next: Next,
 ) -> Response {
+    // A request without a body (most GETs) has nothing to wait for: no timer, no allocation.
+    if http_body::Body::is_end_stream(request.body()) {
+        return next.run(request).await;
+    }
     let (parts, body) = request.into_parts();
     let expired = Arc::new(AtomicBool::new(false));
     let body = Body::new(Deadline {

@@ -53,18 +53,23 @@ fn write_file(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathB
     path
 }
 
+/// HTTPS on the listener with the test PKI's server certificate, client certificates required
+/// when `mtls`.
+fn listener_tls(dir: &std::path::Path, pki: &Pki, mtls: bool) -> TlsConfig {
+    TlsConfig {
+        cert: Some(write_file(dir, "server.pem", &pki.server_pem)),
+        key: Some(write_file(dir, "server.key", &pki.server_key)),
+        client_ca: mtls.then(|| write_file(dir, "ca.pem", &pki.ca_pem)),
+        ca_bundle: None,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_with_required_client_certificates() {
     let pki = pki();
     let dir = tempfile::tempdir().unwrap();
-    let write = |name: &str, text: &str| write_file(dir.path(), name, text);
     let mut config = test_config(&dir.path().join("data"), Vec::new());
-    config.tls = TlsConfig {
-        cert: Some(write("server.pem", &pki.server_pem)),
-        key: Some(write("server.key", &pki.server_key)),
-        client_ca: Some(write("ca.pem", &pki.ca_pem)),
-        ca_bundle: None,
-    };
+    config.tls = listener_tls(dir.path(), &pki, true);
     config.validate().unwrap();
     let vigil = start(config).await;
     let url = format!("https://127.0.0.1:{}/healthz", vigil.local_addr().port());
@@ -184,14 +189,8 @@ async fn idle_tls_connections_are_closed() {
     use tokio_rustls::rustls;
     let pki = pki();
     let dir = tempfile::tempdir().unwrap();
-    let write = |name: &str, text: &str| write_file(dir.path(), name, text);
     let mut config = test_config(&dir.path().join("data"), Vec::new());
-    config.tls = TlsConfig {
-        cert: Some(write("server.pem", &pki.server_pem)),
-        key: Some(write("server.key", &pki.server_key)),
-        client_ca: None,
-        ca_bundle: None,
-    };
+    config.tls = listener_tls(dir.path(), &pki, false);
     config.server.request_head_timeout_ms = 500;
     config.server.tls_handshake_timeout_ms = 500;
     let vigil = start(config).await;
