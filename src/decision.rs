@@ -65,7 +65,10 @@ pub struct Decision {
 }
 
 impl Decision {
-    /// The deterministic id: 16 hex digits of SHA-256 over the identifying fields.
+    /// The deterministic id: 16 hex digits of SHA-256 over the identifying fields. A signal is
+    /// identified by its source and `jti`, which every redelivery repeats (a Kafka message's `jti`
+    /// is its id or its partition and offset), not by its sequence number, which is drawn anew
+    /// for each delivery of a Kafka message.
     pub fn make_id(
         grant_id: &str,
         cause: &Cause,
@@ -73,11 +76,15 @@ impl Decision {
         policy_version: &str,
         rules: &[String],
     ) -> String {
+        let signal = match (&cause.source, &cause.jti) {
+            (Some(source), Some(jti)) => format!("{source}\u{1}{jti}"),
+            _ => cause.seq.map(|s| s.to_string()).unwrap_or_default(),
+        };
         digest_hex(
             &[
                 grant_id,
                 &cause.kind,
-                &cause.seq.map(|s| s.to_string()).unwrap_or_default(),
+                &signal,
                 &format!("{effect:?}"),
                 policy_version,
                 &rules.join(","),
@@ -100,4 +107,45 @@ pub fn digest_hex(parts: &[&str], bytes: usize) -> String {
         .take(bytes)
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cause(seq: u64, jti: &str) -> Cause {
+        Cause {
+            kind: "signal".into(),
+            seq: Some(seq),
+            jti: Some(jti.into()),
+            txn: None,
+            source: Some("feed:vigil.risk".into()),
+            event_type: None,
+            event_time: Some(1.0),
+        }
+    }
+
+    /// A Kafka message redelivered after a crash gets a new sequence number; the decision it
+    /// causes again must be recognisable as the same one.
+    #[test]
+    fn a_redelivered_signal_makes_the_same_decision_id() {
+        let rules = ["risk-medium".to_owned()];
+        let id = |c: &Cause| Decision::make_id("g1", c, DecisionEffect::StepUp, "v1", &rules);
+        assert_eq!(id(&cause(7, "id:m1")), id(&cause(9001, "id:m1")));
+        assert_ne!(id(&cause(7, "id:m1")), id(&cause(7, "id:m2")));
+        let mut other_source = cause(7, "id:m1");
+        other_source.source = Some("feed:other".into());
+        assert_ne!(id(&cause(7, "id:m1")), id(&other_source));
+        // A cause that is not a signal is told apart by its sequence number.
+        let state = Cause {
+            kind: "registration".into(),
+            seq: None,
+            jti: None,
+            txn: None,
+            source: None,
+            event_type: None,
+            event_time: None,
+        };
+        assert_ne!(id(&state), id(&cause(7, "id:m1")));
+    }
 }

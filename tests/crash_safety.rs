@@ -669,3 +669,173 @@ async fn acknowledged_work_survives_sigkill() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// Kafka replay after SIGKILL re-makes no decision: a user's risk flips between MEDIUM (step-up) and
+/// LOW (allowed again) ten times, Vigil is killed before any checkpoint (so every message is
+/// redelivered), restarted, and once the redelivered messages are applied (a last message of the
+/// same user, on the same partition, is seen), the decisions are the ones made before the kill —
+/// same ids, no new one listed or written to the audit files — the enforcement point got no SET
+/// after the restart, and the grant is in the state it was in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_replay_after_sigkill_makes_no_decision_again() {
+    const FLIPS: usize = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut config = test_config(dir.path(), vec![]);
+    config.listen = format!("127.0.0.1:{port}").parse().unwrap();
+    config.data_dir = dir.path().join("data");
+    config.clients = vec![admin_client()];
+    config.enforcement_points = vec![enforcement_point("ep1", EP)];
+    // No checkpoint before the kill: every message is redelivered after the restart.
+    config.engine.checkpoint_interval_ms = 600_000;
+    let kafka = mock_cluster(&[(TOPIC, 1), ("vigil.risk.dead-letter", 1)]).unwrap();
+    config.kafka.brokers = kafka.bootstrap_servers();
+    config.kafka.group_id = "vigil-replay".into();
+    config.kafka.topics = vec![TOPIC.into()];
+    for (k, v) in [
+        ("heartbeat_interval_ms", "300"),
+        ("session_timeout_ms", "3000"),
+    ] {
+        config.kafka.properties.insert(k.into(), v.into());
+    }
+    config.validate().unwrap();
+    let publisher = Publisher::new(&kafka.bootstrap_servers()).unwrap();
+    let config_path = dir.path().join("vigil.toml");
+    std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+
+    let mut child = spawn(&config_path);
+    ready(&http, &base).await;
+    let pushed = Arc::new(Mutex::new(Received::default()));
+    let push_addr = push_endpoint(pushed.clone()).await;
+    let step_up = "https://schemas.openid.net/secevent/caep/event-type/assurance-level-change";
+    let created = http
+        .post(format!("{base}/ssf/streams"))
+        .bearer_auth(EP)
+        .json(&json!({"delivery": {"method": "urn:ietf:rfc:8935",
+            "endpoint_url": format!("http://{push_addr}/events")}, "events_requested": [step_up]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status().as_u16(), 201);
+    let acked = Mutex::new(Acked::default());
+    let email = "replay@example.com";
+    assert!(register(&http, &base, &acked, "r1", email).await);
+
+    let t0 = now();
+    let publish = |n: usize, level: &'static str| {
+        let msg = json!({"subject": {"format": "email", "email": email},
+            "level": level, "id": format!("flip-{n}"), "event_time": t0 + n as f64});
+        let publisher = &publisher;
+        async move {
+            publisher
+                .publish(TOPIC, Some(email), msg.to_string().as_bytes())
+                .await
+                .unwrap();
+        }
+    };
+    for n in 0..FLIPS {
+        let (level, status) = if n % 2 == 0 {
+            ("MEDIUM", "step_up")
+        } else {
+            ("LOW", "active")
+        };
+        publish(n, level).await;
+        let what = format!("flip {n} to make the grant {status}");
+        eventually_within(30, &what, || async {
+            (status_of(&http, &base, "r1").await.as_deref() == Some(status)).then_some(())
+        })
+        .await;
+    }
+    let steps_up = FLIPS / 2;
+    let what = "the step-up SETs to reach the enforcement point";
+    eventually_within(30, what, || async {
+        (pushed.lock().unwrap().tokens.len() == steps_up).then_some(())
+    })
+    .await;
+    let decision_ids = |http: reqwest::Client, base: String| async move {
+        let listed: Value = http
+            .get(format!("{base}/v1/decisions?grant=r1&limit=10000"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        listed["decisions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["id"].as_str().unwrap().to_owned())
+            .collect::<BTreeSet<String>>()
+    };
+    let before = decision_ids(http.clone(), base.clone()).await;
+    // Registration (allowed: no decision) and one per flip.
+    assert_eq!(before.len(), FLIPS, "decisions before the kill: {before:?}");
+
+    child.kill().unwrap(); // SIGKILL, long before the checkpoint
+    child.wait().unwrap();
+    child = spawn(&config_path);
+    ready(&http, &base).await;
+    // One more message of the same user, on the same partition: seen once everything before it
+    // has been applied again. LOW again: it changes no grant.
+    publish(FLIPS, "LOW").await;
+    let sentinel = format!("id:flip-{FLIPS}");
+    eventually_within(60, "the redelivered messages to be applied", || async {
+        let r = http
+            .get(format!("{base}/v1/subjects/email:{email}"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .ok()?;
+        let v: Value = r.json().await.ok()?;
+        v["recent_signals"]
+            .as_array()?
+            .iter()
+            .any(|s| s["jti"] == sentinel.as_str())
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        status_of(&http, &base, "r1").await.as_deref(),
+        Some("active"),
+        "the grant's state after replay"
+    );
+    let after = decision_ids(http.clone(), base.clone()).await;
+    assert_eq!(after, before, "replay made decisions again");
+    let mut in_files = Vec::new();
+    for entry in std::fs::read_dir(dir.path().join("data").join("audit")).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        in_files.extend(
+            text.lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .map(|d| d["id"].as_str().unwrap_or_default().to_owned()),
+        );
+    }
+    assert_eq!(
+        in_files.len(),
+        FLIPS,
+        "decisions written to the audit files: {in_files:?}"
+    );
+    // Give a re-made decision's SET time to arrive, then check none did.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let received = pushed.lock().unwrap();
+    assert_eq!(received.tokens.len(), steps_up, "SETs after the restart");
+    assert!(received.sent_twice().is_empty(), "a decision sent again");
+    drop(received);
+    eprintln!(
+        "kafka replay: {FLIPS} decisions before SIGKILL, the same {} after replay, {steps_up} SETs",
+        after.len()
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

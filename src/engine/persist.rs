@@ -222,7 +222,12 @@ fn encode_context(c: &PrincipalContext) -> Result<Vec<u8>, WriteError> {
 /// The writes of one shard batch.
 #[derive(Default)]
 pub struct Changes {
+    /// Contexts of a checkpoint: written in the bulk lane, in chunks.
     pub contexts: Vec<Arc<PrincipalContext>>,
+    /// Contexts a decision of this batch was made on (or whose signal made another shard
+    /// re-evaluate): written with the decisions, so a replayed signal finds itself already applied
+    /// and re-makes nothing.
+    pub decided_contexts: Vec<Arc<PrincipalContext>>,
     /// Session revocation rows to write (`Some`) or delete (`None`), encoded by the shard from
     /// its contexts' state when the batch is committed ([`revocation_rows`]).
     pub revocations: Vec<RevocationRow>,
@@ -267,6 +272,7 @@ pub fn handoff_done_in(txn: &WriteTransaction, ids: &[String]) -> Result<(), Wri
 impl Changes {
     pub fn is_empty(&self) -> bool {
         self.contexts.is_empty()
+            && self.decided_contexts.is_empty()
             && self.revocations.is_empty()
             && self.grants.is_empty()
             && self.deleted_grants.is_empty()
@@ -279,7 +285,8 @@ impl Changes {
 /// only inserts bytes (it is shared by every writer in the process and is the throughput ceiling).
 #[derive(Default)]
 pub struct Encoded {
-    contexts: Vec<(String, Vec<u8>)>,
+    contexts: Vec<ContextRow>,
+    decided_contexts: Vec<ContextRow>,
     revocations: Vec<RevocationRow>,
     grants: Vec<(String, Vec<u8>)>,
     deleted_grants: Vec<GrantId>,
@@ -291,11 +298,11 @@ impl Changes {
     /// Serializes the batch. A context or grant changed several times in the batch is written once,
     /// in its last state.
     pub fn encode(self) -> Result<Encoded, WriteError> {
-        fn last_per_key<T>(
+        fn last_per_key<T, R>(
             items: Vec<Arc<T>>,
             key: impl Fn(&T) -> &str,
-            encode: impl Fn(&T) -> Result<Vec<u8>, WriteError>,
-        ) -> Result<Vec<(String, Vec<u8>)>, WriteError> {
+            encode: impl Fn(&T) -> Result<R, WriteError>,
+        ) -> Result<Vec<(String, R)>, WriteError> {
             let mut seen = std::collections::HashSet::new();
             let mut out = Vec::new();
             for item in items.iter().rev() {
@@ -316,8 +323,15 @@ impl Changes {
                     .map_err(|e| WriteError::Storage(e.to_string()))
             })
             .collect::<Result<_, _>>()?;
+        let contexts = |items: Vec<Arc<PrincipalContext>>| -> Result<Vec<ContextRow>, WriteError> {
+            last_per_key(items, |c| c.key.as_str(), |c| {
+                Ok((c.version, encode_context(c)?))
+            })
+            .map(|rows| rows.into_iter().map(|(k, (v, b))| (k, v, b)).collect())
+        };
         Ok(Encoded {
-            contexts: last_per_key(self.contexts, |c| c.key.as_str(), encode_context)?,
+            contexts: contexts(self.contexts)?,
+            decided_contexts: contexts(self.decided_contexts)?,
             revocations: self.revocations,
             grants: last_per_key(self.grants, |g| &g.id[..], json)?,
             deleted_grants: self.deleted_grants,
@@ -357,12 +371,47 @@ impl Encoded {
 
     pub fn is_empty(&self) -> bool {
         self.contexts.is_empty()
+            && self.decided_contexts.is_empty()
             && self.revocations.is_empty()
             && self.grants.is_empty()
             && self.deleted_grants.is_empty()
             && self.aliases.is_empty()
             && self.handoff.is_empty()
     }
+}
+
+/// A context's key, version and stored JSON.
+type ContextRow = (String, u64, Vec<u8>);
+
+/// The version of a stored context, `None` if the row is unreadable.
+fn stored_version(bytes: &[u8]) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct Version {
+        version: u64,
+    }
+    serde_json::from_slice::<Version>(bytes).ok().map(|v| v.version)
+}
+
+/// Writes context rows, each unless the store holds the same or a later version of it: a
+/// checkpoint's chunk (bulk lane) may commit after a later batch wrote a newer version of one of
+/// its contexts with a decision (ordinary lane), and must not take it back.
+fn write_contexts(txn: &WriteTransaction, rows: &[ContextRow]) -> Result<(), WriteError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut t = txn.open_table(CONTEXTS).map_err(WriteError::storage)?;
+    for (key, version, bytes) in rows {
+        let newer_stored = t
+            .get(key.as_str())
+            .map_err(WriteError::storage)?
+            .and_then(|old| stored_version(old.value()))
+            .is_some_and(|stored| stored >= *version);
+        if !newer_stored {
+            t.insert(key.as_str(), bytes.as_slice())
+                .map_err(WriteError::storage)?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes an encoded batch inside `txn`.
@@ -378,7 +427,8 @@ pub fn write(txn: &WriteTransaction, changes: &Encoded) -> Result<(), WriteError
         }
         Ok::<(), WriteError>(())
     };
-    insert_all(CONTEXTS, &changes.contexts)?;
+    write_contexts(txn, &changes.contexts)?;
+    write_contexts(txn, &changes.decided_contexts)?;
     if !changes.revocations.is_empty() {
         let mut t = txn
             .open_table(SESSION_REVOCATIONS)
@@ -435,6 +485,50 @@ mod tests {
         expected.retain(|k| k != "session_revocations");
         let got: Vec<_> = stored.as_object().unwrap().keys().cloned().collect();
         assert_eq!(got, expected);
+    }
+
+    /// A checkpoint's chunk that commits after a decision's batch wrote a newer version of one of
+    /// its contexts leaves the newer version in place; a newer version still replaces an older.
+    #[test]
+    fn an_older_context_version_never_replaces_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::open(dir.path()).unwrap();
+        load(&db).unwrap();
+        let version = |v: u64, fact: &str| {
+            let mut c = PrincipalContext::new("k");
+            c.version = v;
+            c.lifecycle.insert(
+                "fact".into(),
+                Stamped {
+                    value: serde_json::json!(fact),
+                    time: v as f64,
+                    source: "t".into(),
+                    seq: v,
+                    ttl: None,
+                },
+            );
+            Arc::new(c)
+        };
+        let commit = |changes: Changes| {
+            let txn = db.begin_write().unwrap();
+            write(&txn, &changes.encode().unwrap()).unwrap();
+            txn.commit().unwrap();
+        };
+        let stored = || load(&db).unwrap().contexts.pop().unwrap();
+        commit(Changes {
+            decided_contexts: vec![version(5, "decided")],
+            ..Changes::default()
+        });
+        commit(Changes {
+            contexts: vec![version(3, "checkpointed earlier")],
+            ..Changes::default()
+        });
+        assert_eq!(stored().version, 5);
+        commit(Changes {
+            contexts: vec![version(6, "checkpointed later")],
+            ..Changes::default()
+        });
+        assert_eq!(stored(), *version(6, "checkpointed later"));
     }
 
     /// Revocations written and deleted as rows load back into their context; a context stored

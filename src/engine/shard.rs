@@ -42,6 +42,9 @@ struct Pending {
     revocations: Vec<(String, String)>,
     processed: Vec<u64>,
     decisions: Vec<Decision>,
+    /// Keys of the contexts this batch's decisions were made on, written with them
+    /// ([`Changes::decided_contexts`]).
+    decided: std::collections::HashSet<String>,
     /// The latest state of every grant a decision in this batch is about (handed on with it).
     latest: std::collections::HashMap<GrantId, Arc<Grant>>,
     /// Policy swaps waiting for this batch's commit.
@@ -66,7 +69,8 @@ pub(crate) struct Shard {
     /// commit of its own. Every source replays: a Kafka partition from its committed offset,
     /// intake its pending signals. Kafka batches are answered (and their offsets committed), and
     /// pushed signals marked processed in intake, only after that write. Decisions and grant
-    /// changes those signals cause are never deferred.
+    /// changes those signals cause are never deferred, nor are the contexts they were decided
+    /// on (`Pending::decided`).
     /// Only keys are held: the context itself is read at the checkpoint, so until then the shard
     /// owns the only reference and later signals update it in place instead of copying it.
     dirty: std::collections::HashSet<String>,
@@ -533,6 +537,19 @@ impl Shard {
             }
         }
 
+        let (decisions, forwards) = (p.decisions.len(), p.forwards.len());
+        self.reevaluate_for(key, signal, target, p);
+        // A signal that decided something here or elsewhere has its context written with the
+        // decisions (before any forward is sent): replayed, it finds itself applied.
+        if p.decisions.len() > decisions || p.forwards.len() > forwards {
+            p.decided.insert(key.to_owned());
+        }
+    }
+
+    /// Evaluates the grants `signal` (applied to `key`'s context) can affect: here the ones this
+    /// shard owns, the others forwarded to their owners after the commit.
+    fn reevaluate_for(&mut self, key: &str, signal: &Signal, target: &Target, p: &mut Pending) {
+        let is_principal = !target.identifiers.is_empty();
         let policy = self.shared.policy();
         if !policy.triggered_by(signal.event_type_name()) {
             return;
@@ -728,6 +745,7 @@ impl Shard {
         now: f64,
         p: &mut Pending,
     ) {
+        let decisions = p.decisions.len();
         let make = |effect: DecisionEffect,
                     status: GrantStatus,
                     rules: Vec<String>,
@@ -834,6 +852,9 @@ impl Shard {
             d.status = grant.status.max(target);
             p.decisions.push(d);
         }
+        if p.decisions.len() > decisions {
+            p.decided.insert(grant.principal.to_string());
+        }
         if let Some(g) = self.shared.grants.get(&grant.id) {
             p.latest.insert(grant.id.clone(), g.clone());
         }
@@ -860,6 +881,12 @@ impl Shard {
                 p.changes.handoff.push((d.clone(), g.clone()));
             }
         }
+        let contexts = &self.shared.contexts;
+        p.changes.decided_contexts.extend(
+            p.decided
+                .drain()
+                .filter_map(|k| contexts.get(&k).map(|c| c.clone())),
+        );
         p.revocations.sort_unstable();
         p.revocations.dedup();
         let mut revocations = Ok(());
