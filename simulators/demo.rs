@@ -104,16 +104,10 @@ impl Demo {
             .await
             .context("the gateway got no SET within 20 s")?
             .context("the gateway's subscription ended")?;
-        let event = received
-            .set
-            .event_uri
-            .rsplit('/')
-            .next()
-            .unwrap_or_default()
-            .to_owned();
+        let event = received.event_name().to_owned();
         println!(
             "  enforce gateway verified a signed CAEP {event} SET (jti {}) and drops the session",
-            received.set.jti
+            received.jti()
         );
         let to_decision = decided_ms - sent_ms;
         let to_gateway = received.at_ms - decided_ms;
@@ -358,7 +352,7 @@ async fn main() -> anyhow::Result<()> {
                     n += 1;
                 }
                 Some(r) = demo.gateway.received.recv() => {
-                    println!("  gateway: {} about {}", r.set.event_uri.rsplit('/').next().unwrap_or(""), r.set.subject);
+                    println!("  gateway: {} about {}", r.event_name(), r.subject());
                 }
                 _ = tokio::signal::ctrl_c() => break,
             }

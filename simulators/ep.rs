@@ -47,13 +47,13 @@ async fn main() -> anyhow::Result<()> {
         ep.stream_id, args.method
     );
     while let Some(r) = ep.received.recv().await {
-        let event_ms = (r.set.event_time() * 1000.0) as i64;
+        let event_ms = (r.event_time() * 1000.0) as i64;
         println!(
             "{} {} txn={} subject={} (+{} ms after the decision)",
-            r.set.event.metric_label(),
-            r.set.jti,
-            r.set.txn.as_deref().unwrap_or("-"),
-            r.set.subject,
+            r.event_name(),
+            r.jti(),
+            r.txn().unwrap_or("-"),
+            r.subject(),
             r.at_ms - event_ms
         );
     }

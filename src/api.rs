@@ -39,13 +39,7 @@ pub struct ApiState {
     pub enforcement_points: Vec<String>,
 }
 
-fn error(status: StatusCode, code: &str, description: impl Into<String>) -> Response {
-    (
-        status,
-        Json(json!({"error": code, "description": description.into()})),
-    )
-        .into_response()
-}
+use crate::error_body::error;
 
 fn engine_error(e: EngineError) -> Response {
     match e {
@@ -57,7 +51,7 @@ fn engine_error(e: EngineError) -> Response {
             "unavailable",
             e.to_string(),
         ),
-        EngineError::Overloaded => crate::limits::refusal(
+        EngineError::Overloaded => crate::error_body::refusal(
             StatusCode::SERVICE_UNAVAILABLE,
             "overloaded",
             &e.to_string(),
@@ -231,7 +225,7 @@ fn judge(
         Verdict::Allow => "allow",
         Verdict::Deny => "deny",
     };
-    metrics::counter!("vigil_checks_total", "decision" => verdict).increment(1);
+    metrics::counter!(crate::telemetry::CHECKS, "decision" => verdict).increment(1);
     result
 }
 

@@ -72,7 +72,7 @@ impl AuditLog {
         for d in decisions {
             if self.before_start.contains(&d.id) {
                 // Made again by a replay after a crash: already in the log.
-                metrics::counter!("vigil_audit_repeats_skipped_total").increment(1);
+                metrics::counter!(crate::telemetry::AUDIT_REPEATS_SKIPPED).increment(1);
                 continue;
             }
             serde_json::to_writer(&mut buf, d)?;

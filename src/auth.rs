@@ -22,11 +22,9 @@ use std::sync::Arc;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::response::Response;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use subtle::ConstantTimeEq;
 
 use crate::config::ApiClientConfig;
@@ -180,7 +178,7 @@ impl ApiAuth {
 }
 
 /// The token of an `Authorization: Bearer <token>` value (scheme case-insensitive, RFC 6750).
-fn bearer(value: &str) -> Option<&str> {
+pub fn bearer(value: &str) -> Option<&str> {
     let (scheme, token) = value.split_once(' ')?;
     let token = token.trim();
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
@@ -244,11 +242,7 @@ fn refuse(denied: &Denied) -> Response {
         Denied::Unauthenticated => "unauthorized",
         Denied::Forbidden { .. } => "forbidden",
     };
-    let mut response = (
-        status,
-        Json(json!({"error": code, "description": description})),
-    )
-        .into_response();
+    let mut response = crate::error_body::error(status, code, description);
     if let Ok(v) = challenge.parse() {
         response.headers_mut().insert(header::WWW_AUTHENTICATE, v);
     }
@@ -265,9 +259,9 @@ pub async fn require(
     match auth.authorize_for(request.headers(), role) {
         Ok(client) => match auth.limiter.as_ref().map(|l| l.acquire(client)) {
             Some(Err(wait)) => {
-                metrics::counter!("vigil_api_denied_total", "reason" => "rate_limited")
+                metrics::counter!(crate::telemetry::API_DENIED, "reason" => "rate_limited")
                     .increment(1);
-                crate::limits::refusal(
+                crate::error_body::refusal(
                     StatusCode::TOO_MANY_REQUESTS,
                     "rate_limited",
                     "this client is over its rate limit; retry later",
@@ -281,7 +275,7 @@ pub async fn require(
                 Denied::Unauthenticated => "unauthenticated",
                 Denied::Forbidden { .. } => "forbidden",
             };
-            metrics::counter!("vigil_api_denied_total", "reason" => reason).increment(1);
+            metrics::counter!(crate::telemetry::API_DENIED, "reason" => reason).increment(1);
             match &denied {
                 Denied::Unauthenticated => tracing::info!(path = %request.uri().path(),
                     "API request without a valid token refused"),

@@ -63,7 +63,7 @@ pub async fn run<S: SignalSink>(
             count = pending.len(),
             "replaying signals recorded but not processed"
         );
-        metrics::counter!("vigil_signals_replayed_total").increment(pending.len() as u64);
+        metrics::counter!(crate::telemetry::SIGNALS_REPLAYED).increment(pending.len() as u64);
     }
     for signal in pending {
         handle(&mut sink, &intake, signal).await;
@@ -84,7 +84,7 @@ async fn handle<S: SignalSink>(sink: &mut S, intake: &Intake, signal: Signal) {
                 }
             }
             let elapsed_ms = (now_ms() - received_at_ms).max(0);
-            metrics::histogram!("vigil_signal_handling_seconds", "stream" => stream)
+            metrics::histogram!(crate::telemetry::SIGNAL_HANDLING_SECONDS, "stream" => stream)
                 .record(elapsed_ms as f64 / 1000.0);
         }
         Err(e) => {

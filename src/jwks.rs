@@ -342,11 +342,11 @@ impl KeyStore {
                 if let Ok(mut e) = self.last_error.write() {
                     *e = None;
                 }
-                metrics::counter!("vigil_jwks_fetches_total", "transmitter" => self.name.clone(), "outcome" => "ok").increment(1);
+                metrics::counter!(crate::telemetry::JWKS_FETCHES, "transmitter" => self.name.clone(), "outcome" => "ok").increment(1);
                 tracing::info!(transmitter = %self.name, keys = n, "JWKS loaded");
             }
             Err(reason) => {
-                metrics::counter!("vigil_jwks_fetches_total", "transmitter" => self.name.clone(), "outcome" => "error").increment(1);
+                metrics::counter!(crate::telemetry::JWKS_FETCHES, "transmitter" => self.name.clone(), "outcome" => "error").increment(1);
                 if self.is_loaded() {
                     tracing::warn!(transmitter = %self.name, %reason, "JWKS fetch failed; keeping the cached keys");
                 } else {

@@ -23,6 +23,7 @@ pub mod context;
 pub mod decision;
 pub mod discovery;
 pub mod engine;
+pub mod error_body;
 pub mod evaluate;
 pub mod events;
 pub mod grant;

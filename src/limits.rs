@@ -6,11 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::Json;
 use dashmap::DashMap;
-use serde_json::json;
 
 /// Requests per second with a burst allowance, per caller.
 pub struct RateLimiter {
@@ -63,20 +59,6 @@ impl RateLimiter {
 /// Whole seconds for `Retry-After` (at least 1).
 pub fn retry_after_secs(wait: Duration) -> u64 {
     wait.as_secs_f64().ceil().max(1.0) as u64
-}
-
-/// `status` (429 or 503) with `Retry-After` and a JSON body `{error, description}`.
-pub fn refusal(status: StatusCode, code: &str, description: &str, wait: Duration) -> Response {
-    let mut response = (
-        status,
-        Json(json!({"error": code, "description": description})),
-    )
-        .into_response();
-    response.headers_mut().insert(
-        header::RETRY_AFTER,
-        HeaderValue::from(retry_after_secs(wait)),
-    );
-    response
 }
 
 #[cfg(test)]

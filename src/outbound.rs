@@ -19,8 +19,6 @@ use std::time::{Duration, SystemTime};
 
 use reqwest::Url;
 
-use crate::telemetry::OUTBOUND_REFUSED;
-
 /// Why an outbound call was refused or failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OutboundError {
@@ -122,7 +120,7 @@ impl Destinations {
 }
 
 fn refused(e: OutboundError) -> OutboundError {
-    metrics::counter!(OUTBOUND_REFUSED, "reason" => e.label()).increment(1);
+    metrics::counter!(crate::telemetry::OUTBOUND_REFUSED, "reason" => e.label()).increment(1);
     e
 }
 
@@ -166,7 +164,8 @@ pub fn same_origin_redirects() -> reqwest::redirect::Policy {
         if attempt.url().origin() == first.origin() {
             attempt.follow()
         } else {
-            metrics::counter!(OUTBOUND_REFUSED, "reason" => "redirect").increment(1);
+            metrics::counter!(crate::telemetry::OUTBOUND_REFUSED, "reason" => "redirect")
+                .increment(1);
             let to = excerpt(attempt.url().as_str());
             attempt.error(format!("redirect to another origin refused: {to}"))
         }

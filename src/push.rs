@@ -61,10 +61,10 @@ pub async fn push(
     } else {
         "unknown".to_owned()
     };
-    metrics::counter!("vigil_sets_received_total",
+    metrics::counter!(crate::telemetry::SETS_RECEIVED,
         "stream" => stream_label.clone(), "event_type" => event_type, "outcome" => outcome)
     .increment(1);
-    metrics::histogram!("vigil_push_request_seconds", "stream" => stream_label)
+    metrics::histogram!(crate::telemetry::PUSH_REQUEST_SECONDS, "stream" => stream_label)
         .record(started.elapsed().as_secs_f64());
     match result {
         Ok(_) => StatusCode::ACCEPTED.into_response(),

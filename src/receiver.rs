@@ -242,7 +242,7 @@ impl Receiver {
 
         let started = Instant::now();
         let verified = t.keys.verify(&jws).await;
-        metrics::histogram!("vigil_set_verify_seconds", "stream" => t.config.stream.clone())
+        metrics::histogram!(crate::telemetry::SET_VERIFY_SECONDS, "stream" => t.config.stream.clone())
             .record(started.elapsed().as_secs_f64());
         verified.map_err(|e| match e {
             KeyError::Unavailable(why) => Rejection::Unavailable(why),

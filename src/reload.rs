@@ -77,7 +77,8 @@ impl PolicyReloader {
         let _guard = self.lock.lock();
         let current = self.engine.policy_version();
         let refused = |error: String| {
-            metrics::counter!("vigil_policy_reloads_total", "outcome" => "refused").increment(1);
+            metrics::counter!(crate::telemetry::POLICY_RELOADS, "outcome" => "refused")
+                .increment(1);
             tracing::error!(%error, running = %current, "policy reload refused; the running set stays");
             ReloadOutcome::Refused {
                 version: current.clone(),
@@ -95,7 +96,7 @@ impl PolicyReloader {
         if let Err(e) = self.engine.swap_policy(set) {
             return refused(e.to_string());
         }
-        metrics::counter!("vigil_policy_reloads_total", "outcome" => "swapped").increment(1);
+        metrics::counter!(crate::telemetry::POLICY_RELOADS, "outcome" => "swapped").increment(1);
         ReloadOutcome::Swapped {
             version,
             previous_version: current,

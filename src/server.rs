@@ -31,7 +31,7 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::http::StatusCode;
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::Router;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -231,7 +231,7 @@ impl Drop for PeerSlot {
 
 /// What a reserve connection answers for anything but the health routes.
 async fn reserve_only() -> Response {
-    crate::limits::refusal(
+    crate::error_body::refusal(
         StatusCode::SERVICE_UNAVAILABLE,
         "busy",
         "the server is at its connection limit; retry later",
@@ -262,12 +262,11 @@ pub async fn body_deadline(
     // Extractors turn a failed body read into a 400; say what it was when it was the clock.
     if expired.load(Ordering::Relaxed) {
         metrics::counter!(crate::telemetry::HTTP_BODY_TIMEOUTS).increment(1);
-        let mut r = (
+        let mut r = crate::error_body::error(
             StatusCode::REQUEST_TIMEOUT,
-            axum::Json(serde_json::json!({"error": "request_timeout",
-                "description": "the request body did not arrive in time"})),
-        )
-            .into_response();
+            "request_timeout",
+            "the request body did not arrive in time",
+        );
         r.headers_mut().insert(
             axum::http::header::CONNECTION,
             axum::http::HeaderValue::from_static("close"),

@@ -322,9 +322,10 @@ fn writer_loop(
         if let Err(e) = &outcome {
             tracing::error!(error = %e, size, "store commit failed; nothing in this batch was written");
         } else {
-            metrics::histogram!("vigil_store_commit_seconds", "store" => store)
+            metrics::histogram!(crate::telemetry::STORE_COMMIT_SECONDS, "store" => store)
                 .record(started.elapsed().as_secs_f64());
-            metrics::histogram!("vigil_store_batch_size", "store" => store).record(size as f64);
+            metrics::histogram!(crate::telemetry::STORE_BATCH_SIZE, "store" => store)
+                .record(size as f64);
         }
         for completion in completions {
             completion(outcome.clone());

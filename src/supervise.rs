@@ -10,8 +10,6 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::telemetry::TASK_RESTARTS;
-
 /// How long a task that ended unexpectedly waits before it is started again.
 const RESTART_PAUSE: Duration = Duration::from_secs(1);
 
@@ -34,7 +32,7 @@ where
                 }
                 _ => tracing::error!(task, "shared task ended before shutdown; starting it again"),
             }
-            metrics::counter!(TASK_RESTARTS, "task" => task).increment(1);
+            metrics::counter!(crate::telemetry::TASK_RESTARTS, "task" => task).increment(1);
             tokio::select! {
                 _ = tokio::time::sleep(RESTART_PAUSE) => {}
                 _ = shutdown.changed() => return,

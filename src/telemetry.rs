@@ -1,61 +1,171 @@
-//! Logs and metrics set-up. Metric names follow `vigil_<name>_<unit>[_total]`:
-//!
-//! | metric | type | labels | meaning |
-//! |---|---|---|---|
-//! | `vigil_sets_received_total` | counter | stream, event_type, outcome | every push, by outcome (`accepted`, `duplicate`, `discarded`, an RFC 8935 code, `unavailable`, `storage_error`) |
-//! | `vigil_set_verify_seconds` | histogram | stream | key lookup + signature verification |
-//! | `vigil_push_request_seconds` | histogram | stream | push request handling, arrival to answer |
-//! | `vigil_signal_handling_seconds` | histogram | stream | end to end: SET received to processed by the next stage |
-//! | `vigil_store_commit_seconds` | histogram | store (`state`, `intake`) | one group-commit transaction |
-//! | `vigil_store_batch_size` | histogram | store | writes per group commit |
-//! | `vigil_jwks_fetches_total` | counter | transmitter, outcome | JWKS / metadata fetches |
-//! | `vigil_signals_replayed_total` | counter | | pending signals replayed at start-up |
-//! | `vigil_engine_signals_total` | counter | changed | signals folded into a context (`changed=no`: older or identical) |
-//! | `vigil_engine_batch_seconds` | histogram | | one shard batch, in memory (before its commit) |
-//! | `vigil_policy_eval_seconds` | histogram | | one grant's evaluation (inputs + every rule) |
-//! | `vigil_decisions_total` | counter | effect, shadow | decisions made |
-//! | `vigil_grants` | gauge | | grants held (active and tombstones) |
-//! | `vigil_policy_errors_total` | counter | rule | rule evaluations that errored and failed closed |
-//! | `vigil_policy_shadow_matches_total` | counter | rule | shadow-mode matches |
-//! | `vigil_policy_reloads_total` | counter | outcome | reloads `swapped` / `refused` |
-//! | `vigil_policy_swaps_total` | counter | | policy sets swapped in |
-//! | `vigil_audit_errors_total` | counter | | audit appends that failed |
-//! | `vigil_http_connections_open` | gauge | | accepted connections being served |
-//! | `vigil_http_connections_refused_total` | counter | reason | connections closed at once: `full` (over `server.max_connections` and the health reserve), `peer` (over `server.max_connections_per_peer`) |
-//! | `vigil_http_reserve_connections_total` | counter | | connections served only `/healthz` and `/readyz` (the server was full) |
-//! | `vigil_http_accept_errors_total` | counter | | failed `accept` calls (e.g. out of file descriptors) |
-//! | `vigil_http_body_timeouts_total` | counter | | requests whose body did not arrive within `server.body_read_timeout_ms` (408) |
-//! | `vigil_tls_handshake_failures_total` | counter | | TLS handshakes refused or timed out |
-//! | `vigil_outbound_refused_total` | counter | reason | outbound calls refused before or while sending (destination, redirect, body cap) |
-//! | `vigil_task_restarts_total` | counter | task | a shared background task ended unexpectedly and was started again |
-//! | `vigil_push_attempts_total` | counter | enforcement_point, outcome | RFC 8935 push attempts to enforcement points (`delivered`, `rejected`, `retry`, `refused`) |
-//! | `vigil_event_times_clamped_total` | counter | source | event times beyond `events.max_future_skew_secs` taken as the time of receipt |
-//! | `vigil_sets_retried_total` | counter | enforcement_point | push attempts that failed and will be retried |
-//! | `vigil_sets_dead_lettered_total` | counter | enforcement_point | SETs moved to the dead letters |
-//! | `vigil_push_rejections_total` | counter | err | enforcement points' 400 answers, by RFC 8935 code (`other` for anything else) |
-//! | `vigil_streaming_refused_total` | counter | scope | long polls / SSE refused: the enforcement point's own cap (`enforcement_point`) or the shared one (`all`) |
-//! | `vigil_audit_repeats_skipped_total` | counter | | decisions a replay made again after a crash, already in the audit log |
+//! Logs and metrics set-up, and every metric Vigil exports, declared once ([`CATALOGUE`]): its
+//! name (`vigil_<name>_<unit>[_total]`), type, labels and meaning. Code refers to a metric only by
+//! the constant declared here, the exporter publishes the meaning as the metric's `# HELP` line,
+//! and a test fails if a metric is recorded anywhere under a name not declared here. Adding a
+//! metric is one line below.
 
-/// Accepted connections being served.
-pub const HTTP_CONNECTIONS_OPEN: &str = "vigil_http_connections_open";
-/// Connections closed at once because the server and its health reserve were full.
-pub const HTTP_CONNECTIONS_REFUSED: &str = "vigil_http_connections_refused_total";
-/// Connections served only the health routes.
-pub const HTTP_RESERVE_CONNECTIONS: &str = "vigil_http_reserve_connections_total";
-/// Failed `accept` calls.
-pub const HTTP_ACCEPT_ERRORS: &str = "vigil_http_accept_errors_total";
-/// Request bodies that did not arrive in time.
-pub const HTTP_BODY_TIMEOUTS: &str = "vigil_http_body_timeouts_total";
-/// TLS handshakes refused or timed out.
-pub const TLS_HANDSHAKE_FAILURES: &str = "vigil_tls_handshake_failures_total";
-/// Outbound calls refused by the destination policy, a redirect or a body cap (label `reason`).
-pub const OUTBOUND_REFUSED: &str = "vigil_outbound_refused_total";
-/// Shared background tasks restarted after ending unexpectedly (label `task`).
-pub const TASK_RESTARTS: &str = "vigil_task_restarts_total";
-/// Push attempts to enforcement points (labels `enforcement_point`, `outcome`).
-pub const PUSH_ATTEMPTS: &str = "vigil_push_attempts_total";
-/// Event times from the future taken as the time of receipt (label `source`).
-pub const EVENT_TIMES_CLAMPED: &str = "vigil_event_times_clamped_total";
+/// A metric's type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// One exported metric.
+#[derive(Debug)]
+pub struct Metric {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub labels: &'static [&'static str],
+    pub help: &'static str,
+}
+
+macro_rules! catalogue {
+    ($($id:ident = $name:literal, $kind:ident, [$($label:literal),*], $help:literal;)+) => {
+        $(#[doc = $help] pub const $id: &str = $name;)+
+        /// Every metric Vigil exports.
+        pub const CATALOGUE: &[Metric] = &[
+            $(Metric { name: $name, kind: Kind::$kind, labels: &[$($label),*], help: $help }),+
+        ];
+    };
+}
+
+catalogue! {
+    // SETs in (push, poll) and their verification.
+    SETS_RECEIVED = "vigil_sets_received_total", Counter, ["stream", "event_type", "outcome"],
+        "SETs received by push or poll, by outcome (accepted, duplicate, discarded, an RFC 8935 error code, unavailable, storage_error)";
+    SET_VERIFY_SECONDS = "vigil_set_verify_seconds", Histogram, ["stream"],
+        "Key lookup and signature verification of one SET";
+    PUSH_REQUEST_SECONDS = "vigil_push_request_seconds", Histogram, ["stream"],
+        "Push request handling, arrival to answer";
+    SIGNAL_HANDLING_SECONDS = "vigil_signal_handling_seconds", Histogram, ["stream"],
+        "End to end: signal received to processed by the engine";
+    JWKS_FETCHES = "vigil_jwks_fetches_total", Counter, ["transmitter", "outcome"],
+        "JWKS and SSF metadata fetches from transmitters";
+    SIGNALS_REPLAYED = "vigil_signals_replayed_total", Counter, [],
+        "Pending signals replayed at start-up";
+    EVENT_TIMES_CLAMPED = "vigil_event_times_clamped_total", Counter, ["source"],
+        "Event times beyond events.max_future_skew_secs taken as the time of receipt";
+    SSF_POLL_ERRORS = "vigil_ssf_poll_errors_total", Counter, ["stream"],
+        "Polls of a transmitter's stream that failed (retried with backoff)";
+    SSF_STREAM_SETUP_ERRORS = "vigil_ssf_stream_setup_errors_total", Counter, ["stream"],
+        "Failed attempts to create or update a stream at a transmitter";
+    SSF_STREAM_VERIFICATION_MISSED = "vigil_ssf_stream_verification_missed_total", Counter, ["stream"],
+        "Verification events requested from a transmitter that did not arrive in time";
+    SSF_STREAM_LAST_EVENT_TIMESTAMP_SECONDS = "vigil_ssf_stream_last_event_timestamp_seconds", Gauge, ["stream"],
+        "When the stream last delivered a SET (Unix seconds)";
+    SSF_STREAM_LAST_VERIFIED_TIMESTAMP_SECONDS = "vigil_ssf_stream_last_verified_timestamp_seconds", Gauge, ["stream"],
+        "When the stream last passed verification (Unix seconds)";
+    SSF_STREAM_ENABLED = "vigil_ssf_stream_enabled", Gauge, ["stream"],
+        "1 while the transmitter reports the stream enabled, else 0";
+    // Kafka.
+    KAFKA_CONSUMED = "vigil_kafka_consumed_total", Counter, ["topic"],
+        "Kafka messages consumed";
+    KAFKA_APPLIED = "vigil_kafka_applied_total", Counter, ["topic"],
+        "Kafka signals applied by the engine";
+    KAFKA_APPLY_ERRORS = "vigil_kafka_apply_errors_total", Counter, [],
+        "Kafka batches the engine failed to apply (rewound and redelivered)";
+    KAFKA_BATCH_SECONDS = "vigil_kafka_batch_seconds", Histogram, [],
+        "One Kafka batch, consumed to applied and checkpointed";
+    KAFKA_COMMIT_ERRORS = "vigil_kafka_commit_errors_total", Counter, [],
+        "Offset commits that failed";
+    KAFKA_CLIENT_ERRORS = "vigil_kafka_client_errors_total", Counter, [],
+        "Errors librdkafka reported";
+    KAFKA_DEAD_LETTERED = "vigil_kafka_dead_lettered_total", Counter, ["topic"],
+        "Bad Kafka messages copied to the dead-letter topic";
+    KAFKA_DEAD_LETTER_STORED = "vigil_kafka_dead_letter_stored_total", Counter, ["topic"],
+        "Bad Kafka messages kept in the store because the dead-letter topic was unavailable";
+    KAFKA_CONSUMER_LAG = "vigil_kafka_consumer_lag", Gauge, ["topic", "partition"],
+        "Messages behind the partition's end, for each partition this instance owns";
+    KAFKA_PARTITIONS = "vigil_kafka_partitions", Gauge, [],
+        "Partitions of the subscribed topics";
+    KAFKA_PARTITIONS_OWNED = "vigil_kafka_partitions_owned", Gauge, [],
+        "Partitions of the subscribed topics assigned to this instance";
+    // The engine.
+    ENGINE_SIGNALS = "vigil_engine_signals_total", Counter, ["changed"],
+        "Signals folded into a context (changed=no: older or identical)";
+    ENGINE_BATCH_SECONDS = "vigil_engine_batch_seconds", Histogram, [],
+        "One shard batch, in memory, before its commit";
+    ENGINE_OVERLOADED = "vigil_engine_overloaded_total", Counter, [],
+        "Requests refused because the engine had engine.max_inflight in flight";
+    POLICY_EVAL_SECONDS = "vigil_policy_eval_seconds", Histogram, [],
+        "One grant's evaluation: inputs and every rule";
+    DECISIONS = "vigil_decisions_total", Counter, ["effect", "shadow"],
+        "Decisions made";
+    GRANTS = "vigil_grants", Gauge, [],
+        "Grants held (active and tombstones)";
+    CHECKS = "vigil_checks_total", Counter, ["decision"],
+        "Live checks answered, by verdict";
+    STORE_COMMIT_SECONDS = "vigil_store_commit_seconds", Histogram, ["store"],
+        "One group-commit transaction (store: state, intake)";
+    STORE_BATCH_SIZE = "vigil_store_batch_size", Histogram, ["store"],
+        "Writes per group commit";
+    AUDIT_ERRORS = "vigil_audit_errors_total", Counter, [],
+        "Audit appends that failed";
+    AUDIT_REPEATS_SKIPPED = "vigil_audit_repeats_skipped_total", Counter, [],
+        "Decisions a replay made again after a crash, already in the audit log";
+    // Policy.
+    POLICY_ERRORS = "vigil_policy_errors_total", Counter, ["rule"],
+        "Rule evaluations that errored and failed closed";
+    POLICY_SHADOW_MATCHES = "vigil_policy_shadow_matches_total", Counter, ["rule"],
+        "Shadow-mode rule matches on live grants (recorded, never enforced)";
+    POLICY_RELOADS = "vigil_policy_reloads_total", Counter, ["outcome"],
+        "Policy reloads, swapped or refused";
+    POLICY_SWAPS = "vigil_policy_swaps_total", Counter, [],
+        "Policy sets swapped in";
+    // Delivery to enforcement points.
+    SETS_EMITTED = "vigil_sets_emitted_total", Counter, [],
+        "SETs queued for enforcement points' streams";
+    EMIT_ERRORS = "vigil_emit_errors_total", Counter, [],
+        "Decisions whose SETs could not be signed or queued (they stay pending)";
+    SETS_DELIVERED = "vigil_sets_delivered_total", Counter, ["method"],
+        "SETs delivered and acknowledged (push, poll, sse)";
+    DECISION_DELIVERED_SECONDS = "vigil_decision_delivered_seconds", Histogram, ["method"],
+        "SET queued to acknowledged by the enforcement point";
+    SETS_RETRIED = "vigil_sets_retried_total", Counter, ["enforcement_point"],
+        "Push attempts that failed and will be retried";
+    SETS_DEAD_LETTERED = "vigil_sets_dead_lettered_total", Counter, ["enforcement_point"],
+        "SETs moved to the dead letters after their retries";
+    SETS_REJECTED_BY_RECEIVER = "vigil_sets_rejected_by_receiver_total", Counter, [],
+        "SETs an enforcement point rejected in a poll acknowledgement (setErrs)";
+    PUSH_ATTEMPTS = "vigil_push_attempts_total", Counter, ["enforcement_point", "outcome"],
+        "RFC 8935 push attempts to enforcement points (delivered, rejected, retry, refused)";
+    PUSH_REJECTIONS = "vigil_push_rejections_total", Counter, ["err"],
+        "Enforcement points' 400 answers, by RFC 8935 error code (other for anything else)";
+    STREAMING_REFUSED = "vigil_streaming_refused_total", Counter, ["scope"],
+        "Long polls and SSE connections refused: the enforcement point's own cap (enforcement_point) or the shared one (all)";
+    // The HTTP server, API clients and outbound calls.
+    API_DENIED = "vigil_api_denied_total", Counter, ["reason"],
+        "API requests refused: no or bad credential, role, or rate_limited";
+    HTTP_CONNECTIONS_OPEN = "vigil_http_connections_open", Gauge, [],
+        "Accepted connections being served";
+    HTTP_CONNECTIONS_REFUSED = "vigil_http_connections_refused_total", Counter, ["reason"],
+        "Connections closed at once: full (over server.max_connections and the health reserve), peer (over server.max_connections_per_peer)";
+    HTTP_RESERVE_CONNECTIONS = "vigil_http_reserve_connections_total", Counter, [],
+        "Connections served only /healthz and /readyz because the server was full";
+    HTTP_ACCEPT_ERRORS = "vigil_http_accept_errors_total", Counter, [],
+        "Failed accept calls (e.g. out of file descriptors)";
+    HTTP_BODY_TIMEOUTS = "vigil_http_body_timeouts_total", Counter, [],
+        "Requests whose body did not arrive within server.body_read_timeout_ms (408)";
+    TLS_HANDSHAKE_FAILURES = "vigil_tls_handshake_failures_total", Counter, [],
+        "TLS handshakes refused or timed out";
+    OUTBOUND_REFUSED = "vigil_outbound_refused_total", Counter, ["reason"],
+        "Outbound calls refused before or while sending (destination, redirect, body cap)";
+    TASK_RESTARTS = "vigil_task_restarts_total", Counter, ["task"],
+        "Shared background tasks that ended unexpectedly and were started again";
+}
+
+/// Publishes every metric's meaning, so the exporter writes its `# HELP` line.
+fn describe_all() {
+    for m in CATALOGUE {
+        match m.kind {
+            Kind::Counter => metrics::describe_counter!(m.name, m.help),
+            Kind::Gauge => metrics::describe_gauge!(m.name, m.help),
+            Kind::Histogram => metrics::describe_histogram!(m.name, m.help),
+        }
+    }
+}
 
 use std::sync::OnceLock;
 
@@ -80,7 +190,10 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
                     b.set_buckets_for_metric(Matcher::Suffix("_size".into()), &SIZE_BUCKETS)
                 });
             match builder.and_then(|b| b.install_recorder()) {
-                Ok(handle) => Some(handle),
+                Ok(handle) => {
+                    describe_all();
+                    Some(handle)
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "Prometheus recorder not installed");
                     None
@@ -102,4 +215,95 @@ pub fn init_logging() {
     } else {
         builder.try_init()
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sources(dir: &std::path::Path, out: &mut Vec<(String, String)>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                sources(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                out.push((path.display().to_string(), text));
+            }
+        }
+    }
+
+    /// Metrics are recorded only through the constants declared here, each constant is used, and
+    /// names follow the convention: a metric cannot be added, renamed or dropped without its line in
+    /// the catalogue (and so its `# HELP`) following.
+    #[test]
+    fn every_metric_is_declared_once_and_recorded_by_its_constant() {
+        let mut files = Vec::new();
+        sources(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            &mut files,
+        );
+        let macros = ["counter!(", "gauge!(", "histogram!("];
+        for (path, text) in files.iter().filter(|(p, _)| !p.ends_with("telemetry.rs")) {
+            for m in macros {
+                for (at, _) in text.match_indices(m) {
+                    let after = text[at + m.len()..].trim_start();
+                    assert!(
+                        !after.starts_with('"'),
+                        "{path}: a metric named by a literal; declare it in telemetry::CATALOGUE"
+                    );
+                }
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for metric in CATALOGUE {
+            assert!(names.insert(metric.name), "{} declared twice", metric.name);
+            assert!(metric.name.starts_with("vigil_"), "{}", metric.name);
+            assert_eq!(
+                metric.kind == Kind::Counter,
+                metric.name.ends_with("_total"),
+                "{}: counters, and only counters, end in _total",
+                metric.name
+            );
+            assert!(!metric.help.is_empty());
+        }
+        let code: String = files
+            .iter()
+            .filter(|(p, _)| !p.ends_with("telemetry.rs"))
+            .map(|(_, t)| t.as_str())
+            .collect();
+        // Each declared constant is used somewhere (its identifier follows `telemetry::`).
+        let declared = include_str!("telemetry.rs");
+        for line in declared.lines() {
+            let line = line.trim_start();
+            let Some((id, rest)) = line.split_once(" = \"vigil_") else {
+                continue;
+            };
+            if id
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || c == '_' || c.is_ascii_digit())
+                && rest.contains("\", ")
+            {
+                assert!(
+                    code.contains(&format!("telemetry::{id}")),
+                    "{id} is declared but never recorded"
+                );
+            }
+        }
+    }
+
+    /// `/metrics` carries each metric's meaning as its `# HELP` line.
+    #[test]
+    fn the_exporter_writes_help_lines() {
+        // Nothing else in this process installs a recorder.
+        let handle = metrics_handle().unwrap();
+        metrics::counter!(DECISIONS, "effect" => "revoke", "shadow" => "false").increment(1);
+        metrics::gauge!(GRANTS).set(1.0);
+        let text = handle.render();
+        assert!(
+            text.contains("# HELP vigil_decisions_total Decisions made"),
+            "{text}"
+        );
+        assert!(text.contains("# HELP vigil_grants Grants held"), "{text}");
+    }
 }

@@ -69,12 +69,12 @@ async fn push_poll_and_sse_subscribers_each_receive_the_revocation() {
             .unwrap_or_else(|_| panic!("{name}: nothing received"))
             .unwrap();
         assert_eq!(
-            r.set.event.kind(),
-            Some(EventKind::SessionRevoked),
+            r.event_type(),
+            Some(EventKind::SessionRevoked.uri().as_str()),
             "{name}"
         );
-        assert_eq!(r.set.txn.as_deref(), Some("to-all"), "{name}");
-        let sub = serde_json::to_value(&r.set.subject).unwrap();
+        assert_eq!(r.txn(), Some("to-all"), "{name}");
+        let sub = r.subject();
         assert_eq!(
             sub["session"],
             json!({"format": "opaque", "id": "s-1"}),

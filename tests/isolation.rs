@@ -517,8 +517,8 @@ async fn a_signal_from_the_future_does_not_pin_a_fact() {
 }
 
 /// An attacker's signing key and a server publishing it at `/jwks.json`.
-async fn attacker_keys() -> (vigil::signing::SigningKey, std::net::SocketAddr) {
-    let attacker = vigil::signing::SigningKey::generate(Alg::RS256, "evil").unwrap();
+async fn attacker_keys() -> (vigil::sim::SigningKey, std::net::SocketAddr) {
+    let attacker = vigil::sim::SigningKey::generate(Alg::RS256, "evil").unwrap();
     let jwks = json!({"keys": [attacker.public_jwk().unwrap()]});
     let addr = serve(axum::Router::new().route(
         "/jwks.json",

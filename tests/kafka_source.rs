@@ -137,8 +137,11 @@ async fn a_kafka_risk_score_revokes_and_the_revocation_reaches_a_subscribed_enfo
         .await
         .expect("no revocation reached the enforcement point")
         .unwrap();
-    assert_eq!(got.set.event.kind(), Some(EventKind::SessionRevoked));
-    let sub = serde_json::to_value(&got.set.subject).unwrap();
+    assert_eq!(
+        got.event_type(),
+        Some(EventKind::SessionRevoked.uri().as_str())
+    );
+    let sub = got.subject();
     assert_eq!(
         sub["session"],
         json!({"format": "opaque", "id": "s-g-native"})
@@ -161,7 +164,7 @@ async fn a_kafka_risk_score_revokes_and_the_revocation_reaches_a_subscribed_enfo
         .await
         .unwrap()
         .unwrap();
-    let sub = serde_json::to_value(&got.set.subject).unwrap();
+    let sub = got.subject();
     assert_eq!(
         sub["session"],
         json!({"format": "opaque", "id": "s-g-foreign"})

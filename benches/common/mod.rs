@@ -237,7 +237,7 @@ pub async fn delivery_latencies(
         while lat.len() < expected && Instant::now() < deadline {
             match tokio::time::timeout(Duration::from_secs(5), ep.received.recv()).await {
                 Ok(Some(r)) => {
-                    if let Some(t) = r.set.txn.as_ref().and_then(|t| sent.get(t)) {
+                    if let Some(t) = r.txn().and_then(|t| sent.get(t)) {
                         // The receipt's own clock time, moved onto the monotonic clock.
                         let age = (vigil::signal::now_ms() - r.at_ms).max(0) as u64;
                         let arrived = Instant::now() - Duration::from_millis(age);

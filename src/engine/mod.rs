@@ -399,7 +399,7 @@ impl Engine {
             owned[shared.shard_of(&grant.principal)].push(grant.clone());
             shared.grants.insert(grant.id.clone(), grant);
         }
-        metrics::gauge!("vigil_grants").set(shared.grants.len() as f64);
+        metrics::gauge!(crate::telemetry::GRANTS).set(shared.grants.len() as f64);
 
         let mut inboxes = Vec::new();
         let mut receivers = Vec::new();
@@ -440,7 +440,7 @@ impl Engine {
         tokio::time::timeout(API_PERMIT_WAIT, self.permit())
             .await
             .map_err(|_| {
-                metrics::counter!("vigil_engine_overloaded_total").increment(1);
+                metrics::counter!(crate::telemetry::ENGINE_OVERLOADED).increment(1);
                 EngineError::Overloaded
             })?
     }
@@ -672,7 +672,7 @@ impl Engine {
             Ok(mut p) => *p = Arc::new(policy),
             Err(poisoned) => *poisoned.into_inner() = Arc::new(policy),
         }
-        metrics::counter!("vigil_policy_swaps_total").increment(1);
+        metrics::counter!(crate::telemetry::POLICY_SWAPS).increment(1);
         tracing::info!(%version, "policy set swapped; re-evaluating every grant");
         self.reevaluate_all()
     }

@@ -324,9 +324,11 @@ impl Changes {
             })
             .collect::<Result<_, _>>()?;
         let contexts = |items: Vec<Arc<PrincipalContext>>| -> Result<Vec<ContextRow>, WriteError> {
-            last_per_key(items, |c| c.key.as_str(), |c| {
-                Ok((c.version, encode_context(c)?))
-            })
+            last_per_key(
+                items,
+                |c| c.key.as_str(),
+                |c| Ok((c.version, encode_context(c)?)),
+            )
             .map(|rows| rows.into_iter().map(|(k, (v, b))| (k, v, b)).collect())
         };
         Ok(Encoded {
@@ -389,7 +391,9 @@ fn stored_version(bytes: &[u8]) -> Option<u64> {
     struct Version {
         version: u64,
     }
-    serde_json::from_slice::<Version>(bytes).ok().map(|v| v.version)
+    serde_json::from_slice::<Version>(bytes)
+        .ok()
+        .map(|v| v.version)
 }
 
 /// Writes context rows, each unless the store holds the same or a later version of it: a

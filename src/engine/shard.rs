@@ -228,7 +228,7 @@ impl Shard {
                         other => self.handle(other, &mut p),
                     }
                 }
-                metrics::histogram!("vigil_engine_batch_seconds")
+                metrics::histogram!(crate::telemetry::ENGINE_BATCH_SECONDS)
                     .record(started.elapsed().as_secs_f64());
             }
             if last_sweep.elapsed() >= interval {
@@ -470,7 +470,7 @@ impl Shard {
         }
         self.dirty_revocations
             .extend(revocations.into_iter().map(|f| (key.to_owned(), f)));
-        metrics::counter!("vigil_engine_signals_total", "changed" => if changed { "yes" } else { "no" })
+        metrics::counter!(crate::telemetry::ENGINE_SIGNALS, "changed" => if changed { "yes" } else { "no" })
             .increment(1);
 
         let is_principal = !target.identifiers.is_empty();
@@ -608,7 +608,7 @@ impl Shard {
         self.index(&grant);
         self.shared.grants.insert(grant.id.clone(), grant.clone());
         p.changes.grants.push(grant.clone());
-        metrics::gauge!("vigil_grants").set(self.shared.grants.len() as f64);
+        metrics::gauge!(crate::telemetry::GRANTS).set(self.shared.grants.len() as f64);
 
         let before = p.decisions.len();
         let policy = self.shared.policy();
@@ -659,7 +659,7 @@ impl Shard {
         self.unindex(grant);
         self.shared.grants.remove(&grant.id);
         p.changes.deleted_grants.push(grant.id.clone());
-        metrics::gauge!("vigil_grants").set(self.shared.grants.len() as f64);
+        metrics::gauge!(crate::telemetry::GRANTS).set(self.shared.grants.len() as f64);
     }
 
     /// Grants past their expiry end by themselves (tombstones included): no decision is made.
@@ -722,7 +722,9 @@ impl Shard {
             &self.shared.settings.decay,
             now,
         );
-        metrics::histogram!("vigil_policy_eval_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!(crate::telemetry::POLICY_EVAL_SECONDS)
+            .record(started.elapsed().as_secs_f64());
+        outcome.record(&grant.id);
         self.decide(
             &grant,
             &outcome,
@@ -866,7 +868,7 @@ impl Shard {
     fn commit(&mut self, mut p: Pending) -> Committing {
         if !p.decisions.is_empty() {
             if let Err(e) = self.shared.audit.append(&p.decisions) {
-                metrics::counter!("vigil_audit_errors_total").increment(1);
+                metrics::counter!(crate::telemetry::AUDIT_ERRORS).increment(1);
                 tracing::error!(error = %e, "audit append failed");
             }
         }
@@ -973,7 +975,7 @@ impl Shard {
             }
         }
         for d in p.decisions.drain(..) {
-            metrics::counter!("vigil_decisions_total", "effect" => format!("{:?}", d.effect).to_lowercase(),
+            metrics::counter!(crate::telemetry::DECISIONS, "effect" => format!("{:?}", d.effect).to_lowercase(),
                 "shadow" => if d.shadow { "true" } else { "false" })
             .increment(1);
             tracing::info!(grant = %d.grant_id, subject = %d.subject, effect = ?d.effect, rules = ?d.rules,

@@ -89,7 +89,7 @@ impl ClientContext for Pipeline {
     }
 
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        metrics::counter!("vigil_kafka_client_errors_total").increment(1);
+        metrics::counter!(crate::telemetry::KAFKA_CLIENT_ERRORS).increment(1);
         tracing::warn!(error = %error, reason, "kafka client error");
     }
 
@@ -240,7 +240,7 @@ impl Pipeline {
                 None => Err("not handed over".to_owned()),
             };
             if let Err(e) = result {
-                metrics::counter!("vigil_kafka_apply_errors_total").increment(1);
+                metrics::counter!(crate::telemetry::KAFKA_APPLY_ERRORS).increment(1);
                 tracing::error!(error = %e, "risk batch not applied; rewinding to deliver it again");
                 let mut rewind = batch.first;
                 for later in queue.drain(..) {
@@ -269,12 +269,12 @@ impl Pipeline {
             for (topic, n) in batch.applied {
                 if let Some(received) = batch.received_at_ms {
                     let secs = (now_ms() - received).max(0) as f64 / 1000.0;
-                    metrics::histogram!("vigil_signal_handling_seconds", "stream" => topic.clone())
+                    metrics::histogram!(crate::telemetry::SIGNAL_HANDLING_SECONDS, "stream" => topic.clone())
                         .record(secs);
                 }
-                metrics::counter!("vigil_kafka_applied_total", "topic" => topic).increment(n);
+                metrics::counter!(crate::telemetry::KAFKA_APPLIED, "topic" => topic).increment(n);
             }
-            metrics::histogram!("vigil_kafka_batch_seconds")
+            metrics::histogram!(crate::telemetry::KAFKA_BATCH_SECONDS)
                 .record(batch.started.elapsed().as_secs_f64());
             commit.extend(batch.next);
         }
@@ -304,7 +304,7 @@ impl Pipeline {
         };
         if let Err(e) = consumer.commit(&tpl, mode) {
             // The batches are applied durably; their redelivery changes nothing.
-            metrics::counter!("vigil_kafka_commit_errors_total").increment(1);
+            metrics::counter!(crate::telemetry::KAFKA_COMMIT_ERRORS).increment(1);
             tracing::warn!(error = %e, "offset commit failed; the batch may be redelivered (no effect)");
         }
     }
@@ -416,7 +416,8 @@ fn count_consumed(gathered: &[FeedMessage]) {
         *per_topic.entry(m.topic.as_str()).or_default() += 1;
     }
     for (topic, n) in per_topic {
-        metrics::counter!("vigil_kafka_consumed_total", "topic" => topic.to_owned()).increment(n);
+        metrics::counter!(crate::telemetry::KAFKA_CONSUMED, "topic" => topic.to_owned())
+            .increment(n);
     }
 }
 
@@ -448,7 +449,7 @@ fn run(consumer: BaseConsumer<Pipeline>, batching: Batching, shutdown: watch::Re
                     deadline.get_or_insert_with(|| Instant::now() + batching.wait);
                 }
                 Some(Err(e)) => {
-                    metrics::counter!("vigil_kafka_client_errors_total").increment(1);
+                    metrics::counter!(crate::telemetry::KAFKA_CLIENT_ERRORS).increment(1);
                     tracing::warn!(error = %e, "kafka poll error");
                     break;
                 }

@@ -99,11 +99,11 @@ impl DeadLetters {
             let topic = msg.topic.clone();
             match result {
                 Ok(_) => {
-                    metrics::counter!("vigil_kafka_dead_lettered_total", "topic" => topic)
+                    metrics::counter!(crate::telemetry::KAFKA_DEAD_LETTERED, "topic" => topic)
                         .increment(1);
                 }
                 Err((e, _)) => {
-                    metrics::counter!("vigil_kafka_dead_letter_stored_total", "topic" => topic)
+                    metrics::counter!(crate::telemetry::KAFKA_DEAD_LETTER_STORED, "topic" => topic)
                         .increment(1);
                     tracing::error!(topic = %msg.topic, partition = msg.partition, offset = msg.offset,
                         dead_letter_topic = %self.topic, error = %e,

@@ -75,7 +75,7 @@ impl KafkaHealth {
                     assigned += 1;
                     desired.insert((topic.clone(), partition));
                     if p.consumer_lag >= 0 {
-                        metrics::gauge!("vigil_kafka_consumer_lag", "topic" => topic.clone(),
+                        metrics::gauge!(crate::telemetry::KAFKA_CONSUMER_LAG, "topic" => topic.clone(),
                             "partition" => partition.to_string())
                         .set(p.consumer_lag as f64);
                     }
@@ -86,7 +86,7 @@ impl KafkaHealth {
             // A partition that moved away keeps no stale lag.
             for (topic, partition) in lagging.iter() {
                 if !desired.contains(&(topic.clone(), *partition)) {
-                    metrics::gauge!("vigil_kafka_consumer_lag", "topic" => topic.clone(),
+                    metrics::gauge!(crate::telemetry::KAFKA_CONSUMER_LAG, "topic" => topic.clone(),
                         "partition" => partition.to_string())
                     .set(0.0);
                 }
@@ -103,8 +103,8 @@ impl KafkaHealth {
             brokers,
             brokers_up,
         };
-        metrics::gauge!("vigil_kafka_partitions").set(partitions as f64);
-        metrics::gauge!("vigil_kafka_partitions_owned").set(assigned as f64);
+        metrics::gauge!(crate::telemetry::KAFKA_PARTITIONS).set(partitions as f64);
+        metrics::gauge!(crate::telemetry::KAFKA_PARTITIONS_OWNED).set(assigned as f64);
         let Ok(mut last) = self.view.lock() else {
             return;
         };

@@ -54,6 +54,21 @@ impl Evaluation {
             .filter(|m| Some(m.effect) == self.effect)
             .collect()
     }
+    /// Records a live evaluation: rules that errored (and failed closed) and shadow matches.
+    pub fn record(&self, grant: &str) {
+        for m in self.matched.iter().chain(&self.shadow) {
+            if let Some(err) = &m.error {
+                metrics::counter!(crate::telemetry::POLICY_ERRORS, "rule" => m.id.clone())
+                    .increment(1);
+                tracing::warn!(rule = %m.id, grant, error = %err, "policy rule failed; failing closed");
+            }
+        }
+        for m in &self.shadow {
+            metrics::counter!(crate::telemetry::POLICY_SHADOW_MATCHES, "rule" => m.id.clone())
+                .increment(1);
+        }
+    }
+
     /// `notify` rules that matched.
     pub fn notifications(&self) -> Vec<&RuleMatch> {
         self.matched
@@ -64,7 +79,9 @@ impl Evaluation {
 }
 
 impl PolicySet {
-    /// Evaluates every rule that applies to `input` and returns the outcome.
+    /// Evaluates every rule that applies to `input` and returns the outcome. Pure: it records no
+    /// metric and logs nothing, since policy tests, lint and previews evaluate too; the engine
+    /// records what a live evaluation matched ([`Evaluation::record`]).
     pub fn evaluate(&self, input: &EvalInput) -> Evaluation {
         let ctx = bind(&self.env, input);
         let mut out = Evaluation::default();
@@ -87,11 +104,6 @@ impl PolicySet {
                 ),
                 Err(e) => (true, Some(e.to_string())),
             };
-            if let Some(err) = &error {
-                metrics::counter!("vigil_policy_errors_total", "rule" => rule.spec.id.clone())
-                    .increment(1);
-                tracing::warn!(rule = %rule.spec.id, error = %err, "policy rule failed; failing closed");
-            }
             if !matched {
                 continue;
             }
@@ -107,8 +119,6 @@ impl PolicySet {
                 shadow,
             };
             if shadow {
-                metrics::counter!("vigil_policy_shadow_matches_total", "rule" => rule.spec.id.clone())
-                    .increment(1);
                 out.shadow.push(m);
             } else {
                 if !notify {

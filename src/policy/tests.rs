@@ -136,3 +136,33 @@ fn merge_patch_follows_rfc7386() {
     testing::merge_patch(&mut v, &json!({"a": {"b": null, "e": 4}, "d": [1]}));
     assert_eq!(v, json!({"a": {"c": 2, "e": 4}, "d": [1]}));
 }
+
+/// Evaluating outside the engine (policy tests, lint, previews) counts nothing in the live
+/// metrics; the engine records what its own evaluations matched.
+#[test]
+fn only_a_recorded_evaluation_counts_shadow_matches_and_errors() {
+    let s = set(r#"
+rules:
+  - {id: evaluation-only-shadow, on: ['*'], when: 'true', effect: revoke, mode: shadow}
+  - {id: evaluation-only-error, on: ['*'], when: 'context.nope.deeper == 1', effect: revoke}
+"#)
+    .unwrap();
+    let handle = crate::telemetry::metrics_handle().unwrap();
+    let out = s.evaluate(&input(Some("risk-level-change")));
+    assert_eq!(out.shadow.len(), 1);
+    assert!(out.matched.iter().any(|m| m.error.is_some()));
+    lint::lint(&s);
+    let text = handle.render();
+    assert!(!text.contains("evaluation-only-shadow"), "{text}");
+    assert!(!text.contains("evaluation-only-error"), "{text}");
+    out.record("g1");
+    let text = handle.render();
+    assert!(
+        text.contains(r#"vigil_policy_shadow_matches_total{rule="evaluation-only-shadow"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"vigil_policy_errors_total{rule="evaluation-only-error"} 1"#),
+        "{text}"
+    );
+}

@@ -1,6 +1,7 @@
 //! The enforcement-point side: a standard SSF receiver of Vigil's SETs over push, poll or SSE. It
 //! discovers Vigil's metadata, creates its stream, and verifies every SET against Vigil's JWKS the way
-//! any SSF receiver would. Used by the `vigil-ep` simulator, the delivery-latency harness and tests.
+//! any SSF receiver would — with the simulators' own JOSE ([`super::jose`]), never Vigil's. Used by
+//! the `vigil-ep` simulator, the delivery-latency harness and tests.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,9 +13,7 @@ use axum::http::{HeaderMap, StatusCode};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::jose::{parse_compact, Alg};
-use crate::jwks::KeySet;
-use crate::set::{validate_claims, SetRules, ValidatedSet};
+use super::jose::PublishedKeys;
 
 /// How the enforcement point receives SETs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,9 +38,50 @@ impl std::str::FromStr for Method {
 /// A verified SET as the enforcement point received it.
 #[derive(Debug, Clone)]
 pub struct Received {
-    pub set: ValidatedSet,
+    /// The SET's claims, verified.
+    pub claims: Value,
     /// Milliseconds since the epoch at arrival.
     pub at_ms: i64,
+}
+
+impl Received {
+    /// The event's type URI (a SET from Vigil carries exactly one).
+    pub fn event_type(&self) -> Option<&str> {
+        self.claims["events"]
+            .as_object()
+            .and_then(|e| e.keys().next())
+            .map(String::as_str)
+    }
+
+    /// The event type's last path segment (`session-revoked`).
+    pub fn event_name(&self) -> &str {
+        self.event_type()
+            .and_then(|t| t.rsplit('/').next())
+            .unwrap_or_default()
+    }
+
+    /// When the event happened (seconds): its `event_timestamp`, else the SET's `iat`.
+    pub fn event_time(&self) -> f64 {
+        self.event_type()
+            .and_then(|t| self.claims["events"][t]["event_timestamp"].as_f64())
+            .or_else(|| self.claims["iat"].as_f64())
+            .unwrap_or_default()
+    }
+
+    /// The SET's `jti`.
+    pub fn jti(&self) -> &str {
+        self.claims["jti"].as_str().unwrap_or_default()
+    }
+
+    /// The SET's `txn`: the triggering signal's `jti`.
+    pub fn txn(&self) -> Option<&str> {
+        self.claims["txn"].as_str()
+    }
+
+    /// The SET's subject (`sub_id`).
+    pub fn subject(&self) -> &Value {
+        &self.claims["sub_id"]
+    }
 }
 
 /// A running enforcement point.
@@ -60,23 +100,15 @@ impl Drop for EnforcementPoint {
 struct Verifier {
     issuer: String,
     audience: String,
-    keys: KeySet,
+    keys: PublishedKeys,
     out: mpsc::UnboundedSender<Received>,
 }
 
 impl Verifier {
     fn accept(&self, token: &str) -> Result<(), String> {
-        let jws = parse_compact(token, &[Alg::RS256, Alg::ES256]).map_err(|e| e.to_string())?;
-        self.keys.verify(&jws).map_err(|e| e.to_string())?;
-        let audiences = vec![self.audience.clone()];
-        let rules = SetRules {
-            issuer: &self.issuer,
-            audiences: &audiences,
-            legacy_subjects: false,
-        };
-        let set = validate_claims(&jws.payload, rules).map_err(|e| e.to_string())?;
+        let claims = self.keys.verify_set(token, &self.issuer, &self.audience)?;
         let _ = self.out.send(Received {
-            set,
+            claims,
             at_ms: crate::signal::now_ms(),
         });
         Ok(())
@@ -89,7 +121,7 @@ fn err<E: std::fmt::Display>(e: E) -> String {
 
 /// Vigil's signing keys, found the standard way: its SSF metadata (whose `issuer` must match), then
 /// its `jwks_uri`.
-pub async fn vigil_keys(client: &reqwest::Client, issuer: &str) -> Result<KeySet, String> {
+pub async fn vigil_keys(client: &reqwest::Client, issuer: &str) -> Result<PublishedKeys, String> {
     let meta = crate::discovery::fetch_metadata(client, issuer)
         .await
         .map_err(err)?;
@@ -101,7 +133,7 @@ pub async fn vigil_keys(client: &reqwest::Client, issuer: &str) -> Result<KeySet
         .bytes()
         .await
         .map_err(err)?;
-    KeySet::from_jwks_json(&jwks, &[Alg::RS256, Alg::ES256])
+    PublishedKeys::from_jwks_json(&jwks)
 }
 
 /// Connects to Vigil at `issuer` as the enforcement point with `token`, creates a stream with `method`

@@ -2,8 +2,9 @@
 //! SETs exactly as an SSF transmitter does, and a small JWKS / SSF-metadata server on loopback whose
 //! keys can be rotated while it runs.
 //!
-//! This is the *other side* of the receiver: it never shares code paths with verification, so a test
-//! that signs here and verifies in [`crate::receiver`] exercises real JWS end to end.
+//! This is the *other side* of the receiver: its JOSE is its own ([`jose`]: another library, on
+//! another crypto backend), so a test that signs here and verifies in [`crate::receiver`] exercises
+//! real JWS end to end, and a bug in Vigil's JOSE cannot pass on both sides.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,10 +17,11 @@ use axum::Router;
 
 pub mod ep;
 pub mod idp;
+pub mod jose;
 pub mod risk;
 use serde_json::Value;
 
-pub use crate::signing::{jwks_document, SigningError as SimError, SigningKey};
+pub use jose::{jwks_document, SigningKey, SimError};
 
 /// An HTTP client that calls Vigil's API as the client holding `token` (every request carries
 /// `Authorization: Bearer <token>`), for the demo, the load harnesses and the simulators.

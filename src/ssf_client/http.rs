@@ -42,13 +42,7 @@ pub fn routes(clients: Arc<StreamClients>) -> Router {
         .with_state(clients)
 }
 
-fn error(status: StatusCode, code: &str, description: impl Into<String>) -> Response {
-    (
-        status,
-        Json(json!({"error": code, "description": description.into()})),
-    )
-        .into_response()
-}
+use crate::error_body::error;
 
 fn manage_error(e: ManageError) -> Response {
     match e {

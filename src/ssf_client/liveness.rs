@@ -68,7 +68,7 @@ impl Liveness {
             Some(mut live) => live.last_event_ms = Some(now),
             None => return self.update(stream, |l| l.last_event_ms = Some(now)),
         }
-        metrics::gauge!("vigil_ssf_stream_last_event_timestamp_seconds", "stream" => stream.to_owned())
+        metrics::gauge!(crate::telemetry::SSF_STREAM_LAST_EVENT_TIMESTAMP_SECONDS, "stream" => stream.to_owned())
             .set(now as f64 / 1000.0);
     }
 
@@ -104,13 +104,13 @@ impl Liveness {
 fn export(stream: &str, live: &Live) {
     let label = stream.to_owned();
     if let Some(t) = live.last_event_ms {
-        metrics::gauge!("vigil_ssf_stream_last_event_timestamp_seconds", "stream" => label.clone())
+        metrics::gauge!(crate::telemetry::SSF_STREAM_LAST_EVENT_TIMESTAMP_SECONDS, "stream" => label.clone())
             .set(t as f64 / 1000.0);
     }
     if let Some(t) = live.last_verified_ms {
-        metrics::gauge!("vigil_ssf_stream_last_verified_timestamp_seconds", "stream" => label.clone())
+        metrics::gauge!(crate::telemetry::SSF_STREAM_LAST_VERIFIED_TIMESTAMP_SECONDS, "stream" => label.clone())
             .set(t as f64 / 1000.0);
     }
-    metrics::gauge!("vigil_ssf_stream_enabled", "stream" => label)
+    metrics::gauge!(crate::telemetry::SSF_STREAM_ENABLED, "stream" => label)
         .set(if live.status == "enabled" { 1.0 } else { 0.0 });
 }

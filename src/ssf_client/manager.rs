@@ -405,7 +405,7 @@ impl StreamManager {
             match self.ensure().await {
                 Ok(c) => break c,
                 Err(e) => {
-                    metrics::counter!("vigil_ssf_stream_setup_errors_total",
+                    metrics::counter!(crate::telemetry::SSF_STREAM_SETUP_ERRORS,
                         "stream" => self.config.stream.clone())
                     .increment(1);
                     tracing::error!(transmitter = %self.config.name, error = %e,
@@ -506,7 +506,7 @@ impl StreamManager {
         };
         let overdue = now_ms() - asked > interval.as_millis() as i64;
         if overdue && answered.is_none_or(|a| a < asked) {
-            metrics::counter!("vigil_ssf_stream_verification_missed_total",
+            metrics::counter!(crate::telemetry::SSF_STREAM_VERIFICATION_MISSED,
                 "stream" => self.config.stream.clone())
             .increment(1);
             tracing::warn!(alert = true, transmitter = %self.config.name, stream = %self.config.stream,

@@ -86,7 +86,7 @@ pub async fn run(
             Ok(v) => v,
             Err(e) => {
                 // The answers are kept and sent with the next request.
-                metrics::counter!("vigil_ssf_poll_errors_total", "stream" => stream.clone())
+                metrics::counter!(crate::telemetry::SSF_POLL_ERRORS, "stream" => stream.clone())
                     .increment(1);
                 tracing::warn!(stream = %stream, error = %e, retry_in_ms = backoff.as_millis() as u64,
                     "poll failed");
@@ -120,7 +120,7 @@ pub async fn run(
                 Ok(a) => (a.outcome_label(), a.event_type()),
                 Err(r) => (r.outcome_label(), r.event_type()),
             };
-            metrics::counter!("vigil_sets_received_total", "stream" => stream.clone(),
+            metrics::counter!(crate::telemetry::SETS_RECEIVED, "stream" => stream.clone(),
                 "event_type" => event_type, "outcome" => outcome)
             .increment(1);
             match result {

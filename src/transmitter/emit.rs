@@ -241,19 +241,19 @@ async fn emit_batch(
     let items = match items {
         Ok(Some(items)) => items,
         Ok(None) => {
-            metrics::counter!("vigil_emit_errors_total").increment(1);
+            metrics::counter!(crate::telemetry::EMIT_ERRORS).increment(1);
             tracing::error!(decisions = ?handed, "signing failed; the decisions stay pending");
             return;
         }
         Err(e) => {
-            metrics::counter!("vigil_emit_errors_total").increment(1);
+            metrics::counter!(crate::telemetry::EMIT_ERRORS).increment(1);
             tracing::error!(error = %e, "signing failed; the decisions stay pending");
             return;
         }
     };
     let decisions = handed.len();
     if let Err(e) = streams.enqueue(items, handed).await {
-        metrics::counter!("vigil_emit_errors_total").increment(1);
+        metrics::counter!(crate::telemetry::EMIT_ERRORS).increment(1);
         tracing::error!(error = %e, decisions, "could not queue SETs; the decisions stay pending");
     }
 }

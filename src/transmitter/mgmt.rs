@@ -91,13 +91,13 @@ impl IntoResponse for MgmtError {
             MgmtError::BadRequest(m) => error(StatusCode::BAD_REQUEST, m),
             MgmtError::Internal(m) => error(StatusCode::INTERNAL_SERVER_ERROR, m),
             MgmtError::Stream(e) => stream_error(e),
-            MgmtError::Busy => crate::limits::refusal(
+            MgmtError::Busy => crate::error_body::refusal(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "busy",
                 "too many long polls and event streams are open; retry later",
                 Duration::from_secs(1),
             ),
-            MgmtError::TooMany { what, wait } => crate::limits::refusal(
+            MgmtError::TooMany { what, wait } => crate::error_body::refusal(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too_many_requests",
                 what,
@@ -114,11 +114,7 @@ fn bad(m: impl Into<String>) -> MgmtError {
 }
 
 fn error(status: StatusCode, description: impl Into<String>) -> Response {
-    (
-        status,
-        Json(json!({"error": status.canonical_reason(), "description": description.into()})),
-    )
-        .into_response()
+    crate::error_body::error(status, crate::error_body::code_for(status), description)
 }
 
 fn stream_error(e: StreamError) -> Response {
@@ -126,7 +122,7 @@ fn stream_error(e: StreamError) -> Response {
         StreamError::NotFound => error(StatusCode::NOT_FOUND, e.to_string()),
         StreamError::Invalid(m) => error(StatusCode::BAD_REQUEST, m),
         StreamError::TooSoon => error(StatusCode::TOO_MANY_REQUESTS, e.to_string()),
-        StreamError::TooManySubjects(_) => crate::limits::refusal(
+        StreamError::TooManySubjects(_) => crate::error_body::refusal(
             StatusCode::TOO_MANY_REQUESTS,
             "too_many_requests",
             &e.to_string(),
@@ -145,7 +141,7 @@ type StreamingPermit = (
 
 fn connection(s: &MgmtState, ep: &EnforcementPoint) -> Result<StreamingPermit, MgmtError> {
     let refused = |scope: &'static str| {
-        metrics::counter!("vigil_streaming_refused_total", "scope" => scope).increment(1);
+        metrics::counter!(crate::telemetry::STREAMING_REFUSED, "scope" => scope).increment(1);
         MgmtError::Busy
     };
     let own = s
@@ -173,7 +169,7 @@ fn authenticate<'a>(
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(crate::auth::bearer)
         .unwrap_or_default();
     if token.is_empty() {
         return Err(MgmtError::Unauthorized);
@@ -519,7 +515,7 @@ pub async fn poll(
                 .map_or("other", crate::set::ErrorCode::as_str);
             tracing::warn!(stream = %id, jti = %crate::outbound::excerpt(jti), err = code,
                 "enforcement point rejected a SET");
-            metrics::counter!("vigil_sets_rejected_by_receiver_total").increment(1);
+            metrics::counter!(crate::telemetry::SETS_REJECTED_BY_RECEIVER).increment(1);
             done.push(jti.clone());
         }
     }
@@ -599,7 +595,7 @@ pub async fn sse(
             loop {
                 if let Some((seq, out)) = buf.pop_front() {
                     last = seq;
-                    metrics::histogram!("vigil_decision_delivered_seconds", "method" => "sse")
+                    metrics::histogram!(crate::telemetry::DECISION_DELIVERED_SECONDS, "method" => "sse")
                         .record(
                             (crate::signal::now_ms() - out.queued_at_ms).max(0) as f64 / 1000.0,
                         );

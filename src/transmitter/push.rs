@@ -29,7 +29,6 @@ use super::streams::{Stream, StreamStore, PUSH};
 use crate::events::StreamStatus;
 use crate::outbound::{self, Destinations};
 use crate::set::ErrorCode;
-use crate::telemetry::{PUSH_ATTEMPTS, TASK_RESTARTS};
 
 /// Delivery timing and budgets.
 #[derive(Debug, Clone)]
@@ -138,7 +137,8 @@ fn reap(workers: &mut HashMap<String, JoinHandle<()>>) {
         };
         if let Some(Err(e)) = handle.now_or_never() {
             if e.is_panic() {
-                metrics::counter!(TASK_RESTARTS, "task" => "push_delivery").increment(1);
+                metrics::counter!(crate::telemetry::TASK_RESTARTS, "task" => "push_delivery")
+                    .increment(1);
                 tracing::error!(stream = %id, "push delivery worker panicked; starting it again");
             }
         }
@@ -191,7 +191,7 @@ impl Worker {
                 Err((after, why)) => {
                     failures = failures.saturating_add(1);
                     let wait = after.unwrap_or_else(|| self.backoff(failures));
-                    metrics::counter!("vigil_sets_retried_total",
+                    metrics::counter!(crate::telemetry::SETS_RETRIED,
                         "enforcement_point" => self.owner.clone())
                     .increment(1);
                     tracing::warn!(stream = %self.stream_id, enforcement_point = %self.owner,
@@ -275,7 +275,7 @@ impl Worker {
 
     async fn attempt(&self, url: &str, stream: &Stream, set: &str) -> Attempt {
         let outcome = |o: &'static str| {
-            metrics::counter!(PUSH_ATTEMPTS, "enforcement_point" => self.owner.clone(), "outcome" => o)
+            metrics::counter!(crate::telemetry::PUSH_ATTEMPTS, "enforcement_point" => self.owner.clone(), "outcome" => o)
                 .increment(1);
         };
         let s = &self.settings;
@@ -345,7 +345,7 @@ pub fn classify(
                 .unwrap_or(Value::Null);
             let raw = body.get("err").and_then(Value::as_str).unwrap_or("");
             let err = ErrorCode::parse(raw).map_or("other", ErrorCode::as_str);
-            metrics::counter!("vigil_push_rejections_total", "err" => err).increment(1);
+            metrics::counter!(crate::telemetry::PUSH_REJECTIONS, "err" => err).increment(1);
             let desc = outbound::excerpt(
                 body.get("description")
                     .and_then(Value::as_str)

@@ -485,7 +485,7 @@ impl StreamStore {
         for (stream, _) in &items {
             self.notify(stream);
         }
-        metrics::counter!("vigil_sets_emitted_total").increment(items.len() as u64);
+        metrics::counter!(crate::telemetry::SETS_EMITTED).increment(items.len() as u64);
         Ok(())
     }
 
@@ -544,7 +544,7 @@ impl StreamStore {
             .filter(|(_, o)| jtis.contains(&o.jti))
             .map(|(k, o)| {
                 if method == "poll" {
-                    metrics::histogram!("vigil_decision_delivered_seconds", "method" => method)
+                    metrics::histogram!(crate::telemetry::DECISION_DELIVERED_SECONDS, "method" => method)
                         .record((now - o.queued_at_ms).max(0) as f64 / 1000.0);
                 }
                 k
@@ -552,7 +552,7 @@ impl StreamStore {
             .collect();
         let n = keys.len();
         self.remove_rows(OUTBOX, keys).await?;
-        metrics::counter!("vigil_sets_delivered_total", "method" => method).increment(n as u64);
+        metrics::counter!(crate::telemetry::SETS_DELIVERED, "method" => method).increment(n as u64);
         Ok(n)
     }
 
@@ -587,8 +587,8 @@ impl StreamStore {
     /// Removes one delivered SET (push: the receiver answered 202).
     pub async fn delivered(&self, key: &str, queued_at_ms: i64) -> Result<(), StreamError> {
         self.remove_rows(OUTBOX, vec![key.to_owned()]).await?;
-        metrics::counter!("vigil_sets_delivered_total", "method" => "push").increment(1);
-        metrics::histogram!("vigil_decision_delivered_seconds", "method" => "push")
+        metrics::counter!(crate::telemetry::SETS_DELIVERED, "method" => "push").increment(1);
+        metrics::histogram!(crate::telemetry::DECISION_DELIVERED_SECONDS, "method" => "push")
             .record((crate::signal::now_ms() - queued_at_ms).max(0) as f64 / 1000.0);
         Ok(())
     }
@@ -627,7 +627,7 @@ impl StreamStore {
             .read()
             .get(stream_id)
             .map_or_else(|| "unknown".to_owned(), |s| s.owner.clone());
-        metrics::counter!("vigil_sets_dead_lettered_total", "enforcement_point" => owner)
+        metrics::counter!(crate::telemetry::SETS_DEAD_LETTERED, "enforcement_point" => owner)
             .increment(1);
         Ok(())
     }
