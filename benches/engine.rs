@@ -11,9 +11,10 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use serde_json::json;
 use vigil::context::{Decay, PrincipalContext};
+use vigil::evaluate::testing::signal_from_claims;
 use vigil::evaluate::{evaluate_grant, Contexts, Trigger};
 use vigil::grant::{Grant, GrantRequest};
-use vigil::policy::{testing::signal_from_claims, PolicySet};
+use vigil::policy::PolicySet;
 use vigil::principal::Target;
 
 fn grant(i: usize) -> Option<Grant> {

@@ -13,8 +13,9 @@ use tokio::task::JoinHandle;
 
 use crate::api::{self, ApiState};
 use crate::audit::AuditLog;
-use crate::auth::{ApiAuth, Role};
+use crate::auth::ApiAuth;
 use crate::config::Config;
+use crate::config::Role;
 use crate::decision::Decision;
 use crate::engine::{Engine, EngineError, EngineSettings};
 use crate::handoff::{self, EngineSink};
@@ -304,7 +305,7 @@ impl Vigil {
                 shutdown_rx.clone(),
             )));
         }
-        let liveness = Arc::new(crate::ssf_client::Liveness::default());
+        let liveness = Arc::new(crate::liveness::Liveness::default());
         let ssf_clients = Arc::new(crate::ssf_client::StreamClients {
             managers: transmitter_configs
                 .iter()

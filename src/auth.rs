@@ -24,31 +24,9 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
 use base64::Engine as _;
-use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
-use crate::config::ApiClientConfig;
-
-/// What a client may do (see the module table).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Grants,
-    Check,
-    Operator,
-    Metrics,
-}
-
-impl Role {
-    pub fn name(self) -> &'static str {
-        match self {
-            Role::Grants => "grants",
-            Role::Check => "check",
-            Role::Operator => "operator",
-            Role::Metrics => "metrics",
-        }
-    }
-}
+use crate::config::{ApiClientConfig, Role};
 
 /// The file holding the generated token when no client is configured.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";

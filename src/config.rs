@@ -299,6 +299,28 @@ fn default_ep_rate() -> f64 {
     1000.0
 }
 
+/// What an API client may do (see `auth.rs`'s module table): configuration vocabulary, so it lives
+/// with the configuration that grants it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Grants,
+    Check,
+    Operator,
+    Metrics,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Grants => "grants",
+            Role::Check => "check",
+            Role::Operator => "operator",
+            Role::Metrics => "metrics",
+        }
+    }
+}
+
 /// A caller of Vigil's API: a gateway registering grants, a `check` client, an operator, a metrics
 /// scraper. Transmitters and enforcement points have their own credentials (their sections).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -309,7 +331,7 @@ pub struct ApiClientConfig {
     /// Its bearer token (at least 16 characters, unique across clients and enforcement points).
     pub token: String,
     /// What it may do: `grants`, `check`, `operator`, `metrics`.
-    pub roles: Vec<crate::auth::Role>,
+    pub roles: Vec<Role>,
 }
 
 /// The Kafka risk-signal source. With no `brokers`, Vigil runs without it.

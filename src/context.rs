@@ -454,7 +454,7 @@ impl PrincipalContext {
             if live(a, decay.assurance, now) {
                 assurance.insert(
                     ns.clone(),
-                    json!({"level": a.value.level, "rank": assurance_rank(&a.value.level),
+                    json!({"level": a.value.level, "rank": crate::events::assurance_rank(&a.value.level),
                            "previous": a.value.previous, "direction": a.value.direction,
                            "time": a.time}),
                 );
@@ -530,21 +530,6 @@ impl PrincipalContext {
             "attributes": live_map(&self.attributes, decay.attributes),
         })
     }
-}
-
-/// An ordering for assurance levels: the number a level name ends with (`nist-aal2` → 2, `AAL3` → 3),
-/// else 0. The CAEP namespaces (NIST IAL/AAL/FAL, RFC 8176 acr values, ISO 29115 LoA) all number
-/// their levels this way.
-pub fn assurance_rank(level: &str) -> i64 {
-    let digits: String = level
-        .chars()
-        .rev()
-        .take_while(|c| c.is_ascii_digit())
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect();
-    digits.parse().unwrap_or(0)
 }
 
 #[cfg(test)]

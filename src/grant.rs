@@ -10,16 +10,6 @@ use serde_json::{json, Map, Value};
 use crate::principal::{identifier_key, member_key, principal_keys, Members};
 use crate::subject::SubjectId;
 
-/// The members a grant may be narrowed by (SSF §3.3 complex-subject members other than `user`).
-pub const GRANT_MEMBERS: [&str; 6] = [
-    "session",
-    "device",
-    "tenant",
-    "application",
-    "group",
-    "org_unit",
-];
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum GrantKind {
@@ -382,14 +372,14 @@ impl Grant {
                     let ns = r.get("namespace")?.as_str()?;
                     let level = r.get("level")?.as_str()?;
                     Some(json!({"namespace": ns, "level": level,
-                                "rank": crate::context::assurance_rank(level)}))
+                                "rank": crate::events::assurance_rank(level)}))
                 })
                 .unwrap_or(Value::Null),
             "id" => json!(self.id),
             "kind" => json!(self.kind),
             "principal" => json!(self.principal),
             "principal_type" => json!(self.principal_type),
-            m if GRANT_MEMBERS.contains(&m) => member(m),
+            m if crate::principal::GRANT_MEMBERS.contains(&m) => member(m),
             "token" => json!(self.token),
             "on_behalf_of" => json!(self.on_behalf_of),
             "audience" => json!(self.audience),

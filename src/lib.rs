@@ -33,6 +33,7 @@ pub mod jose;
 pub mod jwks;
 pub mod kafka;
 pub mod limits;
+pub mod liveness;
 pub mod ops;
 pub mod outbound;
 pub mod policy;

@@ -156,7 +156,8 @@ fn main() -> ExitCode {
 }
 
 fn policy_command(cmd: &PolicyCommand) -> ExitCode {
-    use vigil::policy::{lint, testing, PolicySet};
+    use vigil::evaluate::testing;
+    use vigil::policy::{lint, PolicySet};
     match cmd {
         PolicyCommand::Test { dir } => match testing::run_dir(dir) {
             Ok(report) => {
@@ -223,7 +224,7 @@ fn check_config(mut config: Config, report: &vigil::config::EnvReport) -> anyhow
     let policy = vigil::reload::load_checked(&config.policy.dir)
         .map_err(|e| anyhow::anyhow!("policy: {e}"))?;
     if config.policy.dir.is_dir() {
-        let tests = vigil::policy::testing::run_dir(&config.policy.dir)
+        let tests = vigil::evaluate::testing::run_dir(&config.policy.dir)
             .map_err(|e| anyhow::anyhow!("policy tests: {e}"))?;
         if tests.failed() > 0 {
             eprint!("{}", tests.render());

@@ -12,6 +12,16 @@ use serde_json::Value;
 
 use crate::subject::SubjectId;
 
+/// The members a grant may be narrowed by (SSF §3.3 complex-subject members other than `user`).
+pub const GRANT_MEMBERS: [&str; 6] = [
+    "session",
+    "device",
+    "tenant",
+    "application",
+    "group",
+    "org_unit",
+];
+
 /// The canonical key of a simple identifier. `None` for complex and aliases (they hold several).
 ///
 /// Canonicalization: e-mail addresses are lower-cased (RFC 9493 §3.2.2 lets receivers canonicalize;
@@ -111,7 +121,7 @@ impl Target {
 /// A grant's member keys by member name (`session` → `opaque:s-1`), sorted by name. A grant names
 /// one or two members at most; a `BTreeMap` allocated a leaf of 11 slots (640 bytes) for them, once
 /// per grant — a quarter of a grant's memory at 1 M grants. Names are the static
-/// [`GRANT_MEMBERS`](crate::grant::GRANT_MEMBERS) (no allocation per grant for `"session"`), keys
+/// [`GRANT_MEMBERS`](GRANT_MEMBERS) (no allocation per grant for `"session"`), keys
 /// boxed, and the slice holds exactly its entries. Stored as a JSON map, as before.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Members(Box<[(&'static str, Box<str>)]>);
@@ -127,7 +137,7 @@ impl Members {
     /// Sets `name`'s key, replacing any. A name that is not a grant member is ignored: a grant
     /// cannot be narrowed by it.
     pub fn insert(&mut self, name: &str, key: &str) {
-        let Some(name) = crate::grant::GRANT_MEMBERS.iter().find(|n| **n == name) else {
+        let Some(name) = GRANT_MEMBERS.iter().find(|n| **n == name) else {
             return;
         };
         match self.0.binary_search_by(|(n, _)| n.cmp(name)) {

@@ -28,9 +28,9 @@ use crate::events::Event;
 use crate::intake::{Intake, RecordOutcome};
 use crate::jose::{self, JwsError};
 use crate::jwks::{KeyError, KeyStore};
+use crate::liveness::Liveness;
 use crate::set::{self, ErrorCode, SetError, SetRules};
 use crate::signal::{now_ms, Signal, SignalSource};
-use crate::ssf_client::Liveness;
 
 /// A configured transmitter with its live key cache.
 pub struct Transmitter {

@@ -496,7 +496,7 @@ mod tests {
 
     #[test]
     fn feed_and_caep_share_event_time_ordering_and_ttl_decays_a_feed_fact() {
-        let caep = crate::policy::testing::signal_from_claims(
+        let caep = crate::evaluate::testing::signal_from_claims(
             &json!({"iss": "https://idp.example.com/", "aud": "a", "jti": "c1", "iat": 1000,
                 "sub_id": {"format": "email", "email": "jane@example.com"},
                 "events": {"https://schemas.openid.net/secevent/caep/event-type/risk-level-change":

@@ -1,6 +1,7 @@
-//! Signing keys: generate, persist and load private JWKs and sign SETs with them, as an SSF
-//! transmitter does (SSF §4.1.1 header: `typ: secevent+jwt`, `alg`, `kid`). Used by Vigil's own
-//! transmitter side (the SETs it emits to enforcement points) and by the simulators and tests.
+//! Vigil's signing keys: generate private JWKs and sign SETs with them, as an SSF transmitter does
+//! (SSF §4.1.1 header: `typ: secevent+jwt`, `alg`, `kid`), for the SETs Vigil emits to enforcement
+//! points (`transmitter/identity.rs` persists and rotates them). The simulators and tests sign with
+//! their own JOSE (`sim::jose`), never with this.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -69,32 +70,6 @@ impl SigningKey {
         })
     }
 
-    /// Loads a key persisted by [`SigningKey::save`], or generates and saves one.
-    pub fn load_or_generate(
-        path: &std::path::Path,
-        alg: Alg,
-        kid: &str,
-    ) -> Result<SigningKey, SigningError> {
-        if let Ok(bytes) = std::fs::read(path) {
-            let jwk = Jwk::from_bytes(bytes)?;
-            if let Ok(key) = SigningKey::from_private_jwk(alg, kid, jwk) {
-                return Ok(key);
-            }
-        }
-        let key = SigningKey::generate(alg, kid)?;
-        key.save(path)?;
-        Ok(key)
-    }
-
-    /// Writes the private JWK to `path`.
-    pub fn save(&self, path: &std::path::Path) -> Result<(), SigningError> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        std::fs::write(path, serde_json::to_vec(self.private.as_ref())?)?;
-        Ok(())
-    }
-
     /// The private JWK's members, for persisting.
     pub fn private_jwk_map(&self) -> serde_json::Map<String, Value> {
         self.private.as_ref().clone()
@@ -115,8 +90,7 @@ impl SigningKey {
         self.sign_raw(&header, &serde_json::to_vec(claims)?)
     }
 
-    /// Signs an arbitrary header and payload (for negative tests).
-    pub fn sign_raw(&self, header: &Value, payload: &[u8]) -> Result<String, SigningError> {
+    fn sign_raw(&self, header: &Value, payload: &[u8]) -> Result<String, SigningError> {
         let signing_input = format!(
             "{}.{}",
             URL_SAFE_NO_PAD.encode(serde_json::to_vec(header)?),

@@ -8,8 +8,8 @@ mod common;
 use common::*;
 use reqwest::Method;
 use serde_json::json;
-use vigil::auth::Role;
 use vigil::config::ApiClientConfig;
+use vigil::config::Role;
 use vigil::jose::Alg;
 
 const ISS: &str = "https://idp.example.com/";

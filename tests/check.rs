@@ -145,7 +145,7 @@ async fn nginx_auth_request_enforces_a_revocation() {
         vigil::config::ApiClientConfig {
             name: "nginx".into(),
             token: NGINX_TOKEN.into(),
-            roles: vec![vigil::auth::Role::Check],
+            roles: vec![vigil::config::Role::Check],
         },
     ];
     // The gateway the grants name (an enforcement point must be configured to be named).

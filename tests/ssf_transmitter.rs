@@ -655,7 +655,7 @@ async fn a_decision_committed_just_before_a_crash_still_reaches_the_enforcement_
             Default::default(),
         )
         .unwrap();
-        let signal = vigil::policy::testing::signal_from_claims(
+        let signal = vigil::evaluate::testing::signal_from_claims(
             &json!({"iss": ISS, "aud": AUD, "jti": "crash-1", "iat": now as i64,
                 "sub_id": {"format": "email", "email": "c@example.com"},
                 "events": {"https://schemas.openid.net/secevent/risc/event-type/account-disabled": {}}}),

@@ -175,3 +175,17 @@ impl<'de> Deserialize<'de> for LangMap {
         Ok(LangMap(map))
     }
 }
+/// An ordering for assurance levels: the number a level name ends with (`nist-aal2` → 2, `AAL3` → 3),
+/// else 0. The CAEP namespaces (NIST IAL/AAL/FAL, RFC 8176 acr values, ISO 29115 LoA) all number
+/// their levels this way.
+pub fn assurance_rank(level: &str) -> i64 {
+    let digits: String = level
+        .chars()
+        .rev()
+        .take_while(|c| c.is_ascii_digit())
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    digits.parse().unwrap_or(0)
+}

@@ -18,7 +18,6 @@ mod file;
 mod json_val;
 pub mod lint;
 pub mod screen;
-pub mod testing;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

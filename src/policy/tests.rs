@@ -25,9 +25,6 @@ fn the_shipped_policy_set_loads_and_its_tests_pass() {
     let set = PolicySet::load_dir(&dir).unwrap();
     assert!(set.rules.len() >= 10);
     assert_eq!(set.version.len(), 16);
-    let report = testing::run_dir(&dir).unwrap();
-    assert!(report.failed() == 0, "{}", report.render());
-    assert!(report.passed() >= 20);
     let findings = lint::lint(&set);
     assert!(findings.iter().all(|f| !f.error), "{findings:?}");
 }
@@ -128,13 +125,6 @@ rules:
     let f = lint::lint(&s);
     assert!(f.iter().any(|f| f.rule == "b" && !f.error), "{f:?}");
     assert!(f.iter().any(|f| f.rule == "c" && !f.error), "{f:?}");
-}
-
-#[test]
-fn merge_patch_follows_rfc7386() {
-    let mut v = json!({"a": {"b": 1, "c": 2}, "d": 3});
-    testing::merge_patch(&mut v, &json!({"a": {"b": null, "e": 4}, "d": [1]}));
-    assert_eq!(v, json!({"a": {"c": 2, "e": 4}, "d": [1]}));
 }
 
 /// Evaluating outside the engine (policy tests, lint, previews) counts nothing in the live

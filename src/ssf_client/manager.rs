@@ -8,7 +8,6 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::sync::{watch, Mutex};
 
-use super::liveness::Liveness;
 use super::mgmt::{MgmtClient, MgmtError, StreamConfig};
 use super::poll::{self, PollSettings};
 use super::state::{StateError, StreamRecords};
@@ -16,6 +15,7 @@ use crate::config::{DeliveryMode, StreamManagement, TransmitterConfig};
 use crate::discovery::{self, DiscoveryError};
 use crate::events::EventKind;
 use crate::intake::Intake;
+use crate::liveness::Liveness;
 use crate::receiver::Receiver;
 use crate::signal::now_ms;
 

@@ -4,14 +4,13 @@
 //! transmitter (`/.well-known/ssf-configuration`, or `risc-configuration` for legacy RISC ones),
 //! creates or adopts Vigil's stream through the SSF §8 management API ([`mgmt`]), keeps its id in
 //! the store ([`state`], so restarts adopt instead of duplicating), verifies it periodically and
-//! tracks its liveness ([`liveness`]); for a poll stream it runs the RFC 8936 client ([`poll`]).
+//! tracks its liveness ([`crate::liveness`]); for a poll stream it runs the RFC 8936 client ([`poll`]).
 //! Push streams arrive at the existing `/ssf/push/{stream}` endpoint with a generated credential.
 //!
 //! Boundaries: it never validates SETs itself — every polled SET goes through
 //! [`crate::receiver::Receiver::receive`], exactly like a pushed one.
 
 pub mod http;
-pub mod liveness;
 pub mod manager;
 pub mod mgmt;
 pub mod poll;
@@ -19,7 +18,8 @@ pub mod state;
 
 use std::sync::Arc;
 
-pub use liveness::{Live, Liveness};
+use crate::liveness::Liveness;
+
 pub use manager::{ManageError, StreamManager};
 pub use state::{StreamRecord, StreamRecords};
 

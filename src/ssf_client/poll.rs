@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::{json, Map, Value};
 use tokio::sync::watch;
 
-use super::liveness::Liveness;
+use crate::liveness::Liveness;
 use crate::receiver::{Receiver, Rejection, Transmitter};
 
 /// The largest poll response read (`maxEvents` SETs of a few KiB each, with room).

@@ -176,7 +176,7 @@ pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 
 /// An all-roles API client, to configure beside narrower ones.
 pub fn admin_client() -> vigil::config::ApiClientConfig {
-    use vigil::auth::Role;
+    use vigil::config::Role;
     vigil::config::ApiClientConfig {
         name: "test-admin".into(),
         token: ADMIN_TOKEN.into(),

@@ -20,10 +20,10 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{is_test_file, read_dir_sources, Effect, PolicyError, PolicySet};
+use super::{evaluate_grant, Contexts, Trigger};
 use crate::context::{Decay, PrincipalContext};
-use crate::evaluate::{evaluate_grant, Contexts, Trigger};
 use crate::grant::GrantRequest;
+use crate::policy::{is_test_file, read_dir_sources, Effect, PolicyError, PolicySet};
 use crate::principal::Target;
 use crate::set::{self, SetRules};
 use crate::signal::{Signal, SignalSource};
@@ -301,5 +301,27 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
             }
         }
         other => *target = other.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn merge_patch_follows_rfc7386() {
+        let mut v = json!({"a": {"b": 1, "c": 2}, "d": 3});
+        merge_patch(&mut v, &json!({"a": {"b": null, "e": 4}, "d": [1]}));
+        assert_eq!(v, json!({"a": {"c": 2, "e": 4}, "d": [1]}));
+    }
+
+    #[test]
+    fn the_shipped_policy_tests_pass() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+        let report = run_dir(&dir).unwrap();
+        assert!(report.failed() == 0, "{}", report.render());
+        assert!(report.passed() >= 20);
     }
 }

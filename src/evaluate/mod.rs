@@ -7,6 +7,8 @@
 //! An agent delegation is evaluated against the agent's own context *and* the delegating user's, and
 //! the stronger outcome wins: a delegation is never stronger than the user who granted it.
 
+pub mod testing;
+
 use serde_json::{json, Value};
 
 use crate::context::{Decay, PrincipalContext};
