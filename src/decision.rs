@@ -65,6 +65,18 @@ pub struct Decision {
 }
 
 impl Decision {
+    /// Whether enforcement points hear of this decision: an enforced revoke, step-up or restrict.
+    /// `allow` and `notify` change nothing an enforcement point holds; a shadow decision is only
+    /// recorded. The one place this is decided: the engine hands these over durably, the emitter
+    /// marks them taken over and signs their SETs.
+    pub fn reaches_enforcement_points(&self) -> bool {
+        !self.shadow
+            && matches!(
+                self.effect,
+                DecisionEffect::Revoke | DecisionEffect::StepUp | DecisionEffect::Restrict
+            )
+    }
+
     /// The deterministic id: 16 hex digits of SHA-256 over the identifying fields. A signal is
     /// identified by its source and `jti`, which every redelivery repeats (a Kafka message's `jti`
     /// is its id or its partition and offset), not by its sequence number, which is drawn anew

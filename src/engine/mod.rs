@@ -16,7 +16,11 @@
 //! reaching the agents acting for them) is forwarded as re-evaluation messages, never by writing
 //! another shard's state.
 
+mod commit;
+mod decide;
+mod inputs;
 mod persist;
+mod session_grant;
 
 pub use persist::{handoff_done_in, pending_handoff};
 mod shard;

@@ -1,68 +1,37 @@
 //! One shard: a thread that owns the contexts and grants whose keys hash to it, applies its inbox in
-//! order, and commits each batch of work in one store transaction.
+//! order, and commits each batch of work in one store transaction. This file is the thread's loop
+//! and what it does with each message (fold a signal, register, delete, re-evaluate, sweep); its
+//! neighbours hold the other jobs: the batch's way to disk and out (`commit.rs`), a grant's
+//! evaluation inputs (`inputs.rs`), the decision rules (`decide.rs`) and session grants from
+//! session-established events (`session_grant.rs`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{Map, Value};
-use tokio::sync::{oneshot, OwnedSemaphorePermit};
+use tokio::sync::oneshot;
 
-use super::persist::{self, Changes};
+use super::commit::{Checkpointing, Committing, Pending, Reply};
+use super::decide::{self, cause_of, state_cause};
+use super::inputs::Inputs;
+use super::session_grant;
 use super::{member_index, obo_index, principal_index, EngineError, Msg, Registered, Shared};
 use crate::context::PrincipalContext;
-use crate::decision::{Cause, Decision, DecisionEffect};
-use crate::evaluate::{evaluate_grant, signal_view, subject_view, Contexts, Trigger};
-use crate::events::Event;
-use crate::grant::{Grant, GrantId, GrantKind, GrantStatus, JsonText, PrincipalType, Revocation};
+use crate::decision::Cause;
+use crate::evaluate::{signal_view, subject_view, Trigger};
+use crate::grant::{Grant, GrantId, GrantStatus};
 use crate::policy::screen::Screen;
-use crate::policy::{Effect, Evaluation, PolicySet};
+use crate::policy::{Evaluation, PolicySet};
 use crate::principal::Target;
 use crate::signal::{now_ms, Signal};
-use crate::store::{PendingWrite, WriteError};
-
-enum Reply {
-    Register(
-        oneshot::Sender<Result<Registered, EngineError>>,
-        Box<Result<Registered, EngineError>>,
-    ),
-    Delete(
-        oneshot::Sender<Result<bool, EngineError>>,
-        Result<bool, EngineError>,
-    ),
-}
-
-/// The work of one batch, applied in memory and waiting for its commit.
-#[derive(Default)]
-struct Pending {
-    changes: Changes,
-    /// Session revocations (context key, filter key) this batch's checkpoint writes, as rows
-    /// encoded from the contexts' state at the commit.
-    revocations: Vec<(String, String)>,
-    processed: Vec<u64>,
-    decisions: Vec<Decision>,
-    /// Keys of the contexts this batch's decisions were made on, written with them
-    /// ([`Changes::decided_contexts`]).
-    decided: std::collections::HashSet<String>,
-    /// The latest state of every grant a decision in this batch is about (handed on with it).
-    latest: std::collections::HashMap<GrantId, Arc<Grant>>,
-    /// Policy swaps waiting for this batch's commit.
-    swap_waiters: Vec<oneshot::Sender<()>>,
-    /// Signal batches waiting for this batch's checkpoint (and told if it failed).
-    batch_waiters: Vec<oneshot::Sender<Result<(), String>>>,
-    /// Re-evaluations for grants other shards own, sent after the commit.
-    forwards: Vec<(usize, Msg)>,
-    replies: Vec<Reply>,
-    permits: Vec<OwnedSemaphorePermit>,
-}
 
 pub(crate) struct Shard {
-    id: usize,
-    shared: Arc<Shared>,
-    inboxes: Vec<Sender<Msg>>,
+    pub(super) id: usize,
+    pub(super) shared: Arc<Shared>,
+    pub(super) inboxes: Vec<Sender<Msg>>,
     /// The grants this shard owns, by expiry (milliseconds) — for the sweep and for re-evaluate-all.
-    expiry: BTreeSet<(i64, GrantId)>,
+    pub(super) expiry: BTreeSet<(i64, GrantId)>,
     /// Contexts changed by signals whose source replays them, not yet written: they are
     /// checkpointed together every checkpoint interval (`EngineSettings::checkpoint_interval`), so
     /// a subject's many updates cost one write, and a signal that changes only a context costs no
@@ -73,58 +42,18 @@ pub(crate) struct Shard {
     /// on (`Pending::decided`).
     /// Only keys are held: the context itself is read at the checkpoint, so until then the shard
     /// owns the only reference and later signals update it in place instead of copying it.
-    dirty: std::collections::HashSet<String>,
+    pub(super) dirty: std::collections::HashSet<String>,
     /// Session revocations changed by replayable signals, written with the next checkpoint.
-    dirty_revocations: Vec<(String, String)>,
-    checkpoint_waiters: Vec<oneshot::Sender<Result<(), String>>>,
+    pub(super) dirty_revocations: Vec<(String, String)>,
+    pub(super) checkpoint_waiters: Vec<oneshot::Sender<Result<(), String>>>,
     /// Intake sequence numbers of pushed signals applied since the last checkpoint.
-    checkpoint_processed: Vec<u64>,
-    last_checkpoint: Instant,
+    pub(super) checkpoint_processed: Vec<u64>,
+    pub(super) last_checkpoint: Instant,
     /// Checkpoints whose chunks are still committing, oldest first (see [`Checkpointing`]).
-    checkpointing: VecDeque<Checkpointing>,
+    pub(super) checkpointing: VecDeque<Checkpointing>,
     /// A batch commit that failed since the last checkpoint: the next checkpoint's signals include
     /// that batch's, whose decisions are not stored, so they must stay pending for replay.
-    failed_since_checkpoint: Option<String>,
-}
-
-/// A checkpoint in flight. Its chunks commit in the store's bulk lane while the shard goes on
-/// deciding: a decision is announced once its own batch's ordinary write is on disk, never
-/// behind a checkpoint's hundreds of rows (which held decisions for tens of milliseconds). What
-/// depends on the checkpoint waits for all its chunks: the intake "processed" marks of the
-/// pushed signals it covers and the answers to the signal batches (Kafka offsets) it covers. A
-/// crash before then loses nothing: those signals are replayed, and the decisions they caused
-/// are already stored.
-struct Checkpointing {
-    writes: Vec<Result<PendingWrite<()>, WriteError>>,
-    processed: Vec<u64>,
-    waiters: Vec<oneshot::Sender<Result<(), String>>>,
-    failed: Option<String>,
-}
-
-impl Checkpointing {
-    /// Collects the outcome of every chunk whose commit is done — of all of them, waiting, when
-    /// `block` — and says whether none is left in flight.
-    fn settle(&mut self, block: bool) -> bool {
-        let mut left = Vec::new();
-        for write in self.writes.drain(..) {
-            let outcome = match write {
-                Err(e) => Some(Err(e)),
-                Ok(pending) if block => Some(pending.wait_blocking()),
-                Ok(mut pending) => match pending.try_take() {
-                    Some(outcome) => Some(outcome),
-                    None => {
-                        left.push(Ok(pending));
-                        None
-                    }
-                },
-            };
-            if let (Some(Err(e)), None) = (outcome, &self.failed) {
-                self.failed = Some(e.to_string());
-            }
-        }
-        self.writes = left;
-        self.writes.is_empty()
-    }
+    pub(super) failed_since_checkpoint: Option<String>,
 }
 
 /// How often an idle shard looks whether a checkpoint in flight has committed.
@@ -132,9 +61,6 @@ const CHECKPOINT_POLL: Duration = Duration::from_millis(2);
 
 /// Most such contexts held before a write is forced.
 const CHECKPOINT_MAX_DIRTY: usize = 100_000;
-/// Rows (contexts, or session revocations) per checkpoint transaction: small enough that a
-/// decision's commit never waits long behind one.
-const CHECKPOINT_CHUNK: usize = 256;
 
 fn ms(t: f64) -> i64 {
     (t * 1000.0) as i64
@@ -253,33 +179,6 @@ impl Shard {
             self.announce(c);
         }
         self.settle_checkpoints(0);
-    }
-
-    /// Finishes, oldest first, the checkpoints in flight whose chunks have all committed — waiting
-    /// for the oldest ones while more than `in_flight` remain: marks their signals processed and
-    /// answers their batches.
-    fn settle_checkpoints(&mut self, in_flight: usize) {
-        loop {
-            let block = self.checkpointing.len() > in_flight;
-            let Some(oldest) = self.checkpointing.front_mut() else {
-                return;
-            };
-            if !oldest.settle(block) {
-                return;
-            }
-            let Some(done) = self.checkpointing.pop_front() else {
-                return;
-            };
-            match &done.failed {
-                None => self.shared.intake.mark_processed_detached(done.processed),
-                Some(e) => {
-                    tracing::error!(shard = self.id, error = %e, "checkpoint failed; its signals stay pending for replay");
-                }
-            }
-            for w in done.waiters {
-                let _ = w.send(done.failed.clone().map_or(Ok(()), Err));
-            }
-        }
     }
 
     fn handle(&mut self, msg: Msg, p: &mut Pending) {
@@ -433,21 +332,6 @@ impl Shard {
         self.apply_signal(&routed.key, &routed.signal, &routed.target, p);
     }
 
-    /// Moves the contexts waiting for a checkpoint into this batch's write, and their batches'
-    /// answers after it.
-    fn checkpoint(&mut self, p: &mut Pending) {
-        let contexts = &self.shared.contexts;
-        p.changes.contexts.extend(
-            self.dirty
-                .drain()
-                .filter_map(|k| contexts.get(&k).map(|c| c.clone())),
-        );
-        p.revocations.append(&mut self.dirty_revocations);
-        p.processed.append(&mut self.checkpoint_processed);
-        p.batch_waiters.append(&mut self.checkpoint_waiters);
-        self.last_checkpoint = Instant::now();
-    }
-
     fn apply_signal(&mut self, key: &str, signal: &Signal, target: &Target, p: &mut Pending) {
         // Updated in place when nobody else holds this version (readers keep their snapshot:
         // `make_mut` copies only a context that is shared at this moment).
@@ -473,67 +357,16 @@ impl Shard {
         metrics::counter!(crate::telemetry::ENGINE_SIGNALS, "changed" => if changed { "yes" } else { "no" })
             .increment(1);
 
-        let is_principal = !target.identifiers.is_empty();
-        if let (Event::SessionEstablished(e), true) = (&signal.event, is_principal) {
-            let mut attributes = Map::new();
-            for (k, v) in [
-                ("acr", e.acr.clone().map(Value::from)),
-                ("amr", e.amr.clone().map(Value::from)),
-                ("fp_ua", e.fp_ua.clone().map(Value::from)),
-                ("ext_id", e.ext_id.clone().map(Value::from)),
-            ] {
-                if let Some(v) = v {
-                    attributes.insert(k.to_owned(), v);
-                }
-            }
-            attributes.insert("source".into(), Value::from(signal.source.label()));
-            let id = format!(
-                "caep-session:{}",
-                target
-                    .members
-                    .get("session")
-                    .cloned()
-                    .unwrap_or_else(|| format!("{}|{}", signal.iss, signal.jti))
-            );
-            if !self.shared.grants.contains_key(id.as_str()) {
-                let grant = Grant {
-                    id: id.into(),
-                    kind: GrantKind::Session,
-                    principal: key.into(),
-                    principal_type: PrincipalType::Human,
-                    identifiers: target.identifiers.clone().into(),
-                    subject_id: JsonText::new(
-                        &signal
-                            .subject
-                            .member("user")
-                            .map(|u| u.to_json())
-                            .unwrap_or_else(|| signal.subject.to_json()),
-                    ),
-                    member_ids: JsonText::new(&Value::Object(match &signal.subject {
-                        crate::subject::SubjectId::Complex { members } => members
-                            .iter()
-                            .filter(|(n, _)| n.as_str() != "user")
-                            .map(|(n, id)| (n.clone(), id.to_json()))
-                            .collect(),
-                        _ => Map::new(),
-                    })),
-                    members: (&target.members).into(),
-                    token: None,
-                    on_behalf_of: None,
-                    audience: None,
-                    scopes: Box::default(),
-                    issued_at: signal.event_time,
-                    expires_at: signal.event_time + self.shared.settings.session_ttl_secs,
-                    attributes: attributes.into(),
-                    enforcement_points: Box::default(),
-                    status: GrantStatus::Active,
-                    status_reason: None,
-                    registered_at: now(),
-                    revoked: None,
-                };
-                if !grant.is_expired(now()) {
-                    let _ = self.register(grant, p);
-                }
+        // A CAEP session-established event about a principal is a session grant of its own.
+        if let Some(grant) = session_grant::from_signal(
+            key,
+            signal,
+            target,
+            self.shared.settings.session_ttl_secs,
+            now(),
+        ) {
+            if !self.shared.grants.contains_key(&grant.id) && !grant.is_expired(now()) {
+                let _ = self.register(grant, p);
             }
         }
 
@@ -693,35 +526,9 @@ impl Shard {
         if grant.status == GrantStatus::Revoked || grant.is_expired(now) {
             return;
         }
-        let principal = self
-            .shared
-            .contexts
-            .get(&*grant.principal)
-            .map(|c| c.clone())
-            .unwrap_or_else(|| Arc::new(PrincipalContext::new(&grant.principal)));
-        let entities: Vec<Arc<PrincipalContext>> = ["device", "session"]
-            .iter()
-            .filter_map(|m| grant.members.get(m))
-            .filter_map(|k| self.shared.contexts.get(k).map(|c| c.clone()))
-            .collect();
-        let entity_refs: Vec<&PrincipalContext> = entities.iter().map(|c| &**c).collect();
-        let delegator = grant
-            .on_behalf_of
-            .as_ref()
-            .and_then(|u| self.shared.contexts.get(&**u).map(|c| c.clone()));
+        let inputs = Inputs::gather(&self.shared.contexts, &grant);
         let started = Instant::now();
-        let outcome = evaluate_grant(
-            policy,
-            &grant,
-            Contexts {
-                principal: &principal,
-                entities: &entity_refs,
-                delegator: delegator.as_deref(),
-            },
-            trigger,
-            &self.shared.settings.decay,
-            now,
-        );
+        let outcome = inputs.evaluate(policy, &grant, trigger, &self.shared.settings.decay, now);
         metrics::histogram!(crate::telemetry::POLICY_EVAL_SECONDS)
             .record(started.elapsed().as_secs_f64());
         outcome.record(&grant.id);
@@ -730,12 +537,14 @@ impl Shard {
             &outcome,
             cause,
             &policy.version,
-            principal.version,
+            inputs.context_version(),
             now,
             p,
         );
     }
 
+    /// Applies what [`decide::decide`] concluded: the grant's new state, its decisions, and the
+    /// contexts they were made on, written with them.
     #[allow(clippy::too_many_arguments)]
     fn decide(
         &mut self,
@@ -747,308 +556,20 @@ impl Shard {
         now: f64,
         p: &mut Pending,
     ) {
-        let decisions = p.decisions.len();
-        let make = |effect: DecisionEffect,
-                    status: GrantStatus,
-                    rules: Vec<String>,
-                    reason: String,
-                    errors: Vec<String>,
-                    shadow: bool| Decision {
-            id: Decision::make_id(&grant.id, cause, effect, policy_version, &rules)
-                + if shadow { "-shadow" } else { "" },
-            time: now,
-            grant_id: grant.id.to_string(),
-            subject: grant.principal.to_string(),
-            effect,
-            previous_status: grant.status,
-            status,
-            rules,
-            reason,
-            errors,
-            shadow,
-            policy_version: policy_version.to_owned(),
-            context_version,
-            cause: cause.clone(),
-            enforcement_points: grant.enforcement_points.to_vec(),
-        };
-        let target = match outcome.effect {
-            Some(Effect::Revoke) => GrantStatus::Revoked,
-            Some(Effect::StepUp) => GrantStatus::StepUp,
-            Some(Effect::Restrict) => GrantStatus::Restricted,
-            Some(Effect::Notify) | None => GrantStatus::Active,
-        };
-        if target != grant.status {
-            let deciding = outcome.deciding_rules();
-            let (effect, rules, reason) = match target {
-                GrantStatus::Revoked => (
-                    DecisionEffect::Revoke,
-                    deciding.iter().map(|m| m.id.clone()).collect(),
-                    join_reasons(&deciding),
-                ),
-                GrantStatus::StepUp => (
-                    DecisionEffect::StepUp,
-                    deciding.iter().map(|m| m.id.clone()).collect(),
-                    join_reasons(&deciding),
-                ),
-                GrantStatus::Restricted => (
-                    DecisionEffect::Restrict,
-                    deciding.iter().map(|m| m.id.clone()).collect(),
-                    join_reasons(&deciding),
-                ),
-                GrantStatus::Active => (
-                    DecisionEffect::Allow,
-                    Vec::new(),
-                    "no rule restricts the grant any more".to_owned(),
-                ),
-            };
-            let errors = deciding
-                .iter()
-                .filter(|m| m.error.is_some())
-                .map(|m| m.id.clone())
-                .collect();
-            let decision = make(effect, target, rules, reason, errors, false);
-            let mut updated = grant.clone();
-            updated.status = target;
-            updated.status_reason =
-                (target != GrantStatus::Active).then(|| decision.reason.as_str().into());
-            if target == GrantStatus::Revoked {
-                updated.revoked = Some(Box::new(Revocation {
-                    at: now,
-                    decision_id: decision.id.clone(),
-                    reason: decision.reason.clone(),
-                    rules: decision.rules.clone(),
-                }));
-            }
+        let decided = decide::decide(grant, outcome, cause, policy_version, context_version, now);
+        if let Some(updated) = decided.updated {
             let updated = Arc::new(updated);
             self.shared
                 .grants
                 .insert(updated.id.clone(), updated.clone());
             p.changes.grants.push(updated);
-            p.decisions.push(decision);
         }
-        for n in outcome.notifications() {
-            p.decisions.push(make(
-                DecisionEffect::Notify,
-                target.max(grant.status),
-                vec![n.id.clone()],
-                n.reason.clone(),
-                Vec::new(),
-                false,
-            ));
-        }
-        for s in &outcome.shadow {
-            let effect = match s.effect {
-                Effect::Revoke => DecisionEffect::Revoke,
-                Effect::StepUp => DecisionEffect::StepUp,
-                Effect::Restrict => DecisionEffect::Restrict,
-                Effect::Notify => DecisionEffect::Notify,
-            };
-            let mut d = make(
-                effect,
-                grant.status,
-                vec![s.id.clone()],
-                s.reason.clone(),
-                Vec::new(),
-                true,
-            );
-            d.status = grant.status.max(target);
-            p.decisions.push(d);
-        }
-        if p.decisions.len() > decisions {
+        if !decided.decisions.is_empty() {
             p.decided.insert(grant.principal.to_string());
         }
+        p.decisions.extend(decided.decisions);
         if let Some(g) = self.shared.grants.get(&grant.id) {
             p.latest.insert(grant.id.clone(), g.clone());
         }
-    }
-
-    /// Starts making the batch durable: audit first (so no decision that took effect is missing
-    /// from it), then one state store write, queued without waiting. Intake hears which signals are
-    /// processed only once that write is on disk (`announce`).
-    fn commit(&mut self, mut p: Pending) -> Committing {
-        if !p.decisions.is_empty() {
-            if let Err(e) = self.shared.audit.append(&p.decisions) {
-                metrics::counter!(crate::telemetry::AUDIT_ERRORS).increment(1);
-                tracing::error!(error = %e, "audit append failed");
-            }
-        }
-        // Decisions delivery must act on are committed with the state, so a crash cannot lose them.
-        for d in &p.decisions {
-            let emits = !d.shadow
-                && matches!(
-                    d.effect,
-                    DecisionEffect::Revoke | DecisionEffect::StepUp | DecisionEffect::Restrict
-                );
-            if let (true, Some(g)) = (emits, p.latest.get(d.grant_id.as_str())) {
-                p.changes.handoff.push((d.clone(), g.clone()));
-            }
-        }
-        let contexts = &self.shared.contexts;
-        p.changes.decided_contexts.extend(
-            p.decided
-                .drain()
-                .filter_map(|k| contexts.get(&k).map(|c| c.clone())),
-        );
-        p.revocations.sort_unstable();
-        p.revocations.dedup();
-        let mut revocations = Ok(());
-        for (key, filter) in std::mem::take(&mut p.revocations) {
-            if let Some(ctx) = self.shared.contexts.get(&key).map(|c| c.clone()) {
-                revocations = revocations.and_then(|()| {
-                    let rows = persist::revocation_rows(&ctx, [&filter])?;
-                    p.changes.revocations.extend(rows);
-                    Ok(())
-                });
-            }
-        }
-        let mut writes = Vec::new();
-        let mut chunks = Vec::new();
-        if !p.changes.is_empty() {
-            let changes = std::mem::take(&mut p.changes);
-            match revocations.and_then(|()| changes.encode()) {
-                Err(e) => writes.push(Err(e)),
-                Ok(mut urgent) => {
-                    let bulk = urgent.split_bulk(CHECKPOINT_CHUNK);
-                    if !urgent.is_empty() {
-                        writes.push(
-                            self.shared
-                                .writer
-                                .submit_blocking(move |txn| persist::write(txn, &urgent)),
-                        );
-                    }
-                    for chunk in bulk {
-                        chunks.push(
-                            self.shared
-                                .writer
-                                .submit_bulk_blocking(move |txn| persist::write(txn, &chunk)),
-                        );
-                    }
-                }
-            }
-        }
-        let checkpoint = (!chunks.is_empty()
-            || !p.processed.is_empty()
-            || !p.batch_waiters.is_empty())
-        .then(|| Checkpointing {
-            writes: chunks,
-            processed: std::mem::take(&mut p.processed),
-            waiters: std::mem::take(&mut p.batch_waiters),
-            failed: None,
-        });
-        Committing {
-            writes,
-            checkpoint,
-            p,
-        }
-    }
-
-    /// Waits for the batch's ordinary write, then announces it: forwards, decisions and replies.
-    /// Nothing is announced before it is durable. The batch's checkpoint, if it took one, goes on
-    /// committing and is settled later ([`Checkpointing`]).
-    fn announce(&mut self, c: Committing) {
-        let Committing {
-            writes,
-            checkpoint,
-            mut p,
-        } = c;
-        let mut failed = None;
-        for write in writes {
-            if let (Err(e), None) = (write.and_then(PendingWrite::wait_blocking), &failed) {
-                tracing::error!(shard = self.id, error = %e, "engine commit failed; signals stay pending for replay");
-                failed = Some(e.to_string());
-            }
-        }
-        if failed.is_some() {
-            self.failed_since_checkpoint.clone_from(&failed);
-        }
-        if let Some(mut checkpoint) = checkpoint {
-            // The checkpoint's signals were applied in this batch or the ones before it since the
-            // last checkpoint: if any of those failed to store its decisions, replay them all.
-            checkpoint.failed = self.failed_since_checkpoint.take();
-            self.checkpointing.push_back(checkpoint);
-            // Checkpoints slower than their interval: the older one finishes before going on.
-            self.settle_checkpoints(1);
-        }
-        for (owner, msg) in p.forwards.drain(..) {
-            if let Some(inbox) = self.inboxes.get(owner) {
-                let _ = inbox.send(msg);
-            }
-        }
-        for d in p.decisions.drain(..) {
-            metrics::counter!(crate::telemetry::DECISIONS, "effect" => format!("{:?}", d.effect).to_lowercase(),
-                "shadow" => if d.shadow { "true" } else { "false" })
-            .increment(1);
-            tracing::info!(grant = %d.grant_id, subject = %d.subject, effect = ?d.effect, rules = ?d.rules,
-                reason = %d.reason, policy = %d.policy_version, shadow = d.shadow, "decision");
-            let Some(grant) = p.latest.get(d.grant_id.as_str()).cloned() else {
-                continue;
-            };
-            if self.shared.decisions.blocking_send((d, grant)).is_err() {
-                tracing::debug!("no decision consumer");
-            }
-        }
-        for reply in p.replies.drain(..) {
-            match reply {
-                Reply::Register(tx, r) => {
-                    let _ = tx.send(unless_failed(&failed, *r));
-                }
-                Reply::Delete(tx, r) => {
-                    let _ = tx.send(unless_failed(&failed, r));
-                }
-            }
-        }
-        for w in p.swap_waiters.drain(..) {
-            let _ = w.send(());
-        }
-        drop(p.permits);
-    }
-}
-
-/// A batch applied in memory whose commit is in flight.
-struct Committing {
-    /// The batch's grants, decisions and hand-off (ordinary lane).
-    writes: Vec<Result<PendingWrite<()>, WriteError>>,
-    /// The checkpoint the batch took, if any: its chunks (bulk lane) and what waits for them.
-    checkpoint: Option<Checkpointing>,
-    p: Pending,
-}
-
-/// A reply stands only if the batch it belongs to committed.
-fn unless_failed<T>(failed: &Option<String>, r: Result<T, EngineError>) -> Result<T, EngineError> {
-    match failed {
-        Some(e) => Err(EngineError::Storage(e.clone())),
-        None => r,
-    }
-}
-
-fn join_reasons(matches: &[&crate::policy::RuleMatch]) -> String {
-    matches
-        .iter()
-        .map(|m| m.reason.as_str())
-        .collect::<Vec<_>>()
-        .join("; ")
-}
-
-fn cause_of(signal: &Signal, kind: &str) -> Cause {
-    Cause {
-        kind: kind.to_owned(),
-        seq: Some(signal.seq),
-        jti: Some(signal.jti.clone()),
-        txn: signal.txn.clone(),
-        source: Some(signal.source.label()),
-        event_type: Some(signal.event_type_name().to_owned()),
-        event_time: Some(signal.event_time),
-    }
-}
-
-fn state_cause(kind: &str) -> Cause {
-    Cause {
-        kind: kind.to_owned(),
-        seq: None,
-        jti: None,
-        txn: None,
-        source: None,
-        event_type: None,
-        event_time: None,
     }
 }

@@ -124,7 +124,7 @@ pub fn set_for(
     decision: &Decision,
     grant: &Grant,
 ) -> Option<Result<Outgoing, String>> {
-    if decision.shadow {
+    if !decision.reaches_enforcement_points() {
         return None;
     }
     if !grant.enforcement_points.is_empty() && !grant.enforcement_points.contains(&stream.owner) {
@@ -226,13 +226,7 @@ async fn emit_batch(
     let live = streams.live();
     let handed: Vec<String> = batch
         .iter()
-        .filter(|(d, _)| {
-            !d.shadow
-                && matches!(
-                    d.effect,
-                    DecisionEffect::Revoke | DecisionEffect::StepUp | DecisionEffect::Restrict
-                )
-        })
+        .filter(|(d, _)| d.reaches_enforcement_points())
         .map(|(d, _)| d.id.clone())
         .collect();
     // Signing is CPU work (an RSA signature is ≈ 1 ms): off the async workers, over the cores.

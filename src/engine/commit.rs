@@ -1,0 +1,294 @@
+//! A shard batch's way to disk and out: the work a batch applied in memory ([`Pending`]), its
+//! commit (audit first, then one state-store write in the ordinary lane, the checkpoint's chunks
+//! in the bulk lane), and its announcement once durable (forwards, decisions, replies) — in batch
+//! order, pipelined with the next batch. Checkpoints settle behind: the intake "processed" marks
+//! and Kafka batch answers they cover go out when every chunk is on disk.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{oneshot, OwnedSemaphorePermit};
+
+use super::persist::{self, Changes};
+use super::shard::Shard;
+use super::{EngineError, Msg, Registered};
+use crate::decision::Decision;
+use crate::grant::{Grant, GrantId};
+use crate::store::{PendingWrite, WriteError};
+
+pub(super) enum Reply {
+    Register(
+        oneshot::Sender<Result<Registered, EngineError>>,
+        Box<Result<Registered, EngineError>>,
+    ),
+    Delete(
+        oneshot::Sender<Result<bool, EngineError>>,
+        Result<bool, EngineError>,
+    ),
+}
+
+/// The work of one batch, applied in memory and waiting for its commit.
+#[derive(Default)]
+pub(super) struct Pending {
+    pub(super) changes: Changes,
+    /// Session revocations (context key, filter key) this batch's checkpoint writes, as rows
+    /// encoded from the contexts' state at the commit.
+    pub(super) revocations: Vec<(String, String)>,
+    pub(super) processed: Vec<u64>,
+    pub(super) decisions: Vec<Decision>,
+    /// Keys of the contexts this batch's decisions were made on, written with them
+    /// ([`Changes::decided_contexts`]).
+    pub(super) decided: std::collections::HashSet<String>,
+    /// The latest state of every grant a decision in this batch is about (handed on with it).
+    pub(super) latest: std::collections::HashMap<GrantId, Arc<Grant>>,
+    /// Policy swaps waiting for this batch's commit.
+    pub(super) swap_waiters: Vec<oneshot::Sender<()>>,
+    /// Signal batches waiting for this batch's checkpoint (and told if it failed).
+    pub(super) batch_waiters: Vec<oneshot::Sender<Result<(), String>>>,
+    /// Re-evaluations for grants other shards own, sent after the commit.
+    pub(super) forwards: Vec<(usize, Msg)>,
+    pub(super) replies: Vec<Reply>,
+    pub(super) permits: Vec<OwnedSemaphorePermit>,
+}
+
+/// A checkpoint in flight. Its chunks commit in the store's bulk lane while the shard goes on
+/// deciding: a decision is announced once its own batch's ordinary write is on disk, never
+/// behind a checkpoint's hundreds of rows (which held decisions for tens of milliseconds). What
+/// depends on the checkpoint waits for all its chunks: the intake "processed" marks of the
+/// pushed signals it covers and the answers to the signal batches (Kafka offsets) it covers. A
+/// crash before then loses nothing: those signals are replayed, and the decisions they caused
+/// are already stored.
+pub(super) struct Checkpointing {
+    pub(super) writes: Vec<Result<PendingWrite<()>, WriteError>>,
+    pub(super) processed: Vec<u64>,
+    pub(super) waiters: Vec<oneshot::Sender<Result<(), String>>>,
+    pub(super) failed: Option<String>,
+}
+
+impl Checkpointing {
+    /// Collects the outcome of every chunk whose commit is done — of all of them, waiting, when
+    /// `block` — and says whether none is left in flight.
+    pub(super) fn settle(&mut self, block: bool) -> bool {
+        let mut left = Vec::new();
+        for write in self.writes.drain(..) {
+            let outcome = match write {
+                Err(e) => Some(Err(e)),
+                Ok(pending) if block => Some(pending.wait_blocking()),
+                Ok(mut pending) => match pending.try_take() {
+                    Some(outcome) => Some(outcome),
+                    None => {
+                        left.push(Ok(pending));
+                        None
+                    }
+                },
+            };
+            if let (Some(Err(e)), None) = (outcome, &self.failed) {
+                self.failed = Some(e.to_string());
+            }
+        }
+        self.writes = left;
+        self.writes.is_empty()
+    }
+}
+
+/// Rows (contexts, or session revocations) per checkpoint transaction: small enough that a
+/// decision's commit never waits long behind one.
+const CHECKPOINT_CHUNK: usize = 256;
+
+impl Shard {
+    /// Finishes, oldest first, the checkpoints in flight whose chunks have all committed — waiting
+    /// for the oldest ones while more than `in_flight` remain: marks their signals processed and
+    /// answers their batches.
+    pub(super) fn settle_checkpoints(&mut self, in_flight: usize) {
+        loop {
+            let block = self.checkpointing.len() > in_flight;
+            let Some(oldest) = self.checkpointing.front_mut() else {
+                return;
+            };
+            if !oldest.settle(block) {
+                return;
+            }
+            let Some(done) = self.checkpointing.pop_front() else {
+                return;
+            };
+            match &done.failed {
+                None => self.shared.intake.mark_processed_detached(done.processed),
+                Some(e) => {
+                    tracing::error!(shard = self.id, error = %e, "checkpoint failed; its signals stay pending for replay");
+                }
+            }
+            for w in done.waiters {
+                let _ = w.send(done.failed.clone().map_or(Ok(()), Err));
+            }
+        }
+    }
+
+    /// Moves the contexts waiting for a checkpoint into this batch's write, and their batches'
+    /// answers after it.
+    pub(super) fn checkpoint(&mut self, p: &mut Pending) {
+        let contexts = &self.shared.contexts;
+        p.changes.contexts.extend(
+            self.dirty
+                .drain()
+                .filter_map(|k| contexts.get(&k).map(|c| c.clone())),
+        );
+        p.revocations.append(&mut self.dirty_revocations);
+        p.processed.append(&mut self.checkpoint_processed);
+        p.batch_waiters.append(&mut self.checkpoint_waiters);
+        self.last_checkpoint = Instant::now();
+    }
+
+    /// Starts making the batch durable: audit first (so no decision that took effect is missing
+    /// from it), then one state store write, queued without waiting. Intake hears which signals are
+    /// processed only once that write is on disk (`announce`).
+    pub(super) fn commit(&mut self, mut p: Pending) -> Committing {
+        if !p.decisions.is_empty() {
+            if let Err(e) = self.shared.audit.append(&p.decisions) {
+                metrics::counter!(crate::telemetry::AUDIT_ERRORS).increment(1);
+                tracing::error!(error = %e, "audit append failed");
+            }
+        }
+        // Decisions delivery must act on are committed with the state, so a crash cannot lose them.
+        for d in &p.decisions {
+            let emits = d.reaches_enforcement_points();
+            if let (true, Some(g)) = (emits, p.latest.get(d.grant_id.as_str())) {
+                p.changes.handoff.push((d.clone(), g.clone()));
+            }
+        }
+        let contexts = &self.shared.contexts;
+        p.changes.decided_contexts.extend(
+            p.decided
+                .drain()
+                .filter_map(|k| contexts.get(&k).map(|c| c.clone())),
+        );
+        p.revocations.sort_unstable();
+        p.revocations.dedup();
+        let mut revocations = Ok(());
+        for (key, filter) in std::mem::take(&mut p.revocations) {
+            if let Some(ctx) = self.shared.contexts.get(&key).map(|c| c.clone()) {
+                revocations = revocations.and_then(|()| {
+                    let rows = persist::revocation_rows(&ctx, [&filter])?;
+                    p.changes.revocations.extend(rows);
+                    Ok(())
+                });
+            }
+        }
+        let mut writes = Vec::new();
+        let mut chunks = Vec::new();
+        if !p.changes.is_empty() {
+            let changes = std::mem::take(&mut p.changes);
+            match revocations.and_then(|()| changes.encode()) {
+                Err(e) => writes.push(Err(e)),
+                Ok(mut urgent) => {
+                    let bulk = urgent.split_bulk(CHECKPOINT_CHUNK);
+                    if !urgent.is_empty() {
+                        writes.push(
+                            self.shared
+                                .writer
+                                .submit_blocking(move |txn| persist::write(txn, &urgent)),
+                        );
+                    }
+                    for chunk in bulk {
+                        chunks.push(
+                            self.shared
+                                .writer
+                                .submit_bulk_blocking(move |txn| persist::write(txn, &chunk)),
+                        );
+                    }
+                }
+            }
+        }
+        let checkpoint = (!chunks.is_empty()
+            || !p.processed.is_empty()
+            || !p.batch_waiters.is_empty())
+        .then(|| Checkpointing {
+            writes: chunks,
+            processed: std::mem::take(&mut p.processed),
+            waiters: std::mem::take(&mut p.batch_waiters),
+            failed: None,
+        });
+        Committing {
+            writes,
+            checkpoint,
+            p,
+        }
+    }
+
+    /// Waits for the batch's ordinary write, then announces it: forwards, decisions and replies.
+    /// Nothing is announced before it is durable. The batch's checkpoint, if it took one, goes on
+    /// committing and is settled later ([`Checkpointing`]).
+    pub(super) fn announce(&mut self, c: Committing) {
+        let Committing {
+            writes,
+            checkpoint,
+            mut p,
+        } = c;
+        let mut failed = None;
+        for write in writes {
+            if let (Err(e), None) = (write.and_then(PendingWrite::wait_blocking), &failed) {
+                tracing::error!(shard = self.id, error = %e, "engine commit failed; signals stay pending for replay");
+                failed = Some(e.to_string());
+            }
+        }
+        if failed.is_some() {
+            self.failed_since_checkpoint.clone_from(&failed);
+        }
+        if let Some(mut checkpoint) = checkpoint {
+            // The checkpoint's signals were applied in this batch or the ones before it since the
+            // last checkpoint: if any of those failed to store its decisions, replay them all.
+            checkpoint.failed = self.failed_since_checkpoint.take();
+            self.checkpointing.push_back(checkpoint);
+            // Checkpoints slower than their interval: the older one finishes before going on.
+            self.settle_checkpoints(1);
+        }
+        for (owner, msg) in p.forwards.drain(..) {
+            if let Some(inbox) = self.inboxes.get(owner) {
+                let _ = inbox.send(msg);
+            }
+        }
+        for d in p.decisions.drain(..) {
+            metrics::counter!(crate::telemetry::DECISIONS, "effect" => format!("{:?}", d.effect).to_lowercase(),
+                "shadow" => if d.shadow { "true" } else { "false" })
+            .increment(1);
+            tracing::info!(grant = %d.grant_id, subject = %d.subject, effect = ?d.effect, rules = ?d.rules,
+                reason = %d.reason, policy = %d.policy_version, shadow = d.shadow, "decision");
+            let Some(grant) = p.latest.get(d.grant_id.as_str()).cloned() else {
+                continue;
+            };
+            if self.shared.decisions.blocking_send((d, grant)).is_err() {
+                tracing::debug!("no decision consumer");
+            }
+        }
+        for reply in p.replies.drain(..) {
+            match reply {
+                Reply::Register(tx, r) => {
+                    let _ = tx.send(unless_failed(&failed, *r));
+                }
+                Reply::Delete(tx, r) => {
+                    let _ = tx.send(unless_failed(&failed, r));
+                }
+            }
+        }
+        for w in p.swap_waiters.drain(..) {
+            let _ = w.send(());
+        }
+        drop(p.permits);
+    }
+}
+
+/// A batch applied in memory whose commit is in flight.
+pub(super) struct Committing {
+    /// The batch's grants, decisions and hand-off (ordinary lane).
+    pub(super) writes: Vec<Result<PendingWrite<()>, WriteError>>,
+    /// The checkpoint the batch took, if any: its chunks (bulk lane) and what waits for them.
+    pub(super) checkpoint: Option<Checkpointing>,
+    pub(super) p: Pending,
+}
+
+/// A reply stands only if the batch it belongs to committed.
+fn unless_failed<T>(failed: &Option<String>, r: Result<T, EngineError>) -> Result<T, EngineError> {
+    match failed {
+        Some(e) => Err(EngineError::Storage(e.clone())),
+        None => r,
+    }
+}

@@ -1,0 +1,71 @@
+//! Gathering one grant's evaluation inputs from the shared contexts: the principal's context (an
+//! empty one when it has none yet), the contexts of the device and session it is narrowed to, and
+//! the delegating user's for an agent's delegation. Snapshots (`Arc`s): the evaluation reads them
+//! while the shards go on updating.
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+
+use crate::context::{Decay, PrincipalContext};
+use crate::evaluate::{evaluate_grant, Contexts, Trigger};
+use crate::grant::Grant;
+use crate::policy::{Evaluation, PolicySet};
+
+/// The contexts one grant is evaluated on.
+pub(super) struct Inputs {
+    principal: Arc<PrincipalContext>,
+    entities: Vec<Arc<PrincipalContext>>,
+    delegator: Option<Arc<PrincipalContext>>,
+}
+
+impl Inputs {
+    pub fn gather(contexts: &DashMap<String, Arc<PrincipalContext>>, grant: &Grant) -> Inputs {
+        let principal = contexts
+            .get(&*grant.principal)
+            .map(|c| c.clone())
+            .unwrap_or_else(|| Arc::new(PrincipalContext::new(&grant.principal)));
+        let entities = ["device", "session"]
+            .iter()
+            .filter_map(|m| grant.members.get(m))
+            .filter_map(|k| contexts.get(k).map(|c| c.clone()))
+            .collect();
+        let delegator = grant
+            .on_behalf_of
+            .as_ref()
+            .and_then(|u| contexts.get(&**u).map(|c| c.clone()));
+        Inputs {
+            principal,
+            entities,
+            delegator,
+        }
+    }
+
+    /// The principal context's version, recorded with a decision.
+    pub fn context_version(&self) -> u64 {
+        self.principal.version
+    }
+
+    pub fn evaluate(
+        &self,
+        policy: &PolicySet,
+        grant: &Grant,
+        trigger: Trigger<'_>,
+        decay: &Decay,
+        now: f64,
+    ) -> Evaluation {
+        let entities: Vec<&PrincipalContext> = self.entities.iter().map(|c| &**c).collect();
+        evaluate_grant(
+            policy,
+            grant,
+            Contexts {
+                principal: &self.principal,
+                entities: &entities,
+                delegator: self.delegator.as_deref(),
+            },
+            trigger,
+            decay,
+            now,
+        )
+    }
+}
