@@ -22,7 +22,7 @@ use crate::handoff::{self, EngineSink};
 use crate::intake::{Intake, IntakeError};
 use crate::jwks::{KeySource, KeyStore, KeyStoreSettings};
 use crate::limits::RateLimiter;
-use crate::policy::PolicyError;
+use crate::policy::{PolicyError, PolicySet};
 use crate::push::{self, PushState};
 use crate::receiver::{Receiver, Transmitter};
 use crate::reload::{PolicyReloader, ReloadOutcome};
@@ -90,14 +90,16 @@ pub struct Vigil {
 impl Vigil {
     /// Opens the store, replays pending signals, fetches keys in the background and starts serving.
     pub async fn start(config: Config) -> Result<Vigil, StartError> {
-        // A policy set that does not load or lints with errors is a start-up error: Vigil never
-        // runs without its rules. The same path as every reload, and first: a refused start
-        // leaves nothing open or created.
-        let policy =
-            crate::reload::load_checked(&config.policy.dir).map_err(StartError::PolicySet)?;
-        tracing::info!(version = %policy.version, rules = policy.rules.len(), files = ?policy.files,
-            dir = %config.policy.dir.display(), "policy set loaded");
+        // 1. Rules, then the port and the TLS files: a start refused here leaves no data
+        //    directory, token or keys behind.
+        let policy = load_policy(&config)?;
+        let (listener, addr) = bind(&config).await?;
+        let tls = crate::tls::acceptor(&config.tls)?;
+        tracing::info!(data_dir = %absolute(&config.data_dir).display(),
+            policy_dir = %absolute(&config.policy.dir).display(), "directories (relative paths are taken from the working directory)");
         let metrics = telemetry::metrics_handle();
+        // 2. The data directory: the store first (its lock stops a second instance on the same
+        //    directory), the API token, the writers, intake, the audit log.
         let db = store::open(&config.data_dir)?;
         let (api_auth, admin_token) = ApiAuth::new(&config.clients, &config.data_dir)?;
         let limits = &config.limits;
@@ -105,12 +107,6 @@ impl Vigil {
             limits.client_requests_per_sec,
             limits.burst,
         )));
-        let needs = |role: Role| {
-            axum::middleware::from_fn_with_state(
-                (api_auth.clone(), Some(role)),
-                crate::auth::require,
-            )
-        };
         let (batch_writer, writer) =
             BatchWriter::start(db.clone(), "state", config.intake.max_batch)
                 .map_err(|e| StartError::Writer(e.to_string()))?;
@@ -126,21 +122,10 @@ impl Vigil {
             )
             .map_err(StartError::Audit)?,
         );
+        // 3. The engine, and what it decided before a restart that delivery has not taken over.
         let (decision_tx, decision_rx) =
             mpsc::channel::<(Decision, Arc<crate::grant::Grant>)>(4096);
-        let engine_settings = EngineSettings {
-            shards: if config.engine.shards == 0 {
-                EngineSettings::default().shards
-            } else {
-                config.engine.shards
-            },
-            decay: config.context.decay.clone(),
-            session_ttl_secs: config.engine.session_ttl_secs as f64,
-            sweep_interval: Duration::from_millis(config.engine.sweep_interval_ms),
-            max_batch: config.engine.max_batch,
-            checkpoint_interval: Duration::from_millis(config.engine.checkpoint_interval_ms),
-            max_inflight: config.engine.max_inflight,
-        };
+        let engine_settings = engine_settings(&config);
         // The engine takes `batch_writer`; delivery and the Kafka source write through this handle.
         let store_writer = batch_writer.clone();
         let engine = Arc::new(Engine::start(
@@ -159,6 +144,7 @@ impl Vigil {
             config.policy.dir.clone(),
             engine.clone(),
         ));
+        // 4. Vigil's signing identity, outbound clients, the transmitters and their keys.
         let identity = Arc::new(
             Identity::load_or_create(
                 &config.data_dir.join("keys"),
@@ -170,112 +156,39 @@ impl Vigil {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (next_tx, next_rx) = mpsc::channel(config.intake.channel_capacity);
 
-        // Calls to transmitters (metadata, keys, stream management, poll): their configured
-        // issuer is the operator's choice, so loopback is allowed there; what their metadata names
-        // is checked where it is used. Redirects stay on the origin asked for; link-local and
-        // other never-valid addresses are refused for every name resolved.
-        let client = crate::tls::trust_bundle(
-            reqwest::Client::builder()
-                .timeout(Duration::from_millis(config.jwks.fetch_timeout_ms))
-                .redirect(crate::outbound::same_origin_redirects())
-                .dns_resolver(
-                    crate::outbound::Destinations {
-                        allow_loopback: true,
-                    }
-                    .resolver(),
-                ),
-            &config.tls,
-        )?
-        .build()
-        .map_err(|e| StartError::Client(e.to_string()))?;
-        // Push delivery goes where enforcement points say: their URLs pass the destination policy
-        // (`[outbound]`), every name they use is resolved through it, and no redirect is followed.
+        let client = transmitter_client(&config)?;
         let destinations = crate::outbound::Destinations {
             allow_loopback: config.outbound.allow_loopback,
         };
-        let push_client = crate::tls::trust_bundle(
-            reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .dns_resolver(destinations.resolver()),
-            &config.tls,
-        )?
-        .build()
-        .map_err(|e| StartError::Client(e.to_string()))?;
-        let tls = crate::tls::acceptor(&config.tls)?;
-        let settings = KeyStoreSettings {
-            min_refetch: Duration::from_secs(config.jwks.min_refetch_interval_secs),
-            refresh_interval: Duration::from_secs(config.jwks.refresh_interval_secs),
-            retry_interval: Duration::from_secs(config.jwks.retry_interval_secs),
-        };
+        let push_client = push_client(&config, destinations)?;
         let mut tasks = Vec::new();
-        let mut transmitters = Vec::new();
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| StartError::Listen {
-                addr: config.listen,
-                source,
-            })?;
-        let addr = listener.local_addr().map_err(|source| StartError::Listen {
-            addr: config.listen,
-            source,
-        })?;
         // Managed streams: their records, and the push credential Vigil generates for each (kept
         // in the store so the transmitter's copy stays valid across restarts).
         let stream_records =
             crate::ssf_client::StreamRecords::open(db.clone(), store_writer.clone())
                 .map_err(|e| StartError::Delivery(e.to_string()))?;
-        let mut transmitter_configs = config.transmitters.clone();
-        for t in &mut transmitter_configs {
-            if t.manage.is_some() && t.authorization.trim().is_empty() {
-                t.authorization = stream_records
-                    .push_credential(&t.name)
-                    .await
-                    .map_err(|e| StartError::Delivery(e.to_string()))?;
-            }
-        }
-        for t in &transmitter_configs {
-            let source = match &t.jwks_uri {
-                Some(uri) => KeySource::JwksUri(uri.clone()),
-                None => KeySource::Discovery,
-            };
-            let keys = Arc::new(KeyStore::new(
-                &t.name,
-                &t.issuer,
-                source,
-                t.algorithms.clone(),
-                client.clone(),
-                settings.clone(),
-            ));
-            let (k, sd) = (keys.clone(), shutdown_rx.clone());
-            tasks.push(crate::supervise::spawn(
-                "jwks_refresh",
-                shutdown_rx.clone(),
-                move || k.clone().run_refresh(sd.clone()),
-            ));
-            transmitters.push(Arc::new(Transmitter::new(t.clone(), keys)));
-        }
+        let transmitter_configs = transmitter_configs(&config, &stream_records).await?;
+        let transmitters = key_stores(
+            &config,
+            &transmitter_configs,
+            &client,
+            &shutdown_rx,
+            &mut tasks,
+        );
 
+        // 5. The pipeline's tasks: intake hand-off, push delivery, the decision emitter; then
+        //    every grant re-evaluated under the loaded set.
         tasks.push(tokio::spawn(handoff::run(
             EngineSink(engine.clone()),
             intake.clone(),
             pending,
             next_rx,
         )));
-        // Decisions are in the audit log; until delivery to enforcement points exists, this drains
-        // the hand-off channel so the engine is never blocked by it.
         let streams = Arc::new(
             StreamStore::open(db.clone(), store_writer.clone())
                 .map_err(|e| StartError::Delivery(e.to_string()))?,
         );
-        let push_settings = transmitter::push::PushSettings {
-            timeout: Duration::from_millis(config.delivery.push_timeout_ms),
-            initial_backoff: Duration::from_millis(config.delivery.initial_backoff_ms),
-            max_backoff: Duration::from_secs(config.delivery.max_backoff_secs),
-            dead_letter_after: Duration::from_secs(config.delivery.dead_letter_after_secs),
-            per_endpoint_concurrency: limits.push_concurrency_per_enforcement_point,
-            destinations,
-            max_error_body: 16 * 1024,
-        };
+        let push_settings = push_settings(&config, destinations);
         let (st, sd) = (streams.clone(), shutdown_rx.clone());
         tasks.push(crate::supervise::spawn(
             "push_delivery",
@@ -299,6 +212,8 @@ impl Vigil {
         // re-evaluated under it (the set may have changed while Vigil was stopped). After the
         // emitter runs, so the decisions it makes are delivered like any other.
         engine.reevaluate_all()?.wait().await;
+        // 6. The sources that call in or out: the policy watcher, managed streams, Kafka, the
+        //    receiver; then the routes and the server.
         if config.policy.watch_interval_secs > 0 {
             tasks.push(tokio::spawn(reloader.clone().watch(
                 Duration::from_secs(config.policy.watch_interval_secs),
@@ -365,162 +280,23 @@ impl Vigil {
             ));
         }
 
-        let push_state = Arc::new(PushState {
-            receiver: receiver.clone(),
-            max_body_bytes: config.push.max_body_bytes,
-            limiter: RateLimiter::new(limits.transmitter_sets_per_sec, limits.burst),
-            inflight: transmitter_configs
-                .iter()
-                .map(|t| {
-                    (
-                        t.name.clone(),
-                        Arc::new(tokio::sync::Semaphore::new(limits.transmitter_max_inflight)),
-                    )
-                })
-                .collect(),
-        });
-        let ops_state = Arc::new(ops::OpsState {
-            receiver,
-            metrics: metrics.clone(),
-            kafka: kafka_health,
-        });
-        let app = Router::new()
-            .route("/ssf/push/{stream}", post(push::push))
-            .with_state(push_state)
-            .merge(
-                Router::new()
-                    .route("/v1/grants", post(api::register_grant))
-                    .route(
-                        "/v1/grants/{id}",
-                        get(api::get_grant).delete(api::delete_grant),
-                    )
-                    .route_layer(needs(Role::Grants))
-                    .merge(
-                        Router::new()
-                            .route("/v1/check", post(api::check_grant))
-                            .route("/v1/check/auth_request", get(api::check_auth_request))
-                            .route_layer(needs(Role::Check)),
-                    )
-                    .merge(
-                        Router::new()
-                            .route("/v1/decisions", get(api::decisions))
-                            .route("/v1/subjects/{key}", get(api::subject))
-                            .route("/v1/policies/reload", post(api::reload_policies))
-                            .route("/v1/deadletters", get(api::dead_letters))
-                            .route("/v1/keys/rotate", post(api::rotate_key))
-                            .route("/v1/deadletters/replay", post(api::replay_dead_letters))
-                            .route_layer(needs(Role::Operator)),
-                    )
-                    .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
-                    .with_state(api_state),
-            )
-            .merge(
-                crate::ssf_client::http::routes(ssf_clients.clone())
-                    .route_layer(needs(Role::Operator)),
-            )
-            .merge(
-                Router::new()
-                    .route("/v1/openapi.yaml", get(ops::openapi))
-                    .route_layer(axum::middleware::from_fn_with_state(
-                        (api_auth.clone(), None),
-                        crate::auth::require,
-                    )),
-            )
-            .merge(
-                Router::new()
-                    .route("/metrics", get(ops::metrics))
-                    .route_layer(needs(Role::Metrics))
-                    .with_state(ops_state.clone()),
-            );
-        // What a connection in the health reserve is served (see `server.rs`).
-        let health = Router::new()
-            .route("/readyz", get(ops::readyz))
-            .route_layer(needs(Role::Metrics))
-            .route("/healthz", get(ops::healthz))
-            .with_state(ops_state);
-        let app = app.merge(health.clone());
-
-        let issuer = config
-            .identity
-            .issuer
-            .clone()
-            .unwrap_or_else(|| format!("http://{addr}"));
-        let well_known = crate::discovery::metadata_url(&issuer, "ssf-configuration")
-            .map(|u| u.path().to_owned())
-            .unwrap_or_else(|_| "/.well-known/ssf-configuration".to_owned());
-        let app = app.merge(
-            Router::new()
-                .route(&well_known, get(transmitter::metadata))
-                .route("/jwks.json", get(transmitter::jwks))
-                .with_state(Arc::new(MetadataState {
-                    issuer: issuer.clone(),
-                    identity: identity.clone(),
-                })),
+        let (app, health) = router(
+            &config,
+            Parts {
+                api_auth,
+                receiver,
+                transmitter_configs: &transmitter_configs,
+                api_state,
+                ssf_clients: ssf_clients.clone(),
+                metrics: metrics.clone(),
+                kafka: kafka_health,
+                identity: identity.clone(),
+                streams,
+                addr,
+                destinations,
+                shutdown: shutdown_rx.clone(),
+            },
         );
-        let mgmt_state = Arc::new(MgmtState {
-            issuer,
-            points: config
-                .enforcement_points
-                .iter()
-                .map(|p| EnforcementPoint {
-                    name: p.name.clone(),
-                    token_digest: crate::auth::digest(&p.token),
-                    audience: p.audience.clone().unwrap_or_else(|| p.name.clone()),
-                })
-                .collect(),
-            streams,
-            identity: identity.clone(),
-            poll_timeout: Duration::from_secs(config.identity.poll_timeout_secs),
-            connections: Arc::new(tokio::sync::Semaphore::new(
-                limits.max_streaming_connections,
-            )),
-            connections_per_point: config
-                .enforcement_points
-                .iter()
-                .map(|p| {
-                    (
-                        p.name.clone(),
-                        Arc::new(tokio::sync::Semaphore::new(
-                            limits.max_streaming_connections_per_enforcement_point,
-                        )),
-                    )
-                })
-                .collect(),
-            max_streams_per_point: limits.max_streams_per_enforcement_point,
-            max_subjects_per_stream: limits.max_subjects_per_stream,
-            destinations,
-            limiter: RateLimiter::new(
-                limits.enforcement_point_requests_per_sec,
-                limits.enforcement_point_requests_per_sec * 2.0,
-            ),
-            shutdown: shutdown_rx.clone(),
-        });
-        let app = app.merge(
-            Router::new()
-                .route(
-                    "/ssf/streams",
-                    post(mgmt::create)
-                        .get(mgmt::read)
-                        .patch(mgmt::update)
-                        .put(mgmt::replace)
-                        .delete(mgmt::delete),
-                )
-                .route(
-                    "/ssf/status",
-                    get(mgmt::read_status).post(mgmt::update_status),
-                )
-                .route("/ssf/subjects:add", post(mgmt::add_subject))
-                .route("/ssf/subjects:remove", post(mgmt::remove_subject))
-                .route("/ssf/verify", post(mgmt::verify))
-                .route("/ssf/poll/{stream_id}", post(mgmt::poll))
-                .route("/ssf/sse/{stream_id}", get(mgmt::sse))
-                .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
-                .with_state(mgmt_state),
-        );
-        let app = app.layer(axum::middleware::from_fn_with_state(
-            Duration::from_millis(config.server.body_read_timeout_ms),
-            crate::server::body_deadline,
-        ));
         let server_limits = crate::server::ServerLimits {
             max_connections: config.server.max_connections,
             max_connections_per_peer: config.server.max_connections_per_peer,
@@ -632,4 +408,344 @@ impl Vigil {
         })
         .await;
     }
+}
+
+/// Stage 1: the policy set, through the one path every reload takes ([`crate::reload::load_checked`]).
+/// A set that does not load, or lints with errors, is a start-up error: Vigil never runs without
+/// its rules, and a refused start leaves nothing open or created.
+fn load_policy(config: &Config) -> Result<PolicySet, StartError> {
+    let policy = crate::reload::load_checked(&config.policy.dir).map_err(StartError::PolicySet)?;
+    tracing::info!(version = %policy.version, rules = policy.rules.len(), files = ?policy.files,
+        dir = %config.policy.dir.display(), "policy set loaded");
+    Ok(policy)
+}
+
+/// Stage 2: the listening socket.
+async fn bind(config: &Config) -> Result<(tokio::net::TcpListener, SocketAddr), StartError> {
+    let listen = |source| StartError::Listen {
+        addr: config.listen,
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(listen)?;
+    let addr = listener.local_addr().map_err(listen)?;
+    Ok((listener, addr))
+}
+
+/// `path` as the process sees it (relative paths are taken from the working directory), for the
+/// start-up log line that says where data and rules are.
+fn absolute(path: &std::path::Path) -> std::path::PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
+}
+
+fn engine_settings(config: &Config) -> EngineSettings {
+    EngineSettings {
+        shards: if config.engine.shards == 0 {
+            EngineSettings::default().shards
+        } else {
+            config.engine.shards
+        },
+        decay: config.context.decay.clone(),
+        session_ttl_secs: config.engine.session_ttl_secs as f64,
+        sweep_interval: Duration::from_millis(config.engine.sweep_interval_ms),
+        max_batch: config.engine.max_batch,
+        checkpoint_interval: Duration::from_millis(config.engine.checkpoint_interval_ms),
+        max_inflight: config.engine.max_inflight,
+        clock: crate::clock::Clock::system(),
+    }
+}
+
+/// The client for calls to transmitters (metadata, keys, stream management, poll): their
+/// configured issuer is the operator's choice, so loopback is allowed there; what their metadata
+/// names is checked where it is used. Redirects stay on the origin asked for; link-local and other
+/// never-valid addresses are refused for every name resolved.
+fn transmitter_client(config: &Config) -> Result<reqwest::Client, StartError> {
+    crate::tls::trust_bundle(
+        reqwest::Client::builder()
+            .timeout(Duration::from_millis(config.jwks.fetch_timeout_ms))
+            .redirect(crate::outbound::same_origin_redirects())
+            .dns_resolver(
+                crate::outbound::Destinations {
+                    allow_loopback: true,
+                }
+                .resolver(),
+            ),
+        &config.tls,
+    )?
+    .build()
+    .map_err(|e| StartError::Client(e.to_string()))
+}
+
+/// The client for push delivery, which goes where enforcement points say: their URLs pass the
+/// destination policy (`[outbound]`), every name they use is resolved through it, and no redirect
+/// is followed.
+fn push_client(
+    config: &Config,
+    destinations: crate::outbound::Destinations,
+) -> Result<reqwest::Client, StartError> {
+    crate::tls::trust_bundle(
+        reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(destinations.resolver()),
+        &config.tls,
+    )?
+    .build()
+    .map_err(|e| StartError::Client(e.to_string()))
+}
+
+fn push_settings(
+    config: &Config,
+    destinations: crate::outbound::Destinations,
+) -> transmitter::push::PushSettings {
+    transmitter::push::PushSettings {
+        timeout: Duration::from_millis(config.delivery.push_timeout_ms),
+        initial_backoff: Duration::from_millis(config.delivery.initial_backoff_ms),
+        max_backoff: Duration::from_secs(config.delivery.max_backoff_secs),
+        dead_letter_after: Duration::from_secs(config.delivery.dead_letter_after_secs),
+        per_endpoint_concurrency: config.limits.push_concurrency_per_enforcement_point,
+        destinations,
+        max_error_body: 16 * 1024,
+    }
+}
+
+/// The configured transmitters, a managed stream's push credential filled in from its record
+/// (generated once and kept, so the transmitter's copy stays valid across restarts).
+async fn transmitter_configs(
+    config: &Config,
+    stream_records: &crate::ssf_client::StreamRecords,
+) -> Result<Vec<crate::config::TransmitterConfig>, StartError> {
+    let mut configs = config.transmitters.clone();
+    for t in &mut configs {
+        if t.manage.is_some() && t.authorization.trim().is_empty() {
+            t.authorization = stream_records
+                .push_credential(&t.name)
+                .await
+                .map_err(|e| StartError::Delivery(e.to_string()))?;
+        }
+    }
+    Ok(configs)
+}
+
+/// Each transmitter with its key store, whose refresher runs supervised in `tasks`.
+fn key_stores(
+    config: &Config,
+    configs: &[crate::config::TransmitterConfig],
+    client: &reqwest::Client,
+    shutdown_rx: &watch::Receiver<bool>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> Vec<Arc<Transmitter>> {
+    let settings = KeyStoreSettings {
+        min_refetch: Duration::from_secs(config.jwks.min_refetch_interval_secs),
+        refresh_interval: Duration::from_secs(config.jwks.refresh_interval_secs),
+        retry_interval: Duration::from_secs(config.jwks.retry_interval_secs),
+    };
+    let mut transmitters = Vec::new();
+    for t in configs {
+        let source = match &t.jwks_uri {
+            Some(uri) => KeySource::JwksUri(uri.clone()),
+            None => KeySource::Discovery,
+        };
+        let keys = Arc::new(KeyStore::new(
+            &t.name,
+            &t.issuer,
+            source,
+            t.algorithms.clone(),
+            client.clone(),
+            settings.clone(),
+        ));
+        let (k, sd) = (keys.clone(), shutdown_rx.clone());
+        tasks.push(crate::supervise::spawn(
+            "jwks_refresh",
+            shutdown_rx.clone(),
+            move || k.clone().run_refresh(sd.clone()),
+        ));
+        transmitters.push(Arc::new(Transmitter::new(t.clone(), keys)));
+    }
+    transmitters
+}
+
+/// What the routes serve.
+struct Parts<'a> {
+    api_auth: Arc<ApiAuth>,
+    receiver: Arc<Receiver>,
+    transmitter_configs: &'a [crate::config::TransmitterConfig],
+    api_state: Arc<ApiState>,
+    ssf_clients: Arc<crate::ssf_client::StreamClients>,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    kafka: Option<Arc<crate::kafka::KafkaHealth>>,
+    identity: Arc<Identity>,
+    streams: Arc<StreamStore>,
+    addr: SocketAddr,
+    destinations: crate::outbound::Destinations,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// The HTTP surface: every route behind the role it needs, and the health routes a connection in
+/// the server's reserve is served (see `server.rs`).
+fn router(config: &Config, parts: Parts<'_>) -> (Router, Router) {
+    let limits = &config.limits;
+    let needs = |role: Role| {
+        axum::middleware::from_fn_with_state(
+            (parts.api_auth.clone(), Some(role)),
+            crate::auth::require,
+        )
+    };
+    let push_state = Arc::new(PushState {
+        receiver: parts.receiver.clone(),
+        max_body_bytes: config.push.max_body_bytes,
+        limiter: RateLimiter::new(limits.transmitter_sets_per_sec, limits.burst),
+        inflight: parts
+            .transmitter_configs
+            .iter()
+            .map(|t| {
+                (
+                    t.name.clone(),
+                    Arc::new(tokio::sync::Semaphore::new(limits.transmitter_max_inflight)),
+                )
+            })
+            .collect(),
+    });
+    let ops_state = Arc::new(ops::OpsState {
+        receiver: parts.receiver,
+        metrics: parts.metrics,
+        kafka: parts.kafka,
+    });
+    let app = Router::new()
+        .route("/ssf/push/{stream}", post(push::push))
+        .with_state(push_state)
+        .merge(
+            Router::new()
+                .route("/v1/grants", post(api::register_grant))
+                .route(
+                    "/v1/grants/{id}",
+                    get(api::get_grant).delete(api::delete_grant),
+                )
+                .route_layer(needs(Role::Grants))
+                .merge(
+                    Router::new()
+                        .route("/v1/check", post(api::check_grant))
+                        .route("/v1/check/auth_request", get(api::check_auth_request))
+                        .route_layer(needs(Role::Check)),
+                )
+                .merge(
+                    Router::new()
+                        .route("/v1/decisions", get(api::decisions))
+                        .route("/v1/subjects/{key}", get(api::subject))
+                        .route("/v1/policies/reload", post(api::reload_policies))
+                        .route("/v1/deadletters", get(api::dead_letters))
+                        .route("/v1/keys/rotate", post(api::rotate_key))
+                        .route("/v1/deadletters/replay", post(api::replay_dead_letters))
+                        .route_layer(needs(Role::Operator)),
+                )
+                .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
+                .with_state(parts.api_state),
+        )
+        .merge(
+            crate::ssf_client::http::routes(parts.ssf_clients).route_layer(needs(Role::Operator)),
+        )
+        .merge(
+            Router::new()
+                .route("/v1/openapi.yaml", get(ops::openapi))
+                .route_layer(axum::middleware::from_fn_with_state(
+                    (parts.api_auth.clone(), None),
+                    crate::auth::require,
+                )),
+        )
+        .merge(
+            Router::new()
+                .route("/metrics", get(ops::metrics))
+                .route_layer(needs(Role::Metrics))
+                .with_state(ops_state.clone()),
+        );
+    // What a connection in the health reserve is served (see `server.rs`).
+    let health = Router::new()
+        .route("/readyz", get(ops::readyz))
+        .route_layer(needs(Role::Metrics))
+        .route("/healthz", get(ops::healthz))
+        .with_state(ops_state);
+    let app = app.merge(health.clone());
+
+    let issuer = config
+        .identity
+        .issuer
+        .clone()
+        .unwrap_or_else(|| format!("http://{}", parts.addr));
+    let well_known = crate::discovery::metadata_url(&issuer, "ssf-configuration")
+        .map(|u| u.path().to_owned())
+        .unwrap_or_else(|_| "/.well-known/ssf-configuration".to_owned());
+    let app = app.merge(
+        Router::new()
+            .route(&well_known, get(transmitter::metadata))
+            .route("/jwks.json", get(transmitter::jwks))
+            .with_state(Arc::new(MetadataState {
+                issuer: issuer.clone(),
+                identity: parts.identity.clone(),
+            })),
+    );
+    let mgmt_state = Arc::new(MgmtState {
+        issuer,
+        points: config
+            .enforcement_points
+            .iter()
+            .map(|p| EnforcementPoint {
+                name: p.name.clone(),
+                token_digest: crate::auth::digest(&p.token),
+                audience: p.audience.clone().unwrap_or_else(|| p.name.clone()),
+            })
+            .collect(),
+        streams: parts.streams,
+        identity: parts.identity.clone(),
+        poll_timeout: Duration::from_secs(config.identity.poll_timeout_secs),
+        connections: Arc::new(tokio::sync::Semaphore::new(
+            limits.max_streaming_connections,
+        )),
+        connections_per_point: config
+            .enforcement_points
+            .iter()
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    Arc::new(tokio::sync::Semaphore::new(
+                        limits.max_streaming_connections_per_enforcement_point,
+                    )),
+                )
+            })
+            .collect(),
+        max_streams_per_point: limits.max_streams_per_enforcement_point,
+        max_subjects_per_stream: limits.max_subjects_per_stream,
+        destinations: parts.destinations,
+        limiter: RateLimiter::new(
+            limits.enforcement_point_requests_per_sec,
+            limits.enforcement_point_requests_per_sec * 2.0,
+        ),
+        shutdown: parts.shutdown,
+    });
+    let app = app.merge(
+        Router::new()
+            .route(
+                "/ssf/streams",
+                post(mgmt::create)
+                    .get(mgmt::read)
+                    .patch(mgmt::update)
+                    .put(mgmt::replace)
+                    .delete(mgmt::delete),
+            )
+            .route(
+                "/ssf/status",
+                get(mgmt::read_status).post(mgmt::update_status),
+            )
+            .route("/ssf/subjects:add", post(mgmt::add_subject))
+            .route("/ssf/subjects:remove", post(mgmt::remove_subject))
+            .route("/ssf/verify", post(mgmt::verify))
+            .route("/ssf/poll/{stream_id}", post(mgmt::poll))
+            .route("/ssf/sse/{stream_id}", get(mgmt::sse))
+            .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
+            .with_state(mgmt_state),
+    );
+    let app = app.layer(axum::middleware::from_fn_with_state(
+        Duration::from_millis(config.server.body_read_timeout_ms),
+        crate::server::body_deadline,
+    ));
+    (app, health)
 }

@@ -5,6 +5,7 @@
 //! no signal, policy change or re-registration with the same id makes it valid again.
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 use crate::principal::{identifier_key, member_key, principal_keys, Members};
@@ -119,32 +120,47 @@ pub struct Revocation {
 /// whose first leaf allocates 11 slots (640 B for two or three entries), three of them per grant —
 /// most of a grant's memory (`cargo bench --bench engine_scale`). Stored and answered as the JSON
 /// value itself, so the stored format is unchanged.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JsonText(Box<str>);
+#[derive(Debug, Clone)]
+pub struct JsonText(Box<RawValue>);
 
 impl JsonText {
     pub fn new(value: &Value) -> JsonText {
-        JsonText(value.to_string().into_boxed_str())
+        // Written straight to text: nothing is parsed.
+        JsonText(
+            serde_json::value::to_raw_value(value).unwrap_or_else(|_| RawValue::NULL.to_owned()),
+        )
     }
 
-    /// The value (text this type wrote is always valid JSON).
+    /// The value (text this type holds is always valid JSON).
     pub fn value(&self) -> Value {
-        serde_json::from_str(&self.0).unwrap_or(Value::Null)
+        serde_json::from_str(self.0.get()).unwrap_or(Value::Null)
     }
 }
+
+impl PartialEq for JsonText {
+    fn eq(&self, other: &JsonText) -> bool {
+        self.0.get() == other.0.get()
+    }
+}
+
+impl Eq for JsonText {}
 
 impl Default for JsonText {
     fn default() -> JsonText {
-        JsonText("null".into())
+        JsonText(RawValue::NULL.to_owned())
     }
 }
 
+/// Written as the JSON text it holds, without parsing it again (a grant is serialized for every
+/// store write and every API answer).
 impl Serialize for JsonText {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.value().serialize(s)
+        self.0.serialize(s)
     }
 }
 
+/// Read from JSON text as the text itself (a stored grant's); from any other source through a
+/// value.
 impl<'de> Deserialize<'de> for JsonText {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<JsonText, D::Error> {
         Value::deserialize(d).map(|v| JsonText::new(&v))

@@ -18,6 +18,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 pub mod audit;
 pub mod auth;
 pub mod check;
+pub mod clock;
 pub mod config;
 pub mod context;
 pub mod decision;

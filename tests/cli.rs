@@ -368,6 +368,46 @@ fn a_start_error_names_its_cause_once() {
         .unwrap_or_else(|| panic!("{stderr}"));
     assert!(line.contains("cannot listen on"), "{line}");
     assert_eq!(line.matches("Address already in use").count(), 1, "{line}");
+    // Refused before anything was created: no data directory, token or keys left behind.
+    assert!(
+        !dir.path().join("data").exists(),
+        "a start that could not listen created {:?}",
+        std::fs::read_dir(dir.path().join("data")).map(|d| d.count())
+    );
+}
+
+/// Where the data and the rules are is said at start-up, as absolute paths (relative ones are
+/// taken from the working directory, which the operator may not think of).
+#[test]
+fn start_up_names_the_directories_it_uses() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(VIGIL)
+        .current_dir(dir.path())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", "rel-data"])
+        .env("VIGIL_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let expected = dir.path().join("rel-data");
+    wait_for("the data directory", || {
+        expected.join("admin.token").exists().then_some(())
+    });
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = log
+        .lines()
+        .find(|l| l.contains("data_dir"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        line.contains(&expected.display().to_string()),
+        "the absolute data directory: {line}"
+    );
 }
 
 /// `vigil streams` with a token another instance wrote: the refusal names the file it came from.

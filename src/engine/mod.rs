@@ -42,7 +42,7 @@ use crate::grant::{Grant, GrantError, GrantId, GrantRequest};
 use crate::intake::Intake;
 use crate::policy::PolicySet;
 use crate::principal::Target;
-use crate::signal::{now_ms, Signal};
+use crate::signal::Signal;
 use crate::store::{BatchWriter, WriteError};
 
 /// How long an API request waits for an in-flight slot before it is answered 503.
@@ -64,6 +64,8 @@ pub struct EngineSettings {
     pub checkpoint_interval: Duration,
     /// Most signals and API requests in flight across all shards (backpressure).
     pub max_inflight: usize,
+    /// What "now" is: grant expiry, decision and registration times.
+    pub clock: crate::clock::Clock,
 }
 
 impl Default for EngineSettings {
@@ -76,6 +78,7 @@ impl Default for EngineSettings {
             max_batch: 256,
             checkpoint_interval: Duration::from_secs(1),
             max_inflight: 8192,
+            clock: crate::clock::Clock::system(),
         }
     }
 }
@@ -599,7 +602,7 @@ impl Engine {
         let (principal, aliases) = self
             .resolve(&identifiers)
             .ok_or_else(|| GrantError::Invalid("`subject` names no principal".into()))?;
-        let grant = request.into_grant(principal.clone(), now_ms() as f64 / 1000.0)?;
+        let grant = request.into_grant(principal.clone(), self.shared.settings.clock.now())?;
         let (reply, rx) = oneshot::channel();
         self.send(
             self.shared.shard_of(&principal),
@@ -866,6 +869,37 @@ mod tests {
             Some(GrantStatus::Revoked),
             "revoked stays revoked"
         );
+        engine.shutdown().await;
+    }
+
+    /// Expiry follows the injected clock: a grant lives until the clock passes its `expires_at`,
+    /// however little real time goes by; then the sweep removes it, with no decision.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn grants_expire_by_the_injected_clock() {
+        let clock = crate::clock::Clock::manual(1_700_000_000_000);
+        let (engine, _held) = engine(EngineSettings {
+            sweep_interval: Duration::from_millis(5),
+            clock: clock.clone(),
+            ..EngineSettings::default()
+        });
+        let request: GrantRequest = serde_json::from_value(serde_json::json!({
+            "id": "short", "kind": "session", "subject": {"format": "email", "email": "e@example.com"},
+            "issued_at": 1_699_999_990, "expires_at": 1_700_000_060}))
+        .unwrap();
+        let registered = engine.register(request).await.unwrap();
+        assert!(registered.decisions.is_empty());
+        // Many sweeps later (in real time), the clock has not moved: the grant is still there.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(engine.grant("short").is_some());
+        clock.advance(Duration::from_secs(61));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while engine.grant("short").is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the sweep did not remove the expired grant"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         engine.shutdown().await;
     }
 }

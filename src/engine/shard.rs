@@ -24,7 +24,7 @@ use crate::grant::{Grant, GrantId, GrantStatus};
 use crate::policy::screen::Screen;
 use crate::policy::{Evaluation, PolicySet};
 use crate::principal::Target;
-use crate::signal::{now_ms, Signal};
+use crate::signal::Signal;
 
 pub(crate) struct Shard {
     pub(super) id: usize,
@@ -64,10 +64,6 @@ const CHECKPOINT_MAX_DIRTY: usize = 100_000;
 
 fn ms(t: f64) -> i64 {
     (t * 1000.0) as i64
-}
-
-fn now() -> f64 {
-    now_ms() as f64 / 1000.0
 }
 
 impl Shard {
@@ -250,7 +246,7 @@ impl Shard {
     /// million grants is mostly that case). Returns the grants covered and those screened.
     fn reevaluate_all(&mut self, policy: &PolicySet, p: &mut Pending) -> (usize, usize) {
         let cause = state_cause("policy_swap");
-        let now = now();
+        let now = self.shared.settings.clock.now();
         let mut order: Vec<String> = Vec::new();
         let mut by_principal: HashMap<String, Vec<Arc<Grant>>> = HashMap::new();
         for (_, id) in &self.expiry {
@@ -363,9 +359,11 @@ impl Shard {
             signal,
             target,
             self.shared.settings.session_ttl_secs,
-            now(),
+            self.shared.settings.clock.now(),
         ) {
-            if !self.shared.grants.contains_key(&grant.id) && !grant.is_expired(now()) {
+            if !self.shared.grants.contains_key(&grant.id)
+                && !grant.is_expired(self.shared.settings.clock.now())
+            {
                 let _ = self.register(grant, p);
             }
         }
@@ -497,7 +495,7 @@ impl Shard {
 
     /// Grants past their expiry end by themselves (tombstones included): no decision is made.
     fn sweep(&mut self, p: &mut Pending) {
-        let now_ms = now_ms();
+        let now_ms = self.shared.settings.clock.now_ms();
         while let Some((at, id)) = self.expiry.first().cloned() {
             if at > now_ms {
                 break;
@@ -522,7 +520,7 @@ impl Shard {
         let Some(grant) = self.shared.grants.get(id).map(|g| g.clone()) else {
             return;
         };
-        let now = now();
+        let now = self.shared.settings.clock.now();
         if grant.status == GrantStatus::Revoked || grant.is_expired(now) {
             return;
         }
