@@ -6,7 +6,7 @@
 //! outbox persist in the store (`tx_streams`, `tx_outbox`); a SET enters the outbox durably before any
 //! delivery attempt and leaves it only when acknowledged (RFC 8936 `ack`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -527,7 +527,9 @@ impl StreamStore {
     }
 
     /// Removes acknowledged (or rejected) SETs of a stream by `jti`.
-    /// `method` labels the delivery metrics (`poll`, `sse`).
+    /// `method` labels the delivery metrics (`poll`, `sse`). The outbox is read oldest first and
+    /// only until every `jti` is found: what a receiver acknowledges is what it was last given,
+    /// the oldest outstanding SETs, so an acknowledgement does not read the whole outbox.
     pub async fn acknowledge(
         &self,
         id: &str,
@@ -537,11 +539,56 @@ impl StreamStore {
         if jtis.is_empty() {
             return Ok(0);
         }
-        let (all, _) = self.outstanding(id, usize::MAX)?;
+        let wanted: HashSet<&str> = jtis.iter().map(String::as_str).collect();
+        let found = self.scan(id, u64::MAX, wanted.len(), |o| {
+            wanted.contains(o.jti.as_str())
+        })?;
+        self.remove_delivered(found, method).await
+    }
+
+    /// Removes every SET of a stream up to and including sequence `through` (SSE `Last-Event-ID`),
+    /// reading only those.
+    pub async fn acknowledge_through(&self, id: &str, through: u64) -> Result<usize, StreamError> {
+        let found = self.scan(id, through, usize::MAX, |_| true)?;
+        self.remove_delivered(found, "sse").await
+    }
+
+    /// The outstanding SETs of a stream with a sequence number up to `through` that `keep`
+    /// selects, oldest first, stopping once `want` are found.
+    fn scan(
+        &self,
+        id: &str,
+        through: u64,
+        want: usize,
+        keep: impl Fn(&Outgoing) -> bool,
+    ) -> Result<Vec<(String, Outgoing)>, StreamError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let t = txn.open_table(OUTBOX).map_err(storage)?;
+        let (start, end) = (outbox_key(id, 0), outbox_key(id, through));
+        let mut out = Vec::new();
+        for entry in t.range(start.as_str()..=end.as_str()).map_err(storage)? {
+            if out.len() >= want {
+                break;
+            }
+            let (k, v) = entry.map_err(storage)?;
+            if let Ok(o) = serde_json::from_slice::<Outgoing>(v.value()) {
+                if keep(&o) {
+                    out.push((k.value().to_owned(), o));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes SETs their receiver took, counting them (and, for poll, their delivery time).
+    async fn remove_delivered(
+        &self,
+        rows: Vec<(String, Outgoing)>,
+        method: &'static str,
+    ) -> Result<usize, StreamError> {
         let now = crate::signal::now_ms();
-        let keys: Vec<String> = all
+        let keys: Vec<String> = rows
             .into_iter()
-            .filter(|(_, o)| jtis.contains(&o.jti))
             .map(|(k, o)| {
                 if method == "poll" {
                     metrics::histogram!(crate::telemetry::DECISION_DELIVERED_SECONDS, "method" => method)
@@ -554,17 +601,6 @@ impl StreamStore {
         self.remove_rows(OUTBOX, keys).await?;
         metrics::counter!(crate::telemetry::SETS_DELIVERED, "method" => method).increment(n as u64);
         Ok(n)
-    }
-
-    /// Removes every SET of a stream up to and including sequence `through` (SSE `Last-Event-ID`).
-    pub async fn acknowledge_through(&self, id: &str, through: u64) -> Result<usize, StreamError> {
-        let (all, _) = self.outstanding(id, usize::MAX)?;
-        let jtis: Vec<String> = all
-            .into_iter()
-            .filter(|(k, _)| seq_of(k) <= through)
-            .map(|(_, o)| o.jti)
-            .collect();
-        self.acknowledge(id, &jtis, "sse").await
     }
 
     /// The notifier woken when a stream gets SETs (long polls wait on it).
@@ -807,5 +843,52 @@ mod tests {
         tokio::task::spawn_blocking(move || thread.join())
             .await
             .unwrap();
+    }
+
+    /// Acknowledging by `jti` removes exactly those SETs, wherever they are in the outbox; through
+    /// a sequence number, every SET up to it and none after; another stream's are untouched.
+    #[tokio::test]
+    async fn acknowledgements_remove_exactly_what_they_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::open(dir.path()).unwrap();
+        let (writer, _thread) = crate::store::BatchWriter::start(db.clone(), "state", 16).unwrap();
+        let store = StreamStore::open(db.clone(), writer).unwrap();
+        let out = |jti: &str| Outgoing {
+            jti: jti.into(),
+            set: format!("token-{jti}"),
+            queued_at_ms: 1,
+        };
+        let items = ["a", "b", "c", "d", "e"]
+            .iter()
+            .map(|j| ("s1".to_owned(), out(j)))
+            .chain(std::iter::once(("s2".to_owned(), out("z"))))
+            .collect();
+        store.enqueue(items, vec![]).await.unwrap();
+        let jtis = |id: &str| -> Vec<String> {
+            store
+                .outstanding(id, usize::MAX)
+                .unwrap()
+                .0
+                .into_iter()
+                .map(|(_, o)| o.jti)
+                .collect()
+        };
+        let acked = store
+            .acknowledge("s1", &["d".into(), "b".into(), "nope".into()], "poll")
+            .await
+            .unwrap();
+        assert_eq!(acked, 2);
+        assert_eq!(jtis("s1"), ["a", "c", "e"]);
+        let c_seq = store
+            .outstanding("s1", usize::MAX)
+            .unwrap()
+            .0
+            .iter()
+            .find(|(_, o)| o.jti == "c")
+            .map(|(k, _)| seq_of(k))
+            .unwrap();
+        assert_eq!(store.acknowledge_through("s1", c_seq).await.unwrap(), 2);
+        assert_eq!(jtis("s1"), ["e"]);
+        assert_eq!(jtis("s2"), ["z"]);
     }
 }
