@@ -21,7 +21,10 @@ use tokio::sync::mpsc;
 use super::streams::{Outgoing, Stream, StreamStore};
 use super::Identity;
 use crate::decision::{Decision, DecisionEffect};
-use crate::events::EventKind;
+use crate::events::{
+    AssuranceLevelChange, AssuranceNamespace, CaepCommon, ChangeDirection, EventKind,
+    InitiatingEntity, LangMap, SessionRevoked, TokenClaimsChange,
+};
 use crate::grant::{Grant, GrantKind};
 
 fn identifier(v: &Value) -> Value {
@@ -57,35 +60,48 @@ pub fn subject_for(grant: &Grant) -> Value {
     Value::Object(complex)
 }
 
-/// The event (type and payload) a decision maps to, if any.
+/// The event (type and payload) a decision maps to, if any: built as the typed CAEP event, so what
+/// Vigil emits is what its own parser accepts.
 pub fn event_for(decision: &Decision, grant: &Grant) -> Option<(EventKind, Value)> {
-    let common = json!({
-        "event_timestamp": decision.time,
-        "initiating_entity": "policy",
-        "reason_admin": {"en": decision.reason},
-    });
-    let mut payload = common.as_object().cloned().unwrap_or_default();
-    let kind = match decision.effect {
-        DecisionEffect::Revoke => EventKind::SessionRevoked,
+    let common = CaepCommon {
+        event_timestamp: Some(decision.time),
+        initiating_entity: Some(InitiatingEntity::Policy),
+        reason_admin: Some(LangMap([("en".to_owned(), decision.reason.clone())].into())),
+        reason_user: None,
+    };
+    let (kind, payload) = match decision.effect {
+        DecisionEffect::Revoke => (
+            EventKind::SessionRevoked,
+            serde_json::to_value(SessionRevoked { common }),
+        ),
         DecisionEffect::StepUp => {
-            let ns = grant
+            let namespace = grant
                 .attributes
                 .get("required_assurance")
                 .and_then(|r| r.get("namespace"))
                 .and_then(Value::as_str)
-                .unwrap_or("RFC8176");
-            payload.insert("namespace".into(), json!(ns));
-            payload.insert("current_level".into(), json!("step-up-required"));
-            payload.insert("change_direction".into(), json!("decrease"));
-            EventKind::AssuranceLevelChange
+                .and_then(|ns| AssuranceNamespace::parse(ns).ok())
+                .unwrap_or(AssuranceNamespace::Rfc8176);
+            let event = AssuranceLevelChange {
+                common,
+                namespace,
+                current_level: "step-up-required".to_owned(),
+                previous_level: None,
+                change_direction: Some(ChangeDirection::Decrease),
+            };
+            (EventKind::AssuranceLevelChange, serde_json::to_value(event))
         }
         DecisionEffect::Restrict => {
-            payload.insert("claims".into(), json!({"vigil_restricted": true}));
-            EventKind::TokenClaimsChange
+            let mut claims = Map::new();
+            claims.insert("vigil_restricted".into(), Value::Bool(true));
+            (
+                EventKind::TokenClaimsChange,
+                serde_json::to_value(TokenClaimsChange { common, claims }),
+            )
         }
         DecisionEffect::Allow | DecisionEffect::Notify => return None,
     };
-    Some((kind, Value::Object(payload)))
+    payload.ok().map(|p| (kind, p))
 }
 
 /// A fresh `jti`, for SETs that are not re-emitted (verification, stream-updated).
@@ -308,5 +324,67 @@ mod tests {
         assert_ne!(a, decision_jti("0123456789abcdee", "stream-a"));
         // The separator keeps ("ab", "c") and ("a", "bc") apart.
         assert_ne!(decision_jti("ab", "c"), decision_jti("a", "bc"));
+    }
+
+    /// Every event a decision maps to is one Vigil's own parser accepts as that event, with the
+    /// spec's fields (the mapping table of this module's doc).
+    #[test]
+    fn decisions_map_to_events_vigil_itself_accepts() {
+        use super::event_for;
+        use crate::decision::{Cause, Decision, DecisionEffect};
+        use crate::events::Event;
+        use crate::grant::{GrantRequest, GrantStatus};
+        let grant = serde_json::from_value::<GrantRequest>(serde_json::json!({
+            "id": "g", "kind": "session", "subject": {"format": "email", "email": "u@example.com"},
+            "issued_at": 10.0, "expires_at": 3600.0,
+            "attributes": {"required_assurance": {"namespace": "NIST-AAL", "level": "nist-aal2"}}}))
+        .unwrap()
+        .into_grant("email:u@example.com".into(), 10.0)
+        .unwrap();
+        let decision = |effect| Decision {
+            id: "d".into(),
+            time: 1234.5,
+            grant_id: "g".into(),
+            subject: "email:u@example.com".into(),
+            effect,
+            previous_status: GrantStatus::Active,
+            status: GrantStatus::Active,
+            rules: vec!["r".into()],
+            reason: "why".into(),
+            errors: vec![],
+            shadow: false,
+            policy_version: "v".into(),
+            context_version: 1,
+            cause: Cause {
+                kind: "signal".into(),
+                seq: None,
+                jti: None,
+                txn: None,
+                source: None,
+                event_type: None,
+                event_time: None,
+            },
+            enforcement_points: vec![],
+        };
+        for effect in [
+            DecisionEffect::Revoke,
+            DecisionEffect::StepUp,
+            DecisionEffect::Restrict,
+        ] {
+            let (kind, payload) = event_for(&decision(effect), &grant).unwrap();
+            let parsed = Event::parse(&kind.uri(), &payload).unwrap();
+            assert_eq!(parsed.kind(), Some(kind));
+            assert_eq!(parsed.event_timestamp(), Some(1234.5));
+            assert_eq!(payload["initiating_entity"], "policy");
+            assert_eq!(payload["reason_admin"]["en"], "why");
+        }
+        let (_, step_up) = event_for(&decision(DecisionEffect::StepUp), &grant).unwrap();
+        assert_eq!(step_up["namespace"], "NIST-AAL");
+        assert_eq!(step_up["current_level"], "step-up-required");
+        assert_eq!(step_up["change_direction"], "decrease");
+        let (_, restrict) = event_for(&decision(DecisionEffect::Restrict), &grant).unwrap();
+        assert_eq!(restrict["claims"]["vigil_restricted"], true);
+        assert!(event_for(&decision(DecisionEffect::Allow), &grant).is_none());
+        assert!(event_for(&decision(DecisionEffect::Notify), &grant).is_none());
     }
 }
