@@ -6,7 +6,7 @@
 use dashmap::DashMap;
 use serde::Serialize;
 
-use crate::signal::now_ms;
+use crate::clock::Clock;
 
 /// One stream's liveness.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -29,9 +29,19 @@ pub struct Live {
 #[derive(Default)]
 pub struct Liveness {
     streams: DashMap<String, Live>,
+    /// What "now" is for the times recorded.
+    clock: Clock,
 }
 
 impl Liveness {
+    /// Liveness whose times come from `clock` (a test's manual one).
+    pub fn with_clock(clock: Clock) -> Liveness {
+        Liveness {
+            streams: DashMap::new(),
+            clock,
+        }
+    }
+
     pub fn get(&self, stream: &str) -> Option<Live> {
         self.streams.get(stream).map(|l| l.clone())
     }
@@ -63,7 +73,7 @@ impl Liveness {
     /// An accepted SET arrived on `stream`. On every SET's path, so it touches only its own field
     /// and gauge (no copy of the entry).
     pub fn saw_event(&self, stream: &str) {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         match self.streams.get_mut(stream) {
             Some(mut live) => live.last_event_ms = Some(now),
             None => return self.update(stream, |l| l.last_event_ms = Some(now)),
@@ -75,7 +85,7 @@ impl Liveness {
     /// A verification event with the state Vigil asked for arrived.
     pub fn verified(&self, stream: &str) {
         self.update(stream, |l| {
-            l.last_verified_ms = Some(now_ms());
+            l.last_verified_ms = Some(self.clock.now_ms());
             l.error = None;
         });
     }
@@ -113,4 +123,26 @@ fn export(stream: &str, live: &Live) {
     }
     metrics::gauge!(crate::telemetry::SSF_STREAM_ENABLED, "stream" => label)
         .set(if live.status == "enabled" { 1.0 } else { 0.0 });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// The times a stream is seen alive are the clock's: a test moves it instead of waiting.
+    #[test]
+    fn events_and_verifications_are_stamped_by_the_clock() {
+        let clock = Clock::manual(1_000_000);
+        let liveness = Liveness::with_clock(clock.clone());
+        liveness.saw_event("s");
+        clock.advance(Duration::from_secs(90));
+        liveness.verified("s");
+        liveness.saw_event("s");
+        let live = liveness.get("s").unwrap();
+        assert_eq!(live.last_verified_ms, Some(1_090_000));
+        assert_eq!(live.last_event_ms, Some(1_090_000));
+        assert_eq!(live.status, "unknown");
+    }
 }
