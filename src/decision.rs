@@ -35,6 +35,22 @@ pub struct Cause {
     pub event_time: Option<f64>,
 }
 
+impl Cause {
+    /// The cause of a decision made on current state, not on a signal (`registration`,
+    /// `policy_swap`, `dependency`).
+    pub fn of_state(kind: &str) -> Cause {
+        Cause {
+            kind: kind.to_owned(),
+            seq: None,
+            jti: None,
+            txn: None,
+            source: None,
+            event_type: None,
+            event_time: None,
+        }
+    }
+}
+
 /// One decision about one grant.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Decision {
@@ -149,15 +165,7 @@ mod tests {
         other_source.source = Some("feed:other".into());
         assert_ne!(id(&cause(7, "id:m1")), id(&other_source));
         // A cause that is not a signal is told apart by its sequence number.
-        let state = Cause {
-            kind: "registration".into(),
-            seq: None,
-            jti: None,
-            txn: None,
-            source: None,
-            event_type: None,
-            event_time: None,
-        };
+        let state = Cause::of_state("registration");
         assert_ne!(id(&state), id(&cause(7, "id:m1")));
     }
 }

@@ -64,6 +64,53 @@ fn spawn(config: &std::path::Path) -> Child {
         .unwrap()
 }
 
+/// A configuration for the `vigil` binary on a free loopback port, its data under `dir`, the admin
+/// client and enforcement point `ep1`, consuming `TOPIC` from `brokers` as `group` (a killed
+/// member's partitions move to the restarted one after the 3 s session timeout). Returns it with
+/// its base URL.
+fn binary_config(
+    dir: &std::path::Path,
+    transmitters: Vec<TransmitterConfig>,
+    brokers: String,
+    group: &str,
+) -> (vigil::config::Config, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut config = test_config(dir, transmitters);
+    config.listen = format!("127.0.0.1:{port}").parse().unwrap();
+    config.data_dir = dir.join("data");
+    config.clients = vec![admin_client()];
+    config.enforcement_points = vec![enforcement_point("ep1", EP)];
+    config.kafka.brokers = brokers;
+    config.kafka.group_id = group.into();
+    config.kafka.topics = vec![TOPIC.into()];
+    for (k, v) in [
+        ("heartbeat_interval_ms", "300"),
+        ("session_timeout_ms", "3000"),
+    ] {
+        config.kafka.properties.insert(k.into(), v.into());
+    }
+    (config, format!("http://127.0.0.1:{port}"))
+}
+
+/// Writes `config` where `spawn` reads it, and a client for the API.
+fn write_config(
+    dir: &std::path::Path,
+    config: &vigil::config::Config,
+) -> (std::path::PathBuf, reqwest::Client) {
+    config.validate().unwrap();
+    let path = dir.join("vigil.toml");
+    std::fs::write(&path, toml::to_string(config).unwrap()).unwrap();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    (path, http)
+}
+
 /// Waits until the process answers and the transmitter's keys are loaded.
 async fn ready(http: &reqwest::Client, base: &str) {
     eventually_within(30, "vigil to be ready", || async {
@@ -248,11 +295,6 @@ fn sse_subscriber(
 async fn acknowledged_work_survives_sigkill() {
     let tx = Arc::new(Transmitter::start(&[Alg::RS256]).await);
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     // An SSF transmitter Vigil creates a poll stream at and polls.
     let idp = Arc::new(
         Idp::start(
@@ -278,33 +320,17 @@ async fn acknowledged_work_survives_sigkill() {
         m.poll_max_events = 50;
         m.poll_timeout_secs = 1;
     }
-    let mut config = test_config(dir.path(), vec![tx.config("idp", ISS, &[AUD]), polled]);
-    config.listen = format!("127.0.0.1:{port}").parse().unwrap();
-    config.data_dir = dir.path().join("data");
-    config.clients = vec![admin_client()];
-    config.enforcement_points = vec![enforcement_point("ep1", EP)];
-    config.identity.poll_timeout_secs = 1;
     let kafka = mock_cluster(&[(TOPIC, 4), ("vigil.risk.dead-letter", 1)]).unwrap();
-    config.kafka.brokers = kafka.bootstrap_servers();
-    config.kafka.group_id = "vigil-crash".into();
-    config.kafka.topics = vec![TOPIC.into()];
-    // A killed member's partitions move to the restarted one after this timeout.
-    for (k, v) in [
-        ("heartbeat_interval_ms", "300"),
-        ("session_timeout_ms", "3000"),
-    ] {
-        config.kafka.properties.insert(k.into(), v.into());
-    }
-    config.validate().unwrap();
+    let (mut config, base) = binary_config(
+        dir.path(),
+        vec![tx.config("idp", ISS, &[AUD]), polled],
+        kafka.bootstrap_servers(),
+        "vigil-crash",
+    );
+    config.identity.poll_timeout_secs = 1;
     let publisher = Arc::new(Publisher::new(&kafka.bootstrap_servers()).unwrap());
     let push_auth = tx.config("idp", ISS, &[AUD]).authorization;
-    let config_path = dir.path().join("vigil.toml");
-    std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    let (config_path, http) = write_config(dir.path(), &config);
 
     let mut child = spawn(&config_path);
     ready(&http, &base).await;
@@ -680,37 +706,17 @@ async fn acknowledged_work_survives_sigkill() {
 async fn kafka_replay_after_sigkill_makes_no_decision_again() {
     const FLIPS: usize = 20;
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut config = test_config(dir.path(), vec![]);
-    config.listen = format!("127.0.0.1:{port}").parse().unwrap();
-    config.data_dir = dir.path().join("data");
-    config.clients = vec![admin_client()];
-    config.enforcement_points = vec![enforcement_point("ep1", EP)];
+    let kafka = mock_cluster(&[(TOPIC, 1), ("vigil.risk.dead-letter", 1)]).unwrap();
+    let (mut config, base) = binary_config(
+        dir.path(),
+        vec![],
+        kafka.bootstrap_servers(),
+        "vigil-replay",
+    );
     // No checkpoint before the kill: every message is redelivered after the restart.
     config.engine.checkpoint_interval_ms = 600_000;
-    let kafka = mock_cluster(&[(TOPIC, 1), ("vigil.risk.dead-letter", 1)]).unwrap();
-    config.kafka.brokers = kafka.bootstrap_servers();
-    config.kafka.group_id = "vigil-replay".into();
-    config.kafka.topics = vec![TOPIC.into()];
-    for (k, v) in [
-        ("heartbeat_interval_ms", "300"),
-        ("session_timeout_ms", "3000"),
-    ] {
-        config.kafka.properties.insert(k.into(), v.into());
-    }
-    config.validate().unwrap();
     let publisher = Publisher::new(&kafka.bootstrap_servers()).unwrap();
-    let config_path = dir.path().join("vigil.toml");
-    std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    let (config_path, http) = write_config(dir.path(), &config);
 
     let mut child = spawn(&config_path);
     ready(&http, &base).await;

@@ -153,19 +153,6 @@ pub(super) fn cause_of(signal: &Signal, kind: &str) -> Cause {
     }
 }
 
-/// The cause of a decision made on current state (`registration`, `policy_swap`, `dependency`).
-pub(super) fn state_cause(kind: &str) -> Cause {
-    Cause {
-        kind: kind.to_owned(),
-        seq: None,
-        jti: None,
-        txn: None,
-        source: None,
-        event_type: None,
-        event_time: None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -195,7 +182,14 @@ mod tests {
     }
 
     fn run(grant: &Grant, outcome: &Evaluation) -> Decided {
-        decide(grant, outcome, &state_cause("registration"), "v1", 3, 100.0)
+        decide(
+            grant,
+            outcome,
+            &Cause::of_state("registration"),
+            "v1",
+            3,
+            100.0,
+        )
     }
 
     #[test]

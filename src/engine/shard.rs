@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::commit::{Checkpointing, Committing, Pending, Reply};
-use super::decide::{self, cause_of, state_cause};
+use super::decide::{self, cause_of};
 use super::inputs::Inputs;
 use super::session_grant;
 use super::{member_index, obo_index, principal_index, EngineError, Msg, Registered, Shared};
@@ -194,7 +194,7 @@ impl Shard {
                 let policy = self.shared.policy();
                 let cause = match &trigger {
                     Some(t) => cause_of(&t.0, "dependency"),
-                    None => state_cause("dependency"),
+                    None => Cause::of_state("dependency"),
                 };
                 for id in grants {
                     let trig = match &trigger {
@@ -245,7 +245,7 @@ impl Shard {
     /// the active ones keep their status without being evaluated one by one (a swap over a
     /// million grants is mostly that case). Returns the grants covered and those screened.
     fn reevaluate_all(&mut self, policy: &PolicySet, p: &mut Pending) -> (usize, usize) {
-        let cause = state_cause("policy_swap");
+        let cause = Cause::of_state("policy_swap");
         let now = self.shared.settings.clock.now();
         let mut order: Vec<String> = Vec::new();
         let mut by_principal: HashMap<String, Vec<Arc<Grant>>> = HashMap::new();
@@ -447,7 +447,7 @@ impl Shard {
             &policy,
             &grant.id,
             Trigger::State,
-            &state_cause("registration"),
+            &Cause::of_state("registration"),
             p,
         );
         let decisions = p.decisions[before..].to_vec();

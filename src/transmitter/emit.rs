@@ -355,15 +355,7 @@ mod tests {
             shadow: false,
             policy_version: "v".into(),
             context_version: 1,
-            cause: Cause {
-                kind: "signal".into(),
-                seq: None,
-                jti: None,
-                txn: None,
-                source: None,
-                event_type: None,
-                event_time: None,
-            },
+            cause: Cause::of_state("registration"),
             enforcement_points: vec![],
         };
         for effect in [
