@@ -12,7 +12,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use serde_json::json;
 use vigil::context::{Decay, PrincipalContext};
 use vigil::evaluate::testing::signal_from_claims;
-use vigil::evaluate::{evaluate_grant, Contexts, Trigger};
+use vigil::evaluate::{evaluate_grant, Contexts, Trigger, Triggered};
 use vigil::grant::{Grant, GrantRequest};
 use vigil::policy::PolicySet;
 use vigil::principal::Target;
@@ -73,6 +73,8 @@ fn bench(c: &mut Criterion) {
         b.iter(|| vigil::risk_feed::from_native(origin, &payload).is_ok())
     });
     let decay = Decay::default();
+    // The signal's policy view is built once per signal, however many grants it re-evaluates.
+    let triggered = Triggered::new(&signal, &target);
     group.bench_function("evaluate_grant", |b| {
         b.iter(|| {
             let contexts = Contexts {
@@ -84,7 +86,7 @@ fn bench(c: &mut Criterion) {
                 &policy,
                 &g,
                 contexts,
-                Trigger::Signal(&signal, &target),
+                Trigger::Signal(&triggered),
                 &decay,
                 1_700_000_200.0,
             )

@@ -19,7 +19,7 @@ use super::session_grant;
 use super::{member_index, obo_index, principal_index, EngineError, Msg, Registered, Shared};
 use crate::context::PrincipalContext;
 use crate::decision::Cause;
-use crate::evaluate::{signal_view, subject_view, Trigger};
+use crate::evaluate::{signal_view, subject_view, Trigger, Triggered};
 use crate::grant::{Grant, GrantId, GrantStatus};
 use crate::policy::screen::Screen;
 use crate::policy::{Evaluation, PolicySet};
@@ -196,9 +196,10 @@ impl Shard {
                     Some(t) => cause_of(&t.0, "dependency"),
                     None => Cause::of_state("dependency"),
                 };
+                let triggered = trigger.as_ref().map(|t| Triggered::new(&t.0, &t.1));
                 for id in grants {
-                    let trig = match &trigger {
-                        Some(t) => Trigger::Signal(&t.0, &t.1),
+                    let trig = match &triggered {
+                        Some(t) => Trigger::Signal(t),
                         None => Trigger::State,
                     };
                     self.evaluate(&policy, &id, trig, &cause, p);
@@ -400,6 +401,8 @@ impl Shard {
         ids.sort();
         ids.dedup();
         let cause = cause_of(signal, "signal");
+        // The signal's policy view, built at the first grant evaluated here.
+        let mut triggered: Option<Triggered<'_>> = None;
         let mut elsewhere: BTreeMap<usize, Vec<GrantId>> = BTreeMap::new();
         for id in ids {
             let Some(owner) = self
@@ -411,7 +414,8 @@ impl Shard {
                 continue;
             };
             if owner == self.id {
-                self.evaluate(&policy, &id, Trigger::Signal(signal, target), &cause, p);
+                let triggered = triggered.get_or_insert_with(|| Triggered::new(signal, target));
+                self.evaluate(&policy, &id, Trigger::Signal(triggered), &cause, p);
             } else {
                 elsewhere.entry(owner).or_default().push(id);
             }

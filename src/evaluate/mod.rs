@@ -9,6 +9,8 @@
 
 pub mod testing;
 
+use std::sync::Arc;
+
 use serde_json::{json, Value};
 
 use crate::context::{Decay, PrincipalContext};
@@ -17,11 +19,40 @@ use crate::policy::{EvalInput, Evaluation, PolicySet};
 use crate::principal::{filter_matches, Target};
 use crate::signal::Signal;
 
+/// A signal as policy sees it: the signal, what it targets, and its `signal` variable — built once
+/// per signal, however many grants the signal re-evaluates.
+#[derive(Debug)]
+pub struct Triggered<'a> {
+    pub signal: &'a Signal,
+    pub target: &'a Target,
+    view: Arc<Value>,
+}
+
+impl<'a> Triggered<'a> {
+    pub fn new(signal: &'a Signal, target: &'a Target) -> Triggered<'a> {
+        let view = json!({
+            "type": signal.event_type_name(),
+            "uri": signal.event_uri,
+            "jti": signal.jti,
+            "txn": signal.txn,
+            "iss": signal.iss,
+            "source": signal.source.label(),
+            "event_time": signal.event_time,
+            "payload": serde_json::to_value(&signal.event).map(|v| v["payload"].clone()).unwrap_or(Value::Null),
+        });
+        Triggered {
+            signal,
+            target,
+            view: Arc::new(view),
+        }
+    }
+}
+
 /// What triggered an evaluation.
 #[derive(Debug, Clone, Copy)]
 pub enum Trigger<'a> {
     /// A signal, with its subject resolved.
-    Signal(&'a Signal, &'a Target),
+    Signal(&'a Triggered<'a>),
     /// No signal: registration, a policy swap, or a dependency's change. Evaluates current state.
     State,
 }
@@ -53,30 +84,24 @@ pub fn subject_matches(target: &Target, grant: &Grant) -> bool {
     names_grant && token_ok && filter_matches(&target.members, &grant.members)
 }
 
-/// The `signal` variable.
-pub fn signal_view(trigger: Trigger<'_>) -> Value {
+/// The `signal` variable: the trigger's, shared.
+pub fn signal_view(trigger: Trigger<'_>) -> Arc<Value> {
+    static NONE: std::sync::OnceLock<Arc<Value>> = std::sync::OnceLock::new();
     match trigger {
-        Trigger::Signal(s, _) => json!({
-            "type": s.event_type_name(),
-            "uri": s.event_uri,
-            "jti": s.jti,
-            "txn": s.txn,
-            "iss": s.iss,
-            "source": s.source.label(),
-            "event_time": s.event_time,
-            "payload": serde_json::to_value(&s.event).map(|v| v["payload"].clone()).unwrap_or(Value::Null),
-        }),
-        Trigger::State => json!({"type": "none"}),
+        Trigger::Signal(t) => t.view.clone(),
+        Trigger::State => NONE
+            .get_or_init(|| Arc::new(json!({"type": "none"})))
+            .clone(),
     }
 }
 
 /// The `subject` variable.
 pub fn subject_view(trigger: Trigger<'_>, grant: &Grant) -> Value {
     match trigger {
-        Trigger::Signal(_, target) => json!({
-            "identifiers": target.identifiers,
-            "members": target.members,
-            "matches_grant": subject_matches(target, grant),
+        Trigger::Signal(t) => json!({
+            "identifiers": t.target.identifiers,
+            "members": t.target.members,
+            "matches_grant": subject_matches(t.target, grant),
         }),
         Trigger::State => json!({
             "identifiers": [grant.principal],
@@ -96,7 +121,7 @@ pub fn evaluate_grant(
     now: f64,
 ) -> Evaluation {
     let trigger_type = match trigger {
-        Trigger::Signal(s, _) => Some(s.event_type_name().to_owned()),
+        Trigger::Signal(t) => Some(t.signal.event_type_name().to_owned()),
         Trigger::State => None,
     };
     let input = EvalInput {
@@ -126,4 +151,26 @@ pub fn evaluate_grant(
         outcome.shadow.extend(via_user.shadow);
     }
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A signal's `signal` variable is built once: every grant it re-evaluates shares it.
+    #[test]
+    fn a_signals_view_is_built_once_and_shared() {
+        let signal = testing::signal_from_claims(
+            &crate::test_support::spec_example("caep-session-revoked.json"),
+            1,
+        )
+        .unwrap();
+        let target = Target::default();
+        let triggered = Triggered::new(&signal, &target);
+        let first = signal_view(Trigger::Signal(&triggered));
+        let second = signal_view(Trigger::Signal(&triggered));
+        assert!(Arc::ptr_eq(&first, &second));
+        assert_eq!(first["type"], "session-revoked");
+        assert_eq!(signal_view(Trigger::State)["type"], "none");
+    }
 }

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{evaluate_grant, Contexts, Trigger};
+use super::{evaluate_grant, Contexts, Trigger, Triggered};
 use crate::context::{Decay, PrincipalContext};
 use crate::grant::GrantRequest;
 use crate::policy::{is_test_file, read_dir_sources, Effect, PolicyError, PolicySet};
@@ -174,9 +174,13 @@ fn run_case(policy: &PolicySet, examples: &Path, case: &TestCase) -> Result<(), 
         .map(|s| s.event_time)
         .fold(grant.issued_at, f64::max);
     let now = case.now.unwrap_or(last_time + 1.0);
-    let trigger = match (signals.last(), targets.last()) {
-        (Some(s), Some(t)) => Trigger::Signal(s, t),
-        _ => Trigger::State,
+    let triggered = signals
+        .last()
+        .zip(targets.last())
+        .map(|(s, t)| Triggered::new(s, t));
+    let trigger = match &triggered {
+        Some(t) => Trigger::Signal(t),
+        None => Trigger::State,
     };
     let contexts = Contexts {
         principal: &ctx,

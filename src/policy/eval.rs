@@ -15,7 +15,8 @@ pub const VARIABLES: [&str; 5] = ["grant", "context", "signal", "subject", "now"
 pub struct EvalInput {
     pub grant: Value,
     pub context: Value,
-    pub signal: Value,
+    /// Shared: one signal's view serves every grant it re-evaluates.
+    pub signal: std::sync::Arc<Value>,
     pub subject: Value,
     /// Seconds since the epoch.
     pub now: f64,
@@ -147,7 +148,7 @@ fn bind<'a>(env: &Arc<cel::Env>, input: &'a EvalInput) -> cel::Context<'a, 'a> {
     for (name, value) in [
         ("grant", &input.grant),
         ("context", &input.context),
-        ("signal", &input.signal),
+        ("signal", &*input.signal),
         ("subject", &input.subject),
     ] {
         ctx.add_variable_as_val(name, super::json_val::to_val(value));

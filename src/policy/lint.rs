@@ -96,9 +96,11 @@ fn reference_errors(policy: &PolicySet) -> Vec<Finding> {
                 let input = EvalInput {
                     grant: grant.policy_view(),
                     context: ctx.view(&grant, &[], &Decay::default(), 1500.0),
-                    signal: json!({"type": trigger.clone().unwrap_or_else(|| "none".into()),
+                    signal: std::sync::Arc::new(
+                        json!({"type": trigger.clone().unwrap_or_else(|| "none".into()),
                                    "uri": "", "jti": "j", "txn": null, "iss": "", "source": "ssf:reference",
                                    "event_time": 1500.0, "payload": {}}),
+                    ),
                     subject: json!({"identifiers": [grant.principal], "members": {}, "matches_grant": true}),
                     now: 1500.0,
                     trigger: trigger.clone(),

@@ -12,7 +12,7 @@ fn input(trigger: Option<&str>) -> EvalInput {
     EvalInput {
         grant: json!({"kind": "session", "issued_at": 10.0, "attributes": {}}),
         context: json!({"risk": {"level": "HIGH"}}),
-        signal: json!({"type": trigger.unwrap_or("none")}),
+        signal: std::sync::Arc::new(json!({"type": trigger.unwrap_or("none")})),
         subject: json!({"matches_grant": true}),
         now: 20.0,
         trigger: trigger.map(str::to_owned),
