@@ -16,7 +16,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::events::{ChangeType, Event};
+use crate::events::{
+    ChangeDirection, ChangeType, ComplianceStatus, Event, RiskLevel, RiskPrincipal,
+};
 use crate::grant::Grant;
 use crate::principal::{filter_matches, Target};
 use crate::signal::Signal;
@@ -114,8 +116,8 @@ pub struct AccountState {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RiskFact {
-    pub level: String,
-    pub principal: String,
+    pub level: RiskLevel,
+    pub principal: RiskPrincipal,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
@@ -126,7 +128,7 @@ pub struct AssuranceFact {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub direction: Option<String>,
+    pub direction: Option<ChangeDirection>,
 }
 
 /// A summary of a signal that touched this context, for "explain".
@@ -159,7 +161,7 @@ pub struct PrincipalContext {
     /// Risk per `PRINCIPAL/source` (CAEP risk-level-change, Kafka risk signals).
     pub risk: BTreeMap<String, Stamped<RiskFact>>,
     /// Compliance per device key.
-    pub device_compliance: BTreeMap<String, Stamped<String>>,
+    pub device_compliance: BTreeMap<String, Stamped<ComplianceStatus>>,
     /// Assurance per namespace.
     pub assurance: BTreeMap<String, Stamped<AssuranceFact>>,
     /// Token claims changed by CAEP token-claims-change: scope (`""` for the principal, or the token's
@@ -276,8 +278,8 @@ impl PrincipalContext {
                 &mut self.risk,
                 format!("{}/{}", e.principal.as_str(), source),
                 stamp!(RiskFact {
-                    level: e.current_level.as_str().to_owned(),
-                    principal: e.principal.as_str().to_owned(),
+                    level: e.current_level.clone(),
+                    principal: e.principal.clone(),
                     reason: e.risk_reason.clone(),
                 }),
             ),
@@ -285,13 +287,13 @@ impl PrincipalContext {
                 Some(device) => upsert_map(
                     &mut self.device_compliance,
                     device.clone(),
-                    stamp!(e.current_status.as_str().to_owned()),
+                    stamp!(e.current_status.clone()),
                 ),
                 // A simple subject naming the device itself: this context *is* the device's.
                 None => upsert_map(
                     &mut self.device_compliance,
                     self.key.clone(),
-                    stamp!(e.current_status.as_str().to_owned()),
+                    stamp!(e.current_status.clone()),
                 ),
             },
             Event::AssuranceLevelChange(e) => upsert_map(
@@ -300,7 +302,7 @@ impl PrincipalContext {
                 stamp!(AssuranceFact {
                     level: e.current_level.clone(),
                     previous: e.previous_level.clone(),
-                    direction: e.change_direction.as_ref().map(|d| d.as_str().to_owned()),
+                    direction: e.change_direction.clone(),
                 }),
             ),
             Event::TokenClaimsChange(e) => {
@@ -423,15 +425,9 @@ impl PrincipalContext {
             .values()
             .filter(|r| live(r, decay.risk, now))
             .collect();
-        let risk_rank = |l: &str| match l {
-            "HIGH" => 3,
-            "MEDIUM" => 2,
-            "LOW" => 1,
-            _ => 0,
-        };
         let top = risks
             .iter()
-            .max_by_key(|r| (risk_rank(&r.value.level), (r.time * 1000.0) as i64));
+            .max_by_key(|r| (r.value.level.rank(), (r.time * 1000.0) as i64));
         let mut by_source = Map::new();
         for (k, r) in &self.risk {
             if live(r, decay.risk, now) {
@@ -463,7 +459,7 @@ impl PrincipalContext {
         let decreased_at = self
             .assurance
             .values()
-            .filter(|a| a.value.direction.as_deref() == Some("decrease"))
+            .filter(|a| a.value.direction == Some(ChangeDirection::Decrease))
             .map(|a| a.time)
             .fold(None, |acc: Option<f64>, t| {
                 Some(acc.map_or(t, |a| a.max(t)))
@@ -511,8 +507,8 @@ impl PrincipalContext {
             "session_revoked_at": session_revoked_at.unwrap_or(0.0),
             "risk": {
                 "level": top.map_or("NONE", |r| r.value.level.as_str()),
-                "rank": top.map_or(0, |r| risk_rank(&r.value.level)),
-                "principal": top.map(|r| r.value.principal.clone()),
+                "rank": top.map_or(0, |r| r.value.level.rank()),
+                "principal": top.map(|r| r.value.principal.as_str()),
                 "reason": top.and_then(|r| r.value.reason.clone()),
                 "source": top.map(|r| r.source.clone()),
                 "time": top.map_or(0.0, |r| r.time),

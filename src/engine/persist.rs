@@ -190,7 +190,8 @@ struct StoredContext<'a> {
     credential_compromises: &'a std::collections::BTreeMap<String, Stamped<()>>,
     credential_change_required: &'a Option<Stamped<()>>,
     risk: &'a std::collections::BTreeMap<String, Stamped<RiskFact>>,
-    device_compliance: &'a std::collections::BTreeMap<String, Stamped<String>>,
+    device_compliance:
+        &'a std::collections::BTreeMap<String, Stamped<crate::events::ComplianceStatus>>,
     assurance: &'a std::collections::BTreeMap<String, Stamped<AssuranceFact>>,
     claims: &'a std::collections::BTreeMap<
         String,
