@@ -23,7 +23,7 @@ use super::Identity;
 use crate::decision::{Decision, DecisionEffect};
 use crate::events::{
     AssuranceLevelChange, AssuranceNamespace, CaepCommon, ChangeDirection, EventKind,
-    InitiatingEntity, LangMap, SessionRevoked, TokenClaimsChange,
+    InitiatingEntity, LangMap, SessionRevoked, StreamUpdated, TokenClaimsChange, Verification,
 };
 use crate::grant::{Grant, GrantKind};
 
@@ -170,10 +170,10 @@ pub fn verification(
     state: Option<&str>,
 ) -> Result<Outgoing, String> {
     let jti = jti();
-    let payload = match state {
-        Some(s) => json!({"state": s}),
-        None => json!({}),
-    };
+    let payload = serde_json::to_value(Verification {
+        state: state.map(str::to_owned),
+    })
+    .map_err(|e| e.to_string())?;
     let claims = json!({
         "iss": stream.iss, "aud": stream.aud, "jti": jti, "iat": now() as i64,
         "sub_id": {"format": "opaque", "id": stream.stream_id},
@@ -185,10 +185,11 @@ pub fn verification(
 /// An SSF stream-updated SET (SSF §8.1.5) telling the stream's receiver its new status.
 pub fn stream_updated(identity: &Identity, stream: &Stream) -> Result<Outgoing, String> {
     let jti = jti();
-    let mut payload = json!({"status": stream.status});
-    if let Some(r) = &stream.status_reason {
-        payload["reason"] = json!(r);
-    }
+    let payload = serde_json::to_value(StreamUpdated {
+        status: stream.status.clone(),
+        reason: stream.status_reason.clone(),
+    })
+    .map_err(|e| e.to_string())?;
     let claims = json!({
         "iss": stream.iss, "aud": stream.aud, "jti": jti, "iat": now() as i64,
         "sub_id": {"format": "opaque", "id": stream.stream_id},
