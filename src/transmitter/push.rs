@@ -155,6 +155,15 @@ struct Worker {
     budget: Arc<Semaphore>,
 }
 
+/// The wait before retry number `failures`: `initial_backoff` doubled per failure, capped at
+/// `max_backoff`, plus `jitter`. No arithmetic can overflow, however many failures.
+fn backoff(s: &PushSettings, failures: u32, jitter: Duration) -> Duration {
+    s.initial_backoff
+        .saturating_mul(1u32 << failures.min(16))
+        .min(s.max_backoff)
+        .saturating_add(jitter)
+}
+
 impl Worker {
     /// Delivers until the stream is gone, no longer an enabled push stream, or `shutdown`.
     async fn run(self, mut shutdown: watch::Receiver<bool>) {
@@ -207,14 +216,10 @@ impl Worker {
         }
     }
 
-    /// Exponential backoff with jitter, capped at `max_backoff` (no arithmetic can overflow).
+    /// Exponential backoff with up to 100 ms of jitter, capped at `max_backoff`.
     fn backoff(&self, failures: u32) -> Duration {
-        let s = &self.settings;
-        let exp = s
-            .initial_backoff
-            .saturating_mul(1u32 << failures.min(16))
-            .min(s.max_backoff);
-        exp.saturating_add(Duration::from_millis(rand::random::<u64>() % 100))
+        let jitter = Duration::from_millis(rand::random::<u64>() % 100);
+        backoff(&self.settings, failures, jitter)
     }
 
     /// Delivers the outbox in order until it is empty or an attempt fails.
@@ -369,5 +374,40 @@ pub fn classify(
             after: None,
             why: format!("HTTP {other}"),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The retry schedule, without waiting for it: doubling from `initial_backoff`, capped at
+    /// `max_backoff`, and no overflow after any number of failures.
+    #[test]
+    fn retries_back_off_exponentially_up_to_the_cap() {
+        let s = PushSettings {
+            timeout: Duration::from_secs(5),
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(60),
+            dead_letter_after: Duration::from_secs(3600),
+            per_endpoint_concurrency: 4,
+            destinations: Destinations {
+                allow_loopback: false,
+            },
+            max_error_body: 1024,
+        };
+        let none = Duration::ZERO;
+        let waits: Vec<u64> = (1..=9)
+            .map(|f| backoff(&s, f, none).as_millis() as u64)
+            .collect();
+        assert_eq!(
+            waits,
+            [1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 60_000, 60_000, 60_000]
+        );
+        assert_eq!(backoff(&s, u32::MAX, none), Duration::from_secs(60));
+        assert_eq!(
+            backoff(&s, 3, Duration::from_millis(99)),
+            Duration::from_millis(4_099)
+        );
     }
 }
