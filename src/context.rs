@@ -122,9 +122,44 @@ pub struct RiskFact {
     pub reason: Option<String>,
 }
 
+/// An assurance level's name with its rank ([`crate::events::assurance_rank`]), ranked once when
+/// the fact is made or loaded rather than at every evaluation. Stored as the name alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssuranceLevel {
+    name: String,
+    rank: i64,
+}
+
+impl AssuranceLevel {
+    pub fn new(name: String) -> AssuranceLevel {
+        let rank = crate::events::assurance_rank(&name);
+        AssuranceLevel { name, rank }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn rank(&self) -> i64 {
+        self.rank
+    }
+}
+
+impl Serialize for AssuranceLevel {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.name.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for AssuranceLevel {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<AssuranceLevel, D::Error> {
+        String::deserialize(d).map(AssuranceLevel::new)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AssuranceFact {
-    pub level: String,
+    pub level: AssuranceLevel,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -300,7 +335,7 @@ impl PrincipalContext {
                 &mut self.assurance,
                 e.namespace.as_str().to_owned(),
                 stamp!(AssuranceFact {
-                    level: e.current_level.clone(),
+                    level: AssuranceLevel::new(e.current_level.clone()),
                     previous: e.previous_level.clone(),
                     direction: e.change_direction.clone(),
                 }),
@@ -450,7 +485,7 @@ impl PrincipalContext {
             if live(a, decay.assurance, now) {
                 assurance.insert(
                     ns.clone(),
-                    json!({"level": a.value.level, "rank": crate::events::assurance_rank(&a.value.level),
+                    json!({"level": a.value.level.name(), "rank": a.value.level.rank(),
                            "previous": a.value.previous, "direction": a.value.direction,
                            "time": a.time}),
                 );
@@ -744,5 +779,15 @@ mod tests {
             &signal(2, 90.0, EventKind::RiskLevelChange, risk("LOW")),
             &Target::default()
         ));
+    }
+
+    /// An assurance level is ranked once and stored as its bare name, as before.
+    #[test]
+    fn an_assurance_level_keeps_its_rank_and_stores_as_its_name() {
+        let level = AssuranceLevel::new("nist-aal2".into());
+        assert_eq!(level.rank(), 2);
+        assert_eq!(serde_json::to_value(&level).unwrap(), json!("nist-aal2"));
+        let back: AssuranceLevel = serde_json::from_value(json!("AAL3")).unwrap();
+        assert_eq!((back.name(), back.rank()), ("AAL3", 3));
     }
 }
