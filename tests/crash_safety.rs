@@ -238,6 +238,23 @@ async fn push_endpoint(received: Arc<Mutex<Received>>) -> std::net::SocketAddr {
     addr
 }
 
+/// Subscribes enforcement point `ep1` by RFC 8935 push to `event` at a new recording endpoint, and
+/// returns what that endpoint receives.
+async fn subscribe_push(http: &reqwest::Client, base: &str, event: &str) -> Arc<Mutex<Received>> {
+    let pushed = Arc::new(Mutex::new(Received::default()));
+    let push_addr = push_endpoint(pushed.clone()).await;
+    let created = http
+        .post(format!("{base}/ssf/streams"))
+        .bearer_auth(EP)
+        .json(&json!({"delivery": {"method": "urn:ietf:rfc:8935",
+            "endpoint_url": format!("http://{push_addr}/events")}, "events_requested": [event]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status().as_u16(), 201);
+    pushed
+}
+
 /// An SSE subscriber that reconnects (with `Last-Event-ID`) whenever its response ends, as a
 /// sidecar would across Vigil's restarts, until `stop`.
 fn sse_subscriber(
@@ -336,18 +353,8 @@ async fn acknowledged_work_survives_sigkill() {
     ready(&http, &base).await;
     let poll_url = create_poll_stream(&http, &base, EP).await;
     // The same enforcement point subscribed by push and by SSE as well.
-    let pushed = Arc::new(Mutex::new(Received::default()));
-    let push_addr = push_endpoint(pushed.clone()).await;
     let revoked = "https://schemas.openid.net/secevent/caep/event-type/session-revoked";
-    let created = http
-        .post(format!("{base}/ssf/streams"))
-        .bearer_auth(EP)
-        .json(&json!({"delivery": {"method": "urn:ietf:rfc:8935",
-            "endpoint_url": format!("http://{push_addr}/events")}, "events_requested": [revoked]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(created.status().as_u16(), 201);
+    let pushed = subscribe_push(&http, &base, revoked).await;
     let sse_stream: Value = http
         .post(format!("{base}/ssf/streams"))
         .bearer_auth(EP)
@@ -720,18 +727,8 @@ async fn kafka_replay_after_sigkill_makes_no_decision_again() {
 
     let mut child = spawn(&config_path);
     ready(&http, &base).await;
-    let pushed = Arc::new(Mutex::new(Received::default()));
-    let push_addr = push_endpoint(pushed.clone()).await;
     let step_up = "https://schemas.openid.net/secevent/caep/event-type/assurance-level-change";
-    let created = http
-        .post(format!("{base}/ssf/streams"))
-        .bearer_auth(EP)
-        .json(&json!({"delivery": {"method": "urn:ietf:rfc:8935",
-            "endpoint_url": format!("http://{push_addr}/events")}, "events_requested": [step_up]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(created.status().as_u16(), 201);
+    let pushed = subscribe_push(&http, &base, step_up).await;
     let acked = Mutex::new(Acked::default());
     let email = "replay@example.com";
     assert!(register(&http, &base, &acked, "r1", email).await);
