@@ -556,5 +556,6 @@ async fn two_consumers_split_the_partitions_and_one_takes_over_when_the_other_le
         ready["kafka"]["assigned"], ready["kafka"]["partitions"],
         "{ready}"
     );
+    assert!(ready["kafka"]["lag"].is_u64(), "how far behind: {ready}");
     a.shutdown().await;
 }

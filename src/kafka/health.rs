@@ -23,6 +23,9 @@ pub struct KafkaView {
     /// Brokers known, and how many of them are up.
     pub brokers: usize,
     pub brokers_up: usize,
+    /// Messages this instance has yet to consume, summed over its partitions: a lagging instance
+    /// is ready (it is catching up), and says by how much.
+    pub lag: u64,
 }
 
 impl KafkaView {
@@ -61,6 +64,7 @@ impl KafkaHealth {
     pub(crate) fn observe(&self, stats: &rdkafka::Statistics, topics: &[String]) {
         let mut partitions = 0;
         let mut assigned = 0;
+        let mut lag: u64 = 0;
         let mut desired: BTreeSet<(String, i32)> = BTreeSet::new();
         for (topic, t) in &stats.topics {
             if !topics.contains(topic) {
@@ -75,6 +79,7 @@ impl KafkaHealth {
                     assigned += 1;
                     desired.insert((topic.clone(), partition));
                     if p.consumer_lag >= 0 {
+                        lag = lag.saturating_add(p.consumer_lag.unsigned_abs());
                         metrics::gauge!(crate::telemetry::KAFKA_CONSUMER_LAG, "topic" => topic.clone(),
                             "partition" => partition.to_string())
                         .set(p.consumer_lag as f64);
@@ -102,6 +107,7 @@ impl KafkaHealth {
             assigned,
             brokers,
             brokers_up,
+            lag,
         };
         metrics::gauge!(crate::telemetry::KAFKA_PARTITIONS).set(partitions as f64);
         metrics::gauge!(crate::telemetry::KAFKA_PARTITIONS_OWNED).set(assigned as f64);
@@ -130,8 +136,18 @@ mod tests {
             assigned,
             brokers,
             brokers_up,
+            lag: 0,
         };
         assert_eq!(view(4, 4, 1, 1).problem(), None);
+        let lagging = KafkaView {
+            lag: 50_000,
+            ..view(4, 4, 1, 1)
+        };
+        assert_eq!(
+            lagging.problem(),
+            None,
+            "a lagging instance catches up, ready"
+        );
         assert!(view(4, 2, 1, 1).problem().unwrap().contains("2 of 4"));
         assert!(view(4, 4, 3, 0)
             .problem()
