@@ -5,7 +5,6 @@
 //! and Kafka batch answers they cover go out when every chunk is on disk.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
@@ -135,7 +134,7 @@ impl Shard {
         p.revocations.append(&mut self.dirty_revocations);
         p.processed.append(&mut self.checkpoint_processed);
         p.batch_waiters.append(&mut self.checkpoint_waiters);
-        self.last_checkpoint = Instant::now();
+        self.last_checkpoint_ms = self.shared.settings.clock.now_ms();
     }
 
     /// Starts making the batch durable: audit first (so no decision that took effect is missing

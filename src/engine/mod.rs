@@ -902,4 +902,37 @@ mod tests {
         }
         engine.shutdown().await;
     }
+
+    /// A signal batch is answered (its Kafka offsets may be committed) only once the checkpoint
+    /// that writes its contexts is on disk, and the checkpoint interval runs on the injected
+    /// clock: nothing is answered while the clock stands still, however long in real time; once
+    /// it passes the interval, the next checkpoint answers the batch.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_is_answered_at_the_checkpoint_the_injected_clock_calls() {
+        let clock = crate::clock::Clock::manual(1_700_000_000_000);
+        let (engine, _held) = engine(EngineSettings {
+            sweep_interval: Duration::from_millis(5),
+            checkpoint_interval: Duration::from_secs(3600),
+            clock: clock.clone(),
+            ..EngineSettings::default()
+        });
+        let signal = crate::evaluate::testing::signal_from_claims(
+            &crate::test_support::spec_example("caep-risk-level-change.json"),
+            1,
+        )
+        .unwrap();
+        let mut done = engine.submit_batch(vec![signal]).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!done.is_done(), "answered before its checkpoint");
+        clock.advance(Duration::from_secs(3600));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !done.is_done() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the checkpoint the clock called did not answer the batch"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        engine.shutdown().await;
+    }
 }

@@ -48,7 +48,9 @@ pub(crate) struct Shard {
     pub(super) checkpoint_waiters: Vec<oneshot::Sender<Result<(), String>>>,
     /// Intake sequence numbers of pushed signals applied since the last checkpoint.
     pub(super) checkpoint_processed: Vec<u64>,
-    pub(super) last_checkpoint: Instant,
+    /// When the last checkpoint was taken, by the injected clock (milliseconds): the interval is
+    /// measured on it, so a test moves it instead of waiting.
+    pub(super) last_checkpoint_ms: i64,
     /// Checkpoints whose chunks are still committing, oldest first (see [`Checkpointing`]).
     pub(super) checkpointing: VecDeque<Checkpointing>,
     /// A batch commit that failed since the last checkpoint: the next checkpoint's signals include
@@ -77,6 +79,7 @@ impl Shard {
             .iter()
             .map(|g| (ms(g.expires_at), g.id.clone()))
             .collect();
+        let last_checkpoint_ms = shared.settings.clock.now_ms();
         Shard {
             id,
             shared,
@@ -86,7 +89,7 @@ impl Shard {
             dirty_revocations: Vec::new(),
             checkpoint_waiters: Vec::new(),
             checkpoint_processed: Vec::new(),
-            last_checkpoint: Instant::now(),
+            last_checkpoint_ms,
             checkpointing: VecDeque::new(),
             failed_since_checkpoint: None,
         }
@@ -118,7 +121,7 @@ impl Shard {
                         interval
                     } else {
                         checkpoint_interval
-                            .saturating_sub(self.last_checkpoint.elapsed())
+                            .saturating_sub(self.since_checkpoint())
                             .min(interval)
                     };
                     let wait = if self.checkpointing.is_empty() {
@@ -158,7 +161,7 @@ impl Shard {
                 last_sweep = Instant::now();
             }
             if stop
-                || self.last_checkpoint.elapsed() >= checkpoint_interval
+                || self.since_checkpoint() >= checkpoint_interval
                 || self.dirty.len() >= CHECKPOINT_MAX_DIRTY
             {
                 self.checkpoint(&mut p);
@@ -175,6 +178,12 @@ impl Shard {
             self.announce(c);
         }
         self.settle_checkpoints(0);
+    }
+
+    /// Time since the last checkpoint, by the injected clock (zero if it went back).
+    fn since_checkpoint(&self) -> Duration {
+        let elapsed = self.shared.settings.clock.now_ms() - self.last_checkpoint_ms;
+        Duration::from_millis(u64::try_from(elapsed).unwrap_or(0))
     }
 
     fn handle(&mut self, msg: Msg, p: &mut Pending) {
