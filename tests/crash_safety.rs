@@ -255,6 +255,39 @@ async fn subscribe_push(http: &reqwest::Client, base: &str, event: &str) -> Arc<
     pushed
 }
 
+/// The ids of the decisions `/v1/decisions?<query>` lists, in its order.
+async fn listed_decisions(http: &reqwest::Client, base: &str, query: &str) -> Vec<String> {
+    let listed: Value = http
+        .get(format!("{base}/v1/decisions?{query}"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    listed["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The ids of every decision line in the audit files under `data_dir` (what an auditor exports).
+fn audit_file_ids(data_dir: &std::path::Path) -> Vec<String> {
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(data_dir.join("audit")).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        ids.extend(
+            text.lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .map(|d| d["id"].as_str().unwrap_or_default().to_owned()),
+        );
+    }
+    ids
+}
+
 /// An SSE subscriber that reconnects (with `Last-Event-ID`) whenever its response ends, as a
 /// sidecar would across Vigil's restarts, until `stop`.
 fn sse_subscriber(
@@ -643,33 +676,11 @@ async fn acknowledged_work_survives_sigkill() {
         assert_eq!(twice, 0, "{method}: SETs whose decision was sent again");
     }
     // The audit trail lists each decision once.
-    let decisions: Value = http
-        .get(format!("{base}/v1/decisions?limit=10000"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let ids: Vec<&str> = decisions["decisions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["id"].as_str().unwrap())
-        .collect();
-    let unique: HashSet<&str> = ids.iter().copied().collect();
+    let ids = listed_decisions(&http, &base, "limit=10000").await;
+    let unique: HashSet<&String> = ids.iter().collect();
     assert_eq!(ids.len(), unique.len(), "a decision is listed twice");
     // And the log files themselves (what an auditor exports) hold each decision once.
-    let mut in_files = Vec::new();
-    for entry in std::fs::read_dir(dir.path().join("data").join("audit")).unwrap() {
-        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
-        for line in text.lines() {
-            if let Ok(d) = serde_json::from_str::<Value>(line) {
-                in_files.push(d["id"].as_str().unwrap_or_default().to_owned());
-            }
-        }
-    }
+    let in_files = audit_file_ids(&dir.path().join("data"));
     let unique_in_files: HashSet<&String> = in_files.iter().collect();
     assert_eq!(
         in_files.len(),
@@ -764,24 +775,8 @@ async fn kafka_replay_after_sigkill_makes_no_decision_again() {
         (pushed.lock().unwrap().tokens.len() == steps_up).then_some(())
     })
     .await;
-    let decision_ids = |http: reqwest::Client, base: String| async move {
-        let listed: Value = http
-            .get(format!("{base}/v1/decisions?grant=r1&limit=10000"))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        listed["decisions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d["id"].as_str().unwrap().to_owned())
-            .collect::<BTreeSet<String>>()
-    };
-    let before = decision_ids(http.clone(), base.clone()).await;
+    let decision_ids = || listed_decisions(&http, &base, "grant=r1&limit=10000");
+    let before: BTreeSet<String> = decision_ids().await.into_iter().collect();
     // Registration (allowed: no decision) and one per flip.
     assert_eq!(before.len(), FLIPS, "decisions before the kill: {before:?}");
 
@@ -813,17 +808,9 @@ async fn kafka_replay_after_sigkill_makes_no_decision_again() {
         Some("active"),
         "the grant's state after replay"
     );
-    let after = decision_ids(http.clone(), base.clone()).await;
+    let after: BTreeSet<String> = decision_ids().await.into_iter().collect();
     assert_eq!(after, before, "replay made decisions again");
-    let mut in_files = Vec::new();
-    for entry in std::fs::read_dir(dir.path().join("data").join("audit")).unwrap() {
-        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
-        in_files.extend(
-            text.lines()
-                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .map(|d| d["id"].as_str().unwrap_or_default().to_owned()),
-        );
-    }
+    let in_files = audit_file_ids(&dir.path().join("data"));
     assert_eq!(
         in_files.len(),
         FLIPS,

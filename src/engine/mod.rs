@@ -872,6 +872,15 @@ mod tests {
         engine.shutdown().await;
     }
 
+    /// Waits (in real time, at most 5 s) until `done`; fails with `what` otherwise.
+    async fn within_5s(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Expiry follows the injected clock: a grant lives until the clock passes its `expires_at`,
     /// however little real time goes by; then the sweep removes it, with no decision.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -892,14 +901,10 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(engine.grant("short").is_some());
         clock.advance(Duration::from_secs(61));
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while engine.grant("short").is_some() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the sweep did not remove the expired grant"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        within_5s("the sweep did not remove the expired grant", || {
+            engine.grant("short").is_none()
+        })
+        .await;
         engine.shutdown().await;
     }
 
@@ -925,14 +930,11 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!done.is_done(), "answered before its checkpoint");
         clock.advance(Duration::from_secs(3600));
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while !done.is_done() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the checkpoint the clock called did not answer the batch"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        within_5s(
+            "the checkpoint the clock called did not answer the batch",
+            || done.is_done(),
+        )
+        .await;
         engine.shutdown().await;
     }
 }
