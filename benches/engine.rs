@@ -68,6 +68,7 @@ fn bench(c: &mut Criterion) {
         partition: 0,
         offset: 7,
         now: 1.7e9,
+        received_at_ms: 1_700_000_000_000,
     };
     group.bench_function("kafka_normalize", |b| {
         b.iter(|| vigil::risk_feed::from_native(origin, &payload).is_ok())

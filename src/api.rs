@@ -209,18 +209,15 @@ fn lookup(s: &ApiState, req: &CheckRequest) -> Result<Vec<Arc<crate::grant::Gran
     Ok(s.engine.grants_by(session.as_deref(), token.as_deref()))
 }
 
+/// The verdict on `grants` at `now` (seconds; the engine's clock, which also expires them).
 fn judge(
     grants: &[Arc<crate::grant::Grant>],
     action: Option<&str>,
     resource: Option<&str>,
+    now: f64,
 ) -> CheckResult {
     let refs: Vec<&crate::grant::Grant> = grants.iter().map(|g| &**g).collect();
-    let result = check::check(
-        &refs,
-        action,
-        resource,
-        crate::signal::now_ms() as f64 / 1000.0,
-    );
+    let result = check::check(&refs, action, resource, now);
     let verdict = match result.decision {
         Verdict::Allow => "allow",
         Verdict::Deny => "deny",
@@ -240,6 +237,7 @@ pub async fn check_grant(State(s): State<Arc<ApiState>>, body: axum::body::Bytes
             &grants,
             req.action.as_deref(),
             req.resource.as_deref(),
+            s.engine.clock().now(),
         ))
         .into_response(),
         Err(e) => error(StatusCode::BAD_REQUEST, "invalid_check", e),
@@ -284,7 +282,7 @@ pub async fn check_auth_request(State(s): State<Arc<ApiState>>, headers: HeaderM
         resource: None,
     };
     let result = match lookup(&s, &req) {
-        Ok(grants) => judge(&grants, req.action.as_deref(), None),
+        Ok(grants) => judge(&grants, req.action.as_deref(), None, s.engine.clock().now()),
         Err(_) => check::check(&[], None, None, 0.0),
     };
     let status = match (result.decision, result.is_unknown()) {

@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use crate::api::{self, ApiState};
 use crate::audit::AuditLog;
 use crate::auth::ApiAuth;
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::config::Role;
 use crate::decision::Decision;
@@ -90,6 +91,12 @@ pub struct Vigil {
 impl Vigil {
     /// Opens the store, replays pending signals, fetches keys in the background and starts serving.
     pub async fn start(config: Config) -> Result<Vigil, StartError> {
+        Vigil::start_with_clock(config, Clock::system()).await
+    }
+
+    /// [`Vigil::start`] with "now" read from `clock` everywhere (a test's manual one moves only
+    /// when the test says).
+    pub async fn start_with_clock(config: Config, clock: Clock) -> Result<Vigil, StartError> {
         // 1. Rules, then the port and the TLS files: a start refused here leaves no data
         //    directory, token or keys behind.
         let policy = load_policy(&config)?;
@@ -125,7 +132,7 @@ impl Vigil {
         // 3. The engine, and what it decided before a restart that delivery has not taken over.
         let (decision_tx, decision_rx) =
             mpsc::channel::<(Decision, Arc<crate::grant::Grant>)>(4096);
-        let engine_settings = engine_settings(&config);
+        let engine_settings = engine_settings(&config, clock.clone());
         // The engine takes `batch_writer`; delivery and the Kafka source write through this handle.
         let store_writer = batch_writer.clone();
         let engine = Arc::new(Engine::start(
@@ -150,6 +157,7 @@ impl Vigil {
                 &config.data_dir.join("keys"),
                 config.identity.alg,
                 config.identity.key_retention_secs,
+                clock.clone(),
             )
             .map_err(|e| StartError::Identity(e.to_string()))?,
         );
@@ -183,12 +191,13 @@ impl Vigil {
             intake.clone(),
             pending,
             next_rx,
+            clock.clone(),
         )));
         let streams = Arc::new(
-            StreamStore::open(db.clone(), store_writer.clone())
+            StreamStore::open(db.clone(), store_writer.clone(), clock.clone())
                 .map_err(|e| StartError::Delivery(e.to_string()))?,
         );
-        let push_settings = push_settings(&config, destinations);
+        let push_settings = push_settings(&config, destinations, clock.clone());
         let (st, sd) = (streams.clone(), shutdown_rx.clone());
         tasks.push(crate::supervise::spawn(
             "push_delivery",
@@ -220,7 +229,7 @@ impl Vigil {
                 shutdown_rx.clone(),
             )));
         }
-        let liveness = Arc::new(crate::liveness::Liveness::default());
+        let liveness = Arc::new(crate::liveness::Liveness::with_clock(clock.clone()));
         let ssf_clients = Arc::new(crate::ssf_client::StreamClients {
             managers: transmitter_configs
                 .iter()
@@ -439,7 +448,7 @@ fn absolute(path: &std::path::Path) -> std::path::PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
 }
 
-fn engine_settings(config: &Config) -> EngineSettings {
+fn engine_settings(config: &Config, clock: Clock) -> EngineSettings {
     EngineSettings {
         shards: if config.engine.shards == 0 {
             EngineSettings::default().shards
@@ -452,7 +461,7 @@ fn engine_settings(config: &Config) -> EngineSettings {
         max_batch: config.engine.max_batch,
         checkpoint_interval: Duration::from_millis(config.engine.checkpoint_interval_ms),
         max_inflight: config.engine.max_inflight,
-        clock: crate::clock::Clock::system(),
+        clock,
     }
 }
 
@@ -497,6 +506,7 @@ fn push_client(
 fn push_settings(
     config: &Config,
     destinations: crate::outbound::Destinations,
+    clock: Clock,
 ) -> transmitter::push::PushSettings {
     transmitter::push::PushSettings {
         timeout: Duration::from_millis(config.delivery.push_timeout_ms),
@@ -506,6 +516,7 @@ fn push_settings(
         per_endpoint_concurrency: config.limits.push_concurrency_per_enforcement_point,
         destinations,
         max_error_body: 16 * 1024,
+        clock,
     }
 }
 

@@ -7,7 +7,7 @@ use std::future::Future;
 use tokio::sync::mpsc;
 
 use crate::intake::Intake;
-use crate::signal::{now_ms, Signal};
+use crate::signal::Signal;
 
 /// How a sink took a signal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +57,7 @@ pub async fn run<S: SignalSink>(
     intake: Intake,
     pending: Vec<Signal>,
     mut rx: mpsc::Receiver<Signal>,
+    clock: crate::clock::Clock,
 ) {
     if !pending.is_empty() {
         tracing::info!(
@@ -66,14 +67,19 @@ pub async fn run<S: SignalSink>(
         metrics::counter!(crate::telemetry::SIGNALS_REPLAYED).increment(pending.len() as u64);
     }
     for signal in pending {
-        handle(&mut sink, &intake, signal).await;
+        handle(&mut sink, &intake, &clock, signal).await;
     }
     while let Some(signal) = rx.recv().await {
-        handle(&mut sink, &intake, signal).await;
+        handle(&mut sink, &intake, &clock, signal).await;
     }
 }
 
-async fn handle<S: SignalSink>(sink: &mut S, intake: &Intake, signal: Signal) {
+async fn handle<S: SignalSink>(
+    sink: &mut S,
+    intake: &Intake,
+    clock: &crate::clock::Clock,
+    signal: Signal,
+) {
     let (seq, received_at_ms) = (signal.seq, signal.received_at_ms);
     let stream = signal.source.stream().to_owned();
     match sink.apply(signal).await {
@@ -83,7 +89,7 @@ async fn handle<S: SignalSink>(sink: &mut S, intake: &Intake, signal: Signal) {
                     tracing::error!(seq, error = %e, "could not mark signal processed");
                 }
             }
-            let elapsed_ms = (now_ms() - received_at_ms).max(0);
+            let elapsed_ms = (clock.now_ms() - received_at_ms).max(0);
             metrics::histogram!(crate::telemetry::SIGNAL_HANDLING_SECONDS, "stream" => stream)
                 .record(elapsed_ms as f64 / 1000.0);
         }

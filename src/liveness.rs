@@ -42,6 +42,11 @@ impl Liveness {
         }
     }
 
+    /// The clock the times recorded are read from.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
     pub fn get(&self, stream: &str) -> Option<Live> {
         self.streams.get(stream).map(|l| l.clone())
     }

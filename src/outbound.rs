@@ -211,9 +211,13 @@ pub async fn read_capped(
 
 /// `Retry-After` (RFC 9110 §10.2.3: delta-seconds or an HTTP-date), saturated to `ceiling`.
 /// `None` when absent or unreadable; a date in the past is zero.
-pub fn retry_after(headers: &reqwest::header::HeaderMap, ceiling: Duration) -> Option<Duration> {
+pub fn retry_after(
+    headers: &reqwest::header::HeaderMap,
+    ceiling: Duration,
+    now: SystemTime,
+) -> Option<Duration> {
     let raw = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
-    parse_retry_after(raw, SystemTime::now()).map(|d| d.min(ceiling))
+    parse_retry_after(raw, now).map(|d| d.min(ceiling))
 }
 
 /// The delay a `Retry-After` value asks for at `now`, with no arithmetic that can overflow.
@@ -307,7 +311,7 @@ mod tests {
         let mut h = reqwest::header::HeaderMap::new();
         h.insert("retry-after", "18446744073709551615".parse().unwrap());
         assert_eq!(
-            retry_after(&h, Duration::from_secs(300)),
+            retry_after(&h, Duration::from_secs(300), now),
             Some(Duration::from_secs(300))
         );
     }

@@ -30,7 +30,7 @@ use crate::jose::{self, JwsError};
 use crate::jwks::{KeyError, KeyStore};
 use crate::liveness::Liveness;
 use crate::set::{self, ErrorCode, SetError, SetRules};
-use crate::signal::{now_ms, Signal, SignalSource};
+use crate::signal::{Signal, SignalSource};
 
 /// A configured transmitter with its live key cache.
 pub struct Transmitter {
@@ -230,7 +230,7 @@ impl Receiver {
 
     /// Steps 3–11 for one compact SET from an authenticated transmitter.
     pub async fn receive(&self, t: &Transmitter, token: &str) -> Result<Accepted, Rejection> {
-        let received_at_ms = now_ms();
+        let received_at_ms = self.liveness.clock().now_ms();
         let jws = jose::parse_compact(token, &t.config.algorithms).map_err(|e: JwsError| {
             let code = if e.is_key_problem() {
                 ErrorCode::InvalidKey

@@ -153,6 +153,8 @@ pub struct Origin<'a> {
     pub partition: i32,
     pub offset: i64,
     pub now: f64,
+    /// When Vigil read the message (milliseconds, the engine's clock).
+    pub received_at_ms: i64,
 }
 
 /// Where the native format keeps what every mapping names (the topic comes from the message).
@@ -352,7 +354,7 @@ fn normalize(
         subject,
         event_time,
         iat: now,
-        received_at_ms: crate::signal::now_ms(),
+        received_at_ms: origin.received_at_ms,
         attributes,
         ttl_secs: None,
     })
@@ -382,6 +384,7 @@ mod tests {
             partition: 2,
             offset: 41,
             now,
+            received_at_ms: (now * 1000.0) as i64,
         }
     }
 

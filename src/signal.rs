@@ -121,7 +121,9 @@ impl Signal {
     }
 }
 
-/// Milliseconds since the Unix epoch, wall clock.
+/// Milliseconds since the Unix epoch, the system's wall clock. Vigil itself reads time through its
+/// injected [`crate::clock::Clock`] (whose system clock this is); the simulators, the CLI and the
+/// tests, which are other parties, read it here.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -24,24 +24,39 @@ const EP_TOKEN: &str = "gateway-token-0123456789";
 const PUSH_SECRET: &str = "Bearer vigil-to-gateway-secret";
 
 /// A minimal SSF push receiver: checks the credential, verifies each SET with Vigil's JWKS, and
-/// answers as `script` says (then 202 once the script runs out).
+/// answers as `script` says (then 202 once the script runs out; a scripted body's `retry_after`
+/// becomes a `Retry-After` header).
 #[derive(Default)]
 struct Receiver {
     jwks: Mutex<Option<PublishedKeys>>,
     script: Mutex<Vec<(u16, Value)>>,
     received: Mutex<Vec<Value>>,
+    /// Every request, whatever the answer.
+    attempts: std::sync::atomic::AtomicUsize,
+}
+
+impl Receiver {
+    fn attempts(&self) -> usize {
+        self.attempts.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 async fn receive(
     State(r): State<Arc<Receiver>>,
     headers: HeaderMap,
     body: Bytes,
-) -> impl IntoResponse {
+) -> axum::response::Response {
+    r.attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    answer(&r, &headers, body).await
+}
+
+async fn answer(r: &Receiver, headers: &HeaderMap, body: Bytes) -> axum::response::Response {
     if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(PUSH_SECRET) {
         return (
             StatusCode::BAD_REQUEST,
             axum::Json(json!({"err": "authentication_failed", "description": "bad credential"})),
-        );
+        )
+            .into_response();
     }
     if let Some((status, body)) = {
         let mut s = r.script.lock().unwrap();
@@ -50,9 +65,19 @@ async fn receive(
         if status == 0 {
             // Hang past Vigil's push timeout: the attempt times out and is retried.
             tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-            return (StatusCode::ACCEPTED, axum::Json(Value::Null));
+            return (StatusCode::ACCEPTED, axum::Json(Value::Null)).into_response();
         }
-        return (StatusCode::from_u16(status).unwrap(), axum::Json(body));
+        let mut reply = (
+            StatusCode::from_u16(status).unwrap(),
+            axum::Json(body.clone()),
+        )
+            .into_response();
+        if let Some(secs) = body.get("retry_after") {
+            reply
+                .headers_mut()
+                .insert("retry-after", secs.to_string().parse().unwrap());
+        }
+        return reply;
     }
     let token = String::from_utf8(body.to_vec()).unwrap();
     let verified = r
@@ -65,10 +90,11 @@ async fn receive(
         return (
             StatusCode::BAD_REQUEST,
             axum::Json(json!({"err": "invalid_key", "description": "signature"})),
-        );
+        )
+            .into_response();
     };
     r.received.lock().unwrap().push(claims);
-    (StatusCode::ACCEPTED, axum::Json(Value::Null))
+    (StatusCode::ACCEPTED, axum::Json(Value::Null)).into_response()
 }
 
 async fn serve_receiver(
@@ -232,6 +258,117 @@ async fn revocations_are_pushed_in_order_through_errors_outages_and_a_restart() 
         get_json(&vigil, "/v1/deadletters").await.1["dead_letters"],
         json!([])
     );
+    ep_task.abort();
+    vigil.shutdown().await;
+}
+
+/// Retry waits and the dead-letter deadline run on Vigil's injected clock: with the clock standing
+/// still no retry is made, however long in real time; moved past a backoff, a `Retry-After` or
+/// `dead_letter_after`, the worker retries, delivers or dead-letters at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_and_dead_letters_follow_the_injected_clock() {
+    use std::time::Duration;
+    let tx = Transmitter::start(&[Alg::RS256]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), vec![tx.config("idp", ISS, &[AUD])]);
+    config.enforcement_points = vec![enforcement_point("gateway", EP_TOKEN)];
+    config.delivery.initial_backoff_ms = 10_000;
+    config.delivery.max_backoff_secs = 60;
+    config.delivery.dead_letter_after_secs = 300;
+    let clock = vigil::clock::Clock::manual(vigil::signal::now_ms());
+    let vigil = vigil::Vigil::start_with_clock(config, clock.clone())
+        .await
+        .unwrap();
+    let receiver = Arc::new(Receiver::default());
+    *receiver.script.lock().unwrap() = vec![(500, Value::Null), (503, json!({"retry_after": 30}))];
+    let (ep_addr, ep_task) = serve_receiver(receiver.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    load_jwks(&receiver, &vigil).await;
+    let stream = json!({"delivery": {"method": "urn:ietf:rfc:8935", "endpoint_url": format!("http://{ep_addr}/events"),
+        "authorization_header": PUSH_SECRET}});
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/ssf/streams", vigil.local_addr()))
+        .bearer_auth(EP_TOKEN)
+        .json(&stream)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    register(&vigil, "g0", "u0@example.com").await;
+    revoke(&tx, &vigil, "u0@example.com", "dis-0").await;
+
+    // Moves the clock once the delivery worker waits on it (moved earlier, its wait would start
+    // from the time moved to).
+    let advance = |by: Duration| {
+        let clock = clock.clone();
+        async move {
+            eventually("the delivery worker waiting on the clock", || async {
+                (clock.sleepers() == 1).then_some(())
+            })
+            .await;
+            clock.advance(by);
+        }
+    };
+    let stands_still = |n: usize, what: &'static str| {
+        let receiver = receiver.clone();
+        async move {
+            // Real time passes; the clock does not: no attempt may be made.
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            assert_eq!(receiver.attempts(), n, "{what}");
+        }
+    };
+    eventually("the first attempt (500)", || async {
+        (receiver.attempts() == 1).then_some(())
+    })
+    .await;
+    stands_still(1, "retried before the clock reached the backoff").await;
+    // The first retry waits 2 × initial_backoff (+ < 100 ms of jitter).
+    advance(Duration::from_millis(19_000)).await;
+    stands_still(1, "retried a second before the backoff ended").await;
+    advance(Duration::from_millis(1_100)).await;
+    eventually(
+        "the retry after the backoff (503, Retry-After: 30)",
+        || async { (receiver.attempts() == 2).then_some(()) },
+    )
+    .await;
+    advance(Duration::from_secs(29)).await;
+    stands_still(2, "retried before the Retry-After").await;
+    advance(Duration::from_secs(1)).await;
+    eventually("delivered once the Retry-After passed", || async {
+        (receiver.received.lock().unwrap().len() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(txns(&receiver), vec!["dis-0"]);
+
+    // An enforcement point that only ever answers 503: the SET is dead-lettered at the first
+    // attempt after `dead_letter_after` by the clock, not before.
+    *receiver.script.lock().unwrap() = vec![(503, json!({"retry_after": 60})); 100];
+    register(&vigil, "g1", "u1@example.com").await;
+    revoke(&tx, &vigil, "u1@example.com", "dis-1").await;
+    eventually("the first attempt at the second SET", || async {
+        (receiver.attempts() == 3).then_some(())
+    })
+    .await;
+    for step in 0..4 {
+        advance(Duration::from_secs(60)).await;
+        eventually("a retry a Retry-After later", || async {
+            (receiver.attempts() == 4 + step).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(
+        get_json(&vigil, "/v1/deadletters").await.1["dead_letters"],
+        json!([]),
+        "dead-lettered 240 s after it was queued"
+    );
+    advance(Duration::from_secs(60)).await;
+    let dead = eventually("dead-lettered 300 s after it was queued", || async {
+        let (_, d) = get_json(&vigil, "/v1/deadletters").await;
+        (d["dead_letters"].as_array().unwrap().len() == 1).then_some(d)
+    })
+    .await;
+    let error = dead["dead_letters"][0]["error"].as_str().unwrap();
+    assert!(error.starts_with("undelivered after 300s"), "{error}");
+    assert_eq!(receiver.received.lock().unwrap().len(), 1);
     ep_task.abort();
     vigil.shutdown().await;
 }

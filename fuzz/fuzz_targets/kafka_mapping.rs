@@ -12,6 +12,7 @@ fuzz_target!(|data: &[u8]| {
         partition: 0,
         offset: 42,
         now: 1_700_000_000.0,
+        received_at_ms: 1_700_000_000_000,
     };
     let _ = from_native(origin, data);
     let mapping = fraud_engine_mapping("fraud.scores");

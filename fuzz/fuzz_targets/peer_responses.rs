@@ -13,6 +13,9 @@ use vigil::ssf_client::mgmt::{StreamConfig, MAX_RETRY_AFTER};
 use vigil::transmitter::push::{classify, Attempt};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// The time an HTTP-date `Retry-After` is read against (fixed: a fuzz run must be repeatable).
+const NOW: std::time::SystemTime =
+    std::time::SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(1_800_000_000)).unwrap();
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 3 {
@@ -26,7 +29,7 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(v) = HeaderValue::from_bytes(retry) {
         headers.insert(RETRY_AFTER, v);
     }
-    match classify(status, &headers, Some(body), MAX_BACKOFF) {
+    match classify(status, &headers, Some(body), MAX_BACKOFF, NOW) {
         Attempt::Retry {
             after: Some(after), ..
         } => {

@@ -366,6 +366,11 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// The clock the engine reads "now" from (the one every part of Vigil shares).
+    pub fn clock(&self) -> &crate::clock::Clock {
+        &self.shared.settings.clock
+    }
+
     /// Loads persisted state and starts the shard threads.
     pub fn start(
         db: &Arc<redb::Database>,

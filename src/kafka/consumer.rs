@@ -20,7 +20,7 @@ use super::source::{FeedMessage, Normalizer};
 use crate::config::KafkaConfig;
 use crate::engine::{BatchDone, Engine};
 use crate::intake::Intake;
-use crate::signal::{now_ms, Signal};
+use crate::signal::Signal;
 use crate::store::BatchWriter;
 
 /// Why the Kafka source could not start.
@@ -268,7 +268,7 @@ impl Pipeline {
             }
             for (topic, n) in batch.applied {
                 if let Some(received) = batch.received_at_ms {
-                    let secs = (now_ms() - received).max(0) as f64 / 1000.0;
+                    let secs = (self.normalizer.clock().now_ms() - received).max(0) as f64 / 1000.0;
                     metrics::histogram!(crate::telemetry::SIGNAL_HANDLING_SECONDS, "stream" => topic.clone())
                         .record(secs);
                 }
@@ -368,7 +368,11 @@ impl KafkaSource {
         }
         let runtime = tokio::runtime::Handle::current();
         let context = Pipeline {
-            normalizer: Normalizer::new(&config.mappings, max_future_skew_secs),
+            normalizer: Normalizer::new(
+                &config.mappings,
+                max_future_skew_secs,
+                engine.clock().clone(),
+            ),
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             intake,
             engine,

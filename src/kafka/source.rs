@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use crate::risk_feed::{self, FeedError, Mapping, Origin};
-use crate::signal::{now_ms, Signal};
+use crate::signal::Signal;
 
 /// Batches smaller than this are normalized on the calling thread: a thread costs more than it saves.
 const PARALLEL_MIN: usize = 512;
@@ -26,17 +26,29 @@ pub struct FeedMessage {
 pub struct Normalizer {
     mappings: HashMap<String, Mapping>,
     max_future_skew_secs: u64,
+    /// Receipt times, and the event-time window's anchor when a message's timestamp is not sane.
+    clock: crate::clock::Clock,
 }
 
 impl Normalizer {
-    pub fn new(mappings: &[Mapping], max_future_skew_secs: u64) -> Normalizer {
+    pub fn new(
+        mappings: &[Mapping],
+        max_future_skew_secs: u64,
+        clock: crate::clock::Clock,
+    ) -> Normalizer {
         Normalizer {
             mappings: mappings
                 .iter()
                 .map(|m| (m.topic.clone(), m.clone()))
                 .collect(),
             max_future_skew_secs,
+            clock,
         }
+    }
+
+    /// The clock receipt times are read from.
+    pub fn clock(&self) -> &crate::clock::Clock {
+        &self.clock
     }
 
     /// The signals a batch carries, in the batch's order, normalized on `workers` threads (JSON
@@ -72,7 +84,7 @@ impl Normalizer {
             .payload
             .as_deref()
             .ok_or_else(|| FeedError::NotJson("the message has no value".into()))?;
-        let wall = now_ms();
+        let wall = self.clock.now_ms();
         let skew_ms = (self.max_future_skew_secs as i64).saturating_mul(1000);
         // The message's timestamp anchors the event-time window (stable when the message is
         // delivered again after a crash), unless it is itself beyond the window.
@@ -86,6 +98,7 @@ impl Normalizer {
             partition: msg.partition,
             offset: msg.offset,
             now,
+            received_at_ms: wall,
         };
         let mut signal = match self.mappings.get(&msg.topic) {
             Some(mapping) => risk_feed::from_mapped(mapping, origin, payload),
@@ -121,6 +134,7 @@ mod tests {
                 ..Mapping::default()
             }],
             300,
+            crate::clock::Clock::manual(1_700_000_000_000),
         );
         let mapped = n
             .signal(&msg("fraud", br#"{"user": "u1", "p": 99}"#, Some(5_000)))

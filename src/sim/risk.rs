@@ -237,6 +237,7 @@ mod tests {
             partition: 0,
             offset: 0,
             now: 0.0,
+            received_at_ms: 0,
         };
         for n in 0..8 {
             let m = message(Pattern::Climb, n, 1, 1_700_000_000.25);

@@ -17,7 +17,6 @@ use crate::events::EventKind;
 use crate::intake::Intake;
 use crate::liveness::Liveness;
 use crate::receiver::Receiver;
-use crate::signal::now_ms;
 
 const PUSH: &str = "urn:ietf:rfc:8935";
 const POLL: &str = "urn:ietf:rfc:8936";
@@ -138,6 +137,7 @@ impl StreamManager {
             self.manage.credential.clone(),
             self.config.issuer.clone(),
             self.config.audiences.clone(),
+            self.liveness.clock().clone(),
         );
         *self.mgmt.lock().await = Some(client.clone());
         Ok(client)
@@ -325,7 +325,7 @@ impl StreamManager {
             .map_err(|e| ManageError::Intake(e.to_string()))?;
         mgmt.verify(&id, &state).await?;
         self.liveness.update(&self.config.stream, |l| {
-            l.verification_requested_ms = Some(now_ms());
+            l.verification_requested_ms = Some(self.liveness.clock().now_ms());
         });
         Ok(())
     }
@@ -504,7 +504,7 @@ impl StreamManager {
         else {
             return;
         };
-        let overdue = now_ms() - asked > interval.as_millis() as i64;
+        let overdue = self.liveness.clock().now_ms() - asked > interval.as_millis() as i64;
         if overdue && answered.is_none_or(|a| a < asked) {
             metrics::counter!(crate::telemetry::SSF_STREAM_VERIFICATION_MISSED,
                 "stream" => self.config.stream.clone())

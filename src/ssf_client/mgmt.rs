@@ -125,6 +125,8 @@ pub struct MgmtClient {
     /// The only origin the credential is sent to: the configured issuer's.
     origin: String,
     audiences: Vec<String>,
+    /// A `Retry-After` date is read against it.
+    clock: crate::clock::Clock,
 }
 
 impl MgmtClient {
@@ -136,6 +138,7 @@ impl MgmtClient {
         credential: String,
         origin: String,
         audiences: Vec<String>,
+        clock: crate::clock::Clock,
     ) -> MgmtClient {
         MgmtClient {
             client,
@@ -143,6 +146,7 @@ impl MgmtClient {
             credential,
             origin,
             audiences,
+            clock,
         }
     }
 
@@ -198,8 +202,12 @@ impl MgmtClient {
         let status = resp.status();
         if status == StatusCode::TOO_MANY_REQUESTS {
             // Saturated: a transmitter cannot make Vigil wait forever (or overflow a deadline).
-            let retry_after = crate::outbound::retry_after(resp.headers(), MAX_RETRY_AFTER)
-                .unwrap_or(Duration::from_secs(60));
+            let retry_after = crate::outbound::retry_after(
+                resp.headers(),
+                MAX_RETRY_AFTER,
+                self.clock.system_time(),
+            )
+            .unwrap_or(Duration::from_secs(60));
             return Err(MgmtError::TooManyRequests { op, retry_after });
         }
         let body = crate::outbound::read_capped(resp, MAX_RESPONSE_BYTES)
@@ -586,6 +594,7 @@ mod tests {
             "Bearer receiver-credential".into(),
             base,
             vec!["https://receiver.example.com/web".into()],
+            crate::clock::Clock::system(),
         );
         (client, seen)
     }
@@ -682,6 +691,7 @@ mod tests {
             "Bearer x".into(),
             "https://tr.example.com".into(),
             vec!["https://receiver.example.com/web".into()],
+            crate::clock::Clock::system(),
         );
         let mut v = spec_example("ssf-create-stream-response.json");
         v["delivery"]["authorization_header"] = json!("Bearer vigil-secret");

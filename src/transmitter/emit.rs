@@ -117,10 +117,6 @@ pub fn decision_jti(decision_id: &str, stream_id: &str) -> String {
     crate::decision::digest_hex(&[decision_id, stream_id], 16)
 }
 
-fn now() -> f64 {
-    crate::signal::now_ms() as f64 / 1000.0
-}
-
 fn signed(identity: &Identity, claims: &Value, jti: String) -> Result<Outgoing, String> {
     let set = identity
         .signer()
@@ -129,7 +125,7 @@ fn signed(identity: &Identity, claims: &Value, jti: String) -> Result<Outgoing, 
     Ok(Outgoing {
         jti,
         set,
-        queued_at_ms: crate::signal::now_ms(),
+        queued_at_ms: identity.clock().now_ms(),
     })
 }
 
@@ -155,7 +151,7 @@ pub fn set_for(
         "iss": stream.iss,
         "aud": stream.aud,
         "jti": jti,
-        "iat": now() as i64,
+        "iat": identity.clock().now_ms() / 1000,
         "txn": decision.cause.jti.clone().unwrap_or_else(|| decision.id.clone()),
         "sub_id": subject_for(grant),
         "events": {kind.uri(): payload},
@@ -175,7 +171,7 @@ pub fn verification(
     })
     .map_err(|e| e.to_string())?;
     let claims = json!({
-        "iss": stream.iss, "aud": stream.aud, "jti": jti, "iat": now() as i64,
+        "iss": stream.iss, "aud": stream.aud, "jti": jti, "iat": identity.clock().now_ms() / 1000,
         "sub_id": {"format": "opaque", "id": stream.stream_id},
         "events": {EventKind::Verification.uri(): payload},
     });
@@ -191,7 +187,7 @@ pub fn stream_updated(identity: &Identity, stream: &Stream) -> Result<Outgoing, 
     })
     .map_err(|e| e.to_string())?;
     let claims = json!({
-        "iss": stream.iss, "aud": stream.aud, "jti": jti, "iat": now() as i64,
+        "iss": stream.iss, "aud": stream.aud, "jti": jti, "iat": identity.clock().now_ms() / 1000,
         "sub_id": {"format": "opaque", "id": stream.stream_id},
         "events": {EventKind::StreamUpdated.uri(): payload},
     });

@@ -10,6 +10,7 @@ use josekit::jwk::Jwk;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::clock::Clock;
 use crate::jose::Alg;
 use crate::signing::{jwks_document, SigningKey};
 
@@ -42,10 +43,9 @@ pub struct Identity {
     alg: Alg,
     retention_secs: f64,
     keys: RwLock<Keys>,
-}
-
-fn now() -> f64 {
-    crate::signal::now_ms() as f64 / 1000.0
+    /// Key creation, retirement and retention are timed by it, and so are the `iat`s of the SETs
+    /// signed with them.
+    clock: Clock,
 }
 
 impl Identity {
@@ -54,6 +54,7 @@ impl Identity {
         dir: &Path,
         alg: Alg,
         retention_secs: u64,
+        clock: Clock,
     ) -> Result<Identity, IdentityError> {
         let path = dir.join("signing.json");
         let file_err = |reason: String| IdentityError::File {
@@ -70,9 +71,9 @@ impl Identity {
             .any(|k| k.retired_at.is_none() && k.alg == alg);
         if !usable {
             for k in stored.iter_mut().filter(|k| k.retired_at.is_none()) {
-                k.retired_at = Some(now());
+                k.retired_at = Some(clock.now());
             }
-            stored.push(new_key(alg)?);
+            stored.push(new_key(alg, clock.now())?);
             write_keys(&path, &stored).map_err(file_err)?;
         }
         let active = active_key(&stored)?;
@@ -81,6 +82,7 @@ impl Identity {
             alg,
             retention_secs: retention_secs as f64,
             keys: RwLock::new(Keys { stored, active }),
+            clock,
         })
     }
 
@@ -99,12 +101,12 @@ impl Identity {
             reason: "lock poisoned".into(),
         })?;
         let mut stored = keys.stored.clone();
-        let t = now();
+        let t = self.clock.now();
         for k in stored.iter_mut().filter(|k| k.retired_at.is_none()) {
             k.retired_at = Some(t);
         }
         stored.retain(|k| k.retired_at.is_none_or(|r| t - r <= self.retention_secs));
-        let new = new_key(self.alg)?;
+        let new = new_key(self.alg, t)?;
         let kid = new.kid.clone();
         stored.push(new);
         write_keys(&self.path, &stored).map_err(|reason| IdentityError::File {
@@ -117,9 +119,14 @@ impl Identity {
         Ok(kid)
     }
 
+    /// The clock this identity signs by.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
     /// The public JWKS: the active key and retired keys still within the retention period.
     pub fn jwks(&self) -> Value {
-        let t = now();
+        let t = self.clock.now();
         let keys = match self.keys.read() {
             Ok(k) => k.stored.clone(),
             Err(p) => p.into_inner().stored.clone(),
@@ -139,12 +146,14 @@ impl Identity {
     }
 }
 
-fn new_key(alg: Alg) -> Result<StoredKey, IdentityError> {
-    let t = now();
+/// A new key created at `t`; its `kid` is unique however many keys are made in one millisecond
+/// (a test's clock may stand still).
+fn new_key(alg: Alg, t: f64) -> Result<StoredKey, IdentityError> {
     let kid = format!(
-        "vigil-{}-{:x}",
+        "vigil-{}-{:x}-{:04x}",
         alg.name().to_lowercase(),
-        (t * 1000.0) as u64
+        (t * 1000.0) as u64,
+        rand::random::<u16>()
     );
     let key = SigningKey::generate(alg, &kid)?;
     Ok(StoredKey {
@@ -193,10 +202,11 @@ mod tests {
     #[test]
     fn keys_persist_rotate_and_stay_published_for_the_retention() {
         let dir = tempfile::tempdir().unwrap();
-        let id = Identity::load_or_create(dir.path(), Alg::RS256, 3600).unwrap();
+        let clock = Clock::manual(1_700_000_000_000);
+        let id = Identity::load_or_create(dir.path(), Alg::RS256, 3600, clock.clone()).unwrap();
         let first = id.signer().kid.clone();
         // Reload: same key.
-        let id = Identity::load_or_create(dir.path(), Alg::RS256, 3600).unwrap();
+        let id = Identity::load_or_create(dir.path(), Alg::RS256, 3600, clock.clone()).unwrap();
         assert_eq!(id.signer().kid, first);
         let second = id.rotate().unwrap();
         assert_ne!(second, first);
@@ -211,10 +221,17 @@ mod tests {
             id.jwks()["keys"][0].get("d").is_none(),
             "no private part in the JWKS"
         );
-        // With no retention, the retired key leaves the JWKS at once.
-        let id = Identity::load_or_create(dir.path(), Alg::RS256, 0).unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(5));
-        assert_eq!(id.jwks()["keys"].as_array().unwrap().len(), 1);
+        // The retired key is published until the clock passes its retention, and not after.
+        clock.advance(std::time::Duration::from_secs(3600));
+        assert_eq!(id.jwks()["keys"].as_array().unwrap().len(), 2);
+        clock.advance(std::time::Duration::from_secs(1));
+        let kids: Vec<String> = id.jwks()["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kid"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(kids, vec![second]);
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

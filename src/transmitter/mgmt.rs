@@ -468,7 +468,7 @@ pub async fn verify(
 ) -> Reply {
     let (ep, body, id) = stream_request(&s, &headers, &body)?;
     let mut st = s.streams.get(&ep.name, &id)?;
-    let now = crate::signal::now_ms() as f64 / 1000.0;
+    let now = s.streams.clock().now();
     if st
         .last_verification_at
         .is_some_and(|t| now - t < st.min_verification_interval as f64)
@@ -597,7 +597,7 @@ pub async fn sse(
                     last = seq;
                     metrics::histogram!(crate::telemetry::DECISION_DELIVERED_SECONDS, "method" => "sse")
                         .record(
-                            (crate::signal::now_ms() - out.queued_at_ms).max(0) as f64 / 1000.0,
+                            (streams.clock().now_ms() - out.queued_at_ms).max(0) as f64 / 1000.0,
                         );
                     let event = Event::default()
                         .id(seq.to_string())

@@ -44,6 +44,8 @@ pub struct PushSettings {
     pub destinations: Destinations,
     /// Cap on an error body read from an enforcement point.
     pub max_error_body: usize,
+    /// Retry waits and a SET's age in the outbox are measured on it.
+    pub clock: crate::clock::Clock,
 }
 
 /// The outcome of one push attempt.
@@ -210,7 +212,7 @@ impl Worker {
                 }
             };
             tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
+                _ = self.settings.clock.sleep(wait) => {}
                 _ = shutdown.changed() => return,
             }
         }
@@ -238,9 +240,7 @@ impl Worker {
             }
             for (key, out) in batch {
                 let age = Duration::from_millis(
-                    crate::signal::now_ms()
-                        .saturating_sub(out.queued_at_ms)
-                        .max(0) as u64,
+                    s.clock.now_ms().saturating_sub(out.queued_at_ms).max(0) as u64,
                 );
                 let result = {
                     let _turn = self
@@ -321,7 +321,13 @@ impl Worker {
         } else {
             None
         };
-        let attempt = classify(status, &headers, body.as_deref(), s.max_backoff);
+        let attempt = classify(
+            status,
+            &headers,
+            body.as_deref(),
+            s.max_backoff,
+            s.clock.system_time(),
+        );
         outcome(match &attempt {
             Attempt::Delivered => "delivered",
             Attempt::Rejected(_) => "rejected",
@@ -340,8 +346,9 @@ pub fn classify(
     headers: &reqwest::header::HeaderMap,
     body: Option<&[u8]>,
     max_backoff: Duration,
+    now: std::time::SystemTime,
 ) -> Attempt {
-    let retry_after = outbound::retry_after(headers, max_backoff);
+    let retry_after = outbound::retry_after(headers, max_backoff, now);
     match status {
         202 | 200 | 204 => Attempt::Delivered,
         400 => {
@@ -395,6 +402,7 @@ mod tests {
                 allow_loopback: false,
             },
             max_error_body: 1024,
+            clock: crate::clock::Clock::system(),
         };
         let none = Duration::ZERO;
         let waits: Vec<u64> = (1..=9)

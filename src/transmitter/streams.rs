@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use tokio::sync::Notify;
 
+use crate::clock::Clock;
 use crate::events::{EventKind, StreamStatus};
 use crate::store::{BatchWriter, WriteError};
 
@@ -150,6 +151,8 @@ pub struct StreamStore {
     any: Arc<Notify>,
     /// Subjects per stream (rows of `tx_stream_subjects`), for the cap.
     subject_counts: dashmap::DashMap<String, usize>,
+    /// Ages in the outbox and dead letters' times are read from it.
+    clock: Clock,
 }
 
 /// A SET that could not be delivered, kept for operators to inspect and replay.
@@ -218,7 +221,11 @@ pub fn seq_of(key: &str) -> u64 {
 }
 
 impl StreamStore {
-    pub fn open(db: Arc<Database>, writer: BatchWriter) -> Result<StreamStore, StreamError> {
+    pub fn open(
+        db: Arc<Database>,
+        writer: BatchWriter,
+        clock: Clock,
+    ) -> Result<StreamStore, StreamError> {
         let txn = db.begin_write().map_err(storage)?;
         {
             txn.open_table(STREAMS).map_err(storage)?;
@@ -278,6 +285,7 @@ impl StreamStore {
             notifiers: dashmap::DashMap::new(),
             any: Arc::new(Notify::new()),
             subject_counts,
+            clock,
         })
     }
 
@@ -586,7 +594,7 @@ impl StreamStore {
         rows: Vec<(String, Outgoing)>,
         method: &'static str,
     ) -> Result<usize, StreamError> {
-        let now = crate::signal::now_ms();
+        let now = self.clock.now_ms();
         let keys: Vec<String> = rows
             .into_iter()
             .map(|(k, o)| {
@@ -601,6 +609,11 @@ impl StreamStore {
         self.remove_rows(OUTBOX, keys).await?;
         metrics::counter!(crate::telemetry::SETS_DELIVERED, "method" => method).increment(n as u64);
         Ok(n)
+    }
+
+    /// The clock the outbox's ages are read from.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
     }
 
     /// The notifier woken when a stream gets SETs (long polls wait on it).
@@ -625,7 +638,7 @@ impl StreamStore {
         self.remove_rows(OUTBOX, vec![key.to_owned()]).await?;
         metrics::counter!(crate::telemetry::SETS_DELIVERED, "method" => "push").increment(1);
         metrics::histogram!(crate::telemetry::DECISION_DELIVERED_SECONDS, "method" => "push")
-            .record((crate::signal::now_ms() - queued_at_ms).max(0) as f64 / 1000.0);
+            .record((self.clock.now_ms() - queued_at_ms).max(0) as f64 / 1000.0);
         Ok(())
     }
 
@@ -641,7 +654,7 @@ impl StreamStore {
             stream_id: stream_id.to_owned(),
             outgoing,
             error,
-            dead_at_ms: crate::signal::now_ms(),
+            dead_at_ms: self.clock.now_ms(),
         };
         let bytes = serde_json::to_vec(&letter).map_err(|e| StreamError::Storage(e.to_string()))?;
         let key = key.to_owned();
@@ -815,7 +828,7 @@ mod tests {
         txn.commit().unwrap();
 
         let (writer, thread) = crate::store::BatchWriter::start(db.clone(), "state", 16).unwrap();
-        let store = StreamStore::open(db.clone(), writer).unwrap();
+        let store = StreamStore::open(db.clone(), writer, Clock::system()).unwrap();
         let id = legacy.stream_id.clone();
         assert_eq!(
             store.subjects(&id).unwrap(),
@@ -852,7 +865,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = crate::store::open(dir.path()).unwrap();
         let (writer, _thread) = crate::store::BatchWriter::start(db.clone(), "state", 16).unwrap();
-        let store = StreamStore::open(db.clone(), writer).unwrap();
+        let store = StreamStore::open(db.clone(), writer, Clock::system()).unwrap();
         let out = |jti: &str| Outgoing {
             jti: jti.into(),
             set: format!("token-{jti}"),
