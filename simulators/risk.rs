@@ -6,6 +6,7 @@
 //!
 //! ```text
 //! cargo run --bin vigil-risk -- --mock --pattern climb --rate 1      # prints: brokers 127.0.0.1:NNNN
+//! cargo run --bin vigil-risk -- --mock --broker-only --cluster vigil # a broker for a Vigil cluster
 //! VIGIL_KAFKA__BROKERS=127.0.0.1:NNNN cargo run -- serve --config config/dev.toml
 //! ```
 
@@ -36,6 +37,16 @@ struct Args {
     /// Partitions of the topic when --mock creates it.
     #[arg(long, default_value_t = 4)]
     partitions: i32,
+    /// With --mock: also create the topics of the Vigil cluster of this name (`[cluster] name`),
+    /// which the mock broker cannot be asked to create.
+    #[arg(long)]
+    cluster: Option<String>,
+    /// Partitions of the cluster's signals topic (`[cluster] partitions`).
+    #[arg(long, default_value_t = 12)]
+    cluster_partitions: i32,
+    /// With --mock: publish nothing, only keep the broker up (for a cluster of Vigil instances).
+    #[arg(long)]
+    broker_only: bool,
     /// native, or foreign (configure Vigil with the fraud-engine mapping, see config/example.toml).
     #[arg(long, value_enum, default_value = "native")]
     format: Format,
@@ -58,9 +69,24 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let cluster = if args.mock {
         let dead_letters = "vigil.risk.dead-letter";
-        let c = mock_cluster(&[(&args.topic, args.partitions), (dead_letters, 1)])
-            .context("starting the mock cluster")?;
+        let mut topics = vec![
+            (args.topic.clone(), args.partitions),
+            (dead_letters.to_owned(), 1),
+        ];
+        if let Some(name) = &args.cluster {
+            let cluster_topics = vigil::cluster::Topics::of(name);
+            topics.push((cluster_topics.signals, args.cluster_partitions));
+            topics.push((cluster_topics.signals_dead_letter, 1));
+            topics.push((cluster_topics.members, 1));
+        }
+        let topics: Vec<(&str, i32)> = topics.iter().map(|(t, p)| (t.as_str(), *p)).collect();
+        let c = mock_cluster(&topics).context("starting the mock cluster")?;
         println!("brokers {}", c.bootstrap_servers());
+        if args.broker_only {
+            println!("keeping the mock cluster up (Ctrl-C to stop)");
+            tokio::signal::ctrl_c().await?;
+            return Ok(());
+        }
         Some(c)
     } else {
         None

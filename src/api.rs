@@ -37,6 +37,10 @@ pub struct ApiState {
     pub reloader: Arc<PolicyReloader>,
     /// The configured enforcement points' names: a grant may name only these.
     pub enforcement_points: Vec<String>,
+    /// Cluster mode: the principals this instance owns (grants of others are forwarded).
+    pub ownership: Option<Arc<crate::cluster::Ownership>>,
+    /// Cluster mode: the other instances, which answer for the principals they own.
+    pub peers: Option<Arc<crate::cluster::Peers>>,
 }
 
 use crate::error_body::error;
@@ -63,7 +67,11 @@ fn engine_error(e: EngineError) -> Response {
     }
 }
 
-pub async fn register_grant(State(s): State<Arc<ApiState>>, body: axum::body::Bytes) -> Response {
+pub async fn register_grant(
+    State(s): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
     let request: GrantRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_grant", e.to_string()),
@@ -88,13 +96,168 @@ pub async fn register_grant(State(s): State<Arc<ApiState>>, body: axum::body::By
             ),
         );
     }
+    // Cluster mode: only the principal's owner holds its grants (its signals reach only it).
+    if let Some(ownership) = &s.ownership {
+        let identifiers = match request.identifier_keys() {
+            Ok(ids) => ids,
+            Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_grant", e.to_string()),
+        };
+        if let Some(key) = s.engine.principal_key(&identifiers) {
+            if let Err(partition) = ownership.check(&key) {
+                return to_owner(&s, &headers, &key, partition, body.to_vec()).await;
+            }
+        }
+    }
     match s.engine.register(request).await {
         Ok(registered) => (StatusCode::CREATED, Json(registered)).into_response(),
         Err(e) => engine_error(e),
     }
 }
 
-pub async fn get_grant(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -> Response {
+/// A registration for a principal another instance owns: answered by the owner. A call that was
+/// itself forwarded is not forwarded again (the directory was stale): 421.
+async fn to_owner(
+    s: &ApiState,
+    headers: &HeaderMap,
+    key: &str,
+    partition: i32,
+    body: Vec<u8>,
+) -> Response {
+    let peers = match &s.peers {
+        Some(peers) if !headers.contains_key(crate::cluster::FORWARDED) => peers,
+        _ => {
+            return error(
+                StatusCode::MISDIRECTED_REQUEST,
+                "not_owner",
+                format!(
+                    "this subject belongs to partition {partition} of the cluster, which \
+                     another instance owns"
+                ),
+            )
+        }
+    };
+    let answer = match peers.owner_of(key) {
+        Ok(owner) => {
+            peers
+                .send(
+                    &owner,
+                    reqwest::Method::POST,
+                    &["v1", "grants"],
+                    &passed_on(headers),
+                    Some(body),
+                )
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    forwarded(answer)
+}
+
+/// What of the caller's request is passed on to another instance: its `Authorization` (a
+/// cluster's instances share clients) and the `x-vigil-*` headers an `auth_request` names its
+/// grant by.
+fn passed_on(headers: &HeaderMap) -> Vec<(&str, &str)> {
+    headers
+        .iter()
+        .filter(|(name, _)| {
+            *name == axum::http::header::AUTHORIZATION
+                || (name.as_str().starts_with("x-vigil-")
+                    && name.as_str() != crate::cluster::FORWARDED)
+        })
+        .filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?)))
+        .collect()
+}
+
+/// An owner's answer as this instance's, or 503 when no owner answered.
+fn forwarded(answer: Result<crate::cluster::Answer, crate::cluster::ForwardError>) -> Response {
+    match answer {
+        Ok(a) => {
+            let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::BAD_GATEWAY);
+            let mut response = (status, a.body).into_response();
+            for (name, value) in a.vigil_headers {
+                if let (Ok(name), Ok(value)) = (
+                    axum::http::HeaderName::from_bytes(name.as_bytes()),
+                    axum::http::HeaderValue::from_str(&value),
+                ) {
+                    response.headers_mut().insert(name, value);
+                }
+            }
+            if let Some(ct) = a
+                .content_type
+                .and_then(|ct| axum::http::HeaderValue::from_str(&ct).ok())
+            {
+                response
+                    .headers_mut()
+                    .insert(axum::http::header::CONTENT_TYPE, ct);
+            }
+            response
+        }
+        Err(e) => crate::error_body::refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "owner_unavailable",
+            &e.to_string(),
+            std::time::Duration::from_secs(1),
+        ),
+    }
+}
+
+/// A grant this instance does not hold, asked of the other instances in turn (a grant's id does
+/// not say which principal it belongs to): the first answer other than 404, else `None`.
+async fn from_others(
+    s: &ApiState,
+    headers: &HeaderMap,
+    method: reqwest::Method,
+    id: &str,
+) -> Option<Response> {
+    ask_others(s, headers, method, &["v1", "grants", id], None, |a| {
+        a.status != 404
+    })
+    .await
+}
+
+/// Asks the other instances in turn (not for a call that was itself forwarded) and returns the
+/// first answer `known` accepts; `None` when none does or there are no others.
+async fn ask_others(
+    s: &ApiState,
+    headers: &HeaderMap,
+    method: reqwest::Method,
+    segments: &[&str],
+    body: Option<Vec<u8>>,
+    known: impl Fn(&crate::cluster::Answer) -> bool,
+) -> Option<Response> {
+    let peers = s.peers.as_ref()?;
+    if headers.contains_key(crate::cluster::FORWARDED) {
+        return None;
+    }
+    for member in peers.others() {
+        let answer = peers
+            .send(
+                &member,
+                method.clone(),
+                segments,
+                &passed_on(headers),
+                body.clone(),
+            )
+            .await;
+        match answer {
+            Ok(a) if known(&a) => return Some(forwarded(Ok(a))),
+            Ok(_) => continue,
+            Err(e) => tracing::warn!(error = %e, "an instance did not answer"),
+        }
+    }
+    None
+}
+
+pub async fn get_grant(
+    State(s): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if s.engine.grant(&id).is_none() {
+        if let Some(answer) = from_others(&s, &headers, reqwest::Method::GET, &id).await {
+            return answer;
+        }
+    }
     match s.engine.grant(&id) {
         Some(g) => Json(&*g).into_response(),
         None => error(
@@ -105,7 +268,16 @@ pub async fn get_grant(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -
     }
 }
 
-pub async fn delete_grant(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -> Response {
+pub async fn delete_grant(
+    State(s): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if s.engine.grant(&id).is_none() {
+        if let Some(answer) = from_others(&s, &headers, reqwest::Method::DELETE, &id).await {
+            return answer;
+        }
+    }
     match s.engine.delete(&id).await {
         Ok(Some(true)) => StatusCode::NO_CONTENT.into_response(),
         Ok(Some(false)) => {
@@ -227,11 +399,35 @@ fn judge(
 }
 
 /// `POST /v1/check`: allow / deny from live state.
-pub async fn check_grant(State(s): State<Arc<ApiState>>, body: axum::body::Bytes) -> Response {
+pub async fn check_grant(
+    State(s): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
     let req: CheckRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_check", e.to_string()),
     };
+    // Cluster mode: a grant this instance does not hold is answered by the one that does (its
+    // live state: never an older view).
+    if matches!(lookup(&s, &req), Ok(ref grants) if grants.is_empty()) {
+        let known = |a: &crate::cluster::Answer| {
+            serde_json::from_slice::<Value>(&a.body)
+                .is_ok_and(|v| a.status == 200 && v["status"] != "unknown")
+        };
+        let answer = ask_others(
+            &s,
+            &headers,
+            reqwest::Method::POST,
+            &["v1", "check"],
+            Some(body.to_vec()),
+            known,
+        )
+        .await;
+        if let Some(answer) = answer {
+            return answer;
+        }
+    }
     match lookup(&s, &req) {
         Ok(grants) => Json(judge(
             &grants,
@@ -281,6 +477,21 @@ pub async fn check_auth_request(State(s): State<Arc<ApiState>>, headers: HeaderM
         action: header("x-vigil-action"),
         resource: None,
     };
+    // Cluster mode: a grant this instance does not hold is answered by the one that does.
+    if matches!(lookup(&s, &req), Ok(ref grants) if grants.is_empty()) {
+        let answer = ask_others(
+            &s,
+            &headers,
+            reqwest::Method::GET,
+            &["v1", "check", "auth_request"],
+            None,
+            |a| a.status != 401,
+        )
+        .await;
+        if let Some(answer) = answer {
+            return answer;
+        }
+    }
     let result = match lookup(&s, &req) {
         Ok(grants) => judge(&grants, req.action.as_deref(), None, s.engine.clock().now()),
         Err(_) => check::check(&[], None, None, 0.0),

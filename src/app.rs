@@ -67,6 +67,8 @@ pub enum StartError {
     Auth(#[from] crate::auth::AuthError),
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// A running Vigil.
@@ -102,6 +104,15 @@ impl Vigil {
         let policy = load_policy(&config)?;
         let (listener, addr) = bind(&config).await?;
         let tls = crate::tls::acceptor(&config.tls)?;
+        // Cluster mode: the brokers answer and Vigil's topics exist (their partition count,
+        // which ownership follows, read back).
+        let cluster_topics = if config.cluster.enabled() {
+            let topics = crate::cluster::Topics::of(&config.cluster.name);
+            let partitions = crate::cluster::ensure(&config.cluster, &topics).await?;
+            Some((topics, partitions))
+        } else {
+            None
+        };
         tracing::info!(data_dir = %absolute(&config.data_dir).display(),
             policy_dir = %absolute(&config.policy.dir).display(), "directories (relative paths are taken from the working directory)");
         let metrics = telemetry::metrics_handle();
@@ -248,6 +259,77 @@ impl Vigil {
                 .collect(),
             liveness: liveness.clone(),
         });
+        // Kafka: a single node's risk feeds, or in cluster mode the signals topic's partitions
+        // this instance owns (and the producer every push is recorded with).
+        let (source_config, kafka_health, cluster_intake) = match &cluster_topics {
+            Some((topics, partitions)) => {
+                let log = crate::cluster::SignalLog::new(
+                    &config.cluster,
+                    topics.signals.clone(),
+                    *partitions,
+                )?;
+                (
+                    Some((
+                        crate::cluster::source_config(&config.cluster, topics),
+                        Some(topics.signals.clone()),
+                    )),
+                    Some(Arc::new(crate::kafka::KafkaHealth::for_cluster())),
+                    Some(Arc::new(crate::cluster::ClusterIntake::new(
+                        log,
+                        engine.clone(),
+                    ))),
+                )
+            }
+            None if config.kafka.enabled() => (
+                Some((config.kafka.clone(), None)),
+                Some(Arc::new(crate::kafka::KafkaHealth::default())),
+                None,
+            ),
+            None => (None, None, None),
+        };
+        if let (Some((source_config, signals_topic)), Some(health)) = (source_config, &kafka_health)
+        {
+            let source = crate::kafka::KafkaSource::start(
+                &source_config,
+                crate::kafka::SourceFormat {
+                    max_future_skew_secs: config.events.max_future_skew_secs,
+                    signals_topic,
+                },
+                health.clone(),
+                intake.clone(),
+                engine.clone(),
+                store_writer.clone(),
+                shutdown_rx.clone(),
+            )?;
+            tasks.push(source.into_task());
+        }
+        // Cluster mode: the members directory (who owns which partitions, and where), through
+        // which grant calls reach their owner.
+        let peers = match (&cluster_topics, &kafka_health) {
+            (Some((topics, partitions)), Some(health)) => {
+                let (directory, announcer) = crate::cluster::Directory::start(
+                    &config.cluster,
+                    topics.members.clone(),
+                    crate::cluster::instance_id(&config.cluster, &config.data_dir)?,
+                    crate::cluster::advertised_url(&config.cluster, addr, tls.is_some()),
+                    health.clone(),
+                    clock.clone(),
+                    shutdown_rx.clone(),
+                )?;
+                tasks.push(announcer);
+                Some(Arc::new(
+                    crate::cluster::Peers::new(directory, *partitions, Duration::from_secs(5))
+                        .map_err(|e| StartError::Client(e.to_string()))?,
+                ))
+            }
+            _ => None,
+        };
+        let mut receiver = Receiver::new(transmitters, intake.clone(), next_tx, liveness)
+            .with_max_future_skew(config.events.max_future_skew_secs);
+        if let Some(cluster) = &cluster_intake {
+            receiver = receiver.with_cluster(cluster.clone());
+        }
+        let receiver = Arc::new(receiver);
         let api_state = Arc::new(ApiState {
             identity: identity.clone(),
             streams: streams.clone(),
@@ -259,27 +341,14 @@ impl Vigil {
                 .iter()
                 .map(|p| p.name.clone())
                 .collect(),
+            ownership: match (&cluster_topics, &kafka_health) {
+                (Some((_, partitions)), Some(health)) => Some(Arc::new(
+                    crate::cluster::Ownership::new(*partitions, health.clone()),
+                )),
+                _ => None,
+            },
+            peers,
         });
-        let kafka_health = config
-            .kafka
-            .enabled()
-            .then(|| Arc::new(crate::kafka::KafkaHealth::default()));
-        if let Some(health) = &kafka_health {
-            let source = crate::kafka::KafkaSource::start(
-                &config.kafka,
-                config.events.max_future_skew_secs,
-                health.clone(),
-                intake.clone(),
-                engine.clone(),
-                store_writer.clone(),
-                shutdown_rx.clone(),
-            )?;
-            tasks.push(source.into_task());
-        }
-        let receiver = Arc::new(
-            Receiver::new(transmitters, intake.clone(), next_tx, liveness)
-                .with_max_future_skew(config.events.max_future_skew_secs),
-        );
         for m in &ssf_clients.managers {
             let (m, r, sd) = (m.clone(), receiver.clone(), shutdown_rx.clone());
             tasks.push(crate::supervise::spawn(

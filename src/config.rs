@@ -84,6 +84,10 @@ pub struct Config {
     /// Risk signals from Kafka topics (off unless `brokers` is set).
     #[serde(default)]
     pub kafka: KafkaConfig,
+    /// Cluster mode: several instances on one Kafka cluster behaving as one (off unless `brokers`
+    /// is set).
+    #[serde(default)]
+    pub cluster: ClusterConfig,
     /// Callers of Vigil's own API (`/v1/*`, `/metrics`, `/readyz`), each with a bearer token and
     /// roles. With none, Vigil generates one all-roles token in `<data_dir>/admin.token` (0600).
     #[serde(default)]
@@ -366,6 +370,151 @@ pub struct KafkaConfig {
     /// Foreign message formats, one per topic.
     #[serde(default)]
     pub mappings: Vec<crate::risk_feed::Mapping>,
+}
+
+/// Cluster mode (`[cluster]`): Vigil instances sharing a Kafka cluster and a `name` split the
+/// principals between them by partition of Vigil's own topics (see `cluster`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Bootstrap servers (`host:port,host:port`). Empty: single node (the default).
+    #[serde(default)]
+    pub brokers: String,
+    /// The cluster's name: the prefix of its topics (`<name>.signals`, …) and its consumer group.
+    #[serde(default = "default_cluster_name")]
+    pub name: String,
+    /// Partitions of the signals topic when Vigil creates it: the unit of ownership, so the most
+    /// instances that can share the work. An existing topic keeps its count.
+    #[serde(default = "default_cluster_partitions")]
+    pub partitions: i32,
+    /// Replicas of each partition when Vigil creates its topics.
+    #[serde(default = "default_cluster_replication")]
+    pub replication_factor: i32,
+    /// How long a push waits for the brokers to acknowledge its SET (`acks=all`) before it is
+    /// answered 503 with `Retry-After`.
+    #[serde(default = "default_cluster_publish_timeout")]
+    pub publish_timeout_ms: u64,
+    /// This instance's name in the cluster. Empty: one generated at first start and kept in
+    /// `<data_dir>/instance.id`.
+    #[serde(default)]
+    pub instance_id: String,
+    /// Where the other instances reach this one's API (grant calls are forwarded to a
+    /// principal's owner). Empty: `http://` + `listen` (`https://` with `[tls]`).
+    #[serde(default)]
+    pub advertised_url: String,
+    /// Extra librdkafka settings for the cluster's clients (security, timeouts), as in `[kafka]`.
+    #[serde(default)]
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+fn default_cluster_name() -> String {
+    "vigil".into()
+}
+fn default_cluster_partitions() -> i32 {
+    12
+}
+fn default_cluster_replication() -> i32 {
+    3
+}
+fn default_cluster_publish_timeout() -> u64 {
+    5_000
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            brokers: String::new(),
+            name: default_cluster_name(),
+            partitions: default_cluster_partitions(),
+            replication_factor: default_cluster_replication(),
+            publish_timeout_ms: default_cluster_publish_timeout(),
+            instance_id: String::new(),
+            advertised_url: String::new(),
+            properties: Default::default(),
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Whether cluster mode is on.
+    pub fn enabled(&self) -> bool {
+        !self.brokers.trim().is_empty()
+    }
+
+    /// The pass-through properties with `_` read as `.`.
+    pub fn librdkafka_properties(&self) -> impl Iterator<Item = (String, &str)> {
+        self.properties
+            .iter()
+            .map(|(k, v)| (k.replace('_', "."), v.as_str()))
+    }
+
+    fn validate(&self, kafka: &KafkaConfig) -> Result<(), ConfigError> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= 200
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !name_ok {
+            return Err(invalid(
+                "cluster.name",
+                "must be 1-200 characters of a-z, A-Z, 0-9, '.', '_' or '-' (it names Kafka topics)",
+            ));
+        }
+        if !(1..=10_000).contains(&self.partitions) {
+            return Err(invalid("cluster.partitions", "must be between 1 and 10000"));
+        }
+        if !(1..=16).contains(&self.replication_factor) {
+            return Err(invalid(
+                "cluster.replication_factor",
+                "must be between 1 and 16",
+            ));
+        }
+        if !(100..=120_000).contains(&self.publish_timeout_ms) {
+            return Err(invalid(
+                "cluster.publish_timeout_ms",
+                "must be between 100 and 120000",
+            ));
+        }
+        if self.instance_id.len() > 200 || self.instance_id.chars().any(|c| c.is_control()) {
+            return Err(invalid(
+                "cluster.instance_id",
+                "must be at most 200 printable characters",
+            ));
+        }
+        if !self.advertised_url.is_empty() {
+            let ok = url::Url::parse(&self.advertised_url)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+            if !ok {
+                return Err(invalid(
+                    "cluster.advertised_url",
+                    "must be an http(s) URL with a host",
+                ));
+            }
+        }
+        for (name, _) in self.librdkafka_properties() {
+            if KAFKA_RESERVED.contains(&name.as_str()) || name == "acks" {
+                return Err(invalid(
+                    format!("cluster.properties.{name}"),
+                    "is set by Vigil (ownership and durability depend on it)",
+                ));
+            }
+        }
+        if kafka.enabled() {
+            // Risk feeds are consumed by the group that splits the topics' partitions; in cluster
+            // mode each message would have to be re-keyed to its principal's owner first, which
+            // is not built yet. Refused rather than silently applied on the wrong instance.
+            return Err(invalid(
+                "kafka.brokers",
+                "risk feeds ([kafka]) cannot be combined with [cluster] yet: publish risk signals \
+                 as SETs to any instance, or run a single node",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// librdkafka settings Vigil owns: its delivery guarantee depends on them.
@@ -941,6 +1090,7 @@ impl Default for Config {
             enforcement_points: Vec::new(),
             transmitters: Vec::new(),
             kafka: KafkaConfig::default(),
+            cluster: ClusterConfig::default(),
             clients: Vec::new(),
             limits: LimitsConfig::default(),
             tls: TlsConfig::default(),
@@ -1066,6 +1216,7 @@ impl Config {
                 .map_err(|e| invalid("identity.issuer", e.to_string()))?;
         }
         self.kafka.validate()?;
+        self.cluster.validate(&self.kafka)?;
         let mut ep_names = HashSet::new();
         let mut ep_tokens = HashSet::new();
         for (i, ep) in self.enforcement_points.iter().enumerate() {
@@ -1495,7 +1646,11 @@ mod tests {
 
     #[test]
     fn example_config_in_repo_is_valid() {
-        for file in ["config/example.toml", "config/dev.toml"] {
+        for file in [
+            "config/example.toml",
+            "config/dev.toml",
+            "config/cluster-dev.toml",
+        ] {
             let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
             Config::load(Some(&path), no_env()).unwrap_or_else(|e| panic!("{file}: {e}"));
         }

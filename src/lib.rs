@@ -19,6 +19,7 @@ pub mod audit;
 pub mod auth;
 pub mod check;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod context;
 pub mod decision;

@@ -157,6 +157,14 @@ fn rejection_response(rejection: Rejection) -> Response {
             serde_json::json!({ "description": format!("the transmitter's keys are not available yet: {why}") }),
             Some(5),
         ),
+        Rejection::LogUnavailable(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            {
+                tracing::warn!(%why, "SET not recorded: the signals log is not available");
+                serde_json::json!({ "description": "Vigil cannot record SETs right now; retry later" })
+            },
+            Some(5),
+        ),
         Rejection::Storage(_) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             serde_json::json!({ "description": "the SET could not be recorded; retry later" }),

@@ -109,6 +109,10 @@ pub enum Rejection {
     /// Vigil could not record the SET (500); nothing was acknowledged.
     #[error("could not record the SET: {0}")]
     Storage(String),
+    /// Cluster mode: the brokers did not take the SET in time (503 with `Retry-After`); nothing
+    /// was acknowledged.
+    #[error("the signals log is not available: {0}")]
+    LogUnavailable(String),
     /// The transmitter is over its rate limit (429 with `Retry-After`); nothing was read.
     #[error("rate limit exceeded; retry in {0:?}")]
     RateLimited(std::time::Duration),
@@ -127,6 +131,7 @@ impl Rejection {
             Rejection::Set { error, .. } => error.err.as_str(),
             Rejection::Unavailable(_) => "unavailable",
             Rejection::Storage(_) => "storage_error",
+            Rejection::LogUnavailable(_) => "log_unavailable",
             Rejection::RateLimited(_) => "rate_limited",
         }
     }
@@ -146,6 +151,8 @@ pub struct Receiver {
     next: mpsc::Sender<Signal>,
     liveness: Arc<Liveness>,
     max_future_skew_secs: u64,
+    /// Cluster mode: validated signals go to the signals topic instead of local intake.
+    cluster: Option<Arc<crate::cluster::ClusterIntake>>,
 }
 
 impl Receiver {
@@ -165,7 +172,14 @@ impl Receiver {
             next,
             liveness,
             max_future_skew_secs: crate::config::EventsConfig::default().max_future_skew_secs,
+            cluster: None,
         }
+    }
+
+    /// Cluster mode: records validated signals on the signals topic, for their principal's owner.
+    pub fn with_cluster(mut self, cluster: Arc<crate::cluster::ClusterIntake>) -> Receiver {
+        self.cluster = Some(cluster);
+        self
     }
 
     /// How far ahead of the clock an event time may be (`events.max_future_skew_secs`).
@@ -319,6 +333,18 @@ impl Receiver {
         let mut signal = Signal::from_set(validated, source, received_at_ms);
         // Clamped before it is recorded, so a replay reads the same time.
         signal.clamp_future_event_time(received_at_ms as f64 / 1000.0, self.max_future_skew_secs);
+        if let Some(cluster) = &self.cluster {
+            // The brokers' acknowledgement is the record. A copy received again (here or on
+            // another instance) is appended again and applied by the owner with no further
+            // effect, so it is answered like the first.
+            return match cluster.append(&signal, token).await {
+                Ok(offset) => Ok(Accepted::Recorded {
+                    seq: offset,
+                    event_type,
+                }),
+                Err(e) => Err(Rejection::LogUnavailable(e.to_string())),
+            };
+        }
         match self.intake.record(&signal, token).await {
             Ok(RecordOutcome::Duplicate(seq)) => Ok(Accepted::Duplicate { seq, event_type }),
             Ok(RecordOutcome::Recorded(seq)) => {

@@ -82,6 +82,13 @@ catalogue! {
         "Partitions of the subscribed topics";
     KAFKA_PARTITIONS_OWNED = "vigil_kafka_partitions_owned", Gauge, [],
         "Partitions of the subscribed topics assigned to this instance";
+    // Cluster mode.
+    CLUSTER_PUBLISH_ERRORS = "vigil_cluster_publish_errors_total", Counter, [],
+        "Signals the brokers did not take in cluster.publish_timeout_ms (the push was answered 503)";
+    CLUSTER_PARTITIONS_OWNED = "vigil_cluster_partitions_owned", Gauge, [],
+        "Partitions of the signals topic this instance owns";
+    CLUSTER_FORWARDED = "vigil_cluster_forwarded_total", Counter, [],
+        "API calls answered by the owning instance (forwarded there)";
     // The engine.
     ENGINE_SIGNALS = "vigil_engine_signals_total", Counter, ["changed"],
         "Signals folded into a context (changed=no: older or identical)";

@@ -266,6 +266,21 @@ pub(crate) struct Routed {
     aliases: Vec<(String, String)>,
 }
 
+/// The member a target that names no principal is about: its device, session, … in that order.
+fn member_key(target: &Target) -> Option<String> {
+    [
+        "device",
+        "session",
+        "tenant",
+        "application",
+        "group",
+        "org_unit",
+    ]
+    .iter()
+    .find_map(|m| target.members.get(*m).cloned())
+    .or_else(|| target.members.values().next().cloned())
+}
+
 /// A message to a shard.
 pub(crate) enum Msg {
     /// Fold a signal into `key`'s context and evaluate what it reaches.
@@ -542,10 +557,10 @@ impl Engine {
         })
     }
 
-    /// Finds the context a signal is about: its principal (created on first sight, with the aliases
-    /// to record), else the session or device it names.
-    fn route(&self, signal: Signal) -> Routed {
-        let mut target = Target::of(&signal.subject);
+    /// What a subject targets, where a simple subject that names no known principal but a known
+    /// session or device is taken as that session or device.
+    fn target_of(&self, subject: &crate::subject::SubjectId) -> Target {
+        let mut target = Target::of(subject);
         // A simple subject that names no known principal but a known session or device (the CAEP
         // examples name sessions by opaque id) targets that session or device.
         if target.members.is_empty() && target.identifiers.len() == 1 {
@@ -564,29 +579,42 @@ impl Engine {
                 }
             }
         }
+        target
+    }
+
+    /// The key of the context a signal about `subject` goes to, linking nothing: the principal an
+    /// identifier is known as, else the first identifier (the principal it would create), else
+    /// the device, session, … it names. Cluster mode partitions signals by it.
+    pub fn routing_key(&self, subject: &crate::subject::SubjectId) -> String {
+        let target = self.target_of(subject);
+        self.principal_key(&target.identifiers)
+            .or_else(|| member_key(&target))
+            .unwrap_or_else(|| format!("unresolved:{subject}"))
+    }
+
+    /// The principal `identifiers` name, linking nothing: the one any of them is known as, else
+    /// the first (the principal a registration or signal would create).
+    pub fn principal_key(&self, identifiers: &[String]) -> Option<String> {
+        identifiers
+            .iter()
+            .find_map(|k| self.shared.aliases.get(k).map(|p| p.clone()))
+            .or_else(|| identifiers.first().cloned())
+    }
+
+    /// Finds the context a signal is about: its principal (created on first sight, with the aliases
+    /// to record), else the session or device it names.
+    fn route(&self, signal: Signal) -> Routed {
+        let target = self.target_of(&signal.subject);
         let (key, aliases) = match self.resolve(&target.identifiers) {
             Some(resolved) => resolved,
-            None => {
-                // Only members: the signal is about a device, session, … itself.
-                let member = [
-                    "device",
-                    "session",
-                    "tenant",
-                    "application",
-                    "group",
-                    "org_unit",
-                ]
-                .iter()
-                .find_map(|m| target.members.get(*m).cloned())
-                .or_else(|| target.members.values().next().cloned());
-                match member {
-                    Some(k) => (k, Vec::new()),
-                    None => {
-                        tracing::warn!(seq = signal.seq, "signal subject names nothing to act on");
-                        (format!("unresolved:{}", signal.subject), Vec::new())
-                    }
+            // Only members: the signal is about a device, session, … itself.
+            None => match member_key(&target) {
+                Some(k) => (k, Vec::new()),
+                None => {
+                    tracing::warn!(seq = signal.seq, "signal subject names nothing to act on");
+                    (format!("unresolved:{}", signal.subject), Vec::new())
                 }
-            }
+            },
         };
         Routed {
             key,

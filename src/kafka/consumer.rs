@@ -109,11 +109,20 @@ impl ConsumerContext for Pipeline {
                     "partitions revoked: finishing the batch in flight first"
                 );
                 self.drain(consumer, Finish::All);
+                self.health
+                    .rebalanced(tpl.elements().iter().map(|e| e.partition()), false);
             }
             Rebalance::Assign(tpl) => {
                 tracing::info!(partitions = tpl.count(), "partitions assigned");
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            self.health
+                .rebalanced(tpl.elements().iter().map(|e| e.partition()), true);
         }
     }
 }
@@ -313,6 +322,15 @@ impl Pipeline {
 /// How long the consumer waits before retrying a batch the store could not take.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
 
+/// How the source reads its messages.
+#[derive(Debug, Clone, Default)]
+pub struct SourceFormat {
+    /// The event-time sanity window (`events.max_future_skew_secs`).
+    pub max_future_skew_secs: u64,
+    /// Cluster mode's signals topic, whose records are already-validated signals.
+    pub signals_topic: Option<String>,
+}
+
 /// A running Kafka source.
 pub struct KafkaSource {
     task: JoinHandle<()>,
@@ -323,7 +341,7 @@ impl KafkaSource {
     /// thread. Must be called from within the Tokio runtime.
     pub fn start(
         config: &KafkaConfig,
-        max_future_skew_secs: u64,
+        format: SourceFormat,
         health: Arc<KafkaHealth>,
         intake: Intake,
         engine: Arc<Engine>,
@@ -370,9 +388,10 @@ impl KafkaSource {
         let context = Pipeline {
             normalizer: Normalizer::new(
                 &config.mappings,
-                max_future_skew_secs,
+                format.max_future_skew_secs,
                 engine.clock().clone(),
-            ),
+            )
+            .with_signals_topic(format.signals_topic),
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             intake,
             engine,

@@ -2,11 +2,12 @@
 //! consumes, whether a broker is reachable — read from librdkafka's periodic statistics
 //! (`statistics.interval.ms`, 5 s), so no extra broker round trip is made for it.
 //!
-//! Until cluster mode exists, one Vigil instance must consume every partition of its topics: a
-//! second instance in the same consumer group would take some, and the risk signals on them would
-//! never reach this instance's grants — revocations silently missed. So an instance that consumes
-//! fewer partitions than its topics have is not ready, says why in an error log, and shows it in
-//! `vigil_kafka_partitions_owned` against `vigil_kafka_partitions`.
+//! A single node must consume every partition of its topics: a second instance in the same consumer
+//! group would take some, and the risk signals on them would never reach this instance's grants —
+//! revocations silently missed. So such an instance is not ready, says why in an error log, and
+//! shows it in `vigil_kafka_partitions_owned` against `vigil_kafka_partitions`. In cluster mode
+//! splitting the partitions is the point: an instance owns the principals of the partitions it
+//! is assigned (listed in `/readyz` as `owned_partitions`, kept from the rebalance callbacks).
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Mutex;
@@ -26,6 +27,9 @@ pub struct KafkaView {
     /// Messages this instance has yet to consume, summed over its partitions: a lagging instance
     /// is ready (it is catching up), and says by how much.
     pub lag: u64,
+    /// Cluster mode: the partitions of the signals topic this instance owns.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owned_partitions: Option<Vec<i32>>,
 }
 
 impl KafkaView {
@@ -34,7 +38,7 @@ impl KafkaView {
         if self.brokers > 0 && self.brokers_up == 0 {
             return Some("no Kafka broker is reachable".into());
         }
-        if self.assigned < self.partitions {
+        if self.owned_partitions.is_none() && self.assigned < self.partitions {
             return Some(format!(
                 "this instance consumes {} of {} partitions: another consumer in its group holds \
                  the rest, and their signals never reach this instance's grants (one instance per \
@@ -52,12 +56,73 @@ pub struct KafkaHealth {
     view: Mutex<Option<KafkaView>>,
     /// Partitions whose lag gauge was set, so it can be cleared when they move away.
     lagging: Mutex<HashSet<(String, i32)>>,
+    /// Cluster mode: the partitions owned (`None`: a single node's source).
+    owned: Option<Mutex<BTreeSet<i32>>>,
+    /// Woken when the partitions owned change.
+    changes: tokio::sync::Notify,
 }
 
 impl KafkaHealth {
-    /// The last view, `None` before the first statistics.
+    /// The health of cluster mode's source, whose instances split the partitions.
+    pub fn for_cluster() -> KafkaHealth {
+        KafkaHealth {
+            owned: Some(Mutex::new(BTreeSet::new())),
+            ..KafkaHealth::default()
+        }
+    }
+
+    /// The last view, `None` before the first statistics (in cluster mode, the partitions owned
+    /// are known from the first assignment on).
     pub fn view(&self) -> Option<KafkaView> {
-        self.view.lock().ok().and_then(|v| v.clone())
+        let view = self.view.lock().ok().and_then(|v| v.clone());
+        let Some(owned) = self.owned() else {
+            return view;
+        };
+        let mut view = view.unwrap_or(KafkaView {
+            partitions: 0,
+            assigned: 0,
+            brokers: 0,
+            brokers_up: 0,
+            lag: 0,
+            owned_partitions: None,
+        });
+        view.assigned = owned.len();
+        view.owned_partitions = Some(owned);
+        Some(view)
+    }
+
+    /// Cluster mode: the partitions this instance owns, in order.
+    pub fn owned(&self) -> Option<Vec<i32>> {
+        let owned = self.owned.as_ref()?;
+        let owned = owned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Some(owned.iter().copied().collect())
+    }
+
+    /// Partitions given to (`gained`) or taken from this instance by a rebalance.
+    pub(crate) fn rebalanced(&self, partitions: impl Iterator<Item = i32>, gained: bool) {
+        let Some(owned) = &self.owned else {
+            return;
+        };
+        let mut owned = owned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for p in partitions {
+            if gained {
+                owned.insert(p);
+            } else {
+                owned.remove(&p);
+            }
+        }
+        metrics::gauge!(crate::telemetry::CLUSTER_PARTITIONS_OWNED).set(owned.len() as f64);
+        tracing::info!(owned = ?*owned, "partitions of the signals topic owned");
+        self.changes.notify_waiters();
+    }
+
+    /// Returns when the partitions owned next change.
+    pub async fn changed(&self) {
+        self.changes.notified().await;
     }
 
     /// Takes in one statistics report for `topics` (the subscribed ones).
@@ -108,6 +173,7 @@ impl KafkaHealth {
             brokers,
             brokers_up,
             lag,
+            owned_partitions: self.owned.as_ref().map(|_| Vec::new()),
         };
         metrics::gauge!(crate::telemetry::KAFKA_PARTITIONS).set(partitions as f64);
         metrics::gauge!(crate::telemetry::KAFKA_PARTITIONS_OWNED).set(assigned as f64);
@@ -137,6 +203,7 @@ mod tests {
             brokers,
             brokers_up,
             lag: 0,
+            owned_partitions: None,
         };
         assert_eq!(view(4, 4, 1, 1).problem(), None);
         let lagging = KafkaView {
@@ -154,5 +221,21 @@ mod tests {
             .unwrap()
             .contains("no Kafka broker"));
         assert_eq!(view(0, 0, 0, 0).problem(), None, "nothing known yet");
+        let clustered = KafkaView {
+            owned_partitions: Some(vec![1, 4]),
+            ..view(12, 2, 3, 3)
+        };
+        assert_eq!(
+            clustered.problem(),
+            None,
+            "in cluster mode instances split the partitions"
+        );
+        assert!(KafkaView {
+            owned_partitions: Some(vec![]),
+            ..view(12, 0, 3, 0)
+        }
+        .problem()
+        .unwrap()
+        .contains("no Kafka broker"));
     }
 }

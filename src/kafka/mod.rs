@@ -28,10 +28,10 @@ mod dead_letter;
 mod health;
 mod source;
 
-pub use consumer::{KafkaError, KafkaSource};
-pub use dead_letter::{stored_dead_letters, StoredDeadLetter};
+pub use consumer::{KafkaError, KafkaSource, SourceFormat};
+pub use dead_letter::{stored_dead_letters, ProducerLogs, StoredDeadLetter};
 pub use health::{KafkaHealth, KafkaView};
-pub use source::FeedMessage;
+pub use source::{FeedMessage, SignalRecord};
 
 use rdkafka::config::RDKafkaLogLevel;
 

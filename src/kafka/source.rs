@@ -28,6 +28,16 @@ pub struct Normalizer {
     max_future_skew_secs: u64,
     /// Receipt times, and the event-time window's anchor when a message's timestamp is not sane.
     clock: crate::clock::Clock,
+    /// Cluster mode's signals topic, whose records are [`SignalRecord`]s.
+    signals_topic: Option<String>,
+}
+
+/// A record of cluster mode's signals topic: a signal validated and normalized by the instance
+/// that received it (its receipt time, clamped event time and all), with the SET it came in.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SignalRecord {
+    pub signal: Signal,
+    pub token: String,
 }
 
 impl Normalizer {
@@ -43,7 +53,14 @@ impl Normalizer {
                 .collect(),
             max_future_skew_secs,
             clock,
+            signals_topic: None,
         }
+    }
+
+    /// Reads `topic`'s records as [`SignalRecord`]s (cluster mode's signals topic).
+    pub fn with_signals_topic(mut self, topic: Option<String>) -> Normalizer {
+        self.signals_topic = topic;
+        self
     }
 
     /// The clock receipt times are read from.
@@ -84,6 +101,12 @@ impl Normalizer {
             .payload
             .as_deref()
             .ok_or_else(|| FeedError::NotJson("the message has no value".into()))?;
+        if self.signals_topic.as_deref() == Some(msg.topic.as_str()) {
+            // Validated, normalized and clamped where it was received; taken as it is.
+            let record: SignalRecord =
+                serde_json::from_slice(payload).map_err(|e| FeedError::NotJson(e.to_string()))?;
+            return Ok(record.signal);
+        }
         let wall = self.clock.now_ms();
         let skew_ms = (self.max_future_skew_secs as i64).saturating_mul(1000);
         // The message's timestamp anchors the event-time window (stable when the message is

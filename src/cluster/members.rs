@@ -1,0 +1,189 @@
+//! The members directory: which instance owns which partitions of the signals topic, and where it
+//! answers. Every instance announces itself on `<name>.members` (compacted, one partition, keyed by
+//! instance id) when its partitions change and every [`ANNOUNCE_EVERY`], and leaves a tombstone when
+//! it shuts down; every instance reads the whole topic into memory. A record older than
+//! [`FRESH_FOR`] is an instance that died: it owns nothing. So an API call about a principal that
+//! another instance owns is answered by that instance, whichever one received it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::{topics, ClusterError};
+use crate::clock::Clock;
+use crate::config::ClusterConfig;
+use crate::kafka::{KafkaHealth, ProducerLogs};
+
+/// How often an instance says it is alive and what it owns.
+pub const ANNOUNCE_EVERY: Duration = Duration::from_secs(2);
+/// How long an announcement counts: an instance silent for longer has died.
+pub const FRESH_FOR: Duration = Duration::from_secs(10);
+
+/// One instance, as it announced itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub instance: String,
+    /// Where its API answers (`cluster.advertised_url`).
+    pub url: String,
+    /// The partitions of the signals topic it owns.
+    pub partitions: Vec<i32>,
+    /// When it announced this (milliseconds since the epoch, its clock).
+    pub at_ms: i64,
+}
+
+/// The members of the cluster as this instance last read them.
+pub struct Directory {
+    me: Member,
+    members: RwLock<HashMap<String, Member>>,
+    producer: FutureProducer<ProducerLogs>,
+    topic: String,
+    health: Arc<KafkaHealth>,
+    clock: Clock,
+}
+
+impl Directory {
+    /// Starts reading the members topic (a thread) and announcing this instance (the task
+    /// returned); both stop at `shutdown`, the announcer after leaving a tombstone.
+    pub fn start(
+        config: &ClusterConfig,
+        topic: String,
+        instance: String,
+        url: String,
+        health: Arc<KafkaHealth>,
+        clock: Clock,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<(Arc<Directory>, tokio::task::JoinHandle<()>), ClusterError> {
+        let mut producer = topics::client_config(config);
+        producer
+            .set("acks", "all")
+            .set("message.timeout.ms", "5000");
+        let directory = Arc::new(Directory {
+            me: Member {
+                instance,
+                url,
+                partitions: Vec::new(),
+                at_ms: 0,
+            },
+            members: RwLock::new(HashMap::new()),
+            producer: producer.create_with_context(ProducerLogs)?,
+            topic: topic.clone(),
+            health,
+            clock,
+        });
+        // The reader: every record from the beginning, then as they come.
+        // Assigned, not subscribed: every instance reads every record. librdkafka still wants a
+        // group id; this one is the instance's own and commits nothing.
+        let consumer: BaseConsumer = topics::client_config(config)
+            .set("group.id", format!("{topic}.{}", directory.me.instance))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .create()?;
+        let mut assignment = TopicPartitionList::new();
+        assignment.add_partition_offset(&topic, 0, Offset::Beginning)?;
+        consumer.assign(&assignment)?;
+        let reader = directory.clone();
+        let stop = shutdown.clone();
+        std::thread::Builder::new()
+            .name("vigil-members".into())
+            .spawn(move || reader.read(consumer, stop))
+            .map_err(|e| ClusterError::Brokers(e.to_string()))?;
+        let announcer = tokio::spawn(directory.clone().announce(shutdown));
+        Ok((directory, announcer))
+    }
+
+    fn read(&self, consumer: BaseConsumer, shutdown: watch::Receiver<bool>) {
+        while !*shutdown.borrow() {
+            let Some(result) = consumer.poll(Duration::from_millis(200)) else {
+                continue;
+            };
+            let message = match result {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the members topic");
+                    continue;
+                }
+            };
+            let Some(key) = message.key().and_then(|k| std::str::from_utf8(k).ok()) else {
+                continue;
+            };
+            let mut members = self
+                .members
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match message.payload() {
+                None => {
+                    members.remove(key);
+                }
+                Some(bytes) => match serde_json::from_slice::<Member>(bytes) {
+                    // Bounded by the instances that ever ran; a dead one's entry is replaced
+                    // by its tombstone or ignored once stale.
+                    Ok(member) if member.instance == key => {
+                        members.insert(key.to_owned(), member);
+                    }
+                    _ => tracing::warn!(key, "an unreadable record on the members topic"),
+                },
+            }
+        }
+    }
+
+    async fn announce(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let mut me = self.me.clone();
+            me.partitions = self.health.owned().unwrap_or_default();
+            me.at_ms = self.clock.now_ms();
+            self.publish(Some(&me)).await;
+            tokio::select! {
+                _ = tokio::time::sleep(ANNOUNCE_EVERY) => {}
+                _ = self.health.changed() => {}
+                _ = shutdown.changed() => break,
+            }
+        }
+        // Leaving: the others stop sending here at once rather than after `FRESH_FOR`.
+        self.publish(None).await;
+    }
+
+    async fn publish(&self, member: Option<&Member>) {
+        let payload = member.and_then(|m| serde_json::to_vec(m).ok());
+        let mut record = FutureRecord::<str, Vec<u8>>::to(&self.topic).key(&self.me.instance);
+        if let Some(p) = &payload {
+            record = record.payload(p);
+        }
+        if let Err((e, _)) = self.producer.send(record, Duration::from_secs(5)).await {
+            tracing::warn!(error = %e, "could not announce this instance on the members topic");
+        }
+    }
+
+    /// The live instance that owns `partition`, other than this one.
+    pub fn owner_of(&self, partition: i32) -> Option<Member> {
+        self.others()
+            .into_iter()
+            .filter(|m| m.partitions.contains(&partition))
+            .max_by_key(|m| m.at_ms)
+    }
+
+    /// The other live instances.
+    pub fn others(&self) -> Vec<Member> {
+        let fresh_since = self
+            .clock
+            .now_ms()
+            .saturating_sub(i64::try_from(FRESH_FOR.as_millis()).unwrap_or(i64::MAX));
+        let members = self
+            .members
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut others: Vec<Member> = members
+            .values()
+            .filter(|m| m.instance != self.me.instance && m.at_ms >= fresh_since)
+            .cloned()
+            .collect();
+        others.sort_by(|a, b| a.instance.cmp(&b.instance));
+        others
+    }
+}

@@ -1,0 +1,147 @@
+//! Cluster mode: N Vigil instances on one Kafka cluster behave as one (`[cluster]`).
+//!
+//! **Ownership.** A principal's routing key (its principal key when an instance knows it, else its
+//! first identifier's key; a session's or device's key for signals about those alone) maps to one
+//! partition of `<name>.signals` ([`partition_of`]: Kafka's murmur2 partitioner). The consumer
+//! group `<name>` assigns each partition to one instance; that instance owns the partition's
+//! principals — their contexts, grants and decisions — and only it applies their signals.
+//!
+//! **Any instance takes a SET.** After full validation a pushed SET is appended to the signals
+//! topic on its principal's partition ([`SignalLog`], `acks=all`) and only then answered 202; the
+//! brokers not taking it in `cluster.publish_timeout_ms` is a 503 with `Retry-After`, and nothing
+//! was acknowledged. The owner consumes the partition through the Kafka source's pipeline (offset
+//! committed only after the signal's effects are durable in its state store), so a SET received
+//! twice, by one instance or two, is applied twice with no further effect (an equal fact is not an
+//! update; the decision id names the signal's `jti`).
+//!
+//! **Any instance answers the grant API and `check`.** Instances announce themselves and the
+//! partitions they own on `<name>.members` ([`Directory`]); a registration, read, deletion or check
+//! of a grant another instance owns is forwarded to it and its answer returned ([`Peers`]).
+//!
+//! What is not built yet (issue 20): decisions and streams answered for the whole cluster, a
+//! status view every instance keeps, state moving with a partition (changelog, restore, standbys), identity across
+//! instances, one signing identity, and risk feeds in cluster mode.
+
+mod forward;
+mod members;
+mod partition;
+mod signal_log;
+mod topics;
+
+pub use forward::{Answer, ForwardError, Peers, FORWARDED};
+pub use members::{Directory, Member};
+pub use partition::{murmur2, partition_of};
+pub use signal_log::{PublishError, SignalLog};
+pub use topics::{client_config, ensure, Topics};
+
+use crate::config::ClusterConfig;
+
+/// Where validated signals go in cluster mode: the signals topic, on their principal's partition.
+pub struct ClusterIntake {
+    log: SignalLog,
+    engine: std::sync::Arc<crate::engine::Engine>,
+}
+
+impl ClusterIntake {
+    pub fn new(log: SignalLog, engine: std::sync::Arc<crate::engine::Engine>) -> ClusterIntake {
+        ClusterIntake { log, engine }
+    }
+
+    /// Appends `signal` for its principal's owner; its offset once the brokers have it.
+    pub async fn append(
+        &self,
+        signal: &crate::signal::Signal,
+        token: &str,
+    ) -> Result<u64, PublishError> {
+        let key = self.engine.routing_key(&signal.subject);
+        let (_, offset) = self.log.append(&key, signal, token).await?;
+        Ok(u64::try_from(offset).unwrap_or(0))
+    }
+}
+
+/// Which principals this instance owns: those whose routing key falls on a partition the group
+/// assigned it.
+pub struct Ownership {
+    partitions: i32,
+    health: std::sync::Arc<crate::kafka::KafkaHealth>,
+}
+
+impl Ownership {
+    pub fn new(partitions: i32, health: std::sync::Arc<crate::kafka::KafkaHealth>) -> Ownership {
+        Ownership { partitions, health }
+    }
+
+    /// `Ok` when this instance owns `key`'s partition; else the partition, owned elsewhere (or
+    /// by nobody during a rebalance).
+    pub fn check(&self, key: &str) -> Result<(), i32> {
+        let partition = partition_of(key, self.partitions);
+        match self.health.owned() {
+            Some(owned) if owned.contains(&partition) => Ok(()),
+            _ => Err(partition),
+        }
+    }
+}
+
+/// The Kafka source's settings for consuming the signals topic as the group `<name>`.
+pub fn source_config(config: &ClusterConfig, topics: &Topics) -> crate::config::KafkaConfig {
+    crate::config::KafkaConfig {
+        brokers: config.brokers.clone(),
+        group_id: config.name.clone(),
+        topics: vec![topics.signals.clone()],
+        dead_letter_topic: topics.signals_dead_letter.clone(),
+        properties: config.properties.clone(),
+        ..crate::config::KafkaConfig::default()
+    }
+}
+
+/// This instance's id: the configured one, else the one kept in `<data_dir>/instance.id`
+/// (generated at the first start), so a restarted instance is the same member.
+pub fn instance_id(
+    config: &ClusterConfig,
+    data_dir: &std::path::Path,
+) -> Result<String, ClusterError> {
+    if !config.instance_id.is_empty() {
+        return Ok(config.instance_id.clone());
+    }
+    let path = data_dir.join("instance.id");
+    let file_error =
+        |e: std::io::Error| ClusterError::InstanceId(format!("{}: {e}", path.display()));
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_owned()),
+        Ok(_) => Err(ClusterError::InstanceId(format!(
+            "{} is empty",
+            path.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = format!("vigil-{:016x}", rand::random::<u64>());
+            std::fs::write(&path, &id).map_err(file_error)?;
+            Ok(id)
+        }
+        Err(e) => Err(file_error(e)),
+    }
+}
+
+/// Where the other instances reach this one: `cluster.advertised_url`, else the listener's.
+pub fn advertised_url(
+    config: &ClusterConfig,
+    listening: std::net::SocketAddr,
+    tls: bool,
+) -> String {
+    if !config.advertised_url.is_empty() {
+        return config.advertised_url.clone();
+    }
+    format!("{}://{listening}", if tls { "https" } else { "http" })
+}
+
+/// Why cluster mode could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("kafka client: {0}")]
+    Client(#[from] rdkafka::error::KafkaError),
+    #[error("the cluster's brokers did not answer: {0}")]
+    Brokers(String),
+    #[error("cluster topic {topic}: {reason}")]
+    Topic { topic: String, reason: String },
+    #[error("the instance id: {0}")]
+    InstanceId(String),
+}

@@ -1,0 +1,140 @@
+//! Vigil's own topics in cluster mode, their names and how they are made.
+//!
+//! | topic | key | partitions | cleanup | holds |
+//! |---|---|---|---|---|
+//! | `<name>.signals` | the principal's routing key | `cluster.partitions` (fixed once created) | delete, 7 days | every validated SET, appended before its 202: the cluster's intake log; partition = ownership |
+//! | `<name>.signals.dead-letter` | as received | 1 | delete | records of the signals topic that do not decode (written by another release) |
+//! | `<name>.members` | instance id | 1 | compact | each instance's API URL and the partitions it owns, re-announced every 2 s; a tombstone when it leaves |
+//!
+//! They are created at start-up when missing. A topic that exists keeps its partition count, which
+//! is read back: ownership is `partition_of(key, count)`, so it is the topic's count, not the
+//! configured one, that every instance uses.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::types::RDKafkaErrorCode;
+
+use super::ClusterError;
+use crate::config::ClusterConfig;
+
+/// How long start-up waits for the brokers' metadata and topic creation.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(15);
+/// Retention of the signals topic: a record is applied (and its effect in the owner's state)
+/// long before; the window only bounds the disk.
+const SIGNALS_RETENTION_MS: &str = "604800000";
+
+/// The names of a cluster's topics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    pub signals: String,
+    pub signals_dead_letter: String,
+    pub members: String,
+}
+
+impl Topics {
+    pub fn of(name: &str) -> Topics {
+        Topics {
+            signals: format!("{name}.signals"),
+            signals_dead_letter: format!("{name}.signals.dead-letter"),
+            members: format!("{name}.members"),
+        }
+    }
+}
+
+/// The librdkafka settings every cluster client starts from: the brokers, then the operator's
+/// pass-through properties.
+pub fn client_config(config: &ClusterConfig) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", config.brokers.trim());
+    for (name, value) in config.librdkafka_properties() {
+        client.set(name, value);
+    }
+    client
+}
+
+/// Makes sure the cluster's topics exist and returns the signals topic's partition count.
+pub async fn ensure(config: &ClusterConfig, topics: &Topics) -> Result<i32, ClusterError> {
+    let admin: AdminClient<DefaultClientContext> = client_config(config).create()?;
+    let wanted = [
+        (topics.signals.as_str(), config.partitions, "delete"),
+        (topics.signals_dead_letter.as_str(), 1, "delete"),
+        (topics.members.as_str(), 1, "compact"),
+    ];
+    let mut missing = Vec::new();
+    for (topic, partitions, cleanup) in wanted {
+        if partition_count(&admin, topic)?.is_none() {
+            missing.push((topic, partitions, cleanup));
+        }
+    }
+    if !missing.is_empty() {
+        let new: Vec<NewTopic<'_>> = missing
+            .iter()
+            .map(|(topic, partitions, cleanup)| {
+                let topic = NewTopic::new(
+                    topic,
+                    *partitions,
+                    TopicReplication::Fixed(config.replication_factor),
+                )
+                .set("cleanup.policy", cleanup);
+                if *cleanup == "delete" {
+                    topic.set("retention.ms", SIGNALS_RETENTION_MS)
+                } else {
+                    topic
+                }
+            })
+            .collect();
+        let options = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT));
+        let results =
+            admin
+                .create_topics(&new, &options)
+                .await
+                .map_err(|e| ClusterError::Topic {
+                    topic: missing[0].0.to_owned(),
+                    reason: format!(
+                        "could not be created ({e}); create it with the partitions wanted"
+                    ),
+                })?;
+        for result in results {
+            match result {
+                Ok(topic) => tracing::info!(%topic, "cluster topic created"),
+                // Another instance created it first.
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => {
+                    return Err(ClusterError::Topic {
+                        topic,
+                        reason: format!("could not be created: {code}"),
+                    })
+                }
+            }
+        }
+    }
+    // Read back, also after creating: the count that exists is the one ownership follows.
+    let count = partition_count(&admin, &topics.signals)?.ok_or_else(|| ClusterError::Topic {
+        topic: topics.signals.clone(),
+        reason: "does not exist after it was created".into(),
+    })?;
+    if count != config.partitions {
+        tracing::warn!(topic = %topics.signals, partitions = count, configured = config.partitions,
+            "the signals topic exists with another partition count than configured; its own count decides ownership");
+    }
+    Ok(count)
+}
+
+/// The partition count of `topic`, `None` if it does not exist.
+fn partition_count(
+    admin: &AdminClient<DefaultClientContext>,
+    topic: &str,
+) -> Result<Option<i32>, ClusterError> {
+    let metadata = admin
+        .inner()
+        .fetch_metadata(Some(topic), ADMIN_TIMEOUT)
+        .map_err(|e| ClusterError::Brokers(e.to_string()))?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+        .map(|t| i32::try_from(t.partitions().len()).unwrap_or(i32::MAX)))
+}

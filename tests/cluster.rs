@@ -1,0 +1,494 @@
+//! Cluster mode against librdkafka's mock cluster of three brokers (in this process), with three
+//! `vigil serve` processes on loopback sharing it:
+//! - the consumer group splits the signals topic's partitions between the instances, and each says
+//!   in `/readyz` which it owns;
+//! - a grant registered, read, deleted or checked (`/v1/check`, nginx `auth_request`) through any
+//!   instance is held and answered by its principal's owner alone (the instances find it in the
+//!   members directory), and once revoked no instance answers allow;
+//! - a SET pushed to any instance — and the same SET again to a third — is applied once, by the
+//!   owner of its principal's partition alone, whose grant is revoked;
+//! - with every broker down a push is answered 503 with `Retry-After` (nothing acknowledged), and
+//!   the transmitter's retry is taken and applied once the brokers are back;
+//! - the partitioner is Kafka's: librdkafka's `murmur2` partitioner puts every key where
+//!   `vigil::cluster::partition_of` says.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{json, Value};
+use vigil::jose::Alg;
+
+const ISS: &str = "https://idp.example.com/";
+const AUD: &str = "https://vigil.example.com/";
+const NAME: &str = "itest";
+const PARTITIONS: i32 = 6;
+const DISABLED: &str = "https://schemas.openid.net/secevent/risc/event-type/account-disabled";
+
+/// One `vigil serve` process, logging to `vigil.log` in its directory.
+struct Instance {
+    child: Child,
+    base: String,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_instance(tx: &Transmitter, brokers: &str) -> Instance {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut config = test_config(dir.path(), vec![tx.config("idp", ISS, &[AUD])]);
+    config.listen = format!("127.0.0.1:{port}").parse().unwrap();
+    config.data_dir = dir.path().join("data");
+    config.clients = vec![admin_client()];
+    config.cluster.brokers = brokers.to_owned();
+    config.cluster.name = NAME.into();
+    config.cluster.partitions = PARTITIONS;
+    config.cluster.publish_timeout_ms = 1_500;
+    // A session that outlives the brokers' outage below: the partitions must not move, since
+    // state does not move with them yet.
+    for (k, v) in [
+        ("heartbeat_interval_ms", "500"),
+        ("session_timeout_ms", "15000"),
+    ] {
+        config.cluster.properties.insert(k.into(), v.into());
+    }
+    config.validate().unwrap();
+    let path = dir.path().join("vigil.toml");
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("VIGIL_LOG", "info")
+        .stdout(std::fs::File::create(dir.path().join("vigil.log")).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Instance {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+        dir,
+    }
+}
+
+/// Waits up to `secs` for `check`; on a timeout prints what each instance says of itself (its
+/// `/readyz` and the end of its log) and fails with `what`.
+async fn wait_for<F, Fut>(instances: &[Instance], secs: u64, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let http = http();
+    for i in instances {
+        let ready = match http
+            .get(format!("{}/readyz", i.base))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+        {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(e) => e.to_string(),
+        };
+        let log = std::fs::read_to_string(i.dir.path().join("vigil.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        eprintln!("== {} /readyz: {ready}", i.base);
+        for line in tail.into_iter().rev() {
+            eprintln!("   {line}");
+        }
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+/// The partitions `/readyz` says the instance owns (`None` while it does not answer).
+async fn owned(http: &reqwest::Client, base: &str) -> Option<BTreeSet<i32>> {
+    let body: Value = http
+        .get(format!("{base}/readyz"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    body["kafka"]["owned_partitions"]
+        .as_array()
+        .map(|a| a.iter().map(|p| p.as_i64().unwrap() as i32).collect())
+}
+
+fn now() -> f64 {
+    vigil::signal::now_ms() as f64 / 1000.0
+}
+
+fn principal_key(email: &str) -> String {
+    let subject =
+        vigil::subject::SubjectId::from_json(&json!({"format": "email", "email": email}), true)
+            .unwrap();
+    vigil::principal::Target::of(&subject).identifiers[0].clone()
+}
+
+async fn push_set(http: &reqwest::Client, base: &str, tx: &Transmitter, claims: &Value) -> u16 {
+    let token = tx.key(Alg::RS256).sign_set(claims).unwrap();
+    http.post(format!("{base}/ssf/push/idp"))
+        .header("Content-Type", "application/secevent+jwt")
+        .header("Authorization", tx.config("idp", ISS, &[AUD]).authorization)
+        .body(token)
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+async fn grant_status(http: &reqwest::Client, base: &str, grant: &str) -> (u16, Value) {
+    let r = http
+        .get(format!("{base}/v1/grants/{grant}"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    let code = r.status().as_u16();
+    (code, r.json().await.unwrap_or(Value::Null))
+}
+
+/// `POST /v1/check` for a grant: its decision and status.
+async fn check(http: &reqwest::Client, base: &str, grant: &str) -> (String, String) {
+    let answer: Value = http
+        .post(format!("{base}/v1/check"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"grant_id": grant}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    (
+        answer["decision"].as_str().unwrap_or("").to_owned(),
+        answer["status"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+/// nginx's `auth_request` for a grant: the status code and `X-Vigil-Status`.
+async fn auth_request(http: &reqwest::Client, base: &str, grant: &str) -> (u16, String) {
+    let r = http
+        .get(format!("{base}/v1/check/auth_request"))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("x-vigil-grant", grant)
+        .send()
+        .await
+        .unwrap();
+    let status = r
+        .headers()
+        .get("x-vigil-status")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    (r.status().as_u16(), status)
+}
+
+async fn decisions_for(http: &reqwest::Client, base: &str, grant: &str) -> usize {
+    let listed: Value = http
+        .get(format!("{base}/v1/decisions?grant={grant}&limit=100"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    listed["decisions"].as_array().unwrap().len()
+}
+
+fn disabled(email: &str, jti: &str) -> Value {
+    json!({"iss": ISS, "aud": AUD, "jti": jti, "iat": now() as i64,
+        "sub_id": {"format": "email", "email": email},
+        "events": {DISABLED: {}}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn any_instance_takes_a_set_and_only_the_owner_applies_it() {
+    let kafka = MockCluster::new(3).unwrap();
+    kafka
+        .create_topic(&format!("{NAME}.signals"), PARTITIONS, 3)
+        .unwrap();
+    kafka
+        .create_topic(&format!("{NAME}.signals.dead-letter"), 1, 3)
+        .unwrap();
+    kafka
+        .create_topic(&format!("{NAME}.members"), 1, 3)
+        .unwrap();
+    let brokers = kafka.bootstrap_servers();
+    let tx = Transmitter::start(&[Alg::RS256]).await;
+    let instances: Vec<Instance> = (0..3).map(|_| start_instance(&tx, &brokers)).collect();
+    let http = http();
+
+    // The group settles: every partition owned by exactly one instance, each instance some.
+    let owners: Vec<BTreeSet<i32>> = eventually_within(60, "the partitions split", || async {
+        let mut all = Vec::new();
+        for i in &instances {
+            all.push(owned(&http, &i.base).await?);
+        }
+        let union: BTreeSet<i32> = all.iter().flatten().copied().collect();
+        let total: usize = all.iter().map(BTreeSet::len).sum();
+        (union.len() == PARTITIONS as usize
+            && total == PARTITIONS as usize
+            && all.iter().all(|o| !o.is_empty()))
+        .then_some(all)
+    })
+    .await;
+    println!("owned partitions: {owners:?}");
+    let owner_of = |email: &str| {
+        let p = vigil::cluster::partition_of(&principal_key(email), PARTITIONS);
+        owners.iter().position(|o| o.contains(&p)).unwrap()
+    };
+
+    // Users on every instance; each grant registered on its owner, its SET pushed to another
+    // instance and again to the third.
+    let users: Vec<String> = (0..9).map(|i| format!("user{i}@example.com")).collect();
+    let by_owner: BTreeSet<usize> = users.iter().map(|u| owner_of(u)).collect();
+    assert_eq!(by_owner.len(), 3, "the users fall on every instance");
+    for (i, user) in users.iter().enumerate() {
+        let owner = &instances[owner_of(user)].base;
+        let t = now();
+        let g = json!({"id": format!("g{i}"), "kind": "session",
+            "subject": {"format": "email", "email": user},
+            "issued_at": t - 5.0, "expires_at": t + 3600.0});
+        // Registered through another instance (every third through the owner itself): the
+        // owner answers, after evaluation.
+        let entry = &instances[(owner_of(user) + i) % 3].base;
+        // 503 while the entry does not know the owner yet (its members directory fills).
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let answer = loop {
+            let r = http
+                .post(format!("{entry}/v1/grants"))
+                .bearer_auth(ADMIN_TOKEN)
+                .json(&g)
+                .send()
+                .await
+                .unwrap();
+            let code = r.status().as_u16();
+            let body: Value = r.json().await.unwrap_or(Value::Null);
+            if code != 503 || std::time::Instant::now() > deadline {
+                break (code, body);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert_eq!(answer.0, 201, "{}", answer.1);
+        assert_eq!(answer.1["grant"]["status"], "active", "{}", answer.1);
+        // Only the owner holds it; the others answer for it by asking the owner.
+        for (j, other) in instances.iter().enumerate() {
+            let local = http
+                .get(format!("{}/v1/grants/g{i}", other.base))
+                .bearer_auth(ADMIN_TOKEN)
+                .header("x-vigil-forwarded", "1")
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16();
+            assert_eq!(local, if j == owner_of(user) { 200 } else { 404 });
+            let (code, g) = grant_status(&http, &other.base, &format!("g{i}")).await;
+            assert_eq!(
+                (code, g["id"].as_str()),
+                (200, Some(format!("g{i}").as_str()))
+            );
+            // Checked on any instance: the owner's live answer.
+            let grant = format!("g{i}");
+            assert_eq!(
+                check(&http, &other.base, &grant).await,
+                ("allow".to_owned(), "active".to_owned())
+            );
+            assert_eq!(
+                auth_request(&http, &other.base, &grant).await,
+                (200, "active".to_owned())
+            );
+        }
+        // A call that was already forwarded is not forwarded again.
+        if entry != owner {
+            let r = http
+                .post(format!("{entry}/v1/grants"))
+                .bearer_auth(ADMIN_TOKEN)
+                .header("x-vigil-forwarded", "1")
+                .json(&g)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 421);
+        }
+    }
+    for (i, user) in users.iter().enumerate() {
+        let owner = owner_of(user);
+        let claims = disabled(user, &format!("dis-{i}"));
+        for other in [(owner + 1) % 3, (owner + 2) % 3] {
+            assert_eq!(
+                push_set(&http, &instances[other].base, &tx, &claims).await,
+                202
+            );
+        }
+    }
+    for (i, user) in users.iter().enumerate() {
+        let owner = &instances[owner_of(user)];
+        let grant = format!("g{i}");
+        wait_for(&instances, 30, "the owner to revoke the grant", || async {
+            grant_status(&http, &owner.base, &grant).await.1["status"] == "revoked"
+        })
+        .await;
+        assert_eq!(
+            decisions_for(&http, &owner.base, &grant).await,
+            1,
+            "the SET received twice is one decision"
+        );
+        for other in &instances {
+            assert_eq!(
+                grant_status(&http, &other.base, &grant).await.1["status"],
+                "revoked",
+                "every instance answers with the owner's state"
+            );
+            // Once revoked, no instance answers allow.
+            assert_eq!(
+                check(&http, &other.base, &grant).await,
+                ("deny".to_owned(), "revoked".to_owned())
+            );
+            assert_eq!(
+                auth_request(&http, &other.base, &grant).await,
+                (403, "revoked".to_owned())
+            );
+        }
+        // A grant no instance holds is unknown everywhere (401 for nginx), after asking them all.
+        assert_eq!(
+            auth_request(&http, &instances[0].base, "nobody").await.0,
+            401
+        );
+    }
+
+    // Every broker down: a push is refused with 503 + Retry-After and acknowledges nothing; the
+    // transmitter's retry after the brokers return is taken and applied.
+    let late = "late@example.com";
+    let owner = &instances[owner_of(late)].base;
+    let t = now();
+    let g = json!({"id": "late", "kind": "session",
+        "subject": {"format": "email", "email": late},
+        "issued_at": t - 5.0, "expires_at": t + 3600.0});
+    let r = http
+        .post(format!("{owner}/v1/grants"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&g)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    // A deletion through another instance reaches the owner.
+    let t = now();
+    let g = json!({"id": "gone", "kind": "session",
+        "subject": {"format": "email", "email": late},
+        "issued_at": t - 5.0, "expires_at": t + 3600.0});
+    http.post(format!("{owner}/v1/grants"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&g)
+        .send()
+        .await
+        .unwrap();
+    let elsewhere = &instances[(owner_of(late) + 2) % 3].base;
+    let deleted = http
+        .delete(format!("{elsewhere}/v1/grants/gone"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status().as_u16(), 204);
+    assert_eq!(grant_status(&http, owner, "gone").await.0, 404);
+    for broker in 1..=3 {
+        kafka.broker_down(broker).unwrap();
+    }
+    let claims = disabled(late, "dis-late");
+    let token = tx.key(Alg::RS256).sign_set(&claims).unwrap();
+    let entry = &instances[(owner_of(late) + 1) % 3].base;
+    let refused = http
+        .post(format!("{entry}/ssf/push/idp"))
+        .header("Content-Type", "application/secevent+jwt")
+        .header("Authorization", tx.config("idp", ISS, &[AUD]).authorization)
+        .body(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 503);
+    assert!(refused.headers().get("retry-after").is_some());
+    assert_eq!(
+        grant_status(&http, owner, "late").await.1["status"],
+        "active"
+    );
+    for broker in 1..=3 {
+        kafka.broker_up(broker).unwrap();
+    }
+    wait_for(
+        &instances,
+        30,
+        "the retried push taken once the brokers are back",
+        || async { push_set(&http, entry, &tx, &claims).await == 202 },
+    )
+    .await;
+    wait_for(
+        &instances,
+        30,
+        "the retried SET applied by the owner",
+        || async { grant_status(&http, owner, "late").await.1["status"] == "revoked" },
+    )
+    .await;
+    drop(instances);
+}
+
+/// `partition_of` is Kafka's partitioner: librdkafka's own `murmur2` partitioner, producing to
+/// the mock broker, puts every key on the partition it names.
+#[tokio::test]
+async fn keys_land_where_partition_of_says() {
+    let kafka = MockCluster::new(1).unwrap();
+    kafka.create_topic("keys", 7, 1).unwrap();
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap_servers())
+        .set("partitioner", "murmur2")
+        .create()
+        .unwrap();
+    for i in 0..200 {
+        let key = principal_key(&format!("someone{i}@example.com"));
+        let delivered = producer
+            .send(
+                FutureRecord::to("keys").key(&key).payload("x"),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            delivered.partition,
+            vigil::cluster::partition_of(&key, 7),
+            "{key}"
+        );
+    }
+}
