@@ -16,7 +16,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -142,7 +142,10 @@ async fn to_owner(
                 .send(
                     &owner,
                     reqwest::Method::POST,
-                    &["v1", "grants"],
+                    &crate::cluster::Call {
+                        segments: &["v1", "grants"],
+                        query: None,
+                    },
                     &passed_on(headers),
                     Some(body),
                 )
@@ -209,10 +212,11 @@ async fn from_others(
     method: reqwest::Method,
     id: &str,
 ) -> Option<Response> {
-    ask_others(s, headers, method, &["v1", "grants", id], None, |a| {
-        a.status != 404
-    })
-    .await
+    let call = crate::cluster::Call {
+        segments: &["v1", "grants", id],
+        query: None,
+    };
+    ask_others(s, headers, method, &call, None, |a| a.status != 404).await
 }
 
 /// Asks the other instances in turn (not for a call that was itself forwarded) and returns the
@@ -221,7 +225,7 @@ async fn ask_others(
     s: &ApiState,
     headers: &HeaderMap,
     method: reqwest::Method,
-    segments: &[&str],
+    call: &crate::cluster::Call<'_>,
     body: Option<Vec<u8>>,
     known: impl Fn(&crate::cluster::Answer) -> bool,
 ) -> Option<Response> {
@@ -234,7 +238,7 @@ async fn ask_others(
             .send(
                 &member,
                 method.clone(),
-                segments,
+                call,
                 &passed_on(headers),
                 body.clone(),
             )
@@ -304,21 +308,68 @@ pub struct DecisionParams {
 
 pub async fn decisions(
     State(s): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
     Query(q): Query<DecisionParams>,
 ) -> Response {
     let subject = q.subject.map(|k| s.engine.principal_of(&k));
+    let limit = q.limit.unwrap_or(100).min(10_000);
     let query = DecisionQuery {
         subject,
         grant: q.grant,
         since: q.since,
-        limit: q.limit.unwrap_or(100).min(10_000),
+        limit,
     };
     let audit = s.audit.clone();
-    match tokio::task::spawn_blocking(move || audit.query(&query)).await {
-        Ok(Ok(decisions)) => Json(json!({"decisions": decisions})).into_response(),
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, "audit", e.to_string()),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "audit", e.to_string()),
+    let mut decisions = match tokio::task::spawn_blocking(move || audit.query(&query)).await {
+        Ok(Ok(decisions)) => decisions,
+        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, "audit", e.to_string()),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "audit", e.to_string()),
+    };
+    // Cluster mode: every instance's decisions (each lists those of the principals it owned).
+    if let Some(peers) = s.peers.as_ref() {
+        if !headers.contains_key(crate::cluster::FORWARDED) {
+            let call = crate::cluster::Call {
+                segments: &["v1", "decisions"],
+                query: raw.as_deref(),
+            };
+            let passed = passed_on(&headers);
+            for member in peers.others() {
+                match peers
+                    .send(&member, reqwest::Method::GET, &call, &passed, None)
+                    .await
+                {
+                    Ok(a) if a.status == 200 => {
+                        let listed: DecisionList = match serde_json::from_slice(&a.body) {
+                            Ok(l) => l,
+                            Err(e) => {
+                                tracing::warn!(error = %e, instance = %member.instance,
+                                    "an instance's decisions did not parse");
+                                continue;
+                            }
+                        };
+                        decisions.extend(listed.decisions);
+                    }
+                    Ok(a) => tracing::warn!(status = a.status, instance = %member.instance,
+                        "an instance did not list its decisions"),
+                    Err(e) => tracing::warn!(error = %e, "an instance did not list its decisions"),
+                }
+            }
+            // Oldest first, each once, the newest `limit` — as one instance lists them.
+            decisions.sort_by(|a, b| a.time.total_cmp(&b.time));
+            let mut seen = std::collections::HashSet::new();
+            decisions.retain(|d| seen.insert(d.id.clone()));
+            let excess = decisions.len().saturating_sub(limit);
+            decisions.drain(..excess);
+        }
     }
+    Json(json!({"decisions": decisions})).into_response()
+}
+
+/// Another instance's `/v1/decisions` answer.
+#[derive(Deserialize)]
+struct DecisionList {
+    decisions: Vec<crate::decision::Decision>,
 }
 
 pub async fn subject(State(s): State<Arc<ApiState>>, Path(key): Path<String>) -> Response {
@@ -419,7 +470,10 @@ pub async fn check_grant(
             &s,
             &headers,
             reqwest::Method::POST,
-            &["v1", "check"],
+            &crate::cluster::Call {
+                segments: &["v1", "check"],
+                query: None,
+            },
             Some(body.to_vec()),
             known,
         )
@@ -483,7 +537,10 @@ pub async fn check_auth_request(State(s): State<Arc<ApiState>>, headers: HeaderM
             &s,
             &headers,
             reqwest::Method::GET,
-            &["v1", "check", "auth_request"],
+            &crate::cluster::Call {
+                segments: &["v1", "check", "auth_request"],
+                query: None,
+            },
             None,
             |a| a.status != 401,
         )

@@ -317,10 +317,12 @@ impl Vigil {
                     shutdown_rx.clone(),
                 )?;
                 tasks.push(announcer);
-                Some(Arc::new(
-                    crate::cluster::Peers::new(directory, *partitions, Duration::from_secs(5))
-                        .map_err(|e| StartError::Client(e.to_string()))?,
-                ))
+                Some(Arc::new(crate::cluster::Peers::new(
+                    directory,
+                    *partitions,
+                    peer_client(&config, destinations)?,
+                    destinations,
+                )))
             }
             _ => None,
         };
@@ -562,8 +564,32 @@ fn push_client(
     config: &Config,
     destinations: crate::outbound::Destinations,
 ) -> Result<reqwest::Client, StartError> {
+    // Each attempt has its own timeout (`delivery.push_timeout_ms`).
+    policed_client(config, destinations, reqwest::Client::builder())
+}
+
+/// The client for calls to the cluster's other instances (their URLs come from a topic): as for
+/// push, with a deadline, since the caller waits.
+fn peer_client(
+    config: &Config,
+    destinations: crate::outbound::Destinations,
+) -> Result<reqwest::Client, StartError> {
+    policed_client(
+        config,
+        destinations,
+        reqwest::Client::builder().timeout(Duration::from_secs(5)),
+    )
+}
+
+/// `builder` with the destination policy on every name resolved, no redirect followed, and the
+/// configured CA bundle.
+fn policed_client(
+    config: &Config,
+    destinations: crate::outbound::Destinations,
+    builder: reqwest::ClientBuilder,
+) -> Result<reqwest::Client, StartError> {
     crate::tls::trust_bundle(
-        reqwest::Client::builder()
+        builder
             .redirect(reqwest::redirect::Policy::none())
             .dns_resolver(destinations.resolver()),
         &config.tls,

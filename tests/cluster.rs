@@ -4,7 +4,8 @@
 //!   in `/readyz` which it owns;
 //! - a grant registered, read, deleted or checked (`/v1/check`, nginx `auth_request`) through any
 //!   instance is held and answered by its principal's owner alone (the instances find it in the
-//!   members directory), and once revoked no instance answers allow;
+//!   members directory), and once revoked no instance answers allow; `/v1/decisions` on any
+//!   instance lists the whole cluster's;
 //! - a SET pushed to any instance — and the same SET again to a third — is applied once, by the
 //!   owner of its principal's partition alone, whose grant is revoked;
 //! - with every broker down a push is answered 503 with `Retry-After` (nothing acknowledged), and
@@ -372,6 +373,11 @@ async fn any_instance_takes_a_set_and_only_the_owner_applies_it() {
                 "revoked",
                 "every instance answers with the owner's state"
             );
+            assert_eq!(
+                decisions_for(&http, &other.base, &grant).await,
+                1,
+                "every instance lists the owner's decision, once"
+            );
             // Once revoked, no instance answers allow.
             assert_eq!(
                 check(&http, &other.base, &grant).await,
@@ -387,6 +393,26 @@ async fn any_instance_takes_a_set_and_only_the_owner_applies_it() {
             auth_request(&http, &instances[0].base, "nobody").await.0,
             401
         );
+    }
+    // Every instance lists the whole cluster's decisions: one per user, oldest first, the newest
+    // up to the limit.
+    for instance in &instances {
+        for (limit, want) in [(100, users.len()), (5, 5)] {
+            let all: Value = http
+                .get(format!("{}/v1/decisions?limit={limit}", instance.base))
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let listed = all["decisions"].as_array().unwrap();
+            assert_eq!(listed.len(), want);
+            assert!(listed
+                .windows(2)
+                .all(|w| w[0]["time"].as_f64() <= w[1]["time"].as_f64()));
+        }
     }
 
     // Every broker down: a push is refused with 503 + Retry-After and acknowledges nothing; the

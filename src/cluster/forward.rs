@@ -5,7 +5,6 @@
 //! carries [`FORWARDED`] and is never forwarded again, so a stale directory cannot make a loop.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use super::members::{Directory, Member};
 use super::partition_of;
@@ -34,10 +33,20 @@ pub struct Answer {
     pub body: Vec<u8>,
 }
 
+/// Where a call goes on another instance: a path (its segments) and a query as the caller sent it.
+#[derive(Debug, Clone, Copy)]
+pub struct Call<'a> {
+    pub segments: &'a [&'a str],
+    pub query: Option<&'a str>,
+}
+
 /// The other instances, for calls this one does not own.
 pub struct Peers {
     directory: Arc<Directory>,
+    /// Follows no redirect and resolves names through `destinations`.
     client: reqwest::Client,
+    /// An instance's URL comes from a topic: it passes the destination policy like any other.
+    destinations: crate::outbound::Destinations,
     partitions: i32,
 }
 
@@ -45,17 +54,15 @@ impl Peers {
     pub fn new(
         directory: Arc<Directory>,
         partitions: i32,
-        timeout: Duration,
-    ) -> Result<Peers, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()?;
-        Ok(Peers {
+        client: reqwest::Client,
+        destinations: crate::outbound::Destinations,
+    ) -> Peers {
+        Peers {
             directory,
             client,
+            destinations,
             partitions,
-        })
+        }
     }
 
     /// The live instance that owns `key`'s partition.
@@ -71,13 +78,14 @@ impl Peers {
         self.directory.others()
     }
 
-    /// Sends `method` to the path of `segments` (each percent-encoded) at `member`, with `body`
-    /// (JSON) and the caller's `headers` (its credential, an `auth_request`'s `x-vigil-*`).
+    /// Sends `method` to the path of `call.segments` (each percent-encoded) and its query at
+    /// `member`, with `body` (JSON) and the caller's `headers` (its credential, an
+    /// `auth_request`'s `x-vigil-*`).
     pub async fn send(
         &self,
         member: &Member,
         method: reqwest::Method,
-        segments: &[&str],
+        call: &Call<'_>,
         headers: &[(&str, &str)],
         body: Option<Vec<u8>>,
     ) -> Result<Answer, ForwardError> {
@@ -85,14 +93,15 @@ impl Peers {
             instance: member.instance.clone(),
             reason: crate::outbound::excerpt(&reason),
         };
-        let mut url = reqwest::Url::parse(&member.url).map_err(|e| unreachable(e.to_string()))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(unreachable(format!("not an http(s) URL: {}", member.url)));
-        }
+        let mut url = self
+            .destinations
+            .check_url(&member.url)
+            .map_err(|e| unreachable(e.to_string()))?;
         url.path_segments_mut()
             .map_err(|()| unreachable(format!("not a base URL: {}", member.url)))?
             .pop_if_empty()
-            .extend(segments);
+            .extend(call.segments);
+        url.set_query(call.query);
         let mut request = self.client.request(method, url).header(FORWARDED, "1");
         for (name, value) in headers {
             request = request.header(*name, *value);

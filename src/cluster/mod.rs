@@ -14,12 +14,13 @@
 //! twice, by one instance or two, is applied twice with no further effect (an equal fact is not an
 //! update; the decision id names the signal's `jti`).
 //!
-//! **Any instance answers the grant API and `check`.** Instances announce themselves and the
-//! partitions they own on `<name>.members` ([`Directory`]); a registration, read, deletion or check
-//! of a grant another instance owns is forwarded to it and its answer returned ([`Peers`]).
+//! **Any instance answers the grant API, `check` and decisions.** Instances announce themselves
+//! and the partitions they own on `<name>.members` ([`Directory`]); a registration, read, deletion
+//! or check of a grant another instance owns is forwarded to it and its answer returned
+//! ([`Peers`]); `/v1/decisions` merges every instance's list.
 //!
-//! What is not built yet (issue 20): decisions and streams answered for the whole cluster, a
-//! status view every instance keeps, state moving with a partition (changelog, restore, standbys), identity across
+//! What is not built yet (issue 20): streams and delivery for the whole cluster, a status view
+//! every instance keeps, state moving with a partition (changelog, restore, standbys), identity across
 //! instances, one signing identity, and risk feeds in cluster mode.
 
 mod forward;
@@ -28,7 +29,7 @@ mod partition;
 mod signal_log;
 mod topics;
 
-pub use forward::{Answer, ForwardError, Peers, FORWARDED};
+pub use forward::{Answer, Call, ForwardError, Peers, FORWARDED};
 pub use members::{Directory, Member};
 pub use partition::{murmur2, partition_of};
 pub use signal_log::{PublishError, SignalLog};
