@@ -13,11 +13,13 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{arg, background_set, cpu_seconds, loopback_config, push_set, quantile, sign_sets};
+use common::{
+    arg, background_set, cpu_seconds, drive_max_over, loopback_config, push_set, quantile,
+    sign_sets,
+};
 use rdkafka::mocking::MockCluster;
 use vigil::config::TransmitterConfig;
 use vigil::jose::Alg;
@@ -177,34 +179,8 @@ async fn measure(
     let cpu_before = cpu_seconds();
     let started = Instant::now();
     let total = tokens.len();
-    let tokens = Arc::new(tokens);
-    let next = Arc::new(AtomicUsize::new(0));
-    let urls = Arc::new(urls);
-    let mut tasks = Vec::new();
-    for _ in 0..concurrency {
-        let (http, tokens, next, urls) = (http.clone(), tokens.clone(), next.clone(), urls.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            let mut failures = 0usize;
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(token) = tokens.get(i) else { break };
-                let t = Instant::now();
-                match push_set(&http, &urls[i % urls.len()], "Bearer load", token).await {
-                    Ok(202) => latencies.push(t.elapsed().as_secs_f64() * 1e3),
-                    _ => failures += 1,
-                }
-            }
-            (latencies, failures)
-        }));
-    }
-    let mut latencies = Vec::with_capacity(total);
-    let mut failures = 0;
-    for t in tasks {
-        let (l, f) = t.await?;
-        latencies.extend(l);
-        failures += f;
-    }
+    let drive = drive_max_over(&http, &urls, "Bearer load", tokens, concurrency).await;
+    let (latencies, failures) = (drive.latencies_ms, drive.failures);
     let pushed_secs = started.elapsed().as_secs_f64();
     anyhow::ensure!(failures == 0, "{label}: {failures} pushes not accepted");
     // Applied: every SET folded by some instance's engine (the counter is the process's, summed
@@ -223,7 +199,6 @@ async fn measure(
     }
     let applied_secs = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu_before;
-    latencies.sort_by(f64::total_cmp);
     for v in vigils {
         v.shutdown().await;
     }

@@ -443,9 +443,7 @@ impl ClusterConfig {
 
     /// The pass-through properties with `_` read as `.`.
     pub fn librdkafka_properties(&self) -> impl Iterator<Item = (String, &str)> {
-        self.properties
-            .iter()
-            .map(|(k, v)| (k.replace('_', "."), v.as_str()))
+        dotted(&self.properties)
     }
 
     fn validate(&self, kafka: &KafkaConfig) -> Result<(), ConfigError> {
@@ -517,6 +515,15 @@ impl ClusterConfig {
     }
 }
 
+/// librdkafka properties as configured, `_` read as `.` (so environment overrides can name them).
+fn dotted(
+    properties: &std::collections::BTreeMap<String, String>,
+) -> impl Iterator<Item = (String, &str)> {
+    properties
+        .iter()
+        .map(|(k, v)| (k.replace('_', "."), v.as_str()))
+}
+
 /// librdkafka settings Vigil owns: its delivery guarantee depends on them.
 const KAFKA_RESERVED: [&str; 5] = [
     "bootstrap.servers",
@@ -534,9 +541,7 @@ impl KafkaConfig {
 
     /// The pass-through properties with `_` read as `.`.
     pub fn librdkafka_properties(&self) -> impl Iterator<Item = (String, &str)> {
-        self.properties
-            .iter()
-            .map(|(k, v)| (k.replace('_', "."), v.as_str()))
+        dotted(&self.properties)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {

@@ -215,9 +215,10 @@ async fn auth_request(http: &reqwest::Client, base: &str, grant: &str) -> (u16, 
     (r.status().as_u16(), status)
 }
 
-async fn decisions_for(http: &reqwest::Client, base: &str, grant: &str) -> usize {
+/// The decisions `/v1/decisions?<query>` lists at `base`.
+async fn decisions(http: &reqwest::Client, base: &str, query: &str) -> Vec<Value> {
     let listed: Value = http
-        .get(format!("{base}/v1/decisions?grant={grant}&limit=100"))
+        .get(format!("{base}/v1/decisions?{query}"))
         .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
@@ -225,7 +226,13 @@ async fn decisions_for(http: &reqwest::Client, base: &str, grant: &str) -> usize
         .json()
         .await
         .unwrap();
-    listed["decisions"].as_array().unwrap().len()
+    listed["decisions"].as_array().unwrap().clone()
+}
+
+async fn decisions_for(http: &reqwest::Client, base: &str, grant: &str) -> usize {
+    decisions(http, base, &format!("grant={grant}&limit=100"))
+        .await
+        .len()
 }
 
 fn disabled(email: &str, jti: &str) -> Value {
@@ -398,16 +405,7 @@ async fn any_instance_takes_a_set_and_only_the_owner_applies_it() {
     // up to the limit.
     for instance in &instances {
         for (limit, want) in [(100, users.len()), (5, 5)] {
-            let all: Value = http
-                .get(format!("{}/v1/decisions?limit={limit}", instance.base))
-                .bearer_auth(ADMIN_TOKEN)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let listed = all["decisions"].as_array().unwrap();
+            let listed = decisions(&http, &instance.base, &format!("limit={limit}")).await;
             assert_eq!(listed.len(), want);
             assert!(listed
                 .windows(2)

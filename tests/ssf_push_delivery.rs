@@ -143,6 +143,20 @@ async fn register(vigil: &vigil::Vigil, id: &str, user: &str) {
     assert_eq!(post_json(vigil, "/v1/grants", &g).await.0, 201);
 }
 
+/// The gateway's push stream to the receiver at `ep_addr`.
+async fn create_push_stream(vigil: &vigil::Vigil, ep_addr: SocketAddr) {
+    let stream = json!({"delivery": {"method": "urn:ietf:rfc:8935", "endpoint_url": format!("http://{ep_addr}/events"),
+        "authorization_header": PUSH_SECRET}});
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/ssf/streams", vigil.local_addr()))
+        .bearer_auth(EP_TOKEN)
+        .json(&stream)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+}
+
 fn txns(r: &Receiver) -> Vec<String> {
     r.received
         .lock()
@@ -173,16 +187,7 @@ async fn revocations_are_pushed_in_order_through_errors_outages_and_a_restart() 
         vec![(500, Value::Null), (503, Value::Null), (0, Value::Null)];
     let (ep_addr, ep_task) = serve_receiver(receiver.clone(), "127.0.0.1:0".parse().unwrap()).await;
     load_jwks(&receiver, &vigil).await;
-    let stream = json!({"delivery": {"method": "urn:ietf:rfc:8935", "endpoint_url": format!("http://{ep_addr}/events"),
-        "authorization_header": PUSH_SECRET}});
-    let resp = reqwest::Client::new()
-        .post(format!("http://{}/ssf/streams", vigil.local_addr()))
-        .bearer_auth(EP_TOKEN)
-        .json(&stream)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 201);
+    create_push_stream(&vigil, ep_addr).await;
 
     for i in 0..3 {
         register(&vigil, &format!("g{i}"), &format!("u{i}@example.com")).await;
@@ -283,16 +288,7 @@ async fn retries_and_dead_letters_follow_the_injected_clock() {
     *receiver.script.lock().unwrap() = vec![(500, Value::Null), (503, json!({"retry_after": 30}))];
     let (ep_addr, ep_task) = serve_receiver(receiver.clone(), "127.0.0.1:0".parse().unwrap()).await;
     load_jwks(&receiver, &vigil).await;
-    let stream = json!({"delivery": {"method": "urn:ietf:rfc:8935", "endpoint_url": format!("http://{ep_addr}/events"),
-        "authorization_header": PUSH_SECRET}});
-    let resp = reqwest::Client::new()
-        .post(format!("http://{}/ssf/streams", vigil.local_addr()))
-        .bearer_auth(EP_TOKEN)
-        .json(&stream)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 201);
+    create_push_stream(&vigil, ep_addr).await;
     register(&vigil, "g0", "u0@example.com").await;
     revoke(&tx, &vigil, "u0@example.com", "dis-0").await;
 

@@ -133,16 +133,35 @@ pub async fn drive_max(
     tokens: Vec<String>,
     concurrency: usize,
 ) -> Drive {
+    drive_max_over(
+        client,
+        &[url.to_owned()],
+        authorization,
+        tokens,
+        concurrency,
+    )
+    .await
+}
+
+/// [`drive_max`] over several endpoints: the i-th token goes to `urls[i % urls.len()]`.
+pub async fn drive_max_over(
+    client: &reqwest::Client,
+    urls: &[String],
+    authorization: &str,
+    tokens: Vec<String>,
+    concurrency: usize,
+) -> Drive {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
+    let urls = Arc::new(urls.to_vec());
     let tokens = Arc::new(tokens);
     let next = Arc::new(AtomicUsize::new(0));
     let started = std::time::Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
-        let (client, url, auth, tokens, next) = (
+        let (client, urls, auth, tokens, next) = (
             client.clone(),
-            url.to_owned(),
+            urls.clone(),
             authorization.to_owned(),
             tokens.clone(),
             next.clone(),
@@ -154,7 +173,7 @@ pub async fn drive_max(
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(token) = tokens.get(i) else { break };
                 let t = std::time::Instant::now();
-                match push_set(&client, &url, &auth, token).await {
+                match push_set(&client, &urls[i % urls.len()], &auth, token).await {
                     Ok(202) => latencies.push(t.elapsed().as_secs_f64() * 1e3),
                     _ => failures += 1,
                 }

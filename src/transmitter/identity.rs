@@ -199,6 +199,16 @@ fn write_keys(path: &Path, keys: &[StoredKey]) -> Result<(), String> {
 mod tests {
     use super::*;
 
+    /// The key ids the JWKS publishes.
+    fn published(id: &Identity) -> Vec<String> {
+        id.jwks()["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kid"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
     #[test]
     fn keys_persist_rotate_and_stay_published_for_the_retention() {
         let dir = tempfile::tempdir().unwrap();
@@ -210,12 +220,7 @@ mod tests {
         assert_eq!(id.signer().kid, first);
         let second = id.rotate().unwrap();
         assert_ne!(second, first);
-        let kids: Vec<String> = id.jwks()["keys"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|k| k["kid"].as_str().unwrap().to_owned())
-            .collect();
+        let kids = published(&id);
         assert!(kids.contains(&first) && kids.contains(&second), "{kids:?}");
         assert!(
             id.jwks()["keys"][0].get("d").is_none(),
@@ -225,12 +230,7 @@ mod tests {
         clock.advance(std::time::Duration::from_secs(3600));
         assert_eq!(id.jwks()["keys"].as_array().unwrap().len(), 2);
         clock.advance(std::time::Duration::from_secs(1));
-        let kids: Vec<String> = id.jwks()["keys"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|k| k["kid"].as_str().unwrap().to_owned())
-            .collect();
+        let kids = published(&id);
         assert_eq!(kids, vec![second]);
         #[cfg(unix)]
         {
