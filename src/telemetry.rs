@@ -87,6 +87,8 @@ catalogue! {
         "Signals the brokers did not take in cluster.publish_timeout_ms (the push was answered 503)";
     CLUSTER_PARTITIONS_OWNED = "vigil_cluster_partitions_owned", Gauge, [],
         "Partitions of the signals topic this instance owns";
+    CLUSTER_MEMBERS = "vigil_cluster_members", Gauge, [],
+        "Instances in the members directory (this one included), heard from within the last hour";
     CLUSTER_FORWARDED = "vigil_cluster_forwarded_total", Counter, [],
         "API calls answered by the owning instance (forwarded there)";
     // The engine.

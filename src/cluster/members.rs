@@ -1,8 +1,10 @@
 //! The members directory: which instance owns which partitions of the signals topic, and where it
 //! answers. Every instance announces itself on `<name>.members` (compacted, one partition, keyed by
 //! instance id) when its partitions change and every [`ANNOUNCE_EVERY`], and leaves a tombstone when
-//! it shuts down; every instance reads the whole topic into memory. A record older than
-//! [`FRESH_FOR`] is an instance that died: it owns nothing. So an API call about a principal that
+//! it shuts down; every instance reads the whole topic into memory. An instance not heard from for
+//! [`FRESH_FOR`] (by the reader's clock, when it read the record: the instances' clocks may
+//! disagree) has died and owns nothing; one not heard from for [`FORGOTTEN_AFTER`] is dropped from
+//! memory (an instance with a fresh id at each start would otherwise grow the map forever). So an API call about a principal that
 //! another instance owns is answered by that instance, whichever one received it.
 
 use std::collections::HashMap;
@@ -25,6 +27,8 @@ use crate::kafka::{KafkaHealth, ProducerLogs};
 pub const ANNOUNCE_EVERY: Duration = Duration::from_secs(2);
 /// How long an announcement counts: an instance silent for longer has died.
 pub const FRESH_FOR: Duration = Duration::from_secs(10);
+/// When a silent instance is dropped from memory.
+pub const FORGOTTEN_AFTER: Duration = Duration::from_secs(3600);
 
 /// One instance, as it announced itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,14 +38,20 @@ pub struct Member {
     pub url: String,
     /// The partitions of the signals topic it owns.
     pub partitions: Vec<i32>,
-    /// When it announced this (milliseconds since the epoch, its clock).
+    /// When it announced this (milliseconds since the epoch, its own clock: informative only).
     pub at_ms: i64,
+}
+
+/// A member and when this instance last heard from it (its own clock).
+struct Heard {
+    member: Member,
+    at_ms: i64,
 }
 
 /// The members of the cluster as this instance last read them.
 pub struct Directory {
     me: Member,
-    members: RwLock<HashMap<String, Member>>,
+    members: RwLock<HashMap<String, Heard>>,
     producer: FutureProducer<ProducerLogs>,
     topic: String,
     health: Arc<KafkaHealth>,
@@ -113,6 +123,7 @@ impl Directory {
             let Some(key) = message.key().and_then(|k| std::str::from_utf8(k).ok()) else {
                 continue;
             };
+            let now = self.clock.now_ms();
             let mut members = self
                 .members
                 .write()
@@ -122,14 +133,15 @@ impl Directory {
                     members.remove(key);
                 }
                 Some(bytes) => match serde_json::from_slice::<Member>(bytes) {
-                    // Bounded by the instances that ever ran; a dead one's entry is replaced
-                    // by its tombstone or ignored once stale.
                     Ok(member) if member.instance == key => {
-                        members.insert(key.to_owned(), member);
+                        members.insert(key.to_owned(), Heard { member, at_ms: now });
                     }
                     _ => tracing::warn!(key, "an unreadable record on the members topic"),
                 },
             }
+            let forgotten = now.saturating_sub(millis(FORGOTTEN_AFTER));
+            members.retain(|_, h| h.at_ms >= forgotten);
+            metrics::gauge!(crate::telemetry::CLUSTER_MEMBERS).set(members.len() as f64);
         }
     }
 
@@ -160,30 +172,41 @@ impl Directory {
         }
     }
 
-    /// The live instance that owns `partition`, other than this one.
+    /// The live instance that owns `partition`, other than this one (the one heard from last,
+    /// while a rebalance has two claim it).
     pub fn owner_of(&self, partition: i32) -> Option<Member> {
-        self.others()
+        self.live()
             .into_iter()
-            .filter(|m| m.partitions.contains(&partition))
-            .max_by_key(|m| m.at_ms)
+            .filter(|h| h.member.partitions.contains(&partition))
+            .max_by_key(|h| h.at_ms)
+            .map(|h| h.member)
     }
 
-    /// The other live instances.
+    /// The other live instances, by id.
     pub fn others(&self) -> Vec<Member> {
-        let fresh_since = self
-            .clock
-            .now_ms()
-            .saturating_sub(i64::try_from(FRESH_FOR.as_millis()).unwrap_or(i64::MAX));
+        let mut others: Vec<Member> = self.live().into_iter().map(|h| h.member).collect();
+        others.sort_by(|a, b| a.instance.cmp(&b.instance));
+        others
+    }
+
+    /// The other instances heard from within [`FRESH_FOR`].
+    fn live(&self) -> Vec<Heard> {
+        let fresh_since = self.clock.now_ms().saturating_sub(millis(FRESH_FOR));
         let members = self
             .members
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut others: Vec<Member> = members
+        members
             .values()
-            .filter(|m| m.instance != self.me.instance && m.at_ms >= fresh_since)
-            .cloned()
-            .collect();
-        others.sort_by(|a, b| a.instance.cmp(&b.instance));
-        others
+            .filter(|h| h.member.instance != self.me.instance && h.at_ms >= fresh_since)
+            .map(|h| Heard {
+                member: h.member.clone(),
+                at_ms: h.at_ms,
+            })
+            .collect()
     }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
