@@ -1641,6 +1641,46 @@ mod tests {
         }
     }
 
+    /// `[cluster]` values that would name bad topics, overflow or break ownership are refused by
+    /// key; risk feeds with cluster mode are refused until they are re-keyed to their owner.
+    #[test]
+    fn cluster_settings_are_checked() {
+        let on = |extra: &str| format!("[cluster]\nbrokers = \"k:9092\"\n{extra}");
+        assert!(Config::from_toml(&on(""), no_env())
+            .unwrap()
+            .cluster
+            .enabled());
+        assert!(!Config::from_toml("", no_env()).unwrap().cluster.enabled());
+        for (extra, key) in [
+            ("name = \"a b\"", "cluster.name"),
+            ("name = \"\"", "cluster.name"),
+            ("partitions = 0", "cluster.partitions"),
+            ("partitions = 20000", "cluster.partitions"),
+            ("replication_factor = 0", "cluster.replication_factor"),
+            ("publish_timeout_ms = 1", "cluster.publish_timeout_ms"),
+            ("advertised_url = \"ftp://x\"", "cluster.advertised_url"),
+            (
+                "[cluster.properties]\nacks = \"1\"",
+                "cluster.properties.acks",
+            ),
+            (
+                "[cluster.properties]\ngroup_id = \"x\"",
+                "cluster.properties.group.id",
+            ),
+        ] {
+            let e = err_of(&on(extra), no_env());
+            assert!(e.contains(key), "{extra}: {e}");
+        }
+        let e = err_of(
+            &format!("{}\n[kafka]\nbrokers = \"k:9092\"", on("")),
+            no_env(),
+        );
+        assert!(
+            e.contains("kafka.brokers") && e.contains("[cluster]"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn empty_file_is_the_default() {
         let c = Config::from_toml("", no_env()).unwrap();

@@ -146,3 +146,43 @@ pub enum ClusterError {
     #[error("the instance id: {0}")]
     InstanceId(String),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An instance owns a key exactly when the group gave it the key's partition; during a
+    /// rebalance (nothing owned) it owns nothing.
+    #[test]
+    fn ownership_follows_the_partitions_assigned() {
+        let health = std::sync::Arc::new(crate::kafka::KafkaHealth::for_cluster());
+        let ownership = Ownership::new(12, health.clone());
+        let key = "email:jane@example.com";
+        let p = partition_of(key, 12);
+        assert_eq!(ownership.check(key), Err(p));
+        health.rebalanced([p, (p + 1) % 12].into_iter(), true);
+        assert_eq!(ownership.check(key), Ok(()));
+        assert_eq!(
+            health
+                .view()
+                .and_then(|v| v.owned_partitions)
+                .map(|o| o.len()),
+            Some(2)
+        );
+        health.rebalanced(std::iter::once(p), false);
+        assert_eq!(ownership.check(key), Err(p));
+    }
+
+    #[test]
+    fn an_instance_keeps_its_generated_id_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ClusterConfig::default();
+        let first = instance_id(&config, dir.path()).unwrap();
+        assert_eq!(instance_id(&config, dir.path()).unwrap(), first);
+        let named = ClusterConfig {
+            instance_id: "zone-a-1".into(),
+            ..ClusterConfig::default()
+        };
+        assert_eq!(instance_id(&named, dir.path()).unwrap(), "zone-a-1");
+    }
+}
