@@ -257,12 +257,13 @@ pub async fn get_grant(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    if s.engine.grant(&id).is_none() {
+    let held = s.engine.grant(&id);
+    if held.is_none() {
         if let Some(answer) = from_others(&s, &headers, reqwest::Method::GET, &id).await {
             return answer;
         }
     }
-    match s.engine.grant(&id) {
+    match held {
         Some(g) => Json(&*g).into_response(),
         None => error(
             StatusCode::NOT_FOUND,
@@ -461,7 +462,8 @@ pub async fn check_grant(
     };
     // Cluster mode: a grant this instance does not hold is answered by the one that does (its
     // live state: never an older view).
-    if matches!(lookup(&s, &req), Ok(ref grants) if grants.is_empty()) {
+    let found = lookup(&s, &req);
+    if s.peers.is_some() && matches!(found, Ok(ref grants) if grants.is_empty()) {
         let known = |a: &crate::cluster::Answer| {
             serde_json::from_slice::<Value>(&a.body)
                 .is_ok_and(|v| a.status == 200 && v["status"] != "unknown")
@@ -482,7 +484,7 @@ pub async fn check_grant(
             return answer;
         }
     }
-    match lookup(&s, &req) {
+    match found {
         Ok(grants) => Json(judge(
             &grants,
             req.action.as_deref(),
@@ -532,7 +534,8 @@ pub async fn check_auth_request(State(s): State<Arc<ApiState>>, headers: HeaderM
         resource: None,
     };
     // Cluster mode: a grant this instance does not hold is answered by the one that does.
-    if matches!(lookup(&s, &req), Ok(ref grants) if grants.is_empty()) {
+    let found = lookup(&s, &req);
+    if s.peers.is_some() && matches!(found, Ok(ref grants) if grants.is_empty()) {
         let answer = ask_others(
             &s,
             &headers,
@@ -549,7 +552,7 @@ pub async fn check_auth_request(State(s): State<Arc<ApiState>>, headers: HeaderM
             return answer;
         }
     }
-    let result = match lookup(&s, &req) {
+    let result = match found {
         Ok(grants) => judge(&grants, req.action.as_deref(), None, s.engine.clock().now()),
         Err(_) => check::check(&[], None, None, 0.0),
     };

@@ -75,8 +75,10 @@ impl Clock {
             return tokio::time::sleep(d).await;
         };
         let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        // The deadline is read before this sleeper counts in `sleepers`: a test that advances
+        // once it sees the sleeper cannot move the start of the wait.
+        let deadline = t.borrow().saturating_add(ms);
         let mut rx = t.subscribe();
-        let deadline = rx.borrow_and_update().saturating_add(ms);
         while *rx.borrow_and_update() < deadline {
             // The sender lives as long as this clock (we hold it), so `changed` cannot fail.
             if rx.changed().await.is_err() {

@@ -179,6 +179,26 @@ async fn grant_status(http: &reqwest::Client, base: &str, grant: &str) -> (u16, 
     (code, r.json().await.unwrap_or(Value::Null))
 }
 
+/// A session grant `id` for `email`, valid for the next hour.
+fn session_grant(id: &str, email: &str) -> Value {
+    let t = now();
+    json!({"id": id, "kind": "session", "subject": {"format": "email", "email": email},
+        "issued_at": t - 5.0, "expires_at": t + 3600.0})
+}
+
+/// `POST /v1/grants` at `base`: the status and body of the answer.
+async fn register(http: &reqwest::Client, base: &str, grant: &Value) -> (u16, Value) {
+    let r = http
+        .post(format!("{base}/v1/grants"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(grant)
+        .send()
+        .await
+        .unwrap();
+    let code = r.status().as_u16();
+    (code, r.json().await.unwrap_or(Value::Null))
+}
+
 /// `POST /v1/check` for a grant: its decision and status.
 async fn check(http: &reqwest::Client, base: &str, grant: &str) -> (String, String) {
     let answer: Value = http
@@ -285,25 +305,14 @@ async fn any_instance_takes_a_set_and_only_the_owner_applies_it() {
     assert_eq!(by_owner.len(), 3, "the users fall on every instance");
     for (i, user) in users.iter().enumerate() {
         let owner = &instances[owner_of(user)].base;
-        let t = now();
-        let g = json!({"id": format!("g{i}"), "kind": "session",
-            "subject": {"format": "email", "email": user},
-            "issued_at": t - 5.0, "expires_at": t + 3600.0});
+        let g = session_grant(&format!("g{i}"), user);
         // Registered through another instance (every third through the owner itself): the
         // owner answers, after evaluation.
         let entry = &instances[(owner_of(user) + i) % 3].base;
         // 503 while the entry does not know the owner yet (its members directory fills).
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         let answer = loop {
-            let r = http
-                .post(format!("{entry}/v1/grants"))
-                .bearer_auth(ADMIN_TOKEN)
-                .json(&g)
-                .send()
-                .await
-                .unwrap();
-            let code = r.status().as_u16();
-            let body: Value = r.json().await.unwrap_or(Value::Null);
+            let (code, body) = register(&http, entry, &g).await;
             if code != 503 || std::time::Instant::now() > deadline {
                 break (code, body);
             }
@@ -417,29 +426,15 @@ async fn any_instance_takes_a_set_and_only_the_owner_applies_it() {
     // transmitter's retry after the brokers return is taken and applied.
     let late = "late@example.com";
     let owner = &instances[owner_of(late)].base;
-    let t = now();
-    let g = json!({"id": "late", "kind": "session",
-        "subject": {"format": "email", "email": late},
-        "issued_at": t - 5.0, "expires_at": t + 3600.0});
-    let r = http
-        .post(format!("{owner}/v1/grants"))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&g)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 201);
+    assert_eq!(
+        register(&http, owner, &session_grant("late", late)).await.0,
+        201
+    );
     // A deletion through another instance reaches the owner.
-    let t = now();
-    let g = json!({"id": "gone", "kind": "session",
-        "subject": {"format": "email", "email": late},
-        "issued_at": t - 5.0, "expires_at": t + 3600.0});
-    http.post(format!("{owner}/v1/grants"))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&g)
-        .send()
-        .await
-        .unwrap();
+    assert_eq!(
+        register(&http, owner, &session_grant("gone", late)).await.0,
+        201
+    );
     let elsewhere = &instances[(owner_of(late) + 2) % 3].base;
     let deleted = http
         .delete(format!("{elsewhere}/v1/grants/gone"))
