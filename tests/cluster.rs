@@ -199,6 +199,24 @@ async fn register(http: &reqwest::Client, base: &str, grant: &Value) -> (u16, Va
     (code, r.json().await.unwrap_or(Value::Null))
 }
 
+/// What `base` answers for `grant` by `POST /v1/check` (decision, status) and by nginx's
+/// `auth_request` (HTTP status), checked against what is expected.
+async fn assert_live_answers(
+    http: &reqwest::Client,
+    base: &str,
+    grant: &str,
+    (decision, status, code): (&str, &str, u16),
+) {
+    assert_eq!(
+        check(http, base, grant).await,
+        (decision.to_owned(), status.to_owned())
+    );
+    assert_eq!(
+        auth_request(http, base, grant).await,
+        (code, status.to_owned())
+    );
+}
+
 /// `POST /v1/check` for a grant: its decision and status.
 async fn check(http: &reqwest::Client, base: &str, grant: &str) -> (String, String) {
     let answer: Value = http
@@ -235,22 +253,8 @@ async fn auth_request(http: &reqwest::Client, base: &str, grant: &str) -> (u16, 
     (r.status().as_u16(), status)
 }
 
-/// The decisions `/v1/decisions?<query>` lists at `base`.
-async fn decisions(http: &reqwest::Client, base: &str, query: &str) -> Vec<Value> {
-    let listed: Value = http
-        .get(format!("{base}/v1/decisions?{query}"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    listed["decisions"].as_array().unwrap().clone()
-}
-
 async fn decisions_for(http: &reqwest::Client, base: &str, grant: &str) -> usize {
-    decisions(http, base, &format!("grant={grant}&limit=100"))
+    listed_decisions(http, base, &format!("grant={grant}&limit=100"))
         .await
         .len()
 }
@@ -339,14 +343,7 @@ async fn any_instance_takes_a_set_and_only_the_owner_applies_it() {
             );
             // Checked on any instance: the owner's live answer.
             let grant = format!("g{i}");
-            assert_eq!(
-                check(&http, &other.base, &grant).await,
-                ("allow".to_owned(), "active".to_owned())
-            );
-            assert_eq!(
-                auth_request(&http, &other.base, &grant).await,
-                (200, "active".to_owned())
-            );
+            assert_live_answers(&http, &other.base, &grant, ("allow", "active", 200)).await;
         }
         // A call that was already forwarded is not forwarded again.
         if entry != owner {
@@ -395,14 +392,7 @@ async fn any_instance_takes_a_set_and_only_the_owner_applies_it() {
                 "every instance lists the owner's decision, once"
             );
             // Once revoked, no instance answers allow.
-            assert_eq!(
-                check(&http, &other.base, &grant).await,
-                ("deny".to_owned(), "revoked".to_owned())
-            );
-            assert_eq!(
-                auth_request(&http, &other.base, &grant).await,
-                (403, "revoked".to_owned())
-            );
+            assert_live_answers(&http, &other.base, &grant, ("deny", "revoked", 403)).await;
         }
         // A grant no instance holds is unknown everywhere (401 for nginx), after asking them all.
         assert_eq!(
@@ -414,7 +404,7 @@ async fn any_instance_takes_a_set_and_only_the_owner_applies_it() {
     // up to the limit.
     for instance in &instances {
         for (limit, want) in [(100, users.len()), (5, 5)] {
-            let listed = decisions(&http, &instance.base, &format!("limit={limit}")).await;
+            let listed = listed_decisions(&http, &instance.base, &format!("limit={limit}")).await;
             assert_eq!(listed.len(), want);
             assert!(listed
                 .windows(2)

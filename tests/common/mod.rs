@@ -311,3 +311,17 @@ pub fn recorded_signal(jti: &str) -> vigil::signal::Signal {
         ttl_secs: None,
     }
 }
+
+/// The decisions `/v1/decisions?<query>` lists at `base` (as the admin client), in its order.
+pub async fn listed_decisions(http: &reqwest::Client, base: &str, query: &str) -> Vec<Value> {
+    let listed: Value = http
+        .get(format!("{base}/v1/decisions?{query}"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    listed["decisions"].as_array().unwrap().clone()
+}
