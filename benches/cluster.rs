@@ -127,9 +127,9 @@ async fn measure(
     let kafka = MockCluster::new(3)?;
     let name = format!("bench{}", vigil::signal::now_ms());
     let topics = vigil::cluster::Topics::of(&name);
-    kafka.create_topic(&topics.signals, partitions, 3)?;
-    kafka.create_topic(&topics.signals_dead_letter, 1, 3)?;
-    kafka.create_topic(&topics.members, 1, 3)?;
+    for (topic, count) in topics.with_partitions(partitions) {
+        kafka.create_topic(topic, count, 3)?;
+    }
     let mut dirs = Vec::new();
     let mut vigils = Vec::new();
     for _ in 0..instances.max(1) {

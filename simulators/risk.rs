@@ -75,9 +75,9 @@ async fn main() -> anyhow::Result<()> {
         ];
         if let Some(name) = &args.cluster {
             let cluster_topics = vigil::cluster::Topics::of(name);
-            topics.push((cluster_topics.signals, args.cluster_partitions));
-            topics.push((cluster_topics.signals_dead_letter, 1));
-            topics.push((cluster_topics.members, 1));
+            for (topic, partitions) in cluster_topics.with_partitions(args.cluster_partitions) {
+                topics.push((topic.to_owned(), partitions));
+            }
         }
         let topics: Vec<(&str, i32)> = topics.iter().map(|(t, p)| (t.as_str(), *p)).collect();
         let c = mock_cluster(&topics).context("starting the mock cluster")?;

@@ -143,7 +143,15 @@ impl Vigil {
         // 3. The engine, and what it decided before a restart that delivery has not taken over.
         let (decision_tx, decision_rx) =
             mpsc::channel::<(Decision, Arc<crate::grant::Grant>)>(4096);
-        let engine_settings = engine_settings(&config, clock.clone());
+        let mut engine_settings = engine_settings(&config, clock.clone());
+        // Cluster mode: every batch's rows also go to the state topic, for the next owner.
+        if let Some((topics, partitions)) = &cluster_topics {
+            engine_settings.changelog = Some(Arc::new(crate::cluster::StateLog::new(
+                &config.cluster,
+                topics.state.clone(),
+                *partitions,
+            )?));
+        }
         // The engine takes `batch_writer`; delivery and the Kafka source write through this handle.
         let store_writer = batch_writer.clone();
         let engine = Arc::new(Engine::start(
@@ -155,6 +163,22 @@ impl Vigil {
             decision_tx,
             engine_settings,
         )?);
+        // Cluster mode: this instance owns nothing until the group assigns it partitions (and it
+        // has read their state back); what its data directory held from an earlier run may be
+        // stale since, so it is dropped.
+        if cluster_topics.is_some() {
+            let engine = engine.clone();
+            let dropped = tokio::task::spawn_blocking(move || {
+                engine.release_blocking(Arc::new(|_: &str| true))
+            })
+            .await
+            .map_err(|e| {
+                StartError::Cluster(crate::cluster::ClusterError::Brokers(e.to_string()))
+            })??;
+            if dropped > 0 {
+                tracing::info!(rows = dropped, "state from an earlier run dropped: it is restored from the state topic with the partitions assigned");
+            }
+        }
         // Read before anything can make new decisions, so none is both replayed and re-sent.
         let pending_handoff =
             crate::engine::pending_handoff(&db).map_err(|e| StartError::Delivery(e.to_string()))?;
@@ -294,6 +318,15 @@ impl Vigil {
                 crate::kafka::SourceFormat {
                     max_future_skew_secs: config.events.max_future_skew_secs,
                     signals_topic,
+                    hooks: cluster_topics.as_ref().map(|(topics, partitions)| {
+                        Arc::new(crate::cluster::Handover::new(
+                            engine.clone(),
+                            config.cluster.clone(),
+                            topics.state.clone(),
+                            *partitions,
+                            health.clone(),
+                        )) as Arc<dyn crate::kafka::PartitionHooks>
+                    }),
                 },
                 health.clone(),
                 intake.clone(),
@@ -533,6 +566,7 @@ fn engine_settings(config: &Config, clock: Clock) -> EngineSettings {
         checkpoint_interval: Duration::from_millis(config.engine.checkpoint_interval_ms),
         max_inflight: config.engine.max_inflight,
         clock,
+        changelog: None,
     }
 }
 

@@ -91,6 +91,14 @@ catalogue! {
         "Instances in the members directory (this one included), heard from within the last hour";
     CLUSTER_FORWARDED = "vigil_cluster_forwarded_total", Counter, [],
         "API calls answered by the owning instance (forwarded there)";
+    CLUSTER_CHANGELOG_ERRORS = "vigil_cluster_changelog_errors_total", Counter, [],
+        "Shard batches whose rows the state topic did not take (their signals are replayed, their API calls answered with an error)";
+    CLUSTER_RESTORE_REMAINING = "vigil_cluster_restore_remaining", Gauge, ["partition"],
+        "State topic records left to read before a partition taken over is applied to (0 once restored)";
+    CLUSTER_RESTORED_ROWS = "vigil_cluster_restored_rows_total", Counter, [],
+        "Rows of state taken over from the state topic with partitions this instance was assigned";
+    CLUSTER_RELEASED_ROWS = "vigil_cluster_released_rows_total", Counter, [],
+        "Stored rows dropped with partitions this instance gave up";
     // The engine.
     ENGINE_SIGNALS = "vigil_engine_signals_total", Counter, ["changed"],
         "Signals folded into a context (changed=no: older or identical)";

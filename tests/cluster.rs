@@ -46,7 +46,9 @@ impl Drop for Instance {
     }
 }
 
-fn start_instance(tx: &Transmitter, brokers: &str) -> Instance {
+/// Starts an instance whose group session lasts `session_timeout_ms` (how long a killed instance
+/// keeps its partitions).
+fn start_instance(tx: &Transmitter, brokers: &str, session_timeout_ms: u32) -> Instance {
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -61,13 +63,11 @@ fn start_instance(tx: &Transmitter, brokers: &str) -> Instance {
     config.cluster.name = NAME.into();
     config.cluster.partitions = PARTITIONS;
     config.cluster.publish_timeout_ms = 1_500;
-    // A session that outlives the brokers' outage below: the partitions must not move, since
-    // state does not move with them yet.
     for (k, v) in [
-        ("heartbeat_interval_ms", "500"),
-        ("session_timeout_ms", "15000"),
+        ("heartbeat_interval_ms", "500".to_owned()),
+        ("session_timeout_ms", session_timeout_ms.to_string()),
     ] {
-        config.cluster.properties.insert(k.into(), v.into());
+        config.cluster.properties.insert(k.into(), v);
     }
     config.validate().unwrap();
     let path = dir.path().join("vigil.toml");
@@ -85,6 +85,15 @@ fn start_instance(tx: &Transmitter, brokers: &str) -> Instance {
         base: format!("http://127.0.0.1:{port}"),
         dir,
     }
+}
+
+/// Three brokers (librdkafka's mock cluster) with the cluster's topics: it cannot create them.
+fn brokers_with_topics() -> MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
+    let kafka = MockCluster::new(3).unwrap();
+    for (topic, partitions) in vigil::cluster::Topics::of(NAME).with_partitions(PARTITIONS) {
+        kafka.create_topic(topic, partitions, 3).unwrap();
+    }
+    kafka
 }
 
 /// Waits up to `secs` for `check`; on a timeout prints what each instance says of itself (its
@@ -127,6 +136,24 @@ fn http() -> reqwest::Client {
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap()
+}
+
+/// Waits until every partition is owned by exactly one of `instances` and each owns some; the
+/// partitions each owns.
+async fn split(http: &reqwest::Client, instances: &[&Instance]) -> Vec<BTreeSet<i32>> {
+    eventually_within(90, "the partitions split", || async {
+        let mut all = Vec::new();
+        for i in instances {
+            all.push(owned(http, &i.base).await?);
+        }
+        let union: BTreeSet<i32> = all.iter().flatten().copied().collect();
+        let total: usize = all.iter().map(BTreeSet::len).sum();
+        (union.len() == PARTITIONS as usize
+            && total == PARTITIONS as usize
+            && all.iter().all(|o| !o.is_empty()))
+        .then_some(all)
+    })
+    .await
 }
 
 /// The partitions `/readyz` says the instance owns (`None` while it does not answer).
@@ -267,35 +294,17 @@ fn disabled(email: &str, jti: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn any_instance_takes_a_set_and_only_the_owner_applies_it() {
-    let kafka = MockCluster::new(3).unwrap();
-    kafka
-        .create_topic(&format!("{NAME}.signals"), PARTITIONS, 3)
-        .unwrap();
-    kafka
-        .create_topic(&format!("{NAME}.signals.dead-letter"), 1, 3)
-        .unwrap();
-    kafka
-        .create_topic(&format!("{NAME}.members"), 1, 3)
-        .unwrap();
+    let kafka = brokers_with_topics();
     let brokers = kafka.bootstrap_servers();
     let tx = Transmitter::start(&[Alg::RS256]).await;
-    let instances: Vec<Instance> = (0..3).map(|_| start_instance(&tx, &brokers)).collect();
+    // A session that outlives the brokers' outage below: the partitions do not move then.
+    let instances: Vec<Instance> = (0..3)
+        .map(|_| start_instance(&tx, &brokers, 15_000))
+        .collect();
     let http = http();
 
     // The group settles: every partition owned by exactly one instance, each instance some.
-    let owners: Vec<BTreeSet<i32>> = eventually_within(60, "the partitions split", || async {
-        let mut all = Vec::new();
-        for i in &instances {
-            all.push(owned(&http, &i.base).await?);
-        }
-        let union: BTreeSet<i32> = all.iter().flatten().copied().collect();
-        let total: usize = all.iter().map(BTreeSet::len).sum();
-        (union.len() == PARTITIONS as usize
-            && total == PARTITIONS as usize
-            && all.iter().all(|o| !o.is_empty()))
-        .then_some(all)
-    })
-    .await;
+    let owners = split(&http, &instances.iter().collect::<Vec<_>>()).await;
     println!("owned partitions: {owners:?}");
     let owner_of = |email: &str| {
         let p = vigil::cluster::partition_of(&principal_key(email), PARTITIONS);
@@ -472,6 +481,145 @@ async fn any_instance_takes_a_set_and_only_the_owner_applies_it() {
     )
     .await;
     drop(instances);
+}
+
+/// State moves with its partition. Three instances hold grants (some revoked); one is killed
+/// (`kill -9`): once the group gives its partitions to the others, they answer for its grants
+/// with the status they had — a revoked grant stays revoked — and apply new signals to them. An
+/// instance that joins takes partitions over with their state, and no instance that gave a
+/// partition up answers for it from what it held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_principals_state_moves_with_its_partition() {
+    let kafka = brokers_with_topics();
+    let brokers = kafka.bootstrap_servers();
+    let tx = Transmitter::start(&[Alg::RS256]).await;
+    let mut instances: Vec<Instance> = (0..3)
+        .map(|_| start_instance(&tx, &brokers, 4_000))
+        .collect();
+    let http = http();
+    let owners = split(&http, &instances.iter().collect::<Vec<_>>()).await;
+    let owner_of = |email: &str| {
+        let p = vigil::cluster::partition_of(&principal_key(email), PARTITIONS);
+        owners.iter().position(|o| o.contains(&p)).unwrap()
+    };
+    let users: Vec<String> = (0..12).map(|i| format!("mover{i}@example.com")).collect();
+    let victim = owner_of(&users[0]);
+    let on_victim: Vec<usize> = (0..users.len())
+        .filter(|&i| owner_of(&users[i]) == victim)
+        .collect();
+    assert!(
+        on_victim.len() >= 2,
+        "two users on one instance: {owners:?}"
+    );
+    for (i, user) in users.iter().enumerate() {
+        let owner = &instances[owner_of(user)].base;
+        let (code, body) = register(&http, owner, &session_grant(&format!("m{i}"), user)).await;
+        assert_eq!(code, 201, "{body}");
+    }
+    // The victim's first user is revoked before the handover.
+    let revoked = on_victim[0];
+    assert_eq!(
+        push_set(
+            &http,
+            &instances[victim].base,
+            &tx,
+            &disabled(&users[revoked], "before")
+        )
+        .await,
+        202
+    );
+    let grant = format!("m{revoked}");
+    wait_for(&instances, 30, "the owner to revoke the grant", || async {
+        grant_status(&http, &instances[victim].base, &grant).await.1["status"] == "revoked"
+    })
+    .await;
+
+    // kill -9: the others take its partitions over after its session times out.
+    let mut killed = instances.remove(victim);
+    killed.child.kill().unwrap();
+    killed.child.wait().unwrap();
+    let survivors = split(&http, &instances.iter().collect::<Vec<_>>()).await;
+    println!("after the kill: {survivors:?}");
+    for (i, _) in users.iter().enumerate() {
+        let want = if i == revoked { "revoked" } else { "active" };
+        for instance in &instances {
+            let (code, body) = grant_status(&http, &instance.base, &format!("m{i}")).await;
+            assert_eq!(
+                (code, body["status"].as_str()),
+                (200, Some(want)),
+                "m{i}: {body}"
+            );
+        }
+    }
+    for instance in &instances {
+        assert_live_answers(&http, &instance.base, &grant, ("deny", "revoked", 403)).await;
+    }
+    // A signal for another of its users reaches the new owner, which holds the grant.
+    let moved = on_victim[1];
+    assert_eq!(
+        push_set(
+            &http,
+            &instances[0].base,
+            &tx,
+            &disabled(&users[moved], "after")
+        )
+        .await,
+        202
+    );
+    let moved_grant = format!("m{moved}");
+    wait_for(
+        &instances,
+        30,
+        "the new owner to revoke the moved grant",
+        || async {
+            grant_status(&http, &instances[1].base, &moved_grant)
+                .await
+                .1["status"]
+                == "revoked"
+        },
+    )
+    .await;
+
+    // A new instance joins: partitions move to it with their state.
+    instances.push(start_instance(&tx, &brokers, 4_000));
+    let rejoined = split(&http, &instances.iter().collect::<Vec<_>>()).await;
+    println!("after the join: {rejoined:?}");
+    for (i, _) in users.iter().enumerate() {
+        let want = if i == revoked || i == moved {
+            "revoked"
+        } else {
+            "active"
+        };
+        let holders = {
+            let mut n = 0;
+            for instance in &instances {
+                let local = http
+                    .get(format!("{}/v1/grants/m{i}", instance.base))
+                    .bearer_auth(ADMIN_TOKEN)
+                    .header("x-vigil-forwarded", "1")
+                    .send()
+                    .await
+                    .unwrap();
+                if local.status().as_u16() == 200 {
+                    n += 1;
+                }
+                let (code, body) = grant_status(&http, &instance.base, &format!("m{i}")).await;
+                assert_eq!(
+                    (code, body["status"].as_str()),
+                    (200, Some(want)),
+                    "m{i}: {body}"
+                );
+            }
+            n
+        };
+        assert_eq!(holders, 1, "m{i} is held by its owner alone");
+    }
+    for instance in &instances {
+        for g in [&grant, &moved_grant] {
+            assert_live_answers(&http, &instance.base, g, ("deny", "revoked", 403)).await;
+        }
+    }
+    drop(kafka);
 }
 
 /// `partition_of` is Kafka's partitioner: librdkafka's own `murmur2` partitioner, producing to

@@ -24,15 +24,19 @@
 //! instances, one signing identity, and risk feeds in cluster mode.
 
 mod forward;
+mod handover;
 mod members;
 mod partition;
 mod signal_log;
+mod state_log;
 mod topics;
 
 pub use forward::{Answer, Call, ForwardError, Peers, FORWARDED};
+pub use handover::Handover;
 pub use members::{Directory, Member};
 pub use partition::{murmur2, partition_of};
 pub use signal_log::{PublishError, SignalLog};
+pub use state_log::{read_partition, StateLog};
 pub use topics::{client_config, ensure, Topics};
 
 use crate::config::ClusterConfig;
@@ -84,13 +88,19 @@ impl Ownership {
 }
 
 /// The Kafka source's settings for consuming the signals topic as the group `<name>`.
+/// The group rebalances incrementally (cooperative-sticky, unless the operator's properties say
+/// otherwise): only the partitions that move change hands, so only their state is restored.
 pub fn source_config(config: &ClusterConfig, topics: &Topics) -> crate::config::KafkaConfig {
+    let mut properties = config.properties.clone();
+    properties
+        .entry("partition_assignment_strategy".into())
+        .or_insert_with(|| "cooperative-sticky".into());
     crate::config::KafkaConfig {
         brokers: config.brokers.clone(),
         group_id: config.name.clone(),
         topics: vec![topics.signals.clone()],
         dead_letter_topic: topics.signals_dead_letter.clone(),
-        properties: config.properties.clone(),
+        properties,
         ..crate::config::KafkaConfig::default()
     }
 }

@@ -5,10 +5,11 @@
 //! | `<name>.signals` | the principal's routing key | `cluster.partitions` (fixed once created) | delete, 7 days | every validated SET, appended before its 202: the cluster's intake log; partition = ownership |
 //! | `<name>.signals.dead-letter` | as received | 1 | delete | records of the signals topic that do not decode (written by another release) |
 //! | `<name>.members` | instance id | 1 | compact | each instance's API URL and the partitions it owns, re-announced every 2 s; a tombstone when it leaves |
+//! | `<name>.state` | `table \x1f row key` | as the signals topic | compact | the owners' engine rows (contexts, session revocations, grants, aliases; a tombstone deletes), on their principal's partition: what a new owner restores |
 //!
 //! They are created at start-up when missing. A topic that exists keeps its partition count, which
 //! is read back: ownership is `partition_of(key, count)`, so it is the topic's count, not the
-//! configured one, that every instance uses.
+//! configured one, that every instance uses; the state topic must have the same count.
 
 use std::time::Duration;
 
@@ -32,6 +33,7 @@ pub struct Topics {
     pub signals: String,
     pub signals_dead_letter: String,
     pub members: String,
+    pub state: String,
 }
 
 impl Topics {
@@ -40,7 +42,19 @@ impl Topics {
             signals: format!("{name}.signals"),
             signals_dead_letter: format!("{name}.signals.dead-letter"),
             members: format!("{name}.members"),
+            state: format!("{name}.state"),
         }
+    }
+
+    /// Every topic with its partition count when the signals topic has `partitions`: what to
+    /// create by hand where the brokers cannot create topics (librdkafka's mock cluster).
+    pub fn with_partitions(&self, partitions: i32) -> [(&str, i32); 4] {
+        [
+            (self.signals.as_str(), partitions),
+            (self.signals_dead_letter.as_str(), 1),
+            (self.members.as_str(), 1),
+            (self.state.as_str(), partitions),
+        ]
     }
 }
 
@@ -62,6 +76,7 @@ pub async fn ensure(config: &ClusterConfig, topics: &Topics) -> Result<i32, Clus
         (topics.signals.as_str(), config.partitions, "delete"),
         (topics.signals_dead_letter.as_str(), 1, "delete"),
         (topics.members.as_str(), 1, "compact"),
+        (topics.state.as_str(), config.partitions, "compact"),
     ];
     let mut missing = Vec::new();
     for (topic, partitions, cleanup) in wanted {
@@ -116,6 +131,17 @@ pub async fn ensure(config: &ClusterConfig, topics: &Topics) -> Result<i32, Clus
         topic: topics.signals.clone(),
         reason: "does not exist after it was created".into(),
     })?;
+    let state = partition_count(&admin, &topics.state)?.unwrap_or(0);
+    if state != count {
+        return Err(ClusterError::Topic {
+            topic: topics.state.clone(),
+            reason: format!(
+                "has {state} partitions and {} has {count}: a principal's state must be on its \
+                 signals' partition (recreate the state topic with {count})",
+                topics.signals
+            ),
+        });
+    }
     if count != config.partitions {
         tracing::warn!(topic = %topics.signals, partitions = count, configured = config.partitions,
             "the signals topic exists with another partition count than configured; its own count decides ownership");

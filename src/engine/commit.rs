@@ -40,8 +40,8 @@ pub(super) struct Pending {
     pub(super) decided: std::collections::HashSet<String>,
     /// The latest state of every grant a decision in this batch is about (handed on with it).
     pub(super) latest: std::collections::HashMap<GrantId, Arc<Grant>>,
-    /// Policy swaps waiting for this batch's commit.
-    pub(super) swap_waiters: Vec<oneshot::Sender<()>>,
+    /// Policy swaps, releases and adoptions waiting for this batch's commit.
+    pub(super) commit_waiters: Vec<oneshot::Sender<()>>,
     /// Signal batches waiting for this batch's checkpoint (and told if it failed).
     pub(super) batch_waiters: Vec<oneshot::Sender<Result<(), String>>>,
     /// Re-evaluations for grants other shards own, sent after the commit.
@@ -174,11 +174,18 @@ impl Shard {
         }
         let mut writes = Vec::new();
         let mut chunks = Vec::new();
+        let mut replicated = None;
         if !p.changes.is_empty() {
             let changes = std::mem::take(&mut p.changes);
             match revocations.and_then(|()| changes.encode()) {
                 Err(e) => writes.push(Err(e)),
                 Ok(mut urgent) => {
+                    if let Some(changelog) = &self.shared.settings.changelog {
+                        let records = urgent.records();
+                        if !records.is_empty() {
+                            replicated = Some(changelog.append(records));
+                        }
+                    }
                     let bulk = urgent.split_bulk(CHECKPOINT_CHUNK);
                     if !urgent.is_empty() {
                         writes.push(
@@ -208,6 +215,7 @@ impl Shard {
         });
         Committing {
             writes,
+            replicated,
             checkpoint,
             p,
         }
@@ -219,6 +227,7 @@ impl Shard {
     pub(super) fn announce(&mut self, c: Committing) {
         let Committing {
             writes,
+            replicated,
             checkpoint,
             mut p,
         } = c;
@@ -227,6 +236,16 @@ impl Shard {
             if let (Err(e), None) = (write.and_then(PendingWrite::wait_blocking), &failed) {
                 tracing::error!(shard = self.id, error = %e, "engine commit failed; signals stay pending for replay");
                 failed = Some(e.to_string());
+            }
+        }
+        if let Some(replicated) = replicated {
+            let outcome = replicated
+                .blocking_recv()
+                .unwrap_or_else(|_| Err("the changelog stopped".to_owned()));
+            if let (Err(e), None) = (outcome, &failed) {
+                metrics::counter!(crate::telemetry::CLUSTER_CHANGELOG_ERRORS).increment(1);
+                tracing::error!(shard = self.id, error = %e, "changelog append failed; signals stay pending for replay");
+                failed = Some(e);
             }
         }
         if failed.is_some() {
@@ -268,7 +287,7 @@ impl Shard {
                 }
             }
         }
-        for w in p.swap_waiters.drain(..) {
+        for w in p.commit_waiters.drain(..) {
             let _ = w.send(());
         }
         drop(p.permits);
@@ -279,6 +298,8 @@ impl Shard {
 pub(super) struct Committing {
     /// The batch's grants, decisions and hand-off (ordinary lane).
     pub(super) writes: Vec<Result<PendingWrite<()>, WriteError>>,
+    /// Cluster mode: the changelog's answer for the batch's rows (checkpoint included).
+    pub(super) replicated: Option<oneshot::Receiver<Result<(), String>>>,
     /// The checkpoint the batch took, if any: its chunks (bulk lane) and what waits for them.
     pub(super) checkpoint: Option<Checkpointing>,
     pub(super) p: Pending,

@@ -16,12 +16,14 @@
 //! reaching the agents acting for them) is forwarded as re-evaluation messages, never by writing
 //! another shard's state.
 
+mod changelog;
 mod commit;
 mod decide;
 mod inputs;
 mod persist;
 mod session_grant;
 
+pub use changelog::{ChangeRecord, Changelog, Row, Table};
 pub use persist::{handoff_done_in, pending_handoff};
 mod shard;
 
@@ -66,6 +68,9 @@ pub struct EngineSettings {
     pub max_inflight: usize,
     /// What "now" is: grant expiry, decision and registration times.
     pub clock: crate::clock::Clock,
+    /// Cluster mode: where every batch's rows are also appended, so the principals' next owner
+    /// can take their state over. A batch is announced only once it has them.
+    pub changelog: Option<Arc<dyn Changelog>>,
 }
 
 impl Default for EngineSettings {
@@ -79,6 +84,7 @@ impl Default for EngineSettings {
             checkpoint_interval: Duration::from_secs(1),
             max_inflight: 8192,
             clock: crate::clock::Clock::system(),
+            changelog: None,
         }
     }
 }
@@ -313,9 +319,23 @@ pub(crate) enum Msg {
         reply: oneshot::Sender<Result<bool, EngineError>>,
         permit: OwnedSemaphorePermit,
     },
+    /// Cluster mode: drop the grants whose principal `released` names (their partition moved to
+    /// another instance); answered once the batch is committed.
+    Release {
+        released: Released,
+        done: oneshot::Sender<()>,
+    },
+    /// Cluster mode: hold grants taken over with a partition (already stored).
+    Adopt {
+        grants: Vec<Arc<Grant>>,
+        done: oneshot::Sender<()>,
+    },
     /// Finish what is queued before this message, then stop.
     Stop,
 }
+
+/// Which principals (by routing key) an instance gives up.
+pub type Released = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
 /// Completion of a policy swap's re-evaluation.
 pub struct SwapDone(Vec<oneshot::Receiver<()>>);
@@ -451,6 +471,74 @@ impl Engine {
             threads: std::sync::Mutex::new(threads),
             linking: std::sync::Mutex::new(()),
         })
+    }
+
+    /// Cluster mode: forgets every principal `released` names — their contexts, grants and
+    /// aliases, in memory and in the local store — because their partition now belongs to another
+    /// instance, whose answers must be the only ones. Returns the stored rows deleted. Blocks:
+    /// called from the Kafka consumer's rebalance callback, after its batches in flight finished.
+    pub fn release_blocking(&self, released: Released) -> Result<usize, EngineError> {
+        let mut waits = Vec::new();
+        for inbox in &self.inboxes {
+            let (done, wait) = oneshot::channel();
+            inbox
+                .send(Msg::Release {
+                    released: released.clone(),
+                    done,
+                })
+                .map_err(|_| EngineError::Stopped)?;
+            waits.push(wait);
+        }
+        for wait in waits {
+            wait.blocking_recv().map_err(|_| EngineError::Stopped)?;
+        }
+        self.shared.contexts.retain(|key, _| !released(key));
+        self.shared
+            .aliases
+            .retain(|_, principal| !released(principal));
+        let forgotten = self
+            .shared
+            .writer
+            .write_blocking(move |txn| persist::forget(txn, &*released))?;
+        metrics::gauge!(crate::telemetry::GRANTS).set(self.shared.grants.len() as f64);
+        Ok(forgotten)
+    }
+
+    /// Cluster mode: takes over the rows of a partition read back from the changelog (each row's
+    /// latest value): stores them, then holds them as a start-up load would. Returns the rows
+    /// taken. Blocks, as [`Engine::release_blocking`].
+    pub fn adopt_blocking(&self, rows: Vec<(Row, Vec<u8>)>) -> Result<usize, EngineError> {
+        let taken = rows.len();
+        let loaded = self
+            .shared
+            .writer
+            .write_blocking(move |txn| persist::adopt(txn, &rows))?;
+        for ctx in loaded.contexts {
+            self.shared.contexts.insert(ctx.key.clone(), Arc::new(ctx));
+        }
+        for (alias, principal) in loaded.aliases {
+            self.shared.aliases.insert(alias, principal);
+        }
+        let mut by_shard: Vec<Vec<Arc<Grant>>> = vec![Vec::new(); self.inboxes.len()];
+        for grant in loaded.grants {
+            by_shard[self.shared.shard_of(&grant.principal)].push(Arc::new(grant));
+        }
+        let mut waits = Vec::new();
+        for (inbox, grants) in self.inboxes.iter().zip(by_shard) {
+            if grants.is_empty() {
+                continue;
+            }
+            let (done, wait) = oneshot::channel();
+            inbox
+                .send(Msg::Adopt { grants, done })
+                .map_err(|_| EngineError::Stopped)?;
+            waits.push(wait);
+        }
+        for wait in waits {
+            wait.blocking_recv().map_err(|_| EngineError::Stopped)?;
+        }
+        metrics::gauge!(crate::telemetry::GRANTS).set(self.shared.grants.len() as f64);
+        Ok(taken)
     }
 
     async fn permit(&self) -> Result<OwnedSemaphorePermit, EngineError> {

@@ -13,6 +13,7 @@ use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
 
 use serde::{Deserialize, Serialize};
 
+use super::changelog::{ChangeRecord, Row, Table};
 use crate::context::{AccountState, AssuranceFact, PrincipalContext, RiskFact, Stamped};
 use crate::decision::Decision;
 use crate::grant::{Grant, GrantId};
@@ -33,6 +34,35 @@ pub struct Loaded {
     pub contexts: Vec<PrincipalContext>,
     pub grants: Vec<Grant>,
     pub aliases: Vec<(String, String)>,
+}
+
+/// A stamped session revocation filter, as a context holds it.
+type SessionRevocation = Stamped<std::collections::BTreeMap<String, String>>;
+
+impl Loaded {
+    /// Puts session revocation rows (`context key \0 filter key` → stamped filter) into their
+    /// contexts (a context with only revocations is created).
+    fn attach_revocations(&mut self, rows: Vec<(String, SessionRevocation)>) {
+        let mut by_key: std::collections::HashMap<String, usize> = self
+            .contexts
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.key.clone(), i))
+            .collect();
+        for (key, stamped) in rows {
+            let Some((context, filter)) = key.split_once('\0') else {
+                tracing::error!(key, "unreadable session revocation key skipped");
+                continue;
+            };
+            let i = *by_key.entry(context.to_owned()).or_insert_with(|| {
+                self.contexts.push(PrincipalContext::new(context));
+                self.contexts.len() - 1
+            });
+            self.contexts[i]
+                .session_revocations
+                .insert(filter.to_owned(), stamped);
+        }
+    }
 }
 
 /// Creates the tables if needed and reads them all.
@@ -58,30 +88,14 @@ pub fn load(db: &Arc<Database>) -> Result<Loaded, WriteError> {
         }
         out.contexts.push(ctx);
     })?;
-    let mut by_key: std::collections::HashMap<String, usize> = out
-        .contexts
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.key.clone(), i))
-        .collect();
+    let mut revocations = Vec::new();
     each_json_row(
         &txn,
         SESSION_REVOCATIONS,
         "session revocation",
-        |key, stamped| {
-            let Some((context, filter)) = key.split_once('\0') else {
-                tracing::error!(key, "unreadable session revocation key skipped");
-                return;
-            };
-            let i = *by_key.entry(context.to_owned()).or_insert_with(|| {
-                out.contexts.push(PrincipalContext::new(context));
-                out.contexts.len() - 1
-            });
-            out.contexts[i]
-                .session_revocations
-                .insert(filter.to_owned(), stamped);
-        },
+        |key, stamped| revocations.push((key.to_owned(), stamped)),
     )?;
+    out.attach_revocations(revocations);
     each_json_row(&txn, GRANTS, "grant", |_, g| out.grants.push(g))?;
     for entry in txn
         .open_table(ALIASES)
@@ -233,7 +247,8 @@ pub struct Changes {
     /// its contexts' state when the batch is committed ([`revocation_rows`]).
     pub revocations: Vec<RevocationRow>,
     pub grants: Vec<Arc<Grant>>,
-    pub deleted_grants: Vec<GrantId>,
+    /// Deleted grants, each with its principal (the changelog partition it is deleted from).
+    pub deleted_grants: Vec<(GrantId, String)>,
     pub aliases: Vec<(String, String)>,
     /// Decisions delivery must take over (revoke, step-up, restrict), with their grants.
     pub handoff: Vec<(Decision, Arc<Grant>)>,
@@ -289,11 +304,14 @@ pub struct Encoded {
     contexts: Vec<ContextRow>,
     decided_contexts: Vec<ContextRow>,
     revocations: Vec<RevocationRow>,
-    grants: Vec<(String, Vec<u8>)>,
-    deleted_grants: Vec<GrantId>,
+    grants: Vec<GrantRow>,
+    deleted_grants: Vec<(GrantId, String)>,
     aliases: Vec<(String, String)>,
     handoff: Vec<(String, Vec<u8>)>,
 }
+
+/// A grant's id, principal and stored JSON.
+type GrantRow = (String, String, Vec<u8>);
 
 impl Changes {
     /// Serializes the batch. A context or grant changed several times in the batch is written once,
@@ -336,7 +354,14 @@ impl Changes {
             contexts: contexts(self.contexts)?,
             decided_contexts: contexts(self.decided_contexts)?,
             revocations: self.revocations,
-            grants: last_per_key(self.grants, |g| &g.id[..], json)?,
+            grants: last_per_key(
+                self.grants,
+                |g| &g.id[..],
+                |g| Ok((g.principal.to_string(), json(g)?)),
+            )?
+            .into_iter()
+            .map(|(id, (principal, bytes))| (id, principal, bytes))
+            .collect(),
             deleted_grants: self.deleted_grants,
             aliases: self.aliases,
             handoff,
@@ -381,6 +406,132 @@ impl Encoded {
             && self.aliases.is_empty()
             && self.handoff.is_empty()
     }
+}
+
+impl Encoded {
+    /// The batch's rows as changelog records, in the order they are written (cluster mode). The
+    /// hand-off to delivery is not among them: delivery is each instance's own.
+    pub fn records(&self) -> Vec<ChangeRecord> {
+        let mut out = Vec::new();
+        for (key, _, bytes) in self.contexts.iter().chain(&self.decided_contexts) {
+            out.push(ChangeRecord {
+                owner: key.clone(),
+                key: Row::new(Table::Context, key.as_str()).record_key(),
+                value: Some(bytes.clone()),
+            });
+        }
+        for (key, value) in &self.revocations {
+            let context = key.split_once('\0').map_or(key.as_str(), |(c, _)| c);
+            out.push(ChangeRecord {
+                owner: context.to_owned(),
+                key: Row::new(Table::SessionRevocation, key.as_str()).record_key(),
+                value: value.clone(),
+            });
+        }
+        for (id, principal, bytes) in &self.grants {
+            out.push(ChangeRecord {
+                owner: principal.clone(),
+                key: Row::new(Table::Grant, id.as_str()).record_key(),
+                value: Some(bytes.clone()),
+            });
+        }
+        for (id, principal) in &self.deleted_grants {
+            out.push(ChangeRecord {
+                owner: principal.clone(),
+                key: Row::new(Table::Grant, &**id).record_key(),
+                value: None,
+            });
+        }
+        for (alias, principal) in &self.aliases {
+            out.push(ChangeRecord {
+                owner: principal.clone(),
+                key: Row::new(Table::Alias, alias.as_str()).record_key(),
+                value: Some(principal.as_bytes().to_vec()),
+            });
+        }
+        out
+    }
+}
+
+/// Deletes every row whose principal `released` names (their partition moved to another
+/// instance): contexts, session revocations, grants and aliases. Returns the rows deleted.
+pub fn forget(
+    txn: &WriteTransaction,
+    released: &dyn Fn(&str) -> bool,
+) -> Result<usize, WriteError> {
+    #[derive(Deserialize)]
+    struct Principal<'a> {
+        #[serde(borrow)]
+        principal: std::borrow::Cow<'a, str>,
+    }
+    let mut deleted = 0;
+    let mut count = |gone: bool| {
+        deleted += usize::from(gone);
+        !gone
+    };
+    txn.open_table(CONTEXTS)
+        .map_err(WriteError::storage)?
+        .retain(|key, _| count(released(key)))
+        .map_err(WriteError::storage)?;
+    txn.open_table(SESSION_REVOCATIONS)
+        .map_err(WriteError::storage)?
+        .retain(|key, _| count(released(key.split_once('\0').map_or(key, |(c, _)| c))))
+        .map_err(WriteError::storage)?;
+    txn.open_table(GRANTS)
+        .map_err(WriteError::storage)?
+        .retain(|_, bytes| {
+            let gone = serde_json::from_slice::<Principal<'_>>(bytes)
+                .is_ok_and(|g| released(&g.principal));
+            count(gone)
+        })
+        .map_err(WriteError::storage)?;
+    txn.open_table(ALIASES)
+        .map_err(WriteError::storage)?
+        .retain(|_, principal| count(released(principal)))
+        .map_err(WriteError::storage)?;
+    Ok(deleted)
+}
+
+/// Writes rows read back from the changelog (their latest values) and decodes them as a start-up
+/// load would; a row that does not decode is logged and skipped, as at load.
+pub fn adopt(txn: &WriteTransaction, rows: &[(Row, Vec<u8>)]) -> Result<Loaded, WriteError> {
+    let mut out = Loaded::default();
+    let mut revocations = Vec::new();
+    for (row, bytes) in rows {
+        let decoded = match row.table {
+            Table::Context => serde_json::from_slice::<PrincipalContext>(bytes)
+                .map(|c| out.contexts.push(c))
+                .map(|()| CONTEXTS),
+            Table::SessionRevocation => serde_json::from_slice(bytes)
+                .map(|stamped| revocations.push((row.key.clone(), stamped)))
+                .map(|()| SESSION_REVOCATIONS),
+            Table::Grant => serde_json::from_slice::<Grant>(bytes)
+                .map(|g| out.grants.push(g))
+                .map(|()| GRANTS),
+            Table::Alias => {
+                let principal = String::from_utf8_lossy(bytes).into_owned();
+                out.aliases.push((row.key.clone(), principal.clone()));
+                txn.open_table(ALIASES)
+                    .map_err(WriteError::storage)?
+                    .insert(row.key.as_str(), principal.as_str())
+                    .map_err(WriteError::storage)?;
+                continue;
+            }
+        };
+        match decoded {
+            Ok(table) => {
+                txn.open_table(table)
+                    .map_err(WriteError::storage)?
+                    .insert(row.key.as_str(), bytes.as_slice())
+                    .map_err(WriteError::storage)?;
+            }
+            Err(e) => {
+                tracing::error!(key = %row.key, error = %e, "unreadable changelog row skipped")
+            }
+        }
+    }
+    out.attach_revocations(revocations);
+    Ok(out)
 }
 
 /// A context's key, version and stored JSON.
@@ -446,10 +597,13 @@ pub fn write(txn: &WriteTransaction, changes: &Encoded) -> Result<(), WriteError
             .map_err(WriteError::storage)?;
         }
     }
-    insert_all(GRANTS, &changes.grants)?;
-    if !changes.deleted_grants.is_empty() {
+    if !changes.grants.is_empty() || !changes.deleted_grants.is_empty() {
         let mut t = txn.open_table(GRANTS).map_err(WriteError::storage)?;
-        for id in &changes.deleted_grants {
+        for (id, _, bytes) in &changes.grants {
+            t.insert(id.as_str(), bytes.as_slice())
+                .map_err(WriteError::storage)?;
+        }
+        for (id, _) in &changes.deleted_grants {
             t.remove(&**id).map_err(WriteError::storage)?;
         }
     }

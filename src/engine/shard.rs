@@ -216,7 +216,7 @@ impl Shard {
             }
             Msg::ReevaluateAll { done } => {
                 if let Some(done) = done {
-                    p.swap_waiters.push(done);
+                    p.commit_waiters.push(done);
                 }
                 let policy = self.shared.policy();
                 let started = Instant::now();
@@ -245,8 +245,40 @@ impl Shard {
                 let result = Ok(self.delete(&id, p));
                 p.replies.push(Reply::Delete(reply, result));
             }
+            Msg::Release { released, done } => {
+                self.release(&*released);
+                p.commit_waiters.push(done);
+            }
+            Msg::Adopt { grants, done } => {
+                for grant in grants {
+                    if let Some(held) = self.shared.grants.get(&grant.id).map(|g| g.clone()) {
+                        self.unindex(&held);
+                    }
+                    self.index(&grant);
+                    self.shared.grants.insert(grant.id.clone(), grant);
+                }
+                p.commit_waiters.push(done);
+            }
             Msg::Stop => {}
         }
+    }
+
+    /// Drops the grants of principals `released` names, and their contexts' pending checkpoint
+    /// rows: another instance owns them now, and takes them from the changelog. Nothing is
+    /// written (the rows stay in the changelog for their new owner).
+    fn release(&mut self, released: &dyn Fn(&str) -> bool) {
+        let gone: Vec<Arc<Grant>> = self
+            .expiry
+            .iter()
+            .filter_map(|(_, id)| self.shared.grants.get(id).map(|g| g.clone()))
+            .filter(|g| released(&g.principal))
+            .collect();
+        for grant in &gone {
+            self.unindex(grant);
+            self.shared.grants.remove(&grant.id);
+        }
+        self.dirty.retain(|key| !released(key));
+        self.dirty_revocations.retain(|(key, _)| !released(key));
     }
 
     /// Re-evaluates every grant of the shard on current state, a subject at a time. When the
@@ -502,7 +534,9 @@ impl Shard {
     fn remove(&mut self, grant: &Grant, p: &mut Pending) {
         self.unindex(grant);
         self.shared.grants.remove(&grant.id);
-        p.changes.deleted_grants.push(grant.id.clone());
+        p.changes
+            .deleted_grants
+            .push((grant.id.clone(), grant.principal.to_string()));
         metrics::gauge!(crate::telemetry::GRANTS).set(self.shared.grants.len() as f64);
     }
 

@@ -51,6 +51,7 @@ struct Pipeline {
     /// What `/readyz` says of this source.
     health: Arc<KafkaHealth>,
     topics: Vec<String>,
+    hooks: Option<Arc<dyn PartitionHooks>>,
 }
 
 /// Most batches handed to the engine and not yet committed. The engine makes feed-changed contexts
@@ -109,8 +110,11 @@ impl ConsumerContext for Pipeline {
                     "partitions revoked: finishing the batch in flight first"
                 );
                 self.drain(consumer, Finish::All);
-                self.health
-                    .rebalanced(tpl.elements().iter().map(|e| e.partition()), false);
+                let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                self.health.rebalanced(partitions.iter().copied(), false);
+                if let Some(hooks) = &self.hooks {
+                    hooks.revoked(&partitions);
+                }
             }
             Rebalance::Assign(tpl) => {
                 tracing::info!(partitions = tpl.count(), "partitions assigned");
@@ -119,10 +123,28 @@ impl ConsumerContext for Pipeline {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    /// Cluster mode: the partitions assigned are owned only once their state is taken over; one
+    /// that could not be is paused, so none of its signals is applied to a state without it.
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
+            let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            let failed = match &self.hooks {
+                Some(hooks) => hooks.assigned(&partitions),
+                None => Vec::new(),
+            };
+            if !failed.is_empty() {
+                let mut paused = rdkafka::TopicPartitionList::new();
+                for e in tpl.elements() {
+                    if failed.contains(&e.partition()) {
+                        paused.add_partition(e.topic(), e.partition());
+                    }
+                }
+                if let Err(e) = consumer.pause(&paused) {
+                    tracing::error!(error = %e, "could not pause partitions whose state was not taken over");
+                }
+            }
             self.health
-                .rebalanced(tpl.elements().iter().map(|e| e.partition()), true);
+                .rebalanced(partitions.into_iter().filter(|p| !failed.contains(p)), true);
         }
     }
 }
@@ -323,12 +345,25 @@ impl Pipeline {
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
 
 /// How the source reads its messages.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct SourceFormat {
     /// The event-time sanity window (`events.max_future_skew_secs`).
     pub max_future_skew_secs: u64,
     /// Cluster mode's signals topic, whose records are already-validated signals.
     pub signals_topic: Option<String>,
+    /// Cluster mode: what moves with a partition when the group moves it.
+    pub hooks: Option<Arc<dyn PartitionHooks>>,
+}
+
+/// What cluster mode does when the group moves partitions. Called from the rebalance callback, on
+/// the consumer's thread: no record of a partition is consumed before `assigned` returns, and
+/// none is in flight when `revoked` is called.
+pub trait PartitionHooks: Send + Sync {
+    /// Takes over the state of `partitions`; returns those it could not (they are paused, and
+    /// not owned, until the next rebalance).
+    fn assigned(&self, partitions: &[i32]) -> Vec<i32>;
+    /// Gives up the state of `partitions`: their next owner takes it over.
+    fn revoked(&self, partitions: &[i32]);
 }
 
 /// A running Kafka source.
@@ -405,6 +440,7 @@ impl KafkaSource {
             submitted: Mutex::new(VecDeque::new()),
             health,
             topics: config.topics.clone(),
+            hooks: format.hooks,
         };
         let consumer: BaseConsumer<Pipeline> = client.create_with_context(context)?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();

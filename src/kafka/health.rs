@@ -30,6 +30,21 @@ pub struct KafkaView {
     /// Cluster mode: the partitions of the signals topic this instance owns.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub owned_partitions: Option<Vec<i32>>,
+    /// Cluster mode: partitions assigned whose state is being taken over from the state topic
+    /// (not yet owned), or could not be.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub restoring: Vec<PartitionRestore>,
+}
+
+/// A partition's state being taken over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PartitionRestore {
+    pub partition: i32,
+    /// State topic records left to read.
+    pub remaining: u64,
+    /// Why it could not be taken over (the partition is paused until the next rebalance).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
 }
 
 impl KafkaView {
@@ -46,6 +61,13 @@ impl KafkaView {
                 self.assigned, self.partitions
             ));
         }
+        if let Some(r) = self.restoring.iter().find(|r| r.failed.is_some()) {
+            return Some(format!(
+                "the state of partition {} could not be taken over: {}",
+                r.partition,
+                r.failed.as_deref().unwrap_or_default()
+            ));
+        }
         None
     }
 }
@@ -60,6 +82,8 @@ pub struct KafkaHealth {
     owned: Option<Mutex<BTreeSet<i32>>>,
     /// Woken when the partitions owned change.
     changes: tokio::sync::Notify,
+    /// Cluster mode: restores in progress or failed, by partition.
+    restores: Mutex<std::collections::BTreeMap<i32, PartitionRestore>>,
 }
 
 impl KafkaHealth {
@@ -85,10 +109,51 @@ impl KafkaHealth {
             brokers_up: 0,
             lag: 0,
             owned_partitions: None,
+            restoring: Vec::new(),
         });
         view.assigned = owned.len();
         view.owned_partitions = Some(owned);
+        view.restoring = self.lock_restores().values().cloned().collect();
         Some(view)
+    }
+
+    fn lock_restores(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<i32, PartitionRestore>> {
+        self.restores
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Cluster mode: `remaining` state records are left to read for `partition` (0 when
+    /// restored: it is then no longer listed).
+    pub fn restore_progress(&self, partition: i32, remaining: u64) {
+        metrics::gauge!(crate::telemetry::CLUSTER_RESTORE_REMAINING, "partition" => partition.to_string())
+            .set(remaining as f64);
+        let mut restores = self.lock_restores();
+        if remaining == 0 {
+            restores.remove(&partition);
+        } else {
+            restores.insert(
+                partition,
+                PartitionRestore {
+                    partition,
+                    remaining,
+                    failed: None,
+                },
+            );
+        }
+    }
+
+    /// Cluster mode: `partition`'s state could not be taken over (`/readyz` says so until it is).
+    pub fn restore_failed(&self, partition: i32, reason: String) {
+        let mut restores = self.lock_restores();
+        let entry = restores.entry(partition).or_insert(PartitionRestore {
+            partition,
+            remaining: 0,
+            failed: None,
+        });
+        entry.failed = Some(reason);
     }
 
     /// Cluster mode: the partitions this instance owns, in order.
@@ -174,6 +239,7 @@ impl KafkaHealth {
             brokers_up,
             lag,
             owned_partitions: self.owned.as_ref().map(|_| Vec::new()),
+            restoring: Vec::new(),
         };
         metrics::gauge!(crate::telemetry::KAFKA_PARTITIONS).set(partitions as f64);
         metrics::gauge!(crate::telemetry::KAFKA_PARTITIONS_OWNED).set(assigned as f64);
@@ -204,6 +270,7 @@ mod tests {
             brokers_up,
             lag: 0,
             owned_partitions: None,
+            restoring: Vec::new(),
         };
         assert_eq!(view(4, 4, 1, 1).problem(), None);
         let lagging = KafkaView {

@@ -1,0 +1,187 @@
+//! The state topic (`<name>.state`, compacted): the changelog of every owner's engine rows, on the
+//! partition of the principal they belong to — the signals topic's partition, so state and
+//! signals move together. [`StateLog`] appends a batch's rows (`acks=all`, idempotent producer)
+//! and answers once the brokers have them all; [`read_partition`] reads a partition back, each
+//! row's latest value, for the instance that takes it over.
+//!
+//! Correctness does not depend on compaction: a partition is read from its start and the last
+//! record of each key wins (a tombstone removes the row), so an uncompacted topic gives the same
+//! state, only more slowly.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::oneshot;
+
+use super::{partition_of, topics, ClusterError};
+use crate::config::ClusterConfig;
+use crate::engine::{ChangeRecord, Changelog, Row};
+use crate::kafka::ProducerLogs;
+
+/// How long a restore may take before the partition is given up as not taken over.
+const RESTORE_DEADLINE: Duration = Duration::from_secs(120);
+/// How often restore progress is reported while reading.
+const PROGRESS_EVERY: u64 = 10_000;
+
+/// The producer of the state topic.
+pub struct StateLog {
+    producer: FutureProducer<ProducerLogs>,
+    topic: String,
+    partitions: i32,
+    timeout: Duration,
+    runtime: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for StateLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateLog")
+            .field("topic", &self.topic)
+            .field("partitions", &self.partitions)
+            .finish()
+    }
+}
+
+impl StateLog {
+    /// A producer for `topic` (`partitions` partitions, as the signals topic). Must be called
+    /// from within the Tokio runtime: deliveries are awaited on it.
+    pub fn new(
+        config: &ClusterConfig,
+        topic: String,
+        partitions: i32,
+    ) -> Result<StateLog, ClusterError> {
+        let mut client = topics::client_config(config);
+        client
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("message.timeout.ms", config.publish_timeout_ms.to_string())
+            // A checkpoint may hold up to 100 000 contexts: room for two.
+            .set("queue.buffering.max.messages", "250000")
+            .set("linger.ms", "2");
+        Ok(StateLog {
+            producer: client.create_with_context(ProducerLogs)?,
+            topic,
+            partitions,
+            timeout: Duration::from_millis(config.publish_timeout_ms),
+            runtime: tokio::runtime::Handle::current(),
+        })
+    }
+}
+
+impl Changelog for StateLog {
+    fn append(&self, records: Vec<ChangeRecord>) -> oneshot::Receiver<Result<(), String>> {
+        let (tx, rx) = oneshot::channel();
+        let deadline = Instant::now() + self.timeout;
+        let mut deliveries = Vec::with_capacity(records.len());
+        for r in &records {
+            let mut record = FutureRecord::<str, [u8]>::to(&self.topic)
+                .key(r.key.as_str())
+                .partition(partition_of(&r.owner, self.partitions));
+            if let Some(value) = &r.value {
+                record = record.payload(value.as_slice());
+            }
+            // A full local queue empties as the brokers take it: wait, up to the publish timeout.
+            loop {
+                match self.producer.send_result(record) {
+                    Ok(delivery) => {
+                        deliveries.push(delivery);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                        if Instant::now() < deadline =>
+                    {
+                        record = back;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err((e, _)) => {
+                        let _ = tx.send(Err(format!("state topic: {e}")));
+                        return rx;
+                    }
+                }
+            }
+        }
+        self.runtime.spawn(async move {
+            for delivery in deliveries {
+                let outcome = match delivery.await {
+                    Ok(Ok(_)) => continue,
+                    Ok(Err((e, _))) => Err(format!("state topic: {e}")),
+                    Err(_) => Err("state topic: the producer stopped".to_owned()),
+                };
+                let _ = tx.send(outcome);
+                return;
+            }
+            let _ = tx.send(Ok(()));
+        });
+        rx
+    }
+}
+
+/// Reads `partition` of the state topic from its start to its end as of now: every row's latest
+/// value (rows whose last record is a tombstone are left out). `progress` hears how many records
+/// are left as it goes.
+pub fn read_partition(
+    config: &ClusterConfig,
+    topic: &str,
+    partition: i32,
+    progress: &dyn Fn(u64),
+) -> Result<Vec<(Row, Vec<u8>)>, ClusterError> {
+    let started = Instant::now();
+    let consumer: BaseConsumer = topics::client_config(config)
+        .set("group.id", format!("{topic}.restore"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()?;
+    let (low, high) = consumer
+        .fetch_watermarks(topic, partition, Duration::from_secs(10))
+        .map_err(|e| ClusterError::Brokers(format!("{topic}/{partition}: {e}")))?;
+    let mut latest: HashMap<String, Option<Vec<u8>>> = HashMap::new();
+    progress(u64::try_from(high - low).unwrap_or(0));
+    if high > low {
+        let mut assignment = TopicPartitionList::new();
+        assignment.add_partition_offset(topic, partition, Offset::Offset(low))?;
+        consumer.assign(&assignment)?;
+        let mut next = low;
+        let mut reported = 0u64;
+        while next < high {
+            if started.elapsed() > RESTORE_DEADLINE {
+                return Err(ClusterError::Brokers(format!(
+                    "{topic}/{partition}: read {} of {} records in {}s",
+                    next - low,
+                    high - low,
+                    RESTORE_DEADLINE.as_secs()
+                )));
+            }
+            let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+                continue;
+            };
+            let message = match message {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(%topic, partition, error = %e, "state topic read error; retrying");
+                    continue;
+                }
+            };
+            next = message.offset() + 1;
+            let Some(key) = message.key().and_then(|k| std::str::from_utf8(k).ok()) else {
+                continue;
+            };
+            latest.insert(key.to_owned(), message.payload().map(<[u8]>::to_vec));
+            let done = u64::try_from(next - low).unwrap_or(0);
+            if done - reported >= PROGRESS_EVERY {
+                reported = done;
+                progress(u64::try_from(high - next).unwrap_or(0));
+            }
+        }
+    }
+    let rows: Vec<(Row, Vec<u8>)> = latest
+        .into_iter()
+        .filter_map(|(key, value)| Some((Row::parse(&key)?, value?)))
+        .collect();
+    tracing::info!(%topic, partition, records = high - low, rows = rows.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64, "state of a partition read back");
+    Ok(rows)
+}
