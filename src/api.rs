@@ -61,6 +61,18 @@ fn engine_error(e: EngineError) -> Response {
             &e.to_string(),
             std::time::Duration::from_secs(1),
         ),
+        EngineError::NotOwned(_) => crate::error_body::refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_owner",
+            &e.to_string(),
+            std::time::Duration::from_secs(1),
+        ),
+        EngineError::Unreplicated(_) => crate::error_body::refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "log_unavailable",
+            &e.to_string(),
+            std::time::Duration::from_secs(5),
+        ),
         EngineError::Storage(_) | EngineError::Thread(_) => {
             error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string())
         }

@@ -365,6 +365,18 @@ impl Vigil {
             receiver = receiver.with_cluster(cluster.clone());
         }
         let receiver = Arc::new(receiver);
+        // Cluster mode: the principals this instance owns; the engine refuses registrations for
+        // others (a partition moving between the API's check and the shard).
+        let ownership = match (&cluster_topics, &kafka_health) {
+            (Some((_, partitions)), Some(health)) => {
+                let ownership =
+                    Arc::new(crate::cluster::Ownership::new(*partitions, health.clone()));
+                let fence = ownership.clone();
+                engine.fence(Arc::new(move |key: &str| fence.check(key).is_ok()));
+                Some(ownership)
+            }
+            _ => None,
+        };
         let api_state = Arc::new(ApiState {
             identity: identity.clone(),
             streams: streams.clone(),
@@ -376,12 +388,7 @@ impl Vigil {
                 .iter()
                 .map(|p| p.name.clone())
                 .collect(),
-            ownership: match (&cluster_topics, &kafka_health) {
-                (Some((_, partitions)), Some(health)) => Some(Arc::new(
-                    crate::cluster::Ownership::new(*partitions, health.clone()),
-                )),
-                _ => None,
-            },
+            ownership,
             peers,
         });
         for m in &ssf_clients.managers {

@@ -18,6 +18,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -37,6 +38,32 @@ struct Instance {
     child: Child,
     base: String,
     dir: tempfile::TempDir,
+}
+
+impl Instance {
+    /// `kill -9`, then the same instance again: its configuration, port and data directory.
+    fn kill_and_restart(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.child = spawn_vigil(self.dir.path());
+    }
+}
+
+/// `vigil serve` with the configuration in `dir`, appending its log to `dir/vigil.log`.
+fn spawn_vigil(dir: &std::path::Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("vigil.log"))
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["serve", "--config"])
+        .arg(dir.join("vigil.toml"))
+        .env("VIGIL_LOG", "info")
+        .stdout(log)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
 }
 
 impl Drop for Instance {
@@ -70,16 +97,12 @@ fn start_instance(tx: &Transmitter, brokers: &str, session_timeout_ms: u32) -> I
         config.cluster.properties.insert(k.into(), v);
     }
     config.validate().unwrap();
-    let path = dir.path().join("vigil.toml");
-    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_vigil"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .env("VIGIL_LOG", "info")
-        .stdout(std::fs::File::create(dir.path().join("vigil.log")).unwrap())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    std::fs::write(
+        dir.path().join("vigil.toml"),
+        toml::to_string(&config).unwrap(),
+    )
+    .unwrap();
+    let child = spawn_vigil(dir.path());
     Instance {
         child,
         base: format!("http://127.0.0.1:{port}"),
@@ -619,6 +642,220 @@ async fn a_principals_state_moves_with_its_partition() {
             assert_live_answers(&http, &instance.base, g, ("deny", "revoked", 403)).await;
         }
     }
+    drop(kafka);
+}
+
+/// Kills per run of the cluster crash test; `CRASH_KILLS=N` for more.
+fn kills() -> usize {
+    std::env::var("CRASH_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4)
+}
+
+/// What the load of the crash test saw acknowledged.
+#[derive(Default)]
+struct Acknowledged {
+    /// Grants answered 201 (by index).
+    registered: BTreeSet<usize>,
+    /// Users whose account-disabled SET was answered 202.
+    pushed: BTreeSet<usize>,
+    /// Grants seen revoked, with when first seen; confirmed once seen revoked again a second
+    /// later (an answer read from memory may precede its batch's durability by milliseconds).
+    first_seen_revoked: std::collections::BTreeMap<usize, std::time::Instant>,
+    confirmed_revoked: BTreeSet<usize>,
+    /// `allow` answered for a confirmed revoked grant: (grant, instance).
+    violations: Vec<(usize, String)>,
+    checks: usize,
+}
+
+/// The cluster under load — registrations and account-disabled SETs sent to any instance,
+/// live checks on any instance — while a random instance is killed with SIGKILL and restarted,
+/// again and again. Afterwards: every 201'd grant is held by its owner; every 202'd SET was
+/// applied (its user's grant revoked); the others' grants are still active; and no instance ever
+/// answered `allow` for a grant after its revocation was confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acknowledged_work_survives_kill_9_of_any_instance() {
+    use rand::Rng;
+    let kafka = brokers_with_topics();
+    let brokers = kafka.bootstrap_servers();
+    let tx = Arc::new(Transmitter::start(&[Alg::RS256]).await);
+    let instances: Vec<Instance> = (0..3)
+        .map(|_| start_instance(&tx, &brokers, 4_000))
+        .collect();
+    let bases: Arc<Vec<String>> = Arc::new(instances.iter().map(|i| i.base.clone()).collect());
+    let http = http();
+    split(&http, &instances.iter().collect::<Vec<_>>()).await;
+    // Users started by the loader so far; it goes on until the kills are done.
+    let users = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let load_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let email = |i: usize| format!("crash{i}@example.com");
+    let acked = Arc::new(std::sync::Mutex::new(Acknowledged::default()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let running = |stop: &Arc<std::sync::atomic::AtomicBool>| {
+        !stop.load(std::sync::atomic::Ordering::Relaxed)
+    };
+
+    // Registrations, then (for every other user) the SET that disables the account, each sent to
+    // a random instance and retried until acknowledged.
+    let loader = {
+        let (http, bases, acked, tx, stop, users, load_done) = (
+            http.clone(),
+            bases.clone(),
+            acked.clone(),
+            tx.clone(),
+            stop.clone(),
+            users.clone(),
+            load_done.clone(),
+        );
+        tokio::spawn(async move {
+            while !load_done.load(std::sync::atomic::Ordering::Relaxed) {
+                let i = users.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let grant = session_grant(&format!("c{i}"), &email(i));
+                while running(&stop) {
+                    let base = &bases[rand::rng().random_range(0..bases.len())];
+                    let r = http
+                        .post(format!("{base}/v1/grants"))
+                        .bearer_auth(ADMIN_TOKEN)
+                        .json(&grant)
+                        .send()
+                        .await;
+                    if r.is_ok_and(|r| r.status().as_u16() == 201) {
+                        acked.lock().unwrap().registered.insert(i);
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                if i % 2 == 1 {
+                    continue;
+                }
+                let claims = disabled(&email(i), &format!("crash-{i}"));
+                while running(&stop) {
+                    let base = &bases[rand::rng().random_range(0..bases.len())];
+                    if push_set(&http, base, &tx, &claims).await == 202 {
+                        acked.lock().unwrap().pushed.insert(i);
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+        })
+    };
+    // Live checks on random instances: a revocation, once confirmed, is never answered allow.
+    let checker = {
+        let (http, bases, acked, stop, users) = (
+            http.clone(),
+            bases.clone(),
+            acked.clone(),
+            stop.clone(),
+            users.clone(),
+        );
+        tokio::spawn(async move {
+            while running(&stop) {
+                let started = users.load(std::sync::atomic::Ordering::Relaxed);
+                if started < 2 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                let i = 2 * rand::rng().random_range(0..started / 2);
+                let base = &bases[rand::rng().random_range(0..bases.len())];
+                let Ok(r) = http
+                    .post(format!("{base}/v1/check"))
+                    .bearer_auth(ADMIN_TOKEN)
+                    .json(&json!({"grant_id": format!("c{i}")}))
+                    .send()
+                    .await
+                else {
+                    continue;
+                };
+                let Ok(answer) = r.json::<Value>().await else {
+                    continue;
+                };
+                let mut a = acked.lock().unwrap();
+                a.checks += 1;
+                if answer["status"] == "revoked" {
+                    let first = *a
+                        .first_seen_revoked
+                        .entry(i)
+                        .or_insert_with(std::time::Instant::now);
+                    if first.elapsed() > Duration::from_secs(1) {
+                        a.confirmed_revoked.insert(i);
+                    }
+                }
+                if answer["decision"] == "allow" && a.confirmed_revoked.contains(&i) {
+                    a.violations.push((i, base.clone()));
+                }
+            }
+        })
+    };
+
+    let mut instances = instances;
+    for kill in 0..kills() {
+        tokio::time::sleep(Duration::from_millis(
+            rand::rng().random_range(1_000..3_000),
+        ))
+        .await;
+        let victim = rand::rng().random_range(0..instances.len());
+        println!("kill {kill}: instance {victim}");
+        instances[victim].kill_and_restart();
+        // Back in the group before the next kill.
+        split(&http, &instances.iter().collect::<Vec<_>>()).await;
+    }
+    // Let the loader finish the user it is on, then stop the checker.
+    load_done.store(true, std::sync::atomic::Ordering::Relaxed);
+    eventually_within(120, "the load to finish", || async {
+        loader.is_finished().then_some(())
+    })
+    .await;
+    let users = users.load(std::sync::atomic::Ordering::Relaxed);
+    split(&http, &instances.iter().collect::<Vec<_>>()).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    checker.await.unwrap();
+
+    let (registered, pushed, checks, confirmed, violations) = {
+        let a = acked.lock().unwrap();
+        (
+            a.registered.clone(),
+            a.pushed.clone(),
+            a.checks,
+            a.confirmed_revoked.len(),
+            a.violations.clone(),
+        )
+    };
+    println!(
+        "registered {}, SETs acknowledged {}, checks {checks}, revocations confirmed during the run {confirmed}",
+        registered.len(),
+        pushed.len()
+    );
+    assert_eq!(registered.len(), users, "every grant registered in the end");
+    assert_eq!(
+        pushed.len(),
+        users.div_ceil(2),
+        "every SET acknowledged in the end"
+    );
+    assert!(
+        violations.is_empty(),
+        "allow after a confirmed revocation: {violations:?}"
+    );
+    for i in 0..users {
+        let want = if pushed.contains(&i) {
+            "revoked"
+        } else {
+            "active"
+        };
+        let grant = format!("c{i}");
+        wait_for(&instances, 60, "every acknowledged SET applied", || async {
+            let mut all = true;
+            for base in bases.iter() {
+                let (code, body) = grant_status(&http, base, &grant).await;
+                all &= code == 200 && body["status"] == want;
+            }
+            all
+        })
+        .await;
+    }
+    drop(instances);
     drop(kafka);
 }
 

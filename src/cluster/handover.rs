@@ -99,6 +99,10 @@ impl PartitionHooks for Handover {
     }
 
     fn revoked(&self, partitions: &[i32]) {
+        for &p in partitions {
+            // No longer this instance's to restore (a failed restore is no longer a problem here).
+            self.health.restore_progress(p, 0);
+        }
         if let Err(e) = self.release(
             partitions,
             "partitions given up: their state forgotten here",

@@ -232,6 +232,8 @@ impl Shard {
             mut p,
         } = c;
         let mut failed = None;
+        // The failure was the changelog's (the brokers), not the local store's.
+        let mut unreplicated = false;
         for write in writes {
             if let (Err(e), None) = (write.and_then(PendingWrite::wait_blocking), &failed) {
                 tracing::error!(shard = self.id, error = %e, "engine commit failed; signals stay pending for replay");
@@ -246,6 +248,7 @@ impl Shard {
                 metrics::counter!(crate::telemetry::CLUSTER_CHANGELOG_ERRORS).increment(1);
                 tracing::error!(shard = self.id, error = %e, "changelog append failed; signals stay pending for replay");
                 failed = Some(e);
+                unreplicated = true;
             }
         }
         if failed.is_some() {
@@ -280,10 +283,10 @@ impl Shard {
         for reply in p.replies.drain(..) {
             match reply {
                 Reply::Register(tx, r) => {
-                    let _ = tx.send(unless_failed(&failed, *r));
+                    let _ = tx.send(unless_failed(&failed, unreplicated, *r));
                 }
                 Reply::Delete(tx, r) => {
-                    let _ = tx.send(unless_failed(&failed, r));
+                    let _ = tx.send(unless_failed(&failed, unreplicated, r));
                 }
             }
         }
@@ -306,8 +309,13 @@ pub(super) struct Committing {
 }
 
 /// A reply stands only if the batch it belongs to committed.
-fn unless_failed<T>(failed: &Option<String>, r: Result<T, EngineError>) -> Result<T, EngineError> {
+fn unless_failed<T>(
+    failed: &Option<String>,
+    unreplicated: bool,
+    r: Result<T, EngineError>,
+) -> Result<T, EngineError> {
     match failed {
+        Some(e) if unreplicated => Err(EngineError::Unreplicated(e.clone())),
         Some(e) => Err(EngineError::Storage(e.clone())),
         None => r,
     }

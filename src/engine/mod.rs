@@ -109,6 +109,14 @@ pub enum EngineError {
     Overloaded,
     #[error("cannot start a shard thread: {0}")]
     Thread(String),
+    /// Cluster mode: the principal's partition is not this instance's (it is moving); the caller
+    /// should retry, and will reach its owner.
+    #[error("the principal `{0}` is not owned here (its partition is moving); retry")]
+    NotOwned(String),
+    /// Cluster mode: the state topic did not take the change, so it was not made durable for the
+    /// cluster; the caller should retry (503).
+    #[error("the cluster's brokers did not take the change: {0}")]
+    Unreplicated(String),
 }
 
 impl From<WriteError> for EngineError {
@@ -209,6 +217,8 @@ pub(crate) struct Shared {
     /// Decisions, with the grant they are about, for delivery.
     pub decisions: mpsc::Sender<(Decision, Arc<Grant>)>,
     pub settings: EngineSettings,
+    /// Cluster mode: which principals this instance owns ([`Engine::fence`]).
+    pub owns: std::sync::OnceLock<Released>,
 }
 
 impl Shared {
@@ -430,6 +440,7 @@ impl Engine {
             audit,
             decisions,
             settings: settings.clone(),
+            owns: std::sync::OnceLock::new(),
         });
         for ctx in loaded.contexts {
             shared.contexts.insert(ctx.key.clone(), Arc::new(ctx));
@@ -471,6 +482,14 @@ impl Engine {
             threads: std::sync::Mutex::new(threads),
             linking: std::sync::Mutex::new(()),
         })
+    }
+
+    /// Cluster mode: from now on a registration is applied only for a principal `owns` names
+    /// (else [`EngineError::NotOwned`]). Checked on the shard, in order with the release of a
+    /// partition given up: a registration that passed the API's ownership check just before the
+    /// partition moved is refused rather than applied after the state was handed on. Set once.
+    pub fn fence(&self, owns: Released) {
+        let _ = self.shared.owns.set(owns);
     }
 
     /// Cluster mode: forgets every principal `released` names — their contexts, grants and

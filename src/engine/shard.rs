@@ -469,6 +469,11 @@ impl Shard {
     }
 
     fn register(&mut self, mut grant: Grant, p: &mut Pending) -> Result<Registered, EngineError> {
+        if let Some(owns) = self.shared.owns.get() {
+            if !owns(&grant.principal) {
+                return Err(EngineError::NotOwned(grant.principal.to_string()));
+            }
+        }
         if let Some(existing) = self.shared.grants.get(&grant.id).map(|g| g.clone()) {
             if existing.status == GrantStatus::Revoked {
                 return Err(EngineError::Revoked(grant.id.to_string()));

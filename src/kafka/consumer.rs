@@ -52,7 +52,13 @@ struct Pipeline {
     health: Arc<KafkaHealth>,
     topics: Vec<String>,
     hooks: Option<Arc<dyn PartitionHooks>>,
+    /// Cluster mode: partitions assigned whose state could not be taken over (paused), and
+    /// when that was last tried.
+    paused: Mutex<(Vec<(String, i32)>, Instant)>,
 }
+
+/// How often a partition whose state could not be taken over is tried again.
+const RESTORE_RETRY: Duration = Duration::from_secs(15);
 
 /// Most batches handed to the engine and not yet committed. The engine makes feed-changed contexts
 /// durable at each checkpoint (`engine.checkpoint_interval_ms`, 1 s by default), so every batch
@@ -112,6 +118,9 @@ impl ConsumerContext for Pipeline {
                 self.drain(consumer, Finish::All);
                 let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
                 self.health.rebalanced(partitions.iter().copied(), false);
+                Self::lock(&self.paused)
+                    .0
+                    .retain(|(_, p)| !partitions.contains(p));
                 if let Some(hooks) = &self.hooks {
                     hooks.revoked(&partitions);
                 }
@@ -134,11 +143,14 @@ impl ConsumerContext for Pipeline {
             };
             if !failed.is_empty() {
                 let mut paused = rdkafka::TopicPartitionList::new();
+                let mut waiting = Self::lock(&self.paused);
                 for e in tpl.elements() {
                     if failed.contains(&e.partition()) {
                         paused.add_partition(e.topic(), e.partition());
+                        waiting.0.push((e.topic().to_owned(), e.partition()));
                     }
                 }
+                waiting.1 = Instant::now();
                 if let Err(e) = consumer.pause(&paused) {
                     tracing::error!(error = %e, "could not pause partitions whose state was not taken over");
                 }
@@ -152,6 +164,41 @@ impl ConsumerContext for Pipeline {
 impl Pipeline {
     fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         m.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Cluster mode: tries again, every [`RESTORE_RETRY`], to take over the state of partitions
+    /// that are paused because it could not be; resumes and owns those it now can (no operator
+    /// action after the brokers come back).
+    fn retry_paused(&self, consumer: &BaseConsumer<Self>) {
+        let Some(hooks) = &self.hooks else {
+            return;
+        };
+        let waiting = {
+            let mut paused = Self::lock(&self.paused);
+            if paused.0.is_empty() || paused.1.elapsed() < RESTORE_RETRY {
+                return;
+            }
+            paused.1 = Instant::now();
+            paused.0.clone()
+        };
+        let partitions: Vec<i32> = waiting.iter().map(|(_, p)| *p).collect();
+        let failed = hooks.assigned(&partitions);
+        let mut resumed = rdkafka::TopicPartitionList::new();
+        for (topic, partition) in waiting.iter().filter(|(_, p)| !failed.contains(p)) {
+            resumed.add_partition(topic, *partition);
+        }
+        if resumed.count() == 0 {
+            return;
+        }
+        if let Err(e) = consumer.resume(&resumed) {
+            tracing::error!(error = %e, "could not resume partitions whose state was taken over");
+            return;
+        }
+        Self::lock(&self.paused)
+            .0
+            .retain(|(_, p)| failed.contains(p));
+        self.health
+            .rebalanced(partitions.into_iter().filter(|p| !failed.contains(p)), true);
     }
 
     /// Hands the gathered messages to the engine, then commits the offsets of the batches it has
@@ -441,6 +488,7 @@ impl KafkaSource {
             health,
             topics: config.topics.clone(),
             hooks: format.hooks,
+            paused: Mutex::new((Vec::new(), Instant::now())),
         };
         let consumer: BaseConsumer<Pipeline> = client.create_with_context(context)?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
@@ -526,6 +574,7 @@ fn run(consumer: BaseConsumer<Pipeline>, batching: Batching, shutdown: watch::Re
         count_consumed(&gathered);
         Pipeline::lock(&pipeline.gathered).extend(gathered);
         pipeline.drain(&consumer, Finish::Bounded);
+        pipeline.retry_paused(&consumer);
     }
     pipeline.drain(&consumer, Finish::All);
     consumer.unsubscribe();
