@@ -148,7 +148,7 @@ impl Vigil {
         if let Some((topics, partitions)) = &cluster_topics {
             engine_settings.changelog = Some(Arc::new(crate::cluster::StateLog::new(
                 &config.cluster,
-                topics.state.clone(),
+                topics,
                 *partitions,
             )?));
         }
@@ -340,10 +340,19 @@ impl Vigil {
         // which grant calls reach their owner.
         let peers = match (&cluster_topics, &kafka_health) {
             (Some((topics, partitions)), Some(health)) => {
+                let instance = crate::cluster::instance_id(&config.cluster, &config.data_dir)?;
+                crate::cluster::follow_aliases(
+                    &config.cluster,
+                    &topics.aliases,
+                    &instance,
+                    engine.clone(),
+                    shutdown_rx.clone(),
+                )
+                .await?;
                 let (directory, announcer) = crate::cluster::Directory::start(
                     &config.cluster,
                     topics.members.clone(),
-                    crate::cluster::instance_id(&config.cluster, &config.data_dir)?,
+                    instance,
                     crate::cluster::advertised_url(&config.cluster, addr, tls.is_some()),
                     health.clone(),
                     clock.clone(),

@@ -100,6 +100,8 @@ catalogue! {
     CLUSTER_RELEASED_ROWS = "vigil_cluster_released_rows_total", Counter, [],
         "Stored rows dropped with partitions this instance gave up";
     // The engine.
+    ALIASES = "vigil_aliases", Gauge, [],
+        "Identifier-to-principal links held (in cluster mode the whole cluster's alias table, read from the alias topic)";
     ENGINE_SIGNALS = "vigil_engine_signals_total", Counter, ["changed"],
         "Signals folded into a context (changed=no: older or identical)";
     ENGINE_BATCH_SECONDS = "vigil_engine_batch_seconds", Histogram, [],

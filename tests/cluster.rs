@@ -200,9 +200,12 @@ fn now() -> f64 {
 }
 
 fn principal_key(email: &str) -> String {
-    let subject =
-        vigil::subject::SubjectId::from_json(&json!({"format": "email", "email": email}), true)
-            .unwrap();
+    principal_key_of(&json!({"format": "email", "email": email}))
+}
+
+/// The routing key of a subject naming one identifier.
+fn principal_key_of(subject: &Value) -> String {
+    let subject = vigil::subject::SubjectId::from_json(subject, true).unwrap();
     vigil::principal::Target::of(&subject).identifiers[0].clone()
 }
 
@@ -247,6 +250,36 @@ async fn register(http: &reqwest::Client, base: &str, grant: &Value) -> (u16, Va
         .unwrap();
     let code = r.status().as_u16();
     (code, r.json().await.unwrap_or(Value::Null))
+}
+
+/// `vigil_aliases` of an instance: the identifier links it holds.
+async fn aliases_held(http: &reqwest::Client, base: &str) -> u64 {
+    let text = http
+        .get(format!("{base}/metrics"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("vigil_aliases "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+/// [`register`] through an instance that may not know the owner yet (503 while its members
+/// directory fills): retried for up to 30 s.
+async fn register_through(http: &reqwest::Client, entry: &str, grant: &Value) -> (u16, Value) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, body) = register(http, entry, grant).await;
+        if code != 503 || std::time::Instant::now() > deadline {
+            return (code, body);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// What `base` answers for `grant` by `POST /v1/check` (decision, status) and by nginx's
@@ -345,15 +378,7 @@ async fn any_instance_takes_a_set_and_only_the_owner_applies_it() {
         // Registered through another instance (every third through the owner itself): the
         // owner answers, after evaluation.
         let entry = &instances[(owner_of(user) + i) % 3].base;
-        // 503 while the entry does not know the owner yet (its members directory fills).
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        let answer = loop {
-            let (code, body) = register(&http, entry, &g).await;
-            if code != 503 || std::time::Instant::now() > deadline {
-                break (code, body);
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        };
+        let answer = register_through(&http, entry, &g).await;
         assert_eq!(answer.0, 201, "{}", answer.1);
         assert_eq!(answer.1["grant"]["status"], "active", "{}", answer.1);
         // Only the owner holds it; the others answer for it by asking the owner.
@@ -525,6 +550,60 @@ async fn a_principals_state_moves_with_its_partition() {
         let p = vigil::cluster::partition_of(&principal_key(email), PARTITIONS);
         owners.iter().position(|o| o.contains(&p)).unwrap()
     };
+    // Identity across instances: a grant whose subject names an email and a phone number on
+    // another instance's partition is revoked by a SET naming only the phone, sent to that other
+    // instance (it routes by the cluster's alias table, not by the phone's own partition).
+    let linked_email = "linked@example.com";
+    let phone = (0..100)
+        .map(|n| format!("+1202555{n:04}"))
+        .find(|phone| {
+            let key = principal_key_of(&json!({"format": "phone_number", "phone_number": phone}));
+            let p = vigil::cluster::partition_of(&key, PARTITIONS);
+            !owners[owner_of(linked_email)].contains(&p)
+        })
+        .unwrap();
+    let phone_subject = json!({"format": "phone_number", "phone_number": phone});
+    let phone_owner = {
+        let p = vigil::cluster::partition_of(&principal_key_of(&phone_subject), PARTITIONS);
+        owners.iter().position(|o| o.contains(&p)).unwrap()
+    };
+    let mut linked = session_grant("linked", linked_email);
+    linked["subject"] = json!({"format": "aliases", "identifiers": [
+        {"format": "email", "email": linked_email}, phone_subject]});
+    let links_before = aliases_held(&http, &instances[phone_owner].base).await;
+    let (code, body) = register_through(&http, &instances[phone_owner].base, &linked).await;
+    assert_eq!(code, 201, "{body}");
+    // The two links (email and phone, to the email's principal) reach the phone's owner through
+    // the alias topic.
+    eventually_within(30, "the links in the phone owner's alias table", || async {
+        (aliases_held(&http, &instances[phone_owner].base).await >= links_before + 2).then_some(())
+    })
+    .await;
+    let by_phone = json!({"iss": ISS, "aud": AUD, "jti": "by-phone", "iat": now() as i64,
+        "sub_id": phone_subject, "events": {DISABLED: {}}});
+    // The link reaches every instance's alias table within moments of the registration.
+    let mut accepted = false;
+    for _ in 0..50 {
+        if push_set(&http, &instances[phone_owner].base, &tx, &by_phone).await == 202 {
+            accepted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(accepted);
+    wait_for(
+        &instances,
+        30,
+        "the SET naming the phone to revoke the grant",
+        || async {
+            grant_status(&http, &instances[phone_owner].base, "linked")
+                .await
+                .1["status"]
+                == "revoked"
+        },
+    )
+    .await;
+
     let users: Vec<String> = (0..12).map(|i| format!("mover{i}@example.com")).collect();
     let victim = owner_of(&users[0]);
     let on_victim: Vec<usize> = (0..users.len())

@@ -11,10 +11,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::BaseConsumer;
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -88,16 +87,7 @@ impl Directory {
             clock,
         });
         // The reader: every record from the beginning, then as they come.
-        // Assigned, not subscribed: every instance reads every record. librdkafka still wants a
-        // group id; this one is the instance's own and commits nothing.
-        let consumer: BaseConsumer = topics::client_config(config)
-            .set("group.id", format!("{topic}.{}", directory.me.instance))
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false")
-            .create()?;
-        let mut assignment = TopicPartitionList::new();
-        assignment.add_partition_offset(&topic, 0, Offset::Beginning)?;
-        consumer.assign(&assignment)?;
+        let consumer = topics::whole_topic_reader(config, &topic, &directory.me.instance)?;
         let reader = directory.clone();
         let stop = shutdown.clone();
         std::thread::Builder::new()

@@ -23,6 +23,7 @@
 //! every instance keeps, state moving with a partition (changelog, restore, standbys), identity across
 //! instances, one signing identity, and risk feeds in cluster mode.
 
+mod aliases;
 mod forward;
 mod handover;
 mod members;
@@ -31,6 +32,7 @@ mod signal_log;
 mod state_log;
 mod topics;
 
+pub use aliases::follow as follow_aliases;
 pub use forward::{Answer, Call, ForwardError, Peers, FORWARDED};
 pub use handover::Handover;
 pub use members::{Directory, Member};

@@ -20,7 +20,7 @@ use tokio::sync::oneshot;
 
 use super::{partition_of, topics, ClusterError};
 use crate::config::ClusterConfig;
-use crate::engine::{ChangeRecord, Changelog, Row};
+use crate::engine::{ChangeRecord, Changelog, Row, Table};
 use crate::kafka::ProducerLogs;
 
 /// How long a restore may take before the partition is given up as not taken over.
@@ -32,6 +32,8 @@ const PROGRESS_EVERY: u64 = 10_000;
 pub struct StateLog {
     producer: FutureProducer<ProducerLogs>,
     topic: String,
+    /// The alias topic, where identifier links also go (read whole by every instance).
+    aliases_topic: String,
     partitions: i32,
     timeout: Duration,
     runtime: tokio::runtime::Handle,
@@ -51,7 +53,7 @@ impl StateLog {
     /// from within the Tokio runtime: deliveries are awaited on it.
     pub fn new(
         config: &ClusterConfig,
-        topic: String,
+        topics: &super::Topics,
         partitions: i32,
     ) -> Result<StateLog, ClusterError> {
         let mut client = topics::client_config(config);
@@ -64,11 +66,35 @@ impl StateLog {
             .set("linger.ms", "2");
         Ok(StateLog {
             producer: client.create_with_context(ProducerLogs)?,
-            topic,
+            topic: topics.state.clone(),
+            aliases_topic: topics.aliases.clone(),
             partitions,
             timeout: Duration::from_millis(config.publish_timeout_ms),
             runtime: tokio::runtime::Handle::current(),
         })
+    }
+}
+
+impl StateLog {
+    /// Queues `record`; a full local queue empties as the brokers take it, so that waits, up to
+    /// `deadline`.
+    fn send<'a>(
+        &self,
+        mut record: FutureRecord<'a, str, [u8]>,
+        deadline: Instant,
+    ) -> Result<rdkafka::producer::DeliveryFuture, String> {
+        loop {
+            match self.producer.send_result(record) {
+                Ok(delivery) => return Ok(delivery),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                    if Instant::now() < deadline =>
+                {
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((e, _)) => return Err(format!("state topic: {e}")),
+            }
+        }
     }
 }
 
@@ -84,21 +110,22 @@ impl Changelog for StateLog {
             if let Some(value) = &r.value {
                 record = record.payload(value.as_slice());
             }
-            // A full local queue empties as the brokers take it: wait, up to the publish timeout.
-            loop {
-                match self.producer.send_result(record) {
-                    Ok(delivery) => {
-                        deliveries.push(delivery);
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
-                        if Instant::now() < deadline =>
-                    {
-                        record = back;
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    Err((e, _)) => {
-                        let _ = tx.send(Err(format!("state topic: {e}")));
+            let mut sends = vec![record];
+            // An identifier's link also goes to the alias table every instance reads.
+            let alias = Row::parse(&r.key).filter(|row| row.table == Table::Alias);
+            if let (Some(alias), Some(principal)) = (&alias, &r.value) {
+                sends.push(
+                    FutureRecord::to(&self.aliases_topic)
+                        .key(alias.key.as_str())
+                        .partition(0)
+                        .payload(principal.as_slice()),
+                );
+            }
+            for record in sends {
+                match self.send(record, deadline) {
+                    Ok(delivery) => deliveries.push(delivery),
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
                         return rx;
                     }
                 }

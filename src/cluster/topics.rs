@@ -5,6 +5,7 @@
 //! | `<name>.signals` | the principal's routing key | `cluster.partitions` (fixed once created) | delete, 7 days | every validated SET, appended before its 202: the cluster's intake log; partition = ownership |
 //! | `<name>.signals.dead-letter` | as received | 1 | delete | records of the signals topic that do not decode (written by another release) |
 //! | `<name>.members` | instance id | 1 | compact | each instance's API URL and the partitions it owns, re-announced every 2 s; a tombstone when it leaves |
+//! | `<name>.aliases` | an identifier's key | 1 | compact | the principal each registered identifier names (last record wins), read whole by every instance: a signal naming any identifier is routed to its principal's owner wherever it arrives |
 //! | `<name>.state` | `table \x1f row key` | as the signals topic | compact | the owners' engine rows (contexts, session revocations, grants, aliases; a tombstone deletes), on their principal's partition: what a new owner restores |
 //!
 //! They are created at start-up when missing. A topic that exists keeps its partition count, which
@@ -16,7 +17,9 @@ use std::time::Duration;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
 
 use super::ClusterError;
 use crate::config::ClusterConfig;
@@ -34,6 +37,7 @@ pub struct Topics {
     pub signals_dead_letter: String,
     pub members: String,
     pub state: String,
+    pub aliases: String,
 }
 
 impl Topics {
@@ -43,17 +47,19 @@ impl Topics {
             signals_dead_letter: format!("{name}.signals.dead-letter"),
             members: format!("{name}.members"),
             state: format!("{name}.state"),
+            aliases: format!("{name}.aliases"),
         }
     }
 
     /// Every topic with its partition count when the signals topic has `partitions`: what to
     /// create by hand where the brokers cannot create topics (librdkafka's mock cluster).
-    pub fn with_partitions(&self, partitions: i32) -> [(&str, i32); 4] {
+    pub fn with_partitions(&self, partitions: i32) -> [(&str, i32); 5] {
         [
             (self.signals.as_str(), partitions),
             (self.signals_dead_letter.as_str(), 1),
             (self.members.as_str(), 1),
             (self.state.as_str(), partitions),
+            (self.aliases.as_str(), 1),
         ]
     }
 }
@@ -69,6 +75,25 @@ pub fn client_config(config: &ClusterConfig) -> ClientConfig {
     client
 }
 
+/// A consumer of the whole of a one-partition topic, from its first record: every instance reads
+/// every record. Assigned, not subscribed; librdkafka still wants a group id, and this one is the
+/// reader's own (`reader`) and commits nothing.
+pub(super) fn whole_topic_reader(
+    config: &ClusterConfig,
+    topic: &str,
+    reader: &str,
+) -> Result<BaseConsumer, ClusterError> {
+    let consumer: BaseConsumer = client_config(config)
+        .set("group.id", format!("{topic}.{reader}"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()?;
+    let mut assignment = TopicPartitionList::new();
+    assignment.add_partition_offset(topic, 0, Offset::Beginning)?;
+    consumer.assign(&assignment)?;
+    Ok(consumer)
+}
+
 /// Makes sure the cluster's topics exist and returns the signals topic's partition count.
 pub async fn ensure(config: &ClusterConfig, topics: &Topics) -> Result<i32, ClusterError> {
     let admin: AdminClient<DefaultClientContext> = client_config(config).create()?;
@@ -77,6 +102,7 @@ pub async fn ensure(config: &ClusterConfig, topics: &Topics) -> Result<i32, Clus
         (topics.signals_dead_letter.as_str(), 1, "delete"),
         (topics.members.as_str(), 1, "compact"),
         (topics.state.as_str(), config.partitions, "compact"),
+        (topics.aliases.as_str(), 1, "compact"),
     ];
     let mut missing = Vec::new();
     for (topic, partitions, cleanup) in wanted {

@@ -448,6 +448,7 @@ impl Engine {
         for (k, v) in loaded.aliases {
             shared.aliases.insert(k, v);
         }
+        metrics::gauge!(crate::telemetry::ALIASES).set(shared.aliases.len() as f64);
         let mut owned: Vec<Vec<Arc<Grant>>> = vec![Vec::new(); settings.shards];
         for grant in loaded.grants {
             let grant = Arc::new(grant);
@@ -521,6 +522,19 @@ impl Engine {
             .write_blocking(move |txn| persist::forget(txn, &*released))?;
         metrics::gauge!(crate::telemetry::GRANTS).set(self.shared.grants.len() as f64);
         Ok(forgotten)
+    }
+
+    /// Cluster mode: the cluster's alias table says `alias` names `principal` (read from the
+    /// alias topic, in its order: the last link of an identifier wins on every instance).
+    pub fn learn_alias(&self, alias: &str, principal: &str) {
+        let _linking = self
+            .linking
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.shared
+            .aliases
+            .insert(alias.to_owned(), principal.to_owned());
+        metrics::gauge!(crate::telemetry::ALIASES).set(self.shared.aliases.len() as f64);
     }
 
     /// Cluster mode: takes over the rows of a partition read back from the changelog (each row's
@@ -618,6 +632,9 @@ impl Engine {
                 self.shared.aliases.insert(k.clone(), principal.clone());
                 new.push((k.clone(), principal.clone()));
             }
+        }
+        if !new.is_empty() {
+            metrics::gauge!(crate::telemetry::ALIASES).set(self.shared.aliases.len() as f64);
         }
         Some((principal, new))
     }
