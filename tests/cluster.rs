@@ -749,8 +749,9 @@ struct Acknowledged {
 }
 
 /// The cluster under load — registrations and account-disabled SETs sent to any instance,
-/// live checks on any instance — while a random instance is killed with SIGKILL and restarted,
-/// again and again. Afterwards: every 201'd grant is held by its owner; every 202'd SET was
+/// live checks on any instance — while it scales out from one instance to three, a random
+/// instance is killed with SIGKILL and restarted, again and again, and one leaves cleanly.
+/// Afterwards: every 201'd grant is held by its owner; every 202'd SET was
 /// applied (its user's grant revoked); the others' grants are still active; and no instance ever
 /// answered `allow` for a grant after its revocation was confirmed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -759,10 +760,13 @@ async fn acknowledged_work_survives_kill_9_of_any_instance() {
     let kafka = brokers_with_topics();
     let brokers = kafka.bootstrap_servers();
     let tx = Arc::new(Transmitter::start(&[Alg::RS256]).await);
-    let instances: Vec<Instance> = (0..3)
-        .map(|_| start_instance(&tx, &brokers, 4_000))
-        .collect();
-    let bases: Arc<Vec<String>> = Arc::new(instances.iter().map(|i| i.base.clone()).collect());
+    // One instance at first; the load goes to whichever instances are in the cluster.
+    let mut instances = vec![start_instance(&tx, &brokers, 4_000)];
+    let bases = Arc::new(std::sync::RwLock::new(vec![instances[0].base.clone()]));
+    let pick = |bases: &std::sync::RwLock<Vec<String>>| {
+        let bases = bases.read().unwrap();
+        bases[rand::rng().random_range(0..bases.len())].clone()
+    };
     let http = http();
     split(&http, &instances.iter().collect::<Vec<_>>()).await;
     // Users started by the loader so far; it goes on until the kills are done.
@@ -792,7 +796,7 @@ async fn acknowledged_work_survives_kill_9_of_any_instance() {
                 let i = users.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let grant = session_grant(&format!("c{i}"), &email(i));
                 while running(&stop) {
-                    let base = &bases[rand::rng().random_range(0..bases.len())];
+                    let base = pick(&bases);
                     let r = http
                         .post(format!("{base}/v1/grants"))
                         .bearer_auth(ADMIN_TOKEN)
@@ -810,8 +814,7 @@ async fn acknowledged_work_survives_kill_9_of_any_instance() {
                 }
                 let claims = disabled(&email(i), &format!("crash-{i}"));
                 while running(&stop) {
-                    let base = &bases[rand::rng().random_range(0..bases.len())];
-                    if push_set(&http, base, &tx, &claims).await == 202 {
+                    if push_set(&http, &pick(&bases), &tx, &claims).await == 202 {
                         acked.lock().unwrap().pushed.insert(i);
                         break;
                     }
@@ -838,7 +841,7 @@ async fn acknowledged_work_survives_kill_9_of_any_instance() {
                     continue;
                 }
                 let i = 2 * rand::rng().random_range(0..started / 2);
-                let base = &bases[rand::rng().random_range(0..bases.len())];
+                let base = pick(&bases);
                 let Ok(r) = http
                     .post(format!("{base}/v1/check"))
                     .bearer_auth(ADMIN_TOKEN)
@@ -863,13 +866,23 @@ async fn acknowledged_work_survives_kill_9_of_any_instance() {
                     }
                 }
                 if answer["decision"] == "allow" && a.confirmed_revoked.contains(&i) {
-                    a.violations.push((i, base.clone()));
+                    a.violations.push((i, base));
                 }
             }
         })
     };
 
-    let mut instances = instances;
+    // Scale out under load: 1 → 3 instances, the partitions (and their state) spread out.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for _ in 0..2 {
+        instances.push(start_instance(&tx, &brokers, 4_000));
+        bases
+            .write()
+            .unwrap()
+            .push(instances.last().unwrap().base.clone());
+    }
+    split(&http, &instances.iter().collect::<Vec<_>>()).await;
+    println!("scaled out to 3");
     for kill in 0..kills() {
         tokio::time::sleep(Duration::from_millis(
             rand::rng().random_range(1_000..3_000),
@@ -881,6 +894,18 @@ async fn acknowledged_work_survives_kill_9_of_any_instance() {
         // Back in the group before the next kill.
         split(&http, &instances.iter().collect::<Vec<_>>()).await;
     }
+    // One instance leaves cleanly (SIGTERM): its partitions move at once, no session timeout.
+    let leaving = instances.pop().unwrap();
+    bases.write().unwrap().pop();
+    let left_at = std::time::Instant::now();
+    let status = Command::new("kill")
+        .args(["-TERM", &leaving.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    split(&http, &instances.iter().collect::<Vec<_>>()).await;
+    println!("one left cleanly: partitions moved in {:?}", left_at.elapsed());
+    drop(leaving);
     // Let the loader finish the user it is on, then stop the checker.
     load_done.store(true, std::sync::atomic::Ordering::Relaxed);
     eventually_within(120, "the load to finish", || async {
@@ -926,8 +951,8 @@ async fn acknowledged_work_survives_kill_9_of_any_instance() {
         let grant = format!("c{i}");
         wait_for(&instances, 60, "every acknowledged SET applied", || async {
             let mut all = true;
-            for base in bases.iter() {
-                let (code, body) = grant_status(&http, base, &grant).await;
+            for base in bases.read().unwrap().clone() {
+                let (code, body) = grant_status(&http, &base, &grant).await;
                 all &= code == 200 && body["status"] == want;
             }
             all
