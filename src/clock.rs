@@ -46,7 +46,7 @@ impl Clock {
         self.now_ms() as f64 / 1000.0
     }
 
-    /// "Now" as a [`SystemTime`] (for HTTP dates).
+    /// "Now" as a [`SystemTime`](std::time::SystemTime) (for HTTP dates).
     pub fn system_time(&self) -> std::time::SystemTime {
         let ms = u64::try_from(self.now_ms()).unwrap_or(0);
         std::time::UNIX_EPOCH + Duration::from_millis(ms)

@@ -1,6 +1,6 @@
 //! Risk signals from risk engines, UEBA tools and fraud systems (delivered over Kafka): Vigil's native
 //! JSON message format, operator-defined mappings for foreign formats, and their normalization into the
-//! same [`Signal`] a CAEP risk-level-change becomes — so event-time ordering holds across sources (a
+//! same [`Signal`](crate::signal::Signal) a CAEP risk-level-change becomes — so event-time ordering holds across sources (a
 //! late, older feed score never overrides a newer CAEP level, and vice versa).
 //!
 //! Native format (one JSON object per message):

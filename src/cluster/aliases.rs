@@ -23,7 +23,7 @@ use crate::engine::Engine;
 const CATCH_UP: Duration = Duration::from_secs(30);
 
 /// Starts reading the alias topic into `engine` (a thread, until `shutdown`); returns once what
-/// the topic held at the start is read (or after [`CATCH_UP`], with a warning), so signals this
+/// the topic held at the start is read (or after 30 s, with a warning), so signals this
 /// instance takes from then on are routed by the whole table.
 pub async fn follow(
     config: &ClusterConfig,

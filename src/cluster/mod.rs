@@ -19,9 +19,15 @@
 //! or check of a grant another instance owns is forwarded to it and its answer returned
 //! ([`Peers`]); `/v1/decisions` merges every instance's list.
 //!
+//! **State moves with its partition.** Every change an owner makes is also appended to the state
+//! topic ([`StateLog`]) before it is acknowledged; an instance assigned a partition restores it
+//! from there before it applies any of the partition's signals, and one that gives a partition up
+//! forgets it ([`Handover`]). Identifier links go to the alias topic too, which every instance
+//! reads whole ([`follow_aliases`]), so a signal is routed to its principal's owner by any of its
+//! identifiers.
+//!
 //! What is not built yet (issue 20): streams and delivery for the whole cluster, a status view
-//! every instance keeps, state moving with a partition (changelog, restore, standbys), identity across
-//! instances, one signing identity, and risk feeds in cluster mode.
+//! every instance keeps, standby replicas, one signing identity, and risk feeds in cluster mode.
 
 mod aliases;
 mod forward;
