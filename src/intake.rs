@@ -14,7 +14,7 @@
 //! update, a revoked grant stays revoked), so nothing is lost and nothing is applied twice in effect.
 //!
 //! Tables (prefix `intake_`): `sets` seq → record JSON; `jti` "iss\0jti" → seq; `pending` seq → ();
-//! `meta` "next_seq" → u64; `stream_state` "verify_state/<stream>" → expected verification state.
+//! `meta` "next_seq" → u64; `stream_state` `"verify_state/<stream>"` → expected verification state.
 
 use std::path::Path;
 use std::sync::Arc;

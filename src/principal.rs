@@ -121,7 +121,7 @@ impl Target {
 /// A grant's member keys by member name (`session` → `opaque:s-1`), sorted by name. A grant names
 /// one or two members at most; a `BTreeMap` allocated a leaf of 11 slots (640 bytes) for them, once
 /// per grant — a quarter of a grant's memory at 1 M grants. Names are the static
-/// [`GRANT_MEMBERS`](GRANT_MEMBERS) (no allocation per grant for `"session"`), keys
+/// [`GRANT_MEMBERS`] (no allocation per grant for `"session"`), keys
 /// boxed, and the slice holds exactly its entries. Stored as a JSON map, as before.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Members(Box<[(&'static str, Box<str>)]>);
