@@ -2,7 +2,8 @@
 //! they are answered (64 connections, round-robin over the instances), then the time until every
 //! one is applied by an engine, and the CPU seconds the whole process spent per SET.
 //!
-//! Run: `cargo bench --bench cluster -- [--sets 20000] [--concurrency 64] [--partitions 12]`
+//! Run: `cargo bench --bench cluster -- [--sets 20000] [--concurrency 64] [--partitions 12]
+//! [--grants 100000] [--probes 1000]`
 //!
 //! Configurations, each on a fresh in-process mock cluster of three brokers: a single node (its
 //! intake is a local file: the ceiling this stack reaches without Kafka), then one, two and three
@@ -10,6 +11,14 @@
 //! 202, applied by its principal's owner). The instances run in this process, on the same 2 cores
 //! as the load generator and the brokers, so the honest figure is CPU per SET and how it changes
 //! with the instance count, not a speed-up.
+//!
+//! Then handover, for each `--grants` count (comma-free: run again for another): one instance
+//! holds the grants; a second joins and restores half of them from the state topic (join
+//! handover); then signal → revocation latency in steady state (probes: a RISC account-disabled
+//! SET each, for a user with a grant, paced at 200/s; latency = the decision's time − the push's,
+//! one process, one clock); then the first instance leaves cleanly while probes go on, and the
+//! second restores the rest (leave handover, and the probes' latency during it). No standby
+//! replicas yet: every handover reads the partition from its start.
 
 mod common;
 
@@ -46,6 +55,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run() -> anyhow::Result<()> {
+    // Vigil's own log when asked for (`VIGIL_LOG=info`): where a handover spends its time.
+    if std::env::var_os("VIGIL_LOG").is_some() {
+        vigil::telemetry::init_logging();
+    }
     let sets = arg("--sets", 20_000) as usize;
     let concurrency = arg("--concurrency", 64) as usize;
     let partitions = arg("--partitions", 12) as i32;
@@ -98,7 +111,311 @@ async fn run() -> anyhow::Result<()> {
             f.cpu_ms_per_set / single.cpu_ms_per_set,
         );
     }
+    let grants = arg("--grants", 100_000) as usize;
+    let probes = arg("--probes", 1_000) as usize;
+    if grants > 0 {
+        let h = handover(partitions, grants, probes, &jwks.jwks_uri(), &key).await?;
+        println!();
+        println!("| grants | registered/s | join: restored | join s | leave: restored | leave s | steady p50 / p99 / p999 ms | during leave p50 / p99 / p999 ms (probes) |");
+        println!("|---|---|---|---|---|---|---|---|");
+        let q = |l: &[f64]| {
+            format!(
+                "{:.1} / {:.1} / {:.1}",
+                quantile(l, 0.5),
+                quantile(l, 0.99),
+                quantile(l, 0.999)
+            )
+        };
+        println!(
+            "| {grants} | {:.0} | {} | {:.2} | {} | {:.2} | {} | {} ({}) |",
+            h.registered_per_sec,
+            h.join_restored,
+            h.join_secs,
+            h.leave_restored,
+            h.leave_secs,
+            q(&h.steady_ms),
+            q(&h.during_leave_ms),
+            h.during_leave_ms.len()
+        );
+    }
     Ok(())
+}
+
+/// What a handover run measured.
+struct Handover {
+    registered_per_sec: f64,
+    /// Rows restored by the joining instance, and the time from its start until the group's
+    /// partitions were split with every restore done.
+    join_restored: u64,
+    join_secs: f64,
+    /// Rows restored by the remaining instance when the other left, and the time from the
+    /// leave until it owned every partition.
+    leave_restored: u64,
+    leave_secs: f64,
+    /// Signal → revocation latencies (ms, sorted).
+    steady_ms: Vec<f64>,
+    during_leave_ms: Vec<f64>,
+}
+
+const BENCH_TOKEN: &str = "bench-cluster-admin-token-0123456789";
+
+/// An instance of the handover cluster: the transmitter, one shared API client.
+async fn handover_instance(
+    dir: &std::path::Path,
+    kafka: &str,
+    name: &str,
+    partitions: i32,
+    jwks_uri: &str,
+) -> anyhow::Result<Vigil> {
+    use vigil::config::{ApiClientConfig, Role};
+    let mut config = loopback_config(dir);
+    config.transmitters.push(TransmitterConfig::with_jwks(
+        "load",
+        ISS,
+        vec![AUD.into()],
+        "Bearer load",
+        vec![Alg::RS256],
+        jwks_uri,
+    ));
+    config.clients = vec![ApiClientConfig {
+        name: "bench".into(),
+        token: BENCH_TOKEN.into(),
+        roles: vec![Role::Grants, Role::Check, Role::Operator, Role::Metrics],
+    }];
+    config.cluster.brokers = kafka.to_owned();
+    config.cluster.name = name.to_owned();
+    config.cluster.partitions = partitions;
+    // librdkafka's mock group coordinator waits up to a session timeout for members to rejoin
+    // a rebalance (45 s by default): a short one, with heartbeats to match.
+    for (k, v) in [
+        ("heartbeat_interval_ms", "500"),
+        ("session_timeout_ms", "6000"),
+    ] {
+        config.cluster.properties.insert(k.into(), v.into());
+    }
+    config.validate()?;
+    Ok(Vigil::start(config).await?)
+}
+
+/// What `/readyz` says: the partitions owned and how many are being restored.
+async fn owned_and_restoring(http: &reqwest::Client, vigil: &Vigil) -> anyhow::Result<(usize, usize)> {
+    let ready: serde_json::Value = http
+        .get(format!("http://{}/readyz", vigil.local_addr()))
+        .bearer_auth(BENCH_TOKEN)
+        .send()
+        .await?
+        .json()
+        .await?;
+    Ok((
+        ready["kafka"]["owned_partitions"].as_array().map_or(0, Vec::len),
+        ready["kafka"]["restoring"].as_array().map_or(0, Vec::len),
+    ))
+}
+
+/// `vigil_cluster_restored_rows_total` of the process (every instance in it: the metrics
+/// registry is the process's).
+async fn restored_rows(http: &reqwest::Client, vigil: &Vigil) -> anyhow::Result<u64> {
+    let text = http
+        .get(format!("http://{}/metrics", vigil.local_addr()))
+        .bearer_auth(BENCH_TOKEN)
+        .send()
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix("vigil_cluster_restored_rows_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0) as u64)
+}
+
+/// Waits until `vigils` own `partitions` between them, none restoring, each some.
+async fn owned_by(
+    http: &reqwest::Client,
+    vigils: &[&Vigil],
+    partitions: usize,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let mut owned = 0;
+        let mut restoring = 0;
+        let mut each = usize::MAX;
+        for v in vigils {
+            let (o, r) = owned_and_restoring(http, v).await?;
+            owned += o;
+            restoring += r;
+            each = each.min(o);
+        }
+        if owned == partitions && restoring == 0 && each > 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the partitions did not settle");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn probe_email(i: usize) -> String {
+    format!("holder{i}@example.com")
+}
+
+/// Pushes one account-disabled SET per user in `users`, paced at `per_sec`, to `url`; returns
+/// each user's push time (seconds, the system clock Vigil's decisions are stamped with).
+async fn probe(
+    http: &reqwest::Client,
+    url: &str,
+    key: &SigningKey,
+    users: std::ops::Range<usize>,
+    per_sec: u64,
+    stop: &std::sync::atomic::AtomicBool,
+) -> anyhow::Result<Vec<(usize, f64)>> {
+    let mut sent = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / per_sec.max(1)));
+    for u in users {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            break;
+        }
+        tick.tick().await;
+        let token = key.sign_set(&serde_json::json!({
+            "iss": ISS, "aud": AUD, "jti": format!("probe-{u}"), "iat": vigil::signal::now_ms() / 1000,
+            "sub_id": {"format": "email", "email": probe_email(u)},
+            "events": {"https://schemas.openid.net/secevent/risc/event-type/account-disabled": {}}
+        }))?;
+        let at = vigil::signal::now_ms() as f64 / 1000.0;
+        // A push refused while partitions move (503) is retried, as a transmitter would: the
+        // latency counts from the first attempt.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while push_set(http, url, "Bearer load", &token).await? != 202 {
+            anyhow::ensure!(Instant::now() < deadline, "probe {u} never accepted");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        sent.push((u, at));
+    }
+    Ok(sent)
+}
+
+/// The latency (ms, sorted) from each probe's push to its grant's revocation (`revoked.at`, read
+/// from the grant at `base`: it moves with the grant, while a departed instance's decision list
+/// goes with it).
+async fn revocation_latencies(
+    http: &reqwest::Client,
+    base: &str,
+    sent: &[(usize, f64)],
+) -> anyhow::Result<Vec<f64>> {
+    let mut out = Vec::new();
+    for (u, at) in sent {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let grant: serde_json::Value = http
+                .get(format!("{base}/v1/grants/h{u}"))
+                .bearer_auth(BENCH_TOKEN)
+                .send()
+                .await?
+                .json()
+                .await?;
+            let revoked = grant["revoked"]["at"].as_f64();
+            if let Some(time) = revoked {
+                out.push((time - at) * 1e3);
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "probe {u} never revoked its grant");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    out.sort_by(f64::total_cmp);
+    Ok(out)
+}
+
+async fn handover(
+    partitions: i32,
+    grants: usize,
+    probes: usize,
+    jwks_uri: &str,
+    key: &Arc<SigningKey>,
+) -> anyhow::Result<Handover> {
+    let kafka = MockCluster::new(3)?;
+    let name = format!("handover{}", vigil::signal::now_ms());
+    let topics = vigil::cluster::Topics::of(&name);
+    for (topic, count) in topics.with_partitions(partitions) {
+        kafka.create_topic(topic, count, 3)?;
+    }
+    let brokers = kafka.bootstrap_servers();
+    let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let http = reqwest::Client::builder().pool_max_idle_per_host(64).build()?;
+    let a = handover_instance(dir_a.path(), &brokers, &name, partitions, jwks_uri).await?;
+    owned_by(&http, &[&a], partitions as usize).await?;
+
+    eprintln!("== handover: registering {grants} grants on one instance…");
+    let started = Instant::now();
+    let now = vigil::signal::now_ms() / 1000;
+    let mut tasks = Vec::new();
+    let workers = 256;
+    for t in 0..workers {
+        let engine = a.engine().clone();
+        tasks.push(tokio::spawn(async move {
+            let mut i = t;
+            while i < grants {
+                let request: vigil::grant::GrantRequest = serde_json::from_value(serde_json::json!({
+                    "id": format!("h{i}"), "kind": "session",
+                    "subject": {"format": "email", "email": probe_email(i)},
+                    "issued_at": now - 60, "expires_at": now + 86_400}))?;
+                engine.register(request).await?;
+                i += workers;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let registered_per_sec = grants as f64 / started.elapsed().as_secs_f64();
+    eprintln!("   {registered_per_sec:.0} registrations/s");
+
+    let joined_at = Instant::now();
+    let b = handover_instance(dir_b.path(), &brokers, &name, partitions, jwks_uri).await?;
+    owned_by(&http, &[&a, &b], partitions as usize).await?;
+    let join_secs = joined_at.elapsed().as_secs_f64();
+    let join_restored = restored_rows(&http, &a).await?;
+    eprintln!("   join: {join_restored} rows restored, settled in {join_secs:.2} s");
+
+    let probes = probes.min(grants / 2);
+    let url_b = format!("http://{}/ssf/push/load", b.local_addr());
+    let base_b = format!("http://{}", b.local_addr());
+    // Keys loaded and connections open before the first probe.
+    let warm = key.sign_set(&background_set(ISS, AUD, "handover-warm", 0))?;
+    wait_until_accepted(&http, &url_b, &warm).await?;
+    let never = std::sync::atomic::AtomicBool::new(false);
+    let sent = probe(&http, &url_b, key, 0..probes, 200, &never).await?;
+    let steady_ms = revocation_latencies(&http, &base_b, &sent).await?;
+
+    // The first instance leaves while probes go on (to the second), from a second before until
+    // a second after the second instance owns every partition.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let during = {
+        let (http, url_b, key, stop) = (http.clone(), url_b.clone(), key.clone(), stop.clone());
+        tokio::spawn(async move { probe(&http, &url_b, &key, probes..grants, 200, &stop).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let restored_before = restored_rows(&http, &b).await?;
+    let left_at = Instant::now();
+    a.shutdown().await;
+    owned_by(&http, &[&b], partitions as usize).await?;
+    let leave_secs = left_at.elapsed().as_secs_f64();
+    let leave_restored = restored_rows(&http, &b).await? - restored_before;
+    eprintln!("   leave: {leave_restored} rows restored, owned in {leave_secs:.2} s");
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = during.await??;
+    let during_leave_ms = revocation_latencies(&http, &base_b, &sent).await?;
+    b.shutdown().await;
+    Ok(Handover {
+        registered_per_sec,
+        join_restored,
+        join_secs,
+        leave_restored,
+        leave_secs,
+        steady_ms,
+        during_leave_ms,
+    })
 }
 
 /// What one configuration is.

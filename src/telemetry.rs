@@ -95,6 +95,8 @@ catalogue! {
         "Shard batches whose rows the state topic did not take (their signals are replayed, their API calls answered with an error)";
     CLUSTER_RESTORE_REMAINING = "vigil_cluster_restore_remaining", Gauge, ["partition"],
         "State topic records left to read before a partition taken over is applied to (0 once restored)";
+    CLUSTER_RESTORE_SECONDS = "vigil_cluster_restore_seconds", Histogram, [],
+        "Taking over the state of the partitions one rebalance assigned: dropping what was held, reading them back, storing and holding them";
     CLUSTER_RESTORED_ROWS = "vigil_cluster_restored_rows_total", Counter, [],
         "Rows of state taken over from the state topic with partitions this instance was assigned";
     CLUSTER_RELEASED_ROWS = "vigil_cluster_released_rows_total", Counter, [],

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use super::{partition_of, state_log};
 use crate::config::ClusterConfig;
-use crate::engine::{Engine, Released};
+use crate::engine::{Engine, Released, Row};
 use crate::kafka::{KafkaHealth, PartitionHooks};
 
 /// The partition hooks of cluster mode's Kafka source.
@@ -55,22 +55,48 @@ impl Handover {
         Ok(())
     }
 
-    fn restore(&self, partition: i32) -> Result<usize, String> {
-        let progress = |remaining| self.health.restore_progress(partition, remaining);
-        let rows = state_log::read_partition(&self.config, &self.state_topic, partition, &progress)
-            .map_err(|e| e.to_string())?;
-        let taken = self
-            .engine
-            .adopt_blocking(rows)
-            .map_err(|e| e.to_string())?;
-        self.health.restore_progress(partition, 0);
-        metrics::counter!(crate::telemetry::CLUSTER_RESTORED_ROWS).increment(taken as u64);
-        Ok(taken)
+    /// Reads the state of `partitions` back, [`PARALLEL_READS`] at a time: each partition's rows,
+    /// or why they could not be read.
+    fn read(&self, partitions: &[i32]) -> Vec<(i32, Result<Vec<(Row, Vec<u8>)>, String>)> {
+        let mut out = Vec::new();
+        for chunk in partitions.chunks(PARALLEL_READS) {
+            std::thread::scope(|scope| {
+                let reads: Vec<_> = chunk
+                    .iter()
+                    .map(|&partition| {
+                        let progress = move |remaining| {
+                            self.health.restore_progress(partition, remaining);
+                        };
+                        let read = scope.spawn(move || {
+                            state_log::read_partition(
+                                &self.config,
+                                &self.state_topic,
+                                partition,
+                                &progress,
+                            )
+                            .map_err(|e| e.to_string())
+                        });
+                        (partition, read)
+                    })
+                    .collect();
+                for (partition, read) in reads {
+                    let rows = read
+                        .join()
+                        .unwrap_or_else(|_| Err("the reading thread panicked".to_owned()));
+                    out.push((partition, rows));
+                }
+            });
+        }
+        out
     }
 }
 
+/// State topic partitions read at once during a restore (each with a consumer of its own).
+const PARALLEL_READS: usize = 4;
+
 impl PartitionHooks for Handover {
     fn assigned(&self, partitions: &[i32]) -> Vec<i32> {
+        let started = std::time::Instant::now();
         if let Err(e) = self.release(partitions, "state held from an earlier ownership dropped") {
             for &p in partitions {
                 self.health.restore_failed(p, e.clone());
@@ -78,21 +104,41 @@ impl PartitionHooks for Handover {
             return partitions.to_vec();
         }
         let mut failed = Vec::new();
-        for &partition in partitions {
-            let started = std::time::Instant::now();
-            match self.restore(partition) {
-                Ok(rows) => tracing::info!(
-                    partition,
-                    rows,
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "partition taken over"
-                ),
+        let mut restored = Vec::new();
+        let mut rows = Vec::new();
+        for (partition, read) in self.read(partitions) {
+            match read {
+                Ok(read) => {
+                    rows.extend(read);
+                    restored.push(partition);
+                }
                 Err(e) => {
                     tracing::error!(partition, error = %e,
-                        "partition's state not taken over: paused, its signals wait");
+                        "partition's state not read back: paused, its signals wait");
                     self.health.restore_failed(partition, e);
                     failed.push(partition);
                 }
+            }
+        }
+        // One store commit for every partition read.
+        match self.engine.adopt_blocking(rows) {
+            Ok(taken) => {
+                metrics::counter!(crate::telemetry::CLUSTER_RESTORED_ROWS).increment(taken as u64);
+                metrics::histogram!(crate::telemetry::CLUSTER_RESTORE_SECONDS)
+                    .record(started.elapsed().as_secs_f64());
+                for &p in &restored {
+                    self.health.restore_progress(p, 0);
+                }
+                tracing::info!(partitions = ?restored, rows = taken,
+                    elapsed_ms = started.elapsed().as_millis() as u64, "partitions taken over");
+            }
+            Err(e) => {
+                tracing::error!(partitions = ?restored, error = %e,
+                    "partitions' state not taken over: paused, their signals wait");
+                for &p in &restored {
+                    self.health.restore_failed(p, e.to_string());
+                }
+                failed.extend(restored);
             }
         }
         failed

@@ -103,6 +103,12 @@ pub fn source_config(config: &ClusterConfig, topics: &Topics) -> crate::config::
     properties
         .entry("partition_assignment_strategy".into())
         .or_insert_with(|| "cooperative-sticky".into());
+    // A signal's revocation waits for the owner's fetch: a broker that does not answer a fetch
+    // as soon as a record arrives (librdkafka's mock one) holds it up to this long (500 ms by
+    // default, a quarter-second median delay on every revocation).
+    properties
+        .entry("fetch_wait_max_ms".into())
+        .or_insert_with(|| "25".into());
     crate::config::KafkaConfig {
         brokers: config.brokers.clone(),
         group_id: config.name.clone(),

@@ -497,37 +497,35 @@ pub fn forget(
 pub fn adopt(txn: &WriteTransaction, rows: &[(Row, Vec<u8>)]) -> Result<Loaded, WriteError> {
     let mut out = Loaded::default();
     let mut revocations = Vec::new();
+    // Each table opened once: opening one per row cost more than the rows' writes.
+    let mut contexts = txn.open_table(CONTEXTS).map_err(WriteError::storage)?;
+    let mut revocation_rows = txn
+        .open_table(SESSION_REVOCATIONS)
+        .map_err(WriteError::storage)?;
+    let mut grants = txn.open_table(GRANTS).map_err(WriteError::storage)?;
+    let mut aliases = txn.open_table(ALIASES).map_err(WriteError::storage)?;
     for (row, bytes) in rows {
-        let decoded = match row.table {
+        let key = row.key.as_str();
+        let stored = match row.table {
             Table::Context => serde_json::from_slice::<PrincipalContext>(bytes)
                 .map(|c| out.contexts.push(c))
-                .map(|()| CONTEXTS),
+                .map(|()| contexts.insert(key, bytes.as_slice()).map(drop)),
             Table::SessionRevocation => serde_json::from_slice(bytes)
                 .map(|stamped| revocations.push((row.key.clone(), stamped)))
-                .map(|()| SESSION_REVOCATIONS),
+                .map(|()| revocation_rows.insert(key, bytes.as_slice()).map(drop)),
             Table::Grant => serde_json::from_slice::<Grant>(bytes)
                 .map(|g| out.grants.push(g))
-                .map(|()| GRANTS),
+                .map(|()| grants.insert(key, bytes.as_slice()).map(drop)),
             Table::Alias => {
                 let principal = String::from_utf8_lossy(bytes).into_owned();
-                out.aliases.push((row.key.clone(), principal.clone()));
-                txn.open_table(ALIASES)
-                    .map_err(WriteError::storage)?
-                    .insert(row.key.as_str(), principal.as_str())
-                    .map_err(WriteError::storage)?;
-                continue;
+                let stored = aliases.insert(key, principal.as_str()).map(drop);
+                out.aliases.push((row.key.clone(), principal));
+                Ok(stored)
             }
         };
-        match decoded {
-            Ok(table) => {
-                txn.open_table(table)
-                    .map_err(WriteError::storage)?
-                    .insert(row.key.as_str(), bytes.as_slice())
-                    .map_err(WriteError::storage)?;
-            }
-            Err(e) => {
-                tracing::error!(key = %row.key, error = %e, "unreadable changelog row skipped")
-            }
+        match stored {
+            Ok(written) => written.map_err(WriteError::storage)?,
+            Err(e) => tracing::error!(key = %row.key, error = %e, "unreadable changelog row skipped"),
         }
     }
     out.attach_revocations(revocations);
