@@ -17,8 +17,9 @@
 //! handover); then signal → revocation latency in steady state (probes: a RISC account-disabled
 //! SET each, for a user with a grant, paced at 200/s; latency = the decision's time − the push's,
 //! one process, one clock); then the first instance leaves cleanly while probes go on, and the
-//! second restores the rest (leave handover, and the probes' latency during it). No standby
-//! replicas yet: every handover reads the partition from its start.
+//! second restores the rest (leave handover, and the probes' latency during it). Twice: without
+//! standby copies (a restore reads the partition from its start), then with `cluster.standby`
+//! (each instance follows the whole state topic; a restore reads only what follows its copy).
 
 mod common;
 
@@ -113,11 +114,21 @@ async fn run() -> anyhow::Result<()> {
     }
     let grants = arg("--grants", 100_000) as usize;
     let probes = arg("--probes", 1_000) as usize;
-    if grants > 0 {
-        let h = handover(partitions, grants, probes, &jwks.jwks_uri(), &key).await?;
+    let mut handovers = Vec::new();
+    for standby in [false, true] {
+        if grants > 0 {
+            handovers.push((
+                standby,
+                handover(partitions, grants, probes, standby, &jwks.jwks_uri(), &key).await?,
+            ));
+        }
+    }
+    if !handovers.is_empty() {
         println!();
-        println!("| grants | registered/s | join: restored | join s | leave: restored | leave s | steady p50 / p99 / p999 ms | during leave p50 / p99 / p999 ms (probes) |");
-        println!("|---|---|---|---|---|---|---|---|");
+        println!("| grants | standby | registered/s | join: restored rows | join: restore s / settled s | leave: restored rows | leave: restore s / owned s | steady p50 / p99 / p999 ms | during leave p50 / p99 / p999 ms (probes) |");
+        println!("|---|---|---|---|---|---|---|---|---|");
+    }
+    for (standby, h) in &handovers {
         let q = |l: &[f64]| {
             format!(
                 "{:.1} / {:.1} / {:.1}",
@@ -127,11 +138,14 @@ async fn run() -> anyhow::Result<()> {
             )
         };
         println!(
-            "| {grants} | {:.0} | {} | {:.2} | {} | {:.2} | {} | {} ({}) |",
+            "| {grants} | {} | {:.0} | {} | {:.2} / {:.2} | {} | {:.2} / {:.2} | {} | {} ({}) |",
+            if *standby { "yes" } else { "no" },
             h.registered_per_sec,
             h.join_restored,
+            h.join_restore_secs,
             h.join_secs,
             h.leave_restored,
+            h.leave_restore_secs,
             h.leave_secs,
             q(&h.steady_ms),
             q(&h.during_leave_ms),
@@ -148,10 +162,13 @@ struct Handover {
     /// partitions were split with every restore done.
     join_restored: u64,
     join_secs: f64,
+    /// Of which restoring (`vigil_cluster_restore_seconds`, summed over the rebalances).
+    join_restore_secs: f64,
     /// Rows restored by the remaining instance when the other left, and the time from the
     /// leave until it owned every partition.
     leave_restored: u64,
     leave_secs: f64,
+    leave_restore_secs: f64,
     /// Signal → revocation latencies (ms, sorted).
     steady_ms: Vec<f64>,
     during_leave_ms: Vec<f64>,
@@ -165,6 +182,7 @@ async fn handover_instance(
     kafka: &str,
     name: &str,
     partitions: i32,
+    standby: bool,
     jwks_uri: &str,
 ) -> anyhow::Result<Vigil> {
     use vigil::config::{ApiClientConfig, Role};
@@ -185,6 +203,7 @@ async fn handover_instance(
     config.cluster.brokers = kafka.to_owned();
     config.cluster.name = name.to_owned();
     config.cluster.partitions = partitions;
+    config.cluster.standby = standby;
     // librdkafka's mock group coordinator waits up to a session timeout for members to rejoin
     // a rebalance (45 s by default): a short one, with heartbeats to match.
     for (k, v) in [
@@ -198,7 +217,10 @@ async fn handover_instance(
 }
 
 /// What `/readyz` says: the partitions owned and how many are being restored.
-async fn owned_and_restoring(http: &reqwest::Client, vigil: &Vigil) -> anyhow::Result<(usize, usize)> {
+async fn owned_and_restoring(
+    http: &reqwest::Client,
+    vigil: &Vigil,
+) -> anyhow::Result<(usize, usize)> {
     let ready: serde_json::Value = http
         .get(format!("http://{}/readyz", vigil.local_addr()))
         .bearer_auth(BENCH_TOKEN)
@@ -207,14 +229,17 @@ async fn owned_and_restoring(http: &reqwest::Client, vigil: &Vigil) -> anyhow::R
         .json()
         .await?;
     Ok((
-        ready["kafka"]["owned_partitions"].as_array().map_or(0, Vec::len),
+        ready["kafka"]["owned_partitions"]
+            .as_array()
+            .map_or(0, Vec::len),
         ready["kafka"]["restoring"].as_array().map_or(0, Vec::len),
     ))
 }
 
-/// `vigil_cluster_restored_rows_total` of the process (every instance in it: the metrics
+/// Rows restored and seconds spent restoring (`vigil_cluster_restored_rows_total`,
+/// `vigil_cluster_restore_seconds_sum`) in the process (every instance in it: the metrics
 /// registry is the process's).
-async fn restored_rows(http: &reqwest::Client, vigil: &Vigil) -> anyhow::Result<u64> {
+async fn restored(http: &reqwest::Client, vigil: &Vigil) -> anyhow::Result<(u64, f64)> {
     let text = http
         .get(format!("http://{}/metrics", vigil.local_addr()))
         .bearer_auth(BENCH_TOKEN)
@@ -222,11 +247,16 @@ async fn restored_rows(http: &reqwest::Client, vigil: &Vigil) -> anyhow::Result<
         .await?
         .text()
         .await?;
-    Ok(text
-        .lines()
-        .find_map(|l| l.strip_prefix("vigil_cluster_restored_rows_total "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .unwrap_or(0.0) as u64)
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    Ok((
+        value("vigil_cluster_restored_rows_total") as u64,
+        value("vigil_cluster_restore_seconds_sum"),
+    ))
 }
 
 /// Waits until `vigils` own `partitions` between them, none restoring, each some.
@@ -317,7 +347,10 @@ async fn revocation_latencies(
                 out.push((time - at) * 1e3);
                 break;
             }
-            anyhow::ensure!(Instant::now() < deadline, "probe {u} never revoked its grant");
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "probe {u} never revoked its grant"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -329,6 +362,7 @@ async fn handover(
     partitions: i32,
     grants: usize,
     probes: usize,
+    standby: bool,
     jwks_uri: &str,
     key: &Arc<SigningKey>,
 ) -> anyhow::Result<Handover> {
@@ -340,11 +374,13 @@ async fn handover(
     }
     let brokers = kafka.bootstrap_servers();
     let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
-    let http = reqwest::Client::builder().pool_max_idle_per_host(64).build()?;
-    let a = handover_instance(dir_a.path(), &brokers, &name, partitions, jwks_uri).await?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()?;
+    let a = handover_instance(dir_a.path(), &brokers, &name, partitions, standby, jwks_uri).await?;
     owned_by(&http, &[&a], partitions as usize).await?;
 
-    eprintln!("== handover: registering {grants} grants on one instance…");
+    eprintln!("== handover (standby: {standby}): registering {grants} grants on one instance…");
     let started = Instant::now();
     let now = vigil::signal::now_ms() / 1000;
     let mut tasks = Vec::new();
@@ -354,7 +390,8 @@ async fn handover(
         tasks.push(tokio::spawn(async move {
             let mut i = t;
             while i < grants {
-                let request: vigil::grant::GrantRequest = serde_json::from_value(serde_json::json!({
+                let request: vigil::grant::GrantRequest =
+                    serde_json::from_value(serde_json::json!({
                     "id": format!("h{i}"), "kind": "session",
                     "subject": {"format": "email", "email": probe_email(i)},
                     "issued_at": now - 60, "expires_at": now + 86_400}))?;
@@ -370,12 +407,14 @@ async fn handover(
     let registered_per_sec = grants as f64 / started.elapsed().as_secs_f64();
     eprintln!("   {registered_per_sec:.0} registrations/s");
 
+    let before = restored(&http, &a).await?;
     let joined_at = Instant::now();
-    let b = handover_instance(dir_b.path(), &brokers, &name, partitions, jwks_uri).await?;
+    let b = handover_instance(dir_b.path(), &brokers, &name, partitions, standby, jwks_uri).await?;
     owned_by(&http, &[&a, &b], partitions as usize).await?;
     let join_secs = joined_at.elapsed().as_secs_f64();
-    let join_restored = restored_rows(&http, &a).await?;
-    eprintln!("   join: {join_restored} rows restored, settled in {join_secs:.2} s");
+    let after = restored(&http, &a).await?;
+    let (join_restored, join_restore_secs) = (after.0 - before.0, after.1 - before.1);
+    eprintln!("   join: {join_restored} rows restored in {join_restore_secs:.2} s, settled in {join_secs:.2} s");
 
     let probes = probes.min(grants / 2);
     let url_b = format!("http://{}/ssf/push/load", b.local_addr());
@@ -395,13 +434,14 @@ async fn handover(
         tokio::spawn(async move { probe(&http, &url_b, &key, probes..grants, 200, &stop).await })
     };
     tokio::time::sleep(Duration::from_millis(1_000)).await;
-    let restored_before = restored_rows(&http, &b).await?;
+    let before = restored(&http, &b).await?;
     let left_at = Instant::now();
     a.shutdown().await;
     owned_by(&http, &[&b], partitions as usize).await?;
     let leave_secs = left_at.elapsed().as_secs_f64();
-    let leave_restored = restored_rows(&http, &b).await? - restored_before;
-    eprintln!("   leave: {leave_restored} rows restored, owned in {leave_secs:.2} s");
+    let after = restored(&http, &b).await?;
+    let (leave_restored, leave_restore_secs) = (after.0 - before.0, after.1 - before.1);
+    eprintln!("   leave: {leave_restored} rows restored in {leave_restore_secs:.2} s, owned in {leave_secs:.2} s");
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let sent = during.await??;
@@ -411,8 +451,10 @@ async fn handover(
         registered_per_sec,
         join_restored,
         join_secs,
+        join_restore_secs,
         leave_restored,
         leave_secs,
+        leave_restore_secs,
         steady_ms,
         during_leave_ms,
     })

@@ -119,6 +119,13 @@ impl Vigil {
         // 2. The data directory: the store first (its lock stops a second instance on the same
         //    directory), the API token, the writers, intake, the audit log.
         let db = store::open(&config.data_dir)?;
+        let cluster_instance = match &cluster_topics {
+            Some(_) => Some(crate::cluster::instance_id(
+                &config.cluster,
+                &config.data_dir,
+            )?),
+            None => None,
+        };
         let (api_auth, admin_token) = ApiAuth::new(&config.clients, &config.data_dir)?;
         let limits = &config.limits;
         let api_auth = Arc::new(api_auth.with_rate_limit(RateLimiter::new(
@@ -318,15 +325,31 @@ impl Vigil {
                 crate::kafka::SourceFormat {
                     max_future_skew_secs: config.events.max_future_skew_secs,
                     signals_topic,
-                    hooks: cluster_topics.as_ref().map(|(topics, partitions)| {
-                        Arc::new(crate::cluster::Handover::new(
-                            engine.clone(),
-                            config.cluster.clone(),
-                            topics.state.clone(),
-                            *partitions,
-                            health.clone(),
-                        )) as Arc<dyn crate::kafka::PartitionHooks>
-                    }),
+                    hooks: match (&cluster_topics, &cluster_instance) {
+                        (Some((topics, partitions)), Some(instance)) => {
+                            let standby = if config.cluster.standby {
+                                Some(crate::cluster::Standby::follow(
+                                    &config.cluster,
+                                    &topics.state,
+                                    *partitions,
+                                    instance,
+                                    shutdown_rx.clone(),
+                                )?)
+                            } else {
+                                None
+                            };
+                            Some(Arc::new(crate::cluster::Handover::new(
+                                engine.clone(),
+                                config.cluster.clone(),
+                                topics.state.clone(),
+                                *partitions,
+                                health.clone(),
+                                standby,
+                            ))
+                                as Arc<dyn crate::kafka::PartitionHooks>)
+                        }
+                        _ => None,
+                    },
                 },
                 health.clone(),
                 intake.clone(),
@@ -338,13 +361,12 @@ impl Vigil {
         }
         // Cluster mode: the members directory (who owns which partitions, and where), through
         // which grant calls reach their owner.
-        let peers = match (&cluster_topics, &kafka_health) {
-            (Some((topics, partitions)), Some(health)) => {
-                let instance = crate::cluster::instance_id(&config.cluster, &config.data_dir)?;
+        let peers = match (&cluster_topics, &kafka_health, &cluster_instance) {
+            (Some((topics, partitions)), Some(health), Some(instance)) => {
                 crate::cluster::follow_aliases(
                     &config.cluster,
                     &topics.aliases,
-                    &instance,
+                    instance,
                     engine.clone(),
                     shutdown_rx.clone(),
                 )
@@ -352,7 +374,7 @@ impl Vigil {
                 let (directory, announcer) = crate::cluster::Directory::start(
                     &config.cluster,
                     topics.members.clone(),
-                    instance,
+                    instance.clone(),
                     crate::cluster::advertised_url(&config.cluster, addr, tls.is_some()),
                     health.clone(),
                     clock.clone(),

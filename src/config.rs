@@ -402,6 +402,11 @@ pub struct ClusterConfig {
     /// principal's owner). Empty: `http://` + `listen` (`https://` with `[tls]`).
     #[serde(default)]
     pub advertised_url: String,
+    /// Keep a warm copy of every partition's state (the whole state topic, in memory), so a
+    /// partition this instance is assigned is restored from the copy and the records after it
+    /// rather than from the partition's start. Costs the cluster's whole state in memory here.
+    #[serde(default)]
+    pub standby: bool,
     /// Extra librdkafka settings for the cluster's clients (security, timeouts), as in `[kafka]`.
     #[serde(default)]
     pub properties: std::collections::BTreeMap<String, String>,
@@ -430,6 +435,7 @@ impl Default for ClusterConfig {
             publish_timeout_ms: default_cluster_publish_timeout(),
             instance_id: String::new(),
             advertised_url: String::new(),
+            standby: false,
             properties: Default::default(),
         }
     }

@@ -97,6 +97,8 @@ catalogue! {
         "State topic records left to read before a partition taken over is applied to (0 once restored)";
     CLUSTER_RESTORE_SECONDS = "vigil_cluster_restore_seconds", Histogram, [],
         "Taking over the state of the partitions one rebalance assigned: dropping what was held, reading them back, storing and holding them";
+    CLUSTER_STANDBY_ROWS = "vigil_cluster_standby_rows", Gauge, [],
+        "Rows held in the standby copies of the state topic's partitions (cluster.standby)";
     CLUSTER_RESTORED_ROWS = "vigil_cluster_restored_rows_total", Counter, [],
         "Rows of state taken over from the state topic with partitions this instance was assigned";
     CLUSTER_RELEASED_ROWS = "vigil_cluster_released_rows_total", Counter, [],

@@ -74,8 +74,13 @@ impl Drop for Instance {
 }
 
 /// Starts an instance whose group session lasts `session_timeout_ms` (how long a killed instance
-/// keeps its partitions).
-fn start_instance(tx: &Transmitter, brokers: &str, session_timeout_ms: u32) -> Instance {
+/// keeps its partitions), keeping standby copies of every partition if `standby`.
+fn start_instance(
+    tx: &Transmitter,
+    brokers: &str,
+    session_timeout_ms: u32,
+    standby: bool,
+) -> Instance {
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -90,6 +95,7 @@ fn start_instance(tx: &Transmitter, brokers: &str, session_timeout_ms: u32) -> I
     config.cluster.name = NAME.into();
     config.cluster.partitions = PARTITIONS;
     config.cluster.publish_timeout_ms = 1_500;
+    config.cluster.standby = standby;
     for (k, v) in [
         ("heartbeat_interval_ms", "500".to_owned()),
         ("session_timeout_ms", session_timeout_ms.to_string()),
@@ -252,8 +258,8 @@ async fn register(http: &reqwest::Client, base: &str, grant: &Value) -> (u16, Va
     (code, r.json().await.unwrap_or(Value::Null))
 }
 
-/// `vigil_aliases` of an instance: the identifier links it holds.
-async fn aliases_held(http: &reqwest::Client, base: &str) -> u64 {
+/// A gauge or counter without labels from an instance's `/metrics` (0 when absent).
+async fn metric(http: &reqwest::Client, base: &str, name: &str) -> u64 {
     let text = http
         .get(format!("{base}/metrics"))
         .bearer_auth(ADMIN_TOKEN)
@@ -264,9 +270,14 @@ async fn aliases_held(http: &reqwest::Client, base: &str) -> u64 {
         .await
         .unwrap();
     text.lines()
-        .find_map(|l| l.strip_prefix("vigil_aliases "))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse::<f64>().ok())
         .map_or(0, |v| v as u64)
+}
+
+/// `vigil_aliases` of an instance: the identifier links it holds.
+async fn aliases_held(http: &reqwest::Client, base: &str) -> u64 {
+    metric(http, base, "vigil_aliases").await
 }
 
 /// [`register`] through an instance that may not know the owner yet (503 while its members
@@ -355,7 +366,7 @@ async fn any_instance_takes_a_set_and_only_the_owner_applies_it() {
     let tx = Transmitter::start(&[Alg::RS256]).await;
     // A session that outlives the brokers' outage below: the partitions do not move then.
     let instances: Vec<Instance> = (0..3)
-        .map(|_| start_instance(&tx, &brokers, 15_000))
+        .map(|_| start_instance(&tx, &brokers, 15_000, false))
         .collect();
     let http = http();
 
@@ -531,8 +542,9 @@ async fn any_instance_takes_a_set_and_only_the_owner_applies_it() {
     drop(instances);
 }
 
-/// State moves with its partition. Three instances hold grants (some revoked); one is killed
-/// (`kill -9`): once the group gives its partitions to the others, they answer for its grants
+/// State moves with its partition. Three instances (keeping standby copies, so the restores
+/// start from them) hold grants (some revoked); one is killed (`kill -9`): once the group gives
+/// its partitions to the others, they answer for its grants
 /// with the status they had — a revoked grant stays revoked — and apply new signals to them. An
 /// instance that joins takes partitions over with their state, and no instance that gave a
 /// partition up answers for it from what it held.
@@ -542,7 +554,7 @@ async fn a_principals_state_moves_with_its_partition() {
     let brokers = kafka.bootstrap_servers();
     let tx = Transmitter::start(&[Alg::RS256]).await;
     let mut instances: Vec<Instance> = (0..3)
-        .map(|_| start_instance(&tx, &brokers, 4_000))
+        .map(|_| start_instance(&tx, &brokers, 4_000, true))
         .collect();
     let http = http();
     let owners = split(&http, &instances.iter().collect::<Vec<_>>()).await;
@@ -636,6 +648,14 @@ async fn a_principals_state_moves_with_its_partition() {
     })
     .await;
 
+    // Every instance holds a warm copy of every partition's state.
+    for instance in &instances {
+        let base = &instance.base;
+        eventually_within(30, "standby copies held", || async {
+            (metric(&http, base, "vigil_cluster_standby_rows").await > 0).then_some(())
+        })
+        .await;
+    }
     // kill -9: the others take its partitions over after its session times out.
     let mut killed = instances.remove(victim);
     killed.child.kill().unwrap();
@@ -683,7 +703,7 @@ async fn a_principals_state_moves_with_its_partition() {
     .await;
 
     // A new instance joins: partitions move to it with their state.
-    instances.push(start_instance(&tx, &brokers, 4_000));
+    instances.push(start_instance(&tx, &brokers, 4_000, true));
     let rejoined = split(&http, &instances.iter().collect::<Vec<_>>()).await;
     println!("after the join: {rejoined:?}");
     for (i, _) in users.iter().enumerate() {
@@ -761,7 +781,7 @@ async fn acknowledged_work_survives_kill_9_of_any_instance() {
     let brokers = kafka.bootstrap_servers();
     let tx = Arc::new(Transmitter::start(&[Alg::RS256]).await);
     // One instance at first; the load goes to whichever instances are in the cluster.
-    let mut instances = vec![start_instance(&tx, &brokers, 4_000)];
+    let mut instances = vec![start_instance(&tx, &brokers, 4_000, false)];
     let bases = Arc::new(std::sync::RwLock::new(vec![instances[0].base.clone()]));
     let pick = |bases: &std::sync::RwLock<Vec<String>>| {
         let bases = bases.read().unwrap();
@@ -875,7 +895,7 @@ async fn acknowledged_work_survives_kill_9_of_any_instance() {
     // Scale out under load: 1 → 3 instances, the partitions (and their state) spread out.
     tokio::time::sleep(Duration::from_secs(2)).await;
     for _ in 0..2 {
-        instances.push(start_instance(&tx, &brokers, 4_000));
+        instances.push(start_instance(&tx, &brokers, 4_000, false));
         bases
             .write()
             .unwrap()
@@ -904,7 +924,10 @@ async fn acknowledged_work_survives_kill_9_of_any_instance() {
         .unwrap();
     assert!(status.success());
     split(&http, &instances.iter().collect::<Vec<_>>()).await;
-    println!("one left cleanly: partitions moved in {:?}", left_at.elapsed());
+    println!(
+        "one left cleanly: partitions moved in {:?}",
+        left_at.elapsed()
+    );
     drop(leaving);
     // Let the loader finish the user it is on, then stop the checker.
     load_done.store(true, std::sync::atomic::Ordering::Relaxed);

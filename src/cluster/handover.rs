@@ -7,6 +7,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use super::standby::Standby;
 use super::{partition_of, state_log};
 use crate::config::ClusterConfig;
 use crate::engine::{Engine, Released, Row};
@@ -19,6 +20,8 @@ pub struct Handover {
     state_topic: String,
     partitions: i32,
     health: Arc<KafkaHealth>,
+    /// Warm copies of every partition (`cluster.standby`): a restore reads only what follows.
+    standby: Option<Arc<Standby>>,
 }
 
 impl Handover {
@@ -28,6 +31,7 @@ impl Handover {
         state_topic: String,
         partitions: i32,
         health: Arc<KafkaHealth>,
+        standby: Option<Arc<Standby>>,
     ) -> Handover {
         Handover {
             engine,
@@ -35,6 +39,7 @@ impl Handover {
             state_topic,
             partitions,
             health,
+            standby,
         }
     }
 
@@ -67,11 +72,17 @@ impl Handover {
                         let progress = move |remaining| {
                             self.health.restore_progress(partition, remaining);
                         };
+                        let copy = self
+                            .standby
+                            .as_ref()
+                            .map(|s| s.copy_of(partition))
+                            .unwrap_or_default();
                         let read = scope.spawn(move || {
                             state_log::read_partition(
                                 &self.config,
                                 &self.state_topic,
                                 partition,
+                                copy,
                                 &progress,
                             )
                             .map_err(|e| e.to_string())

@@ -35,6 +35,7 @@ mod handover;
 mod members;
 mod partition;
 mod signal_log;
+mod standby;
 mod state_log;
 mod topics;
 
@@ -44,6 +45,7 @@ pub use handover::Handover;
 pub use members::{Directory, Member};
 pub use partition::{murmur2, partition_of};
 pub use signal_log::{PublishError, SignalLog};
+pub use standby::{PartitionCopy, Standby};
 pub use state_log::{read_partition, StateLog};
 pub use topics::{client_config, ensure, Topics};
 

@@ -18,6 +18,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 
+use super::standby::PartitionCopy;
 use super::{partition_of, topics, ClusterError};
 use crate::config::ClusterConfig;
 use crate::engine::{ChangeRecord, Changelog, Row, Table};
@@ -147,13 +148,15 @@ impl Changelog for StateLog {
     }
 }
 
-/// Reads `partition` of the state topic from its start to its end as of now: every row's latest
-/// value (rows whose last record is a tombstone are left out). `progress` hears how many records
-/// are left as it goes.
+/// Reads `partition` of the state topic to its end as of now, starting from `copy` (a standby
+/// copy: its rows and the offset after them; an empty one reads from the start): every row's
+/// latest value (rows whose last record is a tombstone are left out). `progress` hears how many
+/// records are left as it goes.
 pub fn read_partition(
     config: &ClusterConfig,
     topic: &str,
     partition: i32,
+    copy: PartitionCopy,
     progress: &dyn Fn(u64),
 ) -> Result<Vec<(Row, Vec<u8>)>, ClusterError> {
     let started = Instant::now();
@@ -165,7 +168,16 @@ pub fn read_partition(
     let (low, high) = consumer
         .fetch_watermarks(topic, partition, Duration::from_secs(10))
         .map_err(|e| ClusterError::Brokers(format!("{topic}/{partition}: {e}")))?;
-    let mut latest: HashMap<String, Option<Vec<u8>>> = HashMap::new();
+    let from_copy = copy.rows.len();
+    let mut latest: HashMap<String, Option<Vec<u8>>> =
+        copy.rows.into_iter().map(|(k, v)| (k, Some(v))).collect();
+    // A copy ahead of the end (the topic was recreated) is not this topic's: read it all.
+    let low = if copy.next > high {
+        latest.clear();
+        low
+    } else {
+        low.max(copy.next)
+    };
     progress(u64::try_from(high - low).unwrap_or(0));
     if high > low {
         let mut assignment = TopicPartitionList::new();
@@ -208,7 +220,7 @@ pub fn read_partition(
         .into_iter()
         .filter_map(|(key, value)| Some((Row::parse(&key)?, value?)))
         .collect();
-    tracing::info!(%topic, partition, records = high - low, rows = rows.len(),
+    tracing::info!(%topic, partition, from_copy, records = high - low, rows = rows.len(),
         elapsed_ms = started.elapsed().as_millis() as u64, "state of a partition read back");
     Ok(rows)
 }

@@ -525,7 +525,9 @@ pub fn adopt(txn: &WriteTransaction, rows: &[(Row, Vec<u8>)]) -> Result<Loaded, 
         };
         match stored {
             Ok(written) => written.map_err(WriteError::storage)?,
-            Err(e) => tracing::error!(key = %row.key, error = %e, "unreadable changelog row skipped"),
+            Err(e) => {
+                tracing::error!(key = %row.key, error = %e, "unreadable changelog row skipped")
+            }
         }
     }
     out.attach_revocations(revocations);
