@@ -62,7 +62,7 @@ impl Handover {
 
     /// Reads the state of `partitions` back, [`PARALLEL_READS`] at a time: each partition's rows,
     /// or why they could not be read.
-    fn read(&self, partitions: &[i32]) -> Vec<(i32, Result<Vec<(Row, Vec<u8>)>, String>)> {
+    fn read(&self, partitions: &[i32]) -> Vec<(i32, Result<Rows, String>)> {
         let mut out = Vec::new();
         for chunk in partitions.chunks(PARALLEL_READS) {
             std::thread::scope(|scope| {
@@ -101,6 +101,9 @@ impl Handover {
         out
     }
 }
+
+/// A partition's rows read back: each row with its stored bytes.
+type Rows = Vec<(Row, Vec<u8>)>;
 
 /// State topic partitions read at once during a restore (each with a consumer of its own).
 const PARALLEL_READS: usize = 4;
