@@ -974,7 +974,8 @@ async fn acknowledged_work_survives_kill_9_of_any_instance() {
         let grant = format!("c{i}");
         wait_for(&instances, 60, "every acknowledged SET applied", || async {
             let mut all = true;
-            for base in bases.read().unwrap().clone() {
+            let current = bases.read().unwrap().clone();
+            for base in current {
                 let (code, body) = grant_status(&http, &base, &grant).await;
                 all &= code == 200 && body["status"] == want;
             }
