@@ -26,8 +26,10 @@
 //! reads whole ([`follow_aliases`]), so a signal is routed to its principal's owner by any of its
 //! identifiers.
 //!
+//! With `cluster.standby` the restore starts from a warm copy of the partition ([`Standby`]).
+//!
 //! What is not built yet (issue 20): streams and delivery for the whole cluster, a status view
-//! every instance keeps, standby replicas, one signing identity, and risk feeds in cluster mode.
+//! every instance keeps, one signing identity, and risk feeds in cluster mode.
 
 mod aliases;
 mod forward;
