@@ -174,6 +174,18 @@ struct Handover {
     during_leave_ms: Vec<f64>,
 }
 
+/// The load generator as a transmitter Vigil trusts (its keys at `jwks_uri`).
+fn load_transmitter(jwks_uri: &str) -> TransmitterConfig {
+    TransmitterConfig::with_jwks(
+        "load",
+        ISS,
+        vec![AUD.into()],
+        "Bearer load",
+        vec![Alg::RS256],
+        jwks_uri,
+    )
+}
+
 const BENCH_TOKEN: &str = "bench-cluster-admin-token-0123456789";
 
 /// An instance of the handover cluster: the transmitter, one shared API client.
@@ -187,14 +199,7 @@ async fn handover_instance(
 ) -> anyhow::Result<Vigil> {
     use vigil::config::{ApiClientConfig, Role};
     let mut config = loopback_config(dir);
-    config.transmitters.push(TransmitterConfig::with_jwks(
-        "load",
-        ISS,
-        vec![AUD.into()],
-        "Bearer load",
-        vec![Alg::RS256],
-        jwks_uri,
-    ));
+    config.transmitters.push(load_transmitter(jwks_uri));
     config.clients = vec![ApiClientConfig {
         name: "bench".into(),
         token: BENCH_TOKEN.into(),
@@ -494,14 +499,7 @@ async fn measure(
     for _ in 0..instances.max(1) {
         let dir = tempfile::tempdir()?;
         let mut config = loopback_config(dir.path());
-        config.transmitters.push(TransmitterConfig::with_jwks(
-            "load",
-            ISS,
-            vec![AUD.into()],
-            "Bearer load",
-            vec![Alg::RS256],
-            jwks_uri,
-        ));
+        config.transmitters.push(load_transmitter(jwks_uri));
         if instances > 0 {
             config.cluster.brokers = kafka.bootstrap_servers();
             config.cluster.name = name.clone();

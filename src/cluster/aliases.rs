@@ -62,17 +62,7 @@ fn read(
             let _ = tx.send(());
         }
     }
-    while !*shutdown.borrow() {
-        let Some(result) = consumer.poll(Duration::from_millis(200)) else {
-            continue;
-        };
-        let message = match result {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, "reading the alias topic");
-                continue;
-            }
-        };
+    topics::read_until(consumer, shutdown, "the alias topic", |message| {
         let key = message.key().and_then(|k| std::str::from_utf8(k).ok());
         let principal = message.payload().and_then(|p| std::str::from_utf8(p).ok());
         match (key, principal) {
@@ -89,5 +79,5 @@ fn read(
                 let _ = tx.send(());
             }
         }
-    }
+    });
 }

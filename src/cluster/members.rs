@@ -99,19 +99,9 @@ impl Directory {
     }
 
     fn read(&self, consumer: BaseConsumer, shutdown: watch::Receiver<bool>) {
-        while !*shutdown.borrow() {
-            let Some(result) = consumer.poll(Duration::from_millis(200)) else {
-                continue;
-            };
-            let message = match result {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(error = %e, "reading the members topic");
-                    continue;
-                }
-            };
+        topics::read_until(&consumer, &shutdown, "the members topic", |message| {
             let Some(key) = message.key().and_then(|k| std::str::from_utf8(k).ok()) else {
-                continue;
+                return;
             };
             let now = self.clock.now_ms();
             let mut members = self
@@ -132,7 +122,7 @@ impl Directory {
             let forgotten = now.saturating_sub(millis(FORGOTTEN_AFTER));
             members.retain(|_, h| h.at_ms >= forgotten);
             metrics::gauge!(crate::telemetry::CLUSTER_MEMBERS).set(members.len() as f64);
-        }
+        });
     }
 
     async fn announce(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {

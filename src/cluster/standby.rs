@@ -9,7 +9,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -62,30 +61,17 @@ impl Standby {
     }
 
     fn read(&self, consumer: &BaseConsumer, shutdown: &watch::Receiver<bool>) {
-        let mut held = 0usize;
-        while !*shutdown.borrow() {
-            let Some(result) = consumer.poll(Duration::from_millis(200)) else {
-                continue;
-            };
-            let message = match result {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(error = %e, "reading the state topic for the standby copies");
-                    continue;
-                }
-            };
-            let Some(key) = message.key().and_then(|k| std::str::from_utf8(k).ok()) else {
-                continue;
-            };
-            held = self.apply(
-                message.partition(),
-                message.offset(),
-                key,
-                message.payload(),
-            );
-            metrics::gauge!(crate::telemetry::CLUSTER_STANDBY_ROWS).set(held as f64);
-        }
-        tracing::debug!(rows = held, "standby copies stopped");
+        topics::read_until(consumer, shutdown, "the state topic (standby)", |message| {
+            if let Some(key) = message.key().and_then(|k| std::str::from_utf8(k).ok()) {
+                let held = self.apply(
+                    message.partition(),
+                    message.offset(),
+                    key,
+                    message.payload(),
+                );
+                metrics::gauge!(crate::telemetry::CLUSTER_STANDBY_ROWS).set(held as f64);
+            }
+        });
     }
 
     /// Takes in one record; returns the rows held in every copy.

@@ -94,6 +94,24 @@ pub(super) fn whole_topic_reader(
     Ok(consumer)
 }
 
+/// Reads `consumer` until `shutdown`, handing every record to `take`; a read error is logged
+/// (`what` says what is read) and reading goes on: the readers of whole topics (members, aliases,
+/// standby copies) all run this loop on a thread of their own.
+pub(super) fn read_until(
+    consumer: &BaseConsumer,
+    shutdown: &tokio::sync::watch::Receiver<bool>,
+    what: &str,
+    mut take: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
+) {
+    while !*shutdown.borrow() {
+        match consumer.poll(Duration::from_millis(200)) {
+            None => {}
+            Some(Ok(message)) => take(&message),
+            Some(Err(e)) => tracing::warn!(error = %e, "reading {what}"),
+        }
+    }
+}
+
 /// Makes sure the cluster's topics exist and returns the signals topic's partition count.
 pub async fn ensure(config: &ClusterConfig, topics: &Topics) -> Result<i32, ClusterError> {
     let admin: AdminClient<DefaultClientContext> = client_config(config).create()?;
