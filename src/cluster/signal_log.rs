@@ -36,11 +36,8 @@ impl SignalLog {
         topic: String,
         partitions: i32,
     ) -> Result<SignalLog, ClusterError> {
-        let mut client = topics::client_config(config);
+        let mut client = topics::durable_producer_config(config);
         client
-            .set("acks", "all")
-            .set("enable.idempotence", "true")
-            .set("message.timeout.ms", config.publish_timeout_ms.to_string())
             // A push waits for its record: batch for a millisecond at most.
             .set("linger.ms", "1");
         Ok(SignalLog {

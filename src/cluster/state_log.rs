@@ -57,11 +57,8 @@ impl StateLog {
         topics: &super::Topics,
         partitions: i32,
     ) -> Result<StateLog, ClusterError> {
-        let mut client = topics::client_config(config);
+        let mut client = topics::durable_producer_config(config);
         client
-            .set("acks", "all")
-            .set("enable.idempotence", "true")
-            .set("message.timeout.ms", config.publish_timeout_ms.to_string())
             // A checkpoint may hold up to 100 000 contexts: room for two.
             .set("queue.buffering.max.messages", "250000")
             .set("linger.ms", "2");

@@ -75,6 +75,18 @@ pub fn client_config(config: &ClusterConfig) -> ClientConfig {
     client
 }
 
+/// The settings of a producer whose records must not be lost or reordered: every in-sync replica
+/// has a record before it counts as taken (`acks=all`), retries neither duplicate nor reorder
+/// (idempotence), and a record not taken within `cluster.publish_timeout_ms` fails.
+pub(super) fn durable_producer_config(config: &ClusterConfig) -> ClientConfig {
+    let mut client = client_config(config);
+    client
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("message.timeout.ms", config.publish_timeout_ms.to_string());
+    client
+}
+
 /// A consumer of the whole of a one-partition topic, from its first record: every instance reads
 /// every record. Assigned, not subscribed; librdkafka still wants a group id, and this one is the
 /// reader's own (`reader`) and commits nothing.
