@@ -522,6 +522,18 @@ async fn any_instance_takes_a_set_and_only_the_owner_applies_it() {
         grant_status(&http, owner, "late").await.1["status"],
         "active"
     );
+    // A registration is not acknowledged while the state topic cannot take it (503, retry);
+    // the owner goes on answering checks from its state.
+    let unreplicated = http
+        .post(format!("{owner}/v1/grants"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&session_grant("during-outage", late))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unreplicated.status().as_u16(), 503);
+    assert!(unreplicated.headers().get("retry-after").is_some());
+    assert_live_answers(&http, owner, "late", ("allow", "active", 200)).await;
     for broker in 1..=3 {
         kafka.broker_up(broker).unwrap();
     }
