@@ -228,12 +228,7 @@ async fn push_set(http: &reqwest::Client, base: &str, tx: &Transmitter, claims: 
 }
 
 async fn grant_status(http: &reqwest::Client, base: &str, grant: &str) -> (u16, Value) {
-    let r = http
-        .get(format!("{base}/v1/grants/{grant}"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let r = admin_get(http, &format!("{base}/v1/grants/{grant}")).await;
     let code = r.status().as_u16();
     (code, r.json().await.unwrap_or(Value::Null))
 }
@@ -260,12 +255,8 @@ async fn register(http: &reqwest::Client, base: &str, grant: &Value) -> (u16, Va
 
 /// A gauge or counter without labels from an instance's `/metrics` (0 when absent).
 async fn metric(http: &reqwest::Client, base: &str, name: &str) -> u64 {
-    let text = http
-        .get(format!("{base}/metrics"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
+    let text = admin_get(http, &format!("{base}/metrics"))
         .await
-        .unwrap()
         .text()
         .await
         .unwrap();

@@ -312,14 +312,15 @@ pub fn recorded_signal(jti: &str) -> vigil::signal::Signal {
     }
 }
 
+/// `GET url` as the admin client ([`ADMIN_TOKEN`]).
+pub async fn admin_get(http: &reqwest::Client, url: &str) -> reqwest::Response {
+    http.get(url).bearer_auth(ADMIN_TOKEN).send().await.unwrap()
+}
+
 /// The decisions `/v1/decisions?<query>` lists at `base` (as the admin client), in its order.
 pub async fn listed_decisions(http: &reqwest::Client, base: &str, query: &str) -> Vec<Value> {
-    let listed: Value = http
-        .get(format!("{base}/v1/decisions?{query}"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
+    let listed: Value = admin_get(http, &format!("{base}/v1/decisions?{query}"))
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
