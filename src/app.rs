@@ -159,6 +159,8 @@ impl Vigil {
                 *partitions,
             )?));
         }
+        // Delivery deletes a decision's hand-off row from the state topic once it took it over.
+        let changelog = engine_settings.changelog.clone();
         // The engine takes `batch_writer`; delivery and the Kafka source write through this handle.
         let store_writer = batch_writer.clone();
         let engine = Arc::new(Engine::start(
@@ -194,16 +196,46 @@ impl Vigil {
             engine.clone(),
         ));
         // 4. Vigil's signing identity, outbound clients, the transmitters and their keys.
-        let identity = Arc::new(
-            Identity::load_or_create(
-                &config.data_dir.join("keys"),
-                config.identity.alg,
-                config.identity.key_retention_secs,
-                clock.clone(),
-            )
-            .map_err(|e| StartError::Identity(e.to_string()))?,
-        );
+        //    In cluster mode the keys are the cluster's (its key topic), so every instance signs
+        //    alike; the topics' producer is shared by the keys, the streams and the outbox.
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let cluster_parts = match (&cluster_topics, &cluster_instance) {
+            (Some((topics, partitions)), Some(instance)) => Some((
+                topics,
+                *partitions,
+                instance.as_str(),
+                Arc::new(crate::cluster::TopicWriter::new(&config.cluster)?),
+                Arc::new(crate::kafka::KafkaHealth::for_cluster()),
+            )),
+            _ => None,
+        };
+        let identity = match &cluster_parts {
+            Some((topics, _, instance, writer, _)) => {
+                crate::cluster::shared_identity(
+                    &config.cluster,
+                    &topics.keys,
+                    instance,
+                    writer.clone(),
+                    crate::cluster::KeySettings {
+                        alg: config.identity.alg,
+                        retention_secs: config.identity.key_retention_secs,
+                        seed_dir: &config.data_dir.join("keys"),
+                        clock: clock.clone(),
+                    },
+                    shutdown_rx.clone(),
+                )
+                .await?
+            }
+            None => Arc::new(
+                Identity::load_or_create(
+                    &config.data_dir.join("keys"),
+                    config.identity.alg,
+                    config.identity.key_retention_secs,
+                    clock.clone(),
+                )
+                .map_err(|e| StartError::Identity(e.to_string()))?,
+            ),
+        };
         let (next_tx, next_rx) = mpsc::channel(config.intake.channel_capacity);
 
         let client = transmitter_client(&config)?;
@@ -239,6 +271,33 @@ impl Vigil {
             StreamStore::open(db.clone(), store_writer.clone(), clock.clone())
                 .map_err(|e| StartError::Delivery(e.to_string()))?,
         );
+        // Cluster mode: the streams are the cluster's (read from its streams topic) and their
+        // outboxes those of the partitions owned — shared before delivery or the emitter start.
+        let outboxes = match &cluster_parts {
+            Some((topics, partitions, instance, writer, health)) => {
+                let shared = crate::cluster::share_streams(
+                    crate::cluster::Sharing {
+                        config: &config.cluster,
+                        topics,
+                        partitions: *partitions,
+                        instance,
+                        writer: writer.clone(),
+                        health: health.clone(),
+                    },
+                    streams.clone(),
+                    shutdown_rx.clone(),
+                )
+                .await?;
+                Some(crate::cluster::Outboxes::start(
+                    &config.cluster,
+                    shared,
+                    streams.clone(),
+                    instance,
+                    shutdown_rx.clone(),
+                )?)
+            }
+            None => None,
+        };
         let push_settings = push_settings(&config, destinations, clock.clone());
         let (st, sd) = (streams.clone(), shutdown_rx.clone());
         tasks.push(crate::supervise::spawn(
@@ -258,6 +317,7 @@ impl Vigil {
             identity.clone(),
             streams.clone(),
             pending_handoff,
+            changelog,
         ));
         // Start-up ends in the state a reload of the same set would reach: every grant is
         // re-evaluated under it (the set may have changed while Vigil was stopped). After the
@@ -304,7 +364,7 @@ impl Vigil {
                         crate::cluster::source_config(&config.cluster, topics),
                         Some(topics.signals.clone()),
                     )),
-                    Some(Arc::new(crate::kafka::KafkaHealth::for_cluster())),
+                    cluster_parts.as_ref().map(|(.., health)| health.clone()),
                     Some(Arc::new(crate::cluster::ClusterIntake::new(
                         log,
                         engine.clone(),
@@ -325,8 +385,8 @@ impl Vigil {
                 crate::kafka::SourceFormat {
                     max_future_skew_secs: config.events.max_future_skew_secs,
                     signals_topic,
-                    hooks: match (&cluster_topics, &cluster_instance) {
-                        (Some((topics, partitions)), Some(instance)) => {
+                    hooks: match (&cluster_topics, &cluster_instance, &outboxes) {
+                        (Some((topics, partitions)), Some(instance), Some(outboxes)) => {
                             let standby = if config.cluster.standby {
                                 Some(crate::cluster::Standby::follow(
                                     &config.cluster,
@@ -345,11 +405,13 @@ impl Vigil {
                                 *partitions,
                                 health.clone(),
                                 standby,
+                                outboxes.clone(),
                             ))
                                 as Arc<dyn crate::kafka::PartitionHooks>)
                         }
                         _ => None,
                     },
+                    forward: None,
                 },
                 health.clone(),
                 intake.clone(),
@@ -390,6 +452,32 @@ impl Vigil {
             }
             _ => None,
         };
+        // Cluster mode's risk feeds: consumed by the feeds' own group (`kafka.group_id`: it splits
+        // the feed topics between the instances) and appended to the signals topic on each
+        // principal's partition, where its owner applies them; started once the alias table is
+        // read, so they are routed by it.
+        let feeds = match &cluster_intake {
+            Some(cluster) if config.kafka.enabled() => {
+                let health = Arc::new(crate::kafka::KafkaHealth::for_split_group());
+                let source = crate::kafka::KafkaSource::start(
+                    &config.kafka,
+                    crate::kafka::SourceFormat {
+                        max_future_skew_secs: config.events.max_future_skew_secs,
+                        signals_topic: None,
+                        hooks: None,
+                        forward: Some(cluster.clone() as Arc<dyn crate::kafka::SignalForward>),
+                    },
+                    health.clone(),
+                    intake.clone(),
+                    engine.clone(),
+                    store_writer.clone(),
+                    shutdown_rx.clone(),
+                )?;
+                tasks.push(source.into_task());
+                Some(health)
+            }
+            _ => None,
+        };
         let mut receiver = Receiver::new(transmitters, intake.clone(), next_tx, liveness)
             .with_max_future_skew(config.events.max_future_skew_secs);
         if let Some(cluster) = &cluster_intake {
@@ -420,7 +508,7 @@ impl Vigil {
                 .map(|p| p.name.clone())
                 .collect(),
             ownership,
-            peers,
+            peers: peers.clone(),
         });
         for m in &ssf_clients.managers {
             let (m, r, sd) = (m.clone(), receiver.clone(), shutdown_rx.clone());
@@ -441,8 +529,13 @@ impl Vigil {
                 ssf_clients: ssf_clients.clone(),
                 metrics: metrics.clone(),
                 kafka: kafka_health,
+                feeds,
                 identity: identity.clone(),
                 streams,
+                stream_forwarder: peers.as_ref().map(|p| {
+                    Arc::new(crate::cluster::StreamCalls::new(p.clone()))
+                        as Arc<dyn transmitter::mgmt::StreamForwarder>
+                }),
                 addr,
                 destinations,
                 shutdown: shutdown_rx.clone(),
@@ -752,8 +845,12 @@ struct Parts<'a> {
     ssf_clients: Arc<crate::ssf_client::StreamClients>,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     kafka: Option<Arc<crate::kafka::KafkaHealth>>,
+    /// Cluster mode: the risk feeds' source.
+    feeds: Option<Arc<crate::kafka::KafkaHealth>>,
     identity: Arc<Identity>,
     streams: Arc<StreamStore>,
+    /// Cluster mode: poll and SSE for streams other instances deliver.
+    stream_forwarder: Option<Arc<dyn transmitter::mgmt::StreamForwarder>>,
     addr: SocketAddr,
     destinations: crate::outbound::Destinations,
     shutdown: watch::Receiver<bool>,
@@ -788,6 +885,7 @@ fn router(config: &Config, parts: Parts<'_>) -> (Router, Router) {
         receiver: parts.receiver,
         metrics: parts.metrics,
         kafka: parts.kafka,
+        feeds: parts.feeds,
     });
     let app = Router::new()
         .route("/ssf/push/{stream}", post(push::push))
@@ -898,6 +996,7 @@ fn router(config: &Config, parts: Parts<'_>) -> (Router, Router) {
             limits.enforcement_point_requests_per_sec * 2.0,
         ),
         shutdown: parts.shutdown,
+        forwarder: parts.stream_forwarder,
     });
     let app = app.merge(
         Router::new()

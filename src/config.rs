@@ -507,14 +507,12 @@ impl ClusterConfig {
                 ));
             }
         }
-        if kafka.enabled() {
-            // Risk feeds are consumed by the group that splits the topics' partitions; in cluster
-            // mode each message would have to be re-keyed to its principal's owner first, which
-            // is not built yet. Refused rather than silently applied on the wrong instance.
+        if kafka.enabled() && kafka.group_id == self.name {
+            // The feeds' group splits the feed topics between instances; the cluster's group splits
+            // the signals topic. One group for both would mix two assignments.
             return Err(invalid(
-                "kafka.brokers",
-                "risk feeds ([kafka]) cannot be combined with [cluster] yet: publish risk signals \
-                 as SETs to any instance, or run a single node",
+                "kafka.group_id",
+                "must differ from cluster.name (the cluster's own consumer group)",
             ));
         }
         Ok(())

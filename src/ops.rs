@@ -17,6 +17,8 @@ pub struct OpsState {
     pub metrics: Option<PrometheusHandle>,
     /// The Kafka source's state, when it is configured.
     pub kafka: Option<Arc<crate::kafka::KafkaHealth>>,
+    /// Cluster mode: the risk feeds' source (its instances split the feed topics).
+    pub feeds: Option<Arc<crate::kafka::KafkaHealth>>,
 }
 
 pub async fn healthz() -> &'static str {
@@ -33,7 +35,14 @@ pub async fn readyz(State(state): State<Arc<OpsState>>) -> Response {
     }
     let running = state.receiver.pipeline_running();
     let kafka = state.kafka.as_ref().map(|k| k.view());
-    let kafka_problem = kafka.as_ref().and_then(|v| v.as_ref()?.problem());
+    let feeds = state.feeds.as_ref().map(|k| k.view());
+    let kafka_problem = kafka
+        .as_ref()
+        .and_then(|v| v.as_ref()?.problem())
+        .or_else(|| {
+            let why = feeds.as_ref()?.as_ref()?.problem()?;
+            Some(format!("risk feeds: {why}"))
+        });
     let ready = running && kafka_problem.is_none();
     let status = if ready {
         StatusCode::OK
@@ -51,6 +60,9 @@ pub async fn readyz(State(state): State<Arc<OpsState>>) -> Response {
     if let Some(view) = kafka {
         // `null` until the source's first statistics (every 5 s).
         body["kafka"] = json!(view);
+    }
+    if let Some(view) = feeds {
+        body["risk_feeds"] = json!(view);
     }
     (status, Json(body)).into_response()
 }

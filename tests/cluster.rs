@@ -10,6 +10,14 @@
 //!   owner of its principal's partition alone, whose grant is revoked;
 //! - with every broker down a push is answered 503 with `Retry-After` (nothing acknowledged), and
 //!   the transmitter's retry is taken and applied once the brokers are back;
+//! - enforcement points: a stream created through one instance exists on all; every instance
+//!   signs with the cluster's keys and publishes the same JWKS, and a rotation on one is taken up by
+//!   all; a poll stream is polled and an SSE stream read through any instance, a push stream is
+//!   pushed by one; a stream's SETs not yet acknowledged when its deliverer is killed are delivered
+//!   by the next one with the same `jti`s;
+//! - risk feeds (`[kafka]`) with `[cluster]`: the feeds' group splits the feed topic between the
+//!   instances, and each message reaches its principal's owner (re-keyed onto the signals topic),
+//!   applied once however often it is delivered;
 //! - the partitioner is Kafka's: librdkafka's `murmur2` partitioner puts every key where
 //!   `vigil::cluster::partition_of` says.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -31,6 +39,8 @@ const ISS: &str = "https://idp.example.com/";
 const AUD: &str = "https://vigil.example.com/";
 const NAME: &str = "itest";
 const PARTITIONS: i32 = 6;
+const CLUSTER_ISSUER: &str = "https://vigil.cluster.test/";
+const EP_TOKEN: &str = "token-for-the-gateway-0123456789";
 const DISABLED: &str = "https://schemas.openid.net/secevent/risc/event-type/account-disabled";
 
 /// One `vigil serve` process, logging to `vigil.log` in its directory.
@@ -81,6 +91,17 @@ fn start_instance(
     session_timeout_ms: u32,
     standby: bool,
 ) -> Instance {
+    start_instance_with(tx, brokers, session_timeout_ms, standby, |_| {})
+}
+
+/// [`start_instance`] with `edit` applied to its configuration.
+fn start_instance_with(
+    tx: &Transmitter,
+    brokers: &str,
+    session_timeout_ms: u32,
+    standby: bool,
+    edit: impl FnOnce(&mut vigil::config::Config),
+) -> Instance {
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -96,12 +117,22 @@ fn start_instance(
     config.cluster.partitions = PARTITIONS;
     config.cluster.publish_timeout_ms = 1_500;
     config.cluster.standby = standby;
+    // One issuer for the cluster (its load balancer's name) and one enforcement point.
+    config.identity.issuer = Some(CLUSTER_ISSUER.into());
+    config
+        .enforcement_points
+        .push(vigil::config::EnforcementPointConfig {
+            name: "gateway".into(),
+            token: EP_TOKEN.into(),
+            audience: None,
+        });
     for (k, v) in [
         ("heartbeat_interval_ms", "500".to_owned()),
         ("session_timeout_ms", session_timeout_ms.to_string()),
     ] {
         config.cluster.properties.insert(k.into(), v);
     }
+    edit(&mut config);
     config.validate().unwrap();
     std::fs::write(
         dir.path().join("vigil.toml"),
@@ -1014,6 +1045,502 @@ async fn keys_land_where_partition_of_says() {
             delivered.partition,
             vigil::cluster::partition_of(&key, 7),
             "{key}"
+        );
+    }
+}
+
+/// A SET's `kid` header.
+fn kid_of(token: &str) -> String {
+    use base64::Engine;
+    let header = token.split('.').next().unwrap();
+    let header: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(header)
+            .unwrap(),
+    )
+    .unwrap();
+    header["kid"].as_str().unwrap().to_owned()
+}
+
+/// The key ids an instance's JWKS publishes, and the keys to verify with.
+async fn jwks_of(
+    http: &reqwest::Client,
+    base: &str,
+) -> (BTreeSet<String>, vigil::sim::jose::PublishedKeys) {
+    let bytes = http
+        .get(format!("{base}/jwks.json"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let doc: Value = serde_json::from_slice(&bytes).unwrap();
+    let kids = doc["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap().to_owned())
+        .collect();
+    (
+        kids,
+        vigil::sim::jose::PublishedKeys::from_jwks_json(&bytes).unwrap(),
+    )
+}
+
+/// An SSF management call as the enforcement point: status and body.
+async fn ep_call(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut request = http.request(method, url).bearer_auth(EP_TOKEN);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let r = request.send().await.unwrap();
+    let code = r.status().as_u16();
+    (code, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Polls `stream` through `base` (acknowledging `ack`), returning its SETs by `jti`.
+async fn poll_through(
+    http: &reqwest::Client,
+    base: &str,
+    stream: &str,
+    ack: &[String],
+) -> Option<std::collections::BTreeMap<String, String>> {
+    let r = http
+        .post(format!("{base}/ssf/poll/{stream}"))
+        .bearer_auth(EP_TOKEN)
+        .json(&json!({"ack": ack, "returnImmediately": true}))
+        .send()
+        .await
+        .ok()?;
+    if r.status() != 200 {
+        return None;
+    }
+    let body: Value = r.json().await.ok()?;
+    Some(
+        body["sets"]
+            .as_object()?
+            .iter()
+            .map(|(jti, set)| (jti.clone(), set.as_str().unwrap_or_default().to_owned()))
+            .collect(),
+    )
+}
+
+/// Enforcement points against three instances: streams, keys, poll, SSE and push for the whole
+/// cluster, and a stream's unacknowledged SETs across the kill of its deliverer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn enforcement_points_are_served_by_the_whole_cluster() {
+    let kafka = brokers_with_topics();
+    let brokers = kafka.bootstrap_servers();
+    let tx = Transmitter::start(&[Alg::RS256]).await;
+    let http = http();
+    let mut instances: Vec<Instance> = (0..3)
+        .map(|_| start_instance(&tx, &brokers, 6_000, false))
+        .collect();
+    let refs: Vec<&Instance> = instances.iter().collect();
+    split(&http, &refs).await;
+    let bases: Vec<String> = instances.iter().map(|i| i.base.clone()).collect();
+
+    // One signing identity: every instance publishes the same keys.
+    let (kids, _) = jwks_of(&http, &bases[0]).await;
+    assert!(!kids.is_empty());
+    for base in &bases[1..] {
+        assert_eq!(jwks_of(&http, base).await.0, kids, "{base}'s JWKS");
+    }
+
+    // A push receiver for the gateway, on loopback.
+    let pushed: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let push_url = format!("http://{}/events", listener.local_addr().unwrap());
+    let sink = pushed.clone();
+    tokio::spawn(async move {
+        let app = axum::Router::new().route(
+            "/events",
+            axum::routing::post(move |body: String| {
+                let sink = sink.clone();
+                async move {
+                    sink.lock().unwrap().push(body);
+                    axum::http::StatusCode::ACCEPTED
+                }
+            }),
+        );
+        axum::serve(listener, app).await.unwrap();
+    });
+
+    // A poll stream created through instance 0, a push stream through instance 1: both read back
+    // through every instance.
+    let (code, poll_stream) = ep_call(
+        &http,
+        reqwest::Method::POST,
+        &format!("{}/ssf/streams", bases[0]),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(code, 201, "{poll_stream}");
+    let poll_id = poll_stream["stream_id"].as_str().unwrap().to_owned();
+    let audience = poll_stream["aud"].as_str().unwrap().to_owned();
+    let (code, push_stream) = ep_call(
+        &http,
+        reqwest::Method::POST,
+        &format!("{}/ssf/streams", bases[1]),
+        Some(json!({"delivery": {"method": "urn:ietf:rfc:8935", "endpoint_url": push_url}})),
+    )
+    .await;
+    assert_eq!(code, 201, "{push_stream}");
+    let push_id = push_stream["stream_id"].as_str().unwrap().to_owned();
+    // (The other instances read the streams topic within tens of milliseconds.)
+    for base in &bases {
+        for id in [&poll_id, &push_id] {
+            let read = eventually_within(5, "the stream on every instance", || async {
+                let (code, read) = ep_call(
+                    &http,
+                    reqwest::Method::GET,
+                    &format!("{base}/ssf/streams?stream_id={id}"),
+                    None,
+                )
+                .await;
+                (code == 200).then_some(read)
+            })
+            .await;
+            assert_eq!(read["stream_id"], json!(id));
+        }
+    }
+
+    // Users on every owner, each revoked by a SET pushed to a rotating instance: both streams get
+    // every revocation, polled through instance 2, signed with the cluster's key.
+    let users: Vec<String> = (0..6).map(|i| format!("ep-user-{i}@example.com")).collect();
+    for (i, user) in users.iter().enumerate() {
+        let (code, body) = register_through(
+            &http,
+            &bases[i % 3],
+            &session_grant(&format!("ep-grant-{i}"), user),
+        )
+        .await;
+        assert_eq!(code, 201, "{body}");
+    }
+    for (i, user) in users.iter().enumerate() {
+        let claims = json!({"iss": ISS, "aud": AUD, "iat": now() as i64, "jti": format!("ep-off-{i}"),
+            "sub_id": {"format": "email", "email": user},
+            "events": {DISABLED: {"event_timestamp": now() as i64}}});
+        assert_eq!(
+            push_set(&http, &bases[(i + 1) % 3], &tx, &claims).await,
+            202
+        );
+    }
+    let (_, keys) = jwks_of(&http, &bases[2]).await;
+    let mut polled: std::collections::BTreeMap<String, String> = Default::default();
+    let mut ack: Vec<String> = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while polled.len() < users.len() {
+        if std::time::Instant::now() > deadline {
+            for base in &bases {
+                eprintln!(
+                    "{base}: emitted {}",
+                    metric(&http, base, "vigil_sets_emitted_total").await
+                );
+            }
+            for i in 0..6 {
+                eprintln!(
+                    "grant {i}: {:?}",
+                    grant_status(&http, &bases[0], &format!("ep-grant-{i}")).await
+                );
+            }
+            wait_for(
+                &instances,
+                0,
+                "every revocation polled through instance 2",
+                || async { false },
+            )
+            .await;
+        }
+        if let Some(sets) = poll_through(&http, &bases[2], &poll_id, &ack).await {
+            ack.clear();
+            for (jti, set) in sets {
+                ack.push(jti.clone());
+                polled.insert(jti, set);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut subjects = BTreeSet::new();
+    for set in polled.values() {
+        let claims = keys.verify_set(set, CLUSTER_ISSUER, &audience).unwrap();
+        subjects.insert(claims["sub_id"]["email"].as_str().unwrap_or("").to_owned());
+        assert!(kids.contains(&kid_of(set)));
+    }
+    assert_eq!(subjects, users.iter().cloned().collect::<BTreeSet<_>>());
+    // Acknowledged through instance 2: gone wherever the stream is delivered from.
+    assert_eq!(
+        poll_through(&http, &bases[0], &poll_id, &ack)
+            .await
+            .map(|s| s.len()),
+        Some(0)
+    );
+    wait_for(&instances, 60, "every revocation pushed", || async {
+        pushed.lock().unwrap().len() >= users.len()
+    })
+    .await;
+    let pushed_now = pushed.lock().unwrap().clone();
+    let pushed_subjects: BTreeSet<String> = pushed_now
+        .iter()
+        .map(|set| {
+            keys.verify_set(set, CLUSTER_ISSUER, &audience).unwrap()["sub_id"]["email"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(pushed_subjects, subjects, "each revocation pushed once");
+
+    // A rotation on instance 1 is every instance's: each publishes the new key and signs with it.
+    let rotated: Value = http
+        .post(format!("{}/v1/keys/rotate", bases[1]))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let new_kid = rotated["kid"].as_str().unwrap().to_owned();
+    wait_for(&instances, 20, "the new key on every instance", || async {
+        let mut all = true;
+        for base in &bases {
+            all &= jwks_of(&http, base).await.0.contains(&new_kid);
+        }
+        all
+    })
+    .await;
+
+    // Two more revocations, not acknowledged: polled through instance 0, then the stream's
+    // deliverer is killed and the next one delivers the same SETs (same jti), by SSE through an
+    // instance that does not deliver the stream.
+    for (i, user) in ["ep-late-0@example.com", "ep-late-1@example.com"]
+        .iter()
+        .enumerate()
+    {
+        let (code, body) = register_through(
+            &http,
+            &bases[i],
+            &session_grant(&format!("ep-late-{i}"), user),
+        )
+        .await;
+        assert_eq!(code, 201, "{body}");
+        let claims = json!({"iss": ISS, "aud": AUD, "iat": now() as i64, "jti": format!("ep-late-off-{i}"),
+            "sub_id": {"format": "email", "email": user},
+            "events": {DISABLED: {"event_timestamp": now() as i64}}});
+        assert_eq!(push_set(&http, &bases[2 - i], &tx, &claims).await, 202);
+    }
+    let (_, keys) = jwks_of(&http, &bases[0]).await;
+    let mut late: std::collections::BTreeMap<String, String> = Default::default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while late.len() < 2 {
+        if std::time::Instant::now() > deadline {
+            wait_for(&instances, 0, "the late revocations polled", || async {
+                false
+            })
+            .await;
+        }
+        if let Some(sets) = poll_through(&http, &bases[0], &poll_id, &[]).await {
+            late = sets;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for set in late.values() {
+        assert_eq!(kid_of(set), new_kid, "signed with the rotated key");
+        keys.verify_set(set, CLUSTER_ISSUER, &audience).unwrap();
+    }
+    let partition = vigil::cluster::partition_of(&poll_id, PARTITIONS);
+    let mut deliverer = None;
+    for (i, base) in bases.iter().enumerate() {
+        if owned(&http, base)
+            .await
+            .unwrap_or_default()
+            .contains(&partition)
+        {
+            deliverer = Some(i);
+        }
+    }
+    let deliverer = deliverer.expect("some instance delivers the poll stream");
+    instances[deliverer].child.kill().unwrap();
+    instances[deliverer].child.wait().unwrap();
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != deliverer).collect();
+    let refs: Vec<&Instance> = survivors.iter().map(|&i| &instances[i]).collect();
+    split(&http, &refs).await;
+    let mut next = None;
+    for &i in &survivors {
+        if owned(&http, &bases[i])
+            .await
+            .unwrap_or_default()
+            .contains(&partition)
+        {
+            next = Some(i);
+        }
+    }
+    let next = next.expect("a survivor delivers the poll stream");
+    let through = survivors.iter().copied().find(|&i| i != next).unwrap();
+    // (503 with Retry-After until the instance passing it on has heard who delivers it now.)
+    let mut sse = eventually_within(20, "an SSE stream through a non-deliverer", || async {
+        let r = http
+            .get(format!("{}/ssf/sse/{poll_id}", bases[through]))
+            .bearer_auth(EP_TOKEN)
+            .timeout(Duration::from_secs(60))
+            .send()
+            .await
+            .ok()?;
+        match r.status().as_u16() {
+            200 => Some(r),
+            503 => None,
+            other => panic!("SSE through a non-deliverer answered {other}"),
+        }
+    })
+    .await;
+    let mut text = String::new();
+    let mut again = BTreeSet::new();
+    while again.len() < late.len() {
+        let chunk = tokio::time::timeout(Duration::from_secs(30), sse.chunk())
+            .await
+            .expect("SSE events in time")
+            .unwrap()
+            .expect("the event stream stays open");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = text.find("\n\n") {
+            let block: String = text.drain(..end + 2).collect();
+            if let Some(data) = block.lines().find_map(|l| l.strip_prefix("data:")) {
+                let claims = keys
+                    .verify_set(data.trim(), CLUSTER_ISSUER, &audience)
+                    .unwrap();
+                again.insert(claims["jti"].as_str().unwrap().to_owned());
+            }
+        }
+    }
+    assert_eq!(
+        again,
+        late.keys().cloned().collect::<BTreeSet<_>>(),
+        "the same SETs, the same jti"
+    );
+    drop(sse);
+
+    // The killed instance comes back: it reads the cluster's keys and streams again.
+    instances[deliverer].child = spawn_vigil(instances[deliverer].dir.path());
+    let refs: Vec<&Instance> = instances.iter().collect();
+    split(&http, &refs).await;
+    assert!(jwks_of(&http, &bases[deliverer]).await.0.contains(&new_kid));
+    let (code, _) = ep_call(
+        &http,
+        reqwest::Method::GET,
+        &format!("{}/ssf/streams?stream_id={push_id}", bases[deliverer]),
+        None,
+    )
+    .await;
+    assert_eq!(code, 200);
+}
+
+/// Risk feeds in cluster mode: three instances split a three-partition feed topic in their feeds'
+/// group; a HIGH score for each of six users, produced to whichever partition, revokes the user's
+/// grant on its owner; the same messages again (same ids) decide nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn risk_feeds_reach_each_principals_owner() {
+    let kafka = brokers_with_topics();
+    kafka.create_topic("risk", 3, 3).unwrap();
+    kafka.create_topic("risk.dead-letter", 1, 3).unwrap();
+    let brokers = kafka.bootstrap_servers();
+    let tx = Transmitter::start(&[Alg::RS256]).await;
+    let http = http();
+    let instances: Vec<Instance> = (0..3)
+        .map(|_| {
+            start_instance_with(&tx, &brokers, 6_000, false, |config| {
+                config.kafka.brokers = brokers.clone();
+                config.kafka.group_id = format!("{NAME}-feeds");
+                config.kafka.topics = vec!["risk".into()];
+                config.kafka.dead_letter_topic = "risk.dead-letter".into();
+                config.kafka.batch_wait_ms = 5;
+            })
+        })
+        .collect();
+    let refs: Vec<&Instance> = instances.iter().collect();
+    split(&http, &refs).await;
+    let bases: Vec<String> = instances.iter().map(|i| i.base.clone()).collect();
+    // The feed topic's three partitions are split between the instances, each ready.
+    eventually_within(60, "the feed partitions split", || async {
+        let mut assigned = 0;
+        for base in &bases {
+            let ready: Value = http
+                .get(format!("{base}/readyz"))
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            if ready["status"] != json!("ready") {
+                return None;
+            }
+            assigned += ready["risk_feeds"]["assigned"].as_u64()?;
+        }
+        (assigned == 3).then_some(())
+    })
+    .await;
+
+    let users: Vec<String> = (0..6)
+        .map(|i| format!("feed-user-{i}@example.com"))
+        .collect();
+    for (i, user) in users.iter().enumerate() {
+        let (code, body) = register_through(
+            &http,
+            &bases[i % 3],
+            &session_grant(&format!("feed-grant-{i}"), user),
+        )
+        .await;
+        assert_eq!(code, 201, "{body}");
+    }
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    let produce_all = || async {
+        for (i, user) in users.iter().enumerate() {
+            let message = json!({"subject": {"format": "email", "email": user}, "level": "HIGH",
+                "source": "ueba", "event_time": now(), "id": format!("feed-high-{i}")});
+            producer
+                .send(
+                    FutureRecord::<str, str>::to("risk")
+                        .key(&format!("feed-{i}"))
+                        .payload(&message.to_string()),
+                    Duration::from_secs(5),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    produce_all().await;
+    for i in 0..users.len() {
+        let grant = format!("feed-grant-{i}");
+        wait_for(
+            &instances,
+            60,
+            &format!("{grant} revoked by the feed"),
+            || async {
+                grant_status(&http, &bases[(i + 1) % 3], &grant).await.1["status"]
+                    == json!("revoked")
+            },
+        )
+        .await;
+    }
+    // Delivered again (same ids): applied once, nothing decided again.
+    produce_all().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for i in 0..users.len() {
+        assert_eq!(
+            decisions_for(&http, &bases[i % 3], &format!("feed-grant-{i}")).await,
+            1,
+            "one decision for feed-grant-{i}"
         );
     }
 }

@@ -93,28 +93,7 @@ impl Peers {
             instance: member.instance.clone(),
             reason: crate::outbound::excerpt(&reason),
         };
-        let mut url = self
-            .destinations
-            .check_url(&member.url)
-            .map_err(|e| unreachable(e.to_string()))?;
-        url.path_segments_mut()
-            .map_err(|()| unreachable(format!("not a base URL: {}", member.url)))?
-            .pop_if_empty()
-            .extend(call.segments);
-        url.set_query(call.query);
-        let mut request = self.client.request(method, url).header(FORWARDED, "1");
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        if let Some(body) = body {
-            request = request
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(body);
-        }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
+        let response = self.open(member, method, call, headers, body, None).await?;
         let status = response.status().as_u16();
         let content_type = response
             .headers()
@@ -130,12 +109,56 @@ impl Peers {
         let body = crate::outbound::read_capped(response, MAX_ANSWER)
             .await
             .map_err(|e| unreachable(e.to_string()))?;
-        metrics::counter!(crate::telemetry::CLUSTER_FORWARDED).increment(1);
         Ok(Answer {
             status,
             content_type,
             vigil_headers,
             body,
         })
+    }
+
+    /// Starts the call [`Peers::send`] makes and returns the owner's response as it arrives (its
+    /// body not yet read: an event stream is passed on as it comes). `timeout` replaces the
+    /// client's 5 s for a long poll or an event stream.
+    pub async fn open(
+        &self,
+        member: &Member,
+        method: reqwest::Method,
+        call: &Call<'_>,
+        headers: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<reqwest::Response, ForwardError> {
+        let unreachable = |reason: String| ForwardError::Unreachable {
+            instance: member.instance.clone(),
+            reason: crate::outbound::excerpt(&reason),
+        };
+        let mut url = self
+            .destinations
+            .check_url(&member.url)
+            .map_err(|e| unreachable(e.to_string()))?;
+        url.path_segments_mut()
+            .map_err(|()| unreachable(format!("not a base URL: {}", member.url)))?
+            .pop_if_empty()
+            .extend(call.segments);
+        url.set_query(call.query);
+        let mut request = self.client.request(method, url).header(FORWARDED, "1");
+        if let Some(timeout) = timeout {
+            request = request.timeout(timeout);
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        if let Some(body) = body {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        metrics::counter!(crate::telemetry::CLUSTER_FORWARDED).increment(1);
+        Ok(response)
     }
 }

@@ -2,12 +2,15 @@
 //! anything it still held for them (an earlier ownership's, stale since), then reads each one's
 //! state back from the state topic into its engine — and only then owns it: its signals are
 //! consumed, and its grants answered, after the restore. When partitions are taken away, their
-//! principals are forgotten here, so only their new owner answers for them.
+//! principals are forgotten here, so only their new owner answers for them. The outboxes of the
+//! streams on those partitions move the same way ([`Outboxes`]): read back before this instance
+//! delivers them, forgotten when it gives them up.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use super::standby::Standby;
+use super::streams::Outboxes;
 use super::{partition_of, state_log};
 use crate::config::ClusterConfig;
 use crate::engine::{Engine, Released, Row};
@@ -22,6 +25,8 @@ pub struct Handover {
     health: Arc<KafkaHealth>,
     /// Warm copies of every partition (`cluster.standby`): a restore reads only what follows.
     standby: Option<Arc<Standby>>,
+    /// The outboxes of the streams on the partitions owned.
+    outboxes: Arc<Outboxes>,
 }
 
 impl Handover {
@@ -32,6 +37,7 @@ impl Handover {
         partitions: i32,
         health: Arc<KafkaHealth>,
         standby: Option<Arc<Standby>>,
+        outboxes: Arc<Outboxes>,
     ) -> Handover {
         Handover {
             engine,
@@ -40,6 +46,7 @@ impl Handover {
             partitions,
             health,
             standby,
+            outboxes,
         }
     }
 
@@ -134,6 +141,16 @@ impl PartitionHooks for Handover {
                 }
             }
         }
+        // The streams' outboxes on the partitions read back.
+        if let Err(e) = self.outboxes.restore(&restored) {
+            tracing::error!(partitions = ?restored, error = %e,
+                "partitions' outboxes not read back: paused, their signals wait");
+            for &p in &restored {
+                self.health.restore_failed(p, e.clone());
+            }
+            failed.append(&mut restored);
+            rows.clear();
+        }
         // One store commit for every partition read.
         match self.engine.adopt_blocking(rows) {
             Ok(taken) => {
@@ -168,6 +185,9 @@ impl PartitionHooks for Handover {
             "partitions given up: their state forgotten here",
         ) {
             tracing::error!(?partitions, error = %e, "could not forget the state of partitions given up");
+        }
+        if let Err(e) = self.outboxes.release(partitions) {
+            tracing::error!(?partitions, error = %e, "could not forget the outboxes of partitions given up");
         }
     }
 }

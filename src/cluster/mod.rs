@@ -34,34 +34,51 @@
 mod aliases;
 mod forward;
 mod handover;
+mod keys;
 mod members;
 mod partition;
 mod signal_log;
 mod standby;
 mod state_log;
+mod stream_calls;
+mod streams;
+mod topic_writer;
 mod topics;
 
 pub use aliases::follow as follow_aliases;
 pub use forward::{Answer, Call, ForwardError, Peers, FORWARDED};
 pub use handover::Handover;
+pub use keys::{shared_identity, KeySettings};
 pub use members::{Directory, Member};
 pub use partition::{murmur2, partition_of};
 pub use signal_log::{PublishError, SignalLog};
 pub use standby::{PartitionCopy, Standby};
 pub use state_log::{read_partition, StateLog};
+pub use stream_calls::StreamCalls;
+pub use streams::{share_streams, Outboxes, Sharing, StreamTopics};
+pub use topic_writer::TopicWriter;
 pub use topics::{client_config, ensure, Topics};
 
 use crate::config::ClusterConfig;
 
 /// Where validated signals go in cluster mode: the signals topic, on their principal's partition.
+/// Pushed and polled SETs come through [`ClusterIntake::append`]; risk-feed messages, consumed by
+/// whichever instance the feeds' group gave their partition, through [`SignalForward`]: the owner
+/// applies them either way.
 pub struct ClusterIntake {
-    log: SignalLog,
+    log: std::sync::Arc<SignalLog>,
     engine: std::sync::Arc<crate::engine::Engine>,
+    runtime: tokio::runtime::Handle,
 }
 
 impl ClusterIntake {
+    /// Within the Tokio runtime (forwarded batches are appended on it).
     pub fn new(log: SignalLog, engine: std::sync::Arc<crate::engine::Engine>) -> ClusterIntake {
-        ClusterIntake { log, engine }
+        ClusterIntake {
+            log: std::sync::Arc::new(log),
+            engine,
+            runtime: tokio::runtime::Handle::current(),
+        }
     }
 
     /// Appends `signal` for its principal's owner; its offset once the brokers have it.
@@ -73,6 +90,31 @@ impl ClusterIntake {
         let key = self.engine.routing_key(&signal.subject);
         let (_, offset) = self.log.append(&key, signal, token).await?;
         Ok(u64::try_from(offset).unwrap_or(0))
+    }
+}
+
+impl crate::kafka::SignalForward for ClusterIntake {
+    /// Appends a feed batch's signals, each on its principal's partition; the batch is answered
+    /// once the brokers have them all (then its feed offsets may be committed).
+    fn forward(&self, signals: Vec<crate::signal::Signal>) -> crate::engine::BatchDone {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let keyed: Vec<(String, crate::signal::Signal)> = signals
+            .into_iter()
+            .map(|s| (self.engine.routing_key(&s.subject), s))
+            .collect();
+        let log = self.log.clone();
+        self.runtime.spawn(async move {
+            let appends = keyed
+                .iter()
+                .map(|(key, signal)| log.append(key, signal, ""));
+            let outcome = futures_util::future::join_all(appends)
+                .await
+                .into_iter()
+                .find_map(Result::err)
+                .map_or(Ok(()), |e| Err(e.to_string()));
+            let _ = done.send(outcome);
+        });
+        crate::engine::BatchDone::of(vec![answer])
     }
 }
 

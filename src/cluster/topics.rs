@@ -7,6 +7,9 @@
 //! | `<name>.members` | instance id | 1 | compact | each instance's API URL and the partitions it owns, re-announced every 2 s; a tombstone when it leaves |
 //! | `<name>.aliases` | an identifier's key | 1 | compact | the principal each registered identifier names (last record wins), read whole by every instance: a signal naming any identifier is routed to its principal's owner wherever it arrives |
 //! | `<name>.state` | `table \x1f row key` | as the signals topic | compact | the owners' engine rows (contexts, session revocations, grants, aliases; a tombstone deletes), on their principal's partition: what a new owner restores |
+//! | `<name>.keys` | key id | 1 | compact | Vigil's signing keys (private parts included), read whole by every instance: one signing identity |
+//! | `<name>.streams` | `stream \x1f id` or `subject \x1f id \0 subject` | 1 | compact | enforcement points' stream configurations and subjects (push credentials included), read whole by every instance |
+//! | `<name>.outbox` | `stream id \x1f jti` | as the signals topic | compact | every SET for an enforcement point, on its stream's partition, until delivered (a tombstone) or dead-lettered: what the stream's deliverer restores |
 //!
 //! They are created at start-up when missing. A topic that exists keeps its partition count, which
 //! is read back: ownership is `partition_of(key, count)`, so it is the topic's count, not the
@@ -38,6 +41,9 @@ pub struct Topics {
     pub members: String,
     pub state: String,
     pub aliases: String,
+    pub keys: String,
+    pub streams: String,
+    pub outbox: String,
 }
 
 impl Topics {
@@ -48,18 +54,30 @@ impl Topics {
             members: format!("{name}.members"),
             state: format!("{name}.state"),
             aliases: format!("{name}.aliases"),
+            keys: format!("{name}.keys"),
+            streams: format!("{name}.streams"),
+            outbox: format!("{name}.outbox"),
         }
     }
 
     /// Every topic with its partition count when the signals topic has `partitions`: what to
     /// create by hand where the brokers cannot create topics (librdkafka's mock cluster).
-    pub fn with_partitions(&self, partitions: i32) -> [(&str, i32); 5] {
+    pub fn with_partitions(&self, partitions: i32) -> [(&str, i32); 8] {
+        self.wanted(partitions)
+            .map(|(topic, count, _)| (topic, count))
+    }
+
+    /// Every topic with its partition count and cleanup policy.
+    fn wanted(&self, partitions: i32) -> [(&str, i32, &'static str); 8] {
         [
-            (self.signals.as_str(), partitions),
-            (self.signals_dead_letter.as_str(), 1),
-            (self.members.as_str(), 1),
-            (self.state.as_str(), partitions),
-            (self.aliases.as_str(), 1),
+            (self.signals.as_str(), partitions, "delete"),
+            (self.signals_dead_letter.as_str(), 1, "delete"),
+            (self.members.as_str(), 1, "compact"),
+            (self.state.as_str(), partitions, "compact"),
+            (self.aliases.as_str(), 1, "compact"),
+            (self.keys.as_str(), 1, "compact"),
+            (self.streams.as_str(), 1, "compact"),
+            (self.outbox.as_str(), partitions, "compact"),
         ]
     }
 }
@@ -99,6 +117,9 @@ pub(super) fn whole_topic_reader(
         .set("group.id", format!("{topic}.{reader}"))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
+        // What one instance writes (a link, a stream, a key) is read by the others within tens
+        // of milliseconds, not after a broker's fetch wait (500 ms by default).
+        .set("fetch.wait.max.ms", "25")
         .create()?;
     let mut assignment = TopicPartitionList::new();
     assignment.add_partition_offset(topic, 0, Offset::Beginning)?;
@@ -127,13 +148,7 @@ pub(super) fn read_until(
 /// Makes sure the cluster's topics exist and returns the signals topic's partition count.
 pub async fn ensure(config: &ClusterConfig, topics: &Topics) -> Result<i32, ClusterError> {
     let admin: AdminClient<DefaultClientContext> = client_config(config).create()?;
-    let wanted = [
-        (topics.signals.as_str(), config.partitions, "delete"),
-        (topics.signals_dead_letter.as_str(), 1, "delete"),
-        (topics.members.as_str(), 1, "compact"),
-        (topics.state.as_str(), config.partitions, "compact"),
-        (topics.aliases.as_str(), 1, "compact"),
-    ];
+    let wanted = topics.wanted(config.partitions);
     let mut missing = Vec::new();
     for (topic, partitions, cleanup) in wanted {
         if partition_count(&admin, topic)?.is_none() {
@@ -187,16 +202,21 @@ pub async fn ensure(config: &ClusterConfig, topics: &Topics) -> Result<i32, Clus
         topic: topics.signals.clone(),
         reason: "does not exist after it was created".into(),
     })?;
-    let state = partition_count(&admin, &topics.state)?.unwrap_or(0);
-    if state != count {
-        return Err(ClusterError::Topic {
-            topic: topics.state.clone(),
-            reason: format!(
-                "has {state} partitions and {} has {count}: a principal's state must be on its \
-                 signals' partition (recreate the state topic with {count})",
-                topics.signals
-            ),
-        });
+    for (topic, what) in [
+        (&topics.state, "a principal's state"),
+        (&topics.outbox, "a stream's SETs"),
+    ] {
+        let has = partition_count(&admin, topic)?.unwrap_or(0);
+        if has != count {
+            return Err(ClusterError::Topic {
+                topic: topic.clone(),
+                reason: format!(
+                    "has {has} partitions and {} has {count}: {what} must be on the partition its \
+                     owner owns (recreate it with {count})",
+                    topics.signals
+                ),
+            });
+        }
     }
     if count != config.partitions {
         tracing::warn!(topic = %topics.signals, partitions = count, configured = config.partitions,

@@ -29,14 +29,17 @@ pub trait Changelog: Send + Sync + std::fmt::Debug {
     fn append(&self, records: Vec<ChangeRecord>) -> oneshot::Receiver<Result<(), String>>;
 }
 
-/// The engine's tables that move with a partition (the hand-off to delivery does not: delivery is
-/// each instance's own).
+/// The engine's tables that move with a partition. The hand-off to delivery moves too: a decision
+/// its owner committed but had not yet queued for its enforcement points when it stopped is queued
+/// by the next owner (its SETs keep their `jti`s); delivery's taking a decision over is its
+/// tombstone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Table {
     Context,
     SessionRevocation,
     Grant,
     Alias,
+    Handoff,
 }
 
 impl Table {
@@ -46,6 +49,7 @@ impl Table {
             Table::SessionRevocation => "rev",
             Table::Grant => "grant",
             Table::Alias => "alias",
+            Table::Handoff => "handoff",
         }
     }
 
@@ -55,6 +59,7 @@ impl Table {
             Table::SessionRevocation,
             Table::Grant,
             Table::Alias,
+            Table::Handoff,
         ]
         .into_iter()
         .find(|t| t.tag() == tag)
@@ -101,6 +106,7 @@ mod tests {
             Row::new(Table::SessionRevocation, "email:jane@example.com\0sess-1"),
             Row::new(Table::Grant, "g-1"),
             Row::new(Table::Alias, "phone:+1 555"),
+            Row::new(Table::Handoff, "d-1"),
         ] {
             assert_eq!(Row::parse(&row.record_key()), Some(row));
         }

@@ -366,6 +366,14 @@ pub struct BatchDone {
 }
 
 impl BatchDone {
+    /// A batch answered by others than the shards (each receiver: one part's outcome).
+    pub fn of(waiting: Vec<oneshot::Receiver<Result<(), String>>>) -> BatchDone {
+        BatchDone {
+            waiting,
+            failure: None,
+        }
+    }
+
     /// Whether every shard has answered (so [`BatchDone::wait_blocking`] will not block).
     pub fn is_done(&mut self) -> bool {
         let failure = &mut self.failure;
@@ -571,6 +579,20 @@ impl Engine {
             wait.blocking_recv().map_err(|_| EngineError::Stopped)?;
         }
         metrics::gauge!(crate::telemetry::GRANTS).set(self.shared.grants.len() as f64);
+        // Decisions the previous owner committed but had not queued for delivery: queued here
+        // (their SETs keep their `jti`s, so one queued twice is a duplicate receivers recognise).
+        if !loaded.handoff.is_empty() {
+            tracing::info!(
+                decisions = loaded.handoff.len(),
+                "delivering decisions a previous owner had not handed over"
+            );
+        }
+        for decision in loaded.handoff {
+            self.shared
+                .decisions
+                .blocking_send(decision)
+                .map_err(|_| EngineError::Stopped)?;
+        }
         Ok(taken)
     }
 
@@ -938,6 +960,19 @@ mod tests {
     /// An engine with no rules on a fresh store, and what must live as long as it (the store's
     /// directory and writer, the decision channel's receiver).
     fn engine(settings: EngineSettings) -> (Engine, Box<dyn std::any::Any>) {
+        let (engine, rx, held) = engine_with_decisions(settings);
+        (engine, Box::new((held, rx)))
+    }
+
+    /// [`engine`], with the receiving end of its decisions.
+    #[allow(clippy::type_complexity)]
+    fn engine_with_decisions(
+        settings: EngineSettings,
+    ) -> (
+        Engine,
+        mpsc::Receiver<(Decision, Arc<Grant>)>,
+        Box<dyn std::any::Any>,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let db = crate::store::open(dir.path()).unwrap();
         let (writer, writer_thread) = BatchWriter::start(db.clone(), "state", 16).unwrap();
@@ -954,7 +989,80 @@ mod tests {
             settings,
         )
         .unwrap();
-        (engine, Box::new((dir, writer_thread, intake_thread, rx)))
+        (engine, rx, Box::new((dir, writer_thread, intake_thread)))
+    }
+
+    /// The records a batch appends, kept in memory; appends are acknowledged at once.
+    #[derive(Debug, Default)]
+    struct Recorded(std::sync::Mutex<Vec<ChangeRecord>>);
+
+    impl Changelog for Recorded {
+        fn append(&self, records: Vec<ChangeRecord>) -> oneshot::Receiver<Result<(), String>> {
+            self.0.lock().unwrap().extend(records);
+            let (tx, rx) = oneshot::channel();
+            tx.send(Ok(())).unwrap();
+            rx
+        }
+    }
+
+    /// A decision its owner committed but delivery had not yet taken over is in the changelog,
+    /// and the instance that restores the partition hands it to its own delivery (same decision,
+    /// so the same SET `jti`s).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_decision_not_yet_delivered_moves_with_its_partition() {
+        let log = Arc::new(Recorded::default());
+        let (first, _first_decisions, _held) = engine_with_decisions(EngineSettings {
+            changelog: Some(log.clone()),
+            ..EngineSettings::default()
+        });
+        let request: GrantRequest = serde_json::from_value(serde_json::json!({
+            "id": "t1", "kind": "access_token", "subject": {"format": "email", "email": "h@example.com"},
+            "issued_at": 1_700_000_000, "expires_at": 4_000_000_000u64}))
+        .unwrap();
+        first.register(request).await.unwrap();
+        let policy = PolicySet::from_sources(&[(
+            "tokens.yaml".to_owned(),
+            "rules:\n  - {id: tokens, on: ['*'], when: \"grant.kind == 'access_token'\", effect: revoke}\n"
+                .to_owned(),
+        )])
+        .unwrap();
+        first.swap_policy(policy).unwrap().wait().await;
+        // The partition as the state topic holds it: each row's last record.
+        let mut latest: std::collections::HashMap<String, Option<Vec<u8>>> =
+            std::collections::HashMap::new();
+        for r in log.0.lock().unwrap().iter() {
+            latest.insert(r.key.clone(), r.value.clone());
+        }
+        let rows: Vec<(Row, Vec<u8>)> = latest
+            .into_iter()
+            .filter_map(|(k, v)| Some((Row::parse(&k)?, v?)))
+            .collect();
+        let handoff: Vec<&Row> = rows
+            .iter()
+            .map(|(r, _)| r)
+            .filter(|r| r.table == Table::Handoff)
+            .collect();
+        assert_eq!(handoff.len(), 1, "the revocation's hand-off row: {rows:?}");
+        let decision_id = handoff[0].key.clone();
+        first.shutdown().await;
+
+        let (next, mut decisions, _held) = engine_with_decisions(EngineSettings::default());
+        let next = Arc::new(next);
+        let adopting = next.clone();
+        tokio::task::spawn_blocking(move || adopting.adopt_blocking(rows))
+            .await
+            .unwrap()
+            .unwrap();
+        let (decision, grant) = tokio::time::timeout(Duration::from_secs(5), decisions.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(decision.id, decision_id);
+        assert_eq!(&*grant.id, "t1");
+        assert_eq!(
+            next.grant("t1").map(|g| g.status),
+            Some(GrantStatus::Revoked)
+        );
     }
 
     /// With every in-flight slot taken, an API registration is answered "overloaded" after the

@@ -34,6 +34,8 @@ pub struct Loaded {
     pub contexts: Vec<PrincipalContext>,
     pub grants: Vec<Grant>,
     pub aliases: Vec<(String, String)>,
+    /// Decisions delivery has not taken over (read back with a partition, cluster mode).
+    pub handoff: Vec<(Decision, Arc<Grant>)>,
 }
 
 /// A stamped session revocation filter, as a context holds it.
@@ -307,7 +309,8 @@ pub struct Encoded {
     grants: Vec<GrantRow>,
     deleted_grants: Vec<(GrantId, String)>,
     aliases: Vec<(String, String)>,
-    handoff: Vec<(String, Vec<u8>)>,
+    /// Decision id, the grant's principal (its changelog partition), stored JSON.
+    handoff: Vec<GrantRow>,
 }
 
 /// A grant's id, principal and stored JSON.
@@ -338,7 +341,7 @@ impl Changes {
             .iter()
             .map(|(d, g)| {
                 serde_json::to_vec(&serde_json::json!({"decision": d, "grant": &**g}))
-                    .map(|bytes| (d.id.clone(), bytes))
+                    .map(|bytes| (d.id.clone(), g.principal.to_string(), bytes))
                     .map_err(|e| WriteError::Storage(e.to_string()))
             })
             .collect::<Result<_, _>>()?;
@@ -409,8 +412,7 @@ impl Encoded {
 }
 
 impl Encoded {
-    /// The batch's rows as changelog records, in the order they are written (cluster mode). The
-    /// hand-off to delivery is not among them: delivery is each instance's own.
+    /// The batch's rows as changelog records, in the order they are written (cluster mode).
     pub fn records(&self) -> Vec<ChangeRecord> {
         let mut out = Vec::new();
         for (key, _, bytes) in self.contexts.iter().chain(&self.decided_contexts) {
@@ -447,6 +449,13 @@ impl Encoded {
                 owner: principal.clone(),
                 key: Row::new(Table::Alias, alias.as_str()).record_key(),
                 value: Some(principal.as_bytes().to_vec()),
+            });
+        }
+        for (id, principal, bytes) in &self.handoff {
+            out.push(ChangeRecord {
+                owner: principal.clone(),
+                key: Row::new(Table::Handoff, id.as_str()).record_key(),
+                value: Some(bytes.clone()),
             });
         }
         out
@@ -489,6 +498,19 @@ pub fn forget(
         .map_err(WriteError::storage)?
         .retain(|_, principal| count(released(principal)))
         .map_err(WriteError::storage)?;
+    #[derive(Deserialize)]
+    struct HandoffGrant<'a> {
+        #[serde(borrow)]
+        grant: Principal<'a>,
+    }
+    txn.open_table(HANDOFF)
+        .map_err(WriteError::storage)?
+        .retain(|_, bytes| {
+            let gone = serde_json::from_slice::<HandoffGrant<'_>>(bytes)
+                .is_ok_and(|h| released(&h.grant.principal));
+            count(gone)
+        })
+        .map_err(WriteError::storage)?;
     Ok(deleted)
 }
 
@@ -504,6 +526,7 @@ pub fn adopt(txn: &WriteTransaction, rows: &[(Row, Vec<u8>)]) -> Result<Loaded, 
         .map_err(WriteError::storage)?;
     let mut grants = txn.open_table(GRANTS).map_err(WriteError::storage)?;
     let mut aliases = txn.open_table(ALIASES).map_err(WriteError::storage)?;
+    let mut handoff = txn.open_table(HANDOFF).map_err(WriteError::storage)?;
     for (row, bytes) in rows {
         let key = row.key.as_str();
         let stored = match row.table {
@@ -522,6 +545,9 @@ pub fn adopt(txn: &WriteTransaction, rows: &[(Row, Vec<u8>)]) -> Result<Loaded, 
                 out.aliases.push((row.key.clone(), principal));
                 Ok(stored)
             }
+            Table::Handoff => serde_json::from_slice::<Handoff>(bytes)
+                .map(|h| out.handoff.push((h.decision, Arc::new(h.grant))))
+                .map(|()| handoff.insert(key, bytes.as_slice()).map(drop)),
         };
         match stored {
             Ok(written) => written.map_err(WriteError::storage)?,
@@ -531,6 +557,7 @@ pub fn adopt(txn: &WriteTransaction, rows: &[(Row, Vec<u8>)]) -> Result<Loaded, 
         }
     }
     out.attach_revocations(revocations);
+    out.handoff.sort_by(|a, b| a.0.time.total_cmp(&b.0.time));
     Ok(out)
 }
 
@@ -572,17 +599,6 @@ fn write_contexts(txn: &WriteTransaction, rows: &[ContextRow]) -> Result<(), Wri
 
 /// Writes an encoded batch inside `txn`.
 pub fn write(txn: &WriteTransaction, changes: &Encoded) -> Result<(), WriteError> {
-    let insert_all = |table: TableDefinition<&str, &[u8]>, rows: &[(String, Vec<u8>)]| {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let mut t = txn.open_table(table).map_err(WriteError::storage)?;
-        for (k, v) in rows {
-            t.insert(k.as_str(), v.as_slice())
-                .map_err(WriteError::storage)?;
-        }
-        Ok::<(), WriteError>(())
-    };
     write_contexts(txn, &changes.contexts)?;
     write_contexts(txn, &changes.decided_contexts)?;
     if !changes.revocations.is_empty() {
@@ -607,7 +623,13 @@ pub fn write(txn: &WriteTransaction, changes: &Encoded) -> Result<(), WriteError
             t.remove(&**id).map_err(WriteError::storage)?;
         }
     }
-    insert_all(HANDOFF, &changes.handoff)?;
+    if !changes.handoff.is_empty() {
+        let mut t = txn.open_table(HANDOFF).map_err(WriteError::storage)?;
+        for (id, _, bytes) in &changes.handoff {
+            t.insert(id.as_str(), bytes.as_slice())
+                .map_err(WriteError::storage)?;
+        }
+    }
     if !changes.aliases.is_empty() {
         let mut t = txn.open_table(ALIASES).map_err(WriteError::storage)?;
         for (k, v) in &changes.aliases {

@@ -52,6 +52,8 @@ struct Pipeline {
     health: Arc<KafkaHealth>,
     topics: Vec<String>,
     hooks: Option<Arc<dyn PartitionHooks>>,
+    /// Cluster mode's risk feeds: where their signals go (see [`SourceFormat::forward`]).
+    forward: Option<Arc<dyn SignalForward>>,
     /// Cluster mode: partitions assigned whose state could not be taken over (paused), and
     /// when that was last tried.
     paused: Mutex<(Vec<(String, i32)>, Instant)>,
@@ -277,6 +279,10 @@ impl Pipeline {
         self.dead_letters
             .send(dead)
             .map_err(|e| format!("dead letters could not be made safe: {e}"))?;
+        if let Some(forward) = &self.forward {
+            // Numbered by the owner that applies them.
+            return Ok(forward.forward(signals));
+        }
         if !signals.is_empty() {
             let first = self
                 .intake
@@ -400,6 +406,15 @@ pub struct SourceFormat {
     pub signals_topic: Option<String>,
     /// Cluster mode: what moves with a partition when the group moves it.
     pub hooks: Option<Arc<dyn PartitionHooks>>,
+    /// Cluster mode's risk feeds: where their signals go instead of this instance's engine (the
+    /// signals topic, on each principal's partition: its owner applies them).
+    pub forward: Option<Arc<dyn SignalForward>>,
+}
+
+/// Where a feed's signals go when not to this instance's engine. An offset is committed only once
+/// the batch's answer is `Ok` (its signals are durable where they went).
+pub trait SignalForward: Send + Sync {
+    fn forward(&self, signals: Vec<Signal>) -> BatchDone;
 }
 
 /// What cluster mode does when the group moves partitions. Called from the rebalance callback, on
@@ -488,6 +503,7 @@ impl KafkaSource {
             health,
             topics: config.topics.clone(),
             hooks: format.hooks,
+            forward: format.forward,
             paused: Mutex::new((Vec::new(), Instant::now())),
         };
         let consumer: BaseConsumer<Pipeline> = client.create_with_context(context)?;

@@ -34,6 +34,10 @@ pub struct KafkaView {
     /// (not yet owned), or could not be.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub restoring: Vec<PartitionRestore>,
+    /// The instances of a cluster split the partitions (its risk feeds' group): consuming some
+    /// of them is the norm, not a problem.
+    #[serde(skip)]
+    pub split: bool,
 }
 
 /// A partition's state being taken over.
@@ -53,7 +57,7 @@ impl KafkaView {
         if self.brokers > 0 && self.brokers_up == 0 {
             return Some("no Kafka broker is reachable".into());
         }
-        if self.owned_partitions.is_none() && self.assigned < self.partitions {
+        if self.owned_partitions.is_none() && !self.split && self.assigned < self.partitions {
             return Some(format!(
                 "this instance consumes {} of {} partitions: another consumer in its group holds \
                  the rest, and their signals never reach this instance's grants (one instance per \
@@ -84,6 +88,8 @@ pub struct KafkaHealth {
     changes: tokio::sync::Notify,
     /// Cluster mode: restores in progress or failed, by partition.
     restores: Mutex<std::collections::BTreeMap<i32, PartitionRestore>>,
+    /// The cluster's risk feeds: its instances split the partitions ([`KafkaView::split`]).
+    split: bool,
 }
 
 impl KafkaHealth {
@@ -95,12 +101,24 @@ impl KafkaHealth {
         }
     }
 
+    /// The health of cluster mode's risk-feed source: the feeds' group splits their partitions
+    /// between the instances.
+    pub fn for_split_group() -> KafkaHealth {
+        KafkaHealth {
+            split: true,
+            ..KafkaHealth::default()
+        }
+    }
+
     /// The last view, `None` before the first statistics (in cluster mode, the partitions owned
     /// are known from the first assignment on).
     pub fn view(&self) -> Option<KafkaView> {
         let view = self.view.lock().ok().and_then(|v| v.clone());
         let Some(owned) = self.owned() else {
-            return view;
+            return view.map(|v| KafkaView {
+                split: self.split,
+                ..v
+            });
         };
         let mut view = view.unwrap_or(KafkaView {
             partitions: 0,
@@ -110,6 +128,7 @@ impl KafkaHealth {
             lag: 0,
             owned_partitions: None,
             restoring: Vec::new(),
+            split: false,
         });
         view.assigned = owned.len();
         view.owned_partitions = Some(owned);
@@ -240,6 +259,7 @@ impl KafkaHealth {
             lag,
             owned_partitions: self.owned.as_ref().map(|_| Vec::new()),
             restoring: Vec::new(),
+            split: self.split,
         };
         metrics::gauge!(crate::telemetry::KAFKA_PARTITIONS).set(partitions as f64);
         metrics::gauge!(crate::telemetry::KAFKA_PARTITIONS_OWNED).set(assigned as f64);
@@ -271,8 +291,18 @@ mod tests {
             lag: 0,
             owned_partitions: None,
             restoring: Vec::new(),
+            split: false,
         };
         assert_eq!(view(4, 4, 1, 1).problem(), None);
+        let feeds = KafkaView {
+            split: true,
+            ..view(4, 2, 1, 1)
+        };
+        assert_eq!(
+            feeds.problem(),
+            None,
+            "a cluster's feed consumers split them"
+        );
         let lagging = KafkaView {
             lag: 50_000,
             ..view(4, 4, 1, 1)

@@ -28,7 +28,7 @@ mod dead_letter;
 mod health;
 mod source;
 
-pub use consumer::{KafkaError, KafkaSource, PartitionHooks, SourceFormat};
+pub use consumer::{KafkaError, KafkaSource, PartitionHooks, SignalForward, SourceFormat};
 pub use dead_letter::{stored_dead_letters, ProducerLogs, StoredDeadLetter};
 pub use health::{KafkaHealth, KafkaView};
 pub use source::{FeedMessage, SignalRecord};

@@ -33,7 +33,8 @@ pub struct Normalizer {
 }
 
 /// A record of cluster mode's signals topic: a signal validated and normalized by the instance
-/// that received it (its receipt time, clamped event time and all), with the SET it came in.
+/// that received it (its receipt time, clamped event time and all), with the SET it came in (empty
+/// for a risk-feed message re-keyed onto the topic).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SignalRecord {
     pub signal: Signal,

@@ -14,6 +14,7 @@
 //! hold the grant (every stream when the grant names none).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
@@ -21,6 +22,7 @@ use tokio::sync::mpsc;
 use super::streams::{Outgoing, Stream, StreamStore};
 use super::Identity;
 use crate::decision::{Decision, DecisionEffect};
+use crate::engine::{ChangeRecord, Changelog, Row, Table};
 use crate::events::{
     AssuranceLevelChange, AssuranceNamespace, CaepCommon, ChangeDirection, EventKind,
     InitiatingEntity, LangMap, SessionRevoked, StreamUpdated, TokenClaimsChange, Verification,
@@ -207,7 +209,9 @@ pub async fn run(
     identity: Arc<Identity>,
     streams: Arc<StreamStore>,
     pending: Vec<(Decision, Arc<Grant>)>,
+    changelog: Option<Arc<dyn Changelog>>,
 ) {
+    let changelog = changelog.as_deref();
     if !pending.is_empty() {
         tracing::info!(
             count = pending.len(),
@@ -217,7 +221,13 @@ pub async fn run(
     let mut pending = pending;
     while !pending.is_empty() {
         let rest = pending.split_off(pending.len().min(EMIT_BATCH));
-        emit_batch(&identity, &streams, std::mem::replace(&mut pending, rest)).await;
+        emit_batch(
+            &identity,
+            &streams,
+            changelog,
+            std::mem::replace(&mut pending, rest),
+        )
+        .await;
     }
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
@@ -227,16 +237,31 @@ pub async fn run(
                 Err(_) => break,
             }
         }
-        emit_batch(&identity, &streams, batch).await;
+        emit_batch(&identity, &streams, changelog, batch).await;
     }
 }
+
+/// How long a batch's SETs are retried when they cannot be queued.
+const QUEUE_RETRY_FOR: Duration = Duration::from_secs(60);
 
 async fn emit_batch(
     identity: &Arc<Identity>,
     streams: &StreamStore,
+    changelog: Option<&dyn Changelog>,
     batch: Vec<(Decision, Arc<Grant>)>,
 ) {
     let live = streams.live();
+    // Cluster mode: once queued, each decision's hand-off row is deleted from the state topic too,
+    // so the partition's next owner does not queue it again.
+    let taken_over: Vec<ChangeRecord> = batch
+        .iter()
+        .filter(|(d, _)| d.reaches_enforcement_points())
+        .map(|(d, g)| ChangeRecord {
+            owner: g.principal.to_string(),
+            key: Row::new(Table::Handoff, d.id.as_str()).record_key(),
+            value: None,
+        })
+        .collect();
     let handed: Vec<String> = batch
         .iter()
         .filter(|(d, _)| d.reaches_enforcement_points())
@@ -259,9 +284,35 @@ async fn emit_batch(
         }
     };
     let decisions = handed.len();
-    if let Err(e) = streams.enqueue(items, handed).await {
-        metrics::counter!(crate::telemetry::EMIT_ERRORS).increment(1);
-        tracing::error!(error = %e, decisions, "could not queue SETs; the decisions stay pending");
+    // Queued, or retried for a while: in cluster mode the outbox topic may be out of reach for a
+    // moment (the brokers). Decisions queue behind in order; ones never queued stay in the
+    // hand-off and are delivered after the next start (or by the partition's next owner).
+    let mut wait = Duration::from_millis(100);
+    let give_up = tokio::time::Instant::now() + QUEUE_RETRY_FOR;
+    loop {
+        match streams.enqueue(items.clone(), handed.clone()).await {
+            Ok(()) => break,
+            Err(e) => {
+                metrics::counter!(crate::telemetry::EMIT_ERRORS).increment(1);
+                if tokio::time::Instant::now() + wait > give_up {
+                    tracing::error!(error = %e, decisions, "could not queue SETs; the decisions stay pending");
+                    return;
+                }
+                tracing::warn!(error = %e, decisions, "could not queue SETs; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    if let (Some(changelog), false) = (changelog, taken_over.is_empty()) {
+        // Not awaited: a tombstone lost means the next owner queues the SETs again, with the
+        // same `jti`s.
+        let appended = changelog.append(taken_over);
+        tokio::spawn(async move {
+            if !matches!(appended.await, Ok(Ok(()))) {
+                tracing::warn!("hand-off rows not deleted from the state topic; the next owner may send their SETs again");
+            }
+        });
     }
 }
 

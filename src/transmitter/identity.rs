@@ -20,6 +20,26 @@ pub enum IdentityError {
     File { path: PathBuf, reason: String },
     #[error("key: {0}")]
     Key(#[from] crate::signing::SigningError),
+    #[error("the cluster's key topic: {0}")]
+    Shared(String),
+}
+
+/// A record of the cluster's key topic: a key id and the key's record, `None` to drop the key.
+pub type KeyRecord = (String, Option<Vec<u8>>);
+
+/// Cluster mode: where the keys are shared, so that every instance signs with the same ones.
+pub trait KeyShare: Send + Sync {
+    /// Appends key records — a key id and its record, `None` to drop the key — returning once the
+    /// brokers have them all (blocking: called from blocking tasks).
+    fn publish(&self, records: Vec<KeyRecord>) -> Result<(), String>;
+}
+
+/// Where the keys are kept.
+enum Keep {
+    /// `<data_dir>/keys/signing.json`: a single node's.
+    File(PathBuf),
+    /// The cluster's key topic.
+    Shared(Arc<dyn KeyShare>),
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -39,7 +59,7 @@ struct Keys {
 
 /// The signing identity.
 pub struct Identity {
-    path: PathBuf,
+    keep: Keep,
     alg: Alg,
     retention_secs: f64,
     keys: RwLock<Keys>,
@@ -78,12 +98,91 @@ impl Identity {
         }
         let active = active_key(&stored)?;
         Ok(Identity {
-            path,
+            keep: Keep::File(path),
             alg,
             retention_secs: retention_secs as f64,
             keys: RwLock::new(Keys { stored, active }),
             clock,
         })
+    }
+
+    /// The cluster's identity: the key records read from the key topic (`records`, the last of
+    /// each id). When none of them is a usable key, this instance's own keys from an earlier single
+    /// node run in `seed_dir` are published (so enforcement points keep trusting its key id), else
+    /// a new key. Blocking: it may publish.
+    pub fn shared(
+        records: Vec<(String, Vec<u8>)>,
+        seed_dir: &Path,
+        alg: Alg,
+        retention_secs: u64,
+        clock: Clock,
+        share: Arc<dyn KeyShare>,
+    ) -> Result<Identity, IdentityError> {
+        let mut stored: Vec<StoredKey> = records
+            .iter()
+            .filter_map(|(_, bytes)| serde_json::from_slice(bytes).ok())
+            .collect();
+        let usable = |k: &StoredKey| k.retired_at.is_none() && k.alg == alg;
+        if !stored.iter().any(usable) {
+            let t = clock.now();
+            let mut changed = Vec::new();
+            for k in stored.iter_mut().filter(|k| k.retired_at.is_none()) {
+                k.retired_at = Some(t);
+                changed.push(k.clone());
+            }
+            let own: Vec<StoredKey> = std::fs::read(seed_dir.join("signing.json"))
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<Vec<StoredKey>>(&bytes).ok())
+                .unwrap_or_default()
+                .into_iter()
+                .filter(usable)
+                .collect();
+            let added = if own.is_empty() {
+                vec![new_key(alg, t)?]
+            } else {
+                own
+            };
+            changed.extend(added.iter().cloned());
+            stored.extend(added);
+            share
+                .publish(records_of(&changed, &[])?)
+                .map_err(IdentityError::Shared)?;
+        }
+        let active = active_key(&stored)?;
+        Ok(Identity {
+            keep: Keep::Shared(share),
+            alg,
+            retention_secs: retention_secs as f64,
+            keys: RwLock::new(Keys { stored, active }),
+            clock,
+        })
+    }
+
+    /// Takes up a key record another instance published (`None`: the key was dropped).
+    pub fn learn(&self, kid: &str, record: Option<&[u8]>) {
+        let mut keys = match self.keys.write() {
+            Ok(k) => k,
+            Err(p) => p.into_inner(),
+        };
+        let mut stored = keys.stored.clone();
+        stored.retain(|k| k.kid != kid);
+        if let Some(bytes) = record {
+            match serde_json::from_slice::<StoredKey>(bytes) {
+                Ok(key) if key.kid == kid => stored.push(key),
+                _ => {
+                    tracing::warn!(%kid, "an unreadable record on the key topic");
+                    return;
+                }
+            }
+        }
+        // The active key stays as it is if the records leave none (a rotation half read).
+        if let Ok(active) = active_key(&stored) {
+            if active.kid != keys.active.kid {
+                tracing::info!(kid = %active.kid, "signing key taken up from the cluster");
+            }
+            keys.active = active;
+        }
+        keys.stored = stored;
     }
 
     /// The key new SETs are signed with.
@@ -95,24 +194,40 @@ impl Identity {
     }
 
     /// Makes a new key active; the old one stays in the JWKS for the retention period.
+    /// In cluster mode the change is published first and so reaches every instance.
     pub fn rotate(&self) -> Result<String, IdentityError> {
-        let mut keys = self.keys.write().map_err(|_| IdentityError::File {
-            path: self.path.clone(),
-            reason: "lock poisoned".into(),
-        })?;
+        let mut keys = match self.keys.write() {
+            Ok(k) => k,
+            Err(p) => p.into_inner(),
+        };
         let mut stored = keys.stored.clone();
         let t = self.clock.now();
+        let mut changed = Vec::new();
         for k in stored.iter_mut().filter(|k| k.retired_at.is_none()) {
             k.retired_at = Some(t);
+            changed.push(k.clone());
         }
-        stored.retain(|k| k.retired_at.is_none_or(|r| t - r <= self.retention_secs));
+        let expired: Vec<String> = stored
+            .iter()
+            .filter(|k| k.retired_at.is_some_and(|r| t - r > self.retention_secs))
+            .map(|k| k.kid.clone())
+            .collect();
+        stored.retain(|k| !expired.contains(&k.kid));
         let new = new_key(self.alg, t)?;
         let kid = new.kid.clone();
+        changed.push(new.clone());
         stored.push(new);
-        write_keys(&self.path, &stored).map_err(|reason| IdentityError::File {
-            path: self.path.clone(),
-            reason,
-        })?;
+        match &self.keep {
+            Keep::File(path) => {
+                write_keys(path, &stored).map_err(|reason| IdentityError::File {
+                    path: path.clone(),
+                    reason,
+                })?
+            }
+            Keep::Shared(share) => share
+                .publish(records_of(&changed, &expired)?)
+                .map_err(IdentityError::Shared)?,
+        }
         keys.active = active_key(&stored)?;
         keys.stored = stored;
         tracing::info!(%kid, "signing key rotated");
@@ -165,11 +280,28 @@ fn new_key(alg: Alg, t: f64) -> Result<StoredKey, IdentityError> {
     })
 }
 
+/// The records of `changed` keys and of `dropped` key ids, for the key topic.
+fn records_of(changed: &[StoredKey], dropped: &[String]) -> Result<Vec<KeyRecord>, IdentityError> {
+    let mut records = Vec::with_capacity(changed.len() + dropped.len());
+    for k in changed {
+        let bytes = serde_json::to_vec(k).map_err(|e| IdentityError::Shared(e.to_string()))?;
+        records.push((k.kid.clone(), Some(bytes)));
+    }
+    records.extend(dropped.iter().map(|kid| (kid.clone(), None)));
+    Ok(records)
+}
+
+/// The key SETs are signed with: of the keys not retired, the latest created (then the greatest
+/// id), so instances that read the same records choose the same key.
 fn active_key(stored: &[StoredKey]) -> Result<Arc<SigningKey>, IdentityError> {
     let k = stored
         .iter()
-        .rev()
-        .find(|k| k.retired_at.is_none())
+        .filter(|k| k.retired_at.is_none())
+        .max_by(|a, b| {
+            a.created_at
+                .total_cmp(&b.created_at)
+                .then_with(|| a.kid.cmp(&b.kid))
+        })
         .ok_or_else(|| IdentityError::File {
             path: PathBuf::new(),
             reason: "no active key".into(),
@@ -241,5 +373,100 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
+    }
+
+    /// The key topic, in memory: every record published, in order.
+    #[derive(Default)]
+    struct Topic(std::sync::Mutex<Vec<KeyRecord>>);
+
+    impl KeyShare for Topic {
+        fn publish(&self, records: Vec<KeyRecord>) -> Result<(), String> {
+            self.0.lock().unwrap().extend(records);
+            Ok(())
+        }
+    }
+
+    impl Topic {
+        /// Every record from `from` on, and how many there are in all.
+        fn since(&self, from: usize) -> (Vec<KeyRecord>, usize) {
+            let all = self.0.lock().unwrap();
+            (all[from.min(all.len())..].to_vec(), all.len())
+        }
+
+        /// The last record of each key, as a reader that starts now gets them.
+        fn latest(&self) -> Vec<(String, Vec<u8>)> {
+            let mut latest = std::collections::BTreeMap::new();
+            for (k, v) in self.0.lock().unwrap().iter() {
+                latest.insert(k.clone(), v.clone());
+            }
+            latest
+                .into_iter()
+                .filter_map(|(k, v)| Some((k, v?)))
+                .collect()
+        }
+    }
+
+    fn follow(id: &Identity, records: Vec<KeyRecord>) {
+        for (kid, record) in records {
+            id.learn(&kid, record.as_deref());
+        }
+    }
+
+    /// In cluster mode every instance signs with the same key and publishes the same JWKS: the
+    /// first one's key (a single node's own, if it had one) is taken up by the others, a rotation
+    /// on any one by all, and racing rotations still end on one signing key everywhere.
+    #[test]
+    fn instances_sharing_the_key_topic_sign_alike() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Clock::manual(1_700_000_000_000);
+        let own = Identity::load_or_create(dir.path(), Alg::RS256, 3600, clock.clone()).unwrap();
+        let own_kid = own.signer().kid.clone();
+        let topic = Arc::new(Topic::default());
+        let empty = tempfile::tempdir().unwrap();
+        let a = Identity::shared(
+            topic.latest(),
+            dir.path(),
+            Alg::RS256,
+            3600,
+            clock.clone(),
+            topic.clone(),
+        )
+        .unwrap();
+        assert_eq!(a.signer().kid, own_kid, "the single node's key carries on");
+        let b = Identity::shared(
+            topic.latest(),
+            empty.path(),
+            Alg::RS256,
+            3600,
+            clock.clone(),
+            topic.clone(),
+        )
+        .unwrap();
+        assert_eq!(b.signer().kid, own_kid);
+        let (_, mut read) = topic.since(0);
+        assert_eq!(read, 1, "the second instance published nothing");
+
+        clock.advance(std::time::Duration::from_secs(10));
+        let rotated = b.rotate().unwrap();
+        let (records, end) = topic.since(read);
+        read = end;
+        follow(&a, records.clone());
+        follow(&b, records);
+        assert_eq!(a.signer().kid, rotated);
+        assert_eq!(published(&a), published(&b));
+        assert!(
+            published(&a).contains(&own_kid),
+            "the retired key stays published"
+        );
+
+        // Two rotations at once: each instance reads both, and both sign with the same key.
+        clock.advance(std::time::Duration::from_secs(10));
+        a.rotate().unwrap();
+        b.rotate().unwrap();
+        let (records, _) = topic.since(read);
+        follow(&a, records.clone());
+        follow(&b, records);
+        assert_eq!(a.signer().kid, b.signer().kid);
+        assert_eq!(published(&a), published(&b));
     }
 }

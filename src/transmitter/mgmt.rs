@@ -20,6 +20,30 @@ use super::streams::{new_stream, parse_delivery, string_list, Stream, StreamErro
 use super::Identity;
 use crate::events::StreamStatus;
 
+/// Cluster mode: poll and SSE calls for a stream another instance delivers are answered by that
+/// instance (it holds the stream's outbox), after this one authenticated the caller and counted
+/// the call against its budgets.
+pub trait StreamForwarder: Send + Sync {
+    /// Passes the call on to `stream`'s deliverer and returns its answer as it arrives (an event
+    /// stream included); a call that was itself forwarded here is refused (421), never sent on.
+    fn forward(
+        &self,
+        stream: &str,
+        headers: &HeaderMap,
+        call: ForwardedCall,
+    ) -> futures_util::future::BoxFuture<'static, Response>;
+}
+
+/// A poll or SSE call as it is passed on.
+#[derive(Debug)]
+pub struct ForwardedCall {
+    /// SSE (`GET /ssf/sse/{id}`) rather than poll (`POST /ssf/poll/{id}`).
+    pub sse: bool,
+    pub body: Vec<u8>,
+    /// How long the answer may take (a long poll's wait and then some; an event stream's life).
+    pub timeout: Duration,
+}
+
 /// An enforcement point allowed to manage streams.
 #[derive(Debug, Clone)]
 pub struct EnforcementPoint {
@@ -53,7 +77,12 @@ pub struct MgmtState {
     pub destinations: crate::outbound::Destinations,
     /// Requests per second per enforcement point.
     pub limiter: crate::limits::RateLimiter,
+    /// Cluster mode: where poll and SSE calls for streams delivered elsewhere go.
+    pub forwarder: Option<Arc<dyn StreamForwarder>>,
 }
+
+/// How long an event stream passed on to another instance may stay open.
+const FORWARDED_SSE_LIFE: Duration = Duration::from_secs(24 * 3600);
 
 /// A refused management or poll request; becomes its HTTP answer.
 #[derive(Debug)]
@@ -497,13 +526,22 @@ pub async fn poll(
     body: axum::body::Bytes,
 ) -> Reply {
     let ep = authenticate(&s, &headers)?;
-    let body = if body.is_empty() {
+    let raw = body;
+    let body = if raw.is_empty() {
         Map::new()
     } else {
-        object(&body)?
+        object(&raw)?
     };
     s.streams.get(&ep.name, &id)?;
     let _open = connection(&s, ep)?;
+    if let Some(forwarder) = s.forwarder.as_ref().filter(|_| !s.streams.delivers(&id)) {
+        let call = ForwardedCall {
+            sse: false,
+            body: raw.to_vec(),
+            timeout: s.poll_timeout + Duration::from_secs(10),
+        };
+        return Ok(forwarder.forward(&id, &headers, call).await);
+    }
     let mut done: Vec<String> =
         string_list(body.get("ack")).map_err(|_| bad("`ack` must be an array of jti strings"))?;
     if let Some(errs) = body.get("setErrs").and_then(Value::as_object) {
@@ -572,6 +610,24 @@ pub async fn sse(
     let ep = authenticate(&s, &headers)?;
     s.streams.get(&ep.name, &id)?;
     let open = connection(&s, ep)?;
+    if let Some(forwarder) = s.forwarder.as_ref().filter(|_| !s.streams.delivers(&id)) {
+        let call = ForwardedCall {
+            sse: true,
+            body: Vec::new(),
+            timeout: FORWARDED_SSE_LIFE,
+        };
+        let answer = forwarder.forward(&id, &headers, call).await;
+        // The connection permit is held for as long as the passed-on stream is open.
+        let (parts, body) = answer.into_parts();
+        let body = futures_util::StreamExt::map(body.into_data_stream(), move |chunk| {
+            let _held = &open;
+            chunk
+        });
+        return Ok(Response::from_parts(
+            parts,
+            axum::body::Body::from_stream(body),
+        ));
+    }
     let last: u64 = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())

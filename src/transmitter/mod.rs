@@ -8,5 +8,5 @@ pub mod mgmt;
 pub mod push;
 pub mod streams;
 
-pub use identity::{Identity, IdentityError};
+pub use identity::{Identity, IdentityError, KeyRecord, KeyShare};
 pub use metadata::{jwks, metadata, metadata_document, MetadataState};

@@ -82,6 +82,7 @@ pub async fn run(
             if stream.delivery.method != PUSH
                 || stream.status != StreamStatus::Enabled
                 || workers.0.contains_key(&stream.stream_id)
+                || !streams.delivers(&stream.stream_id)
             {
                 continue;
             }
@@ -179,7 +180,11 @@ impl Worker {
             let Ok(stream) = self.streams.get(&self.owner, &self.stream_id) else {
                 return;
             };
-            if stream.delivery.method != PUSH || stream.status != StreamStatus::Enabled {
+            // In cluster mode a stream's SETs are pushed by the instance owning its partition only.
+            if stream.delivery.method != PUSH
+                || stream.status != StreamStatus::Enabled
+                || !self.streams.delivers(&self.stream_id)
+            {
                 return;
             }
             // Shutdown cancels an attempt in flight (or one waiting for its turn): the SET stays
@@ -253,7 +258,7 @@ impl Worker {
                 match result {
                     Attempt::Delivered => {
                         self.streams
-                            .delivered(&key, out.queued_at_ms)
+                            .delivered(&key, &out)
                             .await
                             .map_err(|e| (None, e.to_string()))?;
                     }

@@ -5,10 +5,19 @@
 //! streams. A stream's push `authorization_header` is stored but never echoed back. Streams and the
 //! outbox persist in the store (`tx_streams`, `tx_outbox`); a SET enters the outbox durably before any
 //! delivery attempt and leaves it only when acknowledged (RFC 8936 `ack`).
+//!
+//! In cluster mode ([`StreamStore::share`]) the configurations and the outbox are shared through
+//! the cluster's topics ([`SharedStreams`]): a management call publishes its change and answers once
+//! this instance has read it back, so every instance knows every stream; a SET is appended to its
+//! stream's partition of the outbox topic, and only the instance owning that partition holds the
+//! stream's outbox locally (its rows keyed by the record's offset, so order and SSE event ids are
+//! the same after a handover) and delivers it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+use futures_util::future::BoxFuture;
 
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -140,6 +149,77 @@ impl From<WriteError> for StreamError {
     }
 }
 
+/// Cluster mode: where the streams' configurations and outboxes are shared (the cluster's
+/// streams and outbox topics).
+pub trait SharedStreams: Send + Sync {
+    /// Appends configuration records ([`stream_record_key`], [`subject_record_key`]; `None`
+    /// deletes) and returns once this instance has read them back, so the answer to the call that
+    /// made them already reflects them.
+    fn configure(&self, records: Vec<ConfigRecord>) -> BoxFuture<'static, Result<(), String>>;
+    /// Appends outbox records, each on its stream's partition; returns once the brokers have them.
+    fn queue(&self, records: Vec<OutboxRecord>) -> BoxFuture<'static, Result<(), String>>;
+    /// Whether this instance delivers `stream`'s SETs (it owns the stream's partition).
+    fn delivers(&self, stream: &str) -> bool;
+}
+
+/// A change to one SET of a stream's outbox, as the outbox topic holds it (key
+/// [`outbox_record_key`]; no entry: delivered).
+#[derive(Debug, Clone)]
+pub struct OutboxRecord {
+    pub stream: String,
+    pub jti: String,
+    pub entry: Option<OutboxEntry>,
+}
+
+/// A SET waiting for delivery, or given up on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum OutboxEntry {
+    Pending { outgoing: Outgoing },
+    Dead { letter: DeadLetter },
+}
+
+/// A record of the outbox topic as its reader hands it over: the record's offset orders it.
+#[derive(Debug, Clone)]
+pub struct ReadOutbox {
+    pub offset: i64,
+    pub key: String,
+    pub entry: Option<OutboxEntry>,
+}
+
+/// What a record of the outbox topic does to the local row it names.
+enum OutboxWrite {
+    /// Queued for delivery (the SET).
+    Pending(Vec<u8>),
+    /// Moved to the dead letters (the letter).
+    Dead(Vec<u8>),
+    /// Delivered: gone.
+    Delivered,
+}
+
+/// A record of the cluster's streams topic: its key and value (`None` deletes).
+pub type ConfigRecord = (String, Option<Vec<u8>>);
+
+/// The configuration topic's key of a stream's record.
+pub fn stream_record_key(id: &str) -> String {
+    format!("stream\x1f{id}")
+}
+
+/// The configuration topic's key of one of a stream's subjects.
+pub fn subject_record_key(stream: &str, subject: &Value) -> String {
+    format!("subject\x1f{}", subject_key(stream, subject))
+}
+
+/// The outbox topic's key of a SET.
+pub fn outbox_record_key(stream: &str, jti: &str) -> String {
+    format!("{stream}\x1f{jti}")
+}
+
+/// The stream an outbox topic key names.
+pub fn stream_of_record(key: &str) -> &str {
+    key.split_once('\x1f').map_or(key, |(stream, _)| stream)
+}
+
 /// Streams and their outboxes.
 pub struct StreamStore {
     db: Arc<Database>,
@@ -153,6 +233,11 @@ pub struct StreamStore {
     subject_counts: dashmap::DashMap<String, usize>,
     /// Ages in the outbox and dead letters' times are read from it.
     clock: Clock,
+    /// Cluster mode: the shared topics.
+    shared: OnceLock<Arc<dyn SharedStreams>>,
+    /// Cluster mode: the local outbox key of each pending SET read from the outbox topic, by its
+    /// topic key (a later record of the key is its delivery or dead letter).
+    outbox_index: Mutex<HashMap<String, String>>,
 }
 
 /// A SET that could not be delivered, kept for operators to inspect and replay.
@@ -286,7 +371,241 @@ impl StreamStore {
             any: Arc::new(Notify::new()),
             subject_counts,
             clock,
+            shared: OnceLock::new(),
+            outbox_index: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Cluster mode from now on: what the local tables held (an earlier run's, stale since) is
+    /// dropped; the configurations are read back from the streams topic and the outboxes of the
+    /// streams this instance delivers from the outbox topic.
+    pub async fn share(&self, shared: Arc<dyn SharedStreams>) -> Result<(), StreamError> {
+        self.writer
+            .write(|txn| {
+                for table in [STREAMS, SUBJECTS, OUTBOX, DEAD] {
+                    txn.delete_table(table).map_err(WriteError::storage)?;
+                    txn.open_table(table).map_err(WriteError::storage)?;
+                }
+                Ok(())
+            })
+            .await?;
+        if let Ok(mut g) = self.streams.write() {
+            g.clear();
+        }
+        self.subject_counts.clear();
+        self.index().clear();
+        self.shared
+            .set(shared)
+            .map_err(|_| StreamError::Storage("the streams are shared already".into()))
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        match self.outbox_index.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Whether this instance delivers `stream`'s SETs: always on a single node; in cluster mode
+    /// when it owns the stream's partition.
+    pub fn delivers(&self, stream: &str) -> bool {
+        self.shared.get().is_none_or(|s| s.delivers(stream))
+    }
+
+    /// Publishes outbox changes without waiting: a delivery or dead letter not yet in the topic
+    /// when this instance stops means the SET is delivered again by the next owner (same `jti`).
+    fn publish_outbox(&self, records: Vec<OutboxRecord>) {
+        let Some(shared) = self.shared.get() else {
+            return;
+        };
+        if records.is_empty() {
+            return;
+        }
+        let queued = shared.queue(records);
+        tokio::spawn(async move {
+            if let Err(e) = queued.await {
+                tracing::warn!(error = %e, "an outbox change was not published; the next owner may deliver those SETs again");
+            }
+        });
+    }
+
+    /// Cluster mode: takes up a record of the streams topic (its configurations).
+    pub async fn apply_config(&self, key: &str, value: Option<&[u8]>) -> Result<(), StreamError> {
+        if let Some(id) = key.strip_prefix("stream\x1f") {
+            let stream = match value.map(serde_json::from_slice::<Stream>) {
+                Some(Ok(s)) if s.stream_id == id => Some(s),
+                Some(_) => {
+                    return Err(StreamError::Invalid(format!(
+                        "unreadable stream record {id}"
+                    )))
+                }
+                None => None,
+            };
+            let (id, row) = (id.to_owned(), value.map(<[u8]>::to_vec));
+            let key = id.clone();
+            self.writer
+                .write(move |txn| {
+                    let mut t = txn.open_table(STREAMS).map_err(WriteError::storage)?;
+                    match &row {
+                        Some(bytes) => t.insert(key.as_str(), bytes.as_slice()),
+                        None => t.remove(key.as_str()),
+                    }
+                    .map_err(WriteError::storage)?;
+                    Ok(())
+                })
+                .await?;
+            let live = stream
+                .as_ref()
+                .is_some_and(|s| s.status != StreamStatus::Disabled);
+            if let Ok(mut g) = self.streams.write() {
+                match stream {
+                    Some(s) => g.insert(id.clone(), s),
+                    None => g.remove(&id),
+                };
+            }
+            // A deleted or disabled stream holds nothing (SSF §8.1.2); its deliverer drops it.
+            if !live && self.delivers(&id) {
+                self.drop_outbox(&id).await?;
+            }
+            self.notify(&id);
+        } else if let Some(subject) = key.strip_prefix("subject\x1f") {
+            let Some((stream, _)) = subject.split_once('\0') else {
+                return Err(StreamError::Invalid("unreadable subject record".into()));
+            };
+            let present = self.has_row(SUBJECTS, subject)?;
+            match (value.is_some(), present) {
+                (true, false) => {
+                    let row = subject.to_owned();
+                    self.writer
+                        .write(move |txn| {
+                            txn.open_table(SUBJECTS)
+                                .map_err(WriteError::storage)?
+                                .insert(row.as_str(), [].as_slice())
+                                .map_err(WriteError::storage)?;
+                            Ok(())
+                        })
+                        .await?;
+                    *self.subject_counts.entry(stream.to_owned()).or_insert(0) += 1;
+                }
+                (false, true) => {
+                    self.remove_rows(SUBJECTS, vec![subject.to_owned()]).await?;
+                    if let Some(mut c) = self.subject_counts.get_mut(stream) {
+                        *c = c.saturating_sub(1);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Cluster mode: takes up records of the outbox topic, in offset order, in one write: a
+    /// pending SET enters its stream's outbox under its offset, a dead letter or delivery
+    /// replaces it.
+    pub async fn apply_outbox(&self, records: Vec<ReadOutbox>) -> Result<(), StreamError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut writes: Vec<(String, OutboxWrite)> = Vec::new();
+        let mut touched = HashSet::new();
+        {
+            let mut index = self.index();
+            for r in records {
+                let stream = stream_of_record(&r.key).to_owned();
+                // Sequence numbers start at 1 (an SSE `Last-Event-ID` of 0 acknowledges nothing).
+                let offset = u64::try_from(r.offset).unwrap_or(0).saturating_add(1);
+                match r.entry {
+                    Some(OutboxEntry::Pending { outgoing }) => {
+                        let local = outbox_key(&stream, offset);
+                        let bytes = serde_json::to_vec(&outgoing)
+                            .map_err(|e| StreamError::Storage(e.to_string()))?;
+                        index.insert(r.key, local.clone());
+                        writes.push((local, OutboxWrite::Pending(bytes)));
+                    }
+                    Some(OutboxEntry::Dead { letter }) => {
+                        let local = index
+                            .remove(&r.key)
+                            .unwrap_or_else(|| outbox_key(&stream, offset));
+                        let bytes = serde_json::to_vec(&letter)
+                            .map_err(|e| StreamError::Storage(e.to_string()))?;
+                        writes.push((local, OutboxWrite::Dead(bytes)));
+                    }
+                    None => {
+                        if let Some(local) = index.remove(&r.key) {
+                            writes.push((local, OutboxWrite::Delivered));
+                        }
+                    }
+                }
+                touched.insert(stream);
+            }
+        }
+        self.writer
+            .write(move |txn| {
+                let mut outbox = txn.open_table(OUTBOX).map_err(WriteError::storage)?;
+                let mut dead = txn.open_table(DEAD).map_err(WriteError::storage)?;
+                for (key, write) in &writes {
+                    let key = key.as_str();
+                    match write {
+                        OutboxWrite::Pending(bytes) => {
+                            outbox.insert(key, bytes.as_slice()).map(drop)
+                        }
+                        OutboxWrite::Dead(bytes) => outbox
+                            .remove(key)
+                            .and_then(|_| dead.insert(key, bytes.as_slice()))
+                            .map(drop),
+                        OutboxWrite::Delivered => outbox.remove(key).map(drop),
+                    }
+                    .map_err(WriteError::storage)?;
+                }
+                Ok(())
+            })
+            .await?;
+        for stream in touched {
+            self.notify(&stream);
+        }
+        Ok(())
+    }
+
+    /// Cluster mode: forgets the outboxes and dead letters of the streams `gone` selects (their
+    /// partitions moved to another instance, or are about to be read back).
+    pub async fn release_outbox(
+        &self,
+        gone: &(dyn Fn(&str) -> bool + Sync),
+    ) -> Result<usize, StreamError> {
+        let mut rows: Vec<(bool, String)> = Vec::new();
+        {
+            let txn = self.db.begin_read().map_err(storage)?;
+            for (dead, table) in [(false, OUTBOX), (true, DEAD)] {
+                let t = txn.open_table(table).map_err(storage)?;
+                for entry in t.iter().map_err(storage)? {
+                    let (k, _) = entry.map_err(storage)?;
+                    let key = k.value();
+                    if gone(key.split('\0').next().unwrap_or_default()) {
+                        rows.push((dead, key.to_owned()));
+                    }
+                }
+            }
+        }
+        self.index().retain(|key, _| !gone(stream_of_record(key)));
+        let n = rows.len();
+        if n > 0 {
+            self.writer
+                .write(move |txn| {
+                    let mut outbox = txn.open_table(OUTBOX).map_err(WriteError::storage)?;
+                    let mut dead = txn.open_table(DEAD).map_err(WriteError::storage)?;
+                    for (is_dead, key) in &rows {
+                        if *is_dead {
+                            dead.remove(key.as_str())
+                        } else {
+                            outbox.remove(key.as_str())
+                        }
+                        .map_err(WriteError::storage)?;
+                    }
+                    Ok(())
+                })
+                .await?;
+        }
+        Ok(n)
     }
 
     /// Adds a subject to a stream (idempotent), refusing one more than `max`.
@@ -303,6 +622,13 @@ impl StreamStore {
         let count = self.subject_counts.get(stream).map_or(0, |c| *c);
         if count >= max {
             return Err(StreamError::TooManySubjects(max));
+        }
+        if let Some(shared) = self.shared.get() {
+            return configure(
+                shared,
+                vec![(subject_record_key(stream, subject), Some(b"1".to_vec()))],
+            )
+            .await;
         }
         self.writer
             .write(move |txn| {
@@ -322,6 +648,9 @@ impl StreamStore {
         let key = subject_key(stream, subject);
         if !self.has_row(SUBJECTS, &key)? {
             return Ok(());
+        }
+        if let Some(shared) = self.shared.get() {
+            return configure(shared, vec![(subject_record_key(stream, subject), None)]).await;
         }
         self.remove_rows(SUBJECTS, vec![key]).await?;
         if let Some(mut c) = self.subject_counts.get_mut(stream) {
@@ -397,6 +726,13 @@ impl StreamStore {
     /// Creates or replaces a stream, durably.
     pub async fn put(&self, stream: Stream) -> Result<(), StreamError> {
         let bytes = serde_json::to_vec(&stream).map_err(|e| StreamError::Storage(e.to_string()))?;
+        if let Some(shared) = self.shared.get() {
+            return configure(
+                shared,
+                vec![(stream_record_key(&stream.stream_id), Some(bytes))],
+            )
+            .await;
+        }
         let id = stream.stream_id.clone();
         self.writer
             .write(move |txn| {
@@ -437,6 +773,16 @@ impl StreamStore {
     /// Deletes a stream and its outbox.
     pub async fn delete(&self, owner: &str, id: &str) -> Result<(), StreamError> {
         self.get(owner, id)?;
+        if let Some(shared) = self.shared.get() {
+            // Its deliverer drops the outbox when it reads the deletion.
+            let mut records: Vec<ConfigRecord> = self
+                .subjects(id)?
+                .iter()
+                .map(|v| (subject_record_key(id, v), None))
+                .collect();
+            records.push((stream_record_key(id), None));
+            return configure(shared, records).await;
+        }
         self.drop_outbox(id).await?;
         let subjects = self
             .subjects(id)?
@@ -455,13 +801,30 @@ impl StreamStore {
 
     /// Drops every outstanding SET of a stream (a disabled stream holds nothing, SSF §8.1.2).
     pub async fn drop_outbox(&self, id: &str) -> Result<(), StreamError> {
-        let keys = self
-            .outstanding(id, usize::MAX)?
-            .0
-            .into_iter()
-            .map(|(k, _)| k)
+        let rows = self.outstanding(id, usize::MAX)?.0;
+        let records = rows
+            .iter()
+            .map(|(_, o)| OutboxRecord {
+                stream: id.to_owned(),
+                jti: o.jti.clone(),
+                entry: None,
+            })
             .collect();
-        self.remove_rows(OUTBOX, keys).await
+        self.forget_indexed(id, &rows);
+        self.remove_rows(OUTBOX, rows.into_iter().map(|(k, _)| k).collect())
+            .await?;
+        self.publish_outbox(records);
+        Ok(())
+    }
+
+    /// Cluster mode: forgets the index entries of rows leaving the outbox.
+    fn forget_indexed(&self, stream: &str, rows: &[(String, Outgoing)]) {
+        if self.shared.get().is_some() {
+            let mut index = self.index();
+            for (_, o) in rows {
+                index.remove(&outbox_record_key(stream, &o.jti));
+            }
+        }
     }
 
     /// Queues SETs durably: `(stream_id, Outgoing)` pairs, in order. `handed_over` are the engine's
@@ -472,6 +835,26 @@ impl StreamStore {
         handed_over: Vec<String>,
     ) -> Result<(), StreamError> {
         if items.is_empty() && handed_over.is_empty() {
+            return Ok(());
+        }
+        if let Some(shared) = self.shared.get() {
+            // The SETs go to their streams' deliverers through the outbox topic; only the hand-off
+            // is this instance's to mark.
+            let records = items
+                .iter()
+                .map(|(stream, out)| OutboxRecord {
+                    stream: stream.clone(),
+                    jti: out.jti.clone(),
+                    entry: Some(OutboxEntry::Pending {
+                        outgoing: out.clone(),
+                    }),
+                })
+                .collect();
+            shared.queue(records).await.map_err(StreamError::Storage)?;
+            self.writer
+                .write(move |txn| crate::engine::handoff_done_in(txn, &handed_over))
+                .await?;
+            metrics::counter!(crate::telemetry::SETS_EMITTED).increment(items.len() as u64);
             return Ok(());
         }
         let mut rows = Vec::with_capacity(items.len());
@@ -595,6 +978,19 @@ impl StreamStore {
         method: &'static str,
     ) -> Result<usize, StreamError> {
         let now = self.clock.now_ms();
+        if let Some((key, _)) = rows.first() {
+            let stream = key.split('\0').next().unwrap_or_default().to_owned();
+            self.forget_indexed(&stream, &rows);
+            self.publish_outbox(
+                rows.iter()
+                    .map(|(_, o)| OutboxRecord {
+                        stream: stream.clone(),
+                        jti: o.jti.clone(),
+                        entry: None,
+                    })
+                    .collect(),
+            );
+        }
         let keys: Vec<String> = rows
             .into_iter()
             .map(|(k, o)| {
@@ -634,8 +1030,17 @@ impl StreamStore {
     }
 
     /// Removes one delivered SET (push: the receiver answered 202).
-    pub async fn delivered(&self, key: &str, queued_at_ms: i64) -> Result<(), StreamError> {
+    pub async fn delivered(&self, key: &str, outgoing: &Outgoing) -> Result<(), StreamError> {
+        let queued_at_ms = outgoing.queued_at_ms;
         self.remove_rows(OUTBOX, vec![key.to_owned()]).await?;
+        let stream = key.split('\0').next().unwrap_or_default();
+        let row = [(key.to_owned(), outgoing.clone())];
+        self.forget_indexed(stream, &row);
+        self.publish_outbox(vec![OutboxRecord {
+            stream: stream.to_owned(),
+            jti: outgoing.jti.clone(),
+            entry: None,
+        }]);
         metrics::counter!(crate::telemetry::SETS_DELIVERED, "method" => "push").increment(1);
         metrics::histogram!(crate::telemetry::DECISION_DELIVERED_SECONDS, "method" => "push")
             .record((self.clock.now_ms() - queued_at_ms).max(0) as f64 / 1000.0);
@@ -657,6 +1062,14 @@ impl StreamStore {
             dead_at_ms: self.clock.now_ms(),
         };
         let bytes = serde_json::to_vec(&letter).map_err(|e| StreamError::Storage(e.to_string()))?;
+        // Its index entry stays: this instance reads the record back and files it under the same key.
+        self.publish_outbox(vec![OutboxRecord {
+            stream: stream_id.to_owned(),
+            jti: letter.outgoing.jti.clone(),
+            entry: Some(OutboxEntry::Dead {
+                letter: letter.clone(),
+            }),
+        }]);
         let key = key.to_owned();
         self.writer
             .write(move |txn| {
@@ -699,6 +1112,24 @@ impl StreamStore {
     pub async fn replay_dead_letters(&self) -> Result<usize, StreamError> {
         let letters = self.dead_letters()?;
         let n = letters.len();
+        if let Some(shared) = self.shared.get() {
+            // Back into the topic as pending, at its end; this instance's follower queues them
+            // again when it reads them (as would the next owner).
+            let records = letters
+                .iter()
+                .map(|(_, d)| OutboxRecord {
+                    stream: d.stream_id.clone(),
+                    jti: d.outgoing.jti.clone(),
+                    entry: Some(OutboxEntry::Pending {
+                        outgoing: d.outgoing.clone(),
+                    }),
+                })
+                .collect();
+            shared.queue(records).await.map_err(StreamError::Storage)?;
+            self.remove_rows(DEAD, letters.into_iter().map(|(k, _)| k).collect())
+                .await?;
+            return Ok(n);
+        }
         let streams: Vec<String> = letters.iter().map(|(_, d)| d.stream_id.clone()).collect();
         self.writer
             .write(move |txn| {
@@ -720,6 +1151,17 @@ impl StreamStore {
         }
         Ok(n)
     }
+}
+
+/// Publishes configuration records and maps a failure to a storage error.
+async fn configure(
+    shared: &Arc<dyn SharedStreams>,
+    records: Vec<ConfigRecord>,
+) -> Result<(), StreamError> {
+    shared
+        .configure(records)
+        .await
+        .map_err(StreamError::Storage)
 }
 
 /// Builds a stream from a create request (SSF §8.1.1.1): poll is assumed when `delivery` is absent.

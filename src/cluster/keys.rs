@@ -1,0 +1,151 @@
+//! One signing identity for the cluster: Vigil's signing keys live in `<name>.keys` (compacted,
+//! one partition; the private parts included, so the topic's ACLs must admit Vigil alone). Every
+//! instance reads the topic whole before it serves, then follows it: a rotation on any instance is
+//! published there and every instance signs with the new key and publishes it in its JWKS.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use tokio::sync::watch;
+
+use super::topic_writer::{TopicRecord, TopicWriter};
+use super::{topics, ClusterError};
+use crate::clock::Clock;
+use crate::config::ClusterConfig;
+use crate::jose::Alg;
+use crate::transmitter::{Identity, KeyRecord, KeyShare};
+
+/// How long start-up may take to read the key topic to its end.
+const CATCH_UP: Duration = Duration::from_secs(30);
+
+/// The key topic as a [`KeyShare`].
+struct KeyTopic {
+    writer: Arc<TopicWriter>,
+    topic: String,
+}
+
+impl KeyShare for KeyTopic {
+    fn publish(&self, records: Vec<KeyRecord>) -> Result<(), String> {
+        let records: Vec<TopicRecord> = records
+            .into_iter()
+            .map(|(key, value)| TopicRecord {
+                partition: 0,
+                key,
+                value,
+            })
+            .collect();
+        self.writer
+            .append_blocking(&self.topic, &records)
+            .map(|_| ())
+    }
+}
+
+/// What the cluster's signing identity needs.
+pub struct KeySettings<'a> {
+    pub alg: Alg,
+    pub retention_secs: u64,
+    /// A single node's key directory: its keys are the cluster's first if the topic has none.
+    pub seed_dir: &'a Path,
+    pub clock: Clock,
+}
+
+/// Reads the key topic to its end, makes the identity (publishing a first key if the topic has
+/// no usable one), and follows the topic on a thread until `shutdown`.
+pub async fn shared_identity(
+    config: &ClusterConfig,
+    topic: &str,
+    instance: &str,
+    writer: Arc<TopicWriter>,
+    settings: KeySettings<'_>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Arc<Identity>, ClusterError> {
+    let consumer = topics::whole_topic_reader(config, topic, instance)?;
+    let end = consumer
+        .fetch_watermarks(topic, 0, Duration::from_secs(10))
+        .map_err(|e| ClusterError::Brokers(format!("{topic}: {e}")))?
+        .1;
+    let name = topic.to_owned();
+    let (consumer, records) = tokio::task::spawn_blocking(move || {
+        let records = read_to(&consumer, &name, end);
+        (consumer, records)
+    })
+    .await
+    .map_err(|e| ClusterError::Brokers(e.to_string()))?;
+    let records = records?;
+    let share = Arc::new(KeyTopic {
+        writer,
+        topic: topic.to_owned(),
+    });
+    let (seed_dir, alg, retention, clock) = (
+        settings.seed_dir.to_owned(),
+        settings.alg,
+        settings.retention_secs,
+        settings.clock,
+    );
+    let identity = tokio::task::spawn_blocking(move || {
+        Identity::shared(records, &seed_dir, alg, retention, clock, share)
+    })
+    .await
+    .map_err(|e| ClusterError::Brokers(e.to_string()))?
+    .map_err(|e| ClusterError::Topic {
+        topic: topic.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let identity = Arc::new(identity);
+    let follower = identity.clone();
+    std::thread::Builder::new()
+        .name("vigil-keys".into())
+        .spawn(move || {
+            topics::read_until(
+                &consumer,
+                &shutdown,
+                "the key topic",
+                |message| match message.key().and_then(|k| std::str::from_utf8(k).ok()) {
+                    Some(kid) => follower.learn(kid, message.payload()),
+                    None => tracing::warn!(
+                        offset = message.offset(),
+                        "a record without a key id on the key topic"
+                    ),
+                },
+            );
+        })
+        .map_err(|e| ClusterError::Brokers(e.to_string()))?;
+    Ok(identity)
+}
+
+/// The last record of each key before offset `end`.
+fn read_to(
+    consumer: &BaseConsumer,
+    topic: &str,
+    end: i64,
+) -> Result<Vec<(String, Vec<u8>)>, ClusterError> {
+    let started = Instant::now();
+    let mut latest: HashMap<String, Option<Vec<u8>>> = HashMap::new();
+    let mut next = 0;
+    while next < end {
+        if started.elapsed() > CATCH_UP {
+            return Err(ClusterError::Brokers(format!(
+                "{topic}: not read to its end in {}s",
+                CATCH_UP.as_secs()
+            )));
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            None => {}
+            Some(Err(e)) => tracing::warn!(%topic, error = %e, "reading the key topic"),
+            Some(Ok(message)) => {
+                next = message.offset() + 1;
+                if let Some(key) = message.key().and_then(|k| std::str::from_utf8(k).ok()) {
+                    latest.insert(key.to_owned(), message.payload().map(<[u8]>::to_vec));
+                }
+            }
+        }
+    }
+    Ok(latest
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, v?)))
+        .collect())
+}
