@@ -28,8 +28,16 @@
 //!
 //! With `cluster.standby` the restore starts from a warm copy of the partition ([`Standby`]).
 //!
-//! What is not built yet (issue 20): streams and delivery for the whole cluster, a status view
-//! every instance keeps, one signing identity, and risk feeds in cluster mode.
+//! **Enforcement points.** Every instance signs with the cluster's keys ([`shared_identity`]) and
+//! knows every stream ([`share_streams`]); a stream's SETs are delivered by the owner of its
+//! partition, whose outbox moves with the partition ([`Outboxes`]); poll and SSE on another
+//! instance are passed on to it ([`StreamCalls`]).
+//!
+//! **Risk feeds** are consumed by their own group and re-keyed onto the signals topic
+//! ([`ClusterIntake`] as a `kafka::SignalForward`).
+//!
+//! What is not built yet (issue 20): a status view every instance keeps, and streams Vigil manages
+//! at its transmitters on one instance at a time.
 
 mod aliases;
 mod forward;
