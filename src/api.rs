@@ -340,43 +340,62 @@ pub async fn decisions(
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "audit", e.to_string()),
     };
     // Cluster mode: every instance's decisions (each lists those of the principals it owned).
-    if let Some(peers) = s.peers.as_ref() {
-        if !headers.contains_key(crate::cluster::FORWARDED) {
-            let call = crate::cluster::Call {
-                segments: &["v1", "decisions"],
-                query: raw.as_deref(),
-            };
-            let passed = passed_on(&headers);
-            for member in peers.others() {
-                match peers
-                    .send(&member, reqwest::Method::GET, &call, &passed, None)
-                    .await
-                {
-                    Ok(a) if a.status == 200 => {
-                        let listed: DecisionList = match serde_json::from_slice(&a.body) {
-                            Ok(l) => l,
-                            Err(e) => {
-                                tracing::warn!(error = %e, instance = %member.instance,
-                                    "an instance's decisions did not parse");
-                                continue;
-                            }
-                        };
-                        decisions.extend(listed.decisions);
-                    }
-                    Ok(a) => tracing::warn!(status = a.status, instance = %member.instance,
-                        "an instance did not list its decisions"),
-                    Err(e) => tracing::warn!(error = %e, "an instance did not list its decisions"),
-                }
-            }
-            // Oldest first, each once, the newest `limit` — as one instance lists them.
-            decisions.sort_by(|a, b| a.time.total_cmp(&b.time));
-            let mut seen = std::collections::HashSet::new();
-            decisions.retain(|d| seen.insert(d.id.clone()));
-            let excess = decisions.len().saturating_sub(limit);
-            decisions.drain(..excess);
+    let call = crate::cluster::Call {
+        segments: &["v1", "decisions"],
+        query: raw.as_deref(),
+    };
+    if let Some(answers) = from_every_other(&s, &headers, reqwest::Method::GET, &call).await {
+        for listed in answers {
+            decisions.extend(listed.into_iter().flat_map(|l: DecisionList| l.decisions));
         }
+        // Oldest first, each once, the newest `limit` — as one instance lists them.
+        decisions.sort_by(|a, b| a.time.total_cmp(&b.time));
+        let mut seen = std::collections::HashSet::new();
+        decisions.retain(|d| seen.insert(d.id.clone()));
+        let excess = decisions.len().saturating_sub(limit);
+        decisions.drain(..excess);
     }
     Json(json!({"decisions": decisions})).into_response()
+}
+
+/// Cluster mode, a call not itself forwarded: `call` made to every other live instance, each
+/// `200` answer's body read as `T` (an instance that does not answer, or answers otherwise, is
+/// logged and left out). `None` on a single node or for a forwarded call.
+async fn from_every_other<T: serde::de::DeserializeOwned>(
+    s: &ApiState,
+    headers: &HeaderMap,
+    method: reqwest::Method,
+    call: &crate::cluster::Call<'_>,
+) -> Option<Vec<Option<T>>> {
+    let peers = s.peers.as_ref()?;
+    if headers.contains_key(crate::cluster::FORWARDED) {
+        return None;
+    }
+    let passed = passed_on(headers);
+    let mut out = Vec::new();
+    for member in peers.others() {
+        match peers
+            .send(&member, method.clone(), call, &passed, None)
+            .await
+        {
+            Ok(a) if a.status == 200 => match serde_json::from_slice(&a.body) {
+                Ok(t) => out.push(Some(t)),
+                Err(e) => {
+                    tracing::warn!(error = %e, instance = %member.instance, "an instance's answer did not parse");
+                    out.push(None);
+                }
+            },
+            Ok(a) => {
+                tracing::warn!(status = a.status, instance = %member.instance, "an instance did not answer 200");
+                out.push(None);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "an instance did not answer");
+                out.push(None);
+            }
+        }
+    }
+    Some(out)
 }
 
 /// Another instance's `/v1/decisions` answer.
@@ -385,11 +404,30 @@ struct DecisionList {
     decisions: Vec<crate::decision::Decision>,
 }
 
-pub async fn subject(State(s): State<Arc<ApiState>>, Path(key): Path<String>) -> Response {
+pub async fn subject(
+    State(s): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(key): Path<String>,
+) -> Response {
     let engine = s.engine.clone();
-    match tokio::task::spawn_blocking(move || engine.explain(&key)).await {
+    let asked = key.clone();
+    match tokio::task::spawn_blocking(move || engine.explain(&asked)).await {
         Ok(Some(v)) => Json(v).into_response(),
-        Ok(None) => error(StatusCode::NOT_FOUND, "not_found", "no such subject"),
+        Ok(None) => {
+            // Cluster mode: the subject's owner explains it.
+            let call = crate::cluster::Call {
+                segments: &["v1", "subjects", key.as_str()],
+                query: None,
+            };
+            match ask_others(&s, &headers, reqwest::Method::GET, &call, None, |a| {
+                a.status == 200
+            })
+            .await
+            {
+                Some(answer) => answer,
+                None => error(StatusCode::NOT_FOUND, "not_found", "no such subject"),
+            }
+        }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
     }
 }
@@ -606,21 +644,56 @@ fn jwt_iss_jti(jwt: &str) -> Option<crate::grant::TokenId> {
     })
 }
 
-pub async fn dead_letters(State(s): State<Arc<ApiState>>) -> Response {
-    match s.streams.dead_letters() {
-        Ok(list) => {
-            let items: Vec<Value> = list.into_iter().map(|(_, d)| json!(d)).collect();
-            Json(json!({"dead_letters": items})).into_response()
+/// Cluster mode: each instance holds the dead letters of the streams it delivers; every
+/// instance's are listed (oldest first), and a replay replays them on every instance.
+pub async fn dead_letters(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
+    let mut items: Vec<Value> = match s.streams.dead_letters() {
+        Ok(list) => list.into_iter().map(|(_, d)| json!(d)).collect(),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+    };
+    let call = crate::cluster::Call {
+        segments: &["v1", "deadletters"],
+        query: None,
+    };
+    if let Some(answers) = from_every_other(&s, &headers, reqwest::Method::GET, &call).await {
+        for listed in answers.into_iter().flatten() {
+            let listed: DeadLetterList = listed;
+            items.extend(listed.dead_letters);
         }
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+        items.sort_by_key(|d| d["dead_at_ms"].as_i64().unwrap_or(0));
     }
+    Json(json!({"dead_letters": items})).into_response()
 }
 
-pub async fn replay_dead_letters(State(s): State<Arc<ApiState>>) -> Response {
-    match s.streams.replay_dead_letters().await {
-        Ok(n) => Json(json!({"replayed": n})).into_response(),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+/// Another instance's `/v1/deadletters` answer.
+#[derive(Deserialize)]
+struct DeadLetterList {
+    dead_letters: Vec<Value>,
+}
+
+/// Another instance's `/v1/deadletters/replay` answer.
+#[derive(Deserialize)]
+struct Replayed {
+    replayed: usize,
+}
+
+pub async fn replay_dead_letters(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
+    let mut replayed = match s.streams.replay_dead_letters().await {
+        Ok(n) => n,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+    };
+    let call = crate::cluster::Call {
+        segments: &["v1", "deadletters", "replay"],
+        query: None,
+    };
+    if let Some(answers) = from_every_other(&s, &headers, reqwest::Method::POST, &call).await {
+        replayed += answers
+            .into_iter()
+            .flatten()
+            .map(|r: Replayed| r.replayed)
+            .sum::<usize>();
     }
+    Json(json!({"replayed": replayed})).into_response()
 }
 
 pub async fn rotate_key(State(s): State<Arc<ApiState>>) -> Response {

@@ -459,8 +459,15 @@ impl Vigil {
         let feeds = match &cluster_intake {
             Some(cluster) if config.kafka.enabled() => {
                 let health = Arc::new(crate::kafka::KafkaHealth::for_split_group());
+                // Incremental rebalancing, as the signals topic's group: an instance joining or
+                // leaving stops only the feed partitions that move, not every one.
+                let mut feeds_config = config.kafka.clone();
+                feeds_config
+                    .properties
+                    .entry("partition_assignment_strategy".into())
+                    .or_insert_with(|| "cooperative-sticky".into());
                 let source = crate::kafka::KafkaSource::start(
-                    &config.kafka,
+                    &feeds_config,
                     crate::kafka::SourceFormat {
                         max_future_skew_secs: config.events.max_future_skew_secs,
                         signals_topic: None,

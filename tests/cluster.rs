@@ -793,6 +793,8 @@ struct Acknowledged {
     registered: BTreeSet<usize>,
     /// Users whose account-disabled SET was answered 202.
     pushed: BTreeSet<usize>,
+    /// Users whose HIGH risk-feed message the brokers acknowledged.
+    fed: BTreeSet<usize>,
     /// Grants seen revoked, with when first seen; confirmed once seen revoked again a second
     /// later (an answer read from memory may precede its batch's durability by milliseconds).
     first_seen_revoked: std::collections::BTreeMap<usize, std::time::Instant>,
@@ -802,20 +804,24 @@ struct Acknowledged {
     checks: usize,
 }
 
-/// The cluster under load — registrations and account-disabled SETs sent to any instance,
-/// live checks on any instance — while it scales out from one instance to three, a random
-/// instance is killed with SIGKILL and restarted, again and again, and one leaves cleanly.
-/// Afterwards: every 201'd grant is held by its owner; every 202'd SET was
-/// applied (its user's grant revoked); the others' grants are still active; and no instance ever
-/// answered `allow` for a grant after its revocation was confirmed.
+/// The cluster under load — registrations and account-disabled SETs sent to any instance, HIGH
+/// risk-feed messages produced to the feed topic, live checks on any instance, an enforcement
+/// point polling its stream through any instance and another taking pushes — while it scales out
+/// from one instance to three, a random instance is killed with SIGKILL and restarted, again and
+/// again, and one leaves cleanly. Afterwards: every 201'd grant is held by its owner; every 202'd
+/// SET and every acknowledged feed message was applied (its user's grant revoked); the others'
+/// grants are still active; every revocation reached both enforcement points; and no instance
+/// ever answered `allow` for a grant after its revocation was confirmed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn acknowledged_work_survives_kill_9_of_any_instance() {
     use rand::Rng;
     let kafka = brokers_with_topics();
+    feed_topics(&kafka);
     let brokers = kafka.bootstrap_servers();
     let tx = Arc::new(Transmitter::start(&[Alg::RS256]).await);
+    let start = || start_instance_with(&tx, &brokers, 4_000, false, with_feeds(&brokers));
     // One instance at first; the load goes to whichever instances are in the cluster.
-    let mut instances = vec![start_instance(&tx, &brokers, 4_000, false)];
+    let mut instances = vec![start()];
     let bases = Arc::new(std::sync::RwLock::new(vec![instances[0].base.clone()]));
     let pick = |bases: &std::sync::RwLock<Vec<String>>| {
         let bases = bases.read().unwrap();
@@ -832,11 +838,81 @@ async fn acknowledged_work_survives_kill_9_of_any_instance() {
     let running = |stop: &Arc<std::sync::atomic::AtomicBool>| {
         !stop.load(std::sync::atomic::Ordering::Relaxed)
     };
+    // The enforcement points: one polls its stream through any instance, one takes pushes.
+    let (poll_id, audience) = {
+        let (code, stream) = ep_call(
+            &http,
+            reqwest::Method::POST,
+            &format!("{}/ssf/streams", instances[0].base),
+            Some(json!({})),
+        )
+        .await;
+        assert_eq!(code, 201, "{stream}");
+        (
+            stream["stream_id"].as_str().unwrap().to_owned(),
+            stream["aud"].as_str().unwrap().to_owned(),
+        )
+    };
+    let pushed_sets: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let push_url = {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/events", listener.local_addr().unwrap());
+        let sink = pushed_sets.clone();
+        tokio::spawn(async move {
+            let app = axum::Router::new().route(
+                "/events",
+                axum::routing::post(move |body: String| {
+                    let sink = sink.clone();
+                    async move {
+                        sink.lock().unwrap().push(body);
+                        axum::http::StatusCode::ACCEPTED
+                    }
+                }),
+            );
+            axum::serve(listener, app).await.unwrap();
+        });
+        url
+    };
+    let (code, body) = ep_call(
+        &http,
+        reqwest::Method::POST,
+        &format!("{}/ssf/streams", instances[0].base),
+        Some(json!({"delivery": {"method": "urn:ietf:rfc:8935", "endpoint_url": push_url}})),
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+    let polled_sets: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let poller = {
+        let (http, bases, stop, poll_id, polled) = (
+            http.clone(),
+            bases.clone(),
+            stop.clone(),
+            poll_id.clone(),
+            polled_sets.clone(),
+        );
+        tokio::spawn(async move {
+            let mut ack: Vec<String> = Vec::new();
+            while running(&stop) {
+                // Not answered (an instance down, the stream's partition moving): what was to be
+                // acknowledged is acknowledged with the next answer, or delivered again.
+                if let Some(sets) = poll_through(&http, &pick(&bases), &poll_id, &ack).await {
+                    ack = sets.keys().cloned().collect();
+                    polled.lock().unwrap().extend(sets.into_values());
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("acks", "all")
+        .create()
+        .unwrap();
 
     // Registrations, then (for every other user) the SET that disables the account, each sent to
     // a random instance and retried until acknowledged.
     let loader = {
-        let (http, bases, acked, tx, stop, users, load_done) = (
+        let (http, bases, acked, tx, stop, users, load_done, producer) = (
             http.clone(),
             bases.clone(),
             acked.clone(),
@@ -844,6 +920,7 @@ async fn acknowledged_work_survives_kill_9_of_any_instance() {
             stop.clone(),
             users.clone(),
             load_done.clone(),
+            producer.clone(),
         );
         tokio::spawn(async move {
             while !load_done.load(std::sync::atomic::Ordering::Relaxed) {
@@ -862,6 +939,23 @@ async fn acknowledged_work_survives_kill_9_of_any_instance() {
                         break;
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                if i % 4 == 1 {
+                    let message = high_risk(&email(i), &format!("crash-feed-{i}"));
+                    while running(&stop) {
+                        let sent = producer
+                            .send(
+                                FutureRecord::<str, str>::to("risk")
+                                    .key(&email(i))
+                                    .payload(&message),
+                                Duration::from_secs(5),
+                            )
+                            .await;
+                        if sent.is_ok() {
+                            acked.lock().unwrap().fed.insert(i);
+                            break;
+                        }
+                    }
                 }
                 if i % 2 == 1 {
                     continue;
@@ -929,7 +1023,7 @@ async fn acknowledged_work_survives_kill_9_of_any_instance() {
     // Scale out under load: 1 → 3 instances, the partitions (and their state) spread out.
     tokio::time::sleep(Duration::from_secs(2)).await;
     for _ in 0..2 {
-        instances.push(start_instance(&tx, &brokers, 4_000, false));
+        instances.push(start());
         bases
             .write()
             .unwrap()
@@ -973,21 +1067,24 @@ async fn acknowledged_work_survives_kill_9_of_any_instance() {
     split(&http, &instances.iter().collect::<Vec<_>>()).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     checker.await.unwrap();
+    poller.await.unwrap();
 
-    let (registered, pushed, checks, confirmed, violations) = {
+    let (registered, pushed, fed, checks, confirmed, violations) = {
         let a = acked.lock().unwrap();
         (
             a.registered.clone(),
             a.pushed.clone(),
+            a.fed.clone(),
             a.checks,
             a.confirmed_revoked.len(),
             a.violations.clone(),
         )
     };
     println!(
-        "registered {}, SETs acknowledged {}, checks {checks}, revocations confirmed during the run {confirmed}",
+        "registered {}, SETs acknowledged {}, feed messages acknowledged {}, checks {checks}, revocations confirmed during the run {confirmed}",
         registered.len(),
-        pushed.len()
+        pushed.len(),
+        fed.len()
     );
     assert_eq!(registered.len(), users, "every grant registered in the end");
     assert_eq!(
@@ -999,14 +1096,52 @@ async fn acknowledged_work_survives_kill_9_of_any_instance() {
         violations.is_empty(),
         "allow after a confirmed revocation: {violations:?}"
     );
+    assert_eq!(
+        fed.len(),
+        users / 4 + usize::from(users % 4 > 1),
+        "every feed message acknowledged"
+    );
+    let revoked: BTreeSet<usize> = pushed.union(&fed).copied().collect();
     for i in 0..users {
-        let want = if pushed.contains(&i) {
+        let want = if revoked.contains(&i) {
             "revoked"
         } else {
             "active"
         };
         let grant = format!("c{i}");
-        wait_for(&instances, 60, "every acknowledged SET applied", || async {
+        let what = format!(
+            "every acknowledged SET and feed message applied: {grant} {want} (pushed {}, fed {})",
+            pushed.contains(&i),
+            fed.contains(&i)
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let current = bases.read().unwrap().clone();
+            let mut all = true;
+            for base in &current {
+                let (code, body) = grant_status(&http, base, &grant).await;
+                all &= code == 200 && body["status"] == want;
+            }
+            if all || std::time::Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let current = bases.read().unwrap().clone();
+        for base in current {
+            let (code, body) = grant_status(&http, &base, &grant).await;
+            if code != 200 || body["status"] != want {
+                let subject = admin_get(&http, &format!("{base}/v1/subjects/email:{}", email(i)))
+                    .await
+                    .text()
+                    .await
+                    .unwrap_or_default();
+                let decisions =
+                    listed_decisions(&http, &base, &format!("grant={grant}&limit=100")).await;
+                println!("{base}: {grant} {code} {body}\n  subject: {subject}\n  decisions: {decisions:?}");
+            }
+        }
+        wait_for(&instances, 60, &what, || async {
             let mut all = true;
             let current = bases.read().unwrap().clone();
             for base in current {
@@ -1017,8 +1152,74 @@ async fn acknowledged_work_survives_kill_9_of_any_instance() {
         })
         .await;
     }
+    // Every revocation reached both enforcement points (at least once: a SET delivered again
+    // after a failover carries the same jti), each SET verified with the cluster's keys; no
+    // enforcement point heard of a revocation that did not happen.
+    let want: BTreeSet<String> = revoked.iter().map(|&i| email(i)).collect();
+    let base = bases.read().unwrap()[0].clone();
+    let (_, keys) = jwks_of(&http, &base).await;
+    let subjects_of = |sets: &std::sync::Mutex<Vec<String>>| -> BTreeSet<String> {
+        sets.lock()
+            .unwrap()
+            .iter()
+            .map(|set| {
+                let claims = keys.verify_set(set, CLUSTER_ISSUER, &audience).unwrap();
+                crash_user(&claims["sub_id"].to_string())
+            })
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let mut ack: Vec<String> = Vec::new();
+    loop {
+        let (polled, pushed) = (subjects_of(&polled_sets), subjects_of(&pushed_sets));
+        assert!(
+            polled.is_subset(&want),
+            "polled: {:?}",
+            polled.difference(&want)
+        );
+        assert!(
+            pushed.is_subset(&want),
+            "pushed: {:?}",
+            pushed.difference(&want)
+        );
+        if polled == want && pushed == want {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            println!(
+                "not polled: {:?}; not pushed: {:?}",
+                want.difference(&polled),
+                want.difference(&pushed)
+            );
+            wait_for(
+                &instances,
+                0,
+                "every revocation delivered to both enforcement points",
+                || async { false },
+            )
+            .await;
+        }
+        if let Some(sets) = poll_through(&http, &base, &poll_id, &ack).await {
+            ack = sets.keys().cloned().collect();
+            polled_sets.lock().unwrap().extend(sets.into_values());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "delivered: {} revocations, {} SETs polled, {} pushed",
+        want.len(),
+        polled_sets.lock().unwrap().len(),
+        pushed_sets.lock().unwrap().len()
+    );
     drop(instances);
     drop(kafka);
+}
+
+/// The crash test's user a SET's subject names (`crash<i>@example.com`).
+fn crash_user(subject: &str) -> String {
+    let at = subject.find("crash").expect("a crash test user");
+    let end = subject[at..].find("@example.com").expect("an email") + at;
+    format!("{}@example.com", &subject[at..end])
 }
 
 /// `partition_of` is Kafka's partitioner: librdkafka's own `murmur2` partitioner, producing to
@@ -1159,18 +1360,30 @@ async fn enforcement_points_are_served_by_the_whole_cluster() {
     let push_url = format!("http://{}/events", listener.local_addr().unwrap());
     let sink = pushed.clone();
     tokio::spawn(async move {
-        let app = axum::Router::new().route(
-            "/events",
-            axum::routing::post(move |body: String| {
-                let sink = sink.clone();
-                async move {
-                    sink.lock().unwrap().push(body);
-                    axum::http::StatusCode::ACCEPTED
-                }
-            }),
-        );
+        let app = axum::Router::new()
+            .route(
+                "/events",
+                axum::routing::post(move |body: String| {
+                    let sink = sink.clone();
+                    async move {
+                        sink.lock().unwrap().push(body);
+                        axum::http::StatusCode::ACCEPTED
+                    }
+                }),
+            )
+            // A receiver that rejects every SET (RFC 8935 §2.3): its SETs are dead-lettered.
+            .route(
+                "/rejects",
+                axum::routing::post(|| async {
+                    (
+                        axum::http::StatusCode::BAD_REQUEST,
+                        axum::Json(json!({"err": "invalid_request", "description": "no"})),
+                    )
+                }),
+            );
         axum::serve(listener, app).await.unwrap();
     });
+    let rejects_url = push_url.replace("/events", "/rejects");
 
     // A poll stream created through instance 0, a push stream through instance 1: both read back
     // through every instance.
@@ -1193,6 +1406,15 @@ async fn enforcement_points_are_served_by_the_whole_cluster() {
     .await;
     assert_eq!(code, 201, "{push_stream}");
     let push_id = push_stream["stream_id"].as_str().unwrap().to_owned();
+    let (code, body) = ep_call(
+        &http,
+        reqwest::Method::POST,
+        &format!("{}/ssf/streams", bases[2]),
+        Some(json!({"delivery": {"method": "urn:ietf:rfc:8935", "endpoint_url": rejects_url}})),
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+    let rejected_id = body["stream_id"].as_str().unwrap().to_owned();
     // (The other instances read the streams topic within tens of milliseconds.)
     for base in &bases {
         for id in [&poll_id, &push_id] {
@@ -1296,6 +1518,27 @@ async fn enforcement_points_are_served_by_the_whole_cluster() {
         })
         .collect();
     assert_eq!(pushed_subjects, subjects, "each revocation pushed once");
+    // The rejected SETs are dead letters on the rejecting stream's deliverer, listed by every
+    // instance; a subject is explained by every instance (its owner's context).
+    for base in &bases {
+        let listed = eventually_within(30, "the cluster's dead letters", || async {
+            let listed: Value = admin_get(&http, &format!("{base}/v1/deadletters"))
+                .await
+                .json()
+                .await
+                .ok()?;
+            let ours = listed["dead_letters"]
+                .as_array()?
+                .iter()
+                .filter(|d| d["stream_id"] == json!(rejected_id))
+                .count();
+            (ours == users.len()).then_some(ours)
+        })
+        .await;
+        assert_eq!(listed, users.len(), "{base}");
+        let explained = admin_get(&http, &format!("{base}/v1/subjects/email:{}", users[0])).await;
+        assert_eq!(explained.status(), 200, "{base} explains {}", users[0]);
+    }
 
     // A rotation on instance 1 is every instance's: each publishes the new key and signs with it.
     let rotated: Value = http
@@ -1441,27 +1684,50 @@ async fn enforcement_points_are_served_by_the_whole_cluster() {
     assert_eq!(code, 200);
 }
 
+/// Risk feeds on `brokers`' `risk` topic (three partitions, made by [`feed_topics`]), consumed by
+/// the cluster's feeds group.
+fn with_feeds(brokers: &str) -> impl Fn(&mut vigil::config::Config) + '_ {
+    move |config| {
+        config.kafka.brokers = brokers.to_owned();
+        config.kafka.group_id = format!("{NAME}-feeds");
+        config.kafka.topics = vec!["risk".into()];
+        config.kafka.dead_letter_topic = "risk.dead-letter".into();
+        config.kafka.batch_wait_ms = 5;
+        // A killed instance's feed partitions move after this (librdkafka's default is 45 s).
+        for (k, v) in [
+            ("heartbeat_interval_ms", "500"),
+            ("session_timeout_ms", "4000"),
+        ] {
+            config.kafka.properties.insert(k.into(), v.into());
+        }
+    }
+}
+
+/// The feed topic and its dead-letter topic on the mock brokers.
+fn feed_topics(kafka: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>) {
+    kafka.create_topic("risk", 3, 3).unwrap();
+    kafka.create_topic("risk.dead-letter", 1, 3).unwrap();
+}
+
+/// A native risk-feed message: HIGH for `email`, with the dedupe id `id`.
+fn high_risk(email: &str, id: &str) -> String {
+    json!({"subject": {"format": "email", "email": email}, "level": "HIGH",
+        "source": "ueba", "event_time": now(), "id": id})
+    .to_string()
+}
+
 /// Risk feeds in cluster mode: three instances split a three-partition feed topic in their feeds'
 /// group; a HIGH score for each of six users, produced to whichever partition, revokes the user's
 /// grant on its owner; the same messages again (same ids) decide nothing more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn risk_feeds_reach_each_principals_owner() {
     let kafka = brokers_with_topics();
-    kafka.create_topic("risk", 3, 3).unwrap();
-    kafka.create_topic("risk.dead-letter", 1, 3).unwrap();
+    feed_topics(&kafka);
     let brokers = kafka.bootstrap_servers();
     let tx = Transmitter::start(&[Alg::RS256]).await;
     let http = http();
     let instances: Vec<Instance> = (0..3)
-        .map(|_| {
-            start_instance_with(&tx, &brokers, 6_000, false, |config| {
-                config.kafka.brokers = brokers.clone();
-                config.kafka.group_id = format!("{NAME}-feeds");
-                config.kafka.topics = vec!["risk".into()];
-                config.kafka.dead_letter_topic = "risk.dead-letter".into();
-                config.kafka.batch_wait_ms = 5;
-            })
-        })
+        .map(|_| start_instance_with(&tx, &brokers, 6_000, false, with_feeds(&brokers)))
         .collect();
     let refs: Vec<&Instance> = instances.iter().collect();
     split(&http, &refs).await;
@@ -1506,13 +1772,12 @@ async fn risk_feeds_reach_each_principals_owner() {
         .unwrap();
     let produce_all = || async {
         for (i, user) in users.iter().enumerate() {
-            let message = json!({"subject": {"format": "email", "email": user}, "level": "HIGH",
-                "source": "ueba", "event_time": now(), "id": format!("feed-high-{i}")});
+            let message = high_risk(user, &format!("feed-high-{i}"));
             producer
                 .send(
                     FutureRecord::<str, str>::to("risk")
                         .key(&format!("feed-{i}"))
-                        .payload(&message.to_string()),
+                        .payload(&message),
                     Duration::from_secs(5),
                 )
                 .await
