@@ -249,6 +249,41 @@ impl Vigil {
         let stream_records =
             crate::ssf_client::StreamRecords::open(db.clone(), store_writer.clone())
                 .map_err(|e| StartError::Delivery(e.to_string()))?;
+        let streams = Arc::new(
+            StreamStore::open(db.clone(), store_writer.clone(), clock.clone())
+                .map_err(|e| StartError::Delivery(e.to_string()))?,
+        );
+        // Enforcement points' streams. In cluster mode they are the cluster's (read from its
+        // streams topic), with the records of the streams kept at transmitters, and their outboxes
+        // those of the partitions owned — shared before the push credentials are read, and before
+        // delivery or the emitter start.
+        let outboxes = match &cluster_parts {
+            Some((topics, partitions, instance, writer, health)) => {
+                let shared = crate::cluster::share_streams(
+                    crate::cluster::Sharing {
+                        config: &config.cluster,
+                        topics,
+                        partitions: *partitions,
+                        instance,
+                        writer: writer.clone(),
+                        health: health.clone(),
+                        records: stream_records.clone(),
+                        intake: intake.clone(),
+                    },
+                    streams.clone(),
+                    shutdown_rx.clone(),
+                )
+                .await?;
+                Some(crate::cluster::Outboxes::start(
+                    &config.cluster,
+                    shared,
+                    streams.clone(),
+                    instance,
+                    shutdown_rx.clone(),
+                )?)
+            }
+            None => None,
+        };
         let transmitter_configs = transmitter_configs(&config, &stream_records).await?;
         let transmitters = key_stores(
             &config,
@@ -267,37 +302,6 @@ impl Vigil {
             next_rx,
             clock.clone(),
         )));
-        let streams = Arc::new(
-            StreamStore::open(db.clone(), store_writer.clone(), clock.clone())
-                .map_err(|e| StartError::Delivery(e.to_string()))?,
-        );
-        // Cluster mode: the streams are the cluster's (read from its streams topic) and their
-        // outboxes those of the partitions owned — shared before delivery or the emitter start.
-        let outboxes = match &cluster_parts {
-            Some((topics, partitions, instance, writer, health)) => {
-                let shared = crate::cluster::share_streams(
-                    crate::cluster::Sharing {
-                        config: &config.cluster,
-                        topics,
-                        partitions: *partitions,
-                        instance,
-                        writer: writer.clone(),
-                        health: health.clone(),
-                    },
-                    streams.clone(),
-                    shutdown_rx.clone(),
-                )
-                .await?;
-                Some(crate::cluster::Outboxes::start(
-                    &config.cluster,
-                    shared,
-                    streams.clone(),
-                    instance,
-                    shutdown_rx.clone(),
-                )?)
-            }
-            None => None,
-        };
         let push_settings = push_settings(&config, destinations, clock.clone());
         let (st, sd) = (streams.clone(), shutdown_rx.clone());
         tasks.push(crate::supervise::spawn(
@@ -332,6 +336,13 @@ impl Vigil {
             )));
         }
         let liveness = Arc::new(crate::liveness::Liveness::with_clock(clock.clone()));
+        // Where transmitters reach Vigil when a stream's `receiver_url` does not say: this
+        // listener; in cluster mode the name every instance is reached by (`identity.issuer`), so
+        // the stream's push endpoint does not change when another instance takes it over.
+        let receiver_base = match (&cluster_topics, &config.identity.issuer) {
+            (Some(_), Some(issuer)) => issuer.trim_end_matches('/').to_owned(),
+            _ => format!("http://{addr}"),
+        };
         let ssf_clients = Arc::new(crate::ssf_client::StreamClients {
             managers: transmitter_configs
                 .iter()
@@ -340,7 +351,7 @@ impl Vigil {
                     Some(Arc::new(crate::ssf_client::StreamManager::new(
                         t.clone(),
                         manage,
-                        &format!("http://{addr}"),
+                        &receiver_base,
                         client.clone(),
                         stream_records.clone(),
                         intake.clone(),
@@ -514,16 +525,50 @@ impl Vigil {
                 .iter()
                 .map(|p| p.name.clone())
                 .collect(),
-            ownership,
+            ownership: ownership.clone(),
             peers: peers.clone(),
         });
+        // Streams kept at transmitters. In cluster mode each runs on exactly one instance — the
+        // owner of its transmitter's partition — and moves with it; every instance accepts the
+        // cluster's push credential, which it follows as the records change.
+        let lease = match (&ownership, &kafka_health) {
+            (Some(o), Some(h)) => Some((o.clone(), h.clone())),
+            _ => None,
+        };
         for m in &ssf_clients.managers {
-            let (m, r, sd) = (m.clone(), receiver.clone(), shutdown_rx.clone());
+            let (m, r, sd, lease) = (
+                m.clone(),
+                receiver.clone(),
+                shutdown_rx.clone(),
+                lease.clone(),
+            );
             tasks.push(crate::supervise::spawn(
                 "ssf_stream_manager",
                 shutdown_rx.clone(),
-                move || m.clone().run(r.clone(), sd.clone()),
+                move || {
+                    let (m, r, sd, lease) = (m.clone(), r.clone(), sd.clone(), lease.clone());
+                    async move {
+                        match lease {
+                            Some((ownership, health)) => {
+                                let key = format!("transmitter:{}", m.name());
+                                crate::cluster::while_owned(key, ownership, health, sd, |stop| {
+                                    m.clone().run(r.clone(), stop)
+                                })
+                                .await;
+                            }
+                            None => m.run(r, sd).await,
+                        }
+                    }
+                },
             ));
+        }
+        if cluster_topics.is_some() {
+            tasks.push(tokio::spawn(follow_push_credentials(
+                ssf_clients.managers.clone(),
+                stream_records.clone(),
+                receiver.clone(),
+                shutdown_rx.clone(),
+            )));
         }
 
         let (app, health) = router(
@@ -803,6 +848,35 @@ async fn transmitter_configs(
         }
     }
     Ok(configs)
+}
+
+/// Cluster mode: keeps each managed stream's push credential, as the cluster's records hold it,
+/// the one the receiver accepts (looked at every second).
+async fn follow_push_credentials(
+    managers: Vec<Arc<crate::ssf_client::StreamManager>>,
+    records: crate::ssf_client::StreamRecords,
+    receiver: Arc<Receiver>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut accepted: std::collections::HashMap<String, String> = Default::default();
+    loop {
+        for m in &managers {
+            let Ok(Some(credential)) = records.get(m.name()).map(|r| r.authorization) else {
+                continue;
+            };
+            if accepted.get(m.name()) == Some(&credential) {
+                continue;
+            }
+            if let Some(t) = receiver.transmitter(m.stream()) {
+                t.set_credential(&credential);
+                accepted.insert(m.name().to_owned(), credential);
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
 }
 
 /// Each transmitter with its key store, whose refresher runs supervised in `tasks`.

@@ -36,8 +36,10 @@ use crate::signal::{Signal, SignalSource};
 pub struct Transmitter {
     pub config: TransmitterConfig,
     pub keys: Arc<KeyStore>,
-    /// `auth::digest` of `config.authorization`, computed once: every push compares against it.
-    credential_digest: [u8; 32],
+    /// `auth::digest` of the push credential (`config.authorization`, or the cluster's current one
+    /// for a managed stream: [`Transmitter::set_credential`]), computed once per credential: every
+    /// push compares against it.
+    credential_digest: std::sync::RwLock<[u8; 32]>,
 }
 
 impl Transmitter {
@@ -46,8 +48,27 @@ impl Transmitter {
         Transmitter {
             config,
             keys,
-            credential_digest,
+            credential_digest: std::sync::RwLock::new(credential_digest),
         }
+    }
+
+    /// Cluster mode: the push credential of a stream Vigil keeps at this transmitter is the
+    /// cluster's, which an instance may replace (instances that started together each published
+    /// one; the last is every instance's).
+    pub fn set_credential(&self, authorization: &str) {
+        let digest = crate::auth::digest(authorization);
+        match self.credential_digest.write() {
+            Ok(mut d) => *d = digest,
+            Err(p) => *p.into_inner() = digest,
+        }
+    }
+
+    fn credential_matches(&self, presented: &[u8; 32]) -> bool {
+        let digest = match self.credential_digest.read() {
+            Ok(d) => *d,
+            Err(p) => *p.into_inner(),
+        };
+        bool::from(presented.ct_eq(&digest))
     }
 
     /// Critical members from config and from the transmitter's metadata (SSF §3.6).
@@ -220,7 +241,7 @@ impl Receiver {
         };
         // Compared as digests: equal lengths, so the credential's length does not leak.
         let presented = crate::auth::digest(presented);
-        let matches = |t: &Transmitter| bool::from(presented.ct_eq(&t.credential_digest));
+        let matches = |t: &Transmitter| t.credential_matches(&presented);
         if let Some(t) = self.by_stream.get(stream) {
             if matches(t) {
                 return Ok(t.clone());

@@ -18,6 +18,9 @@
 //! - risk feeds (`[kafka]`) with `[cluster]`: the feeds' group splits the feed topic between the
 //!   instances, and each message reaches its principal's owner (re-keyed onto the signals topic),
 //!   applied once however often it is delivered;
+//! - a stream Vigil keeps at a transmitter is one stream, run by one instance at a time (its
+//!   transmitter's partition's owner), whose push credential every instance accepts, and it moves
+//!   to another instance when that one is killed;
 //! - the partitioner is Kafka's: librdkafka's `murmur2` partitioner puts every key where
 //!   `vigil::cluster::partition_of` says.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -142,7 +145,7 @@ fn start_instance_with(
     let child = spawn_vigil(dir.path());
     Instance {
         child,
-        base: format!("http://127.0.0.1:{port}"),
+        base: format!("http://{}", config.listen),
         dir,
     }
 }
@@ -1808,4 +1811,173 @@ async fn risk_feeds_reach_each_principals_owner() {
             "one decision for feed-grant-{i}"
         );
     }
+}
+
+/// A free loopback port.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Streams Vigil keeps at a transmitter (the simulated IdP), with three instances: one poll
+/// stream and one push stream at the IdP, not one per instance; the push stream's credential is
+/// accepted by the instance the IdP pushes to, whichever instance made it; the poll loop runs on
+/// one instance, and when that one is killed another takes the stream over (no new stream) and
+/// the IdP's next events are polled and applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streams_at_transmitters_run_on_one_instance_and_move() {
+    use vigil::config::{DeliveryMode, TransmitterConfig};
+    use vigil::sim::idp::{Idp, IdpSettings};
+    const CREDENTIAL: &str = "Bearer idp-receiver-token";
+    let kafka = brokers_with_topics();
+    let brokers = kafka.bootstrap_servers();
+    let tx = Transmitter::start(&[Alg::RS256]).await;
+    let idp = Idp::start(
+        "127.0.0.1:0".parse().unwrap(),
+        IdpSettings {
+            receiver_credential: CREDENTIAL.into(),
+            audience: AUD.into(),
+            long_poll: Duration::from_secs(1),
+            ..IdpSettings::default()
+        },
+    )
+    .await
+    .unwrap();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    // The IdP pushes to instance 2 (its load balancer, say); any instance may have set it up.
+    let push_receiver = format!("http://127.0.0.1:{}", ports[2]);
+    let managed = |name: &str, delivery: DeliveryMode| {
+        let mut t =
+            TransmitterConfig::managed(name, idp.issuer(), vec![AUD.into()], delivery, CREDENTIAL);
+        if let Some(m) = &mut t.manage {
+            m.verify_interval_secs = 1;
+            m.refresh_interval_secs = 1;
+            m.poll_timeout_secs = 1;
+            m.receiver_url = Some(push_receiver.clone());
+        }
+        t
+    };
+    let http = http();
+    let mut instances: Vec<Instance> = ports
+        .iter()
+        .map(|&port| {
+            start_instance_with(&tx, &brokers, 4_000, false, |config| {
+                config.listen = format!("127.0.0.1:{port}").parse().unwrap();
+                config
+                    .transmitters
+                    .push(managed("idp-poll", DeliveryMode::Poll));
+                config
+                    .transmitters
+                    .push(managed("idp-push", DeliveryMode::Push));
+            })
+        })
+        .collect();
+    let refs: Vec<&Instance> = instances.iter().collect();
+    split(&http, &refs).await;
+    let bases: Vec<String> = instances.iter().map(|i| i.base.clone()).collect();
+    // One stream per transmitter, not one per instance.
+    wait_for(&instances, 30, "the two streams at the IdP", || async {
+        idp.streams().len() == 2
+    })
+    .await;
+
+    let disable = |email: &str| {
+        idp.emit(
+            "https://schemas.openid.net/secevent/risc/event-type/account-disabled",
+            json!({"format": "email", "email": email}),
+            json!({}),
+        )
+        .unwrap();
+    };
+    for (i, user) in ["managed-a@example.com", "managed-b@example.com"]
+        .iter()
+        .enumerate()
+    {
+        let (code, body) = register_through(
+            &http,
+            &bases[i],
+            &session_grant(&format!("managed-{i}"), user),
+        )
+        .await;
+        assert_eq!(code, 201, "{body}");
+        disable(user);
+        wait_for(&instances, 30, "the IdP's event applied", || async {
+            grant_status(&http, &bases[(i + 1) % 3], &format!("managed-{i}"))
+                .await
+                .1["status"]
+                == json!("revoked")
+        })
+        .await;
+    }
+    // Both streams delivered: the poll stream was polled and acknowledged, and instance 2 took the
+    // IdP's pushes with the cluster's credential.
+    wait_for(&instances, 30, "polled and pushed deliveries", || async {
+        let seen = idp.observed();
+        let done = seen.acked.len() >= 2 && seen.pushed.len() >= 2;
+        if !done {
+            println!(
+                "IdP: acked {}, pushed {}, push failures {}",
+                seen.acked.len(),
+                seen.pushed.len(),
+                seen.push_failures
+            );
+        }
+        done
+    })
+    .await;
+
+    // The instance running the streams is killed: another takes them over — the same two streams —
+    // and the IdP's next event is polled and applied.
+    let key = "transmitter:idp-poll";
+    let partition = vigil::cluster::partition_of(key, PARTITIONS);
+    let mut holder = None;
+    for (i, base) in bases.iter().enumerate() {
+        if owned(&http, base)
+            .await
+            .unwrap_or_default()
+            .contains(&partition)
+        {
+            holder = Some(i);
+        }
+    }
+    let holder = holder.expect("an instance runs the poll stream");
+    instances[holder].child.kill().unwrap();
+    instances[holder].child.wait().unwrap();
+    let survivors: Vec<usize> = (0..3).filter(|&i| i != holder).collect();
+    let refs: Vec<&Instance> = survivors.iter().map(|&i| &instances[i]).collect();
+    split(&http, &refs).await;
+    let acked_before = idp.observed().acked.len();
+    let (code, body) = register_through(
+        &http,
+        &bases[survivors[0]],
+        &session_grant("managed-c", "managed-c@example.com"),
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+    disable("managed-c@example.com");
+    wait_for(
+        &instances,
+        60,
+        "the event polled by the next instance",
+        || async {
+            grant_status(&http, &bases[survivors[1]], "managed-c")
+                .await
+                .1["status"]
+                == json!("revoked")
+                && idp.observed().acked.len() > acked_before
+        },
+    )
+    .await;
+    assert_eq!(
+        idp.streams().len(),
+        2,
+        "the streams were taken over, not made again"
+    );
+    instances[holder].child = spawn_vigil(instances[holder].dir.path());
+    let refs: Vec<&Instance> = instances.iter().collect();
+    split(&http, &refs).await;
+    assert_eq!(idp.streams().len(), 2);
 }

@@ -1,7 +1,8 @@
 //! Enforcement points' streams for the whole cluster. Their configurations and subjects live in
 //! `<name>.streams` (compacted, one partition), which every instance reads whole into its
 //! [`StreamStore`]: any instance answers SSF stream management and selects and signs a decision's
-//! SETs. Every SET goes to `<name>.outbox` on its stream's partition (`partition_of(stream id)`,
+//! SETs. The records of the streams Vigil keeps at its transmitters (`managed \x1f <transmitter>`:
+//! the stream id and the push credential every instance accepts) live there too. Every SET goes to `<name>.outbox` on its stream's partition (`partition_of(stream id)`,
 //! the same partitions as the signals topic); the instance owning that partition reads it back
 //! into the stream's local outbox and delivers it — push from there, poll and SSE forwarded there
 //! from any instance. A delivery, a dead letter or a replay is a later record of the SET's key,
@@ -24,6 +25,7 @@ use super::topic_writer::{TopicRecord, TopicWriter, READ_BACK};
 use super::{partition_of, topics, ClusterError};
 use crate::config::ClusterConfig;
 use crate::kafka::KafkaHealth;
+use crate::ssf_client::{RecordShare, StreamRecords};
 use crate::transmitter::streams::{
     outbox_record_key, stream_of_record, ConfigRecord, OutboxEntry, OutboxRecord, ReadOutbox,
     SharedStreams, StreamStore,
@@ -49,6 +51,15 @@ impl StreamTopics {
     /// The stream's partition (its deliverer is that partition's owner).
     pub fn partition_of(&self, stream: &str) -> i32 {
         partition_of(stream, self.partitions)
+    }
+}
+
+/// The streams topic's key prefix of a managed stream's record.
+const MANAGED: &str = "managed\x1f";
+
+impl RecordShare for StreamTopics {
+    fn publish(&self, name: &str, record: Vec<u8>) -> BoxFuture<'static, Result<(), String>> {
+        self.configure(vec![(format!("{MANAGED}{name}"), Some(record))])
     }
 }
 
@@ -122,6 +133,10 @@ pub struct Sharing<'a> {
     pub writer: Arc<TopicWriter>,
     /// Whose partitions are owned: a stream is delivered where its partition is.
     pub health: Arc<KafkaHealth>,
+    /// The records of the streams Vigil keeps at its transmitters.
+    pub records: StreamRecords,
+    /// Where the verification states those records carry are remembered.
+    pub intake: crate::intake::Intake,
 }
 
 /// Shares `streams` through the cluster's topics: drops what the local tables held, reads the
@@ -139,6 +154,8 @@ pub async fn share_streams(
         instance,
         writer,
         health,
+        records,
+        intake,
     } = sharing;
     let consumer = topics::whole_topic_reader(config, &topics.streams, instance)?;
     let end = consumer
@@ -158,6 +175,10 @@ pub async fn share_streams(
         .share(shared.clone())
         .await
         .map_err(|e| ClusterError::Brokers(e.to_string()))?;
+    records
+        .share(shared.clone(), intake)
+        .await
+        .map_err(|e| ClusterError::Brokers(e.to_string()))?;
     let runtime = tokio::runtime::Handle::current();
     let mut caught_up = shared.applied.clone();
     std::thread::Builder::new()
@@ -165,10 +186,18 @@ pub async fn share_streams(
         .spawn(move || {
             topics::read_until(&consumer, &shutdown, "the streams topic", |message| {
                 let key = message.key().and_then(|k| std::str::from_utf8(k).ok());
-                if let Some(key) = key {
-                    if let Err(e) = runtime.block_on(streams.apply_config(key, message.payload())) {
-                        tracing::warn!(offset = message.offset(), error = %e, "a record of the streams topic not taken up");
-                    }
+                let taken = match (key.map(|k| k.strip_prefix(MANAGED)), message.payload()) {
+                    (None, _) => Ok(()),
+                    (Some(Some(name)), Some(record)) => runtime
+                        .block_on(records.apply(name, record.to_vec()))
+                        .map_err(|e| e.to_string()),
+                    (Some(Some(_)), None) => Ok(()),
+                    (Some(None), payload) => runtime
+                        .block_on(streams.apply_config(key.unwrap_or_default(), payload))
+                        .map_err(|e| e.to_string()),
+                };
+                if let Err(e) = taken {
+                    tracing::warn!(offset = message.offset(), error = %e, "a record of the streams topic not taken up");
                 }
                 let _ = applied_tx.send(message.offset() + 1);
             });

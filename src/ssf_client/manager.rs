@@ -168,7 +168,13 @@ impl StreamManager {
             DeliveryMode::Push => json!({
                 "method": PUSH,
                 "endpoint_url": self.push_url,
-                "authorization_header": self.config.authorization,
+                // The stored credential (in cluster mode the cluster's: every instance accepts it).
+                "authorization_header": self
+                    .records
+                    .get(&self.config.name)
+                    .ok()
+                    .and_then(|r| r.authorization)
+                    .unwrap_or_else(|| self.config.authorization.clone()),
             }),
             DeliveryMode::Poll => json!({"method": POLL}),
         };
@@ -218,10 +224,20 @@ impl StreamManager {
             found = self.adopt(&mgmt).await?;
             adopted = found.is_some();
         }
+        // The push credential last sent to the transmitter by this call, if any.
+        let mut sent: Option<String> = None;
+        let mut created = false;
+        let desired = self.desired();
         let config = match found {
             Some(c) => c,
-            None => match mgmt.create(&self.desired()).await {
-                Ok(c) => c,
+            None => match mgmt.create(&desired).await {
+                Ok(c) => {
+                    created = true;
+                    sent = desired["delivery"]["authorization_header"]
+                        .as_str()
+                        .map(str::to_owned);
+                    c
+                }
                 Err(e) if e.is_conflict() => {
                     // One stream per receiver, and it exists: it is Vigil's whatever its delivery
                     // (the update below brings it in line).
@@ -235,10 +251,18 @@ impl StreamManager {
             record.stream_id = Some(config.stream_id().to_owned());
             self.records.put(&self.config.name, &record).await?;
         }
-        // An adopted stream gets Vigil's delivery (its push credential cannot be read back).
-        let config = if adopted || self.needs_update(&config) {
+        // An adopted stream gets Vigil's delivery (its push credential cannot be read back), and
+        // so does a push stream last given another credential than the current one (cluster
+        // mode: the cluster's credential was replaced after the stream was set up).
+        let push = self.manage.delivery == DeliveryMode::Push;
+        let stale_credential =
+            push && !created && !self.records.get(&self.config.name)?.credential_given();
+        let config = if adopted || stale_credential || self.needs_update(&config) {
             let mut body = self.desired();
             body["stream_id"] = json!(config.stream_id());
+            sent = body["delivery"]["authorization_header"]
+                .as_str()
+                .map(str::to_owned);
             match mgmt.update(&body, false).await? {
                 Some(updated) => updated,
                 None => config,
@@ -246,6 +270,14 @@ impl StreamManager {
         } else {
             config
         };
+        if let (true, Some(sent)) = (push, sent) {
+            let mut record = self.records.get(&self.config.name)?;
+            if record.authorization.as_deref() == Some(sent.as_str()) && !record.credential_given()
+            {
+                record.give_credential();
+                self.records.put(&self.config.name, &record).await?;
+            }
+        }
         tracing::info!(transmitter = %self.config.name, stream_id = %config.stream_id(),
             delivery = %config.delivery_method(), delivered = ?config.events_delivered(),
             "SSF stream ready");
@@ -323,6 +355,15 @@ impl StreamManager {
             .expect_verification_state(&self.config.stream, &state)
             .await
             .map_err(|e| ManageError::Intake(e.to_string()))?;
+        if self.records.is_shared() {
+            // Every instance must accept the event carrying it, wherever it is pushed.
+            let mut record = self.records.get(&self.config.name)?;
+            record.verification = Some(crate::ssf_client::state::ExpectedVerification {
+                stream: self.config.stream.clone(),
+                state: state.clone(),
+            });
+            self.records.put(&self.config.name, &record).await?;
+        }
         mgmt.verify(&id, &state).await?;
         self.liveness.update(&self.config.stream, |l| {
             l.verification_requested_ms = Some(self.liveness.clock().now_ms());
@@ -473,6 +514,18 @@ impl StreamManager {
             }
             if now >= next_refresh {
                 next_refresh = now + refresh_every;
+                // Cluster mode: the cluster's push credential was replaced since the stream was
+                // set up; the transmitter is given the current one.
+                let stale = self.manage.delivery == DeliveryMode::Push
+                    && self
+                        .records
+                        .get(&self.config.name)
+                        .is_ok_and(|r| !r.credential_given());
+                if stale {
+                    if let Err(e) = self.ensure().await {
+                        tracing::warn!(transmitter = %self.config.name, error = %e, "the stream's push credential not brought up to date");
+                    }
+                }
                 match self.connect().await {
                     Ok(m) => {
                         if let Ok(id) = self.stream_id().await {

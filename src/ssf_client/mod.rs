@@ -21,7 +21,7 @@ use std::sync::Arc;
 use crate::liveness::Liveness;
 
 pub use manager::{ManageError, StreamManager};
-pub use state::{StreamRecord, StreamRecords};
+pub use state::{RecordShare, StreamRecord, StreamRecords};
 
 /// Every managed stream, by transmitter name.
 #[derive(Default)]
