@@ -36,8 +36,10 @@
 //! **Risk feeds** are consumed by their own group and re-keyed onto the signals topic
 //! ([`ClusterIntake`] as a `kafka::SignalForward`).
 //!
-//! What is not built yet (issue 20): a status view every instance keeps, and streams Vigil manages
-//! at its transmitters on one instance at a time.
+//! **Streams kept at transmitters** run on one instance at a time ([`while_owned`]), with the
+//! cluster's records of them (on the streams topic).
+//!
+//! What is not built yet (issue 20): a status view every instance keeps.
 
 mod aliases;
 mod forward;
