@@ -41,6 +41,9 @@ pub struct ApiState {
     pub ownership: Option<Arc<crate::cluster::Ownership>>,
     /// Cluster mode: the other instances, which answer for the principals they own.
     pub peers: Option<Arc<crate::cluster::Peers>>,
+    /// Cluster mode: every grant's status as its owner last wrote it (`check` for grants held
+    /// elsewhere).
+    pub view: Option<Arc<crate::cluster::StatusView>>,
 }
 
 use crate::error_body::error;
@@ -501,6 +504,78 @@ fn judge(
 }
 
 /// `POST /v1/check`: allow / deny from live state.
+/// How a check for a grant held elsewhere was answered with the status view.
+enum ViewAnswer {
+    /// By the grant's owner (its live state).
+    Owner(Response),
+    /// Here: a terminal denial the view holds (no hop), or — with the view's lag — the view's
+    /// answer when the owner could not be reached.
+    Here(CheckResult, Option<u64>),
+}
+
+/// Cluster mode: a check naming a grant (`grant_id`) this instance does not hold, answered with
+/// the status view: revoked or expired there is denied at once (the view only lags its owner, and
+/// revoked is terminal); anything else is asked of the grant's owner, whose live answer is
+/// returned — or, when it cannot be reached, the view's, with its staleness. `None` when the view
+/// does not know the grant (registered a moment ago) or the call was itself forwarded.
+async fn from_view(
+    s: &ApiState,
+    headers: &HeaderMap,
+    req: &CheckRequest,
+    method: reqwest::Method,
+    call: &crate::cluster::Call<'_>,
+    body: Option<Vec<u8>>,
+    known: impl Fn(&crate::cluster::Answer) -> bool,
+) -> Option<ViewAnswer> {
+    if headers.contains_key(crate::cluster::FORWARDED) {
+        return None;
+    }
+    let (view, peers) = (s.view.as_ref()?, s.peers.as_ref()?);
+    let grant = view.get(req.grant_id.as_deref()?)?;
+    let now = s.engine.clock().now();
+    let answer = |result: CheckResult, stale: Option<u64>, how: &'static str| {
+        metrics::counter!(crate::telemetry::CLUSTER_VIEW_ANSWERS, "answer" => how).increment(1);
+        Some(ViewAnswer::Here(result, stale))
+    };
+    let result = judge(
+        std::slice::from_ref(&grant),
+        req.action.as_deref(),
+        req.resource.as_deref(),
+        now,
+    );
+    if matches!(result.status.as_str(), "revoked" | "expired") {
+        return answer(result, None, "deny");
+    }
+    let asked = match peers.owner_of(&grant.principal) {
+        Ok(owner) => {
+            peers
+                .send(&owner, method, call, &passed_on(headers), body)
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    match asked {
+        Ok(a) if known(&a) => {
+            metrics::counter!(crate::telemetry::CLUSTER_VIEW_ANSWERS, "answer" => "confirmed")
+                .increment(1);
+            Some(ViewAnswer::Owner(forwarded(Ok(a))))
+        }
+        // Not the holder after all (the directory or the view is behind): the others are asked.
+        Ok(a) if a.status < 500 && a.status != 421 => None,
+        Ok(a) => {
+            tracing::warn!(
+                status = a.status,
+                "the grant's owner did not answer the check; answered from the status view"
+            );
+            answer(result, Some(view.lag()), "stale")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the grant's owner did not answer the check; answered from the status view");
+            answer(result, Some(view.lag()), "stale")
+        }
+    }
+}
+
 pub async fn check_grant(
     State(s): State<Arc<ApiState>>,
     headers: HeaderMap,
@@ -514,6 +589,35 @@ pub async fn check_grant(
     // live state: never an older view).
     let found = lookup(&s, &req);
     if s.peers.is_some() && matches!(found, Ok(ref grants) if grants.is_empty()) {
+        let call = crate::cluster::Call {
+            segments: &["v1", "check"],
+            query: None,
+        };
+        let known = |a: &crate::cluster::Answer| {
+            serde_json::from_slice::<Value>(&a.body)
+                .is_ok_and(|v| a.status == 200 && v["status"] != "unknown")
+        };
+        let viewed = from_view(
+            &s,
+            &headers,
+            &req,
+            reqwest::Method::POST,
+            &call,
+            Some(body.to_vec()),
+            known,
+        )
+        .await;
+        match viewed {
+            Some(ViewAnswer::Owner(answer)) => return answer,
+            Some(ViewAnswer::Here(result, stale)) => {
+                let mut body = json!(result);
+                if let Some(lag) = stale {
+                    body["view_lag"] = json!(lag);
+                }
+                return Json(body).into_response();
+            }
+            None => {}
+        }
         let known = |a: &crate::cluster::Answer| {
             serde_json::from_slice::<Value>(&a.body)
                 .is_ok_and(|v| a.status == 200 && v["status"] != "unknown")
@@ -586,17 +690,27 @@ pub async fn check_auth_request(State(s): State<Arc<ApiState>>, headers: HeaderM
     // Cluster mode: a grant this instance does not hold is answered by the one that does.
     let found = lookup(&s, &req);
     if s.peers.is_some() && matches!(found, Ok(ref grants) if grants.is_empty()) {
-        let answer = ask_others(
-            &s,
-            &headers,
-            reqwest::Method::GET,
-            &crate::cluster::Call {
-                segments: &["v1", "check", "auth_request"],
-                query: None,
-            },
-            None,
-            |a| a.status != 401,
-        )
+        let call = crate::cluster::Call {
+            segments: &["v1", "check", "auth_request"],
+            query: None,
+        };
+        let known = |a: &crate::cluster::Answer| a.status == 200 || a.status == 403;
+        match from_view(&s, &headers, &req, reqwest::Method::GET, &call, None, known).await {
+            Some(ViewAnswer::Owner(answer)) => return answer,
+            Some(ViewAnswer::Here(result, stale)) => {
+                let mut response = auth_request_answer(&result);
+                if let Some(lag) = stale {
+                    response
+                        .headers_mut()
+                        .insert("x-vigil-view-lag", axum::http::HeaderValue::from(lag));
+                }
+                return response;
+            }
+            None => {}
+        }
+        let answer = ask_others(&s, &headers, reqwest::Method::GET, &call, None, |a| {
+            a.status != 401
+        })
         .await;
         if let Some(answer) = answer {
             return answer;
@@ -606,6 +720,12 @@ pub async fn check_auth_request(State(s): State<Arc<ApiState>>, headers: HeaderM
         Ok(grants) => judge(&grants, req.action.as_deref(), None, s.engine.clock().now()),
         Err(_) => check::check(&[], None, None, 0.0),
     };
+    auth_request_answer(&result)
+}
+
+/// A check's result as nginx's `auth_request` reads it: 200 allow, 401 unknown, 403 denied, with
+/// `X-Vigil-Status` and `X-Vigil-Reason`.
+fn auth_request_answer(result: &CheckResult) -> Response {
     let status = match (result.decision, result.is_unknown()) {
         (Verdict::Allow, _) => StatusCode::OK,
         (Verdict::Deny, true) => StatusCode::UNAUTHORIZED,

@@ -514,6 +514,19 @@ impl Vigil {
             }
             _ => None,
         };
+        // Cluster mode: every grant's status, for checks of grants held elsewhere.
+        let status_view = match (&cluster_topics, &cluster_instance) {
+            (Some((topics, partitions)), Some(instance)) => {
+                Some(crate::cluster::StatusView::follow(
+                    &config.cluster,
+                    &topics.state,
+                    *partitions,
+                    instance,
+                    shutdown_rx.clone(),
+                )?)
+            }
+            _ => None,
+        };
         let api_state = Arc::new(ApiState {
             identity: identity.clone(),
             streams: streams.clone(),
@@ -527,6 +540,7 @@ impl Vigil {
                 .collect(),
             ownership: ownership.clone(),
             peers: peers.clone(),
+            view: status_view.clone(),
         });
         // Streams kept at transmitters. In cluster mode each runs on exactly one instance — the
         // owner of its transmitter's partition — and moves with it; every instance accepts the
@@ -582,6 +596,7 @@ impl Vigil {
                 metrics: metrics.clone(),
                 kafka: kafka_health,
                 feeds,
+                view: status_view,
                 identity: identity.clone(),
                 streams,
                 stream_forwarder: peers.as_ref().map(|p| {
@@ -928,6 +943,8 @@ struct Parts<'a> {
     kafka: Option<Arc<crate::kafka::KafkaHealth>>,
     /// Cluster mode: the risk feeds' source.
     feeds: Option<Arc<crate::kafka::KafkaHealth>>,
+    /// Cluster mode: the grant status view.
+    view: Option<Arc<crate::cluster::StatusView>>,
     identity: Arc<Identity>,
     streams: Arc<StreamStore>,
     /// Cluster mode: poll and SSE for streams other instances deliver.
@@ -967,6 +984,7 @@ fn router(config: &Config, parts: Parts<'_>) -> (Router, Router) {
         metrics: parts.metrics,
         kafka: parts.kafka,
         feeds: parts.feeds,
+        view: parts.view,
     });
     let app = Router::new()
         .route("/ssf/push/{stream}", post(push::push))

@@ -19,6 +19,8 @@ pub struct OpsState {
     pub kafka: Option<Arc<crate::kafka::KafkaHealth>>,
     /// Cluster mode: the risk feeds' source (its instances split the feed topics).
     pub feeds: Option<Arc<crate::kafka::KafkaHealth>>,
+    /// Cluster mode: the grant status view (its size and lag are shown).
+    pub view: Option<Arc<crate::cluster::StatusView>>,
 }
 
 pub async fn healthz() -> &'static str {
@@ -63,6 +65,9 @@ pub async fn readyz(State(state): State<Arc<OpsState>>) -> Response {
     }
     if let Some(view) = feeds {
         body["risk_feeds"] = json!(view);
+    }
+    if let Some(view) = &state.view {
+        body["status_view"] = json!({"grants": view.len(), "lag": view.lag()});
     }
     (status, Json(body)).into_response()
 }

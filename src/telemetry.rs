@@ -103,6 +103,12 @@ catalogue! {
         "Rows of state taken over from the state topic with partitions this instance was assigned";
     CLUSTER_RELEASED_ROWS = "vigil_cluster_released_rows_total", Counter, [],
         "Stored rows dropped with partitions this instance gave up";
+    CLUSTER_STATUS_VIEW_GRANTS = "vigil_cluster_status_view_grants", Gauge, [],
+        "Grants in this instance's status view (the whole cluster's, as their owners last wrote them)";
+    CLUSTER_STATUS_VIEW_LAG = "vigil_cluster_status_view_lag", Gauge, [],
+        "State topic records the status view has yet to read (how far check answers from the view may lag the owners)";
+    CLUSTER_VIEW_ANSWERS = "vigil_cluster_view_answers_total", Counter, ["answer"],
+        "Checks for a grant held elsewhere answered from the status view: deny (no hop), confirmed (the owner answered), stale (the owner could not be reached)";
     // The engine.
     ALIASES = "vigil_aliases", Gauge, [],
         "Identifier-to-principal links held (in cluster mode the whole cluster's alias table, read from the alias topic)";

@@ -693,10 +693,56 @@ async fn a_principals_state_moves_with_its_partition() {
         })
         .await;
     }
-    // kill -9: the others take its partitions over after its session times out.
+    // kill -9: the others take its partitions over after its session times out. Until then a
+    // check on another instance is answered from its status view: the revoked grant denied at
+    // once, an active one allowed with the view's lag said (its owner cannot confirm it).
     let mut killed = instances.remove(victim);
     killed.child.kill().unwrap();
     killed.child.wait().unwrap();
+    let active = format!("m{}", on_victim[1]);
+    let mut from_view = 0;
+    for instance in &instances {
+        let answer: Value = http
+            .post(format!("{}/v1/check", instance.base))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&json!({"grant_id": grant}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            (answer["decision"].as_str(), answer["status"].as_str()),
+            (Some("deny"), Some("revoked")),
+            "{answer}"
+        );
+        assert!(
+            answer.get("view_lag").is_none(),
+            "a revocation needs no confirmation: {answer}"
+        );
+        let answer: Value = http
+            .post(format!("{}/v1/check", instance.base))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&json!({"grant_id": active}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if answer.get("view_lag").is_some() {
+            assert_eq!(answer["decision"], json!("allow"), "{answer}");
+            from_view += 1;
+        } else {
+            // The partition already moved: the new owner's live answer.
+            assert_eq!(answer["status"], json!("active"), "{answer}");
+        }
+    }
+    assert!(
+        from_view > 0,
+        "answered from the view while the owner was gone"
+    );
     let survivors = split(&http, &instances.iter().collect::<Vec<_>>()).await;
     println!("after the kill: {survivors:?}");
     for (i, _) in users.iter().enumerate() {

@@ -39,7 +39,9 @@
 //! **Streams kept at transmitters** run on one instance at a time ([`while_owned`]), with the
 //! cluster's records of them (on the streams topic).
 //!
-//! What is not built yet (issue 20): a status view every instance keeps.
+//! **Checks of grants held elsewhere** use the status view every instance keeps ([`StatusView`]).
+//!
+//! What is not built yet (issue 20): the decision list of an instance that left goes with it.
 
 mod aliases;
 mod forward;
@@ -51,6 +53,7 @@ mod partition;
 mod signal_log;
 mod standby;
 mod state_log;
+mod status_view;
 mod stream_calls;
 mod streams;
 mod topic_writer;
@@ -66,6 +69,7 @@ pub use partition::{murmur2, partition_of};
 pub use signal_log::{PublishError, SignalLog};
 pub use standby::{PartitionCopy, Standby};
 pub use state_log::{read_partition, StateLog};
+pub use status_view::StatusView;
 pub use stream_calls::StreamCalls;
 pub use streams::{share_streams, Outboxes, Sharing, StreamTopics};
 pub use topic_writer::TopicWriter;
