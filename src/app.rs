@@ -259,6 +259,10 @@ impl Vigil {
         // delivery or the emitter start.
         let outboxes = match &cluster_parts {
             Some((topics, partitions, instance, writer, health)) => {
+                stream_records
+                    .forget_all()
+                    .await
+                    .map_err(|e| StartError::Delivery(e.to_string()))?;
                 let shared = crate::cluster::share_streams(
                     crate::cluster::Sharing {
                         config: &config.cluster,
@@ -267,13 +271,15 @@ impl Vigil {
                         instance,
                         writer: writer.clone(),
                         health: health.clone(),
-                        records: stream_records.clone(),
-                        intake: intake.clone(),
+                        on_managed: managed_records(stream_records.clone(), intake.clone()),
                     },
                     streams.clone(),
                     shutdown_rx.clone(),
                 )
                 .await?;
+                stream_records
+                    .share(Arc::new(ManagedOnTopic(shared.clone())))
+                    .map_err(|e| StartError::Delivery(e.to_string()))?;
                 Some(crate::cluster::Outboxes::start(
                     &config.cluster,
                     shared,
@@ -863,6 +869,45 @@ async fn transmitter_configs(
         }
     }
     Ok(configs)
+}
+
+/// Cluster mode: the records of the streams kept at transmitters, on the streams topic.
+struct ManagedOnTopic(Arc<crate::cluster::StreamTopics>);
+
+impl crate::ssf_client::RecordShare for ManagedOnTopic {
+    fn publish(
+        &self,
+        name: &str,
+        record: Vec<u8>,
+    ) -> futures_util::future::BoxFuture<'static, Result<(), String>> {
+        use crate::transmitter::streams::SharedStreams;
+        self.0
+            .configure(vec![(crate::cluster::managed_key(name), Some(record))])
+    }
+}
+
+/// Cluster mode: takes up a record of a stream kept at a transmitter as it is read from the
+/// streams topic, and the verification state it expects (any instance may be pushed the event).
+fn managed_records(
+    records: crate::ssf_client::StreamRecords,
+    intake: Intake,
+) -> crate::cluster::ManagedRecords {
+    Arc::new(move |name: String, record: Vec<u8>| {
+        let (records, intake) = (records.clone(), intake.clone());
+        Box::pin(async move {
+            let expected = records
+                .apply(&name, record)
+                .await
+                .map_err(|e| e.to_string())?;
+            if let Some(v) = expected {
+                intake
+                    .expect_verification_state(&v.stream, &v.state)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        })
+    })
 }
 
 /// Cluster mode: keeps each managed stream's push credential, as the cluster's records hold it,

@@ -1675,14 +1675,23 @@ mod tests {
             let e = err_of(&on(extra), no_env());
             assert!(e.contains(key), "{extra}: {e}");
         }
+        // Risk feeds with a cluster: in a consumer group of their own.
         let e = err_of(
-            &format!("{}\n[kafka]\nbrokers = \"k:9092\"", on("")),
+            &format!(
+                "{}\n[kafka]\nbrokers = \"k:9092\"\ngroup_id = \"vigil\"",
+                on("")
+            ),
             no_env(),
         );
         assert!(
-            e.contains("kafka.brokers") && e.contains("[cluster]"),
+            e.contains("kafka.group_id") && e.contains("cluster.name"),
             "{e}"
         );
+        let feeds = format!(
+            "{}\n[kafka]\nbrokers = \"k:9092\"\ngroup_id = \"vigil-feeds\"",
+            on("")
+        );
+        assert!(Config::from_toml(&feeds, no_env()).is_ok());
     }
 
     #[test]

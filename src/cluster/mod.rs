@@ -71,7 +71,7 @@ pub use standby::{PartitionCopy, Standby};
 pub use state_log::{read_partition, StateLog};
 pub use status_view::StatusView;
 pub use stream_calls::StreamCalls;
-pub use streams::{share_streams, Outboxes, Sharing, StreamTopics};
+pub use streams::{managed_key, share_streams, ManagedRecords, Outboxes, Sharing, StreamTopics};
 pub use topic_writer::TopicWriter;
 pub use topics::{client_config, ensure, Topics};
 

@@ -2,7 +2,8 @@
 //! `<name>.streams` (compacted, one partition), which every instance reads whole into its
 //! [`StreamStore`]: any instance answers SSF stream management and selects and signs a decision's
 //! SETs. The records of the streams Vigil keeps at its transmitters (`managed \x1f <transmitter>`:
-//! the stream id and the push credential every instance accepts) live there too. Every SET goes to `<name>.outbox` on its stream's partition (`partition_of(stream id)`,
+//! the stream id and the push credential every instance accepts) live there too, handed to
+//! whoever takes them up ([`ManagedRecords`]). Every SET goes to `<name>.outbox` on its stream's partition (`partition_of(stream id)`,
 //! the same partitions as the signals topic); the instance owning that partition reads it back
 //! into the stream's local outbox and delivers it — push from there, poll and SSE forwarded there
 //! from any instance. A delivery, a dead letter or a replay is a later record of the SET's key,
@@ -25,7 +26,6 @@ use super::topic_writer::{TopicRecord, TopicWriter, READ_BACK};
 use super::{partition_of, topics, ClusterError};
 use crate::config::ClusterConfig;
 use crate::kafka::KafkaHealth;
-use crate::ssf_client::{RecordShare, StreamRecords};
 use crate::transmitter::streams::{
     outbox_record_key, stream_of_record, ConfigRecord, OutboxEntry, OutboxRecord, ReadOutbox,
     SharedStreams, StreamStore,
@@ -56,12 +56,6 @@ impl StreamTopics {
 
 /// The streams topic's key prefix of a managed stream's record.
 const MANAGED: &str = "managed\x1f";
-
-impl RecordShare for StreamTopics {
-    fn publish(&self, name: &str, record: Vec<u8>) -> BoxFuture<'static, Result<(), String>> {
-        self.configure(vec![(format!("{MANAGED}{name}"), Some(record))])
-    }
-}
 
 impl SharedStreams for StreamTopics {
     fn configure(&self, records: Vec<ConfigRecord>) -> BoxFuture<'static, Result<(), String>> {
@@ -133,10 +127,18 @@ pub struct Sharing<'a> {
     pub writer: Arc<TopicWriter>,
     /// Whose partitions are owned: a stream is delivered where its partition is.
     pub health: Arc<KafkaHealth>,
-    /// The records of the streams Vigil keeps at its transmitters.
-    pub records: StreamRecords,
-    /// Where the verification states those records carry are remembered.
-    pub intake: crate::intake::Intake,
+    /// Takes up a record of a stream Vigil keeps at a transmitter (its name, the record), as
+    /// read from the topic ([`managed_key`]).
+    pub on_managed: ManagedRecords,
+}
+
+/// What takes up the records of the streams Vigil keeps at its transmitters.
+pub type ManagedRecords =
+    Arc<dyn Fn(String, Vec<u8>) -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
+
+/// The streams topic's key of the record of the stream Vigil keeps at transmitter `name`.
+pub fn managed_key(name: &str) -> String {
+    format!("{MANAGED}{name}")
 }
 
 /// Shares `streams` through the cluster's topics: drops what the local tables held, reads the
@@ -154,8 +156,7 @@ pub async fn share_streams(
         instance,
         writer,
         health,
-        records,
-        intake,
+        on_managed,
     } = sharing;
     let consumer = topics::whole_topic_reader(config, &topics.streams, instance)?;
     let end = consumer
@@ -175,10 +176,6 @@ pub async fn share_streams(
         .share(shared.clone())
         .await
         .map_err(|e| ClusterError::Brokers(e.to_string()))?;
-    records
-        .share(shared.clone(), intake)
-        .await
-        .map_err(|e| ClusterError::Brokers(e.to_string()))?;
     let runtime = tokio::runtime::Handle::current();
     let mut caught_up = shared.applied.clone();
     std::thread::Builder::new()
@@ -188,9 +185,9 @@ pub async fn share_streams(
                 let key = message.key().and_then(|k| std::str::from_utf8(k).ok());
                 let taken = match (key.map(|k| k.strip_prefix(MANAGED)), message.payload()) {
                     (None, _) => Ok(()),
-                    (Some(Some(name)), Some(record)) => runtime
-                        .block_on(records.apply(name, record.to_vec()))
-                        .map_err(|e| e.to_string()),
+                    (Some(Some(name)), Some(record)) => {
+                        runtime.block_on(on_managed(name.to_owned(), record.to_vec()))
+                    }
                     (Some(Some(_)), None) => Ok(()),
                     (Some(None), payload) => runtime
                         .block_on(streams.apply_config(key.unwrap_or_default(), payload))

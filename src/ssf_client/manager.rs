@@ -358,7 +358,7 @@ impl StreamManager {
         if self.records.is_shared() {
             // Every instance must accept the event carrying it, wherever it is pushed.
             let mut record = self.records.get(&self.config.name)?;
-            record.verification = Some(crate::ssf_client::state::ExpectedVerification {
+            record.verification = Some(super::state::ExpectedVerification {
                 stream: self.config.stream.clone(),
                 state: state.clone(),
             });

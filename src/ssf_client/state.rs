@@ -91,9 +91,6 @@ pub struct StreamRecords {
     db: Arc<Database>,
     writer: BatchWriter,
     shared: Arc<OnceLock<Arc<dyn RecordShare>>>,
-    /// Cluster mode: where a record's expected verification state is remembered, as the
-    /// receiver reads it.
-    intake: Arc<OnceLock<crate::intake::Intake>>,
 }
 
 impl StreamRecords {
@@ -105,18 +102,12 @@ impl StreamRecords {
             db,
             writer,
             shared: Arc::default(),
-            intake: Arc::default(),
         })
     }
 
-    /// Cluster mode from now on: what the table held (stale since) is dropped; the cluster's
-    /// records are taken up as they are read ([`StreamRecords::apply`]).
-    pub async fn share(
-        &self,
-        shared: Arc<dyn RecordShare>,
-        intake: crate::intake::Intake,
-    ) -> Result<(), StateError> {
-        let _ = self.intake.set(intake);
+    /// Cluster mode, before the cluster's records are read: what the table held (an earlier
+    /// run's, stale since) is dropped.
+    pub async fn forget_all(&self) -> Result<(), StateError> {
         self.writer
             .write(|txn| {
                 txn.delete_table(STREAMS).map_err(WriteError::storage)?;
@@ -124,23 +115,27 @@ impl StreamRecords {
                 Ok(())
             })
             .await?;
+        Ok(())
+    }
+
+    /// Cluster mode from now on: changes are published through `shared` (and taken up here as
+    /// they are read back, [`StreamRecords::apply`]).
+    pub fn share(&self, shared: Arc<dyn RecordShare>) -> Result<(), StateError> {
         self.shared
             .set(shared)
             .map_err(|_| StateError::Store("the records are shared already".into()))
     }
 
-    /// Cluster mode: takes up `name`'s record as published by any instance (its expected
-    /// verification state included).
-    pub async fn apply(&self, name: &str, bytes: Vec<u8>) -> Result<(), StateError> {
+    /// Cluster mode: takes up `name`'s record as published by any instance; the verification it
+    /// expects, for intake to remember (a verification event may be pushed to any instance).
+    pub async fn apply(
+        &self,
+        name: &str,
+        bytes: Vec<u8>,
+    ) -> Result<Option<ExpectedVerification>, StateError> {
         let record: StreamRecord = serde_json::from_slice(&bytes).map_err(store)?;
         self.write(name, bytes).await?;
-        if let (Some(v), Some(intake)) = (record.verification, self.intake.get()) {
-            intake
-                .expect_verification_state(&v.stream, &v.state)
-                .await
-                .map_err(store)?;
-        }
-        Ok(())
+        Ok(record.verification)
     }
 
     /// Whether the records are the cluster's.
