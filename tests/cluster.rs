@@ -844,6 +844,8 @@ struct Acknowledged {
     pushed: BTreeSet<usize>,
     /// Users whose HIGH risk-feed message the brokers acknowledged.
     fed: BTreeSet<usize>,
+    /// Users whose account-disabled event the simulated IdP queued on Vigil's poll stream.
+    polled: BTreeSet<usize>,
     /// Grants seen revoked, with when first seen; confirmed once seen revoked again a second
     /// later (an answer read from memory may precede its batch's durability by milliseconds).
     first_seen_revoked: std::collections::BTreeMap<usize, std::time::Instant>,
@@ -854,11 +856,13 @@ struct Acknowledged {
 }
 
 /// The cluster under load — registrations and account-disabled SETs sent to any instance, HIGH
-/// risk-feed messages produced to the feed topic, live checks on any instance, an enforcement
+/// risk-feed messages produced to the feed topic, account-disabled events a transmitter queues on
+/// the stream Vigil polls (one instance at a time), live checks on any instance, an enforcement
 /// point polling its stream through any instance and another taking pushes — while it scales out
 /// from one instance to three, a random instance is killed with SIGKILL and restarted, again and
 /// again, and one leaves cleanly. Afterwards: every 201'd grant is held by its owner; every 202'd
-/// SET and every acknowledged feed message was applied (its user's grant revoked); the others'
+/// SET, every acknowledged feed message and every polled event was applied (its user's grant
+/// revoked); the others'
 /// grants are still active; every revocation reached both enforcement points; and no instance
 /// ever answered `allow` for a grant after its revocation was confirmed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -868,7 +872,39 @@ async fn acknowledged_work_survives_kill_9_of_any_instance() {
     feed_topics(&kafka);
     let brokers = kafka.bootstrap_servers();
     let tx = Arc::new(Transmitter::start(&[Alg::RS256]).await);
-    let start = || start_instance_with(&tx, &brokers, 4_000, false, with_feeds(&brokers));
+    // A transmitter Vigil polls: one stream for the cluster, polled by one instance at a time.
+    let idp = Arc::new(
+        vigil::sim::idp::Idp::start(
+            "127.0.0.1:0".parse().unwrap(),
+            vigil::sim::idp::IdpSettings {
+                receiver_credential: "Bearer idp-receiver-token".into(),
+                audience: AUD.into(),
+                long_poll: Duration::from_secs(1),
+                ..vigil::sim::idp::IdpSettings::default()
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    let polled_transmitter = {
+        let mut t = vigil::config::TransmitterConfig::managed(
+            "idp-poll",
+            idp.issuer(),
+            vec![AUD.into()],
+            vigil::config::DeliveryMode::Poll,
+            "Bearer idp-receiver-token",
+        );
+        if let Some(m) = &mut t.manage {
+            m.poll_timeout_secs = 1;
+        }
+        t
+    };
+    let start = || {
+        start_instance_with(&tx, &brokers, 4_000, false, |config| {
+            with_feeds(&brokers)(config);
+            config.transmitters.push(polled_transmitter.clone());
+        })
+    };
     // One instance at first; the load goes to whichever instances are in the cluster.
     let mut instances = vec![start()];
     let bases = Arc::new(std::sync::RwLock::new(vec![instances[0].base.clone()]));
@@ -878,6 +914,10 @@ async fn acknowledged_work_survives_kill_9_of_any_instance() {
     };
     let http = http();
     split(&http, &instances.iter().collect::<Vec<_>>()).await;
+    wait_for(&instances, 30, "Vigil's stream at the IdP", || async {
+        idp.streams().len() == 1
+    })
+    .await;
     // Users started by the loader so far; it goes on until the kills are done.
     let users = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let load_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -961,7 +1001,7 @@ async fn acknowledged_work_survives_kill_9_of_any_instance() {
     // Registrations, then (for every other user) the SET that disables the account, each sent to
     // a random instance and retried until acknowledged.
     let loader = {
-        let (http, bases, acked, tx, stop, users, load_done, producer) = (
+        let (http, bases, acked, tx, stop, users, load_done, producer, idp) = (
             http.clone(),
             bases.clone(),
             acked.clone(),
@@ -970,6 +1010,7 @@ async fn acknowledged_work_survives_kill_9_of_any_instance() {
             users.clone(),
             load_done.clone(),
             producer.clone(),
+            idp.clone(),
         );
         tokio::spawn(async move {
             while !load_done.load(std::sync::atomic::Ordering::Relaxed) {
@@ -1004,6 +1045,18 @@ async fn acknowledged_work_survives_kill_9_of_any_instance() {
                             acked.lock().unwrap().fed.insert(i);
                             break;
                         }
+                    }
+                }
+                if i % 8 == 3 {
+                    let queued = idp
+                        .emit(
+                            DISABLED,
+                            json!({"format": "email", "email": email(i)}),
+                            json!({}),
+                        )
+                        .unwrap();
+                    if queued > 0 {
+                        acked.lock().unwrap().polled.insert(i);
                     }
                 }
                 if i % 2 == 1 {
@@ -1118,22 +1171,31 @@ async fn acknowledged_work_survives_kill_9_of_any_instance() {
     checker.await.unwrap();
     poller.await.unwrap();
 
-    let (registered, pushed, fed, checks, confirmed, violations) = {
+    // Every event the IdP queued is polled and acknowledged in the end.
+    wait_for(&instances, 90, "the IdP's events all polled", || async {
+        idp.streams()
+            .first()
+            .is_some_and(|s| s["queued"] == json!(0))
+    })
+    .await;
+    let (registered, pushed, fed, polled, checks, confirmed, violations) = {
         let a = acked.lock().unwrap();
         (
             a.registered.clone(),
             a.pushed.clone(),
             a.fed.clone(),
+            a.polled.clone(),
             a.checks,
             a.confirmed_revoked.len(),
             a.violations.clone(),
         )
     };
     println!(
-        "registered {}, SETs acknowledged {}, feed messages acknowledged {}, checks {checks}, revocations confirmed during the run {confirmed}",
+        "registered {}, SETs acknowledged {}, feed messages acknowledged {}, IdP events polled {}, checks {checks}, revocations confirmed during the run {confirmed}",
         registered.len(),
         pushed.len(),
-        fed.len()
+        fed.len(),
+        polled.len()
     );
     assert_eq!(registered.len(), users, "every grant registered in the end");
     assert_eq!(
@@ -1150,7 +1212,13 @@ async fn acknowledged_work_survives_kill_9_of_any_instance() {
         users / 4 + usize::from(users % 4 > 1),
         "every feed message acknowledged"
     );
-    let revoked: BTreeSet<usize> = pushed.union(&fed).copied().collect();
+    assert_eq!(polled.len(), (users + 4) / 8, "every IdP event queued");
+    assert_eq!(
+        idp.streams().len(),
+        1,
+        "one stream at the IdP for the cluster, across the kills"
+    );
+    let revoked: BTreeSet<usize> = pushed.union(&fed).chain(&polled).copied().collect();
     for i in 0..users {
         let want = if revoked.contains(&i) {
             "revoked"
