@@ -108,7 +108,7 @@ impl Vigil {
         // which ownership follows, read back).
         let cluster_topics = if config.cluster.enabled() {
             let topics = crate::cluster::Topics::of(&config.cluster.name);
-            let partitions = crate::cluster::ensure(&config.cluster, &topics).await?;
+            let partitions = ensure_topics(&config.cluster, &topics).await?;
             Some((topics, partitions))
         } else {
             None
@@ -869,6 +869,28 @@ async fn transmitter_configs(
         }
     }
     Ok(configs)
+}
+
+/// Cluster mode: Vigil's topics, made when missing; their partition count. Brokers that do not
+/// answer are waited for (an instance started during an outage starts when they return, with no
+/// operator action), each attempt logged; a topic that cannot serve (wrong partition count, not
+/// creatable) stops the start.
+async fn ensure_topics(
+    config: &crate::config::ClusterConfig,
+    topics: &crate::cluster::Topics,
+) -> Result<i32, crate::cluster::ClusterError> {
+    let mut wait = Duration::from_secs(1);
+    loop {
+        match crate::cluster::ensure(config, topics).await {
+            Err(crate::cluster::ClusterError::Brokers(why)) => {
+                tracing::error!(alert = true, error = %why, retry_in_s = wait.as_secs(),
+                    "the cluster's brokers do not answer; waiting for them before starting");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Cluster mode: the records of the streams kept at transmitters, on the streams topic.
