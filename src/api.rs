@@ -508,16 +508,17 @@ fn judge(
 enum ViewAnswer {
     /// By the grant's owner (its live state).
     Owner(Response),
-    /// Here: a terminal denial the view holds (no hop), or — with the view's lag — the view's
-    /// answer when the owner could not be reached.
+    /// Here: a terminal denial the view holds (no hop), or — with the view's lag — a denial
+    /// because the owner could not confirm the grant.
     Here(CheckResult, Option<u64>),
 }
 
 /// Cluster mode: a check naming a grant (`grant_id`) this instance does not hold, answered with
 /// the status view: revoked or expired there is denied at once (the view only lags its owner, and
 /// revoked is terminal); anything else is asked of the grant's owner, whose live answer is
-/// returned — or, when it cannot be reached, the view's, with its staleness. `None` when the view
-/// does not know the grant (registered a moment ago) or the call was itself forwarded.
+/// returned — or, when it cannot be reached, a denial (`unconfirmed`) saying what the view holds
+/// and how far behind it is: the view alone never allows. `None` when the view does not know the
+/// grant (registered a moment ago) or the call was itself forwarded.
 async fn from_view(
     s: &ApiState,
     headers: &HeaderMap,
@@ -565,14 +566,40 @@ async fn from_view(
         Ok(a) => {
             tracing::warn!(
                 status = a.status,
-                "the grant's owner did not answer the check; answered from the status view"
+                "the grant's owner did not answer the check"
             );
-            answer(result, Some(view.lag()), "stale")
+            answer(
+                unconfirmed(result, view.lag()),
+                Some(view.lag()),
+                "unconfirmed",
+            )
         }
         Err(e) => {
-            tracing::warn!(error = %e, "the grant's owner did not answer the check; answered from the status view");
-            answer(result, Some(view.lag()), "stale")
+            tracing::warn!(error = %e, "the grant's owner did not answer the check");
+            answer(
+                unconfirmed(result, view.lag()),
+                Some(view.lag()),
+                "unconfirmed",
+            )
         }
+    }
+}
+
+/// Fail closed: what the view would allow is denied while the grant's owner cannot confirm it
+/// (the view may not yet hold a revocation the owner made), saying what the view holds.
+fn unconfirmed(viewed: CheckResult, lag: u64) -> CheckResult {
+    if viewed.decision == Verdict::Deny {
+        return viewed;
+    }
+    CheckResult {
+        decision: Verdict::Deny,
+        status: "unconfirmed".into(),
+        reason: format!(
+            "the grant's owner cannot be reached to confirm it (its partition may be moving); the \
+             status view, {lag} records behind, holds it as {}",
+            viewed.status
+        ),
+        grants: viewed.grants,
     }
 }
 

@@ -108,7 +108,7 @@ catalogue! {
     CLUSTER_STATUS_VIEW_LAG = "vigil_cluster_status_view_lag", Gauge, [],
         "State topic records the status view has yet to read (how far check answers from the view may lag the owners)";
     CLUSTER_VIEW_ANSWERS = "vigil_cluster_view_answers_total", Counter, ["answer"],
-        "Checks for a grant held elsewhere answered from the status view: deny (no hop), confirmed (the owner answered), stale (the owner could not be reached)";
+        "Checks for a grant held elsewhere answered with the status view: deny (revoked or expired there, no hop), confirmed (the owner answered), unconfirmed (the owner could not be reached: denied)";
     // The engine.
     ALIASES = "vigil_aliases", Gauge, [],
         "Identifier-to-principal links held (in cluster mode the whole cluster's alias table, read from the alias topic)";

@@ -89,10 +89,6 @@ impl Peers {
         headers: &[(&str, &str)],
         body: Option<Vec<u8>>,
     ) -> Result<Answer, ForwardError> {
-        let unreachable = |reason: String| ForwardError::Unreachable {
-            instance: member.instance.clone(),
-            reason: crate::outbound::excerpt(&reason),
-        };
         let response = self.open(member, method, call, headers, body, None).await?;
         let status = response.status().as_u16();
         let content_type = response
@@ -108,7 +104,7 @@ impl Peers {
             .collect();
         let body = crate::outbound::read_capped(response, MAX_ANSWER)
             .await
-            .map_err(|e| unreachable(e.to_string()))?;
+            .map_err(|e| unreachable(member, e.to_string()))?;
         Ok(Answer {
             status,
             content_type,
@@ -129,10 +125,7 @@ impl Peers {
         body: Option<Vec<u8>>,
         timeout: Option<std::time::Duration>,
     ) -> Result<reqwest::Response, ForwardError> {
-        let unreachable = |reason: String| ForwardError::Unreachable {
-            instance: member.instance.clone(),
-            reason: crate::outbound::excerpt(&reason),
-        };
+        let unreachable = |reason: String| unreachable(member, reason);
         let mut url = self
             .destinations
             .check_url(&member.url)
@@ -160,5 +153,13 @@ impl Peers {
             .map_err(|e| unreachable(e.to_string()))?;
         metrics::counter!(crate::telemetry::CLUSTER_FORWARDED).increment(1);
         Ok(response)
+    }
+}
+
+/// `member` did not answer, and why (an excerpt: the reason may hold remote text).
+fn unreachable(member: &Member, reason: String) -> ForwardError {
+    ForwardError::Unreachable {
+        instance: member.instance.clone(),
+        reason: crate::outbound::excerpt(&reason),
     }
 }

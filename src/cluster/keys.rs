@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -64,13 +64,12 @@ pub async fn shared_identity(
     shutdown: watch::Receiver<bool>,
 ) -> Result<Arc<Identity>, ClusterError> {
     let consumer = topics::whole_topic_reader(config, topic, instance)?;
-    let end = consumer
+    let (low, end) = consumer
         .fetch_watermarks(topic, 0, Duration::from_secs(10))
-        .map_err(|e| ClusterError::Brokers(format!("{topic}: {e}")))?
-        .1;
+        .map_err(|e| ClusterError::Brokers(format!("{topic}: {e}")))?;
     let name = topic.to_owned();
     let (consumer, records) = tokio::task::spawn_blocking(move || {
-        let records = read_to(&consumer, &name, end);
+        let records = read_to(&consumer, &name, low, end);
         (consumer, records)
     })
     .await
@@ -117,32 +116,21 @@ pub async fn shared_identity(
     Ok(identity)
 }
 
-/// The last record of each key before offset `end`.
+/// The last record of each key before offset `end` (none when the topic holds none: `low` is
+/// its first offset).
 fn read_to(
     consumer: &BaseConsumer,
     topic: &str,
+    low: i64,
     end: i64,
 ) -> Result<Vec<(String, Vec<u8>)>, ClusterError> {
-    let started = Instant::now();
     let mut latest: HashMap<String, Option<Vec<u8>>> = HashMap::new();
-    let mut next = 0;
-    while next < end {
-        if started.elapsed() > CATCH_UP {
-            return Err(ClusterError::Brokers(format!(
-                "{topic}: not read to its end in {}s",
-                CATCH_UP.as_secs()
-            )));
-        }
-        match consumer.poll(Duration::from_millis(200)) {
-            None => {}
-            Some(Err(e)) => tracing::warn!(%topic, error = %e, "reading the key topic"),
-            Some(Ok(message)) => {
-                next = message.offset() + 1;
-                if let Some(key) = message.key().and_then(|k| std::str::from_utf8(k).ok()) {
-                    latest.insert(key.to_owned(), message.payload().map(<[u8]>::to_vec));
-                }
+    if end > low {
+        topics::read_to_end(consumer, topic, end, CATCH_UP, |message| {
+            if let Some(key) = message.key().and_then(|k| std::str::from_utf8(k).ok()) {
+                latest.insert(key.to_owned(), message.payload().map(<[u8]>::to_vec));
             }
-        }
+        })?;
     }
     Ok(latest
         .into_iter()

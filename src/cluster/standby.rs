@@ -10,9 +10,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::BaseConsumer;
 use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 
 use super::{topics, ClusterError};
@@ -41,16 +40,12 @@ impl Standby {
         instance: &str,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Arc<Standby>, ClusterError> {
-        let consumer: BaseConsumer = topics::client_config(config)
-            .set("group.id", format!("{topic}.standby.{instance}"))
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false")
-            .create()?;
-        let mut assignment = TopicPartitionList::new();
-        for p in 0..partitions {
-            assignment.add_partition_offset(topic, p, Offset::Beginning)?;
-        }
-        consumer.assign(&assignment)?;
+        let consumer = topics::every_partition_reader(
+            config,
+            topic,
+            partitions,
+            &format!("standby.{instance}"),
+        )?;
         let standby = Arc::new(Standby::default());
         let copies = standby.clone();
         std::thread::Builder::new()

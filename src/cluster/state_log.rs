@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -157,14 +157,7 @@ pub fn read_partition(
     progress: &dyn Fn(u64),
 ) -> Result<Vec<(Row, Vec<u8>)>, ClusterError> {
     let started = Instant::now();
-    let consumer: BaseConsumer = topics::client_config(config)
-        .set("group.id", format!("{topic}.restore"))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .create()?;
-    let (low, high) = consumer
-        .fetch_watermarks(topic, partition, Duration::from_secs(10))
-        .map_err(|e| ClusterError::Brokers(format!("{topic}/{partition}: {e}")))?;
+    let (consumer, low, high) = topics::partition_reader(config, topic, partition)?;
     let from_copy = copy.rows.len();
     let mut latest: HashMap<String, Option<Vec<u8>>> =
         copy.rows.into_iter().map(|(k, v)| (k, Some(v))).collect();
@@ -180,38 +173,19 @@ pub fn read_partition(
         let mut assignment = TopicPartitionList::new();
         assignment.add_partition_offset(topic, partition, Offset::Offset(low))?;
         consumer.assign(&assignment)?;
-        let mut next = low;
         let mut reported = 0u64;
-        while next < high {
-            if started.elapsed() > RESTORE_DEADLINE {
-                return Err(ClusterError::Brokers(format!(
-                    "{topic}/{partition}: read {} of {} records in {}s",
-                    next - low,
-                    high - low,
-                    RESTORE_DEADLINE.as_secs()
-                )));
+        let what = format!("{topic}/{partition}");
+        topics::read_to_end(&consumer, &what, high, RESTORE_DEADLINE, |message| {
+            let next = message.offset() + 1;
+            if let Some(key) = message.key().and_then(|k| std::str::from_utf8(k).ok()) {
+                latest.insert(key.to_owned(), message.payload().map(<[u8]>::to_vec));
             }
-            let Some(message) = consumer.poll(Duration::from_millis(200)) else {
-                continue;
-            };
-            let message = match message {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(%topic, partition, error = %e, "state topic read error; retrying");
-                    continue;
-                }
-            };
-            next = message.offset() + 1;
-            let Some(key) = message.key().and_then(|k| std::str::from_utf8(k).ok()) else {
-                continue;
-            };
-            latest.insert(key.to_owned(), message.payload().map(<[u8]>::to_vec));
             let done = u64::try_from(next - low).unwrap_or(0);
             if done - reported >= PROGRESS_EVERY {
                 reported = done;
                 progress(u64::try_from(high - next).unwrap_or(0));
             }
-        }
+        })?;
     }
     let rows: Vec<(Row, Vec<u8>)> = latest
         .into_iter()

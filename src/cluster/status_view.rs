@@ -6,9 +6,11 @@
 //!   view only ever lags the owner: a status it holds was the owner's, and revoked is terminal);
 //! - a grant the view would allow is confirmed by its owner (one hop to the owner of its
 //!   principal's partition), since the view may not yet hold a revocation its owner made;
-//! - when that owner cannot be reached (it died and the partition has not moved yet, a rebalance,
-//!   the brokers gone), the view's answer is given with its staleness (`view_lag` in the answer,
-//!   the records the view has yet to read), rather than no answer.
+//! - when that owner cannot be reached (it died and the partition has not moved yet, a rebalance),
+//!   the check is denied as `unconfirmed`, with what the view holds and its staleness (`view_lag`,
+//!   the records the view has yet to read): fail closed — the view alone never allows, since it
+//!   may not yet hold a revocation its owner already delivered (a restarted instance's view reads
+//!   the state topic from its start).
 //!
 //! `vigil_cluster_status_view_lag` is how far the view is behind the state topic's end, and
 //! `vigil_cluster_status_view_grants` how many grants it holds (the cluster's, on every instance).
@@ -20,7 +22,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::Offset;
 use tokio::sync::watch;
 
 use super::{topics, ClusterError};
@@ -49,17 +51,8 @@ impl StatusView {
         instance: &str,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Arc<StatusView>, ClusterError> {
-        let consumer: BaseConsumer = topics::client_config(config)
-            .set("group.id", format!("{topic}.view.{instance}"))
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false")
-            .set("fetch.wait.max.ms", "25")
-            .create()?;
-        let mut assignment = TopicPartitionList::new();
-        for p in 0..partitions {
-            assignment.add_partition_offset(topic, p, Offset::Beginning)?;
-        }
-        consumer.assign(&assignment)?;
+        let consumer =
+            topics::every_partition_reader(config, topic, partitions, &format!("view.{instance}"))?;
         let view = Arc::new(StatusView::default());
         let reader = view.clone();
         let (topic, count) = (topic.to_owned(), partitions);

@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -159,10 +159,9 @@ pub async fn share_streams(
         on_managed,
     } = sharing;
     let consumer = topics::whole_topic_reader(config, &topics.streams, instance)?;
-    let end = consumer
+    let (low, end) = consumer
         .fetch_watermarks(&topics.streams, 0, Duration::from_secs(10))
-        .map_err(|e| ClusterError::Brokers(format!("{}: {e}", topics.streams)))?
-        .1;
+        .map_err(|e| ClusterError::Brokers(format!("{}: {e}", topics.streams)))?;
     let (applied_tx, applied) = watch::channel(0i64);
     let shared = Arc::new(StreamTopics {
         writer,
@@ -200,7 +199,7 @@ pub async fn share_streams(
             });
         })
         .map_err(|e| ClusterError::Brokers(e.to_string()))?;
-    if end > 0
+    if end > low
         && tokio::time::timeout(CATCH_UP, caught_up.wait_for(|a| *a >= end))
             .await
             .is_err()
@@ -394,39 +393,16 @@ fn read_partition(
     topic: &str,
     partition: i32,
 ) -> Result<(Vec<ReadOutbox>, i64), ClusterError> {
-    let started = Instant::now();
-    let consumer: BaseConsumer = topics::client_config(config)
-        .set("group.id", format!("{topic}.restore"))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .create()?;
-    let (low, high) = consumer
-        .fetch_watermarks(topic, partition, Duration::from_secs(10))
-        .map_err(|e| ClusterError::Brokers(format!("{topic}/{partition}: {e}")))?;
+    let (consumer, low, high) = topics::partition_reader(config, topic, partition)?;
     let mut records: Vec<ReadOutbox> = Vec::new();
     if high > low {
         let mut assignment = TopicPartitionList::new();
         assignment.add_partition_offset(topic, partition, Offset::Offset(low))?;
         consumer.assign(&assignment)?;
-        let mut next = low;
-        while next < high {
-            if started.elapsed() > RESTORE_DEADLINE {
-                return Err(ClusterError::Brokers(format!(
-                    "{topic}/{partition}: not read to its end in {}s",
-                    RESTORE_DEADLINE.as_secs()
-                )));
-            }
-            match consumer.poll(Duration::from_millis(200)) {
-                None => {}
-                Some(Err(e)) => {
-                    tracing::warn!(%topic, partition, error = %e, "outbox read error; retrying")
-                }
-                Some(Ok(message)) => {
-                    next = message.offset() + 1;
-                    records.extend(decode(&message));
-                }
-            }
-        }
+        let what = format!("{topic}/{partition}");
+        topics::read_to_end(&consumer, &what, high, RESTORE_DEADLINE, |message| {
+            records.extend(decode(message));
+        })?;
     }
     // Only the records that matter: a pending SET's last record (a replayed one goes where it
     // was replayed), a dead letter with the SET's first record (it is filed under that place);

@@ -127,6 +127,79 @@ pub(super) fn whole_topic_reader(
     Ok(consumer)
 }
 
+/// A consumer of every partition of `topic` (`partitions` of them) from its first record, for a
+/// reader of the whole topic (standby copies, the status view): assigned, not subscribed, under
+/// the reader's own group id (`reader`), committing nothing.
+pub(super) fn every_partition_reader(
+    config: &ClusterConfig,
+    topic: &str,
+    partitions: i32,
+    reader: &str,
+) -> Result<BaseConsumer, ClusterError> {
+    let consumer: BaseConsumer = client_config(config)
+        .set("group.id", format!("{topic}.{reader}"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", "25")
+        .create()?;
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..partitions {
+        assignment.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
+    Ok(consumer)
+}
+
+/// A consumer for reading one partition of `topic` back (a handover's restore): the partition's
+/// first and end offsets as of now, and the consumer, not yet assigned.
+pub(super) fn partition_reader(
+    config: &ClusterConfig,
+    topic: &str,
+    partition: i32,
+) -> Result<(BaseConsumer, i64, i64), ClusterError> {
+    let consumer: BaseConsumer = client_config(config)
+        .set("group.id", format!("{topic}.restore"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()?;
+    let (low, high) = consumer
+        .fetch_watermarks(topic, partition, Duration::from_secs(10))
+        .map_err(|e| ClusterError::Brokers(format!("{topic}/{partition}: {e}")))?;
+    Ok((consumer, low, high))
+}
+
+/// Reads the assigned `consumer` until it has handed `take` every record before offset `end`
+/// (of one partition), or fails once `deadline` has passed; a read error is logged (`what` says
+/// what is read) and reading goes on.
+pub(super) fn read_to_end(
+    consumer: &BaseConsumer,
+    what: &str,
+    end: i64,
+    deadline: Duration,
+    mut take: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
+) -> Result<(), ClusterError> {
+    use rdkafka::message::Message;
+    let started = std::time::Instant::now();
+    let mut next = i64::MIN;
+    while next < end {
+        if started.elapsed() > deadline {
+            return Err(ClusterError::Brokers(format!(
+                "{what}: not read to its end in {}s",
+                deadline.as_secs()
+            )));
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            None => {}
+            Some(Err(e)) => tracing::warn!(error = %e, "reading {what}; retrying"),
+            Some(Ok(message)) => {
+                next = message.offset() + 1;
+                take(&message);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Reads `consumer` until `shutdown`, handing every record to `take`; a read error is logged
 /// (`what` says what is read) and reading goes on: the readers of whole topics (members, aliases,
 /// standby copies) all run this loop on a thread of their own.
