@@ -337,6 +337,12 @@ async fn register_through(http: &reqwest::Client, entry: &str, grant: &Value) ->
     }
 }
 
+/// [`register_through`], answered 201.
+async fn registered(http: &reqwest::Client, entry: &str, grant: &Value) {
+    let (code, body) = register_through(http, entry, grant).await;
+    assert_eq!(code, 201, "{body}");
+}
+
 /// What `base` answers for `grant` by `POST /v1/check` (decision, status) and by nginx's
 /// `auth_request` (HTTP status), checked against what is expected.
 async fn assert_live_answers(
@@ -1580,13 +1586,12 @@ async fn enforcement_points_are_served_by_the_whole_cluster() {
     // every revocation, polled through instance 2, signed with the cluster's key.
     let users: Vec<String> = (0..6).map(|i| format!("ep-user-{i}@example.com")).collect();
     for (i, user) in users.iter().enumerate() {
-        let (code, body) = register_through(
+        registered(
             &http,
             &bases[i % 3],
             &session_grant(&format!("ep-grant-{i}"), user),
         )
         .await;
-        assert_eq!(code, 201, "{body}");
     }
     for (i, user) in users.iter().enumerate() {
         let claims = json!({"iss": ISS, "aud": AUD, "iat": now() as i64, "jti": format!("ep-off-{i}"),
@@ -1710,13 +1715,12 @@ async fn enforcement_points_are_served_by_the_whole_cluster() {
         .iter()
         .enumerate()
     {
-        let (code, body) = register_through(
+        registered(
             &http,
             &bases[i],
             &session_grant(&format!("ep-late-{i}"), user),
         )
         .await;
-        assert_eq!(code, 201, "{body}");
         let claims = json!({"iss": ISS, "aud": AUD, "iat": now() as i64, "jti": format!("ep-late-off-{i}"),
             "sub_id": {"format": "email", "email": user},
             "events": {DISABLED: {"event_timestamp": now() as i64}}});
@@ -1885,13 +1889,12 @@ async fn risk_feeds_reach_each_principals_owner() {
         .map(|i| format!("feed-user-{i}@example.com"))
         .collect();
     for (i, user) in users.iter().enumerate() {
-        let (code, body) = register_through(
+        registered(
             &http,
             &bases[i % 3],
             &session_grant(&format!("feed-grant-{i}"), user),
         )
         .await;
-        assert_eq!(code, 201, "{body}");
     }
     let producer: FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", &brokers)
@@ -2020,13 +2023,12 @@ async fn streams_at_transmitters_run_on_one_instance_and_move() {
         .iter()
         .enumerate()
     {
-        let (code, body) = register_through(
+        registered(
             &http,
             &bases[i],
             &session_grant(&format!("managed-{i}"), user),
         )
         .await;
-        assert_eq!(code, 201, "{body}");
         disable(user);
         wait_for(&instances, 30, "the IdP's event applied", || async {
             grant_status(&http, &bases[(i + 1) % 3], &format!("managed-{i}"))
@@ -2066,13 +2068,12 @@ async fn streams_at_transmitters_run_on_one_instance_and_move() {
     let refs: Vec<&Instance> = survivors.iter().map(|&i| &instances[i]).collect();
     split(&http, &refs).await;
     let acked_before = idp.observed().acked.len();
-    let (code, body) = register_through(
+    registered(
         &http,
         &bases[survivors[0]],
         &session_grant("managed-c", "managed-c@example.com"),
     )
     .await;
-    assert_eq!(code, 201, "{body}");
     disable("managed-c@example.com");
     wait_for(
         &instances,
