@@ -361,10 +361,9 @@ async fn assert_live_answers(
     );
 }
 
-/// `POST /v1/check` for a grant: its decision and status.
-async fn check(http: &reqwest::Client, base: &str, grant: &str) -> (String, String) {
-    let answer: Value = http
-        .post(format!("{base}/v1/check"))
+/// `POST /v1/check` for a grant: the whole answer.
+async fn check_answer(http: &reqwest::Client, base: &str, grant: &str) -> Value {
+    http.post(format!("{base}/v1/check"))
         .bearer_auth(ADMIN_TOKEN)
         .json(&json!({"grant_id": grant}))
         .send()
@@ -372,7 +371,12 @@ async fn check(http: &reqwest::Client, base: &str, grant: &str) -> (String, Stri
         .unwrap()
         .json()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// `POST /v1/check` for a grant: its decision and status.
+async fn check(http: &reqwest::Client, base: &str, grant: &str) -> (String, String) {
+    let answer = check_answer(http, base, grant).await;
     (
         answer["decision"].as_str().unwrap_or("").to_owned(),
         answer["status"].as_str().unwrap_or("").to_owned(),
@@ -730,16 +734,7 @@ async fn a_principals_state_moves_with_its_partition() {
     let active = format!("m{}", on_victim[1]);
     let mut from_view = 0;
     for instance in &instances {
-        let answer: Value = http
-            .post(format!("{}/v1/check", instance.base))
-            .bearer_auth(ADMIN_TOKEN)
-            .json(&json!({"grant_id": grant}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let answer = check_answer(&http, &instance.base, &grant).await;
         assert_eq!(
             (answer["decision"].as_str(), answer["status"].as_str()),
             (Some("deny"), Some("revoked")),
@@ -749,16 +744,7 @@ async fn a_principals_state_moves_with_its_partition() {
             answer.get("view_lag").is_none(),
             "a revocation needs no confirmation: {answer}"
         );
-        let answer: Value = http
-            .post(format!("{}/v1/check", instance.base))
-            .bearer_auth(ADMIN_TOKEN)
-            .json(&json!({"grant_id": active}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let answer = check_answer(&http, &instance.base, &active).await;
         if answer.get("view_lag").is_some() {
             assert_eq!(
                 (answer["decision"].as_str(), answer["status"].as_str()),

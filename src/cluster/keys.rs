@@ -30,16 +30,8 @@ struct KeyTopic {
 
 impl KeyShare for KeyTopic {
     fn publish(&self, records: Vec<KeyRecord>) -> Result<(), String> {
-        let records: Vec<TopicRecord> = records
-            .into_iter()
-            .map(|(key, value)| TopicRecord {
-                partition: 0,
-                key,
-                value,
-            })
-            .collect();
         self.writer
-            .append_blocking(&self.topic, &records)
+            .append_blocking(&self.topic, &TopicRecord::on_partition_zero(records))
             .map(|_| ())
     }
 }

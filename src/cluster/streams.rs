@@ -65,14 +65,7 @@ impl SharedStreams for StreamTopics {
             self.applied.clone(),
         );
         Box::pin(async move {
-            let records: Vec<TopicRecord> = records
-                .into_iter()
-                .map(|(key, value)| TopicRecord {
-                    partition: 0,
-                    key,
-                    value,
-                })
-                .collect();
+            let records = TopicRecord::on_partition_zero(records);
             let offsets = writer.append(&topic, &records).await?;
             let last = offsets.into_iter().max().unwrap_or(-1);
             // Read back here, so the caller's next call on this instance sees the change.
@@ -236,12 +229,9 @@ impl Outboxes {
         instance: &str,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Arc<Outboxes>, ClusterError> {
-        let consumer: BaseConsumer = topics::client_config(config)
-            .set("group.id", format!("{}.{instance}", topics.outbox_topic))
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false")
-            .set("fetch.wait.max.ms", "25")
-            .create()?;
+        let consumer: BaseConsumer =
+            topics::reader_config(config, &format!("{}.{instance}", topics.outbox_topic))
+                .create()?;
         let (tx, rx) = mpsc::channel();
         let runtime = tokio::runtime::Handle::current();
         let (topic, store, rt) = (

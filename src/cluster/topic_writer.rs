@@ -18,6 +18,20 @@ pub struct TopicRecord {
     pub value: Option<Vec<u8>>,
 }
 
+impl TopicRecord {
+    /// Records of a one-partition topic (keys, streams): each key with its value.
+    pub fn on_partition_zero(records: Vec<(String, Option<Vec<u8>>)>) -> Vec<TopicRecord> {
+        records
+            .into_iter()
+            .map(|(key, value)| TopicRecord {
+                partition: 0,
+                key,
+                value,
+            })
+            .collect()
+    }
+}
+
 /// The producer of the shared topics.
 pub struct TopicWriter {
     producer: FutureProducer<ProducerLogs>,

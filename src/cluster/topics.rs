@@ -105,43 +105,39 @@ pub(super) fn durable_producer_config(config: &ClusterConfig) -> ClientConfig {
     client
 }
 
+/// The settings of a reader that is not a member of a group: assigned partitions by hand, under
+/// a group id of its own (`group`; librdkafka still wants one), committing nothing. What one
+/// instance writes (a link, a stream, a key, a SET) is read by the others within tens of
+/// milliseconds, not after a broker's fetch wait (500 ms by default).
+pub(super) fn reader_config(config: &ClusterConfig, group: &str) -> ClientConfig {
+    let mut client = client_config(config);
+    client
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", "25");
+    client
+}
+
 /// A consumer of the whole of a one-partition topic, from its first record: every instance reads
-/// every record. Assigned, not subscribed; librdkafka still wants a group id, and this one is the
-/// reader's own (`reader`) and commits nothing.
+/// every record (`reader` names it).
 pub(super) fn whole_topic_reader(
     config: &ClusterConfig,
     topic: &str,
     reader: &str,
 ) -> Result<BaseConsumer, ClusterError> {
-    let consumer: BaseConsumer = client_config(config)
-        .set("group.id", format!("{topic}.{reader}"))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        // What one instance writes (a link, a stream, a key) is read by the others within tens
-        // of milliseconds, not after a broker's fetch wait (500 ms by default).
-        .set("fetch.wait.max.ms", "25")
-        .create()?;
-    let mut assignment = TopicPartitionList::new();
-    assignment.add_partition_offset(topic, 0, Offset::Beginning)?;
-    consumer.assign(&assignment)?;
-    Ok(consumer)
+    every_partition_reader(config, topic, 1, reader)
 }
 
 /// A consumer of every partition of `topic` (`partitions` of them) from its first record, for a
-/// reader of the whole topic (standby copies, the status view): assigned, not subscribed, under
-/// the reader's own group id (`reader`), committing nothing.
+/// reader of the whole topic (standby copies, the status view, the one-partition topics).
 pub(super) fn every_partition_reader(
     config: &ClusterConfig,
     topic: &str,
     partitions: i32,
     reader: &str,
 ) -> Result<BaseConsumer, ClusterError> {
-    let consumer: BaseConsumer = client_config(config)
-        .set("group.id", format!("{topic}.{reader}"))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .set("fetch.wait.max.ms", "25")
-        .create()?;
+    let consumer: BaseConsumer = reader_config(config, &format!("{topic}.{reader}")).create()?;
     let mut assignment = TopicPartitionList::new();
     for p in 0..partitions {
         assignment.add_partition_offset(topic, p, Offset::Beginning)?;
@@ -157,11 +153,7 @@ pub(super) fn partition_reader(
     topic: &str,
     partition: i32,
 ) -> Result<(BaseConsumer, i64, i64), ClusterError> {
-    let consumer: BaseConsumer = client_config(config)
-        .set("group.id", format!("{topic}.restore"))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .create()?;
+    let consumer: BaseConsumer = reader_config(config, &format!("{topic}.restore")).create()?;
     let (low, high) = consumer
         .fetch_watermarks(topic, partition, Duration::from_secs(10))
         .map_err(|e| ClusterError::Brokers(format!("{topic}/{partition}: {e}")))?;
