@@ -150,9 +150,10 @@ impl Ownership {
     /// by nobody during a rebalance).
     pub fn check(&self, key: &str) -> Result<(), i32> {
         let partition = partition_of(key, self.partitions);
-        match self.health.owned() {
-            Some(owned) if owned.contains(&partition) => Ok(()),
-            _ => Err(partition),
+        if self.health.owns(partition) {
+            Ok(())
+        } else {
+            Err(partition)
         }
     }
 }

@@ -103,10 +103,7 @@ impl SharedStreams for StreamTopics {
     }
 
     fn delivers(&self, stream: &str) -> bool {
-        let partition = self.partition_of(stream);
-        self.health
-            .owned()
-            .is_some_and(|owned| owned.contains(&partition))
+        self.health.owns(self.partition_of(stream))
     }
 }
 

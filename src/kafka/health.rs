@@ -184,6 +184,17 @@ impl KafkaHealth {
         Some(owned.iter().copied().collect())
     }
 
+    /// Cluster mode: whether `partition` is owned here (no copy of the set: asked on every
+    /// check, poll and push of another instance's grant or stream).
+    pub fn owns(&self, partition: i32) -> bool {
+        self.owned.as_ref().is_some_and(|owned| {
+            owned
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .contains(&partition)
+        })
+    }
+
     /// Partitions given to (`gained`) or taken from this instance by a rebalance.
     pub(crate) fn rebalanced(&self, partitions: impl Iterator<Item = i32>, gained: bool) {
         let Some(owned) = &self.owned else {
