@@ -891,19 +891,7 @@ async fn acknowledged_work_survives_kill_9_of_any_instance() {
     let brokers = kafka.bootstrap_servers();
     let tx = Arc::new(Transmitter::start(&[Alg::RS256]).await);
     // A transmitter Vigil polls: one stream for the cluster, polled by one instance at a time.
-    let idp = Arc::new(
-        vigil::sim::idp::Idp::start(
-            "127.0.0.1:0".parse().unwrap(),
-            vigil::sim::idp::IdpSettings {
-                receiver_credential: "Bearer idp-receiver-token".into(),
-                audience: AUD.into(),
-                long_poll: Duration::from_secs(1),
-                ..vigil::sim::idp::IdpSettings::default()
-            },
-        )
-        .await
-        .unwrap(),
-    );
+    let idp = Arc::new(polled_idp().await);
     let polled_transmitter = {
         let mut t = vigil::config::TransmitterConfig::managed(
             "idp-poll",
@@ -947,14 +935,7 @@ async fn acknowledged_work_survives_kill_9_of_any_instance() {
     };
     // The enforcement points: one polls its stream through any instance, one takes pushes.
     let (poll_id, audience) = {
-        let (code, stream) = ep_call(
-            &http,
-            reqwest::Method::POST,
-            &format!("{}/ssf/streams", instances[0].base),
-            Some(json!({})),
-        )
-        .await;
-        assert_eq!(code, 201, "{stream}");
+        let stream = create_stream(&http, &instances[0].base, None).await;
         (
             stream["stream_id"].as_str().unwrap().to_owned(),
             stream["aud"].as_str().unwrap().to_owned(),
@@ -980,14 +961,7 @@ async fn acknowledged_work_survives_kill_9_of_any_instance() {
         });
         url
     };
-    let (code, body) = ep_call(
-        &http,
-        reqwest::Method::POST,
-        &format!("{}/ssf/streams", instances[0].base),
-        Some(json!({"delivery": {"method": "urn:ietf:rfc:8935", "endpoint_url": push_url}})),
-    )
-    .await;
-    assert_eq!(code, 201, "{body}");
+    create_stream(&http, &instances[0].base, Some(&push_url)).await;
     let polled_sets: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
     let poller = {
         let (http, bases, stop, poll_id, polled) = (
@@ -1440,6 +1414,39 @@ async fn ep_call(
     (code, r.json().await.unwrap_or(Value::Null))
 }
 
+/// Creates a stream through `base` as the enforcement point (`delivery`: a push endpoint, or
+/// poll when `None`): its configuration, answered 201.
+async fn create_stream(http: &reqwest::Client, base: &str, push_to: Option<&str>) -> Value {
+    let body = match push_to {
+        Some(url) => json!({"delivery": {"method": "urn:ietf:rfc:8935", "endpoint_url": url}}),
+        None => json!({}),
+    };
+    let (code, stream) = ep_call(
+        http,
+        reqwest::Method::POST,
+        &format!("{base}/ssf/streams"),
+        Some(body),
+    )
+    .await;
+    assert_eq!(code, 201, "{stream}");
+    stream
+}
+
+/// A simulated IdP (an SSF transmitter) that Vigil manages a stream at and polls.
+async fn polled_idp() -> vigil::sim::idp::Idp {
+    vigil::sim::idp::Idp::start(
+        "127.0.0.1:0".parse().unwrap(),
+        vigil::sim::idp::IdpSettings {
+            receiver_credential: "Bearer idp-receiver-token".into(),
+            audience: AUD.into(),
+            long_poll: Duration::from_secs(1),
+            ..vigil::sim::idp::IdpSettings::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
 /// Polls `stream` through `base` (acknowledging `ack`), returning its SETs by `jti`.
 async fn poll_through(
     http: &reqwest::Client,
@@ -1522,34 +1529,13 @@ async fn enforcement_points_are_served_by_the_whole_cluster() {
 
     // A poll stream created through instance 0, a push stream through instance 1: both read back
     // through every instance.
-    let (code, poll_stream) = ep_call(
-        &http,
-        reqwest::Method::POST,
-        &format!("{}/ssf/streams", bases[0]),
-        Some(json!({})),
-    )
-    .await;
-    assert_eq!(code, 201, "{poll_stream}");
+    let poll_stream = create_stream(&http, &bases[0], None).await;
     let poll_id = poll_stream["stream_id"].as_str().unwrap().to_owned();
     let audience = poll_stream["aud"].as_str().unwrap().to_owned();
-    let (code, push_stream) = ep_call(
-        &http,
-        reqwest::Method::POST,
-        &format!("{}/ssf/streams", bases[1]),
-        Some(json!({"delivery": {"method": "urn:ietf:rfc:8935", "endpoint_url": push_url}})),
-    )
-    .await;
-    assert_eq!(code, 201, "{push_stream}");
+    let push_stream = create_stream(&http, &bases[1], Some(&push_url)).await;
     let push_id = push_stream["stream_id"].as_str().unwrap().to_owned();
-    let (code, body) = ep_call(
-        &http,
-        reqwest::Method::POST,
-        &format!("{}/ssf/streams", bases[2]),
-        Some(json!({"delivery": {"method": "urn:ietf:rfc:8935", "endpoint_url": rejects_url}})),
-    )
-    .await;
-    assert_eq!(code, 201, "{body}");
-    let rejected_id = body["stream_id"].as_str().unwrap().to_owned();
+    let rejected = create_stream(&http, &bases[2], Some(&rejects_url)).await;
+    let rejected_id = rejected["stream_id"].as_str().unwrap().to_owned();
     // (The other instances read the streams topic within tens of milliseconds.)
     for base in &bases {
         for id in [&poll_id, &push_id] {
@@ -1943,22 +1929,11 @@ fn free_port() -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn streams_at_transmitters_run_on_one_instance_and_move() {
     use vigil::config::{DeliveryMode, TransmitterConfig};
-    use vigil::sim::idp::{Idp, IdpSettings};
     const CREDENTIAL: &str = "Bearer idp-receiver-token";
     let kafka = brokers_with_topics();
     let brokers = kafka.bootstrap_servers();
     let tx = Transmitter::start(&[Alg::RS256]).await;
-    let idp = Idp::start(
-        "127.0.0.1:0".parse().unwrap(),
-        IdpSettings {
-            receiver_credential: CREDENTIAL.into(),
-            audience: AUD.into(),
-            long_poll: Duration::from_secs(1),
-            ..IdpSettings::default()
-        },
-    )
-    .await
-    .unwrap();
+    let idp = polled_idp().await;
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     // The IdP pushes to instance 2 (its load balancer, say); any instance may have set it up.
     let push_receiver = format!("http://127.0.0.1:{}", ports[2]);
