@@ -219,17 +219,21 @@ async fn split(http: &reqwest::Client, instances: &[&Instance]) -> Vec<BTreeSet<
     .await
 }
 
-/// The partitions `/readyz` says the instance owns (`None` while it does not answer).
-async fn owned(http: &reqwest::Client, base: &str) -> Option<BTreeSet<i32>> {
-    let body: Value = http
-        .get(format!("{base}/readyz"))
+/// An instance's `/readyz` body (`None` while it does not answer).
+async fn readyz(http: &reqwest::Client, base: &str) -> Option<Value> {
+    http.get(format!("{base}/readyz"))
         .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .ok()?
         .json()
         .await
-        .ok()?;
+        .ok()
+}
+
+/// The partitions `/readyz` says the instance owns (`None` while it does not answer).
+async fn owned(http: &reqwest::Client, base: &str) -> Option<BTreeSet<i32>> {
+    let body = readyz(http, base).await?;
     body["kafka"]["owned_partitions"]
         .as_array()
         .map(|a| a.iter().map(|p| p.as_i64().unwrap() as i32).collect())
@@ -1839,15 +1843,7 @@ async fn risk_feeds_reach_each_principals_owner() {
     eventually_within(60, "the feed partitions split", || async {
         let mut assigned = 0;
         for base in &bases {
-            let ready: Value = http
-                .get(format!("{base}/readyz"))
-                .bearer_auth(ADMIN_TOKEN)
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let ready = readyz(&http, base).await?;
             if ready["status"] != json!("ready") {
                 return None;
             }
