@@ -17,7 +17,9 @@
 //! handover); then signal → revocation latency in steady state (probes: a RISC account-disabled
 //! SET each, for a user with a grant, paced at 200/s; latency = the decision's time − the push's,
 //! one process, one clock); then the first instance leaves cleanly while probes go on, and the
-//! second restores the rest (leave handover, and the probes' latency during it). Twice: without
+//! second restores the rest (leave handover, and the probes' latency during it) — to the grant's
+//! revocation, and to the revocation's SET verified at an enforcement point whose push stream's
+//! deliverer moves with its partition. Twice: without
 //! standby copies (a restore reads the partition from its start), then with `cluster.standby`
 //! (each instance follows the whole state topic; a restore reads only what follows its copy).
 
@@ -125,8 +127,8 @@ async fn run() -> anyhow::Result<()> {
     }
     if !handovers.is_empty() {
         println!();
-        println!("| grants | standby | registered/s | join: restored rows | join: restore s / settled s | leave: restored rows | leave: restore s / owned s | steady p50 / p99 / p999 ms | during leave p50 / p99 / p999 ms (probes) |");
-        println!("|---|---|---|---|---|---|---|---|---|");
+        println!("| grants | standby | registered/s | bytes a grant | join: restored rows | join: restore s / settled s | leave: restored rows | leave: restore s / owned s | steady p50 / p99 / p999 ms | during leave p50 / p99 / p999 ms (probes) | at the EP, steady | at the EP, during leave (delivered) |");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     }
     for (standby, h) in &handovers {
         let q = |l: &[f64]| {
@@ -138,9 +140,10 @@ async fn run() -> anyhow::Result<()> {
             )
         };
         println!(
-            "| {grants} | {} | {:.0} | {} | {:.2} / {:.2} | {} | {:.2} / {:.2} | {} | {} ({}) |",
+            "| {grants} | {} | {:.0} | {:.0} | {} | {:.2} / {:.2} | {} | {:.2} / {:.2} | {} | {} ({}) | {} | {} ({}) |",
             if *standby { "yes" } else { "no" },
             h.registered_per_sec,
+            h.bytes_per_grant,
             h.join_restored,
             h.join_restore_secs,
             h.join_secs,
@@ -149,7 +152,10 @@ async fn run() -> anyhow::Result<()> {
             h.leave_secs,
             q(&h.steady_ms),
             q(&h.during_leave_ms),
-            h.during_leave_ms.len()
+            h.during_leave_ms.len(),
+            q(&h.steady_ep_ms),
+            q(&h.during_leave_ep_ms),
+            h.during_leave_ep_ms.len()
         );
     }
     Ok(())
@@ -172,6 +178,12 @@ struct Handover {
     /// Signal → revocation latencies (ms, sorted).
     steady_ms: Vec<f64>,
     during_leave_ms: Vec<f64>,
+    /// Signal → the revocation's SET verified at an enforcement point whose push stream moves
+    /// with its partition (ms, sorted).
+    steady_ep_ms: Vec<f64>,
+    during_leave_ep_ms: Vec<f64>,
+    /// The first instance's data directory after the registrations, bytes a grant.
+    bytes_per_grant: f64,
 }
 
 /// The load generator as a transmitter Vigil trusts (its keys at `jwks_uri`).
@@ -209,6 +221,7 @@ async fn handover_instance(
     config.cluster.name = name.to_owned();
     config.cluster.partitions = partitions;
     config.cluster.standby = standby;
+    common::add_eps(&mut config);
     // librdkafka's mock group coordinator waits up to a session timeout for members to rejoin
     // a rebalance (45 s by default): a short one, with heartbeats to match.
     for (k, v) in [
@@ -384,6 +397,18 @@ async fn handover(
         .build()?;
     let a = handover_instance(dir_a.path(), &brokers, &name, partitions, standby, jwks_uri).await?;
     owned_by(&http, &[&a], partitions as usize).await?;
+    // An enforcement point with a push stream (the cluster's: its deliverer is the owner of the
+    // stream's partition, which moves too); every receipt's time, by the probe's `jti`.
+    let ep = vigil::sim::ep::subscribe(
+        &format!("http://{}", a.local_addr()),
+        "token-for-ep-push-0123456789",
+        "ep-push",
+        vigil::sim::ep::Method::Push,
+        "127.0.0.1:0".parse()?,
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
+    let receipts = receipts_of(ep);
 
     eprintln!("== handover (standby: {standby}): registering {grants} grants on one instance…");
     let started = Instant::now();
@@ -410,7 +435,13 @@ async fn handover(
         t.await??;
     }
     let registered_per_sec = grants as f64 / started.elapsed().as_secs_f64();
-    eprintln!("   {registered_per_sec:.0} registrations/s");
+    let store_bytes = bytes_under(dir_a.path());
+    let bytes_per_grant = store_bytes as f64 / grants as f64;
+    eprintln!(
+        "   {registered_per_sec:.0} registrations/s; data directory {:.0} MB ({:.0} bytes a grant)",
+        store_bytes as f64 / 1e6,
+        store_bytes as f64 / grants as f64
+    );
 
     let before = restored(&http, &a).await?;
     let joined_at = Instant::now();
@@ -428,8 +459,8 @@ async fn handover(
     let warm = key.sign_set(&background_set(ISS, AUD, "handover-warm", 0))?;
     wait_until_accepted(&http, &url_b, &warm).await?;
     let never = std::sync::atomic::AtomicBool::new(false);
-    let sent = probe(&http, &url_b, key, 0..probes, 200, &never).await?;
-    let steady_ms = revocation_latencies(&http, &base_b, &sent).await?;
+    let sent_steady = probe(&http, &url_b, key, 0..probes, 200, &never).await?;
+    let steady_ms = revocation_latencies(&http, &base_b, &sent_steady).await?;
 
     // The first instance leaves while probes go on (to the second), from a second before until
     // a second after the second instance owns every partition.
@@ -449,8 +480,10 @@ async fn handover(
     eprintln!("   leave: {leave_restored} rows restored in {leave_restore_secs:.2} s, owned in {leave_secs:.2} s");
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let sent = during.await??;
-    let during_leave_ms = revocation_latencies(&http, &base_b, &sent).await?;
+    let sent_during = during.await??;
+    let during_leave_ms = revocation_latencies(&http, &base_b, &sent_during).await?;
+    let steady_ep_ms = delivered_latencies(&receipts, &sent_steady).await;
+    let during_leave_ep_ms = delivered_latencies(&receipts, &sent_during).await;
     b.shutdown().await;
     Ok(Handover {
         registered_per_sec,
@@ -462,7 +495,71 @@ async fn handover(
         leave_restore_secs,
         steady_ms,
         during_leave_ms,
+        steady_ep_ms,
+        during_leave_ep_ms,
+        bytes_per_grant,
     })
+}
+
+/// Receipt times (ms since the epoch) at `ep`, by the `txn` of the signal that caused each SET
+/// (the probe's `jti`), collected as they arrive.
+fn receipts_of(
+    mut ep: vigil::sim::ep::EnforcementPoint,
+) -> Arc<std::sync::Mutex<std::collections::HashMap<String, i64>>> {
+    let receipts = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    let into = receipts.clone();
+    tokio::spawn(async move {
+        while let Some(r) = ep.received.recv().await {
+            if let (Some(txn), Ok(mut map)) = (r.txn(), into.lock()) {
+                map.entry(txn.to_owned()).or_insert(r.at_ms);
+            }
+        }
+    });
+    receipts
+}
+
+/// The latency (ms, sorted) from each probe's push to its revocation's first receipt at the
+/// enforcement point; waits up to 60 s for the last (a probe never delivered is left out, and
+/// the count printed says so).
+async fn delivered_latencies(
+    receipts: &std::sync::Mutex<std::collections::HashMap<String, i64>>,
+    sent: &[(usize, f64)],
+) -> Vec<f64> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out: Vec<f64> = {
+            let Ok(map) = receipts.lock() else {
+                return Vec::new();
+            };
+            sent.iter()
+                .filter_map(|(u, at)| {
+                    map.get(&format!("probe-{u}"))
+                        .map(|&ms| ms as f64 - at * 1e3)
+                })
+                .collect()
+        };
+        if out.len() == sent.len() || Instant::now() >= deadline {
+            let mut out = out;
+            out.sort_by(f64::total_cmp);
+            return out;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Bytes of the files under `dir` (a data directory: its stores, intake and audit log).
+fn bytes_under(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => bytes_under(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 /// What one configuration is.

@@ -16,7 +16,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, RawQuery, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -44,6 +44,8 @@ pub struct ApiState {
     /// Cluster mode: every grant's status as its owner last wrote it (`check` for grants held
     /// elsewhere).
     pub view: Option<Arc<crate::cluster::StatusView>>,
+    /// Cluster mode: the other instances' decisions, copied into `audit`.
+    pub decision_copies: Option<Arc<crate::cluster::DecisionCopies>>,
 }
 
 use crate::error_body::error;
@@ -324,8 +326,6 @@ pub struct DecisionParams {
 
 pub async fn decisions(
     State(s): State<Arc<ApiState>>,
-    headers: HeaderMap,
-    RawQuery(raw): RawQuery,
     Query(q): Query<DecisionParams>,
 ) -> Response {
     let subject = q.subject.map(|k| s.engine.principal_of(&k));
@@ -336,30 +336,30 @@ pub async fn decisions(
         since: q.since,
         limit,
     };
-    let audit = s.audit.clone();
-    let mut decisions = match tokio::task::spawn_blocking(move || audit.query(&query)).await {
-        Ok(Ok(decisions)) => decisions,
-        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, "audit", e.to_string()),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "audit", e.to_string()),
-    };
-    // Cluster mode: every instance's decisions (each lists those of the principals it owned).
-    let call = crate::cluster::Call {
-        segments: &["v1", "decisions"],
-        query: raw.as_deref(),
-    };
-    if let Some(answers) = from_every_other(&s, &headers, reqwest::Method::GET, &call).await {
-        for listed in answers {
-            decisions.extend(listed.into_iter().flat_map(|l: DecisionList| l.decisions));
+    // Cluster mode: the local log holds every instance's decisions once copied; what the brokers
+    // held when the call arrived is waited for (briefly: a lagging copier answers what it has).
+    if let Some(copies) = &s.decision_copies {
+        if !copies.caught_up(DECISION_COPIES_WAIT).await {
+            tracing::warn!(
+                lag = copies.lag(),
+                "decisions listed before every other instance's were copied here"
+            );
         }
-        // Oldest first, each once, the newest `limit` — as one instance lists them.
-        decisions.sort_by(|a, b| a.time.total_cmp(&b.time));
-        let mut seen = std::collections::HashSet::new();
-        decisions.retain(|d| seen.insert(d.id.clone()));
-        let excess = decisions.len().saturating_sub(limit);
-        decisions.drain(..excess);
     }
-    Json(json!({"decisions": decisions})).into_response()
+    let audit = s.audit.clone();
+    match tokio::task::spawn_blocking(move || audit.query(&query)).await {
+        Ok(Ok(mut decisions)) => {
+            // Copies arrive after this instance's own decisions of the same time: oldest first.
+            decisions.sort_by(|a, b| a.time.total_cmp(&b.time));
+            Json(json!({"decisions": decisions})).into_response()
+        }
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, "audit", e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "audit", e.to_string()),
+    }
 }
+
+/// How long a decision query waits for other instances' decisions to be copied here.
+const DECISION_COPIES_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Cluster mode, a call not itself forwarded: `call` made to every other live instance, each
 /// `200` answer's body read as `T` (an instance that does not answer, or answers otherwise, is
@@ -399,12 +399,6 @@ async fn from_every_other<T: serde::de::DeserializeOwned>(
         }
     }
     Some(out)
-}
-
-/// Another instance's `/v1/decisions` answer.
-#[derive(Deserialize)]
-struct DecisionList {
-    decisions: Vec<crate::decision::Decision>,
 }
 
 pub async fn subject(
@@ -547,14 +541,27 @@ async fn from_view(
     if matches!(result.status.as_str(), "revoked" | "expired") {
         return answer(result, None, "deny");
     }
-    let asked = match peers.owner_of(&grant.principal) {
-        Ok(owner) => {
-            peers
-                .send(&owner, method, call, &passed_on(headers), body)
-                .await
+    let owner = match peers.owner_of(&grant.principal) {
+        Ok(owner) => owner,
+        Err(e) => {
+            // The directory does not name the partition's owner yet (it was assigned moments
+            // ago): whichever instance holds the grant answers; none does, and it is unconfirmed.
+            if let Some(held) = ask_others(s, headers, method, call, body, &known).await {
+                metrics::counter!(crate::telemetry::CLUSTER_VIEW_ANSWERS, "answer" => "confirmed")
+                    .increment(1);
+                return Some(ViewAnswer::Owner(held));
+            }
+            tracing::warn!(error = %e, "no instance answered for the grant's owner");
+            return answer(
+                unconfirmed(result, view.lag()),
+                Some(view.lag()),
+                "unconfirmed",
+            );
         }
-        Err(e) => Err(e),
     };
+    let asked = peers
+        .send(&owner, method, call, &passed_on(headers), body)
+        .await;
     match asked {
         Ok(a) if known(&a) => {
             metrics::counter!(crate::telemetry::CLUSTER_VIEW_ANSWERS, "answer" => "confirmed")

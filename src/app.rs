@@ -157,6 +157,7 @@ impl Vigil {
                 &config.cluster,
                 topics,
                 *partitions,
+                audit.origin(),
             )?));
         }
         // Delivery deletes a decision's hand-off row from the state topic once it took it over.
@@ -533,6 +534,17 @@ impl Vigil {
             }
             _ => None,
         };
+        // Cluster mode: the other instances' decisions, copied into this one's audit log.
+        let decision_copies = match (&cluster_topics, &cluster_instance) {
+            (Some((topics, _)), Some(instance)) => Some(crate::cluster::DecisionCopies::follow(
+                &config.cluster,
+                &topics.decisions,
+                audit.clone(),
+                instance,
+                shutdown_rx.clone(),
+            )?),
+            _ => None,
+        };
         let api_state = Arc::new(ApiState {
             identity: identity.clone(),
             streams: streams.clone(),
@@ -547,6 +559,7 @@ impl Vigil {
             ownership: ownership.clone(),
             peers: peers.clone(),
             view: status_view.clone(),
+            decision_copies,
         });
         // Streams kept at transmitters. In cluster mode each runs on exactly one instance — the
         // owner of its transmitter's partition — and moves with it; every instance accepts the

@@ -46,6 +46,9 @@ pub struct AuditLog {
     /// Ids of the decisions at the log's end when it was opened (bounded by
     /// `RECOVERY_TAIL_BYTES`): a decision replay makes again is not appended twice.
     before_start: HashSet<String>,
+    /// This log's own name, kept in `<dir>/origin`: in cluster mode the decisions it made carry it
+    /// on the decisions topic, so that its copier does not write them into it twice.
+    origin: String,
 }
 
 impl AuditLog {
@@ -54,13 +57,26 @@ impl AuditLog {
         let index = list_files(dir)?.last().map_or(1, |(i, _)| *i);
         let (file, size) = open_append(dir, index)?;
         let before_start = tail_ids(dir, RECOVERY_TAIL_BYTES)?;
+        let origin = origin_of(dir)?;
         Ok(AuditLog {
             dir: dir.to_owned(),
             max_bytes: max_bytes.max(1024),
             keep: keep.max(1),
             current: Mutex::new(Current { file, index, size }),
             before_start,
+            origin,
         })
+    }
+
+    /// The log's own name (random, made when the directory was; a new directory is a new log).
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// The log's directory (cluster mode keeps its copier's read positions there, beside what
+    /// they describe).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Appends decisions and syncs them to disk.
@@ -152,6 +168,21 @@ impl AuditLog {
         }
         Ok(out.into())
     }
+}
+
+/// The log's name in `<dir>/origin`, made if missing.
+fn origin_of(dir: &Path) -> std::io::Result<String> {
+    let path = dir.join("origin");
+    match std::fs::read_to_string(&path) {
+        Ok(name) if !name.trim().is_empty() => return Ok(name.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let bytes: [u8; 16] = rand::random();
+    let name: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(&path, &name)?;
+    Ok(name)
 }
 
 fn open_append(dir: &Path, index: u64) -> std::io::Result<(File, u64)> {

@@ -107,6 +107,10 @@ catalogue! {
         "Grants in this instance's status view (the whole cluster's, as their owners last wrote them)";
     CLUSTER_STATUS_VIEW_LAG = "vigil_cluster_status_view_lag", Gauge, [],
         "State topic records the status view has yet to read (how far check answers from the view may lag the owners)";
+    CLUSTER_DECISIONS_COPIED = "vigil_cluster_decisions_copied_total", Counter, [],
+        "Other instances' decisions copied from the decisions topic into this instance's audit log";
+    CLUSTER_DECISION_COPIES_LAG = "vigil_cluster_decision_copies_lag", Gauge, [],
+        "Decision records on the decisions topic not yet copied into this instance's audit log (how far /v1/decisions here may lag the cluster)";
     CLUSTER_VIEW_ANSWERS = "vigil_cluster_view_answers_total", Counter, ["answer"],
         "Checks for a grant held elsewhere answered with the status view: deny (revoked or expired there, no hop), confirmed (the owner answered), unconfirmed (the owner could not be reached: denied)";
     // The engine.

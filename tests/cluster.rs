@@ -83,6 +83,23 @@ impl Drop for Instance {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failed test shows what each instance warned of (its directory goes with it).
+        if std::thread::panicking() {
+            let log =
+                std::fs::read_to_string(self.dir.path().join("vigil.log")).unwrap_or_default();
+            let warned: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                .collect();
+            eprintln!(
+                "--- {} warned ({} lines; the last 40):",
+                self.base,
+                warned.len()
+            );
+            for line in &warned[warned.len().saturating_sub(40)..] {
+                eprintln!("{line}");
+            }
+        }
     }
 }
 
@@ -780,7 +797,31 @@ async fn a_principals_state_moves_with_its_partition() {
     }
     for instance in &instances {
         assert_live_answers(&http, &instance.base, &grant, ("deny", "revoked", 403)).await;
+        // The killed owner's decision outlives it: every other instance lists it.
+        let listed =
+            listed_decisions(&http, &instance.base, &format!("grant={grant}&limit=100")).await;
+        assert_eq!(listed.len(), 1, "the dead owner's decision: {listed:?}");
+        assert_eq!(listed[0]["effect"], "revoke");
     }
+    // The principal's new owner explains it with the decision its old owner made.
+    let explained = http
+        .get(format!(
+            "{}/v1/subjects/{}",
+            instances[0].base,
+            principal_key(&users[revoked])
+        ))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(explained.status(), 200);
+    let explained: Value = explained.json().await.unwrap();
+    assert!(
+        explained["recent_decisions"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|d| d["grant_id"] == json!(grant))),
+        "{explained}"
+    );
     // A signal for another of its users reaches the new owner, which holds the grant.
     let moved = on_victim[1];
     assert_eq!(
@@ -844,6 +885,10 @@ async fn a_principals_state_moves_with_its_partition() {
     for instance in &instances {
         for g in [&grant, &moved_grant] {
             assert_live_answers(&http, &instance.base, g, ("deny", "revoked", 403)).await;
+            // A new instance lists decisions made before it joined, by one gone before it came.
+            let listed =
+                listed_decisions(&http, &instance.base, &format!("grant={g}&limit=100")).await;
+            assert_eq!(listed.len(), 1, "{g}: {listed:?}");
         }
     }
     drop(kafka);

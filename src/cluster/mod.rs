@@ -17,7 +17,9 @@
 //! **Any instance answers the grant API, `check` and decisions.** Instances announce themselves
 //! and the partitions they own on `<name>.members` ([`Directory`]); a registration, read, deletion
 //! or check of a grant another instance owns is forwarded to it and its answer returned
-//! ([`Peers`]); `/v1/decisions` merges every instance's list.
+//! ([`Peers`]). Every instance copies the others' decisions into its own audit log
+//! ([`DecisionCopies`]), so `/v1/decisions` is answered with the whole cluster's, also those of
+//! an instance that is gone.
 //!
 //! **State moves with its partition.** Every change an owner makes is also appended to the state
 //! topic ([`StateLog`]) before it is acknowledged; an instance assigned a partition restores it
@@ -40,10 +42,9 @@
 //! cluster's records of them (on the streams topic).
 //!
 //! **Checks of grants held elsewhere** use the status view every instance keeps ([`StatusView`]).
-//!
-//! What is not built yet (issue 20): the decision list of an instance that left goes with it.
 
 mod aliases;
+mod decision_copies;
 mod forward;
 mod handover;
 mod keys;
@@ -60,6 +61,7 @@ mod topic_writer;
 mod topics;
 
 pub use aliases::follow as follow_aliases;
+pub use decision_copies::DecisionCopies;
 pub use forward::{Answer, Call, ForwardError, Peers, FORWARDED};
 pub use handover::Handover;
 pub use keys::{shared_identity, KeySettings};

@@ -4,6 +4,9 @@
 //! and answers once the brokers have them all; [`read_partition`] reads a partition back, each
 //! row's latest value, for the instance that takes it over.
 //!
+//! A batch's decisions go with its rows, to the decisions topic (`<name>.decisions`), marked with the audit log that made them ([`super::decision_copies`] copies them
+//! into every other instance's log).
+//!
 //! Correctness does not depend on compaction: a partition is read from its start and the last
 //! record of each key wins (a tombstone removes the row), so an uncompacted topic gives the same
 //! state, only more slowly.
@@ -13,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::Message;
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::oneshot;
@@ -21,6 +24,7 @@ use tokio::sync::oneshot;
 use super::standby::PartitionCopy;
 use super::{partition_of, topics, ClusterError};
 use crate::config::ClusterConfig;
+use crate::decision::Decision;
 use crate::engine::{ChangeRecord, Changelog, Row, Table};
 use crate::kafka::ProducerLogs;
 
@@ -35,6 +39,10 @@ pub struct StateLog {
     topic: String,
     /// The alias topic, where identifier links also go (read whole by every instance).
     aliases_topic: String,
+    /// The decisions topic, where each batch's decisions go.
+    decisions_topic: String,
+    /// The audit log the decisions are already in ([`crate::audit::AuditLog::origin`]).
+    origin: String,
     partitions: i32,
     timeout: Duration,
     runtime: tokio::runtime::Handle,
@@ -50,12 +58,14 @@ impl std::fmt::Debug for StateLog {
 }
 
 impl StateLog {
-    /// A producer for `topic` (`partitions` partitions, as the signals topic). Must be called
-    /// from within the Tokio runtime: deliveries are awaited on it.
+    /// A producer for `topic` (`partitions` partitions, as the signals topic); `origin` names the
+    /// audit log this instance's decisions are written to. Must be called from within the Tokio
+    /// runtime: deliveries are awaited on it.
     pub fn new(
         config: &ClusterConfig,
         topics: &super::Topics,
         partitions: i32,
+        origin: &str,
     ) -> Result<StateLog, ClusterError> {
         let mut client = topics::durable_producer_config(config);
         client
@@ -66,6 +76,8 @@ impl StateLog {
             producer: client.create_with_context(ProducerLogs)?,
             topic: topics.state.clone(),
             aliases_topic: topics.aliases.clone(),
+            decisions_topic: topics.decisions.clone(),
+            origin: origin.to_owned(),
             partitions,
             timeout: Duration::from_millis(config.publish_timeout_ms),
             runtime: tokio::runtime::Handle::current(),
@@ -97,10 +109,38 @@ impl StateLog {
 }
 
 impl Changelog for StateLog {
-    fn append(&self, records: Vec<ChangeRecord>) -> oneshot::Receiver<Result<(), String>> {
+    fn append(
+        &self,
+        records: Vec<ChangeRecord>,
+        decisions: &[Decision],
+    ) -> oneshot::Receiver<Result<(), String>> {
         let (tx, rx) = oneshot::channel();
         let deadline = Instant::now() + self.timeout;
-        let mut deliveries = Vec::with_capacity(records.len());
+        let mut deliveries = Vec::with_capacity(records.len() + decisions.len());
+        for d in decisions {
+            let json = match serde_json::to_vec(d) {
+                Ok(json) => json,
+                Err(e) => {
+                    let _ = tx.send(Err(format!("decision {}: {e}", d.id)));
+                    return rx;
+                }
+            };
+            let record = FutureRecord::to(&self.decisions_topic)
+                // Any partition serves (the topic is read whole): the producer's, by id.
+                .key(d.id.as_str())
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: super::decision_copies::ORIGIN_HEADER,
+                    value: Some(self.origin.as_str()),
+                }))
+                .payload(json.as_slice());
+            match self.send(record, deadline) {
+                Ok(delivery) => deliveries.push(delivery),
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return rx;
+                }
+            }
+        }
         for r in &records {
             let mut record = FutureRecord::<str, [u8]>::to(&self.topic)
                 .key(r.key.as_str())

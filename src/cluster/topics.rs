@@ -9,6 +9,7 @@
 //! | `<name>.state` | `table \x1f row key` | as the signals topic | compact | the owners' engine rows (contexts, session revocations, grants, aliases; a tombstone deletes), on their principal's partition: what a new owner restores |
 //! | `<name>.keys` | key id | 1 | compact | Vigil's signing keys (private parts included), read whole by every instance: one signing identity |
 //! | `<name>.streams` | `stream \x1f id` or `subject \x1f id \0 subject` | 1 | compact | enforcement points' stream configurations and subjects (push credentials included), read whole by every instance |
+//! | `<name>.decisions` | decision id | as the signals topic (any count serves) | delete, 7 days | every decision an owner made, marked with the audit log it was written to first: copied into every instance's audit log, so the trail outlives the instance that made it |
 //! | `<name>.outbox` | `stream id \x1f jti` | as the signals topic | compact | every SET for an enforcement point, on its stream's partition, until delivered (a tombstone) or dead-lettered: what the stream's deliverer restores |
 //!
 //! They are created at start-up when missing. A topic that exists keeps its partition count, which
@@ -29,9 +30,10 @@ use crate::config::ClusterConfig;
 
 /// How long start-up waits for the brokers' metadata and topic creation.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(15);
-/// Retention of the signals topic: a record is applied (and its effect in the owner's state)
-/// long before; the window only bounds the disk.
-const SIGNALS_RETENTION_MS: &str = "604800000";
+/// Retention of the topics that are logs, not tables (signals, decisions): a signal is applied
+/// (and its effect in the owner's state), a decision copied into every audit log, long before;
+/// the window only bounds the brokers' disk (each audit log has its own bound).
+const LOG_RETENTION_MS: &str = "604800000";
 
 /// The names of a cluster's topics.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +46,7 @@ pub struct Topics {
     pub keys: String,
     pub streams: String,
     pub outbox: String,
+    pub decisions: String,
 }
 
 impl Topics {
@@ -57,18 +60,19 @@ impl Topics {
             keys: format!("{name}.keys"),
             streams: format!("{name}.streams"),
             outbox: format!("{name}.outbox"),
+            decisions: format!("{name}.decisions"),
         }
     }
 
     /// Every topic with its partition count when the signals topic has `partitions`: what to
     /// create by hand where the brokers cannot create topics (librdkafka's mock cluster).
-    pub fn with_partitions(&self, partitions: i32) -> [(&str, i32); 8] {
+    pub fn with_partitions(&self, partitions: i32) -> [(&str, i32); 9] {
         self.wanted(partitions)
             .map(|(topic, count, _)| (topic, count))
     }
 
     /// Every topic with its partition count and cleanup policy.
-    fn wanted(&self, partitions: i32) -> [(&str, i32, &'static str); 8] {
+    fn wanted(&self, partitions: i32) -> [(&str, i32, &'static str); 9] {
         [
             (self.signals.as_str(), partitions, "delete"),
             (self.signals_dead_letter.as_str(), 1, "delete"),
@@ -78,6 +82,7 @@ impl Topics {
             (self.keys.as_str(), 1, "compact"),
             (self.streams.as_str(), 1, "compact"),
             (self.outbox.as_str(), partitions, "compact"),
+            (self.decisions.as_str(), partitions, "delete"),
         ]
     }
 }
@@ -231,7 +236,7 @@ pub async fn ensure(config: &ClusterConfig, topics: &Topics) -> Result<i32, Clus
                 )
                 .set("cleanup.policy", cleanup);
                 if *cleanup == "delete" {
-                    topic.set("retention.ms", SIGNALS_RETENTION_MS)
+                    topic.set("retention.ms", LOG_RETENTION_MS)
                 } else {
                     topic
                 }

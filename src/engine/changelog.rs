@@ -7,9 +7,12 @@
 //! The engine only knows the records; where they go is a [`Changelog`] (the cluster's state
 //! topic). A batch's replies, decisions and Kafka offsets are announced only after the changelog
 //! has acknowledged its records, as after the local commit: what was acknowledged survives the
-//! instance.
+//! instance. The batch's decisions go with its rows: the audit trail of a principal outlives the
+//! instance that owned it (the cluster's decisions topic, copied into every instance's log).
 
 use tokio::sync::oneshot;
+
+use crate::decision::Decision;
 
 /// One row change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,9 +27,13 @@ pub struct ChangeRecord {
 
 /// Where a batch's change records go.
 pub trait Changelog: Send + Sync + std::fmt::Debug {
-    /// Starts appending `records` (in order); the answer comes once all are acknowledged, or
-    /// with why they were not.
-    fn append(&self, records: Vec<ChangeRecord>) -> oneshot::Receiver<Result<(), String>>;
+    /// Starts appending `records` (in order) and the `decisions` made with them; the answer comes
+    /// once all are acknowledged, or with why they were not.
+    fn append(
+        &self,
+        records: Vec<ChangeRecord>,
+        decisions: &[Decision],
+    ) -> oneshot::Receiver<Result<(), String>>;
 }
 
 /// The engine's tables that move with a partition. The hand-off to delivery moves too: a decision

@@ -174,17 +174,15 @@ impl Shard {
         }
         let mut writes = Vec::new();
         let mut chunks = Vec::new();
-        let mut replicated = None;
+        // The changelog's records: the batch's rows, and its decisions with them.
+        let mut records = Vec::new();
         if !p.changes.is_empty() {
             let changes = std::mem::take(&mut p.changes);
             match revocations.and_then(|()| changes.encode()) {
                 Err(e) => writes.push(Err(e)),
                 Ok(mut urgent) => {
-                    if let Some(changelog) = &self.shared.settings.changelog {
-                        let records = urgent.records();
-                        if !records.is_empty() {
-                            replicated = Some(changelog.append(records));
-                        }
+                    if self.shared.settings.changelog.is_some() {
+                        records = urgent.records();
                     }
                     let bulk = urgent.split_bulk(CHECKPOINT_CHUNK);
                     if !urgent.is_empty() {
@@ -204,6 +202,12 @@ impl Shard {
                 }
             }
         }
+        let replicated = match &self.shared.settings.changelog {
+            Some(changelog) if !records.is_empty() || !p.decisions.is_empty() => {
+                Some(changelog.append(records, &p.decisions))
+            }
+            _ => None,
+        };
         let checkpoint = (!chunks.is_empty()
             || !p.processed.is_empty()
             || !p.batch_waiters.is_empty())

@@ -997,7 +997,11 @@ mod tests {
     struct Recorded(std::sync::Mutex<Vec<ChangeRecord>>);
 
     impl Changelog for Recorded {
-        fn append(&self, records: Vec<ChangeRecord>) -> oneshot::Receiver<Result<(), String>> {
+        fn append(
+            &self,
+            records: Vec<ChangeRecord>,
+            _decisions: &[Decision],
+        ) -> oneshot::Receiver<Result<(), String>> {
             self.0.lock().unwrap().extend(records);
             let (tx, rx) = oneshot::channel();
             tx.send(Ok(())).unwrap();

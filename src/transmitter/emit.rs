@@ -307,7 +307,7 @@ async fn emit_batch(
     if let (Some(changelog), false) = (changelog, taken_over.is_empty()) {
         // Not awaited: a tombstone lost means the next owner queues the SETs again, with the
         // same `jti`s.
-        let appended = changelog.append(taken_over);
+        let appended = changelog.append(taken_over, &[]);
         tokio::spawn(async move {
             if !matches!(appended.await, Ok(Ok(()))) {
                 tracing::warn!("hand-off rows not deleted from the state topic; the next owner may send their SETs again");
