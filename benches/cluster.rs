@@ -22,6 +22,12 @@
 //! deliverer moves with its partition. Twice: without
 //! standby copies (a restore reads the partition from its start), then with `cluster.standby`
 //! (each instance follows the whole state topic; a restore reads only what follows its copy).
+//!
+//! librdkafka's mock broker keeps at most 5 MB (or 100 000 batches) per partition and drops the
+//! oldest beyond that, as if the topic had a tiny retention: the state topic holds about 600
+//! bytes a grant (its row and its identifier's link), so keep `grants × 600 / partitions` under
+//! 5 MB (100 000 grants fit 12 partitions; 1 000 000 need 240). A run past it loses state in the
+//! broker, not in Vigil, and fails when a probe's grant is not found.
 
 mod common;
 

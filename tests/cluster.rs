@@ -557,6 +557,79 @@ async fn any_instance_takes_a_set_and_only_the_owner_applies_it() {
         }
     }
 
+    // Two registrations race on one new identifier (a phone), each on its own principal's owner:
+    // the identifier ends linked to one principal on every instance. A SET naming only the phone,
+    // pushed to each instance in turn, revokes exactly one of the two grants.
+    let (first, second) = {
+        let mut pair = (0..60).map(|i| format!("racer{i}@example.com"));
+        let first = pair.next().unwrap();
+        let second = pair.find(|e| owner_of(e) != owner_of(&first)).unwrap();
+        (first, second)
+    };
+    let phone = json!({"format": "phone_number", "phone_number": "+12025550199"});
+    let racing = |id: &str, email: &str| {
+        let mut g = session_grant(id, email);
+        g["subject"] = json!({"format": "aliases", "identifiers": [
+            {"format": "email", "email": email}, phone]});
+        g
+    };
+    let links_before: Vec<u64> = {
+        let mut held = Vec::new();
+        for instance in &instances {
+            held.push(aliases_held(&http, &instance.base).await);
+        }
+        held
+    };
+    let (race_1, race_2) = (racing("race-1", &first), racing("race-2", &second));
+    let (one, two) = tokio::join!(
+        register_through(&http, &instances[owner_of(&first)].base, &race_1),
+        register_through(&http, &instances[owner_of(&second)].base, &race_2),
+    );
+    assert_eq!((one.0, two.0), (201, 201), "{one:?} {two:?}");
+    // Both emails and the phone are in every instance's table (then a moment for the last link).
+    for (instance, before) in instances.iter().zip(&links_before) {
+        eventually_within(30, "the racing links read everywhere", || async {
+            (aliases_held(&http, &instance.base).await >= before + 3).then_some(())
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (i, instance) in instances.iter().enumerate() {
+        let by_phone = json!({"iss": ISS, "aud": AUD, "jti": format!("race-phone-{i}"),
+            "iat": now() as i64, "sub_id": phone, "events": {DISABLED: {}}});
+        assert_eq!(push_set(&http, &instance.base, &tx, &by_phone).await, 202);
+    }
+    wait_for(&instances, 30, "one racing grant revoked", || async {
+        let mut revoked = 0;
+        for g in ["race-1", "race-2"] {
+            if grant_status(&http, &instances[0].base, g).await.1["status"] == "revoked" {
+                revoked += 1;
+            }
+        }
+        revoked > 0
+    })
+    .await;
+    // Every SET has been applied by then or moments after. Registrations that raced made two
+    // principals, and the phone's SETs reached one of them; one that saw the other's link first
+    // joined its principal, and both grants are revoked.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for instance in &instances {
+        let mut seen = Vec::new();
+        for g in ["race-1", "race-2"] {
+            let (_, body) = grant_status(&http, &instance.base, g).await;
+            seen.push((body["principal"].clone(), body["status"].clone()));
+        }
+        let one_principal = seen[0].0 == seen[1].0;
+        let revoked = seen.iter().filter(|(_, s)| s == "revoked").count();
+        println!("racing registrations: {seen:?}");
+        assert_eq!(
+            revoked,
+            if one_principal { 2 } else { 1 },
+            "{}: one principal for the phone: {seen:?}",
+            instance.base
+        );
+    }
+
     // Every broker down: a push is refused with 503 + Retry-After and acknowledges nothing; the
     // transmitter's retry after the brokers return is taken and applied.
     let late = "late@example.com";

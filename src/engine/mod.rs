@@ -501,10 +501,12 @@ impl Engine {
         let _ = self.shared.owns.set(owns);
     }
 
-    /// Cluster mode: forgets every principal `released` names — their contexts, grants and
-    /// aliases, in memory and in the local store — because their partition now belongs to another
-    /// instance, whose answers must be the only ones. Returns the stored rows deleted. Blocks:
-    /// called from the Kafka consumer's rebalance callback, after its batches in flight finished.
+    /// Cluster mode: forgets every principal `released` names — their contexts and grants, and
+    /// their stored alias rows — because their partition now belongs to another instance, whose
+    /// answers must be the only ones. The in-memory alias table stays: it is the cluster's (read
+    /// from the alias topic), by which this instance routes signals naming those identifiers to
+    /// their new owner. Returns the stored rows deleted. Blocks: called from the Kafka consumer's
+    /// rebalance callback, after its batches in flight finished.
     pub fn release_blocking(&self, released: Released) -> Result<usize, EngineError> {
         let mut waits = Vec::new();
         for inbox in &self.inboxes {
@@ -521,9 +523,6 @@ impl Engine {
             wait.blocking_recv().map_err(|_| EngineError::Stopped)?;
         }
         self.shared.contexts.retain(|key, _| !released(key));
-        self.shared
-            .aliases
-            .retain(|_, principal| !released(principal));
         let forgotten = self
             .shared
             .writer
@@ -557,8 +556,11 @@ impl Engine {
         for ctx in loaded.contexts {
             self.shared.contexts.insert(ctx.key.clone(), Arc::new(ctx));
         }
+        // The cluster's alias table (the alias topic, read before any partition is taken) has
+        // the last word on an identifier two racing registrations linked differently: a restored
+        // row fills in only a link not read from it yet.
         for (alias, principal) in loaded.aliases {
-            self.shared.aliases.insert(alias, principal);
+            self.shared.aliases.entry(alias).or_insert(principal);
         }
         let mut by_shard: Vec<Vec<Arc<Grant>>> = vec![Vec::new(); self.inboxes.len()];
         for grant in loaded.grants {
@@ -1066,6 +1068,68 @@ mod tests {
         assert_eq!(
             next.grant("t1").map(|g| g.status),
             Some(GrantStatus::Revoked)
+        );
+    }
+
+    /// Cluster mode: the in-memory alias table is the cluster's. Giving a principal's partition up
+    /// keeps its identifiers' links (signals naming them are still routed to its new owner), and
+    /// a partition taken over does not put back a link the cluster's table has since replaced (two
+    /// registrations raced on the identifier, and the other one's link came later).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_cluster_alias_table_survives_handovers() {
+        let log = Arc::new(Recorded::default());
+        let (engine, _decisions, _held) = engine_with_decisions(EngineSettings {
+            changelog: Some(log.clone()),
+            ..EngineSettings::default()
+        });
+        let engine = Arc::new(engine);
+        let request: GrantRequest = serde_json::from_value(serde_json::json!({
+            "id": "r1", "kind": "session",
+            "subject": {"format": "aliases", "identifiers": [
+                {"format": "email", "email": "a@example.com"},
+                {"format": "phone_number", "phone_number": "+12025550100"}]},
+            "issued_at": 1_700_000_000, "expires_at": 4_000_000_000u64}))
+        .unwrap();
+        engine.register(request).await.unwrap();
+        let phone = "phone_number:+12025550100";
+        assert_eq!(engine.principal_of(phone), "email:a@example.com");
+        let rows: Vec<(Row, Vec<u8>)> = log
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|r| Some((Row::parse(&r.key)?, r.value.clone()?)))
+            .collect();
+        assert!(rows.iter().any(|(r, _)| r.table == Table::Alias));
+
+        let releasing = engine.clone();
+        tokio::task::spawn_blocking(move || releasing.release_blocking(Arc::new(|_: &str| true)))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            engine.grant("r1").is_none(),
+            "the grant went with the partition"
+        );
+        assert_eq!(
+            engine.principal_of(phone),
+            "email:a@example.com",
+            "the link stays: it routes the phone's signals to the new owner"
+        );
+
+        // Another registration's link of the phone, later in the alias topic, wins; taking the
+        // first principal's partition back does not undo it.
+        engine.learn_alias(phone, "email:b@example.com");
+        let adopting = engine.clone();
+        tokio::task::spawn_blocking(move || adopting.adopt_blocking(rows))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(engine.grant("r1").is_some(), "the grant came back with it");
+        assert_eq!(engine.principal_of(phone), "email:b@example.com");
+        assert_eq!(
+            engine.principal_of("email:a@example.com"),
+            "email:a@example.com"
         );
     }
 
