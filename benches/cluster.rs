@@ -3,7 +3,7 @@
 //! one is applied by an engine, and the CPU seconds the whole process spent per SET.
 //!
 //! Run: `cargo bench --bench cluster -- [--sets 20000] [--concurrency 64] [--partitions 12]
-//! [--grants 100000] [--probes 1000]`
+//! [--grants 100000] [--probes 1000] [--standby 0|1]`
 //!
 //! Configurations, each on a fresh in-process mock cluster of three brokers: a single node (its
 //! intake is a local file: the ceiling this stack reaches without Kafka), then one, two and three
@@ -122,8 +122,14 @@ async fn run() -> anyhow::Result<()> {
     }
     let grants = arg("--grants", 100_000) as usize;
     let probes = arg("--probes", 1_000) as usize;
+    // `--standby 0`: only without standby copies, `1`: only with them, else both.
+    let standby_runs: &[bool] = match arg("--standby", 2) {
+        0 => &[false],
+        1 => &[true],
+        _ => &[false, true],
+    };
     let mut handovers = Vec::new();
-    for standby in [false, true] {
+    for &standby in standby_runs {
         if grants > 0 {
             handovers.push((
                 standby,
