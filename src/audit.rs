@@ -182,6 +182,7 @@ fn origin_of(dir: &Path) -> std::io::Result<String> {
     let bytes: [u8; 16] = rand::random();
     let name: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     std::fs::write(&path, &name)?;
+    crate::store::private_file(&path)?;
     Ok(name)
 }
 

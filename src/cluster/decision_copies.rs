@@ -265,5 +265,6 @@ fn save_positions(path: &std::path::Path, positions: &[i64]) -> std::io::Result<
         .collect();
     let fresh = PathBuf::from(format!("{}.new", path.display()));
     std::fs::write(&fresh, serde_json::to_vec(&map)?)?;
+    crate::store::private_file(&fresh)?;
     std::fs::rename(&fresh, path)
 }
