@@ -66,7 +66,12 @@ impl DecisionCopies {
         // A position the topic's retention has passed starts over at what is left.
         client.set("auto.offset.reset", "earliest");
         let consumer: BaseConsumer = client.create()?;
-        let partitions = partition_count(&consumer, topic)?;
+        let partitions = topics::partition_count(consumer.client(), topic)?.ok_or_else(|| {
+            ClusterError::Topic {
+                topic: topic.to_owned(),
+                reason: "does not exist".into(),
+            }
+        })?;
         let positions_file = audit.dir().join(POSITIONS_FILE);
         let saved = load_positions(&positions_file);
         let mut assignment = TopicPartitionList::new();
@@ -230,21 +235,6 @@ fn foreign_decision(message: &BorrowedMessage<'_>, own: &str) -> Option<Decision
             None
         }
     }
-}
-
-fn partition_count(consumer: &BaseConsumer, topic: &str) -> Result<i32, ClusterError> {
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(15))
-        .map_err(|e| ClusterError::Brokers(e.to_string()))?;
-    metadata
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
-        .map(|t| i32::try_from(t.partitions().len()).unwrap_or(i32::MAX))
-        .ok_or_else(|| ClusterError::Topic {
-            topic: topic.to_owned(),
-            reason: "does not exist".into(),
-        })
 }
 
 /// The positions kept by the last run (none if there was none, or they cannot be read: copying

@@ -221,7 +221,7 @@ pub async fn ensure(config: &ClusterConfig, topics: &Topics) -> Result<i32, Clus
     let wanted = topics.wanted(config.partitions);
     let mut missing = Vec::new();
     for (topic, partitions, cleanup) in wanted {
-        if partition_count(&admin, topic)?.is_none() {
+        if partition_count(admin.inner(), topic)?.is_none() {
             missing.push((topic, partitions, cleanup));
         }
     }
@@ -268,15 +268,16 @@ pub async fn ensure(config: &ClusterConfig, topics: &Topics) -> Result<i32, Clus
         }
     }
     // Read back, also after creating: the count that exists is the one ownership follows.
-    let count = partition_count(&admin, &topics.signals)?.ok_or_else(|| ClusterError::Topic {
-        topic: topics.signals.clone(),
-        reason: "does not exist after it was created".into(),
-    })?;
+    let count =
+        partition_count(admin.inner(), &topics.signals)?.ok_or_else(|| ClusterError::Topic {
+            topic: topics.signals.clone(),
+            reason: "does not exist after it was created".into(),
+        })?;
     for (topic, what) in [
         (&topics.state, "a principal's state"),
         (&topics.outbox, "a stream's SETs"),
     ] {
-        let has = partition_count(&admin, topic)?.unwrap_or(0);
+        let has = partition_count(admin.inner(), topic)?.unwrap_or(0);
         if has != count {
             return Err(ClusterError::Topic {
                 topic: topic.clone(),
@@ -295,13 +296,13 @@ pub async fn ensure(config: &ClusterConfig, topics: &Topics) -> Result<i32, Clus
     Ok(count)
 }
 
-/// The partition count of `topic`, `None` if it does not exist.
-fn partition_count(
-    admin: &AdminClient<DefaultClientContext>,
+/// The partition count of `topic` as `client` (an admin client's, a consumer's) is told by the
+/// brokers, `None` if it does not exist.
+pub(super) fn partition_count<C: rdkafka::ClientContext>(
+    client: &rdkafka::client::Client<C>,
     topic: &str,
 ) -> Result<Option<i32>, ClusterError> {
-    let metadata = admin
-        .inner()
+    let metadata = client
         .fetch_metadata(Some(topic), ADMIN_TIMEOUT)
         .map_err(|e| ClusterError::Brokers(e.to_string()))?;
     Ok(metadata
