@@ -1,7 +1,9 @@
-//! State moving with a partition. When the group gives this instance partitions, it first drops
-//! anything it still held for them (an earlier ownership's, stale since), then reads each one's
-//! state back from the state topic into its engine — and only then owns it: its signals are
-//! consumed, and its grants answered, after the restore. When partitions are taken away, their
+//! State moving with a partition. When the group gives this instance partitions, the consumer
+//! pauses them and a restore thread reads each one's state back from the state topic (from its
+//! standby copy's offset, with `cluster.standby`) while the partitions owned already go on; then,
+//! under the ownership lock ([`crate::kafka::Claim::hold`]), it drops anything still held for them
+//! from an earlier ownership and adopts what it read — and only then are they owned: their signals
+//! consumed, and their grants answered, after the restore. When partitions are taken away, their
 //! principals are forgotten here, so only their new owner answers for them. The outboxes of the
 //! streams on those partitions move the same way ([`Outboxes`]): read back before this instance
 //! delivers them, forgotten when it gives them up.
@@ -14,7 +16,7 @@ use super::streams::Outboxes;
 use super::{partition_of, state_log};
 use crate::config::ClusterConfig;
 use crate::engine::{Engine, Released, Row};
-use crate::kafka::{KafkaHealth, PartitionHooks};
+use crate::kafka::{Claim, KafkaHealth, PartitionHooks};
 
 /// The partition hooks of cluster mode's Kafka source.
 pub struct Handover {
@@ -67,17 +69,23 @@ impl Handover {
         Ok(())
     }
 
-    /// Reads the state of `partitions` back, [`PARALLEL_READS`] at a time: each partition's rows,
-    /// or why they could not be read.
-    fn read(&self, partitions: &[i32]) -> Vec<(i32, Result<Rows, String>)> {
+    /// Reads the state of the claim's partitions back, [`PARALLEL_READS`] at a time: each
+    /// partition's rows, or why they could not be read. A partition given up before its turn is
+    /// not read.
+    fn read(&self, claim: &Claim) -> Vec<(i32, Result<Rows, String>)> {
         let mut out = Vec::new();
-        for chunk in partitions.chunks(PARALLEL_READS) {
+        for chunk in claim.partitions().chunks(PARALLEL_READS) {
             std::thread::scope(|scope| {
                 let reads: Vec<_> = chunk
                     .iter()
+                    .filter(|&&partition| claim.is_current(partition))
                     .map(|&partition| {
+                        // A restore still reading a partition given up meanwhile says nothing
+                        // more of it (`/readyz` would show it restoring for good).
                         let progress = move |remaining| {
-                            self.health.restore_progress(partition, remaining);
+                            if claim.is_current(partition) {
+                                self.health.restore_progress(partition, remaining);
+                            }
                         };
                         let copy = self
                             .standby
@@ -116,23 +124,17 @@ type Rows = Vec<(Row, Vec<u8>)>;
 const PARALLEL_READS: usize = 4;
 
 impl PartitionHooks for Handover {
-    fn assigned(&self, partitions: &[i32]) -> Vec<i32> {
+    /// Reads the partitions' state with no lock held (the consumer goes on with the partitions
+    /// owned already), then, holding the ownership lock, takes over those still assigned: drops
+    /// what was held of them from an earlier ownership, reads their streams' outboxes back, and
+    /// adopts their rows in one store commit.
+    fn take_over(&self, claim: &Claim) -> Vec<i32> {
         let started = std::time::Instant::now();
-        if let Err(e) = self.release(partitions, "state held from an earlier ownership dropped") {
-            for &p in partitions {
-                self.health.restore_failed(p, e.clone());
-            }
-            return partitions.to_vec();
-        }
         let mut failed = Vec::new();
-        let mut restored = Vec::new();
-        let mut rows = Vec::new();
-        for (partition, read) in self.read(partitions) {
-            match read {
-                Ok(read) => {
-                    rows.extend(read);
-                    restored.push(partition);
-                }
+        let mut read = Vec::new();
+        for (partition, rows) in self.read(claim) {
+            match rows {
+                Ok(rows) => read.push((partition, rows)),
                 Err(e) => {
                     tracing::error!(partition, error = %e,
                         "partition's state not read back: paused, its signals wait");
@@ -141,16 +143,49 @@ impl PartitionHooks for Handover {
                 }
             }
         }
-        // The streams' outboxes on the partitions read back.
-        if let Err(e) = self.outboxes.restore(&restored) {
-            tracing::error!(partitions = ?restored, error = %e,
-                "partitions' outboxes not read back: paused, their signals wait");
-            for &p in &restored {
+        let held = claim.hold();
+        for &p in &held.unclaimed {
+            self.health.restore_progress(p, 0);
+        }
+        let mut restored: Vec<i32> = read
+            .iter()
+            .map(|(p, _)| *p)
+            .filter(|p| held.current.contains(p))
+            .collect();
+        if restored.is_empty() {
+            return failed;
+        }
+        let fail = |restored: &mut Vec<i32>, failed: &mut Vec<i32>, e: String, what: &str| {
+            tracing::error!(partitions = ?restored, error = %e, "{what}: paused, their signals wait");
+            for &p in restored.iter() {
                 self.health.restore_failed(p, e.clone());
             }
-            failed.append(&mut restored);
-            rows.clear();
+            failed.append(restored);
+        };
+        if let Err(e) = self.release(&restored, "state held from an earlier ownership dropped") {
+            fail(
+                &mut restored,
+                &mut failed,
+                e,
+                "partitions' earlier state not dropped",
+            );
+            return failed;
         }
+        // The streams' outboxes on the partitions read back.
+        if let Err(e) = self.outboxes.restore(&restored) {
+            fail(
+                &mut restored,
+                &mut failed,
+                e,
+                "partitions' outboxes not read back",
+            );
+            return failed;
+        }
+        let rows: Vec<(Row, Vec<u8>)> = read
+            .into_iter()
+            .filter(|(p, _)| restored.contains(p))
+            .flat_map(|(_, rows)| rows)
+            .collect();
         // One store commit for every partition read.
         match self.engine.adopt_blocking(rows) {
             Ok(taken) => {
@@ -163,14 +198,12 @@ impl PartitionHooks for Handover {
                 tracing::info!(partitions = ?restored, rows = taken,
                     elapsed_ms = started.elapsed().as_millis() as u64, "partitions taken over");
             }
-            Err(e) => {
-                tracing::error!(partitions = ?restored, error = %e,
-                    "partitions' state not taken over: paused, their signals wait");
-                for &p in &restored {
-                    self.health.restore_failed(p, e.to_string());
-                }
-                failed.extend(restored);
-            }
+            Err(e) => fail(
+                &mut restored,
+                &mut failed,
+                e.to_string(),
+                "partitions' state not taken over",
+            ),
         }
         failed
     }

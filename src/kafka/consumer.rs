@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use super::dead_letter::{DeadLetters, ProducerLogs};
 use super::health::KafkaHealth;
 use super::log_librdkafka;
+use super::restores::{PartitionHooks, Restores};
 use super::source::{FeedMessage, Normalizer};
 use crate::config::KafkaConfig;
 use crate::engine::{BatchDone, Engine};
@@ -51,12 +52,10 @@ struct Pipeline {
     /// What `/readyz` says of this source.
     health: Arc<KafkaHealth>,
     topics: Vec<String>,
-    hooks: Option<Arc<dyn PartitionHooks>>,
+    /// Cluster mode: the state of partitions assigned, taken over on restore threads.
+    restores: Option<Restores>,
     /// Cluster mode's risk feeds: where their signals go (see [`SourceFormat::forward`]).
     forward: Option<Arc<dyn SignalForward>>,
-    /// Cluster mode: partitions assigned whose state could not be taken over (paused), and
-    /// when that was last tried.
-    paused: Mutex<(Vec<(String, i32)>, Instant)>,
 }
 
 /// How often a partition whose state could not be taken over is tried again.
@@ -120,11 +119,8 @@ impl ConsumerContext for Pipeline {
                 self.drain(consumer, Finish::All);
                 let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
                 self.health.rebalanced(partitions.iter().copied(), false);
-                Self::lock(&self.paused)
-                    .0
-                    .retain(|(_, p)| !partitions.contains(p));
-                if let Some(hooks) = &self.hooks {
-                    hooks.revoked(&partitions);
+                if let Some(restores) = &self.restores {
+                    restores.revoked(&partitions);
                 }
             }
             Rebalance::Assign(tpl) => {
@@ -134,31 +130,44 @@ impl ConsumerContext for Pipeline {
         }
     }
 
-    /// Cluster mode: the partitions assigned are owned only once their state is taken over; one
-    /// that could not be is paused, so none of its signals is applied to a state without it.
+    /// Cluster mode: a partition assigned is owned only once its state is taken over. It is
+    /// paused at once, and its state read on a restore thread while this thread goes on polling
+    /// the partitions it owns already (see [`super::restores`]); none of its signals is applied
+    /// to a state without it.
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
-            let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-            let failed = match &self.hooks {
-                Some(hooks) => hooks.assigned(&partitions),
-                None => Vec::new(),
+            let Some(restores) = &self.restores else {
+                let partitions = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| e.partition())
+                    .collect::<Vec<_>>();
+                self.health.rebalanced(partitions.into_iter(), true);
+                return;
             };
-            if !failed.is_empty() {
-                let mut paused = rdkafka::TopicPartitionList::new();
-                let mut waiting = Self::lock(&self.paused);
-                for e in tpl.elements() {
-                    if failed.contains(&e.partition()) {
-                        paused.add_partition(e.topic(), e.partition());
-                        waiting.0.push((e.topic().to_owned(), e.partition()));
+            if let Err(e) = consumer.pause(tpl) {
+                // (librdkafka refuses a pause only for a partition it does not know.) Not taken
+                // over and not paused: fetch none of them rather than apply their signals to a
+                // state without them. An incremental group lets just these go; an eager one
+                // only lets everything go, which stalls this instance until the next rebalance.
+                tracing::error!(error = %e, "could not pause partitions assigned; fetching none of them");
+                let unassigned = match consumer.rebalance_protocol() {
+                    rdkafka::consumer::RebalanceProtocol::Cooperative => {
+                        consumer.incremental_unassign(tpl)
                     }
+                    _ => consumer.unassign(),
+                };
+                if let Err(e) = unassigned {
+                    tracing::error!(error = %e, "could not let go of partitions it could not pause");
                 }
-                waiting.1 = Instant::now();
-                if let Err(e) = consumer.pause(&paused) {
-                    tracing::error!(error = %e, "could not pause partitions whose state was not taken over");
-                }
+                return;
             }
-            self.health
-                .rebalanced(partitions.into_iter().filter(|p| !failed.contains(p)), true);
+            restores.assigned(
+                tpl.elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition()))
+                    .collect(),
+            );
         }
     }
 }
@@ -168,39 +177,27 @@ impl Pipeline {
         m.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Cluster mode: tries again, every [`RESTORE_RETRY`], to take over the state of partitions
-    /// that are paused because it could not be; resumes and owns those it now can (no operator
+    /// Cluster mode: resumes, and owns, the partitions whose state has been taken over since
+    /// the last poll (a restore that failed is tried again by [`Restores`], with no operator
     /// action after the brokers come back).
-    fn retry_paused(&self, consumer: &BaseConsumer<Self>) {
-        let Some(hooks) = &self.hooks else {
+    fn resume_restored(&self, consumer: &BaseConsumer<Self>) {
+        let Some(restores) = &self.restores else {
             return;
         };
-        let waiting = {
-            let mut paused = Self::lock(&self.paused);
-            if paused.0.is_empty() || paused.1.elapsed() < RESTORE_RETRY {
-                return;
-            }
-            paused.1 = Instant::now();
-            paused.0.clone()
-        };
-        let partitions: Vec<i32> = waiting.iter().map(|(_, p)| *p).collect();
-        let failed = hooks.assigned(&partitions);
-        let mut resumed = rdkafka::TopicPartitionList::new();
-        for (topic, partition) in waiting.iter().filter(|(_, p)| !failed.contains(p)) {
-            resumed.add_partition(topic, *partition);
+        let ready = restores.ready();
+        if ready.is_empty() {
+            return;
         }
-        if resumed.count() == 0 {
-            return;
+        let mut resumed = rdkafka::TopicPartitionList::new();
+        for (topic, partition) in &ready {
+            resumed.add_partition(topic, *partition);
         }
         if let Err(e) = consumer.resume(&resumed) {
             tracing::error!(error = %e, "could not resume partitions whose state was taken over");
             return;
         }
-        Self::lock(&self.paused)
-            .0
-            .retain(|(_, p)| failed.contains(p));
         self.health
-            .rebalanced(partitions.into_iter().filter(|p| !failed.contains(p)), true);
+            .rebalanced(ready.into_iter().map(|(_, p)| p), true);
     }
 
     /// Hands the gathered messages to the engine, then commits the offsets of the batches it has
@@ -417,17 +414,6 @@ pub trait SignalForward: Send + Sync {
     fn forward(&self, signals: Vec<Signal>) -> BatchDone;
 }
 
-/// What cluster mode does when the group moves partitions. Called from the rebalance callback, on
-/// the consumer's thread: no record of a partition is consumed before `assigned` returns, and
-/// none is in flight when `revoked` is called.
-pub trait PartitionHooks: Send + Sync {
-    /// Takes over the state of `partitions`; returns those it could not (they are paused, and
-    /// not owned, until the next rebalance).
-    fn assigned(&self, partitions: &[i32]) -> Vec<i32>;
-    /// Gives up the state of `partitions`: their next owner takes it over.
-    fn revoked(&self, partitions: &[i32]);
-}
-
 /// A running Kafka source.
 pub struct KafkaSource {
     task: JoinHandle<()>,
@@ -502,9 +488,10 @@ impl KafkaSource {
             submitted: Mutex::new(VecDeque::new()),
             health,
             topics: config.topics.clone(),
-            hooks: format.hooks,
+            restores: format
+                .hooks
+                .map(|hooks| Restores::new(hooks, RESTORE_RETRY)),
             forward: format.forward,
-            paused: Mutex::new((Vec::new(), Instant::now())),
         };
         let consumer: BaseConsumer<Pipeline> = client.create_with_context(context)?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
@@ -590,7 +577,10 @@ fn run(consumer: BaseConsumer<Pipeline>, batching: Batching, shutdown: watch::Re
         count_consumed(&gathered);
         Pipeline::lock(&pipeline.gathered).extend(gathered);
         pipeline.drain(&consumer, Finish::Bounded);
-        pipeline.retry_paused(&consumer);
+        pipeline.resume_restored(&consumer);
+    }
+    if let Some(restores) = &pipeline.restores {
+        restores.stop();
     }
     pipeline.drain(&consumer, Finish::All);
     consumer.unsubscribe();

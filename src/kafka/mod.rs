@@ -26,11 +26,13 @@
 mod consumer;
 mod dead_letter;
 mod health;
+mod restores;
 mod source;
 
-pub use consumer::{KafkaError, KafkaSource, PartitionHooks, SignalForward, SourceFormat};
+pub use consumer::{KafkaError, KafkaSource, SignalForward, SourceFormat};
 pub use dead_letter::{stored_dead_letters, ProducerLogs, StoredDeadLetter};
 pub use health::{KafkaHealth, KafkaView};
+pub use restores::{Claim, PartitionHooks};
 pub use source::{FeedMessage, SignalRecord};
 
 use rdkafka::config::RDKafkaLogLevel;
