@@ -12,7 +12,8 @@
 //! | `GET /v1/deadletters` | SETs that could not be pushed, with the error |
 //! | `POST /v1/deadletters/replay` | 200 `{replayed: n}`: back into their streams' outboxes, in order |
 //! | `POST /v1/keys/rotate` | 200 `{kid}`: a new signing key; the old one stays in the JWKS for the retention |
-//! | `POST /v1/policies/reload` | 200 `{status: swapped \| unchanged, version}`; 422 `{status: refused, error}` |
+//!
+//! The policy routes (`/v1/policies*`) are in [`crate::policy_api`].
 
 use std::sync::Arc;
 
@@ -27,7 +28,7 @@ use crate::audit::DecisionQuery;
 use crate::check::{self, CheckRequest, CheckResult, Verdict};
 use crate::engine::{Engine, EngineError};
 use crate::grant::{GrantRequest, GrantStatus};
-use crate::reload::{PolicyReloader, ReloadOutcome};
+use crate::reload::PolicyReloader;
 
 pub struct ApiState {
     pub identity: Arc<crate::transmitter::Identity>,
@@ -316,24 +317,85 @@ pub async fn delete_grant(
     }
 }
 
+/// `/v1/decisions`' filters. An unknown one is refused (a misspelt filter silently matching
+/// everything misleads whoever reads the answer).
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DecisionParams {
     subject: Option<String>,
     grant: Option<String>,
-    since: Option<f64>,
+    /// Seconds since the epoch, or RFC 3339.
+    since: Option<String>,
+    /// Seconds since the epoch, or RFC 3339 (exclusive).
+    until: Option<String>,
+    policy_version: Option<String>,
+    cause: Option<String>,
+    rule: Option<String>,
+    status: Option<crate::grant::GrantStatus>,
+    effect: Option<crate::decision::DecisionEffect>,
     limit: Option<usize>,
+}
+
+/// A time given as seconds since the epoch or as RFC 3339.
+fn parse_time(name: &str, value: &str) -> Result<f64, String> {
+    if let Ok(secs) = value.parse::<f64>() {
+        if secs.is_finite() {
+            return Ok(secs);
+        }
+    }
+    chrono::DateTime::parse_from_rfc3339(value)
+        .map(|t| t.timestamp_millis() as f64 / 1000.0)
+        .map_err(|_| {
+            format!("`{name}`: `{value}` is neither seconds since the epoch nor an RFC 3339 time")
+        })
 }
 
 pub async fn decisions(
     State(s): State<Arc<ApiState>>,
-    Query(q): Query<DecisionParams>,
+    q: Result<Query<DecisionParams>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
+    let Query(q) = match q {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()),
+    };
+    let times = (
+        q.since
+            .as_deref()
+            .map(|t| parse_time("since", t))
+            .transpose(),
+        q.until
+            .as_deref()
+            .map(|t| parse_time("until", t))
+            .transpose(),
+    );
+    let (since, until) = match times {
+        (Ok(since), Ok(until)) => (since, until),
+        (Err(e), _) | (_, Err(e)) => return error(StatusCode::BAD_REQUEST, "invalid_request", e),
+    };
+    if let Some(cause) = q.cause.as_deref() {
+        if !crate::decision::Cause::KINDS.contains(&cause) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!(
+                    "`cause`: `{cause}` is not one of {}",
+                    crate::decision::Cause::KINDS.join(", ")
+                ),
+            );
+        }
+    }
     let subject = q.subject.map(|k| s.engine.principal_of(&k));
     let limit = q.limit.unwrap_or(100).min(10_000);
     let query = DecisionQuery {
         subject,
         grant: q.grant,
-        since: q.since,
+        since,
+        until,
+        policy_version: q.policy_version,
+        cause: q.cause,
+        rule: q.rule,
+        status: q.status,
+        effect: q.effect,
         limit,
     };
     // Cluster mode: the local log holds every instance's decisions once copied; what the brokers
@@ -426,28 +488,6 @@ pub async fn subject(
             }
         }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
-    }
-}
-
-pub async fn reload_policies(State(s): State<Arc<ApiState>>) -> Response {
-    // Compiling and testing a policy set is CPU work: off the async workers.
-    let reloader = s.reloader.clone();
-    let outcome = match tokio::task::spawn_blocking(move || reloader.reload()).await {
-        Ok(o) => o,
-        Err(_) => {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal_error",
-                "the reload did not complete",
-            )
-        }
-    };
-    let body: Value = serde_json::to_value(&outcome).unwrap_or(Value::Null);
-    match outcome {
-        ReloadOutcome::Refused { .. } => {
-            (StatusCode::UNPROCESSABLE_ENTITY, Json(body)).into_response()
-        }
-        _ => Json(body).into_response(),
     }
 }
 

@@ -179,7 +179,8 @@ impl Vigil {
         if cluster_topics.is_some() {
             let engine = engine.clone();
             let dropped = tokio::task::spawn_blocking(move || {
-                engine.release_blocking(Arc::new(|_: &str| true))
+                engine.release_blocking(Arc::new(|_: &str| true))?;
+                engine.forget_stored_blocking(Arc::new(|_: &str| true))
             })
             .await
             .map_err(|e| {
@@ -192,10 +193,7 @@ impl Vigil {
         // Read before anything can make new decisions, so none is both replayed and re-sent.
         let pending_handoff =
             crate::engine::pending_handoff(&db).map_err(|e| StartError::Delivery(e.to_string()))?;
-        let reloader = Arc::new(PolicyReloader::new(
-            config.policy.dir.clone(),
-            engine.clone(),
-        ));
+        let reloader = Arc::new(PolicyReloader::new(config.policy.clone(), engine.clone()));
         // 4. Vigil's signing identity, outbound clients, the transmitters and their keys.
         //    In cluster mode the keys are the cluster's (its key topic), so every instance signs
         //    alike; the topics' producer is shared by the keys, the streams and the outbox.
@@ -702,8 +700,18 @@ impl Vigil {
     }
 
     /// Reloads the policy directory now (what SIGHUP does).
-    pub fn reload_policies(&self) -> ReloadOutcome {
-        self.reloader.reload()
+    pub async fn reload_policies(&self) -> ReloadOutcome {
+        // Testing the set and re-evaluating every grant is blocking work.
+        let reloader = self.reloader.clone();
+        match tokio::task::spawn_blocking(move || reloader.reload(false)).await {
+            Ok(outcome) => outcome,
+            Err(e) => ReloadOutcome::Refused {
+                version: self.engine.policy_version(),
+                error: format!("the reload did not complete: {e}"),
+                failed_tests: Vec::new(),
+                impact: None,
+            },
+        }
     }
 
     /// Stops accepting requests, lets in-flight ones finish, drains the hand-off and the engine, and
@@ -744,9 +752,11 @@ impl Vigil {
 /// A set that does not load, or lints with errors, is a start-up error: Vigil never runs without
 /// its rules, and a refused start leaves nothing open or created.
 fn load_policy(config: &Config) -> Result<PolicySet, StartError> {
-    let policy = crate::reload::load_checked(&config.policy.dir).map_err(StartError::PolicySet)?;
+    let checked = crate::reload::load_checked(&config.policy)
+        .map_err(|refusal| StartError::PolicySet(refusal.error))?;
+    let policy = checked.set;
     tracing::info!(version = %policy.version, rules = policy.rules.len(), files = ?policy.files,
-        dir = %config.policy.dir.display(), "policy set loaded");
+        tests_passed = checked.tests_passed, dir = %config.policy.dir.display(), "policy set loaded");
     Ok(policy)
 }
 
@@ -1087,7 +1097,9 @@ fn router(config: &Config, parts: Parts<'_>) -> (Router, Router) {
                     Router::new()
                         .route("/v1/decisions", get(api::decisions))
                         .route("/v1/subjects/{key}", get(api::subject))
-                        .route("/v1/policies/reload", post(api::reload_policies))
+                        .route("/v1/policies", get(crate::policy_api::policies))
+                        .route("/v1/policies/reload", post(crate::policy_api::reload))
+                        .route("/v1/policies/impact", post(crate::policy_api::impact))
                         .route("/v1/deadletters", get(api::dead_letters))
                         .route("/v1/keys/rotate", post(api::rotate_key))
                         .route("/v1/deadletters/replay", post(api::replay_dead_letters))

@@ -15,7 +15,8 @@ use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use crate::decision::Decision;
+use crate::decision::{Decision, DecisionEffect};
+use crate::grant::GrantStatus;
 
 /// A query over the audit log. Absent filters match everything.
 #[derive(Debug, Clone, Default)]
@@ -24,8 +25,38 @@ pub struct DecisionQuery {
     pub grant: Option<String>,
     /// Decisions made at or after this time (seconds).
     pub since: Option<f64>,
+    /// Decisions made before this time (seconds).
+    pub until: Option<f64>,
+    /// Made under this policy set version.
+    pub policy_version: Option<String>,
+    /// Whose cause is of this kind (`signal`, `registration`, `policy_swap`, `dependency`).
+    pub cause: Option<String>,
+    /// Whose deciding rules include this one.
+    pub rule: Option<String>,
+    /// That left the grant in this status.
+    pub status: Option<GrantStatus>,
+    /// With this effect.
+    pub effect: Option<DecisionEffect>,
     /// Most decisions returned (the newest).
     pub limit: usize,
+}
+
+impl DecisionQuery {
+    /// Whether `d` passes every filter given.
+    pub fn matches(&self, d: &Decision) -> bool {
+        self.subject.as_ref().is_none_or(|s| &d.subject == s)
+            && self.grant.as_ref().is_none_or(|g| &d.grant_id == g)
+            && self.since.is_none_or(|t| d.time >= t)
+            && self.until.is_none_or(|t| d.time < t)
+            && self
+                .policy_version
+                .as_ref()
+                .is_none_or(|v| &d.policy_version == v)
+            && self.cause.as_ref().is_none_or(|c| &d.cause.kind == c)
+            && self.rule.as_ref().is_none_or(|r| d.rules.contains(r))
+            && self.status.is_none_or(|s| d.status == s)
+            && self.effect.is_none_or(|e| d.effect == e)
+    }
 }
 
 struct Current {
@@ -146,9 +177,7 @@ impl AuditLog {
                 let Ok(d) = serde_json::from_str::<Decision>(&line) else {
                     continue; // a torn last line after a crash
                 };
-                let keep = q.subject.as_ref().is_none_or(|s| &d.subject == s)
-                    && q.grant.as_ref().is_none_or(|g| &d.grant_id == g)
-                    && q.since.is_none_or(|t| d.time >= t);
+                let keep = q.matches(&d);
                 if keep && !seen.contains(&d.id) && in_window.insert(d.id.clone()) {
                     if newest.len() == room {
                         if let Some(old) = newest.pop_front() {

@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `grants` | `POST /v1/grants`, `GET`/`DELETE /v1/grants/{id}` |
 //! | `check` | `POST /v1/check`, `GET /v1/check/auth_request` |
-//! | `operator` | `/v1/decisions`, `/v1/subjects/*`, `/v1/policies/reload`, `/v1/deadletters*`, `/v1/keys/rotate`, `/v1/ssf/streams*`, and everything `metrics` may |
+//! | `operator` | `/v1/decisions`, `/v1/subjects/*`, `/v1/policies*`, `/v1/deadletters*`, `/v1/keys/rotate`, `/v1/ssf/streams*`, and everything `metrics` may |
 //! | `metrics` | `GET /metrics`, `GET /readyz` |
 //!
 //! Transmitters (`/ssf/push/*`) and enforcement points (`/ssf/*`) are authenticated by their own

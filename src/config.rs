@@ -636,6 +636,16 @@ pub struct PolicyConfig {
     /// `POST /v1/policies/reload` still reload).
     #[serde(default = "default_watch")]
     pub watch_interval_secs: u64,
+    /// Where policy tests find `example:` events when their file names no `examples:` directory
+    /// (one it names is relative to the test file). Unset: `../tests/fixtures/spec-examples`
+    /// beside the policy directory (this repository's layout).
+    #[serde(default)]
+    pub examples_dir: Option<PathBuf>,
+    /// A reload (file watch, SIGHUP, HTTP) that would change the status of more than this many
+    /// grants is refused with its impact, unless forced (`POST /v1/policies/reload?force=true`).
+    /// Unset: no limit.
+    #[serde(default)]
+    pub require_preview: Option<u64>,
 }
 
 /// Evaluation engine settings.
@@ -1058,6 +1068,8 @@ impl Default for PolicyConfig {
         PolicyConfig {
             dir: default_policy_dir(),
             watch_interval_secs: default_watch(),
+            examples_dir: None,
+            require_preview: None,
         }
     }
 }

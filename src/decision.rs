@@ -36,6 +36,9 @@ pub struct Cause {
 }
 
 impl Cause {
+    /// Every kind of cause.
+    pub const KINDS: [&'static str; 4] = ["signal", "registration", "policy_swap", "dependency"];
+
     /// The cause of a decision made on current state, not on a signal (`registration`,
     /// `policy_swap`, `dependency`).
     pub fn of_state(kind: &str) -> Cause {
@@ -81,6 +84,11 @@ pub struct Decision {
 }
 
 impl Decision {
+    /// Whether it changed the grant's status (an enforced decision other than `notify`).
+    pub fn changes_status(&self) -> bool {
+        !self.shadow && self.effect != DecisionEffect::Notify
+    }
+
     /// Whether enforcement points hear of this decision: an enforced revoke, step-up or restrict.
     /// `allow` and `notify` change nothing an enforcement point holds; a shadow decision is only
     /// recorded. The one place this is decided: the engine hands these over durably, the emitter

@@ -48,19 +48,43 @@ enum Command {
     Policy(PolicyCommand),
     /// Vigil's inbound SSF streams at its transmitters (through the running Vigil).
     Streams {
-        /// The running Vigil's base URL.
-        #[arg(long, default_value = "http://127.0.0.1:8080")]
-        url: String,
-        /// An operator client's bearer token. Default: the generated `admin.token` in the data
-        /// directory of `--data-dir`.
-        #[arg(long, env = "VIGIL_TOKEN", hide_env_values = true)]
-        token: Option<String>,
-        /// Where to find `admin.token` when no `--token` is given.
-        #[arg(long, default_value = "vigil-data")]
-        data_dir: std::path::PathBuf,
+        #[command(flatten)]
+        operator: OperatorArgs,
         #[command(subcommand)]
         command: streams_cmd::StreamsCommand,
     },
+}
+
+/// How a command reaches the running Vigil as an operator.
+#[derive(clap::Args)]
+struct OperatorArgs {
+    /// The running Vigil's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// An operator client's bearer token. Default: the generated `admin.token` in the data
+    /// directory of `--data-dir`.
+    #[arg(long, env = "VIGIL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Where to find `admin.token` when no `--token` is given.
+    #[arg(long, default_value = "vigil-data")]
+    data_dir: std::path::PathBuf,
+}
+
+impl OperatorArgs {
+    /// The token, and where it came from.
+    fn token(&self) -> Result<(String, String), String> {
+        let file = self.data_dir.join(vigil::auth::ADMIN_TOKEN_FILE);
+        match &self.token {
+            Some(t) => Ok((t.clone(), "--token (or VIGIL_TOKEN)".to_owned())),
+            None => match std::fs::read_to_string(&file) {
+                Ok(t) => Ok((t.trim().to_owned(), file.display().to_string())),
+                Err(e) => Err(format!(
+                    "no --token (or VIGIL_TOKEN) and no {}: {e}",
+                    file.display()
+                )),
+            },
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -70,6 +94,27 @@ enum PolicyCommand {
         /// Policy directory.
         #[arg(default_value = "policies")]
         dir: PathBuf,
+        /// Where `example:` events are read from when a test file names no `examples:`
+        /// (`policy.examples_dir`).
+        #[arg(long)]
+        examples: Option<PathBuf>,
+    },
+    /// What a candidate policy directory would change on the running Vigil (lint and the
+    /// candidate's own tests first; nothing is changed).
+    Impact {
+        /// The candidate policy directory.
+        dir: PathBuf,
+        /// Where `example:` events are read from when a test file names no `examples:`.
+        #[arg(long)]
+        examples: Option<PathBuf>,
+        /// Grants listed per bucket (changed, loosening, errors).
+        #[arg(long, default_value_t = 5)]
+        samples: usize,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        operator: OperatorArgs,
     },
     /// Compile and lint the rules (unknown fields, CEL errors, rules that fail closed, unreachable rules).
     Check {
@@ -106,26 +151,12 @@ fn main() -> ExitCode {
     let args = match &cli.command {
         Command::Serve(a) | Command::CheckConfig(a) => a,
         Command::Policy(cmd) => return policy_command(cmd),
-        Command::Streams {
-            url,
-            token,
-            data_dir,
-            command,
-        } => {
-            let file = data_dir.join(vigil::auth::ADMIN_TOKEN_FILE);
-            let (token, source) = match token {
-                Some(t) => (t.clone(), "--token (or VIGIL_TOKEN)".to_owned()),
-                None => match std::fs::read_to_string(&file) {
-                    Ok(t) => (t.trim().to_owned(), file.display().to_string()),
-                    Err(e) => {
-                        return fail(format!(
-                            "no --token (or VIGIL_TOKEN) and no {}: {e}",
-                            file.display()
-                        ))
-                    }
-                },
+        Command::Streams { operator, command } => {
+            let (token, source) = match operator.token() {
+                Ok(t) => t,
+                Err(e) => return fail(e),
             };
-            return match streams_cmd::run(url, &token, &source, command) {
+            return match streams_cmd::run(&operator.url, &token, &source, command) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("vigil: {}", error_line(&e));
@@ -159,7 +190,7 @@ fn policy_command(cmd: &PolicyCommand) -> ExitCode {
     use vigil::evaluate::testing;
     use vigil::policy::{lint, PolicySet};
     match cmd {
-        PolicyCommand::Test { dir } => match testing::run_dir(dir) {
+        PolicyCommand::Test { dir, examples } => match testing::run_dir(dir, examples.as_deref()) {
             Ok(report) => {
                 print!("{}", report.render());
                 if report.failed() == 0 && report.passed() > 0 {
@@ -193,6 +224,28 @@ fn policy_command(cmd: &PolicyCommand) -> ExitCode {
             }
             Err(e) => fail(e),
         },
+        PolicyCommand::Impact {
+            dir,
+            examples,
+            samples,
+            json,
+            operator,
+        } => {
+            let (token, token_source) = match operator.token() {
+                Ok(t) => t,
+                Err(e) => return fail(e),
+            };
+            let target = vigil::policy_cmd::Operator {
+                base: &operator.url,
+                token: &token,
+                token_source: &token_source,
+            };
+            match vigil::policy_cmd::impact(&target, dir, examples.as_deref(), *samples, *json) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => fail(error_line(&e)),
+            }
+        }
     }
 }
 
@@ -221,25 +274,14 @@ fn fail(e: impl std::fmt::Display) -> ExitCode {
 
 fn check_config(mut config: Config, report: &vigil::config::EnvReport) -> anyhow::Result<()> {
     // What `serve` would refuse at start-up, and the policy set's own tests.
-    let policy = vigil::reload::load_checked(&config.policy.dir)
-        .map_err(|e| anyhow::anyhow!("policy: {e}"))?;
-    if config.policy.dir.is_dir() {
-        let tests = vigil::evaluate::testing::run_dir(&config.policy.dir)
-            .map_err(|e| anyhow::anyhow!("policy tests: {e}"))?;
-        if tests.failed() > 0 {
-            eprint!("{}", tests.render());
-            anyhow::bail!(
-                "policy tests: {} of {} failed in {}",
-                tests.failed(),
-                tests.failed() + tests.passed(),
-                config.policy.dir.display()
-            );
-        }
-    }
+    let checked =
+        vigil::reload::load_checked(&config.policy).map_err(|e| anyhow::anyhow!("policy: {e}"))?;
+    let policy = checked.set;
     eprintln!(
-        "vigil: policy set {} ({} rules) from {}",
+        "vigil: policy set {} ({} rules, {} tests pass) from {}",
         policy.version,
         policy.rules.len(),
+        checked.tests_passed,
         if config.policy.dir.is_dir() {
             config.policy.dir.display().to_string()
         } else {
@@ -337,11 +379,8 @@ async fn reload_on_sighup(vigil: std::sync::Arc<Vigil>) {
             return;
         };
         while hup.recv().await.is_some() {
-            let v = vigil.clone();
-            match tokio::task::spawn_blocking(move || v.reload_policies()).await {
-                Ok(outcome) => tracing::info!(?outcome, "SIGHUP: policy reload"),
-                Err(e) => tracing::error!(error = %e, "SIGHUP: policy reload failed"),
-            }
+            let outcome = vigil.reload_policies().await;
+            tracing::info!(?outcome, "SIGHUP: policy reload");
         }
     }
     #[cfg(not(unix))]

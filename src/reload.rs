@@ -1,40 +1,89 @@
 //! Policy hot reload: one path for every trigger (directory change, SIGHUP, `POST
-//! /v1/policies/reload`). A set that fails to load or lint is refused and the running one stays; a
-//! valid, different set is swapped in atomically and every grant is re-evaluated under it.
+//! /v1/policies/reload`). A set that fails to load or lint, or fails its own tests, is refused
+//! and the running one stays; a valid, different set is swapped in atomically and every grant is
+//! re-evaluated under it, and the answer counts what changed. With `policy.require_preview`, a
+//! set that would change more grants than that is refused with its impact unless forced.
 //! Start-up loads its set through the same [`load_checked`], and re-evaluates every grant under
 //! it, so a set changed while Vigil was stopped is applied exactly as a reload would apply it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::engine::Engine;
+use crate::config::PolicyConfig;
+use crate::engine::{Changes, Engine, Impact};
+use crate::evaluate::testing;
 use crate::policy::{lint, PolicySet};
 
 /// What a reload did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum ReloadOutcome {
     Swapped {
         version: String,
         previous_version: String,
+        /// The set's own tests that ran (and passed).
+        tests_passed: usize,
+        /// The grants the swap changed, by status and rule.
+        #[serde(flatten)]
+        changes: Changes,
     },
     Unchanged {
         version: String,
     },
     Refused {
+        /// The running set's version (it stays).
         version: String,
         error: String,
+        /// The set's own tests that failed.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        failed_tests: Vec<FailedTest>,
+        /// What the set would have changed (a swap refused by `policy.require_preview`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        impact: Option<Box<Impact>>,
     },
 }
 
+/// A policy test that failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FailedTest {
+    pub file: String,
+    pub name: String,
+    pub failure: String,
+}
+
+/// Why a policy set is refused: at start-up, on reload, by `vigil check-config`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{error}")]
+pub struct Refusal {
+    pub error: String,
+    pub failed_tests: Vec<FailedTest>,
+}
+
+impl From<String> for Refusal {
+    fn from(error: String) -> Refusal {
+        Refusal {
+            error,
+            failed_tests: Vec::new(),
+        }
+    }
+}
+
+/// A set that passed every check, and how many of its own tests ran.
+pub struct Checked {
+    pub set: PolicySet,
+    pub tests_passed: usize,
+}
+
 /// The one way a policy set is loaded, for start-up and every reload: the directory's rule
-/// files — or, when `dir` is the default `policies` and does not exist, the built-in set — compiled
-/// and linted; a set that lints with errors is refused. A configured directory that does not
-/// exist is an error, never a silent fall-back.
-pub fn load_checked(dir: &Path) -> Result<PolicySet, String> {
+/// files — or, when the directory is the default `policies` and does not exist, the built-in
+/// set — compiled and linted, and the directory's own tests (`*.test.yaml`) run against it. A set
+/// that lints with errors, or fails one of its tests, is refused. A configured directory that
+/// does not exist is an error, never a silent fall-back.
+pub fn load_checked(policy: &PolicyConfig) -> Result<Checked, Refusal> {
+    let dir = policy.dir.as_path();
     if !dir.is_dir() && dir != Path::new(crate::config::DEFAULT_POLICY_DIR) {
         return Err(format!(
             "policy directory {} does not exist (resolved from the working directory {})",
@@ -42,64 +91,172 @@ pub fn load_checked(dir: &Path) -> Result<PolicySet, String> {
             std::env::current_dir()
                 .map(|d| d.display().to_string())
                 .unwrap_or_else(|_| "?".into())
-        ));
+        )
+        .into());
     }
     let set = PolicySet::load_dir_or_builtin(dir).map_err(|e| e.to_string())?;
-    let errors: Vec<String> = lint::lint(&set)
+    refuse_lint_errors(&set)?;
+    if !dir.is_dir() {
+        return Ok(Checked {
+            set,
+            tests_passed: 0,
+        });
+    }
+    let report = testing::run_set(&set, dir, policy.examples_dir.as_deref())
+        .map_err(|e| format!("policy tests: {e}"))?;
+    let failed_tests: Vec<FailedTest> = report
+        .results
+        .iter()
+        .filter_map(|r| {
+            Some(FailedTest {
+                file: r.file.clone(),
+                name: r.name.clone(),
+                failure: r.failure.clone()?,
+            })
+        })
+        .collect();
+    if !failed_tests.is_empty() {
+        return Err(Refusal {
+            error: format!(
+                "{} of {} policy tests failed: {}",
+                failed_tests.len(),
+                report.results.len(),
+                failed_tests
+                    .iter()
+                    .map(|t| format!("{} :: {}: {}", t.file, t.name, t.failure))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+            failed_tests,
+        });
+    }
+    Ok(Checked {
+        set,
+        tests_passed: report.passed(),
+    })
+}
+
+/// A set whose rules lint with errors is refused (warnings pass).
+fn refuse_lint_errors(set: &PolicySet) -> Result<(), Refusal> {
+    let errors: Vec<String> = lint::lint(set)
         .into_iter()
         .filter(|f| f.error)
         .map(|f| format!("rule `{}`: {}", f.rule, f.message))
         .collect();
-    if !errors.is_empty() {
-        return Err(errors.join("; "));
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; ").into())
     }
-    Ok(set)
 }
 
+/// Why an impact preview did not run.
+#[derive(Debug, thiserror::Error)]
+pub enum PreviewError {
+    /// The candidate set does not compile, or lints with errors.
+    #[error("{0}")]
+    Invalid(Refusal),
+    /// Another preview is running (one at a time: each uses every core for its length).
+    #[error("an impact preview is already running; retry when it is done")]
+    Busy,
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+}
+
+/// Grants sampled per bucket in the impact a refused reload answers with.
+const REFUSAL_SAMPLES: usize = 3;
+
 pub struct PolicyReloader {
-    dir: PathBuf,
+    policy: PolicyConfig,
     engine: Arc<Engine>,
     /// Serializes reloads so two triggers never race.
     lock: Mutex<()>,
+    /// Held while an impact preview runs.
+    previewing: Mutex<()>,
 }
 
 impl PolicyReloader {
-    pub fn new(dir: PathBuf, engine: Arc<Engine>) -> PolicyReloader {
+    pub fn new(policy: PolicyConfig, engine: Arc<Engine>) -> PolicyReloader {
         PolicyReloader {
-            dir,
+            policy,
             engine,
             lock: Mutex::new(()),
+            previewing: Mutex::new(()),
         }
     }
 
-    /// Loads, lints and, if valid and different, swaps the policy set.
-    pub fn reload(&self) -> ReloadOutcome {
+    /// What the candidate set of rule files `sources` (name, YAML) would change if swapped in
+    /// now, with `samples` grants of each bucket (see [`Engine::impact_blocking`]). Changes
+    /// nothing. The candidate's own tests are the caller's to run (`vigil policy impact` runs
+    /// them before it asks).
+    pub fn impact(
+        &self,
+        sources: &[(String, String)],
+        samples: usize,
+    ) -> Result<Impact, PreviewError> {
+        let _running = match self.previewing.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Err(PreviewError::Busy),
+        };
+        let set = PolicySet::from_sources(sources)
+            .map_err(|e| PreviewError::Invalid(e.to_string().into()))?;
+        refuse_lint_errors(&set).map_err(PreviewError::Invalid)?;
+        Ok(self.engine.impact_blocking(&set, samples)?)
+    }
+
+    /// Loads, checks (lint and the set's own tests) and, if valid and different, swaps the
+    /// policy set, waiting until every grant is re-evaluated under it. With
+    /// `policy.require_preview`, a swap that would change more grants than that is refused
+    /// unless `force`.
+    pub fn reload(&self, force: bool) -> ReloadOutcome {
         let _guard = self.lock.lock();
         let current = self.engine.policy_version();
-        let refused = |error: String| {
+        let refused = |refusal: Refusal, impact: Option<Box<Impact>>| {
             metrics::counter!(crate::telemetry::POLICY_RELOADS, "outcome" => "refused")
                 .increment(1);
-            tracing::error!(%error, running = %current, "policy reload refused; the running set stays");
+            tracing::error!(error = %refusal.error, running = %current,
+                "policy reload refused; the running set stays");
             ReloadOutcome::Refused {
                 version: current.clone(),
-                error,
+                error: refusal.error,
+                failed_tests: refusal.failed_tests,
+                impact,
             }
         };
-        let set = match load_checked(&self.dir) {
-            Ok(set) => set,
-            Err(e) => return refused(e),
+        let checked = match load_checked(&self.policy) {
+            Ok(checked) => checked,
+            Err(refusal) => return refused(refusal, None),
         };
-        if set.version == current {
+        if checked.set.version == current {
             return ReloadOutcome::Unchanged { version: current };
         }
-        let version = set.version.clone();
-        if let Err(e) = self.engine.swap_policy(set) {
-            return refused(e.to_string());
+        if let (Some(limit), false) = (self.policy.require_preview, force) {
+            match self.engine.impact_blocking(&checked.set, REFUSAL_SAMPLES) {
+                Ok(impact) if impact.changes.changed > limit => {
+                    let error = format!(
+                        "the set would change {} grants, more than policy.require_preview ({limit}): \
+                         preview it (vigil policy impact), then force the reload",
+                        impact.changes.changed
+                    );
+                    return refused(error.into(), Some(Box::new(impact)));
+                }
+                Ok(_) => {}
+                Err(e) => return refused(format!("impact preview: {e}").into(), None),
+            }
         }
+        let version = checked.set.version.clone();
+        let changes = match self.engine.swap_policy(checked.set) {
+            Ok(swap) => swap.wait_blocking(),
+            Err(e) => return refused(e.to_string().into(), None),
+        };
         metrics::counter!(crate::telemetry::POLICY_RELOADS, "outcome" => "swapped").increment(1);
+        tracing::info!(%version, previous = %current, changed = changes.changed, "policy set swapped");
         ReloadOutcome::Swapped {
             version,
             previous_version: current,
+            tests_passed: checked.tests_passed,
+            changes,
         }
     }
 
@@ -109,17 +266,17 @@ impl PolicyReloader {
         interval: Duration,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
-        let mut last_seen = PolicySet::version_of_dir(&self.dir).ok();
+        let mut last_seen = PolicySet::fingerprint_of_dir(&self.policy.dir).ok();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
                 _ = shutdown.changed() => return,
             }
-            let now = PolicySet::version_of_dir(&self.dir).ok();
+            let now = PolicySet::fingerprint_of_dir(&self.policy.dir).ok();
             if now != last_seen {
                 last_seen = now;
                 let me = self.clone();
-                let outcome = tokio::task::spawn_blocking(move || me.reload()).await;
+                let outcome = tokio::task::spawn_blocking(move || me.reload(false)).await;
                 tracing::info!(?outcome, "policy directory changed");
             }
         }

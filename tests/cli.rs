@@ -75,17 +75,95 @@ fn serve_reloads_policies_on_sighup_and_stops_on_sigterm() {
         .send()
         .unwrap();
     assert_eq!(resp.status().as_u16(), 201);
+    let no_admin =
+        "rules: [{id: no-admin, on: ['*'], when: \"'admin' in grant.scopes\", effect: revoke}]\n";
+    let test_expecting = |effect: &str| {
+        format!(
+            "tests:\n  - name: admin grant\n    grant: {{id: g, kind: session, subject: {{format: email, email: a@example.com}}, scopes: [admin], issued_at: 1, expires_at: 2000000000}}\n    expect: {{effect: {effect}}}\n"
+        )
+    };
 
-    std::fs::write(
-        policies.join("admin.yaml"),
-        "rules: [{id: no-admin, on: ['*'], when: \"'admin' in grant.scopes\", effect: revoke}]\n",
-    )
-    .unwrap();
-    let status = Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    // `vigil policy impact`: the candidate's tests run here, then the running Vigil says what it
+    // would change — and changes nothing.
+    let candidate = dir.path().join("candidate");
+    std::fs::create_dir(&candidate).unwrap();
+    std::fs::write(candidate.join("admin.yaml"), no_admin).unwrap();
+    std::fs::write(candidate.join("admin.test.yaml"), test_expecting("revoke")).unwrap();
+    let impact = |dir: &std::path::Path| {
+        Command::new(VIGIL)
+            .args(["policy", "impact"])
+            .arg(dir)
+            .args(["--url", &base, "--data-dir"])
+            .arg(dir.parent().unwrap().join("data"))
+            .output()
+            .unwrap()
+    };
+    let out = impact(&candidate);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("1 grants evaluated"), "{stdout}");
+    assert!(stdout.contains("changed    1"), "{stdout}");
+    assert!(stdout.contains("active -> revoked: 1"), "{stdout}");
+    assert!(stdout.contains("by rule no-admin: 1"), "{stdout}");
+    assert!(
+        stdout.contains("hup (email:hup@example.com): active -> revoked"),
+        "{stdout}"
+    );
+    // A candidate failing its own tests is not even sent.
+    std::fs::write(candidate.join("admin.test.yaml"), test_expecting("none")).unwrap();
+    let out = impact(&candidate);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("FAIL") && stderr.contains("would refuse it"),
+        "{stderr}"
+    );
+
+    let grant_status = || -> Option<String> {
+        let g: Value = client
+            .get(format!("{base}/v1/grants/hup"))
+            .bearer_auth(token)
+            .send()
+            .ok()?
+            .json()
+            .ok()?;
+        Some(g["status"].as_str()?.to_owned())
+    };
+    let refused_reloads = || -> Option<String> {
+        let text = client
+            .get(format!("{base}/metrics"))
+            .bearer_auth(token)
+            .send()
+            .ok()?
+            .text()
+            .ok()?;
+        text.lines()
+            .find(|l| l.starts_with("vigil_policy_reloads_total{outcome=\"refused\"}"))
+            .map(str::to_owned)
+    };
+    assert_eq!(grant_status().as_deref(), Some("active"));
+
+    // SIGHUP with a set that fails its own test: refused, the grant untouched.
+    std::fs::write(policies.join("admin.yaml"), no_admin).unwrap();
+    std::fs::write(policies.join("admin.test.yaml"), test_expecting("none")).unwrap();
+    let hup = || {
+        let status = Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    hup();
+    wait_for("the SIGHUP reload to be refused", refused_reloads);
+    assert_eq!(grant_status().as_deref(), Some("active"));
+
+    // Fixed: the next SIGHUP swaps it in.
+    std::fs::write(policies.join("admin.test.yaml"), test_expecting("revoke")).unwrap();
+    hup();
     wait_for("the SIGHUP reload to revoke the grant", || {
         let g: Value = client
             .get(format!("{base}/v1/grants/hup"))
@@ -327,7 +405,15 @@ fn check_config_checks_the_policy_set_and_its_tests() {
     let out = vigil_with_config("check-config", &config);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("policy tests: 1 of 1 failed"), "{stderr}");
+    assert!(stderr.contains("1 of 1 policy tests failed"), "{stderr}");
+    // `serve` refuses to start on it, naming the test.
+    let out = vigil_with_config("serve", &config);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("1 of 1 policy tests failed") && stderr.contains("admin is fine"),
+        "{stderr}"
+    );
 
     // Fixed: valid, and it says which set.
     std::fs::write(

@@ -160,6 +160,49 @@ async fn risk_high_revokes_exactly_the_subjects_two_grants_with_reasons_in_the_a
     let by_grant = env.decisions("grant=jane-web").await;
     assert_eq!(by_grant.len(), 1);
 
+    // Every filter works, alone and together; one that matches nothing lists nothing.
+    let made_at = revokes[0]["time"].as_f64().unwrap();
+    let rfc3339 = |t: f64| {
+        chrono::DateTime::from_timestamp_millis((t * 1000.0) as i64)
+            .unwrap()
+            .to_rfc3339()
+    };
+    for (query, expected) in [
+        (format!("policy_version={version}&rule=risk-high"), 2),
+        ("policy_version=0000000000000000".to_owned(), 0),
+        ("cause=signal&status=revoked&effect=revoke".to_owned(), 2),
+        ("cause=registration&effect=revoke".to_owned(), 0),
+        ("rule=no-such-rule".to_owned(), 0),
+        ("status=step_up".to_owned(), 0),
+        (
+            format!("since={}&until={}", made_at - 1.0, made_at + 1.0),
+            2,
+        ),
+        (format!("until={}", made_at - 1.0), 0),
+        (
+            format!(
+                "since={}&until={}",
+                encode(&rfc3339(made_at - 1.0)),
+                encode(&rfc3339(made_at + 1.0))
+            ),
+            2,
+        ),
+    ] {
+        let found = env.decisions_now(&query).await;
+        assert_eq!(found.len(), expected, "{query}: {found:?}");
+    }
+    // A misspelt or malformed filter is refused, not ignored.
+    for query in [
+        "polcy_version=x",
+        "since=yesterday",
+        "status=gone",
+        "cause=whim",
+    ] {
+        let (code, body) = get_json(&env.vigil, &format!("/v1/decisions?{query}")).await;
+        assert_eq!(code, 400, "{query}: {body}");
+        assert_eq!(body["error"], "invalid_request", "{query}: {body}");
+    }
+
     // Explain: context with the fact's time and source, revoked grants, the signal that did it.
     let (code, why) = get_json(
         &env.vigil,
@@ -449,7 +492,7 @@ rules:
     // Removing the rule lifts the restriction (an `allow` decision), never a revocation.
     std::fs::remove_file(dir.path().join("admin.yaml")).unwrap();
     assert!(matches!(
-        env.vigil.reload_policies(),
+        env.vigil.reload_policies().await,
         vigil::reload::ReloadOutcome::Swapped { .. }
     ));
     env.wait_status("hr-0", "active").await;

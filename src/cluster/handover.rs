@@ -59,14 +59,31 @@ impl Handover {
         Arc::new(move |key: &str| set.contains(&partition_of(key, count)))
     }
 
+    /// Forgets the principals of `partitions` from memory (see [`Engine::release_blocking`]).
     fn release(&self, partitions: &[i32], why: &str) -> Result<(), String> {
-        let rows = self
-            .engine
+        self.engine
             .release_blocking(self.on(partitions))
             .map_err(|e| e.to_string())?;
-        metrics::counter!(crate::telemetry::CLUSTER_RELEASED_ROWS).increment(rows as u64);
-        tracing::info!(?partitions, rows, "{why}");
+        tracing::info!(?partitions, "{why}");
         Ok(())
+    }
+
+    /// Deletes the stored rows of `partitions`' principals on a thread of its own, a chunk at a
+    /// time (the store's copy is never read back in cluster mode, so nothing waits for it; if the
+    /// partitions come back meanwhile, their rows may go too, and that is as harmless).
+    fn forget_stored(&self, partitions: &[i32]) {
+        let engine = self.engine.clone();
+        let released = self.on(partitions);
+        let what = format!("{partitions:?}");
+        let spawned = std::thread::Builder::new()
+            .name("vigil-forget".into())
+            .spawn(move || match engine.forget_stored_blocking(released) {
+                Ok(rows) => tracing::info!(partitions = %what, rows, "stored rows of partitions given up deleted"),
+                Err(e) => tracing::warn!(partitions = %what, error = %e, "stored rows of partitions given up not deleted (the next start drops them)"),
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "could not start deleting the stored rows of partitions given up");
+        }
     }
 
     /// Reads the state of the claim's partitions back, [`PARALLEL_READS`] at a time: each
@@ -219,6 +236,7 @@ impl PartitionHooks for Handover {
         ) {
             tracing::error!(?partitions, error = %e, "could not forget the state of partitions given up");
         }
+        self.forget_stored(partitions);
         if let Err(e) = self.outboxes.release(partitions) {
             tracing::error!(?partitions, error = %e, "could not forget the outboxes of partitions given up");
         }

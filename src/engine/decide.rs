@@ -49,12 +49,7 @@ pub(super) fn decide(
         cause: cause.clone(),
         enforcement_points: grant.enforcement_points.to_vec(),
     };
-    let target = match outcome.effect {
-        Some(Effect::Revoke) => GrantStatus::Revoked,
-        Some(Effect::StepUp) => GrantStatus::StepUp,
-        Some(Effect::Restrict) => GrantStatus::Restricted,
-        Some(Effect::Notify) | None => GrantStatus::Active,
-    };
+    let target = status_after(outcome);
     if target != grant.status {
         let deciding = outcome.deciding_rules();
         let (effect, rules, reason) = match target {
@@ -129,6 +124,16 @@ pub(super) fn decide(
         decided.decisions.push(d);
     }
     decided
+}
+
+/// The status an outcome puts a grant in (an impact preview asks the same question).
+pub(super) fn status_after(outcome: &Evaluation) -> GrantStatus {
+    match outcome.effect {
+        Some(Effect::Revoke) => GrantStatus::Revoked,
+        Some(Effect::StepUp) => GrantStatus::StepUp,
+        Some(Effect::Restrict) => GrantStatus::Restricted,
+        Some(Effect::Notify) | None => GrantStatus::Active,
+    }
 }
 
 fn join_reasons(matches: &[&crate::policy::RuleMatch]) -> String {

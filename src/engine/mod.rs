@@ -19,11 +19,13 @@
 mod changelog;
 mod commit;
 mod decide;
+mod impact;
 mod inputs;
 mod persist;
 mod session_grant;
 
 pub use changelog::{ChangeRecord, Changelog, Row, Table};
+pub use impact::{Changes, Impact, RuleCount, Sample, Samples, Transition};
 pub use persist::{handoff_done_in, pending_handoff};
 mod shard;
 
@@ -317,6 +319,8 @@ pub(crate) enum Msg {
     },
     ReevaluateAll {
         done: Option<oneshot::Sender<()>>,
+        /// The status changes the re-evaluation made (sent before they are committed).
+        counted: Option<oneshot::Sender<impact::ChangeCounts>>,
     },
     Register {
         grant: Box<Grant>,
@@ -348,16 +352,44 @@ pub(crate) enum Msg {
 pub type Released = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
 /// Completion of a policy swap's re-evaluation.
-pub struct SwapDone(Vec<oneshot::Receiver<()>>);
+pub struct SwapDone {
+    committed: Vec<oneshot::Receiver<()>>,
+    counted: Vec<oneshot::Receiver<impact::ChangeCounts>>,
+}
 
 impl SwapDone {
-    /// Waits until every shard has re-evaluated and committed its grants.
-    pub async fn wait(self) {
-        for rx in self.0 {
+    /// Waits until every shard has re-evaluated and committed its grants; returns the status
+    /// changes made.
+    pub async fn wait(self) -> Changes {
+        let mut changes = impact::ChangeCounts::default();
+        for rx in self.counted {
+            if let Ok(counted) = rx.await {
+                changes.merge(counted);
+            }
+        }
+        for rx in self.committed {
             let _ = rx.await;
         }
+        changes.finish()
+    }
+
+    /// [`SwapDone::wait`], from a thread outside the runtime.
+    pub fn wait_blocking(self) -> Changes {
+        let mut changes = impact::ChangeCounts::default();
+        for rx in self.counted {
+            if let Ok(counted) = rx.blocking_recv() {
+                changes.merge(counted);
+            }
+        }
+        for rx in self.committed {
+            let _ = rx.blocking_recv();
+        }
+        changes.finish()
     }
 }
+
+/// Rows [`Engine::forget_stored_blocking`] visits per write.
+const FORGET_CHUNK: usize = 5_000;
 
 /// Completion of a submitted signal batch: one answer per shard involved.
 pub struct BatchDone {
@@ -501,13 +533,18 @@ impl Engine {
         let _ = self.shared.owns.set(owns);
     }
 
-    /// Cluster mode: forgets every principal `released` names — their contexts and grants, and
-    /// their stored alias rows — because their partition now belongs to another instance, whose
-    /// answers must be the only ones. The in-memory alias table stays: it is the cluster's (read
-    /// from the alias topic), by which this instance routes signals naming those identifiers to
-    /// their new owner. Returns the stored rows deleted. Blocks: called from the Kafka consumer's
-    /// rebalance callback, after its batches in flight finished.
-    pub fn release_blocking(&self, released: Released) -> Result<usize, EngineError> {
+    /// Cluster mode: forgets every principal `released` names — their contexts and grants — from
+    /// memory, because their partition now belongs to another instance, whose answers must be the
+    /// only ones. The in-memory alias table stays: it is the cluster's (read from the alias topic),
+    /// by which this instance routes signals naming those identifiers to their new owner.
+    ///
+    /// Their rows in the store are left to [`Engine::forget_stored_blocking`]: in cluster mode the
+    /// store is written and never read back (start-up drops it: the state topic is the truth), so
+    /// a row there that outlives its partition answers nothing. Deleting them here used to hold
+    /// the rebalance — and the store's writer, so every owned partition — for as long as one
+    /// write deleting half a large store takes (73 s for 500 000 grants). Blocks: called from the
+    /// Kafka consumer's rebalance callback, after its batches in flight finished.
+    pub fn release_blocking(&self, released: Released) -> Result<(), EngineError> {
         let mut waits = Vec::new();
         for inbox in &self.inboxes {
             let (done, wait) = oneshot::channel();
@@ -523,12 +560,27 @@ impl Engine {
             wait.blocking_recv().map_err(|_| EngineError::Stopped)?;
         }
         self.shared.contexts.retain(|key, _| !released(key));
-        let forgotten = self
-            .shared
-            .writer
-            .write_blocking(move |txn| persist::forget(txn, &*released))?;
         metrics::gauge!(crate::telemetry::GRANTS).set(self.shared.grants.len() as f64);
-        Ok(forgotten)
+        Ok(())
+    }
+
+    /// Cluster mode: deletes the stored rows of every principal `released` names, a short write
+    /// of at most [`FORGET_CHUNK`] rows visited at a time, so the writer goes on committing the
+    /// shards' batches in between. Returns the rows deleted. Blocks for the whole walk: run it on
+    /// a thread of its own (or at start-up, before anything is served).
+    pub fn forget_stored_blocking(&self, released: Released) -> Result<usize, EngineError> {
+        let mut cursor = Some(persist::ForgetCursor::default());
+        let mut deleted = 0;
+        while let Some(at) = cursor {
+            let released = released.clone();
+            let (n, next) = self.shared.writer.write_blocking(move |txn| {
+                persist::forget_chunk(txn, &*released, at, FORGET_CHUNK)
+            })?;
+            deleted += n;
+            cursor = next;
+        }
+        metrics::counter!(crate::telemetry::CLUSTER_RELEASED_ROWS).increment(deleted as u64);
+        Ok(deleted)
     }
 
     /// Cluster mode: the cluster's alias table says `alias` names `principal` (read from the
@@ -848,6 +900,11 @@ impl Engine {
         self.shared.grants.len()
     }
 
+    /// The running policy set.
+    pub fn policy(&self) -> Arc<PolicySet> {
+        self.shared.policy()
+    }
+
     pub fn policy_version(&self) -> String {
         self.shared.policy().version.clone()
     }
@@ -865,16 +922,48 @@ impl Engine {
         self.reevaluate_all()
     }
 
+    /// What `candidate` would change if swapped in now, changing nothing (see [`impact`]):
+    /// `samples` grants of each bucket, each with its subject explained. Blocks for as long as
+    /// evaluating every grant takes, on threads of its own.
+    pub fn impact_blocking(
+        &self,
+        candidate: &PolicySet,
+        samples: usize,
+    ) -> Result<Impact, EngineError> {
+        let mut impact = impact::preview(&self.shared, candidate, samples)?;
+        let samples = impact
+            .samples
+            .changed
+            .iter_mut()
+            .chain(&mut impact.samples.loosening)
+            .chain(&mut impact.samples.errors);
+        for sample in samples {
+            sample.explain = self.explain(&sample.subject);
+        }
+        Ok(impact)
+    }
+
     /// Re-evaluates every grant under the current policy set. Start-up does it once, so a set
     /// changed while Vigil was stopped is applied exactly as a reload would apply it.
     pub fn reevaluate_all(&self) -> Result<SwapDone, EngineError> {
-        let mut waits = Vec::new();
+        let mut swap = SwapDone {
+            committed: Vec::new(),
+            counted: Vec::new(),
+        };
         for shard in 0..self.inboxes.len() {
-            let (done, rx) = oneshot::channel();
-            self.send(shard, Msg::ReevaluateAll { done: Some(done) })?;
-            waits.push(rx);
+            let (done, committed) = oneshot::channel();
+            let (tally, counted) = oneshot::channel();
+            self.send(
+                shard,
+                Msg::ReevaluateAll {
+                    done: Some(done),
+                    counted: Some(tally),
+                },
+            )?;
+            swap.committed.push(committed);
+            swap.counted.push(counted);
         }
-        Ok(SwapDone(waits))
+        Ok(swap)
     }
 
     /// "Why": a subject's context (each fact with its time and source), its grants, recent signals and
@@ -1103,10 +1192,13 @@ mod tests {
         assert!(rows.iter().any(|(r, _)| r.table == Table::Alias));
 
         let releasing = engine.clone();
-        tokio::task::spawn_blocking(move || releasing.release_blocking(Arc::new(|_: &str| true)))
-            .await
-            .unwrap()
-            .unwrap();
+        tokio::task::spawn_blocking(move || {
+            releasing.release_blocking(Arc::new(|_: &str| true))?;
+            releasing.forget_stored_blocking(Arc::new(|_: &str| true))
+        })
+        .await
+        .unwrap()
+        .unwrap();
         assert!(
             engine.grant("r1").is_none(),
             "the grant went with the partition"

@@ -7,6 +7,7 @@
 //! its whole revocation map with each signal — under load that was most of the shards' CPU
 //! (JSON encoding) and of the bytes written to disk.
 
+use std::ops::Bound;
 use std::sync::Arc;
 
 use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
@@ -462,56 +463,132 @@ impl Encoded {
     }
 }
 
-/// Deletes every row whose principal `released` names (their partition moved to another
-/// instance): contexts, session revocations, grants and aliases. Returns the rows deleted.
-pub fn forget(
+/// Where a chunked [`forget_chunk`] goes on: the table (in [`FORGET_ORDER`]) and the last key
+/// visited in it.
+#[derive(Debug, Clone, Default)]
+pub struct ForgetCursor {
+    table: usize,
+    after: Option<String>,
+}
+
+/// The tables [`forget_chunk`] walks, in order.
+const FORGET_ORDER: [&str; 5] = [
+    "contexts",
+    "session_revocations",
+    "grants",
+    "aliases",
+    "handoff",
+];
+
+/// Deletes the rows of the principals `released` names, visiting at most `limit` rows from
+/// `cursor`: one short write, so the store's writer is never held for long and the file does not
+/// grow as one write deleting half a large store makes it (copy-on-write keeps every page that
+/// write touched until it commits). Returns the rows deleted and where to go on (`None`: done).
+pub fn forget_chunk(
     txn: &WriteTransaction,
     released: &dyn Fn(&str) -> bool,
-) -> Result<usize, WriteError> {
+    cursor: ForgetCursor,
+    limit: usize,
+) -> Result<(usize, Option<ForgetCursor>), WriteError> {
     #[derive(Deserialize)]
     struct Principal<'a> {
         #[serde(borrow)]
         principal: std::borrow::Cow<'a, str>,
     }
-    let mut deleted = 0;
-    let mut count = |gone: bool| {
-        deleted += usize::from(gone);
-        !gone
-    };
-    txn.open_table(CONTEXTS)
-        .map_err(WriteError::storage)?
-        .retain(|key, _| count(released(key)))
-        .map_err(WriteError::storage)?;
-    txn.open_table(SESSION_REVOCATIONS)
-        .map_err(WriteError::storage)?
-        .retain(|key, _| count(released(key.split_once('\0').map_or(key, |(c, _)| c))))
-        .map_err(WriteError::storage)?;
-    txn.open_table(GRANTS)
-        .map_err(WriteError::storage)?
-        .retain(|_, bytes| {
-            let gone = serde_json::from_slice::<Principal<'_>>(bytes)
-                .is_ok_and(|g| released(&g.principal));
-            count(gone)
-        })
-        .map_err(WriteError::storage)?;
-    txn.open_table(ALIASES)
-        .map_err(WriteError::storage)?
-        .retain(|_, principal| count(released(principal)))
-        .map_err(WriteError::storage)?;
     #[derive(Deserialize)]
     struct HandoffGrant<'a> {
         #[serde(borrow)]
         grant: Principal<'a>,
     }
-    txn.open_table(HANDOFF)
-        .map_err(WriteError::storage)?
-        .retain(|_, bytes| {
-            let gone = serde_json::from_slice::<HandoffGrant<'_>>(bytes)
-                .is_ok_and(|h| released(&h.grant.principal));
-            count(gone)
-        })
+    let after = cursor.after.as_deref();
+    let (deleted, last, visited) = match FORGET_ORDER.get(cursor.table) {
+        None => return Ok((0, None)),
+        Some(&"contexts") => forget_in(txn, CONTEXTS, after, limit, |key, _| released(key))?,
+        Some(&"session_revocations") => {
+            forget_in(txn, SESSION_REVOCATIONS, after, limit, |key, _| {
+                released(key.split_once('\0').map_or(key, |(c, _)| c))
+            })?
+        }
+        Some(&"grants") => forget_in(txn, GRANTS, after, limit, |_, bytes| {
+            serde_json::from_slice::<Principal<'_>>(bytes).is_ok_and(|g| released(&g.principal))
+        })?,
+        Some(&"aliases") => {
+            let mut table = txn.open_table(ALIASES).map_err(WriteError::storage)?;
+            let (gone, last, visited) = {
+                let range = match after {
+                    Some(a) => table.range::<&str>((Bound::Excluded(a), Bound::Unbounded)),
+                    None => table.range::<&str>(..),
+                }
+                .map_err(WriteError::storage)?;
+                let mut gone = Vec::new();
+                let mut last = None;
+                let mut visited = 0;
+                for entry in range.take(limit) {
+                    let (k, v) = entry.map_err(WriteError::storage)?;
+                    visited += 1;
+                    if released(v.value()) {
+                        gone.push(k.value().to_owned());
+                    }
+                    last = Some(k.value().to_owned());
+                }
+                (gone, last, visited)
+            };
+            for key in &gone {
+                table.remove(key.as_str()).map_err(WriteError::storage)?;
+            }
+            (gone.len(), last, visited)
+        }
+        Some(_) => forget_in(txn, HANDOFF, after, limit, |_, bytes| {
+            serde_json::from_slice::<HandoffGrant<'_>>(bytes)
+                .is_ok_and(|h| released(&h.grant.principal))
+        })?,
+    };
+    // A table visited to its end (fewer rows than the limit) moves the cursor to the next one.
+    let next = match last {
+        Some(key) if visited == limit => ForgetCursor {
+            table: cursor.table,
+            after: Some(key),
+        },
+        _ => ForgetCursor {
+            table: cursor.table + 1,
+            after: None,
+        },
+    };
+    Ok((deleted, (next.table < FORGET_ORDER.len()).then_some(next)))
+}
+
+/// [`forget_chunk`] in one table of JSON rows: visits at most `limit` rows after `after`, deletes
+/// those `gone` says; returns the rows deleted, the last key visited and how many were visited.
+fn forget_in(
+    txn: &WriteTransaction,
+    table: TableDefinition<&str, &[u8]>,
+    after: Option<&str>,
+    limit: usize,
+    gone: impl Fn(&str, &[u8]) -> bool,
+) -> Result<(usize, Option<String>, usize), WriteError> {
+    let mut table = txn.open_table(table).map_err(WriteError::storage)?;
+    let mut doomed = Vec::new();
+    let mut last = None;
+    let mut visited = 0;
+    {
+        let range = match after {
+            Some(a) => table.range::<&str>((Bound::Excluded(a), Bound::Unbounded)),
+            None => table.range::<&str>(..),
+        }
         .map_err(WriteError::storage)?;
-    Ok(deleted)
+        for entry in range.take(limit) {
+            let (k, v) = entry.map_err(WriteError::storage)?;
+            visited += 1;
+            if gone(k.value(), v.value()) {
+                doomed.push(k.value().to_owned());
+            }
+            last = Some(k.value().to_owned());
+        }
+    }
+    for key in &doomed {
+        table.remove(key.as_str()).map_err(WriteError::storage)?;
+    }
+    Ok((doomed.len(), last, visited))
 }
 
 /// Writes rows read back from the changelog (their latest values) and decodes them as a start-up

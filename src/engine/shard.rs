@@ -214,13 +214,25 @@ impl Shard {
                     self.evaluate(&policy, &id, trig, &cause, p);
                 }
             }
-            Msg::ReevaluateAll { done } => {
+            Msg::ReevaluateAll { done, counted } => {
                 if let Some(done) = done {
                     p.commit_waiters.push(done);
                 }
                 let policy = self.shared.policy();
                 let started = Instant::now();
+                let before = p.decisions.len();
                 let (grants, screened) = self.reevaluate_all(&policy, p);
+                if let Some(counted) = counted {
+                    let mut changes = super::impact::ChangeCounts::default();
+                    for d in p.decisions[before..].iter().filter(|d| d.changes_status()) {
+                        changes.count(
+                            d.previous_status,
+                            d.status,
+                            d.rules.iter().map(String::as_str),
+                        );
+                    }
+                    let _ = counted.send(changes);
+                }
                 tracing::info!(
                     shard = self.id,
                     grants,

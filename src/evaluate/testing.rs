@@ -114,23 +114,33 @@ impl TestReport {
     }
 }
 
-/// Loads the policy set of `dir` and runs every `*.test.yaml` in it.
-pub fn run_dir(dir: &Path) -> Result<TestReport, PolicyError> {
+/// Loads the policy set of `dir` and runs every `*.test.yaml` in it (see [`run_set`]).
+pub fn run_dir(dir: &Path, examples: Option<&Path>) -> Result<TestReport, PolicyError> {
     let policy = PolicySet::load_dir(dir)?;
+    run_set(&policy, dir, examples)
+}
+
+/// Runs every `*.test.yaml` of `dir` against `policy`. A test file's `example:` events are read
+/// from the `examples:` directory it names (relative to the test file), else from `examples`
+/// (`policy.examples_dir`), else from `../tests/fixtures/spec-examples` beside `dir`.
+pub fn run_set(
+    policy: &PolicySet,
+    dir: &Path,
+    examples: Option<&Path>,
+) -> Result<TestReport, PolicyError> {
     let mut report = TestReport::default();
     for (file, text) in read_dir_sources(dir, is_test_file)? {
         let parsed: TestFile = serde_norway::from_str(&text).map_err(|e| PolicyError::Invalid {
             file: file.clone(),
             message: e.to_string(),
         })?;
-        let examples = dir.join(
-            parsed
-                .examples
-                .as_deref()
-                .unwrap_or("../tests/fixtures/spec-examples"),
-        );
+        let examples = match (&parsed.examples, examples) {
+            (Some(named), _) => dir.join(named),
+            (None, Some(configured)) => configured.to_owned(),
+            (None, None) => dir.join(DEFAULT_EXAMPLES),
+        };
         for case in parsed.tests {
-            let failure = run_case(&policy, &examples, &case).err();
+            let failure = run_case(policy, &examples, &case).err();
             report.results.push(TestResult {
                 file: file.clone(),
                 name: case.name,
@@ -140,6 +150,9 @@ pub fn run_dir(dir: &Path) -> Result<TestReport, PolicyError> {
     }
     Ok(report)
 }
+
+/// Where `example:` events are read from when neither the test file nor the configuration says.
+const DEFAULT_EXAMPLES: &str = "../tests/fixtures/spec-examples";
 
 fn run_case(policy: &PolicySet, examples: &Path, case: &TestCase) -> Result<(), String> {
     let request: GrantRequest =
@@ -324,7 +337,7 @@ mod tests {
     #[test]
     fn the_shipped_policy_tests_pass() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
-        let report = run_dir(&dir).unwrap();
+        let report = run_dir(&dir, None).unwrap();
         assert!(report.failed() == 0, "{}", report.render());
         assert!(report.passed() >= 20);
     }

@@ -131,10 +131,13 @@ impl PolicySet {
         }
     }
 
-    /// The version `dir` would load as, without compiling it (for change detection).
-    pub fn version_of_dir(dir: &Path) -> Result<String, PolicyError> {
+    /// A hash of `dir`'s rule files and their tests, without compiling them: the policy watcher
+    /// reloads when it changes (a test fixed alone lets a refused set through).
+    pub fn fingerprint_of_dir(dir: &Path) -> Result<String, PolicyError> {
         if dir.is_dir() {
-            Ok(version_of(&read_dir_sources(dir, is_rule_file)?))
+            Ok(version_of(&read_dir_sources(dir, |n| {
+                is_rule_file(n) || is_test_file(n)
+            })?))
         } else {
             Ok(version_of(&[(
                 "builtin:default.yaml".to_owned(),

@@ -1,0 +1,480 @@
+//! An operator's policy change, before and as it goes live: the impact preview of a candidate set
+//! is exactly what swapping it in then does, grant by grant (delegations, device- and
+//! session-scoped facts, a rule that fails closed, a loosening); a set failing its own tests is
+//! refused on every reload path; `policy.require_preview` holds back a large change unless forced.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::*;
+use serde_json::{json, Value};
+use vigil::jose::Alg;
+
+const ISS: &str = "https://idp.example.com/123456789/";
+const AUD: &str = "https://sp.example.com/caep";
+const CAEP: &str = "https://schemas.openid.net/secevent/caep/event-type/";
+
+fn now() -> f64 {
+    vigil::signal::now_ms() as f64 / 1000.0
+}
+
+fn email(e: &str) -> Value {
+    json!({"format": "email", "email": e})
+}
+
+fn grant(id: &str, subject: Value, issued_at: f64) -> Value {
+    json!({
+        "id": id, "kind": "session", "subject": subject,
+        "issued_at": issued_at, "expires_at": issued_at + 3600.0,
+        "enforcement_points": ["api-gateway"]
+    })
+}
+
+fn set(jti: &str, sub_id: Value, event: &str, payload: Value) -> Value {
+    json!({"iss": ISS, "aud": AUD, "jti": jti, "iat": now() as i64, "sub_id": sub_id,
+           "events": {event: payload}})
+}
+
+fn risk(level: &str, at: f64) -> Value {
+    json!({"principal": "USER", "current_level": level, "risk_reason": "test", "event_timestamp": at})
+}
+
+/// The running set: MEDIUM risk steps up, a non-compliant device restricts, admin scope restricts.
+const LIVE: &str = r#"
+rules:
+  - id: risk-high
+    on: [risk-level-change]
+    when: "context.risk.level == 'HIGH'"
+    effect: revoke
+  - id: risk-medium-step-up
+    on: [risk-level-change]
+    when: "context.risk.level == 'MEDIUM'"
+    effect: step_up
+  - id: device-restrict
+    on: [device-compliance-change]
+    when: "context.device.status == 'not-compliant'"
+    effect: restrict
+  - id: admin-restrict
+    on: ['*']
+    when: "'admin' in grant.scopes"
+    effect: restrict
+"#;
+
+/// The candidate: MEDIUM revokes, admin scope is no longer restricted (a loosening), a revoked
+/// session revokes its grants, and one rule fails to evaluate for one grant (fails closed).
+const CANDIDATE: &str = r#"
+rules:
+  - id: risk-high
+    on: [risk-level-change]
+    when: "context.risk.level == 'HIGH'"
+    effect: revoke
+  - id: risk-medium-revoke
+    on: [risk-level-change]
+    when: "context.risk.level == 'MEDIUM'"
+    effect: revoke
+    reason: "risk MEDIUM now revokes"
+  - id: device-restrict
+    on: [device-compliance-change]
+    when: "context.device.status == 'not-compliant'"
+    effect: restrict
+  - id: session-revoked
+    on: [session-revoked]
+    when: "context.session_revoked_at > grant.issued_at"
+    effect: revoke
+  - id: broken-for-e1
+    on: [risk-level-change]
+    when: "grant.id == 'e1' && context.risk.no_such_field == 'x'"
+    effect: revoke
+"#;
+
+struct Env {
+    tx: Transmitter,
+    vigil: vigil::app::Vigil,
+    _data: tempfile::TempDir,
+}
+
+async fn env(policies: &std::path::Path, require_preview: Option<u64>, watch_secs: u64) -> Env {
+    let tx = Transmitter::start(&[Alg::RS256]).await;
+    let data = tempfile::tempdir().unwrap();
+    let mut config = test_config(data.path(), vec![tx.config("idp", ISS, &[AUD])]);
+    config.policy.dir = policies.to_owned();
+    config.policy.watch_interval_secs = watch_secs;
+    config.policy.require_preview = require_preview;
+    config.enforcement_points = vec![enforcement_point(
+        "api-gateway",
+        "api-gateway-token-0123456789",
+    )];
+    let vigil = start(config).await;
+    Env {
+        tx,
+        vigil,
+        _data: data,
+    }
+}
+
+impl Env {
+    async fn push(&self, claims: &Value) {
+        let token = self.tx.key(Alg::RS256).sign_set(claims).unwrap();
+        let answer = push(&self.vigil, "idp", &token).await;
+        assert_eq!(answer.status, 202, "{answer:?}");
+    }
+
+    async fn register(&self, body: &Value) {
+        let (status, reply) = post_json(&self.vigil, "/v1/grants", body).await;
+        assert_eq!(status, 201, "{reply}");
+    }
+
+    async fn status(&self, id: &str) -> String {
+        let (code, g) = get_json(&self.vigil, &format!("/v1/grants/{}", encode(id))).await;
+        assert_eq!(code, 200, "{g}");
+        g["status"].as_str().unwrap().to_owned()
+    }
+
+    async fn wait_status(&self, id: &str, status: &str) {
+        eventually(&format!("{id} to become {status}"), || async {
+            (self.status(id).await == status).then_some(())
+        })
+        .await
+    }
+
+    async fn statuses(&self, ids: &[&str]) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        for id in ids {
+            out.insert((*id).to_owned(), self.status(id).await);
+        }
+        out
+    }
+
+    /// Grants of every kind the preview must get right, in the states the live set put them.
+    async fn populate(&self) -> Vec<&'static str> {
+        let t = now();
+        for (id, user) in [
+            ("m1", "m1@example.com"),
+            ("m2", "m2@example.com"),
+            ("h1", "h1@example.com"),
+            ("e1", "e1@example.com"),
+            ("plain", "plain@example.com"),
+        ] {
+            self.register(&grant(id, email(user), t - 60.0)).await;
+        }
+        // Device-scoped: the same user's grant on the device and off it.
+        let device = json!({"format": "opaque", "id": "laptop-9"});
+        let mut d1 = grant("d1", email("d@example.com"), t - 60.0);
+        d1["device"] = device.clone();
+        self.register(&d1).await;
+        self.register(&grant("d1-off", email("d@example.com"), t - 60.0))
+            .await;
+        // Session-scoped: one session revoked, the other not.
+        let user = email("u-s@example.com");
+        let mut s1 = grant("s1", user.clone(), t - 600.0);
+        s1["session"] = json!("sess-1");
+        let mut s2 = grant("s2", user.clone(), t - 600.0);
+        s2["session"] = json!("sess-2");
+        self.register(&s1).await;
+        self.register(&s2).await;
+        // An agent acting for a user whose risk is MEDIUM.
+        let delegator = json!({"format": "iss_sub", "iss": ISS, "sub": "delegator"});
+        self.register(&json!({
+            "id": "ag1", "kind": "agent_delegation", "principal_type": "agent",
+            "subject": {"format": "opaque", "id": "agent-9"}, "on_behalf_of": delegator,
+            "scopes": ["calendar.read"], "issued_at": t - 60.0, "expires_at": t + 3600.0
+        }))
+        .await;
+        let mut a1 = grant("a1", email("a@example.com"), t - 60.0);
+        a1["scopes"] = json!(["admin"]);
+        self.register(&a1).await;
+
+        let rlc = format!("{CAEP}risk-level-change");
+        self.push(&set(
+            "r-m1",
+            email("m1@example.com"),
+            &rlc,
+            risk("MEDIUM", t),
+        ))
+        .await;
+        self.push(&set(
+            "r-m2",
+            email("m2@example.com"),
+            &rlc,
+            risk("MEDIUM", t),
+        ))
+        .await;
+        self.push(&set("r-h1", email("h1@example.com"), &rlc, risk("HIGH", t)))
+            .await;
+        self.push(&set("r-e1", email("e1@example.com"), &rlc, risk("LOW", t)))
+            .await;
+        self.push(&set("r-del", delegator, &rlc, risk("MEDIUM", t)))
+            .await;
+        self.push(&set(
+            "dev",
+            json!({"format": "complex", "device": device, "tenant": {"format": "opaque", "id": "t1"}}),
+            &format!("{CAEP}device-compliance-change"),
+            json!({"previous_status": "compliant", "current_status": "not-compliant", "event_timestamp": t}),
+        ))
+        .await;
+        self.push(&set(
+            "logout",
+            json!({"format": "complex", "user": user, "session": {"format": "opaque", "id": "sess-1"}}),
+            &format!("{CAEP}session-revoked"),
+            json!({"initiating_entity": "admin", "event_timestamp": t}),
+        ))
+        .await;
+        for (id, status) in [
+            ("m1", "step_up"),
+            ("m2", "step_up"),
+            ("ag1", "step_up"),
+            ("h1", "revoked"),
+            ("d1", "restricted"),
+            ("a1", "restricted"),
+        ] {
+            self.wait_status(id, status).await;
+        }
+        // The session and LOW signals change nothing under the live set; wait until they are
+        // in the subjects' contexts.
+        for key in ["email:u-s@example.com", "email:e1@example.com"] {
+            eventually(&format!("{key}'s signal applied"), || async {
+                let (code, why) =
+                    get_json(&self.vigil, &format!("/v1/subjects/{}", encode(key))).await;
+                (code == 200 && !why["recent_signals"].as_array()?.is_empty()).then_some(())
+            })
+            .await;
+        }
+        vec![
+            "m1", "m2", "h1", "e1", "plain", "d1", "d1-off", "s1", "s2", "ag1", "a1",
+        ]
+    }
+}
+
+/// `{grant: (from, to)}` of a bucket of an impact's samples.
+fn sampled(impact: &Value, bucket: &str) -> BTreeMap<String, (String, String)> {
+    impact["samples"][bucket]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["grant_id"].as_str().unwrap().to_owned(),
+                (
+                    s["from"].as_str().unwrap().to_owned(),
+                    s["to"].as_str().unwrap().to_owned(),
+                ),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_impact_preview_is_what_the_swap_then_does_grant_by_grant() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("live.yaml"), LIVE).unwrap();
+    let env = env(dir.path(), None, 0).await;
+    let ids = env.populate().await;
+    let live_version = env.vigil.engine().policy_version();
+
+    let (code, listed) = get_json(&env.vigil, "/v1/policies").await;
+    assert_eq!(code, 200, "{listed}");
+    assert_eq!(listed["running"]["version"], json!(live_version));
+    assert_eq!(listed["running"]["rules"][1]["id"], "risk-medium-step-up");
+    assert_eq!(listed["running"]["rules"][1]["file"], "live.yaml");
+
+    let before = env.statuses(&ids).await;
+    let (code, impact) = post_json(
+        &env.vigil,
+        "/v1/policies/impact",
+        &json!({"files": {"candidate.yaml": CANDIDATE}, "samples": 20}),
+    )
+    .await;
+    assert_eq!(code, 200, "{impact}");
+    // Nothing changed by the preview.
+    assert_eq!(env.statuses(&ids).await, before);
+    assert_eq!(env.vigil.engine().policy_version(), live_version);
+    assert_eq!(impact["live_version"], json!(live_version));
+
+    // Swap the candidate in through the reload path and diff every grant.
+    std::fs::remove_file(dir.path().join("live.yaml")).unwrap();
+    std::fs::write(dir.path().join("candidate.yaml"), CANDIDATE).unwrap();
+    let (code, reload) = post_json(&env.vigil, "/v1/policies/reload", &json!({})).await;
+    assert_eq!(code, 200, "{reload}");
+    assert_eq!(reload["status"], "swapped");
+    assert_eq!(reload["version"], impact["candidate_version"]);
+    let after = env.statuses(&ids).await;
+    let diff: BTreeMap<String, (String, String)> = ids
+        .iter()
+        .filter(|id| before[**id] != after[**id])
+        .map(|id| ((*id).to_owned(), (before[*id].clone(), after[*id].clone())))
+        .collect();
+
+    // Grant by grant: the preview's changes are exactly the swap's.
+    assert_eq!(sampled(&impact, "changed"), diff, "{impact:#}");
+    let expected: BTreeMap<String, (String, String)> = [
+        ("m1", "step_up", "revoked"),
+        ("m2", "step_up", "revoked"),
+        ("ag1", "step_up", "revoked"),
+        ("a1", "restricted", "active"),
+        ("s1", "active", "revoked"),
+        ("e1", "active", "revoked"),
+    ]
+    .into_iter()
+    .map(|(id, from, to)| (id.to_owned(), (from.to_owned(), to.to_owned())))
+    .collect();
+    assert_eq!(diff, expected);
+    // The counts agree with the swap's own.
+    for key in ["changed", "transitions", "by_rule"] {
+        assert_eq!(impact[key], reload[key], "{key}: {impact:#} vs {reload:#}");
+    }
+    assert_eq!(impact["changed"], 6);
+    assert_eq!(impact["evaluated"], ids.len() - 1);
+    assert_eq!(impact["unchanged"], ids.len() - 1 - 6);
+    assert_eq!(impact["revoked"], 1);
+    // The dangerous direction, apart.
+    assert_eq!(impact["loosening"], 1);
+    assert_eq!(
+        sampled(&impact, "loosening").keys().collect::<Vec<_>>(),
+        ["a1"]
+    );
+    // The failing rule, apart, with its error and the subject explained.
+    assert_eq!(impact["errors"], 1);
+    assert_eq!(
+        impact["errors_by_rule"],
+        json!([{"rule": "broken-for-e1", "count": 1}])
+    );
+    let failed = &impact["samples"]["errors"][0];
+    assert_eq!(failed["grant_id"], "e1");
+    assert!(failed["evaluation"]["matched"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["id"] == "broken-for-e1" && m["error"].is_string()));
+    assert_eq!(failed["explain"]["subject"], "email:e1@example.com");
+    let by_rule: BTreeMap<String, u64> = impact["by_rule"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["rule"].as_str().unwrap().to_owned(),
+                r["count"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(by_rule["risk-medium-revoke"], 3);
+    assert_eq!(by_rule["session-revoked"], 1);
+    assert_eq!(by_rule["(none)"], 1);
+
+    // A candidate that does not compile is refused with the reason; a bad file name too.
+    let (code, body) = post_json(
+        &env.vigil,
+        "/v1/policies/impact",
+        &json!({"files": {"x.yaml": "rules: [{id: x, on: [nope], when: 'true', effect: revoke}]"}}),
+    )
+    .await;
+    assert_eq!(code, 422, "{body}");
+    assert!(
+        body["description"].as_str().unwrap().contains("nope"),
+        "{body}"
+    );
+    let (code, body) = post_json(
+        &env.vigil,
+        "/v1/policies/impact",
+        &json!({"files": {"../x.yaml": CANDIDATE}}),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    env.vigil.shutdown().await;
+}
+
+/// A failing test in the set written.
+const FAILING_TEST: &str = "tests:\n  - name: admin stays usable\n    grant: {id: g, kind: session, subject: {format: email, email: a@example.com}, scopes: [admin], issued_at: 1, expires_at: 2000000000}\n    expect: {effect: none}\n";
+/// The same test, fixed.
+const PASSING_TEST: &str = "tests:\n  - name: admin is revoked\n    grant: {id: g, kind: session, subject: {format: email, email: a@example.com}, scopes: [admin], issued_at: 1, expires_at: 2000000000}\n    expect: {effect: revoke, rules: [no-admin]}\n";
+const NO_ADMIN: &str =
+    "rules: [{id: no-admin, on: ['*'], when: \"'admin' in grant.scopes\", effect: revoke}]\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_failing_its_own_tests_is_refused_by_http_and_the_file_watch() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("base.yaml"), "rules: []\n").unwrap();
+    let env = env(dir.path(), None, 1).await;
+    let t = now();
+    let mut g = grant("adm", email("adm@example.com"), t - 60.0);
+    g["scopes"] = json!(["admin"]);
+    env.register(&g).await;
+    let v1 = env.vigil.engine().policy_version();
+
+    // Written together, the rule and a test it fails: the watch refuses the set.
+    std::fs::write(dir.path().join("base.test.yaml"), FAILING_TEST).unwrap();
+    std::fs::write(dir.path().join("admin.yaml"), NO_ADMIN).unwrap();
+    let (code, body) = post_json(&env.vigil, "/v1/policies/reload", &json!({})).await;
+    assert_eq!(code, 422, "{body}");
+    assert_eq!(body["status"], "refused");
+    assert_eq!(body["version"], json!(v1));
+    assert_eq!(
+        body["failed_tests"][0]["name"], "admin stays usable",
+        "{body}"
+    );
+    assert!(body["failed_tests"][0]["failure"].is_string(), "{body}");
+    // Three watch intervals: the watcher saw the change and refused it too.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(env.vigil.engine().policy_version(), v1);
+    assert_eq!(env.status("adm").await, "active");
+
+    // Fixing only the test lets the set through the watch, and the grant is revoked.
+    std::fs::write(dir.path().join("base.test.yaml"), PASSING_TEST).unwrap();
+    env.wait_status("adm", "revoked").await;
+    assert_ne!(env.vigil.engine().policy_version(), v1);
+    env.vigil.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_preview_holds_back_a_large_change_until_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("base.yaml"), "rules: []\n").unwrap();
+    let env = env(dir.path(), Some(2), 0).await;
+    let t = now();
+    for i in 0..4 {
+        let mut g = grant(
+            &format!("a{i}"),
+            email(&format!("a{i}@example.com")),
+            t - 60.0,
+        );
+        g["scopes"] = json!(["admin"]);
+        env.register(&g).await;
+    }
+    let v1 = env.vigil.engine().policy_version();
+    std::fs::write(dir.path().join("admin.yaml"), NO_ADMIN).unwrap();
+    let (code, body) = post_json(&env.vigil, "/v1/policies/reload", &json!({})).await;
+    assert_eq!(code, 422, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("require_preview"),
+        "{body}"
+    );
+    assert_eq!(body["impact"]["changed"], 4, "{body}");
+    assert_eq!(
+        body["impact"]["samples"]["changed"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    assert_eq!(env.vigil.engine().policy_version(), v1);
+    assert_eq!(env.status("a0").await, "active");
+    // Unknown parameters are refused, not ignored.
+    let (code, _) = post_json(&env.vigil, "/v1/policies/reload?forse=true", &json!({})).await;
+    assert_eq!(code, 400);
+
+    let (code, body) = post_json(&env.vigil, "/v1/policies/reload?force=true", &json!({})).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["status"], "swapped");
+    assert_eq!(body["changed"], 4);
+    assert_eq!(
+        body["transitions"],
+        json!([{"from": "active", "to": "revoked", "count": 4}])
+    );
+    assert_eq!(body["by_rule"], json!([{"rule": "no-admin", "count": 4}]));
+    for i in 0..4 {
+        assert_eq!(env.status(&format!("a{i}")).await, "revoked");
+    }
+    env.vigil.shutdown().await;
+}
