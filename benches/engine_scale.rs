@@ -1,7 +1,8 @@
 //! Scale harness for the engine as it runs in production (shards, store, audit):
 //! registers N grants over N/10 subjects through the engine, reports the registration rate and the
 //! resident memory per grant, then swaps the policy set and times the re-evaluation of every grant
-//! (until every shard has committed).
+//! (until every shard has committed); before that, previews the impact of a candidate set on every
+//! grant (`Engine::impact_blocking`) and compares its time with the swap's.
 //!
 //! Run: `cargo bench --bench engine_scale -- [--grants 1000000]`
 
@@ -89,15 +90,77 @@ async fn run(n: usize) -> anyhow::Result<()> {
         rss_after.saturating_sub(rss_before) as f64 / n as f64
     );
 
+    // Risk on a fifth of the subjects, so the preview and the swap evaluate their grants (on the
+    // others the screen proves no rule can match): MEDIUM on every tenth (their human sessions
+    // step up), LOW on every tenth after it.
+    let with_risk = n / 10 / 5;
+    let mut signals = Vec::with_capacity(with_risk);
+    for k in 0..with_risk {
+        let user = k * 5;
+        let level = if k % 2 == 0 { "MEDIUM" } else { "LOW" };
+        let claims = json!({
+            "iss": "https://idp.example.com/", "aud": "vigil", "jti": format!("risk-{user}"),
+            "iat": 1_700_000_100, "sub_id": {"format": "email", "email": format!("user{user}@example.com")},
+            "events": {"https://schemas.openid.net/secevent/caep/event-type/risk-level-change": {
+                "principal": "USER", "current_level": level, "event_timestamp": 1_700_000_100}}
+        });
+        signals.push(
+            vigil::evaluate::testing::signal_from_claims(&claims, k as u64 + 1)
+                .map_err(anyhow::Error::msg)?,
+        );
+    }
+    let started = Instant::now();
+    for batch in signals.chunks(1024) {
+        let submitting = engine.clone();
+        let batch = batch.to_vec();
+        tokio::task::spawn_blocking(move || submitting.submit_batch(batch)?.wait_blocking())
+            .await??;
+    }
+    println!(
+        "engine_scale risk on {with_risk} subjects applied in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // Impact preview of a candidate (MEDIUM risk revokes humans' sessions instead of stepping
+    // up): every grant evaluated on its contexts, nothing changed. The swap below (every grant
+    // re-evaluated and committed) is the ceiling it is compared with, in the same run.
+    let candidate = PolicySet::from_sources(&[(
+        "candidate.yaml".to_owned(),
+        vigil::policy::BUILTIN.replace(
+            "effect: step_up\n    reason: \"risk MEDIUM",
+            "effect: revoke\n    reason: \"risk MEDIUM",
+        ),
+    )])?;
+    anyhow::ensure!(
+        candidate.version != engine.policy_version(),
+        "the candidate must differ from the running set"
+    );
+    let previewing = engine.clone();
+    let started = Instant::now();
+    let impact =
+        tokio::task::spawn_blocking(move || previewing.impact_blocking(&candidate, 5)).await??;
+    let impact_secs = started.elapsed().as_secs_f64();
+    anyhow::ensure!(impact.evaluated == n as u64, "every grant evaluated");
+    println!(
+        "engine_scale impact preview: {} grants evaluated in {impact_secs:.2} s ({:.0} grants/s; {} would change)",
+        impact.evaluated,
+        impact.evaluated as f64 / impact_secs,
+        impact.changes.changed
+    );
+
     let swapped = PolicySet::from_sources(&[(
         "bench.yaml".to_owned(),
         format!("{}\n# bench swap\n", vigil::policy::BUILTIN),
     )])?;
     let started = Instant::now();
     engine.swap_policy(swapped)?.wait().await;
+    let swap_secs = started.elapsed().as_secs_f64();
     println!(
-        "engine_scale policy swap: every one of {n} grants re-evaluated and committed in {:.2} s",
-        started.elapsed().as_secs_f64()
+        "engine_scale policy swap: every one of {n} grants re-evaluated and committed in {swap_secs:.2} s"
+    );
+    println!(
+        "engine_scale impact preview / policy swap: {:.2}",
+        impact_secs / swap_secs
     );
     engine.shutdown().await;
     drop(engine);

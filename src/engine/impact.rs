@@ -16,6 +16,7 @@ use serde_json::Value;
 
 use super::decide::status_after;
 use super::inputs::Inputs;
+use super::shard::none_can_match;
 use super::{EngineError, Shared};
 use crate::evaluate::Trigger;
 use crate::grant::{Grant, GrantStatus};
@@ -167,6 +168,46 @@ struct Tally {
 }
 
 impl Tally {
+    /// Counts one principal's grants: those the screen proves no enforced rule can match are
+    /// left as they are when active (exactly what a swap's re-evaluation skips); every other one
+    /// is evaluated.
+    fn principal(
+        &mut self,
+        shared: &Shared,
+        candidate: &PolicySet,
+        grants: &[Arc<Grant>],
+        now: f64,
+        samples: usize,
+    ) {
+        let mut live: Vec<&Grant> = Vec::with_capacity(grants.len());
+        for grant in grants {
+            if grant.status == GrantStatus::Revoked {
+                self.revoked += 1;
+            } else if !grant.is_expired(now) {
+                live.push(grant);
+            }
+        }
+        let Some(first) = live.first() else {
+            return;
+        };
+        let screened = none_can_match(shared, candidate, &first.principal, &live, now);
+        for grant in live {
+            if screened && grant.status == GrantStatus::Active {
+                self.evaluated += 1;
+                continue;
+            }
+            let inputs = Inputs::gather(&shared.contexts, grant);
+            let outcome = inputs.evaluate(
+                candidate,
+                grant,
+                Trigger::State,
+                &shared.settings.decay,
+                now,
+            );
+            self.count(grant, outcome, samples);
+        }
+    }
+
     fn add(&mut self, other: Tally, samples: usize) {
         self.evaluated += other.evaluated;
         self.revoked += other.revoked;
@@ -233,6 +274,24 @@ impl Tally {
     }
 }
 
+/// `grants` (sorted by principal) in up to `n` runs of about equal length, none splitting a
+/// principal's grants.
+fn split_at_principals(grants: &[Arc<Grant>], n: usize) -> Vec<&[Arc<Grant>]> {
+    let target = grants.len().div_ceil(n.max(1)).max(1);
+    let mut parts = Vec::new();
+    let mut rest = grants;
+    while !rest.is_empty() {
+        let mut end = target.min(rest.len());
+        while end < rest.len() && rest[end].principal == rest[end - 1].principal {
+            end += 1;
+        }
+        let (part, tail) = rest.split_at(end);
+        parts.push(part);
+        rest = tail;
+    }
+    parts
+}
+
 /// Evaluates `candidate` on every grant of `shared` (see the module docs); `samples` grants of
 /// each bucket are kept, without their explain (the caller adds it).
 pub(super) fn preview(
@@ -243,34 +302,21 @@ pub(super) fn preview(
     let started = Instant::now();
     let live_version = shared.policy().version.clone();
     let now = shared.settings.clock.now();
-    let grants: Vec<Arc<Grant>> = shared.grants.iter().map(|g| g.value().clone()).collect();
+    // By principal, so each principal's grants are screened together, as a swap does.
+    let mut grants: Vec<Arc<Grant>> = shared.grants.iter().map(|g| g.value().clone()).collect();
+    grants.sort_unstable_by(|a, b| a.principal.cmp(&b.principal));
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let chunk = grants.len().div_ceil(threads).max(1);
+    let parts = split_at_principals(&grants, threads);
     let mut total = Tally::default();
     let mut panicked = false;
     std::thread::scope(|scope| {
-        let workers: Vec<_> = grants
-            .chunks(chunk)
+        let workers: Vec<_> = parts
+            .into_iter()
             .map(|part| {
                 scope.spawn(move || {
                     let mut tally = Tally::default();
-                    for grant in part {
-                        if grant.status == GrantStatus::Revoked {
-                            tally.revoked += 1;
-                            continue;
-                        }
-                        if grant.is_expired(now) {
-                            continue;
-                        }
-                        let inputs = Inputs::gather(&shared.contexts, grant);
-                        let outcome = inputs.evaluate(
-                            candidate,
-                            grant,
-                            Trigger::State,
-                            &shared.settings.decay,
-                            now,
-                        );
-                        tally.count(grant, outcome, samples);
+                    for one in part.chunk_by(|a, b| a.principal == b.principal) {
+                        tally.principal(shared, candidate, one, now, samples);
                     }
                     tally
                 })

@@ -323,7 +323,7 @@ impl Shard {
                 .map(|g| &**g)
                 .filter(|g| g.status != GrantStatus::Revoked && !g.is_expired(now))
                 .collect();
-            if self.none_can_match(policy, &principal, &live, now) {
+            if none_can_match(&self.shared, policy, &principal, &live, now) {
                 screened += live.len();
                 // Nothing matches: only a grant that is not active has a status to change.
                 for g in live.iter().filter(|g| g.status != GrantStatus::Active) {
@@ -336,43 +336,6 @@ impl Shard {
             }
         }
         (total, screened)
-    }
-
-    /// Whether no enforced rule can match any of `grants` (one principal's) on current state.
-    /// `false` whenever the screen cannot tell, or a grant's inputs depend on more than the
-    /// principal's context (a device or session context, a delegating user).
-    fn none_can_match(
-        &self,
-        policy: &PolicySet,
-        principal: &str,
-        grants: &[&Grant],
-        now: f64,
-    ) -> bool {
-        let Some(first) = grants.first() else {
-            return false;
-        };
-        let context = self
-            .shared
-            .contexts
-            .get(principal)
-            .map(|c| c.clone())
-            .unwrap_or_else(|| Arc::new(PrincipalContext::new(principal)));
-        let own_inputs_only = grants.iter().all(|g| {
-            g.on_behalf_of.is_none()
-                && ["device", "session"].iter().all(|m| {
-                    g.members
-                        .get(m)
-                        .is_none_or(|k| !self.shared.contexts.contains_key(k))
-                })
-        });
-        if !own_inputs_only || !context.view_is_grant_independent() {
-            return false;
-        }
-        let view = context.view(first, &[], &self.shared.settings.decay, now);
-        let subject = subject_view(Trigger::State, first);
-        let signal = signal_view(Trigger::State);
-        let mut screen = Screen::new(&view, &subject, &signal, now, grants);
-        policy.never_matches_state(&mut screen)
     }
 
     /// Every signal's source redelivers it after a crash (a Kafka partition, intake's pending
@@ -634,4 +597,40 @@ impl Shard {
             p.latest.insert(grant.id.clone(), g.clone());
         }
     }
+}
+
+/// Whether no enforced rule can match any of `grants` (one principal's) on current state.
+/// `false` whenever the screen cannot tell, or a grant's inputs depend on more than the
+/// principal's context (a device or session context, a delegating user).
+pub(super) fn none_can_match(
+    shared: &Shared,
+    policy: &PolicySet,
+    principal: &str,
+    grants: &[&Grant],
+    now: f64,
+) -> bool {
+    let Some(first) = grants.first() else {
+        return false;
+    };
+    let context = shared
+        .contexts
+        .get(principal)
+        .map(|c| c.clone())
+        .unwrap_or_else(|| Arc::new(PrincipalContext::new(principal)));
+    let own_inputs_only = grants.iter().all(|g| {
+        g.on_behalf_of.is_none()
+            && ["device", "session"].iter().all(|m| {
+                g.members
+                    .get(m)
+                    .is_none_or(|k| !shared.contexts.contains_key(k))
+            })
+    });
+    if !own_inputs_only || !context.view_is_grant_independent() {
+        return false;
+    }
+    let view = context.view(first, &[], &shared.settings.decay, now);
+    let subject = subject_view(Trigger::State, first);
+    let signal = signal_view(Trigger::State);
+    let mut screen = Screen::new(&view, &subject, &signal, now, grants);
+    policy.never_matches_state(&mut screen)
 }
