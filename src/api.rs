@@ -291,6 +291,123 @@ pub async fn get_grant(
     }
 }
 
+/// `GET /v1/grants`' filters and page. An unknown parameter is refused.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantListParams {
+    status: Option<GrantStatus>,
+    /// Any identifier key of the principal (`email:jane@example.com`).
+    principal: Option<String>,
+    enforcement_point: Option<String>,
+    kind: Option<crate::grant::GrantKind>,
+    /// A rule that revoked the grant.
+    rule: Option<String>,
+    /// The previous page's `next`.
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// Most grants on one page.
+const MAX_GRANT_PAGE: usize = 1000;
+
+/// Grants, filtered, in id order, a page at a time: `{grants, next}` (`next`: the `after` of the
+/// following page, absent on the last). Cluster mode: every instance's, merged.
+pub async fn list_grants(
+    State(s): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    axum::extract::RawQuery(raw): axum::extract::RawQuery,
+    q: Result<Query<GrantListParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Query(q) = match q {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()),
+    };
+    let limit = q.limit.unwrap_or(100).clamp(1, MAX_GRANT_PAGE);
+    let query = crate::engine::GrantQuery {
+        status: q.status,
+        principal: q.principal,
+        enforcement_point: q.enforcement_point,
+        kind: q.kind,
+        rule: q.rule,
+        after: q.after,
+        limit,
+    };
+    let engine = s.engine.clone();
+    let (mut grants, mut more) =
+        match tokio::task::spawn_blocking(move || engine.list_grants(&query)).await {
+            Ok((grants, more)) => (
+                grants
+                    .iter()
+                    .map(|g| serde_json::to_value(&**g).unwrap_or(Value::Null))
+                    .collect::<Vec<Value>>(),
+                more,
+            ),
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+        };
+    // Cluster mode: each instance's page after the same cursor; together, in id order.
+    let call = crate::cluster::Call {
+        segments: &["v1", "grants"],
+        query: raw.as_deref(),
+    };
+    if let Some(pages) = from_every_other(&s, &headers, reqwest::Method::GET, &call).await {
+        for page in pages.into_iter().flatten() {
+            let page: GrantPage = page;
+            more |= page.next.is_some();
+            grants.extend(page.grants);
+        }
+        grants.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+        more |= grants.len() > limit;
+        grants.truncate(limit);
+    }
+    let next = more
+        .then(|| {
+            grants
+                .last()
+                .and_then(|g| g["id"].as_str().map(str::to_owned))
+        })
+        .flatten();
+    Json(json!({"grants": grants, "next": next})).into_response()
+}
+
+/// Another instance's `/v1/grants` page.
+#[derive(Deserialize)]
+struct GrantPage {
+    grants: Vec<Value>,
+    next: Option<String>,
+}
+
+/// `GET /v1/grants/{id}/explain`: the grant and its subject explained (as `/v1/subjects/{key}`).
+pub async fn explain_grant(
+    State(s): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let Some(grant) = s.engine.grant(&id) else {
+        let call = crate::cluster::Call {
+            segments: &["v1", "grants", id.as_str(), "explain"],
+            query: None,
+        };
+        return match ask_others(&s, &headers, reqwest::Method::GET, &call, None, |a| {
+            a.status == 200
+        })
+        .await
+        {
+            Some(answer) => answer,
+            None => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no grant `{id}`"),
+            ),
+        };
+    };
+    let engine = s.engine.clone();
+    let principal = grant.principal.to_string();
+    match tokio::task::spawn_blocking(move || engine.explain(&principal)).await {
+        Ok(subject) => Json(json!({"grant": &*grant, "subject": subject})).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
+}
+
 pub async fn delete_grant(
     State(s): State<Arc<ApiState>>,
     headers: HeaderMap,

@@ -1097,6 +1097,8 @@ fn router(config: &Config, parts: Parts<'_>) -> (Router, Router) {
                     Router::new()
                         .route("/v1/decisions", get(api::decisions))
                         .route("/v1/subjects/{key}", get(api::subject))
+                        .route("/v1/grants", get(api::list_grants))
+                        .route("/v1/grants/{id}/explain", get(api::explain_grant))
                         .route("/v1/policies", get(crate::policy_api::policies))
                         .route("/v1/policies/reload", post(crate::policy_api::reload))
                         .route("/v1/policies/impact", post(crate::policy_api::impact))

@@ -279,6 +279,48 @@ async fn the_impact_preview_is_what_the_swap_then_does_grant_by_grant() {
     assert_eq!(listed["running"]["rules"][1]["id"], "risk-medium-step-up");
     assert_eq!(listed["running"]["rules"][1]["file"], "live.yaml");
 
+    // The grants, filtered and paged.
+    let listed = |query: &'static str| {
+        let vigil = &env.vigil;
+        async move {
+            let (code, page) = get_json(vigil, &format!("/v1/grants?{query}")).await;
+            assert_eq!(code, 200, "{query}: {page}");
+            let ids: Vec<String> = page["grants"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|g| g["id"].as_str().unwrap().to_owned())
+                .collect();
+            (ids, page["next"].as_str().map(str::to_owned))
+        }
+    };
+    assert_eq!(listed("status=step_up").await.0, ["ag1", "m1", "m2"]);
+    assert_eq!(
+        listed("status=restricted&enforcement_point=api-gateway")
+            .await
+            .0,
+        ["a1", "d1"]
+    );
+    assert_eq!(
+        listed("principal=email%3Ad%40example.com").await.0,
+        ["d1", "d1-off"]
+    );
+    assert_eq!(listed("kind=agent_delegation").await.0, ["ag1"]);
+    assert_eq!(listed("rule=risk-high").await.0, ["h1"]);
+    let (first, next) = listed("limit=4").await;
+    assert_eq!(first, ["a1", "ag1", "d1", "d1-off"]);
+    assert_eq!(next.as_deref(), Some("d1-off"));
+    let (rest, end) = listed("limit=100&after=d1-off").await;
+    assert_eq!(rest.len(), ids.len() - 4);
+    assert_eq!(end, None);
+    let (code, _) = get_json(&env.vigil, "/v1/grants?stauts=revoked").await;
+    assert_eq!(code, 400);
+    // A grant explained by its id.
+    let (code, why) = get_json(&env.vigil, "/v1/grants/ag1/explain").await;
+    assert_eq!(code, 200, "{why}");
+    assert_eq!(why["grant"]["status"], "step_up");
+    assert_eq!(why["subject"]["subject"], why["grant"]["principal"]);
+
     let before = env.statuses(&ids).await;
     let (code, impact) = post_json(
         &env.vigil,

@@ -42,7 +42,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use crate::audit::{AuditLog, DecisionQuery};
 use crate::context::{Decay, PrincipalContext};
 use crate::decision::Decision;
-use crate::grant::{Grant, GrantError, GrantId, GrantRequest};
+use crate::grant::{Grant, GrantError, GrantId, GrantRequest, GrantStatus};
 use crate::intake::Intake;
 use crate::policy::PolicySet;
 use crate::principal::Target;
@@ -386,6 +386,21 @@ impl SwapDone {
         }
         changes.finish()
     }
+}
+
+/// What [`Engine::list_grants`] selects. Absent filters match everything.
+#[derive(Debug, Clone, Default)]
+pub struct GrantQuery {
+    pub status: Option<GrantStatus>,
+    /// Any identifier key of the principal.
+    pub principal: Option<String>,
+    pub enforcement_point: Option<String>,
+    pub kind: Option<crate::grant::GrantKind>,
+    /// A rule that revoked the grant.
+    pub rule: Option<String>,
+    /// Grants whose id sorts after this one (the previous page's last).
+    pub after: Option<String>,
+    pub limit: usize,
 }
 
 /// Rows [`Engine::forget_stored_blocking`] visits per write.
@@ -879,6 +894,47 @@ impl Engine {
 
     pub fn grant(&self, id: &str) -> Option<Arc<Grant>> {
         self.shared.grants.get(id).map(|g| g.clone())
+    }
+
+    /// The grants `query` selects, in id order, after `query.after`: at most `query.limit`, and
+    /// whether more follow. A principal's grants come from its index; otherwise every grant held
+    /// is looked at (an operator's listing, not a request path).
+    pub fn list_grants(&self, query: &GrantQuery) -> (Vec<Arc<Grant>>, bool) {
+        let keep = |g: &Grant| {
+            query.after.as_deref().is_none_or(|a| &*g.id > a)
+                && query.status.is_none_or(|s| g.status == s)
+                && query.kind.is_none_or(|k| g.kind == k)
+                && query
+                    .enforcement_point
+                    .as_ref()
+                    .is_none_or(|ep| g.enforcement_points.contains(ep))
+                && query
+                    .rule
+                    .as_ref()
+                    .is_none_or(|r| g.revoked.as_ref().is_some_and(|rev| rev.rules.contains(r)))
+        };
+        let mut found: Vec<Arc<Grant>> = match &query.principal {
+            Some(key) => {
+                let principal = self.principal_of(key);
+                self.shared
+                    .indexed(&principal_index(&principal))
+                    .iter()
+                    .filter_map(|id| self.grant(id))
+                    .filter(|g| keep(g))
+                    .collect()
+            }
+            None => self
+                .shared
+                .grants
+                .iter()
+                .filter(|g| keep(g.value()))
+                .map(|g| g.value().clone())
+                .collect(),
+        };
+        found.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        let more = found.len() > query.limit;
+        found.truncate(query.limit);
+        (found, more)
     }
 
     /// The grants of a session (its member key, e.g. `opaque:<id>`) or of a token (`jwt_id:<iss>|<jti>`).
