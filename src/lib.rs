@@ -40,7 +40,6 @@ pub mod ops;
 pub mod outbound;
 pub mod policy;
 pub mod policy_api;
-pub mod policy_cmd;
 pub mod principal;
 pub mod push;
 pub mod receiver;

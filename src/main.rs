@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use vigil::{telemetry, Config, Vigil};
 
+mod policy_cmd;
 mod streams_cmd;
 
 /// Exit code for an invalid configuration (EX_CONFIG from sysexits.h).
@@ -235,12 +236,12 @@ fn policy_command(cmd: &PolicyCommand) -> ExitCode {
                 Ok(t) => t,
                 Err(e) => return fail(e),
             };
-            let target = vigil::policy_cmd::Operator {
+            let target = policy_cmd::Operator {
                 base: &operator.url,
                 token: &token,
                 token_source: &token_source,
             };
-            match vigil::policy_cmd::impact(&target, dir, examples.as_deref(), *samples, *json) {
+            match policy_cmd::impact(&target, dir, examples.as_deref(), *samples, *json) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
                 Err(e) => fail(error_line(&e)),

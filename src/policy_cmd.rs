@@ -6,11 +6,11 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use serde_json::{json, Value};
 
-use crate::evaluate::testing;
-use crate::policy::{is_rule_file, lint, read_dir_sources, PolicySet};
+use vigil::evaluate::testing;
+use vigil::policy::{is_rule_file, lint, read_dir_sources, PolicySet};
 
 /// Where the running Vigil is, and the operator credential to ask it with.
 pub struct Operator<'a> {
@@ -60,28 +60,11 @@ pub fn impact(
             // A preview evaluates every grant: minutes at the most for millions.
             .timeout(std::time::Duration::from_secs(600))
             .build()?;
-        let resp = client
+        let request = client
             .post(format!("{base}/v1/policies/impact"))
-            .bearer_auth(operator.token)
-            .json(&json!({"files": files, "samples": samples}))
-            .send()
+            .json(&json!({"files": files, "samples": samples}));
+        crate::streams_cmd::operator_call(request, base, operator.token, operator.token_source)
             .await
-            .with_context(|| format!("cannot reach Vigil at {base}"))?;
-        let status = resp.status();
-        let text = resp.text().await.unwrap_or_default();
-        let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-        if !status.is_success() {
-            let why = body["description"].as_str().unwrap_or(text.as_str());
-            if status.as_u16() == 401 {
-                bail!(
-                    "HTTP 401: {why} (the token from {} is not one the Vigil at {base} knows: \
-                     give --data-dir of that instance, or --token)",
-                    operator.token_source
-                );
-            }
-            bail!("HTTP {}: {why}", status.as_u16());
-        }
-        Ok(body)
     })?;
     if json {
         println!("{}", serde_json::to_string_pretty(&body)?);

@@ -30,6 +30,36 @@ pub enum StreamsCommand {
     Delete { name: String },
 }
 
+/// Sends `request` to the Vigil at `base` as the operator client holding `token` (from
+/// `token_source`): the answer's JSON, or an error saying why Vigil refused (a 401 names where the
+/// token came from). What every CLI command that asks a running Vigil uses.
+pub async fn operator_call(
+    request: reqwest::RequestBuilder,
+    base: &str,
+    token: &str,
+    token_source: &str,
+) -> anyhow::Result<Value> {
+    let resp = request
+        .bearer_auth(token)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach Vigil at {base}"))?;
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    if !status.is_success() {
+        let why = body["description"].as_str().unwrap_or(text.as_str());
+        if status.as_u16() == 401 {
+            bail!(
+                "HTTP 401: {why} (the token from {token_source} is not one the Vigil at {base} \
+                 knows: give --data-dir of that instance, or --token)"
+            );
+        }
+        bail!("HTTP {}: {why}", status.as_u16());
+    }
+    Ok(body)
+}
+
 /// Runs one command against Vigil at `base` (e.g. `http://127.0.0.1:8080`) as the operator
 /// client holding `token`, which came from `token_source` (named when Vigil refuses it).
 pub fn run(
@@ -82,24 +112,7 @@ async fn call(
             .json(&subject(s)?),
         StreamsCommand::Delete { name } => client.delete(url(name, "")),
     };
-    let resp = request
-        .bearer_auth(token)
-        .send()
-        .await
-        .with_context(|| format!("cannot reach Vigil at {base}"))?;
-    let status = resp.status();
-    let text = resp.text().await.unwrap_or_default();
-    let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-    if !status.is_success() {
-        let why = body["description"].as_str().unwrap_or(text.as_str());
-        if status.as_u16() == 401 {
-            bail!(
-                "HTTP 401: {why} (the token from {token_source} is not one the Vigil at {base} \
-                 knows: give --data-dir of that instance, or --token)"
-            );
-        }
-        bail!("HTTP {}: {why}", status.as_u16());
-    }
+    let body = operator_call(request, base, token, token_source).await?;
     match cmd {
         StreamsCommand::List => print_list(&body),
         StreamsCommand::Status { .. } => print_status(&body),

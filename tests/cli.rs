@@ -165,14 +165,7 @@ fn serve_reloads_policies_on_sighup_and_stops_on_sigterm() {
     std::fs::write(policies.join("admin.test.yaml"), test_expecting("revoke")).unwrap();
     hup();
     wait_for("the SIGHUP reload to revoke the grant", || {
-        let g: Value = client
-            .get(format!("{base}/v1/grants/hup"))
-            .bearer_auth(token)
-            .send()
-            .ok()?
-            .json()
-            .ok()?;
-        (g["status"] == "revoked").then_some(())
+        (grant_status()? == "revoked").then_some(())
     });
 
     let status = Command::new("kill")

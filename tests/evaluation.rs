@@ -8,36 +8,6 @@ use common::*;
 use serde_json::{json, Value};
 use vigil::jose::Alg;
 
-const ISS: &str = "https://idp.example.com/123456789/";
-const AUD: &str = "https://sp.example.com/caep";
-const CAEP: &str = "https://schemas.openid.net/secevent/caep/event-type/";
-const RISC: &str = "https://schemas.openid.net/secevent/risc/event-type/";
-
-fn now() -> f64 {
-    vigil::signal::now_ms() as f64 / 1000.0
-}
-
-fn email(e: &str) -> Value {
-    json!({"format": "email", "email": e})
-}
-
-fn grant(id: &str, subject: Value, issued_at: f64) -> Value {
-    json!({
-        "id": id, "kind": "session", "subject": subject,
-        "issued_at": issued_at, "expires_at": issued_at + 3600.0,
-        "enforcement_points": ["api-gateway"]
-    })
-}
-
-fn set(jti: &str, sub_id: Value, event: &str, payload: Value) -> Value {
-    json!({"iss": ISS, "aud": AUD, "jti": jti, "iat": now() as i64, "sub_id": sub_id,
-           "events": {event: payload}})
-}
-
-fn risk(level: &str, at: f64) -> Value {
-    json!({"principal": "USER", "current_level": level, "risk_reason": "impossible travel", "event_timestamp": at})
-}
-
 async fn env_with(policy_dir: Option<&std::path::Path>) -> Env {
     let tx = Transmitter::start(&[Alg::RS256]).await;
     let dir = tempfile::tempdir().unwrap();
@@ -60,32 +30,6 @@ async fn env_with(policy_dir: Option<&std::path::Path>) -> Env {
 }
 
 impl Env {
-    async fn push(&self, claims: &Value) {
-        let token = self.tx.key(Alg::RS256).sign_set(claims).unwrap();
-        let answer = push(&self.vigil, "idp", &token).await;
-        assert_eq!(answer.status, 202, "{answer:?}");
-    }
-
-    async fn register(&self, body: &Value) -> Value {
-        let (status, reply) = post_json(&self.vigil, "/v1/grants", body).await;
-        assert_eq!(status, 201, "{reply}");
-        reply
-    }
-
-    async fn status(&self, id: &str) -> String {
-        let (code, g) = get_json(&self.vigil, &format!("/v1/grants/{}", encode(id))).await;
-        assert_eq!(code, 200, "{g}");
-        g["status"].as_str().unwrap().to_owned()
-    }
-
-    async fn wait_status(&self, id: &str, status: &str) {
-        eventually(&format!("{id} to become {status}"), || async {
-            let (_, g) = get_json(&self.vigil, &format!("/v1/grants/{}", encode(id))).await;
-            (g["status"] == status).then_some(())
-        })
-        .await
-    }
-
     /// The decisions matching `query`, waiting until there is at least one: a grant's new status is
     /// visible (fail closed) as soon as its shard decides, the audit append follows at the batch's flush.
     async fn decisions(&self, query: &str) -> Vec<Value> {

@@ -12,35 +12,6 @@ use common::*;
 use serde_json::{json, Value};
 use vigil::jose::Alg;
 
-const ISS: &str = "https://idp.example.com/123456789/";
-const AUD: &str = "https://sp.example.com/caep";
-const CAEP: &str = "https://schemas.openid.net/secevent/caep/event-type/";
-
-fn now() -> f64 {
-    vigil::signal::now_ms() as f64 / 1000.0
-}
-
-fn email(e: &str) -> Value {
-    json!({"format": "email", "email": e})
-}
-
-fn grant(id: &str, subject: Value, issued_at: f64) -> Value {
-    json!({
-        "id": id, "kind": "session", "subject": subject,
-        "issued_at": issued_at, "expires_at": issued_at + 3600.0,
-        "enforcement_points": ["api-gateway"]
-    })
-}
-
-fn set(jti: &str, sub_id: Value, event: &str, payload: Value) -> Value {
-    json!({"iss": ISS, "aud": AUD, "jti": jti, "iat": now() as i64, "sub_id": sub_id,
-           "events": {event: payload}})
-}
-
-fn risk(level: &str, at: f64) -> Value {
-    json!({"principal": "USER", "current_level": level, "risk_reason": "test", "event_timestamp": at})
-}
-
 /// The running set: MEDIUM risk steps up, a non-compliant device restricts, admin scope restricts.
 const LIVE: &str = r#"
 rules:
@@ -89,12 +60,6 @@ rules:
     effect: revoke
 "#;
 
-struct Env {
-    tx: Transmitter,
-    vigil: vigil::app::Vigil,
-    _data: tempfile::TempDir,
-}
-
 async fn env(policies: &std::path::Path, require_preview: Option<u64>, watch_secs: u64) -> Env {
     let tx = Transmitter::start(&[Alg::RS256]).await;
     let data = tempfile::tempdir().unwrap();
@@ -106,39 +71,16 @@ async fn env(policies: &std::path::Path, require_preview: Option<u64>, watch_sec
         "api-gateway",
         "api-gateway-token-0123456789",
     )];
-    let vigil = start(config).await;
+    let vigil = start(config.clone()).await;
     Env {
         tx,
         vigil,
-        _data: data,
+        config,
+        _dir: data,
     }
 }
 
 impl Env {
-    async fn push(&self, claims: &Value) {
-        let token = self.tx.key(Alg::RS256).sign_set(claims).unwrap();
-        let answer = push(&self.vigil, "idp", &token).await;
-        assert_eq!(answer.status, 202, "{answer:?}");
-    }
-
-    async fn register(&self, body: &Value) {
-        let (status, reply) = post_json(&self.vigil, "/v1/grants", body).await;
-        assert_eq!(status, 201, "{reply}");
-    }
-
-    async fn status(&self, id: &str) -> String {
-        let (code, g) = get_json(&self.vigil, &format!("/v1/grants/{}", encode(id))).await;
-        assert_eq!(code, 200, "{g}");
-        g["status"].as_str().unwrap().to_owned()
-    }
-
-    async fn wait_status(&self, id: &str, status: &str) {
-        eventually(&format!("{id} to become {status}"), || async {
-            (self.status(id).await == status).then_some(())
-        })
-        .await
-    }
-
     async fn statuses(&self, ids: &[&str]) -> BTreeMap<String, String> {
         let mut out = BTreeMap::new();
         for id in ids {

@@ -2,6 +2,8 @@
 //! a Vigil started on 127.0.0.1:0 with a temporary data directory, and an RFC 8935 push client.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod scenario;
+
 use std::path::Path;
 
 use serde_json::Value;
@@ -9,6 +11,9 @@ use vigil::config::TransmitterConfig;
 use vigil::jose::Alg;
 use vigil::sim::{jwks_document, JwksServer, SigningKey};
 use vigil::{Config, Vigil};
+
+#[allow(unused_imports)] // Not every test file uses them.
+pub use scenario::*;
 
 pub const AUTH: &str = "Bearer test-push-secret";
 
