@@ -66,11 +66,13 @@ pub fn impact(
         crate::streams_cmd::operator_call(request, base, operator.token, operator.token_source)
             .await
     })?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&body)?);
+    let text = if json {
+        serde_json::to_string_pretty(&body)? + "\n"
     } else {
-        print!("{}", render(&body, tests.passed()));
-    }
+        render(&body, tests.passed())
+    };
+    // A reader that stops early (`| head`) is not an error.
+    let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
     Ok(true)
 }
 
@@ -116,9 +118,12 @@ fn render(impact: &Value, tests_passed: usize) -> String {
                 .as_array()
                 .into_iter()
                 .flatten()
-                .map(|m| match m["error"].as_str() {
-                    Some(e) => format!("{} (error: {e})", s(&m["id"])),
-                    None => format!("{}: {}", s(&m["id"]), s(&m["reason"])),
+                .map(|m| match (m["error"].as_str(), m["reason"].as_str()) {
+                    (Some(e), _) => format!("{} (error: {e})", s(&m["id"])),
+                    (None, Some(reason)) if !reason.is_empty() => {
+                        format!("{}: {reason}", s(&m["id"]))
+                    }
+                    _ => s(&m["id"]),
                 })
                 .collect();
             out += &format!(
