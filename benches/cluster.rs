@@ -3,7 +3,8 @@
 //! one is applied by an engine, and the CPU seconds the whole process spent per SET.
 //!
 //! Run: `cargo bench --bench cluster -- [--sets 20000] [--concurrency 64] [--partitions 12]
-//! [--grants 100000] [--probes 1000] [--standby 0|1]`
+//! [--grants 100000] [--probes 1000] [--standby 0|1] [--brokers HOST:PORT]` (`--brokers`: the handover
+//! part on a Kafka-protocol broker already running, e.g. tansu, instead of the in-process mock)
 //!
 //! Configurations, each on a fresh in-process mock cluster of three brokers: a single node (its
 //! intake is a local file: the ceiling this stack reaches without Kafka), then one, two and three
@@ -398,13 +399,21 @@ async fn handover(
     jwks_uri: &str,
     key: &Arc<SigningKey>,
 ) -> anyhow::Result<Handover> {
-    let kafka = MockCluster::new(3)?;
     let name = format!("handover{}", vigil::signal::now_ms());
-    let topics = vigil::cluster::Topics::of(&name);
-    for (topic, count) in topics.with_partitions(partitions) {
-        kafka.create_topic(topic, count, 3)?;
-    }
-    let brokers = kafka.bootstrap_servers();
+    // `--brokers HOST:PORT`: a Kafka-protocol broker already running (Vigil creates its topics);
+    // else librdkafka's mock cluster, in-process.
+    let (_mock, brokers) = match common::text_arg("--brokers") {
+        Some(brokers) => (None, brokers),
+        None => {
+            let kafka = MockCluster::new(3)?;
+            let topics = vigil::cluster::Topics::of(&name);
+            for (topic, count) in topics.with_partitions(partitions) {
+                kafka.create_topic(topic, count, 3)?;
+            }
+            let brokers = kafka.bootstrap_servers();
+            (Some(kafka), brokers)
+        }
+    };
     let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(64)

@@ -14,6 +14,15 @@ pub fn arg(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// The text after `name` on the command line (`--brokers 127.0.0.1:9092`), if given.
+pub fn text_arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
 /// Vigil's built-in defaults on a loopback port of its own, with its data in `dir`.
 pub fn loopback_config(dir: &std::path::Path) -> vigil::Config {
     let mut config = vigil::Config {
