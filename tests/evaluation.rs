@@ -9,24 +9,13 @@ use serde_json::{json, Value};
 use vigil::jose::Alg;
 
 async fn env_with(policy_dir: Option<&std::path::Path>) -> Env {
-    let tx = Transmitter::start(&[Alg::RS256]).await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path(), vec![tx.config("idp", ISS, &[AUD])]);
-    if let Some(p) = policy_dir {
-        config.policy.dir = p.to_owned();
-    }
-    config.policy.watch_interval_secs = 0;
-    config.enforcement_points = vec![enforcement_point(
-        "api-gateway",
-        "api-gateway-token-0123456789",
-    )];
-    let vigil = start(config.clone()).await;
-    Env {
-        tx,
-        vigil,
-        config,
-        _dir: dir,
-    }
+    start_env(|config| {
+        if let Some(p) = policy_dir {
+            config.policy.dir = p.to_owned();
+        }
+        config.policy.watch_interval_secs = 0;
+    })
+    .await
 }
 
 impl Env {

@@ -10,7 +10,6 @@ use std::collections::BTreeMap;
 
 use common::*;
 use serde_json::{json, Value};
-use vigil::jose::Alg;
 
 /// The running set: MEDIUM risk steps up, a non-compliant device restricts, admin scope restricts.
 const LIVE: &str = r#"
@@ -61,23 +60,12 @@ rules:
 "#;
 
 async fn env(policies: &std::path::Path, require_preview: Option<u64>, watch_secs: u64) -> Env {
-    let tx = Transmitter::start(&[Alg::RS256]).await;
-    let data = tempfile::tempdir().unwrap();
-    let mut config = test_config(data.path(), vec![tx.config("idp", ISS, &[AUD])]);
-    config.policy.dir = policies.to_owned();
-    config.policy.watch_interval_secs = watch_secs;
-    config.policy.require_preview = require_preview;
-    config.enforcement_points = vec![enforcement_point(
-        "api-gateway",
-        "api-gateway-token-0123456789",
-    )];
-    let vigil = start(config.clone()).await;
-    Env {
-        tx,
-        vigil,
-        config,
-        _dir: data,
-    }
+    start_env(|config| {
+        config.policy.dir = policies.to_owned();
+        config.policy.watch_interval_secs = watch_secs;
+        config.policy.require_preview = require_preview;
+    })
+    .await
 }
 
 impl Env {

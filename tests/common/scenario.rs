@@ -5,7 +5,10 @@
 use serde_json::{json, Value};
 use vigil::jose::Alg;
 
-use super::{encode, eventually, get_json, post_json, push, Env};
+use super::{
+    encode, enforcement_point, eventually, get_json, post_json, push, start, test_config, Env,
+    Transmitter,
+};
 
 pub const ISS: &str = "https://idp.example.com/123456789/";
 pub const AUD: &str = "https://sp.example.com/caep";
@@ -39,6 +42,26 @@ pub fn set(jti: &str, sub_id: Value, event: &str, payload: Value) -> Value {
 /// A CAEP risk-level-change payload.
 pub fn risk(level: &str, at: f64) -> Value {
     json!({"principal": "USER", "current_level": level, "risk_reason": "impossible travel", "event_timestamp": at})
+}
+
+/// A Vigil whose one transmitter (`idp`, stream `idp`) signs as [`ISS`] for [`AUD`], and whose one
+/// enforcement point is `api-gateway`; `edit` adjusts the configuration before it starts.
+pub async fn start_env(edit: impl FnOnce(&mut vigil::Config)) -> Env {
+    let tx = Transmitter::start(&[Alg::RS256]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), vec![tx.config("idp", ISS, &[AUD])]);
+    config.enforcement_points = vec![enforcement_point(
+        "api-gateway",
+        "api-gateway-token-0123456789",
+    )];
+    edit(&mut config);
+    let vigil = start(config.clone()).await;
+    Env {
+        tx,
+        vigil,
+        config,
+        _dir: dir,
+    }
 }
 
 impl Env {
