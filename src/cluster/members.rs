@@ -143,7 +143,12 @@ impl Directory {
 
     async fn publish(&self, member: Option<&Member>) {
         let payload = member.and_then(|m| serde_json::to_vec(m).ok());
-        let mut record = FutureRecord::<str, Vec<u8>>::to(&self.topic).key(&self.me.instance);
+        // Partition 0, where the directory's readers read: the topic is created with one, but a
+        // broker may have made more (tansu makes four whatever is asked), and the partitioner
+        // would then scatter the announcements where no reader looks.
+        let mut record = FutureRecord::<str, Vec<u8>>::to(&self.topic)
+            .key(&self.me.instance)
+            .partition(0);
         if let Some(p) = &payload {
             record = record.payload(p);
         }
