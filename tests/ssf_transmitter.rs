@@ -10,35 +10,26 @@ use serde_json::{json, Value};
 use vigil::config::EnforcementPointConfig;
 use vigil::jose::Alg;
 
-const ISS: &str = "https://idp.example.com/123456789/";
-const AUD: &str = "https://sp.example.com/caep";
 const EP_TOKEN: &str = "gateway-token-0123456789";
 const OTHER_TOKEN: &str = "sidecar-token-0123456789";
 
 async fn env() -> Env {
-    let tx = Transmitter::start(&[Alg::RS256]).await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path(), vec![tx.config("idp", ISS, &[AUD])]);
-    config.enforcement_points = vec![
-        EnforcementPointConfig {
-            name: "gateway".into(),
-            token: EP_TOKEN.into(),
-            audience: Some("https://gateway.example.com".into()),
-        },
-        EnforcementPointConfig {
-            name: "sidecar".into(),
-            token: OTHER_TOKEN.into(),
-            audience: None,
-        },
-    ];
-    config.identity.poll_timeout_secs = 2;
-    let vigil = start(config.clone()).await;
-    Env {
-        tx,
-        vigil,
-        config,
-        _dir: dir,
-    }
+    start_env(|config| {
+        config.enforcement_points = vec![
+            EnforcementPointConfig {
+                name: "gateway".into(),
+                token: EP_TOKEN.into(),
+                audience: Some("https://gateway.example.com".into()),
+            },
+            EnforcementPointConfig {
+                name: "sidecar".into(),
+                token: OTHER_TOKEN.into(),
+                audience: None,
+            },
+        ];
+        config.identity.poll_timeout_secs = 2;
+    })
+    .await
 }
 
 async fn call(
