@@ -9,7 +9,8 @@
 //! delivers them, forgotten when it gives them up.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use super::standby::Standby;
 use super::streams::Outboxes;
@@ -29,6 +30,9 @@ pub struct Handover {
     standby: Option<Arc<Standby>>,
     /// The outboxes of the streams on the partitions owned.
     outboxes: Arc<Outboxes>,
+    /// Partitions given up whose stored rows are still to be deleted, and whether a thread is
+    /// deleting: one at a time, whatever gave up partitions meanwhile joins its next walk.
+    forgetting: Arc<(Mutex<BTreeSet<i32>>, AtomicBool)>,
 }
 
 impl Handover {
@@ -49,6 +53,7 @@ impl Handover {
             health,
             standby,
             outboxes,
+            forgetting: Arc::default(),
         }
     }
 
@@ -70,18 +75,40 @@ impl Handover {
 
     /// Deletes the stored rows of `partitions`' principals on a thread of its own, a chunk at a
     /// time (the store's copy is never read back in cluster mode, so nothing waits for it; if the
-    /// partitions come back meanwhile, their rows may go too, and that is as harmless).
+    /// partitions come back meanwhile, their rows may go too, and that is as harmless). One such
+    /// thread at a time: partitions given up while it walks are deleted by its next walk, so
+    /// rebalances in quick succession do not run a walk each.
     fn forget_stored(&self, partitions: &[i32]) {
+        let forgetting = self.forgetting.clone();
+        lock(&forgetting.0).extend(partitions);
+        if forgetting.1.swap(true, Ordering::AcqRel) {
+            return; // the running thread takes them
+        }
         let engine = self.engine.clone();
-        let released = self.on(partitions);
-        let what = format!("{partitions:?}");
+        let count = self.partitions;
         let spawned = std::thread::Builder::new()
             .name("vigil-forget".into())
-            .spawn(move || match engine.forget_stored_blocking(released) {
-                Ok(rows) => tracing::info!(partitions = %what, rows, "stored rows of partitions given up deleted"),
-                Err(e) => tracing::warn!(partitions = %what, error = %e, "stored rows of partitions given up not deleted (the next start drops them)"),
+            .spawn(move || loop {
+                let pending = std::mem::take(&mut *lock(&forgetting.0));
+                if pending.is_empty() {
+                    forgetting.1.store(false, Ordering::Release);
+                    // Partitions added between the take and the store start no thread of their
+                    // own: go on if there are any and no other thread took over.
+                    if lock(&forgetting.0).is_empty() || forgetting.1.swap(true, Ordering::AcqRel) {
+                        return;
+                    }
+                    continue;
+                }
+                let what = format!("{pending:?}");
+                let released: Released =
+                    Arc::new(move |key: &str| pending.contains(&partition_of(key, count)));
+                match engine.forget_stored_blocking(released) {
+                    Ok(rows) => tracing::info!(partitions = %what, rows, "stored rows of partitions given up deleted"),
+                    Err(e) => tracing::warn!(partitions = %what, error = %e, "stored rows of partitions given up not deleted (the next start drops them)"),
+                }
             });
         if let Err(e) = spawned {
+            self.forgetting.1.store(false, Ordering::Release);
             tracing::warn!(error = %e, "could not start deleting the stored rows of partitions given up");
         }
     }
@@ -241,4 +268,8 @@ impl PartitionHooks for Handover {
             tracing::error!(?partitions, error = %e, "could not forget the outboxes of partitions given up");
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
