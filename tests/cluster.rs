@@ -821,6 +821,20 @@ async fn a_principals_state_moves_with_its_partition() {
         })
         .await;
     }
+    // The revocation reaches every other instance's status view (the owner writes it to the
+    // state topic a moment after it applies it): a check there is then denied from the view, with
+    // no hop to the owner.
+    for (i, instance) in instances.iter().enumerate().filter(|(i, _)| *i != victim) {
+        let base = &instance.base;
+        let denied = r#"vigil_cluster_view_answers_total{answer="deny"}"#;
+        let before = metric(&http, base, denied).await;
+        eventually_within(30, &format!("instance {i}'s view to hold the revocation"), || async {
+            let answer = check_answer(&http, base, &grant).await;
+            assert_eq!(answer["decision"], json!("deny"), "{answer}");
+            (metric(&http, base, denied).await > before).then_some(())
+        })
+        .await;
+    }
     // kill -9: the others take its partitions over after its session times out. Until then a
     // check on another instance is answered with its status view: the revoked grant denied at
     // once; an active one denied as `unconfirmed`, with the view's lag (fail closed: its owner
