@@ -794,6 +794,7 @@ fn engine_settings(config: &Config, clock: Clock) -> EngineSettings {
         max_inflight: config.engine.max_inflight,
         clock,
         changelog: None,
+        shadow_divergences_max: config.policy.shadow_divergences_max,
     }
 }
 
@@ -1102,6 +1103,20 @@ fn router(config: &Config, parts: Parts<'_>) -> (Router, Router) {
                         .route("/v1/policies", get(crate::policy_api::policies))
                         .route("/v1/policies/reload", post(crate::policy_api::reload))
                         .route("/v1/policies/impact", post(crate::policy_api::impact))
+                        .route(
+                            "/v1/policies/shadow",
+                            get(crate::policy_api::shadow)
+                                .put(crate::policy_api::load_shadow)
+                                .delete(crate::policy_api::discard_shadow),
+                        )
+                        .route(
+                            "/v1/policies/shadow/promote",
+                            post(crate::policy_api::promote_shadow),
+                        )
+                        .route(
+                            "/v1/policies/shadow/divergences",
+                            get(crate::policy_api::divergences),
+                        )
                         .route("/v1/deadletters", get(api::dead_letters))
                         .route("/v1/keys/rotate", post(api::rotate_key))
                         .route("/v1/deadletters/replay", post(api::replay_dead_letters))

@@ -646,6 +646,14 @@ pub struct PolicyConfig {
     /// Unset: no limit.
     #[serde(default)]
     pub require_preview: Option<u64>,
+    /// Divergences of a shadow set held for listing (`GET /v1/policies/shadow/divergences`):
+    /// the newest this many. Every one is still counted in `vigil_shadow_divergences_total`.
+    #[serde(default = "default_shadow_divergences")]
+    pub shadow_divergences_max: usize,
+}
+
+fn default_shadow_divergences() -> usize {
+    10_000
 }
 
 /// Evaluation engine settings.
@@ -1070,6 +1078,7 @@ impl Default for PolicyConfig {
             watch_interval_secs: default_watch(),
             examples_dir: None,
             require_preview: None,
+            shadow_divergences_max: default_shadow_divergences(),
         }
     }
 }
@@ -1212,6 +1221,12 @@ impl Config {
         if self.intake.max_batch == 0 {
             return Err(invalid("intake.max_batch", "must be greater than 0"));
         }
+        if self.policy.shadow_divergences_max > 1_000_000 {
+            return Err(invalid(
+                "policy.shadow_divergences_max",
+                "must be at most 1000000",
+            ));
+        }
         for (key, value) in [
             ("engine.max_inflight", self.engine.max_inflight),
             ("engine.max_batch", self.engine.max_batch),
@@ -1224,6 +1239,10 @@ impl Config {
                 self.engine.checkpoint_interval_ms as usize,
             ),
             ("audit.keep_files", self.audit.keep_files),
+            (
+                "policy.shadow_divergences_max",
+                self.policy.shadow_divergences_max,
+            ),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be greater than 0"));

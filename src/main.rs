@@ -60,14 +60,14 @@ enum Command {
 #[derive(clap::Args)]
 struct OperatorArgs {
     /// The running Vigil's base URL.
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    #[arg(long, default_value = "http://127.0.0.1:8080", global = true)]
     url: String,
     /// An operator client's bearer token. Default: the generated `admin.token` in the data
     /// directory of `--data-dir`.
-    #[arg(long, env = "VIGIL_TOKEN", hide_env_values = true)]
+    #[arg(long, env = "VIGIL_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
     /// Where to find `admin.token` when no `--token` is given.
-    #[arg(long, default_value = "vigil-data")]
+    #[arg(long, default_value = "vigil-data", global = true)]
     data_dir: std::path::PathBuf,
 }
 
@@ -117,12 +117,56 @@ enum PolicyCommand {
         #[command(flatten)]
         operator: OperatorArgs,
     },
+    /// A shadow set on the running Vigil: a candidate evaluated beside the live set, never
+    /// enforced, its divergences recorded.
+    Shadow {
+        #[command(subcommand)]
+        action: ShadowAction,
+        /// Print the answer as JSON.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(flatten)]
+        operator: OperatorArgs,
+    },
     /// Compile and lint the rules (unknown fields, CEL errors, rules that fail closed, unreachable rules).
     Check {
         /// Policy directory.
         #[arg(default_value = "policies")]
         dir: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum ShadowAction {
+    /// Load a candidate directory's rule files as the shadow set (lint and its tests first).
+    Load {
+        dir: PathBuf,
+        /// Where `example:` events are read from when a test file names no `examples:`.
+        #[arg(long)]
+        examples: Option<PathBuf>,
+    },
+    /// The shadow set and its divergence counts.
+    Show,
+    /// The divergences held, newest first.
+    Divergences {
+        #[arg(long)]
+        rule: Option<String>,
+        /// `stricter` or `looser`.
+        #[arg(long)]
+        direction: Option<String>,
+        #[arg(long)]
+        grant: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Make the shadow set live (its files replace the policy directory's, then the reload
+    /// path: tests, `require_preview` unless forced).
+    Promote {
+        #[arg(long)]
+        force: bool,
+    },
+    /// Drop the shadow set.
+    Discard,
 }
 
 fn load(
@@ -242,6 +286,46 @@ fn policy_command(cmd: &PolicyCommand) -> ExitCode {
                 token_source: &token_source,
             };
             match policy_cmd::impact(&target, dir, examples.as_deref(), *samples, *json) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => fail(error_line(&e)),
+            }
+        }
+        PolicyCommand::Shadow {
+            action,
+            json,
+            operator,
+        } => {
+            let (token, token_source) = match operator.token() {
+                Ok(t) => t,
+                Err(e) => return fail(e),
+            };
+            let target = policy_cmd::Operator {
+                base: &operator.url,
+                token: &token,
+                token_source: &token_source,
+            };
+            let action = match action {
+                ShadowAction::Load { dir, examples } => policy_cmd::Shadow::Load {
+                    dir,
+                    examples: examples.as_deref(),
+                },
+                ShadowAction::Show => policy_cmd::Shadow::Show,
+                ShadowAction::Divergences {
+                    rule,
+                    direction,
+                    grant,
+                    limit,
+                } => policy_cmd::Shadow::Divergences {
+                    rule: rule.as_deref(),
+                    direction: direction.as_deref(),
+                    grant: grant.as_deref(),
+                    limit: *limit,
+                },
+                ShadowAction::Promote { force } => policy_cmd::Shadow::Promote { force: *force },
+                ShadowAction::Discard => policy_cmd::Shadow::Discard,
+            };
+            match policy_cmd::shadow(&target, action, *json) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
                 Err(e) => fail(error_line(&e)),

@@ -2,8 +2,13 @@
 //!
 //! | route | answer |
 //! |---|---|
-//! | `GET /v1/policies` | 200 `{running: {version, files, rules}}` |
+//! | `GET /v1/policies` | 200 `{running: {version, files, rules}, shadow}` |
 //! | `POST /v1/policies/reload[?force=true]` | 200 `{status: swapped, version, previous_version, tests_passed, changed, transitions, by_rule}` or `{status: unchanged}`; 422 `{status: refused, error, failed_tests?, impact?}` |
+//! | `PUT /v1/policies/shadow` | 201 the shadow set loaded beside the live one `{files: {name: yaml}}` (replacing any); 422 a set that does not compile or lint |
+//! | `GET /v1/policies/shadow` | 200 `{version, loaded_at, files, rules, divergences}`; 404 none loaded |
+//! | `DELETE /v1/policies/shadow` | 204 discarded; 404 none loaded |
+//! | `POST /v1/policies/shadow/promote[?force=true]` | as reload: the shadow set's files written to the policy directory and reloaded |
+//! | `GET /v1/policies/shadow/divergences` | 200 `{shadow_version, divergences, next, counts}` (filters `grant`, `subject`, `rule`, `direction`; paging `before`, `limit`) |
 //! | `POST /v1/policies/impact` | 200 the [`Impact`](crate::engine::Impact) of a candidate set `{files: {name: yaml}, samples?}`; 422 a candidate that does not compile or lint; 429 while another preview runs |
 
 use std::collections::BTreeMap;
@@ -18,26 +23,46 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::api::ApiState;
+use crate::engine::shadow::DivergenceQuery;
 use crate::error_body::{error, refusal};
 use crate::policy::is_rule_file;
 use crate::reload::{PreviewError, ReloadOutcome};
 
-/// The running set: its version, files and rules as written.
-pub async fn policies(State(s): State<Arc<ApiState>>) -> Response {
-    let set = s.engine.policy();
-    let rules: Vec<Value> = set
-        .rules
+/// A set's rules as written, each with its file.
+fn rules_of(set: &crate::policy::PolicySet) -> Vec<Value> {
+    set.rules
         .iter()
         .map(|r| {
             let mut rule = serde_json::to_value(&r.spec).unwrap_or(Value::Null);
             rule["file"] = json!(r.file);
             rule
         })
-        .collect();
+        .collect()
+}
+
+/// The running set (its version, files and rules as written) and the shadow set.
+pub async fn policies(State(s): State<Arc<ApiState>>) -> Response {
+    let set = s.engine.policy();
+    let rules = rules_of(&set);
     Json(json!({
         "running": {"version": set.version, "files": set.files, "rules": rules},
+        "shadow": shadow_summary(&s),
     }))
     .into_response()
+}
+
+/// The shadow set's version, files, rules and divergence counts; `null` when none is loaded.
+fn shadow_summary(s: &ApiState) -> Value {
+    let Some(shadow) = s.engine.shadow() else {
+        return Value::Null;
+    };
+    json!({
+        "version": shadow.set.version,
+        "loaded_at": shadow.loaded_at,
+        "files": shadow.set.files,
+        "rules": rules_of(&shadow.set),
+        "divergences": s.engine.divergences().counts(),
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -92,6 +117,23 @@ const MAX_SAMPLES: usize = 20;
 /// Most rule files in a candidate.
 const MAX_FILES: usize = 256;
 
+/// A candidate set's rule files, checked: 1 to [`MAX_FILES`], each a rule file name with no
+/// directory. In file-name order: the order a policy directory loads in.
+fn candidate_files(files: BTreeMap<String, String>) -> Result<Vec<(String, String)>, String> {
+    if files.is_empty() || files.len() > MAX_FILES {
+        return Err(format!("`files`: from 1 to {MAX_FILES} rule files"));
+    }
+    if let Some(name) = files
+        .keys()
+        .find(|n| !is_rule_file(n) || n.contains(['/', '\\']) || n.starts_with('.'))
+    {
+        return Err(format!(
+            "`files`: `{name}` is not a rule file name (`*.yaml`, no directory, not a test)"
+        ));
+    }
+    Ok(files.into_iter().collect())
+}
+
 pub async fn impact(
     State(s): State<Arc<ApiState>>,
     body: Result<Json<ImpactRequest>, JsonRejection>,
@@ -100,29 +142,11 @@ pub async fn impact(
         Ok(Json(r)) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()),
     };
-    if request.files.is_empty() || request.files.len() > MAX_FILES {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            format!("`files`: from 1 to {MAX_FILES} rule files"),
-        );
-    }
-    if let Some(name) = request
-        .files
-        .keys()
-        .find(|n| !is_rule_file(n) || n.contains(['/', '\\']) || n.starts_with('.'))
-    {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            format!(
-                "`files`: `{name}` is not a rule file name (`*.yaml`, no directory, not a test)"
-            ),
-        );
-    }
+    let sources = match candidate_files(request.files) {
+        Ok(sources) => sources,
+        Err(why) => return error(StatusCode::BAD_REQUEST, "invalid_request", why),
+    };
     let samples = request.samples.unwrap_or(5).min(MAX_SAMPLES);
-    // `BTreeMap` order is file-name order: the order a policy directory loads in.
-    let sources: Vec<(String, String)> = request.files.into_iter().collect();
     let reloader = s.reloader.clone();
     match tokio::task::spawn_blocking(move || reloader.impact(&sources, samples)).await {
         Ok(Ok(impact)) => Json(impact).into_response(),
@@ -148,4 +172,119 @@ pub async fn impact(
             "the preview did not complete",
         ),
     }
+}
+
+/// A candidate set to run as the shadow set.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowRequest {
+    /// Rule files by name (`*.yaml`), as in a policy directory.
+    files: BTreeMap<String, String>,
+}
+
+/// `PUT /v1/policies/shadow`: loads a candidate set beside the live one (replacing any shadow
+/// set, and forgetting its divergences).
+pub async fn load_shadow(
+    State(s): State<Arc<ApiState>>,
+    body: Result<Json<ShadowRequest>, JsonRejection>,
+) -> Response {
+    let request = match body {
+        Ok(Json(r)) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()),
+    };
+    let sources = match candidate_files(request.files) {
+        Ok(sources) => sources,
+        Err(why) => return error(StatusCode::BAD_REQUEST, "invalid_request", why),
+    };
+    let reloader = s.reloader.clone();
+    match tokio::task::spawn_blocking(move || reloader.load_shadow(sources)).await {
+        Ok(Ok(_)) => (StatusCode::CREATED, Json(shadow_summary(&s))).into_response(),
+        Ok(Err(refused)) => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_policy",
+            refused.error,
+        ),
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "loading the shadow set did not complete",
+        ),
+    }
+}
+
+/// `GET /v1/policies/shadow`.
+pub async fn shadow(State(s): State<Arc<ApiState>>) -> Response {
+    match shadow_summary(&s) {
+        Value::Null => no_shadow(),
+        summary => Json(summary).into_response(),
+    }
+}
+
+fn no_shadow() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "no_shadow_set",
+        "no shadow policy set is loaded (PUT /v1/policies/shadow loads one)",
+    )
+}
+
+/// `DELETE /v1/policies/shadow`: drops the shadow set and its divergences.
+pub async fn discard_shadow(State(s): State<Arc<ApiState>>) -> Response {
+    if s.reloader.discard_shadow() {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        no_shadow()
+    }
+}
+
+/// `POST /v1/policies/shadow/promote[?force=true]`: the shadow set's files replace the policy
+/// directory's rule files and the directory is reloaded (its tests run; `require_preview`
+/// applies unless forced). Answers like `POST /v1/policies/reload`.
+pub async fn promote_shadow(
+    State(s): State<Arc<ApiState>>,
+    params: Result<Query<ReloadParams>, QueryRejection>,
+) -> Response {
+    let force = match params {
+        Ok(Query(p)) => p.force,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()),
+    };
+    let reloader = s.reloader.clone();
+    match tokio::task::spawn_blocking(move || reloader.promote_shadow(force)).await {
+        Ok(None) => no_shadow(),
+        Ok(Some(outcome)) => {
+            let status = match outcome {
+                ReloadOutcome::Refused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+                _ => StatusCode::OK,
+            };
+            (status, Json(outcome)).into_response()
+        }
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "the promotion did not complete",
+        ),
+    }
+}
+
+/// `GET /v1/policies/shadow/divergences`: the held divergences, newest first, filtered by
+/// `grant`, `subject`, `rule`, `direction`; paged with `before` (the previous page's `next`).
+pub async fn divergences(
+    State(s): State<Arc<ApiState>>,
+    query: Result<Query<DivergenceQuery>, QueryRejection>,
+) -> Response {
+    let query = match query {
+        Ok(Query(q)) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()),
+    };
+    let Some(shadow) = s.engine.shadow() else {
+        return no_shadow();
+    };
+    let (divergences, next) = s.engine.divergences().list(&query);
+    Json(json!({
+        "shadow_version": shadow.set.version,
+        "divergences": divergences,
+        "next": next,
+        "counts": s.engine.divergences().counts(),
+    }))
+    .into_response()
 }

@@ -2,7 +2,8 @@
 //! Vigil, before it goes live. The candidate is compiled, linted and its own tests run here
 //! first (a set that fails them would be refused on reload anyway); then its rule files are sent
 //! to `POST /v1/policies/impact`, which evaluates them against every live grant and changes
-//! nothing.
+//! nothing. `vigil policy shadow …` loads (checked the same way), shows, lists the divergences
+//! of, promotes and discards the running Vigil's shadow set (`/v1/policies/shadow`).
 
 use std::path::Path;
 
@@ -30,6 +31,153 @@ pub fn impact(
     samples: usize,
     json: bool,
 ) -> anyhow::Result<bool> {
+    let Some((files, tests_passed)) = checked_candidate(dir, examples)? else {
+        return Ok(false);
+    };
+    let base = operator.base.trim_end_matches('/');
+    let body = call(operator, |client| {
+        client
+            .post(format!("{base}/v1/policies/impact"))
+            .json(&json!({"files": files, "samples": samples}))
+    })?;
+    let text = if json {
+        serde_json::to_string_pretty(&body)? + "\n"
+    } else {
+        render(&body, tests_passed)
+    };
+    print_out(&text);
+    Ok(true)
+}
+
+/// What `vigil policy shadow` does.
+pub enum Shadow<'a> {
+    Load {
+        dir: &'a Path,
+        examples: Option<&'a Path>,
+    },
+    Show,
+    Divergences {
+        rule: Option<&'a str>,
+        direction: Option<&'a str>,
+        grant: Option<&'a str>,
+        limit: usize,
+    },
+    Promote {
+        force: bool,
+    },
+    Discard,
+}
+
+/// Runs one shadow-set command and prints its answer. `Ok(false)` when a candidate is refused
+/// before it is sent.
+pub fn shadow(operator: &Operator<'_>, action: Shadow<'_>, json: bool) -> anyhow::Result<bool> {
+    let base = operator.base.trim_end_matches('/');
+    let url = format!("{base}/v1/policies/shadow");
+    let body = match action {
+        Shadow::Load { dir, examples } => {
+            let Some((files, tests_passed)) = checked_candidate(dir, examples)? else {
+                return Ok(false);
+            };
+            eprintln!("the candidate's {tests_passed} tests pass");
+            call(operator, |c| c.put(&url).json(&json!({ "files": files })))?
+        }
+        Shadow::Show => call(operator, |c| c.get(&url))?,
+        Shadow::Divergences {
+            rule,
+            direction,
+            grant,
+            limit,
+        } => {
+            let mut query = vec![("limit", limit.to_string())];
+            for (key, value) in [("rule", rule), ("direction", direction), ("grant", grant)] {
+                if let Some(v) = value {
+                    query.push((key, v.to_owned()));
+                }
+            }
+            call(operator, |c| {
+                c.get(format!("{url}/divergences")).query(&query)
+            })?
+        }
+        Shadow::Promote { force } => call(operator, |c| {
+            c.post(format!("{url}/promote"))
+                .query(&[("force", force.to_string())])
+        })?,
+        Shadow::Discard => {
+            call(operator, |c| c.delete(&url))?;
+            json!({"status": "discarded"})
+        }
+    };
+    let text = if json {
+        serde_json::to_string_pretty(&body)? + "\n"
+    } else {
+        render_shadow(&body)
+    };
+    print_out(&text);
+    Ok(true)
+}
+
+/// The shadow set, a promotion or a divergence listing, for a person.
+fn render_shadow(body: &Value) -> String {
+    let s = |v: &Value| v.as_str().unwrap_or("?").to_owned();
+    if let Some(list) = body["divergences"].as_array() {
+        let mut out = format!(
+            "shadow {}: {} divergences ({} stricter, {} looser), {} held\n",
+            s(&body["shadow_version"]),
+            body["counts"]["total"],
+            body["counts"]["stricter"],
+            body["counts"]["looser"],
+            body["counts"]["held"],
+        );
+        for d in list {
+            out += &format!(
+                "  {} {} ({}) {}: live {} -> shadow {} [{}] on {}\n",
+                d["time"],
+                s(&d["grant_id"]),
+                s(&d["subject"]),
+                s(&d["direction"]),
+                s(&d["live"]["status"]),
+                s(&d["shadow"]["status"]),
+                s(&d["rule"]),
+                d["cause"]["jti"]
+                    .as_str()
+                    .unwrap_or(d["cause"]["kind"].as_str().unwrap_or("?")),
+            );
+        }
+        return out;
+    }
+    if body.get("status").is_some() {
+        // A promotion's reload answer, or a discard.
+        return format!(
+            "{}: {}\n",
+            s(&body["status"]),
+            serde_json::to_string(body).unwrap_or_default()
+        );
+    }
+    let divergences = &body["divergences"];
+    let mut out = format!(
+        "shadow {} ({} rules from {}): {} divergences ({} stricter, {} looser)\n",
+        s(&body["version"]),
+        body["rules"].as_array().map_or(0, Vec::len),
+        body["files"]
+            .as_array()
+            .map(|f| f.iter().map(&s).collect::<Vec<_>>().join(", "))
+            .unwrap_or_default(),
+        divergences["total"],
+        divergences["stricter"],
+        divergences["looser"],
+    );
+    for (rule, by) in divergences["by_rule"].as_object().into_iter().flatten() {
+        out += &format!("  rule {rule}: {by}\n");
+    }
+    out
+}
+
+/// A candidate directory's rule files, once it lints clean and passes its own tests (printed
+/// otherwise: `None`), and how many tests passed.
+fn checked_candidate(
+    dir: &Path,
+    examples: Option<&Path>,
+) -> anyhow::Result<Option<(serde_json::Map<String, Value>, usize)>> {
     let set = PolicySet::load_dir(dir).with_context(|| format!("loading {}", dir.display()))?;
     let errors: Vec<String> = lint::lint(&set)
         .into_iter()
@@ -38,42 +186,49 @@ pub fn impact(
         .collect();
     if !errors.is_empty() {
         eprintln!("{}", errors.join("\n"));
-        return Ok(false);
+        return Ok(None);
     }
     let tests = testing::run_set(&set, dir, examples)?;
     if tests.failed() > 0 {
         eprint!("{}", tests.render());
         eprintln!("the candidate fails its own tests: Vigil would refuse it on reload");
-        return Ok(false);
+        return Ok(None);
     }
     let files: serde_json::Map<String, Value> = read_dir_sources(dir, is_rule_file)?
         .into_iter()
         .map(|(name, text)| (name, Value::String(text)))
         .collect();
+    Ok(Some((files, tests.passed())))
+}
+
+/// One call to the running Vigil as the operator, built by `request` on a client.
+fn call(
+    operator: &Operator<'_>,
+    request: impl FnOnce(&reqwest::Client) -> reqwest::RequestBuilder,
+) -> anyhow::Result<Value> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     let base = operator.base.trim_end_matches('/');
-    let body = runtime.block_on(async {
+    runtime.block_on(async {
         let client = reqwest::Client::builder()
-            // A preview evaluates every grant: minutes at the most for millions.
+            // A preview or a promotion evaluates every grant: minutes at the most for millions.
             .timeout(std::time::Duration::from_secs(600))
             .build()?;
-        let request = client
-            .post(format!("{base}/v1/policies/impact"))
-            .json(&json!({"files": files, "samples": samples}));
-        crate::streams_cmd::operator_call(request, base, operator.token, operator.token_source)
-            .await
-    })?;
-    let text = if json {
-        serde_json::to_string_pretty(&body)? + "\n"
-    } else {
-        render(&body, tests.passed())
-    };
-    // A reader that stops early (`| head`) is not an error.
+        crate::streams_cmd::operator_call(
+            request(&client),
+            base,
+            operator.token,
+            operator.token_source,
+        )
+        .await
+    })
+}
+
+/// A reader that stops early (`| head`) is not an error.
+fn print_out(text: &str) {
     let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
-    Ok(true)
 }
 
 /// The preview for a person.

@@ -13,9 +13,10 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::config::PolicyConfig;
+use crate::engine::shadow::ShadowSet;
 use crate::engine::{Changes, Engine, Impact};
 use crate::evaluate::testing;
-use crate::policy::{lint, PolicySet};
+use crate::policy::{is_rule_file, lint, PolicySet};
 
 /// What a reload did.
 #[derive(Debug, Clone, Serialize)]
@@ -136,6 +137,35 @@ pub fn load_checked(policy: &PolicyConfig) -> Result<Checked, Refusal> {
     })
 }
 
+/// Replaces the rule files of `dir` (created if absent) with `files`, each written to a
+/// temporary name and renamed over, and answers the rule files it held before (to put back).
+/// Test files stay.
+fn replace_rule_files(
+    dir: &Path,
+    files: &[(String, String)],
+) -> std::io::Result<Vec<(String, String)>> {
+    std::fs::create_dir_all(dir)?;
+    let mut previous = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if is_rule_file(&name) && entry.file_type()?.is_file() {
+            previous.push((name, std::fs::read_to_string(entry.path())?));
+        }
+    }
+    for (name, text) in files {
+        let staged = dir.join(format!(".{name}.promoting"));
+        std::fs::write(&staged, text)?;
+        std::fs::rename(&staged, dir.join(name))?;
+    }
+    for (name, _) in &previous {
+        if !files.iter().any(|(n, _)| n == name) {
+            std::fs::remove_file(dir.join(name))?;
+        }
+    }
+    Ok(previous)
+}
+
 /// A set whose rules lint with errors is refused (warnings pass).
 fn refuse_lint_errors(set: &PolicySet) -> Result<(), Refusal> {
     let errors: Vec<String> = lint::lint(set)
@@ -205,25 +235,88 @@ impl PolicyReloader {
         Ok(self.engine.impact_blocking(&set, samples)?)
     }
 
+    /// Loads the candidate set of rule files `sources` (name, YAML) as the shadow set, replacing
+    /// any: compiled and linted like a preview's candidate. Its tests run when it is promoted.
+    pub fn load_shadow(&self, sources: Vec<(String, String)>) -> Result<Arc<PolicySet>, Refusal> {
+        let set = PolicySet::from_sources(&sources).map_err(|e| Refusal::from(e.to_string()))?;
+        refuse_lint_errors(&set)?;
+        let set = Arc::new(set);
+        self.engine.set_shadow(Some(ShadowSet {
+            set: set.clone(),
+            sources,
+            loaded_at: self.engine.clock().now(),
+        }));
+        tracing::info!(version = %set.version, "shadow policy set loaded");
+        Ok(set)
+    }
+
+    /// Drops the shadow set; `false` when none was loaded.
+    pub fn discard_shadow(&self) -> bool {
+        let dropped = self.engine.set_shadow(None);
+        if let Some(shadow) = &dropped {
+            tracing::info!(version = %shadow.set.version, "shadow policy set discarded");
+        }
+        dropped.is_some()
+    }
+
+    /// Makes the shadow set live through the one reload path: its rule files replace the policy
+    /// directory's (tests stay, and run against it), and the directory is reloaded. A refused
+    /// reload puts the directory's files back and keeps the shadow set; a swap drops it. `None`
+    /// when no shadow set is loaded.
+    pub fn promote_shadow(&self, force: bool) -> Option<ReloadOutcome> {
+        let _guard = self.lock.lock();
+        let shadow = self.engine.shadow()?;
+        let dir = self.policy.dir.as_path();
+        let previous = match replace_rule_files(dir, &shadow.sources) {
+            Ok(previous) => previous,
+            Err(e) => {
+                return Some(self.refused(
+                    format!("writing the shadow set to {}: {e}", dir.display()).into(),
+                    None,
+                ))
+            }
+        };
+        let outcome = self.reload_locked(force);
+        match &outcome {
+            ReloadOutcome::Refused { .. } => {
+                if let Err(e) = replace_rule_files(dir, &previous) {
+                    tracing::error!(error = %e, dir = %dir.display(),
+                        "putting the policy directory's files back after a refused promotion");
+                }
+            }
+            _ => {
+                self.engine.set_shadow(None);
+                tracing::info!(version = %shadow.set.version, "shadow policy set promoted");
+            }
+        }
+        Some(outcome)
+    }
+
+    fn refused(&self, refusal: Refusal, impact: Option<Box<Impact>>) -> ReloadOutcome {
+        let current = self.engine.policy_version();
+        metrics::counter!(crate::telemetry::POLICY_RELOADS, "outcome" => "refused").increment(1);
+        tracing::error!(error = %refusal.error, running = %current,
+            "policy reload refused; the running set stays");
+        ReloadOutcome::Refused {
+            version: current,
+            error: refusal.error,
+            failed_tests: refusal.failed_tests,
+            impact,
+        }
+    }
+
     /// Loads, checks (lint and the set's own tests) and, if valid and different, swaps the
     /// policy set, waiting until every grant is re-evaluated under it. With
     /// `policy.require_preview`, a swap that would change more grants than that is refused
     /// unless `force`.
     pub fn reload(&self, force: bool) -> ReloadOutcome {
         let _guard = self.lock.lock();
+        self.reload_locked(force)
+    }
+
+    fn reload_locked(&self, force: bool) -> ReloadOutcome {
         let current = self.engine.policy_version();
-        let refused = |refusal: Refusal, impact: Option<Box<Impact>>| {
-            metrics::counter!(crate::telemetry::POLICY_RELOADS, "outcome" => "refused")
-                .increment(1);
-            tracing::error!(error = %refusal.error, running = %current,
-                "policy reload refused; the running set stays");
-            ReloadOutcome::Refused {
-                version: current.clone(),
-                error: refusal.error,
-                failed_tests: refusal.failed_tests,
-                impact,
-            }
-        };
+        let refused = |refusal: Refusal, impact: Option<Box<Impact>>| self.refused(refusal, impact);
         let checked = match load_checked(&self.policy) {
             Ok(checked) => checked,
             Err(refusal) => return refused(refusal, None),

@@ -147,6 +147,10 @@ catalogue! {
         "Policy reloads, swapped or refused";
     POLICY_SWAPS = "vigil_policy_swaps_total", Counter, [],
         "Policy sets swapped in";
+    SHADOW_DIVERGENCES = "vigil_shadow_divergences_total", Counter, ["rule", "direction"],
+        "Evaluations where the shadow set would leave a grant in another status than the live set (direction: stricter or looser; rule: the stricter side's deciding rule)";
+    SHADOW_DIVERGENCES_HELD = "vigil_shadow_divergences_held", Gauge, [],
+        "Shadow divergences held for listing (the newest policy.shadow_divergences_max)";
     // Delivery to enforcement points.
     SETS_EMITTED = "vigil_sets_emitted_total", Counter, [],
         "SETs queued for enforcement points' streams";

@@ -122,6 +122,35 @@ fn serve_reloads_policies_on_sighup_and_stops_on_sigterm() {
         stderr.contains("FAIL") && stderr.contains("would refuse it"),
         "{stderr}"
     );
+    // `vigil policy shadow`: the candidate (its tests passing again) runs beside the live set,
+    // shown, then dropped.
+    std::fs::write(candidate.join("admin.test.yaml"), test_expecting("revoke")).unwrap();
+    let shadow = |args: &[&str]| {
+        let out = Command::new(VIGIL)
+            .args(["policy", "shadow"])
+            .args(args)
+            .args(["--url", &base, "--data-dir"])
+            .arg(dir.path().join("data"))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{args:?}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let loaded = shadow(&["load", candidate.to_str().unwrap()]);
+    assert!(
+        loaded.contains("(1 rules from admin.yaml): 0 divergences"),
+        "{loaded}"
+    );
+    let shown: Value = serde_json::from_str(&shadow(&["show", "--json"])).unwrap();
+    assert_eq!(shown["rules"][0]["id"], "no-admin", "{shown}");
+    let listed = shadow(&["divergences", "--direction", "stricter"]);
+    assert!(listed.contains("0 divergences"), "{listed}");
+    assert!(shadow(&["discard"]).contains("discarded"));
 
     let grant_status = || -> Option<String> {
         let g: Value = client

@@ -828,11 +828,15 @@ async fn a_principals_state_moves_with_its_partition() {
         let base = &instance.base;
         let denied = r#"vigil_cluster_view_answers_total{answer="deny"}"#;
         let before = metric(&http, base, denied).await;
-        eventually_within(30, &format!("instance {i}'s view to hold the revocation"), || async {
-            let answer = check_answer(&http, base, &grant).await;
-            assert_eq!(answer["decision"], json!("deny"), "{answer}");
-            (metric(&http, base, denied).await > before).then_some(())
-        })
+        eventually_within(
+            30,
+            &format!("instance {i}'s view to hold the revocation"),
+            || async {
+                let answer = check_answer(&http, base, &grant).await;
+                assert_eq!(answer["decision"], json!("deny"), "{answer}");
+                (metric(&http, base, denied).await > before).then_some(())
+            },
+        )
         .await;
     }
     // kill -9: the others take its partitions over after its session times out. Until then a

@@ -1,7 +1,8 @@
 //! An operator's policy change, before and as it goes live: the impact preview of a candidate set
 //! is exactly what swapping it in then does, grant by grant (delegations, device- and
 //! session-scoped facts, a rule that fails closed, a loosening); a set failing its own tests is
-//! refused on every reload path; `policy.require_preview` holds back a large change unless forced.
+//! refused on every reload path; `policy.require_preview` holds back a large change unless forced;
+//! a shadow set runs beside the live one, its divergences recorded, until promoted or discarded.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -448,5 +449,196 @@ async fn require_preview_holds_back_a_large_change_until_forced() {
     for i in 0..4 {
         assert_eq!(env.status(&format!("a{i}")).await, "revoked");
     }
+    env.vigil.shutdown().await;
+}
+
+/// The live set, file by file: MEDIUM steps up.
+const STEP_UP_ON_MEDIUM: &str = r#"
+rules:
+  - id: risk-medium-step-up
+    on: [risk-level-change]
+    when: "context.risk.level == 'MEDIUM'"
+    effect: step_up
+"#;
+
+/// The shadow candidate: MEDIUM revokes.
+const REVOKE_ON_MEDIUM: &str = r#"
+rules:
+  - id: risk-medium-revoke
+    on: [risk-level-change]
+    when: "context.risk.level == 'MEDIUM'"
+    effect: revoke
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_set_runs_beside_the_live_one_until_promoted_or_discarded() {
+    use reqwest::Method;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("risk.yaml"), STEP_UP_ON_MEDIUM).unwrap();
+    std::fs::write(dir.path().join("extra.yaml"), "rules: []\n").unwrap();
+    let env = env(dir.path(), None, 0).await;
+    let t = now();
+    for id in ["s1", "s2", "calm"] {
+        env.register(&grant(id, email(&format!("{id}@example.com")), t - 60.0))
+            .await;
+    }
+    let (code, _) = get_json(&env.vigil, "/v1/policies/shadow").await;
+    assert_eq!(code, 404);
+    // A candidate that does not compile is refused, and nothing is loaded.
+    let (code, body) = send_json(
+        &env.vigil,
+        Method::PUT,
+        "/v1/policies/shadow",
+        &json!({"files": {"bad.yaml": "rules: [{id: x, on: ['*'], when: '1 +', effect: revoke}]"}}),
+    )
+    .await;
+    assert_eq!(code, 422, "{body}");
+    let (code, body) = send_json(
+        &env.vigil,
+        Method::PUT,
+        "/v1/policies/shadow",
+        &json!({"files": {"risk.yaml": REVOKE_ON_MEDIUM}}),
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+    let shadow_version = body["version"].as_str().unwrap().to_owned();
+    assert_eq!(body["rules"][0]["id"], "risk-medium-revoke", "{body}");
+    let (_, policies) = get_json(&env.vigil, "/v1/policies").await;
+    assert_eq!(policies["shadow"]["version"], json!(shadow_version));
+    assert_ne!(policies["running"]["version"], json!(shadow_version));
+
+    // MEDIUM for s1: the live set steps it up (enforced); the shadow set would revoke it.
+    let rlc = format!("{CAEP}risk-level-change");
+    env.push(&set(
+        "m-s1",
+        email("s1@example.com"),
+        &rlc,
+        risk("MEDIUM", t),
+    ))
+    .await;
+    env.wait_status("s1", "step_up").await;
+    // LOW for calm: both sets agree (no divergence).
+    env.push(&set(
+        "l-calm",
+        email("calm@example.com"),
+        &rlc,
+        risk("LOW", t),
+    ))
+    .await;
+    let list = eventually("the divergence to be listed", || async {
+        let (_, body) = get_json(&env.vigil, "/v1/policies/shadow/divergences").await;
+        (body["counts"]["total"] == 1).then_some(body)
+    })
+    .await;
+    let d = &list["divergences"][0];
+    assert_eq!(d["grant_id"], "s1", "{list}");
+    assert_eq!(d["direction"], "stricter");
+    assert_eq!(d["rule"], "risk-medium-revoke");
+    assert_eq!(d["live"]["status"], "step_up");
+    assert_eq!(d["live"]["rules"], json!(["risk-medium-step-up"]));
+    assert_eq!(d["shadow"]["status"], "revoked");
+    assert_eq!(d["shadow"]["version"], json!(shadow_version));
+    assert_eq!(d["cause"]["jti"], "m-s1");
+    assert_eq!(
+        list["counts"]["by_rule"]["risk-medium-revoke"]["stricter"],
+        1
+    );
+    // Never enforced.
+    assert_eq!(env.status("s1").await, "step_up");
+    // Filters select, and an unknown one is refused.
+    let (_, none) = get_json(
+        &env.vigil,
+        "/v1/policies/shadow/divergences?direction=looser",
+    )
+    .await;
+    assert_eq!(none["divergences"], json!([]));
+    let (code, _) = get_json(&env.vigil, "/v1/policies/shadow/divergences?colour=red").await;
+    assert_eq!(code, 400);
+    let (_, metrics) = get(&env.vigil, "/metrics").await;
+    assert!(
+        metrics.contains(
+            r#"vigil_shadow_divergences_total{rule="risk-medium-revoke",direction="stricter"} 1"#
+        ),
+        "{metrics}"
+    );
+
+    // A promotion whose reload is refused (the directory's tests fail against the shadow set)
+    // puts the directory's files back and keeps the shadow set.
+    let failing = r#"
+tests:
+  - name: medium steps up
+    grant: {id: g, kind: session, subject: {format: email, email: a@example.com}, issued_at: 1, expires_at: 2000000000}
+    signals:
+      - set: {iss: "https://idp.example.com/", jti: t1, iat: 1615305000, sub_id: {format: email, email: a@example.com}, events: {"https://schemas.openid.net/secevent/caep/event-type/risk-level-change": {principal: USER, current_level: MEDIUM, event_timestamp: 1615305000}}}
+    expect: {effect: step_up}
+"#;
+    std::fs::write(dir.path().join("risk.test.yaml"), failing).unwrap();
+    let (code, body) = post_json(&env.vigil, "/v1/policies/shadow/promote", &json!({})).await;
+    assert_eq!(code, 422, "{body}");
+    assert_eq!(body["failed_tests"][0]["name"], "medium steps up", "{body}");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("risk.yaml")).unwrap(),
+        STEP_UP_ON_MEDIUM
+    );
+    assert!(dir.path().join("extra.yaml").exists());
+    let (code, _) = get_json(&env.vigil, "/v1/policies/shadow").await;
+    assert_eq!(code, 200);
+
+    // Promoted through the reload path: the files are the shadow set's, the set is live, the
+    // stepped-up grant is revoked by the swap, and the shadow set is gone.
+    std::fs::remove_file(dir.path().join("risk.test.yaml")).unwrap();
+    let (code, body) = post_json(&env.vigil, "/v1/policies/shadow/promote", &json!({})).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["status"], "swapped", "{body}");
+    assert_eq!(body["version"], json!(shadow_version));
+    assert_eq!(
+        body["by_rule"],
+        json!([{"rule": "risk-medium-revoke", "count": 1}])
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("risk.yaml")).unwrap(),
+        REVOKE_ON_MEDIUM
+    );
+    assert!(!dir.path().join("extra.yaml").exists());
+    assert_eq!(env.status("s1").await, "revoked");
+    assert_eq!(env.vigil.engine().policy_version(), shadow_version);
+    let (code, _) = get_json(&env.vigil, "/v1/policies/shadow").await;
+    assert_eq!(code, 404);
+
+    // Discard: loaded, then dropped; nothing more is compared.
+    let (code, _) = send_json(
+        &env.vigil,
+        Method::PUT,
+        "/v1/policies/shadow",
+        &json!({"files": {"risk.yaml": STEP_UP_ON_MEDIUM}}),
+    )
+    .await;
+    assert_eq!(code, 201);
+    let (code, _) = send_json(
+        &env.vigil,
+        Method::DELETE,
+        "/v1/policies/shadow",
+        &json!({}),
+    )
+    .await;
+    assert_eq!(code, 204);
+    let (code, _) = send_json(
+        &env.vigil,
+        Method::DELETE,
+        "/v1/policies/shadow",
+        &json!({}),
+    )
+    .await;
+    assert_eq!(code, 404);
+    env.push(&set(
+        "m-s2",
+        email("s2@example.com"),
+        &rlc,
+        risk("MEDIUM", t),
+    ))
+    .await;
+    env.wait_status("s2", "revoked").await;
+    let (code, _) = get_json(&env.vigil, "/v1/policies/shadow/divergences").await;
+    assert_eq!(code, 404);
     env.vigil.shutdown().await;
 }

@@ -23,6 +23,7 @@ mod impact;
 mod inputs;
 mod persist;
 mod session_grant;
+pub mod shadow;
 
 pub use changelog::{ChangeRecord, Changelog, Row, Table};
 pub use impact::{Changes, Impact, RuleCount, Sample, Samples, Transition};
@@ -73,6 +74,8 @@ pub struct EngineSettings {
     /// Cluster mode: where every batch's rows are also appended, so the principals' next owner
     /// can take their state over. A batch is announced only once it has them.
     pub changelog: Option<Arc<dyn Changelog>>,
+    /// Shadow divergences held for listing (the newest).
+    pub shadow_divergences_max: usize,
 }
 
 impl Default for EngineSettings {
@@ -87,6 +90,7 @@ impl Default for EngineSettings {
             max_inflight: 8192,
             clock: crate::clock::Clock::system(),
             changelog: None,
+            shadow_divergences_max: 10_000,
         }
     }
 }
@@ -212,6 +216,9 @@ pub(crate) struct Shared {
     pub aliases: DashMap<String, String>,
     pub index: DashMap<Box<str>, GrantSet>,
     pub policy: RwLock<Arc<PolicySet>>,
+    /// The shadow set every evaluation also runs, when one is loaded.
+    pub shadow: RwLock<Option<Arc<shadow::ShadowSet>>>,
+    pub divergences: shadow::Divergences,
     pub writer: BatchWriter,
     /// Told which pushed signals are processed once their effects are committed here.
     pub intake: Intake,
@@ -227,6 +234,13 @@ impl Shared {
     pub fn policy(&self) -> Arc<PolicySet> {
         match self.policy.read() {
             Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn shadow(&self) -> Option<Arc<shadow::ShadowSet>> {
+        match self.shadow.read() {
+            Ok(s) => s.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
@@ -490,6 +504,8 @@ impl Engine {
             aliases: DashMap::new(),
             index: DashMap::new(),
             policy: RwLock::new(Arc::new(policy)),
+            shadow: RwLock::new(None),
+            divergences: shadow::Divergences::new(settings.shadow_divergences_max),
             writer,
             intake,
             audit,
@@ -963,6 +979,28 @@ impl Engine {
 
     pub fn policy_version(&self) -> String {
         self.shared.policy().version.clone()
+    }
+
+    /// The shadow set, when one is loaded.
+    pub fn shadow(&self) -> Option<Arc<shadow::ShadowSet>> {
+        self.shared.shadow()
+    }
+
+    /// Loads `set` as the shadow set (replacing any), or discards it (`None`); either way the
+    /// divergences held so far are forgotten (they were another set's).
+    pub fn set_shadow(&self, set: Option<shadow::ShadowSet>) -> Option<Arc<shadow::ShadowSet>> {
+        let mut held = match self.shared.shadow.write() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let previous = std::mem::replace(&mut *held, set.map(Arc::new));
+        self.shared.divergences.clear();
+        previous
+    }
+
+    /// The shadow set's divergences from the live one.
+    pub fn divergences(&self) -> &shadow::Divergences {
+        &self.shared.divergences
     }
 
     /// Swaps in a new policy set and re-evaluates every grant under it. The returned handle resolves

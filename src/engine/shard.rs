@@ -557,6 +557,25 @@ impl Shard {
         metrics::histogram!(crate::telemetry::POLICY_EVAL_SECONDS)
             .record(started.elapsed().as_secs_f64());
         outcome.record(&grant.id);
+        if let Some(shadow) = self.shared.shadow() {
+            // Never enforced: only compared with the live outcome.
+            let candidate = inputs.evaluate(
+                &shadow.set,
+                &grant,
+                trigger,
+                &self.shared.settings.decay,
+                now,
+            );
+            self.shared.divergences.compare(
+                &grant,
+                cause,
+                &outcome,
+                &policy.version,
+                &candidate,
+                &shadow.set.version,
+                now,
+            );
+        }
         self.decide(
             &grant,
             &outcome,

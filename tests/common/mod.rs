@@ -205,11 +205,18 @@ pub async fn get(vigil: &Vigil, path: &str) -> (u16, String) {
 
 /// POSTs JSON to Vigil (as the admin client).
 pub async fn post_json(vigil: &Vigil, path: &str, body: &Value) -> (u16, Value) {
-    let resp = api(vigil, reqwest::Method::POST, path)
-        .json(body)
-        .send()
-        .await
-        .unwrap();
+    send_json(vigil, reqwest::Method::POST, path, body).await
+}
+
+/// Sends JSON to Vigil with `method` (as the admin client); the answer's body as JSON, or as a
+/// string when it is not.
+pub async fn send_json(
+    vigil: &Vigil,
+    method: reqwest::Method,
+    path: &str,
+    body: &Value,
+) -> (u16, Value) {
+    let resp = api(vigil, method, path).json(body).send().await.unwrap();
     let status = resp.status().as_u16();
     let text = resp.text().await.unwrap();
     (
