@@ -454,7 +454,7 @@ pub struct DecisionParams {
 }
 
 /// A time given as seconds since the epoch or as RFC 3339.
-fn parse_time(name: &str, value: &str) -> Result<f64, String> {
+pub(crate) fn parse_time(name: &str, value: &str) -> Result<f64, String> {
     if let Ok(secs) = value.parse::<f64>() {
         if secs.is_finite() {
             return Ok(secs);
@@ -1014,4 +1014,141 @@ pub async fn rotate_key(State(s): State<Arc<ApiState>>) -> Response {
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, "keys", e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "keys", e.to_string()),
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignalParams {
+    /// Only signals recorded after this sequence number (the newest a reader already has).
+    #[serde(default)]
+    after: u64,
+    limit: Option<usize>,
+}
+
+/// Most signals one page of the feed lists.
+const MAX_SIGNAL_PAGE: usize = 500;
+
+/// `GET /v1/signals`: the signals intake recorded (pushed and polled SETs), newest first, each
+/// with its subject, event, times and source: the console's live feed. Kafka risk signals are
+/// not recorded in intake (their partition is their log) and are not listed.
+pub async fn signals(
+    State(s): State<Arc<ApiState>>,
+    q: Result<Query<SignalParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Query(q) = match q {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()),
+    };
+    let limit = q.limit.unwrap_or(100).clamp(1, MAX_SIGNAL_PAGE);
+    let engine = s.engine.clone();
+    match tokio::task::spawn_blocking(move || engine.recorded_signals(q.after, limit)).await {
+        Ok(Ok(list)) => {
+            let signals: Vec<Value> = list
+                .into_iter()
+                .map(|signal| {
+                    json!({
+                        "seq": signal.seq,
+                        "jti": signal.jti,
+                        "iss": signal.iss,
+                        "event_type": signal.event_type_name(),
+                        "event_uri": signal.event_uri,
+                        "subject": signal.subject,
+                        "subject_key": engine_key(&s.engine, &signal.subject),
+                        "event_time": signal.event_time,
+                        "received_at": signal.received_at_ms as f64 / 1000.0,
+                        "source": signal.source.label(),
+                    })
+                })
+                .collect();
+            Json(json!({"signals": signals})).into_response()
+        }
+        Ok(Err(e)) => engine_error(e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
+}
+
+/// The context key a signal about `subject` goes to (what `/v1/subjects/{key}` explains).
+fn engine_key(engine: &Engine, subject: &crate::subject::SubjectId) -> String {
+    engine.routing_key(subject)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubjectSearch {
+    /// Any identifier: an email address, a phone number, an opaque id, a key (`email:…`), or
+    /// part of one.
+    q: String,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/subjects?q=…`: the subjects an identifier names, `{subjects: [{key, principal}]}`
+/// (up to `limit`, 20 by default, at most 100) — so nobody percent-encodes keys by hand.
+pub async fn find_subjects(
+    State(s): State<Arc<ApiState>>,
+    q: Result<Query<SubjectSearch>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Query(q) = match q {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()),
+    };
+    if q.q.trim().is_empty() || q.q.len() > 512 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "`q`: from 1 to 512 characters",
+        );
+    }
+    let limit = q.limit.unwrap_or(20).clamp(1, 100);
+    let engine = s.engine.clone();
+    match tokio::task::spawn_blocking(move || engine.find_subjects(&q.q, limit)).await {
+        Ok(found) => {
+            let subjects: Vec<Value> = found
+                .into_iter()
+                .map(|(key, principal)| json!({"key": key, "principal": principal}))
+                .collect();
+            Json(json!({"subjects": subjects})).into_response()
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
+}
+
+/// Outstanding SETs counted per stream, up to this many.
+const OUTSTANDING_COUNTED: usize = 10_000;
+
+/// `GET /v1/enforcement-points`: each configured enforcement point with its streams' delivery
+/// state — method, endpoint, status, last verification, SETs outstanding (counted up to
+/// 10 000), dead letters.
+pub async fn enforcement_points(State(s): State<Arc<ApiState>>) -> Response {
+    let dead = match s.streams.dead_letters() {
+        Ok(list) => list,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+    };
+    let mut points = Vec::new();
+    for name in &s.enforcement_points {
+        let mut streams = Vec::new();
+        for stream in s.streams.list(name) {
+            let (outstanding, more) = s
+                .streams
+                .outstanding(&stream.stream_id, OUTSTANDING_COUNTED)
+                .unwrap_or_default();
+            let dead_letters = dead
+                .iter()
+                .filter(|(_, d)| d.stream_id == stream.stream_id)
+                .count();
+            streams.push(json!({
+                "stream_id": stream.stream_id,
+                "method": stream.delivery.method,
+                "endpoint_url": stream.delivery.endpoint_url,
+                "status": stream.status,
+                "status_reason": stream.status_reason,
+                "last_verification_at": stream.last_verification_at,
+                "delivered_here": s.streams.delivers(&stream.stream_id),
+                "outstanding": outstanding.len(),
+                "outstanding_more": more,
+                "dead_letters": dead_letters,
+            }));
+        }
+        points.push(json!({"name": name, "streams": streams}));
+    }
+    Json(json!({"enforcement_points": points})).into_response()
 }

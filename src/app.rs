@@ -1097,12 +1097,16 @@ fn router(config: &Config, parts: Parts<'_>) -> (Router, Router) {
                 .merge(
                     Router::new()
                         .route("/v1/decisions", get(api::decisions))
+                        .route("/v1/subjects", get(api::find_subjects))
                         .route("/v1/subjects/{key}", get(api::subject))
+                        .route("/v1/signals", get(api::signals))
+                        .route("/v1/enforcement-points", get(api::enforcement_points))
                         .route("/v1/grants", get(api::list_grants))
                         .route("/v1/grants/{id}/explain", get(api::explain_grant))
                         .route("/v1/policies", get(crate::policy_api::policies))
                         .route("/v1/policies/reload", post(crate::policy_api::reload))
                         .route("/v1/policies/impact", post(crate::policy_api::impact))
+                        .route("/v1/policies/replay", post(crate::policy_api::replay))
                         .route(
                             "/v1/policies/shadow",
                             get(crate::policy_api::shadow)

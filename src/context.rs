@@ -222,6 +222,66 @@ impl PrincipalContext {
         }
     }
 
+    /// This context as it stood before the signal with sequence number `seq` was applied, as far
+    /// as it can be told (a replay's starting point): the facts that signal or a later one set are
+    /// dropped. The value each of them replaced is not kept anywhere, so the answer also counts
+    /// them — facts whose earlier value is unknown.
+    pub fn before_seq(&self, seq: u64) -> (PrincipalContext, usize) {
+        let mut ctx = self.clone();
+        let mut dropped = 0;
+        macro_rules! keep_option {
+            ($field:ident) => {
+                if ctx.$field.as_ref().is_some_and(|f| f.seq >= seq) {
+                    ctx.$field = None;
+                    dropped += 1;
+                }
+            };
+        }
+        macro_rules! keep_map {
+            ($map:expr) => {{
+                let before = $map.len();
+                $map.retain(|_, f| f.seq < seq);
+                dropped += before - $map.len();
+            }};
+        }
+        keep_option!(account);
+        keep_option!(credential_change_required);
+        keep_map!(ctx.credential_changes);
+        keep_map!(ctx.credential_compromises);
+        keep_map!(ctx.session_revocations);
+        keep_map!(ctx.risk);
+        keep_map!(ctx.device_compliance);
+        keep_map!(ctx.assurance);
+        keep_map!(ctx.lifecycle);
+        keep_map!(ctx.attributes);
+        for claims in ctx.claims.values_mut() {
+            keep_map!(claims);
+        }
+        ctx.claims.retain(|_, claims| !claims.is_empty());
+        ctx.recent_signals.retain(|s| s.seq < seq);
+        (ctx, dropped)
+    }
+
+    /// The sequence number of every fact held (the signal that set it).
+    pub fn fact_seqs(&self) -> impl Iterator<Item = u64> + '_ {
+        let options = [
+            self.account.as_ref().map(|f| f.seq),
+            self.credential_change_required.as_ref().map(|f| f.seq),
+        ];
+        options
+            .into_iter()
+            .flatten()
+            .chain(self.credential_changes.values().map(|f| f.seq))
+            .chain(self.credential_compromises.values().map(|f| f.seq))
+            .chain(self.session_revocations.values().map(|f| f.seq))
+            .chain(self.risk.values().map(|f| f.seq))
+            .chain(self.device_compliance.values().map(|f| f.seq))
+            .chain(self.assurance.values().map(|f| f.seq))
+            .chain(self.lifecycle.values().map(|f| f.seq))
+            .chain(self.attributes.values().map(|f| f.seq))
+            .chain(self.claims.values().flat_map(|c| c.values().map(|f| f.seq)))
+    }
+
     /// Folds one signal in. `target` is the signal's subject resolved against this context (its
     /// narrowing members). Returns whether any fact changed.
     pub fn apply(&mut self, signal: &Signal, target: &Target) -> bool {

@@ -275,6 +275,78 @@ impl Intake {
         Ok(Some((stored.signal, stored.token)))
     }
 
+    /// Hands every signal received at or after `since_ms` (milliseconds since the epoch) to
+    /// `each`, in sequence order, until it answers `false`. Sequence numbers are drawn as signals
+    /// are recorded, so receipt times rise with them and the first is found by bisection; a
+    /// signal received before `since_ms` among the later ones (recorded a moment out of order)
+    /// is skipped.
+    pub fn for_each_since(
+        &self,
+        since_ms: i64,
+        mut each: impl FnMut(Signal) -> bool,
+    ) -> Result<(), IntakeError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let sets = txn.open_table(SETS).map_err(storage)?;
+        let first_at_or_after = |seq: u64| -> Result<Option<(u64, Signal)>, IntakeError> {
+            match sets.range(seq..).map_err(storage)?.next() {
+                None => Ok(None),
+                Some(entry) => {
+                    let (k, v) = entry.map_err(storage)?;
+                    let seq = k.value();
+                    Ok(Some((seq, decode_signal(seq, v.value())?)))
+                }
+            }
+        };
+        let (mut lo, mut hi) = match (
+            sets.first().map_err(storage)?,
+            sets.last().map_err(storage)?,
+        ) {
+            (Some(first), Some(last)) => (first.0.value(), last.0.value().saturating_add(1)),
+            _ => return Ok(()),
+        };
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match first_at_or_after(mid)? {
+                Some((seq, signal)) if signal.received_at_ms < since_ms => lo = seq + 1,
+                _ => hi = mid,
+            }
+        }
+        for entry in sets.range(lo..).map_err(storage)? {
+            let (k, v) = entry.map_err(storage)?;
+            let signal = decode_signal(k.value(), v.value())?;
+            if signal.received_at_ms >= since_ms && !each(signal) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Up to `limit` signals recorded after sequence number `after`, newest first (the console's
+    /// live feed: `after` is the newest it has).
+    pub fn newest(&self, after: u64, limit: usize) -> Result<Vec<Signal>, IntakeError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let sets = txn.open_table(SETS).map_err(storage)?;
+        let mut out = Vec::new();
+        for entry in sets
+            .range(after.saturating_add(1)..)
+            .map_err(storage)?
+            .rev()
+            .take(limit)
+        {
+            let (k, v) = entry.map_err(storage)?;
+            out.push(decode_signal(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// The oldest sequence number recorded.
+    pub fn first_seq(&self) -> Result<Option<u64>, IntakeError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let sets = txn.open_table(SETS).map_err(storage)?;
+        let first = sets.first().map_err(storage)?.map(|(k, _)| k.value());
+        Ok(first)
+    }
+
     /// How many recorded signals are not yet processed (for tests, benchmarks and diagnostics).
     pub fn pending_count(&self) -> Result<u64, IntakeError> {
         let txn = self.db.begin_read().map_err(storage)?;
@@ -404,6 +476,21 @@ fn decode(seq: u64, bytes: &[u8]) -> Result<StoredSet, IntakeError> {
         })?;
     stored.signal.seq = seq;
     Ok(stored)
+}
+
+/// A stored record's signal alone (its raw token is skipped, not copied).
+fn decode_signal(seq: u64, bytes: &[u8]) -> Result<Signal, IntakeError> {
+    #[derive(Deserialize)]
+    struct SignalOnly {
+        signal: Signal,
+    }
+    let mut stored: SignalOnly =
+        serde_json::from_slice(bytes).map_err(|e| IntakeError::Corrupt {
+            seq,
+            reason: e.to_string(),
+        })?;
+    stored.signal.seq = seq;
+    Ok(stored.signal)
 }
 
 fn jti_key(iss: &str, jti: &str) -> String {

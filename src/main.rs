@@ -117,6 +117,26 @@ enum PolicyCommand {
         #[command(flatten)]
         operator: OperatorArgs,
     },
+    /// What a candidate policy directory would have decided over the signals the running Vigil
+    /// recorded in a window, against what the live set decides (lint and tests first).
+    Replay {
+        /// The candidate policy directory.
+        dir: PathBuf,
+        /// The window's start: `90m`, `24h`, `7d`, an RFC 3339 time or seconds since the epoch.
+        #[arg(long, default_value = "24h")]
+        since: String,
+        /// Where `example:` events are read from when a test file names no `examples:`.
+        #[arg(long)]
+        examples: Option<PathBuf>,
+        /// Differences listed per bucket (added, removed, changed).
+        #[arg(long, default_value_t = 5)]
+        samples: usize,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        operator: OperatorArgs,
+    },
     /// A shadow set on the running Vigil: a candidate evaluated beside the live set, never
     /// enforced, its divergences recorded.
     Shadow {
@@ -286,6 +306,29 @@ fn policy_command(cmd: &PolicyCommand) -> ExitCode {
                 token_source: &token_source,
             };
             match policy_cmd::impact(&target, dir, examples.as_deref(), *samples, *json) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => fail(error_line(&e)),
+            }
+        }
+        PolicyCommand::Replay {
+            dir,
+            since,
+            examples,
+            samples,
+            json,
+            operator,
+        } => {
+            let (token, token_source) = match operator.token() {
+                Ok(t) => t,
+                Err(e) => return fail(e),
+            };
+            let target = policy_cmd::Operator {
+                base: &operator.url,
+                token: &token,
+                token_source: &token_source,
+            };
+            match policy_cmd::replay(&target, dir, examples.as_deref(), since, *samples, *json) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
                 Err(e) => fail(error_line(&e)),

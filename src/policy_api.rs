@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `GET /v1/policies` | 200 `{running: {version, files, rules}, shadow}` |
 //! | `POST /v1/policies/reload[?force=true]` | 200 `{status: swapped, version, previous_version, tests_passed, changed, transitions, by_rule}` or `{status: unchanged}`; 422 `{status: refused, error, failed_tests?, impact?}` |
+//! | `POST /v1/policies/replay` | 200 the [`Replay`](crate::engine::Replay) of the signals received since `since` (`24h`, RFC 3339 or seconds) through the live set and a candidate `{files, since, samples?}`; 422, 429 as impact |
 //! | `PUT /v1/policies/shadow` | 201 the shadow set loaded beside the live one `{files: {name: yaml}}` (replacing any); 422 a set that does not compile or lint |
 //! | `GET /v1/policies/shadow` | 200 `{version, loaded_at, files, rules, divergences}`; 404 none loaded |
 //! | `DELETE /v1/policies/shadow` | 204 discarded; 404 none loaded |
@@ -150,26 +151,102 @@ pub async fn impact(
     let reloader = s.reloader.clone();
     match tokio::task::spawn_blocking(move || reloader.impact(&sources, samples)).await {
         Ok(Ok(impact)) => Json(impact).into_response(),
-        Ok(Err(PreviewError::Invalid(refused))) => error(
+        Ok(Err(e)) => preview_failed(e),
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "the preview did not complete",
+        ),
+    }
+}
+
+/// A candidate set to replay the recorded signals of a window through.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayRequest {
+    /// Rule files by name (`*.yaml`), as in a policy directory.
+    files: BTreeMap<String, String>,
+    /// The window's start: a duration back from now (`90m`, `24h`, `7d`), an RFC 3339 time or
+    /// seconds since the epoch.
+    since: String,
+    /// Differences listed per bucket (default 5, at most [`MAX_SAMPLES`]).
+    #[serde(default)]
+    samples: Option<usize>,
+}
+
+/// The longest window a replay reaches back: a year.
+const MAX_WINDOW_SECS: f64 = 366.0 * 86_400.0;
+
+/// A window's start (seconds since the epoch) from `since`, as [`ReplayRequest::since`] reads it,
+/// relative to `now`. Never in the future, never more than [`MAX_WINDOW_SECS`] back.
+pub fn window_start(since: &str, now: f64) -> Result<f64, String> {
+    let units = [('s', 1.0), ('m', 60.0), ('h', 3600.0), ('d', 86_400.0)];
+    let relative = units.iter().find_map(|(unit, secs)| {
+        let n: u32 = since.strip_suffix(*unit)?.parse().ok()?;
+        Some(now - f64::from(n) * secs)
+    });
+    let start = match relative {
+        Some(start) => start,
+        None => crate::api::parse_time("since", since).map_err(|_| {
+            format!(
+                "`since`: `{since}` is neither a duration back from now (`90m`, `24h`, `7d`), \
+                 an RFC 3339 time nor seconds since the epoch"
+            )
+        })?,
+    };
+    if start > now {
+        return Err(format!("`since`: `{since}` is in the future"));
+    }
+    Ok(start.max(now - MAX_WINDOW_SECS))
+}
+
+pub async fn replay(
+    State(s): State<Arc<ApiState>>,
+    body: Result<Json<ReplayRequest>, JsonRejection>,
+) -> Response {
+    let request = match body {
+        Ok(Json(r)) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()),
+    };
+    let sources = match candidate_files(request.files) {
+        Ok(sources) => sources,
+        Err(why) => return error(StatusCode::BAD_REQUEST, "invalid_request", why),
+    };
+    let since = match window_start(&request.since, s.engine.clock().now()) {
+        Ok(since) => since,
+        Err(why) => return error(StatusCode::BAD_REQUEST, "invalid_request", why),
+    };
+    let samples = request.samples.unwrap_or(5).min(MAX_SAMPLES);
+    let reloader = s.reloader.clone();
+    match tokio::task::spawn_blocking(move || reloader.replay(&sources, since, samples)).await {
+        Ok(Ok(replay)) => Json(replay).into_response(),
+        Ok(Err(e)) => preview_failed(e),
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "the replay did not complete",
+        ),
+    }
+}
+
+/// The answer to a preview or replay that did not run.
+fn preview_failed(e: PreviewError) -> Response {
+    match e {
+        PreviewError::Invalid(refused) => error(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_policy",
             refused.error,
         ),
-        Ok(Err(PreviewError::Busy)) => refusal(
+        PreviewError::Busy => refusal(
             StatusCode::TOO_MANY_REQUESTS,
             "preview_running",
             &PreviewError::Busy.to_string(),
             std::time::Duration::from_secs(5),
         ),
-        Ok(Err(PreviewError::Engine(e))) => error(
+        PreviewError::Engine(e) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal_error",
             e.to_string(),
-        ),
-        Err(_) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal_error",
-            "the preview did not complete",
         ),
     }
 }

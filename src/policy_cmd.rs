@@ -2,7 +2,8 @@
 //! Vigil, before it goes live. The candidate is compiled, linted and its own tests run here
 //! first (a set that fails them would be refused on reload anyway); then its rule files are sent
 //! to `POST /v1/policies/impact`, which evaluates them against every live grant and changes
-//! nothing. `vigil policy shadow …` loads (checked the same way), shows, lists the divergences
+//! nothing. `vigil policy replay DIR --since 24h` asks `POST /v1/policies/replay` what the
+//! candidate would have decided over the signals recorded since. `vigil policy shadow …` loads (checked the same way), shows, lists the divergences
 //! of, promotes and discards the running Vigil's shadow set (`/v1/policies/shadow`).
 
 use std::path::Path;
@@ -47,6 +48,111 @@ pub fn impact(
     };
     print_out(&text);
     Ok(true)
+}
+
+/// Runs the replay and prints it (`json`: the answer as it came). `Ok(false)` when the
+/// candidate is refused before it is sent.
+pub fn replay(
+    operator: &Operator<'_>,
+    dir: &Path,
+    examples: Option<&Path>,
+    since: &str,
+    samples: usize,
+    json: bool,
+) -> anyhow::Result<bool> {
+    let Some((files, tests_passed)) = checked_candidate(dir, examples)? else {
+        return Ok(false);
+    };
+    let base = operator.base.trim_end_matches('/');
+    let body = call(operator, |client| {
+        client
+            .post(format!("{base}/v1/policies/replay"))
+            .json(&json!({"files": files, "since": since, "samples": samples}))
+    })?;
+    let text = if json {
+        serde_json::to_string_pretty(&body)? + "\n"
+    } else {
+        render_replay(&body, tests_passed)
+    };
+    print_out(&text);
+    Ok(true)
+}
+
+/// A replay for a person.
+fn render_replay(replay: &Value, tests_passed: usize) -> String {
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    let s = |v: &Value| v.as_str().unwrap_or("?").to_owned();
+    let missing = &replay["not_reconstructed"];
+    let mut out = format!(
+        "candidate {} (its {tests_passed} tests pass) against running {}: {} signals replayed \
+         in {} ms\n",
+        s(&replay["candidate_version"]),
+        s(&replay["live_version"]),
+        n(&replay["signals"]),
+        n(&replay["elapsed_ms"]),
+    );
+    out += &format!(
+        "  decisions  live {}, candidate {}\n  added      {}\n  removed    {}\n  changed    {}\n",
+        n(&replay["live_decisions"]),
+        n(&replay["candidate_decisions"]),
+        n(&replay["added"]),
+        n(&replay["removed"]),
+        n(&replay["changed"]),
+    );
+    for (rule, c) in replay["by_rule"].as_object().into_iter().flatten() {
+        out += &format!(
+            "    rule {rule}: +{} -{} ~{}\n",
+            n(&c["added"]),
+            n(&c["removed"]),
+            n(&c["changed"])
+        );
+    }
+    out += &format!(
+        "  not reconstructed: {} of {} recorded decisions not made again by the live set; {} facts \
+         unknown at the window's start; {} facts from unrecorded (Kafka) signals; {} decisions on \
+         grants no longer held\n",
+        n(&missing["unreproduced"]),
+        n(&missing["recorded"]),
+        n(&missing["facts_unknown_at_start"]),
+        n(&missing["unrecorded_signal_facts"]),
+        n(&missing["grants_gone"]),
+    );
+    let step = |v: &Value| {
+        if v.is_null() {
+            "nothing".to_owned()
+        } else {
+            format!("{} [{}]", s(&v["to"]), {
+                let rules: Vec<String> = v["rules"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(&s)
+                    .collect();
+                rules.join(", ")
+            })
+        }
+    };
+    for bucket in ["added", "removed", "changed"] {
+        let samples = replay["samples"][bucket]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if samples.is_empty() {
+            continue;
+        }
+        out += &format!("  samples ({bucket}):\n");
+        for sample in samples {
+            out += &format!(
+                "    {} ({}) on {}: live {} / candidate {}\n",
+                s(&sample["grant_id"]),
+                s(&sample["subject"]),
+                sample["signal"]["jti"].as_str().unwrap_or("registration"),
+                step(&sample["live"]),
+                step(&sample["candidate"]),
+            );
+        }
+    }
+    out
 }
 
 /// What `vigil policy shadow` does.

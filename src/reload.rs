@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::config::PolicyConfig;
 use crate::engine::shadow::ShadowSet;
-use crate::engine::{Changes, Engine, Impact};
+use crate::engine::{Changes, Engine, Impact, Replay};
 use crate::evaluate::testing;
 use crate::policy::{is_rule_file, lint, PolicySet};
 
@@ -186,8 +186,8 @@ pub enum PreviewError {
     /// The candidate set does not compile, or lints with errors.
     #[error("{0}")]
     Invalid(Refusal),
-    /// Another preview is running (one at a time: each uses every core for its length).
-    #[error("an impact preview is already running; retry when it is done")]
+    /// Another preview or replay is running (one at a time: each uses every core for its length).
+    #[error("an impact preview or replay is already running; retry when it is done")]
     Busy,
     #[error(transparent)]
     Engine(#[from] crate::engine::EngineError),
@@ -233,6 +233,26 @@ impl PolicyReloader {
             .map_err(|e| PreviewError::Invalid(e.to_string().into()))?;
         refuse_lint_errors(&set).map_err(PreviewError::Invalid)?;
         Ok(self.engine.impact_blocking(&set, samples)?)
+    }
+
+    /// Replays the signals received since `since` (seconds since the epoch) through the live set
+    /// and the candidate set of rule files `sources` (see [`Engine::replay_blocking`]). Changes
+    /// nothing; shares the preview's one-at-a-time door.
+    pub fn replay(
+        &self,
+        sources: &[(String, String)],
+        since: f64,
+        samples: usize,
+    ) -> Result<Replay, PreviewError> {
+        let _running = match self.previewing.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Err(PreviewError::Busy),
+        };
+        let set = PolicySet::from_sources(sources)
+            .map_err(|e| PreviewError::Invalid(e.to_string().into()))?;
+        refuse_lint_errors(&set).map_err(PreviewError::Invalid)?;
+        Ok(self.engine.replay_blocking(&set, since, samples)?)
     }
 
     /// Loads the candidate set of rule files `sources` (name, YAML) as the shadow set, replacing

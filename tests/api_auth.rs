@@ -46,6 +46,7 @@ fn routes() -> Vec<(Method, &'static str, Role)> {
         (Method::GET, "/v1/policies", Role::Operator),
         (Method::POST, "/v1/policies/reload", Role::Operator),
         (Method::POST, "/v1/policies/impact", Role::Operator),
+        (Method::POST, "/v1/policies/replay", Role::Operator),
         (Method::GET, "/v1/policies/shadow", Role::Operator),
         (Method::PUT, "/v1/policies/shadow", Role::Operator),
         (Method::DELETE, "/v1/policies/shadow", Role::Operator),

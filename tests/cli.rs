@@ -122,6 +122,29 @@ fn serve_reloads_policies_on_sighup_and_stops_on_sigterm() {
         stderr.contains("FAIL") && stderr.contains("would refuse it"),
         "{stderr}"
     );
+    // `vigil policy replay`: what the candidate would have decided since the window's start —
+    // here the registration of `hup`, which it revokes.
+    std::fs::write(candidate.join("admin.test.yaml"), test_expecting("revoke")).unwrap();
+    let out = Command::new(VIGIL)
+        .args(["policy", "replay"])
+        .arg(&candidate)
+        .args(["--since", "1h", "--url", &base, "--data-dir"])
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("0 signals replayed"), "{stdout}");
+    assert!(stdout.contains("added      1"), "{stdout}");
+    assert!(stdout.contains("rule no-admin: +1 -0 ~0"), "{stdout}");
+    assert!(
+        stdout.contains("hup (email:hup@example.com) on registration: live nothing / candidate revoked [no-admin]"),
+        "{stdout}"
+    );
     // `vigil policy shadow`: the candidate (its tests passing again) runs beside the live set,
     // shown, then dropped.
     std::fs::write(candidate.join("admin.test.yaml"), test_expecting("revoke")).unwrap();

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use dashmap::DashMap;
 
 use crate::context::{Decay, PrincipalContext};
-use crate::evaluate::{evaluate_grant, Contexts, Trigger};
+use crate::evaluate::{evaluate_grant_under, Contexts, Trigger};
 use crate::grant::Grant;
 use crate::policy::{Evaluation, PolicySet};
 
@@ -54,9 +54,22 @@ impl Inputs {
         decay: &Decay,
         now: f64,
     ) -> Evaluation {
+        let [outcome] = self.evaluate_under([policy], grant, trigger, decay, now);
+        outcome
+    }
+
+    /// [`Inputs::evaluate`] under each of `policies`, on inputs built once.
+    pub fn evaluate_under<const N: usize>(
+        &self,
+        policies: [&PolicySet; N],
+        grant: &Grant,
+        trigger: Trigger<'_>,
+        decay: &Decay,
+        now: f64,
+    ) -> [Evaluation; N] {
         let entities: Vec<&PrincipalContext> = self.entities.iter().map(|c| &**c).collect();
-        evaluate_grant(
-            policy,
+        evaluate_grant_under(
+            policies,
             grant,
             Contexts {
                 principal: &self.principal,

@@ -22,12 +22,14 @@ mod decide;
 mod impact;
 mod inputs;
 mod persist;
+mod replay;
 mod session_grant;
 pub mod shadow;
 
 pub use changelog::{ChangeRecord, Changelog, Row, Table};
 pub use impact::{Changes, Impact, RuleCount, Sample, Samples, Transition};
 pub use persist::{handoff_done_in, pending_handoff};
+pub use replay::{Replay, MAX_RECORDED as REPLAY_MAX_RECORDED};
 mod shard;
 
 use std::collections::HashSet;
@@ -1062,6 +1064,65 @@ impl Engine {
 
     /// "Why": a subject's context (each fact with its time and source), its grants, recent signals and
     /// recent decisions. `key` may be any identifier key linked to the principal.
+    /// Up to `limit` signals intake recorded after sequence number `after`, newest first.
+    pub fn recorded_signals(&self, after: u64, limit: usize) -> Result<Vec<Signal>, EngineError> {
+        self.shared
+            .intake
+            .newest(after, limit)
+            .map_err(|e| EngineError::Storage(e.to_string()))
+    }
+
+    /// Subjects an operator's search text names, as `(identifier key, principal)`: the text as a
+    /// key, as an email address, phone number or opaque id, then any identifier key containing
+    /// it (case-insensitive), up to `limit`. Scans the alias table past the exact forms: an
+    /// operator's search, not a request path.
+    pub fn find_subjects(&self, text: &str, limit: usize) -> Vec<(String, String)> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Vec::new();
+        }
+        let digits: String = text.chars().filter(|c| c.is_ascii_digit()).collect();
+        let mut exact = vec![
+            text.to_owned(),
+            format!("email:{}", text.to_lowercase()),
+            format!("opaque:{text}"),
+        ];
+        if text.starts_with('+') && !digits.is_empty() {
+            exact.push(format!("phone_number:+{digits}"));
+        }
+        let mut found: Vec<(String, String)> = Vec::new();
+        for key in exact {
+            let principal = self
+                .shared
+                .aliases
+                .get(&key)
+                .map(|p| p.clone())
+                .or_else(|| {
+                    (self.shared.contexts.contains_key(&key)
+                        || !self.shared.indexed(&principal_index(&key)).is_empty())
+                    .then(|| key.clone())
+                });
+            if let Some(principal) = principal {
+                if !found.iter().any(|(k, _)| *k == key) {
+                    found.push((key, principal));
+                }
+            }
+        }
+        let needle = text.to_lowercase();
+        for alias in self.shared.aliases.iter() {
+            if found.len() >= limit {
+                break;
+            }
+            if alias.key().to_lowercase().contains(&needle)
+                && !found.iter().any(|(k, _)| k == alias.key())
+            {
+                found.push((alias.key().clone(), alias.value().clone()));
+            }
+        }
+        found.truncate(limit);
+        found
+    }
+
     pub fn explain(&self, key: &str) -> Option<Value> {
         let principal = self
             .shared

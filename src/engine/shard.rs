@@ -552,20 +552,22 @@ impl Shard {
             return;
         }
         let inputs = Inputs::gather(&self.shared.contexts, &grant);
+        let decay = &self.shared.settings.decay;
+        let shadow = self.shared.shadow();
         let started = Instant::now();
-        let outcome = inputs.evaluate(policy, &grant, trigger, &self.shared.settings.decay, now);
+        let (outcome, shadowed) = match &shadow {
+            // Never enforced: only compared with the live outcome, on the same inputs.
+            Some(shadow) => {
+                let [outcome, candidate] =
+                    inputs.evaluate_under([policy, &*shadow.set], &grant, trigger, decay, now);
+                (outcome, Some((candidate, shadow)))
+            }
+            None => (inputs.evaluate(policy, &grant, trigger, decay, now), None),
+        };
         metrics::histogram!(crate::telemetry::POLICY_EVAL_SECONDS)
             .record(started.elapsed().as_secs_f64());
         outcome.record(&grant.id);
-        if let Some(shadow) = self.shared.shadow() {
-            // Never enforced: only compared with the live outcome.
-            let candidate = inputs.evaluate(
-                &shadow.set,
-                &grant,
-                trigger,
-                &self.shared.settings.decay,
-                now,
-            );
+        if let Some((candidate, shadow)) = shadowed {
             self.shared.divergences.compare(
                 &grant,
                 cause,

@@ -120,6 +120,20 @@ pub fn evaluate_grant(
     decay: &Decay,
     now: f64,
 ) -> Evaluation {
+    let [outcome] = evaluate_grant_under([policy], grant, contexts, trigger, decay, now);
+    outcome
+}
+
+/// Evaluates `grant` under each of `policies` on inputs built once (a shadow set or a replay's
+/// candidate beside the live set).
+pub fn evaluate_grant_under<const N: usize>(
+    policies: [&PolicySet; N],
+    grant: &Grant,
+    contexts: Contexts<'_>,
+    trigger: Trigger<'_>,
+    decay: &Decay,
+    now: f64,
+) -> [Evaluation; N] {
     let trigger_type = match trigger {
         Trigger::Signal(t) => Some(t.signal.event_type_name().to_owned()),
         Trigger::State => None,
@@ -134,23 +148,25 @@ pub fn evaluate_grant(
         now,
         trigger: trigger_type,
     };
-    let mut outcome = policy.evaluate(&input);
+    let mut outcomes = policies.map(|policy| policy.evaluate(&input));
     if let Some(delegator) = contexts.delegator {
         let input = EvalInput {
             context: delegator.view(grant, contexts.entities, decay, now),
             ..input
         };
-        let via_user = policy.evaluate(&input);
-        outcome.effect = outcome.effect.max(via_user.effect);
-        for mut m in via_user.matched {
-            if !outcome.matched.iter().any(|o| o.id == m.id) {
-                m.reason = format!("delegating user: {}", m.reason);
-                outcome.matched.push(m);
+        for (outcome, policy) in outcomes.iter_mut().zip(policies) {
+            let via_user = policy.evaluate(&input);
+            outcome.effect = outcome.effect.max(via_user.effect);
+            for mut m in via_user.matched {
+                if !outcome.matched.iter().any(|o| o.id == m.id) {
+                    m.reason = format!("delegating user: {}", m.reason);
+                    outcome.matched.push(m);
+                }
             }
+            outcome.shadow.extend(via_user.shadow);
         }
-        outcome.shadow.extend(via_user.shadow);
     }
-    outcome
+    outcomes
 }
 
 #[cfg(test)]
