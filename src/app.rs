@@ -1132,6 +1132,14 @@ fn router(config: &Config, parts: Parts<'_>) -> (Router, Router) {
         .merge(
             crate::ssf_client::http::routes(parts.ssf_clients).route_layer(needs(Role::Operator)),
         )
+        .route("/console", get(crate::console::index))
+        .route("/console/login.js", get(crate::console::login))
+        .route("/console/console.css", get(crate::console::style))
+        .merge(
+            Router::new()
+                .route("/console/app.js", get(crate::console::app))
+                .route_layer(needs(Role::Operator)),
+        )
         .merge(
             Router::new()
                 .route("/v1/openapi.yaml", get(ops::openapi))

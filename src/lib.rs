@@ -21,6 +21,7 @@ pub mod check;
 pub mod clock;
 pub mod cluster;
 pub mod config;
+pub mod console;
 pub mod context;
 pub mod decision;
 pub mod discovery;

@@ -29,6 +29,14 @@ use crate::error_body::{error, refusal};
 use crate::policy::is_rule_file;
 use crate::reload::{PreviewError, ReloadOutcome};
 
+/// A set's rule files' text by name.
+fn sources_of(set: &crate::policy::PolicySet) -> serde_json::Map<String, Value> {
+    set.sources
+        .iter()
+        .map(|(name, text)| (name.clone(), Value::String(text.clone())))
+        .collect()
+}
+
 /// A set's rules as written, each with its file.
 fn rules_of(set: &crate::policy::PolicySet) -> Vec<Value> {
     set.rules
@@ -46,7 +54,8 @@ pub async fn policies(State(s): State<Arc<ApiState>>) -> Response {
     let set = s.engine.policy();
     let rules = rules_of(&set);
     Json(json!({
-        "running": {"version": set.version, "files": set.files, "rules": rules},
+        "running": {"version": set.version, "files": set.files, "rules": rules,
+                    "sources": sources_of(&set)},
         "shadow": shadow_summary(&s),
     }))
     .into_response()
@@ -61,6 +70,7 @@ fn shadow_summary(s: &ApiState) -> Value {
         "version": shadow.set.version,
         "loaded_at": shadow.loaded_at,
         "files": shadow.set.files,
+        "sources": sources_of(&shadow.set),
         "rules": rules_of(&shadow.set),
         "divergences": s.engine.divergences().counts(),
     })

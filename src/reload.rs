@@ -263,7 +263,6 @@ impl PolicyReloader {
         let set = Arc::new(set);
         self.engine.set_shadow(Some(ShadowSet {
             set: set.clone(),
-            sources,
             loaded_at: self.engine.clock().now(),
         }));
         tracing::info!(version = %set.version, "shadow policy set loaded");
@@ -287,7 +286,7 @@ impl PolicyReloader {
         let _guard = self.lock.lock();
         let shadow = self.engine.shadow()?;
         let dir = self.policy.dir.as_path();
-        let previous = match replace_rule_files(dir, &shadow.sources) {
+        let previous = match replace_rule_files(dir, &shadow.set.sources) {
             Ok(previous) => previous,
             Err(e) => {
                 return Some(self.refused(

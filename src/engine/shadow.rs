@@ -19,9 +19,8 @@ use crate::policy::{Evaluation, PolicySet};
 
 /// A candidate set running beside the live one.
 pub struct ShadowSet {
+    /// Its rule files (`set.sources`) are what `promote` writes to the policy directory.
     pub set: Arc<PolicySet>,
-    /// Its rule files (name, YAML), as loaded: what `promote` writes to the policy directory.
-    pub sources: Vec<(String, String)>,
     /// When it was loaded (seconds since the epoch).
     pub loaded_at: f64,
 }

@@ -99,6 +99,9 @@ pub struct PolicySet {
     pub rules: Vec<Rule>,
     /// The files the set was loaded from, in load order.
     pub files: Vec<String>,
+    /// Their text, as (file name, YAML), in the same order: what an operator edits, and what a
+    /// shadow set's promotion writes.
+    pub sources: Arc<[(String, String)]>,
     env: Arc<cel::Env>,
 }
 
@@ -118,6 +121,7 @@ impl PolicySet {
             version: "empty".into(),
             rules: Vec::new(),
             files: Vec::new(),
+            sources: Arc::from([]),
             env: Arc::new(cel::Env::stdlib()),
         })
     }
@@ -206,6 +210,7 @@ impl PolicySet {
             version: version_of(sources),
             rules,
             files: sources.iter().map(|(n, _)| n.clone()).collect(),
+            sources: sources.into(),
             env,
         })
     }

@@ -2,6 +2,7 @@
 //! a Vigil started on 127.0.0.1:0 with a temporary data directory, and an RFC 8935 push client.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod browser;
 mod scenario;
 
 use std::path::Path;

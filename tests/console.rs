@@ -1,0 +1,271 @@
+//! The operator console, driven in a real browser (Debian's headless Chromium through
+//! ChromeDriver): sign in, see a pushed signal appear live, find a subject by email, preview a
+//! candidate that turns MEDIUM step-up into revoke and replay the day's signals through it, load
+//! it as the shadow set, see the divergence a MEDIUM signal makes, promote it. Screenshots of the main pages are written to
+//! `target/console-screenshots/` (and to `$VIGIL_SCREENSHOTS` when set: the README's come from
+//! there).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::browser::{self, Browser};
+use common::*;
+
+const STEP_UP_ON_MEDIUM: &str = r#"rules:
+  - id: risk-high
+    on: [risk-level-change]
+    when: "context.risk.level == 'HIGH'"
+    effect: revoke
+  - id: risk-medium-step-up
+    on: [risk-level-change]
+    when: "context.risk.level == 'MEDIUM'"
+    effect: step_up
+"#;
+
+const REVOKE_ON_MEDIUM: &str = r#"rules:
+  - id: risk-high
+    on: [risk-level-change]
+    when: "context.risk.level == 'HIGH'"
+    effect: revoke
+  - id: risk-medium-revoke
+    on: [risk-level-change]
+    when: "context.risk.level == 'MEDIUM'"
+    effect: revoke
+"#;
+
+/// A screenshot of the window, scrolled to `anchor` when given.
+async fn shoot(browser: &Browser, name: &str, anchor: Option<&str>) {
+    if let Some(anchor) = anchor {
+        browser
+            .script(
+                "document.querySelector(arguments[0]).scrollIntoView()",
+                serde_json::json!([anchor]),
+            )
+            .await;
+    }
+    let png = browser.screenshot().await;
+    assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
+    let target =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/console-screenshots");
+    std::fs::create_dir_all(&target).unwrap();
+    std::fs::write(target.join(format!("{name}.png")), &png).unwrap();
+    if let Some(dir) = std::env::var_os("VIGIL_SCREENSHOTS") {
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(std::path::Path::new(&dir).join(format!("{name}.png")), &png).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_previews_shadows_and_promotes_a_policy_change_in_the_console() {
+    if !browser::available() {
+        eprintln!("skipped: no {} here", browser::CHROMEDRIVER);
+        return;
+    }
+    let policies = tempfile::tempdir().unwrap();
+    std::fs::write(policies.path().join("risk.yaml"), STEP_UP_ON_MEDIUM).unwrap();
+    let env = start_env(|config| {
+        config.policy.dir = policies.path().to_owned();
+        config.policy.watch_interval_secs = 0;
+    })
+    .await;
+    let t = now();
+    for (id, user) in [
+        ("jane-session", "jane@example.com"),
+        ("mo-session", "mo@example.com"),
+    ] {
+        env.register(&grant(id, email(user), t - 60.0)).await;
+    }
+    let rlc = format!("{CAEP}risk-level-change");
+    // mo is at MEDIUM already: stepped up under the live set.
+    env.push(&set(
+        "mo-medium",
+        email("mo@example.com"),
+        &rlc,
+        risk("MEDIUM", t),
+    ))
+    .await;
+    env.wait_status("mo-session", "step_up").await;
+
+    let base = format!("http://{}", env.vigil.local_addr());
+    let browser = Browser::start().await;
+    browser.goto(&format!("{base}/console")).await;
+    // A token Vigil does not know is refused at sign-in; nothing of the console is loaded.
+    browser.fill("#token", "not-a-token-of-this-vigil").await;
+    browser.click("#sign-in-button").await;
+    browser
+        .wait_text("#sign-in-error", "the refusal", |t| {
+            t.contains("does not know")
+        })
+        .await;
+    let token = env.vigil.admin_token().unwrap().to_owned();
+    browser.fill("#token", &token).await;
+    browser.click("#sign-in-button").await;
+    browser.find("#feed").await;
+
+    // A pushed signal appears in the live feed.
+    env.push(&set(
+        "jane-low",
+        email("jane@example.com"),
+        &rlc,
+        risk("LOW", t),
+    ))
+    .await;
+    browser
+        .wait_text("#feed", "the pushed signal", |t| {
+            t.contains("jane-low") && t.contains("risk-level-change")
+        })
+        .await;
+    shoot(&browser, "feed", None).await;
+
+    // A subject found by email, explained: its facts with provenance and its grants.
+    browser.click("nav a[data-view=subject]").await;
+    browser.fill("#subject-search", "jane@example.com").await;
+    browser.click("#subject-form button").await;
+    browser
+        .wait_text("#subject-key", "the subject", |t| {
+            t == "email:jane@example.com"
+        })
+        .await;
+    let detail = browser.text("#subject-detail").await;
+    assert!(detail.contains("jane-session"), "{detail}");
+    assert!(detail.contains("LOW"), "{detail}");
+    shoot(&browser, "subject", None).await;
+
+    browser.click("nav a[data-view=decisions]").await;
+    browser
+        .wait_text("#decisions", "mo's step-up", |t| {
+            t.contains("risk-medium-step-up")
+        })
+        .await;
+    shoot(&browser, "decisions", None).await;
+
+    // The impact preview of a candidate turning MEDIUM step-up into revoke.
+    browser.click("nav a[data-view=policies]").await;
+    browser.find("#candidate-text").await;
+    browser.fill("#candidate-name", "risk.yaml").await;
+    browser.set_value("#candidate-text", REVOKE_ON_MEDIUM).await;
+    browser.click("#run-impact").await;
+    let transitions = browser
+        .wait_text("#impact-transitions", "the impact", |t| {
+            t.contains("revoked")
+        })
+        .await;
+    assert!(transitions.contains("step_up revoked 1"), "{transitions}");
+    let counts = browser.text("#impact-counts").await;
+    assert!(counts.contains("changed 1"), "{counts}");
+    assert!(counts.contains("evaluated 2"), "{counts}");
+    shoot(&browser, "impact", Some("#policy-result")).await;
+    // Replayed over the day's signals: mo's MEDIUM would have revoked, not stepped up.
+    browser.click("#run-replay").await;
+    let replayed = browser
+        .wait_text("#replay-counts", "the replay", |t| {
+            t.contains("signals replayed")
+        })
+        .await;
+    assert!(replayed.contains("signals replayed 2"), "{replayed}");
+    assert!(replayed.contains("changed 1"), "{replayed}");
+    let changed = browser.text("#replay-changed").await;
+    assert!(
+        changed.contains(
+            "mo-session mo-medium step_up [risk-medium-step-up] revoked [risk-medium-revoke]"
+        ),
+        "{changed}"
+    );
+    shoot(&browser, "replay", Some("#policy-result")).await;
+
+    // Loaded as the shadow set, it sees jane's MEDIUM as a revocation; the live set steps up.
+    browser.click("#load-shadow").await;
+    browser.find("#shadow-version").await;
+    env.push(&set(
+        "jane-medium",
+        email("jane@example.com"),
+        &rlc,
+        risk("MEDIUM", t),
+    ))
+    .await;
+    env.wait_status("jane-session", "step_up").await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        browser.click("#shadow-refresh").await;
+        let shown = browser.text("#shadow").await;
+        if shown.contains("1 divergences") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no divergence shown: {shown}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    let divergences = browser.text("#divergences").await;
+    assert!(
+        divergences.contains("jane-session") && divergences.contains("stricter"),
+        "{divergences}"
+    );
+    assert!(divergences.contains("jane-medium"), "{divergences}");
+    shoot(&browser, "shadow", Some("#shadow")).await;
+
+    // Promoted: live through the reload path, jane's session revoked.
+    browser.click("#shadow-promote").await;
+    browser
+        .wait_text("#running-version", "the promoted set", |_| true)
+        .await;
+    env.wait_status("jane-session", "revoked").await;
+    assert_eq!(
+        std::fs::read_to_string(policies.path().join("risk.yaml")).unwrap(),
+        REVOKE_ON_MEDIUM
+    );
+    browser
+        .wait_text("#shadow", "the shadow set gone", |t| {
+            t.contains("No shadow set")
+        })
+        .await;
+    env.vigil.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_is_served_only_to_operators() {
+    let env = start_env(|config| {
+        config.clients = vec![
+            admin_client(),
+            vigil::config::ApiClientConfig {
+                name: "gateway".into(),
+                token: "gateway-token-0123456789".into(),
+                roles: vec![vigil::config::Role::Grants, vigil::config::Role::Check],
+            },
+        ];
+    })
+    .await;
+    let base = format!("http://{}", env.vigil.local_addr());
+    let http = reqwest::Client::new();
+    // The page holds no data: a sign-in form, its script and style, with a strict policy.
+    let page = http.get(format!("{base}/console")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(csp.contains("script-src 'self' blob:"), "{csp}");
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert!(page.text().await.unwrap().contains("id=\"sign-in\""));
+    // The console itself: the operator role only.
+    let app = |token: Option<&str>| {
+        let mut request = http.get(format!("{base}/console/app.js"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+    assert_eq!(app(None).await.unwrap().status(), 401);
+    assert_eq!(
+        app(Some("gateway-token-0123456789"))
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    let served = app(Some(ADMIN_TOKEN)).await.unwrap();
+    assert_eq!(served.status(), 200);
+    assert!(served.text().await.unwrap().contains("/v1/policies/impact"));
+    env.vigil.shutdown().await;
+}
