@@ -670,6 +670,34 @@ mod tests {
         json!({"principal": "USER", "current_level": level})
     }
 
+    /// A replay's starting point: the facts the window's signals set are dropped and counted
+    /// (the value each replaced is unknown); earlier facts stay.
+    #[test]
+    fn before_a_sequence_number_only_earlier_facts_stay() {
+        let mut ctx = PrincipalContext::new("email:u@example.com");
+        let t = Target::default();
+        ctx.apply(
+            &signal(1, 100.0, EventKind::RiskLevelChange, risk("LOW")),
+            &t,
+        );
+        let disabled = signal(2, 110.0, EventKind::AccountDisabled, json!({}));
+        ctx.apply(&disabled, &t);
+        ctx.apply(
+            &signal(5, 120.0, EventKind::RiskLevelChange, risk("HIGH")),
+            &t,
+        );
+        let (before, dropped) = ctx.before_seq(5);
+        assert_eq!(dropped, 1);
+        let g = grant(50.0, None);
+        let view = before.view(&g, &[], &Decay::default(), 130.0);
+        assert!(before.risk.values().all(|f| f.seq < 5), "{view}");
+        assert!(before.account.is_some());
+        assert_eq!(before.recent_signals.len(), 2);
+        assert_eq!(ctx.fact_seqs().filter(|s| *s >= 5).count(), 1);
+        let (empty, dropped) = ctx.before_seq(1);
+        assert_eq!((dropped, empty.fact_seqs().count()), (2, 0));
+    }
+
     #[test]
     fn an_older_signal_never_overwrites_a_newer_one() {
         let mut ctx = PrincipalContext::new("email:u@example.com");

@@ -375,3 +375,28 @@ pub async fn divergences(
     }))
     .into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::window_start;
+
+    #[test]
+    fn a_window_starts_back_from_now_at_a_time_or_never_in_the_future() {
+        let now = 1_800_000_000.0;
+        assert_eq!(window_start("24h", now), Ok(now - 86_400.0));
+        assert_eq!(window_start("90m", now), Ok(now - 5_400.0));
+        assert_eq!(window_start("7d", now), Ok(now - 7.0 * 86_400.0));
+        // 1 800 000 000 s is 2027-01-15T08:00:00Z.
+        assert_eq!(
+            window_start("2027-01-15T08:00:00Z", now + 3600.0),
+            Ok(1_800_000_000.0)
+        );
+        assert_eq!(window_start("1799990000", now), Ok(1_799_990_000.0));
+        // A year back at most; never ahead of now; nothing else.
+        assert_eq!(window_start("9999d", now), Ok(now - 366.0 * 86_400.0));
+        assert!(window_start("5m", now - 1.0).is_ok());
+        assert!(window_start("2099-01-01T00:00:00Z", now).is_err());
+        assert!(window_start("-5m", now).is_err());
+        assert!(window_start("yesterday", now).is_err());
+    }
+}

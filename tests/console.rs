@@ -269,3 +269,71 @@ async fn the_console_is_served_only_to_operators() {
     assert!(served.text().await.unwrap().contains("/v1/policies/impact"));
     env.vigil.shutdown().await;
 }
+
+/// The API the console reads, for everyone: recorded signals newest first (paged by `after`),
+/// subjects found by any identifier, enforcement points with their streams' delivery state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consoles_api_finds_subjects_and_lists_signals_and_enforcement_points() {
+    let env = start_env(|_| {}).await;
+    let t = now();
+    let mut phone_grant = grant("phone-g", email("pat@example.com"), t - 60.0);
+    phone_grant["subject"] = serde_json::json!({"format": "aliases", "identifiers": [
+        {"format": "email", "email": "Pat@Example.com"},
+        {"format": "phone_number", "phone_number": "+12025550100"}]});
+    env.register(&phone_grant).await;
+    let rlc = format!("{CAEP}risk-level-change");
+    for (jti, level) in [("first", "LOW"), ("second", "MEDIUM")] {
+        env.push(&set(jti, email("pat@example.com"), &rlc, risk(level, t)))
+            .await;
+    }
+    let (code, page) = get_json(&env.vigil, "/v1/signals").await;
+    assert_eq!(code, 200, "{page}");
+    let jtis: Vec<&str> = page["signals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["jti"].as_str().unwrap())
+        .collect();
+    assert_eq!(jtis, ["second", "first"]);
+    let newest = &page["signals"][0];
+    assert_eq!(newest["event_type"], "risk-level-change");
+    assert_eq!(newest["subject_key"], "email:pat@example.com");
+    assert!(
+        newest["received_at"].as_f64().unwrap() >= t - 5.0,
+        "{newest}"
+    );
+    let after = newest["seq"].as_u64().unwrap();
+    let (_, later) = get_json(&env.vigil, &format!("/v1/signals?after={after}")).await;
+    assert_eq!(later["signals"], serde_json::json!([]));
+    let (code, _) = get_json(&env.vigil, "/v1/signals?since=yesterday").await;
+    assert_eq!(code, 400);
+
+    // By email in any case, by phone number, by part of an identifier: the principal.
+    for q in [
+        "pat@example.com",
+        "PAT@example.com",
+        "+12025550100",
+        "2025550100",
+    ] {
+        let (code, found) = get_json(&env.vigil, &format!("/v1/subjects?q={}", encode(q))).await;
+        assert_eq!(code, 200, "{found}");
+        assert!(
+            found["subjects"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["principal"] == "email:pat@example.com"),
+            "{q}: {found}"
+        );
+    }
+    let (_, none) = get_json(&env.vigil, "/v1/subjects?q=nobody%40example.com").await;
+    assert_eq!(none["subjects"], serde_json::json!([]));
+    let (code, _) = get_json(&env.vigil, "/v1/subjects?q=").await;
+    assert_eq!(code, 400);
+
+    let (code, eps) = get_json(&env.vigil, "/v1/enforcement-points").await;
+    assert_eq!(code, 200, "{eps}");
+    assert_eq!(eps["enforcement_points"][0]["name"], "api-gateway", "{eps}");
+    assert!(eps["enforcement_points"][0]["streams"].is_array(), "{eps}");
+    env.vigil.shutdown().await;
+}

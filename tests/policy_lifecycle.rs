@@ -814,6 +814,25 @@ async fn a_replay_is_what_running_the_candidate_would_have_decided_signal_by_sig
     assert_eq!(live.status("m1").await, "step_up");
     assert_eq!(live.signal_decisions().await, made_live);
 
+    // A grant ended since: its recorded decision is counted as not reconstructable, and it
+    // takes no part in the replay.
+    let (code, _) = send_json(
+        &live.vigil,
+        reqwest::Method::DELETE,
+        "/v1/grants/a1",
+        &json!({}),
+    )
+    .await;
+    assert_eq!(code, 204);
+    let (_, again) = post_json(
+        &live.vigil,
+        "/v1/policies/replay",
+        &json!({"files": {"rules.yaml": CANDIDATE}, "since": "1h", "samples": 20}),
+    )
+    .await;
+    assert_eq!(again["not_reconstructed"]["grants_gone"], 1, "{again}");
+    assert_eq!(again["removed"], 0, "{again}");
+
     // A window in the future, or an unreadable one, is refused.
     for since in ["-5m", "tomorrow", "2999-01-01T00:00:00Z"] {
         let (code, body) = post_json(
