@@ -995,6 +995,7 @@ fn key_stores(
 ) -> Vec<Arc<Transmitter>> {
     let settings = KeyStoreSettings {
         min_refetch: Duration::from_secs(config.jwks.min_refetch_interval_secs),
+        refetch_floor: Duration::from_secs(config.jwks.refetch_floor_secs),
         refresh_interval: Duration::from_secs(config.jwks.refresh_interval_secs),
         retry_interval: Duration::from_secs(config.jwks.retry_interval_secs),
     };

@@ -824,9 +824,13 @@ pub struct JwksConfig {
     /// Background refresh period once keys are loaded.
     #[serde(default = "default_refresh")]
     pub refresh_interval_secs: u64,
-    /// Least time between two refetches triggered by an unknown `kid`.
+    /// Least time between two refetches for the same unknown `kid`.
     #[serde(default = "default_min_refetch")]
     pub min_refetch_interval_secs: u64,
+    /// Least time since any fetch (the start-up load included) before an unknown `kid` gets its
+    /// refetch: a key published just after Vigil loaded the JWKS is found seconds later.
+    #[serde(default = "default_refetch_floor")]
+    pub refetch_floor_secs: u64,
     /// Retry period while a transmitter's keys have never loaded.
     #[serde(default = "default_retry")]
     pub retry_interval_secs: u64,
@@ -1003,6 +1007,9 @@ fn default_refresh() -> u64 {
 fn default_min_refetch() -> u64 {
     60
 }
+fn default_refetch_floor() -> u64 {
+    2
+}
 fn default_retry() -> u64 {
     5
 }
@@ -1065,6 +1072,7 @@ impl Default for JwksConfig {
         JwksConfig {
             refresh_interval_secs: default_refresh(),
             min_refetch_interval_secs: default_min_refetch(),
+            refetch_floor_secs: default_refetch_floor(),
             retry_interval_secs: default_retry(),
             fetch_timeout_ms: default_fetch_timeout(),
         }
@@ -1459,6 +1467,7 @@ impl Config {
                 self.jwks.min_refetch_interval_secs,
                 0,
             ),
+            ("jwks.refetch_floor_secs", self.jwks.refetch_floor_secs, 0),
             ("jwks.retry_interval_secs", self.jwks.retry_interval_secs, 1),
             (
                 "identity.key_retention_secs",

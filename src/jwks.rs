@@ -38,8 +38,9 @@ pub enum KeyError {
     /// The keys have never been fetched successfully: a temporary condition, not the SET's fault.
     #[error("the transmitter's keys are not available yet: {0}")]
     Unavailable(String),
-    #[error("no key with kid `{0}` in the transmitter's JWKS (after a refetch)")]
-    UnknownKid(String),
+    /// `refetch` says whether the JWKS was fetched again for it, and if not, why.
+    #[error("no key with kid `{kid}` in the transmitter's JWKS ({refetch})")]
+    UnknownKid { kid: String, refetch: String },
     #[error("the SET has no `kid` and the JWKS does not hold exactly one {0} key")]
     Ambiguous(Alg),
     #[error("key `{kid}` cannot be used: {reason}")]
@@ -138,7 +139,10 @@ impl KeySet {
                         kid: crate::outbound::excerpt(kid),
                         reason: reason.clone(),
                     }),
-                    None => Err(KeyError::UnknownKid(crate::outbound::excerpt(kid))),
+                    None => Err(KeyError::UnknownKid {
+                        kid: crate::outbound::excerpt(kid),
+                        refetch: "in the cached keys".into(),
+                    }),
                 }
             }
             None => {
@@ -229,8 +233,13 @@ fn verifier_for(alg: Alg, jwk: &Jwk) -> Result<Box<dyn JwsVerifier>, josekit::Jo
 /// Timing knobs for a [`KeyStore`].
 #[derive(Debug, Clone)]
 pub struct KeyStoreSettings {
-    /// Least time between two fetches triggered by unknown `kid`s.
+    /// Least time between two fetches for the same unknown `kid` (an attacker repeating one kid
+    /// costs one fetch per interval).
     pub min_refetch: Duration,
+    /// Least time between any fetch and one for an unknown `kid`: a `kid` never asked about gets
+    /// its refetch once this has passed since the last fetch of any kind — also the start-up
+    /// load, so a key published just after it is found.
+    pub refetch_floor: Duration,
     /// Time between background refreshes once keys are loaded.
     pub refresh_interval: Duration,
     /// Time between retries while keys have never loaded.
@@ -246,8 +255,10 @@ pub struct KeyStore {
     client: reqwest::Client,
     settings: KeyStoreSettings,
     keys: RwLock<Arc<KeySet>>,
-    /// Serializes fetches and remembers when the last one started (the refetch rate limit).
+    /// Serializes fetches and remembers when the last one started (the refetch floor).
     fetch_gate: tokio::sync::Mutex<Option<Instant>>,
+    /// The unknown `kid`s a fetch was made for lately, and when (the rate limit per kid).
+    asked_kids: std::sync::Mutex<std::collections::VecDeque<(String, Instant)>>,
     last_error: RwLock<Option<String>>,
     /// `critical_subject_members` learnt from the metadata (SSF §3.6), when discovery is used.
     discovered_critical: RwLock<Vec<String>>,
@@ -271,6 +282,7 @@ impl KeyStore {
             settings,
             keys: RwLock::new(Arc::new(KeySet::default())),
             fetch_gate: tokio::sync::Mutex::new(None),
+            asked_kids: std::sync::Mutex::new(std::collections::VecDeque::new()),
             last_error: RwLock::new(None),
             discovered_critical: RwLock::new(Vec::new()),
         }
@@ -296,7 +308,10 @@ impl KeyStore {
         }
     }
 
-    /// Verifies the signature of `jws`. A miss on the cache triggers at most one rate-limited refetch.
+    /// Verifies the signature of `jws`. A miss on the cache triggers at most one refetch: for a
+    /// `kid` not asked about lately, once [`KeyStoreSettings::refetch_floor`] has passed since
+    /// the last fetch; for one asked about, once `min_refetch` has. An unknown `kid`'s error says
+    /// whether the keys were fetched again for it.
     pub async fn verify(&self, jws: &CompactJws<'_>) -> Result<(), KeyError> {
         let first = self.snapshot();
         match first.verify(jws) {
@@ -307,7 +322,13 @@ impl KeyStore {
             ) if first.loaded => return Err(e),
             Err(_) => {}
         }
-        self.refetch(false).await;
+        let note = match jws.kid.as_deref() {
+            Some(kid) if first.loaded => self.refetch_for_kid(kid).await,
+            _ => {
+                self.refetch(false).await;
+                "after a refetch".to_owned()
+            }
+        };
         let second = self.snapshot();
         if !second.loaded {
             let why = self
@@ -318,7 +339,55 @@ impl KeyStore {
                 .unwrap_or_else(|| "not fetched yet".into());
             return Err(KeyError::Unavailable(why));
         }
-        second.verify(jws)
+        second.verify(jws).map_err(|e| match e {
+            KeyError::UnknownKid { kid, .. } => KeyError::UnknownKid { kid, refetch: note },
+            other => other,
+        })
+    }
+
+    /// Unknown `kid`s remembered for the per-kid rate limit.
+    const ASKED_KIDS: usize = 64;
+
+    /// Fetches the JWKS again for an unknown `kid`, unless the last fetch is within the floor or
+    /// this kid was fetched for within `min_refetch`; answers what happened, for its error.
+    async fn refetch_for_kid(&self, kid: &str) -> String {
+        let before = self.snapshot();
+        let mut last = self.fetch_gate.lock().await;
+        if !Arc::ptr_eq(&before, &self.snapshot()) {
+            return "the keys were fetched again just now".into();
+        }
+        if let Some(ago) = last.map(|t| t.elapsed()) {
+            if ago < self.settings.refetch_floor {
+                return format!(
+                    "not fetched again: the keys were fetched {} ms ago, within the {} s floor \
+                     (jwks.refetch_floor_secs); retry shortly",
+                    ago.as_millis(),
+                    self.settings.refetch_floor.as_secs()
+                );
+            }
+        }
+        {
+            let mut asked = self.asked_kids.lock().unwrap_or_else(|p| p.into_inner());
+            asked.retain(|(_, at)| at.elapsed() < self.settings.min_refetch);
+            if let Some((_, at)) = asked.iter().find(|(k, _)| k == kid) {
+                return format!(
+                    "not fetched again: the keys were fetched for this kid {} s ago \
+                     (jwks.min_refetch_interval_secs: {})",
+                    at.elapsed().as_secs(),
+                    self.settings.min_refetch.as_secs()
+                );
+            }
+            if asked.len() >= Self::ASKED_KIDS {
+                asked.pop_front();
+            }
+            asked.push_back((kid.to_owned(), Instant::now()));
+        }
+        *last = Some(Instant::now());
+        self.load().await;
+        match self.last_error.read().ok().and_then(|e| e.clone()) {
+            Some(why) => format!("fetching the keys again failed: {why}"),
+            None => "the keys were fetched again".into(),
+        }
     }
 
     /// Fetches the JWKS unless one was fetched less than `min_refetch` ago (`force` skips the limit).
@@ -333,6 +402,11 @@ impl KeyStore {
             return;
         }
         *last = Some(Instant::now());
+        self.load().await;
+    }
+
+    /// One fetch, its keys swapped in (or its error kept, the cached keys staying).
+    async fn load(&self) {
         match self.fetch().await {
             Ok(set) => {
                 let n = set.all.len();
@@ -447,7 +521,10 @@ mod tests {
         }
         assert_eq!(
             set.find(Some("nope"), Alg::RS256).err(),
-            Some(KeyError::UnknownKid("nope".into()))
+            Some(KeyError::UnknownKid {
+                kid: "nope".into(),
+                refetch: "in the cached keys".into()
+            })
         );
     }
 

@@ -617,6 +617,71 @@ async fn unknown_kid_refetch_is_rate_limited() {
     vigil.shutdown().await;
 }
 
+/// A key published just after Vigil loaded the JWKS (as at every restart) is found once the
+/// short floor has passed — not refused for `min_refetch_interval_secs` — and an unknown `kid`'s
+/// error says whether the keys were fetched again for it, and if not, why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_published_just_after_start_is_found_and_the_error_says_if_keys_were_fetched() {
+    let tx = Transmitter::start(&[Alg::RS256]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), vec![tx.config("s", ISS, &[AUD])]);
+    config.jwks.min_refetch_interval_secs = 3600;
+    config.jwks.refetch_floor_secs = 1;
+    let vigil = start(config).await;
+    let old = tx.key(Alg::RS256);
+    assert_eq!(
+        push(&vigil, "s", &old.sign_set(&base_set("f0")).unwrap())
+            .await
+            .status,
+        202
+    );
+    let new = SigningKey::generate(Alg::RS256, "published-after-start").unwrap();
+    tx.jwks.set_jwks(jwks_document(&[
+        old.public_jwk().unwrap(),
+        new.public_jwk().unwrap(),
+    ]));
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let answer = push(&vigil, "s", &new.sign_set(&base_set("f1")).unwrap()).await;
+    assert_eq!(answer.status, 202, "{answer:?}");
+
+    // A kid nobody publishes: fetched again once (past the floor), and the error says so …
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let stranger = SigningKey::generate(Alg::RS256, "stranger").unwrap();
+    let hits = tx.jwks.jwks_hits();
+    let answer = push(&vigil, "s", &stranger.sign_set(&base_set("f2")).unwrap()).await;
+    assert_eq!(answer.err().as_deref(), Some("invalid_key"));
+    assert!(
+        answer.body.contains("the keys were fetched again"),
+        "{answer:?}"
+    );
+    assert_eq!(tx.jwks.jwks_hits(), hits + 1);
+    // … the same kid again, not (rate-limited per kid) …
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let answer = push(&vigil, "s", &stranger.sign_set(&base_set("f3")).unwrap()).await;
+    assert!(
+        answer.body.contains("min_refetch_interval_secs"),
+        "{answer:?}"
+    );
+    // … and another kid within the floor of that fetch, not either.
+    let other = SigningKey::generate(Alg::RS256, "stranger-2").unwrap();
+    let stray = push(&vigil, "s", &other.sign_set(&base_set("f4")).unwrap()).await;
+    let answer = push(&vigil, "s", &other.sign_set(&base_set("f5")).unwrap()).await;
+    assert!(
+        stray.body.contains("fetched again") || stray.body.contains("floor"),
+        "{stray:?}"
+    );
+    assert!(
+        answer.body.contains("floor") || answer.body.contains("min_refetch_interval_secs"),
+        "{answer:?}"
+    );
+    assert_eq!(
+        tx.jwks.jwks_hits(),
+        hits + 2,
+        "one fetch per new kid, none in the floor"
+    );
+    vigil.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_unavailable_is_a_temporary_503_not_a_rejection() {
     let tx = Transmitter::start(&[Alg::RS256]).await;

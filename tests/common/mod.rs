@@ -74,6 +74,7 @@ pub fn test_config(dir: &Path, transmitters: Vec<TransmitterConfig>) -> Config {
         ..Config::default()
     };
     config.jwks.min_refetch_interval_secs = 0;
+    config.jwks.refetch_floor_secs = 0;
     config.jwks.retry_interval_secs = 1;
     // Every peer of a test is on loopback (the destination-policy tests turn this off).
     config.outbound.allow_loopback = true;
