@@ -300,7 +300,7 @@ pub struct GrantListParams {
     principal: Option<String>,
     enforcement_point: Option<String>,
     kind: Option<crate::grant::GrantKind>,
-    /// A rule that revoked the grant.
+    /// A rule that decided the grant's status (revoked, stepped up or restricted it).
     rule: Option<String>,
     /// The previous page's `next`.
     after: Option<String>,

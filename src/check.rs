@@ -102,7 +102,7 @@ pub fn check(
             }
         }
         if let (Some(r), Some(aud)) = (resource, &g.audience) {
-            if r != &**aud {
+            if r != &***aud {
                 return CheckResult::deny(
                     "active",
                     format!("resource `{r}` is not the audience of `{}`", g.id),

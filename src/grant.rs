@@ -229,7 +229,9 @@ pub struct Grant {
     pub token: Option<Box<str>>,
     /// Principal key of the delegating user, for agent delegations.
     pub on_behalf_of: Option<Box<str>>,
-    pub audience: Option<Box<str>>,
+    /// A thin pointer (a boxed box): set on few grants, and the room it saves holds
+    /// `status_rules` within the 256-byte size class.
+    pub audience: Option<Box<Box<str>>>,
     pub scopes: Box<[String]>,
     pub issued_at: f64,
     pub expires_at: f64,
@@ -239,6 +241,10 @@ pub struct Grant {
     /// Why the grant has its current status (the deciding rules' reasons), if not active.
     #[serde(default)]
     pub status_reason: Option<Box<str>>,
+    /// The rules that decided the current status, if not active (`GET /v1/grants?rule=`).
+    /// A thin pointer, as `audience`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_rules: Option<Box<Box<[String]>>>,
     pub registered_at: f64,
     /// Boxed: set on few grants, and inline it was a sixth of every grant's size.
     pub revoked: Option<Box<Revocation>>,
@@ -346,7 +352,7 @@ impl GrantRequest {
             members,
             token: token.map(String::into_boxed_str),
             on_behalf_of: on_behalf_of.map(String::into_boxed_str),
-            audience: self.audience.map(String::into_boxed_str),
+            audience: self.audience.map(|a| Box::new(a.into_boxed_str())),
             scopes: self.scopes.into(),
             issued_at: self.issued_at,
             expires_at: self.expires_at,
@@ -354,6 +360,7 @@ impl GrantRequest {
             enforcement_points: self.enforcement_points.into(),
             status: GrantStatus::Active,
             status_reason: None,
+            status_rules: None,
             registered_at: now,
             revoked: None,
         })

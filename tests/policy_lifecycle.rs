@@ -288,6 +288,12 @@ async fn the_impact_preview_is_what_the_swap_then_does_grant_by_grant() {
     );
     assert_eq!(listed("kind=agent_delegation").await.0, ["ag1"]);
     assert_eq!(listed("rule=risk-high").await.0, ["h1"]);
+    // Stepped up and restricted grants are found by the rule that decided them, too.
+    assert_eq!(
+        listed("rule=risk-medium-step-up").await.0,
+        ["ag1", "m1", "m2"]
+    );
+    assert_eq!(listed("rule=device-restrict").await.0, ["d1"]);
     let (first, next) = listed("limit=4").await;
     assert_eq!(first, ["a1", "ag1", "d1", "d1-off"]);
     assert_eq!(next.as_deref(), Some("d1-off"));

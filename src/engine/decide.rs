@@ -84,6 +84,8 @@ pub(super) fn decide(
         updated.status = target;
         updated.status_reason =
             (target != GrantStatus::Active).then(|| decision.reason.as_str().into());
+        updated.status_rules = (target != GrantStatus::Active)
+            .then(|| Box::new(decision.rules.clone().into_boxed_slice()));
         if target == GrantStatus::Revoked {
             updated.revoked = Some(Box::new(Revocation {
                 at: now,

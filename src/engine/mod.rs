@@ -412,7 +412,7 @@ pub struct GrantQuery {
     pub principal: Option<String>,
     pub enforcement_point: Option<String>,
     pub kind: Option<crate::grant::GrantKind>,
-    /// A rule that revoked the grant.
+    /// A rule that decided the grant's status (revoked, stepped up or restricted it).
     pub rule: Option<String>,
     /// Grants whose id sorts after this one (the previous page's last).
     pub after: Option<String>,
@@ -926,10 +926,13 @@ impl Engine {
                     .enforcement_point
                     .as_ref()
                     .is_none_or(|ep| g.enforcement_points.contains(ep))
-                && query
-                    .rule
-                    .as_ref()
-                    .is_none_or(|r| g.revoked.as_ref().is_some_and(|rev| rev.rules.contains(r)))
+                && query.rule.as_ref().is_none_or(|r| {
+                    // Grants revoked before `status_rules` was kept name theirs in `revoked`.
+                    g.status_rules
+                        .as_ref()
+                        .is_some_and(|rules| rules.contains(r))
+                        || g.revoked.as_ref().is_some_and(|rev| rev.rules.contains(r))
+                })
         };
         let mut found: Vec<Arc<Grant>> = match &query.principal {
             Some(key) => {

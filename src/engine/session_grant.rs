@@ -77,6 +77,7 @@ pub(super) fn from_signal(
         enforcement_points: Box::default(),
         status: GrantStatus::Active,
         status_reason: None,
+        status_rules: None,
         registered_at: now,
         revoked: None,
     })

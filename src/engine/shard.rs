@@ -458,6 +458,7 @@ impl Shard {
             }
             grant.status = existing.status;
             grant.status_reason = existing.status_reason.clone();
+            grant.status_rules = existing.status_rules.clone();
             self.unindex(&existing);
         }
         let grant = Arc::new(grant);
