@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `GET /v1/policies` | 200 `{running: {version, files, rules}, shadow}` |
 //! | `POST /v1/policies/reload[?force=true]` | 200 `{status: swapped, version, previous_version, tests_passed, changed, transitions, by_rule}` or `{status: unchanged}`; 422 `{status: refused, error, failed_tests?, impact?}` |
-//! | `POST /v1/policies/replay` | 200 the [`Replay`](crate::engine::Replay) of the signals received since `since` (`24h`, RFC 3339 or seconds) through the live set and a candidate `{files, since, samples?}`; 422, 429 as impact |
+//! | `POST /v1/policies/replay` | 200 the [`Replay`](crate::engine::Replay) of the signals received since `since` (`24h`, RFC 3339 or seconds) through the live set and a candidate `{files, since, samples?}`; 422, 429 as impact; 409 in cluster mode (signals are on the signals topic, not in intake) |
 //! | `PUT /v1/policies/shadow` | 201 the shadow set loaded beside the live one `{files: {name: yaml}}` (replacing any); 422 a set that does not compile or lint |
 //! | `GET /v1/policies/shadow` | 200 `{version, loaded_at, files, rules, divergences}`; 404 none loaded |
 //! | `DELETE /v1/policies/shadow` | 204 discarded; 404 none loaded |
@@ -218,6 +218,16 @@ pub async fn replay(
         Ok(Json(r)) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()),
     };
+    if s.ownership.is_some() {
+        // Replay reads intake's record; a cluster records signals on its signals topic instead,
+        // so a replay here would find none and report nothing changed: refused, not misleading.
+        return error(
+            StatusCode::CONFLICT,
+            "replay_unavailable",
+            "replay reads the signals intake records; in cluster mode signals are recorded on \
+             the signals topic, which replay does not read yet",
+        );
+    }
     let sources = match candidate_files(request.files) {
         Ok(sources) => sources,
         Err(why) => return error(StatusCode::BAD_REQUEST, "invalid_request", why),

@@ -456,6 +456,17 @@ async fn any_instance_takes_a_set_and_only_the_owner_applies_it() {
         owners.iter().position(|o| o.contains(&p)).unwrap()
     };
 
+    // Replay reads intake's record, which a cluster does not keep: refused, never an empty
+    // answer that would read as "nothing changes".
+    let replay = http
+        .post(format!("{}/v1/policies/replay", instances[0].base))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"files": {"r.yaml": "rules: []"}, "since": "1h"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replay.status().as_u16(), 409);
+
     // Users on every instance; each grant registered on its owner, its SET pushed to another
     // instance and again to the third.
     let users: Vec<String> = (0..9).map(|i| format!("user{i}@example.com")).collect();
