@@ -543,6 +543,36 @@ const DECISION_COPIES_WAIT: std::time::Duration = std::time::Duration::from_secs
 /// Cluster mode, a call not itself forwarded: `call` made to every other live instance, each
 /// `200` answer's body read as `T` (an instance that does not answer, or answers otherwise, is
 /// logged and left out). `None` on a single node or for a forwarded call.
+/// Cluster mode: `call` (with `body`) made of every other instance, as this request came; each
+/// instance's status and body, or why it did not answer. `None` outside cluster mode, or when
+/// this request was itself passed on.
+pub(crate) async fn to_every_other(
+    s: &ApiState,
+    headers: &HeaderMap,
+    method: reqwest::Method,
+    call: &crate::cluster::Call<'_>,
+    body: Option<Vec<u8>>,
+) -> Option<Vec<(String, Result<(u16, Vec<u8>), String>)>> {
+    let peers = s.peers.as_ref()?;
+    if headers.contains_key(crate::cluster::FORWARDED) {
+        return None;
+    }
+    let passed = passed_on(headers);
+    let mut out = Vec::new();
+    for member in peers.others() {
+        let answer = peers
+            .send(&member, method.clone(), call, &passed, body.clone())
+            .await
+            .map(|a| (a.status, a.body))
+            .map_err(|e| e.to_string());
+        if let Err(e) = &answer {
+            tracing::warn!(error = %e, instance = %member.instance, "an instance did not answer");
+        }
+        out.push((member.instance.clone(), answer));
+    }
+    Some(out)
+}
+
 async fn from_every_other<T: serde::de::DeserializeOwned>(
     s: &ApiState,
     headers: &HeaderMap,

@@ -17,14 +17,14 @@ use std::sync::Arc;
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::api::ApiState;
-use crate::engine::shadow::DivergenceQuery;
+use crate::engine::shadow::{Divergence, DivergenceCounts, DivergenceQuery};
 use crate::error_body::{error, refusal};
 use crate::policy::is_rule_file;
 use crate::reload::{PreviewError, ReloadOutcome};
@@ -50,15 +50,75 @@ fn rules_of(set: &crate::policy::PolicySet) -> Vec<Value> {
 }
 
 /// The running set (its version, files and rules as written) and the shadow set.
-pub async fn policies(State(s): State<Arc<ApiState>>) -> Response {
+pub async fn policies(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
     let set = s.engine.policy();
     let rules = rules_of(&set);
     Json(json!({
         "running": {"version": set.version, "files": set.files, "rules": rules,
                     "sources": sources_of(&set)},
-        "shadow": shadow_summary(&s),
+        "shadow": cluster_summary(&s, &headers).await,
     }))
     .into_response()
+}
+
+/// [`shadow_summary`] with, in cluster mode, every instance's divergences counted.
+async fn cluster_summary(s: &ApiState, headers: &HeaderMap) -> Value {
+    let mut summary = shadow_summary(s);
+    if summary.is_null() {
+        return summary;
+    }
+    let call = crate::cluster::Call {
+        segments: &["v1", "policies", "shadow"],
+        query: None,
+    };
+    if let Some(answers) =
+        crate::api::to_every_other(s, headers, reqwest::Method::GET, &call, None).await
+    {
+        let mut counts = s.engine.divergences().counts();
+        for (_, answer) in answers {
+            if let Ok((200, body)) = answer {
+                if let Ok(theirs) = serde_json::from_slice::<ShadowSummary>(&body) {
+                    counts.add(&theirs.divergences);
+                }
+            }
+        }
+        summary["divergences"] = json!(counts);
+    }
+    summary
+}
+
+/// Another instance's `GET /v1/policies/shadow`, as far as it is merged.
+#[derive(Deserialize)]
+struct ShadowSummary {
+    divergences: DivergenceCounts,
+}
+
+/// Another instance's `GET /v1/policies/shadow/divergences`.
+#[derive(Deserialize)]
+struct DivergenceList {
+    divergences: Vec<Divergence>,
+    counts: DivergenceCounts,
+}
+
+/// Cluster mode: what every other instance answered a shadow-set call passed on to it,
+/// `[{instance, status}]` (`status` absent when it did not answer), or `None` outside it.
+async fn on_every_other(
+    s: &ApiState,
+    headers: &HeaderMap,
+    method: reqwest::Method,
+    call: &crate::cluster::Call<'_>,
+    body: Option<Vec<u8>>,
+) -> Option<Vec<Value>> {
+    let answers = crate::api::to_every_other(s, headers, method, call, body).await?;
+    Some(
+        answers
+            .into_iter()
+            .map(|(instance, answer)| match answer {
+                Ok((status, _)) => json!({"instance": instance, "status": status}),
+                Err(e) => json!({"instance": instance, "error": e}),
+            })
+            .collect(),
+    )
 }
 
 /// The shadow set's version, files, rules and divergence counts; `null` when none is loaded.
@@ -280,22 +340,37 @@ pub struct ShadowRequest {
 }
 
 /// `PUT /v1/policies/shadow`: loads a candidate set beside the live one (replacing any shadow
-/// set, and forgetting its divergences).
+/// set, and forgetting its divergences) — in cluster mode on every instance, each answering for
+/// its own partitions (`instances` lists what the others answered).
 pub async fn load_shadow(
     State(s): State<Arc<ApiState>>,
+    headers: HeaderMap,
     body: Result<Json<ShadowRequest>, JsonRejection>,
 ) -> Response {
     let request = match body {
         Ok(Json(r)) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()),
     };
+    let passed_on = serde_json::to_vec(&json!({"files": request.files})).ok();
     let sources = match candidate_files(request.files) {
         Ok(sources) => sources,
         Err(why) => return error(StatusCode::BAD_REQUEST, "invalid_request", why),
     };
     let reloader = s.reloader.clone();
     match tokio::task::spawn_blocking(move || reloader.load_shadow(sources)).await {
-        Ok(Ok(_)) => (StatusCode::CREATED, Json(shadow_summary(&s))).into_response(),
+        Ok(Ok(_)) => {
+            let mut answer = shadow_summary(&s);
+            let call = crate::cluster::Call {
+                segments: &["v1", "policies", "shadow"],
+                query: None,
+            };
+            if let Some(others) =
+                on_every_other(&s, &headers, reqwest::Method::PUT, &call, passed_on).await
+            {
+                answer["instances"] = json!(others);
+            }
+            (StatusCode::CREATED, Json(answer)).into_response()
+        }
         Ok(Err(refused)) => error(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_policy",
@@ -309,9 +384,9 @@ pub async fn load_shadow(
     }
 }
 
-/// `GET /v1/policies/shadow`.
-pub async fn shadow(State(s): State<Arc<ApiState>>) -> Response {
-    match shadow_summary(&s) {
+/// `GET /v1/policies/shadow` (in cluster mode, every instance's divergences counted).
+pub async fn shadow(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
+    match cluster_summary(&s, &headers).await {
         Value::Null => no_shadow(),
         summary => Json(summary).into_response(),
     }
@@ -325,9 +400,16 @@ fn no_shadow() -> Response {
     )
 }
 
-/// `DELETE /v1/policies/shadow`: drops the shadow set and its divergences.
-pub async fn discard_shadow(State(s): State<Arc<ApiState>>) -> Response {
-    if s.reloader.discard_shadow() {
+/// `DELETE /v1/policies/shadow`: drops the shadow set and its divergences (in cluster mode, on
+/// every instance).
+pub async fn discard_shadow(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
+    let dropped = s.reloader.discard_shadow();
+    let call = crate::cluster::Call {
+        segments: &["v1", "policies", "shadow"],
+        query: None,
+    };
+    on_every_other(&s, &headers, reqwest::Method::DELETE, &call, None).await;
+    if dropped {
         StatusCode::NO_CONTENT.into_response()
     } else {
         no_shadow()
@@ -336,9 +418,11 @@ pub async fn discard_shadow(State(s): State<Arc<ApiState>>) -> Response {
 
 /// `POST /v1/policies/shadow/promote[?force=true]`: the shadow set's files replace the policy
 /// directory's rule files and the directory is reloaded (its tests run; `require_preview`
-/// applies unless forced). Answers like `POST /v1/policies/reload`.
+/// applies unless forced) — in cluster mode on every instance, each its own directory.
+/// Answers like `POST /v1/policies/reload`, with `instances` listing the others' statuses.
 pub async fn promote_shadow(
     State(s): State<Arc<ApiState>>,
+    headers: HeaderMap,
     params: Result<Query<ReloadParams>, QueryRejection>,
 ) -> Response {
     let force = match params {
@@ -346,27 +430,45 @@ pub async fn promote_shadow(
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()),
     };
     let reloader = s.reloader.clone();
-    match tokio::task::spawn_blocking(move || reloader.promote_shadow(force)).await {
-        Ok(None) => no_shadow(),
-        Ok(Some(outcome)) => {
-            let status = match outcome {
-                ReloadOutcome::Refused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-                _ => StatusCode::OK,
-            };
-            (status, Json(outcome)).into_response()
+    let outcome = match tokio::task::spawn_blocking(move || reloader.promote_shadow(force)).await {
+        Ok(None) => return no_shadow(),
+        Ok(Some(outcome)) => outcome,
+        Err(_) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "the promotion did not complete",
+            )
         }
-        Err(_) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal_error",
-            "the promotion did not complete",
-        ),
+    };
+    let status = match outcome {
+        ReloadOutcome::Refused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+        _ => StatusCode::OK,
+    };
+    let mut answer = json!(outcome);
+    // The others promote only what this one did: a refused promotion stays refused everywhere.
+    if status == StatusCode::OK {
+        let query = format!("force={force}");
+        let call = crate::cluster::Call {
+            segments: &["v1", "policies", "shadow", "promote"],
+            query: Some(&query),
+        };
+        if let Some(others) = on_every_other(&s, &headers, reqwest::Method::POST, &call, None).await
+        {
+            answer["instances"] = json!(others);
+        }
     }
+    (status, Json(answer)).into_response()
 }
 
 /// `GET /v1/policies/shadow/divergences`: the held divergences, newest first, filtered by
-/// `grant`, `subject`, `rule`, `direction`; paged with `before` (the previous page's `next`).
+/// `grant`, `subject`, `rule`, `direction`; paged with `before` (the previous page's `next`). In
+/// cluster mode every instance's newest are merged (the page is the newest `limit` of them all,
+/// `next` this instance's cursor) and the counts are the cluster's.
 pub async fn divergences(
     State(s): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    axum::extract::RawQuery(raw): axum::extract::RawQuery,
     query: Result<Query<DivergenceQuery>, QueryRejection>,
 ) -> Response {
     let query = match query {
@@ -376,12 +478,39 @@ pub async fn divergences(
     let Some(shadow) = s.engine.shadow() else {
         return no_shadow();
     };
-    let (divergences, next) = s.engine.divergences().list(&query);
+    let (mut divergences, next) = s.engine.divergences().list(&query);
+    let mut counts = s.engine.divergences().counts();
+    let call = crate::cluster::Call {
+        segments: &["v1", "policies", "shadow", "divergences"],
+        query: raw.as_deref(),
+    };
+    if let Some(answers) =
+        crate::api::to_every_other(&s, &headers, reqwest::Method::GET, &call, None).await
+    {
+        for (_, answer) in answers {
+            if let Ok((200, body)) = answer {
+                match serde_json::from_slice::<DivergenceList>(&body) {
+                    Ok(theirs) => {
+                        divergences.extend(theirs.divergences);
+                        counts.add(&theirs.counts);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "an instance's divergences did not parse"),
+                }
+            }
+        }
+        divergences.sort_by(|a, b| b.time.total_cmp(&a.time));
+        divergences.truncate(
+            query
+                .limit
+                .unwrap_or(100)
+                .clamp(1, crate::engine::shadow::MAX_LIMIT),
+        );
+    }
     Json(json!({
         "shadow_version": shadow.set.version,
         "divergences": divergences,
         "next": next,
-        "counts": s.engine.divergences().counts(),
+        "counts": counts,
     }))
     .into_response()
 }

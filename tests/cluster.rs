@@ -72,6 +72,9 @@ fn spawn_vigil(dir: &std::path::Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_vigil"))
         .args(["serve", "--config"])
         .arg(dir.join("vigil.toml"))
+        // Its own working directory: the default `policies` (absent: the built-in set) is the
+        // instance's, so a promoted shadow set is written there, never to this checkout's.
+        .current_dir(dir)
         .env("VIGIL_LOG", "info")
         .stdout(log)
         .stderr(Stdio::null())
@@ -2204,4 +2207,162 @@ async fn streams_at_transmitters_run_on_one_instance_and_move() {
     let refs: Vec<&Instance> = instances.iter().collect();
     split(&http, &refs).await;
     assert_eq!(idp.streams().len(), 2);
+}
+
+/// A shadow set loaded through one instance runs on every instance, each on its own partitions'
+/// grants; any instance lists the cluster's divergences; a promotion through another makes it live
+/// on all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_set_runs_on_every_instance_and_is_promoted_on_all() {
+    let kafka = brokers_with_topics();
+    let brokers = kafka.bootstrap_servers();
+    let tx = Transmitter::start(&[Alg::RS256]).await;
+    let instances: Vec<Instance> = (0..3)
+        .map(|_| start_instance(&tx, &brokers, 4_000, false))
+        .collect();
+    let http = http();
+    let owners = split(&http, &instances.iter().collect::<Vec<_>>()).await;
+    let owner_of = |email: &str| {
+        let p = vigil::cluster::partition_of(&principal_key(email), PARTITIONS);
+        owners.iter().position(|o| o.contains(&p)).unwrap()
+    };
+    let users: Vec<String> = (0..9).map(|i| format!("shadowed{i}@example.com")).collect();
+    let on: BTreeSet<usize> = users.iter().map(|u| owner_of(u)).collect();
+    assert_eq!(on.len(), 3, "the users fall on every instance: {owners:?}");
+    for (i, user) in users.iter().enumerate() {
+        let (code, body) = register_through(
+            &http,
+            &instances[owner_of(user)].base,
+            &session_grant(&format!("sh{i}"), user),
+        )
+        .await;
+        assert_eq!(code, 201, "{body}");
+    }
+    // The built-in set, with MEDIUM revoking a human's session instead of stepping it up.
+    let candidate = vigil::policy::BUILTIN.replace(
+        "effect: step_up\n    reason: \"risk MEDIUM",
+        "effect: revoke\n    reason: \"risk MEDIUM",
+    );
+    assert_ne!(candidate, vigil::policy::BUILTIN);
+    let loaded = http
+        .put(format!("{}/v1/policies/shadow", instances[0].base))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"files": {"default.yaml": candidate}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(loaded.status().as_u16(), 201);
+    let loaded: Value = loaded.json().await.unwrap();
+    assert_eq!(
+        loaded["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["status"] == 201)
+            .count(),
+        2,
+        "{loaded}"
+    );
+    let rlc = "https://schemas.openid.net/secevent/caep/event-type/risk-level-change";
+    for (i, user) in users.iter().enumerate() {
+        let t = now();
+        let claims = json!({"iss": ISS, "aud": AUD, "jti": format!("medium-{i}"), "iat": t as i64,
+            "sub_id": {"format": "email", "email": user},
+            "events": {rlc: {"principal": "USER", "current_level": "MEDIUM", "event_timestamp": t}}});
+        assert_eq!(
+            push_set(&http, &instances[i % 3].base, &tx, &claims).await,
+            202
+        );
+    }
+    // Every instance's divergences, listed by any of them.
+    let divergences = || async {
+        http.get(format!(
+            "{}/v1/policies/shadow/divergences",
+            instances[1].base
+        ))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap_or(Value::Null)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while divergences().await["counts"]["total"] != 9 {
+        if std::time::Instant::now() > deadline {
+            for instance in &instances {
+                let own = http
+                    .get(format!("{}/v1/policies/shadow/divergences", instance.base))
+                    .bearer_auth(ADMIN_TOKEN)
+                    .header("x-vigil-forwarded", "1")
+                    .send()
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap();
+                println!("{}: {own}", instance.base);
+            }
+            panic!("the cluster's divergences: {}", divergences().await);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let listed = divergences().await;
+    assert_eq!(
+        listed["divergences"].as_array().unwrap().len(),
+        9,
+        "{listed}"
+    );
+    assert!(listed["divergences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|d| d["direction"] == "stricter" && d["shadow"]["status"] == "revoked"));
+    // Never enforced: stepped up, as the live set decides.
+    for (i, user) in users.iter().enumerate() {
+        let base = &instances[owner_of(user)].base;
+        let grant = format!("sh{i}");
+        wait_for(&instances, 30, "the live step-up", || async {
+            grant_status(&http, base, &grant).await.1["status"] == "step_up"
+        })
+        .await;
+    }
+
+    // Promoted through another instance: live everywhere, every session revoked by the swap.
+    let promoted = http
+        .post(format!("{}/v1/policies/shadow/promote", instances[2].base))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(promoted.status().as_u16(), 200);
+    let promoted: Value = promoted.json().await.unwrap();
+    assert_eq!(promoted["status"], "swapped", "{promoted}");
+    assert!(
+        promoted["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["status"] == 200),
+        "{promoted}"
+    );
+    for (i, user) in users.iter().enumerate() {
+        let base = &instances[owner_of(user)].base;
+        let grant = format!("sh{i}");
+        wait_for(&instances, 30, "the promoted set's revocation", || async {
+            grant_status(&http, base, &grant).await.1["status"] == "revoked"
+        })
+        .await;
+    }
+    for instance in &instances {
+        let gone = http
+            .get(format!("{}/v1/policies/shadow", instance.base))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(gone.status().as_u16(), 404);
+        assert!(instance.dir.path().join("policies/default.yaml").exists());
+    }
 }

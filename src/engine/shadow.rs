@@ -4,9 +4,10 @@
 //! operators to query and counted in `vigil_shadow_divergences_total` by rule and direction. The
 //! shadow set never decides anything: no decision, no grant change, no SET.
 //!
-//! It lives in memory, on the instance it was loaded on: a restart discards it (loading one is an
-//! operator's experiment; making it live is `promote`, which writes its files to the policy
-//! directory and reloads through the one reload path).
+//! It lives in memory: a restart discards it (loading one is an operator's experiment; making it
+//! live is `promote`, which writes its files to the policy directory and reloads through the one
+//! reload path). In cluster mode every instance holds it and records the divergences of its own
+//! partitions' grants (`policy_api` passes the calls on and merges the listings).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -45,7 +46,7 @@ impl Direction {
 }
 
 /// One set's outcome for a grant.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Outcome {
     pub version: String,
     pub status: GrantStatus,
@@ -53,7 +54,7 @@ pub struct Outcome {
     pub rules: Vec<String>,
     pub reason: String,
     /// Deciding rules that failed (and so matched: fail closed).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<String>,
 }
 
@@ -79,7 +80,7 @@ impl Outcome {
 }
 
 /// An evaluation where the shadow set and the live set disagreed.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Divergence {
     /// Increasing: the cursor of the divergence listing.
     pub id: u64,
@@ -129,15 +130,31 @@ struct Held {
 }
 
 /// Divergence counts since the shadow set was loaded.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct DivergenceCounts {
     pub total: u64,
     pub stricter: u64,
     pub looser: u64,
     /// `{rule: {stricter, looser}}`.
-    pub by_rule: BTreeMap<String, BTreeMap<&'static str, u64>>,
+    pub by_rule: BTreeMap<String, BTreeMap<String, u64>>,
     /// Divergences held for listing (the newest ones).
     pub held: usize,
+}
+
+impl DivergenceCounts {
+    /// Adds another instance's counts (cluster mode: each holds its own partitions').
+    pub fn add(&mut self, other: &DivergenceCounts) {
+        self.total += other.total;
+        self.stricter += other.stricter;
+        self.looser += other.looser;
+        self.held += other.held;
+        for (rule, by) in &other.by_rule {
+            let mine = self.by_rule.entry(rule.clone()).or_default();
+            for (direction, n) in by {
+                *mine.entry(direction.clone()).or_default() += n;
+            }
+        }
+    }
 }
 
 impl Divergences {
@@ -250,7 +267,7 @@ impl Divergences {
                 .by_rule
                 .entry(rule.clone())
                 .or_default()
-                .entry(direction.label())
+                .entry(direction.label().to_owned())
                 .or_default() += n;
         }
         counts
