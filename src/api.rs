@@ -579,35 +579,26 @@ async fn from_every_other<T: serde::de::DeserializeOwned>(
     method: reqwest::Method,
     call: &crate::cluster::Call<'_>,
 ) -> Option<Vec<Option<T>>> {
-    let peers = s.peers.as_ref()?;
-    if headers.contains_key(crate::cluster::FORWARDED) {
-        return None;
-    }
-    let passed = passed_on(headers);
-    let mut out = Vec::new();
-    for member in peers.others() {
-        match peers
-            .send(&member, method.clone(), call, &passed, None)
-            .await
-        {
-            Ok(a) if a.status == 200 => match serde_json::from_slice(&a.body) {
-                Ok(t) => out.push(Some(t)),
-                Err(e) => {
-                    tracing::warn!(error = %e, instance = %member.instance, "an instance's answer did not parse");
-                    out.push(None);
+    let answers = to_every_other(s, headers, method, call, None).await?;
+    Some(
+        answers
+            .into_iter()
+            .map(|(instance, answer)| {
+                match answer {
+                Ok((200, body)) => serde_json::from_slice(&body)
+                    .map_err(|e| {
+                        tracing::warn!(error = %e, %instance, "an instance's answer did not parse")
+                    })
+                    .ok(),
+                Ok((status, _)) => {
+                    tracing::warn!(status, %instance, "an instance did not answer 200");
+                    None
                 }
-            },
-            Ok(a) => {
-                tracing::warn!(status = a.status, instance = %member.instance, "an instance did not answer 200");
-                out.push(None);
+                Err(_) => None,
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "an instance did not answer");
-                out.push(None);
-            }
-        }
-    }
-    Some(out)
+            })
+            .collect(),
+    )
 }
 
 pub async fn subject(

@@ -295,22 +295,9 @@ fn policy_command(cmd: &PolicyCommand) -> ExitCode {
             samples,
             json,
             operator,
-        } => {
-            let (token, token_source) = match operator.token() {
-                Ok(t) => t,
-                Err(e) => return fail(e),
-            };
-            let target = policy_cmd::Operator {
-                base: &operator.url,
-                token: &token,
-                token_source: &token_source,
-            };
-            match policy_cmd::impact(&target, dir, examples.as_deref(), *samples, *json) {
-                Ok(true) => ExitCode::SUCCESS,
-                Ok(false) => ExitCode::FAILURE,
-                Err(e) => fail(error_line(&e)),
-            }
-        }
+        } => as_operator(operator, |target| {
+            policy_cmd::impact(target, dir, examples.as_deref(), *samples, *json)
+        }),
         PolicyCommand::Replay {
             dir,
             since,
@@ -318,36 +305,14 @@ fn policy_command(cmd: &PolicyCommand) -> ExitCode {
             samples,
             json,
             operator,
-        } => {
-            let (token, token_source) = match operator.token() {
-                Ok(t) => t,
-                Err(e) => return fail(e),
-            };
-            let target = policy_cmd::Operator {
-                base: &operator.url,
-                token: &token,
-                token_source: &token_source,
-            };
-            match policy_cmd::replay(&target, dir, examples.as_deref(), since, *samples, *json) {
-                Ok(true) => ExitCode::SUCCESS,
-                Ok(false) => ExitCode::FAILURE,
-                Err(e) => fail(error_line(&e)),
-            }
-        }
+        } => as_operator(operator, |target| {
+            policy_cmd::replay(target, dir, examples.as_deref(), since, *samples, *json)
+        }),
         PolicyCommand::Shadow {
             action,
             json,
             operator,
         } => {
-            let (token, token_source) = match operator.token() {
-                Ok(t) => t,
-                Err(e) => return fail(e),
-            };
-            let target = policy_cmd::Operator {
-                base: &operator.url,
-                token: &token,
-                token_source: &token_source,
-            };
             let action = match action {
                 ShadowAction::Load { dir, examples } => policy_cmd::Shadow::Load {
                     dir,
@@ -368,12 +333,30 @@ fn policy_command(cmd: &PolicyCommand) -> ExitCode {
                 ShadowAction::Promote { force } => policy_cmd::Shadow::Promote { force: *force },
                 ShadowAction::Discard => policy_cmd::Shadow::Discard,
             };
-            match policy_cmd::shadow(&target, action, *json) {
-                Ok(true) => ExitCode::SUCCESS,
-                Ok(false) => ExitCode::FAILURE,
-                Err(e) => fail(error_line(&e)),
-            }
+            as_operator(operator, |target| policy_cmd::shadow(target, action, *json))
         }
+    }
+}
+
+/// Runs a command against the running Vigil as the operator `args` name: success, a refusal
+/// the command printed (`Ok(false)`), or an error.
+fn as_operator(
+    args: &OperatorArgs,
+    run: impl FnOnce(&policy_cmd::Operator<'_>) -> anyhow::Result<bool>,
+) -> ExitCode {
+    let (token, token_source) = match args.token() {
+        Ok(t) => t,
+        Err(e) => return fail(e),
+    };
+    let target = policy_cmd::Operator {
+        base: &args.url,
+        token: &token,
+        token_source: &token_source,
+    };
+    match run(&target) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => fail(error_line(&e)),
     }
 }
 

@@ -164,11 +164,15 @@ pub async fn reload(
             )
         }
     };
-    let status = match outcome {
+    (reload_status(&outcome), Json(outcome)).into_response()
+}
+
+/// A reload's (or promotion's) status code: 422 when refused.
+fn reload_status(outcome: &ReloadOutcome) -> StatusCode {
+    match outcome {
         ReloadOutcome::Refused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
         _ => StatusCode::OK,
-    };
-    (status, Json(outcome)).into_response()
+    }
 }
 
 /// A candidate set to preview.
@@ -441,10 +445,7 @@ pub async fn promote_shadow(
             )
         }
     };
-    let status = match outcome {
-        ReloadOutcome::Refused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-        _ => StatusCode::OK,
-    };
+    let status = reload_status(&outcome);
     let mut answer = json!(outcome);
     // The others promote only what this one did: a refused promotion stays refused everywhere.
     if status == StatusCode::OK {
