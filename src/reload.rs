@@ -224,15 +224,9 @@ impl PolicyReloader {
         sources: &[(String, String)],
         samples: usize,
     ) -> Result<Impact, PreviewError> {
-        let _running = match self.previewing.try_lock() {
-            Ok(guard) => guard,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return Err(PreviewError::Busy),
-        };
-        let set = PolicySet::from_sources(sources)
-            .map_err(|e| PreviewError::Invalid(e.to_string().into()))?;
-        refuse_lint_errors(&set).map_err(PreviewError::Invalid)?;
-        Ok(self.engine.impact_blocking(&set, samples)?)
+        self.previewing(sources, |set| {
+            Ok(self.engine.impact_blocking(set, samples)?)
+        })
     }
 
     /// Replays the signals received since `since` (seconds since the epoch) through the live set
@@ -244,6 +238,18 @@ impl PolicyReloader {
         since: f64,
         samples: usize,
     ) -> Result<Replay, PreviewError> {
+        self.previewing(sources, |set| {
+            Ok(self.engine.replay_blocking(set, since, samples)?)
+        })
+    }
+
+    /// Runs `look` on the candidate set of rule files `sources`, compiled and linted, while no
+    /// other preview or replay runs (each uses every core for its length).
+    fn previewing<T>(
+        &self,
+        sources: &[(String, String)],
+        look: impl FnOnce(&PolicySet) -> Result<T, PreviewError>,
+    ) -> Result<T, PreviewError> {
         let _running = match self.previewing.try_lock() {
             Ok(guard) => guard,
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
@@ -252,7 +258,7 @@ impl PolicyReloader {
         let set = PolicySet::from_sources(sources)
             .map_err(|e| PreviewError::Invalid(e.to_string().into()))?;
         refuse_lint_errors(&set).map_err(PreviewError::Invalid)?;
-        Ok(self.engine.replay_blocking(&set, since, samples)?)
+        look(&set)
     }
 
     /// Loads the candidate set of rule files `sources` (name, YAML) as the shadow set, replacing
