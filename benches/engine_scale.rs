@@ -124,13 +124,7 @@ async fn run(n: usize) -> anyhow::Result<()> {
     // Impact preview of a candidate (MEDIUM risk revokes humans' sessions instead of stepping
     // up): every grant evaluated on its contexts, nothing changed. The swap below (every grant
     // re-evaluated and committed) is the ceiling it is compared with, in the same run.
-    let candidate = PolicySet::from_sources(&[(
-        "candidate.yaml".to_owned(),
-        vigil::policy::BUILTIN.replace(
-            "effect: step_up\n    reason: \"risk MEDIUM",
-            "effect: revoke\n    reason: \"risk MEDIUM",
-        ),
-    )])?;
+    let candidate = common::medium_revokes_candidate()?;
     anyhow::ensure!(
         candidate.version != engine.policy_version(),
         "the candidate must differ from the running set"

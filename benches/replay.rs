@@ -148,13 +148,7 @@ async fn run(n: usize, subjects: usize) -> anyhow::Result<()> {
         n as f64 / live_secs
     );
 
-    let candidate = PolicySet::from_sources(&[(
-        "candidate.yaml".to_owned(),
-        vigil::policy::BUILTIN.replace(
-            "effect: step_up\n    reason: \"risk MEDIUM",
-            "effect: revoke\n    reason: \"risk MEDIUM",
-        ),
-    )])?;
+    let candidate = common::medium_revokes_candidate()?;
     anyhow::ensure!(
         candidate.version != engine.policy_version(),
         "the candidate must differ from the running set"

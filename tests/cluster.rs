@@ -2061,15 +2061,6 @@ async fn risk_feeds_reach_each_principals_owner() {
     }
 }
 
-/// A free loopback port.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Streams Vigil keeps at a transmitter (the simulated IdP), with three instances: one poll
 /// stream and one push stream at the IdP, not one per instance; the push stream's credential is
 /// accepted by the instance the IdP pushes to, whichever instance made it; the poll loop runs on

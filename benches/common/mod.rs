@@ -293,3 +293,20 @@ pub fn add_eps(config: &mut vigil::Config) {
             });
     }
 }
+
+/// The built-in set with MEDIUM risk revoking a human's session instead of stepping it up: the
+/// candidate the impact preview and replay benches compare with the running built-in set.
+pub fn medium_revokes_candidate() -> anyhow::Result<vigil::policy::PolicySet> {
+    let text = vigil::policy::BUILTIN.replace(
+        "effect: step_up\n    reason: \"risk MEDIUM",
+        "effect: revoke\n    reason: \"risk MEDIUM",
+    );
+    anyhow::ensure!(
+        text != vigil::policy::BUILTIN,
+        "the candidate must differ from the built-in set"
+    );
+    Ok(vigil::policy::PolicySet::from_sources(&[(
+        "candidate.yaml".to_owned(),
+        text,
+    )])?)
+}

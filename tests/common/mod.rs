@@ -178,6 +178,15 @@ pub async fn push(vigil: &Vigil, stream: &str, token: &str) -> Answer {
     .await
 }
 
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// The token of [`admin_client`], for tests that configure their own API clients.
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 
