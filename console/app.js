@@ -99,11 +99,11 @@
   // ---- views -------------------------------------------------------------------------------
   async function feed() {
     const body = el("tbody", {});
-    let newest = 0;
+    let cursor = "";
     const status = el("p", { class: "muted" }, "Waiting for signals…");
     show(
       el("h2", {}, "Live feed"),
-      el("p", {}, "Signals as intake records them (pushed and polled SETs), newest first; refreshed every 2 s."),
+      el("p", {}, "Signals as they are recorded (a single node: pushed and polled SETs in intake; a cluster: every signal on its signals topic), newest first; refreshed every 2 s."),
       status,
       el("table", { id: "feed" },
         el("thead", {}, el("tr", {}, ["received", "event", "subject", "event time", "issuer", "jti", "source"].map((c) => el("th", {}, c)))),
@@ -111,9 +111,9 @@
     );
     async function poll() {
       try {
-        const page = await api("/v1/signals?limit=200&after=" + newest);
+        const page = await api("/v1/signals?limit=200" + (cursor ? "&cursor=" + encodeURIComponent(cursor) : ""));
+        cursor = page.cursor;
         for (const s of page.signals.slice().reverse()) {
-          newest = Math.max(newest, s.seq);
           body.insertBefore(
             el("tr", { "data-seq": s.seq },
               el("td", {}, when(s.received_at)), el("td", { class: "event" }, s.event_type),

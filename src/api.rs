@@ -15,6 +15,7 @@
 //!
 //! The policy routes (`/v1/policies*`) are in [`crate::policy_api`].
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
@@ -47,11 +48,13 @@ pub struct ApiState {
     pub view: Option<Arc<crate::cluster::StatusView>>,
     /// Cluster mode: the other instances' decisions, copied into `audit`.
     pub decision_copies: Option<Arc<crate::cluster::DecisionCopies>>,
+    /// Cluster mode: the signals topic read back (replay, the live feed).
+    pub signal_history: Option<Arc<crate::cluster::SignalHistory>>,
 }
 
 use crate::error_body::error;
 
-fn engine_error(e: EngineError) -> Response {
+pub(crate) fn engine_error(e: EngineError) -> Response {
     match e {
         EngineError::Invalid(e) => error(StatusCode::BAD_REQUEST, "invalid_grant", e.to_string()),
         EngineError::Revoked(_) => error(StatusCode::CONFLICT, "grant_revoked", e.to_string()),
@@ -73,7 +76,7 @@ fn engine_error(e: EngineError) -> Response {
             &e.to_string(),
             std::time::Duration::from_secs(1),
         ),
-        EngineError::Unreplicated(_) => crate::error_body::refusal(
+        EngineError::Unreplicated(_) | EngineError::Unavailable(_) => crate::error_body::refusal(
             StatusCode::SERVICE_UNAVAILABLE,
             "log_unavailable",
             &e.to_string(),
@@ -553,24 +556,39 @@ pub(crate) async fn to_every_other(
     call: &crate::cluster::Call<'_>,
     body: Option<Vec<u8>>,
 ) -> Option<Vec<(String, Result<(u16, Vec<u8>), String>)>> {
+    to_every_other_within(s, headers, method, call, body, None).await
+}
+
+/// [`to_every_other`], each call waiting up to `timeout` (`None`: the peers client's 5 s), all
+/// of them at once.
+pub(crate) async fn to_every_other_within(
+    s: &ApiState,
+    headers: &HeaderMap,
+    method: reqwest::Method,
+    call: &crate::cluster::Call<'_>,
+    body: Option<Vec<u8>>,
+    timeout: Option<std::time::Duration>,
+) -> Option<Vec<(String, Result<(u16, Vec<u8>), String>)>> {
     let peers = s.peers.as_ref()?;
     if headers.contains_key(crate::cluster::FORWARDED) {
         return None;
     }
     let passed = passed_on(headers);
-    let mut out = Vec::new();
-    for member in peers.others() {
-        let answer = peers
-            .send(&member, method.clone(), call, &passed, body.clone())
-            .await
-            .map(|a| (a.status, a.body))
-            .map_err(|e| e.to_string());
-        if let Err(e) = &answer {
-            tracing::warn!(error = %e, instance = %member.instance, "an instance did not answer");
+    let calls = peers.others().into_iter().map(|member| {
+        let (method, body, passed) = (method.clone(), body.clone(), &passed);
+        async move {
+            let answer = peers
+                .send_within(&member, method, call, passed, body, timeout)
+                .await
+                .map(|a| (a.status, a.body))
+                .map_err(|e| e.to_string());
+            if let Err(e) = &answer {
+                tracing::warn!(error = %e, instance = %member.instance, "an instance did not answer");
+            }
+            (member.instance, answer)
         }
-        out.push((member.instance.clone(), answer));
-    }
-    Some(out)
+    });
+    Some(futures_util::future::join_all(calls).await)
 }
 
 async fn from_every_other<T: serde::de::DeserializeOwned>(
@@ -1040,18 +1058,23 @@ pub async fn rotate_key(State(s): State<Arc<ApiState>>) -> Response {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SignalParams {
-    /// Only signals recorded after this sequence number (the newest a reader already has).
+    /// Only signals recorded after this sequence number (the newest a reader already has; a
+    /// single node's alone: a cluster's pages go by `cursor`).
     #[serde(default)]
     after: u64,
+    /// The `cursor` of the page before: only signals recorded since it was answered.
+    cursor: Option<String>,
     limit: Option<usize>,
 }
 
 /// Most signals one page of the feed lists.
 const MAX_SIGNAL_PAGE: usize = 500;
 
-/// `GET /v1/signals`: the signals intake recorded (pushed and polled SETs), newest first, each
-/// with its subject, event, times and source: the console's live feed. Kafka risk signals are
-/// not recorded in intake (their partition is their log) and are not listed.
+/// `GET /v1/signals`: the signals recorded, newest first, each with its subject, event, times and
+/// source: the console's live feed. On a single node, what intake records (pushed and polled
+/// SETs; Kafka risk signals are not recorded there: their partition is their log); in cluster
+/// mode, the signals topic's newest records, every partition's (every signal the cluster took,
+/// risk feeds' included). `cursor` in the answer asks for the next page.
 pub async fn signals(
     State(s): State<Arc<ApiState>>,
     q: Result<Query<SignalParams>, axum::extract::rejection::QueryRejection>,
@@ -1061,31 +1084,108 @@ pub async fn signals(
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()),
     };
     let limit = q.limit.unwrap_or(100).clamp(1, MAX_SIGNAL_PAGE);
-    let engine = s.engine.clone();
-    match tokio::task::spawn_blocking(move || engine.recorded_signals(q.after, limit)).await {
-        Ok(Ok(list)) => {
-            let signals: Vec<Value> = list
-                .into_iter()
-                .map(|signal| {
-                    json!({
-                        "seq": signal.seq,
-                        "jti": signal.jti,
-                        "iss": signal.iss,
-                        "event_type": signal.event_type_name(),
-                        "event_uri": signal.event_uri,
-                        "subject": signal.subject,
-                        "subject_key": engine_key(&s.engine, &signal.subject),
-                        "event_time": signal.event_time,
-                        "received_at": signal.received_at_ms as f64 / 1000.0,
-                        "source": signal.source.label(),
-                    })
-                })
-                .collect();
-            Json(json!({"signals": signals})).into_response()
+    let bad_cursor = || {
+        error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "`cursor` is not one this feed answered",
+        )
+    };
+    let page = match &s.signal_history {
+        Some(history) => {
+            let Some(cursor) = q
+                .cursor
+                .as_deref()
+                .map_or(Some(BTreeMap::new()), parse_cursor)
+            else {
+                return bad_cursor();
+            };
+            let history = history.clone();
+            tokio::task::spawn_blocking(move || {
+                history
+                    .newest(&cursor, limit)
+                    .map(|(list, next)| (list, write_cursor(&next)))
+                    .map_err(|e| PageError::Log(e.to_string()))
+            })
+            .await
         }
-        Ok(Err(e)) => engine_error(e),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+        None => {
+            let after = match q.cursor.as_deref().map(str::parse::<u64>) {
+                None => q.after,
+                Some(Ok(after)) => after,
+                Some(Err(_)) => return bad_cursor(),
+            };
+            let engine = s.engine.clone();
+            tokio::task::spawn_blocking(move || {
+                engine
+                    .recorded_signals(after, limit)
+                    .map(|list| {
+                        let newest = list.iter().map(|s| s.seq).max().unwrap_or(after).max(after);
+                        (list, newest.to_string())
+                    })
+                    .map_err(PageError::Engine)
+            })
+            .await
+        }
+    };
+    let (list, cursor) = match page {
+        Ok(Ok(page)) => page,
+        Ok(Err(PageError::Engine(e))) => return engine_error(e),
+        Ok(Err(PageError::Log(e))) => {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "log_unavailable", e)
+        }
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    };
+    let signals: Vec<Value> = list
+        .into_iter()
+        .map(|signal| {
+            json!({
+                "seq": signal.seq,
+                "jti": signal.jti,
+                "iss": signal.iss,
+                "event_type": signal.event_type_name(),
+                "event_uri": signal.event_uri,
+                "subject": signal.subject,
+                "subject_key": engine_key(&s.engine, &signal.subject),
+                "event_time": signal.event_time,
+                "received_at": signal.received_at_ms as f64 / 1000.0,
+                "source": signal.source.label(),
+            })
+        })
+        .collect();
+    Json(json!({"signals": signals, "cursor": cursor})).into_response()
+}
+
+/// Why a page of the feed was not read.
+enum PageError {
+    Engine(EngineError),
+    /// The signals topic could not be read back.
+    Log(String),
+}
+
+/// A cluster feed's cursor: each partition's next offset, `partition:offset` joined by `,`.
+fn write_cursor(next: &BTreeMap<i32, i64>) -> String {
+    next.iter()
+        .map(|(p, o)| format!("{p}:{o}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The cursor [`write_cursor`] wrote, or `None` if `text` is not one (at most 10 000 entries).
+fn parse_cursor(text: &str) -> Option<BTreeMap<i32, i64>> {
+    if text.is_empty() {
+        return Some(BTreeMap::new());
     }
+    let mut out = BTreeMap::new();
+    for entry in text.split(',').take(10_001) {
+        let (p, o) = entry.split_once(':')?;
+        let (p, o) = (p.parse::<i32>().ok()?, o.parse::<i64>().ok()?);
+        if p < 0 || o < 0 {
+            return None;
+        }
+        out.insert(p, o);
+    }
+    (out.len() <= 10_000).then_some(out)
 }
 
 /// The context key a signal about `subject` goes to (what `/v1/subjects/{key}` explains).

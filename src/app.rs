@@ -543,6 +543,18 @@ impl Vigil {
             )?),
             _ => None,
         };
+        // Cluster mode: the signals topic read back, for replay and the live feed.
+        let signal_history = match (&cluster_topics, &kafka_health) {
+            (Some((topics, partitions)), Some(health)) => {
+                Some(Arc::new(crate::cluster::SignalHistory::new(
+                    config.cluster.clone(),
+                    topics.signals.clone(),
+                    *partitions,
+                    health.clone(),
+                )))
+            }
+            _ => None,
+        };
         let api_state = Arc::new(ApiState {
             identity: identity.clone(),
             streams: streams.clone(),
@@ -558,6 +570,7 @@ impl Vigil {
             peers: peers.clone(),
             view: status_view.clone(),
             decision_copies,
+            signal_history,
         });
         // Streams kept at transmitters. In cluster mode each runs on exactly one instance — the
         // owner of its transmitter's partition — and moves with it; every instance accepts the

@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `GET /v1/policies` | 200 `{running: {version, files, rules}, shadow}` |
 //! | `POST /v1/policies/reload[?force=true]` | 200 `{status: swapped, version, previous_version, tests_passed, changed, transitions, by_rule}` or `{status: unchanged}`; 422 `{status: refused, error, failed_tests?, impact?}` |
-//! | `POST /v1/policies/replay` | 200 the [`Replay`](crate::engine::Replay) of the signals received since `since` (`24h`, RFC 3339 or seconds) through the live set and a candidate `{files, since, samples?}`; 422, 429 as impact; 409 in cluster mode (signals are on the signals topic, not in intake) |
+//! | `POST /v1/policies/replay` | 200 the [`Replay`](crate::engine::Replay) of the signals received since `since` (`24h`, RFC 3339 or seconds) through the live set and a candidate `{files, since, samples?}`; 422, 429 as impact; in cluster mode every instance replays the partitions of the signals topic it owns and the answers are added up (503 `replay_incomplete` when a partition was not replayed) |
 //! | `PUT /v1/policies/shadow` | 201 the shadow set loaded beside the live one `{files: {name: yaml}}` (replacing any); 422 a set that does not compile or lint |
 //! | `GET /v1/policies/shadow` | 200 `{version, loaded_at, files, rules, divergences}`; 404 none loaded |
 //! | `DELETE /v1/policies/shadow` | 204 discarded; 404 none loaded |
@@ -276,42 +276,96 @@ pub fn window_start(since: &str, now: f64) -> Result<f64, String> {
 
 pub async fn replay(
     State(s): State<Arc<ApiState>>,
+    headers: HeaderMap,
     body: Result<Json<ReplayRequest>, JsonRejection>,
 ) -> Response {
     let request = match body {
         Ok(Json(r)) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()),
     };
-    if s.ownership.is_some() {
-        // Replay reads intake's record; a cluster records signals on its signals topic instead,
-        // so a replay here would find none and report nothing changed: refused, not misleading.
-        return error(
-            StatusCode::CONFLICT,
-            "replay_unavailable",
-            "replay reads the signals intake records; in cluster mode signals are recorded on \
-             the signals topic, which replay does not read yet",
-        );
-    }
-    let sources = match candidate_files(request.files) {
-        Ok(sources) => sources,
-        Err(why) => return error(StatusCode::BAD_REQUEST, "invalid_request", why),
-    };
     let since = match window_start(&request.since, s.engine.clock().now()) {
         Ok(since) => since,
         Err(why) => return error(StatusCode::BAD_REQUEST, "invalid_request", why),
     };
     let samples = request.samples.unwrap_or(5).min(MAX_SAMPLES);
+    // Cluster mode: every other instance replays the partitions it owns over the same window
+    // (its start passed on as seconds, not as `24h` read again later).
+    let passed_on = serde_json::to_vec(
+        &json!({"files": request.files, "since": format!("{since:.3}"), "samples": samples}),
+    )
+    .ok();
+    let sources = match candidate_files(request.files) {
+        Ok(sources) => sources,
+        Err(why) => return error(StatusCode::BAD_REQUEST, "invalid_request", why),
+    };
     let reloader = s.reloader.clone();
-    match tokio::task::spawn_blocking(move || reloader.replay(&sources, since, samples)).await {
-        Ok(Ok(replay)) => Json(replay).into_response(),
-        Ok(Err(e)) => preview_failed(e),
-        Err(_) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal_error",
-            "the replay did not complete",
-        ),
+    let history = s.signal_history.clone();
+    let mine = tokio::task::spawn_blocking(move || {
+        let history = history.as_deref().map(|h| h as &dyn crate::engine::History);
+        reloader.replay(&sources, since, samples, history)
+    });
+    let call = crate::cluster::Call {
+        segments: &["v1", "policies", "replay"],
+        query: None,
+    };
+    let others = crate::api::to_every_other_within(
+        &s,
+        &headers,
+        reqwest::Method::POST,
+        &call,
+        passed_on,
+        Some(REPLAY_WAIT),
+    );
+    let (mine, others) = tokio::join!(mine, others);
+    let mut replay = match mine {
+        Ok(Ok(replay)) => replay,
+        Ok(Err(e)) => return preview_failed(e),
+        Err(_) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "the replay did not complete",
+            )
+        }
+    };
+    if let Some(others) = others {
+        for (instance, answer) in others {
+            match answer {
+                Ok((200, body)) => match serde_json::from_slice(&body) {
+                    Ok(theirs) => replay.absorb(theirs, samples),
+                    Err(e) => {
+                        tracing::warn!(error = %e, %instance, "a replay answer did not parse")
+                    }
+                },
+                Ok((429, _)) => return preview_failed(PreviewError::Busy),
+                Ok((status, body)) => tracing::warn!(status, %instance,
+                    body = %String::from_utf8_lossy(&body), "an instance's replay failed"),
+                Err(_) => {}
+            }
+        }
+        // Every partition replayed, or no answer: a part would read as "nothing changed" there.
+        let count = s.ownership.as_ref().map_or(0, |o| o.partitions());
+        let missing: Vec<i32> = (0..count)
+            .filter(|p| replay.partitions.binary_search(p).is_err())
+            .collect();
+        if !missing.is_empty() {
+            return refusal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "replay_incomplete",
+                &format!(
+                    "no instance replayed partitions {missing:?} of the signals topic (their \
+                     owner did not answer, or they are moving): ask again"
+                ),
+                std::time::Duration::from_secs(5),
+            );
+        }
     }
+    Json(replay).into_response()
 }
+
+/// How long the instance asked waits for the others' replays (each a window of its own
+/// partitions, as long as the asked instance's).
+const REPLAY_WAIT: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
 /// The answer to a preview or replay that did not run.
 fn preview_failed(e: PreviewError) -> Response {
@@ -327,11 +381,7 @@ fn preview_failed(e: PreviewError) -> Response {
             &PreviewError::Busy.to_string(),
             std::time::Duration::from_secs(5),
         ),
-        PreviewError::Engine(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal_error",
-            e.to_string(),
-        ),
+        PreviewError::Engine(e) => crate::api::engine_error(e),
     }
 }
 

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::config::PolicyConfig;
 use crate::engine::shadow::ShadowSet;
-use crate::engine::{Changes, Engine, Impact, Replay};
+use crate::engine::{Changes, Engine, History, Impact, Replay};
 use crate::evaluate::testing;
 use crate::policy::{is_rule_file, lint, PolicySet};
 
@@ -230,16 +230,21 @@ impl PolicyReloader {
     }
 
     /// Replays the signals received since `since` (seconds since the epoch) through the live set
-    /// and the candidate set of rule files `sources` (see [`Engine::replay_blocking`]). Changes
-    /// nothing; shares the preview's one-at-a-time door.
+    /// and the candidate set of rule files `sources` (see [`Engine::replay_blocking`]), reading
+    /// the window from `history` (`None`: intake's record). Changes nothing; shares the
+    /// preview's one-at-a-time door.
     pub fn replay(
         &self,
         sources: &[(String, String)],
         since: f64,
         samples: usize,
+        history: Option<&dyn History>,
     ) -> Result<Replay, PreviewError> {
         self.previewing(sources, |set| {
-            Ok(self.engine.replay_blocking(set, since, samples)?)
+            Ok(match history {
+                Some(history) => self.engine.replay_from(history, set, since, samples)?,
+                None => self.engine.replay_blocking(set, since, samples)?,
+            })
         })
     }
 

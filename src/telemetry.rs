@@ -78,10 +78,10 @@ catalogue! {
         "Bad Kafka messages kept in the store because the dead-letter topic was unavailable";
     KAFKA_CONSUMER_LAG = "vigil_kafka_consumer_lag", Gauge, ["topic", "partition"],
         "Messages behind the partition's end, for each partition this instance owns";
-    KAFKA_PARTITIONS = "vigil_kafka_partitions", Gauge, [],
-        "Partitions of the subscribed topics";
-    KAFKA_PARTITIONS_OWNED = "vigil_kafka_partitions_owned", Gauge, [],
-        "Partitions of the subscribed topics assigned to this instance";
+    KAFKA_PARTITIONS = "vigil_kafka_partitions", Gauge, ["consumer"],
+        "Partitions of the subscribed topics (consumer: signals — cluster mode's signals topic — or risk_feeds)";
+    KAFKA_PARTITIONS_OWNED = "vigil_kafka_partitions_owned", Gauge, ["consumer"],
+        "Partitions of the subscribed topics assigned to this instance (consumer: signals or risk_feeds)";
     // Cluster mode.
     CLUSTER_PUBLISH_ERRORS = "vigil_cluster_publish_errors_total", Counter, [],
         "Signals the brokers did not take in cluster.publish_timeout_ms (the push was answered 503)";

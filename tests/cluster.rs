@@ -459,17 +459,6 @@ async fn any_instance_takes_a_set_and_only_the_owner_applies_it() {
         owners.iter().position(|o| o.contains(&p)).unwrap()
     };
 
-    // Replay reads intake's record, which a cluster does not keep: refused, never an empty
-    // answer that would read as "nothing changes".
-    let replay = http
-        .post(format!("{}/v1/policies/replay", instances[0].base))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({"files": {"r.yaml": "rules: []"}, "since": "1h"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(replay.status().as_u16(), 409);
-
     // Users on every instance; each grant registered on its owner, its SET pushed to another
     // instance and again to the third.
     let users: Vec<String> = (0..9).map(|i| format!("user{i}@example.com")).collect();
@@ -2319,6 +2308,96 @@ async fn a_shadow_set_runs_on_every_instance_and_is_promoted_on_all() {
         })
         .await;
     }
+
+    // Replayed through any instance: each replays the partitions it owns from the signals
+    // topic, the answers added up — the nine MEDIUM signals each step up under the live set and
+    // revoke under the candidate, and every recorded decision is made again by the live set.
+    let replay = http
+        .post(format!("{}/v1/policies/replay", instances[2].base))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"files": {"default.yaml": candidate}, "since": "1h", "samples": 20}))
+        .timeout(Duration::from_secs(120))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replay.status().as_u16(), 200);
+    let replay: Value = replay.json().await.unwrap();
+    assert_eq!(
+        replay["partitions"],
+        json!((0..PARTITIONS).collect::<Vec<_>>()),
+        "{replay}"
+    );
+    assert_eq!(replay["signals"], 9, "{replay}");
+    assert_eq!(replay["changed"], 9, "{replay}");
+    assert_eq!(replay["added"], 0, "{replay}");
+    assert_eq!(replay["removed"], 0, "{replay}");
+    let changed: BTreeSet<&str> = replay["samples"]["changed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            assert_eq!(c["live"]["to"], "step_up", "{c}");
+            assert_eq!(c["candidate"]["to"], "revoked", "{c}");
+            c["grant_id"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(changed.len(), 9, "{replay}");
+    let missing = &replay["not_reconstructed"];
+    assert_eq!(missing["unreproduced"], 0, "{replay}");
+    assert_eq!(missing["recorded"], missing["reproduced"], "{replay}");
+    assert!(missing["recorded"].as_u64().unwrap() >= 9, "{replay}");
+    assert_eq!(missing["grants_gone"], 0, "{replay}");
+
+    // The live feed on any instance: every partition's signals, newest first; its cursor
+    // answers only what came since.
+    let feed = |query: String| {
+        let http = http.clone();
+        let base = instances[1].base.clone();
+        async move {
+            let page: Value = http
+                .get(format!("{base}/v1/signals?{query}"))
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            page
+        }
+    };
+    let page = feed("limit=50".into()).await;
+    let jtis: BTreeSet<&str> = page["signals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["jti"].as_str().unwrap())
+        .collect();
+    let expected: BTreeSet<String> = (0..9).map(|i| format!("medium-{i}")).collect();
+    assert_eq!(
+        jtis,
+        expected.iter().map(String::as_str).collect(),
+        "{page}"
+    );
+    let cursor = page["cursor"].as_str().unwrap().to_owned();
+    let again = feed(format!("cursor={cursor}")).await;
+    assert_eq!(again["signals"], json!([]), "{again}");
+    let t = now();
+    let nobody = json!({"iss": ISS, "aud": AUD, "jti": "feed-next", "iat": t as i64,
+        "sub_id": {"format": "email", "email": "nobody@example.com"},
+        "events": {rlc: {"principal": "USER", "current_level": "LOW", "event_timestamp": t}}});
+    assert_eq!(push_set(&http, &instances[0].base, &tx, &nobody).await, 202);
+    let next = feed(format!("cursor={cursor}")).await;
+    assert_eq!(
+        next["signals"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["jti"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["feed-next"],
+        "{next}"
+    );
 
     // Promoted through another instance: live everywhere, every session revoked by the swap.
     let promoted = http

@@ -89,7 +89,23 @@ impl Peers {
         headers: &[(&str, &str)],
         body: Option<Vec<u8>>,
     ) -> Result<Answer, ForwardError> {
-        let response = self.open(member, method, call, headers, body, None).await?;
+        self.send_within(member, method, call, headers, body, None)
+            .await
+    }
+
+    /// [`Peers::send`], waiting up to `timeout` (`None`: the client's 5 s) for a long call.
+    pub async fn send_within(
+        &self,
+        member: &Member,
+        method: reqwest::Method,
+        call: &Call<'_>,
+        headers: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<Answer, ForwardError> {
+        let response = self
+            .open(member, method, call, headers, body, timeout)
+            .await?;
         let status = response.status().as_u16();
         let content_type = response
             .headers()

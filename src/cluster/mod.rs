@@ -42,6 +42,9 @@
 //! cluster's records of them (on the streams topic).
 //!
 //! **Checks of grants held elsewhere** use the status view every instance keeps ([`StatusView`]).
+//!
+//! **Replay and the live feed** read the signals topic back ([`SignalHistory`]): each instance
+//! replays the partitions it owns; the feed merges every partition's newest records.
 
 mod aliases;
 mod decision_copies;
@@ -51,6 +54,7 @@ mod keys;
 mod lease;
 mod members;
 mod partition;
+mod signal_history;
 mod signal_log;
 mod standby;
 mod state_log;
@@ -68,6 +72,7 @@ pub use keys::{shared_identity, KeySettings};
 pub use lease::while_owned;
 pub use members::{Directory, Member};
 pub use partition::{murmur2, partition_of};
+pub use signal_history::SignalHistory;
 pub use signal_log::{PublishError, SignalLog};
 pub use standby::{PartitionCopy, Standby};
 pub use state_log::{read_partition, StateLog};
@@ -146,6 +151,11 @@ pub struct Ownership {
 impl Ownership {
     pub fn new(partitions: i32, health: std::sync::Arc<crate::kafka::KafkaHealth>) -> Ownership {
         Ownership { partitions, health }
+    }
+
+    /// The signals topic's partition count.
+    pub fn partitions(&self) -> i32 {
+        self.partitions
     }
 
     /// `Ok` when this instance owns `key`'s partition; else the partition, owned elsewhere (or

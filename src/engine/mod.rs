@@ -29,7 +29,7 @@ pub mod shadow;
 pub use changelog::{ChangeRecord, Changelog, Row, Table};
 pub use impact::{Changes, Impact, RuleCount, Sample, Samples, Transition};
 pub use persist::{handoff_done_in, pending_handoff};
-pub use replay::{Replay, MAX_RECORDED as REPLAY_MAX_RECORDED};
+pub use replay::{History, IntakeHistory, Replay, Window, MAX_RECORDED as REPLAY_MAX_RECORDED};
 mod shard;
 
 use std::collections::HashSet;
@@ -125,6 +125,10 @@ pub enum EngineError {
     /// cluster; the caller should retry (503).
     #[error("the cluster's brokers did not take the change: {0}")]
     Unreplicated(String),
+    /// Cluster mode: the signals topic could not be read back, or partitions moved while it
+    /// was (a replay); the caller should retry (503).
+    #[error("{0}; retry")]
+    Unavailable(String),
 }
 
 impl From<WriteError> for EngineError {

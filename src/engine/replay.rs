@@ -15,13 +15,19 @@
 //! check on all of it — how many of the decisions recorded in the window the live set's replay
 //! made again. Both sets run on the same reconstruction, so what differs between them is the
 //! candidate's doing, not the reconstruction's.
+//!
+//! Where the window's signals come from is a [`History`]: intake on a single node
+//! ([`IntakeHistory`]); in cluster mode the signals topic's partitions this instance owns
+//! (`crate::cluster::SignalHistory`), each instance replaying its own principals and the instance
+//! asked adding the answers up ([`Replay::absorb`]). Each log numbers its signals (intake one
+//! counter, a partition its offsets), so a sequence number is compared only within its log.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
 use dashmap::DashMap;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::inputs::Inputs;
 use super::{member_index, obo_index, principal_index, Engine, EngineError};
@@ -37,8 +43,106 @@ use crate::signal::Signal;
 /// is held while the replay runs).
 pub const MAX_RECORDED: usize = 500_000;
 
+/// Where a replay reads the signals of its window from.
+pub trait History: Send + Sync {
+    /// The window of signals received at or after `since_ms` (as this history bounds it).
+    fn window(&self, since_ms: i64) -> Result<Box<dyn Window + '_>, EngineError>;
+}
+
+/// One replay's window of recorded signals.
+pub trait Window: Send + Sync {
+    /// The log `key`'s signals are on: its sequence numbers are comparable with each other only.
+    fn log_of(&self, key: &str) -> i32;
+    /// The sequence number of the window's first signal on `log` (`None`: none on it).
+    fn first_seq(&self, log: i32) -> Option<u64>;
+    /// Whether `log` holds signals from before the window (facts they set may have been
+    /// overwritten in it, their earlier value unknown).
+    fn history_before(&self, log: i32) -> bool;
+    /// Whether the decisions about `principal` are this replay's to compare (cluster mode: the
+    /// principals of the partitions this instance owns).
+    fn holds(&self, principal: &str) -> bool;
+    /// Hands the window's signals to `each`, in the order they were applied (a key's signals in
+    /// its log's order), until it returns `false`.
+    fn for_each(&self, each: &mut dyn FnMut(Signal) -> bool) -> Result<(), EngineError>;
+    /// The logs replayed, when they are partitions (cluster mode); empty on a single node.
+    fn logs(&self) -> Vec<i32>;
+    /// After the walk: an error if what [`Window::holds`] answered no longer holds (partitions
+    /// moved meanwhile), so the answer would be another instance's too or nobody's.
+    fn still_held(&self) -> Result<(), EngineError>;
+}
+
+fn reading_intake(e: crate::intake::IntakeError) -> EngineError {
+    EngineError::Storage(format!("reading intake: {e}"))
+}
+
+/// A single node's history: the signals intake records (pushed and polled SETs).
+pub struct IntakeHistory(pub crate::intake::Intake);
+
+struct IntakeWindow<'i> {
+    intake: &'i crate::intake::Intake,
+    since_ms: i64,
+    first: Option<u64>,
+    oldest: Option<u64>,
+}
+
+impl History for IntakeHistory {
+    fn window(&self, since_ms: i64) -> Result<Box<dyn Window + '_>, EngineError> {
+        let mut first = None;
+        self.0
+            .for_each_since(since_ms, |signal| {
+                first = Some(signal.seq);
+                false
+            })
+            .map_err(reading_intake)?;
+        let oldest = self.0.first_seq().map_err(reading_intake)?;
+        Ok(Box::new(IntakeWindow {
+            intake: &self.0,
+            since_ms,
+            first,
+            oldest,
+        }))
+    }
+}
+
+impl Window for IntakeWindow<'_> {
+    fn log_of(&self, _key: &str) -> i32 {
+        0
+    }
+
+    fn first_seq(&self, _log: i32) -> Option<u64> {
+        self.first
+    }
+
+    /// A window that starts with intake's first record starts from nothing (Kafka's facts
+    /// aside: counted apart).
+    fn history_before(&self, _log: i32) -> bool {
+        match (self.first, self.oldest) {
+            (Some(first), Some(oldest)) => oldest < first,
+            _ => true,
+        }
+    }
+
+    fn holds(&self, _principal: &str) -> bool {
+        true
+    }
+
+    fn for_each(&self, each: &mut dyn FnMut(Signal) -> bool) -> Result<(), EngineError> {
+        self.intake
+            .for_each_since(self.since_ms, each)
+            .map_err(reading_intake)
+    }
+
+    fn logs(&self) -> Vec<i32> {
+        Vec::new()
+    }
+
+    fn still_held(&self) -> Result<(), EngineError> {
+        Ok(())
+    }
+}
+
 /// What replaying a window through a candidate set found.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Replay {
     pub live_version: String,
     pub candidate_version: String,
@@ -63,16 +167,20 @@ pub struct Replay {
     pub samples: ReplaySamples,
     pub not_reconstructed: NotReconstructed,
     pub elapsed_ms: u64,
+    /// Cluster mode: the signals topic's partitions replayed (every one, once the instances'
+    /// answers are added up).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partitions: Vec<i32>,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct DiffCounts {
     pub added: u64,
     pub removed: u64,
     pub changed: u64,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ReplaySamples {
     pub added: Vec<ReplaySample>,
     pub removed: Vec<ReplaySample>,
@@ -82,7 +190,7 @@ pub struct ReplaySamples {
 }
 
 /// A recorded decision the live set's replay did not make again.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Unreproduced {
     pub grant_id: String,
     /// The signal's `jti`, or `registration`.
@@ -91,20 +199,28 @@ pub struct Unreproduced {
     pub status: GrantStatus,
 }
 
+/// What a sample's evaluation was for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SampleCause {
+    Signal,
+    Registration,
+}
+
 /// One difference: the grant, the signal, and what each set decided (`null`: nothing).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReplaySample {
     pub grant_id: String,
     pub subject: String,
     /// `signal`, or `registration` (a grant registered in the window, evaluated as it came).
-    pub cause: &'static str,
+    pub cause: SampleCause,
     /// The signal (none for a registration).
     pub signal: Option<SignalRef>,
     pub live: Option<Step>,
     pub candidate: Option<Step>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SignalRef {
     pub seq: u64,
     pub jti: String,
@@ -114,7 +230,7 @@ pub struct SignalRef {
 }
 
 /// A status decision in the replay.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Step {
     pub effect: DecisionEffect,
     pub from: GrantStatus,
@@ -124,7 +240,7 @@ pub struct Step {
 }
 
 /// What the replay could not rebuild, counted.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct NotReconstructed {
     /// Context facts set in the window (or later) whose value before the window is unknown: the
     /// window starts without them. 0 when the window starts at intake's first record.
@@ -194,9 +310,9 @@ struct Walk<'a> {
     sets: [&'a PolicySet; 2],
     contexts: DashMap<String, Arc<PrincipalContext>>,
     tracks: Tracks,
-    /// The first sequence number of the window (contexts are rebuilt from before it); none when
-    /// the window holds no signal.
-    first_seq: Option<u64>,
+    /// Where the window's signals come from: each log's first sequence number in it (contexts
+    /// are rebuilt from before it).
+    window: &'a dyn Window,
     /// Recorded status decisions: (grant, cause — a signal's `jti`, or `registration`) → status.
     expected: HashMap<(String, String), GrantStatus>,
     /// Each grant's status when the window began, for grants registered before it.
@@ -218,7 +334,8 @@ struct Worker<'w, 'a> {
     registrations: std::collections::VecDeque<Arc<Grant>>,
     replay: Replay,
     reproduced: HashSet<(String, String)>,
-    replayed: Vec<u64>,
+    /// The signals replayed, by log and sequence number.
+    replayed: Vec<(i32, u64)>,
     facts_unknown: u64,
     decisions: [u64; 2],
 }
@@ -227,7 +344,8 @@ struct Worker<'w, 'a> {
 struct Part {
     replay: Replay,
     reproduced: HashSet<(String, String)>,
-    replayed: Vec<u64>,
+    /// The signals replayed, by log and sequence number.
+    replayed: Vec<(i32, u64)>,
     facts_unknown: u64,
     decisions: [u64; 2],
 }
@@ -248,10 +366,10 @@ impl<'w, 'a> Worker<'w, 'a> {
         } = routed;
         let now = signal.received_at_ms as f64 / 1000.0;
         self.registrations_until(now);
-        let first = self.walk.first_seq.unwrap_or(signal.seq);
-        self.replayed.push(signal.seq);
+        self.replayed
+            .push((self.walk.window.log_of(key), signal.seq));
         self.replay.signals += 1;
-        self.seed(key, first);
+        self.seed(key);
         if let Some(mut ctx) = self.walk.contexts.get_mut(key) {
             Arc::make_mut(&mut *ctx).apply(signal, target);
         }
@@ -297,7 +415,6 @@ impl<'w, 'a> Worker<'w, 'a> {
     /// Evaluates one grant under both sets on the rebuilt contexts, and compares.
     fn evaluate(&mut self, grant: &Grant, cause: Cause<'_>, now: f64) {
         let walk = self.walk;
-        let first = walk.first_seq.unwrap_or(u64::MAX);
         for key in [Some(&*grant.principal), grant.on_behalf_of.as_deref()]
             .into_iter()
             .flatten()
@@ -307,7 +424,7 @@ impl<'w, 'a> Worker<'w, 'a> {
                     .filter_map(|m| grant.members.get(m)),
             )
         {
-            self.seed(key, first);
+            self.seed(key);
         }
         let (begin, trigger, cause_key, event) = match &cause {
             Cause::Signal(signal, triggered) => (
@@ -359,17 +476,21 @@ impl<'w, 'a> Worker<'w, 'a> {
             .compare(grant, signal, by_live, by_candidate, walk.samples);
     }
 
-    /// Puts `key`'s context as it stood before the window (sequence `first`) into the rebuilt
-    /// contexts, once, counting the facts whose earlier value is unknown.
-    fn seed(&mut self, key: &str, first: u64) {
+    /// Puts `key`'s context as it stood before the window (before its log's first signal in
+    /// it) into the rebuilt contexts, once, counting the facts whose earlier value is unknown.
+    fn seed(&mut self, key: &str) {
         let walk = self.walk;
         if walk.contexts.contains_key(key) {
             return;
         }
+        let log = walk.window.log_of(key);
         let seeded = match walk.engine.shared.contexts.get(key) {
             Some(now) => {
-                let (before, dropped) = now.before_seq(first);
-                self.facts_unknown += dropped as u64;
+                let (before, dropped) =
+                    now.before_seq(walk.window.first_seq(log).unwrap_or(u64::MAX));
+                if walk.window.history_before(log) {
+                    self.facts_unknown += dropped as u64;
+                }
                 before
             }
             None => PrincipalContext::new(key),
@@ -395,9 +516,27 @@ impl Engine {
         since: f64,
         samples: usize,
     ) -> Result<Replay, EngineError> {
+        self.replay_from(
+            &IntakeHistory(self.shared.intake.clone()),
+            candidate,
+            since,
+            samples,
+        )
+    }
+
+    /// [`Engine::replay_blocking`] with the window's signals read from `history`.
+    pub fn replay_from(
+        &self,
+        history: &dyn History,
+        candidate: &PolicySet,
+        since: f64,
+        samples: usize,
+    ) -> Result<Replay, EngineError> {
         let started = Instant::now();
         let live = self.shared.policy();
         let until = self.shared.settings.clock.now();
+        let since_ms = (since * 1000.0) as i64;
+        let window = history.window(since_ms)?;
         let recorded = self
             .shared
             .audit
@@ -425,6 +564,9 @@ impl Engine {
                     "signal" | "dependency" | "registration"
                 )
         }) {
+            if !window.holds(&d.subject) {
+                continue; // another instance's to compare
+            }
             if !self.shared.grants.contains_key(d.grant_id.as_str()) {
                 missing.grants_gone += 1;
                 continue;
@@ -442,23 +584,12 @@ impl Engine {
         missing.recorded = expected.len() as u64;
         missing.recorded_policy_versions = versions.into_iter().collect();
 
-        // The window's first signal: contexts are rebuilt from before it, also for the
-        // registrations that come before it.
-        let mut first_seq = None;
-        let since_ms = (since * 1000.0) as i64;
-        self.shared
-            .intake
-            .for_each_since(since_ms, |signal| {
-                first_seq = Some(signal.seq);
-                false
-            })
-            .map_err(|e| EngineError::Storage(format!("reading intake: {e}")))?;
         let walk = Walk {
             engine: self,
             sets: [&*live, candidate],
             contexts: DashMap::new(),
             tracks: DashMap::new(),
-            first_seq,
+            window: &*window,
             expected,
             start,
             samples,
@@ -505,7 +636,7 @@ impl Engine {
                     }
                 }));
             }
-            let read = self.shared.intake.for_each_since(since_ms, |signal| {
+            let read = window.for_each(&mut |signal| {
                 let target = self.target_of(&signal.subject);
                 let Some(key) = self
                     .principal_key(&target.identifiers)
@@ -525,11 +656,11 @@ impl Engine {
             drop(queues);
             let done: Vec<Part> = handles.into_iter().filter_map(|h| h.join().ok()).collect();
             read.map(|()| done)
-        })
-        .map_err(|e| EngineError::Storage(format!("reading intake: {e}")))?;
+        })?;
         if done.len() != workers {
             return Err(EngineError::Storage("a replay worker failed".into()));
         }
+        window.still_held()?;
         Ok(walk.finish(done, missing, started))
     }
 }
@@ -544,7 +675,7 @@ impl Walk<'_> {
             missing,
         );
         let mut reproduced: HashSet<(String, String)> = HashSet::new();
-        let mut replayed: HashSet<u64> = HashSet::new();
+        let mut replayed: HashSet<(i32, u64)> = HashSet::new();
         let mut facts_unknown = 0;
         for worker in done {
             replay.until = worker.replay.until;
@@ -555,22 +686,21 @@ impl Walk<'_> {
             replayed.extend(worker.replayed);
             facts_unknown += worker.facts_unknown;
         }
-        // A window that starts with intake's first record starts from nothing: no fact it set
-        // had an earlier value (Kafka's facts aside, counted below).
-        let history_before = match (self.first_seq, self.engine.shared.intake.first_seq()) {
-            (Some(first), Ok(Some(oldest))) => oldest < first,
-            _ => true,
-        };
-        if history_before {
-            replay.not_reconstructed.facts_unknown_at_start = facts_unknown;
-        }
-        // Facts set in the window by signals intake does not hold (Kafka's).
-        if let Some(first) = self.first_seq {
-            for ctx in self.contexts.iter() {
+        // Counted only on logs with history before the window: one that starts with its first
+        // record starts from nothing.
+        replay.not_reconstructed.facts_unknown_at_start = facts_unknown;
+        // Facts set in the window by signals the history does not hold (a single node's Kafka
+        // risk feeds: intake does not record them).
+        for ctx in self.contexts.iter() {
+            let log = self.window.log_of(ctx.key());
+            if let Some(first) = self.window.first_seq(log) {
                 replay.not_reconstructed.unrecorded_signal_facts +=
-                    facts_from_outside(&self.engine.shared.contexts, ctx.key(), first, &replayed);
+                    facts_from_outside(&self.engine.shared.contexts, ctx.key(), first, |seq| {
+                        replayed.contains(&(log, seq))
+                    });
             }
         }
+        replay.partitions = self.window.logs();
         let missing = &mut replay.not_reconstructed;
         missing.reproduced = reproduced.len() as u64;
         missing.unreproduced = missing.recorded.saturating_sub(missing.reproduced);
@@ -615,6 +745,7 @@ impl Replay {
             samples: ReplaySamples::default(),
             not_reconstructed,
             elapsed_ms: 0,
+            partitions: Vec::new(),
         }
     }
 
@@ -632,16 +763,55 @@ impl Replay {
             mine.removed += c.removed;
             mine.changed += c.changed;
         }
-        let order = |s: &ReplaySample| s.signal.as_ref().map_or(0, |r| r.seq);
+        // Received order (sequence numbers are comparable within one log only).
+        let order = |s: &ReplaySample| {
+            s.signal
+                .as_ref()
+                .map_or((f64::NEG_INFINITY, 0), |r| (r.received_at, r.seq))
+        };
         for (mine, theirs) in [
             (&mut self.samples.added, part.samples.added),
             (&mut self.samples.removed, part.samples.removed),
             (&mut self.samples.changed, part.samples.changed),
         ] {
             mine.extend(theirs);
-            mine.sort_by_key(order);
+            mine.sort_by(|a, b| {
+                let (a, b) = (order(a), order(b));
+                a.0.total_cmp(&b.0).then(a.1.cmp(&b.1))
+            });
             mine.truncate(samples);
         }
+    }
+
+    /// Adds another instance's replay of the same window (cluster mode: each replays the
+    /// partitions it owns), keeping up to `samples` examples per bucket.
+    pub fn absorb(&mut self, other: Replay, samples: usize) {
+        self.since = self.since.min(other.since);
+        self.until = self.until.max(other.until);
+        self.live_decisions += other.live_decisions;
+        self.candidate_decisions += other.candidate_decisions;
+        self.elapsed_ms = self.elapsed_ms.max(other.elapsed_ms);
+        let theirs = &other.not_reconstructed;
+        let mine = &mut self.not_reconstructed;
+        mine.facts_unknown_at_start += theirs.facts_unknown_at_start;
+        mine.unrecorded_signal_facts += theirs.unrecorded_signal_facts;
+        mine.grants_gone += theirs.grants_gone;
+        mine.recorded += theirs.recorded;
+        mine.reproduced += theirs.reproduced;
+        mine.unreproduced += theirs.unreproduced;
+        mine.recorded_truncated |= theirs.recorded_truncated;
+        mine.recorded_policy_versions
+            .extend(theirs.recorded_policy_versions.iter().cloned());
+        mine.recorded_policy_versions.sort();
+        mine.recorded_policy_versions.dedup();
+        self.samples
+            .unreproduced
+            .extend(other.samples.unreproduced.iter().cloned());
+        self.samples.unreproduced.truncate(samples);
+        self.partitions.extend(other.partitions.iter().copied());
+        self.partitions.sort_unstable();
+        self.partitions.dedup();
+        self.merge(other, samples);
     }
 
     /// Counts (and samples) the difference one evaluation made between the two sets.
@@ -684,9 +854,9 @@ impl Replay {
                 grant_id: grant.id.to_string(),
                 subject: grant.principal.to_string(),
                 cause: if signal.is_some() {
-                    "signal"
+                    SampleCause::Signal
                 } else {
-                    "registration"
+                    SampleCause::Registration
                 },
                 signal: signal.map(|signal| SignalRef {
                     seq: signal.seq,
@@ -708,10 +878,10 @@ fn facts_from_outside(
     live: &DashMap<String, Arc<PrincipalContext>>,
     key: &str,
     first: u64,
-    replayed: &HashSet<u64>,
+    replayed: impl Fn(u64) -> bool,
 ) -> u64 {
     let Some(ctx) = live.get(key) else { return 0 };
     ctx.fact_seqs()
-        .filter(|seq| *seq >= first && !replayed.contains(seq))
+        .filter(|seq| *seq >= first && !replayed(*seq))
         .count() as u64
 }

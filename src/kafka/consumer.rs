@@ -17,7 +17,7 @@ use super::dead_letter::{DeadLetters, ProducerLogs};
 use super::health::KafkaHealth;
 use super::log_librdkafka;
 use super::restores::{PartitionHooks, Restores};
-use super::source::{FeedMessage, Normalizer};
+use super::source::{FeedMessage, Normalizer, SignalRecord};
 use crate::config::KafkaConfig;
 use crate::engine::{BatchDone, Engine};
 use crate::intake::Intake;
@@ -241,7 +241,13 @@ impl Pipeline {
         let mut dead = Vec::new();
         for (msg, result) in batch.into_iter().zip(normalized) {
             match result {
-                Ok(signal) => signals.push(signal),
+                Ok(mut signal) => {
+                    if self.normalizer.is_signals_topic(&msg.topic) {
+                        // Numbered by its place in its partition (see `SignalRecord::seq_at`).
+                        signal.seq = SignalRecord::seq_at(msg.offset);
+                    }
+                    signals.push(signal);
+                }
                 Err(e) => {
                     tracing::warn!(topic = %msg.topic, partition = msg.partition, offset = msg.offset,
                         error = %e, "risk message dead-lettered");
@@ -280,12 +286,15 @@ impl Pipeline {
             // Numbered by the owner that applies them.
             return Ok(forward.forward(signals));
         }
-        if !signals.is_empty() {
+        // A risk feed's signals draw theirs from intake's counter (the signals topic's carry
+        // their offsets already).
+        let unnumbered = signals.iter().filter(|s| s.seq == 0).count() as u64;
+        if unnumbered > 0 {
             let first = self
                 .intake
-                .reserve_seqs_blocking(signals.len() as u64)
+                .reserve_seqs_blocking(unnumbered)
                 .map_err(|e| e.to_string())?;
-            for (signal, seq) in signals.iter_mut().zip(first..) {
+            for (signal, seq) in signals.iter_mut().filter(|s| s.seq == 0).zip(first..) {
                 signal.seq = seq;
             }
         }

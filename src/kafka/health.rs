@@ -110,6 +110,16 @@ impl KafkaHealth {
         }
     }
 
+    /// Which consumer the partition gauges describe: cluster mode runs two (the signals topic's
+    /// and the risk feeds' group), and unlabeled gauges would mix their counts.
+    fn consumer_label(&self) -> &'static str {
+        if self.owned.is_some() {
+            "signals"
+        } else {
+            "risk_feeds"
+        }
+    }
+
     /// The last view, `None` before the first statistics (in cluster mode, the partitions owned
     /// are known from the first assignment on).
     pub fn view(&self) -> Option<KafkaView> {
@@ -272,8 +282,11 @@ impl KafkaHealth {
             restoring: Vec::new(),
             split: self.split,
         };
-        metrics::gauge!(crate::telemetry::KAFKA_PARTITIONS).set(partitions as f64);
-        metrics::gauge!(crate::telemetry::KAFKA_PARTITIONS_OWNED).set(assigned as f64);
+        let consumer = self.consumer_label();
+        metrics::gauge!(crate::telemetry::KAFKA_PARTITIONS, "consumer" => consumer)
+            .set(partitions as f64);
+        metrics::gauge!(crate::telemetry::KAFKA_PARTITIONS_OWNED, "consumer" => consumer)
+            .set(assigned as f64);
         let Ok(mut last) = self.view.lock() else {
             return;
         };

@@ -41,6 +41,16 @@ pub struct SignalRecord {
     pub token: String,
 }
 
+impl SignalRecord {
+    /// The sequence number of the signal at `offset` of its partition: its offset, counted from
+    /// 1 (0 means "not from a log"). A partition is one principal's only log, so its offsets
+    /// order that principal's signals wherever they are applied — by an owner, by the next owner
+    /// after a handover, or by a replay reading the partition back.
+    pub fn seq_at(offset: i64) -> u64 {
+        u64::try_from(offset).map_or(0, |o| o.saturating_add(1))
+    }
+}
+
 impl Normalizer {
     pub fn new(
         mappings: &[Mapping],
@@ -96,13 +106,18 @@ impl Normalizer {
         })
     }
 
+    /// Whether `topic` is cluster mode's signals topic (its records are validated signals).
+    pub fn is_signals_topic(&self, topic: &str) -> bool {
+        self.signals_topic.as_deref() == Some(topic)
+    }
+
     /// The signal `msg` carries, or why it carries none.
     pub fn signal(&self, msg: &FeedMessage) -> Result<Signal, FeedError> {
         let payload = msg
             .payload
             .as_deref()
             .ok_or_else(|| FeedError::NotJson("the message has no value".into()))?;
-        if self.signals_topic.as_deref() == Some(msg.topic.as_str()) {
+        if self.is_signals_topic(&msg.topic) {
             // Validated, normalized and clamped where it was received; taken as it is.
             let record: SignalRecord =
                 serde_json::from_slice(payload).map_err(|e| FeedError::NotJson(e.to_string()))?;
