@@ -664,6 +664,7 @@ async fn verify_only(jwks_uri: &str, alg: Alg, authorization: &str) -> anyhow::R
             issuer: ISS,
             audiences: &s.audiences,
             legacy_subjects: false,
+            tolerate: vigil::config::Tolerate::default(),
         };
         match vigil::set::validate_claims(&jws.payload, rules) {
             Ok(_) => StatusCode::ACCEPTED,

@@ -29,6 +29,7 @@ fn bench(c: &mut Criterion) {
         issuer: &issuer,
         audiences: &audiences,
         legacy_subjects: true,
+        tolerate: vigil::config::Tolerate::default(),
     };
     for alg in [Alg::RS256, Alg::ES256, Alg::PS256, Alg::EdDSA] {
         let Ok(key) = SigningKey::generate(alg, "bench") else {

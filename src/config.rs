@@ -871,6 +871,10 @@ pub struct TransmitterConfig {
     /// Accept legacy subject dialects: in-event `subject`, Google's `subject_type`/`iss-sub`, `phone`.
     #[serde(default = "yes")]
     pub legacy_subjects: bool,
+    /// Other deviations from the specs this transmitter's SETs may carry (each counted in
+    /// `vigil_ssf_tolerated_deviations_total`).
+    #[serde(default)]
+    pub tolerate: Tolerate,
     /// Vigil manages its stream at this transmitter (SSF §8): discovers it, creates or adopts the
     /// stream, keeps it configured and verified, and polls it when delivery is poll. Needs
     /// `discovery = true`. Without it the stream is set up out of band and only pushes arrive.
@@ -886,6 +890,45 @@ pub enum DeliveryMode {
     Push,
     /// RFC 8936: Vigil long-polls the endpoint the transmitter assigns.
     Poll,
+}
+
+/// `[transmitters.tolerate]`: what real transmitters send that the specs do not say. Where a spec
+/// forbids the variant the spec-exact behaviour is the default and the switch is off; every SET
+/// accepted through a switch (and through `legacy_subjects`) is counted in
+/// `vigil_ssf_tolerated_deviations_total{transmitter,deviation}`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tolerate {
+    /// `event_timestamp` in milliseconds: a value past 10^11 (the year 5138 in seconds) is read
+    /// as milliseconds (`millisecond_timestamp`). Off: a NumericDate is seconds, and such a time is
+    /// clamped as one from the future.
+    #[serde(default)]
+    pub millisecond_timestamps: bool,
+    /// CAEP credential-change `change_type: "revoked"` read as `revoke` (`revoked_change_type`).
+    /// Off: CAEP §3.3.1 allows create, revoke, update and delete, and the SET is refused.
+    #[serde(default)]
+    pub revoked_change_type: bool,
+    /// Google RISC's legacy shapes: a JOSE header without `typ` (`missing_typ`), and
+    /// `…/secevent/oauth/event-type/tokens-revoked` — every OAuth token of the user revoked —
+    /// taken as RISC `sessions-revoked` (`oauth_tokens_revoked`). Off: SSF §4.1.1 requires `typ`.
+    #[serde(default)]
+    pub legacy_risc: bool,
+    /// A verification event answering one of the last four requests rather than the last — late,
+    /// but with a state Vigil asked for (`late_verification`). On: SSF does not forbid it; off, such
+    /// an event is refused `invalid_state`.
+    #[serde(default = "yes")]
+    pub late_verification: bool,
+}
+
+impl Default for Tolerate {
+    fn default() -> Tolerate {
+        Tolerate {
+            millisecond_timestamps: false,
+            revoked_change_type: false,
+            legacy_risc: false,
+            late_verification: true,
+        }
+    }
 }
 
 /// `[transmitters.manage]`: the stream Vigil keeps at a transmitter.
@@ -908,6 +951,10 @@ pub struct StreamManagement {
     /// Seconds between verification requests (raised to the stream's `min_verification_interval`).
     #[serde(default = "default_verify_interval")]
     pub verify_interval_secs: u64,
+    /// Seconds a verification request may go unanswered before the stream is unhealthy
+    /// (`vigil_ssf_stream_healthy`, `/readyz`, `vigil streams list`).
+    #[serde(default = "default_verification_sla")]
+    pub verification_sla_secs: u64,
     /// Seconds between re-reads of the transmitter's metadata and stream status.
     #[serde(default = "default_refresh_interval")]
     pub refresh_interval_secs: u64,
@@ -924,6 +971,9 @@ fn default_verify_interval() -> u64 {
 }
 fn default_refresh_interval() -> u64 {
     600
+}
+fn default_verification_sla() -> u64 {
+    300
 }
 fn default_poll_max() -> u32 {
     100
@@ -953,6 +1003,7 @@ impl TransmitterConfig {
             discovery: false,
             critical_subject_members: Vec::new(),
             legacy_subjects: true,
+            tolerate: Tolerate::default(),
             manage: None,
         }
     }
@@ -977,6 +1028,7 @@ impl TransmitterConfig {
                 receiver_url: None,
                 description: None,
                 verify_interval_secs: default_verify_interval(),
+                verification_sla_secs: default_verification_sla(),
                 refresh_interval_secs: default_refresh_interval(),
                 poll_max_events: default_poll_max(),
                 poll_timeout_secs: default_long_poll_secs(),
@@ -1537,6 +1589,7 @@ impl Config {
             if let Some(m) = &t.manage {
                 for (field, value) in [
                     ("verify_interval_secs", m.verify_interval_secs),
+                    ("verification_sla_secs", m.verification_sla_secs),
                     ("refresh_interval_secs", m.refresh_interval_secs),
                     ("poll_timeout_secs", m.poll_timeout_secs),
                 ] {

@@ -371,7 +371,9 @@ impl Intake {
             .map(|v| v.value()))
     }
 
-    /// Remembers the `state` Vigil sent in its last verification request on `stream` (SSF §8.1.4.2).
+    /// Remembers the `state` Vigil sent in a verification request on `stream` (SSF §8.1.4.2),
+    /// with the [`VERIFICATION_STATES_KEPT`] - 1 requested before it (a late answer to one of
+    /// those is told apart from a forged one).
     pub async fn expect_verification_state(
         &self,
         stream: &str,
@@ -381,7 +383,16 @@ impl Intake {
         self.writer
             .write(move |txn| {
                 let mut t = txn.open_table(STREAM_STATE).map_err(WriteError::storage)?;
-                t.insert(key.as_str(), state.as_str())
+                let before = t
+                    .get(key.as_str())
+                    .map_err(WriteError::storage)?
+                    .map(|v| v.value().to_owned())
+                    .unwrap_or_default();
+                let kept: Vec<&str> = std::iter::once(state.as_str())
+                    .chain(before.split(' ').filter(|s| !s.is_empty() && *s != state))
+                    .take(VERIFICATION_STATES_KEPT)
+                    .collect();
+                t.insert(key.as_str(), kept.join(" ").as_str())
                     .map_err(WriteError::storage)?;
                 Ok(())
             })
@@ -389,15 +400,19 @@ impl Intake {
         Ok(())
     }
 
-    /// The `state` of the last verification Vigil requested on `stream`, if any.
-    pub fn expected_verification_state(&self, stream: &str) -> Result<Option<String>, IntakeError> {
+    /// The `state`s of the last verifications Vigil requested on `stream`, newest first.
+    pub fn expected_verification_states(&self, stream: &str) -> Result<Vec<String>, IntakeError> {
         let txn = self.db.begin_read().map_err(storage)?;
         let t = txn.open_table(STREAM_STATE).map_err(storage)?;
         Ok(t.get(verify_key(stream).as_str())
             .map_err(storage)?
-            .map(|v| v.value().to_owned()))
+            .map(|v| v.value().split(' ').map(str::to_owned).collect())
+            .unwrap_or_default())
     }
 }
+
+/// Verification states remembered per stream: the last request's and the three before it.
+pub const VERIFICATION_STATES_KEPT: usize = 4;
 
 /// Copies every row of `table` from `from` into the same table in `to`; returns how many.
 fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(
@@ -574,7 +589,11 @@ mod tests {
         assert_eq!(pending, vec![(2, "b".to_owned()), (3, "c".to_owned())]);
         assert_eq!(intake.stored_count().unwrap(), 3);
         assert_eq!(
-            intake.expected_verification_state("s").unwrap().as_deref(),
+            intake
+                .expected_verification_states("s")
+                .unwrap()
+                .first()
+                .map(String::as_str),
             Some("xyz")
         );
         assert_eq!(

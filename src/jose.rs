@@ -157,10 +157,30 @@ pub struct CompactJws<'a> {
     pub signing_input: &'a [u8],
     pub payload: Vec<u8>,
     pub signature: Vec<u8>,
+    /// The header had no `typ` (accepted only by [`parse_compact_untyped`]).
+    pub typ_missing: bool,
 }
 
 /// Splits and checks a compact JWS. `allowed` is the transmitter's algorithm allow-list.
 pub fn parse_compact<'a>(token: &'a str, allowed: &[Alg]) -> Result<CompactJws<'a>, JwsError> {
+    parse(token, allowed, false)
+}
+
+/// [`parse_compact`], also accepting a header without `typ` — Google's RISC tokens have none
+/// (SSF §4.1.1 requires it: only for a transmitter whose `tolerate.legacy_risc` is on). A `typ`
+/// that is present must still be `secevent+jwt`.
+pub fn parse_compact_untyped<'a>(
+    token: &'a str,
+    allowed: &[Alg],
+) -> Result<CompactJws<'a>, JwsError> {
+    parse(token, allowed, true)
+}
+
+fn parse<'a>(
+    token: &'a str,
+    allowed: &[Alg],
+    typ_optional: bool,
+) -> Result<CompactJws<'a>, JwsError> {
     let token = token.trim_ascii();
     let parts: Vec<&str> = token.split('.').collect();
     match parts.len() {
@@ -176,7 +196,9 @@ pub fn parse_compact<'a>(token: &'a str, allowed: &[Alg]) -> Result<CompactJws<'
 
     // RFC 7515 §4.1.9: media-type comparisons are case-insensitive and the "application/" prefix may
     // be omitted; SSF §4.1.1 makes the value itself mandatory.
+    let typ_missing = !header.contains_key("typ");
     match header.get("typ") {
+        None if typ_optional => {}
         None => return Err(JwsError::MissingTyp),
         Some(Value::String(t)) => {
             let t = t.to_ascii_lowercase();
@@ -220,6 +242,7 @@ pub fn parse_compact<'a>(token: &'a str, allowed: &[Alg]) -> Result<CompactJws<'
         signing_input: &token.as_bytes()[..signing_input_len],
         payload,
         signature,
+        typ_missing,
     })
 }
 

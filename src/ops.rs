@@ -69,10 +69,33 @@ pub async fn readyz(State(state): State<Arc<OpsState>>) -> Response {
     if let Some(view) = &state.view {
         body["status_view"] = json!({"grants": view.len(), "lag": view.lag()});
     }
+    // Inbound streams Vigil verifies: healthy while each request is answered within its SLA
+    // (shown, not a readiness condition: one transmitter's silence must not take Vigil out of
+    // its load balancer for every other).
+    let liveness = state.receiver.liveness();
+    liveness.assess();
+    let streams: Map<String, Value> = liveness
+        .all()
+        .into_iter()
+        .filter(|(_, l)| l.verification_sla_ms.is_some())
+        .map(|(name, l)| {
+            (
+                name,
+                json!({"healthy": l.healthy,
+                       "verification_pending_since_ms": l.verification_pending_since_ms,
+                       "verification_overdue_ms": l.verification_overdue_ms,
+                       "last_verified_ms": l.last_verified_ms}),
+            )
+        })
+        .collect();
+    if !streams.is_empty() {
+        body["streams"] = Value::Object(streams);
+    }
     (status, Json(body)).into_response()
 }
 
 pub async fn metrics(State(state): State<Arc<OpsState>>) -> Response {
+    state.receiver.liveness().assess();
     match &state.metrics {
         Some(handle) => (
             [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -214,6 +214,11 @@ impl Receiver {
         self.by_stream.get(stream).cloned()
     }
 
+    /// The inbound streams' liveness.
+    pub fn liveness(&self) -> &Arc<Liveness> {
+        &self.liveness
+    }
+
     pub fn transmitters(&self) -> impl Iterator<Item = &Arc<Transmitter>> {
         self.by_stream.values()
     }
@@ -266,7 +271,12 @@ impl Receiver {
     /// Steps 3–11 for one compact SET from an authenticated transmitter.
     pub async fn receive(&self, t: &Transmitter, token: &str) -> Result<Accepted, Rejection> {
         let received_at_ms = self.liveness.clock().now_ms();
-        let jws = jose::parse_compact(token, &t.config.algorithms).map_err(|e: JwsError| {
+        let parse = if t.config.tolerate.legacy_risc {
+            jose::parse_compact_untyped
+        } else {
+            jose::parse_compact
+        };
+        let jws = parse(token, &t.config.algorithms).map_err(|e: JwsError| {
             let code = if e.is_key_problem() {
                 ErrorCode::InvalidKey
             } else {
@@ -288,11 +298,15 @@ impl Receiver {
             issuer: &t.config.issuer,
             audiences: &t.config.audiences,
             legacy_subjects: t.config.legacy_subjects,
+            tolerate: t.config.tolerate,
         };
-        let validated = set::validate_claims(&jws.payload, rules).map_err(|error| {
+        let mut validated = set::validate_claims(&jws.payload, rules).map_err(|error| {
             let event_type = "none";
             Rejection::Set { error, event_type }
         })?;
+        if jws.typ_missing {
+            validated.tolerated.push("missing_typ");
+        }
         let event_type = validated.event.metric_label();
         let reject = |err: ErrorCode, description: String| Rejection::Set {
             error: SetError::new(err, description),
@@ -322,17 +336,34 @@ impl Receiver {
 
         if let Event::Verification(v) = &validated.event {
             if let Some(state) = &v.state {
-                let expected = self
+                let asked = self
                     .intake
-                    .expected_verification_state(&t.config.stream)
+                    .expected_verification_states(&t.config.stream)
                     .map_err(|e| Rejection::Storage(e.to_string()))?;
-                if expected.as_deref() != Some(state.as_str()) {
-                    return Err(reject(
-                        ErrorCode::InvalidState,
-                        "the verification state does not match the last one requested".into(),
-                    ));
+                match asked.iter().position(|a| a == state) {
+                    Some(0) => {}
+                    Some(_) if t.config.tolerate.late_verification => {
+                        validated.tolerated.push("late_verification");
+                    }
+                    _ => {
+                        return Err(reject(
+                            ErrorCode::InvalidState,
+                            if t.config.tolerate.late_verification {
+                                "the verification state matches none of the last requests".into()
+                            } else {
+                                "the verification state does not match the last one requested"
+                                    .into()
+                            },
+                        ))
+                    }
                 }
             }
+        }
+        // Every deviation accepted is counted, once the SET is otherwise acceptable.
+        for deviation in &validated.tolerated {
+            metrics::counter!(crate::telemetry::SSF_TOLERATED,
+                "transmitter" => t.config.name.clone(), "deviation" => *deviation)
+            .increment(1);
         }
 
         // Liveness: the stream delivers; a verification with the requested state (checked above)

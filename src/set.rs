@@ -10,6 +10,7 @@ use std::fmt;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use crate::config::Tolerate;
 use crate::events::{Event, EventKind};
 use crate::subject::SubjectId;
 
@@ -88,6 +89,8 @@ pub struct SetRules<'a> {
     pub issuer: &'a str,
     pub audiences: &'a [String],
     pub legacy_subjects: bool,
+    /// The deviations this transmitter's SETs may carry (`[transmitters.tolerate]`).
+    pub tolerate: Tolerate,
 }
 
 /// A SET whose claims passed every check, with its event and subject typed.
@@ -101,12 +104,14 @@ pub struct ValidatedSet {
     pub txn: Option<String>,
     /// `toe`, seconds.
     pub toe: Option<f64>,
-    /// The event-type URI as sent.
+    /// The event-type URI as sent (a tolerated legacy alias as read: `tolerate.legacy_risc`).
     pub event_uri: String,
     pub event: Event,
     pub subject: SubjectId,
     /// Where the subject came from: `sub_id` (SSF 1.0) or a legacy in-event `subject`.
     pub subject_from_legacy: bool,
+    /// The deviations from the specs accepted in this SET (`vigil_ssf_tolerated_deviations_total`).
+    pub tolerated: Vec<&'static str>,
 }
 
 impl ValidatedSet {
@@ -214,7 +219,9 @@ pub fn validate_claims(payload: &[u8], rules: SetRules<'_>) -> Result<ValidatedS
         None => return Err(SetError::request("the SET has no `events` claim")),
     };
     let (event_uri, payload) = single_event(events)?;
-    let event = Event::parse(event_uri, payload).map_err(|e| SetError::request(e.to_string()))?;
+    let mut tolerated = Vec::new();
+    let (event_uri, payload) = tolerated_event(event_uri, payload, rules.tolerate, &mut tolerated);
+    let event = Event::parse(&event_uri, &payload).map_err(|e| SetError::request(e.to_string()))?;
 
     let (subject, subject_from_legacy) = match claims.get("sub_id") {
         Some(v) => (
@@ -236,6 +243,9 @@ pub fn validate_claims(payload: &[u8], rules: SetRules<'_>) -> Result<ValidatedS
         },
     };
 
+    if subject_from_legacy {
+        tolerated.push("subject_in_event");
+    }
     Ok(ValidatedSet {
         iss,
         jti,
@@ -243,12 +253,64 @@ pub fn validate_claims(payload: &[u8], rules: SetRules<'_>) -> Result<ValidatedS
         aud,
         txn,
         toe,
-        event_uri: event_uri.to_owned(),
+        event_uri,
         event,
         subject,
         subject_from_legacy,
+        tolerated,
     })
 }
+
+/// Google's "every OAuth token of the user revoked" (`tolerate.legacy_risc`).
+const OAUTH_TOKENS_REVOKED: &str =
+    "https://schemas.openid.net/secevent/oauth/event-type/tokens-revoked";
+
+/// The event as read under the transmitter's tolerances: its URI and payload, rewritten where a
+/// switch allows a deviation it carries (each named in `tolerated`), else as sent.
+fn tolerated_event<'p>(
+    uri: &str,
+    payload: &'p Value,
+    tolerate: Tolerate,
+    tolerated: &mut Vec<&'static str>,
+) -> (String, std::borrow::Cow<'p, Value>) {
+    let mut uri = uri.to_owned();
+    let mut payload = std::borrow::Cow::Borrowed(payload);
+    if tolerate.legacy_risc && uri == OAUTH_TOKENS_REVOKED {
+        uri = EventKind::SessionsRevoked.uri();
+        tolerated.push("oauth_tokens_revoked");
+    }
+    if tolerate.millisecond_timestamps {
+        let ms = payload
+            .get("event_timestamp")
+            .and_then(Value::as_f64)
+            .filter(|t| t.is_finite() && *t > MILLISECONDS_FROM);
+        if let Some(ms) = ms {
+            if let Some(p) = payload.to_mut().as_object_mut() {
+                p.insert("event_timestamp".into(), serde_json::json!(ms / 1000.0));
+                tolerated.push("millisecond_timestamp");
+            }
+        }
+    }
+    if tolerate.revoked_change_type
+        && EventKind::from_uri(&uri) == Some(EventKind::CredentialChange)
+    {
+        let revoked = payload
+            .get("change_type")
+            .and_then(Value::as_str)
+            .is_some_and(|c| c.eq_ignore_ascii_case("revoked"));
+        if revoked {
+            if let Some(p) = payload.to_mut().as_object_mut() {
+                p.insert("change_type".into(), Value::String("revoke".into()));
+                tolerated.push("revoked_change_type");
+            }
+        }
+    }
+    (uri, payload)
+}
+
+/// An `event_timestamp` past this (the year 5138 in seconds, 1973 in milliseconds) is read as
+/// milliseconds where `tolerate.millisecond_timestamps` is on.
+const MILLISECONDS_FROM: f64 = 1e11;
 
 /// SSF §4.2.1 (a MUST in the CAEP interoperability profile): one event per SET. Several members are
 /// allowed only when they are alternative URIs of the same event type; the canonical one is used.
@@ -297,6 +359,7 @@ mod tests {
             issuer: &iss,
             audiences: &aud,
             legacy_subjects: true,
+            tolerate: crate::config::Tolerate::default(),
         };
         validate_claims(&serde_json::to_vec(set).unwrap(), rules)
     }
@@ -335,6 +398,7 @@ mod tests {
             issuer: &iss,
             audiences: &aud,
             legacy_subjects: true,
+            tolerate: crate::config::Tolerate::default(),
         };
         let code = |mutate: &dyn Fn(&mut Value)| {
             let mut set = base.clone();
@@ -440,6 +504,7 @@ mod tests {
             issuer: &iss,
             audiences: &aud,
             legacy_subjects: false,
+            tolerate: crate::config::Tolerate::default(),
         };
         assert!(validate_claims(&serde_json::to_vec(&set).unwrap(), strict).is_err());
     }

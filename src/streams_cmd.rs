@@ -144,6 +144,16 @@ fn ago(ms: &Value) -> String {
     }
 }
 
+/// `healthy`, or `unhealthy` while a verification request is unanswered past the SLA.
+fn health(live: &Value) -> String {
+    match live["verification_overdue_ms"].as_i64() {
+        Some(overdue) if live["healthy"] == false => {
+            format!("unhealthy (verification {}s past its SLA)", overdue / 1000)
+        }
+        _ => "healthy".into(),
+    }
+}
+
 fn print_list(body: &Value) {
     let streams = body["streams"].as_array().cloned().unwrap_or_default();
     if streams.is_empty() {
@@ -151,17 +161,18 @@ fn print_list(body: &Value) {
         return;
     }
     println!(
-        "{:<16} {:<8} {:<34} {:<9} {:<12} {:<14} ERROR",
-        "TRANSMITTER", "DELIVERY", "STREAM ID", "STATUS", "LAST EVENT", "LAST VERIFIED"
+        "{:<16} {:<8} {:<34} {:<9} {:<10} {:<12} {:<14} ERROR",
+        "TRANSMITTER", "DELIVERY", "STREAM ID", "STATUS", "HEALTH", "LAST EVENT", "LAST VERIFIED"
     );
     for s in streams {
         let l = &s["liveness"];
         println!(
-            "{:<16} {:<8} {:<34} {:<9} {:<12} {:<14} {}",
+            "{:<16} {:<8} {:<34} {:<9} {:<10} {:<12} {:<14} {}",
             s["transmitter"].as_str().unwrap_or("?"),
             l["delivery"].as_str().unwrap_or("?"),
             l["stream_id"].as_str().unwrap_or("-"),
             l["status"].as_str().unwrap_or("unknown"),
+            health(l),
             ago(&l["last_event_ms"]),
             ago(&l["last_verified_ms"]),
             l["error"].as_str().unwrap_or("")
@@ -200,6 +211,7 @@ fn print_status(body: &Value) {
     );
     println!("last event:       {}", ago(&l["last_event_ms"]));
     println!("last verified:    {}", ago(&l["last_verified_ms"]));
+    println!("health:           {}", health(l));
     if let Some(e) = l["error"].as_str() {
         println!("last error:       {e}");
     }

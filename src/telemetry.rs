@@ -59,6 +59,10 @@ catalogue! {
         "When the stream last passed verification (Unix seconds)";
     SSF_STREAM_ENABLED = "vigil_ssf_stream_enabled", Gauge, ["stream"],
         "1 while the transmitter reports the stream enabled, else 0";
+    SSF_STREAM_HEALTHY = "vigil_ssf_stream_healthy", Gauge, ["stream"],
+        "0 while a verification request has gone unanswered longer than the stream's SLA (manage.verification_sla_secs), else 1";
+    SSF_TOLERATED = "vigil_ssf_tolerated_deviations_total", Counter, ["transmitter", "deviation"],
+        "SETs accepted although they deviate from the specs, by deviation (each tolerated only where the transmitter's switch allows it)";
     // Kafka.
     KAFKA_CONSUMED = "vigil_kafka_consumed_total", Counter, ["topic"],
         "Kafka messages consumed";

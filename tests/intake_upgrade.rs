@@ -45,11 +45,8 @@ async fn signals_pending_in_an_earlier_releases_state_store_are_moved_and_replay
         Some(2)
     );
     assert_eq!(
-        intake
-            .expected_verification_state("replay")
-            .unwrap()
-            .as_deref(),
-        Some("st-1")
+        intake.expected_verification_states("replay").unwrap(),
+        ["st-1"]
     );
     assert_eq!(
         intake

@@ -804,3 +804,156 @@ async fn accepted_and_rejected_sets_show_in_metrics() {
     assert_eq!(get(&f.vigil, "/healthz").await, (200, "ok".to_owned()));
     f.vigil.shutdown().await;
 }
+
+/// What real transmitters send beyond the specs: accepted only where the transmitter's switch
+/// allows it (the spec-exact answer otherwise), and every accepted deviation counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deviations_real_transmitters_send_are_tolerated_only_where_switched_on() {
+    let strict = fixture_with(|c| c.tolerate.late_verification = false).await;
+    let lenient = fixture_with(|c| {
+        c.tolerate.millisecond_timestamps = true;
+        c.tolerate.revoked_change_type = true;
+        c.tolerate.legacy_risc = true;
+    })
+    .await;
+    let now = vigil::signal::now_ms() as f64 / 1000.0;
+    let claims = |jti: &str, uri: &str, event: Value| {
+        json!({"iss": ISS, "aud": AUD, "jti": jti, "iat": now as i64,
+               "sub_id": {"format": "email", "email": "pat@example.com"},
+               "events": {uri: event}})
+    };
+    let signal_of = |f: &Fixture, jti: &str| {
+        let seq = f.vigil.intake().lookup_jti(ISS, jti).unwrap().unwrap();
+        f.vigil.intake().get(seq).unwrap().unwrap().0
+    };
+
+    // `typ` as a full media type in any case: RFC 7515 §4.1.9 allows it, so both accept it.
+    for f in [&strict, &lenient] {
+        let key = f.tx.key(Alg::RS256);
+        let header = json!({"typ": "Application/SecEvent+JWT", "alg": "RS256", "kid": key.kid});
+        let token = key
+            .sign_raw(&header, &serde_json::to_vec(&base_set("typ-case")).unwrap())
+            .unwrap();
+        assert_eq!(push(&f.vigil, "s", &token).await.status, 202);
+    }
+
+    // `event_timestamp` in milliseconds: read as such only where switched on; otherwise a time
+    // from the far future, clamped to the receipt time.
+    let at = now - 100.0;
+    let session = EventKind::SessionRevoked.uri();
+    for f in [&strict, &lenient] {
+        let key = f.tx.key(Alg::RS256);
+        let set = claims(
+            "ms",
+            &session,
+            json!({"event_timestamp": (at * 1000.0) as i64}),
+        );
+        assert_eq!(
+            push(&f.vigil, "s", &key.sign_set(&set).unwrap())
+                .await
+                .status,
+            202
+        );
+    }
+    assert!((signal_of(&lenient, "ms").event_time - at).abs() < 1.0);
+    assert!(signal_of(&strict, "ms").event_time >= now - 1.0);
+
+    // CAEP `change_type: "revoked"`: refused as the spec says, or read as `revoke`.
+    let credential = EventKind::CredentialChange.uri();
+    let revoked = json!({"credential_type": "password", "change_type": "revoked",
+                         "event_timestamp": now as i64});
+    for (f, status) in [(&strict, 400), (&lenient, 202)] {
+        let key = f.tx.key(Alg::RS256);
+        let token = key
+            .sign_set(&claims("revoked", &credential, revoked.clone()))
+            .unwrap();
+        assert_eq!(push(&f.vigil, "s", &token).await.status, status);
+    }
+    match signal_of(&lenient, "revoked").event {
+        vigil::events::Event::CredentialChange(c) => {
+            assert_eq!(c.change_type, vigil::events::ChangeType::Revoke)
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // Google RISC's legacy shape: no `typ`, the subject inside the event as `iss-sub`, and
+    // OAuth's tokens-revoked — refused (SSF §4.1.1), or taken as RISC sessions-revoked.
+    let google = json!({"iss": ISS, "aud": AUD, "jti": "google", "iat": now as i64,
+        "events": {"https://schemas.openid.net/secevent/oauth/event-type/tokens-revoked": {
+            "subject": {"subject_type": "iss-sub", "iss": "https://accounts.google.com/",
+                        "sub": "7375626A656374"}}}});
+    for (f, status) in [(&strict, 400), (&lenient, 202)] {
+        let key = f.tx.key(Alg::RS256);
+        let header = json!({"alg": "RS256", "kid": key.kid});
+        let token = key
+            .sign_raw(&header, &serde_json::to_vec(&google).unwrap())
+            .unwrap();
+        let answer = push(&f.vigil, "s", &token).await;
+        assert_eq!(answer.status, status, "{answer:?}");
+    }
+    let signal = signal_of(&lenient, "google");
+    assert_eq!(signal.event.kind(), Some(EventKind::SessionsRevoked));
+    assert_eq!(
+        signal.subject.to_json(),
+        json!({"format": "iss_sub", "iss": "https://accounts.google.com/", "sub": "7375626A656374"})
+    );
+
+    // A verification answering the request before the last: late, accepted unless switched off.
+    let verification = |f: &Fixture, jti: &str, state: &str| {
+        let mut set = claims(jti, &EventKind::Verification.uri(), json!({"state": state}));
+        set.as_object_mut().unwrap().remove("sub_id");
+        set["sub_id"] = json!({"format": "opaque", "id": "s"});
+        f.tx.key(Alg::RS256).sign_set(&set).unwrap()
+    };
+    for f in [&strict, &lenient] {
+        for state in ["first-request", "second-request"] {
+            f.vigil
+                .intake()
+                .expect_verification_state("s", state)
+                .await
+                .unwrap();
+        }
+    }
+    let late = push(
+        &strict.vigil,
+        "s",
+        &verification(&strict, "v-late", "first-request"),
+    )
+    .await;
+    assert_rfc8935_error(&late, 400, "invalid_state", "late, switched off");
+    assert_eq!(
+        push(
+            &lenient.vigil,
+            "s",
+            &verification(&lenient, "v-late", "first-request")
+        )
+        .await
+        .status,
+        202
+    );
+    let forged = push(
+        &lenient.vigil,
+        "s",
+        &verification(&lenient, "v-forged", "never-asked"),
+    )
+    .await;
+    assert_rfc8935_error(&forged, 400, "invalid_state", "a state never requested");
+
+    let (_, metrics) = get(&lenient.vigil, "/metrics").await;
+    for deviation in [
+        "millisecond_timestamp",
+        "revoked_change_type",
+        "missing_typ",
+        "oauth_tokens_revoked",
+        "subject_in_event",
+        "late_verification",
+    ] {
+        // (The recorder is the process's: other tests' SETs may count too.)
+        let needle = format!(
+            r#"vigil_ssf_tolerated_deviations_total{{transmitter="tx-s",deviation="{deviation}"}} "#
+        );
+        assert!(metrics.contains(&needle), "{needle} in\n{metrics}");
+    }
+    strict.vigil.shutdown().await;
+    lenient.vigil.shutdown().await;
+}

@@ -499,3 +499,66 @@ async fn a_legacy_one_stream_transmitter_is_adopted_after_409_and_its_key_rotati
     .await;
     vigil.shutdown().await;
 }
+
+/// A transmitter that stops answering verification turns its stream unhealthy once a request has
+/// waited past the SLA — in `/metrics`, `/readyz` and `vigil streams list` — and healthy again
+/// when it answers; Vigil itself stays ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_stops_verifying_turns_unhealthy_and_recovers() {
+    let idp = idp().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut transmitter = managed("idp-push", idp.issuer(), DeliveryMode::Push);
+    if let Some(m) = &mut transmitter.manage {
+        m.verification_sla_secs = 2;
+    }
+    let vigil = start(test_config(dir.path(), vec![transmitter])).await;
+    eventually_within(30, "the stream verified", || async {
+        (liveness(&vigil, "idp-push").await["last_verified_ms"].as_i64() > Some(0)).then_some(())
+    })
+    .await;
+    let healthy_gauge = |metrics: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(r#"vigil_ssf_stream_healthy{stream="idp-push"}"#))
+            .map(|l| l.ends_with(" 1"))
+    };
+    let (_, metrics) = get(&vigil, "/metrics").await;
+    assert_eq!(healthy_gauge(&metrics), Some(true), "{metrics}");
+
+    idp.set_verification_silent(true);
+    eventually_within(30, "the stream unhealthy", || async {
+        let l = liveness(&vigil, "idp-push").await;
+        (l["healthy"] == false).then_some(())
+    })
+    .await;
+    let (_, metrics) = get(&vigil, "/metrics").await;
+    assert_eq!(healthy_gauge(&metrics), Some(false), "{metrics}");
+    let (status, ready) = get_json(&vigil, "/readyz").await;
+    assert_eq!(
+        status, 200,
+        "one transmitter's silence is not Vigil's: {ready}"
+    );
+    let stream = &ready["streams"]["idp-push"];
+    assert_eq!(stream["healthy"], false, "{ready}");
+    assert!(
+        stream["verification_overdue_ms"].as_i64() > Some(0),
+        "{ready}"
+    );
+    let (ok, out, err) = cli(&vigil, &["list"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("unhealthy (verification"), "{out}");
+
+    idp.set_verification_silent(false);
+    eventually_within(30, "the stream healthy again", || async {
+        let l = liveness(&vigil, "idp-push").await;
+        (l["healthy"] == true).then_some(())
+    })
+    .await;
+    let (_, metrics) = get(&vigil, "/metrics").await;
+    assert_eq!(healthy_gauge(&metrics), Some(true), "{metrics}");
+    let (_, ready) = get_json(&vigil, "/readyz").await;
+    assert_eq!(ready["streams"]["idp-push"]["healthy"], true, "{ready}");
+    let (_, out, _) = cli(&vigil, &["list"]).await;
+    assert!(!out.contains("unhealthy"), "{out}");
+    vigil.shutdown().await;
+}

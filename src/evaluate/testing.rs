@@ -289,6 +289,7 @@ pub fn signal_from_claims(claims: &Value, seq: u64) -> Result<Signal, String> {
         issuer: &issuer,
         audiences: &audiences,
         legacy_subjects: true,
+        tolerate: crate::config::Tolerate::default(),
     };
     let validated = set::validate_claims(&bytes, rules).map_err(|e| e.to_string())?;
     let source = SignalSource::SsfPush {

@@ -136,6 +136,9 @@ struct IdpState {
     next_id: AtomicU64,
     wake: tokio::sync::Notify,
     client: reqwest::Client,
+    /// Verification requests are taken (204) and never answered: a transmitter that stopped
+    /// verifying, for the receiver's stream-health SLA.
+    verification_silent: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -186,6 +189,7 @@ impl Idp {
             next_id: AtomicU64::new(1),
             wake: tokio::sync::Notify::new(),
             client,
+            verification_silent: std::sync::atomic::AtomicBool::new(false),
         });
         let app = Router::new()
             .route("/.well-known/ssf-configuration", get(metadata))
@@ -264,6 +268,14 @@ impl Idp {
 
     /// Changes a stream's status as the transmitter itself would (maintenance, policy), sending
     /// stream-updated as SSF requires. `false` if there is no such stream.
+    /// Takes verification requests without ever sending the event (`true`), or answers them
+    /// again (`false`).
+    pub fn set_verification_silent(&self, silent: bool) {
+        self.state
+            .verification_silent
+            .store(silent, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub fn set_status(&self, stream_id: &str, status: &str, reason: Option<&str>) -> bool {
         change_status(&self.state, stream_id, status, reason).is_some()
     }
@@ -796,6 +808,12 @@ async fn verify(
                 .into_response();
         }
         s.last_verification = Some(Instant::now());
+    }
+    if state
+        .verification_silent
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        return StatusCode::NO_CONTENT.into_response();
     }
     let mut payload = json!({});
     if let Some(st) = body.get("state") {

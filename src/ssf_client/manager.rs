@@ -365,9 +365,10 @@ impl StreamManager {
             self.records.put(&self.config.name, &record).await?;
         }
         mgmt.verify(&id, &state).await?;
-        self.liveness.update(&self.config.stream, |l| {
-            l.verification_requested_ms = Some(self.liveness.clock().now_ms());
-        });
+        self.liveness.verification_requested(
+            &self.config.stream,
+            Duration::from_secs(self.manage.verification_sla_secs),
+        );
         Ok(())
     }
 
@@ -537,7 +538,15 @@ impl StreamManager {
                     }
                 }
             }
-            let wake = next_verify.min(next_refresh);
+            // The moment a stream's SLA runs out is assessed then, not at the next scrape.
+            let sla_due = self.liveness.assess().map(|due_ms| {
+                let wait = due_ms.saturating_sub(self.liveness.clock().now_ms()).max(0);
+                tokio::time::Instant::now()
+                    + Duration::from_millis(u64::try_from(wait).unwrap_or(0) + 1)
+            });
+            let wake = next_verify
+                .min(next_refresh)
+                .min(sla_due.unwrap_or(next_refresh));
             tokio::select! {
                 _ = tokio::time::sleep_until(wake) => {}
                 _ = shutdown.changed() => break,
