@@ -1069,6 +1069,12 @@ fn router(config: &Config, parts: Parts<'_>) -> (Router, Router) {
             crate::auth::require,
         )
     };
+    let revocation_state = Arc::new(crate::global_revocation::RevocationState {
+        receiver: parts.receiver.clone(),
+        engine: parts.api_state.engine.clone(),
+        max_body_bytes: config.push.max_body_bytes,
+        limiter: RateLimiter::new(limits.transmitter_sets_per_sec, limits.burst),
+    });
     let push_state = Arc::new(PushState {
         receiver: parts.receiver.clone(),
         max_body_bytes: config.push.max_body_bytes,
@@ -1094,6 +1100,14 @@ fn router(config: &Config, parts: Parts<'_>) -> (Router, Router) {
     let app = Router::new()
         .route("/ssf/push/{stream}", post(push::push))
         .with_state(push_state)
+        .merge(
+            Router::new()
+                .route(
+                    "/oauth/global-token-revocation",
+                    post(crate::global_revocation::revoke),
+                )
+                .with_state(revocation_state),
+        )
         .merge(
             Router::new()
                 .route("/v1/grants", post(api::register_grant))

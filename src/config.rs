@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::jose::Alg;
+pub use crate::set::Tolerate;
 
 /// Environment variables with the `VIGIL_` prefix that are not config keys.
 const NON_CONFIG_ENV: [&str; 4] = [
@@ -875,6 +876,11 @@ pub struct TransmitterConfig {
     /// `vigil_ssf_tolerated_deviations_total`).
     #[serde(default)]
     pub tolerate: Tolerate,
+    /// This identity provider may ask for OAuth Global Token Revocation
+    /// (`POST /oauth/global-token-revocation`, draft-parecki-oauth-global-token-revocation),
+    /// authenticated with its `authorization`: every grant of the user it names is revoked.
+    #[serde(default)]
+    pub global_token_revocation: bool,
     /// Vigil manages its stream at this transmitter (SSF §8): discovers it, creates or adopts the
     /// stream, keeps it configured and verified, and polls it when delivery is poll. Needs
     /// `discovery = true`. Without it the stream is set up out of band and only pushes arrive.
@@ -890,45 +896,6 @@ pub enum DeliveryMode {
     Push,
     /// RFC 8936: Vigil long-polls the endpoint the transmitter assigns.
     Poll,
-}
-
-/// `[transmitters.tolerate]`: what real transmitters send that the specs do not say. Where a spec
-/// forbids the variant the spec-exact behaviour is the default and the switch is off; every SET
-/// accepted through a switch (and through `legacy_subjects`) is counted in
-/// `vigil_ssf_tolerated_deviations_total{transmitter,deviation}`.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Tolerate {
-    /// `event_timestamp` in milliseconds: a value past 10^11 (the year 5138 in seconds) is read
-    /// as milliseconds (`millisecond_timestamp`). Off: a NumericDate is seconds, and such a time is
-    /// clamped as one from the future.
-    #[serde(default)]
-    pub millisecond_timestamps: bool,
-    /// CAEP credential-change `change_type: "revoked"` read as `revoke` (`revoked_change_type`).
-    /// Off: CAEP §3.3.1 allows create, revoke, update and delete, and the SET is refused.
-    #[serde(default)]
-    pub revoked_change_type: bool,
-    /// Google RISC's legacy shapes: a JOSE header without `typ` (`missing_typ`), and
-    /// `…/secevent/oauth/event-type/tokens-revoked` — every OAuth token of the user revoked —
-    /// taken as RISC `sessions-revoked` (`oauth_tokens_revoked`). Off: SSF §4.1.1 requires `typ`.
-    #[serde(default)]
-    pub legacy_risc: bool,
-    /// A verification event answering one of the last four requests rather than the last — late,
-    /// but with a state Vigil asked for (`late_verification`). On: SSF does not forbid it; off, such
-    /// an event is refused `invalid_state`.
-    #[serde(default = "yes")]
-    pub late_verification: bool,
-}
-
-impl Default for Tolerate {
-    fn default() -> Tolerate {
-        Tolerate {
-            millisecond_timestamps: false,
-            revoked_change_type: false,
-            legacy_risc: false,
-            late_verification: true,
-        }
-    }
 }
 
 /// `[transmitters.manage]`: the stream Vigil keeps at a transmitter.
@@ -1004,6 +971,7 @@ impl TransmitterConfig {
             critical_subject_members: Vec::new(),
             legacy_subjects: true,
             tolerate: Tolerate::default(),
+            global_token_revocation: false,
             manage: None,
         }
     }

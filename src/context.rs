@@ -425,7 +425,8 @@ impl PrincipalContext {
             | Event::OptIn(_)
             | Event::OptOutInitiated(_)
             | Event::OptOutCancelled(_)
-            | Event::OptOutEffective(_)) => {
+            | Event::OptOutEffective(_)
+            | Event::GlobalTokenRevocation(_)) => {
                 let name = e.kind().map(|k| k.name()).unwrap_or("unknown");
                 upsert_map(&mut self.lifecycle, name.into(), stamp!(Value::Null))
             }
@@ -600,6 +601,11 @@ impl PrincipalContext {
                 "by_type": self.credential_changes.iter().map(|(k, v)| (k.clone(), json!({"change_type": v.value, "time": v.time}))).collect::<Map<String, Value>>(),
             },
             "session_revoked_at": session_revoked_at.unwrap_or(0.0),
+            // OAuth Global Token Revocation: every grant issued before it is revoked.
+            "tokens_revoked_at": self
+                .lifecycle
+                .get(crate::events::EventKind::GlobalTokenRevocation.name())
+                .map_or(0.0, |r| r.time),
             "risk": {
                 "level": top.map_or("NONE", |r| r.value.level.as_str()),
                 "rank": top.map_or(0, |r| r.value.level.rank()),

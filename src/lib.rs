@@ -29,6 +29,7 @@ pub mod engine;
 pub mod error_body;
 pub mod evaluate;
 pub mod events;
+pub mod global_revocation;
 pub mod grant;
 pub mod handoff;
 pub mod intake;

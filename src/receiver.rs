@@ -385,6 +385,17 @@ impl Receiver {
         let mut signal = Signal::from_set(validated, source, received_at_ms);
         // Clamped before it is recorded, so a replay reads the same time.
         signal.clamp_future_event_time(received_at_ms as f64 / 1000.0, self.max_future_skew_secs);
+        self.record(signal, token, event_type).await
+    }
+
+    /// Records an accepted signal — on the signals topic in cluster mode, else in intake and
+    /// then handed to the next stage — and answers how.
+    async fn record(
+        &self,
+        signal: Signal,
+        token: &str,
+        event_type: &'static str,
+    ) -> Result<Accepted, Rejection> {
         if let Some(cluster) = &self.cluster {
             // The brokers' acknowledgement is the record. A copy received again (here or on
             // another instance) is appended again and applied by the owner with no further
@@ -410,5 +421,60 @@ impl Receiver {
             }
             Err(e) => Err(Rejection::Storage(e.to_string())),
         }
+    }
+
+    /// The transmitter that may ask for OAuth Global Token Revocation with `presented` (its
+    /// `authorization`, compared in constant time), if any.
+    pub fn authenticate_revoker(&self, presented: Option<&[u8]>) -> Option<Arc<Transmitter>> {
+        // Compared as digests, as pushes are: the credential's length does not leak.
+        let presented = crate::auth::digest(presented?);
+        self.by_stream
+            .values()
+            .filter(|t| t.config.global_token_revocation)
+            .find(|t| t.credential_matches(&presented))
+            .cloned()
+    }
+
+    /// Records an OAuth Global Token Revocation of `subject` asked by `t` (the request `body`
+    /// kept as its raw record) as a signal of Vigil's own `global-token-revocation` type, at the
+    /// time of receipt.
+    pub async fn global_token_revocation(
+        &self,
+        t: &Transmitter,
+        subject: crate::subject::SubjectId,
+        body: &str,
+    ) -> Result<Accepted, Rejection> {
+        let received_at_ms = self.liveness.clock().now_ms();
+        let now = received_at_ms as f64 / 1000.0;
+        let event = crate::events::Event::GlobalTokenRevocation(crate::events::RiscCommon {
+            common: crate::events::CaepCommon {
+                event_timestamp: Some(now),
+                ..crate::events::CaepCommon::default()
+            },
+        });
+        let signal = Signal {
+            seq: 0,
+            event_time: now,
+            source: SignalSource::SsfPush {
+                transmitter: t.config.name.clone(),
+                stream: t.config.stream.clone(),
+            },
+            iss: t.config.issuer.clone(),
+            jti: format!("gtr-{:032x}", rand::random::<u128>()),
+            txn: None,
+            event_uri: crate::events::EventKind::GlobalTokenRevocation.uri(),
+            event,
+            subject,
+            iat: now,
+            received_at_ms,
+            attributes: serde_json::Map::new(),
+            ttl_secs: None,
+        };
+        self.record(
+            signal,
+            body,
+            crate::events::EventKind::GlobalTokenRevocation.name(),
+        )
+        .await
     }
 }

@@ -7,10 +7,9 @@
 
 use std::fmt;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::config::Tolerate;
 use crate::events::{Event, EventKind};
 use crate::subject::SubjectId;
 
@@ -81,6 +80,49 @@ impl SetError {
     pub fn request(description: impl Into<String>) -> SetError {
         SetError::new(ErrorCode::InvalidRequest, description)
     }
+}
+
+/// `[transmitters.tolerate]`: what real transmitters send that the specs do not say. Where a spec
+/// forbids the variant the spec-exact behaviour is the default and the switch is off; every SET
+/// accepted through a switch (and through `legacy_subjects`) is counted in
+/// `vigil_ssf_tolerated_deviations_total{transmitter,deviation}`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tolerate {
+    /// `event_timestamp` in milliseconds: a value past 10^11 (the year 5138 in seconds) is read
+    /// as milliseconds (`millisecond_timestamp`). Off: a NumericDate is seconds, and such a time is
+    /// clamped as one from the future.
+    #[serde(default)]
+    pub millisecond_timestamps: bool,
+    /// CAEP credential-change `change_type: "revoked"` read as `revoke` (`revoked_change_type`).
+    /// Off: CAEP §3.3.1 allows create, revoke, update and delete, and the SET is refused.
+    #[serde(default)]
+    pub revoked_change_type: bool,
+    /// Google RISC's legacy shapes: a JOSE header without `typ` (`missing_typ`), and
+    /// `…/secevent/oauth/event-type/tokens-revoked` — every OAuth token of the user revoked —
+    /// taken as RISC `sessions-revoked` (`oauth_tokens_revoked`). Off: SSF §4.1.1 requires `typ`.
+    #[serde(default)]
+    pub legacy_risc: bool,
+    /// A verification event answering one of the last four requests rather than the last — late,
+    /// but with a state Vigil asked for (`late_verification`). On: SSF does not forbid it; off, such
+    /// an event is refused `invalid_state`.
+    #[serde(default = "tolerated")]
+    pub late_verification: bool,
+}
+
+impl Default for Tolerate {
+    fn default() -> Tolerate {
+        Tolerate {
+            millisecond_timestamps: false,
+            revoked_change_type: false,
+            legacy_risc: false,
+            late_verification: true,
+        }
+    }
+}
+
+fn tolerated() -> bool {
+    true
 }
 
 /// What a transmitter's SETs must satisfy.

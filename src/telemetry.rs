@@ -61,6 +61,8 @@ catalogue! {
         "1 while the transmitter reports the stream enabled, else 0";
     SSF_STREAM_HEALTHY = "vigil_ssf_stream_healthy", Gauge, ["stream"],
         "0 while a verification request has gone unanswered longer than the stream's SLA (manage.verification_sla_secs), else 1";
+    GLOBAL_TOKEN_REVOCATIONS = "vigil_global_token_revocations_total", Counter, ["transmitter", "status"],
+        "OAuth Global Token Revocation requests, by identity provider (unknown: not authenticated) and answer status";
     SSF_TOLERATED = "vigil_ssf_tolerated_deviations_total", Counter, ["transmitter", "deviation"],
         "SETs accepted although they deviate from the specs, by deviation (each tolerated only where the transmitter's switch allows it)";
     // Kafka.

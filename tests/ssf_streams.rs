@@ -562,3 +562,95 @@ async fn a_stream_that_stops_verifying_turns_unhealthy_and_recovers() {
     assert!(!out.contains("unhealthy"), "{out}");
     vigil.shutdown().await;
 }
+
+/// OAuth Global Token Revocation from the simulated IdP (as Okta Universal Logout sends it): every
+/// grant of the user issued before it revoked by its own rule, the others untouched; the draft's
+/// answers for a user Vigil does not know, another issuer's user, a bad request, and a caller
+/// without the credential of an IdP allowed to ask.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_token_revocation_revokes_every_grant_of_the_user() {
+    let idp = idp().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut transmitter = managed("idp-push", idp.issuer(), DeliveryMode::Push);
+    transmitter.global_token_revocation = true;
+    let vigil = start(test_config(dir.path(), vec![transmitter])).await;
+    eventually_within(30, "the stream verified", || async {
+        (liveness(&vigil, "idp-push").await["last_verified_ms"].as_i64() > Some(0)).then_some(())
+    })
+    .await;
+    register(&vigil, "jane-web", "jane@example.com").await;
+    register(&vigil, "jane-mobile", "jane@example.com").await;
+    register(&vigil, "bob-web", "bob@example.com").await;
+    let base = format!("http://{}", vigil.local_addr());
+
+    let jane = json!({"format": "email", "email": "jane@example.com"});
+    assert_eq!(
+        idp.global_token_revocation(&base, jane.clone())
+            .await
+            .unwrap(),
+        204
+    );
+    for grant in ["jane-web", "jane-mobile"] {
+        eventually_within(30, "jane's grants revoked", || async {
+            (status(&vigil, grant).await == "revoked").then_some(())
+        })
+        .await;
+    }
+    assert_eq!(status(&vigil, "bob-web").await, "active");
+    let (_, decisions) = get_json(&vigil, "/v1/decisions?grant=jane-web").await;
+    assert_eq!(
+        decisions["decisions"][0]["rules"],
+        json!(["global-token-revocation"]),
+        "{decisions}"
+    );
+    // A session signed in after the revocation is not touched by it; one issued before it and
+    // registered only now is.
+    let t = vigil::signal::now_ms() as f64 / 1000.0 + 1.0;
+    for (id, issued_at, expected) in [
+        ("jane-later", t, "active"),
+        ("jane-earlier", t - 60.0, "revoked"),
+    ] {
+        let grant = json!({"id": id, "kind": "session", "subject": jane, "session": id,
+            "issued_at": issued_at, "expires_at": t + 3600.0});
+        assert_eq!(post_json(&vigil, "/v1/grants", &grant).await.0, 201);
+        assert_eq!(status(&vigil, id).await, expected, "{id}");
+    }
+
+    // The draft's other answers.
+    let nobody = json!({"format": "email", "email": "nobody@example.com"});
+    assert_eq!(
+        idp.global_token_revocation(&base, nobody).await.unwrap(),
+        404
+    );
+    let elsewhere = json!({"format": "iss_sub", "iss": "https://other.example/", "sub": "jane"});
+    assert_eq!(
+        idp.global_token_revocation(&base, elsewhere).await.unwrap(),
+        403
+    );
+    assert_eq!(
+        idp.global_token_revocation(&base, json!({"format": "email"}))
+            .await
+            .unwrap(),
+        400
+    );
+    let http = reqwest::Client::new();
+    let url = format!("{base}/oauth/global-token-revocation");
+    let stranger = http
+        .post(&url)
+        .header("authorization", "Bearer not-an-idp")
+        .json(&json!({"sub_id": jane}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stranger.status().as_u16(), 401);
+    assert!(stranger.headers().contains_key("www-authenticate"));
+    let (_, metrics) = get(&vigil, "/metrics").await;
+    for needle in [
+        r#"vigil_global_token_revocations_total{transmitter="idp-push",status="204"} 1"#,
+        r#"vigil_global_token_revocations_total{transmitter="idp-push",status="404"} 1"#,
+        r#"vigil_global_token_revocations_total{transmitter="unknown",status="401"}"#,
+    ] {
+        assert!(metrics.contains(needle), "{needle} in\n{metrics}");
+    }
+    vigil.shutdown().await;
+}

@@ -829,6 +829,21 @@ impl Engine {
             .unwrap_or_else(|| format!("unresolved:{subject}"))
     }
 
+    /// Whether any identifier of `subject` is one a registration linked to a principal (the
+    /// cluster's alias table in cluster mode), or it names a session or device a grant holds.
+    pub fn knows(&self, subject: &crate::subject::SubjectId) -> bool {
+        let target = self.target_of(subject);
+        target
+            .identifiers
+            .iter()
+            .any(|k| self.shared.aliases.contains_key(k))
+            || member_key(&target).is_some_and(|k| {
+                ["session", "device"]
+                    .iter()
+                    .any(|m| self.shared.index.contains_key(member_index(m, &k).as_str()))
+            })
+    }
+
     /// The principal `identifiers` name, linking nothing: the one any of them is known as, else
     /// the first (the principal a registration or signal would create).
     pub fn principal_key(&self, identifiers: &[String]) -> Option<String> {

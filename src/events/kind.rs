@@ -5,6 +5,9 @@
 pub const CAEP_PREFIX: &str = "https://schemas.openid.net/secevent/caep/event-type/";
 /// RISC 1.0 §2 event-type URI prefix.
 pub const RISC_PREFIX: &str = "https://schemas.openid.net/secevent/risc/event-type/";
+/// Vigil's own event types: requests that are not SETs but become signals (OAuth Global Token
+/// Revocation, draft-parecki-oauth-global-token-revocation, which defines no event-type URI).
+pub const VIGIL_PREFIX: &str = "urn:vigil:event-type:";
 /// SSF 1.0 §8.1.4–8.1.5 framework event-type URI prefix.
 pub const SSF_PREFIX: &str = "https://schemas.openid.net/secevent/ssf/event-type/";
 /// SSE ID1 used this prefix for the framework events (standards.md §5.6).
@@ -67,6 +70,7 @@ kinds! {
     SessionsRevoked => (RISC_PREFIX, "sessions-revoked"),
     Verification => (SSF_PREFIX, "verification"),
     StreamUpdated => (SSF_PREFIX, "stream-updated"),
+    GlobalTokenRevocation => (VIGIL_PREFIX, "global-token-revocation"),
 }
 
 impl EventKind {

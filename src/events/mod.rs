@@ -1,5 +1,6 @@
 //! Typed security events: the 8 CAEP 1.0 events, the 14 RISC 1.0 events and the 2 SSF 1.0 framework
-//! events, with their required and optional fields and enum values exactly as the specs spell them.
+//! events, with their required and optional fields and enum values exactly as the specs spell them,
+//! and Vigil's own Global Token Revocation (a request that becomes a signal, [`VIGIL_PREFIX`]).
 //!
 //! [`Event::parse`] turns one member of a SET's `events` claim into a typed value. A known event whose
 //! payload violates its definition is an error (RFC 8935 `invalid_request`: "the Event Payload within
@@ -13,7 +14,7 @@ mod ssf;
 mod vocab;
 
 pub use caep::*;
-pub use kind::{EventKind, CAEP_PREFIX, RISC_PREFIX, SSF_PREFIX};
+pub use kind::{EventKind, CAEP_PREFIX, RISC_PREFIX, SSF_PREFIX, VIGIL_PREFIX};
 pub use risc::*;
 pub use ssf::*;
 pub use vocab::*;
@@ -61,6 +62,8 @@ pub enum Event {
     // SSF 1.0 §8.1.4, §8.1.5
     Verification(Verification),
     StreamUpdated(StreamUpdated),
+    // Vigil's own: an OAuth Global Token Revocation request (`event_timestamp`: its receipt).
+    GlobalTokenRevocation(RiscCommon),
     /// An event type Vigil does not know: accepted, recorded and counted, never interpreted.
     Unknown {
         uri: String,
@@ -112,6 +115,7 @@ impl Event {
             EventKind::SessionsRevoked => Event::SessionsRevoked(typed(k, p)?),
             EventKind::Verification => Event::Verification(typed(k, p)?),
             EventKind::StreamUpdated => Event::StreamUpdated(typed(k, p)?),
+            EventKind::GlobalTokenRevocation => Event::GlobalTokenRevocation(typed(k, p)?),
         })
     }
 
@@ -142,6 +146,7 @@ impl Event {
             Event::SessionsRevoked(_) => EventKind::SessionsRevoked,
             Event::Verification(_) => EventKind::Verification,
             Event::StreamUpdated(_) => EventKind::StreamUpdated,
+            Event::GlobalTokenRevocation(_) => EventKind::GlobalTokenRevocation,
             Event::Unknown { .. } => return None,
         })
     }
@@ -167,7 +172,8 @@ impl Event {
             | Event::OptOutEffective(e)
             | Event::RecoveryActivated(e)
             | Event::RecoveryInformationChanged(e)
-            | Event::SessionsRevoked(e) => &e.common,
+            | Event::SessionsRevoked(e)
+            | Event::GlobalTokenRevocation(e) => &e.common,
             Event::AccountDisabled(e) => &e.common,
             Event::IdentifierChanged(e) => &e.common,
             Event::CredentialCompromise(e) => &e.common,

@@ -280,6 +280,36 @@ impl Idp {
         change_status(&self.state, stream_id, status, reason).is_some()
     }
 
+    /// Asks a receiver for OAuth Global Token Revocation of `sub_id` (as Okta Universal Logout
+    /// does): `POST <receiver>/oauth/global-token-revocation`, authenticated with the credential
+    /// the receiver gave this IdP for its push stream. Returns the answer's status.
+    pub async fn global_token_revocation(
+        &self,
+        receiver: &str,
+        sub_id: Value,
+    ) -> Result<u16, IdpError> {
+        let credential = lock(&self.state.streams)
+            .values()
+            .find_map(|s| s.push_authorization.clone())
+            .ok_or_else(|| {
+                IdpError::Client("no push stream has given this IdP a credential".into())
+            })?;
+        let url = format!(
+            "{}/oauth/global-token-revocation",
+            receiver.trim_end_matches('/')
+        );
+        let answer = self
+            .state
+            .client
+            .post(url)
+            .header("authorization", credential)
+            .json(&json!({ "sub_id": sub_id }))
+            .send()
+            .await
+            .map_err(|e| IdpError::Client(e.to_string()))?;
+        Ok(answer.status().as_u16())
+    }
+
     /// Emits one event to every stream that delivers its type. Returns how many streams got it.
     pub fn emit(&self, event_uri: &str, sub_id: Value, payload: Value) -> Result<usize, IdpError> {
         emit(&self.state, event_uri, &sub_id, payload, None)
