@@ -348,22 +348,25 @@ impl Vigil {
             (Some(_), Some(issuer)) => issuer.trim_end_matches('/').to_owned(),
             _ => format!("http://{addr}"),
         };
+        let mut managers = Vec::new();
+        for t in &transmitter_configs {
+            let Some(manage) = t.manage.clone() else {
+                continue;
+            };
+            let manager = crate::ssf_client::StreamManager::new(
+                t.clone(),
+                manage,
+                &receiver_base,
+                client.clone(),
+                stream_records.clone(),
+                intake.clone(),
+                liveness.clone(),
+            )
+            .map_err(|e| StartError::Delivery(format!("transmitter `{}`: {e}", t.name)))?;
+            managers.push(Arc::new(manager));
+        }
         let ssf_clients = Arc::new(crate::ssf_client::StreamClients {
-            managers: transmitter_configs
-                .iter()
-                .filter_map(|t| {
-                    let manage = t.manage.clone()?;
-                    Some(Arc::new(crate::ssf_client::StreamManager::new(
-                        t.clone(),
-                        manage,
-                        &receiver_base,
-                        client.clone(),
-                        stream_records.clone(),
-                        intake.clone(),
-                        liveness.clone(),
-                    )))
-                })
-                .collect(),
+            managers,
             liveness: liveness.clone(),
         });
         // Kafka: a single node's risk feeds, or in cluster mode the signals topic's partitions

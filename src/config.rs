@@ -898,14 +898,71 @@ pub enum DeliveryMode {
     Poll,
 }
 
+/// `[transmitters.manage.oauth]`: how Vigil gets access tokens for a transmitter's management
+/// API and poll endpoint (RFC 6749 §4.4 client credentials). Tokens are kept until shortly before
+/// they expire and fetched again after a 401.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuthClient {
+    pub client_id: String,
+    /// `client_secret_basic` (default), `client_secret_post` or `private_key_jwt`.
+    #[serde(default)]
+    pub auth_method: ClientAuthMethod,
+    /// The secret of the `client_secret_*` methods (`VIGIL_TRANSMITTERS__0__MANAGE__OAUTH__CLIENT_SECRET`).
+    #[serde(default)]
+    pub client_secret: Option<String>,
+    /// `private_key_jwt`: the PEM file of the private key the client assertion is signed with.
+    #[serde(default)]
+    pub private_key_path: Option<std::path::PathBuf>,
+    /// `private_key_jwt`: the key's algorithm (RS256 by default; PS256, ES256, …).
+    #[serde(default = "default_assertion_alg")]
+    pub private_key_alg: Alg,
+    /// `private_key_jwt`: the `kid` of the key, as registered at the authorization server.
+    #[serde(default)]
+    pub key_id: Option<String>,
+    /// The token endpoint. Default: the one the authorization server's RFC 8414 metadata names.
+    #[serde(default)]
+    pub token_endpoint: Option<String>,
+    /// The authorization server whose metadata is read (`/.well-known/oauth-authorization-server`)
+    /// when no `token_endpoint` is set. Default: the transmitter's issuer.
+    #[serde(default)]
+    pub authorization_server: Option<String>,
+    /// The `scope` asked for, if any.
+    #[serde(default)]
+    pub scope: Option<String>,
+}
+
+fn default_assertion_alg() -> Alg {
+    Alg::RS256
+}
+
+/// How the client authenticates at the token endpoint (RFC 7591 §2 names).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuthMethod {
+    /// HTTP Basic with the client id and secret (RFC 6749 §2.3.1).
+    #[default]
+    ClientSecretBasic,
+    /// The client id and secret in the form body.
+    ClientSecretPost,
+    /// A JWT signed with the client's private key (RFC 7523 §2.2).
+    PrivateKeyJwt,
+}
+
 /// `[transmitters.manage]`: the stream Vigil keeps at a transmitter.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StreamManagement {
     pub delivery: DeliveryMode,
     /// The exact `Authorization` header value Vigil presents to the management API and poll
-    /// endpoint (e.g. `Bearer …` from `VIGIL_TRANSMITTERS__0__MANAGE__CREDENTIAL`).
+    /// endpoint (e.g. `Bearer …` from `VIGIL_TRANSMITTERS__0__MANAGE__CREDENTIAL`). Exactly one
+    /// of `credential` and `oauth` is set.
+    #[serde(default)]
     pub credential: String,
+    /// OAuth 2.0 client credentials (RFC 6749 §4.4) instead of a fixed `credential`: the CAEP
+    /// interoperability profile's way, with tokens that expire.
+    #[serde(default)]
+    pub oauth: Option<OAuthClient>,
     /// Event types to request (URIs). Empty: every CAEP and RISC event Vigil understands.
     #[serde(default)]
     pub events_requested: Vec<String>,
@@ -992,6 +1049,7 @@ impl TransmitterConfig {
             manage: Some(StreamManagement {
                 delivery,
                 credential: credential.to_owned(),
+                oauth: None,
                 events_requested: Vec::new(),
                 receiver_url: None,
                 description: None,
@@ -1431,8 +1489,42 @@ impl Config {
                         "needs `discovery = true`: the management endpoints come from the metadata",
                     ));
                 }
-                if m.credential.trim().is_empty() {
-                    return Err(invalid(key("manage.credential"), "must not be empty"));
+                match (&m.oauth, m.credential.trim().is_empty()) {
+                    (None, true) => {
+                        return Err(invalid(
+                            key("manage.credential"),
+                            "must not be empty (or set `manage.oauth` for client credentials)",
+                        ))
+                    }
+                    (Some(_), false) => {
+                        return Err(invalid(
+                            key("manage"),
+                            "set either `credential` or `oauth`, not both",
+                        ))
+                    }
+                    _ => {}
+                }
+                if let Some(o) = &m.oauth {
+                    let secret = o.client_secret.as_deref().is_some_and(|s| !s.is_empty());
+                    let method_ok = match o.auth_method {
+                        ClientAuthMethod::ClientSecretBasic
+                        | ClientAuthMethod::ClientSecretPost => secret,
+                        ClientAuthMethod::PrivateKeyJwt => o.private_key_path.is_some(),
+                    };
+                    if o.client_id.is_empty() || !method_ok {
+                        return Err(invalid(
+                            key("manage.oauth"),
+                            "needs `client_id` and, for client_secret_basic / client_secret_post, \
+                             `client_secret`; for private_key_jwt, `private_key_path`",
+                        ));
+                    }
+                    for url in [&o.token_endpoint, &o.authorization_server]
+                        .into_iter()
+                        .flatten()
+                    {
+                        reqwest::Url::parse(url)
+                            .map_err(|e| invalid(key("manage.oauth"), e.to_string()))?;
+                    }
                 }
                 if let Some(url) = &m.receiver_url {
                     reqwest::Url::parse(url)

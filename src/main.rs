@@ -404,6 +404,9 @@ fn check_config(mut config: Config, report: &vigil::config::EnvReport) -> anyhow
         t.authorization = "<redacted>".into();
         if let Some(m) = &mut t.manage {
             m.credential = "<redacted>".into();
+            if let Some(secret) = m.oauth.as_mut().and_then(|o| o.client_secret.as_mut()) {
+                *secret = "<redacted>".into();
+            }
         }
     }
     for ep in &mut config.enforcement_points {

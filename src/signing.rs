@@ -20,6 +20,8 @@ pub enum SigningError {
     Io(#[from] std::io::Error),
     #[error("JSON error: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("a {0} key is not read from PEM (RS, PS, ES256 and ES384 are)")]
+    NoPem(&'static str),
 }
 
 /// A transmitter's private signing key.
@@ -68,6 +70,28 @@ impl SigningKey {
             private: jwk,
             signer,
         })
+    }
+
+    /// Reads a private key in PEM (PKCS#8, or PKCS#1 / SEC 1) for `alg`: an RSA key for the RS
+    /// and PS algorithms, an EC key of the algorithm's curve for ES256 / ES384.
+    pub fn from_pem(alg: Alg, kid: &str, pem: &[u8]) -> Result<SigningKey, SigningError> {
+        use josekit::jwk::alg::{ec::EcCurve, ec::EcKeyPair, rsa::RsaKeyPair};
+        let jwk = match alg {
+            Alg::RS256 | Alg::RS384 | Alg::RS512 | Alg::PS256 | Alg::PS384 | Alg::PS512 => {
+                RsaKeyPair::from_pem(pem)?.to_jwk_key_pair()
+            }
+            Alg::ES256 => EcKeyPair::from_pem(pem, Some(EcCurve::P256))?.to_jwk_key_pair(),
+            Alg::ES384 => EcKeyPair::from_pem(pem, Some(EcCurve::P384))?.to_jwk_key_pair(),
+            Alg::ES512 | Alg::EdDSA => return Err(SigningError::NoPem(alg.name())),
+        };
+        SigningKey::from_private_jwk(alg, kid, jwk)
+    }
+
+    /// Signs `claims` as a plain JWT (`{"typ":"JWT","alg":…,"kid":…}`): an OAuth client
+    /// assertion (RFC 7523), not a SET.
+    pub fn sign_jwt(&self, claims: &Value) -> Result<String, SigningError> {
+        let header = json!({"typ": "JWT", "alg": self.alg.name(), "kid": self.kid});
+        self.sign_raw(&header, &serde_json::to_vec(claims)?)
     }
 
     /// The private JWK's members, for persisting.

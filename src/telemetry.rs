@@ -47,6 +47,8 @@ catalogue! {
         "Pending signals replayed at start-up";
     EVENT_TIMES_CLAMPED = "vigil_event_times_clamped_total", Counter, ["source"],
         "Event times beyond events.max_future_skew_secs taken as the time of receipt";
+    SSF_CLIENT_TOKENS = "vigil_ssf_client_tokens_total", Counter, ["transmitter"],
+        "Access tokens fetched with OAuth client credentials for transmitters' management and poll endpoints";
     SSF_POLL_ERRORS = "vigil_ssf_poll_errors_total", Counter, ["stream"],
         "Polls of a transmitter's stream that failed (retried with backoff)";
     SSF_STREAM_SETUP_ERRORS = "vigil_ssf_stream_setup_errors_total", Counter, ["stream"],

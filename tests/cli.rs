@@ -251,11 +251,16 @@ fn check_config_redacts_secrets_and_names_bad_kafka_settings() {
         &config,
         "[kafka]\nbrokers = \"127.0.0.1:9092\"\n[kafka.properties]\nsecurity_protocol = \"SASL_SSL\"\n\
          sasl_username = \"vigil\"\nsasl_password = \"hunter2-kafka\"\n\
-         [[enforcement_points]]\nname = \"gw\"\ntoken = \"gw-secret-token-0123456789\"\n",
+         [[enforcement_points]]\nname = \"gw\"\ntoken = \"gw-secret-token-0123456789\"\n\
+         [[transmitters]]\nname = \"idp\"\nstream = \"idp\"\nissuer = \"https://idp.example.com/\"\n\
+         audiences = [\"https://vigil.example\"]\ndiscovery = true\n\
+         [transmitters.manage]\ndelivery = \"poll\"\n\
+         [transmitters.manage.oauth]\nclient_id = \"vigil\"\nclient_secret = \"hunter2-oauth\"\n",
     )
     .unwrap();
     let out = vigil_with_config("check-config", &config);
     assert!(out.status.success(), "{out:?}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("hunter2-oauth"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains("SASL_SSL") && stdout.contains("vigil"),

@@ -654,3 +654,182 @@ async fn global_token_revocation_revokes_every_grant_of_the_user() {
     }
     vigil.shutdown().await;
 }
+
+/// OAuth client credentials toward a transmitter that takes nothing but its own short-lived
+/// access tokens: each client authentication method gets tokens (discovered or configured token
+/// endpoint), streams are managed, verified and polled across token expiries, a token the
+/// transmitter stops taking is replaced after one 401, and no secret shows in the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oauth_client_credentials_keep_working_across_short_lived_tokens() {
+    use vigil::config::{ClientAuthMethod, OAuthClient};
+    use vigil::sim::idp::OAuthRegistration;
+    let dir = tempfile::tempdir().unwrap();
+    let key = vigil::sim::SigningKey::generate(vigil::jose::Alg::RS256, "vigil-client").unwrap();
+    let key_path = dir.path().join("client.pem");
+    key.save(&key_path).unwrap();
+    let mut jwk = key.public_jwk().unwrap();
+    jwk["kid"] = json!("vigil-client");
+    jwk["alg"] = json!("RS256");
+    let oauth_idp = || async {
+        Idp::start(
+            "127.0.0.1:0".parse().unwrap(),
+            IdpSettings {
+                receiver_credential: CREDENTIAL.into(),
+                audience: AUDIENCE.into(),
+                long_poll: std::time::Duration::from_secs(1),
+                oauth_clients: vec![
+                    OAuthRegistration {
+                        client_id: "vigil-basic".into(),
+                        secret: Some("s3cret:&more".into()),
+                        public_jwk: None,
+                    },
+                    OAuthRegistration {
+                        client_id: "vigil-post".into(),
+                        secret: Some("p0st-secret".into()),
+                        public_jwk: None,
+                    },
+                    OAuthRegistration {
+                        client_id: "vigil-jwt".into(),
+                        secret: None,
+                        public_jwk: Some(jwk.clone()),
+                    },
+                ],
+                token_lifetime: std::time::Duration::from_secs(2),
+                require_oauth: true,
+                ..IdpSettings::default()
+            },
+        )
+        .await
+        .unwrap()
+    };
+    // One stream of each kind per identity provider (a second push stream at the same one would
+    // be the same receiver's): basic (poll) and private_key_jwt (push) at one, post at another.
+    let idp = oauth_idp().await;
+    let other = oauth_idp().await;
+    let oauth = |client_id: &str, method: ClientAuthMethod| OAuthClient {
+        client_id: client_id.into(),
+        auth_method: method,
+        client_secret: match method {
+            ClientAuthMethod::ClientSecretBasic => Some("s3cret:&more".into()),
+            ClientAuthMethod::ClientSecretPost => Some("p0st-secret".into()),
+            ClientAuthMethod::PrivateKeyJwt => None,
+        },
+        private_key_path: (method == ClientAuthMethod::PrivateKeyJwt).then(|| key_path.clone()),
+        private_key_alg: vigil::jose::Alg::RS256,
+        key_id: Some("vigil-client".into()),
+        // The post client is told its endpoint; the others read it from RFC 8414 metadata.
+        token_endpoint: (method == ClientAuthMethod::ClientSecretPost)
+            .then(|| format!("{}/oauth/token", other.issuer())),
+        authorization_server: None,
+        scope: Some("ssf".into()),
+    };
+    let with_oauth = |name: &str, issuer: &str, delivery, client: OAuthClient| {
+        let mut t = managed(name, issuer, delivery);
+        if let Some(m) = &mut t.manage {
+            m.credential = String::new();
+            m.oauth = Some(client);
+        }
+        t
+    };
+    let transmitters = vec![
+        with_oauth(
+            "idp-basic",
+            idp.issuer(),
+            DeliveryMode::Poll,
+            oauth("vigil-basic", ClientAuthMethod::ClientSecretBasic),
+        ),
+        with_oauth(
+            "idp-post",
+            other.issuer(),
+            DeliveryMode::Push,
+            oauth("vigil-post", ClientAuthMethod::ClientSecretPost),
+        ),
+        with_oauth(
+            "idp-jwt",
+            idp.issuer(),
+            DeliveryMode::Push,
+            oauth("vigil-jwt", ClientAuthMethod::PrivateKeyJwt),
+        ),
+    ];
+    let vigil = start(test_config(dir.path(), transmitters)).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    for stream in ["idp-basic", "idp-post", "idp-jwt"] {
+        while liveness(&vigil, stream).await["last_verified_ms"].as_i64() <= Some(0) {
+            if std::time::Instant::now() > deadline {
+                let (_, all) = get(&vigil, "/v1/ssf/streams").await;
+                let o = idp.observed();
+                let calls: Vec<(String, String)> = o
+                    .requests
+                    .iter()
+                    .map(|(m, p, _)| (m.clone(), p.clone()))
+                    .collect();
+                panic!(
+                    "{stream} not verified with its tokens: {all}\n{:?}\npush failures {} pushed {:?}\n{calls:?}",
+                    idp.token_requests(),
+                    o.push_failures,
+                    o.pushed
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+    let methods = [idp.token_requests(), other.token_requests()].concat();
+    for method in [
+        "client_secret_basic",
+        "client_secret_post",
+        "private_key_jwt",
+    ] {
+        assert!(methods.iter().any(|m| m == method), "{method}: {methods:?}");
+    }
+
+    // Past a token's lifetime, the poll stream still brings events in.
+    register(&vigil, "jane-web", "jane@example.com").await;
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let acked = idp.observed().acked.len();
+    high_risk(&idp, "jane@example.com");
+    eventually_within(
+        30,
+        "jane revoked, the poll acknowledged with a fresh token",
+        || async {
+            (status(&vigil, "jane-web").await == "revoked" && idp.observed().acked.len() > acked)
+                .then_some(())
+        },
+    )
+    .await;
+    // A token the transmitter stops taking (revoked before its expiry) is replaced after one 401.
+    register(&vigil, "bob-web", "bob@example.com").await;
+    let basic_before = idp
+        .token_requests()
+        .iter()
+        .filter(|m| *m == "client_secret_basic")
+        .count();
+    let acked = idp.observed().acked.len();
+    idp.revoke_tokens();
+    high_risk(&idp, "bob@example.com");
+    eventually_within(
+        30,
+        "bob revoked, the poll acknowledged after its 401",
+        || async {
+            (status(&vigil, "bob-web").await == "revoked" && idp.observed().acked.len() > acked)
+                .then_some(())
+        },
+    )
+    .await;
+    let basic_after = idp
+        .token_requests()
+        .iter()
+        .filter(|m| *m == "client_secret_basic")
+        .count();
+    assert!(basic_after > basic_before, "{basic_before} → {basic_after}");
+
+    let (_, streams) = get(&vigil, "/v1/ssf/streams").await;
+    for secret in ["s3cret", "p0st-secret", "at-"] {
+        assert!(!streams.contains(secret), "{secret} in {streams}");
+    }
+    let (_, metrics) = get(&vigil, "/metrics").await;
+    assert!(
+        metrics.contains(r#"vigil_ssf_client_tokens_total{transmitter="idp-basic"}"#),
+        "{metrics}"
+    );
+    vigil.shutdown().await;
+}

@@ -60,6 +60,23 @@ pub struct IdpSettings {
     pub long_poll: Duration,
     /// First retry delay of a failed push (doubling, at most 5 s).
     pub push_retry: Duration,
+    /// OAuth clients its token endpoint (`/oauth/token`, RFC 6749 §4.4) issues access tokens to;
+    /// a token it issued is accepted like `receiver_credential` until it expires.
+    pub oauth_clients: Vec<OAuthRegistration>,
+    /// How long an issued access token is good for.
+    pub token_lifetime: Duration,
+    /// Refuse `receiver_credential`: only access tokens from the token endpoint are taken.
+    pub require_oauth: bool,
+}
+
+/// A client registered at the simulated IdP's token endpoint.
+#[derive(Debug, Clone)]
+pub struct OAuthRegistration {
+    pub client_id: String,
+    /// For `client_secret_basic` and `client_secret_post`.
+    pub secret: Option<String>,
+    /// For `private_key_jwt`: the public JWK client assertions are checked with.
+    pub public_jwk: Option<Value>,
 }
 
 impl Default for IdpSettings {
@@ -72,6 +89,9 @@ impl Default for IdpSettings {
             legacy_risc_metadata: false,
             long_poll: Duration::from_secs(5),
             push_retry: Duration::from_millis(100),
+            oauth_clients: Vec::new(),
+            token_lifetime: Duration::from_secs(300),
+            require_oauth: false,
         }
     }
 }
@@ -136,6 +156,10 @@ struct IdpState {
     next_id: AtomicU64,
     wake: tokio::sync::Notify,
     client: reqwest::Client,
+    /// Access tokens issued, with when they expire.
+    tokens: Mutex<std::collections::HashMap<String, Instant>>,
+    /// How each token was asked for (the client authentication method), in order.
+    token_requests: Mutex<Vec<String>>,
     /// Verification requests are taken (204) and never answered: a transmitter that stopped
     /// verifying, for the receiver's stream-health SLA.
     verification_silent: std::sync::atomic::AtomicBool,
@@ -190,6 +214,8 @@ impl Idp {
             wake: tokio::sync::Notify::new(),
             client,
             verification_silent: std::sync::atomic::AtomicBool::new(false),
+            tokens: Mutex::new(std::collections::HashMap::new()),
+            token_requests: Mutex::new(Vec::new()),
         });
         let app = Router::new()
             .route("/.well-known/ssf-configuration", get(metadata))
@@ -208,6 +234,11 @@ impl Idp {
             .route("/ssf/mgmt/subject:remove", post(remove_subject))
             .route("/ssf/mgmt/verification", post(verify))
             .route("/ssf/poll/{stream_id}", post(poll))
+            .route(
+                "/.well-known/oauth-authorization-server",
+                get(authorization_server_metadata),
+            )
+            .route("/oauth/token", post(token))
             .with_state(state.clone());
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -278,6 +309,17 @@ impl Idp {
 
     pub fn set_status(&self, stream_id: &str, status: &str, reason: Option<&str>) -> bool {
         change_status(&self.state, stream_id, status, reason).is_some()
+    }
+
+    /// How each access token was asked for so far (`client_secret_basic`, `client_secret_post`,
+    /// `private_key_jwt`), in order.
+    pub fn token_requests(&self) -> Vec<String> {
+        lock(&self.state.token_requests).clone()
+    }
+
+    /// Forgets every access token issued: the next call with one is answered 401.
+    pub fn revoke_tokens(&self) {
+        lock(&self.state.tokens).clear();
     }
 
     /// Asks a receiver for OAuth Global Token Revocation of `sub_id` (as Okta Universal Logout
@@ -444,8 +486,133 @@ fn unauthorized(state: &IdpState, headers: &HeaderMap) -> Option<Response> {
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    (presented != state.settings.receiver_credential)
-        .then(|| error(StatusCode::UNAUTHORIZED, "unknown receiver credential"))
+    let fixed = !state.settings.require_oauth && presented == state.settings.receiver_credential;
+    let token = presented
+        .strip_prefix("Bearer ")
+        .and_then(|t| lock(&state.tokens).get(t).copied())
+        .is_some_and(|expires| Instant::now() < expires);
+    (!fixed && !token).then(|| error(StatusCode::UNAUTHORIZED, "unknown receiver credential"))
+}
+
+/// RFC 8414 metadata of the simulated IdP as an authorization server.
+async fn authorization_server_metadata(State(state): State<Arc<IdpState>>) -> Response {
+    let base = &state.issuer;
+    Json(json!({
+        "issuer": base,
+        "token_endpoint": format!("{base}/oauth/token"),
+        "grant_types_supported": ["client_credentials"],
+        "token_endpoint_auth_methods_supported":
+            ["client_secret_basic", "client_secret_post", "private_key_jwt"],
+        "token_endpoint_auth_signing_alg_values_supported": ["RS256", "PS256", "ES256"],
+    }))
+    .into_response()
+}
+
+/// RFC 6749 §5.2 error answer.
+fn oauth_error(status: StatusCode, code: &str) -> Response {
+    (status, Json(json!({ "error": code }))).into_response()
+}
+
+/// RFC 6749 §4.4 client credentials: `client_secret_basic`, `client_secret_post` or
+/// `private_key_jwt` (RFC 7523, checked against the client's registered key, `aud` this
+/// endpoint).
+async fn token(
+    State(state): State<Arc<IdpState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let form: std::collections::HashMap<String, String> =
+        url::form_urlencoded::parse(&body).into_owned().collect();
+    if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
+        return oauth_error(StatusCode::BAD_REQUEST, "unsupported_grant_type");
+    }
+    let clients = &state.settings.oauth_clients;
+    let find = |id: &str| clients.iter().find(|c| c.client_id == id);
+    let basic = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.decode(b).ok()
+        })
+        .and_then(|raw| String::from_utf8(raw).ok());
+    let decode = |v: &str| -> String {
+        url::form_urlencoded::parse(format!("v={v}").as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default()
+    };
+    let method = if let Some(pair) = basic {
+        let (id, secret) = pair.split_once(':').unwrap_or((&pair, ""));
+        let (id, secret) = (decode(id), decode(secret));
+        find(&id)
+            .filter(|c| c.secret.as_deref() == Some(secret.as_str()))
+            .map(|_| "client_secret_basic")
+    } else if let (Some(id), Some(secret)) = (form.get("client_id"), form.get("client_secret")) {
+        find(id)
+            .filter(|c| c.secret.as_deref() == Some(secret.as_str()))
+            .map(|_| "client_secret_post")
+    } else if let (Some(kind), Some(assertion)) = (
+        form.get("client_assertion_type"),
+        form.get("client_assertion"),
+    ) {
+        let endpoint = format!("{}/oauth/token", state.issuer);
+        (kind == "urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+            .then(|| verify_assertion(clients, assertion, &endpoint))
+            .flatten()
+            .map(|_| "private_key_jwt")
+    } else {
+        None
+    };
+    let Some(method) = method else {
+        return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client");
+    };
+    let token = format!("at-{:032x}", rand::random::<u128>());
+    lock(&state.tokens).insert(
+        token.clone(),
+        Instant::now() + state.settings.token_lifetime,
+    );
+    lock(&state.token_requests).push(method.to_owned());
+    Json(json!({"access_token": token, "token_type": "Bearer",
+        "expires_in": state.settings.token_lifetime.as_secs_f64()}))
+    .into_response()
+}
+
+/// The client id a valid RFC 7523 client assertion is from, if it is one.
+fn verify_assertion(
+    clients: &[OAuthRegistration],
+    assertion: &str,
+    endpoint: &str,
+) -> Option<String> {
+    let header = jsonwebtoken::decode_header(assertion).ok()?;
+    // Who it claims to be from (to find the key), read before the signature is checked with it.
+    let claims: Value = {
+        use base64::Engine as _;
+        let payload = assertion.split('.').nth(1)?;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .ok()?;
+        serde_json::from_slice(&bytes).ok()?
+    };
+    let id = claims["iss"].as_str()?;
+    if claims["sub"].as_str() != Some(id) {
+        return None;
+    }
+    let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(
+        clients
+            .iter()
+            .find(|c| c.client_id == id)?
+            .public_jwk
+            .clone()?,
+    )
+    .ok()?;
+    let key = jsonwebtoken::DecodingKey::from_jwk(&jwk).ok()?;
+    let mut validation = jsonwebtoken::Validation::new(header.alg);
+    validation.set_audience(&[endpoint]);
+    validation.set_issuer(&[id]);
+    jsonwebtoken::decode::<Value>(assertion, &key, &validation).ok()?;
+    Some(id.to_owned())
 }
 
 fn observe(state: &IdpState, method: &str, path: &str, body: &Value) {

@@ -36,6 +36,8 @@ pub enum ManageError {
     NoStream,
     #[error("recording the verification state: {0}")]
     Intake(String),
+    #[error("credential: {0}")]
+    Credential(#[from] super::CredentialError),
 }
 
 /// A managed stream.
@@ -50,6 +52,8 @@ pub struct StreamManager {
     liveness: Arc<Liveness>,
     mgmt: Mutex<Option<MgmtClient>>,
     current: Mutex<Option<StreamConfig>>,
+    /// What management and poll calls present: the fixed credential or OAuth tokens.
+    credential: super::Credential,
 }
 
 impl StreamManager {
@@ -61,7 +65,7 @@ impl StreamManager {
         records: StreamRecords,
         intake: Intake,
         liveness: Arc<Liveness>,
-    ) -> StreamManager {
+    ) -> Result<StreamManager, ManageError> {
         let base = manage
             .receiver_url
             .clone()
@@ -77,7 +81,16 @@ impl StreamManager {
                 .into(),
             );
         });
-        StreamManager {
+        let credential = match &manage.oauth {
+            Some(oauth) => super::Credential::OAuth(Arc::new(super::TokenSource::new(
+                &config.name,
+                client.clone(),
+                oauth.clone(),
+                &config.issuer,
+            )?)),
+            None => super::Credential::Fixed(manage.credential.clone()),
+        };
+        Ok(StreamManager {
             config,
             manage,
             push_url,
@@ -87,7 +100,8 @@ impl StreamManager {
             liveness,
             mgmt: Mutex::new(None),
             current: Mutex::new(None),
-        }
+            credential,
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -134,7 +148,7 @@ impl StreamManager {
         let client = MgmtClient::new(
             self.client.clone(),
             metadata,
-            self.manage.credential.clone(),
+            self.credential.clone(),
             self.config.issuer.clone(),
             self.config.audiences.clone(),
             self.liveness.clock().clone(),
@@ -480,7 +494,7 @@ impl StreamManager {
                     self.client.clone(),
                     PollSettings {
                         endpoint_url: url.to_owned(),
-                        credential: self.manage.credential.clone(),
+                        credential: self.credential.clone(),
                         max_events: self.manage.poll_max_events,
                         timeout: Duration::from_secs(self.manage.poll_timeout_secs),
                     },

@@ -121,7 +121,7 @@ enum Endpoint {
 pub struct MgmtClient {
     client: reqwest::Client,
     metadata: TransmitterMetadata,
-    credential: String,
+    credential: super::Credential,
     /// The only origin the credential is sent to: the configured issuer's.
     origin: String,
     audiences: Vec<String>,
@@ -135,7 +135,7 @@ impl MgmtClient {
     pub fn new(
         client: reqwest::Client,
         metadata: TransmitterMetadata,
-        credential: String,
+        credential: super::Credential,
         origin: String,
         audiences: Vec<String>,
         clock: crate::clock::Clock,
@@ -184,22 +184,42 @@ impl MgmtClient {
         ok: &'static [u16],
     ) -> Result<(u16, Value), MgmtError> {
         let url = self.endpoint(endpoint)?;
-        let mut req = self
-            .client
-            .request(method, url)
-            .header("authorization", &self.credential)
-            .header("accept", "application/json");
-        if let Some(q) = query {
-            req = req.query(&[q]);
-        }
-        if let Some(b) = body {
-            req = req.json(b);
-        }
-        let resp = req.send().await.map_err(|e| MgmtError::Transport {
-            op,
-            reason: e.to_string(),
-        })?;
-        let status = resp.status();
+        let mut retried = false;
+        let (resp, status) = loop {
+            let credential = self
+                .credential
+                .header()
+                .await
+                .map_err(|e| MgmtError::Transport {
+                    op,
+                    reason: e.to_string(),
+                })?;
+            let mut req = self
+                .client
+                .request(method.clone(), url)
+                .header("authorization", &credential)
+                .header("accept", "application/json");
+            if let Some(q) = query {
+                req = req.query(&[q]);
+            }
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            let resp = req.send().await.map_err(|e| MgmtError::Transport {
+                op,
+                reason: e.to_string(),
+            })?;
+            let status = resp.status();
+            // An access token the transmitter no longer takes: one more try with a new one.
+            if status == StatusCode::UNAUTHORIZED
+                && !retried
+                && self.credential.rejected(&credential)
+            {
+                retried = true;
+                continue;
+            }
+            break (resp, status);
+        };
         if status == StatusCode::TOO_MANY_REQUESTS {
             // Saturated: a transmitter cannot make Vigil wait forever (or overflow a deadline).
             let retry_after = crate::outbound::retry_after(
@@ -591,7 +611,7 @@ mod tests {
         let client = MgmtClient::new(
             reqwest::Client::new(),
             metadata,
-            "Bearer receiver-credential".into(),
+            super::super::Credential::Fixed("Bearer receiver-credential".into()),
             base,
             vec!["https://receiver.example.com/web".into()],
             crate::clock::Clock::system(),
@@ -688,7 +708,7 @@ mod tests {
         let client = MgmtClient::new(
             reqwest::Client::new(),
             metadata,
-            "Bearer x".into(),
+            super::super::Credential::Fixed("Bearer x".into()),
             "https://tr.example.com".into(),
             vec!["https://receiver.example.com/web".into()],
             crate::clock::Clock::system(),

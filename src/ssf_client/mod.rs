@@ -10,6 +10,7 @@
 //! Boundaries: it never validates SETs itself — every polled SET goes through
 //! [`crate::receiver::Receiver::receive`], exactly like a pushed one.
 
+pub mod credential;
 pub mod http;
 pub mod manager;
 pub mod mgmt;
@@ -20,6 +21,7 @@ use std::sync::Arc;
 
 use crate::liveness::Liveness;
 
+pub use credential::{Credential, CredentialError, TokenSource};
 pub use manager::{ManageError, StreamManager};
 pub use state::{RecordShare, StreamRecord, StreamRecords};
 

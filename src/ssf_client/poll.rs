@@ -22,7 +22,7 @@ const MAX_POLL_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 pub struct PollSettings {
     pub endpoint_url: String,
     /// The `Authorization` value presented to the transmitter.
-    pub credential: String,
+    pub credential: super::Credential,
     pub max_events: u32,
     /// How long one long poll may take (the HTTP timeout is a little longer).
     pub timeout: Duration,
@@ -48,6 +48,7 @@ pub async fn run(
     let mut answers = Answers::default();
     let mut more = false;
     let mut backoff = Duration::from_millis(500);
+    let mut retried_unauthorized = false;
     tracing::info!(stream = %stream, url = %settings.endpoint_url, "polling SSF stream (RFC 8936)");
     loop {
         if *shutdown.borrow() {
@@ -59,9 +60,23 @@ pub async fn run(
             "ack": answers.ack,
             "setErrs": answers.set_errs,
         });
+        let credential = match settings.credential.header().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(stream = %stream, error = %e, retry_in_ms = backoff.as_millis() as u64,
+                    "no credential to poll with");
+                liveness.update(&stream, |l| l.error = Some(format!("poll: {e}")));
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => break,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                continue;
+            }
+        };
         let request = client
             .post(&settings.endpoint_url)
-            .header("authorization", &settings.credential)
+            .header("authorization", &credential)
             .header("accept", "application/json")
             // RFC 8936 §2.6: the `description`s in `setErrs` are English.
             .header("content-language", "en")
@@ -78,6 +93,16 @@ pub async fn run(
                     Ok(body) => serde_json::from_slice::<Value>(&body).map_err(|e| e.to_string()),
                     Err(e) => Err(e.to_string()),
                 }
+            }
+            // An access token the transmitter no longer takes: once, ask again with a new one
+            // at once (the answers are kept).
+            Ok(r)
+                if r.status() == reqwest::StatusCode::UNAUTHORIZED
+                    && !retried_unauthorized
+                    && settings.credential.rejected(&credential) =>
+            {
+                retried_unauthorized = true;
+                continue;
             }
             Ok(r) => Err(format!("HTTP {}", r.status())),
             Err(e) => Err(crate::outbound::excerpt(&e.to_string())),
@@ -100,6 +125,7 @@ pub async fn run(
             }
         };
         backoff = Duration::from_millis(500);
+        retried_unauthorized = false;
         // The transmitter has the answers now.
         answers = Answers::default();
         more = reply["moreAvailable"].as_bool().unwrap_or(false);
