@@ -833,3 +833,78 @@ async fn oauth_client_credentials_keep_working_across_short_lived_tokens() {
     );
     vigil.shutdown().await;
 }
+
+/// Two managed push streams (and a poll stream) at one identity provider each keep their own
+/// stream: neither adopts the other's (a push stream is adopted only when it pushes to this
+/// stream's path). Token fetches slow the managers down enough to interleave their adoption.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managed_streams_at_one_transmitter_never_take_each_others() {
+    use vigil::config::OAuthClient;
+    let idp = Idp::start(
+        "127.0.0.1:0".parse().unwrap(),
+        IdpSettings {
+            receiver_credential: CREDENTIAL.into(),
+            audience: AUDIENCE.into(),
+            oauth_clients: vec![vigil::sim::idp::OAuthRegistration {
+                client_id: "vigil".into(),
+                secret: Some("secret".into()),
+                public_jwk: None,
+            }],
+            require_oauth: true,
+            ..IdpSettings::default()
+        },
+    )
+    .await
+    .unwrap();
+    let transmitters: Vec<TransmitterConfig> = [
+        ("idp-poll", DeliveryMode::Poll),
+        ("idp-a", DeliveryMode::Push),
+        ("idp-b", DeliveryMode::Push),
+    ]
+    .into_iter()
+    .map(|(name, delivery)| {
+        let mut t = managed(name, idp.issuer(), delivery);
+        if let Some(m) = &mut t.manage {
+            m.credential = String::new();
+            m.oauth = Some(OAuthClient {
+                client_id: "vigil".into(),
+                auth_method: Default::default(),
+                client_secret: Some("secret".into()),
+                private_key_path: None,
+                private_key_alg: vigil::jose::Alg::RS256,
+                key_id: None,
+                token_endpoint: None,
+                authorization_server: None,
+                scope: None,
+            });
+        }
+        t
+    })
+    .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let vigil = start(test_config(dir.path(), transmitters)).await;
+    for stream in ["idp-poll", "idp-a", "idp-b"] {
+        eventually_within(30, "every stream verified", || async {
+            (liveness(&vigil, stream).await["last_verified_ms"].as_i64() > Some(0)).then_some(())
+        })
+        .await;
+    }
+    let mut endpoints: Vec<String> = idp
+        .streams()
+        .iter()
+        .map(|s| {
+            s["delivery"]["endpoint_url"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    endpoints.sort();
+    assert_eq!(endpoints.len(), 3, "{endpoints:?}");
+    for path in ["/ssf/push/idp-a", "/ssf/push/idp-b"] {
+        let to_it = endpoints.iter().filter(|e| e.ends_with(path)).count();
+        assert_eq!(to_it, 1, "{path}: {endpoints:?}");
+    }
+    assert_eq!(idp.observed().push_failures, 0);
+    vigil.shutdown().await;
+}

@@ -311,9 +311,14 @@ impl StreamManager {
             let Ok(c) = mgmt.checked("list streams", v) else {
                 continue;
             };
-            if self.is_ours(&c)
-                || (self.manage.delivery == DeliveryMode::Push && c.delivery_method() == PUSH)
-            {
+            // A push stream to this stream's push path is Vigil's even if the receiver's base URL
+            // changed since; one to another path is another managed stream's (two transmitters
+            // configured at one identity provider must not take each other's stream).
+            let our_path = format!("/ssf/push/{}", self.config.stream);
+            let pushes_here = self.manage.delivery == DeliveryMode::Push
+                && c.delivery_method() == PUSH
+                && c.endpoint_url().is_some_and(|u| u.ends_with(&our_path));
+            if self.is_ours(&c) || pushes_here {
                 tracing::info!(transmitter = %self.config.name, stream_id = %c.stream_id(),
                     "adopting an existing stream");
                 return Ok(Some(c));
