@@ -2354,12 +2354,8 @@ async fn a_shadow_set_runs_on_every_instance_and_is_promoted_on_all() {
         let http = http.clone();
         let base = instances[1].base.clone();
         async move {
-            let page: Value = http
-                .get(format!("{base}/v1/signals?{query}"))
-                .bearer_auth(ADMIN_TOKEN)
-                .send()
+            let page: Value = admin_get(&http, &format!("{base}/v1/signals?{query}"))
                 .await
-                .unwrap()
                 .json()
                 .await
                 .unwrap();

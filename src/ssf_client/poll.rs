@@ -60,52 +60,45 @@ pub async fn run(
             "ack": answers.ack,
             "setErrs": answers.set_errs,
         });
-        let credential = match settings.credential.header().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(stream = %stream, error = %e, retry_in_ms = backoff.as_millis() as u64,
-                    "no credential to poll with");
-                liveness.update(&stream, |l| l.error = Some(format!("poll: {e}")));
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+        let parsed = match settings.credential.header().await {
+            Err(e) => Err(format!("no credential to poll with: {e}")),
+            Ok(credential) => {
+                let request = client
+                    .post(&settings.endpoint_url)
+                    .header("authorization", &credential)
+                    .header("accept", "application/json")
+                    // RFC 8936 §2.6: the `description`s in `setErrs` are English.
+                    .header("content-language", "en")
+                    .timeout(settings.timeout + Duration::from_secs(5))
+                    .json(&body)
+                    .send();
+                let response = tokio::select! {
+                    r = request => r,
                     _ = shutdown.changed() => break,
+                };
+                match response {
+                    Ok(r) if r.status().is_success() => {
+                        match crate::outbound::read_capped(r, MAX_POLL_RESPONSE_BYTES).await {
+                            Ok(body) => {
+                                serde_json::from_slice::<Value>(&body).map_err(|e| e.to_string())
+                            }
+                            Err(e) => Err(e.to_string()),
+                        }
+                    }
+                    // An access token the transmitter no longer takes: once, ask again with a
+                    // new one at once (the answers are kept).
+                    Ok(r)
+                        if r.status() == reqwest::StatusCode::UNAUTHORIZED
+                            && !retried_unauthorized
+                            && settings.credential.rejected(&credential) =>
+                    {
+                        retried_unauthorized = true;
+                        continue;
+                    }
+                    Ok(r) => Err(format!("HTTP {}", r.status())),
+                    Err(e) => Err(crate::outbound::excerpt(&e.to_string())),
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-                continue;
             }
-        };
-        let request = client
-            .post(&settings.endpoint_url)
-            .header("authorization", &credential)
-            .header("accept", "application/json")
-            // RFC 8936 §2.6: the `description`s in `setErrs` are English.
-            .header("content-language", "en")
-            .timeout(settings.timeout + Duration::from_secs(5))
-            .json(&body)
-            .send();
-        let response = tokio::select! {
-            r = request => r,
-            _ = shutdown.changed() => break,
-        };
-        let parsed = match response {
-            Ok(r) if r.status().is_success() => {
-                match crate::outbound::read_capped(r, MAX_POLL_RESPONSE_BYTES).await {
-                    Ok(body) => serde_json::from_slice::<Value>(&body).map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                }
-            }
-            // An access token the transmitter no longer takes: once, ask again with a new one
-            // at once (the answers are kept).
-            Ok(r)
-                if r.status() == reqwest::StatusCode::UNAUTHORIZED
-                    && !retried_unauthorized
-                    && settings.credential.rejected(&credential) =>
-            {
-                retried_unauthorized = true;
-                continue;
-            }
-            Ok(r) => Err(format!("HTTP {}", r.status())),
-            Err(e) => Err(crate::outbound::excerpt(&e.to_string())),
         };
         let reply = match parsed {
             Ok(v) => v,
