@@ -50,6 +50,9 @@ pub struct ApiState {
     pub decision_copies: Option<Arc<crate::cluster::DecisionCopies>>,
     /// Cluster mode: the signals topic read back (replay, the live feed).
     pub signal_history: Option<Arc<crate::cluster::SignalHistory>>,
+    /// Where access decision records go (AuthZEN), and the share of permits recorded.
+    pub access_log: crate::engine::AccessLog,
+    pub access_sample_rate: f64,
 }
 
 use crate::error_body::error;

@@ -558,6 +558,7 @@ impl Vigil {
             }
             _ => None,
         };
+        let audit_for_access = audit.clone();
         let api_state = Arc::new(ApiState {
             identity: identity.clone(),
             streams: streams.clone(),
@@ -574,6 +575,8 @@ impl Vigil {
             view: status_view.clone(),
             decision_copies,
             signal_history,
+            access_log: crate::engine::AccessLog::start(audit_for_access),
+            access_sample_rate: config.authzen.audit_sample_rate,
         });
         // Streams kept at transmitters. In cluster mode each runs on exactly one instance — the
         // owner of its transmitter's partition — and moves with it; every instance accepts the
@@ -1123,6 +1126,8 @@ fn router(config: &Config, parts: Parts<'_>) -> (Router, Router) {
                     Router::new()
                         .route("/v1/check", post(api::check_grant))
                         .route("/v1/check/auth_request", get(api::check_auth_request))
+                        .route("/access/v1/evaluation", post(crate::authzen::evaluation))
+                        .route("/access/v1/evaluations", post(crate::authzen::evaluations))
                         .route_layer(needs(Role::Check)),
                 )
                 .merge(
@@ -1201,6 +1206,14 @@ fn router(config: &Config, parts: Parts<'_>) -> (Router, Router) {
     let well_known = crate::discovery::metadata_url(&issuer, "ssf-configuration")
         .map(|u| u.path().to_owned())
         .unwrap_or_else(|_| "/.well-known/ssf-configuration".to_owned());
+    let app = app.merge(
+        Router::new()
+            .route(
+                "/.well-known/authzen-configuration",
+                get(crate::authzen::metadata),
+            )
+            .with_state(Arc::new(issuer.trim_end_matches('/').to_owned())),
+    );
     let app = app.merge(
         Router::new()
             .route(&well_known, get(transmitter::metadata))

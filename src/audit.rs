@@ -302,6 +302,7 @@ mod tests {
                 event_time: None,
             },
             enforcement_points: vec![],
+            hops: Vec::new(),
         }
     }
 

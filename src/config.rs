@@ -103,6 +103,29 @@ pub struct Config {
     pub outbound: OutboundConfig,
     #[serde(default)]
     pub events: EventsConfig,
+    #[serde(default)]
+    pub authzen: AuthzenConfig,
+}
+
+/// `[authzen]`: the AuthZEN access evaluation door.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthzenConfig {
+    /// The share of permitted evaluations recorded in the audit log (0 to 1; denials always are).
+    #[serde(default = "default_audit_sample_rate")]
+    pub audit_sample_rate: f64,
+}
+
+impl Default for AuthzenConfig {
+    fn default() -> AuthzenConfig {
+        AuthzenConfig {
+            audit_sample_rate: default_audit_sample_rate(),
+        }
+    }
+}
+
+fn default_audit_sample_rate() -> f64 {
+    1.0
 }
 
 /// The listener's connection budgets: every caller shares the server, so none may hold it.
@@ -1213,6 +1236,7 @@ impl Default for Config {
             server: ServerConfig::default(),
             outbound: OutboundConfig::default(),
             events: EventsConfig::default(),
+            authzen: AuthzenConfig::default(),
         }
     }
 }
@@ -1298,6 +1322,12 @@ impl Config {
 
     /// Checks what types alone cannot: uniqueness, URLs, non-empty lists.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(0.0..=1.0).contains(&self.authzen.audit_sample_rate) {
+            return Err(invalid(
+                "authzen.audit_sample_rate",
+                "must be between 0 and 1",
+            ));
+        }
         if self.push.max_body_bytes == 0 {
             return Err(invalid("push.max_body_bytes", "must be greater than 0"));
         }

@@ -14,6 +14,8 @@ pub enum DecisionEffect {
     Restrict,
     Notify,
     Allow,
+    /// An access request refused (AuthZEN): the grant is unchanged.
+    Deny,
 }
 
 /// What caused the evaluation.
@@ -37,7 +39,16 @@ pub struct Cause {
 
 impl Cause {
     /// Every kind of cause.
-    pub const KINDS: [&'static str; 4] = ["signal", "registration", "policy_swap", "dependency"];
+    pub const KINDS: [&'static str; 5] = [
+        "signal",
+        "registration",
+        "policy_swap",
+        "dependency",
+        Cause::ACCESS_REQUEST,
+    ];
+
+    /// An access request's evaluation (AuthZEN): recorded, changing no grant.
+    pub const ACCESS_REQUEST: &'static str = "access_request";
 
     /// The cause of a decision made on current state, not on a signal (`registration`,
     /// `policy_swap`, `dependency`).
@@ -81,12 +92,31 @@ pub struct Decision {
     pub context_version: u64,
     pub cause: Cause,
     pub enforcement_points: Vec<String>,
+    /// An access request's evaluation: each context it ran on (an agent's, then the delegating
+    /// user's), with what matched there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hops: Vec<Hop>,
+}
+
+/// One hop of an access request's evaluation: whose context it ran on and what it found.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hop {
+    /// The principal whose context this hop evaluated (the grant's principal; for an agent
+    /// delegation, then the delegating user).
+    pub principal: String,
+    /// `principal` or `delegating_user`.
+    pub role: String,
+    /// The request-time rules that matched on it (an enforced match denies).
+    pub rules: Vec<String>,
+    pub denied: bool,
 }
 
 impl Decision {
     /// Whether it changed the grant's status (an enforced decision other than `notify`).
     pub fn changes_status(&self) -> bool {
-        !self.shadow && self.effect != DecisionEffect::Notify
+        !self.shadow
+            && self.effect != DecisionEffect::Notify
+            && self.cause.kind != Cause::ACCESS_REQUEST
     }
 
     /// Whether enforcement points hear of this decision: an enforced revoke, step-up or restrict.

@@ -17,6 +17,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 pub mod audit;
 pub mod auth;
+pub mod authzen;
 pub mod check;
 pub mod clock;
 pub mod cluster;

@@ -63,6 +63,12 @@ catalogue! {
         "1 while the transmitter reports the stream enabled, else 0";
     SSF_STREAM_HEALTHY = "vigil_ssf_stream_healthy", Gauge, ["stream"],
         "0 while a verification request has gone unanswered longer than the stream's SLA (manage.verification_sla_secs), else 1";
+    ACCESS_EVALUATIONS = "vigil_access_evaluations_total", Counter, ["decision"],
+        "AuthZEN access evaluations, by decision (allow, deny)";
+    ACCESS_EVALUATION_SECONDS = "vigil_access_evaluation_seconds", Histogram, [],
+        "Time to decide one AuthZEN access evaluation";
+    ACCESS_AUDIT_DROPPED = "vigil_access_audit_dropped_total", Counter, [],
+        "Access decision records not written to the audit log (queue full, or the write failed)";
     GLOBAL_TOKEN_REVOCATIONS = "vigil_global_token_revocations_total", Counter, ["transmitter", "status"],
         "OAuth Global Token Revocation requests, by identity provider (unknown: not authenticated) and answer status";
     SSF_TOLERATED = "vigil_ssf_tolerated_deviations_total", Counter, ["transmitter", "deviation"],

@@ -35,6 +35,8 @@ fn routes() -> Vec<(Method, &'static str, Role)> {
         (Method::DELETE, "/v1/grants/g1", Role::Grants),
         (Method::POST, "/v1/check", Role::Check),
         (Method::GET, "/v1/check/auth_request", Role::Check),
+        (Method::POST, "/access/v1/evaluation", Role::Check),
+        (Method::POST, "/access/v1/evaluations", Role::Check),
         (Method::GET, "/v1/decisions", Role::Operator),
         (Method::GET, "/v1/subjects?q=a", Role::Operator),
         (Method::GET, "/v1/signals", Role::Operator),

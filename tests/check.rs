@@ -278,3 +278,163 @@ fn which(name: &str) -> Result<std::path::PathBuf, ()> {
     }
     Err(())
 }
+
+/// AuthZEN access evaluation with live context: a request-time rule denies a sensitive action
+/// while the user's risk is LOW (which changes no grant), for the user's own session and for an
+/// agent acting for the user; each evaluation is a decision record with every hop; the batch
+/// endpoint honours its three semantics; the PDP metadata names both endpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authzen_evaluates_requests_on_live_context() {
+    let (tx, vigil, _dir) = setup().await;
+    let t = now();
+    let jane = json!({"format": "email", "email": "jane@example.com"});
+    let session = json!({"id": "jane-web", "kind": "session", "subject": jane, "session": "s-1",
+        "issued_at": t - 5.0, "expires_at": t + 600.0});
+    let agent = json!({"id": "agent-1", "kind": "agent_delegation", "principal_type": "agent",
+        "subject": {"format": "opaque", "id": "shopping-agent"}, "on_behalf_of": jane,
+        "issued_at": t - 5.0, "expires_at": t + 600.0});
+    for g in [&session, &agent] {
+        assert_eq!(post_json(&vigil, "/v1/grants", g).await.0, 201);
+    }
+    let request = |grant: &str, action: Value| {
+        json!({"subject": {"type": "user", "id": "jane@example.com"},
+               "action": action, "resource": {"type": "api", "id": "payments"},
+               "context": {"grant_id": grant}})
+    };
+    let pay = json!({"name": "pay", "properties": {"sensitive": true}});
+    let read = json!({"name": "read"});
+    let evaluate = |body: Value| {
+        let vigil = &vigil;
+        async move { post_json(vigil, "/access/v1/evaluation", &body).await }
+    };
+    for grant in ["jane-web", "agent-1"] {
+        let (code, answer) = evaluate(request(grant, pay.clone())).await;
+        assert_eq!((code, &answer["decision"]), (200, &json!(true)), "{answer}");
+    }
+
+    // LOW risk for jane: no grant changes, but a sensitive action is denied — also to the agent
+    // acting for her, through her context.
+    let claims = json!({"iss": ISS, "aud": AUD, "jti": "low-1", "iat": now() as i64, "sub_id": jane,
+        "events": {"https://schemas.openid.net/secevent/caep/event-type/risk-level-change":
+            {"principal": "USER", "current_level": "LOW", "event_timestamp": now()}}});
+    assert_eq!(
+        push(
+            &vigil,
+            "idp",
+            &tx.key(Alg::RS256).sign_set(&claims).unwrap()
+        )
+        .await
+        .status,
+        202
+    );
+    let denied = eventually("a sensitive action denied", || async {
+        let (_, answer) = evaluate(request("jane-web", pay.clone())).await;
+        (answer["decision"] == false).then_some(answer)
+    })
+    .await;
+    assert_eq!(
+        denied["context"]["rules"],
+        json!(["request-sensitive-action-under-risk"])
+    );
+    assert!(
+        denied["context"]["reason_admin"]["en"]
+            .as_str()
+            .unwrap()
+            .contains("risk LOW"),
+        "{denied}"
+    );
+    assert_eq!(
+        evaluate(request("jane-web", read.clone())).await.1["decision"],
+        true
+    );
+    let (_, agent_answer) = evaluate(request("agent-1", pay.clone())).await;
+    assert_eq!(agent_answer["decision"], false, "{agent_answer}");
+    assert!(
+        agent_answer["context"]["reason_admin"]["en"]
+            .as_str()
+            .unwrap()
+            .contains("delegating user"),
+        "{agent_answer}"
+    );
+    let (_, held) = get_json(&vigil, "/v1/grants/jane-web").await;
+    assert_eq!(held["status"], "active", "no grant changed: {held}");
+
+    // Fail closed: no grant named, or one Vigil does not hold.
+    let mut unnamed = request("x", read.clone());
+    unnamed["context"] = json!({});
+    for body in [unnamed, request("nope", read.clone())] {
+        let (_, answer) = evaluate(body).await;
+        assert_eq!(answer["decision"], false, "{answer}");
+        assert_eq!(answer["context"]["status"], "unknown", "{answer}");
+    }
+    let mut malformed = request("jane-web", read.clone());
+    malformed["subject"] = json!({"type": "user"});
+    assert_eq!(evaluate(malformed).await.0, 400);
+
+    // The decision log holds each evaluation, the agent's with both hops.
+    let (_, log) = get_json(&vigil, "/v1/decisions?cause=access_request&grant=agent-1").await;
+    let records = log["decisions"].as_array().unwrap();
+    let denial = records
+        .iter()
+        .find(|d| d["effect"] == "deny")
+        .unwrap_or_else(|| panic!("{log}"));
+    let hops = denial["hops"].as_array().unwrap();
+    assert_eq!(hops.len(), 2, "{denial}");
+    assert_eq!(hops[0]["role"], "principal");
+    assert_eq!(hops[1]["role"], "delegating_user");
+    assert_eq!(hops[1]["principal"], "email:jane@example.com");
+    assert_eq!(hops[1]["denied"], true);
+    assert!(denial["policy_version"]
+        .as_str()
+        .is_some_and(|v| !v.is_empty()));
+
+    // Batches: defaults at the top, each entry replacing them; three semantics.
+    let batch = |semantic: &str| {
+        json!({"subject": {"type": "user", "id": "jane@example.com"},
+               "resource": {"type": "api", "id": "payments"},
+               "context": {"grant_id": "jane-web"},
+               "options": {"evaluations_semantic": semantic},
+               "evaluations": [{"action": read}, {"action": pay}, {"action": read}]})
+    };
+    for (semantic, expected) in [
+        ("execute_all", vec![true, false, true]),
+        ("deny_on_first_deny", vec![true, false]),
+        ("permit_on_first_permit", vec![true]),
+    ] {
+        let (code, answer) = post_json(&vigil, "/access/v1/evaluations", &batch(semantic)).await;
+        assert_eq!(code, 200, "{answer}");
+        let got: Vec<bool> = answer["evaluations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["decision"].as_bool().unwrap())
+            .collect();
+        assert_eq!(got, expected, "{semantic}: {answer}");
+    }
+    let mut single = batch("execute_all");
+    single.as_object_mut().unwrap().remove("evaluations");
+    single["action"] = read.clone();
+    assert_eq!(
+        post_json(&vigil, "/access/v1/evaluations", &single).await.1["decision"],
+        true
+    );
+    assert_eq!(
+        post_json(&vigil, "/access/v1/evaluations", &batch("whatever"))
+            .await
+            .0,
+        400
+    );
+
+    let (code, metadata) = get_json(&vigil, "/.well-known/authzen-configuration").await;
+    assert_eq!(code, 200);
+    let pdp = metadata["policy_decision_point"].as_str().unwrap();
+    assert_eq!(
+        metadata["access_evaluation_endpoint"],
+        format!("{pdp}/access/v1/evaluation")
+    );
+    assert_eq!(
+        metadata["access_evaluations_endpoint"],
+        format!("{pdp}/access/v1/evaluations")
+    );
+    vigil.shutdown().await;
+}

@@ -48,6 +48,7 @@ pub(super) fn decide(
         context_version,
         cause: cause.clone(),
         enforcement_points: grant.enforcement_points.to_vec(),
+        hops: Vec::new(),
     };
     let target = status_after(outcome);
     if target != grant.status {

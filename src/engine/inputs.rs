@@ -58,6 +58,31 @@ impl Inputs {
         outcome
     }
 
+    /// The request-time rules on an access `request` for `grant` (see
+    /// [`crate::evaluate::evaluate_request`]).
+    pub fn evaluate_request(
+        &self,
+        policy: &PolicySet,
+        grant: &Grant,
+        request: std::sync::Arc<serde_json::Value>,
+        decay: &Decay,
+        now: f64,
+    ) -> (Evaluation, Vec<crate::decision::Hop>) {
+        let entities: Vec<&PrincipalContext> = self.entities.iter().map(|c| &**c).collect();
+        crate::evaluate::evaluate_request(
+            policy,
+            grant,
+            Contexts {
+                principal: &self.principal,
+                entities: &entities,
+                delegator: self.delegator.as_deref(),
+            },
+            request,
+            decay,
+            now,
+        )
+    }
+
     /// [`Inputs::evaluate`] under each of `policies`, on inputs built once.
     pub fn evaluate_under<const N: usize>(
         &self,

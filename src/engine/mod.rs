@@ -16,6 +16,7 @@
 //! reaching the agents acting for them) is forwarded as re-evaluation messages, never by writing
 //! another shard's state.
 
+mod access;
 mod changelog;
 mod commit;
 mod decide;
@@ -26,6 +27,7 @@ mod replay;
 mod session_grant;
 pub mod shadow;
 
+pub use access::{Access, AccessLog, AccessRequest};
 pub use changelog::{ChangeRecord, Changelog, Row, Table};
 pub use impact::{Changes, Impact, RuleCount, Sample, Samples, Transition};
 pub use persist::{handoff_done_in, pending_handoff};

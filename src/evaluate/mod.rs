@@ -147,6 +147,7 @@ pub fn evaluate_grant_under<const N: usize>(
         subject: subject_view(trigger, grant),
         now,
         trigger: trigger_type,
+        request: crate::policy::no_request(),
     };
     let mut outcomes = policies.map(|policy| policy.evaluate(&input));
     if let Some(delegator) = contexts.delegator {
@@ -167,6 +168,57 @@ pub fn evaluate_grant_under<const N: usize>(
         }
     }
     outcomes
+}
+
+pub use crate::decision::Hop;
+
+/// Evaluates the request-time rules on an access `request` for `grant`: on the grant principal's
+/// context, and for an agent delegation also on the delegating user's — an agent acting for a user
+/// is never allowed more than the user; every hop is returned for the decision log.
+pub fn evaluate_request(
+    policy: &PolicySet,
+    grant: &Grant,
+    contexts: Contexts<'_>,
+    request: Arc<Value>,
+    decay: &Decay,
+    now: f64,
+) -> (Evaluation, Vec<Hop>) {
+    let input = EvalInput {
+        grant: grant.policy_view(),
+        context: contexts
+            .principal
+            .view(grant, contexts.entities, decay, now),
+        signal: signal_view(Trigger::State),
+        subject: subject_view(Trigger::State, grant),
+        now,
+        trigger: None,
+        request,
+    };
+    let hop = |principal: &str, role: &str, e: &Evaluation| Hop {
+        principal: principal.to_owned(),
+        role: role.to_owned(),
+        rules: e.matched.iter().map(|m| m.id.clone()).collect(),
+        denied: e.effect.is_some(),
+    };
+    let mut outcome = policy.evaluate_request(&input);
+    let mut hops = vec![hop(&grant.principal, "principal", &outcome)];
+    if let (Some(delegator), Some(user)) = (contexts.delegator, grant.on_behalf_of.as_deref()) {
+        let input = EvalInput {
+            context: delegator.view(grant, contexts.entities, decay, now),
+            ..input
+        };
+        let via_user = policy.evaluate_request(&input);
+        hops.push(hop(user, "delegating_user", &via_user));
+        outcome.effect = outcome.effect.max(via_user.effect);
+        for mut m in via_user.matched {
+            if !outcome.matched.iter().any(|o| o.id == m.id) {
+                m.reason = format!("delegating user: {}", m.reason);
+                outcome.matched.push(m);
+            }
+        }
+        outcome.shadow.extend(via_user.shadow);
+    }
+    (outcome, hops)
 }
 
 #[cfg(test)]

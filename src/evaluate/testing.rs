@@ -49,6 +49,11 @@ struct TestCase {
     /// Evaluation time; defaults to one second after the last signal (or the grant's issue time).
     #[serde(default)]
     now: Option<f64>,
+    /// An access request (`{subject, action, resource, context}`, AuthZEN's shape) made under the
+    /// grant once the signals are applied: the request-time rules decide it, and `expect.effect`
+    /// is the effect of the rules that deny it (`none`: allowed).
+    #[serde(default)]
+    request: Option<Value>,
     expect: Expect,
 }
 
@@ -200,7 +205,20 @@ fn run_case(policy: &PolicySet, examples: &Path, case: &TestCase) -> Result<(), 
         entities: &[],
         delegator: delegator.as_ref(),
     };
-    let outcome = evaluate_grant(policy, &grant, contexts, trigger, &Decay::default(), now);
+    let outcome = match &case.request {
+        Some(request) => {
+            super::evaluate_request(
+                policy,
+                &grant,
+                contexts,
+                std::sync::Arc::new(request.clone()),
+                &Decay::default(),
+                now,
+            )
+            .0
+        }
+        None => evaluate_grant(policy, &grant, contexts, trigger, &Decay::default(), now),
+    };
 
     let got = match outcome.effect {
         Some(e) => e.as_str(),

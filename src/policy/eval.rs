@@ -9,6 +9,8 @@ use super::{Effect, Mode, PolicySet};
 
 /// The variables a condition sees.
 pub const VARIABLES: [&str; 5] = ["grant", "context", "signal", "subject", "now"];
+/// The variables a request-time rule's condition sees (`request` instead of `signal`).
+pub const REQUEST_VARIABLES: [&str; 5] = ["grant", "context", "request", "subject", "now"];
 
 /// Everything one evaluation sees.
 #[derive(Debug, Clone)]
@@ -23,6 +25,17 @@ pub struct EvalInput {
     /// The signal type that triggered this evaluation, or `None` for a registration, a policy swap
     /// or any other re-evaluation of current state.
     pub trigger: Option<String>,
+    /// An access request's `{subject, resource, action, context}` (request-time rules only;
+    /// `null` otherwise).
+    pub request: std::sync::Arc<Value>,
+}
+
+/// The `request` of every evaluation that is not an access request: one shared `null` (grant
+/// evaluations are the hot path; this costs them a reference count, not an allocation).
+pub fn no_request() -> std::sync::Arc<Value> {
+    static NULL: std::sync::OnceLock<std::sync::Arc<Value>> = std::sync::OnceLock::new();
+    NULL.get_or_init(|| std::sync::Arc::new(Value::Null))
+        .clone()
 }
 
 /// One rule that matched (or errored, which counts as matched).
@@ -86,7 +99,7 @@ impl PolicySet {
     pub fn evaluate(&self, input: &EvalInput) -> Evaluation {
         let ctx = bind(&self.env, input);
         let mut out = Evaluation::default();
-        for rule in &self.rules {
+        for rule in self.rules.iter().filter(|r| !r.is_request()) {
             let triggered = input
                 .trigger
                 .as_deref()
@@ -97,49 +110,76 @@ impl PolicySet {
             if (shadow || notify) && !triggered {
                 continue;
             }
-            let (matched, error) = match rule.condition.execute(&ctx) {
-                Ok(cel::Value::Bool(b)) => (b, None),
-                Ok(other) => (
-                    true,
-                    Some(format!("condition returned {other:?}, not a boolean")),
-                ),
-                Err(e) => (true, Some(e.to_string())),
-            };
-            if !matched {
-                continue;
-            }
-            let reason = match &error {
-                Some(err) => format!("rule failed closed: {err}"),
-                None => rule.reason.render(&ctx),
-            };
-            let m = RuleMatch {
-                id: rule.spec.id.clone(),
-                effect: rule.spec.effect,
-                reason,
-                error,
-                shadow,
-            };
-            if shadow {
-                out.shadow.push(m);
-            } else {
-                if !notify {
-                    out.effect = out.effect.max(Some(m.effect));
-                }
-                out.matched.push(m);
-            }
+            out.add(run(rule, &ctx));
         }
         out
     }
 }
 
 impl PolicySet {
+    /// Evaluates the request-time rules ([`super::ACCESS_REQUEST`]) on `input` (its `request`
+    /// set): an enforced match with any effect but `notify` denies the request. Fail closed: a
+    /// rule that errors matches. Pure, like [`PolicySet::evaluate`].
+    pub fn evaluate_request(&self, input: &EvalInput) -> Evaluation {
+        let ctx = bind(&self.env, input);
+        let mut out = Evaluation::default();
+        for rule in self.rules.iter().filter(|r| r.is_request()) {
+            out.add(run(rule, &ctx));
+        }
+        out
+    }
+
     /// Whether no rule that decides a grant's status on current state (enforced, not `notify`)
     /// can match any grant `screen` covers: then evaluating them without a signal matches nothing.
     pub fn never_matches_state(&self, screen: &mut super::screen::Screen<'_>) -> bool {
         self.rules
             .iter()
-            .filter(|r| r.spec.mode != Mode::Shadow && r.spec.effect != Effect::Notify)
+            .filter(|r| {
+                r.spec.mode != Mode::Shadow && r.spec.effect != Effect::Notify && !r.is_request()
+            })
             .all(|r| screen.never_matches(r.condition.expression()))
+    }
+}
+
+/// One rule's condition on `ctx`: its match (an error matches: fail closed), or `None`.
+fn run(rule: &super::Rule, ctx: &cel::Context<'_, '_>) -> Option<RuleMatch> {
+    let (matched, error) = match rule.condition.execute(ctx) {
+        Ok(cel::Value::Bool(b)) => (b, None),
+        Ok(other) => (
+            true,
+            Some(format!("condition returned {other:?}, not a boolean")),
+        ),
+        Err(e) => (true, Some(e.to_string())),
+    };
+    if !matched {
+        return None;
+    }
+    let reason = match &error {
+        Some(err) => format!("rule failed closed: {err}"),
+        None => rule.reason.render(ctx),
+    };
+    Some(RuleMatch {
+        id: rule.spec.id.clone(),
+        effect: rule.spec.effect,
+        reason,
+        error,
+        shadow: rule.spec.mode == Mode::Shadow,
+    })
+}
+
+impl Evaluation {
+    /// Adds a rule's match: a shadow one reported apart; an enforced one deciding the effect
+    /// unless it only notifies.
+    fn add(&mut self, m: Option<RuleMatch>) {
+        let Some(m) = m else { return };
+        if m.shadow {
+            self.shadow.push(m);
+        } else {
+            if m.effect != Effect::Notify {
+                self.effect = self.effect.max(Some(m.effect));
+            }
+            self.matched.push(m);
+        }
     }
 }
 
@@ -150,6 +190,7 @@ fn bind<'a>(env: &Arc<cel::Env>, input: &'a EvalInput) -> cel::Context<'a, 'a> {
         ("context", &input.context),
         ("signal", &*input.signal),
         ("subject", &input.subject),
+        ("request", &*input.request),
     ] {
         ctx.add_variable_as_val(name, super::json_val::to_val(value));
     }
@@ -159,20 +200,30 @@ fn bind<'a>(env: &Arc<cel::Env>, input: &'a EvalInput) -> cel::Context<'a, 'a> {
 
 /// Rejects conditions that reference variables Vigil never binds (a typo would otherwise fail closed
 /// at run time, on every evaluation).
-pub fn check_references(program: &cel::Program) -> Result<(), String> {
+pub fn check_references(program: &cel::Program, request_rule: bool) -> Result<(), String> {
     let refs = program.references();
+    let known = if request_rule {
+        &REQUEST_VARIABLES
+    } else {
+        &VARIABLES
+    };
     let unknown: Vec<&str> = refs
         .variables()
         .into_iter()
-        .filter(|v| !VARIABLES.contains(v) && !is_comprehension_variable(program, v))
+        .filter(|v| !known.contains(v) && !is_comprehension_variable(program, v))
         .collect();
     if unknown.is_empty() {
         Ok(())
     } else {
         Err(format!(
-            "unknown variable(s) {}; conditions see only {}",
+            "unknown variable(s) {}; {} conditions see only {}",
             unknown.join(", "),
-            VARIABLES.join(", ")
+            if request_rule {
+                "request-time"
+            } else {
+                "signal and state"
+            },
+            known.join(", ")
         ))
     }
 }
@@ -238,7 +289,9 @@ enum Part {
 }
 
 impl Template {
-    pub fn compile(env: &cel::Env, source: &str) -> Result<Template, String> {
+    /// Compiles `source`; its placeholders see what the rule's condition sees
+    /// (`request_rule`: a request-time rule's variables).
+    pub fn compile(env: &cel::Env, source: &str, request_rule: bool) -> Result<Template, String> {
         let mut parts = Vec::new();
         let mut rest = source;
         while let Some(start) = rest.find("{{") {
@@ -250,7 +303,7 @@ impl Template {
             let program = env
                 .compile(after[..end].trim())
                 .map_err(|e| e.to_string())?;
-            check_references(&program)?;
+            check_references(&program, request_rule)?;
             parts.push(Part::Expr(program));
             rest = &after[end + 2..];
         }

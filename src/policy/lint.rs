@@ -103,6 +103,7 @@ fn reference_errors(policy: &PolicySet) -> Vec<Finding> {
                     ),
                     subject: json!({"identifiers": [grant.principal], "members": {}, "matches_grant": true}),
                     now: 1500.0,
+                    request: crate::policy::no_request(),
                     trigger: trigger.clone(),
                 };
                 let outcome = policy.evaluate(&input);

@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-pub use eval::{EvalInput, Evaluation, RuleMatch};
+pub use eval::{no_request, EvalInput, Evaluation, RuleMatch};
 pub use file::{PolicyFile, RuleSpec};
 
 use crate::events::EventKind;
@@ -75,21 +75,32 @@ pub enum PolicyError {
 pub const BUILTIN: &str = include_str!("../../policies/default.yaml");
 
 /// Signal-type names a rule's `on` may use besides the event kinds' short names.
-pub const EXTRA_TRIGGERS: [&str; 3] = ["*", "unknown", "risk-signal"];
+pub const EXTRA_TRIGGERS: [&str; 4] = ["*", "unknown", "risk-signal", ACCESS_REQUEST];
+
+/// The `on` of a **request-time rule**: evaluated for each access request (AuthZEN), over
+/// `request` (`subject`, `resource`, `action`, `context` as the request gave them), the live
+/// `context` and the matching `grant`; a match denies that request and changes no grant. It is
+/// never evaluated on a signal or on state, and a state rule never sees `request`.
+pub const ACCESS_REQUEST: &str = "access-request";
 
 /// One compiled rule.
 pub struct Rule {
     pub spec: RuleSpec,
     /// The file it came from.
     pub file: String,
-    condition: cel::Program,
-    reason: eval::Template,
+    pub(crate) condition: cel::Program,
+    pub(crate) reason: eval::Template,
 }
 
 impl Rule {
     /// Whether a signal of this type triggers the rule.
     pub fn triggered_by(&self, signal_type: &str) -> bool {
-        self.spec.on.iter().any(|t| t == "*" || t == signal_type)
+        !self.is_request() && self.spec.on.iter().any(|t| t == "*" || t == signal_type)
+    }
+
+    /// Whether this is a request-time rule ([`ACCESS_REQUEST`]).
+    pub fn is_request(&self) -> bool {
+        self.spec.on.iter().any(|t| t == ACCESS_REQUEST)
     }
 }
 
@@ -191,12 +202,20 @@ impl PolicySet {
                         )));
                     }
                 }
+                let request_rule = spec.on.iter().any(|t| t == ACCESS_REQUEST);
+                if request_rule && spec.on.len() > 1 {
+                    return Err(invalid(format!(
+                        "rule `{}`: `on: [{ACCESS_REQUEST}]` stands alone (a request-time rule is \
+                         not also a signal rule)",
+                        spec.id
+                    )));
+                }
                 let condition = env
                     .compile(&spec.when)
                     .map_err(|e| invalid(format!("rule `{}`: `when`: {e}", spec.id)))?;
-                eval::check_references(&condition)
+                eval::check_references(&condition, request_rule)
                     .map_err(|e| invalid(format!("rule `{}`: `when`: {e}", spec.id)))?;
-                let reason = eval::Template::compile(&env, &spec.reason)
+                let reason = eval::Template::compile(&env, &spec.reason, request_rule)
                     .map_err(|e| invalid(format!("rule `{}`: `reason`: {e}", spec.id)))?;
                 rules.push(Rule {
                     spec,

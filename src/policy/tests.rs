@@ -16,6 +16,7 @@ fn input(trigger: Option<&str>) -> EvalInput {
         subject: json!({"matches_grant": true}),
         now: 20.0,
         trigger: trigger.map(str::to_owned),
+        request: crate::policy::no_request(),
     }
 }
 

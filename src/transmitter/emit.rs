@@ -101,7 +101,7 @@ pub fn event_for(decision: &Decision, grant: &Grant) -> Option<(EventKind, Value
                 serde_json::to_value(TokenClaimsChange { common, claims }),
             )
         }
-        DecisionEffect::Allow | DecisionEffect::Notify => return None,
+        DecisionEffect::Allow | DecisionEffect::Notify | DecisionEffect::Deny => return None,
     };
     payload.ok().map(|p| (kind, p))
 }
@@ -405,6 +405,7 @@ mod tests {
             context_version: 1,
             cause: Cause::of_state("registration"),
             enforcement_points: vec![],
+            hops: Vec::new(),
         };
         for effect in [
             DecisionEffect::Revoke,

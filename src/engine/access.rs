@@ -1,0 +1,178 @@
+//! Access requests (the AuthZEN door, `authzen.rs`): is this grant usable for this action on this
+//! resource, right now, under the request-time rules?
+//!
+//! The grant must pass what `check` asks (known, not expired, not revoked, stepped up or
+//! restricted, the action within its scopes, the resource its audience); then the request-time
+//! rules (`on: [access-request]`) run on its principal's live context — and, for an agent
+//! delegation, on the delegating user's too ([`crate::evaluate::evaluate_request`]). Fail closed:
+//! a rule that errors denies. Nothing changes: no grant, no context. Each evaluation becomes a
+//! decision record (cause `access_request`, effect `allow` or `deny`, every hop of the delegation)
+//! written to the audit log off the request path, in batches.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use super::inputs::Inputs;
+use super::Engine;
+use crate::decision::{Cause, Decision, DecisionEffect, Hop};
+use crate::grant::GrantStatus;
+
+/// What an access request names besides its raw `request` (what rules see).
+pub struct AccessRequest<'a> {
+    pub grant_id: Option<&'a str>,
+    pub action: Option<&'a str>,
+    pub resource: Option<&'a str>,
+    /// `{subject, resource, action, context}` as the request gave them.
+    pub request: Arc<Value>,
+}
+
+/// The answer to one access request.
+#[derive(Debug, Clone)]
+pub struct Access {
+    pub allowed: bool,
+    /// `unknown`, `expired`, the grant's status, or `denied_by_rule`.
+    pub status: String,
+    pub reason: String,
+    /// The request-time rules that denied it.
+    pub rules: Vec<String>,
+    pub hops: Vec<Hop>,
+    pub policy_version: String,
+    /// The decision record's id (what the audit log holds of it, when recorded).
+    pub decision_id: String,
+}
+
+impl Engine {
+    /// Decides `req` now. The decision record is returned with the answer; the caller records
+    /// it ([`AccessLog`]) or not (sampling).
+    pub fn evaluate_access(&self, req: AccessRequest<'_>) -> (Access, Decision) {
+        let now = self.shared.settings.clock.now();
+        let policy = self.shared.policy();
+        let grant = req.grant_id.and_then(|id| self.grant(id));
+        let grants: Vec<&crate::grant::Grant> = grant.iter().map(|g| &**g).collect();
+        let base = crate::check::check(&grants, req.action, req.resource, now);
+        let mut access = Access {
+            allowed: base.decision == crate::check::Verdict::Allow,
+            status: base.status,
+            reason: base.reason,
+            rules: Vec::new(),
+            hops: Vec::new(),
+            policy_version: policy.version.clone(),
+            decision_id: String::new(),
+        };
+        let mut context_version = 0;
+        let mut errors = Vec::new();
+        if let (true, Some(grant)) = (access.allowed, grant.as_ref()) {
+            let inputs = Inputs::gather(&self.shared.contexts, grant);
+            context_version = inputs.context_version();
+            let (outcome, hops) = inputs.evaluate_request(
+                &policy,
+                grant,
+                req.request,
+                &self.shared.settings.decay,
+                now,
+            );
+            outcome.record(&grant.id);
+            access.hops = hops;
+            if outcome.effect.is_some() {
+                let deciding = outcome.deciding_rules();
+                access.allowed = false;
+                access.status = "denied_by_rule".into();
+                access.rules = deciding.iter().map(|m| m.id.clone()).collect();
+                access.reason = deciding
+                    .iter()
+                    .map(|m| m.reason.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                errors = deciding
+                    .iter()
+                    .filter(|m| m.error.is_some())
+                    .map(|m| m.id.clone())
+                    .collect();
+            }
+        }
+        let cause = Cause {
+            jti: Some(format!("{:032x}", rand::random::<u128>())),
+            event_type: req.action.map(str::to_owned),
+            ..Cause::of_state(Cause::ACCESS_REQUEST)
+        };
+        let effect = if access.allowed {
+            DecisionEffect::Allow
+        } else {
+            DecisionEffect::Deny
+        };
+        let grant_id = req.grant_id.unwrap_or_default();
+        let status = grant.as_ref().map_or(GrantStatus::Active, |g| g.status);
+        let decision = Decision {
+            id: Decision::make_id(grant_id, &cause, effect, &policy.version, &access.rules),
+            time: now,
+            grant_id: grant_id.to_owned(),
+            subject: grant
+                .as_ref()
+                .map_or_else(String::new, |g| g.principal.to_string()),
+            effect,
+            previous_status: status,
+            status,
+            rules: access.rules.clone(),
+            reason: access.reason.clone(),
+            errors,
+            shadow: false,
+            policy_version: policy.version.clone(),
+            context_version,
+            cause,
+            enforcement_points: Vec::new(),
+            hops: access.hops.clone(),
+        };
+        access.decision_id = decision.id.clone();
+        (access, decision)
+    }
+}
+
+/// Writes access decision records to the audit log off the request path: a bounded queue drained
+/// in batches by one thread (one sync per batch, not per request). A full queue drops the record
+/// and counts it (`vigil_access_audit_dropped_total`): an evaluation never waits for the disk.
+#[derive(Clone)]
+pub struct AccessLog {
+    queue: std::sync::mpsc::SyncSender<Decision>,
+}
+
+/// Records waiting to be written, at most.
+const ACCESS_LOG_QUEUE: usize = 16_384;
+/// Records written in one append, at most.
+const ACCESS_LOG_BATCH: usize = 1_024;
+
+impl AccessLog {
+    /// Starts the writer thread for `audit`; it ends when every [`AccessLog`] is dropped.
+    pub fn start(audit: Arc<crate::audit::AuditLog>) -> AccessLog {
+        let (queue, records) = std::sync::mpsc::sync_channel::<Decision>(ACCESS_LOG_QUEUE);
+        let spawned = std::thread::Builder::new()
+            .name("vigil-access-log".into())
+            .spawn(move || {
+                while let Ok(first) = records.recv() {
+                    let mut batch = vec![first];
+                    while batch.len() < ACCESS_LOG_BATCH {
+                        match records.try_recv() {
+                            Ok(d) => batch.push(d),
+                            Err(_) => break,
+                        }
+                    }
+                    if let Err(e) = audit.append(&batch) {
+                        metrics::counter!(crate::telemetry::ACCESS_AUDIT_DROPPED)
+                            .increment(batch.len() as u64);
+                        tracing::warn!(error = %e, records = batch.len(), "access decisions not written to the audit log");
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "could not start the access log writer: access decisions are not recorded");
+        }
+        AccessLog { queue }
+    }
+
+    /// Queues `decision` for the audit log (dropped and counted when the queue is full).
+    pub fn record(&self, decision: Decision) {
+        if self.queue.try_send(decision).is_err() {
+            metrics::counter!(crate::telemetry::ACCESS_AUDIT_DROPPED).increment(1);
+        }
+    }
+}
