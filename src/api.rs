@@ -183,7 +183,7 @@ async fn to_owner(
 /// What of the caller's request is passed on to another instance: its `Authorization` (a
 /// cluster's instances share clients) and the `x-vigil-*` headers an `auth_request` names its
 /// grant by.
-fn passed_on(headers: &HeaderMap) -> Vec<(&str, &str)> {
+pub(crate) fn passed_on(headers: &HeaderMap) -> Vec<(&str, &str)> {
     headers
         .iter()
         .filter(|(name, _)| {

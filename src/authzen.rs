@@ -18,7 +18,7 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Map, Value};
@@ -101,9 +101,69 @@ fn decide(s: &ApiState, evaluation: Evaluation) -> Value {
     json!({"decision": access.allowed, "context": context})
 }
 
+/// Cluster mode: the answer of the instance that holds the grant `evaluation` names, when this
+/// one does not (its live state decides, never an older view); `None` on a single node, for a
+/// call that was itself passed on, or when no instance holds it (then this one denies it).
+async fn from_owner(s: &ApiState, headers: &HeaderMap, evaluation: &Evaluation) -> Option<Value> {
+    let peers = s.peers.as_ref()?;
+    let id = evaluation.grant_id.as_deref()?;
+    if s.engine.grant(id).is_some() || headers.contains_key(crate::cluster::FORWARDED) {
+        return None;
+    }
+    let call = crate::cluster::Call {
+        segments: &["access", "v1", "evaluation"],
+        query: None,
+    };
+    let body = serde_json::to_vec(&evaluation.request).ok()?;
+    let passed = crate::api::passed_on(headers);
+    for member in peers.others() {
+        let answer = peers
+            .send(
+                &member,
+                reqwest::Method::POST,
+                &call,
+                &passed,
+                Some(body.clone()),
+            )
+            .await;
+        match answer {
+            Ok(a) if a.status == 200 => {
+                let Ok(v) = serde_json::from_slice::<Value>(&a.body) else {
+                    continue;
+                };
+                if v["context"]["status"] != "unknown" {
+                    return Some(v);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "an instance did not answer an access evaluation"),
+        }
+    }
+    None
+}
+
+/// One evaluation's answer: by the grant's owner in cluster mode, else here.
+async fn answer(s: &Arc<ApiState>, headers: &HeaderMap, evaluation: Evaluation) -> Response {
+    if let Some(owner) = from_owner(s, headers, &evaluation).await {
+        return Json(owner).into_response();
+    }
+    match answer_here(s, evaluation).await {
+        Ok(answer) => Json(answer).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", e),
+    }
+}
+
+async fn answer_here(s: &Arc<ApiState>, evaluation: Evaluation) -> Result<Value, String> {
+    let state = s.clone();
+    tokio::task::spawn_blocking(move || decide(&state, evaluation))
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// `POST /access/v1/evaluation`.
 pub async fn evaluation(
     State(s): State<Arc<ApiState>>,
+    headers: HeaderMap,
     body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let request = match body {
@@ -111,24 +171,16 @@ pub async fn evaluation(
         Ok(_) => return bad("the request must be a JSON object"),
         Err(e) => return bad(e.body_text()),
     };
-    let evaluation = match checked(request) {
-        Ok(e) => e,
-        Err(why) => return bad(why),
-    };
-    let state = s.clone();
-    match tokio::task::spawn_blocking(move || decide(&state, evaluation)).await {
-        Ok(answer) => Json(answer).into_response(),
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal_error",
-            e.to_string(),
-        ),
+    match checked(request) {
+        Ok(evaluation) => answer(&s, &headers, evaluation).await,
+        Err(why) => bad(why),
     }
 }
 
 /// `POST /access/v1/evaluations`.
 pub async fn evaluations(
     State(s): State<Arc<ApiState>>,
+    headers: HeaderMap,
     body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let request = match body {
@@ -139,23 +191,21 @@ pub async fn evaluations(
     let semantic = match request
         .get("options")
         .and_then(|o| o.get("evaluations_semantic"))
-        .map(|v| v.as_str().ok_or(v))
     {
-        Some(Err(_)) => return bad("`options.evaluations_semantic` must be a string"),
-        Some(Ok(s)) => Some(s),
-        None => None,
-    };
-    let semantic = match semantic {
-        None | Some("execute_all") => Semantic::ExecuteAll,
-        Some("deny_on_first_deny") => Semantic::DenyOnFirstDeny,
-        Some("permit_on_first_permit") => Semantic::PermitOnFirstPermit,
-        Some(other) => {
-            return bad(format!(
-                "`options.evaluations_semantic` `{}` is none of execute_all, deny_on_first_deny, \
-                 permit_on_first_permit",
-                crate::outbound::excerpt(other)
-            ))
-        }
+        None => Semantic::ExecuteAll,
+        Some(Value::String(name)) => match name.as_str() {
+            "execute_all" => Semantic::ExecuteAll,
+            "deny_on_first_deny" => Semantic::DenyOnFirstDeny,
+            "permit_on_first_permit" => Semantic::PermitOnFirstPermit,
+            other => {
+                return bad(format!(
+                    "`options.evaluations_semantic` `{}` is none of execute_all, \
+                     deny_on_first_deny, permit_on_first_permit",
+                    crate::outbound::excerpt(other)
+                ))
+            }
+        },
+        Some(_) => return bad("`options.evaluations_semantic` must be a string"),
     };
     let entries = match request.get("evaluations") {
         None => None,
@@ -173,17 +223,7 @@ pub async fn evaluations(
     // Without entries, the request is one evaluation and so is the answer (AuthZEN §7.1).
     let Some(entries) = entries else {
         return match checked(Value::Object(defaults)) {
-            Ok(evaluation) => {
-                let state = s.clone();
-                match tokio::task::spawn_blocking(move || decide(&state, evaluation)).await {
-                    Ok(answer) => Json(answer).into_response(),
-                    Err(e) => error(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "internal_error",
-                        e.to_string(),
-                    ),
-                }
-            }
+            Ok(evaluation) => answer(&s, &headers, evaluation).await,
             Err(why) => bad(why),
         };
     };
@@ -199,33 +239,27 @@ pub async fn evaluations(
             Err(why) => return bad(format!("`evaluations[{i}]`: {why}")),
         }
     }
-    let state = s.clone();
-    let answers = tokio::task::spawn_blocking(move || {
-        let mut out = Vec::new();
-        for evaluation in checked_entries {
-            let answer = decide(&state, evaluation);
-            let allowed = answer["decision"] == true;
-            out.push(answer);
-            let stop = match semantic {
-                Semantic::ExecuteAll => false,
-                Semantic::DenyOnFirstDeny => !allowed,
-                Semantic::PermitOnFirstPermit => allowed,
-            };
-            if stop {
-                break;
-            }
+    let mut answers = Vec::new();
+    for evaluation in checked_entries {
+        let one = match from_owner(&s, &headers, &evaluation).await {
+            Some(owner) => owner,
+            None => match answer_here(&s, evaluation).await {
+                Ok(one) => one,
+                Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", e),
+            },
+        };
+        let allowed = one["decision"] == true;
+        answers.push(one);
+        let stop = match semantic {
+            Semantic::ExecuteAll => false,
+            Semantic::DenyOnFirstDeny => !allowed,
+            Semantic::PermitOnFirstPermit => allowed,
+        };
+        if stop {
+            break;
         }
-        out
-    })
-    .await;
-    match answers {
-        Ok(answers) => Json(json!({"evaluations": answers})).into_response(),
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal_error",
-            e.to_string(),
-        ),
     }
+    Json(json!({"evaluations": answers})).into_response()
 }
 
 /// `GET /.well-known/authzen-configuration`: the PDP metadata.

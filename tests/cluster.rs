@@ -2309,6 +2309,25 @@ async fn a_shadow_set_runs_on_every_instance_and_is_promoted_on_all() {
         .await;
     }
 
+    // An AuthZEN evaluation through an instance that does not hold the grant is decided by its
+    // owner, on the owner's live state (here: stepped up).
+    let holder = owner_of(&users[0]);
+    let elsewhere = &instances[(holder + 1) % 3].base;
+    let evaluated: Value = http
+        .post(format!("{elsewhere}/access/v1/evaluation"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"subject": {"type": "user", "id": users[0]},
+                      "action": {"name": "read"}, "resource": {"type": "api", "id": "orders"},
+                      "context": {"grant_id": "sh0"}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(evaluated["decision"], false, "{evaluated}");
+    assert_eq!(evaluated["context"]["status"], "step_up", "{evaluated}");
+
     // Replayed through any instance: each replays the partitions it owns from the signals
     // topic, the answers added up — the nine MEDIUM signals each step up under the live set and
     // revoke under the candidate, and every recorded decision is made again by the live set.
