@@ -445,9 +445,10 @@ async fn any_instance_takes_a_set_and_only_the_owner_applies_it() {
     let kafka = brokers_with_topics();
     let brokers = kafka.bootstrap_servers();
     let tx = Transmitter::start(&[Alg::RS256]).await;
-    // A session that outlives the brokers' outage below: the partitions do not move then.
+    // A session that outlives the brokers' outage below (two publish timeouts and the checks
+    // between them: more than 15 s on a loaded machine), so the partitions do not move then.
     let instances: Vec<Instance> = (0..3)
-        .map(|_| start_instance(&tx, &brokers, 15_000, false))
+        .map(|_| start_instance(&tx, &brokers, 45_000, false))
         .collect();
     let http = http();
 

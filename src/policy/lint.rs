@@ -2,7 +2,8 @@
 //! load errors) and lint what compiling cannot see:
 //!
 //! - a rule that errors on the reference inputs (every documented field present, every grant kind
-//!   and principal type) would fail closed in production: an **error**;
+//!   and principal type; a request-time rule also on a reference access request) would fail
+//!   closed in production: an **error**;
 //! - a rule whose condition is the constant `false`, or that repeats an earlier rule's `on` and `when`
 //!   with an equal or weaker effect, can never decide anything: an **unreachable** warning.
 
@@ -106,7 +107,18 @@ fn reference_errors(policy: &PolicySet) -> Vec<Finding> {
                     request: crate::policy::no_request(),
                     trigger: trigger.clone(),
                 };
-                let outcome = policy.evaluate(&input);
+                let mut outcome = policy.evaluate(&input);
+                // Request-time rules, on a reference access request.
+                let requested = policy.evaluate_request(&EvalInput {
+                    request: std::sync::Arc::new(json!({
+                        "subject": {"type": "user", "id": "reference@example.com", "properties": {}},
+                        "action": {"name": "read", "properties": {}},
+                        "resource": {"type": "api", "id": "reference", "properties": {}},
+                        "context": {"grant_id": "reference"}})),
+                    ..input
+                });
+                outcome.matched.extend(requested.matched);
+                outcome.shadow.extend(requested.shadow);
                 for m in outcome.matched.iter().chain(&outcome.shadow) {
                     if let Some(err) = &m.error {
                         if !findings.iter().any(|f| f.rule == m.id) {

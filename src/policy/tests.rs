@@ -157,3 +157,39 @@ rules:
         "{text}"
     );
 }
+
+/// Request-time rules see `request` and are evaluated on access requests alone: never on a
+/// signal or on state, so they never change a grant; one that errors denies (fail closed) and is
+/// a lint error; a state rule naming `request` and a request rule mixed with signals are refused.
+#[test]
+fn request_time_rules_decide_requests_only() {
+    let s = set(r#"
+rules:
+  - {id: pay-under-risk, on: [access-request], when: "request.action.name == 'pay' && context.risk.level == 'HIGH'", effect: step_up}
+  - {id: broken-request, on: [access-request], when: "request.action.properties.nope == 1", effect: revoke}
+"#)
+    .unwrap();
+    let state = s.evaluate(&input(Some("risk-level-change")));
+    assert_eq!(state.effect, None, "{state:?}");
+    let asked = |action: serde_json::Value| {
+        s.evaluate_request(&EvalInput {
+            request: std::sync::Arc::new(json!({"action": action})),
+            ..input(None)
+        })
+    };
+    let pay = asked(json!({"name": "pay", "properties": {"nope": 0}}));
+    assert_eq!(pay.effect, Some(Effect::StepUp), "{pay:?}");
+    let read = asked(json!({"name": "read", "properties": {}}));
+    assert_eq!(read.effect, Some(Effect::Revoke), "fails closed: {read:?}");
+    assert!(read.matched.iter().all(|m| m.error.is_some()));
+    assert!(lint::lint(&s)
+        .iter()
+        .any(|f| f.error && f.rule == "broken-request"));
+    for refused in [
+        "rules: [{id: x, on: ['*'], when: \"request.action.name == 'pay'\", effect: revoke}]",
+        "rules: [{id: x, on: [access-request, risk-level-change], when: 'true', effect: revoke}]",
+        "rules: [{id: x, on: [access-request], when: \"signal.type == 'x'\", effect: revoke}]",
+    ] {
+        assert!(set(refused).is_err(), "{refused}");
+    }
+}
