@@ -8,7 +8,8 @@
 //! | `GET /.well-known/authzen-configuration` | the PDP metadata (anyone) |
 //!
 //! Mapping onto Vigil's model: the grant the request is made under is named by `context.grant_id`
-//! (or `subject.properties.grant_id`) — its principal's live context, and for an agent delegation
+//! (or `subject.properties.grant_id`), or the grants of `context.session` or `context.token`
+//! (`{iss, jti}`) — every one must allow; each principal's live context, and for an agent delegation
 //! the delegating user's, are what the request-time rules see; `action.name` must be within the
 //! grant's scopes and `resource.properties.audience`, when given, its audience. No grant named, or
 //! one Vigil does not hold, is a deny (fail closed). A deny says why in `context.reason_admin`
@@ -24,7 +25,7 @@ use axum::Json;
 use serde_json::{json, Map, Value};
 
 use crate::api::ApiState;
-use crate::engine::AccessRequest;
+use crate::engine::{AccessRequest, GrantRef};
 use crate::error_body::error;
 
 /// Most entries one `evaluations` request may hold.
@@ -41,7 +42,7 @@ enum Semantic {
 /// One evaluation, checked: the parts the request gave, and the grant it names.
 struct Evaluation {
     request: Value,
-    grant_id: Option<String>,
+    grant: Option<GrantRef>,
 }
 
 /// `subject`, `action` and `resource` as AuthZEN §5 shapes them (`type` and `id` strings; `name`).
@@ -65,11 +66,36 @@ fn checked(request: Value) -> Result<Evaluation, String> {
     if !request["context"].is_null() && !request["context"].is_object() {
         return Err("`context` must be an object".into());
     }
-    let grant_id = request["context"]["grant_id"]
+    let grant = grant_named(&request)?;
+    Ok(Evaluation { request, grant })
+}
+
+/// The grant(s) a request is made under: `context.grant_id` (or `subject.properties.grant_id`),
+/// else `context.session` (an id or identifier object), else `context.token` (`{iss, jti}` of
+/// the JWT) — the ways `check` names them.
+fn grant_named(request: &Value) -> Result<Option<GrantRef>, String> {
+    let context = &request["context"];
+    if let Some(id) = context["grant_id"]
         .as_str()
         .or_else(|| request["subject"]["properties"]["grant_id"].as_str())
-        .map(str::to_owned);
-    Ok(Evaluation { request, grant_id })
+    {
+        return Ok(Some(GrantRef::Id(id.to_owned())));
+    }
+    if !context["session"].is_null() {
+        let key = crate::principal::member_key(&context["session"])
+            .ok_or("`context.session` must be a session id or an identifier object")?;
+        return Ok(Some(GrantRef::Session(key)));
+    }
+    if !context["token"].is_null() {
+        let (Some(iss), Some(jti)) = (
+            context["token"]["iss"].as_str(),
+            context["token"]["jti"].as_str(),
+        ) else {
+            return Err("`context.token` must be `{iss, jti}` of the JWT".into());
+        };
+        return Ok(Some(GrantRef::Token(format!("jwt_id:{iss}|{jti}"))));
+    }
+    Ok(None)
 }
 
 /// The `{decision, context}` of one evaluation, recorded as `audit_sample_rate` says.
@@ -77,7 +103,7 @@ fn decide(s: &ApiState, evaluation: Evaluation) -> Value {
     let started = std::time::Instant::now();
     let request = &evaluation.request;
     let (access, decision) = s.engine.evaluate_access(AccessRequest {
-        grant_id: evaluation.grant_id.as_deref(),
+        grant: evaluation.grant.as_ref(),
         action: request["action"]["name"].as_str(),
         resource: request["resource"]["properties"]["audience"].as_str(),
         request: Arc::new(request.clone()),
@@ -106,8 +132,12 @@ fn decide(s: &ApiState, evaluation: Evaluation) -> Value {
 /// call that was itself passed on, or when no instance holds it (then this one denies it).
 async fn from_owner(s: &ApiState, headers: &HeaderMap, evaluation: &Evaluation) -> Option<Value> {
     let peers = s.peers.as_ref()?;
-    let id = evaluation.grant_id.as_deref()?;
-    if s.engine.grant(id).is_some() || headers.contains_key(crate::cluster::FORWARDED) {
+    let held = match evaluation.grant.as_ref()? {
+        GrantRef::Id(id) => s.engine.grant(id).is_some(),
+        GrantRef::Session(key) => !s.engine.grants_by(Some(key), None).is_empty(),
+        GrantRef::Token(key) => !s.engine.grants_by(None, Some(key)).is_empty(),
+    };
+    if held || headers.contains_key(crate::cluster::FORWARDED) {
         return None;
     }
     let call = crate::cluster::Call {

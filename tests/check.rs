@@ -359,6 +359,19 @@ async fn authzen_evaluates_requests_on_live_context() {
     let (_, held) = get_json(&vigil, "/v1/grants/jane-web").await;
     assert_eq!(held["status"], "active", "no grant changed: {held}");
 
+    // The grants of a session, or of a token, are named as `check` names them.
+    let mut by_session = request("x", pay.clone());
+    by_session["context"] = json!({"session": "s-1"});
+    let (_, answer) = evaluate(by_session).await;
+    assert_eq!(answer["decision"], false, "{answer}");
+    assert_eq!(
+        answer["context"]["rules"],
+        json!(["request-sensitive-action-under-risk"])
+    );
+    let mut by_token = request("x", read.clone());
+    by_token["context"] = json!({"token": {"iss": "https://as.example.com", "jti": "unknown"}});
+    assert_eq!(evaluate(by_token).await.1["context"]["status"], "unknown");
+
     // Fail closed: no grant named, or one Vigil does not hold.
     let mut unnamed = request("x", read.clone());
     unnamed["context"] = json!({});

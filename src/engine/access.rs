@@ -18,9 +18,20 @@ use super::Engine;
 use crate::decision::{Cause, Decision, DecisionEffect, Hop};
 use crate::grant::GrantStatus;
 
+/// How an access request names the grant(s) it is made under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrantRef {
+    Id(String),
+    /// A session's member key (`opaque:<id>`, or an identifier's key): its grants.
+    Session(String),
+    /// A token's key (`jwt_id:<iss>|<jti>`): its grants.
+    Token(String),
+}
+
 /// What an access request names besides its raw `request` (what rules see).
 pub struct AccessRequest<'a> {
-    pub grant_id: Option<&'a str>,
+    /// `None`: nothing named (denied, fail closed).
+    pub grant: Option<&'a GrantRef>,
     pub action: Option<&'a str>,
     pub resource: Option<&'a str>,
     /// `{subject, resource, action, context}` as the request gave them.
@@ -43,13 +54,18 @@ pub struct Access {
 }
 
 impl Engine {
-    /// Decides `req` now. The decision record is returned with the answer; the caller records
-    /// it ([`AccessLog`]) or not (sampling).
+    /// Decides `req` now: every grant it names must allow. The decision record is returned
+    /// with the answer; the caller records it ([`AccessLog`]) or not (sampling).
     pub fn evaluate_access(&self, req: AccessRequest<'_>) -> (Access, Decision) {
         let now = self.shared.settings.clock.now();
         let policy = self.shared.policy();
-        let grant = req.grant_id.and_then(|id| self.grant(id));
-        let grants: Vec<&crate::grant::Grant> = grant.iter().map(|g| &**g).collect();
+        let named: Vec<Arc<crate::grant::Grant>> = match req.grant {
+            None => Vec::new(),
+            Some(GrantRef::Id(id)) => self.grant(id).into_iter().collect(),
+            Some(GrantRef::Session(key)) => self.grants_by(Some(key), None),
+            Some(GrantRef::Token(key)) => self.grants_by(None, Some(key)),
+        };
+        let grants: Vec<&crate::grant::Grant> = named.iter().map(|g| &**g).collect();
         let base = crate::check::check(&grants, req.action, req.resource, now);
         let mut access = Access {
             allowed: base.decision == crate::check::Verdict::Allow,
@@ -62,19 +78,25 @@ impl Engine {
         };
         let mut context_version = 0;
         let mut errors = Vec::new();
-        if let (true, Some(grant)) = (access.allowed, grant.as_ref()) {
+        // The record names the grant that denied, else the first one named.
+        let mut recorded = named.first();
+        for grant in &named {
+            if !access.allowed {
+                break;
+            }
             let inputs = Inputs::gather(&self.shared.contexts, grant);
             context_version = inputs.context_version();
             let (outcome, hops) = inputs.evaluate_request(
                 &policy,
                 grant,
-                req.request,
+                req.request.clone(),
                 &self.shared.settings.decay,
                 now,
             );
             outcome.record(&grant.id);
-            access.hops = hops;
+            access.hops.extend(hops);
             if outcome.effect.is_some() {
+                recorded = Some(grant);
                 let deciding = outcome.deciding_rules();
                 access.allowed = false;
                 access.status = "denied_by_rule".into();
@@ -101,15 +123,13 @@ impl Engine {
         } else {
             DecisionEffect::Deny
         };
-        let grant_id = req.grant_id.unwrap_or_default();
-        let status = grant.as_ref().map_or(GrantStatus::Active, |g| g.status);
+        let grant_id = recorded.map_or("", |g| &*g.id);
+        let status = recorded.map_or(GrantStatus::Active, |g| g.status);
         let decision = Decision {
             id: Decision::make_id(grant_id, &cause, effect, &policy.version, &access.rules),
             time: now,
             grant_id: grant_id.to_owned(),
-            subject: grant
-                .as_ref()
-                .map_or_else(String::new, |g| g.principal.to_string()),
+            subject: recorded.map_or_else(String::new, |g| g.principal.to_string()),
             effect,
             previous_status: status,
             status,

@@ -27,7 +27,7 @@ mod replay;
 mod session_grant;
 pub mod shadow;
 
-pub use access::{Access, AccessLog, AccessRequest};
+pub use access::{Access, AccessLog, AccessRequest, GrantRef};
 pub use changelog::{ChangeRecord, Changelog, Row, Table};
 pub use impact::{Changes, Impact, RuleCount, Sample, Samples, Transition};
 pub use persist::{handoff_done_in, pending_handoff};
