@@ -156,15 +156,7 @@ pub fn evaluate_grant_under<const N: usize>(
             ..input
         };
         for (outcome, policy) in outcomes.iter_mut().zip(policies) {
-            let via_user = policy.evaluate(&input);
-            outcome.effect = outcome.effect.max(via_user.effect);
-            for mut m in via_user.matched {
-                if !outcome.matched.iter().any(|o| o.id == m.id) {
-                    m.reason = format!("delegating user: {}", m.reason);
-                    outcome.matched.push(m);
-                }
-            }
-            outcome.shadow.extend(via_user.shadow);
+            with_delegating_user(outcome, policy.evaluate(&input));
         }
     }
     outcomes
@@ -209,16 +201,22 @@ pub fn evaluate_request(
         };
         let via_user = policy.evaluate_request(&input);
         hops.push(hop(user, "delegating_user", &via_user));
-        outcome.effect = outcome.effect.max(via_user.effect);
-        for mut m in via_user.matched {
-            if !outcome.matched.iter().any(|o| o.id == m.id) {
-                m.reason = format!("delegating user: {}", m.reason);
-                outcome.matched.push(m);
-            }
-        }
-        outcome.shadow.extend(via_user.shadow);
+        with_delegating_user(&mut outcome, via_user);
     }
     (outcome, hops)
+}
+
+/// Folds the delegating user's evaluation into the agent's: the stronger effect wins, and the
+/// user's matches are added (said to be the user's) where the agent's did not already match.
+fn with_delegating_user(outcome: &mut Evaluation, via_user: Evaluation) {
+    outcome.effect = outcome.effect.max(via_user.effect);
+    for mut m in via_user.matched {
+        if !outcome.matched.iter().any(|o| o.id == m.id) {
+            m.reason = format!("delegating user: {}", m.reason);
+            outcome.matched.push(m);
+        }
+    }
+    outcome.shadow.extend(via_user.shadow);
 }
 
 #[cfg(test)]

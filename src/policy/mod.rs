@@ -90,6 +90,8 @@ pub struct Rule {
     pub file: String,
     pub(crate) condition: cel::Program,
     pub(crate) reason: eval::Template,
+    /// A request-time rule (`on: [access-request]`), read once at load: every evaluation asks.
+    request: bool,
 }
 
 impl Rule {
@@ -100,7 +102,7 @@ impl Rule {
 
     /// Whether this is a request-time rule ([`ACCESS_REQUEST`]).
     pub fn is_request(&self) -> bool {
-        self.spec.on.iter().any(|t| t == ACCESS_REQUEST)
+        self.request
     }
 }
 
@@ -222,6 +224,7 @@ impl PolicySet {
                     file: name.clone(),
                     condition,
                     reason,
+                    request: request_rule,
                 });
             }
         }
