@@ -5,7 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use vigil::jose::{parse_compact, Alg};
-use vigil::set::{validate_claims, SetRules};
+use vigil::set::{validate_claims, SetRules, Tolerate};
 
 const ALGS: [Alg; 4] = [Alg::RS256, Alg::PS256, Alg::ES256, Alg::EdDSA];
 
@@ -14,11 +14,19 @@ fuzz_target!(|data: &[u8]| {
         let _ = parse_compact(token, &ALGS);
     }
     let audiences = ["https://vigil.example.com/".to_owned()];
-    for legacy_subjects in [false, true] {
+    // Spec-exact, and every deviation a transmitter may be allowed (`[transmitters.tolerate]`).
+    let lenient = Tolerate {
+        millisecond_timestamps: true,
+        revoked_change_type: true,
+        legacy_risc: true,
+        late_verification: true,
+    };
+    for (legacy_subjects, tolerate) in [(false, Tolerate::default()), (true, lenient)] {
         let rules = SetRules {
             issuer: "https://idp.example.com/",
             audiences: &audiences,
             legacy_subjects,
+            tolerate,
         };
         if let Ok(set) = validate_claims(data, rules) {
             assert_eq!(set.iss, "https://idp.example.com/");
