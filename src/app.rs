@@ -84,8 +84,8 @@ pub struct Vigil {
     /// Ends when the engine (the decisions' producer) is gone, so it is awaited after it.
     decision_task: JoinHandle<()>,
     writer: BatchWriterThread,
-    /// Intake's own store writer (`intake.redb`).
-    intake_writer: BatchWriterThread,
+    /// Intake's threads (the log's appender, `intake.redb`'s writer).
+    intake_writer: crate::intake::IntakeThreads,
     /// The generated all-roles API token, when no `[[clients]]` are configured.
     admin_token: Option<String>,
 }
@@ -135,7 +135,8 @@ impl Vigil {
         let (batch_writer, writer) =
             BatchWriter::start(db.clone(), "state", config.intake.max_batch)
                 .map_err(|e| StartError::Writer(e.to_string()))?;
-        let (intake, intake_writer) = Intake::open_dir(&config.data_dir, config.intake.max_batch)?;
+        let (intake, intake_writer) =
+            Intake::open_with(&config.data_dir, &config.intake, clock.clone())?;
         intake.adopt_legacy_tables(&db)?;
         let pending = intake.pending()?;
 

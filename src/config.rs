@@ -839,6 +839,19 @@ pub struct IntakeConfig {
     /// Most SETs written in one storage transaction (group commit).
     #[serde(default = "default_batch")]
     pub max_batch: usize,
+    /// How long a processed SET's record is kept (seconds; 7 days by default). The window is also
+    /// the `(iss, jti)` dedupe window: a SET redelivered after it is recorded again. Records are
+    /// dropped a whole segment at a time, once every record in it is processed and older.
+    #[serde(default = "default_intake_retention")]
+    pub retention_secs: u64,
+    /// Size of one segment file of the intake log; the unit in which records are dropped.
+    #[serde(default = "default_intake_segment")]
+    pub segment_bytes: u64,
+    /// The most the intake log may hold on disk. Past it, processed segments are dropped before
+    /// their retention window ends; when none is processed, new SETs are refused (503) until the
+    /// engine catches up — what was acknowledged is never dropped.
+    #[serde(default = "default_intake_max_bytes")]
+    pub max_bytes: u64,
 }
 
 /// JWKS caching settings, shared by all transmitters.
@@ -1152,6 +1165,15 @@ fn default_algs() -> Vec<Alg> {
 fn yes() -> bool {
     true
 }
+fn default_intake_retention() -> u64 {
+    7 * 86_400
+}
+fn default_intake_segment() -> u64 {
+    64 << 20
+}
+fn default_intake_max_bytes() -> u64 {
+    64 << 30
+}
 
 impl Default for PushConfig {
     fn default() -> Self {
@@ -1165,6 +1187,9 @@ impl Default for IntakeConfig {
         IntakeConfig {
             channel_capacity: default_channel(),
             max_batch: default_batch(),
+            retention_secs: default_intake_retention(),
+            segment_bytes: default_intake_segment(),
+            max_bytes: default_intake_max_bytes(),
         }
     }
 }
@@ -1336,6 +1361,24 @@ impl Config {
         }
         if self.intake.max_batch == 0 {
             return Err(invalid("intake.max_batch", "must be greater than 0"));
+        }
+        if self.intake.retention_secs == 0 || self.intake.retention_secs > 366 * 86_400 {
+            return Err(invalid(
+                "intake.retention_secs",
+                "must be between 1 and 31622400 (366 days)",
+            ));
+        }
+        if !(4096..=1 << 30).contains(&self.intake.segment_bytes) {
+            return Err(invalid(
+                "intake.segment_bytes",
+                "must be between 4096 and 1073741824 (1 GiB)",
+            ));
+        }
+        if self.intake.max_bytes < self.intake.segment_bytes.saturating_mul(2) {
+            return Err(invalid(
+                "intake.max_bytes",
+                "must be at least two segments (2 × intake.segment_bytes)",
+            ));
         }
         if self.policy.shadow_divergences_max > 1_000_000 {
             return Err(invalid(

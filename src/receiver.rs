@@ -130,8 +130,9 @@ pub enum Rejection {
     /// Vigil could not record the SET (500); nothing was acknowledged.
     #[error("could not record the SET: {0}")]
     Storage(String),
-    /// Cluster mode: the brokers did not take the SET in time (503 with `Retry-After`); nothing
-    /// was acknowledged.
+    /// The log that records SETs cannot take this one now (503 with `Retry-After`): cluster
+    /// mode's brokers did not take it in time, or the intake log is at `intake.max_bytes` with
+    /// nothing processed to drop. Nothing was acknowledged.
     #[error("the signals log is not available: {0}")]
     LogUnavailable(String),
     /// The transmitter is over its rate limit (429 with `Retry-After`); nothing was read.
@@ -419,6 +420,7 @@ impl Receiver {
                 }
                 Ok(Accepted::Recorded { seq, event_type })
             }
+            Err(e) if e.is_full() => Err(Rejection::LogUnavailable(e.to_string())),
             Err(e) => Err(Rejection::Storage(e.to_string())),
         }
     }

@@ -145,9 +145,19 @@ catalogue! {
     CHECKS = "vigil_checks_total", Counter, ["decision"],
         "Live checks answered, by verdict";
     STORE_COMMIT_SECONDS = "vigil_store_commit_seconds", Histogram, ["store"],
-        "One group-commit transaction (store: state, intake)";
+        "One group-commit transaction (store: state, intake_meta; intake: one append and fdatasync of the intake log)";
     STORE_BATCH_SIZE = "vigil_store_batch_size", Histogram, ["store"],
         "Writes per group commit";
+    INTAKE_LOG_SETS = "vigil_intake_log_sets", Gauge, [],
+        "SETs the intake log retains (the dedupe window's records and those pending)";
+    INTAKE_LOG_BYTES = "vigil_intake_log_bytes", Gauge, [],
+        "Bytes of the intake log's segment files";
+    INTAKE_LOG_SEGMENTS = "vigil_intake_log_segments", Gauge, [],
+        "Segment files of the intake log";
+    INTAKE_PENDING = "vigil_intake_pending", Gauge, [],
+        "SETs recorded and not yet processed by the engine";
+    INTAKE_SEGMENTS_PRUNED = "vigil_intake_segments_pruned_total", Counter, ["reason"],
+        "Intake segments dropped (reason: retention, or size when intake.max_bytes made room early)";
     AUDIT_ERRORS = "vigil_audit_errors_total", Counter, [],
         "Audit appends that failed";
     AUDIT_REPEATS_SKIPPED = "vigil_audit_repeats_skipped_total", Counter, [],

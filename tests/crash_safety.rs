@@ -10,6 +10,8 @@
 //! - every grant seen revoked before a kill is still revoked after every restart (never valid again);
 //! - every revocation decided for an acknowledged SET reaches the enforcement point by poll, by
 //!   push and by SSE (a client that reconnects with `Last-Event-ID` after each kill);
+//! - the intake log, in segments of a few records kept one second, is pruned all through the run
+//!   (kills land during pruning) and nothing acknowledged is lost to it;
 //! - a decision made again while a restarted Vigil replays is neither listed twice by
 //!   `/v1/decisions` nor sent again: every SET `jti` any enforcement point saw came with one token
 //!   (a redelivery repeats the same token; a second SET for the decision would be signed anew).
@@ -368,6 +370,11 @@ async fn acknowledged_work_survives_sigkill() {
         "vigil-crash",
     );
     config.identity.poll_timeout_secs = 1;
+    // Intake segments of a few records each, kept one second once processed: segments are
+    // dropped all through the run, so kills land while the log is being pruned too.
+    config.intake.segment_bytes = 4096;
+    config.intake.retention_secs = 1;
+    config.intake.max_bytes = 1 << 30;
     let publisher = Arc::new(Publisher::new(&kafka.bootstrap_servers()).unwrap());
     let push_auth = tx.config("idp", ISS, &[AUD]).authorization;
     let (config_path, http) = write_config(dir.path(), &config);
@@ -700,6 +707,31 @@ async fn acknowledged_work_survives_sigkill() {
         delivered.len(),
         seen_revoked.len()
     );
+    // The intake log was pruned through the kills: once everything is processed and a second
+    // old, only the newest segment is left of the hundreds written.
+    let segments = || {
+        std::fs::read_dir(dir.path().join("data/intake"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "log"))
+            })
+            .count()
+    };
+    eventually_within(30, "the processed intake log to be pruned", || async {
+        (segments() <= 2).then_some(())
+    })
+    .await;
+    let written = std::fs::read_dir(dir.path().join("data/intake"))
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            u64::from_str_radix(name.strip_suffix(".log")?, 16).ok()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(written > 10, "only {written} intake segments written");
+    eprintln!("crash safety: {written} intake segments written and pruned through the kills");
     child.kill().unwrap();
     child.wait().unwrap();
 }

@@ -1,35 +1,25 @@
-//! Upgrade: intake's tables move out of the state store into intake's own file, and what was
+//! Upgrade: intake's tables move out of the state store into intake's log and file, and what was
 //! pending there is replayed. (Its own binary: the replay counter is process-wide.)
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
 use common::*;
-use vigil::intake::{Intake, RecordOutcome};
+use vigil::intake::RecordOutcome;
 
 /// An earlier release kept intake's tables in the state store (`vigil.redb`). SETs it acknowledged
-/// but had not processed are moved to `intake.redb` at start-up and replayed; the old tables are
+/// but had not processed are moved into the intake log at start-up and replayed; the old tables are
 /// gone afterwards, and the sequence counter goes on past the moved records.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signals_pending_in_an_earlier_releases_state_store_are_moved_and_replayed() {
     let dir = tempfile::tempdir().unwrap();
     {
+        // The earlier release's layout, written as it wrote it.
         let db = vigil::store::open(dir.path()).unwrap();
-        let (batch, writer) = vigil::store::BatchWriter::start(db.clone(), "state", 16).unwrap();
-        let intake = Intake::open(db, batch).unwrap();
-        for jti in ["old-1", "old-2"] {
-            assert!(matches!(
-                intake.record(&recorded_signal(jti), "raw").await.unwrap(),
-                RecordOutcome::Recorded(_)
-            ));
-        }
-        intake.mark_processed(vec![1]).await.unwrap();
-        intake
-            .expect_verification_state("replay", "st-1")
-            .await
+        vigil::intake::write_legacy_record(&db, 1, &recorded_signal("old-1"), "raw", true).unwrap();
+        vigil::intake::write_legacy_record(&db, 2, &recorded_signal("old-2"), "raw", false)
             .unwrap();
-        drop(intake);
-        writer.join();
+        vigil::intake::write_legacy_verification_state(&db, "replay", "st-1").unwrap();
     }
     let vigil = start(test_config(dir.path(), vec![])).await;
     eventually("the moved signal to be replayed", || async {
@@ -63,6 +53,7 @@ async fn signals_pending_in_an_earlier_releases_state_store_are_moved_and_replay
             .unwrap(),
         RecordOutcome::Recorded(3)
     );
+    assert_eq!(vigil.intake().get(1).unwrap().unwrap().1, "raw");
     let left: Vec<String> = {
         use redb::TableHandle;
         let txn = vigil.store().begin_read().unwrap();

@@ -1,0 +1,949 @@
+//! The intake log: segment files of framed records in `<data_dir>/intake/`, appended by one thread
+//! with group commit (one `fdatasync` per batch), read by anyone through positioned reads.
+//!
+//! Why a log and not a B-tree: what must be durable before a 202 is the verified SET and its
+//! `(iss, jti)`. An append and one `fdatasync` per batch is the least a durable record costs; a
+//! B-tree insert rewrote pages of three tables per SET (≈ 2.3 KB of file per SET that nothing
+//! ever pruned). The indexes a B-tree kept on disk — `(iss, jti)` → sequence number, sequence
+//! number → record, the pending set — live in memory, rebuilt by scanning the retained segments
+//! at start-up, and segments are dropped whole once processed and past the retention window.
+//!
+//! A segment file starts with [`MAGIC`], then frames: `len: u32 LE | crc32(body): u32 LE | body`.
+//! A body's first byte is its kind:
+//! - [`KIND_SET`]: `seq: u64 LE | received_at_ms: i64 LE | signal_len: u32 LE | signal JSON |
+//!   raw token` — a recorded SET (the signal's own `seq` field is ignored: the frame's wins);
+//! - [`KIND_PROCESSED`]: `seq: u64 LE` × n — those records' effects are in the state store.
+//!
+//! A torn frame at the end of the newest segment (a crash mid-write: never acknowledged) is cut
+//! off at start-up; a bad frame anywhere else is corruption and stops the start.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::fs::File;
+use std::hash::BuildHasher;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use serde::Deserialize;
+
+use super::{IntakeError, LogError};
+
+/// A segment file's first bytes: the format and its version.
+pub const MAGIC: &[u8; 8] = b"VIGLOG01";
+/// A recorded SET.
+const KIND_SET: u8 = 1;
+/// Sequence numbers whose records are processed.
+const KIND_PROCESSED: u8 = 2;
+/// `len` + `crc`.
+const FRAME_HEADER: usize = 8;
+/// `kind` + `seq` + `received_at_ms` + `signal_len`.
+const SET_HEADER: usize = 1 + 8 + 8 + 4;
+/// No frame is larger (a SET's body is bounded by `push.max_body_bytes` long before this): a
+/// length beyond it is a torn or corrupt frame, never an allocation.
+const MAX_FRAME: usize = 16 << 20;
+/// Reading a segment in order: bytes per positioned read.
+const SCAN_CHUNK: usize = 1 << 20;
+
+/// Where a record is: its segment's file and the frame's offset in it.
+#[derive(Clone)]
+pub struct Loc {
+    pub file: Arc<File>,
+    pub offset: u64,
+}
+
+/// One segment file and what the in-memory indexes know of it.
+struct Segment {
+    id: u64,
+    path: PathBuf,
+    file: Arc<File>,
+    /// `(seq, frame offset)` of every SET record in it, in sequence order.
+    records: Vec<(u64, u32)>,
+    /// No record in this segment or a later one has a lower sequence number: the first record's
+    /// number, or — before it has one — one past the previous segments' last.
+    floor: u64,
+    /// The newest record's receipt time (ms); `i64::MIN` without records.
+    newest_received_ms: i64,
+    len: u64,
+}
+
+impl Segment {
+    fn last_seq(&self) -> Option<u64> {
+        self.records.last().map(|r| r.0)
+    }
+}
+
+/// Hashes of `(iss, jti)` are already uniform (a keyed SipHash): the map keyed by them needs no
+/// second hash.
+#[derive(Default, Clone, Copy)]
+struct Prehashed;
+
+/// [`Prehashed`]'s hasher: the `u64` key is its own hash.
+#[derive(Default)]
+struct PrehashedHasher(u64);
+
+impl std::hash::Hasher for PrehashedHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys are hashed (`write_u64`); fold anything else in all the same.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+impl BuildHasher for Prehashed {
+    type Hasher = PrehashedHasher;
+    fn build_hasher(&self) -> PrehashedHasher {
+        PrehashedHasher::default()
+    }
+}
+
+/// Everything the log knows in memory. Readers take the lock only to find locations; no I/O
+/// happens under it.
+struct State {
+    /// Oldest first; the last is the one appended to.
+    segments: VecDeque<Segment>,
+    /// Keyed hash of `"iss\0jti"` → the record's sequence number.
+    jti: HashMap<u64, u64, Prehashed>,
+    /// A key whose hash another key already holds (a collision: keyed, so never made on purpose).
+    jti_overflow: HashMap<Box<str>, u64>,
+    /// Recorded and not yet processed.
+    pending: BTreeSet<u64>,
+    bytes: u64,
+    sets: u64,
+    /// Set when a failed write could not be undone: every later write is refused.
+    failed: Option<String>,
+}
+
+/// The log, shared by the appender thread and readers.
+pub struct Log {
+    dir: PathBuf,
+    state: RwLock<State>,
+    hasher: std::collections::hash_map::RandomState,
+    segment_bytes: u64,
+}
+
+/// A SET ready to append, encoded by the caller's thread.
+pub struct Encoded {
+    pub key: String,
+    pub hash: u64,
+    pub received_at_ms: i64,
+    /// The signal's JSON.
+    pub signal: Vec<u8>,
+    pub token: String,
+}
+
+/// What a start-up scan found.
+pub struct Opened {
+    pub log: Log,
+    /// A torn frame cut off the newest segment, in bytes.
+    pub truncated: u64,
+}
+
+/// One decoded SET frame.
+pub struct SetFrame {
+    pub seq: u64,
+    pub received_at_ms: i64,
+    pub signal: Vec<u8>,
+    pub token: Vec<u8>,
+}
+
+fn io(context: &str, e: std::io::Error) -> LogError {
+    LogError::Io(format!("{context}: {e}"))
+}
+
+fn corrupt(path: &Path, offset: u64, reason: &str) -> IntakeError {
+    IntakeError::Corrupt {
+        seq: 0,
+        reason: format!("{} at byte {offset}: {reason}", path.display()),
+    }
+}
+
+fn segment_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:016x}.log"))
+}
+
+fn read_lock(l: &RwLock<State>) -> RwLockReadGuard<'_, State> {
+    l.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write_lock(l: &RwLock<State>) -> RwLockWriteGuard<'_, State> {
+    l.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The `iss` and `jti` of a stored signal's JSON, for the dedupe index.
+#[derive(Deserialize)]
+struct Key<'a> {
+    #[serde(borrow)]
+    iss: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    jti: std::borrow::Cow<'a, str>,
+}
+
+pub fn jti_key(iss: &str, jti: &str) -> String {
+    format!("{iss}\0{jti}")
+}
+
+fn key_of(signal: &[u8]) -> Option<String> {
+    let k: Key<'_> = serde_json::from_slice(signal).ok()?;
+    Some(jti_key(&k.iss, &k.jti))
+}
+
+impl Log {
+    /// Opens (creating) the log in `dir`: scans every segment, rebuilding the indexes, and cuts
+    /// a torn frame off the newest.
+    pub fn open(dir: &Path, segment_bytes: u64) -> Result<Opened, IntakeError> {
+        crate::store::private_dir(dir)
+            .map_err(|e| LogError::Io(format!("{}: {e}", dir.display())))?;
+        let mut ids = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(|e| io("listing the intake log", e))? {
+            let entry = entry.map_err(|e| io("listing the intake log", e))?;
+            let name = entry.file_name();
+            let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".log")) else {
+                continue;
+            };
+            if let Ok(id) = u64::from_str_radix(stem, 16) {
+                ids.push(id);
+            }
+        }
+        ids.sort_unstable();
+        let hasher = std::collections::hash_map::RandomState::new();
+        let mut state = State {
+            segments: VecDeque::new(),
+            jti: HashMap::with_hasher(Prehashed),
+            jti_overflow: HashMap::new(),
+            pending: BTreeSet::new(),
+            bytes: 0,
+            sets: 0,
+            failed: None,
+        };
+        let mut truncated = 0;
+        let count = ids.len();
+        for (i, id) in ids.into_iter().enumerate() {
+            let newest = i + 1 == count;
+            let path = segment_path(dir, id);
+            let (segment, cut) = scan_segment(&path, id, newest, &hasher, &mut state)?;
+            truncated += cut;
+            state.bytes += segment.len;
+            state.sets += segment.records.len() as u64;
+            state.segments.push_back(segment);
+        }
+        let log = Log {
+            dir: dir.to_owned(),
+            state: RwLock::new(state),
+            hasher,
+            segment_bytes,
+        };
+        if log.read().segments.is_empty() {
+            log.roll(0)?;
+        }
+        Ok(Opened { log, truncated })
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        read_lock(&self.state)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        write_lock(&self.state)
+    }
+
+    /// The keyed hash of a dedupe key.
+    pub fn hash(&self, key: &str) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    /// Starts a new segment after the newest (`id`: the next one's number), durably (the file and
+    /// its directory entry synced) before anything is appended to it.
+    fn roll(&self, id: u64) -> Result<(), LogError> {
+        let path = segment_path(&self.dir, id);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| io("creating an intake segment", e))?;
+        crate::store::private_file(&path).map_err(|e| io("creating an intake segment", e))?;
+        (&file)
+            .write_all(MAGIC)
+            .and_then(|()| file.sync_data())
+            .map_err(|e| io("creating an intake segment", e))?;
+        sync_dir(&self.dir)?;
+        let mut st = self.write();
+        st.bytes += MAGIC.len() as u64;
+        let floor = floor_after(&st.segments);
+        st.segments.push_back(Segment {
+            floor,
+            id,
+            path,
+            file: Arc::new(file),
+            records: Vec::new(),
+            newest_received_ms: i64::MIN,
+            len: MAGIC.len() as u64,
+        });
+        Ok(())
+    }
+
+    /// The sequence number `key` (hashed `hash`) was recorded under, reading the record back to
+    /// rule out a hash collision. `Err` only when the record cannot be read.
+    pub fn lookup(&self, key: &str, hash: u64) -> Result<Option<u64>, IntakeError> {
+        let (candidate, overflow) = {
+            let st = self.read();
+            (
+                st.jti.get(&hash).copied(),
+                st.jti_overflow.get(key).copied(),
+            )
+        };
+        if let Some(seq) = overflow {
+            return Ok(Some(seq));
+        }
+        let Some(seq) = candidate else {
+            return Ok(None);
+        };
+        Ok(self.key_at(seq)?.filter(|k| k == key).map(|_| seq))
+    }
+
+    /// The dedupe key of the record `seq`, if it is retained.
+    fn key_at(&self, seq: u64) -> Result<Option<String>, IntakeError> {
+        let Some(frame) = self.read_set(seq)? else {
+            return Ok(None);
+        };
+        Ok(key_of(&frame.signal))
+    }
+
+    /// Where record `seq` is, if retained.
+    pub fn locate(&self, seq: u64) -> Option<Loc> {
+        let st = self.read();
+        locate_in(&st, seq)
+    }
+
+    /// The record `seq`, if retained.
+    pub fn read_set(&self, seq: u64) -> Result<Option<SetFrame>, IntakeError> {
+        let Some(loc) = self.locate(seq) else {
+            return Ok(None);
+        };
+        read_frame_at(&loc.file, loc.offset).map(Some)
+    }
+
+    /// Hands every retained record with a sequence number in `range` to `each`, in order, reading
+    /// each segment sequentially, until it answers `false`. Records appended meanwhile may or may
+    /// not be included.
+    pub fn scan(
+        &self,
+        from_seq: u64,
+        mut each: impl FnMut(SetFrame) -> Result<bool, IntakeError>,
+    ) -> Result<(), IntakeError> {
+        // One segment's worth of locations at a time, copied out: no I/O under the lock.
+        let mut next = from_seq;
+        loop {
+            let chunk = {
+                let st = self.read();
+                st.segments
+                    .iter()
+                    .find(|s| s.last_seq().is_some_and(|last| last >= next))
+                    .map(|s| {
+                        let start = s.records.partition_point(|r| r.0 < next);
+                        (s.file.clone(), s.records[start..].to_vec(), s.len)
+                    })
+            };
+            let Some((file, records, len)) = chunk else {
+                return Ok(());
+            };
+            let Some(&(_, first_offset)) = records.first() else {
+                return Ok(());
+            };
+            let mut reader = SegmentReader::new(&file, u64::from(first_offset), len);
+            let mut wanted = records.iter().peekable();
+            while let Some(&&(seq, offset)) = wanted.peek() {
+                let Some((at, body)) = reader.next_frame().map_err(IntakeError::Log)? else {
+                    break;
+                };
+                if at != u64::from(offset) {
+                    continue; // a mark frame between records
+                }
+                wanted.next();
+                let frame = decode_set(&body).ok_or_else(|| IntakeError::Corrupt {
+                    seq,
+                    reason: "not a SET frame where the index has one".into(),
+                })?;
+                next = seq + 1;
+                if !each(frame)? {
+                    return Ok(());
+                }
+            }
+            if wanted.peek().is_some() {
+                return Err(IntakeError::Corrupt {
+                    seq: next,
+                    reason: "indexed record missing from its segment".into(),
+                });
+            }
+        }
+    }
+
+    /// Up to `limit` retained sequence numbers greater than `after`, newest first.
+    pub fn newest_seqs(&self, after: u64, limit: usize) -> Vec<u64> {
+        let st = self.read();
+        st.segments
+            .iter()
+            .rev()
+            .flat_map(|s| s.records.iter().rev())
+            .map(|r| r.0)
+            .take_while(|seq| *seq > after)
+            .take(limit)
+            .collect()
+    }
+
+    /// The first retained sequence number of a record received at or after `since_ms`' segment:
+    /// where a scan for the window starts (earlier records of that segment are skipped by time).
+    pub fn first_seq_of_window(&self, since_ms: i64) -> Option<u64> {
+        let st = self.read();
+        st.segments
+            .iter()
+            .find(|s| s.newest_received_ms >= since_ms)
+            .and_then(|s| s.records.first().map(|r| r.0))
+    }
+
+    pub fn first_seq(&self) -> Option<u64> {
+        let st = self.read();
+        st.segments
+            .iter()
+            .find_map(|s| s.records.first().map(|r| r.0))
+    }
+
+    pub fn last_seq(&self) -> Option<u64> {
+        let st = self.read();
+        st.segments.iter().rev().find_map(|s| s.last_seq())
+    }
+
+    pub fn pending(&self) -> Vec<u64> {
+        self.read().pending.iter().copied().collect()
+    }
+
+    pub fn pending_count(&self) -> u64 {
+        self.read().pending.len() as u64
+    }
+
+    /// Retained records, bytes on disk, segments.
+    pub fn size(&self) -> (u64, u64, u64) {
+        let st = self.read();
+        (st.sets, st.bytes, st.segments.len() as u64)
+    }
+
+    pub fn failed(&self) -> Option<String> {
+        self.read().failed.clone()
+    }
+}
+
+/// Where `seq` is in `st`.
+fn locate_in(st: &State, seq: u64) -> Option<Loc> {
+    // Floors never fall from one segment to the next: the holder is the last segment with a
+    // floor ≤ seq that has records (segments without records — only marks, or just started —
+    // share their neighbour's floor and are passed over).
+    let i = st.segments.partition_point(|s| s.floor <= seq);
+    let s = st
+        .segments
+        .range(..i)
+        .rev()
+        .find(|s| !s.records.is_empty())?;
+    let j = s.records.binary_search_by_key(&seq, |r| r.0).ok()?;
+    Some(Loc {
+        file: s.file.clone(),
+        offset: u64::from(s.records[j].1),
+    })
+}
+
+/// The floor of a segment started after `segments`.
+fn floor_after(segments: &VecDeque<Segment>) -> u64 {
+    segments.back().map_or(0, |last| {
+        last.last_seq()
+            .map_or(last.floor, |seq| seq.saturating_add(1))
+    })
+}
+
+fn sync_dir(dir: &Path) -> Result<(), LogError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io("syncing the intake directory", e))
+}
+
+/// Reads a segment's frames in order through positioned reads of [`SCAN_CHUNK`] bytes.
+struct SegmentReader<'f> {
+    file: &'f File,
+    /// File offset of `buf[0]`.
+    base: u64,
+    buf: Vec<u8>,
+    pos: usize,
+    end: u64,
+}
+
+impl<'f> SegmentReader<'f> {
+    fn new(file: &'f File, from: u64, end: u64) -> SegmentReader<'f> {
+        SegmentReader {
+            file,
+            base: from,
+            buf: Vec::new(),
+            pos: 0,
+            end,
+        }
+    }
+
+    /// Makes `n` bytes available at `pos`; false at the end of the segment (as known).
+    fn fill(&mut self, n: usize) -> Result<bool, LogError> {
+        if self.buf.len() - self.pos >= n {
+            return Ok(true);
+        }
+        self.buf.drain(..self.pos);
+        self.base += self.pos as u64;
+        self.pos = 0;
+        let have = self.buf.len();
+        let remaining = self.end.saturating_sub(self.base + have as u64);
+        let want = (n - have).max(SCAN_CHUNK).min(remaining as usize);
+        if have + want < n {
+            return Ok(false);
+        }
+        self.buf.resize(have + want, 0);
+        self.file
+            .read_exact_at(&mut self.buf[have..], self.base + have as u64)
+            .map_err(|e| io("reading the intake log", e))?;
+        Ok(true)
+    }
+
+    /// The next frame's offset and body; `None` at the end (or at a torn frame, which a scan at
+    /// start-up has already cut off the newest segment).
+    fn next_frame(&mut self) -> Result<Option<(u64, Vec<u8>)>, LogError> {
+        if !self.fill(FRAME_HEADER)? {
+            return Ok(None);
+        }
+        let at = self.base + self.pos as u64;
+        let (len, crc) = frame_header(&self.buf[self.pos..self.pos + FRAME_HEADER]);
+        if len == 0 || len > MAX_FRAME || !self.fill(FRAME_HEADER + len)? {
+            return Ok(None);
+        }
+        let body = &self.buf[self.pos + FRAME_HEADER..self.pos + FRAME_HEADER + len];
+        if crc32fast::hash(body) != crc {
+            return Ok(None);
+        }
+        let body = body.to_vec();
+        self.pos += FRAME_HEADER + len;
+        Ok(Some((at, body)))
+    }
+}
+
+fn frame_header(b: &[u8]) -> (usize, u32) {
+    let mut len = [0u8; 4];
+    let mut crc = [0u8; 4];
+    len.copy_from_slice(&b[..4]);
+    crc.copy_from_slice(&b[4..8]);
+    (u32::from_le_bytes(len) as usize, u32::from_le_bytes(crc))
+}
+
+fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(b.get(at..at + 8)?);
+    Some(u64::from_le_bytes(a))
+}
+
+/// A SET frame's fields; `None` if `body` is not one.
+fn decode_set(body: &[u8]) -> Option<SetFrame> {
+    if body.first() != Some(&KIND_SET) || body.len() < SET_HEADER {
+        return None;
+    }
+    let seq = u64_at(body, 1)?;
+    let received_at_ms = u64_at(body, 9)? as i64;
+    let mut l = [0u8; 4];
+    l.copy_from_slice(body.get(17..21)?);
+    let signal_len = u32::from_le_bytes(l) as usize;
+    let signal = body
+        .get(SET_HEADER..SET_HEADER.checked_add(signal_len)?)?
+        .to_vec();
+    let token = body.get(SET_HEADER + signal_len..)?.to_vec();
+    Some(SetFrame {
+        seq,
+        received_at_ms,
+        signal,
+        token,
+    })
+}
+
+/// The sequence numbers of a processed-marks frame.
+fn decode_processed(body: &[u8]) -> Option<impl Iterator<Item = u64> + '_> {
+    if body.first() != Some(&KIND_PROCESSED) || (body.len() - 1) % 8 != 0 {
+        return None;
+    }
+    Some((1..body.len()).step_by(8).filter_map(|at| u64_at(body, at)))
+}
+
+/// Reads the frame at `offset` (one positioned read in the common case).
+fn read_frame_at(file: &File, offset: u64) -> Result<SetFrame, IntakeError> {
+    let mut head = vec![0u8; 2048];
+    let n = read_up_to(file, &mut head, offset).map_err(IntakeError::Log)?;
+    if n < FRAME_HEADER {
+        return Err(IntakeError::Corrupt {
+            seq: 0,
+            reason: format!("frame at byte {offset} cut short"),
+        });
+    }
+    let (len, crc) = frame_header(&head[..FRAME_HEADER]);
+    if len == 0 || len > MAX_FRAME {
+        return Err(IntakeError::Corrupt {
+            seq: 0,
+            reason: format!("frame at byte {offset} has length {len}"),
+        });
+    }
+    let body = if FRAME_HEADER + len <= n {
+        head[FRAME_HEADER..FRAME_HEADER + len].to_vec()
+    } else {
+        let mut body = vec![0u8; len];
+        file.read_exact_at(&mut body, offset + FRAME_HEADER as u64)
+            .map_err(|e| IntakeError::Log(io("reading the intake log", e)))?;
+        body
+    };
+    if crc32fast::hash(&body) != crc {
+        return Err(IntakeError::Corrupt {
+            seq: 0,
+            reason: format!("frame at byte {offset} fails its checksum"),
+        });
+    }
+    decode_set(&body).ok_or_else(|| IntakeError::Corrupt {
+        seq: 0,
+        reason: format!("frame at byte {offset} is not a SET"),
+    })
+}
+
+/// Reads what there is at `offset` into `buf` (short at the end of the file).
+fn read_up_to(file: &File, buf: &mut [u8], offset: u64) -> Result<usize, LogError> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read_at(&mut buf[n..], offset + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io("reading the intake log", e)),
+        }
+    }
+    Ok(n)
+}
+
+/// Scans one segment into `state`'s indexes. The newest segment's torn tail is cut off (its
+/// length in bytes is returned); elsewhere a bad frame is an error.
+fn scan_segment(
+    path: &Path,
+    id: u64,
+    newest: bool,
+    hasher: &std::collections::hash_map::RandomState,
+    state: &mut State,
+) -> Result<(Segment, u64), IntakeError> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| IntakeError::Log(io(&format!("opening {}", path.display()), e)))?;
+    let file_len = file
+        .metadata()
+        .map_err(|e| IntakeError::Log(io("reading a segment's size", e)))?
+        .len();
+    let mut magic = [0u8; 8];
+    let n = read_up_to(&file, &mut magic, 0).map_err(IntakeError::Log)?;
+    if n < MAGIC.len() || &magic != MAGIC {
+        if newest && n < MAGIC.len() {
+            // Created but its header never made it to disk: nothing was appended to it.
+            (&file)
+                .write_all(&MAGIC[n..])
+                .and_then(|()| file.set_len(MAGIC.len() as u64))
+                .and_then(|()| file.sync_data())
+                .map_err(|e| IntakeError::Log(io("repairing a segment header", e)))?;
+        } else {
+            return Err(corrupt(path, 0, "not an intake segment"));
+        }
+    }
+    let mut segment = Segment {
+        floor: floor_after(&state.segments),
+        id,
+        path: path.to_owned(),
+        file: Arc::new(file),
+        records: Vec::new(),
+        newest_received_ms: i64::MIN,
+        len: MAGIC.len() as u64,
+    };
+    let file = segment.file.clone();
+    let mut reader =
+        SegmentReader::new(&file, MAGIC.len() as u64, file_len.max(MAGIC.len() as u64));
+    let mut good_end = MAGIC.len() as u64;
+    while let Some((at, body)) = reader.next_frame().map_err(IntakeError::Log)? {
+        good_end = at + (FRAME_HEADER + body.len()) as u64;
+        if let Some(set) = decode_set(&body) {
+            let key = key_of(&set.signal).ok_or_else(|| IntakeError::Corrupt {
+                seq: set.seq,
+                reason: "its signal has no iss or jti".into(),
+            })?;
+            let offset =
+                u32::try_from(at).map_err(|_| corrupt(path, at, "segment larger than 4 GiB"))?;
+            if segment.last_seq().is_some_and(|last| last >= set.seq) {
+                return Err(corrupt(path, at, "sequence numbers out of order"));
+            }
+            if segment.records.is_empty() {
+                segment.floor = segment.floor.max(set.seq);
+            }
+            segment.records.push((set.seq, offset));
+            segment.newest_received_ms = segment.newest_received_ms.max(set.received_at_ms);
+            index_key(state, hasher.hash_one(key.as_str()), key, set.seq);
+            state.pending.insert(set.seq);
+        } else if let Some(seqs) = decode_processed(&body) {
+            for seq in seqs {
+                state.pending.remove(&seq);
+            }
+        } else {
+            return Err(corrupt(path, at, "unknown frame kind"));
+        }
+    }
+    if good_end < file_len {
+        if !newest {
+            return Err(corrupt(path, good_end, "bad frame inside an older segment"));
+        }
+        file.set_len(good_end)
+            .and_then(|()| file.sync_data())
+            .map_err(|e| IntakeError::Log(io("cutting a torn frame off the intake log", e)))?;
+    }
+    segment.len = good_end;
+    Ok((segment, file_len.saturating_sub(good_end)))
+}
+
+/// Adds `key` → `seq` to the dedupe index. A hash another record holds belongs to a different
+/// key (a redelivery is never recorded twice while the first is retained: the writer looked it
+/// up), so the later key is kept whole in the overflow map.
+fn index_key(state: &mut State, hash: u64, key: String, seq: u64) {
+    if let std::collections::hash_map::Entry::Vacant(slot) = state.jti.entry(hash) {
+        slot.insert(seq);
+    } else {
+        state.jti_overflow.insert(key.into_boxed_str(), seq);
+    }
+}
+
+/// A batch of frames built by the appender, with what the indexes learn once it is on disk.
+#[derive(Default)]
+pub struct Batch {
+    buf: Vec<u8>,
+    /// `(seq, offset in buf, received_at_ms, hash, key)` of each SET frame.
+    records: Vec<(u64, usize, i64, u64, String)>,
+    processed: Vec<u64>,
+}
+
+impl Batch {
+    /// Adds a SET frame.
+    pub fn push_set(
+        &mut self,
+        seq: u64,
+        received_at_ms: i64,
+        signal: &[u8],
+        token: &[u8],
+        hash: u64,
+        key: String,
+    ) {
+        let at = self.buf.len();
+        let len = SET_HEADER + signal.len() + token.len();
+        self.buf.extend_from_slice(&(len as u32).to_le_bytes());
+        self.buf.extend_from_slice(&[0; 4]);
+        let body = self.buf.len();
+        self.buf.push(KIND_SET);
+        self.buf.extend_from_slice(&seq.to_le_bytes());
+        self.buf.extend_from_slice(&received_at_ms.to_le_bytes());
+        self.buf
+            .extend_from_slice(&(signal.len() as u32).to_le_bytes());
+        self.buf.extend_from_slice(signal);
+        self.buf.extend_from_slice(token);
+        let crc = crc32fast::hash(&self.buf[body..]);
+        self.buf[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
+        self.records.push((seq, at, received_at_ms, hash, key));
+    }
+
+    /// Adds a processed-marks frame for `seqs`.
+    pub fn push_processed(&mut self, seqs: &[u64]) {
+        if seqs.is_empty() {
+            return;
+        }
+        let len = 1 + 8 * seqs.len();
+        let at = self.buf.len();
+        self.buf.extend_from_slice(&(len as u32).to_le_bytes());
+        self.buf.extend_from_slice(&[0; 4]);
+        let body = self.buf.len();
+        self.buf.push(KIND_PROCESSED);
+        for seq in seqs {
+            self.buf.extend_from_slice(&seq.to_le_bytes());
+        }
+        let crc = crc32fast::hash(&self.buf[body..]);
+        self.buf[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
+        self.processed.extend_from_slice(seqs);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+}
+
+/// What one pruning dropped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub segments: u64,
+    pub sets: u64,
+    pub bytes: u64,
+    /// Of `segments`, those dropped before their retention window ended (the size cap).
+    pub early: u64,
+}
+
+impl Log {
+    /// Of `seqs`, those pending (the only ones worth a mark).
+    pub fn pending_among(&self, seqs: &[u64]) -> Vec<u64> {
+        let st = self.read();
+        seqs.iter()
+            .copied()
+            .filter(|s| st.pending.contains(s))
+            .collect()
+    }
+
+    /// Bytes the log holds on disk.
+    pub fn bytes(&self) -> u64 {
+        self.read().bytes
+    }
+
+    /// Appends `batch` to the newest segment (a new one first if it would pass the segment
+    /// size), syncs it (`fdatasync`) and only then makes it visible to readers. On a failed write
+    /// the segment is cut back to where it was; if even that fails, the log refuses every later
+    /// write.
+    pub fn commit(&self, batch: Batch) -> Result<(), LogError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        if let Some(why) = self.failed() {
+            return Err(LogError::Failed(why));
+        }
+        let (id, len) = {
+            let st = self.read();
+            let last = st
+                .segments
+                .back()
+                .ok_or_else(|| LogError::Failed("no segment".into()))?;
+            (last.id, last.len)
+        };
+        if len > MAGIC.len() as u64 && len + batch.buf.len() as u64 > self.segment_bytes {
+            self.roll(id + 1)?;
+        }
+        let (file, len) = {
+            let st = self.read();
+            let last = st
+                .segments
+                .back()
+                .ok_or_else(|| LogError::Failed("no segment".into()))?;
+            (last.file.clone(), last.len)
+        };
+        if len + batch.buf.len() as u64 > u64::from(u32::MAX) {
+            return Err(LogError::Io("a segment would pass 4 GiB".into()));
+        }
+        if let Err(e) = (&*file)
+            .write_all(&batch.buf)
+            .and_then(|()| file.sync_data())
+        {
+            // Nothing of the batch is acknowledged; leave no part of it to be read back.
+            if let Err(cut) = file.set_len(len).and_then(|()| file.sync_data()) {
+                let why = format!("a failed append could not be undone: {cut}");
+                self.write().failed = Some(why);
+            }
+            return Err(io("appending to the intake log", e));
+        }
+        let mut st = self.write();
+        let st = &mut *st;
+        let Some(segment) = st.segments.back_mut() else {
+            return Err(LogError::Failed("no segment".into()));
+        };
+        for (seq, at, received, _, _) in &batch.records {
+            if segment.records.is_empty() {
+                segment.floor = segment.floor.max(*seq);
+            }
+            segment.records.push((*seq, (len as usize + at) as u32));
+            segment.newest_received_ms = segment.newest_received_ms.max(*received);
+        }
+        segment.len += batch.buf.len() as u64;
+        st.bytes += batch.buf.len() as u64;
+        st.sets += batch.records.len() as u64;
+        for (seq, _, _, hash, key) in batch.records {
+            index_key(st, hash, key, seq);
+            st.pending.insert(seq);
+        }
+        for seq in batch.processed {
+            st.pending.remove(&seq);
+        }
+        Ok(())
+    }
+
+    /// Drops the oldest segments (never the newest) whose every record is processed and whose
+    /// newest record was received before `now_ms - retention_ms` — or, while the log holds more
+    /// than `max_bytes`, processed segments regardless of age. A prefix of the log, oldest first:
+    /// the indexes forget them first, then the files are removed (a crash in between leaves
+    /// files that are dropped again at the next pruning).
+    pub fn prune(
+        &self,
+        now_ms: i64,
+        retention_ms: i64,
+        max_bytes: u64,
+    ) -> Result<Pruned, LogError> {
+        let horizon = now_ms.saturating_sub(retention_ms);
+        let mut pruned = Pruned::default();
+        let dropped: Vec<PathBuf> = {
+            let mut st = self.write();
+            let st = &mut *st;
+            let min_pending = st.pending.first().copied();
+            let mut cutoff = None;
+            let mut paths = Vec::new();
+            while st.segments.len() > 1 {
+                let Some(oldest) = st.segments.front() else {
+                    break;
+                };
+                let processed = match (oldest.last_seq(), min_pending) {
+                    (Some(last), Some(p)) => p > last,
+                    _ => true,
+                };
+                let old = oldest.newest_received_ms < horizon;
+                let over = st.bytes > max_bytes;
+                if !processed || !(old || over) {
+                    break;
+                }
+                let Some(segment) = st.segments.pop_front() else {
+                    break;
+                };
+                pruned.segments += 1;
+                pruned.sets += segment.records.len() as u64;
+                pruned.bytes += segment.len;
+                if !old {
+                    pruned.early += 1;
+                }
+                st.bytes -= segment.len;
+                st.sets -= segment.records.len() as u64;
+                if let Some(last) = segment.last_seq() {
+                    cutoff = Some(last);
+                }
+                paths.push(segment.path);
+            }
+            if let Some(cutoff) = cutoff {
+                st.jti.retain(|_, seq| *seq > cutoff);
+                st.jti_overflow.retain(|_, seq| *seq > cutoff);
+            }
+            paths
+        };
+        for path in &dropped {
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io("removing an intake segment", e)),
+            }
+        }
+        if !dropped.is_empty() {
+            sync_dir(&self.dir)?;
+        }
+        Ok(pruned)
+    }
+}
