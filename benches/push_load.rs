@@ -85,6 +85,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Warm-up: loads the JWKS, fills connection pools.
     let mut tokens = tokens;
     let measured = tokens.split_off(warmup);
+    let measured_token_bytes = measured.first().map_or(0, |t| t.len());
     for token in &tokens {
         push_set(&client, &url, "Bearer load", token).await?;
     }
@@ -92,8 +93,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let drive = drive_max(&client, &url, "Bearer load", measured, args.concurrency).await;
     let (latencies, failures, rate) = (drive.latencies_ms, drive.failures, drive.rate);
     let stored = vigil.intake().stored_count()?;
+    // What a retained SET costs on disk: the intake log's files over the records they hold.
+    let log_bytes: u64 = std::fs::read_dir(dir.path().join(vigil::intake::LOG_DIR))?
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    let token_bytes = measured_token_bytes;
     println!(
-        "push_load alg={} sets={} concurrency={} -> {:.0} SETs/s accepted; latency p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms; non-202: {failures}; stored: {stored}",
+        "push_load alg={} sets={} concurrency={} -> {:.0} SETs/s accepted; latency p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms; non-202: {failures}; stored: {stored}; \
+         intake log {log_bytes} bytes = {:.0} B per SET (the SET as pushed: {token_bytes} B)",
         args.alg,
         args.sets,
         args.concurrency,
@@ -101,6 +109,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         quantile(&latencies, 0.50),
         quantile(&latencies, 0.99),
         quantile(&latencies, 0.999),
+        log_bytes as f64 / stored.max(1) as f64,
     );
     vigil.shutdown().await;
     anyhow::ensure!(failures == 0, "{failures} pushes were not accepted");

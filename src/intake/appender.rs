@@ -164,14 +164,7 @@ fn write_batch(
     if let Some(first) = first {
         for (i, e) in new.into_iter().enumerate() {
             let seq = first + i as u64;
-            batch.push_set(
-                seq,
-                e.received_at_ms,
-                &e.signal,
-                e.token.as_bytes(),
-                e.hash,
-                e.key,
-            );
+            batch.push_set(seq, e.received_at_ms, &e.packed, e.hash, e.key);
             assigned.push(seq);
         }
     }
@@ -225,8 +218,7 @@ fn move_in(log: &Log, records: Vec<Moved>) -> Result<u64, LogError> {
         batch.push_set(
             m.seq,
             m.encoded.received_at_ms,
-            &m.encoded.signal,
-            m.encoded.token.as_bytes(),
+            &m.encoded.packed,
             m.encoded.hash,
             m.encoded.key,
         );

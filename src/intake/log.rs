@@ -10,8 +10,9 @@
 //!
 //! A segment file starts with [`MAGIC`], then frames: `len: u32 LE | crc32(body): u32 LE | body`.
 //! A body's first byte is its kind:
-//! - [`KIND_SET`]: `seq: u64 LE | received_at_ms: i64 LE | signal_len: u32 LE | signal JSON |
-//!   raw token` — a recorded SET (the signal's own `seq` field is ignored: the frame's wins);
+//! - [`KIND_SET`]: `seq: u64 LE | received_at_ms: i64 LE | packed` — a recorded SET, its
+//!   normalized signal and the token as received, packed by [`pack`] (the signal's own `seq`
+//!   field is ignored: the frame's wins);
 //! - [`KIND_PROCESSED`]: `seq: u64 LE` × n — those records' effects are in the state store.
 //!
 //! A torn frame at the end of the newest segment (a crash mid-write: never acknowledged) is cut
@@ -37,8 +38,13 @@ const KIND_SET: u8 = 1;
 const KIND_PROCESSED: u8 = 2;
 /// `len` + `crc`.
 const FRAME_HEADER: usize = 8;
-/// `kind` + `seq` + `received_at_ms` + `signal_len`.
-const SET_HEADER: usize = 1 + 8 + 8 + 4;
+/// `kind` + `seq` + `received_at_ms`.
+const SET_HEADER: usize = 1 + 8 + 8;
+/// zstd's level for packed records: its fastest band; a record is about a kilobyte.
+const ZSTD_LEVEL: i32 = 1;
+/// [`pack`]'s forms.
+const PACKED_VERBATIM: u8 = 0;
+const PACKED_JWS: u8 = 1;
 /// No frame is larger (a SET's body is bounded by `push.max_body_bytes` long before this): a
 /// length beyond it is a torn or corrupt frame, never an allocation.
 const MAX_FRAME: usize = 16 << 20;
@@ -134,9 +140,8 @@ pub struct Encoded {
     pub key: String,
     pub hash: u64,
     pub received_at_ms: i64,
-    /// The signal's JSON.
-    pub signal: Vec<u8>,
-    pub token: String,
+    /// The signal's JSON and the token, [`pack`]ed.
+    pub packed: Vec<u8>,
 }
 
 /// What a start-up scan found.
@@ -535,6 +540,134 @@ impl<'f> SegmentReader<'f> {
     }
 }
 
+fn u32_at(b: &[u8], at: usize) -> Option<usize> {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(b.get(at..at + 4)?);
+    Some(u32::from_le_bytes(a) as usize)
+}
+
+/// Packs a signal's JSON and its token for a record: what a retained SET costs on disk is most
+/// of the log's size. A compact JWS whose parts re-encode exactly is stored decoded — its
+/// header and payload compressed with the signal (which repeats much of the payload: issuer,
+/// `jti`, event type, subject), its signature raw; any other token is compressed as received.
+/// `form | compressed_len: u32 LE | zstd(signal_len: u32 LE | signal | rest) | signature`, where
+/// `rest` is `header_len: u32 LE | header | payload` (form [`PACKED_JWS`]) or the token's text.
+pub fn pack(signal: &[u8], token: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    let b64 = &base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut raw = Vec::with_capacity(signal.len() + token.len() + 8);
+    raw.extend_from_slice(&(signal.len() as u32).to_le_bytes());
+    raw.extend_from_slice(signal);
+    let parts: Vec<&str> = token.split('.').collect();
+    let decoded: Option<Vec<Vec<u8>>> = (parts.len() == 3)
+        .then(|| parts.iter().map(|p| b64.decode(p).ok()).collect())
+        .flatten();
+    // Only a token rebuilt byte for byte from its parts is stored decoded.
+    let decoded = decoded.filter(|d| {
+        d.iter()
+            .zip(&parts)
+            .all(|(bytes, part)| b64.encode(bytes) == *part)
+    });
+    let (form, signature) = match &decoded {
+        Some(d) => {
+            raw.extend_from_slice(&(d[0].len() as u32).to_le_bytes());
+            raw.extend_from_slice(&d[0]);
+            raw.extend_from_slice(&d[1]);
+            (PACKED_JWS, d[2].as_slice())
+        }
+        None => {
+            raw.extend_from_slice(token.as_bytes());
+            (PACKED_VERBATIM, &[][..])
+        }
+    };
+    // Compressing memory that is already there cannot fail but for a bug; store it verbatim then.
+    let (form, compressed, signature) = match compress(&raw) {
+        Ok(c) => (form, c, signature),
+        Err(_) => {
+            let mut plain = Vec::with_capacity(signal.len() + token.len() + 4);
+            plain.extend_from_slice(&(signal.len() as u32).to_le_bytes());
+            plain.extend_from_slice(signal);
+            plain.extend_from_slice(token.as_bytes());
+            (PACKED_VERBATIM | 0x80, plain, &[][..])
+        }
+    };
+    let mut out = Vec::with_capacity(5 + compressed.len() + signature.len());
+    out.push(form);
+    out.extend_from_slice(&(compressed.len() as u32).to_le_bytes());
+    out.extend_from_slice(&compressed);
+    out.extend_from_slice(signature);
+    out
+}
+
+thread_local! {
+    /// A compression context per thread: creating one per record cost more than compressing it.
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn compress(raw: &[u8]) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = Some(zstd::bulk::Compressor::new(ZSTD_LEVEL)?);
+        }
+        match c.as_mut() {
+            Some(c) => c.compress(raw),
+            None => zstd::bulk::compress(raw, ZSTD_LEVEL),
+        }
+    })
+}
+
+fn decompress(body: &[u8]) -> Option<Vec<u8>> {
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = zstd::bulk::Decompressor::new().ok();
+        }
+        // The frame says its size (the compressor writes it); a record never exceeds MAX_FRAME.
+        let size = zstd::zstd_safe::get_frame_content_size(body).ok()??;
+        let size = usize::try_from(size).ok().filter(|s| *s <= MAX_FRAME)?;
+        d.as_mut()?.decompress(body, size).ok()
+    })
+}
+
+/// [`pack`]'s inverse: the signal's JSON and the token's text; `None` if `packed` is not one.
+fn unpack(packed: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
+    use base64::Engine as _;
+    let b64 = &base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let form = *packed.first()?;
+    let len = u32_at(packed, 1)?;
+    let body = packed.get(5..5usize.checked_add(len)?)?;
+    let signature = packed.get(5 + len..)?;
+    let raw = if form & 0x80 != 0 {
+        body.to_vec()
+    } else {
+        decompress(body)?
+    };
+    let signal_len = u32_at(&raw, 0)?;
+    let signal = raw.get(4..4usize.checked_add(signal_len)?)?.to_vec();
+    let rest = raw.get(4 + signal_len..)?;
+    let token = match form & 0x7f {
+        PACKED_VERBATIM => rest.to_vec(),
+        PACKED_JWS => {
+            let header_len = u32_at(rest, 0)?;
+            let header = rest.get(4..4usize.checked_add(header_len)?)?;
+            let payload = rest.get(4 + header_len..)?;
+            format!(
+                "{}.{}.{}",
+                b64.encode(header),
+                b64.encode(payload),
+                b64.encode(signature)
+            )
+            .into_bytes()
+        }
+        _ => return None,
+    };
+    Some((signal, token))
+}
+
 fn frame_header(b: &[u8]) -> (usize, u32) {
     let mut len = [0u8; 4];
     let mut crc = [0u8; 4];
@@ -556,13 +689,7 @@ fn decode_set(body: &[u8]) -> Option<SetFrame> {
     }
     let seq = u64_at(body, 1)?;
     let received_at_ms = u64_at(body, 9)? as i64;
-    let mut l = [0u8; 4];
-    l.copy_from_slice(body.get(17..21)?);
-    let signal_len = u32::from_le_bytes(l) as usize;
-    let signal = body
-        .get(SET_HEADER..SET_HEADER.checked_add(signal_len)?)?
-        .to_vec();
-    let token = body.get(SET_HEADER + signal_len..)?.to_vec();
+    let (signal, token) = unpack(body.get(SET_HEADER..)?)?;
     Some(SetFrame {
         seq,
         received_at_ms,
@@ -735,28 +862,24 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// Adds a SET frame.
+    /// Adds a SET frame (`packed` by [`pack`]).
     pub fn push_set(
         &mut self,
         seq: u64,
         received_at_ms: i64,
-        signal: &[u8],
-        token: &[u8],
+        packed: &[u8],
         hash: u64,
         key: String,
     ) {
         let at = self.buf.len();
-        let len = SET_HEADER + signal.len() + token.len();
+        let len = SET_HEADER + packed.len();
         self.buf.extend_from_slice(&(len as u32).to_le_bytes());
         self.buf.extend_from_slice(&[0; 4]);
         let body = self.buf.len();
         self.buf.push(KIND_SET);
         self.buf.extend_from_slice(&seq.to_le_bytes());
         self.buf.extend_from_slice(&received_at_ms.to_le_bytes());
-        self.buf
-            .extend_from_slice(&(signal.len() as u32).to_le_bytes());
-        self.buf.extend_from_slice(signal);
-        self.buf.extend_from_slice(token);
+        self.buf.extend_from_slice(packed);
         let crc = crc32fast::hash(&self.buf[body..]);
         self.buf[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
         self.records.push((seq, at, received_at_ms, hash, key));
@@ -945,5 +1068,26 @@ impl Log {
             sync_dir(&self.dir)?;
         }
         Ok(pruned)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A compact JWS comes back byte for byte, stored in fewer bytes than it arrived in; any other
+    /// token (or one whose base64 does not re-encode exactly) comes back as received.
+    #[test]
+    fn packed_records_unpack_to_what_was_packed() {
+        let signal = br#"{"iss":"https://idp.example.com/","jti":"4d3559ec67504aaba65d40b0363faad8","event_uri":"https://schemas.openid.net/secevent/caep/event-type/session-revoked"}"#;
+        let jws = "eyJhbGciOiJSUzI1NiIsImtpZCI6ImsxIiwidHlwIjoic2VjZXZlbnQrand0In0.eyJpc3MiOiJodHRwczovL2lkcC5leGFtcGxlLmNvbS8iLCJqdGkiOiI0ZDM1NTllYzY3NTA0YWFiYTY1ZDQwYjAzNjNmYWFkOCJ9.c2lnbmF0dXJlLWJ5dGVz";
+        for token in [jws, "not.a-jws", "a.b.c.d", "plain text", "eyJh.eyJh.AB"] {
+            let packed = pack(signal, token);
+            let (s, t) = unpack(&packed).unwrap();
+            assert_eq!(s, signal.to_vec());
+            assert_eq!(String::from_utf8(t).unwrap(), token);
+        }
+        assert!(pack(signal, jws).len() < signal.len() + jws.len());
+        assert!(unpack(&[PACKED_JWS, 200, 0, 0, 0, 1]).is_none());
     }
 }

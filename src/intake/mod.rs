@@ -284,8 +284,7 @@ impl Intake {
             hash: self.log.hash(&key),
             key,
             received_at_ms: signal.received_at_ms,
-            signal: signal_json,
-            token: token.to_owned(),
+            packed: log::pack(&signal_json, token),
         })
     }
 
@@ -666,6 +665,21 @@ mod tests {
         }
     }
 
+    /// `n` characters that do not compress (a token-sized record of known size).
+    fn noise(n: usize, seed: u64) -> String {
+        let mut x = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                char::from(b'A' + ((x >> 33) % 26) as u8)
+            })
+            .collect()
+    }
+
     fn config(segment_bytes: u64, retention_secs: u64) -> IntakeConfig {
         IntakeConfig {
             max_batch: 16,
@@ -770,7 +784,7 @@ mod tests {
         for i in 0..40 {
             let mut s = signal(&format!("jti-{i}"));
             s.received_at_ms = clock.now_ms();
-            match intake.record(&s, &"t".repeat(300)).await.unwrap() {
+            match intake.record(&s, &noise(300, i)).await.unwrap() {
                 RecordOutcome::Recorded(seq) => seqs.push(seq),
                 other => panic!("{other:?}"),
             }
