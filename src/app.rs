@@ -322,6 +322,19 @@ impl Vigil {
                 )
             },
         ));
+        let (st, id, sd, bounds) = (
+            streams.clone(),
+            identity.clone(),
+            shutdown_rx.clone(),
+            transmitter::outbox_bounds::Bounds::from(&config.delivery),
+        );
+        tasks.push(crate::supervise::spawn(
+            "outbox_bounds",
+            shutdown_rx.clone(),
+            move || {
+                transmitter::outbox_bounds::run(st.clone(), id.clone(), bounds.clone(), sd.clone())
+            },
+        ));
         let decision_task = tokio::spawn(transmitter::emit::run(
             decision_rx,
             identity.clone(),

@@ -748,9 +748,26 @@ pub struct DeliveryConfig {
     pub initial_backoff_ms: u64,
     #[serde(default = "default_max_backoff")]
     pub max_backoff_secs: u64,
-    /// A SET still undelivered this long after it was queued moves to the dead letters.
+    /// A SET still undelivered this long after it was queued moves to the dead letters — by
+    /// push, poll or SSE, whatever the stream's status.
     #[serde(default = "default_dead_letter_after")]
     pub dead_letter_after_secs: u64,
+    /// The most SETs one stream's outbox holds; the oldest beyond it move to the dead letters.
+    #[serde(default = "default_max_outbox")]
+    pub max_outbox_per_stream: usize,
+    /// A poll or SSE stream with SETs waiting that nobody read for this long is paused (with a
+    /// stream-updated SET telling its receiver when it comes back).
+    #[serde(default = "default_unread_pause")]
+    pub unread_pause_after_secs: u64,
+    /// How long a dead letter is kept for operators to inspect or replay.
+    #[serde(default = "default_dead_letter_retention")]
+    pub dead_letter_retention_secs: u64,
+    /// The most dead letters kept; the oldest beyond it are dropped.
+    #[serde(default = "default_max_dead_letters")]
+    pub max_dead_letters: usize,
+    /// How often these bounds are applied (seconds).
+    #[serde(default = "default_outbox_sweep")]
+    pub outbox_sweep_secs: u64,
 }
 
 impl Default for DeliveryConfig {
@@ -760,6 +777,11 @@ impl Default for DeliveryConfig {
             initial_backoff_ms: default_initial_backoff(),
             max_backoff_secs: default_max_backoff(),
             dead_letter_after_secs: default_dead_letter_after(),
+            max_outbox_per_stream: default_max_outbox(),
+            unread_pause_after_secs: default_unread_pause(),
+            dead_letter_retention_secs: default_dead_letter_retention(),
+            max_dead_letters: default_max_dead_letters(),
+            outbox_sweep_secs: default_outbox_sweep(),
         }
     }
 }
@@ -775,6 +797,21 @@ fn default_max_backoff() -> u64 {
 }
 fn default_dead_letter_after() -> u64 {
     24 * 3600
+}
+fn default_max_outbox() -> usize {
+    100_000
+}
+fn default_unread_pause() -> u64 {
+    24 * 3600
+}
+fn default_dead_letter_retention() -> u64 {
+    7 * 86_400
+}
+fn default_max_dead_letters() -> usize {
+    100_000
+}
+fn default_outbox_sweep() -> u64 {
+    30
 }
 
 /// An enforcement point (API gateway, sidecar, agent runtime) that manages streams with Vigil.
@@ -1362,6 +1399,12 @@ impl Config {
         if self.intake.max_batch == 0 {
             return Err(invalid("intake.max_batch", "must be greater than 0"));
         }
+        if self.delivery.max_outbox_per_stream == 0 || self.delivery.max_dead_letters == 0 {
+            return Err(invalid(
+                "delivery.max_outbox_per_stream",
+                "delivery.max_outbox_per_stream and delivery.max_dead_letters must be greater than 0",
+            ));
+        }
         if self.intake.retention_secs == 0 || self.intake.retention_secs > 366 * 86_400 {
             return Err(invalid(
                 "intake.retention_secs",
@@ -1672,6 +1715,21 @@ impl Config {
             (
                 "delivery.dead_letter_after_secs",
                 self.delivery.dead_letter_after_secs,
+                1,
+            ),
+            (
+                "delivery.outbox_sweep_secs",
+                self.delivery.outbox_sweep_secs,
+                1,
+            ),
+            (
+                "delivery.unread_pause_after_secs",
+                self.delivery.unread_pause_after_secs,
+                1,
+            ),
+            (
+                "delivery.dead_letter_retention_secs",
+                self.delivery.dead_letter_retention_secs,
                 1,
             ),
             (

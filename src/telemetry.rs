@@ -148,6 +148,12 @@ catalogue! {
         "One group-commit transaction (store: state, intake_meta; intake: one append and fdatasync of the intake log)";
     STORE_BATCH_SIZE = "vigil_store_batch_size", Histogram, ["store"],
         "Writes per group commit";
+    STREAMS_PAUSED_UNREAD = "vigil_streams_paused_unread_total", Counter, [],
+        "Poll and SSE streams paused because nobody read their waiting SETs for delivery.unread_pause_after_secs";
+    OUTBOX_DEAD_LETTERED = "vigil_outbox_dead_lettered_total", Counter, [],
+        "SETs moved from an outbox to the dead letters by the sweep (too old, or past delivery.max_outbox_per_stream)";
+    DEAD_LETTERS_DROPPED = "vigil_dead_letters_dropped_total", Counter, [],
+        "Dead letters dropped (older than delivery.dead_letter_retention_secs, or past delivery.max_dead_letters)";
     INTAKE_LOG_SETS = "vigil_intake_log_sets", Gauge, [],
         "SETs the intake log retains (the dedupe window's records and those pending)";
     INTAKE_LOG_BYTES = "vigil_intake_log_bytes", Gauge, [],

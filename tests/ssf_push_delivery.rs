@@ -371,3 +371,104 @@ async fn retries_and_dead_letters_follow_the_injected_clock() {
     ep_task.abort();
     vigil.shutdown().await;
 }
+
+/// What waits for an enforcement point is bounded: a poll stream's outbox keeps at most
+/// `max_outbox_per_stream` SETs (the oldest go to the dead letters); a stream nobody reads for
+/// `unread_pause_after_secs` is paused, with a stream-updated SET queued; SETs older than
+/// `dead_letter_after_secs` leave even a paused stream's outbox; dead letters go after
+/// `dead_letter_retention_secs`. Ages follow the injected clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unread_poll_stream_is_paused_and_its_backlog_bounded() {
+    let tx = Transmitter::start(&[Alg::RS256]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), vec![tx.config("idp", ISS, &[AUD])]);
+    config.enforcement_points = vec![enforcement_point("gateway", EP_TOKEN)];
+    config.delivery.outbox_sweep_secs = 1;
+    config.delivery.max_outbox_per_stream = 3;
+    config.delivery.unread_pause_after_secs = 600;
+    config.delivery.dead_letter_after_secs = 3600;
+    config.delivery.dead_letter_retention_secs = 7200;
+    let clock = vigil::clock::Clock::manual(vigil::signal::now_ms());
+    let vigil = vigil::Vigil::start_with_clock(config, clock.clone())
+        .await
+        .unwrap();
+    let base = format!("http://{}", vigil.local_addr());
+    let http = reqwest::Client::new();
+    let poll_url = create_poll_stream(&http, &base, EP_TOKEN).await;
+    let stream_id = poll_url.rsplit('/').next().unwrap().to_owned();
+    for i in 0..5 {
+        register(&vigil, &format!("g{i}"), &format!("u{i}@example.com")).await;
+        revoke(
+            &tx,
+            &vigil,
+            &format!("u{i}@example.com"),
+            &format!("dis-{i}"),
+        )
+        .await;
+    }
+    let dead = || async {
+        let (_, v) = get_json(&vigil, "/v1/deadletters").await;
+        v["dead_letters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["error"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    // Five revocations queued; the cap keeps three.
+    eventually(
+        "the two oldest SETs moved out of the capped outbox",
+        || async {
+            let d = dead().await;
+            (d.len() == 2).then_some(d)
+        },
+    )
+    .await
+    .iter()
+    .for_each(|e| assert!(e.contains("max_outbox_per_stream"), "{e}"));
+    let polled: Value = http
+        .post(&poll_url)
+        .bearer_auth(EP_TOKEN)
+        .json(&json!({"maxEvents": 10, "returnImmediately": true}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(polled["sets"].as_object().unwrap().len(), 3);
+    let status = || async {
+        let v: Value = http
+            .get(format!("{base}/ssf/status?stream_id={stream_id}"))
+            .bearer_auth(EP_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["status"].as_str().unwrap().to_owned()
+    };
+    // Read just now: not paused. Unread for ten minutes with SETs waiting: paused.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(status().await, "enabled");
+    clock.advance(std::time::Duration::from_secs(601));
+    eventually("the unread stream to be paused", || async {
+        (status().await == "paused").then_some(())
+    })
+    .await;
+    // An hour on, its SETs (the stream-updated one queued at the pause too) are dead letters.
+    clock.advance(std::time::Duration::from_secs(3601));
+    eventually("the paused stream's old SETs dead-lettered", || async {
+        let d = dead().await;
+        (d.len() == 6).then_some(())
+    })
+    .await;
+    // And two hours after that, the dead letters are gone.
+    clock.advance(std::time::Duration::from_secs(7201));
+    eventually("old dead letters dropped", || async {
+        dead().await.is_empty().then_some(())
+    })
+    .await;
+    vigil.shutdown().await;
+}

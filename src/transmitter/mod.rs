@@ -5,6 +5,7 @@ pub mod emit;
 mod identity;
 mod metadata;
 pub mod mgmt;
+pub mod outbox_bounds;
 pub mod push;
 pub mod streams;
 

@@ -238,6 +238,9 @@ pub struct StreamStore {
     /// Cluster mode: the local outbox key of each pending SET read from the outbox topic, by its
     /// topic key (a later record of the key is its delivery or dead letter).
     outbox_index: Mutex<HashMap<String, String>>,
+    /// When each stream's outbox was last read here (poll, SSE), ms: a poll or SSE stream nobody
+    /// reads is paused (`transmitter/outbox_bounds.rs`).
+    last_read: Mutex<HashMap<String, i64>>,
 }
 
 /// A SET that could not be delivered, kept for operators to inspect and replay.
@@ -373,6 +376,7 @@ impl StreamStore {
             clock,
             shared: OnceLock::new(),
             outbox_index: Mutex::new(HashMap::new()),
+            last_read: Mutex::new(HashMap::new()),
         })
     }
 
@@ -898,6 +902,10 @@ impl StreamStore {
         after: u64,
         max: usize,
     ) -> Result<(Vec<(String, Outgoing)>, bool), StreamError> {
+        self.last_read
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id.to_owned(), self.clock.now_ms());
         let txn = self.db.begin_read().map_err(storage)?;
         let t = txn.open_table(OUTBOX).map_err(storage)?;
         let start = outbox_key(id, after.saturating_add(1));
@@ -1106,6 +1114,87 @@ impl StreamStore {
             }
         }
         Ok(out)
+    }
+
+    /// When `id`'s outbox was last read here; the first time it is asked, now (a stream is not
+    /// taken for unread before it had a chance to be read since the start).
+    pub fn last_read_ms(&self, id: &str) -> i64 {
+        *self
+            .last_read
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(id.to_owned())
+            .or_insert_with(|| self.clock.now_ms())
+    }
+
+    /// Of `id`'s outbox, oldest first: the SETs queued before `queued_before_ms`, and the oldest
+    /// beyond the newest `max` — what may no longer wait — with the outbox's length.
+    #[allow(clippy::type_complexity)]
+    pub fn overflow(
+        &self,
+        id: &str,
+        queued_before_ms: i64,
+        max: usize,
+    ) -> Result<(Vec<(String, Outgoing)>, usize), StreamError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let t = txn.open_table(OUTBOX).map_err(storage)?;
+        let (start, end) = (outbox_key(id, 0), format!("{id}\u{1}"));
+        let len = t
+            .range(start.as_str()..end.as_str())
+            .map_err(storage)?
+            .count();
+        let excess = len.saturating_sub(max);
+        let mut out = Vec::new();
+        for (i, entry) in t
+            .range(start.as_str()..end.as_str())
+            .map_err(storage)?
+            .enumerate()
+        {
+            let (k, v) = entry.map_err(storage)?;
+            let Ok(o) = serde_json::from_slice::<Outgoing>(v.value()) else {
+                continue;
+            };
+            // Oldest first: once one is young enough and within the cap, so are the rest.
+            if i >= excess && o.queued_at_ms >= queued_before_ms {
+                break;
+            }
+            out.push((k.value().to_owned(), o));
+        }
+        Ok((out, len))
+    }
+
+    /// Drops dead letters older than `dead_before_ms`, then the oldest beyond `max`; returns how
+    /// many went. In cluster mode each goes from the outbox topic too.
+    pub async fn prune_dead_letters(
+        &self,
+        dead_before_ms: i64,
+        max: usize,
+    ) -> Result<usize, StreamError> {
+        let mut letters = self.dead_letters()?;
+        letters.sort_by_key(|(_, d)| d.dead_at_ms);
+        let excess = letters.len().saturating_sub(max);
+        let gone: Vec<(String, DeadLetter)> = letters
+            .into_iter()
+            .enumerate()
+            .take_while(|(i, (_, d))| *i < excess || d.dead_at_ms < dead_before_ms)
+            .map(|(_, l)| l)
+            .collect();
+        if gone.is_empty() {
+            return Ok(0);
+        }
+        self.publish_outbox(
+            gone.iter()
+                .map(|(_, d)| OutboxRecord {
+                    stream: d.stream_id.clone(),
+                    jti: d.outgoing.jti.clone(),
+                    entry: None,
+                })
+                .collect(),
+        );
+        let n = gone.len();
+        self.remove_rows(DEAD, gone.into_iter().map(|(k, _)| k).collect())
+            .await?;
+        Ok(n)
     }
 
     /// Puts every dead letter back into its stream's outbox (same key, so order is kept).
