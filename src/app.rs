@@ -146,6 +146,9 @@ impl Vigil {
                 config.audit.max_file_bytes,
                 config.audit.keep_files,
             )
+            .and_then(|log| {
+                log.with_max_age(std::time::Duration::from_secs(config.audit.max_age_secs))
+            })
             .map_err(StartError::Audit)?,
         );
         // 3. The engine, and what it decided before a restart that delivery has not taken over.

@@ -73,6 +73,10 @@ pub struct AuditLog {
     dir: PathBuf,
     max_bytes: u64,
     keep: usize,
+    /// Rotated files whose last write is older than this are dropped (`audit.max_age_secs`).
+    max_age: Option<std::time::Duration>,
+    /// When aged files were last looked for (monotonic: pacing, not a record's time).
+    aged_checked: Mutex<std::time::Instant>,
     current: Mutex<Current>,
     /// Ids of the decisions at the log's end when it was opened (bounded by
     /// `RECOVERY_TAIL_BYTES`): a decision replay makes again is not appended twice.
@@ -93,10 +97,21 @@ impl AuditLog {
             dir: dir.to_owned(),
             max_bytes: max_bytes.max(1024),
             keep: keep.max(1),
+            max_age: None,
+            aged_checked: Mutex::new(std::time::Instant::now()),
             current: Mutex::new(Current { file, index, size }),
             before_start,
             origin,
         })
+    }
+
+    /// Drops rotated files last written more than `max_age` ago (checked at open, at each
+    /// rotation and at most once a minute as decisions are appended). The file being written is
+    /// bounded by `max_bytes` and goes once rotated.
+    pub fn with_max_age(mut self, max_age: std::time::Duration) -> std::io::Result<AuditLog> {
+        self.max_age = Some(max_age);
+        self.prune()?;
+        Ok(self)
     }
 
     /// The log's own name (random, made when the directory was; a new directory is a new log).
@@ -141,14 +156,42 @@ impl AuditLog {
         cur.file.write_all(&buf)?;
         cur.file.sync_data()?;
         cur.size += buf.len() as u64;
+        drop(cur);
+        if self.max_age.is_some() {
+            let due = {
+                let mut checked = self
+                    .aged_checked
+                    .lock()
+                    .map_err(|_| std::io::Error::other("audit log lock poisoned"))?;
+                let due = checked.elapsed() >= std::time::Duration::from_secs(60);
+                if due {
+                    *checked = std::time::Instant::now();
+                }
+                due
+            };
+            if due {
+                self.prune()?;
+            }
+        }
         Ok(())
     }
 
+    /// Drops the oldest files beyond `keep`, and rotated files older than `max_age`.
     fn prune(&self) -> std::io::Result<()> {
         let files = list_files(&self.dir)?;
-        if files.len() > self.keep {
-            for (_, path) in &files[..files.len() - self.keep] {
+        let over = files.len().saturating_sub(self.keep);
+        // The newest file is the one being written: never dropped here.
+        for (i, (_, path)) in files.iter().enumerate().take(files.len().saturating_sub(1)) {
+            let aged = match self.max_age {
+                Some(max_age) => std::fs::metadata(path)?
+                    .modified()?
+                    .elapsed()
+                    .is_ok_and(|age| age > max_age),
+                None => false,
+            };
+            if i < over || aged {
                 std::fs::remove_file(path)?;
+                metrics::counter!(crate::telemetry::AUDIT_FILES_DROPPED).increment(1);
             }
         }
         Ok(())
@@ -367,6 +410,45 @@ mod tests {
             .len(),
             1
         );
+    }
+
+    /// Rotated files last written before `max_age` go; the file being written stays.
+    #[test]
+    fn rotated_files_older_than_the_age_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), 2048, 100).unwrap();
+        for i in 0..40 {
+            log.append(&[decision(&format!("g{i}"), "s", i as f64)])
+                .unwrap();
+        }
+        let files = list_files(dir.path()).unwrap();
+        assert!(files.len() >= 3, "{} files", files.len());
+        // The two oldest were last written two days ago.
+        let two_days_ago =
+            std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 86_400);
+        for (_, path) in &files[..2] {
+            std::fs::File::options()
+                .append(true)
+                .open(path)
+                .unwrap()
+                .set_modified(two_days_ago)
+                .unwrap();
+        }
+        drop(log);
+        let log = AuditLog::open(dir.path(), 2048, 100)
+            .unwrap()
+            .with_max_age(std::time::Duration::from_secs(86_400))
+            .unwrap();
+        let left = list_files(dir.path()).unwrap();
+        assert_eq!(left.len(), files.len() - 2);
+        assert_eq!(left.first().map(|f| f.0), Some(files[2].0));
+        assert!(!log
+            .query(&DecisionQuery {
+                limit: 1000,
+                ..DecisionQuery::default()
+            })
+            .unwrap()
+            .is_empty());
     }
 
     #[test]

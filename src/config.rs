@@ -810,6 +810,9 @@ fn default_dead_letter_retention() -> u64 {
 fn default_max_dead_letters() -> usize {
     100_000
 }
+fn default_audit_max_age() -> u64 {
+    90 * 86_400
+}
 fn default_outbox_sweep() -> u64 {
     30
 }
@@ -855,6 +858,9 @@ pub struct AuditConfig {
     pub max_file_bytes: u64,
     #[serde(default = "default_audit_keep")]
     pub keep_files: usize,
+    /// Rotated audit files last written longer ago than this are dropped (seconds; 90 days).
+    #[serde(default = "default_audit_max_age")]
+    pub max_age_secs: u64,
 }
 
 /// RFC 8935 push endpoint settings.
@@ -1270,6 +1276,7 @@ impl Default for AuditConfig {
         AuditConfig {
             max_file_bytes: default_audit_bytes(),
             keep_files: default_audit_keep(),
+            max_age_secs: default_audit_max_age(),
         }
     }
 }
@@ -1717,6 +1724,7 @@ impl Config {
                 self.delivery.dead_letter_after_secs,
                 1,
             ),
+            ("audit.max_age_secs", self.audit.max_age_secs, 1),
             (
                 "delivery.outbox_sweep_secs",
                 self.delivery.outbox_sweep_secs,

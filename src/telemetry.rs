@@ -166,6 +166,8 @@ catalogue! {
         "Intake segments dropped (reason: retention, or size when intake.max_bytes made room early)";
     AUDIT_ERRORS = "vigil_audit_errors_total", Counter, [],
         "Audit appends that failed";
+    AUDIT_FILES_DROPPED = "vigil_audit_files_dropped_total", Counter, [],
+        "Audit log files dropped (beyond audit.keep_files, or older than audit.max_age_secs)";
     AUDIT_REPEATS_SKIPPED = "vigil_audit_repeats_skipped_total", Counter, [],
         "Decisions a replay made again after a crash, already in the audit log";
     // Policy.
