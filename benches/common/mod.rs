@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod kafka;
+pub mod soak;
 
 /// The numeric value after `name` on the command line (`--signals 300`), else `default`.
 pub fn arg(name: &str, default: u64) -> u64 {
