@@ -74,28 +74,26 @@ pub fn run(
         }
         let mut appends = Vec::new();
         let mut marks = Vec::new();
+        // What was taken before a move or a pruning is written first: commands keep their order.
+        let flush = |appends: &mut Vec<_>, marks: &mut Vec<_>| {
+            write_batch(
+                &log,
+                &seqs,
+                &settings,
+                std::mem::take(appends),
+                std::mem::take(marks),
+            )
+        };
         for command in commands {
             match command {
                 Command::Append(e, reply) => appends.push((e, reply)),
                 Command::Processed(seqs, reply) => marks.push((seqs, reply)),
                 Command::Move(records, reply) => {
-                    write_batch(
-                        &log,
-                        &seqs,
-                        &settings,
-                        std::mem::take(&mut appends),
-                        std::mem::take(&mut marks),
-                    );
+                    flush(&mut appends, &mut marks);
                     let _ = reply.send(move_in(&log, records));
                 }
                 Command::Prune(reply) => {
-                    write_batch(
-                        &log,
-                        &seqs,
-                        &settings,
-                        std::mem::take(&mut appends),
-                        std::mem::take(&mut marks),
-                    );
+                    flush(&mut appends, &mut marks);
                     let _ = reply.send(Ok(prune(&log, &settings, &clock)));
                 }
             }
