@@ -1397,8 +1397,11 @@ impl Config {
                 "must be between 0 and 1",
             ));
         }
-        if self.push.max_body_bytes == 0 {
-            return Err(invalid("push.max_body_bytes", "must be greater than 0"));
+        if self.push.max_body_bytes == 0 || self.push.max_body_bytes > 4 << 20 {
+            return Err(invalid(
+                "push.max_body_bytes",
+                "must be between 1 and 4194304 (4 MiB; the intake log's records are bounded)",
+            ));
         }
         if self.intake.channel_capacity == 0 {
             return Err(invalid("intake.channel_capacity", "must be greater than 0"));
@@ -2069,6 +2072,12 @@ mod tests {
         let e = err_of(
             "",
             vec![("VIGIL_PUSH__MAX_BODY_BYTES".into(), "lots".into())],
+        );
+        assert!(e.contains("push.max_body_bytes"), "{e}");
+        // More than the intake log's records hold is refused at start.
+        let e = err_of(
+            "",
+            vec![("VIGIL_PUSH__MAX_BODY_BYTES".into(), "8388608".into())],
         );
         assert!(e.contains("push.max_body_bytes"), "{e}");
     }

@@ -121,6 +121,13 @@ fn write_batch(
     let mut waiting = Vec::new();
     let mut in_batch: HashMap<String, usize> = HashMap::new();
     for (encoded, reply) in appends {
+        if encoded.packed.len() > super::log::MAX_RECORD {
+            let _ = reply.send(Err(LogError::Io(format!(
+                "a record of {} bytes is larger than the log takes",
+                encoded.packed.len()
+            ))));
+            continue;
+        }
         if let Some(&i) = in_batch.get(&encoded.key) {
             waiting.push(Waiting::Copy(i as u64, reply));
             continue;

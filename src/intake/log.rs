@@ -48,6 +48,9 @@ const PACKED_JWS: u8 = 1;
 /// No frame is larger (a SET's body is bounded by `push.max_body_bytes` long before this): a
 /// length beyond it is a torn or corrupt frame, never an allocation.
 const MAX_FRAME: usize = 16 << 20;
+/// The largest packed record a frame holds: a larger one is refused before it is acknowledged
+/// (written, it could not be read back).
+pub const MAX_RECORD: usize = MAX_FRAME - SET_HEADER;
 /// Reading a segment in order: bytes per positioned read.
 const SCAN_CHUNK: usize = 1 << 20;
 
@@ -929,6 +932,22 @@ impl Log {
             .collect()
     }
 
+    /// Whether the oldest segment would be dropped now (the same test [`Log::prune`] applies).
+    fn oldest_due(&self, horizon: i64, max_bytes: u64) -> bool {
+        let st = self.read();
+        if st.segments.len() < 2 {
+            return false;
+        }
+        let Some(oldest) = st.segments.front() else {
+            return false;
+        };
+        let processed = match (oldest.last_seq(), st.pending.first()) {
+            (Some(last), Some(p)) => *p > last,
+            _ => true,
+        };
+        processed && (oldest.newest_received_ms < horizon || st.bytes > max_bytes)
+    }
+
     /// Bytes the log holds on disk.
     pub fn bytes(&self) -> u64 {
         self.read().bytes
@@ -1016,6 +1035,11 @@ impl Log {
     ) -> Result<Pruned, LogError> {
         let horizon = now_ms.saturating_sub(retention_ms);
         let mut pruned = Pruned::default();
+        // Called after every batch: most calls find nothing due, and must not hold readers up
+        // with the write lock to find that out.
+        if !self.oldest_due(horizon, max_bytes) {
+            return Ok(pruned);
+        }
         let dropped: Vec<PathBuf> = {
             let mut st = self.write();
             let st = &mut *st;

@@ -874,6 +874,27 @@ mod tests {
         ));
     }
 
+    /// A record a frame could not hold is refused before it is acknowledged, and nothing is
+    /// written; the log goes on taking others.
+    #[tokio::test]
+    async fn a_record_too_large_for_a_frame_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (intake, _threads) = Intake::open_dir(dir.path(), 8).unwrap();
+        let huge = noise(30 << 20, 7);
+        assert!(intake.record(&signal("huge"), &huge).await.is_err());
+        assert_eq!(intake.stored_count().unwrap(), 0);
+        assert_eq!(
+            intake
+                .lookup_jti("https://idp.example.com/", "huge")
+                .unwrap(),
+            None
+        );
+        assert!(matches!(
+            intake.record(&signal("small"), "tok").await,
+            Ok(RecordOutcome::Recorded(_))
+        ));
+    }
+
     /// A crash mid-append leaves a torn frame at the end of the newest segment: it was never
     /// acknowledged, so it is cut off and everything before it is read back.
     #[tokio::test]
