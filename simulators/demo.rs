@@ -160,6 +160,7 @@ async fn main() -> anyhow::Result<()> {
             name: "gateway".into(),
             token: GATEWAY_TOKEN.into(),
             audience: None,
+            signing_alg: None,
         }],
         ..Config::default()
     };

@@ -17,7 +17,6 @@ use crate::auth::ApiAuth;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::config::Role;
-use crate::decision::Decision;
 use crate::engine::{Engine, EngineError, EngineSettings};
 use crate::handoff::{self, EngineSink};
 use crate::intake::{Intake, IntakeError};
@@ -152,8 +151,7 @@ impl Vigil {
             .map_err(StartError::Audit)?,
         );
         // 3. The engine, and what it decided before a restart that delivery has not taken over.
-        let (decision_tx, decision_rx) =
-            mpsc::channel::<(Decision, Arc<crate::grant::Grant>)>(4096);
+        let (decision_tx, decision_rx) = mpsc::channel::<crate::engine::Handed>(4096);
         let mut engine_settings = engine_settings(&config, clock.clone());
         // Cluster mode: every batch's rows also go to the state topic, for the next owner.
         if let Some((topics, partitions)) = &cluster_topics {
@@ -220,7 +218,8 @@ impl Vigil {
                     instance,
                     writer.clone(),
                     crate::cluster::KeySettings {
-                        alg: config.identity.alg,
+                        algs: config.identity.algorithms(),
+                        choices: signing_choices(&config),
                         retention_secs: config.identity.key_retention_secs,
                         seed_dir: &config.data_dir.join("keys"),
                         clock: clock.clone(),
@@ -232,11 +231,12 @@ impl Vigil {
             None => Arc::new(
                 Identity::load_or_create(
                     &config.data_dir.join("keys"),
-                    config.identity.alg,
+                    &config.identity.algorithms(),
                     config.identity.key_retention_secs,
                     clock.clone(),
                 )
-                .map_err(|e| StartError::Identity(e.to_string()))?,
+                .map_err(|e| StartError::Identity(e.to_string()))?
+                .with_choices(signing_choices(&config)),
             ),
         };
         let (next_tx, next_rx) = mpsc::channel(config.intake.channel_capacity);
@@ -1306,4 +1306,13 @@ fn router(config: &Config, parts: Parts<'_>) -> (Router, Router) {
         crate::server::body_deadline,
     ));
     (app, health)
+}
+
+/// The signing algorithm of each enforcement point that names one.
+fn signing_choices(config: &Config) -> std::collections::HashMap<String, crate::jose::Alg> {
+    config
+        .enforcement_points
+        .iter()
+        .filter_map(|ep| Some((ep.name.clone(), ep.signing_alg?)))
+        .collect()
 }

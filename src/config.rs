@@ -725,9 +725,15 @@ pub struct IdentityConfig {
     /// Default: `http://<listen>`.
     #[serde(default)]
     pub issuer: Option<String>,
-    /// Signing algorithm: `RS256` (CAEP interoperability profile) or `ES256`.
+    /// Signing algorithm of SETs by default: `RS256` (CAEP interoperability profile), `ES256` or
+    /// `EdDSA` (Ed25519).
     #[serde(default = "default_identity_alg")]
     pub alg: Alg,
+    /// Further algorithms Vigil keeps a key for, for the enforcement points that accept them
+    /// (`enforcement_points[].signing_alg`): an ES256 or Ed25519 signature costs a fraction of an
+    /// RSA one. Each key is published in `/jwks.json`, the list in the SSF metadata.
+    #[serde(default)]
+    pub offered_algs: Vec<Alg>,
     /// How long a rotated-out key stays in the JWKS (its SETs may still be in flight).
     #[serde(default = "default_key_retention")]
     pub key_retention_secs: u64,
@@ -827,6 +833,23 @@ pub struct EnforcementPointConfig {
     /// The `aud` of the SETs its streams get (default: its name).
     #[serde(default)]
     pub audience: Option<String>,
+    /// The algorithm its SETs are signed with, when it accepts one other than `identity.alg`:
+    /// one of `identity.offered_algs`.
+    #[serde(default)]
+    pub signing_alg: Option<Alg>,
+}
+
+impl IdentityConfig {
+    /// Every algorithm Vigil signs with: `alg` first, then `offered_algs`.
+    pub fn algorithms(&self) -> Vec<Alg> {
+        let mut algs = vec![self.alg];
+        for alg in &self.offered_algs {
+            if !algs.contains(alg) {
+                algs.push(*alg);
+            }
+        }
+        algs
+    }
 }
 
 impl Default for IdentityConfig {
@@ -834,6 +857,7 @@ impl Default for IdentityConfig {
         IdentityConfig {
             issuer: None,
             alg: default_identity_alg(),
+            offered_algs: Vec::new(),
             key_retention_secs: default_key_retention(),
             poll_timeout_secs: default_poll_timeout(),
         }
@@ -1460,8 +1484,15 @@ impl Config {
                 return Err(invalid(key, "must be greater than 0"));
             }
         }
-        if !matches!(self.identity.alg, Alg::RS256 | Alg::ES256) {
-            return Err(invalid("identity.alg", "must be RS256 or ES256"));
+        let signing = |alg: Alg| matches!(alg, Alg::RS256 | Alg::ES256 | Alg::EdDSA);
+        if !signing(self.identity.alg) {
+            return Err(invalid("identity.alg", "must be RS256, ES256 or EdDSA"));
+        }
+        if !self.identity.offered_algs.iter().copied().all(signing) {
+            return Err(invalid(
+                "identity.offered_algs",
+                "each must be RS256, ES256 or EdDSA",
+            ));
         }
         if let Some(issuer) = &self.identity.issuer {
             crate::discovery::metadata_url(issuer, "ssf-configuration")
@@ -1483,6 +1514,14 @@ impl Config {
                     format!("enforcement_points[{i}].token"),
                     "must be unique and at least 16 characters",
                 ));
+            }
+            if let Some(alg) = ep.signing_alg {
+                if !self.identity.algorithms().contains(&alg) {
+                    return Err(invalid(
+                        format!("enforcement_points[{i}].signing_alg"),
+                        "must be identity.alg or one of identity.offered_algs",
+                    ));
+                }
             }
         }
         for (key, value) in [
@@ -2047,6 +2086,18 @@ mod tests {
             no_env(),
         );
         assert!(e.contains("transmitters[1].name"), "{e}");
+        // An enforcement point's signing algorithm must be one Vigil offers.
+        let ep = "[[enforcement_points]]\nname = \"gw\"\ntoken = \"0123456789abcdef\"\nsigning_alg = \"ES256\"\n";
+        let e = err_of(&format!("{ONE}\n{ep}"), no_env());
+        assert!(e.contains("enforcement_points[0].signing_alg"), "{e}");
+        let offered = format!("[identity]\noffered_algs = [\"ES256\"]\n{ONE}\n{ep}");
+        let config = Config::from_toml(&offered, no_env()).unwrap();
+        assert_eq!(config.identity.algorithms(), [Alg::RS256, Alg::ES256]);
+        let e = err_of(
+            &format!("[identity]\noffered_algs = [\"PS256\"]\n{ONE}"),
+            no_env(),
+        );
+        assert!(e.contains("identity.offered_algs"), "{e}");
     }
 
     #[test]

@@ -222,6 +222,26 @@ impl BatchWriter {
         self.submit_in_lane(f, true)
     }
 
+    /// [`BatchWriter::submit_blocking`], and `then` is called on the writer thread the moment the
+    /// commit ends, with whether the write is on disk: for a waiter that must not wait for the
+    /// caller to collect the outcome (delivery waits for a decision's commit this way, while the
+    /// shard that submitted it goes on with the next batch).
+    pub fn submit_blocking_then<T, F>(
+        &self,
+        f: F,
+        then: impl FnOnce(bool) + Send + 'static,
+    ) -> Result<PendingWrite<T>, WriteError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&redb::WriteTransaction) -> Result<T, WriteError> + Send + 'static,
+    {
+        let (job, rx) = Self::job_then(f, Some(Box::new(then)));
+        self.tx
+            .blocking_send(Queued { job, bulk: false })
+            .map_err(|_| WriteError::WriterGone)?;
+        Ok(PendingWrite(rx))
+    }
+
     fn submit_in_lane<T, F>(&self, f: F, bulk: bool) -> Result<PendingWrite<T>, WriteError>
     where
         T: Send + 'static,
@@ -240,13 +260,29 @@ impl BatchWriter {
         T: Send + 'static,
         F: FnOnce(&redb::WriteTransaction) -> Result<T, WriteError> + Send + 'static,
     {
+        Self::job_then(f, None)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn job_then<T, F>(
+        f: F,
+        then: Option<Box<dyn FnOnce(bool) + Send>>,
+    ) -> (Job, tokio::sync::oneshot::Receiver<Result<T, WriteError>>)
+    where
+        T: Send + 'static,
+        F: FnOnce(&redb::WriteTransaction) -> Result<T, WriteError> + Send + 'static,
+    {
         let (reply, rx) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move |txn| {
             let result = f(txn);
             let ok = result.is_ok();
             let completion: Completion = Box::new(move |commit| {
                 // A caller's own error wins over the batch's (which it caused).
-                let _ = reply.send(result.and_then(|v| commit.map(|()| v)));
+                let outcome = result.and_then(|v| commit.map(|()| v));
+                if let Some(then) = then {
+                    then(outcome.is_ok());
+                }
+                let _ = reply.send(outcome);
             });
             (ok, completion)
         });

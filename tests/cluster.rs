@@ -148,6 +148,7 @@ fn start_instance_with(
             name: "gateway".into(),
             token: EP_TOKEN.into(),
             audience: None,
+            signing_alg: None,
         });
     for (k, v) in [
         ("heartbeat_interval_ms", "500".to_owned()),

@@ -30,6 +30,7 @@ fn point(name: &str) -> EnforcementPointConfig {
         name: name.into(),
         token: format!("{name}-token-0123456789abcdef"),
         audience: None,
+        signing_alg: None,
     }
 }
 

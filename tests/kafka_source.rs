@@ -107,6 +107,7 @@ async fn a_kafka_risk_score_revokes_and_the_revocation_reaches_a_subscribed_enfo
         name: "gw".into(),
         token: "gateway-token-0123456789".into(),
         audience: None,
+        signing_alg: None,
     });
     let vigil = start(config).await;
     let issuer = format!("http://{}", vigil.local_addr());

@@ -175,6 +175,7 @@ async fn revocations_are_pushed_in_order_through_errors_outages_and_a_restart() 
         name: "gateway".into(),
         token: EP_TOKEN.into(),
         audience: None,
+        signing_alg: None,
     }];
     config.delivery.initial_backoff_ms = 20;
     config.delivery.max_backoff_secs = 1;

@@ -20,11 +20,13 @@ async fn env() -> Env {
                 name: "gateway".into(),
                 token: EP_TOKEN.into(),
                 audience: Some("https://gateway.example.com".into()),
+                signing_alg: None,
             },
             EnforcementPointConfig {
                 name: "sidecar".into(),
                 token: OTHER_TOKEN.into(),
                 audience: None,
+                signing_alg: None,
             },
         ];
         config.identity.poll_timeout_secs = 2;

@@ -291,6 +291,7 @@ pub fn add_eps(config: &mut vigil::Config) {
                 name: format!("ep-{m}"),
                 token: format!("token-for-ep-{m}-0123456789"),
                 audience: None,
+                signing_alg: None,
             });
     }
 }

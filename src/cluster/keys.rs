@@ -38,7 +38,10 @@ impl KeyShare for KeyTopic {
 
 /// What the cluster's signing identity needs.
 pub struct KeySettings<'a> {
-    pub alg: Alg,
+    /// The algorithms offered, the default first.
+    pub algs: Vec<Alg>,
+    /// The algorithm each enforcement point gets, when not the default.
+    pub choices: std::collections::HashMap<String, Alg>,
     pub retention_secs: u64,
     /// A single node's key directory: its keys are the cluster's first if the topic has none.
     pub seed_dir: &'a Path,
@@ -71,14 +74,15 @@ pub async fn shared_identity(
         writer,
         topic: topic.to_owned(),
     });
-    let (seed_dir, alg, retention, clock) = (
+    let choices = settings.choices;
+    let (seed_dir, algs, retention, clock) = (
         settings.seed_dir.to_owned(),
-        settings.alg,
+        settings.algs,
         settings.retention_secs,
         settings.clock,
     );
     let identity = tokio::task::spawn_blocking(move || {
-        Identity::shared(records, &seed_dir, alg, retention, clock, share)
+        Identity::shared(records, &seed_dir, &algs, retention, clock, share)
     })
     .await
     .map_err(|e| ClusterError::Brokers(e.to_string()))?
@@ -86,7 +90,7 @@ pub async fn shared_identity(
         topic: topic.to_owned(),
         reason: e.to_string(),
     })?;
-    let identity = Arc::new(identity);
+    let identity = Arc::new(identity.with_choices(choices));
     let follower = identity.clone();
     std::thread::Builder::new()
         .name("vigil-keys".into())

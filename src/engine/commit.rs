@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
+use super::handed::{Commit, Durable, Handed};
 use super::persist::{self, Changes};
 use super::shard::Shard;
 use super::{EngineError, Msg, Registered};
@@ -176,6 +177,13 @@ impl Shard {
         let mut chunks = Vec::new();
         // The changelog's records: the batch's rows, and its decisions with them.
         let mut records = Vec::new();
+        // Delivery gets the decisions now and signs their SETs while the commit is written; the
+        // gate opens when it is durable. Single node: the writer thread opens it the moment the
+        // fsync ends. Cluster mode: `announce` does, once the changelog has the batch too.
+        let handed = self.hand_over(&p);
+        let (gate, durable) = Durable::pending();
+        let mut gate = Some(gate);
+        let by_writer = self.shared.settings.changelog.is_none();
         if !p.changes.is_empty() {
             let changes = std::mem::take(&mut p.changes);
             match revocations.and_then(|()| changes.encode()) {
@@ -186,11 +194,18 @@ impl Shard {
                     }
                     let bulk = urgent.split_bulk(CHECKPOINT_CHUNK);
                     if !urgent.is_empty() {
-                        writes.push(
-                            self.shared
+                        let write =
+                            move |txn: &redb::WriteTransaction| persist::write(txn, &urgent);
+                        writes.push(match (by_writer, gate.take()) {
+                            (true, Some(g)) => self
+                                .shared
                                 .writer
-                                .submit_blocking(move |txn| persist::write(txn, &urgent)),
-                        );
+                                .submit_blocking_then(write, move |ok| g.settle(ok)),
+                            (_, g) => {
+                                gate = g;
+                                self.shared.writer.submit_blocking(write)
+                            }
+                        });
                     }
                     for chunk in bulk {
                         chunks.push(
@@ -217,12 +232,47 @@ impl Shard {
             waiters: std::mem::take(&mut p.batch_waiters),
             failed: None,
         });
+        // Handed over now only when the writer thread opens the gate: a gate `announce` opens
+        // must not be waited for by delivery while this thread may block on a full channel.
+        let handed = if gate.is_none() {
+            self.send_to_delivery(handed, &durable);
+            Vec::new()
+        } else {
+            handed
+        };
         Committing {
             writes,
             replicated,
             checkpoint,
+            gate,
+            handed: (handed, durable),
             p,
         }
+    }
+
+    fn send_to_delivery(&self, handed: Vec<(Decision, Arc<Grant>)>, durable: &Durable) {
+        for (decision, grant) in handed {
+            let item = Handed {
+                decision,
+                grant,
+                durable: durable.clone(),
+            };
+            if self.shared.decisions.blocking_send(item).is_err() {
+                tracing::debug!("no decision consumer");
+            }
+        }
+    }
+
+    /// The batch's decisions delivery acts on, with the grant each is about.
+    fn hand_over(&self, p: &Pending) -> Vec<(Decision, Arc<Grant>)> {
+        p.decisions
+            .iter()
+            .filter(|d| d.reaches_enforcement_points())
+            .filter_map(|d| {
+                let grant = p.latest.get(d.grant_id.as_str())?;
+                Some((d.clone(), grant.clone()))
+            })
+            .collect()
     }
 
     /// Waits for the batch's ordinary write, then announces it: forwards, decisions and replies.
@@ -233,6 +283,8 @@ impl Shard {
             writes,
             replicated,
             checkpoint,
+            gate,
+            handed,
             mut p,
         } = c;
         let mut failed = None;
@@ -255,6 +307,10 @@ impl Shard {
                 unreplicated = true;
             }
         }
+        if let Some(gate) = gate {
+            gate.settle(failed.is_none());
+        }
+        self.send_to_delivery(handed.0, &handed.1);
         if failed.is_some() {
             self.failed_since_checkpoint.clone_from(&failed);
         }
@@ -277,12 +333,6 @@ impl Shard {
             .increment(1);
             tracing::info!(grant = %d.grant_id, subject = %d.subject, effect = ?d.effect, rules = ?d.rules,
                 reason = %d.reason, policy = %d.policy_version, shadow = d.shadow, "decision");
-            let Some(grant) = p.latest.get(d.grant_id.as_str()).cloned() else {
-                continue;
-            };
-            if self.shared.decisions.blocking_send((d, grant)).is_err() {
-                tracing::debug!("no decision consumer");
-            }
         }
         for reply in p.replies.drain(..) {
             match reply {
@@ -309,6 +359,12 @@ pub(super) struct Committing {
     pub(super) replicated: Option<oneshot::Receiver<Result<(), String>>>,
     /// The checkpoint the batch took, if any: its chunks (bulk lane) and what waits for them.
     pub(super) checkpoint: Option<Checkpointing>,
+    /// The delivery gate of the batch's decisions, when `announce` opens it (cluster mode, or a
+    /// batch with nothing to write); otherwise the writer thread holds it.
+    pub(super) gate: Option<Commit>,
+    /// The decisions delivery gets once `announce` has opened the gate (none when the writer
+    /// thread holds it: they were handed over at the commit).
+    pub(super) handed: (Vec<(Decision, Arc<Grant>)>, Durable),
     pub(super) p: Pending,
 }
 

@@ -20,6 +20,7 @@ mod access;
 mod changelog;
 mod commit;
 mod decide;
+mod handed;
 mod impact;
 mod inputs;
 mod persist;
@@ -29,6 +30,7 @@ pub mod shadow;
 
 pub use access::{Access, AccessLog, AccessRequest, GrantRef};
 pub use changelog::{ChangeRecord, Changelog, Row, Table};
+pub use handed::{Durable, Handed};
 pub use impact::{Changes, Impact, RuleCount, Sample, Samples, Transition};
 pub use persist::{handoff_done_in, pending_handoff};
 pub use replay::{History, IntakeHistory, Replay, Window, MAX_RECORDED as REPLAY_MAX_RECORDED};
@@ -232,7 +234,7 @@ pub(crate) struct Shared {
     pub intake: Intake,
     pub audit: Arc<AuditLog>,
     /// Decisions, with the grant they are about, for delivery.
-    pub decisions: mpsc::Sender<(Decision, Arc<Grant>)>,
+    pub decisions: mpsc::Sender<Handed>,
     pub settings: EngineSettings,
     /// Cluster mode: which principals this instance owns ([`Engine::fence`]).
     pub owns: std::sync::OnceLock<Released>,
@@ -500,7 +502,7 @@ impl Engine {
         intake: Intake,
         audit: Arc<AuditLog>,
         policy: PolicySet,
-        decisions: mpsc::Sender<(Decision, Arc<Grant>)>,
+        decisions: mpsc::Sender<Handed>,
         settings: EngineSettings,
     ) -> Result<Engine, EngineError> {
         let mut settings = settings;
@@ -680,10 +682,15 @@ impl Engine {
                 "delivering decisions a previous owner had not handed over"
             );
         }
-        for decision in loaded.handoff {
+        for (decision, grant) in loaded.handoff {
+            let item = Handed {
+                decision,
+                grant,
+                durable: Durable::committed(),
+            };
             self.shared
                 .decisions
-                .blocking_send(decision)
+                .blocking_send(item)
                 .map_err(|_| EngineError::Stopped)?;
         }
         Ok(taken)
@@ -1238,11 +1245,7 @@ mod tests {
     #[allow(clippy::type_complexity)]
     fn engine_with_decisions(
         settings: EngineSettings,
-    ) -> (
-        Engine,
-        mpsc::Receiver<(Decision, Arc<Grant>)>,
-        Box<dyn std::any::Any>,
-    ) {
+    ) -> (Engine, mpsc::Receiver<Handed>, Box<dyn std::any::Any>) {
         let dir = tempfile::tempdir().unwrap();
         let db = crate::store::open(dir.path()).unwrap();
         let (writer, writer_thread) = BatchWriter::start(db.clone(), "state", 16).unwrap();
@@ -1327,10 +1330,15 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        let (decision, grant) = tokio::time::timeout(Duration::from_secs(5), decisions.recv())
+        let Handed {
+            decision,
+            grant,
+            durable,
+        } = tokio::time::timeout(Duration::from_secs(5), decisions.recv())
             .await
             .unwrap()
             .unwrap();
+        assert!(durable.wait().await, "adopted from the store: durable");
         assert_eq!(decision.id, decision_id);
         assert_eq!(&*grant.id, "t1");
         assert_eq!(

@@ -42,6 +42,8 @@ pub struct Received {
     pub claims: Value,
     /// Milliseconds since the epoch at arrival.
     pub at_ms: i64,
+    /// The JWS algorithm it was signed with (its header's `alg`).
+    pub alg: String,
 }
 
 impl Received {
@@ -107,9 +109,13 @@ struct Verifier {
 impl Verifier {
     fn accept(&self, token: &str) -> Result<(), String> {
         let claims = self.keys.verify_set(token, &self.issuer, &self.audience)?;
+        let alg = jsonwebtoken::decode_header(token)
+            .map(|h| format!("{:?}", h.alg))
+            .unwrap_or_default();
         let _ = self.out.send(Received {
             claims,
             at_ms: crate::signal::now_ms(),
+            alg,
         });
         Ok(())
     }

@@ -226,7 +226,7 @@ impl PublishedKeys {
             .map_err(|e| format!("JWKS: {e}"))
     }
 
-    /// Verifies `token`'s signature only: typ `secevent+jwt`, RS256 or ES256, by the key its
+    /// Verifies `token`'s signature only: typ `secevent+jwt`, RS256, ES256 or EdDSA, by the key its
     /// `kid` names. Returns its claims.
     pub fn verify(&self, token: &str) -> Result<Value, String> {
         self.decode(token, None)
@@ -251,8 +251,11 @@ impl PublishedKeys {
         if header.typ.as_deref() != Some("secevent+jwt") {
             return Err(format!("typ {:?} is not secevent+jwt", header.typ));
         }
-        if !matches!(header.alg, Algorithm::RS256 | Algorithm::ES256) {
-            return Err(format!("alg {:?} is not RS256 or ES256", header.alg));
+        if !matches!(
+            header.alg,
+            Algorithm::RS256 | Algorithm::ES256 | Algorithm::EdDSA
+        ) {
+            return Err(format!("alg {:?} is not RS256, ES256 or EdDSA", header.alg));
         }
         let kid = header.kid.ok_or("no kid")?;
         let jwk = self.0.find(&kid).ok_or_else(|| format!("no key {kid}"))?;
@@ -280,7 +283,7 @@ impl PublishedKeys {
 mod tests {
     use super::*;
 
-    /// Every algorithm signs, and what RS256 and ES256 sign verifies against the published key;
+    /// Every algorithm signs, and what RS256, ES256 and EdDSA sign verifies against the published key;
     /// a token altered, from another issuer or for another audience does not.
     #[test]
     fn signs_and_verifies_sets() {
@@ -294,7 +297,7 @@ mod tests {
             let loaded = SigningKey::load_or_generate(&path, alg, "k").unwrap();
             assert_eq!(saved.public_jwk().unwrap(), loaded.public_jwk().unwrap());
         }
-        for alg in [Alg::RS256, Alg::ES256] {
+        for alg in [Alg::RS256, Alg::ES256, Alg::EdDSA] {
             let key = SigningKey::generate(alg, "k1").unwrap();
             let jwks = jwks_document(&[key.public_jwk().unwrap()]);
             let keys = PublishedKeys::from_jwks_json(jwks.to_string().as_bytes()).unwrap();

@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use super::streams::{Outgoing, Stream, StreamStore};
 use super::Identity;
 use crate::decision::{Decision, DecisionEffect};
-use crate::engine::{ChangeRecord, Changelog, Row, Table};
+use crate::engine::{ChangeRecord, Changelog, Durable, Handed, Row, Table};
 use crate::events::{
     AssuranceLevelChange, AssuranceNamespace, CaepCommon, ChangeDirection, EventKind,
     InitiatingEntity, LangMap, SessionRevoked, StreamUpdated, TokenClaimsChange, Verification,
@@ -119,9 +119,15 @@ pub fn decision_jti(decision_id: &str, stream_id: &str) -> String {
     crate::decision::digest_hex(&[decision_id, stream_id], 16)
 }
 
-fn signed(identity: &Identity, claims: &Value, jti: String) -> Result<Outgoing, String> {
+/// `claims` signed for `stream`, with the algorithm its enforcement point gets.
+fn signed(
+    identity: &Identity,
+    stream: &Stream,
+    claims: &Value,
+    jti: String,
+) -> Result<Outgoing, String> {
     let set = identity
-        .signer()
+        .signer_for(&stream.owner)
         .sign_set(claims)
         .map_err(|e| e.to_string())?;
     Ok(Outgoing {
@@ -158,7 +164,7 @@ pub fn set_for(
         "sub_id": subject_for(grant),
         "events": {kind.uri(): payload},
     });
-    Some(signed(identity, &claims, jti))
+    Some(signed(identity, stream, &claims, jti))
 }
 
 /// An SSF verification SET for `stream` (SSF §8.1.4).
@@ -177,7 +183,7 @@ pub fn verification(
         "sub_id": {"format": "opaque", "id": stream.stream_id},
         "events": {EventKind::Verification.uri(): payload},
     });
-    signed(identity, &claims, jti)
+    signed(identity, stream, &claims, jti)
 }
 
 /// An SSF stream-updated SET (SSF §8.1.5) telling the stream's receiver its new status.
@@ -193,7 +199,7 @@ pub fn stream_updated(identity: &Identity, stream: &Stream) -> Result<Outgoing, 
         "sub_id": {"format": "opaque", "id": stream.stream_id},
         "events": {EventKind::StreamUpdated.uri(): payload},
     });
-    signed(identity, &claims, jti)
+    signed(identity, stream, &claims, jti)
 }
 
 /// Most decisions signed and queued by one store write.
@@ -201,11 +207,13 @@ const EMIT_BATCH: usize = 256;
 
 /// Consumes decisions (with the grant each is about) and queues their SETs on every stream that should
 /// get them; `pending` (decisions committed before a restart but not yet taken over) go first.
-/// Decisions waiting together are emitted together: their SETs are signed in parallel and queued,
-/// with their "taken over" marks, by one commit (a revocation waits for one fsync, not for one per
-/// decision ahead of it). Ends when the engine, the sender, is gone — after draining what it sent.
+/// Decisions waiting together are emitted together: their SETs are signed in parallel — while the
+/// engine's commit of them is still being written — and, once the commit is durable, queued with
+/// their "taken over" marks by one write, which hands them to the streams' deliverers at once (the
+/// outbox's commit is not waited for: see [`StreamStore::enqueue`]). Ends when the engine, the
+/// sender, is gone — after draining what it sent.
 pub async fn run(
-    mut rx: mpsc::Receiver<(Decision, Arc<Grant>)>,
+    mut rx: mpsc::Receiver<Handed>,
     identity: Arc<Identity>,
     streams: Arc<StreamStore>,
     pending: Vec<(Decision, Arc<Grant>)>,
@@ -218,7 +226,14 @@ pub async fn run(
             "delivering decisions committed before the restart"
         );
     }
-    let mut pending = pending;
+    let mut pending: Vec<Handed> = pending
+        .into_iter()
+        .map(|(decision, grant)| Handed {
+            decision,
+            grant,
+            durable: Durable::committed(),
+        })
+        .collect();
     while !pending.is_empty() {
         let rest = pending.split_off(pending.len().min(EMIT_BATCH));
         emit_batch(
@@ -248,33 +263,38 @@ async fn emit_batch(
     identity: &Arc<Identity>,
     streams: &StreamStore,
     changelog: Option<&dyn Changelog>,
-    batch: Vec<(Decision, Arc<Grant>)>,
+    batch: Vec<Handed>,
 ) {
+    let batch: Vec<Handed> = batch
+        .into_iter()
+        .filter(|h| h.decision.reaches_enforcement_points())
+        .collect();
+    if batch.is_empty() {
+        return;
+    }
     let live = streams.live();
-    // Cluster mode: once queued, each decision's hand-off row is deleted from the state topic too,
-    // so the partition's next owner does not queue it again.
-    let taken_over: Vec<ChangeRecord> = batch
-        .iter()
-        .filter(|(d, _)| d.reaches_enforcement_points())
-        .map(|(d, g)| ChangeRecord {
-            owner: g.principal.to_string(),
-            key: Row::new(Table::Handoff, d.id.as_str()).record_key(),
-            value: None,
-        })
-        .collect();
-    let handed: Vec<String> = batch
-        .iter()
-        .filter(|(d, _)| d.reaches_enforcement_points())
-        .map(|(d, _)| d.id.clone())
-        .collect();
-    // Signing is CPU work (an RSA signature is ≈ 1 ms): off the async workers, over the cores.
+    // Signing is CPU work (an RSA signature is ≈ 1 ms): off the async workers, over the cores,
+    // while the decisions' commit is written.
     let signer = identity.clone();
-    let items = tokio::task::spawn_blocking(move || sign_batch(&signer, &live, &batch)).await;
-    let items = match items {
+    let jobs: Vec<(Decision, Arc<Grant>)> = batch
+        .iter()
+        .map(|h| (h.decision.clone(), h.grant.clone()))
+        .collect();
+    let signing = tokio::task::spawn_blocking(move || sign_batch(&signer, &live, &jobs));
+    // Only what is durable goes out: a decision whose commit failed is made again when its
+    // signals are replayed (same id, same `jti`s).
+    let mut durable = Vec::with_capacity(batch.len());
+    for h in &batch {
+        durable.push(h.durable.wait().await);
+    }
+    let items = match signing.await {
         Ok(Some(items)) => items,
         Ok(None) => {
             metrics::counter!(crate::telemetry::EMIT_ERRORS).increment(1);
-            tracing::error!(decisions = ?handed, "signing failed; the decisions stay pending");
+            tracing::error!(
+                decisions = batch.len(),
+                "signing failed; the decisions stay pending"
+            );
             return;
         }
         Err(e) => {
@@ -283,6 +303,36 @@ async fn emit_batch(
             return;
         }
     };
+    let items: Vec<(String, Outgoing)> = items
+        .into_iter()
+        .filter(|(i, _, _)| durable[*i])
+        .map(|(_, stream, out)| (stream, out))
+        .collect();
+    let kept: Vec<&Handed> = batch
+        .iter()
+        .zip(&durable)
+        .filter_map(|(h, ok)| ok.then_some(h))
+        .collect();
+    if kept.len() < batch.len() {
+        tracing::warn!(
+            dropped = batch.len() - kept.len(),
+            "decisions whose commit failed are not delivered; their signals are replayed"
+        );
+    }
+    // Cluster mode: once queued, each decision's hand-off row is deleted from the state topic too,
+    // so the partition's next owner does not queue it again.
+    let taken_over: Vec<ChangeRecord> = kept
+        .iter()
+        .map(|h| ChangeRecord {
+            owner: h.grant.principal.to_string(),
+            key: Row::new(Table::Handoff, h.decision.id.as_str()).record_key(),
+            value: None,
+        })
+        .collect();
+    let handed: Vec<String> = kept.iter().map(|h| h.decision.id.clone()).collect();
+    if handed.is_empty() {
+        return;
+    }
     let decisions = handed.len();
     // Queued, or retried for a while: in cluster mode the outbox topic may be out of reach for a
     // moment (the brokers). Decisions queue behind in order; ones never queued stay in the
@@ -316,24 +366,25 @@ async fn emit_batch(
     }
 }
 
-/// Every SET the batch's decisions call for, in decision order, then stream order; `None` if a
-/// signing thread failed (nothing is queued then, so no decision is marked taken over without its
-/// SETs).
+/// Every SET the batch's decisions call for, in decision order, then stream order, each with the
+/// index of its decision; `None` if a signing thread failed (nothing is queued then, so no
+/// decision is marked taken over without its SETs).
 fn sign_batch(
     identity: &Identity,
     live: &[Stream],
     batch: &[(Decision, Arc<Grant>)],
-) -> Option<Vec<(String, Outgoing)>> {
-    let jobs: Vec<(&Stream, &Decision, &Grant)> = batch
+) -> Option<Vec<(usize, String, Outgoing)>> {
+    let jobs: Vec<(usize, &Stream, &Decision, &Grant)> = batch
         .iter()
-        .flat_map(|(d, g)| live.iter().map(move |s| (s, d, &**g)))
+        .enumerate()
+        .flat_map(|(i, (d, g))| live.iter().map(move |s| (i, s, d, &**g)))
         .collect();
-    let sign = |chunk: &[(&Stream, &Decision, &Grant)]| -> Vec<(String, Outgoing)> {
+    let sign = |chunk: &[(usize, &Stream, &Decision, &Grant)]| -> Vec<(usize, String, Outgoing)> {
         chunk
             .iter()
-            .filter_map(|(stream, decision, grant)| {
+            .filter_map(|(i, stream, decision, grant)| {
                 match set_for(identity, stream, decision, grant)? {
-                    Ok(out) => Some((stream.stream_id.clone(), out)),
+                    Ok(out) => Some((*i, stream.stream_id.clone(), out)),
                     Err(e) => {
                         tracing::error!(error = %e, "could not sign a SET");
                         None

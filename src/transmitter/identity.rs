@@ -54,13 +54,39 @@ struct StoredKey {
 
 struct Keys {
     stored: Vec<StoredKey>,
-    active: Arc<SigningKey>,
+    /// The key new SETs are signed with, per algorithm offered (in the order of `algs`).
+    active: Active,
+}
+
+/// One active key per algorithm offered: the default's, then the others'.
+struct Active {
+    default: Arc<SigningKey>,
+    others: Vec<Arc<SigningKey>>,
+}
+
+impl Active {
+    /// The key of the `i`-th algorithm offered (the default's when out of range).
+    fn get(&self, i: usize) -> Arc<SigningKey> {
+        i.checked_sub(1)
+            .and_then(|j| self.others.get(j))
+            .unwrap_or(&self.default)
+            .clone()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Arc<SigningKey>> {
+        std::iter::once(&self.default).chain(&self.others)
+    }
 }
 
 /// The signing identity.
 pub struct Identity {
     keep: Keep,
-    alg: Alg,
+    /// The algorithms Vigil holds a key for: the first signs by default, the others for the
+    /// enforcement points that ask for them (`signing_alg`), each key published in the JWKS.
+    algs: Vec<Alg>,
+    /// The algorithm each enforcement point (by configured name) gets its SETs in, when not the
+    /// default.
+    chosen: std::collections::HashMap<String, Alg>,
     retention_secs: f64,
     keys: RwLock<Keys>,
     /// Key creation, retirement and retention are timed by it, and so are the `iat`s of the SETs
@@ -69,13 +95,15 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// Loads the keys in `dir`, or creates a first key for `alg`.
+    /// Loads the keys in `dir`, creating a key for each of `algs` (the first is the default)
+    /// that has none; keys of algorithms no longer offered are retired.
     pub fn load_or_create(
         dir: &Path,
-        alg: Alg,
+        algs: &[Alg],
         retention_secs: u64,
         clock: Clock,
     ) -> Result<Identity, IdentityError> {
+        let algs = offered(algs);
         let path = dir.join("signing.json");
         let file_err = |reason: String| IdentityError::File {
             path: path.clone(),
@@ -86,24 +114,37 @@ impl Identity {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(file_err(e.to_string())),
         };
-        let usable = stored
-            .iter()
-            .any(|k| k.retired_at.is_none() && k.alg == alg);
-        if !usable {
-            for k in stored.iter_mut().filter(|k| k.retired_at.is_none()) {
-                k.retired_at = Some(clock.now());
-            }
-            stored.push(new_key(alg, clock.now())?);
+        let t = clock.now();
+        let (_, added) = fill(&mut stored, &algs, t, |alg| {
+            new_key(alg, t).map(|k| vec![k])
+        })?;
+        if added {
             write_keys(&path, &stored).map_err(file_err)?;
         }
-        let active = active_key(&stored)?;
+        let active = active_keys(&stored, &algs)?;
         Ok(Identity {
             keep: Keep::File(path),
-            alg,
+            algs,
+            chosen: Default::default(),
             retention_secs: retention_secs as f64,
             keys: RwLock::new(Keys { stored, active }),
             clock,
         })
+    }
+
+    /// Which algorithm each enforcement point (by configured name) gets; one not named, or
+    /// naming an algorithm not offered, gets the default.
+    pub fn with_choices(mut self, chosen: std::collections::HashMap<String, Alg>) -> Identity {
+        self.chosen = chosen
+            .into_iter()
+            .filter(|(_, alg)| self.algs.contains(alg))
+            .collect();
+        self
+    }
+
+    /// The algorithms offered, the default first.
+    pub fn algorithms(&self) -> &[Alg] {
+        &self.algs
     }
 
     /// The cluster's identity: the key records read from the key topic (`records`, the last of
@@ -113,45 +154,42 @@ impl Identity {
     pub fn shared(
         records: Vec<(String, Vec<u8>)>,
         seed_dir: &Path,
-        alg: Alg,
+        algs: &[Alg],
         retention_secs: u64,
         clock: Clock,
         share: Arc<dyn KeyShare>,
     ) -> Result<Identity, IdentityError> {
+        let algs = offered(algs);
         let mut stored: Vec<StoredKey> = records
             .iter()
             .filter_map(|(_, bytes)| serde_json::from_slice(bytes).ok())
             .collect();
-        let usable = |k: &StoredKey| k.retired_at.is_none() && k.alg == alg;
-        if !stored.iter().any(usable) {
-            let t = clock.now();
-            let mut changed = Vec::new();
-            for k in stored.iter_mut().filter(|k| k.retired_at.is_none()) {
-                k.retired_at = Some(t);
-                changed.push(k.clone());
-            }
-            let own: Vec<StoredKey> = std::fs::read(seed_dir.join("signing.json"))
-                .ok()
-                .and_then(|bytes| serde_json::from_slice::<Vec<StoredKey>>(&bytes).ok())
-                .unwrap_or_default()
-                .into_iter()
-                .filter(usable)
-                .collect();
-            let added = if own.is_empty() {
-                vec![new_key(alg, t)?]
+        let own: Vec<StoredKey> = std::fs::read(seed_dir.join("signing.json"))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<Vec<StoredKey>>(&bytes).ok())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|k| k.retired_at.is_none())
+            .collect();
+        let t = clock.now();
+        let (changed, _) = fill(&mut stored, &algs, t, |alg| {
+            let mine: Vec<StoredKey> = own.iter().filter(|k| k.alg == alg).cloned().collect();
+            if mine.is_empty() {
+                new_key(alg, t).map(|k| vec![k])
             } else {
-                own
-            };
-            changed.extend(added.iter().cloned());
-            stored.extend(added);
+                Ok(mine)
+            }
+        })?;
+        if !changed.is_empty() {
             share
                 .publish(records_of(&changed, &[])?)
                 .map_err(IdentityError::Shared)?;
         }
-        let active = active_key(&stored)?;
+        let active = active_keys(&stored, &algs)?;
         Ok(Identity {
             keep: Keep::Shared(share),
-            alg,
+            algs,
+            chosen: Default::default(),
             retention_secs: retention_secs as f64,
             keys: RwLock::new(Keys { stored, active }),
             clock,
@@ -175,21 +213,37 @@ impl Identity {
                 }
             }
         }
-        // The active key stays as it is if the records leave none (a rotation half read).
-        if let Ok(active) = active_key(&stored) {
-            if active.kid != keys.active.kid {
-                tracing::info!(kid = %active.kid, "signing key taken up from the cluster");
+        // The active keys stay as they are if the records leave none (a rotation half read).
+        if let Ok(active) = active_keys(&stored, &self.algs) {
+            for (new, old) in active.iter().zip(keys.active.iter()) {
+                if new.kid != old.kid {
+                    tracing::info!(kid = %new.kid, "signing key taken up from the cluster");
+                }
             }
             keys.active = active;
         }
         keys.stored = stored;
     }
 
-    /// The key new SETs are signed with.
+    /// The key new SETs are signed with by default.
     pub fn signer(&self) -> Arc<SigningKey> {
+        self.signer_of(0)
+    }
+
+    /// The key the SETs of the enforcement point named `owner` are signed with.
+    pub fn signer_for(&self, owner: &str) -> Arc<SigningKey> {
+        let i = self
+            .chosen
+            .get(owner)
+            .and_then(|alg| self.algs.iter().position(|a| a == alg))
+            .unwrap_or(0);
+        self.signer_of(i)
+    }
+
+    fn signer_of(&self, i: usize) -> Arc<SigningKey> {
         match self.keys.read() {
-            Ok(k) => k.active.clone(),
-            Err(p) => p.into_inner().active.clone(),
+            Ok(k) => k.active.get(i),
+            Err(p) => p.into_inner().active.get(i),
         }
     }
 
@@ -213,10 +267,15 @@ impl Identity {
             .map(|k| k.kid.clone())
             .collect();
         stored.retain(|k| !expired.contains(&k.kid));
-        let new = new_key(self.alg, t)?;
-        let kid = new.kid.clone();
-        changed.push(new.clone());
-        stored.push(new);
+        let mut kid = String::new();
+        for (i, alg) in self.algs.iter().enumerate() {
+            let new = new_key(*alg, t)?;
+            if i == 0 {
+                kid = new.kid.clone();
+            }
+            changed.push(new.clone());
+            stored.push(new);
+        }
         match &self.keep {
             Keep::File(path) => {
                 write_keys(path, &stored).map_err(|reason| IdentityError::File {
@@ -228,9 +287,9 @@ impl Identity {
                 .publish(records_of(&changed, &expired)?)
                 .map_err(IdentityError::Shared)?,
         }
-        keys.active = active_key(&stored)?;
+        keys.active = active_keys(&stored, &self.algs)?;
         keys.stored = stored;
-        tracing::info!(%kid, "signing key rotated");
+        tracing::info!(%kid, "signing keys rotated");
         Ok(kid)
     }
 
@@ -291,23 +350,84 @@ fn records_of(changed: &[StoredKey], dropped: &[String]) -> Result<Vec<KeyRecord
     Ok(records)
 }
 
-/// The key SETs are signed with: of the keys not retired, the latest created (then the greatest
-/// id), so instances that read the same records choose the same key.
-fn active_key(stored: &[StoredKey]) -> Result<Arc<SigningKey>, IdentityError> {
-    let k = stored
+/// The algorithms offered: `algs` without repeats, in order; RS256 when empty.
+fn offered(algs: &[Alg]) -> Vec<Alg> {
+    let mut out: Vec<Alg> = Vec::with_capacity(algs.len().max(1));
+    for alg in algs {
+        if !out.contains(alg) {
+            out.push(*alg);
+        }
+    }
+    if out.is_empty() {
+        out.push(Alg::RS256);
+    }
+    out
+}
+
+/// Makes `stored` hold an active key for each of `algs` (`make` gives the keys of an algorithm
+/// that has none) and retires the active keys of algorithms no longer offered, at `t`. Returns
+/// the keys changed or added, and whether any were.
+fn fill(
+    stored: &mut Vec<StoredKey>,
+    algs: &[Alg],
+    t: f64,
+    mut make: impl FnMut(Alg) -> Result<Vec<StoredKey>, IdentityError>,
+) -> Result<(Vec<StoredKey>, bool), IdentityError> {
+    let mut changed = Vec::new();
+    for k in stored
+        .iter_mut()
+        .filter(|k| k.retired_at.is_none() && !algs.contains(&k.alg))
+    {
+        k.retired_at = Some(t);
+        changed.push(k.clone());
+    }
+    for alg in algs {
+        if !stored
+            .iter()
+            .any(|k| k.retired_at.is_none() && k.alg == *alg)
+        {
+            let added = make(*alg)?;
+            changed.extend(added.iter().cloned());
+            stored.extend(added);
+        }
+    }
+    let any = !changed.is_empty();
+    Ok((changed, any))
+}
+
+/// The keys SETs are signed with, one per algorithm of `algs`: of that algorithm's keys not
+/// retired, the latest created (then the greatest id), so instances that read the same records
+/// choose the same key.
+fn active_keys(stored: &[StoredKey], algs: &[Alg]) -> Result<Active, IdentityError> {
+    let mut keys = algs
         .iter()
-        .filter(|k| k.retired_at.is_none())
-        .max_by(|a, b| {
-            a.created_at
-                .total_cmp(&b.created_at)
-                .then_with(|| a.kid.cmp(&b.kid))
+        .map(|alg| {
+            let k = stored
+                .iter()
+                .filter(|k| k.retired_at.is_none() && k.alg == *alg)
+                .max_by(|a, b| {
+                    a.created_at
+                        .total_cmp(&b.created_at)
+                        .then_with(|| a.kid.cmp(&b.kid))
+                })
+                .ok_or_else(|| IdentityError::File {
+                    path: PathBuf::new(),
+                    reason: format!("no active {} key", alg.name()),
+                })?;
+            let jwk =
+                Jwk::from_map(k.private_jwk.clone()).map_err(crate::signing::SigningError::from)?;
+            Ok(Arc::new(SigningKey::from_private_jwk(k.alg, &k.kid, jwk)?))
         })
-        .ok_or_else(|| IdentityError::File {
-            path: PathBuf::new(),
-            reason: "no active key".into(),
-        })?;
-    let jwk = Jwk::from_map(k.private_jwk.clone()).map_err(crate::signing::SigningError::from)?;
-    Ok(Arc::new(SigningKey::from_private_jwk(k.alg, &k.kid, jwk)?))
+        .collect::<Result<Vec<_>, IdentityError>>()?
+        .into_iter();
+    let default = keys.next().ok_or_else(|| IdentityError::File {
+        path: PathBuf::new(),
+        reason: "no algorithm offered".into(),
+    })?;
+    Ok(Active {
+        default,
+        others: keys.collect(),
+    })
 }
 
 /// Writes atomically (temp file + rename), readable by the owner only.
@@ -345,10 +465,10 @@ mod tests {
     fn keys_persist_rotate_and_stay_published_for_the_retention() {
         let dir = tempfile::tempdir().unwrap();
         let clock = Clock::manual(1_700_000_000_000);
-        let id = Identity::load_or_create(dir.path(), Alg::RS256, 3600, clock.clone()).unwrap();
+        let id = Identity::load_or_create(dir.path(), &[Alg::RS256], 3600, clock.clone()).unwrap();
         let first = id.signer().kid.clone();
         // Reload: same key.
-        let id = Identity::load_or_create(dir.path(), Alg::RS256, 3600, clock.clone()).unwrap();
+        let id = Identity::load_or_create(dir.path(), &[Alg::RS256], 3600, clock.clone()).unwrap();
         assert_eq!(id.signer().kid, first);
         let second = id.rotate().unwrap();
         assert_ne!(second, first);
@@ -419,14 +539,14 @@ mod tests {
     fn instances_sharing_the_key_topic_sign_alike() {
         let dir = tempfile::tempdir().unwrap();
         let clock = Clock::manual(1_700_000_000_000);
-        let own = Identity::load_or_create(dir.path(), Alg::RS256, 3600, clock.clone()).unwrap();
+        let own = Identity::load_or_create(dir.path(), &[Alg::RS256], 3600, clock.clone()).unwrap();
         let own_kid = own.signer().kid.clone();
         let topic = Arc::new(Topic::default());
         let empty = tempfile::tempdir().unwrap();
         let a = Identity::shared(
             topic.latest(),
             dir.path(),
-            Alg::RS256,
+            &[Alg::RS256],
             3600,
             clock.clone(),
             topic.clone(),
@@ -436,7 +556,7 @@ mod tests {
         let b = Identity::shared(
             topic.latest(),
             empty.path(),
-            Alg::RS256,
+            &[Alg::RS256],
             3600,
             clock.clone(),
             topic.clone(),

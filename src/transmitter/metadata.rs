@@ -16,9 +16,12 @@ pub struct MetadataState {
     pub identity: Arc<Identity>,
 }
 
-/// The transmitter configuration metadata.
-pub fn metadata_document(issuer: &str) -> Value {
+/// The transmitter configuration metadata. `algs` are the algorithms Vigil signs SETs with (the
+/// default first): `signing_alg_values_supported` is Vigil's member (SSF defines none for it), in
+/// the naming of OAuth's metadata, so an enforcement point can see before it asks for one.
+pub fn metadata_document(issuer: &str, algs: &[crate::jose::Alg]) -> Value {
     let base = issuer.trim_end_matches('/');
+    let algs: Vec<&str> = algs.iter().map(|a| a.name()).collect();
     json!({
         "spec_version": "1_0",
         "issuer": issuer,
@@ -31,11 +34,12 @@ pub fn metadata_document(issuer: &str) -> Value {
         "verification_endpoint": format!("{base}/ssf/verify"),
         "authorization_schemes": [{"spec_urn": "urn:ietf:rfc:6749"}],
         "default_subjects": "ALL",
+        "signing_alg_values_supported": algs,
     })
 }
 
 pub async fn metadata(State(s): State<Arc<MetadataState>>) -> Response {
-    Json(metadata_document(&s.issuer)).into_response()
+    Json(metadata_document(&s.issuer, s.identity.algorithms())).into_response()
 }
 
 pub async fn jwks(State(s): State<Arc<MetadataState>>) -> Response {
@@ -52,7 +56,7 @@ mod tests {
 
     #[test]
     fn metadata_has_what_the_caep_interop_profile_requires() {
-        let m = metadata_document("https://vigil.example.com");
+        let m = metadata_document("https://vigil.example.com", &[crate::jose::Alg::RS256]);
         for field in [
             "spec_version",
             "issuer",

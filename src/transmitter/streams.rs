@@ -13,13 +13,13 @@
 //! stream's outbox locally (its rows keyed by the record's offset, so order and SSE event ids are
 //! the same after a handover) and delivers it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use futures_util::future::BoxFuture;
 
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadableTable, TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use tokio::sync::Notify;
@@ -241,6 +241,12 @@ pub struct StreamStore {
     /// When each stream's outbox was last read here (poll, SSE), ms: a poll or SSE stream nobody
     /// reads is paused (`transmitter/outbox_bounds.rs`).
     last_read: Mutex<HashMap<String, i64>>,
+    /// Single node: SETs queued whose outbox commit is still being written, by outbox key. Every
+    /// reader of the outbox sees them, so a decision reaches enforcement points after its own
+    /// commit, not after a second one. A crash before the outbox commit loses nothing: the
+    /// decision's hand-off row is still in the store, and queues the same SETs (same `jti`s)
+    /// again at the next start.
+    staged: Mutex<BTreeMap<String, Outgoing>>,
 }
 
 /// A SET that could not be delivered, kept for operators to inspect and replay.
@@ -377,6 +383,7 @@ impl StreamStore {
             shared: OnceLock::new(),
             outbox_index: Mutex::new(HashMap::new()),
             last_read: Mutex::new(HashMap::new()),
+            staged: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -762,6 +769,9 @@ impl StreamStore {
         if keys.is_empty() {
             return Ok(());
         }
+        if table.name() == OUTBOX.name() {
+            self.unstage(&keys);
+        }
         self.writer
             .write(move |txn| {
                 let mut t = txn.open_table(table).map_err(WriteError::storage)?;
@@ -867,21 +877,67 @@ impl StreamStore {
             let bytes = serde_json::to_vec(out).map_err(|e| StreamError::Storage(e.to_string()))?;
             rows.push((outbox_key(stream, seq), bytes));
         }
-        self.writer
-            .write(move |txn| {
-                let mut t = txn.open_table(OUTBOX).map_err(WriteError::storage)?;
-                for (k, v) in &rows {
-                    t.insert(k.as_str(), v.as_slice())
-                        .map_err(WriteError::storage)?;
-                }
-                crate::engine::handoff_done_in(txn, &handed_over)
-            })
-            .await?;
+        let keys: Vec<String> = rows.iter().map(|(k, _)| k.clone()).collect();
+        // Staged before the write is queued: whatever a deliverer does with a staged SET
+        // (delivered, dead-lettered) is written after this insert (the writer commits in order).
+        self.staged().extend(
+            keys.iter()
+                .cloned()
+                .zip(items.iter().map(|(_, o)| o.clone())),
+        );
+        let written = self.writer.write(move |txn| {
+            let mut t = txn.open_table(OUTBOX).map_err(WriteError::storage)?;
+            for (k, v) in &rows {
+                t.insert(k.as_str(), v.as_slice())
+                    .map_err(WriteError::storage)?;
+            }
+            crate::engine::handoff_done_in(txn, &handed_over)
+        });
         for (stream, _) in &items {
             self.notify(stream);
         }
+        let written = written.await;
+        // Committed: the rows are in the table. Failed: the decisions stay in the hand-off and
+        // their SETs are queued again (same `jti`s) by the caller's retry or the next start.
+        self.unstage(&keys);
+        written?;
         metrics::counter!(crate::telemetry::SETS_EMITTED).increment(items.len() as u64);
         Ok(())
+    }
+
+    fn staged(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Outgoing>> {
+        self.staged
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn unstage(&self, keys: &[String]) {
+        let mut staged = self.staged();
+        if staged.is_empty() {
+            return;
+        }
+        for k in keys {
+            staged.remove(k);
+        }
+    }
+
+    /// Staged SETs with keys in `range` that `keep` selects, at most `max`, oldest first.
+    fn staged_in(
+        &self,
+        range: (std::ops::Bound<&str>, std::ops::Bound<&str>),
+        max: usize,
+        keep: impl Fn(&Outgoing) -> bool,
+    ) -> Vec<(String, Outgoing)> {
+        let staged = self.staged();
+        if staged.is_empty() {
+            return Vec::new();
+        }
+        staged
+            .range::<str, _>(range)
+            .filter(|(_, o)| keep(o))
+            .take(max)
+            .map(|(k, o)| (k.clone(), o.clone()))
+            .collect()
     }
 
     /// Up to `max` outstanding SETs of a stream, oldest first, and whether more remain.
@@ -906,23 +962,31 @@ impl StreamStore {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(id.to_owned(), self.clock.now_ms());
-        let txn = self.db.begin_read().map_err(storage)?;
-        let t = txn.open_table(OUTBOX).map_err(storage)?;
+        use std::ops::Bound::{Excluded, Included};
         let start = outbox_key(id, after.saturating_add(1));
         let end = format!("{id}\u{1}");
-        let mut out = Vec::new();
-        let mut more = false;
-        for entry in t.range(start.as_str()..end.as_str()).map_err(storage)? {
+        // Committed rows and staged ones, merged by key (a row committed but not yet unstaged is
+        // in both); of each, the first `max + 1` are enough to know the first `max` and whether
+        // more remain.
+        let want = max.saturating_add(1);
+        let mut merged: BTreeMap<String, Outgoing> = self
+            .staged_in((Included(&start), Excluded(&end)), want, |_| true)
+            .into_iter()
+            .collect();
+        let txn = self.db.begin_read().map_err(storage)?;
+        let t = txn.open_table(OUTBOX).map_err(storage)?;
+        for entry in t
+            .range(start.as_str()..end.as_str())
+            .map_err(storage)?
+            .take(want)
+        {
             let (k, v) = entry.map_err(storage)?;
-            if out.len() >= max {
-                more = true;
-                break;
-            }
             if let Ok(o) = serde_json::from_slice::<Outgoing>(v.value()) {
-                out.push((k.value().to_owned(), o));
+                merged.insert(k.value().to_owned(), o);
             }
         }
-        Ok((out, more))
+        let more = merged.len() > max;
+        Ok((merged.into_iter().take(max).collect(), more))
     }
 
     /// Removes acknowledged (or rejected) SETs of a stream by `jti`.
@@ -961,22 +1025,28 @@ impl StreamStore {
         want: usize,
         keep: impl Fn(&Outgoing) -> bool,
     ) -> Result<Vec<(String, Outgoing)>, StreamError> {
+        use std::ops::Bound::Included;
+        let (start, end) = (outbox_key(id, 0), outbox_key(id, through));
+        let mut merged: BTreeMap<String, Outgoing> = self
+            .staged_in((Included(&start), Included(&end)), want, &keep)
+            .into_iter()
+            .collect();
         let txn = self.db.begin_read().map_err(storage)?;
         let t = txn.open_table(OUTBOX).map_err(storage)?;
-        let (start, end) = (outbox_key(id, 0), outbox_key(id, through));
-        let mut out = Vec::new();
+        let mut found = 0;
         for entry in t.range(start.as_str()..=end.as_str()).map_err(storage)? {
-            if out.len() >= want {
+            if found >= want {
                 break;
             }
             let (k, v) = entry.map_err(storage)?;
             if let Ok(o) = serde_json::from_slice::<Outgoing>(v.value()) {
                 if keep(&o) {
-                    out.push((k.value().to_owned(), o));
+                    found += 1;
+                    merged.insert(k.value().to_owned(), o);
                 }
             }
         }
-        Ok(out)
+        Ok(merged.into_iter().take(want).collect())
     }
 
     /// Removes SETs their receiver took, counting them (and, for poll, their delivery time).
@@ -1079,6 +1149,7 @@ impl StreamStore {
             }),
         }]);
         let key = key.to_owned();
+        self.unstage(std::slice::from_ref(&key));
         self.writer
             .write(move |txn| {
                 txn.open_table(OUTBOX)
@@ -1339,6 +1410,7 @@ pub fn string_list(v: Option<&Value>) -> Result<Vec<String>, StreamError> {
 mod tests {
     use super::*;
     use serde_json::json;
+    use std::time::Duration;
 
     #[tokio::test]
     async fn subjects_are_rows_of_their_own_and_old_records_move_there() {
@@ -1434,5 +1506,80 @@ mod tests {
         assert_eq!(store.acknowledge_through("s1", c_seq).await.unwrap(), 2);
         assert_eq!(jtis("s1"), ["e"]);
         assert_eq!(jtis("s2"), ["z"]);
+    }
+
+    /// SETs are readable the moment they are queued, before their outbox commit is on disk; what
+    /// a deliverer does with one meanwhile (acknowledged, dead-lettered) is written after the
+    /// insert, so it stays done once the insert commits.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_sets_are_delivered_before_their_commit_and_stay_delivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::open(dir.path()).unwrap();
+        let (writer, _thread) = crate::store::BatchWriter::start(db.clone(), "state", 16).unwrap();
+        let store =
+            Arc::new(StreamStore::open(db.clone(), writer.clone(), Clock::system()).unwrap());
+        let out = |jti: &str| Outgoing {
+            jti: jti.into(),
+            set: format!("token-{jti}"),
+            queued_at_ms: 1,
+        };
+        // Hold the writer: a write that waits until released.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let blocker = tokio::spawn({
+            let writer = writer.clone();
+            async move {
+                writer
+                    .write(move |_| {
+                        held.recv().ok();
+                        Ok(())
+                    })
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let items = ["a", "b", "c"]
+            .iter()
+            .map(|j| ("s1".to_owned(), out(j)))
+            .collect();
+        let queued = tokio::spawn({
+            let store = store.clone();
+            async move { store.enqueue(items, vec![]).await }
+        });
+        let jtis = |store: &StreamStore| -> Vec<String> {
+            let (rows, _) = store.outstanding("s1", usize::MAX).unwrap();
+            rows.into_iter().map(|(_, o)| o.jti).collect()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while jtis(&store).len() < 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "staged SETs never readable"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(!queued.is_finished(), "the outbox commit is held");
+        let (first_two, more) = store.outstanding("s1", 2).unwrap();
+        assert_eq!(first_two.len(), 2);
+        assert!(more);
+        // Acknowledged while the insert is still waiting for the writer.
+        let ack = tokio::spawn({
+            let store = store.clone();
+            async move { store.acknowledge("s1", &["b".into()], "poll").await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(jtis(&store), ["a", "c"]);
+        release.send(()).unwrap();
+        blocker.await.unwrap().unwrap();
+        queued.await.unwrap().unwrap();
+        assert_eq!(ack.await.unwrap().unwrap(), 1);
+        assert_eq!(
+            jtis(&store),
+            ["a", "c"],
+            "b stays acknowledged once committed"
+        );
+        // And from the table alone, as a restart reads it.
+        drop(store);
+        let reopened = StreamStore::open(db, writer, Clock::system()).unwrap();
+        assert_eq!(jtis(&reopened), ["a", "c"]);
     }
 }

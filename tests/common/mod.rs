@@ -292,6 +292,7 @@ pub fn enforcement_point(name: &str, token: &str) -> vigil::config::EnforcementP
         name: name.into(),
         token: token.into(),
         audience: None,
+        signing_alg: None,
     }
 }
 
