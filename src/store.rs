@@ -150,6 +150,11 @@ impl<T> PendingWrite<T> {
         self.0.blocking_recv().map_err(|_| WriteError::WriterGone)?
     }
 
+    /// [`PendingWrite::wait_blocking`] for async callers.
+    pub async fn wait(self) -> Result<T, WriteError> {
+        self.0.await.map_err(|_| WriteError::WriterGone)?
+    }
+
     /// The write's outcome if its commit is done, without waiting; `None` while it is in flight.
     /// Call it until it answers once: after that the outcome is gone.
     pub fn try_take(&mut self) -> Option<Result<T, WriteError>> {
@@ -190,6 +195,22 @@ impl BatchWriter {
             .await
             .map_err(|_| WriteError::WriterGone)?;
         rx.await.map_err(|_| WriteError::WriterGone)?
+    }
+
+    /// Queues `f` for a commit and returns once it is queued, not committed: writes queued this
+    /// way keep their order with every other ordinary write. [`PendingWrite::wait`] gives the
+    /// outcome.
+    pub async fn queue<T, F>(&self, f: F) -> Result<PendingWrite<T>, WriteError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&redb::WriteTransaction) -> Result<T, WriteError> + Send + 'static,
+    {
+        let (job, rx) = Self::job(f);
+        self.tx
+            .send(Queued { job, bulk: false })
+            .await
+            .map_err(|_| WriteError::WriterGone)?;
+        Ok(PendingWrite(rx))
     }
 
     /// [`BatchWriter::write`] for callers on a plain thread (never call it from an async task).

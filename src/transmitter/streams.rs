@@ -247,6 +247,10 @@ pub struct StreamStore {
     /// decision's hand-off row is still in the store, and queues the same SETs (same `jti`s)
     /// again at the next start.
     staged: Mutex<BTreeMap<String, Outgoing>>,
+    /// Outbox rows taken (delivered, acknowledged) whose delete is still being written: every
+    /// reader skips them, so a deliverer goes on to the next SET without waiting for that commit.
+    /// A crash before it delivers them again, with the same `jti`s (a duplicate to the receiver).
+    removing: Arc<Mutex<HashSet<String>>>,
 }
 
 /// A SET that could not be delivered, kept for operators to inspect and replay.
@@ -384,6 +388,7 @@ impl StreamStore {
             outbox_index: Mutex::new(HashMap::new()),
             last_read: Mutex::new(HashMap::new()),
             staged: Mutex::new(BTreeMap::new()),
+            removing: Arc::new(Mutex::new(HashSet::new())),
         })
     }
 
@@ -878,25 +883,28 @@ impl StreamStore {
             rows.push((outbox_key(stream, seq), bytes));
         }
         let keys: Vec<String> = rows.iter().map(|(k, _)| k.clone()).collect();
-        // Staged before the write is queued: whatever a deliverer does with a staged SET
-        // (delivered, dead-lettered) is written after this insert (the writer commits in order).
+        // Queued before the SETs are staged: whatever a deliverer then does with a staged SET
+        // (delivered, dead-lettered) is queued after this insert, and the writer commits in order.
+        let written = self
+            .writer
+            .queue(move |txn| {
+                let mut t = txn.open_table(OUTBOX).map_err(WriteError::storage)?;
+                for (k, v) in &rows {
+                    t.insert(k.as_str(), v.as_slice())
+                        .map_err(WriteError::storage)?;
+                }
+                crate::engine::handoff_done_in(txn, &handed_over)
+            })
+            .await?;
         self.staged().extend(
             keys.iter()
                 .cloned()
                 .zip(items.iter().map(|(_, o)| o.clone())),
         );
-        let written = self.writer.write(move |txn| {
-            let mut t = txn.open_table(OUTBOX).map_err(WriteError::storage)?;
-            for (k, v) in &rows {
-                t.insert(k.as_str(), v.as_slice())
-                    .map_err(WriteError::storage)?;
-            }
-            crate::engine::handoff_done_in(txn, &handed_over)
-        });
         for (stream, _) in &items {
             self.notify(stream);
         }
-        let written = written.await;
+        let written = written.wait().await;
         // Committed: the rows are in the table. Failed: the decisions stay in the hand-off and
         // their SETs are queued again (same `jti`s) by the caller's retry or the next start.
         self.unstage(&keys);
@@ -909,6 +917,58 @@ impl StreamStore {
         self.staged
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn removing(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.removing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Removes outbox rows a receiver took, without waiting for the commit: readers skip them
+    /// from now on, the delete is queued behind everything written before (their inserts too),
+    /// and they are forgotten as "being removed" once it is on disk.
+    async fn take_rows(&self, keys: Vec<String>) -> Result<(), StreamError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.unstage(&keys);
+        self.removing().extend(keys.iter().cloned());
+        let done = keys.clone();
+        let queued = self
+            .writer
+            .queue(move |txn| {
+                let mut t = txn.open_table(OUTBOX).map_err(WriteError::storage)?;
+                for k in &done {
+                    t.remove(k.as_str()).map_err(WriteError::storage)?;
+                }
+                Ok(())
+            })
+            .await;
+        let removing = self.removing.clone();
+        let forget = move || {
+            let mut r = removing
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for k in &keys {
+                r.remove(k);
+            }
+        };
+        match queued {
+            Err(e) => {
+                forget();
+                Err(e.into())
+            }
+            Ok(pending) => {
+                tokio::spawn(async move {
+                    if let Err(e) = pending.wait().await {
+                        tracing::warn!(error = %e, "a delivered SET's removal was not written; it is delivered again (same jti)");
+                    }
+                    forget();
+                });
+                Ok(())
+            }
+        }
     }
 
     fn unstage(&self, keys: &[String]) {
@@ -973,15 +1033,20 @@ impl StreamStore {
             .staged_in((Included(&start), Excluded(&end)), want, |_| true)
             .into_iter()
             .collect();
+        let removing = self.removing().clone();
         let txn = self.db.begin_read().map_err(storage)?;
         let t = txn.open_table(OUTBOX).map_err(storage)?;
-        for entry in t
-            .range(start.as_str()..end.as_str())
-            .map_err(storage)?
-            .take(want)
-        {
+        let mut found = 0;
+        for entry in t.range(start.as_str()..end.as_str()).map_err(storage)? {
+            if found >= want {
+                break;
+            }
             let (k, v) = entry.map_err(storage)?;
+            if removing.contains(k.value()) {
+                continue;
+            }
             if let Ok(o) = serde_json::from_slice::<Outgoing>(v.value()) {
+                found += 1;
                 merged.insert(k.value().to_owned(), o);
             }
         }
@@ -1031,6 +1096,7 @@ impl StreamStore {
             .staged_in((Included(&start), Included(&end)), want, &keep)
             .into_iter()
             .collect();
+        let removing = self.removing().clone();
         let txn = self.db.begin_read().map_err(storage)?;
         let t = txn.open_table(OUTBOX).map_err(storage)?;
         let mut found = 0;
@@ -1039,6 +1105,9 @@ impl StreamStore {
                 break;
             }
             let (k, v) = entry.map_err(storage)?;
+            if removing.contains(k.value()) {
+                continue;
+            }
             if let Ok(o) = serde_json::from_slice::<Outgoing>(v.value()) {
                 if keep(&o) {
                     found += 1;
@@ -1080,7 +1149,7 @@ impl StreamStore {
             })
             .collect();
         let n = keys.len();
-        self.remove_rows(OUTBOX, keys).await?;
+        self.take_rows(keys).await?;
         metrics::counter!(crate::telemetry::SETS_DELIVERED, "method" => method).increment(n as u64);
         Ok(n)
     }
@@ -1110,7 +1179,7 @@ impl StreamStore {
     /// Removes one delivered SET (push: the receiver answered 202).
     pub async fn delivered(&self, key: &str, outgoing: &Outgoing) -> Result<(), StreamError> {
         let queued_at_ms = outgoing.queued_at_ms;
-        self.remove_rows(OUTBOX, vec![key.to_owned()]).await?;
+        self.take_rows(vec![key.to_owned()]).await?;
         let stream = key.split('\0').next().unwrap_or_default();
         let row = [(key.to_owned(), outgoing.clone())];
         self.forget_indexed(stream, &row);
@@ -1577,7 +1646,10 @@ mod tests {
             ["a", "c"],
             "b stays acknowledged once committed"
         );
-        // And from the table alone, as a restart reads it.
+
+        // And from the table alone, as a restart reads it (once a later write is on disk, the
+        // acknowledgement's delete, queued before it, is too).
+        writer.write(|_| Ok(())).await.unwrap();
         drop(store);
         let reopened = StreamStore::open(db, writer, Clock::system()).unwrap();
         assert_eq!(jtis(&reopened), ["a", "c"]);
