@@ -245,8 +245,8 @@ async fn run() -> anyhow::Result<()> {
                 pushed.rate,
                 "SETs/s",
             )
-            .ceiling(ceiling.rate)
-            .note("HTTP push → verify → validate → durable group commit → 202; 64 connections"),
+            .ceiling(combined)
+            .note(format!("HTTP push → verify → validate → durable group commit → 202; 64 connections; ceiling: HTTP + verify (verify-only endpoint: {:.0}/s)", ceiling.rate)),
         );
         figures.push(
             Figure::new(
@@ -270,7 +270,6 @@ async fn run() -> anyhow::Result<()> {
                 pushed.rate / combined,
                 "ratio",
             )
-            .ceiling(combined)
             .at_least(0.7)
             .note(format!(
                 "combined ceiling 1/(1/HTTP + 1/verify) = {combined:.0}/s: the two costs no push avoids, on the same cores"
@@ -390,10 +389,12 @@ async fn run() -> anyhow::Result<()> {
     );
     for (method, samples) in &lat.delivered {
         let note = format!("{} of {probes} delivered", samples.len());
+        // Issue 23's targets at half load with 1 M grants (idle: p99 ≤ 5 ms, measured by
+        // `delivery_latency`).
         figures.extend(percentiles(
             &format!("revocation_{method}"),
             samples,
-            (Some(5.0), Some(20.0)),
+            (Some(20.0), Some(50.0)),
             &note,
         ));
     }
@@ -457,16 +458,24 @@ async fn run() -> anyhow::Result<()> {
             "[kafka] steady {steady:.0}/s, end to end {:.0}/s",
             k.end_to_end
         );
+        // Not the issue's "≥ 50 000/s when every message changes a grant's status": on this
+        // feed (20 000 users, 1 000 grants) most signals change a context, not a grant.
         let mut f = Figure::new("kafka_signals_per_sec_steady", steady, "signals/s")
-            .at_least(100_000.0)
             .note(format!(
-                "{kafka_messages} messages, 10 % → 90 % applied; end to end {:.0}/s; {:.1} µs CPU per signal",
+                "{kafka_messages} messages over 20 000 users, 1 000 grants; 10 % → 90 % applied; end to end {:.0}/s; {:.1} µs CPU per signal",
                 k.end_to_end, k.cpu_us_per_signal
             ));
         if let Some(c) = k.ceiling {
             f = f.ceiling(c);
         }
         figures.push(f);
+        if let Some(c) = k.ceiling {
+            figures.push(
+                Figure::new("kafka_ratio_to_bare_consumer", steady / c, "ratio")
+                    .at_least(0.8)
+                    .note(format!("bare consumer on the same in-process mock broker: {c:.0} messages/s")),
+            );
+        }
     }
 
     let report = json!({
@@ -915,7 +924,15 @@ async fn latency_phase(
         if let Ok(mut s) = sent.lock() {
             s.insert(format!("g{}", probe_grant(p)), now);
         }
-        let status = push_set(client, &url, "Bearer rs", &token).await?;
+        // Once more on a transport error: a pooled connection the server closed while idle
+        // (its keep-alive timeout) fails the first request sent on it. Timed from the first try.
+        let status = match push_set(client, &url, "Bearer rs", &token).await {
+            Ok(status) => status,
+            Err(e) => {
+                eprintln!("[latency] probe {p}: {e}; sent again");
+                push_set(client, &url, "Bearer rs", &token).await?
+            }
+        };
         anyhow::ensure!(status == 202, "probe push answered {status}");
         acknowledged.push(now.elapsed().as_secs_f64() * 1e3);
         tokio::time::sleep(gap).await;
