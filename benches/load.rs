@@ -623,6 +623,21 @@ fn calibrate(key: &SigningKey, dir: &std::path::Path) -> Value {
         let _ = key.sign_set(&claims);
     }
     let signs_per_sec = signs as f64 / started.elapsed().as_secs_f64();
+    // What Vigil's own SETs cost to sign, per algorithm it offers enforcement points (josekit on
+    // OpenSSL, as `transmitter/emit.rs` signs).
+    let vigil_signs: serde_json::Map<String, Value> = [Alg::RS256, Alg::ES256, Alg::EdDSA]
+        .into_iter()
+        .filter_map(|alg| {
+            let key = vigil::signing::SigningKey::generate(alg, "calibration").ok()?;
+            let n = 500;
+            let started = Instant::now();
+            for _ in 0..n {
+                let _ = key.sign_set(&claims);
+            }
+            let rate = f64::from(n) / started.elapsed().as_secs_f64();
+            Some((alg.name().to_owned(), json!(rate)))
+        })
+        .collect();
 
     let (to_echo, echo_rx) = std::sync::mpsc::channel::<u32>();
     let (to_main, main_rx) = std::sync::mpsc::channel::<u32>();
@@ -659,6 +674,7 @@ fn calibrate(key: &SigningKey, dir: &std::path::Path) -> Value {
     .unwrap_or(f64::NAN);
     json!({
         "rs256_signs_per_sec_one_core": signs_per_sec,
+        "vigil_set_signs_per_sec_one_core": vigil_signs,
         "thread_wakeup_round_trip_us": round_trip_us,
         "append_4k_fsync_ms": fsync_ms,
     })
