@@ -473,7 +473,9 @@ async fn run() -> anyhow::Result<()> {
             figures.push(
                 Figure::new("kafka_ratio_to_bare_consumer", steady / c, "ratio")
                     .at_least(0.8)
-                    .note(format!("bare consumer on the same in-process mock broker: {c:.0} messages/s")),
+                    .note(format!(
+                        "bare consumer on the same in-process mock broker: {c:.0} messages/s"
+                    )),
             );
         }
     }

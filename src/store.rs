@@ -189,12 +189,7 @@ impl BatchWriter {
         T: Send + 'static,
         F: FnOnce(&redb::WriteTransaction) -> Result<T, WriteError> + Send + 'static,
     {
-        let (job, rx) = Self::job(f);
-        self.tx
-            .send(Queued { job, bulk: false })
-            .await
-            .map_err(|_| WriteError::WriterGone)?;
-        rx.await.map_err(|_| WriteError::WriterGone)?
+        self.queue(f).await?.wait().await
     }
 
     /// Queues `f` for a commit and returns once it is queued, not committed: writes queued this

@@ -111,27 +111,12 @@ async fn each_enforcement_point_gets_the_signing_algorithm_it_accepts() {
     }
     let vigil = start(config).await;
     let issuer = format!("http://{}", vigil.local_addr());
-    let http = reqwest::Client::new();
-    let meta: serde_json::Value = http
-        .get(format!("{issuer}/.well-known/ssf-configuration"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, meta) = get_json(&vigil, "/.well-known/ssf-configuration").await;
     assert_eq!(
         meta["signing_alg_values_supported"],
         json!(["RS256", "ES256", "EdDSA"])
     );
-    let jwks: serde_json::Value = http
-        .get(format!("{issuer}/jwks.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, jwks) = get_json(&vigil, "/jwks.json").await;
     let mut published: Vec<&str> = jwks["keys"]
         .as_array()
         .unwrap()

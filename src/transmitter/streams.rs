@@ -1025,19 +1025,32 @@ impl StreamStore {
         use std::ops::Bound::{Excluded, Included};
         let start = outbox_key(id, after.saturating_add(1));
         let end = format!("{id}\u{1}");
-        // Committed rows and staged ones, merged by key (a row committed but not yet unstaged is
-        // in both); of each, the first `max + 1` are enough to know the first `max` and whether
-        // more remain.
-        let want = max.saturating_add(1);
-        let mut merged: BTreeMap<String, Outgoing> = self
-            .staged_in((Included(&start), Excluded(&end)), want, |_| true)
-            .into_iter()
-            .collect();
+        // The first `max + 1` are enough to know the first `max` and whether more remain.
+        let rows = self.read_outbox(
+            (Included(start.as_str()), Excluded(end.as_str())),
+            max.saturating_add(1),
+            |_| true,
+        )?;
+        let more = rows.len() > max;
+        Ok((rows.into_iter().take(max).collect(), more))
+    }
+
+    /// The outbox's SETs with keys in `range` that `keep` selects, the first `want` of them by
+    /// key: committed rows and staged ones merged (a row committed but not yet unstaged is in
+    /// both), rows being removed skipped.
+    fn read_outbox(
+        &self,
+        range: (std::ops::Bound<&str>, std::ops::Bound<&str>),
+        want: usize,
+        keep: impl Fn(&Outgoing) -> bool,
+    ) -> Result<BTreeMap<String, Outgoing>, StreamError> {
+        let mut merged: BTreeMap<String, Outgoing> =
+            self.staged_in(range, want, &keep).into_iter().collect();
         let removing = self.removing().clone();
         let txn = self.db.begin_read().map_err(storage)?;
         let t = txn.open_table(OUTBOX).map_err(storage)?;
         let mut found = 0;
-        for entry in t.range(start.as_str()..end.as_str()).map_err(storage)? {
+        for entry in t.range::<&str>(range).map_err(storage)? {
             if found >= want {
                 break;
             }
@@ -1046,12 +1059,16 @@ impl StreamStore {
                 continue;
             }
             if let Ok(o) = serde_json::from_slice::<Outgoing>(v.value()) {
-                found += 1;
-                merged.insert(k.value().to_owned(), o);
+                if keep(&o) {
+                    found += 1;
+                    merged.insert(k.value().to_owned(), o);
+                }
             }
         }
-        let more = merged.len() > max;
-        Ok((merged.into_iter().take(max).collect(), more))
+        while merged.len() > want {
+            merged.pop_last();
+        }
+        Ok(merged)
     }
 
     /// Removes acknowledged (or rejected) SETs of a stream by `jti`.
@@ -1092,30 +1109,12 @@ impl StreamStore {
     ) -> Result<Vec<(String, Outgoing)>, StreamError> {
         use std::ops::Bound::Included;
         let (start, end) = (outbox_key(id, 0), outbox_key(id, through));
-        let mut merged: BTreeMap<String, Outgoing> = self
-            .staged_in((Included(&start), Included(&end)), want, &keep)
-            .into_iter()
-            .collect();
-        let removing = self.removing().clone();
-        let txn = self.db.begin_read().map_err(storage)?;
-        let t = txn.open_table(OUTBOX).map_err(storage)?;
-        let mut found = 0;
-        for entry in t.range(start.as_str()..=end.as_str()).map_err(storage)? {
-            if found >= want {
-                break;
-            }
-            let (k, v) = entry.map_err(storage)?;
-            if removing.contains(k.value()) {
-                continue;
-            }
-            if let Ok(o) = serde_json::from_slice::<Outgoing>(v.value()) {
-                if keep(&o) {
-                    found += 1;
-                    merged.insert(k.value().to_owned(), o);
-                }
-            }
-        }
-        Ok(merged.into_iter().take(want).collect())
+        let rows = self.read_outbox(
+            (Included(start.as_str()), Included(end.as_str())),
+            want,
+            keep,
+        )?;
+        Ok(rows.into_iter().collect())
     }
 
     /// Removes SETs their receiver took, counting them (and, for poll, their delivery time).
