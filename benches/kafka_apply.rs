@@ -4,7 +4,11 @@
 //! with offsets committed after.
 //!
 //! Run: `cargo bench --bench kafka_apply -- [--messages 1200000] [--users 20000] [--grants 1000]
-//!       [--partitions 96] [--batch 2000] [--engine-batch 256] [--checkpoint-ms 1000] [--ceiling]`
+//!       [--partitions 96] [--batch 2000] [--engine-batch 256] [--checkpoint-ms 1000] [--ceiling] [--every-message-revokes]`
+//!
+//! `--every-message-revokes`: `--messages` (200 000 by default) users, each with a session grant,
+//! and a HIGH risk message for each — every message changes a grant's status (a decision, its
+//! hand-off and audit record, the grant's row), the "≥ 50 000 applied signals/s" case.
 //!
 //! `--ceiling` measures, instead of Vigil, a bare consumer reading the same topic from the same
 //! broker: the rate no consumer built on this librdkafka and this broker can beat here.
@@ -22,6 +26,7 @@ mod common;
 
 use common::arg;
 use common::kafka::{measure, KafkaArgs};
+use vigil::sim::risk::Pattern;
 
 fn main() -> anyhow::Result<()> {
     vigil::telemetry::init_logging();
@@ -29,16 +34,33 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let ceiling = std::env::args().any(|a| a == "--ceiling");
+    // Every message revokes a grant: as many users, grants and messages (200 000 by default).
+    let revoking = std::env::args().any(|a| a == "--every-message-revokes");
+    let (messages, users, grants) = if revoking {
+        let n = arg("--messages", 200_000);
+        (n, n, n)
+    } else {
+        (
+            arg("--messages", 1_200_000),
+            arg("--users", 20_000),
+            arg("--grants", 1_000),
+        )
+    };
     let args = KafkaArgs {
-        messages: arg("--messages", 1_200_000),
-        users: arg("--users", 20_000),
-        grants: arg("--grants", 1_000),
+        messages,
+        users,
+        grants,
         partitions: arg("--partitions", 96) as i32,
         batch: arg("--batch", 2000) as usize,
         engine_batch: arg("--engine-batch", 256) as usize,
         checkpoint_ms: arg("--checkpoint-ms", 1000),
         ceiling,
         vigil: !ceiling,
+        pattern: if revoking {
+            Pattern::Revoking
+        } else {
+            Pattern::Steady
+        },
     };
     let f = rt.block_on(measure(&args))?;
     if args.vigil {
@@ -53,7 +75,7 @@ fn main() -> anyhow::Result<()> {
             "CPU: {:.1} µs per signal ({:.2} cores busy)",
             f.cpu_us_per_signal, f.cores_busy
         );
-        println!("decisions made: {}", f.decisions);
+        println!("decisions made (other than allow): {}", f.decisions);
     }
     Ok(())
 }

@@ -451,6 +451,7 @@ async fn run() -> anyhow::Result<()> {
             checkpoint_ms: 1000,
             ceiling: true,
             vigil: true,
+            pattern: vigil::sim::risk::Pattern::Steady,
         })
         .await?;
         let steady = k.steady.unwrap_or(k.end_to_end);

@@ -2,7 +2,7 @@
 //! per interval, and whether they stay flat once the window is full.
 //!
 //! Run: `cargo bench --bench soak -- [--minutes 30] [--rate 1000] [--retention 300]
-//! [--segment-kib 4096]`. Reports each minute, then disk and RSS at the end against minute 10
+//! [--segment-kib 4096] [--alg RS256|ES256|EdDSA]`. Reports each minute, then disk and RSS at the end against minute 10
 //! (target: within 10 %) and the per-minute p99 (it should not drift).
 
 mod common;
@@ -18,6 +18,10 @@ async fn main() -> anyhow::Result<()> {
         retention_secs: common::arg("--retention", 300),
         segment_bytes: common::arg("--segment-kib", 4096) * 1024,
         sample_every: Duration::from_secs(60),
+        alg: common::text_arg("--alg")
+            .unwrap_or_else(|| "RS256".to_owned())
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--alg: {e}"))?,
     };
     let samples = common::soak::run(&settings).await?;
     let at = |minute: u64| samples.iter().find(|s| s.at_secs >= minute * 60);

@@ -17,6 +17,7 @@ async fn disk_stays_flat_once_the_retention_window_is_full() {
         retention_secs: 15,
         segment_bytes: 128 * 1024,
         sample_every: Duration::from_secs(10),
+        alg: vigil::jose::Alg::RS256,
     };
     let samples = common::soak::run(&settings).await.unwrap();
     assert!(samples.len() >= 10, "{} samples", samples.len());

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use futures_util::{StreamExt, TryStreamExt};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use serde_json::json;
@@ -23,6 +24,9 @@ pub struct KafkaArgs {
     /// Also (or, with `vigil` false, only) the bare-consumer ceiling on the same topic.
     pub ceiling: bool,
     pub vigil: bool,
+    /// The messages' shape: `Steady` (mostly low scores over many users) or `Revoking` (with
+    /// `users == grants == messages`, every message revokes a grant).
+    pub pattern: Pattern,
 }
 
 /// What was measured.
@@ -46,36 +50,17 @@ pub async fn measure(args: &KafkaArgs) -> anyhow::Result<KafkaFigures> {
     let cluster = mock_cluster(&[(topic, partitions), ("vigil.risk.dead-letter", 1)])?;
     let brokers = cluster.bootstrap_servers();
 
-    // Fill the topic first, so the consumer is measured, not the producer.
-    let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("linger.ms", "20")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()?;
-    let started = Instant::now();
+    // Fill the topic first, so the consumer is measured, not the producer — except when every
+    // message is to revoke a grant: those grants must be registered before anything is consumed,
+    // so the topic is filled after (the producer is many times faster than what is measured).
     let now = vigil::signal::now_ms() as f64 / 1000.0;
-    for n in 0..messages {
-        let m = message(Pattern::Steady, n, users, now);
-        let body = m.native().to_string();
-        let mut record = BaseRecord::to(topic).key(m.key()).payload(&body);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    producer.poll(Duration::from_millis(10));
-                    record = r;
-                }
-            }
-        }
+    let publish_first = args.pattern != Pattern::Revoking;
+    if publish_first {
+        publish(&brokers, topic, args)?;
     }
-    producer.flush(Duration::from_secs(120))?;
-    println!(
-        "published {messages} messages to {partitions} partitions in {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
 
     let mut figures = KafkaFigures::default();
-    if args.ceiling {
+    if args.ceiling && publish_first {
         figures.ceiling = Some(consume_only(&brokers, topic, messages).await?);
     }
     if !args.vigil {
@@ -90,18 +75,31 @@ pub async fn measure(args: &KafkaArgs) -> anyhow::Result<KafkaFigures> {
     config.engine.checkpoint_interval_ms = args.checkpoint_ms;
     config.validate()?;
     let vigil = Vigil::start(config).await?;
-    // Grants for some of the users, so signals trigger real evaluations.
+    // Grants for some of the users, so signals trigger real evaluations (64 registrations in
+    // flight: a revoking run registers as many grants as it has messages).
     let client = vigil::sim::api_client(vigil.admin_token())?;
-    for i in 0..grants.min(users) {
-        let grant = json!({"id": format!("g-{i}"), "kind": "session",
-            "subject": {"format": "email", "email": format!("user-{i}@example.com")},
-            "session": format!("s-{i}"), "issued_at": now - 60.0, "expires_at": now + 3600.0});
-        client
-            .post(format!("http://{}/v1/grants", vigil.local_addr()))
-            .json(&grant)
-            .send()
-            .await?
-            .error_for_status()?;
+    let url = format!("http://{}/v1/grants", vigil.local_addr());
+    futures_util::stream::iter(0..grants.min(users))
+        .map(|i| {
+            let grant = json!({"id": format!("g-{i}"), "kind": "session",
+                "subject": {"format": "email", "email": format!("user-{i}@example.com")},
+                "session": format!("s-{i}"), "issued_at": now - 60.0, "expires_at": now + 3600.0});
+            let (client, url) = (client.clone(), url.clone());
+            async move {
+                client
+                    .post(url)
+                    .json(&grant)
+                    .send()
+                    .await?
+                    .error_for_status()?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(64)
+        .try_collect::<Vec<()>>()
+        .await?;
+    if !publish_first {
+        publish(&brokers, topic, args)?;
     }
 
     // Progress is Vigil's own count of signals applied and committed by the engine.
@@ -156,18 +154,48 @@ pub async fn measure(args: &KafkaArgs) -> anyhow::Result<KafkaFigures> {
     // The whole process (Vigil, the mock broker, this harness's polling) on this machine's cores.
     figures.cpu_us_per_signal = cpu * 1e6 / applied as f64;
     figures.cores_busy = cpu / secs;
-    let decisions = client
-        .get(format!(
-            "http://{}/v1/decisions?limit=10000",
-            vigil.local_addr()
-        ))
-        .send()
-        .await?
-        .json::<serde_json::Value>()
-        .await?;
-    figures.decisions = decisions["decisions"].as_array().map_or(0, Vec::len);
+    // Vigil's own count of the decisions made (revocations, step-ups, …), not a page of the log.
+    let text = client.get(&metrics_url).send().await?.text().await?;
+    figures.decisions = text
+        .lines()
+        .filter(|l| l.starts_with("vigil_decisions_total{") && !l.contains("effect=\"allow\""))
+        .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<f64>().ok())
+        .sum::<f64>() as usize;
     vigil.shutdown().await;
     Ok(figures)
+}
+
+/// Publishes `args.messages` messages of `args.pattern` to `topic` and waits until the brokers
+/// have them all.
+fn publish(brokers: &str, topic: &str, args: &KafkaArgs) -> anyhow::Result<()> {
+    let (messages, users, partitions) = (args.messages, args.users, args.partitions);
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "20")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?;
+    let started = Instant::now();
+    let now = vigil::signal::now_ms() as f64 / 1000.0;
+    for n in 0..messages {
+        let m = message(args.pattern, n, users, now);
+        let body = m.native().to_string();
+        let mut record = BaseRecord::to(topic).key(m.key()).payload(&body);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    producer.poll(Duration::from_millis(10));
+                    record = r;
+                }
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(120))?;
+    println!(
+        "published {messages} messages to {partitions} partitions in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// The ceiling on this machine: the same topic read by a bare consumer of the same librdkafka from

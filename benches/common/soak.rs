@@ -25,6 +25,9 @@ pub struct Settings {
     pub retention_secs: u64,
     pub segment_bytes: u64,
     pub sample_every: Duration,
+    /// What the transmitter signs with: EdDSA signs fast enough to fill a pool for thousands of
+    /// SETs a second over a 5-minute window, where RS256 takes minutes.
+    pub alg: Alg,
 }
 
 /// One interval's figures.
@@ -37,6 +40,9 @@ pub struct Sample {
     pub rss_bytes: u64,
     pub accepted: usize,
     pub failed: usize,
+    /// The failed pushes by what answered: an HTTP status, or `transport` (no answer: the
+    /// connection refused or cut).
+    pub failures: std::collections::BTreeMap<String, usize>,
     pub p50_ms: f64,
     pub p99_ms: f64,
 }
@@ -60,7 +66,7 @@ pub fn dir_bytes(dir: &std::path::Path) -> u64 {
 pub async fn run(settings: &Settings) -> anyhow::Result<Vec<Sample>> {
     let iss = "https://idp.example.com/";
     let aud = "https://sp.example.com/caep";
-    let key = Arc::new(SigningKey::generate(Alg::RS256, "soak")?);
+    let key = Arc::new(SigningKey::generate(settings.alg, "soak")?);
     let jwks =
         JwksServer::start("127.0.0.1:0".parse()?, jwks_document(&[key.public_jwk()?])).await?;
     let dir = tempfile::tempdir()?;
@@ -72,14 +78,14 @@ pub async fn run(settings: &Settings) -> anyhow::Result<Vec<Sample>> {
         iss,
         vec![aud.into()],
         "Bearer soak",
-        vec![Alg::RS256],
+        vec![settings.alg],
         &jwks.jwks_uri(),
     ));
     let vigil = Vigil::start(config).await?;
     let url = format!("http://{}/ssf/push/soak", vigil.local_addr());
     // The window, two segments' fill and a margin: a SET comes round once its first copy is gone.
     let pool = (settings.rate * (settings.retention_secs + 30)) as usize + 2 * 1000;
-    eprintln!("soak: signing {pool} RS256 SETs…");
+    eprintln!("soak: signing {pool} {} SETs…", settings.alg);
     let tokens = Arc::new(super::sign_sets(&key, pool, |i| {
         super::background_set(iss, aud, "soak", i)
     }));
@@ -87,7 +93,10 @@ pub async fn run(settings: &Settings) -> anyhow::Result<Vec<Sample>> {
         .pool_max_idle_per_host(64)
         .build()?;
     let latencies = Arc::new(std::sync::Mutex::new(Vec::<f64>::new()));
-    let failed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let failed = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<
+        String,
+        usize,
+    >::new()));
     let in_flight = Arc::new(tokio::sync::Semaphore::new(256));
     let start = Instant::now();
     let period = Duration::from_secs_f64(1.0 / settings.rate.max(1) as f64);
@@ -120,7 +129,15 @@ pub async fn run(settings: &Settings) -> anyhow::Result<Vec<Sample>> {
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .push(t.elapsed().as_secs_f64() * 1000.0);
             } else {
-                failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let kind = match answer {
+                    Ok(status) => status.to_string(),
+                    Err(_) => "transport".to_owned(),
+                };
+                *failures
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .entry(kind)
+                    .or_default() += 1;
             }
             drop(permit);
         });
@@ -132,24 +149,31 @@ pub async fn run(settings: &Settings) -> anyhow::Result<Vec<Sample>> {
                     .unwrap_or_else(std::sync::PoisonError::into_inner),
             );
             l.sort_by(f64::total_cmp);
-            let sample = Sample {
+            let mut sample = Sample {
                 at_secs: start.elapsed().as_secs(),
                 disk_bytes: dir_bytes(dir.path()),
                 intake_bytes: dir_bytes(&dir.path().join(vigil::intake::LOG_DIR)),
                 rss_bytes: super::rss_bytes(),
                 accepted: l.len(),
-                failed: failed.swap(0, std::sync::atomic::Ordering::Relaxed),
+                failed: 0,
+                failures: std::mem::take(
+                    &mut *failed
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner),
+                ),
                 p50_ms: super::quantile(&l, 0.5),
                 p99_ms: super::quantile(&l, 0.99),
             };
+            sample.failed = sample.failures.values().sum();
             eprintln!(
-                "soak: {:>5} s  disk {:>7.1} MiB (intake log {:>6.1} MiB)  RSS {:>6.1} MiB  {} accepted, {} failed  p50 {:.2} ms  p99 {:.2} ms",
+                "soak: {:>5} s  disk {:>7.1} MiB (intake log {:>6.1} MiB)  RSS {:>6.1} MiB  {} accepted, {} failed {:?}  p50 {:.2} ms  p99 {:.2} ms",
                 sample.at_secs,
                 sample.disk_bytes as f64 / 1048576.0,
                 sample.intake_bytes as f64 / 1048576.0,
                 sample.rss_bytes as f64 / 1048576.0,
                 sample.accepted,
                 sample.failed,
+                sample.failures,
                 sample.p50_ms,
                 sample.p99_ms
             );

@@ -96,6 +96,9 @@ pub enum Pattern {
     Bursts,
     /// One user's risk climbing from LOW through MEDIUM to HIGH.
     Climb,
+    /// Message `n` names user `n` (modulo the users) with a HIGH score: with a grant per user
+    /// and no more messages than users, every message revokes a grant.
+    Revoking,
 }
 
 /// The `n`-th message of `pattern` over `users` users (`user-<i>@example.com`), at `now`.
@@ -112,6 +115,11 @@ pub fn message(pattern: Pattern, n: u64, users: u64, now: f64) -> RiskMessage {
             let score = (10.0 + 20.0 * n as f64).min(95.0);
             ("user-0@example.com".to_owned(), score, "impossible travel")
         }
+        Pattern::Revoking => (
+            format!("user-{}@example.com", n % users),
+            95.0,
+            "credential stuffing",
+        ),
     };
     RiskMessage {
         email,
