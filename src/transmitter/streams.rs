@@ -1046,7 +1046,8 @@ impl StreamStore {
     ) -> Result<BTreeMap<String, Outgoing>, StreamError> {
         let mut merged: BTreeMap<String, Outgoing> =
             self.staged_in(range, want, &keep).into_iter().collect();
-        let removing = self.removing().clone();
+        // Held while the table is read (no await here): a delete being queued waits a moment.
+        let removing = self.removing();
         let txn = self.db.begin_read().map_err(storage)?;
         let t = txn.open_table(OUTBOX).map_err(storage)?;
         let mut found = 0;
