@@ -157,6 +157,23 @@ async fn create_push_stream(vigil: &vigil::Vigil, ep_addr: SocketAddr) {
     assert_eq!(resp.status().as_u16(), 201);
 }
 
+/// Vigil with `tx` as transmitter `idp`, the `gateway` enforcement point, the delivery settings
+/// `delivery` sets, and a manual clock the test moves.
+async fn start_on_manual_clock(
+    tx: &Transmitter,
+    dir: &std::path::Path,
+    delivery: impl FnOnce(&mut vigil::config::DeliveryConfig),
+) -> (vigil::Vigil, vigil::clock::Clock) {
+    let mut config = test_config(dir, vec![tx.config("idp", ISS, &[AUD])]);
+    config.enforcement_points = vec![enforcement_point("gateway", EP_TOKEN)];
+    delivery(&mut config.delivery);
+    let clock = vigil::clock::Clock::manual(vigil::signal::now_ms());
+    let vigil = vigil::Vigil::start_with_clock(config, clock.clone())
+        .await
+        .unwrap();
+    (vigil, clock)
+}
+
 fn txns(r: &Receiver) -> Vec<String> {
     r.received
         .lock()
@@ -276,15 +293,12 @@ async fn retries_and_dead_letters_follow_the_injected_clock() {
     use std::time::Duration;
     let tx = Transmitter::start(&[Alg::RS256]).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path(), vec![tx.config("idp", ISS, &[AUD])]);
-    config.enforcement_points = vec![enforcement_point("gateway", EP_TOKEN)];
-    config.delivery.initial_backoff_ms = 10_000;
-    config.delivery.max_backoff_secs = 60;
-    config.delivery.dead_letter_after_secs = 300;
-    let clock = vigil::clock::Clock::manual(vigil::signal::now_ms());
-    let vigil = vigil::Vigil::start_with_clock(config, clock.clone())
-        .await
-        .unwrap();
+    let (vigil, clock) = start_on_manual_clock(&tx, dir.path(), |d| {
+        d.initial_backoff_ms = 10_000;
+        d.max_backoff_secs = 60;
+        d.dead_letter_after_secs = 300;
+    })
+    .await;
     let receiver = Arc::new(Receiver::default());
     *receiver.script.lock().unwrap() = vec![(500, Value::Null), (503, json!({"retry_after": 30}))];
     let (ep_addr, ep_task) = serve_receiver(receiver.clone(), "127.0.0.1:0".parse().unwrap()).await;
@@ -382,17 +396,14 @@ async fn retries_and_dead_letters_follow_the_injected_clock() {
 async fn an_unread_poll_stream_is_paused_and_its_backlog_bounded() {
     let tx = Transmitter::start(&[Alg::RS256]).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path(), vec![tx.config("idp", ISS, &[AUD])]);
-    config.enforcement_points = vec![enforcement_point("gateway", EP_TOKEN)];
-    config.delivery.outbox_sweep_secs = 1;
-    config.delivery.max_outbox_per_stream = 3;
-    config.delivery.unread_pause_after_secs = 600;
-    config.delivery.dead_letter_after_secs = 3600;
-    config.delivery.dead_letter_retention_secs = 7200;
-    let clock = vigil::clock::Clock::manual(vigil::signal::now_ms());
-    let vigil = vigil::Vigil::start_with_clock(config, clock.clone())
-        .await
-        .unwrap();
+    let (vigil, clock) = start_on_manual_clock(&tx, dir.path(), |d| {
+        d.outbox_sweep_secs = 1;
+        d.max_outbox_per_stream = 3;
+        d.unread_pause_after_secs = 600;
+        d.dead_letter_after_secs = 3600;
+        d.dead_letter_retention_secs = 7200;
+    })
+    .await;
     let base = format!("http://{}", vigil.local_addr());
     let http = reqwest::Client::new();
     let poll_url = create_poll_stream(&http, &base, EP_TOKEN).await;
