@@ -9,7 +9,8 @@
 //! - `allow` and `notify` emit nothing.
 //!
 //! Every SET carries `reason_admin` (the decision's reason), `txn` (the triggering signal's `jti`, or
-//! the decision id), `event_timestamp` and `initiating_entity: policy`. A stream gets the SET only when
+//! the decision id), `event_timestamp` and `initiating_entity: policy`; its `iat` is the decision's
+//! time, so the SET a decision makes is the same whenever it is signed. A stream gets the SET only when
 //! it requested that event type, is not disabled, and belongs to one of the enforcement points that
 //! hold the grant (every stream when the grant names none).
 
@@ -155,11 +156,14 @@ pub fn set_for(
         return None;
     }
     let jti = decision_jti(&decision.id, &stream.stream_id);
+    // `iat` is the decision's time, not the signing time: a decision's SET signed again (after a
+    // crash between its delivery and the outbox's commit, or by a partition's next owner) is then
+    // the same SET — byte for byte with a deterministic algorithm (RS256, EdDSA) — not a new one.
     let claims = json!({
         "iss": stream.iss,
         "aud": stream.aud,
         "jti": jti,
-        "iat": identity.clock().now_ms() / 1000,
+        "iat": decision.time.max(0.0).floor() as u64,
         "txn": decision.cause.jti.clone().unwrap_or_else(|| decision.id.clone()),
         "sub_id": subject_for(grant),
         "events": {kind.uri(): payload},
@@ -423,6 +427,73 @@ mod tests {
         assert_ne!(a, decision_jti("0123456789abcdee", "stream-a"));
         // The separator keeps ("ab", "c") and ("a", "bc") apart.
         assert_ne!(decision_jti("ab", "c"), decision_jti("a", "bc"));
+    }
+
+    /// A decision's SET signed again later — after a crash between its delivery and the outbox's
+    /// commit, the restarted instance signs it from the hand-off — is the SET already delivered,
+    /// byte for byte, with the deterministic algorithms: an enforcement point sees a retransmission,
+    /// not a second SET with the same `jti`.
+    #[test]
+    fn a_decision_signed_again_later_is_the_same_set() {
+        use super::set_for;
+        use crate::clock::Clock;
+        use crate::jose::Alg;
+        use crate::transmitter::streams::new_stream;
+        use crate::transmitter::Identity;
+        let dir = tempfile::tempdir().unwrap();
+        let (grant, decision) = revoked_grant();
+        let body = serde_json::json!({}).as_object().cloned().unwrap();
+        let stream = new_stream(&body, "ep", "https://vigil", "ep-aud", "https://vigil").unwrap();
+        for alg in [Alg::RS256, Alg::EdDSA] {
+            let keys = dir.path().join(format!("{alg:?}"));
+            let clock = Clock::manual(1_700_000_000_000);
+            let sign = |clock: &Clock| {
+                let identity =
+                    Identity::load_or_create(&keys, &[alg], 3600, clock.clone()).unwrap();
+                set_for(&identity, &stream, &decision, &grant)
+                    .unwrap()
+                    .unwrap()
+            };
+            let first = sign(&clock);
+            clock.advance(std::time::Duration::from_secs(90));
+            let again = sign(&clock);
+            assert_eq!(first.jti, again.jti, "{alg:?}");
+            assert_eq!(
+                first.set, again.set,
+                "{alg:?}: signed again, a different SET"
+            );
+        }
+    }
+
+    /// A session grant and the decision revoking it.
+    fn revoked_grant() -> (crate::grant::Grant, crate::decision::Decision) {
+        use crate::decision::{Cause, Decision, DecisionEffect};
+        use crate::grant::{GrantRequest, GrantStatus};
+        let grant = serde_json::from_value::<GrantRequest>(serde_json::json!({
+            "id": "g", "kind": "session", "subject": {"format": "email", "email": "u@example.com"},
+            "issued_at": 10.0, "expires_at": 3600.0}))
+        .unwrap()
+        .into_grant("email:u@example.com".into(), 10.0)
+        .unwrap();
+        let decision = Decision {
+            id: "d".into(),
+            time: 1_699_999_990.25,
+            grant_id: "g".into(),
+            subject: "email:u@example.com".into(),
+            effect: DecisionEffect::Revoke,
+            previous_status: GrantStatus::Active,
+            status: GrantStatus::Revoked,
+            rules: vec!["r".into()],
+            reason: "why".into(),
+            errors: vec![],
+            shadow: false,
+            policy_version: "v".into(),
+            context_version: 1,
+            cause: Cause::of_state("registration"),
+            enforcement_points: vec![],
+            hops: Vec::new(),
+        };
+        (grant, decision)
     }
 
     /// Every event a decision maps to is one Vigil's own parser accepts as that event, with the
