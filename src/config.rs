@@ -693,7 +693,8 @@ pub struct EngineConfig {
     /// Signals and API requests in flight across all shards before callers wait (backpressure).
     #[serde(default = "default_inflight")]
     pub max_inflight: usize,
-    /// Messages a shard handles per commit.
+    /// Signals (and API requests) a shard handles per commit: a Kafka batch reaches a shard in
+    /// parts of at most this many signals.
     #[serde(default = "default_batch")]
     pub max_batch: usize,
     /// How often expired grants are swept.

@@ -98,6 +98,11 @@ pub async fn measure(args: &KafkaArgs) -> anyhow::Result<KafkaFigures> {
         .buffer_unordered(64)
         .try_collect::<Vec<()>>()
         .await?;
+    eprintln!(
+        "kafka: {} grants registered; RSS {} MiB",
+        grants.min(users),
+        super::rss_bytes() >> 20
+    );
     if !publish_first {
         publish(&brokers, topic, args)?;
     }
@@ -155,12 +160,23 @@ pub async fn measure(args: &KafkaArgs) -> anyhow::Result<KafkaFigures> {
     figures.cpu_us_per_signal = cpu * 1e6 / applied as f64;
     figures.cores_busy = cpu / secs;
     // Vigil's own count of the decisions made (revocations, step-ups, …), not a page of the log.
-    let text = client.get(&metrics_url).send().await?.text().await?;
-    figures.decisions = text
-        .lines()
-        .filter(|l| l.starts_with("vigil_decisions_total{") && !l.contains("effect=\"allow\""))
-        .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<f64>().ok())
-        .sum::<f64>() as usize;
+    let decisions_so_far = || async {
+        let text = client.get(&metrics_url).send().await?.text().await?;
+        anyhow::Ok(
+            text.lines()
+                .filter(|l| {
+                    l.starts_with("vigil_decisions_total{") && !l.contains("effect=\"allow\"")
+                })
+                .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<f64>().ok())
+                .sum::<f64>() as usize,
+        )
+    };
+    figures.decisions = decisions_so_far().await?;
+    eprintln!(
+        "kafka: {} decisions when every message was applied; RSS {} MiB",
+        figures.decisions,
+        super::rss_bytes() >> 20
+    );
     vigil.shutdown().await;
     Ok(figures)
 }

@@ -69,7 +69,8 @@ pub struct EngineSettings {
     pub session_ttl_secs: f64,
     /// How often expired grants are swept.
     pub sweep_interval: Duration,
-    /// Most messages a shard handles per commit.
+    /// Most signals (and API requests) a shard handles per commit; a source's batch is handed
+    /// to a shard in parts of at most this many signals.
     pub max_batch: usize,
     /// How long contexts changed by replayable signals may wait for their write.
     pub checkpoint_interval: Duration,
@@ -370,6 +371,17 @@ pub(crate) enum Msg {
     },
     /// Finish what is queued before this message, then stop.
     Stop,
+}
+
+impl Msg {
+    /// What the message counts for in a shard's batch ([`EngineSettings::max_batch`]): its
+    /// signals for a source's batch, one for anything else.
+    pub(crate) fn weight(&self) -> usize {
+        match self {
+            Msg::Batch { items, .. } => items.len().max(1),
+            _ => 1,
+        }
+    }
 }
 
 /// Which principals (by routing key) an instance gives up.
@@ -789,13 +801,18 @@ impl Engine {
             per_shard[self.shared.shard_of(&routed.key)].push(routed);
         }
         let mut waits = Vec::new();
+        let part = self.shared.settings.max_batch.max(1);
         for (shard, items) in per_shard.into_iter().enumerate() {
-            if items.is_empty() {
-                continue;
+            let mut items = items.into_iter();
+            loop {
+                let items: Vec<Routed> = items.by_ref().take(part).collect();
+                if items.is_empty() {
+                    break;
+                }
+                let (done, rx) = oneshot::channel();
+                self.send(shard, Msg::Batch { items, done })?;
+                waits.push(rx);
             }
-            let (done, rx) = oneshot::channel();
-            self.send(shard, Msg::Batch { items, done })?;
-            waits.push(rx);
         }
         Ok(BatchDone {
             waiting: waits,

@@ -140,10 +140,16 @@ impl Shard {
             let mut stop = false;
             if let Some(first) = first {
                 let started = Instant::now();
+                // Counted in signals, not messages: a source's batch is one message of many
+                // signals, and a commit of a whole backlog's worth is that much memory at once.
+                let mut weight = first.weight();
                 let mut batch = vec![first];
-                while batch.len() < max_batch {
+                while weight < max_batch {
                     match rx.try_recv() {
-                        Ok(m) => batch.push(m),
+                        Ok(m) => {
+                            weight += m.weight();
+                            batch.push(m);
+                        }
                         Err(_) => break,
                     }
                 }

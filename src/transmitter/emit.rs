@@ -230,23 +230,17 @@ pub async fn run(
             "delivering decisions committed before the restart"
         );
     }
-    let mut pending: Vec<Handed> = pending
-        .into_iter()
-        .map(|(decision, grant)| Handed {
-            decision,
-            grant,
-            durable: Durable::committed(),
-        })
-        .collect();
-    while !pending.is_empty() {
-        let rest = pending.split_off(pending.len().min(EMIT_BATCH));
-        emit_batch(
-            &identity,
-            &streams,
-            changelog,
-            std::mem::replace(&mut pending, rest),
-        )
-        .await;
+    let mut pending = pending.into_iter().map(|(decision, grant)| Handed {
+        decision,
+        grant,
+        durable: Durable::committed(),
+    });
+    loop {
+        let batch: Vec<Handed> = pending.by_ref().take(EMIT_BATCH).collect();
+        if batch.is_empty() {
+            break;
+        }
+        emit_batch(&identity, &streams, changelog, batch).await;
     }
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
