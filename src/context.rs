@@ -11,6 +11,8 @@
 //! derived here so that rules stay simple comparisons.
 
 use std::collections::{BTreeMap, VecDeque};
+
+use crate::compact_map::CompactMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -65,12 +67,12 @@ fn upsert<T: PartialEq>(slot: &mut Option<Stamped<T>>, new: Stamped<T>) -> bool 
 }
 
 fn upsert_map<T: PartialEq>(
-    map: &mut BTreeMap<String, Stamped<T>>,
+    map: &mut CompactMap<String, Stamped<T>>,
     key: String,
     new: Stamped<T>,
 ) -> bool {
-    // In place when the key is known: a remove and re-insert would shift B-tree nodes on every
-    // signal (the common case: a feed updating a subject's existing fact).
+    // In place when the key is known (the common case: a feed updating a subject's existing
+    // fact): no remove and re-insert.
     match map.get_mut(&key) {
         Some(old) if !changes(old, &new) => false,
         Some(old) => {
@@ -185,27 +187,27 @@ pub struct PrincipalContext {
     pub version: u64,
     pub account: Option<Stamped<AccountState>>,
     /// Latest change per credential type (CAEP credential-change).
-    pub credential_changes: BTreeMap<String, Stamped<String>>,
+    pub credential_changes: CompactMap<String, Stamped<String>>,
     /// Latest compromise per credential type (RISC credential-compromise).
-    pub credential_compromises: BTreeMap<String, Stamped<()>>,
+    pub credential_compromises: CompactMap<String, Stamped<()>>,
     pub credential_change_required: Option<Stamped<()>>,
     /// Session revocations keyed by their narrowing filter (`""` = all sessions of the principal).
     /// Stored as rows of their own (`engine/persist.rs`), so absent from a stored context's JSON.
     #[serde(default)]
-    pub session_revocations: BTreeMap<String, Stamped<BTreeMap<String, String>>>,
+    pub session_revocations: CompactMap<String, Stamped<BTreeMap<String, String>>>,
     /// Risk per `PRINCIPAL/source` (CAEP risk-level-change, Kafka risk signals).
-    pub risk: BTreeMap<String, Stamped<RiskFact>>,
+    pub risk: CompactMap<String, Stamped<RiskFact>>,
     /// Compliance per device key.
-    pub device_compliance: BTreeMap<String, Stamped<ComplianceStatus>>,
+    pub device_compliance: CompactMap<String, Stamped<ComplianceStatus>>,
     /// Assurance per namespace.
-    pub assurance: BTreeMap<String, Stamped<AssuranceFact>>,
+    pub assurance: CompactMap<String, Stamped<AssuranceFact>>,
     /// Token claims changed by CAEP token-claims-change: scope (`""` for the principal, or the token's
     /// `jwt_id:` / `saml_assertion_id:` key when the event named one token) → claim name → value.
-    pub claims: BTreeMap<String, BTreeMap<String, Stamped<Value>>>,
+    pub claims: CompactMap<String, CompactMap<String, Stamped<Value>>>,
     /// RISC identifier, recovery and opt-out events, by event name.
-    pub lifecycle: BTreeMap<String, Stamped<Value>>,
+    pub lifecycle: CompactMap<String, Stamped<Value>>,
     /// Free-form attributes (Kafka risk feeds).
-    pub attributes: BTreeMap<String, Stamped<Value>>,
+    pub attributes: CompactMap<String, Stamped<Value>>,
     /// The last signals that touched this context, newest first, for "explain". A live window
     /// since start, not persisted: rewriting it with every change would multiply the bytes each
     /// signal costs the store, and every fact keeps its own provenance (time, source, seq).
@@ -407,7 +409,7 @@ impl PrincipalContext {
                     .find(|k| k.starts_with("jwt_id:") || k.starts_with("saml_assertion_id:"))
                     .cloned()
                     .unwrap_or_default();
-                let claims = self.claims.entry(scope).or_default();
+                let claims = self.claims.get_or_insert_with(scope, CompactMap::new);
                 let mut changed = false;
                 for (name, value) in &e.claims {
                     changed |= upsert_map(claims, name.clone(), stamp!(value.clone()));
@@ -482,7 +484,7 @@ impl PrincipalContext {
         decay: &Decay,
         now: f64,
     ) -> Value {
-        let latest = |map: &BTreeMap<String, Stamped<String>>, pred: &dyn Fn(&str) -> bool| {
+        let latest = |map: &CompactMap<String, Stamped<String>>, pred: &dyn Fn(&str) -> bool| {
             map.values()
                 .filter(|s| pred(&s.value))
                 .map(|s| s.time)
@@ -561,7 +563,7 @@ impl PrincipalContext {
                 Some(acc.map_or(t, |a| a.max(t)))
             });
 
-        let live_map = |m: &BTreeMap<String, Stamped<Value>>, ttl| {
+        let live_map = |m: &CompactMap<String, Stamped<Value>>, ttl| {
             m.iter()
                 .filter(|(_, v)| live(v, ttl, now))
                 .map(|(k, v)| (k.clone(), v.value.clone()))

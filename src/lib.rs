@@ -21,6 +21,7 @@ pub mod authzen;
 pub mod check;
 pub mod clock;
 pub mod cluster;
+pub mod compact_map;
 pub mod config;
 pub mod console;
 pub mod context;

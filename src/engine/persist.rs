@@ -15,6 +15,7 @@ use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use super::changelog::{ChangeRecord, Row, Table};
+use crate::compact_map::CompactMap;
 use crate::context::{AccountState, AssuranceFact, PrincipalContext, RiskFact, Stamped};
 use crate::decision::Decision;
 use crate::grant::{Grant, GrantId};
@@ -203,19 +204,15 @@ struct StoredContext<'a> {
     key: &'a str,
     version: u64,
     account: &'a Option<Stamped<AccountState>>,
-    credential_changes: &'a std::collections::BTreeMap<String, Stamped<String>>,
-    credential_compromises: &'a std::collections::BTreeMap<String, Stamped<()>>,
+    credential_changes: &'a CompactMap<String, Stamped<String>>,
+    credential_compromises: &'a CompactMap<String, Stamped<()>>,
     credential_change_required: &'a Option<Stamped<()>>,
-    risk: &'a std::collections::BTreeMap<String, Stamped<RiskFact>>,
-    device_compliance:
-        &'a std::collections::BTreeMap<String, Stamped<crate::events::ComplianceStatus>>,
-    assurance: &'a std::collections::BTreeMap<String, Stamped<AssuranceFact>>,
-    claims: &'a std::collections::BTreeMap<
-        String,
-        std::collections::BTreeMap<String, Stamped<serde_json::Value>>,
-    >,
-    lifecycle: &'a std::collections::BTreeMap<String, Stamped<serde_json::Value>>,
-    attributes: &'a std::collections::BTreeMap<String, Stamped<serde_json::Value>>,
+    risk: &'a CompactMap<String, Stamped<RiskFact>>,
+    device_compliance: &'a CompactMap<String, Stamped<crate::events::ComplianceStatus>>,
+    assurance: &'a CompactMap<String, Stamped<AssuranceFact>>,
+    claims: &'a CompactMap<String, CompactMap<String, Stamped<serde_json::Value>>>,
+    lifecycle: &'a CompactMap<String, Stamped<serde_json::Value>>,
+    attributes: &'a CompactMap<String, Stamped<serde_json::Value>>,
 }
 
 /// A context's stored JSON (without its session revocations).
