@@ -435,7 +435,13 @@ mod tests {
         use crate::transmitter::streams::new_stream;
         use crate::transmitter::Identity;
         let dir = tempfile::tempdir().unwrap();
-        let (grant, decision) = revoked_grant();
+        let grant = serde_json::from_value::<crate::grant::GrantRequest>(serde_json::json!({
+            "id": "g", "kind": "session", "subject": {"format": "email", "email": "u@example.com"},
+            "issued_at": 10.0, "expires_at": 3600.0}))
+        .unwrap()
+        .into_grant("email:u@example.com".into(), 10.0)
+        .unwrap();
+        let decision = decision(crate::decision::DecisionEffect::Revoke, 1_699_999_990.25);
         let body = serde_json::json!({}).as_object().cloned().unwrap();
         let stream = new_stream(&body, "ep", "https://vigil", "ep-aud", "https://vigil").unwrap();
         for alg in [Alg::RS256, Alg::EdDSA] {
@@ -459,55 +465,13 @@ mod tests {
         }
     }
 
-    /// A session grant and the decision revoking it.
-    fn revoked_grant() -> (crate::grant::Grant, crate::decision::Decision) {
-        use crate::decision::{Cause, Decision, DecisionEffect};
-        use crate::grant::{GrantRequest, GrantStatus};
-        let grant = serde_json::from_value::<GrantRequest>(serde_json::json!({
-            "id": "g", "kind": "session", "subject": {"format": "email", "email": "u@example.com"},
-            "issued_at": 10.0, "expires_at": 3600.0}))
-        .unwrap()
-        .into_grant("email:u@example.com".into(), 10.0)
-        .unwrap();
-        let decision = Decision {
+    /// A decision of `effect` about grant `g` of `u@example.com`, made at `time`.
+    fn decision(effect: crate::decision::DecisionEffect, time: f64) -> crate::decision::Decision {
+        use crate::decision::{Cause, Decision};
+        use crate::grant::GrantStatus;
+        Decision {
             id: "d".into(),
-            time: 1_699_999_990.25,
-            grant_id: "g".into(),
-            subject: "email:u@example.com".into(),
-            effect: DecisionEffect::Revoke,
-            previous_status: GrantStatus::Active,
-            status: GrantStatus::Revoked,
-            rules: vec!["r".into()],
-            reason: "why".into(),
-            errors: vec![],
-            shadow: false,
-            policy_version: "v".into(),
-            context_version: 1,
-            cause: Cause::of_state("registration"),
-            enforcement_points: vec![],
-            hops: Vec::new(),
-        };
-        (grant, decision)
-    }
-
-    /// Every event a decision maps to is one Vigil's own parser accepts as that event, with the
-    /// spec's fields (the mapping table of this module's doc).
-    #[test]
-    fn decisions_map_to_events_vigil_itself_accepts() {
-        use super::event_for;
-        use crate::decision::{Cause, Decision, DecisionEffect};
-        use crate::events::Event;
-        use crate::grant::{GrantRequest, GrantStatus};
-        let grant = serde_json::from_value::<GrantRequest>(serde_json::json!({
-            "id": "g", "kind": "session", "subject": {"format": "email", "email": "u@example.com"},
-            "issued_at": 10.0, "expires_at": 3600.0,
-            "attributes": {"required_assurance": {"namespace": "NIST-AAL", "level": "nist-aal2"}}}))
-        .unwrap()
-        .into_grant("email:u@example.com".into(), 10.0)
-        .unwrap();
-        let decision = |effect| Decision {
-            id: "d".into(),
-            time: 1234.5,
+            time,
             grant_id: "g".into(),
             subject: "email:u@example.com".into(),
             effect,
@@ -522,7 +486,25 @@ mod tests {
             cause: Cause::of_state("registration"),
             enforcement_points: vec![],
             hops: Vec::new(),
-        };
+        }
+    }
+
+    /// Every event a decision maps to is one Vigil's own parser accepts as that event, with the
+    /// spec's fields (the mapping table of this module's doc).
+    #[test]
+    fn decisions_map_to_events_vigil_itself_accepts() {
+        use super::event_for;
+        use crate::decision::DecisionEffect;
+        use crate::events::Event;
+        use crate::grant::GrantRequest;
+        let grant = serde_json::from_value::<GrantRequest>(serde_json::json!({
+            "id": "g", "kind": "session", "subject": {"format": "email", "email": "u@example.com"},
+            "issued_at": 10.0, "expires_at": 3600.0,
+            "attributes": {"required_assurance": {"namespace": "NIST-AAL", "level": "nist-aal2"}}}))
+        .unwrap()
+        .into_grant("email:u@example.com".into(), 10.0)
+        .unwrap();
+        let decision = |effect| decision(effect, 1234.5);
         for effect in [
             DecisionEffect::Revoke,
             DecisionEffect::StepUp,
