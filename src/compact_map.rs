@@ -1,39 +1,92 @@
-//! A sorted-vector map for the small maps a principal's context holds per fact kind.
+//! A sorted-vector map (a `BTreeMap` once large) for the small maps a principal's context holds per fact kind.
 //!
 //! Why not `BTreeMap`: a context usually holds one or two entries per kind (one risk source, one
 //! device), and a `BTreeMap` allocates a whole node — room for eleven entries — for the first one.
 //! With a million subjects that is most of the engine's memory: a context holding one Kafka risk
 //! fact and one attribute took 4.3 KiB resident, for 0.5 KiB of JSON. Here the entries are a
 //! `Vec` kept sorted by key, grown one slot at a time while small, so a context costs about what it
-//! holds. Lookups are binary searches; inserting into a large map is linear, which no context's
-//! map is (their keys are sources and claim names).
+//! holds. Lookups are binary searches. Past 64 entries (a transmitter sending thousands of claims
+//! or attributes) the map turns into a `BTreeMap`, so no input buys quadratic inserts.
 //!
 //! It iterates, serializes and deserializes exactly as a `BTreeMap` (a JSON object in key order),
 //! so stored contexts read back unchanged.
 
 use std::borrow::Borrow;
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::de::{MapAccess, Visitor};
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// Up to this many entries the map grows one slot at a time (no spare capacity); past it, as a
-/// `Vec` does.
+/// Up to this many entries the map grows one slot at a time (no spare capacity).
 const EXACT_UP_TO: usize = 8;
 
-/// A map kept as a `Vec` of entries sorted by key.
-#[derive(Clone, PartialEq)]
+/// Past this many entries the map is a `BTreeMap`: inserting into a sorted vector moves every
+/// entry after the new one, and a party that sends thousands of claims or attributes must not buy
+/// quadratic work on a shard that serves everyone.
+const LARGE_FROM: usize = 64;
+
+/// A map kept as a `Vec` of entries sorted by key while small, as a `BTreeMap` once large.
+#[derive(Clone)]
 pub struct CompactMap<K, V> {
-    entries: Vec<(K, V)>,
+    repr: Repr<K, V>,
+}
+
+#[derive(Clone)]
+enum Repr<K, V> {
+    Small(Vec<(K, V)>),
+    Large(BTreeMap<K, V>),
 }
 
 impl<K, V> Default for CompactMap<K, V> {
     fn default() -> Self {
         CompactMap {
-            entries: Vec::new(),
+            repr: Repr::Small(Vec::new()),
         }
     }
+}
+
+/// Either of two iterators over the same items (the two representations').
+pub enum Both<A, B> {
+    Small(A),
+    Large(B),
+}
+
+impl<T, A: Iterator<Item = T>, B: Iterator<Item = T>> Iterator for Both<A, B> {
+    type Item = T;
+
+    fn next(&mut self) -> Option<T> {
+        match self {
+            Both::Small(a) => a.next(),
+            Both::Large(b) => b.next(),
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        match self {
+            Both::Small(a) => a.size_hint(),
+            Both::Large(b) => b.size_hint(),
+        }
+    }
+}
+
+impl<T, A, B> DoubleEndedIterator for Both<A, B>
+where
+    A: DoubleEndedIterator<Item = T>,
+    B: DoubleEndedIterator<Item = T>,
+{
+    fn next_back(&mut self) -> Option<T> {
+        match self {
+            Both::Small(a) => a.next_back(),
+            Both::Large(b) => b.next_back(),
+        }
+    }
+}
+
+impl<T, A: ExactSizeIterator<Item = T>, B: ExactSizeIterator<Item = T>> ExactSizeIterator
+    for Both<A, B>
+{
 }
 
 impl<K: Ord, V> CompactMap<K, V> {
@@ -41,20 +94,15 @@ impl<K: Ord, V> CompactMap<K, V> {
         Self::default()
     }
 
-    fn find<Q>(&self, key: &Q) -> Result<usize, usize>
-    where
-        K: Borrow<Q>,
-        Q: Ord + ?Sized,
-    {
-        self.entries.binary_search_by(|(k, _)| k.borrow().cmp(key))
-    }
-
     pub fn get<Q>(&self, key: &Q) -> Option<&V>
     where
         K: Borrow<Q>,
         Q: Ord + ?Sized,
     {
-        self.find(key).ok().map(|i| &self.entries[i].1)
+        match &self.repr {
+            Repr::Small(v) => find(v, key).ok().map(|i| &v[i].1),
+            Repr::Large(m) => m.get(key),
+        }
     }
 
     pub fn get_mut<Q>(&mut self, key: &Q) -> Option<&mut V>
@@ -62,9 +110,12 @@ impl<K: Ord, V> CompactMap<K, V> {
         K: Borrow<Q>,
         Q: Ord + ?Sized,
     {
-        match self.find(key) {
-            Ok(i) => Some(&mut self.entries[i].1),
-            Err(_) => None,
+        match &mut self.repr {
+            Repr::Small(v) => match find(v, key) {
+                Ok(i) => Some(&mut v[i].1),
+                Err(_) => None,
+            },
+            Repr::Large(m) => m.get_mut(key),
         }
     }
 
@@ -73,32 +124,42 @@ impl<K: Ord, V> CompactMap<K, V> {
         K: Borrow<Q>,
         Q: Ord + ?Sized,
     {
-        self.find(key).is_ok()
+        self.get(key).is_some()
     }
 
     /// Inserts or replaces; returns the value replaced.
     pub fn insert(&mut self, key: K, value: V) -> Option<V> {
-        match self.find(&key) {
-            Ok(i) => Some(std::mem::replace(&mut self.entries[i].1, value)),
-            Err(i) => {
-                self.reserve_one();
-                self.entries.insert(i, (key, value));
-                None
-            }
+        self.grow_if_full();
+        match &mut self.repr {
+            Repr::Small(v) => match find(v, &key) {
+                Ok(i) => Some(std::mem::replace(&mut v[i].1, value)),
+                Err(i) => {
+                    reserve_one(v);
+                    v.insert(i, (key, value));
+                    None
+                }
+            },
+            Repr::Large(m) => m.insert(key, value),
         }
     }
 
     /// The value at `key`, inserted with `make` first if absent.
     pub fn get_or_insert_with(&mut self, key: K, make: impl FnOnce() -> V) -> &mut V {
-        let i = match self.find(&key) {
-            Ok(i) => i,
-            Err(i) => {
-                self.reserve_one();
-                self.entries.insert(i, (key, make()));
-                i
+        self.grow_if_full();
+        match &mut self.repr {
+            Repr::Small(v) => {
+                let i = match find(v, &key) {
+                    Ok(i) => i,
+                    Err(i) => {
+                        reserve_one(v);
+                        v.insert(i, (key, make()));
+                        i
+                    }
+                };
+                &mut v[i].1
             }
-        };
-        &mut self.entries[i].1
+            Repr::Large(m) => m.entry(key).or_insert_with(make),
+        }
     }
 
     pub fn remove<Q>(&mut self, key: &Q) -> Option<V>
@@ -106,62 +167,122 @@ impl<K: Ord, V> CompactMap<K, V> {
         K: Borrow<Q>,
         Q: Ord + ?Sized,
     {
-        let i = self.find(key).ok()?;
-        let (_, v) = self.entries.remove(i);
-        if self.entries.is_empty() {
-            self.entries = Vec::new();
+        match &mut self.repr {
+            Repr::Small(v) => {
+                let i = find(v, key).ok()?;
+                let (_, value) = v.remove(i);
+                if v.is_empty() {
+                    *v = Vec::new();
+                }
+                Some(value)
+            }
+            Repr::Large(m) => m.remove(key),
         }
-        Some(v)
     }
 
     pub fn retain(&mut self, mut keep: impl FnMut(&K, &mut V) -> bool) {
-        self.entries.retain_mut(|(k, v)| keep(k, v));
-        if self.entries.len() <= EXACT_UP_TO {
-            self.entries.shrink_to_fit();
+        match &mut self.repr {
+            Repr::Small(v) => {
+                v.retain_mut(|(k, value)| keep(k, value));
+                if v.len() <= EXACT_UP_TO {
+                    v.shrink_to_fit();
+                }
+            }
+            Repr::Large(m) => m.retain(|k, value| keep(k, value)),
         }
     }
 
-    fn reserve_one(&mut self) {
-        if self.entries.len() < EXACT_UP_TO {
-            self.entries.reserve_exact(1);
+    /// A small map about to pass [`LARGE_FROM`] becomes a `BTreeMap` (once: it stays one).
+    fn grow_if_full(&mut self) {
+        if let Repr::Small(v) = &mut self.repr {
+            if v.len() >= LARGE_FROM {
+                let entries = std::mem::take(v);
+                self.repr = Repr::Large(entries.into_iter().collect());
+            }
         }
+    }
+}
+
+fn find<K, V, Q>(entries: &[(K, V)], key: &Q) -> Result<usize, usize>
+where
+    K: Borrow<Q>,
+    Q: Ord + ?Sized,
+{
+    entries.binary_search_by(|(k, _)| k.borrow().cmp(key))
+}
+
+fn reserve_one<T>(entries: &mut Vec<T>) {
+    if entries.len() < EXACT_UP_TO {
+        entries.reserve_exact(1);
     }
 }
 
 impl<K, V> CompactMap<K, V> {
     pub fn len(&self) -> usize {
-        self.entries.len()
+        match &self.repr {
+            Repr::Small(v) => v.len(),
+            Repr::Large(m) => m.len(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len() == 0
     }
 
     pub fn clear(&mut self) {
-        self.entries = Vec::new();
+        self.repr = Repr::Small(Vec::new());
     }
 
     /// Entries in key order.
     pub fn iter(&self) -> impl DoubleEndedIterator<Item = (&K, &V)> + ExactSizeIterator {
-        self.entries.iter().map(|(k, v)| (k, v))
+        match &self.repr {
+            Repr::Small(v) => Both::Small(v.iter().map(|(k, v)| (k, v))),
+            Repr::Large(m) => Both::Large(m.iter()),
+        }
     }
 
     pub fn iter_mut(
         &mut self,
     ) -> impl DoubleEndedIterator<Item = (&K, &mut V)> + ExactSizeIterator {
-        self.entries.iter_mut().map(|(k, v)| (&*k, v))
+        match &mut self.repr {
+            Repr::Small(v) => Both::Small(v.iter_mut().map(|(k, v)| (&*k, v))),
+            Repr::Large(m) => Both::Large(m.iter_mut()),
+        }
     }
 
     pub fn keys(&self) -> impl DoubleEndedIterator<Item = &K> + ExactSizeIterator {
-        self.entries.iter().map(|(k, _)| k)
+        self.iter().map(|(k, _)| k)
     }
 
     pub fn values(&self) -> impl DoubleEndedIterator<Item = &V> + ExactSizeIterator {
-        self.entries.iter().map(|(_, v)| v)
+        self.iter().map(|(_, v)| v)
     }
 
     pub fn values_mut(&mut self) -> impl DoubleEndedIterator<Item = &mut V> + ExactSizeIterator {
-        self.entries.iter_mut().map(|(_, v)| v)
+        self.iter_mut().map(|(_, v)| v)
+    }
+}
+
+/// How a small map's entries are lent out as `(&K, &V)`.
+type SmallIter<'a, K, V> =
+    std::iter::Map<std::slice::Iter<'a, (K, V)>, fn(&'a (K, V)) -> (&'a K, &'a V)>;
+
+impl<'a, K, V> IntoIterator for &'a CompactMap<K, V> {
+    type Item = (&'a K, &'a V);
+    type IntoIter = Both<SmallIter<'a, K, V>, std::collections::btree_map::Iter<'a, K, V>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        match &self.repr {
+            Repr::Small(v) => Both::Small(v.iter().map(|(k, v)| (k, v))),
+            Repr::Large(m) => Both::Large(m.iter()),
+        }
+    }
+}
+
+impl<K: PartialEq, V: PartialEq> PartialEq for CompactMap<K, V> {
+    /// Equal when they hold the same entries, whichever representation each is in.
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
     }
 }
 
@@ -177,32 +298,15 @@ impl<K: Ord, V> FromIterator<(K, V)> for CompactMap<K, V> {
                 _ => deduped.push((k, v)),
             }
         }
+        if deduped.len() > LARGE_FROM {
+            return CompactMap {
+                repr: Repr::Large(deduped.into_iter().collect()),
+            };
+        }
         deduped.shrink_to_fit();
-        CompactMap { entries: deduped }
-    }
-}
-
-impl<K: Ord, V, const N: usize> From<[(K, V); N]> for CompactMap<K, V> {
-    fn from(entries: [(K, V); N]) -> Self {
-        entries.into_iter().collect()
-    }
-}
-
-impl<'a, K, V> IntoIterator for &'a CompactMap<K, V> {
-    type Item = (&'a K, &'a V);
-    type IntoIter = std::iter::Map<std::slice::Iter<'a, (K, V)>, fn(&'a (K, V)) -> (&'a K, &'a V)>;
-
-    fn into_iter(self) -> Self::IntoIter {
-        self.entries.iter().map(|(k, v)| (k, v))
-    }
-}
-
-impl<K, V> IntoIterator for CompactMap<K, V> {
-    type Item = (K, V);
-    type IntoIter = std::vec::IntoIter<(K, V)>;
-
-    fn into_iter(self) -> Self::IntoIter {
-        self.entries.into_iter()
+        CompactMap {
+            repr: Repr::Small(deduped),
+        }
     }
 }
 
@@ -214,8 +318,8 @@ impl<K: fmt::Debug, V: fmt::Debug> fmt::Debug for CompactMap<K, V> {
 
 impl<K: Serialize, V: Serialize> Serialize for CompactMap<K, V> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut map = serializer.serialize_map(Some(self.entries.len()))?;
-        for (k, v) in &self.entries {
+        let mut map = serializer.serialize_map(Some(self.len()))?;
+        for (k, v) in self.iter() {
             map.serialize_entry(k, v)?;
         }
         map.end()
@@ -241,7 +345,7 @@ where
             }
 
             fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
-                // Bounded by what the stored or received document holds; collected, then sorted.
+                // Collected, then sorted once (a document's keys in any order cost n log n).
                 let mut entries = Vec::with_capacity(access.size_hint().unwrap_or(0).min(64));
                 while let Some(entry) = access.next_entry()? {
                     entries.push(entry);
@@ -293,13 +397,40 @@ mod tests {
         assert_eq!(compact.get("c"), Some(&5));
     }
 
+    /// Past its small size the map is a B-tree, with the same entries, order, JSON and equality:
+    /// thousands of keys in descending order (each an insert at the front) stay cheap.
+    #[test]
+    fn a_large_map_becomes_a_btree_map_and_reads_the_same() {
+        let mut compact = CompactMap::new();
+        let mut btree = BTreeMap::new();
+        for i in (0..5_000u32).rev() {
+            compact.insert(format!("k{i:05}"), i);
+            btree.insert(format!("k{i:05}"), i);
+        }
+        assert!(matches!(compact.repr, super::Repr::Large(_)));
+        assert_eq!(compact.len(), 5_000);
+        assert_eq!(compact.get("k00042"), Some(&42));
+        assert_eq!(
+            serde_json::to_string(&compact).unwrap(),
+            serde_json::to_string(&btree).unwrap()
+        );
+        let small_then_large: CompactMap<String, u32> = btree.clone().into_iter().collect();
+        assert_eq!(small_then_large, compact);
+        compact.retain(|_, v| *v < 3);
+        assert_eq!(compact.values().copied().collect::<Vec<_>>(), [0, 1, 2]);
+    }
+
     /// A map of one entry holds one slot: the reason this type exists.
     #[test]
     fn a_small_map_allocates_only_what_it_holds() {
+        let capacity = |m: &CompactMap<String, u64>| match &m.repr {
+            super::Repr::Small(v) => v.capacity(),
+            super::Repr::Large(_) => usize::MAX,
+        };
         let mut m = CompactMap::new();
         m.insert("source".to_string(), 1u64);
-        assert_eq!(m.entries.capacity(), 1);
+        assert_eq!(capacity(&m), 1);
         m.insert("other".to_string(), 2);
-        assert_eq!(m.entries.capacity(), 2);
+        assert_eq!(capacity(&m), 2);
     }
 }
