@@ -11,13 +11,12 @@
 //! derived here so that rules stay simple comparisons.
 
 use std::collections::{BTreeMap, VecDeque};
-
-use crate::compact_map::CompactMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+use crate::compact_map::CompactMap;
 use crate::events::{
     ChangeDirection, ChangeType, ComplianceStatus, Event, RiskLevel, RiskPrincipal,
 };
