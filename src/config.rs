@@ -385,6 +385,11 @@ pub struct KafkaConfig {
     /// How long a batch waits to fill before it is recorded anyway.
     #[serde(default = "default_kafka_wait")]
     pub batch_wait_ms: u64,
+    /// Most signals read and waiting for the engine (in its shards' inboxes): at the bound the
+    /// consumer stops fetching until the engine catches up, so a backlog stays in the topic,
+    /// not in memory (`vigil_engine_queued_signals`).
+    #[serde(default = "default_kafka_queued")]
+    pub max_queued_signals: usize,
     /// Extra librdkafka settings passed through unchanged: security (`security.protocol`,
     /// `sasl.mechanism`, `sasl.username`, `sasl.password`, `ssl.ca.location`, …), timeouts,
     /// `auto.offset.reset`. `_` may stand for `.` in names (for environment overrides:
@@ -594,6 +599,12 @@ impl KafkaConfig {
         if self.max_batch == 0 {
             return Err(invalid("kafka.max_batch", "must be greater than 0"));
         }
+        if self.max_queued_signals == 0 {
+            return Err(invalid(
+                "kafka.max_queued_signals",
+                "must be greater than 0",
+            ));
+        }
         for (name, _) in self.librdkafka_properties() {
             if KAFKA_RESERVED.contains(&name.as_str()) {
                 return Err(invalid(
@@ -626,6 +637,7 @@ impl Default for KafkaConfig {
             dead_letter_topic: default_kafka_dlq(),
             max_batch: default_kafka_batch(),
             batch_wait_ms: default_kafka_wait(),
+            max_queued_signals: default_kafka_queued(),
             properties: Default::default(),
             mappings: Vec::new(),
         }
@@ -643,6 +655,10 @@ fn default_kafka_dlq() -> String {
 }
 fn default_kafka_batch() -> usize {
     2000
+}
+/// Several batches' worth, so the shards always have the next batch queued while one commits.
+fn default_kafka_queued() -> usize {
+    65_536
 }
 fn default_kafka_wait() -> u64 {
     10
@@ -706,6 +722,12 @@ pub struct EngineConfig {
     /// for longer. Decisions and grant changes are never deferred by it.
     #[serde(default = "default_checkpoint")]
     pub checkpoint_interval_ms: u64,
+    /// How long the context of a subject no grant refers to is kept after the newest fact in it
+    /// (by event time); then it is forgotten, in memory and on disk. A subject with a grant keeps
+    /// its context for as long as it has one. Keep it longer than the longest time between a
+    /// signal and the registration of a grant it must still govern.
+    #[serde(default = "default_context_retention")]
+    pub context_retention_secs: u64,
 }
 
 /// Context settings.
@@ -1221,6 +1243,10 @@ fn default_sweep() -> u64 {
 fn default_checkpoint() -> u64 {
     1000
 }
+/// Thirty days.
+fn default_context_retention() -> u64 {
+    30 * 24 * 3600
+}
 fn default_audit_bytes() -> u64 {
     64 * 1024 * 1024
 }
@@ -1293,6 +1319,7 @@ impl Default for EngineConfig {
             max_batch: default_batch(),
             sweep_interval_ms: default_sweep(),
             checkpoint_interval_ms: default_checkpoint(),
+            context_retention_secs: default_context_retention(),
         }
     }
 }
@@ -1735,6 +1762,11 @@ impl Config {
         const MAX_MS: u64 = DAY_SECS * 1000;
         let secs = [
             ("engine.session_ttl_secs", self.engine.session_ttl_secs, 0),
+            (
+                "engine.context_retention_secs",
+                self.engine.context_retention_secs,
+                1,
+            ),
             (
                 "jwks.refresh_interval_secs",
                 self.jwks.refresh_interval_secs,

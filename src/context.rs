@@ -265,22 +265,36 @@ impl PrincipalContext {
 
     /// The sequence number of every fact held (the signal that set it).
     pub fn fact_seqs(&self) -> impl Iterator<Item = u64> + '_ {
+        self.fact_stamps().map(|(seq, _)| seq)
+    }
+
+    /// The event time of the newest fact held, `None` for a context holding none: how long ago
+    /// anything was said about the subject (context retention, `engine.context_retention_secs`).
+    pub fn last_event_time(&self) -> Option<f64> {
+        self.fact_stamps().map(|(_, time)| time).reduce(f64::max)
+    }
+
+    /// Every fact's sequence number and event time.
+    fn fact_stamps(&self) -> impl Iterator<Item = (u64, f64)> + '_ {
+        fn stamp<T>(f: &Stamped<T>) -> (u64, f64) {
+            (f.seq, f.time)
+        }
         let options = [
-            self.account.as_ref().map(|f| f.seq),
-            self.credential_change_required.as_ref().map(|f| f.seq),
+            self.account.as_ref().map(stamp),
+            self.credential_change_required.as_ref().map(stamp),
         ];
         options
             .into_iter()
             .flatten()
-            .chain(self.credential_changes.values().map(|f| f.seq))
-            .chain(self.credential_compromises.values().map(|f| f.seq))
-            .chain(self.session_revocations.values().map(|f| f.seq))
-            .chain(self.risk.values().map(|f| f.seq))
-            .chain(self.device_compliance.values().map(|f| f.seq))
-            .chain(self.assurance.values().map(|f| f.seq))
-            .chain(self.lifecycle.values().map(|f| f.seq))
-            .chain(self.attributes.values().map(|f| f.seq))
-            .chain(self.claims.values().flat_map(|c| c.values().map(|f| f.seq)))
+            .chain(self.credential_changes.values().map(stamp))
+            .chain(self.credential_compromises.values().map(stamp))
+            .chain(self.session_revocations.values().map(stamp))
+            .chain(self.risk.values().map(stamp))
+            .chain(self.device_compliance.values().map(stamp))
+            .chain(self.assurance.values().map(stamp))
+            .chain(self.lifecycle.values().map(stamp))
+            .chain(self.attributes.values().map(stamp))
+            .chain(self.claims.values().flat_map(|c| c.values().map(stamp)))
     }
 
     /// Folds one signal in. `target` is the signal's subject resolved against this context (its

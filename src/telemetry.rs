@@ -134,6 +134,12 @@ catalogue! {
         "Signals folded into a context (changed=no: older or identical)";
     ENGINE_BATCH_SECONDS = "vigil_engine_batch_seconds", Histogram, [],
         "One shard batch, in memory, before its commit";
+    CONTEXTS = "vigil_contexts", Gauge, [],
+        "Subject contexts held (counted at each retention scan)";
+    CONTEXTS_FORGOTTEN = "vigil_contexts_forgotten_total", Counter, [],
+        "Contexts forgotten: no grant refers to them and their newest fact is older than engine.context_retention_secs";
+    ENGINE_QUEUED_SIGNALS = "vigil_engine_queued_signals", Gauge, [],
+        "Signals of sources' batches (Kafka) waiting in the shards' inboxes (bounded by kafka.max_queued_signals)";
     ENGINE_OVERLOADED = "vigil_engine_overloaded_total", Counter, [],
         "Requests refused because the engine had engine.max_inflight in flight";
     POLICY_EVAL_SECONDS = "vigil_policy_eval_seconds", Histogram, [],

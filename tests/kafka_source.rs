@@ -560,3 +560,105 @@ async fn two_consumers_split_the_partitions_and_one_takes_over_when_the_other_le
     assert!(ready["kafka"]["lag"].is_u64(), "how far behind: {ready}");
     a.shutdown().await;
 }
+
+/// A backlog waits in the topic, not in memory: while the engine cannot keep up (here its store is
+/// held, so every shard stops at its first revocation's commit) the consumer reads no further than
+/// `kafka.max_queued_signals` signals waiting for the shards, plus the one batch gathered when it
+/// looked. Once the engine moves again every message is applied, none lost or repeated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consumer_stops_reading_while_the_engine_holds_its_bound_of_queued_signals() {
+    const MESSAGES: usize = 200;
+    const MAX_BATCH: usize = 10;
+    const MAX_QUEUED: usize = 20;
+    let kafka = cluster(2);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = kafka_config(dir.path(), &kafka.bootstrap_servers());
+    config.kafka.max_batch = MAX_BATCH;
+    config.kafka.max_queued_signals = MAX_QUEUED;
+    // Shards take a few signals per commit, so they stop after a handful with the store held.
+    config.engine.max_batch = 4;
+    config.validate().unwrap();
+    let vigil = start(config).await;
+    for i in 0..MESSAGES {
+        register(&vigil, &format!("g-{i}"), &format!("u{i}@example.com")).await;
+    }
+
+    // Hold the store: the state writer cannot begin its next transaction until this one ends.
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let (holding, is_held) = std::sync::mpsc::channel::<()>();
+    let store = vigil.store().clone();
+    let holder = std::thread::spawn(move || {
+        let txn = store.begin_write().unwrap();
+        holding.send(()).unwrap();
+        held.recv().ok();
+        drop(txn);
+    });
+    is_held.recv().unwrap();
+
+    let publisher = Publisher::new(&kafka.bootstrap_servers()).unwrap();
+    let t = now();
+    for i in 0..MESSAGES {
+        let email = format!("u{i}@example.com");
+        publisher
+            .publish(
+                NATIVE,
+                Some(&email),
+                &native(&email, "HIGH", &format!("q-{i}"), t),
+            )
+            .await
+            .unwrap();
+    }
+    // Watch the shards' inboxes while the store is held.
+    let mut most = 0;
+    let watch_until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < watch_until {
+        most = most.max(vigil.engine().queued_signals());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(
+        most >= MAX_QUEUED,
+        "the engine's inboxes never filled to the bound ({most}): the test held nothing up"
+    );
+    assert!(
+        most < MAX_QUEUED + MAX_BATCH,
+        "{most} signals waited in the engine's inboxes; the bound is {MAX_QUEUED} plus one batch"
+    );
+    let (_, metrics) = get(&vigil, "/metrics").await;
+    let consumed: usize = metrics
+        .lines()
+        .find(|l| l.starts_with("vigil_kafka_consumed_total{topic=\"vigil.risk\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        consumed < MESSAGES,
+        "the consumer read all {consumed} messages while the engine was stopped"
+    );
+    assert!(
+        metrics.contains("vigil_engine_queued_signals "),
+        "the queue's gauge is exported"
+    );
+
+    release.send(()).unwrap();
+    holder.join().unwrap();
+    eventually_within(
+        60,
+        "every message applied after the store came back",
+        || {
+            let vigil = &vigil;
+            async move {
+                (0..MESSAGES)
+                    .all(|i| {
+                        applications(vigil, &format!("u{i}@example.com"), &format!("q-{i}")).0 == 1
+                    })
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    for i in [0, MESSAGES / 2, MESSAGES - 1] {
+        assert_eq!(grant_status(&vigil, &format!("g-{i}")).await, "revoked");
+    }
+    assert_eq!(vigil.engine().queued_signals(), 0);
+    vigil.shutdown().await;
+}

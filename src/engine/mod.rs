@@ -25,6 +25,7 @@ mod impact;
 mod inputs;
 mod persist;
 mod replay;
+mod retention;
 mod session_grant;
 pub mod shadow;
 
@@ -76,6 +77,10 @@ pub struct EngineSettings {
     pub checkpoint_interval: Duration,
     /// Most signals and API requests in flight across all shards (backpressure).
     pub max_inflight: usize,
+    /// How long a context no grant refers to outlives its newest fact ([`retention`]).
+    pub context_retention: Duration,
+    /// How often the contexts are looked through for those past their retention.
+    pub context_scan_interval: Duration,
     /// What "now" is: grant expiry, decision and registration times.
     pub clock: crate::clock::Clock,
     /// Cluster mode: where every batch's rows are also appended, so the principals' next owner
@@ -95,6 +100,8 @@ impl Default for EngineSettings {
             max_batch: 256,
             checkpoint_interval: Duration::from_secs(1),
             max_inflight: 8192,
+            context_retention: Duration::from_secs(30 * 24 * 3600),
+            context_scan_interval: Duration::from_secs(60),
             clock: crate::clock::Clock::system(),
             changelog: None,
             shadow_divergences_max: 10_000,
@@ -239,6 +246,10 @@ pub(crate) struct Shared {
     pub settings: EngineSettings,
     /// Cluster mode: which principals this instance owns ([`Engine::fence`]).
     pub owns: std::sync::OnceLock<Released>,
+    /// Signals of sources' batches ([`Engine::submit_batch`]) waiting in the shards' inboxes: a
+    /// source bounds its backlog in memory by it ([`Engine::queued_signals`]). Single signals
+    /// are bounded by the in-flight permits instead.
+    pub queued_signals: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -331,6 +342,8 @@ pub(crate) enum Msg {
         routed: Box<Routed>,
         permit: OwnedSemaphorePermit,
     },
+    /// Forget these contexts if they are still past their retention ([`retention`]).
+    Forget { keys: Vec<String> },
     /// Fold signals that intake did not record (their source replays them); `done` answers after
     /// the batch's commit, with the commit's error if it failed.
     Batch {
@@ -496,6 +509,8 @@ pub struct Engine {
     inboxes: Vec<std::sync::mpsc::Sender<Msg>>,
     permits: Arc<Semaphore>,
     threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Dropped at shutdown: ends the retention thread.
+    retention_stop: std::sync::Mutex<Option<std::sync::mpsc::Sender<()>>>,
     /// Held while new identifiers are linked to a principal, so two callers introducing the same
     /// identifier at once agree on its principal and only one of them records the link.
     linking: std::sync::Mutex<()>,
@@ -534,6 +549,7 @@ impl Engine {
             decisions,
             settings: settings.clone(),
             owns: std::sync::OnceLock::new(),
+            queued_signals: std::sync::atomic::AtomicUsize::new(0),
         });
         for ctx in loaded.contexts {
             shared.contexts.insert(ctx.key.clone(), Arc::new(ctx));
@@ -569,11 +585,22 @@ impl Engine {
                 .map_err(|e| EngineError::Thread(e.to_string()))?;
             threads.push(handle);
         }
+        let (retention_stop, stop) = std::sync::mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("vigil-retention".into())
+            .spawn({
+                let shared = shared.clone();
+                let inboxes = inboxes.clone();
+                move || retention::run(shared, inboxes, stop)
+            })
+            .map_err(|e| EngineError::Thread(e.to_string()))?;
+        threads.push(handle);
         Ok(Engine {
             shared,
             inboxes,
             permits: Arc::new(Semaphore::new(settings.max_inflight.max(1))),
             threads: std::sync::Mutex::new(threads),
+            retention_stop: std::sync::Mutex::new(Some(retention_stop)),
             linking: std::sync::Mutex::new(()),
         })
     }
@@ -810,7 +837,16 @@ impl Engine {
                     break;
                 }
                 let (done, rx) = oneshot::channel();
-                self.send(shard, Msg::Batch { items, done })?;
+                let n = items.len();
+                self.shared
+                    .queued_signals
+                    .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                if let Err(e) = self.send(shard, Msg::Batch { items, done }) {
+                    self.shared
+                        .queued_signals
+                        .fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+                    return Err(e);
+                }
                 waits.push(rx);
             }
         }
@@ -818,6 +854,16 @@ impl Engine {
             waiting: waits,
             failure: None,
         })
+    }
+
+    /// Signals handed over by [`Engine::submit_batch`] that no shard has taken yet. A source
+    /// submits no more while this is at its bound (`kafka.max_queued_signals`): a shard's
+    /// inbox is otherwise unbounded, and a backlog read faster than the engine applies it
+    /// would sit there in memory.
+    pub fn queued_signals(&self) -> usize {
+        self.shared
+            .queued_signals
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// What a subject targets, where a simple subject that names no known principal but a known
@@ -1228,6 +1274,12 @@ impl Engine {
         let all = u32::try_from(self.shared.settings.max_inflight.max(1)).unwrap_or(u32::MAX);
         let _quiet = self.permits.acquire_many(all).await;
         self.permits.close();
+        drop(
+            self.retention_stop
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take(),
+        );
         for inbox in &self.inboxes {
             let _ = inbox.send(Msg::Stop);
         }
@@ -1534,6 +1586,124 @@ mod tests {
             engine.grant("short").is_none()
         })
         .await;
+        engine.shutdown().await;
+    }
+
+    /// Context retention: a context no grant refers to is forgotten once its newest fact is past
+    /// the window — in memory and in the store, its session revocation rows with it (a leftover
+    /// row would bring the context back at the next start). A subject with a grant keeps its
+    /// context however old its facts are, and a newer fact keeps a context for another window.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn contexts_no_grant_refers_to_are_forgotten_after_their_retention() {
+        const T0: i64 = 1_700_000_000;
+        let clock = crate::clock::Clock::manual(T0 * 1000);
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::open(dir.path()).unwrap();
+        let (writer, _writer_thread) = BatchWriter::start(db.clone(), "state", 16).unwrap();
+        let (intake, _intake_thread) = Intake::open_dir(dir.path(), 16).unwrap();
+        let audit = Arc::new(AuditLog::open(&dir.path().join("audit"), 1 << 20, 2).unwrap());
+        let (decisions, _rx) = mpsc::channel(1024);
+        let engine = Engine::start(
+            &db,
+            writer,
+            intake,
+            audit,
+            PolicySet::empty(),
+            decisions,
+            EngineSettings {
+                clock: clock.clone(),
+                sweep_interval: Duration::from_millis(5),
+                context_retention: Duration::from_secs(3600),
+                context_scan_interval: Duration::from_millis(5),
+                ..EngineSettings::default()
+            },
+        )
+        .unwrap();
+        let request: GrantRequest = serde_json::from_value(serde_json::json!({
+            "id": "kept-grant", "kind": "session",
+            "subject": {"format": "email", "email": "kept@example.com"},
+            "issued_at": T0 - 10, "expires_at": T0 + 86_400}))
+        .unwrap();
+        engine.register(request).await.unwrap();
+        let signal = |example: &str, email: &str, at: i64, seq: u64| {
+            let mut claims = crate::test_support::spec_example(example);
+            claims["sub_id"] = serde_json::json!({"format": "email", "email": email});
+            for (_, event) in claims["events"].as_object_mut().unwrap().iter_mut() {
+                event["event_timestamp"] = at.into();
+            }
+            crate::evaluate::testing::signal_from_claims(&claims, seq).unwrap()
+        };
+        let apply = |signals: Vec<Signal>| {
+            let done = engine.submit_batch(signals).unwrap();
+            let clock = clock.clone();
+            async move {
+                // The batch is answered at the checkpoint the clock calls.
+                clock.advance(Duration::from_secs(1));
+                tokio::task::spawn_blocking(move || done.wait_blocking())
+                    .await
+                    .unwrap()
+                    .unwrap();
+            }
+        };
+        apply(vec![
+            signal("caep-risk-level-change.json", "kept@example.com", T0, 1),
+            signal("caep-session-revoked.json", "gone@example.com", T0, 2),
+            signal("caep-risk-level-change.json", "renewed@example.com", T0, 3),
+        ])
+        .await;
+        let held = |who: &str| engine.shared.contexts.iter().any(|c| c.key().contains(who));
+        let stored = |who: &str| {
+            persist::load(&db)
+                .unwrap()
+                .contexts
+                .iter()
+                .any(|c| c.key.contains(who))
+        };
+        for who in ["kept@", "gone@", "renewed@"] {
+            assert!(held(who) && stored(who), "{who} has a stored context");
+        }
+        assert!(
+            engine
+                .shared
+                .contexts
+                .iter()
+                .any(|c| !c.session_revocations.is_empty()),
+            "the session revocation is part of the test"
+        );
+        // Half a window later a newer fact renews one of them.
+        clock.advance(Duration::from_secs(1800));
+        apply(vec![signal(
+            "caep-risk-level-change.json",
+            "renewed@example.com",
+            T0 + 1800,
+            4,
+        )])
+        .await;
+        // Real time passes, many scans: nothing is due before the window ends.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(held("gone@"), "forgotten before its window ended");
+        clock.advance(Duration::from_secs(1800));
+        within_5s("the context past its window was not forgotten", || {
+            !held("gone@")
+        })
+        .await;
+        within_5s("its deletion was not written", || !stored("gone@")).await;
+        assert!(
+            held("kept@") && stored("kept@"),
+            "a subject with a grant keeps its context"
+        );
+        assert!(
+            held("renewed@") && stored("renewed@"),
+            "a newer fact keeps a context for its own window"
+        );
+        // The renewed one goes a window after its newest fact.
+        clock.advance(Duration::from_secs(1800));
+        within_5s(
+            "the renewed context was not forgotten after its window",
+            || !held("renewed@"),
+        )
+        .await;
+        assert!(held("kept@"));
         engine.shutdown().await;
     }
 

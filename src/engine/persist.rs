@@ -243,6 +243,8 @@ pub struct Changes {
     /// re-evaluate): written with the decisions, so a replayed signal finds itself already applied
     /// and re-makes nothing.
     pub decided_contexts: Vec<Arc<PrincipalContext>>,
+    /// Contexts forgotten (past their retention, no grant refers to them).
+    pub deleted_contexts: Vec<String>,
     /// Session revocation rows to write (`Some`) or delete (`None`), encoded by the shard from
     /// its contexts' state when the batch is committed ([`revocation_rows`]).
     pub revocations: Vec<RevocationRow>,
@@ -289,6 +291,7 @@ impl Changes {
     pub fn is_empty(&self) -> bool {
         self.contexts.is_empty()
             && self.decided_contexts.is_empty()
+            && self.deleted_contexts.is_empty()
             && self.revocations.is_empty()
             && self.grants.is_empty()
             && self.deleted_grants.is_empty()
@@ -303,6 +306,7 @@ impl Changes {
 pub struct Encoded {
     contexts: Vec<ContextRow>,
     decided_contexts: Vec<ContextRow>,
+    deleted_contexts: Vec<String>,
     revocations: Vec<RevocationRow>,
     grants: Vec<GrantRow>,
     deleted_grants: Vec<(GrantId, String)>,
@@ -354,6 +358,7 @@ impl Changes {
         Ok(Encoded {
             contexts: contexts(self.contexts)?,
             decided_contexts: contexts(self.decided_contexts)?,
+            deleted_contexts: self.deleted_contexts,
             revocations: self.revocations,
             grants: last_per_key(
                 self.grants,
@@ -408,6 +413,7 @@ impl Encoded {
     pub fn is_empty(&self) -> bool {
         self.contexts.is_empty()
             && self.decided_contexts.is_empty()
+            && self.deleted_contexts.is_empty()
             && self.revocations.is_empty()
             && self.grants.is_empty()
             && self.deleted_grants.is_empty()
@@ -425,6 +431,13 @@ impl Encoded {
                 owner: key.clone(),
                 key: Row::new(Table::Context, key.as_str()).record_key(),
                 value: Some(bytes.clone()),
+            });
+        }
+        for key in &self.deleted_contexts {
+            out.push(ChangeRecord {
+                owner: key.clone(),
+                key: Row::new(Table::Context, key.as_str()).record_key(),
+                value: None,
             });
         }
         for (key, value) in &self.revocations {
@@ -682,6 +695,12 @@ fn write_contexts(txn: &WriteTransaction, rows: &[ContextRow]) -> Result<(), Wri
 pub fn write(txn: &WriteTransaction, changes: &Encoded) -> Result<(), WriteError> {
     write_contexts(txn, &changes.contexts)?;
     write_contexts(txn, &changes.decided_contexts)?;
+    if !changes.deleted_contexts.is_empty() {
+        let mut t = txn.open_table(CONTEXTS).map_err(WriteError::storage)?;
+        for key in &changes.deleted_contexts {
+            t.remove(key.as_str()).map_err(WriteError::storage)?;
+        }
+    }
     if !changes.revocations.is_empty() {
         let mut t = txn
             .open_table(SESSION_REVOCATIONS)

@@ -200,10 +200,18 @@ impl Shard {
                 self.apply_routed(*routed, p);
             }
             Msg::Batch { items, done } => {
+                self.shared
+                    .queued_signals
+                    .fetch_sub(items.len(), std::sync::atomic::Ordering::Relaxed);
                 for routed in items {
                     self.apply_routed(routed, p);
                 }
                 self.checkpoint_waiters.push(done);
+            }
+            Msg::Forget { keys } => {
+                for key in keys {
+                    self.forget_context(&key, p);
+                }
             }
             Msg::Reevaluate { grants, trigger } => {
                 let policy = self.shared.policy();

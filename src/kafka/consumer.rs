@@ -400,6 +400,9 @@ impl Pipeline {
     }
 }
 
+/// How long the consumer waits before it looks again at an engine whose inboxes were full.
+const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(1);
+
 /// How long the consumer waits before retrying a batch the store could not take.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
 
@@ -510,6 +513,7 @@ impl KafkaSource {
         let settings = Batching {
             max: config.max_batch.max(1),
             wait: Duration::from_millis(config.batch_wait_ms),
+            max_queued: config.max_queued_signals.max(1),
         };
         let task = tokio::task::spawn_blocking(move || run(consumer, settings, shutdown));
         Ok(KafkaSource { task })
@@ -525,6 +529,9 @@ impl KafkaSource {
 struct Batching {
     max: usize,
     wait: Duration,
+    /// Most signals waiting in the engine's inboxes before fetching pauses
+    /// (`kafka.max_queued_signals`).
+    max_queued: usize,
 }
 
 /// Counts a gathered batch per topic: one metric update per topic and batch rather than one
@@ -546,6 +553,15 @@ fn run(consumer: BaseConsumer<Pipeline>, batching: Batching, shutdown: watch::Re
         // Stop on shutdown, or when Vigil is gone without one (the sender dropped).
         if *shutdown.borrow() || shutdown.has_changed().is_err() {
             break;
+        }
+        // The engine is behind: leave the backlog in the topic, not in its inboxes. Commits of
+        // batches finished meanwhile go on; the wait ends as soon as a shard takes a batch.
+        let queued = pipeline.engine.queued_signals();
+        metrics::gauge!(crate::telemetry::ENGINE_QUEUED_SIGNALS).set(queued as f64);
+        if queued >= batching.max_queued {
+            pipeline.drain(&consumer, Finish::Bounded);
+            std::thread::sleep(QUEUE_FULL_PAUSE);
+            continue;
         }
         // Gather a batch: up to `max` messages, or whatever came within `wait` of the first.
         let mut gathered = Vec::with_capacity(batching.max);
