@@ -33,7 +33,7 @@ pub use access::{Access, AccessLog, AccessRequest, GrantRef};
 pub use changelog::{ChangeRecord, Changelog, Row, Table};
 pub use handed::{Durable, Handed};
 pub use impact::{Changes, Impact, RuleCount, Sample, Samples, Transition};
-pub use persist::{handoff_done_in, pending_handoff};
+pub use persist::{handoff_done_in, handoff_key, pending_handoff};
 pub use replay::{History, IntakeHistory, Replay, Window, MAX_RECORDED as REPLAY_MAX_RECORDED};
 mod shard;
 
@@ -1316,10 +1316,40 @@ mod tests {
         settings: EngineSettings,
     ) -> (Engine, mpsc::Receiver<Handed>, Box<dyn std::any::Any>) {
         let dir = tempfile::tempdir().unwrap();
-        let db = crate::store::open(dir.path()).unwrap();
+        let (engine, rx, db, threads) = engine_in(dir.path(), settings);
+        drop(db);
+        (engine, rx, Box::new((dir, threads)))
+    }
+
+    /// The store's and intake's threads of an engine made by [`engine_in`].
+    struct Threads(
+        crate::store::BatchWriterThread,
+        crate::intake::IntakeThreads,
+    );
+
+    impl Threads {
+        /// Waits until the engine that used them is gone (dropped) and they have stopped, so
+        /// its store can be opened again.
+        async fn join(self) {
+            tokio::task::spawn_blocking(move || {
+                self.0.join();
+                self.1.join();
+            })
+            .await
+            .unwrap();
+        }
+    }
+
+    /// An engine on the store in `dir` (a second one after the first's shutdown is a restart),
+    /// with its decisions' receiver, the store, and what must live as long as it.
+    fn engine_in(
+        dir: &std::path::Path,
+        settings: EngineSettings,
+    ) -> (Engine, mpsc::Receiver<Handed>, Arc<redb::Database>, Threads) {
+        let db = crate::store::open(dir).unwrap();
         let (writer, writer_thread) = BatchWriter::start(db.clone(), "state", 16).unwrap();
-        let (intake, intake_thread) = Intake::open_dir(dir.path(), 16).unwrap();
-        let audit = Arc::new(AuditLog::open(&dir.path().join("audit"), 1 << 20, 2).unwrap());
+        let (intake, intake_thread) = Intake::open_dir(dir, 16).unwrap();
+        let audit = Arc::new(AuditLog::open(&dir.join("audit"), 1 << 20, 2).unwrap());
         let (decisions, rx) = mpsc::channel(1024);
         let engine = Engine::start(
             &db,
@@ -1331,7 +1361,7 @@ mod tests {
             settings,
         )
         .unwrap();
-        (engine, rx, Box::new((dir, writer_thread, intake_thread)))
+        (engine, rx, db, Threads(writer_thread, intake_thread))
     }
 
     /// The records a batch appends, kept in memory; appends are acknowledged at once.
@@ -1414,6 +1444,76 @@ mod tests {
             next.grant("t1").map(|g| g.status),
             Some(GrantStatus::Revoked)
         );
+    }
+
+    /// Hand-off rows are keyed by the decision's time, so a revocation's row is appended at the
+    /// table's end; a row an earlier release keyed by decision id is moved to its key at the next
+    /// start, so delivery's taking it over (by that key) deletes it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hand_off_rows_are_keyed_by_time_and_old_keys_are_moved_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, mut decisions, db, held) = engine_in(dir.path(), EngineSettings::default());
+        let request: GrantRequest = serde_json::from_value(serde_json::json!({
+            "id": "t1", "kind": "access_token", "subject": {"format": "email", "email": "h@example.com"},
+            "issued_at": 1_700_000_000, "expires_at": 4_000_000_000u64}))
+        .unwrap();
+        engine.register(request).await.unwrap();
+        let policy = PolicySet::from_sources(&[(
+            "tokens.yaml".to_owned(),
+            "rules:\n  - {id: tokens, on: ['*'], when: \"grant.kind == 'access_token'\", effect: revoke}\n"
+                .to_owned(),
+        )])
+        .unwrap();
+        engine.swap_policy(policy).unwrap().wait().await;
+        let handed = tokio::time::timeout(Duration::from_secs(5), decisions.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(handed.durable.wait().await);
+        let decision = handed.decision;
+        let key = handoff_key(&decision);
+        assert!(
+            key.starts_with(&format!("{:016x}/", (decision.time * 1000.0) as u64)),
+            "{key}"
+        );
+        let keys = |db: &Arc<redb::Database>| -> Vec<String> {
+            use redb::ReadableTable;
+            let txn = db.begin_read().unwrap();
+            let t = txn
+                .open_table(redb::TableDefinition::<&str, &[u8]>::new("engine_handoff"))
+                .unwrap();
+            t.iter()
+                .unwrap()
+                .map(|e| e.unwrap().0.value().to_owned())
+                .collect()
+        };
+        assert_eq!(keys(&db), [key.clone()]);
+        engine.shutdown().await;
+        drop(engine);
+        held.join().await;
+        // As an earlier release stored it: under the decision id.
+        {
+            let txn = db.begin_write().unwrap();
+            {
+                let mut t = txn
+                    .open_table(redb::TableDefinition::<&str, &[u8]>::new("engine_handoff"))
+                    .unwrap();
+                let bytes = t.remove(key.as_str()).unwrap().unwrap().value().to_vec();
+                t.insert(decision.id.as_str(), bytes.as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        drop(db);
+        let (engine, _decisions, db, _held) = engine_in(dir.path(), EngineSettings::default());
+        assert_eq!(keys(&db), [key.clone()], "moved to its key at start");
+        let pending = pending_handoff(&db).unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].0.id, decision.id);
+        let txn = db.begin_write().unwrap();
+        handoff_done_in(&txn, &[key]).unwrap();
+        txn.commit().unwrap();
+        assert!(pending_handoff(&db).unwrap().is_empty(), "taken over");
+        engine.shutdown().await;
     }
 
     /// Cluster mode: the in-memory alias table is the cluster's. Giving a principal's partition up
@@ -1598,18 +1698,8 @@ mod tests {
         const T0: i64 = 1_700_000_000;
         let clock = crate::clock::Clock::manual(T0 * 1000);
         let dir = tempfile::tempdir().unwrap();
-        let db = crate::store::open(dir.path()).unwrap();
-        let (writer, _writer_thread) = BatchWriter::start(db.clone(), "state", 16).unwrap();
-        let (intake, _intake_thread) = Intake::open_dir(dir.path(), 16).unwrap();
-        let audit = Arc::new(AuditLog::open(&dir.path().join("audit"), 1 << 20, 2).unwrap());
-        let (decisions, _rx) = mpsc::channel(1024);
-        let engine = Engine::start(
-            &db,
-            writer,
-            intake,
-            audit,
-            PolicySet::empty(),
-            decisions,
+        let (engine, _decisions, db, _held) = engine_in(
+            dir.path(),
             EngineSettings {
                 clock: clock.clone(),
                 sweep_interval: Duration::from_millis(5),
@@ -1617,8 +1707,7 @@ mod tests {
                 context_scan_interval: Duration::from_millis(5),
                 ..EngineSettings::default()
             },
-        )
-        .unwrap();
+        );
         let request: GrantRequest = serde_json::from_value(serde_json::json!({
             "id": "kept-grant", "kind": "session",
             "subject": {"format": "email", "email": "kept@example.com"},

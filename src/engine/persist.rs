@@ -27,7 +27,7 @@ const ALIASES: TableDefinition<&str, &str> = TableDefinition::new("engine_aliase
 /// One session revocation of a context: `context key \0 filter key` → stamped filter JSON.
 const SESSION_REVOCATIONS: TableDefinition<&str, &[u8]> =
     TableDefinition::new("engine_session_revocations");
-/// Decisions committed but not yet taken over by delivery (decision id → `{decision, grant}`).
+/// Decisions committed but not yet taken over by delivery ([`handoff_key`] → `{decision, grant}`).
 const HANDOFF: TableDefinition<&str, &[u8]> = TableDefinition::new("engine_handoff");
 
 /// Everything the engine persisted.
@@ -81,6 +81,7 @@ pub fn load(db: &Arc<Database>) -> Result<Loaded, WriteError> {
             .map_err(WriteError::storage)?;
     }
     txn.commit().map_err(WriteError::storage)?;
+    rekey_handoff(db)?;
 
     let txn = db.begin_read().map_err(WriteError::storage)?;
     let mut out = Loaded::default();
@@ -262,6 +263,50 @@ struct Handoff {
     grant: Grant,
 }
 
+/// A hand-off row's key: the decision's time (milliseconds, fixed-width hex) before its id, so
+/// rows are appended at the table's end and taken over near it. Keyed by the decision id alone
+/// (a hash), every revocation inserted its row into a random page of the table and delivery
+/// deleted it from another: two page copies per decision for the store's one writer thread,
+/// where now a batch's rows share the last pages.
+pub fn handoff_key(decision: &Decision) -> String {
+    let ms = if decision.time.is_finite() && decision.time > 0.0 {
+        (decision.time * 1000.0) as u64
+    } else {
+        0
+    };
+    format!("{ms:016x}/{}", decision.id)
+}
+
+/// Rows stored under another key than [`handoff_key`] (by an earlier release: the decision id)
+/// are moved to theirs, so delivery's taking them over deletes them.
+fn rekey_handoff(db: &Arc<Database>) -> Result<(), WriteError> {
+    let txn = db.begin_write().map_err(WriteError::storage)?;
+    let moved = {
+        let mut t = txn.open_table(HANDOFF).map_err(WriteError::storage)?;
+        let mut stale = Vec::new();
+        for entry in t.iter().map_err(WriteError::storage)? {
+            let (k, v) = entry.map_err(WriteError::storage)?;
+            if let Ok(h) = serde_json::from_slice::<Handoff>(v.value()) {
+                let key = handoff_key(&h.decision);
+                if key != k.value() {
+                    stale.push((k.value().to_owned(), key, v.value().to_vec()));
+                }
+            }
+        }
+        for (old, new, bytes) in &stale {
+            t.remove(old.as_str()).map_err(WriteError::storage)?;
+            t.insert(new.as_str(), bytes.as_slice())
+                .map_err(WriteError::storage)?;
+        }
+        stale.len()
+    };
+    txn.commit().map_err(WriteError::storage)?;
+    if moved > 0 {
+        tracing::info!(rows = moved, "hand-off rows moved to time-ordered keys");
+    }
+    Ok(())
+}
+
 /// The decisions committed but not yet taken over by delivery, oldest first (start-up replay).
 pub fn pending_handoff(db: &Arc<Database>) -> Result<Vec<(Decision, Arc<Grant>)>, WriteError> {
     let txn = db.begin_read().map_err(WriteError::storage)?;
@@ -277,12 +322,12 @@ pub fn pending_handoff(db: &Arc<Database>) -> Result<Vec<(Decision, Arc<Grant>)>
     Ok(out)
 }
 
-/// Marks decisions taken over by delivery, inside delivery's own transaction (so its outbox write and
-/// this mark commit together).
-pub fn handoff_done_in(txn: &WriteTransaction, ids: &[String]) -> Result<(), WriteError> {
+/// Marks decisions taken over by delivery (`keys`: their [`handoff_key`]s), inside delivery's own
+/// transaction (so its outbox write and this mark commit together).
+pub fn handoff_done_in(txn: &WriteTransaction, keys: &[String]) -> Result<(), WriteError> {
     let mut t = txn.open_table(HANDOFF).map_err(WriteError::storage)?;
-    for id in ids {
-        t.remove(id.as_str()).map_err(WriteError::storage)?;
+    for key in keys {
+        t.remove(key.as_str()).map_err(WriteError::storage)?;
     }
     Ok(())
 }
@@ -311,8 +356,16 @@ pub struct Encoded {
     grants: Vec<GrantRow>,
     deleted_grants: Vec<(GrantId, String)>,
     aliases: Vec<(String, String)>,
-    /// Decision id, the grant's principal (its changelog partition), stored JSON.
-    handoff: Vec<GrantRow>,
+    handoff: Vec<HandoffRow>,
+}
+
+/// A hand-off row: its key here ([`handoff_key`]), the decision id (its key in the changelog),
+/// the grant's principal (its changelog partition) and the stored JSON.
+struct HandoffRow {
+    key: String,
+    id: String,
+    principal: String,
+    bytes: Vec<u8>,
 }
 
 /// A grant's id, principal and stored JSON.
@@ -343,7 +396,12 @@ impl Changes {
             .iter()
             .map(|(d, g)| {
                 serde_json::to_vec(&serde_json::json!({"decision": d, "grant": &**g}))
-                    .map(|bytes| (d.id.clone(), g.principal.to_string(), bytes))
+                    .map(|bytes| HandoffRow {
+                        key: handoff_key(d),
+                        id: d.id.clone(),
+                        principal: g.principal.to_string(),
+                        bytes,
+                    })
                     .map_err(|e| WriteError::Storage(e.to_string()))
             })
             .collect::<Result<_, _>>()?;
@@ -469,11 +527,11 @@ impl Encoded {
                 value: Some(principal.as_bytes().to_vec()),
             });
         }
-        for (id, principal, bytes) in &self.handoff {
+        for row in &self.handoff {
             out.push(ChangeRecord {
-                owner: principal.clone(),
-                key: Row::new(Table::Handoff, id.as_str()).record_key(),
-                value: Some(bytes.clone()),
+                owner: row.principal.clone(),
+                key: Row::new(Table::Handoff, row.id.as_str()).record_key(),
+                value: Some(row.bytes.clone()),
             });
         }
         out
@@ -639,9 +697,14 @@ pub fn adopt(txn: &WriteTransaction, rows: &[(Row, Vec<u8>)]) -> Result<Loaded, 
                 out.aliases.push((row.key.clone(), principal));
                 Ok(stored)
             }
-            Table::Handoff => serde_json::from_slice::<Handoff>(bytes)
-                .map(|h| out.handoff.push((h.decision, Arc::new(h.grant))))
-                .map(|()| handoff.insert(key, bytes.as_slice()).map(drop)),
+            // Keyed here by time (the changelog keys it by decision id).
+            Table::Handoff => serde_json::from_slice::<Handoff>(bytes).map(|h| {
+                let stored = handoff
+                    .insert(handoff_key(&h.decision).as_str(), bytes.as_slice())
+                    .map(drop);
+                out.handoff.push((h.decision, Arc::new(h.grant)));
+                stored
+            }),
         };
         match stored {
             Ok(written) => written.map_err(WriteError::storage)?,
@@ -725,8 +788,8 @@ pub fn write(txn: &WriteTransaction, changes: &Encoded) -> Result<(), WriteError
     }
     if !changes.handoff.is_empty() {
         let mut t = txn.open_table(HANDOFF).map_err(WriteError::storage)?;
-        for (id, _, bytes) in &changes.handoff {
-            t.insert(id.as_str(), bytes.as_slice())
+        for row in &changes.handoff {
+            t.insert(row.key.as_str(), row.bytes.as_slice())
                 .map_err(WriteError::storage)?;
         }
     }

@@ -327,7 +327,10 @@ async fn emit_batch(
             value: None,
         })
         .collect();
-    let handed: Vec<String> = kept.iter().map(|h| h.decision.id.clone()).collect();
+    let handed: Vec<String> = kept
+        .iter()
+        .map(|h| crate::engine::handoff_key(&h.decision))
+        .collect();
     if handed.is_empty() {
         return;
     }

@@ -846,8 +846,9 @@ impl StreamStore {
         }
     }
 
-    /// Queues SETs durably: `(stream_id, Outgoing)` pairs, in order. `handed_over` are the engine's
-    /// decision ids these SETs come from: they are marked taken over in the same transaction.
+    /// Queues SETs durably: `(stream_id, Outgoing)` pairs, in order. `handed_over` are the hand-off
+    /// keys (`engine::handoff_key`) of the decisions these SETs come from: they are marked taken
+    /// over in the same transaction.
     pub async fn enqueue(
         &self,
         items: Vec<(String, Outgoing)>,
