@@ -1487,7 +1487,7 @@ mod tests {
                 .map(|e| e.unwrap().0.value().to_owned())
                 .collect()
         };
-        assert_eq!(keys(&db), [key.clone()]);
+        assert_eq!(keys(&db), std::slice::from_ref(&key));
         engine.shutdown().await;
         drop(engine);
         held.join().await;
@@ -1505,7 +1505,11 @@ mod tests {
         }
         drop(db);
         let (engine, _decisions, db, _held) = engine_in(dir.path(), EngineSettings::default());
-        assert_eq!(keys(&db), [key.clone()], "moved to its key at start");
+        assert_eq!(
+            keys(&db),
+            std::slice::from_ref(&key),
+            "moved to its key at start"
+        );
         let pending = pending_handoff(&db).unwrap();
         assert_eq!(pending.len(), 1);
         assert_eq!(pending[0].0.id, decision.id);
