@@ -42,6 +42,7 @@ pub mod limits;
 pub mod liveness;
 pub mod ops;
 pub mod outbound;
+pub mod parts;
 pub mod policy;
 pub mod policy_api;
 pub mod principal;

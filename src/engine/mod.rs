@@ -830,12 +830,7 @@ impl Engine {
         let mut waits = Vec::new();
         let part = self.shared.settings.max_batch.max(1);
         for (shard, items) in per_shard.into_iter().enumerate() {
-            let mut items = items.into_iter();
-            loop {
-                let items: Vec<Routed> = items.by_ref().take(part).collect();
-                if items.is_empty() {
-                    break;
-                }
+            for items in crate::parts::in_parts(items, part) {
                 let (done, rx) = oneshot::channel();
                 let n = items.len();
                 self.shared

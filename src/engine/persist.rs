@@ -19,6 +19,7 @@ use crate::compact_map::CompactMap;
 use crate::context::{AccountState, AssuranceFact, PrincipalContext, RiskFact, Stamped};
 use crate::decision::Decision;
 use crate::grant::{Grant, GrantId};
+use crate::parts::in_parts;
 use crate::store::WriteError;
 
 const CONTEXTS: TableDefinition<&str, &[u8]> = TableDefinition::new("engine_contexts");
@@ -438,30 +439,13 @@ impl Encoded {
     /// chunks of at most `chunk` rows each: they are written in the store's bulk lane, so a large
     /// checkpoint does not hold up the grants and decisions left here.
     pub fn split_bulk(&mut self, chunk: usize) -> Vec<Encoded> {
-        // One pass, each chunk allocated at its own size. (Splitting the rest off the front
-        // chunk again and again copied the remainder each time and left every chunk holding
-        // the capacity of all the rows after it: a 100 000-context checkpoint took gigabytes.)
-        fn chunks<T>(rows: Vec<T>, chunk: usize) -> Vec<Vec<T>> {
-            let chunk = chunk.max(1);
-            let mut out = Vec::with_capacity(rows.len().div_ceil(chunk));
-            let mut rows = rows.into_iter();
-            loop {
-                let next: Vec<T> = rows.by_ref().take(chunk).collect();
-                if next.is_empty() {
-                    return out;
-                }
-                out.push(next);
-            }
-        }
-        let contexts = chunks(std::mem::take(&mut self.contexts), chunk)
-            .into_iter()
-            .map(|contexts| Encoded {
+        let contexts =
+            in_parts(std::mem::take(&mut self.contexts), chunk).map(|contexts| Encoded {
                 contexts,
                 ..Encoded::default()
             });
-        let revocations = chunks(std::mem::take(&mut self.revocations), chunk)
-            .into_iter()
-            .map(|revocations| Encoded {
+        let revocations =
+            in_parts(std::mem::take(&mut self.revocations), chunk).map(|revocations| Encoded {
                 revocations,
                 ..Encoded::default()
             });

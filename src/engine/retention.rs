@@ -19,6 +19,7 @@ use super::commit::Pending;
 use super::shard::Shard;
 use super::{member_index, obo_index, principal_index, Msg, Shared};
 use crate::context::PrincipalContext;
+use crate::parts::in_parts;
 
 /// The members a grant names whose contexts its evaluation may read (every member is indexed).
 const MEMBERS: [&str; 6] = [
@@ -61,13 +62,8 @@ pub(super) fn run(shared: Arc<Shared>, inboxes: Vec<Sender<Msg>>, stop: Receiver
         }
         let due = scan(&shared);
         for (shard, keys) in due.into_iter().enumerate() {
-            let mut keys = keys.into_iter();
-            loop {
-                let part: Vec<String> = keys.by_ref().take(FORGET_CHUNK).collect();
-                if part.is_empty() {
-                    break;
-                }
-                if inboxes[shard].send(Msg::Forget { keys: part }).is_err() {
+            for keys in in_parts(keys, FORGET_CHUNK) {
+                if inboxes[shard].send(Msg::Forget { keys }).is_err() {
                     return;
                 }
             }

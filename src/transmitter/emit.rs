@@ -230,16 +230,12 @@ pub async fn run(
             "delivering decisions committed before the restart"
         );
     }
-    let mut pending = pending.into_iter().map(|(decision, grant)| Handed {
+    let pending = pending.into_iter().map(|(decision, grant)| Handed {
         decision,
         grant,
         durable: Durable::committed(),
     });
-    loop {
-        let batch: Vec<Handed> = pending.by_ref().take(EMIT_BATCH).collect();
-        if batch.is_empty() {
-            break;
-        }
+    for batch in crate::parts::in_parts(pending, EMIT_BATCH) {
         emit_batch(&identity, &streams, changelog, batch).await;
     }
     while let Some(first) = rx.recv().await {
