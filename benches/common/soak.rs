@@ -16,6 +16,10 @@ use vigil::jose::Alg;
 use vigil::sim::{jwks_document, JwksServer, SigningKey};
 use vigil::Vigil;
 
+/// Pushes in flight at most: three quarters of the server's per-peer connection budget (see
+/// where the client is built).
+const IN_FLIGHT: usize = 192;
+
 /// How a soak runs.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -89,15 +93,22 @@ pub async fn run(settings: &Settings) -> anyhow::Result<Vec<Sample>> {
     let tokens = Arc::new(super::sign_sets(&key, pool, |i| {
         super::background_set(iss, aud, "soak", i)
     }));
+    // One transmitter, one address: it must stay inside the server's budget of connections per
+    // peer (`server.max_connections_per_peer`, 256), or the server closes the connections beyond
+    // it at once. With as many pushes in flight as the budget, the pool's churn — an idle
+    // connection dropped and a new one opened while the server has not yet seen the first one
+    // close — went over it now and then (268 refusals, 16 failed pushes in 7 minutes), which is
+    // what the soak's rare "transport" failures were. Fewer in flight than the budget, and every
+    // connection kept in the pool, leaves room for that churn.
     let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(64)
+        .pool_max_idle_per_host(IN_FLIGHT)
         .build()?;
     let latencies = Arc::new(std::sync::Mutex::new(Vec::<f64>::new()));
     let failed = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<
         String,
         usize,
     >::new()));
-    let in_flight = Arc::new(tokio::sync::Semaphore::new(256));
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     let start = Instant::now();
     let period = Duration::from_secs_f64(1.0 / settings.rate.max(1) as f64);
     let mut samples = Vec::new();
@@ -129,9 +140,11 @@ pub async fn run(settings: &Settings) -> anyhow::Result<Vec<Sample>> {
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .push(t.elapsed().as_secs_f64() * 1000.0);
             } else {
+                // A transport failure is named by its root cause (refused, reset, closed before
+                // the answer, …): the kinds tell a budget's refusal from a keep-alive race.
                 let kind = match answer {
                     Ok(status) => status.to_string(),
-                    Err(_) => "transport".to_owned(),
+                    Err(e) => format!("transport: {}", e.root_cause()),
                 };
                 *failures
                     .lock()
@@ -180,7 +193,20 @@ pub async fn run(settings: &Settings) -> anyhow::Result<Vec<Sample>> {
             samples.push(sample);
         }
     }
-    let _ = in_flight.acquire_many(256).await;
+    let _ = in_flight.acquire_many(IN_FLIGHT as u32).await;
+    // What the server refused, by reason (its connection budgets), beside the client's failures.
+    if let Ok(metrics) = client
+        .get(format!("http://{}/metrics", vigil.local_addr()))
+        .bearer_auth(vigil.admin_token().unwrap_or_default())
+        .send()
+        .await
+    {
+        for line in metrics.text().await.unwrap_or_default().lines() {
+            if line.starts_with(vigil::telemetry::HTTP_CONNECTIONS_REFUSED) {
+                eprintln!("soak: server: {line}");
+            }
+        }
+    }
     vigil.shutdown().await;
     Ok(samples)
 }
