@@ -13,7 +13,8 @@
 //!  "source": "ueba",                 // the risk system; default: the topic
 //!  "event_time": 1700000000.25,      // seconds, milliseconds (> 1e11) or RFC 3339; default: now
 //!  "ttl_secs": 3600,                 // optional: the level stops counting after this
-//!  "attributes": {"country": "FR"},  // optional free-form facts for policy (context.attributes)
+//!  "attributes": {"country": "FR"},  // optional free-form facts for policy (context.attributes);
+//!                                    // at most 64 of them, 8 KiB as JSON (else dead-lettered)
 //!  "id": "msg-123"}                  // optional id: redeliveries with the same id apply once
 //! ```
 //!
@@ -194,15 +195,39 @@ pub fn from_native(origin: Origin<'_>, payload: &[u8]) -> Result<crate::signal::
         })?),
     };
     if let Some(attrs) = msg.get("attributes") {
-        signal.attributes = attrs
-            .as_object()
-            .cloned()
-            .ok_or_else(|| FeedError::Invalid {
-                field: "attributes",
-                reason: "must be an object".into(),
-            })?;
+        let attrs = attrs.as_object().ok_or_else(|| FeedError::Invalid {
+            field: "attributes",
+            reason: "must be an object".into(),
+        })?;
+        check_attributes(attrs)?;
+        signal.attributes = attrs.clone();
     }
     Ok(signal)
+}
+
+/// Most attributes one native message may set, and most bytes (as JSON) they may take: every one
+/// becomes a fact of the subject's context, kept in memory and written with it, and a Kafka
+/// message may be a megabyte — thousands of keys, or one value the size of the message.
+pub const MAX_ATTRIBUTES: usize = 64;
+pub const MAX_ATTRIBUTES_BYTES: usize = 8 * 1024;
+
+/// Refuses attributes beyond [`MAX_ATTRIBUTES`] or [`MAX_ATTRIBUTES_BYTES`]: the message is
+/// dead-lettered with the reason, and nothing of it is applied.
+fn check_attributes(attrs: &Map<String, Value>) -> Result<(), FeedError> {
+    if attrs.len() > MAX_ATTRIBUTES {
+        return Err(FeedError::Invalid {
+            field: "attributes",
+            reason: format!("has {} entries; at most {MAX_ATTRIBUTES}", attrs.len()),
+        });
+    }
+    let bytes = serde_json::to_vec(attrs).map_or(usize::MAX, |b| b.len());
+    if bytes > MAX_ATTRIBUTES_BYTES {
+        return Err(FeedError::Invalid {
+            field: "attributes",
+            reason: format!("take {bytes} bytes as JSON; at most {MAX_ATTRIBUTES_BYTES}"),
+        });
+    }
+    Ok(())
 }
 
 /// Normalizes a foreign message with its topic's mapping.
@@ -416,6 +441,31 @@ mod tests {
         assert_eq!(plain.jti, "offset:2/41", "no id: the message's position");
         assert_eq!(plain.subject, SubjectId::Opaque { id: "u-1".into() });
         assert_eq!(plain.event_time, 5.0, "no time: now");
+    }
+
+    /// A message's attributes are bounded in number and size: beyond either the message is an
+    /// error (dead-lettered, nothing applied), at the bound it is a signal.
+    #[test]
+    fn attributes_beyond_their_bounds_are_refused() {
+        let message = |attrs: Value| {
+            serde_json::to_vec(
+                &serde_json::json!({"subject": "u-1", "level": "LOW", "attributes": attrs}),
+            )
+            .unwrap()
+        };
+        let many =
+            |n: usize| Value::Object((0..n).map(|i| (format!("a{i}"), Value::from(i))).collect());
+        let ok = from_native(at("risk", 1.0), &message(many(MAX_ATTRIBUTES))).unwrap();
+        assert_eq!(ok.attributes.len(), MAX_ATTRIBUTES);
+        let err = from_native(at("risk", 1.0), &message(many(MAX_ATTRIBUTES + 1))).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(&format!("at most {MAX_ATTRIBUTES}")),
+            "{err}"
+        );
+        let big = serde_json::json!({"note": "x".repeat(MAX_ATTRIBUTES_BYTES)});
+        let err = from_native(at("risk", 1.0), &message(big)).unwrap_err();
+        assert!(err.to_string().contains("bytes as JSON"), "{err}");
     }
 
     #[test]
