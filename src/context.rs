@@ -28,6 +28,12 @@ use crate::signal::Signal;
 const MAX_SESSION_REVOCATIONS: usize = 128;
 /// How many recent signals a context keeps for "explain".
 const RECENT_SIGNALS: usize = 20;
+/// Most facts of one kind a context holds (risk per source, compliance per device, assurance per
+/// namespace, attributes, a token's claims, token scopes of claims, …): the keys come from what
+/// transmitters and feeds send, so without a bound one subject's context would grow with every
+/// new key. Beyond it the oldest fact (by event time) goes, as the oldest session revocation does
+/// past its own bound — a fact older than 256 newer ones of its kind about the same subject.
+pub const MAX_FACTS_PER_KIND: usize = 256;
 
 /// A fact with its provenance.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -79,10 +85,36 @@ fn upsert_map<T: PartialEq>(
             true
         }
         None => {
+            if map.len() >= MAX_FACTS_PER_KIND {
+                let oldest = map
+                    .iter()
+                    .min_by(|a, b| a.1.time.total_cmp(&b.1.time))
+                    .map(|(k, f)| (k.clone(), f.time));
+                match oldest {
+                    // The new fact would be the oldest held: it is the one that goes.
+                    Some((_, time)) if new.time < time => {
+                        metrics::counter!(crate::telemetry::CONTEXT_FACTS_EVICTED).increment(1);
+                        return false;
+                    }
+                    Some((k, _)) => {
+                        map.remove(&k);
+                        metrics::counter!(crate::telemetry::CONTEXT_FACTS_EVICTED).increment(1);
+                    }
+                    None => {}
+                }
+            }
             map.insert(key, new);
             true
         }
     }
+}
+
+/// The event time of the newest claim of a token scope.
+fn newest(claims: &CompactMap<String, Stamped<Value>>) -> f64 {
+    claims
+        .values()
+        .map(|c| c.time)
+        .fold(f64::NEG_INFINITY, f64::max)
 }
 
 /// Per-kind decay (seconds). Absent = never decays.
@@ -422,10 +454,28 @@ impl PrincipalContext {
                     .find(|k| k.starts_with("jwt_id:") || k.starts_with("saml_assertion_id:"))
                     .cloned()
                     .unwrap_or_default();
-                let claims = self.claims.get_or_insert_with(scope, CompactMap::new);
+                let claims = self
+                    .claims
+                    .get_or_insert_with(scope.clone(), CompactMap::new);
                 let mut changed = false;
                 for (name, value) in &e.claims {
                     changed |= upsert_map(claims, name.clone(), stamp!(value.clone()));
+                }
+                // Scopes are tokens: as many as the subject was issued, so bounded as facts are
+                // (the scope whose newest claim is the oldest goes; never the one just written).
+                while self.claims.len() > MAX_FACTS_PER_KIND {
+                    let oldest = self
+                        .claims
+                        .iter()
+                        .filter(|(k, _)| **k != scope)
+                        .min_by(|a, b| newest(a.1).total_cmp(&newest(b.1)))
+                        .map(|(k, _)| k.clone());
+                    let Some(oldest) = oldest else { break };
+                    self.claims.remove(&oldest);
+                    metrics::counter!(crate::telemetry::CONTEXT_FACTS_EVICTED).increment(1);
+                }
+                if self.claims.get(&scope).is_some_and(CompactMap::is_empty) {
+                    self.claims.remove(&scope);
                 }
                 changed
             }
@@ -689,6 +739,72 @@ mod tests {
 
     fn risk(level: &str) -> Value {
         json!({"principal": "USER", "current_level": level})
+    }
+
+    /// Facts of one kind are bounded per context: past [`MAX_FACTS_PER_KIND`] keys the oldest by
+    /// event time goes (a fact older than all held is not taken), and token scopes of claims are
+    /// bounded the same way — so a feed or transmitter sending ever new keys about one subject
+    /// cannot grow its context without end.
+    #[test]
+    fn facts_of_one_kind_are_bounded_and_the_oldest_goes() {
+        let mut ctx = PrincipalContext::new("email:u@example.com");
+        let t = Target::default();
+        let with_attributes = |seq: u64, time: f64, names: std::ops::Range<usize>| {
+            let mut s = signal(seq, time, EventKind::RiskLevelChange, risk("LOW"));
+            s.attributes = names.map(|i| (format!("a{i}"), json!(i))).collect();
+            s
+        };
+        for i in 0..MAX_FACTS_PER_KIND {
+            ctx.apply(
+                &with_attributes(i as u64 + 1, 1000.0 + i as f64, i..i + 1),
+                &t,
+            );
+        }
+        assert_eq!(ctx.attributes.len(), MAX_FACTS_PER_KIND);
+        // One more, newer: the oldest (a0) goes.
+        ctx.apply(&with_attributes(1000, 5000.0, 1000..1001), &t);
+        assert_eq!(ctx.attributes.len(), MAX_FACTS_PER_KIND);
+        assert!(!ctx.attributes.contains_key("a0"));
+        assert!(ctx.attributes.contains_key("a1000"));
+        // One older than every fact held is not taken.
+        let changed = ctx.set_attribute(
+            "ancient",
+            Stamped {
+                value: json!(1),
+                time: 1.0,
+                source: "feed:x".into(),
+                seq: 1001,
+                ttl: None,
+            },
+        );
+        assert!(!changed);
+        assert!(!ctx.attributes.contains_key("ancient"));
+        // An existing key still updates at the bound.
+        ctx.apply(&with_attributes(1002, 6000.0, 5..6), &t);
+        assert_eq!(ctx.attributes.get("a5").map(|f| f.time), Some(6000.0));
+
+        // Claims of ever new tokens: the scopes are bounded, the newest kept.
+        let mut ctx = PrincipalContext::new("email:u@example.com");
+        for i in 0..MAX_FACTS_PER_KIND + 10 {
+            let target = Target {
+                identifiers: vec![format!("jwt_id:t{i}")],
+                ..Target::default()
+            };
+            ctx.apply(
+                &signal(
+                    i as u64 + 1,
+                    100.0 + i as f64,
+                    EventKind::TokenClaimsChange,
+                    json!({"claims": {"role": "ro"}}),
+                ),
+                &target,
+            );
+        }
+        assert_eq!(ctx.claims.len(), MAX_FACTS_PER_KIND);
+        assert!(!ctx.claims.contains_key("jwt_id:t0"));
+        assert!(ctx
+            .claims
+            .contains_key(format!("jwt_id:t{}", MAX_FACTS_PER_KIND + 9).as_str()));
     }
 
     /// A replay's starting point: the facts the window's signals set are dropped and counted
