@@ -1376,6 +1376,23 @@ mod tests {
         }
     }
 
+    /// Registers the access token `t1` and swaps in a policy that revokes every access token: one
+    /// revocation, handed off to delivery.
+    async fn revoke_a_token(engine: &Engine) {
+        let request: GrantRequest = serde_json::from_value(serde_json::json!({
+            "id": "t1", "kind": "access_token", "subject": {"format": "email", "email": "h@example.com"},
+            "issued_at": 1_700_000_000, "expires_at": 4_000_000_000u64}))
+        .unwrap();
+        engine.register(request).await.unwrap();
+        let policy = PolicySet::from_sources(&[(
+            "tokens.yaml".to_owned(),
+            "rules:\n  - {id: tokens, on: ['*'], when: \"grant.kind == 'access_token'\", effect: revoke}\n"
+                .to_owned(),
+        )])
+        .unwrap();
+        engine.swap_policy(policy).unwrap().wait().await;
+    }
+
     /// A decision its owner committed but delivery had not yet taken over is in the changelog,
     /// and the instance that restores the partition hands it to its own delivery (same decision,
     /// so the same SET `jti`s).
@@ -1386,18 +1403,7 @@ mod tests {
             changelog: Some(log.clone()),
             ..EngineSettings::default()
         });
-        let request: GrantRequest = serde_json::from_value(serde_json::json!({
-            "id": "t1", "kind": "access_token", "subject": {"format": "email", "email": "h@example.com"},
-            "issued_at": 1_700_000_000, "expires_at": 4_000_000_000u64}))
-        .unwrap();
-        first.register(request).await.unwrap();
-        let policy = PolicySet::from_sources(&[(
-            "tokens.yaml".to_owned(),
-            "rules:\n  - {id: tokens, on: ['*'], when: \"grant.kind == 'access_token'\", effect: revoke}\n"
-                .to_owned(),
-        )])
-        .unwrap();
-        first.swap_policy(policy).unwrap().wait().await;
+        revoke_a_token(&first).await;
         // The partition as the state topic holds it: each row's last record.
         let mut latest: std::collections::HashMap<String, Option<Vec<u8>>> =
             std::collections::HashMap::new();
@@ -1448,18 +1454,7 @@ mod tests {
     async fn hand_off_rows_are_keyed_by_time_and_old_keys_are_moved_at_start() {
         let dir = tempfile::tempdir().unwrap();
         let (engine, mut decisions, db, held) = engine_in(dir.path(), EngineSettings::default());
-        let request: GrantRequest = serde_json::from_value(serde_json::json!({
-            "id": "t1", "kind": "access_token", "subject": {"format": "email", "email": "h@example.com"},
-            "issued_at": 1_700_000_000, "expires_at": 4_000_000_000u64}))
-        .unwrap();
-        engine.register(request).await.unwrap();
-        let policy = PolicySet::from_sources(&[(
-            "tokens.yaml".to_owned(),
-            "rules:\n  - {id: tokens, on: ['*'], when: \"grant.kind == 'access_token'\", effect: revoke}\n"
-                .to_owned(),
-        )])
-        .unwrap();
-        engine.swap_policy(policy).unwrap().wait().await;
+        revoke_a_token(&engine).await;
         let handed = tokio::time::timeout(Duration::from_secs(5), decisions.recv())
             .await
             .unwrap()

@@ -20,26 +20,17 @@ use super::shard::Shard;
 use super::{member_index, obo_index, principal_index, Msg, Shared};
 use crate::context::PrincipalContext;
 use crate::parts::in_parts;
-
-/// The members a grant names whose contexts its evaluation may read (every member is indexed).
-const MEMBERS: [&str; 6] = [
-    "device",
-    "session",
-    "tenant",
-    "application",
-    "group",
-    "org_unit",
-];
+use crate::principal::GRANT_MEMBERS;
 
 /// Keys per [`Msg::Forget`]: one shard batch's worth of deletions at most.
 const FORGET_CHUNK: usize = 256;
 
-/// Whether a grant refers to the context `key`: as its principal, one of its members, or the user
-/// an agent acts for.
+/// Whether a grant refers to the context `key`: as its principal, one of its members (every member
+/// is indexed), or the user an agent acts for.
 fn referenced(shared: &Shared, key: &str) -> bool {
     shared.index.contains_key(principal_index(key).as_str())
         || shared.index.contains_key(obo_index(key).as_str())
-        || MEMBERS
+        || GRANT_MEMBERS
             .iter()
             .any(|m| shared.index.contains_key(member_index(m, key).as_str()))
 }
