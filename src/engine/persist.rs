@@ -833,6 +833,46 @@ mod tests {
         assert_eq!(bulk.last().map(|c| c.revocations.len()), Some(10));
     }
 
+    /// A forgotten context (retention) is deleted from the store and, in cluster mode, from the
+    /// state topic: its change record is a tombstone on the context's own partition, so the
+    /// partition's next owner does not restore it.
+    #[test]
+    fn a_forgotten_context_is_a_tombstone_in_the_changelog_and_gone_from_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::open(dir.path()).unwrap();
+        load(&db).unwrap();
+        let ctx = Arc::new(PrincipalContext::new("email:gone@example.com"));
+        let stored = Changes {
+            decided_contexts: vec![ctx.clone()],
+            ..Changes::default()
+        }
+        .encode()
+        .unwrap();
+        let txn = db.begin_write().unwrap();
+        write(&txn, &stored).unwrap();
+        txn.commit().unwrap();
+        assert_eq!(load(&db).unwrap().contexts.len(), 1);
+
+        let forgotten = Changes {
+            deleted_contexts: vec![ctx.key.clone()],
+            ..Changes::default()
+        }
+        .encode()
+        .unwrap();
+        assert_eq!(
+            forgotten.records(),
+            [ChangeRecord {
+                owner: ctx.key.clone(),
+                key: Row::new(Table::Context, ctx.key.as_str()).record_key(),
+                value: None,
+            }]
+        );
+        let txn = db.begin_write().unwrap();
+        write(&txn, &forgotten).unwrap();
+        txn.commit().unwrap();
+        assert!(load(&db).unwrap().contexts.is_empty());
+    }
+
     /// Every persisted field of a context but its session revocations is in the stored JSON: a
     /// field added to `PrincipalContext` and not to `StoredContext` fails here.
     #[test]
