@@ -62,21 +62,19 @@ pub(super) fn run(shared: Arc<Shared>, inboxes: Vec<Sender<Msg>>, stop: Receiver
     }
 }
 
-/// The keys of the contexts due to be forgotten, per owning shard. Ages are read first, grant
-/// references after, so no lock of the grant index is taken while one of the contexts' is held.
+/// The keys of the contexts due to be forgotten, per owning shard. The contexts are only
+/// snapshotted (an `Arc` each) while the map's locks are held, so a shard updating one waits for
+/// a pointer copy, not for every fact of a segment's contexts to be read; ages and grant references
+/// are read after, with no lock of the contexts held.
 fn scan(shared: &Shared) -> Vec<Vec<String>> {
     let now = shared.settings.clock.now();
-    let stale: Vec<String> = shared
-        .contexts
-        .iter()
-        .filter(|c| stale(shared, c.value(), now))
-        .map(|c| c.key().clone())
-        .collect();
-    metrics::gauge!(crate::telemetry::CONTEXTS).set(shared.contexts.len() as f64);
+    let contexts: Vec<Arc<PrincipalContext>> =
+        shared.contexts.iter().map(|c| c.value().clone()).collect();
+    metrics::gauge!(crate::telemetry::CONTEXTS).set(contexts.len() as f64);
     let mut due = vec![Vec::new(); shared.settings.shards.max(1)];
-    for key in stale {
-        if !referenced(shared, &key) {
-            due[shared.shard_of(&key)].push(key);
+    for ctx in contexts {
+        if stale(shared, &ctx, now) && !referenced(shared, &ctx.key) {
+            due[shared.shard_of(&ctx.key)].push(ctx.key.clone());
         }
     }
     due
