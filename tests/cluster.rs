@@ -638,6 +638,35 @@ async fn any_instance_takes_a_set_and_only_the_owner_applies_it() {
         );
     }
 
+    // A link its principal's owner forgot (context retention) is a tombstone on the alias topic:
+    // every instance drops it from its table.
+    let links_now: Vec<u64> = {
+        let mut held = Vec::new();
+        for instance in &instances {
+            held.push(aliases_held(&http, &instance.base).await);
+        }
+        held
+    };
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    producer
+        .send(
+            FutureRecord::<str, [u8]>::to(&vigil::cluster::Topics::of(NAME).aliases)
+                .key("phone_number:+12025550199")
+                .partition(0),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    for (instance, before) in instances.iter().zip(&links_now) {
+        eventually_within(30, "the forgotten link dropped everywhere", || async {
+            (aliases_held(&http, &instance.base).await + 1 == *before).then_some(())
+        })
+        .await;
+    }
+
     // Every broker down: a push is refused with 503 + Retry-After and acknowledges nothing; the
     // transmitter's retry after the brokers return is taken and applied.
     let late = "late@example.com";

@@ -6,7 +6,9 @@
 //!
 //! Two registrations that race on the same new identifier each link it on their owner; the topic
 //! orders the two links, and the last one wins on every instance (a compacted topic keeps exactly
-//! that one, so an instance that starts later reads the same answer).
+//! that one, so an instance that starts later reads the same answer). A link the owner forgot
+//! with its principal (context retention) is a tombstone: every instance drops it, and a
+//! compacted topic drops it too.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,6 +71,8 @@ fn read(
             (Some(alias), Some(principal)) if !principal.is_empty() => {
                 engine.learn_alias(alias, principal);
             }
+            // A tombstone: the owner forgot the link with its principal (context retention).
+            (Some(alias), None) if message.payload().is_none() => engine.unlearn_alias(alias),
             _ => tracing::warn!(
                 offset = message.offset(),
                 "an unreadable record on the alias topic"

@@ -149,15 +149,17 @@ impl Changelog for StateLog {
                 record = record.payload(value.as_slice());
             }
             let mut sends = vec![record];
-            // An identifier's link also goes to the alias table every instance reads.
+            // An identifier's link (or its deletion, a tombstone) also goes to the alias table
+            // every instance reads.
             let alias = Row::parse(&r.key).filter(|row| row.table == Table::Alias);
-            if let (Some(alias), Some(principal)) = (&alias, &r.value) {
-                sends.push(
-                    FutureRecord::to(&self.aliases_topic)
-                        .key(alias.key.as_str())
-                        .partition(0)
-                        .payload(principal.as_slice()),
-                );
+            if let Some(alias) = &alias {
+                let mut record = FutureRecord::to(&self.aliases_topic)
+                    .key(alias.key.as_str())
+                    .partition(0);
+                if let Some(principal) = &r.value {
+                    record = record.payload(principal.as_slice());
+                }
+                sends.push(record);
             }
             for record in sends {
                 match self.send(record, deadline) {

@@ -232,6 +232,9 @@ pub(crate) struct Shared {
     pub contexts: DashMap<String, Arc<PrincipalContext>>,
     pub grants: DashMap<GrantId, Arc<Grant>>,
     pub aliases: DashMap<String, String>,
+    /// Held while new identifiers are linked to a principal, so two callers introducing the same
+    /// identifier at once agree on its principal and only one of them records the link.
+    pub linking: std::sync::Mutex<()>,
     pub index: DashMap<Box<str>, GrantSet>,
     pub policy: RwLock<Arc<PolicySet>>,
     /// The shadow set every evaluation also runs, when one is loaded.
@@ -342,8 +345,9 @@ pub(crate) enum Msg {
         routed: Box<Routed>,
         permit: OwnedSemaphorePermit,
     },
-    /// Forget these contexts if they are still past their retention ([`retention`]).
-    Forget { keys: Vec<String> },
+    /// Forget these principals' contexts and links if they are still past their retention
+    /// ([`retention`]).
+    Forget { due: Vec<retention::Due> },
     /// Fold signals that intake did not record (their source replays them); `done` answers after
     /// the batch's commit, with the commit's error if it failed.
     Batch {
@@ -511,9 +515,6 @@ pub struct Engine {
     threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// Dropped at shutdown: ends the retention thread.
     retention_stop: std::sync::Mutex<Option<std::sync::mpsc::Sender<()>>>,
-    /// Held while new identifiers are linked to a principal, so two callers introducing the same
-    /// identifier at once agree on its principal and only one of them records the link.
-    linking: std::sync::Mutex<()>,
 }
 
 impl Engine {
@@ -539,6 +540,7 @@ impl Engine {
             contexts: DashMap::new(),
             grants: DashMap::new(),
             aliases: DashMap::new(),
+            linking: std::sync::Mutex::new(()),
             index: DashMap::new(),
             policy: RwLock::new(Arc::new(policy)),
             shadow: RwLock::new(None),
@@ -601,7 +603,6 @@ impl Engine {
             permits: Arc::new(Semaphore::new(settings.max_inflight.max(1))),
             threads: std::sync::Mutex::new(threads),
             retention_stop: std::sync::Mutex::new(Some(retention_stop)),
-            linking: std::sync::Mutex::new(()),
         })
     }
 
@@ -667,12 +668,25 @@ impl Engine {
     /// alias topic, in its order: the last link of an identifier wins on every instance).
     pub fn learn_alias(&self, alias: &str, principal: &str) {
         let _linking = self
+            .shared
             .linking
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.shared
             .aliases
             .insert(alias.to_owned(), principal.to_owned());
+        metrics::gauge!(crate::telemetry::ALIASES).set(self.shared.aliases.len() as f64);
+    }
+
+    /// Cluster mode: the owner of `alias`'s principal forgot the link (a tombstone on the alias
+    /// topic, in its order: a later link of the identifier is read after it and holds).
+    pub fn unlearn_alias(&self, alias: &str) {
+        let _linking = self
+            .shared
+            .linking
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.shared.aliases.remove(alias);
         metrics::gauge!(crate::telemetry::ALIASES).set(self.shared.aliases.len() as f64);
     }
 
@@ -780,6 +794,7 @@ impl Engine {
             }
         }
         let _linking = self
+            .shared
             .linking
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -1787,6 +1802,137 @@ mod tests {
         )
         .await;
         assert!(held("kept@"));
+        engine.shutdown().await;
+    }
+
+    /// Links (identifier → principal) are bounded with the contexts: a forgotten context's links
+    /// go with it, in memory and in the store; a principal with links but neither context nor
+    /// grant (its grant ended before any signal named it) loses them a window after the scans
+    /// first saw it so; a subject with a grant keeps its links. A signal routed by links forgotten
+    /// before its shard applied it links its identifiers again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn links_are_forgotten_with_their_principal_and_signals_link_again() {
+        const T0: i64 = 1_700_000_000;
+        let clock = crate::clock::Clock::manual(T0 * 1000);
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, _decisions, db, _held) = engine_in(
+            dir.path(),
+            EngineSettings {
+                clock: clock.clone(),
+                sweep_interval: Duration::from_millis(5),
+                context_retention: Duration::from_secs(3600),
+                context_scan_interval: Duration::from_millis(5),
+                ..EngineSettings::default()
+            },
+        );
+        let two_ids = |who: &str, phone: &str| {
+            serde_json::json!({"format": "aliases", "identifiers": [
+                {"format": "email", "email": format!("{who}@example.com")},
+                {"format": "phone_number", "phone_number": phone}]})
+        };
+        for (id, who, phone, lasts) in [
+            ("ended", "ended", "+15550002", 60),
+            ("kept", "kept", "+15550003", 86_400),
+        ] {
+            let request: GrantRequest = serde_json::from_value(serde_json::json!({
+                "id": id, "kind": "session", "subject": two_ids(who, phone),
+                "issued_at": T0 - 10, "expires_at": T0 + lasts}))
+            .unwrap();
+            engine.register(request).await.unwrap();
+        }
+        let signal = |subject: serde_json::Value, at: i64, seq: u64| {
+            let mut claims = crate::test_support::spec_example("caep-risk-level-change.json");
+            claims["sub_id"] = subject;
+            for (_, event) in claims["events"].as_object_mut().unwrap().iter_mut() {
+                event["event_timestamp"] = at.into();
+            }
+            crate::evaluate::testing::signal_from_claims(&claims, seq).unwrap()
+        };
+        let done = engine
+            .submit_batch(vec![signal(two_ids("gone", "+15550001"), T0, 1)])
+            .unwrap();
+        clock.advance(Duration::from_secs(1));
+        tokio::task::spawn_blocking(move || done.wait_blocking())
+            .await
+            .unwrap()
+            .unwrap();
+        let linked = |who: &str| {
+            engine
+                .shared
+                .aliases
+                .iter()
+                .filter(|l| l.value().contains(who))
+                .count()
+        };
+        let stored = |who: &str| {
+            persist::load(&db)
+                .unwrap()
+                .aliases
+                .iter()
+                .filter(|(_, principal)| principal.contains(who))
+                .count()
+        };
+        for who in ["gone@", "ended@", "kept@"] {
+            assert_eq!((linked(who), stored(who)), (2, 2), "{who}'s two links");
+        }
+        // The short grant ends; its principal never had a context.
+        clock.advance(Duration::from_secs(120));
+        within_5s("the ended grant was not swept", || {
+            engine.grant("ended").is_none()
+        })
+        .await;
+        assert!(!engine
+            .shared
+            .contexts
+            .contains_key("email:ended@example.com"));
+        // Many scans, no window over yet: every link stays.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(linked("gone@") + linked("ended@"), 4, "forgotten too early");
+        clock.advance(Duration::from_secs(3601));
+        within_5s("the stale context's links were not forgotten", || {
+            linked("gone@") == 0 && stored("gone@") == 0
+        })
+        .await;
+        within_5s("the grantless principal's links were not forgotten", || {
+            linked("ended@") == 0 && stored("ended@") == 0
+        })
+        .await;
+        assert_eq!(
+            (linked("kept@"), stored("kept@")),
+            (2, 2),
+            "a grant's links stay"
+        );
+        // Routed while its links still held, applied after retention took them: linked again.
+        let routed = engine.route(signal(two_ids("late", "+15550004"), T0 + 3700, 2));
+        assert_eq!(routed.key, "email:late@example.com");
+        engine
+            .shared
+            .aliases
+            .retain(|_, principal| !principal.contains("late@"));
+        let (done, wait) = oneshot::channel();
+        engine
+            .shared
+            .queued_signals
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        engine
+            .send(
+                engine.shared.shard_of(&routed.key),
+                Msg::Batch {
+                    items: vec![routed],
+                    done,
+                },
+            )
+            .unwrap();
+        clock.advance(Duration::from_secs(1));
+        wait.await.unwrap().unwrap();
+        assert_eq!(
+            engine
+                .principal_key(&["phone_number:+15550004".to_owned()])
+                .as_deref(),
+            Some("email:late@example.com"),
+            "the phone leads to the principal again"
+        );
+        assert_eq!(stored("late@"), 2, "and the links are stored");
         engine.shutdown().await;
     }
 

@@ -254,6 +254,9 @@ pub struct Changes {
     /// Deleted grants, each with its principal (the changelog partition it is deleted from).
     pub deleted_grants: Vec<(GrantId, String)>,
     pub aliases: Vec<(String, String)>,
+    /// Links forgotten with their principal (alias, principal): each is deleted from the store
+    /// only while it still names that principal (another shard may have linked it anew).
+    pub deleted_aliases: Vec<(String, String)>,
     /// Decisions delivery must take over (revoke, step-up, restrict), with their grants.
     pub handoff: Vec<(Decision, Arc<Grant>)>,
 }
@@ -342,6 +345,7 @@ impl Changes {
             && self.grants.is_empty()
             && self.deleted_grants.is_empty()
             && self.aliases.is_empty()
+            && self.deleted_aliases.is_empty()
             && self.handoff.is_empty()
     }
 }
@@ -357,6 +361,7 @@ pub struct Encoded {
     grants: Vec<GrantRow>,
     deleted_grants: Vec<(GrantId, String)>,
     aliases: Vec<(String, String)>,
+    deleted_aliases: Vec<(String, String)>,
     handoff: Vec<HandoffRow>,
 }
 
@@ -429,6 +434,7 @@ impl Changes {
             .collect(),
             deleted_grants: self.deleted_grants,
             aliases: self.aliases,
+            deleted_aliases: self.deleted_aliases,
             handoff,
         })
     }
@@ -437,7 +443,9 @@ impl Changes {
 impl Encoded {
     /// Takes the checkpoint's part (contexts and session revocations) out of the batch, in
     /// chunks of at most `chunk` rows each: they are written in the store's bulk lane, so a large
-    /// checkpoint does not hold up the grants and decisions left here.
+    /// checkpoint does not hold up the grants and decisions left here. Forgotten contexts go
+    /// there too, after them: bulk writes keep their order, so an earlier checkpoint's chunk
+    /// still in flight cannot write a context back after its deletion.
     pub fn split_bulk(&mut self, chunk: usize) -> Vec<Encoded> {
         let contexts =
             in_parts(std::mem::take(&mut self.contexts), chunk).map(|contexts| Encoded {
@@ -449,7 +457,14 @@ impl Encoded {
                 revocations,
                 ..Encoded::default()
             });
-        contexts.chain(revocations).collect()
+        let deleted =
+            in_parts(std::mem::take(&mut self.deleted_contexts), chunk).map(|deleted_contexts| {
+                Encoded {
+                    deleted_contexts,
+                    ..Encoded::default()
+                }
+            });
+        contexts.chain(revocations).chain(deleted).collect()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -460,6 +475,7 @@ impl Encoded {
             && self.grants.is_empty()
             && self.deleted_grants.is_empty()
             && self.aliases.is_empty()
+            && self.deleted_aliases.is_empty()
             && self.handoff.is_empty()
     }
 }
@@ -509,6 +525,13 @@ impl Encoded {
                 owner: principal.clone(),
                 key: Row::new(Table::Alias, alias.as_str()).record_key(),
                 value: Some(principal.as_bytes().to_vec()),
+            });
+        }
+        for (alias, principal) in &self.deleted_aliases {
+            out.push(ChangeRecord {
+                owner: principal.clone(),
+                key: Row::new(Table::Alias, alias.as_str()).record_key(),
+                value: None,
             });
         }
         for row in &self.handoff {
@@ -784,6 +807,18 @@ pub fn write(txn: &WriteTransaction, changes: &Encoded) -> Result<(), WriteError
                 .map_err(WriteError::storage)?;
         }
     }
+    if !changes.deleted_aliases.is_empty() {
+        let mut t = txn.open_table(ALIASES).map_err(WriteError::storage)?;
+        for (alias, principal) in &changes.deleted_aliases {
+            let still_ours = t
+                .get(alias.as_str())
+                .map_err(WriteError::storage)?
+                .is_some_and(|stored| stored.value() == principal.as_str());
+            if still_ours {
+                t.remove(alias.as_str()).map_err(WriteError::storage)?;
+            }
+        }
+    }
     Ok(())
 }
 
@@ -803,7 +838,8 @@ mod tests {
 
     /// A checkpoint splits into chunks in order, each holding only its own rows: what a chunk
     /// allocates is its own size, not the rest of the checkpoint's (which made a 100 000-context
-    /// checkpoint cost gigabytes of memory and as many bytes copied).
+    /// checkpoint cost gigabytes of memory and as many bytes copied). Forgotten contexts come
+    /// last, so no chunk before them writes one back.
     #[test]
     fn a_checkpoint_splits_in_order_into_chunks_of_their_own_size() {
         let mut encoded = Encoded {
@@ -814,13 +850,15 @@ mod tests {
                 .map(|i| (format!("k{i}\0s"), Some(vec![1u8])))
                 .collect(),
             grants: vec![("g".into(), "k0".into(), vec![2u8])],
+            deleted_contexts: vec!["k5".into()],
             ..Encoded::default()
         };
         let bulk = encoded.split_bulk(64);
         // What is not the checkpoint's stays in the batch.
         assert_eq!(encoded.grants.len(), 1);
         assert!(encoded.contexts.is_empty() && encoded.revocations.is_empty());
-        assert_eq!(bulk.len(), 1000usize.div_ceil(64) + 1);
+        assert!(encoded.deleted_contexts.is_empty());
+        assert_eq!(bulk.len(), 1000usize.div_ceil(64) + 2);
         let versions: Vec<u64> = bulk
             .iter()
             .flat_map(|c| c.contexts.iter().map(|(_, v, _)| *v))
@@ -830,7 +868,11 @@ mod tests {
             assert!(c.contexts.len() <= 64 && c.contexts.capacity() <= 64);
             assert!(c.revocations.capacity() <= 64);
         }
-        assert_eq!(bulk.last().map(|c| c.revocations.len()), Some(10));
+        assert_eq!(bulk[bulk.len() - 2].revocations.len(), 10);
+        assert_eq!(
+            bulk.last().map(|c| c.deleted_contexts.clone()),
+            Some(vec!["k5".to_owned()])
+        );
     }
 
     /// A forgotten context (retention) is deleted from the store and, in cluster mode, from the
@@ -871,6 +913,54 @@ mod tests {
         write(&txn, &forgotten).unwrap();
         txn.commit().unwrap();
         assert!(load(&db).unwrap().contexts.is_empty());
+    }
+
+    /// A forgotten link is a tombstone on its principal's partition in the changelog, and is
+    /// deleted from the store only while it still names that principal: another shard may have
+    /// linked the identifier anew to another principal before the deletion was written.
+    #[test]
+    fn a_forgotten_link_is_a_tombstone_and_spares_a_newer_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::open(dir.path()).unwrap();
+        load(&db).unwrap();
+        let commit = |changes: Changes| {
+            let encoded = changes.encode().unwrap();
+            let txn = db.begin_write().unwrap();
+            write(&txn, &encoded).unwrap();
+            txn.commit().unwrap();
+            encoded
+        };
+        let link = |alias: &str, principal: &str| (alias.to_owned(), principal.to_owned());
+        commit(Changes {
+            aliases: vec![
+                link("email:a@example.com", "email:a@example.com"),
+                link("phone_number:+1555", "email:a@example.com"),
+                link("opaque:x", "opaque:other"),
+            ],
+            ..Changes::default()
+        });
+        let forgotten = commit(Changes {
+            deleted_aliases: vec![
+                link("email:a@example.com", "email:a@example.com"),
+                link("phone_number:+1555", "email:a@example.com"),
+                // Linked to another principal since: stays.
+                link("opaque:x", "email:a@example.com"),
+            ],
+            ..Changes::default()
+        });
+        assert_eq!(
+            forgotten.records()[0],
+            ChangeRecord {
+                owner: "email:a@example.com".into(),
+                key: Row::new(Table::Alias, "email:a@example.com").record_key(),
+                value: None,
+            }
+        );
+        assert!(forgotten.records().iter().all(|r| r.value.is_none()));
+        assert_eq!(
+            load(&db).unwrap().aliases,
+            [link("opaque:x", "opaque:other")]
+        );
     }
 
     /// Every persisted field of a context but its session revocations is in the stored JSON: a

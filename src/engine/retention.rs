@@ -1,6 +1,8 @@
 //! Context retention: the context of a subject no grant refers to is forgotten once its newest
 //! fact is older than [`EngineSettings::context_retention`](super::EngineSettings) (by event
-//! time). Without it every subject a transmitter ever named would stay in memory and on disk for
+//! time), and with it the links (aliases) that lead its identifiers to it. A principal that has
+//! links but neither a context nor a grant (its grants ended before any signal named it) loses
+//! its links once it has been so for a whole window, as the scans see it. Without it every subject a transmitter ever named would stay in memory and on disk for
 //! good — a risk feed scoring every account of an organisation fills both with subjects that
 //! never hold a grant here. A subject that has a grant keeps its context as long as it has one,
 //! whatever the age of its facts: what its grants are evaluated on never disappears under them.
@@ -9,9 +11,10 @@
 //! [`context_scan_interval`](super::EngineSettings) and sends the keys it finds due to the shards
 //! that own them ([`Msg::Forget`]), which look again — a grant registered or a signal applied
 //! meanwhile keeps the context — and delete them with their next commit (in cluster mode the
-//! changelog gets the tombstone). The scan costs the shards nothing until a context is due, and
+//! changelog gets the tombstones, and the alias topic those of the links). The scan costs the shards nothing until a context is due, and
 //! no shard's inbox waits behind a walk over a million contexts.
 
+use std::collections::HashMap;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 
@@ -22,8 +25,14 @@ use crate::context::PrincipalContext;
 use crate::parts::in_parts;
 use crate::principal::GRANT_MEMBERS;
 
-/// Keys per [`Msg::Forget`]: one shard batch's worth of deletions at most.
+/// Principals per [`Msg::Forget`]: one shard batch's worth of deletions at most.
 const FORGET_CHUNK: usize = 256;
+
+/// A principal the scan found past its retention, with the identifiers linked to it then.
+pub(crate) struct Due {
+    pub key: String,
+    pub aliases: Vec<String>,
+}
 
 /// Whether a grant refers to the context `key`: as its principal, one of its members (every member
 /// is indexed), or the user an agent acts for.
@@ -43,18 +52,29 @@ fn stale(shared: &Shared, ctx: &PrincipalContext, now: f64) -> bool {
         .is_none_or(|newest| newest + keep < now)
 }
 
+/// Whether this instance owns `principal`: always on a single node; in cluster mode only the
+/// partitions it holds (the alias table is the whole cluster's, and a link of a principal owned
+/// elsewhere is for its owner to forget), and nothing before it knows which those are.
+fn owned(shared: &Shared, principal: &str) -> bool {
+    if shared.settings.changelog.is_none() {
+        return true;
+    }
+    shared.owns.get().is_some_and(|owns| owns(principal))
+}
+
 /// The retention thread: a scan every interval until `stop` is dropped.
 pub(super) fn run(shared: Arc<Shared>, inboxes: Vec<Sender<Msg>>, stop: Receiver<()>) {
     let interval = shared.settings.context_scan_interval;
+    let mut orphans = HashMap::new();
     loop {
         match stop.recv_timeout(interval) {
             Err(RecvTimeoutError::Timeout) => {}
             Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
         }
-        let due = scan(&shared);
-        for (shard, keys) in due.into_iter().enumerate() {
-            for keys in in_parts(keys, FORGET_CHUNK) {
-                if inboxes[shard].send(Msg::Forget { keys }).is_err() {
+        let due = scan(&shared, &mut orphans);
+        for (shard, due) in due.into_iter().enumerate() {
+            for due in in_parts(due, FORGET_CHUNK) {
+                if inboxes[shard].send(Msg::Forget { due }).is_err() {
                     return;
                 }
             }
@@ -62,35 +82,69 @@ pub(super) fn run(shared: Arc<Shared>, inboxes: Vec<Sender<Msg>>, stop: Receiver
     }
 }
 
-/// The keys of the contexts due to be forgotten, per owning shard. The contexts are only
-/// snapshotted (an `Arc` each) while the map's locks are held, so a shard updating one waits for
-/// a pointer copy, not for every fact of a segment's contexts to be read; ages and grant references
-/// are read after, with no lock of the contexts held.
-fn scan(shared: &Shared) -> Vec<Vec<String>> {
+/// The principals due to be forgotten, per owning shard, each with its links. The contexts are
+/// only snapshotted (an `Arc` each) while the map's locks are held, so a shard updating one waits
+/// for a pointer copy, not for every fact of a segment's contexts to be read; ages and grant
+/// references are read after, with no lock of the contexts held.
+///
+/// `orphans` carries from scan to scan the principals seen with links but neither a context nor
+/// a grant, and since when (by the injected clock): their links go once that is a window ago.
+fn scan(shared: &Shared, orphans: &mut HashMap<String, f64>) -> Vec<Vec<Due>> {
     let now = shared.settings.clock.now();
     let contexts: Vec<Arc<PrincipalContext>> =
         shared.contexts.iter().map(|c| c.value().clone()).collect();
     metrics::gauge!(crate::telemetry::CONTEXTS).set(contexts.len() as f64);
-    let mut due = vec![Vec::new(); shared.settings.shards.max(1)];
+    let mut due: HashMap<String, Vec<String>> = HashMap::new();
     for ctx in contexts {
         if stale(shared, &ctx, now) && !referenced(shared, &ctx.key) {
-            due[shared.shard_of(&ctx.key)].push(ctx.key.clone());
+            due.insert(ctx.key.clone(), Vec::new());
         }
     }
-    due
+    // One pass over the links: those of a due context go with it; those of an owned principal
+    // without a context are looked at below (a link's lock is held only for these lookups).
+    let mut contextless: HashMap<String, Vec<String>> = HashMap::new();
+    for link in shared.aliases.iter() {
+        let (alias, principal) = (link.key(), link.value());
+        if let Some(aliases) = due.get_mut(principal) {
+            aliases.push(alias.clone());
+        } else if !shared.contexts.contains_key(principal) && owned(shared, principal) {
+            contextless
+                .entry(principal.clone())
+                .or_default()
+                .push(alias.clone());
+        }
+    }
+    let keep = shared.settings.context_retention.as_secs_f64();
+    let mut still = HashMap::new();
+    for (principal, aliases) in contextless {
+        if referenced(shared, &principal) {
+            continue;
+        }
+        let since = orphans.get(&principal).copied().unwrap_or(now);
+        if since + keep < now {
+            due.insert(principal, aliases);
+        } else {
+            still.insert(principal, since);
+        }
+    }
+    *orphans = still;
+    let mut per_shard: Vec<Vec<Due>> = (0..shared.settings.shards.max(1))
+        .map(|_| Vec::new())
+        .collect();
+    for (key, aliases) in due {
+        per_shard[shared.shard_of(&key)].push(Due { key, aliases });
+    }
+    per_shard
 }
 
 impl Shard {
-    /// Forgets the context `key` if it is still due: no grant refers to it, its newest fact is
-    /// still past the window, and no write of it is waiting (a context changed since the scan is
-    /// not stale any more; one that is part of this batch's writes stays for the next scan).
-    pub(super) fn forget_context(&mut self, key: &str, p: &mut Pending) {
-        let now = self.shared.settings.clock.now();
-        let Some(ctx) = self.shared.contexts.get(key).map(|c| c.clone()) else {
-            return;
-        };
-        if !stale(&self.shared, &ctx, now)
-            || referenced(&self.shared, key)
+    /// Forgets the principal `due` names if it is still due — no grant refers to it, its context
+    /// (if it has one) is still past the window, and no write of it is waiting (a context changed
+    /// since the scan is not stale any more; one that is part of this batch's writes stays for the
+    /// next scan) — with the links the scan found that still lead to it.
+    pub(super) fn forget(&mut self, due: Due, p: &mut Pending) {
+        let key = due.key.as_str();
+        if referenced(&self.shared, key)
             || self.dirty.contains(key)
             || p.decided.contains(key)
             || self.dirty_revocations.iter().any(|(c, _)| c == key)
@@ -98,13 +152,35 @@ impl Shard {
         {
             return;
         }
-        self.shared.contexts.remove(key);
-        p.changes.revocations.extend(
-            ctx.session_revocations
-                .keys()
-                .map(|filter| (format!("{key}\0{filter}"), None)),
-        );
-        p.changes.deleted_contexts.push(key.to_owned());
-        metrics::counter!(crate::telemetry::CONTEXTS_FORGOTTEN).increment(1);
+        if let Some(ctx) = self.shared.contexts.get(key).map(|c| c.clone()) {
+            let now = self.shared.settings.clock.now();
+            if !stale(&self.shared, &ctx, now) {
+                return;
+            }
+            self.shared.contexts.remove(key);
+            p.changes.revocations.extend(
+                ctx.session_revocations
+                    .keys()
+                    .map(|filter| (format!("{key}\0{filter}"), None)),
+            );
+            p.changes.deleted_contexts.push(key.to_owned());
+            metrics::counter!(crate::telemetry::CONTEXTS_FORGOTTEN).increment(1);
+        }
+        let mut forgotten = 0;
+        for alias in due.aliases {
+            if self
+                .shared
+                .aliases
+                .remove_if(&alias, |_, principal| principal == key)
+                .is_some()
+            {
+                p.changes.deleted_aliases.push((alias, key.to_owned()));
+                forgotten += 1;
+            }
+        }
+        if forgotten > 0 {
+            metrics::counter!(crate::telemetry::ALIASES_FORGOTTEN).increment(forgotten);
+            metrics::gauge!(crate::telemetry::ALIASES).set(self.shared.aliases.len() as f64);
+        }
     }
 }

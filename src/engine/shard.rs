@@ -208,9 +208,9 @@ impl Shard {
                 }
                 self.checkpoint_waiters.push(done);
             }
-            Msg::Forget { keys } => {
-                for key in keys {
-                    self.forget_context(&key, p);
+            Msg::Forget { due } => {
+                for due in due {
+                    self.forget(due, p);
                 }
             }
             Msg::Reevaluate { grants, trigger } => {
@@ -371,6 +371,7 @@ impl Shard {
                 let mut ctx = PrincipalContext::new(key);
                 let changed = ctx.apply_noting(signal, target, &mut revocations);
                 self.shared.contexts.insert(key.to_owned(), Arc::new(ctx));
+                self.relink(key, target, p);
                 changed
             }
         };
@@ -406,6 +407,35 @@ impl Shard {
         if p.decisions.len() > decisions || p.forwards.len() > forwards {
             p.decided.insert(key.to_owned());
         }
+    }
+
+    /// Links again the identifiers of a signal that creates `key`'s context and are linked to
+    /// nothing. The signal was routed by its links, which context retention may have forgotten
+    /// between its routing and now (it saw the principal with neither context nor grant); without
+    /// this the next signal naming one of them would start a principal of its own. Only a new
+    /// context pays for the look-ups.
+    fn relink(&self, key: &str, target: &Target, p: &mut Pending) {
+        if target
+            .identifiers
+            .iter()
+            .all(|k| self.shared.aliases.contains_key(k))
+        {
+            return;
+        }
+        let _linking = self
+            .shared
+            .linking
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for k in &target.identifiers {
+            if let dashmap::mapref::entry::Entry::Vacant(link) =
+                self.shared.aliases.entry(k.clone())
+            {
+                link.insert(key.to_owned());
+                p.changes.aliases.push((k.clone(), key.to_owned()));
+            }
+        }
+        metrics::gauge!(crate::telemetry::ALIASES).set(self.shared.aliases.len() as f64);
     }
 
     /// Evaluates the grants `signal` (applied to `key`'s context) can affect: here the ones this
