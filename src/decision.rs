@@ -18,6 +18,21 @@ pub enum DecisionEffect {
     Deny,
 }
 
+impl DecisionEffect {
+    /// The effect as `vigil_decisions_total` labels it (a constant: no string is built per
+    /// decision on a shard's thread).
+    pub fn metric_label(self) -> &'static str {
+        match self {
+            DecisionEffect::Revoke => "revoke",
+            DecisionEffect::StepUp => "stepup",
+            DecisionEffect::Restrict => "restrict",
+            DecisionEffect::Notify => "notify",
+            DecisionEffect::Allow => "allow",
+            DecisionEffect::Deny => "deny",
+        }
+    }
+}
+
 /// What caused the evaluation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Cause {
@@ -178,6 +193,20 @@ pub fn digest_hex(parts: &[&str], bytes: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The metric label of each effect is the one `vigil_decisions_total` always had (the
+    /// effect's name in lower case, without separators): dashboards and alerts keep matching.
+    #[test]
+    fn metric_labels_are_the_effects_names() {
+        use DecisionEffect::*;
+        for effect in [Revoke, StepUp, Restrict, Notify, Allow, Deny] {
+            assert_eq!(
+                effect.metric_label(),
+                format!("{effect:?}").to_lowercase(),
+                "{effect:?}"
+            );
+        }
+    }
 
     fn cause(seq: u64, jti: &str) -> Cause {
         Cause {

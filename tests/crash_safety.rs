@@ -741,7 +741,9 @@ async fn acknowledged_work_survives_sigkill() {
 /// redelivered), restarted, and once the redelivered messages are applied (a last message of the
 /// same user, on the same partition, is seen), the decisions are the ones made before the kill —
 /// same ids, no new one listed or written to the audit files — the enforcement point got no SET
-/// after the restart, and the grant is in the state it was in.
+/// after the restart, and the grant is in the state it was in. Another user's HIGH score revoked
+/// their grant before the kill (a revocation's context is not written with it: it waits for the
+/// checkpoint); replayed, it revokes nothing again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_replay_after_sigkill_makes_no_decision_again() {
     const FLIPS: usize = 20;
@@ -765,6 +767,8 @@ async fn kafka_replay_after_sigkill_makes_no_decision_again() {
     let acked = Mutex::new(Acked::default());
     let email = "replay@example.com";
     assert!(register(&http, &base, &acked, "r1", email).await);
+    let revoked_email = "replay-revoked@example.com";
+    assert!(register(&http, &base, &acked, "r2", revoked_email).await);
 
     let t0 = now();
     let publish = |n: usize, level: &'static str| {
@@ -791,6 +795,16 @@ async fn kafka_replay_after_sigkill_makes_no_decision_again() {
         })
         .await;
     }
+    let high = json!({"subject": {"format": "email", "email": revoked_email},
+        "level": "HIGH", "id": "revoking", "event_time": t0});
+    publisher
+        .publish(TOPIC, Some(revoked_email), high.to_string().as_bytes())
+        .await
+        .unwrap();
+    eventually_within(30, "the HIGH score to revoke r2", || async {
+        (status_of(&http, &base, "r2").await.as_deref() == Some("revoked")).then_some(())
+    })
+    .await;
     let steps_up = FLIPS / 2;
     let what = "the step-up SETs to reach the enforcement point";
     eventually_within(30, what, || async {
@@ -801,6 +815,9 @@ async fn kafka_replay_after_sigkill_makes_no_decision_again() {
     let before: BTreeSet<String> = decision_ids().await.into_iter().collect();
     // Registration (allowed: no decision) and one per flip.
     assert_eq!(before.len(), FLIPS, "decisions before the kill: {before:?}");
+    let revoked_ids = || listed_ids(&http, &base, "grant=r2&limit=10000");
+    let revocation: BTreeSet<String> = revoked_ids().await.into_iter().collect();
+    assert_eq!(revocation.len(), 1, "the revocation: {revocation:?}");
 
     child.kill().unwrap(); // SIGKILL, long before the checkpoint
     child.wait().unwrap();
@@ -832,10 +849,17 @@ async fn kafka_replay_after_sigkill_makes_no_decision_again() {
     );
     let after: BTreeSet<String> = decision_ids().await.into_iter().collect();
     assert_eq!(after, before, "replay made decisions again");
+    assert_eq!(
+        status_of(&http, &base, "r2").await.as_deref(),
+        Some("revoked"),
+        "the revoked grant after replay"
+    );
+    let revocation_after: BTreeSet<String> = revoked_ids().await.into_iter().collect();
+    assert_eq!(revocation_after, revocation, "replay revoked again");
     let in_files = audit_file_ids(&dir.path().join("data"));
     assert_eq!(
         in_files.len(),
-        FLIPS,
+        FLIPS + 1,
         "decisions written to the audit files: {in_files:?}"
     );
     // Give a re-made decision's SET time to arrive, then check none did.

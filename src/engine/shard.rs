@@ -403,8 +403,10 @@ impl Shard {
         let (decisions, forwards) = (p.decisions.len(), p.forwards.len());
         self.reevaluate_for(key, signal, target, p);
         // A signal that decided something here or elsewhere has its context written with the
-        // decisions (before any forward is sent): replayed, it finds itself applied.
-        if p.decisions.len() > decisions || p.forwards.len() > forwards {
+        // decisions (before any forward is sent): replayed, it finds itself applied. Unless all
+        // it decided were revocations: replayed, it finds those grants revoked and decides
+        // nothing, so its context can wait for the checkpoint its source waits for anyway.
+        if p.forwards.len() > forwards || !only_revocations(&p.decisions[decisions..]) {
             p.decided.insert(key.to_owned());
         }
     }
@@ -655,7 +657,7 @@ impl Shard {
                 .insert(updated.id.clone(), updated.clone());
             p.changes.grants.push(updated);
         }
-        if !decided.decisions.is_empty() {
+        if !only_revocations(&decided.decisions) {
             p.decided.insert(grant.principal.to_string());
         }
         p.decisions.extend(decided.decisions);
@@ -663,6 +665,18 @@ impl Shard {
             p.latest.insert(grant.id.clone(), g.clone());
         }
     }
+}
+
+/// Whether every one of `decisions` revokes its grant. A revoked grant is never evaluated again, so
+/// a signal replayed after a crash (its context as the last checkpoint left it) decides nothing
+/// about it: the context those decisions were made on need not be written with them — one row
+/// fewer per revocation for the store's one writer. Any other decision (a step-up, a restriction,
+/// a notice, a shadow decision) could be made again on the older context, so its context is
+/// written with it.
+fn only_revocations(decisions: &[crate::decision::Decision]) -> bool {
+    decisions
+        .iter()
+        .all(|d| d.changes_status() && d.status == GrantStatus::Revoked)
 }
 
 /// Whether no enforced rule can match any of `grants` (one principal's) on current state.
