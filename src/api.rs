@@ -67,6 +67,12 @@ pub(crate) fn engine_error(e: EngineError) -> Response {
             "unavailable",
             e.to_string(),
         ),
+        EngineError::Full(_) => crate::error_body::refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "grant_capacity",
+            &e.to_string(),
+            std::time::Duration::from_secs(60),
+        ),
         EngineError::Overloaded => crate::error_body::refusal(
             StatusCode::SERVICE_UNAVAILABLE,
             "overloaded",

@@ -828,6 +828,7 @@ fn engine_settings(config: &Config, clock: Clock) -> EngineSettings {
         max_batch: config.engine.max_batch,
         checkpoint_interval: Duration::from_millis(config.engine.checkpoint_interval_ms),
         max_inflight: config.engine.max_inflight,
+        max_grants: config.engine.max_grants,
         context_retention: Duration::from_secs(config.engine.context_retention_secs),
         context_scan_interval: EngineSettings::default().context_scan_interval,
         clock,

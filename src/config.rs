@@ -709,6 +709,12 @@ pub struct EngineConfig {
     /// Signals and API requests in flight across all shards before callers wait (backpressure).
     #[serde(default = "default_inflight")]
     pub max_inflight: usize,
+    /// Most grants held (revoked ones count until they expire): a registration of a new grant
+    /// beyond it is refused (503 `grant_capacity`), as is a session grant from a
+    /// session-established event (`vigil_grants_refused_total`). Grants live in memory, about
+    /// 1 KiB each: this is the engine's memory bound against clients registering without end.
+    #[serde(default = "default_max_grants")]
+    pub max_grants: usize,
     /// Signals (and API requests) a shard handles per commit: a Kafka batch reaches a shard in
     /// parts of at most this many signals.
     #[serde(default = "default_batch")]
@@ -1237,6 +1243,9 @@ fn default_session_ttl() -> u64 {
 fn default_inflight() -> usize {
     8192
 }
+fn default_max_grants() -> usize {
+    10_000_000
+}
 fn default_sweep() -> u64 {
     1000
 }
@@ -1316,6 +1325,7 @@ impl Default for EngineConfig {
             shards: 0,
             session_ttl_secs: default_session_ttl(),
             max_inflight: default_inflight(),
+            max_grants: default_max_grants(),
             max_batch: default_batch(),
             sweep_interval_ms: default_sweep(),
             checkpoint_interval_ms: default_checkpoint(),
@@ -1493,6 +1503,7 @@ impl Config {
         }
         for (key, value) in [
             ("engine.max_inflight", self.engine.max_inflight),
+            ("engine.max_grants", self.engine.max_grants),
             ("engine.max_batch", self.engine.max_batch),
             (
                 "engine.sweep_interval_ms",

@@ -193,3 +193,53 @@ async fn oversize_bodies_are_refused_on_every_surface() {
     assert_eq!(status, 413);
     vigil.shutdown().await;
 }
+
+/// A client registering grants without end meets `engine.max_grants`: the grant past it gets
+/// `503 grant_capacity` with `Retry-After`, is not held, and the refusal is counted; a held grant
+/// registered again is still taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_past_the_bound_are_refused_with_grant_capacity() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), Vec::new());
+    config.engine.max_grants = 2;
+    config.validate().unwrap();
+    let vigil = start(config).await;
+    let http = reqwest::Client::new();
+    let token = vigil.admin_token().unwrap().to_owned();
+    let url = format!("http://{}/v1/grants", vigil.local_addr());
+    let register = |id: &str| {
+        let body = json!({"id": id, "kind": "session",
+            "subject": {"format": "email", "email": format!("{id}@example.com")},
+            "issued_at": now() - 5.0, "expires_at": now() + 3600.0});
+        let (http, url, token) = (http.clone(), url.clone(), token.clone());
+        async move {
+            http.post(&url)
+                .bearer_auth(&token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    for id in ["g1", "g2"] {
+        assert_eq!(register(id).await.status().as_u16(), 201);
+    }
+    let refused = register("g3").await;
+    assert_eq!(refused.status().as_u16(), 503);
+    assert!(refused.headers().get("retry-after").is_some());
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["error"], "grant_capacity", "{body}");
+    assert!(vigil.engine().grant("g3").is_none(), "not held");
+    assert_eq!(register("g2").await.status().as_u16(), 201, "an update");
+    let (_, metrics) = get(&vigil, "/metrics").await;
+    assert!(
+        metrics.contains("vigil_grants_refused_total 1"),
+        "counted: {}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("grants_refused"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    vigil.shutdown().await;
+}

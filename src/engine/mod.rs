@@ -77,6 +77,8 @@ pub struct EngineSettings {
     pub checkpoint_interval: Duration,
     /// Most signals and API requests in flight across all shards (backpressure).
     pub max_inflight: usize,
+    /// Most grants held; a new one beyond is refused ([`EngineError::Full`]).
+    pub max_grants: usize,
     /// How long a context no grant refers to outlives its newest fact ([`retention`]).
     pub context_retention: Duration,
     /// How often the contexts are looked through for those past their retention.
@@ -100,6 +102,7 @@ impl Default for EngineSettings {
             max_batch: 256,
             checkpoint_interval: Duration::from_secs(1),
             max_inflight: 8192,
+            max_grants: 10_000_000,
             context_retention: Duration::from_secs(30 * 24 * 3600),
             context_scan_interval: Duration::from_secs(60),
             clock: crate::clock::Clock::system(),
@@ -127,6 +130,9 @@ pub enum EngineError {
     /// Every in-flight slot stayed taken for the API's wait: the caller should retry later (503).
     #[error("the engine is overloaded; retry later")]
     Overloaded,
+    /// A new grant beyond `engine.max_grants`: refused until grants expire or are deleted (503).
+    #[error("Vigil holds its most grants ({0}, engine.max_grants); a new grant is refused until some expire or are deleted")]
+    Full(usize),
     #[error("cannot start a shard thread: {0}")]
     Thread(String),
     /// Cluster mode: the principal's partition is not this instance's (it is moving); the caller
@@ -964,7 +970,14 @@ impl Engine {
         if let Some(token) = &request.token {
             identifiers.push(format!("jwt_id:{}|{}", token.iss, token.jti));
         }
-        // Before `resolve`, which links new aliases in memory: an overloaded answer links nothing.
+        // Before `resolve`, which links new aliases in memory: an overloaded answer, or one
+        // refused for capacity, links nothing. (The shard checks capacity again, in order.)
+        let max = self.shared.settings.max_grants;
+        if self.shared.grants.len() >= max && !self.shared.grants.contains_key(request.id.as_str())
+        {
+            metrics::counter!(crate::telemetry::GRANTS_REFUSED).increment(1);
+            return Err(EngineError::Full(max));
+        }
         let permit = self.api_permit().await?;
         let (principal, aliases) = self
             .resolve(&identifiers)
@@ -1609,6 +1622,89 @@ mod tests {
         assert!(engine.shared.aliases.is_empty(), "nothing linked");
         drop(held);
         assert!(engine.register(request).await.is_ok());
+        engine.shutdown().await;
+    }
+
+    /// Grants are bounded by `max_grants`: a new grant beyond is refused and changes nothing (no
+    /// grant, no link), also when it comes as a session-established event; re-registering a held
+    /// grant is not refused; once one is deleted or has expired, a new one is taken again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn grants_beyond_the_bound_are_refused_and_change_nothing() {
+        let clock = crate::clock::Clock::manual(1_700_000_000_000);
+        let (engine, _held) = engine(EngineSettings {
+            max_grants: 2,
+            clock: clock.clone(),
+            sweep_interval: Duration::from_millis(5),
+            ..EngineSettings::default()
+        });
+        let request = |id: &str, email: &str| -> GrantRequest {
+            serde_json::from_value(serde_json::json!({
+                "id": id, "kind": "session", "subject": {"format": "email", "email": email},
+                "issued_at": 1_699_999_990, "expires_at": 1_700_000_060}))
+            .unwrap()
+        };
+        engine
+            .register(request("g1", "a@example.com"))
+            .await
+            .unwrap();
+        engine
+            .register(request("g2", "b@example.com"))
+            .await
+            .unwrap();
+        let refused = engine.register(request("g3", "c@example.com")).await;
+        assert!(matches!(refused, Err(EngineError::Full(2))), "{refused:?}");
+        assert!(engine.grant("g3").is_none());
+        assert!(
+            !engine.shared.aliases.contains_key("email:c@example.com"),
+            "nothing linked"
+        );
+        // A held grant registered again is an update, not a new grant.
+        engine
+            .register(request("g2", "b@example.com"))
+            .await
+            .unwrap();
+        // A session-established event would make a session grant of its own: not past the bound.
+        let session_established = |email: &str, seq: u64| {
+            let mut claims = crate::test_support::spec_example("caep-session-established.json");
+            claims["sub_id"] = serde_json::json!({"format": "email", "email": email});
+            for (_, event) in claims["events"].as_object_mut().unwrap().iter_mut() {
+                event["event_timestamp"] = (clock.now() as i64).into();
+            }
+            let signal = crate::evaluate::testing::signal_from_claims(&claims, seq).unwrap();
+            let done = engine.submit_batch(vec![signal]).unwrap();
+            let clock = clock.clone();
+            async move {
+                clock.advance(Duration::from_secs(1));
+                tokio::task::spawn_blocking(move || done.wait_blocking())
+                    .await
+                    .unwrap()
+                    .unwrap();
+            }
+        };
+        session_established("d@example.com", 1).await;
+        assert_eq!(
+            engine.shared.grants.len(),
+            2,
+            "no session grant past the bound"
+        );
+        // g1 deleted: room for one more.
+        engine.delete("g1").await.unwrap();
+        engine
+            .register(request("g3", "c@example.com"))
+            .await
+            .unwrap();
+        // Every grant expired and swept: the same kind of event makes its session grant.
+        clock.advance(Duration::from_secs(120));
+        within_5s("the expired grants were not swept", || {
+            engine.shared.grants.is_empty()
+        })
+        .await;
+        session_established("e@example.com", 2).await;
+        assert_eq!(
+            engine.shared.grants.len(),
+            1,
+            "the session grant within the bound"
+        );
         engine.shutdown().await;
     }
 
