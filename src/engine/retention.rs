@@ -2,17 +2,19 @@
 //! fact is older than [`EngineSettings::context_retention`](super::EngineSettings) (by event
 //! time), and with it the links (aliases) that lead its identifiers to it. A principal that has
 //! links but neither a context nor a grant (its grants ended before any signal named it) loses
-//! its links once it has been so for a whole window, as the scans see it. Without it every subject a transmitter ever named would stay in memory and on disk for
-//! good — a risk feed scoring every account of an organisation fills both with subjects that
-//! never hold a grant here. A subject that has a grant keeps its context as long as it has one,
-//! whatever the age of its facts: what its grants are evaluated on never disappears under them.
+//! its links once it has been so for a whole window, as the scans see it. Without this every
+//! subject a transmitter ever named would stay in memory and on disk for good — a risk feed
+//! scoring every account of an organisation fills both with subjects that never hold a grant
+//! here. A subject that has a grant keeps its context and links as long as it has one, whatever
+//! the age of its facts: what its grants are evaluated on never disappears under them.
 //!
-//! A thread of its own looks through the contexts every
-//! [`context_scan_interval`](super::EngineSettings) and sends the keys it finds due to the shards
-//! that own them ([`Msg::Forget`]), which look again — a grant registered or a signal applied
-//! meanwhile keeps the context — and delete them with their next commit (in cluster mode the
-//! changelog gets the tombstones, and the alias topic those of the links). The scan costs the shards nothing until a context is due, and
-//! no shard's inbox waits behind a walk over a million contexts.
+//! A thread of its own looks through the contexts and links every
+//! [`context_scan_interval`](super::EngineSettings) and sends the principals it finds due to the
+//! shards that own them ([`Msg::Forget`]), which look again — a grant registered or a signal
+//! applied meanwhile keeps the principal — and delete them with their next commit (in cluster mode
+//! the changelog gets the tombstones, and the alias topic those of the links). The scan costs the
+//! shards nothing until a principal is due, and no shard's inbox waits behind a walk over a
+//! million contexts.
 
 use std::collections::HashMap;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
