@@ -1511,6 +1511,93 @@ fn crash_user(subject: &str) -> String {
     format!("{}@example.com", &subject[at..end])
 }
 
+/// Context retention in cluster mode: a subject a SET named by two identifiers, with no grant, is
+/// linked on every instance (the alias topic); once its window is over its owner forgets its
+/// context and both links, and the links' tombstones on the alias topic take them off every
+/// instance's table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forgotten_subjects_links_leave_every_instance() {
+    const WINDOW_SECS: u64 = 5;
+    let kafka = brokers_with_topics();
+    let brokers = kafka.bootstrap_servers();
+    let tx = Transmitter::start(&[Alg::RS256]).await;
+    let instances: Vec<Instance> = (0..2)
+        .map(|_| {
+            start_instance_with(&tx, &brokers, 10_000, false, |config| {
+                config.engine.context_retention_secs = WINDOW_SECS;
+            })
+        })
+        .collect();
+    let http = http();
+    let owners = split(&http, &instances.iter().collect::<Vec<_>>()).await;
+    let email = "ghost@example.com";
+    let owner = owners
+        .iter()
+        .position(|o| {
+            o.contains(&vigil::cluster::partition_of(
+                &principal_key(email),
+                PARTITIONS,
+            ))
+        })
+        .unwrap();
+    let before: Vec<u64> = {
+        let mut held = Vec::new();
+        for instance in &instances {
+            held.push(aliases_held(&http, &instance.base).await);
+        }
+        held
+    };
+    // Pushed to the instance that does not own the subject: it goes to the owner, which links
+    // both identifiers; every instance reads the links.
+    let set = json!({"iss": ISS, "aud": AUD, "jti": "ghost-1", "iat": now() as i64,
+        "sub_id": {"format": "aliases", "identifiers": [
+            {"format": "email", "email": email},
+            {"format": "phone_number", "phone_number": "+12025550142"}]},
+        "events": {DISABLED: {}}});
+    assert_eq!(
+        push_set(&http, &instances[1 - owner].base, &tx, &set).await,
+        202
+    );
+    for (instance, before) in instances.iter().zip(&before) {
+        eventually_within(30, "the two links read everywhere", || async {
+            (aliases_held(&http, &instance.base).await == before + 2).then_some(())
+        })
+        .await;
+    }
+    let subject = format!(
+        "{}/v1/subjects/{}",
+        instances[owner].base,
+        principal_key(email)
+    );
+    assert_eq!(
+        admin_get(&http, &subject).await.status(),
+        200,
+        "the owner's context"
+    );
+    // The window passes: the owner forgets the context, and every instance the links.
+    for (instance, before) in instances.iter().zip(&before) {
+        eventually_within(30, "the forgotten links gone everywhere", || async {
+            (aliases_held(&http, &instance.base).await == *before).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(
+        admin_get(&http, &subject).await.status(),
+        404,
+        "the context forgotten"
+    );
+    assert!(
+        metric(
+            &http,
+            &instances[owner].base,
+            "vigil_aliases_forgotten_total"
+        )
+        .await
+            >= 2,
+        "counted on the owner"
+    );
+}
+
 /// `partition_of` is Kafka's partitioner: librdkafka's own `murmur2` partitioner, producing to
 /// the mock broker, puts every key on the partition it names.
 #[tokio::test]

@@ -35,6 +35,7 @@ pub use handed::{Durable, Handed};
 pub use impact::{Changes, Impact, RuleCount, Sample, Samples, Transition};
 pub use persist::{handoff_done_in, handoff_key, pending_handoff};
 pub use replay::{History, IntakeHistory, Replay, Window, MAX_RECORDED as REPLAY_MAX_RECORDED};
+pub(crate) use retention::scan_interval;
 mod shard;
 
 use std::collections::HashSet;
@@ -81,7 +82,8 @@ pub struct EngineSettings {
     pub max_grants: usize,
     /// How long a context no grant refers to outlives its newest fact ([`retention`]).
     pub context_retention: Duration,
-    /// How often the contexts are looked through for those past their retention.
+    /// How often the contexts are looked through for those past their retention
+    /// ([`retention::scan_interval`] of the window, as the application sets it).
     pub context_scan_interval: Duration,
     /// What "now" is: grant expiry, decision and registration times.
     pub clock: crate::clock::Clock,

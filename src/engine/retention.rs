@@ -19,6 +19,7 @@
 use std::collections::HashMap;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::commit::Pending;
 use super::shard::Shard;
@@ -34,6 +35,13 @@ const FORGET_CHUNK: usize = 256;
 pub(crate) struct Due {
     pub key: String,
     pub aliases: Vec<String>,
+}
+
+/// How often to scan for a retention window: ten times per window, so a principal outlives its
+/// window by a tenth of it at most, and at most once a minute (a scan walks every context and
+/// link) but at least every 100 ms.
+pub fn scan_interval(window: Duration) -> Duration {
+    (window / 10).clamp(Duration::from_millis(100), Duration::from_secs(60))
 }
 
 /// Whether a grant refers to the context `key`: as its principal, one of its members (every member
