@@ -1367,6 +1367,34 @@ mod tests {
 
     /// An engine on the store in `dir` (a second one after the first's shutdown is a restart),
     /// with its decisions' receiver, the store, and what must live as long as it.
+    /// An engine on `dir` whose contexts are kept an hour of `clock` after their newest fact,
+    /// looked through every 5 ms (real time): the retention tests move the clock.
+    fn retention_engine(
+        dir: &std::path::Path,
+        clock: &crate::clock::Clock,
+    ) -> (Engine, mpsc::Receiver<Handed>, Arc<redb::Database>, Threads) {
+        engine_in(
+            dir,
+            EngineSettings {
+                clock: clock.clone(),
+                sweep_interval: Duration::from_millis(5),
+                context_retention: Duration::from_secs(3600),
+                context_scan_interval: Duration::from_millis(5),
+                ..EngineSettings::default()
+            },
+        )
+    }
+
+    /// The spec's `example` SET as a signal about `subject`, its events at `at` (seconds).
+    fn example_about(example: &str, subject: serde_json::Value, at: i64, seq: u64) -> Signal {
+        let mut claims = crate::test_support::spec_example(example);
+        claims["sub_id"] = subject;
+        for (_, event) in claims["events"].as_object_mut().unwrap().iter_mut() {
+            event["event_timestamp"] = at.into();
+        }
+        crate::evaluate::testing::signal_from_claims(&claims, seq).unwrap()
+    }
+
     fn engine_in(
         dir: &std::path::Path,
         settings: EngineSettings,
@@ -1667,12 +1695,12 @@ mod tests {
             .unwrap();
         // A session-established event would make a session grant of its own: not past the bound.
         let session_established = |email: &str, seq: u64| {
-            let mut claims = crate::test_support::spec_example("caep-session-established.json");
-            claims["sub_id"] = serde_json::json!({"format": "email", "email": email});
-            for (_, event) in claims["events"].as_object_mut().unwrap().iter_mut() {
-                event["event_timestamp"] = (clock.now() as i64).into();
-            }
-            let signal = crate::evaluate::testing::signal_from_claims(&claims, seq).unwrap();
+            let signal = example_about(
+                "caep-session-established.json",
+                serde_json::json!({"format": "email", "email": email}),
+                clock.now() as i64,
+                seq,
+            );
             let done = engine.submit_batch(vec![signal]).unwrap();
             let clock = clock.clone();
             async move {
@@ -1805,16 +1833,7 @@ mod tests {
         const T0: i64 = 1_700_000_000;
         let clock = crate::clock::Clock::manual(T0 * 1000);
         let dir = tempfile::tempdir().unwrap();
-        let (engine, _decisions, db, _held) = engine_in(
-            dir.path(),
-            EngineSettings {
-                clock: clock.clone(),
-                sweep_interval: Duration::from_millis(5),
-                context_retention: Duration::from_secs(3600),
-                context_scan_interval: Duration::from_millis(5),
-                ..EngineSettings::default()
-            },
-        );
+        let (engine, _decisions, db, _held) = retention_engine(dir.path(), &clock);
         let request: GrantRequest = serde_json::from_value(serde_json::json!({
             "id": "kept-grant", "kind": "session",
             "subject": {"format": "email", "email": "kept@example.com"},
@@ -1822,12 +1841,12 @@ mod tests {
         .unwrap();
         engine.register(request).await.unwrap();
         let signal = |example: &str, email: &str, at: i64, seq: u64| {
-            let mut claims = crate::test_support::spec_example(example);
-            claims["sub_id"] = serde_json::json!({"format": "email", "email": email});
-            for (_, event) in claims["events"].as_object_mut().unwrap().iter_mut() {
-                event["event_timestamp"] = at.into();
-            }
-            crate::evaluate::testing::signal_from_claims(&claims, seq).unwrap()
+            example_about(
+                example,
+                serde_json::json!({"format": "email", "email": email}),
+                at,
+                seq,
+            )
         };
         let apply = |signals: Vec<Signal>| {
             let done = engine.submit_batch(signals).unwrap();
@@ -1913,16 +1932,7 @@ mod tests {
         const T0: i64 = 1_700_000_000;
         let clock = crate::clock::Clock::manual(T0 * 1000);
         let dir = tempfile::tempdir().unwrap();
-        let (engine, _decisions, db, _held) = engine_in(
-            dir.path(),
-            EngineSettings {
-                clock: clock.clone(),
-                sweep_interval: Duration::from_millis(5),
-                context_retention: Duration::from_secs(3600),
-                context_scan_interval: Duration::from_millis(5),
-                ..EngineSettings::default()
-            },
-        );
+        let (engine, _decisions, db, _held) = retention_engine(dir.path(), &clock);
         let two_ids = |who: &str, phone: &str| {
             serde_json::json!({"format": "aliases", "identifiers": [
                 {"format": "email", "email": format!("{who}@example.com")},
@@ -1939,12 +1949,7 @@ mod tests {
             engine.register(request).await.unwrap();
         }
         let signal = |subject: serde_json::Value, at: i64, seq: u64| {
-            let mut claims = crate::test_support::spec_example("caep-risk-level-change.json");
-            claims["sub_id"] = subject;
-            for (_, event) in claims["events"].as_object_mut().unwrap().iter_mut() {
-                event["event_timestamp"] = at.into();
-            }
-            crate::evaluate::testing::signal_from_claims(&claims, seq).unwrap()
+            example_about("caep-risk-level-change.json", subject, at, seq)
         };
         let done = engine
             .submit_batch(vec![signal(two_ids("gone", "+15550001"), T0, 1)])
