@@ -1385,6 +1385,21 @@ mod tests {
         )
     }
 
+    /// Submits `signals` as a source's batch and waits for its answer, which comes at the
+    /// checkpoint the clock (moved a second) calls.
+    async fn apply_at_checkpoint(
+        engine: &Engine,
+        clock: &crate::clock::Clock,
+        signals: Vec<Signal>,
+    ) {
+        let done = engine.submit_batch(signals).unwrap();
+        clock.advance(Duration::from_secs(1));
+        tokio::task::spawn_blocking(move || done.wait_blocking())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
     /// The spec's `example` SET as a signal about `subject`, its events at `at` (seconds).
     fn example_about(example: &str, subject: serde_json::Value, at: i64, seq: u64) -> Signal {
         let mut claims = crate::test_support::spec_example(example);
@@ -1701,15 +1716,7 @@ mod tests {
                 clock.now() as i64,
                 seq,
             );
-            let done = engine.submit_batch(vec![signal]).unwrap();
-            let clock = clock.clone();
-            async move {
-                clock.advance(Duration::from_secs(1));
-                tokio::task::spawn_blocking(move || done.wait_blocking())
-                    .await
-                    .unwrap()
-                    .unwrap();
-            }
+            apply_at_checkpoint(&engine, &clock, vec![signal])
         };
         session_established("d@example.com", 1).await;
         assert_eq!(
@@ -1848,18 +1855,7 @@ mod tests {
                 seq,
             )
         };
-        let apply = |signals: Vec<Signal>| {
-            let done = engine.submit_batch(signals).unwrap();
-            let clock = clock.clone();
-            async move {
-                // The batch is answered at the checkpoint the clock calls.
-                clock.advance(Duration::from_secs(1));
-                tokio::task::spawn_blocking(move || done.wait_blocking())
-                    .await
-                    .unwrap()
-                    .unwrap();
-            }
-        };
+        let apply = |signals: Vec<Signal>| apply_at_checkpoint(&engine, &clock, signals);
         apply(vec![
             signal("caep-risk-level-change.json", "kept@example.com", T0, 1),
             signal("caep-session-revoked.json", "gone@example.com", T0, 2),
@@ -1951,14 +1947,12 @@ mod tests {
         let signal = |subject: serde_json::Value, at: i64, seq: u64| {
             example_about("caep-risk-level-change.json", subject, at, seq)
         };
-        let done = engine
-            .submit_batch(vec![signal(two_ids("gone", "+15550001"), T0, 1)])
-            .unwrap();
-        clock.advance(Duration::from_secs(1));
-        tokio::task::spawn_blocking(move || done.wait_blocking())
-            .await
-            .unwrap()
-            .unwrap();
+        apply_at_checkpoint(
+            &engine,
+            &clock,
+            vec![signal(two_ids("gone", "+15550001"), T0, 1)],
+        )
+        .await;
         let linked = |who: &str| {
             engine
                 .shared
