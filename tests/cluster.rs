@@ -1514,7 +1514,8 @@ fn crash_user(subject: &str) -> String {
 /// Context retention in cluster mode: a subject a SET named by two identifiers, with no grant, is
 /// linked on every instance (the alias topic); once its window is over its owner forgets its
 /// context and both links, and the links' tombstones on the alias topic take them off every
-/// instance's table.
+/// instance's table. A subject with a grant keeps its links everywhere — also on the instance
+/// that holds neither its grant nor its context (the links are its owner's to forget).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_forgotten_subjects_links_leave_every_instance() {
     const WINDOW_SECS: u64 = 5;
@@ -1547,6 +1548,13 @@ async fn a_forgotten_subjects_links_leave_every_instance() {
         }
         held
     };
+    // A subject with a grant, linked by two identifiers too.
+    let mut kept = session_grant("kept", "kept@example.com");
+    kept["subject"] = json!({"format": "aliases", "identifiers": [
+        {"format": "email", "email": "kept@example.com"},
+        {"format": "phone_number", "phone_number": "+12025550143"}]});
+    registered(&http, &instances[0].base, &kept).await;
+    let before: Vec<u64> = before.iter().map(|held| held + 2).collect();
     // Pushed to the instance that does not own the subject: it goes to the owner, which links
     // both identifiers; every instance reads the links.
     let set = json!({"iss": ISS, "aud": AUD, "jti": "ghost-1", "iat": now() as i64,
@@ -1586,6 +1594,16 @@ async fn a_forgotten_subjects_links_leave_every_instance() {
         404,
         "the context forgotten"
     );
+    // Another window: the grant's links are still on both instances.
+    tokio::time::sleep(Duration::from_secs(WINDOW_SECS + 2)).await;
+    for (instance, before) in instances.iter().zip(&before) {
+        assert_eq!(
+            aliases_held(&http, &instance.base).await,
+            *before,
+            "{}: a grant's links stay",
+            instance.base
+        );
+    }
     assert!(
         metric(
             &http,

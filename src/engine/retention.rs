@@ -194,3 +194,18 @@ impl Shard {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ten scans per window, never more often than every 100 ms nor less often than a minute.
+    #[test]
+    fn a_window_is_scanned_ten_times_within_bounds() {
+        let secs = Duration::from_secs;
+        assert_eq!(scan_interval(secs(5)), Duration::from_millis(500));
+        assert_eq!(scan_interval(secs(300)), secs(30));
+        assert_eq!(scan_interval(secs(30 * 24 * 3600)), secs(60));
+        assert_eq!(scan_interval(secs(1) / 2), Duration::from_millis(100));
+    }
+}
