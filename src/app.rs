@@ -830,6 +830,9 @@ fn engine_settings(config: &Config, clock: Clock) -> EngineSettings {
         max_inflight: config.engine.max_inflight,
         max_grants: config.engine.max_grants,
         context_retention: Duration::from_secs(config.engine.context_retention_secs),
+        disabled_account_retention: Duration::from_secs(
+            config.engine.disabled_account_retention_secs,
+        ),
         context_scan_interval: crate::engine::scan_interval(Duration::from_secs(
             config.engine.context_retention_secs,
         )),

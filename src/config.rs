@@ -734,6 +734,12 @@ pub struct EngineConfig {
     /// signal and the registration of a grant it must still govern.
     #[serde(default = "default_context_retention")]
     pub context_retention_secs: u64,
+    /// How long the context of a subject whose account the IdP disabled or purged (RISC) is kept
+    /// after its newest fact, if longer than `context_retention_secs`: forgetting a disabled
+    /// account sooner would let a grant registered for it later be evaluated as if it were not.
+    /// An `account-enabled` ends it.
+    #[serde(default = "default_disabled_account_retention")]
+    pub disabled_account_retention_secs: u64,
 }
 
 /// Context settings.
@@ -1256,6 +1262,9 @@ fn default_checkpoint() -> u64 {
 fn default_context_retention() -> u64 {
     30 * 24 * 3600
 }
+fn default_disabled_account_retention() -> u64 {
+    366 * 24 * 3600
+}
 fn default_audit_bytes() -> u64 {
     64 * 1024 * 1024
 }
@@ -1330,6 +1339,7 @@ impl Default for EngineConfig {
             sweep_interval_ms: default_sweep(),
             checkpoint_interval_ms: default_checkpoint(),
             context_retention_secs: default_context_retention(),
+            disabled_account_retention_secs: default_disabled_account_retention(),
         }
     }
 }
@@ -1776,6 +1786,11 @@ impl Config {
             (
                 "engine.context_retention_secs",
                 self.engine.context_retention_secs,
+                1,
+            ),
+            (
+                "engine.disabled_account_retention_secs",
+                self.engine.disabled_account_retention_secs,
                 1,
             ),
             (

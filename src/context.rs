@@ -300,6 +300,13 @@ impl PrincipalContext {
         self.fact_stamps().map(|(seq, _)| seq)
     }
 
+    /// Whether the IdP said the account is disabled or purged (and has not enabled it since).
+    pub fn account_closed(&self) -> bool {
+        self.account
+            .as_ref()
+            .is_some_and(|a| matches!(a.value.state.as_str(), "disabled" | "purged"))
+    }
+
     /// The event time of the newest fact held, `None` for a context holding none: how long ago
     /// anything was said about the subject (context retention, `engine.context_retention_secs`).
     pub fn last_event_time(&self) -> Option<f64> {

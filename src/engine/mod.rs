@@ -82,6 +82,8 @@ pub struct EngineSettings {
     pub max_grants: usize,
     /// How long a context no grant refers to outlives its newest fact ([`retention`]).
     pub context_retention: Duration,
+    /// The same for a context whose account is disabled or purged, if longer.
+    pub disabled_account_retention: Duration,
     /// How often the contexts are looked through for those past their retention
     /// ([`retention::scan_interval`] of the window, as the application sets it).
     pub context_scan_interval: Duration,
@@ -106,6 +108,7 @@ impl Default for EngineSettings {
             max_inflight: 8192,
             max_grants: 10_000_000,
             context_retention: Duration::from_secs(30 * 24 * 3600),
+            disabled_account_retention: Duration::from_secs(366 * 24 * 3600),
             context_scan_interval: Duration::from_secs(60),
             clock: crate::clock::Clock::system(),
             changelog: None,
@@ -1367,8 +1370,9 @@ mod tests {
 
     /// An engine on the store in `dir` (a second one after the first's shutdown is a restart),
     /// with its decisions' receiver, the store, and what must live as long as it.
-    /// An engine on `dir` whose contexts are kept an hour of `clock` after their newest fact,
-    /// looked through every 5 ms (real time): the retention tests move the clock.
+    /// An engine on `dir` whose contexts are kept an hour of `clock` after their newest fact
+    /// (three for a disabled account), looked through every 5 ms (real time): the retention
+    /// tests move the clock.
     fn retention_engine(
         dir: &std::path::Path,
         clock: &crate::clock::Clock,
@@ -1379,6 +1383,7 @@ mod tests {
                 clock: clock.clone(),
                 sweep_interval: Duration::from_millis(5),
                 context_retention: Duration::from_secs(3600),
+                disabled_account_retention: Duration::from_secs(3 * 3600),
                 context_scan_interval: Duration::from_millis(5),
                 ..EngineSettings::default()
             },
@@ -1915,6 +1920,61 @@ mod tests {
         )
         .await;
         assert!(held("kept@"));
+        engine.shutdown().await;
+    }
+
+    /// A disabled account's context is kept for the longer window of its own: forgotten with the
+    /// others, a grant registered for the account later would be evaluated as if it were not
+    /// disabled. An account enabled again goes with the ordinary window.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_disabled_accounts_context_outlives_the_ordinary_window() {
+        const T0: i64 = 1_700_000_000;
+        let clock = crate::clock::Clock::manual(T0 * 1000);
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, _decisions, _db, _held) = retention_engine(dir.path(), &clock);
+        let about = |email: &str| serde_json::json!({"format": "email", "email": email});
+        apply_at_checkpoint(
+            &engine,
+            &clock,
+            vec![
+                example_about(
+                    "risc-account-disabled.json",
+                    about("closed@example.com"),
+                    T0,
+                    1,
+                ),
+                example_about(
+                    "risc-account-disabled.json",
+                    about("reopened@example.com"),
+                    T0,
+                    2,
+                ),
+                example_about(
+                    "ssf-example-risc-account-enabled-simple-subject.json",
+                    about("reopened@example.com"),
+                    T0 + 1,
+                    3,
+                ),
+            ],
+        )
+        .await;
+        let held = |who: &str| engine.shared.contexts.iter().any(|c| c.key().contains(who));
+        assert!(held("closed@") && held("reopened@"));
+        clock.advance(Duration::from_secs(3600 + 5));
+        within_5s("the re-enabled account was not forgotten", || {
+            !held("reopened@")
+        })
+        .await;
+        assert!(
+            held("closed@"),
+            "the disabled account forgotten with the others"
+        );
+        clock.advance(Duration::from_secs(2 * 3600));
+        within_5s(
+            "the disabled account was not forgotten after its window",
+            || !held("closed@"),
+        )
+        .await;
         engine.shutdown().await;
     }
 

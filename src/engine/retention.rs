@@ -55,9 +55,18 @@ fn referenced(shared: &Shared, key: &str) -> bool {
 }
 
 /// Whether `ctx`'s newest fact is older than the retention window at `now` (a context holding no
-/// fact is).
+/// fact is). The window of a disabled or purged account is the longer of the two: forgotten, the
+/// account would look enabled to a grant registered for it later — failing open.
 fn stale(shared: &Shared, ctx: &PrincipalContext, now: f64) -> bool {
-    let keep = shared.settings.context_retention.as_secs_f64();
+    let settings = &shared.settings;
+    let window = if ctx.account_closed() {
+        settings
+            .context_retention
+            .max(settings.disabled_account_retention)
+    } else {
+        settings.context_retention
+    };
+    let keep = window.as_secs_f64();
     ctx.last_event_time()
         .is_none_or(|newest| newest + keep < now)
 }
