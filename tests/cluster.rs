@@ -1525,7 +1525,9 @@ async fn a_forgotten_subjects_links_leave_every_instance() {
     let instances: Vec<Instance> = (0..2)
         .map(|_| {
             start_instance_with(&tx, &brokers, 10_000, false, |config| {
+                // The SET below disables the account: its context's window is that one.
                 config.engine.context_retention_secs = WINDOW_SECS;
+                config.engine.disabled_account_retention_secs = WINDOW_SECS;
             })
         })
         .collect();
