@@ -317,6 +317,17 @@ impl Shared {
         keys
     }
 
+    /// Whether one more grant may be held (`max_grants`); refused ones are counted. Checked for a
+    /// new grant id only: re-registering a held grant adds nothing.
+    pub fn room_for_a_grant(&self) -> Result<(), EngineError> {
+        let max = self.settings.max_grants;
+        if self.grants.len() >= max {
+            metrics::counter!(crate::telemetry::GRANTS_REFUSED).increment(1);
+            return Err(EngineError::Full(max));
+        }
+        Ok(())
+    }
+
     pub fn shard_of(&self, key: &str) -> usize {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         key.hash(&mut h);
@@ -977,11 +988,8 @@ impl Engine {
         }
         // Before `resolve`, which links new aliases in memory: an overloaded answer, or one
         // refused for capacity, links nothing. (The shard checks capacity again, in order.)
-        let max = self.shared.settings.max_grants;
-        if self.shared.grants.len() >= max && !self.shared.grants.contains_key(request.id.as_str())
-        {
-            metrics::counter!(crate::telemetry::GRANTS_REFUSED).increment(1);
-            return Err(EngineError::Full(max));
+        if !self.shared.grants.contains_key(request.id.as_str()) {
+            self.shared.room_for_a_grant()?;
         }
         let permit = self.api_permit().await?;
         let (principal, aliases) = self

@@ -506,9 +506,8 @@ impl Shard {
             grant.status_reason = existing.status_reason.clone();
             grant.status_rules = existing.status_rules.clone();
             self.unindex(&existing);
-        } else if self.shared.grants.len() >= self.shared.settings.max_grants {
-            metrics::counter!(crate::telemetry::GRANTS_REFUSED).increment(1);
-            return Err(EngineError::Full(self.shared.settings.max_grants));
+        } else {
+            self.shared.room_for_a_grant()?;
         }
         let grant = Arc::new(grant);
         self.index(&grant);
