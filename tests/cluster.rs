@@ -90,8 +90,7 @@ impl Drop for Instance {
         if std::thread::panicking() {
             let log =
                 std::fs::read_to_string(self.dir.path().join("vigil.log")).unwrap_or_default();
-            let warned: Vec<&str> = log
-                .lines()
+            let warned: Vec<&str> = own_lines(&log)
                 .filter(|l| l.contains("WARN") || l.contains("ERROR"))
                 .collect();
             eprintln!(
@@ -104,6 +103,22 @@ impl Drop for Instance {
             }
         }
     }
+}
+
+/// An instance's log without the Kafka client's own lines (a broker down repeats them by the
+/// hundred) or a warning repeated from the line before: what Vigil itself did.
+fn own_lines(log: &str) -> impl Iterator<Item = &str> {
+    let mut previous = String::new();
+    log.lines().filter(move |l| {
+        if l.contains("rdkafka") {
+            return false;
+        }
+        // The message without its time stamp (the text after the level).
+        let message = l.split_once(" WARN ").map_or(*l, |(_, m)| m);
+        let repeated = l.contains(" WARN ") && message == previous;
+        previous = message.to_owned();
+        !repeated
+    })
 }
 
 /// Starts an instance whose group session lasts `session_timeout_ms` (how long a killed instance
@@ -209,9 +224,10 @@ where
             Err(e) => e.to_string(),
         };
         let log = std::fs::read_to_string(i.dir.path().join("vigil.log")).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        let lines: Vec<&str> = own_lines(&log).collect();
+        let tail = &lines[lines.len().saturating_sub(60)..];
         eprintln!("== {} /readyz: {ready}", i.base);
-        for line in tail.into_iter().rev() {
+        for line in tail {
             eprintln!("   {line}");
         }
     }

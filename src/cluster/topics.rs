@@ -87,15 +87,9 @@ impl Topics {
     }
 }
 
-/// The librdkafka settings every cluster client starts from: the brokers, then the operator's
-/// pass-through properties.
+/// The librdkafka settings every cluster client starts from ([`crate::kafka::client_config`]).
 pub fn client_config(config: &ClusterConfig) -> ClientConfig {
-    let mut client = ClientConfig::new();
-    client.set("bootstrap.servers", config.brokers.trim());
-    for (name, value) in config.librdkafka_properties() {
-        client.set(name, value);
-    }
-    client
+    crate::kafka::client_config(&config.brokers, config.librdkafka_properties())
 }
 
 /// The settings of a producer whose records must not be lost or reordered: every in-sync replica

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::Message;
 use rdkafka::producer::FutureProducer;
@@ -443,14 +443,16 @@ impl KafkaSource {
         writer: BatchWriter,
         shutdown: watch::Receiver<bool>,
     ) -> Result<KafkaSource, KafkaError> {
-        let mut client = ClientConfig::new();
-        client
-            .set("bootstrap.servers", config.brokers.trim())
-            .set("client.id", "vigil")
-            .set("auto.offset.reset", "earliest")
-            .set("statistics.interval.ms", "5000");
-        for (name, value) in config.librdkafka_properties() {
-            client.set(name, value);
+        let mut client = super::client_config(&config.brokers, config.librdkafka_properties());
+        // The operator's properties win over these too.
+        for (name, value) in [
+            ("client.id", "vigil"),
+            ("auto.offset.reset", "earliest"),
+            ("statistics.interval.ms", "5000"),
+        ] {
+            if client.get(name).is_none() {
+                client.set(name, value);
+            }
         }
         let mut producer_config = client.clone();
         // Idempotent by default (a retried dead letter is not written twice), unless the operator

@@ -35,7 +35,31 @@ pub use health::{KafkaHealth, KafkaView};
 pub use restores::{Claim, PartitionHooks};
 pub use source::{FeedMessage, SignalRecord};
 
-use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+
+/// How long a request to a broker may go unanswered before librdkafka gives up on its
+/// connection and makes a new one. Its default, a minute, let a fetch sent just before the brokers
+/// went away and never answered (the connection outlived the outage) hold a partition's signals
+/// back for most of a minute after the brokers were back — a revocation that late. Ten seconds is
+/// still far above any broker's answer time (a fetch waits `fetch.wait.max.ms` at most, and that
+/// is added to this).
+const SOCKET_TIMEOUT_MS: &str = "10000";
+
+/// The settings every Kafka client of Vigil's starts from: the brokers, Vigil's defaults, then
+/// the operator's pass-through `properties`, which win.
+pub fn client_config<'a>(
+    brokers: &str,
+    properties: impl Iterator<Item = (String, &'a str)>,
+) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", brokers.trim())
+        .set("socket.timeout.ms", SOCKET_TIMEOUT_MS);
+    for (name, value) in properties {
+        client.set(name, value);
+    }
+    client
+}
 
 /// librdkafka's own log lines, into tracing (target `librdkafka`).
 fn log_librdkafka(level: RDKafkaLogLevel, fac: &str, message: &str) {
@@ -45,5 +69,20 @@ fn log_librdkafka(level: RDKafkaLogLevel, fac: &str, message: &str) {
         Warning => tracing::warn!(target: "librdkafka", fac, "{message}"),
         Notice | Info => tracing::info!(target: "librdkafka", fac, "{message}"),
         Debug => tracing::debug!(target: "librdkafka", fac, "{message}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clients_give_up_on_an_unanswered_request_in_seconds_unless_the_operator_says_otherwise() {
+        let client = client_config(" b1:9092,b2:9092 ", std::iter::empty());
+        assert_eq!(client.get("bootstrap.servers"), Some("b1:9092,b2:9092"));
+        assert_eq!(client.get("socket.timeout.ms"), Some(SOCKET_TIMEOUT_MS));
+        let operator = [("socket.timeout.ms".to_owned(), "30000")];
+        let client = client_config("b1:9092", operator.into_iter());
+        assert_eq!(client.get("socket.timeout.ms"), Some("30000"));
     }
 }
