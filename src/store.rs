@@ -310,7 +310,8 @@ impl BatchWriter {
 
 /// Bulk writes committed in a row without an fsync, at most. A checkpoint is many bulk writes
 /// (chunks) queued together, and only the whole of it counts: the fsync of each chunk but the last
-/// bought nothing but the writer's time (8 % of it when every signal revokes a grant). A bulk write
+/// bought nothing but the writer's time (without them, 5 % more signals/s when every signal revokes
+/// a grant: benches/RESULTS.md). A bulk write
 /// with another queued behind it is therefore committed with redb's `Durability::None` — on disk
 /// with the next durable commit, which every ordinary write and the last bulk write of a run make —
 /// and its caller hears of it only after that commit.
