@@ -123,9 +123,7 @@ struct Queued {
 ///
 /// Bulk writes ([`BatchWriter::submit_bulk_blocking`]) take a second lane: each commits alone, and
 /// only when no other write is waiting. Bulk writes keep their order among themselves, other writes
-/// among themselves; a bulk write may commit after a later ordinary one. A bulk write followed by
-/// another is committed without an fsync and answered after the next durable commit
-/// ([`MAX_UNSYNCED_BULK`]).
+/// among themselves; a bulk write may commit after a later ordinary one.
 #[derive(Clone)]
 pub struct BatchWriter {
     tx: tokio::sync::mpsc::Sender<Queued>,
@@ -308,15 +306,6 @@ impl BatchWriter {
     }
 }
 
-/// Bulk writes committed in a row without an fsync, at most. A checkpoint is many bulk writes
-/// (chunks) queued together, and only the whole of it counts: the fsync of each chunk but the last
-/// bought nothing but the writer's time (without them, 5 % more signals/s when every signal revokes
-/// a grant: benches/RESULTS.md). A bulk write
-/// with another queued behind it is therefore committed with redb's `Durability::None` — on disk
-/// with the next durable commit, which every ordinary write and the last bulk write of a run make —
-/// and its caller hears of it only after that commit.
-const MAX_UNSYNCED_BULK: usize = 8;
-
 fn writer_loop(
     db: Arc<redb::Database>,
     store: &'static str,
@@ -325,8 +314,6 @@ fn writer_loop(
 ) {
     // Bulk writes taken off the channel, waiting for a moment when nothing else is.
     let mut bulk: std::collections::VecDeque<Job> = std::collections::VecDeque::new();
-    // The completions of bulk writes committed without an fsync, held for the next durable commit.
-    let mut unsynced: Vec<Completion> = Vec::new();
     let mut open = true;
     loop {
         let mut jobs = Vec::new();
@@ -351,15 +338,9 @@ fn writer_loop(
                 Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => open = false,
             }
         }
-        // A bulk write with another queued behind it commits without an fsync (see
-        // `MAX_UNSYNCED_BULK`); every ordinary commit is durable.
-        let mut durable = true;
         if jobs.is_empty() {
             match bulk.pop_front() {
-                Some(job) => {
-                    jobs.push(job);
-                    durable = bulk.is_empty() || unsynced.len() + 1 >= MAX_UNSYNCED_BULK;
-                }
+                Some(job) => jobs.push(job),
                 None if open => continue,
                 None => break,
             }
@@ -367,12 +348,7 @@ fn writer_loop(
         let started = std::time::Instant::now();
         let size = jobs.len();
         let txn = match db.begin_write() {
-            Ok(mut t) => {
-                if !durable {
-                    t.set_durability(redb::Durability::None);
-                }
-                t
-            }
+            Ok(t) => t,
             Err(e) => {
                 // Dropping the jobs drops their reply channels: each caller sees `WriterGone`.
                 tracing::error!(error = %WriteError::storage(e), "cannot begin a write transaction");
@@ -402,16 +378,6 @@ fn writer_loop(
                 .record(started.elapsed().as_secs_f64());
             metrics::histogram!(crate::telemetry::STORE_BATCH_SIZE, "store" => store)
                 .record(size as f64);
-        }
-        if outcome.is_ok() && !durable {
-            // On disk only once a durable commit follows: its callers hear of it then.
-            unsynced.extend(completions);
-            continue;
-        }
-        if durable {
-            // A durable commit makes the unsynced ones before it durable too; one that failed
-            // leaves them in doubt, and their callers are told it failed (they write again).
-            completions.append(&mut unsynced);
         }
         for completion in completions {
             completion(outcome.clone());
@@ -462,71 +428,6 @@ mod tests {
         assert_eq!(*order.lock().unwrap(), vec!["o1", "b1", "b2"]);
         drop(writer);
         thread.join();
-    }
-
-    /// A bulk write with others queued behind it is answered only once a durable commit follows
-    /// (at most `MAX_UNSYNCED_BULK` in a row wait), and every one of them is in the file after.
-    #[test]
-    fn a_bulk_write_is_answered_only_after_a_durable_commit_follows_it() {
-        const ROWS: redb::TableDefinition<u64, u64> = redb::TableDefinition::new("rows");
-        let dir = tempfile::tempdir().unwrap();
-        let db = open(dir.path()).unwrap();
-        let (writer, thread) = BatchWriter::start(db, "test", 8).unwrap();
-        let (release_first, first_gate) = std::sync::mpsc::channel::<()>();
-        let (release_last, last_gate) = std::sync::mpsc::channel::<()>();
-        let first = writer
-            .submit_blocking(move |_| {
-                first_gate.recv().unwrap();
-                Ok(())
-            })
-            .unwrap();
-        let n = MAX_UNSYNCED_BULK as u64 + 2;
-        let mut last_gate = Some(last_gate);
-        let mut pending: Vec<_> = (1..=n)
-            .map(|i| {
-                let gate = if i == n { last_gate.take() } else { None };
-                writer
-                    .submit_bulk_blocking(move |txn| {
-                        if let Some(gate) = gate {
-                            gate.recv().unwrap();
-                        }
-                        let mut t = txn.open_table(ROWS).map_err(WriteError::storage)?;
-                        t.insert(i, i).map_err(WriteError::storage)?;
-                        Ok(i)
-                    })
-                    .unwrap()
-            })
-            .collect();
-        release_first.send(()).unwrap();
-        first.wait_blocking().unwrap();
-        let last = pending.pop().unwrap();
-        let held = pending.pop().unwrap();
-        // The run's eighth commit is durable: it answers the seven before it and itself.
-        for (i, p) in pending.into_iter().enumerate() {
-            assert_eq!(p.wait_blocking().unwrap(), i as u64 + 1);
-        }
-        // The ninth was committed without an fsync while the tenth waits in its transaction.
-        let mut held = held;
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        assert!(
-            held.try_take().is_none(),
-            "answered before a durable commit"
-        );
-        release_last.send(()).unwrap();
-        assert_eq!(last.wait_blocking().unwrap(), n);
-        let outcome = loop {
-            if let Some(outcome) = held.try_take() {
-                break outcome;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        };
-        assert_eq!(outcome.unwrap(), n - 1);
-        drop(writer);
-        thread.join();
-        let db = open(dir.path()).unwrap();
-        let read = db.begin_read().unwrap();
-        let t = read.open_table(ROWS).unwrap();
-        assert_eq!(redb::ReadableTableMetadata::len(&t).unwrap(), n);
     }
 
     /// `try_take` answers nothing while the commit is in flight, then its outcome once.
