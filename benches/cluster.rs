@@ -448,7 +448,9 @@ async fn handover(
                     "id": format!("h{i}"), "kind": "session",
                     "subject": {"format": "email", "email": probe_email(i)},
                     "issued_at": now - 60, "expires_at": now + 86_400}))?;
-                engine.register(request).await?;
+                engine
+                    .register(request, vigil::grant::Registrant::client("bench"))
+                    .await?;
                 i += workers;
             }
             anyhow::Ok(())

@@ -67,7 +67,7 @@ async fn run(n: usize) -> anyhow::Result<()> {
                     "issued_at": 1_700_000_000, "expires_at": 4_000_000_000u64,
                     "enforcement_points": ["gw"]
                 }))?;
-                engine.register(req).await?;
+                engine.register(req, vigil::grant::Registrant::client("bench")).await?;
                 i += concurrency;
             }
             anyhow::Ok(())

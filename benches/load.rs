@@ -814,7 +814,9 @@ async fn register_grants(vigil: &Vigil, n: usize) -> anyhow::Result<()> {
             let mut i = t;
             while i < n {
                 let req: GrantRequest = serde_json::from_value(grant_json(i, now))?;
-                engine.register(req).await?;
+                engine
+                    .register(req, vigil::grant::Registrant::client("bench"))
+                    .await?;
                 let done = progress.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                 if done % 100_000 == 0 {
                     eprintln!("[grants] {done}/{n}");

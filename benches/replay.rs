@@ -66,7 +66,9 @@ async fn run(n: usize, subjects: usize) -> anyhow::Result<()> {
                         "issued_at": 1_700_000_000, "expires_at": 4_000_000_000u64,
                         "enforcement_points": ["gw"]
                     }))?;
-                    engine.register(req).await?;
+                    engine
+                        .register(req, vigil::grant::Registrant::client("bench"))
+                        .await?;
                 }
                 u += concurrency;
             }

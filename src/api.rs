@@ -73,6 +73,12 @@ pub(crate) fn engine_error(e: EngineError) -> Response {
             &e.to_string(),
             std::time::Duration::from_secs(60),
         ),
+        EngineError::Quota { .. } => crate::error_body::refusal(
+            StatusCode::TOO_MANY_REQUESTS,
+            "grant_quota",
+            &e.to_string(),
+            std::time::Duration::from_secs(60),
+        ),
         EngineError::Overloaded => crate::error_body::refusal(
             StatusCode::SERVICE_UNAVAILABLE,
             "overloaded",
@@ -97,8 +103,11 @@ pub(crate) fn engine_error(e: EngineError) -> Response {
     }
 }
 
+/// `POST /v1/grants`. The grant counts against the client that registers it (`caller`, set by the
+/// `grants` role's middleware: a route without it answers 500 rather than count against no one).
 pub async fn register_grant(
     State(s): State<Arc<ApiState>>,
+    axum::Extension(caller): axum::Extension<crate::auth::Caller>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
@@ -138,7 +147,7 @@ pub async fn register_grant(
             }
         }
     }
-    match s.engine.register(request).await {
+    match s.engine.register(request, caller.0).await {
         Ok(registered) => (StatusCode::CREATED, Json(registered)).into_response(),
         Err(e) => engine_error(e),
     }

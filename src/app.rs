@@ -829,6 +829,7 @@ fn engine_settings(config: &Config, clock: Clock) -> EngineSettings {
         checkpoint_interval: Duration::from_millis(config.engine.checkpoint_interval_ms),
         max_inflight: config.engine.max_inflight,
         max_grants: config.engine.max_grants,
+        max_grants_per_registrant: config.engine.grants_per_registrant(),
         context_retention: Duration::from_secs(config.engine.context_retention_secs),
         disabled_account_retention: Duration::from_secs(
             config.engine.disabled_account_retention_secs,

@@ -27,6 +27,7 @@ use base64::Engine as _;
 use subtle::ConstantTimeEq;
 
 use crate::config::{ApiClientConfig, Role};
+use crate::grant::Registrant;
 
 /// The file holding the generated token when no client is configured.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
@@ -46,7 +47,14 @@ struct Client {
     name: String,
     digest: [u8; 32],
     roles: Vec<Role>,
+    /// What the grants this client registers count against.
+    registrant: Registrant,
 }
+
+/// The client a `grants` request was authorized as (a request extension): the registrant of the
+/// grants it registers.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller(pub Registrant);
 
 impl Client {
     fn allows(&self, role: Role) -> bool {
@@ -85,6 +93,7 @@ impl ApiAuth {
                     name: c.name.clone(),
                     digest: digest(&c.token),
                     roles: c.roles.clone(),
+                    registrant: Registrant::client(&c.name),
                 })
                 .collect();
             return Ok((
@@ -104,6 +113,7 @@ impl ApiAuth {
                 name: "local-admin".into(),
                 digest: digest(&token),
                 roles: vec![Role::Grants, Role::Check, Role::Operator, Role::Metrics],
+                registrant: Registrant::client("local-admin"),
             }],
             limiter: None,
         };
@@ -116,20 +126,15 @@ impl ApiAuth {
         self
     }
 
-    /// The client presenting `headers`' bearer token, if it may act as `role` (any client, for
-    /// `None`).
-    pub fn authorize_for(&self, headers: &HeaderMap, role: Option<Role>) -> Result<&str, Denied> {
-        match role {
-            Some(role) => self.authorize(headers, role),
-            None => self.client(headers).map(|c| c.name.as_str()),
-        }
-    }
-
     /// The client presenting `headers`' bearer token, if it may act as `role`.
     pub fn authorize(&self, headers: &HeaderMap, role: Role) -> Result<&str, Denied> {
+        self.authorized(headers, role).map(|c| c.name.as_str())
+    }
+
+    fn authorized(&self, headers: &HeaderMap, role: Role) -> Result<&Client, Denied> {
         let client = self.client(headers)?;
         if client.allows(role) {
-            Ok(&client.name)
+            Ok(client)
         } else {
             Err(Denied::Forbidden {
                 client: client.name.clone(),
@@ -231,11 +236,15 @@ fn refuse(denied: &Denied) -> Response {
 /// (`axum::middleware::from_fn_with_state`).
 pub async fn require(
     State((auth, role)): State<(Arc<ApiAuth>, Option<Role>)>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
-    match auth.authorize_for(request.headers(), role) {
-        Ok(client) => match auth.limiter.as_ref().map(|l| l.acquire(client)) {
+    let authorized = match role {
+        Some(role) => auth.authorized(request.headers(), role),
+        None => auth.client(request.headers()),
+    };
+    match authorized.map(|c| (c.name.as_str(), c.registrant)) {
+        Ok((client, registrant)) => match auth.limiter.as_ref().map(|l| l.acquire(client)) {
             Some(Err(wait)) => {
                 metrics::counter!(crate::telemetry::API_DENIED, "reason" => "rate_limited")
                     .increment(1);
@@ -246,7 +255,12 @@ pub async fn require(
                     wait,
                 )
             }
-            _ => next.run(request).await,
+            _ => {
+                if role == Some(Role::Grants) {
+                    request.extensions_mut().insert(Caller(registrant));
+                }
+                next.run(request).await
+            }
         },
         Err(denied) => {
             let reason = match &denied {

@@ -715,6 +715,12 @@ pub struct EngineConfig {
     /// 1 KiB each: this is the engine's memory bound against clients registering without end.
     #[serde(default = "default_max_grants")]
     pub max_grants: usize,
+    /// Most grants one party holds: an API client (grants it registered) or a transmitter or
+    /// risk-feed topic (session grants its session-established events made). A new grant beyond is
+    /// refused (429 `grant_quota`), so one party registering without end fills its own share, not
+    /// the bound every party shares. Default: half of `max_grants`. Counted per instance.
+    #[serde(default)]
+    pub max_grants_per_registrant: Option<usize>,
     /// Signals (and API requests) a shard handles per commit: a Kafka batch reaches a shard in
     /// parts of at most this many signals.
     #[serde(default = "default_batch")]
@@ -1328,6 +1334,14 @@ impl Default for PolicyConfig {
         }
     }
 }
+impl EngineConfig {
+    /// `max_grants_per_registrant`, or half of `max_grants` (at least one) when unset.
+    pub fn grants_per_registrant(&self) -> usize {
+        self.max_grants_per_registrant
+            .unwrap_or((self.max_grants / 2).max(1))
+    }
+}
+
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
@@ -1335,6 +1349,7 @@ impl Default for EngineConfig {
             session_ttl_secs: default_session_ttl(),
             max_inflight: default_inflight(),
             max_grants: default_max_grants(),
+            max_grants_per_registrant: None,
             max_batch: default_batch(),
             sweep_interval_ms: default_sweep(),
             checkpoint_interval_ms: default_checkpoint(),
@@ -1514,6 +1529,10 @@ impl Config {
         for (key, value) in [
             ("engine.max_inflight", self.engine.max_inflight),
             ("engine.max_grants", self.engine.max_grants),
+            (
+                "engine.max_grants_per_registrant",
+                self.engine.grants_per_registrant(),
+            ),
             ("engine.max_batch", self.engine.max_batch),
             (
                 "engine.sweep_interval_ms",

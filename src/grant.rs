@@ -199,6 +199,97 @@ impl<'de> Deserialize<'de> for Attributes {
     }
 }
 
+/// Who made a grant: the API client that registered it (`client:<name>`), or the transmitter or
+/// risk-feed topic whose `session-established` event announced it (`transmitter:<name>`,
+/// `risk_feed:<topic>`) — the party a grant counts against, so that one party registering without
+/// end fills its own quota, not the bound every party shares.
+///
+/// Two bytes, an index into a process-wide table of names: a grant stays in its size class (a
+/// pointer would not). The names come from the configuration (clients, transmitters, topics), so the
+/// table stays small; past `u16::MAX` names every new one shares the last index. Held grants are
+/// written with the name, never the index, which is only this process's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Registrant(u16);
+
+/// The names of [`Registrant`]s: index − 1 → name, and name → index.
+#[derive(Default)]
+struct RegistrantNames {
+    names: Vec<std::sync::Arc<str>>,
+    index: std::collections::HashMap<std::sync::Arc<str>, u16>,
+}
+
+static REGISTRANTS: std::sync::LazyLock<std::sync::RwLock<RegistrantNames>> =
+    std::sync::LazyLock::new(Default::default);
+
+impl Registrant {
+    /// Grants held before registrants were recorded: counted against no quota.
+    pub const NONE: Registrant = Registrant(0);
+
+    /// The registrant called `name`.
+    pub fn named(name: &str) -> Registrant {
+        let known = REGISTRANTS
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .index
+            .get(name)
+            .copied();
+        if let Some(i) = known {
+            return Registrant(i);
+        }
+        let mut table = REGISTRANTS
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(i) = table.index.get(name) {
+            return Registrant(*i);
+        }
+        // Index 0 is `NONE`: the first name is 1.
+        let Ok(i) = u16::try_from(table.names.len() + 1) else {
+            return Registrant(u16::MAX);
+        };
+        let name: std::sync::Arc<str> = name.into();
+        table.names.push(name.clone());
+        table.index.insert(name, i);
+        Registrant(i)
+    }
+
+    /// An API client's registrant.
+    pub fn client(name: &str) -> Registrant {
+        Registrant::named(&format!("client:{name}"))
+    }
+
+    pub fn is_none(&self) -> bool {
+        *self == Registrant::NONE
+    }
+
+    /// The registrant's name (empty for `NONE`).
+    pub fn name(&self) -> std::sync::Arc<str> {
+        let table = REGISTRANTS
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        usize::from(self.0)
+            .checked_sub(1)
+            .and_then(|i| table.names.get(i).cloned())
+            .unwrap_or_else(|| "".into())
+    }
+}
+
+impl Serialize for Registrant {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for Registrant {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Registrant, D::Error> {
+        let name = std::borrow::Cow::<str>::deserialize(d)?;
+        Ok(if name.is_empty() {
+            Registrant::NONE
+        } else {
+            Registrant::named(&name)
+        })
+    }
+}
+
 /// A grant's id, shared by the grant, the grant map, the expiry order and the index sets instead
 /// of copied into each.
 pub type GrantId = std::sync::Arc<str>;
@@ -246,6 +337,9 @@ pub struct Grant {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status_rules: Option<Box<Box<[String]>>>,
     pub registered_at: f64,
+    /// Who made the grant, the party its quota counts against (`engine.max_grants_per_registrant`).
+    #[serde(default, skip_serializing_if = "Registrant::is_none")]
+    pub registered_by: Registrant,
     /// Boxed: set on few grants, and inline it was a sixth of every grant's size.
     pub revoked: Option<Box<Revocation>>,
 }
@@ -362,6 +456,7 @@ impl GrantRequest {
             status_reason: None,
             status_rules: None,
             registered_at: now,
+            registered_by: Registrant::NONE,
             revoked: None,
         })
     }
@@ -447,6 +542,27 @@ mod tests {
 
     fn request(v: Value) -> GrantRequest {
         serde_json::from_value(v).unwrap()
+    }
+
+    /// A grant is written with its registrant's name (never the process's index), read back as
+    /// the same registrant, and a row from before registrants were recorded reads as none.
+    #[test]
+    fn a_grant_keeps_its_registrant_by_name() {
+        let mut g = request(json!({"id": "r", "kind": "session",
+            "subject": {"format": "email", "email": "r@example.com"},
+            "issued_at": 1, "expires_at": 2}))
+        .into_grant("email:r@example.com".into(), 1.0)
+        .unwrap();
+        assert!(g.registered_by.is_none());
+        let row = serde_json::to_value(&g).unwrap();
+        assert!(row.get("registered_by").is_none(), "{row}");
+        assert_eq!(serde_json::from_value::<Grant>(row).unwrap(), g);
+        g.registered_by = Registrant::client("gw-1");
+        let row = serde_json::to_value(&g).unwrap();
+        assert_eq!(row["registered_by"], "client:gw-1");
+        let back: Grant = serde_json::from_value(row).unwrap();
+        assert_eq!(back.registered_by, Registrant::client("gw-1"));
+        assert_ne!(back.registered_by, Registrant::client("gw-2"));
     }
 
     /// The shared `Arc<Grant>` (two counters + the grant) must stay within jemalloc's 256-byte size

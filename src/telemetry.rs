@@ -140,8 +140,8 @@ catalogue! {
         "Subject contexts held (counted at each retention scan)";
     CONTEXTS_FORGOTTEN = "vigil_contexts_forgotten_total", Counter, [],
         "Contexts forgotten: no grant refers to them and their newest fact is older than engine.context_retention_secs";
-    GRANTS_REFUSED = "vigil_grants_refused_total", Counter, [],
-        "New grants refused because Vigil holds engine.max_grants (registrations, and session grants from session-established events)";
+    GRANTS_REFUSED = "vigil_grants_refused_total", Counter, ["reason"],
+        "New grants refused (registrations, and session grants from session-established events): reason capacity (Vigil holds engine.max_grants) or quota (their registrant holds engine.max_grants_per_registrant)";
     ALIASES_FORGOTTEN = "vigil_aliases_forgotten_total", Counter, [],
         "Identifier-to-principal links forgotten with their principal's context (engine.context_retention_secs), or a window after their principal had neither context nor grant";
     ENGINE_QUEUED_SIGNALS = "vigil_engine_queued_signals", Gauge, [],

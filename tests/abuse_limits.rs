@@ -202,6 +202,8 @@ async fn grants_past_the_bound_are_refused_with_grant_capacity() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path(), Vec::new());
     config.engine.max_grants = 2;
+    // The one client may take the whole bound here (by default a party holds half of it).
+    config.engine.max_grants_per_registrant = Some(2);
     config.validate().unwrap();
     let vigil = start(config).await;
     let http = reqwest::Client::new();
@@ -233,7 +235,95 @@ async fn grants_past_the_bound_are_refused_with_grant_capacity() {
     assert_eq!(register("g2").await.status().as_u16(), 201, "an update");
     let (_, metrics) = get(&vigil, "/metrics").await;
     assert!(
-        metrics.contains("vigil_grants_refused_total 1"),
+        metrics.contains("vigil_grants_refused_total{reason=\"capacity\"} 1"),
+        "counted: {}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("grants_refused"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    vigil.shutdown().await;
+}
+
+/// One client registering without end meets its own quota (`engine.max_grants_per_registrant`),
+/// not the bound all share: its grant past the quota gets `429 grant_quota` with `Retry-After`,
+/// is not held and is counted, while another client registers as before; the grant shows who made
+/// it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_past_its_grant_quota_is_refused_and_another_is_not() {
+    use vigil::config::{ApiClientConfig, Role};
+    const GREEDY: &str = "greedy-gateway-token-0123456789";
+    const OTHER: &str = "other-gateway-token-0123456789";
+    const OPS: &str = "operator-token-0123456789abcdef";
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), Vec::new());
+    config.engine.max_grants = 100;
+    config.engine.max_grants_per_registrant = Some(3);
+    let client = |name: &str, token: &str, role: Role| ApiClientConfig {
+        name: name.into(),
+        token: token.into(),
+        roles: vec![role],
+    };
+    config.clients = vec![
+        client("greedy", GREEDY, Role::Grants),
+        client("other", OTHER, Role::Grants),
+        client("ops", OPS, Role::Operator),
+    ];
+    config.validate().unwrap();
+    let vigil = start(config).await;
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/v1/grants", vigil.local_addr());
+    let register = |id: String, token: &'static str| {
+        let body = json!({"id": id, "kind": "session",
+            "subject": {"format": "email", "email": format!("{id}@example.com")},
+            "issued_at": now() - 5.0, "expires_at": now() + 3600.0});
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            http.post(&url)
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    for i in 0..3 {
+        let answer = register(format!("greedy-{i}"), GREEDY).await;
+        assert_eq!(answer.status().as_u16(), 201);
+        let grant: serde_json::Value = answer.json().await.unwrap();
+        assert_eq!(grant["grant"]["registered_by"], "client:greedy", "{grant}");
+    }
+    let refused = register("greedy-3".into(), GREEDY).await;
+    assert_eq!(refused.status().as_u16(), 429);
+    assert!(refused.headers().get("retry-after").is_some());
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["error"], "grant_quota", "{body}");
+    assert!(vigil.engine().grant("greedy-3").is_none(), "not held");
+    // The other client does not notice; an update of a held grant is not a new one.
+    for i in 0..3 {
+        let answer = register(format!("other-{i}"), OTHER).await;
+        assert_eq!(
+            answer.status().as_u16(),
+            201,
+            "the other client's grant {i}"
+        );
+    }
+    assert_eq!(
+        register("greedy-0".into(), GREEDY).await.status().as_u16(),
+        201
+    );
+    let metrics = http
+        .get(format!("http://{}/metrics", vigil.local_addr()))
+        .bearer_auth(OPS)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("vigil_grants_refused_total{reason=\"quota\"} 1"),
         "counted: {}",
         metrics
             .lines()

@@ -615,7 +615,11 @@ async fn concurrent_registrations_link_each_identifier_to_one_principal() {
                 "issued_at": t - 10.0, "expires_at": t + 3600.0}))
             .unwrap();
             let engine = engine.clone();
-            tasks.push(tokio::spawn(async move { engine.register(request).await }));
+            tasks.push(tokio::spawn(async move {
+                engine
+                    .register(request, vigil::grant::Registrant::client("test"))
+                    .await
+            }));
         }
         for task in tasks {
             task.await.unwrap().unwrap();

@@ -38,7 +38,7 @@ pub use replay::{History, IntakeHistory, Replay, Window, MAX_RECORDED as REPLAY_
 pub(crate) use retention::scan_interval;
 mod shard;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -51,7 +51,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use crate::audit::{AuditLog, DecisionQuery};
 use crate::context::{Decay, PrincipalContext};
 use crate::decision::Decision;
-use crate::grant::{Grant, GrantError, GrantId, GrantRequest, GrantStatus};
+use crate::grant::{Grant, GrantError, GrantId, GrantRequest, GrantStatus, Registrant};
 use crate::intake::Intake;
 use crate::policy::PolicySet;
 use crate::principal::Target;
@@ -80,6 +80,9 @@ pub struct EngineSettings {
     pub max_inflight: usize,
     /// Most grants held; a new one beyond is refused ([`EngineError::Full`]).
     pub max_grants: usize,
+    /// Most grants one party ([`Registrant`]) holds; a new one beyond is refused
+    /// ([`EngineError::Quota`]), so that one party cannot take the bound all share.
+    pub max_grants_per_registrant: usize,
     /// How long a context no grant refers to outlives its newest fact ([`retention`]).
     pub context_retention: Duration,
     /// The same for a context whose account is disabled or purged, if longer.
@@ -107,6 +110,7 @@ impl Default for EngineSettings {
             checkpoint_interval: Duration::from_secs(1),
             max_inflight: 8192,
             max_grants: 10_000_000,
+            max_grants_per_registrant: 5_000_000,
             context_retention: Duration::from_secs(30 * 24 * 3600),
             disabled_account_retention: Duration::from_secs(366 * 24 * 3600),
             context_scan_interval: Duration::from_secs(60),
@@ -138,6 +142,10 @@ pub enum EngineError {
     /// A new grant beyond `engine.max_grants`: refused until grants expire or are deleted (503).
     #[error("Vigil holds its most grants ({0}, engine.max_grants); a new grant is refused until some expire or are deleted")]
     Full(usize),
+    /// A new grant beyond its registrant's `engine.max_grants_per_registrant`: refused until some
+    /// of the registrant's grants expire or are deleted (429).
+    #[error("`{registrant}` holds its most grants ({max}, engine.max_grants_per_registrant); a new grant is refused until some of its grants expire or are deleted")]
+    Quota { registrant: String, max: usize },
     #[error("cannot start a shard thread: {0}")]
     Thread(String),
     /// Cluster mode: the principal's partition is not this instance's (it is moving); the caller
@@ -242,6 +250,8 @@ impl GrantSet {
 pub(crate) struct Shared {
     pub contexts: DashMap<String, Arc<PrincipalContext>>,
     pub grants: DashMap<GrantId, Arc<Grant>>,
+    /// Grants held per registrant ([`Shared::hold_grant`], [`Shared::drop_grant`]).
+    held: std::sync::Mutex<HashMap<Registrant, usize>>,
     pub aliases: DashMap<String, String>,
     /// Held while new identifiers are linked to a principal, so two callers introducing the same
     /// identifier at once agree on its principal and only one of them records the link.
@@ -317,21 +327,75 @@ impl Shared {
         keys
     }
 
-    /// Whether one more grant may be held (`max_grants`); refused ones are counted. Checked for a
-    /// new grant id only: re-registering a held grant adds nothing.
-    pub fn room_for_a_grant(&self) -> Result<(), EngineError> {
+    /// Whether one more grant of `registrant`'s may be held (`max_grants`, and
+    /// `max_grants_per_registrant`); refused ones are counted. Checked for a new grant id only:
+    /// re-registering a held grant adds nothing.
+    pub fn room_for_a_grant(&self, registrant: Registrant) -> Result<(), EngineError> {
         let max = self.settings.max_grants;
         if self.grants.len() >= max {
-            metrics::counter!(crate::telemetry::GRANTS_REFUSED).increment(1);
+            metrics::counter!(crate::telemetry::GRANTS_REFUSED, "reason" => "capacity")
+                .increment(1);
             return Err(EngineError::Full(max));
         }
+        let quota = self.settings.max_grants_per_registrant;
+        if !registrant.is_none() && self.held_by(registrant) >= quota {
+            metrics::counter!(crate::telemetry::GRANTS_REFUSED, "reason" => "quota").increment(1);
+            return Err(EngineError::Quota {
+                registrant: registrant.name().to_string(),
+                max: quota,
+            });
+        }
         Ok(())
+    }
+
+    /// How many grants `registrant` holds.
+    pub fn held_by(&self, registrant: Registrant) -> usize {
+        self.held
+            .lock()
+            .ok()
+            .and_then(|h| h.get(&registrant).copied())
+            .unwrap_or(0)
+    }
+
+    /// Holds `grant` (new, or in place of the grant with its id), counted against its registrant.
+    /// Every grant enters the grant map here, so the counts stay true.
+    pub fn hold_grant(&self, grant: Arc<Grant>) {
+        let registrant = grant.registered_by;
+        let before = self.grants.insert(grant.id.clone(), grant);
+        let left = before.map(|g| g.registered_by);
+        if left != Some(registrant) {
+            if let Ok(mut held) = self.held.lock() {
+                if let Some(left) = left {
+                    uncount(&mut held, left);
+                }
+                *held.entry(registrant).or_default() += 1;
+            }
+        }
+    }
+
+    /// Lets go of the grant `id`, if held. Every grant leaves the grant map here.
+    pub fn drop_grant(&self, id: &str) -> Option<Arc<Grant>> {
+        let (_, gone) = self.grants.remove(id)?;
+        if let Ok(mut held) = self.held.lock() {
+            uncount(&mut held, gone.registered_by);
+        }
+        Some(gone)
     }
 
     pub fn shard_of(&self, key: &str) -> usize {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         key.hash(&mut h);
         (h.finish() % self.settings.shards as u64) as usize
+    }
+}
+
+/// One grant fewer for `registrant`; a count at zero leaves the table.
+fn uncount(held: &mut HashMap<Registrant, usize>, registrant: Registrant) {
+    if let Some(n) = held.get_mut(&registrant) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            held.remove(&registrant);
+        }
     }
 }
 
@@ -560,6 +624,7 @@ impl Engine {
         let loaded = persist::load(db)?;
         let shared = Arc::new(Shared {
             contexts: DashMap::new(),
+            held: std::sync::Mutex::new(HashMap::new()),
             grants: DashMap::new(),
             aliases: DashMap::new(),
             linking: std::sync::Mutex::new(()),
@@ -589,7 +654,7 @@ impl Engine {
                 shared.index_add(key, &grant.id);
             }
             owned[shared.shard_of(&grant.principal)].push(grant.clone());
-            shared.grants.insert(grant.id.clone(), grant);
+            shared.hold_grant(grant);
         }
         metrics::gauge!(crate::telemetry::GRANTS).set(shared.grants.len() as f64);
 
@@ -981,7 +1046,11 @@ impl Engine {
     }
 
     /// Registers (or re-registers) a grant and evaluates it against the current context.
-    pub async fn register(&self, request: GrantRequest) -> Result<Registered, EngineError> {
+    pub async fn register(
+        &self,
+        request: GrantRequest,
+        registrant: Registrant,
+    ) -> Result<Registered, EngineError> {
         let mut identifiers = request.identifier_keys()?;
         if let Some(token) = &request.token {
             identifiers.push(format!("jwt_id:{}|{}", token.iss, token.jti));
@@ -989,13 +1058,14 @@ impl Engine {
         // Before `resolve`, which links new aliases in memory: an overloaded answer, or one
         // refused for capacity, links nothing. (The shard checks capacity again, in order.)
         if !self.shared.grants.contains_key(request.id.as_str()) {
-            self.shared.room_for_a_grant()?;
+            self.shared.room_for_a_grant(registrant)?;
         }
         let permit = self.api_permit().await?;
         let (principal, aliases) = self
             .resolve(&identifiers)
             .ok_or_else(|| GrantError::Invalid("`subject` names no principal".into()))?;
-        let grant = request.into_grant(principal.clone(), self.shared.settings.clock.now())?;
+        let mut grant = request.into_grant(principal.clone(), self.shared.settings.clock.now())?;
+        grant.registered_by = registrant;
         let (reply, rx) = oneshot::channel();
         self.send(
             self.shared.shard_of(&principal),
@@ -1469,7 +1539,10 @@ mod tests {
             "id": "t1", "kind": "access_token", "subject": {"format": "email", "email": "h@example.com"},
             "issued_at": 1_700_000_000, "expires_at": 4_000_000_000u64}))
         .unwrap();
-        engine.register(request).await.unwrap();
+        engine
+            .register(request, Registrant::client("test"))
+            .await
+            .unwrap();
         let policy = PolicySet::from_sources(&[(
             "tokens.yaml".to_owned(),
             "rules:\n  - {id: tokens, on: ['*'], when: \"grant.kind == 'access_token'\", effect: revoke}\n"
@@ -1491,8 +1564,7 @@ mod tests {
         });
         revoke_a_token(&first).await;
         // The partition as the state topic holds it: each row's last record.
-        let mut latest: std::collections::HashMap<String, Option<Vec<u8>>> =
-            std::collections::HashMap::new();
+        let mut latest: HashMap<String, Option<Vec<u8>>> = HashMap::new();
         for r in log.0.lock().unwrap().iter() {
             latest.insert(r.key.clone(), r.value.clone());
         }
@@ -1615,7 +1687,10 @@ mod tests {
                 {"format": "phone_number", "phone_number": "+12025550100"}]},
             "issued_at": 1_700_000_000, "expires_at": 4_000_000_000u64}))
         .unwrap();
-        engine.register(request).await.unwrap();
+        engine
+            .register(request, Registrant::client("test"))
+            .await
+            .unwrap();
         let phone = "phone_number:+12025550100";
         assert_eq!(engine.principal_of(phone), "email:a@example.com");
         let rows: Vec<(Row, Vec<u8>)> = log
@@ -1674,12 +1749,17 @@ mod tests {
             "id": "g1", "kind": "session", "subject": {"format": "email", "email": "o@example.com"},
             "issued_at": 1_700_000_000, "expires_at": 4_000_000_000u64}))
         .unwrap();
-        let answer = engine.register(request.clone()).await;
+        let answer = engine
+            .register(request.clone(), Registrant::client("test"))
+            .await;
         assert!(matches!(answer, Err(EngineError::Overloaded)), "{answer:?}");
         assert!(engine.grant("g1").is_none());
         assert!(engine.shared.aliases.is_empty(), "nothing linked");
         drop(held);
-        assert!(engine.register(request).await.is_ok());
+        assert!(engine
+            .register(request, Registrant::client("test"))
+            .await
+            .is_ok());
         engine.shutdown().await;
     }
 
@@ -1702,14 +1782,16 @@ mod tests {
             .unwrap()
         };
         engine
-            .register(request("g1", "a@example.com"))
+            .register(request("g1", "a@example.com"), Registrant::client("test"))
             .await
             .unwrap();
         engine
-            .register(request("g2", "b@example.com"))
+            .register(request("g2", "b@example.com"), Registrant::client("test"))
             .await
             .unwrap();
-        let refused = engine.register(request("g3", "c@example.com")).await;
+        let refused = engine
+            .register(request("g3", "c@example.com"), Registrant::client("test"))
+            .await;
         assert!(matches!(refused, Err(EngineError::Full(2))), "{refused:?}");
         assert!(engine.grant("g3").is_none());
         assert!(
@@ -1718,7 +1800,7 @@ mod tests {
         );
         // A held grant registered again is an update, not a new grant.
         engine
-            .register(request("g2", "b@example.com"))
+            .register(request("g2", "b@example.com"), Registrant::client("test"))
             .await
             .unwrap();
         // A session-established event would make a session grant of its own: not past the bound.
@@ -1740,7 +1822,7 @@ mod tests {
         // g1 deleted: room for one more.
         engine.delete("g1").await.unwrap();
         engine
-            .register(request("g3", "c@example.com"))
+            .register(request("g3", "c@example.com"), Registrant::client("test"))
             .await
             .unwrap();
         // Every grant expired and swept: the same kind of event makes its session grant.
@@ -1754,6 +1836,134 @@ mod tests {
             engine.shared.grants.len(),
             1,
             "the session grant within the bound"
+        );
+        engine.shutdown().await;
+    }
+
+    /// Each party holds at most `max_grants_per_registrant` grants: past it, its new grant is
+    /// refused and changes nothing, while another party registers as before; an update of a held
+    /// grant (by anyone) stays counted against whoever made it; session grants count against their
+    /// transmitter; a deleted or expired grant makes room; a restart counts the held grants again
+    /// from the rows, which keep their registrant.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_party_past_its_grant_quota_is_refused_and_the_others_are_not() {
+        let clock = crate::clock::Clock::manual(1_700_000_000_000);
+        let settings = || EngineSettings {
+            max_grants: 100,
+            max_grants_per_registrant: 2,
+            clock: clock.clone(),
+            sweep_interval: Duration::from_millis(5),
+            ..EngineSettings::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, _decisions, db, held) = engine_in(dir.path(), settings());
+        let request = |id: &str, email: &str, expires_at: u64| -> GrantRequest {
+            serde_json::from_value(serde_json::json!({
+                "id": id, "kind": "session", "subject": {"format": "email", "email": email},
+                "issued_at": 1_699_999_990, "expires_at": expires_at}))
+            .unwrap()
+        };
+        let (a, b) = (Registrant::client("quota-a"), Registrant::client("quota-b"));
+        let far = 4_000_000_000;
+        engine
+            .register(request("a1", "a1@example.com", far), a)
+            .await
+            .unwrap();
+        engine
+            .register(request("a2", "a2@example.com", 1_700_000_060), a)
+            .await
+            .unwrap();
+        let refused = engine
+            .register(request("a3", "a3@example.com", far), a)
+            .await;
+        assert!(
+            matches!(&refused, Err(EngineError::Quota { registrant, max: 2 }) if registrant == "client:quota-a"),
+            "{refused:?}"
+        );
+        assert!(engine.grant("a3").is_none());
+        assert!(
+            !engine.shared.aliases.contains_key("email:a3@example.com"),
+            "nothing linked"
+        );
+        // The other party is not held back; updates are not new grants, and stay a's.
+        engine
+            .register(request("b1", "b1@example.com", far), b)
+            .await
+            .unwrap();
+        engine
+            .register(request("a1", "a1@example.com", far), a)
+            .await
+            .unwrap();
+        engine
+            .register(request("a1", "a1@example.com", far), b)
+            .await
+            .unwrap();
+        assert_eq!(engine.grant("a1").unwrap().registered_by, a);
+        assert_eq!((engine.shared.held_by(a), engine.shared.held_by(b)), (2, 1));
+        // Session grants count against the transmitter that announced them.
+        // Each names its own session: a grant each.
+        let session_established = |email: &str, seq: u64| {
+            let signal = example_about(
+                "caep-session-established.json",
+                serde_json::json!({
+                    "user": {"format": "email", "email": email},
+                    "session": {"format": "opaque", "id": format!("session-{seq}")}}),
+                clock.now() as i64,
+                seq,
+            );
+            apply_at_checkpoint(&engine, &clock, vec![signal])
+        };
+        for (i, email) in ["s1@example.com", "s2@example.com", "s3@example.com"]
+            .into_iter()
+            .enumerate()
+        {
+            session_established(email, i as u64 + 1).await;
+        }
+        let sessions: Vec<Registrant> = engine
+            .shared
+            .grants
+            .iter()
+            .filter(|g| g.id.starts_with("caep-session:"))
+            .map(|g| g.registered_by)
+            .collect();
+        assert_eq!(
+            sessions.len(),
+            2,
+            "the transmitter's third session grant refused"
+        );
+        assert!(
+            sessions[0].name().starts_with("transmitter:"),
+            "{}",
+            sessions[0].name()
+        );
+        assert_eq!(engine.shared.held_by(sessions[0]), 2);
+        // Deleted, or expired: room again.
+        engine.delete("a1").await.unwrap();
+        engine
+            .register(request("a3", "a3@example.com", far), a)
+            .await
+            .unwrap();
+        clock.advance(Duration::from_secs(120));
+        within_5s("a2 was not swept", || engine.grant("a2").is_none()).await;
+        assert_eq!(engine.shared.held_by(a), 1);
+        // A restart counts the rows again, each against its registrant.
+        engine.shutdown().await;
+        drop(engine);
+        held.join().await;
+        drop(db);
+        let (engine, _decisions, _db, _held) = engine_in(dir.path(), settings());
+        assert_eq!(engine.grant("a3").unwrap().registered_by, a);
+        assert_eq!((engine.shared.held_by(a), engine.shared.held_by(b)), (1, 1));
+        engine
+            .register(request("a4", "a4@example.com", far), a)
+            .await
+            .unwrap();
+        let refused = engine
+            .register(request("a5", "a5@example.com", far), a)
+            .await;
+        assert!(
+            matches!(refused, Err(EngineError::Quota { .. })),
+            "{refused:?}"
         );
         engine.shutdown().await;
     }
@@ -1777,7 +1987,10 @@ mod tests {
                 "id": id, "kind": kind, "subject": {"format": "email", "email": format!("{user}@example.com")},
                 "issued_at": issued_at, "expires_at": 4_000_000_000u64}))
             .unwrap();
-            engine.register(request).await.unwrap();
+            engine
+                .register(request, Registrant::client("test"))
+                .await
+                .unwrap();
         }
         let policy = PolicySet::from_sources(&[(
             "swap.yaml".to_owned(),
@@ -1831,7 +2044,10 @@ mod tests {
             "id": "short", "kind": "session", "subject": {"format": "email", "email": "e@example.com"},
             "issued_at": 1_699_999_990, "expires_at": 1_700_000_060}))
         .unwrap();
-        let registered = engine.register(request).await.unwrap();
+        let registered = engine
+            .register(request, Registrant::client("test"))
+            .await
+            .unwrap();
         assert!(registered.decisions.is_empty());
         // Many sweeps later (in real time), the clock has not moved: the grant is still there.
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1859,7 +2075,10 @@ mod tests {
             "subject": {"format": "email", "email": "kept@example.com"},
             "issued_at": T0 - 10, "expires_at": T0 + 86_400}))
         .unwrap();
-        engine.register(request).await.unwrap();
+        engine
+            .register(request, Registrant::client("test"))
+            .await
+            .unwrap();
         let signal = |example: &str, email: &str, at: i64, seq: u64| {
             example_about(
                 example,
@@ -2010,7 +2229,10 @@ mod tests {
                 "id": id, "kind": "session", "subject": two_ids(who, phone),
                 "issued_at": T0 - 10, "expires_at": T0 + lasts}))
             .unwrap();
-            engine.register(request).await.unwrap();
+            engine
+                .register(request, Registrant::client("test"))
+                .await
+                .unwrap();
         }
         let signal = |subject: serde_json::Value, at: i64, seq: u64| {
             example_about("caep-risk-level-change.json", subject, at, seq)

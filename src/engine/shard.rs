@@ -281,7 +281,7 @@ impl Shard {
                         self.unindex(&held);
                     }
                     self.index(&grant);
-                    self.shared.grants.insert(grant.id.clone(), grant);
+                    self.shared.hold_grant(grant);
                 }
                 p.commit_waiters.push(done);
             }
@@ -301,7 +301,7 @@ impl Shard {
             .collect();
         for grant in &gone {
             self.unindex(grant);
-            self.shared.grants.remove(&grant.id);
+            self.shared.drop_grant(&grant.id);
         }
         self.dirty.retain(|key| !released(key));
         self.dirty_revocations.retain(|(key, _)| !released(key));
@@ -505,13 +505,15 @@ impl Shard {
             grant.status = existing.status;
             grant.status_reason = existing.status_reason.clone();
             grant.status_rules = existing.status_rules.clone();
+            // An update counts against whoever made the grant.
+            grant.registered_by = existing.registered_by;
             self.unindex(&existing);
         } else {
-            self.shared.room_for_a_grant()?;
+            self.shared.room_for_a_grant(grant.registered_by)?;
         }
         let grant = Arc::new(grant);
         self.index(&grant);
-        self.shared.grants.insert(grant.id.clone(), grant.clone());
+        self.shared.hold_grant(grant.clone());
         p.changes.grants.push(grant.clone());
         metrics::gauge!(crate::telemetry::GRANTS).set(self.shared.grants.len() as f64);
 
@@ -562,7 +564,7 @@ impl Shard {
 
     fn remove(&mut self, grant: &Grant, p: &mut Pending) {
         self.unindex(grant);
-        self.shared.grants.remove(&grant.id);
+        self.shared.drop_grant(&grant.id);
         p.changes
             .deleted_grants
             .push((grant.id.clone(), grant.principal.to_string()));
