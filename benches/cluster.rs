@@ -229,6 +229,7 @@ async fn handover_instance(
         name: "bench".into(),
         token: BENCH_TOKEN.into(),
         roles: vec![Role::Grants, Role::Check, Role::Operator, Role::Metrics],
+        max_grants: None,
     }];
     config.cluster.brokers = kafka.to_owned();
     config.cluster.name = name.to_owned();

@@ -830,6 +830,11 @@ fn engine_settings(config: &Config, clock: Clock) -> EngineSettings {
         max_inflight: config.engine.max_inflight,
         max_grants: config.engine.max_grants,
         max_grants_per_registrant: config.engine.grants_per_registrant(),
+        grant_quotas: config
+            .clients
+            .iter()
+            .filter_map(|c| Some((crate::grant::Registrant::client(&c.name), c.max_grants?)))
+            .collect(),
         context_retention: Duration::from_secs(config.engine.context_retention_secs),
         disabled_account_retention: Duration::from_secs(
             config.engine.disabled_account_retention_secs,

@@ -297,6 +297,7 @@ mod tests {
             name: name.into(),
             token: token.into(),
             roles: roles.to_vec(),
+            max_grants: None,
         }
     }
 

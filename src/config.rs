@@ -360,6 +360,10 @@ pub struct ApiClientConfig {
     pub token: String,
     /// What it may do: `grants`, `check`, `operator`, `metrics`.
     pub roles: Vec<Role>,
+    /// Most grants it may hold, in place of `engine.max_grants_per_registrant` (a gateway that
+    /// holds most sessions by design).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_grants: Option<usize>,
 }
 
 /// The Kafka risk-signal source. With no `brokers`, Vigil runs without it.
@@ -1678,6 +1682,12 @@ impl Config {
             if c.roles.is_empty() {
                 return Err(invalid(format!("clients[{i}].roles"), "must name a role"));
             }
+            if c.max_grants == Some(0) {
+                return Err(invalid(
+                    format!("clients[{i}].max_grants"),
+                    "must be greater than 0",
+                ));
+            }
         }
         let mut names = HashSet::new();
         let mut streams = HashSet::new();
@@ -2176,6 +2186,21 @@ mod tests {
             no_env(),
         );
         assert!(e.contains("identity.offered_algs"), "{e}");
+        // Grant quotas: none of zero; unset, half of the bound.
+        let e = err_of(
+            &format!("[engine]\nmax_grants_per_registrant = 0\n{ONE}"),
+            no_env(),
+        );
+        assert!(e.contains("engine.max_grants_per_registrant"), "{e}");
+        let client = "[[clients]]\nname = \"gw\"\ntoken = \"gateway-token-0123456789\"\nroles = [\"grants\"]\n";
+        let e = err_of(&format!("{ONE}\n{client}max_grants = 0\n"), no_env());
+        assert!(e.contains("clients[0].max_grants"), "{e}");
+        let config = Config::from_toml(
+            &format!("[engine]\nmax_grants = 9\n{ONE}\n{client}"),
+            no_env(),
+        )
+        .unwrap();
+        assert_eq!(config.engine.grants_per_registrant(), 4);
     }
 
     #[test]

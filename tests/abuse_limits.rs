@@ -234,15 +234,15 @@ async fn grants_past_the_bound_are_refused_with_grant_capacity() {
     assert!(vigil.engine().grant("g3").is_none(), "not held");
     assert_eq!(register("g2").await.status().as_u16(), 201, "an update");
     let (_, metrics) = get(&vigil, "/metrics").await;
-    assert_one_refusal(&metrics, "capacity");
+    assert_refusals(&metrics, "capacity", 1);
     vigil.shutdown().await;
 }
 
-/// `/metrics` counts one grant refused for `reason`.
-fn assert_one_refusal(metrics: &str, reason: &str) {
+/// `/metrics` counts `n` grants refused for `reason`.
+fn assert_refusals(metrics: &str, reason: &str, n: usize) {
     assert!(
         metrics.contains(&format!(
-            "vigil_grants_refused_total{{reason=\"{reason}\"}} 1"
+            "vigil_grants_refused_total{{reason=\"{reason}\"}} {n}"
         )),
         "counted: {}",
         metrics
@@ -255,8 +255,8 @@ fn assert_one_refusal(metrics: &str, reason: &str) {
 
 /// One client registering without end meets its own quota (`engine.max_grants_per_registrant`),
 /// not the bound all share: its grant past the quota gets `429 grant_quota` with `Retry-After`,
-/// is not held and is counted, while another client registers as before; the grant shows who made
-/// it.
+/// is not held and is counted, while another client registers as before (up to a quota of its own,
+/// `clients[].max_grants`); the grant shows who made it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_past_its_grant_quota_is_refused_and_another_is_not() {
     use vigil::config::{ApiClientConfig, Role};
@@ -271,10 +271,15 @@ async fn a_client_past_its_grant_quota_is_refused_and_another_is_not() {
         name: name.into(),
         token: token.into(),
         roles: vec![role],
+        max_grants: None,
     };
     config.clients = vec![
         client("greedy", GREEDY, Role::Grants),
-        client("other", OTHER, Role::Grants),
+        // A client can be given a quota of its own.
+        ApiClientConfig {
+            max_grants: Some(5),
+            ..client("other", OTHER, Role::Grants)
+        },
         client("ops", OPS, Role::Operator),
     ];
     config.validate().unwrap();
@@ -308,7 +313,7 @@ async fn a_client_past_its_grant_quota_is_refused_and_another_is_not() {
     assert_eq!(body["error"], "grant_quota", "{body}");
     assert!(vigil.engine().grant("greedy-3").is_none(), "not held");
     // The other client does not notice; an update of a held grant is not a new one.
-    for i in 0..3 {
+    for i in 0..5 {
         let answer = register(format!("other-{i}"), OTHER).await;
         assert_eq!(
             answer.status().as_u16(),
@@ -316,6 +321,8 @@ async fn a_client_past_its_grant_quota_is_refused_and_another_is_not() {
             "the other client's grant {i}"
         );
     }
+    let past_its_own = register("other-5".into(), OTHER).await;
+    assert_eq!(past_its_own.status().as_u16(), 429, "its own quota: 5");
     assert_eq!(
         register("greedy-0".into(), GREEDY).await.status().as_u16(),
         201
@@ -326,6 +333,6 @@ async fn a_client_past_its_grant_quota_is_refused_and_another_is_not() {
         .send()
         .await
         .unwrap();
-    assert_one_refusal(&metrics.text().await.unwrap(), "quota");
+    assert_refusals(&metrics.text().await.unwrap(), "quota", 2);
     vigil.shutdown().await;
 }

@@ -24,6 +24,7 @@ fn client(name: &str, token: &str, role: Role) -> ApiClientConfig {
         name: name.into(),
         token: token.into(),
         roles: vec![role],
+        max_grants: None,
     }
 }
 

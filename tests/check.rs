@@ -146,6 +146,7 @@ async fn nginx_auth_request_enforces_a_revocation() {
             name: "nginx".into(),
             token: NGINX_TOKEN.into(),
             roles: vec![vigil::config::Role::Check],
+            max_grants: None,
         },
     ];
     // The gateway the grants name (an enforcement point must be configured to be named).

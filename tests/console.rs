@@ -232,6 +232,7 @@ async fn the_console_is_served_only_to_operators() {
                 name: "gateway".into(),
                 token: "gateway-token-0123456789".into(),
                 roles: vec![vigil::config::Role::Grants, vigil::config::Role::Check],
+                max_grants: None,
             },
         ];
     })

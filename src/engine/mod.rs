@@ -83,6 +83,8 @@ pub struct EngineSettings {
     /// Most grants one party ([`Registrant`]) holds; a new one beyond is refused
     /// ([`EngineError::Quota`]), so that one party cannot take the bound all share.
     pub max_grants_per_registrant: usize,
+    /// Registrants with a quota of their own, in place of `max_grants_per_registrant`.
+    pub grant_quotas: HashMap<Registrant, usize>,
     /// How long a context no grant refers to outlives its newest fact ([`retention`]).
     pub context_retention: Duration,
     /// The same for a context whose account is disabled or purged, if longer.
@@ -111,6 +113,7 @@ impl Default for EngineSettings {
             max_inflight: 8192,
             max_grants: 10_000_000,
             max_grants_per_registrant: 5_000_000,
+            grant_quotas: HashMap::new(),
             context_retention: Duration::from_secs(30 * 24 * 3600),
             disabled_account_retention: Duration::from_secs(366 * 24 * 3600),
             context_scan_interval: Duration::from_secs(60),
@@ -337,7 +340,12 @@ impl Shared {
                 .increment(1);
             return Err(EngineError::Full(max));
         }
-        let quota = self.settings.max_grants_per_registrant;
+        let quota = self
+            .settings
+            .grant_quotas
+            .get(&registrant)
+            .copied()
+            .unwrap_or(self.settings.max_grants_per_registrant);
         if !registrant.is_none() && self.held_by(registrant) >= quota {
             metrics::counter!(crate::telemetry::GRANTS_REFUSED, "reason" => "quota").increment(1);
             return Err(EngineError::Quota {

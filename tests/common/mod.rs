@@ -197,6 +197,7 @@ pub fn admin_client() -> vigil::config::ApiClientConfig {
         name: "test-admin".into(),
         token: ADMIN_TOKEN.into(),
         roles: vec![Role::Grants, Role::Check, Role::Operator, Role::Metrics],
+        max_grants: None,
     }
 }
 
