@@ -147,7 +147,7 @@ pub enum EngineError {
     Full(usize),
     /// A new grant beyond its registrant's `engine.max_grants_per_registrant`: refused until some
     /// of the registrant's grants expire or are deleted (429).
-    #[error("`{registrant}` holds its most grants ({max}, engine.max_grants_per_registrant); a new grant is refused until some of its grants expire or are deleted")]
+    #[error("`{registrant}` holds its most grants ({max}: engine.max_grants_per_registrant, or a client's own max_grants); a new grant is refused until some of its grants expire or are deleted")]
     Quota { registrant: String, max: usize },
     #[error("cannot start a shard thread: {0}")]
     Thread(String),
@@ -358,11 +358,7 @@ impl Shared {
 
     /// How many grants `registrant` holds.
     pub fn held_by(&self, registrant: Registrant) -> usize {
-        self.held
-            .lock()
-            .ok()
-            .and_then(|h| h.get(&registrant).copied())
-            .unwrap_or(0)
+        self.held_counts().get(&registrant).copied().unwrap_or(0)
     }
 
     /// Holds `grant` (new, or in place of the grant with its id), counted against its registrant.
@@ -372,22 +368,27 @@ impl Shared {
         let before = self.grants.insert(grant.id.clone(), grant);
         let left = before.map(|g| g.registered_by);
         if left != Some(registrant) {
-            if let Ok(mut held) = self.held.lock() {
-                if let Some(left) = left {
-                    uncount(&mut held, left);
-                }
-                *held.entry(registrant).or_default() += 1;
+            let mut held = self.held_counts();
+            if let Some(left) = left {
+                uncount(&mut held, left);
             }
+            *held.entry(registrant).or_default() += 1;
         }
     }
 
     /// Lets go of the grant `id`, if held. Every grant leaves the grant map here.
     pub fn drop_grant(&self, id: &str) -> Option<Arc<Grant>> {
         let (_, gone) = self.grants.remove(id)?;
-        if let Ok(mut held) = self.held.lock() {
-            uncount(&mut held, gone.registered_by);
-        }
+        uncount(&mut self.held_counts(), gone.registered_by);
         Some(gone)
+    }
+
+    /// The counts per registrant. Nothing panics while holding them, so a poisoned lock's counts
+    /// are still true: taken rather than skipped (a skipped count would let a party past its quota).
+    fn held_counts(&self) -> std::sync::MutexGuard<'_, HashMap<Registrant, usize>> {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub fn shard_of(&self, key: &str) -> usize {
