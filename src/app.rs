@@ -834,6 +834,12 @@ fn engine_settings(config: &Config, clock: Clock) -> EngineSettings {
             .clients
             .iter()
             .filter_map(|c| Some((crate::grant::Registrant::client(&c.name), c.max_grants?)))
+            .chain(config.transmitters.iter().filter_map(|t| {
+                Some((
+                    crate::grant::Registrant::transmitter(&t.name),
+                    t.max_grants?,
+                ))
+            }))
             .collect(),
         context_retention: Duration::from_secs(config.engine.context_retention_secs),
         disabled_account_retention: Duration::from_secs(

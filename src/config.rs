@@ -1034,6 +1034,10 @@ pub struct TransmitterConfig {
     /// `discovery = true`. Without it the stream is set up out of band and only pushes arrive.
     #[serde(default)]
     pub manage: Option<StreamManagement>,
+    /// Most session grants its session-established events may have made and held, in place of
+    /// `engine.max_grants_per_registrant` (an identity provider announcing every session).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_grants: Option<usize>,
 }
 
 /// How Vigil's stream at a transmitter is delivered.
@@ -1178,6 +1182,7 @@ impl TransmitterConfig {
             tolerate: Tolerate::default(),
             global_token_revocation: false,
             manage: None,
+            max_grants: None,
         }
     }
 
@@ -1696,6 +1701,9 @@ impl Config {
             if t.name.is_empty() || !names.insert(t.name.as_str()) {
                 return Err(invalid(key("name"), "must be non-empty and unique"));
             }
+            if t.max_grants == Some(0) {
+                return Err(invalid(key("max_grants"), "must be greater than 0"));
+            }
             let stream_ok = !t.stream.is_empty()
                 && t.stream
                     .bytes()
@@ -2195,6 +2203,11 @@ mod tests {
         let client = "[[clients]]\nname = \"gw\"\ntoken = \"gateway-token-0123456789\"\nroles = [\"grants\"]\n";
         let e = err_of(&format!("{ONE}\n{client}max_grants = 0\n"), no_env());
         assert!(e.contains("clients[0].max_grants"), "{e}");
+        let e = err_of(
+            &ONE.replace("jwks_uri", "max_grants = 0\njwks_uri"),
+            no_env(),
+        );
+        assert!(e.contains("transmitters[0].max_grants"), "{e}");
         let config = Config::from_toml(
             &format!("[engine]\nmax_grants = 9\n{ONE}\n{client}"),
             no_env(),

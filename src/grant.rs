@@ -257,6 +257,16 @@ impl Registrant {
         Registrant::named(&format!("client:{name}"))
     }
 
+    /// A transmitter's registrant (its session-established events' grants).
+    pub fn transmitter(name: &str) -> Registrant {
+        Registrant::named(&format!("transmitter:{name}"))
+    }
+
+    /// A risk-feed topic's registrant (its session-established messages' grants).
+    pub fn risk_feed(topic: &str) -> Registrant {
+        Registrant::named(&format!("risk_feed:{topic}"))
+    }
+
     pub fn is_none(&self) -> bool {
         *self == Registrant::NONE
     }

@@ -644,3 +644,49 @@ async fn concurrent_registrations_link_each_identifier_to_one_principal() {
     drop(engine);
     env.vigil.shutdown().await;
 }
+
+/// An identity provider announcing sessions meets its own quota (`transmitters[].max_grants`): its
+/// session-established SETs past it are still accepted (202) and counted, but make no grant, while
+/// an API client registers as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transmitter_past_its_grant_quota_makes_no_more_session_grants() {
+    let env = start_env(|config| {
+        config.engine.max_grants = 100;
+        config.engine.max_grants_per_registrant = Some(50);
+        config.transmitters[0].max_grants = Some(2);
+    })
+    .await;
+    let t = now();
+    for i in 0..3 {
+        let subject = json!({"format": "complex", "user": email(&format!("u{i}@example.com")),
+            "session": {"format": "opaque", "id": format!("web-{i}")}});
+        env.push(&set(
+            &format!("est-{i}"),
+            subject,
+            &format!("{CAEP}session-established"),
+            json!({"event_timestamp": t - 30.0}),
+        ))
+        .await;
+    }
+    // The metrics are the process's: no other test of this file refuses a grant.
+    eventually("the third session grant refused", || async {
+        let (_, metrics) = get(&env.vigil, "/metrics").await;
+        metrics
+            .contains("vigil_grants_refused_total{reason=\"quota\"} 1")
+            .then_some(())
+    })
+    .await;
+    let sessions: Vec<_> = (0..3)
+        .filter_map(|i| {
+            env.vigil
+                .engine()
+                .grant(&format!("caep-session:opaque:web-{i}"))
+        })
+        .collect();
+    assert_eq!(sessions.len(), 2);
+    assert!(sessions
+        .iter()
+        .all(|g| g.registered_by.name().as_ref() == "transmitter:tx-idp"));
+    env.register(&grant("api-1", email("u0@example.com"), t - 60.0))
+        .await;
+}

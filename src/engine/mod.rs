@@ -147,7 +147,7 @@ pub enum EngineError {
     Full(usize),
     /// A new grant beyond its registrant's `engine.max_grants_per_registrant`: refused until some
     /// of the registrant's grants expire or are deleted (429).
-    #[error("`{registrant}` holds its most grants ({max}: engine.max_grants_per_registrant, or a client's own max_grants); a new grant is refused until some of its grants expire or are deleted")]
+    #[error("`{registrant}` holds its most grants ({max}: engine.max_grants_per_registrant, or its own max_grants); a new grant is refused until some of its grants expire or are deleted")]
     Quota { registrant: String, max: usize },
     #[error("cannot start a shard thread: {0}")]
     Thread(String),

@@ -88,9 +88,7 @@ pub(super) fn from_signal(
 /// from the configuration, never the `source` a Kafka message names itself.
 fn registrant(source: &SignalSource) -> Registrant {
     match source {
-        SignalSource::SsfPush { transmitter, .. } => {
-            Registrant::named(&format!("transmitter:{transmitter}"))
-        }
-        SignalSource::RiskFeed { topic, .. } => Registrant::named(&format!("risk_feed:{topic}")),
+        SignalSource::SsfPush { transmitter, .. } => Registrant::transmitter(transmitter),
+        SignalSource::RiskFeed { topic, .. } => Registrant::risk_feed(topic),
     }
 }
