@@ -271,6 +271,15 @@ impl Registrant {
         *self == Registrant::NONE
     }
 
+    /// The registrant as a metric label: its name, or `unrecorded` for `NONE`.
+    pub fn label(&self) -> String {
+        if self.is_none() {
+            "unrecorded".to_owned()
+        } else {
+            self.name().to_string()
+        }
+    }
+
     /// The registrant's name (empty for `NONE`).
     pub fn name(&self) -> std::sync::Arc<str> {
         let table = REGISTRANTS

@@ -154,6 +154,8 @@ catalogue! {
         "Decisions made";
     GRANTS = "vigil_grants", Gauge, [],
         "Grants held (active and tombstones)";
+    GRANTS_BY_REGISTRANT = "vigil_grants_by_registrant", Gauge, ["registrant"],
+        "Grants held per party that made them (client:<name>, transmitter:<name>, risk_feed:<topic>; unrecorded for grants from before), against engine.max_grants_per_registrant or the party's own max_grants";
     CHECKS = "vigil_checks_total", Counter, ["decision"],
         "Live checks answered, by verdict";
     STORE_COMMIT_SECONDS = "vigil_store_commit_seconds", Histogram, ["store"],

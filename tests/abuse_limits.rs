@@ -333,6 +333,13 @@ async fn a_client_past_its_grant_quota_is_refused_and_another_is_not() {
         .send()
         .await
         .unwrap();
-    assert_refusals(&metrics.text().await.unwrap(), "quota", 2);
+    let metrics = metrics.text().await.unwrap();
+    assert_refusals(&metrics, "quota", 2);
+    for held in [
+        "vigil_grants_by_registrant{registrant=\"client:greedy\"} 3",
+        "vigil_grants_by_registrant{registrant=\"client:other\"} 5",
+    ] {
+        assert!(metrics.contains(held), "{held}: {metrics}");
+    }
     vigil.shutdown().await;
 }

@@ -368,19 +368,35 @@ impl Shared {
         let before = self.grants.insert(grant.id.clone(), grant);
         let left = before.map(|g| g.registered_by);
         if left != Some(registrant) {
-            let mut held = self.held_counts();
             if let Some(left) = left {
-                uncount(&mut held, left);
+                self.count(left, false);
             }
-            *held.entry(registrant).or_default() += 1;
+            self.count(registrant, true);
         }
     }
 
     /// Lets go of the grant `id`, if held. Every grant leaves the grant map here.
     pub fn drop_grant(&self, id: &str) -> Option<Arc<Grant>> {
         let (_, gone) = self.grants.remove(id)?;
-        uncount(&mut self.held_counts(), gone.registered_by);
+        self.count(gone.registered_by, false);
         Some(gone)
+    }
+
+    /// One grant more (or fewer) for `registrant`, shown in `vigil_grants_by_registrant`; a count
+    /// at zero leaves the table (the gauge shows 0).
+    fn count(&self, registrant: Registrant, more: bool) {
+        let n = {
+            let mut held = self.held_counts();
+            let n = held.entry(registrant).or_default();
+            *n = if more { *n + 1 } else { n.saturating_sub(1) };
+            let n = *n;
+            if n == 0 {
+                held.remove(&registrant);
+            }
+            n
+        };
+        metrics::gauge!(crate::telemetry::GRANTS_BY_REGISTRANT, "registrant" => registrant.label())
+            .set(n as f64);
     }
 
     /// The counts per registrant. Nothing panics while holding them, so a poisoned lock's counts
@@ -395,16 +411,6 @@ impl Shared {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         key.hash(&mut h);
         (h.finish() % self.settings.shards as u64) as usize
-    }
-}
-
-/// One grant fewer for `registrant`; a count at zero leaves the table.
-fn uncount(held: &mut HashMap<Registrant, usize>, registrant: Registrant) {
-    if let Some(n) = held.get_mut(&registrant) {
-        *n = n.saturating_sub(1);
-        if *n == 0 {
-            held.remove(&registrant);
-        }
     }
 }
 
