@@ -475,6 +475,7 @@ impl Vigil {
                     instance.clone(),
                     crate::cluster::advertised_url(&config.cluster, addr, tls.is_some()),
                     health.clone(),
+                    engine.grant_counts(),
                     clock.clone(),
                     shutdown_rx.clone(),
                 )?;

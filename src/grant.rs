@@ -262,7 +262,8 @@ impl Registrant {
         Registrant::named(&format!("transmitter:{name}"))
     }
 
-    /// A risk-feed topic's registrant (its session-established messages' grants).
+    /// A risk-feed topic's registrant, were its messages to make grants: they carry risk levels
+    /// only today ([`crate::risk_feed`]), so it holds none.
     pub fn risk_feed(topic: &str) -> Registrant {
         Registrant::named(&format!("risk_feed:{topic}"))
     }

@@ -155,7 +155,9 @@ catalogue! {
     GRANTS = "vigil_grants", Gauge, [],
         "Grants held (active and tombstones)";
     GRANTS_BY_REGISTRANT = "vigil_grants_by_registrant", Gauge, ["registrant"],
-        "Grants held per party that made them (client:<name>, transmitter:<name>, risk_feed:<topic>; unrecorded for grants from before), against engine.max_grants_per_registrant or the party's own max_grants";
+        "Grants held per party that made them (client:<name>, transmitter:<name>; unrecorded for grants from before), on this instance; its quota (engine.max_grants_per_registrant or the party's own max_grants) counts these and vigil_cluster_grants_by_registrant";
+    CLUSTER_GRANTS_BY_REGISTRANT = "vigil_cluster_grants_by_registrant", Gauge, ["registrant"],
+        "Cluster mode: grants held per party on the other live instances, as they last announced (members topic), counted against the party's quota with this instance's";
     CHECKS = "vigil_checks_total", Counter, ["decision"],
         "Live checks answered, by verdict";
     STORE_COMMIT_SECONDS = "vigil_store_commit_seconds", Histogram, ["store"],

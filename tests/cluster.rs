@@ -1634,6 +1634,94 @@ async fn a_forgotten_subjects_links_leave_every_instance() {
     );
 }
 
+/// A party's grant quota is the cluster's, not each instance's: with its grants spread over two
+/// instances, a new one is refused on either once the two together hold the quota, whichever
+/// instance is asked; a grant deleted on one makes room on the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partys_grant_quota_is_counted_across_the_cluster() {
+    const QUOTA: usize = 4;
+    let kafka = brokers_with_topics();
+    let brokers = kafka.bootstrap_servers();
+    let tx = Transmitter::start(&[Alg::RS256]).await;
+    let instances: Vec<Instance> = (0..2)
+        .map(|_| {
+            start_instance_with(&tx, &brokers, 10_000, false, |config| {
+                config.engine.max_grants_per_registrant = Some(QUOTA);
+            })
+        })
+        .collect();
+    let http = http();
+    let owners = split(&http, &instances.iter().collect::<Vec<_>>()).await;
+    // Three subjects owned by each instance.
+    let owned_by = |i: usize| -> Vec<String> {
+        (0..)
+            .map(|n| format!("quota-{n}@example.com"))
+            .filter(|email| {
+                owners[i].contains(&vigil::cluster::partition_of(
+                    &principal_key(email),
+                    PARTITIONS,
+                ))
+            })
+            .take(3)
+            .collect()
+    };
+    let (first, second) = (owned_by(0), owned_by(1));
+    // Two grants on each instance, all registered through the first.
+    for (n, email) in first[..2].iter().chain(&second[..2]).enumerate() {
+        registered(
+            &http,
+            &instances[0].base,
+            &session_grant(&format!("q{n}"), email),
+        )
+        .await;
+    }
+    let elsewhere = "vigil_cluster_grants_by_registrant{registrant=\"client:test-admin\"}";
+    for instance in &instances {
+        wait_for(
+            &instances,
+            30,
+            "the other instance's count announced",
+            || async { metric(&http, &instance.base, elsewhere).await == 2 },
+        )
+        .await;
+    }
+    // Each holds two, under the quota on its own: the cluster holds four, and both refuse.
+    for (instance, email) in instances.iter().zip([&first[2], &second[2]]) {
+        let (code, body) = register(&http, &instance.base, &session_grant("over", email)).await;
+        assert_eq!(code, 429, "{}: {body}", instance.base);
+        assert_eq!(body["error"], "grant_quota", "{body}");
+        assert_eq!(grant_status(&http, &instance.base, "over").await.0, 404);
+    }
+    // A grant deleted on the second instance makes room on the first once announced.
+    let deleted = http
+        .delete(format!("{}/v1/grants/q3", instances[1].base))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status().as_u16(), 204);
+    let room = session_grant("room", &first[2]);
+    eventually_within(30, "room on the first instance", || async {
+        (register(&http, &instances[0].base, &room).await.0 == 201).then_some(())
+    })
+    .await;
+    // Full again, once the second instance has heard of it.
+    wait_for(
+        &instances,
+        30,
+        "the first instance's new count announced",
+        || async { metric(&http, &instances[1].base, elsewhere).await == 3 },
+    )
+    .await;
+    let (code, body) = register(
+        &http,
+        &instances[1].base,
+        &session_grant("over", &second[2]),
+    )
+    .await;
+    assert_eq!(code, 429, "{body}");
+}
+
 /// `partition_of` is Kafka's partitioner: librdkafka's own `murmur2` partitioner, producing to
 /// the mock broker, puts every key on the partition it names.
 #[tokio::test]

@@ -7,7 +7,7 @@
 //! memory (an instance with a fresh id at each start would otherwise grow the map forever). So an API call about a principal that
 //! another instance owns is answered by that instance, whichever one received it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use super::{topics, ClusterError};
 use crate::clock::Clock;
 use crate::config::ClusterConfig;
+use crate::engine::GrantCounts;
 use crate::kafka::{KafkaHealth, ProducerLogs};
 
 /// How often an instance says it is alive and what it owns.
@@ -39,6 +40,10 @@ pub struct Member {
     pub partitions: Vec<i32>,
     /// When it announced this (milliseconds since the epoch, its own clock: informative only).
     pub at_ms: i64,
+    /// Grants it holds per party (registrant name): a party's grant quota is the cluster's
+    /// ([`GrantCounts`]). Absent from an older instance's record.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub grants: BTreeMap<String, usize>,
 }
 
 /// A member and when this instance last heard from it (its own clock).
@@ -54,6 +59,8 @@ pub struct Directory {
     producer: FutureProducer<ProducerLogs>,
     topic: String,
     health: Arc<KafkaHealth>,
+    /// This instance's grants per party, announced; the others' announced counts go back in.
+    counts: Arc<GrantCounts>,
     clock: Clock,
 }
 
@@ -66,6 +73,7 @@ impl Directory {
         instance: String,
         url: String,
         health: Arc<KafkaHealth>,
+        counts: Arc<GrantCounts>,
         clock: Clock,
         shutdown: watch::Receiver<bool>,
     ) -> Result<(Arc<Directory>, tokio::task::JoinHandle<()>), ClusterError> {
@@ -79,11 +87,13 @@ impl Directory {
                 url,
                 partitions: Vec::new(),
                 at_ms: 0,
+                grants: BTreeMap::new(),
             },
             members: RwLock::new(HashMap::new()),
             producer: producer.create_with_context(ProducerLogs)?,
             topic: topic.clone(),
             health,
+            counts,
             clock,
         });
         // The reader: every record from the beginning, then as they come.
@@ -122,6 +132,10 @@ impl Directory {
             let forgotten = now.saturating_sub(millis(FORGOTTEN_AFTER));
             members.retain(|_, h| h.at_ms >= forgotten);
             metrics::gauge!(crate::telemetry::CLUSTER_MEMBERS).set(members.len() as f64);
+            drop(members);
+            let others = self.live();
+            self.counts
+                .set_elsewhere(others.iter().map(|h| &h.member.grants));
         });
     }
 
@@ -130,7 +144,12 @@ impl Directory {
             let mut me = self.me.clone();
             me.partitions = self.health.owned().unwrap_or_default();
             me.at_ms = self.clock.now_ms();
+            me.grants = self.counts.by_name();
             self.publish(Some(&me)).await;
+            // The others' counts as of now: an instance gone silent no longer counts.
+            let others = self.live();
+            self.counts
+                .set_elsewhere(others.iter().map(|h| &h.member.grants));
             tokio::select! {
                 _ = tokio::time::sleep(ANNOUNCE_EVERY) => {}
                 _ = self.health.changed() => {}

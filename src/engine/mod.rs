@@ -24,6 +24,7 @@ mod handed;
 mod impact;
 mod inputs;
 mod persist;
+mod quota;
 mod replay;
 mod retention;
 mod session_grant;
@@ -34,6 +35,7 @@ pub use changelog::{ChangeRecord, Changelog, Row, Table};
 pub use handed::{Durable, Handed};
 pub use impact::{Changes, Impact, RuleCount, Sample, Samples, Transition};
 pub use persist::{handoff_done_in, handoff_key, pending_handoff};
+pub use quota::{GrantCounts, MAX_ANNOUNCED_PARTIES};
 pub use replay::{History, IntakeHistory, Replay, Window, MAX_RECORDED as REPLAY_MAX_RECORDED};
 pub(crate) use retention::scan_interval;
 mod shard;
@@ -253,8 +255,9 @@ impl GrantSet {
 pub(crate) struct Shared {
     pub contexts: DashMap<String, Arc<PrincipalContext>>,
     pub grants: DashMap<GrantId, Arc<Grant>>,
-    /// Grants held per registrant ([`Shared::hold_grant`], [`Shared::drop_grant`]).
-    held: std::sync::Mutex<HashMap<Registrant, usize>>,
+    /// Grants held per registrant ([`Shared::hold_grant`], [`Shared::drop_grant`]), and on the
+    /// cluster's other instances.
+    pub counts: Arc<GrantCounts>,
     pub aliases: DashMap<String, String>,
     /// Held while new identifiers are linked to a principal, so two callers introducing the same
     /// identifier at once agree on its principal and only one of them records the link.
@@ -330,9 +333,9 @@ impl Shared {
         keys
     }
 
-    /// Whether one more grant of `registrant`'s may be held (`max_grants`, and
-    /// `max_grants_per_registrant`); refused ones are counted. Checked for a new grant id only:
-    /// re-registering a held grant adds nothing.
+    /// Whether one more grant of `registrant`'s may be held (`max_grants` on this instance, and
+    /// `max_grants_per_registrant` in the whole cluster, [`GrantCounts`]); refused ones are
+    /// counted. Checked for a new grant id only: re-registering a held grant adds nothing.
     pub fn room_for_a_grant(&self, registrant: Registrant) -> Result<(), EngineError> {
         let max = self.settings.max_grants;
         if self.grants.len() >= max {
@@ -346,7 +349,7 @@ impl Shared {
             .get(&registrant)
             .copied()
             .unwrap_or(self.settings.max_grants_per_registrant);
-        if !registrant.is_none() && self.held_by(registrant) >= quota {
+        if !registrant.is_none() && self.counts.held_in_cluster(registrant) >= quota {
             metrics::counter!(crate::telemetry::GRANTS_REFUSED, "reason" => "quota").increment(1);
             return Err(EngineError::Quota {
                 registrant: registrant.name().to_string(),
@@ -354,11 +357,6 @@ impl Shared {
             });
         }
         Ok(())
-    }
-
-    /// How many grants `registrant` holds.
-    pub fn held_by(&self, registrant: Registrant) -> usize {
-        self.held_counts().get(&registrant).copied().unwrap_or(0)
     }
 
     /// Holds `grant` (new, or in place of the grant with its id), counted against its registrant.
@@ -369,42 +367,17 @@ impl Shared {
         let left = before.map(|g| g.registered_by);
         if left != Some(registrant) {
             if let Some(left) = left {
-                self.count(left, false);
+                self.counts.count(left, false);
             }
-            self.count(registrant, true);
+            self.counts.count(registrant, true);
         }
     }
 
     /// Lets go of the grant `id`, if held. Every grant leaves the grant map here.
     pub fn drop_grant(&self, id: &str) -> Option<Arc<Grant>> {
         let (_, gone) = self.grants.remove(id)?;
-        self.count(gone.registered_by, false);
+        self.counts.count(gone.registered_by, false);
         Some(gone)
-    }
-
-    /// One grant more (or fewer) for `registrant`, shown in `vigil_grants_by_registrant`; a count
-    /// at zero leaves the table (the gauge shows 0).
-    fn count(&self, registrant: Registrant, more: bool) {
-        let n = {
-            let mut held = self.held_counts();
-            let n = held.entry(registrant).or_default();
-            *n = if more { *n + 1 } else { n.saturating_sub(1) };
-            let n = *n;
-            if n == 0 {
-                held.remove(&registrant);
-            }
-            n
-        };
-        metrics::gauge!(crate::telemetry::GRANTS_BY_REGISTRANT, "registrant" => registrant.label())
-            .set(n as f64);
-    }
-
-    /// The counts per registrant. Nothing panics while holding them, so a poisoned lock's counts
-    /// are still true: taken rather than skipped (a skipped count would let a party past its quota).
-    fn held_counts(&self) -> std::sync::MutexGuard<'_, HashMap<Registrant, usize>> {
-        self.held
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub fn shard_of(&self, key: &str) -> usize {
@@ -639,7 +612,7 @@ impl Engine {
         let loaded = persist::load(db)?;
         let shared = Arc::new(Shared {
             contexts: DashMap::new(),
-            held: std::sync::Mutex::new(HashMap::new()),
+            counts: Arc::new(GrantCounts::default()),
             grants: DashMap::new(),
             aliases: DashMap::new(),
             linking: std::sync::Mutex::new(()),
@@ -966,6 +939,11 @@ impl Engine {
             waiting: waits,
             failure: None,
         })
+    }
+
+    /// The grants held per party: cluster mode announces this instance's and brings the others'.
+    pub fn grant_counts(&self) -> Arc<GrantCounts> {
+        self.shared.counts.clone()
     }
 
     /// Signals handed over by [`Engine::submit_batch`] that no shard has taken yet. A source
@@ -1859,7 +1837,7 @@ mod tests {
     /// refused and changes nothing, while another party registers as before; an update of a held
     /// grant (by anyone) stays counted against whoever made it; session grants count against their
     /// transmitter; a deleted or expired grant makes room; a restart counts the held grants again
-    /// from the rows, which keep their registrant.
+    /// from the rows, which keep their registrant; the grants other instances announce count too.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_party_past_its_grant_quota_is_refused_and_the_others_are_not() {
         let clock = crate::clock::Clock::manual(1_700_000_000_000);
@@ -1914,7 +1892,13 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(engine.grant("a1").unwrap().registered_by, a);
-        assert_eq!((engine.shared.held_by(a), engine.shared.held_by(b)), (2, 1));
+        assert_eq!(
+            (
+                engine.shared.counts.held_here(a),
+                engine.shared.counts.held_here(b)
+            ),
+            (2, 1)
+        );
         // Session grants count against the transmitter that announced them.
         // Each names its own session: a grant each.
         let session_established = |email: &str, seq: u64| {
@@ -1951,7 +1935,7 @@ mod tests {
             "{}",
             sessions[0].name()
         );
-        assert_eq!(engine.shared.held_by(sessions[0]), 2);
+        assert_eq!(engine.shared.counts.held_here(sessions[0]), 2);
         // Deleted, or expired: room again.
         engine.delete("a1").await.unwrap();
         engine
@@ -1960,7 +1944,7 @@ mod tests {
             .unwrap();
         clock.advance(Duration::from_secs(120));
         within_5s("a2 was not swept", || engine.grant("a2").is_none()).await;
-        assert_eq!(engine.shared.held_by(a), 1);
+        assert_eq!(engine.shared.counts.held_here(a), 1);
         // A restart counts the rows again, each against its registrant.
         engine.shutdown().await;
         drop(engine);
@@ -1968,7 +1952,25 @@ mod tests {
         drop(db);
         let (engine, _decisions, _db, _held) = engine_in(dir.path(), settings());
         assert_eq!(engine.grant("a3").unwrap().registered_by, a);
-        assert_eq!((engine.shared.held_by(a), engine.shared.held_by(b)), (1, 1));
+        assert_eq!(
+            (
+                engine.shared.counts.held_here(a),
+                engine.shared.counts.held_here(b)
+            ),
+            (1, 1)
+        );
+        // Cluster mode: a grant of a's another instance announced counts against the quota too.
+        let elsewhere = std::collections::BTreeMap::from([(a.name().to_string(), 1)]);
+        engine.grant_counts().set_elsewhere([&elsewhere]);
+        let refused = engine
+            .register(request("a4", "a4@example.com", far), a)
+            .await;
+        assert!(
+            matches!(refused, Err(EngineError::Quota { .. })),
+            "{refused:?}"
+        );
+        assert!(engine.grant("a4").is_none());
+        engine.grant_counts().set_elsewhere([]);
         engine
             .register(request("a4", "a4@example.com", far), a)
             .await
