@@ -472,8 +472,10 @@ impl Vigil {
                 let (directory, announcer) = crate::cluster::Directory::start(
                     &config.cluster,
                     topics.members.clone(),
-                    instance.clone(),
-                    crate::cluster::advertised_url(&config.cluster, addr, tls.is_some()),
+                    crate::cluster::Member::new(
+                        instance.clone(),
+                        crate::cluster::advertised_url(&config.cluster, addr, tls.is_some()),
+                    ),
                     health.clone(),
                     engine.grant_counts(),
                     clock.clone(),

@@ -46,6 +46,19 @@ pub struct Member {
     pub grants: BTreeMap<String, usize>,
 }
 
+impl Member {
+    /// This instance, answering at `url`, before it announces what it owns and holds.
+    pub fn new(instance: String, url: String) -> Member {
+        Member {
+            instance,
+            url,
+            partitions: Vec::new(),
+            at_ms: 0,
+            grants: BTreeMap::new(),
+        }
+    }
+}
+
 /// A member and when this instance last heard from it (its own clock).
 struct Heard {
     member: Member,
@@ -70,8 +83,7 @@ impl Directory {
     pub fn start(
         config: &ClusterConfig,
         topic: String,
-        instance: String,
-        url: String,
+        me: Member,
         health: Arc<KafkaHealth>,
         counts: Arc<GrantCounts>,
         clock: Clock,
@@ -82,13 +94,7 @@ impl Directory {
             .set("acks", "all")
             .set("message.timeout.ms", "5000");
         let directory = Arc::new(Directory {
-            me: Member {
-                instance,
-                url,
-                partitions: Vec::new(),
-                at_ms: 0,
-                grants: BTreeMap::new(),
-            },
+            me,
             members: RwLock::new(HashMap::new()),
             producer: producer.create_with_context(ProducerLogs)?,
             topic: topic.clone(),
