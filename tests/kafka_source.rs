@@ -662,3 +662,65 @@ async fn the_consumer_stops_reading_while_the_engine_holds_its_bound_of_queued_s
     assert_eq!(vigil.engine().queued_signals(), 0);
     vigil.shutdown().await;
 }
+
+/// `/readyz` tells a broker nothing needs (idle) from one that is down, and an instance whose
+/// partition's leader is down is not ready — that partition's signals wait — until it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_whose_leader_is_down_makes_the_source_not_ready() {
+    const LEADER: i32 = 3;
+    let kafka = MockCluster::new(3).unwrap();
+    for (topic, partitions) in [(NATIVE, 4), (FRAUD, 1), (DLQ, 1)] {
+        kafka.create_topic(topic, partitions, 1).unwrap();
+        for partition in 0..partitions {
+            kafka.partition_leader(topic, partition, Some(1)).unwrap();
+        }
+    }
+    kafka
+        .coordinator(
+            rdkafka::mocking::MockCoordinator::Group("vigil-test".into()),
+            1,
+        )
+        .unwrap();
+    // One partition led by a broker of its own; broker 2 leads nothing.
+    kafka.partition_leader(NATIVE, 2, Some(LEADER)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let vigil = start(kafka_config(dir.path(), &kafka.bootstrap_servers())).await;
+    let view =
+        |body: &str| -> Value { serde_json::from_str::<Value>(body).unwrap()["kafka"].clone() };
+    let ready = eventually_within(30, "the source ready", || async {
+        let (code, body) = get(&vigil, "/readyz").await;
+        (code == 200 && view(&body)["assigned"] == 5).then_some(body)
+    })
+    .await;
+    let kafka_view = view(&ready);
+    assert_eq!(kafka_view["brokers"], 3, "{kafka_view}");
+    assert_eq!(kafka_view["brokers_down"], 0, "{kafka_view}");
+    assert!(
+        kafka_view.get("leader_unreachable").is_none(),
+        "{kafka_view}"
+    );
+
+    kafka.broker_down(LEADER).unwrap();
+    let body = eventually_within(30, "not ready with a leader down", || async {
+        let (code, body) = get(&vigil, "/readyz").await;
+        (code == 503).then_some(body)
+    })
+    .await;
+    let kafka_view = view(&body);
+    assert_eq!(
+        kafka_view["leader_unreachable"],
+        json!(["vigil.risk/2"]),
+        "{body}"
+    );
+    // (`brokers_down` is not checked: the mock broker's metadata stops naming a broker that is
+    // down, and librdkafka then forgets it rather than count it down.)
+    assert!(body.contains("vigil.risk/2"), "the reason names it: {body}");
+
+    kafka.broker_up(LEADER).unwrap();
+    eventually_within(40, "ready again with the leader back", || async {
+        let (code, _) = get(&vigil, "/readyz").await;
+        (code == 200).then_some(())
+    })
+    .await;
+    vigil.shutdown().await;
+}

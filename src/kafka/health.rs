@@ -15,15 +15,25 @@ use std::sync::Mutex;
 use serde::Serialize;
 
 /// The source's state as of the last statistics.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct KafkaView {
     /// Partitions of the subscribed topics.
     pub partitions: usize,
     /// Of those, the ones this instance consumes.
     pub assigned: usize,
-    /// Brokers known, and how many of them are up.
+    /// Brokers known.
     pub brokers: usize,
+    /// Of those, the ones with an open connection. librdkafka connects only to the brokers it
+    /// needs (the leaders of the partitions consumed, the group's coordinator), so fewer than
+    /// `brokers` is normal: the others are idle, not down.
     pub brokers_up: usize,
+    /// Brokers whose connection was lost or is being tried again: neither up nor idle.
+    pub brokers_down: usize,
+    /// Partitions this instance consumes (`topic/partition`) whose leader was not connected at
+    /// two statistics reports in a row (so a connection being made at start-up is not one):
+    /// their signals wait until it is back (or another broker leads them).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub leader_unreachable: Vec<String>,
     /// Messages this instance has yet to consume, summed over its partitions: a lagging instance
     /// is ready (it is catching up), and says by how much.
     pub lag: u64,
@@ -57,6 +67,12 @@ impl KafkaView {
         if self.brokers > 0 && self.brokers_up == 0 {
             return Some("no Kafka broker is reachable".into());
         }
+        if !self.leader_unreachable.is_empty() {
+            return Some(format!(
+                "the leader of partitions {} is not reachable: their signals wait until it is",
+                self.leader_unreachable.join(", ")
+            ));
+        }
         if self.owned_partitions.is_none() && !self.split && self.assigned < self.partitions {
             return Some(format!(
                 "this instance consumes {} of {} partitions: another consumer in its group holds \
@@ -76,12 +92,49 @@ impl KafkaView {
     }
 }
 
+/// The brokers as one statistics report has them.
+struct Brokers {
+    known: usize,
+    /// Node ids of the brokers with an open connection.
+    up: Vec<i32>,
+    down: usize,
+}
+
+impl Brokers {
+    /// From each broker's node id and state; bootstrap entries (node id -1) are not brokers.
+    /// `INIT` is a broker never connected to because nothing needed it yet; every state other
+    /// than that and `UP` is a connection lost or being tried again.
+    fn of<'a>(states: impl Iterator<Item = (i32, &'a str)>) -> Brokers {
+        let mut brokers = Brokers {
+            known: 0,
+            up: Vec::new(),
+            down: 0,
+        };
+        for (node, state) in states.filter(|(node, _)| *node >= 0) {
+            brokers.known += 1;
+            match state {
+                "UP" => brokers.up.push(node),
+                "INIT" => {}
+                _ => brokers.down += 1,
+            }
+        }
+        brokers
+    }
+
+    /// Whether broker `node` is connected (a partition whose leader is unknown, -1, is not).
+    fn up(&self, node: i32) -> bool {
+        self.up.contains(&node)
+    }
+}
+
 /// Shared between the consumer's statistics callback and `/readyz`.
 #[derive(Default)]
 pub struct KafkaHealth {
     view: Mutex<Option<KafkaView>>,
     /// Partitions whose lag gauge was set, so it can be cleared when they move away.
     lagging: Mutex<HashSet<(String, i32)>>,
+    /// Partitions consumed whose leader was not connected at the last statistics report.
+    leaderless: Mutex<BTreeSet<String>>,
     /// Cluster mode: the partitions owned (`None`: a single node's source).
     owned: Option<Mutex<BTreeSet<i32>>>,
     /// Woken when the partitions owned change.
@@ -130,16 +183,7 @@ impl KafkaHealth {
                 ..v
             });
         };
-        let mut view = view.unwrap_or(KafkaView {
-            partitions: 0,
-            assigned: 0,
-            brokers: 0,
-            brokers_up: 0,
-            lag: 0,
-            owned_partitions: None,
-            restoring: Vec::new(),
-            split: false,
-        });
+        let mut view = view.unwrap_or_default();
         view.assigned = owned.len();
         view.owned_partitions = Some(owned);
         view.restoring = self.lock_restores().values().cloned().collect();
@@ -268,15 +312,33 @@ impl KafkaHealth {
             }
             *lagging = desired.into_iter().collect();
         }
-        let real = stats.brokers.values().filter(|b| b.nodeid >= 0);
-        let (brokers, brokers_up) = real.fold((0, 0), |(n, up), b| {
-            (n + 1, up + usize::from(b.state == "UP"))
-        });
+        let brokers = Brokers::of(stats.brokers.values().map(|b| (b.nodeid, b.state.as_str())));
+        let mut leader_unreachable = Vec::new();
+        for (topic, t) in stats.topics.iter().filter(|(t, _)| topics.contains(t)) {
+            for (&partition, p) in &t.partitions {
+                if partition >= 0 && p.desired && !brokers.up(p.leader) {
+                    leader_unreachable.push(format!("{topic}/{partition}"));
+                }
+            }
+        }
+        // Only those seen so at the report before too.
+        let leader_unreachable: Vec<String> = {
+            let mut before = self
+                .leaderless
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let now: BTreeSet<String> = leader_unreachable.into_iter().collect();
+            let both = now.intersection(&before).cloned().collect();
+            *before = now;
+            both
+        };
         let view = KafkaView {
             partitions,
             assigned,
-            brokers,
-            brokers_up,
+            brokers: brokers.known,
+            brokers_up: brokers.up.len(),
+            brokers_down: brokers.down,
+            leader_unreachable,
             lag,
             owned_partitions: self.owned.as_ref().map(|_| Vec::new()),
             restoring: Vec::new(),
@@ -312,6 +374,8 @@ mod tests {
             assigned,
             brokers,
             brokers_up,
+            brokers_down: 0,
+            leader_unreachable: Vec::new(),
             lag: 0,
             owned_partitions: None,
             restoring: Vec::new(),
@@ -342,6 +406,16 @@ mod tests {
             .unwrap()
             .contains("no Kafka broker"));
         assert_eq!(view(0, 0, 0, 0).problem(), None, "nothing known yet");
+        assert_eq!(
+            view(4, 4, 3, 1).problem(),
+            None,
+            "brokers nothing needs are idle"
+        );
+        let stalled = KafkaView {
+            leader_unreachable: vec!["vigil.risk/2".into()],
+            ..view(4, 4, 3, 2)
+        };
+        assert!(stalled.problem().unwrap().contains("vigil.risk/2"));
         let clustered = KafkaView {
             owned_partitions: Some(vec![1, 4]),
             ..view(12, 2, 3, 3)
@@ -358,5 +432,23 @@ mod tests {
         .problem()
         .unwrap()
         .contains("no Kafka broker"));
+    }
+
+    #[test]
+    fn brokers_are_up_idle_or_down() {
+        let brokers = Brokers::of(
+            [
+                (-1, "UP"),
+                (1, "UP"),
+                (2, "INIT"),
+                (3, "DOWN"),
+                (4, "TRY_CONNECT"),
+                (5, "UP"),
+            ]
+            .into_iter(),
+        );
+        assert_eq!((brokers.known, brokers.up.len(), brokers.down), (5, 2, 2));
+        assert!(brokers.up(1) && brokers.up(5));
+        assert!(!brokers.up(2) && !brokers.up(3) && !brokers.up(-1));
     }
 }
