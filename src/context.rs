@@ -20,7 +20,7 @@ use crate::compact_map::CompactMap;
 use crate::events::{
     ChangeDirection, ChangeType, ComplianceStatus, Event, RiskLevel, RiskPrincipal,
 };
-use crate::grant::Grant;
+use crate::grant::{Grant, Registrant};
 use crate::principal::{filter_matches, Target};
 use crate::signal::Signal;
 
@@ -31,8 +31,10 @@ const RECENT_SIGNALS: usize = 20;
 /// Most facts of one kind a context holds (risk per source, compliance per device, assurance per
 /// namespace, attributes, a token's claims, token scopes of claims, …): the keys come from what
 /// transmitters and feeds send, so without a bound one subject's context would grow with every
-/// new key. Beyond it the oldest fact (by event time) goes, as the oldest session revocation does
-/// past its own bound — a fact older than 256 newer ones of its kind about the same subject.
+/// new key. Beyond it a fact goes, as a session revocation does past its own bound: the oldest
+/// (by event time) of the party holding the most facts of the kind ([`fair_victim`]). So a party
+/// sending ever new keys — a feed naming a new `source` in every message, say — evicts its own
+/// facts, never another party's (an identity provider's high risk level, a session revocation).
 pub const MAX_FACTS_PER_KIND: usize = 256;
 
 /// A fact with its provenance.
@@ -47,6 +49,11 @@ pub struct Stamped<T> {
     /// This fact's own lifetime (a risk feed's per-message TTL), overriding the kind's decay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl: Option<u64>,
+    /// The configured party that said it (its transmitter, or its risk feed's topic; `NONE` for
+    /// facts stored before parties were recorded): a kind's bound is shared fairly between
+    /// parties ([`MAX_FACTS_PER_KIND`]). Two bytes beside the value: no bigger a fact.
+    #[serde(default, skip_serializing_if = "Registrant::is_none")]
+    pub party: Registrant,
 }
 
 impl<T> Stamped<T> {
@@ -86,17 +93,13 @@ fn upsert_map<T: PartialEq>(
         }
         None => {
             if map.len() >= MAX_FACTS_PER_KIND {
-                let oldest = map
-                    .iter()
-                    .min_by(|a, b| a.1.time.total_cmp(&b.1.time))
-                    .map(|(k, f)| (k.clone(), f.time));
-                match oldest {
-                    // The new fact would be the oldest held: it is the one that goes.
-                    Some((_, time)) if new.time < time => {
+                match fair_victim(map, new.party, 1) {
+                    // The new fact would be its own party's oldest: it is the one that goes.
+                    Some((_, party, time)) if party == new.party && new.time < time => {
                         metrics::counter!(crate::telemetry::CONTEXT_FACTS_EVICTED).increment(1);
                         return false;
                     }
-                    Some((k, _)) => {
+                    Some((k, _, _)) => {
                         map.remove(&k);
                         metrics::counter!(crate::telemetry::CONTEXT_FACTS_EVICTED).increment(1);
                     }
@@ -107,6 +110,40 @@ fn upsert_map<T: PartialEq>(
             true
         }
     }
+}
+
+/// The fact to evict from a full `map` (its key, party and event time): the oldest of the party
+/// holding the most facts of the kind, counting `extra` more for `party` (a new fact of its not
+/// yet held). On a tie the one arriving (`party`) gives way, else the lower party.
+fn fair_victim<T>(
+    map: &CompactMap<String, Stamped<T>>,
+    party: Registrant,
+    extra: usize,
+) -> Option<(String, Registrant, f64)> {
+    let mut held: Vec<(Registrant, usize)> = Vec::new();
+    for fact in map.values() {
+        match held.iter_mut().find(|(p, _)| *p == fact.party) {
+            Some((_, n)) => *n += 1,
+            None => held.push((fact.party, 1)),
+        }
+    }
+    match held.iter_mut().find(|(p, _)| *p == party) {
+        Some((_, n)) => *n += extra,
+        None => held.push((party, extra)),
+    }
+    let most = held.iter().map(|(_, n)| *n).max()?;
+    let loser = if held.iter().any(|(p, n)| *p == party && *n == most) {
+        party
+    } else {
+        held.iter()
+            .filter(|(_, n)| *n == most)
+            .map(|(p, _)| *p)
+            .min_by_key(|p| p.name())?
+    };
+    map.iter()
+        .filter(|(_, f)| f.party == loser)
+        .min_by(|a, b| a.1.time.total_cmp(&b.1.time))
+        .map(|(k, f)| (k.clone(), f.party, f.time))
 }
 
 /// The event time of the newest claim of a token scope.
@@ -352,6 +389,7 @@ impl PrincipalContext {
         revocations: &mut Vec<String>,
     ) -> bool {
         let source = signal.source.label();
+        let party = signal.source.party();
         // A macro, not a closure: facts have different value types.
         macro_rules! stamp {
             ($value:expr) => {
@@ -361,6 +399,7 @@ impl PrincipalContext {
                     source: source.clone(),
                     seq: signal.seq,
                     ttl: signal.ttl_secs,
+                    party,
                 }
             };
         }
@@ -408,13 +447,8 @@ impl PrincipalContext {
                     revocations.push(key);
                 }
                 while self.session_revocations.len() > MAX_SESSION_REVOCATIONS {
-                    let oldest = self
-                        .session_revocations
-                        .iter()
-                        .min_by(|a, b| a.1.time.total_cmp(&b.1.time))
-                        .map(|(k, _)| k.clone());
-                    match oldest {
-                        Some(k) => {
+                    match fair_victim(&self.session_revocations, party, 0) {
+                        Some((k, _, _)) => {
                             self.session_revocations.remove(&k);
                             revocations.push(k);
                         }
@@ -748,6 +782,88 @@ mod tests {
         json!({"principal": "USER", "current_level": level})
     }
 
+    /// A kind's bound is shared fairly between parties: a feed naming a new `source` in every
+    /// message, past the bound, evicts its own oldest facts, never the identity provider's older
+    /// high risk level; a transmitter revoking ever new sessions evicts its own revocations,
+    /// never another's. Parties are the configured transmitter or topic, not the message's
+    /// `source`.
+    #[test]
+    fn one_party_past_a_kinds_bound_evicts_its_own_facts_not_anothers() {
+        let mut ctx = PrincipalContext::new("email:u@example.com");
+        let t = Target::default();
+        ctx.apply(
+            &signal(1, 100.0, EventKind::RiskLevelChange, risk("HIGH")),
+            &t,
+        );
+        for i in 0..MAX_FACTS_PER_KIND + 50 {
+            let mut s = signal(
+                i as u64 + 2,
+                200.0 + i as f64,
+                EventKind::RiskLevelChange,
+                risk("LOW"),
+            );
+            s.source = SignalSource::RiskFeed {
+                topic: "vigil.risk".into(),
+                source: format!("engine-{i}"),
+            };
+            ctx.apply(&s, &t);
+        }
+        assert_eq!(ctx.risk.len(), MAX_FACTS_PER_KIND);
+        let idp = ctx.risk.get("USER/ssf:idp").expect("the idp's fact stays");
+        assert_eq!(idp.value.level, RiskLevel::High);
+        assert_eq!(idp.party, Registrant::transmitter("idp"));
+        let feed = Registrant::risk_feed("vigil.risk");
+        assert!(ctx
+            .risk
+            .values()
+            .filter(|f| f.party != idp.party)
+            .all(|f| f.party == feed));
+        assert!(
+            !ctx.risk.contains_key("USER/feed:engine-0"),
+            "the feed's oldest went"
+        );
+        assert!(ctx
+            .risk
+            .contains_key(&format!("USER/feed:engine-{}", MAX_FACTS_PER_KIND + 49)));
+        // The party is kept through the store's encoding.
+        let stored: PrincipalContext =
+            serde_json::from_str(&serde_json::to_string(&ctx).unwrap()).unwrap();
+        assert_eq!(stored.risk.get("USER/ssf:idp").unwrap().party, idp.party);
+
+        // Session revocations: one by the idp, then ever new ones by another transmitter.
+        let session = |i: usize| Target {
+            identifiers: vec![],
+            members: [("session".to_owned(), format!("opaque:s{i}"))].into(),
+        };
+        ctx.apply(
+            &signal(1000, 300.0, EventKind::SessionRevoked, json!({})),
+            &session(0),
+        );
+        for i in 1..=MAX_SESSION_REVOCATIONS + 20 {
+            let mut s = signal(
+                1000 + i as u64,
+                400.0 + i as f64,
+                EventKind::SessionRevoked,
+                json!({}),
+            );
+            s.source = SignalSource::SsfPush {
+                transmitter: "noisy".into(),
+                stream: "noisy".into(),
+            };
+            ctx.apply(&s, &session(i));
+        }
+        assert_eq!(ctx.session_revocations.len(), MAX_SESSION_REVOCATIONS);
+        let key = |i: usize| serde_json::to_string(&session(i).members).unwrap();
+        assert!(
+            ctx.session_revocations.contains_key(&key(0)),
+            "the idp's revocation stays"
+        );
+        assert!(
+            !ctx.session_revocations.contains_key(&key(1)),
+            "the noisy one's oldest went"
+        );
+    }
+
     /// Facts of one kind are bounded per context: past [`MAX_FACTS_PER_KIND`] keys the oldest by
     /// event time goes (a fact older than all held is not taken), and token scopes of claims are
     /// bounded the same way — so a feed or transmitter sending ever new keys about one subject
@@ -782,6 +898,7 @@ mod tests {
                 source: "feed:x".into(),
                 seq: 1001,
                 ttl: None,
+                party: Registrant::transmitter("idp"),
             },
         );
         assert!(!changed);

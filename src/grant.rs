@@ -262,8 +262,8 @@ impl Registrant {
         Registrant::named(&format!("transmitter:{name}"))
     }
 
-    /// A risk-feed topic's registrant, were its messages to make grants: they carry risk levels
-    /// only today ([`crate::risk_feed`]), so it holds none.
+    /// A risk-feed topic as a party: its messages' facts are its ([`crate::context::Stamped`]);
+    /// they carry risk levels only ([`crate::risk_feed`]), so it makes no grants.
     pub fn risk_feed(topic: &str) -> Registrant {
         Registrant::named(&format!("risk_feed:{topic}"))
     }

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::events::Event;
+use crate::grant::Registrant;
 use crate::set::ValidatedSet;
 use crate::subject::SubjectId;
 
@@ -23,6 +24,16 @@ impl SignalSource {
         match self {
             SignalSource::SsfPush { stream, .. } => stream,
             SignalSource::RiskFeed { topic, .. } => topic,
+        }
+    }
+
+    /// The configured party behind the signal: its transmitter, or its risk feed's topic — names
+    /// from the configuration, never the `source` a Kafka message names itself. Session grants
+    /// count against it, and facts are bounded fairly between parties by it.
+    pub fn party(&self) -> Registrant {
+        match self {
+            SignalSource::SsfPush { transmitter, .. } => Registrant::transmitter(transmitter),
+            SignalSource::RiskFeed { topic, .. } => Registrant::risk_feed(topic),
         }
     }
 

@@ -135,7 +135,7 @@ catalogue! {
     ENGINE_BATCH_SECONDS = "vigil_engine_batch_seconds", Histogram, [],
         "One shard batch, in memory, before its commit";
     CONTEXT_FACTS_EVICTED = "vigil_context_facts_evicted_total", Counter, [],
-        "Facts dropped from a context holding 256 keys of their kind (the oldest by event time goes)";
+        "Facts dropped from a context holding 256 keys of their kind (the oldest by event time of the party — transmitter or feed topic — holding the most goes)";
     CONTEXTS = "vigil_contexts", Gauge, [],
         "Subject contexts held (counted at each retention scan)";
     CONTEXTS_FORGOTTEN = "vigil_contexts_forgotten_total", Counter, [],

@@ -837,6 +837,7 @@ pub fn write(txn: &WriteTransaction, changes: &Encoded) -> Result<(), WriteError
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::grant::Registrant;
 
     fn revoked(filter: &str, time: f64) -> Stamped<std::collections::BTreeMap<String, String>> {
         Stamped {
@@ -845,6 +846,7 @@ mod tests {
             source: "push:t".into(),
             seq: time as u64,
             ttl: None,
+            party: Registrant::NONE,
         }
     }
 
@@ -1007,6 +1009,7 @@ mod tests {
                     source: "t".into(),
                     seq: v,
                     ttl: None,
+                    party: Registrant::NONE,
                 },
             );
             Arc::new(c)
@@ -1048,6 +1051,7 @@ mod tests {
             source: s.source,
             seq: s.seq,
             ttl: None,
+            party: Registrant::NONE,
         });
         a.session_revocations
             .insert("s1".into(), revoked("s1", 1.0));

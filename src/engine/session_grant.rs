@@ -6,9 +6,9 @@
 use serde_json::{Map, Value};
 
 use crate::events::Event;
-use crate::grant::{Grant, GrantKind, GrantStatus, JsonText, PrincipalType, Registrant};
+use crate::grant::{Grant, GrantKind, GrantStatus, JsonText, PrincipalType};
 use crate::principal::Target;
-use crate::signal::{Signal, SignalSource};
+use crate::signal::Signal;
 
 /// The grant a session-established `signal` about principal `key` announces, or `None` for any
 /// other signal (or one about a device or session alone).
@@ -79,16 +79,7 @@ pub(super) fn from_signal(
         status_reason: None,
         status_rules: None,
         registered_at: now,
-        registered_by: registrant(&signal.source),
+        registered_by: signal.source.party(),
         revoked: None,
     })
-}
-
-/// The party a session grant counts against: the transmitter, or the risk feed's topic — names
-/// from the configuration, never the `source` a Kafka message names itself.
-fn registrant(source: &SignalSource) -> Registrant {
-    match source {
-        SignalSource::SsfPush { transmitter, .. } => Registrant::transmitter(transmitter),
-        SignalSource::RiskFeed { topic, .. } => Registrant::risk_feed(topic),
-    }
 }
