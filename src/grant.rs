@@ -221,6 +221,16 @@ struct RegistrantNames {
 static REGISTRANTS: std::sync::LazyLock<std::sync::RwLock<RegistrantNames>> =
     std::sync::LazyLock::new(Default::default);
 
+/// A thread's parties of one kind by their configured name ([`Registrant::cached`]).
+type PartyCache = std::collections::HashMap<Box<str>, Registrant>;
+/// Most names a thread's cache of one kind holds.
+const CACHED_PARTIES: usize = 1024;
+
+thread_local! {
+    static TRANSMITTERS: std::cell::RefCell<PartyCache> = Default::default();
+    static TOPICS: std::cell::RefCell<PartyCache> = Default::default();
+}
+
 impl Registrant {
     /// Grants held before registrants were recorded: counted against no quota.
     pub const NONE: Registrant = Registrant(0);
@@ -259,13 +269,35 @@ impl Registrant {
 
     /// A transmitter's registrant (its session-established events' grants).
     pub fn transmitter(name: &str) -> Registrant {
-        Registrant::named(&format!("transmitter:{name}"))
+        Registrant::cached(&TRANSMITTERS, "transmitter:", name)
     }
 
     /// A risk-feed topic as a party: its messages' facts are its ([`crate::context::Stamped`]);
     /// they carry risk levels only ([`crate::risk_feed`]), so it makes no grants.
     pub fn risk_feed(topic: &str) -> Registrant {
-        Registrant::named(&format!("risk_feed:{topic}"))
+        Registrant::cached(&TOPICS, "risk_feed:", topic)
+    }
+
+    /// `prefix` + `name`, looked up in this thread's `cache` first: every applied signal asks for
+    /// its party, and the table's lock and the name's formatting were a cost per signal. The
+    /// names come from the configuration; a cache past [`CACHED_PARTIES`] starts again.
+    fn cached(
+        cache: &'static std::thread::LocalKey<std::cell::RefCell<PartyCache>>,
+        prefix: &str,
+        name: &str,
+    ) -> Registrant {
+        cache.with(|cache| {
+            let mut cache = cache.borrow_mut();
+            if let Some(r) = cache.get(name) {
+                return *r;
+            }
+            if cache.len() >= CACHED_PARTIES {
+                cache.clear();
+            }
+            let r = Registrant::named(&format!("{prefix}{name}"));
+            cache.insert(name.into(), r);
+            r
+        })
     }
 
     pub fn is_none(&self) -> bool {
