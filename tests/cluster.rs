@@ -198,6 +198,23 @@ fn brokers_with_topics() -> MockCluster<'static, rdkafka::producer::DefaultProdu
     kafka
 }
 
+/// Two instances on three brokers ([`brokers_with_topics`]) with a transmitter, each configured
+/// by `edit`; the brokers live as long as the value returned.
+async fn two_instances(
+    edit: impl Fn(&mut vigil::config::Config),
+) -> (
+    MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    Transmitter,
+    Vec<Instance>,
+) {
+    let kafka = brokers_with_topics();
+    let tx = Transmitter::start(&[Alg::RS256]).await;
+    let instances = (0..2)
+        .map(|_| start_instance_with(&tx, &kafka.bootstrap_servers(), 10_000, false, &edit))
+        .collect();
+    (kafka, tx, instances)
+}
+
 /// Waits up to `secs` for `check`; on a timeout prints what each instance says of itself (its
 /// `/readyz` and the end of its log) and fails with `what`.
 async fn wait_for<F, Fut>(instances: &[Instance], secs: u64, what: &str, mut check: F)
@@ -1535,18 +1552,12 @@ fn crash_user(subject: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_forgotten_subjects_links_leave_every_instance() {
     const WINDOW_SECS: u64 = 5;
-    let kafka = brokers_with_topics();
-    let brokers = kafka.bootstrap_servers();
-    let tx = Transmitter::start(&[Alg::RS256]).await;
-    let instances: Vec<Instance> = (0..2)
-        .map(|_| {
-            start_instance_with(&tx, &brokers, 10_000, false, |config| {
-                // The SET below disables the account: its context's window is that one.
-                config.engine.context_retention_secs = WINDOW_SECS;
-                config.engine.disabled_account_retention_secs = WINDOW_SECS;
-            })
-        })
-        .collect();
+    let (_kafka, tx, instances) = two_instances(|config| {
+        // The SET below disables the account: its context's window is that one.
+        config.engine.context_retention_secs = WINDOW_SECS;
+        config.engine.disabled_account_retention_secs = WINDOW_SECS;
+    })
+    .await;
     let http = http();
     let owners = split(&http, &instances.iter().collect::<Vec<_>>()).await;
     let email = "ghost@example.com";
@@ -1640,16 +1651,10 @@ async fn a_forgotten_subjects_links_leave_every_instance() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_partys_grant_quota_is_counted_across_the_cluster() {
     const QUOTA: usize = 4;
-    let kafka = brokers_with_topics();
-    let brokers = kafka.bootstrap_servers();
-    let tx = Transmitter::start(&[Alg::RS256]).await;
-    let instances: Vec<Instance> = (0..2)
-        .map(|_| {
-            start_instance_with(&tx, &brokers, 10_000, false, |config| {
-                config.engine.max_grants_per_registrant = Some(QUOTA);
-            })
-        })
-        .collect();
+    let (_kafka, _tx, instances) = two_instances(|config| {
+        config.engine.max_grants_per_registrant = Some(QUOTA);
+    })
+    .await;
     let http = http();
     let owners = split(&http, &instances.iter().collect::<Vec<_>>()).await;
     // Three subjects owned by each instance.
