@@ -120,38 +120,46 @@ fn fair_victim<T>(
     party: Registrant,
     extra: usize,
 ) -> Option<(String, Registrant, f64)> {
-    let mut held: Vec<(Registrant, usize)> = Vec::new();
-    for fact in map.values() {
-        match held.iter_mut().find(|(p, _)| *p == fact.party) {
-            Some((_, n)) => *n += 1,
-            None => held.push((fact.party, 1)),
-        }
-    }
-    match held.iter_mut().find(|(p, _)| *p == party) {
-        Some((_, n)) => *n += extra,
-        None => held.push((party, extra)),
-    }
-    let most = held.iter().map(|(_, n)| *n).max()?;
-    let loser = if held.iter().any(|(p, n)| *p == party && *n == most) {
-        party
-    } else {
-        held.iter()
-            .filter(|(_, n)| *n == most)
-            .map(|(p, _)| *p)
-            .min_by_key(|p| p.name())?
-    };
-    map.iter()
-        .filter(|(_, f)| f.party == loser)
-        .min_by(|a, b| a.1.time.total_cmp(&b.1.time))
-        .map(|(k, f)| (k.clone(), f.party, f.time))
+    fair_pick(
+        map.iter().map(|(k, f)| (k.as_str(), f.party, f.time, true)),
+        party,
+        extra,
+    )
 }
 
-/// The event time of the newest claim of a token scope.
-fn newest(claims: &CompactMap<String, Stamped<Value>>) -> f64 {
+/// [`fair_victim`] over `items` — every fact of a full kind as (key, party, event time, whether
+/// it may go) — returning the oldest that may go of the party holding the most; a party none of
+/// whose facts may go is passed over for the next.
+fn fair_pick<'a>(
+    items: impl Iterator<Item = (&'a str, Registrant, f64, bool)>,
+    party: Registrant,
+    extra: usize,
+) -> Option<(String, Registrant, f64)> {
+    let items: Vec<_> = items.collect();
+    let mut held: Vec<(Registrant, usize)> = vec![(party, extra)];
+    for (_, p, _, _) in &items {
+        match held.iter_mut().find(|(q, _)| q == p) {
+            Some((_, n)) => *n += 1,
+            None => held.push((*p, 1)),
+        }
+    }
+    // Most held first; on a tie the arriving party, then by name.
+    held.sort_by_cached_key(|(p, n)| (std::cmp::Reverse(*n), *p != party, p.name()));
+    held.iter().find_map(|(loser, _)| {
+        items
+            .iter()
+            .filter(|(_, p, _, may_go)| p == loser && *may_go)
+            .min_by(|a, b| a.2.total_cmp(&b.2))
+            .map(|(k, p, t, _)| ((*k).to_owned(), *p, *t))
+    })
+}
+
+/// The party and event time of a token scope's newest claim (the scope is that party's).
+fn newest_claim(claims: &CompactMap<String, Stamped<Value>>) -> (Registrant, f64) {
     claims
         .values()
-        .map(|c| c.time)
-        .fold(f64::NEG_INFINITY, f64::max)
+        .max_by(|a, b| a.time.total_cmp(&b.time))
+        .map_or((Registrant::NONE, f64::NEG_INFINITY), |c| (c.party, c.time))
 }
 
 /// Per-kind decay (seconds). Absent = never decays.
@@ -502,16 +510,17 @@ impl PrincipalContext {
                 for (name, value) in &e.claims {
                     changed |= upsert_map(claims, name.clone(), stamp!(value.clone()));
                 }
-                // Scopes are tokens: as many as the subject was issued, so bounded as facts are
-                // (the scope whose newest claim is the oldest goes; never the one just written).
+                // Scopes are tokens: as many as the subject was issued, so bounded as facts are,
+                // fairly (a scope is its newest claim's party's; the party holding the most loses
+                // the scope whose newest claim is its oldest; never the one just written).
                 while self.claims.len() > MAX_FACTS_PER_KIND {
-                    let oldest = self
-                        .claims
-                        .iter()
-                        .filter(|(k, _)| **k != scope)
-                        .min_by(|a, b| newest(a.1).total_cmp(&newest(b.1)))
-                        .map(|(k, _)| k.clone());
-                    let Some(oldest) = oldest else { break };
+                    let scopes = self.claims.iter().map(|(k, claims)| {
+                        let (owner, time) = newest_claim(claims);
+                        (k.as_str(), owner, time, *k != scope)
+                    });
+                    let Some((oldest, _, _)) = fair_pick(scopes, party, 0) else {
+                        break;
+                    };
                     self.claims.remove(&oldest);
                     metrics::counter!(crate::telemetry::CONTEXT_FACTS_EVICTED).increment(1);
                 }
@@ -784,8 +793,8 @@ mod tests {
 
     /// A kind's bound is shared fairly between parties: a feed naming a new `source` in every
     /// message, past the bound, evicts its own oldest facts, never the identity provider's older
-    /// high risk level; a transmitter revoking ever new sessions evicts its own revocations,
-    /// never another's. Parties are the configured transmitter or topic, not the message's
+    /// high risk level; a transmitter revoking ever new sessions, or changing claims of ever new
+    /// tokens, evicts its own revocations or token scopes, never another's. Parties are the configured transmitter or topic, not the message's
     /// `source`.
     #[test]
     fn one_party_past_a_kinds_bound_evicts_its_own_facts_not_anothers() {
@@ -860,6 +869,38 @@ mod tests {
         );
         assert!(
             !ctx.session_revocations.contains_key(&key(1)),
+            "the noisy one's oldest went"
+        );
+
+        // Token claims: the idp's token, then ever new tokens by the other transmitter.
+        let token = |i: usize| Target {
+            identifiers: vec![format!("jwt_id:t{i}")],
+            ..Target::default()
+        };
+        let claims = |seq: u64, time: f64| {
+            signal(
+                seq,
+                time,
+                EventKind::TokenClaimsChange,
+                json!({"claims": {"role": "ro"}}),
+            )
+        };
+        ctx.apply(&claims(2000, 500.0), &token(0));
+        for i in 1..=MAX_FACTS_PER_KIND + 20 {
+            let mut s = claims(2000 + i as u64, 600.0 + i as f64);
+            s.source = SignalSource::SsfPush {
+                transmitter: "noisy".into(),
+                stream: "noisy".into(),
+            };
+            ctx.apply(&s, &token(i));
+        }
+        assert_eq!(ctx.claims.len(), MAX_FACTS_PER_KIND);
+        assert!(
+            ctx.claims.contains_key("jwt_id:t0"),
+            "the idp's token stays"
+        );
+        assert!(
+            !ctx.claims.contains_key("jwt_id:t1"),
             "the noisy one's oldest went"
         );
     }
