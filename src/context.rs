@@ -51,7 +51,7 @@ pub struct Stamped<T> {
     pub ttl: Option<u64>,
     /// The configured party that said it (its transmitter, or its risk feed's topic; `NONE` for
     /// facts stored before parties were recorded): a kind's bound is shared fairly between
-    /// parties ([`MAX_FACTS_PER_KIND`]). Two bytes beside the value: no bigger a fact.
+    /// parties ([`MAX_FACTS_PER_KIND`]). Two bytes, an index into the names of parties.
     #[serde(default, skip_serializing_if = "Registrant::is_none")]
     pub party: Registrant,
 }
@@ -794,8 +794,8 @@ mod tests {
     /// A kind's bound is shared fairly between parties: a feed naming a new `source` in every
     /// message, past the bound, evicts its own oldest facts, never the identity provider's older
     /// high risk level; a transmitter revoking ever new sessions, or changing claims of ever new
-    /// tokens, evicts its own revocations or token scopes, never another's. Parties are the configured transmitter or topic, not the message's
-    /// `source`.
+    /// tokens, evicts its own revocations or token scopes, never another's. Parties are the
+    /// configured transmitter or topic, not the message's `source`.
     #[test]
     fn one_party_past_a_kinds_bound_evicts_its_own_facts_not_anothers() {
         let mut ctx = PrincipalContext::new("email:u@example.com");

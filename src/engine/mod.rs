@@ -35,7 +35,7 @@ pub use changelog::{ChangeRecord, Changelog, Row, Table};
 pub use handed::{Durable, Handed};
 pub use impact::{Changes, Impact, RuleCount, Sample, Samples, Transition};
 pub use persist::{handoff_done_in, handoff_key, pending_handoff};
-pub use quota::{GrantCounts, MAX_ANNOUNCED_PARTIES};
+pub use quota::GrantCounts;
 pub use replay::{History, IntakeHistory, Replay, Window, MAX_RECORDED as REPLAY_MAX_RECORDED};
 pub(crate) use retention::scan_interval;
 mod shard;
