@@ -414,6 +414,9 @@ impl Vigil {
             ),
             None => (None, None, None),
         };
+        if kafka_health.is_some() {
+            crate::kafka::note_stored_dead_letters(&db);
+        }
         if let (Some((source_config, signals_topic)), Some(health)) = (source_config, &kafka_health)
         {
             let source = crate::kafka::KafkaSource::start(

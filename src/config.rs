@@ -394,6 +394,10 @@ pub struct KafkaConfig {
     /// not in memory (`vigil_engine_queued_signals`).
     #[serde(default = "default_kafka_queued")]
     pub max_queued_signals: usize,
+    /// Most dead letters kept in the store when the dead-letter topic refuses them, shared
+    /// fairly between the feed topics: past it, the topics holding the most lose their oldest.
+    #[serde(default = "default_kafka_stored_dead_letters")]
+    pub max_stored_dead_letters: usize,
     /// Extra librdkafka settings passed through unchanged: security (`security.protocol`,
     /// `sasl.mechanism`, `sasl.username`, `sasl.password`, `ssl.ca.location`, …), timeouts,
     /// `auto.offset.reset`. `_` may stand for `.` in names (for environment overrides:
@@ -609,6 +613,12 @@ impl KafkaConfig {
                 "must be greater than 0",
             ));
         }
+        if self.max_stored_dead_letters == 0 {
+            return Err(invalid(
+                "kafka.max_stored_dead_letters",
+                "must be greater than 0",
+            ));
+        }
         for (name, _) in self.librdkafka_properties() {
             if KAFKA_RESERVED.contains(&name.as_str()) {
                 return Err(invalid(
@@ -642,12 +652,16 @@ impl Default for KafkaConfig {
             max_batch: default_kafka_batch(),
             batch_wait_ms: default_kafka_wait(),
             max_queued_signals: default_kafka_queued(),
+            max_stored_dead_letters: default_kafka_stored_dead_letters(),
             properties: Default::default(),
             mappings: Vec::new(),
         }
     }
 }
 
+fn default_kafka_stored_dead_letters() -> usize {
+    10_000
+}
 fn default_kafka_group() -> String {
     "vigil".into()
 }

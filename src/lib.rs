@@ -31,6 +31,7 @@ pub mod engine;
 pub mod error_body;
 pub mod evaluate;
 pub mod events;
+pub mod fair;
 pub mod global_revocation;
 pub mod grant;
 pub mod handoff;

@@ -90,6 +90,10 @@ catalogue! {
         "Bad Kafka messages copied to the dead-letter topic";
     KAFKA_DEAD_LETTER_STORED = "vigil_kafka_dead_letter_stored_total", Counter, ["topic"],
         "Bad Kafka messages kept in the store because the dead-letter topic was unavailable";
+    KAFKA_STORED_DEAD_LETTERS = "vigil_kafka_stored_dead_letters", Gauge, [],
+        "Dead letters kept in the store (bounded by kafka.max_stored_dead_letters)";
+    KAFKA_STORED_DEAD_LETTERS_DROPPED = "vigil_kafka_stored_dead_letters_dropped_total", Counter, [],
+        "Stored dead letters dropped past kafka.max_stored_dead_letters (the oldest of the topics holding the most)";
     KAFKA_CONSUMER_LAG = "vigil_kafka_consumer_lag", Gauge, ["topic", "partition"],
         "Messages behind the partition's end, for each partition this instance owns";
     KAFKA_PARTITIONS = "vigil_kafka_partitions", Gauge, ["consumer"],

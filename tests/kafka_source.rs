@@ -353,6 +353,95 @@ async fn a_dead_letter_topic_that_refuses_keeps_the_dead_letter_in_the_store() {
     vigil.shutdown().await;
 }
 
+/// When the dead-letter topic refuses, what the store keeps is bounded
+/// (`kafka.max_stored_dead_letters`) and shared fairly: a feed topic whose every message fails
+/// loses its own oldest, not a quieter feed's. A big value is kept cut to `MAX_STORED_PAYLOAD`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_dead_letters_are_bounded_and_a_flooding_feed_loses_its_own_oldest() {
+    const QUIET: &str = "quiet.risk";
+    let kafka = mock_cluster(&[(NATIVE, 1), (QUIET, 1)]).unwrap();
+    kafka
+        .topic_error(
+            DLQ,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = kafka_config(dir.path(), &kafka.bootstrap_servers());
+    config.kafka.topics = vec![NATIVE.into(), QUIET.into()];
+    config.kafka.mappings.clear();
+    config.kafka.max_stored_dead_letters = 10;
+    let vigil = start(config).await;
+    let stored = || vigil::kafka::stored_dead_letters(&open_store(&vigil)).unwrap();
+    let publisher = Publisher::new(&kafka.bootstrap_servers()).unwrap();
+    for i in 0..2 {
+        let garbage = format!("quiet garbage {i}");
+        publisher
+            .publish(QUIET, None, garbage.as_bytes())
+            .await
+            .unwrap();
+    }
+    eventually_within(40, "the quiet feed's two dead letters stored", || async {
+        (stored().len() == 2).then_some(())
+    })
+    .await;
+    // The loud feed: twenty bad messages, the last one 40 000 bytes, then a good one.
+    for i in 0..19 {
+        let garbage = format!("loud garbage {i}");
+        publisher
+            .publish(NATIVE, None, garbage.as_bytes())
+            .await
+            .unwrap();
+    }
+    let big = "x".repeat(40_000);
+    publisher
+        .publish(NATIVE, None, big.as_bytes())
+        .await
+        .unwrap();
+    publisher
+        .publish(
+            NATIVE,
+            None,
+            &native("ok@example.com", "LOW", "ok-1", now()),
+        )
+        .await
+        .unwrap();
+    eventually_within(
+        40,
+        "the message behind the loud feed's dead letters",
+        || async { applied(&vigil, "ok@example.com", "ok-1").then_some(()) },
+    )
+    .await;
+    let held = stored();
+    assert!(held.len() <= 10, "{} stored", held.len());
+    let quiet: Vec<&str> = held
+        .iter()
+        .filter(|d| d.topic == QUIET)
+        .map(|d| d.payload.as_str())
+        .collect();
+    assert_eq!(quiet, vec!["quiet garbage 0", "quiet garbage 1"]);
+    // The loud feed keeps its newest, up to the last.
+    let mut loud: Vec<i64> = held
+        .iter()
+        .filter(|d| d.topic == NATIVE)
+        .map(|d| d.offset)
+        .collect();
+    loud.sort_unstable();
+    assert!(loud.len() >= 6, "{loud:?}");
+    assert_eq!(loud, (20 - loud.len() as i64..20).collect::<Vec<_>>());
+    let last = held.iter().find(|d| d.offset == 19).unwrap();
+    assert_eq!(last.payload.len(), vigil::kafka::MAX_STORED_PAYLOAD);
+    assert_eq!(last.payload_bytes, 40_000);
+    let (_, metrics) = get(&vigil, "/metrics").await;
+    let dropped = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("vigil_kafka_stored_dead_letters_dropped_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(dropped >= 10.0, "{metrics}");
+    vigil.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_before_the_offset_commit_redelivers_without_a_second_effect() {
     // A topic of its own, so the metrics below count only this test's messages.

@@ -13,7 +13,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::dead_letter::{DeadLetters, ProducerLogs};
+use super::dead_letter::{DeadLetters, ProducerLogs, StoreBound};
 use super::health::KafkaHealth;
 use super::log_librdkafka;
 use super::restores::{PartitionHooks, Restores};
@@ -482,6 +482,7 @@ impl KafkaSource {
             client.set("fetch.queue.backoff.ms", "10");
         }
         let runtime = tokio::runtime::Handle::current();
+        let clock = engine.clock().clone();
         let context = Pipeline {
             normalizer: Normalizer::new(
                 &config.mappings,
@@ -496,6 +497,10 @@ impl KafkaSource {
                 producer,
                 config.dead_letter_topic.clone(),
                 writer,
+                StoreBound {
+                    max: config.max_stored_dead_letters,
+                    clock,
+                },
                 runtime,
             ),
             gathered: Mutex::new(Vec::new()),

@@ -5,19 +5,28 @@
 //! The source partition moves on only after the dead letter is safe: delivered to the topic, or —
 //! when the broker refuses it (topic missing, not authorized) — written to the store's
 //! `kafka_dead_letters` table. A bad message is never silently dropped and never blocks a partition.
+//!
+//! That table is bounded: at most `kafka.max_stored_dead_letters` rows, each with at most
+//! [`MAX_STORED_PAYLOAD`] bytes of its message. Past the bound the feed topics holding the most
+//! lose their own oldest rows ([`crate::fair::over_cap`]), so a feed whose every message fails
+//! while the topic is unavailable cannot push out another feed's few.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::source::FeedMessage;
 use crate::store::{BatchWriter, WriteError};
 
 const DEAD_LETTERS: TableDefinition<&str, &[u8]> = TableDefinition::new("kafka_dead_letters");
+
+/// The most of a message's value a stored dead letter keeps (it is there for a human to read;
+/// the message itself stays in its topic until the topic's retention).
+pub const MAX_STORED_PAYLOAD: usize = 16 * 1024;
 
 /// A dead letter kept in the store because the dead-letter topic would not take it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -26,10 +35,42 @@ pub struct StoredDeadLetter {
     pub partition: i32,
     pub offset: i64,
     pub error: String,
-    /// The message value, lossily as text (it failed to parse; this is for a human).
+    /// The message value, lossily as text (it failed to parse; this is for a human), cut to
+    /// [`MAX_STORED_PAYLOAD`] bytes.
     pub payload: String,
+    /// The value's whole length in bytes (more than `payload` holds when it was cut).
+    #[serde(default)]
+    pub payload_bytes: usize,
     /// Why the dead-letter topic refused it.
     pub publish_error: String,
+    /// When it was stored (milliseconds since the epoch; 0 for rows of earlier releases, which
+    /// go first past the bound).
+    #[serde(default)]
+    pub stored_at_ms: i64,
+}
+
+/// What pruning reads of a stored row: serde skips the rest without copying it.
+#[derive(Deserialize)]
+struct StoredHead {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    #[serde(default)]
+    stored_at_ms: i64,
+}
+
+impl StoredHead {
+    /// Oldest first: stored earlier, then (one batch shares its time) by partition and offset.
+    fn age(&self) -> (i64, i32, i64) {
+        (self.stored_at_ms, self.partition, self.offset)
+    }
+}
+
+/// The store fallback's bound and clock.
+pub struct StoreBound {
+    /// `kafka.max_stored_dead_letters`.
+    pub max: usize,
+    pub clock: crate::clock::Clock,
 }
 
 /// The dead-letter producer's context: its logs go to tracing.
@@ -46,6 +87,7 @@ pub struct DeadLetters {
     producer: FutureProducer<ProducerLogs>,
     topic: String,
     writer: BatchWriter,
+    bound: StoreBound,
     runtime: tokio::runtime::Handle,
     timeout: Duration,
 }
@@ -55,12 +97,14 @@ impl DeadLetters {
         producer: FutureProducer<ProducerLogs>,
         topic: String,
         writer: BatchWriter,
+        bound: StoreBound,
         runtime: tokio::runtime::Handle,
     ) -> DeadLetters {
         DeadLetters {
             producer,
             topic,
             writer,
+            bound,
             runtime,
             timeout: Duration::from_secs(10),
         }
@@ -95,6 +139,7 @@ impl DeadLetters {
             .runtime
             .block_on(futures_util::future::join_all(futures));
         let mut refused = Vec::new();
+        let now_ms = self.bound.clock.now_ms();
         for ((msg, error), result) in letters.into_iter().zip(results) {
             let topic = msg.topic.clone();
             match result {
@@ -108,16 +153,16 @@ impl DeadLetters {
                     tracing::error!(topic = %msg.topic, partition = msg.partition, offset = msg.offset,
                         dead_letter_topic = %self.topic, error = %e,
                         "dead-letter topic refused a message; kept in the store instead");
+                    let value = msg.payload.as_deref().unwrap_or_default();
                     refused.push(StoredDeadLetter {
-                        payload: String::from_utf8_lossy(
-                            msg.payload.as_deref().unwrap_or_default(),
-                        )
-                        .into_owned(),
+                        payload: readable_excerpt(value),
+                        payload_bytes: value.len(),
                         topic: msg.topic,
                         partition: msg.partition,
                         offset: msg.offset,
                         error,
                         publish_error: e.to_string(),
+                        stored_at_ms: now_ms,
                     });
                 }
             }
@@ -125,7 +170,8 @@ impl DeadLetters {
         if refused.is_empty() {
             return Ok(());
         }
-        self.writer.write_blocking(move |txn| {
+        let max = self.bound.max;
+        let (dropped, held) = self.writer.write_blocking(move |txn| {
             let mut table = txn.open_table(DEAD_LETTERS).map_err(WriteError::storage)?;
             for letter in refused {
                 let key = format!("{}/{}/{}", letter.topic, letter.partition, letter.offset);
@@ -135,9 +181,61 @@ impl DeadLetters {
                     .insert(key.as_str(), bytes.as_slice())
                     .map_err(WriteError::storage)?;
             }
-            Ok(())
-        })
+            let dropped = prune(&mut table, max)?;
+            Ok((dropped, table.len().map_err(WriteError::storage)?))
+        })?;
+        metrics::gauge!(crate::telemetry::KAFKA_STORED_DEAD_LETTERS).set(held as f64);
+        if dropped > 0 {
+            metrics::counter!(crate::telemetry::KAFKA_STORED_DEAD_LETTERS_DROPPED)
+                .increment(dropped as u64);
+            tracing::warn!(
+                dropped,
+                max,
+                "stored dead letters over kafka.max_stored_dead_letters: the oldest of the topics holding the most dropped"
+            );
+        }
+        Ok(())
     }
+}
+
+/// Past `max` rows, drops down to nine tenths of it (so a steady stream of dead letters
+/// does not rescan the table for every batch), fairly between topics; returns how many went.
+fn prune(table: &mut redb::Table<'_, &str, &[u8]>, max: usize) -> Result<usize, WriteError> {
+    if table.len().map_err(WriteError::storage)? <= max as u64 {
+        return Ok(0);
+    }
+    let mut rows: Vec<(String, Option<StoredHead>)> = Vec::new();
+    for entry in table.iter().map_err(WriteError::storage)? {
+        let (k, v) = entry.map_err(WriteError::storage)?;
+        let head = serde_json::from_slice::<StoredHead>(v.value()).ok();
+        rows.push((k.value().to_owned(), head));
+    }
+    // Oldest first; a row that does not decode is the oldest of a party of its own.
+    let age = |h: &Option<StoredHead>| h.as_ref().map_or((i64::MIN, 0, 0), StoredHead::age);
+    rows.sort_by(|(ka, ha), (kb, hb)| age(ha).cmp(&age(hb)).then_with(|| ka.cmp(kb)));
+    let parties: Vec<&str> = rows
+        .iter()
+        .map(|(_, h)| h.as_ref().map_or("", |h| h.topic.as_str()))
+        .collect();
+    let keep = max - max / 10;
+    let over = crate::fair::over_cap(&parties, keep);
+    for &i in &over {
+        if let Some((key, _)) = rows.get(i) {
+            table.remove(key.as_str()).map_err(WriteError::storage)?;
+        }
+    }
+    Ok(over.len())
+}
+
+/// A message value as text for a human: lossy UTF-8, cut at a character boundary within
+/// [`MAX_STORED_PAYLOAD`] bytes.
+fn readable_excerpt(value: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&value[..value.len().min(MAX_STORED_PAYLOAD)]);
+    let mut end = text.len().min(MAX_STORED_PAYLOAD);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
 }
 
 fn header<'a>(key: &'a str, value: &'a String) -> Header<'a, &'a String> {
@@ -145,6 +243,16 @@ fn header<'a>(key: &'a str, value: &'a String) -> Header<'a, &'a String> {
         key,
         value: Some(value),
     }
+}
+
+/// Sets `vigil_kafka_stored_dead_letters` to what the store holds (at start-up; each store
+/// write sets it after).
+pub fn note_stored_dead_letters(db: &Arc<Database>) {
+    let held = db.begin_read().ok().and_then(|txn| {
+        let table = txn.open_table(DEAD_LETTERS).ok()?;
+        table.len().ok()
+    });
+    metrics::gauge!(crate::telemetry::KAFKA_STORED_DEAD_LETTERS).set(held.unwrap_or(0) as f64);
 }
 
 /// The dead letters kept in the store (by topic, partition, offset).

@@ -30,7 +30,10 @@ mod restores;
 mod source;
 
 pub use consumer::{KafkaError, KafkaSource, SignalForward, SourceFormat};
-pub use dead_letter::{stored_dead_letters, ProducerLogs, StoredDeadLetter};
+pub use dead_letter::{
+    note_stored_dead_letters, stored_dead_letters, ProducerLogs, StoredDeadLetter,
+    MAX_STORED_PAYLOAD,
+};
 pub use health::{KafkaHealth, KafkaView};
 pub use restores::{Claim, PartitionHooks};
 pub use source::{FeedMessage, SignalRecord};

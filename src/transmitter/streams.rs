@@ -262,6 +262,19 @@ pub struct DeadLetter {
     pub dead_at_ms: i64,
 }
 
+/// What pruning reads of a [`DeadLetter`] row: serde skips the SET without copying it.
+#[derive(Deserialize)]
+struct DeadLetterHead {
+    stream_id: String,
+    dead_at_ms: i64,
+    outgoing: JtiOnly,
+}
+
+#[derive(Deserialize)]
+struct JtiOnly {
+    jti: String,
+}
+
 fn storage<E: Into<redb::Error>>(e: E) -> StreamError {
     StreamError::Storage(e.into().to_string())
 }
@@ -1304,30 +1317,47 @@ impl StreamStore {
         Ok((out, len))
     }
 
-    /// Drops dead letters older than `dead_before_ms`, then the oldest beyond `max`; returns how
-    /// many went. In cluster mode each goes from the outbox topic too.
+    /// Drops dead letters older than `dead_before_ms`, then, past `max`, the oldest of the
+    /// enforcement points holding the most ([`crate::fair::over_cap`]): one whose streams nobody
+    /// reads turns its whole backlog into dead letters, and with one bound for all it aged out
+    /// every other enforcement point's. Returns how many went. In cluster mode each goes from the
+    /// outbox topic too. Reads only each row's head (stream, time, `jti`), not its SET.
     pub async fn prune_dead_letters(
         &self,
         dead_before_ms: i64,
         max: usize,
     ) -> Result<usize, StreamError> {
-        let mut letters = self.dead_letters()?;
-        letters.sort_by_key(|(_, d)| d.dead_at_ms);
-        let excess = letters.len().saturating_sub(max);
-        let gone: Vec<(String, DeadLetter)> = letters
+        let heads = self.dead_letter_heads()?;
+        let (old, young): (Vec<_>, Vec<_>) = heads
             .into_iter()
-            .enumerate()
-            .take_while(|(i, (_, d))| *i < excess || d.dead_at_ms < dead_before_ms)
-            .map(|(_, l)| l)
+            .partition(|(_, h)| h.as_ref().is_none_or(|h| h.dead_at_ms < dead_before_ms));
+        let over = {
+            let streams = self.read();
+            // A deleted stream's letters are nobody's: they share one party.
+            let parties: Vec<&str> = young
+                .iter()
+                .map(|(_, h)| {
+                    h.as_ref()
+                        .and_then(|h| streams.get(&h.stream_id))
+                        .map_or("", |s| s.owner.as_str())
+                })
+                .collect();
+            crate::fair::over_cap(&parties, max)
+        };
+        let mut young = young.into_iter().map(Some).collect::<Vec<_>>();
+        let gone: Vec<(String, Option<DeadLetterHead>)> = old
+            .into_iter()
+            .chain(over.into_iter().filter_map(|i| young.get_mut(i)?.take()))
             .collect();
         if gone.is_empty() {
             return Ok(0);
         }
         self.publish_outbox(
             gone.iter()
-                .map(|(_, d)| OutboxRecord {
-                    stream: d.stream_id.clone(),
-                    jti: d.outgoing.jti.clone(),
+                .filter_map(|(_, h)| h.as_ref())
+                .map(|h| OutboxRecord {
+                    stream: h.stream_id.clone(),
+                    jti: h.outgoing.jti.clone(),
                     entry: None,
                 })
                 .collect(),
@@ -1336,6 +1366,22 @@ impl StreamStore {
         self.remove_rows(DEAD, gone.into_iter().map(|(k, _)| k).collect())
             .await?;
         Ok(n)
+    }
+
+    /// Every dead letter's key and head, oldest first (`None`: a row that does not decode,
+    /// pruned first).
+    fn dead_letter_heads(&self) -> Result<Vec<(String, Option<DeadLetterHead>)>, StreamError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let t = txn.open_table(DEAD).map_err(storage)?;
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(storage)? {
+            let (k, v) = entry.map_err(storage)?;
+            let head = serde_json::from_slice::<DeadLetterHead>(v.value()).ok();
+            out.push((k.value().to_owned(), head));
+        }
+        let time = |h: &Option<DeadLetterHead>| h.as_ref().map_or(i64::MIN, |h| h.dead_at_ms);
+        out.sort_by(|(ka, ha), (kb, hb)| time(ha).cmp(&time(hb)).then_with(|| ka.cmp(kb)));
+        Ok(out)
     }
 
     /// Puts every dead letter back into its stream's outbox (same key, so order is kept).
@@ -1529,6 +1575,72 @@ mod tests {
         tokio::task::spawn_blocking(move || thread.join())
             .await
             .unwrap();
+    }
+
+    /// Past `max_dead_letters`, the enforcement point holding the most dead letters loses its
+    /// own oldest: one whose backlog all went to the dead letters does not age out another's.
+    /// Age goes first, for everyone; a deleted stream's letters form one party of their own.
+    #[tokio::test]
+    async fn dead_letters_past_the_bound_are_the_noisiest_enforcement_points_oldest() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::open(dir.path()).unwrap();
+        let (writer, _thread) = crate::store::BatchWriter::start(db.clone(), "state", 16).unwrap();
+        let clock = Clock::manual(1_000_000);
+        let store = StreamStore::open(db.clone(), writer, clock.clone()).unwrap();
+        let mut ids = Vec::new();
+        for owner in ["quiet", "noisy", "gone"] {
+            let s = new_stream(&Map::new(), owner, "https://vigil", owner, "http://v").unwrap();
+            ids.push(s.stream_id.clone());
+            store.put(s).await.unwrap();
+        }
+        let (quiet, noisy, gone) = (&ids[0], &ids[1], &ids[2]);
+        let mut n = 0;
+        let mut letter = |stream: &str| {
+            n += 1;
+            let (key, jti) = (outbox_key(stream, n), format!("{stream}-{n}"));
+            let outgoing = Outgoing {
+                jti,
+                set: "token".into(),
+                queued_at_ms: 1,
+            };
+            (stream.to_owned(), key, outgoing)
+        };
+        // The quiet one's two letters are the oldest; then the noisy one's seventeen, the
+        // deleted stream's three (6, 13, 20) between them.
+        let mut all = vec![letter(quiet), letter(quiet)];
+        for i in 0..20 {
+            all.push(letter(if i % 7 == 3 { gone } else { noisy }));
+        }
+        for (stream, key, outgoing) in all {
+            clock.advance(Duration::from_millis(10));
+            store
+                .dead_letter(&stream, &key, outgoing, "test".into())
+                .await
+                .unwrap();
+        }
+        store.delete("gone", gone).await.unwrap();
+        let held = |store: &StreamStore| {
+            let mut by: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for (_, d) in store.dead_letters().unwrap() {
+                by.entry(d.stream_id).or_default().push(d.outgoing.jti);
+            }
+            by
+        };
+        // A bound of 8: quiet keeps its 2, the deleted stream its 3, noisy its newest 3.
+        assert_eq!(store.prune_dead_letters(0, 8).await.unwrap(), 14);
+        let by = held(&store);
+        assert_eq!(by[quiet], vec![format!("{quiet}-1"), format!("{quiet}-2")]);
+        assert_eq!(by[gone].len(), 3);
+        assert_eq!(
+            by[noisy],
+            [19, 21, 22].map(|n| format!("{noisy}-{n}")).to_vec()
+        );
+        // Age still goes first, for everyone: only the two newest are young.
+        let cutoff = clock.now_ms() - 15;
+        assert_eq!(store.prune_dead_letters(cutoff, 8).await.unwrap(), 6);
+        let by = held(&store);
+        assert_eq!(by.keys().collect::<Vec<_>>(), vec![noisy]);
+        assert_eq!(by[noisy], [21, 22].map(|n| format!("{noisy}-{n}")).to_vec());
     }
 
     /// Acknowledging by `jti` removes exactly those SETs, wherever they are in the outbox; through
