@@ -419,6 +419,11 @@ pub(crate) enum Msg {
         routed: Box<Routed>,
         permit: OwnedSemaphorePermit,
     },
+    /// Several signals for this shard, in their order, holding one permit each.
+    Signals {
+        routed: Vec<Routed>,
+        permit: OwnedSemaphorePermit,
+    },
     /// Forget these principals' contexts and links if they are still past their retention
     /// ([`retention`]).
     Forget { due: Vec<retention::Due> },
@@ -470,6 +475,7 @@ impl Msg {
     pub(crate) fn weight(&self) -> usize {
         match self {
             Msg::Batch { items, .. } => items.len().max(1),
+            Msg::Signals { routed, .. } => routed.len().max(1),
             _ => 1,
         }
     }
@@ -888,6 +894,32 @@ impl Engine {
             metrics::gauge!(crate::telemetry::ALIASES).set(self.shared.aliases.len() as f64);
         }
         Some((principal, new))
+    }
+
+    /// Hands durably recorded signals to their shards, one message per shard: a shard thread
+    /// woken for every pushed SET spent as much switching in and out as applying it. Each shard
+    /// marks its signals processed in intake inside its own commit.
+    pub async fn apply_signals(&self, signals: Vec<Signal>) -> Result<(), EngineError> {
+        let mut per_shard: Vec<Vec<Routed>> = (0..self.inboxes.len()).map(|_| Vec::new()).collect();
+        for signal in signals {
+            let routed = self.route(signal);
+            per_shard[self.shared.shard_of(&routed.key)].push(routed);
+        }
+        // A part never asks for more permits than there are.
+        let part = self.shared.settings.max_inflight.max(1);
+        for (shard, routed) in per_shard.into_iter().enumerate() {
+            for routed in crate::parts::in_parts(routed, part) {
+                let n = u32::try_from(routed.len()).map_err(|_| EngineError::Overloaded)?;
+                let permit = self
+                    .permits
+                    .clone()
+                    .acquire_many_owned(n)
+                    .await
+                    .map_err(|_| EngineError::Stopped)?;
+                self.send(shard, Msg::Signals { routed, permit })?;
+            }
+        }
+        Ok(())
     }
 
     /// Hands a durably recorded signal to its shard. The shard marks it processed in intake inside

@@ -199,6 +199,13 @@ impl Shard {
                 self.checkpoint_processed.push(routed.signal.seq);
                 self.apply_routed(*routed, p);
             }
+            Msg::Signals { routed, permit } => {
+                p.permits.push(permit);
+                for routed in routed {
+                    self.checkpoint_processed.push(routed.signal.seq);
+                    self.apply_routed(routed, p);
+                }
+            }
             Msg::Batch { items, done } => {
                 self.shared
                     .queued_signals
