@@ -337,26 +337,62 @@ impl Shared {
     /// `max_grants_per_registrant` in the whole cluster, [`GrantCounts`]); refused ones are
     /// counted. Checked for a new grant id only: re-registering a held grant adds nothing.
     pub fn room_for_a_grant(&self, registrant: Registrant) -> Result<(), EngineError> {
+        self.room_in_capacity()?;
+        match self.quota_of(registrant) {
+            Some(quota) if self.counts.held_in_cluster(registrant) >= quota => {
+                Err(self.refused_for_quota(registrant, quota))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// [`Shared::room_for_a_grant`], and the place taken in the registrant's count in the same
+    /// step (the new grant is then held with [`Shared::hold_new_grant`]).
+    pub fn take_room_for_a_grant(&self, registrant: Registrant) -> Result<(), EngineError> {
+        self.room_in_capacity()?;
+        let quota = self.quota_of(registrant);
+        if self.counts.take(registrant, quota) {
+            return Ok(());
+        }
+        Err(self.refused_for_quota(registrant, quota.unwrap_or(0)))
+    }
+
+    fn room_in_capacity(&self) -> Result<(), EngineError> {
         let max = self.settings.max_grants;
         if self.grants.len() >= max {
             metrics::counter!(crate::telemetry::GRANTS_REFUSED, "reason" => "capacity")
                 .increment(1);
             return Err(EngineError::Full(max));
         }
-        let quota = self
-            .settings
-            .grant_quotas
-            .get(&registrant)
-            .copied()
-            .unwrap_or(self.settings.max_grants_per_registrant);
-        if !registrant.is_none() && self.counts.held_in_cluster(registrant) >= quota {
-            metrics::counter!(crate::telemetry::GRANTS_REFUSED, "reason" => "quota").increment(1);
-            return Err(EngineError::Quota {
-                registrant: registrant.name().to_string(),
-                max: quota,
-            });
-        }
         Ok(())
+    }
+
+    /// A party's quota (none for grants no party registered).
+    fn quota_of(&self, registrant: Registrant) -> Option<usize> {
+        (!registrant.is_none()).then(|| {
+            self.settings
+                .grant_quotas
+                .get(&registrant)
+                .copied()
+                .unwrap_or(self.settings.max_grants_per_registrant)
+        })
+    }
+
+    fn refused_for_quota(&self, registrant: Registrant, quota: usize) -> EngineError {
+        metrics::counter!(crate::telemetry::GRANTS_REFUSED, "reason" => "quota").increment(1);
+        EngineError::Quota {
+            registrant: registrant.name().to_string(),
+            max: quota,
+        }
+    }
+
+    /// Holds a new `grant` whose place in its registrant's count
+    /// [`Shared::take_room_for_a_grant`] took (a grant of the same id held meanwhile leaves its
+    /// own registrant's count).
+    pub fn hold_new_grant(&self, grant: Arc<Grant>) {
+        if let Some(before) = self.grants.insert(grant.id.clone(), grant) {
+            self.counts.count(before.registered_by, false);
+        }
     }
 
     /// Holds `grant` (new, or in place of the grant with its id), counted against its registrant.

@@ -45,6 +45,36 @@ impl GrantCounts {
             .set(n as f64);
     }
 
+    /// Counts one grant more for `registrant` if it holds fewer than `quota` (here and, as last
+    /// announced, elsewhere; `None`: no quota) — checked and counted under one lock, so two
+    /// shards registering for one party at once cannot both take its last place.
+    pub(super) fn take(&self, registrant: Registrant, quota: Option<usize>) -> bool {
+        let n = {
+            let mut here = self.here();
+            let n = here.entry(registrant).or_default();
+            if let Some(quota) = quota {
+                let elsewhere = self
+                    .elsewhere
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get(&*registrant.name())
+                    .copied()
+                    .unwrap_or(0);
+                if n.saturating_add(elsewhere) >= quota {
+                    if *n == 0 {
+                        here.remove(&registrant);
+                    }
+                    return false;
+                }
+            }
+            *n += 1;
+            *n
+        };
+        metrics::gauge!(crate::telemetry::GRANTS_BY_REGISTRANT, "registrant" => registrant.label())
+            .set(n as f64);
+        true
+    }
+
     /// How many grants `registrant` holds on this instance.
     pub fn held_here(&self, registrant: Registrant) -> usize {
         self.here().get(&registrant).copied().unwrap_or(0)
@@ -114,6 +144,33 @@ impl GrantCounts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Taking a place checks and counts under one lock: eight threads racing for one party's
+    /// quota of 100 take exactly 100 places between them (checked, then counted, they took up to
+    /// seven more), another instance's announced count included.
+    #[test]
+    fn racing_registrations_never_take_more_than_the_quota() {
+        let counts = std::sync::Arc::new(GrantCounts::default());
+        let party = Registrant::client("quota-race");
+        let elsewhere = BTreeMap::from([("client:quota-race".to_owned(), 20)]);
+        counts.set_elsewhere([&elsewhere]);
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let counts = counts.clone();
+                std::thread::spawn(move || {
+                    (0..50).filter(|_| counts.take(party, Some(100))).count()
+                })
+            })
+            .collect();
+        let taken: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(taken, 80);
+        assert_eq!(counts.held_here(party), 80);
+        assert!(!counts.take(party, Some(100)));
+        // No quota: always counted.
+        let none = Registrant::NONE;
+        assert!(counts.take(none, None));
+        assert_eq!(counts.held_here(none), 1);
+    }
 
     #[test]
     fn a_partys_count_adds_what_the_other_instances_announced() {

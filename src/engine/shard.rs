@@ -502,7 +502,9 @@ impl Shard {
                 return Err(EngineError::NotOwned(grant.principal.to_string()));
             }
         }
-        if let Some(existing) = self.shared.grants.get(&grant.id).map(|g| g.clone()) {
+        let existing = self.shared.grants.get(&grant.id).map(|g| g.clone());
+        let new = existing.is_none();
+        if let Some(existing) = existing {
             if existing.status == GrantStatus::Revoked {
                 return Err(EngineError::Revoked(grant.id.to_string()));
             }
@@ -516,11 +518,15 @@ impl Shard {
             grant.registered_by = existing.registered_by;
             self.unindex(&existing);
         } else {
-            self.shared.room_for_a_grant(grant.registered_by)?;
+            self.shared.take_room_for_a_grant(grant.registered_by)?;
         }
         let grant = Arc::new(grant);
         self.index(&grant);
-        self.shared.hold_grant(grant.clone());
+        if new {
+            self.shared.hold_new_grant(grant.clone());
+        } else {
+            self.shared.hold_grant(grant.clone());
+        }
         p.changes.grants.push(grant.clone());
         metrics::gauge!(crate::telemetry::GRANTS).set(self.shared.grants.len() as f64);
 
