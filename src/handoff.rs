@@ -158,9 +158,7 @@ async fn handle<S: SignalSink>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{Event, SessionRevoked};
-    use crate::signal::SignalSource;
-    use crate::subject::SubjectId;
+    use crate::test_support::session_revoked as signal;
 
     /// Answers every signal as processed and notes the groups it was handed.
     struct Groups(std::sync::Arc<std::sync::Mutex<Vec<Vec<String>>>>);
@@ -175,27 +173,6 @@ mod tests {
             let jtis = signals.iter().map(|s| s.jti.clone()).collect();
             self.0.lock().unwrap().push(jtis);
             signals.iter().map(|_| Ok(Ack::Processed)).collect()
-        }
-    }
-
-    fn signal(jti: &str) -> Signal {
-        Signal {
-            seq: 0,
-            source: SignalSource::SsfPush {
-                transmitter: "t".into(),
-                stream: "s".into(),
-            },
-            iss: "https://idp.example.com/".into(),
-            jti: jti.into(),
-            txn: None,
-            event_uri: "https://schemas.openid.net/secevent/caep/event-type/session-revoked".into(),
-            event: Event::SessionRevoked(SessionRevoked::default()),
-            subject: SubjectId::Opaque { id: "u1".into() },
-            event_time: 1.0,
-            iat: 1.0,
-            received_at_ms: 1,
-            attributes: Default::default(),
-            ttl_secs: None,
         }
     }
 

@@ -31,3 +31,26 @@ pub fn spec_example_kinds() -> Vec<(String, crate::events::EventKind)> {
         })
         .collect()
 }
+
+/// A pushed session-revoked signal about the opaque subject `u1`, with its own `jti`: the
+/// plainest signal, for tests of the stages that move signals rather than read them.
+pub fn session_revoked(jti: &str) -> crate::signal::Signal {
+    crate::signal::Signal {
+        seq: 0,
+        source: crate::signal::SignalSource::SsfPush {
+            transmitter: "t".into(),
+            stream: "s".into(),
+        },
+        iss: "https://idp.example.com/".into(),
+        jti: jti.into(),
+        txn: None,
+        event_uri: "https://schemas.openid.net/secevent/caep/event-type/session-revoked".into(),
+        event: crate::events::Event::SessionRevoked(Default::default()),
+        subject: crate::subject::SubjectId::Opaque { id: "u1".into() },
+        event_time: 1.0,
+        iat: 1.0,
+        received_at_ms: 1,
+        attributes: Default::default(),
+        ttl_secs: None,
+    }
+}

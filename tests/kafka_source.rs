@@ -316,20 +316,31 @@ fn open_store(vigil: &Vigil) -> std::sync::Arc<redb::Database> {
     vigil.store().clone()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_letter_topic_that_refuses_keeps_the_dead_letter_in_the_store() {
+/// A mock cluster with `topics` (one partition each) whose dead-letter topic refuses every
+/// message, and a configuration reading those topics in the native format.
+fn refusing_dead_letter_topic(
+    topics: &[&'static str],
+    dir: &std::path::Path,
+) -> (MockCluster<'static, DefaultProducerContext>, Config) {
     // No dead-letter topic exists and the mock broker does not create topics on produce.
-    let kafka = mock_cluster(&[(NATIVE, 1)]).unwrap();
+    let partitions: Vec<(&str, i32)> = topics.iter().map(|t| (*t, 1)).collect();
+    let kafka = mock_cluster(&partitions).unwrap();
     kafka
         .topic_error(
             DLQ,
             RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
         )
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = kafka_config(dir.path(), &kafka.bootstrap_servers());
-    config.kafka.topics = vec![NATIVE.into()];
+    let mut config = kafka_config(dir, &kafka.bootstrap_servers());
+    config.kafka.topics = topics.iter().map(|t| (*t).to_owned()).collect();
     config.kafka.mappings.clear();
+    (kafka, config)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_topic_that_refuses_keeps_the_dead_letter_in_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kafka, config) = refusing_dead_letter_topic(&[NATIVE], dir.path());
     let vigil = start(config).await;
     let publisher = Publisher::new(&kafka.bootstrap_servers()).unwrap();
     publisher.publish(NATIVE, None, b"garbage").await.unwrap();
@@ -359,17 +370,8 @@ async fn a_dead_letter_topic_that_refuses_keeps_the_dead_letter_in_the_store() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stored_dead_letters_are_bounded_and_a_flooding_feed_loses_its_own_oldest() {
     const QUIET: &str = "quiet.risk";
-    let kafka = mock_cluster(&[(NATIVE, 1), (QUIET, 1)]).unwrap();
-    kafka
-        .topic_error(
-            DLQ,
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
-        )
-        .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut config = kafka_config(dir.path(), &kafka.bootstrap_servers());
-    config.kafka.topics = vec![NATIVE.into(), QUIET.into()];
-    config.kafka.mappings.clear();
+    let (kafka, mut config) = refusing_dead_letter_topic(&[NATIVE, QUIET], dir.path());
     config.kafka.max_stored_dead_letters = 10;
     let vigil = start(config).await;
     let stored = || vigil::kafka::stored_dead_letters(&open_store(&vigil)).unwrap();

@@ -53,14 +53,7 @@ impl GrantCounts {
             let mut here = self.here();
             let n = here.entry(registrant).or_default();
             if let Some(quota) = quota {
-                let elsewhere = self
-                    .elsewhere
-                    .read()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .get(&*registrant.name())
-                    .copied()
-                    .unwrap_or(0);
-                if n.saturating_add(elsewhere) >= quota {
+                if n.saturating_add(self.held_elsewhere(registrant)) >= quota {
                     if *n == 0 {
                         here.remove(&registrant);
                     }
@@ -82,14 +75,18 @@ impl GrantCounts {
 
     /// How many grants `registrant` holds here and, as last announced, on the other instances.
     pub fn held_in_cluster(&self, registrant: Registrant) -> usize {
-        let elsewhere = self
-            .elsewhere
+        self.held_here(registrant)
+            .saturating_add(self.held_elsewhere(registrant))
+    }
+
+    /// How many grants the other instances last announced `registrant` holds.
+    fn held_elsewhere(&self, registrant: Registrant) -> usize {
+        self.elsewhere
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&*registrant.name())
             .copied()
-            .unwrap_or(0);
-        self.held_here(registrant).saturating_add(elsewhere)
+            .unwrap_or(0)
     }
 
     /// This instance's counts by registrant name, for its announcement.

@@ -640,30 +640,7 @@ pub fn write_legacy_verification_state(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{Event, SessionRevoked};
-    use crate::signal::SignalSource;
-    use crate::subject::SubjectId;
-
-    fn signal(jti: &str) -> Signal {
-        Signal {
-            seq: 0,
-            source: SignalSource::SsfPush {
-                transmitter: "t".into(),
-                stream: "s".into(),
-            },
-            iss: "https://idp.example.com/".into(),
-            jti: jti.into(),
-            txn: None,
-            event_uri: "https://schemas.openid.net/secevent/caep/event-type/session-revoked".into(),
-            event: Event::SessionRevoked(SessionRevoked::default()),
-            subject: SubjectId::Opaque { id: "u1".into() },
-            event_time: 1.0,
-            iat: 1.0,
-            received_at_ms: 1,
-            attributes: Default::default(),
-            ttl_secs: None,
-        }
-    }
+    use crate::test_support::session_revoked as signal;
 
     /// `n` characters that do not compress (a token-sized record of known size).
     fn noise(n: usize, seed: u64) -> String {
