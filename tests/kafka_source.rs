@@ -91,6 +91,14 @@ async fn grant_status(vigil: &Vigil, id: &str) -> String {
     g["status"].as_str().unwrap_or_default().to_owned()
 }
 
+/// Publishes a native risk message about `email`, timed now, to the `vigil.risk` topic.
+async fn publish_native(publisher: &Publisher, email: &str, level: &str, id: &str) {
+    publisher
+        .publish(NATIVE, None, &native(email, level, id, now()))
+        .await
+        .unwrap();
+}
+
 fn native(email: &str, level: &str, id: &str, event_time: f64) -> Vec<u8> {
     json!({"subject": {"format": "email", "email": email}, "level": level, "source": "ueba",
         "event_time": event_time, "id": id, "reason": "impossible travel"})
@@ -258,14 +266,7 @@ async fn bad_messages_go_to_the_dead_letter_topic_and_the_partition_keeps_flowin
     // A tombstone (no value): dead-lettered as a tombstone, not as an empty message.
     publisher.publish_tombstone(NATIVE, "gone").await.unwrap();
     // Behind the bad ones on the same partition: a good message still applies.
-    publisher
-        .publish(
-            NATIVE,
-            None,
-            &native("after@example.com", "HIGH", "good-1", now()),
-        )
-        .await
-        .unwrap();
+    publish_native(&publisher, "after@example.com", "HIGH", "good-1").await;
     eventually_within(30, "the good message behind the bad ones", || async {
         (grant_status(&vigil, "g-after").await == "revoked").then_some(())
     })
@@ -344,14 +345,7 @@ async fn a_dead_letter_topic_that_refuses_keeps_the_dead_letter_in_the_store() {
     let vigil = start(config).await;
     let publisher = Publisher::new(&kafka.bootstrap_servers()).unwrap();
     publisher.publish(NATIVE, None, b"garbage").await.unwrap();
-    publisher
-        .publish(
-            NATIVE,
-            None,
-            &native("ok@example.com", "LOW", "ok-1", now()),
-        )
-        .await
-        .unwrap();
+    publish_native(&publisher, "ok@example.com", "LOW", "ok-1").await;
     eventually_within(40, "the message behind the refused dead letter", || async {
         applied(&vigil, "ok@example.com", "ok-1").then_some(())
     })
@@ -400,14 +394,7 @@ async fn stored_dead_letters_are_bounded_and_a_flooding_feed_loses_its_own_oldes
         .publish(NATIVE, None, big.as_bytes())
         .await
         .unwrap();
-    publisher
-        .publish(
-            NATIVE,
-            None,
-            &native("ok@example.com", "LOW", "ok-1", now()),
-        )
-        .await
-        .unwrap();
+    publish_native(&publisher, "ok@example.com", "LOW", "ok-1").await;
     eventually_within(
         40,
         "the message behind the loud feed's dead letters",
