@@ -321,7 +321,8 @@
       }
       main.append(table("enforcement-points", ["enforcement point", "stream", "delivery", "status", "last verified", "outstanding", "dead letters"], rows));
       const dead = await api("/v1/deadletters");
-      main.append(el("h3", {}, "Dead letters"),
+      const shown = dead.dead_letters.length < dead.total ? ` (the oldest ${dead.dead_letters.length} of ${dead.total})` : "";
+      main.append(el("h3", {}, "Dead letters" + shown),
         table("dead-letters", ["stream", "jti", "error", "dead since"], dead.dead_letters.map((d) => [d.stream_id, d.outgoing.jti, d.error, when(d.dead_at_ms / 1000)])),
         el("button", { id: "replay-dead-letters", on: { click: async () => {
           try {

@@ -9,7 +9,7 @@
 //! | `GET /v1/subjects/{key}` | 200 context, grants, recent signals and decisions ("why"); 404 |
 //! | `POST /v1/check` | 200 `{decision: allow \| deny, status, reason, grants}` from live state |
 //! | `GET /v1/check/auth_request` | nginx `auth_request`: 200 allow, 401 unknown, 403 denied |
-//! | `GET /v1/deadletters` | SETs that could not be pushed, with the error |
+//! | `GET /v1/deadletters?limit=` | 200 `{dead_letters, total}`: the oldest SETs that could not be delivered, with the error |
 //! | `POST /v1/deadletters/replay` | 200 `{replayed: n}`: back into their streams' outboxes, in order |
 //! | `POST /v1/keys/rotate` | 200 `{kid}`: a new signing key; the old one stays in the JWKS for the retention |
 //!
@@ -1012,31 +1012,61 @@ fn jwt_iss_jti(jwt: &str) -> Option<crate::grant::TokenId> {
     })
 }
 
-/// Cluster mode: each instance holds the dead letters of the streams it delivers; every
-/// instance's are listed (oldest first), and a replay replays them on every instance.
-pub async fn dead_letters(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
-    let mut items: Vec<Value> = match s.streams.dead_letters() {
-        Ok(list) => list.into_iter().map(|(_, d)| json!(d)).collect(),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+/// `GET /v1/deadletters`' page size. An unknown parameter is refused.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterParams {
+    limit: Option<usize>,
+}
+
+/// Most dead letters one answer lists.
+const MAX_DEAD_LETTER_PAGE: usize = 1000;
+
+/// The oldest dead letters (`limit`, 100 by default, at most 1 000) and how many are held in
+/// all (`total`). Cluster mode: each instance holds the dead letters of the streams it
+/// delivers; every instance's oldest are merged, and a replay replays them on every instance.
+pub async fn dead_letters(
+    State(s): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    axum::extract::RawQuery(raw): axum::extract::RawQuery,
+    q: Result<Query<DeadLetterParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Query(q) = match q {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()),
     };
+    let limit = q.limit.unwrap_or(100).clamp(1, MAX_DEAD_LETTER_PAGE);
+    let streams = s.streams.clone();
+    let (mut items, mut total): (Vec<Value>, usize) =
+        match tokio::task::spawn_blocking(move || streams.oldest_dead_letters(limit)).await {
+            Ok(Ok((list, total))) => (list.into_iter().map(|d| json!(d)).collect(), total),
+            Ok(Err(e)) => {
+                return error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string())
+            }
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+        };
     let call = crate::cluster::Call {
         segments: &["v1", "deadletters"],
-        query: None,
+        query: raw.as_deref(),
     };
     if let Some(answers) = from_every_other(&s, &headers, reqwest::Method::GET, &call).await {
         for listed in answers.into_iter().flatten() {
             let listed: DeadLetterList = listed;
             items.extend(listed.dead_letters);
+            total = total.saturating_add(listed.total);
         }
         items.sort_by_key(|d| d["dead_at_ms"].as_i64().unwrap_or(0));
+        items.truncate(limit);
     }
-    Json(json!({"dead_letters": items})).into_response()
+    Json(json!({"dead_letters": items, "total": total})).into_response()
 }
 
 /// Another instance's `/v1/deadletters` answer.
 #[derive(Deserialize)]
 struct DeadLetterList {
     dead_letters: Vec<Value>,
+    #[serde(default)]
+    total: usize,
 }
 
 /// Another instance's `/v1/deadletters/replay` answer.
@@ -1258,8 +1288,8 @@ const OUTSTANDING_COUNTED: usize = 10_000;
 /// state — method, endpoint, status, last verification, SETs outstanding (counted up to
 /// 10 000), dead letters.
 pub async fn enforcement_points(State(s): State<Arc<ApiState>>) -> Response {
-    let dead = match s.streams.dead_letters() {
-        Ok(list) => list,
+    let dead = match s.streams.dead_letter_counts() {
+        Ok(counts) => counts,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
     };
     let mut points = Vec::new();
@@ -1270,10 +1300,7 @@ pub async fn enforcement_points(State(s): State<Arc<ApiState>>) -> Response {
                 .streams
                 .outstanding(&stream.stream_id, OUTSTANDING_COUNTED)
                 .unwrap_or_default();
-            let dead_letters = dead
-                .iter()
-                .filter(|(_, d)| d.stream_id == stream.stream_id)
-                .count();
+            let dead_letters = dead.get(&stream.stream_id).copied().unwrap_or(0);
             streams.push(json!({
                 "stream_id": stream.stream_id,
                 "method": stream.delivery.method,

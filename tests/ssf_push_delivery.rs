@@ -476,6 +476,19 @@ async fn an_unread_poll_stream_is_paused_and_its_backlog_bounded() {
         (d.len() == 6).then_some(())
     })
     .await;
+    // The listing is bounded: the oldest `limit`, and how many there are in all.
+    let (code, page) = get_json(&vigil, "/v1/deadletters?limit=2").await;
+    assert_eq!(code, 200, "{page}");
+    assert_eq!(page["total"], 6);
+    let listed = page["dead_letters"].as_array().unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(listed[0]["dead_at_ms"].as_i64() <= listed[1]["dead_at_ms"].as_i64());
+    assert!(listed.iter().all(|d| d["error"]
+        .as_str()
+        .unwrap()
+        .contains("max_outbox_per_stream")));
+    let (code, _) = get_json(&vigil, "/v1/deadletters?lmit=2").await;
+    assert_eq!(code, 400);
     // And two hours after that, the dead letters are gone.
     clock.advance(std::time::Duration::from_secs(7201));
     eventually("old dead letters dropped", || async {

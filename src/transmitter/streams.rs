@@ -1368,6 +1368,39 @@ impl StreamStore {
         Ok(n)
     }
 
+    /// The oldest `limit` dead letters, and how many there are: the listing reads every row's
+    /// head, but copies out only the SETs it returns (all of them were hundreds of megabytes at
+    /// `delivery.max_dead_letters`).
+    pub fn oldest_dead_letters(
+        &self,
+        limit: usize,
+    ) -> Result<(Vec<DeadLetter>, usize), StreamError> {
+        let heads = self.dead_letter_heads()?;
+        let total = heads.len();
+        let txn = self.db.begin_read().map_err(storage)?;
+        let t = txn.open_table(DEAD).map_err(storage)?;
+        let mut out = Vec::with_capacity(limit.min(total));
+        for (key, _) in heads.iter().take(limit) {
+            if let Some(v) = t.get(key.as_str()).map_err(storage)? {
+                if let Ok(d) = serde_json::from_slice::<DeadLetter>(v.value()) {
+                    out.push(d);
+                }
+            }
+        }
+        Ok((out, total))
+    }
+
+    /// How many dead letters each stream has (read from the rows' heads).
+    pub fn dead_letter_counts(&self) -> Result<HashMap<String, usize>, StreamError> {
+        let mut counts = HashMap::new();
+        for (_, head) in self.dead_letter_heads()? {
+            if let Some(h) = head {
+                *counts.entry(h.stream_id).or_default() += 1;
+            }
+        }
+        Ok(counts)
+    }
+
     /// Every dead letter's key and head, oldest first (`None`: a row that does not decode,
     /// pruned first).
     fn dead_letter_heads(&self) -> Result<Vec<(String, Option<DeadLetterHead>)>, StreamError> {
