@@ -1288,9 +1288,12 @@ const OUTSTANDING_COUNTED: usize = 10_000;
 /// state — method, endpoint, status, last verification, SETs outstanding (counted up to
 /// 10 000), dead letters.
 pub async fn enforcement_points(State(s): State<Arc<ApiState>>) -> Response {
-    let dead = match s.streams.dead_letter_counts() {
-        Ok(counts) => counts,
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+    // Up to `delivery.max_dead_letters` rows read: off the runtime's threads.
+    let streams = s.streams.clone();
+    let dead = match tokio::task::spawn_blocking(move || streams.dead_letter_counts()).await {
+        Ok(Ok(counts)) => counts,
+        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
     };
     let mut points = Vec::new();
     for name in &s.enforcement_points {
