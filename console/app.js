@@ -327,7 +327,8 @@
         el("button", { id: "replay-dead-letters", on: { click: async () => {
           try {
             const r = await api("/v1/deadletters/replay", { method: "POST", body: {} });
-            main.append(el("p", { class: "ok" }, "Queued again: " + r.replayed));
+            main.append(el("p", { class: "ok" }, "Queued again: " + r.replayed +
+              (r.skipped ? `; ${r.skipped} left (their stream was deleted or is disabled)` : "")));
           } catch (e) {
             main.append(failure(e));
           }

@@ -30,6 +30,7 @@ use crate::check::{self, CheckRequest, CheckResult, Verdict};
 use crate::engine::{Engine, EngineError};
 use crate::grant::{GrantRequest, GrantStatus};
 use crate::reload::PolicyReloader;
+use crate::transmitter::streams::{DeadLetter, DeadLetterPosition};
 
 pub struct ApiState {
     pub identity: Arc<crate::transmitter::Identity>,
@@ -1012,19 +1013,31 @@ fn jwt_iss_jti(jwt: &str) -> Option<crate::grant::TokenId> {
     })
 }
 
-/// `GET /v1/deadletters`' page size. An unknown parameter is refused.
+/// `GET /v1/deadletters`' page: its size, one stream's letters alone, and where the page before
+/// ended. An unknown parameter is refused.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeadLetterParams {
     limit: Option<usize>,
+    stream_id: Option<String>,
+    after: Option<String>,
+}
+
+/// `POST /v1/deadletters/replay`'s one stream, if not all.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayParams {
+    stream_id: Option<String>,
 }
 
 /// Most dead letters one answer lists.
 const MAX_DEAD_LETTER_PAGE: usize = 1000;
 
-/// The oldest dead letters (`limit`, 100 by default, at most 1 000) and how many are held in
-/// all (`total`). Cluster mode: each instance holds the dead letters of the streams it
-/// delivers; every instance's oldest are merged, and a replay replays them on every instance.
+/// The oldest dead letters (`limit`, 100 by default, at most 1 000) after the cursor `after` (a
+/// page's `next`), of `stream_id` alone if given, and how many the stream — or all — hold
+/// (`total`). Cluster mode: each instance holds the dead letters of the streams it delivers;
+/// every instance's page after the same cursor is merged, and a replay replays them on every
+/// instance.
 pub async fn dead_letters(
     State(s): State<Arc<ApiState>>,
     headers: HeaderMap,
@@ -1036,15 +1049,28 @@ pub async fn dead_letters(
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()),
     };
     let limit = q.limit.unwrap_or(100).clamp(1, MAX_DEAD_LETTER_PAGE);
+    let after = match q.after.as_deref().map(DeadLetterPosition::from_cursor) {
+        None => None,
+        Some(Some(p)) => Some(p),
+        Some(None) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "`after` is not a cursor this listing answered",
+            )
+        }
+    };
     let streams = s.streams.clone();
-    let (mut items, mut total): (Vec<Value>, usize) =
-        match tokio::task::spawn_blocking(move || streams.oldest_dead_letters(limit)).await {
-            Ok(Ok((list, total))) => (list.into_iter().map(|d| json!(d)).collect(), total),
-            Ok(Err(e)) => {
-                return error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string())
-            }
-            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
-        };
+    let stream = q.stream_id;
+    let page = tokio::task::spawn_blocking(move || {
+        streams.dead_letter_page(stream.as_deref(), after.as_ref(), limit)
+    })
+    .await;
+    let (mut letters, mut total, mut more) = match page {
+        Ok(Ok(page)) => (page.letters, page.total, page.more),
+        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    };
     let call = crate::cluster::Call {
         segments: &["v1", "deadletters"],
         query: raw.as_deref(),
@@ -1052,46 +1078,70 @@ pub async fn dead_letters(
     if let Some(answers) = from_every_other(&s, &headers, reqwest::Method::GET, &call).await {
         for listed in answers.into_iter().flatten() {
             let listed: DeadLetterList = listed;
-            items.extend(listed.dead_letters);
+            more |= listed.next.is_some();
+            letters.extend(listed.dead_letters);
             total = total.saturating_add(listed.total);
         }
-        items.sort_by_key(|d| d["dead_at_ms"].as_i64().unwrap_or(0));
-        items.truncate(limit);
+        letters.sort_by_cached_key(DeadLetterPosition::of);
+        more |= letters.len() > limit;
+        letters.truncate(limit);
     }
-    Json(json!({"dead_letters": items, "total": total})).into_response()
+    let next = more
+        .then(|| {
+            letters
+                .last()
+                .map(|d| DeadLetterPosition::of(d).to_cursor())
+        })
+        .flatten();
+    Json(json!({"dead_letters": letters, "total": total, "next": next})).into_response()
 }
 
 /// Another instance's `/v1/deadletters` answer.
 #[derive(Deserialize)]
 struct DeadLetterList {
-    dead_letters: Vec<Value>,
+    dead_letters: Vec<DeadLetter>,
     #[serde(default)]
     total: usize,
+    #[serde(default)]
+    next: Option<String>,
 }
 
 /// Another instance's `/v1/deadletters/replay` answer.
 #[derive(Deserialize)]
-struct Replayed {
+struct ReplayAnswer {
     replayed: usize,
+    #[serde(default)]
+    skipped: usize,
 }
 
-pub async fn replay_dead_letters(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
-    let mut replayed = match s.streams.replay_dead_letters().await {
-        Ok(n) => n,
+/// Puts dead letters — `stream_id`'s alone if given — back into their streams' outboxes;
+/// `skipped` counts those left because their stream was deleted or is disabled.
+pub async fn replay_dead_letters(
+    State(s): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    axum::extract::RawQuery(raw): axum::extract::RawQuery,
+    q: Result<Query<ReplayParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Query(q) = match q {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()),
+    };
+    let mut done = match s.streams.replay_dead_letters(q.stream_id.as_deref()).await {
+        Ok(done) => done,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
     };
     let call = crate::cluster::Call {
         segments: &["v1", "deadletters", "replay"],
-        query: None,
+        query: raw.as_deref(),
     };
     if let Some(answers) = from_every_other(&s, &headers, reqwest::Method::POST, &call).await {
-        replayed += answers
-            .into_iter()
-            .flatten()
-            .map(|r: Replayed| r.replayed)
-            .sum::<usize>();
+        for answer in answers.into_iter().flatten() {
+            let answer: ReplayAnswer = answer;
+            done.replayed = done.replayed.saturating_add(answer.replayed);
+            done.skipped = done.skipped.saturating_add(answer.skipped);
+        }
     }
-    Json(json!({"replayed": replayed})).into_response()
+    Json(json!({"replayed": done.replayed, "skipped": done.skipped})).into_response()
 }
 
 pub async fn rotate_key(State(s): State<Arc<ApiState>>) -> Response {
@@ -1288,21 +1338,26 @@ const OUTSTANDING_COUNTED: usize = 10_000;
 /// state — method, endpoint, status, last verification, SETs outstanding (counted up to
 /// 10 000), dead letters.
 pub async fn enforcement_points(State(s): State<Arc<ApiState>>) -> Response {
-    // Up to `delivery.max_dead_letters` rows read: off the runtime's threads.
-    let streams = s.streams.clone();
-    let dead = match tokio::task::spawn_blocking(move || streams.dead_letter_counts()).await {
-        Ok(Ok(counts)) => counts,
-        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
-    };
+    // Up to `delivery.max_dead_letters` rows and each stream's outbox keys read: off the
+    // runtime's threads.
+    let state = s.clone();
+    match tokio::task::spawn_blocking(move || delivery_state(&state)).await {
+        Ok(Ok(points)) => Json(json!({"enforcement_points": points})).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
+}
+
+/// Every enforcement point's streams with their delivery state (`/v1/enforcement-points`).
+fn delivery_state(s: &ApiState) -> Result<Vec<Value>, crate::transmitter::streams::StreamError> {
+    let dead = s.streams.dead_letter_counts()?;
     let mut points = Vec::new();
     for name in &s.enforcement_points {
         let mut streams = Vec::new();
         for stream in s.streams.list(name) {
             let (outstanding, more) = s
                 .streams
-                .outstanding(&stream.stream_id, OUTSTANDING_COUNTED)
-                .unwrap_or_default();
+                .outstanding_count(&stream.stream_id, OUTSTANDING_COUNTED)?;
             let dead_letters = dead.get(&stream.stream_id).copied().unwrap_or(0);
             streams.push(json!({
                 "stream_id": stream.stream_id,
@@ -1312,12 +1367,12 @@ pub async fn enforcement_points(State(s): State<Arc<ApiState>>) -> Response {
                 "status_reason": stream.status_reason,
                 "last_verification_at": stream.last_verification_at,
                 "delivered_here": s.streams.delivers(&stream.stream_id),
-                "outstanding": outstanding.len(),
+                "outstanding": outstanding,
                 "outstanding_more": more,
                 "dead_letters": dead_letters,
             }));
         }
         points.push(json!({"name": name, "streams": streams}));
     }
-    Json(json!({"enforcement_points": points})).into_response()
+    Ok(points)
 }

@@ -271,7 +271,8 @@ async fn revocations_are_pushed_in_order_through_errors_outages_and_a_restart() 
         "{dead}"
     );
     let (code, replayed) = post_json(&vigil, "/v1/deadletters/replay", &json!({})).await;
-    assert_eq!((code, replayed["replayed"].as_u64()), (200, Some(1)));
+    assert_eq!(code, 200, "{replayed}");
+    assert_eq!(replayed, json!({"replayed": 1, "skipped": 0}));
     eventually("the replayed SET delivered", || async {
         (receiver.received.lock().unwrap().len() == 5).then_some(())
     })
@@ -464,7 +465,25 @@ async fn an_unread_poll_stream_is_paused_and_its_backlog_bounded() {
     // Read just now: not paused. Unread for ten minutes with SETs waiting: paused.
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     assert_eq!(status().await, "enabled");
-    clock.advance(std::time::Duration::from_secs(601));
+    // Half-way, an operator looks at the delivery state: a look is not a read, so the stream is
+    // still paused ten minutes after its receiver last read it.
+    clock.advance(std::time::Duration::from_secs(300));
+    let (code, points) = get_json(&vigil, "/v1/enforcement-points").await;
+    assert_eq!(code, 200, "{points}");
+    let listed = points["enforcement_points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["streams"].as_array().unwrap())
+        .find(|s| s["stream_id"] == stream_id.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (&listed["outstanding"], &listed["outstanding_more"]),
+        (&json!(3), &json!(false)),
+        "{listed}"
+    );
+    clock.advance(std::time::Duration::from_secs(301));
     eventually("the unread stream to be paused", || async {
         (status().await == "paused").then_some(())
     })
@@ -487,8 +506,36 @@ async fn an_unread_poll_stream_is_paused_and_its_backlog_bounded() {
         .as_str()
         .unwrap()
         .contains("max_outbox_per_stream")));
-    let (code, _) = get_json(&vigil, "/v1/deadletters?lmit=2").await;
-    assert_eq!(code, 400);
+    // Page by page from the cursor each answer gives: all six once, in order.
+    let mut paged: Vec<Value> = listed.clone();
+    let mut next = page["next"].as_str().map(str::to_owned);
+    while let Some(cursor) = next {
+        let (code, page) =
+            get_json(&vigil, &format!("/v1/deadletters?limit=2&after={cursor}")).await;
+        assert_eq!((code, &page["total"]), (200, &json!(6)), "{page}");
+        paged.extend(page["dead_letters"].as_array().unwrap().iter().cloned());
+        next = page["next"].as_str().map(str::to_owned);
+    }
+    assert_eq!(paged.len(), 6);
+    let jtis: std::collections::HashSet<&str> = paged
+        .iter()
+        .map(|d| d["outgoing"]["jti"].as_str().unwrap())
+        .collect();
+    assert_eq!(jtis.len(), 6);
+    assert!(paged
+        .windows(2)
+        .all(|w| w[0]["dead_at_ms"].as_i64() <= w[1]["dead_at_ms"].as_i64()));
+    let (code, page) = get_json(&vigil, &format!("/v1/deadletters?stream_id={stream_id}")).await;
+    assert_eq!(
+        (code, &page["total"], &page["next"]),
+        (200, &json!(6), &Value::Null)
+    );
+    let (code, page) = get_json(&vigil, "/v1/deadletters?stream_id=no-such-stream").await;
+    assert_eq!((code, &page["total"]), (200, &json!(0)), "{page}");
+    for bad in ["lmit=2", "after=not-a-cursor"] {
+        let (code, body) = get_json(&vigil, &format!("/v1/deadletters?{bad}")).await;
+        assert_eq!(code, 400, "{bad}: {body}");
+    }
     // And two hours after that, the dead letters are gone.
     clock.advance(std::time::Duration::from_secs(7201));
     eventually("old dead letters dropped", || async {

@@ -26,6 +26,7 @@ use tokio::sync::Notify;
 
 use crate::clock::Clock;
 use crate::events::{EventKind, StreamStatus};
+use crate::parts::in_parts;
 use crate::store::{BatchWriter, WriteError};
 
 const STREAMS: TableDefinition<&str, &[u8]> = TableDefinition::new("tx_streams");
@@ -262,13 +263,101 @@ pub struct DeadLetter {
     pub dead_at_ms: i64,
 }
 
-/// What pruning reads of a [`DeadLetter`] row: serde skips the SET without copying it.
+/// What pruning and listing read of a [`DeadLetter`] row: serde skips the SET without copying it.
 #[derive(Deserialize)]
 struct DeadLetterHead {
     stream_id: String,
     dead_at_ms: i64,
     outgoing: JtiOnly,
 }
+
+impl DeadLetterHead {
+    /// Whether this letter sits after `after` in the listing's order (`None`: from the start).
+    fn after(&self, after: Option<&DeadLetterPosition>) -> bool {
+        after.is_none_or(|a| {
+            (
+                self.dead_at_ms,
+                self.stream_id.as_str(),
+                self.outgoing.jti.as_str(),
+            ) > (a.dead_at_ms, a.stream_id.as_str(), a.jti.as_str())
+        })
+    }
+}
+
+/// Where a dead letter sits in the listing's order — when it died, then its stream and `jti` —
+/// the same on every instance, so a cluster's pages merge and go on from one cursor. Ordered by
+/// its fields, in that order.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct DeadLetterPosition {
+    pub dead_at_ms: i64,
+    pub stream_id: String,
+    pub jti: String,
+}
+
+/// Longest cursor [`DeadLetterPosition::from_cursor`] reads: a stream id and a `jti` are short.
+const MAX_CURSOR: usize = 2048;
+
+impl DeadLetterPosition {
+    /// The position of a listed letter.
+    pub fn of(letter: &DeadLetter) -> Self {
+        DeadLetterPosition {
+            dead_at_ms: letter.dead_at_ms,
+            stream_id: letter.stream_id.clone(),
+            jti: letter.outgoing.jti.clone(),
+        }
+    }
+
+    /// The opaque `next` cursor of a listing (base64url of the position's JSON).
+    pub fn to_cursor(&self) -> String {
+        use base64::Engine as _;
+        let json =
+            serde_json::to_vec(&(self.dead_at_ms, &self.stream_id, &self.jti)).unwrap_or_default();
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
+    }
+
+    /// The position a cursor [`to_cursor`](Self::to_cursor) wrote; `None` for anything else.
+    pub fn from_cursor(cursor: &str) -> Option<Self> {
+        use base64::Engine as _;
+        if cursor.len() > MAX_CURSOR {
+            return None;
+        }
+        let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(cursor)
+            .ok()?;
+        let (dead_at_ms, stream_id, jti): (i64, String, String) =
+            serde_json::from_slice(&json).ok()?;
+        Some(DeadLetterPosition {
+            dead_at_ms,
+            stream_id,
+            jti,
+        })
+    }
+}
+
+/// One page of the dead-letter listing.
+#[derive(Debug)]
+pub struct DeadLetterPage {
+    /// Oldest first, after the asked position.
+    pub letters: Vec<DeadLetter>,
+    /// How many the listing's stream (or every stream) holds, whatever the position.
+    pub total: usize,
+    /// Whether more follow the last one listed.
+    pub more: bool,
+}
+
+/// What a replay did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Replayed {
+    /// Put back into their streams' outboxes.
+    pub replayed: usize,
+    /// Left where they are: their stream was deleted or is disabled (it holds nothing, SSF
+    /// §8.1.2), so nothing would ever deliver them; they go with the dead letters' age.
+    pub skipped: usize,
+}
+
+/// Dead letters replayed per transaction: a replay of `delivery.max_dead_letters` holds a
+/// chunk's SETs in memory at a time, and the writer's other work waits for a chunk, not for all.
+const REPLAY_CHUNK: usize = 256;
 
 #[derive(Deserialize)]
 struct JtiOnly {
@@ -1024,6 +1113,39 @@ impl StreamStore {
         self.outstanding_after(id, 0, max)
     }
 
+    /// How many SETs a stream has outstanding, counted up to `cap`, and whether there are more.
+    /// Only keys are read (nothing decoded), and — unlike a read for its receiver — the stream's
+    /// last read stays as it was: an operator's look at the delivery state would otherwise keep
+    /// a stream nobody reads from being paused.
+    pub fn outstanding_count(&self, id: &str, cap: usize) -> Result<(usize, bool), StreamError> {
+        use std::ops::Bound::{Excluded, Included};
+        let (start, end) = (outbox_key(id, 0), format!("{id}\u{1}"));
+        let range = (Included(start.as_str()), Excluded(end.as_str()));
+        let want = cap.saturating_add(1);
+        // Staged rows not yet committed count too; one both staged and committed counts once.
+        let mut keys: HashSet<String> = self
+            .staged()
+            .range::<str, _>(range)
+            .take(want)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let removing = self.removing();
+        let txn = self.db.begin_read().map_err(storage)?;
+        let t = txn.open_table(OUTBOX).map_err(storage)?;
+        let mut committed = 0;
+        for entry in t.range::<&str>(range).map_err(storage)? {
+            if committed >= want {
+                break;
+            }
+            let (k, _) = entry.map_err(storage)?;
+            if !removing.contains(k.value()) {
+                committed += 1;
+                keys.insert(k.value().to_owned());
+            }
+        }
+        Ok((keys.len().min(cap), keys.len() > cap))
+    }
+
     /// Like [`StreamStore::outstanding`], for SETs with a sequence number above `after`.
     #[allow(clippy::type_complexity)]
     pub fn outstanding_after(
@@ -1256,7 +1378,8 @@ impl StreamStore {
         Ok(())
     }
 
-    /// Every dead letter, oldest first.
+    /// Every dead letter, in key order.
+    #[cfg(test)]
     pub fn dead_letters(&self) -> Result<Vec<(String, DeadLetter)>, StreamError> {
         let txn = self.db.begin_read().map_err(storage)?;
         let t = txn.open_table(DEAD).map_err(storage)?;
@@ -1368,26 +1491,38 @@ impl StreamStore {
         Ok(n)
     }
 
-    /// The oldest `limit` dead letters, and how many there are: the listing reads every row's
-    /// head, but copies out only the SETs it returns (all of them were hundreds of megabytes at
-    /// `delivery.max_dead_letters`).
-    pub fn oldest_dead_letters(
+    /// Up to `limit` dead letters after `after` (from the oldest when `None`), of `stream` alone
+    /// when given: the listing reads every row's head, but copies out only the SETs it returns
+    /// (all of them were hundreds of megabytes at `delivery.max_dead_letters`).
+    pub fn dead_letter_page(
         &self,
+        stream: Option<&str>,
+        after: Option<&DeadLetterPosition>,
         limit: usize,
-    ) -> Result<(Vec<DeadLetter>, usize), StreamError> {
+    ) -> Result<DeadLetterPage, StreamError> {
         let heads = self.dead_letter_heads()?;
-        let total = heads.len();
+        let matching: Vec<(&String, &DeadLetterHead)> = heads
+            .iter()
+            .filter_map(|(k, h)| Some((k, h.as_ref()?)))
+            .filter(|(_, h)| stream.is_none_or(|s| h.stream_id == s))
+            .collect();
+        let total = matching.len();
+        let mut following = matching.into_iter().filter(|(_, h)| h.after(after));
         let txn = self.db.begin_read().map_err(storage)?;
         let t = txn.open_table(DEAD).map_err(storage)?;
-        let mut out = Vec::with_capacity(limit.min(total));
-        for (key, _) in heads.iter().take(limit) {
+        let mut letters = Vec::with_capacity(limit.min(total));
+        for (key, _) in following.by_ref().take(limit) {
             if let Some(v) = t.get(key.as_str()).map_err(storage)? {
                 if let Ok(d) = serde_json::from_slice::<DeadLetter>(v.value()) {
-                    out.push(d);
+                    letters.push(d);
                 }
             }
         }
-        Ok((out, total))
+        Ok(DeadLetterPage {
+            letters,
+            total,
+            more: following.next().is_some(),
+        })
     }
 
     /// How many dead letters each stream has (read from the rows' heads).
@@ -1412,51 +1547,108 @@ impl StreamStore {
             let head = serde_json::from_slice::<DeadLetterHead>(v.value()).ok();
             out.push((k.value().to_owned(), head));
         }
-        let time = |h: &Option<DeadLetterHead>| h.as_ref().map_or(i64::MIN, |h| h.dead_at_ms);
-        out.sort_by(|(ka, ha), (kb, hb)| time(ha).cmp(&time(hb)).then_with(|| ka.cmp(kb)));
+        // The listing's order (time, stream, `jti`); a row that does not decode first.
+        fn order(h: &Option<DeadLetterHead>) -> (i64, &str, &str) {
+            h.as_ref().map_or((i64::MIN, "", ""), |h| {
+                (h.dead_at_ms, h.stream_id.as_str(), h.outgoing.jti.as_str())
+            })
+        }
+        out.sort_by(|(ka, ha), (kb, hb)| order(ha).cmp(&order(hb)).then_with(|| ka.cmp(kb)));
         Ok(out)
     }
 
-    /// Puts every dead letter back into its stream's outbox (same key, so order is kept).
-    pub async fn replay_dead_letters(&self) -> Result<usize, StreamError> {
-        let letters = self.dead_letters()?;
-        let n = letters.len();
+    /// Puts the dead letters of `stream` (of every stream when `None`) back into their streams'
+    /// outboxes, under their old keys so each stream's order is kept, [`REPLAY_CHUNK`] to a
+    /// transaction. A letter whose stream was deleted or is disabled stays (skipped): put back, it
+    /// would sit in an outbox nothing reads or removes.
+    pub async fn replay_dead_letters(&self, stream: Option<&str>) -> Result<Replayed, StreamError> {
+        let mut done = Replayed::default();
+        let keys: Vec<String> = {
+            let streams = self.read();
+            let mut keys = Vec::new();
+            for (key, head) in self.dead_letter_heads()? {
+                let Some(head) = head else { continue };
+                if stream.is_some_and(|s| s != head.stream_id) {
+                    continue;
+                }
+                match streams.get(&head.stream_id) {
+                    Some(s) if s.status != StreamStatus::Disabled => keys.push(key),
+                    _ => done.skipped += 1,
+                }
+            }
+            keys
+        };
+        for chunk in in_parts(keys, REPLAY_CHUNK) {
+            done.replayed += self.replay_chunk(chunk).await?;
+        }
+        Ok(done)
+    }
+
+    /// Puts the dead letters under `keys` back (those still there) and says how many.
+    async fn replay_chunk(&self, keys: Vec<String>) -> Result<usize, StreamError> {
         if let Some(shared) = self.shared.get() {
             // Back into the topic as pending, at its end; this instance's follower queues them
             // again when it reads them (as would the next owner).
-            let records = letters
-                .iter()
-                .map(|(_, d)| OutboxRecord {
-                    stream: d.stream_id.clone(),
-                    jti: d.outgoing.jti.clone(),
-                    entry: Some(OutboxEntry::Pending {
-                        outgoing: d.outgoing.clone(),
-                    }),
+            let letters: Vec<(String, DeadLetter)> = {
+                let txn = self.db.begin_read().map_err(storage)?;
+                let t = txn.open_table(DEAD).map_err(storage)?;
+                let mut letters = Vec::with_capacity(keys.len());
+                for k in keys {
+                    let Some(v) = t.get(k.as_str()).map_err(storage)? else {
+                        continue;
+                    };
+                    if let Ok(d) = serde_json::from_slice::<DeadLetter>(v.value()) {
+                        letters.push((k, d));
+                    }
+                }
+                letters
+            };
+            let n = letters.len();
+            let (keys, records): (Vec<String>, Vec<OutboxRecord>) = letters
+                .into_iter()
+                .map(|(k, d)| {
+                    let record = OutboxRecord {
+                        stream: d.stream_id,
+                        jti: d.outgoing.jti.clone(),
+                        entry: Some(OutboxEntry::Pending {
+                            outgoing: d.outgoing,
+                        }),
+                    };
+                    (k, record)
                 })
-                .collect();
+                .unzip();
             shared.queue(records).await.map_err(StreamError::Storage)?;
-            self.remove_rows(DEAD, letters.into_iter().map(|(k, _)| k).collect())
-                .await?;
+            self.remove_rows(DEAD, keys).await?;
             return Ok(n);
         }
-        let streams: Vec<String> = letters.iter().map(|(_, d)| d.stream_id.clone()).collect();
-        self.writer
+        // Taken from the table inside the write: a letter pruned since the heads were read is
+        // not put back.
+        let (n, streams): (usize, HashSet<String>) = self
+            .writer
             .write(move |txn| {
                 let mut dead = txn.open_table(DEAD).map_err(WriteError::storage)?;
                 let mut outbox = txn.open_table(OUTBOX).map_err(WriteError::storage)?;
-                for (k, d) in &letters {
+                let (mut n, mut streams) = (0, HashSet::new());
+                for k in &keys {
+                    let letter = match dead.get(k.as_str()).map_err(WriteError::storage)? {
+                        Some(v) => serde_json::from_slice::<DeadLetter>(v.value()).ok(),
+                        None => None,
+                    };
+                    let Some(d) = letter else { continue };
                     let bytes = serde_json::to_vec(&d.outgoing)
                         .map_err(|e| WriteError::Storage(e.to_string()))?;
+                    dead.remove(k.as_str()).map_err(WriteError::storage)?;
                     outbox
                         .insert(k.as_str(), bytes.as_slice())
                         .map_err(WriteError::storage)?;
-                    dead.remove(k.as_str()).map_err(WriteError::storage)?;
+                    streams.insert(d.stream_id);
+                    n += 1;
                 }
-                Ok(())
+                Ok((n, streams))
             })
             .await?;
-        for s in streams {
-            self.notify(&s);
+        for s in &streams {
+            self.notify(s);
         }
         Ok(n)
     }
@@ -1613,6 +1805,116 @@ mod tests {
     /// Past `max_dead_letters`, the enforcement point holding the most dead letters loses its
     /// own oldest: one whose backlog all went to the dead letters does not age out another's.
     /// Age goes first, for everyone; a deleted stream's letters form one party of their own.
+    /// The listing pages through every dead letter in order from cursor to cursor, one stream's
+    /// alone when asked; a replay puts back, in chunks, only letters a stream can still deliver —
+    /// not a deleted or disabled stream's — under their old keys, so the stream's order is kept.
+    #[tokio::test]
+    async fn dead_letters_page_by_cursor_and_replay_only_into_streams_that_deliver() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::open(dir.path()).unwrap();
+        let (writer, _thread) = crate::store::BatchWriter::start(db.clone(), "state", 16).unwrap();
+        let clock = Clock::manual(1_000_000);
+        let store = StreamStore::open(db.clone(), writer, clock.clone()).unwrap();
+        let mut ids = Vec::new();
+        for owner in ["live", "off", "gone"] {
+            let s = new_stream(&Map::new(), owner, "https://vigil", owner, "http://v").unwrap();
+            ids.push(s.stream_id.clone());
+            store.put(s).await.unwrap();
+        }
+        let (live, off, gone) = (ids[0].clone(), ids[1].clone(), ids[2].clone());
+        // More than two replay chunks for the live stream; letters die in pairs at one instant,
+        // so the order within an instant (stream, then `jti`) counts too.
+        let (all, mut offs, mut gones) = (2 * REPLAY_CHUNK + 88, 0, 0);
+        let mut n = 0u64;
+        for i in 0..all {
+            let stream = match i % 100 {
+                7 => {
+                    offs += 1;
+                    &off
+                }
+                9 => {
+                    gones += 1;
+                    &gone
+                }
+                _ => &live,
+            };
+            n += 1;
+            let outgoing = Outgoing {
+                jti: format!("{n:05}"),
+                set: format!("set-{n}"),
+                queued_at_ms: 1,
+            };
+            if i % 2 == 0 {
+                clock.advance(Duration::from_millis(10));
+            }
+            store
+                .dead_letter(stream, &outbox_key(stream, n), outgoing, "test".into())
+                .await
+                .unwrap();
+        }
+        let mut disabled = store.get("off", &off).unwrap();
+        disabled.status = StreamStatus::Disabled;
+        store.put(disabled).await.unwrap();
+        store.delete("gone", &gone).await.unwrap();
+
+        // Paged by cursor: every letter once, in (time, stream, jti) order.
+        let mut seen = Vec::new();
+        let mut after: Option<DeadLetterPosition> = None;
+        loop {
+            let cursor = after.as_ref().map(DeadLetterPosition::to_cursor);
+            let at = cursor
+                .as_deref()
+                .map(|c| DeadLetterPosition::from_cursor(c).unwrap());
+            let page = store.dead_letter_page(None, at.as_ref(), 97).unwrap();
+            assert_eq!(page.total, all);
+            seen.extend(page.letters.iter().map(DeadLetterPosition::of));
+            assert_eq!(page.more, seen.len() < all, "{} seen", seen.len());
+            if !page.more {
+                break;
+            }
+            after = seen.last().cloned();
+        }
+        assert_eq!(seen.len(), all);
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "ordered, no repeats");
+        let page = store.dead_letter_page(Some(&off), None, 1000).unwrap();
+        assert_eq!(
+            (page.letters.len(), page.total, page.more),
+            (offs, offs, false)
+        );
+        assert!(page.letters.iter().all(|d| d.stream_id == off));
+        assert_eq!(DeadLetterPosition::from_cursor("not a cursor"), None);
+
+        // One stream's replay: the disabled stream's letters stay.
+        let done = store.replay_dead_letters(Some(&off)).await.unwrap();
+        assert_eq!(
+            done,
+            Replayed {
+                replayed: 0,
+                skipped: offs
+            }
+        );
+        // All: the live stream's go back, in their order; the others stay.
+        let done = store.replay_dead_letters(None).await.unwrap();
+        let lives = all - offs - gones;
+        assert_eq!(
+            done,
+            Replayed {
+                replayed: lives,
+                skipped: offs + gones
+            }
+        );
+        let (queued, _) = store.outstanding(&live, usize::MAX).unwrap();
+        assert_eq!(queued.len(), lives);
+        assert!(queued.windows(2).all(|w| w[0].1.jti < w[1].1.jti));
+        assert!(queued
+            .iter()
+            .all(|(_, o)| o.set == format!("set-{}", o.jti.trim_start_matches('0'))));
+        let left = store.dead_letter_page(None, None, 1000).unwrap();
+        assert_eq!(left.total, offs + gones);
+        assert!(left.letters.iter().all(|d| d.stream_id != live));
+        assert_eq!(store.replay_dead_letters(None).await.unwrap().replayed, 0);
+    }
+
     #[tokio::test]
     async fn dead_letters_past_the_bound_are_the_noisiest_enforcement_points_oldest() {
         let dir = tempfile::tempdir().unwrap();
