@@ -209,13 +209,21 @@ pub fn stream_updated(identity: &Identity, stream: &Stream) -> Result<Outgoing, 
 /// Most decisions signed and queued by one store write.
 const EMIT_BATCH: usize = 256;
 
+/// Batches whose outbox commit may be in flight at once. Queueing waited for each commit before
+/// the next batch: delivery then took at most one batch per commit of the state store's one
+/// writer — behind the shards' own commits — and when every signal revoked a grant, the shards
+/// blocked on the full decision channel most of the time they waited at all. The writer commits
+/// in queue order, so SETs keep their order however many are in flight.
+const EMIT_IN_FLIGHT: usize = 4;
+
 /// Consumes decisions (with the grant each is about) and queues their SETs on every stream that should
 /// get them; `pending` (decisions committed before a restart but not yet taken over) go first.
 /// Decisions waiting together are emitted together: their SETs are signed in parallel — while the
 /// engine's commit of them is still being written — and, once the commit is durable, queued with
 /// their "taken over" marks by one write, which hands them to the streams' deliverers at once (the
-/// outbox's commit is not waited for: see [`StreamStore::enqueue`]). Ends when the engine, the
-/// sender, is gone — after draining what it sent.
+/// outbox's commit is not waited for: see [`StreamStore::enqueue`]); up to [`EMIT_IN_FLIGHT`]
+/// batches' writes commit while the next are queued. Ends when the engine, the sender, is gone —
+/// after draining what it sent and every commit in flight.
 pub async fn run(
     mut rx: mpsc::Receiver<Handed>,
     identity: Arc<Identity>,
@@ -223,20 +231,20 @@ pub async fn run(
     pending: Vec<(Decision, Arc<Grant>)>,
     changelog: Option<Arc<dyn Changelog>>,
 ) {
-    let changelog = changelog.as_deref();
     if !pending.is_empty() {
         tracing::info!(
             count = pending.len(),
             "delivering decisions committed before the restart"
         );
     }
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(EMIT_IN_FLIGHT));
     let pending = pending.into_iter().map(|(decision, grant)| Handed {
         decision,
         grant,
         durable: Durable::committed(),
     });
     for batch in crate::parts::in_parts(pending, EMIT_BATCH) {
-        emit_batch(&identity, &streams, changelog, batch).await;
+        emit_batch(&identity, &streams, &changelog, &in_flight, batch).await;
     }
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
@@ -246,25 +254,113 @@ pub async fn run(
                 Err(_) => break,
             }
         }
-        emit_batch(&identity, &streams, changelog, batch).await;
+        emit_batch(&identity, &streams, &changelog, &in_flight, batch).await;
     }
+    // Every commit in flight has ended once all the permits are back.
+    let _ = in_flight.acquire_many(EMIT_IN_FLIGHT as u32).await;
 }
 
 /// How long a batch's SETs are retried when they cannot be queued.
 const QUEUE_RETRY_FOR: Duration = Duration::from_secs(60);
 
+/// A batch's SETs and hand-off marks, as queued (and queued again if their commit fails).
+struct Queueing {
+    items: Vec<(String, Outgoing)>,
+    handed: Vec<String>,
+    /// Cluster mode: the hand-off rows' tombstones for the state topic.
+    taken_over: Vec<ChangeRecord>,
+}
+
 async fn emit_batch(
     identity: &Arc<Identity>,
-    streams: &StreamStore,
-    changelog: Option<&dyn Changelog>,
+    streams: &Arc<StreamStore>,
+    changelog: &Option<Arc<dyn Changelog>>,
+    in_flight: &Arc<tokio::sync::Semaphore>,
     batch: Vec<Handed>,
 ) {
+    let Some(queueing) = sign_durable(identity, streams, batch).await else {
+        return;
+    };
+    let Ok(permit) = in_flight.clone().acquire_owned().await else {
+        return;
+    };
+    let Some(enqueued) = queue_with_retries(streams, &queueing).await else {
+        return;
+    };
+    let (streams, changelog) = (streams.clone(), changelog.clone());
+    tokio::spawn(async move {
+        let committed = match enqueued.committed(&streams).await {
+            Ok(()) => true,
+            Err(e) => {
+                // Queued again, after whatever was queued since: a failed commit is the rare
+                // case, and each SET's `jti` and `event_timestamp` still say what it is.
+                metrics::counter!(crate::telemetry::EMIT_ERRORS).increment(1);
+                tracing::warn!(error = %e, decisions = queueing.handed.len(), "SETs not committed; queueing them again");
+                match queue_with_retries(&streams, &queueing).await {
+                    Some(again) => again.committed(&streams).await.is_ok(),
+                    None => false,
+                }
+            }
+        };
+        drop(permit);
+        if let (Some(changelog), true, false) =
+            (changelog, committed, queueing.taken_over.is_empty())
+        {
+            // Not awaited: a tombstone lost means the next owner queues the SETs again, with the
+            // same `jti`s.
+            let appended = changelog.append(queueing.taken_over, &[]);
+            tokio::spawn(async move {
+                if !matches!(appended.await, Ok(Ok(()))) {
+                    tracing::warn!("hand-off rows not deleted from the state topic; the next owner may send their SETs again");
+                }
+            });
+        }
+    });
+}
+
+/// Queues a batch's SETs, or retries for a while: in cluster mode the outbox topic may be out of
+/// reach for a moment (the brokers). Batches queue behind in order; decisions never queued stay
+/// in the hand-off and are delivered after the next start (or by the partition's next owner).
+async fn queue_with_retries(
+    streams: &StreamStore,
+    queueing: &Queueing,
+) -> Option<super::streams::Enqueued> {
+    let decisions = queueing.handed.len();
+    let mut wait = Duration::from_millis(100);
+    let give_up = tokio::time::Instant::now() + QUEUE_RETRY_FOR;
+    loop {
+        match streams
+            .start_enqueue(queueing.items.clone(), queueing.handed.clone())
+            .await
+        {
+            Ok(enqueued) => return Some(enqueued),
+            Err(e) => {
+                metrics::counter!(crate::telemetry::EMIT_ERRORS).increment(1);
+                if tokio::time::Instant::now() + wait > give_up {
+                    tracing::error!(error = %e, decisions, "could not queue SETs; the decisions stay pending");
+                    return None;
+                }
+                tracing::warn!(error = %e, decisions, "could not queue SETs; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Signs the SETs of a batch's decisions while their commit is written and keeps those of the
+/// decisions that became durable; `None` when there is nothing to queue.
+async fn sign_durable(
+    identity: &Arc<Identity>,
+    streams: &StreamStore,
+    batch: Vec<Handed>,
+) -> Option<Queueing> {
     let batch: Vec<Handed> = batch
         .into_iter()
         .filter(|h| h.decision.reaches_enforcement_points())
         .collect();
     if batch.is_empty() {
-        return;
+        return None;
     }
     let live = streams.live();
     // Signing is CPU work (an RSA signature is ≈ 1 ms): off the async workers, over the cores,
@@ -289,12 +385,12 @@ async fn emit_batch(
                 decisions = batch.len(),
                 "signing failed; the decisions stay pending"
             );
-            return;
+            return None;
         }
         Err(e) => {
             metrics::counter!(crate::telemetry::EMIT_ERRORS).increment(1);
             tracing::error!(error = %e, "signing failed; the decisions stay pending");
-            return;
+            return None;
         }
     };
     let items: Vec<(String, Outgoing)> = items
@@ -328,39 +424,13 @@ async fn emit_batch(
         .map(|h| crate::engine::handoff_key(&h.decision))
         .collect();
     if handed.is_empty() {
-        return;
+        return None;
     }
-    let decisions = handed.len();
-    // Queued, or retried for a while: in cluster mode the outbox topic may be out of reach for a
-    // moment (the brokers). Decisions queue behind in order; ones never queued stay in the
-    // hand-off and are delivered after the next start (or by the partition's next owner).
-    let mut wait = Duration::from_millis(100);
-    let give_up = tokio::time::Instant::now() + QUEUE_RETRY_FOR;
-    loop {
-        match streams.enqueue(items.clone(), handed.clone()).await {
-            Ok(()) => break,
-            Err(e) => {
-                metrics::counter!(crate::telemetry::EMIT_ERRORS).increment(1);
-                if tokio::time::Instant::now() + wait > give_up {
-                    tracing::error!(error = %e, decisions, "could not queue SETs; the decisions stay pending");
-                    return;
-                }
-                tracing::warn!(error = %e, decisions, "could not queue SETs; retrying");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-    if let (Some(changelog), false) = (changelog, taken_over.is_empty()) {
-        // Not awaited: a tombstone lost means the next owner queues the SETs again, with the
-        // same `jti`s.
-        let appended = changelog.append(taken_over, &[]);
-        tokio::spawn(async move {
-            if !matches!(appended.await, Ok(Ok(()))) {
-                tracing::warn!("hand-off rows not deleted from the state topic; the next owner may send their SETs again");
-            }
-        });
-    }
+    Some(Queueing {
+        items,
+        handed,
+        taken_over,
+    })
 }
 
 /// Every SET the batch's decisions call for, in decision order, then stream order, each with the
@@ -462,6 +532,135 @@ mod tests {
                 "{alg:?}: signed again, a different SET"
             );
         }
+    }
+
+    /// Decisions flowing through [`super::run`] in many small batches, several batches' commits in
+    /// flight at once, reach the outbox in decision order — those pending from before a restart
+    /// first — and `run` returns only once every one of their writes is on disk.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pipelined_batches_reach_the_outbox_in_order_and_are_all_committed_at_the_end() {
+        use crate::clock::Clock;
+        use crate::decision::DecisionEffect;
+        use crate::engine::{Durable, Handed};
+        use crate::jose::Alg;
+        use crate::transmitter::streams::{new_stream, StreamStore};
+        use crate::transmitter::Identity;
+        use redb::{ReadableTableMetadata, TableDefinition};
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::open(dir.path()).unwrap();
+        let (writer, _thread) = crate::store::BatchWriter::start(db.clone(), "state", 16).unwrap();
+        let clock = Clock::manual(1_700_000_000_000);
+        let streams =
+            Arc::new(StreamStore::open(db.clone(), writer.clone(), clock.clone()).unwrap());
+        let body = serde_json::json!({}).as_object().cloned().unwrap();
+        let stream = new_stream(&body, "ep", "https://vigil", "ep-aud", "https://vigil").unwrap();
+        let stream_id = stream.stream_id.clone();
+        streams.put(stream).await.unwrap();
+        let identity =
+            Identity::load_or_create(&dir.path().join("keys"), &[Alg::EdDSA], 3600, clock).unwrap();
+        let grant = Arc::new(
+            serde_json::from_value::<crate::grant::GrantRequest>(serde_json::json!({
+                "id": "g", "kind": "session", "subject": {"format": "email", "email": "u@example.com"},
+                "issued_at": 10.0, "expires_at": 3600.0}))
+            .unwrap()
+            .into_grant("email:u@example.com".into(), 10.0)
+            .unwrap(),
+        );
+        let made = |i: usize| {
+            let mut d = decision(DecisionEffect::Revoke, 1_699_999_000.0 + i as f64);
+            d.id = format!("d{i:05}");
+            d
+        };
+        let (before, live) = (5, 3 * super::EMIT_BATCH + 10);
+        let pending = (0..before).map(|i| (made(i), grant.clone())).collect();
+        // A small channel: batches of a few decisions each, many of them in flight.
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let sender = tokio::spawn({
+            let grant = grant.clone();
+            async move {
+                for i in before..before + live {
+                    let handed = Handed {
+                        decision: made(i),
+                        grant: grant.clone(),
+                        durable: Durable::committed(),
+                    };
+                    tx.send(handed).await.unwrap();
+                }
+            }
+        });
+        super::run(rx, Arc::new(identity), streams.clone(), pending, None).await;
+        sender.await.unwrap();
+        let (queued, more) = streams.outstanding(&stream_id, usize::MAX).unwrap();
+        assert!(!more);
+        let jtis: Vec<String> = queued.into_iter().map(|(_, o)| o.jti).collect();
+        let expected: Vec<String> = (0..before + live)
+            .map(|i| super::decision_jti(&format!("d{i:05}"), &stream_id))
+            .collect();
+        assert_eq!(jtis, expected);
+        // On disk, not only staged for the deliverers.
+        let txn = db.begin_read().unwrap();
+        let outbox = txn
+            .open_table(TableDefinition::<&str, &[u8]>::new("tx_outbox"))
+            .unwrap();
+        assert_eq!(outbox.len().unwrap(), (before + live) as u64);
+        drop((outbox, txn));
+
+        // With the store's writer held, batches are queued and handed to the deliverers, but
+        // `run` does not end before their commits do.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let holding = writer
+            .queue(move |_| {
+                let _ = held.recv();
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let more = 300;
+        let pending = (0..more)
+            .map(|i| (made(100_000 + i), grant.clone()))
+            .collect();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        drop(tx);
+        let running = tokio::spawn(super::run(
+            rx,
+            Arc::new(
+                Identity::load_or_create(
+                    &dir.path().join("keys"),
+                    &[Alg::EdDSA],
+                    3600,
+                    Clock::manual(1_700_000_000_000),
+                )
+                .unwrap(),
+            ),
+            streams.clone(),
+            pending,
+            None,
+        ));
+        let all = before + live + more;
+        for _ in 0..500 {
+            if streams.outstanding(&stream_id, usize::MAX).unwrap().0.len() == all {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            streams.outstanding(&stream_id, usize::MAX).unwrap().0.len(),
+            all
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(
+            !running.is_finished(),
+            "run ended with its commits in flight"
+        );
+        release.send(()).unwrap();
+        holding.wait().await.unwrap();
+        running.await.unwrap();
+        let txn = db.begin_read().unwrap();
+        let outbox = txn
+            .open_table(TableDefinition::<&str, &[u8]>::new("tx_outbox"))
+            .unwrap();
+        assert_eq!(outbox.len().unwrap(), all as u64);
     }
 
     /// A decision of `effect` about grant `g` of `u@example.com`, made at `time`.

@@ -355,6 +355,31 @@ pub struct Replayed {
     pub skipped: usize,
 }
 
+/// SETs queued by [`StreamStore::start_enqueue`] whose commit may still be in flight.
+#[must_use = "the SETs stay staged until `committed` is awaited"]
+pub struct Enqueued {
+    written: Option<crate::store::PendingWrite<()>>,
+    /// Their outbox keys, staged for the deliverers until the commit ends.
+    staged: Vec<String>,
+    sets: usize,
+}
+
+impl Enqueued {
+    /// Waits for the commit. Committed: the rows are in the table. Failed: the decisions stay in
+    /// the hand-off and their SETs are queued again (same `jti`s) by the caller's retry or the
+    /// next start.
+    pub async fn committed(self, store: &StreamStore) -> Result<(), StreamError> {
+        let Some(written) = self.written else {
+            return Ok(());
+        };
+        let written = written.wait().await;
+        store.unstage(&self.staged);
+        written?;
+        metrics::counter!(crate::telemetry::SETS_EMITTED).increment(self.sets as u64);
+        Ok(())
+    }
+}
+
 /// Dead letters replayed per transaction: a replay of `delivery.max_dead_letters` holds a
 /// chunk's SETs in memory at a time, and the writer's other work waits for a chunk, not for all.
 const REPLAY_CHUNK: usize = 256;
@@ -950,34 +975,56 @@ impl StreamStore {
 
     /// Queues SETs durably: `(stream_id, Outgoing)` pairs, in order. `handed_over` are the hand-off
     /// keys (`engine::handoff_key`) of the decisions these SETs come from: they are marked taken
-    /// over in the same transaction.
+    /// over in the same transaction. Resolves once that is on disk.
     pub async fn enqueue(
         &self,
         items: Vec<(String, Outgoing)>,
         handed_over: Vec<String>,
     ) -> Result<(), StreamError> {
+        self.start_enqueue(items, handed_over)
+            .await?
+            .committed(self)
+            .await
+    }
+
+    /// [`StreamStore::enqueue`] up to the moment its write is queued — after which the SETs are
+    /// in order with everything queued later and their deliverers have them — leaving the wait
+    /// for the commit to [`Enqueued::committed`]: a caller can queue the next SETs meanwhile, so
+    /// queueing is not held to one commit at a time.
+    pub async fn start_enqueue(
+        &self,
+        items: Vec<(String, Outgoing)>,
+        handed_over: Vec<String>,
+    ) -> Result<Enqueued, StreamError> {
+        let sets = items.len();
         if items.is_empty() && handed_over.is_empty() {
-            return Ok(());
+            return Ok(Enqueued {
+                written: None,
+                staged: Vec::new(),
+                sets,
+            });
         }
         if let Some(shared) = self.shared.get() {
             // The SETs go to their streams' deliverers through the outbox topic; only the hand-off
             // is this instance's to mark.
             let records = items
-                .iter()
+                .into_iter()
                 .map(|(stream, out)| OutboxRecord {
-                    stream: stream.clone(),
+                    stream,
                     jti: out.jti.clone(),
-                    entry: Some(OutboxEntry::Pending {
-                        outgoing: out.clone(),
-                    }),
+                    entry: Some(OutboxEntry::Pending { outgoing: out }),
                 })
                 .collect();
             shared.queue(records).await.map_err(StreamError::Storage)?;
-            self.writer
-                .write(move |txn| crate::engine::handoff_done_in(txn, &handed_over))
+            let written = self
+                .writer
+                .queue(move |txn| crate::engine::handoff_done_in(txn, &handed_over))
                 .await?;
-            metrics::counter!(crate::telemetry::SETS_EMITTED).increment(items.len() as u64);
-            return Ok(());
+            return Ok(Enqueued {
+                written: Some(written),
+                staged: Vec::new(),
+                sets,
+            });
         }
         let mut rows = Vec::with_capacity(items.len());
         for (stream, out) in &items {
@@ -1007,13 +1054,11 @@ impl StreamStore {
         for (stream, _) in &items {
             self.notify(stream);
         }
-        let written = written.wait().await;
-        // Committed: the rows are in the table. Failed: the decisions stay in the hand-off and
-        // their SETs are queued again (same `jti`s) by the caller's retry or the next start.
-        self.unstage(&keys);
-        written?;
-        metrics::counter!(crate::telemetry::SETS_EMITTED).increment(items.len() as u64);
-        Ok(())
+        Ok(Enqueued {
+            written: Some(written),
+            staged: keys,
+            sets,
+        })
     }
 
     fn staged(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Outgoing>> {
