@@ -1847,25 +1847,31 @@ mod tests {
             .unwrap();
     }
 
-    /// Past `max_dead_letters`, the enforcement point holding the most dead letters loses its
-    /// own oldest: one whose backlog all went to the dead letters does not age out another's.
-    /// Age goes first, for everyone; a deleted stream's letters form one party of their own.
+    /// A store on a manual clock with one stream per owner (each owner is its stream's
+    /// enforcement point), and the streams' ids in the owners' order.
+    async fn store_with_streams(
+        owners: &[&str],
+    ) -> (tempfile::TempDir, StreamStore, Clock, Vec<String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::open(dir.path()).unwrap();
+        let (writer, _thread) = crate::store::BatchWriter::start(db.clone(), "state", 16).unwrap();
+        let clock = Clock::manual(1_000_000);
+        let store = StreamStore::open(db, writer, clock.clone()).unwrap();
+        let mut ids = Vec::new();
+        for owner in owners {
+            let s = new_stream(&Map::new(), owner, "https://vigil", owner, "http://v").unwrap();
+            ids.push(s.stream_id.clone());
+            store.put(s).await.unwrap();
+        }
+        (dir, store, clock, ids)
+    }
+
     /// The listing pages through every dead letter in order from cursor to cursor, one stream's
     /// alone when asked; a replay puts back, in chunks, only letters a stream can still deliver —
     /// not a deleted or disabled stream's — under their old keys, so the stream's order is kept.
     #[tokio::test]
     async fn dead_letters_page_by_cursor_and_replay_only_into_streams_that_deliver() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = crate::store::open(dir.path()).unwrap();
-        let (writer, _thread) = crate::store::BatchWriter::start(db.clone(), "state", 16).unwrap();
-        let clock = Clock::manual(1_000_000);
-        let store = StreamStore::open(db.clone(), writer, clock.clone()).unwrap();
-        let mut ids = Vec::new();
-        for owner in ["live", "off", "gone"] {
-            let s = new_stream(&Map::new(), owner, "https://vigil", owner, "http://v").unwrap();
-            ids.push(s.stream_id.clone());
-            store.put(s).await.unwrap();
-        }
+        let (_dir, store, clock, ids) = store_with_streams(&["live", "off", "gone"]).await;
         let (live, off, gone) = (ids[0].clone(), ids[1].clone(), ids[2].clone());
         // More than two replay chunks for the live stream; letters die in pairs at one instant,
         // so the order within an instant (stream, then `jti`) counts too.
@@ -1960,19 +1966,12 @@ mod tests {
         assert_eq!(store.replay_dead_letters(None).await.unwrap().replayed, 0);
     }
 
+    /// Past `max_dead_letters`, the enforcement point holding the most dead letters loses its
+    /// own oldest: one whose backlog all went to the dead letters does not age out another's.
+    /// Age goes first, for everyone; a deleted stream's letters form one party of their own.
     #[tokio::test]
     async fn dead_letters_past_the_bound_are_the_noisiest_enforcement_points_oldest() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = crate::store::open(dir.path()).unwrap();
-        let (writer, _thread) = crate::store::BatchWriter::start(db.clone(), "state", 16).unwrap();
-        let clock = Clock::manual(1_000_000);
-        let store = StreamStore::open(db.clone(), writer, clock.clone()).unwrap();
-        let mut ids = Vec::new();
-        for owner in ["quiet", "noisy", "gone"] {
-            let s = new_stream(&Map::new(), owner, "https://vigil", owner, "http://v").unwrap();
-            ids.push(s.stream_id.clone());
-            store.put(s).await.unwrap();
-        }
+        let (_dir, store, clock, ids) = store_with_streams(&["quiet", "noisy", "gone"]).await;
         let (quiet, noisy, gone) = (&ids[0], &ids[1], &ids[2]);
         let mut n = 0;
         let mut letter = |stream: &str| {
