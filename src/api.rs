@@ -30,7 +30,7 @@ use crate::check::{self, CheckRequest, CheckResult, Verdict};
 use crate::engine::{Engine, EngineError};
 use crate::grant::{GrantRequest, GrantStatus};
 use crate::reload::PolicyReloader;
-use crate::transmitter::streams::{DeadLetter, DeadLetterPosition};
+use crate::transmitter::streams::{DeadLetter, DeadLetterPosition, Replayed};
 
 pub struct ApiState {
     pub identity: Arc<crate::transmitter::Identity>,
@@ -1106,14 +1106,6 @@ struct DeadLetterList {
     next: Option<String>,
 }
 
-/// Another instance's `/v1/deadletters/replay` answer.
-#[derive(Deserialize)]
-struct ReplayAnswer {
-    replayed: usize,
-    #[serde(default)]
-    skipped: usize,
-}
-
 /// Puts dead letters — `stream_id`'s alone if given — back into their streams' outboxes;
 /// `skipped` counts those left because their stream was deleted or is disabled.
 pub async fn replay_dead_letters(
@@ -1126,7 +1118,17 @@ pub async fn replay_dead_letters(
         Ok(q) => q,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()),
     };
-    let mut done = match s.streams.replay_dead_letters(q.stream_id.as_deref()).await {
+    // Every dead letter's head read: off the runtime's threads.
+    let streams = s.streams.clone();
+    let chosen =
+        tokio::task::spawn_blocking(move || streams.dead_letters_to_replay(q.stream_id.as_deref()))
+            .await;
+    let replayed = match chosen {
+        Ok(Ok(chosen)) => s.streams.replay_dead_letters(chosen).await,
+        Ok(Err(e)) => Err(e),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    };
+    let mut done = match replayed {
         Ok(done) => done,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
     };
@@ -1136,12 +1138,12 @@ pub async fn replay_dead_letters(
     };
     if let Some(answers) = from_every_other(&s, &headers, reqwest::Method::POST, &call).await {
         for answer in answers.into_iter().flatten() {
-            let answer: ReplayAnswer = answer;
+            let answer: Replayed = answer;
             done.replayed = done.replayed.saturating_add(answer.replayed);
             done.skipped = done.skipped.saturating_add(answer.skipped);
         }
     }
-    Json(json!({"replayed": done.replayed, "skipped": done.skipped})).into_response()
+    Json(done).into_response()
 }
 
 pub async fn rotate_key(State(s): State<Arc<ApiState>>) -> Response {

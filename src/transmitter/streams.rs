@@ -345,14 +345,21 @@ pub struct DeadLetterPage {
     pub more: bool,
 }
 
-/// What a replay did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// What a replay did (also its answer, `POST /v1/deadletters/replay`, and another instance's).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Replayed {
     /// Put back into their streams' outboxes.
     pub replayed: usize,
     /// Left where they are: their stream was deleted or is disabled (it holds nothing, SSF
     /// §8.1.2), so nothing would ever deliver them; they go with the dead letters' age.
+    #[serde(default)]
     pub skipped: usize,
+}
+
+/// The dead letters a replay is to put back ([`StreamStore::dead_letters_to_replay`]).
+pub struct ToReplay {
+    keys: Vec<String>,
+    skipped: usize,
 }
 
 /// SETs queued by [`StreamStore::start_enqueue`] whose commit may still be in flight.
@@ -1602,28 +1609,38 @@ impl StreamStore {
         Ok(out)
     }
 
-    /// Puts the dead letters of `stream` (of every stream when `None`) back into their streams'
-    /// outboxes, under their old keys so each stream's order is kept, [`REPLAY_CHUNK`] to a
-    /// transaction. A letter whose stream was deleted or is disabled stays (skipped): put back, it
-    /// would sit in an outbox nothing reads or removes.
-    pub async fn replay_dead_letters(&self, stream: Option<&str>) -> Result<Replayed, StreamError> {
-        let mut done = Replayed::default();
-        let keys: Vec<String> = {
-            let streams = self.read();
-            let mut keys = Vec::new();
-            for (key, head) in self.dead_letter_heads()? {
-                let Some(head) = head else { continue };
-                if stream.is_some_and(|s| s != head.stream_id) {
-                    continue;
-                }
-                match streams.get(&head.stream_id) {
-                    Some(s) if s.status != StreamStatus::Disabled => keys.push(key),
-                    _ => done.skipped += 1,
-                }
-            }
-            keys
+    /// Which dead letters of `stream` (of every stream when `None`) a replay puts back: a letter
+    /// whose stream was deleted or is disabled stays (skipped) — put back, it would sit in an
+    /// outbox nothing reads or removes. Reads every row's head (up to `delivery.max_dead_letters`):
+    /// call it off the runtime's threads.
+    pub fn dead_letters_to_replay(&self, stream: Option<&str>) -> Result<ToReplay, StreamError> {
+        let heads = self.dead_letter_heads()?;
+        let streams = self.read();
+        let mut chosen = ToReplay {
+            keys: Vec::new(),
+            skipped: 0,
         };
-        for chunk in in_parts(keys, REPLAY_CHUNK) {
+        for (key, head) in heads {
+            let Some(head) = head else { continue };
+            if stream.is_some_and(|s| s != head.stream_id) {
+                continue;
+            }
+            match streams.get(&head.stream_id) {
+                Some(s) if s.status != StreamStatus::Disabled => chosen.keys.push(key),
+                _ => chosen.skipped += 1,
+            }
+        }
+        Ok(chosen)
+    }
+
+    /// Puts the chosen dead letters back into their streams' outboxes, under their old keys so
+    /// each stream's order is kept, [`REPLAY_CHUNK`] to a transaction.
+    pub async fn replay_dead_letters(&self, chosen: ToReplay) -> Result<Replayed, StreamError> {
+        let mut done = Replayed {
+            replayed: 0,
+            skipped: chosen.skipped,
+        };
+        for chunk in in_parts(chosen.keys, REPLAY_CHUNK) {
             done.replayed += self.replay_chunk(chunk).await?;
         }
         Ok(done)
@@ -1936,7 +1953,8 @@ mod tests {
         assert_eq!(DeadLetterPosition::from_cursor("not a cursor"), None);
 
         // One stream's replay: the disabled stream's letters stay.
-        let done = store.replay_dead_letters(Some(&off)).await.unwrap();
+        let replay = |stream: Option<&str>| store.dead_letters_to_replay(stream).unwrap();
+        let done = store.replay_dead_letters(replay(Some(&off))).await.unwrap();
         assert_eq!(
             done,
             Replayed {
@@ -1945,7 +1963,7 @@ mod tests {
             }
         );
         // All: the live stream's go back, in their order; the others stay.
-        let done = store.replay_dead_letters(None).await.unwrap();
+        let done = store.replay_dead_letters(replay(None)).await.unwrap();
         let lives = all - offs - gones;
         assert_eq!(
             done,
@@ -1963,7 +1981,14 @@ mod tests {
         let left = store.dead_letter_page(None, None, 1000).unwrap();
         assert_eq!(left.total, offs + gones);
         assert!(left.letters.iter().all(|d| d.stream_id != live));
-        assert_eq!(store.replay_dead_letters(None).await.unwrap().replayed, 0);
+        assert_eq!(
+            store
+                .replay_dead_letters(replay(None))
+                .await
+                .unwrap()
+                .replayed,
+            0
+        );
     }
 
     /// Past `max_dead_letters`, the enforcement point holding the most dead letters loses its
