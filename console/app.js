@@ -328,7 +328,8 @@
           try {
             const r = await api("/v1/deadletters/replay", { method: "POST", body: {} });
             main.append(el("p", { class: "ok" }, "Queued again: " + r.replayed +
-              (r.skipped ? `; ${r.skipped} left (their stream was deleted or is disabled)` : "")));
+              (r.skipped ? `; ${r.skipped} left (their stream was deleted or is disabled)` : "") +
+              (r.deferred ? `; ${r.deferred} deferred (their stream's outbox is full: replay again once its receiver has read)` : "")));
           } catch (e) {
             main.append(failure(e));
           }

@@ -9,8 +9,8 @@
 //! | `GET /v1/subjects/{key}` | 200 context, grants, recent signals and decisions ("why"); 404 |
 //! | `POST /v1/check` | 200 `{decision: allow \| deny, status, reason, grants}` from live state |
 //! | `GET /v1/check/auth_request` | nginx `auth_request`: 200 allow, 401 unknown, 403 denied |
-//! | `GET /v1/deadletters?limit=` | 200 `{dead_letters, total}`: the oldest SETs that could not be delivered, with the error |
-//! | `POST /v1/deadletters/replay` | 200 `{replayed: n}`: back into their streams' outboxes, in order |
+//! | `GET /v1/deadletters?limit=&stream_id=&after=` | 200 `{dead_letters, total, next}`: the SETs that could not be delivered, oldest first, with the error; `next` is the following page's `after` |
+//! | `POST /v1/deadletters/replay?stream_id=` | 200 `{replayed, skipped, deferred}`: back into their streams' outboxes, in order, as far as each has room |
 //! | `POST /v1/keys/rotate` | 200 `{kid}`: a new signing key; the old one stays in the JWKS for the retention |
 //!
 //! The policy routes (`/v1/policies*`) are in [`crate::policy_api`].
@@ -54,6 +54,8 @@ pub struct ApiState {
     /// Where access decision records go (AuthZEN), and the share of permits recorded.
     pub access_log: crate::engine::AccessLog,
     pub access_sample_rate: f64,
+    /// `delivery.max_outbox_per_stream`: a dead-letter replay fills a stream's outbox no further.
+    pub max_outbox_per_stream: usize,
 }
 
 use crate::error_body::error;
@@ -1107,7 +1109,8 @@ struct DeadLetterList {
 }
 
 /// Puts dead letters — `stream_id`'s alone if given — back into their streams' outboxes;
-/// `skipped` counts those left because their stream was deleted or is disabled.
+/// `skipped` counts those left because their stream was deleted or is disabled, `deferred` those
+/// left because their stream's outbox is full (`delivery.max_outbox_per_stream`).
 pub async fn replay_dead_letters(
     State(s): State<Arc<ApiState>>,
     headers: HeaderMap,
@@ -1119,10 +1122,11 @@ pub async fn replay_dead_letters(
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()),
     };
     // Every dead letter's head read: off the runtime's threads.
-    let streams = s.streams.clone();
-    let chosen =
-        tokio::task::spawn_blocking(move || streams.dead_letters_to_replay(q.stream_id.as_deref()))
-            .await;
+    let (streams, max_outbox) = (s.streams.clone(), s.max_outbox_per_stream);
+    let chosen = tokio::task::spawn_blocking(move || {
+        streams.dead_letters_to_replay(q.stream_id.as_deref(), max_outbox)
+    })
+    .await;
     let replayed = match chosen {
         Ok(Ok(chosen)) => s.streams.replay_dead_letters(chosen).await,
         Ok(Err(e)) => Err(e),
@@ -1141,6 +1145,7 @@ pub async fn replay_dead_letters(
             let answer: Replayed = answer;
             done.replayed = done.replayed.saturating_add(answer.replayed);
             done.skipped = done.skipped.saturating_add(answer.skipped);
+            done.deferred = done.deferred.saturating_add(answer.deferred);
         }
     }
     Json(done).into_response()

@@ -600,6 +600,7 @@ impl Vigil {
             signal_history,
             access_log: crate::engine::AccessLog::start(audit_for_access),
             access_sample_rate: config.authzen.audit_sample_rate,
+            max_outbox_per_stream: config.delivery.max_outbox_per_stream,
         });
         // Streams kept at transmitters. In cluster mode each runs on exactly one instance — the
         // owner of its transmitter's partition — and moves with it; every instance accepts the

@@ -272,7 +272,10 @@ async fn revocations_are_pushed_in_order_through_errors_outages_and_a_restart() 
     );
     let (code, replayed) = post_json(&vigil, "/v1/deadletters/replay", &json!({})).await;
     assert_eq!(code, 200, "{replayed}");
-    assert_eq!(replayed, json!({"replayed": 1, "skipped": 0}));
+    assert_eq!(
+        replayed,
+        json!({"replayed": 1, "skipped": 0, "deferred": 0})
+    );
     eventually("the replayed SET delivered", || async {
         (receiver.received.lock().unwrap().len() == 5).then_some(())
     })
@@ -391,7 +394,8 @@ async fn retries_and_dead_letters_follow_the_injected_clock() {
 /// What waits for an enforcement point is bounded: a poll stream's outbox keeps at most
 /// `max_outbox_per_stream` SETs (the oldest go to the dead letters); a stream nobody reads for
 /// `unread_pause_after_secs` is paused, with a stream-updated SET queued; SETs older than
-/// `dead_letter_after_secs` leave even a paused stream's outbox; dead letters go after
+/// `dead_letter_after_secs` leave even a paused stream's outbox; a replay puts back no more than
+/// the outbox's bound, and what it puts back waits from the replay; dead letters go after
 /// `dead_letter_retention_secs`. Ages follow the injected clock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unread_poll_stream_is_paused_and_its_backlog_bounded() {
@@ -536,6 +540,54 @@ async fn an_unread_poll_stream_is_paused_and_its_backlog_bounded() {
         let (code, body) = get_json(&vigil, &format!("/v1/deadletters?{bad}")).await;
         assert_eq!(code, 400, "{bad}: {body}");
     }
+    // A replay fills the (paused) stream's outbox up to its bound of three, oldest first; the
+    // rest wait in the dead letters.
+    let (code, replayed) = post_json(&vigil, "/v1/deadletters/replay", &json!({})).await;
+    assert_eq!(code, 200, "{replayed}");
+    assert_eq!(
+        replayed,
+        json!({"replayed": 3, "skipped": 0, "deferred": 3})
+    );
+    let back: Vec<&str> = paged[..3]
+        .iter()
+        .map(|d| d["outgoing"]["jti"].as_str().unwrap())
+        .collect();
+    let (_, left) = get_json(&vigil, "/v1/deadletters").await;
+    let left_jtis = |page: &Value| -> Vec<String> {
+        page["dead_letters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["outgoing"]["jti"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert!(left_jtis(&left).iter().all(|j| !back.contains(&j.as_str())));
+    // The three put back were queued over an hour ago, yet wait from their replay: half an hour
+    // on, sweeps leave them where they are.
+    clock.advance(std::time::Duration::from_secs(1800));
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(dead().await.len(), 3, "replayed SETs swept back as too old");
+    let (code, replayed) = post_json(&vigil, "/v1/deadletters/replay", &json!({})).await;
+    assert_eq!(
+        (code, replayed),
+        (200, json!({"replayed": 0, "skipped": 0, "deferred": 3})),
+        "the outbox is full"
+    );
+    // Two hours later the deferred letters are past their retention and dropped, and the three
+    // replayed ones — unread for over an hour since their replay — are dead letters again.
+    clock.advance(std::time::Duration::from_secs(7201));
+    eventually(
+        "the replayed SETs dead again, the others dropped",
+        || async {
+            let (_, page) = get_json(&vigil, "/v1/deadletters").await;
+            let mut jtis = left_jtis(&page);
+            jtis.sort();
+            let mut want: Vec<String> = back.iter().map(|j| (*j).to_owned()).collect();
+            want.sort();
+            (jtis == want).then_some(())
+        },
+    )
+    .await;
     // And two hours after that, the dead letters are gone.
     clock.advance(std::time::Duration::from_secs(7201));
     eventually("old dead letters dropped", || async {

@@ -135,6 +135,7 @@ fn signed(
         jti,
         set,
         queued_at_ms: identity.clock().now_ms(),
+        replayed_at_ms: None,
     })
 }
 

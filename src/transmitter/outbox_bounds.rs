@@ -96,11 +96,12 @@ pub async fn sweep(
             swept.paused += 1;
         }
         for (key, outgoing) in overflow {
-            let why = if outgoing.queued_at_ms < now.saturating_sub(bounds.dead_letter_after_ms) {
-                "not read or delivered within delivery.dead_letter_after_secs"
-            } else {
-                "the stream's outbox is over delivery.max_outbox_per_stream"
-            };
+            let why =
+                if outgoing.waiting_since_ms() < now.saturating_sub(bounds.dead_letter_after_ms) {
+                    "not read or delivered within delivery.dead_letter_after_secs"
+                } else {
+                    "the stream's outbox is over delivery.max_outbox_per_stream"
+                };
             streams.dead_letter(&id, &key, outgoing, why.into()).await?;
             metrics::counter!(crate::telemetry::OUTBOX_DEAD_LETTERED).increment(1);
             swept.dead_lettered += 1;

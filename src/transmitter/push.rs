@@ -245,7 +245,10 @@ impl Worker {
             }
             for (key, out) in batch {
                 let age = Duration::from_millis(
-                    s.clock.now_ms().saturating_sub(out.queued_at_ms).max(0) as u64,
+                    s.clock
+                        .now_ms()
+                        .saturating_sub(out.waiting_since_ms())
+                        .max(0) as u64,
                 );
                 let result = {
                     let _turn = self

@@ -127,6 +127,18 @@ pub struct Outgoing {
     pub set: String,
     /// Milliseconds since the epoch when it was queued (for delivery latency).
     pub queued_at_ms: i64,
+    /// When an operator last put it back from the dead letters. Its time to be delivered runs
+    /// from then: counted from `queued_at_ms`, a SET that died of age went straight back to the
+    /// dead letters at the next sweep (or push attempt) after its replay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replayed_at_ms: Option<i64>,
+}
+
+impl Outgoing {
+    /// Since when it has been waiting to be delivered: its queueing, or its latest replay.
+    pub fn waiting_since_ms(&self) -> i64 {
+        self.replayed_at_ms.unwrap_or(self.queued_at_ms)
+    }
 }
 
 /// Why a stream operation failed; mapped to SSF §8 status codes by the HTTP layer.
@@ -354,12 +366,18 @@ pub struct Replayed {
     /// §8.1.2), so nothing would ever deliver them; they go with the dead letters' age.
     #[serde(default)]
     pub skipped: usize,
+    /// Left where they are for now: their stream's outbox is at `delivery.max_outbox_per_stream`
+    /// (put back, the next sweep would move them, or the stream's oldest, to the dead letters
+    /// again). A replay once its receiver has read puts them back.
+    #[serde(default)]
+    pub deferred: usize,
 }
 
 /// The dead letters a replay is to put back ([`StreamStore::dead_letters_to_replay`]).
 pub struct ToReplay {
     keys: Vec<String>,
     skipped: usize,
+    deferred: usize,
 }
 
 /// SETs queued by [`StreamStore::start_enqueue`] whose commit may still be in flight.
@@ -480,21 +498,19 @@ impl StreamStore {
                 streams.insert(s.stream_id.clone(), s);
             }
         }
+        // Dead letters keep their outbox keys, and a replay puts them back under them: a number
+        // drawn again after a restart (the outbox emptied into the dead letters before it) would
+        // let a replayed SET overwrite the newer one given its key.
         let mut max_seq = 0;
-        for entry in txn
-            .open_table(OUTBOX)
-            .map_err(storage)?
-            .iter()
-            .map_err(storage)?
-        {
-            let (k, _) = entry.map_err(storage)?;
-            if let Some(seq) = k
-                .value()
-                .rsplit('\0')
-                .next()
-                .and_then(|s| s.parse::<u64>().ok())
+        for table in [OUTBOX, DEAD] {
+            for entry in txn
+                .open_table(table)
+                .map_err(storage)?
+                .iter()
+                .map_err(storage)?
             {
-                max_seq = max_seq.max(seq);
+                let (k, _) = entry.map_err(storage)?;
+                max_seq = max_seq.max(seq_of(k.value()));
             }
         }
         let subject_counts = dashmap::DashMap::new();
@@ -1456,8 +1472,9 @@ impl StreamStore {
             .or_insert_with(|| self.clock.now_ms())
     }
 
-    /// Of `id`'s outbox, oldest first: the SETs queued before `queued_before_ms`, and the oldest
-    /// beyond the newest `max` — what may no longer wait — with the outbox's length.
+    /// Of `id`'s outbox, oldest first: the SETs waiting since before `queued_before_ms` (queued,
+    /// or replayed from the dead letters, then), and the oldest beyond the newest `max` — what
+    /// may no longer wait — with the outbox's length.
     #[allow(clippy::type_complexity)]
     pub fn overflow(
         &self,
@@ -1483,9 +1500,15 @@ impl StreamStore {
             let Ok(o) = serde_json::from_slice::<Outgoing>(v.value()) else {
                 continue;
             };
-            // Oldest first: once one is young enough and within the cap, so are the rest.
-            if i >= excess && o.queued_at_ms >= queued_before_ms {
+            let young = o.waiting_since_ms() >= queued_before_ms;
+            // Oldest first: once one queued since is young enough and within the cap, so are the
+            // rest. A replayed SET keeps its old key but waits from its replay: young, it says
+            // nothing about the SETs after it.
+            if i >= excess && young && o.replayed_at_ms.is_none() {
                 break;
+            }
+            if i >= excess && young {
+                continue;
             }
             out.push((k.value().to_owned(), o));
         }
@@ -1611,22 +1634,45 @@ impl StreamStore {
 
     /// Which dead letters of `stream` (of every stream when `None`) a replay puts back: a letter
     /// whose stream was deleted or is disabled stays (skipped) — put back, it would sit in an
-    /// outbox nothing reads or removes. Reads every row's head (up to `delivery.max_dead_letters`):
-    /// call it off the runtime's threads.
-    pub fn dead_letters_to_replay(&self, stream: Option<&str>) -> Result<ToReplay, StreamError> {
-        let heads = self.dead_letter_heads()?;
+    /// outbox nothing reads or removes — and a stream gets back only as many, oldest first, as
+    /// its outbox has room for under `max_outbox` (the rest are deferred). Reads every row's
+    /// head (up to `delivery.max_dead_letters`): call it off the runtime's threads.
+    pub fn dead_letters_to_replay(
+        &self,
+        stream: Option<&str>,
+        max_outbox: usize,
+    ) -> Result<ToReplay, StreamError> {
+        let heads: Vec<(String, DeadLetterHead)> = self
+            .dead_letter_heads()?
+            .into_iter()
+            .filter_map(|(key, head)| Some((key, head?)))
+            .filter(|(_, head)| stream.is_none_or(|s| s == head.stream_id))
+            .collect();
+        // Each stream's room, counted before the streams' lock is taken.
+        let mut room: HashMap<&str, usize> = HashMap::new();
+        for (_, head) in &heads {
+            if !room.contains_key(head.stream_id.as_str()) {
+                let (waiting, _) = self.outstanding_count(&head.stream_id, max_outbox)?;
+                room.insert(&head.stream_id, max_outbox.saturating_sub(waiting));
+            }
+        }
         let streams = self.read();
         let mut chosen = ToReplay {
             keys: Vec::new(),
             skipped: 0,
+            deferred: 0,
         };
-        for (key, head) in heads {
-            let Some(head) = head else { continue };
-            if stream.is_some_and(|s| s != head.stream_id) {
-                continue;
-            }
+        for (key, head) in &heads {
             match streams.get(&head.stream_id) {
-                Some(s) if s.status != StreamStatus::Disabled => chosen.keys.push(key),
+                Some(s) if s.status != StreamStatus::Disabled => {
+                    match room.get_mut(head.stream_id.as_str()) {
+                        Some(left) if *left > 0 => {
+                            *left -= 1;
+                            chosen.keys.push(key.clone());
+                        }
+                        _ => chosen.deferred += 1,
+                    }
+                }
                 _ => chosen.skipped += 1,
             }
         }
@@ -1639,6 +1685,7 @@ impl StreamStore {
         let mut done = Replayed {
             replayed: 0,
             skipped: chosen.skipped,
+            deferred: chosen.deferred,
         };
         for chunk in in_parts(chosen.keys, REPLAY_CHUNK) {
             done.replayed += self.replay_chunk(chunk).await?;
@@ -1648,6 +1695,7 @@ impl StreamStore {
 
     /// Puts the dead letters under `keys` back (those still there) and says how many.
     async fn replay_chunk(&self, keys: Vec<String>) -> Result<usize, StreamError> {
+        let now = self.clock.now_ms();
         if let Some(shared) = self.shared.get() {
             // Back into the topic as pending, at its end; this instance's follower queues them
             // again when it reads them (as would the next owner).
@@ -1668,7 +1716,8 @@ impl StreamStore {
             let n = letters.len();
             let (keys, records): (Vec<String>, Vec<OutboxRecord>) = letters
                 .into_iter()
-                .map(|(k, d)| {
+                .map(|(k, mut d)| {
+                    d.outgoing.replayed_at_ms = Some(now);
                     let record = OutboxRecord {
                         stream: d.stream_id,
                         jti: d.outgoing.jti.clone(),
@@ -1696,7 +1745,17 @@ impl StreamStore {
                         Some(v) => serde_json::from_slice::<DeadLetter>(v.value()).ok(),
                         None => None,
                     };
-                    let Some(d) = letter else { continue };
+                    let Some(mut d) = letter else { continue };
+                    // Its key given to a newer SET (by a release that drew numbers again after
+                    // a restart): it waits in the dead letters until that one is gone.
+                    if outbox
+                        .get(k.as_str())
+                        .map_err(WriteError::storage)?
+                        .is_some()
+                    {
+                        continue;
+                    }
+                    d.outgoing.replayed_at_ms = Some(now);
                     let bytes = serde_json::to_vec(&d.outgoing)
                         .map_err(|e| WriteError::Storage(e.to_string()))?;
                     dead.remove(k.as_str()).map_err(WriteError::storage)?;
@@ -1911,6 +1970,7 @@ mod tests {
                 jti: format!("{n:05}"),
                 set: format!("set-{n}"),
                 queued_at_ms: 1,
+                replayed_at_ms: None,
             };
             if i % 2 == 0 {
                 clock.advance(Duration::from_millis(10));
@@ -1953,13 +2013,15 @@ mod tests {
         assert_eq!(DeadLetterPosition::from_cursor("not a cursor"), None);
 
         // One stream's replay: the disabled stream's letters stay.
-        let replay = |stream: Option<&str>| store.dead_letters_to_replay(stream).unwrap();
+        let replay =
+            |stream: Option<&str>| store.dead_letters_to_replay(stream, usize::MAX).unwrap();
         let done = store.replay_dead_letters(replay(Some(&off))).await.unwrap();
         assert_eq!(
             done,
             Replayed {
                 replayed: 0,
-                skipped: offs
+                skipped: offs,
+                deferred: 0,
             }
         );
         // All: the live stream's go back, in their order; the others stay.
@@ -1969,7 +2031,8 @@ mod tests {
             done,
             Replayed {
                 replayed: lives,
-                skipped: offs + gones
+                skipped: offs + gones,
+                deferred: 0,
             }
         );
         let (queued, _) = store.outstanding(&live, usize::MAX).unwrap();
@@ -1991,6 +2054,95 @@ mod tests {
         );
     }
 
+    /// A replay stays within the outbox's bound and gives what it puts back a new wait: a stream
+    /// gets back only as many dead letters, oldest first, as its outbox has room for (the rest
+    /// are deferred), and a SET put back is not "too old" for the sweep because it was queued
+    /// long ago — nor does a young replayed SET hide the old ones queued after it. A restart
+    /// never hands a new SET a dead letter's key, which a replay would write over.
+    #[tokio::test]
+    async fn a_replay_fills_an_outbox_to_its_bound_and_its_sets_wait_from_the_replay() {
+        let (_dir, store, clock, ids) = store_with_streams(&["ep"]).await;
+        let id = ids[0].clone();
+        let out = |jti: &str, at: i64| Outgoing {
+            jti: jti.into(),
+            set: format!("token-{jti}"),
+            queued_at_ms: at,
+            replayed_at_ms: None,
+        };
+        let first = clock.now_ms();
+        let items = ["a", "b", "c", "d", "e"]
+            .iter()
+            .map(|j| (id.clone(), out(j, first)))
+            .collect();
+        store.enqueue(items, vec![]).await.unwrap();
+        for (key, outgoing) in store.outstanding(&id, usize::MAX).unwrap().0 {
+            store
+                .dead_letter(&id, &key, outgoing, "too old".into())
+                .await
+                .unwrap();
+        }
+        assert!(store.outstanding(&id, usize::MAX).unwrap().0.is_empty());
+
+        // Restarted with every SET a dead letter: new SETs are numbered after them.
+        let store =
+            StreamStore::open(store.db.clone(), store.writer.clone(), clock.clone()).unwrap();
+        let items = ["f", "g"]
+            .iter()
+            .map(|j| (id.clone(), out(j, first)))
+            .collect();
+        store.enqueue(items, vec![]).await.unwrap();
+        let keys = |store: &StreamStore| -> Vec<(u64, String)> {
+            let (rows, _) = store.outstanding(&id, usize::MAX).unwrap();
+            rows.into_iter().map(|(k, o)| (seq_of(&k), o.jti)).collect()
+        };
+        assert!(
+            keys(&store).iter().all(|(seq, _)| *seq > 5),
+            "{:?}",
+            keys(&store)
+        );
+
+        // Two hours on, into an outbox bounded at four: room for the two oldest.
+        clock.advance(Duration::from_secs(7200));
+        let now = clock.now_ms();
+        let chosen = store.dead_letters_to_replay(None, 4).unwrap();
+        let done = store.replay_dead_letters(chosen).await.unwrap();
+        assert_eq!(
+            done,
+            Replayed {
+                replayed: 2,
+                skipped: 0,
+                deferred: 3,
+            }
+        );
+        let jtis: Vec<String> = keys(&store).into_iter().map(|(_, j)| j).collect();
+        assert_eq!(
+            jtis,
+            ["a", "b", "f", "g"],
+            "back under their old keys, first"
+        );
+        let (rows, _) = store.outstanding(&id, usize::MAX).unwrap();
+        assert_eq!(rows[0].1.replayed_at_ms, Some(now));
+        assert_eq!(
+            rows[0].1.queued_at_ms, first,
+            "latency still counts from the queueing"
+        );
+
+        // Waiting an hour at most: the two queued two hours ago go, the two replayed stay.
+        let (overflow, len) = store.overflow(&id, now - 3_600_000, 4).unwrap();
+        let over: Vec<&str> = overflow.iter().map(|(_, o)| o.jti.as_str()).collect();
+        assert_eq!((over, len), (vec!["f", "g"], 4));
+        // Full: a replay now defers every letter.
+        let chosen = store.dead_letters_to_replay(Some(&id), 4).unwrap();
+        assert_eq!(
+            store.replay_dead_letters(chosen).await.unwrap(),
+            Replayed {
+                replayed: 0,
+                skipped: 0,
+                deferred: 3,
+            }
+        );
+    }
+
     /// Past `max_dead_letters`, the enforcement point holding the most dead letters loses its
     /// own oldest: one whose backlog all went to the dead letters does not age out another's.
     /// Age goes first, for everyone; a deleted stream's letters form one party of their own.
@@ -2006,6 +2158,7 @@ mod tests {
                 jti,
                 set: "token".into(),
                 queued_at_ms: 1,
+                replayed_at_ms: None,
             };
             (stream.to_owned(), key, outgoing)
         };
@@ -2059,6 +2212,7 @@ mod tests {
             jti: jti.into(),
             set: format!("token-{jti}"),
             queued_at_ms: 1,
+            replayed_at_ms: None,
         };
         let items = ["a", "b", "c", "d", "e"]
             .iter()
@@ -2108,6 +2262,7 @@ mod tests {
             jti: jti.into(),
             set: format!("token-{jti}"),
             queued_at_ms: 1,
+            replayed_at_ms: None,
         };
         // Hold the writer: a write that waits until released.
         let (release, held) = std::sync::mpsc::channel::<()>();
