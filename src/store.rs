@@ -127,6 +127,7 @@ struct Queued {
 #[derive(Clone)]
 pub struct BatchWriter {
     tx: tokio::sync::mpsc::Sender<Queued>,
+    db: Arc<redb::Database>,
 }
 
 /// The writer thread; [`BatchWriterThread::join`] waits until every [`BatchWriter`] is dropped and
@@ -179,8 +180,18 @@ impl BatchWriter {
         let (tx, rx) = tokio::sync::mpsc::channel(max_batch * 4);
         let handle = std::thread::Builder::new()
             .name(format!("vigil-{store}-writer"))
-            .spawn(move || writer_loop(db, store, rx, max_batch))?;
-        Ok((BatchWriter { tx }, BatchWriterThread(handle)))
+            .spawn({
+                let db = db.clone();
+                move || writer_loop(db, store, rx, max_batch)
+            })?;
+        Ok((BatchWriter { tx, db }, BatchWriterThread(handle)))
+    }
+
+    /// The file this writer commits to. A long read that decides what to write (a scan of a
+    /// whole table) takes its read transaction here, on the caller's thread: inside a write it
+    /// would hold up the commits of every other writer of the file.
+    pub fn database(&self) -> &Arc<redb::Database> {
+        &self.db
     }
 
     /// Runs `f` inside a write transaction shared with other callers; resolves after the commit.

@@ -171,7 +171,7 @@ impl DeadLetters {
             return Ok(());
         }
         let max = self.bound.max;
-        let (dropped, held) = self.writer.write_blocking(move |txn| {
+        let held = self.writer.write_blocking(move |txn| {
             let mut table = txn.open_table(DEAD_LETTERS).map_err(WriteError::storage)?;
             for letter in refused {
                 let key = format!("{}/{}/{}", letter.topic, letter.partition, letter.offset);
@@ -181,9 +181,13 @@ impl DeadLetters {
                     .insert(key.as_str(), bytes.as_slice())
                     .map_err(WriteError::storage)?;
             }
-            let dropped = prune(&mut table, max)?;
-            Ok((dropped, table.len().map_err(WriteError::storage)?))
+            table.len().map_err(WriteError::storage)
         })?;
+        let (dropped, held) = if held > max as u64 {
+            self.prune(max)?
+        } else {
+            (0, held)
+        };
         metrics::gauge!(crate::telemetry::KAFKA_STORED_DEAD_LETTERS).set(held as f64);
         if dropped > 0 {
             metrics::counter!(crate::telemetry::KAFKA_STORED_DEAD_LETTERS_DROPPED)
@@ -198,33 +202,55 @@ impl DeadLetters {
     }
 }
 
-/// Past `max` rows, drops down to nine tenths of it (so a steady stream of dead letters
-/// does not rescan the table for every batch), fairly between topics; returns how many went.
-fn prune(table: &mut redb::Table<'_, &str, &[u8]>, max: usize) -> Result<usize, WriteError> {
-    if table.len().map_err(WriteError::storage)? <= max as u64 {
-        return Ok(0);
+impl DeadLetters {
+    /// Drops the stored dead letters down to nine tenths of `max` (so a steady stream of them
+    /// does not rescan the table for every batch), fairly between topics; returns how many went
+    /// and how many are left. The scan — up to `max` rows of up to [`MAX_STORED_PAYLOAD`] bytes
+    /// each — reads on this thread: inside the write it held the store's one writer, and with it
+    /// every party's decisions, while one feed's bad messages were counted. Only the removals
+    /// are written.
+    fn prune(&self, max: usize) -> Result<(usize, u64), WriteError> {
+        let over: Vec<String> = {
+            let txn = self
+                .writer
+                .database()
+                .begin_read()
+                .map_err(WriteError::storage)?;
+            let table = txn.open_table(DEAD_LETTERS).map_err(WriteError::storage)?;
+            let mut rows: Vec<(String, Option<StoredHead>)> = Vec::new();
+            for entry in table.iter().map_err(WriteError::storage)? {
+                let (k, v) = entry.map_err(WriteError::storage)?;
+                let head = serde_json::from_slice::<StoredHead>(v.value()).ok();
+                rows.push((k.value().to_owned(), head));
+            }
+            // Oldest first; a row that does not decode is the oldest of a party of its own.
+            let age = |h: &Option<StoredHead>| h.as_ref().map_or((i64::MIN, 0, 0), StoredHead::age);
+            rows.sort_by(|(ka, ha), (kb, hb)| age(ha).cmp(&age(hb)).then_with(|| ka.cmp(kb)));
+            let parties: Vec<&str> = rows
+                .iter()
+                .map(|(_, h)| h.as_ref().map_or("", |h| h.topic.as_str()))
+                .collect();
+            let keep = max - max / 10;
+            let over = crate::fair::over_cap(&parties, keep);
+            over.into_iter()
+                .filter_map(|i| rows.get(i).map(|(key, _)| key.clone()))
+                .collect()
+        };
+        self.writer.write_blocking(move |txn| {
+            let mut table = txn.open_table(DEAD_LETTERS).map_err(WriteError::storage)?;
+            let mut dropped = 0;
+            for key in &over {
+                if table
+                    .remove(key.as_str())
+                    .map_err(WriteError::storage)?
+                    .is_some()
+                {
+                    dropped += 1;
+                }
+            }
+            Ok((dropped, table.len().map_err(WriteError::storage)?))
+        })
     }
-    let mut rows: Vec<(String, Option<StoredHead>)> = Vec::new();
-    for entry in table.iter().map_err(WriteError::storage)? {
-        let (k, v) = entry.map_err(WriteError::storage)?;
-        let head = serde_json::from_slice::<StoredHead>(v.value()).ok();
-        rows.push((k.value().to_owned(), head));
-    }
-    // Oldest first; a row that does not decode is the oldest of a party of its own.
-    let age = |h: &Option<StoredHead>| h.as_ref().map_or((i64::MIN, 0, 0), StoredHead::age);
-    rows.sort_by(|(ka, ha), (kb, hb)| age(ha).cmp(&age(hb)).then_with(|| ka.cmp(kb)));
-    let parties: Vec<&str> = rows
-        .iter()
-        .map(|(_, h)| h.as_ref().map_or("", |h| h.topic.as_str()))
-        .collect();
-    let keep = max - max / 10;
-    let over = crate::fair::over_cap(&parties, keep);
-    for &i in &over {
-        if let Some((key, _)) = rows.get(i) {
-            table.remove(key.as_str()).map_err(WriteError::storage)?;
-        }
-    }
-    Ok(over.len())
 }
 
 /// A message value as text for a human: lossy UTF-8, cut at a character boundary within
