@@ -7,6 +7,7 @@
   const token = sessionStorage.getItem("vigil-console-token");
   const main = document.getElementById("main");
   let refresh = null; // the current view's live refresh timer
+  const DEAD_LETTER_PAGE = 50; // dead letters listed at a time
 
   // ---- calls -------------------------------------------------------------------------------
   async function api(path, options = {}) {
@@ -320,14 +321,34 @@
         }
       }
       main.append(table("enforcement-points", ["enforcement point", "stream", "delivery", "status", "last verified", "outstanding", "dead letters"], rows));
-      const dead = await api("/v1/deadletters");
-      const shown = dead.dead_letters.length < dead.total ? ` (the oldest ${dead.dead_letters.length} of ${dead.total})` : "";
-      main.append(el("h3", {}, "Dead letters" + shown),
-        table("dead-letters", ["stream", "jti", "error", "dead since"], dead.dead_letters.map((d) => [d.stream_id, d.outgoing.jti, d.error, when(d.dead_at_ms / 1000)])),
+      // Dead letters a page at a time, oldest first; "More" goes on from the last page's cursor.
+      const row = (d) => [d.stream_id, d.outgoing.jti, d.error, when(d.dead_at_ms / 1000)];
+      const dead = await api("/v1/deadletters?limit=" + DEAD_LETTER_PAGE);
+      let listed = dead.dead_letters.length;
+      let next = dead.next;
+      const heading = el("h3", { id: "dead-letters-heading" });
+      const title = (total) => { heading.textContent = "Dead letters" + (listed < total ? ` (the oldest ${listed} of ${total})` : ` (${total})`); };
+      title(dead.total);
+      const letters = table("dead-letters", ["stream", "jti", "error", "dead since"], dead.dead_letters.map(row));
+      const more = el("button", { id: "more-dead-letters", on: { click: async () => {
+        try {
+          const page = await api("/v1/deadletters?limit=" + DEAD_LETTER_PAGE + "&after=" + encodeURIComponent(next));
+          const body = letters.querySelector("tbody");
+          for (const d of page.dead_letters) body.append(el("tr", {}, row(d).map((c) => el("td", {}, c))));
+          listed += page.dead_letters.length;
+          next = page.next;
+          title(page.total);
+          more.hidden = !next;
+        } catch (e) {
+          main.append(failure(e));
+        }
+      } } }, "More");
+      more.hidden = !next;
+      main.append(heading, letters, more,
         el("button", { id: "replay-dead-letters", on: { click: async () => {
           try {
             const r = await api("/v1/deadletters/replay", { method: "POST", body: {} });
-            main.append(el("p", { class: "ok" }, "Queued again: " + r.replayed +
+            main.append(el("p", { class: "ok", id: "replayed" }, "Queued again: " + r.replayed +
               (r.skipped ? `; ${r.skipped} left (their stream was deleted or is disabled)` : "") +
               (r.deferred ? `; ${r.deferred} deferred (their stream's outbox is full: replay again once its receiver has read)` : "")));
           } catch (e) {

@@ -1,7 +1,8 @@
 //! The operator console, driven in a real browser (Debian's headless Chromium through
 //! ChromeDriver): sign in, see a pushed signal appear live, find a subject by email, preview a
 //! candidate that turns MEDIUM step-up into revoke and replay the day's signals through it, load
-//! it as the shadow set, see the divergence a MEDIUM signal makes, promote it. Screenshots of the main pages are written to
+//! it as the shadow set, see the divergence a MEDIUM signal makes, promote it; page through an
+//! enforcement point's dead letters and replay them. Screenshots of the main pages are written to
 //! `target/console-screenshots/` (and to `$VIGIL_SCREENSHOTS` when set: the README's come from
 //! there).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -10,6 +11,7 @@ mod common;
 
 use common::browser::{self, Browser};
 use common::*;
+use serde_json::json;
 
 const STEP_UP_ON_MEDIUM: &str = r#"rules:
   - id: risk-high
@@ -55,6 +57,15 @@ async fn shoot(browser: &Browser, name: &str, anchor: Option<&str>) {
     }
 }
 
+/// Signs in on the console's page (open in `browser`) with the admin token and waits for the
+/// console.
+async fn sign_in(browser: &Browser, env: &Env) {
+    let token = env.vigil.admin_token().unwrap().to_owned();
+    browser.fill("#token", &token).await;
+    browser.click("#sign-in-button").await;
+    browser.find("#feed").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_previews_shadows_and_promotes_a_policy_change_in_the_console() {
     if !browser::available() {
@@ -97,10 +108,7 @@ async fn an_operator_previews_shadows_and_promotes_a_policy_change_in_the_consol
             t.contains("does not know")
         })
         .await;
-    let token = env.vigil.admin_token().unwrap().to_owned();
-    browser.fill("#token", &token).await;
-    browser.click("#sign-in-button").await;
-    browser.find("#feed").await;
+    sign_in(&browser, &env).await;
 
     // A pushed signal appears in the live feed.
     env.push(&set(
@@ -220,6 +228,125 @@ async fn an_operator_previews_shadows_and_promotes_a_policy_change_in_the_consol
             t.contains("No shadow set")
         })
         .await;
+    env.vigil.shutdown().await;
+}
+
+/// An enforcement point whose poll receiver never reads, its outbox bounded at one SET: 52 of
+/// its 53 revocations become dead letters. The console lists the oldest 50 of them and "More"
+/// the rest, from the page's cursor; once the receiver has read the one SET waiting, a replay
+/// puts one back — all the outbox has room for — and says the other 51 are deferred.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_pages_through_dead_letters_and_replays_them_in_the_console() {
+    if !browser::available() {
+        eprintln!("skipped: no {} here", browser::CHROMEDRIVER);
+        return;
+    }
+    let env = start_env(|config| {
+        config.delivery.outbox_sweep_secs = 1;
+        config.delivery.max_outbox_per_stream = 1;
+    })
+    .await;
+    let base = format!("http://{}", env.vigil.local_addr());
+    let http = reqwest::Client::new();
+    let ep_token = "api-gateway-token-0123456789";
+    let poll_url = create_poll_stream(&http, &base, ep_token).await;
+    let t = now();
+    let disabled = format!("{RISC}account-disabled");
+    for i in 0..53 {
+        let user = format!("u{i}@example.com");
+        env.register(&grant(&format!("g{i}"), email(&user), t - 60.0))
+            .await;
+        env.push(&set(
+            &format!("off-{i}"),
+            email(&user),
+            &disabled,
+            json!({}),
+        ))
+        .await;
+    }
+    eventually("52 dead letters, one SET waiting", || async {
+        let (_, dead) = get_json(&env.vigil, "/v1/deadletters?limit=1").await;
+        (dead["total"] == 52).then_some(())
+    })
+    .await;
+
+    let browser = Browser::start().await;
+    browser.goto(&format!("{base}/console")).await;
+    sign_in(&browser, &env).await;
+    browser.click("nav a[data-view=eps]").await;
+    browser
+        .wait_text("#dead-letters-heading", "the first page", |t| {
+            t.contains("the oldest 50 of 52")
+        })
+        .await;
+    let jtis = || async {
+        browser
+            .script(
+                "return [...document.querySelectorAll('#dead-letters tbody tr td:nth-child(2)')].map((td) => td.textContent)",
+                json!([]),
+            )
+            .await
+    };
+    assert_eq!(jtis().await.as_array().unwrap().len(), 50);
+    browser.click("#more-dead-letters").await;
+    browser
+        .wait_text("#dead-letters-heading", "every letter listed", |t| {
+            t == "Dead letters (52)"
+        })
+        .await;
+    let listed = jtis().await;
+    let unique: std::collections::HashSet<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j.as_str().unwrap())
+        .collect();
+    assert_eq!(unique.len(), 52, "{listed}");
+    let more_hidden = browser
+        .script(
+            "return document.getElementById('more-dead-letters').hidden",
+            json!([]),
+        )
+        .await;
+    assert_eq!(more_hidden, json!(true));
+    shoot(&browser, "enforcement-points", Some("#enforcement-points")).await;
+
+    // The receiver reads and acknowledges the SET waiting: room for one.
+    let polled: serde_json::Value = http
+        .post(&poll_url)
+        .bearer_auth(ep_token)
+        .json(&json!({"maxEvents": 10, "returnImmediately": true}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let waiting: Vec<String> = polled["sets"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    assert_eq!(waiting.len(), 1, "{polled}");
+    let acked = http
+        .post(&poll_url)
+        .bearer_auth(ep_token)
+        .json(&json!({"ack": waiting, "maxEvents": 0, "returnImmediately": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(acked.status(), 200);
+    browser.click("#replay-dead-letters").await;
+    let said = browser
+        .wait_text("#replayed", "the replay's answer", |t| {
+            t.starts_with("Queued again")
+        })
+        .await;
+    assert!(said.starts_with("Queued again: 1;"), "{said}");
+    assert!(said.contains("51 deferred"), "{said}");
+    let (_, dead) = get_json(&env.vigil, "/v1/deadletters?limit=1").await;
+    assert_eq!(dead["total"], 51);
     env.vigil.shutdown().await;
 }
 
