@@ -312,16 +312,13 @@ async fn an_operator_pages_through_dead_letters_and_replays_them_in_the_console(
     shoot(&browser, "enforcement-points", Some("#enforcement-points")).await;
 
     // The receiver reads and acknowledges the SET waiting: room for one.
-    let polled: serde_json::Value = http
-        .post(&poll_url)
-        .bearer_auth(ep_token)
-        .json(&json!({"maxEvents": 10, "returnImmediately": true}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let polled = poll(
+        &http,
+        &poll_url,
+        ep_token,
+        &json!({"maxEvents": 10, "returnImmediately": true}),
+    )
+    .await;
     let waiting: Vec<String> = polled["sets"]
         .as_object()
         .unwrap()
@@ -329,14 +326,13 @@ async fn an_operator_pages_through_dead_letters_and_replays_them_in_the_console(
         .cloned()
         .collect();
     assert_eq!(waiting.len(), 1, "{polled}");
-    let acked = http
-        .post(&poll_url)
-        .bearer_auth(ep_token)
-        .json(&json!({"ack": waiting, "maxEvents": 0, "returnImmediately": true}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(acked.status(), 200);
+    poll(
+        &http,
+        &poll_url,
+        ep_token,
+        &json!({"ack": waiting, "maxEvents": 0, "returnImmediately": true}),
+    )
+    .await;
     browser.click("#replay-dead-letters").await;
     let said = browser
         .wait_text("#replayed", "the replay's answer", |t| {

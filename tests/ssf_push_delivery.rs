@@ -443,16 +443,13 @@ async fn an_unread_poll_stream_is_paused_and_its_backlog_bounded() {
     .await
     .iter()
     .for_each(|e| assert!(e.contains("max_outbox_per_stream"), "{e}"));
-    let polled: Value = http
-        .post(&poll_url)
-        .bearer_auth(EP_TOKEN)
-        .json(&json!({"maxEvents": 10, "returnImmediately": true}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let polled = poll(
+        &http,
+        &poll_url,
+        EP_TOKEN,
+        &json!({"maxEvents": 10, "returnImmediately": true}),
+    )
+    .await;
     assert_eq!(polled["sets"].as_object().unwrap().len(), 3);
     let status = || async {
         let v: Value = http

@@ -313,6 +313,20 @@ pub async fn create_poll_stream(http: &reqwest::Client, base: &str, token: &str)
     format!("{base}/ssf/poll/{}", stream["stream_id"].as_str().unwrap())
 }
 
+/// One RFC 8936 poll of `url` as the enforcement point holding `token`: `body` is the request
+/// (`maxEvents`, `returnImmediately`, `ack`, …); returns the answer.
+pub async fn poll(http: &reqwest::Client, url: &str, token: &str, body: &Value) -> Value {
+    let answer = http
+        .post(url)
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status().as_u16(), 200);
+    answer.json().await.unwrap()
+}
+
 /// A pushed CAEP session-revoked signal as intake records it, `jti` aside always the same.
 pub fn recorded_signal(jti: &str) -> vigil::signal::Signal {
     vigil::signal::Signal {
