@@ -82,6 +82,7 @@ fn bench(c: &mut Criterion) {
                 principal: &ctx,
                 entities: &[],
                 delegator: None,
+                view: None,
             };
             evaluate_grant(
                 &policy,
@@ -111,6 +112,7 @@ fn bench(c: &mut Criterion) {
                                     principal: ctx,
                                     entities: &[],
                                     delegator: None,
+                                    view: None,
                                 };
                                 evaluate_grant(
                                     policy,

@@ -791,6 +791,49 @@ mod tests {
         json!({"principal": "USER", "current_level": level})
     }
 
+    /// What `view_is_grant_independent` promises, on which a policy swap builds one view for all
+    /// of a principal's grants (`engine::inputs::shared_view`): while it holds, grants narrowed
+    /// to different sessions see the same view; once a session is revoked they no longer do,
+    /// and it no longer holds.
+    #[test]
+    fn a_grant_independent_view_is_the_same_for_every_grant() {
+        let mut ctx = PrincipalContext::new("email:u@example.com");
+        let t = Target::default();
+        ctx.apply(
+            &signal(1, 100.0, EventKind::RiskLevelChange, risk("HIGH")),
+            &t,
+        );
+        ctx.apply(
+            &signal(
+                2,
+                110.0,
+                EventKind::CredentialChange,
+                json!({"credential_type": "password", "change_type": "update"}),
+            ),
+            &t,
+        );
+        let (one, other) = (grant(50.0, Some("s1")), grant(50.0, Some("s2")));
+        let decay = Decay::default();
+        assert!(ctx.view_is_grant_independent());
+        assert_eq!(
+            ctx.view(&one, &[], &decay, 200.0),
+            ctx.view(&other, &[], &decay, 200.0)
+        );
+        let session = Target {
+            identifiers: vec![],
+            members: [("session".to_owned(), "opaque:s1".to_owned())].into(),
+        };
+        ctx.apply(
+            &signal(3, 120.0, EventKind::SessionRevoked, json!({})),
+            &session,
+        );
+        assert!(!ctx.view_is_grant_independent());
+        assert_ne!(
+            ctx.view(&one, &[], &decay, 200.0)["session_revoked_at"],
+            ctx.view(&other, &[], &decay, 200.0)["session_revoked_at"]
+        );
+    }
+
     /// A kind's bound is shared fairly between parties: a feed naming a new `source` in every
     /// message, past the bound, evicts its own oldest facts, never the identity provider's older
     /// high risk level; a transmitter revoking ever new sessions, or changing claims of ever new

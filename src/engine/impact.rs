@@ -15,7 +15,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::decide::status_after;
-use super::inputs::Inputs;
+use super::inputs::{shared_view, Inputs};
 use super::shard::none_can_match;
 use super::{EngineError, Shared};
 use crate::evaluate::Trigger;
@@ -190,13 +190,20 @@ impl Tally {
         let Some(first) = live.first() else {
             return;
         };
-        let screened = none_can_match(shared, candidate, &first.principal, &live, now);
+        let view = shared_view(
+            &shared.contexts,
+            &first.principal,
+            &live,
+            &shared.settings.decay,
+            now,
+        );
+        let screened = none_can_match(candidate, view.as_ref(), &live, now);
         for grant in live {
             if screened && grant.status == GrantStatus::Active {
                 self.evaluated += 1;
                 continue;
             }
-            let inputs = Inputs::gather(&shared.contexts, grant);
+            let inputs = Inputs::gather(&shared.contexts, grant).sharing(view.as_ref());
             let outcome = inputs.evaluate(
                 candidate,
                 grant,

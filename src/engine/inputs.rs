@@ -17,6 +17,9 @@ pub(super) struct Inputs {
     principal: Arc<PrincipalContext>,
     entities: Vec<Arc<PrincipalContext>>,
     delegator: Option<Arc<PrincipalContext>>,
+    /// The principal's view, when the caller built it once for all of its grants
+    /// ([`shared_view`]).
+    view: Option<Arc<serde_json::Value>>,
 }
 
 impl Inputs {
@@ -38,7 +41,15 @@ impl Inputs {
             principal,
             entities,
             delegator,
+            view: None,
         }
+    }
+
+    /// Evaluates on `view` as the principal's context view (from [`shared_view`] for this
+    /// grant's principal) instead of building it again.
+    pub fn sharing(mut self, view: Option<&Arc<serde_json::Value>>) -> Inputs {
+        self.view = view.cloned();
+        self
     }
 
     /// The principal context's version, recorded with a decision.
@@ -76,6 +87,7 @@ impl Inputs {
                 principal: &self.principal,
                 entities: &entities,
                 delegator: self.delegator.as_deref(),
+                view: None,
             },
             request,
             decay,
@@ -100,10 +112,37 @@ impl Inputs {
                 principal: &self.principal,
                 entities: &entities,
                 delegator: self.delegator.as_deref(),
+                view: self.view.as_ref(),
             },
             trigger,
             decay,
             now,
         )
     }
+}
+
+/// The view of `principal`'s context that every one of `grants` (all of them its grants) would
+/// be evaluated on, when it is the same for each: none has a device or session context or a
+/// delegating user, and the context holds no fact that depends on the grant
+/// ([`PrincipalContext::view_is_grant_independent`]). `None` otherwise: each builds its own.
+pub(super) fn shared_view(
+    contexts: &DashMap<String, Arc<PrincipalContext>>,
+    principal: &str,
+    grants: &[&Grant],
+    decay: &Decay,
+    now: f64,
+) -> Option<Arc<serde_json::Value>> {
+    let first = grants.first()?;
+    let context = contexts
+        .get(principal)
+        .map(|c| c.clone())
+        .unwrap_or_else(|| Arc::new(PrincipalContext::new(principal)));
+    let own_inputs_only = grants.iter().all(|g| {
+        g.on_behalf_of.is_none()
+            && ["device", "session"]
+                .iter()
+                .all(|m| g.members.get(m).is_none_or(|k| !contexts.contains_key(k)))
+    });
+    (own_inputs_only && context.view_is_grant_independent())
+        .then(|| Arc::new(context.view(first, &[], decay, now)))
 }

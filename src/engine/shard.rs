@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 
 use super::commit::{Checkpointing, Committing, Pending, Reply};
 use super::decide::{self, cause_of};
-use super::inputs::Inputs;
+use super::inputs::{shared_view, Inputs};
 use super::session_grant;
 use super::{member_index, obo_index, principal_index, EngineError, Msg, Registered, Shared};
 use crate::context::PrincipalContext;
@@ -349,16 +349,26 @@ impl Shard {
                 .map(|g| &***g)
                 .filter(|g| g.status != GrantStatus::Revoked && !g.is_expired(now))
                 .collect();
-            if none_can_match(&self.shared, policy, principal, &live, now) {
+            // One view of the principal's context for all its grants, where it is the same; they
+            // are evaluated as of the moment it was built.
+            let now = self.shared.settings.clock.now();
+            let view = shared_view(
+                &self.shared.contexts,
+                principal,
+                &live,
+                &self.shared.settings.decay,
+                now,
+            );
+            if none_can_match(policy, view.as_ref(), &live, now) {
                 screened += live.len();
                 // Nothing matches: only a grant that is not active has a status to change.
                 for g in live.iter().filter(|g| g.status != GrantStatus::Active) {
-                    self.evaluate(policy, &g.id, Trigger::State, &cause, p);
+                    self.evaluate_sharing(policy, &g.id, &cause, view.as_ref(), now, p);
                 }
                 continue;
             }
-            for g in &grants {
-                self.evaluate(policy, &g.id, Trigger::State, &cause, p);
+            for g in &live {
+                self.evaluate_sharing(policy, &g.id, &cause, view.as_ref(), now, p);
             }
         }
         (total, screened)
@@ -613,14 +623,42 @@ impl Shard {
         cause: &Cause,
         p: &mut Pending,
     ) {
+        let now = self.shared.settings.clock.now();
+        self.evaluate_on(policy, id, trigger, cause, None, now, p);
+    }
+
+    /// [`Shard::evaluate`] on current state, on the principal's view `view` built at `now` for
+    /// all of its grants ([`shared_view`]; `None`: the grant's own).
+    fn evaluate_sharing(
+        &mut self,
+        policy: &PolicySet,
+        id: &str,
+        cause: &Cause,
+        view: Option<&Arc<serde_json::Value>>,
+        now: f64,
+        p: &mut Pending,
+    ) {
+        self.evaluate_on(policy, id, Trigger::State, cause, view, now, p);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn evaluate_on(
+        &mut self,
+        policy: &PolicySet,
+        id: &str,
+        trigger: Trigger<'_>,
+        cause: &Cause,
+        view: Option<&Arc<serde_json::Value>>,
+        now: f64,
+        p: &mut Pending,
+    ) {
         let Some(grant) = self.shared.grants.get(id).map(|g| g.clone()) else {
             return;
         };
-        let now = self.shared.settings.clock.now();
         if grant.status == GrantStatus::Revoked || grant.is_expired(now) {
             return;
         }
-        let inputs = Inputs::gather(&self.shared.contexts, &grant);
+        let inputs = Inputs::gather(&self.shared.contexts, &grant).sharing(view);
         let decay = &self.shared.settings.decay;
         let shadow = self.shared.shadow();
         let started = Instant::now();
@@ -701,38 +739,21 @@ fn only_revocations(decisions: &[crate::decision::Decision]) -> bool {
         .all(|d| d.changes_status() && d.status == GrantStatus::Revoked)
 }
 
-/// Whether no enforced rule can match any of `grants` (one principal's) on current state.
-/// `false` whenever the screen cannot tell, or a grant's inputs depend on more than the
-/// principal's context (a device or session context, a delegating user).
+/// Whether no enforced rule can match any of `grants` (one principal's) on current state, given
+/// the principal's view they share ([`super::inputs::shared_view`]). `false` whenever the screen
+/// cannot tell, or there is no shared view (a grant's inputs depend on more than the principal's
+/// context: a device or session context, a delegating user).
 pub(super) fn none_can_match(
-    shared: &Shared,
     policy: &PolicySet,
-    principal: &str,
+    view: Option<&Arc<serde_json::Value>>,
     grants: &[&Grant],
     now: f64,
 ) -> bool {
-    let Some(first) = grants.first() else {
+    let (Some(first), Some(view)) = (grants.first(), view) else {
         return false;
     };
-    let context = shared
-        .contexts
-        .get(principal)
-        .map(|c| c.clone())
-        .unwrap_or_else(|| Arc::new(PrincipalContext::new(principal)));
-    let own_inputs_only = grants.iter().all(|g| {
-        g.on_behalf_of.is_none()
-            && ["device", "session"].iter().all(|m| {
-                g.members
-                    .get(m)
-                    .is_none_or(|k| !shared.contexts.contains_key(k))
-            })
-    });
-    if !own_inputs_only || !context.view_is_grant_independent() {
-        return false;
-    }
-    let view = context.view(first, &[], &shared.settings.decay, now);
     let subject = subject_view(Trigger::State, first);
     let signal = signal_view(Trigger::State);
-    let mut screen = Screen::new(&view, &subject, &signal, now, grants);
+    let mut screen = Screen::new(view, &subject, &signal, now, grants);
     policy.never_matches_state(&mut screen)
 }

@@ -204,6 +204,7 @@ fn run_case(policy: &PolicySet, examples: &Path, case: &TestCase) -> Result<(), 
         principal: &ctx,
         entities: &[],
         delegator: delegator.as_ref(),
+        view: None,
     };
     let outcome = match &case.request {
         Some(request) => {

@@ -16,7 +16,9 @@ pub const REQUEST_VARIABLES: [&str; 5] = ["grant", "context", "request", "subjec
 #[derive(Debug, Clone)]
 pub struct EvalInput {
     pub grant: Value,
-    pub context: Value,
+    /// Shared: one principal's view serves each of its grants a policy swap re-evaluates, when
+    /// it is the same for all of them.
+    pub context: std::sync::Arc<Value>,
     /// Shared: one signal's view serves every grant it re-evaluates.
     pub signal: std::sync::Arc<Value>,
     pub subject: Value,
@@ -187,7 +189,7 @@ fn bind<'a>(env: &Arc<cel::Env>, input: &'a EvalInput) -> cel::Context<'a, 'a> {
     let mut ctx = cel::Context::with_env(env.clone());
     for (name, value) in [
         ("grant", &input.grant),
-        ("context", &input.context),
+        ("context", &*input.context),
         ("signal", &*input.signal),
         ("subject", &input.subject),
         ("request", &*input.request),

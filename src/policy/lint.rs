@@ -96,7 +96,7 @@ fn reference_errors(policy: &PolicySet) -> Vec<Finding> {
             for trigger in &triggers {
                 let input = EvalInput {
                     grant: grant.policy_view(),
-                    context: ctx.view(&grant, &[], &Decay::default(), 1500.0),
+                    context: std::sync::Arc::new(ctx.view(&grant, &[], &Decay::default(), 1500.0)),
                     signal: std::sync::Arc::new(
                         json!({"type": trigger.clone().unwrap_or_else(|| "none".into()),
                                    "uri": "", "jti": "j", "txn": null, "iss": "", "source": "ssf:reference",

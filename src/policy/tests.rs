@@ -11,7 +11,7 @@ fn set(yaml: &str) -> Result<PolicySet, PolicyError> {
 fn input(trigger: Option<&str>) -> EvalInput {
     EvalInput {
         grant: json!({"kind": "session", "issued_at": 10.0, "attributes": {}}),
-        context: json!({"risk": {"level": "HIGH"}}),
+        context: std::sync::Arc::new(json!({"risk": {"level": "HIGH"}})),
         signal: std::sync::Arc::new(json!({"type": trigger.unwrap_or("none")})),
         subject: json!({"matches_grant": true}),
         now: 20.0,
