@@ -787,6 +787,15 @@ mod tests {
             .unwrap()
     }
 
+    /// A signal's target narrowed to the session `opaque:s{i}` (what the grants of
+    /// [`grant`]`(_, Some("s{i}"))` name).
+    fn session(i: usize) -> Target {
+        Target {
+            identifiers: vec![],
+            members: [("session".to_owned(), format!("opaque:s{i}"))].into(),
+        }
+    }
+
     fn risk(level: &str) -> Value {
         json!({"principal": "USER", "current_level": level})
     }
@@ -819,13 +828,9 @@ mod tests {
             ctx.view(&one, &[], &decay, 200.0),
             ctx.view(&other, &[], &decay, 200.0)
         );
-        let session = Target {
-            identifiers: vec![],
-            members: [("session".to_owned(), "opaque:s1".to_owned())].into(),
-        };
         ctx.apply(
             &signal(3, 120.0, EventKind::SessionRevoked, json!({})),
-            &session,
+            &session(1),
         );
         assert!(!ctx.view_is_grant_independent());
         assert_ne!(
@@ -883,10 +888,6 @@ mod tests {
         assert_eq!(stored.risk.get("USER/ssf:idp").unwrap().party, idp.party);
 
         // Session revocations: one by the idp, then ever new ones by another transmitter.
-        let session = |i: usize| Target {
-            identifiers: vec![],
-            members: [("session".to_owned(), format!("opaque:s{i}"))].into(),
-        };
         ctx.apply(
             &signal(1000, 300.0, EventKind::SessionRevoked, json!({})),
             &session(0),
@@ -1119,10 +1120,6 @@ mod tests {
     #[test]
     fn apply_notes_the_session_revocations_it_adds_and_evicts() {
         let mut ctx = PrincipalContext::new("k");
-        let session = |i: usize| Target {
-            identifiers: vec![],
-            members: [("session".to_owned(), format!("opaque:s{i}"))].into(),
-        };
         let revoke = |i: usize| {
             signal(
                 i as u64 + 1,
