@@ -359,7 +359,19 @@ async fn run() -> anyhow::Result<()> {
     let note = format!(
         "{probes} probes at {probe_rate}/s under {background_rate:.0} background SETs/s ({load_percent} % of the RS256 maximum), {grants} grants loaded"
     );
-    let internals = internals(&metrics_before, &metric_values());
+    let metrics_after = metric_values();
+    let internals = internals(&metrics_before, &metrics_after);
+    // The intake log's fsyncs against its commits: detached processed marks ride on the next
+    // SET batch's sync.
+    let delta = |series: &str| {
+        metrics_after.get(series).copied().unwrap_or(0.0)
+            - metrics_before.get(series).copied().unwrap_or(0.0)
+    };
+    eprintln!(
+        "[latency] intake log: {:.0} commits, {:.0} fsyncs",
+        delta("vigil_store_commit_seconds_count{store=\"intake\"}"),
+        delta("vigil_intake_log_syncs_total")
+    );
     let busy = (cpu_seconds() - cpu_before) / phase_started.elapsed().as_secs_f64();
     eprintln!("[latency] CPU busy: {busy:.2} of 2 cores (Vigil and the load generator)");
     figures.push(

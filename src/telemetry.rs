@@ -182,6 +182,8 @@ catalogue! {
         "Segment files of the intake log";
     INTAKE_PENDING = "vigil_intake_pending", Gauge, [],
         "SETs recorded and not yet processed by the engine";
+    INTAKE_LOG_SYNCS = "vigil_intake_log_syncs_total", Counter, [],
+        "fdatasync calls on the intake log: group commits of SETs, and what detached processed marks wrote before a roll or shutdown";
     INTAKE_SEGMENTS_PRUNED = "vigil_intake_segments_pruned_total", Counter, ["reason"],
         "Intake segments dropped (reason: retention, or size when intake.max_bytes made room early)";
     AUDIT_ERRORS = "vigil_audit_errors_total", Counter, [],

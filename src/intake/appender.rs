@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::log::{Batch, Encoded, Log, Pruned};
+use super::log::{Batch, Encoded, Log, Pruned, Sync};
 use super::{LogError, RecordOutcome, SeqCounter};
 use crate::clock::Clock;
 
@@ -63,7 +63,13 @@ pub fn run(
                 prune(&log, &settings, &clock);
                 continue;
             }
-            Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Disconnected) => {
+                // Deferred marks made durable, so a clean restart replays nothing processed.
+                if let Err(e) = log.sync() {
+                    tracing::warn!(error = %e, "intake log not synced at shutdown; processed signals may be replayed");
+                }
+                break;
+            }
         };
         let mut commands = vec![first];
         while commands.len() < settings.max_batch {
@@ -176,7 +182,15 @@ fn write_batch(
     let all_marks: Vec<u64> = marks.iter().flat_map(|(s, _)| s.iter().copied()).collect();
     batch.push_processed(&log.pending_among(&all_marks));
     let size = assigned.len() + marks.len();
-    let outcome = log.commit(batch);
+    // A batch of detached marks only waits for nobody: a mark lost in a crash replays a signal
+    // whose effect is already committed, which changes nothing. The next synced batch (or a roll,
+    // or the shutdown) makes it durable.
+    let sync = if assigned.is_empty() && marks.iter().all(|(_, reply)| reply.is_none()) {
+        Sync::Deferred
+    } else {
+        Sync::Now
+    };
+    let outcome = log.commit(batch, sync);
     match &outcome {
         Ok(()) => {
             metrics::histogram!(crate::telemetry::STORE_COMMIT_SECONDS, "store" => "intake")
@@ -234,7 +248,7 @@ fn move_in(log: &Log, records: Vec<Moved>) -> Result<u64, LogError> {
     }
     // The processed ones' marks go in the same batch, after their records.
     batch.push_processed(&processed);
-    log.commit(batch)?;
+    log.commit(batch, Sync::Now)?;
     publish_size(log);
     Ok(moved)
 }

@@ -128,6 +128,20 @@ struct State {
     sets: u64,
     /// Set when a failed write could not be undone: every later write is refused.
     failed: Option<String>,
+    /// The newest segment holds bytes written without an `fdatasync` since
+    /// ([`Sync::Deferred`]): the next synced commit covers them, and a roll syncs them first.
+    unsynced: bool,
+}
+
+/// Whether a commit waits for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sync {
+    /// Written and `fdatasync`ed before the commit returns: what is acknowledged.
+    Now,
+    /// Written only, made durable by the next synced commit (or a roll). For what may be lost in
+    /// a crash without harm — detached processed marks: the signals they name are replayed and
+    /// change nothing — it saves a sync (a disk flush, and in a VM an exit) per engine commit.
+    Deferred,
 }
 
 /// The log, shared by the appender thread and readers.
@@ -136,6 +150,8 @@ pub struct Log {
     state: RwLock<State>,
     hasher: std::collections::hash_map::RandomState,
     segment_bytes: u64,
+    /// `fdatasync`s so far (also counted by the metric; this one is the log's own, for tests).
+    syncs: std::sync::atomic::AtomicU64,
 }
 
 /// A SET ready to append, encoded by the caller's thread.
@@ -230,6 +246,7 @@ impl Log {
             bytes: 0,
             sets: 0,
             failed: None,
+            unsynced: false,
         };
         let mut truncated = 0;
         let count = ids.len();
@@ -247,6 +264,7 @@ impl Log {
             state: RwLock::new(state),
             hasher,
             segment_bytes,
+            syncs: Default::default(),
         };
         if log.read().segments.is_empty() {
             log.roll(0)?;
@@ -270,6 +288,9 @@ impl Log {
     /// Starts a new segment after the newest (`id`: the next one's number), durably (the file and
     /// its directory entry synced) before anything is appended to it.
     fn roll(&self, id: u64) -> Result<(), LogError> {
+        // What a deferred commit left unsynced in the segment being closed is made durable first:
+        // only the newest segment may end in a torn frame.
+        self.sync()?;
         let path = segment_path(&self.dir, id);
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -953,11 +974,40 @@ impl Log {
         self.read().bytes
     }
 
+    fn count_sync(&self) {
+        self.syncs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        metrics::counter!(crate::telemetry::INTAKE_LOG_SYNCS).increment(1);
+    }
+
+    /// `fdatasync`s of appends so far (a roll's own syncs of the new file are not counted).
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Makes what deferred commits wrote durable, if anything (at a clean shutdown).
+    pub fn sync(&self) -> Result<(), LogError> {
+        let unsynced = {
+            let st = self.read();
+            st.unsynced
+                .then(|| st.segments.back().map(|s| s.file.clone()))
+                .flatten()
+        };
+        if let Some(file) = unsynced {
+            file.sync_data()
+                .map_err(|e| io("syncing the intake log", e))?;
+            self.count_sync();
+            self.write().unsynced = false;
+        }
+        Ok(())
+    }
+
     /// Appends `batch` to the newest segment (a new one first if it would pass the segment
-    /// size), syncs it (`fdatasync`) and only then makes it visible to readers. On a failed write
+    /// size), syncs it (`fdatasync`) unless `sync` defers that, and only then makes it visible to
+    /// readers. On a failed write
     /// the segment is cut back to where it was; if even that fails, the log refuses every later
     /// write.
-    pub fn commit(&self, batch: Batch) -> Result<(), LogError> {
+    pub fn commit(&self, batch: Batch, sync: Sync) -> Result<(), LogError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -986,10 +1036,11 @@ impl Log {
         if len + batch.buf.len() as u64 > u64::from(u32::MAX) {
             return Err(LogError::Io("a segment would pass 4 GiB".into()));
         }
-        if let Err(e) = (&*file)
-            .write_all(&batch.buf)
-            .and_then(|()| file.sync_data())
-        {
+        let written = (&*file).write_all(&batch.buf).and_then(|()| match sync {
+            Sync::Now => file.sync_data(),
+            Sync::Deferred => Ok(()),
+        });
+        if let Err(e) = written {
             // Nothing of the batch is acknowledged; leave no part of it to be read back.
             if let Err(cut) = file.set_len(len).and_then(|()| file.sync_data()) {
                 let why = format!("a failed append could not be undone: {cut}");
@@ -997,8 +1048,13 @@ impl Log {
             }
             return Err(io("appending to the intake log", e));
         }
+        if sync == Sync::Now {
+            self.count_sync();
+        }
         let mut st = self.write();
         let st = &mut *st;
+        // A sync covers every byte written to the file before it.
+        st.unsynced = sync == Sync::Deferred;
         let Some(segment) = st.segments.back_mut() else {
             return Err(LogError::Failed("no segment".into()));
         };

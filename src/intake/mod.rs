@@ -851,6 +851,84 @@ mod tests {
         ));
     }
 
+    /// Detached processed marks are written without a sync of their own: the next SET's group
+    /// commit covers them, a roll syncs them before the next segment, and so does a clean
+    /// shutdown — so a restart replays nothing processed. Awaited marks and SETs sync at once.
+    #[tokio::test]
+    async fn detached_marks_wait_for_the_next_sync_and_never_cross_a_segment_unsynced() {
+        async fn processed(intake: &Intake, pending: u64) {
+            for _ in 0..500 {
+                if intake.pending_count().unwrap() == pending {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            panic!("marks not applied");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(4096, 3600);
+        {
+            let (intake, threads) = Intake::open_with(dir.path(), &cfg, Clock::manual(0)).unwrap();
+            let log = intake.log.clone();
+            let start = log.syncs();
+            let mut seqs = Vec::new();
+            for jti in ["a", "b"] {
+                match intake.record(&signal(jti), "t").await.unwrap() {
+                    RecordOutcome::Recorded(seq) => seqs.push(seq),
+                    other => panic!("{other:?}"),
+                }
+            }
+            assert_eq!(log.syncs(), start + 2, "each acknowledged SET is synced");
+
+            intake.mark_processed_detached(vec![seqs[0]]);
+            processed(&intake, 1).await;
+            assert_eq!(
+                log.syncs(),
+                start + 2,
+                "a detached mark waits for the next sync"
+            );
+            intake.mark_processed(vec![seqs[1]]).await.unwrap();
+            assert_eq!(log.syncs(), start + 3, "an awaited mark is synced at once");
+
+            // A detached mark, then a record that does not fit the segment: the mark is synced
+            // in the old segment before the new one is written.
+            let c = match intake.record(&signal("c"), "t").await.unwrap() {
+                RecordOutcome::Recorded(seq) => seq,
+                other => panic!("{other:?}"),
+            };
+            intake.mark_processed_detached(vec![c]);
+            processed(&intake, 0).await;
+            let before_roll = log.syncs();
+            let segments = intake.log_size().2;
+            intake.record(&signal("d"), &noise(8000, 1)).await.unwrap();
+            assert_eq!(intake.log_size().2, segments + 1, "no roll happened");
+            assert_eq!(
+                log.syncs(),
+                before_roll + 2,
+                "the roll synced the mark first"
+            );
+
+            // The last thing written is a detached mark; the shutdown syncs it.
+            let d = intake
+                .lookup_jti("https://idp.example.com/", "d")
+                .unwrap()
+                .unwrap();
+            intake.mark_processed_detached(vec![d]);
+            processed(&intake, 0).await;
+            let before_shutdown = log.syncs();
+            drop(intake);
+            threads.join();
+            assert_eq!(
+                log.syncs(),
+                before_shutdown + 1,
+                "the shutdown synced the mark"
+            );
+        }
+        let (intake, _threads) = Intake::open_with(dir.path(), &cfg, Clock::manual(0)).unwrap();
+        assert!(intake.pending().unwrap().is_empty(), "every mark was kept");
+        assert_eq!(intake.stored_count().unwrap(), 4);
+    }
+
     /// A record a frame could not hold is refused before it is acknowledged, and nothing is
     /// written; the log goes on taking others.
     #[tokio::test]
