@@ -1004,9 +1004,8 @@ impl Log {
 
     /// Appends `batch` to the newest segment (a new one first if it would pass the segment
     /// size), syncs it (`fdatasync`) unless `sync` defers that, and only then makes it visible to
-    /// readers. On a failed write
-    /// the segment is cut back to where it was; if even that fails, the log refuses every later
-    /// write.
+    /// readers. On a failed write the segment is cut back to where it was; if even that fails,
+    /// the log refuses every later write.
     pub fn commit(&self, batch: Batch, sync: Sync) -> Result<(), LogError> {
         if batch.is_empty() {
             return Ok(());
