@@ -363,10 +363,7 @@ async fn run() -> anyhow::Result<()> {
     let internals = internals(&metrics_before, &metrics_after);
     // The intake log's fsyncs against its commits: detached processed marks ride on the next
     // SET batch's sync.
-    let delta = |series: &str| {
-        metrics_after.get(series).copied().unwrap_or(0.0)
-            - metrics_before.get(series).copied().unwrap_or(0.0)
-    };
+    let delta = |series: &str| metric_delta(&metrics_before, &metrics_after, series);
     eprintln!(
         "[latency] intake log: {:.0} commits, {:.0} fsyncs",
         delta("vigil_store_commit_seconds_count{store=\"intake\"}"),
@@ -529,6 +526,11 @@ fn metric_values() -> HashMap<String, f64> {
         .collect()
 }
 
+/// How much `series` grew between two [`metric_values`] readings (absent counts as 0).
+fn metric_delta(before: &HashMap<String, f64>, after: &HashMap<String, f64>, series: &str) -> f64 {
+    after.get(series).copied().unwrap_or(0.0) - before.get(series).copied().unwrap_or(0.0)
+}
+
 /// What Vigil's internals did during the latency phase — the histograms that explain its tail:
 /// per histogram and label set the count, mean and the bucket bound under which 50 / 99 / 99.9 %
 /// of the phase's observations fell (from the difference of the cumulative buckets before and
@@ -542,9 +544,7 @@ fn internals(before: &HashMap<String, f64>, after: &HashMap<String, f64>) -> Val
         "vigil_signal_handling_seconds",
         "vigil_set_verify_seconds",
     ];
-    let delta = |series: &str| {
-        after.get(series).copied().unwrap_or(0.0) - before.get(series).copied().unwrap_or(0.0)
-    };
+    let delta = |series: &str| metric_delta(before, after, series);
     // `name_bucket{a="x",le="0.5"}` → (`name{a="x"}`, 0.5)
     let parse = |series: &str| -> Option<(String, f64)> {
         let (name, labels) = series.split_once("_bucket{")?;
