@@ -64,8 +64,9 @@ pub fn run(
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => {
-                // Deferred marks made durable, so a clean restart replays nothing processed.
-                if let Err(e) = log.sync() {
+                // Deferred marks made durable, so a clean restart replays nothing processed, and
+                // the zeros ahead cut off.
+                if let Err(e) = log.seal() {
                     tracing::warn!(error = %e, "intake log not synced at shutdown; processed signals may be replayed");
                 }
                 break;
