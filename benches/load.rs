@@ -3,7 +3,8 @@
 //!
 //! Run: `cargo bench --bench load -- [--sets 20000] [--grants 1000000] [--probes 400]
 //!       [--probe-rate 40] [--load-percent 50] [--check-rate 20000] [--check-secs 5]
-//!       [--kafka-messages 1200000] [--kafka-partitions 96] [--out target/load-report]`
+//!       [--kafka-messages 1200000] [--kafka-partitions 96] [--ep-alg RS256]
+//!       [--background-rate N] [--out target/load-report]`
 //!
 //! Phases, in order (each prints its progress to stderr):
 //! 1. **ingest** — for RS256 and ES256, the ceilings first: the same pre-signed SETs POSTed
@@ -15,11 +16,13 @@
 //!    target ratio is Vigil's rate over the combined ceiling.
 //! 2. **grants** — `--grants` grants over `--grants / 10` subjects registered through the engine
 //!    (each evaluated and committed); registration rate and RSS growth per grant.
-//! 3. **latency** — background SETs pushed at `--load-percent` of the measured RS256 maximum while `--probes`
+//! 3. **latency** — background SETs pushed at `--load-percent` of the measured RS256 maximum (or
+//!    at `--background-rate` SETs/s, to compare builds at the same load) while `--probes`
 //!    probe SETs (a CAEP session-revoked naming one loaded grant's session) go out at
 //!    `--probe-rate`; per probe: signal → decision (the grant's status changed in the engine, what
 //!    `check` answers) and signal → revocation verified at three subscribed enforcement points
-//!    (RFC 8935 push, RFC 8936 poll, SSE).
+//!    (RFC 8935 push, RFC 8936 poll, SSE), which take Vigil's SETs signed with `--ep-alg`
+//!    (`enforcement_points[].signing_alg`; RS256, Vigil's default, unless given).
 //! 4. **check** — `POST /v1/check` at a fixed rate (open loop: latency counted from each request's
 //!    scheduled time, so a stall is not hidden) over random loaded grants.
 //! 5. **swap** — the policy set swapped in again; time until every grant is re-evaluated and
@@ -49,7 +52,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use common::{
     add_eps, arg, background_set, cpu_seconds, delivery_latencies, drive_max, loopback_config,
-    push_set, quantile, rss_bytes, sign_sets, subscribe_eps,
+    push_set, quantile, rss_bytes, sign_sets, subscribe_eps, text_arg,
 };
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
@@ -168,6 +171,16 @@ async fn run() -> anyhow::Result<()> {
         ));
     }
     add_eps(&mut config);
+    let ep_alg = text_arg("--ep-alg")
+        .map(|a| a.parse::<Alg>())
+        .transpose()?
+        .unwrap_or(Alg::RS256);
+    if ep_alg != config.identity.alg {
+        config.identity.offered_algs.push(ep_alg);
+        for ep in &mut config.enforcement_points {
+            ep.signing_alg = Some(ep_alg);
+        }
+    }
     // Capacity is what is measured: the abuse limits must not be what answers.
     config.limits.transmitter_sets_per_sec = 1e9;
     config.limits.client_requests_per_sec = 1e9;
@@ -331,7 +344,11 @@ async fn run() -> anyhow::Result<()> {
     // 3. Latency under load, with the grants loaded.
     let eps = subscribe_eps(&base).await?;
     let load_percent = arg("--load-percent", 50) as f64;
-    let background_rate = (rs_max * load_percent / 100.0).max(1.0);
+    // A fixed rate instead, for comparing two builds on a host whose maximum drifts.
+    let background_rate = match arg("--background-rate", 0) {
+        0 => (rs_max * load_percent / 100.0).max(1.0),
+        fixed => fixed as f64,
+    };
     let metrics_before = metric_values();
     let cpu_before = cpu_seconds();
     let phase_started = Instant::now();
@@ -357,7 +374,8 @@ async fn run() -> anyhow::Result<()> {
         );
     }
     let note = format!(
-        "{probes} probes at {probe_rate}/s under {background_rate:.0} background SETs/s ({load_percent} % of the RS256 maximum), {grants} grants loaded"
+        "{probes} probes at {probe_rate}/s under {background_rate:.0} background SETs/s ({:.0} % of the RS256 maximum), {grants} grants loaded; Vigil's SETs to the enforcement points signed {ep_alg}",
+        100.0 * background_rate / rs_max.max(1.0)
     );
     let metrics_after = metric_values();
     let internals = internals(&metrics_before, &metrics_after);
