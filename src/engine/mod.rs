@@ -2408,6 +2408,49 @@ mod tests {
         engine.shutdown().await;
     }
 
+    /// A checkpoint larger than a part is written over several batches; the signal batch it
+    /// covers is answered only once every part is on disk, and by then every context is stored.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_is_answered_once_every_part_of_its_checkpoint_is_stored() {
+        const T0: i64 = 1_700_000_000;
+        const SUBJECTS: u64 = 1_000;
+        let clock = crate::clock::Clock::manual(T0 * 1000);
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, _rx, db, _threads) = engine_in(
+            dir.path(),
+            EngineSettings {
+                sweep_interval: Duration::from_millis(5),
+                checkpoint_interval: Duration::from_secs(3600),
+                clock: clock.clone(),
+                ..EngineSettings::default()
+            },
+        );
+        let signals = (1..=SUBJECTS)
+            .map(|i| {
+                let email = format!("user{i}@example.com");
+                example_about(
+                    "caep-risk-level-change.json",
+                    serde_json::json!({"format": "email", "email": email}),
+                    T0,
+                    i,
+                )
+            })
+            .collect();
+        let mut done = engine.submit_batch(signals).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!done.is_done(), "answered before its checkpoint");
+        assert!(persist::load(&db).unwrap().contexts.is_empty());
+        clock.advance(Duration::from_secs(3600));
+        within_5s("the checkpoint did not answer the batch", || done.is_done()).await;
+        tokio::task::spawn_blocking(move || done.wait_blocking())
+            .await
+            .unwrap()
+            .expect("the checkpoint committed");
+        let stored = persist::load(&db).unwrap().contexts;
+        assert_eq!(stored.len() as u64, SUBJECTS, "every part is stored");
+        engine.shutdown().await;
+    }
+
     /// A signal batch is answered (its Kafka offsets may be committed) only once the checkpoint
     /// that writes its contexts is on disk, and the checkpoint interval runs on the injected
     /// clock: nothing is answered while the clock stands still, however long in real time; once

@@ -167,6 +167,7 @@ impl Shard {
             || self.dirty.contains(key)
             || p.decided.contains(key)
             || self.dirty_revocations.iter().any(|(c, _)| c == key)
+            || self.draining.as_ref().is_some_and(|d| d.holds(key))
             || p.revocations.iter().any(|(c, _)| c == key)
         {
             return;

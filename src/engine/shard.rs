@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::commit::{Checkpointing, Committing, Pending, Reply};
+use super::commit::{Checkpointing, Committing, Draining, Pending, Reply};
 use super::decide::{self, cause_of};
 use super::inputs::{shared_view, Inputs};
 use super::session_grant;
@@ -51,6 +51,11 @@ pub(crate) struct Shard {
     /// When the last checkpoint was taken, by the injected clock (milliseconds): the interval is
     /// measured on it, so a test moves it instead of waiting.
     pub(super) last_checkpoint_ms: i64,
+    /// The checkpoint being taken a part per batch, if one is (see [`Draining`]).
+    pub(super) draining: Option<Draining>,
+    /// Counts the checkpoints taken: a checkpoint's parts in flight never wait for each other,
+    /// but a new checkpoint waits for every older one.
+    pub(super) checkpoint_generation: u64,
     /// Checkpoints whose chunks are still committing, oldest first (see [`Checkpointing`]).
     pub(super) checkpointing: VecDeque<Checkpointing>,
     /// A batch commit that failed since the last checkpoint: the next checkpoint's signals include
@@ -90,6 +95,8 @@ impl Shard {
             checkpoint_waiters: Vec::new(),
             checkpoint_processed: Vec::new(),
             last_checkpoint_ms,
+            draining: None,
+            checkpoint_generation: 0,
             checkpointing: VecDeque::new(),
             failed_since_checkpoint: None,
         }
@@ -105,7 +112,7 @@ impl Shard {
         let mut last_sweep = Instant::now();
         let mut committing: Option<Committing> = None;
         loop {
-            self.settle_checkpoints(usize::MAX);
+            self.settle_checkpoints(0);
             let first = match rx.try_recv() {
                 Ok(m) => Some(m),
                 Err(TryRecvError::Disconnected) => break,
@@ -124,7 +131,10 @@ impl Shard {
                             .saturating_sub(self.since_checkpoint())
                             .min(interval)
                     };
-                    let wait = if self.checkpointing.is_empty() {
+                    let wait = if self.draining.is_some() {
+                        // Nothing is waiting for the shard: the checkpoint's next part now.
+                        Duration::ZERO
+                    } else if self.checkpointing.is_empty() {
                         wait
                     } else {
                         wait.min(CHECKPOINT_POLL)
@@ -170,7 +180,9 @@ impl Shard {
                 || self.since_checkpoint() >= checkpoint_interval
                 || self.dirty.len() >= CHECKPOINT_MAX_DIRTY
             {
-                self.checkpoint(&mut p);
+                self.start_checkpoint(stop, &mut p);
+            } else {
+                self.checkpoint_part(&mut p);
             }
             let next = self.commit(p);
             if let Some(previous) = committing.replace(next) {
@@ -183,7 +195,7 @@ impl Shard {
         if let Some(c) = committing.take() {
             self.announce(c);
         }
-        self.settle_checkpoints(0);
+        self.settle_checkpoints(u64::MAX);
     }
 
     /// Time since the last checkpoint, by the injected clock (zero if it went back).
@@ -312,6 +324,9 @@ impl Shard {
         }
         self.dirty.retain(|key| !released(key));
         self.dirty_revocations.retain(|(key, _)| !released(key));
+        if let Some(draining) = &mut self.draining {
+            draining.release(released);
+        }
     }
 
     /// Re-evaluates every grant of the shard on current state, a subject at a time. When the
