@@ -35,7 +35,9 @@
 //! The load generator runs in this process and shares the 2 cores with Vigil, unpinned — as it
 //! does with both ceilings, so the ratios compare like with like (pinning the generator to one
 //! core would halve what both the ceilings and Vigil get); every absolute rate here is a lower
-//! bound of Vigil's own. The fsync cost is `calibration.append_4k_fsync_ms`.
+//! bound of Vigil's own. The fsync cost is `calibration.append_4k_fsync_ms`. The Vigil of phases
+//! 1–5 and the two ceiling servers run in a tokio runtime of their own (`server-rt`), as in a
+//! process of their own; the generator and the enforcement points in another (`load-rt`).
 //!
 //! Output: `report.json` (every figure, machine-readable), `report.md` (the table of figures vs
 //! targets) and `latency.svg` (signal → revocation delivered, per method) in `--out`.
@@ -71,10 +73,21 @@ const CONCURRENCY: usize = 64;
 const CHECK_IN_FLIGHT: usize = 256;
 
 fn main() -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    // Vigil, and the ceiling servers it is compared with, run in a runtime of their own, as in
+    // a process of their own: sharing one with the load generator put the server's tasks in
+    // the same worker queues as the client's, behind its bursts.
+    let servers = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("server-rt")
         .enable_all()
         .build()?;
-    rt.block_on(run())
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("load-rt")
+        .enable_all()
+        .build()?;
+    let outcome = rt.block_on(run(servers.handle().clone()));
+    drop(rt);
+    servers.shutdown_timeout(Duration::from_secs(5));
+    outcome
 }
 
 /// One reported figure.
@@ -137,7 +150,7 @@ impl Figure {
     }
 }
 
-async fn run() -> anyhow::Result<()> {
+async fn run(servers: tokio::runtime::Handle) -> anyhow::Result<()> {
     let sets = arg("--sets", 20_000) as usize;
     let grants = arg("--grants", 1_000_000) as usize;
     let probes = arg("--probes", 400) as usize;
@@ -186,7 +199,7 @@ async fn run() -> anyhow::Result<()> {
     config.limits.client_requests_per_sec = 1e9;
     config.limits.burst = 1e9;
     config.policy.watch_interval_secs = 0;
-    let vigil = Vigil::start(config).await?;
+    let vigil = servers.spawn(Vigil::start(config)).await??;
     let base = format!("http://{}", vigil.local_addr());
     let client = vigil::sim::api_client(vigil.admin_token())?;
 
@@ -196,7 +209,8 @@ async fn run() -> anyhow::Result<()> {
         eprintln!("[ingest {alg}] signing {} SETs…", 2 * sets);
         let mut tokens = sign_sets(key, 2 * sets, |i| background_set(ISS, AUD, name, i));
         let for_vigil = tokens.split_off(sets);
-        let ceiling_url = verify_only(&jwks.jwks_uri(), alg, &format!("Bearer {name}")).await?;
+        let ceiling_url =
+            verify_only(&servers, &jwks.jwks_uri(), alg, &format!("Bearer {name}")).await?;
         warm_up(&client, &ceiling_url, name).await;
         // The two ceilings the issue combines: HTTP alone (the same stack, a route that takes
         // the body and answers 202) and signature verification alone, on every core.
@@ -740,7 +754,12 @@ async fn warm_up(client: &reqwest::Client, url: &str, name: &str) {
 /// The verify-only ceiling: an axum server doing what Vigil's push handler does before it
 /// stores anything (credential check, compact JWS parse, signature verification with the keys
 /// from the transmitter's JWKS, SET claim validation) and answering 202. Returns its push URL.
-async fn verify_only(jwks_uri: &str, alg: Alg, authorization: &str) -> anyhow::Result<String> {
+async fn verify_only(
+    servers: &tokio::runtime::Handle,
+    jwks_uri: &str,
+    alg: Alg,
+    authorization: &str,
+) -> anyhow::Result<String> {
     let doc = reqwest::get(jwks_uri).await?.bytes().await?;
     let keys = KeySet::from_jwks_json(&doc, &[alg]).map_err(anyhow::Error::msg)?;
     struct Ceiling {
@@ -791,10 +810,13 @@ async fn verify_only(jwks_uri: &str, alg: Alg, authorization: &str) -> anyhow::R
         .route("/push", post(handle))
         .route("/trivial", post(trivial))
         .with_state(state);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
+    servers.spawn(async move {
+        if let Ok(listener) = tokio::net::TcpListener::from_std(listener) {
+            let _ = axum::serve(listener, app).await;
+        }
     });
     Ok(format!("http://{addr}/push"))
 }
