@@ -104,8 +104,11 @@ const CHECKPOINT_CHUNK: usize = 256;
 const CHECKPOINT_PART: usize = 128;
 
 /// Most batches a checkpoint is spread over (fewer when its parts would be smaller than
-/// [`CHECKPOINT_PART`]): a large one still ends well within its interval.
-const CHECKPOINT_PARTS: usize = 16;
+/// [`CHECKPOINT_PART`]). Few: under a Kafka backlog a batch takes tens of milliseconds, so
+/// sixteen parts spread a checkpoint over most of its interval, and the revoking Kafka path
+/// measured ≈ 6 % slower with them; with four, within the noise (benches/RESULTS.md). At half
+/// the push load a checkpoint is ≈ 500 contexts: four parts of 129, or five of 128 with sixteen.
+const CHECKPOINT_PARTS: usize = 4;
 
 /// Most checkpoint batches in flight before the shard waits for the oldest: a checkpoint's parts
 /// and forgotten contexts' deletions do not wait for each other, but their memory is bounded.
@@ -530,11 +533,13 @@ mod tests {
     /// Small checkpoints go in parts of at least `CHECKPOINT_PART`; a large one in at most
     /// `CHECKPOINT_PARTS` parts.
     #[test]
-    fn a_checkpoint_is_spread_over_at_most_sixteen_batches() {
+    fn a_checkpoint_is_spread_over_at_most_four_batches() {
         assert_eq!(part_size(0), CHECKPOINT_PART);
-        assert_eq!(part_size(515), CHECKPOINT_PART);
-        assert_eq!(part_size(100_000), 6_250);
-        assert!(100_000_usize.div_ceil(part_size(100_000)) <= CHECKPOINT_PARTS);
+        assert_eq!(part_size(300), CHECKPOINT_PART);
+        assert_eq!(300_usize.div_ceil(part_size(300)), 3);
+        assert_eq!(part_size(515), 129);
+        assert_eq!(part_size(100_000), 25_000);
+        assert!(100_001_usize.div_ceil(part_size(100_001)) <= CHECKPOINT_PARTS);
     }
 
     /// A part that failed to commit makes the checkpoint's last part fail too: its signals stay
