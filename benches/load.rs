@@ -363,6 +363,10 @@ async fn run(servers: tokio::runtime::Handle) -> anyhow::Result<()> {
         0 => (rs_max * load_percent / 100.0).max(1.0),
         fixed => fixed as f64,
     };
+    // A new client from here on: the earlier phases' pooled connections sit idle while the
+    // latency phase signs its SETs, and the server closes idle ones; a probe sent on one failed,
+    // and its retry on another too, ending the run.
+    let client = vigil::sim::api_client(vigil.admin_token())?;
     let metrics_before = metric_values();
     let cpu_before = cpu_seconds();
     let phase_started = Instant::now();
