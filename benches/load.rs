@@ -363,16 +363,14 @@ async fn run(servers: tokio::runtime::Handle) -> anyhow::Result<()> {
         0 => (rs_max * load_percent / 100.0).max(1.0),
         fixed => fixed as f64,
     };
-    // A new client from here on: the earlier phases' pooled connections sit idle while the
-    // latency phase signs its SETs, and the server closes idle ones; a probe sent on one failed,
-    // and its retry on another too, ending the run.
+    // A new client from here on (the check phase's): the earlier phases' pooled connections
+    // sat idle while the latency phase signed its SETs.
     let client = vigil::sim::api_client(vigil.admin_token())?;
     let metrics_before = metric_values();
     let cpu_before = cpu_seconds();
     let phase_started = Instant::now();
     let lat = latency_phase(
         &vigil,
-        &client,
         &base,
         &rs,
         eps,
@@ -907,10 +905,17 @@ struct Latency {
     background_rate: f64,
 }
 
+/// The latency phase's background pushes in flight at most. They all come from one address,
+/// and the server serves at most `server.max_connections_per_peer` (256) connections per
+/// address, closing the next at once; kept under it with room for the pool's churn (a
+/// connection dropped and a new one opened before the server saw the first close). With 256,
+/// a stall of a few tens of milliseconds filled the budget, and the probe's connection was the
+/// one closed: "connection reset by peer", which ended runs.
+const BACKGROUND_IN_FLIGHT: usize = 192;
+
 #[allow(clippy::too_many_arguments)]
 async fn latency_phase(
     vigil: &Vigil,
-    client: &reqwest::Client,
     base: &str,
     key: &SigningKey,
     eps: Vec<(String, vigil::sim::ep::EnforcementPoint)>,
@@ -971,9 +976,18 @@ async fn latency_phase(
         })
     };
 
+    let background_client = reqwest::Client::builder()
+        .pool_max_idle_per_host(BACKGROUND_IN_FLIGHT)
+        .build()?;
+    // The probes come from an address of their own (loopback is all of 127/8), as a transmitter
+    // on another host would: the background's connections do not take from their budget.
+    let probe_client = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()?;
+
     // Background load, paced in 1 ms ticks.
     let bg = {
-        let (client, url) = (client.clone(), format!("{base}/ssf/push/rs"));
+        let (client, url) = (background_client, format!("{base}/ssf/push/rs"));
         tokio::spawn(async move {
             let started = Instant::now();
             let mut tasks = tokio::task::JoinSet::new();
@@ -982,7 +996,7 @@ async fn latency_phase(
                 tokio::time::sleep_until(due.into()).await;
                 let (client, url) = (client.clone(), url.clone());
                 tasks.spawn(async move { push_set(&client, &url, "Bearer rs", &token).await });
-                while tasks.len() > 256 {
+                while tasks.len() >= BACKGROUND_IN_FLIGHT {
                     tasks.join_next().await;
                 }
             }
@@ -1001,13 +1015,13 @@ async fn latency_phase(
         if let Ok(mut s) = sent.lock() {
             s.insert(format!("g{}", probe_grant(p)), now);
         }
-        // Once more on a transport error: a pooled connection the server closed while idle
-        // (its keep-alive timeout) fails the first request sent on it. Timed from the first try.
-        let status = match push_set(client, &url, "Bearer rs", &token).await {
+        // Once more on a transport error, as a transmitter would (the `jti` makes a second copy
+        // harmless). Timed from the first try.
+        let status = match push_set(&probe_client, &url, "Bearer rs", &token).await {
             Ok(status) => status,
             Err(e) => {
                 eprintln!("[latency] probe {p}: {e}; sent again");
-                push_set(client, &url, "Bearer rs", &token).await?
+                push_set(&probe_client, &url, "Bearer rs", &token).await?
             }
         };
         anyhow::ensure!(status == 202, "probe push answered {status}");
