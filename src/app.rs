@@ -239,7 +239,8 @@ impl Vigil {
                 .with_choices(signing_choices(&config)),
             ),
         };
-        let (next_tx, next_rx) = mpsc::channel(config.intake.channel_capacity);
+        // Intake's writer hands each group commit's new signals on; bounded in signals.
+        let (next_tx, next_rx) = crate::intake::hand_on_channel(config.intake.channel_capacity);
 
         let client = transmitter_client(&config)?;
         let destinations = crate::outbound::Destinations {

@@ -959,7 +959,8 @@ pub struct PushConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IntakeConfig {
-    /// Capacity of the bounded channel to the next pipeline stage.
+    /// Most signals recorded and waiting for the next pipeline stage (the engine) in memory;
+    /// while as many wait, intake's writer holds further appends.
     #[serde(default = "default_channel")]
     pub channel_capacity: usize,
     /// Most SETs written in one storage transaction (group commit).

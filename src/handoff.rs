@@ -4,9 +4,7 @@
 
 use std::future::Future;
 
-use tokio::sync::mpsc;
-
-use crate::intake::Intake;
+use crate::intake::{HandOnReceiver, Intake};
 use crate::signal::Signal;
 
 /// How a sink took a signal.
@@ -90,13 +88,14 @@ impl SignalSink for EngineSink {
     }
 }
 
-/// Runs until the channel closes: replays `pending`, then consumes `rx`, each time taking what
-/// is waiting (up to [`GROUP`]) together.
+/// Runs until the channel closes: replays `pending`, then consumes `rx` — the groups intake's
+/// writer hands on ([`crate::intake::Intake::record_and_hand_on`]), each time taking what is
+/// waiting (up to about [`GROUP`] signals) together.
 pub async fn run<S: SignalSink>(
     mut sink: S,
     intake: Intake,
     pending: Vec<Signal>,
-    mut rx: mpsc::Receiver<Signal>,
+    mut rx: HandOnReceiver,
     clock: crate::clock::Clock,
 ) {
     if !pending.is_empty() {
@@ -109,12 +108,11 @@ pub async fn run<S: SignalSink>(
     for group in crate::parts::in_parts(pending, GROUP) {
         handle(&mut sink, &intake, &clock, group).await;
     }
-    while let Some(first) = rx.recv().await {
-        let mut group = vec![first];
+    while let Some(mut group) = rx.recv().await {
         while group.len() < GROUP {
             match rx.try_recv() {
-                Ok(s) => group.push(s),
-                Err(_) => break,
+                Some(more) => group.extend(more),
+                None => break,
             }
         }
         handle(&mut sink, &intake, &clock, group).await;
@@ -148,11 +146,9 @@ async fn handle<S: SignalSink>(
             }
         }
     }
-    if !processed.is_empty() {
-        if let Err(e) = intake.mark_processed(processed).await {
-            tracing::error!(error = %e, "could not mark signals processed");
-        }
-    }
+    // Detached: intake's writer may itself be waiting for room in this task's channel. A mark
+    // lost to a crash replays a signal already handled (a framework event, logged again).
+    intake.mark_processed_detached(processed);
 }
 
 #[cfg(test)]
@@ -194,9 +190,9 @@ mod tests {
         assert_eq!(intake.pending_count().unwrap(), (GROUP + 6) as u64);
         // Three were pending at start-up; the rest wait in the channel, which then closes.
         let pending = recorded.drain(..3).collect();
-        let (tx, rx) = mpsc::channel(1024);
+        let (tx, rx) = crate::intake::hand_on_channel(1024);
         for s in recorded {
-            tx.send(s).await.unwrap();
+            tx.send_blocking(vec![s]).unwrap();
         }
         drop(tx);
         let groups = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -214,6 +210,8 @@ mod tests {
         let order: Vec<String> = groups.into_iter().flatten().collect();
         let expected: Vec<String> = (0..GROUP + 6).map(|i| format!("j{i}")).collect();
         assert_eq!(order, expected);
+        // The marks are queued behind nothing else: a pruning after them sees them written.
+        intake.prune().await.unwrap();
         assert_eq!(intake.pending_count().unwrap(), 0);
     }
 }

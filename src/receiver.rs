@@ -21,11 +21,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use subtle::ConstantTimeEq;
-use tokio::sync::mpsc;
 
 use crate::config::TransmitterConfig;
 use crate::events::Event;
-use crate::intake::{Intake, RecordOutcome};
+use crate::intake::{HandOn, Intake, RecordOutcome};
 use crate::jose::{self, JwsError};
 use crate::jwks::{KeyError, KeyStore};
 use crate::liveness::Liveness;
@@ -170,7 +169,7 @@ impl Rejection {
 pub struct Receiver {
     by_stream: HashMap<String, Arc<Transmitter>>,
     intake: Intake,
-    next: mpsc::Sender<Signal>,
+    next: HandOn,
     liveness: Arc<Liveness>,
     max_future_skew_secs: u64,
     /// Cluster mode: validated signals go to the signals topic instead of local intake.
@@ -181,7 +180,7 @@ impl Receiver {
     pub fn new(
         transmitters: Vec<Arc<Transmitter>>,
         intake: Intake,
-        next: mpsc::Sender<Signal>,
+        next: HandOn,
         liveness: Arc<Liveness>,
     ) -> Receiver {
         let by_stream = transmitters
@@ -409,17 +408,14 @@ impl Receiver {
                 Err(e) => Err(Rejection::LogUnavailable(e.to_string())),
             };
         }
-        match self.intake.record(&signal, token).await {
+        // Intake's writer hands a newly recorded signal on to the next stage.
+        match self
+            .intake
+            .record_and_hand_on(signal, token, &self.next)
+            .await
+        {
             Ok(RecordOutcome::Duplicate(seq)) => Ok(Accepted::Duplicate { seq, event_type }),
-            Ok(RecordOutcome::Recorded(seq)) => {
-                let mut signal = signal;
-                signal.seq = seq;
-                // Recorded is durable; if the next stage is gone the signal is replayed on restart.
-                if self.next.send(signal).await.is_err() {
-                    tracing::warn!(seq, "next stage stopped; signal stays pending for replay");
-                }
-                Ok(Accepted::Recorded { seq, event_type })
-            }
+            Ok(RecordOutcome::Recorded(seq)) => Ok(Accepted::Recorded { seq, event_type }),
             Err(e) if e.is_full() => Err(Rejection::LogUnavailable(e.to_string())),
             Err(e) => Err(Rejection::Storage(e.to_string())),
         }

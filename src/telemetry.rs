@@ -182,6 +182,8 @@ catalogue! {
         "Segment files of the intake log";
     INTAKE_PENDING = "vigil_intake_pending", Gauge, [],
         "SETs recorded and not yet processed by the engine";
+    INTAKE_HANDED_ON_WAITING = "vigil_intake_handed_on_waiting", Gauge, [],
+        "Signals intake's writer handed on that the engine's hand-off has not taken yet (bounded by intake.channel_capacity; at the bound, appends wait)";
     INTAKE_LOG_SYNCS = "vigil_intake_log_syncs_total", Counter, [],
         "fdatasync calls on the intake log: group commits of SETs, and what detached processed marks wrote before a roll or shutdown";
     INTAKE_SEGMENTS_PRUNED = "vigil_intake_segments_pruned_total", Counter, ["reason"],

@@ -1,6 +1,7 @@
 //! The intake log's one writer: a thread that takes appends and processed marks off a channel,
 //! dedupes each append against the log and the batch it is in, writes the batch and syncs it once
-//! (group commit), and only then answers. It also prunes: after every batch, and every
+//! (group commit), and only then answers, and hands the batch's new signals on to the next stage
+//! (those appended with [`super::Intake::record_and_hand_on`]). It also prunes: after every batch, and every
 //! [`PRUNE_EVERY`] when the channel is idle.
 
 use std::collections::HashMap;
@@ -11,8 +12,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::log::{Batch, Encoded, Log, Pruned, Sync};
-use super::{LogError, RecordOutcome, SeqCounter};
+use super::{HandOn, LogError, RecordOutcome, SeqCounter};
 use crate::clock::Clock;
+use crate::signal::Signal;
 
 /// How often the log is pruned (the windows are minutes to days: a few seconds late is nothing).
 pub const PRUNE_EVERY: Duration = Duration::from_secs(5);
@@ -24,9 +26,18 @@ pub struct Moved {
     pub pending: bool,
 }
 
+/// A record to append, answered once it is on disk.
+pub struct Append {
+    pub encoded: Encoded,
+    /// The signal to hand on to the next stage if it is newly recorded.
+    pub hand_on: Option<(Signal, HandOn)>,
+    pub reply: oneshot::Sender<Result<RecordOutcome, LogError>>,
+}
+
 /// Work for the appender.
 pub enum Command {
-    Append(Encoded, oneshot::Sender<Result<RecordOutcome, LogError>>),
+    /// Boxed: a signal is large, and a queue of marks should not be sized for it.
+    Append(Box<Append>),
     Processed(Vec<u64>, Option<oneshot::Sender<Result<(), LogError>>>),
     /// Records moved from an earlier release, in sequence order; those the log already holds (a
     /// move interrupted by a crash) are skipped. Answers how many were appended.
@@ -93,7 +104,7 @@ pub fn run(
         };
         for command in commands {
             match command {
-                Command::Append(e, reply) => appends.push((e, reply)),
+                Command::Append(a) => appends.push(*a),
                 Command::Processed(seqs, reply) => marks.push((seqs, reply)),
                 Command::Move(records, reply) => {
                     flush(&mut appends, &mut marks);
@@ -116,7 +127,7 @@ fn write_batch(
     log: &Log,
     seqs: &SeqCounter,
     settings: &Settings,
-    appends: Vec<(Encoded, oneshot::Sender<Result<RecordOutcome, LogError>>)>,
+    appends: Vec<Append>,
     marks: Vec<(Vec<u64>, Option<oneshot::Sender<Result<(), LogError>>>)>,
 ) {
     if appends.is_empty() && marks.is_empty() {
@@ -125,9 +136,16 @@ fn write_batch(
     let started = Instant::now();
     // Dedupe: against the log, then within the batch.
     let mut new: Vec<Encoded> = Vec::new();
+    // What each new record hands on, by its index in `new`.
+    let mut hand_on: Vec<Option<(Signal, HandOn)>> = Vec::new();
     let mut waiting = Vec::new();
     let mut in_batch: HashMap<String, usize> = HashMap::new();
-    for (encoded, reply) in appends {
+    for append in appends {
+        let Append {
+            encoded,
+            hand_on: next,
+            reply,
+        } = append;
         if encoded.packed.len() > super::log::MAX_RECORD {
             let _ = reply.send(Err(LogError::Io(format!(
                 "a record of {} bytes is larger than the log takes",
@@ -147,6 +165,7 @@ fn write_batch(
                 in_batch.insert(encoded.key.clone(), new.len());
                 waiting.push(Waiting::New(new.len() as u64, reply));
                 new.push(encoded);
+                hand_on.push(next);
             }
             Err(e) => {
                 let _ = reply.send(Err(LogError::Io(e.to_string())));
@@ -223,6 +242,42 @@ fn write_batch(
         }
     }
     publish_size(log);
+    if refused.is_none() && outcome.is_ok() {
+        hand_on_recorded(hand_on, &assigned);
+    }
+}
+
+/// Hands the batch's newly recorded signals on, each group of one next stage as one message,
+/// after the answers went out. Waits while a next stage is full (intake's backpressure); one
+/// that is gone leaves its signals pending, replayed at the next start.
+fn hand_on_recorded(hand_on: Vec<Option<(Signal, HandOn)>>, assigned: &[u64]) {
+    let mut group: Vec<Signal> = Vec::new();
+    let mut to: Option<HandOn> = None;
+    for (next, &seq) in hand_on.into_iter().zip(assigned) {
+        let Some((mut signal, next)) = next else {
+            continue;
+        };
+        signal.seq = seq;
+        if to.as_ref().is_some_and(|t| !t.same_channel(&next)) {
+            send_group(to.take(), std::mem::take(&mut group));
+        }
+        to.get_or_insert(next);
+        group.push(signal);
+    }
+    send_group(to, group);
+}
+
+fn send_group(to: Option<HandOn>, group: Vec<Signal>) {
+    let (Some(to), false) = (to, group.is_empty()) else {
+        return;
+    };
+    let n = group.len();
+    if to.send_blocking(group).is_err() {
+        tracing::warn!(
+            signals = n,
+            "next stage stopped; signals stay pending for replay"
+        );
+    }
 }
 
 /// Appends records moved from an earlier release, keeping their sequence numbers.

@@ -21,6 +21,7 @@
 //! store, later in `intake.redb` — and both are moved into the log at start-up.
 
 mod appender;
+mod hand_on;
 pub mod log;
 
 use std::path::Path;
@@ -34,6 +35,7 @@ use crate::config::IntakeConfig;
 use crate::signal::Signal;
 use crate::store::{BatchWriter, BatchWriterThread, StoreError, WriteError};
 use appender::{Command, Moved};
+pub use hand_on::{channel as hand_on_channel, HandOn, HandOnReceiver};
 pub use log::Pruned;
 use log::{Encoded, Log};
 
@@ -267,9 +269,40 @@ impl Intake {
     /// `(iss, jti)` check runs in the writer, so concurrent duplicates record once.
     pub async fn record(&self, signal: &Signal, token: &str) -> Result<RecordOutcome, IntakeError> {
         let encoded = self.encode(signal, token)?;
+        self.append(encoded, None).await
+    }
+
+    /// [`Intake::record`], and a newly recorded `signal` (with its sequence number) is handed on
+    /// to `next` by the log's writer, together with the rest of its group commit, once it is on
+    /// disk. `next` is bounded: while the next stage is behind, the writer waits for room, and so
+    /// does every append after it — intake's backpressure.
+    ///
+    /// Why the writer and not the caller after the answer: a SET then crosses one task less on
+    /// its way to the engine, and the next stage wakes once per group commit instead of once per
+    /// SET. The answer does not wait for the hand-on; a hand-on to a stage that is gone leaves
+    /// the signal pending, replayed at the next start.
+    pub async fn record_and_hand_on(
+        &self,
+        signal: Signal,
+        token: &str,
+        next: &HandOn,
+    ) -> Result<RecordOutcome, IntakeError> {
+        let encoded = self.encode(&signal, token)?;
+        self.append(encoded, Some((signal, next.clone()))).await
+    }
+
+    async fn append(
+        &self,
+        encoded: Encoded,
+        hand_on: Option<(Signal, HandOn)>,
+    ) -> Result<RecordOutcome, IntakeError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.tx
-            .send(Command::Append(encoded, reply))
+            .send(Command::Append(Box::new(appender::Append {
+                encoded,
+                hand_on,
+                reply,
+            })))
             .map_err(|_| LogError::Gone)?;
         Ok(answer.await.map_err(|_| LogError::Gone)??)
     }
@@ -665,6 +698,58 @@ mod tests {
             max_bytes: 1 << 30,
             ..IntakeConfig::default()
         }
+    }
+
+    /// What the writer hands on: each newly recorded signal once, with its sequence number, in
+    /// its group commit's order; a duplicate not at all. A next stage that is full holds the
+    /// writer (backpressure) without losing anything; one that is gone leaves the signal pending.
+    #[tokio::test]
+    async fn newly_recorded_signals_are_handed_on_once_with_their_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (intake, _threads) = Intake::open_dir(dir.path(), 64).unwrap();
+        // Room for one signal.
+        let (next, mut handed) = hand_on_channel(1);
+        let record = |jti: &'static str| {
+            let (intake, next) = (intake.clone(), next.clone());
+            tokio::spawn(async move {
+                intake
+                    .record_and_hand_on(signal(jti), "tok", &next)
+                    .await
+                    .unwrap()
+            })
+        };
+        assert_eq!(record("a").await.unwrap(), RecordOutcome::Recorded(1));
+        // Answered, and then the writer waits to hand it on until "a" is taken.
+        assert_eq!(record("b").await.unwrap(), RecordOutcome::Recorded(2));
+        let duplicate = record("a");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(!duplicate.is_finished(), "the writer waits for room");
+        let mut got = Vec::new();
+        let mut take = |group: Vec<Signal>| got.extend(group.into_iter().map(|s| (s.seq, s.jti)));
+        take(handed.recv().await.unwrap());
+        assert_eq!(duplicate.await.unwrap(), RecordOutcome::Duplicate(1));
+        assert_eq!(record("c").await.unwrap(), RecordOutcome::Recorded(3));
+        take(handed.recv().await.unwrap());
+        take(handed.recv().await.unwrap());
+        assert_eq!(
+            got,
+            vec![(1, "a".to_owned()), (2, "b".into()), (3, "c".into())]
+        );
+        assert!(
+            handed.try_recv().is_none(),
+            "the duplicate is not handed on"
+        );
+        // A next stage that is gone: recorded and answered, left pending for replay.
+        drop(handed);
+        assert_eq!(
+            intake
+                .record_and_hand_on(signal("d"), "tok", &next)
+                .await
+                .unwrap(),
+            RecordOutcome::Recorded(4)
+        );
+        let pending: Vec<u64> = intake.pending().unwrap().iter().map(|s| s.seq).collect();
+        assert_eq!(pending, vec![1, 2, 3, 4]);
     }
 
     #[tokio::test]
