@@ -169,8 +169,14 @@ pub fn bearer(value: &str) -> Option<&str> {
 
 /// A credential's SHA-256, what credentials are compared as: equal-length values compared in
 /// constant time, so neither a token's length nor its content leaks through timing.
+///
+/// OpenSSL's SHA-256 functions, not its one-shot `SHA256()`: in OpenSSL 3 that one looks the
+/// digest up in the provider tables on every call, which cost more than the hashing (every
+/// pushed SET's credential is digested).
 pub fn digest(token: impl AsRef<[u8]>) -> [u8; 32] {
-    openssl::sha::sha256(token.as_ref())
+    let mut h = openssl::sha::Sha256::new();
+    h.update(token.as_ref());
+    h.finish()
 }
 
 fn load_or_create_token(path: &Path) -> Result<String, AuthError> {

@@ -18,6 +18,7 @@ use serde_json::Value;
 
 use crate::discovery;
 use crate::jose::{Alg, CompactJws};
+use crate::jws_verifier::DigestVerifier;
 
 /// Smallest RSA modulus accepted (CAEP interoperability profile; NIST SP 800-131A).
 pub const MIN_RSA_BITS: usize = 2048;
@@ -55,15 +56,32 @@ pub enum KeyError {
 #[derive(Debug)]
 pub struct Key {
     pub kid: Option<String>,
-    verifiers: Vec<(Alg, Box<dyn JwsVerifier>)>,
+    verifiers: Vec<(Alg, Verifier)>,
+}
+
+/// How a key checks signatures: pre-hashed on a reused OpenSSL context (every algorithm but
+/// EdDSA: `jws_verifier`), or by josekit (EdDSA, which has no pre-hashed form).
+#[derive(Debug)]
+enum Verifier {
+    Digest(DigestVerifier),
+    Jose(Box<dyn JwsVerifier>),
+}
+
+impl Verifier {
+    fn verify(&self, message: &[u8], signature: &[u8]) -> bool {
+        match self {
+            Verifier::Digest(v) => v.verify(message, signature),
+            Verifier::Jose(v) => v.verify(message, signature).is_ok(),
+        }
+    }
 }
 
 impl Key {
-    fn verifier(&self, alg: Alg) -> Option<&dyn JwsVerifier> {
+    fn verifier(&self, alg: Alg) -> Option<&Verifier> {
         self.verifiers
             .iter()
             .find(|(a, _)| *a == alg)
-            .map(|(_, v)| v.as_ref())
+            .map(|(_, v)| v)
     }
 }
 
@@ -117,9 +135,11 @@ impl KeySet {
             kid: key.kid.clone().unwrap_or_default(),
             alg: jws.alg,
         })?;
-        verifier
-            .verify(jws.signing_input, &jws.signature)
-            .map_err(|_| KeyError::BadSignature)
+        if verifier.verify(jws.signing_input, &jws.signature) {
+            Ok(())
+        } else {
+            Err(KeyError::BadSignature)
+        }
     }
 
     fn find(&self, kid: Option<&str>, alg: Alg) -> Result<Arc<Key>, KeyError> {
@@ -181,10 +201,16 @@ fn build_key(raw: &Value, kid: Option<String>, allowed: &[Alg]) -> Result<Key, S
         if jwk.algorithm().is_some_and(|a| a != alg.name()) {
             continue;
         }
-        match verifier_for(alg, &jwk) {
-            Ok(v) => verifiers.push((alg, v)),
-            Err(e) => return Err(format!("not a valid {alg} key: {e}")),
-        }
+        // josekit's checks of the JWK (`key_ops`, sizes) run for every algorithm; its verifier is
+        // kept only where no pre-hashed one exists.
+        let jose = verifier_for(alg, &jwk).map_err(|e| format!("not a valid {alg} key: {e}"))?;
+        let verifier = match alg {
+            Alg::EdDSA => Verifier::Jose(jose),
+            _ => Verifier::Digest(
+                digest_verifier(alg, &jwk).map_err(|e| format!("not a valid {alg} key: {e}"))?,
+            ),
+        };
+        verifiers.push((alg, verifier));
     }
     if verifiers.is_empty() {
         return Err(format!(
@@ -203,12 +229,30 @@ fn build_key(raw: &Value, kid: Option<String>, allowed: &[Alg]) -> Result<Key, S
     Ok(Key { kid, verifiers })
 }
 
-fn rsa_modulus_bits(jwk: &Jwk) -> Option<usize> {
+/// The pre-hashed verifier of `jwk` (already checked by josekit) for `alg`.
+fn digest_verifier(alg: Alg, jwk: &Jwk) -> Result<DigestVerifier, String> {
+    let member = |name: &str| member_bytes(jwk, name);
+    let built = match alg.key_type().0 {
+        "RSA" => DigestVerifier::rsa(alg, &member("n")?, &member("e")?),
+        _ => DigestVerifier::ec(alg, &member("x")?, &member("y")?),
+    };
+    built.map_err(|e| e.to_string())
+}
+
+/// A base64url member of `jwk` (a key's `n`, `e`, `x`, `y`), decoded.
+fn member_bytes(jwk: &Jwk, name: &str) -> Result<Vec<u8>, String> {
     use base64::Engine;
-    let n = jwk.parameter("n")?.as_str()?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(n)
-        .ok()?;
+    let text = jwk
+        .parameter(name)
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("no `{name}`"))?;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(text)
+        .map_err(|e| format!("`{name}` is not base64url: {e}"))
+}
+
+fn rsa_modulus_bits(jwk: &Jwk) -> Option<usize> {
+    let bytes = member_bytes(jwk, "n").ok()?;
     let first = bytes.iter().position(|b| *b != 0)?;
     let lead = bytes[first];
     Some((bytes.len() - first - 1) * 8 + (8 - lead.leading_zeros() as usize))

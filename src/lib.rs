@@ -38,6 +38,7 @@ pub mod handoff;
 pub mod intake;
 pub mod jose;
 pub mod jwks;
+pub mod jws_verifier;
 pub mod kafka;
 pub mod limits;
 pub mod liveness;
