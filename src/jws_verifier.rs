@@ -33,8 +33,8 @@ const IDLE_CONTEXTS: usize = 8;
 /// Why a key cannot be made into a verifier.
 #[derive(Debug, thiserror::Error)]
 pub enum VerifierError {
-    #[error("{0} has no pre-hashed form")]
-    NotPreHashed(Alg),
+    #[error("{0} does not take this kind of key")]
+    WrongKeyType(Alg),
     #[error("not a valid key: {0}")]
     Key(#[from] ErrorStack),
 }
@@ -50,6 +50,7 @@ enum Hash {
 impl Hash {
     fn of(alg: Alg) -> Hash {
         match alg {
+            // EdDSA never gets here (its key type is neither RSA nor EC).
             Alg::RS256 | Alg::PS256 | Alg::ES256 | Alg::EdDSA => Hash::Sha256,
             Alg::RS384 | Alg::PS384 | Alg::ES384 => Hash::Sha384,
             Alg::RS512 | Alg::PS512 | Alg::ES512 => Hash::Sha512,
@@ -112,6 +113,10 @@ impl std::fmt::Debug for DigestVerifier {
 impl DigestVerifier {
     /// An RS* or PS* verifier for the RSA key of modulus `n` and exponent `e` (big-endian).
     pub fn rsa(alg: Alg, n: &[u8], e: &[u8]) -> Result<DigestVerifier, VerifierError> {
+        // An RSA key only ever verifies an RSA algorithm (see `jwks`' invariants).
+        if alg.key_type().0 != "RSA" {
+            return Err(VerifierError::WrongKeyType(alg));
+        }
         let rsa = Rsa::from_public_components(BigNum::from_slice(n)?, BigNum::from_slice(e)?)?;
         DigestVerifier::new(alg, PKey::from_rsa(rsa)?, None)
     }
@@ -123,7 +128,7 @@ impl DigestVerifier {
             Alg::ES256 => (Nid::X9_62_PRIME256V1, 32),
             Alg::ES384 => (Nid::SECP384R1, 48),
             Alg::ES512 => (Nid::SECP521R1, 66),
-            other => return Err(VerifierError::NotPreHashed(other)),
+            other => return Err(VerifierError::WrongKeyType(other)),
         };
         let group = EcGroup::from_curve_name(nid)?;
         let (x, y) = (BigNum::from_slice(x)?, BigNum::from_slice(y)?);
@@ -137,9 +142,6 @@ impl DigestVerifier {
         key: PKey<Public>,
         ec_half: Option<usize>,
     ) -> Result<DigestVerifier, VerifierError> {
-        if alg == Alg::EdDSA {
-            return Err(VerifierError::NotPreHashed(alg));
-        }
         let verifier = DigestVerifier {
             alg,
             hash: Hash::of(alg),
@@ -343,11 +345,18 @@ mod tests {
     }
 
     #[test]
-    fn a_point_off_the_curve_and_eddsa_are_refused() {
+    fn a_point_off_the_curve_and_a_key_of_another_type_are_refused() {
         assert!(DigestVerifier::ec(Alg::ES256, &[1; 32], &[2; 32]).is_err());
+        let (_, rs) = pair(Alg::RS256);
+        let rsa = rs.key.rsa().unwrap();
+        let (n, e) = (rsa.n().to_vec(), rsa.e().to_vec());
         assert!(matches!(
-            DigestVerifier::rsa(Alg::EdDSA, &[0xc5; 256], &[1, 0, 1]),
-            Err(VerifierError::NotPreHashed(Alg::EdDSA))
+            DigestVerifier::rsa(Alg::ES256, &n, &e),
+            Err(VerifierError::WrongKeyType(Alg::ES256))
+        ));
+        assert!(matches!(
+            DigestVerifier::ec(Alg::RS256, &[1; 32], &[2; 32]),
+            Err(VerifierError::WrongKeyType(Alg::RS256))
         ));
     }
 }
