@@ -76,6 +76,13 @@ fn main() -> anyhow::Result<()> {
             f.cpu_us_per_signal, f.cores_busy
         );
         println!("decisions made (other than allow): {}", f.decisions);
+        println!(
+            "state store: {} commits ({:.0} signals each), {:.1} ms each on average; {:.1} KiB written to storage per signal",
+            f.state_commits,
+            messages as f64 / f.state_commits.max(1) as f64,
+            f.state_commit_mean * 1e3,
+            f.bytes_per_signal / 1024.0
+        );
     }
     Ok(())
 }

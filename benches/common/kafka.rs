@@ -39,6 +39,11 @@ pub struct KafkaFigures {
     pub cpu_us_per_signal: f64,
     pub cores_busy: f64,
     pub decisions: usize,
+    /// The state store's commits during the run, and their mean time (seconds).
+    pub state_commits: u64,
+    pub state_commit_mean: f64,
+    /// Bytes written to storage per signal applied (the state store, the audit log, intake).
+    pub bytes_per_signal: f64,
     /// The bare consumer's messages per second.
     pub ceiling: Option<f64>,
 }
@@ -120,10 +125,25 @@ pub async fn measure(args: &KafkaArgs) -> anyhow::Result<KafkaFigures> {
             .unwrap_or(0.0) as u64;
         anyhow::Ok(count)
     };
-    let (t0, c0, cpu0) = loop {
+    // The state store's commits (count, seconds in all): how many signals shared one fsync.
+    let state_commits = || async {
+        let text = client.get(&metrics_url).send().await?.text().await?;
+        let figure = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}{{store=\"state\"}} ")))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        anyhow::Ok((
+            figure("vigil_store_commit_seconds_count"),
+            figure("vigil_store_commit_seconds_sum"),
+        ))
+    };
+    let (commits0, commit_secs0) = state_commits().await?;
+    let (t0, c0, cpu0, written0) = loop {
         let c = applied_so_far().await?;
         if c > 0 {
-            break (Instant::now(), c, cpu_seconds());
+            break (Instant::now(), c, cpu_seconds(), super::written_bytes());
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
@@ -149,6 +169,7 @@ pub async fn measure(args: &KafkaArgs) -> anyhow::Result<KafkaFigures> {
     }
     let secs = t0.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu0;
+    let written = super::written_bytes().saturating_sub(written0);
     let applied = messages - c0;
     figures.end_to_end = applied as f64 / secs;
     if let (Some((a, na)), Some((b, nb))) = (tenth, nine_tenths) {
@@ -159,6 +180,7 @@ pub async fn measure(args: &KafkaArgs) -> anyhow::Result<KafkaFigures> {
     // The whole process (Vigil, the mock broker, this harness's polling) on this machine's cores.
     figures.cpu_us_per_signal = cpu * 1e6 / applied as f64;
     figures.cores_busy = cpu / secs;
+    figures.bytes_per_signal = written as f64 / applied as f64;
     // Vigil's own count of the decisions made (revocations, step-ups, …), not a page of the log.
     let decisions_so_far = || async {
         let text = client.get(&metrics_url).send().await?.text().await?;
@@ -172,6 +194,9 @@ pub async fn measure(args: &KafkaArgs) -> anyhow::Result<KafkaFigures> {
         )
     };
     figures.decisions = decisions_so_far().await?;
+    let (commits, commit_secs) = state_commits().await?;
+    figures.state_commits = (commits - commits0) as u64;
+    figures.state_commit_mean = (commit_secs - commit_secs0) / figures.state_commits.max(1) as f64;
     eprintln!(
         "kafka: {} decisions when every message was applied; RSS {} MiB",
         figures.decisions,
