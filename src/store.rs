@@ -437,6 +437,19 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
+    /// Holds the writer inside a first transaction, so the writes queued next wait together
+    /// until the sender is used.
+    fn hold(writer: &BatchWriter) -> (std::sync::mpsc::Sender<()>, PendingWrite<()>) {
+        let (release, gate) = std::sync::mpsc::channel::<()>();
+        let first = writer
+            .submit_blocking(move |_| {
+                gate.recv().unwrap();
+                Ok(())
+            })
+            .unwrap();
+        (release, first)
+    }
+
     /// Ordinary writes queued behind bulk ones commit first; a bulk write that has not waited long
     /// commits alone (one failing does not take the next with it); bulk writes keep their order.
     #[test]
@@ -446,7 +459,6 @@ mod tests {
         let (writer, thread) =
             BatchWriter::start_merging_after(db, "test", 8, std::time::Duration::MAX).unwrap();
         let order = Arc::new(Mutex::new(Vec::new()));
-        let (release, gate) = std::sync::mpsc::channel::<()>();
         let log = |name: &'static str, ok: bool| {
             let order = order.clone();
             move |_: &redb::WriteTransaction| {
@@ -458,13 +470,7 @@ mod tests {
                 }
             }
         };
-        // Holds the writer inside its first transaction while the others queue up.
-        let first = writer
-            .submit_blocking(move |_| {
-                gate.recv().unwrap();
-                Ok(())
-            })
-            .unwrap();
+        let (release, first) = hold(&writer);
         let b1 = writer.submit_bulk_blocking(log("b1", false)).unwrap();
         let b2 = writer.submit_bulk_blocking(log("b2", true)).unwrap();
         let o1 = writer.submit_blocking(log("o1", true)).unwrap();
@@ -488,13 +494,7 @@ mod tests {
         let (writer, thread) =
             BatchWriter::start_merging_after(db, "test", 8, std::time::Duration::ZERO).unwrap();
         let order = Arc::new(Mutex::new(Vec::new()));
-        let (release, gate) = std::sync::mpsc::channel::<()>();
-        let first = writer
-            .submit_blocking(move |_| {
-                gate.recv().unwrap();
-                Ok(())
-            })
-            .unwrap();
+        let (release, first) = hold(&writer);
         let bulk: Vec<_> = (0..9)
             .map(|i| {
                 let order = order.clone();

@@ -211,31 +211,29 @@ pub async fn drive_max_over(
     }
 }
 
-/// This process's resident set size, bytes (`VmRSS` in `/proc/self/status`).
-/// Bytes this process has caused to be written to storage so far (`write_bytes` of
-/// `/proc/self/io`: what reached the block layer, not what sat in the page cache and was
-/// overwritten).
-pub fn written_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/io")
+/// The number after `key` on its line of `/proc/self/<file>` (0 if there is none).
+fn proc_self_number(file: &str, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/self/{file}"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("write_bytes:"))
-                .and_then(|v| v.trim().parse::<u64>().ok())
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<u64>().ok())
         })
         .unwrap_or(0)
 }
 
+/// Bytes this process has caused to be written to storage so far (`write_bytes` of
+/// `/proc/self/io`: what reached the block layer, not what sat in the page cache and was
+/// overwritten).
+pub fn written_bytes() -> u64 {
+    proc_self_number("io", "write_bytes:")
+}
+
+/// This process's resident set size, bytes (`VmRSS` in `/proc/self/status`).
 pub fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
+    proc_self_number("status", "VmRSS:") * 1024
 }
 
 /// Subscribes one simulated enforcement point per delivery method (push, poll, SSE) to the Vigil at
