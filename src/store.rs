@@ -119,11 +119,11 @@ struct Queued {
 /// How long the oldest bulk write may wait before the writer counts itself behind and commits
 /// several together. Each commit rewrites the B-tree branch pages above the rows it changes and
 /// the store's own metadata whatever its size, so a chunk alone costs about as much as several
-/// together: with a Kafka backlog revoking a grant per message, the state store wrote 11.9 KiB
-/// per signal with chunks alone and 9.5 KiB with up to eight a commit, 27 % more signals/s
-/// (benches/RESULTS.md). Not at once: at moderate load a checkpoint's chunks find the writer
-/// idle between decisions' commits, and a chunk alone keeps the wait of a decision that arrives
-/// meanwhile short.
+/// together: with a Kafka backlog revoking a grant per message, the state store wrote 11–12 KiB
+/// per signal with chunks alone and 9.3–10.5 KiB with up to eight a commit, 19 % more signals/s
+/// (benches/RESULTS.md). Not at once: at moderate load a checkpoint's few chunks commit within
+/// this age, each alone between decisions' commits, which keeps the wait of a decision that
+/// arrives meanwhile short.
 pub const BULK_BACKLOG_AGE: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Most bulk writes one commit takes once the writer is behind (each a checkpoint chunk of a few
