@@ -437,6 +437,16 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
+    /// A writer on a new store whose bulk writes commit together once they waited `age`.
+    fn merging_after(
+        age: std::time::Duration,
+    ) -> (tempfile::TempDir, BatchWriter, BatchWriterThread) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(dir.path()).unwrap();
+        let (writer, thread) = BatchWriter::start_merging_after(db, "test", 8, age).unwrap();
+        (dir, writer, thread)
+    }
+
     /// Holds the writer inside a first transaction, so the writes queued next wait together
     /// until the sender is used.
     fn hold(writer: &BatchWriter) -> (std::sync::mpsc::Sender<()>, PendingWrite<()>) {
@@ -454,10 +464,7 @@ mod tests {
     /// commits alone (one failing does not take the next with it); bulk writes keep their order.
     #[test]
     fn bulk_writes_commit_alone_after_the_ordinary_ones_waiting() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = open(dir.path()).unwrap();
-        let (writer, thread) =
-            BatchWriter::start_merging_after(db, "test", 8, std::time::Duration::MAX).unwrap();
+        let (_dir, writer, thread) = merging_after(std::time::Duration::MAX);
         let order = Arc::new(Mutex::new(Vec::new()));
         let log = |name: &'static str, ok: bool| {
             let order = order.clone();
@@ -489,10 +496,7 @@ mod tests {
     /// ninth, in the next commit, stands.
     #[test]
     fn bulk_writes_that_waited_commit_eight_together() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = open(dir.path()).unwrap();
-        let (writer, thread) =
-            BatchWriter::start_merging_after(db, "test", 8, std::time::Duration::ZERO).unwrap();
+        let (_dir, writer, thread) = merging_after(std::time::Duration::ZERO);
         let order = Arc::new(Mutex::new(Vec::new()));
         let (release, first) = hold(&writer);
         let bulk: Vec<_> = (0..9)

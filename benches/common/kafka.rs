@@ -116,27 +116,15 @@ pub async fn measure(args: &KafkaArgs) -> anyhow::Result<KafkaFigures> {
     let metrics_url = format!("http://{}/metrics", vigil.local_addr());
     let applied_so_far = || async {
         let text = client.get(&metrics_url).send().await?.text().await?;
-        let count = text
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(&format!("vigil_kafka_applied_total{{topic=\"{topic}\"}} "))
-            })
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0) as u64;
-        anyhow::Ok(count)
+        let applied = format!("vigil_kafka_applied_total{{topic=\"{topic}\"}}");
+        anyhow::Ok(sample(&text, &applied) as u64)
     };
     // The state store's commits (count, seconds in all): how many signals shared one fsync.
     let state_commits = || async {
         let text = client.get(&metrics_url).send().await?.text().await?;
-        let figure = |name: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(&format!("{name}{{store=\"state\"}} ")))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
         anyhow::Ok((
-            figure("vigil_store_commit_seconds_count"),
-            figure("vigil_store_commit_seconds_sum"),
+            sample(&text, "vigil_store_commit_seconds_count{store=\"state\"}"),
+            sample(&text, "vigil_store_commit_seconds_sum{store=\"state\"}"),
         ))
     };
     let (commits0, commit_secs0) = state_commits().await?;
@@ -204,6 +192,15 @@ pub async fn measure(args: &KafkaArgs) -> anyhow::Result<KafkaFigures> {
     );
     vigil.shutdown().await;
     Ok(figures)
+}
+
+/// The value of the sample `series` (a metric name and its labels, as rendered) in the
+/// Prometheus text `text`; 0 when it is not there.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
 }
 
 /// Publishes `args.messages` messages of `args.pattern` to `topic` and waits until the brokers
