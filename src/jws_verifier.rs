@@ -92,13 +92,23 @@ impl Hash {
     }
 }
 
+/// What a JWS signature of the key looks like on the wire.
+#[derive(Debug, Clone, Copy)]
+enum Shape {
+    /// RS*, PS*: exactly as long as the modulus (RFC 8017 §8.1.2 and §8.2.2, step 1). OpenSSL
+    /// takes a shorter one as the same integer, so a signature whose first byte is zero would
+    /// also verify with that byte cut off; the length is checked here instead.
+    Rsa { len: usize },
+    /// ES*: `r ‖ s`, each `half` bytes (RFC 7518 §3.4).
+    Ec { half: usize },
+}
+
 /// A public key and the algorithm it verifies.
 pub struct DigestVerifier {
     alg: Alg,
     hash: Hash,
     key: PKey<Public>,
-    /// ES*: the length of each of `r` and `s` in a JWS signature (RFC 7518 §3.4).
-    ec_half: Option<usize>,
+    shape: Shape,
     idle: Mutex<Vec<PkeyCtx<Public>>>,
 }
 
@@ -118,7 +128,8 @@ impl DigestVerifier {
             return Err(VerifierError::WrongKeyType(alg));
         }
         let rsa = Rsa::from_public_components(BigNum::from_slice(n)?, BigNum::from_slice(e)?)?;
-        DigestVerifier::new(alg, PKey::from_rsa(rsa)?, None)
+        let len = usize::try_from(rsa.size()).unwrap_or(usize::MAX);
+        DigestVerifier::new(alg, PKey::from_rsa(rsa)?, Shape::Rsa { len })
     }
 
     /// An ES* verifier for the point (`x`, `y`) of the algorithm's curve; refused if the point is
@@ -134,19 +145,15 @@ impl DigestVerifier {
         let (x, y) = (BigNum::from_slice(x)?, BigNum::from_slice(y)?);
         let key = EcKey::from_public_key_affine_coordinates(&group, &x, &y)?;
         key.check_key()?;
-        DigestVerifier::new(alg, PKey::from_ec_key(key)?, Some(half))
+        DigestVerifier::new(alg, PKey::from_ec_key(key)?, Shape::Ec { half })
     }
 
-    fn new(
-        alg: Alg,
-        key: PKey<Public>,
-        ec_half: Option<usize>,
-    ) -> Result<DigestVerifier, VerifierError> {
+    fn new(alg: Alg, key: PKey<Public>, shape: Shape) -> Result<DigestVerifier, VerifierError> {
         let verifier = DigestVerifier {
             alg,
             hash: Hash::of(alg),
             key,
-            ec_half,
+            shape,
             idle: Mutex::new(Vec::new()),
         };
         // A key the algorithm cannot use fails here, at load, not at the first SET.
@@ -184,9 +191,10 @@ impl DigestVerifier {
     /// Whether `signature` is this key's signature of `message` under its algorithm.
     pub fn verify(&self, message: &[u8], signature: &[u8]) -> bool {
         let der;
-        let signature = match self.ec_half {
-            None => signature,
-            Some(half) => match ecdsa_der(signature, half) {
+        let signature = match self.shape {
+            Shape::Rsa { len } if signature.len() == len => signature,
+            Shape::Rsa { .. } => return false,
+            Shape::Ec { half } => match ecdsa_der(signature, half) {
                 Some(d) => {
                     der = d;
                     &der[..]
@@ -326,6 +334,29 @@ mod tests {
                 "{alg}: another key's signature"
             );
             assert!(verifier.verify(message, &signature), "{alg} after failures");
+        }
+    }
+
+    /// A signature whose first byte is zero is the same integer without that byte, and OpenSSL
+    /// would take it so; RFC 8017 wants exactly the modulus' length, so neither a shorter nor a
+    /// longer form verifies. (The test signs until a signature starts with zero: 1 in 256.)
+    #[test]
+    fn an_rsa_signature_is_exactly_as_long_as_the_modulus() {
+        for alg in [Alg::RS256, Alg::PS256] {
+            let (signer, verifier) = pair(alg);
+            let (message, signature) = (0u32..20_000)
+                .map(|i| format!("header.{i}").into_bytes())
+                .map(|m| {
+                    let s = signer.sign(&m).unwrap();
+                    (m, s)
+                })
+                .find(|(_, s)| s[0] == 0)
+                .expect("a signature starting with zero within 20 000");
+            assert!(verifier.verify(&message, &signature), "{alg}");
+            assert!(!verifier.verify(&message, &signature[1..]), "{alg}");
+            let longer = [&[0u8][..], &signature].concat();
+            assert!(!verifier.verify(&message, &longer), "{alg}");
+            assert!(verifier.verify(&message, &signature), "{alg} after");
         }
     }
 
