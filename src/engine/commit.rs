@@ -5,7 +5,7 @@
 //! settles behind: the intake "processed" marks and Kafka batch answers it covers go out when
 //! every chunk of every part is on disk.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
@@ -132,6 +132,9 @@ pub(super) struct Draining {
     /// How many a batch takes.
     per_batch: usize,
     revocations: Vec<(String, String)>,
+    /// Links learned since the last checkpoint ([`Shard::dirty_aliases`]): written with the last
+    /// part, before the signals that made them are marked processed.
+    aliases: HashMap<String, String>,
     processed: Vec<u64>,
     waiters: Vec<oneshot::Sender<Result<(), String>>>,
 }
@@ -146,6 +149,14 @@ impl Draining {
     pub(super) fn release(&mut self, released: &dyn Fn(&str) -> bool) {
         self.keys.retain(|key| !released(key));
         self.revocations.retain(|(key, _)| !released(key));
+        self.aliases.retain(|_, principal| !released(principal));
+    }
+
+    /// Drops the link of `alias` to `principal` if it is still to be written: retention forgot it.
+    pub(super) fn unlink(&mut self, alias: &str, principal: &str) {
+        if self.aliases.get(alias).is_some_and(|p| p == principal) {
+            self.aliases.remove(alias);
+        }
     }
 }
 
@@ -188,6 +199,7 @@ impl Shard {
             keys,
             per_batch,
             revocations: std::mem::take(&mut self.dirty_revocations),
+            aliases: std::mem::take(&mut self.dirty_aliases),
             processed: std::mem::take(&mut self.checkpoint_processed),
             waiters: std::mem::take(&mut self.checkpoint_waiters),
         });
@@ -227,6 +239,7 @@ impl Shard {
         }
         if let Some(last) = self.draining.take() {
             p.revocations.extend(last.revocations);
+            p.changes.aliases.extend(last.aliases);
             p.processed.extend(last.processed);
             p.batch_waiters.extend(last.waiters);
         }

@@ -2408,6 +2408,75 @@ mod tests {
         engine.shutdown().await;
     }
 
+    /// Links a signal makes wait for its checkpoint (a signal naming a new session costs no
+    /// commit of its own), and are on disk before the signal is answered; a registration's links
+    /// are stored with the registration.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn links_a_signal_makes_are_stored_with_its_checkpoint() {
+        const T0: i64 = 1_700_000_000;
+        let clock = crate::clock::Clock::manual(T0 * 1000);
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, _rx, db, _threads) = engine_in(
+            dir.path(),
+            EngineSettings {
+                sweep_interval: Duration::from_millis(5),
+                checkpoint_interval: Duration::from_secs(3600),
+                clock: clock.clone(),
+                ..EngineSettings::default()
+            },
+        );
+        let two_ids = |who: &str, phone: &str| {
+            serde_json::json!({"format": "aliases", "identifiers": [
+                {"format": "email", "email": format!("{who}@example.com")},
+                {"format": "phone_number", "phone_number": phone}]})
+        };
+        let stored = |who: &str| {
+            persist::load(&db)
+                .unwrap()
+                .aliases
+                .iter()
+                .filter(|(_, principal)| principal.contains(who))
+                .count()
+        };
+        let request: GrantRequest = serde_json::from_value(serde_json::json!({
+            "id": "g", "kind": "session", "subject": two_ids("holder", "+15550001"),
+            "issued_at": T0 - 10, "expires_at": T0 + 86_400}))
+        .unwrap();
+        engine
+            .register(request, Registrant::client("test"))
+            .await
+            .unwrap();
+        assert_eq!(stored("holder@"), 2, "a registration's links, at once");
+
+        let signal = example_about(
+            "caep-risk-level-change.json",
+            two_ids("signalled", "+15550002"),
+            T0,
+            1,
+        );
+        let mut done = engine.submit_batch(vec![signal]).unwrap();
+        within_5s("the signal was not applied", || {
+            engine.principal_key(&["phone_number:+15550002".to_owned()])
+                == Some("email:signalled@example.com".to_owned())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!done.is_done(), "answered before its checkpoint");
+        assert_eq!(
+            stored("signalled@"),
+            0,
+            "a signal's links before its checkpoint"
+        );
+        clock.advance(Duration::from_secs(3600));
+        within_5s("the checkpoint did not answer the batch", || done.is_done()).await;
+        tokio::task::spawn_blocking(move || done.wait_blocking())
+            .await
+            .unwrap()
+            .expect("the checkpoint committed");
+        assert_eq!(stored("signalled@"), 2, "the links, with the checkpoint");
+        engine.shutdown().await;
+    }
+
     /// A checkpoint larger than a part is written over several batches; the signal batch it
     /// covers is answered only once every part is on disk, and by then every context is stored.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

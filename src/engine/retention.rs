@@ -194,6 +194,13 @@ impl Shard {
                 .remove_if(&alias, |_, principal| principal == key)
                 .is_some()
             {
+                // A link still waiting for its checkpoint is not written after its deletion.
+                if self.dirty_aliases.get(&alias).is_some_and(|p| p == key) {
+                    self.dirty_aliases.remove(&alias);
+                }
+                if let Some(draining) = &mut self.draining {
+                    draining.unlink(&alias, key);
+                }
                 p.changes.deleted_aliases.push((alias, key.to_owned()));
                 forgotten += 1;
             }

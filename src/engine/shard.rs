@@ -45,6 +45,12 @@ pub(crate) struct Shard {
     pub(super) dirty: std::collections::HashSet<String>,
     /// Session revocations changed by replayable signals, written with the next checkpoint.
     pub(super) dirty_revocations: Vec<(String, String)>,
+    /// Links (identifier → principal) learned from replayable signals, written with the next
+    /// checkpoint (single node): a signal naming an identifier seen for the first time — every
+    /// new session does — then costs no commit of its own, and a decision's commit does not wait
+    /// behind such commits. A crash before the checkpoint replays the signal, which links them
+    /// again. In cluster mode they go out with their batch, as the other instances route by them.
+    pub(super) dirty_aliases: HashMap<String, String>,
     pub(super) checkpoint_waiters: Vec<oneshot::Sender<Result<(), String>>>,
     /// Intake sequence numbers of pushed signals applied since the last checkpoint.
     pub(super) checkpoint_processed: Vec<u64>,
@@ -66,7 +72,7 @@ pub(crate) struct Shard {
 /// How often an idle shard looks whether a checkpoint in flight has committed.
 const CHECKPOINT_POLL: Duration = Duration::from_millis(2);
 
-/// Most such contexts held before a write is forced.
+/// Most such contexts (or links) held before a write is forced.
 const CHECKPOINT_MAX_DIRTY: usize = 100_000;
 
 fn ms(t: f64) -> i64 {
@@ -92,6 +98,7 @@ impl Shard {
             expiry,
             dirty: std::collections::HashSet::new(),
             dirty_revocations: Vec::new(),
+            dirty_aliases: HashMap::new(),
             checkpoint_waiters: Vec::new(),
             checkpoint_processed: Vec::new(),
             last_checkpoint_ms,
@@ -124,6 +131,7 @@ impl Shard {
                     let wait = if self.checkpoint_waiters.is_empty()
                         && self.checkpoint_processed.is_empty()
                         && self.dirty.is_empty()
+                        && self.dirty_aliases.is_empty()
                     {
                         interval
                     } else {
@@ -179,6 +187,7 @@ impl Shard {
             if stop
                 || self.since_checkpoint() >= checkpoint_interval
                 || self.dirty.len() >= CHECKPOINT_MAX_DIRTY
+                || self.dirty_aliases.len() >= CHECKPOINT_MAX_DIRTY
             {
                 self.start_checkpoint(stop, &mut p);
             } else {
@@ -324,6 +333,8 @@ impl Shard {
         }
         self.dirty.retain(|key| !released(key));
         self.dirty_revocations.retain(|(key, _)| !released(key));
+        self.dirty_aliases
+            .retain(|_, principal| !released(principal));
         if let Some(draining) = &mut self.draining {
             draining.release(released);
         }
@@ -392,7 +403,7 @@ impl Shard {
     /// Every signal's source redelivers it after a crash (a Kafka partition, intake's pending
     /// set), so its context write waits for the next checkpoint.
     fn apply_routed(&mut self, routed: super::Routed, p: &mut Pending) {
-        p.changes.aliases.extend(routed.aliases);
+        self.link(routed.aliases, p);
         self.apply_signal(&routed.key, &routed.signal, &routed.target, p);
     }
 
@@ -400,6 +411,7 @@ impl Shard {
         // Updated in place when nobody else holds this version (readers keep their snapshot:
         // `make_mut` copies only a context that is shared at this moment).
         let mut revocations = Vec::new();
+        let mut relinked = Vec::new();
         let changed = match self.shared.contexts.get_mut(key) {
             Some(mut entry) => {
                 Arc::make_mut(&mut *entry).apply_noting(signal, target, &mut revocations)
@@ -408,10 +420,11 @@ impl Shard {
                 let mut ctx = PrincipalContext::new(key);
                 let changed = ctx.apply_noting(signal, target, &mut revocations);
                 self.shared.contexts.insert(key.to_owned(), Arc::new(ctx));
-                self.relink(key, target, p);
+                relinked = self.relink(key, target);
                 changed
             }
         };
+        self.link(relinked, p);
         // Only the key is kept for the checkpoint: until then this shard holds the only
         // reference, and later signals update the context in place instead of copying it.
         if !self.dirty.contains(key) {
@@ -448,33 +461,45 @@ impl Shard {
         }
     }
 
+    /// Stores links a signal made: with the next checkpoint on a single node (see
+    /// [`Shard::dirty_aliases`]), with this batch in cluster mode.
+    fn link(&mut self, links: impl IntoIterator<Item = (String, String)>, p: &mut Pending) {
+        if self.shared.settings.changelog.is_none() {
+            self.dirty_aliases.extend(links);
+        } else {
+            p.changes.aliases.extend(links);
+        }
+    }
+
     /// Links again the identifiers of a signal that creates `key`'s context and are linked to
     /// nothing. The signal was routed by its links, which context retention may have forgotten
     /// between its routing and now (it saw the principal with neither context nor grant); without
     /// this the next signal naming one of them would start a principal of its own. Only a new
-    /// context pays for the look-ups.
-    fn relink(&self, key: &str, target: &Target, p: &mut Pending) {
+    /// context pays for the look-ups. Returns the links made, to be stored.
+    fn relink(&self, key: &str, target: &Target) -> Vec<(String, String)> {
         if target
             .identifiers
             .iter()
             .all(|k| self.shared.aliases.contains_key(k))
         {
-            return;
+            return Vec::new();
         }
         let _linking = self
             .shared
             .linking
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut linked = Vec::new();
         for k in &target.identifiers {
             if let dashmap::mapref::entry::Entry::Vacant(link) =
                 self.shared.aliases.entry(k.clone())
             {
                 link.insert(key.to_owned());
-                p.changes.aliases.push((k.clone(), key.to_owned()));
+                linked.push((k.clone(), key.to_owned()));
             }
         }
         metrics::gauge!(crate::telemetry::ALIASES).set(self.shared.aliases.len() as f64);
+        linked
     }
 
     /// Evaluates the grants `signal` (applied to `key`'s context) can affect: here the ones this
