@@ -1554,6 +1554,39 @@ mod tests {
         crate::evaluate::testing::signal_from_claims(&claims, seq).unwrap()
     }
 
+    /// An engine whose checkpoints come only when the test moves `clock` an hour on.
+    fn checkpoint_on_demand(
+        dir: &std::path::Path,
+        clock: &crate::clock::Clock,
+    ) -> (Engine, mpsc::Receiver<Handed>, Arc<redb::Database>, Threads) {
+        engine_in(
+            dir,
+            EngineSettings {
+                sweep_interval: Duration::from_millis(5),
+                checkpoint_interval: Duration::from_secs(3600),
+                clock: clock.clone(),
+                ..EngineSettings::default()
+            },
+        )
+    }
+
+    /// A subject of two identifiers: `who@example.com` and `phone`.
+    fn two_ids(who: &str, phone: &str) -> serde_json::Value {
+        serde_json::json!({"format": "aliases", "identifiers": [
+            {"format": "email", "email": format!("{who}@example.com")},
+            {"format": "phone_number", "phone_number": phone}]})
+    }
+
+    /// How many stored links lead to a principal whose key contains `who`.
+    fn stored_links(db: &Arc<redb::Database>, who: &str) -> usize {
+        persist::load(db)
+            .unwrap()
+            .aliases
+            .iter()
+            .filter(|(_, principal)| principal.contains(who))
+            .count()
+    }
+
     fn engine_in(
         dir: &std::path::Path,
         settings: EngineSettings,
@@ -2301,11 +2334,6 @@ mod tests {
         let clock = crate::clock::Clock::manual(T0 * 1000);
         let dir = tempfile::tempdir().unwrap();
         let (engine, _decisions, db, _held) = retention_engine(dir.path(), &clock);
-        let two_ids = |who: &str, phone: &str| {
-            serde_json::json!({"format": "aliases", "identifiers": [
-                {"format": "email", "email": format!("{who}@example.com")},
-                {"format": "phone_number", "phone_number": phone}]})
-        };
         for (id, who, phone, lasts) in [
             ("ended", "ended", "+15550002", 60),
             ("kept", "kept", "+15550003", 86_400),
@@ -2336,14 +2364,7 @@ mod tests {
                 .filter(|l| l.value().contains(who))
                 .count()
         };
-        let stored = |who: &str| {
-            persist::load(&db)
-                .unwrap()
-                .aliases
-                .iter()
-                .filter(|(_, principal)| principal.contains(who))
-                .count()
-        };
+        let stored = |who: &str| stored_links(&db, who);
         for who in ["gone@", "ended@", "kept@"] {
             assert_eq!((linked(who), stored(who)), (2, 2), "{who}'s two links");
         }
@@ -2416,28 +2437,8 @@ mod tests {
         const T0: i64 = 1_700_000_000;
         let clock = crate::clock::Clock::manual(T0 * 1000);
         let dir = tempfile::tempdir().unwrap();
-        let (engine, _rx, db, _threads) = engine_in(
-            dir.path(),
-            EngineSettings {
-                sweep_interval: Duration::from_millis(5),
-                checkpoint_interval: Duration::from_secs(3600),
-                clock: clock.clone(),
-                ..EngineSettings::default()
-            },
-        );
-        let two_ids = |who: &str, phone: &str| {
-            serde_json::json!({"format": "aliases", "identifiers": [
-                {"format": "email", "email": format!("{who}@example.com")},
-                {"format": "phone_number", "phone_number": phone}]})
-        };
-        let stored = |who: &str| {
-            persist::load(&db)
-                .unwrap()
-                .aliases
-                .iter()
-                .filter(|(_, principal)| principal.contains(who))
-                .count()
-        };
+        let (engine, _rx, db, _threads) = checkpoint_on_demand(dir.path(), &clock);
+        let stored = |who: &str| stored_links(&db, who);
         let request: GrantRequest = serde_json::from_value(serde_json::json!({
             "id": "g", "kind": "session", "subject": two_ids("holder", "+15550001"),
             "issued_at": T0 - 10, "expires_at": T0 + 86_400}))
@@ -2485,15 +2486,7 @@ mod tests {
         const SUBJECTS: u64 = 1_000;
         let clock = crate::clock::Clock::manual(T0 * 1000);
         let dir = tempfile::tempdir().unwrap();
-        let (engine, _rx, db, _threads) = engine_in(
-            dir.path(),
-            EngineSettings {
-                sweep_interval: Duration::from_millis(5),
-                checkpoint_interval: Duration::from_secs(3600),
-                clock: clock.clone(),
-                ..EngineSettings::default()
-            },
-        );
+        let (engine, _rx, db, _threads) = checkpoint_on_demand(dir.path(), &clock);
         let signals = (1..=SUBJECTS)
             .map(|i| {
                 let email = format!("user{i}@example.com");
