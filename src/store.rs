@@ -111,9 +111,30 @@ type Job = Box<dyn FnOnce(&redb::WriteTransaction) -> (bool, Completion) + Send>
 /// A queued write and its lane.
 struct Queued {
     job: Job,
+    lane: Lane,
+}
+
+/// Which lane a write takes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    Ordinary,
     /// A bulk write (a checkpoint's contexts): committed after every other write queued by
     /// then, so a large checkpoint never holds up a decision's commit.
-    bulk: bool,
+    Bulk(Merge),
+}
+
+/// Whether a bulk write may share its commit with other bulk writes once the writer is behind.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Merge {
+    /// Writes of rows that exist or grow the store anyway (a checkpoint's contexts): merged once
+    /// behind.
+    Allowed,
+    /// Always a commit of its own: deletions. A retention pass queues all of its at once, so they
+    /// would always count as behind, and eight chunks of deletions spread over a small table touch
+    /// nearly every page of it in one commit. redb frees a commit's old pages only once it has
+    /// committed, so such a commit needs about the table's size again in free pages: the soak's
+    /// store file doubled (4.7 → 8.9 MB) at a forget wave and the pushes meanwhile waited up to 2 s.
+    Alone,
 }
 
 /// How long the oldest bulk write may wait before the writer counts itself behind and commits
@@ -127,7 +148,8 @@ struct Queued {
 pub const BULK_BACKLOG_AGE: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Most bulk writes one commit takes once the writer is behind (each a checkpoint chunk of a few
-/// hundred rows).
+/// hundred rows). It bounds how much one commit adds to the store file's high-water mark: redb
+/// copies each page a commit changes and frees the old one only after it.
 const BULK_PER_COMMIT: usize = 8;
 
 /// Group commit: one thread owns redb's single write transaction and runs many callers' writes in
@@ -137,7 +159,7 @@ const BULK_PER_COMMIT: usize = 8;
 ///
 /// Bulk writes ([`BatchWriter::submit_bulk_blocking`]) take a second lane: they commit only when no
 /// other write is waiting, each alone unless the oldest has waited [`BULK_BACKLOG_AGE`] (then up to
-/// eight together, and one failing fails those with it). Bulk writes keep their order among
+/// eight that allow it ([`Merge::Allowed`]) together, and one failing fails those with it). Bulk writes keep their order among
 /// themselves, other writes among themselves; a bulk write may commit after a later ordinary one.
 #[derive(Clone)]
 pub struct BatchWriter {
@@ -239,7 +261,10 @@ impl BatchWriter {
     {
         let (job, rx) = Self::job(f);
         self.tx
-            .send(Queued { job, bulk: false })
+            .send(Queued {
+                job,
+                lane: Lane::Ordinary,
+            })
             .await
             .map_err(|_| WriteError::WriterGone)?;
         Ok(PendingWrite(rx))
@@ -262,17 +287,21 @@ impl BatchWriter {
         T: Send + 'static,
         F: FnOnce(&redb::WriteTransaction) -> Result<T, WriteError> + Send + 'static,
     {
-        self.submit_in_lane(f, false)
+        self.submit_in_lane(f, Lane::Ordinary)
     }
 
     /// [`BatchWriter::submit_blocking`] in the bulk lane: for large writes nobody waits on
     /// urgently (contexts at a checkpoint), which must not delay the small ones that are.
-    pub fn submit_bulk_blocking<T, F>(&self, f: F) -> Result<PendingWrite<T>, WriteError>
+    pub fn submit_bulk_blocking<T, F>(
+        &self,
+        merge: Merge,
+        f: F,
+    ) -> Result<PendingWrite<T>, WriteError>
     where
         T: Send + 'static,
         F: FnOnce(&redb::WriteTransaction) -> Result<T, WriteError> + Send + 'static,
     {
-        self.submit_in_lane(f, true)
+        self.submit_in_lane(f, Lane::Bulk(merge))
     }
 
     /// [`BatchWriter::submit_blocking`], and `then` is called on the writer thread the moment the
@@ -290,19 +319,22 @@ impl BatchWriter {
     {
         let (job, rx) = Self::job_then(f, Some(Box::new(then)));
         self.tx
-            .blocking_send(Queued { job, bulk: false })
+            .blocking_send(Queued {
+                job,
+                lane: Lane::Ordinary,
+            })
             .map_err(|_| WriteError::WriterGone)?;
         Ok(PendingWrite(rx))
     }
 
-    fn submit_in_lane<T, F>(&self, f: F, bulk: bool) -> Result<PendingWrite<T>, WriteError>
+    fn submit_in_lane<T, F>(&self, f: F, lane: Lane) -> Result<PendingWrite<T>, WriteError>
     where
         T: Send + 'static,
         F: FnOnce(&redb::WriteTransaction) -> Result<T, WriteError> + Send + 'static,
     {
         let (job, rx) = Self::job(f);
         self.tx
-            .blocking_send(Queued { job, bulk })
+            .blocking_send(Queued { job, lane })
             .map_err(|_| WriteError::WriterGone)?;
         Ok(PendingWrite(rx))
     }
@@ -352,19 +384,20 @@ fn writer_loop(
 ) {
     use std::time::Instant;
     // Bulk writes taken off the channel (and when), waiting for a moment when nothing else is.
-    let mut bulk: std::collections::VecDeque<(Instant, Job)> = std::collections::VecDeque::new();
+    let mut bulk: std::collections::VecDeque<(Instant, Merge, Job)> =
+        std::collections::VecDeque::new();
     let mut open = true;
     loop {
         let mut jobs = Vec::new();
-        let take = |q: Queued,
-                    jobs: &mut Vec<Job>,
-                    bulk: &mut std::collections::VecDeque<(Instant, Job)>| {
-            if q.bulk {
-                bulk.push_back((Instant::now(), q.job));
-            } else {
-                jobs.push(q.job);
-            }
-        };
+        let take =
+            |q: Queued,
+             jobs: &mut Vec<Job>,
+             bulk: &mut std::collections::VecDeque<(Instant, Merge, Job)>| {
+                match q.lane {
+                    Lane::Bulk(merge) => bulk.push_back((Instant::now(), merge, q.job)),
+                    Lane::Ordinary => jobs.push(q.job),
+                }
+            };
         if bulk.is_empty() {
             // Nothing deferred: sleep until a write arrives (or every handle is gone).
             match rx.blocking_recv() {
@@ -380,11 +413,20 @@ fn writer_loop(
             }
         }
         if jobs.is_empty() {
-            let behind = bulk
-                .front()
-                .is_some_and(|(queued, _)| queued.elapsed() >= bulk_backlog_age);
-            let n = if behind { BULK_PER_COMMIT } else { 1 };
-            jobs.extend(bulk.drain(..n.min(bulk.len())).map(|(_, job)| job));
+            let behind = bulk.front().is_some_and(|(queued, merge, _)| {
+                *merge == Merge::Allowed && queued.elapsed() >= bulk_backlog_age
+            });
+            // The oldest, and once behind the ones after it that allow merging, up to the first
+            // that does not.
+            let n = if behind {
+                bulk.iter()
+                    .take(BULK_PER_COMMIT)
+                    .take_while(|(_, merge, _)| *merge == Merge::Allowed)
+                    .count()
+            } else {
+                1
+            };
+            jobs.extend(bulk.drain(..n.min(bulk.len())).map(|(_, _, job)| job));
             if jobs.is_empty() {
                 if open {
                     continue;
@@ -478,8 +520,12 @@ mod tests {
             }
         };
         let (release, first) = hold(&writer);
-        let b1 = writer.submit_bulk_blocking(log("b1", false)).unwrap();
-        let b2 = writer.submit_bulk_blocking(log("b2", true)).unwrap();
+        let b1 = writer
+            .submit_bulk_blocking(Merge::Allowed, log("b1", false))
+            .unwrap();
+        let b2 = writer
+            .submit_bulk_blocking(Merge::Allowed, log("b2", true))
+            .unwrap();
         let o1 = writer.submit_blocking(log("o1", true)).unwrap();
         release.send(()).unwrap();
         first.wait_blocking().unwrap();
@@ -492,20 +538,23 @@ mod tests {
     }
 
     /// Bulk writes that waited long enough commit up to eight together, still after the ordinary
-    /// writes waiting and in their order: one failing fails the seven committed with it, and the
-    /// ninth, in the next commit, stands.
+    /// writes waiting and in their order, and one that must commit alone (deletions) stops a
+    /// merge and is not merged: one failing fails those committed with it and no other.
     #[test]
-    fn bulk_writes_that_waited_commit_eight_together() {
+    fn bulk_writes_that_waited_commit_eight_together_but_deletions_alone() {
         let (_dir, writer, thread) = merging_after(std::time::Duration::ZERO);
         let order = Arc::new(Mutex::new(Vec::new()));
         let (release, first) = hold(&writer);
-        let bulk: Vec<_> = (0..9)
+        // b0 and b6 fail; b5 deletes (alone). Commits: b0–b4 (stopped by b5), b5, b6–b13 (eight),
+        // b14.
+        let bulk: Vec<_> = (0..15)
             .map(|i| {
                 let order = order.clone();
+                let merge = if i == 5 { Merge::Alone } else { Merge::Allowed };
                 writer
-                    .submit_bulk_blocking(move |_| {
+                    .submit_bulk_blocking(merge, move |_| {
                         order.lock().unwrap().push(format!("b{i}"));
-                        if i == 0 {
+                        if i == 0 || i == 6 {
                             Err(WriteError::Storage("refused".into()))
                         } else {
                             Ok(())
@@ -530,9 +579,12 @@ mod tests {
             .into_iter()
             .map(|b| b.wait_blocking().is_ok())
             .collect();
-        assert_eq!(outcomes, [vec![false; 8], vec![true]].concat());
+        assert_eq!(
+            outcomes,
+            [vec![false; 5], vec![true], vec![false; 8], vec![true]].concat()
+        );
         let expected: Vec<String> = std::iter::once("o".to_owned())
-            .chain((0..9).map(|i| format!("b{i}")))
+            .chain((0..15).map(|i| format!("b{i}")))
             .collect();
         assert_eq!(*order.lock().unwrap(), expected);
         drop(writer);
@@ -547,7 +599,7 @@ mod tests {
         let (writer, thread) = BatchWriter::start(db, "test", 8).unwrap();
         let (release, gate) = std::sync::mpsc::channel::<()>();
         let mut held = writer
-            .submit_bulk_blocking(move |_| {
+            .submit_bulk_blocking(Merge::Allowed, move |_| {
                 gate.recv().unwrap();
                 Ok(7)
             })

@@ -16,7 +16,7 @@ use super::shard::Shard;
 use super::{EngineError, Msg, Registered};
 use crate::decision::Decision;
 use crate::grant::{Grant, GrantId};
-use crate::store::{PendingWrite, WriteError};
+use crate::store::{Merge, PendingWrite, WriteError};
 
 pub(super) enum Reply {
     Register(
@@ -315,10 +315,15 @@ impl Shard {
                         });
                     }
                     for chunk in bulk {
+                        let merge = if chunk.deletes() {
+                            Merge::Alone
+                        } else {
+                            Merge::Allowed
+                        };
                         chunks.push(
-                            self.shared
-                                .writer
-                                .submit_bulk_blocking(move |txn| persist::write(txn, &chunk)),
+                            self.shared.writer.submit_bulk_blocking(merge, move |txn| {
+                                persist::write(txn, &chunk)
+                            }),
                         );
                     }
                 }

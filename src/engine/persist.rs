@@ -479,6 +479,15 @@ impl Encoded {
         contexts.chain(revocations).chain(deleted).collect()
     }
 
+    /// Whether the batch deletes rows (forgotten contexts, session revocations no longer held):
+    /// such a bulk chunk commits alone ([`crate::store::Merge::Alone`]).
+    pub fn deletes(&self) -> bool {
+        !self.deleted_contexts.is_empty()
+            || !self.deleted_grants.is_empty()
+            || !self.deleted_aliases.is_empty()
+            || self.revocations.iter().any(|(_, row)| row.is_none())
+    }
+
     pub fn is_empty(&self) -> bool {
         self.contexts.is_empty()
             && self.decided_contexts.is_empty()
