@@ -159,8 +159,9 @@ const BULK_PER_COMMIT: usize = 8;
 ///
 /// Bulk writes ([`BatchWriter::submit_bulk_blocking`]) take a second lane: they commit only when no
 /// other write is waiting, each alone unless the oldest has waited [`BULK_BACKLOG_AGE`] (then up to
-/// eight that allow it ([`Merge::Allowed`]) together, and one failing fails those with it). Bulk writes keep their order among
-/// themselves, other writes among themselves; a bulk write may commit after a later ordinary one.
+/// eight that allow it ([`Merge::Allowed`]) together, and one failing fails those with it). Bulk
+/// writes keep their order among themselves, other writes among themselves; a bulk write may
+/// commit after a later ordinary one.
 #[derive(Clone)]
 pub struct BatchWriter {
     tx: tokio::sync::mpsc::Sender<Queued>,
@@ -384,20 +385,15 @@ fn writer_loop(
 ) {
     use std::time::Instant;
     // Bulk writes taken off the channel (and when), waiting for a moment when nothing else is.
-    let mut bulk: std::collections::VecDeque<(Instant, Merge, Job)> =
-        std::collections::VecDeque::new();
+    type Deferred = std::collections::VecDeque<(Instant, Merge, Job)>;
+    let mut bulk = Deferred::new();
     let mut open = true;
     loop {
         let mut jobs = Vec::new();
-        let take =
-            |q: Queued,
-             jobs: &mut Vec<Job>,
-             bulk: &mut std::collections::VecDeque<(Instant, Merge, Job)>| {
-                match q.lane {
-                    Lane::Bulk(merge) => bulk.push_back((Instant::now(), merge, q.job)),
-                    Lane::Ordinary => jobs.push(q.job),
-                }
-            };
+        let take = |q: Queued, jobs: &mut Vec<Job>, bulk: &mut Deferred| match q.lane {
+            Lane::Bulk(merge) => bulk.push_back((Instant::now(), merge, q.job)),
+            Lane::Ordinary => jobs.push(q.job),
+        };
         if bulk.is_empty() {
             // Nothing deferred: sleep until a write arrives (or every handle is gone).
             match rx.blocking_recv() {
