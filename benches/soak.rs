@@ -28,15 +28,16 @@ async fn main() -> anyhow::Result<()> {
     let reference = at(10.min(minutes.saturating_sub(1)).max(1));
     let last = samples.last();
     println!(
-        "| minute | disk MiB | intake log MiB | RSS MiB | accepted | failed | p50 ms | p99 ms |"
+        "| minute | disk MiB | intake log MiB | state store MiB | RSS MiB | accepted | failed | p50 ms | p99 ms |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for s in &samples {
         println!(
-            "| {} | {:.1} | {:.1} | {:.1} | {} | {} | {:.2} | {:.2} |",
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {:.2} | {:.2} |",
             s.at_secs / 60,
             s.disk_bytes as f64 / 1048576.0,
             s.intake_bytes as f64 / 1048576.0,
+            s.store_bytes as f64 / 1048576.0,
             s.rss_bytes as f64 / 1048576.0,
             s.accepted,
             s.failed,

@@ -47,8 +47,10 @@ async fn disk_stays_flat_once_the_retention_window_is_full() {
     );
     assert!(
         last.disk_bytes as f64 <= at_60.disk_bytes as f64 * 1.25 + (1 << 20) as f64,
-        "data directory grew from {} to {} bytes",
+        "data directory grew from {} to {} bytes (the state store file from {} to {})",
         at_60.disk_bytes,
-        last.disk_bytes
+        last.disk_bytes,
+        at_60.store_bytes,
+        last.store_bytes
     );
 }

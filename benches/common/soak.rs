@@ -41,6 +41,9 @@ pub struct Sample {
     pub at_secs: u64,
     pub disk_bytes: u64,
     pub intake_bytes: u64,
+    /// The state store's file: redb grows it by doubling when one commit needs more free pages
+    /// than it has, so a failing flatness check says which of the two grew.
+    pub store_bytes: u64,
     pub rss_bytes: u64,
     pub accepted: usize,
     pub failed: usize,
@@ -166,6 +169,8 @@ pub async fn run(settings: &Settings) -> anyhow::Result<Vec<Sample>> {
                 at_secs: start.elapsed().as_secs(),
                 disk_bytes: dir_bytes(dir.path()),
                 intake_bytes: dir_bytes(&dir.path().join(vigil::intake::LOG_DIR)),
+                store_bytes: std::fs::metadata(dir.path().join(vigil::store::STATE_FILE))
+                    .map_or(0, |m| m.len()),
                 rss_bytes: super::rss_bytes(),
                 accepted: l.len(),
                 failed: 0,
@@ -179,10 +184,11 @@ pub async fn run(settings: &Settings) -> anyhow::Result<Vec<Sample>> {
             };
             sample.failed = sample.failures.values().sum();
             eprintln!(
-                "soak: {:>5} s  disk {:>7.1} MiB (intake log {:>6.1} MiB)  RSS {:>6.1} MiB  {} accepted, {} failed {:?}  p50 {:.2} ms  p99 {:.2} ms",
+                "soak: {:>5} s  disk {:>7.1} MiB (intake log {:>6.1} MiB, state store {:>6.1} MiB)  RSS {:>6.1} MiB  {} accepted, {} failed {:?}  p50 {:.2} ms  p99 {:.2} ms",
                 sample.at_secs,
                 sample.disk_bytes as f64 / 1048576.0,
                 sample.intake_bytes as f64 / 1048576.0,
+                sample.store_bytes as f64 / 1048576.0,
                 sample.rss_bytes as f64 / 1048576.0,
                 sample.accepted,
                 sample.failed,
