@@ -1507,8 +1507,6 @@ mod tests {
         }
     }
 
-    /// An engine on the store in `dir` (a second one after the first's shutdown is a restart),
-    /// with its decisions' receiver, the store, and what must live as long as it.
     /// An engine on `dir` whose contexts are kept an hour of `clock` after their newest fact
     /// (three for a disabled account), looked through every 5 ms (real time): the retention
     /// tests move the clock.
@@ -1587,6 +1585,8 @@ mod tests {
             .count()
     }
 
+    /// An engine on the store in `dir` (a second one after the first's shutdown is a restart),
+    /// with its decisions' receiver, the store, and what must live as long as it.
     fn engine_in(
         dir: &std::path::Path,
         settings: EngineSettings,
