@@ -45,12 +45,38 @@ pub(super) struct Pending {
     pub(super) latest: std::collections::HashMap<GrantId, Arc<Grant>>,
     /// Policy swaps, releases and adoptions waiting for this batch's commit.
     pub(super) commit_waiters: Vec<oneshot::Sender<()>>,
-    /// Signal batches waiting for this batch's checkpoint (and told if it failed).
-    pub(super) batch_waiters: Vec<oneshot::Sender<Result<(), String>>>,
+    /// What waits for this batch's checkpoint: signal batches (told if it failed), and context
+    /// retention for the deletions of a chunk this batch forgot.
+    pub(super) batch_waiters: Vec<CheckpointWaiter>,
     /// Re-evaluations for grants other shards own, sent after the commit.
     pub(super) forwards: Vec<(usize, Msg)>,
     pub(super) replies: Vec<Reply>,
     pub(super) permits: Vec<OwnedSemaphorePermit>,
+}
+
+/// What waits for a checkpoint to be stored.
+pub(super) enum CheckpointWaiter {
+    /// A source's batch of signals (a Kafka poll's), told whether the checkpoint failed.
+    Batch(oneshot::Sender<Result<(), String>>),
+    /// Context retention, which sends the shard its next chunk of principals to forget only
+    /// once the last chunk's deletions are stored: forgetting faster than the store deletes
+    /// filled the state writer's queue, and every signal behind it waited.
+    Forgotten(std::sync::mpsc::Sender<()>),
+}
+
+impl CheckpointWaiter {
+    fn answer(self, outcome: Result<(), String>) {
+        match self {
+            CheckpointWaiter::Batch(done) => {
+                let _ = done.send(outcome);
+            }
+            // Stored or not, the next chunk may come: rows a failed deletion left are loaded
+            // at the next start and forgotten by a later scan.
+            CheckpointWaiter::Forgotten(handled) => {
+                let _ = handled.send(());
+            }
+        }
+    }
 }
 
 /// A checkpoint in flight. Its chunks commit in the store's bulk lane while the shard goes on
@@ -65,7 +91,7 @@ pub(super) struct Checkpointing {
     pub(super) generation: u64,
     pub(super) writes: Vec<Result<PendingWrite<()>, WriteError>>,
     pub(super) processed: Vec<u64>,
-    pub(super) waiters: Vec<oneshot::Sender<Result<(), String>>>,
+    pub(super) waiters: Vec<CheckpointWaiter>,
     pub(super) failed: Option<String>,
 }
 
@@ -136,7 +162,7 @@ pub(super) struct Draining {
     /// part, before the signals that made them are marked processed.
     aliases: HashMap<String, String>,
     processed: Vec<u64>,
-    waiters: Vec<oneshot::Sender<Result<(), String>>>,
+    waiters: Vec<CheckpointWaiter>,
 }
 
 impl Draining {
@@ -176,7 +202,7 @@ impl Shard {
                 }
             }
             for w in done.waiters {
-                let _ = w.send(done.failed.clone().map_or(Ok(()), Err));
+                w.answer(done.failed.clone().map_or(Ok(()), Err));
             }
         }
     }

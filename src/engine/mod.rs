@@ -461,8 +461,12 @@ pub(crate) enum Msg {
         permit: OwnedSemaphorePermit,
     },
     /// Forget these principals' contexts and links if they are still past their retention
-    /// ([`retention`]).
-    Forget { due: Vec<retention::Due> },
+    /// ([`retention`]); `handled` hears once their deletions are stored, and the retention
+    /// thread sends the shard its next chunk only then.
+    Forget {
+        due: Vec<retention::Due>,
+        handled: std::sync::mpsc::Sender<()>,
+    },
     /// Fold signals that intake did not record (their source replays them); `done` answers after
     /// the batch's commit, with the commit's error if it failed.
     Batch {
@@ -512,6 +516,7 @@ impl Msg {
         match self {
             Msg::Batch { items, .. } => items.len().max(1),
             Msg::Signals { routed, .. } => routed.len().max(1),
+            Msg::Forget { due, .. } => due.len().max(1),
             _ => 1,
         }
     }
@@ -2265,6 +2270,55 @@ mod tests {
         )
         .await;
         assert!(held("kept@"));
+        engine.shutdown().await;
+    }
+
+    /// A wave larger than a chunk a shard is forgotten whole, in memory and in the store: each
+    /// shard answers for a chunk once its deletions are stored, and only then gets the next.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_wave_of_many_chunks_is_forgotten_whole() {
+        const T0: i64 = 1_700_000_000;
+        const SUBJECTS: usize = 600;
+        let clock = crate::clock::Clock::manual(T0 * 1000);
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, _decisions, db, _held) = retention_engine(dir.path(), &clock);
+        let signals = (0..SUBJECTS).map(|i| {
+            example_about(
+                "caep-risk-level-change.json",
+                serde_json::json!({"format": "email", "email": format!("u{i}@example.com")}),
+                T0,
+                i as u64 + 1,
+            )
+        });
+        // A batch a checkpoint: a shard's batch is at most 256 signals, and a batch handled after
+        // the checkpoint began would wait for the next one.
+        for part in crate::parts::in_parts(signals, 250) {
+            apply_at_checkpoint(&engine, &clock, part).await;
+        }
+        let stored = || persist::load(&db).unwrap().contexts.len();
+        assert_eq!(engine.shared.contexts.len(), SUBJECTS);
+        assert_eq!(stored(), SUBJECTS);
+        let per_shard = (0..engine.inboxes.len())
+            .map(|s| {
+                engine
+                    .shared
+                    .contexts
+                    .iter()
+                    .filter(|c| engine.shared.shard_of(c.key()) == s)
+                    .count()
+            })
+            .min()
+            .unwrap();
+        assert!(
+            per_shard > 2 * retention::FORGET_CHUNK,
+            "every shard's wave is more than two chunks ({per_shard})"
+        );
+        clock.advance(Duration::from_secs(3600));
+        within_5s("the wave was not forgotten whole", || {
+            engine.shared.contexts.is_empty()
+        })
+        .await;
+        within_5s("its deletions were not all written", || stored() == 0).await;
         engine.shutdown().await;
     }
 

@@ -14,10 +14,10 @@
 //! applied meanwhile keeps the principal — and delete them with their next commit (in cluster mode
 //! the changelog gets the tombstones, and the alias topic those of the links). The scan costs the
 //! shards nothing until a principal is due, and no shard's inbox waits behind a walk over a
-//! million contexts.
+//! million contexts, nor behind more than one chunk of what a scan found due ([`hand_out`]).
 
 use std::collections::HashMap;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,8 +28,10 @@ use crate::context::PrincipalContext;
 use crate::parts::in_parts;
 use crate::principal::GRANT_MEMBERS;
 
-/// Principals per [`Msg::Forget`]: one shard batch's worth of deletions at most.
-const FORGET_CHUNK: usize = 256;
+/// Principals per [`Msg::Forget`], and so the most a shard has in flight. A wave of 200 000
+/// forgotten 64 at a time kept signals within 11 ms of their usual latency, and ended sooner
+/// than in chunks of 256, which held them up to 29 ms (`benches/retention_wave.rs`).
+pub(super) const FORGET_CHUNK: usize = 64;
 
 /// A principal the scan found past its retention, with the identifiers linked to it then.
 pub(crate) struct Due {
@@ -91,11 +93,56 @@ pub(super) fn run(shared: Arc<Shared>, inboxes: Vec<Sender<Msg>>, stop: Receiver
             Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
         }
         let due = scan(&shared, &mut orphans);
-        for (shard, due) in due.into_iter().enumerate() {
-            for due in in_parts(due, FORGET_CHUNK) {
-                if inboxes[shard].send(Msg::Forget { due }).is_err() {
-                    return;
+        if !hand_out(due, &inboxes, &stop) {
+            return;
+        }
+    }
+}
+
+/// How long the retention thread waits for a shard's answer before it looks whether it is told
+/// to stop.
+const STOP_POLL: Duration = Duration::from_millis(100);
+
+/// Hands the principals a scan found due to their shards a chunk at a time: a shard gets its next
+/// chunk only once the last one's deletions are stored (each round waits for every shard that got
+/// one). Everything that came due since the last scan is one wave — after a bulk import a window
+/// ago, or a long downtime, most of the contexts. Sent at once, it queued ahead of every signal
+/// behind it in the shards' inboxes, a batch (which counted a chunk as one message) took
+/// hundreds of chunks into one commit, and the deletions filled the state writer's queue, which
+/// the shards then waited on: signals behind a wave of 200 000 waited up to 12 s
+/// (`benches/retention_wave.rs`). Now at most one chunk a shard is ahead of them, in memory or in
+/// the writer. Returns whether to go on: `false` once `stop` says so or a shard is gone.
+fn hand_out(due: Vec<Vec<Due>>, inboxes: &[Sender<Msg>], stop: &Receiver<()>) -> bool {
+    let mut chunks: Vec<_> = due
+        .into_iter()
+        .map(|due| in_parts(due, FORGET_CHUNK))
+        .collect();
+    loop {
+        let (handled, answers) = std::sync::mpsc::channel();
+        let mut sent = 0;
+        for (inbox, chunks) in inboxes.iter().zip(&mut chunks) {
+            if let Some(due) = chunks.next() {
+                let handled = handled.clone();
+                if inbox.send(Msg::Forget { due, handled }).is_err() {
+                    return false;
                 }
+                sent += 1;
+            }
+        }
+        drop(handled);
+        if sent == 0 {
+            return true;
+        }
+        let mut heard = 0;
+        while heard < sent {
+            match answers.recv_timeout(STOP_POLL) {
+                Ok(()) => heard += 1,
+                Err(RecvTimeoutError::Timeout) => {}
+                // A chunk dropped unanswered: its shard has stopped.
+                Err(RecvTimeoutError::Disconnected) => return false,
+            }
+            if !matches!(stop.try_recv(), Err(TryRecvError::Empty)) {
+                return false;
             }
         }
     }
@@ -215,6 +262,88 @@ impl Shard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::mpsc::channel;
+
+    fn due(n: usize, tag: &str) -> Vec<Due> {
+        (0..n)
+            .map(|i| Due {
+                key: format!("{tag}-{i}"),
+                aliases: Vec::new(),
+            })
+            .collect()
+    }
+
+    /// The chunk a shard was sent, and the sender it answers on once the deletions are stored.
+    fn taken(inbox: &Receiver<Msg>) -> (usize, Sender<()>) {
+        match inbox.recv_timeout(Duration::from_secs(5)) {
+            Ok(Msg::Forget { due, handled }) => (due.len(), handled),
+            Ok(_) => panic!("a message other than Forget"),
+            Err(e) => panic!("no chunk came: {e}"),
+        }
+    }
+
+    /// Whether anything reaches `inbox` within 50 ms: a chunk sent too early is sent at once.
+    fn quiet(inbox: &Receiver<Msg>) -> bool {
+        std::thread::sleep(Duration::from_millis(50));
+        inbox.try_recv().is_err()
+    }
+
+    /// A wave reaches each shard a chunk at a time: the next only once the shard has answered
+    /// for the last, and a round waits for every shard in it.
+    #[test]
+    fn a_wave_reaches_each_shard_a_chunk_at_a_time() {
+        let (to_0, inbox_0) = channel();
+        let (to_1, inbox_1) = channel();
+        let (_stop, stop) = channel();
+        let wave = vec![due(2 * FORGET_CHUNK + 1, "a"), due(FORGET_CHUNK, "b")];
+        let handing = std::thread::spawn(move || hand_out(wave, &[to_0, to_1], &stop));
+
+        let (n0, handled_0) = taken(&inbox_0);
+        let (n1, handled_1) = taken(&inbox_1);
+        assert_eq!((n0, n1), (FORGET_CHUNK, FORGET_CHUNK));
+        assert!(
+            quiet(&inbox_0) && quiet(&inbox_1),
+            "a chunk sent before the last was answered"
+        );
+        handled_1.send(()).unwrap();
+        assert!(
+            quiet(&inbox_0),
+            "the round did not wait for its other shard"
+        );
+        handled_0.send(()).unwrap();
+
+        let (n0, handled_0) = taken(&inbox_0);
+        assert_eq!(n0, FORGET_CHUNK);
+        assert!(quiet(&inbox_0) && quiet(&inbox_1));
+        handled_0.send(()).unwrap();
+        let (n0, handled_0) = taken(&inbox_0);
+        assert_eq!(n0, 1, "the wave's last principal");
+        handled_0.send(()).unwrap();
+        assert!(
+            handing.join().unwrap(),
+            "a wave handed out whole goes on to the next scan"
+        );
+        assert!(inbox_0.try_recv().is_err() && inbox_1.try_recv().is_err());
+    }
+
+    /// Waiting for a shard ends when the thread is told to stop, or when the shard is gone.
+    #[test]
+    fn a_wave_ends_on_stop_or_when_a_shard_is_gone() {
+        let (to_shard, inbox) = channel();
+        let (stop_tx, stop) = channel();
+        let handing = std::thread::spawn(move || hand_out(vec![due(3, "a")], &[to_shard], &stop));
+        let (_, _unanswered) = taken(&inbox);
+        stop_tx.send(()).unwrap();
+        assert!(!handing.join().unwrap(), "went on after stop");
+
+        let (to_shard, inbox) = channel();
+        let (_stop, stop) = channel();
+        let handing = std::thread::spawn(move || hand_out(vec![due(3, "a")], &[to_shard], &stop));
+        // The shard's thread ends with the chunk unanswered in its inbox.
+        let _ = inbox.recv_timeout(Duration::from_secs(5)).unwrap();
+        drop(inbox);
+        assert!(!handing.join().unwrap(), "went on without its shard");
+    }
 
     /// Ten scans per window, never more often than every 100 ms nor less often than a minute.
     #[test]

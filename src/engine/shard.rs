@@ -10,9 +10,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
-
-use super::commit::{Checkpointing, Committing, Draining, Pending, Reply};
+use super::commit::{CheckpointWaiter, Checkpointing, Committing, Draining, Pending, Reply};
 use super::decide::{self, cause_of};
 use super::inputs::{shared_view, Inputs};
 use super::session_grant;
@@ -51,7 +49,7 @@ pub(crate) struct Shard {
     /// behind such commits. A crash before the checkpoint replays the signal, which links them
     /// again. In cluster mode they go out with their batch, as the other instances route by them.
     pub(super) dirty_aliases: HashMap<String, String>,
-    pub(super) checkpoint_waiters: Vec<oneshot::Sender<Result<(), String>>>,
+    pub(super) checkpoint_waiters: Vec<CheckpointWaiter>,
     /// Intake sequence numbers of pushed signals applied since the last checkpoint.
     pub(super) checkpoint_processed: Vec<u64>,
     /// When the last checkpoint was taken, by the injected clock (milliseconds): the interval is
@@ -234,12 +232,14 @@ impl Shard {
                 for routed in items {
                     self.apply_routed(routed, p);
                 }
-                self.checkpoint_waiters.push(done);
+                self.checkpoint_waiters.push(CheckpointWaiter::Batch(done));
             }
-            Msg::Forget { due } => {
+            Msg::Forget { due, handled } => {
                 for due in due {
                     self.forget(due, p);
                 }
+                // Answered once this batch's deletions are stored.
+                p.batch_waiters.push(CheckpointWaiter::Forgotten(handled));
             }
             Msg::Reevaluate { grants, trigger } => {
                 let policy = self.shared.policy();
