@@ -8,15 +8,11 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::json;
-use vigil::audit::AuditLog;
-use vigil::engine::{Engine, EngineSettings};
+use vigil::engine::EngineSettings;
 use vigil::grant::GrantRequest;
-use vigil::policy::PolicySet;
-use vigil::store::{self, BatchWriter};
 
 fn main() -> anyhow::Result<()> {
     let signals = common::arg("--signals", 1_000_000) as usize;
@@ -29,26 +25,14 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(n: usize, subjects: usize) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let db = store::open(dir.path())?;
-    let (writer, writer_thread) = BatchWriter::start(db.clone(), "state", 1024)?;
-    let (intake, intake_thread) = vigil::intake::Intake::open_dir(dir.path(), 1024)?;
-    let audit = Arc::new(AuditLog::open(&dir.path().join("audit"), 64 << 20, 8)?);
-    let policy = PolicySet::from_sources(&[("live.yaml".into(), vigil::policy::BUILTIN.into())])?;
-    let (decisions, mut rx) = tokio::sync::mpsc::channel(4096);
-    tokio::spawn(async move { while rx.recv().await.is_some() {} });
-    let settings = EngineSettings {
-        max_batch: 1024,
-        ..EngineSettings::default()
-    };
-    let engine = Arc::new(Engine::start(
-        &db,
-        writer,
-        intake.clone(),
-        audit,
-        policy,
-        decisions,
-        settings,
-    )?);
+    let run = common::EngineRun::start(
+        dir.path(),
+        EngineSettings {
+            max_batch: 1024,
+            ..EngineSettings::default()
+        },
+    )?;
+    let (engine, intake) = (run.engine.clone(), run.intake.clone());
     let since = vigil::signal::now_ms() as f64 / 1000.0 - 1.0;
 
     // Two grants a subject: a session (steps up on MEDIUM) and an access token.
@@ -185,10 +169,8 @@ async fn run(n: usize, subjects: usize) -> anyhow::Result<()> {
         common::rss_bytes().saturating_sub(rss_before) as f64 / (1 << 20) as f64,
     );
     println!("replay / live engine: {:.2}", replay_secs / live_secs);
-    engine.shutdown().await;
     drop(engine);
     drop(intake);
-    writer_thread.join();
-    intake_thread.join();
+    run.stop().await;
     Ok(())
 }

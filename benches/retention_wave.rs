@@ -15,12 +15,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use vigil::audit::AuditLog;
-use vigil::engine::{Engine, EngineSettings};
+use vigil::engine::EngineSettings;
 use vigil::grant::{GrantRequest, GrantStatus};
-use vigil::policy::PolicySet;
 use vigil::signal::Signal;
-use vigil::store::{self, BatchWriter};
 
 /// The retention window: the filled contexts' newest facts are dated so that they fall due
 /// [`LEAD`] after the fill starts.
@@ -46,21 +43,15 @@ fn signal(claims: serde_json::Value) -> anyhow::Result<Signal> {
 
 async fn run(contexts: usize, probes: usize) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let db = store::open(dir.path())?;
-    let (writer, writer_thread) = BatchWriter::start(db.clone(), "state", 1024)?;
-    let (intake, intake_thread) = vigil::intake::Intake::open_dir(dir.path(), 1024)?;
-    let audit = Arc::new(AuditLog::open(&dir.path().join("audit"), 64 << 20, 8)?);
-    let policy = PolicySet::from_sources(&[("live.yaml".into(), vigil::policy::BUILTIN.into())])?;
-    let (decisions, mut rx) = tokio::sync::mpsc::channel(4096);
-    tokio::spawn(async move { while rx.recv().await.is_some() {} });
-    let settings = EngineSettings {
-        context_retention: WINDOW,
-        context_scan_interval: Duration::from_millis(250),
-        ..EngineSettings::default()
-    };
-    let engine = Arc::new(Engine::start(
-        &db, writer, intake, audit, policy, decisions, settings,
-    )?);
+    let run = common::EngineRun::start(
+        dir.path(),
+        EngineSettings {
+            context_retention: WINDOW,
+            context_scan_interval: Duration::from_millis(250),
+            ..EngineSettings::default()
+        },
+    )?;
+    let engine = run.engine.clone();
 
     for p in 0..probes {
         let req: GrantRequest = serde_json::from_value(json!({
@@ -239,9 +230,7 @@ async fn run(contexts: usize, probes: usize) -> anyhow::Result<()> {
     };
     println!("retention_wave: before the wave {}", summary(&before));
     println!("retention_wave: from the wave on {}", summary(&from_due));
-    engine.shutdown().await;
     drop(engine);
-    writer_thread.join();
-    intake_thread.join();
+    run.stop().await;
     Ok(())
 }

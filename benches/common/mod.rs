@@ -324,3 +324,61 @@ pub fn medium_revokes_candidate() -> anyhow::Result<vigil::policy::PolicySet> {
         text,
     )])?)
 }
+
+/// An engine as it runs — the state store and its writer, intake and the audit log in one
+/// directory, the built-in policy set — with its decisions drained, for the harnesses that drive
+/// the engine without HTTP. [`EngineRun::stop`] shuts it down and joins its writers.
+pub struct EngineRun {
+    pub engine: std::sync::Arc<vigil::engine::Engine>,
+    pub intake: vigil::intake::Intake,
+    writer_thread: vigil::store::BatchWriterThread,
+    intake_thread: vigil::intake::IntakeThreads,
+}
+
+impl EngineRun {
+    /// Starts it in `dir` (inside a Tokio runtime: the decisions are drained by a task).
+    pub fn start(
+        dir: &std::path::Path,
+        settings: vigil::engine::EngineSettings,
+    ) -> anyhow::Result<EngineRun> {
+        use std::sync::Arc;
+        let db = vigil::store::open(dir)?;
+        let (writer, writer_thread) = vigil::store::BatchWriter::start(db.clone(), "state", 1024)?;
+        let (intake, intake_thread) = vigil::intake::Intake::open_dir(dir, 1024)?;
+        let audit = Arc::new(vigil::audit::AuditLog::open(
+            &dir.join("audit"),
+            64 << 20,
+            8,
+        )?);
+        let policy = vigil::policy::PolicySet::from_sources(&[(
+            "live.yaml".into(),
+            vigil::policy::BUILTIN.into(),
+        )])?;
+        let (decisions, mut rx) = tokio::sync::mpsc::channel(4096);
+        tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        let engine = Arc::new(vigil::engine::Engine::start(
+            &db,
+            writer,
+            intake.clone(),
+            audit,
+            policy,
+            decisions,
+            settings,
+        )?);
+        Ok(EngineRun {
+            engine,
+            intake,
+            writer_thread,
+            intake_thread,
+        })
+    }
+
+    /// Shuts the engine down and waits for the store's and intake's writers.
+    pub async fn stop(self) {
+        self.engine.shutdown().await;
+        drop(self.engine);
+        drop(self.intake);
+        self.writer_thread.join();
+        self.intake_thread.join();
+    }
+}
