@@ -4,7 +4,12 @@
 //! with offsets committed after.
 //!
 //! Run: `cargo bench --bench kafka_apply -- [--messages 1200000] [--users 20000] [--grants 1000]
-//!       [--partitions 96] [--batch 2000] [--engine-batch 256] [--checkpoint-ms 1000] [--ceiling] [--every-message-revokes]`
+//!       [--partitions 96] [--batch 2000] [--engine-batch 256] [--checkpoint-ms 1000] [--ceiling] [--every-message-revokes]
+//!       [--push-probes 0]`
+//!
+//! `--push-probes N`: up to N probes pushed by another transmitter (RS256, RFC 8935), one every
+//! 20 ms while the topic is applied, each revoking a grant of its own; prints their 202 and
+//! push → revoked-in-the-engine times — what a Kafka backlog costs the other parties.
 //!
 //! `--every-message-revokes`: `--messages` (200 000 by default) users, each with a session grant,
 //! and a HIGH risk message for each — every message changes a grant's status (a decision, its
@@ -61,6 +66,7 @@ fn main() -> anyhow::Result<()> {
         } else {
             Pattern::Steady
         },
+        push_probes: arg("--push-probes", 0) as usize,
     };
     let f = rt.block_on(measure(&args))?;
     if args.vigil {
@@ -82,6 +88,22 @@ fn main() -> anyhow::Result<()> {
             messages as f64 / f.state_commits.max(1) as f64,
             f.state_commit_mean * 1e3,
             f.bytes_per_signal / 1024.0
+        );
+    }
+    if let Some(p) = &f.probes {
+        let summary = |v: &[f64]| {
+            format!(
+                "p50 {:.1} / p99 {:.1} / max {:.1} ms",
+                common::quantile(v, 0.5),
+                common::quantile(v, 0.99),
+                v.last().copied().unwrap_or(f64::NAN)
+            )
+        };
+        println!(
+            "push probes during the backlog ({}): 202 {}; revoked in the engine {}",
+            p.revoked.len(),
+            summary(&p.acknowledged),
+            summary(&p.revoked)
         );
     }
     Ok(())

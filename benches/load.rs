@@ -495,6 +495,7 @@ async fn run(servers: tokio::runtime::Handle) -> anyhow::Result<()> {
             ceiling: true,
             vigil: true,
             pattern: vigil::sim::risk::Pattern::Steady,
+            push_probes: 0,
         })
         .await?;
         let steady = k.steady.unwrap_or(k.end_to_end);

@@ -27,6 +27,19 @@ pub struct KafkaArgs {
     /// The messages' shape: `Steady` (mostly low scores over many users) or `Revoking` (with
     /// `users == grants == messages`, every message revokes a grant).
     pub pattern: Pattern,
+    /// Push probes (0: none): while the topic is applied, a transmitter pushes an RS256 SET every
+    /// 20 ms, each revoking a grant of its own — how long another party's signal waits behind
+    /// the Kafka backlog.
+    pub push_probes: usize,
+}
+
+/// What the push probes saw while the Kafka backlog was applied (milliseconds, sorted).
+#[derive(Default)]
+pub struct ProbeFigures {
+    /// Push → 202.
+    pub acknowledged: Vec<f64>,
+    /// Push → the probe's grant revoked in the engine.
+    pub revoked: Vec<f64>,
 }
 
 /// What was measured.
@@ -46,6 +59,145 @@ pub struct KafkaFigures {
     pub bytes_per_signal: f64,
     /// The bare consumer's messages per second.
     pub ceiling: Option<f64>,
+    /// With `push_probes`: the probes sent before the last message was applied.
+    pub probes: Option<ProbeFigures>,
+}
+
+const PROBE_ISS: &str = "https://idp.example.com/";
+const PROBE_AUD: &str = "https://vigil.example.com/";
+const PROBE_GAP: Duration = Duration::from_millis(20);
+
+/// The push probes' transmitter: its key, the JWKS server Vigil fetches it from, and the probes'
+/// SETs, signed before anything is measured (probe `p` revokes grant `pg-{p}`'s session).
+struct Probes {
+    _jwks: vigil::sim::JwksServer,
+    tokens: Vec<String>,
+}
+
+impl Probes {
+    async fn configure(config: &mut vigil::Config, n: usize) -> anyhow::Result<Probes> {
+        use vigil::sim::{jwks_document, JwksServer, SigningKey};
+        let key = SigningKey::generate(vigil::jose::Alg::RS256, "probe")?;
+        let jwks =
+            JwksServer::start("127.0.0.1:0".parse()?, jwks_document(&[key.public_jwk()?])).await?;
+        config
+            .transmitters
+            .push(vigil::config::TransmitterConfig::with_jwks(
+                "probe",
+                PROBE_ISS,
+                vec![PROBE_AUD.into()],
+                "Bearer probe",
+                vec![vigil::jose::Alg::RS256],
+                &jwks.jwks_uri(),
+            ));
+        let now = vigil::signal::now_ms() / 1000;
+        let tokens = super::sign_sets(&key, n, |p| {
+            json!({"iss": PROBE_ISS, "aud": PROBE_AUD, "jti": format!("probe-{p}"), "iat": now,
+                "sub_id": {"format": "complex",
+                    "user": {"format": "email", "email": format!("probe{p}@example.com")},
+                    "session": {"format": "opaque", "id": format!("ps-{p}")}},
+                "events": {"https://schemas.openid.net/secevent/caep/event-type/session-revoked": {
+                    "initiating_entity": "policy", "event_timestamp": now}}})
+        });
+        Ok(Probes {
+            _jwks: jwks,
+            tokens,
+        })
+    }
+
+    /// Probe `p`'s grant.
+    fn grant(p: usize, now: f64) -> serde_json::Value {
+        json!({"id": format!("pg-{p}"), "kind": "session",
+            "subject": {"format": "email", "email": format!("probe{p}@example.com")},
+            "session": format!("ps-{p}"), "issued_at": now - 60.0, "expires_at": now + 3600.0})
+    }
+
+    /// Pushes a probe every [`PROBE_GAP`] until `done` is set or the probes run out; a watcher
+    /// thread times each from its push until its grant is revoked in the engine. Only probes
+    /// pushed before `done` are counted.
+    async fn run(
+        self,
+        engine: std::sync::Arc<vigil::engine::Engine>,
+        addr: std::net::SocketAddr,
+        done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> anyhow::Result<ProbeFigures> {
+        use std::collections::HashMap;
+        use std::sync::atomic::Ordering;
+        use std::sync::{Arc, Mutex};
+        let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+        let revoked: Arc<Mutex<Vec<f64>>> = Arc::default();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watcher = {
+            let (engine, sent, revoked, stop) =
+                (engine, sent.clone(), revoked.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut pending: HashMap<String, Instant> = HashMap::new();
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(mut s) = sent.lock() {
+                        pending.extend(s.drain());
+                    }
+                    pending.retain(|id, at| {
+                        let is_revoked = engine
+                            .grant(id)
+                            .is_some_and(|g| g.status == vigil::grant::GrantStatus::Revoked);
+                        if is_revoked {
+                            if let Ok(mut r) = revoked.lock() {
+                                r.push(at.elapsed().as_secs_f64() * 1e3);
+                            }
+                        }
+                        !is_revoked
+                    });
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            })
+        };
+        // From an address of its own, as another transmitter's would be.
+        let client = reqwest::Client::builder()
+            .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+            .build()?;
+        let url = format!("http://{addr}/ssf/push/probe");
+        // Probe 0 loads the transmitter's keys and opens the connection; it is not counted.
+        let Some((first, rest)) = self.tokens.split_first() else {
+            anyhow::bail!("no probes");
+        };
+        super::push_set(&client, &url, "Bearer probe", first).await?;
+        let mut acknowledged = Vec::new();
+        for (p, token) in rest.iter().enumerate().map(|(i, t)| (i + 1, t)) {
+            if done.load(Ordering::Relaxed) {
+                break;
+            }
+            let at = Instant::now();
+            if let Ok(mut s) = sent.lock() {
+                s.insert(format!("pg-{p}"), at);
+            }
+            let status = super::push_set(&client, &url, "Bearer probe", token).await?;
+            anyhow::ensure!(status == 202, "probe push answered {status}");
+            acknowledged.push(at.elapsed().as_secs_f64() * 1e3);
+            tokio::time::sleep(PROBE_GAP).await;
+        }
+        // The last probes' revocations, however long they wait.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while revoked.lock().map_or(0, |r| r.len()) < acknowledged.len()
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stop.store(true, Ordering::Relaxed);
+        let _ = watcher.join();
+        let mut revoked = revoked.lock().map(|r| r.clone()).unwrap_or_default();
+        anyhow::ensure!(
+            revoked.len() == acknowledged.len(),
+            "{} of {} probes revoked",
+            revoked.len(),
+            acknowledged.len()
+        );
+        revoked.sort_by(f64::total_cmp);
+        acknowledged.sort_by(f64::total_cmp);
+        Ok(ProbeFigures {
+            acknowledged,
+            revoked,
+        })
+    }
 }
 
 pub async fn measure(args: &KafkaArgs) -> anyhow::Result<KafkaFigures> {
@@ -78,17 +230,27 @@ pub async fn measure(args: &KafkaArgs) -> anyhow::Result<KafkaFigures> {
     config.kafka.max_batch = args.batch;
     config.engine.max_batch = args.engine_batch;
     config.engine.checkpoint_interval_ms = args.checkpoint_ms;
+    let probes = if args.push_probes > 0 {
+        Some(Probes::configure(&mut config, args.push_probes).await?)
+    } else {
+        None
+    };
     config.validate()?;
     let vigil = Vigil::start(config).await?;
     // Grants for some of the users, so signals trigger real evaluations (64 registrations in
     // flight: a revoking run registers as many grants as it has messages).
     let client = vigil::sim::api_client(vigil.admin_token())?;
     let url = format!("http://{}/v1/grants", vigil.local_addr());
-    futures_util::stream::iter(0..grants.min(users))
+    let probe_grants = probes.as_ref().map_or(0, |p| p.tokens.len());
+    let registrations = (0..grants.min(users) as usize)
         .map(|i| {
-            let grant = json!({"id": format!("g-{i}"), "kind": "session",
-                "subject": {"format": "email", "email": format!("user-{i}@example.com")},
-                "session": format!("s-{i}"), "issued_at": now - 60.0, "expires_at": now + 3600.0});
+            json!({"id": format!("g-{i}"), "kind": "session",
+            "subject": {"format": "email", "email": format!("user-{i}@example.com")},
+            "session": format!("s-{i}"), "issued_at": now - 60.0, "expires_at": now + 3600.0})
+        })
+        .chain((0..probe_grants).map(|p| Probes::grant(p, now)));
+    futures_util::stream::iter(registrations)
+        .map(|grant| {
             let (client, url) = (client.clone(), url.clone());
             async move {
                 client
@@ -135,6 +297,15 @@ pub async fn measure(args: &KafkaArgs) -> anyhow::Result<KafkaFigures> {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
+    let kafka_done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probing = probes.map(|probes| {
+        let (engine, addr, done) = (
+            vigil.engine().clone(),
+            vigil.local_addr(),
+            kafka_done.clone(),
+        );
+        tokio::spawn(async move { probes.run(engine, addr, done).await })
+    });
     let deadline = Instant::now() + Duration::from_secs(600);
     // (elapsed, applied) when a tenth and nine tenths of the messages were applied.
     let (mut tenth, mut nine_tenths) = (None, None);
@@ -156,6 +327,7 @@ pub async fn measure(args: &KafkaArgs) -> anyhow::Result<KafkaFigures> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let secs = t0.elapsed().as_secs_f64();
+    kafka_done.store(true, std::sync::atomic::Ordering::Relaxed);
     let cpu = cpu_seconds() - cpu0;
     let written = super::written_bytes().saturating_sub(written0);
     let applied = messages - c0;
@@ -190,6 +362,9 @@ pub async fn measure(args: &KafkaArgs) -> anyhow::Result<KafkaFigures> {
         figures.decisions,
         super::rss_bytes() >> 20
     );
+    if let Some(probing) = probing {
+        figures.probes = Some(probing.await??);
+    }
     vigil.shutdown().await;
     Ok(figures)
 }

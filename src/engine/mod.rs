@@ -22,6 +22,7 @@ mod commit;
 mod decide;
 mod handed;
 mod impact;
+mod inbox;
 mod inputs;
 mod persist;
 mod quota;
@@ -631,7 +632,7 @@ impl BatchDone {
 /// The running engine.
 pub struct Engine {
     shared: Arc<Shared>,
-    inboxes: Vec<std::sync::mpsc::Sender<Msg>>,
+    inboxes: Vec<inbox::InboxSender>,
     permits: Arc<Semaphore>,
     threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// Dropped at shutdown: ends the retention thread.
@@ -696,7 +697,7 @@ impl Engine {
         let mut inboxes = Vec::new();
         let mut receivers = Vec::new();
         for _ in 0..settings.shards {
-            let (tx, rx) = std::sync::mpsc::channel();
+            let (tx, rx) = inbox::inbox();
             inboxes.push(tx);
             receivers.push(rx);
         }
@@ -2594,6 +2595,93 @@ mod tests {
             || done.is_done(),
         )
         .await;
+        engine.shutdown().await;
+    }
+    /// A signal intake hands on does not wait behind a source's backlog: with 4 000 of a feed's
+    /// signals queued in a shard (a Kafka topic catching up), a pushed session revocation is
+    /// decided while nearly all of them are still waiting — it waits for the batch being
+    /// applied, not for the backlog (`engine/inbox.rs`). The backlog is then applied whole.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pushed_signal_does_not_wait_behind_a_sources_backlog() {
+        const T0: i64 = 1_700_000_000;
+        const BACKLOG: u64 = 4_000;
+        let clock = crate::clock::Clock::manual(T0 * 1000);
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, _decisions, db, _threads) = engine_in(
+            dir.path(),
+            EngineSettings {
+                shards: 1,
+                max_batch: 16,
+                clock: clock.clone(),
+                ..EngineSettings::default()
+            },
+        );
+        let request: GrantRequest = serde_json::from_value(serde_json::json!({
+            "id": "probe", "kind": "session",
+            "subject": {"format": "email", "email": "probe@example.com"},
+            "issued_at": T0 - 10, "expires_at": T0 + 86_400}))
+        .unwrap();
+        engine
+            .register(request, Registrant::client("test"))
+            .await
+            .unwrap();
+        let policy = PolicySet::from_sources(&[(
+            "sessions.yaml".to_owned(),
+            "rules:\n  - {id: sessions, on: [session-revoked], when: 'context.session_revoked_at > grant.issued_at', effect: revoke}\n"
+                .to_owned(),
+        )])
+        .unwrap();
+        engine.swap_policy(policy).unwrap().wait().await;
+        let about = |example: &str, email: String, seq: u64| {
+            example_about(
+                example,
+                serde_json::json!({"format": "email", "email": email}),
+                T0,
+                seq,
+            )
+        };
+        let backlog = (1..=BACKLOG)
+            .map(|i| {
+                about(
+                    "caep-risk-level-change.json",
+                    format!("user{i}@example.com"),
+                    i,
+                )
+            })
+            .collect();
+        let backlog = engine.submit_batch(backlog).unwrap();
+        engine
+            .apply_signals(vec![about(
+                "caep-session-revoked.json",
+                "probe@example.com".to_owned(),
+                BACKLOG + 1,
+            )])
+            .await
+            .unwrap();
+        within_5s("the pushed signal was not decided", || {
+            engine
+                .grant("probe")
+                .is_some_and(|g| g.status == GrantStatus::Revoked)
+        })
+        .await;
+        let waiting = engine.queued_signals() as u64;
+        assert!(
+            waiting >= BACKLOG / 2,
+            "the pushed signal waited for {} of the backlog's {BACKLOG} signals",
+            BACKLOG - waiting
+        );
+        // The backlog is not the worse for it: applied whole, answered at its checkpoint.
+        within_5s("the backlog was not taken", || engine.queued_signals() == 0).await;
+        clock.advance(Duration::from_secs(1));
+        tokio::task::spawn_blocking(move || backlog.wait_blocking())
+            .await
+            .unwrap()
+            .expect("the backlog committed");
+        assert_eq!(
+            persist::load(&db).unwrap().contexts.len() as u64,
+            BACKLOG + 1,
+            "every signal's context is stored"
+        );
         engine.shutdown().await;
     }
 }

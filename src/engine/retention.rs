@@ -17,11 +17,12 @@
 //! million contexts, nor behind more than one chunk of what a scan found due ([`hand_out`]).
 
 use std::collections::HashMap;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::commit::Pending;
+use super::inbox::InboxSender;
 use super::shard::Shard;
 use super::{member_index, obo_index, principal_index, Msg, Shared};
 use crate::context::PrincipalContext;
@@ -84,7 +85,7 @@ fn owned(shared: &Shared, principal: &str) -> bool {
 }
 
 /// The retention thread: a scan every interval until `stop` is dropped.
-pub(super) fn run(shared: Arc<Shared>, inboxes: Vec<Sender<Msg>>, stop: Receiver<()>) {
+pub(super) fn run(shared: Arc<Shared>, inboxes: Vec<InboxSender>, stop: Receiver<()>) {
     let interval = shared.settings.context_scan_interval;
     let mut orphans = HashMap::new();
     loop {
@@ -112,7 +113,7 @@ const STOP_POLL: Duration = Duration::from_millis(100);
 /// the shards then waited on: signals behind a wave of 200 000 waited up to 12 s
 /// (`benches/retention_wave.rs`). Now at most one chunk a shard is ahead of them, in memory or in
 /// the writer. Returns whether to go on: `false` once `stop` says so or a shard is gone.
-fn hand_out(due: Vec<Vec<Due>>, inboxes: &[Sender<Msg>], stop: &Receiver<()>) -> bool {
+fn hand_out(due: Vec<Vec<Due>>, inboxes: &[InboxSender], stop: &Receiver<()>) -> bool {
     let mut chunks: Vec<_> = due
         .into_iter()
         .map(|due| in_parts(due, FORGET_CHUNK))
@@ -261,8 +262,10 @@ impl Shard {
 
 #[cfg(test)]
 mod tests {
+    use super::super::inbox::{inbox, Inbox};
     use super::*;
     use std::sync::mpsc::channel;
+    use std::sync::mpsc::Sender;
 
     fn due(n: usize, tag: &str) -> Vec<Due> {
         (0..n)
@@ -274,26 +277,29 @@ mod tests {
     }
 
     /// The chunk a shard was sent, and the sender it answers on once the deletions are stored.
-    fn taken(inbox: &Receiver<Msg>) -> (usize, Sender<()>) {
-        match inbox.recv_timeout(Duration::from_secs(5)) {
-            Ok(Msg::Forget { due, handled }) => (due.len(), handled),
-            Ok(_) => panic!("a message other than Forget"),
-            Err(e) => panic!("no chunk came: {e}"),
+    fn taken(inbox: &Inbox) -> (usize, Sender<()>) {
+        let mut taken = inbox.take_within(1, Duration::from_secs(5)).unwrap();
+        assert!(taken.len() <= 1, "more than one message taken");
+        match taken.pop() {
+            Some(Msg::Forget { due, handled }) => (due.len(), handled),
+            Some(_) => panic!("a message other than Forget"),
+            None => panic!("no chunk came"),
         }
     }
 
     /// Whether anything reaches `inbox` within 50 ms: a chunk sent too early is sent at once.
-    fn quiet(inbox: &Receiver<Msg>) -> bool {
+    fn quiet(inbox: &Inbox) -> bool {
         std::thread::sleep(Duration::from_millis(50));
-        inbox.try_recv().is_err()
+        // Disconnected (the sender is gone) is quiet too.
+        inbox.take(1).map_or(true, |taken| taken.is_empty())
     }
 
     /// A wave reaches each shard a chunk at a time: the next only once the shard has answered
     /// for the last, and a round waits for every shard in it.
     #[test]
     fn a_wave_reaches_each_shard_a_chunk_at_a_time() {
-        let (to_0, inbox_0) = channel();
-        let (to_1, inbox_1) = channel();
+        let (to_0, inbox_0) = inbox();
+        let (to_1, inbox_1) = inbox();
         let (_stop, stop) = channel();
         let wave = vec![due(2 * FORGET_CHUNK + 1, "a"), due(FORGET_CHUNK, "b")];
         let handing = std::thread::spawn(move || hand_out(wave, &[to_0, to_1], &stop));
@@ -323,24 +329,24 @@ mod tests {
             handing.join().unwrap(),
             "a wave handed out whole goes on to the next scan"
         );
-        assert!(inbox_0.try_recv().is_err() && inbox_1.try_recv().is_err());
+        assert!(quiet(&inbox_0) && quiet(&inbox_1));
     }
 
     /// Waiting for a shard ends when the thread is told to stop, or when the shard is gone.
     #[test]
     fn a_wave_ends_on_stop_or_when_a_shard_is_gone() {
-        let (to_shard, inbox) = channel();
+        let (to_shard, inbox) = super::super::inbox::inbox();
         let (stop_tx, stop) = channel();
         let handing = std::thread::spawn(move || hand_out(vec![due(3, "a")], &[to_shard], &stop));
         let (_, _unanswered) = taken(&inbox);
         stop_tx.send(()).unwrap();
         assert!(!handing.join().unwrap(), "went on after stop");
 
-        let (to_shard, inbox) = channel();
+        let (to_shard, inbox) = super::super::inbox::inbox();
         let (_stop, stop) = channel();
         let handing = std::thread::spawn(move || hand_out(vec![due(3, "a")], &[to_shard], &stop));
         // The shard's thread ends with the chunk unanswered in its inbox.
-        let _ = inbox.recv_timeout(Duration::from_secs(5)).unwrap();
+        let _ = taken(&inbox);
         drop(inbox);
         assert!(!handing.join().unwrap(), "went on without its shard");
     }

@@ -1,17 +1,17 @@
-//! One shard: a thread that owns the contexts and grants whose keys hash to it, applies its inbox in
-//! order, and commits each batch of work in one store transaction. This file is the thread's loop
+//! One shard: a thread that owns the contexts and grants whose keys hash to it, applies its inbox
+//! (two lanes, each in order: `inbox.rs`), and commits each batch of work in one store transaction. This file is the thread's loop
 //! and what it does with each message (fold a signal, register, delete, re-evaluate, sweep); its
 //! neighbours hold the other jobs: the batch's way to disk and out (`commit.rs`), a grant's
 //! evaluation inputs (`inputs.rs`), the decision rules (`decide.rs`) and session grants from
 //! session-established events (`session_grant.rs`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::commit::{CheckpointWaiter, Checkpointing, Committing, Draining, Pending, Reply};
 use super::decide::{self, cause_of};
+use super::inbox::{Disconnected, Inbox, InboxSender};
 use super::inputs::{shared_view, Inputs};
 use super::session_grant;
 use super::{member_index, obo_index, principal_index, EngineError, Msg, Registered, Shared};
@@ -27,7 +27,7 @@ use crate::signal::Signal;
 pub(crate) struct Shard {
     pub(super) id: usize,
     pub(super) shared: Arc<Shared>,
-    pub(super) inboxes: Vec<Sender<Msg>>,
+    pub(super) inboxes: Vec<InboxSender>,
     /// The grants this shard owns, by expiry (milliseconds) — for the sweep and for re-evaluate-all.
     pub(super) expiry: BTreeSet<(i64, GrantId)>,
     /// Contexts changed by signals whose source replays them, not yet written: they are
@@ -81,7 +81,7 @@ impl Shard {
     pub fn new(
         id: usize,
         shared: Arc<Shared>,
-        inboxes: Vec<Sender<Msg>>,
+        inboxes: Vec<InboxSender>,
         grants: Vec<Arc<Grant>>,
     ) -> Shard {
         let expiry = grants
@@ -110,7 +110,7 @@ impl Shard {
     /// The shard's loop. Batches are pipelined with their commits: while batch N is being written,
     /// batch N+1 is applied in memory; N is announced (replies, decisions, forwards) once its
     /// commit is on disk and before N+1's commit is waited for, so announcements keep their order.
-    pub fn run(mut self, rx: Receiver<Msg>) {
+    pub fn run(mut self, inbox: Inbox) {
         let interval = self.shared.settings.sweep_interval;
         let max_batch = self.shared.settings.max_batch.max(1);
         let checkpoint_interval = self.shared.settings.checkpoint_interval;
@@ -118,10 +118,12 @@ impl Shard {
         let mut committing: Option<Committing> = None;
         loop {
             self.settle_checkpoints(0);
-            let first = match rx.try_recv() {
-                Ok(m) => Some(m),
-                Err(TryRecvError::Disconnected) => break,
-                Err(TryRecvError::Empty) => {
+            // Counted in signals, not messages: a source's batch is one message of many signals,
+            // and a commit of a whole backlog's worth is that much memory at once.
+            let batch = match inbox.take(max_batch) {
+                Err(Disconnected) => break,
+                Ok(batch) if !batch.is_empty() => batch,
+                Ok(_) => {
                     // Nothing queued: announce the batch in flight before waiting for more.
                     if let Some(c) = committing.take() {
                         self.announce(c);
@@ -145,30 +147,16 @@ impl Shard {
                     } else {
                         wait.min(CHECKPOINT_POLL)
                     };
-                    match rx.recv_timeout(wait) {
-                        Ok(m) => Some(m),
-                        Err(RecvTimeoutError::Timeout) => None,
-                        Err(RecvTimeoutError::Disconnected) => break,
+                    match inbox.take_within(max_batch, wait) {
+                        Ok(batch) => batch,
+                        Err(Disconnected) => break,
                     }
                 }
             };
             let mut p = Pending::default();
             let mut stop = false;
-            if let Some(first) = first {
+            if !batch.is_empty() {
                 let started = Instant::now();
-                // Counted in signals, not messages: a source's batch is one message of many
-                // signals, and a commit of a whole backlog's worth is that much memory at once.
-                let mut weight = first.weight();
-                let mut batch = vec![first];
-                while weight < max_batch {
-                    match rx.try_recv() {
-                        Ok(m) => {
-                            weight += m.weight();
-                            batch.push(m);
-                        }
-                        Err(_) => break,
-                    }
-                }
                 for msg in batch {
                     match msg {
                         Msg::Stop => stop = true,
