@@ -51,8 +51,8 @@ struct Client {
     registrant: Registrant,
 }
 
-/// The client a `grants` request was authorized as (a request extension): the registrant of the
-/// grants it registers.
+/// The client a request was authorized as (a request extension): the registrant of the grants it
+/// registers, and the `source` of the access decisions it asks for.
 #[derive(Debug, Clone, Copy)]
 pub struct Caller(pub Registrant);
 
@@ -262,9 +262,7 @@ pub async fn require(
                 )
             }
             _ => {
-                if role == Some(Role::Grants) {
-                    request.extensions_mut().insert(Caller(registrant));
-                }
+                request.extensions_mut().insert(Caller(registrant));
                 next.run(request).await
             }
         },

@@ -99,7 +99,7 @@ fn grant_named(request: &Value) -> Result<Option<GrantRef>, String> {
 }
 
 /// The `{decision, context}` of one evaluation, recorded as `audit_sample_rate` says.
-fn decide(s: &ApiState, evaluation: Evaluation) -> Value {
+fn decide(s: &ApiState, client: &Arc<str>, evaluation: Evaluation) -> Value {
     let started = std::time::Instant::now();
     let request = &evaluation.request;
     let (access, decision) = s.engine.evaluate_access(AccessRequest {
@@ -107,13 +107,14 @@ fn decide(s: &ApiState, evaluation: Evaluation) -> Value {
         action: request["action"]["name"].as_str(),
         resource: request["resource"]["properties"]["audience"].as_str(),
         request: Arc::new(request.clone()),
+        client: Some(client),
     });
     metrics::histogram!(crate::telemetry::ACCESS_EVALUATION_SECONDS)
         .record(started.elapsed().as_secs_f64());
     let label = if access.allowed { "allow" } else { "deny" };
     metrics::counter!(crate::telemetry::ACCESS_EVALUATIONS, "decision" => label).increment(1);
     if !access.allowed || rand::random::<f64>() < s.access_sample_rate {
-        s.access_log.record(decision);
+        s.access_log.record(client, decision);
     }
     let mut context = json!({"decision_id": access.decision_id,
                              "policy_version": access.policy_version});
@@ -173,19 +174,30 @@ async fn from_owner(s: &ApiState, headers: &HeaderMap, evaluation: &Evaluation) 
 }
 
 /// One evaluation's answer: by the grant's owner in cluster mode, else here.
-async fn answer(s: &Arc<ApiState>, headers: &HeaderMap, evaluation: Evaluation) -> Response {
+async fn answer(
+    s: &Arc<ApiState>,
+    headers: &HeaderMap,
+    client: &Arc<str>,
+    evaluation: Evaluation,
+) -> Response {
     if let Some(owner) = from_owner(s, headers, &evaluation).await {
         return Json(owner).into_response();
     }
-    match answer_here(s, evaluation).await {
+    match answer_here(s, client, evaluation).await {
         Ok(answer) => Json(answer).into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", e),
     }
 }
 
-async fn answer_here(s: &Arc<ApiState>, evaluation: Evaluation) -> Result<Value, String> {
-    let state = s.clone();
-    tokio::task::spawn_blocking(move || decide(&state, evaluation))
+/// Decided here, recorded as asked by `client` (the owner of a passed-on call authenticates the
+/// same client: the call carries its credential).
+async fn answer_here(
+    s: &Arc<ApiState>,
+    client: &Arc<str>,
+    evaluation: Evaluation,
+) -> Result<Value, String> {
+    let (state, client) = (s.clone(), client.clone());
+    tokio::task::spawn_blocking(move || decide(&state, &client, evaluation))
         .await
         .map_err(|e| e.to_string())
 }
@@ -193,16 +205,18 @@ async fn answer_here(s: &Arc<ApiState>, evaluation: Evaluation) -> Result<Value,
 /// `POST /access/v1/evaluation`.
 pub async fn evaluation(
     State(s): State<Arc<ApiState>>,
+    axum::Extension(caller): axum::Extension<crate::auth::Caller>,
     headers: HeaderMap,
     body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
+    let client = caller.0.name();
     let request = match body {
         Ok(Json(v)) if v.is_object() => v,
         Ok(_) => return bad("the request must be a JSON object"),
         Err(e) => return bad(e.body_text()),
     };
     match checked(request) {
-        Ok(evaluation) => answer(&s, &headers, evaluation).await,
+        Ok(evaluation) => answer(&s, &headers, &client, evaluation).await,
         Err(why) => bad(why),
     }
 }
@@ -210,9 +224,11 @@ pub async fn evaluation(
 /// `POST /access/v1/evaluations`.
 pub async fn evaluations(
     State(s): State<Arc<ApiState>>,
+    axum::Extension(caller): axum::Extension<crate::auth::Caller>,
     headers: HeaderMap,
     body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
+    let client = caller.0.name();
     let request = match body {
         Ok(Json(Value::Object(m))) => m,
         Ok(_) => return bad("the request must be a JSON object"),
@@ -253,7 +269,7 @@ pub async fn evaluations(
     // Without entries, the request is one evaluation and so is the answer (AuthZEN §7.1).
     let Some(entries) = entries else {
         return match checked(Value::Object(defaults)) {
-            Ok(evaluation) => answer(&s, &headers, evaluation).await,
+            Ok(evaluation) => answer(&s, &headers, &client, evaluation).await,
             Err(why) => bad(why),
         };
     };
@@ -273,7 +289,7 @@ pub async fn evaluations(
     for evaluation in checked_entries {
         let one = match from_owner(&s, &headers, &evaluation).await {
             Some(owner) => owner,
-            None => match answer_here(&s, evaluation).await {
+            None => match answer_here(&s, &client, evaluation).await {
                 Ok(one) => one,
                 Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", e),
             },

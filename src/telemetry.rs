@@ -68,7 +68,7 @@ catalogue! {
     ACCESS_EVALUATION_SECONDS = "vigil_access_evaluation_seconds", Histogram, [],
         "Time to decide one AuthZEN access evaluation";
     ACCESS_AUDIT_DROPPED = "vigil_access_audit_dropped_total", Counter, [],
-        "Access decision records not written to the audit log (queue full, or the write failed)";
+        "Access decision records not written to the audit log (the asking client past its share of the queue, the queue full, or the write failed)";
     GLOBAL_TOKEN_REVOCATIONS = "vigil_global_token_revocations_total", Counter, ["transmitter", "status"],
         "OAuth Global Token Revocation requests, by identity provider (unknown: not authenticated) and answer status";
     SSF_TOLERATED = "vigil_ssf_tolerated_deviations_total", Counter, ["transmitter", "deviation"],

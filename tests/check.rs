@@ -401,6 +401,10 @@ async fn authzen_evaluates_requests_on_live_context() {
     assert!(denial["policy_version"]
         .as_str()
         .is_some_and(|v| !v.is_empty()));
+    assert_eq!(
+        denial["cause"]["source"], "client:local-admin",
+        "the client that asked: {denial}"
+    );
 
     // Batches: defaults at the top, each entry replacing them; three semantics.
     let batch = |semantic: &str| {

@@ -36,6 +36,8 @@ pub struct AccessRequest<'a> {
     pub resource: Option<&'a str>,
     /// `{subject, resource, action, context}` as the request gave them.
     pub request: Arc<Value>,
+    /// The API client asking: recorded as the decision's `cause.source`.
+    pub client: Option<&'a str>,
 }
 
 /// The answer to one access request.
@@ -116,6 +118,7 @@ impl Engine {
         let cause = Cause {
             jti: Some(format!("{:032x}", rand::random::<u128>())),
             event_type: req.action.map(str::to_owned),
+            source: req.client.map(str::to_owned),
             ..Cause::of_state(Cause::ACCESS_REQUEST)
         };
         let effect = if access.allowed {
@@ -149,11 +152,14 @@ impl Engine {
 }
 
 /// Writes access decision records to the audit log off the request path: a bounded queue drained
-/// in batches by one thread (one sync per batch, not per request). A full queue drops the record
-/// and counts it (`vigil_access_audit_dropped_total`): an evaluation never waits for the disk.
+/// in batches by one thread (one sync per batch, not per request). A record that finds no room is
+/// dropped and counted (`vigil_access_audit_dropped_total`): an evaluation never waits for the
+/// disk. The queue is shared between API clients fairly ([`Shares`]): one that floods it with
+/// evaluations loses its own records, not another's.
 #[derive(Clone)]
 pub struct AccessLog {
-    queue: std::sync::mpsc::SyncSender<Decision>,
+    queue: std::sync::mpsc::SyncSender<(Arc<str>, Decision)>,
+    shares: Arc<std::sync::Mutex<Shares>>,
 }
 
 /// Records waiting to be written, at most.
@@ -161,10 +167,55 @@ const ACCESS_LOG_QUEUE: usize = 16_384;
 /// Records written in one append, at most.
 const ACCESS_LOG_BATCH: usize = 1_024;
 
+/// The queue's places each client holds. A client may hold `capacity / (n + 1)` of them, `n`
+/// being the clients holding any (itself included), and none once `capacity` are held: a client
+/// alone holds at most half of the queue, and one past its share (because others came) gets no
+/// more until the writer has taken its records down to it — so the queue drains towards room for
+/// one more client, and a client that floods it cannot keep another's records out of it.
+#[derive(Debug, Default)]
+struct Shares {
+    held: std::collections::HashMap<Arc<str>, usize>,
+    total: usize,
+}
+
+impl Shares {
+    /// Counts one more record of `client` if it is within its share of `capacity`.
+    fn take(&mut self, client: &Arc<str>, capacity: usize) -> bool {
+        let held = self.held.get(client).copied().unwrap_or(0);
+        let holders = self.held.len() + usize::from(held == 0);
+        if self.total >= capacity || held >= (capacity / (holders + 1)).max(1) {
+            return false;
+        }
+        *self.held.entry(client.clone()).or_insert(0) += 1;
+        self.total += 1;
+        true
+    }
+
+    /// `n` of `client`'s records left the queue (written, or dropped).
+    fn release(&mut self, client: &str, n: usize) {
+        if let Some(held) = self.held.get_mut(client) {
+            let n = n.min(*held);
+            *held -= n;
+            self.total -= n;
+            if *held == 0 {
+                self.held.remove(client);
+            }
+        }
+    }
+}
+
+/// Locks the shares; a panic while they were held cannot leave a count half-changed.
+fn shares(s: &std::sync::Mutex<Shares>) -> std::sync::MutexGuard<'_, Shares> {
+    s.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl AccessLog {
     /// Starts the writer thread for `audit`; it ends when every [`AccessLog`] is dropped.
     pub fn start(audit: Arc<crate::audit::AuditLog>) -> AccessLog {
-        let (queue, records) = std::sync::mpsc::sync_channel::<Decision>(ACCESS_LOG_QUEUE);
+        let (queue, records) =
+            std::sync::mpsc::sync_channel::<(Arc<str>, Decision)>(ACCESS_LOG_QUEUE);
+        let shares_held = Arc::new(std::sync::Mutex::new(Shares::default()));
+        let released = shares_held.clone();
         let spawned = std::thread::Builder::new()
             .name("vigil-access-log".into())
             .spawn(move || {
@@ -176,6 +227,13 @@ impl AccessLog {
                             Err(_) => break,
                         }
                     }
+                    {
+                        let mut held = shares(&released);
+                        for (client, _) in &batch {
+                            held.release(client, 1);
+                        }
+                    }
+                    let batch: Vec<Decision> = batch.into_iter().map(|(_, d)| d).collect();
                     if let Err(e) = audit.append(&batch) {
                         metrics::counter!(crate::telemetry::ACCESS_AUDIT_DROPPED)
                             .increment(batch.len() as u64);
@@ -186,13 +244,62 @@ impl AccessLog {
         if let Err(e) = spawned {
             tracing::error!(error = %e, "could not start the access log writer: access decisions are not recorded");
         }
-        AccessLog { queue }
+        AccessLog {
+            queue,
+            shares: shares_held,
+        }
     }
 
-    /// Queues `decision` for the audit log (dropped and counted when the queue is full).
-    pub fn record(&self, decision: Decision) {
-        if self.queue.try_send(decision).is_err() {
+    /// Queues `client`'s `decision` for the audit log (dropped and counted when the client is
+    /// past its share of the queue, or the queue is full).
+    pub fn record(&self, client: &Arc<str>, decision: Decision) {
+        if !shares(&self.shares).take(client, ACCESS_LOG_QUEUE) {
+            metrics::counter!(crate::telemetry::ACCESS_AUDIT_DROPPED).increment(1);
+            return;
+        }
+        if self.queue.try_send((client.clone(), decision)).is_err() {
+            shares(&self.shares).release(client, 1);
             metrics::counter!(crate::telemetry::ACCESS_AUDIT_DROPPED).increment(1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client alone may hold half the queue; the next finds room however much the first holds;
+    /// shares shrink as more clients hold places, never past the queue's capacity, and places
+    /// come back as records leave.
+    #[test]
+    fn a_client_that_floods_the_queue_leaves_room_for_others() {
+        let (a, b, c): (Arc<str>, Arc<str>, Arc<str>) = ("a".into(), "b".into(), "c".into());
+        let mut shares = Shares::default();
+        let taken =
+            |s: &mut Shares, who: &Arc<str>, n: usize| (0..n).filter(|_| s.take(who, 120)).count();
+        assert_eq!(taken(&mut shares, &a, 1000), 60, "alone: half of 120");
+        assert_eq!(
+            taken(&mut shares, &b, 1000),
+            40,
+            "two holding: a third each"
+        );
+        assert_eq!(taken(&mut shares, &a, 1000), 0, "a is past its share");
+        assert_eq!(
+            taken(&mut shares, &c, 1000),
+            20,
+            "a quarter, but only 20 places are left"
+        );
+        assert_eq!(shares.total, 120);
+        shares.release(&a, 60);
+        assert_eq!(
+            taken(&mut shares, &a, 1000),
+            30,
+            "three holding: a quarter each"
+        );
+        shares.release(&a, 30);
+        shares.release(&b, 40);
+        shares.release(&c, 1000);
+        assert!(shares.held.is_empty() && shares.total == 0, "emptied");
+        assert_eq!(taken(&mut shares, &c, 1000), 60);
     }
 }
