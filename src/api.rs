@@ -37,6 +37,8 @@ pub struct ApiState {
     pub streams: Arc<crate::transmitter::streams::StreamStore>,
     pub engine: Arc<Engine>,
     pub audit: Arc<crate::audit::AuditLog>,
+    /// Each API client's access-request decisions ([`crate::audit::AccessLogs`]).
+    pub access_audit: Arc<crate::audit::AccessLogs>,
     pub reloader: Arc<PolicyReloader>,
     /// The configured enforcement points' names: a grant may name only these.
     pub enforcement_points: Vec<String>,
@@ -549,8 +551,20 @@ pub async fn decisions(
             );
         }
     }
-    let audit = s.audit.clone();
-    match tokio::task::spawn_blocking(move || audit.query(&query)).await {
+    let (audit, access) = (s.audit.clone(), s.access_audit.clone());
+    let listed = tokio::task::spawn_blocking(move || {
+        let mut decisions = audit.query(&query)?;
+        // Access decisions are in their clients' logs (and, recorded by earlier releases, here).
+        if query
+            .cause
+            .as_deref()
+            .is_none_or(|c| c == crate::decision::Cause::ACCESS_REQUEST)
+        {
+            decisions.extend(access.query(&query)?);
+        }
+        std::io::Result::Ok(crate::audit::newest(decisions, query.limit))
+    });
+    match listed.await {
         Ok(Ok(mut decisions)) => {
             // Copies arrive after this instance's own decisions of the same time: oldest first.
             decisions.sort_by(|a, b| a.time.total_cmp(&b.time));

@@ -582,7 +582,15 @@ impl Vigil {
             }
             _ => None,
         };
-        let audit_for_access = audit.clone();
+        let access_audit = Arc::new(
+            crate::audit::AccessLogs::open(
+                &config.data_dir.join("audit").join("access"),
+                config.audit.access_max_file_bytes,
+                config.audit.access_keep_files,
+                std::time::Duration::from_secs(config.audit.max_age_secs),
+            )
+            .map_err(StartError::Audit)?,
+        );
         let api_state = Arc::new(ApiState {
             identity: identity.clone(),
             streams: streams.clone(),
@@ -599,7 +607,8 @@ impl Vigil {
             view: status_view.clone(),
             decision_copies,
             signal_history,
-            access_log: crate::engine::AccessLog::start(audit_for_access),
+            access_log: crate::engine::AccessLog::start(access_audit.clone()),
+            access_audit,
             access_sample_rate: config.authzen.audit_sample_rate,
             max_outbox_per_stream: config.delivery.max_outbox_per_stream,
         });

@@ -1,7 +1,7 @@
 //! The audit log: every decision appended as one JSON line to `<data_dir>/audit/audit-NNNNNN.jsonl`,
 //! fsynced before the state change it describes is committed, so the log never misses a decision
 //! that took effect. Files rotate at `max_bytes`; the newest `keep` files are kept. Queries scan
-//! the files.
+//! the files. Access-request decisions are kept apart, a log per API client ([`AccessLogs`]).
 //!
 //! Each decision is in the log once. A crash between a decision's append and its state commit
 //! makes the restarted engine replay the signal and make the same decision again, with the same
@@ -240,6 +240,111 @@ impl AuditLog {
         }
         Ok(out.into())
     }
+}
+
+/// Access-request decisions (AuthZEN), one log per API client under `<audit dir>/access/<client>/`,
+/// each bounded on its own (`audit.access_max_file_bytes` × `audit.access_keep_files`, and
+/// `audit.max_age_secs`). In the decision log they shared its bound with every revocation: a
+/// client that asked for many evaluations rotated the revocations, and other clients' access
+/// records, out of it. Now it rotates out only its own access records. Clients are the
+/// configured ones, so the logs are bounded in number too.
+pub struct AccessLogs {
+    dir: PathBuf,
+    max_bytes: u64,
+    keep: usize,
+    max_age: std::time::Duration,
+    logs: Mutex<std::collections::HashMap<String, std::sync::Arc<AuditLog>>>,
+}
+
+impl AccessLogs {
+    /// Opens `dir` and every client's log already in it (rotated files past `max_age` go now).
+    pub fn open(
+        dir: &Path,
+        max_bytes: u64,
+        keep: usize,
+        max_age: std::time::Duration,
+    ) -> std::io::Result<AccessLogs> {
+        crate::store::private_dir(dir)?;
+        let logs = AccessLogs {
+            dir: dir.to_owned(),
+            max_bytes,
+            keep,
+            max_age,
+            logs: Mutex::new(std::collections::HashMap::new()),
+        };
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                if let Some(name) = entry.file_name().to_str() {
+                    logs.open_client(name)?;
+                }
+            }
+        }
+        Ok(logs)
+    }
+
+    /// The log of the client whose directory is `dir_name`, opened once.
+    fn open_client(&self, dir_name: &str) -> std::io::Result<std::sync::Arc<AuditLog>> {
+        let mut logs = self
+            .logs
+            .lock()
+            .map_err(|_| std::io::Error::other("access logs lock poisoned"))?;
+        if let Some(log) = logs.get(dir_name) {
+            return Ok(log.clone());
+        }
+        let log = std::sync::Arc::new(
+            AuditLog::open(&self.dir.join(dir_name), self.max_bytes, self.keep)?
+                .with_max_age(self.max_age)?,
+        );
+        logs.insert(dir_name.to_owned(), log.clone());
+        Ok(log)
+    }
+
+    /// Appends `client`'s decisions to its log and syncs them.
+    pub fn append(&self, client: &str, decisions: &[Decision]) -> std::io::Result<()> {
+        self.open_client(&dir_name(client))?.append(decisions)
+    }
+
+    /// The newest decisions matching `q` across every client's log, oldest first.
+    pub fn query(&self, q: &DecisionQuery) -> std::io::Result<Vec<Decision>> {
+        let logs: Vec<std::sync::Arc<AuditLog>> = self
+            .logs
+            .lock()
+            .map_err(|_| std::io::Error::other("access logs lock poisoned"))?
+            .values()
+            .cloned()
+            .collect();
+        let mut all = Vec::new();
+        for log in logs {
+            all.extend(log.query(q)?);
+        }
+        Ok(newest(all, q.limit))
+    }
+}
+
+/// `decisions` ordered by time, the newest `limit` of them (1 000 when `limit` is 0).
+pub fn newest(mut decisions: Vec<Decision>, limit: usize) -> Vec<Decision> {
+    let limit = if limit == 0 { 1000 } else { limit };
+    decisions.sort_by(|a, b| a.time.total_cmp(&b.time));
+    let over = decisions.len().saturating_sub(limit);
+    decisions.split_off(over)
+}
+
+/// A client's name as a directory name: letters, digits, `-` and `_` kept, every other byte as
+/// `%XX` (so `client:gw-1` is `client%3Agw-1`, and no name is `.`, `..` or holds a `/`).
+fn dir_name(client: &str) -> String {
+    let mut out = String::with_capacity(client.len());
+    for b in client.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    if out.is_empty() {
+        out.push_str("%00");
+    }
+    out
 }
 
 /// The log's name in `<dir>/origin`, made if missing.
@@ -483,5 +588,59 @@ mod tests {
             .unwrap();
         let ids: Vec<&str> = again.iter().map(|d| d.id.as_str()).collect();
         assert_eq!(ids, ["g2-2", "g3-3"]);
+    }
+
+    /// One client's flood of access records rotates out only its own: another client's record
+    /// stays, the flood's newest are kept within its log's bound, a query spans every client's
+    /// log, and a restart finds the logs again.
+    #[test]
+    fn access_logs_are_bounded_per_client() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = dir.path().join("access");
+        let day = std::time::Duration::from_secs(86_400);
+        let logs = AccessLogs::open(&at, 1024, 1, day).unwrap();
+        let access = |grant: &str, time: f64| Decision {
+            cause: Cause::of_state(Cause::ACCESS_REQUEST),
+            ..decision(grant, "s", time)
+        };
+        logs.append("client:quiet", &[access("q", 1.0)]).unwrap();
+        for i in 0..200 {
+            logs.append("client:loud", &[access("l", 2.0 + f64::from(i))])
+                .unwrap();
+        }
+        let listed = logs.query(&DecisionQuery::default()).unwrap();
+        assert!(
+            listed.iter().any(|d| d.grant_id == "q"),
+            "the quiet client's record went"
+        );
+        let loud: Vec<f64> = listed
+            .iter()
+            .filter(|d| d.grant_id == "l")
+            .map(|d| d.time)
+            .collect();
+        assert!(loud.len() < 20, "the flood was not bounded: {}", loud.len());
+        assert_eq!(loud.last(), Some(&201.0), "the flood's newest is kept");
+        assert_eq!(list_files(&at.join("client%3Aloud")).unwrap().len(), 1);
+        let limited = logs
+            .query(&DecisionQuery {
+                limit: 2,
+                ..DecisionQuery::default()
+            })
+            .unwrap();
+        let times: Vec<f64> = limited.iter().map(|d| d.time).collect();
+        assert_eq!(
+            times,
+            [200.0, 201.0],
+            "the newest across the logs, oldest first"
+        );
+        drop(logs);
+        let reopened = AccessLogs::open(&at, 1024, 1, day).unwrap();
+        let listed = reopened.query(&DecisionQuery::default()).unwrap();
+        assert!(
+            listed.iter().any(|d| d.grant_id == "q"),
+            "not found again at start"
+        );
+        assert_eq!(dir_name("a/../b"), "a%2F%2E%2E%2Fb");
+        assert_eq!(dir_name(""), "%00");
     }
 }

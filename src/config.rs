@@ -944,6 +944,13 @@ pub struct AuditConfig {
     /// Rotated audit files last written longer ago than this are dropped (seconds; 90 days).
     #[serde(default = "default_audit_max_age")]
     pub max_age_secs: u64,
+    /// Each API client's access-request (AuthZEN) decisions are a log of their own
+    /// (`<data_dir>/audit/access/<client>/`), rotated at this size…
+    #[serde(default = "default_access_audit_bytes")]
+    pub access_max_file_bytes: u64,
+    /// …keeping this many files, so one client's evaluations rotate out only its own records.
+    #[serde(default = "default_access_audit_keep")]
+    pub access_keep_files: usize,
 }
 
 /// RFC 8935 push endpoint settings.
@@ -1301,6 +1308,12 @@ fn default_audit_bytes() -> u64 {
 fn default_audit_keep() -> usize {
     10
 }
+fn default_access_audit_bytes() -> u64 {
+    16 * 1024 * 1024
+}
+fn default_access_audit_keep() -> usize {
+    4
+}
 fn default_algs() -> Vec<Alg> {
     vec![Alg::RS256]
 }
@@ -1387,6 +1400,8 @@ impl Default for AuditConfig {
         AuditConfig {
             max_file_bytes: default_audit_bytes(),
             keep_files: default_audit_keep(),
+            access_max_file_bytes: default_access_audit_bytes(),
+            access_keep_files: default_access_audit_keep(),
             max_age_secs: default_audit_max_age(),
         }
     }
@@ -1567,6 +1582,7 @@ impl Config {
                 self.engine.checkpoint_interval_ms as usize,
             ),
             ("audit.keep_files", self.audit.keep_files),
+            ("audit.access_keep_files", self.audit.access_keep_files),
             (
                 "policy.shadow_divergences_max",
                 self.policy.shadow_divergences_max,

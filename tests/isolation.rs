@@ -1,7 +1,8 @@
 //! No party can stop or slow revocations for the others: enforcement points that never answer,
 //! answer `429` with absurd `Retry-After` values, or hold their maximum of SSE responses unread;
 //! clients that hold connections idle or send slowly; enforcement points that name internal or
-//! non-http destinations; transmitters whose SETs claim a time in the far future.
+//! non-http destinations; transmitters whose SETs claim a time in the far future; API clients that
+//! flood evaluations (their access records rotate out only their own).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -517,6 +518,127 @@ async fn a_signal_from_the_future_does_not_pin_a_fact() {
     vigil.shutdown().await;
 }
 
+/// An API client that asks for many evaluations rotates out only its own access records: another
+/// client's record and the revocation in the decision log stay listed, each naming who caused it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_flooding_evaluations_rotates_out_only_its_own_records() {
+    use vigil::config::{ApiClientConfig, Role};
+    let tx = Transmitter::start(&[Alg::RS256]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), vec![tx.config("idp", ISS, &[AUD])]);
+    let check_client = |name: &str, token: &str| ApiClientConfig {
+        name: name.into(),
+        token: token.into(),
+        roles: vec![Role::Check],
+        max_grants: None,
+    };
+    config.clients = vec![
+        admin_client(),
+        check_client("loud", "loud-client-token-0123456789"),
+        check_client("quiet", "quiet-client-token-012345678"),
+    ];
+    // Each client's access log: one file of about a kilobyte (a few records); the decision log
+    // two (a shared log this small would have lost the revocation to the flood).
+    config.audit.access_max_file_bytes = 1024;
+    config.audit.access_keep_files = 1;
+    config.audit.max_file_bytes = 1024;
+    config.audit.keep_files = 2;
+    let vigil = start(config).await;
+    let t = now();
+    let grant = json!({"id": "held", "kind": "session",
+        "subject": {"format": "iss_sub", "iss": "https://idp.example.com/3456789/", "sub": "jane.doe@example.com"},
+        "issued_at": t - 60.0, "expires_at": t + 3600.0});
+    assert_eq!(post_json(&vigil, "/v1/grants", &grant).await.0, 201);
+    let mut set = spec_example("caep-risk-level-change.json");
+    set["jti"] = json!("high");
+    set["iat"] = json!(t as i64);
+    let event =
+        &mut set["events"]["https://schemas.openid.net/secevent/caep/event-type/risk-level-change"];
+    event["current_level"] = json!("HIGH");
+    event["event_timestamp"] = json!(t as i64);
+    let signed = tx.key(Alg::RS256).sign_set(&set).unwrap();
+    assert_eq!(push(&vigil, "idp", &signed).await.status, 202);
+    eventually("the HIGH revokes the grant", || async {
+        let (_, g) = get_json(&vigil, "/v1/grants/held").await;
+        (g["status"] == "revoked").then_some(())
+    })
+    .await;
+
+    let evaluate = |token: &'static str, body: Value| {
+        let url = format!("http://{}/access/v1/evaluations", vigil.local_addr());
+        async move {
+            let resp = reqwest::Client::new()
+                .post(url)
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+        }
+    };
+    let request = |grant: &str| {
+        json!({"subject": {"type": "user", "id": "jane.doe@example.com"}, "action": {"name": "read"},
+               "resource": {"type": "api", "id": "docs"}, "context": {"grant_id": grant}})
+    };
+    evaluate(
+        "quiet-client-token-012345678",
+        json!({"evaluations": [request("quiet-asked")]}),
+    )
+    .await;
+    // 400 denied evaluations (no such grants): each is recorded.
+    for round in 0..4 {
+        let entries: Vec<Value> = (0..100)
+            .map(|i| request(&format!("loud-{round}-{i}")))
+            .collect();
+        evaluate(
+            "loud-client-token-0123456789",
+            json!({"evaluations": entries}),
+        )
+        .await;
+    }
+    let listed = |query: &'static str| {
+        let vigil = &vigil;
+        async move {
+            let (status, body) = get_json(vigil, query).await;
+            assert_eq!(status, 200, "{body}");
+            body["decisions"].as_array().cloned().unwrap_or_default()
+        }
+    };
+    let loud = eventually("the flood's last record is written", || async {
+        let all = listed("/v1/decisions?cause=access_request").await;
+        all.iter()
+            .any(|d| d["grant_id"] == "" && d["cause"]["source"] == "client:loud")
+            .then_some(all)
+    })
+    .await;
+    let loud_records = loud
+        .iter()
+        .filter(|d| d["cause"]["source"] == "client:loud")
+        .count();
+    assert!(
+        loud_records < 40,
+        "the loud client's log is not bounded: {loud_records} of 400 records kept"
+    );
+    let quiet: Vec<&Value> = loud
+        .iter()
+        .filter(|d| d["cause"]["source"] == "client:quiet")
+        .collect();
+    assert_eq!(
+        quiet.len(),
+        1,
+        "the quiet client's record was rotated out: {loud:?}"
+    );
+    let revocations = listed("/v1/decisions?grant=held").await;
+    assert!(
+        revocations
+            .iter()
+            .any(|d| d["effect"] == "revoke" && d["cause"]["source"] == "ssf:tx-idp"),
+        "the revocation is gone: {revocations:?}"
+    );
+    vigil.shutdown().await;
+}
+
 /// An attacker's signing key and a server publishing it at `/jwks.json`.
 async fn attacker_keys() -> (vigil::sim::SigningKey, std::net::SocketAddr) {
     let attacker = vigil::sim::SigningKey::generate(Alg::RS256, "evil").unwrap();
@@ -582,8 +704,18 @@ async fn the_data_directory_and_its_files_are_the_owners_alone() {
     for f in ["vigil.redb", "intake.redb", "admin.token"] {
         assert_eq!(mode(&data.join(f)), 0o600, "{f}");
     }
-    for entry in std::fs::read_dir(data.join("audit")).unwrap() {
-        assert_eq!(mode(&entry.unwrap().path()), 0o600);
+    // The audit directory's files, and its clients' access logs (directories the owner's alone).
+    let mut walk = vec![data.join("audit")];
+    while let Some(at) = walk.pop() {
+        for entry in std::fs::read_dir(&at).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                assert_eq!(mode(&path), 0o700, "{}", path.display());
+                walk.push(path);
+            } else {
+                assert_eq!(mode(&path), 0o600, "{}", path.display());
+            }
+        }
     }
     vigil.shutdown().await;
 }

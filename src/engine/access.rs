@@ -6,8 +6,8 @@
 //! rules (`on: [access-request]`) run on its principal's live context — and, for an agent
 //! delegation, on the delegating user's too ([`crate::evaluate::evaluate_request`]). Fail closed:
 //! a rule that errors denies. Nothing changes: no grant, no context. Each evaluation becomes a
-//! decision record (cause `access_request`, effect `allow` or `deny`, every hop of the delegation)
-//! written to the audit log off the request path, in batches.
+//! decision record (cause `access_request`, effect `allow` or `deny`, every hop of the delegation,
+//! the asking client) written to that client's access log off the request path, in batches.
 
 use std::sync::Arc;
 
@@ -151,8 +151,9 @@ impl Engine {
     }
 }
 
-/// Writes access decision records to the audit log off the request path: a bounded queue drained
-/// in batches by one thread (one sync per batch, not per request). A record that finds no room is
+/// Writes access decision records to their client's access log (`audit::AccessLogs`) off the
+/// request path: a bounded queue drained in batches by one thread (one sync per client in a
+/// batch, not per request). A record that finds no room is
 /// dropped and counted (`vigil_access_audit_dropped_total`): an evaluation never waits for the
 /// disk. The queue is shared between API clients fairly ([`Shares`]): one that floods it with
 /// evaluations loses its own records, not another's.
@@ -211,7 +212,7 @@ fn shares(s: &std::sync::Mutex<Shares>) -> std::sync::MutexGuard<'_, Shares> {
 
 impl AccessLog {
     /// Starts the writer thread for `audit`; it ends when every [`AccessLog`] is dropped.
-    pub fn start(audit: Arc<crate::audit::AuditLog>) -> AccessLog {
+    pub fn start(logs: Arc<crate::audit::AccessLogs>) -> AccessLog {
         let (queue, records) =
             std::sync::mpsc::sync_channel::<(Arc<str>, Decision)>(ACCESS_LOG_QUEUE);
         let shares_held = Arc::new(std::sync::Mutex::new(Shares::default()));
@@ -233,11 +234,18 @@ impl AccessLog {
                             held.release(client, 1);
                         }
                     }
-                    let batch: Vec<Decision> = batch.into_iter().map(|(_, d)| d).collect();
-                    if let Err(e) = audit.append(&batch) {
-                        metrics::counter!(crate::telemetry::ACCESS_AUDIT_DROPPED)
-                            .increment(batch.len() as u64);
-                        tracing::warn!(error = %e, records = batch.len(), "access decisions not written to the audit log");
+                    // One append (one sync) per client in the batch, in its log.
+                    let mut by_client: std::collections::HashMap<Arc<str>, Vec<Decision>> =
+                        std::collections::HashMap::new();
+                    for (client, d) in batch {
+                        by_client.entry(client).or_default().push(d);
+                    }
+                    for (client, decisions) in by_client {
+                        if let Err(e) = logs.append(&client, &decisions) {
+                            metrics::counter!(crate::telemetry::ACCESS_AUDIT_DROPPED)
+                                .increment(decisions.len() as u64);
+                            tracing::warn!(error = %e, client = %client, records = decisions.len(), "access decisions not written to the audit log");
+                        }
                     }
                 }
             });
