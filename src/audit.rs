@@ -88,10 +88,21 @@ pub struct AuditLog {
 
 impl AuditLog {
     pub fn open(dir: &Path, max_bytes: u64, keep: usize) -> std::io::Result<AuditLog> {
+        AuditLog::open_reading_tail(dir, max_bytes, keep, RECOVERY_TAIL_BYTES)
+    }
+
+    /// [`AuditLog::open`], remembering the ids in the last `tail` bytes (none for a log of
+    /// decisions no replay makes again: access requests).
+    fn open_reading_tail(
+        dir: &Path,
+        max_bytes: u64,
+        keep: usize,
+        tail: u64,
+    ) -> std::io::Result<AuditLog> {
         crate::store::private_dir(dir)?;
         let index = list_files(dir)?.last().map_or(1, |(i, _)| *i);
         let (file, size) = open_append(dir, index)?;
-        let before_start = tail_ids(dir, RECOVERY_TAIL_BYTES)?;
+        let before_start = tail_ids(dir, tail)?;
         let origin = origin_of(dir)?;
         Ok(AuditLog {
             dir: dir.to_owned(),
@@ -293,7 +304,8 @@ impl AccessLogs {
             return Ok(log.clone());
         }
         let log = std::sync::Arc::new(
-            AuditLog::open(&self.dir.join(dir_name), self.max_bytes, self.keep)?
+            // An access decision is never made again by a replay: no tail to read at start.
+            AuditLog::open_reading_tail(&self.dir.join(dir_name), self.max_bytes, self.keep, 0)?
                 .with_max_age(self.max_age)?,
         );
         logs.insert(dir_name.to_owned(), log.clone());

@@ -266,11 +266,24 @@ async fn listed_ids(http: &reqwest::Client, base: &str, query: &str) -> Vec<Stri
         .collect()
 }
 
-/// The ids of every decision line in the audit files under `data_dir` (what an auditor exports).
+/// The ids of every decision line in the audit files under `data_dir` (what an auditor exports:
+/// the decision log and the clients' access logs under `audit/access/`).
 fn audit_file_ids(data_dir: &std::path::Path) -> Vec<String> {
     let mut ids = Vec::new();
-    for entry in std::fs::read_dir(data_dir.join("audit")).unwrap() {
-        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+    let mut files = Vec::new();
+    let mut walk = vec![data_dir.join("audit")];
+    while let Some(dir) = walk.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    for path in files {
+        let text = std::fs::read_to_string(path).unwrap();
         ids.extend(
             text.lines()
                 .filter_map(|l| serde_json::from_str::<Value>(l).ok())
