@@ -46,7 +46,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
@@ -945,37 +945,7 @@ async fn latency_phase(
     let background_tokens = sign_sets(key, background, |i| background_set(ISS, AUD, "bg", i));
 
     // Signal → decision: a watcher thread looks at the probed grants' status in the engine.
-    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
-    let decided: Arc<Mutex<Vec<f64>>> = Arc::new(Mutex::new(Vec::new()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let watcher = {
-        let (engine, sent, decided, stop) = (
-            vigil.engine().clone(),
-            sent.clone(),
-            decided.clone(),
-            stop.clone(),
-        );
-        std::thread::spawn(move || {
-            let mut pending: HashMap<String, Instant> = HashMap::new();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Ok(mut s) = sent.lock() {
-                    pending.extend(s.drain());
-                }
-                pending.retain(|id, at| {
-                    let revoked = engine
-                        .grant(id)
-                        .is_some_and(|g| g.status == vigil::grant::GrantStatus::Revoked);
-                    if revoked {
-                        if let Ok(mut d) = decided.lock() {
-                            d.push(at.elapsed().as_secs_f64() * 1e3);
-                        }
-                    }
-                    !revoked
-                });
-                std::thread::sleep(Duration::from_micros(100));
-            }
-        })
-    };
+    let watch = common::RevocationWatch::start(vigil.engine().clone(), Duration::from_micros(100));
 
     let background_client = reqwest::Client::builder()
         .pool_max_idle_per_host(BACKGROUND_IN_FLIGHT)
@@ -1013,9 +983,7 @@ async fn latency_phase(
     for (p, token) in probe_tokens.into_iter().enumerate() {
         let now = Instant::now();
         probe_sent.insert(format!("probe-{p}"), now);
-        if let Ok(mut s) = sent.lock() {
-            s.insert(format!("g{}", probe_grant(p)), now);
-        }
+        watch.watch(format!("g{}", probe_grant(p)), now);
         // Once more on a transport error, as a transmitter would (the `jti` makes a second copy
         // harmless). Timed from the first try.
         let status = match push_set(&probe_client, &url, "Bearer rs", &token).await {
@@ -1032,9 +1000,7 @@ async fn latency_phase(
     let background_achieved = bg.await?;
 
     let delivered = delivery_latencies(eps, &probe_sent, probes).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = watcher.join();
-    let mut decided = decided.lock().map(|d| d.clone()).unwrap_or_default();
+    let mut decided: Vec<f64> = watch.finish().into_iter().map(|(_, ms)| ms).collect();
     decided.sort_by(f64::total_cmp);
     acknowledged.sort_by(f64::total_cmp);
     Ok(Latency {

@@ -9,14 +9,11 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use vigil::engine::EngineSettings;
-use vigil::grant::{GrantRequest, GrantStatus};
+use vigil::grant::GrantRequest;
 use vigil::signal::Signal;
 
 /// The retention window: the filled contexts' newest facts are dated so that they fall due
@@ -96,35 +93,7 @@ async fn run(contexts: usize, probes: usize) -> anyhow::Result<()> {
     );
 
     // Probes: a watcher thread sees each probed grant revoked.
-    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
-    let seen: Arc<Mutex<Vec<(f64, f64)>>> = Arc::new(Mutex::new(Vec::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let (engine, sent, seen, stop) = (engine.clone(), sent.clone(), seen.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut pending: HashMap<String, Instant> = HashMap::new();
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok(mut s) = sent.lock() {
-                    pending.extend(s.drain());
-                }
-                pending.retain(|id, at| {
-                    let revoked = engine
-                        .grant(id)
-                        .is_some_and(|g| g.status == GrantStatus::Revoked);
-                    if revoked {
-                        if let Ok(mut d) = seen.lock() {
-                            d.push((
-                                at.duration_since(started).as_secs_f64(),
-                                at.elapsed().as_secs_f64() * 1e3,
-                            ));
-                        }
-                    }
-                    !revoked
-                });
-                std::thread::sleep(Duration::from_micros(200));
-            }
-        })
-    };
+    let watch = common::RevocationWatch::start(engine.clone(), Duration::from_micros(200));
     // When the wave ended: none of a hundred filled subjects, spread over the fill, known.
     let sample = (0..100)
         .map(|k| {
@@ -147,9 +116,7 @@ async fn run(contexts: usize, probes: usize) -> anyhow::Result<()> {
             "events": {"https://schemas.openid.net/secevent/caep/event-type/session-revoked": {
                 "initiating_entity": "policy", "event_timestamp": now}}
         }))?;
-        if let Ok(mut s) = sent.lock() {
-            s.insert(format!("g{p}"), Instant::now());
-        }
+        watch.watch(format!("g{p}"), Instant::now());
         waiting.push(engine.submit_batch(vec![probe])?);
         if wave_end.is_none() && !sample.iter().any(|s| engine.knows(s)) {
             wave_end = Some(started.elapsed().as_secs_f64());
@@ -163,9 +130,11 @@ async fn run(contexts: usize, probes: usize) -> anyhow::Result<()> {
     })
     .await??;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, Ordering::Relaxed);
-    let _ = watcher.join();
-    let seen = seen.lock().map(|s| s.clone()).unwrap_or_default();
+    let seen: Vec<(f64, f64)> = watch
+        .finish()
+        .into_iter()
+        .map(|(at, ms)| (at.duration_since(started).as_secs_f64(), ms))
+        .collect();
     anyhow::ensure!(
         seen.len() == probes,
         "{} of {probes} probes revoked",

@@ -121,36 +121,8 @@ impl Probes {
         addr: std::net::SocketAddr,
         done: std::sync::Arc<std::sync::atomic::AtomicBool>,
     ) -> anyhow::Result<ProbeFigures> {
-        use std::collections::HashMap;
         use std::sync::atomic::Ordering;
-        use std::sync::{Arc, Mutex};
-        let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-        let revoked: Arc<Mutex<Vec<f64>>> = Arc::default();
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let watcher = {
-            let (engine, sent, revoked, stop) =
-                (engine, sent.clone(), revoked.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut pending: HashMap<String, Instant> = HashMap::new();
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok(mut s) = sent.lock() {
-                        pending.extend(s.drain());
-                    }
-                    pending.retain(|id, at| {
-                        let is_revoked = engine
-                            .grant(id)
-                            .is_some_and(|g| g.status == vigil::grant::GrantStatus::Revoked);
-                        if is_revoked {
-                            if let Ok(mut r) = revoked.lock() {
-                                r.push(at.elapsed().as_secs_f64() * 1e3);
-                            }
-                        }
-                        !is_revoked
-                    });
-                    std::thread::sleep(Duration::from_micros(200));
-                }
-            })
-        };
+        let watch = super::RevocationWatch::start(engine, Duration::from_micros(200));
         // From an address of its own, as another transmitter's would be.
         let client = reqwest::Client::builder()
             .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
@@ -167,9 +139,7 @@ impl Probes {
                 break;
             }
             let at = Instant::now();
-            if let Ok(mut s) = sent.lock() {
-                s.insert(format!("pg-{p}"), at);
-            }
+            watch.watch(format!("pg-{p}"), at);
             let status = super::push_set(&client, &url, "Bearer probe", token).await?;
             anyhow::ensure!(status == 202, "probe push answered {status}");
             acknowledged.push(at.elapsed().as_secs_f64() * 1e3);
@@ -177,14 +147,10 @@ impl Probes {
         }
         // The last probes' revocations, however long they wait.
         let deadline = Instant::now() + Duration::from_secs(120);
-        while revoked.lock().map_or(0, |r| r.len()) < acknowledged.len()
-            && Instant::now() < deadline
-        {
+        while watch.seen() < acknowledged.len() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        stop.store(true, Ordering::Relaxed);
-        let _ = watcher.join();
-        let mut revoked = revoked.lock().map(|r| r.clone()).unwrap_or_default();
+        let mut revoked: Vec<f64> = watch.finish().into_iter().map(|(_, ms)| ms).collect();
         anyhow::ensure!(
             revoked.len() == acknowledged.len(),
             "{} of {} probes revoked",

@@ -382,3 +382,76 @@ impl EngineRun {
         self.intake_thread.join();
     }
 }
+
+/// A thread that sees grants revoked in the engine — what `check` answers — by polling each
+/// watched grant's status every `poll`, and times each from the moment it was handed over.
+pub struct RevocationWatch {
+    sent: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>>,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(std::time::Instant, f64)>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl RevocationWatch {
+    pub fn start(
+        engine: std::sync::Arc<vigil::engine::Engine>,
+        poll: std::time::Duration,
+    ) -> RevocationWatch {
+        use std::sync::atomic::Ordering;
+        let sent = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
+            String,
+            std::time::Instant,
+        >::new()));
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let (sent, seen, stop) = (sent.clone(), seen.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut pending = std::collections::HashMap::new();
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(mut s) = sent.lock() {
+                        pending.extend(s.drain());
+                    }
+                    pending.retain(|id: &String, at: &mut std::time::Instant| {
+                        let revoked = engine
+                            .grant(id)
+                            .is_some_and(|g| g.status == vigil::grant::GrantStatus::Revoked);
+                        if revoked {
+                            if let Ok(mut d) = seen.lock() {
+                                d.push((*at, at.elapsed().as_secs_f64() * 1e3));
+                            }
+                        }
+                        !revoked
+                    });
+                    std::thread::sleep(poll);
+                }
+            })
+        };
+        RevocationWatch {
+            sent,
+            seen,
+            stop,
+            thread,
+        }
+    }
+
+    /// Watches `grant`, timed from `at`.
+    pub fn watch(&self, grant: String, at: std::time::Instant) {
+        if let Ok(mut s) = self.sent.lock() {
+            s.insert(grant, at);
+        }
+    }
+
+    /// How many watched grants were seen revoked so far.
+    pub fn seen(&self) -> usize {
+        self.seen.lock().map_or(0, |s| s.len())
+    }
+
+    /// Stops the thread; each grant seen revoked: when it was handed over, and the milliseconds
+    /// until it was seen revoked.
+    pub fn finish(self) -> Vec<(std::time::Instant, f64)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.thread.join();
+        self.seen.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}

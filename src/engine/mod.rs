@@ -1635,20 +1635,33 @@ mod tests {
     /// Registers the access token `t1` and swaps in a policy that revokes every access token: one
     /// revocation, handed off to delivery.
     async fn revoke_a_token(engine: &Engine) {
-        let request: GrantRequest = serde_json::from_value(serde_json::json!({
-            "id": "t1", "kind": "access_token", "subject": {"format": "email", "email": "h@example.com"},
-            "issued_at": 1_700_000_000, "expires_at": 4_000_000_000u64}))
-        .unwrap();
+        register_json(
+            engine,
+            serde_json::json!({
+                "id": "t1", "kind": "access_token", "subject": {"format": "email", "email": "h@example.com"},
+                "issued_at": 1_700_000_000, "expires_at": 4_000_000_000u64}),
+        )
+        .await;
+        swap_rules(
+            engine,
+            "rules:\n  - {id: tokens, on: ['*'], when: \"grant.kind == 'access_token'\", effect: revoke}\n",
+        )
+        .await;
+    }
+
+    /// Registers the grant `request` (its JSON) as the API client `test`.
+    async fn register_json(engine: &Engine, request: serde_json::Value) {
+        let request: GrantRequest = serde_json::from_value(request).unwrap();
         engine
             .register(request, Registrant::client("test"))
             .await
             .unwrap();
-        let policy = PolicySet::from_sources(&[(
-            "tokens.yaml".to_owned(),
-            "rules:\n  - {id: tokens, on: ['*'], when: \"grant.kind == 'access_token'\", effect: revoke}\n"
-                .to_owned(),
-        )])
-        .unwrap();
+    }
+
+    /// Swaps in a policy set of one file holding `rules`, and waits for its re-evaluation.
+    async fn swap_rules(engine: &Engine, rules: &str) {
+        let policy =
+            PolicySet::from_sources(&[("rules.yaml".to_owned(), rules.to_owned())]).unwrap();
         engine.swap_policy(policy).unwrap().wait().await;
     }
 
@@ -2616,22 +2629,19 @@ mod tests {
                 ..EngineSettings::default()
             },
         );
-        let request: GrantRequest = serde_json::from_value(serde_json::json!({
-            "id": "probe", "kind": "session",
-            "subject": {"format": "email", "email": "probe@example.com"},
-            "issued_at": T0 - 10, "expires_at": T0 + 86_400}))
-        .unwrap();
-        engine
-            .register(request, Registrant::client("test"))
-            .await
-            .unwrap();
-        let policy = PolicySet::from_sources(&[(
-            "sessions.yaml".to_owned(),
-            "rules:\n  - {id: sessions, on: [session-revoked], when: 'context.session_revoked_at > grant.issued_at', effect: revoke}\n"
-                .to_owned(),
-        )])
-        .unwrap();
-        engine.swap_policy(policy).unwrap().wait().await;
+        register_json(
+            &engine,
+            serde_json::json!({
+                "id": "probe", "kind": "session",
+                "subject": {"format": "email", "email": "probe@example.com"},
+                "issued_at": T0 - 10, "expires_at": T0 + 86_400}),
+        )
+        .await;
+        swap_rules(
+            &engine,
+            "rules:\n  - {id: sessions, on: [session-revoked], when: 'context.session_revoked_at > grant.issued_at', effect: revoke}\n",
+        )
+        .await;
         let about = |example: &str, email: String, seq: u64| {
             example_about(
                 example,
