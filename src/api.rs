@@ -562,7 +562,7 @@ pub async fn decisions(
         {
             decisions.extend(access.query(&query)?);
         }
-        std::io::Result::Ok(crate::audit::newest(decisions, query.limit))
+        std::io::Result::Ok(crate::audit::newest(decisions, query.limit()))
     });
     match listed.await {
         Ok(Ok(mut decisions)) => {

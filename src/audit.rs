@@ -37,11 +37,23 @@ pub struct DecisionQuery {
     pub status: Option<GrantStatus>,
     /// With this effect.
     pub effect: Option<DecisionEffect>,
-    /// Most decisions returned (the newest).
+    /// Most decisions returned (the newest); 0 for [`DecisionQuery::DEFAULT_LIMIT`].
     pub limit: usize,
 }
 
 impl DecisionQuery {
+    /// How many a query without a `limit` returns.
+    pub const DEFAULT_LIMIT: usize = 1000;
+
+    /// The most decisions the query returns.
+    pub fn limit(&self) -> usize {
+        if self.limit == 0 {
+            DecisionQuery::DEFAULT_LIMIT
+        } else {
+            self.limit
+        }
+    }
+
     /// Whether `d` passes every filter given.
     pub fn matches(&self, d: &Decision) -> bool {
         self.subject.as_ref().is_none_or(|s| &d.subject == s)
@@ -212,7 +224,7 @@ impl AuditLog {
     /// read stops once `limit` matches are found, so memory is bounded by `limit` whatever the
     /// log's size.
     pub fn query(&self, q: &DecisionQuery) -> std::io::Result<Vec<Decision>> {
-        let limit = if q.limit == 0 { 1000 } else { q.limit };
+        let limit = q.limit();
         let mut out: VecDeque<Decision> = VecDeque::new();
         // Ids already in `out` (newer files first): an older copy of one is not listed again.
         let mut seen: HashSet<String> = HashSet::new();
@@ -330,13 +342,12 @@ impl AccessLogs {
         for log in logs {
             all.extend(log.query(q)?);
         }
-        Ok(newest(all, q.limit))
+        Ok(newest(all, q.limit()))
     }
 }
 
-/// `decisions` ordered by time, the newest `limit` of them (1 000 when `limit` is 0).
+/// `decisions` ordered by time, the newest `limit` of them.
 pub fn newest(mut decisions: Vec<Decision>, limit: usize) -> Vec<Decision> {
-    let limit = if limit == 0 { 1000 } else { limit };
     decisions.sort_by(|a, b| a.time.total_cmp(&b.time));
     let over = decisions.len().saturating_sub(limit);
     decisions.split_off(over)
