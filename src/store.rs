@@ -166,6 +166,9 @@ const BULK_PER_COMMIT: usize = 8;
 pub struct BatchWriter {
     tx: tokio::sync::mpsc::Sender<Queued>,
     db: Arc<redb::Database>,
+    /// Set, the writer leaves the bulk lane waiting: tests make a slow store this way.
+    #[cfg(test)]
+    bulk_paused: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The writer thread; [`BatchWriterThread::join`] waits until every [`BatchWriter`] is dropped and
@@ -227,13 +230,34 @@ impl BatchWriter {
     ) -> std::io::Result<(BatchWriter, BatchWriterThread)> {
         let max_batch = max_batch.max(1);
         let (tx, rx) = tokio::sync::mpsc::channel(max_batch * 4);
+        let bulk_paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let handle = std::thread::Builder::new()
             .name(format!("vigil-{store}-writer"))
             .spawn({
                 let db = db.clone();
-                move || writer_loop(db, store, rx, max_batch, bulk_backlog_age)
+                let lanes = Lanes {
+                    rx,
+                    bulk_paused: bulk_paused.clone(),
+                };
+                move || writer_loop(db, store, lanes, max_batch, bulk_backlog_age)
             })?;
-        Ok((BatchWriter { tx, db }, BatchWriterThread(handle)))
+        Ok((
+            BatchWriter {
+                tx,
+                db,
+                #[cfg(test)]
+                bulk_paused,
+            },
+            BatchWriterThread(handle),
+        ))
+    }
+
+    /// Leaves the bulk lane's writes waiting (`true`) or lets them commit again: a store behind
+    /// on its checkpoints, for tests.
+    #[cfg(test)]
+    pub(crate) fn pause_bulk(&self, paused: bool) {
+        self.bulk_paused
+            .store(paused, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The file this writer commits to. A long read that decides what to write (a scan of a
@@ -376,14 +400,24 @@ impl BatchWriter {
     }
 }
 
+/// What the writer thread takes its writes from.
+struct Lanes {
+    rx: tokio::sync::mpsc::Receiver<Queued>,
+    bulk_paused: Arc<std::sync::atomic::AtomicBool>,
+}
+
 fn writer_loop(
     db: Arc<redb::Database>,
     store: &'static str,
-    mut rx: tokio::sync::mpsc::Receiver<Queued>,
+    lanes: Lanes,
     max_batch: usize,
     bulk_backlog_age: std::time::Duration,
 ) {
     use std::time::Instant;
+    let Lanes {
+        mut rx,
+        bulk_paused,
+    } = lanes;
     // Bulk writes taken off the channel (and when), waiting for a moment when nothing else is.
     type Deferred = std::collections::VecDeque<(Instant, Merge, Job)>;
     let mut bulk = Deferred::new();
@@ -407,6 +441,10 @@ fn writer_loop(
                 Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
                 Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => open = false,
             }
+        }
+        if jobs.is_empty() && open && bulk_paused.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            continue;
         }
         if jobs.is_empty() {
             let behind = bulk.front().is_some_and(|(queued, merge, _)| {

@@ -457,10 +457,10 @@ impl Shard {
             // The checkpoint's signals were applied in this batch or the ones before it since the
             // last checkpoint: if any of those failed to store its decisions, replay them all.
             checkpoint.failed = self.failed_since_checkpoint.take();
-            let generation = checkpoint.generation;
             self.checkpointing.push_back(checkpoint);
-            // Checkpoints slower than their interval: the older ones finish before going on.
-            self.settle_checkpoints(generation);
+            // Checkpoints slower than their interval do not stop the shard: it holds back the
+            // sources' backlogs until they are written (`Shard::checkpoints_lag`).
+            self.settle_checkpoints(0);
         }
         for (owner, msg) in p.forwards.drain(..) {
             if let Some(inbox) = self.inboxes.get(owner) {

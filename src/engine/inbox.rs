@@ -20,6 +20,10 @@
 //! depends on: a context folds its signals by event time, and every sender's own messages stay
 //! in one lane. `Stop` is taken only once the bulk lane is empty, so a shard still finishes
 //! everything queued before it.
+//!
+//! A shard whose checkpoints lag behind the store holds the bulk lane ([`Bulk::Hold`]) and takes
+//! only interactive messages: the backlog waits (its source is paused by its own queue bound),
+//! while another party's signal is still applied at once.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -77,6 +81,14 @@ fn is_bulk(msg: &Msg) -> bool {
     )
 }
 
+/// Whether a take may take from the bulk lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Bulk {
+    Take,
+    /// Only the interactive lane: the bulk lane's messages wait.
+    Hold,
+}
+
 /// Sends to a shard's inbox; cloned for every sender (the engine, the other shards, retention).
 pub(crate) struct InboxSender {
     lanes: Arc<Lanes>,
@@ -128,30 +140,32 @@ pub(crate) struct Inbox {
 
 impl Inbox {
     /// Takes up to `max_weight` (in [`Msg::weight`]; the last message taken may pass it) from
-    /// both lanes fairly, without waiting; empty when nothing is queued.
-    pub(crate) fn take(&self, max_weight: usize) -> Result<Vec<Msg>, Disconnected> {
+    /// both lanes fairly — from the interactive lane alone when `bulk` holds the other — without
+    /// waiting; empty when nothing is queued.
+    pub(crate) fn take(&self, max_weight: usize, bulk: Bulk) -> Result<Vec<Msg>, Disconnected> {
         let mut state = self.lanes.lock();
-        let taken = state.take(max_weight);
-        if taken.is_empty() && state.senders == 0 {
+        let taken = state.take(max_weight, bulk);
+        if taken.is_empty() && state.closed() {
             return Err(Disconnected);
         }
         Ok(taken)
     }
 
-    /// As [`Inbox::take`], waiting up to `wait` for a first message.
+    /// As [`Inbox::take`], waiting up to `wait` for a first message it may take.
     pub(crate) fn take_within(
         &self,
         max_weight: usize,
+        bulk: Bulk,
         wait: Duration,
     ) -> Result<Vec<Msg>, Disconnected> {
         let deadline = Instant::now().checked_add(wait);
         let mut state = self.lanes.lock();
         loop {
-            let taken = state.take(max_weight);
+            let taken = state.take(max_weight, bulk);
             if !taken.is_empty() {
                 return Ok(taken);
             }
-            if state.senders == 0 {
+            if state.closed() {
                 return Err(Disconnected);
             }
             let left = match deadline {
@@ -186,14 +200,19 @@ impl Drop for Inbox {
 }
 
 impl State {
-    /// Interactive up to half of `max_weight`, then bulk up to `max_weight`, then interactive
-    /// again; `Stop` only once the bulk lane is empty.
-    fn take(&mut self, max_weight: usize) -> Vec<Msg> {
+    /// No sender is left and nothing is queued (a held bulk lane still counts as queued).
+    fn closed(&self) -> bool {
+        self.senders == 0 && self.interactive.is_empty() && self.bulk.is_empty()
+    }
+
+    /// Interactive up to half of `max_weight`, then bulk up to `max_weight` (unless held), then
+    /// interactive again; `Stop` only once the bulk lane is empty.
+    fn take(&mut self, max_weight: usize, bulk: Bulk) -> Vec<Msg> {
         let max_weight = max_weight.max(1);
         let mut taken = Vec::new();
         let mut weight = 0;
         self.take_interactive(max_weight.div_ceil(2), &mut weight, &mut taken);
-        while weight < max_weight {
+        while bulk == Bulk::Take && weight < max_weight {
             let Some(msg) = self.bulk.pop_front() else {
                 break;
             };
@@ -263,9 +282,9 @@ mod tests {
             to.send(forget(n)).map_err(|_| "sent").unwrap();
         }
         to.send(reevaluate(0)).map_err(|_| "sent").unwrap();
-        let taken = inbox.take(4).unwrap();
+        let taken = inbox.take(4, Bulk::Take).unwrap();
         assert_eq!(names(&taken), ["i0", "b0", "b1", "b2"]);
-        let taken = inbox.take(4).unwrap();
+        let taken = inbox.take(4, Bulk::Take).unwrap();
         assert_eq!(names(&taken), ["b3", "b4", "b5", "b6"]);
     }
 
@@ -278,11 +297,20 @@ mod tests {
             to.send(forget(n)).map_err(|_| "sent").unwrap();
             to.send(reevaluate(n)).map_err(|_| "sent").unwrap();
         }
-        assert_eq!(names(&inbox.take(4).unwrap()), ["i0", "i1", "b0", "b1"]);
-        assert_eq!(names(&inbox.take(4).unwrap()), ["i2", "i3", "b2", "b3"]);
+        assert_eq!(
+            names(&inbox.take(4, Bulk::Take).unwrap()),
+            ["i0", "i1", "b0", "b1"]
+        );
+        assert_eq!(
+            names(&inbox.take(4, Bulk::Take).unwrap()),
+            ["i2", "i3", "b2", "b3"]
+        );
         // Bulk alone fills what the interactive lane leaves.
-        assert_eq!(names(&inbox.take(8).unwrap()), ["i4", "i5", "b4", "b5"]);
-        assert!(inbox.take(8).unwrap().is_empty());
+        assert_eq!(
+            names(&inbox.take(8, Bulk::Take).unwrap()),
+            ["i4", "i5", "b4", "b5"]
+        );
+        assert!(inbox.take(8, Bulk::Take).unwrap().is_empty());
     }
 
     /// `Stop` waits until the bulk lane is empty, so what was queued before it is finished.
@@ -293,8 +321,32 @@ mod tests {
             to.send(forget(n)).map_err(|_| "sent").unwrap();
         }
         to.send(Msg::Stop).map_err(|_| "sent").unwrap();
-        assert_eq!(names(&inbox.take(2).unwrap()), ["b0", "b1"]);
-        assert_eq!(names(&inbox.take(2).unwrap()), ["b2", "stop"]);
+        assert_eq!(names(&inbox.take(2, Bulk::Take).unwrap()), ["b0", "b1"]);
+        assert_eq!(names(&inbox.take(2, Bulk::Take).unwrap()), ["b2", "stop"]);
+    }
+
+    /// A held bulk lane gives nothing, not even `Stop` behind it, and is not the end of the
+    /// inbox; taken again, it gives its messages in order.
+    #[test]
+    fn a_held_bulk_lane_waits_for_its_turn() {
+        let (to, inbox) = inbox();
+        for n in 0..3 {
+            to.send(forget(n)).map_err(|_| "sent").unwrap();
+        }
+        to.send(reevaluate(0)).map_err(|_| "sent").unwrap();
+        to.send(Msg::Stop).map_err(|_| "sent").unwrap();
+        drop(to);
+        assert_eq!(names(&inbox.take(8, Bulk::Hold).unwrap()), ["i0"]);
+        assert!(inbox.take(8, Bulk::Hold).unwrap().is_empty());
+        assert!(inbox
+            .take_within(8, Bulk::Hold, Duration::from_millis(10))
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            names(&inbox.take(8, Bulk::Take).unwrap()),
+            ["b0", "b1", "b2", "stop"]
+        );
+        assert!(matches!(inbox.take(8, Bulk::Hold), Err(Disconnected)));
     }
 
     /// A wait ends with the first message sent, or empty at its timeout; the inbox reports
@@ -304,7 +356,7 @@ mod tests {
     fn waits_and_disconnection() {
         let (to, inbox) = inbox();
         assert!(inbox
-            .take_within(4, Duration::from_millis(20))
+            .take_within(4, Bulk::Take, Duration::from_millis(20))
             .unwrap()
             .is_empty());
         let other = to.clone();
@@ -312,15 +364,17 @@ mod tests {
             std::thread::sleep(Duration::from_millis(30));
             other.send(reevaluate(7)).map_err(|_| "sent").unwrap();
         });
-        let taken = inbox.take_within(4, Duration::from_secs(10)).unwrap();
+        let taken = inbox
+            .take_within(4, Bulk::Take, Duration::from_secs(10))
+            .unwrap();
         assert_eq!(names(&taken), ["i7"]);
         sending.join().unwrap();
         to.send(forget(1)).map_err(|_| "sent").unwrap();
         drop(to);
-        assert_eq!(names(&inbox.take(4).unwrap()), ["b1"]);
-        assert!(matches!(inbox.take(4), Err(Disconnected)));
+        assert_eq!(names(&inbox.take(4, Bulk::Take).unwrap()), ["b1"]);
+        assert!(matches!(inbox.take(4, Bulk::Take), Err(Disconnected)));
         assert!(matches!(
-            inbox.take_within(4, Duration::from_secs(10)),
+            inbox.take_within(4, Bulk::Take, Duration::from_secs(10)),
             Err(Disconnected)
         ));
 

@@ -1597,8 +1597,25 @@ mod tests {
         dir: &std::path::Path,
         settings: EngineSettings,
     ) -> (Engine, mpsc::Receiver<Handed>, Arc<redb::Database>, Threads) {
+        let (engine, decisions, db, threads, _writer) = engine_and_writer_in(dir, settings);
+        (engine, decisions, db, threads)
+    }
+
+    /// [`engine_in`], and the state store's writer, which the test may slow down.
+    #[allow(clippy::type_complexity)]
+    fn engine_and_writer_in(
+        dir: &std::path::Path,
+        settings: EngineSettings,
+    ) -> (
+        Engine,
+        mpsc::Receiver<Handed>,
+        Arc<redb::Database>,
+        Threads,
+        BatchWriter,
+    ) {
         let db = crate::store::open(dir).unwrap();
         let (writer, writer_thread) = BatchWriter::start(db.clone(), "state", 16).unwrap();
+        let kept = writer.clone();
         let (intake, intake_thread) = Intake::open_dir(dir, 16).unwrap();
         let audit = Arc::new(AuditLog::open(&dir.join("audit"), 1 << 20, 2).unwrap());
         let (decisions, rx) = mpsc::channel(1024);
@@ -1612,7 +1629,7 @@ mod tests {
             settings,
         )
         .unwrap();
-        (engine, rx, db, Threads(writer_thread, intake_thread))
+        (engine, rx, db, Threads(writer_thread, intake_thread), kept)
     }
 
     /// The records a batch appends, kept in memory; appends are acknowledged at once.
@@ -2690,6 +2707,119 @@ mod tests {
         assert_eq!(
             persist::load(&db).unwrap().contexts.len() as u64,
             BACKLOG + 1,
+            "every signal's context is stored"
+        );
+        engine.shutdown().await;
+    }
+
+    /// A store behind on its checkpoints does not stop a shard: it holds a source's backlog back
+    /// and goes on applying what intake hands on. With the store's bulk lane paused, one
+    /// checkpoint's chunks stay in flight while the next one starts; a registration is still
+    /// answered, a pushed session revocation still decided, while the backlog waits whole in
+    /// the inbox. Once the store catches up the backlog is applied, stored and answered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pushed_signal_is_applied_while_the_stores_checkpoints_lag() {
+        const T0: i64 = 1_700_000_000;
+        const BACKLOG: u64 = 400;
+        let clock = crate::clock::Clock::manual(T0 * 1000);
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, _decisions, db, _threads, writer) = engine_and_writer_in(
+            dir.path(),
+            EngineSettings {
+                shards: 1,
+                max_batch: 16,
+                sweep_interval: Duration::from_millis(5),
+                clock: clock.clone(),
+                ..EngineSettings::default()
+            },
+        );
+        let session = |id: &str, email: &str| {
+            serde_json::json!({
+                "id": id, "kind": "session",
+                "subject": {"format": "email", "email": email},
+                "issued_at": T0 - 10, "expires_at": T0 + 86_400})
+        };
+        register_json(&engine, session("probe", "probe@example.com")).await;
+        swap_rules(
+            &engine,
+            "rules:\n  - {id: sessions, on: [session-revoked], when: 'context.session_revoked_at > grant.issued_at', effect: revoke}\n",
+        )
+        .await;
+        let feed = |from: u64, n: u64| -> Vec<Signal> {
+            (from..from + n)
+                .map(|i| {
+                    let email = format!("user{i}@example.com");
+                    example_about(
+                        "caep-risk-level-change.json",
+                        serde_json::json!({"format": "email", "email": email}),
+                        T0,
+                        i,
+                    )
+                })
+                .collect()
+        };
+        let registered_within_5s = |id: &'static str| {
+            let request = session(id, &format!("{id}@example.com"));
+            let engine = &engine;
+            async move {
+                tokio::time::timeout(Duration::from_secs(5), register_json(engine, request))
+                    .await
+                    .unwrap_or_else(|_| panic!("the registration of {id} was not answered"));
+            }
+        };
+        writer.pause_bulk(true);
+        // A first checkpoint, whose chunk stays in the paused lane.
+        let first = engine.submit_batch(feed(1, 50)).unwrap();
+        within_5s("the first batch was not applied", || {
+            engine.queued_signals() == 0
+        })
+        .await;
+        clock.advance(Duration::from_secs(1));
+        registered_within_5s("after-first").await;
+        // A second batch and checkpoint: the first is still in flight, so the store lags.
+        let second = engine.submit_batch(feed(51, 50)).unwrap();
+        within_5s("the second batch was not applied", || {
+            engine.queued_signals() == 0
+        })
+        .await;
+        clock.advance(Duration::from_secs(1));
+        registered_within_5s("after-second").await;
+
+        let backlog = engine.submit_batch(feed(101, BACKLOG)).unwrap();
+        engine
+            .apply_signals(vec![example_about(
+                "caep-session-revoked.json",
+                serde_json::json!({"format": "email", "email": "probe@example.com"}),
+                T0,
+                BACKLOG + 101,
+            )])
+            .await
+            .unwrap();
+        within_5s("the pushed signal was not decided", || {
+            engine
+                .grant("probe")
+                .is_some_and(|g| g.status == GrantStatus::Revoked)
+        })
+        .await;
+        registered_within_5s("while-lagging").await;
+        assert_eq!(
+            engine.queued_signals() as u64,
+            BACKLOG,
+            "the backlog was taken while the store lagged"
+        );
+
+        writer.pause_bulk(false);
+        within_5s("the backlog was not taken", || engine.queued_signals() == 0).await;
+        clock.advance(Duration::from_secs(1));
+        for (name, batch) in [("first", first), ("second", second), ("backlog", backlog)] {
+            tokio::task::spawn_blocking(move || batch.wait_blocking())
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("the {name} batch was not stored: {e}"));
+        }
+        assert_eq!(
+            persist::load(&db).unwrap().contexts.len() as u64,
+            BACKLOG + 101,
             "every signal's context is stored"
         );
         engine.shutdown().await;

@@ -262,7 +262,7 @@ impl Shard {
 
 #[cfg(test)]
 mod tests {
-    use super::super::inbox::{inbox, Inbox};
+    use super::super::inbox::{inbox, Bulk, Inbox};
     use super::*;
     use std::sync::mpsc::channel;
     use std::sync::mpsc::Sender;
@@ -278,7 +278,9 @@ mod tests {
 
     /// The chunk a shard was sent, and the sender it answers on once the deletions are stored.
     fn taken(inbox: &Inbox) -> (usize, Sender<()>) {
-        let mut taken = inbox.take_within(1, Duration::from_secs(5)).unwrap();
+        let mut taken = inbox
+            .take_within(1, Bulk::Take, Duration::from_secs(5))
+            .unwrap();
         assert!(taken.len() <= 1, "more than one message taken");
         match taken.pop() {
             Some(Msg::Forget { due, handled }) => (due.len(), handled),
@@ -291,7 +293,9 @@ mod tests {
     fn quiet(inbox: &Inbox) -> bool {
         std::thread::sleep(Duration::from_millis(50));
         // Disconnected (the sender is gone) is quiet too.
-        inbox.take(1).map_or(true, |taken| taken.is_empty())
+        inbox
+            .take(1, Bulk::Take)
+            .map_or(true, |taken| taken.is_empty())
     }
 
     /// A wave reaches each shard a chunk at a time: the next only once the shard has answered

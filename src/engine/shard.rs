@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::commit::{CheckpointWaiter, Checkpointing, Committing, Draining, Pending, Reply};
 use super::decide::{self, cause_of};
-use super::inbox::{Disconnected, Inbox, InboxSender};
+use super::inbox::{Bulk, Disconnected, Inbox, InboxSender};
 use super::inputs::{shared_view, Inputs};
 use super::session_grant;
 use super::{member_index, obo_index, principal_index, EngineError, Msg, Registered, Shared};
@@ -58,7 +58,8 @@ pub(crate) struct Shard {
     /// The checkpoint being taken a part per batch, if one is (see [`Draining`]).
     pub(super) draining: Option<Draining>,
     /// Counts the checkpoints taken: a checkpoint's parts in flight never wait for each other,
-    /// but a new checkpoint waits for every older one.
+    /// but while an older checkpoint is still in flight the shard takes no source's backlog
+    /// ([`Shard::checkpoints_lag`]).
     pub(super) checkpoint_generation: u64,
     /// Checkpoints whose chunks are still committing, oldest first (see [`Checkpointing`]).
     pub(super) checkpointing: VecDeque<Checkpointing>,
@@ -118,9 +119,11 @@ impl Shard {
         let mut committing: Option<Committing> = None;
         loop {
             self.settle_checkpoints(0);
+            let lagging = self.checkpoints_lag();
+            let bulk = if lagging { Bulk::Hold } else { Bulk::Take };
             // Counted in signals, not messages: a source's batch is one message of many signals,
             // and a commit of a whole backlog's worth is that much memory at once.
-            let batch = match inbox.take(max_batch) {
+            let batch = match inbox.take(max_batch, bulk) {
                 Err(Disconnected) => break,
                 Ok(batch) if !batch.is_empty() => batch,
                 Ok(_) => {
@@ -147,7 +150,7 @@ impl Shard {
                     } else {
                         wait.min(CHECKPOINT_POLL)
                     };
-                    match inbox.take_within(max_batch, wait) {
+                    match inbox.take_within(max_batch, bulk, wait) {
                         Ok(batch) => batch,
                         Err(Disconnected) => break,
                     }
@@ -171,7 +174,7 @@ impl Shard {
                 last_sweep = Instant::now();
             }
             if stop
-                || self.since_checkpoint() >= checkpoint_interval
+                || (self.since_checkpoint() >= checkpoint_interval && !lagging)
                 || self.dirty.len() >= CHECKPOINT_MAX_DIRTY
                 || self.dirty_aliases.len() >= CHECKPOINT_MAX_DIRTY
             {
@@ -191,6 +194,18 @@ impl Shard {
             self.announce(c);
         }
         self.settle_checkpoints(u64::MAX);
+    }
+
+    /// Whether a checkpoint older than the newest is still being written. The store is then
+    /// behind this shard: it takes no source's backlog ([`Bulk::Hold`]) and starts no checkpoint
+    /// on time until the store catches up, but goes on applying what intake hands on,
+    /// registrations and re-evaluations. It used to stop altogether, waiting for the older
+    /// checkpoint: with a Kafka backlog revoking a grant per message, a pushed revocation then
+    /// waited hundreds of milliseconds before it was even applied (benches/RESULTS.md).
+    fn checkpoints_lag(&self) -> bool {
+        self.checkpointing
+            .front()
+            .is_some_and(|oldest| oldest.generation < self.checkpoint_generation)
     }
 
     /// Time since the last checkpoint, by the injected clock (zero if it went back).
