@@ -147,6 +147,14 @@ pub enum Merge {
 /// arrives meanwhile short.
 pub const BULK_BACKLOG_AGE: std::time::Duration = std::time::Duration::from_millis(200);
 
+/// How long the oldest bulk write may wait while ordinary writes keep coming before one bulk
+/// commit goes between two ordinary ones. Bulk writes otherwise commit only when no ordinary
+/// write is waiting, and a steady stream of ordinary writes (pushed signals' decisions at the
+/// full push rate) could leave a checkpoint unwritten for ever: its signals stay pending in
+/// intake, and a shard behind on its checkpoints holds its sources' backlogs
+/// (`engine/shard.rs`). A second: the checkpoint interval's default.
+pub const BULK_OVERDUE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Most bulk writes one commit takes once the writer is behind (each a checkpoint chunk of a few
 /// hundred rows). It bounds how much one commit adds to the store file's high-water mark: redb
 /// copies each page a commit changes and frees the old one only after it.
@@ -217,16 +225,18 @@ impl BatchWriter {
         store: &'static str,
         max_batch: usize,
     ) -> std::io::Result<(BatchWriter, BatchWriterThread)> {
-        Self::start_merging_after(db, store, max_batch, BULK_BACKLOG_AGE)
+        Self::start_merging_after(db, store, max_batch, BULK_BACKLOG_AGE, BULK_OVERDUE)
     }
 
-    /// [`BatchWriter::start`] with the age after which bulk writes commit together (tests choose
-    /// it instead of waiting for it).
+    /// [`BatchWriter::start`] with the age after which bulk writes commit together, and the one
+    /// after which a bulk write goes between ordinary ones (tests choose them instead of waiting
+    /// for them).
     pub fn start_merging_after(
         db: Arc<redb::Database>,
         store: &'static str,
         max_batch: usize,
         bulk_backlog_age: std::time::Duration,
+        bulk_overdue: std::time::Duration,
     ) -> std::io::Result<(BatchWriter, BatchWriterThread)> {
         let max_batch = max_batch.max(1);
         let (tx, rx) = tokio::sync::mpsc::channel(max_batch * 4);
@@ -238,8 +248,10 @@ impl BatchWriter {
                 let lanes = Lanes {
                     rx,
                     bulk_paused: bulk_paused.clone(),
+                    bulk_backlog_age,
+                    bulk_overdue,
                 };
-                move || writer_loop(db, store, lanes, max_batch, bulk_backlog_age)
+                move || writer_loop(db, store, lanes, max_batch)
             })?;
         Ok((
             BatchWriter {
@@ -400,35 +412,39 @@ impl BatchWriter {
     }
 }
 
-/// What the writer thread takes its writes from.
+/// What the writer thread takes its writes from, and when the bulk lane's turn comes.
 struct Lanes {
     rx: tokio::sync::mpsc::Receiver<Queued>,
     bulk_paused: Arc<std::sync::atomic::AtomicBool>,
+    /// [`BULK_BACKLOG_AGE`].
+    bulk_backlog_age: std::time::Duration,
+    /// [`BULK_OVERDUE`].
+    bulk_overdue: std::time::Duration,
 }
 
-fn writer_loop(
-    db: Arc<redb::Database>,
-    store: &'static str,
-    lanes: Lanes,
-    max_batch: usize,
-    bulk_backlog_age: std::time::Duration,
-) {
+fn writer_loop(db: Arc<redb::Database>, store: &'static str, lanes: Lanes, max_batch: usize) {
     use std::time::Instant;
     let Lanes {
         mut rx,
         bulk_paused,
+        bulk_backlog_age,
+        bulk_overdue,
     } = lanes;
     // Bulk writes taken off the channel (and when), waiting for a moment when nothing else is.
     type Deferred = std::collections::VecDeque<(Instant, Merge, Job)>;
     let mut bulk = Deferred::new();
     let mut open = true;
+    // Ordinary writes taken off the channel and held for one commit behind an overdue bulk one.
+    let mut carried: Vec<Job> = Vec::new();
+    // Whether the last commit was of ordinary writes: an overdue bulk write goes between two.
+    let mut last_ordinary = false;
     loop {
-        let mut jobs = Vec::new();
+        let mut jobs = std::mem::take(&mut carried);
         let take = |q: Queued, jobs: &mut Vec<Job>, bulk: &mut Deferred| match q.lane {
             Lane::Bulk(merge) => bulk.push_back((Instant::now(), merge, q.job)),
             Lane::Ordinary => jobs.push(q.job),
         };
-        if bulk.is_empty() {
+        if bulk.is_empty() && jobs.is_empty() {
             // Nothing deferred: sleep until a write arrives (or every handle is gone).
             match rx.blocking_recv() {
                 Some(q) => take(q, &mut jobs, &mut bulk),
@@ -442,10 +458,21 @@ fn writer_loop(
                 Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => open = false,
             }
         }
-        if jobs.is_empty() && open && bulk_paused.load(std::sync::atomic::Ordering::Relaxed) {
+        let paused = open && bulk_paused.load(std::sync::atomic::Ordering::Relaxed);
+        if jobs.is_empty() && paused {
             std::thread::sleep(std::time::Duration::from_millis(1));
             continue;
         }
+        let overdue = !paused
+            && last_ordinary
+            && !jobs.is_empty()
+            && bulk
+                .front()
+                .is_some_and(|(queued, _, _)| queued.elapsed() >= bulk_overdue);
+        if overdue {
+            carried = std::mem::take(&mut jobs);
+        }
+        last_ordinary = !jobs.is_empty();
         if jobs.is_empty() {
             let behind = bulk.front().is_some_and(|(queued, merge, _)| {
                 *merge == Merge::Allowed && queued.elapsed() >= bulk_backlog_age
@@ -519,7 +546,8 @@ mod tests {
     ) -> (tempfile::TempDir, BatchWriter, BatchWriterThread) {
         let dir = tempfile::tempdir().unwrap();
         let db = open(dir.path()).unwrap();
-        let (writer, thread) = BatchWriter::start_merging_after(db, "test", 8, age).unwrap();
+        let (writer, thread) =
+            BatchWriter::start_merging_after(db, "test", 8, age, std::time::Duration::MAX).unwrap();
         (dir, writer, thread)
     }
 
@@ -621,6 +649,55 @@ mod tests {
             .chain((0..15).map(|i| format!("b{i}")))
             .collect();
         assert_eq!(*order.lock().unwrap(), expected);
+        drop(writer);
+        thread.join();
+    }
+
+    /// A bulk write that has waited [`BULK_OVERDUE`] while ordinary writes kept coming commits
+    /// between two ordinary commits; otherwise bulk writes wait until no ordinary one does.
+    #[test]
+    fn an_overdue_bulk_write_goes_between_ordinary_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(dir.path()).unwrap();
+        let (writer, thread) = BatchWriter::start_merging_after(
+            db,
+            "test",
+            8,
+            std::time::Duration::MAX,
+            std::time::Duration::ZERO,
+        )
+        .unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let log = |name: &'static str| {
+            let order = order.clone();
+            move |_: &redb::WriteTransaction| {
+                order.lock().unwrap().push(name);
+                Ok(())
+            }
+        };
+        // The writer inside a first ordinary commit before the others are queued.
+        let (started_tx, started) = std::sync::mpsc::channel::<()>();
+        let (release, gate) = std::sync::mpsc::channel::<()>();
+        let first = writer
+            .submit_blocking(move |_| {
+                started_tx.send(()).unwrap();
+                gate.recv().unwrap();
+                Ok(())
+            })
+            .unwrap();
+        started.recv().unwrap();
+        let b0 = writer
+            .submit_bulk_blocking(Merge::Allowed, log("b0"))
+            .unwrap();
+        let b1 = writer
+            .submit_bulk_blocking(Merge::Allowed, log("b1"))
+            .unwrap();
+        let o1 = writer.submit_blocking(log("o1")).unwrap();
+        release.send(()).unwrap();
+        for pending in [first, b0, b1, o1] {
+            pending.wait_blocking().unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), ["b0", "o1", "b1"]);
         drop(writer);
         thread.join();
     }
