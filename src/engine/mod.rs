@@ -2627,89 +2627,137 @@ mod tests {
         .await;
         engine.shutdown().await;
     }
+    /// The two backlog tests' engine: one shard, batches of 16, `clock`, a session grant `probe`
+    /// and a rule that revokes sessions, with the state store's writer (which a test may slow).
+    struct Probed {
+        engine: Engine,
+        db: Arc<redb::Database>,
+        writer: BatchWriter,
+        _decisions: mpsc::Receiver<Handed>,
+        _threads: Threads,
+    }
+
+    /// The seconds every backlog test's signals and grants are dated from.
+    const PROBED_T0: i64 = 1_700_000_000;
+
+    /// A session grant `id` of `email`, issued just before [`PROBED_T0`].
+    fn probed_session(id: &str, email: &str) -> serde_json::Value {
+        serde_json::json!({
+            "id": id, "kind": "session",
+            "subject": {"format": "email", "email": email},
+            "issued_at": PROBED_T0 - 10, "expires_at": PROBED_T0 + 86_400})
+    }
+
+    impl Probed {
+        async fn start(dir: &std::path::Path, clock: &crate::clock::Clock) -> Probed {
+            let (engine, _decisions, db, _threads, writer) = engine_and_writer_in(
+                dir,
+                EngineSettings {
+                    shards: 1,
+                    max_batch: 16,
+                    sweep_interval: Duration::from_millis(5),
+                    clock: clock.clone(),
+                    ..EngineSettings::default()
+                },
+            );
+            register_json(&engine, probed_session("probe", "probe@example.com")).await;
+            swap_rules(
+                &engine,
+                "rules:\n  - {id: sessions, on: [session-revoked], when: 'context.session_revoked_at > grant.issued_at', effect: revoke}\n",
+            )
+            .await;
+            Probed {
+                engine,
+                db,
+                writer,
+                _decisions,
+                _threads,
+            }
+        }
+
+        /// A feed's risk-level changes about `user<from>` … `user<from + n - 1>`, intake
+        /// sequence numbers the same.
+        fn feed(from: u64, n: u64) -> Vec<Signal> {
+            (from..from + n)
+                .map(|i| {
+                    let email = format!("user{i}@example.com");
+                    example_about(
+                        "caep-risk-level-change.json",
+                        serde_json::json!({"format": "email", "email": email}),
+                        PROBED_T0,
+                        i,
+                    )
+                })
+                .collect()
+        }
+
+        /// Pushes the probe's session revocation (intake sequence `seq`) and waits until the
+        /// probe grant is revoked.
+        async fn revoke_probe(&self, seq: u64) {
+            self.engine
+                .apply_signals(vec![example_about(
+                    "caep-session-revoked.json",
+                    serde_json::json!({"format": "email", "email": "probe@example.com"}),
+                    PROBED_T0,
+                    seq,
+                )])
+                .await
+                .unwrap();
+            within_5s("the pushed signal was not decided", || {
+                self.engine
+                    .grant("probe")
+                    .is_some_and(|g| g.status == GrantStatus::Revoked)
+            })
+            .await;
+        }
+
+        /// Waits until no signal of a source is queued.
+        async fn applied(&self, what: &str) {
+            within_5s(what, || self.engine.queued_signals() == 0).await;
+        }
+
+        /// Waits for each source batch's answer, and checks `contexts` are stored.
+        async fn stored(&self, batches: Vec<(&'static str, BatchDone)>, contexts: u64) {
+            for (name, batch) in batches {
+                tokio::task::spawn_blocking(move || batch.wait_blocking())
+                    .await
+                    .unwrap()
+                    .unwrap_or_else(|e| panic!("the {name} batch was not stored: {e}"));
+            }
+            assert_eq!(
+                persist::load(&self.db).unwrap().contexts.len() as u64,
+                contexts,
+                "every signal's context is stored"
+            );
+        }
+    }
+
     /// A signal intake hands on does not wait behind a source's backlog: with 4 000 of a feed's
     /// signals queued in a shard (a Kafka topic catching up), a pushed session revocation is
     /// decided while nearly all of them are still waiting — it waits for the batch being
     /// applied, not for the backlog (`engine/inbox.rs`). The backlog is then applied whole.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_pushed_signal_does_not_wait_behind_a_sources_backlog() {
-        const T0: i64 = 1_700_000_000;
         const BACKLOG: u64 = 4_000;
-        let clock = crate::clock::Clock::manual(T0 * 1000);
+        let clock = crate::clock::Clock::manual(PROBED_T0 * 1000);
         let dir = tempfile::tempdir().unwrap();
-        let (engine, _decisions, db, _threads) = engine_in(
-            dir.path(),
-            EngineSettings {
-                shards: 1,
-                max_batch: 16,
-                clock: clock.clone(),
-                ..EngineSettings::default()
-            },
-        );
-        register_json(
-            &engine,
-            serde_json::json!({
-                "id": "probe", "kind": "session",
-                "subject": {"format": "email", "email": "probe@example.com"},
-                "issued_at": T0 - 10, "expires_at": T0 + 86_400}),
-        )
-        .await;
-        swap_rules(
-            &engine,
-            "rules:\n  - {id: sessions, on: [session-revoked], when: 'context.session_revoked_at > grant.issued_at', effect: revoke}\n",
-        )
-        .await;
-        let about = |example: &str, email: String, seq: u64| {
-            example_about(
-                example,
-                serde_json::json!({"format": "email", "email": email}),
-                T0,
-                seq,
-            )
-        };
-        let backlog = (1..=BACKLOG)
-            .map(|i| {
-                about(
-                    "caep-risk-level-change.json",
-                    format!("user{i}@example.com"),
-                    i,
-                )
-            })
-            .collect();
-        let backlog = engine.submit_batch(backlog).unwrap();
-        engine
-            .apply_signals(vec![about(
-                "caep-session-revoked.json",
-                "probe@example.com".to_owned(),
-                BACKLOG + 1,
-            )])
-            .await
+        let probed = Probed::start(dir.path(), &clock).await;
+        let backlog = probed
+            .engine
+            .submit_batch(Probed::feed(1, BACKLOG))
             .unwrap();
-        within_5s("the pushed signal was not decided", || {
-            engine
-                .grant("probe")
-                .is_some_and(|g| g.status == GrantStatus::Revoked)
-        })
-        .await;
-        let waiting = engine.queued_signals() as u64;
+        probed.revoke_probe(BACKLOG + 1).await;
+        let waiting = probed.engine.queued_signals() as u64;
         assert!(
             waiting >= BACKLOG / 2,
             "the pushed signal waited for {} of the backlog's {BACKLOG} signals",
             BACKLOG - waiting
         );
         // The backlog is not the worse for it: applied whole, answered at its checkpoint.
-        within_5s("the backlog was not taken", || engine.queued_signals() == 0).await;
+        probed.applied("the backlog was not taken").await;
         clock.advance(Duration::from_secs(1));
-        tokio::task::spawn_blocking(move || backlog.wait_blocking())
-            .await
-            .unwrap()
-            .expect("the backlog committed");
-        assert_eq!(
-            persist::load(&db).unwrap().contexts.len() as u64,
-            BACKLOG + 1,
-            "every signal's context is stored"
-        );
-        engine.shutdown().await;
+        probed.stored(vec![("backlog", backlog)], BACKLOG + 1).await;
+        probed.engine.shutdown().await;
     }
 
     /// A store behind on its checkpoints does not stop a shard: it holds a source's backlog back
@@ -2719,88 +2767,31 @@ mod tests {
     /// the inbox. Once the store catches up the backlog is applied, stored and answered.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_pushed_signal_is_applied_while_the_stores_checkpoints_lag() {
-        const T0: i64 = 1_700_000_000;
         const BACKLOG: u64 = 400;
-        let clock = crate::clock::Clock::manual(T0 * 1000);
+        let clock = crate::clock::Clock::manual(PROBED_T0 * 1000);
         let dir = tempfile::tempdir().unwrap();
-        let (engine, _decisions, db, _threads, writer) = engine_and_writer_in(
-            dir.path(),
-            EngineSettings {
-                shards: 1,
-                max_batch: 16,
-                sweep_interval: Duration::from_millis(5),
-                clock: clock.clone(),
-                ..EngineSettings::default()
-            },
-        );
-        let session = |id: &str, email: &str| {
-            serde_json::json!({
-                "id": id, "kind": "session",
-                "subject": {"format": "email", "email": email},
-                "issued_at": T0 - 10, "expires_at": T0 + 86_400})
+        let probed = Probed::start(dir.path(), &clock).await;
+        let engine = &probed.engine;
+        let registered_within_5s = |id: &'static str| async move {
+            let request = probed_session(id, &format!("{id}@example.com"));
+            tokio::time::timeout(Duration::from_secs(5), register_json(engine, request))
+                .await
+                .unwrap_or_else(|_| panic!("the registration of {id} was not answered"));
         };
-        register_json(&engine, session("probe", "probe@example.com")).await;
-        swap_rules(
-            &engine,
-            "rules:\n  - {id: sessions, on: [session-revoked], when: 'context.session_revoked_at > grant.issued_at', effect: revoke}\n",
-        )
-        .await;
-        let feed = |from: u64, n: u64| -> Vec<Signal> {
-            (from..from + n)
-                .map(|i| {
-                    let email = format!("user{i}@example.com");
-                    example_about(
-                        "caep-risk-level-change.json",
-                        serde_json::json!({"format": "email", "email": email}),
-                        T0,
-                        i,
-                    )
-                })
-                .collect()
-        };
-        let registered_within_5s = |id: &'static str| {
-            let request = session(id, &format!("{id}@example.com"));
-            let engine = &engine;
-            async move {
-                tokio::time::timeout(Duration::from_secs(5), register_json(engine, request))
-                    .await
-                    .unwrap_or_else(|_| panic!("the registration of {id} was not answered"));
-            }
-        };
-        writer.pause_bulk(true);
+        probed.writer.pause_bulk(true);
         // A first checkpoint, whose chunk stays in the paused lane.
-        let first = engine.submit_batch(feed(1, 50)).unwrap();
-        within_5s("the first batch was not applied", || {
-            engine.queued_signals() == 0
-        })
-        .await;
+        let first = engine.submit_batch(Probed::feed(1, 50)).unwrap();
+        probed.applied("the first batch was not applied").await;
         clock.advance(Duration::from_secs(1));
         registered_within_5s("after-first").await;
         // A second batch and checkpoint: the first is still in flight, so the store lags.
-        let second = engine.submit_batch(feed(51, 50)).unwrap();
-        within_5s("the second batch was not applied", || {
-            engine.queued_signals() == 0
-        })
-        .await;
+        let second = engine.submit_batch(Probed::feed(51, 50)).unwrap();
+        probed.applied("the second batch was not applied").await;
         clock.advance(Duration::from_secs(1));
         registered_within_5s("after-second").await;
 
-        let backlog = engine.submit_batch(feed(101, BACKLOG)).unwrap();
-        engine
-            .apply_signals(vec![example_about(
-                "caep-session-revoked.json",
-                serde_json::json!({"format": "email", "email": "probe@example.com"}),
-                T0,
-                BACKLOG + 101,
-            )])
-            .await
-            .unwrap();
-        within_5s("the pushed signal was not decided", || {
-            engine
-                .grant("probe")
-                .is_some_and(|g| g.status == GrantStatus::Revoked)
-        })
-        .await;
+        let backlog = engine.submit_batch(Probed::feed(101, BACKLOG)).unwrap();
+        probed.revoke_probe(BACKLOG + 101).await;
         registered_within_5s("while-lagging").await;
         assert_eq!(
             engine.queued_signals() as u64,
@@ -2808,20 +2799,11 @@ mod tests {
             "the backlog was taken while the store lagged"
         );
 
-        writer.pause_bulk(false);
-        within_5s("the backlog was not taken", || engine.queued_signals() == 0).await;
+        probed.writer.pause_bulk(false);
+        probed.applied("the backlog was not taken").await;
         clock.advance(Duration::from_secs(1));
-        for (name, batch) in [("first", first), ("second", second), ("backlog", backlog)] {
-            tokio::task::spawn_blocking(move || batch.wait_blocking())
-                .await
-                .unwrap()
-                .unwrap_or_else(|e| panic!("the {name} batch was not stored: {e}"));
-        }
-        assert_eq!(
-            persist::load(&db).unwrap().contexts.len() as u64,
-            BACKLOG + 101,
-            "every signal's context is stored"
-        );
-        engine.shutdown().await;
+        let batches = vec![("first", first), ("second", second), ("backlog", backlog)];
+        probed.stored(batches, BACKLOG + 101).await;
+        probed.engine.shutdown().await;
     }
 }
