@@ -2572,17 +2572,7 @@ mod tests {
         let clock = crate::clock::Clock::manual(T0 * 1000);
         let dir = tempfile::tempdir().unwrap();
         let (engine, _rx, db, _threads) = checkpoint_on_demand(dir.path(), &clock);
-        let signals = (1..=SUBJECTS)
-            .map(|i| {
-                let email = format!("user{i}@example.com");
-                example_about(
-                    "caep-risk-level-change.json",
-                    serde_json::json!({"format": "email", "email": email}),
-                    T0,
-                    i,
-                )
-            })
-            .collect();
+        let signals = risk_feed(1, SUBJECTS, T0);
         let mut done = engine.submit_batch(signals).unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!done.is_done(), "answered before its checkpoint");
@@ -2627,6 +2617,22 @@ mod tests {
         .await;
         engine.shutdown().await;
     }
+    /// A feed's risk-level changes about `user<from>` … `user<from + n - 1>` at `at` (seconds),
+    /// intake sequence numbers the same.
+    fn risk_feed(from: u64, n: u64, at: i64) -> Vec<Signal> {
+        (from..from + n)
+            .map(|i| {
+                let email = format!("user{i}@example.com");
+                example_about(
+                    "caep-risk-level-change.json",
+                    serde_json::json!({"format": "email", "email": email}),
+                    at,
+                    i,
+                )
+            })
+            .collect()
+    }
+
     /// The two backlog tests' engine: one shard, batches of 16, `clock`, a session grant `probe`
     /// and a rule that revokes sessions, with the state store's writer (which a test may slow).
     struct Probed {
@@ -2673,22 +2679,6 @@ mod tests {
                 _decisions,
                 _threads,
             }
-        }
-
-        /// A feed's risk-level changes about `user<from>` … `user<from + n - 1>`, intake
-        /// sequence numbers the same.
-        fn feed(from: u64, n: u64) -> Vec<Signal> {
-            (from..from + n)
-                .map(|i| {
-                    let email = format!("user{i}@example.com");
-                    example_about(
-                        "caep-risk-level-change.json",
-                        serde_json::json!({"format": "email", "email": email}),
-                        PROBED_T0,
-                        i,
-                    )
-                })
-                .collect()
         }
 
         /// Pushes the probe's session revocation (intake sequence `seq`) and waits until the
@@ -2744,7 +2734,7 @@ mod tests {
         let probed = Probed::start(dir.path(), &clock).await;
         let backlog = probed
             .engine
-            .submit_batch(Probed::feed(1, BACKLOG))
+            .submit_batch(risk_feed(1, BACKLOG, PROBED_T0))
             .unwrap();
         probed.revoke_probe(BACKLOG + 1).await;
         let waiting = probed.engine.queued_signals() as u64;
@@ -2780,17 +2770,19 @@ mod tests {
         };
         probed.writer.pause_bulk(true);
         // A first checkpoint, whose chunk stays in the paused lane.
-        let first = engine.submit_batch(Probed::feed(1, 50)).unwrap();
+        let first = engine.submit_batch(risk_feed(1, 50, PROBED_T0)).unwrap();
         probed.applied("the first batch was not applied").await;
         clock.advance(Duration::from_secs(1));
         registered_within_5s("after-first").await;
         // A second batch and checkpoint: the first is still in flight, so the store lags.
-        let second = engine.submit_batch(Probed::feed(51, 50)).unwrap();
+        let second = engine.submit_batch(risk_feed(51, 50, PROBED_T0)).unwrap();
         probed.applied("the second batch was not applied").await;
         clock.advance(Duration::from_secs(1));
         registered_within_5s("after-second").await;
 
-        let backlog = engine.submit_batch(Probed::feed(101, BACKLOG)).unwrap();
+        let backlog = engine
+            .submit_batch(risk_feed(101, BACKLOG, PROBED_T0))
+            .unwrap();
         probed.revoke_probe(BACKLOG + 101).await;
         registered_within_5s("while-lagging").await;
         assert_eq!(
