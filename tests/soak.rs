@@ -45,12 +45,25 @@ async fn disk_stays_flat_once_the_retention_window_is_full() {
         at_60.intake_bytes,
         last.intake_bytes
     );
+    // Besides the intake log, the data directory holds two redb files: the state store and
+    // intake's index. They hold little live data here (a thousand users' contexts, the pending
+    // set); a file's size is what one commit needed at its busiest. redb grows a file by doubling
+    // when a commit needs more free pages than it has, and gives a free tail back at a later
+    // commit, so one sample is the phase of that step (CI saw the state store go 4.5 → 3.5 →
+    // 6.5 MiB within a minute). Against the peak of the first minute with the window full, one
+    // doubling is a commit's high-water mark; files that kept what they should drop double again
+    // and again.
+    let redb_bytes = |s: &common::soak::Sample| s.disk_bytes.saturating_sub(s.intake_bytes);
+    let peak_redb = samples
+        .iter()
+        .filter(|s| (30..=60).contains(&s.at_secs))
+        .map(redb_bytes)
+        .max()
+        .unwrap();
     assert!(
-        last.disk_bytes as f64 <= at_60.disk_bytes as f64 * 1.25 + (1 << 20) as f64,
-        "data directory grew from {} to {} bytes (the state store file from {} to {})",
-        at_60.disk_bytes,
-        last.disk_bytes,
-        at_60.store_bytes,
+        redb_bytes(last) <= 2 * peak_redb + (1 << 20),
+        "the redb files grew from {peak_redb} to {} bytes (the state store file to {})",
+        redb_bytes(last),
         last.store_bytes
     );
 }
