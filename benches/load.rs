@@ -944,6 +944,7 @@ async fn latency_phase(
     });
     let background_tokens = sign_sets(key, background, |i| background_set(ISS, AUD, "bg", i));
 
+    eprintln!("[latency] signed; pushing for {duration:.0} s");
     // Signal → decision: a watcher thread looks at the probed grants' status in the engine.
     let watch = common::RevocationWatch::start(vigil.engine().clone(), Duration::from_micros(100));
 

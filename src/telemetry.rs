@@ -144,6 +144,8 @@ catalogue! {
         "Subject contexts held (counted at each retention scan)";
     CONTEXTS_FORGOTTEN = "vigil_contexts_forgotten_total", Counter, [],
         "Contexts forgotten: no grant refers to them and their newest fact is older than engine.context_retention_secs";
+    CONTEXT_SCAN_SECONDS = "vigil_context_scan_seconds", Histogram, [],
+        "One context retention scan: the walk over every context and link that finds what is due (the links' map is held a segment at a time meanwhile)";
     GRANTS_REFUSED = "vigil_grants_refused_total", Counter, ["reason"],
         "New grants refused (registrations, and session grants from session-established events): reason capacity (Vigil holds engine.max_grants) or quota (their registrant holds engine.max_grants_per_registrant)";
     ALIASES_FORGOTTEN = "vigil_aliases_forgotten_total", Counter, [],

@@ -252,6 +252,13 @@ impl GrantSet {
     }
 }
 
+/// Segments of the alias map, each a lock of its own. Context retention walks every link a
+/// segment at a time, holding it, and a shard linking a new identifier in that segment waits for
+/// the walk to leave it, which grows with the links (130 ms for 200 000). With dashmap's default
+/// on two cores (8 segments) a link made during such a walk waited 16 ms at the median and up to
+/// 38 ms; with 128, 0.6–1.0 ms and at most 9–16 ms (benches/RESULTS.md).
+pub(crate) const ALIAS_SEGMENTS: usize = 128;
+
 /// State visible to every shard and the API.
 pub(crate) struct Shared {
     pub contexts: DashMap<String, Arc<PrincipalContext>>,
@@ -662,7 +669,7 @@ impl Engine {
             contexts: DashMap::new(),
             counts: Arc::new(GrantCounts::default()),
             grants: DashMap::new(),
-            aliases: DashMap::new(),
+            aliases: DashMap::with_shard_amount(ALIAS_SEGMENTS),
             linking: std::sync::Mutex::new(()),
             index: DashMap::new(),
             policy: RwLock::new(Arc::new(policy)),

@@ -16,7 +16,7 @@
 //! shards nothing until a principal is due, and no shard's inbox waits behind a walk over a
 //! million contexts, nor behind more than one chunk of what a scan found due ([`hand_out`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -154,33 +154,45 @@ fn hand_out(due: Vec<Vec<Due>>, inboxes: &[InboxSender], stop: &Receiver<()>) ->
 /// for a pointer copy, not for every fact of a segment's contexts to be read; ages and grant
 /// references are read after, with no lock of the contexts held.
 ///
+/// The walk over the links holds each segment of the alias map while it reads it, and a shard that
+/// links a new identifier in that segment waits for it, with everything behind it in its inbox.
+/// So the map has many segments ([`super::ALIAS_SEGMENTS`]), and the walk looks only at what is
+/// its own — the due set, the snapshot's keys — where it used to look each link's principal up in
+/// the contexts' map (in cluster mode the ownership look-up still takes its own short lock). A
+/// context made after the snapshot makes its principal look contextless here; that only starts
+/// the window it must then stay contextless for, and the shard looks again before it forgets.
+///
 /// `orphans` carries from scan to scan the principals seen with links but neither a context nor
 /// a grant, and since when (by the injected clock): their links go once that is a window ago.
 fn scan(shared: &Shared, orphans: &mut HashMap<String, f64>) -> Vec<Vec<Due>> {
+    let started = std::time::Instant::now();
     let now = shared.settings.clock.now();
     let contexts: Vec<Arc<PrincipalContext>> =
         shared.contexts.iter().map(|c| c.value().clone()).collect();
     metrics::gauge!(crate::telemetry::CONTEXTS).set(contexts.len() as f64);
     let mut due: HashMap<String, Vec<String>> = HashMap::new();
-    for ctx in contexts {
-        if stale(shared, &ctx, now) && !referenced(shared, &ctx.key) {
+    for ctx in &contexts {
+        if stale(shared, ctx, now) && !referenced(shared, &ctx.key) {
             due.insert(ctx.key.clone(), Vec::new());
         }
     }
+    let with_context: HashSet<&str> = contexts.iter().map(|c| c.key.as_str()).collect();
     // One pass over the links: those of a due context go with it; those of an owned principal
-    // without a context are looked at below (a link's lock is held only for these lookups).
+    // without a context are looked at below.
     let mut contextless: HashMap<String, Vec<String>> = HashMap::new();
     for link in shared.aliases.iter() {
         let (alias, principal) = (link.key(), link.value());
         if let Some(aliases) = due.get_mut(principal) {
             aliases.push(alias.clone());
-        } else if !shared.contexts.contains_key(principal) && owned(shared, principal) {
+        } else if !with_context.contains(principal.as_str()) && owned(shared, principal) {
             contextless
                 .entry(principal.clone())
                 .or_default()
                 .push(alias.clone());
         }
     }
+    drop(with_context);
+    drop(contexts);
     let keep = shared.settings.context_retention.as_secs_f64();
     let mut still = HashMap::new();
     for (principal, aliases) in contextless {
@@ -201,6 +213,8 @@ fn scan(shared: &Shared, orphans: &mut HashMap<String, f64>) -> Vec<Vec<Due>> {
     for (key, aliases) in due {
         per_shard[shared.shard_of(&key)].push(Due { key, aliases });
     }
+    metrics::histogram!(crate::telemetry::CONTEXT_SCAN_SECONDS)
+        .record(started.elapsed().as_secs_f64());
     per_shard
 }
 
