@@ -612,6 +612,24 @@ impl Vigil {
             access_sample_rate: config.authzen.audit_sample_rate,
             max_outbox_per_stream: config.delivery.max_outbox_per_stream,
         });
+        // Logs nobody appends to keep `audit.max_age_secs` too.
+        let (d, a, sd) = (
+            api_state.audit.clone(),
+            api_state.access_audit.clone(),
+            shutdown_rx.clone(),
+        );
+        tasks.push(crate::supervise::spawn(
+            "audit_age",
+            shutdown_rx.clone(),
+            move || {
+                crate::audit::expire_aged_every(
+                    d.clone(),
+                    a.clone(),
+                    crate::audit::AGE_SWEEP,
+                    sd.clone(),
+                )
+            },
+        ));
         // Streams kept at transmitters. In cluster mode each runs on exactly one instance — the
         // owner of its transmitter's partition — and moves with it; every instance accepts the
         // cluster's push credential, which it follows as the records change.

@@ -130,7 +130,8 @@ impl AuditLog {
 
     /// Drops rotated files last written more than `max_age` ago (checked at open, at each
     /// rotation and at most once a minute as decisions are appended). The file being written is
-    /// bounded by `max_bytes` and goes once rotated.
+    /// bounded by `max_bytes` and goes once rotated, or once it is that old itself
+    /// ([`AuditLog::expire_aged`]).
     pub fn with_max_age(mut self, max_age: std::time::Duration) -> std::io::Result<AuditLog> {
         self.max_age = Some(max_age);
         self.prune()?;
@@ -197,6 +198,36 @@ impl AuditLog {
             }
         }
         Ok(())
+    }
+
+    /// Holds `max_age` for a log nobody appends to: the age check above runs only as decisions
+    /// are appended, and the file being written is never dropped by it, so an idle log — a
+    /// client that stopped asking, an instance that decides nothing — kept records past their age
+    /// until the next start. Now a sweep calls this: a file being written whose last write is
+    /// older than `max_age` holds only records that old, so a fresh file takes its place and it
+    /// goes with the aged rotated ones. A no-op without `max_age`.
+    pub fn expire_aged(&self) -> std::io::Result<()> {
+        let Some(max_age) = self.max_age else {
+            return Ok(());
+        };
+        let mut cur = self
+            .current
+            .lock()
+            .map_err(|_| std::io::Error::other("audit log lock poisoned"))?;
+        let aged = cur.size > 0
+            && cur
+                .file
+                .metadata()?
+                .modified()?
+                .elapsed()
+                .is_ok_and(|age| age > max_age);
+        if aged {
+            let index = cur.index + 1;
+            let (file, size) = open_append(&self.dir, index)?;
+            *cur = Current { file, index, size };
+        }
+        drop(cur);
+        self.prune()
     }
 
     /// Drops the oldest files beyond `keep`, and rotated files older than `max_age`.
@@ -329,6 +360,18 @@ impl AccessLogs {
         self.open_client(&dir_name(client))?.append(decisions)
     }
 
+    /// [`AuditLog::expire_aged`] for every client's log.
+    pub fn expire_aged(&self) -> std::io::Result<()> {
+        let logs: Vec<std::sync::Arc<AuditLog>> = self
+            .logs
+            .lock()
+            .map_err(|_| std::io::Error::other("access logs lock poisoned"))?
+            .values()
+            .cloned()
+            .collect();
+        logs.iter().try_for_each(|log| log.expire_aged())
+    }
+
     /// The newest decisions matching `q` across every client's log, oldest first.
     pub fn query(&self, q: &DecisionQuery) -> std::io::Result<Vec<Decision>> {
         let logs: Vec<std::sync::Arc<AuditLog>> = self
@@ -343,6 +386,32 @@ impl AccessLogs {
             all.extend(log.query(q)?);
         }
         Ok(newest(all, q.limit()))
+    }
+}
+
+/// How often [`expire_aged_every`] looks: as often as appending does.
+pub const AGE_SWEEP: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Runs [`AuditLog::expire_aged`] on the decision log and every client's access log each `every`
+/// until shutdown, off the async workers (it reads file times and may remove files).
+pub async fn expire_aged_every(
+    decisions: std::sync::Arc<AuditLog>,
+    access: std::sync::Arc<AccessLogs>,
+    every: std::time::Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
+        let (d, a) = (decisions.clone(), access.clone());
+        let swept =
+            tokio::task::spawn_blocking(move || d.expire_aged().and_then(|()| a.expire_aged()))
+                .await;
+        if let Ok(Err(e)) = swept {
+            tracing::warn!(error = %e, "aged audit files not dropped; trying again later");
+        }
     }
 }
 
@@ -577,6 +646,81 @@ mod tests {
             })
             .unwrap()
             .is_empty());
+    }
+
+    /// An idle log keeps its age bound: the file being written goes once its last write is past
+    /// `max_age` (a fresh one takes its place), for the decision log and a client's access log;
+    /// a log whose last write is recent, or one without an age bound, keeps everything.
+    #[test]
+    fn an_idle_logs_aged_records_go_at_the_next_sweep() {
+        let two_days_ago =
+            std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 86_400);
+        let age = |path: &Path| {
+            std::fs::File::options()
+                .append(true)
+                .open(path)
+                .unwrap()
+                .set_modified(two_days_ago)
+                .unwrap();
+        };
+        let all = DecisionQuery {
+            limit: 1000,
+            ..DecisionQuery::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), 2048, 100)
+            .unwrap()
+            .with_max_age(std::time::Duration::from_secs(86_400))
+            .unwrap();
+        for i in 0..40 {
+            log.append(&[decision(&format!("g{i}"), "s", i as f64)])
+                .unwrap();
+        }
+        log.expire_aged().unwrap();
+        assert_eq!(log.query(&all).unwrap().len(), 40, "nothing is old yet");
+        for (_, path) in list_files(dir.path()).unwrap() {
+            age(&path);
+        }
+        log.expire_aged().unwrap();
+        assert!(log.query(&all).unwrap().is_empty(), "aged records kept");
+        assert_eq!(list_files(dir.path()).unwrap().len(), 1, "a fresh file");
+        log.append(&[decision("new", "s", 50.0)]).unwrap();
+        assert_eq!(log.query(&all).unwrap().len(), 1);
+
+        // Without an age bound the sweep keeps everything.
+        let unbounded_dir = tempfile::tempdir().unwrap();
+        let unbounded = AuditLog::open(unbounded_dir.path(), 2048, 100).unwrap();
+        unbounded.append(&[decision("g", "s", 1.0)]).unwrap();
+        for (_, path) in list_files(unbounded_dir.path()).unwrap() {
+            age(&path);
+        }
+        unbounded.expire_aged().unwrap();
+        assert_eq!(unbounded.query(&all).unwrap().len(), 1);
+
+        // A client that stopped asking: only its own log goes.
+        let access_dir = tempfile::tempdir().unwrap();
+        let logs = AccessLogs::open(
+            access_dir.path(),
+            2048,
+            100,
+            std::time::Duration::from_secs(86_400),
+        )
+        .unwrap();
+        logs.append("client:idle", &[decision("i", "s", 1.0)])
+            .unwrap();
+        logs.append("client:busy", &[decision("b", "s", 2.0)])
+            .unwrap();
+        for (_, path) in list_files(&access_dir.path().join(dir_name("client:idle"))).unwrap() {
+            age(&path);
+        }
+        logs.expire_aged().unwrap();
+        let left: Vec<String> = logs
+            .query(&all)
+            .unwrap()
+            .into_iter()
+            .map(|d| d.grant_id)
+            .collect();
+        assert_eq!(left, ["b"]);
     }
 
     #[test]

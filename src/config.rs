@@ -941,7 +941,9 @@ pub struct AuditConfig {
     pub max_file_bytes: u64,
     #[serde(default = "default_audit_keep")]
     pub keep_files: usize,
-    /// Rotated audit files last written longer ago than this are dropped (seconds; 90 days).
+    /// Audit files last written longer ago than this are dropped (seconds; 90 days): rotated ones,
+    /// and the one being written once it is that old (a log nobody appends to), checked every
+    /// minute.
     #[serde(default = "default_audit_max_age")]
     pub max_age_secs: u64,
     /// Each API client's access-request (AuthZEN) decisions are a log of their own
