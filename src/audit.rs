@@ -362,27 +362,26 @@ impl AccessLogs {
 
     /// [`AuditLog::expire_aged`] for every client's log.
     pub fn expire_aged(&self) -> std::io::Result<()> {
-        let logs: Vec<std::sync::Arc<AuditLog>> = self
+        self.every_log()?
+            .iter()
+            .try_for_each(|log| log.expire_aged())
+    }
+
+    /// Every client's log open now, taken out of the lock (reading one takes file I/O).
+    fn every_log(&self) -> std::io::Result<Vec<std::sync::Arc<AuditLog>>> {
+        Ok(self
             .logs
             .lock()
             .map_err(|_| std::io::Error::other("access logs lock poisoned"))?
             .values()
             .cloned()
-            .collect();
-        logs.iter().try_for_each(|log| log.expire_aged())
+            .collect())
     }
 
     /// The newest decisions matching `q` across every client's log, oldest first.
     pub fn query(&self, q: &DecisionQuery) -> std::io::Result<Vec<Decision>> {
-        let logs: Vec<std::sync::Arc<AuditLog>> = self
-            .logs
-            .lock()
-            .map_err(|_| std::io::Error::other("access logs lock poisoned"))?
-            .values()
-            .cloned()
-            .collect();
         let mut all = Vec::new();
-        for log in logs {
+        for log in self.every_log()? {
             all.extend(log.query(q)?);
         }
         Ok(newest(all, q.limit()))
