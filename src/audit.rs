@@ -608,6 +608,16 @@ mod tests {
         );
     }
 
+    /// Sets `path`'s last write two days back: older than the tests' one-day age bound.
+    fn last_written_two_days_ago(path: &Path) {
+        std::fs::File::options()
+            .append(true)
+            .open(path)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 86_400))
+            .unwrap();
+    }
+
     /// Rotated files last written before `max_age` go; the file being written stays.
     #[test]
     fn rotated_files_older_than_the_age_are_dropped() {
@@ -620,15 +630,8 @@ mod tests {
         let files = list_files(dir.path()).unwrap();
         assert!(files.len() >= 3, "{} files", files.len());
         // The two oldest were last written two days ago.
-        let two_days_ago =
-            std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 86_400);
         for (_, path) in &files[..2] {
-            std::fs::File::options()
-                .append(true)
-                .open(path)
-                .unwrap()
-                .set_modified(two_days_ago)
-                .unwrap();
+            last_written_two_days_ago(path);
         }
         drop(log);
         let log = AuditLog::open(dir.path(), 2048, 100)
@@ -652,16 +655,7 @@ mod tests {
     /// a log whose last write is recent, or one without an age bound, keeps everything.
     #[test]
     fn an_idle_logs_aged_records_go_at_the_next_sweep() {
-        let two_days_ago =
-            std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 86_400);
-        let age = |path: &Path| {
-            std::fs::File::options()
-                .append(true)
-                .open(path)
-                .unwrap()
-                .set_modified(two_days_ago)
-                .unwrap();
-        };
+        let age = last_written_two_days_ago;
         let all = DecisionQuery {
             limit: 1000,
             ..DecisionQuery::default()
