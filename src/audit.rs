@@ -187,7 +187,7 @@ impl AuditLog {
                     .aged_checked
                     .lock()
                     .map_err(|_| std::io::Error::other("audit log lock poisoned"))?;
-                let due = checked.elapsed() >= std::time::Duration::from_secs(60);
+                let due = checked.elapsed() >= AGE_SWEEP;
                 if due {
                     *checked = std::time::Instant::now();
                 }
@@ -388,7 +388,7 @@ impl AccessLogs {
     }
 }
 
-/// How often [`expire_aged_every`] looks: as often as appending does.
+/// How often the age bound is looked at: by appending, at most, and by [`expire_aged_every`].
 pub const AGE_SWEEP: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Runs [`AuditLog::expire_aged`] on the decision log and every client's access log each `every`
