@@ -668,12 +668,28 @@ async fn acknowledged_work_survives_sigkill() {
     }
     // The same revocations reached the push and SSE subscriptions.
     for (method, received) in [("push", &pushed), ("SSE", &streamed)] {
-        let what = format!("every revocation delivered by {method}");
-        eventually_within(60, &what, || async {
-            let r = received.lock().unwrap();
-            expected.iter().all(|j| r.txns.contains(*j)).then_some(())
-        })
-        .await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let missing: Vec<&str> = {
+                let r = received.lock().unwrap();
+                expected
+                    .iter()
+                    .filter(|j| !r.txns.contains(**j))
+                    .copied()
+                    .collect()
+            };
+            if missing.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{method}: {} of {} revocations undelivered, among them {:?}",
+                missing.len(),
+                expected.len(),
+                &missing[..missing.len().min(10)]
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     sse_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     sse_task.await.unwrap();

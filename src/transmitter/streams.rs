@@ -35,6 +35,15 @@ const DEAD: TableDefinition<&str, &[u8]> = TableDefinition::new("tx_dead_letters
 /// `stream \0 subject JSON` → nothing: a stream's subjects (SSF §8.1.3), one row each, so adding
 /// one is one small write instead of a rewrite of the stream record.
 const SUBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("tx_stream_subjects");
+/// `seq_reserved` → the highest outbox sequence number that may have been shown to a receiver.
+const SEQ: TableDefinition<&str, u64> = TableDefinition::new("tx_outbox_seq");
+const SEQ_RESERVED: &str = "seq_reserved";
+/// Outbox sequence numbers reserved on disk at a time. A queued SET is readable (an SSE event
+/// id) before its own commit, and an emptied outbox leaves no row to count from: without the
+/// reservation a restart would number new SETs again from below ids receivers hold, and an SSE
+/// client resuming with `Last-Event-ID` would acknowledge — delete — SETs it never saw. One
+/// commit per block keeps the reservation off the data path; a restart skips at most a block.
+const SEQ_BLOCK: u64 = 1 << 20;
 
 /// Push (RFC 8935) and poll (RFC 8936) delivery method URNs (SSF §6.1).
 pub const PUSH: &str = "urn:ietf:rfc:8935";
@@ -239,6 +248,12 @@ pub struct StreamStore {
     writer: BatchWriter,
     streams: RwLock<HashMap<String, Stream>>,
     next_seq: AtomicU64,
+    /// Every sequence number up to this one is reserved on disk (`tx_outbox_seq`): a SET numbered
+    /// above it is shown to no receiver before a new reservation is written.
+    seq_reserved: AtomicU64,
+    /// Held from numbering SETs to staging them, so SETs are numbered, written and become
+    /// readable in one order: an SSE reader that has sent `n` never finds a later SET below `n`.
+    enqueue_order: tokio::sync::Mutex<()>,
     notifiers: dashmap::DashMap<String, Arc<Notify>>,
     /// Woken whenever any stream gets SETs (the push deliverer waits on it).
     any: Arc<Notify>,
@@ -462,6 +477,18 @@ fn migrate_subjects(db: &Database) -> Result<(), StreamError> {
     txn.commit().map_err(storage)
 }
 
+/// Writes the outbox's sequence reservation, in the transaction of the rows numbered past the
+/// previous one ([`StreamStore::number`]).
+fn reserve_in(txn: &redb::WriteTransaction, through: Option<u64>) -> Result<(), WriteError> {
+    if let Some(through) = through {
+        txn.open_table(SEQ)
+            .map_err(WriteError::storage)?
+            .insert(SEQ_RESERVED, through)
+            .map_err(WriteError::storage)?;
+    }
+    Ok(())
+}
+
 /// The sequence number of an outbox key.
 pub fn seq_of(key: &str) -> u64 {
     key.rsplit('\0')
@@ -482,6 +509,7 @@ impl StreamStore {
             txn.open_table(OUTBOX).map_err(storage)?;
             txn.open_table(DEAD).map_err(storage)?;
             txn.open_table(SUBJECTS).map_err(storage)?;
+            txn.open_table(SEQ).map_err(storage)?;
         }
         txn.commit().map_err(storage)?;
         migrate_subjects(&db)?;
@@ -498,9 +526,7 @@ impl StreamStore {
                 streams.insert(s.stream_id.clone(), s);
             }
         }
-        // Dead letters keep their outbox keys, and a replay puts them back under them: a number
-        // drawn again after a restart (the outbox emptied into the dead letters before it) would
-        // let a replayed SET overwrite the newer one given its key.
+        // The numbers left in the tables count too: releases before the reservation wrote none.
         let mut max_seq = 0;
         for table in [OUTBOX, DEAD] {
             for entry in txn
@@ -512,6 +538,14 @@ impl StreamStore {
                 let (k, _) = entry.map_err(storage)?;
                 max_seq = max_seq.max(seq_of(k.value()));
             }
+        }
+        if let Some(reserved) = txn
+            .open_table(SEQ)
+            .map_err(storage)?
+            .get(SEQ_RESERVED)
+            .map_err(storage)?
+        {
+            max_seq = max_seq.max(reserved.value());
         }
         let subject_counts = dashmap::DashMap::new();
         for entry in txn
@@ -529,7 +563,11 @@ impl StreamStore {
             db,
             writer,
             streams: RwLock::new(streams),
-            next_seq: AtomicU64::new(max_seq + 1),
+            next_seq: AtomicU64::new(max_seq.saturating_add(1)),
+            // Nothing above what an earlier run may have shown is reserved yet: the first SETs
+            // queued write the next reservation.
+            seq_reserved: AtomicU64::new(max_seq),
+            enqueue_order: tokio::sync::Mutex::new(()),
             notifiers: dashmap::DashMap::new(),
             any: Arc::new(Notify::new()),
             subject_counts,
@@ -1049,9 +1087,10 @@ impl StreamStore {
                 sets,
             });
         }
+        let _order = self.enqueue_order.lock().await;
+        let (first, reserve) = self.number(items.len());
         let mut rows = Vec::with_capacity(items.len());
-        for (stream, out) in &items {
-            let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
+        for (seq, (stream, out)) in (first..).zip(&items) {
             let bytes = serde_json::to_vec(out).map_err(|e| StreamError::Storage(e.to_string()))?;
             rows.push((outbox_key(stream, seq), bytes));
         }
@@ -1066,22 +1105,49 @@ impl StreamStore {
                     t.insert(k.as_str(), v.as_slice())
                         .map_err(WriteError::storage)?;
                 }
+                reserve_in(txn, reserve)?;
                 crate::engine::handoff_done_in(txn, &handed_over)
             })
             .await?;
-        self.staged().extend(
-            keys.iter()
-                .cloned()
-                .zip(items.iter().map(|(_, o)| o.clone())),
-        );
+        let written = match reserve {
+            // Numbered past the reservation: readable once the new one is on disk, with the rows.
+            Some(through) => {
+                written.wait().await?;
+                self.seq_reserved.fetch_max(through, Ordering::SeqCst);
+                metrics::counter!(crate::telemetry::SETS_EMITTED).increment(sets as u64);
+                None
+            }
+            None => {
+                self.staged().extend(
+                    keys.iter()
+                        .cloned()
+                        .zip(items.iter().map(|(_, o)| o.clone())),
+                );
+                Some(written)
+            }
+        };
         for (stream, _) in &items {
             self.notify(stream);
         }
         Ok(Enqueued {
-            written: Some(written),
-            staged: keys,
+            staged: if written.is_some() { keys } else { Vec::new() },
+            written,
             sets,
         })
+    }
+
+    /// Draws `n` sequence numbers — call with `enqueue_order` held — and says the reservation
+    /// to write with them ([`reserve_in`]) when they go past the one on disk: then nothing
+    /// numbered with them may be read before that write commits.
+    fn number(&self, n: usize) -> (u64, Option<u64>) {
+        let Some(n) = u64::try_from(n).ok().filter(|n| *n > 0) else {
+            return (self.next_seq.load(Ordering::SeqCst), None);
+        };
+        let first = self.next_seq.fetch_add(n, Ordering::SeqCst);
+        let last = first.saturating_add(n - 1);
+        let reserve = (last > self.seq_reserved.load(Ordering::SeqCst))
+            .then(|| last.saturating_add(SEQ_BLOCK));
+        (first, reserve)
     }
 
     fn staged(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Outgoing>> {
@@ -1502,8 +1568,8 @@ impl StreamStore {
             };
             let young = o.waiting_since_ms() >= queued_before_ms;
             // Oldest first: once one queued since is young enough and within the cap, so are the
-            // rest. A replayed SET keeps its old key but waits from its replay: young, it says
-            // nothing about the SETs after it.
+            // rest. A replayed SET waits from its replay; one an earlier release put back under
+            // its old key, young, says nothing about the SETs after it.
             if i >= excess && young && o.replayed_at_ms.is_none() {
                 break;
             }
@@ -1679,8 +1745,8 @@ impl StreamStore {
         Ok(chosen)
     }
 
-    /// Puts the chosen dead letters back into their streams' outboxes, under their old keys so
-    /// each stream's order is kept, [`REPLAY_CHUNK`] to a transaction.
+    /// Puts the chosen dead letters back at the end of their streams' outboxes, in their order,
+    /// [`REPLAY_CHUNK`] to a transaction.
     pub async fn replay_dead_letters(&self, chosen: ToReplay) -> Result<Replayed, StreamError> {
         let mut done = Replayed {
             replayed: 0,
@@ -1732,6 +1798,12 @@ impl StreamStore {
             self.remove_rows(DEAD, keys).await?;
             return Ok(n);
         }
+        // Back at the end of its stream's outbox under a new number, as in cluster mode: an SSE
+        // receiver has read past its old one, and would never be sent it — or, resuming with
+        // `Last-Event-ID`, would acknowledge it unseen. Numbered in order with what is queued,
+        // and readable once written (the write is awaited before anyone is notified).
+        let _order = self.enqueue_order.lock().await;
+        let (first, reserve) = self.number(keys.len());
         // Taken from the table inside the write: a letter pruned since the heads were read is
         // not put back.
         let (n, streams): (usize, HashSet<String>) = self
@@ -1740,34 +1812,29 @@ impl StreamStore {
                 let mut dead = txn.open_table(DEAD).map_err(WriteError::storage)?;
                 let mut outbox = txn.open_table(OUTBOX).map_err(WriteError::storage)?;
                 let (mut n, mut streams) = (0, HashSet::new());
-                for k in &keys {
+                for (seq, k) in (first..).zip(&keys) {
                     let letter = match dead.get(k.as_str()).map_err(WriteError::storage)? {
                         Some(v) => serde_json::from_slice::<DeadLetter>(v.value()).ok(),
                         None => None,
                     };
                     let Some(mut d) = letter else { continue };
-                    // Its key given to a newer SET (by a release that drew numbers again after
-                    // a restart): it waits in the dead letters until that one is gone.
-                    if outbox
-                        .get(k.as_str())
-                        .map_err(WriteError::storage)?
-                        .is_some()
-                    {
-                        continue;
-                    }
                     d.outgoing.replayed_at_ms = Some(now);
                     let bytes = serde_json::to_vec(&d.outgoing)
                         .map_err(|e| WriteError::Storage(e.to_string()))?;
                     dead.remove(k.as_str()).map_err(WriteError::storage)?;
                     outbox
-                        .insert(k.as_str(), bytes.as_slice())
+                        .insert(outbox_key(&d.stream_id, seq).as_str(), bytes.as_slice())
                         .map_err(WriteError::storage)?;
                     streams.insert(d.stream_id);
                     n += 1;
                 }
+                reserve_in(txn, reserve)?;
                 Ok((n, streams))
             })
             .await?;
+        if let Some(through) = reserve {
+            self.seq_reserved.fetch_max(through, Ordering::SeqCst);
+        }
         for s in &streams {
             self.notify(s);
         }
@@ -1944,7 +2011,7 @@ mod tests {
 
     /// The listing pages through every dead letter in order from cursor to cursor, one stream's
     /// alone when asked; a replay puts back, in chunks, only letters a stream can still deliver —
-    /// not a deleted or disabled stream's — under their old keys, so the stream's order is kept.
+    /// not a deleted or disabled stream's — in the stream's order.
     #[tokio::test]
     async fn dead_letters_page_by_cursor_and_replay_only_into_streams_that_deliver() {
         let (_dir, store, clock, ids) = store_with_streams(&["live", "off", "gone"]).await;
@@ -2057,8 +2124,9 @@ mod tests {
     /// A replay stays within the outbox's bound and gives what it puts back a new wait: a stream
     /// gets back only as many dead letters, oldest first, as its outbox has room for (the rest
     /// are deferred), and a SET put back is not "too old" for the sweep because it was queued
-    /// long ago — nor does a young replayed SET hide the old ones queued after it. A restart
-    /// never hands a new SET a dead letter's key, which a replay would write over.
+    /// long ago. A restart never hands a new SET a dead letter's number, and a replayed SET
+    /// goes to the outbox's end under a new one, where a receiver that read past its old
+    /// number (SSE) finds it.
     #[tokio::test]
     async fn a_replay_fills_an_outbox_to_its_bound_and_its_sets_wait_from_the_replay() {
         let (_dir, store, clock, ids) = store_with_streams(&["ep"]).await;
@@ -2114,16 +2182,22 @@ mod tests {
                 deferred: 3,
             }
         );
+        let before: Vec<(u64, String)> = keys(&store);
         let jtis: Vec<String> = keys(&store).into_iter().map(|(_, j)| j).collect();
         assert_eq!(
             jtis,
-            ["a", "b", "f", "g"],
-            "back under their old keys, first"
+            ["f", "g", "a", "b"],
+            "back at the end, under new numbers"
         );
+        // An SSE receiver that had read everything queued before gets them.
+        let read_through = before[1].0;
+        let (after, _) = store.outstanding_after(&id, read_through, 10).unwrap();
+        let after: Vec<&str> = after.iter().map(|(_, o)| o.jti.as_str()).collect();
+        assert_eq!(after, ["a", "b"]);
         let (rows, _) = store.outstanding(&id, usize::MAX).unwrap();
-        assert_eq!(rows[0].1.replayed_at_ms, Some(now));
+        assert_eq!(rows[2].1.replayed_at_ms, Some(now));
         assert_eq!(
-            rows[0].1.queued_at_ms, first,
+            rows[2].1.queued_at_ms, first,
             "latency still counts from the queueing"
         );
 
@@ -2248,6 +2322,68 @@ mod tests {
         assert_eq!(jtis("s2"), ["z"]);
     }
 
+    /// A restart never numbers a SET at or below an SSE event id a receiver may hold, even once
+    /// the outbox was emptied (nothing left to count from): a client resuming with that
+    /// `Last-Event-ID` would otherwise acknowledge — delete — new SETs it never saw. Numbers
+    /// within a reservation are not written for each SET.
+    #[tokio::test]
+    async fn a_restart_never_numbers_a_set_below_an_id_a_receiver_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::open(dir.path()).unwrap();
+        let (writer, _thread) = crate::store::BatchWriter::start(db.clone(), "state", 16).unwrap();
+        let out = |jti: &str| Outgoing {
+            jti: jti.into(),
+            set: format!("token-{jti}"),
+            queued_at_ms: 1,
+            replayed_at_ms: None,
+        };
+        let seqs = |store: &StreamStore| -> Vec<(u64, String)> {
+            let (rows, _) = store.outstanding("s1", usize::MAX).unwrap();
+            rows.into_iter().map(|(k, o)| (seq_of(&k), o.jti)).collect()
+        };
+        let reserved = |db: &Database| {
+            let txn = db.begin_read().unwrap();
+            let t = txn.open_table(SEQ).unwrap();
+            t.get(SEQ_RESERVED).unwrap().map(|v| v.value())
+        };
+        let store = StreamStore::open(db.clone(), writer.clone(), Clock::system()).unwrap();
+        for batch in [["a", "b"], ["c", "d"]] {
+            let items = batch.iter().map(|j| ("s1".to_owned(), out(j))).collect();
+            store.enqueue(items, vec![]).await.unwrap();
+        }
+        let shown = seqs(&store);
+        assert_eq!(shown.len(), 4);
+        let last_shown = shown[3].0;
+        // One reservation, written by the first SETs, covers the later ones.
+        assert_eq!(reserved(&db), Some(shown[0].0 + SEQ_BLOCK + 1));
+        // The SSE client acknowledges everything it was shown; the outbox is empty.
+        assert_eq!(
+            store.acknowledge_through("s1", last_shown).await.unwrap(),
+            4
+        );
+        assert!(seqs(&store).is_empty());
+        // Once a later write is on disk, the deletes queued before it are too.
+        writer.write(|_| Ok(())).await.unwrap();
+        drop(store);
+
+        let store = StreamStore::open(db.clone(), writer.clone(), Clock::system()).unwrap();
+        store
+            .enqueue(vec![("s1".to_owned(), out("e"))], vec![])
+            .await
+            .unwrap();
+        let after = seqs(&store);
+        assert_eq!(after.len(), 1);
+        assert!(after[0].0 > last_shown, "{after:?} after {last_shown}");
+        // Resuming with the last id it holds removes nothing new and shows the new SET.
+        assert_eq!(
+            store.acknowledge_through("s1", last_shown).await.unwrap(),
+            0
+        );
+        let (next, _) = store.outstanding_after("s1", last_shown, 10).unwrap();
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].1.jti, "e");
+    }
+
     /// SETs are readable the moment they are queued, before their outbox commit is on disk; what
     /// a deliverer does with one meanwhile (acknowledged, dead-lettered) is written after the
     /// insert, so it stays done once the insert commits.
@@ -2264,6 +2400,12 @@ mod tests {
             queued_at_ms: 1,
             replayed_at_ms: None,
         };
+        // A run's first SETs are readable once their commit, which writes the sequence
+        // reservation, is on disk; the ones below are numbered within it.
+        store
+            .enqueue(vec![("s0".to_owned(), out("first"))], vec![])
+            .await
+            .unwrap();
         // Hold the writer: a write that waits until released.
         let (release, held) = std::sync::mpsc::channel::<()>();
         let blocker = tokio::spawn({
