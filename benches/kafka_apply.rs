@@ -8,8 +8,10 @@
 //!       [--push-probes 0]`
 //!
 //! `--push-probes N`: up to N probes pushed by another transmitter (RS256, RFC 8935), one every
-//! 20 ms while the topic is applied, each revoking a grant of its own; prints their 202 and
-//! push → revoked-in-the-engine times — what a Kafka backlog costs the other parties.
+//! 20 ms while the topic is applied, each revoking a grant of its own; prints their 202,
+//! push → revoked-in-the-engine and push → revocation verified at an enforcement point (push,
+//! poll and SSE, subscribed to the probes' grants only; RS256) times — what a Kafka backlog
+//! costs the other parties.
 //!
 //! `--every-message-revokes`: `--messages` (200 000 by default) users, each with a session grant,
 //! and a HIGH risk message for each — every message changes a grant's status (a decision, its
@@ -105,6 +107,13 @@ fn main() -> anyhow::Result<()> {
             summary(&p.acknowledged),
             summary(&p.revoked)
         );
+        for (method, delivered) in &p.delivered {
+            println!(
+                "  revocation verified at the {method} enforcement point ({}): {}",
+                delivered.len(),
+                summary(delivered)
+            );
+        }
     }
     Ok(())
 }

@@ -29,7 +29,9 @@ pub struct KafkaArgs {
     pub pattern: Pattern,
     /// Push probes (0: none): while the topic is applied, a transmitter pushes an RS256 SET every
     /// 20 ms, each revoking a grant of its own — how long another party's signal waits behind
-    /// the Kafka backlog.
+    /// the Kafka backlog, in the engine and at enforcement points subscribed by push, poll and
+    /// SSE. Those hold only the probes' grants (the Kafka users' grants name another
+    /// enforcement point, so their revocations are not signed for them).
     pub push_probes: usize,
 }
 
@@ -40,6 +42,8 @@ pub struct ProbeFigures {
     pub acknowledged: Vec<f64>,
     /// Push → the probe's grant revoked in the engine.
     pub revoked: Vec<f64>,
+    /// Push → the revocation's SET verified at each enforcement point (`push`, `poll`, `sse`).
+    pub delivered: Vec<(String, Vec<f64>)>,
 }
 
 /// What was measured.
@@ -119,6 +123,7 @@ impl Probes {
         self,
         engine: std::sync::Arc<vigil::engine::Engine>,
         addr: std::net::SocketAddr,
+        eps: Vec<(String, vigil::sim::ep::EnforcementPoint)>,
         done: std::sync::Arc<std::sync::atomic::AtomicBool>,
     ) -> anyhow::Result<ProbeFigures> {
         use std::sync::atomic::Ordering;
@@ -134,12 +139,15 @@ impl Probes {
         };
         super::push_set(&client, &url, "Bearer probe", first).await?;
         let mut acknowledged = Vec::new();
+        // By the revocation SETs' `txn`: the probe's `jti`.
+        let mut sent = std::collections::HashMap::new();
         for (p, token) in rest.iter().enumerate().map(|(i, t)| (i + 1, t)) {
             if done.load(Ordering::Relaxed) {
                 break;
             }
             let at = Instant::now();
             watch.watch(format!("pg-{p}"), at);
+            sent.insert(format!("probe-{p}"), at);
             let status = super::push_set(&client, &url, "Bearer probe", token).await?;
             anyhow::ensure!(status == 202, "probe push answered {status}");
             acknowledged.push(at.elapsed().as_secs_f64() * 1e3);
@@ -159,9 +167,12 @@ impl Probes {
         );
         revoked.sort_by(f64::total_cmp);
         acknowledged.sort_by(f64::total_cmp);
+        // Probe 0's revocation is delivered too, and not timed (not in `sent`).
+        let delivered = super::delivery_latencies(eps, &sent, acknowledged.len()).await;
         Ok(ProbeFigures {
             acknowledged,
             revoked,
+            delivered,
         })
     }
 }
@@ -197,12 +208,32 @@ pub async fn measure(args: &KafkaArgs) -> anyhow::Result<KafkaFigures> {
     config.engine.max_batch = args.engine_batch;
     config.engine.checkpoint_interval_ms = args.checkpoint_ms;
     let probes = if args.push_probes > 0 {
+        super::add_eps(&mut config);
+        // Holds the Kafka users' grants; subscribes no stream.
+        config
+            .enforcement_points
+            .push(vigil::config::EnforcementPointConfig {
+                name: "gateway".into(),
+                token: "token-for-gateway-0123456789".into(),
+                audience: None,
+                signing_alg: None,
+            });
         Some(Probes::configure(&mut config, args.push_probes).await?)
     } else {
         None
     };
     config.validate()?;
     let vigil = Vigil::start(config).await?;
+    let eps = match &probes {
+        Some(_) => super::subscribe_eps(&format!("http://{}", vigil.local_addr())).await?,
+        None => Vec::new(),
+    };
+    // With enforcement points subscribed, the Kafka users' grants are held by another one.
+    let kafka_eps: Vec<&str> = if probes.is_some() {
+        vec!["gateway"]
+    } else {
+        Vec::new()
+    };
     // Grants for some of the users, so signals trigger real evaluations (64 registrations in
     // flight: a revoking run registers as many grants as it has messages).
     let client = vigil::sim::api_client(vigil.admin_token())?;
@@ -212,7 +243,8 @@ pub async fn measure(args: &KafkaArgs) -> anyhow::Result<KafkaFigures> {
         .map(|i| {
             json!({"id": format!("g-{i}"), "kind": "session",
             "subject": {"format": "email", "email": format!("user-{i}@example.com")},
-            "session": format!("s-{i}"), "issued_at": now - 60.0, "expires_at": now + 3600.0})
+            "session": format!("s-{i}"), "issued_at": now - 60.0, "expires_at": now + 3600.0,
+            "enforcement_points": kafka_eps})
         })
         .chain((0..probe_grants).map(|p| Probes::grant(p, now)));
     futures_util::stream::iter(registrations)
@@ -270,7 +302,7 @@ pub async fn measure(args: &KafkaArgs) -> anyhow::Result<KafkaFigures> {
             vigil.local_addr(),
             kafka_done.clone(),
         );
-        tokio::spawn(async move { probes.run(engine, addr, done).await })
+        tokio::spawn(async move { probes.run(engine, addr, eps, done).await })
     });
     let deadline = Instant::now() + Duration::from_secs(600);
     // (elapsed, applied) when a tenth and nine tenths of the messages were applied.
