@@ -69,8 +69,12 @@ use vigil::Vigil;
 const ISS: &str = "https://idp.example.com/";
 const AUD: &str = "vigil";
 const CONCURRENCY: usize = 64;
-/// Most `check` requests in flight at once (see `check_phase`).
-const CHECK_IN_FLIGHT: usize = 256;
+/// Most `check` requests in flight at once (see `check_phase`). Below Vigil's per-peer connection
+/// budget (`server.max_connections_per_peer`, 256) with room for the harness's other connections
+/// from the same address (the enforcement points', the pushes'): at 256 Vigil refused some of
+/// them (`vigil_http_connections_refused_total{reason="peer"}`), as it should, and the phase
+/// counted the harness's own overdraft as errors.
+const CHECK_IN_FLIGHT: usize = 192;
 
 fn main() -> anyhow::Result<()> {
     // Vigil, and the ceiling servers it is compared with, run in a runtime of their own, as in
@@ -445,15 +449,25 @@ async fn run(servers: tokio::runtime::Handle) -> anyhow::Result<()> {
 
     // 4. check API at a fixed rate.
     eprintln!("[check] {check_rate} requests/s for {check_secs} s…");
+    let refused_before = metric_values();
     let check = check_phase(&client, &base, grants, check_rate, check_secs).await;
+    let refused_after = metric_values();
+    let refused: Vec<(String, f64)> = refused_after
+        .keys()
+        .filter(|k| k.starts_with("vigil_http_connections_refused_total"))
+        .map(|k| (k.clone(), metric_delta(&refused_before, &refused_after, k)))
+        .filter(|(_, n)| *n > 0.0)
+        .collect();
+    eprintln!("[check] connections Vigil refused meanwhile: {refused:?}");
     eprintln!(
-        "[check] achieved {:.0}/s; p50 {:.3} ms p99 {:.3} ms; errors {}",
+        "[check] achieved {:.0}/s; p50 {:.3} ms p99 {:.3} ms; errors {} {:?}",
         check.rate,
         quantile(&check.latencies_ms, 0.5),
         quantile(&check.latencies_ms, 0.99),
-        check.errors
+        check.errors,
+        check.error_kinds
     );
-    let note = format!("asked {check_rate}/s, achieved {:.0}/s, errors {}; open loop, latency from the scheduled send", check.rate, check.errors);
+    let note = format!("asked {check_rate}/s, achieved {:.0}/s, errors {} {:?}; open loop, latency from the scheduled send", check.rate, check.errors, check.error_kinds);
     figures.extend(percentiles(
         "check",
         &check.latencies_ms,
@@ -1016,6 +1030,8 @@ struct Check {
     rate: f64,
     latencies_ms: Vec<f64>,
     errors: usize,
+    /// What the failed requests got, counted: an HTTP status, or the client's error kind.
+    error_kinds: std::collections::BTreeMap<String, usize>,
 }
 
 async fn check_phase(
@@ -1031,6 +1047,7 @@ async fn check_phase(
     let mut tasks = tokio::task::JoinSet::new();
     let mut latencies = Vec::with_capacity(total);
     let mut errors = 0usize;
+    let mut error_kinds = std::collections::BTreeMap::<String, usize>::new();
     let mut seed = 0x9E37_79B9_7F4A_7C15u64;
     for i in 0..total {
         let due = started + Duration::from_secs_f64(i as f64 / rate as f64);
@@ -1042,8 +1059,12 @@ async fn check_phase(
         // of the client opening connections until it runs out of file descriptors.
         while tasks.len() >= CHECK_IN_FLIGHT {
             match tasks.join_next().await {
-                Some(Ok((true, ms))) => latencies.push(ms),
-                Some(_) => errors += 1,
+                Some(Ok((Ok(()), ms))) => latencies.push(ms),
+                Some(Ok((Err(kind), _))) => {
+                    errors += 1;
+                    *error_kinds.entry(kind).or_default() += 1;
+                }
+                Some(Err(_)) => errors += 1,
                 None => break,
             }
         }
@@ -1054,24 +1075,31 @@ async fn check_phase(
         let body = json!({"grant_id": format!("g{}", seed as usize % grants.max(1))});
         let (client, url) = (client.clone(), url.clone());
         tasks.spawn(async move {
-            let ok = match client.post(&url).json(&body).send().await {
-                Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
-                Err(_) => false,
+            let outcome = match client.post(&url).json(&body).send().await {
+                Ok(r) if !r.status().is_success() => Err(format!("HTTP {}", r.status().as_u16())),
+                Ok(r) => r.bytes().await.map(|_| ()).map_err(|e| error_kind(&e)),
+                Err(e) => Err(error_kind(&e)),
             };
-            (ok, due.elapsed().as_secs_f64() * 1e3)
+            (outcome, due.elapsed().as_secs_f64() * 1e3)
         });
-        while let Some(Ok((ok, ms))) = tasks.try_join_next() {
-            if ok {
-                latencies.push(ms);
-            } else {
-                errors += 1;
+        while let Some(Ok((outcome, ms))) = tasks.try_join_next() {
+            match outcome {
+                Ok(()) => latencies.push(ms),
+                Err(kind) => {
+                    errors += 1;
+                    *error_kinds.entry(kind).or_default() += 1;
+                }
             }
         }
     }
     while let Some(done) = tasks.join_next().await {
         match done {
-            Ok((true, ms)) => latencies.push(ms),
-            _ => errors += 1,
+            Ok((Ok(()), ms)) => latencies.push(ms),
+            Ok((Err(kind), _)) => {
+                errors += 1;
+                *error_kinds.entry(kind).or_default() += 1;
+            }
+            Err(_) => errors += 1,
         }
     }
     let secs = started.elapsed().as_secs_f64();
@@ -1080,6 +1108,25 @@ async fn check_phase(
         rate: latencies.len() as f64 / secs,
         latencies_ms: latencies,
         errors,
+        error_kinds,
+    }
+}
+
+/// A failed request's kind, for the check phase's error counts.
+fn error_kind(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timeout".into()
+    } else if e.is_connect() {
+        "connect".into()
+    } else if e.is_body() || e.is_decode() {
+        "body".into()
+    } else {
+        // The innermost cause says what happened to the connection.
+        let mut cause: &dyn std::error::Error = e;
+        while let Some(next) = cause.source() {
+            cause = next;
+        }
+        format!("request: {cause}")
     }
 }
 
