@@ -1045,9 +1045,10 @@ async fn check_phase(
     let url = format!("{base}/v1/check");
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    let mut latencies = Vec::with_capacity(total);
-    let mut errors = 0usize;
-    let mut error_kinds = std::collections::BTreeMap::<String, usize>::new();
+    let mut tally = Tally {
+        latencies: Vec::with_capacity(total),
+        ..Tally::default()
+    };
     let mut seed = 0x9E37_79B9_7F4A_7C15u64;
     for i in 0..total {
         let due = started + Duration::from_secs_f64(i as f64 / rate as f64);
@@ -1059,12 +1060,7 @@ async fn check_phase(
         // of the client opening connections until it runs out of file descriptors.
         while tasks.len() >= CHECK_IN_FLIGHT {
             match tasks.join_next().await {
-                Some(Ok((Ok(()), ms))) => latencies.push(ms),
-                Some(Ok((Err(kind), _))) => {
-                    errors += 1;
-                    *error_kinds.entry(kind).or_default() += 1;
-                }
-                Some(Err(_)) => errors += 1,
+                Some(done) => tally.add(done),
                 None => break,
             }
         }
@@ -1082,33 +1078,49 @@ async fn check_phase(
             };
             (outcome, due.elapsed().as_secs_f64() * 1e3)
         });
-        while let Some(Ok((outcome, ms))) = tasks.try_join_next() {
-            match outcome {
-                Ok(()) => latencies.push(ms),
-                Err(kind) => {
-                    errors += 1;
-                    *error_kinds.entry(kind).or_default() += 1;
-                }
-            }
+        while let Some(done) = tasks.try_join_next() {
+            tally.add(done);
         }
     }
     while let Some(done) = tasks.join_next().await {
-        match done {
-            Ok((Ok(()), ms)) => latencies.push(ms),
-            Ok((Err(kind), _)) => {
-                errors += 1;
-                *error_kinds.entry(kind).or_default() += 1;
-            }
-            Err(_) => errors += 1,
-        }
+        tally.add(done);
     }
     let secs = started.elapsed().as_secs_f64();
+    let Tally {
+        mut latencies,
+        errors,
+        kinds,
+    } = tally;
     latencies.sort_by(f64::total_cmp);
     Check {
         rate: latencies.len() as f64 / secs,
         latencies_ms: latencies,
         errors,
-        error_kinds,
+        error_kinds: kinds,
+    }
+}
+
+/// The check phase's requests as they end: latencies (ms) of those answered, failures by kind.
+#[derive(Default)]
+struct Tally {
+    latencies: Vec<f64>,
+    errors: usize,
+    kinds: std::collections::BTreeMap<String, usize>,
+}
+
+impl Tally {
+    fn add(&mut self, done: Result<(Result<(), String>, f64), tokio::task::JoinError>) {
+        match done {
+            Ok((Ok(()), ms)) => self.latencies.push(ms),
+            Ok((Err(kind), _)) => {
+                self.errors += 1;
+                *self.kinds.entry(kind).or_default() += 1;
+            }
+            Err(e) => {
+                self.errors += 1;
+                *self.kinds.entry(format!("task: {e}")).or_default() += 1;
+            }
+        }
     }
 }
 

@@ -410,6 +410,8 @@ impl Enqueued {
     /// next start.
     pub async fn committed(self, store: &StreamStore) -> Result<(), StreamError> {
         let Some(written) = self.written else {
+            // Nothing queued, or written before `start_enqueue` returned.
+            metrics::counter!(crate::telemetry::SETS_EMITTED).increment(self.sets as u64);
             return Ok(());
         };
         let written = written.wait().await;
@@ -1114,7 +1116,6 @@ impl StreamStore {
             Some(through) => {
                 written.wait().await?;
                 self.seq_reserved.fetch_max(through, Ordering::SeqCst);
-                metrics::counter!(crate::telemetry::SETS_EMITTED).increment(sets as u64);
                 None
             }
             None => {
