@@ -41,8 +41,8 @@ async fn run(n: usize) -> anyhow::Result<()> {
     let audit = Arc::new(AuditLog::open(&dir.path().join("audit"), 64 << 20, 4)?);
     let policy_dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/policies"));
     let policy = PolicySet::load_dir_or_builtin(policy_dir)?;
-    let (decisions, mut rx) = tokio::sync::mpsc::channel(4096);
-    tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    let (decisions, rx) = vigil::engine::lanes(4096);
+    tokio::spawn(rx.discard());
     let settings = EngineSettings {
         max_batch: 1024,
         ..EngineSettings::default()

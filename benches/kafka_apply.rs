@@ -5,13 +5,15 @@
 //!
 //! Run: `cargo bench --bench kafka_apply -- [--messages 1200000] [--users 20000] [--grants 1000]
 //!       [--partitions 96] [--batch 2000] [--engine-batch 256] [--checkpoint-ms 1000] [--ceiling] [--every-message-revokes]
-//!       [--push-probes 0]`
+//!       [--push-probes 0] [--backlog-sets]`
 //!
 //! `--push-probes N`: up to N probes pushed by another transmitter (RS256, RFC 8935), one every
 //! 20 ms while the topic is applied, each revoking a grant of its own; prints their 202,
 //! push → revoked-in-the-engine and push → revocation verified at an enforcement point (push,
 //! poll and SSE, subscribed to the probes' grants only; RS256) times — what a Kafka backlog
-//! costs the other parties.
+//! costs the other parties. With `--backlog-sets` the enforcement point holding the Kafka users'
+//! grants subscribes too (poll), so each of their revocations is also signed and queued: a
+//! backlog for delivery as well as for the engine (use fewer messages: a signature costs ≈ 1 ms).
 //!
 //! `--every-message-revokes`: `--messages` (200 000 by default) users, each with a session grant,
 //! and a HIGH risk message for each — every message changes a grant's status (a decision, its
@@ -69,6 +71,7 @@ fn main() -> anyhow::Result<()> {
             Pattern::Steady
         },
         push_probes: arg("--push-probes", 0) as usize,
+        backlog_sets: std::env::args().any(|a| a == "--backlog-sets"),
     };
     let f = rt.block_on(measure(&args))?;
     if args.vigil {

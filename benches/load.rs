@@ -510,6 +510,7 @@ async fn run(servers: tokio::runtime::Handle) -> anyhow::Result<()> {
             vigil: true,
             pattern: vigil::sim::risk::Pattern::Steady,
             push_probes: 0,
+            backlog_sets: false,
         })
         .await?;
         let steady = k.steady.unwrap_or(k.end_to_end);

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::routing::{get, post};
 use axum::Router;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::api::{self, ApiState};
@@ -151,7 +151,7 @@ impl Vigil {
             .map_err(StartError::Audit)?,
         );
         // 3. The engine, and what it decided before a restart that delivery has not taken over.
-        let (decision_tx, decision_rx) = mpsc::channel::<crate::engine::Handed>(4096);
+        let (decision_tx, decision_rx) = crate::engine::lanes(4096);
         let mut engine_settings = engine_settings(&config, clock.clone());
         // Cluster mode: every batch's rows also go to the state topic, for the next owner.
         if let Some((topics, partitions)) = &cluster_topics {

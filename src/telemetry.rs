@@ -212,6 +212,8 @@ catalogue! {
     // Delivery to enforcement points.
     SETS_EMITTED = "vigil_sets_emitted_total", Counter, [],
         "SETs queued for enforcement points' streams";
+    DELIVERY_QUEUED = "vigil_delivery_queued", Gauge, ["lane"],
+        "Decisions waiting for delivery, by lane: interactive, or bulk (a source's backlog; the shards hold the backlogs at engine::BULK_BOUND)";
     EMIT_ERRORS = "vigil_emit_errors_total", Counter, [],
         "Decisions whose SETs could not be signed or queued (they stay pending)";
     SETS_DELIVERED = "vigil_sets_delivered_total", Counter, ["method"],

@@ -635,7 +635,7 @@ async fn a_decision_committed_just_before_a_crash_still_reaches_the_enforcement_
         let audit = Arc::new(
             vigil::audit::AuditLog::open(&config.data_dir.join("audit"), 1 << 20, 2).unwrap(),
         );
-        let (decisions, rx) = tokio::sync::mpsc::channel(16);
+        let (decisions, rx) = vigil::engine::lanes(16);
         drop(rx);
         let policy = vigil::policy::PolicySet::load_dir_or_builtin(&config.policy.dir).unwrap();
         let engine = vigil::engine::Engine::start(

@@ -33,6 +33,10 @@ pub struct KafkaArgs {
     /// SSE. Those hold only the probes' grants (the Kafka users' grants name another
     /// enforcement point, so their revocations are not signed for them).
     pub push_probes: usize,
+    /// With push probes: the enforcement point holding the Kafka users' grants subscribes too
+    /// (poll), so every revocation the backlog makes is signed and queued for it — delivery
+    /// then has a backlog of its own to work through.
+    pub backlog_sets: bool,
 }
 
 /// What the push probes saw while the Kafka backlog was applied (milliseconds, sorted).
@@ -227,6 +231,26 @@ pub async fn measure(args: &KafkaArgs) -> anyhow::Result<KafkaFigures> {
     let eps = match &probes {
         Some(_) => super::subscribe_eps(&format!("http://{}", vigil.local_addr())).await?,
         None => Vec::new(),
+    };
+    // The gateway takes (and verifies) every SET the backlog makes, as fast as it can.
+    let _gateway = if probes.is_some() && args.backlog_sets {
+        let mut gateway = vigil::sim::ep::subscribe(
+            &format!("http://{}", vigil.local_addr()),
+            "token-for-gateway-0123456789",
+            "gateway",
+            vigil::sim::ep::Method::Poll,
+            "127.0.0.1:0".parse()?,
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+        let mut received = std::mem::replace(
+            &mut gateway.received,
+            tokio::sync::mpsc::unbounded_channel().1,
+        );
+        tokio::spawn(async move { while received.recv().await.is_some() {} });
+        Some(gateway)
+    } else {
+        None
     };
     // With enforcement points subscribed, the Kafka users' grants are held by another one.
     let kafka_eps: Vec<&str> = if probes.is_some() {

@@ -354,8 +354,8 @@ impl EngineRun {
             "live.yaml".into(),
             vigil::policy::BUILTIN.into(),
         )])?;
-        let (decisions, mut rx) = tokio::sync::mpsc::channel(4096);
-        tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        let (decisions, rx) = vigil::engine::lanes(4096);
+        tokio::spawn(rx.discard());
         let engine = Arc::new(vigil::engine::Engine::start(
             &db,
             writer,

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
 use super::handed::{Commit, Durable, Handed};
+use super::handover::Lane;
 use super::persist::{self, Changes};
 use super::shard::Shard;
 use super::{EngineError, Msg, Registered};
@@ -38,6 +39,9 @@ pub(super) struct Pending {
     pub(super) revocations: Vec<(String, String)>,
     pub(super) processed: Vec<u64>,
     pub(super) decisions: Vec<Decision>,
+    /// Which of `decisions` a bulk message made (ranges of indices, in order): they go to
+    /// delivery in its bulk lane ([`super::handover`]).
+    pub(super) bulk_decisions: Vec<std::ops::Range<usize>>,
     /// Keys of the contexts this batch's decisions were made on, written with them
     /// ([`Changes::decided_contexts`]).
     pub(super) decided: std::collections::HashSet<String>,
@@ -389,27 +393,33 @@ impl Shard {
         }
     }
 
-    fn send_to_delivery(&self, handed: Vec<(Decision, Arc<Grant>)>, durable: &Durable) {
-        for (decision, grant) in handed {
+    fn send_to_delivery(&self, handed: Vec<(Decision, Arc<Grant>, Lane)>, durable: &Durable) {
+        for (decision, grant, lane) in handed {
             let item = Handed {
                 decision,
                 grant,
                 durable: durable.clone(),
             };
-            if self.shared.decisions.blocking_send(item).is_err() {
+            if self.shared.decisions.blocking_send(item, lane).is_err() {
                 tracing::debug!("no decision consumer");
             }
         }
     }
 
-    /// The batch's decisions delivery acts on, with the grant each is about.
-    fn hand_over(&self, p: &Pending) -> Vec<(Decision, Arc<Grant>)> {
+    /// The batch's decisions delivery acts on, with the grant each is about and its lane.
+    fn hand_over(&self, p: &Pending) -> Vec<(Decision, Arc<Grant>, Lane)> {
         p.decisions
             .iter()
-            .filter(|d| d.reaches_enforcement_points())
-            .filter_map(|d| {
+            .enumerate()
+            .filter(|(_, d)| d.reaches_enforcement_points())
+            .filter_map(|(i, d)| {
                 let grant = p.latest.get(d.grant_id.as_str())?;
-                Some((d.clone(), grant.clone()))
+                let lane = if p.bulk_decisions.iter().any(|r| r.contains(&i)) {
+                    Lane::Bulk
+                } else {
+                    Lane::Interactive
+                };
+                Some((d.clone(), grant.clone(), lane))
             })
             .collect()
     }
@@ -539,7 +549,7 @@ pub(super) struct Committing {
     pub(super) gate: Option<Commit>,
     /// The decisions delivery gets once `announce` has opened the gate (none when the writer
     /// thread holds it: they were handed over at the commit).
-    pub(super) handed: (Vec<(Decision, Arc<Grant>)>, Durable),
+    pub(super) handed: (Vec<(Decision, Arc<Grant>, Lane)>, Durable),
     pub(super) p: Pending,
 }
 

@@ -74,7 +74,7 @@ struct State {
 }
 
 /// Whether `msg` waits in the bulk lane (see the module's documentation).
-fn is_bulk(msg: &Msg) -> bool {
+pub(crate) fn is_bulk(msg: &Msg) -> bool {
     matches!(
         msg,
         Msg::Batch { .. } | Msg::Forget { .. } | Msg::Release { .. } | Msg::Adopt { .. }

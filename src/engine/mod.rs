@@ -21,6 +21,7 @@ mod changelog;
 mod commit;
 mod decide;
 mod handed;
+mod handover;
 mod impact;
 mod inbox;
 mod inputs;
@@ -34,6 +35,7 @@ pub mod shadow;
 pub use access::{Access, AccessLog, AccessRequest, GrantRef};
 pub use changelog::{ChangeRecord, Changelog, Row, Table};
 pub use handed::{Durable, Handed};
+pub use handover::{lanes, HandOver, Handoffs, Lane, LaneReceiver, BULK_BOUND};
 pub use impact::{Changes, Impact, RuleCount, Sample, Samples, Transition};
 pub use persist::{handoff_done_in, handoff_key, pending_handoff};
 pub use quota::GrantCounts;
@@ -49,7 +51,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use serde::Serialize;
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::audit::{AuditLog, DecisionQuery};
 use crate::context::{Decay, PrincipalContext};
@@ -280,7 +282,7 @@ pub(crate) struct Shared {
     pub intake: Intake,
     pub audit: Arc<AuditLog>,
     /// Decisions, with the grant they are about, for delivery.
-    pub decisions: mpsc::Sender<Handed>,
+    pub decisions: HandOver,
     pub settings: EngineSettings,
     /// Cluster mode: which principals this instance owns ([`Engine::fence`]).
     pub owns: std::sync::OnceLock<Released>,
@@ -659,7 +661,7 @@ impl Engine {
         intake: Intake,
         audit: Arc<AuditLog>,
         policy: PolicySet,
-        decisions: mpsc::Sender<Handed>,
+        decisions: HandOver,
         settings: EngineSettings,
     ) -> Result<Engine, EngineError> {
         let mut settings = settings;
@@ -871,9 +873,10 @@ impl Engine {
                 grant,
                 durable: Durable::committed(),
             };
+            // With the partition's backlog: another party's new decisions go first.
             self.shared
                 .decisions
-                .blocking_send(item)
+                .blocking_send(item, Lane::Bulk)
                 .map_err(|_| EngineError::Stopped)?;
         }
         Ok(taken)
@@ -1494,7 +1497,7 @@ mod tests {
     #[allow(clippy::type_complexity)]
     fn engine_with_decisions(
         settings: EngineSettings,
-    ) -> (Engine, mpsc::Receiver<Handed>, Box<dyn std::any::Any>) {
+    ) -> (Engine, Handoffs, Box<dyn std::any::Any>) {
         let dir = tempfile::tempdir().unwrap();
         let (engine, rx, db, threads) = engine_in(dir.path(), settings);
         drop(db);
@@ -1526,7 +1529,7 @@ mod tests {
     fn retention_engine(
         dir: &std::path::Path,
         clock: &crate::clock::Clock,
-    ) -> (Engine, mpsc::Receiver<Handed>, Arc<redb::Database>, Threads) {
+    ) -> (Engine, Handoffs, Arc<redb::Database>, Threads) {
         engine_in(
             dir,
             EngineSettings {
@@ -1569,7 +1572,7 @@ mod tests {
     fn checkpoint_on_demand(
         dir: &std::path::Path,
         clock: &crate::clock::Clock,
-    ) -> (Engine, mpsc::Receiver<Handed>, Arc<redb::Database>, Threads) {
+    ) -> (Engine, Handoffs, Arc<redb::Database>, Threads) {
         engine_in(
             dir,
             EngineSettings {
@@ -1603,7 +1606,7 @@ mod tests {
     fn engine_in(
         dir: &std::path::Path,
         settings: EngineSettings,
-    ) -> (Engine, mpsc::Receiver<Handed>, Arc<redb::Database>, Threads) {
+    ) -> (Engine, Handoffs, Arc<redb::Database>, Threads) {
         let (engine, decisions, db, threads, _writer) = engine_and_writer_in(dir, settings);
         (engine, decisions, db, threads)
     }
@@ -1613,19 +1616,13 @@ mod tests {
     fn engine_and_writer_in(
         dir: &std::path::Path,
         settings: EngineSettings,
-    ) -> (
-        Engine,
-        mpsc::Receiver<Handed>,
-        Arc<redb::Database>,
-        Threads,
-        BatchWriter,
-    ) {
+    ) -> (Engine, Handoffs, Arc<redb::Database>, Threads, BatchWriter) {
         let db = crate::store::open(dir).unwrap();
         let (writer, writer_thread) = BatchWriter::start(db.clone(), "state", 16).unwrap();
         let kept = writer.clone();
         let (intake, intake_thread) = Intake::open_dir(dir, 16).unwrap();
         let audit = Arc::new(AuditLog::open(&dir.join("audit"), 1 << 20, 2).unwrap());
-        let (decisions, rx) = mpsc::channel(1024);
+        let (decisions, rx) = lanes(1024);
         let engine = Engine::start(
             &db,
             writer,
@@ -1729,7 +1726,7 @@ mod tests {
             decision,
             grant,
             durable,
-        } = tokio::time::timeout(Duration::from_secs(5), decisions.recv())
+        } = tokio::time::timeout(Duration::from_secs(5), decisions.bulk.recv())
             .await
             .unwrap()
             .unwrap();
@@ -1750,7 +1747,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (engine, mut decisions, db, held) = engine_in(dir.path(), EngineSettings::default());
         revoke_a_token(&engine).await;
-        let handed = tokio::time::timeout(Duration::from_secs(5), decisions.recv())
+        let handed = tokio::time::timeout(Duration::from_secs(5), decisions.interactive.recv())
             .await
             .unwrap()
             .unwrap();
@@ -2646,7 +2643,8 @@ mod tests {
         engine: Engine,
         db: Arc<redb::Database>,
         writer: BatchWriter,
-        _decisions: mpsc::Receiver<Handed>,
+        /// What delivery would take: nobody reads it unless a test does.
+        decisions: Handoffs,
         _threads: Threads,
     }
 
@@ -2663,7 +2661,7 @@ mod tests {
 
     impl Probed {
         async fn start(dir: &std::path::Path, clock: &crate::clock::Clock) -> Probed {
-            let (engine, _decisions, db, _threads, writer) = engine_and_writer_in(
+            let (engine, decisions, db, _threads, writer) = engine_and_writer_in(
                 dir,
                 EngineSettings {
                     shards: 1,
@@ -2683,7 +2681,7 @@ mod tests {
                 engine,
                 db,
                 writer,
-                _decisions,
+                decisions,
                 _threads,
             }
         }
@@ -2803,6 +2801,125 @@ mod tests {
         clock.advance(Duration::from_secs(1));
         let batches = vec![("first", first), ("second", second), ("backlog", backlog)];
         probed.stored(batches, BACKLOG + 101).await;
+        probed.engine.shutdown().await;
+    }
+
+    /// Session revocations of `user{from}`… as a source's batch (intake sequences from `seq`).
+    fn session_feed(from: u64, n: u64, seq: u64) -> Vec<Signal> {
+        (from..from + n)
+            .map(|i| {
+                example_about(
+                    "caep-session-revoked.json",
+                    serde_json::json!({"format": "email", "email": format!("user{i}@example.com")}),
+                    PROBED_T0,
+                    seq + i,
+                )
+            })
+            .collect()
+    }
+
+    /// Decisions a source's backlog made go to delivery in their own lane (`engine/handover.rs`):
+    /// a pushed revocation decided after 30 of the backlog's is alone in the other lane, and while
+    /// the backlog's lane is at its bound the shard takes no more of the backlog — but still
+    /// applies a pushed signal — until delivery takes what waits.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sources_backlog_goes_to_delivery_in_a_lane_of_its_own() {
+        let clock = crate::clock::Clock::manual(PROBED_T0 * 1000);
+        let dir = tempfile::tempdir().unwrap();
+        let mut probed = Probed::start(dir.path(), &clock).await;
+        for i in 1..=40 {
+            register_json(
+                &probed.engine,
+                probed_session(&format!("s{i}"), &format!("user{i}@example.com")),
+            )
+            .await;
+        }
+        register_json(
+            &probed.engine,
+            probed_session("second", "second@example.com"),
+        )
+        .await;
+        let revoked = |engine: &Engine, id: &str| {
+            engine
+                .grant(id)
+                .is_some_and(|g| g.status == GrantStatus::Revoked)
+        };
+        let _first = probed
+            .engine
+            .submit_batch(session_feed(1, 30, 1000))
+            .unwrap();
+        within_5s("the backlog was not applied", || {
+            (1..=30).all(|i| revoked(&probed.engine, &format!("s{i}")))
+        })
+        .await;
+        probed.revoke_probe(2000).await;
+        let first =
+            tokio::time::timeout(Duration::from_secs(5), probed.decisions.interactive.recv())
+                .await
+                .unwrap()
+                .unwrap();
+        assert_eq!(
+            &*first.decision.grant_id, "probe",
+            "the pushed revocation is alone in the interactive lane"
+        );
+        assert_eq!(probed.decisions.interactive.queued(), 0);
+        let mut backlog = Vec::new();
+        probed.decisions.bulk.fill(&mut backlog, usize::MAX);
+        assert_eq!(
+            backlog.len(),
+            30,
+            "the backlog's revocations are in the bulk lane"
+        );
+
+        // The bulk lane at its bound: the next backlog waits in the shard's inbox.
+        for _ in 0..BULK_BOUND {
+            let filler = Handed {
+                decision: first.decision.clone(),
+                grant: first.grant.clone(),
+                durable: Durable::committed(),
+            };
+            assert!(probed
+                .engine
+                .shared
+                .decisions
+                .blocking_send(filler, Lane::Bulk)
+                .is_ok());
+        }
+        // A shard looks at the lane before it waits for its inbox (every 5 ms here): one waiting
+        // already may take one more batch, which the bound allows for.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let _second = probed
+            .engine
+            .submit_batch(session_feed(31, 10, 1000))
+            .unwrap();
+        probed
+            .engine
+            .apply_signals(vec![example_about(
+                "caep-session-revoked.json",
+                serde_json::json!({"format": "email", "email": "second@example.com"}),
+                PROBED_T0,
+                3000,
+            )])
+            .await
+            .unwrap();
+        within_5s(
+            "a pushed signal was not applied while the lane was full",
+            || revoked(&probed.engine, "second"),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            probed.engine.queued_signals(),
+            10,
+            "the backlog was taken while delivery's lane was full"
+        );
+        assert!(!revoked(&probed.engine, "s31"));
+        let mut taken = Vec::new();
+        probed.decisions.bulk.fill(&mut taken, BULK_BOUND);
+        within_5s("the backlog was not taken once delivery caught up", || {
+            (31..=40).all(|i| revoked(&probed.engine, &format!("s{i}")))
+        })
+        .await;
         probed.engine.shutdown().await;
     }
 }

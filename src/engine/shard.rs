@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::commit::{CheckpointWaiter, Checkpointing, Committing, Draining, Pending, Reply};
 use super::decide::{self, cause_of};
-use super::inbox::{Bulk, Disconnected, Inbox, InboxSender};
+use super::inbox::{is_bulk, Bulk, Disconnected, Inbox, InboxSender};
 use super::inputs::{shared_view, Inputs};
 use super::session_grant;
 use super::{member_index, obo_index, principal_index, EngineError, Msg, Registered, Shared};
@@ -120,7 +120,14 @@ impl Shard {
         loop {
             self.settle_checkpoints(0);
             let lagging = self.checkpoints_lag();
-            let bulk = if lagging { Bulk::Hold } else { Bulk::Take };
+            // Delivery behind on the backlogs' decisions holds the backlogs too, not everything
+            // (`super::handover`).
+            let delivery_behind = self.shared.decisions.bulk_full();
+            let bulk = if lagging || delivery_behind {
+                Bulk::Hold
+            } else {
+                Bulk::Take
+            };
             // Counted in signals, not messages: a source's batch is one message of many signals,
             // and a commit of a whole backlog's worth is that much memory at once.
             let batch = match inbox.take(max_batch, bulk) {
@@ -145,9 +152,10 @@ impl Shard {
                     let wait = if self.draining.is_some() {
                         // Nothing is waiting for the shard: the checkpoint's next part now.
                         Duration::ZERO
-                    } else if self.checkpointing.is_empty() {
+                    } else if self.checkpointing.is_empty() && !delivery_behind {
                         wait
                     } else {
+                        // Nothing wakes the shard when the store or delivery catches up.
                         wait.min(CHECKPOINT_POLL)
                     };
                     match inbox.take_within(max_batch, bulk, wait) {
@@ -163,6 +171,11 @@ impl Shard {
                 for msg in batch {
                     match msg {
                         Msg::Stop => stop = true,
+                        other if is_bulk(&other) => {
+                            let first = p.decisions.len();
+                            self.handle(other, &mut p);
+                            p.bulk_decisions.push(first..p.decisions.len());
+                        }
                         other => self.handle(other, &mut p),
                     }
                 }

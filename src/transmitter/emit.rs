@@ -18,12 +18,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Map, Value};
-use tokio::sync::mpsc;
 
 use super::streams::{Outgoing, Stream, StreamStore};
 use super::Identity;
 use crate::decision::{Decision, DecisionEffect};
-use crate::engine::{ChangeRecord, Changelog, Durable, Handed, Row, Table};
+use crate::engine::{ChangeRecord, Changelog, Durable, Handed, Handoffs, LaneReceiver, Row, Table};
 use crate::events::{
     AssuranceLevelChange, AssuranceNamespace, CaepCommon, ChangeDirection, EventKind,
     InitiatingEntity, LangMap, SessionRevoked, StreamUpdated, TokenClaimsChange, Verification,
@@ -210,15 +209,18 @@ pub fn stream_updated(identity: &Identity, stream: &Stream) -> Result<Outgoing, 
 /// Most decisions signed and queued by one store write.
 const EMIT_BATCH: usize = 256;
 
-/// Batches whose outbox commit may be in flight at once. Queueing waited for each commit before
-/// the next batch: delivery then took at most one batch per commit of the state store's one
-/// writer — behind the shards' own commits — and when every signal revoked a grant, the shards
-/// blocked on the full decision channel most of the time they waited at all. The writer commits
-/// in queue order, so SETs keep their order however many are in flight.
+/// Batches of one lane whose outbox commit may be in flight at once. Queueing waited for each
+/// commit before the next batch: delivery then took at most one batch per commit of the state
+/// store's one writer — behind the shards' own commits — and when every signal revoked a grant,
+/// the shards blocked on the full decision channel most of the time they waited at all. The
+/// writer commits in queue order, so a lane's SETs keep their order however many are in flight.
 const EMIT_IN_FLIGHT: usize = 4;
 
 /// Consumes decisions (with the grant each is about) and queues their SETs on every stream that should
-/// get them; `pending` (decisions committed before a restart but not yet taken over) go first.
+/// get them; `pending` (decisions committed before a restart but not yet taken over) go first, then
+/// the engine's two lanes, each taken by a loop of its own (`engine/handover.rs`): a batch waits
+/// for its decisions' commit, and one of a source's backlog waits behind that backlog's other
+/// commits in the state store's writer, which another party's revocation must not wait for.
 /// Decisions waiting together are emitted together: their SETs are signed in parallel — while the
 /// engine's commit of them is still being written — and, once the commit is durable, queued with
 /// their "taken over" marks by one write, which hands them to the streams' deliverers at once (the
@@ -226,7 +228,7 @@ const EMIT_IN_FLIGHT: usize = 4;
 /// batches' writes commit while the next are queued. Ends when the engine, the sender, is gone —
 /// after draining what it sent and every commit in flight.
 pub async fn run(
-    mut rx: mpsc::Receiver<Handed>,
+    rx: Handoffs,
     identity: Arc<Identity>,
     streams: Arc<StreamStore>,
     pending: Vec<(Decision, Arc<Grant>)>,
@@ -247,17 +249,32 @@ pub async fn run(
     for batch in crate::parts::in_parts(pending, EMIT_BATCH) {
         emit_batch(&identity, &streams, &changelog, &in_flight, batch).await;
     }
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < EMIT_BATCH {
-            match rx.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
-        emit_batch(&identity, &streams, &changelog, &in_flight, batch).await;
-    }
+    let Handoffs { interactive, bulk } = rx;
+    tokio::join!(
+        emit_lane(interactive, "interactive", &identity, &streams, &changelog),
+        emit_lane(bulk, "bulk", &identity, &streams, &changelog),
+    );
     // Every commit in flight has ended once all the permits are back.
+    let _ = in_flight.acquire_many(EMIT_IN_FLIGHT as u32).await;
+}
+
+/// Emits one lane's decisions, a batch at a time, until the engine is gone and the lane is empty;
+/// returns once its commits in flight have ended.
+async fn emit_lane(
+    mut lane: LaneReceiver,
+    name: &'static str,
+    identity: &Arc<Identity>,
+    streams: &Arc<StreamStore>,
+    changelog: &Option<Arc<dyn Changelog>>,
+) {
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(EMIT_IN_FLIGHT));
+    while let Some(first) = lane.recv().await {
+        let mut batch = vec![first];
+        lane.fill(&mut batch, EMIT_BATCH);
+        metrics::gauge!(crate::telemetry::DELIVERY_QUEUED, "lane" => name)
+            .set(lane.queued() as f64);
+        emit_batch(identity, streams, changelog, &in_flight, batch).await;
+    }
     let _ = in_flight.acquire_many(EMIT_IN_FLIGHT as u32).await;
 }
 
@@ -575,18 +592,20 @@ mod tests {
         };
         let (before, live) = (5, 3 * super::EMIT_BATCH + 10);
         let pending = (0..before).map(|i| (made(i), grant.clone())).collect();
-        // A small channel: batches of a few decisions each, many of them in flight.
-        let (tx, rx) = tokio::sync::mpsc::channel(8);
-        let sender = tokio::spawn({
+        // A small lane: batches of a few decisions each, many of them in flight.
+        let (tx, rx) = crate::engine::lanes(8);
+        let sender = tokio::task::spawn_blocking({
             let grant = grant.clone();
-            async move {
+            move || {
                 for i in before..before + live {
                     let handed = Handed {
                         decision: made(i),
                         grant: grant.clone(),
                         durable: Durable::committed(),
                     };
-                    tx.send(handed).await.unwrap();
+                    assert!(tx
+                        .blocking_send(handed, crate::engine::Lane::Interactive)
+                        .is_ok());
                 }
             }
         });
@@ -621,7 +640,7 @@ mod tests {
         let pending = (0..more)
             .map(|i| (made(100_000 + i), grant.clone()))
             .collect();
-        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let (tx, rx) = crate::engine::lanes(8);
         drop(tx);
         let running = tokio::spawn(super::run(
             rx,
