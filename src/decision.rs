@@ -190,6 +190,35 @@ pub fn digest_hex(parts: &[&str], bytes: usize) -> String {
         .collect()
 }
 
+/// Decisions for other modules' tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::{Cause, Decision, DecisionEffect};
+    use crate::grant::GrantStatus;
+
+    /// A decision of `effect` about grant `g` of `u@example.com`, made at `time`, with id `d`.
+    pub(crate) fn decision(effect: DecisionEffect, time: f64) -> Decision {
+        Decision {
+            id: "d".into(),
+            time,
+            grant_id: "g".into(),
+            subject: "email:u@example.com".into(),
+            effect,
+            previous_status: GrantStatus::Active,
+            status: GrantStatus::Active,
+            rules: vec!["r".into()],
+            reason: "why".into(),
+            errors: vec![],
+            shadow: false,
+            policy_version: "v".into(),
+            context_version: 1,
+            cause: Cause::of_state("registration"),
+            enforcement_points: vec![],
+            hops: Vec::new(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

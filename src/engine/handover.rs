@@ -174,9 +174,9 @@ impl LaneReceiver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decision::{Cause, Decision, DecisionEffect};
+    use crate::decision::DecisionEffect;
     use crate::engine::Durable;
-    use crate::grant::{GrantRequest, GrantStatus};
+    use crate::grant::GrantRequest;
 
     /// A revocation whose id is `id`.
     fn handed(id: &str) -> Handed {
@@ -187,25 +187,10 @@ mod tests {
         .unwrap()
         .into_grant("email:u@example.com".into(), 10.0)
         .unwrap();
+        let mut decision = crate::decision::testing::decision(DecisionEffect::Revoke, 20.0);
+        decision.id = id.into();
         Handed {
-            decision: Decision {
-                id: id.into(),
-                time: 20.0,
-                grant_id: "g".into(),
-                subject: "email:u@example.com".into(),
-                effect: DecisionEffect::Revoke,
-                previous_status: GrantStatus::Active,
-                status: GrantStatus::Revoked,
-                rules: vec!["r".into()],
-                reason: "why".into(),
-                errors: vec![],
-                shadow: false,
-                policy_version: "v".into(),
-                context_version: 1,
-                cause: Cause::of_state("registration"),
-                enforcement_points: vec![],
-                hops: Vec::new(),
-            },
+            decision,
             grant: Arc::new(grant),
             durable: Durable::committed(),
         }

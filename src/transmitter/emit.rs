@@ -498,6 +498,7 @@ fn sign_batch(
 #[cfg(test)]
 mod tests {
     use super::decision_jti;
+    use crate::decision::testing::decision;
 
     #[test]
     fn a_decision_keeps_its_jti_per_stream_and_streams_differ() {
@@ -681,30 +682,6 @@ mod tests {
             .open_table(TableDefinition::<&str, &[u8]>::new("tx_outbox"))
             .unwrap();
         assert_eq!(outbox.len().unwrap(), all as u64);
-    }
-
-    /// A decision of `effect` about grant `g` of `u@example.com`, made at `time`.
-    fn decision(effect: crate::decision::DecisionEffect, time: f64) -> crate::decision::Decision {
-        use crate::decision::{Cause, Decision};
-        use crate::grant::GrantStatus;
-        Decision {
-            id: "d".into(),
-            time,
-            grant_id: "g".into(),
-            subject: "email:u@example.com".into(),
-            effect,
-            previous_status: GrantStatus::Active,
-            status: GrantStatus::Active,
-            rules: vec!["r".into()],
-            reason: "why".into(),
-            errors: vec![],
-            shadow: false,
-            policy_version: "v".into(),
-            context_version: 1,
-            cause: Cause::of_state("registration"),
-            enforcement_points: vec![],
-            hops: Vec::new(),
-        }
     }
 
     /// Every event a decision maps to is one Vigil's own parser accepts as that event, with the
