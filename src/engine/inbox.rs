@@ -21,9 +21,10 @@
 //! in one lane. `Stop` is taken only once the bulk lane is empty, so a shard still finishes
 //! everything queued before it.
 //!
-//! A shard whose checkpoints lag behind the store holds the bulk lane ([`Bulk::Hold`]) and takes
-//! only interactive messages: the backlog waits (its source is paused by its own queue bound),
-//! while another party's signal is still applied at once.
+//! A shard whose checkpoints lag behind the store, or whose backlog's decisions wait in delivery's
+//! bulk lane at its bound (`handover.rs`), holds the bulk lane ([`Bulk::Hold`]) and takes only
+//! interactive messages: the backlog waits (its source is paused by its own queue bound), while
+//! another party's signal is still applied at once.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
