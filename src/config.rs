@@ -740,10 +740,9 @@ pub struct EngineConfig {
     #[serde(default)]
     pub max_grants_per_registrant: Option<usize>,
     /// Signals (and API requests) a shard handles per commit: a Kafka batch reaches a shard in
-    /// parts of at most this many signals. Smaller commits are shorter waits for another party's
-    /// revocation behind a backlog that revokes, at some of the backlog's rate: 64 instead of
-    /// 256 took a pushed revocation's p50 from 105 to 31 ms and the backlog from 12.5 k to 10.2 k
-    /// signals/s (benches/RESULTS.md).
+    /// parts of a quarter of this, and while other parties are active (a signal pushed, a grant
+    /// registered within the last second) a shard takes a backlog only a quarter batch at a
+    /// time: smaller commits, shorter waits for their revocations in the state store's writer.
     #[serde(default = "default_batch")]
     pub max_batch: usize,
     /// How often expired grants are swept.

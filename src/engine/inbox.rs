@@ -24,7 +24,8 @@
 //! A shard whose checkpoints lag behind the store, or whose backlog's decisions wait in delivery's
 //! bulk lane at its bound (`handover.rs`), holds the bulk lane ([`Bulk::Hold`]) and takes only
 //! interactive messages: the backlog waits (its source is paused by its own queue bound), while
-//! another party's signal is still applied at once.
+//! another party's signal is still applied at once. While other parties are active, a shard takes
+//! the bulk lane only a quarter batch at a time ([`Bulk::Share`], `shard.rs`).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -86,6 +87,8 @@ pub(crate) fn is_bulk(msg: &Msg) -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Bulk {
     Take,
+    /// At most this weight of the bulk lane (the last message taken may pass it).
+    Share(usize),
     /// Only the interactive lane: the bulk lane's messages wait.
     Hold,
 }
@@ -102,10 +105,21 @@ impl InboxSender {
         if state.receiver_gone {
             return Err(msg);
         }
-        if is_bulk(&msg) {
-            state.bulk.push_back(msg);
-        } else {
-            state.interactive.push_back(msg);
+        state.push(msg);
+        drop(state);
+        self.lanes.ready.notify_one();
+        Ok(())
+    }
+
+    /// Queues every message of `msgs` in its lane at once: a shard takes none of them before
+    /// all are queued. Gives them back if the shard is gone.
+    pub(crate) fn send_all(&self, msgs: Vec<Msg>) -> Result<(), Vec<Msg>> {
+        let mut state = self.lanes.lock();
+        if state.receiver_gone {
+            return Err(msgs);
+        }
+        for msg in msgs {
+            state.push(msg);
         }
         drop(state);
         self.lanes.ready.notify_one();
@@ -201,23 +215,39 @@ impl Drop for Inbox {
 }
 
 impl State {
+    /// Queues `msg` at the end of its lane.
+    fn push(&mut self, msg: Msg) {
+        if is_bulk(&msg) {
+            self.bulk.push_back(msg);
+        } else {
+            self.interactive.push_back(msg);
+        }
+    }
+
     /// No sender is left and nothing is queued (a held bulk lane still counts as queued).
     fn closed(&self) -> bool {
         self.senders == 0 && self.interactive.is_empty() && self.bulk.is_empty()
     }
 
-    /// Interactive up to half of `max_weight`, then bulk up to `max_weight` (unless held), then
-    /// interactive again; `Stop` only once the bulk lane is empty.
+    /// Interactive up to half of `max_weight`, then bulk up to `max_weight` (unless held, or
+    /// less for a share), then interactive again; `Stop` only once the bulk lane is empty.
     fn take(&mut self, max_weight: usize, bulk: Bulk) -> Vec<Msg> {
         let max_weight = max_weight.max(1);
         let mut taken = Vec::new();
         let mut weight = 0;
         self.take_interactive(max_weight.div_ceil(2), &mut weight, &mut taken);
-        while bulk == Bulk::Take && weight < max_weight {
+        let share = match bulk {
+            Bulk::Take => max_weight,
+            Bulk::Share(share) => share.max(1),
+            Bulk::Hold => 0,
+        };
+        let mut bulk_weight = 0;
+        while bulk_weight < share && weight < max_weight {
             let Some(msg) = self.bulk.pop_front() else {
                 break;
             };
             weight += msg.weight();
+            bulk_weight += msg.weight();
             taken.push(msg);
         }
         self.take_interactive(max_weight, &mut weight, &mut taken);
@@ -348,6 +378,25 @@ mod tests {
             ["b0", "b1", "b2", "stop"]
         );
         assert!(matches!(inbox.take(8, Bulk::Hold), Err(Disconnected)));
+    }
+
+    /// A share takes that much of the bulk lane's weight — the message that reaches it whole —
+    /// and leaves the rest of the batch to the interactive lane.
+    #[test]
+    fn a_share_takes_part_of_the_bulk_lane() {
+        let (to, inbox) = inbox();
+        for n in 0..4 {
+            to.send(forget(n)).map_err(|_| "sent").unwrap();
+        }
+        for n in 0..3 {
+            to.send(reevaluate(n)).map_err(|_| "sent").unwrap();
+        }
+        assert_eq!(
+            names(&inbox.take(8, Bulk::Share(2)).unwrap()),
+            ["i0", "i1", "i2", "b0", "b1"]
+        );
+        assert_eq!(names(&inbox.take(8, Bulk::Share(1)).unwrap()), ["b2"]);
+        assert_eq!(names(&inbox.take(8, Bulk::Share(5)).unwrap()), ["b3"]);
     }
 
     /// A wait ends with the first message sent, or empty at its timeout; the inbox reports

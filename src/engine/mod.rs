@@ -290,6 +290,8 @@ pub(crate) struct Shared {
     /// source bounds its backlog in memory by it ([`Engine::queued_signals`]). Single signals
     /// are bounded by the in-flight permits instead.
     pub queued_signals: std::sync::atomic::AtomicUsize,
+    /// When a shard last took another party's live work ([`shard::LiveWork`]).
+    pub live_work: shard::LiveWork,
 }
 
 impl Shared {
@@ -684,6 +686,7 @@ impl Engine {
             settings: settings.clone(),
             owns: std::sync::OnceLock::new(),
             queued_signals: std::sync::atomic::AtomicUsize::new(0),
+            live_work: shard::LiveWork::default(),
         });
         for ctx in loaded.contexts {
             shared.contexts.insert(ctx.key.clone(), Arc::new(ctx));
@@ -1002,21 +1005,32 @@ impl Engine {
             per_shard[self.shared.shard_of(&routed.key)].push(routed);
         }
         let mut waits = Vec::new();
-        let part = self.shared.settings.max_batch.max(1);
+        // Parts of a quarter batch: while other parties are active a shard takes a backlog that
+        // much at a time (`shard::BACKLOG_SHARE`), and otherwise four parts a batch.
+        let part = self
+            .shared
+            .settings
+            .max_batch
+            .div_ceil(shard::BACKLOG_SHARE)
+            .max(1);
         for (shard, items) in per_shard.into_iter().enumerate() {
+            let n = items.len();
+            let mut parts = Vec::new();
             for items in crate::parts::in_parts(items, part) {
                 let (done, rx) = oneshot::channel();
-                let n = items.len();
+                parts.push(Msg::Batch { items, done });
+                waits.push(rx);
+            }
+            self.shared
+                .queued_signals
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            // All at once: a shard taking whole batches takes a source's batch whole, not its
+            // first part alone.
+            if self.inboxes[shard].send_all(parts).is_err() {
                 self.shared
                     .queued_signals
-                    .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-                if let Err(e) = self.send(shard, Msg::Batch { items, done }) {
-                    self.shared
-                        .queued_signals
-                        .fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
-                    return Err(e);
-                }
-                waits.push(rx);
+                    .fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+                return Err(EngineError::Stopped);
             }
         }
         Ok(BatchDone {
