@@ -149,33 +149,48 @@ impl AuditLog {
         &self.dir
     }
 
-    /// Appends decisions and syncs them to disk.
+    /// Appends decisions and syncs them to disk. A file is rotated between two records whenever
+    /// the next would take it past `max_bytes`, within a batch too: written whole, a batch larger
+    /// than a file (a flood of access requests queued while the writer was busy) made one file
+    /// as large as the batch, and the log's bound was the flood's size.
     pub fn append(&self, decisions: &[Decision]) -> std::io::Result<()> {
         if decisions.is_empty() {
             return Ok(());
         }
-        let mut buf = Vec::new();
+        let mut records = Vec::with_capacity(decisions.len());
         for d in decisions {
             if self.before_start.contains(&d.id) {
                 // Made again by a replay after a crash: already in the log.
                 metrics::counter!(crate::telemetry::AUDIT_REPEATS_SKIPPED).increment(1);
                 continue;
             }
-            serde_json::to_writer(&mut buf, d)?;
-            buf.push(b'\n');
+            let mut record = serde_json::to_vec(d)?;
+            record.push(b'\n');
+            records.push(record);
         }
-        if buf.is_empty() {
+        if records.is_empty() {
             return Ok(());
         }
         let mut cur = self
             .current
             .lock()
             .map_err(|_| std::io::Error::other("audit log lock poisoned"))?;
-        if cur.size > 0 && cur.size + buf.len() as u64 > self.max_bytes {
-            let index = cur.index + 1;
-            let (file, size) = open_append(&self.dir, index)?;
-            *cur = Current { file, index, size };
-            self.prune()?;
+        let mut buf = Vec::new();
+        for record in records {
+            let size = cur.size + buf.len() as u64;
+            if size > 0 && size + record.len() as u64 > self.max_bytes {
+                if !buf.is_empty() {
+                    cur.file.write_all(&buf)?;
+                    cur.file.sync_data()?;
+                    cur.size += buf.len() as u64;
+                    buf.clear();
+                }
+                let index = cur.index + 1;
+                let (file, size) = open_append(&self.dir, index)?;
+                *cur = Current { file, index, size };
+                self.prune()?;
+            }
+            buf.extend_from_slice(&record);
         }
         cur.file.write_all(&buf)?;
         cur.file.sync_data()?;
@@ -543,6 +558,27 @@ mod tests {
             enforcement_points: vec![],
             hops: Vec::new(),
         }
+    }
+
+    /// One batch larger than a file is spread over files at most `max_bytes` each, and only the
+    /// newest `keep` stay: the bound holds however many records one append brings.
+    #[test]
+    fn a_batch_larger_than_a_file_is_rotated_between_its_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), 1024, 2).unwrap();
+        let batch: Vec<Decision> = (0..100)
+            .map(|i| decision(&format!("g{i}"), "flood", i as f64))
+            .collect();
+        log.append(&batch).unwrap();
+        let files = list_files(dir.path()).unwrap();
+        assert_eq!(files.len(), 2, "older files pruned");
+        for (_, path) in &files {
+            let size = std::fs::metadata(path).unwrap().len();
+            assert!(size <= 1024, "{path:?} holds {size} bytes");
+        }
+        let kept = log.query(&DecisionQuery::default()).unwrap();
+        assert!(kept.len() < 20, "{} of 100 kept", kept.len());
+        assert_eq!(kept.last().unwrap().grant_id, "g99", "the newest are kept");
     }
 
     #[test]
