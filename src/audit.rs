@@ -157,44 +157,48 @@ impl AuditLog {
         if decisions.is_empty() {
             return Ok(());
         }
-        let mut records = Vec::with_capacity(decisions.len());
+        // The records one after another, and where each ends.
+        let mut buf = Vec::new();
+        let mut ends = Vec::with_capacity(decisions.len());
         for d in decisions {
             if self.before_start.contains(&d.id) {
                 // Made again by a replay after a crash: already in the log.
                 metrics::counter!(crate::telemetry::AUDIT_REPEATS_SKIPPED).increment(1);
                 continue;
             }
-            let mut record = serde_json::to_vec(d)?;
-            record.push(b'\n');
-            records.push(record);
+            serde_json::to_writer(&mut buf, d)?;
+            buf.push(b'\n');
+            ends.push(buf.len());
         }
-        if records.is_empty() {
+        if buf.is_empty() {
             return Ok(());
         }
         let mut cur = self
             .current
             .lock()
             .map_err(|_| std::io::Error::other("audit log lock poisoned"))?;
-        let mut buf = Vec::new();
-        for record in records {
-            let size = cur.size + buf.len() as u64;
-            if size > 0 && size + record.len() as u64 > self.max_bytes {
-                if !buf.is_empty() {
-                    cur.file.write_all(&buf)?;
+        // `buf[written..end]` goes to the current file; it is written out when the next record
+        // would take the file past `max_bytes`, and a new file is opened.
+        let (mut written, mut end) = (0, 0);
+        for next in ends {
+            let size = cur.size + (end - written) as u64;
+            if size > 0 && size + (next - end) as u64 > self.max_bytes {
+                if end > written {
+                    cur.file.write_all(&buf[written..end])?;
                     cur.file.sync_data()?;
-                    cur.size += buf.len() as u64;
-                    buf.clear();
+                    cur.size += (end - written) as u64;
+                    written = end;
                 }
                 let index = cur.index + 1;
                 let (file, size) = open_append(&self.dir, index)?;
                 *cur = Current { file, index, size };
                 self.prune()?;
             }
-            buf.extend_from_slice(&record);
+            end = next;
         }
-        cur.file.write_all(&buf)?;
+        cur.file.write_all(&buf[written..end])?;
         cur.file.sync_data()?;
-        cur.size += buf.len() as u64;
+        cur.size += (end - written) as u64;
         drop(cur);
         if self.max_age.is_some() {
             let due = {

@@ -74,9 +74,9 @@ const CHECKPOINT_POLL: Duration = Duration::from_millis(2);
 /// A source's backlog gets a quarter of a shard's batch while other parties are active. Every
 /// shard's commits go through the state store's one writer, and another party's revocation waits
 /// there for the commit being written and the next: with whole batches of a backlog that revokes
-/// a grant per signal, 105 ms at the median at the enforcement points; with a quarter, 31 ms, for
-/// a fifth of the backlog's rate (benches/RESULTS.md). With nobody else active the backlog takes
-/// whole batches.
+/// a grant per signal, 94–100 ms at the median at the enforcement points; with a quarter while
+/// others are active, 29 ms, for 3–9 % of the backlog's rate (benches/RESULTS.md). With nobody
+/// else active the backlog takes whole batches.
 pub(crate) const BACKLOG_SHARE: usize = 4;
 
 /// How long after another party's last live work the backlog keeps to its share.
