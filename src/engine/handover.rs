@@ -18,10 +18,11 @@
 //! Delivery takes each lane in a loop of its own: a decision in the interactive lane waits for
 //! that lane's batches, not for the commits the backlog's batches wait on (the same backlog's
 //! decisions, 256 at a time, each batch waiting for its commit behind the others in the state
-//! store's writer). Across lanes the order of decisions is not kept, and needs not be: every decision that reaches an enforcement point
-//! tightens the grant (a revocation, a step-up, a restriction; an `allow` sends nothing), so an
-//! enforcement point that gets two of them in either order holds the grant as tightly. A SET is
-//! never the only thing that keeps a grant revoked: the live check answers from the grant's state.
+//! store's writer). Across lanes the order of decisions is not kept, and needs not be: every
+//! decision that reaches an enforcement point tightens the grant (a revocation, a step-up, a
+//! restriction; an `allow` sends nothing), so an enforcement point that gets two of them in either
+//! order holds the grant as tightly. A SET is never the only thing that keeps a grant revoked:
+//! the live check answers from the grant's state.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
