@@ -416,9 +416,9 @@ impl GrantRequest {
     ///
     /// Times must be seconds in `[0, MAX_GRANT_TIME)`.
     pub fn into_grant(self, principal: String, now: f64) -> Result<Grant, GrantError> {
-        if self.id.is_empty() || self.id.len() > 512 {
+        if self.id.is_empty() || self.id.len() > 512 || crate::subject::has_control(&self.id) {
             return Err(GrantError::Invalid(
-                "`id` must be 1 to 512 characters".into(),
+                "`id` must be 1 to 512 characters, none a control character".into(),
             ));
         }
         // Seconds since the epoch. A value of 1e11 or more (the year 5138) is almost surely
@@ -711,6 +711,9 @@ mod tests {
             json!({"id": "x", "kind": "session", "subject": {"format":"opaque","id":"u"}, "issued_at": 1_700_000_000_000u64, "expires_at": 1_800_000_000_000u64}),
             json!({"id": "x", "kind": "session", "subject": {"format":"opaque","id":"u"}, "issued_at": 1_700_000_000, "expires_at": 1_800_000_000_000u64}),
             json!({"id": "x", "kind": "session", "subject": {"format":"opaque","id":"u"}, "issued_at": -5, "expires_at": 2}),
+            // A control character in the id, or in a member's (a session named as a plain string).
+            json!({"id": "x\u{0}y", "kind": "session", "subject": {"format":"opaque","id":"u"}, "issued_at": 1, "expires_at": 2}),
+            json!({"id": "x", "kind": "session", "subject": {"format":"opaque","id":"u"}, "session": "s\u{0}", "issued_at": 1, "expires_at": 2}),
         ];
         for v in bad {
             let r = request(v.clone());

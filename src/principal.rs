@@ -80,7 +80,9 @@ pub fn principal_keys(id: &SubjectId) -> Vec<String> {
 /// plain string (taken as an `opaque` id, which is how IdPs name sessions in the CAEP examples).
 pub fn member_key(value: &Value) -> Option<String> {
     match value {
-        Value::String(s) if !s.is_empty() => Some(format!("opaque:{s}")),
+        Value::String(s) if !s.is_empty() && !crate::subject::has_control(s) => {
+            Some(format!("opaque:{s}"))
+        }
         Value::Object(_) => SubjectId::from_json(value, true)
             .ok()
             .as_ref()
@@ -286,5 +288,6 @@ mod tests {
             Some("opaque:s1".into())
         );
         assert_eq!(member_key(&json!(5)), None);
+        assert_eq!(member_key(&json!("s\u{0}1")), None, "a control character");
     }
 }

@@ -54,6 +54,11 @@ pub enum SubjectError {
     NestedAliases,
     #[error("`aliases` needs a non-empty array `identifiers`")]
     EmptyAliases,
+    #[error("subject format `{format}`: member `{member}` contains a control character")]
+    ControlCharacter {
+        format: &'static str,
+        member: &'static str,
+    },
 }
 
 /// One subject identifier. Simple formats carry their members; `Complex` carries named members;
@@ -362,6 +367,12 @@ fn parse(value: &Value, legacy: bool, depth: Depth) -> Result<SubjectId, Subject
             let mut ip_addresses = Vec::with_capacity(list.len());
             for v in list {
                 match v.as_str() {
+                    Some(s) if has_control(s) => {
+                        return Err(SubjectError::ControlCharacter {
+                            format: "ip-addresses",
+                            member: "ip-addresses",
+                        })
+                    }
                     Some(s) if !s.is_empty() => ip_addresses.push(s.to_owned()),
                     _ => {
                         return Err(SubjectError::WrongType {
@@ -419,6 +430,12 @@ fn parse(value: &Value, legacy: bool, depth: Depth) -> Result<SubjectId, Subject
             }
             SubjectId::Complex { members }
         }
+        other if has_control(other) => {
+            return Err(SubjectError::ControlCharacter {
+                format: "(proprietary)",
+                member: "format",
+            })
+        }
         other => {
             let mut members = obj.clone();
             members.remove("format");
@@ -440,12 +457,23 @@ fn looks_like_legacy_complex(obj: &Map<String, Value>) -> bool {
             .all(|(k, v)| v.is_object() && DEFINED_MEMBERS.contains(&k.as_str()))
 }
 
+/// Whether `s` holds a control character (NUL, newline, escape, …). No identifier format has one,
+/// and the store keys a principal's rows by its identifier with `\0` as the separator
+/// (`context \0 session filter`): an identifier holding one could name another principal's row
+/// there. Logs and the console show identifiers too, where control characters forge lines.
+pub fn has_control(s: &str) -> bool {
+    s.chars().any(char::is_control)
+}
+
 fn req_str(
     obj: &Map<String, Value>,
     format: &'static str,
     member: &'static str,
 ) -> Result<String, SubjectError> {
     match obj.get(member) {
+        Some(Value::String(s)) if has_control(s) => {
+            Err(SubjectError::ControlCharacter { format, member })
+        }
         Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
         Some(Value::String(_)) | None => Err(SubjectError::MissingMember { format, member }),
         Some(_) => Err(SubjectError::WrongType { format, member }),
@@ -457,6 +485,45 @@ mod tests {
     use super::*;
     use crate::test_support::spec_example;
     use serde_json::json;
+
+    /// No identifier holds a control character: the store joins keys with `\0`, and logs and
+    /// the console print identifiers. Each member that becomes part of a key is checked.
+    #[test]
+    fn identifiers_holding_a_control_character_are_refused() {
+        for (v, member) in [
+            (
+                json!({"format": "email", "email": "a\u{0}b@example.com"}),
+                "email",
+            ),
+            (json!({"format": "opaque", "id": "s\n1"}), "id"),
+            (
+                json!({"format": "iss_sub", "iss": "https://i.example", "sub": "x\u{1b}[2J"}),
+                "sub",
+            ),
+            (
+                json!({"format": "ip-addresses", "ip-addresses": ["10.0.0.1\u{0}"]}),
+                "ip-addresses",
+            ),
+            (
+                json!({"format": "complex", "user": {"format": "opaque", "id": "u\u{7f}"}}),
+                "id",
+            ),
+            (json!({"format": "x-vendor\u{0}", "id": "1"}), "format"),
+        ] {
+            let err = SubjectId::from_json(&v, false).expect_err(&v.to_string());
+            assert!(
+                err.to_string()
+                    .contains(&format!("`{member}` contains a control character")),
+                "{v}: {err}"
+            );
+        }
+        // Characters beyond ASCII are not control characters.
+        assert!(SubjectId::from_json(
+            &json!({"format": "email", "email": "zoë@example.com"}),
+            false
+        )
+        .is_ok());
+    }
 
     fn id(v: Value) -> SubjectId {
         match SubjectId::from_json(&v, false) {

@@ -325,6 +325,12 @@ async fn each_rejection_answers_its_exact_code_and_records_nothing() {
             "no subject",
         ),
         (
+            // A NUL in an identifier would name another principal's rows in the store.
+            Box::new(|s| s["sub_id"] = json!({"format": "email", "email": "a\u{0}b@example.com"})),
+            "invalid_request",
+            "a control character in the subject",
+        ),
+        (
             Box::new(|s| {
                 s["events"]
                     ["https://schemas.openid.net/secevent/risc/event-type/account-disabled"] =
