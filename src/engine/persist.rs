@@ -1,6 +1,14 @@
 //! The engine's tables in the embedded store: contexts, grants and the alias index, each a JSON value
 //! under its key. Written by the shards inside their batch transactions; read once at start-up.
 //!
+//! A principal's context and grants are rows of one table, side by side under its key
+//! (`engine_principal_rows`, [`context_key`] and [`grant_key`]). A revocation writes its grant
+//! and the context it was decided on, and side by side they share a B-tree leaf: one page
+//! written instead of two at random places of two tables. The state store is bound by the bytes
+//! it writes when every Kafka message revokes a grant (benches/RESULTS.md), and each random row
+//! costs a 4 KiB leaf and its branch pages; a principal's grants revoked together share leaves
+//! too.
+//!
 //! A context's session revocations (up to 128, one per revoked session filter) are rows of their
 //! own (`engine_session_revocations`, `context key \0 filter key` → the stamped filter), not part
 //! of the context's JSON: a principal whose sessions are revoked one by one would otherwise rewrite
@@ -22,14 +30,56 @@ use crate::grant::{Grant, GrantId};
 use crate::parts::in_parts;
 use crate::store::WriteError;
 
-const CONTEXTS: TableDefinition<&str, &[u8]> = TableDefinition::new("engine_contexts");
-const GRANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("engine_grants");
+/// Every principal's context (under [`context_key`]) and grants (under [`grant_key`]).
+const PRINCIPAL_ROWS: TableDefinition<&str, &[u8]> = TableDefinition::new("engine_principal_rows");
+/// Contexts by key and grants by id, as releases before `engine_principal_rows` stored them:
+/// moved there at the first start ([`move_legacy_rows`]).
+const LEGACY_CONTEXTS: TableDefinition<&str, &[u8]> = TableDefinition::new("engine_contexts");
+const LEGACY_GRANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("engine_grants");
 const ALIASES: TableDefinition<&str, &str> = TableDefinition::new("engine_aliases");
 /// One session revocation of a context: `context key \0 filter key` → stamped filter JSON.
 const SESSION_REVOCATIONS: TableDefinition<&str, &[u8]> =
     TableDefinition::new("engine_session_revocations");
 /// Decisions committed but not yet taken over by delivery ([`handoff_key`] → `{decision, grant}`).
 const HANDOFF: TableDefinition<&str, &[u8]> = TableDefinition::new("engine_handoff");
+
+/// A principal's context's key in `engine_principal_rows`: the principal key and `\0`. It sorts
+/// right before the principal's grants and after every shorter key, and no principal key holds
+/// a control character ([`crate::subject::has_control`]), so no other principal's rows fall
+/// between.
+fn context_key(principal: &str) -> String {
+    format!("{principal}\0")
+}
+
+/// A grant's key in `engine_principal_rows`: its principal's [`context_key`], then its id
+/// (never empty).
+fn grant_key(principal: &str, id: &str) -> String {
+    format!("{principal}\0{id}")
+}
+
+/// What a key of `engine_principal_rows` names.
+#[derive(Debug, PartialEq, Eq)]
+enum PrincipalRow<'a> {
+    Context(&'a str),
+    Grant { principal: &'a str, id: &'a str },
+}
+
+impl<'a> PrincipalRow<'a> {
+    fn parse(key: &'a str) -> Option<PrincipalRow<'a>> {
+        let (principal, id) = key.split_once('\0')?;
+        Some(if id.is_empty() {
+            PrincipalRow::Context(principal)
+        } else {
+            PrincipalRow::Grant { principal, id }
+        })
+    }
+
+    fn principal(&self) -> &'a str {
+        match self {
+            PrincipalRow::Context(p) | PrincipalRow::Grant { principal: p, .. } => p,
+        }
+    }
+}
 
 /// Everything the engine persisted.
 #[derive(Default)]
@@ -74,26 +124,48 @@ impl Loaded {
 pub fn load(db: &Arc<Database>) -> Result<Loaded, WriteError> {
     let txn = db.begin_write().map_err(WriteError::storage)?;
     {
-        txn.open_table(CONTEXTS).map_err(WriteError::storage)?;
-        txn.open_table(GRANTS).map_err(WriteError::storage)?;
+        txn.open_table(PRINCIPAL_ROWS)
+            .map_err(WriteError::storage)?;
         txn.open_table(ALIASES).map_err(WriteError::storage)?;
         txn.open_table(HANDOFF).map_err(WriteError::storage)?;
         txn.open_table(SESSION_REVOCATIONS)
             .map_err(WriteError::storage)?;
     }
     txn.commit().map_err(WriteError::storage)?;
+    move_legacy_rows(db)?;
     rekey_handoff(db)?;
 
     let txn = db.begin_read().map_err(WriteError::storage)?;
     let mut out = Loaded::default();
     // Contexts stored before revocations had rows of their own carry them in their JSON.
     let mut inline_revocations = Vec::new();
-    each_json_row(&txn, CONTEXTS, "context", |_, ctx: PrincipalContext| {
-        if !ctx.session_revocations.is_empty() {
-            inline_revocations.push(out.contexts.len());
+    for entry in txn
+        .open_table(PRINCIPAL_ROWS)
+        .map_err(WriteError::storage)?
+        .iter()
+        .map_err(WriteError::storage)?
+    {
+        let (k, v) = entry.map_err(WriteError::storage)?;
+        let read = match PrincipalRow::parse(k.value()) {
+            Some(PrincipalRow::Context(_)) => serde_json::from_slice::<PrincipalContext>(v.value())
+                .map(|ctx| {
+                    if !ctx.session_revocations.is_empty() {
+                        inline_revocations.push(out.contexts.len());
+                    }
+                    out.contexts.push(ctx);
+                }),
+            Some(PrincipalRow::Grant { .. }) => {
+                serde_json::from_slice::<Grant>(v.value()).map(|g| out.grants.push(g))
+            }
+            None => {
+                tracing::error!(key = %k.value(), "principal row under a key of no known form skipped");
+                continue;
+            }
+        };
+        if let Err(e) = read {
+            tracing::error!(key = %k.value(), error = %e, "unreadable principal row skipped");
         }
-        out.contexts.push(ctx);
-    })?;
+    }
     let mut revocations = Vec::new();
     each_json_row(
         &txn,
@@ -102,7 +174,6 @@ pub fn load(db: &Arc<Database>) -> Result<Loaded, WriteError> {
         |key, stamped| revocations.push((key.to_owned(), stamped)),
     )?;
     out.attach_revocations(revocations);
-    each_json_row(&txn, GRANTS, "grant", |_, g| out.grants.push(g))?;
     for entry in txn
         .open_table(ALIASES)
         .map_err(WriteError::storage)?
@@ -155,7 +226,9 @@ fn move_inline_revocations(
         let mut rows = txn
             .open_table(SESSION_REVOCATIONS)
             .map_err(WriteError::storage)?;
-        let mut stored = txn.open_table(CONTEXTS).map_err(WriteError::storage)?;
+        let mut stored = txn
+            .open_table(PRINCIPAL_ROWS)
+            .map_err(WriteError::storage)?;
         for ctx in which.iter().filter_map(|&i| contexts.get(i)) {
             for row in revocation_rows(ctx, ctx.session_revocations.keys())? {
                 if let (k, Some(v)) = row {
@@ -164,7 +237,10 @@ fn move_inline_revocations(
                 }
             }
             stored
-                .insert(ctx.key.as_str(), encode_context(ctx)?.as_slice())
+                .insert(
+                    context_key(&ctx.key).as_str(),
+                    encode_context(ctx)?.as_slice(),
+                )
                 .map_err(WriteError::storage)?;
         }
     }
@@ -172,6 +248,91 @@ fn move_inline_revocations(
     tracing::info!(
         contexts = which.len(),
         "session revocations moved to rows of their own"
+    );
+    Ok(())
+}
+
+/// Rows [`move_legacy_rows`] moves per transaction: a store of a million grants moves in steps
+/// of a few megabytes, each atomic, so a crash midway leaves every row in one table or the other.
+const LEGACY_MOVE_CHUNK: usize = 10_000;
+
+/// Moves the rows of the tables earlier releases kept contexts and grants in (by context key,
+/// by grant id) to `engine_principal_rows`, then drops those tables — once, at the first start
+/// after the layout changed. A grant whose JSON names no principal cannot be placed: it is
+/// logged and dropped, as a start-up load would skip it.
+fn move_legacy_rows(db: &Arc<Database>) -> Result<(), WriteError> {
+    #[derive(Deserialize)]
+    struct Principal<'a> {
+        #[serde(borrow)]
+        principal: std::borrow::Cow<'a, str>,
+    }
+    let exists = |table| match db
+        .begin_read()
+        .map_err(WriteError::storage)?
+        .open_table(table)
+    {
+        Ok(_) => Ok(true),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(false),
+        Err(e) => Err(WriteError::storage(e)),
+    };
+    if !exists(LEGACY_CONTEXTS)? && !exists(LEGACY_GRANTS)? {
+        return Ok(());
+    }
+    let mut moved = 0usize;
+    loop {
+        let txn = db.begin_write().map_err(WriteError::storage)?;
+        let left = {
+            let mut rows = txn
+                .open_table(PRINCIPAL_ROWS)
+                .map_err(WriteError::storage)?;
+            let mut left = 0;
+            for (table, contexts) in [(LEGACY_CONTEXTS, true), (LEGACY_GRANTS, false)] {
+                let mut legacy = txn.open_table(table).map_err(WriteError::storage)?;
+                let mut chunk = Vec::new();
+                for entry in legacy
+                    .iter()
+                    .map_err(WriteError::storage)?
+                    .take(LEGACY_MOVE_CHUNK)
+                {
+                    let (k, v) = entry.map_err(WriteError::storage)?;
+                    chunk.push((k.value().to_owned(), v.value().to_vec()));
+                }
+                for (key, bytes) in &chunk {
+                    let new_key = if contexts {
+                        Some(context_key(key))
+                    } else {
+                        serde_json::from_slice::<Principal<'_>>(bytes)
+                            .ok()
+                            .map(|g| grant_key(&g.principal, key))
+                    };
+                    match new_key {
+                        Some(new_key) => {
+                            rows.insert(new_key.as_str(), bytes.as_slice())
+                                .map_err(WriteError::storage)?;
+                        }
+                        None => tracing::error!(key, "unreadable grant row dropped"),
+                    }
+                    legacy.remove(key.as_str()).map_err(WriteError::storage)?;
+                }
+                moved += chunk.len();
+                left += chunk.len();
+            }
+            left
+        };
+        if left == 0 {
+            txn.delete_table(LEGACY_CONTEXTS)
+                .map_err(WriteError::storage)?;
+            txn.delete_table(LEGACY_GRANTS)
+                .map_err(WriteError::storage)?;
+        }
+        txn.commit().map_err(WriteError::storage)?;
+        if left == 0 {
+            break;
+        }
+    }
+    tracing::info!(
+        rows = moved,
+        "contexts and grants moved to rows side by side per principal"
     );
     Ok(())
 }
@@ -575,13 +736,7 @@ pub struct ForgetCursor {
 }
 
 /// The tables [`forget_chunk`] walks, in order.
-const FORGET_ORDER: [&str; 5] = [
-    "contexts",
-    "session_revocations",
-    "grants",
-    "aliases",
-    "handoff",
-];
+const FORGET_ORDER: [&str; 4] = ["principals", "session_revocations", "aliases", "handoff"];
 
 /// Deletes the rows of the principals `released` names, visiting at most `limit` rows from
 /// `cursor`: one short write, so the store's writer is never held for long and the file does not
@@ -606,15 +761,14 @@ pub fn forget_chunk(
     let after = cursor.after.as_deref();
     let (deleted, last, visited) = match FORGET_ORDER.get(cursor.table) {
         None => return Ok((0, None)),
-        Some(&"contexts") => forget_in(txn, CONTEXTS, after, limit, |key, _| released(key))?,
+        Some(&"principals") => forget_in(txn, PRINCIPAL_ROWS, after, limit, |key, _| {
+            PrincipalRow::parse(key).is_some_and(|row| released(row.principal()))
+        })?,
         Some(&"session_revocations") => {
             forget_in(txn, SESSION_REVOCATIONS, after, limit, |key, _| {
                 released(key.split_once('\0').map_or(key, |(c, _)| c))
             })?
         }
-        Some(&"grants") => forget_in(txn, GRANTS, after, limit, |_, bytes| {
-            serde_json::from_slice::<Principal<'_>>(bytes).is_ok_and(|g| released(&g.principal))
-        })?,
         Some(&"aliases") => {
             let mut table = txn.open_table(ALIASES).map_err(WriteError::storage)?;
             let (gone, last, visited) = {
@@ -700,11 +854,12 @@ pub fn adopt(txn: &WriteTransaction, rows: &[(Row, Vec<u8>)]) -> Result<Loaded, 
     let mut out = Loaded::default();
     let mut revocations = Vec::new();
     // Each table opened once: opening one per row cost more than the rows' writes.
-    let mut contexts = txn.open_table(CONTEXTS).map_err(WriteError::storage)?;
+    let mut principal_rows = txn
+        .open_table(PRINCIPAL_ROWS)
+        .map_err(WriteError::storage)?;
     let mut revocation_rows = txn
         .open_table(SESSION_REVOCATIONS)
         .map_err(WriteError::storage)?;
-    let mut grants = txn.open_table(GRANTS).map_err(WriteError::storage)?;
     let mut aliases = txn.open_table(ALIASES).map_err(WriteError::storage)?;
     let mut handoff = txn.open_table(HANDOFF).map_err(WriteError::storage)?;
     for (row, bytes) in rows {
@@ -712,13 +867,22 @@ pub fn adopt(txn: &WriteTransaction, rows: &[(Row, Vec<u8>)]) -> Result<Loaded, 
         let stored = match row.table {
             Table::Context => serde_json::from_slice::<PrincipalContext>(bytes)
                 .map(|c| out.contexts.push(c))
-                .map(|()| contexts.insert(key, bytes.as_slice()).map(drop)),
+                .map(|()| {
+                    principal_rows
+                        .insert(context_key(key).as_str(), bytes.as_slice())
+                        .map(drop)
+                }),
             Table::SessionRevocation => serde_json::from_slice(bytes)
                 .map(|stamped| revocations.push((row.key.clone(), stamped)))
                 .map(|()| revocation_rows.insert(key, bytes.as_slice()).map(drop)),
-            Table::Grant => serde_json::from_slice::<Grant>(bytes)
-                .map(|g| out.grants.push(g))
-                .map(|()| grants.insert(key, bytes.as_slice()).map(drop)),
+            // Keyed here by principal and id (the changelog keys it by id).
+            Table::Grant => serde_json::from_slice::<Grant>(bytes).map(|g| {
+                let stored = principal_rows
+                    .insert(grant_key(&g.principal, key).as_str(), bytes.as_slice())
+                    .map(drop);
+                out.grants.push(g);
+                stored
+            }),
             Table::Alias => {
                 let principal = String::from_utf8_lossy(bytes).into_owned();
                 let stored = aliases.insert(key, principal.as_str()).map(drop);
@@ -767,8 +931,11 @@ fn write_contexts(txn: &WriteTransaction, rows: &[ContextRow]) -> Result<(), Wri
     if rows.is_empty() {
         return Ok(());
     }
-    let mut t = txn.open_table(CONTEXTS).map_err(WriteError::storage)?;
+    let mut t = txn
+        .open_table(PRINCIPAL_ROWS)
+        .map_err(WriteError::storage)?;
     for (key, version, bytes) in rows {
+        let key = context_key(key);
         let newer_stored = t
             .get(key.as_str())
             .map_err(WriteError::storage)?
@@ -787,9 +954,12 @@ pub fn write(txn: &WriteTransaction, changes: &Encoded) -> Result<(), WriteError
     write_contexts(txn, &changes.contexts)?;
     write_contexts(txn, &changes.decided_contexts)?;
     if !changes.deleted_contexts.is_empty() {
-        let mut t = txn.open_table(CONTEXTS).map_err(WriteError::storage)?;
+        let mut t = txn
+            .open_table(PRINCIPAL_ROWS)
+            .map_err(WriteError::storage)?;
         for key in &changes.deleted_contexts {
-            t.remove(key.as_str()).map_err(WriteError::storage)?;
+            t.remove(context_key(key).as_str())
+                .map_err(WriteError::storage)?;
         }
     }
     if !changes.revocations.is_empty() {
@@ -805,13 +975,16 @@ pub fn write(txn: &WriteTransaction, changes: &Encoded) -> Result<(), WriteError
         }
     }
     if !changes.grants.is_empty() || !changes.deleted_grants.is_empty() {
-        let mut t = txn.open_table(GRANTS).map_err(WriteError::storage)?;
-        for (id, _, bytes) in &changes.grants {
-            t.insert(id.as_str(), bytes.as_slice())
+        let mut t = txn
+            .open_table(PRINCIPAL_ROWS)
+            .map_err(WriteError::storage)?;
+        for (id, principal, bytes) in &changes.grants {
+            t.insert(grant_key(principal, id).as_str(), bytes.as_slice())
                 .map_err(WriteError::storage)?;
         }
-        for (id, _) in &changes.deleted_grants {
-            t.remove(&**id).map_err(WriteError::storage)?;
+        for (id, principal) in &changes.deleted_grants {
+            t.remove(grant_key(principal, id).as_str())
+                .map_err(WriteError::storage)?;
         }
     }
     if !changes.handoff.is_empty() {
@@ -986,6 +1159,134 @@ mod tests {
         );
     }
 
+    fn stored_grant(id: &str, principal: &str) -> Grant {
+        serde_json::from_value::<crate::grant::GrantRequest>(serde_json::json!({
+            "id": id, "kind": "session", "subject": {"format": "opaque", "id": principal},
+            "issued_at": 1, "expires_at": 2,
+        }))
+        .unwrap()
+        .into_grant(principal.to_owned(), 1.0)
+        .unwrap()
+    }
+
+    fn principal_row_keys(db: &Database) -> Vec<String> {
+        let txn = db.begin_read().unwrap();
+        let t = txn.open_table(PRINCIPAL_ROWS).unwrap();
+        t.iter()
+            .unwrap()
+            .map(|e| e.unwrap().0.value().to_owned())
+            .collect()
+    }
+
+    /// A principal's context and grants are neighbours in one table, in that order, with no
+    /// other principal's rows between — not even one whose key extends theirs — so a decision's
+    /// grant and context rows share a leaf. Deletions and retention find them by the same keys.
+    #[test]
+    fn a_principals_rows_sit_side_by_side() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::open(dir.path()).unwrap();
+        load(&db).unwrap();
+        let commit = |changes: Changes| {
+            let txn = db.begin_write().unwrap();
+            write(&txn, &changes.encode().unwrap()).unwrap();
+            txn.commit().unwrap();
+        };
+        let grants = [("g2", "p"), ("g1", "p"), ("g3", "p.x"), ("a", "p.x")];
+        commit(Changes {
+            decided_contexts: vec![
+                Arc::new(PrincipalContext::new("p.x")),
+                Arc::new(PrincipalContext::new("p")),
+            ],
+            grants: grants
+                .iter()
+                .map(|(id, p)| Arc::new(stored_grant(id, p)))
+                .collect(),
+            ..Changes::default()
+        });
+        assert_eq!(
+            principal_row_keys(&db),
+            ["p\0", "p\0g1", "p\0g2", "p.x\0", "p.x\0a", "p.x\0g3"]
+        );
+        let loaded = load(&db).unwrap();
+        assert_eq!(loaded.contexts.len(), 2);
+        let mut ids: Vec<_> = loaded.grants.iter().map(|g| g.id.to_string()).collect();
+        ids.sort();
+        assert_eq!(ids, ["a", "g1", "g2", "g3"]);
+        assert!(loaded
+            .grants
+            .iter()
+            .all(|g| grants.contains(&(&*g.id, &*g.principal))));
+
+        commit(Changes {
+            deleted_grants: vec![("g1".into(), "p".into())],
+            deleted_contexts: vec!["p.x".into()],
+            ..Changes::default()
+        });
+        assert_eq!(
+            principal_row_keys(&db),
+            ["p\0", "p\0g2", "p.x\0a", "p.x\0g3"]
+        );
+        // Retention forgets a principal's rows and only its.
+        let txn = db.begin_write().unwrap();
+        let (deleted, _) =
+            forget_chunk(&txn, &|p| p == "p.x", ForgetCursor::default(), 100).unwrap();
+        txn.commit().unwrap();
+        assert_eq!(deleted, 2);
+        assert_eq!(principal_row_keys(&db), ["p\0", "p\0g2"]);
+        assert_eq!(
+            PrincipalRow::parse("p\0g2"),
+            Some(PrincipalRow::Grant {
+                principal: "p",
+                id: "g2"
+            })
+        );
+        assert_eq!(PrincipalRow::parse("p\0"), Some(PrincipalRow::Context("p")));
+        assert_eq!(PrincipalRow::parse("p"), None);
+    }
+
+    /// A store written by an earlier release (contexts by key, grants by id, in tables of their
+    /// own) is moved to the principals' rows at the first start, whole, and the old tables are
+    /// dropped; a grant row that names no principal is dropped, as a load skipped it.
+    #[test]
+    fn rows_of_the_earlier_layout_are_moved_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::open(dir.path()).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut contexts = txn.open_table(LEGACY_CONTEXTS).unwrap();
+            let mut grants = txn.open_table(LEGACY_GRANTS).unwrap();
+            for i in 0..(LEGACY_MOVE_CHUNK + 5) {
+                let key = format!("u{i:05}");
+                let ctx = serde_json::to_vec(&PrincipalContext::new(&key)).unwrap();
+                contexts.insert(key.as_str(), ctx.as_slice()).unwrap();
+            }
+            let g = serde_json::to_vec(&stored_grant("g1", "u00001")).unwrap();
+            grants.insert("g1", g.as_slice()).unwrap();
+            grants.insert("bad", b"{not json".as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+
+        let loaded = load(&db).unwrap();
+        assert_eq!(loaded.contexts.len(), LEGACY_MOVE_CHUNK + 5);
+        assert_eq!(loaded.grants.len(), 1);
+        assert_eq!(&*loaded.grants[0].principal, "u00001");
+        let keys = principal_row_keys(&db);
+        assert_eq!(keys.len(), LEGACY_MOVE_CHUNK + 6);
+        assert_eq!(keys[..3], ["u00000\0", "u00001\0", "u00001\0g1"]);
+        let txn = db.begin_read().unwrap();
+        for legacy in [LEGACY_CONTEXTS, LEGACY_GRANTS] {
+            assert!(matches!(
+                txn.open_table(legacy),
+                Err(redb::TableError::TableDoesNotExist(_))
+            ));
+        }
+        drop(txn);
+        // Nothing left to move: the next start loads the same.
+        let again = load(&db).unwrap();
+        assert_eq!(again.contexts.len(), LEGACY_MOVE_CHUNK + 5);
+        assert_eq!(again.grants.len(), 1);
+    }
+
     /// Every persisted field of a context but its session revocations is in the stored JSON: a
     /// field added to `PrincipalContext` and not to `StoredContext` fails here.
     #[test]
@@ -1086,7 +1387,7 @@ mod tests {
             .insert("s9".into(), revoked("s9", 9.0));
         let txn = db.begin_write().unwrap();
         write(&txn, &changes.encode().unwrap()).unwrap();
-        txn.open_table(CONTEXTS)
+        txn.open_table(LEGACY_CONTEXTS)
             .unwrap()
             .insert("b", serde_json::to_vec(&b).unwrap().as_slice())
             .unwrap();
@@ -1104,9 +1405,9 @@ mod tests {
         assert_eq!(loaded["b"], b);
         let txn = db.begin_read().unwrap();
         let stored_b = txn
-            .open_table(CONTEXTS)
+            .open_table(PRINCIPAL_ROWS)
             .unwrap()
-            .get("b")
+            .get("b\0")
             .unwrap()
             .unwrap()
             .value()

@@ -830,7 +830,10 @@ impl Shard {
                 .insert(updated.id.clone(), updated.clone());
             p.changes.grants.push(updated);
         }
-        if !only_revocations(&decided.decisions) {
+        // The context a decision was made on is written with it, revocations' too: it sits
+        // beside the grant's row in the store (`persist.rs`), so it costs no page of its own,
+        // and the checkpoint then finds that version stored and skips it.
+        if !decided.decisions.is_empty() {
             p.decided.insert(grant.principal.to_string());
         }
         p.decisions.extend(decided.decisions);
@@ -842,10 +845,11 @@ impl Shard {
 
 /// Whether every one of `decisions` revokes its grant. A revoked grant is never evaluated again, so
 /// a signal replayed after a crash (its context as the last checkpoint left it) decides nothing
-/// about it: the context those decisions were made on need not be written with them — one row
-/// fewer per revocation for the store's one writer. Any other decision (a step-up, a restriction,
-/// a notice, a shadow decision) could be made again on the older context, so its context is
-/// written with it.
+/// about it: the signal's own context (when another principal's than the grants', a device's
+/// say) need not be written with those decisions — one random row fewer for the store's one
+/// writer. Any other decision (a step-up, a restriction, a notice, a shadow decision) could be
+/// made again on the older context, so its context is written with it. The grants' principal's
+/// context is written with every decision ([`Shard::decide`]): it shares their rows' leaf.
 fn only_revocations(decisions: &[crate::decision::Decision]) -> bool {
     decisions
         .iter()
