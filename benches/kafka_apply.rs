@@ -5,7 +5,7 @@
 //!
 //! Run: `cargo bench --bench kafka_apply -- [--messages 1200000] [--users 20000] [--grants 1000]
 //!       [--partitions 96] [--batch 2000] [--engine-batch 256] [--checkpoint-ms 1000] [--ceiling] [--every-message-revokes]
-//!       [--push-probes 0] [--backlog-sets]`
+//!       [--push-probes 0] [--backlog-sets] [--grants-per-user 1]`
 //!
 //! `--push-probes N`: up to N probes pushed by another transmitter (RS256, RFC 8935), one every
 //! 20 ms while the topic is applied, each revoking a grant of its own; prints their 202,
@@ -18,6 +18,8 @@
 //! `--every-message-revokes`: `--messages` (200 000 by default) users, each with a session grant,
 //! and a HIGH risk message for each — every message changes a grant's status (a decision, its
 //! hand-off and audit record, the grant's row), the "≥ 50 000 applied signals/s" case.
+//! `--grants-per-user N` gives each user N session grants, all revoked by its message: a
+//! principal whose every session ends at once (an account disabled, credentials stuffed).
 //!
 //! `--ceiling` measures, instead of Vigil, a bare consumer reading the same topic from the same
 //! broker: the rate no consumer built on this librdkafka and this broker can beat here.
@@ -45,9 +47,10 @@ fn main() -> anyhow::Result<()> {
     let ceiling = std::env::args().any(|a| a == "--ceiling");
     // Every message revokes a grant: as many users, grants and messages (200 000 by default).
     let revoking = std::env::args().any(|a| a == "--every-message-revokes");
+    let per_user = arg("--grants-per-user", 1).max(1);
     let (messages, users, grants) = if revoking {
         let n = arg("--messages", 200_000);
-        (n, n, n)
+        (n, n, n * per_user)
     } else {
         (
             arg("--messages", 1_200_000),
@@ -94,6 +97,13 @@ fn main() -> anyhow::Result<()> {
             f.state_commit_mean * 1e3,
             f.bytes_per_signal / 1024.0
         );
+        if revoking && per_user > 1 {
+            println!(
+                "grants revoked: {:.0}/s steady; {:.2} KiB written to storage per grant",
+                f.steady.unwrap_or(f.end_to_end) * per_user as f64,
+                f.bytes_per_signal / 1024.0 / per_user as f64
+            );
+        }
     }
     if let Some(p) = &f.probes {
         let summary = |v: &[f64]| {

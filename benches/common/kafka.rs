@@ -25,7 +25,7 @@ pub struct KafkaArgs {
     pub ceiling: bool,
     pub vigil: bool,
     /// The messages' shape: `Steady` (mostly low scores over many users) or `Revoking` (with
-    /// `users == grants == messages`, every message revokes a grant).
+    /// `users == messages`, every message revokes every grant of its user).
     pub pattern: Pattern,
     /// Push probes (0: none): while the topic is applied, a transmitter pushes an RS256 SET every
     /// 20 ms, each revoking a grant of its own — how long another party's signal waits behind
@@ -263,10 +263,12 @@ pub async fn measure(args: &KafkaArgs) -> anyhow::Result<KafkaFigures> {
     let client = vigil::sim::api_client(vigil.admin_token())?;
     let url = format!("http://{}/v1/grants", vigil.local_addr());
     let probe_grants = probes.as_ref().map_or(0, |p| p.tokens.len());
-    let registrations = (0..grants.min(users) as usize)
+    // Grant `i` is user `i % users`'s: more grants than users gives each several.
+    let registrations = (0..grants as usize)
         .map(|i| {
+            let user = i as u64 % users.max(1);
             json!({"id": format!("g-{i}"), "kind": "session",
-            "subject": {"format": "email", "email": format!("user-{i}@example.com")},
+            "subject": {"format": "email", "email": format!("user-{user}@example.com")},
             "session": format!("s-{i}"), "issued_at": now - 60.0, "expires_at": now + 3600.0,
             "enforcement_points": kafka_eps})
         })
@@ -288,8 +290,7 @@ pub async fn measure(args: &KafkaArgs) -> anyhow::Result<KafkaFigures> {
         .try_collect::<Vec<()>>()
         .await?;
     eprintln!(
-        "kafka: {} grants registered; RSS {} MiB",
-        grants.min(users),
+        "kafka: {grants} grants registered; RSS {} MiB",
         super::rss_bytes() >> 20
     );
     if !publish_first {
