@@ -158,14 +158,14 @@ pub fn evaluate_grant_under<const N: usize>(
         trigger: trigger_type,
         request: crate::policy::no_request(),
     };
-    let mut outcomes = policies.map(|policy| policy.evaluate(&input));
+    let mut outcomes = policies.map(|policy| policy.evaluate_screened(&input, grant));
     if let Some(delegator) = contexts.delegator {
         let input = EvalInput {
             context: Arc::new(delegator.view(grant, contexts.entities, decay, now)),
             ..input
         };
         for (outcome, policy) in outcomes.iter_mut().zip(policies) {
-            with_delegating_user(outcome, policy.evaluate(&input));
+            with_delegating_user(outcome, policy.evaluate_screened(&input, grant));
         }
     }
     outcomes
@@ -249,5 +249,111 @@ mod tests {
         assert!(Arc::ptr_eq(&first, &second));
         assert_eq!(first["type"], "session-revoked");
         assert_eq!(signal_view(Trigger::State)["type"], "none");
+    }
+
+    /// The screened evaluation gives exactly what running every condition gives: the shipped
+    /// rules and rules that fail (fail closed), shadow and `notify` ones, over every spec
+    /// example's signal folded into a context one after the other, for grants of each kind, as
+    /// the signal triggers them and on current state.
+    #[test]
+    fn screening_rules_out_changes_no_outcome() {
+        let shipped = PolicySet::load_dir_or_builtin(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/policies"
+        )))
+        .unwrap();
+        let failing = PolicySet::from_sources(&[(
+            "f.yaml".to_owned(),
+            r#"
+rules:
+  - {id: missing-fact, on: ['*'], when: "context.nothing.here == 1", effect: revoke}
+  - {id: wrong-type, on: ['*'], when: "context.risk.level > 3", effect: step_up}
+  - {id: out-of-range, on: ['*'], when: "grant.scopes[7] == 'admin'", effect: restrict}
+  - {id: guarded, on: ['*'], when: "has(context.risk.level) && context.risk.level == 'HIGH'", effect: revoke}
+  - {id: never, on: ['*'], when: "grant.issued_at < 0", effect: revoke}
+  - {id: noted, on: [session-revoked], when: "subject.matches_grant", effect: notify}
+  - {id: watched, on: ['*'], mode: shadow, when: "context.risk.level == 'LOW'", effect: revoke}
+  - {id: by-signal, on: ['*'], when: "signal.type == 'credential-change' && grant.kind == 'session'", effect: step_up}
+"#
+            .to_owned(),
+        )])
+        .unwrap();
+        let grants: Vec<Grant> = [
+            json!({"id": "h", "kind": "session", "subject": {"format": "email", "email": "user@example.com"},
+                   "session": "s1", "device": "d1", "scopes": ["read"], "issued_at": 1_500_000_000u64,
+                   "expires_at": 1_900_000_000u64,
+                   "attributes": {"required_assurance": {"namespace": "nist-aal", "level": "aal2"}}}),
+            json!({"id": "w", "kind": "access_token", "principal_type": "workload",
+                   "subject": {"format": "opaque", "id": "svc-1"}, "issued_at": 1_800_000_000u64,
+                   "expires_at": 1_900_000_000u64}),
+            json!({"id": "a", "kind": "agent_delegation", "principal_type": "agent",
+                   "subject": {"format": "opaque", "id": "agent-7"},
+                   "on_behalf_of": {"format": "email", "email": "user@example.com"},
+                   "issued_at": 1_600_000_000u64, "expires_at": 1_900_000_000u64}),
+        ]
+        .into_iter()
+        .map(|g| {
+            let request: crate::grant::GrantRequest = serde_json::from_value(g).unwrap();
+            let principal = request.identifier_keys().unwrap().remove(0);
+            request.into_grant(principal, 1_600_000_000.0).unwrap()
+        })
+        .collect();
+        let mut names: Vec<String> = std::fs::read_dir(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/spec-examples"
+        ))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| (n.starts_with("caep-") || n.starts_with("risc-")) && n.ends_with(".json"))
+        .collect();
+        names.sort();
+        let decay = Decay::default();
+        let now = 1_700_000_500.0;
+        let (mut compared, mut matched, mut failed) = (0, 0, 0);
+        for grant in &grants {
+            let mut context = PrincipalContext::new(&grant.principal);
+            for (seq, name) in names.iter().enumerate() {
+                let Ok(signal) = testing::signal_from_claims(
+                    &crate::test_support::spec_example(name),
+                    seq as u64,
+                ) else {
+                    continue;
+                };
+                let target = Target::of(&signal.subject);
+                context.apply(&signal, &target);
+                let triggered = Triggered::new(&signal, &target);
+                for trigger in [Trigger::Signal(&triggered), Trigger::State] {
+                    let input = EvalInput {
+                        grant: grant.policy_view(),
+                        context: Arc::new(context.view(grant, &[], &decay, now)),
+                        signal: signal_view(trigger),
+                        subject: subject_view(trigger, grant),
+                        now,
+                        trigger: match trigger {
+                            Trigger::Signal(t) => Some(t.signal.event_type_name().to_owned()),
+                            Trigger::State => None,
+                        },
+                        request: crate::policy::no_request(),
+                    };
+                    for policy in [&shipped, &failing] {
+                        let every = policy.evaluate(&input);
+                        assert_eq!(
+                            policy.evaluate_screened(&input, grant),
+                            every,
+                            "{name}, grant {}",
+                            grant.id
+                        );
+                        compared += 1;
+                        matched += usize::from(every.effect.is_some());
+                        failed += every.matched.iter().filter(|m| m.error.is_some()).count();
+                    }
+                }
+            }
+        }
+        assert!(compared > 100, "{compared} evaluations compared");
+        assert!(
+            matched > 0 && failed > 0,
+            "{matched} matched, {failed} failed closed"
+        );
     }
 }

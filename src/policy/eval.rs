@@ -99,7 +99,36 @@ impl PolicySet {
     /// metric and logs nothing, since policy tests, lint and previews evaluate too; the engine
     /// records what a live evaluation matched ([`Evaluation::record`]).
     pub fn evaluate(&self, input: &EvalInput) -> Evaluation {
-        let ctx = bind(&self.env, input);
+        self.run_rules(input, None)
+    }
+
+    /// [`PolicySet::evaluate`] for `grant`, the grant `input` was built for: a rule whose
+    /// condition the screen ([`super::screen`]) proves `false` on these inputs is not run, and the
+    /// inputs are bound as CEL values only once a rule is left to run. The outcome is the same —
+    /// the screen answers `false` only where CEL would, never for a rule that could fail — and
+    /// most state rules read a fact the context does not hold, so a signal's evaluation ran
+    /// sixteen conditions to find the one or none that matches: binding the inputs and running
+    /// them was most of a revoking signal's evaluation (benches/RESULTS.md).
+    pub fn evaluate_screened(&self, input: &EvalInput, grant: &crate::grant::Grant) -> Evaluation {
+        let grants = [grant];
+        let mut screen = super::screen::Screen::new(
+            &input.context,
+            &input.subject,
+            &input.signal,
+            input.now,
+            &grants,
+        );
+        self.run_rules(input, Some(&mut screen))
+    }
+
+    /// The rules that apply to `input` (all but request-time ones; `notify` and shadow rules
+    /// only when the trigger names them), each skipped where `screen` proves it false.
+    fn run_rules(
+        &self,
+        input: &EvalInput,
+        mut screen: Option<&mut super::screen::Screen<'_>>,
+    ) -> Evaluation {
+        let mut ctx = None;
         let mut out = Evaluation::default();
         for rule in self.rules.iter().filter(|r| !r.is_request()) {
             let triggered = input
@@ -112,7 +141,13 @@ impl PolicySet {
             if (shadow || notify) && !triggered {
                 continue;
             }
-            out.add(run(rule, &ctx));
+            if let Some(screen) = screen.as_deref_mut() {
+                if screen.never_matches(rule.condition.expression()) {
+                    continue;
+                }
+            }
+            let ctx = ctx.get_or_insert_with(|| bind(&self.env, input));
+            out.add(run(rule, ctx));
         }
         out
     }
