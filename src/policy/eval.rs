@@ -128,7 +128,7 @@ impl PolicySet {
         input: &EvalInput,
         mut screen: Option<&mut super::screen::Screen<'_>>,
     ) -> Evaluation {
-        let mut ctx = None;
+        let mut bound = Bound::new(&self.env);
         let mut out = Evaluation::default();
         for rule in self.rules.iter().filter(|r| !r.is_request()) {
             let triggered = input
@@ -146,8 +146,7 @@ impl PolicySet {
                     continue;
                 }
             }
-            let ctx = ctx.get_or_insert_with(|| bind(&self.env, input));
-            out.add(run(rule, ctx));
+            out.add(run(rule, bound.with(input, rule.reads)));
         }
         out
     }
@@ -158,10 +157,10 @@ impl PolicySet {
     /// set): an enforced match with any effect but `notify` denies the request. Fail closed: a
     /// rule that errors matches. Pure, like [`PolicySet::evaluate`].
     pub fn evaluate_request(&self, input: &EvalInput) -> Evaluation {
-        let ctx = bind(&self.env, input);
+        let mut bound = Bound::new(&self.env);
         let mut out = Evaluation::default();
         for rule in self.rules.iter().filter(|r| r.is_request()) {
-            out.add(run(rule, &ctx));
+            out.add(run(rule, bound.with(input, rule.reads)));
         }
         out
     }
@@ -220,19 +219,75 @@ impl Evaluation {
     }
 }
 
-fn bind<'a>(env: &Arc<cel::Env>, input: &'a EvalInput) -> cel::Context<'a, 'a> {
-    let mut ctx = cel::Context::with_env(env.clone());
-    for (name, value) in [
-        ("grant", &input.grant),
-        ("context", &*input.context),
-        ("signal", &*input.signal),
-        ("subject", &input.subject),
-        ("request", &*input.request),
-    ] {
-        ctx.add_variable_as_val(name, super::json_val::to_val(value));
+/// The inputs a rule may read, in the order of [`Reads`]' bits.
+const INPUTS: [&str; 6] = ["grant", "context", "signal", "subject", "request", "now"];
+
+/// Which inputs a rule reads — its condition's variables and its reason's — as bits in
+/// [`INPUTS`] order. A rule is run with only these bound: converting the grant's view into CEL
+/// values for a rule that reads only the context was most of binding's cost. A comprehension
+/// variable named like an input only binds that input needlessly.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Reads(u8);
+
+impl Reads {
+    pub(crate) fn of(condition: &cel::Program, reason: &Template) -> Reads {
+        let mut bits = 0u8;
+        for program in std::iter::once(condition).chain(reason.programs()) {
+            for variable in program.references().variables() {
+                if let Some(i) = INPUTS.iter().position(|v| *v == variable) {
+                    bits |= 1 << i;
+                }
+            }
+        }
+        Reads(bits)
     }
-    ctx.add_variable_from_value("now", input.now);
-    ctx
+}
+
+/// A CEL context the inputs are bound into as the rules run need them, each once.
+struct Bound<'a> {
+    ctx: cel::Context<'a, 'a>,
+    bound: u8,
+}
+
+impl<'a> Bound<'a> {
+    fn new(env: &Arc<cel::Env>) -> Bound<'a> {
+        Bound {
+            ctx: cel::Context::with_env(env.clone()),
+            bound: 0,
+        }
+    }
+
+    /// The context with every input `reads` names bound.
+    fn with(&mut self, input: &'a EvalInput, reads: Reads) -> &cel::Context<'a, 'a> {
+        let missing = reads.0 & !self.bound;
+        for (i, &name) in INPUTS.iter().enumerate() {
+            if missing & (1 << i) == 0 {
+                continue;
+            }
+            match input.json(name) {
+                Some(value) => self
+                    .ctx
+                    .add_variable_as_val(name, super::json_val::to_val(value)),
+                None => self.ctx.add_variable_from_value(name, input.now),
+            }
+        }
+        self.bound |= missing;
+        &self.ctx
+    }
+}
+
+impl EvalInput {
+    /// The JSON input named `name` (`None` for `now`, a number, and any other name).
+    fn json(&self, name: &str) -> Option<&Value> {
+        match name {
+            "grant" => Some(&self.grant),
+            "context" => Some(&self.context),
+            "signal" => Some(&self.signal),
+            "subject" => Some(&self.subject),
+            "request" => Some(&self.request),
+            _ => None,
+        }
+    }
 }
 
 /// Rejects conditions that reference variables Vigil never binds (a typo would otherwise fail closed
@@ -346,6 +401,14 @@ impl Template {
         }
         parts.push(Part::Text(rest.to_owned()));
         Ok(Template { parts })
+    }
+
+    /// The placeholders' programs.
+    fn programs(&self) -> impl Iterator<Item = &cel::Program> {
+        self.parts.iter().filter_map(|p| match p {
+            Part::Expr(program) => Some(program),
+            Part::Text(_) => None,
+        })
     }
 
     /// Renders the template; a placeholder that fails renders as `?`.
