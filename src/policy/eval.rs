@@ -241,6 +241,17 @@ impl Reads {
         }
         Reads(bits)
     }
+
+    /// The inputs read, by name.
+    #[cfg(test)]
+    pub(crate) fn names(self) -> Vec<&'static str> {
+        INPUTS
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.0 & (1 << i) != 0)
+            .map(|(_, name)| *name)
+            .collect()
+    }
 }
 
 /// A CEL context the inputs are bound into as the rules run need them, each once.

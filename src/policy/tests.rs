@@ -193,3 +193,40 @@ rules:
         assert!(set(refused).is_err(), "{refused}");
     }
 }
+
+/// A rule is run with the inputs its condition and its reason read bound, and sees each of
+/// them — one read only in the reason too, and one another rule bound before.
+#[test]
+fn a_rule_sees_every_input_it_reads() {
+    let s = set(r#"
+rules:
+  - {id: a, on: ['*'], when: "subject.matches_grant", effect: notify, reason: "kind {{ grant.kind }} at {{ now }}"}
+  - {id: b, on: ['*'], when: "context.risk.level == 'HIGH' && signal.type == 'x'", effect: revoke, reason: "{{ context.risk.level }}"}
+  - {id: c, on: ['*'], when: "grant.scopes.exists(context, context == 'admin') || subject.matches_grant", effect: step_up}
+"#)
+    .unwrap();
+    let reads: Vec<Vec<&str>> = s.rules.iter().map(|r| r.reads.names()).collect();
+    assert_eq!(
+        reads,
+        [
+            vec!["grant", "subject", "now"],
+            vec!["context", "signal"],
+            // A comprehension variable named like an input binds that input, needlessly.
+            vec!["grant", "context", "subject"],
+        ]
+    );
+    let mut inputs = input(Some("x"));
+    inputs.grant = json!({"kind": "session", "scopes": ["read"]});
+    let out = s.evaluate(&inputs);
+    assert_eq!(out.effect, Some(Effect::Revoke));
+    let reasons: Vec<(&str, &str)> = out
+        .matched
+        .iter()
+        .map(|m| (m.id.as_str(), m.reason.as_str()))
+        .collect();
+    assert_eq!(
+        reasons,
+        [("a", "kind session at 20.0"), ("b", "HIGH"), ("c", "")]
+    );
+    assert!(out.matched.iter().all(|m| m.error.is_none()), "{out:?}");
+}
