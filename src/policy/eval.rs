@@ -108,7 +108,7 @@ impl PolicySet {
     /// the screen answers `false` only where CEL would, never for a rule that could fail — and
     /// most state rules read a fact the context does not hold, so a signal's evaluation ran
     /// sixteen conditions to find the one or none that matches: binding the inputs and running
-    /// them was most of a revoking signal's evaluation (benches/RESULTS.md).
+    /// them was more than half of a revoking signal's evaluation (benches/RESULTS.md).
     pub fn evaluate_screened(&self, input: &EvalInput, grant: &crate::grant::Grant) -> Evaluation {
         let grants = [grant];
         let mut screen = super::screen::Screen::new(
@@ -223,9 +223,9 @@ impl Evaluation {
 const INPUTS: [&str; 6] = ["grant", "context", "signal", "subject", "request", "now"];
 
 /// Which inputs a rule reads — its condition's variables and its reason's — as bits in
-/// [`INPUTS`] order. A rule is run with only these bound: converting the grant's view into CEL
-/// values for a rule that reads only the context was most of binding's cost. A comprehension
-/// variable named like an input only binds that input needlessly.
+/// [`INPUTS`] order. A rule is run with only these bound: every input used to be converted into
+/// CEL values for every evaluation, the grant's view for a rule that reads only the context too.
+/// A comprehension variable named like an input only binds that input needlessly.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Reads(u8);
 
