@@ -45,6 +45,9 @@ pub(super) struct Pending {
     /// Keys of the contexts this batch's decisions were made on, written with them
     /// ([`Changes::decided_contexts`]).
     pub(super) decided: std::collections::HashSet<String>,
+    /// The contexts of `decided` with the version this batch's commit writes, for
+    /// [`Shard::decided_stored`] once the commit is durable.
+    pub(super) decided_versions: Vec<(String, u64)>,
     /// The latest state of every grant a decision in this batch is about (handed on with it).
     pub(super) latest: std::collections::HashMap<GrantId, Arc<Grant>>,
     /// Policy swaps, releases and adoptions waiting for this batch's commit.
@@ -220,6 +223,9 @@ impl Shard {
             self.checkpoint_part(p);
         }
         let keys = std::mem::take(&mut self.dirty);
+        // Entries of keys the finished checkpoint wrote or skipped, and of keys no checkpoint
+        // holds any more, are done with.
+        self.decided_stored.retain(|key, _| keys.contains(key));
         let per_batch = if whole {
             usize::MAX
         } else {
@@ -245,13 +251,18 @@ impl Shard {
             return;
         };
         let contexts = &self.shared.contexts;
+        let stored = &mut self.decided_stored;
+        // A context a decision's durable commit stored at its present version is not written
+        // again.
+        let mut take = |key: &str| {
+            let ctx = contexts.get(key).map(|c| c.clone())?;
+            let decided_at = stored.remove(key);
+            (decided_at != Some(ctx.version)).then_some(ctx)
+        };
         if draining.keys.len() <= draining.per_batch {
-            p.changes.contexts.extend(
-                draining
-                    .keys
-                    .drain()
-                    .filter_map(|k| contexts.get(&k).map(|c| c.clone())),
-            );
+            for key in draining.keys.drain() {
+                p.changes.contexts.extend(take(&key));
+            }
         } else {
             let part: Vec<String> = draining
                 .keys
@@ -261,9 +272,7 @@ impl Shard {
                 .collect();
             for key in part {
                 draining.keys.remove(&key);
-                if let Some(ctx) = contexts.get(&key).map(|c| c.clone()) {
-                    p.changes.contexts.push(ctx);
-                }
+                p.changes.contexts.extend(take(&key));
             }
             return;
         }
@@ -293,11 +302,12 @@ impl Shard {
             }
         }
         let contexts = &self.shared.contexts;
-        p.changes.decided_contexts.extend(
-            p.decided
-                .drain()
-                .filter_map(|k| contexts.get(&k).map(|c| c.clone())),
-        );
+        for key in p.decided.drain() {
+            if let Some(ctx) = contexts.get(&key).map(|c| c.clone()) {
+                p.decided_versions.push((key, ctx.version));
+                p.changes.decided_contexts.push(ctx);
+            }
+        }
         p.revocations.sort_unstable();
         p.revocations.dedup();
         let mut revocations = Ok(());
@@ -393,6 +403,22 @@ impl Shard {
         }
     }
 
+    /// Notes the contexts a batch's decisions stored, now durable, that a checkpoint still
+    /// holds ([`Shard::decided_stored`]). Only those: an entry for a key no checkpoint holds
+    /// would stay until the key's next checkpoint, which may never come.
+    fn note_decided_stored(&mut self, versions: Vec<(String, u64)>) {
+        for (key, version) in versions {
+            let held = self.dirty.contains(&key)
+                || self
+                    .draining
+                    .as_ref()
+                    .is_some_and(|d| d.keys.contains(&key));
+            if held {
+                self.decided_stored.insert(key, version);
+            }
+        }
+    }
+
     fn send_to_delivery(&self, handed: Vec<(Decision, Arc<Grant>, Lane)>, durable: &Durable) {
         for (decision, grant, lane) in handed {
             let item = Handed {
@@ -462,6 +488,8 @@ impl Shard {
         self.send_to_delivery(handed.0, &handed.1);
         if failed.is_some() {
             self.failed_since_checkpoint.clone_from(&failed);
+        } else {
+            self.note_decided_stored(std::mem::take(&mut p.decided_versions));
         }
         if let Some(mut checkpoint) = checkpoint {
             // The checkpoint's signals were applied in this batch or the ones before it since the

@@ -2581,6 +2581,73 @@ mod tests {
         engine.shutdown().await;
     }
 
+    /// A checkpoint does not write again a context its decision's commit stored, while the
+    /// context is still at that version; a context changed after its decision it writes. Both
+    /// rows are deleted behind the engine's back once the decisions are stored: the checkpoint
+    /// brings back only the second.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_checkpoint_skips_a_context_its_decision_stored() {
+        let clock = crate::clock::Clock::manual(PROBED_T0 * 1000);
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, _rx, db, _threads) = checkpoint_on_demand(dir.path(), &clock);
+        register_json(&engine, probed_session("ga", "a@example.com")).await;
+        register_json(&engine, probed_session("gb", "b@example.com")).await;
+        swap_rules(
+            &engine,
+            "rules:\n  - {id: sessions, on: [session-revoked], when: 'context.session_revoked_at > grant.issued_at', effect: revoke}\n",
+        )
+        .await;
+        let revoked = |who: &str| {
+            example_about(
+                "caep-session-revoked.json",
+                serde_json::json!({"format": "email", "email": format!("{who}@example.com")}),
+                PROBED_T0,
+                if who == "a" { 1 } else { 2 },
+            )
+        };
+        let decided = engine
+            .submit_batch(vec![revoked("a"), revoked("b")])
+            .unwrap();
+        within_5s("the revocations were not decided", || {
+            ["ga", "gb"].iter().all(|id| {
+                engine
+                    .grant(id)
+                    .is_some_and(|g| g.status == GrantStatus::Revoked)
+            })
+        })
+        .await;
+        // b's context changes again, with no decision (its grant is revoked already).
+        let mut risk = risk_feed(0, 1, PROBED_T0);
+        risk[0].subject = revoked("b").subject;
+        risk[0].seq = 3;
+        let changed = engine.submit_batch(risk).unwrap();
+        let (a, b) = ("email:a@example.com", "email:b@example.com");
+        let version = |key: &str| engine.shared.contexts.get(key).map(|c| c.version);
+        within_5s("b's risk was not applied", || version(b) == Some(2)).await;
+        // A registration is answered once its batch is announced, so every batch before it is.
+        register_json(&engine, probed_session("gc", "c@example.com")).await;
+        let stored = |key: &str| persist::stored_context_version(&db, key);
+        assert_eq!(stored(a), Some(1), "a's context, stored with its decision");
+        assert_eq!(stored(b), Some(1), "b's context, stored with its decision");
+        persist::delete_context_row(&db, a);
+        persist::delete_context_row(&db, b);
+
+        clock.advance(Duration::from_secs(3600));
+        for done in [decided, changed] {
+            tokio::task::spawn_blocking(move || done.wait_blocking())
+                .await
+                .unwrap()
+                .expect("the checkpoint committed");
+        }
+        assert_eq!(
+            stored(a),
+            None,
+            "the checkpoint wrote a context already stored"
+        );
+        assert_eq!(stored(b), Some(2), "the checkpoint wrote b's change");
+        engine.shutdown().await;
+    }
+
     /// A checkpoint larger than a part is written over several batches; the signal batch it
     /// covers is answered only once every part is on disk, and by then every context is stored.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1071,6 +1071,27 @@ pub fn write(txn: &WriteTransaction, changes: &Encoded) -> Result<(), WriteError
     Ok(())
 }
 
+/// Deletes `principal`'s context row behind the engine's back: a test's way to see whether a
+/// later write brings it back.
+#[cfg(test)]
+pub fn delete_context_row(db: &Database, principal: &str) {
+    let txn = db.begin_write().unwrap();
+    txn.open_table(PRINCIPAL_ROWS)
+        .unwrap()
+        .remove(context_key(principal).as_str())
+        .unwrap();
+    txn.commit().unwrap();
+}
+
+/// The version of `principal`'s stored context row, if there is one.
+#[cfg(test)]
+pub fn stored_context_version(db: &Database, principal: &str) -> Option<u64> {
+    let txn = db.begin_read().unwrap();
+    let t = txn.open_table(PRINCIPAL_ROWS).unwrap();
+    let row = t.get(context_key(principal).as_str()).unwrap()?;
+    stored_version(row.value())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

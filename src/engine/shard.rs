@@ -41,6 +41,12 @@ pub(crate) struct Shard {
     /// Only keys are held: the context itself is read at the checkpoint, so until then the shard
     /// owns the only reference and later signals update it in place instead of copying it.
     pub(super) dirty: std::collections::HashSet<String>,
+    /// Contexts of [`Shard::dirty`] or of the checkpoint being drained that a decision's commit
+    /// has stored since, by the version it stored: the checkpoint skips one still at that
+    /// version instead of encoding it again and having the store's writer read the stored row
+    /// to find it current. When every Kafka message revokes, every context a checkpoint holds
+    /// was stored so (benches/RESULTS.md).
+    pub(super) decided_stored: HashMap<String, u64>,
     /// Session revocations changed by replayable signals, written with the next checkpoint.
     pub(super) dirty_revocations: Vec<(String, String)>,
     /// Links (identifier → principal) learned from replayable signals, written with the next
@@ -148,6 +154,7 @@ impl Shard {
             inboxes,
             expiry,
             dirty: std::collections::HashSet::new(),
+            decided_stored: HashMap::new(),
             dirty_revocations: Vec::new(),
             dirty_aliases: HashMap::new(),
             checkpoint_waiters: Vec::new(),
@@ -405,6 +412,7 @@ impl Shard {
             self.shared.drop_grant(&grant.id);
         }
         self.dirty.retain(|key| !released(key));
+        self.decided_stored.retain(|key, _| !released(key));
         self.dirty_revocations.retain(|(key, _)| !released(key));
         self.dirty_aliases
             .retain(|_, principal| !released(principal));
