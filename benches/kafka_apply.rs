@@ -5,7 +5,7 @@
 //!
 //! Run: `cargo bench --bench kafka_apply -- [--messages 1200000] [--users 20000] [--grants 1000]
 //!       [--partitions 96] [--batch 2000] [--engine-batch 256] [--checkpoint-ms 1000] [--ceiling] [--every-message-revokes]
-//!       [--push-probes 0] [--backlog-sets] [--grants-per-user 1]`
+//!       [--push-probes 0] [--backlog-sets] [--grants-per-user 1] [--compare] [--brokers HOST:PORT]`
 //!
 //! `--push-probes N`: up to N probes pushed by another transmitter (RS256, RFC 8935), one every
 //! 20 ms while the topic is applied, each revoking a grant of its own; prints their 202,
@@ -23,6 +23,11 @@
 //!
 //! `--ceiling` measures, instead of Vigil, a bare consumer reading the same topic from the same
 //! broker: the rate no consumer built on this librdkafka and this broker can beat here.
+//! `--compare` measures both in one run (the bare consumer first, or after Vigil when the topic
+//! is filled after the grants are registered) and prints Vigil's steady rate as a share of it.
+//!
+//! `--brokers HOST:PORT`: a Kafka-protocol broker already running on loopback instead of the
+//! in-process mock (the run creates topics of its own there, named after the time it started).
 //!
 //! The mock broker keeps a bounded log per partition (older segments are dropped, as retention
 //! would), so a pre-filled topic needs enough partitions: keep messages / partitions under ~15 000.
@@ -44,7 +49,8 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let ceiling = std::env::args().any(|a| a == "--ceiling");
+    let ceiling_only = std::env::args().any(|a| a == "--ceiling");
+    let compare = std::env::args().any(|a| a == "--compare");
     // Every message revokes a grant: as many users, grants and messages (200 000 by default).
     let revoking = std::env::args().any(|a| a == "--every-message-revokes");
     let per_user = arg("--grants-per-user", 1).max(1);
@@ -66,8 +72,9 @@ fn main() -> anyhow::Result<()> {
         batch: arg("--batch", 2000) as usize,
         engine_batch: arg("--engine-batch", 256) as usize,
         checkpoint_ms: arg("--checkpoint-ms", 1000),
-        ceiling,
-        vigil: !ceiling,
+        ceiling: ceiling_only || compare,
+        brokers: common::text_arg("--brokers"),
+        vigil: !ceiling_only,
         pattern: if revoking {
             Pattern::Revoking
         } else {
@@ -104,6 +111,12 @@ fn main() -> anyhow::Result<()> {
                 f.bytes_per_signal / 1024.0 / per_user as f64
             );
         }
+    }
+    if let (true, Some(c), Some(steady)) = (args.vigil, f.ceiling, f.steady) {
+        println!(
+            "Vigil's steady rate is {:.0} % of the bare consumer's ({c:.0} messages/s)",
+            steady / c * 100.0
+        );
     }
     if let Some(p) = &f.probes {
         let summary = |v: &[f64]| {

@@ -507,6 +507,7 @@ async fn run(servers: tokio::runtime::Handle) -> anyhow::Result<()> {
             engine_batch: 256,
             checkpoint_ms: 1000,
             ceiling: true,
+            brokers: None,
             vigil: true,
             pattern: vigil::sim::risk::Pattern::Steady,
             push_probes: 0,

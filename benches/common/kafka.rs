@@ -23,6 +23,9 @@ pub struct KafkaArgs {
     pub checkpoint_ms: u64,
     /// Also (or, with `vigil` false, only) the bare-consumer ceiling on the same topic.
     pub ceiling: bool,
+    /// A Kafka-protocol broker already running (`HOST:PORT`), instead of librdkafka's mock
+    /// cluster in-process: the run makes topics of its own there.
+    pub brokers: Option<String>,
     pub vigil: bool,
     /// The messages' shape: `Steady` (mostly low scores over many users) or `Revoking` (with
     /// `users == messages`, every message revokes every grant of its user).
@@ -184,9 +187,23 @@ impl Probes {
 pub async fn measure(args: &KafkaArgs) -> anyhow::Result<KafkaFigures> {
     let (messages, users, grants, partitions) =
         (args.messages, args.users, args.grants, args.partitions);
-    let topic = "vigil.risk";
-    let cluster = mock_cluster(&[(topic, partitions), ("vigil.risk.dead-letter", 1)])?;
-    let brokers = cluster.bootstrap_servers();
+    let (_cluster, brokers, topic, dead_letter) = match &args.brokers {
+        Some(brokers) => {
+            // Names of this run's own, so a broker that outlives runs never serves an old topic.
+            let run = vigil::signal::now_ms();
+            let (topic, dead_letter) = (format!("vigil.risk.{run}"), format!("vigil.dead.{run}"));
+            create_topics(brokers, &[(&topic, partitions), (&dead_letter, 1)]).await?;
+            (None, brokers.clone(), topic, dead_letter)
+        }
+        None => {
+            let (topic, dead_letter) =
+                ("vigil.risk".to_owned(), "vigil.risk.dead-letter".to_owned());
+            let cluster = mock_cluster(&[(&topic, partitions), (&dead_letter, 1)])?;
+            let brokers = cluster.bootstrap_servers();
+            (Some(cluster), brokers, topic, dead_letter)
+        }
+    };
+    let topic = topic.as_str();
 
     // Fill the topic first, so the consumer is measured, not the producer — except when every
     // message is to revoke a grant: those grants must be registered before anything is consumed,
@@ -208,6 +225,9 @@ pub async fn measure(args: &KafkaArgs) -> anyhow::Result<KafkaFigures> {
     let dir = tempfile::tempdir()?;
     let mut config = loopback_config(dir.path());
     config.kafka.brokers = brokers.clone();
+    config.kafka.topics = vec![topic.to_owned()];
+    config.kafka.dead_letter_topic = dead_letter;
+    config.kafka.group_id = format!("vigil.{topic}");
     config.kafka.max_batch = args.batch;
     config.engine.max_batch = args.engine_batch;
     config.engine.checkpoint_interval_ms = args.checkpoint_ms;
@@ -389,6 +409,10 @@ pub async fn measure(args: &KafkaArgs) -> anyhow::Result<KafkaFigures> {
         figures.probes = Some(probing.await??);
     }
     vigil.shutdown().await;
+    // A topic filled after the grants were registered: the bare consumer reads it now, whole.
+    if args.ceiling && !publish_first {
+        figures.ceiling = Some(consume_only(&brokers, topic, messages).await?);
+    }
     Ok(figures)
 }
 
@@ -434,15 +458,32 @@ fn publish(brokers: &str, topic: &str, args: &KafkaArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Creates `topics` (name, partitions; one replica) on the broker at `brokers`.
+async fn create_topics(brokers: &str, topics: &[(&str, i32)]) -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.create_topics(&new, &options).await? {
+        result.map_err(|(topic, code)| anyhow::anyhow!("cannot create topic {topic}: {code}"))?;
+    }
+    Ok(())
+}
+
 /// The ceiling on this machine: the same topic read by a bare consumer of the same librdkafka from
-/// the same mock broker, each payload copied out as Vigil's consumer does, and nothing else (no
+/// the same broker, each payload copied out as Vigil's consumer does, and nothing else (no
 /// parse, no engine, no store, no offset commit). Counted from the first message to the last.
 async fn consume_only(brokers: &str, topic: &str, messages: u64) -> anyhow::Result<f64> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::Message;
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
-        .set("group.id", "ceiling")
+        .set("group.id", format!("ceiling.{topic}"))
         .set("fetch.queue.backoff.ms", "10")
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
