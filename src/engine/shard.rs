@@ -840,7 +840,7 @@ impl Shard {
         }
         // The context a decision was made on is written with it, revocations' too: it sits
         // beside the grant's row in the store (`persist.rs`), so it costs no page of its own,
-        // and the checkpoint then finds that version stored and skips it.
+        // and the checkpoint then skips it (`Shard::decided_stored`).
         if !decided.decisions.is_empty() {
             p.decided.insert(grant.principal.to_string());
         }
