@@ -99,6 +99,8 @@ pub(super) struct Checkpointing {
     pub(super) writes: Vec<Result<PendingWrite<()>, WriteError>>,
     pub(super) processed: Vec<u64>,
     pub(super) waiters: Vec<CheckpointWaiter>,
+    /// Contexts this batch's chunks delete (retention forgot them): see [`Shard::forgetting`].
+    pub(super) forgotten: Vec<String>,
     pub(super) failed: Option<String>,
 }
 
@@ -202,6 +204,14 @@ impl Shard {
             &mut self.failed_since_checkpoint,
             wait_before,
         ) {
+            for key in &done.forgotten {
+                if let Some(n) = self.forgetting.get_mut(key) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.forgetting.remove(key);
+                    }
+                }
+            }
             match &done.failed {
                 None => self.shared.intake.mark_processed_detached(done.processed),
                 Some(e) => {
@@ -301,10 +311,19 @@ impl Shard {
                 p.changes.handoff.push((d.clone(), g.clone()));
             }
         }
+        // This batch's deletions go to the bulk lane, behind its ordinary write.
+        let forgotten = p.changes.deleted_contexts.clone();
+        for key in &forgotten {
+            *self.forgetting.entry(key.clone()).or_default() += 1;
+        }
         let contexts = &self.shared.contexts;
         for key in p.decided.drain() {
             if let Some(ctx) = contexts.get(&key).map(|c| c.clone()) {
-                p.decided_versions.push((key, ctx.version));
+                // A deletion of the key still in flight may commit after this write and take it
+                // away: the next checkpoint, behind the deletion, writes the context again.
+                if !self.forgetting.contains_key(&key) {
+                    p.decided_versions.push((key, ctx.version));
+                }
                 p.changes.decided_contexts.push(ctx);
             }
         }
@@ -377,12 +396,14 @@ impl Shard {
         };
         let checkpoint = (!chunks.is_empty()
             || !p.processed.is_empty()
-            || !p.batch_waiters.is_empty())
+            || !p.batch_waiters.is_empty()
+            || !forgotten.is_empty())
         .then(|| Checkpointing {
             generation: self.checkpoint_generation,
             writes: chunks,
             processed: std::mem::take(&mut p.processed),
             waiters: std::mem::take(&mut p.batch_waiters),
+            forgotten,
             failed: None,
         });
         // Handed over now only when the writer thread opens the gate: a gate `announce` opens
@@ -551,7 +572,7 @@ fn settled(
             return None;
         }
         let done = queue.pop_front()?;
-        if !done.processed.is_empty() || !done.waiters.is_empty() {
+        if !done.processed.is_empty() || !done.waiters.is_empty() || !done.forgotten.is_empty() {
             return Some(done);
         }
         if let Some(e) = done.failed {
@@ -608,6 +629,7 @@ mod tests {
             },
             processed,
             waiters: Vec::new(),
+            forgotten: Vec::new(),
             failed: None,
         }
     }

@@ -2648,6 +2648,100 @@ mod tests {
         engine.shutdown().await;
     }
 
+    /// A context made anew while the deletion of its forgotten predecessor is still in flight
+    /// (the store's bulk lane held back) and written with a decision before that deletion
+    /// commits is written again by the next checkpoint, behind the deletion: after both, it is
+    /// in the store.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_context_made_anew_while_its_deletion_is_in_flight_is_stored_after_it() {
+        let clock = crate::clock::Clock::manual(PROBED_T0 * 1000);
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, _rx, db, _threads, writer) = engine_and_writer_in(
+            dir.path(),
+            EngineSettings {
+                clock: clock.clone(),
+                sweep_interval: Duration::from_millis(5),
+                checkpoint_interval: Duration::from_secs(3600),
+                context_retention: Duration::from_secs(3600),
+                disabled_account_retention: Duration::from_secs(3 * 3600),
+                context_scan_interval: Duration::from_millis(5),
+                ..EngineSettings::default()
+            },
+        );
+        swap_rules(
+            &engine,
+            "rules:\n  - {id: sessions, on: [session-revoked], when: 'context.session_revoked_at > grant.issued_at', effect: revoke}\n",
+        )
+        .await;
+        let x = "email:x@example.com";
+        let about_x = |example: &str, at: i64, seq: u64| {
+            example_about(
+                example,
+                serde_json::json!({"format": "email", "email": "x@example.com"}),
+                at,
+                seq,
+            )
+        };
+        // A source's batch, answered at the checkpoint the clock (moved an interval) calls.
+        let checkpointed = |signals: Vec<Signal>| {
+            let done = engine.submit_batch(signals).unwrap();
+            clock.advance(Duration::from_secs(3600));
+            async move {
+                tokio::task::spawn_blocking(move || done.wait_blocking())
+                    .await
+                    .unwrap()
+                    .unwrap();
+            }
+        };
+        checkpointed(vec![about_x("caep-risk-level-change.json", PROBED_T0, 1)]).await;
+        let stored = || persist::stored_context_version(&db, x);
+        assert_eq!(stored(), Some(1));
+
+        // Two windows later x is forgotten; its deletion waits in the held-back bulk lane.
+        writer.pause_bulk(true);
+        clock.advance(Duration::from_secs(7200));
+        within_5s("x was not forgotten", || {
+            !engine.shared.contexts.contains_key(x)
+        })
+        .await;
+        // A checkpoint starts now (the interval has passed), so none starts with x's decision.
+        let _behind = engine
+            .submit_batch(risk_feed(100, 1, PROBED_T0 + 7200))
+            .unwrap();
+        register_json(&engine, probed_session("barrier", "barrier@example.com")).await;
+
+        // x anew: a grant, and a session revocation decided on it.
+        let mut grant = probed_session("gx", "x@example.com");
+        grant["issued_at"] = (PROBED_T0 + 7000).into();
+        register_json(&engine, grant).await;
+        engine
+            .apply_signals(vec![about_x(
+                "caep-session-revoked.json",
+                PROBED_T0 + 7200,
+                2,
+            )])
+            .await
+            .unwrap();
+        within_5s("x's grant was not revoked", || {
+            engine
+                .grant("gx")
+                .is_some_and(|g| g.status == GrantStatus::Revoked)
+        })
+        .await;
+        within_5s("x's decided context was not stored", || stored() == Some(1)).await;
+        register_json(&engine, probed_session("barrier2", "barrier2@example.com")).await;
+
+        // The deletion commits after the decision's write, then the next checkpoint.
+        writer.pause_bulk(false);
+        checkpointed(risk_feed(200, 1, PROBED_T0 + 10_800)).await;
+        assert_eq!(
+            stored(),
+            Some(1),
+            "x's context is stored after its predecessor's deletion"
+        );
+        engine.shutdown().await;
+    }
+
     /// A checkpoint larger than a part is written over several batches; the signal batch it
     /// covers is answered only once every part is on disk, and by then every context is stored.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

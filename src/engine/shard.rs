@@ -47,6 +47,11 @@ pub(crate) struct Shard {
     /// to find it current. When every Kafka message revokes, every context a checkpoint holds
     /// was stored so (benches/RESULTS.md).
     pub(super) decided_stored: HashMap<String, u64>,
+    /// Contexts retention forgot whose deletion (bulk lane) has not settled yet, with how many
+    /// such deletions are in flight. A context made anew under such a key and written with a
+    /// decision (ordinary lane) may be deleted after that write: it is not noted in
+    /// [`Shard::decided_stored`], so the next checkpoint writes it again, behind the deletion.
+    pub(super) forgetting: HashMap<String, u32>,
     /// Session revocations changed by replayable signals, written with the next checkpoint.
     pub(super) dirty_revocations: Vec<(String, String)>,
     /// Links (identifier → principal) learned from replayable signals, written with the next
@@ -155,6 +160,7 @@ impl Shard {
             expiry,
             dirty: std::collections::HashSet::new(),
             decided_stored: HashMap::new(),
+            forgetting: HashMap::new(),
             dirty_revocations: Vec::new(),
             dirty_aliases: HashMap::new(),
             checkpoint_waiters: Vec::new(),
