@@ -1564,8 +1564,18 @@ mod tests {
         clock: &crate::clock::Clock,
         signals: Vec<Signal>,
     ) {
+        apply_at_checkpoint_after(engine, clock, signals, Duration::from_secs(1)).await;
+    }
+
+    /// [`apply_at_checkpoint`] on an engine whose checkpoint interval is `interval`.
+    async fn apply_at_checkpoint_after(
+        engine: &Engine,
+        clock: &crate::clock::Clock,
+        signals: Vec<Signal>,
+        interval: Duration,
+    ) {
         let done = engine.submit_batch(signals).unwrap();
-        clock.advance(Duration::from_secs(1));
+        clock.advance(interval);
         tokio::task::spawn_blocking(move || done.wait_blocking())
             .await
             .unwrap()
@@ -2682,17 +2692,9 @@ mod tests {
                 seq,
             )
         };
-        // A source's batch, answered at the checkpoint the clock (moved an interval) calls.
-        let checkpointed = |signals: Vec<Signal>| {
-            let done = engine.submit_batch(signals).unwrap();
-            clock.advance(Duration::from_secs(3600));
-            async move {
-                tokio::task::spawn_blocking(move || done.wait_blocking())
-                    .await
-                    .unwrap()
-                    .unwrap();
-            }
-        };
+        let hour = Duration::from_secs(3600);
+        let checkpointed =
+            |signals: Vec<Signal>| apply_at_checkpoint_after(&engine, &clock, signals, hour);
         checkpointed(vec![about_x("caep-risk-level-change.json", PROBED_T0, 1)]).await;
         let stored = || persist::stored_context_version(&db, x);
         assert_eq!(stored(), Some(1));
