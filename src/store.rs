@@ -177,6 +177,9 @@ pub struct BatchWriter {
     /// Set, the writer leaves the bulk lane waiting: tests make a slow store this way.
     #[cfg(test)]
     bulk_paused: Arc<std::sync::atomic::AtomicBool>,
+    /// Set, every commit of ordinary writes fails: tests make a broken disk this way.
+    #[cfg(test)]
+    ordinary_failing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The writer thread; [`BatchWriterThread::join`] waits until every [`BatchWriter`] is dropped and
@@ -241,6 +244,7 @@ impl BatchWriter {
         let max_batch = max_batch.max(1);
         let (tx, rx) = tokio::sync::mpsc::channel(max_batch * 4);
         let bulk_paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ordinary_failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let handle = std::thread::Builder::new()
             .name(format!("vigil-{store}-writer"))
             .spawn({
@@ -248,6 +252,7 @@ impl BatchWriter {
                 let lanes = Lanes {
                     rx,
                     bulk_paused: bulk_paused.clone(),
+                    ordinary_failing: ordinary_failing.clone(),
                     bulk_backlog_age,
                     bulk_overdue,
                 };
@@ -259,6 +264,8 @@ impl BatchWriter {
                 db,
                 #[cfg(test)]
                 bulk_paused,
+                #[cfg(test)]
+                ordinary_failing,
             },
             BatchWriterThread(handle),
         ))
@@ -270,6 +277,14 @@ impl BatchWriter {
     pub(crate) fn pause_bulk(&self, paused: bool) {
         self.bulk_paused
             .store(paused, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Makes every commit of ordinary writes fail (`true`), as a broken disk would, or lets
+    /// them commit again; the bulk lane is not affected. For tests.
+    #[cfg(test)]
+    pub(crate) fn fail_ordinary(&self, failing: bool) {
+        self.ordinary_failing
+            .store(failing, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The file this writer commits to. A long read that decides what to write (a scan of a
@@ -416,6 +431,8 @@ impl BatchWriter {
 struct Lanes {
     rx: tokio::sync::mpsc::Receiver<Queued>,
     bulk_paused: Arc<std::sync::atomic::AtomicBool>,
+    /// [`BatchWriter::fail_ordinary`] (never set outside tests).
+    ordinary_failing: Arc<std::sync::atomic::AtomicBool>,
     /// [`BULK_BACKLOG_AGE`].
     bulk_backlog_age: std::time::Duration,
     /// [`BULK_OVERDUE`].
@@ -427,6 +444,7 @@ fn writer_loop(db: Arc<redb::Database>, store: &'static str, lanes: Lanes, max_b
     let Lanes {
         mut rx,
         bulk_paused,
+        ordinary_failing,
         bulk_backlog_age,
         bulk_overdue,
     } = lanes;
@@ -513,7 +531,13 @@ fn writer_loop(db: Arc<redb::Database>, store: &'static str, lanes: Lanes, max_b
             all_ok &= ok;
             completions.push(completion);
         }
-        let outcome = if all_ok {
+        let broken = last_ordinary && ordinary_failing.load(std::sync::atomic::Ordering::Relaxed);
+        let outcome = if broken {
+            let _ = txn.abort();
+            Err(WriteError::Storage(
+                "the disk is broken (a test said so)".into(),
+            ))
+        } else if all_ok {
             txn.commit().map_err(WriteError::storage)
         } else {
             let _ = txn.abort();

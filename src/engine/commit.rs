@@ -59,6 +59,13 @@ pub(super) struct Pending {
     pub(super) forwards: Vec<(usize, Msg)>,
     pub(super) replies: Vec<Reply>,
     pub(super) permits: Vec<OwnedSemaphorePermit>,
+    /// Whether this batch started a checkpoint: the signals it applied are then covered by that
+    /// checkpoint, otherwise by the next one ([`Committing::covers`]).
+    pub(super) checkpoint_started: bool,
+    /// The generation of the checkpoint whose part (not its last) this batch carries, if any.
+    pub(super) part_of: Option<u64>,
+    /// The newest generation whose last part this batch carries, if any.
+    pub(super) completes: Option<u64>,
 }
 
 /// What waits for a checkpoint to be stored.
@@ -101,6 +108,12 @@ pub(super) struct Checkpointing {
     pub(super) waiters: Vec<CheckpointWaiter>,
     /// Contexts this batch's chunks delete (retention forgot them): see [`Shard::forgetting`].
     pub(super) forgotten: Vec<String>,
+    /// [`Pending::part_of`]: a failure of this batch fails that checkpoint too.
+    pub(super) part_of: Option<u64>,
+    /// [`Pending::completes`]: this batch answers for every checkpoint up to that generation.
+    pub(super) completes: Option<u64>,
+    /// Why this batch's own writes (its chunks, or its ordinary write) failed; once settled, the
+    /// failure of a checkpoint it completes.
     pub(super) failed: Option<String>,
 }
 
@@ -127,6 +140,34 @@ impl Checkpointing {
         }
         self.writes = left;
         self.writes.is_empty()
+    }
+}
+
+/// Commit failures not yet charged to a checkpoint, by the generation of the checkpoint that must
+/// fail for each. A batch whose commit failed has its signals covered by the checkpoint it
+/// started or else the next one to start; a failed part fails the checkpoint it belongs to.
+/// Keyed by generation, a failure is charged to that checkpoint and no other: charged to
+/// whichever checkpoint batch happened to be announced next (as it was), it could be taken by
+/// the last part of the checkpoint before, or by a retention deletion, and the checkpoint that
+/// did cover the failed batch's signals then marked them processed over state never stored.
+#[derive(Debug, Default)]
+pub(super) struct Unstored(std::collections::BTreeMap<u64, String>);
+
+impl Unstored {
+    /// Notes that the checkpoint of `generation` must fail for `error` (the first one stays).
+    pub(super) fn record(&mut self, generation: u64, error: &str) {
+        self.0.entry(generation).or_insert_with(|| error.to_owned());
+    }
+
+    /// Takes every failure a checkpoint batch completing `generation` answers for — its own
+    /// generation's and any older one's whose checkpoint carried nothing to fail — and gives the
+    /// first. Failures for later checkpoints stay.
+    pub(super) fn charge(&mut self, generation: u64) -> Option<String> {
+        let later = match generation.checked_add(1) {
+            Some(next) => self.0.split_off(&next),
+            None => std::collections::BTreeMap::new(),
+        };
+        std::mem::replace(&mut self.0, later).into_values().next()
     }
 }
 
@@ -199,11 +240,7 @@ impl Shard {
     /// Finishes, oldest first, the checkpoints in flight whose chunks have all committed (see
     /// [`settled`]): marks their signals processed and answers their batches.
     pub(super) fn settle_checkpoints(&mut self, wait_before: u64) {
-        while let Some(done) = settled(
-            &mut self.checkpointing,
-            &mut self.failed_since_checkpoint,
-            wait_before,
-        ) {
+        while let Some(done) = settled(&mut self.checkpointing, &mut self.unstored, wait_before) {
             for key in &done.forgotten {
                 if let Some(n) = self.forgetting.get_mut(key) {
                     *n -= 1;
@@ -232,6 +269,7 @@ impl Shard {
             draining.per_batch = usize::MAX;
             self.checkpoint_part(p);
         }
+        p.checkpoint_started = true;
         let keys = std::mem::take(&mut self.dirty);
         // Entries of keys the finished checkpoint wrote or skipped, and of keys no checkpoint
         // holds any more, are done with.
@@ -284,8 +322,10 @@ impl Shard {
                 draining.keys.remove(&key);
                 p.changes.contexts.extend(take(&key));
             }
+            p.part_of = Some(self.checkpoint_generation);
             return;
         }
+        p.completes = Some(self.checkpoint_generation);
         if let Some(last) = self.draining.take() {
             p.revocations.extend(last.revocations);
             p.changes.aliases.extend(last.aliases);
@@ -394,18 +434,24 @@ impl Shard {
             }
             _ => None,
         };
+        // A batch that completes a checkpoint is settled even if it carries nothing else, so the
+        // failures that checkpoint answers for are taken off `Shard::unstored`.
         let checkpoint = (!chunks.is_empty()
             || !p.processed.is_empty()
             || !p.batch_waiters.is_empty()
-            || !forgotten.is_empty())
+            || !forgotten.is_empty()
+            || p.completes.is_some())
         .then(|| Checkpointing {
             generation: self.checkpoint_generation,
             writes: chunks,
             processed: std::mem::take(&mut p.processed),
             waiters: std::mem::take(&mut p.batch_waiters),
             forgotten,
+            part_of: p.part_of,
+            completes: p.completes,
             failed: None,
         });
+        let covers = self.checkpoint_generation + u64::from(!p.checkpoint_started);
         // Handed over now only when the writer thread opens the gate: a gate `announce` opens
         // must not be waited for by delivery while this thread may block on a full channel.
         let handed = if gate.is_none() {
@@ -418,6 +464,7 @@ impl Shard {
             writes,
             replicated,
             checkpoint,
+            covers,
             gate,
             handed: (handed, durable),
             p,
@@ -479,6 +526,7 @@ impl Shard {
             writes,
             replicated,
             checkpoint,
+            covers,
             gate,
             handed,
             mut p,
@@ -507,15 +555,15 @@ impl Shard {
             gate.settle(failed.is_none());
         }
         self.send_to_delivery(handed.0, &handed.1);
-        if failed.is_some() {
-            self.failed_since_checkpoint.clone_from(&failed);
-        } else {
-            self.note_decided_stored(std::mem::take(&mut p.decided_versions));
+        match &failed {
+            // The checkpoint that covers this batch's signals must not mark them processed: they
+            // stay pending for replay. Rows of a checkpoint part in this write (its links) are
+            // not stored either: the batch's own checkpoint batch fails.
+            Some(e) => self.unstored.record(covers, e),
+            None => self.note_decided_stored(std::mem::take(&mut p.decided_versions)),
         }
         if let Some(mut checkpoint) = checkpoint {
-            // The checkpoint's signals were applied in this batch or the ones before it since the
-            // last checkpoint: if any of those failed to store its decisions, replay them all.
-            checkpoint.failed = self.failed_since_checkpoint.take();
+            checkpoint.failed.clone_from(&failed);
             self.checkpointing.push_back(checkpoint);
             // Checkpoints slower than their interval do not stop the shard: it holds back the
             // sources' backlogs until they are written (`Shard::checkpoints_lag`).
@@ -554,14 +602,13 @@ impl Shard {
 
 /// Takes the oldest checkpoint batch off `queue` once all its chunks have committed, if signals
 /// or batches wait for it — waiting for the batches of a generation older than `wait_before`,
-/// and for the oldest while more than [`CHECKPOINTS_IN_FLIGHT`] are in flight. A batch nothing
-/// waits for (a checkpoint's part before its last, forgotten contexts' deletions) is dropped
-/// once committed; if it failed, its failure goes on to the batch after it (or, none queued yet,
-/// to `failed_since`, which the next one takes), so the checkpoint's last part does not mark its
-/// signals processed.
+/// and for the oldest while more than [`CHECKPOINTS_IN_FLIGHT`] are in flight. A failed batch
+/// carrying a checkpoint's part fails that checkpoint ([`Unstored`]); a batch completing a
+/// checkpoint fails if it or anything that checkpoint answers for failed, so its signals are
+/// not marked processed. A batch nothing waits for is dropped once settled.
 fn settled(
     queue: &mut VecDeque<Checkpointing>,
-    failed_since: &mut Option<String>,
+    unstored: &mut Unstored,
     wait_before: u64,
 ) -> Option<Checkpointing> {
     loop {
@@ -571,16 +618,15 @@ fn settled(
         if !oldest.settle(block) {
             return None;
         }
-        let done = queue.pop_front()?;
+        let mut done = queue.pop_front()?;
+        if let (Some(e), Some(generation)) = (&done.failed, done.part_of) {
+            unstored.record(generation, e);
+        }
+        if let Some(charged) = done.completes.and_then(|g| unstored.charge(g)) {
+            done.failed.get_or_insert(charged);
+        }
         if !done.processed.is_empty() || !done.waiters.is_empty() || !done.forgotten.is_empty() {
             return Some(done);
-        }
-        if let Some(e) = done.failed {
-            let next = match queue.front_mut() {
-                Some(next) => &mut next.failed,
-                None => &mut *failed_since,
-            };
-            next.get_or_insert(e);
         }
     }
 }
@@ -593,6 +639,9 @@ pub(super) struct Committing {
     pub(super) replicated: Option<oneshot::Receiver<Result<(), String>>>,
     /// The checkpoint the batch took, if any: its chunks (bulk lane) and what waits for them.
     pub(super) checkpoint: Option<Checkpointing>,
+    /// The generation of the checkpoint that covers the signals this batch applied: the one it
+    /// started, or else the next. If the batch's write fails, that checkpoint fails.
+    pub(super) covers: u64,
     /// The delivery gate of the batch's decisions, when `announce` opens it (cluster mode, or a
     /// batch with nothing to write); otherwise the writer thread holds it.
     pub(super) gate: Option<Commit>,
@@ -619,7 +668,15 @@ fn unless_failed<T>(
 mod tests {
     use super::*;
 
-    fn batch(generation: u64, failing: bool, processed: Vec<u64>) -> Checkpointing {
+    /// A checkpoint batch of `generation` whose own writes fail if `failing`, carrying a part of
+    /// the checkpoint `part_of` (not its last) and the last part of `completes`.
+    fn batch(
+        generation: u64,
+        failing: bool,
+        part_of: Option<u64>,
+        completes: Option<u64>,
+        processed: Vec<u64>,
+    ) -> Checkpointing {
         Checkpointing {
             generation,
             writes: if failing {
@@ -630,8 +687,21 @@ mod tests {
             processed,
             waiters: Vec::new(),
             forgotten: Vec::new(),
+            part_of,
+            completes,
             failed: None,
         }
+    }
+
+    /// Settles every batch of `queue`, giving each answered one's signals and whether it failed.
+    fn settle_all(queue: Vec<Checkpointing>, unstored: &mut Unstored) -> Vec<(Vec<u64>, bool)> {
+        let mut queue = VecDeque::from(queue);
+        let mut answered = Vec::new();
+        while let Some(done) = settled(&mut queue, unstored, 0) {
+            answered.push((done.processed, done.failed.is_some()));
+        }
+        assert!(queue.is_empty());
+        answered
     }
 
     /// Small checkpoints go in parts of at least `CHECKPOINT_PART`; a large one in at most
@@ -650,23 +720,86 @@ mod tests {
     /// pending for replay instead of being marked processed over contexts that are not stored.
     #[test]
     fn a_failed_part_fails_the_checkpoint_it_belongs_to() {
-        let mut failed_since = None;
-        let mut queue = VecDeque::from([batch(1, true, Vec::new()), batch(1, false, vec![7])]);
-        let done = settled(&mut queue, &mut failed_since, 0).expect("the last part settles");
-        assert_eq!(done.processed, [7]);
-        assert!(done.failed.is_some_and(|e| e.contains("disk full")));
-        assert!(queue.is_empty() && failed_since.is_none());
+        let mut unstored = Unstored::default();
+        let answered = settle_all(
+            vec![
+                batch(1, true, Some(1), None, Vec::new()),
+                batch(1, false, None, Some(1), vec![7]),
+            ],
+            &mut unstored,
+        );
+        assert_eq!(answered, [(vec![7], true)]);
 
-        // The last part not queued yet: the next batch that is takes the failure.
-        let mut queue = VecDeque::from([batch(2, true, Vec::new())]);
-        assert!(settled(&mut queue, &mut failed_since, 0).is_none());
-        assert!(failed_since.is_some_and(|e| e.contains("disk full")));
+        // The last part not queued yet: it fails when it comes.
+        assert!(settle_all(
+            vec![batch(2, true, Some(2), None, Vec::new())],
+            &mut unstored
+        )
+        .is_empty());
+        let answered = settle_all(vec![batch(2, false, None, Some(2), vec![8])], &mut unstored);
+        assert_eq!(answered, [(vec![8], true)]);
 
         // Parts that committed hand nothing on.
-        let mut failed_since = None;
-        let mut queue = VecDeque::from([batch(3, false, Vec::new()), batch(3, false, vec![8])]);
-        let done = settled(&mut queue, &mut failed_since, 0).expect("the last part settles");
-        assert!(done.failed.is_none());
-        assert!(failed_since.is_none());
+        let answered = settle_all(
+            vec![
+                batch(3, false, Some(3), None, Vec::new()),
+                batch(3, false, None, Some(3), vec![9]),
+            ],
+            &mut unstored,
+        );
+        assert_eq!(answered, [(vec![9], false)]);
+    }
+
+    /// A batch whose write failed after checkpoint 1 started has its signals covered by
+    /// checkpoint 2. Checkpoint 1, still draining then, stores its parts and succeeds; checkpoint
+    /// 2 fails. (Charged to the next checkpoint batch announced, the failure was taken by 1's
+    /// last part, and 2 marked the failed batch's signals processed.)
+    #[test]
+    fn a_failed_batch_fails_the_checkpoint_covering_it_not_the_one_draining() {
+        let mut unstored = Unstored::default();
+        unstored.record(2, "disk full");
+        let answered = settle_all(
+            vec![
+                batch(1, false, Some(1), None, Vec::new()),
+                batch(1, false, None, Some(1), vec![5]),
+            ],
+            &mut unstored,
+        );
+        assert_eq!(answered, [(vec![5], false)]);
+        let answered = settle_all(vec![batch(2, false, None, Some(2), vec![6])], &mut unstored);
+        assert_eq!(answered, [(vec![6], true)]);
+    }
+
+    /// A retention deletion settled between the failed batch and its checkpoint is answered and
+    /// takes nothing: the checkpoint still fails.
+    #[test]
+    fn a_retention_deletion_does_not_take_a_failure_for_a_checkpoint() {
+        let mut unstored = Unstored::default();
+        unstored.record(4, "disk full");
+        let mut deletion = batch(3, false, None, None, Vec::new());
+        deletion.forgotten = vec!["email:x@example.com".to_owned()];
+        let answered = settle_all(
+            vec![deletion, batch(4, false, None, Some(4), vec![1])],
+            &mut unstored,
+        );
+        assert_eq!(answered, [(Vec::new(), false), (vec![1], true)]);
+    }
+
+    /// A batch that completes checkpoint 1 and carries checkpoint 2's first part, failing,
+    /// fails both.
+    #[test]
+    fn a_failed_batch_carrying_two_checkpoints_fails_both() {
+        let mut unstored = Unstored::default();
+        let answered = settle_all(
+            vec![
+                batch(2, true, Some(2), Some(1), vec![3]),
+                batch(2, false, None, Some(2), vec![4]),
+            ],
+            &mut unstored,
+        );
+        assert_eq!(answered, [(vec![3], true), (vec![4], true)]);
+        // Nothing is left for checkpoint 3.
+        let answered = settle_all(vec![batch(3, false, None, Some(3), vec![5])], &mut unstored);
+        assert_eq!(answered, [(vec![5], false)]);
     }
 }

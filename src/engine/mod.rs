@@ -2744,6 +2744,96 @@ mod tests {
         engine.shutdown().await;
     }
 
+    /// A batch whose commit failed (a broken disk) is answered with a failure by the checkpoint
+    /// that covers it, even when a retention deletion commits between them: its decisions are not
+    /// stored, so its signals must be replayed. (The failure used to be taken by whichever
+    /// checkpoint batch came next — here the deletion — and the covering checkpoint answered
+    /// the batch as stored.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_whose_commit_failed_is_answered_failed_by_its_checkpoint() {
+        let clock = crate::clock::Clock::manual(PROBED_T0 * 1000);
+        let dir = tempfile::tempdir().unwrap();
+        let settings = || EngineSettings {
+            clock: clock.clone(),
+            sweep_interval: Duration::from_millis(5),
+            checkpoint_interval: Duration::from_secs(10 * 3600),
+            context_retention: Duration::from_secs(3600),
+            disabled_account_retention: Duration::from_secs(3 * 3600),
+            context_scan_interval: Duration::from_millis(5),
+            ..EngineSettings::default()
+        };
+        let (x, y) = ("x@example.com", "y@example.com");
+        let about = |who: &str, example: &str, seq: u64| {
+            example_about(
+                example,
+                serde_json::json!({"format": "email", "email": who}),
+                PROBED_T0,
+                seq,
+            )
+        };
+        // x's context, stored by the checkpoint at a stop: after the restart it is not dirty,
+        // and retention may forget it.
+        let (engine, _rx, db, held) = engine_in(dir.path(), settings());
+        engine
+            .apply_signals(vec![about(x, "caep-risk-level-change.json", 1)])
+            .await
+            .unwrap();
+        register_json(&engine, probed_session("gy", y)).await;
+        engine.shutdown().await;
+        drop(engine);
+        held.join().await;
+        drop(db);
+
+        let (engine, _rx, db, _held, writer) = engine_and_writer_in(dir.path(), settings());
+        assert_eq!(
+            persist::stored_context_version(&db, "email:x@example.com"),
+            Some(1)
+        );
+        swap_rules(
+            &engine,
+            "rules:\n  - {id: sessions, on: [session-revoked], when: 'context.session_revoked_at > grant.issued_at', effect: revoke}\n",
+        )
+        .await;
+        writer.fail_ordinary(true);
+        let failed = engine
+            .submit_batch(vec![about(y, "caep-session-revoked.json", 2)])
+            .unwrap();
+        within_5s("y's grant was not revoked", || {
+            engine
+                .grant("gy")
+                .is_some_and(|g| g.status == GrantStatus::Revoked)
+        })
+        .await;
+        // Answered once its batch is announced, so every batch before it is: the failure is
+        // known to the shard.
+        let barrier: GrantRequest =
+            serde_json::from_value(probed_session("barrier", "barrier@example.com")).unwrap();
+        let refused = engine.register(barrier, Registrant::client("test")).await;
+        assert!(
+            matches!(refused, Err(EngineError::Storage(_))),
+            "{refused:?}"
+        );
+        writer.fail_ordinary(false);
+
+        // Two hours on, x is forgotten; its deletion commits in a batch of its own.
+        clock.advance(Duration::from_secs(2 * 3600));
+        within_5s("x was not forgotten", || {
+            persist::stored_context_version(&db, "email:x@example.com").is_none()
+        })
+        .await;
+
+        // The checkpoint that covers the failed batch.
+        clock.advance(Duration::from_secs(10 * 3600));
+        let answer = tokio::task::spawn_blocking(move || failed.wait_blocking())
+            .await
+            .unwrap();
+        assert!(
+            answer.is_err(),
+            "a batch whose decisions were never stored was answered as stored"
+        );
+        engine.shutdown().await;
+    }
+
     /// A checkpoint larger than a part is written over several batches; the signal batch it
     /// covers is answered only once every part is on disk, and by then every context is stored.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

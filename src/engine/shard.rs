@@ -9,7 +9,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::commit::{CheckpointWaiter, Checkpointing, Committing, Draining, Pending, Reply};
+use super::commit::{
+    CheckpointWaiter, Checkpointing, Committing, Draining, Pending, Reply, Unstored,
+};
 use super::decide::{self, cause_of};
 use super::inbox::{is_bulk, Bulk, Disconnected, Inbox, InboxSender};
 use super::inputs::{shared_view, Inputs};
@@ -74,9 +76,10 @@ pub(crate) struct Shard {
     pub(super) checkpoint_generation: u64,
     /// Checkpoints whose chunks are still committing, oldest first (see [`Checkpointing`]).
     pub(super) checkpointing: VecDeque<Checkpointing>,
-    /// A batch commit that failed since the last checkpoint: the next checkpoint's signals include
-    /// that batch's, whose decisions are not stored, so they must stay pending for replay.
-    pub(super) failed_since_checkpoint: Option<String>,
+    /// Commit failures waiting for the checkpoint each fails: that checkpoint's signals include
+    /// the failed batch's, whose decisions are not stored, so they must stay pending for replay.
+    /// Bounded by the checkpoints in flight: the batch that completes one takes its failures.
+    pub(super) unstored: Unstored,
 }
 
 /// How often an idle shard looks whether a checkpoint in flight has committed.
@@ -169,7 +172,7 @@ impl Shard {
             draining: None,
             checkpoint_generation: 0,
             checkpointing: VecDeque::new(),
-            failed_since_checkpoint: None,
+            unstored: Unstored::default(),
         }
     }
 
