@@ -546,6 +546,7 @@ fn writer_loop(db: Arc<redb::Database>, store: &'static str, lanes: Lanes, max_b
             ))
         };
         if let Err(e) = &outcome {
+            metrics::counter!(crate::telemetry::STORE_COMMIT_ERRORS, "store" => store).increment(1);
             tracing::error!(error = %e, size, "store commit failed; nothing in this batch was written");
         } else {
             metrics::histogram!(crate::telemetry::STORE_COMMIT_SECONDS, "store" => store)

@@ -138,6 +138,8 @@ catalogue! {
         "Signals folded into a context (changed=no: older or identical)";
     ENGINE_BATCH_SECONDS = "vigil_engine_batch_seconds", Histogram, [],
         "One shard batch, in memory, before its commit";
+    ENGINE_CHECKPOINTS = "vigil_engine_checkpoints_total", Counter, ["outcome"],
+        "Shard checkpoints settled (two finished in one batch count once): outcome=stored (their pushed signals marked processed, their sources' batches answered) or failed (a part, or a batch commit whose signals they cover, was not stored: the signals stay pending for replay, the batches are answered with the failure)";
     CONTEXT_FACTS_EVICTED = "vigil_context_facts_evicted_total", Counter, [],
         "Facts dropped from a context holding 256 keys of their kind (the oldest by event time of the party — transmitter or feed topic — holding the most goes)";
     CONTEXTS = "vigil_contexts", Gauge, [],
@@ -170,6 +172,8 @@ catalogue! {
         "One group-commit transaction (store: state, intake_meta; intake: one append and fdatasync of the intake log)";
     STORE_BATCH_SIZE = "vigil_store_batch_size", Histogram, ["store"],
         "Writes per group commit";
+    STORE_COMMIT_ERRORS = "vigil_store_commit_errors_total", Counter, ["store"],
+        "Group commits that failed (a write in them failed, or the disk did): nothing in them was written, and each writer was told";
     STREAMS_PAUSED_UNREAD = "vigil_streams_paused_unread_total", Counter, [],
         "Poll and SSE streams paused because nobody read their waiting SETs for delivery.unread_pause_after_secs";
     OUTBOX_DEAD_LETTERED = "vigil_outbox_dead_lettered_total", Counter, [],

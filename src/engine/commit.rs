@@ -622,8 +622,17 @@ fn settled(
         if let (Some(e), Some(generation)) = (&done.failed, done.part_of) {
             unstored.record(generation, e);
         }
-        if let Some(charged) = done.completes.and_then(|g| unstored.charge(g)) {
-            done.failed.get_or_insert(charged);
+        if let Some(generation) = done.completes {
+            if let Some(charged) = unstored.charge(generation) {
+                done.failed.get_or_insert(charged);
+            }
+            let outcome = if done.failed.is_some() {
+                "failed"
+            } else {
+                "stored"
+            };
+            metrics::counter!(crate::telemetry::ENGINE_CHECKPOINTS, "outcome" => outcome)
+                .increment(1);
         }
         if !done.processed.is_empty() || !done.waiters.is_empty() || !done.forgotten.is_empty() {
             return Some(done);
