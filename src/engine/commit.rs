@@ -150,6 +150,8 @@ impl Checkpointing {
 /// whichever checkpoint batch happened to be announced next (as it was), it could be taken by
 /// the last part of the checkpoint before, or by a retention deletion, and the checkpoint that
 /// did cover the failed batch's signals then marked them processed over state never stored.
+/// What a failure that passes leaves in memory alone is not written again: ARCHITECTURE.md,
+/// "Known gap".
 #[derive(Debug, Default)]
 pub(super) struct Unstored(std::collections::BTreeMap<u64, String>);
 
