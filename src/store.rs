@@ -180,6 +180,9 @@ pub struct BatchWriter {
     /// Set, every commit of ordinary writes fails: tests make a broken disk this way.
     #[cfg(test)]
     ordinary_failing: Arc<std::sync::atomic::AtomicBool>,
+    /// The same for the bulk lane's commits.
+    #[cfg(test)]
+    bulk_failing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The writer thread; [`BatchWriterThread::join`] waits until every [`BatchWriter`] is dropped and
@@ -245,6 +248,7 @@ impl BatchWriter {
         let (tx, rx) = tokio::sync::mpsc::channel(max_batch * 4);
         let bulk_paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let ordinary_failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let bulk_failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let handle = std::thread::Builder::new()
             .name(format!("vigil-{store}-writer"))
             .spawn({
@@ -253,6 +257,7 @@ impl BatchWriter {
                     rx,
                     bulk_paused: bulk_paused.clone(),
                     ordinary_failing: ordinary_failing.clone(),
+                    bulk_failing: bulk_failing.clone(),
                     bulk_backlog_age,
                     bulk_overdue,
                 };
@@ -266,6 +271,8 @@ impl BatchWriter {
                 bulk_paused,
                 #[cfg(test)]
                 ordinary_failing,
+                #[cfg(test)]
+                bulk_failing,
             },
             BatchWriterThread(handle),
         ))
@@ -284,6 +291,13 @@ impl BatchWriter {
     #[cfg(test)]
     pub(crate) fn fail_ordinary(&self, failing: bool) {
         self.ordinary_failing
+            .store(failing, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// [`BatchWriter::fail_ordinary`] for the bulk lane's commits. For tests.
+    #[cfg(test)]
+    pub(crate) fn fail_bulk(&self, failing: bool) {
+        self.bulk_failing
             .store(failing, std::sync::atomic::Ordering::Relaxed);
     }
 
@@ -431,8 +445,9 @@ impl BatchWriter {
 struct Lanes {
     rx: tokio::sync::mpsc::Receiver<Queued>,
     bulk_paused: Arc<std::sync::atomic::AtomicBool>,
-    /// [`BatchWriter::fail_ordinary`] (never set outside tests).
+    /// [`BatchWriter::fail_ordinary`] and [`BatchWriter::fail_bulk`] (never set outside tests).
     ordinary_failing: Arc<std::sync::atomic::AtomicBool>,
+    bulk_failing: Arc<std::sync::atomic::AtomicBool>,
     /// [`BULK_BACKLOG_AGE`].
     bulk_backlog_age: std::time::Duration,
     /// [`BULK_OVERDUE`].
@@ -445,6 +460,7 @@ fn writer_loop(db: Arc<redb::Database>, store: &'static str, lanes: Lanes, max_b
         mut rx,
         bulk_paused,
         ordinary_failing,
+        bulk_failing,
         bulk_backlog_age,
         bulk_overdue,
     } = lanes;
@@ -531,7 +547,12 @@ fn writer_loop(db: Arc<redb::Database>, store: &'static str, lanes: Lanes, max_b
             all_ok &= ok;
             completions.push(completion);
         }
-        let broken = last_ordinary && ordinary_failing.load(std::sync::atomic::Ordering::Relaxed);
+        let broken = if last_ordinary {
+            &ordinary_failing
+        } else {
+            &bulk_failing
+        }
+        .load(std::sync::atomic::Ordering::Relaxed);
         let outcome = if broken {
             let _ = txn.abort();
             Err(WriteError::Storage(

@@ -13,6 +13,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit};
 use super::handed::{Commit, Durable, Handed};
 use super::handover::Lane;
 use super::persist::{self, Changes};
+use super::rewrite::Written;
 use super::shard::Shard;
 use super::{EngineError, Msg, Registered};
 use crate::decision::Decision;
@@ -66,6 +67,12 @@ pub(super) struct Pending {
     pub(super) part_of: Option<u64>,
     /// The newest generation whose last part this batch carries, if any.
     pub(super) completes: Option<u64>,
+    /// What this batch's ordinary write holds, kept until its outcome is known
+    /// ([`super::rewrite`]).
+    pub(super) written: Written,
+    /// Decisions of an earlier batch whose commit failed, handed to delivery again with this
+    /// batch's (and written to the hand-off with them).
+    pub(super) rehanded: Vec<(Decision, Arc<Grant>)>,
 }
 
 /// What waits for a checkpoint to be stored.
@@ -112,6 +119,10 @@ pub(super) struct Checkpointing {
     pub(super) part_of: Option<u64>,
     /// [`Pending::completes`]: this batch answers for every checkpoint up to that generation.
     pub(super) completes: Option<u64>,
+    /// Keys of the contexts and session revocations this batch's chunks write: if a chunk
+    /// fails, they are dirty again, so a later checkpoint writes them ([`super::rewrite`]).
+    pub(super) contexts: Vec<String>,
+    pub(super) revocations: Vec<(String, String)>,
     /// Why this batch's own writes (its chunks, or its ordinary write) failed; once settled, the
     /// failure of a checkpoint it completes.
     pub(super) failed: Option<String>,
@@ -150,8 +161,7 @@ impl Checkpointing {
 /// whichever checkpoint batch happened to be announced next (as it was), it could be taken by
 /// the last part of the checkpoint before, or by a retention deletion, and the checkpoint that
 /// did cover the failed batch's signals then marked them processed over state never stored.
-/// What a failure that passes leaves in memory alone is not written again: ARCHITECTURE.md,
-/// "Known gap".
+/// What such a failure left in memory alone is written again by [`super::rewrite`].
 #[derive(Debug, Default)]
 pub(super) struct Unstored(std::collections::BTreeMap<u64, String>);
 
@@ -242,7 +252,13 @@ impl Shard {
     /// Finishes, oldest first, the checkpoints in flight whose chunks have all committed (see
     /// [`settled`]): marks their signals processed and answers their batches.
     pub(super) fn settle_checkpoints(&mut self, wait_before: u64) {
-        while let Some(done) = settled(&mut self.checkpointing, &mut self.unstored, wait_before) {
+        let mut unwritten = Unwritten::default();
+        while let Some(done) = settled(
+            &mut self.checkpointing,
+            &mut self.unstored,
+            &mut unwritten,
+            wait_before,
+        ) {
             for key in &done.forgotten {
                 if let Some(n) = self.forgetting.get_mut(key) {
                     *n -= 1;
@@ -261,6 +277,21 @@ impl Shard {
                 w.answer(done.failed.clone().map_or(Ok(()), Err));
             }
         }
+        // What failed chunks did not store is dirty again, for a later checkpoint (only what this
+        // instance still holds): a source redelivering the signals that changed it may change
+        // nothing in memory ([`super::rewrite`]).
+        for key in unwritten.contexts {
+            if self.shared.contexts.contains_key(&key) {
+                self.dirty.insert(key);
+            }
+        }
+        let contexts = &self.shared.contexts;
+        self.dirty_revocations.extend(
+            unwritten
+                .revocations
+                .into_iter()
+                .filter(|(key, _)| contexts.contains_key(key)),
+        );
     }
 
     /// Starts a checkpoint of the contexts changed since the last one, finishing the one before
@@ -340,6 +371,9 @@ impl Shard {
     /// from it), then one state store write, queued without waiting. Intake hears which signals are
     /// processed only once that write is on disk (`announce`).
     pub(super) fn commit(&mut self, mut p: Pending) -> Committing {
+        if let Some(written) = self.rewrite.take() {
+            self.write_again(written, &mut p);
+        }
         if !p.decisions.is_empty() {
             if let Err(e) = self.shared.audit.append(&p.decisions) {
                 metrics::counter!(crate::telemetry::AUDIT_ERRORS).increment(1);
@@ -353,6 +387,7 @@ impl Shard {
                 p.changes.handoff.push((d.clone(), g.clone()));
             }
         }
+        p.changes.handoff.extend(p.rehanded.iter().cloned());
         // This batch's deletions go to the bulk lane, behind its ordinary write.
         let forgotten = p.changes.deleted_contexts.clone();
         for key in &forgotten {
@@ -371,6 +406,10 @@ impl Shard {
         }
         p.revocations.sort_unstable();
         p.revocations.dedup();
+        p.written = Written::of(&p.changes);
+        let checkpoint_contexts: Vec<String> =
+            p.changes.contexts.iter().map(|c| c.key.clone()).collect();
+        let checkpoint_revocations = p.revocations.clone();
         let mut revocations = Ok(());
         for (key, filter) in std::mem::take(&mut p.revocations) {
             if let Some(ctx) = self.shared.contexts.get(&key).map(|c| c.clone()) {
@@ -451,6 +490,8 @@ impl Shard {
             forgotten,
             part_of: p.part_of,
             completes: p.completes,
+            contexts: checkpoint_contexts,
+            revocations: checkpoint_revocations,
             failed: None,
         });
         let covers = self.checkpoint_generation + u64::from(!p.checkpoint_started);
@@ -517,6 +558,11 @@ impl Shard {
                 };
                 Some((d.clone(), grant.clone(), lane))
             })
+            .chain(
+                p.rehanded
+                    .iter()
+                    .map(|(d, g)| (d.clone(), g.clone(), Lane::Interactive)),
+            )
             .collect()
     }
 
@@ -561,7 +607,14 @@ impl Shard {
             // The checkpoint that covers this batch's signals must not mark them processed: they
             // stay pending for replay. Rows of a checkpoint part in this write (its links) are
             // not stored either: the batch's own checkpoint batch fails.
-            Some(e) => self.unstored.record(covers, e),
+            Some(e) => {
+                self.unstored.record(covers, e);
+                let mut written = std::mem::take(&mut p.written);
+                written.hand_again(&mut p);
+                self.rewrite
+                    .get_or_insert_with(Written::default)
+                    .merge(written);
+            }
             None => self.note_decided_stored(std::mem::take(&mut p.decided_versions)),
         }
         if let Some(mut checkpoint) = checkpoint {
@@ -611,6 +664,7 @@ impl Shard {
 fn settled(
     queue: &mut VecDeque<Checkpointing>,
     unstored: &mut Unstored,
+    unwritten: &mut Unwritten,
     wait_before: u64,
 ) -> Option<Checkpointing> {
     loop {
@@ -623,6 +677,10 @@ fn settled(
         let mut done = queue.pop_front()?;
         if let (Some(e), Some(generation)) = (&done.failed, done.part_of) {
             unstored.record(generation, e);
+        }
+        if done.failed.is_some() {
+            unwritten.contexts.append(&mut done.contexts);
+            unwritten.revocations.append(&mut done.revocations);
         }
         if let Some(generation) = done.completes {
             if let Some(charged) = unstored.charge(generation) {
@@ -640,6 +698,13 @@ fn settled(
             return Some(done);
         }
     }
+}
+
+/// What failed checkpoint chunks did not store, for the dirty sets again.
+#[derive(Default)]
+pub(super) struct Unwritten {
+    contexts: Vec<String>,
+    revocations: Vec<(String, String)>,
 }
 
 /// A batch applied in memory whose commit is in flight.
@@ -700,6 +765,8 @@ mod tests {
             forgotten: Vec::new(),
             part_of,
             completes,
+            contexts: Vec::new(),
+            revocations: Vec::new(),
             failed: None,
         }
     }
@@ -708,7 +775,7 @@ mod tests {
     fn settle_all(queue: Vec<Checkpointing>, unstored: &mut Unstored) -> Vec<(Vec<u64>, bool)> {
         let mut queue = VecDeque::from(queue);
         let mut answered = Vec::new();
-        while let Some(done) = settled(&mut queue, unstored, 0) {
+        while let Some(done) = settled(&mut queue, unstored, &mut Unwritten::default(), 0) {
             answered.push((done.processed, done.failed.is_some()));
         }
         assert!(queue.is_empty());

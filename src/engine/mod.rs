@@ -29,6 +29,7 @@ mod persist;
 mod quota;
 mod replay;
 mod retention;
+mod rewrite;
 mod session_grant;
 pub mod shadow;
 
@@ -2748,7 +2749,9 @@ mod tests {
     /// that covers it, even when a retention deletion commits between them: its decisions are not
     /// stored, so its signals must be replayed. (The failure used to be taken by whichever
     /// checkpoint batch came next — here the deletion — and the covering checkpoint answered
-    /// the batch as stored.)
+    /// the batch as stored.) Once the disk takes writes again, a later batch writes the revoked
+    /// grant from memory and hands its decision to delivery again, durable this time: a
+    /// redelivered signal would change nothing in memory, so nothing else would.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_batch_whose_commit_failed_is_answered_failed_by_its_checkpoint() {
         let clock = crate::clock::Clock::manual(PROBED_T0 * 1000);
@@ -2784,7 +2787,7 @@ mod tests {
         held.join().await;
         drop(db);
 
-        let (engine, _rx, db, _held, writer) = engine_and_writer_in(dir.path(), settings());
+        let (engine, mut handed, db, _held, writer) = engine_and_writer_in(dir.path(), settings());
         assert_eq!(
             persist::stored_context_version(&db, "email:x@example.com"),
             Some(1)
@@ -2804,6 +2807,15 @@ mod tests {
                 .is_some_and(|g| g.status == GrantStatus::Revoked)
         })
         .await;
+        // A source's batch: its decisions go to delivery's bulk lane.
+        let first = tokio::time::timeout(Duration::from_secs(5), handed.bulk.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            !first.durable.wait().await,
+            "the revocation's commit failed"
+        );
         // Answered once its batch is announced, so every batch before it is: the failure is
         // known to the shard.
         let barrier: GrantRequest =
@@ -2830,6 +2842,85 @@ mod tests {
         assert!(
             answer.is_err(),
             "a batch whose decisions were never stored was answered as stored"
+        );
+        // Written again from memory, and handed to delivery again: same decision, durable.
+        let stored_status = || {
+            persist::load(&db)
+                .unwrap()
+                .grants
+                .into_iter()
+                .find(|g| &*g.id == "gy")
+                .map(|g| g.status)
+        };
+        assert_eq!(stored_status(), Some(GrantStatus::Revoked));
+        // Handed again with every later batch until one is stored (the barrier's failed too).
+        loop {
+            let again = tokio::time::timeout(Duration::from_secs(5), handed.interactive.recv())
+                .await
+                .expect("the decision was not handed again")
+                .unwrap();
+            assert_eq!(again.decision.id, first.decision.id);
+            if again.durable.wait().await {
+                break;
+            }
+        }
+        engine.shutdown().await;
+    }
+
+    /// A checkpoint whose chunk failed answers its batch with the failure, and what the chunk
+    /// held is dirty again. Redelivered, a session revocation changes nothing in memory (the
+    /// context holds it), so nothing else would write its row: the next checkpoint stores it
+    /// before answering the redelivered batch. (The context itself is dirtied by any signal
+    /// applied to it, changed or not.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn what_a_failed_checkpoint_chunk_left_unstored_is_stored_by_the_next() {
+        let clock = crate::clock::Clock::manual(PROBED_T0 * 1000);
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, _rx, db, _held, writer) = engine_and_writer_in(
+            dir.path(),
+            EngineSettings {
+                sweep_interval: Duration::from_millis(5),
+                checkpoint_interval: Duration::from_secs(3600),
+                clock: clock.clone(),
+                ..EngineSettings::default()
+            },
+        );
+        let revoked = || {
+            vec![example_about(
+                "caep-session-revoked.json",
+                serde_json::json!({"format": "email", "email": "s@example.com"}),
+                PROBED_T0,
+                1,
+            )]
+        };
+        let stored_revocations = || {
+            persist::load(&db)
+                .unwrap()
+                .contexts
+                .iter()
+                .find(|c| c.key == "email:s@example.com")
+                .map_or(0, |c| c.session_revocations.len())
+        };
+        writer.fail_bulk(true);
+        let failed = engine.submit_batch(revoked()).unwrap();
+        clock.advance(Duration::from_secs(3600));
+        let answer = tokio::task::spawn_blocking(move || failed.wait_blocking())
+            .await
+            .unwrap();
+        assert!(answer.is_err(), "answered as stored: {answer:?}");
+        assert_eq!(stored_revocations(), 0);
+
+        writer.fail_bulk(false);
+        let redelivered = engine.submit_batch(revoked()).unwrap();
+        clock.advance(Duration::from_secs(3600));
+        tokio::task::spawn_blocking(move || redelivered.wait_blocking())
+            .await
+            .unwrap()
+            .expect("the next checkpoint stored");
+        assert_eq!(
+            stored_revocations(),
+            1,
+            "the session revocation was never stored"
         );
         engine.shutdown().await;
     }

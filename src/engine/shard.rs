@@ -15,6 +15,7 @@ use super::commit::{
 use super::decide::{self, cause_of};
 use super::inbox::{is_bulk, Bulk, Disconnected, Inbox, InboxSender};
 use super::inputs::{shared_view, Inputs};
+use super::rewrite::Written;
 use super::session_grant;
 use super::{member_index, obo_index, principal_index, EngineError, Msg, Registered, Shared};
 use crate::context::PrincipalContext;
@@ -80,6 +81,9 @@ pub(crate) struct Shard {
     /// the failed batch's, whose decisions are not stored, so they must stay pending for replay.
     /// Bounded by the checkpoints in flight: the batch that completes one takes its failures.
     pub(super) unstored: Unstored,
+    /// What failed commits held, written again from memory with the next batch
+    /// ([`super::rewrite`]).
+    pub(super) rewrite: Option<Written>,
 }
 
 /// How often an idle shard looks whether a checkpoint in flight has committed.
@@ -173,6 +177,7 @@ impl Shard {
             checkpoint_generation: 0,
             checkpointing: VecDeque::new(),
             unstored: Unstored::default(),
+            rewrite: None,
         }
     }
 
@@ -427,6 +432,9 @@ impl Shard {
             .retain(|_, principal| !released(principal));
         if let Some(draining) = &mut self.draining {
             draining.release(released);
+        }
+        if let Some(rewrite) = &mut self.rewrite {
+            rewrite.release(released);
         }
     }
 

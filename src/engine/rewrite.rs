@@ -1,0 +1,107 @@
+//! What a batch whose commit failed leaves to write again. A shard applies a batch in memory
+//! before its commit; if the commit fails (the store, or in cluster mode the changelog) and a
+//! later one succeeds — a write error other than I/O, brokers that refused an append for a
+//! moment — memory holds what neither does. A source that redelivers the batch's signals then
+//! changes nothing in memory, so nothing would ever write them, and the checkpoint after would
+//! acknowledge them: after a restart or a failover, a revoked grant would be valid again. So the
+//! shard notes what each batch's ordinary write holds ([`Written`]), and after a failure writes
+//! the present state of the same rows with a later batch and hands its decisions to delivery
+//! again (same decisions, so the same SET `jti`s). A checkpoint chunk that failed puts its
+//! contexts and session revocations back among the dirty ones instead
+//! (`Shard::settle_checkpoints`): a redelivered signal dirties its context even when it changes
+//! nothing, but notes no session revocation the context already holds.
+
+use std::sync::Arc;
+
+use super::commit::Pending;
+use super::persist::Changes;
+use super::shard::Shard;
+use crate::decision::Decision;
+use crate::grant::{Grant, GrantId};
+
+/// The rows of a batch's ordinary write, by key, and the decisions it handed to delivery.
+#[derive(Default)]
+pub(super) struct Written {
+    grants: Vec<GrantId>,
+    deleted_grants: Vec<(GrantId, String)>,
+    /// Keys of the contexts written with decisions.
+    contexts: Vec<String>,
+    aliases: Vec<(String, String)>,
+    handoff: Vec<(Decision, Arc<Grant>)>,
+}
+
+impl Written {
+    /// The keys of what `changes` writes in the ordinary lane (the checkpoint's contexts and
+    /// revocations go to the bulk lane and are kept by its batches), before it is encoded.
+    pub(super) fn of(changes: &Changes) -> Written {
+        Written {
+            grants: changes.grants.iter().map(|g| g.id.clone()).collect(),
+            deleted_grants: changes.deleted_grants.clone(),
+            contexts: changes
+                .decided_contexts
+                .iter()
+                .map(|c| c.key.clone())
+                .collect(),
+            aliases: changes.aliases.clone(),
+            handoff: Vec::new(),
+        }
+    }
+
+    /// Adds the decisions of a failed batch delivery must act on — its own, and those it
+    /// handed again itself: delivery dropped them when their commit failed.
+    pub(super) fn hand_again(&mut self, p: &mut Pending) {
+        self.handoff.extend(
+            p.decisions
+                .iter()
+                .filter(|d| d.reaches_enforcement_points())
+                .filter_map(|d| Some((d.clone(), p.latest.get(d.grant_id.as_str())?.clone()))),
+        );
+        self.handoff.append(&mut p.rehanded);
+    }
+
+    /// Forgets what concerns principals another instance owns now: their rows are its to write.
+    pub(super) fn release(&mut self, released: &dyn Fn(&str) -> bool) {
+        self.deleted_grants
+            .retain(|(_, principal)| !released(principal));
+        self.contexts.retain(|key| !released(key));
+        self.aliases.retain(|(_, principal)| !released(principal));
+    }
+
+    pub(super) fn merge(&mut self, other: Written) {
+        self.grants.extend(other.grants);
+        self.deleted_grants.extend(other.deleted_grants);
+        self.contexts.extend(other.contexts);
+        self.aliases.extend(other.aliases);
+        self.handoff.extend(other.handoff);
+    }
+}
+
+impl Shard {
+    /// Puts into batch `p` the present state of what a failed commit held: grants as they are
+    /// now (or their deletion, if they are still gone), contexts as they are now, links that
+    /// still lead where they did; and its decisions, handed to delivery again with `p`'s.
+    pub(super) fn write_again(&self, written: Written, p: &mut Pending) {
+        let shared = &self.shared;
+        for id in written.grants {
+            if let Some(grant) = shared.grants.get(&id).map(|g| g.clone()) {
+                p.changes.grants.push(grant);
+            }
+        }
+        for (id, principal) in written.deleted_grants {
+            if !shared.grants.contains_key(&id) {
+                p.changes.deleted_grants.push((id, principal));
+            }
+        }
+        for key in written.contexts {
+            if let Some(ctx) = shared.contexts.get(&key).map(|c| c.clone()) {
+                p.changes.decided_contexts.push(ctx);
+            }
+        }
+        for (alias, principal) in written.aliases {
+            if shared.aliases.get(&alias).is_some_and(|p| *p == principal) {
+                p.changes.aliases.push((alias, principal));
+            }
+        }
+        p.rehanded.extend(written.handoff);
+    }
+}
