@@ -183,6 +183,10 @@ impl Unstored {
     }
 }
 
+/// Least time between two attempts to write again what failed commits held
+/// ([`super::rewrite`]), by the injected clock.
+const REWRITE_EVERY_MS: i64 = 1_000;
+
 /// Rows (contexts, or session revocations) per checkpoint transaction: small enough that a
 /// decision's commit never waits long behind one.
 const CHECKPOINT_CHUNK: usize = 256;
@@ -371,8 +375,13 @@ impl Shard {
     /// from it), then one state store write, queued without waiting. Intake hears which signals are
     /// processed only once that write is on disk (`announce`).
     pub(super) fn commit(&mut self, mut p: Pending) -> Committing {
-        if let Some(written) = self.rewrite.take() {
-            self.write_again(written, &mut p);
+        // At most once a second: while the store keeps failing, each attempt fails too.
+        let now_ms = self.shared.settings.clock.now_ms();
+        if self.rewrite.is_some() && now_ms >= self.rewrite_after_ms {
+            self.rewrite_after_ms = now_ms.saturating_add(REWRITE_EVERY_MS);
+            if let Some(written) = self.rewrite.take() {
+                self.write_again(written, &mut p);
+            }
         }
         if !p.decisions.is_empty() {
             if let Err(e) = self.shared.audit.append(&p.decisions) {

@@ -9,7 +9,9 @@
 //! again (same decisions, so the same SET `jti`s). A checkpoint chunk that failed puts its
 //! contexts and session revocations back among the dirty ones instead
 //! (`Shard::settle_checkpoints`): a redelivered signal dirties its context even when it changes
-//! nothing, but notes no session revocation the context already holds.
+//! nothing, but notes no session revocation the context already holds. A registration answered
+//! with the failure is written too: its grant is held and enforced in memory already, and the
+//! client's retry of it is an update.
 
 use std::sync::Arc;
 
@@ -67,12 +69,21 @@ impl Written {
         self.aliases.retain(|(_, principal)| !released(principal));
     }
 
+    /// Adds `other`, each row once: while the store keeps failing, every batch's write holds
+    /// what the last attempt wrote again, so without this the rows would pile up.
     pub(super) fn merge(&mut self, other: Written) {
-        self.grants.extend(other.grants);
-        self.deleted_grants.extend(other.deleted_grants);
-        self.contexts.extend(other.contexts);
-        self.aliases.extend(other.aliases);
+        fn once<T: Ord>(rows: &mut Vec<T>, more: Vec<T>) {
+            rows.extend(more);
+            rows.sort_unstable();
+            rows.dedup();
+        }
+        once(&mut self.grants, other.grants);
+        once(&mut self.deleted_grants, other.deleted_grants);
+        once(&mut self.contexts, other.contexts);
+        once(&mut self.aliases, other.aliases);
         self.handoff.extend(other.handoff);
+        let mut seen = std::collections::HashSet::new();
+        self.handoff.retain(|(d, _)| seen.insert(d.id.clone()));
     }
 }
 
@@ -103,5 +114,51 @@ impl Shard {
             }
         }
         p.rehanded.extend(written.handoff);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decision::testing::decision;
+    use crate::decision::DecisionEffect;
+
+    fn grant() -> Arc<Grant> {
+        let request: crate::grant::GrantRequest = serde_json::from_value(serde_json::json!({
+            "id": "g", "kind": "session", "subject": {"format": "email", "email": "u@example.com"},
+            "issued_at": 10.0, "expires_at": 3600.0}))
+        .unwrap();
+        Arc::new(
+            request
+                .into_grant("email:u@example.com".into(), 10.0)
+                .unwrap(),
+        )
+    }
+
+    /// While the store keeps failing, each failed batch holds what the last attempt wrote again:
+    /// merged, each row and each decision is kept once.
+    #[test]
+    fn rows_written_again_and_again_are_kept_once() {
+        let one = || Written {
+            grants: vec!["g".into()],
+            deleted_grants: vec![("h".into(), "email:u@example.com".to_owned())],
+            contexts: vec!["email:u@example.com".to_owned()],
+            aliases: vec![("phone:1".to_owned(), "email:u@example.com".to_owned())],
+            handoff: vec![(decision(DecisionEffect::Revoke, 1_700_000_000.0), grant())],
+        };
+        let mut pending = Written::default();
+        for _ in 0..3 {
+            pending.merge(one());
+        }
+        assert_eq!(pending.grants.len(), 1);
+        assert_eq!(pending.deleted_grants.len(), 1);
+        assert_eq!(pending.contexts.len(), 1);
+        assert_eq!(pending.aliases.len(), 1);
+        assert_eq!(pending.handoff.len(), 1);
+
+        // Released principals' rows are another instance's to write.
+        pending.release(&|principal: &str| principal == "email:u@example.com");
+        assert!(pending.deleted_grants.is_empty() && pending.contexts.is_empty());
+        assert!(pending.aliases.is_empty());
     }
 }

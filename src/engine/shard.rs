@@ -84,6 +84,8 @@ pub(crate) struct Shard {
     /// What failed commits held, written again from memory with the next batch
     /// ([`super::rewrite`]).
     pub(super) rewrite: Option<Written>,
+    /// When the next attempt at [`Shard::rewrite`] may go, by the injected clock (ms).
+    pub(super) rewrite_after_ms: i64,
 }
 
 /// How often an idle shard looks whether a checkpoint in flight has committed.
@@ -178,6 +180,7 @@ impl Shard {
             checkpointing: VecDeque::new(),
             unstored: Unstored::default(),
             rewrite: None,
+            rewrite_after_ms: 0,
         }
     }
 
