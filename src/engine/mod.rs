@@ -1598,7 +1598,17 @@ mod tests {
         dir: &std::path::Path,
         clock: &crate::clock::Clock,
     ) -> (Engine, Handoffs, Arc<redb::Database>, Threads) {
-        engine_in(
+        let (engine, decisions, db, threads, _writer) = checkpoint_on_demand_and_writer(dir, clock);
+        (engine, decisions, db, threads)
+    }
+
+    /// [`checkpoint_on_demand`], and the state store's writer, which the test may break.
+    #[allow(clippy::type_complexity)]
+    fn checkpoint_on_demand_and_writer(
+        dir: &std::path::Path,
+        clock: &crate::clock::Clock,
+    ) -> (Engine, Handoffs, Arc<redb::Database>, Threads, BatchWriter) {
+        engine_and_writer_in(
             dir,
             EngineSettings {
                 sweep_interval: Duration::from_millis(5),
@@ -2876,15 +2886,7 @@ mod tests {
     async fn what_a_failed_checkpoint_chunk_left_unstored_is_stored_by_the_next() {
         let clock = crate::clock::Clock::manual(PROBED_T0 * 1000);
         let dir = tempfile::tempdir().unwrap();
-        let (engine, _rx, db, _held, writer) = engine_and_writer_in(
-            dir.path(),
-            EngineSettings {
-                sweep_interval: Duration::from_millis(5),
-                checkpoint_interval: Duration::from_secs(3600),
-                clock: clock.clone(),
-                ..EngineSettings::default()
-            },
-        );
+        let (engine, _rx, db, _held, writer) = checkpoint_on_demand_and_writer(dir.path(), &clock);
         let revoked = || {
             vec![example_about(
                 "caep-session-revoked.json",
