@@ -21,6 +21,13 @@ use super::shard::Shard;
 use crate::decision::Decision;
 use crate::grant::{Grant, GrantId};
 
+/// Most decisions kept to hand to delivery again while the store keeps failing. Beyond it a
+/// decision is dropped with a warning. After a restart it is made again (same id): its batch was
+/// never acknowledged, so its signals are replayed onto what is stored. If the store recovers
+/// without a restart, the enforcement points never get it, though the grant is stored with its
+/// status and live checks answer by it.
+const MAX_HANDED_AGAIN: usize = 16_384;
+
 /// The rows of a batch's ordinary write, by key, and the decisions it handed to delivery.
 #[derive(Default)]
 pub(super) struct Written {
@@ -84,6 +91,13 @@ impl Written {
         self.handoff.extend(other.handoff);
         let mut seen = std::collections::HashSet::new();
         self.handoff.retain(|(d, _)| seen.insert(d.id.clone()));
+        if self.handoff.len() > MAX_HANDED_AGAIN {
+            tracing::warn!(
+                dropped = self.handoff.len() - MAX_HANDED_AGAIN,
+                "the store keeps failing: decisions beyond the bound are left for replay after a restart"
+            );
+            self.handoff.truncate(MAX_HANDED_AGAIN);
+        }
     }
 }
 
@@ -155,6 +169,20 @@ mod tests {
         assert_eq!(pending.contexts.len(), 1);
         assert_eq!(pending.aliases.len(), 1);
         assert_eq!(pending.handoff.len(), 1);
+
+        // Decisions to hand again are bounded.
+        let many = Written {
+            handoff: (0..MAX_HANDED_AGAIN + 10)
+                .map(|i| {
+                    let mut d = decision(DecisionEffect::Revoke, 1_700_000_000.0);
+                    d.id = format!("d{i}");
+                    (d, grant())
+                })
+                .collect(),
+            ..Written::default()
+        };
+        pending.merge(many);
+        assert_eq!(pending.handoff.len(), MAX_HANDED_AGAIN);
 
         // Released principals' rows are another instance's to write.
         pending.release(&|principal: &str| principal == "email:u@example.com");
