@@ -174,15 +174,26 @@ const BULK_PER_COMMIT: usize = 8;
 pub struct BatchWriter {
     tx: tokio::sync::mpsc::Sender<Queued>,
     db: Arc<redb::Database>,
-    /// Set, the writer leaves the bulk lane waiting: tests make a slow store this way.
+    /// The switches tests make a slow or broken store with.
     #[cfg(test)]
-    bulk_paused: Arc<std::sync::atomic::AtomicBool>,
-    /// Set, every commit of ordinary writes fails: tests make a broken disk this way.
-    #[cfg(test)]
-    ordinary_failing: Arc<std::sync::atomic::AtomicBool>,
+    faults: Arc<Faults>,
+}
+
+/// Switches the writer reads before each commit; only tests set them.
+#[derive(Default)]
+struct Faults {
+    /// Set, the writer leaves the bulk lane waiting: a slow store.
+    bulk_paused: std::sync::atomic::AtomicBool,
+    /// Set, every commit of ordinary writes fails: a broken disk.
+    ordinary_failing: std::sync::atomic::AtomicBool,
     /// The same for the bulk lane's commits.
-    #[cfg(test)]
-    bulk_failing: Arc<std::sync::atomic::AtomicBool>,
+    bulk_failing: std::sync::atomic::AtomicBool,
+}
+
+impl Faults {
+    fn get(flag: &std::sync::atomic::AtomicBool) -> bool {
+        flag.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// The writer thread; [`BatchWriterThread::join`] waits until every [`BatchWriter`] is dropped and
@@ -246,18 +257,14 @@ impl BatchWriter {
     ) -> std::io::Result<(BatchWriter, BatchWriterThread)> {
         let max_batch = max_batch.max(1);
         let (tx, rx) = tokio::sync::mpsc::channel(max_batch * 4);
-        let bulk_paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let ordinary_failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let bulk_failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let faults = Arc::new(Faults::default());
         let handle = std::thread::Builder::new()
             .name(format!("vigil-{store}-writer"))
             .spawn({
                 let db = db.clone();
                 let lanes = Lanes {
                     rx,
-                    bulk_paused: bulk_paused.clone(),
-                    ordinary_failing: ordinary_failing.clone(),
-                    bulk_failing: bulk_failing.clone(),
+                    faults: faults.clone(),
                     bulk_backlog_age,
                     bulk_overdue,
                 };
@@ -268,11 +275,7 @@ impl BatchWriter {
                 tx,
                 db,
                 #[cfg(test)]
-                bulk_paused,
-                #[cfg(test)]
-                ordinary_failing,
-                #[cfg(test)]
-                bulk_failing,
+                faults,
             },
             BatchWriterThread(handle),
         ))
@@ -282,7 +285,8 @@ impl BatchWriter {
     /// on its checkpoints, for tests.
     #[cfg(test)]
     pub(crate) fn pause_bulk(&self, paused: bool) {
-        self.bulk_paused
+        self.faults
+            .bulk_paused
             .store(paused, std::sync::atomic::Ordering::Relaxed);
     }
 
@@ -290,14 +294,16 @@ impl BatchWriter {
     /// them commit again; the bulk lane is not affected. For tests.
     #[cfg(test)]
     pub(crate) fn fail_ordinary(&self, failing: bool) {
-        self.ordinary_failing
+        self.faults
+            .ordinary_failing
             .store(failing, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// [`BatchWriter::fail_ordinary`] for the bulk lane's commits. For tests.
     #[cfg(test)]
     pub(crate) fn fail_bulk(&self, failing: bool) {
-        self.bulk_failing
+        self.faults
+            .bulk_failing
             .store(failing, std::sync::atomic::Ordering::Relaxed);
     }
 
@@ -444,10 +450,9 @@ impl BatchWriter {
 /// What the writer thread takes its writes from, and when the bulk lane's turn comes.
 struct Lanes {
     rx: tokio::sync::mpsc::Receiver<Queued>,
-    bulk_paused: Arc<std::sync::atomic::AtomicBool>,
-    /// [`BatchWriter::fail_ordinary`] and [`BatchWriter::fail_bulk`] (never set outside tests).
-    ordinary_failing: Arc<std::sync::atomic::AtomicBool>,
-    bulk_failing: Arc<std::sync::atomic::AtomicBool>,
+    /// [`BatchWriter::pause_bulk`], [`BatchWriter::fail_ordinary`], [`BatchWriter::fail_bulk`]
+    /// (never set outside tests).
+    faults: Arc<Faults>,
     /// [`BULK_BACKLOG_AGE`].
     bulk_backlog_age: std::time::Duration,
     /// [`BULK_OVERDUE`].
@@ -458,9 +463,7 @@ fn writer_loop(db: Arc<redb::Database>, store: &'static str, lanes: Lanes, max_b
     use std::time::Instant;
     let Lanes {
         mut rx,
-        bulk_paused,
-        ordinary_failing,
-        bulk_failing,
+        faults,
         bulk_backlog_age,
         bulk_overdue,
     } = lanes;
@@ -492,7 +495,7 @@ fn writer_loop(db: Arc<redb::Database>, store: &'static str, lanes: Lanes, max_b
                 Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => open = false,
             }
         }
-        let paused = open && bulk_paused.load(std::sync::atomic::Ordering::Relaxed);
+        let paused = open && Faults::get(&faults.bulk_paused);
         if jobs.is_empty() && paused {
             std::thread::sleep(std::time::Duration::from_millis(1));
             continue;
@@ -547,12 +550,11 @@ fn writer_loop(db: Arc<redb::Database>, store: &'static str, lanes: Lanes, max_b
             all_ok &= ok;
             completions.push(completion);
         }
-        let broken = if last_ordinary {
-            &ordinary_failing
+        let broken = Faults::get(if last_ordinary {
+            &faults.ordinary_failing
         } else {
-            &bulk_failing
-        }
-        .load(std::sync::atomic::Ordering::Relaxed);
+            &faults.bulk_failing
+        });
         let outcome = if broken {
             let _ = txn.abort();
             Err(WriteError::Storage(
