@@ -4,7 +4,8 @@
 //! with offsets committed after.
 //!
 //! Run: `cargo bench --bench kafka_apply -- [--messages 1200000] [--users 20000] [--grants 1000]
-//!       [--partitions 96] [--batch 2000] [--engine-batch 256] [--checkpoint-ms 1000] [--ceiling] [--every-message-revokes]
+//!       [--partitions 96] [--batch 2000] [--engine-batch 256] [--checkpoint-ms 1000]
+//!       [--journal-fold-rows 32768] [--ceiling] [--every-message-revokes]
 //!       [--push-probes 0] [--backlog-sets] [--grants-per-user 1] [--compare] [--brokers HOST:PORT]`
 //!
 //! `--push-probes N`: up to N probes pushed by another transmitter (RS256, RFC 8935), one every
@@ -72,6 +73,10 @@ fn main() -> anyhow::Result<()> {
         batch: arg("--batch", 2000) as usize,
         engine_batch: arg("--engine-batch", 256) as usize,
         checkpoint_ms: arg("--checkpoint-ms", 1000),
+        journal_fold_rows: arg(
+            "--journal-fold-rows",
+            vigil::config::EngineConfig::default().journal_fold_rows as u64,
+        ) as usize,
         ceiling: ceiling_only || compare,
         brokers: common::text_arg("--brokers"),
         vigil: !ceiling_only,

@@ -506,6 +506,7 @@ async fn run(servers: tokio::runtime::Handle) -> anyhow::Result<()> {
             batch: 2000,
             engine_batch: 256,
             checkpoint_ms: 1000,
+            journal_fold_rows: vigil::config::EngineConfig::default().journal_fold_rows,
             ceiling: true,
             brokers: None,
             vigil: true,

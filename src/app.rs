@@ -886,6 +886,8 @@ fn engine_settings(config: &Config, clock: Clock) -> EngineSettings {
         clock,
         changelog: None,
         shadow_divergences_max: config.policy.shadow_divergences_max,
+        journal_fold_rows: config.engine.journal_fold_rows,
+        journal_fold_interval: Duration::from_millis(config.engine.journal_fold_interval_ms),
     }
 }
 

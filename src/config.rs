@@ -754,6 +754,17 @@ pub struct EngineConfig {
     /// for longer. Decisions and grant changes are never deferred by it.
     #[serde(default = "default_checkpoint")]
     pub checkpoint_interval_ms: u64,
+    /// Grant changes and the contexts decisions were made on are made durable as one row per
+    /// batch appended to the state store's journal, then written at their places by a fold
+    /// round per shard (ARCHITECTURE.md). A round starts once this many keys wait, or after
+    /// `journal_fold_interval_ms`. More keys per round share more of the store's pages, and
+    /// make the journal (disk, and the fold at the next start) longer. Beyond twice as many
+    /// waiting behind a round in flight, a shard holds back the sources' backlogs.
+    #[serde(default = "default_journal_fold_rows")]
+    pub journal_fold_rows: usize,
+    /// The longest journaled keys wait for a fold round.
+    #[serde(default = "default_journal_fold_interval")]
+    pub journal_fold_interval_ms: u64,
     /// How long the context of a subject no grant refers to is kept after the newest fact in it
     /// (by event time); then it is forgotten, in memory and on disk. A subject with a grant keeps
     /// its context for as long as it has one. Keep it longer than the longest time between a
@@ -1299,6 +1310,12 @@ fn default_sweep() -> u64 {
 fn default_checkpoint() -> u64 {
     1000
 }
+fn default_journal_fold_rows() -> usize {
+    32_768
+}
+fn default_journal_fold_interval() -> u64 {
+    10_000
+}
 /// Thirty days.
 fn default_context_retention() -> u64 {
     30 * 24 * 3600
@@ -1394,6 +1411,8 @@ impl Default for EngineConfig {
             max_batch: default_batch(),
             sweep_interval_ms: default_sweep(),
             checkpoint_interval_ms: default_checkpoint(),
+            journal_fold_rows: default_journal_fold_rows(),
+            journal_fold_interval_ms: default_journal_fold_interval(),
             context_retention_secs: default_context_retention(),
             disabled_account_retention_secs: default_disabled_account_retention(),
         }
@@ -1585,6 +1604,7 @@ impl Config {
                 "engine.checkpoint_interval_ms",
                 self.engine.checkpoint_interval_ms as usize,
             ),
+            ("engine.journal_fold_rows", self.engine.journal_fold_rows),
             ("audit.keep_files", self.audit.keep_files),
             ("audit.access_keep_files", self.audit.access_keep_files),
             (
@@ -1938,6 +1958,10 @@ impl Config {
             (
                 "engine.checkpoint_interval_ms",
                 self.engine.checkpoint_interval_ms,
+            ),
+            (
+                "engine.journal_fold_interval_ms",
+                self.engine.journal_fold_interval_ms,
             ),
             ("delivery.push_timeout_ms", self.delivery.push_timeout_ms),
             (

@@ -222,6 +222,25 @@ impl<T> PendingWrite<T> {
         self.0.await.map_err(|_| WriteError::WriterGone)?
     }
 
+    /// A write whose commit ended with `outcome`, and whether it was taken: for a test of what
+    /// waits for writes.
+    #[cfg(test)]
+    pub fn ended(
+        outcome: Option<Result<T, WriteError>>,
+    ) -> (
+        PendingWrite<T>,
+        Option<tokio::sync::oneshot::Sender<Result<T, WriteError>>>,
+    ) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        match outcome {
+            Some(outcome) => {
+                let _ = tx.send(outcome);
+                (PendingWrite(rx), None)
+            }
+            None => (PendingWrite(rx), Some(tx)),
+        }
+    }
+
     /// The write's outcome if its commit is done, without waiting; `None` while it is in flight.
     /// Call it until it answers once: after that the outcome is gone.
     pub fn try_take(&mut self) -> Option<Result<T, WriteError>> {

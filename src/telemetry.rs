@@ -140,6 +140,10 @@ catalogue! {
         "One shard batch, in memory, before its commit";
     ENGINE_CHECKPOINTS = "vigil_engine_checkpoints_total", Counter, ["outcome"],
         "Shard checkpoints settled (two finished in one batch count once): outcome=stored (their pushed signals marked processed, their sources' batches answered) or failed (a part, or a batch commit whose signals they cover, was not stored: the signals stay pending for replay, the batches are answered with the failure)";
+    ENGINE_JOURNAL_KEYS = "vigil_engine_journal_keys", Gauge, ["shard"],
+        "Keys (grants, contexts) a shard journaled that no fold round has written at their places yet; beyond twice engine.journal_fold_rows waiting behind a round, the shard holds back the sources' backlogs";
+    ENGINE_JOURNAL_FOLDS = "vigil_engine_journal_folds_total", Counter, ["outcome"],
+        "Journal fold rounds ended: outcome=stored (their journal rows deleted) or failed (a part was not stored: the keys wait for the next round)";
     CONTEXT_FACTS_EVICTED = "vigil_context_facts_evicted_total", Counter, [],
         "Facts dropped from a context holding 256 keys of their kind (the oldest by event time of the party — transmitter or feed topic — holding the most goes)";
     CONTEXTS = "vigil_contexts", Gauge, [],

@@ -21,6 +21,8 @@ pub struct KafkaArgs {
     pub batch: usize,
     pub engine_batch: usize,
     pub checkpoint_ms: u64,
+    /// `engine.journal_fold_rows`.
+    pub journal_fold_rows: usize,
     /// Also (or, with `vigil` false, only) the bare-consumer ceiling on the same topic.
     pub ceiling: bool,
     /// A Kafka-protocol broker already running (`HOST:PORT`), instead of librdkafka's mock
@@ -231,6 +233,7 @@ pub async fn measure(args: &KafkaArgs) -> anyhow::Result<KafkaFigures> {
     config.kafka.max_batch = args.batch;
     config.engine.max_batch = args.engine_batch;
     config.engine.checkpoint_interval_ms = args.checkpoint_ms;
+    config.engine.journal_fold_rows = args.journal_fold_rows;
     let probes = if args.push_probes > 0 {
         super::add_eps(&mut config);
         // Holds the Kafka users' grants; subscribes no stream.

@@ -442,6 +442,8 @@ impl Shard {
         let by_writer = self.shared.settings.changelog.is_none();
         if !p.changes.is_empty() {
             let changes = std::mem::take(&mut p.changes);
+            // Single node: the batch's decided contexts and status changes go to the journal.
+            let journaled = by_writer.then(|| super::journal::status_changed(&p.decisions));
             match revocations.and_then(|()| changes.encode()) {
                 Err(e) => writes.push(Err(e)),
                 Ok(mut urgent) => {
@@ -449,7 +451,9 @@ impl Shard {
                         records = urgent.records();
                     }
                     let bulk = urgent.split_bulk(CHECKPOINT_CHUNK);
-                    if !urgent.is_empty() {
+                    if let Err(e) = self.journal(&mut urgent, journaled) {
+                        writes.push(Err(e));
+                    } else if !urgent.is_empty() {
                         let write =
                             move |txn: &redb::WriteTransaction| persist::write(txn, &urgent);
                         writes.push(match (by_writer, gate.take()) {

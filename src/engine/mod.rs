@@ -25,6 +25,7 @@ mod handover;
 mod impact;
 mod inbox;
 mod inputs;
+mod journal;
 mod persist;
 mod quota;
 mod replay;
@@ -105,6 +106,12 @@ pub struct EngineSettings {
     pub changelog: Option<Arc<dyn Changelog>>,
     /// Shadow divergences held for listing (the newest).
     pub shadow_divergences_max: usize,
+    /// Keys a shard journals before a fold round writes them at their places, at the latest
+    /// ([`journal`]); beyond twice as many waiting behind a round, it holds back the sources'
+    /// backlogs.
+    pub journal_fold_rows: usize,
+    /// How long journaled keys wait for a fold round at most.
+    pub journal_fold_interval: Duration,
 }
 
 impl Default for EngineSettings {
@@ -126,6 +133,8 @@ impl Default for EngineSettings {
             clock: crate::clock::Clock::system(),
             changelog: None,
             shadow_divergences_max: 10_000,
+            journal_fold_rows: 32_768,
+            journal_fold_interval: Duration::from_secs(10),
         }
     }
 }
@@ -293,6 +302,9 @@ pub(crate) struct Shared {
     pub queued_signals: std::sync::atomic::AtomicUsize,
     /// When a shard last took another party's live work ([`shard::LiveWork`]).
     pub live_work: shard::LiveWork,
+    /// The sequence of the next journal row ([`journal`]): the start-up fold empties the
+    /// journal, so it starts at zero.
+    pub journal_seq: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -688,6 +700,7 @@ impl Engine {
             owns: std::sync::OnceLock::new(),
             queued_signals: std::sync::atomic::AtomicUsize::new(0),
             live_work: shard::LiveWork::default(),
+            journal_seq: std::sync::atomic::AtomicU64::new(0),
         });
         for ctx in loaded.contexts {
             shared.contexts.insert(ctx.key.clone(), Arc::new(ctx));
@@ -1613,6 +1626,7 @@ mod tests {
             EngineSettings {
                 sweep_interval: Duration::from_millis(5),
                 checkpoint_interval: Duration::from_secs(3600),
+                journal_fold_interval: Duration::from_secs(1000 * 3600),
                 clock: clock.clone(),
                 ..EngineSettings::default()
             },
@@ -2602,10 +2616,9 @@ mod tests {
         engine.shutdown().await;
     }
 
-    /// A checkpoint does not write again a context its decision's commit stored, while the
-    /// context is still at that version; a context changed after its decision it writes. Both
-    /// rows are deleted behind the engine's back once the decisions are stored: the checkpoint
-    /// brings back only the second.
+    /// A checkpoint does not write a context its decision's commit stored (in the journal),
+    /// while the context is still at that version; a context changed after its decision it
+    /// writes at its place. Folds wait for the test's clock, which never calls one here.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_checkpoint_skips_a_context_its_decision_stored() {
         let clock = crate::clock::Clock::manual(PROBED_T0 * 1000);
@@ -2648,10 +2661,22 @@ mod tests {
         // A registration is answered once its batch is announced, so every batch before it is.
         register_json(&engine, probed_session("gc", "c@example.com")).await;
         let stored = |key: &str| persist::stored_context_version(&db, key);
-        assert_eq!(stored(a), Some(1), "a's context, stored with its decision");
-        assert_eq!(stored(b), Some(1), "b's context, stored with its decision");
-        persist::delete_context_row(&db, a);
-        persist::delete_context_row(&db, b);
+        let journaled = |key: &str| journal::context_version(&db, key);
+        assert_eq!(
+            journaled(a),
+            Some(1),
+            "a's context, journaled with its decision"
+        );
+        assert_eq!(
+            journaled(b),
+            Some(1),
+            "b's context, journaled with its decision"
+        );
+        assert_eq!(
+            (stored(a), stored(b)),
+            (None, None),
+            "not at their places yet"
+        );
 
         clock.advance(Duration::from_secs(3600));
         for done in [decided, changed] {
@@ -2663,7 +2688,7 @@ mod tests {
         assert_eq!(
             stored(a),
             None,
-            "the checkpoint wrote a context already stored"
+            "the checkpoint wrote a context its decision's journal row holds"
         );
         assert_eq!(stored(b), Some(2), "the checkpoint wrote b's change");
         engine.shutdown().await;
@@ -2874,6 +2899,137 @@ mod tests {
                 break;
             }
         }
+        engine.shutdown().await;
+    }
+
+    /// A revocation's grant and the context it was decided on are stored as a journal row, not
+    /// at their places; a restart folds the journal over what is at their places before it
+    /// reads the tables, so the grant is revoked after it, stored so at its place, and the
+    /// journal is empty.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_journaled_revocation_is_read_back_after_a_restart() {
+        let clock = crate::clock::Clock::manual(PROBED_T0 * 1000);
+        let dir = tempfile::tempdir().unwrap();
+        let settings = || EngineSettings {
+            clock: clock.clone(),
+            journal_fold_interval: Duration::from_secs(3600),
+            ..EngineSettings::default()
+        };
+        let (engine, _rx, db, held) = engine_in(dir.path(), settings());
+        revoke_a_token(&engine).await;
+        assert_eq!(
+            engine.grant("t1").map(|g| g.status),
+            Some(GrantStatus::Revoked)
+        );
+        assert!(journal::rows(&db) > 0);
+        // At its place, the grant is as registered: registrations are not journaled.
+        assert_eq!(
+            persist::stored_grant_status(&db, "t1"),
+            Some(GrantStatus::Active)
+        );
+        engine.shutdown().await;
+        drop(engine);
+        held.join().await;
+        drop(db);
+
+        let (engine, _rx, db, _held) = engine_in(dir.path(), settings());
+        assert_eq!(
+            engine.grant("t1").map(|g| g.status),
+            Some(GrantStatus::Revoked)
+        );
+        assert_eq!(journal::rows(&db), 0);
+        assert_eq!(
+            persist::stored_grant_status(&db, "t1"),
+            Some(GrantStatus::Revoked)
+        );
+        engine.shutdown().await;
+    }
+
+    /// A fold round writes the journaled grant at its place, and then deletes the journal rows
+    /// it replaced.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fold_round_stores_journaled_rows_at_their_places_and_deletes_them() {
+        let clock = crate::clock::Clock::manual(PROBED_T0 * 1000);
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, _rx, db, _held) = engine_in(
+            dir.path(),
+            EngineSettings {
+                clock: clock.clone(),
+                sweep_interval: Duration::from_millis(5),
+                journal_fold_interval: Duration::from_secs(3600),
+                ..EngineSettings::default()
+            },
+        );
+        revoke_a_token(&engine).await;
+        assert!(journal::rows(&db) > 0);
+        // The interval, by the injected clock.
+        clock.advance(Duration::from_secs(3600));
+        within_5s("the journal was not folded", || {
+            journal::rows(&db) == 0
+                && persist::stored_grant_status(&db, "t1") == Some(GrantStatus::Revoked)
+        })
+        .await;
+        engine.shutdown().await;
+    }
+
+    /// A context whose decision is in the journal is not forgotten by retention until a fold
+    /// round has stored it at its place: the start-up fold would bring it back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_journaled_context_is_forgotten_only_once_folded() {
+        let clock = crate::clock::Clock::manual(PROBED_T0 * 1000);
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, _rx, db, _held) = engine_in(
+            dir.path(),
+            EngineSettings {
+                journal_fold_interval: Duration::from_secs(100 * 3600),
+                ..EngineSettings {
+                    clock: clock.clone(),
+                    sweep_interval: Duration::from_millis(5),
+                    context_retention: Duration::from_secs(3600),
+                    disabled_account_retention: Duration::from_secs(3 * 3600),
+                    context_scan_interval: Duration::from_millis(5),
+                    ..EngineSettings::default()
+                }
+            },
+        );
+        let who = "j@example.com";
+        register_json(&engine, probed_session("gj", who)).await;
+        swap_rules(
+            &engine,
+            "rules:\n  - {id: sessions, on: [session-revoked], when: 'context.session_revoked_at > grant.issued_at', effect: revoke}\n",
+        )
+        .await;
+        engine
+            .apply_signals(vec![example_about(
+                "caep-session-revoked.json",
+                serde_json::json!({"format": "email", "email": who}),
+                PROBED_T0,
+                1,
+            )])
+            .await
+            .unwrap();
+        within_5s("the session was not revoked", || {
+            engine
+                .grant("gj")
+                .is_some_and(|g| g.status == GrantStatus::Revoked)
+        })
+        .await;
+        // Two days on, the grant has expired and is gone; past its retention, with no grant,
+        // the context would go, but its journal row holds it.
+        clock.advance(Duration::from_secs(48 * 3600));
+        within_5s("the grant did not expire", || engine.grant("gj").is_none()).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let key = "email:j@example.com";
+        assert!(
+            engine.shared.contexts.contains_key(key),
+            "forgotten while journaled"
+        );
+        // Folded, it is forgotten.
+        clock.advance(Duration::from_secs(100 * 3600));
+        within_5s("the context was not forgotten once folded", || {
+            !engine.shared.contexts.contains_key(key) && journal::rows(&db) == 0
+        })
+        .await;
         engine.shutdown().await;
     }
 

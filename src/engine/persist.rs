@@ -130,9 +130,11 @@ pub fn load(db: &Arc<Database>) -> Result<Loaded, WriteError> {
         txn.open_table(HANDOFF).map_err(WriteError::storage)?;
         txn.open_table(SESSION_REVOCATIONS)
             .map_err(WriteError::storage)?;
+        super::journal::create(&txn)?;
     }
     txn.commit().map_err(WriteError::storage)?;
     move_legacy_rows(db)?;
+    super::journal::fold_all(db)?;
     rekey_handoff(db)?;
 
     let txn = db.begin_read().map_err(WriteError::storage)?;
@@ -582,6 +584,9 @@ pub struct Encoded {
     aliases: Vec<(String, String)>,
     deleted_aliases: Vec<(String, String)>,
     handoff: Vec<HandoffRow>,
+    /// The journal row ([`super::journal`]) holding the batch's grants and decided contexts,
+    /// with its (shard, sequence) key, in place of their rows.
+    journal: Option<((u32, u64), Vec<u8>)>,
 }
 
 /// A hand-off row: its key here ([`handoff_key`]), the decision id (its key in the changelog),
@@ -596,7 +601,7 @@ struct HandoffRow {
 }
 
 /// A grant's id, principal and stored JSON.
-type GrantRow = (String, String, Vec<u8>);
+pub(super) type GrantRow = (String, String, Vec<u8>);
 
 impl Changes {
     /// Serializes the batch. A context or grant changed several times in the batch is written once,
@@ -661,11 +666,65 @@ impl Changes {
             aliases: self.aliases,
             deleted_aliases: self.deleted_aliases,
             handoff,
+            journal: None,
         })
     }
 }
 
 impl Encoded {
+    /// Rows folded from the journal at start-up, written at their places: contexts only over
+    /// older versions of themselves.
+    pub(super) fn folded(
+        contexts: Vec<ContextRow>,
+        grants: Vec<GrantRow>,
+        deleted_grants: Vec<(GrantId, String)>,
+    ) -> Encoded {
+        Encoded {
+            contexts,
+            grants,
+            deleted_grants,
+            ..Encoded::default()
+        }
+    }
+
+    /// Moves the decided contexts, and the grants and deleted grants `journaled` picks (by
+    /// principal and id), into one journal row under `slot` ([`super::journal`]); the others
+    /// stay to be written at their places. Returns the keys moved.
+    pub(super) fn journal(
+        &mut self,
+        slot: (u32, u64),
+        journaled: impl Fn(&str, &str) -> bool,
+    ) -> Result<Vec<super::journal::FoldKey>, WriteError> {
+        let (grants, direct): (Vec<GrantRow>, Vec<GrantRow>) = std::mem::take(&mut self.grants)
+            .into_iter()
+            .partition(|(id, principal, _)| journaled(principal, id));
+        self.grants = direct;
+        let (deleted, direct): (Vec<_>, Vec<_>) = std::mem::take(&mut self.deleted_grants)
+            .into_iter()
+            .partition(|(id, principal)| journaled(principal, id));
+        self.deleted_grants = direct;
+        let contexts = std::mem::take(&mut self.decided_contexts);
+        if contexts.is_empty() && grants.is_empty() && deleted.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.journal = Some((slot, super::journal::pack(&contexts, &grants, &deleted)?));
+        let keys = contexts
+            .into_iter()
+            .map(|(key, _, _)| (key, None))
+            .chain(
+                grants
+                    .into_iter()
+                    .map(|(id, principal, _)| (principal, Some(GrantId::from(id)))),
+            )
+            .chain(
+                deleted
+                    .into_iter()
+                    .map(|(id, principal)| (principal, Some(id))),
+            )
+            .collect();
+        Ok(keys)
+    }
+
     /// Takes the checkpoint's part (contexts and session revocations) out of the batch, in
     /// chunks of at most `chunk` rows each: they are written in the store's bulk lane, so a large
     /// checkpoint does not hold up the grants and decisions left here. Forgotten contexts go
@@ -711,6 +770,7 @@ impl Encoded {
             && self.aliases.is_empty()
             && self.deleted_aliases.is_empty()
             && self.handoff.is_empty()
+            && self.journal.is_none()
     }
 }
 
@@ -966,7 +1026,7 @@ pub fn adopt(txn: &WriteTransaction, rows: &[(Row, Vec<u8>)]) -> Result<Loaded, 
 }
 
 /// A context's key, version and stored JSON.
-type ContextRow = (String, u64, Vec<u8>);
+pub(super) type ContextRow = (String, u64, Vec<u8>);
 
 /// The version of a stored context, `None` if the row is unreadable.
 fn stored_version(bytes: &[u8]) -> Option<u64> {
@@ -1024,6 +1084,9 @@ fn write_contexts(
 
 /// Writes an encoded batch inside `txn`.
 pub fn write(txn: &WriteTransaction, changes: &Encoded) -> Result<(), WriteError> {
+    if let Some((slot, packed)) = &changes.journal {
+        super::journal::append(txn, *slot, packed)?;
+    }
     write_contexts(txn, &changes.contexts, Rows::MayBeOlder)?;
     write_contexts(txn, &changes.decided_contexts, Rows::Newest)?;
     if !changes.deleted_contexts.is_empty() {
@@ -1089,18 +1152,6 @@ pub fn write(txn: &WriteTransaction, changes: &Encoded) -> Result<(), WriteError
     Ok(())
 }
 
-/// Deletes `principal`'s context row behind the engine's back: a test's way to see whether a
-/// later write brings it back.
-#[cfg(test)]
-pub fn delete_context_row(db: &Database, principal: &str) {
-    let txn = db.begin_write().unwrap();
-    txn.open_table(PRINCIPAL_ROWS)
-        .unwrap()
-        .remove(context_key(principal).as_str())
-        .unwrap();
-    txn.commit().unwrap();
-}
-
 /// The version of `principal`'s stored context row, if there is one.
 #[cfg(test)]
 pub fn stored_context_version(db: &Database, principal: &str) -> Option<u64> {
@@ -1108,6 +1159,22 @@ pub fn stored_context_version(db: &Database, principal: &str) -> Option<u64> {
     let t = txn.open_table(PRINCIPAL_ROWS).unwrap();
     let row = t.get(context_key(principal).as_str()).unwrap()?;
     stored_version(row.value())
+}
+
+/// The status of grant `id` as stored at its place (not in the journal), if it is there.
+#[cfg(test)]
+pub fn stored_grant_status(db: &Database, id: &str) -> Option<crate::grant::GrantStatus> {
+    let txn = db.begin_read().unwrap();
+    let t = txn.open_table(PRINCIPAL_ROWS).unwrap();
+    for entry in t.iter().unwrap() {
+        let (k, v) = entry.unwrap();
+        if let Some(PrincipalRow::Grant { id: stored, .. }) = PrincipalRow::parse(k.value()) {
+            if stored == id {
+                return Some(serde_json::from_slice::<Grant>(v.value()).unwrap().status);
+            }
+        }
+    }
+    None
 }
 
 #[cfg(test)]

@@ -231,6 +231,7 @@ impl Shard {
             || self.dirty_revocations.iter().any(|(c, _)| c == key)
             || self.draining.as_ref().is_some_and(|d| d.holds(key))
             || p.revocations.iter().any(|(c, _)| c == key)
+            || self.fold.holds_context(key)
         {
             return;
         }

@@ -86,6 +86,9 @@ pub(crate) struct Shard {
     pub(super) rewrite: Option<Written>,
     /// When the next attempt at [`Shard::rewrite`] may go, by the injected clock (ms).
     pub(super) rewrite_after_ms: i64,
+    /// The keys this shard journaled and the round writing them at their places
+    /// ([`super::journal`]).
+    pub(super) fold: super::journal::Fold,
 }
 
 /// How often an idle shard looks whether a checkpoint in flight has committed.
@@ -181,6 +184,7 @@ impl Shard {
             unstored: Unstored::default(),
             rewrite: None,
             rewrite_after_ms: 0,
+            fold: super::journal::Fold::new(last_checkpoint_ms),
         }
     }
 
@@ -195,7 +199,8 @@ impl Shard {
         let mut committing: Option<Committing> = None;
         loop {
             self.settle_checkpoints(0);
-            let lagging = self.checkpoints_lag();
+            let lagging =
+                self.checkpoints_lag() || self.fold.lags(self.shared.settings.journal_fold_rows);
             // Delivery behind on the backlogs' decisions holds the backlogs too, not everything
             // (`super::handover`).
             let delivery_behind = self.shared.decisions.bulk_full();
@@ -227,10 +232,15 @@ impl Shard {
                             .saturating_sub(self.since_checkpoint())
                             .min(interval)
                     };
-                    let wait = if self.draining.is_some() {
-                        // Nothing is waiting for the shard: the checkpoint's next part now.
+                    let wait = wait.min(self.until_fold());
+                    let wait = if self.draining.is_some() || self.fold_part_due() {
+                        // Nothing is waiting for the shard: the checkpoint's or the fold's next
+                        // part now.
                         Duration::ZERO
-                    } else if self.checkpointing.is_empty() && !delivery_behind {
+                    } else if self.checkpointing.is_empty()
+                        && !delivery_behind
+                        && !self.fold.in_flight()
+                    {
                         wait
                     } else {
                         // Nothing wakes the shard when the store or delivery catches up.
@@ -277,6 +287,9 @@ impl Shard {
                 self.checkpoint_part(&mut p);
             }
             let next = self.commit(p);
+            // After the batch's ordinary write: a part reads the batch's changes, and must not
+            // be stored before the journal row that holds them.
+            self.fold_step();
             if let Some(previous) = committing.replace(next) {
                 self.announce(previous);
             }

@@ -1,0 +1,864 @@
+//! The engine's journal: what a batch's ordinary write must make durable before its decisions go
+//! out — the grants it changed or deleted and the contexts its decisions were made on — appended
+//! as one packed row per batch (`engine_journal`), instead of rows at their places in
+//! `engine_principal_rows`.
+//!
+//! Why: at its place, each such row is a random leaf of a B-tree and its branch pages, all
+//! rewritten by the commit. When every Kafka message revokes a grant that was ≈ 8 KiB written
+//! per signal in 4 KiB pages at random offsets, which this machine kind's disk takes at about a
+//! fifth of its sequential rate, and the state store's one writer was the limit
+//! (benches/RESULTS.md). Appended, a batch's rows are a few hundred bytes a signal at the end of
+//! one table.
+//!
+//! The rows reach their places by a fold ([`Fold`]): each shard notes the keys it journaled; a
+//! round (every `engine.journal_fold_interval_ms`, or sooner once `engine.journal_fold_rows` keys
+//! wait) writes their present state, in key order, a part per batch in the store's bulk lane —
+//! keys journaled over a whole interval share leaves, and a key changed many times is written
+//! once — and once all of it is stored, deletes the shard's journal rows up to where the round
+//! began. At start-up the whole journal is folded, in the order it was written, before the
+//! tables are read ([`fold_all`]).
+//!
+//! A round reads the present state, which may hold a later batch's change than the journal rows
+//! it replaces; a crash before that batch's own row is stored leaves the later state at its place
+//! and older rows in the journal, which the start-up fold lays over it. So a context is folded
+//! only over an older version of itself, and grants — which have no version — are written in
+//! one place only while rows of them are in the journal: the ordinary lane writes none, and the
+//! bulk lane commits a batch's chunks only after its ordinary write (`crate::store`).
+//!
+//! Single node only. In cluster mode the changelog is the log, rows go to their places as before,
+//! and a partition's release deletes its principals' rows, which a journal row would bring back.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
+
+use redb::{ReadableTable, TableDefinition, WriteTransaction};
+
+use super::persist::{self, Changes, ContextRow, Encoded, GrantRow};
+use super::shard::Shard;
+use crate::grant::GrantId;
+use crate::store::{Merge, PendingWrite, WriteError};
+
+/// Journal rows by (shard, sequence): the sequence is global to the process and orders rows
+/// across shards at the start-up fold; the shard lets each delete its own up to a point.
+const JOURNAL: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("engine_journal");
+
+/// Largest journal row unpacked: a batch is at most a few thousand rows of a few kilobytes; a
+/// frame that claims more is corrupt, never an allocation.
+const MAX_ROW: usize = 256 << 20;
+
+/// One change a journal row holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Change {
+    Context {
+        principal: String,
+        version: u64,
+        bytes: Vec<u8>,
+    },
+    Grant {
+        principal: String,
+        id: String,
+        bytes: Vec<u8>,
+    },
+    GrantDeleted {
+        principal: String,
+        id: String,
+    },
+}
+
+const CONTEXT: u8 = 0;
+const GRANT: u8 = 1;
+const GRANT_DELETED: u8 = 2;
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    // A row longer than 4 GiB cannot be in a batch (see `MAX_ROW`).
+    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// Packs a batch's journaled rows: a kind byte, then length-prefixed fields, all zstd-packed at
+/// the fastest level.
+pub(super) fn pack(
+    contexts: &[ContextRow],
+    grants: &[GrantRow],
+    deleted: &[(GrantId, String)],
+) -> Result<Vec<u8>, WriteError> {
+    let mut raw = Vec::new();
+    for (principal, version, bytes) in contexts {
+        raw.push(CONTEXT);
+        put_bytes(&mut raw, principal.as_bytes());
+        raw.extend_from_slice(&version.to_le_bytes());
+        put_bytes(&mut raw, bytes);
+    }
+    for (id, principal, bytes) in grants {
+        raw.push(GRANT);
+        put_bytes(&mut raw, principal.as_bytes());
+        put_bytes(&mut raw, id.as_bytes());
+        put_bytes(&mut raw, bytes);
+    }
+    for (id, principal) in deleted {
+        raw.push(GRANT_DELETED);
+        put_bytes(&mut raw, principal.as_bytes());
+        put_bytes(&mut raw, id.as_bytes());
+    }
+    zstd::bulk::compress(&raw, 1).map_err(|e| WriteError::Storage(e.to_string()))
+}
+
+/// A reader of [`pack`]'s fields.
+struct Fields<'a>(&'a [u8]);
+
+impl<'a> Fields<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if self.0.len() < n {
+            return Err("a journal row ends inside a field".into());
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn bytes(&mut self) -> Result<&'a [u8], String> {
+        let len = self.take(4)?;
+        let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        self.take(len)
+    }
+
+    fn text(&mut self) -> Result<String, String> {
+        std::str::from_utf8(self.bytes()?)
+            .map(str::to_owned)
+            .map_err(|_| "a journal row's key is not UTF-8".to_owned())
+    }
+
+    fn u64(&mut self) -> Result<u64, String> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+}
+
+/// The changes of a packed journal row, in the order they were packed.
+pub(super) fn unpack(stored: &[u8]) -> Result<Vec<Change>, String> {
+    let raw = zstd::bulk::decompress(stored, MAX_ROW).map_err(|e| e.to_string())?;
+    let mut fields = Fields(&raw);
+    let mut out = Vec::new();
+    while let Ok(kind) = fields.take(1) {
+        out.push(match kind[0] {
+            CONTEXT => Change::Context {
+                principal: fields.text()?,
+                version: fields.u64()?,
+                bytes: fields.bytes()?.to_vec(),
+            },
+            GRANT => Change::Grant {
+                principal: fields.text()?,
+                id: fields.text()?,
+                bytes: fields.bytes()?.to_vec(),
+            },
+            GRANT_DELETED => Change::GrantDeleted {
+                principal: fields.text()?,
+                id: fields.text()?,
+            },
+            other => {
+                return Err(format!(
+                    "a journal row holds a change of unknown kind {other}"
+                ))
+            }
+        });
+    }
+    Ok(out)
+}
+
+/// Appends a packed row inside `txn`.
+pub(super) fn append(
+    txn: &WriteTransaction,
+    slot: (u32, u64),
+    packed: &[u8],
+) -> Result<(), WriteError> {
+    txn.open_table(JOURNAL)
+        .map_err(WriteError::storage)?
+        .insert(slot, packed)
+        .map_err(WriteError::storage)?;
+    Ok(())
+}
+
+/// Deletes `shard`'s journal rows up to sequence `through`: a fold round stored their keys'
+/// present state.
+pub(super) fn delete_through(
+    txn: &WriteTransaction,
+    shard: u32,
+    through: u64,
+) -> Result<(), WriteError> {
+    txn.open_table(JOURNAL)
+        .map_err(WriteError::storage)?
+        .retain_in((shard, 0)..=(shard, through), |_, _| false)
+        .map_err(WriteError::storage)
+}
+
+/// Creates the table if it is missing.
+pub(super) fn create(txn: &WriteTransaction) -> Result<(), WriteError> {
+    txn.open_table(JOURNAL).map_err(WriteError::storage)?;
+    Ok(())
+}
+
+/// Folds the whole journal into the tables, in the order it was written, and empties it — one
+/// transaction, at start-up before the tables are read, so what was journaled is read as if it
+/// had been written at its place. Returns how many changes it folded. A row that does not
+/// unpack is logged and dropped: its batch's signals were never acknowledged unless a later
+/// write stored their state (the checkpoint that covers them follows it).
+pub(super) fn fold_all(db: &redb::Database) -> Result<usize, WriteError> {
+    let txn = db.begin_write().map_err(WriteError::storage)?;
+    let mut rows = Vec::new();
+    {
+        let table = txn.open_table(JOURNAL).map_err(WriteError::storage)?;
+        for entry in table.iter().map_err(WriteError::storage)? {
+            let (k, v) = entry.map_err(WriteError::storage)?;
+            let (shard, seq) = k.value();
+            match unpack(v.value()) {
+                Ok(changes) => rows.push((seq, changes)),
+                Err(e) => {
+                    tracing::error!(shard, seq, error = %e, "unreadable journal row dropped")
+                }
+            }
+        }
+    }
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    rows.sort_by_key(|(seq, _)| *seq);
+    let folded = rows.iter().map(|(_, c)| c.len()).sum();
+    let mut latest = Latest::default();
+    for (_, changes) in rows {
+        for change in changes {
+            latest.note(change);
+        }
+    }
+    super::persist::write(&txn, &latest.into_encoded())?;
+    txn.open_table(JOURNAL)
+        .map_err(WriteError::storage)?
+        .retain(|_, _| false)
+        .map_err(WriteError::storage)?;
+    txn.commit().map_err(WriteError::storage)?;
+    tracing::info!(changes = folded, "journal folded at start-up");
+    Ok(folded)
+}
+
+/// The last change per row key, for [`fold_all`].
+#[derive(Default)]
+struct Latest {
+    contexts: BTreeMap<String, (u64, Vec<u8>)>,
+    grants: BTreeMap<(String, String), Option<Vec<u8>>>,
+}
+
+impl Latest {
+    fn note(&mut self, change: Change) {
+        match change {
+            Change::Context {
+                principal,
+                version,
+                bytes,
+            } => {
+                let newer = self
+                    .contexts
+                    .get(&principal)
+                    .is_none_or(|(held, _)| *held <= version);
+                if newer {
+                    self.contexts.insert(principal, (version, bytes));
+                }
+            }
+            Change::Grant {
+                principal,
+                id,
+                bytes,
+            } => {
+                self.grants.insert((principal, id), Some(bytes));
+            }
+            Change::GrantDeleted { principal, id } => {
+                self.grants.insert((principal, id), None);
+            }
+        }
+    }
+
+    /// The changes as rows written at their places: contexts only over older versions.
+    fn into_encoded(self) -> Encoded {
+        let mut grants = Vec::new();
+        let mut deleted = Vec::new();
+        for ((principal, id), bytes) in self.grants {
+            match bytes {
+                Some(bytes) => grants.push((id, principal, bytes)),
+                None => deleted.push((GrantId::from(id), principal)),
+            }
+        }
+        Encoded::folded(
+            self.contexts
+                .into_iter()
+                .map(|(k, (v, b))| (k, v, b))
+                .collect(),
+            grants,
+            deleted,
+        )
+    }
+}
+
+/// A key journaled by a shard: a principal's context (`None`) or one of its grants. Ordered as
+/// `engine_principal_rows` orders their rows, so a round's parts go through the table in order.
+pub(super) type FoldKey = (String, Option<GrantId>);
+
+/// A shard's side of the journal: the keys it journaled and the round folding them.
+pub(super) struct Fold {
+    /// Keys journaled since the round in flight (or the last) began.
+    journaled: BTreeSet<FoldKey>,
+    round: Option<Round>,
+    /// When the last round began, by the injected clock (ms).
+    last_round_ms: i64,
+    /// The sequence of this shard's last journal row.
+    last_seq: Option<u64>,
+    /// Keys noted since the last step: a part takes twice as many at least, so a round
+    /// in flight drains faster than the journal grows.
+    noted: usize,
+}
+
+/// A fold round: its keys in order, how far it has gone, and its chunks in flight.
+struct Round {
+    keys: Vec<FoldKey>,
+    next: usize,
+    /// The shard's journal rows up to this sequence are deleted once the round is stored.
+    through: u64,
+    writes: Vec<Result<PendingWrite<()>, WriteError>>,
+    failed: Option<String>,
+    /// The deletion of the journal rows the round replaced, once every part is stored: the
+    /// round holds its keys until it is, or a change written at its place might commit before
+    /// it.
+    deleting: Option<Result<PendingWrite<()>, WriteError>>,
+}
+
+/// What a shard's next fold step is, for it to carry out ([`Fold::next_step`]).
+pub(super) enum Step {
+    None,
+    /// Write the present state of these keys (in order) into the bulk lane.
+    Part(Vec<FoldKey>),
+    /// Every part is stored: delete the journal rows up to this sequence.
+    Done(u64),
+    /// The deletion is stored: the round is over.
+    Stored,
+    /// A part or the deletion failed: the round ends, its keys wait for the next (which
+    /// deletes the rows this one left).
+    Failed,
+}
+
+impl Fold {
+    pub(super) fn new(now_ms: i64) -> Fold {
+        Fold {
+            journaled: BTreeSet::new(),
+            round: None,
+            last_round_ms: now_ms,
+            last_seq: None,
+            noted: 0,
+        }
+    }
+
+    /// Notes a batch's journal row: its sequence and the keys it holds.
+    pub(super) fn note(&mut self, seq: u64, keys: Vec<FoldKey>) {
+        self.last_seq = Some(seq);
+        self.noted = self.noted.saturating_add(keys.len());
+        self.journaled.extend(keys);
+    }
+
+    /// Keys waiting for a round, and those of the round in flight.
+    pub(super) fn len(&self) -> usize {
+        self.journaled.len() + self.round.as_ref().map_or(0, |r| r.keys.len())
+    }
+
+    /// Whether a journal row may still hold `key`: until the deletion of its round's rows is
+    /// stored.
+    fn holds(&self, key: &FoldKey) -> bool {
+        self.journaled.contains(key)
+            || self
+                .round
+                .as_ref()
+                .is_some_and(|r| r.keys.binary_search(key).is_ok())
+    }
+
+    /// Whether a journal row may still hold `principal`'s context: retention must not forget it
+    /// then, or the start-up fold would bring it back.
+    pub(super) fn holds_context(&self, principal: &str) -> bool {
+        self.holds(&(principal.to_owned(), None))
+    }
+
+    /// Whether a journal row may still hold grant `id` of `principal`: a change of it is then
+    /// journaled too, or a journal row would be laid over it at the next start.
+    pub(super) fn holds_grant(&self, principal: &str, id: &str) -> bool {
+        self.holds(&(principal.to_owned(), Some(GrantId::from(id))))
+    }
+
+    /// Whether a round is in flight and the keys waiting behind it are more than twice the
+    /// bound: the shard then holds back the sources' backlogs, as it does for a lagging
+    /// checkpoint, until the store catches up.
+    pub(super) fn lags(&self, rows: usize) -> bool {
+        self.round.is_some() && self.journaled.len() > rows.saturating_mul(2)
+    }
+
+    /// Whether a round or a part of one is due: a round in flight with keys left, or none in
+    /// flight and keys waiting for longer than `interval_ms` or more than `rows` of them.
+    pub(super) fn due(&self, now_ms: i64, interval_ms: i64, rows: usize) -> bool {
+        match &self.round {
+            Some(r) => r.next < r.keys.len(),
+            None => {
+                !self.journaled.is_empty()
+                    && (self.journaled.len() >= rows
+                        || now_ms.saturating_sub(self.last_round_ms) >= interval_ms)
+            }
+        }
+    }
+
+    /// The next step: a new round's first part (when one is due), a part of the round in flight
+    /// (`part` keys, or twice those noted since the last step if more), or — its parts all
+    /// stored — the deletion that ends it. A round whose part failed ends without deleting: its
+    /// keys are journaled again, for the next.
+    pub(super) fn next_step(
+        &mut self,
+        now_ms: i64,
+        interval_ms: i64,
+        rows: usize,
+        part: usize,
+    ) -> Step {
+        let part = part.max(std::mem::take(&mut self.noted).saturating_mul(2));
+        if self.round.is_none() {
+            if !self.due(now_ms, interval_ms, rows) {
+                return Step::None;
+            }
+            let Some(through) = self.last_seq else {
+                return Step::None;
+            };
+            self.last_round_ms = now_ms;
+            self.round = Some(Round {
+                keys: std::mem::take(&mut self.journaled).into_iter().collect(),
+                next: 0,
+                through,
+                writes: Vec::new(),
+                failed: None,
+                deleting: None,
+            });
+        }
+        let Some(round) = &mut self.round else {
+            return Step::None;
+        };
+        if round.next < round.keys.len() {
+            let end = round.keys.len().min(round.next.saturating_add(part.max(1)));
+            let keys = round.keys[round.next..end].to_vec();
+            round.next = end;
+            return Step::Part(keys);
+        }
+        round.settle();
+        if !round.writes.is_empty() {
+            return Step::None;
+        }
+        if round.failed.is_none() {
+            match &mut round.deleting {
+                None => return Step::Done(round.through),
+                Some(Ok(pending)) => match pending.try_take() {
+                    None => return Step::None,
+                    Some(Ok(())) => {}
+                    Some(Err(e)) => round.failed = Some(e.to_string()),
+                },
+                Some(Err(e)) => round.failed = Some(e.to_string()),
+            }
+        }
+        let Some(round) = self.round.take() else {
+            return Step::None;
+        };
+        match round.failed {
+            None => Step::Stored,
+            Some(e) => {
+                tracing::error!(error = %e, "journal fold failed; its keys wait for the next round");
+                self.journaled.extend(round.keys);
+                Step::Failed
+            }
+        }
+    }
+
+    /// Keeps the deletion that ends the round ([`Step::Done`]).
+    pub(super) fn deleting(&mut self, write: Result<PendingWrite<()>, WriteError>) {
+        if let Some(round) = &mut self.round {
+            round.deleting = Some(write);
+        }
+    }
+
+    /// Keeps a part's write, settled by a later [`Fold::next_step`].
+    pub(super) fn written(&mut self, write: Result<PendingWrite<()>, WriteError>) {
+        if let Some(round) = &mut self.round {
+            round.writes.push(write);
+        }
+    }
+
+    /// How long until a round is due by the interval (`Duration::MAX` with nothing journaled).
+    pub(super) fn until_due(&self, now_ms: i64, interval_ms: i64) -> std::time::Duration {
+        if self.journaled.is_empty() {
+            return std::time::Duration::MAX;
+        }
+        let left = self
+            .last_round_ms
+            .saturating_add(interval_ms)
+            .saturating_sub(now_ms);
+        std::time::Duration::from_millis(u64::try_from(left).unwrap_or(0))
+    }
+
+    /// Whether the round in flight has parts not yet written.
+    pub(super) fn parts_left(&self) -> bool {
+        self.round.as_ref().is_some_and(|r| r.next < r.keys.len())
+    }
+
+    /// Whether a round is in flight (an idle shard looks again soon).
+    pub(super) fn in_flight(&self) -> bool {
+        self.round.is_some()
+    }
+}
+
+impl Round {
+    /// Collects the outcome of every part whose commit is done.
+    fn settle(&mut self) {
+        let mut left = Vec::new();
+        for write in self.writes.drain(..) {
+            let outcome = match write {
+                Err(e) => Some(Err(e)),
+                Ok(mut pending) => match pending.try_take() {
+                    Some(outcome) => Some(outcome),
+                    None => {
+                        left.push(Ok(pending));
+                        None
+                    }
+                },
+            };
+            if let (Some(Err(e)), None) = (outcome, &self.failed) {
+                self.failed = Some(e.to_string());
+            }
+        }
+        self.writes = left;
+    }
+}
+
+/// The grants whose status `decisions` changed: journaled, with the keys already held by the
+/// fold ([`Shard::journal`]).
+pub(super) fn status_changed(decisions: &[crate::decision::Decision]) -> HashSet<String> {
+    decisions
+        .iter()
+        .filter(|d| !d.shadow && d.status != d.previous_status)
+        .map(|d| d.grant_id.clone())
+        .collect()
+}
+
+/// Fewest keys a batch takes of a fold round: encoding them adds about a millisecond to it.
+const FOLD_PART: usize = 256;
+
+/// Keys per fold transaction, each a commit of its own ([`Merge::Alone`]): a chunk's rows are a
+/// few hundred random leaves at most, a few milliseconds of writing, and a decision's commit
+/// waits no longer than that behind one. Merged eight at a time, as checkpoint chunks are once
+/// behind, they held decisions' commits for up to a quarter of a second (benches/RESULTS.md).
+const FOLD_CHUNK: usize = 256;
+
+impl Shard {
+    /// Moves into a journal row the batch's decided contexts, the grants whose status changed
+    /// (`changed`; `None` in cluster mode, where rows go to their places), and every grant
+    /// change of a key the fold holds. Other grant changes — registrations, expiries — are
+    /// written at their places, as the fold would write them anyway: a registration burst
+    /// journaled cost the journal row and the fold's encoding and writing all over again, in
+    /// whatever came next (benches/RESULTS.md). A key held by the fold is journaled whatever
+    /// the change, so that its rows stay in order: the start-up fold lays journal rows over
+    /// what is at their places.
+    pub(super) fn journal(
+        &mut self,
+        urgent: &mut Encoded,
+        changed: Option<HashSet<String>>,
+    ) -> Result<(), WriteError> {
+        let Some(changed) = changed else {
+            return Ok(());
+        };
+        let seq = self
+            .shared
+            .journal_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let fold = &self.fold;
+        // A shard id is far below 2³².
+        let keys = urgent.journal((self.id as u32, seq), |principal, id| {
+            changed.contains(id) || fold.holds_grant(principal, id)
+        })?;
+        if !keys.is_empty() {
+            self.fold.note(seq, keys);
+        }
+        Ok(())
+    }
+
+    /// Takes the fold's next step, if one is due: a part of a round into the bulk lane, or the
+    /// deletion of the journal rows a stored round replaced.
+    pub(super) fn fold_step(&mut self) {
+        let settings = &self.shared.settings;
+        let now = settings.clock.now_ms();
+        let interval = interval_ms(settings.journal_fold_interval);
+        match self
+            .fold
+            .next_step(now, interval, settings.journal_fold_rows, FOLD_PART)
+        {
+            Step::None => {}
+            Step::Part(keys) => {
+                for chunk in crate::parts::in_parts(keys, FOLD_CHUNK) {
+                    let mut changes = Changes::default();
+                    for (principal, id) in chunk {
+                        match id {
+                            None => changes
+                                .contexts
+                                .extend(self.shared.contexts.get(&principal).map(|c| c.clone())),
+                            Some(id) => match present_grant(&self.shared.grants, &principal, &id) {
+                                Some(grant) => changes.grants.push(grant),
+                                None => changes.deleted_grants.push((id, principal)),
+                            },
+                        }
+                    }
+                    let write = changes.encode().and_then(|part| {
+                        self.shared
+                            .writer
+                            .submit_bulk_blocking(Merge::Alone, move |txn| {
+                                persist::write(txn, &part)
+                            })
+                    });
+                    self.fold.written(write);
+                }
+            }
+            Step::Done(through) => {
+                let shard = self.id as u32;
+                let deleting = self
+                    .shared
+                    .writer
+                    .submit_bulk_blocking(Merge::Alone, move |txn| {
+                        delete_through(txn, shard, through)
+                    });
+                self.fold.deleting(deleting);
+            }
+            Step::Stored => {
+                metrics::counter!(crate::telemetry::ENGINE_JOURNAL_FOLDS, "outcome" => "stored")
+                    .increment(1);
+            }
+            Step::Failed => {
+                metrics::counter!(crate::telemetry::ENGINE_JOURNAL_FOLDS, "outcome" => "failed")
+                    .increment(1);
+            }
+        }
+        metrics::gauge!(crate::telemetry::ENGINE_JOURNAL_KEYS, "shard" => self.id.to_string())
+            .set(self.fold.len() as f64);
+    }
+
+    /// Whether a part of a fold round is waiting to be written.
+    pub(super) fn fold_part_due(&self) -> bool {
+        self.fold.parts_left()
+    }
+
+    /// How long an idle shard may wait before a fold round is due.
+    pub(super) fn until_fold(&self) -> std::time::Duration {
+        let settings = &self.shared.settings;
+        self.fold.until_due(
+            settings.clock.now_ms(),
+            interval_ms(settings.journal_fold_interval),
+        )
+    }
+}
+
+fn interval_ms(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// A present grant as a fold writes it, or `None` if it is gone (or moved to another
+/// principal: its row under this one is deleted).
+pub(super) fn present_grant(
+    grants: &dashmap::DashMap<GrantId, Arc<crate::grant::Grant>>,
+    principal: &str,
+    id: &GrantId,
+) -> Option<Arc<crate::grant::Grant>> {
+    grants
+        .get(id)
+        .map(|g| g.clone())
+        .filter(|g| &*g.principal == principal)
+}
+
+/// How many rows the journal holds.
+#[cfg(test)]
+pub(super) fn rows(db: &redb::Database) -> u64 {
+    use redb::ReadableTableMetadata;
+    let txn = db.begin_read().unwrap();
+    match txn.open_table(JOURNAL) {
+        Ok(t) => t.len().unwrap(),
+        Err(redb::TableError::TableDoesNotExist(_)) => 0,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// The newest version of `principal`'s context the journal holds.
+#[cfg(test)]
+pub(super) fn context_version(db: &redb::Database, principal: &str) -> Option<u64> {
+    let txn = db.begin_read().unwrap();
+    let t = txn.open_table(JOURNAL).unwrap();
+    let mut newest = None;
+    for entry in t.iter().unwrap() {
+        let (_, v) = entry.unwrap();
+        for change in unpack(v.value()).unwrap() {
+            if let Change::Context {
+                principal: p,
+                version,
+                ..
+            } = change
+            {
+                if p == principal {
+                    newest = newest.max(Some(version));
+                }
+            }
+        }
+    }
+    newest
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_packed_row_unpacks_to_its_changes_in_order() {
+        let packed = pack(
+            &[("alice".into(), 7, b"{\"ctx\":1}".to_vec())],
+            &[("g1".into(), "alice".into(), b"{\"grant\":1}".to_vec())],
+            &[(GrantId::from("g0"), "bob".to_owned())],
+        )
+        .unwrap();
+        assert_eq!(
+            unpack(&packed).unwrap(),
+            vec![
+                Change::Context {
+                    principal: "alice".into(),
+                    version: 7,
+                    bytes: b"{\"ctx\":1}".to_vec()
+                },
+                Change::Grant {
+                    principal: "alice".into(),
+                    id: "g1".into(),
+                    bytes: b"{\"grant\":1}".to_vec()
+                },
+                Change::GrantDeleted {
+                    principal: "bob".into(),
+                    id: "g0".into()
+                },
+            ]
+        );
+        // Cut short, it is refused rather than misread.
+        let raw = zstd::bulk::decompress(&packed, MAX_ROW).unwrap();
+        let cut = zstd::bulk::compress(&raw[..raw.len() - 3], 1).unwrap();
+        assert!(unpack(&cut).is_err());
+        assert!(unpack(b"not zstd").is_err());
+    }
+
+    #[test]
+    fn the_last_change_of_a_key_is_folded_and_a_context_only_over_an_older_version() {
+        let mut latest = Latest::default();
+        let grant = |id: &str, v: &str| Change::Grant {
+            principal: "alice".into(),
+            id: id.into(),
+            bytes: v.as_bytes().to_vec(),
+        };
+        let context = |version: u64| Change::Context {
+            principal: "alice".into(),
+            version,
+            bytes: format!("v{version}").into_bytes(),
+        };
+        for change in [
+            grant("g1", "active"),
+            grant("g1", "revoked"),
+            grant("g2", "active"),
+            Change::GrantDeleted {
+                principal: "alice".into(),
+                id: "g2".into(),
+            },
+            context(5),
+            context(3),
+        ] {
+            latest.note(change);
+        }
+        assert_eq!(
+            latest.grants.get(&("alice".into(), "g1".into())),
+            Some(&Some(b"revoked".to_vec()))
+        );
+        assert_eq!(
+            latest.grants.get(&("alice".into(), "g2".into())),
+            Some(&None)
+        );
+        assert_eq!(latest.contexts.get("alice").map(|(v, _)| *v), Some(5));
+    }
+
+    #[test]
+    fn a_round_takes_its_keys_in_order_and_ends_with_the_deletion_once_stored() {
+        let mut fold = Fold::new(0);
+        assert!(matches!(fold.next_step(0, 1000, 4, 2), Step::None));
+        fold.note(
+            3,
+            vec![
+                ("bob".to_owned(), None),
+                ("alice".to_owned(), Some(GrantId::from("g"))),
+                ("alice".to_owned(), None),
+            ],
+        );
+        // Not yet due: fewer keys than the bound, within the interval.
+        assert!(matches!(fold.next_step(500, 1000, 4, 2), Step::None));
+        assert!(fold.holds_context("bob"));
+        let Step::Part(first) = fold.next_step(1000, 1000, 4, 2) else {
+            panic!("a part is due");
+        };
+        assert_eq!(
+            first,
+            vec![
+                ("alice".to_owned(), None),
+                ("alice".to_owned(), Some(GrantId::from("g")))
+            ]
+        );
+        // A key journaled while the round is in flight waits for the next.
+        fold.note(4, vec![("carol".to_owned(), None)]);
+        let Step::Part(second) = fold.next_step(1001, 1000, 4, 2) else {
+            panic!("the round's last part");
+        };
+        assert_eq!(second, vec![("bob".to_owned(), None)]);
+        assert!(fold.holds_context("bob"), "until the round is stored");
+        assert!(matches!(fold.next_step(1002, 1000, 4, 2), Step::Done(3)));
+        // Its keys are held until the deletion of the rows it replaced is stored.
+        let (deletion, commit) = PendingWrite::ended(None);
+        fold.deleting(Ok(deletion));
+        assert!(matches!(fold.next_step(1003, 1000, 4, 2), Step::None));
+        assert!(fold.holds_context("bob"));
+        assert!(fold.holds_grant("alice", "g"));
+        commit.unwrap().send(Ok(())).unwrap();
+        assert!(matches!(fold.next_step(1004, 1000, 4, 2), Step::Stored));
+        assert!(!fold.holds_context("bob"));
+        assert!(!fold.holds_grant("alice", "g"));
+        assert!(fold.holds_context("carol"));
+        assert_eq!(fold.len(), 1);
+    }
+
+    #[test]
+    fn a_round_whose_deletion_failed_leaves_its_keys_held() {
+        let mut fold = Fold::new(0);
+        fold.note(1, vec![("alice".to_owned(), Some(GrantId::from("g")))]);
+        assert!(matches!(fold.next_step(0, 1000, 1, 8), Step::Part(_)));
+        assert!(matches!(fold.next_step(1, 1000, 1, 8), Step::Done(1)));
+        let (deletion, _) = PendingWrite::ended(Some(Err(WriteError::Storage("disk full".into()))));
+        fold.deleting(Ok(deletion));
+        assert!(matches!(fold.next_step(2, 1000, 1, 8), Step::Failed));
+        assert!(
+            fold.holds_grant("alice", "g"),
+            "its rows may still be in the journal"
+        );
+    }
+
+    #[test]
+    fn a_round_whose_part_failed_leaves_its_keys_for_the_next() {
+        let mut fold = Fold::new(0);
+        fold.note(1, vec![("alice".to_owned(), None)]);
+        assert!(matches!(fold.next_step(0, 1000, 1, 8), Step::Part(_)));
+        fold.written(Err(WriteError::Storage("disk full".into())));
+        assert!(matches!(fold.next_step(1, 1000, 1, 8), Step::Failed));
+        assert!(fold.holds_context("alice"));
+        assert!(!fold.in_flight());
+        // The next round takes it again.
+        assert!(matches!(fold.next_step(2, 1000, 1, 8), Step::Part(_)));
+    }
+}
