@@ -253,6 +253,35 @@ impl<T> PendingWrite<T> {
     }
 }
 
+/// Collects the outcome of every write in `writes` whose commit is done — of all of them,
+/// waiting, when `block` — keeping the first failure in `failed`; says whether none is left in
+/// flight. For what waits for several writes (a checkpoint's chunks, a fold round's parts).
+pub fn settle_writes(
+    writes: &mut Vec<Result<PendingWrite<()>, WriteError>>,
+    failed: &mut Option<String>,
+    block: bool,
+) -> bool {
+    let mut left = Vec::new();
+    for write in writes.drain(..) {
+        let outcome = match write {
+            Err(e) => Some(Err(e)),
+            Ok(pending) if block => Some(pending.wait_blocking()),
+            Ok(mut pending) => match pending.try_take() {
+                Some(outcome) => Some(outcome),
+                None => {
+                    left.push(Ok(pending));
+                    None
+                }
+            },
+        };
+        if let (Some(Err(e)), None) = (outcome, &*failed) {
+            *failed = Some(e.to_string());
+        }
+    }
+    *writes = left;
+    writes.is_empty()
+}
+
 impl BatchWriter {
     /// Starts the writer thread of the store called `store` (the label of its metrics).
     /// `max_batch` bounds how many writes share one commit.

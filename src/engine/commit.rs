@@ -132,25 +132,7 @@ impl Checkpointing {
     /// Collects the outcome of every chunk whose commit is done — of all of them, waiting, when
     /// `block` — and says whether none is left in flight.
     pub(super) fn settle(&mut self, block: bool) -> bool {
-        let mut left = Vec::new();
-        for write in self.writes.drain(..) {
-            let outcome = match write {
-                Err(e) => Some(Err(e)),
-                Ok(pending) if block => Some(pending.wait_blocking()),
-                Ok(mut pending) => match pending.try_take() {
-                    Some(outcome) => Some(outcome),
-                    None => {
-                        left.push(Ok(pending));
-                        None
-                    }
-                },
-            };
-            if let (Some(Err(e)), None) = (outcome, &self.failed) {
-                self.failed = Some(e.to_string());
-            }
-        }
-        self.writes = left;
-        self.writes.is_empty()
+        crate::store::settle_writes(&mut self.writes, &mut self.failed, block)
     }
 }
 

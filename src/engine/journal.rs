@@ -447,8 +447,7 @@ impl Fold {
             round.next = end;
             return Step::Part(keys);
         }
-        round.settle();
-        if !round.writes.is_empty() {
+        if !crate::store::settle_writes(&mut round.writes, &mut round.failed, false) {
             return Step::None;
         }
         if round.failed.is_none() {
@@ -509,29 +508,6 @@ impl Fold {
     /// Whether a round is in flight (an idle shard looks again soon).
     pub(super) fn in_flight(&self) -> bool {
         self.round.is_some()
-    }
-}
-
-impl Round {
-    /// Collects the outcome of every part whose commit is done.
-    fn settle(&mut self) {
-        let mut left = Vec::new();
-        for write in self.writes.drain(..) {
-            let outcome = match write {
-                Err(e) => Some(Err(e)),
-                Ok(mut pending) => match pending.try_take() {
-                    Some(outcome) => Some(outcome),
-                    None => {
-                        left.push(Ok(pending));
-                        None
-                    }
-                },
-            };
-            if let (Some(Err(e)), None) = (outcome, &self.failed) {
-                self.failed = Some(e.to_string());
-            }
-        }
-        self.writes = left;
     }
 }
 

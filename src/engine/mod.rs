@@ -1558,14 +1558,32 @@ mod tests {
         dir: &std::path::Path,
         clock: &crate::clock::Clock,
     ) -> (Engine, Handoffs, Arc<redb::Database>, Threads) {
+        engine_in(dir, retention_settings(clock))
+    }
+
+    /// The settings of [`retention_engine`].
+    fn retention_settings(clock: &crate::clock::Clock) -> EngineSettings {
+        EngineSettings {
+            clock: clock.clone(),
+            sweep_interval: Duration::from_millis(5),
+            context_retention: Duration::from_secs(3600),
+            disabled_account_retention: Duration::from_secs(3 * 3600),
+            context_scan_interval: Duration::from_millis(5),
+            ..EngineSettings::default()
+        }
+    }
+
+    /// An engine on `dir` whose journal is folded only when the test moves `clock` an hour on.
+    fn journaling_engine(
+        dir: &std::path::Path,
+        clock: &crate::clock::Clock,
+    ) -> (Engine, Handoffs, Arc<redb::Database>, Threads) {
         engine_in(
             dir,
             EngineSettings {
                 clock: clock.clone(),
                 sweep_interval: Duration::from_millis(5),
-                context_retention: Duration::from_secs(3600),
-                disabled_account_retention: Duration::from_secs(3 * 3600),
-                context_scan_interval: Duration::from_millis(5),
+                journal_fold_interval: Duration::from_secs(3600),
                 ..EngineSettings::default()
             },
         )
@@ -2910,12 +2928,7 @@ mod tests {
     async fn a_journaled_revocation_is_read_back_after_a_restart() {
         let clock = crate::clock::Clock::manual(PROBED_T0 * 1000);
         let dir = tempfile::tempdir().unwrap();
-        let settings = || EngineSettings {
-            clock: clock.clone(),
-            journal_fold_interval: Duration::from_secs(3600),
-            ..EngineSettings::default()
-        };
-        let (engine, _rx, db, held) = engine_in(dir.path(), settings());
+        let (engine, _rx, db, held) = journaling_engine(dir.path(), &clock);
         revoke_a_token(&engine).await;
         assert_eq!(
             engine.grant("t1").map(|g| g.status),
@@ -2932,7 +2945,7 @@ mod tests {
         held.join().await;
         drop(db);
 
-        let (engine, _rx, db, _held) = engine_in(dir.path(), settings());
+        let (engine, _rx, db, _held) = journaling_engine(dir.path(), &clock);
         assert_eq!(
             engine.grant("t1").map(|g| g.status),
             Some(GrantStatus::Revoked)
@@ -2951,15 +2964,7 @@ mod tests {
     async fn a_fold_round_stores_journaled_rows_at_their_places_and_deletes_them() {
         let clock = crate::clock::Clock::manual(PROBED_T0 * 1000);
         let dir = tempfile::tempdir().unwrap();
-        let (engine, _rx, db, _held) = engine_in(
-            dir.path(),
-            EngineSettings {
-                clock: clock.clone(),
-                sweep_interval: Duration::from_millis(5),
-                journal_fold_interval: Duration::from_secs(3600),
-                ..EngineSettings::default()
-            },
-        );
+        let (engine, _rx, db, _held) = journaling_engine(dir.path(), &clock);
         revoke_a_token(&engine).await;
         assert!(journal::rows(&db) > 0);
         // The interval, by the injected clock.
@@ -2982,14 +2987,7 @@ mod tests {
             dir.path(),
             EngineSettings {
                 journal_fold_interval: Duration::from_secs(100 * 3600),
-                ..EngineSettings {
-                    clock: clock.clone(),
-                    sweep_interval: Duration::from_millis(5),
-                    context_retention: Duration::from_secs(3600),
-                    disabled_account_retention: Duration::from_secs(3 * 3600),
-                    context_scan_interval: Duration::from_millis(5),
-                    ..EngineSettings::default()
-                }
+                ..retention_settings(&clock)
             },
         );
         let who = "j@example.com";
