@@ -206,29 +206,35 @@ pub(super) fn create(txn: &WriteTransaction) -> Result<(), WriteError> {
 /// write stored their state (the checkpoint that covers them follows it).
 pub(super) fn fold_all(db: &redb::Database) -> Result<usize, WriteError> {
     let txn = db.begin_write().map_err(WriteError::storage)?;
-    let mut rows = Vec::new();
+    let mut latest = Latest::default();
+    let mut folded = 0;
     {
         let table = txn.open_table(JOURNAL).map_err(WriteError::storage)?;
+        // Keys first, in sequence order; then one row unpacked at a time, so what is held is
+        // the last change per key, not every change the journal holds.
+        let mut slots = Vec::new();
         for entry in table.iter().map_err(WriteError::storage)? {
-            let (k, v) = entry.map_err(WriteError::storage)?;
-            let (shard, seq) = k.value();
-            match unpack(v.value()) {
-                Ok(changes) => rows.push((seq, changes)),
+            slots.push(entry.map_err(WriteError::storage)?.0.value());
+        }
+        if slots.is_empty() {
+            return Ok(0);
+        }
+        slots.sort_by_key(|(_, seq)| *seq);
+        for (shard, seq) in slots {
+            let Some(row) = table.get((shard, seq)).map_err(WriteError::storage)? else {
+                continue;
+            };
+            match unpack(row.value()) {
+                Ok(changes) => {
+                    folded += changes.len();
+                    for change in changes {
+                        latest.note(change);
+                    }
+                }
                 Err(e) => {
                     tracing::error!(shard, seq, error = %e, "unreadable journal row dropped")
                 }
             }
-        }
-    }
-    if rows.is_empty() {
-        return Ok(0);
-    }
-    rows.sort_by_key(|(seq, _)| *seq);
-    let folded = rows.iter().map(|(_, c)| c.len()).sum();
-    let mut latest = Latest::default();
-    for (_, changes) in rows {
-        for change in changes {
-            latest.note(change);
         }
     }
     super::persist::write(&txn, &latest.into_encoded())?;
@@ -314,6 +320,8 @@ pub(super) struct Fold {
     /// Keys noted since the last step: a part takes twice as many at least, so a round
     /// in flight drains faster than the journal grows.
     noted: usize,
+    /// `vigil_engine_journal_keys` of this shard, set after each step.
+    gauge: metrics::Gauge,
 }
 
 /// A fold round: its keys in order, how far it has gone, and its chunks in flight.
@@ -345,8 +353,9 @@ pub(super) enum Step {
 }
 
 impl Fold {
-    pub(super) fn new(now_ms: i64) -> Fold {
+    pub(super) fn new(shard: usize, now_ms: i64) -> Fold {
         Fold {
+            gauge: metrics::gauge!(crate::telemetry::ENGINE_JOURNAL_KEYS, "shard" => shard.to_string()),
             journaled: BTreeSet::new(),
             round: None,
             last_round_ms: now_ms,
@@ -616,8 +625,7 @@ impl Shard {
                     .increment(1);
             }
         }
-        metrics::gauge!(crate::telemetry::ENGINE_JOURNAL_KEYS, "shard" => self.id.to_string())
-            .set(self.fold.len() as f64);
+        self.fold.gauge.set(self.fold.len() as f64);
     }
 
     /// Whether a part of a fold round is waiting to be written.
@@ -726,6 +734,40 @@ mod tests {
         assert!(unpack(b"not zstd").is_err());
     }
 
+    /// The start-up fold applies rows in sequence order, not in key order: a shard's later
+    /// row sorts before another shard's earlier one in the table.
+    #[test]
+    fn the_start_up_fold_lays_rows_in_the_order_they_were_written_and_empties_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::open(dir.path()).unwrap();
+        persist::load(&db).unwrap();
+        let grant = |status: &str| {
+            let g = serde_json::from_value::<crate::grant::GrantRequest>(serde_json::json!({
+                "id": "g", "kind": "session", "subject": {"format": "opaque", "id": "alice"},
+                "issued_at": 1, "expires_at": 2,
+            }))
+            .unwrap()
+            .into_grant("alice".to_owned(), 1.0)
+            .unwrap();
+            let mut g = serde_json::to_value(g).unwrap();
+            g["status"] = status.into();
+            serde_json::to_vec(&g).unwrap()
+        };
+        let txn = db.begin_write().unwrap();
+        let row =
+            |status: &str| pack(&[], &[("g".into(), "alice".into(), grant(status))], &[]).unwrap();
+        append(&txn, (1, 3), &row("active")).unwrap();
+        append(&txn, (0, 7), &row("revoked")).unwrap();
+        txn.commit().unwrap();
+        assert_eq!(fold_all(&db).unwrap(), 2);
+        assert_eq!(rows(&db), 0);
+        assert_eq!(
+            persist::stored_grant_status(&db, "g"),
+            Some(crate::grant::GrantStatus::Revoked)
+        );
+        assert_eq!(fold_all(&db).unwrap(), 0, "nothing left to fold");
+    }
+
     #[test]
     fn the_last_change_of_a_key_is_folded_and_a_context_only_over_an_older_version() {
         let mut latest = Latest::default();
@@ -765,7 +807,7 @@ mod tests {
 
     #[test]
     fn a_round_takes_its_keys_in_order_and_ends_with_the_deletion_once_stored() {
-        let mut fold = Fold::new(0);
+        let mut fold = Fold::new(0, 0);
         assert!(matches!(fold.next_step(0, 1000, 4, 2), Step::None));
         fold.note(
             3,
@@ -812,7 +854,7 @@ mod tests {
 
     #[test]
     fn a_round_whose_deletion_failed_leaves_its_keys_held() {
-        let mut fold = Fold::new(0);
+        let mut fold = Fold::new(0, 0);
         fold.note(1, vec![("alice".to_owned(), Some(GrantId::from("g")))]);
         assert!(matches!(fold.next_step(0, 1000, 1, 8), Step::Part(_)));
         assert!(matches!(fold.next_step(1, 1000, 1, 8), Step::Done(1)));
@@ -827,7 +869,7 @@ mod tests {
 
     #[test]
     fn a_round_whose_part_failed_leaves_its_keys_for_the_next() {
-        let mut fold = Fold::new(0);
+        let mut fold = Fold::new(0, 0);
         fold.note(1, vec![("alice".to_owned(), None)]);
         assert!(matches!(fold.next_step(0, 1000, 1, 8), Step::Part(_)));
         fold.written(Err(WriteError::Storage("disk full".into())));

@@ -184,7 +184,7 @@ impl Shard {
             unstored: Unstored::default(),
             rewrite: None,
             rewrite_after_ms: 0,
-            fold: super::journal::Fold::new(last_checkpoint_ms),
+            fold: super::journal::Fold::new(id, last_checkpoint_ms),
         }
     }
 
