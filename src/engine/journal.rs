@@ -322,6 +322,9 @@ pub(super) struct Fold {
     noted: usize,
     /// `vigil_engine_journal_keys` of this shard, set after each step.
     gauge: metrics::Gauge,
+    /// How many of the keys held (journaled, and the round's) name each grant id: every grant
+    /// a batch writes is looked up, and by id a look-up borrows where a key would be built.
+    grants: std::collections::HashMap<GrantId, u32>,
 }
 
 /// A fold round: its keys in order, how far it has gone, and its chunks in flight.
@@ -361,6 +364,27 @@ impl Fold {
             last_round_ms: now_ms,
             last_seq: None,
             noted: 0,
+            grants: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Holds `key` among the journaled keys (counting its grant id if it is new there).
+    fn hold(&mut self, key: FoldKey) {
+        let id = key.1.clone();
+        if self.journaled.insert(key) {
+            if let Some(id) = id {
+                *self.grants.entry(id).or_default() += 1;
+            }
+        }
+    }
+
+    /// Stops counting a held key of grant `id` (a round's, once it is over).
+    fn release_grant(&mut self, id: &GrantId) {
+        if let Some(n) = self.grants.get_mut(id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.grants.remove(id);
+            }
         }
     }
 
@@ -368,7 +392,9 @@ impl Fold {
     pub(super) fn note(&mut self, seq: u64, keys: Vec<FoldKey>) {
         self.last_seq = Some(seq);
         self.noted = self.noted.saturating_add(keys.len());
-        self.journaled.extend(keys);
+        for key in keys {
+            self.hold(key);
+        }
     }
 
     /// Keys waiting for a round, and those of the round in flight.
@@ -392,10 +418,11 @@ impl Fold {
         self.holds(&(principal.to_owned(), None))
     }
 
-    /// Whether a journal row may still hold grant `id` of `principal`: a change of it is then
-    /// journaled too, or a journal row would be laid over it at the next start.
-    pub(super) fn holds_grant(&self, principal: &str, id: &str) -> bool {
-        self.holds(&(principal.to_owned(), Some(GrantId::from(id))))
+    /// Whether a journal row may still hold grant `id` (under any principal: journaling more
+    /// than needed is always safe): a change of it is then journaled too, or a journal row
+    /// would be laid over it at the next start.
+    pub(super) fn holds_grant(&self, id: &str) -> bool {
+        self.grants.contains_key(id)
     }
 
     /// Whether a round is in flight and the keys waiting behind it are more than twice the
@@ -473,11 +500,20 @@ impl Fold {
         let Some(round) = self.round.take() else {
             return Step::None;
         };
+        // The round's keys leave it: stored, or back among the journaled (a key journaled
+        // again meanwhile is held there once).
+        for key in &round.keys {
+            if let Some(id) = &key.1 {
+                self.release_grant(id);
+            }
+        }
         match round.failed {
             None => Step::Stored,
             Some(e) => {
                 tracing::error!(error = %e, "journal fold failed; its keys wait for the next round");
-                self.journaled.extend(round.keys);
+                for key in round.keys {
+                    self.hold(key);
+                }
                 Step::Failed
             }
         }
@@ -562,8 +598,8 @@ impl Shard {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let fold = &self.fold;
         // A shard id is far below 2³².
-        let keys = urgent.journal((self.id as u32, seq), |principal, id| {
-            changed.contains(id) || fold.holds_grant(principal, id)
+        let keys = urgent.journal((self.id as u32, seq), |_principal, id| {
+            changed.contains(id) || fold.holds_grant(id)
         })?;
         if !keys.is_empty() {
             self.fold.note(seq, keys);
@@ -843,13 +879,43 @@ mod tests {
         fold.deleting(Ok(deletion));
         assert!(matches!(fold.next_step(1003, 1000, 4, 2), Step::None));
         assert!(fold.holds_context("bob"));
-        assert!(fold.holds_grant("alice", "g"));
+        assert!(fold.holds_grant("g"));
         commit.unwrap().send(Ok(())).unwrap();
         assert!(matches!(fold.next_step(1004, 1000, 4, 2), Step::Stored));
         assert!(!fold.holds_context("bob"));
-        assert!(!fold.holds_grant("alice", "g"));
+        assert!(!fold.holds_grant("g"));
         assert!(fold.holds_context("carol"));
         assert_eq!(fold.len(), 1);
+    }
+
+    /// A grant journaled again while its round is in flight stays held once that round is over,
+    /// until the next one is.
+    #[test]
+    fn a_grant_journaled_again_during_its_round_stays_held_after_it() {
+        let mut fold = Fold::new(0, 0);
+        let g = || vec![("alice".to_owned(), Some(GrantId::from("g")))];
+        let stored = |fold: &mut Fold, at: i64| {
+            assert!(matches!(fold.next_step(at, 1000, 1, 8), Step::Part(_)));
+            let Step::Done(_) = fold.next_step(at + 1, 1000, 1, 8) else {
+                panic!("the round's deletion is due");
+            };
+            fold.deleting(Ok(PendingWrite::ended(Some(Ok(()))).0));
+            assert!(matches!(fold.next_step(at + 2, 1000, 1, 8), Step::Stored));
+        };
+        fold.note(1, g());
+        assert!(matches!(fold.next_step(0, 1000, 1, 8), Step::Part(_)));
+        fold.note(2, g());
+        let Step::Done(1) = fold.next_step(1, 1000, 1, 8) else {
+            panic!("the first round's deletion is due");
+        };
+        fold.deleting(Ok(PendingWrite::ended(Some(Ok(()))).0));
+        assert!(matches!(
+            fold.next_step(2, 1000, usize::MAX, 8),
+            Step::Stored
+        ));
+        assert!(fold.holds_grant("g"), "its second row is in the journal");
+        stored(&mut fold, 3);
+        assert!(!fold.holds_grant("g"));
     }
 
     #[test]
@@ -862,7 +928,7 @@ mod tests {
         fold.deleting(Ok(deletion));
         assert!(matches!(fold.next_step(2, 1000, 1, 8), Step::Failed));
         assert!(
-            fold.holds_grant("alice", "g"),
+            fold.holds_grant("g"),
             "its rows may still be in the journal"
         );
     }
