@@ -144,6 +144,8 @@ catalogue! {
         "Keys (grants, contexts) a shard journaled that no fold round has written at their places yet; beyond twice engine.journal_fold_rows waiting behind a round, the shard holds back the sources' backlogs";
     ENGINE_JOURNAL_FOLDS = "vigil_engine_journal_folds_total", Counter, ["outcome"],
         "Journal fold rounds ended: outcome=stored (their journal rows deleted) or failed (a part was not stored: the keys wait for the next round)";
+    ENGINE_JOURNAL_HANDOFFS_MOVED = "vigil_engine_journal_handoffs_moved_total", Counter, [],
+        "Decisions delivery had not taken over when their journal rows were deleted (by a fold round or the start-up fold), moved to hand-off rows of their own; outside a restart, delivery is behind";
     CONTEXT_FACTS_EVICTED = "vigil_context_facts_evicted_total", Counter, [],
         "Facts dropped from a context holding 256 keys of their kind (the oldest by event time of the party — transmitter or feed topic — holding the most goes)";
     CONTEXTS = "vigil_contexts", Gauge, [],

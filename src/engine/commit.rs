@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
-use super::handed::{Commit, Durable, Handed};
+use super::handed::{Commit, Durable, Handed, JournalPlace};
 use super::handover::Lane;
 use super::persist::{self, Changes};
 use super::rewrite::Written;
@@ -73,6 +73,26 @@ pub(super) struct Pending {
     /// Decisions of an earlier batch whose commit failed, handed to delivery again with this
     /// batch's (and written to the hand-off with them).
     pub(super) rehanded: Vec<(Decision, Arc<Grant>)>,
+}
+
+impl Pending {
+    /// This batch's decisions delivery acts on (revoke, step-up, restrict), each with its index
+    /// and the grant's latest state.
+    pub(super) fn for_delivery(&self) -> impl Iterator<Item = (usize, &Decision, &Arc<Grant>)> {
+        self.decisions
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| d.reaches_enforcement_points())
+            .filter_map(|(i, d)| Some((i, d, self.latest.get(d.grant_id.as_str())?)))
+    }
+}
+
+/// A decision of a batch on its way to delivery: its lane, and where its hand-off is stored.
+pub(super) struct ToHand {
+    decision: Decision,
+    grant: Arc<Grant>,
+    lane: Lane,
+    journaled: Option<JournalPlace>,
 }
 
 /// What waits for a checkpoint to be stored.
@@ -371,14 +391,6 @@ impl Shard {
                 tracing::error!(error = %e, "audit append failed");
             }
         }
-        // Decisions delivery must act on are committed with the state, so a crash cannot lose them.
-        for d in &p.decisions {
-            let emits = d.reaches_enforcement_points();
-            if let (true, Some(g)) = (emits, p.latest.get(d.grant_id.as_str())) {
-                p.changes.handoff.push((d.clone(), g.clone()));
-            }
-        }
-        p.changes.handoff.extend(p.rehanded.iter().cloned());
         // This batch's deletions go to the bulk lane, behind its ordinary write.
         let forgotten = p.changes.deleted_contexts.clone();
         for key in &forgotten {
@@ -418,7 +430,13 @@ impl Shard {
         // Delivery gets the decisions now and signs their SETs while the commit is written; the
         // gate opens when it is durable. Single node: the writer thread opens it the moment the
         // fsync ends. Cluster mode: `announce` does, once the changelog has the batch too.
-        let handed = self.hand_over(&p);
+        let mut handed = self.hand_over(&p);
+        // Decisions delivery must act on are committed with the state, so a crash cannot lose
+        // them: their hand-offs, in the order they are handed over.
+        p.changes.handoff = handed
+            .iter()
+            .map(|h| (h.decision.clone(), h.grant.clone()))
+            .collect();
         let (gate, durable) = Durable::pending();
         let mut gate = Some(gate);
         let by_writer = self.shared.settings.changelog.is_none();
@@ -433,7 +451,13 @@ impl Shard {
                         records = urgent.records();
                     }
                     let bulk = urgent.split_bulk(CHECKPOINT_CHUNK);
-                    if let Err(e) = self.journal(&mut urgent, journaled) {
+                    let journal = self.journal(&mut urgent, journaled);
+                    if let Ok(Some(slot)) = journal {
+                        for (index, h) in (0u32..).zip(handed.iter_mut()) {
+                            h.journaled = Some(JournalPlace { slot, index });
+                        }
+                    }
+                    if let Err(e) = journal {
                         writes.push(Err(e));
                     } else if !urgent.is_empty() {
                         let write =
@@ -525,39 +549,37 @@ impl Shard {
         }
     }
 
-    fn send_to_delivery(&self, handed: Vec<(Decision, Arc<Grant>, Lane)>, durable: &Durable) {
-        for (decision, grant, lane) in handed {
+    fn send_to_delivery(&self, handed: Vec<ToHand>, durable: &Durable) {
+        for h in handed {
             let item = Handed {
-                decision,
-                grant,
+                decision: h.decision,
+                grant: h.grant,
                 durable: durable.clone(),
+                journaled: h.journaled,
             };
-            if self.shared.decisions.blocking_send(item, lane).is_err() {
+            if self.shared.decisions.blocking_send(item, h.lane).is_err() {
                 tracing::debug!("no decision consumer");
             }
         }
     }
 
     /// The batch's decisions delivery acts on, with the grant each is about and its lane.
-    fn hand_over(&self, p: &Pending) -> Vec<(Decision, Arc<Grant>, Lane)> {
-        p.decisions
-            .iter()
-            .enumerate()
-            .filter(|(_, d)| d.reaches_enforcement_points())
-            .filter_map(|(i, d)| {
-                let grant = p.latest.get(d.grant_id.as_str())?;
-                let lane = if p.bulk_decisions.iter().any(|r| r.contains(&i)) {
-                    Lane::Bulk
-                } else {
-                    Lane::Interactive
-                };
-                Some((d.clone(), grant.clone(), lane))
+    fn hand_over(&self, p: &Pending) -> Vec<ToHand> {
+        let ours = p.for_delivery().map(|(i, d, grant)| {
+            let lane = if p.bulk_decisions.iter().any(|r| r.contains(&i)) {
+                Lane::Bulk
+            } else {
+                Lane::Interactive
+            };
+            (d, grant, lane)
+        });
+        ours.chain(p.rehanded.iter().map(|(d, g)| (d, g, Lane::Interactive)))
+            .map(|(d, g, lane)| ToHand {
+                decision: d.clone(),
+                grant: g.clone(),
+                lane,
+                journaled: None,
             })
-            .chain(
-                p.rehanded
-                    .iter()
-                    .map(|(d, g)| (d.clone(), g.clone(), Lane::Interactive)),
-            )
             .collect()
     }
 
@@ -718,7 +740,7 @@ pub(super) struct Committing {
     pub(super) gate: Option<Commit>,
     /// The decisions delivery gets once `announce` has opened the gate (none when the writer
     /// thread holds it: they were handed over at the commit).
-    pub(super) handed: (Vec<(Decision, Arc<Grant>, Lane)>, Durable),
+    pub(super) handed: (Vec<ToHand>, Durable),
     pub(super) p: Pending,
 }
 

@@ -22,6 +22,46 @@ pub struct Handed {
     pub grant: Arc<Grant>,
     /// Opens when the decision is durable.
     pub durable: Durable,
+    /// Where its hand-off is stored if in a journal row (single node); `None` for a row of its
+    /// own (`engine_handoff`).
+    pub journaled: Option<JournalPlace>,
+}
+
+/// A hand-off's place in a journal row (`super::journal`): the row's (shard, sequence) and the
+/// hand-off's index among the row's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct JournalPlace {
+    pub slot: (u32, u64),
+    pub index: u32,
+}
+
+/// What delivery marks taken over, in the transaction that queues a decision's SETs
+/// ([`crate::engine::handoff_done_in`]): the decision's hand-off key, and its place in a journal
+/// row if it was stored there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandoffMark {
+    pub key: String,
+    pub journaled: Option<JournalPlace>,
+}
+
+impl Handed {
+    /// A decision read back from the store (already durable; its hand-off in a row of its own).
+    pub fn restored(decision: Decision, grant: Arc<Grant>) -> Handed {
+        Handed {
+            decision,
+            grant,
+            durable: Durable::committed(),
+            journaled: None,
+        }
+    }
+
+    /// What delivery marks once the decision's SETs are queued.
+    pub fn mark(&self) -> HandoffMark {
+        HandoffMark {
+            key: super::persist::handoff_key(&self.decision),
+            journaled: self.journaled,
+        }
+    }
 }
 
 const PENDING: u8 = 0;

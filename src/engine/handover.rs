@@ -176,7 +176,6 @@ impl LaneReceiver {
 mod tests {
     use super::*;
     use crate::decision::DecisionEffect;
-    use crate::engine::Durable;
     use crate::grant::GrantRequest;
 
     /// A revocation whose id is `id`.
@@ -190,11 +189,7 @@ mod tests {
         .unwrap();
         let mut decision = crate::decision::testing::decision(DecisionEffect::Revoke, 20.0);
         decision.id = id.into();
-        Handed {
-            decision,
-            grant: Arc::new(grant),
-            durable: Durable::committed(),
-        }
+        Handed::restored(decision, Arc::new(grant))
     }
 
     fn ids(batch: &[Handed]) -> Vec<&str> {

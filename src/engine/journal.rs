@@ -25,6 +25,14 @@
 //! one place only while rows of them are in the journal: the ordinary lane writes none, and the
 //! bulk lane commits a batch's chunks only after its ordinary write (`crate::store`).
 //!
+//! The batch's hand-offs — its decisions for delivery, each with its grant — are in the row too.
+//! In rows of their own (`engine_handoff`), each was packed alone, inserted and, milliseconds
+//! later when delivery took it over, deleted: a sixth of the process's time when every signal
+//! revokes a grant (benches/RESULTS.md). Delivery marks a journaled hand-off taken over with a
+//! bit per hand-off in `engine_journal_handoffs_taken`, under the row's key. When a round deletes
+//! rows, or the start-up fold empties the journal, a hand-off not marked is moved to a row of its
+//! own; a mark that finds its journal row gone deletes that row instead.
+//!
 //! Single node only. In cluster mode the changelog is the log, rows go to their places as before,
 //! and a partition's release deletes its principals' rows, which a journal row would bring back.
 
@@ -33,6 +41,7 @@ use std::sync::Arc;
 
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
 
+use super::handed::JournalPlace;
 use super::persist::{self, Changes, ContextRow, Encoded, GrantRow};
 use super::shard::Shard;
 use crate::grant::GrantId;
@@ -63,11 +72,28 @@ pub(super) enum Change {
         principal: String,
         id: String,
     },
+    /// A decision for delivery: its hand-off key and JSON, as a row of its own would hold them
+    /// (`engine_handoff`).
+    Handoff {
+        key: String,
+        bytes: Vec<u8>,
+    },
 }
 
 const CONTEXT: u8 = 0;
 const GRANT: u8 = 1;
 const GRANT_DELETED: u8 = 2;
+const HANDOFF: u8 = 3;
+
+/// A journal row's first byte when the count of its hand-offs follows (4 bytes, little-endian)
+/// before the zstd frame: read without unpacking the frame, when its rows are deleted. A row
+/// that starts with zstd's magic number instead (the first release's) holds none.
+const WITH_HANDOFFS: u8 = 1;
+
+/// Hand-offs marked taken over by delivery, by the (shard, sequence) of the journal row holding
+/// them: a bit per hand-off, in the order of the row's. Deleted with the row.
+const TAKEN: TableDefinition<(u32, u64), &[u8]> =
+    TableDefinition::new("engine_journal_handoffs_taken");
 
 fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
     // A row longer than 4 GiB cannot be in a batch (see `MAX_ROW`).
@@ -76,13 +102,30 @@ fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
 }
 
 /// Packs a batch's journaled rows: a kind byte, then length-prefixed fields, all zstd-packed at
-/// the fastest level.
+/// the fastest level, behind the count of hand-offs ([`WITH_HANDOFFS`]).
 pub(super) fn pack(
     contexts: &[ContextRow],
     grants: &[GrantRow],
     deleted: &[(GrantId, String)],
+    handoffs: &[(String, Vec<u8>)],
 ) -> Result<Vec<u8>, WriteError> {
-    let mut raw = Vec::new();
+    let size = contexts
+        .iter()
+        .map(|(p, _, b)| p.len() + b.len() + 17)
+        .sum::<usize>()
+        + grants
+            .iter()
+            .map(|(i, p, b)| i.len() + p.len() + b.len() + 13)
+            .sum::<usize>()
+        + deleted
+            .iter()
+            .map(|(i, p)| i.len() + p.len() + 9)
+            .sum::<usize>()
+        + handoffs
+            .iter()
+            .map(|(k, b)| k.len() + b.len() + 9)
+            .sum::<usize>();
+    let mut raw = Vec::with_capacity(size);
     for (principal, version, bytes) in contexts {
         raw.push(CONTEXT);
         put_bytes(&mut raw, principal.as_bytes());
@@ -100,7 +143,33 @@ pub(super) fn pack(
         put_bytes(&mut raw, principal.as_bytes());
         put_bytes(&mut raw, id.as_bytes());
     }
-    zstd::bulk::compress(&raw, 1).map_err(|e| WriteError::Storage(e.to_string()))
+    for (key, bytes) in handoffs {
+        raw.push(HANDOFF);
+        put_bytes(&mut raw, key.as_bytes());
+        put_bytes(&mut raw, bytes);
+    }
+    let frame = persist::pack_zstd(&raw)?;
+    let mut out = Vec::with_capacity(frame.len() + 5);
+    out.push(WITH_HANDOFFS);
+    // A batch holds far fewer than 2³² decisions.
+    out.extend_from_slice(&(handoffs.len() as u32).to_le_bytes());
+    out.extend_from_slice(&frame);
+    Ok(out)
+}
+
+/// A stored row's count of hand-offs and its zstd frame.
+fn split_row(stored: &[u8]) -> Result<(u32, &[u8]), String> {
+    match stored.split_first() {
+        Some((&WITH_HANDOFFS, rest)) if rest.len() >= 4 => {
+            let (count, frame) = rest.split_at(4);
+            Ok((
+                u32::from_le_bytes([count[0], count[1], count[2], count[3]]),
+                frame,
+            ))
+        }
+        Some((0x28, _)) => Ok((0, stored)),
+        _ => Err("a journal row of an unknown form".to_owned()),
+    }
 }
 
 /// A reader of [`pack`]'s fields.
@@ -138,7 +207,8 @@ impl<'a> Fields<'a> {
 
 /// The changes of a packed journal row, in the order they were packed.
 pub(super) fn unpack(stored: &[u8]) -> Result<Vec<Change>, String> {
-    let raw = zstd::bulk::decompress(stored, MAX_ROW).map_err(|e| e.to_string())?;
+    let (_, frame) = split_row(stored)?;
+    let raw = zstd::bulk::decompress(frame, MAX_ROW).map_err(|e| e.to_string())?;
     let mut fields = Fields(&raw);
     let mut out = Vec::new();
     while let Ok(kind) = fields.take(1) {
@@ -156,6 +226,10 @@ pub(super) fn unpack(stored: &[u8]) -> Result<Vec<Change>, String> {
             GRANT_DELETED => Change::GrantDeleted {
                 principal: fields.text()?,
                 id: fields.text()?,
+            },
+            HANDOFF => Change::Handoff {
+                key: fields.text()?,
+                bytes: fields.bytes()?.to_vec(),
             },
             other => {
                 return Err(format!(
@@ -181,35 +255,138 @@ pub(super) fn append(
 }
 
 /// Deletes `shard`'s journal rows up to sequence `through`: a fold round stored their keys'
-/// present state.
+/// present state. Hand-offs delivery has not taken over yet are moved to rows of their own
+/// first (delivery is behind, or failing: normally it takes a decision over within milliseconds
+/// of its commit, long before a round ends).
 pub(super) fn delete_through(
     txn: &WriteTransaction,
     shard: u32,
     through: u64,
 ) -> Result<(), WriteError> {
+    let range = (shard, 0)..=(shard, through);
+    let moved = {
+        let journal = txn.open_table(JOURNAL).map_err(WriteError::storage)?;
+        let taken = txn.open_table(TAKEN).map_err(WriteError::storage)?;
+        let mut moved = Vec::new();
+        for entry in journal.range(range.clone()).map_err(WriteError::storage)? {
+            let (slot, row) = entry.map_err(WriteError::storage)?;
+            let slot = slot.value();
+            let bits = taken.get(slot).map_err(WriteError::storage)?;
+            let bits = bits.as_ref().map_or(&[][..], |b| b.value());
+            match untaken(row.value(), bits) {
+                Ok(handoffs) => moved.extend(handoffs),
+                Err(e) => {
+                    tracing::error!(shard, seq = slot.1, error = %e, "unreadable journal row dropped")
+                }
+            }
+        }
+        moved
+    };
+    if !moved.is_empty() {
+        metrics::counter!(crate::telemetry::ENGINE_JOURNAL_HANDOFFS_MOVED)
+            .increment(moved.len() as u64);
+        tracing::warn!(
+            shard,
+            decisions = moved.len(),
+            "decisions not yet taken over by delivery when their journal rows were folded; kept in rows of their own"
+        );
+    }
+    persist::store_handoffs(txn, &moved)?;
     txn.open_table(JOURNAL)
         .map_err(WriteError::storage)?
-        .retain_in((shard, 0)..=(shard, through), |_, _| false)
+        .retain_in(range.clone(), |_, _| false)
+        .map_err(WriteError::storage)?;
+    txn.open_table(TAKEN)
+        .map_err(WriteError::storage)?
+        .retain_in(range, |_, _| false)
         .map_err(WriteError::storage)
 }
 
-/// Creates the table if it is missing.
+/// The hand-offs (key, JSON) of a stored row that `bits` does not mark taken over; nothing to
+/// unpack when every one is marked.
+fn untaken(stored: &[u8], bits: &[u8]) -> Result<Vec<(String, Vec<u8>)>, String> {
+    let (count, _) = split_row(stored)?;
+    if (0..count).all(|i| is_set(bits, i)) {
+        return Ok(Vec::new());
+    }
+    let mut index = 0;
+    let mut out = Vec::new();
+    for change in unpack(stored)? {
+        if let Change::Handoff { key, bytes } = change {
+            if !is_set(bits, index) {
+                out.push((key, bytes));
+            }
+            index += 1;
+        }
+    }
+    Ok(out)
+}
+
+fn is_set(bits: &[u8], index: u32) -> bool {
+    bits.get((index / 8) as usize)
+        .is_some_and(|b| b & (1 << (index % 8)) != 0)
+}
+
+/// Marks hand-offs in journal rows taken over by delivery, in delivery's transaction. Returns
+/// the keys of those whose row is gone — a fold round deleted it and moved them to rows of their
+/// own, which the caller deletes.
+pub(super) fn mark_taken<'k>(
+    txn: &WriteTransaction,
+    places: &mut [(JournalPlace, &'k str)],
+) -> Result<Vec<&'k str>, WriteError> {
+    if places.is_empty() {
+        return Ok(Vec::new());
+    }
+    places.sort_unstable_by_key(|(place, _)| *place);
+    let journal = txn.open_table(JOURNAL).map_err(WriteError::storage)?;
+    let mut taken = txn.open_table(TAKEN).map_err(WriteError::storage)?;
+    let mut moved = Vec::new();
+    for group in places.chunk_by(|a, b| a.0.slot == b.0.slot) {
+        let slot = group[0].0.slot;
+        if journal.get(slot).map_err(WriteError::storage)?.is_none() {
+            moved.extend(group.iter().map(|(_, key)| *key));
+            continue;
+        }
+        let mut bits = taken
+            .get(slot)
+            .map_err(WriteError::storage)?
+            .map(|b| b.value().to_vec())
+            .unwrap_or_default();
+        for (place, _) in group {
+            let byte = (place.index / 8) as usize;
+            if bits.len() <= byte {
+                bits.resize(byte + 1, 0);
+            }
+            bits[byte] |= 1 << (place.index % 8);
+        }
+        taken
+            .insert(slot, bits.as_slice())
+            .map_err(WriteError::storage)?;
+    }
+    Ok(moved)
+}
+
+/// Creates the tables if they are missing.
 pub(super) fn create(txn: &WriteTransaction) -> Result<(), WriteError> {
     txn.open_table(JOURNAL).map_err(WriteError::storage)?;
+    txn.open_table(TAKEN).map_err(WriteError::storage)?;
     Ok(())
 }
 
 /// Folds the whole journal into the tables, in the order it was written, and empties it — one
 /// transaction, at start-up before the tables are read, so what was journaled is read as if it
-/// had been written at its place. Returns how many changes it folded. A row that does not
-/// unpack is logged and dropped: its batch's signals were never acknowledged unless a later
+/// had been written at its place; hand-offs not taken over go to rows of their own, for
+/// delivery to take over after the start. Returns how many changes it folded. A row that does
+/// not unpack is logged and dropped: its batch's signals were never acknowledged unless a later
 /// write stored their state (the checkpoint that covers them follows it).
 pub(super) fn fold_all(db: &redb::Database) -> Result<usize, WriteError> {
     let txn = db.begin_write().map_err(WriteError::storage)?;
     let mut latest = Latest::default();
     let mut folded = 0;
+    let mut handoffs = Vec::new();
     {
         let table = txn.open_table(JOURNAL).map_err(WriteError::storage)?;
+        let taken = txn.open_table(TAKEN).map_err(WriteError::storage)?;
         // Keys first, in sequence order; then one row unpacked at a time, so what is held is
         // the last change per key, not every change the journal holds.
         let mut slots = Vec::new();
@@ -224,11 +401,22 @@ pub(super) fn fold_all(db: &redb::Database) -> Result<usize, WriteError> {
             let Some(row) = table.get((shard, seq)).map_err(WriteError::storage)? else {
                 continue;
             };
+            let bits = taken.get((shard, seq)).map_err(WriteError::storage)?;
+            let bits = bits.as_ref().map_or(&[][..], |b| b.value());
             match unpack(row.value()) {
                 Ok(changes) => {
                     folded += changes.len();
+                    let mut index = 0;
                     for change in changes {
-                        latest.note(change);
+                        match change {
+                            Change::Handoff { key, bytes } => {
+                                if !is_set(bits, index) {
+                                    handoffs.push((key, bytes));
+                                }
+                                index += 1;
+                            }
+                            change => latest.note(change),
+                        }
                     }
                 }
                 Err(e) => {
@@ -238,12 +426,21 @@ pub(super) fn fold_all(db: &redb::Database) -> Result<usize, WriteError> {
         }
     }
     super::persist::write(&txn, &latest.into_encoded())?;
-    txn.open_table(JOURNAL)
-        .map_err(WriteError::storage)?
-        .retain(|_, _| false)
-        .map_err(WriteError::storage)?;
+    super::persist::store_handoffs(&txn, &handoffs)?;
+    for table in [JOURNAL, TAKEN] {
+        txn.open_table(table)
+            .map_err(WriteError::storage)?
+            .retain(|_, _| false)
+            .map_err(WriteError::storage)?;
+    }
     txn.commit().map_err(WriteError::storage)?;
-    tracing::info!(changes = folded, "journal folded at start-up");
+    metrics::counter!(crate::telemetry::ENGINE_JOURNAL_HANDOFFS_MOVED)
+        .increment(handoffs.len() as u64);
+    tracing::info!(
+        changes = folded,
+        handoffs = handoffs.len(),
+        "journal folded at start-up"
+    );
     Ok(folded)
 }
 
@@ -280,6 +477,8 @@ impl Latest {
             Change::GrantDeleted { principal, id } => {
                 self.grants.insert((principal, id), None);
             }
+            // Not a row at its place: [`fold_all`] keeps those delivery has not taken over.
+            Change::Handoff { .. } => {}
         }
     }
 
@@ -317,6 +516,9 @@ pub(super) struct Fold {
     last_round_ms: i64,
     /// The sequence of this shard's last journal row.
     last_seq: Option<u64>,
+    /// Whether rows were journaled since the last round began: rows holding only hand-offs
+    /// note no key, and a round deletes them too.
+    rows_waiting: bool,
     /// Keys noted since the last step: a part takes twice as many at least, so a round
     /// in flight drains faster than the journal grows.
     noted: usize,
@@ -363,6 +565,7 @@ impl Fold {
             round: None,
             last_round_ms: now_ms,
             last_seq: None,
+            rows_waiting: false,
             noted: 0,
             grants: std::collections::HashMap::new(),
         }
@@ -391,6 +594,7 @@ impl Fold {
     /// Notes a batch's journal row: its sequence and the keys it holds.
     pub(super) fn note(&mut self, seq: u64, keys: Vec<FoldKey>) {
         self.last_seq = Some(seq);
+        self.rows_waiting = true;
         self.noted = self.noted.saturating_add(keys.len());
         for key in keys {
             self.hold(key);
@@ -438,7 +642,7 @@ impl Fold {
         match &self.round {
             Some(r) => r.next < r.keys.len(),
             None => {
-                !self.journaled.is_empty()
+                self.rows_waiting
                     && (self.journaled.len() >= rows
                         || now_ms.saturating_sub(self.last_round_ms) >= interval_ms)
             }
@@ -465,6 +669,7 @@ impl Fold {
                 return Step::None;
             };
             self.last_round_ms = now_ms;
+            self.rows_waiting = false;
             self.round = Some(Round {
                 keys: std::mem::take(&mut self.journaled).into_iter().collect(),
                 next: 0,
@@ -511,6 +716,7 @@ impl Fold {
             None => Step::Stored,
             Some(e) => {
                 tracing::error!(error = %e, "journal fold failed; its keys wait for the next round");
+                self.rows_waiting = true;
                 for key in round.keys {
                     self.hold(key);
                 }
@@ -535,7 +741,7 @@ impl Fold {
 
     /// How long until a round is due by the interval (`Duration::MAX` with nothing journaled).
     pub(super) fn until_due(&self, now_ms: i64, interval_ms: i64) -> std::time::Duration {
-        if self.journaled.is_empty() {
+        if !self.rows_waiting {
             return std::time::Duration::MAX;
         }
         let left = self
@@ -577,20 +783,22 @@ const FOLD_CHUNK: usize = 256;
 
 impl Shard {
     /// Moves into a journal row the batch's decided contexts, the grants whose status changed
-    /// (`changed`; `None` in cluster mode, where rows go to their places), and every grant
-    /// change of a key the fold holds. Other grant changes — registrations, expiries — are
-    /// written at their places, as the fold would write them anyway: a registration burst
-    /// journaled cost the journal row and the fold's encoding and writing all over again, in
-    /// whatever came next (benches/RESULTS.md). A key held by the fold is journaled whatever
-    /// the change, so that its rows stay in order: the start-up fold lays journal rows over
-    /// what is at their places.
+    /// (`changed`; `None` in cluster mode, where rows go to their places), every grant change
+    /// of a key the fold holds, and the hand-offs. Other grant changes — registrations,
+    /// expiries — are written at their places, as the fold would write them anyway: a
+    /// registration burst journaled cost the journal row and the fold's encoding and writing all
+    /// over again, in whatever came next (benches/RESULTS.md). A key held by the fold is
+    /// journaled whatever the change, so that its rows stay in order: the start-up fold lays
+    /// journal rows over what is at their places. Returns the row's (shard, sequence) if one
+    /// holds the hand-offs.
     pub(super) fn journal(
         &mut self,
         urgent: &mut Encoded,
         changed: Option<HashSet<String>>,
-    ) -> Result<(), WriteError> {
+    ) -> Result<Option<(u32, u64)>, WriteError> {
         let Some(changed) = changed else {
-            return Ok(());
+            urgent.pack_handoff()?;
+            return Ok(None);
         };
         let seq = self
             .shared
@@ -598,13 +806,15 @@ impl Shard {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let fold = &self.fold;
         // A shard id is far below 2³².
-        let keys = urgent.journal((self.id as u32, seq), |_principal, id| {
+        let slot = (self.id as u32, seq);
+        let Some(keys) = urgent.journal(slot, |_principal, id| {
             changed.contains(id) || fold.holds_grant(id)
-        })?;
-        if !keys.is_empty() {
-            self.fold.note(seq, keys);
-        }
-        Ok(())
+        })?
+        else {
+            return Ok(None);
+        };
+        self.fold.note(seq, keys);
+        Ok(Some(slot))
     }
 
     /// Takes the fold's next step, if one is due: a part of a round into the bulk lane, or the
@@ -742,8 +952,10 @@ mod tests {
             &[("alice".into(), 7, b"{\"ctx\":1}".to_vec())],
             &[("g1".into(), "alice".into(), b"{\"grant\":1}".to_vec())],
             &[(GrantId::from("g0"), "bob".to_owned())],
+            &[("0001/d1".into(), b"{\"decision\":1}".to_vec())],
         )
         .unwrap();
+        assert_eq!(split_row(&packed).unwrap().0, 1, "its count of hand-offs");
         assert_eq!(
             unpack(&packed).unwrap(),
             vec![
@@ -761,13 +973,26 @@ mod tests {
                     principal: "bob".into(),
                     id: "g0".into()
                 },
+                Change::Handoff {
+                    key: "0001/d1".into(),
+                    bytes: b"{\"decision\":1}".to_vec()
+                },
             ]
         );
         // Cut short, it is refused rather than misread.
-        let raw = zstd::bulk::decompress(&packed, MAX_ROW).unwrap();
+        let raw = zstd::bulk::decompress(&packed[5..], MAX_ROW).unwrap();
         let cut = zstd::bulk::compress(&raw[..raw.len() - 3], 1).unwrap();
         assert!(unpack(&cut).is_err());
         assert!(unpack(b"not zstd").is_err());
+        // The first release's rows: a bare frame, no hand-offs.
+        let mut first = Vec::new();
+        first.push(CONTEXT);
+        put_bytes(&mut first, b"alice");
+        first.extend_from_slice(&3u64.to_le_bytes());
+        put_bytes(&mut first, b"{}");
+        let first = zstd::bulk::compress(&first, 1).unwrap();
+        assert_eq!(split_row(&first).unwrap().0, 0);
+        assert_eq!(unpack(&first).unwrap().len(), 1);
     }
 
     /// The start-up fold applies rows in sequence order, not in key order: a shard's later
@@ -790,8 +1015,15 @@ mod tests {
             serde_json::to_vec(&g).unwrap()
         };
         let txn = db.begin_write().unwrap();
-        let row =
-            |status: &str| pack(&[], &[("g".into(), "alice".into(), grant(status))], &[]).unwrap();
+        let row = |status: &str| {
+            pack(
+                &[],
+                &[("g".into(), "alice".into(), grant(status))],
+                &[],
+                &[],
+            )
+            .unwrap()
+        };
         append(&txn, (1, 3), &row("active")).unwrap();
         append(&txn, (0, 7), &row("revoked")).unwrap();
         txn.commit().unwrap();
@@ -944,5 +1176,97 @@ mod tests {
         assert!(!fold.in_flight());
         // The next round takes it again.
         assert!(matches!(fold.next_step(2, 1000, 1, 8), Step::Part(_)));
+    }
+
+    /// Hand-offs journaled with their batch: one marked taken over by delivery is gone after
+    /// the row is deleted; one not taken over is moved to a row of its own, by a round's
+    /// deletion or by the start-up fold, and a mark arriving after that deletes its row.
+    #[test]
+    fn hand_offs_not_taken_over_outlive_their_journal_row_and_a_late_mark_deletes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::open(dir.path()).unwrap();
+        persist::load(&db).unwrap();
+        let handoffs = |n: u64| -> Vec<(String, Vec<u8>)> {
+            (0..n)
+                .map(|i| {
+                    (
+                        format!("{i:016x}/d{i}"),
+                        format!("{{\"d\":{i}}}").into_bytes(),
+                    )
+                })
+                .collect()
+        };
+        let own_rows = |db: &redb::Database| -> Vec<String> {
+            let txn = db.begin_read().unwrap();
+            let t = txn
+                .open_table(TableDefinition::<&str, &[u8]>::new("engine_handoff"))
+                .unwrap();
+            t.iter()
+                .unwrap()
+                .map(|e| e.unwrap().0.value().to_owned())
+                .collect()
+        };
+        let place = |slot, index| JournalPlace { slot, index };
+        // Shard 0's rows 1 and 2 (ten hand-offs each), shard 1's row 3.
+        let txn = db.begin_write().unwrap();
+        for slot in [(0, 1), (0, 2), (1, 3)] {
+            append(&txn, slot, &pack(&[], &[], &[], &handoffs(10)).unwrap()).unwrap();
+        }
+        txn.commit().unwrap();
+        // Delivery takes over all of row 1 and all of row 2 but its 9th.
+        let txn = db.begin_write().unwrap();
+        let keys = handoffs(10);
+        let mut marks: Vec<(JournalPlace, &str)> = (0..10)
+            .map(|i| (place((0, 1), i), keys[i as usize].0.as_str()))
+            .chain(
+                (0..10)
+                    .filter(|i| *i != 8)
+                    .map(|i| (place((0, 2), i), keys[i as usize].0.as_str())),
+            )
+            .collect();
+        assert!(
+            mark_taken(&txn, &mut marks).unwrap().is_empty(),
+            "rows present"
+        );
+        txn.commit().unwrap();
+        // A round deletes shard 0's rows: only the 9th of row 2 is kept, in a row of its own.
+        let txn = db.begin_write().unwrap();
+        delete_through(&txn, 0, 2).unwrap();
+        txn.commit().unwrap();
+        assert_eq!(own_rows(&db), vec![keys[8].0.clone()]);
+        assert_eq!(rows(&db), 1, "shard 1's row is not this round's");
+        {
+            let txn = db.begin_read().unwrap();
+            let taken = txn.open_table(TAKEN).unwrap();
+            assert_eq!(
+                taken.iter().unwrap().count(),
+                0,
+                "marks deleted with their rows"
+            );
+        }
+        assert_eq!(
+            persist::pending_handoff(&db).unwrap().len(),
+            0,
+            "not a hand-off's JSON: skipped as unreadable, as any such row"
+        );
+        // Delivery's mark comes after the deletion: it deletes the row of its own. Shard 1's
+        // row has its 1st taken over with it.
+        let mark = |slot, index: u32| crate::engine::HandoffMark {
+            key: keys[index as usize].0.clone(),
+            journaled: Some(place(slot, index)),
+        };
+        let txn = db.begin_write().unwrap();
+        persist::handoff_done_in(&txn, &[mark((1, 3), 0), mark((0, 2), 8)]).unwrap();
+        txn.commit().unwrap();
+        assert!(own_rows(&db).is_empty());
+        // The start-up fold keeps the other nine of shard 1's row.
+        fold_all(&db).unwrap();
+        assert_eq!(rows(&db), 0);
+        assert_eq!(
+            own_rows(&db),
+            keys[1..].iter().map(|(k, _)| k.clone()).collect::<Vec<_>>()
+        );
+        let txn = db.begin_read().unwrap();
+        assert_eq!(txn.open_table(TAKEN).unwrap().iter().unwrap().count(), 0);
     }
 }

@@ -36,7 +36,7 @@ pub mod shadow;
 
 pub use access::{Access, AccessLog, AccessRequest, GrantRef};
 pub use changelog::{ChangeRecord, Changelog, Row, Table};
-pub use handed::{Durable, Handed};
+pub use handed::{Durable, Handed, HandoffMark, JournalPlace};
 pub use handover::{lanes, HandOver, Handoffs, Lane, LaneReceiver, BULK_BOUND};
 pub use impact::{Changes, Impact, RuleCount, Sample, Samples, Transition};
 pub use persist::{handoff_done_in, handoff_key, pending_handoff};
@@ -885,11 +885,7 @@ impl Engine {
             );
         }
         for (decision, grant) in loaded.handoff {
-            let item = Handed {
-                decision,
-                grant,
-                durable: Durable::committed(),
-            };
+            let item = Handed::restored(decision, grant);
             // With the partition's backlog: another party's new decisions go first.
             self.shared
                 .decisions
@@ -1793,6 +1789,7 @@ mod tests {
             decision,
             grant,
             durable,
+            ..
         } = tokio::time::timeout(Duration::from_secs(5), decisions.bulk.recv())
             .await
             .unwrap()
@@ -1819,6 +1816,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(handed.durable.wait().await);
+        assert!(handed.journaled.is_some(), "single node: in a journal row");
         let decision = handed.decision;
         let key = handoff_key(&decision);
         assert!(
@@ -1836,10 +1834,26 @@ mod tests {
                 .map(|e| e.unwrap().0.value().to_owned())
                 .collect()
         };
-        assert_eq!(keys(&db), std::slice::from_ref(&key));
-        engine.shutdown().await;
-        drop(engine);
-        held.join().await;
+        assert!(keys(&db).is_empty(), "not in a row of its own");
+        async fn restart(
+            dir: &std::path::Path,
+            engine: Engine,
+            held: Threads,
+            db: Arc<redb::Database>,
+        ) -> (Engine, Handoffs, Arc<redb::Database>, Threads) {
+            engine.shutdown().await;
+            drop(engine);
+            held.join().await;
+            drop(db);
+            engine_in(dir, EngineSettings::default())
+        }
+        // Never taken over: the start-up fold gives it a row of its own, under its key.
+        let (engine, _decisions, db, held) = restart(dir.path(), engine, held, db).await;
+        assert_eq!(
+            keys(&db),
+            std::slice::from_ref(&key),
+            "moved out of the journal"
+        );
         // As an earlier release stored it: under the decision id.
         {
             let txn = db.begin_write().unwrap();
@@ -1852,8 +1866,7 @@ mod tests {
             }
             txn.commit().unwrap();
         }
-        drop(db);
-        let (engine, _decisions, db, _held) = engine_in(dir.path(), EngineSettings::default());
+        let (engine, _decisions, db, _held) = restart(dir.path(), engine, held, db).await;
         assert_eq!(
             keys(&db),
             std::slice::from_ref(&key),
@@ -1863,7 +1876,11 @@ mod tests {
         assert_eq!(pending.len(), 1);
         assert_eq!(pending[0].0.id, decision.id);
         let txn = db.begin_write().unwrap();
-        handoff_done_in(&txn, &[key]).unwrap();
+        let mark = HandoffMark {
+            key,
+            journaled: None,
+        };
+        handoff_done_in(&txn, &[mark]).unwrap();
         txn.commit().unwrap();
         assert!(pending_handoff(&db).unwrap().is_empty(), "taken over");
         engine.shutdown().await;
@@ -3387,11 +3404,7 @@ mod tests {
 
         // The bulk lane at its bound: the next backlog waits in the shard's inbox.
         for _ in 0..BULK_BOUND {
-            let filler = Handed {
-                decision: first.decision.clone(),
-                grant: first.grant.clone(),
-                durable: Durable::committed(),
-            };
+            let filler = Handed::restored(first.decision.clone(), first.grant.clone());
             assert!(probed
                 .engine
                 .shared

@@ -15,6 +15,7 @@
 //! its whole revocation map with each signal — under load that was most of the shards' CPU
 //! (JSON encoding) and of the bytes written to disk.
 
+use std::collections::HashMap;
 use std::ops::Bound;
 use std::sync::Arc;
 
@@ -23,6 +24,7 @@ use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use super::changelog::{ChangeRecord, Row, Table};
+use super::handed::HandoffMark;
 use crate::compact_map::CompactMap;
 use crate::context::{AccountState, AssuranceFact, PrincipalContext, RiskFact, Stamped};
 use crate::decision::Decision;
@@ -431,7 +433,7 @@ struct Handoff {
 }
 
 /// A zstd frame's first bytes: a stored hand-off row that starts with them is packed
-/// ([`pack_handoff`]); one that starts with `{` is JSON, as earlier releases stored it.
+/// ([`pack_zstd`]); one that starts with `{` is JSON, as earlier releases stored it.
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
 /// No hand-off row unpacks larger: a grant and a decision are a few kilobytes; a frame that
@@ -441,8 +443,9 @@ const MAX_HANDOFF_JSON: usize = 4 << 20;
 /// A hand-off row's JSON as the store keeps it: zstd at its fastest level. Rows are written
 /// with their decision and deleted when delivery takes it over, so each costs the state writer
 /// its bytes twice; packed they are 45 % of the JSON (≈ 585 of 1 300 bytes), and a revoked
-/// grant's writes 22 % fewer (benches/RESULTS.md). The changelog keeps the JSON.
-fn pack_handoff(json: &[u8]) -> Result<Vec<u8>, WriteError> {
+/// grant's writes 22 % fewer (benches/RESULTS.md). The changelog keeps the JSON. Journal rows
+/// are packed by it too ([`super::journal`]).
+pub(super) fn pack_zstd(json: &[u8]) -> Result<Vec<u8>, WriteError> {
     thread_local! {
         static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
             const { std::cell::RefCell::new(None) };
@@ -461,7 +464,7 @@ fn pack_handoff(json: &[u8]) -> Result<Vec<u8>, WriteError> {
     })
 }
 
-/// A stored hand-off row's JSON: unpacked if [`pack_handoff`] packed it; `None` if it does not
+/// A stored hand-off row's JSON: unpacked if [`pack_zstd`] packed it; `None` if it does not
 /// unpack.
 fn unpack_handoff(stored: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
     if stored.starts_with(&ZSTD_MAGIC) {
@@ -479,9 +482,9 @@ fn read_handoff(stored: &[u8]) -> Result<Handoff, String> {
     serde_json::from_slice(&json).map_err(|e| e.to_string())
 }
 
-/// A [`Handoff`] row as it is written, borrowing what the batch holds: serialized straight to
-/// bytes, where `json!` built a tree of values first (6 % of the process's time when every signal
-/// revokes a grant).
+/// A [`Handoff`] row's JSON as serde writes it, borrowing: what [`Changes::encode`] splices from
+/// its decision's JSON and its grant's.
+#[cfg(test)]
 #[derive(Serialize)]
 struct HandoffRef<'a> {
     decision: &'a Decision,
@@ -547,12 +550,42 @@ pub fn pending_handoff(db: &Arc<Database>) -> Result<Vec<(Decision, Arc<Grant>)>
     Ok(out)
 }
 
-/// Marks decisions taken over by delivery (`keys`: their [`handoff_key`]s), inside delivery's own
-/// transaction (so its outbox write and this mark commit together).
-pub fn handoff_done_in(txn: &WriteTransaction, keys: &[String]) -> Result<(), WriteError> {
+/// Marks decisions taken over by delivery, inside delivery's own transaction (so its outbox
+/// write and this mark commit together): a hand-off in a row of its own is deleted; one in a
+/// journal row is marked taken there ([`super::journal::mark_taken`]), or deleted from its own row
+/// if a fold round already moved it out of a journal row it deleted.
+pub fn handoff_done_in(txn: &WriteTransaction, marks: &[HandoffMark]) -> Result<(), WriteError> {
+    let mut rows = Vec::new();
+    let mut journaled = Vec::new();
+    for mark in marks {
+        match mark.journaled {
+            Some(place) => journaled.push((place, mark.key.as_str())),
+            None => rows.push(mark.key.as_str()),
+        }
+    }
+    rows.extend(super::journal::mark_taken(txn, &mut journaled)?);
+    if !rows.is_empty() {
+        let mut t = txn.open_table(HANDOFF).map_err(WriteError::storage)?;
+        for key in rows {
+            t.remove(key).map_err(WriteError::storage)?;
+        }
+    }
+    Ok(())
+}
+
+/// Stores hand-offs (key, JSON) in rows of their own: those a journal row held that delivery
+/// had not taken over when the row was deleted ([`super::journal`]).
+pub(super) fn store_handoffs(
+    txn: &WriteTransaction,
+    handoffs: &[(String, Vec<u8>)],
+) -> Result<(), WriteError> {
+    if handoffs.is_empty() {
+        return Ok(());
+    }
     let mut t = txn.open_table(HANDOFF).map_err(WriteError::storage)?;
-    for key in keys {
-        t.remove(key.as_str()).map_err(WriteError::storage)?;
+    for (key, json) in handoffs {
+        t.insert(key.as_str(), pack_zstd(json)?.as_slice())
+            .map_err(WriteError::storage)?;
     }
     Ok(())
 }
@@ -590,18 +623,22 @@ pub struct Encoded {
 }
 
 /// A hand-off row: its key here ([`handoff_key`]), the decision id (its key in the changelog),
-/// the grant's principal (its changelog partition), its JSON (the changelog's value) and that
-/// JSON packed (the store's, [`pack_handoff`]).
+/// the grant's principal (its changelog partition), its JSON (the changelog's value, and a
+/// journal row's), and that JSON packed for a row of its own ([`Encoded::pack_handoff`]).
 struct HandoffRow {
     key: String,
     id: String,
     principal: String,
     bytes: Vec<u8>,
-    stored: Vec<u8>,
+    stored: Option<Vec<u8>>,
 }
 
 /// A grant's id, principal and stored JSON.
 pub(super) type GrantRow = (String, String, Vec<u8>);
+
+/// Room made for a grant's JSON before it is written (a session grant's is ≈ 1 KiB): grown by
+/// doubling from serde's default, its bytes were copied four times.
+const GRANT_JSON_CAPACITY: usize = 1536;
 
 impl Changes {
     /// Serializes the batch. A context or grant changed several times in the batch is written once,
@@ -621,26 +658,50 @@ impl Changes {
             }
             Ok(out)
         }
-        let json =
-            |g: &Grant| serde_json::to_vec(g).map_err(|e| WriteError::Storage(e.to_string()));
+        // A grant handed to delivery is written in the same state, and serialized once: its
+        // hand-off's JSON is spliced from its decision's and its own.
+        let mut grant_json: HashMap<*const Grant, Arc<[u8]>> = HashMap::new();
+        let mut json = |g: &Arc<Grant>| -> Result<Arc<[u8]>, WriteError> {
+            if let Some(bytes) = grant_json.get(&Arc::as_ptr(g)) {
+                return Ok(bytes.clone());
+            }
+            let mut bytes = Vec::with_capacity(GRANT_JSON_CAPACITY);
+            serde_json::to_writer(&mut bytes, &**g)
+                .map_err(|e| WriteError::Storage(e.to_string()))?;
+            let bytes: Arc<[u8]> = bytes.into();
+            grant_json.insert(Arc::as_ptr(g), bytes.clone());
+            Ok(bytes)
+        };
+        let mut grants = Vec::new();
+        {
+            let mut seen = std::collections::HashSet::new();
+            for g in self.grants.iter().rev() {
+                if seen.insert(&g.id[..]) {
+                    grants.push((g.id.to_string(), g.principal.to_string(), json(g)?.to_vec()));
+                }
+            }
+        }
         let handoff = self
             .handoff
             .iter()
             .map(|(d, g)| {
-                let bytes = serde_json::to_vec(&HandoffRef {
-                    decision: d,
-                    grant: g,
-                })
-                .map_err(|e| WriteError::Storage(e.to_string()))?;
+                let grant = json(g)?;
+                let mut bytes = Vec::with_capacity(grant.len() + GRANT_JSON_CAPACITY);
+                bytes.extend_from_slice(b"{\"decision\":");
+                serde_json::to_writer(&mut bytes, d)
+                    .map_err(|e| WriteError::Storage(e.to_string()))?;
+                bytes.extend_from_slice(b",\"grant\":");
+                bytes.extend_from_slice(&grant);
+                bytes.push(b'}');
                 Ok(HandoffRow {
                     key: handoff_key(d),
                     id: d.id.clone(),
                     principal: g.principal.to_string(),
-                    stored: pack_handoff(&bytes)?,
+                    stored: None,
                     bytes,
                 })
             })
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<_, WriteError>>()?;
         let contexts = |items: Vec<Arc<PrincipalContext>>| -> Result<Vec<ContextRow>, WriteError> {
             last_per_key(
                 items,
@@ -654,14 +715,7 @@ impl Changes {
             decided_contexts: contexts(self.decided_contexts)?,
             deleted_contexts: self.deleted_contexts,
             revocations: self.revocations,
-            grants: last_per_key(
-                self.grants,
-                |g| &g.id[..],
-                |g| Ok((g.principal.to_string(), json(g)?)),
-            )?
-            .into_iter()
-            .map(|(id, (principal, bytes))| (id, principal, bytes))
-            .collect(),
+            grants,
             deleted_grants: self.deleted_grants,
             aliases: self.aliases,
             deleted_aliases: self.deleted_aliases,
@@ -687,14 +741,15 @@ impl Encoded {
         }
     }
 
-    /// Moves the decided contexts, and the grants and deleted grants `journaled` picks (by
-    /// principal and id), into one journal row under `slot` ([`super::journal`]); the others
-    /// stay to be written at their places. Returns the keys moved.
+    /// Moves the decided contexts, the grants and deleted grants `journaled` picks (by principal
+    /// and id), and every hand-off (in order: a hand-off's index in the row is its index here)
+    /// into one journal row under `slot` ([`super::journal`]); the others stay to be written at
+    /// their places. Returns the keys moved, or `None` if there was nothing to move (no row).
     pub(super) fn journal(
         &mut self,
         slot: (u32, u64),
         journaled: impl Fn(&str, &str) -> bool,
-    ) -> Result<Vec<super::journal::FoldKey>, WriteError> {
+    ) -> Result<Option<Vec<super::journal::FoldKey>>, WriteError> {
         let (grants, direct): (Vec<GrantRow>, Vec<GrantRow>) = std::mem::take(&mut self.grants)
             .into_iter()
             .partition(|(id, principal, _)| journaled(principal, id));
@@ -704,10 +759,17 @@ impl Encoded {
             .partition(|(id, principal)| journaled(principal, id));
         self.deleted_grants = direct;
         let contexts = std::mem::take(&mut self.decided_contexts);
-        if contexts.is_empty() && grants.is_empty() && deleted.is_empty() {
-            return Ok(Vec::new());
+        let handoffs: Vec<(String, Vec<u8>)> = std::mem::take(&mut self.handoff)
+            .into_iter()
+            .map(|row| (row.key, row.bytes))
+            .collect();
+        if contexts.is_empty() && grants.is_empty() && deleted.is_empty() && handoffs.is_empty() {
+            return Ok(None);
         }
-        self.journal = Some((slot, super::journal::pack(&contexts, &grants, &deleted)?));
+        self.journal = Some((
+            slot,
+            super::journal::pack(&contexts, &grants, &deleted, &handoffs)?,
+        ));
         let keys = contexts
             .into_iter()
             .map(|(key, _, _)| (key, None))
@@ -722,7 +784,18 @@ impl Encoded {
                     .map(|(id, principal)| (principal, Some(id))),
             )
             .collect();
-        Ok(keys)
+        Ok(Some(keys))
+    }
+
+    /// Packs the hand-off rows for rows of their own, on the shard's thread rather than the
+    /// writer's (cluster mode: they are not journaled).
+    pub(super) fn pack_handoff(&mut self) -> Result<(), WriteError> {
+        for row in &mut self.handoff {
+            if row.stored.is_none() {
+                row.stored = Some(pack_zstd(&row.bytes)?);
+            }
+        }
+        Ok(())
     }
 
     /// Takes the checkpoint's part (contexts and session revocations) out of the batch, in
@@ -1126,7 +1199,15 @@ pub fn write(txn: &WriteTransaction, changes: &Encoded) -> Result<(), WriteError
     if !changes.handoff.is_empty() {
         let mut t = txn.open_table(HANDOFF).map_err(WriteError::storage)?;
         for row in &changes.handoff {
-            t.insert(row.key.as_str(), row.stored.as_slice())
+            let packed;
+            let stored = match &row.stored {
+                Some(stored) => stored,
+                None => {
+                    packed = pack_zstd(&row.bytes)?;
+                    &packed
+                }
+            };
+            t.insert(row.key.as_str(), stored.as_slice())
                 .map_err(WriteError::storage)?;
         }
     }
@@ -1426,6 +1507,16 @@ mod tests {
         .encode()
         .unwrap();
         let json = encoded.handoff[0].bytes.clone();
+        // Spliced from the decision's JSON and the grant's: what serde writes for the two.
+        let whole = serde_json::to_vec(&HandoffRef {
+            decision: &first,
+            grant: &grant,
+        })
+        .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&json),
+            String::from_utf8_lossy(&whole)
+        );
         // The changelog gets the JSON.
         assert_eq!(encoded.records()[0].value.as_deref(), Some(json.as_slice()));
         let txn = db.begin_write().unwrap();
@@ -1441,7 +1532,7 @@ mod tests {
             t.insert(handoff_key(&second).as_str(), earlier.as_slice())
                 .unwrap();
             // A packed row cut short: skipped.
-            let mut cut = pack_handoff(&earlier).unwrap();
+            let mut cut = pack_zstd(&earlier).unwrap();
             cut.truncate(cut.len() / 2);
             t.insert("0000000000000000/cut", cut.as_slice()).unwrap();
         }

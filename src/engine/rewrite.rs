@@ -60,10 +60,8 @@ impl Written {
     /// handed again itself: delivery dropped them when their commit failed.
     pub(super) fn hand_again(&mut self, p: &mut Pending) {
         self.handoff.extend(
-            p.decisions
-                .iter()
-                .filter(|d| d.reaches_enforcement_points())
-                .filter_map(|d| Some((d.clone(), p.latest.get(d.grant_id.as_str())?.clone()))),
+            p.for_delivery()
+                .map(|(_, d, grant)| (d.clone(), grant.clone())),
         );
         self.handoff.append(&mut p.rehanded);
     }

@@ -22,7 +22,9 @@ use serde_json::{json, Map, Value};
 use super::streams::{Outgoing, Stream, StreamStore};
 use super::Identity;
 use crate::decision::{Decision, DecisionEffect};
-use crate::engine::{ChangeRecord, Changelog, Durable, Handed, Handoffs, LaneReceiver, Row, Table};
+use crate::engine::{
+    ChangeRecord, Changelog, Handed, HandoffMark, Handoffs, LaneReceiver, Row, Table,
+};
 use crate::events::{
     AssuranceLevelChange, AssuranceNamespace, CaepCommon, ChangeDirection, EventKind,
     InitiatingEntity, LangMap, SessionRevoked, StreamUpdated, TokenClaimsChange, Verification,
@@ -241,11 +243,9 @@ pub async fn run(
         );
     }
     let in_flight = Arc::new(tokio::sync::Semaphore::new(EMIT_IN_FLIGHT));
-    let pending = pending.into_iter().map(|(decision, grant)| Handed {
-        decision,
-        grant,
-        durable: Durable::committed(),
-    });
+    let pending = pending
+        .into_iter()
+        .map(|(decision, grant)| Handed::restored(decision, grant));
     for batch in crate::parts::in_parts(pending, EMIT_BATCH) {
         emit_batch(&identity, &streams, &changelog, &in_flight, batch).await;
     }
@@ -284,7 +284,7 @@ const QUEUE_RETRY_FOR: Duration = Duration::from_secs(60);
 /// A batch's SETs and hand-off marks, as queued (and queued again if their commit fails).
 struct Queueing {
     items: Vec<(String, Outgoing)>,
-    handed: Vec<String>,
+    handed: Vec<HandoffMark>,
     /// Cluster mode: the hand-off rows' tombstones for the state topic.
     taken_over: Vec<ChangeRecord>,
 }
@@ -437,10 +437,7 @@ async fn sign_durable(
             value: None,
         })
         .collect();
-    let handed: Vec<String> = kept
-        .iter()
-        .map(|h| crate::engine::handoff_key(&h.decision))
-        .collect();
+    let handed: Vec<HandoffMark> = kept.iter().map(|h| h.mark()).collect();
     if handed.is_empty() {
         return None;
     }
@@ -560,7 +557,7 @@ mod tests {
     async fn pipelined_batches_reach_the_outbox_in_order_and_are_all_committed_at_the_end() {
         use crate::clock::Clock;
         use crate::decision::DecisionEffect;
-        use crate::engine::{Durable, Handed};
+        use crate::engine::Handed;
         use crate::jose::Alg;
         use crate::transmitter::streams::{new_stream, StreamStore};
         use crate::transmitter::Identity;
@@ -599,11 +596,7 @@ mod tests {
             let grant = grant.clone();
             move || {
                 for i in before..before + live {
-                    let handed = Handed {
-                        decision: made(i),
-                        grant: grant.clone(),
-                        durable: Durable::committed(),
-                    };
+                    let handed = Handed::restored(made(i), grant.clone());
                     assert!(tx
                         .blocking_send(handed, crate::engine::Lane::Interactive)
                         .is_ok());

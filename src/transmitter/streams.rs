@@ -1037,12 +1037,12 @@ impl StreamStore {
     }
 
     /// Queues SETs durably: `(stream_id, Outgoing)` pairs, in order. `handed_over` are the hand-off
-    /// keys (`engine::handoff_key`) of the decisions these SETs come from: they are marked taken
-    /// over in the same transaction. Resolves once that is on disk.
+    /// marks ([`crate::engine::HandoffMark`]) of the decisions these SETs come from: they are
+    /// marked taken over in the same transaction. Resolves once that is on disk.
     pub async fn enqueue(
         &self,
         items: Vec<(String, Outgoing)>,
-        handed_over: Vec<String>,
+        handed_over: Vec<crate::engine::HandoffMark>,
     ) -> Result<(), StreamError> {
         self.start_enqueue(items, handed_over)
             .await?
@@ -1057,7 +1057,7 @@ impl StreamStore {
     pub async fn start_enqueue(
         &self,
         items: Vec<(String, Outgoing)>,
-        handed_over: Vec<String>,
+        handed_over: Vec<crate::engine::HandoffMark>,
     ) -> Result<Enqueued, StreamError> {
         let sets = items.len();
         if items.is_empty() && handed_over.is_empty() {
