@@ -30,8 +30,9 @@
 //! later when delivery took it over, deleted: a sixth of the process's time when every signal
 //! revokes a grant (benches/RESULTS.md). Delivery marks a journaled hand-off taken over with a
 //! bit per hand-off in `engine_journal_handoffs_taken`, under the row's key. When a round deletes
-//! rows, or the start-up fold empties the journal, a hand-off not marked is moved to a row of its
-//! own; a mark that finds its journal row gone deletes that row instead.
+//! rows (no sooner than [`HANDOFF_GRACE_MS`] after it began), or the start-up fold empties the
+//! journal, a hand-off not marked is moved to a row of its own; a mark that finds its journal row
+//! gone deletes that row instead.
 //!
 //! Single node only. In cluster mode the changelog is the log, rows go to their places as before,
 //! and a partition's release deletes its principals' rows, which a journal row would bring back.
@@ -653,12 +654,18 @@ impl Fold {
     /// (`part` keys, or twice those noted since the last step if more), or — its parts all
     /// stored — the deletion that ends it. A round whose part failed ends without deleting: its
     /// keys are journaled again, for the next.
+    ///
+    /// The deletion waits until `grace_ms` after the round began: its last rows' hand-offs were
+    /// handed to delivery moments before, and a hand-off not yet marked taken over when its row
+    /// is deleted is moved to a row of its own — the path for a delivery that is behind, not for
+    /// one signing the last batch's SETs.
     pub(super) fn next_step(
         &mut self,
         now_ms: i64,
         interval_ms: i64,
         rows: usize,
         part: usize,
+        grace_ms: i64,
     ) -> Step {
         let part = part.max(std::mem::take(&mut self.noted).saturating_mul(2));
         if self.round.is_none() {
@@ -693,6 +700,7 @@ impl Fold {
         }
         if round.failed.is_none() {
             match &mut round.deleting {
+                None if now_ms < self.last_round_ms.saturating_add(grace_ms) => return Step::None,
                 None => return Step::Done(round.through),
                 Some(Ok(pending)) => match pending.try_take() {
                     None => return Step::None,
@@ -772,6 +780,11 @@ pub(super) fn status_changed(decisions: &[crate::decision::Decision]) -> HashSet
         .collect()
 }
 
+/// How long after a round began its journal rows may be deleted ([`Fold::next_step`]): delivery
+/// marks a hand-off taken over once its SETs are signed and queued, tens of milliseconds after
+/// its commit under load.
+const HANDOFF_GRACE_MS: i64 = 1_000;
+
 /// Fewest keys a batch takes of a fold round: encoding them adds about a millisecond to it.
 const FOLD_PART: usize = 256;
 
@@ -823,10 +836,13 @@ impl Shard {
         let settings = &self.shared.settings;
         let now = settings.clock.now_ms();
         let interval = interval_ms(settings.journal_fold_interval);
-        match self
-            .fold
-            .next_step(now, interval, settings.journal_fold_rows, FOLD_PART)
-        {
+        match self.fold.next_step(
+            now,
+            interval,
+            settings.journal_fold_rows,
+            FOLD_PART,
+            HANDOFF_GRACE_MS,
+        ) {
             Step::None => {}
             Step::Part(keys) => {
                 for chunk in crate::parts::in_parts(keys, FOLD_CHUNK) {
@@ -1074,9 +1090,9 @@ mod tests {
     }
 
     #[test]
-    fn a_round_takes_its_keys_in_order_and_ends_with_the_deletion_once_stored() {
+    fn a_round_takes_its_keys_in_order_and_ends_with_the_deletion_after_the_grace_once_stored() {
         let mut fold = Fold::new(0, 0);
-        assert!(matches!(fold.next_step(0, 1000, 4, 2), Step::None));
+        assert!(matches!(fold.next_step(0, 1000, 4, 2, 0), Step::None));
         fold.note(
             3,
             vec![
@@ -1086,9 +1102,9 @@ mod tests {
             ],
         );
         // Not yet due: fewer keys than the bound, within the interval.
-        assert!(matches!(fold.next_step(500, 1000, 4, 2), Step::None));
+        assert!(matches!(fold.next_step(500, 1000, 4, 2, 0), Step::None));
         assert!(fold.holds_context("bob"));
-        let Step::Part(first) = fold.next_step(1000, 1000, 4, 2) else {
+        let Step::Part(first) = fold.next_step(1000, 1000, 4, 2, 0) else {
             panic!("a part is due");
         };
         assert_eq!(
@@ -1100,20 +1116,27 @@ mod tests {
         );
         // A key journaled while the round is in flight waits for the next.
         fold.note(4, vec![("carol".to_owned(), None)]);
-        let Step::Part(second) = fold.next_step(1001, 1000, 4, 2) else {
+        let Step::Part(second) = fold.next_step(1001, 1000, 4, 2, 0) else {
             panic!("the round's last part");
         };
         assert_eq!(second, vec![("bob".to_owned(), None)]);
         assert!(fold.holds_context("bob"), "until the round is stored");
-        assert!(matches!(fold.next_step(1002, 1000, 4, 2), Step::Done(3)));
+        // Its rows are deleted only once the hand-offs' grace since the round began is over:
+        // delivery may still be marking the last rows' hand-offs.
+        assert!(matches!(fold.next_step(1002, 1000, 4, 2, 50), Step::None));
+        assert!(matches!(fold.next_step(1049, 1000, 4, 2, 50), Step::None));
+        assert!(matches!(
+            fold.next_step(1050, 1000, 4, 2, 50),
+            Step::Done(3)
+        ));
         // Its keys are held until the deletion of the rows it replaced is stored.
         let (deletion, commit) = PendingWrite::ended(None);
         fold.deleting(Ok(deletion));
-        assert!(matches!(fold.next_step(1003, 1000, 4, 2), Step::None));
+        assert!(matches!(fold.next_step(1051, 1000, 4, 2, 0), Step::None));
         assert!(fold.holds_context("bob"));
         assert!(fold.holds_grant("g"));
         commit.unwrap().send(Ok(())).unwrap();
-        assert!(matches!(fold.next_step(1004, 1000, 4, 2), Step::Stored));
+        assert!(matches!(fold.next_step(1052, 1000, 4, 2, 0), Step::Stored));
         assert!(!fold.holds_context("bob"));
         assert!(!fold.holds_grant("g"));
         assert!(fold.holds_context("carol"));
@@ -1127,22 +1150,25 @@ mod tests {
         let mut fold = Fold::new(0, 0);
         let g = || vec![("alice".to_owned(), Some(GrantId::from("g")))];
         let stored = |fold: &mut Fold, at: i64| {
-            assert!(matches!(fold.next_step(at, 1000, 1, 8), Step::Part(_)));
-            let Step::Done(_) = fold.next_step(at + 1, 1000, 1, 8) else {
+            assert!(matches!(fold.next_step(at, 1000, 1, 8, 0), Step::Part(_)));
+            let Step::Done(_) = fold.next_step(at + 1, 1000, 1, 8, 0) else {
                 panic!("the round's deletion is due");
             };
             fold.deleting(Ok(PendingWrite::ended(Some(Ok(()))).0));
-            assert!(matches!(fold.next_step(at + 2, 1000, 1, 8), Step::Stored));
+            assert!(matches!(
+                fold.next_step(at + 2, 1000, 1, 8, 0),
+                Step::Stored
+            ));
         };
         fold.note(1, g());
-        assert!(matches!(fold.next_step(0, 1000, 1, 8), Step::Part(_)));
+        assert!(matches!(fold.next_step(0, 1000, 1, 8, 0), Step::Part(_)));
         fold.note(2, g());
-        let Step::Done(1) = fold.next_step(1, 1000, 1, 8) else {
+        let Step::Done(1) = fold.next_step(1, 1000, 1, 8, 0) else {
             panic!("the first round's deletion is due");
         };
         fold.deleting(Ok(PendingWrite::ended(Some(Ok(()))).0));
         assert!(matches!(
-            fold.next_step(2, 1000, usize::MAX, 8),
+            fold.next_step(2, 1000, usize::MAX, 8, 0),
             Step::Stored
         ));
         assert!(fold.holds_grant("g"), "its second row is in the journal");
@@ -1154,11 +1180,11 @@ mod tests {
     fn a_round_whose_deletion_failed_leaves_its_keys_held() {
         let mut fold = Fold::new(0, 0);
         fold.note(1, vec![("alice".to_owned(), Some(GrantId::from("g")))]);
-        assert!(matches!(fold.next_step(0, 1000, 1, 8), Step::Part(_)));
-        assert!(matches!(fold.next_step(1, 1000, 1, 8), Step::Done(1)));
+        assert!(matches!(fold.next_step(0, 1000, 1, 8, 0), Step::Part(_)));
+        assert!(matches!(fold.next_step(1, 1000, 1, 8, 0), Step::Done(1)));
         let (deletion, _) = PendingWrite::ended(Some(Err(WriteError::Storage("disk full".into()))));
         fold.deleting(Ok(deletion));
-        assert!(matches!(fold.next_step(2, 1000, 1, 8), Step::Failed));
+        assert!(matches!(fold.next_step(2, 1000, 1, 8, 0), Step::Failed));
         assert!(
             fold.holds_grant("g"),
             "its rows may still be in the journal"
@@ -1169,13 +1195,13 @@ mod tests {
     fn a_round_whose_part_failed_leaves_its_keys_for_the_next() {
         let mut fold = Fold::new(0, 0);
         fold.note(1, vec![("alice".to_owned(), None)]);
-        assert!(matches!(fold.next_step(0, 1000, 1, 8), Step::Part(_)));
+        assert!(matches!(fold.next_step(0, 1000, 1, 8, 0), Step::Part(_)));
         fold.written(Err(WriteError::Storage("disk full".into())));
-        assert!(matches!(fold.next_step(1, 1000, 1, 8), Step::Failed));
+        assert!(matches!(fold.next_step(1, 1000, 1, 8, 0), Step::Failed));
         assert!(fold.holds_context("alice"));
         assert!(!fold.in_flight());
         // The next round takes it again.
-        assert!(matches!(fold.next_step(2, 1000, 1, 8), Step::Part(_)));
+        assert!(matches!(fold.next_step(2, 1000, 1, 8, 0), Step::Part(_)));
     }
 
     /// Hand-offs journaled with their batch: one marked taken over by delivery is gone after

@@ -2984,11 +2984,18 @@ mod tests {
         let (engine, _rx, db, _held) = journaling_engine(dir.path(), &clock);
         revoke_a_token(&engine).await;
         assert!(journal::rows(&db) > 0);
-        // The interval, by the injected clock.
+        // The interval, by the injected clock: the round stores the rows at their places.
         clock.advance(Duration::from_secs(3600));
         within_5s("the journal was not folded", || {
+            persist::stored_grant_status(&db, "t1") == Some(GrantStatus::Revoked)
+        })
+        .await;
+        // The journal rows are deleted once the hand-offs' grace is over, by the same clock.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(journal::rows(&db) > 0, "deleted within the grace");
+        within_5s("the journal rows were not deleted", || {
+            clock.advance(Duration::from_millis(500));
             journal::rows(&db) == 0
-                && persist::stored_grant_status(&db, "t1") == Some(GrantStatus::Revoked)
         })
         .await;
         engine.shutdown().await;
@@ -3039,9 +3046,10 @@ mod tests {
             engine.shared.contexts.contains_key(key),
             "forgotten while journaled"
         );
-        // Folded, it is forgotten.
+        // Folded (and its rows deleted, past the hand-offs' grace), it is forgotten.
         clock.advance(Duration::from_secs(100 * 3600));
         within_5s("the context was not forgotten once folded", || {
+            clock.advance(Duration::from_millis(500));
             !engine.shared.contexts.contains_key(key) && journal::rows(&db) == 0
         })
         .await;
