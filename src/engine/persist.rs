@@ -645,9 +645,9 @@ impl Changes {
     /// in its last state.
     pub fn encode(self) -> Result<Encoded, WriteError> {
         fn last_per_key<T, R>(
-            items: Vec<Arc<T>>,
+            items: &[Arc<T>],
             key: impl Fn(&T) -> &str,
-            encode: impl Fn(&T) -> Result<R, WriteError>,
+            mut encode: impl FnMut(&T) -> Result<R, WriteError>,
         ) -> Result<Vec<(String, R)>, WriteError> {
             let mut seen = std::collections::HashSet::new();
             let mut out = Vec::new();
@@ -661,26 +661,26 @@ impl Changes {
         // A grant handed to delivery is written in the same state, and serialized once: its
         // hand-off's JSON is spliced from its decision's and its own.
         let mut grant_json: HashMap<*const Grant, Arc<[u8]>> = HashMap::new();
-        let mut json = |g: &Arc<Grant>| -> Result<Arc<[u8]>, WriteError> {
-            if let Some(bytes) = grant_json.get(&Arc::as_ptr(g)) {
+        let mut json = |g: &Grant| -> Result<Arc<[u8]>, WriteError> {
+            let at: *const Grant = g;
+            if let Some(bytes) = grant_json.get(&at) {
                 return Ok(bytes.clone());
             }
             let mut bytes = Vec::with_capacity(GRANT_JSON_CAPACITY);
-            serde_json::to_writer(&mut bytes, &**g)
-                .map_err(|e| WriteError::Storage(e.to_string()))?;
+            serde_json::to_writer(&mut bytes, g).map_err(|e| WriteError::Storage(e.to_string()))?;
             let bytes: Arc<[u8]> = bytes.into();
-            grant_json.insert(Arc::as_ptr(g), bytes.clone());
+            grant_json.insert(at, bytes.clone());
             Ok(bytes)
         };
-        let mut grants = Vec::new();
-        {
-            let mut seen = std::collections::HashSet::new();
-            for g in self.grants.iter().rev() {
-                if seen.insert(&g.id[..]) {
-                    grants.push((g.id.to_string(), g.principal.to_string(), json(g)?.to_vec()));
-                }
-            }
-        }
+        // Borrowed, so every grant keyed in `grant_json` lives until the hand-offs are encoded.
+        let grants: Vec<GrantRow> = last_per_key(
+            &self.grants,
+            |g| &g.id[..],
+            |g| Ok((g.principal.to_string(), json(g)?.to_vec())),
+        )?
+        .into_iter()
+        .map(|(id, (principal, bytes))| (id, principal, bytes))
+        .collect();
         let handoff = self
             .handoff
             .iter()
@@ -704,7 +704,7 @@ impl Changes {
             .collect::<Result<_, WriteError>>()?;
         let contexts = |items: Vec<Arc<PrincipalContext>>| -> Result<Vec<ContextRow>, WriteError> {
             last_per_key(
-                items,
+                &items,
                 |c| c.key.as_str(),
                 |c| Ok((c.version, encode_context(c)?)),
             )
