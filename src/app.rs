@@ -888,6 +888,7 @@ fn engine_settings(config: &Config, clock: Clock) -> EngineSettings {
         shadow_divergences_max: config.policy.shadow_divergences_max,
         journal_fold_rows: config.engine.journal_fold_rows,
         journal_fold_interval: Duration::from_millis(config.engine.journal_fold_interval_ms),
+        journal_fold_cache_bytes: config.engine.journal_fold_cache_bytes,
     }
 }
 

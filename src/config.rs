@@ -765,6 +765,11 @@ pub struct EngineConfig {
     /// The longest journaled keys wait for a fold round.
     #[serde(default = "default_journal_fold_interval")]
     pub journal_fold_interval_ms: u64,
+    /// Bytes of journaled rows (across the shards) kept in memory for the fold round that writes
+    /// them at their places, so it need not encode them again; a row beyond this is encoded
+    /// again from the present state. 0 keeps none.
+    #[serde(default = "default_journal_fold_cache_bytes")]
+    pub journal_fold_cache_bytes: usize,
     /// How long the context of a subject no grant refers to is kept after the newest fact in it
     /// (by event time); then it is forgotten, in memory and on disk. A subject with a grant keeps
     /// its context for as long as it has one. Keep it longer than the longest time between a
@@ -1316,6 +1321,11 @@ fn default_journal_fold_rows() -> usize {
 fn default_journal_fold_interval() -> u64 {
     10_000
 }
+/// 64 MiB: a round of `journal_fold_rows` keys of revoked session grants and their contexts on
+/// two shards.
+fn default_journal_fold_cache_bytes() -> usize {
+    64 << 20
+}
 /// Thirty days.
 fn default_context_retention() -> u64 {
     30 * 24 * 3600
@@ -1413,6 +1423,7 @@ impl Default for EngineConfig {
             checkpoint_interval_ms: default_checkpoint(),
             journal_fold_rows: default_journal_fold_rows(),
             journal_fold_interval_ms: default_journal_fold_interval(),
+            journal_fold_cache_bytes: default_journal_fold_cache_bytes(),
             context_retention_secs: default_context_retention(),
             disabled_account_retention_secs: default_disabled_account_retention(),
         }

@@ -142,6 +142,10 @@ catalogue! {
         "Shard checkpoints settled (two finished in one batch count once): outcome=stored (their pushed signals marked processed, their sources' batches answered) or failed (a part, or a batch commit whose signals they cover, was not stored: the signals stay pending for replay, the batches are answered with the failure)";
     ENGINE_JOURNAL_KEYS = "vigil_engine_journal_keys", Gauge, ["shard"],
         "Keys (grants, contexts) a shard journaled that no fold round has written at their places yet; beyond twice engine.journal_fold_rows waiting behind a round, the shard holds back the sources' backlogs";
+    ENGINE_JOURNAL_KEPT_BYTES = "vigil_engine_journal_kept_bytes", Gauge, ["shard"],
+        "Bytes of journaled rows a shard keeps for the fold round that writes them at their places (at most engine.journal_fold_cache_bytes across the shards); a key whose row did not fit is encoded again from its present state";
+    ENGINE_JOURNAL_FOLDED = "vigil_engine_journal_folded_rows_total", Counter, ["from"],
+        "Rows fold rounds wrote at their places: from=journal (the row the batch journaled, kept) or present (encoded again from the present state: it did not fit engine.journal_fold_cache_bytes)";
     ENGINE_JOURNAL_FOLDS = "vigil_engine_journal_folds_total", Counter, ["outcome"],
         "Journal fold rounds ended: outcome=stored (their journal rows deleted) or failed (a part was not stored: the keys wait for the next round)";
     ENGINE_JOURNAL_HANDOFFS_MOVED = "vigil_engine_journal_handoffs_moved_total", Counter, [],

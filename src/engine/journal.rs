@@ -10,15 +10,17 @@
 //! (benches/RESULTS.md). Appended, a batch's rows are a few hundred bytes a signal at the end of
 //! one table.
 //!
-//! The rows reach their places by a fold ([`Fold`]): each shard notes the keys it journaled; a
-//! round (every `engine.journal_fold_interval_ms`, or sooner once `engine.journal_fold_rows` keys
-//! wait) writes their present state, in key order, a part per batch in the store's bulk lane —
+//! The rows reach their places by a fold ([`Fold`]): each shard notes the keys it journaled, with
+//! the newest change of each as journaled while they fit a budget ([`Journaled`]); a round
+//! (every `engine.journal_fold_interval_ms`, or sooner once `engine.journal_fold_rows` keys
+//! wait) writes those changes — or the present state of a key whose change was not kept — in
+//! key order, a part per batch in the store's bulk lane —
 //! keys journaled over a whole interval share leaves, and a key changed many times is written
 //! once — and once all of it is stored, deletes the shard's journal rows up to where the round
 //! began. At start-up the whole journal is folded, in the order it was written, before the
 //! tables are read ([`fold_all`]).
 //!
-//! A round reads the present state, which may hold a later batch's change than the journal rows
+//! A round that reads the present state may find a later batch's change than the journal rows
 //! it replaces; a crash before that batch's own row is stored leaves the later state at its place
 //! and older rows in the journal, which the start-up fold lays over it. So a context is folded
 //! only over an older version of itself, and grants — which have no version — are written in
@@ -37,7 +39,7 @@
 //! Single node only. In cluster mode the changelog is the log, rows go to their places as before,
 //! and a partition's release deletes its principals' rows, which a journal row would bring back.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{btree_map, BTreeMap, HashSet};
 use std::sync::Arc;
 
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
@@ -508,10 +510,44 @@ impl Latest {
 /// `engine_principal_rows` orders their rows, so a round's parts go through the table in order.
 pub(super) type FoldKey = (String, Option<GrantId>);
 
+/// A key's newest journaled change, as its row at its place holds it. The fold keeps it with the
+/// key, within a budget (`engine.journal_fold_cache_bytes`), and the round that writes the key
+/// at its place takes these bytes: encoding the present state again there was half of what a
+/// revoking signal spent encoding (benches/RESULTS.md). Writing the newest journaled change of a
+/// key is what the start-up fold does with the rows the round replaces; a key whose change did
+/// not fit is written from its present state, as before.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Journaled {
+    Context { version: u64, bytes: Vec<u8> },
+    Grant(Vec<u8>),
+    Deleted,
+}
+
+impl Journaled {
+    /// What keeping it costs, counted against the budget.
+    fn size(&self) -> usize {
+        match self {
+            Journaled::Context { bytes, .. } | Journaled::Grant(bytes) => bytes.capacity(),
+            Journaled::Deleted => 0,
+        }
+    }
+}
+
+/// A held key and the change kept for it (`None`: it did not fit, or it is held again after a
+/// failed round, and the round writes the present state).
+pub(super) type FoldEntry = (FoldKey, Option<Journaled>);
+
 /// A shard's side of the journal: the keys it journaled and the round folding them.
 pub(super) struct Fold {
-    /// Keys journaled since the round in flight (or the last) began.
-    journaled: BTreeSet<FoldKey>,
+    /// Keys journaled since the round in flight (or the last) began, each with its newest
+    /// journaled change if it is kept.
+    journaled: BTreeMap<FoldKey, Option<Journaled>>,
+    /// Bytes of the changes kept ([`Journaled::size`]), here and in the round.
+    kept: usize,
+    /// At most this many are kept.
+    budget: usize,
+    /// `vigil_engine_journal_kept_bytes` of this shard, set after each step.
+    kept_gauge: metrics::Gauge,
     round: Option<Round>,
     /// When the last round began, by the injected clock (ms).
     last_round_ms: i64,
@@ -532,7 +568,7 @@ pub(super) struct Fold {
 
 /// A fold round: its keys in order, how far it has gone, and its chunks in flight.
 struct Round {
-    keys: Vec<FoldKey>,
+    keys: Vec<FoldEntry>,
     next: usize,
     /// The shard's journal rows up to this sequence are deleted once the round is stored.
     through: u64,
@@ -547,8 +583,9 @@ struct Round {
 /// What a shard's next fold step is, for it to carry out ([`Fold::next_step`]).
 pub(super) enum Step {
     None,
-    /// Write the present state of these keys (in order) into the bulk lane.
-    Part(Vec<FoldKey>),
+    /// Write these keys (in order) at their places in the bulk lane: the change kept for each,
+    /// or its present state.
+    Part(Vec<FoldEntry>),
     /// Every part is stored: delete the journal rows up to this sequence.
     Done(u64),
     /// The deletion is stored: the round is over.
@@ -559,10 +596,14 @@ pub(super) enum Step {
 }
 
 impl Fold {
-    pub(super) fn new(shard: usize, now_ms: i64) -> Fold {
+    /// A shard's fold, keeping at most `budget` bytes of journaled changes for its rounds.
+    pub(super) fn new(shard: usize, now_ms: i64, budget: usize) -> Fold {
         Fold {
             gauge: metrics::gauge!(crate::telemetry::ENGINE_JOURNAL_KEYS, "shard" => shard.to_string()),
-            journaled: BTreeSet::new(),
+            kept_gauge: metrics::gauge!(crate::telemetry::ENGINE_JOURNAL_KEPT_BYTES, "shard" => shard.to_string()),
+            journaled: BTreeMap::new(),
+            kept: 0,
+            budget,
             round: None,
             last_round_ms: now_ms,
             last_seq: None,
@@ -572,12 +613,25 @@ impl Fold {
         }
     }
 
-    /// Holds `key` among the journaled keys (counting its grant id if it is new there).
-    fn hold(&mut self, key: FoldKey) {
-        let id = key.1.clone();
-        if self.journaled.insert(key) {
-            if let Some(id) = id {
-                *self.grants.entry(id).or_default() += 1;
+    /// Holds `key` among the journaled keys (counting its grant id if it is new there), with
+    /// `change` — its newest — kept if it fits the budget. A change held for the key before is
+    /// older, and dropped.
+    fn hold(&mut self, key: FoldKey, change: Option<Journaled>) {
+        let size = change.as_ref().map_or(0, Journaled::size);
+        match self.journaled.entry(key) {
+            btree_map::Entry::Occupied(mut held) => {
+                self.kept -= held.get().as_ref().map_or(0, Journaled::size);
+                let change = change.filter(|_| self.kept.saturating_add(size) <= self.budget);
+                self.kept += change.as_ref().map_or(0, Journaled::size);
+                held.insert(change);
+            }
+            btree_map::Entry::Vacant(new) => {
+                if let Some(id) = &new.key().1 {
+                    *self.grants.entry(id.clone()).or_default() += 1;
+                }
+                let change = change.filter(|_| self.kept.saturating_add(size) <= self.budget);
+                self.kept += change.as_ref().map_or(0, Journaled::size);
+                new.insert(change);
             }
         }
     }
@@ -592,14 +646,19 @@ impl Fold {
         }
     }
 
-    /// Notes a batch's journal row: its sequence and the keys it holds.
-    pub(super) fn note(&mut self, seq: u64, keys: Vec<FoldKey>) {
+    /// Notes a batch's journal row: its sequence and the keys it holds, each with its change.
+    pub(super) fn note(&mut self, seq: u64, keys: Vec<(FoldKey, Journaled)>) {
         self.last_seq = Some(seq);
         self.rows_waiting = true;
         self.noted = self.noted.saturating_add(keys.len());
-        for key in keys {
-            self.hold(key);
+        for (key, change) in keys {
+            self.hold(key, Some(change));
         }
+    }
+
+    /// Bytes of journaled changes kept for the rounds.
+    pub(super) fn kept_bytes(&self) -> usize {
+        self.kept
     }
 
     /// Keys waiting for a round, and those of the round in flight.
@@ -610,11 +669,11 @@ impl Fold {
     /// Whether a journal row may still hold `key`: until the deletion of its round's rows is
     /// stored.
     fn holds(&self, key: &FoldKey) -> bool {
-        self.journaled.contains(key)
+        self.journaled.contains_key(key)
             || self
                 .round
                 .as_ref()
-                .is_some_and(|r| r.keys.binary_search(key).is_ok())
+                .is_some_and(|r| r.keys.binary_search_by(|(k, _)| k.cmp(key)).is_ok())
     }
 
     /// Whether a journal row may still hold `principal`'s context: retention must not forget it
@@ -691,8 +750,16 @@ impl Fold {
         };
         if round.next < round.keys.len() {
             let end = round.keys.len().min(round.next.saturating_add(part.max(1)));
-            let keys = round.keys[round.next..end].to_vec();
+            let keys: Vec<FoldEntry> = round.keys[round.next..end]
+                .iter_mut()
+                .map(|(key, change)| (key.clone(), change.take()))
+                .collect();
             round.next = end;
+            self.kept -= keys
+                .iter()
+                .filter_map(|(_, change)| change.as_ref())
+                .map(Journaled::size)
+                .sum::<usize>();
             return Step::Part(keys);
         }
         if !crate::store::settle_writes(&mut round.writes, &mut round.failed, false) {
@@ -715,18 +782,23 @@ impl Fold {
         };
         // The round's keys leave it: stored, or back among the journaled (a key journaled
         // again meanwhile is held there once).
-        for key in &round.keys {
+        for (key, change) in &round.keys {
             if let Some(id) = &key.1 {
                 self.release_grant(id);
             }
+            // Every part was taken before the round ends; kept only for the count's sake.
+            self.kept -= change.as_ref().map_or(0, Journaled::size);
         }
         match round.failed {
             None => Step::Stored,
             Some(e) => {
                 tracing::error!(error = %e, "journal fold failed; its keys wait for the next round");
                 self.rows_waiting = true;
-                for key in round.keys {
-                    self.hold(key);
+                for (key, _) in round.keys {
+                    // A key journaled again since keeps its newer change.
+                    if !self.journaled.contains_key(&key) {
+                        self.hold(key, None);
+                    }
                 }
                 Step::Failed
             }
@@ -846,19 +918,40 @@ impl Shard {
             Step::None => {}
             Step::Part(keys) => {
                 for chunk in crate::parts::in_parts(keys, FOLD_CHUNK) {
-                    let mut changes = Changes::default();
-                    for (principal, id) in chunk {
-                        match id {
-                            None => changes
+                    let mut present = Changes::default();
+                    let (mut contexts, mut grants, mut deleted) =
+                        (Vec::new(), Vec::new(), Vec::new());
+                    for ((principal, id), change) in chunk {
+                        match (id, change) {
+                            (None, Some(Journaled::Context { version, bytes })) => {
+                                contexts.push((principal, version, bytes));
+                            }
+                            (Some(id), Some(Journaled::Grant(bytes))) => {
+                                grants.push((id.to_string(), principal, bytes));
+                            }
+                            (Some(id), Some(Journaled::Deleted)) => deleted.push((id, principal)),
+                            (None, _) => present
                                 .contexts
                                 .extend(self.shared.contexts.get(&principal).map(|c| c.clone())),
-                            Some(id) => match present_grant(&self.shared.grants, &principal, &id) {
-                                Some(grant) => changes.grants.push(grant),
-                                None => changes.deleted_grants.push((id, principal)),
-                            },
+                            (Some(id), _) => {
+                                match present_grant(&self.shared.grants, &principal, &id) {
+                                    Some(grant) => present.grants.push(grant),
+                                    None => present.deleted_grants.push((id, principal)),
+                                }
+                            }
                         }
                     }
-                    let write = changes.encode().and_then(|part| {
+                    let kept = contexts.len() + grants.len() + deleted.len();
+                    metrics::counter!(crate::telemetry::ENGINE_JOURNAL_FOLDED, "from" => "journal")
+                        .increment(kept as u64);
+                    metrics::counter!(crate::telemetry::ENGINE_JOURNAL_FOLDED, "from" => "present")
+                        .increment(
+                            (present.contexts.len()
+                                + present.grants.len()
+                                + present.deleted_grants.len()) as u64,
+                        );
+                    let write = present.encode().and_then(|mut part| {
+                        part.add_folded(contexts, grants, deleted);
                         self.shared
                             .writer
                             .submit_bulk_blocking(Merge::Alone, move |txn| {
@@ -888,6 +981,7 @@ impl Shard {
             }
         }
         self.fold.gauge.set(self.fold.len() as f64);
+        self.fold.kept_gauge.set(self.fold.kept_bytes() as f64);
     }
 
     /// Whether a part of a fold round is waiting to be written.
@@ -1089,17 +1183,92 @@ mod tests {
         assert_eq!(latest.contexts.get("alice").map(|(v, _)| *v), Some(5));
     }
 
+    /// Each key with a change as a batch journals it: a context at version 1, or a grant.
+    fn changes(keys: Vec<FoldKey>) -> Vec<(FoldKey, Journaled)> {
+        keys.into_iter()
+            .map(|key| {
+                let change = match key.1 {
+                    None => Journaled::Context {
+                        version: 1,
+                        bytes: b"context".to_vec(),
+                    },
+                    Some(_) => Journaled::Grant(b"grant".to_vec()),
+                };
+                (key, change)
+            })
+            .collect()
+    }
+
+    /// A round takes the newest change journaled for each key, as far as the budget kept them:
+    /// a key journaled again drops its older change, one that does not fit is taken without
+    /// (its present state is written), and a failed round's keys come back without theirs
+    /// unless journaled again meanwhile.
+    #[test]
+    fn a_round_takes_the_changes_kept_within_the_budget() {
+        let grant = |bytes: &[u8]| Journaled::Grant(bytes.to_vec());
+        let key = |p: &str, g: &str| (p.to_owned(), Some(GrantId::from(g)));
+        let mut fold = Fold::new(0, 0, 20);
+        fold.note(
+            1,
+            vec![
+                (key("a", "g1"), grant(&[1; 8])),
+                (key("b", "g2"), grant(&[2; 8])),
+            ],
+        );
+        assert_eq!(fold.kept_bytes(), 16);
+        // A newer change of g1 replaces the older; g3's does not fit.
+        fold.note(
+            2,
+            vec![
+                (key("a", "g1"), grant(&[3; 4])),
+                (key("c", "g3"), grant(&[4; 9])),
+            ],
+        );
+        assert_eq!(fold.kept_bytes(), 12);
+        // A deletion costs nothing and replaces g2's change.
+        fold.note(3, vec![(key("b", "g2"), Journaled::Deleted)]);
+        assert_eq!(fold.kept_bytes(), 4);
+        let Step::Part(part) = fold.next_step(0, 1000, 1, 8, 0) else {
+            panic!("a part is due");
+        };
+        assert_eq!(
+            part,
+            vec![
+                (key("a", "g1"), Some(grant(&[3; 4]))),
+                (key("b", "g2"), Some(Journaled::Deleted)),
+                (key("c", "g3"), None),
+            ]
+        );
+        assert_eq!(fold.kept_bytes(), 0, "taken by the part");
+        // g1 journaled again while the round is in flight, then the round fails.
+        fold.note(4, vec![(key("a", "g1"), grant(&[5; 6]))]);
+        fold.written(Err(WriteError::Storage("disk full".into())));
+        assert!(matches!(fold.next_step(1, 1000, 1, 8, 0), Step::Failed));
+        let Step::Part(again) = fold.next_step(2, 1000, 1, 8, 0) else {
+            panic!("the next round");
+        };
+        assert_eq!(
+            again,
+            vec![
+                (key("a", "g1"), Some(grant(&[5; 6]))),
+                (key("b", "g2"), None),
+                (key("c", "g3"), None),
+            ]
+        );
+        assert_eq!(fold.kept_bytes(), 0);
+    }
+
     #[test]
     fn a_round_takes_its_keys_in_order_and_ends_with_the_deletion_after_the_grace_once_stored() {
-        let mut fold = Fold::new(0, 0);
+        let mut fold = Fold::new(0, 0, 1 << 20);
         assert!(matches!(fold.next_step(0, 1000, 4, 2, 0), Step::None));
         fold.note(
             3,
-            vec![
+            changes(vec![
                 ("bob".to_owned(), None),
                 ("alice".to_owned(), Some(GrantId::from("g"))),
                 ("alice".to_owned(), None),
-            ],
+            ]),
         );
         // Not yet due: fewer keys than the bound, within the interval.
         assert!(matches!(fold.next_step(500, 1000, 4, 2, 0), Step::None));
@@ -1110,16 +1279,28 @@ mod tests {
         assert_eq!(
             first,
             vec![
-                ("alice".to_owned(), None),
-                ("alice".to_owned(), Some(GrantId::from("g")))
+                (
+                    ("alice".to_owned(), None),
+                    Some(Journaled::Context {
+                        version: 1,
+                        bytes: b"context".to_vec()
+                    })
+                ),
+                (
+                    ("alice".to_owned(), Some(GrantId::from("g"))),
+                    Some(Journaled::Grant(b"grant".to_vec()))
+                )
             ]
         );
         // A key journaled while the round is in flight waits for the next.
-        fold.note(4, vec![("carol".to_owned(), None)]);
+        fold.note(4, changes(vec![("carol".to_owned(), None)]));
         let Step::Part(second) = fold.next_step(1001, 1000, 4, 2, 0) else {
             panic!("the round's last part");
         };
-        assert_eq!(second, vec![("bob".to_owned(), None)]);
+        assert_eq!(
+            second.into_iter().map(|(key, _)| key).collect::<Vec<_>>(),
+            vec![("bob".to_owned(), None)]
+        );
         assert!(fold.holds_context("bob"), "until the round is stored");
         // Its rows are deleted only once the hand-offs' grace since the round began is over:
         // delivery may still be marking the last rows' hand-offs.
@@ -1147,8 +1328,8 @@ mod tests {
     /// until the next one is.
     #[test]
     fn a_grant_journaled_again_during_its_round_stays_held_after_it() {
-        let mut fold = Fold::new(0, 0);
-        let g = || vec![("alice".to_owned(), Some(GrantId::from("g")))];
+        let mut fold = Fold::new(0, 0, 1 << 20);
+        let g = || changes(vec![("alice".to_owned(), Some(GrantId::from("g")))]);
         let stored = |fold: &mut Fold, at: i64| {
             assert!(matches!(fold.next_step(at, 1000, 1, 8, 0), Step::Part(_)));
             let Step::Done(_) = fold.next_step(at + 1, 1000, 1, 8, 0) else {
@@ -1178,8 +1359,11 @@ mod tests {
 
     #[test]
     fn a_round_whose_deletion_failed_leaves_its_keys_held() {
-        let mut fold = Fold::new(0, 0);
-        fold.note(1, vec![("alice".to_owned(), Some(GrantId::from("g")))]);
+        let mut fold = Fold::new(0, 0, 1 << 20);
+        fold.note(
+            1,
+            changes(vec![("alice".to_owned(), Some(GrantId::from("g")))]),
+        );
         assert!(matches!(fold.next_step(0, 1000, 1, 8, 0), Step::Part(_)));
         assert!(matches!(fold.next_step(1, 1000, 1, 8, 0), Step::Done(1)));
         let (deletion, _) = PendingWrite::ended(Some(Err(WriteError::Storage("disk full".into()))));
@@ -1193,8 +1377,8 @@ mod tests {
 
     #[test]
     fn a_round_whose_part_failed_leaves_its_keys_for_the_next() {
-        let mut fold = Fold::new(0, 0);
-        fold.note(1, vec![("alice".to_owned(), None)]);
+        let mut fold = Fold::new(0, 0, 1 << 20);
+        fold.note(1, changes(vec![("alice".to_owned(), None)]));
         assert!(matches!(fold.next_step(0, 1000, 1, 8, 0), Step::Part(_)));
         fold.written(Err(WriteError::Storage("disk full".into())));
         assert!(matches!(fold.next_step(1, 1000, 1, 8, 0), Step::Failed));

@@ -112,6 +112,9 @@ pub struct EngineSettings {
     pub journal_fold_rows: usize,
     /// How long journaled keys wait for a fold round at most.
     pub journal_fold_interval: Duration,
+    /// Bytes of journaled rows kept for the fold rounds that write them at their places, across
+    /// the shards ([`journal::Journaled`]); a row that does not fit is encoded again by its round.
+    pub journal_fold_cache_bytes: usize,
 }
 
 impl Default for EngineSettings {
@@ -135,6 +138,7 @@ impl Default for EngineSettings {
             shadow_divergences_max: 10_000,
             journal_fold_rows: 32_768,
             journal_fold_interval: Duration::from_secs(10),
+            journal_fold_cache_bytes: 64 << 20,
         }
     }
 }
@@ -1574,15 +1578,16 @@ mod tests {
         dir: &std::path::Path,
         clock: &crate::clock::Clock,
     ) -> (Engine, Handoffs, Arc<redb::Database>, Threads) {
-        engine_in(
-            dir,
-            EngineSettings {
-                clock: clock.clone(),
-                sweep_interval: Duration::from_millis(5),
-                journal_fold_interval: Duration::from_secs(3600),
-                ..EngineSettings::default()
-            },
-        )
+        engine_in(dir, journaling_settings(clock))
+    }
+
+    fn journaling_settings(clock: &crate::clock::Clock) -> EngineSettings {
+        EngineSettings {
+            clock: clock.clone(),
+            sweep_interval: Duration::from_millis(5),
+            journal_fold_interval: Duration::from_secs(3600),
+            ..EngineSettings::default()
+        }
     }
 
     /// Submits `signals` as a source's batch and waits for its answer, which comes at the
@@ -2975,13 +2980,26 @@ mod tests {
         engine.shutdown().await;
     }
 
-    /// A fold round writes the journaled grant at its place, and then deletes the journal rows
-    /// it replaced.
+    /// A fold round writes the journaled grant at its place — the row its batch journaled, kept
+    /// for the round, or (with no room to keep it) its present state encoded again — and then
+    /// deletes the journal rows it replaced.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_fold_round_stores_journaled_rows_at_their_places_and_deletes_them() {
+        for kept in [64 << 20, 0] {
+            fold_round_stores_and_deletes(kept).await;
+        }
+    }
+
+    async fn fold_round_stores_and_deletes(kept: usize) {
         let clock = crate::clock::Clock::manual(PROBED_T0 * 1000);
         let dir = tempfile::tempdir().unwrap();
-        let (engine, _rx, db, _held) = journaling_engine(dir.path(), &clock);
+        let (engine, _rx, db, _held) = engine_in(
+            dir.path(),
+            EngineSettings {
+                journal_fold_cache_bytes: kept,
+                ..journaling_settings(&clock)
+            },
+        );
         revoke_a_token(&engine).await;
         assert!(journal::rows(&db) > 0);
         // The interval, by the injected clock: the round stores the rows at their places.
@@ -2990,6 +3008,11 @@ mod tests {
             persist::stored_grant_status(&db, "t1") == Some(GrantStatus::Revoked)
         })
         .await;
+        assert_eq!(
+            persist::stored_grant_at_place(&db, "t1").as_ref(),
+            engine.grant("t1").as_deref(),
+            "kept {kept} bytes"
+        );
         // The journal rows are deleted once the hand-offs' grace is over, by the same clock.
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(journal::rows(&db) > 0, "deleted within the grace");

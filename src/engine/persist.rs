@@ -741,15 +741,29 @@ impl Encoded {
         }
     }
 
+    /// Adds rows folded from the journal (a fold round's, kept from the batch that journaled
+    /// them) to be written at their places, as [`Encoded::folded`] does.
+    pub(super) fn add_folded(
+        &mut self,
+        contexts: Vec<ContextRow>,
+        grants: Vec<GrantRow>,
+        deleted_grants: Vec<(GrantId, String)>,
+    ) {
+        self.contexts.extend(contexts);
+        self.grants.extend(grants);
+        self.deleted_grants.extend(deleted_grants);
+    }
+
     /// Moves the decided contexts, the grants and deleted grants `journaled` picks (by principal
     /// and id), and every hand-off (in order: a hand-off's index in the row is its index here)
     /// into one journal row under `slot` ([`super::journal`]); the others stay to be written at
-    /// their places. Returns the keys moved, or `None` if there was nothing to move (no row).
+    /// their places. Returns the keys moved, each with its row as journaled (for the fold round
+    /// that writes it at its place), or `None` if there was nothing to move (no row).
     pub(super) fn journal(
         &mut self,
         slot: (u32, u64),
         journaled: impl Fn(&str, &str) -> bool,
-    ) -> Result<Option<Vec<super::journal::FoldKey>>, WriteError> {
+    ) -> Result<Option<Vec<(super::journal::FoldKey, super::journal::Journaled)>>, WriteError> {
         let (grants, direct): (Vec<GrantRow>, Vec<GrantRow>) = std::mem::take(&mut self.grants)
             .into_iter()
             .partition(|(id, principal, _)| journaled(principal, id));
@@ -770,18 +784,20 @@ impl Encoded {
             slot,
             super::journal::pack(&contexts, &grants, &deleted, &handoffs)?,
         ));
+        use super::journal::Journaled;
         let keys = contexts
             .into_iter()
-            .map(|(key, _, _)| (key, None))
-            .chain(
-                grants
-                    .into_iter()
-                    .map(|(id, principal, _)| (principal, Some(GrantId::from(id)))),
-            )
+            .map(|(key, version, bytes)| ((key, None), Journaled::Context { version, bytes }))
+            .chain(grants.into_iter().map(|(id, principal, bytes)| {
+                (
+                    (principal, Some(GrantId::from(id))),
+                    Journaled::Grant(bytes),
+                )
+            }))
             .chain(
                 deleted
                     .into_iter()
-                    .map(|(id, principal)| (principal, Some(id))),
+                    .map(|(id, principal)| ((principal, Some(id)), Journaled::Deleted)),
             )
             .collect();
         Ok(Some(keys))
@@ -1245,13 +1261,19 @@ pub fn stored_context_version(db: &Database, principal: &str) -> Option<u64> {
 /// The status of grant `id` as stored at its place (not in the journal), if it is there.
 #[cfg(test)]
 pub fn stored_grant_status(db: &Database, id: &str) -> Option<crate::grant::GrantStatus> {
+    stored_grant_at_place(db, id).map(|g| g.status)
+}
+
+/// Grant `id` as stored at its place (not in the journal), if it is there.
+#[cfg(test)]
+pub fn stored_grant_at_place(db: &Database, id: &str) -> Option<Grant> {
     let txn = db.begin_read().unwrap();
     let t = txn.open_table(PRINCIPAL_ROWS).unwrap();
     for entry in t.iter().unwrap() {
         let (k, v) = entry.unwrap();
         if let Some(PrincipalRow::Grant { id: stored, .. }) = PrincipalRow::parse(k.value()) {
             if stored == id {
-                return Some(serde_json::from_slice::<Grant>(v.value()).unwrap().status);
+                return Some(serde_json::from_slice::<Grant>(v.value()).unwrap());
             }
         }
     }

@@ -165,6 +165,7 @@ impl Shard {
             .map(|g| (ms(g.expires_at), g.id.clone()))
             .collect();
         let last_checkpoint_ms = shared.settings.clock.now_ms();
+        let fold_budget = shared.settings.journal_fold_cache_bytes / shared.settings.shards.max(1);
         Shard {
             id,
             shared,
@@ -184,7 +185,7 @@ impl Shard {
             unstored: Unstored::default(),
             rewrite: None,
             rewrite_after_ms: 0,
-            fold: super::journal::Fold::new(id, last_checkpoint_ms),
+            fold: super::journal::Fold::new(id, last_checkpoint_ms, fold_budget),
         }
     }
 
