@@ -38,7 +38,11 @@ impl<'a> Triggered<'a> {
             "iss": signal.iss,
             "source": signal.source.label(),
             "event_time": signal.event_time,
-            "payload": serde_json::to_value(&signal.event).map(|v| v["payload"].clone()).unwrap_or(Value::Null),
+            // Taken out of the event's JSON, not copied: a signal's view is built for each one.
+            "payload": serde_json::to_value(&signal.event)
+                .ok()
+                .and_then(|mut v| v.get_mut("payload").map(Value::take))
+                .unwrap_or(Value::Null),
         });
         Triggered {
             signal,
