@@ -154,19 +154,37 @@ impl AuditLog {
     /// than a file (a flood of access requests queued while the writer was busy) made one file
     /// as large as the batch, and the log's bound was the flood's size.
     pub fn append(&self, decisions: &[Decision]) -> std::io::Result<()> {
-        if decisions.is_empty() {
+        let json = decisions
+            .iter()
+            .map(serde_json::to_vec)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.append_encoded(
+            decisions
+                .iter()
+                .zip(&json)
+                .map(|(d, json)| (d.id.as_str(), json.as_slice())),
+        )
+    }
+
+    /// [`AuditLog::append`] of decisions already serialized, each with its id: the engine
+    /// serializes a batch's decisions once, for this log and for their hand-offs.
+    pub fn append_encoded<'a>(
+        &self,
+        decisions: impl ExactSizeIterator<Item = (&'a str, &'a [u8])>,
+    ) -> std::io::Result<()> {
+        if decisions.len() == 0 {
             return Ok(());
         }
         // The records one after another, and where each ends.
         let mut buf = Vec::new();
         let mut ends = Vec::with_capacity(decisions.len());
-        for d in decisions {
-            if self.before_start.contains(&d.id) {
+        for (id, json) in decisions {
+            if self.before_start.contains(id) {
                 // Made again by a replay after a crash: already in the log.
                 metrics::counter!(crate::telemetry::AUDIT_REPEATS_SKIPPED).increment(1);
                 continue;
             }
-            serde_json::to_writer(&mut buf, d)?;
+            buf.extend_from_slice(json);
             buf.push(b'\n');
             ends.push(buf.len());
         }

@@ -93,6 +93,8 @@ pub(super) struct ToHand {
     grant: Arc<Grant>,
     lane: Lane,
     journaled: Option<JournalPlace>,
+    /// The decision's JSON, as the audit log got it (a decision handed again has none).
+    json: Option<Arc<[u8]>>,
 }
 
 /// What waits for a checkpoint to be stored.
@@ -385,8 +387,25 @@ impl Shard {
                 self.write_again(written, &mut p);
             }
         }
+        // Each decision serialized once: for the audit log, and its hand-off's JSON.
+        let json: Vec<Arc<[u8]>> = p
+            .decisions
+            .iter()
+            .map(|d| serde_json::to_vec(d).map(Arc::from))
+            .collect::<Result<_, _>>()
+            .unwrap_or_default();
         if !p.decisions.is_empty() {
-            if let Err(e) = self.shared.audit.append(&p.decisions) {
+            let appended = if json.len() == p.decisions.len() {
+                self.shared.audit.append_encoded(
+                    p.decisions
+                        .iter()
+                        .zip(&json)
+                        .map(|(d, json)| (d.id.as_str(), &json[..])),
+                )
+            } else {
+                self.shared.audit.append(&p.decisions)
+            };
+            if let Err(e) = appended {
                 metrics::counter!(crate::telemetry::AUDIT_ERRORS).increment(1);
                 tracing::error!(error = %e, "audit append failed");
             }
@@ -430,13 +449,14 @@ impl Shard {
         // Delivery gets the decisions now and signs their SETs while the commit is written; the
         // gate opens when it is durable. Single node: the writer thread opens it the moment the
         // fsync ends. Cluster mode: `announce` does, once the changelog has the batch too.
-        let mut handed = self.hand_over(&p);
+        let mut handed = self.hand_over(&p, &json);
         // Decisions delivery must act on are committed with the state, so a crash cannot lose
         // them: their hand-offs, in the order they are handed over.
         p.changes.handoff = handed
             .iter()
             .map(|h| (h.decision.clone(), h.grant.clone()))
             .collect();
+        p.changes.handoff_json = handed.iter().map(|h| h.json.clone()).collect();
         let (gate, durable) = Durable::pending();
         let mut gate = Some(gate);
         let by_writer = self.shared.settings.changelog.is_none();
@@ -564,23 +584,29 @@ impl Shard {
     }
 
     /// The batch's decisions delivery acts on, with the grant each is about and its lane.
-    fn hand_over(&self, p: &Pending) -> Vec<ToHand> {
+    /// The batch's decisions for delivery, `json` being each decision's JSON by its index.
+    fn hand_over(&self, p: &Pending, json: &[Arc<[u8]>]) -> Vec<ToHand> {
         let ours = p.for_delivery().map(|(i, d, grant)| {
             let lane = if p.bulk_decisions.iter().any(|r| r.contains(&i)) {
                 Lane::Bulk
             } else {
                 Lane::Interactive
             };
-            (d, grant, lane)
+            (d, grant, lane, json.get(i).cloned())
         });
-        ours.chain(p.rehanded.iter().map(|(d, g)| (d, g, Lane::Interactive)))
-            .map(|(d, g, lane)| ToHand {
-                decision: d.clone(),
-                grant: g.clone(),
-                lane,
-                journaled: None,
-            })
-            .collect()
+        ours.chain(
+            p.rehanded
+                .iter()
+                .map(|(d, g)| (d, g, Lane::Interactive, None)),
+        )
+        .map(|(d, g, lane, json)| ToHand {
+            decision: d.clone(),
+            grant: g.clone(),
+            lane,
+            journaled: None,
+            json,
+        })
+        .collect()
     }
 
     /// Waits for the batch's ordinary write, then announces it: forwards, decisions and replies.

@@ -424,6 +424,9 @@ pub struct Changes {
     pub deleted_aliases: Vec<(String, String)>,
     /// Decisions delivery must take over (revoke, step-up, restrict), with their grants.
     pub handoff: Vec<(Decision, Arc<Grant>)>,
+    /// The JSON of `handoff`'s decisions, by index, where the batch serialized them already
+    /// (for the audit log); one missing or `None` is serialized here.
+    pub handoff_json: Vec<Option<Arc<[u8]>>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -684,12 +687,16 @@ impl Changes {
         let handoff = self
             .handoff
             .iter()
-            .map(|(d, g)| {
+            .enumerate()
+            .map(|(i, (d, g))| {
                 let grant = json(g)?;
                 let mut bytes = Vec::with_capacity(grant.len() + GRANT_JSON_CAPACITY);
                 bytes.extend_from_slice(b"{\"decision\":");
-                serde_json::to_writer(&mut bytes, d)
-                    .map_err(|e| WriteError::Storage(e.to_string()))?;
+                match self.handoff_json.get(i).and_then(Option::as_ref) {
+                    Some(decision) => bytes.extend_from_slice(decision),
+                    None => serde_json::to_writer(&mut bytes, d)
+                        .map_err(|e| WriteError::Storage(e.to_string()))?,
+                }
                 bytes.extend_from_slice(b",\"grant\":");
                 bytes.extend_from_slice(&grant);
                 bytes.push(b'}');
@@ -1539,6 +1546,15 @@ mod tests {
             String::from_utf8_lossy(&json),
             String::from_utf8_lossy(&whole)
         );
+        // The same with the decision's JSON the batch made for the audit log.
+        let given = Changes {
+            handoff: vec![(first.clone(), grant.clone())],
+            handoff_json: vec![Some(serde_json::to_vec(&first).unwrap().into())],
+            ..Changes::default()
+        }
+        .encode()
+        .unwrap();
+        assert_eq!(given.handoff[0].bytes, json);
         // The changelog gets the JSON.
         assert_eq!(encoded.records()[0].value.as_deref(), Some(json.as_slice()));
         let txn = db.begin_write().unwrap();
