@@ -533,6 +533,11 @@ impl Journaled {
     }
 }
 
+/// What a kept change costs; nothing if none is kept.
+fn size_of(change: &Option<Journaled>) -> usize {
+    change.as_ref().map_or(0, Journaled::size)
+}
+
 /// A held key and the change kept for it (`None`: it did not fit, or it is held again after a
 /// failed round, and the round writes the present state).
 pub(super) type FoldEntry = (FoldKey, Option<Journaled>);
@@ -617,23 +622,22 @@ impl Fold {
     /// `change` — its newest — kept if it fits the budget. A change held for the key before is
     /// older, and dropped.
     fn hold(&mut self, key: FoldKey, change: Option<Journaled>) {
-        let size = change.as_ref().map_or(0, Journaled::size);
-        match self.journaled.entry(key) {
-            btree_map::Entry::Occupied(mut held) => {
-                self.kept -= held.get().as_ref().map_or(0, Journaled::size);
-                let change = change.filter(|_| self.kept.saturating_add(size) <= self.budget);
-                self.kept += change.as_ref().map_or(0, Journaled::size);
-                held.insert(change);
+        let held = match self.journaled.entry(key) {
+            btree_map::Entry::Occupied(held) => {
+                let held = held.into_mut();
+                self.kept = self.kept.saturating_sub(size_of(held));
+                held
             }
             btree_map::Entry::Vacant(new) => {
                 if let Some(id) = &new.key().1 {
                     *self.grants.entry(id.clone()).or_default() += 1;
                 }
-                let change = change.filter(|_| self.kept.saturating_add(size) <= self.budget);
-                self.kept += change.as_ref().map_or(0, Journaled::size);
-                new.insert(change);
+                new.insert(None)
             }
-        }
+        };
+        let size = size_of(&change);
+        *held = change.filter(|_| self.kept.saturating_add(size) <= self.budget);
+        self.kept = self.kept.saturating_add(size_of(held));
     }
 
     /// Stops counting a held key of grant `id` (a round's, once it is over).
@@ -755,11 +759,8 @@ impl Fold {
                 .map(|(key, change)| (key.clone(), change.take()))
                 .collect();
             round.next = end;
-            self.kept -= keys
-                .iter()
-                .filter_map(|(_, change)| change.as_ref())
-                .map(Journaled::size)
-                .sum::<usize>();
+            let taken: usize = keys.iter().map(|(_, change)| size_of(change)).sum();
+            self.kept = self.kept.saturating_sub(taken);
             return Step::Part(keys);
         }
         if !crate::store::settle_writes(&mut round.writes, &mut round.failed, false) {
@@ -787,7 +788,7 @@ impl Fold {
                 self.release_grant(id);
             }
             // Every part was taken before the round ends; kept only for the count's sake.
-            self.kept -= change.as_ref().map_or(0, Journaled::size);
+            self.kept = self.kept.saturating_sub(size_of(change));
         }
         match round.failed {
             None => Step::Stored,
