@@ -454,9 +454,8 @@ impl Shard {
         // them: their hand-offs, in the order they are handed over.
         p.changes.handoff = handed
             .iter()
-            .map(|h| (h.decision.clone(), h.grant.clone()))
+            .map(|h| (h.decision.clone(), h.grant.clone(), h.json.clone()))
             .collect();
-        p.changes.handoff_json = handed.iter().map(|h| h.json.clone()).collect();
         let (gate, durable) = Durable::pending();
         let mut gate = Some(gate);
         let by_writer = self.shared.settings.changelog.is_none();

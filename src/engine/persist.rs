@@ -422,12 +422,14 @@ pub struct Changes {
     /// Links forgotten with their principal (alias, principal): each is deleted from the store
     /// only while it still names that principal (another shard may have linked it anew).
     pub deleted_aliases: Vec<(String, String)>,
-    /// Decisions delivery must take over (revoke, step-up, restrict), with their grants.
-    pub handoff: Vec<(Decision, Arc<Grant>)>,
-    /// The JSON of `handoff`'s decisions, by index, where the batch serialized them already
-    /// (for the audit log); one missing or `None` is serialized here.
-    pub handoff_json: Vec<Option<Arc<[u8]>>>,
+    /// Decisions delivery must take over (revoke, step-up, restrict), with their grants and
+    /// the decision's JSON where the batch serialized it already (for the audit log; `None`
+    /// is serialized here).
+    pub handoff: Vec<ToDeliver>,
 }
+
+/// A decision for delivery, its grant, and the decision's JSON if the batch made it already.
+pub type ToDeliver = (Decision, Arc<Grant>, Option<Arc<[u8]>>);
 
 #[derive(Serialize, Deserialize)]
 struct Handoff {
@@ -687,12 +689,11 @@ impl Changes {
         let handoff = self
             .handoff
             .iter()
-            .enumerate()
-            .map(|(i, (d, g))| {
+            .map(|(d, g, decision_json)| {
                 let grant = json(g)?;
                 let mut bytes = Vec::with_capacity(grant.len() + GRANT_JSON_CAPACITY);
                 bytes.extend_from_slice(b"{\"decision\":");
-                match self.handoff_json.get(i).and_then(Option::as_ref) {
+                match decision_json {
                     Some(decision) => bytes.extend_from_slice(decision),
                     None => serde_json::to_writer(&mut bytes, d)
                         .map_err(|e| WriteError::Storage(e.to_string()))?,
@@ -1530,7 +1531,7 @@ mod tests {
         second.id = "d2".into();
         let grant = Arc::new(stored_grant("g", "email:u@example.com"));
         let encoded = Changes {
-            handoff: vec![(first.clone(), grant.clone())],
+            handoff: vec![(first.clone(), grant.clone(), None)],
             ..Changes::default()
         }
         .encode()
@@ -1548,8 +1549,11 @@ mod tests {
         );
         // The same with the decision's JSON the batch made for the audit log.
         let given = Changes {
-            handoff: vec![(first.clone(), grant.clone())],
-            handoff_json: vec![Some(serde_json::to_vec(&first).unwrap().into())],
+            handoff: vec![(
+                first.clone(),
+                grant.clone(),
+                Some(serde_json::to_vec(&first).unwrap().into()),
+            )],
             ..Changes::default()
         }
         .encode()
