@@ -162,14 +162,14 @@ pub fn evaluate_grant_under<const N: usize>(
         trigger: trigger_type,
         request: crate::policy::no_request(),
     };
-    let mut outcomes = policies.map(|policy| policy.evaluate_screened(&input, grant));
+    let mut outcomes = policies.map(|policy| policy.evaluate_screened(&input));
     if let Some(delegator) = contexts.delegator {
         let input = EvalInput {
             context: Arc::new(delegator.view(grant, contexts.entities, decay, now)),
             ..input
         };
         for (outcome, policy) in outcomes.iter_mut().zip(policies) {
-            with_delegating_user(outcome, policy.evaluate_screened(&input, grant));
+            with_delegating_user(outcome, policy.evaluate_screened(&input));
         }
     }
     outcomes
@@ -342,7 +342,7 @@ rules:
                     for policy in [&shipped, &failing] {
                         let every = policy.evaluate(&input);
                         assert_eq!(
-                            policy.evaluate_screened(&input, grant),
+                            policy.evaluate_screened(&input),
                             every,
                             "{name}, grant {}",
                             grant.id

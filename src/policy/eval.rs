@@ -102,21 +102,20 @@ impl PolicySet {
         self.run_rules(input, None)
     }
 
-    /// [`PolicySet::evaluate`] for `grant`, the grant `input` was built for: a rule whose
-    /// condition the screen ([`super::screen`]) proves `false` on these inputs is not run, and the
-    /// inputs are bound as CEL values only once a rule is left to run. The outcome is the same —
-    /// the screen answers `false` only where CEL would, never for a rule that could fail — and
-    /// most state rules read a fact the context does not hold, so a signal's evaluation ran
-    /// sixteen conditions to find the one or none that matches: binding the inputs and running
-    /// them was more than half of a revoking signal's evaluation (benches/RESULTS.md).
-    pub fn evaluate_screened(&self, input: &EvalInput, grant: &crate::grant::Grant) -> Evaluation {
-        let grants = [grant];
-        let mut screen = super::screen::Screen::new(
+    /// [`PolicySet::evaluate`], where a rule whose condition the screen ([`super::screen`])
+    /// proves `false` on these inputs is not run, and the inputs are converted to CEL values only
+    /// as a rule left to run reads them. The outcome is the same — the screen answers `false`
+    /// only where CEL would, never for a rule that could fail — and most state rules read a fact
+    /// the context does not hold, so a signal's evaluation ran sixteen conditions to find the one
+    /// or none that matches: binding the inputs and running them was more than half of a
+    /// revoking signal's evaluation (benches/RESULTS.md).
+    pub fn evaluate_screened(&self, input: &EvalInput) -> Evaluation {
+        let mut screen = super::screen::Screen::of_view(
             &input.context,
             &input.subject,
             &input.signal,
             input.now,
-            &grants,
+            &input.grant,
         );
         self.run_rules(input, Some(&mut screen))
     }
@@ -128,7 +127,7 @@ impl PolicySet {
         input: &EvalInput,
         mut screen: Option<&mut super::screen::Screen<'_>>,
     ) -> Evaluation {
-        let mut bound = Bound::new(&self.env);
+        let ctx = context_for(&self.env, input);
         let mut out = Evaluation::default();
         for rule in self.rules.iter().filter(|r| !r.is_request()) {
             let triggered = input
@@ -146,7 +145,7 @@ impl PolicySet {
                     continue;
                 }
             }
-            out.add(run(rule, bound.with(input, rule.reads)));
+            out.add(run(rule, &ctx));
         }
         out
     }
@@ -157,10 +156,10 @@ impl PolicySet {
     /// set): an enforced match with any effect but `notify` denies the request. Fail closed: a
     /// rule that errors matches. Pure, like [`PolicySet::evaluate`].
     pub fn evaluate_request(&self, input: &EvalInput) -> Evaluation {
-        let mut bound = Bound::new(&self.env);
+        let ctx = context_for(&self.env, input);
         let mut out = Evaluation::default();
         for rule in self.rules.iter().filter(|r| r.is_request()) {
-            out.add(run(rule, bound.with(input, rule.reads)));
+            out.add(run(rule, &ctx));
         }
         out
     }
@@ -219,71 +218,42 @@ impl Evaluation {
     }
 }
 
-/// The inputs a rule may read, in the order of [`Reads`]' bits.
-const INPUTS: [&str; 6] = ["grant", "context", "signal", "subject", "request", "now"];
-
-/// Which inputs a rule reads — its condition's variables and its reason's — as bits in
-/// [`INPUTS`] order. A rule is run with only these bound: every input used to be converted into
-/// CEL values for every evaluation, the grant's view for a rule that reads only the context too.
-/// A comprehension variable named like an input only binds that input needlessly.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Reads(u8);
-
-impl Reads {
-    pub(crate) fn of(condition: &cel::Program, reason: &Template) -> Reads {
-        let mut bits = 0u8;
-        for program in std::iter::once(condition).chain(reason.programs()) {
-            for variable in program.references().variables() {
-                if let Some(i) = INPUTS.iter().position(|v| *v == variable) {
-                    bits |= 1 << i;
-                }
-            }
-        }
-        Reads(bits)
-    }
-
-    /// The inputs read, by name.
-    #[cfg(test)]
-    pub(crate) fn names(self) -> Vec<&'static str> {
-        INPUTS
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| self.0 & (1 << i) != 0)
-            .map(|(_, name)| *name)
-            .collect()
-    }
+/// The CEL context rules run in: every input is resolved by name from the [`EvalInput`] as a
+/// rule reads it ([`EvalInput::resolve`]), none bound ahead.
+pub(super) fn context_for<'a>(env: &Arc<cel::Env>, input: &'a EvalInput) -> cel::Context<'a, 'a> {
+    let mut ctx = cel::Context::with_env(env.clone());
+    ctx.set_variable_resolver(input);
+    ctx
 }
 
-/// A CEL context the inputs are bound into as the rules run need them, each once.
-struct Bound<'a> {
-    ctx: cel::Context<'a, 'a>,
-    bound: u8,
-}
-
-impl<'a> Bound<'a> {
-    fn new(env: &Arc<cel::Env>) -> Bound<'a> {
-        Bound {
-            ctx: cel::Context::with_env(env.clone()),
-            bound: 0,
+/// Resolving an input, or a field path into one, as a condition names it.
+///
+/// The interpreter asks for a qualified name such as `context.risk.level` before its prefixes
+/// (`context.risk`, then `context`), so the value at the end of the longest path that exists is
+/// converted and no more: a condition reads a field or two of a context view of forty, and
+/// converting every input whole to bind it (then dropping it) was most of what binding cost
+/// (benches/RESULTS.md). The value at a path is the one selecting its fields on the whole input
+/// gives, so conditions mean what they did: where a path's field is missing, the shorter path is
+/// resolved and the interpreter's select reports the missing key as before. The interpreter
+/// looks in a comprehension's scope before the root's, so a comprehension variable named like an
+/// input still shadows it.
+impl cel::context::VariableResolver for EvalInput {
+    fn resolve<'b>(&'b self, name: &str) -> Option<cel::common::value::CowVal<'b, 'b>> {
+        let mut path = name.split('.');
+        let root = path.next()?;
+        if root == "now" {
+            let whole = path.next().is_none();
+            return whole.then(|| {
+                cel::common::value::CowVal::owned(cel::common::types::CelDouble::from(self.now))
+            });
         }
-    }
-
-    /// The context with every input `reads` names bound.
-    fn with(&mut self, input: &'a EvalInput, reads: Reads) -> &cel::Context<'a, 'a> {
-        let missing = reads.0 & !self.bound;
-        for (i, &name) in INPUTS.iter().enumerate() {
-            if missing & (1 << i) == 0 {
-                continue;
-            }
-            match input.json(name) {
-                Some(value) => self
-                    .ctx
-                    .add_variable_as_val(name, super::json_val::to_val(value)),
-                None => self.ctx.add_variable_from_value(name, input.now),
-            }
+        let mut value = self.json(root)?;
+        for field in path {
+            value = value.as_object()?.get(field)?;
         }
-        self.bound |= missing;
-        &self.ctx
+        Some(cel::common::value::CowVal::Owned(super::json_val::to_val(
+            value,
+        )))
     }
 }
 
@@ -412,14 +382,6 @@ impl Template {
         }
         parts.push(Part::Text(rest.to_owned()));
         Ok(Template { parts })
-    }
-
-    /// The placeholders' programs.
-    fn programs(&self) -> impl Iterator<Item = &cel::Program> {
-        self.parts.iter().filter_map(|p| match p {
-            Part::Expr(program) => Some(program),
-            Part::Text(_) => None,
-        })
     }
 
     /// Renders the template; a placeholder that fails renders as `?`.

@@ -1,9 +1,10 @@
 //! Binding JSON policy inputs to CEL without copying them.
 //!
 //! `cel::to_value` goes through serde into `cel::Value` (every string and key copied into an `Arc`),
-//! and the context then converts that again into `Box<dyn Val>`. Evaluation does this for four
+//! and the context then converts that again into `Box<dyn Val>`. Evaluation did this for four
 //! inputs per grant, which dominated the cost of evaluating one grant. Here the JSON tree is walked
-//! once and strings are borrowed for the evaluation's lifetime. The CEL types are exactly those of
+//! once and strings are borrowed for the evaluation's lifetime; evaluation converts only the values
+//! a rule reads (`eval.rs`, `EvalInput`'s variable resolver). The CEL types are exactly those of
 //! `cel::to_value` (non-negative integers `uint`, negative ones `int`, other numbers `double`), so a
 //! condition means the same thing either way; a test below holds the two side by side.
 

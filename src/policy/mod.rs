@@ -90,8 +90,6 @@ pub struct Rule {
     pub file: String,
     pub(crate) condition: cel::Program,
     pub(crate) reason: eval::Template,
-    /// The inputs its condition and reason read: only those are bound to run it.
-    pub(crate) reads: eval::Reads,
     /// A request-time rule (`on: [access-request]`), read once at load: every evaluation asks.
     request: bool,
 }
@@ -224,7 +222,6 @@ impl PolicySet {
                 rules.push(Rule {
                     spec,
                     file: name.clone(),
-                    reads: eval::Reads::of(&condition, &reason),
                     condition,
                     reason,
                     request: request_rule,

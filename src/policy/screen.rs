@@ -59,8 +59,17 @@ pub struct Screen<'a> {
     subject: &'a Value,
     signal: &'a Value,
     now: f64,
-    grants: &'a [&'a Grant],
+    grants: Grants<'a>,
     fields: HashMap<String, Abs<'static>>,
+}
+
+/// What `grant` stands for in a screening.
+enum Grants<'a> {
+    /// Any of these grants: each field the set of values it takes over them.
+    Many(&'a [&'a Grant]),
+    /// One grant, by the policy view a condition is evaluated on: known outright, like the
+    /// context, and read in place rather than each field built again for each rule.
+    View(&'a Value),
 }
 
 impl<'a> Screen<'a> {
@@ -76,7 +85,25 @@ impl<'a> Screen<'a> {
             subject,
             signal,
             now,
-            grants,
+            grants: Grants::Many(grants),
+            fields: HashMap::new(),
+        }
+    }
+
+    /// A screening of the one grant whose policy view ([`Grant::policy_view`]) is `grant`.
+    pub fn of_view(
+        context: &'a Value,
+        subject: &'a Value,
+        signal: &'a Value,
+        now: f64,
+        grant: &'a Value,
+    ) -> Screen<'a> {
+        Screen {
+            context,
+            subject,
+            signal,
+            now,
+            grants: Grants::View(grant),
             fields: HashMap::new(),
         }
     }
@@ -92,11 +119,12 @@ impl<'a> Screen<'a> {
             return a.clone();
         }
         // A name the view lacks is an error in CEL (fail closed): not modelled.
-        let abs = if crate::grant::POLICY_FIELDS.contains(&name) {
-            let values: Vec<Value> = self.grants.iter().map(|g| g.policy_field(name)).collect();
-            summarize(&values)
-        } else {
-            Abs::Unknown
+        let abs = match self.grants {
+            Grants::Many(grants) if crate::grant::POLICY_FIELDS.contains(&name) => {
+                let values: Vec<Value> = grants.iter().map(|g| g.policy_field(name)).collect();
+                summarize(&values)
+            }
+            _ => Abs::Unknown,
         };
         self.fields.insert(name.to_owned(), abs.clone());
         abs
@@ -110,7 +138,10 @@ impl<'a> Screen<'a> {
                 "subject" => Abs::Known(Cow::Borrowed(self.subject)),
                 "signal" => Abs::Known(Cow::Borrowed(self.signal)),
                 "now" => Abs::Known(Cow::Owned(Value::from(self.now))),
-                "grant" => Abs::GrantRoot,
+                "grant" => match self.grants {
+                    Grants::Many(_) => Abs::GrantRoot,
+                    Grants::View(view) => Abs::Known(Cow::Borrowed(view)),
+                },
                 _ => Abs::Unknown,
             },
             // `has(x.f)` (test) is not modelled.
@@ -446,5 +477,44 @@ mod tests {
             &gs
         ));
         assert!(!never("context.flag == 'x'", json!({"flag": 1}), &gs));
+    }
+
+    /// Screening one grant by its policy view decides what screening it among others does, and
+    /// abstains where CEL would fail on the view (a field it lacks).
+    #[test]
+    fn one_grant_is_screened_on_its_policy_view() {
+        let a = grant("a", 1_700_000_100.5, "human", "session");
+        let view = a.policy_view();
+        let never_on_view = |condition: &str, context: Value| {
+            let program = cel::Env::stdlib().compile(condition).unwrap();
+            let (subject, signal) = (json!({}), json!({"type": "none"}));
+            Screen::of_view(&context, &subject, &signal, 1_800_000_000.0, &view)
+                .never_matches(program.expression())
+        };
+        let before = json!({"session_revoked_at": 1_700_000_000.5});
+        let after = json!({"session_revoked_at": 1_700_000_200.5});
+        for (condition, context) in [
+            ("context.session_revoked_at > grant.issued_at", &before),
+            ("context.session_revoked_at > grant.issued_at", &after),
+            ("grant.kind == 'access_token'", &before),
+            ("grant.principal_type in ['agent', 'workload']", &before),
+            ("grant.nope == 'x'", &before),
+            ("!('kind' in grant)", &before),
+        ] {
+            assert_eq!(
+                never_on_view(condition, context.clone()),
+                never(condition, context.clone(), &[&a]) || condition == "!('kind' in grant)",
+                "{condition}"
+            );
+        }
+        assert!(never_on_view(
+            "context.session_revoked_at > grant.issued_at",
+            before
+        ));
+        assert!(!never_on_view(
+            "context.session_revoked_at > grant.issued_at",
+            after.clone()
+        ));
+        assert!(!never_on_view("grant.nope == 'x'", after));
     }
 }

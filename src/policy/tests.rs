@@ -194,8 +194,8 @@ rules:
     }
 }
 
-/// A rule is run with the inputs its condition and its reason read bound, and sees each of
-/// them — one read only in the reason too, and one another rule bound before.
+/// A rule sees every input it reads, in its condition and in its reason, and a comprehension
+/// variable named like an input shadows the input inside the comprehension.
 #[test]
 fn a_rule_sees_every_input_it_reads() {
     let s = set(r#"
@@ -205,16 +205,6 @@ rules:
   - {id: c, on: ['*'], when: "grant.scopes.exists(context, context == 'admin') || subject.matches_grant", effect: step_up}
 "#)
     .unwrap();
-    let reads: Vec<Vec<&str>> = s.rules.iter().map(|r| r.reads.names()).collect();
-    assert_eq!(
-        reads,
-        [
-            vec!["grant", "subject", "now"],
-            vec!["context", "signal"],
-            // A comprehension variable named like an input binds that input, needlessly.
-            vec!["grant", "context", "subject"],
-        ]
-    );
     let mut inputs = input(Some("x"));
     inputs.grant = json!({"kind": "session", "scopes": ["read"]});
     let out = s.evaluate(&inputs);
@@ -229,4 +219,75 @@ rules:
         [("a", "kind session at 20.0"), ("b", "HIGH"), ("c", "")]
     );
     assert!(out.matched.iter().all(|m| m.error.is_none()), "{out:?}");
+}
+
+/// A condition gives the same answer, errors included, with its inputs resolved path by path
+/// as it reads them as with each input converted whole and bound ahead (how they used to be).
+#[test]
+fn inputs_resolved_as_read_mean_what_inputs_bound_whole_meant() {
+    let input = EvalInput {
+        grant: json!({"kind": "session", "issued_at": 10.0, "scopes": ["read", "admin"]}),
+        context: std::sync::Arc::new(json!({
+            "risk": {"level": "HIGH", "rank": 3, "reason": null,
+                     "by_source": {"a": {"level": "LOW", "time": 1.5}}},
+            "claims": {"a.b": "dotted", "a": {"b": "nested"}},
+            "neg": -3, "ratio": 0.25, "on": true, "empty": {}, "list": [{"x": 1}, "s"]
+        })),
+        signal: std::sync::Arc::new(json!({"type": "x"})),
+        subject: json!({"matches_grant": true}),
+        now: 20.0,
+        trigger: None,
+        request: std::sync::Arc::new(json!({"action": {"properties": {"sensitive": true}}})),
+    };
+    let env = std::sync::Arc::new(cel::Env::stdlib());
+    let resolved = eval::context_for(&env, &input);
+    let mut whole = cel::Context::with_env(env.clone());
+    for (name, value) in [
+        ("grant", &input.grant),
+        ("context", &*input.context),
+        ("signal", &*input.signal),
+        ("subject", &input.subject),
+        ("request", &*input.request),
+    ] {
+        whole.add_variable_from_value(name, cel::to_value(value).unwrap());
+    }
+    whole.add_variable_from_value("now", input.now);
+    for expr in [
+        "context.risk.level == 'HIGH'",
+        "context.risk.rank >= 1u && context.risk.rank == 3",
+        "context.risk.reason == null",
+        "context.risk.by_source.a.level == 'LOW' && context.risk.by_source.a.time < 2.0",
+        "context.risk.by_source == {'a': {'level': 'LOW', 'time': 1.5}}",
+        "size(context.risk) == 4 && 'by_source' in context.risk",
+        "context.risk.by_source.exists(k, context.risk.by_source[k].level == 'LOW')",
+        "context['risk'].level",
+        "context.claims['a.b'] == 'dotted' && context.claims.a.b == 'nested'",
+        "context.neg < 0 && context.ratio * 4.0 == 1.0 && context.on",
+        "context.empty == {} && size(context.empty) == 0",
+        "context.list[0].x == 1 && context.list[1] == 's'",
+        "has(context.risk.level) && !has(context.risk.none) && has(context.risk.by_source.a)",
+        "has(context.missing.x)",
+        "context.missing",
+        "context.missing.level",
+        "context.risk.missing",
+        "context.risk.level.x",
+        "has(context.risk.level.x)",
+        "context.risk.rank.x.y",
+        "context == context",
+        "context.risk",
+        "context",
+        "type(context.risk) == map && type(context.risk.rank) == uint",
+        "grant.scopes.exists(context, context == 'admin')",
+        "[1, 2].all(context, context > 0) && context.risk.level == 'HIGH'",
+        "grant.issued_at < now && now == 20.0",
+        "now.x",
+        "signal.type == 'x' && subject.matches_grant",
+        "request.action.properties.sensitive == true",
+        "has(request.action.properties) && !has(request.action.kind)",
+    ] {
+        let program = env.compile(expr).unwrap();
+        let a = program.execute(&resolved).map_err(|e| e.to_string());
+        let b = program.execute(&whole).map_err(|e| e.to_string());
+        assert_eq!(a, b, "{expr}");
+    }
 }
