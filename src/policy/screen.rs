@@ -99,12 +99,8 @@ impl<'a> Screen<'a> {
         grant: &'a Value,
     ) -> Screen<'a> {
         Screen {
-            context,
-            subject,
-            signal,
-            now,
             grants: Grants::View(grant),
-            fields: HashMap::new(),
+            ..Screen::new(context, subject, signal, now, &[])
         }
     }
 
