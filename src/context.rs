@@ -813,9 +813,10 @@ impl PrincipalContext {
 }
 
 /// A JSON object of `entries` in their order, its map allocated once at its size: `json!` grows
-/// the map an entry at a time, and a view of about forty entries is built for each grant
-/// evaluation (benches/RESULTS.md).
-fn object<const N: usize>(entries: [(&str, Value); N]) -> Value {
+/// the map an entry at a time, and the policy views — a context's, of about forty entries, for
+/// each grant evaluation; a signal's for each signal — are built on the hot path
+/// (benches/RESULTS.md).
+pub(crate) fn object<const N: usize>(entries: [(&str, Value); N]) -> Value {
     let mut map = Map::with_capacity(N);
     for (key, value) in entries {
         map.insert(key.to_owned(), value);

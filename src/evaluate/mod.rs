@@ -30,20 +30,23 @@ pub struct Triggered<'a> {
 
 impl<'a> Triggered<'a> {
     pub fn new(signal: &'a Signal, target: &'a Target) -> Triggered<'a> {
-        let view = json!({
-            "type": signal.event_type_name(),
-            "uri": signal.event_uri,
-            "jti": signal.jti,
-            "txn": signal.txn,
-            "iss": signal.iss,
-            "source": signal.source.label(),
-            "event_time": signal.event_time,
+        let view = crate::context::object([
+            ("type", json!(signal.event_type_name())),
+            ("uri", json!(signal.event_uri)),
+            ("jti", json!(signal.jti)),
+            ("txn", json!(signal.txn)),
+            ("iss", json!(signal.iss)),
+            ("source", json!(signal.source.label())),
+            ("event_time", json!(signal.event_time)),
             // Taken out of the event's JSON, not copied: a signal's view is built for each one.
-            "payload": serde_json::to_value(&signal.event)
-                .ok()
-                .and_then(|mut v| v.get_mut("payload").map(Value::take))
-                .unwrap_or(Value::Null),
-        });
+            (
+                "payload",
+                serde_json::to_value(&signal.event)
+                    .ok()
+                    .and_then(|mut v| v.get_mut("payload").map(Value::take))
+                    .unwrap_or(Value::Null),
+            ),
+        ]);
         Triggered {
             signal,
             target,
@@ -253,6 +256,33 @@ mod tests {
         assert!(Arc::ptr_eq(&first, &second));
         assert_eq!(first["type"], "session-revoked");
         assert_eq!(signal_view(Trigger::State)["type"], "none");
+        // Every field policy reads, in its order, the payload as the event serializes it.
+        let keys: Vec<&str> = first
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "type",
+                "uri",
+                "jti",
+                "txn",
+                "iss",
+                "source",
+                "event_time",
+                "payload"
+            ]
+        );
+        assert_eq!(first["jti"], signal.jti.as_str());
+        assert_eq!(first["iss"], signal.iss.as_str());
+        assert_eq!(first["event_time"], signal.event_time);
+        assert_eq!(
+            first["payload"],
+            serde_json::to_value(&signal.event).unwrap()["payload"]
+        );
     }
 
     /// The screened evaluation gives exactly what running every condition gives: the shipped
