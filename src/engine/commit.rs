@@ -76,6 +76,18 @@ pub(super) struct Pending {
 }
 
 impl Pending {
+    /// The decisions the cluster's decision trail gets with this batch: its own, and those of
+    /// an earlier batch whose append failed and which this one hands to delivery again — the
+    /// failed append took them off the trail with its rows. A decision on the trail twice (an
+    /// append the brokers kept though they answered an error) is listed once by queries.
+    pub(super) fn decisions_for_the_trail(&self) -> std::borrow::Cow<'_, [Decision]> {
+        if self.rehanded.is_empty() {
+            return std::borrow::Cow::Borrowed(&self.decisions);
+        }
+        let again = self.rehanded.iter().map(|(d, _)| d.clone());
+        std::borrow::Cow::Owned(self.decisions.iter().cloned().chain(again).collect())
+    }
+
     /// This batch's decisions delivery acts on (revoke, step-up, restrict), each with its index
     /// and the grant's latest state.
     pub(super) fn for_delivery(&self) -> impl Iterator<Item = (usize, &Decision, &Arc<Grant>)> {
@@ -508,8 +520,10 @@ impl Shard {
             }
         }
         let replicated = match &self.shared.settings.changelog {
-            Some(changelog) if !records.is_empty() || !p.decisions.is_empty() => {
-                Some(changelog.append(records, &p.decisions))
+            Some(changelog)
+                if !records.is_empty() || !p.decisions.is_empty() || !p.rehanded.is_empty() =>
+            {
+                Some(changelog.append(records, &p.decisions_for_the_trail()))
             }
             _ => None,
         };
@@ -582,8 +596,8 @@ impl Shard {
         }
     }
 
-    /// The batch's decisions delivery acts on, with the grant each is about and its lane.
-    /// The batch's decisions for delivery, `json` being each decision's JSON by its index.
+    /// The batch's decisions for delivery, with the grant each is about and its lane, `json`
+    /// being each decision's JSON by its index.
     fn hand_over(&self, p: &Pending, json: &[Arc<[u8]>]) -> Vec<ToHand> {
         let ours = p.for_delivery().map(|(i, d, grant)| {
             let lane = if p.bulk_decisions.iter().any(|r| r.contains(&i)) {

@@ -1721,6 +1721,86 @@ mod tests {
         }
     }
 
+    /// A changelog that refuses every append while `refusing` is set, and notes the ids of the
+    /// decisions of each append it takes (the cluster's decision trail).
+    #[derive(Debug, Default)]
+    struct Refusing {
+        refusing: std::sync::atomic::AtomicBool,
+        trail: std::sync::Mutex<Vec<String>>,
+    }
+
+    impl Changelog for Refusing {
+        fn append(
+            &self,
+            _records: Vec<ChangeRecord>,
+            decisions: &[Decision],
+        ) -> oneshot::Receiver<Result<(), String>> {
+            let (tx, rx) = oneshot::channel();
+            let answer = if self.refusing.load(std::sync::atomic::Ordering::SeqCst) {
+                Err("the brokers refused the append (a test said so)".to_owned())
+            } else {
+                let ids = decisions.iter().map(|d| d.id.clone());
+                self.trail.lock().unwrap().extend(ids);
+                Ok(())
+            };
+            tx.send(answer).unwrap();
+            rx
+        }
+    }
+
+    /// A decision whose batch's append the brokers refused is handed to delivery again with a
+    /// later batch, and reaches the decision trail with that batch's append.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_decision_handed_again_after_a_refused_append_reaches_the_trail() {
+        let log = Arc::new(Refusing::default());
+        let (engine, mut decisions, _held) = engine_with_decisions(EngineSettings {
+            changelog: Some(log.clone()),
+            ..EngineSettings::default()
+        });
+        register_json(
+            &engine,
+            serde_json::json!({
+                "id": "t1", "kind": "access_token", "subject": {"format": "email", "email": "h@example.com"},
+                "issued_at": 1_700_000_000, "expires_at": 4_000_000_000u64}),
+        )
+        .await;
+        log.refusing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        swap_rules(
+            &engine,
+            "rules:\n  - {id: tokens, on: ['*'], when: \"grant.kind == 'access_token'\", effect: revoke}\n",
+        )
+        .await;
+        let first = tokio::time::timeout(Duration::from_secs(5), decisions.interactive.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!first.durable.wait().await, "the append was refused");
+        assert!(log.trail.lock().unwrap().is_empty());
+        log.refusing
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        // A later batch writes the failed one's rows again and hands its decision again.
+        register_json(
+            &engine,
+            serde_json::json!({
+                "id": "t2", "kind": "session", "subject": {"format": "email", "email": "i@example.com"},
+                "issued_at": 1_700_000_000, "expires_at": 4_000_000_000u64}),
+        )
+        .await;
+        let again = tokio::time::timeout(Duration::from_secs(5), decisions.interactive.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(again.decision.id, first.decision.id);
+        assert!(again.durable.wait().await);
+        assert!(
+            log.trail.lock().unwrap().contains(&first.decision.id),
+            "the decision handed again is on the trail: {:?}",
+            log.trail.lock().unwrap()
+        );
+        engine.shutdown().await;
+    }
+
     /// Registers the access token `t1` and swaps in a policy that revokes every access token: one
     /// revocation, handed off to delivery.
     async fn revoke_a_token(engine: &Engine) {

@@ -6,7 +6,8 @@
 //! acknowledge them: after a restart or a failover, a revoked grant would be valid again. So the
 //! shard notes what each batch's ordinary write holds ([`Written`]), and after a failure writes
 //! the present state of the same rows with a later batch and hands its decisions to delivery
-//! again (same decisions, so the same SET `jti`s). A checkpoint chunk that failed puts its
+//! again (same decisions, so the same SET `jti`s) — in cluster mode also to the decision trail,
+//! which a refused append kept them off. A checkpoint chunk that failed puts its
 //! contexts and session revocations back among the dirty ones instead
 //! (`Shard::settle_checkpoints`): a redelivered signal dirties its context even when it changes
 //! nothing, but notes no session revocation the context already holds. A registration answered
