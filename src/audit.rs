@@ -13,7 +13,7 @@ use std::collections::{HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::decision::{Decision, DecisionEffect};
 use crate::grant::GrantStatus;
@@ -72,7 +72,53 @@ impl DecisionQuery {
 }
 
 struct Current {
-    file: File,
+    /// Shared, so [`AuditLog::sync_through`] syncs it without holding the lock writes take.
+    file: Arc<File>,
+    index: u64,
+    size: u64,
+    /// Bytes of this file known to be on disk.
+    synced: u64,
+}
+
+impl Current {
+    fn open(dir: &Path, index: u64) -> std::io::Result<Current> {
+        let (file, size) = open_append(dir, index)?;
+        Ok(Current {
+            file: Arc::new(file),
+            index,
+            size,
+            synced: size,
+        })
+    }
+
+    /// Writes `bytes` at the file's end, not synced.
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        (&*self.file).write_all(bytes)?;
+        self.size += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Syncs what is written of this file, if anything is not yet.
+    fn sync(&mut self) -> std::io::Result<()> {
+        if self.synced < self.size {
+            self.file.sync_data()?;
+            self.synced = self.size;
+        }
+        Ok(())
+    }
+
+    /// Syncs this file and goes on in the next one.
+    fn rotate(&mut self, dir: &Path) -> std::io::Result<()> {
+        self.sync()?;
+        *self = Current::open(dir, self.index + 1)?;
+        Ok(())
+    }
+}
+
+/// How far a log was written by [`AuditLog::write_encoded`]: what [`AuditLog::sync_through`]
+/// makes durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
     index: u64,
     size: u64,
 }
@@ -113,7 +159,7 @@ impl AuditLog {
     ) -> std::io::Result<AuditLog> {
         crate::store::private_dir(dir)?;
         let index = list_files(dir)?.last().map_or(1, |(i, _)| *i);
-        let (file, size) = open_append(dir, index)?;
+        let current = Current::open(dir, index)?;
         let before_start = tail_ids(dir, tail)?;
         let origin = origin_of(dir)?;
         Ok(AuditLog {
@@ -122,7 +168,7 @@ impl AuditLog {
             keep: keep.max(1),
             max_age: None,
             aged_checked: Mutex::new(std::time::Instant::now()),
-            current: Mutex::new(Current { file, index, size }),
+            current: Mutex::new(current),
             before_start,
             origin,
         })
@@ -172,8 +218,23 @@ impl AuditLog {
         &self,
         decisions: impl ExactSizeIterator<Item = (&'a str, &'a [u8])>,
     ) -> std::io::Result<()> {
+        match self.write_encoded(decisions)? {
+            Some(written) => self.sync_through(written),
+            None => Ok(()),
+        }
+    }
+
+    /// [`AuditLog::append_encoded`] without the sync: what it wrote is durable once
+    /// [`AuditLog::sync_through`] is called with the answer (`None`: nothing was written). The
+    /// engine writes a batch's decisions on its shard thread and syncs them on the state
+    /// writer's, just before the commit that makes them take effect: a shard does not wait for a
+    /// sync of its own, and one sync covers every batch written before it.
+    pub fn write_encoded<'a>(
+        &self,
+        decisions: impl ExactSizeIterator<Item = (&'a str, &'a [u8])>,
+    ) -> std::io::Result<Option<Written>> {
         if decisions.len() == 0 {
-            return Ok(());
+            return Ok(None);
         }
         // The records one after another, and where each ends.
         let mut buf = Vec::new();
@@ -189,7 +250,7 @@ impl AuditLog {
             ends.push(buf.len());
         }
         if buf.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let mut cur = self
             .current
@@ -201,22 +262,18 @@ impl AuditLog {
         for next in ends {
             let size = cur.size + (end - written) as u64;
             if size > 0 && size + (next - end) as u64 > self.max_bytes {
-                if end > written {
-                    cur.file.write_all(&buf[written..end])?;
-                    cur.file.sync_data()?;
-                    cur.size += (end - written) as u64;
-                    written = end;
-                }
-                let index = cur.index + 1;
-                let (file, size) = open_append(&self.dir, index)?;
-                *cur = Current { file, index, size };
+                cur.write(&buf[written..end])?;
+                written = end;
+                cur.rotate(&self.dir)?;
                 self.prune()?;
             }
             end = next;
         }
-        cur.file.write_all(&buf[written..end])?;
-        cur.file.sync_data()?;
-        cur.size += (end - written) as u64;
+        cur.write(&buf[written..end])?;
+        let at = Written {
+            index: cur.index,
+            size: cur.size,
+        };
         drop(cur);
         if self.max_age.is_some() {
             let due = {
@@ -234,7 +291,38 @@ impl AuditLog {
                 self.prune()?;
             }
         }
+        Ok(Some(at))
+    }
+
+    /// Makes what [`AuditLog::write_encoded`] answered `written` for durable, if no sync since
+    /// did. The sync runs outside the lock, so writes go on meanwhile. A file rotated since was
+    /// synced whole before the next was opened.
+    pub fn sync_through(&self, written: Written) -> std::io::Result<()> {
+        let file = {
+            let cur = self
+                .current
+                .lock()
+                .map_err(|_| std::io::Error::other("audit log lock poisoned"))?;
+            if cur.index != written.index || cur.synced >= written.size {
+                return Ok(());
+            }
+            cur.file.clone()
+        };
+        file.sync_data()?;
+        let mut cur = self
+            .current
+            .lock()
+            .map_err(|_| std::io::Error::other("audit log lock poisoned"))?;
+        if cur.index == written.index {
+            cur.synced = cur.synced.max(written.size);
+        }
         Ok(())
+    }
+
+    /// Whether everything written is synced (tests of the engine's commit order).
+    #[cfg(test)]
+    pub(crate) fn synced_to_end(&self) -> bool {
+        self.current.lock().is_ok_and(|cur| cur.synced == cur.size)
     }
 
     /// Holds `max_age` for a log nobody appends to: the age check above runs only as decisions
@@ -259,9 +347,7 @@ impl AuditLog {
                 .elapsed()
                 .is_ok_and(|age| age > max_age);
         if aged {
-            let index = cur.index + 1;
-            let (file, size) = open_append(&self.dir, index)?;
-            *cur = Current { file, index, size };
+            cur.rotate(&self.dir)?;
         }
         drop(cur);
         self.prune()
@@ -601,6 +687,92 @@ mod tests {
         let kept = log.query(&DecisionQuery::default()).unwrap();
         assert!(kept.len() < 20, "{} of 100 kept", kept.len());
         assert_eq!(kept.last().unwrap().grant_id, "g99", "the newest are kept");
+    }
+
+    /// Bytes of the file being written, and how many of them are synced.
+    fn sync_state(log: &AuditLog) -> (u64, u64, u64) {
+        let cur = log.current.lock().unwrap();
+        (cur.index, cur.size, cur.synced)
+    }
+
+    fn encoded(decisions: &[Decision]) -> Vec<(String, Vec<u8>)> {
+        decisions
+            .iter()
+            .map(|d| (d.id.clone(), serde_json::to_vec(d).unwrap()))
+            .collect()
+    }
+
+    /// Records written without a sync are in the log at once (listed, and whole in the file),
+    /// unsynced until `sync_through`; a second sync through the same point, or through a point
+    /// an earlier sync covered, syncs nothing more; and a rotation syncs the file it leaves, so
+    /// a sync through a point in it has nothing left to do.
+    #[test]
+    fn written_records_are_synced_through_a_point_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), 4096, 10).unwrap();
+        let rows = encoded(&[decision("g1", "s", 1.0), decision("g2", "s", 2.0)]);
+        let first = log
+            .write_encoded(rows.iter().map(|(id, j)| (id.as_str(), j.as_slice())))
+            .unwrap()
+            .unwrap();
+        let (index, size, synced) = sync_state(&log);
+        assert_eq!((index, synced), (first.index, 0), "written, not synced");
+        assert_eq!(size, first.size);
+        assert_eq!(log.query(&DecisionQuery::default()).unwrap().len(), 2);
+        let second_rows = encoded(&[decision("g3", "s", 3.0)]);
+        let second = log
+            .write_encoded(
+                second_rows
+                    .iter()
+                    .map(|(id, j)| (id.as_str(), j.as_slice())),
+            )
+            .unwrap()
+            .unwrap();
+        assert!(second.size > first.size);
+        // One sync covers what was written before it.
+        log.sync_through(second).unwrap();
+        assert_eq!(sync_state(&log).2, second.size);
+        log.sync_through(first).unwrap();
+        assert_eq!(
+            sync_state(&log).2,
+            second.size,
+            "an earlier point is covered"
+        );
+        // Nothing written: nothing to sync.
+        assert_eq!(log.write_encoded(std::iter::empty()).unwrap(), None);
+
+        // Written up to a rotation: the file left is synced whole by the rotation.
+        let mut last = second;
+        let mut i = 4;
+        while sync_state(&log).0 == first.index {
+            let rows = encoded(&[decision(&format!("g{i}"), "s", i as f64)]);
+            last = log
+                .write_encoded(rows.iter().map(|(id, j)| (id.as_str(), j.as_slice())))
+                .unwrap()
+                .unwrap();
+            i += 1;
+        }
+        let (index, size, synced) = sync_state(&log);
+        assert_eq!(last.index, index, "the last record opened the next file");
+        assert_eq!(synced, 0, "the next file's record is not synced yet");
+        let left = std::fs::metadata(&list_files(dir.path()).unwrap()[0].1)
+            .unwrap()
+            .len();
+        assert!(left > second.size && left <= 4096, "{left}");
+        // A point in the file left needs no sync; one in the new file does.
+        log.sync_through(Written {
+            index: first.index,
+            size: left,
+        })
+        .unwrap();
+        assert_eq!(sync_state(&log).2, 0);
+        log.sync_through(last).unwrap();
+        assert_eq!(sync_state(&log).2, size);
+        assert_eq!(
+            log.query(&DecisionQuery::default()).unwrap().len(),
+            i - 1,
+            "every record written is listed"
+        );
     }
 
     #[test]

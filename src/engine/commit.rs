@@ -406,20 +406,27 @@ impl Shard {
             .map(|d| serde_json::to_vec(d).map(Arc::from))
             .collect::<Result<_, _>>()
             .unwrap_or_default();
+        let by_writer = self.shared.settings.changelog.is_none();
+        // Single node: written here, synced on the writer's thread just before the commit that
+        // makes the decisions take effect (or below, if no write of this batch carries it). In
+        // cluster mode the changelog's append runs beside the local commit, and the brokers may
+        // take the decisions before that: synced here first.
+        let mut unsynced = None;
         if !p.decisions.is_empty() {
-            let appended = if json.len() == p.decisions.len() {
-                self.shared.audit.append_encoded(
+            let written = if json.len() == p.decisions.len() {
+                self.shared.audit.write_encoded(
                     p.decisions
                         .iter()
                         .zip(&json)
                         .map(|(d, json)| (d.id.as_str(), &json[..])),
                 )
             } else {
-                self.shared.audit.append(&p.decisions)
+                self.shared.audit.append(&p.decisions).map(|()| None)
             };
-            if let Err(e) = appended {
-                metrics::counter!(crate::telemetry::AUDIT_ERRORS).increment(1);
-                tracing::error!(error = %e, "audit append failed");
+            match written {
+                Ok(written) if by_writer => unsynced = written,
+                Ok(written) => sync_audit(&self.shared.audit, written),
+                Err(e) => audit_failed(&e),
             }
         }
         // This batch's deletions go to the bulk lane, behind its ordinary write.
@@ -470,7 +477,6 @@ impl Shard {
             .collect();
         let (gate, durable) = Durable::pending();
         let mut gate = Some(gate);
-        let by_writer = self.shared.settings.changelog.is_none();
         if !p.changes.is_empty() {
             let changes = std::mem::take(&mut p.changes);
             // Single node: the batch's decided contexts and status changes go to the journal.
@@ -491,8 +497,13 @@ impl Shard {
                     if let Err(e) = journal {
                         writes.push(Err(e));
                     } else if !urgent.is_empty() {
-                        let write =
-                            move |txn: &redb::WriteTransaction| persist::write(txn, &urgent);
+                        let audit = unsynced.take().map(|w| (self.shared.audit.clone(), w));
+                        let write = move |txn: &redb::WriteTransaction| {
+                            if let Some((log, written)) = &audit {
+                                sync_audit(log, Some(*written));
+                            }
+                            persist::write(txn, &urgent)
+                        };
                         writes.push(match (by_writer, gate.take()) {
                             (true, Some(g)) => self
                                 .shared
@@ -519,6 +530,7 @@ impl Shard {
                 }
             }
         }
+        sync_audit(&self.shared.audit, unsynced);
         let replicated = match &self.shared.settings.changelog {
             Some(changelog)
                 if !records.is_empty() || !p.decisions.is_empty() || !p.rehanded.is_empty() =>
@@ -794,6 +806,21 @@ fn unless_failed<T>(
         Some(e) => Err(EngineError::Storage(e.clone())),
         None => r,
     }
+}
+
+/// Makes the audit records `written` answered durable; a failure is counted and logged, and
+/// the batch goes on, as a failed append does: the decisions have taken effect in memory.
+fn sync_audit(log: &crate::audit::AuditLog, written: Option<crate::audit::Written>) {
+    if let Some(written) = written {
+        if let Err(e) = log.sync_through(written) {
+            audit_failed(&e);
+        }
+    }
+}
+
+fn audit_failed(e: &std::io::Error) {
+    metrics::counter!(crate::telemetry::AUDIT_ERRORS).increment(1);
+    tracing::error!(error = %e, "audit append failed");
 }
 
 #[cfg(test)]

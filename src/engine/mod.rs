@@ -1888,6 +1888,32 @@ mod tests {
         );
     }
 
+    /// A batch's decisions are written to the audit log on the shard's thread and synced on the
+    /// writer's, before the commit that makes them take effect: once a revocation is durable, its
+    /// audit record is too.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_decision_is_synced_to_the_audit_log_before_its_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, mut decisions, _db, _held) = engine_in(dir.path(), EngineSettings::default());
+        revoke_a_token(&engine).await;
+        let handed = tokio::time::timeout(Duration::from_secs(5), decisions.interactive.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(handed.durable.wait().await);
+        assert!(
+            engine.shared.audit.synced_to_end(),
+            "durable before its audit record"
+        );
+        let listed = engine
+            .shared
+            .audit
+            .query(&crate::audit::DecisionQuery::default())
+            .unwrap();
+        assert!(listed.iter().any(|d| d.id == handed.decision.id));
+        engine.shutdown().await;
+    }
+
     /// Hand-off rows are keyed by the decision's time, so a revocation's row is appended at the
     /// table's end; a row an earlier release keyed by decision id is moved to its key at the next
     /// start, so delivery's taking it over (by that key) deletes it.
