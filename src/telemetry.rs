@@ -140,6 +140,8 @@ catalogue! {
         "One shard batch, in memory, before its commit";
     ENGINE_CHECKPOINTS = "vigil_engine_checkpoints_total", Counter, ["outcome"],
         "Shard checkpoints settled (two finished in one batch count once): outcome=stored (their pushed signals marked processed, their sources' batches answered) or failed (a part, or a batch commit whose signals they cover, was not stored: the signals stay pending for replay, the batches are answered with the failure)";
+    ENGINE_SHARD_HELD = "vigil_engine_shard_held", Gauge, ["shard", "set"],
+        "What a shard holds until its next checkpoint or commit settles it, set at each sweep: contexts changed since the last checkpoint (dirty), those of them a decision's commit stored since (decided_stored), contexts whose deletion is in flight (forgetting), session revocations and links waiting for the checkpoint (dirty_revocations, dirty_aliases), pushed signals it covers (checkpoint_processed), commit failures waiting for the checkpoint they fail (unstored), rows and decisions of failed commits to write again (written_again). Each is emptied by the checkpoint or commit after it; one that keeps growing is a store that is not keeping up";
     ENGINE_JOURNAL_KEYS = "vigil_engine_journal_keys", Gauge, ["shard"],
         "Keys (grants, contexts) a shard journaled that no fold round has written at their places yet; beyond twice engine.journal_fold_rows waiting behind a round, the shard holds back the sources' backlogs";
     ENGINE_JOURNAL_KEPT_BYTES = "vigil_engine_journal_kept_bytes", Gauge, ["shard"],

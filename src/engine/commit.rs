@@ -182,6 +182,11 @@ impl Checkpointing {
 pub(super) struct Unstored(std::collections::BTreeMap<u64, String>);
 
 impl Unstored {
+    /// Checkpoints with a failure waiting for them.
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
+    }
+
     /// Notes that the checkpoint of `generation` must fail for `error` (the first one stays).
     pub(super) fn record(&mut self, generation: u64, error: &str) {
         self.0.entry(generation).or_insert_with(|| error.to_owned());

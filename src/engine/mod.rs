@@ -2383,6 +2383,57 @@ mod tests {
         }
     }
 
+    /// What a shard holds until its checkpoint is a gauge per set: a signal's context is dirty
+    /// (with the pushed signal it covers) until the checkpoint, then nothing is held.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn what_a_shard_holds_until_its_checkpoint_is_measured() {
+        // The gauges are bound to this recorder when the shards are made, whatever thread sets
+        // them later: no other test's engine reports into it.
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let rendered = recorder.handle();
+        let clock = crate::clock::Clock::manual(PROBED_T0 * 1000);
+        let dir = tempfile::tempdir().unwrap();
+        let settings = EngineSettings {
+            sweep_interval: Duration::from_millis(5),
+            clock: clock.clone(),
+            ..EngineSettings::default()
+        };
+        let (engine, _rx, _db, _held) =
+            metrics::with_local_recorder(&recorder, || engine_in(dir.path(), settings));
+        // Summed over the shards.
+        let held = |set: &str| -> f64 {
+            let label = format!("set=\"{set}\"");
+            rendered
+                .render()
+                .lines()
+                .filter(|l| l.starts_with("vigil_engine_shard_held{") && l.contains(&label))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        let subject = serde_json::json!({"format": "email", "email": "x@example.com"});
+        engine
+            .apply_signals(vec![example_about(
+                "caep-risk-level-change.json",
+                subject,
+                PROBED_T0,
+                1,
+            )])
+            .await
+            .unwrap();
+        within_5s("the dirty context was not reported", || {
+            held("dirty") == 1.0 && held("checkpoint_processed") == 1.0
+        })
+        .await;
+        assert_eq!(held("unstored"), 0.0);
+        assert_eq!(held("written_again"), 0.0);
+        clock.advance(Duration::from_secs(60));
+        within_5s("the checkpoint did not empty the sets", || {
+            held("dirty") == 0.0 && held("checkpoint_processed") == 0.0
+        })
+        .await;
+        engine.shutdown().await;
+    }
+
     /// Expiry follows the injected clock: a grant lives until the clock passes its `expires_at`,
     /// however little real time goes by; then the sweep removes it, with no decision.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

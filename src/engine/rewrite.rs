@@ -57,6 +57,15 @@ impl Written {
         }
     }
 
+    /// The rows and decisions held to write again.
+    pub(super) fn len(&self) -> usize {
+        self.grants.len()
+            + self.deleted_grants.len()
+            + self.contexts.len()
+            + self.aliases.len()
+            + self.handoff.len()
+    }
+
     /// Adds the decisions of a failed batch delivery must act on — its own, and those it
     /// handed again itself: delivery dropped them when their commit failed.
     pub(super) fn hand_again(&mut self, p: &mut Pending) {

@@ -89,7 +89,22 @@ pub(crate) struct Shard {
     /// The keys this shard journaled and the round writing them at their places
     /// ([`super::journal`]).
     pub(super) fold: super::journal::Fold,
+    /// `vigil_engine_shard_held` of this shard, one gauge per set of [`HELD`].
+    held: [metrics::Gauge; HELD.len()],
 }
+
+/// The sets a shard holds between checkpoints and commits, as `vigil_engine_shard_held` names
+/// them, in the order [`Shard::held_sizes`] counts them.
+const HELD: [&str; 8] = [
+    "dirty",
+    "decided_stored",
+    "forgetting",
+    "dirty_revocations",
+    "dirty_aliases",
+    "checkpoint_processed",
+    "unstored",
+    "written_again",
+];
 
 /// How often an idle shard looks whether a checkpoint in flight has committed.
 const CHECKPOINT_POLL: Duration = Duration::from_millis(2);
@@ -186,7 +201,24 @@ impl Shard {
             rewrite: None,
             rewrite_after_ms: 0,
             fold: super::journal::Fold::new(id, last_checkpoint_ms, fold_budget),
+            held: HELD.map(|set| {
+                metrics::gauge!(crate::telemetry::ENGINE_SHARD_HELD, "shard" => id.to_string(), "set" => set)
+            }),
         }
+    }
+
+    /// How much each set of [`HELD`] holds.
+    fn held_sizes(&self) -> [usize; HELD.len()] {
+        [
+            self.dirty.len(),
+            self.decided_stored.len(),
+            self.forgetting.len(),
+            self.dirty_revocations.len(),
+            self.dirty_aliases.len(),
+            self.checkpoint_processed.len(),
+            self.unstored.len(),
+            self.rewrite.as_ref().map_or(0, Written::len),
+        ]
     }
 
     /// The shard's loop. Batches are pipelined with their commits: while batch N is being written,
@@ -276,6 +308,9 @@ impl Shard {
             }
             if last_sweep.elapsed() >= interval {
                 self.sweep(&mut p);
+                for (gauge, size) in self.held.iter().zip(self.held_sizes()) {
+                    gauge.set(size as f64);
+                }
                 last_sweep = Instant::now();
             }
             if stop
