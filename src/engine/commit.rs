@@ -392,7 +392,8 @@ impl Shard {
         }
     }
 
-    /// Starts making the batch durable: audit first (so no decision that took effect is missing
+    /// Starts making the batch durable: its decisions written to the audit log first, and synced
+    /// before the state store's commit of the batch (so no decision that took effect is missing
     /// from it), then one state store write, queued without waiting. Intake hears which signals are
     /// processed only once that write is on disk (`announce`).
     pub(super) fn commit(&mut self, mut p: Pending) -> Committing {
