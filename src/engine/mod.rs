@@ -1771,10 +1771,7 @@ mod tests {
             "rules:\n  - {id: tokens, on: ['*'], when: \"grant.kind == 'access_token'\", effect: revoke}\n",
         )
         .await;
-        let first = tokio::time::timeout(Duration::from_secs(5), decisions.interactive.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let first = next_interactive(&mut decisions).await;
         assert!(!first.durable.wait().await, "the append was refused");
         assert!(log.trail.lock().unwrap().is_empty());
         log.refusing
@@ -1787,10 +1784,7 @@ mod tests {
                 "issued_at": 1_700_000_000, "expires_at": 4_000_000_000u64}),
         )
         .await;
-        let again = tokio::time::timeout(Duration::from_secs(5), decisions.interactive.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let again = next_interactive(&mut decisions).await;
         assert_eq!(again.decision.id, first.decision.id);
         assert!(again.durable.wait().await);
         assert!(
@@ -1799,6 +1793,14 @@ mod tests {
             log.trail.lock().unwrap()
         );
         engine.shutdown().await;
+    }
+
+    /// The next decision handed to delivery's interactive lane (within 5 s).
+    async fn next_interactive(decisions: &mut Handoffs) -> Handed {
+        tokio::time::timeout(Duration::from_secs(5), decisions.interactive.recv())
+            .await
+            .expect("no decision was handed to delivery")
+            .expect("delivery's lane closed")
     }
 
     /// Registers the access token `t1` and swaps in a policy that revokes every access token: one
@@ -1896,10 +1898,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (engine, mut decisions, _db, _held) = engine_in(dir.path(), EngineSettings::default());
         revoke_a_token(&engine).await;
-        let handed = tokio::time::timeout(Duration::from_secs(5), decisions.interactive.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let handed = next_interactive(&mut decisions).await;
         assert!(handed.durable.wait().await);
         assert!(
             engine.shared.audit.synced_to_end(),
@@ -1922,10 +1921,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (engine, mut decisions, db, held) = engine_in(dir.path(), EngineSettings::default());
         revoke_a_token(&engine).await;
-        let handed = tokio::time::timeout(Duration::from_secs(5), decisions.interactive.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let handed = next_interactive(&mut decisions).await;
         assert!(handed.durable.wait().await);
         assert!(handed.journaled.is_some(), "single node: in a journal row");
         let decision = handed.decision;
