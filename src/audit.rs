@@ -689,17 +689,20 @@ mod tests {
         assert_eq!(kept.last().unwrap().grant_id, "g99", "the newest are kept");
     }
 
-    /// Bytes of the file being written, and how many of them are synced.
+    /// The file being written: its index, its bytes and how many of them are synced.
     fn sync_state(log: &AuditLog) -> (u64, u64, u64) {
         let cur = log.current.lock().unwrap();
         (cur.index, cur.size, cur.synced)
     }
 
-    fn encoded(decisions: &[Decision]) -> Vec<(String, Vec<u8>)> {
-        decisions
+    /// [`AuditLog::write_encoded`] of `decisions`, each serialized as the engine does.
+    fn write(log: &AuditLog, decisions: &[Decision]) -> Option<Written> {
+        let rows: Vec<(String, Vec<u8>)> = decisions
             .iter()
             .map(|d| (d.id.clone(), serde_json::to_vec(d).unwrap()))
-            .collect()
+            .collect();
+        log.write_encoded(rows.iter().map(|(id, j)| (id.as_str(), j.as_slice())))
+            .unwrap()
     }
 
     /// Records written without a sync are in the log at once (listed, and whole in the file),
@@ -710,24 +713,12 @@ mod tests {
     fn written_records_are_synced_through_a_point_once() {
         let dir = tempfile::tempdir().unwrap();
         let log = AuditLog::open(dir.path(), 4096, 10).unwrap();
-        let rows = encoded(&[decision("g1", "s", 1.0), decision("g2", "s", 2.0)]);
-        let first = log
-            .write_encoded(rows.iter().map(|(id, j)| (id.as_str(), j.as_slice())))
-            .unwrap()
-            .unwrap();
+        let first = write(&log, &[decision("g1", "s", 1.0), decision("g2", "s", 2.0)]).unwrap();
         let (index, size, synced) = sync_state(&log);
         assert_eq!((index, synced), (first.index, 0), "written, not synced");
         assert_eq!(size, first.size);
         assert_eq!(log.query(&DecisionQuery::default()).unwrap().len(), 2);
-        let second_rows = encoded(&[decision("g3", "s", 3.0)]);
-        let second = log
-            .write_encoded(
-                second_rows
-                    .iter()
-                    .map(|(id, j)| (id.as_str(), j.as_slice())),
-            )
-            .unwrap()
-            .unwrap();
+        let second = write(&log, &[decision("g3", "s", 3.0)]).unwrap();
         assert!(second.size > first.size);
         // One sync covers what was written before it.
         log.sync_through(second).unwrap();
@@ -739,17 +730,13 @@ mod tests {
             "an earlier point is covered"
         );
         // Nothing written: nothing to sync.
-        assert_eq!(log.write_encoded(std::iter::empty()).unwrap(), None);
+        assert_eq!(write(&log, &[]), None);
 
         // Written up to a rotation: the file left is synced whole by the rotation.
         let mut last = second;
         let mut i = 4;
         while sync_state(&log).0 == first.index {
-            let rows = encoded(&[decision(&format!("g{i}"), "s", i as f64)]);
-            last = log
-                .write_encoded(rows.iter().map(|(id, j)| (id.as_str(), j.as_slice())))
-                .unwrap()
-                .unwrap();
+            last = write(&log, &[decision(&format!("g{i}"), "s", i as f64)]).unwrap();
             i += 1;
         }
         let (index, size, synced) = sync_state(&log);
